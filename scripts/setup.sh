@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what stockade needs on a fresh Debian machine: the kernel tools
+# (nftables and its library, conntrack, iproute2, probes' helpers) and a
+# virtual environment with the package and its development tools.
+set -euo pipefail
+venv=${1:-.venv}
+debs=(nftables libnftables1 iptables ipset conntrack iproute2 lksctp-tools)
+
+missing=()
+for d in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q "install ok installed" || missing+=("$d")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade pip
+"$venv/bin/pip" install -q -e ".[dev]"

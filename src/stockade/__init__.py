@@ -1,0 +1,3 @@
+"""stockade: container network isolation and NetworkPolicy enforcement on Linux."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""`stockade conformance DIR`: run conformance cases against a datapath."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from stockade.conformance.case import STANDARD_CLUSTER, Case, parse_case
+from stockade.conformance.runner import Datapath, ModelDatapath, check_case
+from stockade.errors import InputError
+from stockade.load import read_text
+from stockade.model.parse import parse_documents
+
+DATAPATHS = ("model",)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("conformance", help="run conformance cases (FORMAT.md) against a datapath")
+    p.add_argument("paths", nargs="+", metavar="DIR|FILE")
+    p.add_argument("--datapath", default="model", choices=DATAPATHS,
+                   help="model: the reference evaluator")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    p.set_defaults(run=run)
+
+
+def load_cases(paths: list[str]) -> list[Case]:
+    cases: list[Case] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            files = sorted(f for f in p.glob("*.yaml") if f.name != STANDARD_CLUSTER)
+            std_path = p / STANDARD_CLUSTER
+        elif p.is_file():
+            files = [p]
+            std_path = p.parent / STANDARD_CLUSTER
+        else:
+            raise InputError("no such file or directory", source=path)
+        standard = None
+        if std_path.is_file():
+            docs = parse_documents(read_text(str(std_path)), str(std_path))
+            standard = docs[0] if docs else None
+        for f in files:
+            cases.append(parse_case(read_text(str(f)), str(f), standard))
+    return cases
+
+
+def make_datapath(name: str) -> Datapath:
+    return ModelDatapath()
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = load_cases(args.paths)
+    datapath = make_datapath(args.datapath)
+    passed = failed = 0
+    for case in cases:
+        result = check_case(case, datapath)
+        if result.passed:
+            passed += 1
+            if not args.quiet:
+                print(f"ok   {case.id}")
+            continue
+        failed += 1
+        if result.error:
+            print(f"FAIL {case.id}: {result.error}")
+        for m in result.mismatches:
+            print(m.render(case.id))
+    print(f"{passed} passed, {failed} failed")
+    sys.stdout.flush()
+    return 0 if failed == 0 else 1

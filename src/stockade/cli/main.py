@@ -1,0 +1,54 @@
+"""`stockade` entry point: one subcommand per module, errors as one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from stockade import __version__
+from stockade.cli import analysis, conformance, explain, matrix, validate
+from stockade.errors import StockadeError, ValidationError
+
+COMMANDS: tuple[ModuleType, ...] = (validate, explain, matrix, analysis, conformance)
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stockade",
+        description="Container network isolation and NetworkPolicy enforcement on Linux.",
+    )
+    parser.add_argument("--version", action="version", version=f"stockade {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except ValidationError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_INPUT
+    except StockadeError as exc:
+        print(f"stockade: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except BrokenPipeError:
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("stockade: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""`stockade validate FILE…`: the API server's verdict on every NetworkPolicy."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from stockade.errors import DecodeError, InputError
+from stockade.load import expand_paths, read_text
+from stockade.model.decode import decode_network_policy, object_name
+from stockade.model.parse import expand_lists, parse_documents
+from stockade.model.policy import Source
+from stockade.model.validate import validate_policy
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("validate", help="validate NetworkPolicy manifests as the API server does")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--strict-cidr", action="store_true",
+                   help="turn on the StrictIPCIDRValidation rules (off by default, as upstream)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every error of every object, one line each; nothing stops at the first."""
+    bad = 0
+    count = 0
+    for path in expand_paths(args.files):
+        try:
+            docs = list(expand_lists(parse_documents(read_text(path), path)))
+        except InputError as exc:
+            print(exc.render(), file=sys.stderr)
+            bad += 1
+            continue
+        for index, doc in docs:
+            kind = doc.get("kind") if isinstance(doc, dict) else None
+            if kind in ("Pod", "Namespace"):
+                continue
+            count += 1
+            name = object_name(doc) or f"document {index}"
+            try:
+                policy = decode_network_policy(doc, Source(path, index))
+            except DecodeError as exc:
+                print(f"{path}: {name}: {exc.message}", file=sys.stderr)
+                bad += 1
+                continue
+            for err in validate_policy(policy, strict_cidr=args.strict_cidr):
+                name = policy.name or policy.generate_name
+                print(f"{path}: NetworkPolicy {policy.namespace}/{name}: {err.render()}",
+                      file=sys.stderr)
+                bad += 1
+    if bad:
+        return 2
+    print(f"{count} NetworkPolicy object(s) valid")
+    return 0

@@ -1,0 +1,1 @@
+"""Conformance cases (the format of shared/conformance/FORMAT.md) and their runner."""

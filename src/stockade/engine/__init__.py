@@ -1,0 +1,1 @@
+"""The reference semantics: verdicts with traces, and the analyses built on them."""

@@ -1,0 +1,1 @@
+"""The policy model: pure data, parsing, defaulting and validation."""

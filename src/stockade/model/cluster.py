@@ -1,0 +1,83 @@
+"""The workloads that policies apply to: namespaces and endpoints (pods)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from stockade.model.labels import Labels
+from stockade.model.policy import NO_SOURCE, NetworkPolicy, Source
+
+NS_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Labels
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    port: int
+    protocol: str = "TCP"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod or container: what a policy selects and what a peer can be."""
+
+    namespace: str
+    name: str
+    labels: Labels
+    ips: tuple[str, ...]
+    ports: tuple[ContainerPort, ...] = ()
+    source: Source = field(default=NO_SOURCE, compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def resolve_port(self, name: str, protocol: str) -> int | None:
+        """The number of a named container port with that protocol, if served."""
+        for p in self.ports:
+            if p.name == name and p.protocol == protocol:
+                return p.port
+        return None
+
+    def ip_for_family(self, version: int) -> str | None:
+        for ip in self.ips:
+            if ipaddress.ip_address(ip).version == version:
+                return ip
+        return None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Everything the semantics depend on: namespaces, endpoints, policies."""
+
+    namespaces: tuple[Namespace, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    policies: tuple[NetworkPolicy, ...] = ()
+
+    def namespace(self, name: str) -> Namespace | None:
+        for ns in self.namespaces:
+            if ns.name == name:
+                return ns
+        return None
+
+    def endpoint(self, key: str) -> Endpoint | None:
+        for ep in self.endpoints:
+            if ep.key == key:
+                return ep
+        return None
+
+    def with_policies(self, policies: Iterable[NetworkPolicy]) -> Cluster:
+        return Cluster(self.namespaces, self.endpoints, tuple(policies))
+
+
+def implicit_namespace(name: str) -> Namespace:
+    """A namespace known only by name carries the label the API server sets on every one."""
+    return Namespace(name, Labels({NS_NAME_LABEL: name}))

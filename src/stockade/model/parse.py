@@ -1,0 +1,103 @@
+"""From text (YAML or JSON, multi-document, `kind: List`) to model objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from stockade.errors import DecodeError, InputError
+from stockade.model.cluster import Cluster, Endpoint, Namespace, implicit_namespace
+from stockade.model.decode import (
+    decode_namespace,
+    decode_network_policy,
+    decode_pod,
+    object_name,
+)
+from stockade.model.policy import NetworkPolicy, Source
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose timestamps stay strings, as in JSON."""
+
+
+for _first, _resolvers in list(_Loader.yaml_implicit_resolvers.items()):
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, rx) for tag, rx in _resolvers if tag != "tag:yaml.org,2002:timestamp"
+    ]
+
+
+def parse_documents(text: str, source: str = "") -> list[Any]:
+    """Every document of a YAML (or JSON) stream; empty documents are dropped."""
+    try:
+        docs = list(yaml.load_all(text, Loader=_Loader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"not valid YAML or JSON{where}: {problem}", source=source) from None
+    return [d for d in docs if d is not None]
+
+
+def expand_lists(docs: list[Any]) -> Iterator[tuple[int, Any]]:
+    """Documents with `kind: List` (or `*List`) items flattened, each with its index."""
+    for i, doc in enumerate(docs):
+        if isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") \
+                and isinstance(doc.get("items"), list):
+            for item in doc["items"]:
+                yield i, item
+        else:
+            yield i, doc
+
+
+@dataclass
+class Objects:
+    """What a set of files describes: policies and the cluster they apply to."""
+
+    policies: list[NetworkPolicy] = field(default_factory=list)
+    namespaces: list[Namespace] = field(default_factory=list)
+    endpoints: list[Endpoint] = field(default_factory=list)
+    # Documents of other kinds (Deployments, Services...) are skipped but counted.
+    skipped: int = 0
+
+    def extend(self, other: Objects) -> None:
+        self.policies.extend(other.policies)
+        self.namespaces.extend(other.namespaces)
+        self.endpoints.extend(other.endpoints)
+        self.skipped += other.skipped
+
+    def cluster(self) -> Cluster:
+        """The cluster, with any namespace named by a pod or policy but not declared."""
+        declared = {ns.name: ns for ns in self.namespaces}
+        for name in [ep.namespace for ep in self.endpoints] + [p.namespace for p in self.policies]:
+            declared.setdefault(name, implicit_namespace(name))
+        return Cluster(tuple(declared.values()), tuple(self.endpoints), tuple(self.policies))
+
+
+def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False) -> Objects:
+    """Decode every NetworkPolicy, Pod and Namespace of a stream.
+
+    Decoding errors name the file and the object. Other kinds are skipped unless
+    `strict_kinds`, where they are an error.
+    """
+    out = Objects()
+    for index, doc in expand_lists(parse_documents(text, source)):
+        src = Source(source, index)
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        try:
+            if kind == "NetworkPolicy":
+                out.policies.append(decode_network_policy(doc, src))
+            elif kind == "Pod":
+                out.endpoints.append(decode_pod(doc, src))
+            elif kind == "Namespace":
+                out.namespaces.append(decode_namespace(doc))
+            elif strict_kinds or not isinstance(doc, dict):
+                raise DecodeError(f"unsupported document (kind {kind!r})")
+            else:
+                out.skipped += 1
+        except DecodeError as exc:
+            raise DecodeError(exc.message.removeprefix(f"{exc.path}: "), path=exc.path,
+                              source=source, obj=object_name(doc)) from None
+    return out
