@@ -1,0 +1,1 @@
+"""Compilation: resolved policy -> a backend-neutral ruleset -> datapath renderings."""

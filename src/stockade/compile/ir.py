@@ -1,0 +1,91 @@
+"""The backend-neutral ruleset every datapath renders (nftables, iptables+ipset, eBPF).
+
+Shape (per packet, after conntrack has accepted established/related traffic):
+
+1. the source address looks up the *egress* map; if present, that chain must
+   allow the packet (a rule matches) or it is dropped;
+2. the destination address looks up the *ingress* map; likewise.
+
+An address in neither map belongs to no isolated endpoint and is unrestricted.
+Chains are shared by every endpoint whose selecting policies are the same, and
+named by a hash of their rules; address sets are named by a hash of what defines
+them (a selector in a namespace, an ipBlock, a named port), not of their members,
+so a membership change is a change of set elements and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ADDR = "addr"  # addresses
+NET = "net"  # CIDRs (interval set)
+ADDR_PORT = "addr_port"  # (address, protocol, port) triples: named ports
+
+INGRESS = "ingress"
+EGRESS = "egress"
+
+Element = str | tuple[str, str, int]
+
+
+def content_name(prefix: str, *parts: object) -> str:
+    """A deterministic short name from content: same content, same name."""
+    digest = hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
+    return f"{prefix}{digest}"
+
+
+@dataclass(frozen=True)
+class AddressSet:
+    name: str
+    family: int  # 4 or 6
+    kind: str  # ADDR, NET or ADDR_PORT
+    elements: frozenset[Element]
+    comment: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Allow a packet when every given condition holds; None means no condition.
+
+    `peer_set` holds the other side's address (the source for ingress, the
+    destination for egress); `named_set` holds (destination, protocol, port)
+    triples; `protocol` with empty `ports` is every port of that protocol.
+    """
+
+    family: int | None = None
+    peer_set: str | None = None
+    named_set: str | None = None
+    protocol: str | None = None
+    ports: tuple[tuple[int, int], ...] = ()
+    comment: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    direction: str
+    rules: tuple[Rule, ...]
+    comment: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    sets: Mapping[str, AddressSet] = field(default_factory=dict)
+    chains: Mapping[str, Chain] = field(default_factory=dict)
+    # endpoint address -> chain name
+    ingress: Mapping[str, str] = field(default_factory=dict)
+    egress: Mapping[str, str] = field(default_factory=dict)
+
+    def verdict_map(self, direction: str) -> Mapping[str, str]:
+        return self.ingress if direction == INGRESS else self.egress
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "sets": len(self.sets),
+            "set_elements": sum(len(s.elements) for s in self.sets.values()),
+            "chains": len(self.chains),
+            "rules": sum(len(c.rules) for c in self.chains.values()),
+            "ingress_entries": len(self.ingress),
+            "egress_entries": len(self.egress),
+        }

@@ -1,0 +1,118 @@
+"""The delta between two rulesets, as an ordered, backend-neutral plan.
+
+Everything a plan does goes to the kernel in one transaction; the order only
+keeps references valid inside it: sets before the rules that use them, chains
+before the map entries that jump to them, and removals in reverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
+from stockade.model.cidr import parse_ip
+
+MapEntry = tuple[str, int, str]  # (direction, family, address)
+
+
+@dataclass(frozen=True)
+class Plan:
+    add_sets: tuple[AddressSet, ...] = ()
+    add_elements: tuple[tuple[AddressSet, frozenset[Element]], ...] = ()
+    add_chains: tuple[Chain, ...] = ()
+    # chains whose rules in the kernel are not what their name promises
+    replace_chains: tuple[Chain, ...] = ()
+    del_map: tuple[MapEntry, ...] = ()
+    set_map: tuple[tuple[MapEntry, str], ...] = ()
+    del_chains: tuple[str, ...] = ()
+    del_elements: tuple[tuple[AddressSet, frozenset[Element]], ...] = ()
+    del_sets: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not any((self.add_sets, self.add_elements, self.add_chains,
+                        self.replace_chains, self.del_map,
+                        self.set_map, self.del_chains, self.del_elements, self.del_sets))
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "sets_added": len(self.add_sets),
+            "sets_removed": len(self.del_sets),
+            "elements_added": sum(len(e) for _, e in self.add_elements)
+            + sum(len(s.elements) for s in self.add_sets),
+            "elements_removed": sum(len(e) for _, e in self.del_elements),
+            "chains_added": len(self.add_chains),
+            "chains_replaced": len(self.replace_chains),
+            "chains_removed": len(self.del_chains),
+            "map_entries_set": len(self.set_map),
+            "map_entries_removed": len(self.del_map) - len(
+                {e for e, _ in self.set_map} & set(self.del_map)),
+        }
+
+    def describe(self) -> list[str]:
+        """One line per change, for `dataplane diff` and logs."""
+        out = [f"+ set {s.name} ({len(s.elements)} elements)" for s in self.add_sets]
+        out += [f"+ {s.name} {_show(e)}" for s, els in self.add_elements for e in sorted(
+            els, key=str)]
+        out += [f"+ chain {c.name} ({len(c.rules)} rules; {c.comment})" for c in self.add_chains]
+        out += [f"~ chain {c.name} (rules restored; {c.comment})" for c in self.replace_chains]
+        replaced = {e for e, _ in self.set_map}
+        out += [f"- {d} map {addr}" for (d, _, addr) in self.del_map
+                if (d, _, addr) not in replaced]
+        out += [f"= {d} map {addr} -> {chain}" for (d, _, addr), chain in self.set_map]
+        out += [f"- chain {c}" for c in self.del_chains]
+        out += [f"- {s.name} {_show(e)}" for s, els in self.del_elements for e in sorted(
+            els, key=str)]
+        out += [f"- set {s}" for s in self.del_sets]
+        return out
+
+
+def _show(e: Element) -> str:
+    return e if isinstance(e, str) else f"{e[0]} . {e[1]} . {e[2]}"
+
+
+def family_of(address: str) -> int:
+    a = parse_ip(address)
+    return a.version if a is not None else 4
+
+
+def plan(old: Ruleset, new: Ruleset) -> Plan:
+    """What turns `old` into `new`: added and removed sets, elements, chains, map entries.
+
+    Chains are named by their content, so a chain present in both is the same
+    chain; a set present in both differs at most in its elements.
+    """
+    add_sets = tuple(s for n, s in new.sets.items() if n not in old.sets)
+    del_sets = tuple(n for n in old.sets if n not in new.sets)
+    add_el: list[tuple[AddressSet, frozenset[Element]]] = []
+    del_el: list[tuple[AddressSet, frozenset[Element]]] = []
+    for name, s in new.sets.items():
+        o = old.sets.get(name)
+        if o is None:
+            continue
+        if s.kind == NET:
+            # An interval set is rewritten whole when it differs at all.
+            if s.elements != o.elements:
+                add_el.append((s, s.elements))
+            continue
+        if plus := s.elements - o.elements:
+            add_el.append((s, plus))
+        if minus := o.elements - s.elements:
+            del_el.append((s, minus))
+    add_chains = tuple(c for n, c in new.chains.items() if n not in old.chains)
+    replace_chains = tuple(c for n, c in new.chains.items()
+                           if n in old.chains and old.chains[n].rules != c.rules)
+    del_chains = tuple(n for n in old.chains if n not in new.chains)
+    del_map: list[MapEntry] = []
+    set_map: list[tuple[MapEntry, str]] = []
+    for direction in (INGRESS, EGRESS):
+        o_map, n_map = old.verdict_map(direction), new.verdict_map(direction)
+        for addr, chain in o_map.items():
+            if n_map.get(addr) != chain:
+                del_map.append((direction, family_of(addr), addr))
+        for addr, chain in n_map.items():
+            if o_map.get(addr) != chain:
+                set_map.append(((direction, family_of(addr), addr), chain))
+    return Plan(add_sets, tuple(add_el), add_chains, replace_chains, tuple(del_map),
+                tuple(set_map),
+                del_chains, tuple(del_el), del_sets)

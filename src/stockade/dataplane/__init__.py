@@ -1,0 +1,1 @@
+"""Datapaths: the kernel side, behind one small protocol (see `base`)."""

@@ -1,0 +1,30 @@
+"""The one small interface every datapath implements (nftables now; iptables, eBPF later)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from stockade.compile.ir import Ruleset
+from stockade.compile.plan import Plan
+
+
+class Datapath(Protocol):
+    name: str
+
+    def check(self) -> None:
+        """Detect the kernel features this datapath needs; raise DataplaneError if absent."""
+
+    def read(self) -> Ruleset:
+        """What the kernel enforces now (empty when stockade has programmed nothing)."""
+
+    def apply(self, desired: Ruleset) -> Plan:
+        """Make the kernel enforce `desired` in one atomic transaction; return the delta."""
+
+    def diff(self, desired: Ruleset) -> Plan:
+        """The delta `apply` would make, without making it."""
+
+    def show(self) -> str:
+        """The kernel's objects, as the native tool prints them."""
+
+    def remove(self) -> None:
+        """Remove everything this datapath created."""
