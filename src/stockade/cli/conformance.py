@@ -13,14 +13,16 @@ from stockade.errors import InputError
 from stockade.load import read_text
 from stockade.model.parse import parse_documents
 
-DATAPATHS = ("model",)
+DATAPATHS = ("model", "nft")
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("conformance", help="run conformance cases (FORMAT.md) against a datapath")
     p.add_argument("paths", nargs="+", metavar="DIR|FILE")
     p.add_argument("--datapath", default="model", choices=DATAPATHS,
-                   help="model: the reference evaluator")
+                   help="model: the reference evaluator; nft: the kernel, with real packets")
+    p.add_argument("--probe-timeout", type=float, default=1.0, metavar="SECONDS",
+                   help="how long a probe waits before it counts as denied (nft)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     p.set_defaults(run=run)
 
@@ -46,19 +48,32 @@ def load_cases(paths: list[str]) -> list[Case]:
     return cases
 
 
-def make_datapath(name: str) -> Datapath:
+def make_datapath(args: argparse.Namespace) -> Datapath:
+    if args.datapath == "nft":
+        from stockade.conformance.kernel import KernelDatapath
+
+        return KernelDatapath(probe_timeout=args.probe_timeout)
     return ModelDatapath()
 
 
 def run(args: argparse.Namespace) -> int:
     cases = load_cases(args.paths)
-    datapath = make_datapath(args.datapath)
+    datapath = make_datapath(args)
+    try:
+        return _run_cases(cases, datapath, args.quiet)
+    finally:
+        close = getattr(datapath, "close", None)
+        if close is not None:
+            close()
+
+
+def _run_cases(cases: list[Case], datapath: Datapath, quiet: bool) -> int:
     passed = failed = 0
     for case in cases:
         result = check_case(case, datapath)
         if result.passed:
             passed += 1
-            if not args.quiet:
+            if not quiet:
                 print(f"ok   {case.id}")
             continue
         failed += 1

@@ -95,6 +95,9 @@ class ClusterIndex:
         self.members[ident].append(ep)
         return ident
 
+    def identity_of_existing(self, ep: Endpoint) -> int:
+        return self._by_key[(ep.namespace, ep.labels)]
+
     def namespaces_matching(self, selector: Selector) -> frozenset[str]:
         found = self._ns_cache.get(selector)
         if found is None:
