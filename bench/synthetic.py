@@ -58,7 +58,8 @@ def _policy(rnd: random.Random, i: int, nss: list[Namespace], apps: int) -> Netw
         for _ in range(rnd.randint(1, 2)):
             kind = rnd.random()
             if kind < 0.5:
-                peers.append(Peer(pod_selector=Selector(Labels({"app": f"app{rnd.randrange(apps)}"}))))
+                app = f"app{rnd.randrange(apps)}"
+                peers.append(Peer(pod_selector=Selector(Labels({"app": app}))))
             elif kind < 0.8:
                 peers.append(Peer(
                     pod_selector=Selector(match_expressions=(
