@@ -3,7 +3,8 @@
     StockadeError
      ├── InputError            bad input from a user: files, documents, objects
      │    ├── DecodeError       a document that is not a well-typed object
-     │    └── ValidationError   an object that breaks the API server's rules
+     │    ├── ValidationError   an object that breaks the API server's rules
+     │    └── InvalidObjects    several of those: a set that is applied all or nothing
      ├── DataplaneError         the kernel refused or failed a change (command + stderr)
      ├── NetError               network plumbing (namespaces, links, addresses)
      └── AgentError             talking to or running the node agent
@@ -58,6 +59,18 @@ class ValidationError(InputError):
     def lines(self) -> list[str]:
         prefix = ": ".join(p for p in (self.source, self.obj) if p)
         return [f"{prefix}: {e.render()}" if prefix else e.render() for e in self.errors]
+
+
+class InvalidObjects(InputError):
+    """Several objects failed validation; nothing of the set may be applied."""
+
+    def __init__(self, errors: Sequence[ValidationError]) -> None:
+        self.errors = tuple(errors)
+        count = sum(len(e.errors) for e in self.errors)
+        super().__init__(f"{count} validation error(s) in {len(self.errors)} object(s)")
+
+    def lines(self) -> list[str]:
+        return [line for e in self.errors for line in e.lines()]
 
 
 class DataplaneError(StockadeError):

@@ -6,8 +6,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from stockade.errors import InputError
+from stockade.errors import InputError, InvalidObjects, ValidationError
+from stockade.model.cluster import Cluster
 from stockade.model.parse import Objects, parse_objects
+from stockade.model.validate import validate_policy
 
 
 def read_text(path: str) -> str:
@@ -42,3 +44,23 @@ def load_objects(paths: Iterable[str]) -> Objects:
     for path in expand_paths(paths):
         objects.extend(parse_objects(read_text(path), path))
     return objects
+
+
+def validate_objects(objects: Objects, *, strict_cidr: bool = False) -> None:
+    """Raise one error listing every invalid policy, so nothing of the set is applied."""
+    bad = []
+    for policy in objects.policies:
+        errors = validate_policy(policy, strict_cidr=strict_cidr)
+        if errors:
+            name = policy.name or policy.generate_name
+            bad.append(ValidationError(errors, source=policy.source.render(),
+                                       obj=f"NetworkPolicy {policy.namespace}/{name}"))
+    if bad:
+        raise InvalidObjects(bad)
+
+
+def load_cluster(paths: Iterable[str], *, strict_cidr: bool = False) -> Cluster:
+    """The cluster the files describe, every policy in it valid."""
+    objects = load_objects(paths)
+    validate_objects(objects, strict_cidr=strict_cidr)
+    return objects.cluster()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from stockade import __version__
-from stockade.cli import analysis, conformance, explain, matrix, validate
-from stockade.errors import StockadeError, ValidationError
+from stockade.cli import analysis, conformance, dataplane, explain, matrix, validate
+from stockade.errors import InvalidObjects, StockadeError, ValidationError
 
-COMMANDS: tuple[ModuleType, ...] = (validate, explain, matrix, analysis, conformance)
+COMMANDS: tuple[ModuleType, ...] = (
+    validate, explain, matrix, analysis, conformance, dataplane,
+)
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -30,13 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like an interrupt, so cleanups in `finally` blocks run.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code: int = args.run(args)
         return code
-    except ValidationError as exc:
+    except (ValidationError, InvalidObjects) as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)
         return EXIT_INPUT

@@ -4,16 +4,27 @@ A document that is not a well-typed object never reaches validation: an unknown
 field, a value of the wrong type, a number that does not fit int32 or a wrong
 apiVersion/kind raises DecodeError naming the field. Decoding applies the API
 server's defaults (protocol TCP, policyTypes inference, empty podSelector).
+
+The order of checks follows the API server: apiVersion/kind first (they pick the
+type), then the first value of a wrong type in document order (the JSON decoder
+fails on it), and only then unknown fields (strict decoding collects those and
+reports them after a successful decode). JSON `null` is the zero value: an absent
+field, an empty string, an empty list item.
+
+Paths use the API server's notation with list indexes (`spec.ingress[0].ports[1]`);
+a bad value inside a string map names the map, as Go's decoder does.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any, TypeVar
 
 from stockade.errors import DecodeError
 from stockade.model.cluster import NS_NAME_LABEL, ContainerPort, Endpoint, Namespace
-from stockade.model.labels import EMPTY, Labels
+from stockade.model.labels import Labels
 from stockade.model.policy import (
     NO_SOURCE,
     TCP,
@@ -31,13 +42,24 @@ T = TypeVar("T")
 
 INT32_MAX = 2**31 - 1
 INT32_MIN = -(2**31)
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
 NETPOL_API = "networking.k8s.io/v1"
 
-_OBJECT_META = {
-    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion",
-    "generation", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
-    "labels", "annotations", "ownerReferences", "finalizers", "managedFields",
-}
+_TOP_LEVEL = frozenset({"apiVersion", "kind", "metadata", "spec"})
+_SPEC = frozenset({"podSelector", "ingress", "egress", "policyTypes"})
+_SELECTOR = frozenset({"matchLabels", "matchExpressions"})
+_REQUIREMENT = frozenset({"key", "operator", "values"})
+_PEER = frozenset({"podSelector", "namespaceSelector", "ipBlock"})
+_IP_BLOCK = frozenset({"cidr", "except"})
+_PORT = frozenset({"protocol", "port", "endPort"})
+_OWNER_REFERENCE = frozenset({"apiVersion", "kind", "name", "uid", "controller",
+                              "blockOwnerDeletion"})
+_MANAGED_FIELDS = frozenset({"manager", "operation", "apiVersion", "time", "fieldsType",
+                             "fieldsV1", "subresource"})
+# metav1.Time reads RFC 3339 (Go's time.RFC3339 layout, fractional seconds allowed).
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})",
+                      re.ASCII)
 
 
 def _type_name(value: Any) -> str:
@@ -60,19 +82,28 @@ def _wrong(path: str, value: Any, want: str) -> DecodeError:
     return DecodeError(f"cannot decode {_type_name(value)} as {want}", path=path)
 
 
-def _mapping(value: Any, path: str, known: set[str] | frozenset[str]) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _wrong(path, value, "an object")
-    for key in value:
-        if not isinstance(key, str):
-            raise DecodeError(f"field name {key!r} is not a string", path=path)
-        if key not in known:
-            raise DecodeError("unknown field", path=_join(path, key))
-    return value
-
-
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _key_text(key: Any, path: str) -> str:
+    """A mapping key as kubectl's YAML-to-JSON step spells it."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, int):
+        return str(key)
+    raise DecodeError(f"unsupported map key {key!r} of type {_type_name(key)}", path=path)
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    """A JSON object with its keys as JSON text; null is the empty object."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _wrong(path, value, "an object")
+    return {_key_text(k, path): v for k, v in value.items()}
 
 
 def _string(value: Any, path: str) -> str:
@@ -83,15 +114,46 @@ def _string(value: Any, path: str) -> str:
     return value
 
 
-def _int32(value: Any, path: str) -> int:
+def _integer(value: Any, path: str, lo: int, hi: int, name: str) -> int:
+    # YAML 80.0 reaches the API server as JSON 80, which an integer field accepts.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise _wrong(path, value, "an int32")
-    if not INT32_MIN <= value <= INT32_MAX:
-        raise DecodeError(f"number {value} does not fit int32", path=path)
-    return int(value)
+        raise _wrong(path, value, f"an {name}")
+    if not lo <= value <= hi:
+        raise DecodeError(f"number {value} does not fit {name}", path=path)
+    return value
+
+
+def _int32(value: Any, path: str) -> int:
+    return _integer(value, path, INT32_MIN, INT32_MAX, "int32")
+
+
+def _int64(value: Any, path: str) -> int | None:
+    return None if value is None else _integer(value, path, INT64_MIN, INT64_MAX, "int64")
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _wrong(path, value, "a boolean")
+    return value
+
+
+def _time(value: Any, path: str) -> str:
+    text = _string(value, path)
+    if not text:
+        if value is None:
+            return ""
+        raise DecodeError('cannot parse "" as an RFC 3339 time', path=path)
+    try:
+        if not _RFC3339.fullmatch(text):
+            raise ValueError(text)
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise DecodeError(f"cannot parse {text!r} as an RFC 3339 time", path=path) from None
+    return text
 
 
 def _list(value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
@@ -103,63 +165,122 @@ def _list(value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]
 
 
 def _string_map(value: Any, path: str) -> Labels:
-    if value is None:
-        return EMPTY
-    if not isinstance(value, dict):
-        raise _wrong(path, value, "a map of strings")
+    """map[string]string; a bad value names the map, as Go's decoder reports it."""
     out: dict[str, str] = {}
-    for k, v in value.items():
-        if not isinstance(k, str):
-            raise DecodeError(f"key {k!r} is not a string", path=path)
-        out[k] = _string(v, _join(path, k))
+    for k, v in _object(value, path).items():
+        if v is not None and not isinstance(v, str):
+            raise DecodeError(
+                f"cannot decode {_type_name(v)} as a string (key {k!r})", path=path)
+        out[k] = v or ""
     return Labels(out)
 
 
-def decode_selector(value: Any, path: str) -> Selector | None:
-    if value is None:
-        return None
-    m = _mapping(value, path, {"matchLabels", "matchExpressions"})
-    return Selector(
-        match_labels=_string_map(m.get("matchLabels"), _join(path, "matchLabels")),
-        match_expressions=_list(
-            m.get("matchExpressions"), _join(path, "matchExpressions"), _requirement
-        ),
-    )
+class _Strict:
+    """One strict decode: type errors raise at once, unknown fields wait for `finish`."""
 
+    def __init__(self) -> None:
+        self.unknown: list[str] = []
 
-def _requirement(value: Any, path: str) -> Requirement:
-    m = _mapping(value, path, {"key", "operator", "values"})
-    return Requirement(
-        key=_string(m.get("key"), _join(path, "key")),
-        operator=_string(m.get("operator"), _join(path, "operator")),
-        values=_list(m.get("values"), _join(path, "values"), _string),
-    )
+    def mapping(self, value: Any, path: str, known: frozenset[str]) -> dict[str, Any]:
+        m = _object(value, path)
+        self.unknown.extend(_join(path, k) for k in m if k not in known)
+        return m
 
+    def finish(self) -> None:
+        if self.unknown:
+            first, *more = self.unknown
+            also = f" (also {', '.join(more)})" if more else ""
+            raise DecodeError(f"unknown field{also}", path=first)
 
-def _ip_block(value: Any, path: str) -> IPBlock | None:
-    if value is None:
-        return None
-    m = _mapping(value, path, {"cidr", "except"})
-    return IPBlock(
-        cidr=_string(m.get("cidr"), _join(path, "cidr")),
-        except_=_list(m.get("except"), _join(path, "except"), _string),
-    )
+    # --- label selectors -------------------------------------------------------
 
+    def selector(self, value: Any, path: str) -> Selector | None:
+        if value is None:
+            return None
+        m = self.mapping(value, path, _SELECTOR)
+        return Selector(
+            match_labels=_string_map(m.get("matchLabels"), _join(path, "matchLabels")),
+            match_expressions=_list(m.get("matchExpressions"),
+                                    _join(path, "matchExpressions"), self.requirement),
+        )
 
-def _peer(value: Any, path: str) -> Peer:
-    if value is None:
-        return Peer()
-    m = _mapping(value, path, {"podSelector", "namespaceSelector", "ipBlock"})
-    return Peer(
-        pod_selector=decode_selector(m.get("podSelector"), _join(path, "podSelector")),
-        namespace_selector=decode_selector(
-            m.get("namespaceSelector"), _join(path, "namespaceSelector")
-        ),
-        ip_block=_ip_block(m.get("ipBlock"), _join(path, "ipBlock")),
-    )
+    def requirement(self, value: Any, path: str) -> Requirement:
+        m = self.mapping(value, path, _REQUIREMENT)
+        return Requirement(
+            key=_string(m.get("key"), _join(path, "key")),
+            operator=_string(m.get("operator"), _join(path, "operator")),
+            values=_list(m.get("values"), _join(path, "values"), _string),
+        )
+
+    # --- rules -------------------------------------------------------------------
+
+    def ip_block(self, value: Any, path: str) -> IPBlock | None:
+        if value is None:
+            return None
+        m = self.mapping(value, path, _IP_BLOCK)
+        return IPBlock(
+            cidr=_string(m.get("cidr"), _join(path, "cidr")),
+            except_=_list(m.get("except"), _join(path, "except"), _string),
+        )
+
+    def peer(self, value: Any, path: str) -> Peer:
+        m = self.mapping(value, path, _PEER)
+        return Peer(
+            pod_selector=self.selector(m.get("podSelector"), _join(path, "podSelector")),
+            namespace_selector=self.selector(m.get("namespaceSelector"),
+                                             _join(path, "namespaceSelector")),
+            ip_block=self.ip_block(m.get("ipBlock"), _join(path, "ipBlock")),
+        )
+
+    def port(self, value: Any, path: str) -> PolicyPort:
+        m = self.mapping(value, path, _PORT)
+        protocol = m.get("protocol")
+        end_port = m.get("endPort")
+        return PolicyPort(
+            # D1: a missing protocol is TCP; an explicit one, even '', is kept for validation.
+            protocol=TCP if protocol is None else _string(protocol, _join(path, "protocol")),
+            port=_int_or_string(m.get("port"), _join(path, "port")),
+            end_port=None if end_port is None else _int32(end_port, _join(path, "endPort")),
+        )
+
+    def rule(self, peers_key: str) -> Callable[[Any, str], Rule]:
+        def decode(value: Any, path: str) -> Rule:
+            m = self.mapping(value, path, frozenset({"ports", peers_key}))
+            return Rule(
+                ports=_list(m.get("ports"), _join(path, "ports"), self.port),
+                peers=_list(m.get(peers_key), _join(path, peers_key), self.peer),
+            )
+
+        return decode
+
+    # --- metadata ---------------------------------------------------------------
+
+    def metadata(self, value: Any) -> dict[str, Any]:
+        """ObjectMeta: every field type-checked, though only some reach the model."""
+        m = self.mapping(value, "metadata", frozenset(_META_FIELDS))
+        for key, check in _META_FIELDS.items():
+            if key in m:
+                check(self, m[key], f"metadata.{key}")
+        return m
+
+    def owner_reference(self, value: Any, path: str) -> None:
+        m = self.mapping(value, path, _OWNER_REFERENCE)
+        for key in ("apiVersion", "kind", "name", "uid"):
+            _string(m.get(key), _join(path, key))
+        for key in ("controller", "blockOwnerDeletion"):
+            _boolean(m.get(key), _join(path, key))
+
+    def managed_fields_entry(self, value: Any, path: str) -> None:
+        m = self.mapping(value, path, _MANAGED_FIELDS)
+        for key in ("manager", "operation", "apiVersion", "fieldsType", "subresource"):
+            _string(m.get(key), _join(path, key))
+        _time(m.get("time"), _join(path, "time"))
+        # fieldsV1 is free-form JSON, but it has to be an object.
+        _object(m.get("fieldsV1"), _join(path, "fieldsV1"))
 
 
 def _int_or_string(value: Any, path: str) -> int | str | None:
+    """intstr.IntOrString: a JSON string is a name, anything else must be an int32."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -167,46 +288,54 @@ def _int_or_string(value: Any, path: str) -> int | str | None:
     return _int32(value, path)
 
 
-def _port(value: Any, path: str) -> PolicyPort:
-    m = _mapping(value or {}, path, {"protocol", "port", "endPort"})
-    protocol = m.get("protocol")
-    end_port = m.get("endPort")
-    return PolicyPort(
-        # D1: a missing protocol is TCP; an explicit one, even '', is kept for validation.
-        protocol=TCP if protocol is None else _string(protocol, _join(path, "protocol")),
-        port=_int_or_string(m.get("port"), _join(path, "port")),
-        end_port=None if end_port is None else _int32(end_port, _join(path, "endPort")),
-    )
+def _check(fn: Callable[[Any, str], object]) -> Callable[[_Strict, Any, str], None]:
+    def check(_: _Strict, value: Any, path: str) -> None:
+        fn(value, path)
+
+    return check
 
 
-def _rule(peers_key: str) -> Callable[[Any, str], Rule]:
-    def decode(value: Any, path: str) -> Rule:
-        m = _mapping(value or {}, path, {"ports", peers_key})
-        return Rule(
-            ports=_list(m.get("ports"), _join(path, "ports"), _port),
-            peers=_list(m.get(peers_key), _join(path, peers_key), _peer),
-        )
+def _check_list(
+    item: Callable[[_Strict, Any, str], None],
+) -> Callable[[_Strict, Any, str], None]:
+    def check(strict: _Strict, value: Any, path: str) -> None:
+        _list(value, path, lambda v, p: item(strict, v, p))
 
-    return decode
+    return check
+
+
+_META_FIELDS: dict[str, Callable[[_Strict, Any, str], None]] = {
+    "name": _check(_string),
+    "generateName": _check(_string),
+    "namespace": _check(_string),
+    "selfLink": _check(_string),
+    "uid": _check(_string),
+    "resourceVersion": _check(_string),
+    "generation": _check(_int64),
+    "creationTimestamp": _check(_time),
+    "deletionTimestamp": _check(_time),
+    "deletionGracePeriodSeconds": _check(_int64),
+    "labels": _check(_string_map),
+    "annotations": _check(_string_map),
+    "ownerReferences": _check_list(_Strict.owner_reference),
+    "finalizers": _check(lambda v, p: _list(v, p, _string)),
+    "managedFields": _check_list(_Strict.managed_fields_entry),
+}
 
 
 def _type_meta(doc: Any, kind: str, api_versions: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise DecodeError(f"the document is {_type_name(doc)}, not a {kind} object")
     api = doc.get("apiVersion")
-    if api not in api_versions:
+    if not isinstance(api, str) or api not in api_versions:
         want = " or ".join(api_versions)
-        raise DecodeError(f"{api!r} is not supported for {kind}; use {want}", path="apiVersion")
+        problem = "is missing" if api is None else f"{api!r} does not serve {kind}"
+        raise DecodeError(f"{problem}; use {want}", path="apiVersion")
     if doc.get("kind") != kind:
-        raise DecodeError(f"{doc.get('kind')!r} is not {kind}", path="kind")
+        got = doc.get("kind")
+        problem = "is missing" if got is None else f"{got!r} is not {kind}"
+        raise DecodeError(problem, path="kind")
     return doc
-
-
-def _metadata(value: Any) -> dict[str, Any]:
-    m = _mapping(value or {}, "metadata", _OBJECT_META)
-    for key in ("name", "generateName", "namespace"):
-        _string(m.get(key), f"metadata.{key}")
-    return m
 
 
 def object_name(doc: Any) -> str:
@@ -222,27 +351,37 @@ def object_name(doc: Any) -> str:
     return f"{doc.get('kind', 'object')} {ident}"
 
 
+def decode_selector(value: Any, path: str) -> Selector | None:
+    """A metav1.LabelSelector (None when absent), decoded strictly."""
+    strict = _Strict()
+    selector = strict.selector(value, path)
+    strict.finish()
+    return selector
+
+
 def decode_network_policy(
     doc: Any, source: Source = NO_SOURCE, default_namespace: str = "default"
 ) -> NetworkPolicy:
-    m = _type_meta(doc, "NetworkPolicy", (NETPOL_API,))
-    _mapping(m, "", {"apiVersion", "kind", "metadata", "spec"})
-    meta = _metadata(m.get("metadata"))
-    spec = _mapping(m.get("spec") or {}, "spec", {"podSelector", "ingress", "egress",
-                                                  "policyTypes"})
-    ingress = _list(spec.get("ingress"), "spec.ingress", _rule("from"))
-    egress = _list(spec.get("egress"), "spec.egress", _rule("to"))
+    strict = _Strict()
+    m = strict.mapping(_type_meta(doc, "NetworkPolicy", (NETPOL_API,)), "", _TOP_LEVEL)
+    meta = strict.metadata(m.get("metadata"))
+    spec = strict.mapping(m.get("spec"), "spec", _SPEC)  # D3: no spec is an empty spec
+    pod_selector = strict.selector(spec.get("podSelector"), "spec.podSelector")
+    ingress = _list(spec.get("ingress"), "spec.ingress", strict.rule("from"))
+    egress = _list(spec.get("egress"), "spec.egress", strict.rule("to"))
     types = _list(spec.get("policyTypes"), "spec.policyTypes", _string)
+    strict.finish()
     if not types:
         # D2: absent or empty; `egress: []` does not add Egress.
         types = default_policy_types(spec.get("ingress"), spec.get("egress"))
     return NetworkPolicy(
+        # kubectl fills in the namespace of the context when the manifest has none.
         namespace=_string(meta.get("namespace"), "metadata.namespace") or default_namespace,
         name=_string(meta.get("name"), "metadata.name"),
         generate_name=_string(meta.get("generateName"), "metadata.generateName"),
         labels=_string_map(meta.get("labels"), "metadata.labels"),
         annotations=_string_map(meta.get("annotations"), "metadata.annotations"),
-        pod_selector=decode_selector(spec.get("podSelector"), "spec.podSelector") or ALL,
+        pod_selector=pod_selector or ALL,  # D3: no podSelector selects every pod
         ingress=ingress,
         egress=egress,
         policy_types=types,

@@ -73,7 +73,12 @@ class Objects:
         declared = {ns.name: ns for ns in self.namespaces}
         for name in [ep.namespace for ep in self.endpoints] + [p.namespace for p in self.policies]:
             declared.setdefault(name, implicit_namespace(name))
-        return Cluster(tuple(declared.values()), tuple(self.endpoints), tuple(self.policies))
+        # As with `kubectl apply` of several files, a later object of the same
+        # kind, namespace and name replaces an earlier one.
+        endpoints = {ep.key: ep for ep in self.endpoints}
+        policies = {p.key: p for p in self.policies}
+        return Cluster(tuple(declared.values()), tuple(endpoints.values()),
+                       tuple(policies.values()))
 
 
 def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False) -> Objects:

@@ -1,0 +1,91 @@
+"""`stockade dataplane show|diff|apply|remove`: the kernel side, read and written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from stockade.compile.lower import compile_cluster
+from stockade.compile.nft import Table
+from stockade.dataplane.nft import NftDatapath
+from stockade.load import load_cluster
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("dataplane", help="show, compare or program the kernel datapath")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--netns", metavar="NAME",
+                       help="work in this named network namespace (/run/netns/NAME)")
+        q.add_argument("--table", default="stockade", help="the nftables table stockade owns")
+
+    show = verbs.add_parser("show", help="print what stockade has in the kernel")
+    common(show)
+    show.add_argument("-o", "--output", choices=("nft", "json"), default="nft")
+    show.set_defaults(run=run_show)
+
+    diff = verbs.add_parser("diff", help="compare the kernel with what the files produce")
+    common(diff)
+    diff.add_argument("-f", "--file", dest="files", action="append", required=True)
+    diff.set_defaults(run=run_diff)
+
+    apply = verbs.add_parser("apply", help="program the kernel from files (all or nothing)")
+    common(apply)
+    apply.add_argument("-f", "--file", dest="files", action="append", required=True)
+    apply.add_argument("--strict-cidr", action="store_true")
+    apply.set_defaults(run=run_apply)
+
+    remove = verbs.add_parser("remove", help="delete stockade's table")
+    common(remove)
+    remove.set_defaults(run=run_remove)
+
+
+def _datapath(args: argparse.Namespace) -> NftDatapath:
+    return NftDatapath(Table(args.table), netns=args.netns)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    dp = _datapath(args)
+    if args.output == "json":
+        rs = dp.read()
+        print(json.dumps({
+            "counts": rs.counts(),
+            "sets": {n: sorted(map(str, s.elements)) for n, s in rs.sets.items()},
+            "chains": sorted(rs.chains),
+            "ingress": dict(rs.ingress),
+            "egress": dict(rs.egress),
+        }, indent=2))
+        return 0
+    text = dp.show()
+    print(text if text else f"# no table inet {args.table}")
+    return 0
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    desired = compile_cluster(load_cluster(args.files))
+    dp = _datapath(args)
+    delta = dp.diff(desired)
+    intact = dp.skeleton_intact()
+    lines = delta.describe()
+    if not intact:
+        lines.insert(0, "~ base chain and maps missing or altered")
+    for line in lines:
+        print(line)
+    return 1 if lines else 0
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    desired = compile_cluster(load_cluster(args.files, strict_cidr=args.strict_cidr))
+    dp = _datapath(args)
+    dp.check()
+    delta = dp.apply(desired)
+    summary = ", ".join(f"{k}={v}" for k, v in delta.summary().items() if v)
+    print(f"applied: {summary or 'nothing to change'}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    _datapath(args).remove()
+    return 0
