@@ -17,8 +17,12 @@ class Datapath(Protocol):
     def read(self) -> Ruleset:
         """What the kernel enforces now (empty when stockade has programmed nothing)."""
 
-    def apply(self, desired: Ruleset) -> Plan:
-        """Make the kernel enforce `desired` in one atomic transaction; return the delta."""
+    def apply(self, desired: Ruleset, *, verify: bool = False) -> Plan:
+        """Make the kernel enforce `desired` in one atomic transaction; return the delta.
+
+        The delta is taken against the previous apply, or against the kernel as
+        read back when `verify` is set (drift repair) or nothing was applied yet.
+        """
 
     def diff(self, desired: Ruleset) -> Plan:
         """The delta `apply` would make, without making it."""

@@ -59,6 +59,9 @@ class NftDatapath:
         self._nft.set_numeric_proto_output(False)
         self._nft.set_service_output(False)
         self._expected: dict[str, Any] = {}
+        # What the last successful transaction left in the kernel; None until the
+        # kernel has been read once (a restart adopts what it finds there).
+        self._applied: Ruleset | None = None
 
     # ---- talking to the kernel --------------------------------------------------------
 
@@ -142,18 +145,33 @@ class NftDatapath:
         delta, _ = self._delta(desired)
         return delta
 
-    def apply(self, desired: Ruleset) -> Plan:
-        """One transaction: the kernel holds either the old or the new ruleset."""
-        delta, kt = self._delta(desired)
-        repair = kt is None or not kt.skeleton_ok
+    def apply(self, desired: Ruleset, *, verify: bool = False) -> Plan:
+        """One transaction: the kernel holds either the old or the new ruleset.
+
+        The delta is taken against what the previous apply left, without reading
+        the kernel back; `verify` (and the first apply of this object) reads the
+        kernel instead, which is how drift is found and repaired.
+        """
+        target = canonical(desired)
+        if verify or self._applied is None:
+            delta, kt = self._delta(desired)
+            repair = kt is None or not kt.skeleton_ok
+        else:
+            delta, kt, repair = plan(self._applied, target), None, False
         if delta.empty and not repair:
+            self._applied = target
             return delta
         cmds = render_plan(self.table, delta, skeleton=repair)
         if kt is not None and repair:
             # Re-creating the base chain's rules needs it empty first, in the same batch.
             cmds.insert(0, {"flush": {"chain": self.table.ref(name=FORWARD)}})
             cmds.insert(0, {"add": {"chain": self.table.ref(name=FORWARD)}})
-        self._run(cmds, "the ruleset update")
+        try:
+            self._run(cmds, "the ruleset update")
+        except DataplaneError:
+            self._applied = None
+            raise
+        self._applied = target
         return delta
 
     def skeleton_intact(self) -> bool:
@@ -170,6 +188,7 @@ class NftDatapath:
         return str(out) if rc == 0 else ""
 
     def remove(self) -> None:
+        self._applied = None
         rc, _, err = self._text(f"delete table {FAMILY} {self.table.name}")
         if rc != 0 and "No such file" not in err:
             raise DataplaneError("cannot remove the table", command="nft delete table",
