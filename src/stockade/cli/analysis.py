@@ -1,9 +1,281 @@
-"""`stockade coverage|diff|lint`: analyses over policy sets (being built)."""
+"""`stockade coverage|diff|lint`: analyses of a set of policies over a cluster.
+
+Each command loads the files, calls one pure analysis of `stockade.engine`, and
+prints text or JSON to stdout. Exit status: coverage is a report (0); diff follows
+diff(1) (0 same, 1 different); lint fails (1) on warnings, not on notes.
+"""
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
+import json
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from stockade.engine import coverage as cov
+from stockade.engine.diff import Change, PolicyDiff, diff_policies
+from stockade.engine.lint import CHECKS, WARNING, Finding, lint
+from stockade.errors import InputError
+from stockade.load import load_objects, validate_objects
+from stockade.model.cluster import Cluster
+from stockade.model.parse import Objects
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+
+
+def load(paths: Sequence[str]) -> Objects:
+    """The objects of the files: every policy valid, every pod IP an IP address.
+
+    An analysis of policies the API server would reject would describe nothing
+    real, so invalid ones stop it (every error listed, exit 2). Decoding keeps pod
+    IPs as written; one that is not an address would fail deep in the evaluator,
+    so it is reported here as bad input, by file and Pod.
+    """
+    objects = load_objects(paths)
+    validate_objects(objects)
+    for ep in objects.endpoints:
+        for ip in ep.ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise InputError(f"status.podIP: {ip!r} is not an IP address",
+                                 source=ep.source.render(), obj=f"Pod {ep.key}") from None
+    return objects
 
 
 def register(sub: Any) -> None:
-    del sub
+    _register_coverage(sub)
+    _register_diff(sub)
+    _register_lint(sub)
+
+
+def _files(p: argparse.ArgumentParser, flag: str = "-f", long: str = "--file",
+           dest: str = "files", what: str = "manifests: Pods, Namespaces, NetworkPolicies"
+           ) -> None:
+    p.add_argument(flag, long, dest=dest, action="extend", nargs="+", required=True,
+                   metavar="FILE", help=what)
+
+
+def _output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", default="text", choices=("text", "json"))
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[], list[str]]) -> None:
+    if args.output == "json":
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write("".join(line + "\n" for line in text()))
+
+
+# ---- coverage ----------------------------------------------------------------------------
+
+COVERAGE_EPILOG = """\
+Reports pods that no policy isolates (for ingress, for egress), policies that
+select no pod, and rules or rule entries that can never match (a selector that
+matches nothing, a named port no destination serves, rules ignored by policyTypes).
+Pod-dependent checks need Pods in the files. Exit status 0: it is a report.
+"""
+
+SECTIONS = (
+    ("Not isolated for ingress (any pod may connect to them):", (cov.UNISOLATED_INGRESS,)),
+    ("Not isolated for egress (they may connect anywhere):", (cov.UNISOLATED_EGRESS,)),
+    ("Policies that select no pod:", (cov.UNUSED_POLICY,)),
+    ("Rules and rule entries that can never match:",
+     (cov.IGNORED_RULES, cov.DEAD_RULE, cov.DEAD_PEER, cov.DEAD_PORT)),
+)
+
+
+def _register_coverage(sub: Any) -> None:
+    p = sub.add_parser("coverage", help="unisolated pods, unused policies, dead rules",
+                       epilog=COVERAGE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _files(p)
+    _output(p)
+    p.set_defaults(run=run_coverage)
+
+
+def run_coverage(args: argparse.Namespace) -> int:
+    cluster = load(args.files).cluster()
+    report = cov.coverage(cluster)
+    if not cluster.endpoints:
+        print("stockade: no Pod in the files: only pod-independent checks were made",
+              file=sys.stderr)
+    _emit(args, coverage_json(report), lambda: coverage_text(report))
+    return EXIT_OK
+
+
+def coverage_text(report: cov.Coverage) -> list[str]:
+    lines: list[str] = []
+    for title, kinds in SECTIONS:
+        gaps = [g for g in report.gaps if g.kind in kinds]
+        if not gaps:
+            continue
+        lines.append(title)
+        lines += [f"  {_gap_text(g)}" for g in gaps]
+    lines.append(coverage_summary(report))
+    return lines
+
+
+def _gap_text(gap: cov.Gap) -> str:
+    if not gap.subject.startswith("NetworkPolicy "):
+        return f"{gap.subject}: {gap.reason}"
+    where = f" {gap.where}" if gap.where else ""
+    src = f" ({gap.source})" if gap.source else ""
+    return f"{gap.subject}{where}{src}: {gap.reason}"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def coverage_summary(report: cov.Coverage) -> str:
+    n = {k: len(report.of_kind(k)) for k in cov.KINDS}
+    dead = sum(n[k] for k in SECTIONS[3][1])
+    return (f"{_count(report.pods, 'pod', 'pods')}, "
+            f"{_count(report.policies, 'policy', 'policies')}: "
+            f"{n[cov.UNISOLATED_INGRESS]} not isolated for ingress, "
+            f"{n[cov.UNISOLATED_EGRESS]} not isolated for egress, "
+            f"{_count(n[cov.UNUSED_POLICY], 'policy', 'policies')} selecting no pod, "
+            f"{_count(dead, 'rule or entry', 'rules or entries')} that can never match")
+
+
+def coverage_json(report: cov.Coverage) -> dict[str, Any]:
+    return {
+        "pods": report.pods,
+        "policies": report.policies,
+        "gaps": [{"kind": g.kind, "subject": g.subject, "where": g.where,
+                  "reason": g.reason, "source": g.source} for g in report.gaps],
+        "counts": {k: len(report.of_kind(k)) for k in cov.KINDS},
+    }
+
+
+# ---- diff --------------------------------------------------------------------------------
+
+DIFF_EPILOG = """\
+Compares the pod-to-pod connections that the OLD and the NEW policies allow, over
+every port of TCP, UDP and SCTP (exactly: ports are grouped into the ranges that
+policies and named ports distinguish). The pods and namespaces are the union of
+both sides (the NEW side wins when a pod or namespace is in both), so cluster
+files can be given on either side; only the policies differ.
+Lines: '+' opened, '-' closed, with the rules responsible.
+Exit status: 0 no difference, 1 differences, 2 bad input (as diff(1)).
+"""
+
+
+def _register_diff(sub: Any) -> None:
+    p = sub.add_parser("diff", help="connections a policy change opens and closes",
+                       epilog=DIFF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _files(p, what="the current manifests (OLD)")
+    _files(p, "-a", "--against", "against", "the proposed manifests (NEW)")
+    _output(p)
+    p.set_defaults(run=run_diff)
+
+
+def workloads(old: Objects, new: Objects) -> Cluster:
+    """Pods and namespaces of both sides, the new side's version winning."""
+    pods = {ep.key: ep for ep in old.endpoints} | {ep.key: ep for ep in new.endpoints}
+    nss = {ns.name: ns for ns in old.namespaces} | {ns.name: ns for ns in new.namespaces}
+    both = Objects(policies=old.policies + new.policies, namespaces=list(nss.values()),
+                   endpoints=list(pods.values()))
+    return both.cluster().with_policies(())
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    old = load(args.files)
+    new = load(args.against)
+    cluster = workloads(old, new)
+    if not cluster.endpoints:
+        raise InputError("no Pod in the files: the diff compares connections between pods",
+                         source=", ".join([*args.files, *args.against]))
+    # A name given twice on one side is one policy, the last one, as kubectl applies it.
+    result = diff_policies(cluster, old.cluster().policies, new.cluster().policies)
+    _emit(args, diff_json(result), lambda: diff_text(result))
+    return EXIT_FINDINGS if result.changes else EXIT_OK
+
+
+def diff_text(result: PolicyDiff) -> list[str]:
+    lines = [c.render() for c in result.changes]
+    if not result.changes:
+        return ["no connection opened or closed"]
+    lines.append(f"{len(result.opened)} opened, {len(result.closed)} closed "
+                 "(each line: one pod pair and its ports)")
+    return lines
+
+
+def _change_json(c: Change) -> dict[str, Any]:
+    return {
+        "from": c.src,
+        "to": c.dst,
+        "ports": [{"protocol": p.protocol, "ranges": [[r.low, r.high] for r in p.ranges]}
+                  for p in c.ports],
+        "reason": c.reason,
+        "text": c.render(),
+    }
+
+
+def diff_json(result: PolicyDiff) -> dict[str, Any]:
+    return {"opened": [_change_json(c) for c in result.opened],
+            "closed": [_change_json(c) for c in result.closed]}
+
+
+# ---- lint --------------------------------------------------------------------------------
+
+LINT_EPILOG = "Checks:\n" + "\n".join(
+    f"  {code} {sev:<7} {title}" for code, (sev, title) in CHECKS.items()) + """
+Exit status: 1 when there is a warning, 0 otherwise (notes alone do not fail).
+"""
+
+
+def _register_lint(sub: Any) -> None:
+    p = sub.add_parser("lint", help="suspicious but valid policy constructs",
+                       epilog=LINT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _files(p)
+    p.add_argument("--ignore", action="append", default=[], metavar="CODE[,CODE…]",
+                   help="leave out findings with these codes (repeatable)")
+    _output(p)
+    p.set_defaults(run=run_lint)
+
+
+def ignored_codes(values: Sequence[str]) -> set[str]:
+    codes = {c.strip().upper() for v in values for c in v.split(",") if c.strip()}
+    unknown = sorted(codes - set(CHECKS))
+    if unknown:
+        raise InputError(f"--ignore {','.join(unknown)}: no such check "
+                         f"(known: {', '.join(CHECKS)})")
+    return codes
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    skip = ignored_codes(args.ignore)
+    objects = load(args.files)
+    # The cluster keeps the last of two policies with one name; lint sees both.
+    findings = [f for f in lint(objects.cluster(), objects.policies) if f.code not in skip]
+    _emit(args, lint_json(findings), lambda: lint_text(findings))
+    return EXIT_FINDINGS if any(f.severity == WARNING for f in findings) else EXIT_OK
+
+
+def _finding_text(f: Finding) -> str:
+    head = ": ".join(p for p in (f.source, f.subject, f.where) if p)
+    return f"{head}: {f.code} {f.severity}: {f.message}"
+
+
+def lint_text(findings: Sequence[Finding]) -> list[str]:
+    warnings = sum(f.severity == WARNING for f in findings)
+    lines = [_finding_text(f) for f in findings]
+    lines.append(f"{_count(warnings, 'warning', 'warnings')}, "
+                 f"{_count(len(findings) - warnings, 'note', 'notes')}")
+    return lines
+
+
+def lint_json(findings: Sequence[Finding]) -> dict[str, Any]:
+    warnings = sum(f.severity == WARNING for f in findings)
+    return {
+        "findings": [{"code": f.code, "severity": f.severity, "title": CHECKS[f.code][1],
+                      "subject": f.subject, "where": f.where, "message": f.message,
+                      "source": f.source} for f in findings],
+        "warnings": warnings,
+        "notes": len(findings) - warnings,
+    }

@@ -1,37 +1,60 @@
-"""`stockade matrix`: the reachability truth table."""
+"""`stockade matrix`: the reachability truth table between every pair of pods."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from stockade.engine.evaluate import Evaluator
-from stockade.load import load_objects
+from stockade.cli.analysis import load
+from stockade.engine.matrix import compute_matrix
+from stockade.engine.report import FORMATS, LEGEND, RENDERERS
+from stockade.errors import InputError
 from stockade.model.policy import PROTOCOLS
+
+EPILOG = f"""\
+Rows are sources, columns destinations:
+  {LEGEND}.
+A pod talking to itself is always allowed (the diagonal is '.').
+Without --port: one table per (protocol, port) that some pod declares as a
+container port, narrowed by --protocol (port 80 when no pod declares any).
+With --port: each port with each --protocol (TCP by default); a named port is
+resolved on each destination pod.
+"""
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("matrix", help="reachability truth table between all pods")
-    p.add_argument("-f", "--file", dest="files", action="append", required=True, metavar="FILE")
-    p.add_argument("--port", action="append", metavar="PORT|NAME")
-    p.add_argument("--protocol", action="append", type=str.upper, choices=PROTOCOLS)
+    p = sub.add_parser("matrix", help="reachability truth table between all pods",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-f", "--file", dest="files", action="extend", nargs="+", required=True,
+                   metavar="FILE", help="manifests: Pods, Namespaces, NetworkPolicies")
+    p.add_argument("--port", dest="ports", action="append", default=[], metavar="PORT|NAME",
+                   help="port number or named port to probe (repeatable)")
+    p.add_argument("--protocol", dest="protocols", action="append", default=[],
+                   type=str.upper, choices=PROTOCOLS, help="protocol to probe (repeatable)")
+    p.add_argument("-o", "--output", default="table", choices=FORMATS)
     p.set_defaults(run=run)
 
 
+def parse_port(text: str) -> int | str:
+    """A port number (1-65535) or a container port name."""
+    if text.isdigit():
+        port = int(text)
+        if not 1 <= port <= 65535:
+            raise InputError(f"--port {text}: must be between 1 and 65535")
+        return port
+    if not text or len(text) > 15 or not all(c.isalnum() or c == "-" for c in text):
+        raise InputError(f"--port {text}: not a port number or a port name")
+    return text
+
+
 def run(args: argparse.Namespace) -> int:
-    cluster = load_objects(args.files).cluster()
-    ev = Evaluator(cluster)
-    eps = cluster.endpoints
-    for proto in args.protocol or ["TCP"]:
-        for port in args.port or ["80"]:
-            p: int | str = int(port) if port.isdigit() else port
-            print(f"{proto}/{port}\t" + "\t".join(e.key for e in eps))
-            for s in eps:
-                cells = []
-                for d in eps:
-                    if s.key == d.key:
-                        cells.append("-")
-                        continue
-                    cells.append("." if ev.allowed(ev.flow(s, d, p, proto)) else "X")
-                print(s.key + "\t" + "\t".join(cells))
+    cluster = load(args.files).cluster()
+    if not cluster.endpoints:
+        raise InputError("no Pod in the files: the matrix needs pods (with their IPs)",
+                         source=", ".join(args.files))
+    ports = list(dict.fromkeys(parse_port(p) for p in args.ports))
+    protocols = list(dict.fromkeys(args.protocols))
+    matrix = compute_matrix(cluster, ports, protocols)
+    sys.stdout.write(RENDERERS[args.output](matrix))
     return 0

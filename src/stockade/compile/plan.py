@@ -88,7 +88,7 @@ def plan(old: Ruleset, new: Ruleset) -> Plan:
     del_el: list[tuple[AddressSet, frozenset[Element]]] = []
     for name, s in new.sets.items():
         o = old.sets.get(name)
-        if o is None:
+        if o is None or o is s or o.elements is s.elements:
             continue
         if s.kind == NET:
             # An interval set is rewritten whole when it differs at all.
@@ -100,8 +100,8 @@ def plan(old: Ruleset, new: Ruleset) -> Plan:
         if minus := o.elements - s.elements:
             del_el.append((s, minus))
     add_chains = tuple(c for n, c in new.chains.items() if n not in old.chains)
-    replace_chains = tuple(c for n, c in new.chains.items()
-                           if n in old.chains and old.chains[n].rules != c.rules)
+    replace_chains = tuple(c for n, c in new.chains.items() if n in old.chains
+                           and old.chains[n] is not c and old.chains[n].rules != c.rules)
     del_chains = tuple(n for n in old.chains if n not in new.chains)
     del_map: list[MapEntry] = []
     set_map: list[tuple[MapEntry, str]] = []

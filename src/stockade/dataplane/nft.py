@@ -12,10 +12,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from stockade.compile.ir import Ruleset
+from stockade.compile.ir import NET, Ruleset
 from stockade.compile.nft import (
     FAMILY,
     FORWARD,
+    MAPS,
     KernelTable,
     Table,
     canonical,
@@ -23,6 +24,7 @@ from stockade.compile.nft import (
     render_plan,
 )
 from stockade.compile.plan import Plan, plan
+from stockade.dataplane.nfnetlink import ElementChange, ElementWriter
 from stockade.errors import DataplaneError
 from stockade.net.namespace import entered
 
@@ -54,6 +56,7 @@ class NftDatapath:
             except OSError as exc:
                 raise DataplaneError("cannot load libnftables (install the Debian package "
                                      "libnftables1)", stderr=str(exc)) from None
+            self._elements = ElementWriter(self.table.name)
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
         self._nft.set_numeric_proto_output(False)
@@ -161,6 +164,15 @@ class NftDatapath:
         if delta.empty and not repair:
             self._applied = target
             return delta
+        if not repair and elements_only(delta):
+            try:
+                with self._lock:
+                    self._elements.apply(element_changes(delta))
+            except DataplaneError:
+                self._applied = None
+                raise
+            self._applied = target
+            return delta
         cmds = render_plan(self.table, delta, skeleton=repair)
         if kt is not None and repair:
             # Re-creating the base chain's rules needs it empty first, in the same batch.
@@ -193,3 +205,26 @@ class NftDatapath:
         if rc != 0 and "No such file" not in err:
             raise DataplaneError("cannot remove the table", command="nft delete table",
                                  stderr=err)
+
+
+def elements_only(delta: Plan) -> bool:
+    """Whether a plan only adds and removes elements that nfnetlink can write directly."""
+    return not (delta.add_sets or delta.add_chains or delta.replace_chains or delta.del_chains
+                or delta.del_sets or any(s.kind == NET for s, _ in delta.add_elements))
+
+
+def element_changes(delta: Plan) -> list[ElementChange]:
+    """A plan's element work, in the order one transaction needs it."""
+    out = [ElementChange(s.name, sorted(els, key=str)) for s, els in delta.add_elements]
+    by_map: dict[str, list[str]] = {}
+    for direction, fam, addr in delta.del_map:
+        by_map.setdefault(MAPS[(direction, fam)], []).append(addr)
+    out += [ElementChange(name, addrs, delete=True) for name, addrs in sorted(by_map.items())]
+    jumps: dict[str, list[tuple[str, str]]] = {}
+    for (direction, fam, addr), chain in delta.set_map:
+        jumps.setdefault(MAPS[(direction, fam)], []).append((addr, chain))
+    out += [ElementChange(name, [a for a, _ in pairs], jumps=[c for _, c in pairs])
+            for name, pairs in sorted(jumps.items())]
+    out += [ElementChange(s.name, sorted(els, key=str), delete=True)
+            for s, els in delta.del_elements if s.kind != NET]
+    return out

@@ -1,0 +1,218 @@
+"""The connections a policy change opens and closes, exactly, over every port.
+
+A connection is (source pod, destination pod, protocol, port). The verdict on a
+port depends only on which port entries cover it: numbers, ranges, and named
+ports, which resolve to container port numbers of the destination. So the port
+space of each protocol splits into intervals whose bounds are those numbers, and
+every port of an interval has the same verdict for every pair. Judging one port
+per interval, before and after, is exact, and the changes come out as ranges.
+
+The workloads (pods, namespaces) are held fixed: the same cluster is judged with
+the old and with the new policies, so the diff shows what the policies change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from stockade.engine.evaluate import Evaluator, Side, Verdict
+from stockade.engine.matrix import pod_classes
+from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.policy import INGRESS, PROTOCOLS, NetworkPolicy
+
+MAX_PORT = 65535
+OPENED = "opened"
+CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    low: int
+    high: int
+
+    def render(self) -> str:
+        if (self.low, self.high) == (1, MAX_PORT):
+            return "*"
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+@dataclass(frozen=True)
+class PortSet:
+    protocol: str
+    ranges: tuple[PortRange, ...]
+
+    def render(self) -> str:
+        return f"{self.protocol}/{','.join(r.render() for r in self.ranges)}"
+
+
+@dataclass(frozen=True)
+class Change:
+    """Connections from one pod to another that open (or close) for one reason."""
+
+    change: str  # OPENED or CLOSED
+    src: str
+    dst: str
+    ports: tuple[PortSet, ...]
+    reason: str
+
+    def render(self) -> str:
+        sign = "+" if self.change == OPENED else "-"
+        ports = " ".join(p.render() for p in self.ports)
+        why = f"{self.change} {self.reason}" if self.reason.startswith("by ") \
+            else f"{self.change}: {self.reason}"
+        return f"{sign} {self.src} -> {self.dst} {ports} ({why})"
+
+
+@dataclass(frozen=True)
+class PolicyDiff:
+    changes: tuple[Change, ...]
+
+    @property
+    def opened(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.change == OPENED)
+
+    @property
+    def closed(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.change == CLOSED)
+
+
+def port_intervals(policies: Iterable[NetworkPolicy], endpoints: Sequence[Endpoint],
+                   protocol: str) -> tuple[PortRange, ...]:
+    """Intervals of one protocol's ports on which every verdict is constant."""
+    starts = {1}
+    for policy in policies:
+        for rule in policy.ingress + policy.egress:
+            for entry in rule.ports:
+                if entry.protocol != protocol or not isinstance(entry.port, int):
+                    continue
+                starts.add(entry.port)
+                starts.add((entry.end_port or entry.port) + 1)
+    # A named port can resolve to any container port number of the protocol.
+    for ep in endpoints:
+        for cp in ep.ports:
+            if cp.protocol == protocol:
+                starts.update((cp.port, cp.port + 1))
+    bounds = sorted(s for s in starts if 1 <= s <= MAX_PORT)
+    ends = [b - 1 for b in bounds[1:]] + [MAX_PORT]
+    return tuple(PortRange(lo, hi) for lo, hi in zip(bounds, ends, strict=True))
+
+
+def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
+                  new: Sequence[NetworkPolicy]) -> PolicyDiff:
+    """Every pod-to-pod connection whose verdict differs between the two policy sets."""
+    before = Evaluator(cluster.with_policies(old))
+    after = Evaluator(cluster.with_policies(new))
+    keys = (frozenset(p.key for p in old), frozenset(p.key for p in new))
+    pods = sorted(cluster.endpoints, key=lambda e: (e.namespace, e.name))
+    classes = pod_classes(cluster.with_policies([*old, *new]), pods)
+    found: dict[tuple[str, str, str, str], dict[str, list[PortRange]]] = {}
+    for protocol in PROTOCOLS:
+        for span in port_intervals([*old, *new], pods, protocol):
+            # Pods of the same classes get the same verdicts (see matrix.pod_classes).
+            seen: dict[tuple[int, int], tuple[bool, bool]] = {}
+            for i, src in enumerate(pods):
+                for j, dst in enumerate(pods):
+                    if i == j:
+                        continue  # always allowed, on both sides
+                    pair = (classes[i], classes[j])
+                    if pair not in seen:
+                        seen[pair] = (_allowed(before, src, dst, span.low, protocol),
+                                      _allowed(after, src, dst, span.low, protocol))
+                    was, now = seen[pair]
+                    if was == now:
+                        continue
+                    hit = _change((before, after), keys, src, dst, span.low, protocol)
+                    ports = found.setdefault((hit[0], src.key, dst.key, hit[1]), {})
+                    ports.setdefault(protocol, []).append(span)
+    changes = [Change(kind, s, d, _port_sets(ports), reason)
+               for (kind, s, d, reason), ports in found.items()]
+    changes.sort(key=lambda c: (c.src, c.dst, c.change, c.ports[0].protocol,
+                                c.ports[0].ranges[0].low))
+    return PolicyDiff(tuple(changes))
+
+
+def _allowed(ev: Evaluator, src: Endpoint, dst: Endpoint, port: int, protocol: str) -> bool:
+    return ev.allowed(ev.flow(src, dst, port, protocol))
+
+
+def _change(evaluators: tuple[Evaluator, Evaluator], keys: tuple[frozenset[str], frozenset[str]],
+            src: Endpoint, dst: Endpoint, port: int, protocol: str) -> tuple[str, str]:
+    """(OPENED or CLOSED, reason) of a connection whose verdict changed."""
+    before, after = evaluators
+    old_v = before.verdict(before.flow(src, dst, port, protocol))
+    new_v = after.verdict(after.flow(src, dst, port, protocol))
+    if new_v.allowed:
+        return OPENED, opened_reason(old_v, new_v, keys[0])
+    return CLOSED, closed_reason(old_v, new_v, keys[1], keys[0])
+
+
+def _port_sets(ports: dict[str, list[PortRange]]) -> tuple[PortSet, ...]:
+    return tuple(PortSet(proto, merge_ranges(ports[proto]))
+                 for proto in PROTOCOLS if proto in ports)
+
+
+def merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
+    """Adjacent or overlapping ranges joined, in order."""
+    out: list[PortRange] = []
+    for r in sorted(ranges, key=lambda r: r.low):
+        if out and r.low <= out[-1].high + 1:
+            out[-1] = PortRange(out[-1].low, max(out[-1].high, r.high))
+        else:
+            out.append(r)
+    return tuple(out)
+
+
+# ---- reasons ---------------------------------------------------------------------------
+# Rules are named without their peer and port indexes so that one reason covers a
+# whole range of ports and the range stays on one line. A policy present on one
+# side only is marked (new) or (removed), which is what a reviewer looks for.
+
+
+def _name(key: str, other_side: frozenset[str], mark: str) -> str:
+    return f"NetworkPolicy {key}" + ("" if key in other_side else f" ({mark})")
+
+
+def _rules(side: Side, other_side: frozenset[str], mark: str) -> list[str]:
+    names = dict.fromkeys(
+        f"{_name(r.policy, other_side, mark)} "
+        f"{'ingress' if r.direction == INGRESS else 'egress'}[{r.rule}]"
+        for r in side.allowed_by)
+    return list(names)
+
+
+def _sides(verdict: Verdict) -> tuple[tuple[Side, str], tuple[Side, str]]:
+    f = verdict.flow
+    return (verdict.egress, f.render_side("src")), (verdict.ingress, f.render_side("dst"))
+
+
+def opened_reason(old: Verdict, new: Verdict, old_keys: frozenset[str]) -> str:
+    """What now admits each side that refused before."""
+    rules: list[str] = []
+    freed: list[str] = []
+    for (was, pod), (now, _) in zip(_sides(old), _sides(new), strict=True):
+        if was.allowed:
+            continue
+        if now.isolated:
+            rules += _rules(now, old_keys, "new")
+        else:
+            freed.append(f"{pod} no longer isolated for {now.direction.lower()}")
+    parts = ([f"by {' and '.join(rules)}"] if rules else []) + freed
+    return "; ".join(parts)
+
+
+def closed_reason(old: Verdict, new: Verdict, new_keys: frozenset[str],
+                  old_keys: frozenset[str]) -> str:
+    """What now refuses each side that admitted before."""
+    parts = []
+    for (was, pod), (now, _) in zip(_sides(old), _sides(new), strict=True):
+        if now.allowed:
+            continue
+        d = now.direction.lower()
+        if not was.isolated:
+            pols = ", ".join(_name(k, old_keys, "new") for k in now.isolating)
+            parts.append(f"{pod} now isolated for {d} by {pols}, and no rule allows it")
+        else:
+            gone = " and ".join(_rules(was, new_keys, "removed"))
+            parts.append(f"{gone} no longer allows it")
+    return "; ".join(parts)

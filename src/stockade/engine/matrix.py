@@ -1,0 +1,153 @@
+"""The reachability matrix: the verdict of every ordered pair of pods, per port.
+
+The pairs are judged through a `Judge`, a plain function, so that a faster
+resolver can replace the reference evaluator without touching the callers:
+`compute_matrix(cluster, ports, protocols, judge=fast_judge)`.
+
+Pods that no policy can tell apart (same namespace, labels, container ports, and
+the same answers from every ipBlock) get the same verdicts, so the judge is asked
+once per pair of such classes, not once per pair of pods: replicas of a
+Deployment cost one judgement, which keeps large clusters tractable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from stockade.engine.evaluate import Evaluator
+from stockade.engine.match import ip_block_matches
+from stockade.model.cidr import parse_ip
+from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.policy import TCP, IPBlock
+
+# (source, destination, port number, protocol) -> allowed. Self pairs never reach it.
+Judge = Callable[[Endpoint, Endpoint, int, str], bool]
+
+# Probed when no port is asked for and no pod declares a container port.
+FALLBACK_PORT = 80
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One table of the matrix: a protocol and a port number or name."""
+
+    protocol: str
+    port: int | str  # a name is resolved on each destination pod
+
+    def render(self) -> str:
+        return f"{self.protocol}/{self.port}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """Verdicts of one probe: `cells[i][j]` is pods[i] -> pods[j].
+
+    None marks a destination that serves no port of that name and protocol: there
+    is no such connection to judge.
+    """
+
+    probe: Probe
+    cells: tuple[tuple[bool | None, ...], ...]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    pods: tuple[str, ...]  # `namespace/name`, sorted
+    tables: tuple[Table, ...]
+
+
+def evaluator_judge(cluster: Cluster) -> Judge:
+    """The reference evaluator as a judge (it caches the policies selecting each pod)."""
+    ev = Evaluator(cluster)
+
+    def judge(src: Endpoint, dst: Endpoint, port: int, protocol: str) -> bool:
+        return ev.allowed(ev.flow(src, dst, port, protocol))
+
+    return judge
+
+
+def served_probes(cluster: Cluster, protocols: Sequence[str] = ()) -> tuple[Probe, ...]:
+    """Every (protocol, port number) some pod declares, optionally only some protocols.
+
+    Falls back to port 80 of each protocol asked for (TCP by default) when no pod
+    declares a matching port, so the matrix is never empty.
+    """
+    wanted = set(protocols)
+    found = {(p.protocol, p.port) for ep in cluster.endpoints for p in ep.ports
+             if not wanted or p.protocol in wanted}
+    if not found:
+        return tuple(Probe(proto, FALLBACK_PORT) for proto in (protocols or (TCP,)))
+    return tuple(Probe(proto, port) for proto, port in sorted(found))
+
+
+def probes_for(cluster: Cluster, ports: Sequence[int | str],
+               protocols: Sequence[str]) -> tuple[Probe, ...]:
+    """The tables to compute: each port with each protocol, or the ports pods serve."""
+    if not ports:
+        return served_probes(cluster, protocols)
+    return tuple(Probe(proto, port) for proto in (protocols or (TCP,)) for port in ports)
+
+
+def pod_classes(cluster: Cluster, pods: Sequence[Endpoint]) -> list[int]:
+    """A class number per pod: pods of one class are interchangeable for every policy.
+
+    What a verdict can depend on besides identity: the namespace (and so its
+    labels), the pod labels, the container ports (named ports), and for each
+    ipBlock whether each of the pod's IPs, by family, is inside it.
+    """
+    blocks = _ip_blocks(cluster)
+    keys: dict[object, int] = {}
+    out = []
+    for ep in pods:
+        ips = tuple((addr.version if (addr := parse_ip(ip)) else 0, ip) for ip in ep.ips)
+        inside = tuple(tuple((v, ip_block_matches(b, ip)) for v, ip in ips) for b in blocks)
+        key = (ep.namespace, ep.labels, ep.ports, inside)
+        out.append(keys.setdefault(key, len(keys)))
+    return out
+
+
+def _ip_blocks(cluster: Cluster) -> tuple[IPBlock, ...]:
+    found = {peer.ip_block for p in cluster.policies for r in p.ingress + p.egress
+             for peer in r.peers if peer.ip_block is not None}
+    return tuple(sorted(found, key=lambda b: (b.cidr, b.except_)))
+
+
+def compute_matrix(cluster: Cluster, ports: Sequence[int | str] = (),
+                   protocols: Sequence[str] = (), judge: Judge | None = None) -> Matrix:
+    """The truth table of every probe; a pod talking to itself is always allowed."""
+    judge = judge or evaluator_judge(cluster)
+    pods = sorted(cluster.endpoints, key=lambda e: (e.namespace, e.name))
+    classes = pod_classes(cluster, pods)
+    tables = tuple(_table(pods, classes, probe, judge)
+                   for probe in probes_for(cluster, ports, protocols))
+    return Matrix(tuple(e.key for e in pods), tables)
+
+
+def _table(pods: list[Endpoint], classes: list[int], probe: Probe, judge: Judge) -> Table:
+    # A named port resolves once per destination, not once per pair.
+    numbers = [_port_number(dst, probe) for dst in pods]
+    seen: dict[tuple[int, int], bool] = {}
+    rows = []
+    for i, src in enumerate(pods):
+        row: list[bool | None] = []
+        for j, dst in enumerate(pods):
+            number = numbers[j]
+            if number is None:
+                row.append(None)
+            elif i == j:
+                row.append(True)
+            else:
+                # Two different pods: any other two of the same classes get this verdict.
+                pair = (classes[i], classes[j])
+                if pair not in seen:
+                    seen[pair] = judge(src, dst, number, probe.protocol)
+                row.append(seen[pair])
+        rows.append(tuple(row))
+    return Table(probe, tuple(rows))
+
+
+def _port_number(dst: Endpoint, probe: Probe) -> int | None:
+    if isinstance(probe.port, int):
+        return probe.port
+    return dst.resolve_port(probe.port, probe.protocol)
