@@ -1,0 +1,356 @@
+"""The incremental compiler: one change in, the ruleset out, without recompiling.
+
+It keeps the cluster and everything derived from it: which sets exist (those
+the live chains name) and who is in them, which chain serves which endpoint,
+and the two address -> chain maps. An endpoint change touches the sets it
+enters or leaves and its own map entries; a policy change rebuilds only the
+chains of the policy sets that contain it and moves only the endpoints it
+selects; a namespace relabel re-examines only namespace-selecting sets. Sets
+and chains that do not change keep their identity, so a plan against the
+previous ruleset skips them at once.
+
+`ruleset()` always equals `compile_cluster()` of the same cluster (a property
+test replays random changes and compares).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
+from stockade.compile.lower import DIRECTION, Lowering, endpoint_addresses, lower_chain
+from stockade.compile.membership import PeerMembers, PolicyTargets, SetSpec
+from stockade.engine.resolve import resolve
+from stockade.model import policy as model
+from stockade.model.cluster import Cluster, Endpoint, Namespace
+from stockade.model.labels import Labels
+from stockade.model.selector import EXISTS, IN
+
+PolicySetKey = tuple[str, tuple[str, ...]]  # (model direction, sorted policy keys)
+Members = Callable[[SetSpec], list[Endpoint]]
+
+
+class IncrementalCompiler:
+    def __init__(self) -> None:
+        self.namespace_labels: dict[str, Labels] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self.policies: dict[str, model.NetworkPolicy] = {}
+        self._policies_in: dict[str, dict[str, model.NetworkPolicy]] = {}
+        self._endpoints_in: dict[str, set[str]] = {}
+        # sets: the spec, how many chains name it, element counts, the current object
+        self._specs: dict[str, SetSpec] = {}
+        self._set_refs: dict[str, int] = {}
+        self._elements: dict[str, Counter[Element]] = {}
+        self._sets: dict[str, AddressSet] = {}
+        self._stale_sets: set[str] = set()
+        # Which sets an endpoint might join, so that an endpoint change tests a few
+        # sets, not all: by scope (a namespace, or "" for sets open to every
+        # namespace) and by a label every member must carry (key, value or None).
+        self._guarded: dict[tuple[str, str, str | None], set[str]] = {}
+        self._guard_of: dict[str, list[tuple[str, str, str | None]]] = {}
+        self._specs_anywhere: set[str] = set()  # sets that depend on namespace labels
+        self._member_of: dict[str, set[str]] = {}  # endpoint key -> sets it is in
+        # chains
+        self._chains: dict[str, Chain] = {}
+        self._chain_specs: dict[str, frozenset[str]] = {}
+        self._chain_users: dict[str, int] = {}
+        self._chain_of: dict[PolicySetKey, str] = {}
+        self._endpoint_chain: dict[tuple[str, str], str] = {}  # (direction, ep) -> chain
+        # maps: direction -> address -> chain, and who owns each address
+        self._maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+        self._owner: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+
+    # ---- bulk ------------------------------------------------------------------------
+
+    @classmethod
+    def of(cls, cluster: Cluster) -> IncrementalCompiler:
+        """Start from a whole cluster, resolved in bulk through the label index.
+
+        Adding endpoints one by one would give the same state; resolving them
+        together is several times faster, which is what a restart needs.
+        """
+        inc = cls()
+        for ns in cluster.namespaces:
+            inc.namespace_labels[ns.name] = ns.labels
+        for p in cluster.policies:
+            inc.policies[p.key] = p
+            inc._policies_in.setdefault(p.namespace, {})[p.key] = p
+        for ep in cluster.endpoints:
+            inc.endpoints[ep.key] = ep
+            inc._endpoints_in.setdefault(ep.namespace, set()).add(ep.key)
+        bulk = Lowering(resolve(cluster))
+        for direction in model.DIRECTIONS:
+            for ident, ps in bulk.res.isolated[direction].items():
+                for ep in bulk.index.members[ident]:
+                    inc._place(ep, direction, ps.keys, bulk.members)
+        return inc
+
+    def cluster(self) -> Cluster:
+        return Cluster(tuple(Namespace(n, lab) for n, lab in self.namespace_labels.items()),
+                       tuple(self.endpoints.values()), tuple(self.policies.values()))
+
+    def ruleset(self) -> Ruleset:
+        for name in self._stale_sets:
+            if name in self._specs:
+                spec = self._specs[name]
+                elements = frozenset(self._elements[name])
+                old = self._sets.get(name)
+                if old is None or old.elements != elements:
+                    self._sets[name] = AddressSet(name, spec.family, spec.kind, elements,
+                                                  spec.comment)
+        self._stale_sets.clear()
+        return Ruleset(dict(self._sets), dict(self._chains), dict(self._maps[INGRESS]),
+                       dict(self._maps[EGRESS]))
+
+    # ---- namespaces --------------------------------------------------------------------
+
+    def upsert_namespace(self, ns: Namespace) -> None:
+        if self.namespace_labels.get(ns.name) == ns.labels:
+            return
+        self.namespace_labels[ns.name] = ns.labels
+        self._reexamine_namespace(ns.name)
+
+    def delete_namespace(self, name: str) -> None:
+        if self.namespace_labels.pop(name, None) is not None:
+            self._reexamine_namespace(name)
+
+    def _reexamine_namespace(self, name: str) -> None:
+        """Membership in namespace-selecting sets may change for the pods of `name`."""
+        for key in self._endpoints_in.get(name, ()):
+            ep = self.endpoints[key]
+            for set_name in self._specs_anywhere:
+                self._leave(ep, set_name)
+                self._join_if_selected(ep, set_name)
+
+    # ---- endpoints -----------------------------------------------------------------------
+
+    def upsert_endpoint(self, ep: Endpoint) -> None:
+        old = self.endpoints.get(ep.key)
+        if old == ep:
+            return
+        if old is not None:
+            self._detach(old)
+        self.endpoints[ep.key] = ep
+        self._endpoints_in.setdefault(ep.namespace, set()).add(ep.key)
+        self._attach(ep)
+
+    def delete_endpoint(self, key: str) -> None:
+        old = self.endpoints.get(key)
+        if old is not None:
+            self._detach(old)
+
+    def _attach(self, ep: Endpoint) -> None:
+        for name in self._candidate_sets(ep.namespace, ep.labels):
+            self._join_if_selected(ep, name)
+        for direction in model.DIRECTIONS:
+            self._place(ep, direction)
+
+    def _detach(self, ep: Endpoint) -> None:
+        for name in list(self._member_of.get(ep.key, ())):
+            self._leave(ep, name)
+        self._member_of.pop(ep.key, None)
+        for direction in model.DIRECTIONS:
+            self._unplace(ep, direction)
+        del self.endpoints[ep.key]
+        self._endpoints_in[ep.namespace].discard(ep.key)
+
+    def _candidate_sets(self, namespace: str, labels: Labels) -> set[str]:
+        out: set[str] = set()
+        for scope in (namespace, ""):
+            out |= self._guarded.get((scope, "", None), set())
+            for k, v in labels.items_tuple():
+                out |= self._guarded.get((scope, k, v), set())
+                out |= self._guarded.get((scope, k, None), set())
+        return out
+
+    def _join_if_selected(self, ep: Endpoint, name: str) -> None:
+        spec = self._specs[name]
+        if spec.candidates is not None and spec.candidates.selects(ep, self.namespace_labels):
+            self._join(ep, name)
+
+    def _join(self, ep: Endpoint, name: str) -> None:
+        elements = self._specs[name].contributes(ep)
+        if elements:
+            self._elements[name].update(elements)
+            self._stale_sets.add(name)
+            self._member_of.setdefault(ep.key, set()).add(name)
+
+    def _leave(self, ep: Endpoint, name: str) -> None:
+        member_of = self._member_of.get(ep.key)
+        if member_of is None or name not in member_of:
+            return
+        member_of.discard(name)
+        counts = self._elements[name]
+        counts.subtract(self._specs[name].contributes(ep))
+        for e in [e for e, n in counts.items() if n <= 0]:
+            del counts[e]
+        self._stale_sets.add(name)
+
+    # ---- which chain serves an endpoint -------------------------------------------------
+
+    def _selecting(self, ep: Endpoint, direction: str) -> tuple[str, ...]:
+        return tuple(sorted(
+            k for k, p in self._policies_in.get(ep.namespace, {}).items()
+            if p.affects(direction) and p.pod_selector.matches(ep.labels)))
+
+    def _place(self, ep: Endpoint, direction: str, keys: tuple[str, ...] | None = None,
+               members: Members | None = None) -> None:
+        if keys is None:
+            keys = self._selecting(ep, direction)
+        if not keys:
+            return
+        chain = self._chain(direction, keys, members)
+        self._chain_users[chain] += 1
+        self._endpoint_chain[(direction, ep.key)] = chain
+        ir_dir = DIRECTION[direction]
+        for addr in endpoint_addresses(ep):
+            self._maps[ir_dir][addr] = chain
+            self._owner[ir_dir][addr] = ep.key
+
+    def _unplace(self, ep: Endpoint, direction: str) -> None:
+        chain = self._endpoint_chain.pop((direction, ep.key), None)
+        if chain is None:
+            return
+        ir_dir = DIRECTION[direction]
+        for addr in endpoint_addresses(ep):
+            if self._owner[ir_dir].get(addr) == ep.key:
+                del self._maps[ir_dir][addr]
+                del self._owner[ir_dir][addr]
+        self._chain_users[chain] -= 1
+        if self._chain_users[chain] == 0:
+            self._drop_chain(chain)
+
+    def _chain(self, direction: str, keys: tuple[str, ...], members: Members | None) -> str:
+        name = self._chain_of.get((direction, keys))
+        if name is not None:
+            return name
+        specs: dict[str, SetSpec] = {}
+
+        def need(spec: SetSpec) -> str:
+            specs.setdefault(spec.name, spec)
+            return spec.name
+
+        chain = lower_chain(direction, [self.policies[k] for k in keys], need)
+        self._chain_of[(direction, keys)] = chain.name
+        if chain.name not in self._chains:
+            self._chains[chain.name] = chain
+            self._chain_users[chain.name] = 0
+            self._chain_specs[chain.name] = frozenset(specs)
+            for spec in specs.values():
+                self._ref_set(spec, members)
+        return chain.name
+
+    def _drop_chain(self, name: str) -> None:
+        del self._chains[name]
+        del self._chain_users[name]
+        for set_name in self._chain_specs.pop(name):
+            self._unref_set(set_name)
+        for k in [k for k, v in self._chain_of.items() if v == name]:
+            del self._chain_of[k]
+
+    # ---- sets -----------------------------------------------------------------------------
+
+    def _ref_set(self, spec: SetSpec, members: Members | None = None) -> None:
+        name = spec.name
+        if name in self._specs:
+            self._set_refs[name] += 1
+            return
+        self._specs[name] = spec
+        self._set_refs[name] = 1
+        self._elements[name] = Counter(spec.fixed) if spec.kind == NET else Counter()
+        self._stale_sets.add(name)
+        cand = spec.candidates
+        if cand is None:
+            return
+        guards = _guards(cand)
+        self._guard_of[name] = guards
+        for g in guards:
+            self._guarded.setdefault(g, set()).add(name)
+        if isinstance(cand, PeerMembers) and cand.peer.namespace_selector is not None:
+            self._specs_anywhere.add(name)
+        if members is not None:
+            for ep in members(spec):
+                self._join(ep, name)
+            return
+        scopes = {g[0] for g in guards}
+        population: Iterable[str] = (
+            self.endpoints if "" in scopes
+            else (k for scope in scopes for k in self._endpoints_in.get(scope, ())))
+        for key in list(population):
+            self._join_if_selected(self.endpoints[key], name)
+
+    def _unref_set(self, name: str) -> None:
+        self._set_refs[name] -= 1
+        if self._set_refs[name] > 0:
+            return
+        spec = self._specs.pop(name)
+        del self._set_refs[name]
+        del self._elements[name]
+        self._sets.pop(name, None)
+        self._stale_sets.discard(name)
+        del spec
+        for g in self._guard_of.pop(name, ()):
+            self._guarded[g].discard(name)
+        self._specs_anywhere.discard(name)
+        for members in self._member_of.values():
+            members.discard(name)
+
+    # ---- policies ---------------------------------------------------------------------------
+
+    def upsert_policy(self, policy: model.NetworkPolicy) -> None:
+        old = self.policies.get(policy.key)
+        if old == policy:
+            return
+        self._replace_policy(policy.key, policy.namespace, old, policy)
+
+    def delete_policy(self, key: str) -> None:
+        old = self.policies.get(key)
+        if old is not None:
+            self._replace_policy(key, old.namespace, old, None)
+
+    def _replace_policy(self, key: str, namespace: str, old: model.NetworkPolicy | None,
+                        new: model.NetworkPolicy | None) -> None:
+        affected = [self.endpoints[k] for k in sorted(self._endpoints_in.get(namespace, ()))
+                    if any(p is not None and p.pod_selector.matches(self.endpoints[k].labels)
+                           for p in (old, new))]
+        for ep in affected:
+            for direction in model.DIRECTIONS:
+                self._unplace(ep, direction)
+        # Chains built from the old text of the policy must not be found again.
+        for k in [k for k in self._chain_of if key in k[1]]:
+            del self._chain_of[k]
+        if new is None:
+            del self.policies[key]
+            del self._policies_in[namespace][key]
+        else:
+            self.policies[key] = new
+            self._policies_in.setdefault(namespace, {})[key] = new
+        for ep in affected:
+            for direction in model.DIRECTIONS:
+                self._place(ep, direction)
+
+
+def _guards(cand: object) -> list[tuple[str, str, str | None]]:
+    """Index keys of a set: every member carries one of these (scope, key, value).
+
+    The scope is the one namespace its members live in, or "" for any. The
+    label is one requirement every member must meet: `key in (values)` gives a
+    key per value, `key exists` one for the key; with none, ("scope", "", None).
+    """
+    scope = ""
+    selector = None
+    if isinstance(cand, PolicyTargets):
+        scope, selector = cand.namespace, cand.selector
+    elif isinstance(cand, PeerMembers):
+        if cand.peer.namespace_selector is None:
+            scope = cand.namespace
+        selector = cand.peer.pod_selector
+    if selector is not None:
+        for req in selector.requirements():
+            if req.operator == IN and req.values:
+                return [(scope, req.key, v) for v in req.values]
+        for req in selector.requirements():
+            if req.operator == EXISTS:
+                return [(scope, req.key, None)]
+    return [(scope, "", None)]

@@ -1,0 +1,136 @@
+"""What an address set stands for, as data: the definition of its members.
+
+A set's *spec* names the set (by a hash of its definition) and says which
+endpoints belong to it and what each contributes (its addresses of one family,
+or (address, protocol, port) triples for a named port). The full compiler
+answers specs with the label index; the incremental compiler asks, endpoint by
+endpoint, whether one belongs. Both read the same specs, so both build the
+same sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from stockade.compile.ir import ADDR, ADDR_PORT, NET, Element, content_name
+from stockade.engine.match import ip_block_matches
+from stockade.model.cidr import parse_cidr, parse_ip
+from stockade.model.cluster import Endpoint
+from stockade.model.labels import Labels
+from stockade.model.policy import IPBlock, Peer
+from stockade.model.selector import Selector
+
+FAMILIES = (4, 6)
+
+
+@dataclass(frozen=True)
+class PeerMembers:
+    """The pods a selector peer of a policy in `namespace` stands for."""
+
+    namespace: str
+    peer: Peer
+
+    def selects(self, ep: Endpoint, namespace_labels: Mapping[str, Labels]) -> bool:
+        if self.peer.namespace_selector is None:
+            if ep.namespace != self.namespace:
+                return False
+        else:
+            labels = namespace_labels.get(ep.namespace)
+            if labels is None or not self.peer.namespace_selector.matches(labels):
+                return False
+        return self.peer.pod_selector is None or self.peer.pod_selector.matches(ep.labels)
+
+
+@dataclass(frozen=True)
+class PolicyTargets:
+    """The pods a policy's podSelector selects (the destinations of its ingress)."""
+
+    namespace: str
+    selector: Selector
+
+    def selects(self, ep: Endpoint, namespace_labels: Mapping[str, Labels]) -> bool:
+        return ep.namespace == self.namespace and self.selector.matches(ep.labels)
+
+
+@dataclass(frozen=True)
+class AllEndpoints:
+    def selects(self, ep: Endpoint, namespace_labels: Mapping[str, Labels]) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class BlockEndpoints:
+    """The pods with an address inside an ipBlock; only those addresses count."""
+
+    block: IPBlock
+
+    def selects(self, ep: Endpoint, namespace_labels: Mapping[str, Labels]) -> bool:
+        return any(ip_block_matches(self.block, ip) for ip in ep.ips)
+
+
+Candidates = PeerMembers | PolicyTargets | AllEndpoints | BlockEndpoints
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    name: str
+    family: int
+    kind: str
+    comment: str
+    candidates: Candidates | None = None  # None: a fixed set (an ipBlock)
+    port: tuple[str, str] | None = None  # (name, protocol) of a named-port set
+    fixed: frozenset[Element] = frozenset()
+
+    def contributes(self, ep: Endpoint) -> list[Element]:
+        """The elements an endpoint adds when it belongs to the set."""
+        out: list[Element] = []
+        number = None
+        if self.port is not None:
+            number = ep.resolve_port(*self.port)
+            if number is None:
+                return out
+        for ip in ep.ips:
+            a = parse_ip(ip)
+            if a is None or a.version != self.family:
+                continue
+            if isinstance(self.candidates, BlockEndpoints) and not ip_block_matches(
+                    self.candidates.block, ip):
+                continue
+            if number is not None and self.port is not None:
+                out.append((str(a), self.port[1].lower(), number))
+            else:
+                out.append(str(a))
+        return out
+
+
+def selector_specs(namespace: str, peer: Peer) -> dict[int, SetSpec]:
+    cand = PeerMembers(namespace, peer)
+    return {fam: SetSpec(content_name(f"s{fam}-", ADDR, fam, (namespace, peer)), fam, ADDR,
+                         f"{namespace}: {peer.render()}", cand)
+            for fam in FAMILIES}
+
+
+def block_spec(block: IPBlock, networks: list[str]) -> SetSpec | None:
+    net = parse_cidr(block.cidr)
+    if net is None:
+        return None
+    return SetSpec(content_name(f"c{net.version}-", NET, net.version,
+                                (block.cidr, block.except_)),
+                   net.version, NET, f"ipBlock {block.cidr}", None, None, frozenset(networks))
+
+
+def named_specs(candidates: Candidates, name: str, protocol: str,
+                comment: str) -> dict[int, SetSpec]:
+    if isinstance(candidates, PolicyTargets):
+        key: object = ("in", candidates.namespace, candidates.selector)
+    elif isinstance(candidates, PeerMembers):
+        key = ("peer", candidates.namespace, candidates.peer)
+    elif isinstance(candidates, BlockEndpoints):
+        key = ("block", candidates.block)
+    else:
+        key = ("all",)
+    return {fam: SetSpec(content_name(f"n{fam}-", ADDR_PORT, fam, (key, name, protocol)), fam,
+                         ADDR_PORT, f"{comment} port {name}/{protocol}", candidates,
+                         (name, protocol))
+            for fam in FAMILIES}
