@@ -57,6 +57,7 @@ class IncrementalCompiler:
         self._chain_users: dict[str, int] = {}
         self._chain_of: dict[PolicySetKey, str] = {}
         self._endpoint_chain: dict[tuple[str, str], str] = {}  # (direction, ep) -> chain
+        self._unused: set[str] = set()
         # maps: direction -> address -> chain, and who owns each address
         self._maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
         self._owner: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
@@ -134,11 +135,13 @@ class IncrementalCompiler:
         self.endpoints[ep.key] = ep
         self._endpoints_in.setdefault(ep.namespace, set()).add(ep.key)
         self._attach(ep)
+        self._collect()
 
     def delete_endpoint(self, key: str) -> None:
         old = self.endpoints.get(key)
         if old is not None:
             self._detach(old)
+            self._collect()
 
     def _attach(self, ep: Endpoint) -> None:
         for name in self._candidate_sets(ep.namespace, ep.labels):
@@ -219,7 +222,14 @@ class IncrementalCompiler:
                 del self._owner[ir_dir][addr]
         self._chain_users[chain] -= 1
         if self._chain_users[chain] == 0:
-            self._drop_chain(chain)
+            # Dropped at the end of the change, unless the change uses it again.
+            self._unused.add(chain)
+
+    def _collect(self) -> None:
+        for name in self._unused:
+            if self._chain_users.get(name) == 0:
+                self._drop_chain(name)
+        self._unused.clear()
 
     def _chain(self, direction: str, keys: tuple[str, ...], members: Members | None) -> str:
         name = self._chain_of.get((direction, keys))
@@ -329,6 +339,7 @@ class IncrementalCompiler:
         for ep in affected:
             for direction in model.DIRECTIONS:
                 self._place(ep, direction)
+        self._collect()
 
 
 def _guards(cand: object) -> list[tuple[str, str, str | None]]:
