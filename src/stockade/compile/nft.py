@@ -51,10 +51,28 @@ _NFPROTO = {4: "ipv4", 6: "ipv6"}
 Command = dict[str, Any]
 
 
+LOG_PREFIX = "stockade-deny"
+
+
 @dataclass(frozen=True)
 class Table:
     name: str = "stockade"
     priority: int = 0
+    # Dropped new connections are copied to this netfilter log group (NFLOG),
+    # rate-limited, with the prefix "stockade-deny <chain>"; None: no logging.
+    log_group: int | None = None
+    log_rate: int = 50  # per second, per chain, beyond a burst of as many
+
+    def deny_rules(self, chain: Chain) -> list[tuple[list[dict[str, Any]], str]]:
+        """The tail of a policy chain: log (if asked) and drop what no rule allowed."""
+        out: list[tuple[list[dict[str, Any]], str]] = []
+        if self.log_group is not None:
+            out.append(([
+                {"limit": {"rate": self.log_rate, "per": "second", "burst": self.log_rate}},
+                {"log": {"group": self.log_group, "prefix": f"{LOG_PREFIX} {chain.name}"}},
+            ], f"log denied #{chain.direction}"))
+        out.append(([{"drop": None}], f"default deny #{chain.direction}"))
+        return out
 
     def ref(self, **kw: Any) -> dict[str, Any]:
         return {"family": FAMILY, "table": self.name, **kw}
@@ -133,8 +151,8 @@ def render_chain(table: Table, chain: Chain) -> list[Command]:
         cmds.append({"add": {"rule": table.ref(
             chain=chain.name, expr=[*render_rule_expr(rule, chain.direction), verdict],
             comment=tag)}})
-    cmds.append({"add": {"rule": table.ref(
-        chain=chain.name, expr=[{"drop": None}], comment=f"default deny #{chain.direction}")}})
+    for expr, comment in table.deny_rules(chain):
+        cmds.append({"add": {"rule": table.ref(chain=chain.name, expr=expr, comment=comment)}})
     return cmds
 
 
@@ -329,7 +347,7 @@ def parse_kernel(doc: Mapping[str, Any], table: Table,
     # A chain whose rules differ from what its name promises is not that chain.
     for name, chain in list(chains.items()):
         want = [f"{r.comment} #{rule_digest(r)}"[-120:] for r in chain.rules]
-        want.append(f"default deny #{chain.direction}")
+        want += [comment for _, comment in table.deny_rules(chain)]
         if not chain.rules or tags.get(name) != want:
             chains[name] = Chain(name, chain.direction, (), "tampered")
     return KernelTable(Ruleset(sets, chains, maps[INGRESS], maps[EGRESS]), skeleton_ok,

@@ -1,0 +1,118 @@
+"""The agent's local API: a small versioned JSON protocol over a unix socket (pure).
+
+One request per line, one response per line, several per connection:
+
+    → {"v": 1, "op": "apply", "args": {...}}
+    ← {"v": 1, "ok": true, "result": {...}}
+    ← {"v": 1, "ok": false, "error": {"code": "invalid", "message": "...", "lines": [...]}}
+
+Operations (args → result):
+
+    status                                    → {ready, inSync, revision, appliedRevision,
+                                                 lastApply, counts, driftRepairs, datapath}
+    apply        {documents, source, sync}    → {created, configured, unchanged, revision}
+    delete       {documents | refs, sync}     → {deleted, missing, revision}
+    get          {kind}                       → {items}      kind: namespaces|endpoints|policies
+    label        {kind, name, set, remove}    → {revision}   kind: namespace|endpoint
+    snapshot.save                             → {snapshot}
+    snapshot.restore {snapshot, sync}         → {revision}
+    endpoint.add {endpoint, sync}             → {revision}   (an EndpointRecord dict)
+    endpoint.remove {key, sync}               → {removed, revision}
+    ipam.allocate {owner}                     → {address, gateway, subnet}
+    ipam.release {owner}                      → {address}
+    run          {namespace, name, labels, ports, command} → {endpoint, pid}
+    ps                                        → {items}
+    rm           {key}                        → {removed}
+    flows        {since, limit}               → {items, next}
+
+`sync` (default true) makes a changing call return only once the kernel
+enforces the change (or fail with code "timeout").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from stockade.errors import AgentError
+
+VERSION = 1
+MAX_LINE = 64 * 1024 * 1024  # snapshots of large hosts travel in one line
+
+# error codes
+INVALID = "invalid"  # the request's content is wrong (validation errors in `lines`)
+NOT_FOUND = "not_found"
+BAD_REQUEST = "bad_request"  # unknown op, wrong arguments, wrong version
+UNAVAILABLE = "unavailable"  # not ready yet, or shutting down: try again
+TIMEOUT = "timeout"  # the change was stored but not yet enforced in time
+INTERNAL = "internal"
+
+OPS = (
+    "status", "apply", "delete", "get", "label", "snapshot.save", "snapshot.restore",
+    "endpoint.add", "endpoint.remove", "ipam.allocate", "ipam.release", "run", "ps", "rm",
+    "flows",
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return (json.dumps({"v": VERSION, "op": self.op, "args": self.args},
+                           separators=(",", ":")) + "\n").encode()
+
+
+class ApiError(AgentError):
+    """An error the agent answered with; `lines` carries one line per problem."""
+
+    def __init__(self, code: str, message: str, lines: list[str] | None = None) -> None:
+        self.code = code
+        self.message = message
+        self.lines = list(lines or [])
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "lines": self.lines}
+
+
+def decode_request(line: bytes) -> Request:
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        raise ApiError(BAD_REQUEST, "the request is not JSON") from None
+    if not isinstance(raw, dict) or raw.get("v") != VERSION:
+        raise ApiError(BAD_REQUEST, f"unsupported protocol version (want {VERSION})")
+    op, args = raw.get("op"), raw.get("args", {})
+    if op not in OPS:
+        raise ApiError(BAD_REQUEST, f"unknown operation {op!r}")
+    if not isinstance(args, dict):
+        raise ApiError(BAD_REQUEST, "args must be an object")
+    return Request(op, args)
+
+
+def encode_result(result: Any) -> bytes:
+    return (json.dumps({"v": VERSION, "ok": True, "result": result},
+                       separators=(",", ":")) + "\n").encode()
+
+
+def encode_error(err: ApiError) -> bytes:
+    return (json.dumps({"v": VERSION, "ok": False, "error": err.to_dict()},
+                       separators=(",", ":")) + "\n").encode()
+
+
+def decode_response(line: bytes) -> Any:
+    """The result of a response line, or raise the ApiError it carries."""
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        raise ApiError(INTERNAL, "the agent's answer is not JSON") from None
+    if not isinstance(raw, dict) or raw.get("v") != VERSION:
+        raise ApiError(BAD_REQUEST, "the agent speaks another protocol version")
+    if raw.get("ok"):
+        return raw.get("result")
+    err = raw.get("error") or {}
+    raise ApiError(str(err.get("code", INTERNAL)), str(err.get("message", "error")),
+                   [str(x) for x in err.get("lines", [])])
