@@ -1,0 +1,70 @@
+"""The client side of the local API (used by the CLI and the CNI plugin)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from stockade.agent.protocol import MAX_LINE, Request, decode_response
+from stockade.errors import AgentError
+
+DEFAULT_SOCKET = "/run/stockade/agent.sock"
+
+
+def socket_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("STOCKADE_SOCKET") or DEFAULT_SOCKET
+
+
+class AgentClient:
+    def __init__(self, path: str | None = None, timeout: float = 60.0) -> None:
+        self.path = socket_path(path)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except FileNotFoundError:
+            sock.close()
+            raise AgentError(f"no agent at {self.path} (start one with `stockade agent`, "
+                             "or give --socket / STOCKADE_SOCKET)") from None
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"cannot reach the agent at {self.path}: {exc.strerror}") from None
+        self._sock = sock
+        self._file = sock.makefile("rb")
+
+    def call(self, op: str, **args: Any) -> Any:
+        if self._sock is None:
+            self._connect()
+        assert self._sock is not None
+        try:
+            self._sock.sendall(Request(op, args).encode())
+            line = self._file.readline(MAX_LINE + 1)
+        except TimeoutError:
+            self.close()
+            raise AgentError(f"the agent did not answer {op!r} within {self.timeout:.0f}s") \
+                from None
+        except OSError as exc:
+            self.close()
+            raise AgentError(f"lost the agent at {self.path}: {exc}") from None
+        if not line:
+            self.close()
+            raise AgentError(f"the agent at {self.path} closed the connection")
+        return decode_response(line)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._file.close()
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,218 @@
+"""`stockade agent`: the node agent, wired together and run in the foreground.
+
+Start-up order matters for "fail closed, lose nothing": the store is loaded,
+the kernel is checked, then the first reconciliation *reads the kernel back*
+and applies only the difference (a restart adopts the table; nothing is
+flushed, so traffic keeps flowing). Only then does the API socket open and
+the agent report readiness. SIGTERM closes the socket and stops the loops;
+the kernel keeps enforcing the last ruleset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from stockade.agent.client import DEFAULT_SOCKET
+from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
+from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
+from stockade.agent.runner import BoundedFrequencyRunner
+from stockade.agent.server import ApiServer
+from stockade.agent.service import Service
+from stockade.agent.store import Store
+from stockade.compile.incremental import IncrementalCompiler
+from stockade.compile.ir import Ruleset
+from stockade.compile.nft import Table
+from stockade.compile.plan import Plan
+from stockade.dataplane.monitor import TableMonitor
+from stockade.dataplane.nft import NftDatapath
+from stockade.errors import AgentError
+from stockade.net.ipam import Ipam
+
+log = logging.getLogger("stockade.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    state_dir: str = "/var/lib/stockade"
+    socket: str = DEFAULT_SOCKET
+    datapath: str = "nft"
+    netns: str | None = None
+    table: str = "stockade"
+    metrics_address: str | None = None
+    log_group: int | None = 100
+    min_interval: float = 0.002
+    resync_interval: float = 30.0
+    subnet: str = "10.244.0.0/16"
+    bridge_prefix: str = "stk"
+    strict_cidr: bool = False
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.registry = Registry()
+        self.metrics = agent_metrics(self.registry)
+        self._stopping = threading.Event()
+        self._ruleset = Ruleset()
+        self.store: Store | None = None
+        self.api: ApiServer | None = None
+        self.runner: BoundedFrequencyRunner | None = None
+        self.monitor: TableMonitor | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.extensions: list[Any] = []
+
+    # ---- start and stop ----------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        if cfg.datapath != "nft":
+            raise AgentError(f"datapath {cfg.datapath!r} is not available (nft is)")
+        self.store = Store(cfg.state_dir)
+        state, revision = self.store.load()
+        log.info("state loaded", extra={"fields": {
+            "revision": revision, "endpoints": len(state.endpoints),
+            "policies": len(state.policies), "namespaces": len(state.namespaces)}})
+        table = Table(cfg.table, log_group=cfg.log_group)
+        datapath = NftDatapath(table, netns=cfg.netns)
+        datapath.check()
+        started = time.monotonic()
+        compiler = IncrementalCompiler.of(state.cluster())
+        log.info("state compiled", extra={"fields": {
+            "seconds": round(time.monotonic() - started, 3)}})
+        self.reconciler = Reconciler(compiler, datapath, revision, Hooks(
+            applied=self._applied, drift=self._drift, enforced=self._enforced))
+        ipam_state = self.store.get_meta("ipam")
+        ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet)
+        self.service = Service(self.store, state, self.reconciler, ipam=ipam,
+                               strict_cidr=cfg.strict_cidr)
+        # Adopt: read the kernel back and apply only the difference, before serving.
+        self.reconciler.run(periodic=True)
+        if self.reconciler.last is not None and self.reconciler.last.error:
+            raise AgentError(f"cannot program the kernel: {self.reconciler.last.error}")
+        self.runner = BoundedFrequencyRunner("reconcile", self._run, cfg.min_interval,
+                                             cfg.resync_interval)
+        self.reconciler.attach(self.runner.run)
+        self.runner.start()
+        self.monitor = TableMonitor(cfg.table, self._foreign_change, netns=cfg.netns)
+        self.monitor.start()
+        for ext in self.extensions:
+            ext.start(self)
+        if cfg.metrics_address:
+            self.metrics_server = MetricsServer(self.registry, cfg.metrics_address)
+            self.metrics_server.start()
+        self.api = ApiServer(cfg.socket, self.service.handle)
+        self.api.start()
+        self._update_gauges()
+        log.info("ready", extra={"fields": {"socket": cfg.socket, "revision": revision,
+                                            "table": f"inet {cfg.table}"}})
+        notify_ready()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for part in (self.api, self.metrics_server):
+            if part is not None:
+                part.stop()
+        for ext in reversed(self.extensions):
+            ext.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.runner is not None:
+            self.runner.stop()
+        if self.store is not None:
+            self.store.close()
+        log.info("stopped; the kernel keeps enforcing the last ruleset")
+
+    def wait(self) -> None:
+        while not self._stopping.wait(1.0):
+            pass
+
+    # ---- reconciliation hooks -----------------------------------------------------------
+
+    _verify_next = False
+
+    def _run(self, periodic: bool) -> None:
+        verify = periodic or self._verify_next
+        self._verify_next = False
+        self.reconciler.run(verify)
+
+    def _foreign_change(self) -> None:
+        log.info("another process changed the table; checking it")
+        self._verify_next = True
+        if self.runner is not None:
+            self.runner.run()
+
+    def _applied(self, report: ApplyReport, ruleset: Ruleset) -> None:
+        m = self.metrics
+        if report.error:
+            m.apply_errors.inc()
+            return
+        self._ruleset = ruleset
+        m.applies.inc()
+        m.apply_duration.observe(report.duration)
+        if report.summary:
+            log.info("applied", extra={"fields": {
+                "revision": report.revision, "ms": round(report.duration * 1000, 2),
+                **report.summary}})
+        self._update_gauges()
+
+    def _drift(self, delta: Plan) -> None:
+        self.metrics.drift_repairs.inc()
+
+    def _enforced(self, seconds: float) -> None:
+        self.metrics.enforcement_latency.observe(seconds)
+
+    def _update_gauges(self) -> None:
+        st = self.service.state
+        self.metrics.endpoints.set(len(st.endpoints))
+        self.metrics.policies.set(len(st.policies))
+        self.metrics.namespaces.set(len(st.namespaces))
+        counts = self._ruleset.counts()
+        for kind, value in (("sets", counts["sets"]), ("set_elements", counts["set_elements"]),
+                            ("chains", counts["chains"]), ("rules", counts["rules"]),
+                            ("map_entries", counts["ingress_entries"]
+                             + counts["egress_entries"])):
+            self.metrics.datapath_objects.set(value, kind=kind)
+
+
+def notify_ready() -> None:
+    """Tell systemd (Type=notify) that the agent serves, if it is listening."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    addr = "\0" + target[1:] if target.startswith("@") else target
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(addr)
+            s.sendall(b"READY=1")
+        except OSError as exc:
+            log.warning("could not notify systemd: %s", exc)
+
+
+def run_agent(config: AgentConfig) -> int:
+    agent = Agent(config)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
+        agent._stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        agent.start()
+    except Exception:
+        agent.stop()
+        raise
+    agent.wait()
+    agent.stop()
+    return 0
+
+
+

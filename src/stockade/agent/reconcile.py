@@ -1,0 +1,160 @@
+"""Reconciliation: make the kernel enforce the agent's state, level-triggered.
+
+Every accepted change is folded into the incremental compiler and marks the
+state dirty with its store revision; the bounded-frequency runner then applies
+the whole desired ruleset as one delta (bursts coalesce into one transaction).
+The periodic run reads the kernel back instead of trusting the last apply: it
+is how a restart adopts what is there and how drift is found and repaired.
+Callers that must not return before enforcement wait for their revision.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from stockade.agent.records import (
+    Change,
+    DeleteEndpoint,
+    DeleteNamespace,
+    DeletePolicy,
+    PutEndpoint,
+    PutNamespace,
+    PutPolicy,
+)
+from stockade.compile.incremental import IncrementalCompiler
+from stockade.compile.ir import Ruleset
+from stockade.compile.plan import Plan
+from stockade.dataplane.base import Datapath
+from stockade.errors import StockadeError
+
+log = logging.getLogger("stockade.reconcile")
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    revision: int
+    at: float  # wall clock
+    duration: float
+    summary: dict[str, int]
+    verified: bool
+    error: str = ""
+
+
+@dataclass
+class Hooks:
+    """What the agent wants to hear about; every hook is optional."""
+
+    applied: Callable[[ApplyReport, Ruleset], None] | None = None
+    drift: Callable[[Plan], None] | None = None
+    enforced: Callable[[float], None] | None = None  # seconds from change to enforcement
+    revoked: Callable[[Ruleset], None] | None = None  # access may have been taken away
+
+
+class Reconciler:
+    def __init__(self, compiler: IncrementalCompiler, datapath: Datapath, revision: int,
+                 hooks: Hooks | None = None) -> None:
+        self.compiler = compiler
+        self.datapath = datapath
+        self.hooks = hooks or Hooks()
+        self._lock = threading.Lock()  # compiler and desired revision
+        self._apply_lock = threading.Lock()  # one kernel transaction at a time
+        self._cond = threading.Condition()
+        self.desired_revision = revision
+        self.applied_revision = -1
+        self.last: ApplyReport | None = None
+        self.drift_repairs = 0
+        self.failures = 0
+        self._accepted: list[tuple[int, float]] = []  # (revision, monotonic time accepted)
+        self._kick: Callable[[], None] = lambda: None
+
+    def attach(self, kick: Callable[[], None]) -> None:
+        """`kick` asks the runner for a run soon."""
+        self._kick = kick
+
+    # ---- changes in ------------------------------------------------------------------------
+
+    def changed(self, revision: int, changes: Sequence[Change]) -> None:
+        with self._lock:
+            for c in changes:
+                feed(self.compiler, c)
+            self.desired_revision = max(self.desired_revision, revision)
+            self._accepted.append((revision, time.monotonic()))
+        self._kick()
+
+    # ---- the run --------------------------------------------------------------------------
+
+    def run(self, periodic: bool) -> None:
+        """One reconciliation; a periodic one reads the kernel back (adopt, repair drift)."""
+        with self._apply_lock:
+            with self._lock:
+                desired = self.compiler.ruleset()
+                revision = self.desired_revision
+            started = time.monotonic()
+            try:
+                delta = self.datapath.apply(desired, verify=periodic)
+            except StockadeError as exc:
+                self.failures += 1
+                log.error("apply failed, the previous ruleset stays in force: %s", exc)
+                report = ApplyReport(revision, time.time(), time.monotonic() - started, {},
+                                     periodic, str(exc))
+                self.last = report
+                if self.hooks.applied:
+                    self.hooks.applied(report, desired)
+                return
+            finished = time.monotonic()
+            summary = {k: v for k, v in delta.summary().items() if v}
+            report = ApplyReport(revision, time.time(), finished - started, summary, periodic)
+            self.last = report
+            if periodic and not delta.empty and self.applied_revision >= 0:
+                # The kernel differed from what the last apply left: someone changed it.
+                self.drift_repairs += 1
+                log.warning("drift repaired: %s", "; ".join(delta.describe()[:10]))
+                if self.hooks.drift:
+                    self.hooks.drift(delta)
+            if self.hooks.applied:
+                self.hooks.applied(report, desired)
+            if not delta.empty and self.hooks.revoked:
+                self.hooks.revoked(desired)
+            with self._cond:
+                self.applied_revision = max(self.applied_revision, revision)
+                done = [t for r, t in self._accepted if r <= revision]
+                self._accepted = [(r, t) for r, t in self._accepted if r > revision]
+                self._cond.notify_all()
+            if self.hooks.enforced:
+                for t in done:
+                    self.hooks.enforced(finished - t)
+
+    def wait_for(self, revision: int, timeout: float) -> bool:
+        """Block until the kernel enforces `revision` (or a later one)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.applied_revision < revision:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    @property
+    def in_sync(self) -> bool:
+        return self.applied_revision >= self.desired_revision and (
+            self.last is None or not self.last.error)
+
+
+def feed(compiler: IncrementalCompiler, change: Change) -> None:
+    if isinstance(change, PutNamespace):
+        compiler.upsert_namespace(change.namespace)
+    elif isinstance(change, DeleteNamespace):
+        compiler.delete_namespace(change.name)
+    elif isinstance(change, PutEndpoint):
+        compiler.upsert_endpoint(change.record.endpoint)
+    elif isinstance(change, DeleteEndpoint):
+        compiler.delete_endpoint(change.key)
+    elif isinstance(change, PutPolicy):
+        compiler.upsert_policy(change.record.policy)
+    elif isinstance(change, DeletePolicy):
+        compiler.delete_policy(change.key)

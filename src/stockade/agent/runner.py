@@ -1,0 +1,70 @@
+"""A bounded-frequency runner: coalesce bursts of requests into few runs.
+
+Requests mark work as pending; the function runs at most once per
+`min_interval` (so a burst of a thousand changes is one kernel transaction)
+and at least once per `max_interval` (the periodic full resync), like the
+runner kube-proxy and kube-network-policies use. The clock is injectable so
+tests need not sleep.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class BoundedFrequencyRunner:
+    def __init__(self, name: str, fn: Callable[[bool], None], min_interval: float,
+                 max_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        """`fn(periodic)` is called with True when the run is the periodic one."""
+        if min_interval < 0 or max_interval <= 0 or min_interval > max_interval:
+            raise ValueError("need 0 <= min_interval <= max_interval and max_interval > 0")
+        self.name = name
+        self.fn = fn
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._pending = False
+        self._stopped = False
+        self._last = float("-inf")
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        """Ask for a run soon (no later than min_interval after the previous one)."""
+        with self._cond:
+            self._pending = True
+            self._cond.notify()
+
+    def _next(self) -> tuple[float, bool]:
+        """Seconds to wait before the next run, and whether it is the periodic one."""
+        now = self.clock()
+        if self._pending:
+            return max(0.0, self._last + self.min_interval - now), False
+        return max(0.0, self._last + self.max_interval - now), True
+
+    def loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopped:
+                        return
+                    wait, periodic = self._next()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                self._pending = False
+                self._last = self.clock()
+            self.fn(periodic)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()

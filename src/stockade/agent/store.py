@@ -1,0 +1,377 @@
+"""The agent's embedded state store: one SQLite database in the state directory.
+
+Why SQLite: the agent must survive ``kill -9`` at any instant and come back
+with exactly what it had acknowledged, because the kernel may already enforce a
+change the agent accepted. SQLite in WAL mode with ``synchronous=FULL`` gives
+that: a transaction is durable once ``COMMIT`` returns, and a torn write is
+rolled back on the next open. It is in the standard library, so the agent
+needs no server and no extra package.
+
+Layout (every ``doc``/``value`` is JSON text; the columns are declared TEXT
+because a declared type such as ``JSON`` has NUMERIC affinity in SQLite, which
+would silently turn the JSON text ``5`` into the integer 5)::
+
+    namespaces(name TEXT PRIMARY KEY, doc TEXT)   namespace_to_dict
+    endpoints (key  TEXT PRIMARY KEY, doc TEXT)   EndpointRecord.to_dict
+    policies  (key  TEXT PRIMARY KEY, doc TEXT)   PolicyRecord.to_dict (the manifest)
+    meta      (key  TEXT PRIMARY KEY, value TEXT) "schema", "revision", named blobs
+
+``revision`` counts committed transactions: every :meth:`Store.commit` that
+changes something (records or meta) increments it in the same transaction, so
+a revision always names one exact state.
+
+Threads: one connection (``check_same_thread=False``) guarded by one reentrant
+lock, :attr:`Store.lock`. SQLite serialises writers anyway; one connection
+avoids ``SQLITE_BUSY`` between the agent's own threads and keeps reads cheap.
+Hold :attr:`Store.lock` around a load-compute-commit sequence to make it
+atomic against the agent's other threads.
+
+Public API::
+
+    Store(state_dir)                      # creates <state_dir>/state.db (0600, dir 0700)
+    Store.path -> Path
+    Store.lock -> threading.RLock
+    Store.load() -> (AgentState, revision)
+    Store.load_with_meta(keys) -> (AgentState, revision, {key: value})
+    Store.revision() -> int
+    Store.commit(changes, meta=None) -> revision   # one transaction, all or nothing
+    Store.get_meta(key) -> Any | None
+    Store.put_meta(key, value) -> revision         # value None deletes the key
+    Store.close()                                  # also a context manager
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stockade.agent.records import (
+    AgentState,
+    Change,
+    DeleteEndpoint,
+    DeleteNamespace,
+    DeletePolicy,
+    EndpointRecord,
+    PolicyRecord,
+    PutEndpoint,
+    PutNamespace,
+    PutPolicy,
+    namespace_from_dict,
+    namespace_to_dict,
+)
+from stockade.errors import AgentError, StockadeError
+
+SCHEMA_VERSION = 1
+DB_NAME = "state.db"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+BUSY_TIMEOUT_MS = 10_000  # another process (a second agent, a backup) holding the lock
+
+# Meta keys the store owns; callers may not write them.
+META_SCHEMA = "schema"
+META_REVISION = "revision"
+RESERVED_META = frozenset({META_SCHEMA, META_REVISION})
+
+_T = TypeVar("_T")
+
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS namespaces (name TEXT PRIMARY KEY, doc TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS endpoints (key TEXT PRIMARY KEY, doc TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS policies (key TEXT PRIMARY KEY, doc TEXT NOT NULL)",
+)
+
+
+class StoreError(AgentError):
+    """The state store cannot be opened, read or written; names the database file."""
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One encoded statement, prepared before the transaction so that an
+    unencodable change fails before anything is written."""
+
+    sql: str
+    params: tuple[str, ...]
+
+
+class Store:
+    """The agent's durable state; see the module docstring for the guarantees."""
+
+    def __init__(self, state_dir: Path | str) -> None:
+        self._dir = Path(state_dir)
+        self.path = self._dir / DB_NAME
+        self.lock = threading.RLock()
+        _ensure_private_dir(self._dir)
+        _ensure_private_file(self.path)
+        self._conn: sqlite3.Connection | None = self._connect()
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self.lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- reads ----------------------------------------------------------------------
+
+    def load(self) -> tuple[AgentState, int]:
+        """The whole state and its revision, read in one transaction."""
+        state, revision, _ = self.load_with_meta(())
+        return state, revision
+
+    def load_with_meta(self, keys: Iterable[str]) -> tuple[AgentState, int, dict[str, Any]]:
+        """The state, its revision and the named meta blobs present, all consistent."""
+        wanted = list(keys)
+        with self._transaction("BEGIN") as conn:
+            state = AgentState(
+                namespaces=self._rows(conn, "namespaces", "name", namespace_from_dict,
+                                      lambda ns: ns.name),
+                endpoints=self._rows(conn, "endpoints", "key", EndpointRecord.from_dict,
+                                     lambda r: r.key),
+                policies=self._rows(conn, "policies", "key", PolicyRecord.from_dict,
+                                    lambda r: r.key),
+            )
+            revision = self._revision(conn)
+            meta = {k: v for k in wanted if (v := self._meta(conn, k)) is not None}
+        return state, revision, meta
+
+    def revision(self) -> int:
+        with self._transaction("BEGIN") as conn:
+            return self._revision(conn)
+
+    def get_meta(self, key: str) -> Any | None:
+        """A named blob, or None when absent."""
+        with self._transaction("BEGIN") as conn:
+            return self._meta(conn, key)
+
+    # ---- writes ---------------------------------------------------------------------
+
+    def put_meta(self, key: str, value: Any) -> int:
+        """Store one named blob (None deletes it) in its own transaction."""
+        return self.commit((), meta={key: value})
+
+    def commit(self, changes: Sequence[Change], meta: Mapping[str, Any] | None = None) -> int:
+        """Apply the changes and meta updates in ONE transaction; the new revision.
+
+        All or nothing: on any error nothing is written and StoreError is raised.
+        Nothing to do returns the current revision without a transaction, so an
+        idle reconcile loop does not grow the revision. A meta value of None
+        deletes that key.
+        """
+        writes = _encode(changes, meta or {}, self.path)
+        if not writes:
+            return self.revision()
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            for w in writes:
+                conn.execute(w.sql, w.params)
+            revision = self._revision(conn) + 1
+            conn.execute("UPDATE meta SET value = ? WHERE key = ?",
+                         (json.dumps(revision), META_REVISION))
+        return revision
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: no implicit transactions; every one is explicit.
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the state database: {exc}") from exc
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"journal mode is {mode}, WAL was refused")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"{self.path}: cannot open the state database: {exc}") from exc
+        return conn
+
+    def _init_schema(self) -> None:
+        """Create the tables on first use; refuse a database from a newer agent."""
+        with self._transaction("BEGIN IMMEDIATE") as conn:
+            has_meta = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                    " AND name = 'meta'").fetchone() is not None
+            found = self._meta(conn, META_SCHEMA) if has_meta else None
+            if found is None:
+                for sql in _TABLES:
+                    conn.execute(sql)
+                conn.execute("INSERT INTO meta VALUES (?, ?)",
+                             (META_SCHEMA, json.dumps(SCHEMA_VERSION)))
+                conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                             (META_REVISION, json.dumps(0)))
+            elif not isinstance(found, int) or isinstance(found, bool):
+                raise StoreError(f"{self.path}: invalid schema version {found!r}")
+            elif found > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: the state database has schema version {found}, newer than"
+                    f" this agent's {SCHEMA_VERSION}; run the newer agent or move the file away")
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        """Under the lock: begin, yield, commit; roll back and raise StoreError on error."""
+        with self.lock:
+            conn = self._conn
+            if conn is None:
+                raise StoreError(f"{self.path}: the store is closed")
+            try:
+                conn.execute(begin)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot begin a transaction: {exc}") from exc
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                _rollback(conn)
+                if isinstance(exc, StockadeError) or not isinstance(exc, Exception):
+                    raise
+                raise StoreError(f"{self.path}: transaction failed, nothing was written:"
+                                 f" {exc}") from exc
+
+    def _revision(self, conn: sqlite3.Connection) -> int:
+        value = self._meta(conn, META_REVISION)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise StoreError(f"{self.path}: invalid revision {value!r}")
+        return value
+
+    def _meta(self, conn: sqlite3.Connection, key: str) -> Any | None:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else self._json(row[0], f"meta {key!r}")
+
+    def _rows(self, conn: sqlite3.Connection, table: str, column: str,
+              decode: Callable[[Mapping[str, Any]], _T], key_of: Callable[[_T], str],
+              ) -> dict[str, _T]:
+        """Every row of a table, decoded and checked to sit under its own key."""
+        out: dict[str, _T] = {}
+        sql = f"SELECT {column}, doc FROM {table} ORDER BY {column}"  # noqa: S608 (constants)
+        for key, doc in conn.execute(sql):
+            where = f"{table} row {key!r}"
+            try:
+                value = decode(self._json(doc, where))
+            except StoreError:
+                raise
+            except (StockadeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise StoreError(f"{self.path}: {where} does not decode: {exc}") from exc
+            if key_of(value) != key:
+                raise StoreError(f"{self.path}: {where} holds {key_of(value)!r}")
+            out[key] = value
+        return out
+
+    def _json(self, text: Any, where: str) -> Any:
+        try:
+            return json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{self.path}: {where} is not JSON: {exc}") from exc
+
+
+# ---- encoding (pure) ----------------------------------------------------------------
+
+
+def _encode(changes: Sequence[Change], meta: Mapping[str, Any], path: Path) -> list[_Write]:
+    """Every statement of a commit, or StoreError before anything is written."""
+    try:
+        writes = [_encode_change(c) for c in changes]
+        writes += [_encode_meta(k, v) for k, v in meta.items()]
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{path}: cannot encode the change: {exc}") from exc
+    return writes
+
+
+def _encode_change(c: Change) -> _Write:
+    if isinstance(c, PutNamespace):
+        return _put("namespaces", "name", c.namespace.name, namespace_to_dict(c.namespace))
+    if isinstance(c, DeleteNamespace):
+        return _Write("DELETE FROM namespaces WHERE name = ?", (c.name,))
+    if isinstance(c, PutEndpoint):
+        return _put("endpoints", "key", c.record.key, c.record.to_dict())
+    if isinstance(c, DeleteEndpoint):
+        return _Write("DELETE FROM endpoints WHERE key = ?", (c.key,))
+    if isinstance(c, PutPolicy):
+        return _put("policies", "key", c.record.key, c.record.to_dict())
+    if isinstance(c, DeletePolicy):
+        return _Write("DELETE FROM policies WHERE key = ?", (c.key,))
+    raise TypeError(f"not a change: {c!r}")
+
+
+def _put(table: str, column: str, key: str, doc: Any) -> _Write:
+    return _Write(f"INSERT OR REPLACE INTO {table} ({column}, doc) VALUES (?, ?)",  # noqa: S608
+                  (key, _dumps(doc)))
+
+
+def _encode_meta(key: str, value: Any) -> _Write:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"meta key must be a non-empty string, not {key!r}")
+    if key in RESERVED_META:
+        raise ValueError(f"meta key {key!r} is reserved for the store")
+    if value is None:
+        return _Write("DELETE FROM meta WHERE key = ?", (key,))
+    return _Write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, _dumps(value)))
+
+
+def _dumps(value: Any) -> str:
+    # allow_nan=False: NaN/Infinity are not JSON and would not load elsewhere.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # An error may have ended the transaction already (SQLite rolled it back).
+    with suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+# ---- files --------------------------------------------------------------------------
+
+
+def _ensure_private_dir(path: Path) -> None:
+    """Create the state directory 0700; refuse one others can write to, since
+    whoever can replace state.db decides what the agent enforces."""
+    try:
+        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the state directory: {exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path}: the state directory is not a directory")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StoreError(f"{path}: the state directory is writable by group or others"
+                         f" (mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise StoreError(f"{path}: the state directory belongs to uid {st.st_uid}, not to"
+                         f" this user ({os.geteuid()}) or root")
+
+
+def _ensure_private_file(path: Path) -> None:
+    """Create state.db 0600 before SQLite writes anything (SQLite gives its -wal
+    and -shm files the database's mode); tighten an existing looser file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+                os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the state database: {exc}") from exc

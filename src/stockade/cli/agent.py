@@ -1,0 +1,272 @@
+"""The agent and its clients: agent, apply, delete, get, label, status, snapshot, flows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import yaml
+
+from stockade.agent.client import AgentClient
+from stockade.agent.protocol import ApiError
+from stockade.errors import InputError
+from stockade.load import expand_paths, read_text
+from stockade.model.parse import parse_documents
+
+
+def register(sub: Any) -> None:
+    a = sub.add_parser("agent", help="run the node agent in the foreground")
+    a.add_argument("--state-dir", default="/var/lib/stockade")
+    _socket(a)
+    a.add_argument("--datapath", default="nft", choices=("nft",))
+    a.add_argument("--netns", metavar="NAME", help="enforce in /run/netns/NAME")
+    a.add_argument("--table", default="stockade")
+    a.add_argument("--metrics-address", metavar="HOST:PORT")
+    a.add_argument("--subnet", default="10.244.0.0/16", help="address pool of the bridge")
+    a.add_argument("--bridge-prefix", default="stk", metavar="PREFIX",
+                   help="prefix of the bridge, veths and namespaces `stockade run` makes")
+    a.add_argument("--resync-interval", type=float, default=30.0, metavar="SECONDS")
+    a.add_argument("--log-group", type=int, default=100,
+                   help="NFLOG group for denied flows (0: no denied-flow log)")
+    a.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    a.set_defaults(run=run_agent)
+
+    p = sub.add_parser("apply", help="apply manifests through the agent (all or nothing)")
+    _socket(p)
+    p.add_argument("-f", "--file", dest="files", action="append", required=True)
+    p.add_argument("--no-wait", action="store_true", help="return once stored, not enforced")
+    p.set_defaults(run=run_apply)
+
+    d = sub.add_parser("delete", help="delete objects through the agent")
+    _socket(d)
+    d.add_argument("-f", "--file", dest="files", action="append")
+    d.add_argument("what", nargs="*", metavar="KIND NS/NAME",
+                   help="e.g. `policy shop/allow-web` or `namespace shop`")
+    d.set_defaults(run=run_delete)
+
+    g = sub.add_parser("get", help="list namespaces, endpoints or policies")
+    _socket(g)
+    g.add_argument("kind", choices=("namespaces", "endpoints", "policies"))
+    g.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    g.set_defaults(run=run_get)
+
+    lab = sub.add_parser("label", help="set (k=v) or remove (k-) labels")
+    _socket(lab)
+    lab.add_argument("kind", choices=("namespace", "endpoint"))
+    lab.add_argument("name", metavar="NAME|NS/NAME")
+    lab.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-")
+    lab.set_defaults(run=run_label)
+
+    st = sub.add_parser("status", help="is the kernel in sync; last apply; counts; drift")
+    _socket(st)
+    st.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    st.set_defaults(run=run_status)
+
+    sn = sub.add_parser("snapshot", help="export or import the agent's whole state")
+    verbs = sn.add_subparsers(dest="verb", required=True, metavar="save|restore")
+    save = verbs.add_parser("save")
+    _socket(save)
+    save.add_argument("file", metavar="FILE")
+    save.set_defaults(run=run_snapshot_save)
+    restore = verbs.add_parser("restore")
+    _socket(restore)
+    restore.add_argument("file", metavar="FILE")
+    restore.set_defaults(run=run_snapshot_restore)
+
+    fl = sub.add_parser("flows", help="denied flows logged by the kernel")
+    _socket(fl)
+    fl.add_argument("--denied", action="store_true", default=True)
+    fl.add_argument("--follow", action="store_true")
+    fl.add_argument("-n", "--limit", type=int, default=100)
+    fl.set_defaults(run=run_flows)
+
+
+def _socket(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", metavar="PATH",
+                   help="the agent's socket (default $STOCKADE_SOCKET or /run/stockade/agent.sock)")
+
+
+def _call(args: argparse.Namespace, op: str, **kw: Any) -> Any:
+    with AgentClient(args.socket) as client:
+        return _checked(lambda: client.call(op, **kw))
+
+
+def _checked(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except ApiError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        raise InputError(exc.message) from None
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from stockade.agent.daemon import AgentConfig
+    from stockade.agent.daemon import run_agent as run
+    from stockade.agent.logfmt import setup_logging
+
+    setup_logging(args.log_level)
+    return run(AgentConfig(
+        state_dir=args.state_dir, socket=args.socket or _default_socket(),
+        datapath=args.datapath, netns=args.netns, table=args.table,
+        metrics_address=args.metrics_address, subnet=args.subnet,
+        bridge_prefix=args.bridge_prefix, resync_interval=args.resync_interval,
+        log_group=args.log_group or None))
+
+
+def _default_socket() -> str:
+    from stockade.agent.client import socket_path
+
+    return socket_path(None)
+
+
+def _documents(files: list[str]) -> tuple[list[Any], str]:
+    docs: list[Any] = []
+    paths = expand_paths(files)
+    for path in paths:
+        docs += parse_documents(read_text(path), path)
+    return docs, ",".join(paths)
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    docs, source = _documents(args.files)
+    out = _call(args, "apply", documents=docs, source=source, sync=not args.no_wait)
+    for verb in ("created", "configured", "unchanged"):
+        for name in out[verb]:
+            print(f"{name} {verb}")
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    refs = []
+    what = list(args.what)
+    if len(what) % 2:
+        raise InputError("give KIND NAME pairs, e.g. `policy shop/web` or `namespace shop`")
+    for kind, name in zip(what[::2], what[1::2], strict=True):
+        ns, _, n = name.rpartition("/")
+        if kind == "namespace":
+            ns, n = "", name
+        refs.append({"kind": kind, "namespace": ns or "default", "name": n})
+    docs = _documents(args.files)[0] if args.files else []
+    if not refs and not docs:
+        raise InputError("nothing to delete: give -f FILE or KIND NAME")
+    out = _call(args, "delete", refs=refs, documents=docs)
+    for name in out["deleted"]:
+        print(f"{name} deleted")
+    for name in out["missing"]:
+        print(f"{name} not found", file=sys.stderr)
+    return 0 if not out["missing"] else 1
+
+
+def run_get(args: argparse.Namespace) -> int:
+    items = _call(args, "get", kind=args.kind)["items"]
+    if args.output == "json":
+        print(json.dumps(items, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump_all(items, sort_keys=False) if items else "", end="")
+    else:
+        print(_table(args.kind, items))
+    return 0
+
+
+def _labels(d: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(d.items())) or "<none>"
+
+
+def _table(kind: str, items: list[dict[str, Any]]) -> str:
+    if kind == "namespaces":
+        rows = [["NAME", "LABELS"]] + [[i["name"], _labels(i["labels"])] for i in items]
+    elif kind == "endpoints":
+        rows = [["NAMESPACE", "NAME", "IPS", "OWNER", "NETNS", "LABELS"]] + [
+            [i["namespace"], i["name"], ",".join(i["ips"]), i["owner"], i["netns"] or "-",
+             _labels(i["labels"])] for i in items]
+    else:
+        rows = [["NAMESPACE", "NAME", "POLICY-TYPES"]] + [
+            [i["metadata"].get("namespace", "default"), i["metadata"].get("name", ""),
+             ",".join((i.get("spec") or {}).get("policyTypes") or ["(default)"])]
+            for i in items]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True))
+                     .rstrip() for r in rows)
+
+
+def run_label(args: argparse.Namespace) -> int:
+    set_: dict[str, str] = {}
+    remove: list[str] = []
+    for item in args.labels:
+        if item.endswith("-") and "=" not in item:
+            remove.append(item[:-1])
+        elif "=" in item:
+            k, _, v = item.partition("=")
+            set_[k] = v
+        else:
+            raise InputError(f"label {item!r}: give KEY=VALUE to set or KEY- to remove")
+    out = _call(args, "label", kind=args.kind, name=args.name, set=set_, remove=remove)
+    print(f"{args.kind}/{args.name} labelled (revision {out['revision']})")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    st = _call(args, "status")
+    if args.output == "json":
+        print(json.dumps(st, indent=2))
+        return 0 if st["inSync"] else 1
+    last = st.get("lastApply") or {}
+    print(f"in sync:        {'yes' if st['inSync'] else 'NO'} "
+          f"(revision {st['revision']}, applied {st['appliedRevision']})")
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+        summary = ", ".join(f"{k}={v}" for k, v in last["summary"].items()) or "no change"
+        print(f"last apply:     {when}, {last['durationMs']} ms, {summary}"
+              + (f", ERROR: {last['error']}" if last.get("error") else ""))
+    c = st["counts"]
+    print(f"objects:        {c['namespaces']} namespaces, {c['endpoints']} endpoints, "
+          f"{c['policies']} policies")
+    print(f"drift repaired: {st['driftRepairs']} time(s); apply failures: {st['applyFailures']}")
+    print(f"datapath:       {st['datapath']}; up {st['uptime']} s")
+    return 0 if st["inSync"] else 1
+
+
+def run_snapshot_save(args: argparse.Namespace) -> int:
+    snap = _call(args, "snapshot.save")["snapshot"]
+    text = json.dumps(snap, indent=1, sort_keys=True)
+    if args.file == "-":
+        print(text)
+    else:
+        from pathlib import Path
+
+        Path(args.file).write_text(text + "\n")
+        print(f"saved revision {snap.get('revision')} to {args.file}")
+    return 0
+
+
+def run_snapshot_restore(args: argparse.Namespace) -> int:
+    try:
+        snap = json.loads(read_text(args.file))
+    except ValueError as exc:
+        raise InputError(f"not a JSON snapshot: {exc}", source=args.file) from None
+    out = _call(args, "snapshot.restore", snapshot=snap)
+    print(f"restored (revision {out['revision']})")
+    return 0
+
+
+def run_flows(args: argparse.Namespace) -> int:
+    with AgentClient(args.socket) as client:
+        since = 0
+        first = True
+        while True:
+            out = _checked(partial(client.call, "flows", since=since, limit=args.limit,
+                                   tail=first))
+            first = False
+            for item in out["items"]:
+                print(json.dumps(item, separators=(",", ":")))
+            sys.stdout.flush()
+            since = out["next"]
+            if not args.follow:
+                return 0
+            time.sleep(0.5)

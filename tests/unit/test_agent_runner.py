@@ -1,0 +1,66 @@
+"""The bounded-frequency runner and the nftables event parser."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import pytest
+
+from stockade.agent.runner import BoundedFrequencyRunner
+from stockade.dataplane.monitor import NFT_MSG_NEWGEN, parse_events
+from stockade.dataplane.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
+
+
+def test_bursts_coalesce_and_the_periodic_run_happens() -> None:
+    calls: list[bool] = []
+    done = threading.Event()
+
+    def fn(periodic: bool) -> None:
+        calls.append(periodic)
+        time.sleep(0.02)
+        if len(calls) >= 3:
+            done.set()
+
+    r = BoundedFrequencyRunner("t", fn, min_interval=0.2, max_interval=0.6)
+    r.start()
+    try:
+        time.sleep(0.05)  # the first run is the periodic one, at once
+        for _ in range(100):
+            r.run()  # a burst: one run, not a hundred
+        time.sleep(0.35)
+        assert calls[:2] == [True, False]
+        assert len(calls) == 2
+        assert done.wait(2.0)  # then the periodic one comes back by itself
+        assert calls[2] is True
+    finally:
+        r.stop()
+
+
+def test_bad_intervals_are_refused() -> None:
+    with pytest.raises(ValueError):
+        BoundedFrequencyRunner("t", lambda p: None, min_interval=2, max_interval=1)
+
+
+def _msg(msg_type: int, family: int, attrs: list[tuple[int, bytes]]) -> bytes:
+    body = b""
+    for kind, payload in attrs:
+        length = 4 + len(payload)
+        body += struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+    nfgen = struct.pack("=BBH", family, 0, 0)
+    header = struct.pack("=IHHII", 16 + 4 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                         0, 0, 0)
+    return header + nfgen + body
+
+
+def test_events_name_the_committing_pid_only_for_batches_touching_our_table() -> None:
+    ours = _msg(6, NFPROTO_INET, [(1, b"stockade\0"), (2, b"i-abc\0")])  # NEWRULE
+    theirs = _msg(6, NFPROTO_INET, [(1, b"other\0")])
+    gen = _msg(NFT_MSG_NEWGEN, 0, [(1, struct.pack("!I", 9)), (2, struct.pack("!I", 4242))])
+    assert parse_events(ours + gen, "stockade", False) == (False, [4242])
+    assert parse_events(theirs + gen, "stockade", False) == (False, [])
+    # a batch split over two datagrams
+    touched, pids = parse_events(ours, "stockade", False)
+    assert (touched, pids) == (True, [])
+    assert parse_events(gen, "stockade", touched) == (False, [4242])
