@@ -166,3 +166,95 @@ def test_snapshot_save_and_restore(trio, agent, servers, tmp_path: Path) -> None
     assert _probe(trio, [("c", "a", 80)]) == {("c", "a", 80): False}
     assert [p["metadata"]["name"] for p in agent.call("get", kind="policies")["items"]] == \
         ["web"]
+
+
+ECHO = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8); print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    while data := c.recv(100):
+        c.sendall(data)
+    c.close()
+"""
+
+
+def _held_connection(trio, port: int):  # type: ignore[no-untyped-def]
+    import socket
+    import sys
+
+    from stockade.net.namespace import entered
+
+    server = subprocess.Popen(["ip", "netns", "exec", trio.a.netns, sys.executable, "-c", ECHO,
+                               str(port)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    with entered(trio.b.netns):
+        conn = socket.socket()
+    conn.settimeout(1.0)
+    conn.connect((trio.a.address4, port))
+    return server, conn
+
+
+def _echo(conn, data: bytes) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        conn.sendall(data)
+        return conn.recv(100) == data
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_revoked_connection_is_cut_unless_kept(trio, agent, keep: bool) -> None:
+    annotations = {"stockade.io/existing-connections": "keep"} if keep else None
+    agent.call("apply", documents=[_policy("web", "a", {"pod": "b"}, 7777, annotations)],
+               source="test")
+    server, conn = _held_connection(trio, 7777)
+    try:
+        assert _echo(conn, b"before")
+        agent.call("apply", documents=[_policy("web", "a", {"pod": "c"}, 7777, annotations)],
+                   source="test")
+        deadline = time.monotonic() + 3
+        if not keep:
+            while time.monotonic() < deadline and agent.call("status")["connectionsCut"] == 0:
+                time.sleep(0.05)
+            assert agent.call("status")["connectionsCut"] == 1
+            assert not _echo(conn, b"after")
+        else:
+            time.sleep(0.5)
+            assert agent.call("status")["connectionsCut"] == 0
+            assert _echo(conn, b"after")
+    finally:
+        conn.close()
+        server.kill()
+        server.wait()
+
+
+def test_denied_flows_are_logged(tmp_path: Path, trio, netns_prefix: str, servers) -> None:
+    import random
+
+    proc = AgentProcess(tmp_path, trio.host_netns, netns_prefix,
+                        log_group=random.randint(2000, 60000)).start()
+    try:
+        for att in trio.all:
+            ns, name = att.key.split("/")
+            proc.call("endpoint.add", endpoint={"namespace": ns, "name": name,
+                                                "labels": {"pod": name},
+                                                "ips": [att.address4]})
+        proc.call("apply", documents=[_policy("web", "a", {"pod": "b"})], source="test")
+        seen = _probe(trio, [("c", "a", 81), ("b", "a", 80)])
+        assert seen == {("c", "a", 81): False, ("b", "a", 80): True}
+        deadline = time.monotonic() + 3
+        items: list[dict] = []
+        while time.monotonic() < deadline and not items:
+            items = proc.call("flows", since=0, limit=10)["items"]
+            time.sleep(0.05)
+        assert items, proc.logs()[-2000:]
+        first = items[0]
+        assert (first["src"], first["dst"], first["port"], first["protocol"]) == \
+            ("x/c", "x/a", 81, "TCP")
+        assert first["direction"] == "ingress" and first["policies"] == ["x/web"]
+        assert all(i["src"] != "x/b" for i in items)  # allowed flows are not logged
+        assert (tmp_path / "state" / "denied-flows.jsonl").read_text().count("x/c") >= 1
+    finally:
+        proc.stop()

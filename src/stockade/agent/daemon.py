@@ -27,6 +27,7 @@ from stockade.agent.runner import BoundedFrequencyRunner
 from stockade.agent.server import ApiServer
 from stockade.agent.service import Service
 from stockade.agent.store import Store
+from stockade.agent.visibility import Visibility
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
 from stockade.compile.nft import Table
@@ -34,6 +35,7 @@ from stockade.compile.plan import Plan
 from stockade.dataplane.monitor import TableMonitor
 from stockade.dataplane.nft import NftDatapath
 from stockade.errors import AgentError
+from stockade.model.cluster import Cluster
 from stockade.net.ipam import Ipam
 
 log = logging.getLogger("stockade.agent")
@@ -93,6 +95,12 @@ class Agent:
         ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet)
         self.service = Service(self.store, state, self.reconciler, ipam=ipam,
                                strict_cidr=cfg.strict_cidr)
+        self.visibility = Visibility(self._cluster, self.metrics, cfg.netns, cfg.log_group,
+                                     cfg.state_dir)
+        self.service.extra["flows"] = lambda a: self.visibility.flows(
+            int(a.get("since", 0)), int(a.get("limit", 100)), bool(a.get("tail", False)))
+        self.service.status_extra["connectionsCut"] = lambda: self.visibility.cut_total
+        self.visibility.start()
         # Adopt: read the kernel back and apply only the difference, before serving.
         self.reconciler.run(periodic=True)
         if self.reconciler.last is not None and self.reconciler.last.error:
@@ -124,6 +132,8 @@ class Agent:
             ext.stop()
         if self.monitor is not None:
             self.monitor.stop()
+        if getattr(self, "visibility", None) is not None:
+            self.visibility.stop()
         if self.runner is not None:
             self.runner.stop()
         if self.store is not None:
@@ -155,6 +165,8 @@ class Agent:
             m.apply_errors.inc()
             return
         self._ruleset = ruleset
+        if report.summary:
+            self.visibility.applied(ruleset)
         m.applies.inc()
         m.apply_duration.observe(report.duration)
         if report.summary:
@@ -162,6 +174,10 @@ class Agent:
                 "revision": report.revision, "ms": round(report.duration * 1000, 2),
                 **report.summary}})
         self._update_gauges()
+
+    def _cluster(self) -> Cluster:
+        with self.service.lock:
+            return self.service.state.cluster()
 
     def _drift(self, delta: Plan) -> None:
         self.metrics.drift_repairs.inc()

@@ -41,7 +41,7 @@ from stockade.model.cidr import parse_cidr
 
 FAMILY = "inet"
 FORWARD = "forward"
-SKELETON_VERSION = "stockade-1"
+SKELETON_VERSION = "stockade-2"
 MAPS = {(EGRESS, 4): "egress4", (EGRESS, 6): "egress6",
         (INGRESS, 4): "ingress4", (INGRESS, 6): "ingress6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -168,6 +168,13 @@ def render_skeleton(table: Table) -> list[Command]:
     rules: list[tuple[list[dict[str, Any]], str]] = [
         ([_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
           {"accept": None}], "conntrack"),
+        # A TCP packet that would open a connection without SYN is a stream that
+        # conntrack lost (or that stockade cut on purpose after revoking access);
+        # picked up mid-stream it would pass as a new connection the other way.
+        ([_match({"meta": {"key": "l4proto"}}, "tcp"),
+          _match({"ct": {"key": "state"}}, ["new"], "in"),
+          _match({"&": [_payload("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn", "!="),
+          {"drop": None}], "tcp without syn"),
         ([_match(_payload("icmpv6", "type"),
                  {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}),
           {"accept": None}], "neighbour discovery"),

@@ -1,0 +1,117 @@
+"""What hangs off reconciliation: the denied-flow log and cutting revoked connections.
+
+Both need the current cluster to name endpoints and policies. Building an
+evaluator over a large cluster is not free, so it is built lazily: once per
+change, and only when a packet is logged or conntrack holds candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stockade.agent.conntrack import Conntrack
+from stockade.agent.flowlog import DeniedFlow, FlowLogReader
+from stockade.agent.metrics import AgentMetrics
+from stockade.agent.nflog import LoggedPacket, describer
+from stockade.agent.revoke import connections_to_cut
+from stockade.compile.ir import Ruleset
+from stockade.engine.evaluate import Evaluator
+from stockade.errors import StockadeError
+from stockade.model.cluster import Cluster
+
+log = logging.getLogger("stockade.visibility")
+
+
+class Visibility:
+    def __init__(self, cluster_of: Callable[[], Cluster], metrics: AgentMetrics,
+                 netns: str | None, log_group: int | None, state_dir: str) -> None:
+        self.cluster_of = cluster_of
+        self.metrics = metrics
+        self.netns = netns
+        self._lock = threading.Lock()
+        self._ruleset = Ruleset()
+        self._describe: Callable[[LoggedPacket], dict[str, Any]] | None = None
+        self._revoke = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reader: FlowLogReader | None = None
+        if log_group is not None:
+            self.reader = FlowLogReader(log_group, netns, describe=self.describe,
+                                        path=str(Path(state_dir) / "denied-flows.jsonl"),
+                                        on_record=self._counted)
+        self.cut_total = 0
+
+    def start(self) -> None:
+        if self.reader is not None:
+            self.reader.start()
+        self._thread = threading.Thread(target=self._revoker, name="revoke", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._revoke.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.reader is not None:
+            self.reader.stop()
+
+    def applied(self, ruleset: Ruleset) -> None:
+        """A new ruleset is in force: refresh names, and look for revoked connections."""
+        with self._lock:
+            self._ruleset = ruleset
+            self._describe = None
+        self._revoke.set()
+
+    # ---- the denied-flow log ----------------------------------------------------------
+
+    def describe(self, packet: LoggedPacket) -> dict[str, Any]:
+        with self._lock:
+            if self._describe is None:
+                self._describe = describer(Evaluator(self.cluster_of()), self._ruleset)
+            fn = self._describe
+        return fn(packet)
+
+    def _counted(self, flow: DeniedFlow) -> None:
+        self.metrics.flows_denied_packets.inc()
+
+    def flows(self, since: int, limit: int, tail: bool) -> dict[str, Any]:
+        if self.reader is None:
+            return {"items": [], "next": 0, "enabled": False}
+        if tail:
+            items, nxt = self.reader.since(0, 1 << 30)
+            items = items[-limit:] if limit > 0 else []
+        else:
+            items, nxt = self.reader.since(since, limit)
+        return {"items": [f.to_dict() for f in items], "next": nxt, "enabled": True}
+
+    # ---- cutting what is no longer allowed ------------------------------------------------
+
+    def _revoker(self) -> None:
+        while not self._stop.is_set():
+            self._revoke.wait()
+            self._revoke.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.revoke_now()
+            except StockadeError as exc:
+                log.warning("could not check connections against the new policy: %s", exc)
+
+    def revoke_now(self) -> int:
+        """Delete conntrack entries of connections the current policy denies."""
+        with Conntrack(self.netns) as ct:
+            entries = ct.entries()
+            if not entries:
+                return 0
+            cut = connections_to_cut(entries, Evaluator(self.cluster_of()))
+            deleted = ct.delete(cut) if cut else 0
+        if deleted:
+            self.cut_total += deleted
+            self.metrics.conntrack_flows_cut.inc(deleted)
+            log.info("cut connections no longer allowed", extra={"fields": {
+                "count": deleted, "first": f"{cut[0].src} -> {cut[0].dst}:{cut[0].dport}"}})
+        return deleted
