@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from stockade.errors import DecodeError
+from stockade.model.cidr import parse_ip
 from stockade.model.cluster import NS_NAME_LABEL, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
 from stockade.model.policy import (
@@ -121,7 +122,7 @@ def _integer(value: Any, path: str, lo: int, hi: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _wrong(path, value, f"an {name}")
     if not lo <= value <= hi:
-        raise DecodeError(f"number {value} does not fit {name}", path=path)
+        raise DecodeError(f"number {_show_number(value)} does not fit {name}", path=path)
     return value
 
 
@@ -329,26 +330,43 @@ def _type_meta(doc: Any, kind: str, api_versions: tuple[str, ...]) -> dict[str, 
     api = doc.get("apiVersion")
     if not isinstance(api, str) or api not in api_versions:
         want = " or ".join(api_versions)
-        problem = "is missing" if api is None else f"{api!r} does not serve {kind}"
+        problem = "is missing" if api is None else f"{describe_value(api)!r} does not serve {kind}"
         raise DecodeError(f"{problem}; use {want}", path="apiVersion")
     if doc.get("kind") != kind:
         got = doc.get("kind")
-        problem = "is missing" if got is None else f"{got!r} is not {kind}"
+        problem = "is missing" if got is None else f"{describe_value(got)!r} is not {kind}"
         raise DecodeError(problem, path="kind")
     return doc
+
+
+def _show_number(value: int) -> str:
+    # Python refuses to print integers of more than 4300 digits; YAML allows them.
+    return str(value) if abs(value) < 10**18 else f"of {value.bit_length()} bits"
+
+
+def describe_value(value: Any) -> str:
+    """A value from a document, shown in a message whatever its type."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return _show_number(value)
+    return f"<{_type_name(value)}>"
 
 
 def object_name(doc: Any) -> str:
     """`namespace/name` of a document, as far as it can be told, for messages."""
     if not isinstance(doc, dict):
         return ""
+    kind = describe_value(doc.get("kind", "object"))
     meta = doc.get("metadata")
     if not isinstance(meta, dict):
-        return str(doc.get("kind", "object"))
-    name = meta.get("name") or meta.get("generateName") or ""
+        return kind
+    name = describe_value(meta.get("name") or meta.get("generateName") or "")
     ns = meta.get("namespace")
-    ident = f"{ns}/{name}" if isinstance(ns, str) and ns else str(name)
-    return f"{doc.get('kind', 'object')} {ident}"
+    ident = f"{ns}/{name}" if isinstance(ns, str) and ns else name
+    return f"{kind} {ident}"
 
 
 def decode_selector(value: Any, path: str) -> Selector | None:
@@ -419,7 +437,7 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
     status = m.get("status") if isinstance(m.get("status"), dict) else {}
     assert isinstance(status, dict)
     ips: list[str] = []
-    for i, entry in enumerate(status.get("podIPs") or []):
+    for i, entry in enumerate(_pod_list(status.get("podIPs"), "status.podIPs")):
         ip = entry.get("ip") if isinstance(entry, Mapping) else None
         ips.append(_string(ip, f"status.podIPs[{i}].ip"))
     pod_ip = _string(status.get("podIP"), "status.podIP")
@@ -427,13 +445,17 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
         ips.insert(0, pod_ip)
     if not ips:
         raise DecodeError("the Pod has no IP (status.podIP or status.podIPs)", path="status.podIP")
+    for i, ip in enumerate(ips):
+        if parse_ip(ip) is None:
+            where = "status.podIP" if ip == pod_ip and i == 0 else f"status.podIPs[{i}].ip"
+            raise DecodeError(f"{ip!r} is not an IP address", path=where)
     spec = m.get("spec") if isinstance(m.get("spec"), dict) else {}
     assert isinstance(spec, dict)
     ports: list[ContainerPort] = []
-    for ci, c in enumerate(spec.get("containers") or []):
+    for ci, c in enumerate(_pod_list(spec.get("containers"), "spec.containers")):
         if not isinstance(c, dict):
             raise _wrong(f"spec.containers[{ci}]", c, "an object")
-        for pi, p in enumerate(c.get("ports") or []):
+        for pi, p in enumerate(_pod_list(c.get("ports"), f"spec.containers[{ci}].ports")):
             path = f"spec.containers[{ci}].ports[{pi}]"
             if not isinstance(p, dict):
                 raise _wrong(path, p, "an object")
@@ -443,3 +465,11 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
                 name=_string(p.get("name"), f"{path}.name"),
             ))
     return Endpoint(namespace, name, labels, tuple(ips), tuple(ports), source)
+
+
+def _pod_list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _wrong(path, value, "an array")
+    return value

@@ -14,6 +14,7 @@ from stockade.model.decode import (
     decode_namespace,
     decode_network_policy,
     decode_pod,
+    describe_value,
     object_name,
 )
 from stockade.model.policy import NetworkPolicy, Source
@@ -55,13 +56,22 @@ def parse_documents(text: str, source: str = "") -> list[Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(f"not valid YAML or JSON{where}: {problem}", source=source) from None
+    except RecursionError:
+        raise InputError("not valid YAML or JSON: nested too deeply", source=source) from None
+    except (ValueError, KeyError, AttributeError, TypeError, IndexError) as exc:
+        # PyYAML's constructors raise these on values their tags cannot hold
+        # (`!!int foo`, `!!timestamp 2001-02-30`, integers of thousands of digits).
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"not valid YAML or JSON: a value cannot be read ({text[:120]})",
+                         source=source) from None
     return [d for d in docs if d is not None]
 
 
 def expand_lists(docs: list[Any]) -> Iterator[tuple[int, Any]]:
     """Documents with `kind: List` (or `*List`) items flattened, each with its index."""
     for i, doc in enumerate(docs):
-        if isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") \
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        if isinstance(kind, str) and kind.endswith("List") \
                 and isinstance(doc.get("items"), list):
             for item in doc["items"]:
                 yield i, item
@@ -115,8 +125,8 @@ def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False) ->
                 out.endpoints.append(decode_pod(doc, src))
             elif kind == "Namespace":
                 out.namespaces.append(decode_namespace(doc))
-            elif strict_kinds or not isinstance(doc, dict):
-                raise DecodeError(f"unsupported document (kind {kind!r})")
+            elif strict_kinds or not isinstance(doc, dict) or not isinstance(kind, str):
+                raise DecodeError(f"unsupported document (kind {describe_value(kind)})")
             else:
                 out.skipped += 1
         except DecodeError as exc:
