@@ -77,3 +77,63 @@ def _policy(rnd: random.Random, i: int, nss: list[Namespace], apps: int) -> Netw
     types = (INGRESS,) if rnd.random() < 0.7 else (INGRESS, EGRESS)
     return NetworkPolicy(ns, f"pol{i}", target, tuple(rules),
                          tuple(rules[:1]) if EGRESS in types else (), types)
+
+
+def _selector(sel: Selector) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if sel.match_labels:
+        out["matchLabels"] = dict(sel.match_labels)
+    if sel.match_expressions:
+        out["matchExpressions"] = [{"key": r.key, "operator": r.operator,
+                                    **({"values": list(r.values)} if r.values else {})}
+                                   for r in sel.match_expressions]
+    return out
+
+
+def _peer(peer: Peer) -> dict[str, object]:
+    if peer.ip_block is not None:
+        return {"ipBlock": {"cidr": peer.ip_block.cidr,
+                            **({"except": list(peer.ip_block.except_)}
+                               if peer.ip_block.except_ else {})}}
+    out: dict[str, object] = {}
+    if peer.pod_selector is not None:
+        out["podSelector"] = _selector(peer.pod_selector)
+    if peer.namespace_selector is not None:
+        out["namespaceSelector"] = _selector(peer.namespace_selector)
+    return out
+
+
+def _rule(rule: Rule, key: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if rule.ports:
+        out["ports"] = [{"protocol": p.protocol, **({"port": p.port} if p.port is not None
+                                                     else {}),
+                         **({"endPort": p.end_port} if p.end_port is not None else {})}
+                        for p in rule.ports]
+    if rule.peers:
+        out[key] = [_peer(p) for p in rule.peers]
+    return out
+
+
+def manifests(cluster: Cluster) -> list[dict[str, object]]:
+    """The cluster as Kubernetes manifests (Namespaces, Pods, NetworkPolicies)."""
+    docs: list[dict[str, object]] = []
+    for ns in cluster.namespaces:
+        docs.append({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": ns.name, "labels": dict(ns.labels)}})
+    for ep in cluster.endpoints:
+        docs.append({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": {"name": ep.name, "namespace": ep.namespace,
+                                  "labels": dict(ep.labels)},
+                     "spec": {"containers": [{"name": "c", "ports": [
+                         {"name": p.name, "containerPort": p.port, "protocol": p.protocol}
+                         for p in ep.ports]}]},
+                     "status": {"podIP": ep.ips[0]}})
+    for p in cluster.policies:
+        docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                     "metadata": {"name": p.name, "namespace": p.namespace},
+                     "spec": {"podSelector": _selector(p.pod_selector),
+                              "policyTypes": list(p.policy_types),
+                              "ingress": [_rule(r, "from") for r in p.ingress],
+                              "egress": [_rule(r, "to") for r in p.egress]}})
+    return docs

@@ -90,7 +90,8 @@ class Agent:
         log.info("state compiled", extra={"fields": {
             "seconds": round(time.monotonic() - started, 3)}})
         self.reconciler = Reconciler(compiler, datapath, revision, Hooks(
-            applied=self._applied, drift=self._drift, enforced=self._enforced))
+            applied=self._applied, drift=self._drift, enforced=self._enforced),
+            cluster_of=self._cluster)
         ipam_state = self.store.get_meta("ipam")
         ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet)
         self.service = Service(self.store, state, self.reconciler, ipam=ipam,

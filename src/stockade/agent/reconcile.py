@@ -30,6 +30,7 @@ from stockade.compile.ir import Ruleset
 from stockade.compile.plan import Plan
 from stockade.dataplane.base import Datapath
 from stockade.errors import StockadeError
+from stockade.model.cluster import Cluster
 
 log = logging.getLogger("stockade.reconcile")
 
@@ -55,9 +56,14 @@ class Hooks:
 
 
 class Reconciler:
+    # Beyond this many changes at once, compiling the whole state anew is faster.
+    BULK = 500
+
     def __init__(self, compiler: IncrementalCompiler, datapath: Datapath, revision: int,
-                 hooks: Hooks | None = None) -> None:
+                 hooks: Hooks | None = None,
+                 cluster_of: Callable[[], Cluster] | None = None) -> None:
         self.compiler = compiler
+        self.cluster_of = cluster_of
         self.datapath = datapath
         self.hooks = hooks or Hooks()
         self._lock = threading.Lock()  # compiler and desired revision
@@ -79,8 +85,11 @@ class Reconciler:
 
     def changed(self, revision: int, changes: Sequence[Change]) -> None:
         with self._lock:
-            for c in changes:
-                feed(self.compiler, c)
+            if len(changes) > self.BULK and self.cluster_of is not None:
+                self.compiler = IncrementalCompiler.of(self.cluster_of())
+            else:
+                for c in changes:
+                    feed(self.compiler, c)
             self.desired_revision = max(self.desired_revision, revision)
             self._accepted.append((revision, time.monotonic()))
         self._kick()
@@ -109,12 +118,14 @@ class Reconciler:
             summary = {k: v for k, v in delta.summary().items() if v}
             report = ApplyReport(revision, time.time(), finished - started, summary, periodic)
             self.last = report
-            if periodic and not delta.empty and self.applied_revision >= 0:
+            drift = self.datapath.last_drift
+            if periodic and drift is not None:
                 # The kernel differed from what the last apply left: someone changed it.
                 self.drift_repairs += 1
-                log.warning("drift repaired: %s", "; ".join(delta.describe()[:10]))
+                what = "; ".join(drift.describe()[:10]) or "base chain or maps"
+                log.warning("drift repaired: %s", what)
                 if self.hooks.drift:
-                    self.hooks.drift(delta)
+                    self.hooks.drift(drift)
             if self.hooks.applied:
                 self.hooks.applied(report, desired)
             if not delta.empty and self.hooks.revoked:

@@ -10,6 +10,8 @@ from stockade.compile.plan import Plan
 
 class Datapath(Protocol):
     name: str
+    # Set by a verifying apply when the kernel differed from the previous apply.
+    last_drift: Plan | None
 
     def check(self) -> None:
         """Detect the kernel features this datapath needs; raise DataplaneError if absent."""

@@ -70,6 +70,15 @@ def parse_events(data: bytes, table: str, touched: bool) -> tuple[bool, list[int
     return touched, pids
 
 
+def is_ours(pid: int) -> bool:
+    """Whether a committing task is a thread of this process.
+
+    The kernel reports the id of the task that committed, which for a thread
+    is its thread id, not the process id.
+    """
+    return pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
+
+
 class TableMonitor:
     """Calls `on_foreign_change()` when another process commits a change to our table."""
 
@@ -84,7 +93,6 @@ class TableMonitor:
         self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.me = os.getpid()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="nft-monitor", daemon=True)
@@ -104,7 +112,7 @@ class TableMonitor:
                 self.on_foreign_change()
                 continue
             touched, pids = parse_events(data, self.table, touched)
-            if any(pid != self.me for pid in pids):
+            if any(not is_ours(pid) for pid in pids):
                 self.on_foreign_change()
 
     def stop(self) -> None:

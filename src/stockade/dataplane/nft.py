@@ -65,6 +65,8 @@ class NftDatapath:
         # What the last successful transaction left in the kernel; None until the
         # kernel has been read once (a restart adopts what it finds there).
         self._applied: Ruleset | None = None
+        # What a verifying apply found changed behind our back (not pending changes).
+        self.last_drift: Plan | None = None
 
     # ---- talking to the kernel --------------------------------------------------------
 
@@ -156,9 +158,17 @@ class NftDatapath:
         kernel instead, which is how drift is found and repaired.
         """
         target = canonical(desired)
+        self.last_drift = None
         if verify or self._applied is None:
             delta, kt = self._delta(desired)
             repair = kt is None or not kt.skeleton_ok
+            if self._applied is not None:
+                # Drift is the kernel against what we last left there, not against
+                # what we are about to apply.
+                current = kt.ruleset if kt is not None else Ruleset()
+                drift = plan(current, self._applied)
+                if repair or not drift.empty:
+                    self.last_drift = drift
         else:
             delta, kt, repair = plan(self._applied, target), None, False
         if delta.empty and not repair:
