@@ -67,7 +67,7 @@ class Agent:
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def measure(agent: Agent, n: int, big: bool) -> dict[str, list[float]]:
