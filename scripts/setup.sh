@@ -4,7 +4,8 @@
 # virtual environment with the package and its development tools.
 set -euo pipefail
 venv=${1:-.venv}
-debs=(nftables libnftables1 iptables ipset conntrack iproute2 lksctp-tools)
+debs=(nftables libnftables1 iptables ipset conntrack iproute2 lksctp-tools
+      containernetworking-plugins podman runc busybox-static)
 
 missing=()
 for d in "${debs[@]}"; do

@@ -1,0 +1,1 @@
+"""The CNI plugin: container runtimes hand stockade their containers' network namespaces."""
