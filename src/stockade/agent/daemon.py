@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from stockade.agent.client import DEFAULT_SOCKET
+from stockade.agent.containers import ContainerManager
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
 from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
 from stockade.agent.runner import BoundedFrequencyRunner
@@ -215,6 +216,7 @@ def notify_ready() -> None:
 
 def run_agent(config: AgentConfig) -> int:
     agent = Agent(config)
+    agent.extensions.append(ContainerManager())  # `stockade run`, `ps`, `rm`
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})

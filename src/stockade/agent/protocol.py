@@ -20,9 +20,10 @@ Operations (args → result):
     endpoint.remove {key, sync}               → {removed, revision}
     ipam.allocate {owner}                     → {address, gateway, subnet}
     ipam.release {owner}                      → {address}
-    run          {namespace, name, labels, ports, command} → {endpoint, pid}
-    ps                                        → {items}
-    rm           {key}                        → {removed}
+    run          {namespace, name, labels, ports, command, cwd, env}
+                                              → {endpoint, pid, log}
+    ps           {all}                        → {items, exited}
+    rm           {key, grace}                 → {removed, exitCode}
     flows        {since, limit}               → {items, next}
 
 `sync` (default true) makes a changing call return only once the kernel

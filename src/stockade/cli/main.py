@@ -9,11 +9,20 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from stockade import __version__
-from stockade.cli import agent, analysis, conformance, dataplane, explain, matrix, validate
+from stockade.cli import (
+    agent,
+    analysis,
+    conformance,
+    containers,
+    dataplane,
+    explain,
+    matrix,
+    validate,
+)
 from stockade.errors import InvalidObjects, StockadeError, ValidationError
 
 COMMANDS: tuple[ModuleType, ...] = (
-    validate, explain, matrix, analysis, conformance, dataplane, agent,
+    validate, explain, matrix, analysis, conformance, dataplane, agent, containers,
 )
 
 EXIT_OK = 0

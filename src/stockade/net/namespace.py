@@ -122,7 +122,7 @@ def entered(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    path = netns_path(name)
+    path = name if name.startswith("/") else netns_path(name)  # or a path: /proc/PID/ns/net
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
