@@ -1,0 +1,241 @@
+"""Explanations: why a connection is allowed or denied, rule by rule (pure).
+
+For each side (egress of the source, ingress of the destination) it says
+whether the pod is isolated and by which policies, which rules allow the
+connection, and for a side that refuses it why each rule of each isolating
+policy does not match: the port is not listed, the namespace or the pod labels
+are not selected, the address is outside the block or in its except.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from stockade.engine.evaluate import Flow, RuleRef, Side, Verdict
+from stockade.engine.match import ip_block_matches, matching_port
+from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.labels import Labels
+from stockade.model.policy import (
+    EGRESS,
+    INGRESS,
+    IPBlock,
+    NetworkPolicy,
+    Peer,
+    PolicyPort,
+    Rule,
+)
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    """One rule of an isolating policy and whether it admits the connection."""
+
+    policy: str
+    direction: str
+    rule: int
+    matches: bool
+    reason: str
+
+    def render(self) -> str:
+        if self.rule < 0:
+            return f"{self.policy}: {self.reason}"
+        return f"{self.policy} {_rule_name(self.direction, self.rule)}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the wording needs besides the verdict: policies by key, namespace labels."""
+
+    policies: Mapping[str, NetworkPolicy]
+    namespace_labels: Mapping[str, Labels]
+    port_name: str | None
+
+
+def context_of(cluster: Cluster, port_name: str | None = None) -> Context:
+    return Context({p.key: p for p in cluster.policies},
+                   {n.name: n.labels for n in cluster.namespaces}, port_name)
+
+
+# ---- why a rule does or does not match -------------------------------------------------
+
+
+def check_rules(side: Side, flow: Flow, ctx: Context) -> tuple[RuleCheck, ...]:
+    """Every rule of every policy isolating this side, with the reason it (mis)matches."""
+    if side.endpoint is None:
+        return ()
+    other, other_ip = (flow.dst, flow.dst_ip) if side.direction == EGRESS \
+        else (flow.src, flow.src_ip)
+    checks = []
+    for key in side.isolating:
+        policy = ctx.policies[key]
+        rules = policy.rules(side.direction)
+        if not rules:
+            word = side.direction.lower()
+            checks.append(RuleCheck(key, side.direction, -1, False,
+                                    f"no {word} rules: it allows no {word} at all"))
+        for i, rule in enumerate(rules):
+            ok, reason = rule_reason(rule, side.direction, policy, flow, (other, other_ip), ctx)
+            checks.append(RuleCheck(key, side.direction, i, ok, reason))
+    return tuple(checks)
+
+
+def rule_reason(rule: Rule, direction: str, policy: NetworkPolicy, flow: Flow,
+                other: tuple[Endpoint | None, str], ctx: Context) -> tuple[bool, str]:
+    """Whether a rule admits the flow, and the words for why (not)."""
+    other_ep, other_ip = other
+    port_i = matching_port(rule, flow.port, flow.protocol, flow.dst)
+    peer_misses = [peer_reason(p, policy.namespace, other_ep, other_ip, ctx)
+                   for p in rule.peers]
+    peer_ok = not rule.peers or any(m is None for m in peer_misses)
+    port_text = _port_text(rule, port_i, flow)
+    if port_i is not None and peer_ok:
+        return True, f"matches ({port_text})"
+    problems = []
+    if port_i is None:
+        problems.append(port_text)
+    if not peer_ok:
+        who = flow.render_side("dst" if direction == EGRESS else "src")
+        verb = "to" if direction == EGRESS else "from"
+        details = "; ".join(f"{verb}[{i}] {m}" for i, m in enumerate(peer_misses))
+        problems.append(f"{who} is none of its peers ({details})")
+    return False, "does not match: " + " and ".join(problems)
+
+
+def _port_text(rule: Rule, port_i: int | None, flow: Flow) -> str:
+    what = f"{flow.protocol}/{flow.port}"
+    if not rule.ports:
+        return "any port"
+    if port_i is not None:
+        return f"ports[{port_i}] {rule.ports[port_i].render()} covers {what}"
+    listed = ", ".join(_entry_text(p, flow.dst) for p in rule.ports)
+    return f"{what} is not in its ports ({listed})"
+
+
+def _entry_text(entry: PolicyPort, dst: Endpoint | None) -> str:
+    """A port entry; a named one with what it resolves to on the destination."""
+    if not isinstance(entry.port, str) or dst is None:
+        return entry.render()
+    number = dst.resolve_port(entry.port, entry.protocol)
+    if number is None:
+        return f"{entry.render()}, which {dst.key} does not serve"
+    return f"{entry.render()}={number}"
+
+
+def peer_reason(peer: Peer, policy_ns: str, endpoint: Endpoint | None, ip: str,
+                ctx: Context) -> str | None:
+    """None when the peer is the other side; otherwise why it is not, briefly."""
+    if peer.ip_block is not None:
+        if ip_block_matches(peer.ip_block, ip):
+            return None
+        if ip_block_matches(IPBlock(peer.ip_block.cidr), ip):
+            return f"{peer.render()}: {ip} is in an except"
+        return f"{peer.render()}: {ip} is outside it"
+    if peer.pod_selector is None and peer.namespace_selector is None:
+        return "is empty and matches nothing"
+    if endpoint is None:
+        return f"{peer.render()}: selectors only match pods, and {ip} is no known pod"
+    if peer.namespace_selector is None:
+        if endpoint.namespace != policy_ns:
+            return f"{peer.render()}: only pods of namespace {policy_ns}"
+    else:
+        labels = ctx.namespace_labels.get(endpoint.namespace, Labels())
+        if not peer.namespace_selector.matches(labels):
+            return (f"{peer.render()}: namespace {endpoint.namespace} "
+                    f"({labels.render() or 'no labels'}) is not selected")
+    if peer.pod_selector is not None and not peer.pod_selector.matches(endpoint.labels):
+        return (f"{peer.render()}: pod labels "
+                f"({endpoint.labels.render() or 'none'}) are not selected")
+    return None
+
+
+# ---- wording ---------------------------------------------------------------------------
+
+
+def _rule_name(direction: str, index: int) -> str:
+    return f"{'ingress' if direction == INGRESS else 'egress'}[{index}]"
+
+
+def describe_ref(ref: RuleRef, ctx: Context) -> str:
+    """`NetworkPolicy ns/name ingress[0] from[1] (pods [app=web]) ports[0] (TCP/api)`."""
+    rules = ctx.policies[ref.policy].rules(ref.direction)
+    if ref.rule >= len(rules):  # two policies with one name: fall back to the plain form
+        return ref.render()
+    rule = rules[ref.rule]
+    peers = "from" if ref.direction == INGRESS else "to"
+    parts = [f"NetworkPolicy {ref.policy} {_rule_name(ref.direction, ref.rule)}"]
+    parts.append("(any peer)" if ref.peer < 0
+                 else f"{peers}[{ref.peer}] ({rule.peers[ref.peer].render()})")
+    parts.append("(any port)" if ref.port < 0
+                 else f"ports[{ref.port}] ({rule.ports[ref.port].render()})")
+    return " ".join(parts)
+
+
+def flow_text(flow: Flow, ctx: Context) -> str:
+    named = f" (port {ctx.port_name!r} of {flow.render_side('dst')})" if ctx.port_name else ""
+    return f"{flow.render_side('src')} -> {flow.render_side('dst')} " \
+           f"{flow.protocol}/{flow.port}{named}"
+
+
+def side_lines(side: Side, flow: Flow, ctx: Context) -> list[str]:
+    d = side.direction.lower()
+    pod = flow.render_side("src" if side.direction == EGRESS else "dst")
+    other = flow.render_side("dst" if side.direction == EGRESS else "src")
+    verdict = "allowed" if side.allowed else "denied"
+    if side.endpoint is None:
+        return [f"{d}: {verdict}: {pod} is not a pod of the files, so no policy applies to it"]
+    if not side.isolating:
+        return [f"{d}: {verdict}: {pod} is not isolated for {d} (no NetworkPolicy selects it)"]
+    pols = ", ".join(side.isolating)
+    head = f"{d}: {verdict}: {pod} is isolated for {d} by {_plural(side.isolating)} {pols}"
+    if side.allowed_by:
+        lines = [f"{head}; allowed by:"]
+        lines += [f"  {describe_ref(r, ctx)}" for r in side.allowed_by]
+        return lines
+    what = f"{flow.protocol}/{flow.port}"
+    verb = "to" if side.direction == EGRESS else "from"
+    lines = [f"{head}; none allows {what} {verb} {other}:"]
+    lines += [f"  {c.render()}" for c in check_rules(side, flow, ctx)]
+    return lines
+
+
+def _plural(keys: tuple[str, ...]) -> str:
+    return "policy" if len(keys) == 1 else "policies"
+
+
+def explain_lines(verdict: Verdict, ctx: Context) -> list[str]:
+    flow = verdict.flow
+    lines = [f"{'ALLOWED' if verdict.allowed else 'DENIED'}: {flow_text(flow, ctx)}"]
+    if verdict.self_traffic:
+        return [*lines, f"  {flow.render_side('src')} talking to itself is always allowed"]
+    for side in (verdict.egress, verdict.ingress):
+        lines += ["  " + line for line in side_lines(side, flow, ctx)]
+    return lines
+
+
+def explain_json(verdict: Verdict, ctx: Context) -> dict[str, Any]:
+    flow = verdict.flow
+    return {
+        "allowed": verdict.allowed,
+        "self": verdict.self_traffic,
+        "flow": {"from": flow.render_side("src"), "from_ip": flow.src_ip,
+                 "to": flow.render_side("dst"), "to_ip": flow.dst_ip,
+                 "protocol": flow.protocol, "port": flow.port, "port_name": ctx.port_name},
+        "egress": _side_json(verdict.egress, flow, ctx),
+        "ingress": _side_json(verdict.ingress, flow, ctx),
+    }
+
+
+def _side_json(side: Side, flow: Flow, ctx: Context) -> dict[str, Any]:
+    return {
+        "pod": side.endpoint,
+        "isolated": side.isolated,
+        "allowed": side.allowed,
+        "policies": list(side.isolating),
+        "allowed_by": [{"policy": r.policy, "rule": r.rule, "peer": r.peer, "port": r.port,
+                        "text": describe_ref(r, ctx)} for r in side.allowed_by],
+        "rules": [] if side.allowed else [
+            {"policy": c.policy, "rule": c.rule, "matches": c.matches, "reason": c.reason}
+            for c in check_rules(side, flow, ctx)],
+    }
