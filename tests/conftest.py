@@ -1,0 +1,47 @@
+"""Shared test configuration: hypothesis profiles and the import path of `tests.*`.
+
+Profiles (choose with HYPOTHESIS_PROFILE=<name>; "ci" by default):
+  ci    deterministic (derandomized, no example database), bounded in time; the
+        property and fuzz suites together stay well under a minute on 2 cores.
+  dev   random and many more examples, for hunting bugs locally.
+  quick a smoke run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+# Shared strategies are imported as `tests.property.strategies` by every suite.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=1000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "quick",
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
