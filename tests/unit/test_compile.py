@@ -158,3 +158,4 @@ def test_skeleton_accepts_established_first_and_checks_egress_before_ingress() -
     assert "ct" in str(rules[0]["expr"]) and rules[0]["expr"][-1] == {"accept": None}
     vmaps = [r["expr"][0]["vmap"]["data"] for r in rules if "vmap" in r["expr"][0]]
     assert vmaps == ["@egress4", "@egress6", "@ingress4", "@ingress6"]
+

@@ -40,8 +40,15 @@ def on_link_prefix(addresses: Iterable[str]) -> dict[int, int]:
     for fam, values in by_family.items():
         bits = 32 if fam == 4 else 128
         lo, hi = min(values), max(values)
-        prefix = bits - (lo ^ hi).bit_length()
-        out[fam] = max(min(prefix, bits - 2), 1)
+        prefix = min(bits - (lo ^ hi).bit_length(), bits - 2)
+        # No address may be its network's first (network) or last (broadcast) one.
+        while prefix > 1:
+            size = 1 << (bits - prefix)
+            network = lo & ~(size - 1)
+            if lo > network and hi < network + size - 1:
+                break
+            prefix -= 1
+        out[fam] = prefix
     return out
 
 

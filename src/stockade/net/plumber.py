@@ -59,6 +59,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from stockade.errors import NetError
+from stockade.net.announce import announce
 from stockade.net.ipam import Ipam
 from stockade.net.namespace import (
     create_netns,
@@ -372,6 +373,8 @@ class Plumber:
             created_ns = create_netns(ns)
             created_link = self._ensure_veth(spec, ns, host_if, fresh_ns=created_ns)
             mac = self._configure_endpoint(spec, ns, wanted)
+            # The address may have been someone else's a moment ago: tell the neighbours.
+            announce(ns, spec.ifname, mac, str(wanted[0].ip))
         except BaseException as exc:
             self._undo(ns, host_if, created_ns, created_link)
             if isinstance(exc, NetError) or not isinstance(exc, Exception):
