@@ -28,6 +28,7 @@ from tests.property.strategies import (
 )
 
 from stockade.engine.evaluate import Evaluator, Flow, Side, Verdict
+from stockade.engine.explain import context_of, explain_lines
 from stockade.model.cluster import Cluster, Endpoint
 from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, NetworkPolicy, Peer, PolicyPort, Rule
@@ -219,7 +220,7 @@ def test_verdict_equals_naive_oracle(u: Universe, data: st.DataObject) -> None:
         expected = oracle(sc.cluster, flow)
         assert v.allowed == expected, (
             f"{describe(flow)}: evaluator says {v.allowed}, the spec says {expected}\n"
-            + "\n".join(v.explain()))
+            + "\n".join(explain_lines(v, context_of(sc.cluster))))
         if not v.self_traffic:
             for d in DIRECTIONS:
                 s = side_of(v, d)

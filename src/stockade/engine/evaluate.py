@@ -79,33 +79,6 @@ class Verdict:
     ingress: Side
     self_traffic: bool = False
 
-    def explain(self) -> list[str]:
-        """The trace in plain words, one line per fact."""
-        f = self.flow
-        what = f"{f.protocol}/{f.port}"
-        src, dst = f.render_side("src"), f.render_side("dst")
-        head = f"{'ALLOWED' if self.allowed else 'DENIED'}: {src} -> {dst} {what}"
-        if self.self_traffic:
-            return [head, f"{src} talking to itself is always allowed"]
-        lines = [head]
-        for side, pod, other, verb in ((self.egress, src, dst, "to"),
-                                       (self.ingress, dst, src, "from")):
-            lines.append("  " + _explain_side(side, pod, other, verb, what))
-        return lines
-
-
-def _explain_side(side: Side, pod: str, other: str, verb: str, what: str) -> str:
-    d = side.direction.lower()
-    if side.endpoint is None:
-        return f"{d}: {pod} is not a known endpoint; no policy applies to it"
-    if not side.isolating:
-        return f"{d}: {pod} is not isolated for {d} (no policy selects it), so {d} is allowed"
-    pols = ", ".join(side.isolating)
-    if side.allowed_by:
-        rules = "; ".join(r.render() for r in side.allowed_by)
-        return f"{d}: {pod} is isolated for {d} by {pols}; allowed by {rules}"
-    return f"{d}: {pod} is isolated for {d} by {pols}; none allows {what} {verb} {other}"
-
 
 class Evaluator:
     """Verdicts over one cluster, caching which policies select which labels."""
