@@ -19,6 +19,7 @@ from stockade.probe.launcher import ProbeServer
 from stockade.probe.protocol import Port, Protocol
 
 from .agent_harness import AgentProcess
+from .netio import EchoServer, connect, echo
 
 pytestmark = pytest.mark.privileged
 
@@ -168,66 +169,31 @@ def test_snapshot_save_and_restore(trio, agent, servers, tmp_path: Path) -> None
         ["web"]
 
 
-ECHO = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8); print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    while data := c.recv(100):
-        c.sendall(data)
-    c.close()
-"""
-
-
-def _held_connection(trio, port: int):  # type: ignore[no-untyped-def]
-    import socket
-    import sys
-
-    from stockade.net.namespace import entered
-
-    server = subprocess.Popen(["ip", "netns", "exec", trio.a.netns, sys.executable, "-c", ECHO,
-                               str(port)], stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-    with entered(trio.b.netns):
-        conn = socket.socket()
-    conn.settimeout(1.0)
-    conn.connect((trio.a.address4, port))
-    return server, conn
-
-
-def _echo(conn, data: bytes) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        conn.sendall(data)
-        return conn.recv(100) == data
-    except OSError:
-        return False
-
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_revoked_connection_is_cut_unless_kept(trio, agent, keep: bool) -> None:
     annotations = {"stockade.io/existing-connections": "keep"} if keep else None
     agent.call("apply", documents=[_policy("web", "a", {"pod": "b"}, 7777, annotations)],
                source="test")
-    server, conn = _held_connection(trio, 7777)
-    try:
-        assert _echo(conn, b"before")
-        agent.call("apply", documents=[_policy("web", "a", {"pod": "c"}, 7777, annotations)],
-                   source="test")
-        deadline = time.monotonic() + 3
-        if not keep:
-            while time.monotonic() < deadline and agent.call("status")["connectionsCut"] == 0:
-                time.sleep(0.05)
-            assert agent.call("status")["connectionsCut"] == 1
-            assert not _echo(conn, b"after")
-        else:
-            time.sleep(0.5)
-            assert agent.call("status")["connectionsCut"] == 0
-            assert _echo(conn, b"after")
-    finally:
-        conn.close()
-        server.kill()
-        server.wait()
+    with EchoServer(trio.a.netns, 7777):
+        conn = connect(trio.b.netns, trio.a.address4, 7777)
+        try:
+            assert echo(conn, b"before")
+            agent.call("apply", source="test",
+                       documents=[_policy("web", "a", {"pod": "c"}, 7777, annotations)])
+            if keep:
+                time.sleep(0.5)
+                assert agent.call("status")["connectionsCut"] == 0
+                assert echo(conn, b"after")
+            else:
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline and \
+                        agent.call("status")["connectionsCut"] == 0:
+                    time.sleep(0.05)
+                assert agent.call("status")["connectionsCut"] == 1
+                assert not echo(conn, b"after")
+        finally:
+            conn.close()
 
 
 def test_denied_flows_are_logged(tmp_path: Path, trio, netns_prefix: str, servers) -> None:

@@ -10,9 +10,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -34,7 +31,8 @@ from stockade.model.labels import Labels
 from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
-from stockade.net.namespace import entered
+
+from .netio import EchoServer, connect, echo, receive
 
 PORT = 7777
 
@@ -101,98 +99,20 @@ def _a_ingress_from(source: str, keep: bool = False) -> NetworkPolicy:
         annotations=Labels({KEEP_ANNOTATION: "keep"} if keep else {}))
 
 
-ECHO = """
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8)
-conns = []
-def echo(c):
-    try:
-        while data := c.recv(100):
-            c.sendall(data)
-    except OSError:
-        pass
-def serve():
-    while True:
-        c, _ = s.accept(); conns.append(c)
-        threading.Thread(target=echo, args=(c,), daemon=True).start()
-threading.Thread(target=serve, daemon=True).start()
-print("ready", flush=True)
-for line in sys.stdin:  # a line on stdin: the server speaks first, unasked
-    for c in conns:
-        try:
-            c.sendall(line.strip().encode())
-        except OSError:
-            pass
-"""
-
-
-class _EchoServer:
-    """An echo server in a namespace; `push(data)` makes it send to its clients unasked."""
-
-    def __init__(self, netns: str, port: int) -> None:
-        self.cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", ECHO, str(port)]
-
-    def __enter__(self) -> _EchoServer:
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
-        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
-        return self
-
-    def push(self, data: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data + "\n")
-        self.proc.stdin.flush()
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-def _connect(netns: str, address: str, port: int) -> socket.socket:
-    with entered(netns):
-        conn = socket.socket()  # the socket belongs to the namespace it was made in
-    conn.settimeout(1.0)
-    deadline = time.monotonic() + 3
-    while True:
-        try:
-            conn.connect((address, port))
-            return conn
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def _echo(conn: socket.socket, data: bytes) -> bool:
-    try:
-        conn.sendall(data)
-        return conn.recv(100) == data
-    except OSError:  # a timeout, or a reset
-        return False
-
-
-def _receive(conn: socket.socket, size: int = 100) -> bytes | None:
-    try:
-        return conn.recv(size)
-    except OSError:
-        return None
-
-
 def _ours(entries: list[ConnEntry], trio) -> list[ConnEntry]:
     return [e for e in entries if e.protocol == "TCP" and e.dport == PORT
             and e.src == trio.b.address4 and e.dst == trio.a.address4]
 
 
 @pytest.fixture
-def held(trio) -> Iterator[tuple[NftDatapath, _EchoServer, socket.socket]]:
+def held(trio) -> Iterator[tuple[NftDatapath, EchoServer, socket.socket]]:
     """a isolated for ingress, b allowed on TCP/7777, and a connection b -> a held open."""
     dp = NftDatapath(netns=trio.host_netns)
     dp.apply(compile_cluster(_cluster(trio, _a_ingress_from("b"))))
-    with _EchoServer(trio.a.netns, PORT) as server:
-        conn = _connect(trio.b.netns, trio.a.address4, PORT)
+    with EchoServer(trio.a.netns, PORT) as server:
+        conn = connect(trio.b.netns, trio.a.address4, PORT)
         try:
-            assert _echo(conn, b"one")
+            assert echo(conn, b"one")
             yield dp, server, conn
         finally:
             conn.close()
@@ -226,14 +146,14 @@ def test_revocation_cuts_an_established_connection(trio, held) -> None:
     dp, server, conn = held
     revoked = _cluster(trio, _a_ingress_from("c"))
     dp.apply(compile_cluster(revoked))
-    assert _echo(conn, b"two")  # established traffic outlives the policy that allowed it
+    assert echo(conn, b"two")  # established traffic outlives the policy that allowed it
     cut, deleted = _revoke(trio, revoked)
     assert [(e.src, e.dst, e.dport) for e in cut] == [(trio.b.address4, trio.a.address4, PORT)]
     assert deleted == 1
-    assert not _echo(conn, b"three")  # the client's next segment is new to conntrack: dropped
+    assert not echo(conn, b"three")  # the client's next segment is new to conntrack: dropped
     server.push("pushed")
-    assert _receive(conn) is None  # and so is the server's
-    assert not _echo(conn, b"four")
+    assert receive(conn) is None  # and so is the server's
+    assert not echo(conn, b"four")
 
 
 @pytest.mark.privileged
@@ -243,7 +163,7 @@ def test_keep_annotation_keeps_the_connection(trio, held) -> None:
     dp.apply(compile_cluster(revoked))
     cut, deleted = _revoke(trio, revoked)
     assert cut == [] and deleted == 0
-    assert _echo(conn, b"two")
+    assert echo(conn, b"two")
     with Conntrack(trio.host_netns) as ct:
         assert len(_ours(ct.entries(), trio)) == 1
 
@@ -256,4 +176,4 @@ def test_allowed_connections_are_left_alone(trio, held) -> None:
                                    policy_types=(INGRESS,)))
     dp.apply(compile_cluster(still))
     assert _revoke(trio, still) == ([], 0)
-    assert _echo(conn, b"two")
+    assert echo(conn, b"two")

@@ -7,10 +7,7 @@ deltas by their size, atomicity by a refused transaction, drift by tampering.
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,10 +21,11 @@ from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, IPBlock, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
-from stockade.net.namespace import entered
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
 from stockade.probe.protocol import Port, Protocol
+
+from .netio import EchoServer, connect, echo
 
 pytestmark = pytest.mark.privileged
 
@@ -110,16 +108,16 @@ def test_restart_adopts_the_table_without_changes(trio, datapath) -> None:
 
 def test_established_connection_survives_unrelated_change(trio, datapath) -> None:
     datapath.apply(compile_cluster(_cluster(trio, _deny_ingress_except("a", "b", 7777))))
-    with _echo_server(trio.a.netns, 7777):
-        conn = _connect(trio.b.netns, trio.a.address4, 7777)
+    with EchoServer(trio.a.netns, 7777):
+        conn = connect(trio.b.netns, trio.a.address4, 7777)
         try:
-            assert _echo(conn, b"one")
+            assert echo(conn, b"one")
             unrelated = NetworkPolicy("x", "isolate-c", Selector(Labels({"pod": "c"})),
                                       policy_types=(INGRESS, EGRESS))
             delta = datapath.apply(compile_cluster(
                 _cluster(trio, _deny_ingress_except("a", "b", 7777), unrelated)))
             assert not delta.empty and not delta.del_chains
-            assert _echo(conn, b"two")
+            assert echo(conn, b"two")
         finally:
             conn.close()
 
@@ -207,51 +205,3 @@ def _nft(netns: str, command: str) -> None:
 def _nft_out(netns: str, command: str) -> str:
     return subprocess.run(["ip", "netns", "exec", netns, "nft", command], check=True,
                           capture_output=True, text=True).stdout
-
-
-ECHO = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8); print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    while data := c.recv(100):
-        c.sendall(data)
-    c.close()
-"""
-
-
-class _echo_server:
-    def __init__(self, netns: str, port: int) -> None:
-        self.cmd = ["ip", "netns", "exec", netns, sys.executable, "-c", ECHO, str(port)]
-
-    def __enter__(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-def _connect(netns: str, address: str, port: int) -> socket.socket:
-    with entered(netns):
-        conn = socket.socket()  # the socket belongs to the namespace it was made in
-    conn.settimeout(2)
-    deadline = time.monotonic() + 3
-    while True:
-        try:
-            conn.connect((address, port))
-            return conn
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def _echo(conn: socket.socket, data: bytes) -> bool:
-    conn.sendall(data)
-    try:
-        return conn.recv(100) == data
-    except TimeoutError:
-        return False
