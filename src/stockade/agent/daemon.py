@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from stockade.agent.client import DEFAULT_SOCKET
+from stockade.agent.cni_ops import CniOps
 from stockade.agent.containers import ContainerManager
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
 from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
@@ -217,6 +218,7 @@ def notify_ready() -> None:
 def run_agent(config: AgentConfig) -> int:
     agent = Agent(config)
     agent.extensions.append(ContainerManager())  # `stockade run`, `ps`, `rm`
+    agent.extensions.append(CniOps())  # the CNI plugin's cni.* operations
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})

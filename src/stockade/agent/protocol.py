@@ -25,6 +25,7 @@ Operations (args → result):
     ps           {all}                        → {items, exited}
     rm           {key, grace}                 → {removed, exitCode}
     flows        {since, limit}               → {items, next}
+    cni.add / cni.del / cni.check / cni.gc / cni.status   (stockade.agent.cni_ops)
 
 `sync` (default true) makes a changing call return only once the kernel
 enforces the change (or fail with code "timeout").
@@ -52,7 +53,7 @@ INTERNAL = "internal"
 OPS = (
     "status", "apply", "delete", "get", "label", "snapshot.save", "snapshot.restore",
     "endpoint.add", "endpoint.remove", "ipam.allocate", "ipam.release", "run", "ps", "rm",
-    "flows",
+    "flows", "cni.add", "cni.del", "cni.check", "cni.gc", "cni.status",
 )
 
 

@@ -47,6 +47,9 @@ class _Connection(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    # A node starting its pods runs dozens of CNI plugins at once; the default
+    # listen backlog of 5 would refuse most of their connects.
+    request_queue_size = 128
 
     def __init__(self, path: str, handler: Handler) -> None:
         self.handler = handler

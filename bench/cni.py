@@ -1,0 +1,296 @@
+"""Benchmark of the CNI plugin: the time from ADD to an enforced policy.
+
+ADD returns only once the kernel enforces the new endpoint's policy, so the
+latency of an ADD *is* the time from the runtime's call to enforcement
+(each run also checks, once, that the address is in the kernel's table when
+ADD returns). Measured as a runtime sees it: a plugin process started with
+``CNI_*`` variables and JSON on stdin, in a private "host" network namespace,
+against a real agent with the CNI extension.
+
+Variants, side by side, on an empty agent and on one loaded with thousands
+of endpoints and hundreds of policies (the new endpoint is labelled like the
+synthetic pods, and one policy always selects it, so every ADD changes the
+kernel's verdict maps and sets):
+
+* main mode, address from the agent's pool;
+* main mode, address from ``host-local`` (a second process per ADD);
+* chained after the reference ``bridge`` + ``host-local``: stockade's part
+  alone and the whole chain;
+* the agent's part alone (``cni.add`` over the socket: allocate, store,
+  compile, kernel), i.e. without process start-up and netlink plumbing;
+* DEL in main mode;
+* 50 ADDs at once (wall time and per-ADD latency).
+
+Run as root: ``.venv/bin/python bench/cni.py [--rounds 100] [--pods 5000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from stockade.agent.client import AgentClient
+from stockade.errors import AgentError
+from stockade.net.namespace import create_netns, remove_netns
+from synthetic import make_cluster, manifests
+
+PLUGIN = str(Path(sys.executable).parent / "stockade-cni")
+REFERENCE = "/usr/lib/cni"
+POD = "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns3;K8S_POD_NAME={name}"
+LABELS = {"app": "app7", "tier": "api", "env": "prod"}
+# Selects every new endpoint, so each ADD changes the kernel's maps, not just nothing.
+SELECTING = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+             "metadata": {"name": "bench-app7", "namespace": "ns3"},
+             "spec": {"podSelector": {"matchLabels": {"app": "app7"}},
+                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": "web"}}}],
+                                   "ports": [{"port": 8080}]}]}}
+
+# An agent serving the cni.* operations whether or not the daemon registers them yet.
+BOOT = """
+import sys
+from stockade.agent import daemon, protocol
+from stockade.agent.cni_ops import OPS, CniOps
+protocol.OPS = tuple(dict.fromkeys((*protocol.OPS, *OPS)))
+_start = daemon.Agent.start
+def start(self):
+    if not any(isinstance(e, CniOps) for e in self.extensions):
+        self.extensions.append(CniOps())
+    _start(self)
+daemon.Agent.start = start
+from stockade.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class Agent:
+    def __init__(self, tmp: Path, netns: str) -> None:
+        self.socket = str(tmp / "agent.sock")
+        self.cmd = [sys.executable, "-c", BOOT, "agent", "--netns", netns,
+                    "--state-dir", str(tmp / "state"), "--socket", self.socket,
+                    "--log-group", "0", "--log-level", "warning", "--bridge-prefix", "bc"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd)
+        while True:
+            try:
+                if self.call("status")["ready"]:
+                    return
+            except AgentError:
+                time.sleep(0.05)
+            if self.proc.poll() is not None:
+                raise SystemExit("the agent exited")
+
+    def call(self, op: str, **args: Any) -> Any:
+        with AgentClient(self.socket, timeout=600) as c:
+            return c.call(op, **args)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def plugin(exe: str, command: str, conf: dict[str, Any], host: str, cid: str, netns: str,
+           args: str = "") -> tuple[float, dict[str, Any] | None]:
+    env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns,
+           "CNI_IFNAME": "eth0", "CNI_ARGS": args, "CNI_PATH": REFERENCE}
+    t0 = time.perf_counter()
+    proc = subprocess.run(["nsenter", f"--net=/run/netns/{host}", "--", exe],
+                          input=json.dumps(conf).encode(), capture_output=True, env=env,
+                          check=False)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{command} failed: {proc.stdout.decode()} {proc.stderr.decode()}")
+    text = proc.stdout.decode().strip()
+    return elapsed, json.loads(text) if text else None
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+class Bench:
+    def __init__(self, tag: str, tmp: Path, host: str, agent: Agent) -> None:
+        self.tag, self.tmp, self.host, self.agent = tag, tmp, host, agent
+        self.seq = 0
+        self.checked = False
+
+    def conf(self, **extra: Any) -> dict[str, Any]:
+        return {"cniVersion": "1.0.0", "name": "benchnet", "type": "stockade-cni",
+                "bridge": "bcbr0", "vethPrefix": "bc", "dataDir": str(self.tmp / "cni"),
+                "socket": self.agent.socket, "args": {"labels": LABELS}, **extra}
+
+    def host_local(self, subnet: str) -> dict[str, Any]:
+        return {"type": "host-local", "subnet": subnet, "dataDir": str(self.tmp / "hl"),
+                "routes": [{"dst": "0.0.0.0/0"}]}
+
+    def netns(self) -> tuple[str, str]:
+        self.seq += 1
+        name = f"{self.tag}-{self.seq}"
+        create_netns(name)
+        return name, f"/run/netns/{name}"
+
+    def enforced(self, result: dict[str, Any] | None) -> None:
+        """Once per run: the address is in the kernel's table the moment ADD returned."""
+        if self.checked or result is None:
+            return
+        address = result["ips"][0]["address"].split("/")[0]
+        table = subprocess.run(["ip", "netns", "exec", self.host, "nft", "list", "table",
+                                "inet", "stockade"], capture_output=True, text=True,
+                               check=True).stdout
+        if address not in table:
+            raise SystemExit(f"{address} is not in the kernel's table after ADD")
+        self.checked = True
+
+    def main_mode(self, rounds: int, conf: dict[str, Any]) -> tuple[list[float], list[float]]:
+        adds, dels = [], []
+        for _ in range(rounds):
+            name, path = self.netns()
+            cid = name.replace("-", "x")
+            took, out = plugin(PLUGIN, "ADD", conf, self.host, cid, path, POD.format(name=cid))
+            self.enforced(out)
+            adds.append(took)
+            took, _ = plugin(PLUGIN, "DEL", {**conf, "prevResult": out}, self.host, cid, path,
+                             POD.format(name=cid))
+            dels.append(took)
+            remove_netns(name)
+        return adds, dels
+
+    def chained(self, rounds: int) -> tuple[list[float], list[float]]:
+        bridge = {"cniVersion": "1.0.0", "name": "benchchain", "type": "bridge",
+                  "bridge": "bcchain0", "isGateway": True,
+                  "ipam": self.host_local("10.253.0.0/16")}
+        ours = self.conf(name="benchchain", mode="chained")
+        ours_only, whole = [], []
+        for _ in range(rounds):
+            name, path = self.netns()
+            cid = name.replace("-", "x")
+            args = POD.format(name=cid)
+            t1, prev = plugin(os.path.join(REFERENCE, "bridge"), "ADD", bridge, self.host, cid,
+                              path, args)
+            t2, out = plugin(PLUGIN, "ADD", {**ours, "prevResult": prev}, self.host, cid, path,
+                             args)
+            ours_only.append(t2)
+            whole.append(t1 + t2)
+            plugin(PLUGIN, "DEL", {**ours, "prevResult": out}, self.host, cid, path, args)
+            plugin(os.path.join(REFERENCE, "bridge"), "DEL", {**bridge, "prevResult": out},
+                   self.host, cid, path, args)
+            remove_netns(name)
+        return ours_only, whole
+
+    def agent_only(self, rounds: int) -> list[float]:
+        out = []
+        with AgentClient(self.agent.socket, timeout=600) as c:
+            for i in range(rounds):
+                ident = {"network": "direct", "containerID": f"direct{i}", "ifname": "eth0"}
+                t0 = time.perf_counter()
+                c.call("cni.add", **ident, allocate=True, labels=LABELS, sync=True,
+                       endpoint={"namespace": "ns3", "name": f"direct{i}"})
+                out.append(time.perf_counter() - t0)
+                c.call("cni.del", **ident, sync=True)
+        return out
+
+    def parallel(self, n: int) -> tuple[float, list[float]]:
+        spaces = [self.netns() for _ in range(n)]
+        conf = self.conf()
+
+        def add(i: int) -> tuple[float, dict[str, Any] | None]:
+            cid = spaces[i][0].replace("-", "x")
+            return plugin(PLUGIN, "ADD", conf, self.host, cid, spaces[i][1],
+                          POD.format(name=cid))
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(add, range(n)))
+        wall = time.perf_counter() - t0
+
+        def delete(i: int) -> None:
+            cid = spaces[i][0].replace("-", "x")
+            plugin(PLUGIN, "DEL", {**conf, "prevResult": results[i][1]}, self.host, cid,
+                   spaces[i][1], POD.format(name=cid))
+
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(delete, range(n)))
+        for name, _ in spaces:
+            remove_netns(name)
+        return wall, [r[0] for r in results]
+
+
+def row(rows: list[tuple[str, str, str, str]], name: str, size: str,
+        values: list[float]) -> None:
+    ms = [v * 1000 for v in values]
+    rows.append((name, size, f"{statistics.median(ms):.1f}", f"{pct(ms, 99):.1f}"))
+
+
+def run_size(bench: Bench, rounds: int, size: str,
+             rows: list[tuple[str, str, str, str]], parallel: int) -> None:
+    adds, dels = bench.main_mode(rounds, bench.conf())
+    row(rows, "ADD main mode, agent's pool", size, adds)
+    row(rows, "DEL main mode, agent's pool", size, dels)
+    adds, _ = bench.main_mode(rounds, bench.conf(ipam=bench.host_local("10.252.0.0/16")))
+    row(rows, "ADD main mode, host-local", size, adds)
+    ours, whole = bench.chained(rounds)
+    row(rows, "ADD chained: stockade-cni alone", size, ours)
+    row(rows, "ADD chained: bridge + stockade-cni", size, whole)
+    row(rows, "cni.add over the socket (agent only)", size, bench.agent_only(rounds))
+    wall, each = bench.parallel(parallel)
+    row(rows, f"ADD, {parallel} at once (each)", size, each)
+    rows.append((f"ADD, {parallel} at once (wall time)", size, f"{wall * 1000:.0f}", ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--pods", type=int, default=5_000)
+    ap.add_argument("--policies", type=int, default=500)
+    ap.add_argument("--parallel", type=int, default=50)
+    args = ap.parse_args()
+    tag = f"bc{secrets.token_hex(2)}"
+    host = f"{tag}-host"
+    tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-cni-"))
+    rows: list[tuple[str, str, str, str]] = []
+    create_netns(host)
+    try:
+        for big in (False, True):
+            d = tmp / ("big" if big else "empty")
+            d.mkdir()
+            agent = Agent(d, host)
+            agent.start()
+            try:
+                size = "1 policy"
+                agent.call("apply", documents=[SELECTING])
+                if big:
+                    agent.call("apply", documents=manifests(make_cluster(args.pods,
+                                                                         args.policies)))
+                    size = f"{args.pods} eps/{args.policies + 1} pols"
+                run_size(Bench(tag, d, host, agent), args.rounds, size, rows, args.parallel)
+            finally:
+                agent.stop()
+    finally:
+        remove_netns(host)  # bridges, veths and the table go with it
+        for name in os.listdir("/run/netns"):
+            if name.startswith(f"{tag}-"):
+                remove_netns(name)
+        shutil.rmtree(tmp, ignore_errors=True)
+    width = max(len(r[0]) for r in rows)
+    swidth = max(len(r[1]) for r in rows)
+    print(f"{'measure'.ljust(width)}  {'agent'.ljust(swidth)}  {'p50 ms':>8}  {'p99 ms':>8}")
+    for name, size, p50, p99 in rows:
+        print(f"{name.ljust(width)}  {size.ljust(swidth)}  {p50:>8}  {p99:>8}")
+
+
+if __name__ == "__main__":
+    main()

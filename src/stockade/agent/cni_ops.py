@@ -1,0 +1,443 @@
+"""The agent's side of the CNI plugin: attachments, kept in the same transactions as endpoints.
+
+An *attachment* is the runtime's ``(network, containerID, ifname)``; it maps
+to one endpoint (``namespace/name``, owner ``cni``) and, when the agent's pool
+gave the address, to one IPAM owner ``<containerID>/<ifname>``. Each operation
+below changes the endpoint, the address pool and the attachment table in ONE
+store transaction (meta key ``cni``), under the service lock: two plugin
+processes racing can never get one address twice, and a plugin killed midway
+leaves either everything or nothing registered.
+
+Why an extension rather than the plain ``endpoint.add``/``ipam.allocate``:
+
+* atomicity (above), and one round trip per ADD instead of two or three;
+* labels of a Kubernetes pod: when the plugin gives none, the endpoint keeps
+  the labels (and named ports) of the record the agent already has under that
+  name — a Pod applied through the API, or the pod's previous sandbox;
+* DEL removes the endpoint only if it still belongs to *this* attachment: a
+  pod whose sandbox was recreated keeps its new endpoint when the old one's
+  DEL arrives late;
+* GC needs to know which network an endpoint came from;
+* CHECK compares the endpoint's footprint in the kernel with the ruleset last
+  applied.
+
+Operations (args → result)::
+
+    cni.add   {network, containerID, ifname, endpoint: {namespace, name, ips?, ports?,
+               netns, interface, hostInterface}, labels?, allocate, sync}
+              → {revision, key, labels, inherited, address?, gateway?, subnet?}
+    cni.del   {network, containerID, ifname, sync}  → {removed, released, revision}
+    cni.check {network, containerID, ifname, ips?}  → {known, key, applied, inKernel,
+                                                       problems, revision}
+    cni.gc    {network, valid: [{containerID, ifname}], sync}
+              → {removed: [ids], released: [addresses], revision, hostInterfaces}
+    cni.status                                      → {ready, inSync, error, attachments}
+
+``sync`` (default true) returns only once the kernel enforces the change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from stockade.agent.protocol import BAD_REQUEST, INVALID, TIMEOUT, UNAVAILABLE, ApiError
+from stockade.agent.reconcile import ApplyReport
+from stockade.agent.records import (
+    OWNER_CNI,
+    OWNER_RUN,
+    Change,
+    DeleteEndpoint,
+    EndpointRecord,
+    PutEndpoint,
+)
+from stockade.agent.service import SYNC_TIMEOUT, Service
+from stockade.cni.spec import attachment_id, ipam_owner
+from stockade.compile.ir import ADDR_PORT, Ruleset
+from stockade.compile.nft import canonical
+from stockade.errors import NetError
+from stockade.model.cidr import parse_ip
+from stockade.model.cluster import ContainerPort, Endpoint
+from stockade.model.labels import Labels
+from stockade.model.names import is_dns1123_label
+from stockade.model.validate import validate_labels
+
+log = logging.getLogger("stockade.cni")
+
+META = "cni"
+OPS = ("cni.add", "cni.del", "cni.check", "cni.gc", "cni.status")
+CONVERGE = 2.0  # seconds CHECK allows the kernel to catch up (the spec asks for some)
+
+
+@dataclass(frozen=True)
+class CniAttachment:
+    network: str
+    container_id: str
+    ifname: str
+    key: str  # the endpoint, namespace/name
+    ipam_owner: str = ""  # its address's owner in the agent's pool; "" when from elsewhere
+    created: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return attachment_id(self.network, self.container_id, self.ifname)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"network": self.network, "containerID": self.container_id,
+                "ifname": self.ifname, "key": self.key, "ipamOwner": self.ipam_owner,
+                "created": self.created}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CniAttachment:
+        return cls(str(d["network"]), str(d["containerID"]), str(d["ifname"]),
+                   str(d["key"]), str(d.get("ipamOwner", "")), float(d.get("created", 0.0)))
+
+
+# ---- pure helpers ------------------------------------------------------------------------
+
+
+def _ident(args: Mapping[str, Any]) -> tuple[str, str, str]:
+    values = tuple(args.get(k) for k in ("network", "containerID", "ifname"))
+    if not all(isinstance(v, str) and v for v in values):
+        raise ApiError(BAD_REQUEST, "network, containerID and ifname are required strings")
+    return str(values[0]), str(values[1]), str(values[2])
+
+
+def _labels(value: Any) -> Labels | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ApiError(BAD_REQUEST, "labels must be an object")
+    return Labels({str(k): str(v) for k, v in value.items()})
+
+
+def _ports(value: Any) -> tuple[ContainerPort, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(ContainerPort(int(p["port"]), str(p.get("protocol", "TCP")),
+                                   str(p.get("name", ""))) for p in value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ApiError(BAD_REQUEST, f"bad ports: {exc}") from None
+
+
+def endpoint_problems(ep: Endpoint) -> list[str]:
+    """What ``endpoint.add`` would refuse, said the same way."""
+    problems = [f"ips: {ip!r} is not an IP address" for ip in ep.ips if parse_ip(ip) is None]
+    if not ep.ips:
+        problems.append("ips: at least one address is required")
+    problems += [f"namespace: {ep.namespace!r}: {msg}"
+                 for msg in is_dns1123_label(ep.namespace)]
+    if not ep.name:
+        problems.append("name: a name is required")
+    problems += [e.render() for e in validate_labels(ep.labels, "labels")]
+    return problems
+
+
+def _norm(ip: str) -> str:
+    try:
+        return str(ipaddress.ip_address(ip))
+    except ValueError:
+        return ip
+
+
+def footprint(rs: Ruleset, ips: Iterable[str]) -> dict[str, Any]:
+    """Everything in a ruleset that concerns these addresses (compared in CHECK).
+
+    Map entries (which chain isolates the address, each way), the chains
+    those name (present or not), and the set elements that hold the address.
+    An endpoint no policy selects and none names has an empty footprint, and
+    "enforced" is then trivially true: an unselected pod is not isolated.
+    """
+    addrs = {_norm(ip) for ip in ips}
+    norm_in = {_norm(k): v for k, v in rs.ingress.items()}
+    norm_out = {_norm(k): v for k, v in rs.egress.items()}
+    ingress = {a: norm_in[a] for a in addrs if a in norm_in}
+    egress = {a: norm_out[a] for a in addrs if a in norm_out}
+    chains = {c: c in rs.chains for c in (*ingress.values(), *egress.values())}
+    sets: dict[str, list[str]] = {}
+    for name, s in rs.sets.items():
+        if s.kind == ADDR_PORT:
+            hits = [repr(e) for e in s.elements
+                    if isinstance(e, tuple) and _norm(e[0]) in addrs]
+        else:
+            hits = [str(e) for e in s.elements if isinstance(e, str) and _norm(e) in addrs]
+        if hits:
+            sets[name] = sorted(hits)
+    return {"ingress": ingress, "egress": egress, "chains": chains, "sets": sets}
+
+
+# ---- the extension -----------------------------------------------------------------------
+
+
+class CniOps:
+    """Registers the ``cni.*`` operations on the agent's service (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.service: Service | None = None
+        self.attachments: dict[str, CniAttachment] = {}
+        self._revisions: dict[str, int] = {}  # in memory: after a restart, all is applied
+        self._desired: Ruleset | None = None  # what the last successful apply put in
+        self._agent: Any = None
+
+    def start(self, agent: Any) -> None:
+        self._agent = agent
+        self.service = agent.service
+        raw = agent.store.get_meta(META) or {}
+        self.attachments = {a.id: a for a in (CniAttachment.from_dict(d) for d in
+                                              (raw.get("attachments") or {}).values())}
+        reconciler = agent.reconciler
+        previous = reconciler.hooks.applied
+
+        def applied(report: ApplyReport, ruleset: Ruleset) -> None:
+            if previous is not None:
+                previous(report, ruleset)
+            if not report.error:
+                self._desired = canonical(ruleset)
+
+        reconciler.hooks.applied = applied
+        self._desired = reconciler.datapath.read()  # adopted at start: the kernel is current
+        self.service.extra.update({"cni.add": self.op_add, "cni.del": self.op_del,
+                                   "cni.check": self.op_check, "cni.gc": self.op_gc,
+                                   "cni.status": self.op_status})
+        self.service.status_extra["cni"] = lambda: {"attachments": len(self.attachments)}
+
+    def stop(self) -> None:
+        """Nothing runs in the background; the attachments live on in the store."""
+
+    def _svc(self) -> Service:
+        if self.service is None:
+            raise ApiError(UNAVAILABLE, "the CNI operations are not started")
+        return self.service
+
+    def _meta(self, registry: Mapping[str, CniAttachment]) -> dict[str, Any]:
+        return {META: {"attachments": {k: a.to_dict() for k, a in sorted(registry.items())}}}
+
+    def _wait(self, revision: int) -> None:
+        if not self._svc().reconciler.wait_for(revision, SYNC_TIMEOUT):
+            raise ApiError(TIMEOUT, f"revision {revision} is stored but not enforced after "
+                                    f"{SYNC_TIMEOUT:.0f}s; see `stockade status`")
+
+    # ---- ADD -----------------------------------------------------------------------------
+
+    def op_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        network, cid, ifname = _ident(args)
+        spec = args.get("endpoint")
+        if not isinstance(spec, Mapping):
+            raise ApiError(BAD_REQUEST, "endpoint must be an object")
+        labels = _labels(args.get("labels"))
+        allocate = bool(args.get("allocate", False))
+        svc = self._svc()
+        with svc.lock:
+            known = self.attachments.get(attachment_id(network, cid, ifname))
+            owner = ipam_owner(cid, ifname) if allocate else (known.ipam_owner if known
+                                                                else "")
+            address, fresh = self._allocate(owner) if allocate else ("", False)
+            try:
+                rec, inherited = self._record(spec, labels, cid, ifname, address)
+                att = CniAttachment(network, cid, ifname, rec.key, owner, time.time())
+                registry = {**self.attachments, att.id: att}
+                changes = svc.implicit_namespaces([rec.endpoint.namespace], {})
+                changes.append(PutEndpoint(rec))
+                meta = self._meta(registry)
+                if fresh:
+                    assert svc.ipam is not None
+                    meta["ipam"] = svc.ipam.to_dict()
+                revision = svc.commit(changes, sync=False, meta=meta)
+            except BaseException:
+                if fresh and svc.ipam is not None:
+                    svc.ipam.release(owner)
+                raise
+            self.attachments = registry
+            self._revisions[att.id] = revision
+        if args.get("sync", True):
+            self._wait(revision)
+        out: dict[str, Any] = {"revision": revision, "key": rec.key,
+                               "labels": dict(rec.endpoint.labels), "inherited": inherited}
+        if allocate:
+            assert svc.ipam is not None
+            out.update(address=address, gateway=str(svc.ipam.gateway),
+                       subnet=str(svc.ipam.subnet))
+        return out
+
+    def _allocate(self, owner: str) -> tuple[str, bool]:
+        """The owner's address and whether it is new (a retried ADD gets the same)."""
+        svc = self._svc()
+        if svc.ipam is None:
+            raise ApiError(BAD_REQUEST, "this agent has no address pool (give the plugin "
+                                        "an ipam section instead)")
+        fresh = svc.ipam.address_of(owner) is None
+        try:
+            return svc.ipam.allocate(owner), fresh
+        except NetError as exc:
+            raise ApiError(UNAVAILABLE, str(exc)) from None
+
+    def _record(self, spec: Mapping[str, Any], labels: Labels | None, cid: str, ifname: str,
+                address: str) -> tuple[EndpointRecord, bool]:
+        """The endpoint to store; labels and ports inherited when none are given."""
+        svc = self._svc()
+        namespace, name = str(spec.get("namespace", "")), str(spec.get("name", ""))
+        existing = svc.state.endpoints.get(f"{namespace}/{name}")
+        if existing is not None and existing.owner == OWNER_RUN:
+            raise ApiError(INVALID, f"endpoint {namespace}/{name} is managed by `stockade "
+                                    "run`; a container of that name already runs")
+        inherited = labels is None and existing is not None
+        if labels is None:
+            labels = existing.endpoint.labels if existing is not None else Labels({})
+        ports = _ports(spec.get("ports"))
+        if ports is None:
+            ports = existing.endpoint.ports if existing is not None else ()
+        ips = (address.split("/")[0],) if address else tuple(
+            str(ip) for ip in spec.get("ips") or ())
+        ep = Endpoint(namespace, name, labels, ips, ports)
+        problems = endpoint_problems(ep)
+        if problems:
+            raise ApiError(INVALID, f"endpoint {ep.key} is invalid", problems)
+        return EndpointRecord(ep, str(spec.get("netns", "")), ifname,
+                              str(spec.get("hostInterface", "")), OWNER_CNI, cid,
+                              created=time.time()), inherited
+
+    # ---- DEL and GC ----------------------------------------------------------------------
+
+    def op_del(self, args: dict[str, Any]) -> dict[str, Any]:
+        network, cid, ifname = _ident(args)
+        aid = attachment_id(network, cid, ifname)
+        with self._svc().lock:
+            att = self.attachments.get(aid) or self._orphan(network, cid, ifname)
+            revision, removed, released = self._detach([att])
+        if args.get("sync", True) and removed:
+            self._wait(revision)
+        return {"removed": bool(removed), "released": released[0] if released else None,
+                "revision": revision}
+
+    def op_gc(self, args: dict[str, Any]) -> dict[str, Any]:
+        network = args.get("network")
+        valid_raw = args.get("valid")
+        if not isinstance(network, str) or not network or not isinstance(valid_raw, list):
+            raise ApiError(BAD_REQUEST, "network and valid (a list) are required")
+        valid = {(str(v.get("containerID", "")), str(v.get("ifname", "")))
+                 for v in valid_raw if isinstance(v, Mapping)}
+        any_ifname = {cid for cid, ifname in valid if not ifname}
+        with self._svc().lock:
+            stale = [a for a in self.attachments.values() if a.network == network
+                     and (a.container_id, a.ifname) not in valid
+                     and a.container_id not in any_ifname]
+            revision, removed, released = self._detach(stale)
+            claimed = sorted({r.host_interface for r in self._svc().state.endpoints.values()
+                              if r.host_interface})
+        if args.get("sync", True) and removed:
+            self._wait(revision)
+        if stale:
+            log.info("cni gc", extra={"fields": {"network": network, "removed": len(stale)}})
+        return {"removed": sorted(a.id for a in stale), "released": released,
+                "revision": revision, "hostInterfaces": claimed}
+
+    def _orphan(self, network: str, cid: str, ifname: str) -> CniAttachment:
+        """An attachment the table does not know (e.g. made before it existed): by record."""
+        for rec in self._svc().state.endpoints.values():
+            if rec.owner == OWNER_CNI and rec.container_id == cid and rec.interface == ifname:
+                return CniAttachment(network, cid, ifname, rec.key, ipam_owner(cid, ifname))
+        return CniAttachment(network, cid, ifname, "", ipam_owner(cid, ifname))
+
+    def _detach(self, atts: list[CniAttachment]) -> tuple[int, list[str], list[str]]:
+        """Endpoints, addresses and table entries of ``atts`` gone in one transaction.
+
+        Called under the service lock. An endpoint is removed only while it is
+        still this attachment's (a recreated sandbox may own the name now).
+        The pool is changed on a copy and swapped in after the commit, so a
+        failed commit leaves memory as it was.
+        """
+        svc = self._svc()
+        changes: list[Change] = []
+        removed: list[str] = []
+        released: list[str] = []
+        registry = dict(self.attachments)
+        pool = type(svc.ipam).from_dict(svc.ipam.to_dict()) if svc.ipam is not None else None
+        for att in atts:
+            registry.pop(att.id, None)
+            rec = svc.state.endpoints.get(att.key) if att.key else None
+            if (rec is not None and rec.owner == OWNER_CNI and rec.container_id ==
+                    att.container_id and rec.interface == att.ifname):
+                changes.append(DeleteEndpoint(att.key))
+                removed.append(att.key)
+            if pool is not None and att.ipam_owner:
+                address = pool.release(att.ipam_owner)
+                if address is not None:
+                    released.append(address)
+        meta: dict[str, Any] = {}
+        if registry != self.attachments:
+            meta.update(self._meta(registry))
+        if released and pool is not None:
+            meta["ipam"] = pool.to_dict()
+        if not changes and not meta:
+            return svc.reconciler.desired_revision, [], []
+        revision = svc.commit(changes, sync=False, meta=meta)
+        self.attachments = registry
+        if released:
+            svc.ipam = pool
+        for att in atts:
+            self._revisions.pop(att.id, None)
+        return revision, removed, released
+
+    # ---- CHECK and STATUS ----------------------------------------------------------------
+
+    def op_check(self, args: dict[str, Any]) -> dict[str, Any]:
+        network, cid, ifname = _ident(args)
+        aid = attachment_id(network, cid, ifname)
+        svc = self._svc()
+        with svc.lock:
+            att = self.attachments.get(aid)
+            rec = svc.state.endpoints.get(att.key) if att is not None else None
+        problems = self._record_problems(att, rec, cid, ifname, args.get("ips"))
+        revision = self._revisions.get(aid, 0)
+        reconciler = svc.reconciler
+        applied = reconciler.in_sync or reconciler.applied_revision >= revision
+        if not applied:
+            problems.append(f"revision {revision} is not enforced yet (applied: "
+                            f"{reconciler.applied_revision})")
+        in_kernel = rec is not None and self._in_kernel(rec.endpoint.ips, problems)
+        return {"known": rec is not None, "key": att.key if att else "",
+                "revision": revision, "applied": applied, "inKernel": in_kernel,
+                "problems": problems}
+
+    def _record_problems(self, att: CniAttachment | None, rec: EndpointRecord | None,
+                         cid: str, ifname: str, ips: Any) -> list[str]:
+        if att is None:
+            return [f"the agent has no attachment {cid}/{ifname}"]
+        if rec is None:
+            return [f"the agent has no endpoint {att.key}"]
+        if rec.container_id != cid or rec.interface != ifname:
+            return [f"endpoint {att.key} belongs to another attachment "
+                    f"({rec.container_id}/{rec.interface})"]
+        if isinstance(ips, list) and {_norm(str(i)) for i in ips} != {
+                _norm(i) for i in rec.endpoint.ips}:
+            return [f"endpoint {att.key} has addresses {list(rec.endpoint.ips)}, "
+                    f"the attachment {ips}"]
+        return []
+
+    def _in_kernel(self, ips: tuple[str, ...], problems: list[str]) -> bool:
+        """The endpoint's footprint in the kernel equals the last applied one (with retries)."""
+        datapath = self._svc().reconciler.datapath
+        deadline = time.monotonic() + CONVERGE
+        while True:
+            desired = self._desired or Ruleset()
+            want = footprint(desired, ips)
+            have = footprint(datapath.read(), ips)
+            if want == have and all(want["chains"].values()):
+                return True
+            if time.monotonic() >= deadline:
+                problems.append(f"the kernel differs for {', '.join(ips)}: "
+                                f"want {want}, have {have}")
+                return False
+            time.sleep(0.05)
+
+    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        reconciler = self._svc().reconciler
+        last = reconciler.last
+        return {"ready": reconciler.applied_revision >= 0, "inSync": reconciler.in_sync,
+                "error": (last.error if last is not None else "") or "",
+                "attachments": len(self.attachments)}

@@ -1,0 +1,155 @@
+"""What ADD did, on disk, per attachment; and the locks that order plugin processes.
+
+Layout under the configuration's ``dataDir`` (default /var/lib/stockade/cni)::
+
+    <dataDir>/<network>/.lock                 flock: ADD/DEL/CHECK shared, GC exclusive
+    <dataDir>/<network>/<containerID>:<ifname>.json   one attachment (":" is in neither)
+    <dataDir>/bridge-<name>.lock              flock: creating a bridge and its address
+
+Why files at all, when the agent keeps the endpoints: DEL and GC must find the
+host-side veth, the IPAM that holds the address and the mode of an ADD even
+if the agent lost its state or the runtime lost the cached result; and CHECK
+compares the kernel with what ADD returned. The state is written *before* a
+resource is taken (then updated), so a plugin killed halfway leaves a record
+that DEL or GC can clean up after.
+
+Parallel plugin processes for different containers run side by side (shared
+lock); GC, which lists and removes attachments, runs alone (exclusive lock),
+so it never removes an attachment an ADD is making. A state file is replaced
+atomically (write a temporary file, fsync, rename), so a reader sees the old
+or the new record, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from stockade.cni.spec import INTERNAL, CniError
+
+SUFFIX = ".json"
+
+
+@dataclass(frozen=True)
+class AttachmentState:
+    """One attachment as its ADD made it (``result`` in the latest spec version)."""
+
+    network: str
+    container_id: str
+    ifname: str
+    netns: str = ""
+    mode: str = ""
+    key: str = ""  # the agent's endpoint key, namespace/name
+    host_interface: str = ""  # main mode: the host side of the veth
+    ipam: str = ""  # "stockade" (the agent), an IPAM plugin's type, or "" (chained)
+    complete: bool = False  # ADD finished; False: a crashed or failed ADD
+    result: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"network": self.network, "containerID": self.container_id,
+                "ifname": self.ifname, "netns": self.netns, "mode": self.mode,
+                "key": self.key, "hostInterface": self.host_interface, "ipam": self.ipam,
+                "complete": self.complete, "result": dict(self.result)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AttachmentState:
+        return cls(str(d["network"]), str(d["containerID"]), str(d["ifname"]),
+                   str(d.get("netns", "")), str(d.get("mode", "")), str(d.get("key", "")),
+                   str(d.get("hostInterface", "")), str(d.get("ipam", "")),
+                   bool(d.get("complete", False)), dict(d.get("result") or {}))
+
+    def done(self, result: Mapping[str, Any]) -> AttachmentState:
+        return replace(self, complete=True, result=dict(result))
+
+
+class StateDir:
+    """The attachments of one network under ``<data_dir>/<network>``."""
+
+    def __init__(self, data_dir: str, network: str) -> None:
+        self.root = Path(data_dir)
+        self.dir = self.root / network
+
+    def _ensure(self) -> None:
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CniError(INTERNAL, f"cannot create the state directory {self.dir}",
+                           str(exc)) from None
+
+    @contextlib.contextmanager
+    def locked(self, exclusive: bool = False) -> Iterator[None]:
+        """The network's lock: shared for one attachment's work, exclusive for GC."""
+        self._ensure()
+        with _flock(self.dir / ".lock", exclusive):
+            yield
+
+    @contextlib.contextmanager
+    def bridge_lock(self, bridge: str) -> Iterator[None]:
+        """Serialises bridge creation between networks and processes."""
+        self._ensure()
+        with _flock(self.root / f"bridge-{bridge}.lock", True):
+            yield
+
+    def path(self, container_id: str, ifname: str) -> Path:
+        return self.dir / f"{container_id}:{ifname}{SUFFIX}"
+
+    def read(self, container_id: str, ifname: str) -> AttachmentState | None:
+        return _load(self.path(container_id, ifname))
+
+    def write(self, state: AttachmentState) -> None:
+        self._ensure()
+        target = self.path(state.container_id, state.ifname)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state.to_dict(), f, separators=(",", ":"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise CniError(INTERNAL, f"cannot write {target}", str(exc)) from None
+
+    def remove(self, container_id: str, ifname: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(container_id, ifname).unlink()
+
+    def all(self) -> list[AttachmentState]:
+        """Every attachment recorded for the network (unreadable files are skipped)."""
+        try:
+            names = sorted(os.listdir(self.dir))
+        except FileNotFoundError:
+            return []
+        found = (_load(self.dir / n) for n in names
+                 if n.endswith(SUFFIX) and not n.startswith("."))
+        return [s for s in found if s is not None]
+
+
+def _load(path: Path) -> AttachmentState | None:
+    try:
+        return AttachmentState.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a torn or foreign file: treated as absent, DEL still cleans by name
+
+
+@contextlib.contextmanager
+def _flock(path: Path, exclusive: bool) -> Iterator[None]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CniError(INTERNAL, f"cannot open the lock {path}", str(exc)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -1,0 +1,202 @@
+"""The CNI plugin end to end: real namespaces, a real agent, real packets.
+
+Main mode on its own, main mode delegating to ``host-local``, and chained
+after the Debian reference ``bridge`` + ``host-local`` — each driven as a
+runtime drives it (:mod:`.test_cni_harness`), each showing that the policy
+holds the moment ADD returns.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stockade.probe.client import Probe, run_probes
+from stockade.probe.launcher import ProbeServer
+from stockade.probe.protocol import Port, Protocol
+
+from .test_cni_harness import REFERENCE, Runtime, World, world  # noqa: F401
+
+pytestmark = pytest.mark.privileged
+
+TCP80 = Port(80, Protocol.TCP)
+WEB_POLICY = {
+    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    "metadata": {"name": "web", "namespace": "x"},
+    "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+             "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                          "ports": [{"port": 80}]}]},
+}
+LABELS = {"web": {"app": "web"}, "client": {"role": "client"}, "other": {"role": "other"}}
+
+
+def _pod(name: str) -> str:
+    """What kubelet-driven runtimes pass (IgnoreUnknown: host-local refuses unknown keys)."""
+    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME={name}"
+
+
+def _probe(w: World, src: str, address: str) -> bool:
+    [verdict] = run_probes([Probe(src, f"{w.prefix}-{src}", "web", address, TCP80)],
+                           timeout=0.6)
+    return verdict.allowed
+
+
+def _address(result: dict[str, Any]) -> str:
+    return str(result["ips"][0]["address"]).split("/")[0]
+
+
+def test_main_mode_enforces_the_policy_when_add_returns(world: World) -> None:  # noqa: F811
+    world.agent.call("apply", documents=[WEB_POLICY])
+    results = {}
+    for name in ("web", "client", "other"):
+        got = world.run("ADD", world.conf(args={"labels": LABELS[name]}), cid=f"c-{name}",
+                        netns=world.netns(name), args=_pod(name))
+        assert got.code == 0 and got.out is not None, got
+        results[name] = got.out
+    eps = world.endpoints()
+    assert {k: v["labels"] for k, v in eps.items()} == {f"x/{n}": LABELS[n] for n in LABELS}
+    assert {v["owner"] for v in eps.values()} == {"cni"}
+    with ProbeServer({f"{world.prefix}-web": [TCP80]}):
+        web = _address(results["web"])
+        assert _probe(world, "client", web) is True
+        assert _probe(world, "other", web) is False
+
+
+def test_no_packet_passes_before_the_policy_applies(world: World) -> None:  # noqa: F811
+    """Probes from a container that is being added never get through a deny."""
+    world.agent.call("apply", documents=[WEB_POLICY])
+    web = world.run("ADD", world.conf(args={"labels": LABELS["web"]}), cid="c-web",
+                    netns=world.netns("web"), args=_pod("web"))
+    assert web.out is not None
+    address = _address(web.out)
+    netns = world.netns("other")
+    leaks: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if _probe(world, "other", address):
+                leaks.append("other reached web")
+
+    with ProbeServer({f"{world.prefix}-web": [TCP80]}):
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for round_ in range(4):
+                conf = world.conf(args={"labels": LABELS["other"]})
+                assert world.run("ADD", conf, cid=f"c-o{round_}", netns=netns,
+                                 args=_pod("other")).code == 0
+                assert world.run("DEL", conf, cid=f"c-o{round_}", netns=netns,
+                                 args=_pod("other")).code == 0
+        finally:
+            stop.set()
+            watcher.join()
+    assert leaks == []
+
+
+def test_labels_come_from_the_agents_record_of_the_pod(world: World) -> None:  # noqa: F811
+    world.agent.call("apply", documents=[WEB_POLICY, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "x", "labels": {"app": "web"}},
+        "status": {"podIP": "10.99.0.1"}}])
+    got = world.run("ADD", world.conf(), cid="c-web", netns=world.netns("web"),
+                    args=_pod("web"))
+    assert got.code == 0 and got.out is not None, got
+    rec = world.endpoints()["x/web"]
+    assert rec["labels"] == {"app": "web"} and rec["owner"] == "cni"
+    assert rec["ips"] == [_address(got.out)]
+    client = world.run("ADD", world.conf(args={"labels": LABELS["client"]}), cid="c-cl",
+                       netns=world.netns("client"), args=_pod("client"))
+    other = world.run("ADD", world.conf(), cid="c-ot", netns=world.netns("other"),
+                      args=_pod("other"))
+    assert client.code == other.code == 0
+    with ProbeServer({f"{world.prefix}-web": [TCP80]}):
+        assert _probe(world, "client", _address(got.out)) is True
+        assert _probe(world, "other", _address(got.out)) is False
+
+
+def test_main_mode_delegates_to_host_local_across_versions(world: World,  # noqa: F811
+                                                           tmp_path: Path) -> None:
+    """A 1.1.0 configuration with host-local, which speaks up to 1.0.0: negotiated."""
+    ipam = {"type": "host-local", "subnet": "10.251.7.0/24", "dataDir": str(tmp_path / "hl"),
+            "routes": [{"dst": "0.0.0.0/0"}]}
+    conf = world.conf("1.1.0", ipam=ipam, args={"labels": LABELS["web"]})
+    netns = world.netns("web")
+    got = world.run("ADD", conf, cid="c-web", netns=netns, args=_pod("web"))
+    assert got.code == 0 and got.out is not None, got
+    assert got.out["cniVersion"] == "1.1.0"
+    assert got.out["ips"][0]["address"].startswith("10.251.7.")
+    assert got.out["routes"] == [{"dst": "0.0.0.0/0"}]  # as host-local gave it
+    assert world.pool() == {}  # the agent's pool was not used
+    route = subprocess.run(["ip", "-n", os.path.basename(netns), "route", "show", "default"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "via 10.251.7.1 dev eth0" in route  # a route without gw uses the gateway
+    held = tmp_path / "hl" / world.network / _address(got.out)
+    assert held.exists()
+    prev = {**conf, "prevResult": got.out}
+    assert world.run("CHECK", prev, cid="c-web", netns=netns).code == 0
+    assert world.run("DEL", prev, cid="c-web", netns=netns).code == 0
+    assert not held.exists() and world.endpoints() == {} and world.veths() == []
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
+def test_chained_after_the_reference_bridge(world: World, tmp_path: Path,  # noqa: F811
+                                            version: str) -> None:
+    host_local = tmp_path / "hl"
+    conflist = {"cniVersion": version, "name": world.network, "plugins": [
+        {"type": "bridge", "bridge": f"{world.prefix}cb0", "isGateway": True,
+         "ipam": {"type": "host-local", "subnet": "10.251.8.0/24",
+                  "dataDir": str(host_local), "routes": [{"dst": "0.0.0.0/0"}]}},
+        {"type": "stockade-cni", "socket": world.agent.socket,
+         "dataDir": str(world.data_dir)},
+    ]}
+    rt = Runtime(conflist, world.host, REFERENCE)
+    world.agent.call("apply", documents=[WEB_POLICY])
+    results = {}
+    for name in ("web", "client", "other"):
+        got = rt.add(f"c-{name}", world.netns(name), args=_pod(name),
+                     extra={"args": {"cni": {"labels": LABELS[name]}}})
+        assert got.code == 0 and got.out is not None, got
+        assert got.out == rt.trail[0], "the bridge's result is passed on unchanged"
+        results[name] = got.out
+    assert all(("version" in ip) == (version == "0.4.0")
+               for r in results.values() for ip in r["ips"])
+    eps = world.endpoints()
+    assert {k: (v["labels"], v["ips"]) for k, v in eps.items()} == {
+        f"x/{n}": (LABELS[n], [_address(results[n])]) for n in LABELS}
+    with ProbeServer({f"{world.prefix}-web": [TCP80]}):
+        assert _probe(world, "client", _address(results["web"])) is True
+        assert _probe(world, "other", _address(results["web"])) is False
+    assert rt.check("c-web", f"/run/netns/{world.prefix}-web").code == 0
+    for name in LABELS:
+        assert rt.delete(f"c-{name}", f"/run/netns/{world.prefix}-{name}").code == 0
+    assert world.endpoints() == {} and world.states() == []
+    leftover = [p for p in (host_local / world.network).iterdir()
+                if p.name.startswith("10.")] if (host_local / world.network).exists() else []
+    assert leftover == []
+
+
+def test_the_agent_restarting_between_add_check_and_del(world: World) -> None:  # noqa: F811
+    conf = world.conf(args={"labels": LABELS["web"]})
+    netns = world.netns("web")
+    got = world.run("ADD", conf, cid="c-web", netns=netns, args=_pod("web"))
+    assert got.code == 0
+    prev = {**conf, "prevResult": got.out}
+    world.agent.kill9()
+    world.agent.start()  # the attachment and its address are in the agent's store
+    assert world.run("CHECK", prev, cid="c-web", netns=netns).code == 0
+    world.agent.kill9()
+    down = world.run("DEL", prev, cid="c-web", netns=netns, args=_pod("web"))
+    assert down.error == 11, down  # the address must not be forgotten: try again
+    assert world.states() == ["c-web:eth0.json"]
+    world.agent.start()
+    assert world.run("STATUS", {**conf, "cniVersion": "1.1.0"}).code == 0
+    assert world.run("DEL", prev, cid="c-web", netns=netns, args=_pod("web")).code == 0
+    assert world.pool() == {} and world.endpoints() == {} and world.states() == []
+    assert world.veths() == []
+    assert os.path.exists(netns)  # the runtime's namespace is the runtime's to remove
