@@ -16,14 +16,15 @@ from stockade.errors import AgentError
 
 class AgentProcess:
     def __init__(self, tmp: Path, host_netns: str, prefix: str, *, log_group: int = 0,
-                 resync: float = 1.0) -> None:
+                 resync: float = 1.0, extra: tuple[str, ...] = ()) -> None:
         self.state = tmp / "state"
         self.socket = str(tmp / "run" / "agent.sock")
         self.log = tmp / "agent.log"
         self.cmd = [sys.executable, "-m", "stockade.cli.main", "agent",
                     "--state-dir", str(self.state), "--socket", self.socket,
                     "--netns", host_netns, "--bridge-prefix", prefix,
-                    "--resync-interval", str(resync), "--log-group", str(log_group)]
+                    "--resync-interval", str(resync), "--log-group", str(log_group),
+                    *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> AgentProcess:

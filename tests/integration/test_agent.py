@@ -224,3 +224,29 @@ def test_denied_flows_are_logged(tmp_path: Path, trio, netns_prefix: str, server
         assert (tmp_path / "state" / "denied-flows.jsonl").read_text().count("x/c") >= 1
     finally:
         proc.stop()
+
+
+def test_metrics_are_served(tmp_path: Path, trio, netns_prefix: str) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = AgentProcess(tmp_path, trio.host_netns, netns_prefix,
+                        extra=("--metrics-address", f"127.0.0.1:{port}")).start()
+    try:
+        proc.call("endpoint.add", endpoint={"namespace": "x", "name": "a",
+                                            "labels": {"pod": "a"}, "ips": [trio.a.address4]})
+        proc.call("apply", documents=[_policy("web", "a", {"pod": "b"})], source="test")
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line and not line.startswith("#")}
+        assert values["stockade_state_endpoints"] == 1
+        assert values["stockade_state_policies"] == 1
+        assert values["stockade_reconcile_applies_total"] >= 2
+        assert values["stockade_reconcile_enforcement_latency_seconds_count"] >= 1
+        assert values['stockade_datapath_objects{kind="chains"}'] >= 1
+    finally:
+        proc.stop()
