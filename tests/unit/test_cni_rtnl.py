@@ -6,7 +6,7 @@ import socket
 import struct
 
 from stockade.cni import rtnl
-from stockade.cni.attach import gratuitous_arp
+from stockade.net.announce import gratuitous_arp
 
 
 def test_attributes_are_padded_and_parse_back() -> None:

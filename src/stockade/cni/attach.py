@@ -23,15 +23,11 @@ it while it is down, and only then brings it up and adds its routes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
 
 from stockade.cni.rtnl import Link, NetlinkError, Rtnl
 from stockade.cni.spec import (
@@ -43,27 +39,15 @@ from stockade.cni.spec import (
     Route,
 )
 from stockade.errors import NetError
-from stockade.net.namespace import THREAD_NETNS
+from stockade.net.announce import announce as net_announce
+from stockade.net.namespace import THREAD_NETNS, entered
 from stockade.net.naming import Naming
 from stockade.net.sysctl import write_sysctl
 
-_CLONE_NEWNET = 0x40000000
 _LOOPBACK = 1
 _GONE = (2, 19)  # ENOENT, ENODEV
 _EEXIST = 17
-_ETH_P_ARP = 0x0806
 _BRIDGE_SYSCTLS = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
-
-
-@cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc().setns(fd, _CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def is_netns(path: str) -> bool:
@@ -76,29 +60,19 @@ def is_netns(path: str) -> bool:
 
 @contextlib.contextmanager
 def entered_path(path: str | None) -> Iterator[None]:
-    """The calling thread inside the namespace at ``path`` (None: stay), and back."""
-    if path is None:
+    """The calling thread inside the namespace at ``path`` (None: stay), and back.
+
+    As `stockade.net.namespace.entered`, with failures worded as CNI errors.
+    """
+    try:
+        ctx = entered(path)
+        ctx.__enter__()
+    except NetError as exc:
+        raise CniError(INVALID_ENVIRONMENT, f"cannot enter CNI_NETNS {path}", str(exc)) from None
+    try:
         yield
-        return
-    try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise CniError(INVALID_ENVIRONMENT, f"cannot open CNI_NETNS {path}",
-                       exc.strerror or str(exc)) from None
-    previous = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            _setns(target)
-        except OSError as exc:
-            raise CniError(INVALID_ENVIRONMENT, f"CNI_NETNS {path} is not a network "
-                           "namespace", str(exc)) from None
-        try:
-            yield
-        finally:
-            _setns(previous)
     finally:
-        os.close(previous)
-        os.close(target)
+        ctx.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
@@ -222,28 +196,11 @@ def configure(netns: str, ifname: str, ips: Sequence[IPConfig],
             announce(netns, ifname, link.mac, str(value.ip))
 
 
-def gratuitous_arp(mac: str, address: str) -> bytes:
-    """An Ethernet frame: ARP request for ``address`` from itself at ``mac`` (pure)."""
-    hw = bytes.fromhex(mac.replace(":", ""))
-    ip = ipaddress.IPv4Address(address).packed
-    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + ip + b"\0" * 6 + ip
-    return b"\xff" * 6 + hw + struct.pack("!H", _ETH_P_ARP) + arp
-
-
 def announce(netns: str, ifname: str, mac: str, address: str) -> None:
-    """Gratuitous ARP, as the reference bridge plugin sends: addresses are reused, and
-    a neighbour would otherwise send to the previous holder's MAC until its cache
-    entry expires. Best-effort: a lost announcement only delays the first packets."""
-    frame = gratuitous_arp(mac, address)
-    try:
-        with entered_path(netns):
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ARP))
-        with sock:
-            sock.bind((ifname, 0))
-            for _ in range(2):
-                sock.send(frame)
-    except OSError:
-        pass
+    """Gratuitous ARP (see `stockade.net.announce`); best-effort: a lost announcement
+    only delays the first packets to a reused address."""
+    with contextlib.suppress(NetError):
+        net_announce(netns, ifname, mac, address)
 
 
 def remove_veth(host_if: str) -> bool:
