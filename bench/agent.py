@@ -15,62 +15,16 @@ import argparse
 import secrets
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from stockade.agent.client import AgentClient
-from stockade.errors import AgentError
+from common import AgentProcess, pct, print_table
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
 
-class Agent:
-    def __init__(self, tmp: Path, netns: str) -> None:
-        self.socket = str(tmp / "agent.sock")
-        self.cmd = [sys.executable, "-m", "stockade.cli.main", "agent", "--netns", netns,
-                    "--state-dir", str(tmp / "state"), "--socket", self.socket,
-                    "--log-group", "0", "--log-level", "warning"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> float:
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd)
-        while True:
-            try:
-                if self.call("status")["ready"]:
-                    return time.perf_counter() - t0
-            except AgentError:
-                time.sleep(0.05)
-            if self.proc.poll() is not None:
-                raise SystemExit("the agent exited")
-
-    def call(self, op: str, **args: Any) -> Any:
-        with AgentClient(self.socket, timeout=600) as c:
-            return c.call(op, **args)
-
-    def rss_mb(self) -> float:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait()
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
-
-
-def measure(agent: Agent, n: int, big: bool) -> dict[str, list[float]]:
+def measure(agent: AgentProcess, n: int, big: bool) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"relabel endpoint": [], "add endpoint": [],
                                    "change policy": []}
     pod = {"apiVersion": "v1", "kind": "Pod",
@@ -115,7 +69,7 @@ def main() -> None:
         for big in (False, True):
             d = tmp / ("big" if big else "small")
             d.mkdir()
-            agent = Agent(d, host)
+            agent = AgentProcess(d, host)
             agent.start()
             try:
                 size = "empty"
@@ -143,10 +97,7 @@ def main() -> None:
     finally:
         remove_netns(host)
         shutil.rmtree(tmp, ignore_errors=True)
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure'.ljust(width)}  {'value':>9}  notes")
-    for name, v, note in rows:
-        print(f"{name.ljust(width)}  {v:>9}  {note}")
+    print_table(("measure", "value", "notes"), rows)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from common import AgentProcess, pct
 from stockade.agent.client import AgentClient
-from stockade.errors import AgentError
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
@@ -55,52 +55,6 @@ SELECTING = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
              "spec": {"podSelector": {"matchLabels": {"app": "app7"}},
                       "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": "web"}}}],
                                    "ports": [{"port": 8080}]}]}}
-
-# An agent serving the cni.* operations whether or not the daemon registers them yet.
-BOOT = """
-import sys
-from stockade.agent import daemon, protocol
-from stockade.agent.cni_ops import OPS, CniOps
-protocol.OPS = tuple(dict.fromkeys((*protocol.OPS, *OPS)))
-_start = daemon.Agent.start
-def start(self):
-    if not any(isinstance(e, CniOps) for e in self.extensions):
-        self.extensions.append(CniOps())
-    _start(self)
-daemon.Agent.start = start
-from stockade.cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-class Agent:
-    def __init__(self, tmp: Path, netns: str) -> None:
-        self.socket = str(tmp / "agent.sock")
-        self.cmd = [sys.executable, "-c", BOOT, "agent", "--netns", netns,
-                    "--state-dir", str(tmp / "state"), "--socket", self.socket,
-                    "--log-group", "0", "--log-level", "warning", "--bridge-prefix", "bc"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd)
-        while True:
-            try:
-                if self.call("status")["ready"]:
-                    return
-            except AgentError:
-                time.sleep(0.05)
-            if self.proc.poll() is not None:
-                raise SystemExit("the agent exited")
-
-    def call(self, op: str, **args: Any) -> Any:
-        with AgentClient(self.socket, timeout=600) as c:
-            return c.call(op, **args)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait()
-
 
 def plugin(exe: str, command: str, conf: dict[str, Any], host: str, cid: str, netns: str,
            args: str = "") -> tuple[float, dict[str, Any] | None]:
@@ -117,13 +71,8 @@ def plugin(exe: str, command: str, conf: dict[str, Any], host: str, cid: str, ne
     return elapsed, json.loads(text) if text else None
 
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
-
-
 class Bench:
-    def __init__(self, tag: str, tmp: Path, host: str, agent: Agent) -> None:
+    def __init__(self, tag: str, tmp: Path, host: str, agent: AgentProcess) -> None:
         self.tag, self.tmp, self.host, self.agent = tag, tmp, host, agent
         self.seq = 0
         self.checked = False
@@ -267,7 +216,7 @@ def main() -> None:
         for big in (False, True):
             d = tmp / ("big" if big else "empty")
             d.mkdir()
-            agent = Agent(d, host)
+            agent = AgentProcess(d, host, "--bridge-prefix", "bc")
             agent.start()
             try:
                 size = "1 policy"

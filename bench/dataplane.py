@@ -16,9 +16,9 @@ import argparse
 import secrets
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
+from common import print_table, timed
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
 from stockade.dataplane.nfnetlink import ElementChange
@@ -58,12 +58,6 @@ else:
         c.sendall(buf); n += len(buf)
     c.close(); print(n / secs / 1e6)
 """
-
-
-def timed(fn):  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def measure(netns: str, addr: str, mode: str, secs: float) -> float:
@@ -177,10 +171,7 @@ def main() -> None:
         plumber.teardown()
         remove_netns(host)
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure'.ljust(width)}  {'value':>9}  notes")
-    for name, v, note in rows:
-        print(f"{name.ljust(width)}  {v:>9}  {note}")
+    print_table(("measure", "value", "notes"), rows)
 
 
 if __name__ == "__main__":

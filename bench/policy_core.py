@@ -9,21 +9,13 @@ Prints a table. The variants compared side by side in one run:
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
-from typing import Any
 
+from common import print_table, timed
 from stockade.compile.lower import Lowering
 from stockade.engine.evaluate import Evaluator
 from stockade.engine.reach import reachability
 from stockade.engine.resolve import resolve
 from synthetic import make_cluster
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -65,10 +57,7 @@ def main() -> None:
                  f"scaled from {len(sample)} rows; ratio "
                  f"{t_naive_full / (t_fast + t_rows):.1f}x; {mismatches} disagreements"))
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure'.ljust(width)}  {'time':>9}  notes")
-    for name, t, note in rows:
-        print(f"{name.ljust(width)}  {t:>9}  {note}")
+    print_table(("measure", "time", "notes"), rows)
 
 
 if __name__ == "__main__":

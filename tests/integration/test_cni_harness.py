@@ -35,27 +35,10 @@ from .agent_harness import AgentProcess
 PLUGIN = str(Path(sys.executable).parent / "stockade-cni")
 REFERENCE = "/usr/lib/cni"
 
-# Registers the extension unless the daemon already does (then this is a no-op).
-BOOT = """
-import sys
-from stockade.agent import daemon, protocol
-from stockade.agent.cni_ops import OPS, CniOps
-protocol.OPS = tuple(dict.fromkeys((*protocol.OPS, *OPS)))
-_start = daemon.Agent.start
-def start(self):
-    if not any(isinstance(e, CniOps) for e in self.extensions):
-        self.extensions.append(CniOps())
-    _start(self)
-daemon.Agent.start = start
-from stockade.cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def cni_agent(tmp: Path, host_netns: str | None, prefix: str, *extra: str) -> AgentProcess:
-    """An agent (not started) serving the ``cni.*`` operations."""
+    """An agent (not started); the daemon serves the ``cni.*`` operations."""
     agent = AgentProcess(tmp, host_netns or "unused", prefix)
-    cmd = [sys.executable, "-c", BOOT, *agent.cmd[3:]]
+    cmd = list(agent.cmd)
     if host_netns is None:  # enforce in our own namespace (podman's bridge is there)
         i = cmd.index("--netns")
         del cmd[i:i + 2]

@@ -1,0 +1,77 @@
+"""What the benchmarks share: timing, percentiles, a table, an agent process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stockade.agent.client import AgentClient
+from stockade.errors import AgentError
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligned first column, the others right-aligned but the last (notes)."""
+    table = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        cells = [r[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(r[1:-1], widths[1:-1], strict=True)]
+        cells.append(r[-1])
+        print("  ".join(cells).rstrip())
+
+
+class AgentProcess:
+    """`stockade agent` in a network namespace, with its own state and socket."""
+
+    def __init__(self, tmp: Path, netns: str, *extra: str) -> None:
+        self.socket = str(tmp / "agent.sock")
+        self.cmd = [sys.executable, "-m", "stockade.cli.main", "agent", "--netns", netns,
+                    "--state-dir", str(tmp / "state"), "--socket", self.socket,
+                    "--log-group", "0", "--log-level", "warning", *extra]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start it; the seconds until it reports ready."""
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd)
+        while True:
+            try:
+                if self.call("status")["ready"]:
+                    return time.perf_counter() - t0
+            except AgentError:
+                time.sleep(0.05)
+            if self.proc.poll() is not None:
+                raise SystemExit("the agent exited")
+
+    def call(self, op: str, **args: Any) -> Any:
+        with AgentClient(self.socket, timeout=600) as c:
+            return c.call(op, **args)
+
+    def rss_mb(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
