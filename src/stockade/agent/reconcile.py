@@ -28,7 +28,7 @@ from stockade.agent.records import (
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
 from stockade.compile.plan import Plan
-from stockade.dataplane.base import Datapath
+from stockade.dataplane.base import Datapath, KernelSnapshot
 from stockade.errors import StockadeError
 from stockade.model.cluster import Cluster
 
@@ -97,14 +97,27 @@ class Reconciler:
     # ---- the run --------------------------------------------------------------------------
 
     def run(self, periodic: bool) -> None:
-        """One reconciliation; a periodic one reads the kernel back (adopt, repair drift)."""
+        """One reconciliation; a periodic one reads the kernel back (adopt, repair drift).
+
+        The read-back is slow at scale, so it happens before taking the apply
+        lock: changes keep reaching the kernel meanwhile. If one did, the
+        snapshot is stale and the apply reads the kernel again under the lock.
+        """
+        snapshot: bool | KernelSnapshot = False
+        if periodic:
+            with self._lock:
+                known = self.compiler.ruleset().chains
+            try:
+                snapshot = self.datapath.snapshot(known)
+            except StockadeError:
+                snapshot = True
         with self._apply_lock:
             with self._lock:
                 desired = self.compiler.ruleset()
                 revision = self.desired_revision
             started = time.monotonic()
             try:
-                delta = self.datapath.apply(desired, verify=periodic)
+                delta = self.datapath.apply(desired, verify=snapshot)
             except StockadeError as exc:
                 self.failures += 1
                 log.error("apply failed, the previous ruleset stays in force: %s", exc)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from stockade.compile.ir import Ruleset
+from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.plan import Plan
+
+
+@dataclass(frozen=True)
+class KernelSnapshot:
+    """The kernel as read back, and how many transactions had been made before."""
+
+    generation: int
+    table: Any
 
 
 class Datapath(Protocol):
@@ -19,11 +29,16 @@ class Datapath(Protocol):
     def read(self) -> Ruleset:
         """What the kernel enforces now (empty when stockade has programmed nothing)."""
 
-    def apply(self, desired: Ruleset, *, verify: bool = False) -> Plan:
+    def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
+        """Read the kernel back (slow at scale) without holding up applies."""
+
+    def apply(self, desired: Ruleset, *, verify: bool | KernelSnapshot = False) -> Plan:
         """Make the kernel enforce `desired` in one atomic transaction; return the delta.
 
         The delta is taken against the previous apply, or against the kernel as
         read back when `verify` is set (drift repair) or nothing was applied yet.
+        A snapshot taken before is used if no transaction came in between;
+        otherwise the kernel is read again.
         """
 
     def diff(self, desired: Ruleset) -> Plan:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from stockade.compile.ir import NET, Ruleset
+from stockade.compile.ir import NET, Chain, Ruleset
 from stockade.compile.nft import (
     FAMILY,
     FORWARD,
@@ -24,6 +25,7 @@ from stockade.compile.nft import (
     render_plan,
 )
 from stockade.compile.plan import Plan, plan
+from stockade.dataplane.base import KernelSnapshot
 from stockade.dataplane.nfnetlink import ElementChange, ElementWriter
 from stockade.errors import DataplaneError
 from stockade.net.namespace import entered
@@ -61,12 +63,12 @@ class NftDatapath:
         self._nft.set_handle_output(False)
         self._nft.set_numeric_proto_output(False)
         self._nft.set_service_output(False)
-        self._expected: dict[str, Any] = {}
         # What the last successful transaction left in the kernel; None until the
         # kernel has been read once (a restart adopts what it finds there).
         self._applied: Ruleset | None = None
         # What a verifying apply found changed behind our back (not pending changes).
         self.last_drift: Plan | None = None
+        self._generation = 0  # successful transactions so far
 
     # ---- talking to the kernel --------------------------------------------------------
 
@@ -127,30 +129,39 @@ class NftDatapath:
                 if path.read_text().strip() != "1":
                     path.write_text("1\n")
 
-    def read_table(self) -> KernelTable | None:
+    def read_table(self, expected: Mapping[str, Chain] | None = None) -> KernelTable | None:
+        """The table as the kernel holds it; chains are recognised among `expected`."""
+        if expected is None:
+            expected = self._applied.chains if self._applied is not None else {}
         rc, out, err = self._text(f"list table {FAMILY} {self.table.name}")
         if rc != 0:
             if "No such file" in err or "does not exist" in err:
                 return None
             raise DataplaneError("cannot read the table", command="nft list table",
                                  stderr=err)
-        return parse_kernel(json.loads(out), self.table, self._expected)
+        return parse_kernel(json.loads(out), self.table, expected)
 
     def read(self) -> Ruleset:
         kt = self.read_table()
         return kt.ruleset if kt is not None else Ruleset()
 
     def _delta(self, desired: Ruleset) -> tuple[Plan, KernelTable | None]:
-        self._expected = dict(desired.chains)
-        kt = self.read_table()
+        known = dict(self._applied.chains) if self._applied is not None else {}
+        kt = self.read_table({**known, **desired.chains})
         current = kt.ruleset if kt is not None else Ruleset()
         return plan(current, canonical(desired)), kt
+
+    def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
+        """The kernel read back; chains are recognised among the last applied and `known`."""
+        generation, applied = self._generation, self._applied
+        chains = {**(applied.chains if applied is not None else {}), **(known or {})}
+        return KernelSnapshot(generation, self.read_table(chains))
 
     def diff(self, desired: Ruleset) -> Plan:
         delta, _ = self._delta(desired)
         return delta
 
-    def apply(self, desired: Ruleset, *, verify: bool = False) -> Plan:
+    def apply(self, desired: Ruleset, *, verify: bool | KernelSnapshot = False) -> Plan:
         """One transaction: the kernel holds either the old or the new ruleset.
 
         The delta is taken against what the previous apply left, without reading
@@ -159,17 +170,24 @@ class NftDatapath:
         """
         target = canonical(desired)
         self.last_drift = None
-        if verify or self._applied is None:
-            delta, kt = self._delta(desired)
+        snap = verify if isinstance(verify, KernelSnapshot) else None
+        if snap is not None and snap.generation != self._generation:
+            snap = None  # a transaction came in between: read again
+        if snap is None and (verify or self._applied is None):
+            snap = self.snapshot(desired.chains)
+        if snap is not None:
+            kt: KernelTable | None = snap.table
+            current = kt.ruleset if kt is not None else Ruleset()
+            delta = plan(current, target)
             repair = kt is None or not kt.skeleton_ok
             if self._applied is not None:
                 # Drift is the kernel against what we last left there, not against
                 # what we are about to apply.
-                current = kt.ruleset if kt is not None else Ruleset()
                 drift = plan(current, self._applied)
                 if repair or not drift.empty:
                     self.last_drift = drift
         else:
+            assert self._applied is not None
             delta, kt, repair = plan(self._applied, target), None, False
         if delta.empty and not repair:
             self._applied = target
@@ -182,6 +200,7 @@ class NftDatapath:
                 self._applied = None
                 raise
             self._applied = target
+            self._generation += 1
             return delta
         cmds = render_plan(self.table, delta, skeleton=repair)
         if kt is not None and repair:
@@ -194,6 +213,7 @@ class NftDatapath:
             self._applied = None
             raise
         self._applied = target
+        self._generation += 1
         return delta
 
     def skeleton_intact(self) -> bool:
@@ -211,6 +231,7 @@ class NftDatapath:
 
     def remove(self) -> None:
         self._applied = None
+        self._generation += 1
         rc, _, err = self._text(f"delete table {FAMILY} {self.table.name}")
         if rc != 0 and "No such file" not in err:
             raise DataplaneError("cannot remove the table", command="nft delete table",
