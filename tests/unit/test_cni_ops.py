@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +20,7 @@ from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import ADDR, AddressSet, Chain, Ruleset
 from stockade.compile.nft import canonical
 from stockade.compile.plan import Plan, plan
+from stockade.dataplane.base import KernelSnapshot
 from stockade.model.cluster import Endpoint
 from stockade.model.labels import Labels
 from stockade.net.ipam import Ipam
@@ -37,7 +38,10 @@ class MemoryDatapath:
     def read(self) -> Ruleset:
         return self.kernel
 
-    def apply(self, desired: Ruleset, *, verify: bool = False) -> Plan:
+    def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
+        return KernelSnapshot(0, self.kernel)
+
+    def apply(self, desired: Ruleset, *, verify: bool | KernelSnapshot = False) -> Plan:
         delta = plan(self.kernel, canonical(desired))
         self.kernel = canonical(desired)
         return delta
