@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from stockade.engine.index import ClusterIndex
 from stockade.model.cluster import Cluster
-from stockade.model.policy import DIRECTIONS, EGRESS, INGRESS, NetworkPolicy, Peer, Rule
+from stockade.model.policy import DIRECTIONS, EGRESS, INGRESS, NetworkPolicy, Rule
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,6 @@ class PolicySet:
         return [(p, i, r) for p in self.policies for i, r in enumerate(p.rules(self.direction))]
 
 
-@dataclass(frozen=True)
-class ResolvedPeer:
-    """A peer with its members: identities for selectors, the block for ipBlock."""
-
-    peer: Peer | None  # None: the rule has no peers and admits everyone
-    identities: frozenset[int] = frozenset()
-
-
 @dataclass
 class Resolution:
     index: ClusterIndex
@@ -50,12 +42,6 @@ class Resolution:
 
     def policy_sets(self, direction: str) -> set[PolicySet]:
         return set(self.isolated[direction].values())
-
-    def peers(self, policy: NetworkPolicy, rule: Rule) -> list[ResolvedPeer]:
-        if not rule.peers:
-            return [ResolvedPeer(None)]
-        return [ResolvedPeer(p, self.index.peer_identities(policy.namespace, p))
-                for p in rule.peers]
 
 
 def resolve(cluster: Cluster, index: ClusterIndex | None = None) -> Resolution:
