@@ -1,10 +1,10 @@
-"""Resolution: which policies isolate each identity, and whom their rules admit.
+"""Resolution: which policies isolate each identity.
 
 This is the shared first half of every bulk computation (the matrix, the
 compiled ruleset, the benchmark): per identity (namespace + labels) the set of
 policies selecting it in each direction; identities with the same set share one
-`PolicySet`, and each peer of each rule is resolved once to the identities it
-stands for.
+`PolicySet`. Peers are resolved to identities through the label index
+(`ClusterIndex.peer_identities`), once per peer.
 """
 
 from __future__ import annotations
