@@ -34,6 +34,7 @@ enforces the change (or fail with code "timeout").
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,77 @@ class ApiError(AgentError):
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "lines": self.lines}
+
+
+class Args:
+    """A request's arguments read with their types: a wrong type is the client's error.
+
+    Every operation reads its arguments through this, so `{"sync": "no"}` or
+    `{"name": 5}` answers `bad_request` naming the argument, never `internal`.
+    """
+
+    def __init__(self, raw: Mapping[str, Any], op: str = "") -> None:
+        self.raw = raw
+        self.op = op
+
+    def _bad(self, key: str, want: str) -> ApiError:
+        where = f"{self.op}: " if self.op else ""
+        return ApiError(BAD_REQUEST, f"{where}args.{key} must be {want}")
+
+    def _get(self, key: str, types: type | tuple[type, ...], want: str) -> Any:
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        # bool is an int in Python; a JSON true is never a number here.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in (
+                types if isinstance(types, tuple) else (types,))):
+            raise self._bad(key, want)
+        return value
+
+    def str(self, key: str, default: str = "") -> str:
+        value = self._get(key, str, "a string")
+        return default if value is None else str(value)
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        value = self._get(key, bool, "true or false")
+        return default if value is None else bool(value)
+
+    def int(self, key: str, default: int = 0, *, lo: int = 0, hi: int = 2**31 - 1) -> int:
+        value = self._get(key, int, "an integer")
+        if value is None:
+            return default
+        if not lo <= value <= hi:
+            raise self._bad(key, f"an integer from {lo} to {hi}")
+        return int(value)
+
+    def float(self, key: str, default: float = 0.0, *, lo: float = 0.0,
+              hi: float = 86400.0) -> float:
+        value = self._get(key, (int, float), "a number")
+        if value is None:
+            return default
+        if not lo <= value <= hi:
+            raise self._bad(key, f"a number from {lo:g} to {hi:g}")
+        return float(value)
+
+    def list(self, key: str) -> list[Any]:
+        value = self._get(key, list, "a list")
+        return [] if value is None else list(value)
+
+    def dict(self, key: str) -> dict[str, Any]:
+        value = self._get(key, dict, "an object")
+        return {} if value is None else dict(value)
+
+    def str_list(self, key: str) -> list[str]:
+        items = self.list(key)
+        if not all(isinstance(x, str) for x in items):
+            raise self._bad(key, "a list of strings")
+        return items
+
+    def str_map(self, key: str) -> dict[str, str]:
+        items = self.dict(key)
+        if not all(isinstance(v, str) for v in items.values()):
+            raise self._bad(key, "an object of strings")
+        return items
 
 
 def decode_request(line: bytes) -> Request:
