@@ -39,6 +39,10 @@ class InputError(StockadeError):
         parts = [p for p in (self.source, self.obj) if p]
         return ": ".join([*parts, self.message])
 
+    def lines(self) -> list[str]:
+        """One line per problem, each naming the file and the object."""
+        return [self.render()]
+
 
 class DecodeError(InputError):
     """A document that cannot be decoded into an object (unknown field, wrong type)."""
@@ -62,12 +66,13 @@ class ValidationError(InputError):
 
 
 class InvalidObjects(InputError):
-    """Several objects failed validation; nothing of the set may be applied."""
+    """Several objects failed decoding or validation; nothing of the set may be applied."""
 
-    def __init__(self, errors: Sequence[ValidationError]) -> None:
+    def __init__(self, errors: Sequence[InputError]) -> None:
         self.errors = tuple(errors)
-        count = sum(len(e.errors) for e in self.errors)
-        super().__init__(f"{count} validation error(s) in {len(self.errors)} object(s)")
+        count = sum(len(e.lines()) for e in self.errors)
+        super().__init__(f"{count} error(s) in {len(self.errors)} object(s); "
+                         "nothing was applied")
 
     def lines(self) -> list[str]:
         return [line for e in self.errors for line in e.lines()]

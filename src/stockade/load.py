@@ -6,10 +6,10 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from stockade.errors import InputError, InvalidObjects, ValidationError
+from stockade.errors import InputError, InvalidObjects
+from stockade.model.admit import admit_objects
 from stockade.model.cluster import Cluster
 from stockade.model.parse import Objects, parse_objects
-from stockade.model.validate import validate_policy
 
 
 def read_text(path: str) -> str:
@@ -46,21 +46,20 @@ def load_objects(paths: Iterable[str]) -> Objects:
     return objects
 
 
-def validate_objects(objects: Objects, *, strict_cidr: bool = False) -> None:
-    """Raise one error listing every invalid policy, so nothing of the set is applied."""
-    bad = []
-    for policy in objects.policies:
-        errors = validate_policy(policy, strict_cidr=strict_cidr)
-        if errors:
-            name = policy.name or policy.generate_name
-            bad.append(ValidationError(errors, source=policy.source.render(),
-                                       obj=f"NetworkPolicy {policy.namespace}/{name}"))
+def validate_objects(objects: Objects, *, strict_cidr: bool = False,
+                     duplicates: bool = False) -> None:
+    """Raise one error listing every invalid object, so nothing of the set is applied.
+
+    `duplicates`: a key given twice is an error too (a set to enforce).
+    """
+    bad = admit_objects(objects.policies, objects.namespaces, objects.endpoints,
+                        strict_cidr=strict_cidr, duplicates=duplicates)
     if bad:
         raise InvalidObjects(bad)
 
 
 def load_cluster(paths: Iterable[str], *, strict_cidr: bool = False) -> Cluster:
-    """The cluster the files describe, every policy in it valid."""
+    """The cluster the files describe to enforce: every object valid, none twice."""
     objects = load_objects(paths)
-    validate_objects(objects, strict_cidr=strict_cidr)
+    validate_objects(objects, strict_cidr=strict_cidr, duplicates=True)
     return objects.cluster()

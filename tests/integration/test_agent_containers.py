@@ -62,8 +62,8 @@ def test_run_request_lists_every_problem() -> None:
                                {"name": "http", "port": 80}], "command": []})
     assert err.value.code == INVALID
     text = "\n".join(err.value.lines)
-    for where in ("namespace:", "name:", "labels", "ports[0].port", "ports[1].name: duplicate",
-                  "command:"):
+    for where in ("metadata.namespace:", "metadata.name:", "metadata.labels",
+                  "ports[0].containerPort", "ports[1].name: Duplicate value", "command:"):
         assert where in text
     ok = run_request({"name": "web", "labels": {"app": "web"}, "command": ["/bin/true"],
                       "ports": [{"name": "http", "port": 80, "protocol": "tcp"}],

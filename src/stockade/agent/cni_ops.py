@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from stockade.agent.protocol import BAD_REQUEST, INVALID, TIMEOUT, UNAVAILABLE, ApiError
+from stockade.agent.protocol import BAD_REQUEST, INVALID, UNAVAILABLE, ApiError, Args
 from stockade.agent.reconcile import ApplyReport
 from stockade.agent.records import (
     OWNER_CNI,
@@ -54,17 +55,17 @@ from stockade.agent.records import (
     DeleteEndpoint,
     EndpointRecord,
     PutEndpoint,
+    decode_labels,
+    decode_ports,
 )
-from stockade.agent.service import SYNC_TIMEOUT, Service
+from stockade.agent.service import Service, wait_enforced
 from stockade.cni.spec import attachment_id, ipam_owner
 from stockade.compile.ir import ADDR_PORT, Ruleset
 from stockade.compile.nft import canonical
-from stockade.errors import NetError
-from stockade.model.cidr import parse_ip
+from stockade.errors import DecodeError, NetError
+from stockade.model.admit import validate_endpoint
 from stockade.model.cluster import ContainerPort, Endpoint
 from stockade.model.labels import Labels
-from stockade.model.names import is_dns1123_label
-from stockade.model.validate import validate_labels
 
 log = logging.getLogger("stockade.cni")
 
@@ -110,32 +111,31 @@ def _ident(args: Mapping[str, Any]) -> tuple[str, str, str]:
 def _labels(value: Any) -> Labels | None:
     if value is None:
         return None
-    if not isinstance(value, Mapping):
-        raise ApiError(BAD_REQUEST, "labels must be an object")
-    return Labels({str(k): str(v) for k, v in value.items()})
+    try:
+        return decode_labels(value, "labels")
+    except DecodeError as exc:
+        raise ApiError(BAD_REQUEST, f"cni.add: args.{exc.message}") from None
 
 
 def _ports(value: Any) -> tuple[ContainerPort, ...] | None:
     if value is None:
         return None
     try:
-        return tuple(ContainerPort(int(p["port"]), str(p.get("protocol", "TCP")),
-                                   str(p.get("name", ""))) for p in value)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ApiError(BAD_REQUEST, f"bad ports: {exc}") from None
+        return decode_ports(value, "ports")
+    except DecodeError as exc:
+        raise ApiError(BAD_REQUEST, f"cni.add: args.endpoint.{exc.message}") from None
 
 
-def endpoint_problems(ep: Endpoint) -> list[str]:
-    """What ``endpoint.add`` would refuse, said the same way."""
-    problems = [f"ips: {ip!r} is not an IP address" for ip in ep.ips if parse_ip(ip) is None]
-    if not ep.ips:
-        problems.append("ips: at least one address is required")
-    problems += [f"namespace: {ep.namespace!r}: {msg}"
-                 for msg in is_dns1123_label(ep.namespace)]
-    if not ep.name:
-        problems.append("name: a name is required")
-    problems += [e.render() for e in validate_labels(ep.labels, "labels")]
-    return problems
+def _spec_str(spec: Mapping[str, Any], key: str) -> str:
+    value = spec.get(key, "")
+    if not isinstance(value, str):
+        raise ApiError(BAD_REQUEST, f"cni.add: args.endpoint.{key} must be a string")
+    return value
+
+
+def _alive(netns: str) -> bool:
+    """Whether an attachment's network namespace still exists (its veth with it)."""
+    return bool(netns) and os.path.exists(netns)
 
 
 def _norm(ip: str) -> str:
@@ -218,9 +218,7 @@ class CniOps:
         return {META: {"attachments": {k: a.to_dict() for k, a in sorted(registry.items())}}}
 
     def _wait(self, revision: int) -> None:
-        if not self._svc().reconciler.wait_for(revision, SYNC_TIMEOUT):
-            raise ApiError(TIMEOUT, f"revision {revision} is stored but not enforced after "
-                                    f"{SYNC_TIMEOUT:.0f}s; see `stockade status`")
+        wait_enforced(self._svc().reconciler, revision)
 
     # ---- ADD -----------------------------------------------------------------------------
 
@@ -230,7 +228,8 @@ class CniOps:
         if not isinstance(spec, Mapping):
             raise ApiError(BAD_REQUEST, "endpoint must be an object")
         labels = _labels(args.get("labels"))
-        allocate = bool(args.get("allocate", False))
+        a = Args(args, "cni.add")
+        allocate, sync = a.flag("allocate", False), a.flag("sync", True)
         svc = self._svc()
         with svc.lock:
             known = self.attachments.get(attachment_id(network, cid, ifname))
@@ -254,7 +253,7 @@ class CniOps:
                 raise
             self.attachments = registry
             self._revisions[att.id] = revision
-        if args.get("sync", True):
+        if sync:
             self._wait(revision)
         out: dict[str, Any] = {"revision": revision, "key": rec.key,
                                "labels": dict(rec.endpoint.labels), "inherited": inherited}
@@ -280,36 +279,52 @@ class CniOps:
                 address: str) -> tuple[EndpointRecord, bool]:
         """The endpoint to store; labels and ports inherited when none are given."""
         svc = self._svc()
-        namespace, name = str(spec.get("namespace", "")), str(spec.get("name", ""))
+        namespace, name = _spec_str(spec, "namespace"), _spec_str(spec, "name")
+        netns = _spec_str(spec, "netns")
         existing = svc.state.endpoints.get(f"{namespace}/{name}")
         if existing is not None and existing.owner == OWNER_RUN:
             raise ApiError(INVALID, f"endpoint {namespace}/{name} is managed by `stockade "
                                     "run`; a container of that name already runs")
+        if (existing is not None and existing.owner == OWNER_CNI
+                and (existing.container_id, existing.interface) != (cid, ifname)
+                and _alive(existing.netns)):
+            # Replacing the record would leave the first container's interface and
+            # address up with nothing enforcing its policy.
+            raise ApiError(INVALID, f"endpoint {namespace}/{name} is already attached to "
+                                    f"container {existing.container_id} ({existing.interface}, "
+                                    f"{', '.join(existing.endpoint.ips)}), whose network "
+                                    f"namespace {existing.netns} still exists; container "
+                                    f"{cid} ({ifname}) cannot take the name until that one "
+                                    "is deleted (CNI DEL)")
         inherited = labels is None and existing is not None
         if labels is None:
             labels = existing.endpoint.labels if existing is not None else Labels({})
         ports = _ports(spec.get("ports"))
         if ports is None:
             ports = existing.endpoint.ports if existing is not None else ()
-        ips = (address.split("/")[0],) if address else tuple(
-            str(ip) for ip in spec.get("ips") or ())
+        raw_ips = spec.get("ips")
+        if raw_ips is not None and not (isinstance(raw_ips, list)
+                                        and all(isinstance(ip, str) for ip in raw_ips)):
+            raise ApiError(BAD_REQUEST, "cni.add: args.endpoint.ips must be a list of strings")
+        ips = (address.split("/")[0],) if address else tuple(raw_ips or ())
         ep = Endpoint(namespace, name, labels, ips, ports)
-        problems = endpoint_problems(ep)
+        problems = [f"endpoint {ep.key}: {e.render()}" for e in validate_endpoint(ep)]
         if problems:
             raise ApiError(INVALID, f"endpoint {ep.key} is invalid", problems)
-        return EndpointRecord(ep, str(spec.get("netns", "")), ifname,
-                              str(spec.get("hostInterface", "")), OWNER_CNI, cid,
+        return EndpointRecord(ep, netns, ifname,
+                              _spec_str(spec, "hostInterface"), OWNER_CNI, cid,
                               created=time.time()), inherited
 
     # ---- DEL and GC ----------------------------------------------------------------------
 
     def op_del(self, args: dict[str, Any]) -> dict[str, Any]:
         network, cid, ifname = _ident(args)
+        sync = Args(args, "cni.del").flag("sync", True)
         aid = attachment_id(network, cid, ifname)
         with self._svc().lock:
             att = self.attachments.get(aid) or self._orphan(network, cid, ifname)
             revision, removed, released = self._detach([att])
-        if args.get("sync", True) and removed:
+        if sync and removed:
             self._wait(revision)
         return {"removed": bool(removed), "released": released[0] if released else None,
                 "revision": revision}
@@ -319,6 +334,7 @@ class CniOps:
         valid_raw = args.get("valid")
         if not isinstance(network, str) or not network or not isinstance(valid_raw, list):
             raise ApiError(BAD_REQUEST, "network and valid (a list) are required")
+        sync = Args(args, "cni.gc").flag("sync", True)
         valid = {(str(v.get("containerID", "")), str(v.get("ifname", "")))
                  for v in valid_raw if isinstance(v, Mapping)}
         any_ifname = {cid for cid, ifname in valid if not ifname}
@@ -329,7 +345,7 @@ class CniOps:
             revision, removed, released = self._detach(stale)
             claimed = sorted({r.host_interface for r in self._svc().state.endpoints.values()
                               if r.host_interface})
-        if args.get("sync", True) and removed:
+        if sync and removed:
             self._wait(revision)
         if stale:
             log.info("cni gc", extra={"fields": {"network": network, "removed": len(stale)}})
@@ -438,6 +454,6 @@ class CniOps:
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         reconciler = self._svc().reconciler
         last = reconciler.last
-        return {"ready": reconciler.applied_revision >= 0, "inSync": reconciler.in_sync,
+        return {"ready": reconciler.healthy, "inSync": reconciler.in_sync,
                 "error": (last.error if last is not None else "") or "",
                 "attachments": len(self.attachments)}

@@ -60,26 +60,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stockade.agent.protocol import BAD_REQUEST, INVALID, NOT_FOUND, UNAVAILABLE, ApiError
+from stockade.agent.protocol import BAD_REQUEST, INVALID, NOT_FOUND, UNAVAILABLE, ApiError, Args
 from stockade.agent.records import (
     OWNER_RUN,
     Change,
     DeleteEndpoint,
     EndpointRecord,
     PutEndpoint,
+    decode_ports,
 )
 from stockade.agent.service import SYNC_TIMEOUT, Service, ipam_allocate, ipam_release
-from stockade.errors import AgentError, NetError
+from stockade.errors import AgentError, DecodeError, NetError
+from stockade.model.admit import validate_endpoint
 from stockade.model.cluster import ContainerPort, Endpoint
 from stockade.model.labels import Labels
-from stockade.model.names import (
-    is_dns1123_label,
-    is_dns1123_subdomain,
-    is_valid_port_name,
-    is_valid_port_num,
-)
 from stockade.model.policy import PROTOCOLS
-from stockade.model.validate import validate_labels
 from stockade.net.namespace import entered
 from stockade.net.plumber import Attachment, EndpointSpec, Plumber
 
@@ -132,30 +127,12 @@ def parse_port_spec(text: str) -> ContainerPort:
     return ContainerPort(int(number), protocol, name)
 
 
-def port_problems(ports: tuple[ContainerPort, ...]) -> list[str]:
-    """What the API server would say about a pod's container ports."""
-    out: list[str] = []
-    names: set[str] = set()
-    for i, p in enumerate(ports):
-        out += [f"ports[{i}].port: {m}" for m in is_valid_port_num(p.port)]
-        if p.protocol not in PROTOCOLS:
-            out.append(f"ports[{i}].protocol: {p.protocol!r} is not TCP, UDP or SCTP")
-        if p.name:
-            out += [f"ports[{i}].name: {m}" for m in is_valid_port_name(p.name)]
-            if p.name in names:
-                out.append(f"ports[{i}].name: duplicate name {p.name!r}")
-            names.add(p.name)
-    return out
-
-
 def _ports(raw: Any) -> tuple[ContainerPort, ...]:
-    if not isinstance(raw, list):
-        raise ApiError(INVALID, "ports must be a list")
     try:
-        return tuple(ContainerPort(int(p["port"]), str(p.get("protocol", "TCP")).upper(),
-                                   str(p.get("name", ""))) for p in raw)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ApiError(INVALID, f"bad port: {exc}") from None
+        ports = decode_ports(raw, "ports")
+    except DecodeError as exc:
+        raise ApiError(BAD_REQUEST, f"run: args.{exc.message}") from None
+    return tuple(replace(p, protocol=p.protocol.upper()) for p in ports)
 
 
 def _strings(raw: Any, what: str) -> tuple[str, ...]:
@@ -178,18 +155,16 @@ def _env(raw: Any) -> tuple[tuple[str, str], ...]:
 
 def run_request(args: Mapping[str, Any]) -> RunRequest:
     """Decode and validate `run` arguments: every problem at once, or a RunRequest."""
-    ns, name = str(args.get("namespace") or "default"), str(args.get("name") or "")
-    raw_labels = args.get("labels") or {}
-    if not isinstance(raw_labels, dict):
-        raise ApiError(INVALID, "labels must be an object")
-    labels = {str(k): str(v) for k, v in raw_labels.items()}
-    ports = _ports(args.get("ports") or [])
+    a = Args(args, "run")
+    ns, name = a.text("namespace") or "default", a.text("name")
+    labels = a.text_map("labels")
+    ports = _ports(args.get("ports"))
     command = _strings(args.get("command") or [], "command")
     cwd = args.get("cwd")
-    problems = [f"namespace: {m}" for m in is_dns1123_label(ns)]
-    problems += [f"name: {m}" for m in is_dns1123_subdomain(name)]
-    problems += [e.render() for e in validate_labels(labels, "labels")]
-    problems += port_problems(ports)
+    # The address comes from the pool later; everything else is checked as any Pod's.
+    problems = [e.render() for e in validate_endpoint(Endpoint(ns, name, Labels(labels), (),
+                                                               ports))
+                if not e.path.startswith("status.podIPs")]
     if not command:
         problems.append("command: give the command to run")
     if cwd is not None and not (isinstance(cwd, str) and os.path.isabs(cwd)

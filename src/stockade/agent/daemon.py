@@ -10,6 +10,7 @@ the kernel keeps enforcing the last ruleset.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,14 +21,17 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from stockade.agent.admission import enforceable, quarantine
 from stockade.agent.client import DEFAULT_SOCKET
 from stockade.agent.cni_ops import CniOps
 from stockade.agent.containers import ContainerManager
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
 from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
+from stockade.agent.records import AgentState
 from stockade.agent.runner import BoundedFrequencyRunner
 from stockade.agent.server import ApiServer
 from stockade.agent.service import Service
+from stockade.agent.snapshot import changes_to_restore, parse_snapshot
 from stockade.agent.store import Store
 from stockade.agent.visibility import Visibility
 from stockade.compile.incremental import IncrementalCompiler
@@ -36,7 +40,7 @@ from stockade.compile.nft import Table
 from stockade.compile.plan import Plan
 from stockade.dataplane.monitor import TableMonitor
 from stockade.dataplane.nft import NftDatapath
-from stockade.errors import AgentError
+from stockade.errors import AgentError, InputError
 from stockade.model.cluster import Cluster
 from stockade.net.ipam import Ipam
 
@@ -57,6 +61,10 @@ class AgentConfig:
     subnet: str = "10.244.0.0/16"
     bridge_prefix: str = "stk"
     strict_cidr: bool = False
+    # An empty store facing a kernel table that enforces something: refuse to
+    # start unless one of these says how to proceed (see `_guard_empty_store`).
+    restore_snapshot: str | None = None
+    accept_empty_store: bool = False
 
 
 class Agent:
@@ -87,8 +95,13 @@ class Agent:
         table = Table(cfg.table, log_group=cfg.log_group)
         datapath = NftDatapath(table, netns=cfg.netns)
         datapath.check()
+        state, revision = self._guard_empty_store(state, revision, datapath)
+        state.quarantined = quarantine(state, strict_cidr=cfg.strict_cidr)
+        for key, reasons in sorted(state.quarantined.items()):
+            log.error("endpoint held fail-closed: its stored state cannot be enforced",
+                      extra={"fields": {"endpoint": key, "reasons": "; ".join(reasons)}})
         started = time.monotonic()
-        compiler = IncrementalCompiler.of(state.cluster())
+        compiler = IncrementalCompiler.of(enforceable(state, state.quarantined))
         log.info("state compiled", extra={"fields": {
             "seconds": round(time.monotonic() - started, 3)}})
         self.reconciler = Reconciler(compiler, datapath, revision, Hooks(
@@ -117,7 +130,8 @@ class Agent:
         for ext in self.extensions:
             ext.start(self)
         if cfg.metrics_address:
-            self.metrics_server = MetricsServer(self.registry, cfg.metrics_address)
+            self.metrics_server = MetricsServer(self.registry, cfg.metrics_address,
+                                                health=self._healthy)
             self.metrics_server.start()
         self.api = ApiServer(cfg.socket, self.service.handle)
         self.api.start()
@@ -125,6 +139,53 @@ class Agent:
         log.info("ready", extra={"fields": {"socket": cfg.socket, "revision": revision,
                                             "table": f"inet {cfg.table}"}})
         notify_ready()
+
+    def _guard_empty_store(self, state: AgentState, revision: int,
+                           datapath: NftDatapath) -> tuple[AgentState, int]:
+        """Losing the store must never open enforcement.
+
+        An empty store (emptied, removed, or a mistyped --state-dir) facing a
+        table that enforces something would reconcile the kernel to nothing.
+        Refuse, unless told to restore a snapshot or to accept the empty state.
+        """
+        assert self.store is not None
+        cfg = self.config
+        if state.namespaces or state.endpoints or state.policies:
+            if cfg.restore_snapshot:
+                raise AgentError("--restore-snapshot is for an empty store; this one holds "
+                                 f"state (revision {revision}): use `stockade snapshot "
+                                 "restore` against the running agent instead")
+            return state, revision
+        kernel = datapath.read()
+        enforcing = bool(kernel.chains or kernel.ingress or kernel.egress)
+        if cfg.restore_snapshot:
+            target, meta = _read_snapshot(cfg.restore_snapshot, cfg.strict_cidr)
+            changes = changes_to_restore(state, target)
+            revision = self.store.commit(changes, {k: v for k, v in meta.items()
+                                                   if k == "ipam"} or None)
+            state, revision = self.store.load()
+            log.warning("store restored from a snapshot", extra={"fields": {
+                "file": cfg.restore_snapshot, "revision": revision,
+                "endpoints": len(state.endpoints), "policies": len(state.policies)}})
+            return state, revision
+        if not enforcing:
+            return state, revision
+        where = str(self.store.path)
+        if cfg.accept_empty_store:
+            log.warning("the store is empty and the kernel enforces a ruleset: replacing "
+                        "it by the empty state, as --accept-empty-store asks",
+                        extra={"fields": {"store": where, "table": f"inet {cfg.table}",
+                                          "chains": len(kernel.chains)}})
+            return state, revision
+        raise AgentError(
+            f"the store {where} is empty (revision {revision}), but table inet {cfg.table} "
+            f"in the kernel enforces {len(kernel.chains)} policy chain(s) for "
+            f"{len(set(kernel.ingress) | set(kernel.egress))} address(es); starting would "
+            "remove that enforcement, so the agent refuses. If --state-dir is mistyped, fix "
+            "it. Otherwise restore the state: `stockade agent --restore-snapshot FILE ...` "
+            "(a file from `stockade snapshot save`), or start with --accept-empty-store to "
+            "replace the kernel's rules by the empty state on purpose. Until then the "
+            "kernel keeps enforcing the table as it is.")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -154,7 +215,12 @@ class Agent:
     def _run(self, periodic: bool) -> None:
         verify = periodic or self._verify_next
         self._verify_next = False
-        self.reconciler.run(verify)
+        if not self.reconciler.run(verify):
+            # Read the kernel back on the retry: the failed transaction may have
+            # been refused for what is there now.
+            self._verify_next = True
+            if self.runner is not None:
+                self.runner.retry_in(self.reconciler.backoff())
 
     def _foreign_change(self) -> None:
         log.info("another process changed the table; checking it")
@@ -180,7 +246,13 @@ class Agent:
 
     def _cluster(self) -> Cluster:
         with self.service.lock:
-            return self.service.state.cluster()
+            state = self.service.state
+            return enforceable(state, state.quarantined)
+
+    def _healthy(self) -> bool:
+        runner = self.runner
+        alive = runner is not None and runner._thread is not None and runner._thread.is_alive()
+        return alive and self.reconciler.healthy
 
     def _drift(self, delta: Plan) -> None:
         self.metrics.drift_repairs.inc()
@@ -199,6 +271,19 @@ class Agent:
                             ("map_entries", counts["ingress_entries"]
                              + counts["egress_entries"])):
             self.metrics.datapath_objects.set(value, kind=kind)
+
+
+def _read_snapshot(path: str, strict_cidr: bool) -> tuple[AgentState, dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return parse_snapshot(data, strict_cidr=strict_cidr)
+    except OSError as exc:
+        raise AgentError(f"{path}: cannot read the snapshot: {exc}") from None
+    except ValueError as exc:
+        raise AgentError(f"{path}: not a JSON snapshot: {exc}") from None
+    except InputError as exc:
+        raise AgentError(f"{path}: not a valid snapshot: {exc}") from None
 
 
 def notify_ready() -> None:

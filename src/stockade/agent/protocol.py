@@ -34,6 +34,7 @@ enforces the change (or fail with code "timeout").
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ from stockade.errors import AgentError
 
 VERSION = 1
 MAX_LINE = 64 * 1024 * 1024  # snapshots of large hosts travel in one line
+MAX_DEPTH = 64  # nesting of a request's JSON; the deepest legitimate one is about 15
+MAX_INT = 2**63 - 1  # integers beyond 64 bits fit no field (and no SQLite column)
 
 # error codes
 INVALID = "invalid"  # the request's content is wrong (validation errors in `lines`)
@@ -106,15 +109,15 @@ class Args:
             raise self._bad(key, want)
         return value
 
-    def str(self, key: str, default: str = "") -> str:
+    def text(self, key: str, default: str = "") -> str:
         value = self._get(key, str, "a string")
         return default if value is None else str(value)
 
-    def bool(self, key: str, default: bool = False) -> bool:
+    def flag(self, key: str, default: bool = False) -> bool:
         value = self._get(key, bool, "true or false")
         return default if value is None else bool(value)
 
-    def int(self, key: str, default: int = 0, *, lo: int = 0, hi: int = 2**31 - 1) -> int:
+    def integer(self, key: str, default: int = 0, *, lo: int = 0, hi: int = 2**31 - 1) -> int:
         value = self._get(key, int, "an integer")
         if value is None:
             return default
@@ -122,7 +125,7 @@ class Args:
             raise self._bad(key, f"an integer from {lo} to {hi}")
         return int(value)
 
-    def float(self, key: str, default: float = 0.0, *, lo: float = 0.0,
+    def number(self, key: str, default: float = 0.0, *, lo: float = 0.0,
               hi: float = 86400.0) -> float:
         value = self._get(key, (int, float), "a number")
         if value is None:
@@ -131,33 +134,129 @@ class Args:
             raise self._bad(key, f"a number from {lo:g} to {hi:g}")
         return float(value)
 
-    def list(self, key: str) -> list[Any]:
+    def items(self, key: str) -> list[Any]:
         value = self._get(key, list, "a list")
         return [] if value is None else list(value)
 
-    def dict(self, key: str) -> dict[str, Any]:
+    def mapping(self, key: str) -> dict[str, Any]:
         value = self._get(key, dict, "an object")
         return {} if value is None else dict(value)
 
-    def str_list(self, key: str) -> list[str]:
-        items = self.list(key)
+    def texts(self, key: str) -> list[str]:
+        items = self.items(key)
         if not all(isinstance(x, str) for x in items):
             raise self._bad(key, "a list of strings")
         return items
 
-    def str_map(self, key: str) -> dict[str, str]:
-        items = self.dict(key)
-        if not all(isinstance(v, str) for v in items.values()):
+    def text_map(self, key: str) -> dict[str, str]:
+        mapping = self.mapping(key)
+        if not all(isinstance(v, str) for v in mapping.values()):
             raise self._bad(key, "an object of strings")
-        return items
+        return mapping
 
 
-def decode_request(line: bytes) -> Request:
+_BRACKETS_ONLY = bytes(b for b in range(256) if b not in b'"[]{}')
+
+
+def _too_deep(line: bytes | bytearray, limit: int = MAX_DEPTH) -> bool:
+    """True when the JSON text nests deeper than `limit` (every step at C speed).
+
+    Escapes are removed first (a run of backslashes pairs off from the left, as
+    JSON reads it), then everything but quotes and brackets; what lies between
+    quotes is inside strings. Removing innermost pairs `[]` and `{}` once per
+    level empties a text of depth `limit` in `limit` rounds. Unbalanced text is
+    left to the JSON parser to refuse.
+    """
+    if line.count(b"[") + line.count(b"{") <= limit:
+        return False
+    text = line
+    if b"\\\\" in text:
+        text = text.replace(b"\\\\", b"")
+    if b'\\"' in text:
+        text = text.replace(b'\\"', b"")
+    # Quotes alternate opening and closing, so two adjacent ones can go: either an
+    # empty string, or the end of one and the start of the next, merged into one.
+    marks = text.translate(None, _BRACKETS_ONLY).replace(b'""', b"")
+    brackets = b"".join(marks.split(b'"')[::2]) if b'"' in marks else marks
+    for _ in range(limit):
+        shorter = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if shorter == brackets:
+            return False  # unbalanced: not JSON, which the parser says
+        brackets = shorter
+        if not brackets:
+            return False
+    return True
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ApiError(BAD_REQUEST, f"the request repeats the key {dup!r} in one object")
+    return obj
+
+
+def _int(text: str) -> int:
+    if len(text) > 20 or not -MAX_INT - 1 <= (value := int(text)) <= MAX_INT:
+        raise ApiError(BAD_REQUEST, f"the number {text[:24]}{'…' if len(text) > 24 else ''} "
+                                    "is out of range (64-bit integers)")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ApiError(BAD_REQUEST, f"the number {text[:24]} is out of range")
+    return value
+
+
+def _constant(text: str) -> Any:
+    raise ApiError(BAD_REQUEST, f"{text} is not JSON")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def decode_request(line: bytes | bytearray) -> Request:
+    """A request line, or ApiError(bad_request) saying what is wrong with it.
+
+    Strict: UTF-8 only (no lone surrogates, even escaped), no NaN or Infinity,
+    integers within 64 bits, no key twice in one object, nesting within
+    MAX_DEPTH. What fits is what every operation can store and echo back.
+    """
     try:
-        raw = json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(BAD_REQUEST, "the request is not UTF-8 text") from None
+    if _too_deep(line):
+        raise ApiError(BAD_REQUEST, f"the request nests deeper than {MAX_DEPTH} levels")
+    try:
+        raw = json.loads(text, object_pairs_hook=_object, parse_int=_int,
+                         parse_float=_float, parse_constant=_constant)
+    except RecursionError:
+        raise ApiError(BAD_REQUEST, f"the request nests deeper than {MAX_DEPTH} levels") \
+            from None
     except ValueError:
         raise ApiError(BAD_REQUEST, "the request is not JSON") from None
-    if not isinstance(raw, dict) or raw.get("v") != VERSION:
+    if ("\\ud" in text or "\\uD" in text) and _has_lone_surrogate(raw):
+        raise ApiError(BAD_REQUEST, "the request is not valid Unicode (a lone surrogate)")
+    del text
+    if not isinstance(raw, dict) or type(raw.get("v")) is not int or raw["v"] != VERSION:
         raise ApiError(BAD_REQUEST, f"unsupported protocol version (want {VERSION})")
     op, args = raw.get("op"), raw.get("args", {})
     if op not in OPS:

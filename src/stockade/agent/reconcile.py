@@ -73,7 +73,8 @@ class Reconciler:
         self.applied_revision = -1
         self.last: ApplyReport | None = None
         self.drift_repairs = 0
-        self.failures = 0
+        self.failures = 0  # failed runs in all
+        self.consecutive_failures = 0  # since the last success; drives the backoff
         self._accepted: list[tuple[int, float]] = []  # (revision, monotonic time accepted)
         self._kick: Callable[[], None] = lambda: None
 
@@ -96,7 +97,7 @@ class Reconciler:
 
     # ---- the run --------------------------------------------------------------------------
 
-    def run(self, periodic: bool) -> None:
+    def run(self, periodic: bool) -> bool:
         """One reconciliation; a periodic one reads the kernel back (adopt, repair drift).
 
         The read-back is slow at scale, so it happens before taking the apply
@@ -109,24 +110,31 @@ class Reconciler:
                 known = self.compiler.ruleset().chains
             try:
                 snapshot = self.datapath.snapshot(known)
-            except StockadeError:
+            except Exception:  # read again under the lock; apply reports what fails
                 snapshot = True
         with self._apply_lock:
-            with self._lock:
-                desired = self.compiler.ruleset()
-                revision = self.desired_revision
             started = time.monotonic()
+            with self._lock:
+                revision = self.desired_revision
+                try:
+                    if self.consecutive_failures >= 2 and self.cluster_of is not None:
+                        # The same failure twice: do not trust the incremental state.
+                        self.compiler = IncrementalCompiler.of(self.cluster_of())
+                    desired = self.compiler.ruleset()
+                except Exception as exc:  # a compiler bug must not stop reconciliation
+                    log.exception("compiling the ruleset failed")
+                    self._failed(revision, started, periodic, f"compile: {exc}", Ruleset())
+                    return False
             try:
                 delta = self.datapath.apply(desired, verify=snapshot)
-            except StockadeError as exc:
-                self.failures += 1
-                log.error("apply failed, the previous ruleset stays in force: %s", exc)
-                report = ApplyReport(revision, time.time(), time.monotonic() - started, {},
-                                     periodic, str(exc))
-                self.last = report
-                if self.hooks.applied:
-                    self.hooks.applied(report, desired)
-                return
+            except Exception as exc:  # the reconciler must outlive any failure
+                if not isinstance(exc, StockadeError):
+                    log.exception("apply raised unexpectedly")
+                self._failed(revision, started, periodic,
+                             f"{type(exc).__name__}: {exc}" if not isinstance(
+                                 exc, StockadeError) else str(exc), desired)
+                return False
+            self.consecutive_failures = 0
             finished = time.monotonic()
             summary = {k: v for k, v in delta.summary().items() if v}
             report = ApplyReport(revision, time.time(), finished - started, summary, periodic)
@@ -151,17 +159,53 @@ class Reconciler:
             if self.hooks.enforced:
                 for t in done:
                     self.hooks.enforced(finished - t)
+        return True
 
-    def wait_for(self, revision: int, timeout: float) -> bool:
-        """Block until the kernel enforces `revision` (or a later one)."""
+    def _failed(self, revision: int, started: float, periodic: bool, error: str,
+                desired: Ruleset) -> None:
+        self.failures += 1
+        self.consecutive_failures += 1
+        log.error("apply failed; the previous ruleset stays in force; retrying in %.2fs: %s",
+                  self.backoff(), error)
+        report = ApplyReport(revision, time.time(), time.monotonic() - started, {},
+                             periodic, error)
+        with self._cond:
+            self.last = report
+            self._cond.notify_all()  # waiters for this revision learn of the failure
+        if self.hooks.applied:
+            try:
+                self.hooks.applied(report, desired)
+            except Exception:  # a hook must not hide the failure it reports
+                log.exception("apply hook failed")
+
+    def backoff(self) -> float:
+        """Seconds before the next attempt after failures: 0.1 s doubling, at most 30 s."""
+        if not self.consecutive_failures:
+            return 0.0
+        return float(min(30.0, 0.1 * 2 ** min(self.consecutive_failures - 1, 10)))
+
+    def wait_for(self, revision: int, timeout: float) -> bool | str:
+        """Block until the kernel enforces `revision` (or a later one): True.
+
+        An attempt to enforce it that failed returns its error at once (the
+        reconciler goes on retrying); False when the time is up.
+        """
         deadline = time.monotonic() + timeout
         with self._cond:
             while self.applied_revision < revision:
+                last = self.last
+                if last is not None and last.error and last.revision >= revision:
+                    return last.error
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(left)
         return True
+
+    @property
+    def healthy(self) -> bool:
+        """The last attempt succeeded: the kernel holds what the agent meant."""
+        return self.applied_revision >= 0 and (self.last is None or not self.last.error)
 
     @property
     def in_sync(self) -> bool:

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from stockade.errors import DecodeError
+from stockade.model.admit import canonical_ip
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.decode import decode_network_policy
 from stockade.model.labels import Labels
@@ -52,15 +54,21 @@ class EndpointRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EndpointRecord:
-        ports = tuple(ContainerPort(int(p["port"]), str(p.get("protocol", "TCP")),
-                                    str(p.get("name", ""))) for p in d.get("ports", ()))
-        ep = Endpoint(str(d["namespace"]), str(d["name"]),
-                      Labels({str(k): str(v) for k, v in (d.get("labels") or {}).items()}),
-                      tuple(str(ip) for ip in d.get("ips", ())), ports)
-        return cls(ep, str(d.get("netns", "")), str(d.get("interface", "")),
-                   str(d.get("hostInterface", "")), str(d.get("owner", OWNER_API)),
-                   str(d.get("containerID", "")), int(d.get("pid", 0)),
-                   tuple(str(c) for c in d.get("command", ())), float(d.get("created", 0.0)))
+        """Strictly typed: a wrong type is a DecodeError naming the field, never a guess."""
+        if not isinstance(d, Mapping):
+            raise DecodeError("an endpoint must be an object")
+        ep = Endpoint(_str(d, "namespace", required=True), _str(d, "name", required=True),
+                      decode_labels(d.get("labels"), "labels"),
+                      _strs(d.get("ips"), "ips"), decode_ports(d.get("ports"), "ports"))
+        pid = d.get("pid", 0)
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 2**31:
+            raise DecodeError("must be a process id", path="pid")
+        created = d.get("created", 0.0)
+        if not isinstance(created, int | float) or isinstance(created, bool):
+            raise DecodeError("must be a number", path="created")
+        return cls(ep, _str(d, "netns"), _str(d, "interface"), _str(d, "hostInterface"),
+                   _str(d, "owner") or OWNER_API, _str(d, "containerID"), pid,
+                   _strs(d.get("command"), "command"), float(created))
 
 
 @dataclass(frozen=True)
@@ -82,13 +90,66 @@ class PolicyRecord:
         return cls(decode_network_policy(dict(d), Source("store")), dict(d))
 
 
+def _str(d: Mapping[str, Any], key: str, *, required: bool = False) -> str:
+    value = d.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DecodeError("must be a string", path=key)
+    return value
+
+
+def _strs(value: Any, path: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(x, str) for x in value):
+        raise DecodeError("must be a list of strings", path=path)
+    return tuple(value)
+
+
+def decode_labels(value: Any, path: str) -> Labels:
+    if value is None:
+        return Labels({})
+    if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise DecodeError("must be an object of strings", path=path)
+    return Labels(dict(value))
+
+
+def decode_ports(value: Any, path: str) -> tuple[ContainerPort, ...]:
+    """`[{name?, port, protocol?}]`, as records, the API and the CNI plugin give them.
+
+    Types are checked here; ranges and names by `model.admit`, like every Pod's.
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise DecodeError("must be a list", path=path)
+    out = []
+    for i, p in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(p, Mapping):
+            raise DecodeError("must be an object", path=where)
+        number = p.get("port")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise DecodeError("must be an integer", path=f"{where}.port")
+        protocol, name = p.get("protocol", "TCP"), p.get("name", "")
+        if not isinstance(protocol, str):
+            raise DecodeError("must be a string", path=f"{where}.protocol")
+        if not isinstance(name, str):
+            raise DecodeError("must be a string", path=f"{where}.name")
+        out.append(ContainerPort(number, protocol, name, path=where))
+    return tuple(out)
+
+
 def namespace_to_dict(ns: Namespace) -> dict[str, Any]:
     return {"name": ns.name, "labels": dict(ns.labels)}
 
 
 def namespace_from_dict(d: Mapping[str, Any]) -> Namespace:
-    return Namespace(str(d["name"]), Labels({str(k): str(v)
-                                             for k, v in (d.get("labels") or {}).items()}))
+    if not isinstance(d, Mapping):
+        raise DecodeError("a namespace must be an object")
+    return Namespace(_str(d, "name", required=True), decode_labels(d.get("labels"), "labels"))
 
 
 # ---- changes --------------------------------------------------------------------------
@@ -134,6 +195,27 @@ class AgentState:
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     endpoints: dict[str, EndpointRecord] = field(default_factory=dict)
     policies: dict[str, PolicyRecord] = field(default_factory=dict)
+    # Endpoints held fail-closed because what was stored cannot be enforced
+    # (key -> reasons); see agent/admission.py. A valid new record releases one.
+    quarantined: dict[str, list[str]] = field(default_factory=dict)
+    _addresses: dict[str, str] | None = field(default=None, repr=False, compare=False)
+
+    def addresses(self) -> dict[str, str]:
+        """Address (canonical text) -> the key of the endpoint holding it; kept up to date."""
+        if self._addresses is None:
+            self._addresses = {}
+            for key, rec in self.endpoints.items():
+                self._index(rec, key)
+        return self._addresses
+
+    def _index(self, rec: EndpointRecord, key: str | None) -> None:
+        assert self._addresses is not None
+        for ip in rec.endpoint.ips:
+            addr = canonical_ip(ip)
+            if key is not None:
+                self._addresses.setdefault(addr, key)
+            elif self._addresses.get(addr) == rec.key:
+                del self._addresses[addr]
 
     def apply(self, changes: Iterable[Change]) -> None:
         for c in changes:
@@ -142,13 +224,24 @@ class AgentState:
             elif isinstance(c, DeleteNamespace):
                 self.namespaces.pop(c.name, None)
             elif isinstance(c, PutEndpoint):
+                self._forget(c.record.key)
                 self.endpoints[c.record.key] = c.record
+                self.quarantined.pop(c.record.key, None)
+                if self._addresses is not None:
+                    self._index(c.record, c.record.key)
             elif isinstance(c, DeleteEndpoint):
+                self._forget(c.key)
                 self.endpoints.pop(c.key, None)
+                self.quarantined.pop(c.key, None)
             elif isinstance(c, PutPolicy):
                 self.policies[c.record.key] = c.record
             else:
                 self.policies.pop(c.key, None)
+
+    def _forget(self, key: str) -> None:
+        old = self.endpoints.get(key)
+        if old is not None and self._addresses is not None:
+            self._index(old, None)
 
     def cluster(self) -> Cluster:
         return Cluster(tuple(self.namespaces.values()),

@@ -9,9 +9,12 @@ tests need not sleep.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
+
+log = logging.getLogger("stockade.runner")
 
 
 class BoundedFrequencyRunner:
@@ -27,7 +30,9 @@ class BoundedFrequencyRunner:
         self.clock = clock
         self._cond = threading.Condition()
         self._pending = False
+        self._retry_at: float | None = None
         self._stopped = False
+        self.crashes = 0  # runs that raised: counted and survived
         self._last = float("-inf")
         self._thread: threading.Thread | None = None
 
@@ -37,9 +42,21 @@ class BoundedFrequencyRunner:
             self._pending = True
             self._cond.notify()
 
+    def retry_in(self, seconds: float) -> None:
+        """Run again after `seconds` (a failed run's backoff), sooner if asked."""
+        with self._cond:
+            self._retry_at = self.clock() + seconds
+            self._cond.notify()
+
     def _next(self) -> tuple[float, bool]:
         """Seconds to wait before the next run, and whether it is the periodic one."""
         now = self.clock()
+        if self._retry_at is not None:
+            # A failed run is retried on its backoff, not at min_interval: a change
+            # arriving meanwhile waits for it rather than hammering the kernel.
+            wait = self._retry_at - now
+            periodic = self._last + self.max_interval <= self._retry_at
+            return max(0.0, wait), periodic
         if self._pending:
             return max(0.0, self._last + self.min_interval - now), False
         return max(0.0, self._last + self.max_interval - now), True
@@ -55,8 +72,17 @@ class BoundedFrequencyRunner:
                         break
                     self._cond.wait(wait)
                 self._pending = False
+                self._retry_at = None
                 self._last = self.clock()
-            self.fn(periodic)
+            try:
+                self.fn(periodic)
+            except Exception:  # the loop is the agent's heartbeat: it must not die
+                self.crashes += 1
+                log.exception("%s: run failed; retrying", self.name)
+                with self._cond:
+                    if self._retry_at is None:
+                        self._retry_at = self.clock() + min(30.0, 0.1 * 2 ** min(
+                            self.crashes, 8))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.loop, name=self.name, daemon=True)

@@ -15,12 +15,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from stockade.agent.admission import check_changes
 from stockade.agent.protocol import (
     BAD_REQUEST,
     INVALID,
     NOT_FOUND,
     TIMEOUT,
+    UNAVAILABLE,
     ApiError,
+    Args,
 )
 from stockade.agent.reconcile import Reconciler
 from stockade.agent.records import (
@@ -40,14 +43,10 @@ from stockade.agent.records import (
 from stockade.agent.snapshot import changes_to_restore, parse_snapshot, snapshot_of
 from stockade.agent.store import Store
 from stockade.errors import DecodeError, InputError
-from stockade.model.cidr import parse_ip
+from stockade.model.admit import admit_objects, validate_label_change
 from stockade.model.cluster import Namespace, implicit_namespace
-from stockade.model.decode import decode_namespace, decode_network_policy, decode_pod, object_name
 from stockade.model.labels import Labels
-from stockade.model.names import is_dns1123_label
-from stockade.model.parse import expand_lists
-from stockade.model.policy import Source
-from stockade.model.validate import validate_labels, validate_policy
+from stockade.model.parse import decode_objects, expand_lists
 from stockade.net.ipam import Ipam
 
 SYNC_TIMEOUT = 30.0
@@ -77,8 +76,16 @@ class Service:
 
     def commit(self, changes: Sequence[Change], *, sync: bool = True,
                meta: Mapping[str, Any] | None = None) -> int:
-        """Store, fold, reconcile; with `sync`, wait for the kernel."""
+        """Admit, store, fold, reconcile; with `sync`, wait for the kernel.
+
+        Admission is here, not only in each operation, so that no path can store
+        an object the kernel would refuse (see agent/admission.py).
+        """
         with self.lock:
+            problems = check_changes(self.state, changes, strict_cidr=self.strict_cidr)
+            if problems:
+                raise ApiError(INVALID, f"{len(problems)} error(s); nothing was applied",
+                               problems)
             if not changes and not meta:
                 revision = self.reconciler.desired_revision
             else:
@@ -86,9 +93,8 @@ class Service:
                 self.state.apply(changes)
                 if changes:
                     self.reconciler.changed(revision, changes)
-        if sync and changes and not self.reconciler.wait_for(revision, SYNC_TIMEOUT):
-            raise ApiError(TIMEOUT, f"revision {revision} is stored but not enforced after "
-                                    f"{SYNC_TIMEOUT:.0f}s; see `stockade status`")
+        if sync and changes:
+            self._wait(revision)
         return revision
 
     def implicit_namespaces(self, names: Iterable[str],
@@ -106,7 +112,8 @@ class Service:
         r = self.reconciler
         last = r.last
         out: dict[str, Any] = {
-            "ready": r.applied_revision >= 0,
+            # Not ready while the kernel refuses what the agent means to enforce.
+            "ready": r.healthy,
             "inSync": r.in_sync,
             "revision": r.desired_revision,
             "appliedRevision": r.applied_revision,
@@ -118,6 +125,10 @@ class Service:
                        "policies": len(self.state.policies)},
             "driftRepairs": r.drift_repairs,
             "applyFailures": r.failures,
+            "consecutiveFailures": r.consecutive_failures,
+            "error": (last.error if last is not None else "") or "",
+            # Endpoints enforced fail-closed because what was stored is invalid.
+            "quarantined": {k: list(v) for k, v in sorted(self.state.quarantined.items())},
             "datapath": r.datapath.name,
             "uptime": round(time.time() - self.started, 1),
         }
@@ -126,7 +137,7 @@ class Service:
         return out
 
     def op_get(self, args: dict[str, Any]) -> dict[str, Any]:
-        kind = args.get("kind")
+        kind = Args(args, "get").text("kind")
         with self.lock:
             if kind == "namespaces":
                 items = [namespace_to_dict(n) for n in sorted(self.state.namespaces.values(),
@@ -142,10 +153,11 @@ class Service:
     # ---- apply and delete --------------------------------------------------------------
 
     def op_apply(self, args: dict[str, Any]) -> dict[str, Any]:
-        docs = args.get("documents")
-        if not isinstance(docs, list):
-            raise ApiError(BAD_REQUEST, "documents must be a list")
-        source = str(args.get("source", "<api>"))
+        a = Args(args, "apply")
+        if not isinstance(args.get("documents"), list):
+            raise ApiError(BAD_REQUEST, "apply: args.documents must be a list")
+        docs = a.items("documents")
+        source = a.text("source", "<api>")
         policies, namespaces, endpoints = self._decode(docs, source)
         with self.lock:
             changes: list[Change] = []
@@ -183,62 +195,47 @@ class Service:
             created += [f"namespace/{c.namespace.name}" for c in implicit
                         if isinstance(c, PutNamespace)]
             revision = self.commit(implicit + changes, sync=False)
-        if args.get("sync", True) and changes:
+        if a.flag("sync", True) and changes:
             self._wait(revision)
         return {"created": created, "configured": configured, "unchanged": unchanged,
                 "revision": revision}
 
     def _wait(self, revision: int) -> None:
-        if not self.reconciler.wait_for(revision, SYNC_TIMEOUT):
-            raise ApiError(TIMEOUT, f"revision {revision} is stored but not enforced after "
-                                    f"{SYNC_TIMEOUT:.0f}s; see `stockade status`")
+        wait_enforced(self.reconciler, revision)
 
     def _decode(self, docs: list[Any], source: str) -> tuple[
             list[PolicyRecord], dict[str, Namespace], list[EndpointRecord]]:
-        """Every document decoded and validated; all errors or nothing."""
-        lines: list[str] = []
-        policies: list[PolicyRecord] = []
-        namespaces: dict[str, Namespace] = {}
-        endpoints: list[EndpointRecord] = []
-        for index, doc in expand_lists(docs):
-            name = object_name(doc) or f"document {index}"
-            kind = doc.get("kind") if isinstance(doc, dict) else None
-            try:
-                if kind == "NetworkPolicy":
-                    policy = decode_network_policy(doc, Source(source, index))
-                    errors = validate_policy(policy, strict_cidr=self.strict_cidr)
-                    ident = f"NetworkPolicy {policy.namespace}/{policy.name}"
-                    lines += [f"{source}: {ident}: {e.render()}" for e in errors]
-                    policies.append(PolicyRecord(policy, doc))
-                elif kind == "Namespace":
-                    ns = decode_namespace(doc)
-                    errors = validate_labels(ns.labels, "metadata.labels")
-                    lines += [f"{source}: {name}: metadata.name: Invalid value: "
-                              f"{ns.name!r}: {msg}" for msg in is_dns1123_label(ns.name)]
-                    lines += [f"{source}: {name}: {e.render()}" for e in errors]
-                    namespaces[ns.name] = ns
-                elif kind == "Pod":
-                    ep = decode_pod(doc, Source(source, index))
-                    lines += [f"{source}: {name}: {e.render()}"
-                              for e in validate_labels(ep.labels, "metadata.labels")]
-                    endpoints.append(EndpointRecord(ep, owner=OWNER_API, created=time.time()))
-                else:
-                    lines.append(f"{source}: {name}: kind {kind!r} is not supported "
-                                 "(NetworkPolicy, Namespace, Pod)")
-            except DecodeError as exc:
-                lines.append(f"{source}: {name}: {exc.message}")
+        """Every document decoded and validated as files are; all errors or nothing."""
+        objects, decode_errors = decode_objects(docs, source, strict_kinds=True)
+        errors: list[InputError] = [*decode_errors, *admit_objects(
+            objects.policies, objects.namespaces, objects.endpoints,
+            strict_cidr=self.strict_cidr)]
+        lines = [line for e in errors for line in e.lines()]
         if lines:
             raise ApiError(INVALID, f"{len(lines)} error(s); nothing was applied", lines)
-        return policies, namespaces, endpoints
+        manifests = {id(p): doc for p, doc in zip(objects.policies, _policy_docs(docs),
+                                                  strict=False)}
+        now = time.time()
+        return ([PolicyRecord(p, manifests.get(id(p), {})) for p in objects.policies],
+                {ns.name: ns for ns in objects.namespaces},
+                [EndpointRecord(ep, owner=OWNER_API, created=now) for ep in objects.endpoints])
 
     def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
-        refs = list(args.get("refs") or [])
-        for _, doc in expand_lists(list(args.get("documents") or [])):
+        a = Args(args, "delete")
+        refs: list[dict[str, str]] = []
+        for n, ref in enumerate(a.items("refs")):
+            if not isinstance(ref, dict) or not all(
+                    isinstance(ref.get(k, ""), str) for k in ("kind", "namespace", "name")):
+                raise ApiError(BAD_REQUEST, f"delete: args.refs[{n}] must be an object of "
+                                            "strings (kind, namespace, name)")
+            refs.append(ref)
+        for _, doc in expand_lists(a.items("documents")):
             if isinstance(doc, dict):
-                meta = doc.get("metadata") or {}
-                refs.append({"kind": doc.get("kind"), "namespace": meta.get("namespace",
-                                                                            "default"),
-                             "name": meta.get("name")})
+                meta = doc.get("metadata")
+                meta = meta if isinstance(meta, dict) else {}
+                refs.append({"kind": _text(doc.get("kind")),
+                             "namespace": _text(meta.get("namespace")) or "default",
+                             "name": _text(meta.get("name"))})
         with self.lock:
             changes: list[Change] = []
             deleted: list[str] = []
@@ -270,7 +267,7 @@ class Service:
                 else:
                     raise ApiError(BAD_REQUEST, f"cannot delete kind {ref.get('kind')!r}")
             revision = self.commit(changes, sync=False)
-        if args.get("sync", True) and changes:
+        if a.flag("sync", True) and changes:
             self._wait(revision)
         return {"deleted": deleted, "missing": missing, "revision": revision}
 
@@ -301,6 +298,7 @@ class Service:
                                             meta)}
 
     def op_snapshot_restore(self, args: dict[str, Any]) -> dict[str, Any]:
+        sync = Args(args, "snapshot.restore").flag("sync", True)
         try:
             target, meta = parse_snapshot(args.get("snapshot"), strict_cidr=self.strict_cidr)
         except InputError as exc:
@@ -312,19 +310,22 @@ class Service:
                 self.ipam = Ipam.from_dict(meta["ipam"])
                 extra["ipam"] = meta["ipam"]
             revision = self.commit(changes, sync=False, meta=extra or None)
-        if args.get("sync", True) and changes:
+        if sync and changes:
             self._wait(revision)
         return {"revision": revision, "changes": len(changes)}
 
     # ---- labels -----------------------------------------------------------------------------
 
     def op_label(self, args: dict[str, Any]) -> dict[str, Any]:
-        kind, name = args.get("kind"), str(args.get("name", ""))
-        set_ = {str(k): str(v) for k, v in (args.get("set") or {}).items()}
-        remove = [str(k) for k in args.get("remove") or []]
-        errors = validate_labels(set_, "labels")
+        a = Args(args, "label")
+        kind, name = a.text("kind"), a.text("name")
+        set_, remove = a.text_map("set"), a.texts("remove")
+        if kind not in ("namespace", "endpoint"):
+            raise ApiError(BAD_REQUEST, "label: args.kind must be namespace or endpoint")
+        errors = validate_label_change(kind, set_, remove)
         if errors:
-            raise ApiError(INVALID, "invalid labels", [e.render() for e in errors])
+            raise ApiError(INVALID, f"{kind} {name}: invalid labels",
+                           [f"{kind} {name}: {e.render()}" for e in errors])
         with self.lock:
             if kind == "namespace":
                 ns = self.state.namespaces.get(name)
@@ -332,45 +333,39 @@ class Service:
                     raise ApiError(NOT_FOUND, f"no namespace {name}")
                 labels = _relabel(ns.labels, set_, remove)
                 changes: list[Change] = [PutNamespace(Namespace(name, labels))]
-            elif kind == "endpoint":
+            else:
                 rec = self.state.endpoints.get(name)
                 if rec is None:
                     raise ApiError(NOT_FOUND, f"no endpoint {name}")
                 ep = replace(rec.endpoint, labels=_relabel(rec.endpoint.labels, set_, remove))
                 changes = [PutEndpoint(replace(rec, endpoint=ep))]
-            else:
-                raise ApiError(BAD_REQUEST, "kind must be namespace or endpoint")
             revision = self.commit(changes, sync=False)
-        if args.get("sync", True):
+        if a.flag("sync", True):
             self._wait(revision)
         return {"revision": revision}
 
     # ---- endpoints (the CNI plugin's door) --------------------------------------------------
 
     def op_endpoint_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        a = Args(args, "endpoint.add")
         try:
-            rec = EndpointRecord.from_dict(args.get("endpoint") or {})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ApiError(BAD_REQUEST, f"bad endpoint: {exc}") from None
-        problems = [f"ips: {ip!r} is not an IP address" for ip in rec.endpoint.ips
-                    if parse_ip(ip) is None]
-        if not rec.endpoint.ips:
-            problems.append("ips: at least one address is required")
-        problems += [f"namespace: {rec.endpoint.namespace!r}: {msg}"
-                     for msg in is_dns1123_label(rec.endpoint.namespace)]
-        problems += [e.render() for e in validate_labels(rec.endpoint.labels, "labels")]
-        if problems:
-            raise ApiError(INVALID, f"endpoint {rec.key} is invalid", problems)
+            rec = EndpointRecord.from_dict(a.mapping("endpoint"))
+        except DecodeError as exc:
+            raise ApiError(BAD_REQUEST, f"endpoint.add: args.endpoint.{exc.message}") from None
         with self.lock:
+            existing = self.state.endpoints.get(rec.key)
+            if existing is not None and existing.owner != rec.owner:
+                raise ApiError(INVALID, f"endpoint {rec.key} is managed by {existing.owner}; "
+                                        f"it cannot be replaced by one managed by {rec.owner}")
             changes = self.implicit_namespaces([rec.endpoint.namespace], {})
             changes.append(PutEndpoint(rec))
             revision = self.commit(changes, sync=False)
-        if args.get("sync", True):
+        if a.flag("sync", True):
             self._wait(revision)
         return {"revision": revision}
 
     def op_ipam_allocate(self, args: dict[str, Any]) -> dict[str, Any]:
-        owner = str(args.get("owner") or "")
+        owner = Args(args, "ipam.allocate").text("owner")
         if not owner:
             raise ApiError(BAD_REQUEST, "owner is required")
         address = ipam_allocate(self, owner)
@@ -379,17 +374,45 @@ class Service:
                 "subnet": str(self.ipam.subnet)}
 
     def op_ipam_release(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"address": ipam_release(self, str(args.get("owner") or ""))}
+        return {"address": ipam_release(self, Args(args, "ipam.release").text("owner"))}
 
     def op_endpoint_remove(self, args: dict[str, Any]) -> dict[str, Any]:
-        key = str(args.get("key", ""))
+        a = Args(args, "endpoint.remove")
+        key = a.text("key")
         with self.lock:
             if key not in self.state.endpoints:
                 return {"removed": False, "revision": self.reconciler.desired_revision}
             revision = self.commit([DeleteEndpoint(key)], sync=False)
-        if args.get("sync", True):
+        if a.flag("sync", True):
             self._wait(revision)
         return {"removed": True, "revision": revision}
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _policy_docs(docs: list[Any]) -> list[Any]:
+    """The NetworkPolicy documents, in the order `decode_objects` decodes them."""
+    return [doc for _, doc in expand_lists(docs)
+            if isinstance(doc, dict) and doc.get("kind") == "NetworkPolicy"]
+
+
+def wait_enforced(reconciler: Reconciler, revision: int) -> None:
+    """Return once the kernel enforces `revision`; a clear error if it cannot.
+
+    The change is stored either way; when the kernel refuses the transaction
+    the previous ruleset stays in force and the reconciler keeps retrying.
+    """
+    outcome = reconciler.wait_for(revision, SYNC_TIMEOUT)
+    if outcome is True:
+        return
+    if outcome:
+        raise ApiError(UNAVAILABLE, f"revision {revision} is stored, but the kernel refused "
+                                    f"it; the previous ruleset stays in force and the agent "
+                                    f"keeps retrying: {outcome}")
+    raise ApiError(TIMEOUT, f"revision {revision} is stored but not enforced after "
+                            f"{SYNC_TIMEOUT:.0f}s; see `stockade status`")
 
 
 def _relabel(labels: Labels, set_: Mapping[str, str], remove: Sequence[str]) -> Labels:

@@ -34,6 +34,13 @@ def register(sub: Any) -> None:
     a.add_argument("--log-group", type=int, default=100,
                    help="NFLOG group for denied flows (0: no denied-flow log)")
     a.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    recover = a.add_mutually_exclusive_group()
+    recover.add_argument("--restore-snapshot", metavar="FILE",
+                         help="an empty store facing a kernel table: load this snapshot "
+                              "(`stockade snapshot save`) into it first")
+    recover.add_argument("--accept-empty-store", action="store_true",
+                         help="an empty store facing a kernel table: replace the kernel's "
+                              "rules by the empty state (removes enforcement)")
     a.set_defaults(run=run_agent)
 
     p = sub.add_parser("apply", help="apply manifests through the agent (all or nothing)")
@@ -116,7 +123,8 @@ def run_agent(args: argparse.Namespace) -> int:
         datapath=args.datapath, netns=args.netns, table=args.table,
         metrics_address=args.metrics_address, subnet=args.subnet,
         bridge_prefix=args.bridge_prefix, resync_interval=args.resync_interval,
-        log_group=args.log_group or None))
+        log_group=args.log_group or None, restore_snapshot=args.restore_snapshot,
+        accept_empty_store=args.accept_empty_store))
 
 
 def _default_socket() -> str:
@@ -215,7 +223,7 @@ def run_status(args: argparse.Namespace) -> int:
     st = _call(args, "status")
     if args.output == "json":
         print(json.dumps(st, indent=2))
-        return 0 if st["inSync"] else 1
+        return 0 if st["inSync"] and st.get("ready", True) else 1
     last = st.get("lastApply") or {}
     print(f"in sync:        {'yes' if st['inSync'] else 'NO'} "
           f"(revision {st['revision']}, applied {st['appliedRevision']})")
@@ -229,7 +237,12 @@ def run_status(args: argparse.Namespace) -> int:
           f"{c['policies']} policies")
     print(f"drift repaired: {st['driftRepairs']} time(s); apply failures: {st['applyFailures']}")
     print(f"datapath:       {st['datapath']}; up {st['uptime']} s")
-    return 0 if st["inSync"] else 1
+    if st.get("error"):
+        print(f"NOT READY:      the kernel refused the last {st['consecutiveFailures']} "
+              f"attempt(s), the previous ruleset stays in force: {st['error']}")
+    for key, reasons in (st.get("quarantined") or {}).items():
+        print(f"held closed:    {key}: {'; '.join(reasons)}")
+    return 0 if st["inSync"] and st.get("ready", True) else 1
 
 
 def run_snapshot_save(args: argparse.Namespace) -> int:

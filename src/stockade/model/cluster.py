@@ -16,6 +16,7 @@ NS_NAME_LABEL = "kubernetes.io/metadata.name"
 class Namespace:
     name: str
     labels: Labels
+    source: Source = field(default=NO_SOURCE, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ContainerPort:
     port: int
     protocol: str = "TCP"
     name: str = ""
+    # Where it was declared (`spec.containers[0].ports[1]`), for error messages.
+    path: str = field(default="", compare=False, hash=False)
 
 
 @dataclass(frozen=True)

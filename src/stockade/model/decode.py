@@ -407,7 +407,7 @@ def decode_network_policy(
     )
 
 
-def decode_namespace(doc: Any) -> Namespace:
+def decode_namespace(doc: Any, source: Source = NO_SOURCE) -> Namespace:
     """A Namespace object; the API server always sets the metadata.name label."""
     m = _type_meta(doc, "Namespace", ("v1",))
     meta = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
@@ -417,7 +417,7 @@ def decode_namespace(doc: Any) -> Namespace:
         raise DecodeError("a Namespace needs a name", path="metadata.name")
     labels = dict(_string_map(meta.get("labels"), "metadata.labels"))
     labels[NS_NAME_LABEL] = name
-    return Namespace(name, Labels(labels))
+    return Namespace(name, Labels(labels), source)
 
 
 def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
@@ -463,6 +463,7 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
                 port=_int32(p.get("containerPort"), f"{path}.containerPort"),
                 protocol=_string(p.get("protocol"), f"{path}.protocol") or TCP,
                 name=_string(p.get("name"), f"{path}.name"),
+                path=path,
             ))
     return Endpoint(namespace, name, labels, tuple(ips), tuple(ports), source)
 

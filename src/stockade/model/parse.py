@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from stockade.errors import DecodeError, InputError
+from stockade.errors import DecodeError, InputError, InvalidObjects
 from stockade.model.cluster import Cluster, Endpoint, Namespace, implicit_namespace
 from stockade.model.decode import (
     decode_namespace,
@@ -111,11 +111,29 @@ class Objects:
 def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False) -> Objects:
     """Decode every NetworkPolicy, Pod and Namespace of a stream.
 
-    Decoding errors name the file and the object. Other kinds are skipped unless
+    Decoding errors name the file and the object; all of them are reported
+    (InvalidObjects), or the one (DecodeError). Other kinds are skipped unless
     `strict_kinds`, where they are an error.
     """
+    objects, errors = decode_objects(parse_documents(text, source), source,
+                                     strict_kinds=strict_kinds)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise InvalidObjects(errors)
+    return objects
+
+
+def decode_objects(docs: list[Any], source: str = "", *,
+                   strict_kinds: bool = False) -> tuple[Objects, list[DecodeError]]:
+    """Every object of a list of documents, and every document that cannot be decoded.
+
+    The one decoding path of files and of the agent's socket alike; validation
+    follows in `model.admit.admit_objects`.
+    """
     out = Objects()
-    for index, doc in expand_lists(parse_documents(text, source)):
+    errors: list[DecodeError] = []
+    for index, doc in expand_lists(docs):
         src = Source(source, index)
         kind = doc.get("kind") if isinstance(doc, dict) else None
         try:
@@ -124,12 +142,15 @@ def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False) ->
             elif kind == "Pod":
                 out.endpoints.append(decode_pod(doc, src))
             elif kind == "Namespace":
-                out.namespaces.append(decode_namespace(doc))
+                out.namespaces.append(decode_namespace(doc, src))
             elif strict_kinds or not isinstance(doc, dict) or not isinstance(kind, str):
-                raise DecodeError(f"unsupported document (kind {describe_value(kind)})")
+                supported = " (NetworkPolicy, Namespace, Pod)" if strict_kinds else ""
+                raise DecodeError(f"unsupported document (kind {describe_value(kind)})"
+                                  + supported)
             else:
                 out.skipped += 1
         except DecodeError as exc:
-            raise DecodeError(exc.message.removeprefix(f"{exc.path}: "), path=exc.path,
-                              source=source, obj=object_name(doc)) from None
-    return out
+            errors.append(DecodeError(exc.message.removeprefix(f"{exc.path}: "),
+                                      path=exc.path, source=source,
+                                      obj=object_name(doc) or f"document {index + 1}"))
+    return out, errors

@@ -1,0 +1,180 @@
+"""The agent's last gate: no change reaches the store unless every object in it is valid (pure).
+
+Every path that changes the state (`apply`, `label`, `endpoint.add`, the CNI
+plugin, `stockade run`, snapshot restore) ends in `Service.commit`, and commit
+calls `check_changes` first: the objects are checked with `model.admit` (the
+same functions the files go through), a key given twice in one change and an
+address held by two endpoints are refused naming both. So a path that forgets
+to validate cannot let a bad object in, and one bad object never reaches the
+kernel, where it would fail every transaction after it.
+
+What was stored before these checks existed (or by hand) is found at start by
+`quarantine`: such endpoints are enforced fail-closed (nothing in, nothing out)
+instead of blocking the rest or being silently dropped, and `status` names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+
+from stockade.agent.records import (
+    AgentState,
+    Change,
+    DeleteEndpoint,
+    DeleteNamespace,
+    PutEndpoint,
+    PutNamespace,
+    PutPolicy,
+)
+from stockade.model.admit import (
+    Conflict,
+    address_conflicts,
+    canonical_ip,
+    validate_endpoint,
+    validate_namespace,
+)
+from stockade.model.cidr import parse_ip
+from stockade.model.cluster import NS_NAME_LABEL, Cluster, Endpoint, Namespace
+from stockade.model.labels import Labels
+from stockade.model.policy import NetworkPolicy
+from stockade.model.selector import Selector
+from stockade.model.validate import validate_policy
+
+QUARANTINE_LABEL = "stockade.io/quarantined"
+QUARANTINE_POLICY = "stockade-quarantine"
+
+
+def check_changes(state: AgentState, changes: Sequence[Change], *,
+                  strict_cidr: bool = False) -> list[str]:
+    """Every reason to refuse `changes` against `state`, one line each (empty: admit)."""
+    lines: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+    for n, change in enumerate(changes):
+        kind, key = _identity(change)
+        if (kind, key) in seen and not kind.startswith("delete"):
+            lines.append(f"{kind} {key} is given twice in one change "
+                         f"(items {seen[(kind, key)] + 1} and {n + 1})")
+        seen.setdefault((kind, key), n)
+        if isinstance(change, PutEndpoint):
+            ep = change.record.endpoint
+            lines += [f"endpoint {ep.key}: {e.render()}" for e in validate_endpoint(ep)]
+        elif isinstance(change, PutNamespace):
+            ns = change.namespace
+            lines += [f"namespace {ns.name}: {e.render()}" for e in validate_namespace(ns)]
+        elif isinstance(change, PutPolicy):
+            p = change.record.policy
+            lines += [f"networkpolicy {p.key}: {e.render()}"
+                      for e in validate_policy(p, strict_cidr=strict_cidr)]
+    lines += [c.render() for c in _address_conflicts(state, changes)]
+    return lines
+
+
+def _identity(change: Change) -> tuple[str, str]:
+    if isinstance(change, PutEndpoint):
+        return "endpoint", change.record.key
+    if isinstance(change, PutNamespace):
+        return "namespace", change.namespace.name
+    if isinstance(change, PutPolicy):
+        return "networkpolicy", change.record.key
+    if isinstance(change, DeleteEndpoint):
+        return "delete endpoint", change.key
+    if isinstance(change, DeleteNamespace):
+        return "delete namespace", change.name
+    return "delete networkpolicy", change.key
+
+
+def _address_conflicts(state: AgentState, changes: Sequence[Change]) -> list[Conflict]:
+    put = [c.record.endpoint for c in changes if isinstance(c, PutEndpoint)]
+    if not put:
+        return []
+    leaving = {c.key for c in changes if isinstance(c, DeleteEndpoint)}
+    leaving |= {ep.key for ep in put}
+    others = {addr: key for addr, key in state.addresses().items() if key not in leaving}
+    return address_conflicts(put, others)
+
+
+# ---- what was stored before ---------------------------------------------------------------
+
+
+def quarantine(state: AgentState, *, strict_cidr: bool = False) -> dict[str, list[str]]:
+    """Endpoints that cannot be enforced as stored, with the reasons (key -> lines).
+
+    An invalid endpoint, one sharing an address, every endpoint of a namespace
+    whose object is invalid, and every endpoint a stored invalid policy could
+    select (its namespace's) are held fail-closed rather than dropped: dropping
+    them would leave their traffic unrestricted.
+    """
+    out: dict[str, list[str]] = {}
+
+    def hold(key: str, line: str) -> None:
+        out.setdefault(key, []).append(line)
+
+    by_ns: dict[str, list[str]] = {}
+    for key, rec in state.endpoints.items():
+        by_ns.setdefault(rec.endpoint.namespace, []).append(key)
+        for e in validate_endpoint(rec.endpoint):
+            hold(key, e.render())
+    for ns in state.namespaces.values():
+        for e in validate_namespace(ns):
+            for key in by_ns.get(ns.name, []):
+                hold(key, f"namespace {ns.name}: {e.render()}")
+    for prec in state.policies.values():
+        for e in validate_policy(prec.policy, strict_cidr=strict_cidr):
+            for key in by_ns.get(prec.policy.namespace, []):
+                hold(key, f"networkpolicy {prec.key}: {e.render()}")
+    holders: dict[str, list[str]] = {}
+    for key, rec in state.endpoints.items():
+        for ip in rec.endpoint.ips:
+            holders.setdefault(canonical_ip(ip), []).append(key)
+    for addr, keys in holders.items():
+        if len(keys) > 1:
+            for key in keys:
+                hold(key, f"address {addr} is held by {', '.join(sorted(keys))}")
+    return out
+
+
+def enforceable(state: AgentState, held: Mapping[str, Sequence[str]]) -> Cluster:
+    """The cluster to compile: held endpoints isolated both ways, nothing else changed.
+
+    A held endpoint keeps only its valid addresses, loses its labels and ports
+    (so no selector picks it as a peer by what may be wrong) and is selected by
+    a synthetic deny-all policy of its namespace; invalid stored policies and
+    namespaces are left out, the endpoints they could touch being held.
+    """
+    if not held:
+        return state.cluster()
+    bad_ns = {n.name for n in state.namespaces.values() if validate_namespace(n)}
+    namespaces = [n for n in state.namespaces.values() if n.name not in bad_ns]
+    namespaces += [Namespace(name, Labels({NS_NAME_LABEL: name}))
+                   for name in sorted(bad_ns)]
+    endpoints: list[Endpoint] = []
+    quarantined_ns: set[str] = set()
+    for key, rec in state.endpoints.items():
+        if key not in held:
+            endpoints.append(rec.endpoint)
+            continue
+        quarantined_ns.add(rec.endpoint.namespace)
+        ips = _one_per_family(canonical_ip(ip) for ip in rec.endpoint.ips
+                              if parse_ip(ip) is not None)
+        endpoints.append(replace(rec.endpoint, labels=Labels({QUARANTINE_LABEL: "true"}),
+                                 ips=ips, ports=()))
+    policies = [p.policy for p in state.policies.values()
+                if not validate_policy(p.policy)]
+    policies += [_deny_all(ns) for ns in sorted(quarantined_ns)]
+    return Cluster(tuple(namespaces), tuple(endpoints), tuple(policies))
+
+
+def _deny_all(namespace: str) -> NetworkPolicy:
+    return NetworkPolicy(namespace, QUARANTINE_POLICY,
+                         pod_selector=Selector(Labels({QUARANTINE_LABEL: "true"})),
+                         policy_types=("Ingress", "Egress"))
+
+
+def _one_per_family(ips: Iterable[str]) -> tuple[str, ...]:
+    """At most one address per family. An address two endpoints share is kept: the
+    deny-all chain it maps to is fail-closed whichever of them holds it."""
+    out: dict[bool, str] = {}
+    for ip in ips:
+        out.setdefault(":" in ip, ip)
+    return tuple(out.values())
