@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 from typing import Any
 
@@ -39,12 +40,22 @@ class AgentClient:
         self._file = sock.makefile("rb")
 
     def call(self, op: str, **args: Any) -> Any:
+        if self._sock is not None and self._dropped():
+            self.close()  # the agent closed it while idle: the request was never sent
         if self._sock is None:
             self._connect()
         assert self._sock is not None
         try:
-            self._sock.sendall(Request(op, args).encode())
-            line = self._file.readline(MAX_LINE + 1)
+            try:
+                self._sock.sendall(Request(op, args).encode())
+            except (BrokenPipeError, ConnectionResetError):
+                # The agent may have answered before reading (too many connections,
+                # request too large): that answer is the one to report.
+                line = self._file.readline(MAX_LINE + 1)
+                if not line:
+                    raise
+            else:
+                line = self._file.readline(MAX_LINE + 1)
         except TimeoutError:
             self.close()
             raise AgentError(f"the agent did not answer {op!r} within {self.timeout:.0f}s") \
@@ -55,7 +66,21 @@ class AgentClient:
         if not line:
             self.close()
             raise AgentError(f"the agent at {self.path} closed the connection")
+        if not line.endswith(b"\n"):
+            self.close()
+            raise AgentError(f"the agent at {self.path} sent an incomplete answer")
         return decode_response(line)
+
+    def _dropped(self) -> bool:
+        """True when the agent has closed this (idle) connection: end of file is waiting."""
+        assert self._sock is not None
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            return bool(readable) and not self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def close(self) -> None:
         if self._sock is not None:
