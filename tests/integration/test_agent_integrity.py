@@ -1,0 +1,193 @@
+"""Attacks on the agent that once opened or stopped enforcement, replayed with real packets.
+
+After each: the denied connection stays denied, the allowed one stays allowed,
+and the agent answers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stockade.agent.protocol import ApiError
+from stockade.probe.client import Probe, run_probes
+from stockade.probe.launcher import ProbeServer
+from stockade.probe.protocol import Port, Protocol
+
+from .agent_harness import AgentProcess
+
+pytestmark = pytest.mark.privileged
+
+PORTS = [Port(80, Protocol.TCP)]
+
+# x/a accepts port 80 from x/b only, through a named port.
+ONLY_B = {
+    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    "metadata": {"name": "only-b", "namespace": "x"},
+    "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
+             "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}],
+                          "ports": [{"port": "http"}]}]},
+}
+DENY_ALL = {
+    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+    "metadata": {"name": "deny-all", "namespace": "x"},
+    "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+}
+
+
+def _pod(name: str, namespace: str, ips: list[str], port: int,
+         labels: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"containers": [{"ports": [{"containerPort": port, "name": "http"}]}]},
+            "status": {"podIPs": [{"ip": ip} for ip in ips]}}
+
+
+@pytest.fixture
+def agent(tmp_path: Path, trio, netns_prefix: str) -> Iterator[AgentProcess]:
+    proc = AgentProcess(tmp_path, trio.host_netns, netns_prefix).start()
+    docs = [_pod(att.key.split("/")[1], "x", [att.address4, att.address6], 80,
+                 {"pod": att.key.split("/")[1]}) for att in trio.all]
+    proc.call("apply", documents=[*docs, ONLY_B], source="setup")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def servers(trio) -> Iterator[ProbeServer]:
+    with ProbeServer({a.netns: PORTS for a in trio.all}) as server:
+        yield server
+
+
+def _probe(trio, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+    atts = {a.key.split("/")[1]: a for a in trio.all}
+    probes = [Probe(s, atts[s].netns, d, atts[d].address4, PORTS[0]) for s, d in pairs]
+    return {(v.probe.src, v.probe.dst): v.allowed for v in run_probes(probes, timeout=0.6)}
+
+
+BASELINE = {("b", "a"): True, ("c", "a"): False, ("a", "c"): True}
+
+
+def _refused(agent: AgentProcess, op: str, **args: Any) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        agent.call(op, **args)
+    return info.value
+
+
+def test_a_pod_port_out_of_range_is_refused_and_enforcement_goes_on(trio, agent,
+                                                                     servers) -> None:
+    assert _probe(trio, list(BASELINE)) == BASELINE
+    a = trio.a
+    for port in (70000, -5, 0):
+        err = _refused(agent, "apply", documents=[
+            _pod("a", "x", [a.address4, a.address6], port, {"pod": "a"})])
+        assert err.code == "invalid"
+        assert any("containerPort" in line and str(port) in line for line in err.lines)
+        err = _refused(agent, "endpoint.add", endpoint={
+            "namespace": "x", "name": "d", "ips": ["10.250.0.9"],
+            "ports": [{"port": port, "name": "http"}]})
+        assert err.code == "invalid"
+    # The kernel still takes changes: a deny-all applied afterwards is enforced.
+    agent.call("apply", documents=[DENY_ALL])
+    assert _probe(trio, [("b", "a"), ("a", "c")]) == {("b", "a"): True, ("a", "c"): False}
+    st = agent.call("status")
+    assert st["ready"] and st["inSync"] and st["applyFailures"] == 0
+
+
+def test_an_address_held_by_another_pod_is_refused(trio, agent, servers) -> None:
+    err = _refused(agent, "apply", documents=[
+        _pod("evil", "y", [trio.a.address4], 80, {"pod": "b"})])
+    assert err.code == "invalid"
+    assert err.lines == [f"address {trio.a.address4} is held by two endpoints: "
+                         "endpoint x/a and endpoint y/evil"]
+    assert _probe(trio, list(BASELINE)) == BASELINE
+    assert "y/evil" not in {f"{e['namespace']}/{e['name']}"
+                            for e in agent.call("get", kind="endpoints")["items"]}
+
+
+def test_a_stored_bad_endpoint_is_held_closed_on_restart(trio, agent, servers) -> None:
+    agent.stop()
+    # What an older agent (or a hand edit) could have stored: a port the kernel refuses.
+    db = sqlite3.connect(agent.state / "state.db")
+    (doc,) = db.execute("SELECT doc FROM endpoints WHERE key = 'x/c'").fetchone()
+    record = json.loads(doc)
+    record["ports"] = [{"name": "http", "port": 70000, "protocol": "TCP"}]
+    db.execute("UPDATE endpoints SET doc = ? WHERE key = 'x/c'", (json.dumps(record),))
+    db.commit()
+    db.close()
+    agent.start()
+    st = agent.call("status")
+    assert st["ready"] and st["inSync"]
+    assert list(st["quarantined"]) == ["x/c"] and "containerPort" in st["quarantined"]["x/c"][0]
+    # x/c is isolated both ways; the rest is enforced as before.
+    assert _probe(trio, [("b", "a"), ("c", "a"), ("a", "c"), ("c", "b"), ("a", "b")]) == {
+        ("b", "a"): True, ("c", "a"): False, ("a", "c"): False, ("c", "b"): False,
+        ("a", "b"): True}
+    assert "held fail-closed" in agent.logs()
+    # A valid record releases it.
+    agent.call("apply", documents=[_pod("c", "x", [trio.c.address4, trio.c.address6], 80,
+                                        {"pod": "c"})])
+    assert agent.call("status")["quarantined"] == {}
+    assert _probe(trio, list(BASELINE)) == BASELINE
+
+
+def _start_fails(agent: AgentProcess, *extra: str, state: Path | None = None) -> str:
+    cmd = list(agent.cmd)
+    if state is not None:
+        cmd[cmd.index("--state-dir") + 1] = str(state)
+    out = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0, out.stderr[-2000:]
+    return out.stderr
+
+
+def test_losing_the_store_never_opens_enforcement(trio, agent, servers, tmp_path: Path) -> None:
+    snapshot = tmp_path / "snap.json"
+    snapshot.write_text(json.dumps(agent.call("snapshot.save")["snapshot"]))
+    agent.stop()
+    # A mistyped --state-dir: an empty store.
+    err = _start_fails(agent, state=tmp_path / "stat")
+    assert "is empty" in err and "--restore-snapshot" in err and "--accept-empty-store" in err
+    assert _probe(trio, list(BASELINE)) == BASELINE
+    # The database removed.
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (agent.state / name).unlink(missing_ok=True)
+    err = _start_fails(agent)
+    assert "is empty" in err
+    assert _probe(trio, list(BASELINE)) == BASELINE
+    # Told how to proceed: restore the snapshot. Nothing is flushed on the way.
+    agent.cmd += ["--restore-snapshot", str(snapshot)]
+    agent.start()
+    st = agent.call("status")
+    assert st["inSync"] and st["counts"] == {"namespaces": 1, "endpoints": 3, "policies": 1}
+    assert _probe(trio, list(BASELINE)) == BASELINE
+    agent.stop()
+    # A snapshot is only for an empty store.
+    err = _start_fails(agent)
+    assert "--restore-snapshot is for an empty store" in err
+    agent.cmd = agent.cmd[:-2]
+    agent.start()
+    assert agent.call("status")["counts"]["policies"] == 1
+    agent.stop()
+    # Replacing the kernel's rules by an empty state is possible, but only on purpose.
+    (agent.state / "state.db").unlink()
+    agent.cmd += ["--accept-empty-store"]
+    agent.start()
+    assert _probe(trio, [("c", "a")]) == {("c", "a"): True}
+
+
+def test_the_cli_reports_a_refused_start_in_one_line(tmp_path: Path, trio, agent) -> None:
+    agent.stop()
+    (agent.state / "state.db").unlink()
+    out = subprocess.run([sys.executable, "-m", "stockade.cli.main", *agent.cmd[3:]],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "refuses" in out.stderr
