@@ -322,3 +322,12 @@ def test_stored_invalid_endpoints_are_held_closed_not_dropped() -> None:
     assert allows(rs, "10.0.0.1", "10.0.0.4", "TCP", 80)
     assert all(ep.labels == Labels({QUARANTINE_LABEL: "true"})
                for ep in cluster.endpoints if ep.key in held)
+
+
+def test_the_agent_names_the_policies_behind_each_chain(node: Node) -> None:
+    node.call("apply", documents=[POLICY, pod("w", "10.99.0.1", labels={"app": "web"}),
+                                  pod("v", "10.99.0.2", labels={"app": "web"})])
+    [chain] = node.call("get", kind="chains")["items"]
+    assert chain["direction"] == "ingress" and chain["endpoints"] == 2
+    assert chain["policies"] == [["x/web"]]
+    assert chain["name"] in node.datapath.kernel.chains

@@ -12,7 +12,7 @@ Operations (args → result):
                                                  lastApply, counts, driftRepairs, datapath}
     apply        {documents, source, sync}    → {created, configured, unchanged, revision}
     delete       {documents | refs, sync}     → {deleted, missing, revision}
-    get          {kind}                       → {items}      kind: namespaces|endpoints|policies
+    get          {kind}                       → {items}   kind: namespaces|endpoints|policies|chains
     label        {kind, name, set, remove}    → {revision}   kind: namespace|endpoint
     snapshot.save                             → {snapshot}
     snapshot.restore {snapshot, sync}         → {revision}

@@ -184,6 +184,10 @@ class Reconciler:
             return 0.0
         return float(min(30.0, 0.1 * 2 ** min(self.consecutive_failures - 1, 10)))
 
+    def chain_uses(self) -> dict[str, tuple[str, int, list[tuple[str, ...]]]]:
+        with self._lock:
+            return self.compiler.chain_uses()
+
     def wait_for(self, revision: int, timeout: float) -> bool | str:
         """Block until the kernel enforces `revision` (or a later one): True.
 

@@ -146,8 +146,14 @@ class Service:
                 items = [r.to_dict() for _, r in sorted(self.state.endpoints.items())]
             elif kind == "policies":
                 items = [r.to_dict() for _, r in sorted(self.state.policies.items())]
+            elif kind == "chains":
+                items = [{"name": name, "direction": direction, "endpoints": users,
+                          "policies": [list(keys) for keys in sets]}
+                         for name, (direction, users, sets) in
+                         sorted(self.reconciler.chain_uses().items())]
             else:
-                raise ApiError(BAD_REQUEST, "kind must be namespaces, endpoints or policies")
+                raise ApiError(BAD_REQUEST, "kind must be namespaces, endpoints, policies "
+                                            "or chains")
         return {"items": items}
 
     # ---- apply and delete --------------------------------------------------------------

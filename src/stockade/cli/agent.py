@@ -58,7 +58,7 @@ def register(sub: Any) -> None:
 
     g = sub.add_parser("get", help="list namespaces, endpoints or policies")
     _socket(g)
-    g.add_argument("kind", choices=("namespaces", "endpoints", "policies"))
+    g.add_argument("kind", choices=("namespaces", "endpoints", "policies", "chains"))
     g.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     g.set_defaults(run=run_get)
 
@@ -193,6 +193,10 @@ def _table(kind: str, items: list[dict[str, Any]]) -> str:
         rows = [["NAMESPACE", "NAME", "IPS", "OWNER", "NETNS", "LABELS"]] + [
             [i["namespace"], i["name"], ",".join(i["ips"]), i["owner"], i["netns"] or "-",
              _labels(i["labels"])] for i in items]
+    elif kind == "chains":
+        rows = [["CHAIN", "DIRECTION", "ENDPOINTS", "POLICIES"]] + [
+            [i["name"], i["direction"], str(i["endpoints"]),
+             " | ".join(",".join(keys) for keys in i["policies"])] for i in items]
     else:
         rows = [["NAMESPACE", "NAME", "POLICY-TYPES"]] + [
             [i["metadata"].get("namespace", "default"), i["metadata"].get("name", ""),

@@ -211,6 +211,17 @@ class IncrementalCompiler:
             self._maps[ir_dir][addr] = chain
             self._owner[ir_dir][addr] = ep.key
 
+    def chain_uses(self) -> dict[str, tuple[str, int, list[tuple[str, ...]]]]:
+        """Each chain in use: its direction, how many endpoints it isolates, and the
+        sets of policies it enforces. Policy names live here, not in the kernel: a
+        chain is shared by content, so its users change while it stays."""
+        out: dict[str, tuple[str, int, list[tuple[str, ...]]]] = {}
+        for (_direction, keys), name in sorted(self._chain_of.items()):
+            users = self._chain_users.get(name, 0)
+            if users and name in self._chains:
+                out.setdefault(name, (self._chains[name].direction, users, []))[2].append(keys)
+        return out
+
     def _unplace(self, ep: Endpoint, direction: str) -> None:
         chain = self._endpoint_chain.pop((direction, ep.key), None)
         if chain is None:
