@@ -13,8 +13,15 @@ The table (one `inet` table that stockade owns and nothing else):
 
 Per packet: two verdict-map lookups and the rules of the policies that select
 the two endpoints, whatever the number of endpoints and policies elsewhere.
-Every rule carries a comment ending in a hash of its content, which is how a
-read-back recognises a chain whose rules were edited behind stockade's back.
+
+A chain is shared by every policy set with the same rules, so nothing the kernel
+holds names a policy: a rule's comment is its position and a digest of its
+content ("ingress rule 3 #1a2b3c4d"). Reading back compares what the kernel
+*does*: the base chain's type, hook, priority and policy, every rule's
+expressions (normalised, since libnftables prints an expression differently
+from how it was sent), the sets' and maps' definitions and elements, and
+nothing else in the table. Whatever differs is drift, and `KernelTable.prelude`
+holds the commands that clear it away in the repairing transaction.
 """
 
 from __future__ import annotations
@@ -143,28 +150,57 @@ def render_rule_expr(rule: Rule, direction: str) -> list[dict[str, Any]]:
     return expr
 
 
-def render_chain(table: Table, chain: Chain) -> list[Command]:
+def rule_comment(direction: str, index: int, rule: Rule) -> str:
+    """A rule's kernel comment: its place and a digest of its content, never a policy name.
+
+    A chain is shared by every policy set with the same rules (it is named by
+    their content), so a policy name here could name a policy that no longer
+    uses the chain; which policies share a chain is the agent's to answer.
+    """
+    return f"{direction} rule {index} #{rule_digest(rule)}"
+
+
+def chain_rules(table: Table, chain: Chain) -> list[tuple[list[dict[str, Any]], str]]:
+    """Every rule of a policy chain as (expressions, comment), in order."""
     verdict = {"accept": None} if chain.direction == INGRESS else {"return": None}
+    out = [([*render_rule_expr(rule, chain.direction), verdict],
+            rule_comment(chain.direction, i, rule)) for i, rule in enumerate(chain.rules, 1)]
+    return out + table.deny_rules(chain)
+
+
+def render_chain(table: Table, chain: Chain) -> list[Command]:
     cmds: list[Command] = [{"add": {"chain": table.ref(name=chain.name)}}]
-    for rule in chain.rules:
-        tag = f"{rule.comment} #{rule_digest(rule)}"[-120:]
-        cmds.append({"add": {"rule": table.ref(
-            chain=chain.name, expr=[*render_rule_expr(rule, chain.direction), verdict],
-            comment=tag)}})
-    for expr, comment in table.deny_rules(chain):
+    for expr, comment in chain_rules(table, chain):
         cmds.append({"add": {"rule": table.ref(chain=chain.name, expr=expr, comment=comment)}})
     return cmds
 
 
-def render_skeleton(table: Table) -> list[Command]:
-    """The table, the four verdict maps and the forward base chain."""
-    cmds: list[Command] = [
-        {"add": {"table": {"family": FAMILY, "name": table.name}}},
-    ]
+def base_chain(table: Table) -> dict[str, Any]:
+    """The forward base chain's definition, as sent and as read back (less its handle)."""
+    return table.ref(name=FORWARD, type="filter", hook="forward", prio=table.priority,
+                     policy="accept")
+
+
+def render_skeleton(table: Table, *, create_table: bool = True) -> list[Command]:
+    """The table, the four verdict maps and the forward base chain.
+
+    `create_table=False` leaves the table out: a table created with the owner
+    flag refuses libnftables' `add table` (it sends flags 0, which would drop
+    ownership: EOPNOTSUPP), so an owned table is created over raw netlink first.
+    """
+    cmds: list[Command] = []
+    if create_table:
+        cmds.append({"add": {"table": {"family": FAMILY, "name": table.name}}})
     for (_direction, fam), name in sorted(MAPS.items()):
         cmds.append({"add": {"map": table.ref(name=name, type=_ADDR_TYPE[fam], map="verdict")}})
-    cmds.append({"add": {"chain": table.ref(name=FORWARD, type="filter", hook="forward",
-                                            prio=table.priority, policy="accept")}})
+    cmds.append({"add": {"chain": base_chain(table)}})
+    for expr, comment in skeleton_rules():
+        cmds.append({"add": {"rule": table.ref(chain=FORWARD, expr=expr, comment=comment)}})
+    return cmds
+
+
+def skeleton_rules() -> list[tuple[list[dict[str, Any]], str]]:
+    """The forward base chain's rules as (expressions, comment), in order."""
     rules: list[tuple[list[dict[str, Any]], str]] = [
         ([_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
           {"accept": None}], "conntrack"),
@@ -184,19 +220,17 @@ def render_skeleton(table: Table) -> list[Command]:
             rules.append(([{"vmap": {"key": _payload(_IP[fam], fld),
                                      "data": "@" + MAPS[(direction, fam)]}}],
                           f"{direction} {_IP[fam]}"))
-    for expr, comment in rules:
-        cmds.append({"add": {"rule": table.ref(chain=FORWARD, expr=expr,
-                                               comment=f"{comment} #{SKELETON_VERSION}")}})
-    return cmds
+    return [(expr, f"{comment} #{SKELETON_VERSION}") for expr, comment in rules]
 
 
 def _map_elem(addr: str, chain: str | None) -> Any:
     return [addr, {"jump": {"target": chain}}] if chain else addr
 
 
-def render_plan(table: Table, p: Plan, *, skeleton: bool = False) -> list[Command]:
+def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
+                create_table: bool = True) -> list[Command]:
     """One transaction's commands, in an order that keeps every reference valid."""
-    cmds: list[Command] = render_skeleton(table) if skeleton else []
+    cmds: list[Command] = render_skeleton(table, create_table=create_table) if skeleton else []
     cmds += [{"add": {"set": render_set(table, s)}} for s in p.add_sets]
     for s, els in p.add_elements:
         if s.kind == NET:
@@ -232,25 +266,273 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False) -> list[Comman
     return cmds
 
 
+# ---- normalising expressions ---------------------------------------------------
+
+# Transport protocols whose header `th` reads once `meta l4proto` names one.
+_TRANSPORT = frozenset({"tcp", "udp", "sctp", "udplite", "dccp"})
+_NETWORK = {"ipv4": "ip", "ipv6": "ip6"}
+# Operators whose operands are in order (the others' lists are sets of flags).
+_ORDERED = frozenset({"concat", "&", "|", "^", "<<", ">>", "range"})
+
+Canon = Any  # a hashable, comparable canonical form
+
+
+def _key_match(stmt: Any, key: str) -> str | None:
+    """`x` when `stmt` is `meta <key> == x` with one symbolic value."""
+    m = stmt.get("match") if isinstance(stmt, dict) and len(stmt) == 1 else None
+    if (isinstance(m, dict) and m.get("op", "==") == "==" and m.get("left") == {
+            "meta": {"key": key}}):
+        right = m.get("right")
+        if isinstance(right, list) and len(right) == 1:
+            right = right[0]
+        return right if isinstance(right, str) else None
+    return None
+
+
+def _retarget_th(value: Any, proto: str) -> Any:
+    """`th` payloads read as `proto` payloads (what they are once l4proto is known)."""
+    if isinstance(value, dict):
+        pl = value.get("payload")
+        if len(value) == 1 and isinstance(pl, dict) and pl.get("protocol") == "th":
+            return {"payload": {**pl, "protocol": proto}}
+        return {k: _retarget_th(v, proto) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_retarget_th(v, proto) for v in value]
+    return value
+
+
+def _reads(value: Any, protocols: tuple[str, ...]) -> bool:
+    """Whether an expression reads a header of one of `protocols`."""
+    if isinstance(value, dict):
+        pl = value.get("payload")
+        if len(value) == 1 and isinstance(pl, dict):
+            return pl.get("protocol") in protocols
+        return any(_reads(v, protocols) for v in value.values())
+    if isinstance(value, list):
+        return any(_reads(v, protocols) for v in value)
+    return False
+
+
+def _interval(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, dict) and len(value) == 1 and isinstance(value.get("range"), list):
+        lo, hi = value["range"]
+        if isinstance(lo, int) and isinstance(hi, int):
+            return (lo, hi)
+    return None
+
+
+def _unwrap(value: Any) -> Any:
+    """A set element without its decorations (comments): only its value matches."""
+    if isinstance(value, dict) and len(value) == 1 and isinstance(value.get("elem"), dict):
+        inner = value["elem"]
+        if set(inner) <= {"val", "comment"}:
+            return inner.get("val")
+    return value
+
+
+def _canon_set(items: list[Any]) -> Canon:
+    """An anonymous set (or one value): numbers and ranges merged into intervals.
+
+    `80`, `{80}`, `80-80` and `{80-80}` match the same packets, and so do
+    `{80, 81-90}` and `{80-90}` (libnftables merges adjacent intervals).
+    """
+    items = [_unwrap(v) for v in items]
+    intervals = [_interval(v) for v in items]
+    if items and all(iv is not None for iv in intervals):
+        merged: list[list[int]] = []
+        for lo, hi in sorted(iv for iv in intervals if iv is not None):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        out: list[Canon] = [lo if lo == hi else ("range", lo, hi) for lo, hi in merged]
+    else:
+        out = sorted({_canon(v) for v in items}, key=repr)
+    return out[0] if len(out) == 1 else ("set", tuple(out))
+
+
+def _canon(value: Any) -> Canon:
+    if isinstance(value, (str, int)) or value is None:
+        return value
+    if isinstance(value, dict):
+        if len(value) == 1:
+            ((key, inner),) = value.items()
+            if inner is None:
+                return (key,)  # a verdict: accept, drop, return
+            if key in _SIMPLE and isinstance(inner, dict) and inner.keys() == _SIMPLE[key]:
+                return (key, *(inner[k] for k in _SIMPLE_ORDER[key]))  # payload, meta, ct
+            if key == "set" and isinstance(inner, list):
+                return _canon_set(inner)
+            if key == "range" or (key == "elem" and isinstance(inner, dict)):
+                return _canon_set([value])
+            if key == "prefix" and isinstance(inner, dict):
+                addr, length = inner.get("addr"), inner.get("len")
+                full = length == (128 if ":" in str(addr) else 32)
+                return _canon(addr) if full else ("prefix", _canon(addr), length)
+            if key in _ORDERED and isinstance(inner, list):
+                return (key, tuple(_canon(v) for v in inner))
+        return ("{", tuple(sorted((k, _canon(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        # A list outside an ordered operator is a set of symbolic values (flags).
+        return _canon_set(value)
+    return value
+
+
+# Expressions of one fixed shape, canonical as a flat tuple (the common case, fast).
+_SIMPLE = {"payload": {"protocol", "field"}, "meta": {"key"}, "ct": {"key"}}
+_SIMPLE_ORDER = {"payload": ("protocol", "field"), "meta": ("key",), "ct": ("key",)}
+
+
+def _canon_stmt(stmt: Any) -> Canon:
+    m = stmt.get("match") if isinstance(stmt, dict) and len(stmt) == 1 else None
+    if isinstance(m, dict) and m.keys() == _MATCH_KEYS:
+        return ("match", m["op"], _canon(m["left"]), _canon(m["right"]))
+    return _canon(stmt)
+
+
+_MATCH_KEYS = {"op", "left", "right"}
+
+
+def canonical_expr(expr: Iterable[Any]) -> tuple[Canon, ...]:
+    """A rule's expressions in one canonical form, whether rendered here or read back.
+
+    libnftables prints what the kernel runs, not what was sent: `meta l4proto
+    tcp; th dport 80` comes back as `tcp dport 80`, a protocol match that only
+    guards a later header read disappears (the header read implies it), sets
+    of one element become the element, adjacent ranges merge. Both sides are
+    mapped here to one form; only equivalences that hold for every packet are
+    used, so two expressions with the same canonical form match the same packets.
+    """
+    stmts = list(expr)
+    l4 = [_key_match(s, "l4proto") for s in stmts]
+    nf = [_key_match(s, "nfproto") for s in stmts]
+    proto: str | None = None
+    for i, stmt in enumerate(stmts):
+        if l4[i] is not None:
+            proto = l4[i]
+        elif proto in _TRANSPORT:
+            assert proto is not None
+            stmts[i] = _retarget_th(stmt, proto)
+    out: list[Canon] = []
+    for i, stmt in enumerate(stmts):
+        p = l4[i]
+        if p is not None and any(_reads(s, (p,)) for s in stmts[i + 1:]):
+            continue  # a dependency of a later header read
+        n = nf[i]
+        if n in _NETWORK and any(_reads(s, (_NETWORK[n],)) for s in stmts[i + 1:]):
+            continue
+        out.append(_canon_stmt(stmt))
+    return tuple(out)
+
+
+def canonical_rules(rules: Iterable[tuple[Iterable[Any], str]]) -> tuple[Canon, ...]:
+    """A chain's rules as (comment, canonical expressions), for comparing."""
+    return tuple((comment, canonical_expr(expr)) for expr, comment in rules)
+
+
+class RuleCheck:
+    """Compares the rules of chains read back with what stockade renders for them.
+
+    Normalising is what costs, so it is remembered: the canonical form of each
+    rule stockade renders is computed once, and the read-back (parsed JSON) of
+    each rule once found equal to it; the same read-back again, in this chain
+    or in another holding the same rule, is equal without normalising. At
+    10,000 endpoints a verification compares thousands of rules, nearly all
+    unchanged since the last one, many shared between chains.
+    """
+
+    LIMIT = 100_000
+
+    def __init__(self) -> None:
+        self._canon: dict[Any, tuple[Canon, ...]] = {}
+        self._raw: dict[Any, Any] = {}
+
+    def _expected(self, table: Table, chain: Chain) -> list[tuple[str, Any, Any]]:
+        """(comment, memo key, expressions) of every rule of `chain`, in order."""
+        verdict = {"accept": None} if chain.direction == INGRESS else {"return": None}
+        out: list[tuple[str, Any, Any]] = [
+            (rule_comment(chain.direction, i, rule), (rule, chain.direction),
+             lambda r=rule: [*render_rule_expr(r, chain.direction), verdict])
+            for i, rule in enumerate(chain.rules, 1)]
+        for i, (expr, comment) in enumerate(table.deny_rules(chain)):
+            out.append((comment, (table, chain.name, i), lambda e=expr: e))
+        return out
+
+    def same(self, table: Table, chain: Chain, raw: list[Any]) -> bool:
+        """Whether the kernel's rules of `chain` (`raw`: their JSON bodies) are what we render."""
+        want = self._expected(table, chain)
+        if len(raw) != len(want):
+            return False
+        if len(self._raw) > self.LIMIT or len(self._canon) > self.LIMIT:
+            self._raw.clear()
+            self._canon.clear()
+        for body, (comment, key, render) in zip(raw, want, strict=True):
+            if body.get("comment", "") != comment or not body.keys() <= _RULE_KEYS:
+                return False
+            expr = body.get("expr", [])
+            if self._raw.get(key) == expr:
+                continue
+            canon = self._canon.get(key)
+            if canon is None:
+                canon = self._canon[key] = canonical_expr(render())
+            if canonical_expr(expr) != canon:
+                return False
+            self._raw[key] = expr
+        return True
+
+
 # ---- reading back ---------------------------------------------------------------
+
+_RULE_KEYS = frozenset({"family", "table", "chain", "handle", "comment", "expr"})
+_CHAIN_KEYS = frozenset({"family", "table", "name", "handle"})
+_SET_KEYS = frozenset({"family", "table", "name", "handle", "type", "flags", "elem", "comment"})
+_MAP_KEYS = frozenset({"family", "table", "name", "handle", "type", "map", "elem", "comment"})
+# Table flags the kernel reports for a table stockade made: libnftables 1.0.6
+# prints NFT_TABLE_F_OWNER as "owner" and NFT_TABLE_F_PERSIST as "unknown".
+_TABLE_FLAGS = frozenset({"owner", "unknown"})
+# A verdict-map entry that does not jump to a chain (accept, goto, drop, ...): no
+# chain has this name, so the entry always differs from what stockade wants.
+NOT_A_JUMP = "<not a jump>"
+# What a chain that is not what its name promises holds, as far as plans go:
+# unequal to the rules of every real chain, even a chain with no rules.
+TAMPERED = (Rule(protocol="<tampered>"),)
 
 
 @dataclass
 class KernelTable:
-    """What the kernel holds, as far as stockade reads it."""
+    """What the kernel holds, as far as stockade reads it.
+
+    `ruleset` is what the kernel enforces in stockade's terms: verified chains,
+    chains that are not what their name promises (rules `TAMPERED`), sets and
+    map entries. Anything that is not stockade's or not as stockade makes it is
+    described in `drift` (foreign objects also in `foreign`), and `prelude`
+    holds the commands that remove it, to run first in the repairing transaction.
+    """
 
     ruleset: Ruleset
-    skeleton_ok: bool
-    # chain name -> comments of its rules, in order (content digests)
-    rule_tags: dict[str, list[str]] = field(default_factory=dict)
-    foreign: list[str] = field(default_factory=list)
+    skeleton_ok: bool  # the base chain (definition and rules) and the four maps
+    foreign: list[str] = field(default_factory=list)  # objects stockade did not make
+    drift: list[str] = field(default_factory=list)  # every difference found, one line each
+    prelude: list[Command] = field(default_factory=list)
+    table_ok: bool = True  # no table flag but owner/persist (dormant: enforces nothing)
+    # Foreign stateful objects and flowtables as (kind, name, handle): removed
+    # over raw netlink after the repairing transaction (nothing uses them then).
+    objects: list[tuple[str, str, int]] = field(default_factory=list)
+
+    @property
+    def needs_repair(self) -> bool:
+        """Whether a transaction must restore the skeleton or remove what is not ours."""
+        return (not self.skeleton_ok or not self.table_ok or bool(self.prelude)
+                or bool(self.objects))
 
 
 def _read_element(kind: str, family: int, raw: Any) -> Element | None:
-    if isinstance(raw, dict) and "elem" in raw:
-        raw = raw["elem"]["val"] if isinstance(raw["elem"], dict) else raw["elem"]
+    raw = _unwrap(raw)
     if kind == ADDR_PORT:
-        if not isinstance(raw, dict) or "concat" not in raw:
+        if not isinstance(raw, dict) or not isinstance(raw.get("concat"), list) or len(
+                raw["concat"]) != 3:
             return None
         addr, proto, port = raw["concat"]
         return (str(addr), str(proto), int(port))
@@ -263,8 +545,17 @@ def _read_element(kind: str, family: int, raw: Any) -> Element | None:
     return str(raw) if isinstance(raw, str) else None
 
 
-def _kind_of(name: str) -> str:
-    return {"s": ADDR, "c": NET, "n": ADDR_PORT}.get(name[:1], "")
+def _set_kind(name: str) -> tuple[str, int] | None:
+    """(kind, family) of a set stockade names (s4-, c6-, n4-, ...), else None."""
+    if len(name) < 4 or name[2] != "-" or name[1] not in "46":
+        return None
+    kind = {"s": ADDR, "c": NET, "n": ADDR_PORT}.get(name[0])
+    return (kind, int(name[1])) if kind else None
+
+
+def _set_type(kind: str, family: int) -> Any:
+    return ([_ADDR_TYPE[family], "inet_proto", "inet_service"] if kind == ADDR_PORT
+            else _ADDR_TYPE[family])
 
 
 def _canonical_net(elements: Iterable[Element]) -> frozenset[Element]:
@@ -288,74 +579,201 @@ def canonical(rs: Ruleset) -> Ruleset:
     return Ruleset(sets, rs.chains, rs.ingress, rs.egress)
 
 
-def parse_kernel(doc: Mapping[str, Any], table: Table,
-                 expected_chains: Mapping[str, Chain]) -> KernelTable:
-    """A Ruleset from `nft -j list table`; chains are known by name (content hash).
+def _sets_of(chain: Chain) -> set[str]:
+    return {n for r in chain.rules for n in (r.peer_set, r.named_set) if n is not None}
 
-    A chain's rules are not parsed back into the IR: a chain whose name is in
-    `expected_chains` and whose rule comments carry the expected digests is that
-    chain. Anything else in the table is reported as foreign.
+
+def _table_flags(flags: Any) -> set[str]:
+    if flags is None:
+        return set()
+    return {str(f) for f in flags} if isinstance(flags, list) else {str(flags)}
+
+
+def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[str, Chain],
+                 check: RuleCheck | None = None) -> KernelTable:
+    """What `nft -j list table` shows, against what stockade would have put there.
+
+    A policy chain is known by its name (a hash of its content) among
+    `expected_chains`, and is that chain only if its rules, as the kernel runs
+    them, are those stockade renders for it. Every other object is compared
+    with its definition: the base chain (type, hook, priority, policy, rules),
+    the four verdict maps, the sets (type, flags; elements are compared by the
+    plan). Whatever is not stockade's is foreign, and the prelude removes it.
     """
-    sets: dict[str, AddressSet] = {}
-    chains: dict[str, Chain] = {}
-    maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
-    tags: dict[str, list[str]] = {}
-    forward_tags: list[str] = []
-    foreign: list[str] = []
-    have_maps: set[str] = set()
+    check = check or RuleCheck()
+    ref = table.ref
+    chain_bodies: dict[str, dict[str, Any]] = {}
+    rules: dict[str, list[Any]] = {}
+    set_bodies: list[dict[str, Any]] = []
+    map_bodies: list[dict[str, Any]] = []
+    others: list[tuple[str, dict[str, Any]]] = []
+    table_ok = True
+    drift: list[str] = []
     for item in doc.get("nftables", []):
-        if "set" in item:
-            s = item["set"]
-            name = s["name"]
-            kind = _kind_of(name)
-            fam = 6 if "ipv6_addr" in str(s.get("type")) else 4
-            if not kind:
-                foreign.append(f"set {name}")
-                continue
-            els = [_read_element(kind, fam, e) for e in s.get("elem", [])]
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        ((kind, body),) = item.items()
+        if kind == "metainfo":
+            continue
+        if kind == "rule":
+            rules.setdefault(body.get("chain", ""), []).append(body)
+        elif kind == "chain":
+            chain_bodies[body["name"]] = body
+        elif kind == "set":
+            set_bodies.append(body)
+        elif kind == "map":
+            map_bodies.append(body)
+        elif kind == "table":
+            table_flags = _table_flags(body.get("flags"))
+            if table_flags - _TABLE_FLAGS:
+                table_ok = False
+                drift.append(f"table flags {', '.join(sorted(table_flags))}")
+        else:
+            others.append((kind, body))
+
+    foreign: list[str] = []
+    flush: list[str] = []  # chains to empty first (their rules may hold references)
+    del_chains: list[str] = []  # chains to delete (after flushing)
+    del_objects: list[Command] = []  # sets, maps and other objects to delete, last
+
+    # Sets: stockade's names, types and flags; anything else goes.
+    sets: dict[str, AddressSet] = {}
+    bad_sets: set[str] = set()
+    for s in set_bodies:
+        name = s["name"]
+        sk = _set_kind(name)
+        if sk is None:
+            foreign.append(f"set {name}")
+            del_objects.append({"delete": {"set": ref(name=name)}})
+            continue
+        kind, fam = sk
+        flags = s.get("flags")
+        want_flags = ["interval"] if kind == NET else None
+        if (s.get("type") != _set_type(kind, fam) or flags != want_flags
+                or not set(s) <= _SET_KEYS):
+            drift.append(f"set {name}: definition differs")
+            bad_sets.add(name)
+            del_objects.append({"delete": {"set": ref(name=name)}})
+            continue
+        raw = s.get("elem", [])
+        if kind == ADDR and all(isinstance(e, str) for e in raw):
+            elements: frozenset[Element] = frozenset(raw)  # the common case, fast
+        else:
+            els = [_read_element(kind, fam, e) for e in raw]
             elements = frozenset(e for e in els if e is not None)
-            if kind == NET:
-                elements = _canonical_net(elements)
-            sets[name] = AddressSet(name, fam, kind, elements, s.get("comment", ""))
-        elif "map" in item:
-            m = item["map"]
-            direction = next((d for (d, _), n in MAPS.items() if n == m["name"]), None)
-            if direction is None:
-                foreign.append(f"map {m['name']}")
+        if kind == NET:
+            elements = _canonical_net(elements)
+        sets[name] = AddressSet(name, fam, kind, elements, s.get("comment", ""))
+
+    # Chains: the base chain, policy chains that are what their name promises,
+    # chains of ours that are not (replaced), and foreign ones (deleted).
+    chains: dict[str, Chain] = {}
+    gone: set[str] = set()  # chains deleted by the prelude
+    for name, body in chain_bodies.items():
+        if name == FORWARD:
+            continue
+        mine = name[:2] in ("i-", "e-")
+        if not mine:
+            foreign.append(f"chain {name}")
+            gone.add(name)
+            continue
+        direction = INGRESS if name[0] == "i" else EGRESS
+        if not set(body) <= _CHAIN_KEYS:
+            drift.append(f"chain {name}: definition differs")
+            gone.add(name)
+            continue
+        chain = expected_chains.get(name)
+        if chain is not None and chain.direction == direction and not (
+                _sets_of(chain) & bad_sets) and check.same(table, chain, rules.get(name, [])):
+            chains[name] = chain
+            continue
+        if chain is not None:
+            drift.append(f"chain {name}: rules differ")
+        flush.append(name)
+        chains[name] = Chain(name, direction, TAMPERED, "tampered")
+    for name in sorted(gone):
+        flush.append(name)
+        del_chains.append(name)
+
+    # The verdict maps: definitions, and entries that jump to a chain.
+    maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+    good_maps: set[str] = set()
+    by_name = {n: (d, fam) for (d, fam), n in MAPS.items()}
+    del_entries: list[Command] = []
+    for m in map_bodies:
+        name = m["name"]
+        if name not in by_name:
+            foreign.append(f"map {name}")
+            del_objects.append({"delete": {"map": ref(name=name)}})
+            continue
+        direction, fam = by_name[name]
+        if (m.get("type") != _ADDR_TYPE[fam] or m.get("map") != "verdict"
+                or not set(m) <= _MAP_KEYS):
+            drift.append(f"map {name}: definition differs")
+            del_objects.append({"delete": {"map": ref(name=name)}})
+            continue
+        good_maps.add(name)
+        stale: list[str] = []
+        for entry in m.get("elem", []):
+            if not isinstance(entry, list) or len(entry) != 2:
                 continue
-            have_maps.add(m["name"])
-            for key, verdict in m.get("elem", []):
-                target = verdict.get("jump", {}).get("target") if isinstance(verdict,
-                                                                              dict) else None
-                if isinstance(key, str) and target:
-                    maps[direction][key] = target
-        elif "chain" in item:
-            c = item["chain"]
-            name = c["name"]
-            if name == FORWARD:
+            key, verdict = _unwrap(entry[0]), entry[1]
+            if not isinstance(key, str):
                 continue
-            if name in expected_chains:
-                chains[name] = expected_chains[name]
-            elif name[:2] in ("i-", "e-"):
-                chains[name] = Chain(name, INGRESS if name[0] == "i" else EGRESS, ())
-            else:
-                foreign.append(f"chain {name}")
-            tags.setdefault(name, [])
-        elif "rule" in item:
-            r = item["rule"]
-            comment = r.get("comment", "")
-            if r["chain"] == FORWARD:
-                forward_tags.append(comment)
-            else:
-                tags.setdefault(r["chain"], []).append(comment)
-    expected_forward = [r["add"]["rule"].get("comment", "") for r in render_skeleton(table)
-                        if "rule" in r["add"]]
-    skeleton_ok = forward_tags == expected_forward and have_maps == set(MAPS.values())
-    # A chain whose rules differ from what its name promises is not that chain.
-    for name, chain in list(chains.items()):
-        want = [f"{r.comment} #{rule_digest(r)}"[-120:] for r in chain.rules]
-        want += [comment for _, comment in table.deny_rules(chain)]
-        if not chain.rules or tags.get(name) != want:
-            chains[name] = Chain(name, chain.direction, (), "tampered")
+            jump = verdict.get("jump") if isinstance(verdict, dict) and len(verdict) == 1 else None
+            target = jump.get("target") if isinstance(jump, dict) else None
+            if not isinstance(target, str):
+                drift.append(f"map {name}: {key} does not jump to a chain")
+                target = NOT_A_JUMP
+            elif target in gone:
+                stale.append(key)  # its chain goes in the prelude: the entry first
+                continue
+            maps[direction][key] = target
+        if stale:
+            del_entries.append({"delete": {"element": ref(name=name, elem=stale)}})
+
+    # The base chain: definition, rules, and the maps its rules read.
+    fwd = chain_bodies.get(FORWARD)
+    fwd_def = {k: v for k, v in fwd.items() if k != "handle"} if fwd is not None else None
+    fwd_ok = fwd_def == base_chain(table)
+    if fwd is None:
+        drift.append("base chain missing")
+    elif not fwd_ok:
+        drift.append("base chain definition differs")
+    elif canonical_rules((r.get("expr", []), r.get("comment", ""))
+                         for r in rules.get(FORWARD, [])) != _skeleton_canon() or not all(
+                             set(r) <= _RULE_KEYS for r in rules.get(FORWARD, [])):
+        drift.append("base chain rules differ")
+        fwd_ok = False
+    if good_maps != set(MAPS.values()):
+        drift.append("verdict maps missing or altered")
+    skeleton_ok = fwd_ok and good_maps == set(MAPS.values())
+    if not skeleton_ok and fwd is not None:
+        flush.append(FORWARD)
+        del_chains.append(FORWARD)
+
+    # Stateful objects and flowtables: libnftables 1.0.6 cannot delete them all
+    # (a ct timeout aborts it), so they go over raw netlink, after the prelude's
+    # transaction has removed every rule that could use them.
+    objects: list[tuple[str, str, int]] = []
+    for kind, body in others:
+        foreign.append(f"{kind} {body.get('name', body.get('handle'))}")
+        objects.append((kind, str(body.get("name", "")), int(body.get("handle", 0))))
+
+    drift += [f"foreign {what}" for what in foreign]
+    prelude: list[Command] = [{"flush": {"chain": ref(name=n)}} for n in dict.fromkeys(flush)]
+    prelude += del_entries
+    prelude += [{"delete": {"chain": ref(name=n)}} for n in del_chains]
+    prelude += del_objects
     return KernelTable(Ruleset(sets, chains, maps[INGRESS], maps[EGRESS]), skeleton_ok,
-                       tags, foreign)
+                       foreign, drift, prelude, table_ok, objects)
+
+
+_SKELETON_CANON: tuple[Canon, ...] | None = None
+
+
+def _skeleton_canon() -> tuple[Canon, ...]:
+    global _SKELETON_CANON
+    if _SKELETON_CANON is None:
+        _SKELETON_CANON = canonical_rules(skeleton_rules())
+    return _SKELETON_CANON

@@ -5,6 +5,10 @@ netlink group: one message per object changed, then NEWGEN with the pid of the
 process that committed it. A transaction by another process that touched our
 table is drift; the agent then re-reads the kernel and repairs it at once,
 instead of waiting for the periodic resync.
+
+What the batch did is passed on too (`TableEvent`): when it deleted the table,
+the kernel holds nothing of it, and the datapath can restore the last ruleset
+whole without reading the kernel back first (`NftDatapath.foreign_change`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from stockade.dataplane.nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 from stockade.net.namespace import entered
@@ -23,6 +28,8 @@ from stockade.net.namespace import entered
 log = logging.getLogger("stockade.monitor")
 
 NFNLGRP_NFTABLES = 7
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_DELTABLE = 2
 NFT_MSG_NEWGEN = 15
 NFTA_GEN_PROC_PID = 2
 SOL_NETLINK = 270
@@ -40,6 +47,60 @@ def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
         out[kind & 0x3FFF] = data[offset + 4: offset + length]
         offset += (length + 3) & ~3
     return out
+
+
+@dataclass(frozen=True)
+class TableEvent:
+    """One committed batch that touched the table: who committed it and what it did."""
+
+    pid: int
+    # The batch deleted the table and did not create it again.
+    deleted: bool = False
+    # nf_tables message types the batch sent about the table (NEWRULE, DELSET, ...).
+    messages: frozenset[int] = field(default_factory=frozenset)
+    # Events were lost (the socket overflowed): anything may have happened.
+    lost: bool = False
+
+
+@dataclass
+class _Batch:
+    messages: list[int] = field(default_factory=list)
+
+
+def parse_batches(data: bytes, table: str,
+                  pending: _Batch | None) -> tuple[_Batch | None, list[TableEvent]]:
+    """Walk one datagram: the batches that touched our table, as events.
+
+    `pending` carries a batch over from the previous datagram (a batch may span
+    several); it is returned for the next call.
+    """
+    events: list[TableEvent] = []
+    offset = 0
+    name = table.encode()
+    while offset + 20 <= len(data):
+        length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
+        if length < 20:
+            break
+        family = data[offset + 16]
+        subsys, msg = kind >> 8, kind & 0xFF
+        if subsys == NFNL_SUBSYS_NFTABLES:
+            attrs = _attrs(data, offset + 20, offset + length)
+            if msg == NFT_MSG_NEWGEN:
+                if pending is not None and NFTA_GEN_PROC_PID in attrs:
+                    pid = struct.unpack("!I", attrs[NFTA_GEN_PROC_PID][:4])[0]
+                    msgs = pending.messages
+                    # (a NEWTABLE before the last DELTABLE was dropped from the list)
+                    deleted = NFT_MSG_DELTABLE in msgs and NFT_MSG_NEWTABLE not in msgs
+                    events.append(TableEvent(pid, deleted, frozenset(msgs)))
+                pending = None
+            elif family == NFPROTO_INET and attrs.get(TABLE_ATTR, b"").rstrip(b"\0") == name:
+                pending = pending or _Batch()
+                if msg == NFT_MSG_DELTABLE:
+                    # The last deletion counts: a NEWTABLE after it re-creates the table.
+                    pending.messages = [m for m in pending.messages if m != NFT_MSG_NEWTABLE]
+                pending.messages.append(msg)
+        offset += (length + 3) & ~3
+    return pending, events
 
 
 def parse_events(data: bytes, table: str, touched: bool) -> tuple[bool, list[int]]:
@@ -80,12 +141,19 @@ def is_ours(pid: int) -> bool:
 
 
 class TableMonitor:
-    """Calls `on_foreign_change()` when another process commits a change to our table."""
+    """Calls `on_foreign_change()` when another process commits a change to our table.
+
+    `on_event`, if given, hears first what the batch did (the datapath's
+    `foreign_change`), so that the repair `on_foreign_change` asks for can be
+    the quickest one that is safe.
+    """
 
     def __init__(self, table: str, on_foreign_change: Callable[[], None],
-                 netns: str | None = None) -> None:
+                 netns: str | None = None,
+                 on_event: Callable[[TableEvent], None] | None = None) -> None:
         self.table = table
         self.on_foreign_change = on_foreign_change
+        self.on_event = on_event
         with entered(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -99,7 +167,7 @@ class TableMonitor:
         self._thread.start()
 
     def _loop(self) -> None:
-        touched = False
+        pending: _Batch | None = None
         while not self._stop.is_set():
             ready, _, _ = select.select([self.sock], [], [], 0.5)
             if not ready:
@@ -109,11 +177,19 @@ class TableMonitor:
             except OSError as exc:
                 # ENOBUFS: events were lost; assume the worst and look.
                 log.warning("nftables events lost (%s); checking the table", exc)
+                pending = None
+                if self.on_event is not None:
+                    self.on_event(TableEvent(0, lost=True))
                 self.on_foreign_change()
                 continue
-            touched, pids = parse_events(data, self.table, touched)
-            if any(not is_ours(pid) for pid in pids):
-                self.on_foreign_change()
+            pending, events = parse_batches(data, self.table, pending)
+            foreign = [e for e in events if not is_ours(e.pid)]
+            if not foreign:
+                continue
+            if self.on_event is not None:
+                for event in foreign:
+                    self.on_event(event)
+            self.on_foreign_change()
 
     def stop(self) -> None:
         self._stop.set()

@@ -10,15 +10,25 @@ other transaction, and about a tenth of a millisecond.
 Only plain sets (addresses), concatenations (address . protocol . port) and
 verdict maps are written here; interval sets and anything structural go
 through libnftables.
+
+The table itself can be owned (NFT_TABLE_F_OWNER: only the netlink socket that
+created or claimed it may change it) and persistent (NFT_TABLE_F_PERSIST,
+Linux >= 6.9: it outlives that socket as an orphan, which a new process claims).
+libnftables 1.0.6 cannot ask for persist, so the table is created, claimed and
+inspected here, on libnftables' own socket (see `netfilter_sockets`), after
+which libnftables and the element writer both work on it through that socket.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import os
+import select
 import socket
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,14 +38,45 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_GETTABLE = 1
+NFT_MSG_DELTABLE = 2
+NFT_MSG_NEWCHAIN = 3
 NFT_MSG_NEWSETELEM = 12
+NFT_MSG_DELOBJ = 20
+NFT_MSG_DELFLOWTABLE = 24
 NFT_MSG_DELSETELEM = 14
 NFPROTO_INET = 1
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
 NLA_F_NESTED = 0x8000
+
+NFTA_TABLE_NAME = 1
+NFTA_TABLE_FLAGS = 2
+NFTA_TABLE_OWNER = 7
+NFT_TABLE_F_DORMANT = 0x1
+NFT_TABLE_F_OWNER = 0x2
+NFT_TABLE_F_PERSIST = 0x4
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_NAME = 3
+NFTA_CHAIN_HOOK = 4
+NFTA_CHAIN_POLICY = 5
+NFTA_CHAIN_TYPE = 7
+NFTA_HOOK_HOOKNUM = 1
+NFTA_HOOK_PRIORITY = 2
+NF_INET_FORWARD = 2
+NF_DROP = 0
+NFTA_OBJ_TABLE = 1
+NFTA_OBJ_TYPE = 3
+NFTA_OBJ_HANDLE = 6
+NFTA_FLOWTABLE_TABLE = 1
+NFTA_FLOWTABLE_HANDLE = 5
+# Stateful object types (NFT_OBJECT_*) by the name libnftables' JSON gives them.
+OBJECT_TYPES = {"counter": 1, "quota": 2, "ct helper": 3, "limit": 4, "tunnel": 6,
+                "ct timeout": 7, "secmark": 8, "ct expectation": 9, "synproxy": 10}
 
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
@@ -95,26 +136,135 @@ def _element(key: bytes, jump: str | None) -> bytes:
     return _nested(NFTA_LIST_ELEM, parts)
 
 
+@dataclass(frozen=True)
+class TableInfo:
+    """A table as the kernel reports it: its flags and, if owned, the owner's port id."""
+
+    flags: int
+    owner: int | None
+
+    @property
+    def owned(self) -> bool:
+        return bool(self.flags & NFT_TABLE_F_OWNER)
+
+    @property
+    def persistent(self) -> bool:
+        return bool(self.flags & NFT_TABLE_F_PERSIST)
+
+
+class NetlinkError(DataplaneError):
+    """A request refused by the kernel, with its errno."""
+
+    def __init__(self, message: str, code: int, **kw: str) -> None:
+        super().__init__(message, **kw)
+        self.errno = code
+
+
+def netfilter_sockets() -> set[int]:
+    """This process's NETLINK_NETFILTER sockets, by file descriptor."""
+    out: set[int] = set()
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            probe = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if probe.family == socket.AF_NETLINK and probe.proto == NETLINK_NETFILTER:
+                out.add(fd)
+        finally:
+            probe.close()
+    return out
+
+
 class ElementWriter:
-    """One netlink socket, opened in the namespace the caller is in."""
+    """One netlink socket: its own, opened in the namespace the caller is in, or a shared one.
+
+    A shared socket (libnftables' own, through a duplicated descriptor) is what
+    an owned table needs: only the socket that owns it may change it. Its
+    status flags (non-blocking) are libnftables' and are left alone: replies
+    are awaited with select, and every reply is read before returning, so
+    libnftables never finds one of ours in its way.
+    """
 
     # Keeps each message well under the socket buffer; the batch stays one transaction.
     CHUNK = 512
 
-    def __init__(self, table: str) -> None:
+    def __init__(self, table: str, sock: socket.socket | None = None) -> None:
         self.table = table
         self._seq = itertools.count(int.from_bytes(os.urandom(2), "big") << 8)
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.sock.bind((0, 0))
+        self.shared = sock is not None
+        if sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            sock.bind((0, 0))
+        self.sock = sock
+        if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 1 << 20:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 
     def close(self) -> None:
         self.sock.close()
+
+    @property
+    def port(self) -> int:
+        """The socket's netlink port id (0 until it first sent something)."""
+        return int(self.sock.getsockname()[0])
 
     def _message(self, kind: int, flags: int, family: int, res_id: int, body: bytes,
                  seq: int) -> bytes:
         header = struct.pack("=IHHII", 16 + 4 + len(body), kind, flags, seq, 0)
         return header + struct.pack("=BBH", family, 0, socket.htons(res_id)) + body
+
+    def _batch(self, body: Sequence[tuple[int, int, bytes]]) -> tuple[bytes, list[int]]:
+        """A batch of (message type, flags, attributes), each asking for an ack."""
+        msgs = [self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES,
+                              b"", next(self._seq))]
+        seqs: list[int] = []
+        for msg, flags, attrs in body:
+            seq = next(self._seq)
+            seqs.append(seq)
+            msgs.append(self._message((NFNL_SUBSYS_NFTABLES << 8) | msg,
+                                      NLM_F_REQUEST | NLM_F_ACK | flags, NFPROTO_INET, 0,
+                                      attrs, seq))
+        msgs.append(self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES,
+                                  b"", next(self._seq)))
+        return b"".join(msgs), seqs
+
+    def transact(self, body: Sequence[tuple[int, int, bytes]], what: str) -> None:
+        """One transaction of table-level messages; NetlinkError (nothing applied) if refused."""
+        data, seqs = self._batch(body)
+        self.sock.sendall(data)
+        errors = self._collect(set(seqs))
+        if errors:
+            code = next(iter(errors.values()))
+            raise NetlinkError(f"{what} was refused by the kernel: {os.strerror(code)}", code,
+                               command="nfnetlink", stderr=os.strerror(code))
+
+    def table_info(self, name: str | None = None) -> TableInfo | None:
+        """The table's flags and owner, or None when there is no such table."""
+        seq = next(self._seq)
+        self.sock.sendall(self._message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
+                                        NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, 0,
+                                        _string(NFTA_TABLE_NAME, name or self.table), seq))
+        info: TableInfo | None = None
+        code = 0
+        for kind, _seq, body in self._replies({seq}):
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", body)
+            elif kind >> 8 == NFNL_SUBSYS_NFTABLES:
+                attrs = _parse_attrs(body, 4)
+                flags = struct.unpack("!I", attrs[NFTA_TABLE_FLAGS][:4])[0] if (
+                    NFTA_TABLE_FLAGS in attrs) else 0
+                owner = struct.unpack("!I", attrs[NFTA_TABLE_OWNER][:4])[0] if (
+                    NFTA_TABLE_OWNER in attrs) else None
+                info = TableInfo(flags, owner)
+        if code == -errno.ENOENT:
+            return None
+        if code:
+            raise NetlinkError(f"cannot read table {name or self.table}: {os.strerror(-code)}",
+                               -code, command="nfnetlink GETTABLE")
+        return info
 
     def apply(self, changes: Sequence[ElementChange]) -> None:
         """All changes in one batch; raises DataplaneError (and nothing applies) on refusal."""
@@ -143,26 +293,93 @@ class ElementWriter:
         msgs.append(self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0,
                                   NFNL_SUBSYS_NFTABLES, b"", next(self._seq)))
         self.sock.sendall(b"".join(msgs))
-        self._collect(acks)
-
-    def _collect(self, acks: set[int]) -> None:
-        errors: list[str] = []
-        self.sock.settimeout(5.0)
-        while acks:
-            try:
-                data = self.sock.recv(1 << 16)
-            except TimeoutError:
-                raise DataplaneError("the kernel did not answer an element update") from None
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + 16)
-                    acks.discard(seq)
-                    if code != 0:
-                        errors.append(os.strerror(-code))
-                offset += max((length + 3) & ~3, 16)
+        errors = self._collect(acks)
         if errors:
             raise DataplaneError("an element update was refused by the kernel; nothing was "
                                  "changed", command="nfnetlink NEWSETELEM/DELSETELEM",
-                                 stderr="; ".join(sorted(set(errors))))
+                                 stderr="; ".join(sorted({os.strerror(c)
+                                                          for c in errors.values()})))
+
+    def _collect(self, acks: set[int]) -> dict[int, int]:
+        """Wait for the acks of `acks`; the errnos of those refused, by sequence number."""
+        errors: dict[int, int] = {}
+        for kind, seq, body in self._replies(acks):
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", body)
+                if code != 0:
+                    errors[seq] = -code
+        return errors
+
+    def _replies(self, acks: set[int], timeout: float = 5.0) -> list[tuple[int, int, bytes]]:
+        """(type, sequence, payload) of every reply until each of `acks` is answered, then the rest.
+
+        The kernel handles a request while it is sent, so once the acks are in,
+        whatever else it answered (an error on the batch itself) is queued
+        already: it is read too, so that nothing is left for the next reader of
+        a shared socket.
+        """
+        out: list[tuple[int, int, bytes]] = []
+        deadline = time.monotonic() + timeout
+        pending = set(acks)
+        while True:
+            if pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                    raise DataplaneError("the kernel did not answer a netlink request")
+            try:
+                data = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if pending:
+                    continue
+                return out
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                body = data[offset + 16: offset + max(length, 16)]
+                out.append((kind, seq, body))
+                if kind in (NLMSG_ERROR, NLMSG_DONE):
+                    pending.discard(seq)
+                offset += max((length + 3) & ~3, 16)
+
+
+def _parse_attrs(data: bytes, offset: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[offset + 4: offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def new_table(name: str, flags: int) -> tuple[int, int, bytes]:
+    """NEWTABLE: create the table, or update an existing one's flags (claim an orphan)."""
+    return (NFT_MSG_NEWTABLE, NLM_F_CREATE,
+            _string(NFTA_TABLE_NAME, name) + _attr(NFTA_TABLE_FLAGS, struct.pack("!I", flags)))
+
+
+def del_table(name: str) -> tuple[int, int, bytes]:
+    return (NFT_MSG_DELTABLE, 0, _string(NFTA_TABLE_NAME, name))
+
+
+def closed_base_chain(table: str, name: str, priority: int) -> tuple[int, int, bytes]:
+    """NEWCHAIN: a base chain on the inet forward hook that drops everything (fail closed)."""
+    hook = _nested(NFTA_CHAIN_HOOK, [_attr(NFTA_HOOK_HOOKNUM, struct.pack("!I", NF_INET_FORWARD)),
+                                     _attr(NFTA_HOOK_PRIORITY, struct.pack("!i", priority))])
+    return (NFT_MSG_NEWCHAIN, NLM_F_CREATE,
+            _string(NFTA_CHAIN_TABLE, table) + _string(NFTA_CHAIN_NAME, name) + hook
+            + _attr(NFTA_CHAIN_POLICY, struct.pack("!I", NF_DROP))
+            + _string(NFTA_CHAIN_TYPE, "filter"))
+
+
+def del_object(table: str, kind: str, handle: int) -> tuple[int, int, bytes] | None:
+    """DELOBJ or DELFLOWTABLE by handle, for an object kind as libnftables names it."""
+    if kind == "flowtable":
+        return (NFT_MSG_DELFLOWTABLE, 0, _string(NFTA_FLOWTABLE_TABLE, table)
+                + _attr(NFTA_FLOWTABLE_HANDLE, struct.pack("!Q", handle)))
+    if kind not in OBJECT_TYPES:
+        return None
+    return (NFT_MSG_DELOBJ, 0, _string(NFTA_OBJ_TABLE, table)
+            + _attr(NFTA_OBJ_TYPE, struct.pack("!I", OBJECT_TYPES[kind]))
+            + _attr(NFTA_OBJ_HANDLE, struct.pack("!Q", handle)))

@@ -2,23 +2,34 @@
 
 The libnftables context keeps the netlink socket of the namespace it was created
 in, so `--netns` costs one setns at start and none per change.
+
+With `owner=True` the table is the kernel's to protect: it is created (or an
+orphan claimed) with NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST on libnftables'
+own netlink socket, so no other process (not `nft`, not another agent) may
+change or delete it while this one lives, and it keeps enforcing, as an orphan
+any process may inspect, remove or claim, once this one is gone.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from stockade.compile.ir import NET, Chain, Ruleset
 from stockade.compile.nft import (
     FAMILY,
-    FORWARD,
     MAPS,
+    Command,
     KernelTable,
+    RuleCheck,
     Table,
     canonical,
     parse_kernel,
@@ -26,11 +37,36 @@ from stockade.compile.nft import (
 )
 from stockade.compile.plan import Plan, plan
 from stockade.dataplane.base import KernelSnapshot
-from stockade.dataplane.nfnetlink import ElementChange, ElementWriter
+from stockade.dataplane.monitor import TableEvent, TableMonitor
+from stockade.dataplane.nfnetlink import (
+    NFT_TABLE_F_DORMANT,
+    NFT_TABLE_F_OWNER,
+    NFT_TABLE_F_PERSIST,
+    ElementChange,
+    ElementWriter,
+    NetlinkError,
+    del_object,
+    del_table,
+    netfilter_sockets,
+    new_table,
+)
 from stockade.errors import DataplaneError
 from stockade.net.namespace import entered
 
+log = logging.getLogger("stockade.dataplane")
+
 BRIDGE_SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
+OWNED = NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST
+
+# What `owner_status` says.
+OWNER_OFF = "off: not asked for; any process with CAP_NET_ADMIN can change the table"
+OWNER_PENDING = "pending: the table is claimed at the first apply"
+OWNER_ON = "owned: flags owner, persist; only this process can change the table"
+OWNER_UNSUPPORTED = ("unsupported: this kernel refuses persistent tables "
+                     "(NFT_TABLE_F_PERSIST, Linux >= 6.9); the table is not owned, so other "
+                     "processes can change it (drift is still repaired)")
+OWNER_NO_SOCKET = ("unavailable: libnftables' netlink socket was not found; the table is "
+                   "not owned, so other processes can change it (drift is still repaired)")
 
 
 def _load_nftables() -> Any:
@@ -43,22 +79,38 @@ def _load_nftables() -> Any:
 
 
 class NftDatapath:
-    """stockade's one `inet` table; nothing else in the ruleset is touched."""
+    """stockade's one `inet` table; nothing else in the ruleset is touched.
+
+    `owner`: make the table owned and persistent (see the module). Off by
+    default, so that a one-shot command leaves a table other tools can
+    change; the agent asks for it. Where the kernel cannot keep an owned table
+    after its owner exits (no NFT_TABLE_F_PERSIST), the table is not owned at
+    all, since an owned table would vanish with the agent (fail open):
+    `owner_status` says which it is, and a warning is logged.
+    """
 
     name = "nft"
 
-    def __init__(self, table: Table | None = None, netns: str | None = None) -> None:
+    def __init__(self, table: Table | None = None, netns: str | None = None, *,
+                 owner: bool = False) -> None:
         self.table = table or Table()
         self.netns = netns
         self._lock = threading.Lock()
         nftables = _load_nftables()
+        shared: socket.socket | None = None
         with entered(netns):
+            before = netfilter_sockets() if owner else set()
             try:
                 self._nft = nftables.Nftables()
             except OSError as exc:
                 raise DataplaneError("cannot load libnftables (install the Debian package "
                                      "libnftables1)", stderr=str(exc)) from None
-            self._elements = ElementWriter(self.table.name)
+            if owner:
+                # libnftables' socket: the one that appeared with its context.
+                found = netfilter_sockets() - before
+                if len(found) == 1:
+                    shared = socket.socket(fileno=os.dup(found.pop()))
+            self._elements = ElementWriter(self.table.name, shared)
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
         self._nft.set_numeric_proto_output(False)
@@ -66,9 +118,26 @@ class NftDatapath:
         # What the last successful transaction left in the kernel; None until the
         # kernel has been read once (a restart adopts what it finds there).
         self._applied: Ruleset | None = None
-        # What a verifying apply found changed behind our back (not pending changes).
+        # What a verifying apply found changed behind our back (not pending changes),
+        # and every difference it found, one line each (foreign objects included).
         self.last_drift: Plan | None = None
+        self.last_drift_details: list[str] = []
         self._generation = 0  # successful transactions so far
+        self._check = RuleCheck()
+        # Ownership: asked for, held, and in words.
+        self.owner = owner
+        self.owned = False
+        self._persist: bool | None = None if shared is not None else False
+        self.owner_status = (OWNER_OFF if not owner else OWNER_PENDING if shared is not None
+                             else OWNER_NO_SOCKET)
+        if owner and shared is None:
+            log.warning("table inet %s will not be owned: %s", self.table.name,
+                        self.owner_status)
+        # The generation at which another process deleted the table (from its
+        # netlink event): the kernel holds nothing of it, no need to read it back.
+        self._gone_at: int | None = None
+        # A table that kept enforcing while a table without ownership was replaced.
+        self._handover: str | None = None
 
     # ---- talking to the kernel --------------------------------------------------------
 
@@ -87,6 +156,141 @@ class NftDatapath:
             rc, out, err = self._nft.cmd(command)
         return int(rc), str(out), str(err)
 
+    # ---- ownership -------------------------------------------------------------------------
+
+    def _persist_supported(self) -> bool:
+        """Whether the kernel keeps an owned table after its owner exits (probed once)."""
+        if self._persist is None:
+            probe = f"{self.table.name}_persist_{os.getpid()}"
+            try:
+                with self._lock:
+                    self._elements.transact([new_table(probe, OWNED), del_table(probe)],
+                                            "the persistent-table probe")
+                self._persist = True
+            except NetlinkError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._persist = False
+                self.owner_status = OWNER_UNSUPPORTED
+                log.warning("table inet %s will not be owned: %s", self.table.name,
+                            OWNER_UNSUPPORTED)
+        return self._persist
+
+    @property
+    def owner_active(self) -> bool:
+        """Whether this datapath makes the table owned (asked for, and the kernel can)."""
+        return self.owner and self._persist is not False
+
+    def _who(self, port: int | None) -> str:
+        """The process behind a netlink port id, as well as /proc tells."""
+        if port is None:
+            return "another process"
+        inode = None
+        try:
+            with entered(self.netns):
+                lines = Path("/proc/thread-self/net/netlink").read_text().splitlines()[1:]
+            for line in lines:
+                cols = line.split()
+                if len(cols) >= 10 and cols[1] == "12" and int(cols[2]) == port:
+                    inode = cols[9]
+        except (OSError, ValueError):
+            pass
+        if inode is not None:
+            target = f"socket:[{inode}]"
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    for fd in (proc / "fd").iterdir():
+                        if os.readlink(fd) == target:
+                            comm = (proc / "comm").read_text().strip()
+                            return f"process {proc.name} ({comm})"
+                except OSError:
+                    continue
+        return f"another process (netlink port {port})"
+
+    def _own(self, target: Ruleset) -> Plan | None:
+        """Make the table ours alone before writing; a Plan if that applied `target` already.
+
+        No table: it is created owned and persistent. An orphan (persistent,
+        its owner gone): claimed, atomically, contents untouched. Owned by a
+        live process: refused. A table without ownership (made by an older
+        stockade, a one-shot command or anybody): it cannot become persistent,
+        so it is replaced, without a moment unenforced (see `_migrate`).
+        """
+        with self._lock:
+            info = self._elements.table_info()
+            if info is not None and info.owned:
+                if info.owner != self._elements.port:
+                    raise DataplaneError(
+                        f"table {FAMILY} {self.table.name} is owned by "
+                        f"{self._who(info.owner)}; stop it first (one agent per network "
+                        "namespace)")
+            elif info is None or info.persistent:
+                self._elements.transact([new_table(self.table.name, OWNED)],
+                                        "claiming the table" if info else "creating the table")
+        if info is not None and not info.owned and not info.persistent:
+            return self._migrate(target)
+        self.owned = True
+        self.owner_status = OWNER_ON
+        self._generation += 1
+        self._applied = None  # whatever is there now is read back before writing
+        log.info("table %s %s %s (flags owner, persist)", FAMILY, self.table.name,
+                 "claimed" if info is not None else "created")
+        return None
+
+    def _migrate(self, target: Ruleset) -> Plan:
+        """Replace a table without ownership by an owned one, enforcing all along.
+
+        A handover table (owned) gets the whole ruleset first, so both enforce
+        (a packet passes only if both allow it, and both hold the same policy);
+        then the old table goes and an owned one takes its name and the ruleset
+        (one transaction each), and the handover table goes. One-time cost: the
+        ruleset is written twice.
+        """
+        handover = replace(self.table, name=f"{self.table.name}-handover")
+        log.warning("table %s %s is not owned (made by an older stockade, a one-shot "
+                    "command or another process): replacing it with an owned one",
+                    FAMILY, self.table.name)
+        full = plan(Ruleset(), target)
+        with self._lock:
+            stale = self._elements.table_info(handover.name)
+            self._elements.transact(([del_table(handover.name)] if stale else [])
+                                    + [new_table(handover.name, OWNED)],
+                                    "creating the handover table")
+        self._handover = handover.name
+        try:
+            self._run(render_plan(handover, full, skeleton=True, create_table=False),
+                      "the handover ruleset")
+        except DataplaneError:
+            self._drop_handover()
+            raise
+        with self._lock:
+            self._elements.transact([del_table(self.table.name),
+                                     new_table(self.table.name, OWNED)],
+                                    "replacing the table")
+        self.owned = True
+        self.owner_status = OWNER_ON
+        self._applied = None
+        self._generation += 1
+        # From here on a failure leaves the handover table enforcing; the next
+        # apply fills the owned table and then drops it.
+        self._run(render_plan(self.table, full, skeleton=True, create_table=False),
+                  "the ruleset update")
+        self._applied = target
+        self._generation += 1
+        self._drop_handover()
+        return full
+
+    def _drop_handover(self) -> None:
+        if self._handover is None:
+            return
+        with self._lock:
+            if self._elements.table_info(self._handover) is not None:
+                self._elements.transact([del_table(self._handover)],
+                                        "removing the handover table")
+        self._handover = None
+
     # ---- the Datapath protocol ---------------------------------------------------------
 
     def check(self) -> None:
@@ -95,7 +299,8 @@ class NftDatapath:
         A scratch table exercises everything: the inet forward hook, conntrack
         state, verdict maps, interval and concatenated sets. Bridged traffic
         reaches the inet forward hook only through br_netfilter with its
-        bridge-nf-call sysctls set, so those are checked (and set) too.
+        bridge-nf-call sysctls set, so those are checked (and set) too. With
+        `owner`, whether the kernel keeps persistent tables is probed as well.
         """
         probe = Table(f"{self.table.name}_probe_{os.getpid()}")
         cmds = render_plan(probe, plan(Ruleset(), Ruleset()), skeleton=True)
@@ -116,6 +321,8 @@ class NftDatapath:
         finally:
             self._text(f"delete table {FAMILY} {probe.name}")
         self._ensure_bridge_netfilter()
+        if self.owner:
+            self._persist_supported()
 
     def _ensure_bridge_netfilter(self) -> None:
         with entered(self.netns):
@@ -130,7 +337,10 @@ class NftDatapath:
                     path.write_text("1\n")
 
     def read_table(self, expected: Mapping[str, Chain] | None = None) -> KernelTable | None:
-        """The table as the kernel holds it; chains are recognised among `expected`."""
+        """The table as the kernel holds it, compared with what stockade renders.
+
+        Chains are recognised among `expected` (by default the last applied).
+        """
         if expected is None:
             expected = self._applied.chains if self._applied is not None else {}
         rc, out, err = self._text(f"list table {FAMILY} {self.table.name}")
@@ -139,7 +349,7 @@ class NftDatapath:
                 return None
             raise DataplaneError("cannot read the table", command="nft list table",
                                  stderr=err)
-        return parse_kernel(json.loads(out), self.table, expected)
+        return parse_kernel(json.loads(out), self.table, expected, self._check)
 
     def read(self) -> Ruleset:
         kt = self.read_table()
@@ -152,10 +362,25 @@ class NftDatapath:
         return plan(current, canonical(desired)), kt
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
-        """The kernel read back; chains are recognised among the last applied and `known`."""
+        """The kernel read back; chains are recognised among the last applied and `known`.
+
+        When another process deleted the table since our last transaction (its
+        netlink event said so), the kernel holds nothing of it: not read.
+        """
         generation, applied = self._generation, self._applied
+        if self._gone_at is not None and self._gone_at == generation:
+            return KernelSnapshot(generation, None)
         chains = {**(applied.chains if applied is not None else {}), **(known or {})}
         return KernelSnapshot(generation, self.read_table(chains))
+
+    def foreign_change(self, event: TableEvent) -> None:
+        """What the table monitor saw another process commit (see `monitor`)."""
+        self._gone_at = self._generation if event.deleted and not event.lost else None
+
+    def monitor(self, on_foreign_change: Callable[[], None]) -> TableMonitor:
+        """A monitor of this table that tells this datapath what it saw, then calls back."""
+        return TableMonitor(self.table.name, on_foreign_change, netns=self.netns,
+                            on_event=self.foreign_change)
 
     def diff(self, desired: Ruleset) -> Plan:
         delta, _ = self._delta(desired)
@@ -166,31 +391,43 @@ class NftDatapath:
 
         The delta is taken against what the previous apply left, without reading
         the kernel back; `verify` (and the first apply of this object) reads the
-        kernel instead, which is how drift is found and repaired.
+        kernel instead, which is how drift is found and repaired: whatever in
+        the table is not what stockade renders is removed or rewritten in the
+        same transaction.
         """
         target = canonical(desired)
         self.last_drift = None
+        self.last_drift_details = []
+        if self.owner and not self.owned and self._persist_supported():
+            migrated = self._own(target)
+            if migrated is not None:
+                return migrated
         snap = verify if isinstance(verify, KernelSnapshot) else None
         if snap is not None and snap.generation != self._generation:
             snap = None  # a transaction came in between: read again
         if snap is None and (verify or self._applied is None):
             snap = self.snapshot(desired.chains)
+        repair = False
+        kt: KernelTable | None = None
         if snap is not None:
-            kt: KernelTable | None = snap.table
+            kt = snap.table
             current = kt.ruleset if kt is not None else Ruleset()
             delta = plan(current, target)
-            repair = kt is None or not kt.skeleton_ok
+            repair = kt is None or kt.needs_repair
             if self._applied is not None:
                 # Drift is the kernel against what we last left there, not against
                 # what we are about to apply.
                 drift = plan(current, self._applied)
                 if repair or not drift.empty:
                     self.last_drift = drift
+                    self.last_drift_details = (kt.drift if kt is not None
+                                               else ["table missing"]) or drift.describe()
         else:
             assert self._applied is not None
-            delta, kt, repair = plan(self._applied, target), None, False
+            delta = plan(self._applied, target)
         if delta.empty and not repair:
             self._applied = target
+            self._drop_handover()
             return delta
         if not repair and elements_only(delta):
             try:
@@ -201,12 +438,11 @@ class NftDatapath:
                 raise
             self._applied = target
             self._generation += 1
+            self._drop_handover()
             return delta
-        cmds = render_plan(self.table, delta, skeleton=repair)
-        if kt is not None and repair:
-            # Re-creating the base chain's rules needs it empty first, in the same batch.
-            cmds.insert(0, {"flush": {"chain": self.table.ref(name=FORWARD)}})
-            cmds.insert(0, {"add": {"chain": self.table.ref(name=FORWARD)}})
+        cmds: list[Command] = list(kt.prelude) if kt is not None else []
+        cmds += render_plan(self.table, delta, skeleton=kt is None or not kt.skeleton_ok,
+                            create_table=kt is None and not self.owned)
         try:
             self._run(cmds, "the ruleset update")
         except DataplaneError:
@@ -214,11 +450,36 @@ class NftDatapath:
             raise
         self._applied = target
         self._generation += 1
+        if kt is not None and kt.objects:
+            self._delete_objects(kt.objects)
+        if kt is not None and not kt.table_ok:
+            self._wake()
+        self._drop_handover()
         return delta
 
+    def _delete_objects(self, objects: list[tuple[str, str, int]]) -> None:
+        """Foreign stateful objects and flowtables, unused once the repair is in."""
+        msgs = [m for kind, _, handle in objects
+                if (m := del_object(self.table.name, kind, handle)) is not None]
+        if msgs:
+            with self._lock:
+                self._elements.transact(msgs, "removing foreign objects")
+            self._generation += 1
+
+    def _wake(self) -> None:
+        """Clear a dormant flag someone set (after the repair: the table never runs tampered)."""
+        with self._lock:
+            info = self._elements.table_info()
+            if info is not None and info.flags & NFT_TABLE_F_DORMANT:
+                self._elements.transact([new_table(self.table.name,
+                                                   info.flags & ~NFT_TABLE_F_DORMANT)],
+                                        "waking the table")
+        self._generation += 1
+
     def skeleton_intact(self) -> bool:
+        """Whether the table is there with its base chain and maps, and nothing foreign."""
         kt = self.read_table()
-        return kt is not None and kt.skeleton_ok
+        return kt is not None and not kt.needs_repair
 
     def show(self) -> str:
         with self._lock:
@@ -230,12 +491,25 @@ class NftDatapath:
         return str(out) if rc == 0 else ""
 
     def remove(self) -> None:
+        """Delete the table: this datapath's own, an orphan, or one nobody owns."""
         self._applied = None
         self._generation += 1
         rc, _, err = self._text(f"delete table {FAMILY} {self.table.name}")
         if rc != 0 and "No such file" not in err:
+            if "Operation not permitted" in err:
+                with self._lock:
+                    info = self._elements.table_info()
+                who = self._who(info.owner if info is not None else None)
+                raise DataplaneError(
+                    f"table {FAMILY} {self.table.name} is owned by {who}; stop it first "
+                    "(the table then stays, enforcing, until removed)",
+                    command="nft delete table", stderr=err)
             raise DataplaneError("cannot remove the table", command="nft delete table",
                                  stderr=err)
+        self.owned = False
+        if self.owner_active:
+            self.owner_status = OWNER_PENDING
+        self._drop_handover()
 
 
 def elements_only(delta: Plan) -> bool:
