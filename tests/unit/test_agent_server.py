@@ -242,6 +242,22 @@ def test_pipelined_requests_are_answered_in_order(make) -> None:
         assert _line(s)["result"]["op"] == "apply"
 
 
+def test_a_last_line_without_newline_is_answered_when_the_client_stops_writing(make) -> None:
+    srv, _ = make()
+    with _connect(srv) as s:
+        s.sendall(_req("status", i=1) + _req("status", i=2)[:-1])
+        s.shutdown(socket.SHUT_WR)
+        assert _line(s)["result"]["args"] == {"i": 1}
+        assert _line(s)["result"]["args"] == {"i": 2}
+        assert _eof(s)
+    with _connect(srv) as s:
+        s.sendall(b'{"v":1,"op":"sta')  # cut short: a bad request, still answered
+        s.shutdown(socket.SHUT_WR)
+        assert _code(_line(s)) == "bad_request"
+        assert _eof(s)
+    assert _settle(lambda: srv.connections == 0 and srv.in_flight == 0)
+
+
 def test_a_line_over_the_limit_is_refused_and_the_connection_closed(make) -> None:
     srv, _ = make(max_line=64 * KB, max_memory=256 * KB)
     with _connect(srv) as s:

@@ -33,7 +33,9 @@ Bounded, whatever the clients do:
   traceback). A client gone mid-answer is dropped quietly. No thread dies.
 
 Requests of one connection are answered in order, one at a time; lines sent
-ahead (pipelined) wait in the buffer, and count against the memory bound.
+ahead (pipelined) wait in the buffer, and count against the memory bound. A
+client that shuts down its side after a last line without a newline gets that
+line answered too, then the connection closes.
 """
 
 from __future__ import annotations
@@ -94,12 +96,6 @@ def somaxconn(default: int = 4096) -> int:
         return default
 
 
-def answer(handler: Handler, line: bytearray | bytes) -> bytes:
-    """The answer line to a request line; never raises."""
-    req = decode(line)
-    return req if isinstance(req, bytes) else handle(handler, req)
-
-
 def decode(line: bytearray | bytes) -> Request | bytes:
     """The request, or the answer refusing it."""
     try:
@@ -131,7 +127,7 @@ def handle(handler: Handler, req: Request) -> bytes:
 class _Conn:
     """One client connection; owned by the loop thread, or by its worker while BUSY."""
 
-    __slots__ = ("buf", "charged", "deadline", "fd", "line", "line_size", "line_start",
+    __slots__ = ("buf", "charged", "deadline", "eof", "fd", "line", "line_size", "line_start",
                  "pause_start", "registered", "scanned", "sock", "state")
 
     def __init__(self, sock: socket.socket) -> None:
@@ -142,6 +138,7 @@ class _Conn:
         self.charged = 0  # bytes counted against the memory bound
         self.line: bytearray | None = None  # the request a worker answers
         self.line_size = 0  # its bytes charged, newline included
+        self.eof = False  # the client has shut down its side: answer, then close
         self.state = IDLE
         self.registered = False
         self.deadline = 0.0
@@ -314,8 +311,12 @@ class _Loop:
         except OSError:  # reset by the client
             self._close(conn)
             return
-        if not chunk:  # the client is done (a partial line is dropped with it)
-            self._close(conn)
+        if not chunk:  # the client is done writing
+            if conn.state == READING and conn.buf:  # its last line lacks the newline
+                conn.eof = True
+                self._scan(conn, time.monotonic())
+            else:
+                self._close(conn)
             return
         now = time.monotonic()
         if conn.state == IDLE:
@@ -328,6 +329,8 @@ class _Loop:
     def _scan(self, conn: _Conn, now: float) -> None:
         """Hand a complete line to a worker, or refuse a line grown too long."""
         end = conn.buf.find(b"\n", conn.scanned)
+        if end < 0 and conn.eof:
+            end = len(conn.buf)
         if end < 0:
             conn.scanned = len(conn.buf)
             if conn.scanned > self.max_line:
@@ -337,11 +340,11 @@ class _Loop:
             self._too_large(conn)
             return
         line = conn.buf
+        conn.line_size = min(end + 1, len(line))  # with its newline, if it has one
         conn.buf = line[end + 1:]  # what was sent ahead: stays charged
         del line[end:]
         conn.scanned = 0
         conn.line = line  # its bytes stay charged until it is answered
-        conn.line_size = end + 1
         conn.state = BUSY
         self._unregister(conn)
         threading.Thread(target=self._work, args=(conn,), name="api-request",
@@ -448,7 +451,7 @@ class _Loop:
             try:
                 self._release(conn, conn.line_size)
                 conn.line, conn.line_size = None, 0
-                if not keep or conn.state == CLOSED:
+                if not keep or conn.state == CLOSED or (conn.eof and not conn.buf):
                     self._close(conn)
                     continue
                 conn.sock.setblocking(False)
