@@ -20,8 +20,12 @@ class KernelSnapshot:
 
 class Datapath(Protocol):
     name: str
-    # Set by a verifying apply when the kernel differed from the previous apply.
+    # Set by a verifying apply when the kernel differed from the previous apply
+    # (or held anything that is not stockade's: then the plan may be empty).
     last_drift: Plan | None
+    # Every difference that apply found, one line each ("chain i-…: rules differ",
+    # "foreign set x", "base chain definition differs", "table missing").
+    last_drift_details: list[str]
 
     def check(self) -> None:
         """Detect the kernel features this datapath needs; raise DataplaneError if absent."""

@@ -440,9 +440,11 @@ class NftDatapath:
             self._generation += 1
             self._drop_handover()
             return delta
+        missing = snap is not None and kt is None  # the kernel holds no table at all
         cmds: list[Command] = list(kt.prelude) if kt is not None else []
-        cmds += render_plan(self.table, delta, skeleton=kt is None or not kt.skeleton_ok,
-                            create_table=kt is None and not self.owned)
+        cmds += render_plan(self.table, delta,
+                            skeleton=missing or (kt is not None and not kt.skeleton_ok),
+                            create_table=missing and not self.owned)
         try:
             self._run(cmds, "the ruleset update")
         except DataplaneError:
