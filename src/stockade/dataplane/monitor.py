@@ -83,7 +83,16 @@ def parse_batches(data: bytes, table: str,
             break
         family = data[offset + 16]
         subsys, msg = kind >> 8, kind & 0xFF
-        if subsys == NFNL_SUBSYS_NFTABLES:
+        if subsys == NFNL_SUBSYS_NFTABLES and msg != NFT_MSG_NEWGEN:
+            # The common case, fast: our own transactions announce thousands of
+            # objects, and this thread competes with the one writing them.
+            if family == NFPROTO_INET and _table_of(data, offset, length) == name:
+                pending = pending or _Batch()
+                if msg == NFT_MSG_DELTABLE:
+                    # The last deletion counts: a NEWTABLE after it re-creates the table.
+                    pending.messages = [m for m in pending.messages if m != NFT_MSG_NEWTABLE]
+                pending.messages.append(msg)
+        elif subsys == NFNL_SUBSYS_NFTABLES:
             attrs = _attrs(data, offset + 20, offset + length)
             if msg == NFT_MSG_NEWGEN:
                 if pending is not None and NFTA_GEN_PROC_PID in attrs:
@@ -93,14 +102,21 @@ def parse_batches(data: bytes, table: str,
                     deleted = NFT_MSG_DELTABLE in msgs and NFT_MSG_NEWTABLE not in msgs
                     events.append(TableEvent(pid, deleted, frozenset(msgs)))
                 pending = None
-            elif family == NFPROTO_INET and attrs.get(TABLE_ATTR, b"").rstrip(b"\0") == name:
-                pending = pending or _Batch()
-                if msg == NFT_MSG_DELTABLE:
-                    # The last deletion counts: a NEWTABLE after it re-creates the table.
-                    pending.messages = [m for m in pending.messages if m != NFT_MSG_NEWTABLE]
-                pending.messages.append(msg)
         offset += (length + 3) & ~3
     return pending, events
+
+
+def _table_of(data: bytes, offset: int, length: int) -> bytes:
+    """The table a message is about: its attribute 1, found without parsing the rest."""
+    pos, end = offset + 20, offset + length
+    while pos + 4 <= end:
+        alen, kind = struct.unpack_from("=HH", data, pos)
+        if alen < 4:
+            break
+        if kind & 0x3FFF == TABLE_ATTR:
+            return data[pos + 4: pos + alen].rstrip(b"\0")
+        pos += (alen + 3) & ~3
+    return b""
 
 
 def parse_events(data: bytes, table: str, touched: bool) -> tuple[bool, list[int]]:
