@@ -226,6 +226,20 @@ def test_a_deleted_table_is_restored_from_the_event_without_reading(trio, server
     _in_sync(dp, rs)
 
 
+def test_the_kernel_names_no_policy_so_a_renamed_one_is_in_sync(trio) -> None:
+    dp = NftDatapath(netns=trio.host_netns, owner=False)
+    cluster = _cluster(trio)
+    dp.apply(compile_cluster(cluster))
+    (pol,) = cluster.policies
+    renamed = cluster.with_policies([NetworkPolicy(
+        pol.namespace, "another-name", pol.pod_selector, ingress=pol.ingress,
+        policy_types=pol.policy_types)])
+    # what `stockade dataplane diff` does: a new process, nothing remembered
+    fresh = NftDatapath(netns=trio.host_netns)
+    assert fresh.diff(compile_cluster(renamed)).empty and fresh.skeleton_intact()
+    assert "a-from-b" not in dp.show()
+
+
 # ---- right after any apply, a verifying read finds nothing to repair ---------------------
 
 def test_no_drift_after_applying_every_conformance_ruleset(host_netns: str) -> None:

@@ -159,3 +159,22 @@ def test_skeleton_accepts_established_first_and_checks_egress_before_ingress() -
     vmaps = [r["expr"][0]["vmap"]["data"] for r in rules if "vmap" in r["expr"][0]]
     assert vmaps == ["@egress4", "@egress6", "@ingress4", "@ingress6"]
 
+
+
+def test_no_policy_name_reaches_the_kernel_for_any_corpus_case() -> None:
+    import re
+
+    table = Table(log_group=100)
+    neutral = re.compile(r"(ingress|egress) rule \d+ #[0-9a-f]{8}|log denied #(ingress|egress)"
+                         r"|default deny #(ingress|egress)|.* #stockade-\d+")
+    for case in _cases():
+        rs = compile_cluster(case.cluster)
+        cmds = render_plan(table, plan(Ruleset(), rs), skeleton=True)
+        comments = [c["add"]["rule"]["comment"] for c in cmds if "rule" in c.get("add", {})]
+        assert comments and all(neutral.fullmatch(c) for c in comments), case.id
+        # chains are named by content, so the same rules under other names are the same
+        ordered = sorted(case.cluster.policies, key=lambda p: p.key)
+        renamed = case.cluster.with_policies([replace(p, name=f"renamed-{i:04}")
+                                              for i, p in enumerate(ordered)])
+        assert render_plan(table, plan(Ruleset(), compile_cluster(renamed)),
+                           skeleton=True) == cmds, case.id

@@ -523,8 +523,12 @@ class KernelTable:
 
     @property
     def needs_repair(self) -> bool:
-        """Whether a transaction must restore the skeleton or remove what is not ours."""
-        return (not self.skeleton_ok or not self.table_ok or bool(self.prelude)
+        """Whether a transaction must restore the skeleton or remove what is not ours.
+
+        Chains of ours that are merely unknown to the reader (named like ours,
+        not among the expected) are not drift: a plan deletes them if unwanted.
+        """
+        return (not self.skeleton_ok or not self.table_ok or bool(self.drift)
                 or bool(self.objects))
 
 

@@ -106,10 +106,16 @@ class NftDatapath:
                 raise DataplaneError("cannot load libnftables (install the Debian package "
                                      "libnftables1)", stderr=str(exc)) from None
             if owner:
-                # libnftables' socket: the one that appeared with its context.
-                found = netfilter_sockets() - before
-                if len(found) == 1:
-                    shared = socket.socket(fileno=os.dup(found.pop()))
+                # libnftables' socket: the one that appeared with its context (not
+                # bound yet, should another thread have opened one meanwhile).
+                found = [socket.socket(fileno=os.dup(fd))
+                         for fd in sorted(netfilter_sockets() - before)]
+                unbound = [s for s in found if s.getsockname()[0] == 0]
+                if len(found) == 1 or len(unbound) == 1:
+                    shared = (found if len(found) == 1 else unbound)[0]
+                for s in found:
+                    if s is not shared:
+                        s.close()
             self._elements = ElementWriter(self.table.name, shared)
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
@@ -209,14 +215,14 @@ class NftDatapath:
                     continue
         return f"another process (netlink port {port})"
 
-    def _own(self, target: Ruleset) -> Plan | None:
-        """Make the table ours alone before writing; a Plan if that applied `target` already.
+    def _claim(self) -> bool:
+        """Make the table ours alone, before reading it for a write; False if it cannot be.
 
         No table: it is created owned and persistent. An orphan (persistent,
         its owner gone): claimed, atomically, contents untouched. Owned by a
-        live process: refused. A table without ownership (made by an older
-        stockade, a one-shot command or anybody): it cannot become persistent,
-        so it is replaced, without a moment unenforced (see `_migrate`).
+        live process: refused (DataplaneError). A table without ownership (made
+        by an older stockade, a one-shot command or anybody) cannot become
+        persistent: False, and `apply` replaces it (see `_migrate`).
         """
         with self._lock:
             info = self._elements.table_info()
@@ -229,15 +235,15 @@ class NftDatapath:
             elif info is None or info.persistent:
                 self._elements.transact([new_table(self.table.name, OWNED)],
                                         "claiming the table" if info else "creating the table")
-        if info is not None and not info.owned and not info.persistent:
-            return self._migrate(target)
+            else:
+                return False
         self.owned = True
         self.owner_status = OWNER_ON
         self._generation += 1
         self._applied = None  # whatever is there now is read back before writing
         log.info("table %s %s %s (flags owner, persist)", FAMILY, self.table.name,
                  "claimed" if info is not None else "created")
-        return None
+        return True
 
     def _migrate(self, target: Ruleset) -> Plan:
         """Replace a table without ownership by an owned one, enforcing all along.
@@ -367,6 +373,8 @@ class NftDatapath:
         When another process deleted the table since our last transaction (its
         netlink event said so), the kernel holds nothing of it: not read.
         """
+        if self.owner and not self.owned and self._persist_supported():
+            self._claim()  # first, so that nobody changes it after it was read
         generation, applied = self._generation, self._applied
         if self._gone_at is not None and self._gone_at == generation:
             return KernelSnapshot(generation, None)
@@ -398,10 +406,8 @@ class NftDatapath:
         target = canonical(desired)
         self.last_drift = None
         self.last_drift_details = []
-        if self.owner and not self.owned and self._persist_supported():
-            migrated = self._own(target)
-            if migrated is not None:
-                return migrated
+        if self.owner and not self.owned and self._persist_supported() and not self._claim():
+            return self._migrate(target)
         snap = verify if isinstance(verify, KernelSnapshot) else None
         if snap is not None and snap.generation != self._generation:
             snap = None  # a transaction came in between: read again
