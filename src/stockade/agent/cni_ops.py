@@ -59,7 +59,14 @@ from stockade.agent.records import (
     decode_ports,
 )
 from stockade.agent.service import Service, wait_enforced
-from stockade.cni.spec import attachment_id, ipam_owner
+from stockade.cni.spec import (
+    CniError,
+    attachment_id,
+    ipam_owner,
+    validate_container_id,
+    validate_ifname,
+    validate_network_name,
+)
 from stockade.compile.ir import ADDR_PORT, Ruleset
 from stockade.compile.nft import canonical
 from stockade.errors import DecodeError, NetError
@@ -102,10 +109,19 @@ class CniAttachment:
 
 
 def _ident(args: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The attachment's identity, checked with the spec's rules (the plugin checks them
+    too; the agent must not trust that: a `/` would make attachment ids ambiguous)."""
     values = tuple(args.get(k) for k in ("network", "containerID", "ifname"))
     if not all(isinstance(v, str) and v for v in values):
         raise ApiError(BAD_REQUEST, "network, containerID and ifname are required strings")
-    return str(values[0]), str(values[1]), str(values[2])
+    network, cid, ifname = str(values[0]), str(values[1]), str(values[2])
+    try:
+        validate_network_name(network)
+        validate_container_id(cid)
+        validate_ifname(ifname)
+    except CniError as exc:
+        raise ApiError(BAD_REQUEST, str(exc)) from None
+    return network, cid, ifname
 
 
 def _labels(value: Any) -> Labels | None:
@@ -335,8 +351,15 @@ class CniOps:
         if not isinstance(network, str) or not network or not isinstance(valid_raw, list):
             raise ApiError(BAD_REQUEST, "network and valid (a list) are required")
         sync = Args(args, "cni.gc").flag("sync", True)
-        valid = {(str(v.get("containerID", "")), str(v.get("ifname", "")))
-                 for v in valid_raw if isinstance(v, Mapping)}
+        valid: set[tuple[str, str]] = set()
+        for n, v in enumerate(valid_raw):
+            # A bad entry must not be skipped: it would make a live attachment stale.
+            cid, ifname = (v.get("containerID"), v.get("ifname", "")) if isinstance(
+                v, Mapping) else (None, None)
+            if not (isinstance(cid, str) and cid and isinstance(ifname, str)):
+                raise ApiError(BAD_REQUEST, f"cni.gc: args.valid[{n}] must be an object with "
+                                            "a containerID and an optional ifname (strings)")
+            valid.add((cid, ifname))
         any_ifname = {cid for cid, ifname in valid if not ifname}
         with self._svc().lock:
             stale = [a for a in self.attachments.values() if a.network == network
@@ -408,7 +431,11 @@ class CniOps:
         with svc.lock:
             att = self.attachments.get(aid)
             rec = svc.state.endpoints.get(att.key) if att is not None else None
-        problems = self._record_problems(att, rec, cid, ifname, args.get("ips"))
+        ips = args.get("ips")
+        if ips is not None and not (isinstance(ips, list)
+                                    and all(isinstance(ip, str) for ip in ips)):
+            raise ApiError(BAD_REQUEST, "cni.check: args.ips must be a list of strings")
+        problems = self._record_problems(att, rec, cid, ifname, ips)
         revision = self._revisions.get(aid, 0)
         reconciler = svc.reconciler
         applied = reconciler.in_sync or reconciler.applied_revision >= revision

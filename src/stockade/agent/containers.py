@@ -144,9 +144,9 @@ def _strings(raw: Any, what: str) -> tuple[str, ...]:
 
 
 def _env(raw: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(raw, dict):
-        raise ApiError(INVALID, "env must be an object")
-    out = tuple((str(k), str(v)) for k, v in sorted(raw.items()))
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise ApiError(BAD_REQUEST, "run: args.env must be an object of strings")
+    out = tuple((str(k), v) for k, v in sorted(raw.items()))
     bad = [k for k, v in out if not k or "=" in k or "\0" in k + v]
     if bad:
         raise ApiError(INVALID, f"invalid environment variable name(s): {', '.join(bad)}")
@@ -165,7 +165,7 @@ def run_request(args: Mapping[str, Any]) -> RunRequest:
     problems = [e.render() for e in validate_endpoint(Endpoint(ns, name, Labels(labels), (),
                                                                ports))
                 if not e.path.startswith("status.podIPs")]
-    if not command:
+    if not command or not command[0]:
         problems.append("command: give the command to run")
     if cwd is not None and not (isinstance(cwd, str) and os.path.isabs(cwd)
                                 and os.path.isdir(cwd)):
@@ -503,7 +503,8 @@ class ContainerManager:
             items = [self._item(r, self._children.get(r.key)) for r in records]
             live = {(i["key"], i["pid"]) for i in items}
             recent = [e for e in self._recent if (e["key"], e["pid"]) not in live]
-        return {"items": items, "exited": recent if args.get("all") else []}
+        return {"items": items,
+                "exited": recent if Args(args, "ps").flag("all", False) else []}
 
     def _item(self, rec: EndpointRecord, child: _Child | None) -> dict[str, Any]:
         if rec.key in self._starting or rec.pid == 0:
@@ -516,11 +517,9 @@ class ContainerManager:
                 "log": str(self.log_dir / f"{rec.endpoint.namespace}_{rec.endpoint.name}.log")}
 
     def op_rm(self, args: dict[str, Any]) -> dict[str, Any]:
-        key = str(args.get("key") or "")
-        try:
-            grace = float(args.get("grace", self.grace))
-        except (TypeError, ValueError):
-            raise ApiError(BAD_REQUEST, "grace must be a number of seconds") from None
+        a = Args(args, "rm")
+        key = a.text("key")
+        grace = a.number("grace", self.grace, lo=0.0, hi=600.0)
         svc = self._svc()
         rec = svc.state.endpoints.get(key)
         if rec is None:

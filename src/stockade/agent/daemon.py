@@ -26,6 +26,7 @@ from stockade.agent.client import DEFAULT_SOCKET
 from stockade.agent.cni_ops import CniOps
 from stockade.agent.containers import ContainerManager
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
+from stockade.agent.protocol import Args
 from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
 from stockade.agent.records import AgentState
 from stockade.agent.runner import BoundedFrequencyRunner
@@ -113,8 +114,7 @@ class Agent:
                                strict_cidr=cfg.strict_cidr)
         self.visibility = Visibility(self._cluster, self.metrics, cfg.netns, cfg.log_group,
                                      cfg.state_dir)
-        self.service.extra["flows"] = lambda a: self.visibility.flows(
-            int(a.get("since", 0)), int(a.get("limit", 100)), bool(a.get("tail", False)))
+        self.service.extra["flows"] = self._flows
         self.service.status_extra["connectionsCut"] = lambda: self.visibility.cut_total
         self.visibility.start()
         # Adopt: read the kernel back and apply only the difference, before serving.
@@ -243,6 +243,12 @@ class Agent:
                 "revision": report.revision, "ms": round(report.duration * 1000, 2),
                 **report.summary}})
         self._update_gauges()
+
+    def _flows(self, args: dict[str, Any]) -> Any:
+        a = Args(args, "flows")
+        return self.visibility.flows(a.integer("since", 0, hi=2**62),
+                                     a.integer("limit", 100, lo=1, hi=100_000),
+                                     a.flag("tail", False))
 
     def _cluster(self) -> Cluster:
         with self.service.lock:

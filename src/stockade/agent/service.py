@@ -164,6 +164,7 @@ class Service:
             raise ApiError(BAD_REQUEST, "apply: args.documents must be a list")
         docs = a.items("documents")
         source = a.text("source", "<api>")
+        sync = a.flag("sync", True)  # read before anything changes: a bad one changes nothing
         policies, namespaces, endpoints = self._decode(docs, source)
         with self.lock:
             changes: list[Change] = []
@@ -201,7 +202,7 @@ class Service:
             created += [f"namespace/{c.namespace.name}" for c in implicit
                         if isinstance(c, PutNamespace)]
             revision = self.commit(implicit + changes, sync=False)
-        if a.flag("sync", True) and changes:
+        if sync and changes:
             self._wait(revision)
         return {"created": created, "configured": configured, "unchanged": unchanged,
                 "revision": revision}
@@ -228,6 +229,7 @@ class Service:
 
     def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
         a = Args(args, "delete")
+        sync = a.flag("sync", True)
         refs: list[dict[str, str]] = []
         for n, ref in enumerate(a.items("refs")):
             if not isinstance(ref, dict) or not all(
@@ -273,7 +275,7 @@ class Service:
                 else:
                     raise ApiError(BAD_REQUEST, f"cannot delete kind {ref.get('kind')!r}")
             revision = self.commit(changes, sync=False)
-        if a.flag("sync", True) and changes:
+        if sync and changes:
             self._wait(revision)
         return {"deleted": deleted, "missing": missing, "revision": revision}
 
@@ -326,6 +328,7 @@ class Service:
         a = Args(args, "label")
         kind, name = a.text("kind"), a.text("name")
         set_, remove = a.text_map("set"), a.texts("remove")
+        sync = a.flag("sync", True)
         if kind not in ("namespace", "endpoint"):
             raise ApiError(BAD_REQUEST, "label: args.kind must be namespace or endpoint")
         errors = validate_label_change(kind, set_, remove)
@@ -346,7 +349,7 @@ class Service:
                 ep = replace(rec.endpoint, labels=_relabel(rec.endpoint.labels, set_, remove))
                 changes = [PutEndpoint(replace(rec, endpoint=ep))]
             revision = self.commit(changes, sync=False)
-        if a.flag("sync", True):
+        if sync:
             self._wait(revision)
         return {"revision": revision}
 
@@ -354,6 +357,7 @@ class Service:
 
     def op_endpoint_add(self, args: dict[str, Any]) -> dict[str, Any]:
         a = Args(args, "endpoint.add")
+        sync = a.flag("sync", True)
         try:
             rec = EndpointRecord.from_dict(a.mapping("endpoint"))
         except DecodeError as exc:
@@ -366,7 +370,7 @@ class Service:
             changes = self.implicit_namespaces([rec.endpoint.namespace], {})
             changes.append(PutEndpoint(rec))
             revision = self.commit(changes, sync=False)
-        if a.flag("sync", True):
+        if sync:
             self._wait(revision)
         return {"revision": revision}
 
@@ -380,16 +384,21 @@ class Service:
                 "subnet": str(self.ipam.subnet)}
 
     def op_ipam_release(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {"address": ipam_release(self, Args(args, "ipam.release").text("owner"))}
+        owner = Args(args, "ipam.release").text("owner")
+        if not owner:
+            raise ApiError(BAD_REQUEST, "ipam.release: args.owner is required")
+        return {"address": ipam_release(self, owner)}
 
     def op_endpoint_remove(self, args: dict[str, Any]) -> dict[str, Any]:
         a = Args(args, "endpoint.remove")
-        key = a.text("key")
+        key, sync = a.text("key"), a.flag("sync", True)
+        if not key:
+            raise ApiError(BAD_REQUEST, "endpoint.remove: args.key is required")
         with self.lock:
             if key not in self.state.endpoints:
                 return {"removed": False, "revision": self.reconciler.desired_revision}
             revision = self.commit([DeleteEndpoint(key)], sync=False)
-        if a.flag("sync", True):
+        if sync:
             self._wait(revision)
         return {"removed": True, "revision": revision}
 

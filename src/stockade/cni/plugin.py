@@ -134,6 +134,12 @@ def agent_call(path: str, op: str, args: Mapping[str, Any]) -> Any:
             with AgentClient(path, timeout=90.0) as client:
                 return client.call(op, **args)
         except ApiError as exc:
+            # The agent's connection cap or in-flight memory cap: busy, not broken.
+            if exc.code == "unavailable" and "try again" in exc.message \
+                    and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+                continue
             raise _api_error(op, exc.code, exc.message, exc.lines) from None
         except AgentError as exc:
             if BUSY in str(exc) and time.monotonic() < deadline:
@@ -146,7 +152,8 @@ def agent_call(path: str, op: str, args: Mapping[str, Any]) -> Any:
 
 def _api_error(op: str, code: str, message: str, lines: list[str]) -> CniError:
     details = "; ".join([message, *lines])
-    if code == "bad_request" and op in message:
+    if code == "bad_request" and ("unknown operation" in message
+                                  or "is not served" in message):
         return CniError(AGENT_OUTDATED, f"the agent does not serve {op}",
                         "run an agent with the CNI extension (stockade.agent.cni_ops)")
     if code in ("unavailable", "timeout"):

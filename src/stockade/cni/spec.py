@@ -81,8 +81,8 @@ VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 # libcni also sends the name an early draft used (containernetworking/cni#1101).
 VALID_ATTACHMENTS_ALIAS = "cni.dev/attachments"
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_IFNAME_BAD = re.compile(r"[/:\s]")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", re.ASCII)  # fullmatch: "$" takes a "\n"
+_IFNAME_BAD = re.compile(r"[/:\s\0]")
 _VETH_PREFIX = re.compile(r"^[a-z][a-z0-9]{0,5}$")
 IFNAMSIZ = 15
 
@@ -142,7 +142,7 @@ def highest_common(ours: Sequence[str], theirs: Sequence[str]) -> str | None:
 def validate_container_id(value: str) -> None:
     if not value:
         raise CniError(UNKNOWN_CONTAINER, "missing containerID")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise CniError(INVALID_ENVIRONMENT, "invalid characters in containerID", value)
 
 
@@ -163,7 +163,7 @@ def validate_ifname(value: str) -> None:
 def validate_network_name(value: str) -> None:
     if not value:
         raise CniError(INVALID_CONFIG, "missing network name")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise CniError(INVALID_CONFIG, "invalid characters found in network name", value)
 
 
