@@ -41,7 +41,9 @@ def _policy(name: str, target: str, source_labels: dict[str, str], port: int = 8
 
 @pytest.fixture
 def agent(tmp_path: Path, trio, netns_prefix: str) -> Iterator[AgentProcess]:
-    proc = AgentProcess(tmp_path, trio.host_netns, netns_prefix).start()
+    # Not owned, so that tests can play another process changing the table.
+    proc = AgentProcess(tmp_path, trio.host_netns, netns_prefix,
+                        extra=("--no-table-owner",)).start()
     for att in trio.all:
         ns, name = att.key.split("/")
         proc.call("endpoint.add", endpoint={

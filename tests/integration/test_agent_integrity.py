@@ -191,3 +191,30 @@ def test_the_cli_reports_a_refused_start_in_one_line(tmp_path: Path, trio, agent
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "refuses" in out.stderr
+
+
+def _nft(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", netns, "nft", *args], capture_output=True,
+                          text=True, check=False)
+
+
+def test_no_other_process_can_change_the_agents_table(trio, agent, servers) -> None:
+    assert agent.call("status")["table"].startswith("owned")
+    host = trio.host_netns
+    for attempt in (("delete", "table", "inet", "stockade"),
+                    ("flush", "table", "inet", "stockade"),
+                    ("insert", "rule", "inet", "stockade", "forward", "accept"),
+                    ("add", "chain", "inet", "stockade", "foreign"),
+                    ("add", "table", "inet", "stockade", "{", "flags", "dormant", ";", "}")):
+        out = _nft(host, *attempt)
+        assert out.returncode != 0 and "Operation not permitted" in out.stderr, attempt
+    assert _nft(host, "list", "table", "inet", "stockade").returncode == 0  # reads are fine
+    assert _probe(trio, list(BASELINE)) == BASELINE
+    # The owner dies: the table stays and enforces, and the next agent claims it.
+    agent.kill9()
+    assert _probe(trio, list(BASELINE)) == BASELINE
+    agent.start()
+    st = agent.call("status")
+    assert st["table"].startswith("owned") and st["inSync"] and st["driftRepairs"] == 0
+    assert _nft(host, "delete", "table", "inet", "stockade").returncode != 0
+    assert _probe(trio, list(BASELINE)) == BASELINE

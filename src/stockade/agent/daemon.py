@@ -66,6 +66,8 @@ class AgentConfig:
     # start unless one of these says how to proceed (see `_guard_empty_store`).
     restore_snapshot: str | None = None
     accept_empty_store: bool = False
+    # An owned, persistent table: no other process can change it (see the README).
+    table_owner: bool = True
 
 
 class Agent:
@@ -94,7 +96,7 @@ class Agent:
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})
         table = Table(cfg.table, log_group=cfg.log_group)
-        datapath = NftDatapath(table, netns=cfg.netns)
+        datapath = NftDatapath(table, netns=cfg.netns, owner=cfg.table_owner)
         datapath.check()
         state, revision = self._guard_empty_store(state, revision, datapath)
         state.quarantined = quarantine(state, strict_cidr=cfg.strict_cidr)

@@ -130,6 +130,7 @@ class Service:
             # Endpoints enforced fail-closed because what was stored is invalid.
             "quarantined": {k: list(v) for k, v in sorted(self.state.quarantined.items())},
             "datapath": r.datapath.name,
+            "table": getattr(r.datapath, "owner_status", ""),
             "uptime": round(time.time() - self.started, 1),
         }
         for key, fn in self.status_extra.items():

@@ -34,6 +34,9 @@ def register(sub: Any) -> None:
     a.add_argument("--log-group", type=int, default=100,
                    help="NFLOG group for denied flows (0: no denied-flow log)")
     a.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    a.add_argument("--no-table-owner", dest="table_owner", action="store_false",
+                   help="leave the table changeable by other processes (by default it is "
+                        "owned by the agent and kept when the agent exits)")
     recover = a.add_mutually_exclusive_group()
     recover.add_argument("--restore-snapshot", metavar="FILE",
                          help="an empty store facing a kernel table: load this snapshot "
@@ -124,7 +127,7 @@ def run_agent(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address, subnet=args.subnet,
         bridge_prefix=args.bridge_prefix, resync_interval=args.resync_interval,
         log_group=args.log_group or None, restore_snapshot=args.restore_snapshot,
-        accept_empty_store=args.accept_empty_store))
+        accept_empty_store=args.accept_empty_store, table_owner=args.table_owner))
 
 
 def _default_socket() -> str:
@@ -241,6 +244,8 @@ def run_status(args: argparse.Namespace) -> int:
           f"{c['policies']} policies")
     print(f"drift repaired: {st['driftRepairs']} time(s); apply failures: {st['applyFailures']}")
     print(f"datapath:       {st['datapath']}; up {st['uptime']} s")
+    if st.get("table"):
+        print(f"table:          {st['table']}")
     if st.get("error"):
         print(f"NOT READY:      the kernel refused the last {st['consecutiveFailures']} "
               f"attempt(s), the previous ruleset stays in force: {st['error']}")
