@@ -2,7 +2,8 @@
 
 Each test builds endpoints in its own host namespace (see conftest), programs
 policies compiled from the model, and checks the kernel: verdicts by probing,
-deltas by their size, atomicity by a refused transaction, drift by tampering.
+deltas by their size, atomicity by a refused transaction, drift by tampering
+(so without an owned table: `owner=False`; see test_nft_integrity.py for more).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _cluster(trio, *policies: NetworkPolicy, **relabel: dict[str, str]) -> Clust
 
 @pytest.fixture
 def datapath(trio) -> Iterator[NftDatapath]:
-    dp = NftDatapath(netns=trio.host_netns)
+    dp = NftDatapath(netns=trio.host_netns, owner=False)
     dp.check()
     yield dp
 

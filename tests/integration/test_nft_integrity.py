@@ -9,6 +9,7 @@ table outlives its owner and is claimed by the next one.
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import subprocess
@@ -26,7 +27,8 @@ from stockade.compile.ir import Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
 from stockade.dataplane.monitor import TableEvent
-from stockade.dataplane.nft import OWNER_ON, NftDatapath
+from stockade.dataplane.nfnetlink import NetlinkError
+from stockade.dataplane.nft import OWNER_ON, OWNER_UNSUPPORTED, NftDatapath
 from stockade.errors import DataplaneError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
@@ -352,3 +354,25 @@ def test_a_table_nobody_owns_is_replaced_by_an_owned_one(trio, servers) -> None:
     assert _probe(trio, *EXPECTED) == EXPECTED
     _in_sync(dp, rs)
     assert dp.apply(rs, verify=True).empty and dp.last_drift is None
+
+
+def test_without_persistent_tables_the_table_is_not_owned_at_all(trio, caplog) -> None:
+    """An owned table that is not persistent would vanish with its owner: fail open."""
+    host = trio.host_netns
+    dp = NftDatapath(netns=host, owner=True)
+
+    def refuse(body: object, what: str) -> None:
+        raise NetlinkError(f"{what}: refused", errno.EOPNOTSUPP)  # a kernel before 6.9
+
+    dp._elements.transact = refuse  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="stockade.dataplane"):
+        dp.check()
+    assert dp.owner_status == OWNER_UNSUPPORTED and not dp.owner_active
+    assert "will not be owned" in caplog.text
+    rs = compile_cluster(_cluster(trio))
+    dp.apply(rs)
+    assert not dp.owned
+    _nft(host, "add", "chain", "inet", "stockade", "someone-elses")  # not owned: allowed
+    dp.apply(rs, verify=True)
+    assert dp.last_drift_details == ["foreign chain someone-elses"]
+    _in_sync(dp, rs)
