@@ -346,7 +346,24 @@ def test_a_table_nobody_owns_is_replaced_by_an_owned_one(trio, servers) -> None:
     rs = compile_cluster(_cluster(trio))
     NftDatapath(netns=host, owner=False).apply(rs)
     dp = NftDatapath(netns=host, owner=True)
+    # after every step of the replacement, the policy is in force
+    steps: list[dict[tuple[str, str], bool]] = []
+    run, transact = dp._run, dp._elements.transact
+
+    def probed_run(cmds: list[dict[str, object]], what: str) -> str:
+        out = run(cmds, what)
+        steps.append(_probe(trio, *EXPECTED))
+        return out
+
+    def probed_transact(body: list[tuple[int, int, bytes]], what: str) -> None:
+        transact(body, what)
+        steps.append(_probe(trio, *EXPECTED))
+
+    dp._run = probed_run  # type: ignore[method-assign]
+    dp._elements.transact = probed_transact  # type: ignore[method-assign]
     dp.apply(rs)
+    dp._run, dp._elements.transact = run, transact  # type: ignore[method-assign]
+    assert len(steps) >= 4 and all(seen == EXPECTED for seen in steps), steps
     assert dp.owned
     assert _nft(host, "list", "tables").stdout.split() == ["table", "inet", "stockade"]
     out = _nft(host, "delete", "table", "inet", "stockade", check=False)

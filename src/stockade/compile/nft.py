@@ -26,6 +26,7 @@ holds the commands that clear it away in the repairing transaction.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def rule_digest(rule: Rule) -> str:
     key = (rule.family, rule.peer_set, rule.named_set, rule.protocol, rule.ports)
     return hashlib.sha256(repr(key).encode()).hexdigest()[:8]
@@ -295,6 +297,8 @@ def _retarget_th(value: Any, proto: str) -> Any:
         pl = value.get("payload")
         if len(value) == 1 and isinstance(pl, dict) and pl.get("protocol") == "th":
             return {"payload": {**pl, "protocol": proto}}
+        if "set" in value or "range" in value:
+            return value  # constants: nothing reads a header there
         return {k: _retarget_th(v, proto) for k, v in value.items()}
     if isinstance(value, list):
         return [_retarget_th(v, proto) for v in value]
@@ -307,6 +311,8 @@ def _reads(value: Any, protocols: tuple[str, ...]) -> bool:
         pl = value.get("payload")
         if len(value) == 1 and isinstance(pl, dict):
             return pl.get("protocol") in protocols
+        if "set" in value or "range" in value:
+            return False
         return any(_reads(v, protocols) for v in value.values())
     if isinstance(value, list):
         return any(_reads(v, protocols) for v in value)
@@ -448,9 +454,13 @@ class RuleCheck:
     def __init__(self) -> None:
         self._canon: dict[Any, tuple[Canon, ...]] = {}
         self._raw: dict[Any, Any] = {}
+        self._chains: dict[tuple[Table, str], tuple[Chain, list[tuple[str, Any, Any]]]] = {}
 
     def _expected(self, table: Table, chain: Chain) -> list[tuple[str, Any, Any]]:
         """(comment, memo key, expressions) of every rule of `chain`, in order."""
+        known = self._chains.get((table, chain.name))
+        if known is not None and (known[0] is chain or known[0] == chain):
+            return known[1]
         verdict = {"accept": None} if chain.direction == INGRESS else {"return": None}
         out: list[tuple[str, Any, Any]] = [
             (rule_comment(chain.direction, i, rule), (rule, chain.direction),
@@ -458,6 +468,7 @@ class RuleCheck:
             for i, rule in enumerate(chain.rules, 1)]
         for i, (expr, comment) in enumerate(table.deny_rules(chain)):
             out.append((comment, (table, chain.name, i), lambda e=expr: e))
+        self._chains[(table, chain.name)] = (chain, out)
         return out
 
     def same(self, table: Table, chain: Chain, raw: list[Any]) -> bool:
@@ -465,9 +476,10 @@ class RuleCheck:
         want = self._expected(table, chain)
         if len(raw) != len(want):
             return False
-        if len(self._raw) > self.LIMIT or len(self._canon) > self.LIMIT:
+        if max(len(self._raw), len(self._canon), len(self._chains)) > self.LIMIT:
             self._raw.clear()
             self._canon.clear()
+            self._chains.clear()
         for body, (comment, key, render) in zip(raw, want, strict=True):
             if body.get("comment", "") != comment or not body.keys() <= _RULE_KEYS:
                 return False

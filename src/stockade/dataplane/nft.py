@@ -13,6 +13,7 @@ any process may inspect, remove or claim, once this one is gone.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -355,7 +356,16 @@ class NftDatapath:
                 return None
             raise DataplaneError("cannot read the table", command="nft list table",
                                  stderr=err)
-        return parse_kernel(json.loads(out), self.table, expected, self._check)
+        # Millions of fresh objects, none in a cycle: the cyclic collector would
+        # only walk them (and everything kept alive) again and again.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            doc = json.loads(out)
+            return parse_kernel(doc, self.table, expected, self._check)
+        finally:
+            if collecting:
+                gc.enable()
 
     def read(self) -> Ruleset:
         kt = self.read_table()
