@@ -324,6 +324,7 @@ def test_an_owned_table_refuses_others_outlives_its_owner_and_is_claimed(trio,
         owner.wait()
     # The owner is gone: the table stays, enforcing, and anybody may change it now.
     assert _probe(trio, *EXPECTED) == EXPECTED
+    _in_sync(NftDatapath(netns=host), rs)  # an orphan (flags persist) is in sync
     _nft(host, "flush", "chain", "inet", "stockade", chain)
     assert _probe(trio, ("c", "a")) == {("c", "a"): True}
     heir = NftDatapath(netns=host, owner=True)

@@ -305,13 +305,17 @@ def test_a_set_redefined_behind_our_back_is_recreated_with_its_chains() -> None:
     assert cmds.index({"flush": {"chain": TABLE.ref(name="i-x")}}) < deleted < added < refilled
 
 
-def test_a_dormant_table_is_drift() -> None:
+def test_a_dormant_table_is_drift_by_the_kernels_flags() -> None:
     doc = _printed()
-    doc["nftables"][1]["table"]["flags"] = "inet"  # how 1.0.6 prints a dormant table
-    kt = parse_kernel(doc, TABLE, CHAINS)
-    assert not kt.table_ok and kt.needs_repair
-    doc["nftables"][1]["table"]["flags"] = ["owner", "unknown"]  # owner, persist
-    assert parse_kernel(doc, TABLE, CHAINS).table_ok
+    # libnftables 1.0.6 prints a lone flag as "inet", dormant (1) or persist (4) alike
+    doc["nftables"][1]["table"]["flags"] = "inet"
+    kt = parse_kernel(doc, TABLE, CHAINS, table_flags=1)
+    assert not kt.table_ok and kt.needs_repair and kt.drift == [
+        "table dormant (enforces nothing)"]
+    assert parse_kernel(doc, TABLE, CHAINS, table_flags=4).table_ok  # an orphan
+    assert parse_kernel(doc, TABLE, CHAINS, table_flags=6).drift == []  # owned
+    doc["nftables"][1]["table"]["flags"] = ["dormant"]
+    assert not parse_kernel(doc, TABLE, CHAINS).table_ok
 
 
 def test_the_rule_check_remembers_without_trusting_blindly() -> None:

@@ -501,9 +501,10 @@ _RULE_KEYS = frozenset({"family", "table", "chain", "handle", "comment", "expr"}
 _CHAIN_KEYS = frozenset({"family", "table", "name", "handle"})
 _SET_KEYS = frozenset({"family", "table", "name", "handle", "type", "flags", "elem", "comment"})
 _MAP_KEYS = frozenset({"family", "table", "name", "handle", "type", "map", "elem", "comment"})
-# Table flags the kernel reports for a table stockade made: libnftables 1.0.6
-# prints NFT_TABLE_F_OWNER as "owner" and NFT_TABLE_F_PERSIST as "unknown".
-_TABLE_FLAGS = frozenset({"owner", "unknown"})
+# The table flag that turns every chain of it off. libnftables 1.0.6 prints a
+# table's flags unreliably (a lone flag, dormant or persist alike, comes out as
+# "inet"), so the kernel's own value is read over netlink and passed in.
+NFT_TABLE_F_DORMANT = 0x1
 # A verdict-map entry that does not jump to a chain (accept, goto, drop, ...): no
 # chain has this name, so the entry always differs from what stockade wants.
 NOT_A_JUMP = "<not a jump>"
@@ -528,7 +529,7 @@ class KernelTable:
     foreign: list[str] = field(default_factory=list)  # objects stockade did not make
     drift: list[str] = field(default_factory=list)  # every difference found, one line each
     prelude: list[Command] = field(default_factory=list)
-    table_ok: bool = True  # no table flag but owner/persist (dormant: enforces nothing)
+    table_ok: bool = True  # not dormant (a dormant table enforces nothing)
     # Foreign stateful objects and flowtables as (kind, name, handle): removed
     # over raw netlink after the repairing transaction (nothing uses them then).
     objects: list[tuple[str, str, int]] = field(default_factory=list)
@@ -606,7 +607,7 @@ def _table_flags(flags: Any) -> set[str]:
 
 
 def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[str, Chain],
-                 check: RuleCheck | None = None) -> KernelTable:
+                 check: RuleCheck | None = None, table_flags: int | None = None) -> KernelTable:
     """What `nft -j list table` shows, against what stockade would have put there.
 
     A policy chain is known by its name (a hash of its content) among
@@ -615,6 +616,8 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     with its definition: the base chain (type, hook, priority, policy, rules),
     the four verdict maps, the sets (type, flags; elements are compared by the
     plan). Whatever is not stockade's is foreign, and the prelude removes it.
+    `table_flags`: the table's flags as the kernel reports them (NFTA_TABLE_FLAGS);
+    without them only a flag printed as "dormant" counts.
     """
     check = check or RuleCheck()
     ref = table.ref
@@ -623,8 +626,8 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     set_bodies: list[dict[str, Any]] = []
     map_bodies: list[dict[str, Any]] = []
     others: list[tuple[str, dict[str, Any]]] = []
-    table_ok = True
-    drift: list[str] = []
+    table_ok = table_flags is None or not table_flags & NFT_TABLE_F_DORMANT
+    drift: list[str] = [] if table_ok else ["table dormant (enforces nothing)"]
     for item in doc.get("nftables", []):
         if not isinstance(item, dict) or len(item) != 1:
             continue
@@ -640,10 +643,9 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
         elif kind == "map":
             map_bodies.append(body)
         elif kind == "table":
-            table_flags = _table_flags(body.get("flags"))
-            if table_flags - _TABLE_FLAGS:
+            if table_flags is None and "dormant" in _table_flags(body.get("flags")):
                 table_ok = False
-                drift.append(f"table flags {', '.join(sorted(table_flags))}")
+                drift.append("table dormant (enforces nothing)")
         else:
             others.append((kind, body))
 

@@ -350,7 +350,9 @@ class NftDatapath:
         """
         if expected is None:
             expected = self._applied.chains if self._applied is not None else {}
-        rc, out, err = self._text(f"list table {FAMILY} {self.table.name}")
+        with self._lock:
+            rc, out, err = self._nft.cmd(f"list table {FAMILY} {self.table.name}")
+            info = self._elements.table_info() if rc == 0 else None
         if rc != 0:
             if "No such file" in err or "does not exist" in err:
                 return None
@@ -362,7 +364,8 @@ class NftDatapath:
         gc.disable()
         try:
             doc = json.loads(out)
-            return parse_kernel(doc, self.table, expected, self._check)
+            return parse_kernel(doc, self.table, expected, self._check,
+                                info.flags if info is not None else None)
         finally:
             if collecting:
                 gc.enable()
