@@ -41,7 +41,6 @@ NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_GETTABLE = 1
 NFT_MSG_DELTABLE = 2
-NFT_MSG_NEWCHAIN = 3
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELOBJ = 20
 NFT_MSG_DELFLOWTABLE = 24
@@ -60,15 +59,6 @@ NFTA_TABLE_OWNER = 7
 NFT_TABLE_F_DORMANT = 0x1
 NFT_TABLE_F_OWNER = 0x2
 NFT_TABLE_F_PERSIST = 0x4
-NFTA_CHAIN_TABLE = 1
-NFTA_CHAIN_NAME = 3
-NFTA_CHAIN_HOOK = 4
-NFTA_CHAIN_POLICY = 5
-NFTA_CHAIN_TYPE = 7
-NFTA_HOOK_HOOKNUM = 1
-NFTA_HOOK_PRIORITY = 2
-NF_INET_FORWARD = 2
-NF_DROP = 0
 NFTA_OBJ_TABLE = 1
 NFTA_OBJ_TYPE = 3
 NFTA_OBJ_HANDLE = 6
@@ -361,16 +351,6 @@ def new_table(name: str, flags: int) -> tuple[int, int, bytes]:
 
 def del_table(name: str) -> tuple[int, int, bytes]:
     return (NFT_MSG_DELTABLE, 0, _string(NFTA_TABLE_NAME, name))
-
-
-def closed_base_chain(table: str, name: str, priority: int) -> tuple[int, int, bytes]:
-    """NEWCHAIN: a base chain on the inet forward hook that drops everything (fail closed)."""
-    hook = _nested(NFTA_CHAIN_HOOK, [_attr(NFTA_HOOK_HOOKNUM, struct.pack("!I", NF_INET_FORWARD)),
-                                     _attr(NFTA_HOOK_PRIORITY, struct.pack("!i", priority))])
-    return (NFT_MSG_NEWCHAIN, NLM_F_CREATE,
-            _string(NFTA_CHAIN_TABLE, table) + _string(NFTA_CHAIN_NAME, name) + hook
-            + _attr(NFTA_CHAIN_POLICY, struct.pack("!I", NF_DROP))
-            + _string(NFTA_CHAIN_TYPE, "filter"))
 
 
 def del_object(table: str, kind: str, handle: int) -> tuple[int, int, bytes] | None:
