@@ -108,7 +108,8 @@ class Agent:
         log.info("state compiled", extra={"fields": {
             "seconds": round(time.monotonic() - started, 3)}})
         self.reconciler = Reconciler(compiler, datapath, revision, Hooks(
-            applied=self._applied, drift=self._drift, enforced=self._enforced),
+            applied=self._applied, drift=self._drift, enforced=self._enforced,
+            revoked=self._revoked),
             cluster_of=self._cluster)
         ipam_state = self.store.get_meta("ipam")
         ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet)
@@ -127,7 +128,8 @@ class Agent:
                                              cfg.resync_interval)
         self.reconciler.attach(self.runner.run)
         self.runner.start()
-        self.monitor = TableMonitor(cfg.table, self._foreign_change, netns=cfg.netns)
+        # The datapath's own monitor: a deleted table is rewritten without reading first.
+        self.monitor = datapath.monitor(self._foreign_change)
         self.monitor.start()
         for ext in self.extensions:
             ext.start(self)
@@ -202,6 +204,9 @@ class Agent:
             self.visibility.stop()
         if self.runner is not None:
             self.runner.stop()
+        reconciler = getattr(self, "reconciler", None)
+        if reconciler is not None and hasattr(reconciler.datapath, "close"):
+            reconciler.datapath.close()  # the table stays, as an orphan the next agent claims
         if self.store is not None:
             self.store.close()
         log.info("stopped; the kernel keeps enforcing the last ruleset")
@@ -236,8 +241,6 @@ class Agent:
             m.apply_errors.inc()
             return
         self._ruleset = ruleset
-        if report.summary:
-            self.visibility.applied(ruleset)
         m.applies.inc()
         m.apply_duration.observe(report.duration)
         if report.summary:
@@ -261,6 +264,10 @@ class Agent:
         runner = self.runner
         alive = runner is not None and runner._thread is not None and runner._thread.is_alive()
         return alive and self.reconciler.healthy
+
+    def _revoked(self, ruleset: Ruleset) -> None:
+        """The kernel changed (an apply, or a repair): cut what it no longer allows."""
+        self.visibility.applied(ruleset)
 
     def _drift(self, delta: Plan) -> None:
         self.metrics.drift_repairs.inc()

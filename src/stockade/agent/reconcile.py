@@ -143,13 +143,16 @@ class Reconciler:
             if periodic and drift is not None:
                 # The kernel differed from what the last apply left: someone changed it.
                 self.drift_repairs += 1
-                what = "; ".join(drift.describe()[:10]) or "base chain or maps"
+                details = list(getattr(self.datapath, "last_drift_details", []) or [])
+                what = "; ".join((details or drift.describe())[:10]) or "base chain or maps"
                 log.warning("drift repaired: %s", what)
                 if self.hooks.drift:
                     self.hooks.drift(drift)
             if self.hooks.applied:
                 self.hooks.applied(report, desired)
-            if not delta.empty and self.hooks.revoked:
+            # Drift may have let connections in (an inserted accept, a dormant table)
+            # that conntrack now passes as established: cut them like revoked ones.
+            if (not delta.empty or drift is not None) and self.hooks.revoked:
                 self.hooks.revoked(desired)
             with self._cond:
                 self.applied_revision = max(self.applied_revision, revision)

@@ -67,10 +67,14 @@ def run_diff(args: argparse.Namespace) -> int:
     desired = compile_cluster(load_cluster(args.files))
     dp = _datapath(args)
     delta = dp.diff(desired)
-    intact = dp.skeleton_intact()
+    kt = dp.read_table(desired.chains)
     lines = delta.describe()
-    if not intact:
-        lines.insert(0, "~ base chain and maps missing or altered")
+    if kt is None:
+        lines.insert(0, f"+ table inet {args.table}")
+    else:
+        # What the plan does not show: the base chain, foreign objects, flags.
+        lines[:0] = [f"~ {d}" for d in kt.drift if not d.startswith("chain ")
+                     or "foreign" in d]
     for line in lines:
         print(line)
     return 1 if lines else 0

@@ -163,6 +163,18 @@ class NftDatapath:
             rc, out, err = self._nft.cmd(command)
         return int(rc), str(out), str(err)
 
+    def close(self) -> None:
+        """Let go of the kernel: the netlink sockets, and with them the table's ownership.
+
+        An owned table outlives its owner as an orphan (persist), so another datapath
+        (the next agent, in this process or another) can claim it.
+        """
+        with self._lock:
+            self._elements.close()
+            nft, self._nft = self._nft, None
+            if nft is not None:
+                del nft  # libnftables frees its context (and socket) when collected
+
     # ---- ownership -------------------------------------------------------------------------
 
     def _persist_supported(self) -> bool:
