@@ -331,3 +331,19 @@ def test_the_agent_names_the_policies_behind_each_chain(node: Node) -> None:
     assert chain["direction"] == "ingress" and chain["endpoints"] == 2
     assert chain["policies"] == [["x/web"]]
     assert chain["name"] in node.datapath.kernel.chains
+
+
+def test_repeated_failures_recompile_from_the_state() -> None:
+    state = AgentState()
+    dp = FlakyDatapath()
+    rec = Reconciler(IncrementalCompiler.of(state.cluster()), dp, 0,
+                     cluster_of=state.cluster)
+    assert rec.run(True)
+    first = rec.compiler
+    dp.failing = DataplaneError("refused")
+    assert not rec.run(False) and not rec.run(False)
+    assert rec.compiler is first  # two failures: not yet
+    assert not rec.run(False)
+    assert rec.compiler is not first  # from the second failure in a row on: anew
+    dp.failing = None
+    assert rec.run(False) and rec.healthy

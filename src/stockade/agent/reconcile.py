@@ -76,6 +76,7 @@ class Reconciler:
         self.failures = 0  # failed runs in all
         self.consecutive_failures = 0  # since the last success; drives the backoff
         self._accepted: list[tuple[int, float]] = []  # (revision, monotonic time accepted)
+        self._changes = 0  # calls of `changed`: tells a rebuild whether it is current
         self._kick: Callable[[], None] = lambda: None
 
     def attach(self, kick: Callable[[], None]) -> None:
@@ -86,6 +87,7 @@ class Reconciler:
 
     def changed(self, revision: int, changes: Sequence[Change]) -> None:
         with self._lock:
+            self._changes += 1
             if len(changes) > self.BULK and self.cluster_of is not None:
                 self.compiler = IncrementalCompiler.of(self.cluster_of())
             else:
@@ -114,12 +116,11 @@ class Reconciler:
                 snapshot = True
         with self._apply_lock:
             started = time.monotonic()
+            if self.consecutive_failures >= 2:
+                self._rebuild()
             with self._lock:
                 revision = self.desired_revision
                 try:
-                    if self.consecutive_failures >= 2 and self.cluster_of is not None:
-                        # The same failure twice: do not trust the incremental state.
-                        self.compiler = IncrementalCompiler.of(self.cluster_of())
                     desired = self.compiler.ruleset()
                 except Exception as exc:  # a compiler bug must not stop reconciliation
                     log.exception("compiling the ruleset failed")
@@ -163,6 +164,25 @@ class Reconciler:
                 for t in done:
                     self.hooks.enforced(finished - t)
         return True
+
+    def _rebuild(self) -> None:
+        """The same failure twice: do not trust the incremental state, compile anew.
+
+        The cluster is read without holding `_lock` (its source takes the service's
+        lock, which callers of `changed` hold before ours); the result is installed
+        only if no change came in meanwhile, else the next retry tries again.
+        """
+        if self.cluster_of is None:
+            return
+        seen = self._changes
+        try:
+            fresh = IncrementalCompiler.of(self.cluster_of())
+        except Exception:  # reported by the apply that follows, with the old compiler
+            log.exception("recompiling the state failed")
+            return
+        with self._lock:
+            if self._changes == seen:
+                self.compiler = fresh
 
     def _failed(self, revision: int, started: float, periodic: bool, error: str,
                 desired: Ruleset) -> None:
