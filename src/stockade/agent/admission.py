@@ -42,7 +42,8 @@ from stockade.model.selector import Selector
 from stockade.model.validate import validate_policy
 
 QUARANTINE_LABEL = "stockade.io/quarantined"
-QUARANTINE_POLICY = "stockade-quarantine"
+# Not a valid object name (the colon), so no policy of a user can ever share its key.
+QUARANTINE_POLICY = "stockade:quarantine"
 
 
 def check_changes(state: AgentState, changes: Sequence[Change], *,
