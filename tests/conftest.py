@@ -13,12 +13,15 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Shared strategies are imported as `tests.property.strategies` by every suite.
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+from tests.support import SHARED_DIR  # noqa: E402  (needs the path above)
 
 settings.register_profile(
     "ci",
@@ -45,3 +48,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared corpora (``<repository>/../shared``); see tests/support."""
+    return SHARED_DIR

@@ -1,7 +1,7 @@
 """Fuzzing the parser, the decoder, the validator and `stockade validate`.
 
 Inputs start from valid manifests (the shared strategies rendered to dicts, and
-the policies of the conformance corpus when /work/shared/conformance exists) and
+the policies of the conformance corpus when ../shared/conformance exists) and
 are mutated: keys deleted, values retyped or replaced by random JSON, unknown keys
 inserted, deep nesting, huge integers, odd Unicode, empty strings, nulls. Random
 text and YAML token soup go straight into `parse_documents`/`parse_objects`.
@@ -19,7 +19,6 @@ import copy
 import io
 import itertools
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from tests.property.strategies import (
     pod_manifest,
     policy_manifests,
 )
+from tests.support import shared
 
 from stockade.cli.main import main
 from stockade.errors import DecodeError, StockadeError
@@ -48,7 +48,7 @@ from stockade.model.parse import expand_lists, parse_documents, parse_objects
 from stockade.model.policy import NetworkPolicy
 from stockade.model.validate import validate_policy
 
-CONFORMANCE = Path(os.environ.get("STOCKADE_CONFORMANCE", "/work/shared/conformance"))
+CONFORMANCE = shared("conformance")
 
 # --------------------------------------------------------------------------- seeds
 

@@ -8,16 +8,16 @@ verdict with the case's expectation. This is the slowest test (about a minute).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
+from tests.support import shared
 
 from stockade.cli.main import main
 from stockade.net.namespace import list_netns
 
 pytestmark = pytest.mark.privileged
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
+CORPUS = shared("conformance")
 
 
 def test_public_corpus_passes_on_real_packets(capsys: pytest.CaptureFixture[str]) -> None:

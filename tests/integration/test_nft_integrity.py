@@ -16,11 +16,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from tests.property.strategies import DEFAULT, clusters
+from tests.support import shared
 
 from stockade.cli.conformance import load_cases
 from stockade.compile.ir import Ruleset
@@ -41,7 +41,7 @@ from stockade.probe.protocol import Port, Protocol
 
 pytestmark = pytest.mark.privileged
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
+CORPUS = shared("conformance")
 TCP80, TCP81 = Port(80, Protocol.TCP), Port(81, Protocol.TCP)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from tests.support import shared
 
 from stockade.cli.conformance import load_cases
 from stockade.compile import interpret
@@ -21,7 +21,7 @@ from stockade.model.labels import Labels
 from stockade.model.policy import IPBlock, NetworkPolicy, Peer, PolicyPort, Rule
 from stockade.model.selector import Selector
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
+CORPUS = shared("conformance")
 
 
 def _cases() -> list[Case]:

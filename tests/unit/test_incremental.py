@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from tests.support import shared
 
 from stockade.cli.conformance import load_cases
 from stockade.compile.incremental import IncrementalCompiler
@@ -15,7 +15,7 @@ from stockade.compile.plan import plan
 from stockade.conformance.case import Case
 from stockade.model.cluster import Namespace
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "conformance"
+CORPUS = shared("conformance")
 
 
 def _cases() -> list[Case]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support import shared
 
 from stockade.conformance.case import STANDARD_CLUSTER, parse_case
 from stockade.engine.evaluate import Evaluator
@@ -33,7 +33,7 @@ from stockade.model.labels import Labels
 from stockade.model.parse import parse_documents
 from stockade.model.policy import PROTOCOLS, NetworkPolicy
 
-CONFORMANCE = Path("/work/shared/conformance")
+CONFORMANCE = shared("conformance")
 
 
 def policy(ns: str, name: str, spec: dict[str, Any]) -> NetworkPolicy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.support import shared
 
 from stockade.model.field import INVALID
 from stockade.validation_corpus import (
@@ -15,7 +16,7 @@ from stockade.validation_corpus import (
     load_case,
 )
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "validation"
+CORPUS = shared("validation")
 FILES = sorted(CORPUS.glob("*.yaml")) if CORPUS.is_dir() else []
 
 pytestmark = pytest.mark.skipif(
