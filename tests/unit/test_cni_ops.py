@@ -74,6 +74,7 @@ class Node:
         ipam = Ipam.from_dict(meta) if meta else Ipam("10.9.0.0/24")
         self.service = Service(self.store, state, self.reconciler, ipam=ipam)
         self.ops = CniOps()
+        self.service.register(self.ops)
         self.ops.start(SimpleNamespace(service=self.service, store=self.store,
                                        reconciler=self.reconciler))
 

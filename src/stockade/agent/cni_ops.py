@@ -46,6 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stockade.agent.extension import Handler, Host
 from stockade.agent.protocol import BAD_REQUEST, INVALID, UNAVAILABLE, ApiError, Args
 from stockade.agent.reconcile import ApplyReport
 from stockade.agent.records import (
@@ -77,7 +78,6 @@ from stockade.model.labels import Labels
 log = logging.getLogger("stockade.cni")
 
 META = "cni"
-OPS = ("cni.add", "cni.del", "cni.check", "cni.gc", "cni.status")
 CONVERGE = 2.0  # seconds CHECK allows the kernel to catch up (the spec asks for some)
 
 
@@ -191,22 +191,27 @@ def footprint(rs: Ruleset, ips: Iterable[str]) -> dict[str, Any]:
 
 
 class CniOps:
-    """Registers the ``cni.*`` operations on the agent's service (see the module doc)."""
+    """The ``cni.*`` operations, an agent :class:`~stockade.agent.extension.Extension`."""
 
     def __init__(self) -> None:
         self.service: Service | None = None
         self.attachments: dict[str, CniAttachment] = {}
         self._revisions: dict[str, int] = {}  # in memory: after a restart, all is applied
         self._desired: Ruleset | None = None  # what the last successful apply put in
-        self._agent: Any = None
 
-    def start(self, agent: Any) -> None:
-        self._agent = agent
+    def operations(self) -> Mapping[str, Handler]:
+        return {"cni.add": self.op_add, "cni.del": self.op_del, "cni.check": self.op_check,
+                "cni.gc": self.op_gc, "cni.status": self.op_status}
+
+    def status(self) -> Mapping[str, Any]:
+        return {"cni": {"attachments": len(self.attachments)}}
+
+    def start(self, agent: Host) -> None:
         self.service = agent.service
-        raw = agent.store.get_meta(META) or {}
+        raw = self.service.store.get_meta(META) or {}
         self.attachments = {a.id: a for a in (CniAttachment.from_dict(d) for d in
                                               (raw.get("attachments") or {}).values())}
-        reconciler = agent.reconciler
+        reconciler = self.service.reconciler
         previous = reconciler.hooks.applied
 
         def applied(report: ApplyReport, ruleset: Ruleset) -> None:
@@ -217,10 +222,6 @@ class CniOps:
 
         reconciler.hooks.applied = applied
         self._desired = reconciler.datapath.read()  # adopted at start: the kernel is current
-        self.service.extra.update({"cni.add": self.op_add, "cni.del": self.op_del,
-                                   "cni.check": self.op_check, "cni.gc": self.op_gc,
-                                   "cni.status": self.op_status})
-        self.service.status_extra["cni"] = lambda: {"attachments": len(self.attachments)}
 
     def stop(self) -> None:
         """Nothing runs in the background; the attachments live on in the store."""

@@ -37,7 +37,8 @@ The bridge carries the IPAM gateway address and every endpoint has a default
 route via it. IP forwarding stays off: endpoints reach each other and the
 agent's namespace, not the outside world.
 
-Operations registered on the service (see :mod:`stockade.agent.protocol`)::
+Operations (an :class:`~stockade.agent.extension.Extension`, see
+:mod:`stockade.agent.protocol`)::
 
     run {namespace, name, labels, ports, command, cwd?, env?} → {endpoint, pid, log}
     ps  {all?}                                                  → {items}
@@ -60,6 +61,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from stockade.agent.extension import Handler, Host
 from stockade.agent.protocol import BAD_REQUEST, INVALID, NOT_FOUND, UNAVAILABLE, ApiError, Args
 from stockade.agent.records import (
     OWNER_RUN,
@@ -260,9 +262,15 @@ class ContainerManager:
 
     # ---- extension life cycle -----------------------------------------------------------
 
-    def start(self, agent: Any) -> None:
-        """Bridge up, operations registered, run-owned endpoints adopted, supervisor on."""
-        service: Service = agent.service
+    def operations(self) -> Mapping[str, Handler]:
+        return {"run": self.op_run, "ps": self.op_ps, "rm": self.op_rm}
+
+    def status(self) -> Mapping[str, Any]:
+        return {"containers": self._status()}
+
+    def start(self, agent: Host) -> None:
+        """Bridge up, run-owned endpoints adopted, supervisor on."""
+        service = agent.service
         if service.ipam is None:
             raise AgentError("the container manager needs the agent's address pool")
         cfg = agent.config
@@ -278,8 +286,6 @@ class ContainerManager:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._adopt()
         self._sweep()
-        service.extra.update({"run": self.op_run, "ps": self.op_ps, "rm": self.op_rm})
-        service.status_extra["containers"] = self._status
         self._thread = threading.Thread(target=self._supervise, name="containers", daemon=True)
         self._thread.start()
 

@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -25,6 +26,7 @@ from stockade.agent.admission import enforceable, quarantine
 from stockade.agent.client import DEFAULT_SOCKET
 from stockade.agent.cni_ops import CniOps
 from stockade.agent.containers import ContainerManager
+from stockade.agent.extension import Extension, Handler, Operations
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
 from stockade.agent.protocol import Args
 from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
@@ -82,7 +84,9 @@ class Agent:
         self.runner: BoundedFrequencyRunner | None = None
         self.monitor: TableMonitor | None = None
         self.metrics_server: MetricsServer | None = None
-        self.extensions: list[Any] = []
+        # Started in this order after the first reconciliation, stopped in reverse;
+        # their operations join the service's table (see agent/extension.py).
+        self.extensions: list[Extension] = []
 
     # ---- start and stop ----------------------------------------------------------------
 
@@ -117,8 +121,8 @@ class Agent:
                                strict_cidr=cfg.strict_cidr)
         self.visibility = Visibility(self._cluster, self.metrics, cfg.netns, cfg.log_group,
                                      cfg.state_dir)
-        self.service.extra["flows"] = self._flows
-        self.service.status_extra["connectionsCut"] = lambda: self.visibility.cut_total
+        for provider in self.operation_providers():
+            self.service.register(provider)
         self.visibility.start()
         # Adopt: read the kernel back and apply only the difference, before serving.
         self.reconciler.run(periodic=True)
@@ -249,11 +253,9 @@ class Agent:
                 **report.summary}})
         self._update_gauges()
 
-    def _flows(self, args: dict[str, Any]) -> Any:
-        a = Args(args, "flows")
-        return self.visibility.flows(a.integer("since", 0, hi=2**62),
-                                     a.integer("limit", 100, lo=1, hi=100_000),
-                                     a.flag("tail", False))
+    def operation_providers(self) -> list[Operations]:
+        """What serves operations besides the service's core, in `status` order."""
+        return [FlowOps(self), *self.extensions]
 
     def _cluster(self) -> Cluster:
         with self.service.lock:
@@ -288,6 +290,32 @@ class Agent:
             self.metrics.datapath_objects.set(value, kind=kind)
 
 
+class FlowOps:
+    """The denied-flow log (``flows``) and the connections cut, read from the
+    agent's visibility (agent/visibility.py), which the agent itself starts."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def operations(self) -> Mapping[str, Handler]:
+        return {"flows": self.op_flows}
+
+    def status(self) -> Mapping[str, Any]:
+        return {"connectionsCut": self.agent.visibility.cut_total}
+
+    def op_flows(self, args: dict[str, Any]) -> Any:
+        a = Args(args, "flows")
+        return self.agent.visibility.flows(a.integer("since", 0, hi=2**62),
+                                           a.integer("limit", 100, lo=1, hi=100_000),
+                                           a.flag("tail", False))
+
+
+def default_extensions() -> list[Extension]:
+    """The extensions `stockade agent` runs with."""
+    return [ContainerManager(),  # `stockade run`, `ps`, `rm`
+            CniOps()]  # the CNI plugin's cni.* operations
+
+
 def _read_snapshot(path: str, strict_cidr: bool) -> tuple[AgentState, dict[str, Any]]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -317,8 +345,7 @@ def notify_ready() -> None:
 
 def run_agent(config: AgentConfig) -> int:
     agent = Agent(config)
-    agent.extensions.append(ContainerManager())  # `stockade run`, `ps`, `rm`
-    agent.extensions.append(CniOps())  # the CNI plugin's cni.* operations
+    agent.extensions.extend(default_extensions())
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})

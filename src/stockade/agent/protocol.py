@@ -29,6 +29,11 @@ Operations (args → result):
 
 `sync` (default true) makes a changing call return only once the kernel
 enforces the change (or fail with code "timeout").
+
+`OPS` names every operation; a request naming another is refused here. The
+agent serves them from one table (`Service.table`); how to add an operation:
+:mod:`stockade.agent.extension`. tests/unit/test_agent_operations.py checks
+that OPS and the table of a fully wired agent agree.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ UNAVAILABLE = "unavailable"  # not ready yet, or shutting down: try again
 TIMEOUT = "timeout"  # the change was stored but not yet enforced in time
 INTERNAL = "internal"
 
+# Every operation the agent serves (its one table; see agent/extension.py).
 OPS = (
     "status", "apply", "delete", "get", "label", "snapshot.save", "snapshot.restore",
     "endpoint.add", "endpoint.remove", "ipam.allocate", "ipam.release", "run", "ps", "rm",

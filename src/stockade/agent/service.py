@@ -1,5 +1,11 @@
 """The agent's operations: what each API call does to the state (the shell's core).
 
+The service holds the agent's ONE table of operations (:attr:`Service.table`,
+name → handler). Its own core operations are registered in it like any
+extension's (:meth:`Service.operations`); the others come from
+:meth:`Service.register` (see :mod:`stockade.agent.extension`, which says how
+to add an operation). :meth:`Service.handle` looks the table up and nothing else.
+
 Every changing operation validates everything first and fails as a whole, then
 commits its changes to the store in one transaction, folds them into the
 in-memory state and hands them to the reconciler; with `sync` it returns only
@@ -11,11 +17,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 from stockade.agent.admission import check_changes
+from stockade.agent.extension import Handler, Operations
 from stockade.agent.protocol import (
     BAD_REQUEST,
     INVALID,
@@ -42,7 +50,7 @@ from stockade.agent.records import (
 )
 from stockade.agent.snapshot import changes_to_restore, parse_snapshot, snapshot_of
 from stockade.agent.store import Store
-from stockade.errors import DecodeError, InputError
+from stockade.errors import AgentError, DecodeError, InputError
 from stockade.model.admit import admit_objects, validate_label_change
 from stockade.model.cluster import Namespace, implicit_namespace
 from stockade.model.labels import Labels
@@ -62,17 +70,54 @@ class Service:
         self.strict_cidr = strict_cidr
         self.lock = threading.RLock()
         self.started = time.time()
-        # Extensions register more operations (the container manager, IPAM, flows).
-        self.extra: dict[str, Callable[[dict[str, Any]], Any]] = {}
-        self.status_extra: dict[str, Callable[[], Any]] = {}
+        self._table: dict[str, Handler] = {}
+        self._providers: list[Operations] = []
+        self.register(self)  # the core operations, the same way as any extension's
 
-    # ---- plumbing ---------------------------------------------------------------------
+    # ---- the table of operations ---------------------------------------------------------
+
+    def operations(self) -> Mapping[str, Handler]:
+        """The core operations (the service itself as a provider, see agent/extension.py)."""
+        return {
+            "status": self.op_status,
+            "get": self.op_get,
+            "apply": self.op_apply,
+            "delete": self.op_delete,
+            "label": self.op_label,
+            "snapshot.save": self.op_snapshot_save,
+            "snapshot.restore": self.op_snapshot_restore,
+            "endpoint.add": self.op_endpoint_add,
+            "endpoint.remove": self.op_endpoint_remove,
+            "ipam.allocate": self.op_ipam_allocate,
+            "ipam.release": self.op_ipam_release,
+        }
+
+    def register(self, provider: Operations) -> None:
+        """Add a provider's operations to the table and its fields to `status`.
+
+        Before the socket opens (the table is not locked). An operation already
+        in the table is a wiring error: nothing is overridden.
+        """
+        ops = dict(provider.operations())
+        taken = sorted(set(ops) & set(self._table))
+        if taken:
+            raise AgentError(f"operation(s) {', '.join(taken)} registered twice "
+                             f"(again by {type(provider).__name__})")
+        self._table.update(ops)
+        self._providers.append(provider)
+
+    @property
+    def table(self) -> Mapping[str, Handler]:
+        """Every operation this agent serves, name → handler (read-only)."""
+        return MappingProxyType(self._table)
 
     def handle(self, op: str, args: dict[str, Any]) -> Any:
-        method = self.extra.get(op) or getattr(self, "op_" + op.replace(".", "_"), None)
-        if method is None:
+        handler = self._table.get(op)
+        if handler is None:
             raise ApiError(BAD_REQUEST, f"operation {op!r} is not served by this agent")
-        return method(args)
+        return handler(args)
+
+    # ---- plumbing ---------------------------------------------------------------------
 
     def commit(self, changes: Sequence[Change], *, sync: bool = True,
                meta: Mapping[str, Any] | None = None) -> int:
@@ -109,6 +154,14 @@ class Service:
     # ---- status and reads ------------------------------------------------------------
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The core's fields, then each provider's, in registration order."""
+        out: dict[str, Any] = {}
+        for provider in self._providers:
+            out.update(provider.status())
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """The core's part of `status`: the reconciler, the state, the datapath."""
         r = self.reconciler
         last = r.last
         out: dict[str, Any] = {
@@ -133,8 +186,6 @@ class Service:
             "table": getattr(r.datapath, "owner_status", ""),
             "uptime": round(time.time() - self.started, 1),
         }
-        for key, fn in self.status_extra.items():
-            out[key] = fn()
         return out
 
     def op_get(self, args: dict[str, Any]) -> dict[str, Any]:

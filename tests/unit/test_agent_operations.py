@@ -1,0 +1,93 @@
+"""The agent's one table of operations: what the protocol names is what a fully wired
+agent serves, and nothing is registered twice (no root needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from stockade.agent.daemon import Agent, AgentConfig, default_extensions
+from stockade.agent.protocol import BAD_REQUEST, OPS, ApiError
+from stockade.agent.records import AgentState
+from stockade.agent.service import Service
+from stockade.agent.store import Store
+from stockade.errors import AgentError
+from stockade.net.ipam import Ipam
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    store = Store(tmp_path)
+    reconciler: Any = SimpleNamespace()  # the table is built without reconciling
+    yield Service(store, AgentState(), reconciler, ipam=Ipam("10.9.0.0/24"))
+    store.close()
+
+
+def wired(service: Service, tmp_path: Path) -> Service:
+    """The service as `stockade agent` wires it (agent/daemon.py), extensions not started."""
+    agent = Agent(AgentConfig(state_dir=str(tmp_path)))
+    agent.extensions.extend(default_extensions())
+    for provider in agent.operation_providers():
+        service.register(provider)
+    return service
+
+
+def test_every_operation_of_the_protocol_is_served_and_nothing_else(
+        service: Service, tmp_path: Path) -> None:
+    served = set(wired(service, tmp_path).table)
+    assert served == set(OPS), {"not served": set(OPS) - served,
+                                "not in protocol.OPS": served - set(OPS)}
+    assert len(OPS) == len(set(OPS))
+
+
+def test_the_core_is_registered_like_any_extension(service: Service) -> None:
+    assert set(service.table) == set(service.operations())
+    assert all(callable(h) for h in service.table.values())
+
+
+def test_an_unknown_operation_is_a_bad_request(service: Service) -> None:
+    with pytest.raises(ApiError) as err:
+        service.handle("nope", {})
+    assert err.value.code == BAD_REQUEST
+    assert err.value.message == "operation 'nope' is not served by this agent"
+
+
+class Probe:
+    """A provider of one operation and one status field."""
+
+    def __init__(self, name: str = "probe.echo") -> None:
+        self.name = name
+
+    def operations(self) -> Mapping[str, Any]:
+        return {self.name: lambda args: {"echo": args}}
+
+    def status(self) -> Mapping[str, Any]:
+        return {"probe": {"ok": True}}
+
+
+def test_a_registered_provider_serves_its_operations_and_adds_to_status(
+        service: Service) -> None:
+    service.status = lambda: {"ready": True}  # type: ignore[method-assign]  # no reconciler
+    service.register(Probe())
+    assert service.handle("probe.echo", {"x": 1}) == {"echo": {"x": 1}}
+    assert "probe.echo" in service.table
+    assert list(service.handle("status", {}).items()) == [("ready", True),
+                                                           ("probe", {"ok": True})]
+
+
+def test_an_operation_registered_twice_is_a_wiring_error(service: Service) -> None:
+    service.register(Probe())
+    with pytest.raises(AgentError, match=r"probe\.echo registered twice"):
+        service.register(Probe())
+    with pytest.raises(AgentError, match="status registered twice"):
+        service.register(Probe("status"))
+    assert service.handle("probe.echo", {}) == {"echo": {}}
+
+
+def test_the_table_is_read_only(service: Service) -> None:
+    with pytest.raises(TypeError):
+        service.table["x"] = lambda args: None  # type: ignore[index]
