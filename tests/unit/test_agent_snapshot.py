@@ -28,11 +28,9 @@ from stockade.agent.snapshot import (
     VERSION,
     changes_to_restore,
     parse_snapshot,
-    restore_snapshot,
-    save_snapshot,
     snapshot_of,
 )
-from stockade.agent.store import Store
+from stockade.agent.store import Store, restore_snapshot, save_snapshot
 from stockade.errors import DecodeError, InputError, ValidationError
 from stockade.model.cluster import ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels

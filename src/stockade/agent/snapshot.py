@@ -1,4 +1,4 @@
-"""Export and import of the agent's whole state: pure functions and the store glue.
+"""Export and import of the agent's whole state (pure; the store glue is in store.py).
 
 A snapshot is a JSON-able dict, sorted so that equal states give equal text::
 
@@ -21,6 +21,9 @@ Public API::
     parse_snapshot(data, meta_keys=SNAPSHOT_META_KEYS, *, strict_cidr=False)
         -> (AgentState, meta)
     changes_to_restore(current, target) -> list[Change]
+
+Through a store (:mod:`stockade.agent.store`, which imports this module)::
+
     save_snapshot(store, meta_keys=SNAPSHOT_META_KEYS) -> dict
     restore_snapshot(store, data, meta_keys=SNAPSHOT_META_KEYS, *, strict_cidr=False)
         -> Restored
@@ -32,7 +35,6 @@ import copy
 import ipaddress
 import math
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from stockade.agent.records import (
@@ -52,7 +54,6 @@ from stockade.agent.records import (
     namespace_from_dict,
     namespace_to_dict,
 )
-from stockade.agent.store import RESERVED_META, Store
 from stockade.errors import DecodeError, NetError, ValidationError
 from stockade.model.cluster import Namespace
 from stockade.model.policy import PROTOCOLS
@@ -218,7 +219,7 @@ def _meta(value: Any, allowed: Collection[str]) -> dict[str, Any]:
     checked here, so a restore cannot store a blob the agent then fails to load."""
     d = _mapping(value, "meta", None)
     for key in d:
-        if key in RESERVED_META or key not in allowed:
+        if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
             _fail(f"meta.{key}", f"unknown meta key (known: {known})")
     if "ipam" in d:
@@ -330,40 +331,3 @@ def changes_to_restore(current: AgentState, target: AgentState) -> list[Change]:
 def _same_policy(a: PolicyRecord | None, b: PolicyRecord) -> bool:
     # PolicyRecord equality ignores the manifest; what `get -o yaml` shows counts too.
     return a is not None and a == b and a.to_dict() == b.to_dict()
-
-
-@dataclass(frozen=True)
-class Restored:
-    """What a restore committed: the new revision (the old one when nothing
-    differed), the changes for the reconciler, and the meta blobs written."""
-
-    revision: int
-    changes: tuple[Change, ...]
-    meta: Mapping[str, Any]
-
-
-def save_snapshot(store: Store, meta_keys: Collection[str] = SNAPSHOT_META_KEYS,
-                  ) -> dict[str, Any]:
-    """The snapshot of what the store holds, read in one transaction."""
-    state, revision, meta = store.load_with_meta(meta_keys)
-    return snapshot_of(state, revision, meta)
-
-
-def restore_snapshot(store: Store, data: Any, meta_keys: Collection[str] = SNAPSHOT_META_KEYS,
-                     *, strict_cidr: bool = False) -> Restored:
-    """Check a snapshot, then commit the difference in one transaction.
-
-    Meta blobs the snapshot lacks are left as they are. The diff and the commit
-    happen under the store's lock, so no other thread's commit slips between.
-    An agent that mirrors the state in memory should rather call
-    :func:`parse_snapshot` and :func:`changes_to_restore` under its own lock and
-    commit through its usual path.
-    """
-    target, meta = parse_snapshot(data, meta_keys, strict_cidr=strict_cidr)
-    with store.lock:
-        current, revision, current_meta = store.load_with_meta(meta.keys())
-        changes = changes_to_restore(current, target)
-        written = {k: v for k, v in meta.items() if current_meta.get(k) != v}
-        if changes or written:
-            revision = store.commit(changes, meta=written)
-    return Restored(revision, tuple(changes), written)

@@ -38,6 +38,12 @@ Public API::
     Store.get_meta(key) -> Any | None
     Store.put_meta(key, value) -> revision         # value None deletes the key
     Store.close()                                  # also a context manager
+
+Snapshots through the store (the pure part is :mod:`stockade.agent.snapshot`)::
+
+    save_snapshot(store, meta_keys=SNAPSHOT_META_KEYS) -> dict
+    restore_snapshot(store, data, meta_keys=SNAPSHOT_META_KEYS, *, strict_cidr=False)
+        -> Restored
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +72,12 @@ from stockade.agent.records import (
     PutPolicy,
     namespace_from_dict,
     namespace_to_dict,
+)
+from stockade.agent.snapshot import (
+    SNAPSHOT_META_KEYS,
+    changes_to_restore,
+    parse_snapshot,
+    snapshot_of,
 )
 from stockade.errors import AgentError, StockadeError
 
@@ -375,3 +387,48 @@ def _ensure_private_file(path: Path) -> None:
             os.close(fd)
     except OSError as exc:
         raise StoreError(f"{path}: cannot create the state database: {exc}") from exc
+
+
+# ---- snapshots through the store --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restore committed: the new revision (the old one when nothing
+    differed), the changes for the reconciler, and the meta blobs written."""
+
+    revision: int
+    changes: tuple[Change, ...]
+    meta: Mapping[str, Any]
+
+
+def save_snapshot(store: Store, meta_keys: Collection[str] = SNAPSHOT_META_KEYS,
+                  ) -> dict[str, Any]:
+    """The snapshot of what the store holds, read in one transaction."""
+    state, revision, meta = store.load_with_meta(_unreserved(meta_keys))
+    return snapshot_of(state, revision, meta)
+
+
+def restore_snapshot(store: Store, data: Any, meta_keys: Collection[str] = SNAPSHOT_META_KEYS,
+                     *, strict_cidr: bool = False) -> Restored:
+    """Check a snapshot, then commit the difference in one transaction.
+
+    Meta blobs the snapshot lacks are left as they are. The diff and the commit
+    happen under the store's lock, so no other thread's commit slips between.
+    An agent that mirrors the state in memory should rather call
+    :func:`parse_snapshot` and :func:`changes_to_restore` under its own lock and
+    commit through its usual path. The store's own meta keys (schema,
+    revision) never travel in a snapshot.
+    """
+    target, meta = parse_snapshot(data, _unreserved(meta_keys), strict_cidr=strict_cidr)
+    with store.lock:
+        current, revision, current_meta = store.load_with_meta(meta.keys())
+        changes = changes_to_restore(current, target)
+        written = {k: v for k, v in meta.items() if current_meta.get(k) != v}
+        if changes or written:
+            revision = store.commit(changes, meta=written)
+    return Restored(revision, tuple(changes), written)
+
+
+def _unreserved(meta_keys: Collection[str]) -> list[str]:
+    return [k for k in meta_keys if k not in RESERVED_META]
