@@ -46,6 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stockade.agent.cni_keys import attachment_id, ipam_owner
 from stockade.agent.extension import Handler, Host
 from stockade.agent.protocol import BAD_REQUEST, INVALID, UNAVAILABLE, ApiError, Args
 from stockade.agent.reconcile import ApplyReport
@@ -62,8 +63,6 @@ from stockade.agent.records import (
 from stockade.agent.service import Service, wait_enforced
 from stockade.cni.spec import (
     CniError,
-    attachment_id,
-    ipam_owner,
     validate_container_id,
     validate_ifname,
     validate_network_name,

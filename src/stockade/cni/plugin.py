@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any
 
+from stockade.agent.cni_keys import attachment_id
 from stockade.cni.spec import (
     AGENT_OUTDATED,
     AGENT_REFUSED,
@@ -60,7 +61,6 @@ from stockade.cni.spec import (
     IPConfig,
     NetConf,
     Result,
-    attachment_id,
     convert_result,
     default_routes,
     effective_mode,

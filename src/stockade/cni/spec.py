@@ -717,16 +717,6 @@ def endpoint_identity(conf: NetConf, env: Env) -> tuple[str, str]:
     return namespace, name
 
 
-def attachment_id(network: str, container_id: str, ifname: str) -> str:
-    """The primary key the spec tells plugins to store state under."""
-    return f"{network}/{container_id}/{ifname}"
-
-
-def ipam_owner(container_id: str, ifname: str) -> str:
-    """The agent's IPAM owner of an attachment's address."""
-    return f"{container_id}/{ifname}"
-
-
 def require_prev_result(conf: NetConf, command: str) -> Result:
     if conf.prev_result is None:
         raise CniError(INVALID_CONFIG, f"{command} needs prevResult",
