@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 from tests.support import shared
-
-from stockade.model.field import INVALID
-from stockade.validation_corpus import (
+from tests.support.validation_corpus import (
     Expect,
     ExpectedError,
     ValidationCase,
     check_case,
     load_case,
 )
+
+from stockade.model.field import INVALID
 
 CORPUS = shared("validation")
 FILES = sorted(CORPUS.glob("*.yaml")) if CORPUS.is_dir() else []

@@ -1,4 +1,7 @@
-"""Validation cases (`/work/shared/validation/*.yaml`, see FORMAT.md there): read and check.
+"""Validation cases (`../shared/validation/*.yaml`, see FORMAT.md there): read and check.
+
+Test support, not part of the package: tests/unit/test_validation_corpus.py
+finds the corpus with :func:`tests.support.shared` and checks every case.
 
 A case holds one submitted document and the API server's verdict on it. Checking
 a case decodes the document, validates it with the case's feature gates and
