@@ -1,8 +1,9 @@
 """`stockade coverage|diff|lint`: analyses of a set of policies over a cluster.
 
 Each command loads the files, calls one pure analysis of `stockade.engine`, and
-prints text or JSON to stdout. Exit status: coverage is a report (0); diff follows
-diff(1) (0 same, 1 different); lint fails (1) on warnings, not on notes.
+prints text or JSON to stdout (rendered by `stockade.engine.report`). Exit status:
+coverage is a report (0); diff follows diff(1) (0 same, 1 different); lint fails (1)
+on warnings, not on notes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stockade.engine import coverage as cov
-from stockade.engine.diff import Change, PolicyDiff, diff_policies
-from stockade.engine.lint import CHECKS, WARNING, Finding, lint
+from stockade.engine.diff import diff_policies
+from stockade.engine.lint import CHECKS, WARNING, lint
+from stockade.engine.report import (
+    coverage_json,
+    coverage_text,
+    diff_json,
+    diff_text,
+    lint_json,
+    lint_text,
+)
 from stockade.errors import InputError
 from stockade.load import load_objects, validate_objects
 from stockade.model.cluster import Cluster
@@ -79,15 +88,6 @@ matches nothing, a named port no destination serves, rules ignored by policyType
 Pod-dependent checks need Pods in the files. Exit status 0: it is a report.
 """
 
-SECTIONS = (
-    ("Not isolated for ingress (any pod may connect to them):", (cov.UNISOLATED_INGRESS,)),
-    ("Not isolated for egress (they may connect anywhere):", (cov.UNISOLATED_EGRESS,)),
-    ("Policies that select no pod:", (cov.UNUSED_POLICY,)),
-    ("Rules and rule entries that can never match:",
-     (cov.IGNORED_RULES, cov.DEAD_RULE, cov.DEAD_PEER, cov.DEAD_PORT)),
-)
-
-
 def _register_coverage(sub: Any) -> None:
     p = sub.add_parser("coverage", help="unisolated pods, unused policies, dead rules",
                        epilog=COVERAGE_EPILOG,
@@ -105,51 +105,6 @@ def run_coverage(args: argparse.Namespace) -> int:
               file=sys.stderr)
     _emit(args, coverage_json(report), lambda: coverage_text(report))
     return EXIT_OK
-
-
-def coverage_text(report: cov.Coverage) -> list[str]:
-    lines: list[str] = []
-    for title, kinds in SECTIONS:
-        gaps = [g for g in report.gaps if g.kind in kinds]
-        if not gaps:
-            continue
-        lines.append(title)
-        lines += [f"  {_gap_text(g)}" for g in gaps]
-    lines.append(coverage_summary(report))
-    return lines
-
-
-def _gap_text(gap: cov.Gap) -> str:
-    if not gap.subject.startswith("NetworkPolicy "):
-        return f"{gap.subject}: {gap.reason}"
-    where = f" {gap.where}" if gap.where else ""
-    src = f" ({gap.source})" if gap.source else ""
-    return f"{gap.subject}{where}{src}: {gap.reason}"
-
-
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
-def coverage_summary(report: cov.Coverage) -> str:
-    n = {k: len(report.of_kind(k)) for k in cov.KINDS}
-    dead = sum(n[k] for k in SECTIONS[3][1])
-    return (f"{_count(report.pods, 'pod', 'pods')}, "
-            f"{_count(report.policies, 'policy', 'policies')}: "
-            f"{n[cov.UNISOLATED_INGRESS]} not isolated for ingress, "
-            f"{n[cov.UNISOLATED_EGRESS]} not isolated for egress, "
-            f"{_count(n[cov.UNUSED_POLICY], 'policy', 'policies')} selecting no pod, "
-            f"{_count(dead, 'rule or entry', 'rules or entries')} that can never match")
-
-
-def coverage_json(report: cov.Coverage) -> dict[str, Any]:
-    return {
-        "pods": report.pods,
-        "policies": report.policies,
-        "gaps": [{"kind": g.kind, "subject": g.subject, "where": g.where,
-                  "reason": g.reason, "source": g.source} for g in report.gaps],
-        "counts": {k: len(report.of_kind(k)) for k in cov.KINDS},
-    }
 
 
 # ---- diff --------------------------------------------------------------------------------
@@ -196,31 +151,6 @@ def run_diff(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS if result.changes else EXIT_OK
 
 
-def diff_text(result: PolicyDiff) -> list[str]:
-    lines = [c.render() for c in result.changes]
-    if not result.changes:
-        return ["no connection opened or closed"]
-    lines.append(f"{len(result.opened)} opened, {len(result.closed)} closed "
-                 "(each line: one pod pair and its ports)")
-    return lines
-
-
-def _change_json(c: Change) -> dict[str, Any]:
-    return {
-        "from": c.src,
-        "to": c.dst,
-        "ports": [{"protocol": p.protocol, "ranges": [[r.low, r.high] for r in p.ranges]}
-                  for p in c.ports],
-        "reason": c.reason,
-        "text": c.render(),
-    }
-
-
-def diff_json(result: PolicyDiff) -> dict[str, Any]:
-    return {"opened": [_change_json(c) for c in result.opened],
-            "closed": [_change_json(c) for c in result.closed]}
-
-
 # ---- lint --------------------------------------------------------------------------------
 
 LINT_EPILOG = "Checks:\n" + "\n".join(
@@ -255,27 +185,3 @@ def run_lint(args: argparse.Namespace) -> int:
     findings = [f for f in lint(objects.cluster(), objects.policies) if f.code not in skip]
     _emit(args, lint_json(findings), lambda: lint_text(findings))
     return EXIT_FINDINGS if any(f.severity == WARNING for f in findings) else EXIT_OK
-
-
-def _finding_text(f: Finding) -> str:
-    head = ": ".join(p for p in (f.source, f.subject, f.where) if p)
-    return f"{head}: {f.code} {f.severity}: {f.message}"
-
-
-def lint_text(findings: Sequence[Finding]) -> list[str]:
-    warnings = sum(f.severity == WARNING for f in findings)
-    lines = [_finding_text(f) for f in findings]
-    lines.append(f"{_count(warnings, 'warning', 'warnings')}, "
-                 f"{_count(len(findings) - warnings, 'note', 'notes')}")
-    return lines
-
-
-def lint_json(findings: Sequence[Finding]) -> dict[str, Any]:
-    warnings = sum(f.severity == WARNING for f in findings)
-    return {
-        "findings": [{"code": f.code, "severity": f.severity, "title": CHECKS[f.code][1],
-                      "subject": f.subject, "where": f.where, "message": f.message,
-                      "source": f.source} for f in findings],
-        "warnings": warnings,
-        "notes": len(findings) - warnings,
-    }

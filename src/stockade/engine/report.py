@@ -1,6 +1,10 @@
-"""Renderings of a reachability matrix: table, json, csv, markdown, graphviz dot.
+"""Renderings of the analyses: the matrix, coverage, diff and lint (pure).
 
-Every renderer is a pure function from a `Matrix` to text. The symbols are the
+Every renderer is a pure function from an analysis' result to text (or, for
+``-o json``, to a JSON-able dict); the CLI only prints. The verdict of one flow
+renders in `engine/explain.py`, next to its trace.
+
+The reachability matrix renders as table, json, csv, markdown or graphviz dot. The symbols are the
 upstream e2e tests': `.` allowed, `X` denied; `-` marks a destination that serves
 no port of the probed name, where there is no connection to judge. A pod talking
 to itself is always allowed, so the diagonal shows `.`.
@@ -11,8 +15,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from stockade.engine import coverage as cov
+from stockade.engine.diff import Change, PolicyDiff
+from stockade.engine.lint import CHECKS, WARNING, Finding
 from stockade.engine.matrix import Matrix, Table
 
 ALLOWED, DENIED, NO_PORT = ".", "X", "-"
@@ -136,3 +144,114 @@ RENDERERS: dict[str, Callable[[Matrix], str]] = {
     "md": render_markdown,
     "dot": render_dot,
 }
+
+
+# ---- coverage ----------------------------------------------------------------------------
+
+SECTIONS = (
+    ("Not isolated for ingress (any pod may connect to them):", (cov.UNISOLATED_INGRESS,)),
+    ("Not isolated for egress (they may connect anywhere):", (cov.UNISOLATED_EGRESS,)),
+    ("Policies that select no pod:", (cov.UNUSED_POLICY,)),
+    ("Rules and rule entries that can never match:",
+     (cov.IGNORED_RULES, cov.DEAD_RULE, cov.DEAD_PEER, cov.DEAD_PORT)),
+)
+
+
+def coverage_text(report: cov.Coverage) -> list[str]:
+    lines: list[str] = []
+    for title, kinds in SECTIONS:
+        gaps = [g for g in report.gaps if g.kind in kinds]
+        if not gaps:
+            continue
+        lines.append(title)
+        lines += [f"  {_gap_text(g)}" for g in gaps]
+    lines.append(coverage_summary(report))
+    return lines
+
+
+def _gap_text(gap: cov.Gap) -> str:
+    if not gap.subject.startswith("NetworkPolicy "):
+        return f"{gap.subject}: {gap.reason}"
+    where = f" {gap.where}" if gap.where else ""
+    src = f" ({gap.source})" if gap.source else ""
+    return f"{gap.subject}{where}{src}: {gap.reason}"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def coverage_summary(report: cov.Coverage) -> str:
+    n = {k: len(report.of_kind(k)) for k in cov.KINDS}
+    dead = sum(n[k] for k in SECTIONS[3][1])
+    return (f"{_count(report.pods, 'pod', 'pods')}, "
+            f"{_count(report.policies, 'policy', 'policies')}: "
+            f"{n[cov.UNISOLATED_INGRESS]} not isolated for ingress, "
+            f"{n[cov.UNISOLATED_EGRESS]} not isolated for egress, "
+            f"{_count(n[cov.UNUSED_POLICY], 'policy', 'policies')} selecting no pod, "
+            f"{_count(dead, 'rule or entry', 'rules or entries')} that can never match")
+
+
+def coverage_json(report: cov.Coverage) -> dict[str, Any]:
+    return {
+        "pods": report.pods,
+        "policies": report.policies,
+        "gaps": [{"kind": g.kind, "subject": g.subject, "where": g.where,
+                  "reason": g.reason, "source": g.source} for g in report.gaps],
+        "counts": {k: len(report.of_kind(k)) for k in cov.KINDS},
+    }
+
+
+# ---- diff --------------------------------------------------------------------------------
+
+
+def diff_text(result: PolicyDiff) -> list[str]:
+    lines = [c.render() for c in result.changes]
+    if not result.changes:
+        return ["no connection opened or closed"]
+    lines.append(f"{len(result.opened)} opened, {len(result.closed)} closed "
+                 "(each line: one pod pair and its ports)")
+    return lines
+
+
+def _change_json(c: Change) -> dict[str, Any]:
+    return {
+        "from": c.src,
+        "to": c.dst,
+        "ports": [{"protocol": p.protocol, "ranges": [[r.low, r.high] for r in p.ranges]}
+                  for p in c.ports],
+        "reason": c.reason,
+        "text": c.render(),
+    }
+
+
+def diff_json(result: PolicyDiff) -> dict[str, Any]:
+    return {"opened": [_change_json(c) for c in result.opened],
+            "closed": [_change_json(c) for c in result.closed]}
+
+
+# ---- lint --------------------------------------------------------------------------------
+
+
+def _finding_text(f: Finding) -> str:
+    head = ": ".join(p for p in (f.source, f.subject, f.where) if p)
+    return f"{head}: {f.code} {f.severity}: {f.message}"
+
+
+def lint_text(findings: Sequence[Finding]) -> list[str]:
+    warnings = sum(f.severity == WARNING for f in findings)
+    lines = [_finding_text(f) for f in findings]
+    lines.append(f"{_count(warnings, 'warning', 'warnings')}, "
+                 f"{_count(len(findings) - warnings, 'note', 'notes')}")
+    return lines
+
+
+def lint_json(findings: Sequence[Finding]) -> dict[str, Any]:
+    warnings = sum(f.severity == WARNING for f in findings)
+    return {
+        "findings": [{"code": f.code, "severity": f.severity, "title": CHECKS[f.code][1],
+                      "subject": f.subject, "where": f.where, "message": f.message,
+                      "source": f.source} for f in findings],
+        "warnings": warnings,
+        "notes": len(findings) - warnings,
+    }
