@@ -33,6 +33,7 @@ from stockade.engine.matrix import Matrix, Table
 from stockade.engine.matrix import Probe as MatrixProbe
 from stockade.model.cluster import ContainerPort
 from stockade.net.namespace import list_netns, netns_exists
+from stockade.probe import compare
 from stockade.probe.client import Outcome, Probe, Verdict, run_probes
 from stockade.probe.protocol import Port
 
@@ -78,13 +79,14 @@ def test_probe_ports_and_verdicts() -> None:
     assert cli.parse_probe_port("api") == ("api", "TCP")
     assert cli.parse_probe_port("dns/udp") == ("dns", "UDP")
     # refused is a RST: the datapath let the SYN through
-    assert cli.agrees(True, Outcome.ALLOWED) and cli.agrees(True, Outcome.REFUSED)
-    assert cli.agrees(False, Outcome.DENIED)
-    assert not cli.agrees(False, Outcome.REFUSED)
-    assert not cli.agrees(True, Outcome.DENIED)
-    assert not cli.agrees(False, Outcome.UNREACHABLE) and not cli.agrees(True, Outcome.ERROR)
-    assert cli.netns_name("/run/netns/abc") == "abc"
-    assert cli.netns_name("/proc/1/ns/net") is None and cli.netns_name("") is None
+    assert compare.agrees(True, Outcome.ALLOWED) and compare.agrees(True, Outcome.REFUSED)
+    assert compare.agrees(False, Outcome.DENIED)
+    assert not compare.agrees(False, Outcome.REFUSED)
+    assert not compare.agrees(True, Outcome.DENIED)
+    assert not compare.agrees(False, Outcome.UNREACHABLE)
+    assert not compare.agrees(True, Outcome.ERROR)
+    assert compare.netns_name("/run/netns/abc") == "abc"
+    assert compare.netns_name("/proc/1/ns/net") is None and compare.netns_name("") is None
 
 
 def test_report_marks_disagreements() -> None:
@@ -94,9 +96,9 @@ def test_report_marks_disagreements() -> None:
     def verdict(outcome: Outcome) -> Verdict:
         return Verdict(Probe("a/x", "n", "b/y", "10.0.0.2", Port(80)), outcome)
 
-    measured = cli.Measured({(0, 0, 1): verdict(Outcome.ALLOWED),
+    measured = compare.Measured({(0, 0, 1): verdict(Outcome.ALLOWED),
                              (0, 1, 0): verdict(Outcome.REFUSED)})
-    text, agreed, probed = cli.report(matrix, measured)
+    text, agreed, probed = compare.report(matrix, measured)
     assert (agreed, probed) == (1, 2)
     lines = text.splitlines()
     assert lines[2] == "a/x    .   X         a/x    -   .!"  # model | kernel, a mismatch marked
