@@ -321,3 +321,22 @@ def test_no_host_listens_on_every_address() -> None:
             assert get(f"http://[::1]:{server.port}/healthz")[0] == 200
     finally:
         server.stop()
+
+
+def test_exposition_is_read_back_by_the_standard_parser() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = Registry()
+    m = agent_metrics(r)
+    m.api_requests.inc(op='we"ird\\op\n', code="ok")
+    m.apply_duration.observe(0.003)
+    families = {f.name: f for f in text_string_to_metric_families(r.render())}
+    assert families["stockade_api_requests"].type == "counter"
+    assert [s.labels for s in families["stockade_api_requests"].samples] == [
+        {"op": 'we"ird\\op\n', "code": "ok"}]
+    hist = families["stockade_reconcile_apply_duration_seconds"]
+    assert hist.type == "histogram"
+    assert {s.name: s.value for s in hist.samples if s.name.endswith(("_sum", "_count"))} == {
+        "stockade_reconcile_apply_duration_seconds_sum": 0.003,
+        "stockade_reconcile_apply_duration_seconds_count": 1}
+    assert not [f for f in families if f.endswith("_created")]

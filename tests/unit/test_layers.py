@@ -14,19 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from tests.support import REPO_ROOT
 
 import stockade
 
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 CONFIG = REPO_ROOT / "pyproject.toml"
-# Known today, and not fixed here (cli/containers.py belongs to another change): the CLI
-# imports a constant (NETNS_DIR) from the namespace adapter. Remove once it is gone.
-KNOWN = {"stockade.cli.containers -> stockade.net.namespace"}
-
-pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(),
-                                reason="import-linter is not installed (make setup)")
 
 
 def lint_imports(cwd: Path, pythonpath: Path | None = None) -> tuple[int, str, set[str]]:
@@ -44,9 +37,7 @@ def lint_imports(cwd: Path, pythonpath: Path | None = None) -> tuple[int, str, s
 def test_the_real_contracts_hold(tmp_path: Path) -> None:
     code, out, broken = lint_imports(tmp_path)
     assert "Contracts: " in out, out
-    if code != 0 and broken and broken <= KNOWN:
-        pytest.xfail(f"known violation, to be removed from the code: {sorted(broken)}")
-    assert code == 0, out
+    assert code == 0 and not broken, out
 
 
 def test_a_violating_package_fails_the_same_contracts(tmp_path: Path) -> None:
