@@ -97,7 +97,7 @@ def test_report_marks_disagreements() -> None:
         return Verdict(Probe("a/x", "n", "b/y", "10.0.0.2", Port(80)), outcome)
 
     measured = compare.Measured({(0, 0, 1): verdict(Outcome.ALLOWED),
-                             (0, 1, 0): verdict(Outcome.REFUSED)})
+                                 (0, 1, 0): verdict(Outcome.REFUSED)})
     text, agreed, probed = compare.report(matrix, measured)
     assert (agreed, probed) == (1, 2)
     lines = text.splitlines()
@@ -340,21 +340,12 @@ def test_restart_adopts_running_containers_and_cleans_dead_ones(harness: Harness
 def test_demo_script(tmp_path: Path) -> None:
     """scripts/demo.sh end to end: the live agent, the probes, the teardown, the analysis."""
     wrapper = tmp_path / "stockade"
-    # Until the CLI and the agent are wired (cli/main.py, agent/daemon.py), wire them here.
+    # The CLI and the agent are wired (cli/main.py, agent/daemon.py's default_extensions):
+    # the wrapper only runs this interpreter's stockade. (It used to add a second
+    # container manager, which the one table of operations now refuses.)
     wrapper.write_text(f"""#!{sys.executable}
 import sys
-import stockade.agent.daemon as d
 import stockade.cli.main as m
-from stockade.agent.containers import ContainerManager
-from stockade.cli import containers
-if containers not in m.COMMANDS:
-    m.COMMANDS = (*m.COMMANDS, containers)
-_init = d.Agent.__init__
-def init(self, config):
-    _init(self, config)
-    if not any(isinstance(e, ContainerManager) for e in self.extensions):
-        self.extensions.append(ContainerManager())
-d.Agent.__init__ = init
 sys.exit(m.main())
 """)
     wrapper.chmod(0o755)

@@ -22,11 +22,8 @@ Public API::
         -> (AgentState, meta)
     changes_to_restore(current, target) -> list[Change]
 
-Through a store (:mod:`stockade.agent.store`, which imports this module)::
-
-    save_snapshot(store, meta_keys=SNAPSHOT_META_KEYS) -> dict
-    restore_snapshot(store, data, meta_keys=SNAPSHOT_META_KEYS, *, strict_cidr=False)
-        -> Restored
+Saving and restoring straight through a store (`save_snapshot`,
+`restore_snapshot`) is in :mod:`stockade.agent.store`, which imports this module.
 """
 
 from __future__ import annotations
