@@ -14,23 +14,23 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade.agent.conntrack import (
-    ConnEntry,
+from stockade.agent.revoke import KEEP_ANNOTATION, connections_to_cut
+from stockade.compile.lower import compile_cluster
+from stockade.dataplane.conntrack import (
     Conntrack,
     decode_entry,
     delete_request,
     dump_request,
 )
-from stockade.agent.nflog import attr, iter_messages, nested
-from stockade.agent.revoke import KEEP_ANNOTATION, connections_to_cut
-from stockade.compile.lower import compile_cluster
 from stockade.dataplane.nft import NftDatapath
 from stockade.engine.evaluate import Evaluator
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
+from stockade.model.connection import ConnEntry
 from stockade.model.labels import Labels
 from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
+from stockade.netlink import attr, iter_messages, nested
 
 from .netio import EchoServer, connect, echo, receive
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from stockade.agent.flowlog import DeniedFlow, FlowLogReader
-from stockade.agent.nflog import LoggedPacket, chain_policies_of, describe_packet
+from stockade.agent.flowlog import DeniedFlow, FlowLogReader, chain_policies_of, describe_packet
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
+from stockade.dataplane.nflog import LoggedPacket
 from stockade.dataplane.nft import NftDatapath
 from stockade.errors import AgentError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace

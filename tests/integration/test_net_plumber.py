@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import threading
 from collections.abc import Callable
 
 import pytest
-from pyroute2 import IPRoute
 
 from stockade.errors import NetError
 from stockade.net.namespace import (
@@ -20,6 +20,7 @@ from stockade.net.namespace import (
     remove_netns,
 )
 from stockade.net.plumber import EndpointSpec, Plumber
+from stockade.net.rtnl import Rtnl
 from stockade.net.sysctl import read_sysctl, write_sysctl
 
 pytestmark = pytest.mark.privileged
@@ -30,28 +31,30 @@ Spec = Callable[[str, int], EndpointSpec]
 def _links(netns: str) -> dict[str, dict[str, object]]:
     """name -> {state, master, addresses} of every link in ``netns``."""
     out: dict[str, dict[str, object]] = {}
-    with entered(netns), IPRoute() as ipr:
-        names = {m["index"]: m.get("IFLA_IFNAME") for m in ipr.link("dump")}
-        for m in ipr.link("dump"):
+    with entered(netns), Rtnl() as nl:
+        links = nl.links()
+        names = {link.index: link.name for link in links}
+        for link in links:
             addrs = [
-                f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
-                for a in ipr.addr("dump", index=m["index"])
-                if not ipaddress.ip_address(a.get("IFA_ADDRESS")).is_link_local
+                f"{a.address}/{a.prefixlen}"
+                for a in nl.addresses(link.index)
+                if not ipaddress.ip_address(a.address).is_link_local
             ]
-            out[m.get("IFLA_IFNAME")] = {
-                "up": bool(m["flags"] & 1),
-                "master": names.get(m.get("IFLA_MASTER")),
+            out[link.name] = {
+                "up": link.up,
+                "master": names.get(link.master),
                 "addresses": sorted(addrs),
             }
     return out
 
 
 def _default_routes(netns: str) -> set[str]:
-    with entered(netns), IPRoute() as ipr:
+    with entered(netns), Rtnl() as nl:
         return {
-            str(r.get("RTA_GATEWAY"))
-            for r in ipr.route("dump")
-            if r["dst_len"] == 0 and r.get("RTA_GATEWAY") and r.get("RTA_TABLE") == 254
+            r.gateway
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for r in nl.routes(family)
+            if r.dst.endswith("/0") and r.gateway and r.table == 254
         }
 
 

@@ -9,25 +9,21 @@ import struct
 
 import pytest
 
-from stockade.agent.nflog import (
+from stockade.agent.flowlog import chain_policies_of, describe_packet, describer
+from stockade.compile.lower import compile_cluster
+from stockade.dataplane.nflog import (
     LoggedPacket,
-    MalformedMessage,
     bind_message,
-    chain_policies_of,
-    describe_packet,
-    describer,
-    iter_attrs,
-    iter_messages,
     parse_datagram,
     parse_packet,
     unbind_message,
 )
-from stockade.compile.lower import compile_cluster
 from stockade.engine.evaluate import Evaluator
 from stockade.model.cluster import Cluster, Endpoint, Namespace
 from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, NetworkPolicy
 from stockade.model.selector import Selector
+from stockade.netlink import MalformedMessage, iter_attrs, iter_messages
 
 # ---- building bytes the way the kernel does -------------------------------------------------
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from stockade.agent.conntrack import ConnEntry
 from stockade.agent.revoke import KEEP_ANNOTATION, connections_to_cut, flow_of
 from stockade.engine.evaluate import Evaluator, Flow, Verdict
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
+from stockade.model.connection import ConnEntry
 from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, NetworkPolicy, Peer, PolicyPort, Rule
 from stockade.model.selector import Selector

@@ -5,13 +5,14 @@ from __future__ import annotations
 import socket
 import struct
 
-from stockade.cni import rtnl
+from stockade import netlink
+from stockade.net import rtnl
 from stockade.net.announce import gratuitous_arp
 
 
 def test_attributes_are_padded_and_parse_back() -> None:
-    raw = rtnl.attr_str(rtnl.IFLA_IFNAME, "eth0") + rtnl.attr_u32(rtnl.IFLA_MTU, 1500) + \
-        rtnl.attr(rtnl.IFLA_LINKINFO, rtnl.attr_str(rtnl.IFLA_INFO_KIND, "veth"))
+    raw = netlink.attr_str(rtnl.IFLA_IFNAME, "eth0") + netlink.attr_u32(rtnl.IFLA_MTU, 1500) + \
+        netlink.attr(rtnl.IFLA_LINKINFO, netlink.attr_str(rtnl.IFLA_INFO_KIND, "veth"))
     assert len(raw) % 4 == 0
     attrs = rtnl.parse_attrs(raw)
     assert attrs[rtnl.IFLA_IFNAME] == b"eth0\0"

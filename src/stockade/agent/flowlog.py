@@ -1,10 +1,12 @@
-"""The denied-flow log: NFLOG packets read in a thread, kept, counted, written (shell).
+"""The denied-flow log: NFLOG packets read in a thread, described, kept, counted, written.
 
-One NETLINK_NETFILTER socket, opened in the namespace whose ruleset logs (the
-socket stays bound to it, whichever namespace the thread is in later), bound
-to the log group of `compile.nft.Table.log_group`. A background thread turns
-each packet into a `DeniedFlow` through the `describe` callback (the agent
-swaps it whenever the cluster changes: see `agent.nflog.describer`), keeps the
+One NFLOG socket (`dataplane.nflog.NflogSocket`), opened in the namespace
+whose ruleset logs (the socket stays bound to it, whichever namespace the
+thread is in later), bound to the log group of `compile.nft.Table.log_group`.
+A background thread turns each packet into a `DeniedFlow` through the
+`describe` callback (the agent swaps it whenever the cluster changes: see
+`describer`; `describe_packet` is pure and names the endpoints and the
+policies that isolate the denying side), keeps the
 most recent ones in a ring buffer that clients page through by sequence
 number, and optionally appends them as JSON lines to a file.
 
@@ -14,6 +16,9 @@ datapath; at worst records are lost, and the counters say how many times.
 
 Public API::
 
+    describe_packet(packet, chain_policies, endpoint_at, *, isolating=None) -> dict  (pure)
+    chain_policies_of(ruleset) -> dict[str, tuple[str, ...]]                          (pure)
+    describer(evaluator, ruleset=None) -> Callable[[LoggedPacket], dict]
     DeniedFlow(seq, record); .to_dict()
     FlowLogStats(received, recorded, ignored, malformed, dropped, failed, write_errors)
     FlowLogReader(group, netns=None, *, describe=None, capacity=1024, path=None,
@@ -29,31 +34,119 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
-import itertools
 import json
 import os
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import IO, Any
 
-from stockade.agent.nflog import (
-    NETLINK_NETFILTER,
+from stockade.compile.ir import Ruleset
+from stockade.dataplane.nflog import (
+    RECV_SIZE,
+    TCP_ACK,
+    TCP_SYN,
     LoggedPacket,
+    NflogSocket,
     bind_message,
-    describe_packet,
     parse_datagram,
     unbind_message,
 )
+from stockade.engine.evaluate import Evaluator
 from stockade.errors import AgentError
-from stockade.net.namespace import entered
+from stockade.model.policy import EGRESS as MODEL_EGRESS
+from stockade.model.policy import INGRESS as MODEL_INGRESS
+from stockade.netlink import sequence
 
 Describe = Callable[[LoggedPacket], Mapping[str, Any]]
-RECV_SIZE = 1 << 17  # one kernel batch is at most nlbufsiz (a page or so); be generous
 ACK_TIMEOUT = 2.0
+
+
+# ---- describing a denied packet (pure) ---------------------------------------------
+
+Isolating = Callable[[str, str], tuple[str, ...] | None]
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    stamp = datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def describe_packet(packet: LoggedPacket, chain_policies: Mapping[str, tuple[str, ...]],
+                    endpoint_at: Callable[[str], str | None], *,
+                    isolating: Isolating | None = None) -> dict[str, Any]:
+    """The JSON record of a denied flow.
+
+    The direction comes from the chain (i-… ingress of the destination, e-…
+    egress of the source). The policies come from `isolating(ip, direction)`
+    when given and it names some (the endpoint is known and still isolated),
+    else from `chain_policies[chain]`.
+    The latter alone can be wrong: chains are named by their rules, so two
+    policy sets with the same rules (two deny-all policies, say) share one
+    chain, and its comment names only the first set.
+    """
+    chain = packet.chain
+    direction = packet.direction
+    src = endpoint_at(packet.src) or packet.src
+    dst = endpoint_at(packet.dst) or packet.dst
+    subject_ip, subject = (packet.dst, dst) if direction == "ingress" else (packet.src, src)
+    found = isolating(subject_ip, direction) if isolating is not None and direction else None
+    policies = tuple(found) if found else tuple(chain_policies.get(chain, ()))
+    what = packet.protocol if packet.dport is None else f"{packet.protocol}/{packet.dport}"
+    if not direction:
+        reason = f"dropped by a log rule with prefix {packet.prefix!r}, not a stockade chain"
+    else:
+        by = ", ".join(policies) if policies else f"the policies of chain {chain}"
+        peer = f"from {src}" if direction == "ingress" else f"to {dst}"
+        reason = f"{subject} is isolated for {direction} by {by}; no rule allows {what} {peer}"
+        if packet.tcp_flags is not None and packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN:
+            reason += " (not a connection opening: a cut or no longer tracked connection)"
+    return {
+        "time": _iso(packet.timestamp),
+        "src": src, "dst": dst, "srcIP": packet.src, "dstIP": packet.dst,
+        "protocol": packet.protocol, "port": packet.dport,
+        "direction": direction, "policies": list(policies), "reason": reason,
+        "chain": chain,
+    }
+
+
+def chain_policies_of(ruleset: Ruleset) -> dict[str, tuple[str, ...]]:
+    """chain name → the policy keys its comment lists (see describe_packet's caveat)."""
+    return {name: tuple(k.strip() for k in chain.comment.split(",") if k.strip())
+            for name, chain in ruleset.chains.items()}
+
+
+def describer(evaluator: Evaluator,
+              ruleset: Ruleset | None = None) -> Callable[[LoggedPacket], dict[str, Any]]:
+    """A `describe` callback over the current cluster: endpoints and isolating policies.
+
+    The agent builds one per cluster state and hands it to the reader; the
+    ruleset's chain comments only serve packets whose endpoint is gone.
+    """
+    chains = chain_policies_of(ruleset) if ruleset is not None else {}
+    model_dir = {"ingress": MODEL_INGRESS, "egress": MODEL_EGRESS}
+
+    def endpoint_at(ip: str) -> str | None:
+        ep = evaluator.endpoint_at(ip)
+        return ep.key if ep is not None else None
+
+    def isolating(ip: str, direction: str) -> tuple[str, ...] | None:
+        ep = evaluator.endpoint_at(ip)
+        if ep is None or direction not in model_dir:
+            return None
+        return tuple(p.key for p in evaluator.selecting(ep, model_dir[direction]))
+
+    def describe(packet: LoggedPacket) -> dict[str, Any]:
+        return describe_packet(packet, chains, endpoint_at, isolating=isolating)
+
+    return describe
+
+# ---- the reader -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -103,8 +196,8 @@ class FlowLogReader:
         self._next_seq = 1
         self._stats = FlowLogStats()
         self._lock = threading.Lock()
-        self._seq = itertools.count(int.from_bytes(os.urandom(2), "big") << 8)
-        self._sock: socket.socket | None = None
+        self._seq = sequence()
+        self._sock: NflogSocket | None = None
         self._wake: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._file: IO[str] | None = None
@@ -112,45 +205,26 @@ class FlowLogReader:
 
     # ---- lifecycle ----------------------------------------------------------------------
 
-    def _open(self) -> socket.socket:
-        """The netlink socket, created in the log's namespace (it stays bound there)."""
-        with entered(self.netns):
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            try:  # root may exceed net.core.rmem_max, which bursts of logs need
-                sock.setsockopt(socket.SOL_SOCKET, 33, self.rcvbuf)  # SO_RCVBUFFORCE
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-            sock.bind((0, 0))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def _open(self) -> NflogSocket:
+        """The NFLOG socket, created in the log's namespace (it stays bound there)."""
+        return NflogSocket(self.netns, self.rcvbuf)
 
-    def _request(self, sock: socket.socket, message: bytes, seq: int) -> None:
+    def _request(self, sock: NflogSocket, message: bytes, seq: int) -> None:
         """Send a config message and wait for its acknowledgement."""
-        sock.sendall(message)
-        deadline = time.monotonic() + ACK_TIMEOUT
-        while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([sock], [], [], left)
-            if not ready:
-                break
-            data = sock.recv(RECV_SIZE)
-            for got, code in parse_datagram(data).errors:
-                if got != seq:
-                    continue
-                if code in (errno.EBUSY, errno.EPERM):  # the kernel says EPERM for both
-                    raise AgentError(f"NFLOG group {self.group} is already bound by another "
-                                     "socket in this network namespace (or this process "
-                                     "lacks CAP_NET_ADMIN)")
-                if code:
-                    raise AgentError(f"the kernel refused to configure NFLOG group "
-                                     f"{self.group}: {os.strerror(code)}")
-                return
-        raise AgentError(f"the kernel did not answer the NFLOG configuration of group "
-                         f"{self.group}")
+        try:
+            code = sock.request(message, seq, ACK_TIMEOUT)
+        except TimeoutError:
+            raise AgentError(f"the kernel did not answer the NFLOG configuration of group "
+                             f"{self.group}") from None
+        if code in (errno.EBUSY, errno.EPERM):  # the kernel says EPERM for both
+            raise AgentError(f"NFLOG group {self.group} is already bound by another "
+                             "socket in this network namespace (or this process "
+                             "lacks CAP_NET_ADMIN)")
+        if code:
+            raise AgentError(f"the kernel refused to configure NFLOG group "
+                             f"{self.group}: {os.strerror(code)}")
 
-    def _configure(self, sock: socket.socket) -> None:
+    def _configure(self, sock: NflogSocket) -> None:
         seq = next(self._seq)
         self._request(sock, bind_message(self.group, seq, copy_range=self.copy_range), seq)
 

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stockade.agent.conntrack import Conntrack
-from stockade.agent.flowlog import DeniedFlow, FlowLogReader
+from stockade.agent.flowlog import DeniedFlow, FlowLogReader, describer
 from stockade.agent.metrics import AgentMetrics
-from stockade.agent.nflog import LoggedPacket, describer
 from stockade.agent.revoke import connections_to_cut
 from stockade.compile.ir import Ruleset
+from stockade.dataplane.conntrack import Conntrack
+from stockade.dataplane.nflog import LoggedPacket
 from stockade.engine.evaluate import Evaluator
 from stockade.errors import StockadeError
 from stockade.model.cluster import Cluster

@@ -13,10 +13,9 @@ Modules, pure first:
   configuration, result types per version, error objects (no I/O);
 * :mod:`~stockade.cni.state` — per-attachment state files and the locks
   that order parallel plugin processes;
-* :mod:`~stockade.cni.rtnl` — a minimal rtnetlink client (importing pyroute2
-  would double the time of an ADD);
 * :mod:`~stockade.cni.attach` — main mode's plumbing in a namespace given
-  by path;
+  by path, over :mod:`stockade.net.rtnl` (the plumbing layer ``stockade run``
+  shares);
 * :mod:`~stockade.cni.delegate` — running the IPAM plugin ``ipam.type``
   from ``CNI_PATH``, negotiating its spec version;
 * :mod:`~stockade.cni.plugin` — the executable: reads, dispatches, prints.

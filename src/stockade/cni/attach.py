@@ -5,10 +5,11 @@ The runtime names the namespace by *path* (``CNI_NETNS``: a bind mount under
 module enters namespaces by path, unlike :mod:`stockade.net.namespace` which
 works with names under /run/netns; the technique is the same (``setns`` in the
 calling thread; a netlink socket opened inside stays bound to that namespace).
-Netlink goes through :mod:`stockade.cni.rtnl`, not pyroute2 like
-:class:`stockade.net.plumber.Plumber`, whose import alone would double the
-time of an ADD; the bridge is made the same way the Plumber makes it, with
-the bridge-netfilter sysctls enforcement depends on.
+Netlink goes through :mod:`stockade.net.rtnl`, the plumbing layer the
+:class:`stockade.net.plumber.Plumber` uses too (no pyroute2: its import alone
+would double the time of an ADD); the bridge is made by the same
+`ensure_bridge`, with the bridge-netfilter sysctls enforcement depends on
+(:func:`stockade.net.sysctl.ensure_bridge_netfilter`).
 
 The host side of a veth is named ``<vethPrefix><8 hex of the attachment
 id><h>`` (:class:`stockade.net.naming.Naming`), so DEL and GC find it from
@@ -29,7 +30,6 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from stockade.cni.rtnl import Link, NetlinkError, Rtnl
 from stockade.cni.spec import (
     ATTACHMENT_EXISTS,
     INVALID_ENVIRONMENT,
@@ -42,12 +42,13 @@ from stockade.errors import NetError
 from stockade.net.announce import announce as net_announce
 from stockade.net.namespace import THREAD_NETNS, entered
 from stockade.net.naming import Naming
-from stockade.net.sysctl import write_sysctl
+from stockade.net.rtnl import Link, Rtnl, delete_link, ensure_addresses
+from stockade.net.rtnl import ensure_bridge as ensure_bridge_link
+from stockade.net.sysctl import BridgeNetfilterMissing, ensure_bridge_netfilter
+from stockade.netlink import NetlinkError
 
 _LOOPBACK = 1
-_GONE = (2, 19)  # ENOENT, ENODEV
 _EEXIST = 17
-_BRIDGE_SYSCTLS = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
 
 
 def is_netns(path: str) -> bool:
@@ -104,29 +105,13 @@ def ensure_bridge(bridge: str, gateways: Sequence[str]) -> None:
     bridged packets never reach the inet forward hook where policy is enforced.
     """
     with _rtnl(None, f"cannot set up bridge {bridge}") as nl:
-        link = nl.link(bridge)
-        if link is None:
-            try:
-                nl.add_bridge(bridge)
-            except NetlinkError as exc:
-                if exc.errno != _EEXIST:  # made meanwhile by another plugin process
-                    raise
-            link = nl.link(bridge)
-            if link is None:
-                raise CniError(PLUMBING, f"bridge {bridge} vanished after creation")
-        if not link.up:
-            nl.set_up(link.index)
-        present = {f"{a.address}/{a.prefixlen}" for a in nl.addresses(link.index)}
-        for gateway in gateways:
-            value = ipaddress.ip_interface(gateway)
-            if str(value) not in present:
-                _add_address(nl, link.index, value)
-    if not os.path.isdir("/proc/sys/net/bridge"):
-        raise CniError(PLUMBING, "br_netfilter is not loaded (no /proc/sys/net/bridge)",
-                       "bridged traffic would bypass the inet forward hook")
+        link = ensure_bridge_link(nl, bridge)
+        ensure_addresses(nl, link.index, [ipaddress.ip_interface(g) for g in gateways])
     try:
-        for name in _BRIDGE_SYSCTLS:
-            write_sysctl(name, 1)
+        ensure_bridge_netfilter()
+    except BridgeNetfilterMissing:
+        raise CniError(PLUMBING, "br_netfilter is not loaded (no /proc/sys/net/bridge)",
+                       "bridged traffic would bypass the inet forward hook") from None
     except NetError as exc:
         raise CniError(PLUMBING, "cannot enable bridge netfilter", str(exc)) from None
 
@@ -206,16 +191,7 @@ def announce(netns: str, ifname: str, mac: str, address: str) -> None:
 def remove_veth(host_if: str) -> bool:
     """Delete the host side (its peer goes with it); False when it was gone."""
     with _rtnl(None, f"cannot remove veth {host_if}") as nl:
-        link = nl.link(host_if)
-        if link is None:
-            return False
-        try:
-            nl.delete_link(link.index)
-        except NetlinkError as exc:
-            if exc.errno not in _GONE:
-                raise
-            return False
-        return True
+        return delete_link(nl, host_if)
 
 
 @dataclass(frozen=True)

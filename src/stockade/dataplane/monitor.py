@@ -17,13 +17,21 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stockade.dataplane.nfnetlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET
+from stockade.dataplane.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 from stockade.net.namespace import entered
+from stockade.netlink import (
+    NETLINK_ADD_MEMBERSHIP,
+    NETLINK_NETFILTER,
+    NLMSG_HEADER,
+    SOL_NETLINK,
+    attr_map,
+    find_attr,
+    u32,
+)
 
 log = logging.getLogger("stockade.monitor")
 
@@ -32,21 +40,12 @@ NFT_MSG_NEWTABLE = 0
 NFT_MSG_DELTABLE = 2
 NFT_MSG_NEWGEN = 15
 NFTA_GEN_PROC_PID = 2
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
 # Every nf_tables object message carries its table's name as attribute 1.
 TABLE_ATTR = 1
 
 
 def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = data[offset + 4: offset + length]
-        offset += (length + 3) & ~3
-    return out
+    return attr_map(data, offset, end, strict=False)
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def parse_batches(data: bytes, table: str,
     offset = 0
     name = table.encode()
     while offset + 20 <= len(data):
-        length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
+        length, kind, _flags, _seq, _pid = NLMSG_HEADER.unpack_from(data, offset)
         if length < 20:
             break
         family = data[offset + 16]
@@ -96,7 +95,7 @@ def parse_batches(data: bytes, table: str,
             attrs = _attrs(data, offset + 20, offset + length)
             if msg == NFT_MSG_NEWGEN:
                 if pending is not None and NFTA_GEN_PROC_PID in attrs:
-                    pid = struct.unpack("!I", attrs[NFTA_GEN_PROC_PID][:4])[0]
+                    pid = u32(attrs[NFTA_GEN_PROC_PID], big=True)
                     msgs = pending.messages
                     # (a NEWTABLE before the last DELTABLE was dropped from the list)
                     deleted = NFT_MSG_DELTABLE in msgs and NFT_MSG_NEWTABLE not in msgs
@@ -108,15 +107,8 @@ def parse_batches(data: bytes, table: str,
 
 def _table_of(data: bytes, offset: int, length: int) -> bytes:
     """The table a message is about: its attribute 1, found without parsing the rest."""
-    pos, end = offset + 20, offset + length
-    while pos + 4 <= end:
-        alen, kind = struct.unpack_from("=HH", data, pos)
-        if alen < 4:
-            break
-        if kind & 0x3FFF == TABLE_ATTR:
-            return data[pos + 4: pos + alen].rstrip(b"\0")
-        pos += (alen + 3) & ~3
-    return b""
+    found = find_attr(data, TABLE_ATTR, offset + 20, offset + length)
+    return b"" if found is None else found.rstrip(b"\0")
 
 
 def parse_events(data: bytes, table: str, touched: bool) -> tuple[bool, list[int]]:
@@ -124,27 +116,10 @@ def parse_events(data: bytes, table: str, touched: bool) -> tuple[bool, list[int
 
     `touched` carries over from the previous datagram (a batch may span several).
     Returns the new `touched` and, per NEWGEN, the pid that committed, only for
-    batches that touched the table.
+    batches that touched the table (`parse_batches`, without what the batches did).
     """
-    pids: list[int] = []
-    offset = 0
-    name = table.encode()
-    while offset + 20 <= len(data):
-        length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
-        if length < 20:
-            break
-        family = data[offset + 16]
-        subsys, msg = kind >> 8, kind & 0xFF
-        if subsys == NFNL_SUBSYS_NFTABLES:
-            attrs = _attrs(data, offset + 20, offset + length)
-            if msg == NFT_MSG_NEWGEN:
-                if touched and NFTA_GEN_PROC_PID in attrs:
-                    pids.append(struct.unpack("!I", attrs[NFTA_GEN_PROC_PID][:4])[0])
-                touched = False
-            elif family == NFPROTO_INET and attrs.get(TABLE_ATTR, b"").rstrip(b"\0") == name:
-                touched = True
-        offset += (length + 3) & ~3
-    return touched, pids
+    pending, events = parse_batches(data, table, _Batch() if touched else None)
+    return pending is not None, [e.pid for e in events]
 
 
 def is_ours(pid: int) -> bool:

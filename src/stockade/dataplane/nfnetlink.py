@@ -23,18 +23,36 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
 import os
 import select
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stockade.errors import DataplaneError
+from stockade.netlink import (
+    NETLINK_NETFILTER,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NetlinkMessage,
+    attr,
+    attr_map,
+    attr_str,
+    attr_u32,
+    attr_u64,
+    error_code,
+    iter_messages,
+    nested,
+    nfnl_message,
+    sequence,
+    u32,
+)
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
@@ -46,12 +64,6 @@ NFT_MSG_DELOBJ = 20
 NFT_MSG_DELFLOWTABLE = 24
 NFT_MSG_DELSETELEM = 14
 NFPROTO_INET = 1
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_CREATE = 0x400
-NLMSG_ERROR = 0x2
-NLMSG_DONE = 0x3
-NLA_F_NESTED = 0x8000
 
 NFTA_TABLE_NAME = 1
 NFTA_TABLE_FLAGS = 2
@@ -83,19 +95,6 @@ NFT_JUMP = -3
 _PROTO = {"tcp": 6, "udp": 17, "sctp": 132}
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
-def _nested(kind: int, parts: Iterable[bytes]) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(parts))
-
-
-def _string(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
-
-
 def encode_key(element: str | tuple[str, str, int]) -> bytes:
     """An element's key as the kernel stores it: each field in 32-bit registers."""
     if isinstance(element, str):
@@ -116,14 +115,13 @@ class ElementChange:
 
 
 def _element(key: bytes, jump: str | None) -> bytes:
-    parts = [_nested(NFTA_SET_ELEM_KEY, [_attr(NFTA_DATA_VALUE, key)])]
+    parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key))]
     if jump is not None:
-        verdict = _nested(NFTA_DATA_VERDICT, [
-            _attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)),
-            _string(NFTA_VERDICT_CHAIN, jump),
-        ])
-        parts.append(_nested(NFTA_SET_ELEM_DATA, [verdict]))
-    return _nested(NFTA_LIST_ELEM, parts)
+        verdict = nested(NFTA_DATA_VERDICT,
+                         attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)),
+                         attr_str(NFTA_VERDICT_CHAIN, jump))
+        parts.append(nested(NFTA_SET_ELEM_DATA, verdict))
+    return nested(NFTA_LIST_ELEM, *parts)
 
 
 @dataclass(frozen=True)
@@ -184,7 +182,7 @@ class ElementWriter:
 
     def __init__(self, table: str, sock: socket.socket | None = None) -> None:
         self.table = table
-        self._seq = itertools.count(int.from_bytes(os.urandom(2), "big") << 8)
+        self._seq = sequence()
         self.shared = sock is not None
         if sock is None:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -203,8 +201,7 @@ class ElementWriter:
 
     def _message(self, kind: int, flags: int, family: int, res_id: int, body: bytes,
                  seq: int) -> bytes:
-        header = struct.pack("=IHHII", 16 + 4 + len(body), kind, flags, seq, 0)
-        return header + struct.pack("=BBH", family, 0, socket.htons(res_id)) + body
+        return nfnl_message(kind >> 8, kind & 0xFF, flags, seq, family, res_id, body)
 
     def _batch(self, body: Sequence[tuple[int, int, bytes]]) -> tuple[bytes, list[int]]:
         """A batch of (message type, flags, attributes), each asking for an ack."""
@@ -236,24 +233,24 @@ class ElementWriter:
         seq = next(self._seq)
         self.sock.sendall(self._message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
                                         NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, 0,
-                                        _string(NFTA_TABLE_NAME, name or self.table), seq))
+                                        attr_str(NFTA_TABLE_NAME, name or self.table), seq))
         info: TableInfo | None = None
         code = 0
         for kind, _seq, body in self._replies({seq}):
             if kind == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", body)
+                code = _errno(body)
             elif kind >> 8 == NFNL_SUBSYS_NFTABLES:
-                attrs = _parse_attrs(body, 4)
-                flags = struct.unpack("!I", attrs[NFTA_TABLE_FLAGS][:4])[0] if (
+                attrs = attr_map(body, 4)
+                flags = u32(attrs[NFTA_TABLE_FLAGS], big=True) if (
                     NFTA_TABLE_FLAGS in attrs) else 0
-                owner = struct.unpack("!I", attrs[NFTA_TABLE_OWNER][:4])[0] if (
+                owner = u32(attrs[NFTA_TABLE_OWNER], big=True) if (
                     NFTA_TABLE_OWNER in attrs) else None
                 info = TableInfo(flags, owner)
-        if code == -errno.ENOENT:
+        if code == errno.ENOENT:
             return None
         if code:
-            raise NetlinkError(f"cannot read table {name or self.table}: {os.strerror(-code)}",
-                               -code, command="nfnetlink GETTABLE")
+            raise NetlinkError(f"cannot read table {name or self.table}: {os.strerror(code)}",
+                               code, command="nfnetlink GETTABLE")
         return info
 
     def apply(self, changes: Sequence[ElementChange]) -> None:
@@ -272,11 +269,11 @@ class ElementWriter:
                 chunk = change.elements[start:start + self.CHUNK]
                 jumps = (change.jumps[start:start + self.CHUNK]
                          if change.jumps is not None else [None] * len(chunk))
-                body = (_string(NFTA_SET_ELEM_LIST_TABLE, self.table)
-                        + _string(NFTA_SET_ELEM_LIST_SET, change.set_name)
-                        + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, [
+                body = (attr_str(NFTA_SET_ELEM_LIST_TABLE, self.table)
+                        + attr_str(NFTA_SET_ELEM_LIST_SET, change.set_name)
+                        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *(
                             _element(encode_key(e), None if change.delete else j)
-                            for e, j in zip(chunk, jumps, strict=True)]))
+                            for e, j in zip(chunk, jumps, strict=True))))
                 seq = next(self._seq)
                 acks.add(seq)
                 msgs.append(self._message(kind, flags, NFPROTO_INET, 0, body, seq))
@@ -295,9 +292,9 @@ class ElementWriter:
         errors: dict[int, int] = {}
         for kind, seq, body in self._replies(acks):
             if kind == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", body)
+                code = _errno(body)
                 if code != 0:
-                    errors[seq] = -code
+                    errors[seq] = code
         return errors
 
     def _replies(self, acks: set[int], timeout: float = 5.0) -> list[tuple[int, int, bytes]]:
@@ -322,44 +319,34 @@ class ElementWriter:
                 if pending:
                     continue
                 return out
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
-                body = data[offset + 16: offset + max(length, 16)]
-                out.append((kind, seq, body))
-                if kind in (NLMSG_ERROR, NLMSG_DONE):
-                    pending.discard(seq)
-                offset += max((length + 3) & ~3, 16)
+            for msg in iter_messages(data):
+                out.append((msg.kind, msg.seq, msg.payload))
+                if msg.kind in (NLMSG_ERROR, NLMSG_DONE):
+                    pending.discard(msg.seq)
 
 
-def _parse_attrs(data: bytes, offset: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = data[offset + 4: offset + length]
-        offset += (length + 3) & ~3
-    return out
+def _errno(body: bytes) -> int:
+    """The positive errno of an NLMSG_ERROR payload (0: an acknowledgement)."""
+    return error_code(NetlinkMessage(NLMSG_ERROR, 0, 0, 0, body))
 
 
 def new_table(name: str, flags: int) -> tuple[int, int, bytes]:
     """NEWTABLE: create the table, or update an existing one's flags (claim an orphan)."""
     return (NFT_MSG_NEWTABLE, NLM_F_CREATE,
-            _string(NFTA_TABLE_NAME, name) + _attr(NFTA_TABLE_FLAGS, struct.pack("!I", flags)))
+            attr_str(NFTA_TABLE_NAME, name) + attr_u32(NFTA_TABLE_FLAGS, flags, big=True))
 
 
 def del_table(name: str) -> tuple[int, int, bytes]:
-    return (NFT_MSG_DELTABLE, 0, _string(NFTA_TABLE_NAME, name))
+    return (NFT_MSG_DELTABLE, 0, attr_str(NFTA_TABLE_NAME, name))
 
 
 def del_object(table: str, kind: str, handle: int) -> tuple[int, int, bytes] | None:
     """DELOBJ or DELFLOWTABLE by handle, for an object kind as libnftables names it."""
     if kind == "flowtable":
-        return (NFT_MSG_DELFLOWTABLE, 0, _string(NFTA_FLOWTABLE_TABLE, table)
-                + _attr(NFTA_FLOWTABLE_HANDLE, struct.pack("!Q", handle)))
+        return (NFT_MSG_DELFLOWTABLE, 0, attr_str(NFTA_FLOWTABLE_TABLE, table)
+                + attr_u64(NFTA_FLOWTABLE_HANDLE, handle))
     if kind not in OBJECT_TYPES:
         return None
-    return (NFT_MSG_DELOBJ, 0, _string(NFTA_OBJ_TABLE, table)
-            + _attr(NFTA_OBJ_TYPE, struct.pack("!I", OBJECT_TYPES[kind]))
-            + _attr(NFTA_OBJ_HANDLE, struct.pack("!Q", handle)))
+    return (NFT_MSG_DELOBJ, 0, attr_str(NFTA_OBJ_TABLE, table)
+            + attr_u32(NFTA_OBJ_TYPE, OBJECT_TYPES[kind], big=True)
+            + attr_u64(NFTA_OBJ_HANDLE, handle))

@@ -51,12 +51,12 @@ from stockade.dataplane.nfnetlink import (
     netfilter_sockets,
     new_table,
 )
-from stockade.errors import DataplaneError
+from stockade.errors import DataplaneError, NetError
 from stockade.net.namespace import entered
+from stockade.net.sysctl import BridgeNetfilterMissing, ensure_bridge_netfilter
 
 log = logging.getLogger("stockade.dataplane")
 
-BRIDGE_SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 OWNED = NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST
 
 # What `owner_status` says.
@@ -344,16 +344,14 @@ class NftDatapath:
             self._persist_supported()
 
     def _ensure_bridge_netfilter(self) -> None:
-        with entered(self.netns):
-            base = Path("/proc/sys/net/bridge")
-            if not base.is_dir():
-                raise DataplaneError(
-                    "br_netfilter is not available (no /proc/sys/net/bridge): bridged "
-                    "container traffic would bypass the inet forward hook")
-            for name in BRIDGE_SYSCTLS:
-                path = base / name
-                if path.read_text().strip() != "1":
-                    path.write_text("1\n")
+        try:
+            ensure_bridge_netfilter(self.netns)
+        except BridgeNetfilterMissing:
+            raise DataplaneError(
+                "br_netfilter is not available (no /proc/sys/net/bridge): bridged "
+                "container traffic would bypass the inet forward hook") from None
+        except NetError as exc:
+            raise DataplaneError(str(exc)) from None
 
     def read_table(self, expected: Mapping[str, Chain] | None = None) -> KernelTable | None:
         """The table as the kernel holds it, compared with what stockade renders.

@@ -13,20 +13,20 @@ remembered between calls: the kernel is the state, names are derived from the
 endpoint key (see :mod:`stockade.net.naming`), and so a new Plumber with the
 same prefix finds, lists and removes everything an earlier (crashed) one made.
 
-All netlink work happens in-process: the calling thread enters the namespace
-(:func:`stockade.net.namespace.entered`), opens an ``IPRoute`` there, works and
-leaves. Opening an ``IPRoute`` that way costs ~1.4 ms against ~20 ms for a
-pyroute2 ``NetNS`` object, which forks a helper; creating an endpoint takes
-~5 ms against ~18 ms (``bench/plumbing.py`` measures it). Deleting one is
-~30 ms either way: the kernel waits for an RCU grace period per veth, which
-is why :meth:`Plumber.teardown` lets the kernel destroy namespaces in a batch
-instead (~4 ms per endpoint). A Plumber may be used from any thread but not
-from two threads at once.
+All netlink work happens in-process, through :mod:`stockade.net.rtnl` (the
+plumbing layer the CNI plugin uses too): the calling thread enters the
+namespace (:func:`stockade.net.namespace.entered`), opens a netlink socket
+there, works and leaves. Deleting an endpoint costs ~30 ms: the kernel waits
+for an RCU grace period per veth, which is why :meth:`Plumber.teardown` lets
+the kernel destroy namespaces in a batch instead (~4 ms per endpoint).
+``bench/plumbing.py`` measures creation and deletion. A Plumber may be used
+from any thread but not from two threads at once.
 
 In the host namespace the bridge needs ``net.bridge.bridge-nf-call-iptables``
 and ``-ip6tables`` set to 1, so that bridged IPv4/IPv6 packets traverse the
 netfilter ``forward`` hook of the ``inet`` family, where policy is enforced;
-:meth:`Plumber.ensure_bridge` sets both in that namespace.
+:meth:`Plumber.ensure_bridge` sets both in that namespace
+(:func:`stockade.net.sysctl.ensure_bridge_netfilter`).
 
 Public API::
 
@@ -48,15 +48,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from stockade.errors import NetError
 from stockade.net.announce import announce
@@ -70,12 +65,11 @@ from stockade.net.namespace import (
     remove_netns,
 )
 from stockade.net.naming import IFNAMSIZ, Naming
-from stockade.net.sysctl import write_sysctl
+from stockade.net.rtnl import Rtnl, delete_link, ensure_addresses, ensure_bridge
+from stockade.net.sysctl import ensure_bridge_netfilter
+from stockade.netlink import NetlinkError
 
-IFA_F_NODAD = 0x02
-IFF_UP = 0x1
 LOOPBACK_IFINDEX = 1  # the kernel gives loopback index 1 in every namespace
-_ENOENT_CODES = (19, 2)  # ENODEV, ENOENT: the link is already gone
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -166,71 +160,14 @@ def _failing(what: str) -> Iterator[None]:
 
 
 @contextmanager
-def _rtnl(netns: str | None) -> Iterator[Any]:
-    """An IPRoute bound to ``netns`` (None: the current namespace), used in place."""
+def _rtnl(netns: str | None) -> Iterator[Rtnl]:
+    """A netlink socket bound to ``netns`` (None: the current namespace), used in place."""
     with entered(netns), _failing(f"netlink in network namespace {netns or '(current)'}"):
-        ipr = IPRoute()
+        nl = Rtnl()
         try:
-            yield ipr
+            yield nl
         finally:
-            ipr.close()
-
-
-def _get_link(ipr: Any, ifname: str) -> Any:
-    """The link message of ``ifname`` (one targeted request), or None if there is none."""
-    try:
-        return ipr.link("get", ifname=ifname)[0]
-    except NetlinkError as exc:
-        if exc.code in _ENOENT_CODES:
-            return None
-        raise
-
-
-def _lookup(ipr: Any, ifname: str) -> int | None:
-    link = _get_link(ipr, ifname)
-    return None if link is None else int(link["index"])
-
-
-def _delete_link(ipr: Any, ifname: str) -> bool:
-    index = _lookup(ipr, ifname)
-    if index is None:
-        return False
-    try:
-        ipr.link("del", index=index)
-    except NetlinkError as exc:
-        if exc.code not in _ENOENT_CODES:
-            raise
-        return False
-    return True
-
-
-def _ensure_addresses(ipr: Any, index: int, wanted: Sequence[Interface], exclusive: bool) -> None:
-    """Add the missing addresses; with ``exclusive`` also drop global ones not wanted.
-
-    Stale addresses go first: deleting a primary IPv4 address also deletes the
-    secondaries of its subnet, which would take a just-added replacement along.
-    Link-local addresses are never touched: the kernel owns them. IPv6 ones are
-    added with ``nodad`` so they are usable at once instead of after the ~1 s of
-    duplicate address detection.
-    """
-    present: set[Interface] = set()
-    for msg in ipr.addr("dump", index=index):
-        value = ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
-        if value.ip.is_link_local:
-            continue
-        present.add(value)
-    if exclusive:
-        for item in present - set(wanted):
-            with _failing(f"cannot remove stale address {item}"):
-                ipr.addr("del", index=index, address=str(item.ip), prefixlen=item.network.prefixlen)
-    for item in wanted:
-        if item in present:
-            continue
-        extra = {"flags": IFA_F_NODAD} if item.version == 6 else {}
-        with _failing(f"cannot add address {item}"):
-            ipr.addr(
-                "add", index=index, address=str(item.ip), prefixlen=item.network.prefixlen, **extra
-            )
+            nl.close()
 
 
 class Plumber:
@@ -280,47 +217,16 @@ class Plumber:
             _interface(a, 6 if ":" in a else 4, "bridge address")
             for a in (self.default_bridge_addresses() if addresses is None else addresses)
         ]
-        with _rtnl(self.host_netns) as ipr:
+        with _rtnl(self.host_netns) as nl:
             with _failing(f"cannot create bridge {self.bridge}"):
-                index = _lookup(ipr, self.bridge)
-                if index is None:
-                    try:
-                        ipr.link("add", ifname=self.bridge, kind="bridge")
-                    except NetlinkError as exc:
-                        if exc.code != 17:  # EEXIST: created meanwhile
-                            raise
-                    index = _lookup(ipr, self.bridge)
-                    if index is None:
-                        raise NetError(f"bridge {self.bridge} vanished after creation")
-                ipr.link("set", index=index, state="up")
-                loopback = _lookup(ipr, "lo")
-                if loopback is not None:
-                    ipr.link("set", index=loopback, state="up")
-            _ensure_addresses(ipr, index, wanted, exclusive=False)
-        self._ensure_host_sysctls(forward)
-
-    def _ensure_host_sysctls(self, forward: bool) -> None:
-        """bridge-nf-call-* make bridged traffic visible to the inet forward hook.
-
-        They exist per network namespace (kernel >= 5.3) once ``br_netfilter``
-        is loaded, and default to 1 in a new namespace; they are still set
-        explicitly because a host may have turned them off.
-        """
-        settings: list[tuple[str, int]] = [
-            ("net.bridge.bridge-nf-call-iptables", 1),
-            ("net.bridge.bridge-nf-call-ip6tables", 1),
-        ]
-        if forward:
-            settings += [("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1)]
-        with entered(self.host_netns):
-            if not os.path.isdir("/proc/sys/net/bridge"):
-                raise NetError(
-                    "/proc/sys/net/bridge is missing: the br_netfilter module is not loaded "
-                    "(modprobe br_netfilter); without it the inet forward hook does not see "
-                    "bridged traffic"
-                )
-            for name, value in settings:
-                write_sysctl(name, value)
+                index = ensure_bridge(nl, self.bridge).index
+                loopback = nl.link("lo")
+                if loopback is not None and not loopback.up:
+                    nl.set_up(loopback.index)
+            with _failing(f"cannot add bridge addresses {', '.join(map(str, wanted))}"):
+                ensure_addresses(nl, index, wanted)
+        # bridge-nf-call-*: bridged traffic visible to the inet forward hook.
+        ensure_bridge_netfilter(self.host_netns, forward)
 
     # -- endpoints ----------------------------------------------------------
 
@@ -396,81 +302,73 @@ class Plumber:
 
         A new pair is created in one request: peer already in the endpoint's
         namespace, host side already enslaved to the bridge and up. Netlink
-        round trips through pyroute2 cost ~0.4 ms each, so they are counted.
+        round trips are counted.
         """
-        with _rtnl(self.host_netns) as ipr:
-            bridge = _get_link(ipr, self.bridge)
+        with _rtnl(self.host_netns) as nl:
+            bridge = nl.link(self.bridge)
             if bridge is None:
                 raise NetError(f"bridge {self.bridge} does not exist: call ensure_bridge() first")
-            host = _get_link(ipr, host_if)
+            host = nl.link(host_if)
             if host is not None and (fresh_ns or not self._peer_present(ns, spec.ifname)):
                 # A veth whose peer is not in the namespace (a crash, or the
                 # namespace was removed and made anew): start the pair over.
                 with _failing(f"cannot remove stale veth {host_if}"):
-                    _delete_link(ipr, host_if)
+                    delete_link(nl, host_if)
                 host = None
             if host is not None:
-                if host.get("IFLA_MASTER") != bridge["index"] or not host["flags"] & IFF_UP:
+                if host.master != bridge.index or not host.up:
                     with _failing(f"cannot attach {host_if} to bridge {self.bridge}"):
-                        ipr.link("set", index=host["index"], master=bridge["index"], state="up")
+                        nl.set_master(host.index, bridge.index)
                 return False
             if not fresh_ns:
                 self._delete_in_netns(ns, spec.ifname)
             fd = os.open(netns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 with _failing(f"cannot create veth {host_if} <-> {ns}/{spec.ifname}"):
-                    ipr.link(
-                        "add",
-                        ifname=host_if,
-                        kind="veth",
-                        master=bridge["index"],
-                        state="up",
-                        peer={"ifname": spec.ifname, "net_ns_fd": fd},
-                    )
+                    nl.add_veth(host_if, bridge.index, spec.ifname, fd)
             finally:
                 os.close(fd)
             return True
 
     def _peer_present(self, ns: str, ifname: str) -> bool:
-        with _rtnl(ns) as ipr:
-            link = _get_link(ipr, ifname)
-            if link is None:
-                return False
-            return bool(link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "veth")
+        with _rtnl(ns) as nl:
+            link = nl.link(ifname)
+            return link is not None and link.kind == "veth"
 
     def _delete_in_netns(self, ns: str, ifname: str) -> None:
-        with _rtnl(ns) as ipr, _failing(f"cannot remove stale {ifname} in {ns}"):
-            _delete_link(ipr, ifname)
+        with _rtnl(ns) as nl, _failing(f"cannot remove stale {ifname} in {ns}"):
+            delete_link(nl, ifname)
 
     def _configure_endpoint(self, spec: EndpointSpec, ns: str, wanted: list[Interface]) -> str:
         """Inside the endpoint: loopback and interface up, addresses, default routes."""
-        with _rtnl(ns) as ipr:
-            link = _get_link(ipr, spec.ifname)
+        with _rtnl(ns) as nl:
+            link = nl.link(spec.ifname)
             if link is None:
                 raise NetError(f"interface {spec.ifname} missing in network namespace {ns}")
-            index = int(link["index"])
+            index = link.index
             with _failing(f"cannot bring up loopback in {ns}"):
-                ipr.link("set", index=LOOPBACK_IFINDEX, state="up")
-            _ensure_addresses(ipr, index, wanted, exclusive=True)
-            if not link["flags"] & IFF_UP:
+                nl.set_up(LOOPBACK_IFINDEX)
+            with _failing(f"cannot set the addresses of {spec.ifname} in {ns}"):
+                ensure_addresses(nl, index, wanted, exclusive=True)
+            if not link.up:
                 with _failing(f"cannot bring up {spec.ifname} in {ns}"):
-                    ipr.link("set", index=index, state="up")
-            routes = [(spec.gateway4, "0.0.0.0/0", socket.AF_INET)]
+                    nl.set_up(index)
+            routes = [(spec.gateway4, "0.0.0.0")]  # noqa: S104 - a default route's destination
             if spec.gateway6 is not None:
-                routes.append((spec.gateway6, "::/0", socket.AF_INET6))
-            for gateway, dst, family in routes:
+                routes.append((spec.gateway6, "::"))
+            for gateway, dst in routes:
                 if gateway is None:
                     continue
                 with _failing(f"cannot set default route via {gateway} in {ns}"):
-                    ipr.route("replace", dst=dst, gateway=gateway, oif=index, family=family)
-            return str(link.get("IFLA_ADDRESS"))
+                    nl.replace_route(dst, 0, index, gateway)
+            return link.mac
 
     def _undo(self, ns: str, host_if: str, created_ns: bool, created_link: bool) -> None:
         """Best-effort removal of what a failed ensure_endpoint created."""
         try:
             if created_ns or created_link:
-                with _rtnl(self.host_netns) as ipr:
-                    _delete_link(ipr, host_if)
+                with _rtnl(self.host_netns) as nl:
+                    delete_link(nl, host_if)
             if created_ns:
                 remove_netns(ns)
         except Exception:  # noqa: S110 - the original error is the one to report
@@ -482,17 +380,17 @@ class Plumber:
         host_if = self.naming.host_ifname(key)
         if not netns_exists(ns):
             return None
-        with _rtnl(self.host_netns) as ipr:
-            if _lookup(ipr, host_if) is None:
+        with _rtnl(self.host_netns) as nl:
+            if nl.link(host_if) is None:
                 return None
-        with _rtnl(ns) as ipr:
-            index = _lookup(ipr, ifname)
-            if index is None:
+        with _rtnl(ns) as nl:
+            link = nl.link(ifname)
+            if link is None:
                 return None
-            mac = str(ipr.link("get", index=index)[0].get("IFLA_ADDRESS"))
+            mac = link.mac
             found: dict[int, str] = {}
-            for msg in ipr.addr("dump", index=index):
-                value = ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")
+            for address in nl.addresses(link.index):
+                value = address.interface
                 if not value.ip.is_link_local:
                     found.setdefault(value.version, str(value))
         if 4 not in found:
@@ -508,16 +406,16 @@ class Plumber:
         """
         ns = self.naming.netns(key)
         host_if = self.naming.host_ifname(key)
-        with _rtnl(self.host_netns) as ipr, _failing(f"cannot remove veth {host_if}"):
-            removed = _delete_link(ipr, host_if)
+        with _rtnl(self.host_netns) as nl, _failing(f"cannot remove veth {host_if}"):
+            removed = delete_link(nl, host_if)
         return remove_netns(ns) or removed
 
     # -- inventory ----------------------------------------------------------
 
     def inventory(self) -> Inventory:
         """Everything with this plumber's prefix, whether made by this object or not."""
-        with _rtnl(self.host_netns) as ipr, _failing("cannot list links"):
-            names = [str(msg.get("IFLA_IFNAME")) for msg in ipr.link("dump")]
+        with _rtnl(self.host_netns) as nl, _failing("cannot list links"):
+            names = [link.name for link in nl.links()]
         bridge = self.bridge if self.bridge in names else None
         host_links = tuple(
             sorted(n for n in names if self.naming.owns_link(n) and n != self.naming.bridge)
@@ -542,16 +440,16 @@ class Plumber:
             remove_netns(ns)
         deadline = time.monotonic() + settle
         remaining = set(found.host_links)
-        with _rtnl(self.host_netns) as ipr:
+        with _rtnl(self.host_netns) as nl:
             while remaining and time.monotonic() < deadline:
                 time.sleep(0.01)
                 with _failing("cannot list links"):
-                    present = {str(m.get("IFLA_IFNAME")) for m in ipr.link("dump")}
+                    present = {link.name for link in nl.links()}
                 remaining &= present
             for name in sorted(remaining):
                 with _failing(f"cannot remove veth {name}"):
-                    _delete_link(ipr, name)
+                    delete_link(nl, name)
             if found.bridge is not None:
                 with _failing(f"cannot remove bridge {found.bridge}"):
-                    _delete_link(ipr, found.bridge)
+                    delete_link(nl, found.bridge)
         return found

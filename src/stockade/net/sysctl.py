@@ -10,6 +10,12 @@ Public API::
     sysctl_path(name) -> str
     read_sysctl(name, netns=None) -> str
     write_sysctl(name, value, netns=None) -> None   # no write if already equal
+    BRIDGE_NETFILTER                                # the two bridge-nf-call-* sysctls
+    ensure_bridge_netfilter(netns=None, forward=False) -> None
+
+The bridge-netfilter sysctls are set here and nowhere else: by the Plumber
+(`stockade run`, tests), the CNI plugin's bridge and the nftables datapath's
+feature probe all call `ensure_bridge_netfilter`.
 """
 
 from __future__ import annotations
@@ -64,3 +70,34 @@ def write_sysctl(name: str, value: str | int, netns: str | None = None) -> None:
         except OSError as exc:
             where = f" in network namespace {netns!r}" if netns else ""
             raise NetError(f"cannot set sysctl {name}={wanted}{where}: {exc}") from exc
+
+
+BRIDGE_NETFILTER = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
+FORWARDING = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
+
+
+class BridgeNetfilterMissing(NetError):
+    """``br_netfilter`` is not loaded: there is no /proc/sys/net/bridge."""
+
+
+def ensure_bridge_netfilter(netns: str | None = None, forward: bool = False) -> None:
+    """Bridged IPv4/IPv6 traffic of ``netns`` (None: here) through the inet forward hook.
+
+    ``bridge-nf-call-iptables`` and ``-ip6tables`` exist per network namespace
+    (kernel >= 5.3) once ``br_netfilter`` is loaded, and default to 1 in a new
+    namespace; they are still set explicitly because a host may have turned
+    them off. With ``forward`` the namespace also routes between subnets
+    (``ip_forward`` and IPv6 ``forwarding``, a node-wide setting in the real
+    host namespace). Raises BridgeNetfilterMissing without br_netfilter,
+    NetError when a sysctl cannot be written.
+    """
+    settings = [*BRIDGE_NETFILTER, *(FORWARDING if forward else ())]
+    with entered(netns):
+        if not os.path.isdir("/proc/sys/net/bridge"):
+            raise BridgeNetfilterMissing(
+                "/proc/sys/net/bridge is missing: the br_netfilter module is not loaded "
+                "(modprobe br_netfilter); without it the inet forward hook does not see "
+                "bridged traffic"
+            )
+        for name in settings:
+            write_sysctl(name, 1)

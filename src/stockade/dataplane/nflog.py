@@ -1,18 +1,20 @@
-"""Denied packets from NFLOG, decoded, and described in policy terms (pure).
+"""Denied packets from NFLOG: the group's socket and its messages (kernel adapter).
 
 The policy chains end with `log group N prefix "stockade-deny <chain>"` (see
 `compile.nft.Table`), so the kernel copies the first bytes of every denied
 new connection (rate-limited) to netlink group N of the nfnetlink_log
-subsystem. This module holds everything about that traffic that needs no
-socket, so it is tested with hand-built bytes:
+subsystem. This module is stockade's side of that traffic:
 
-* the netlink framing shared by nfnetlink subsystems (messages, attributes);
 * the NFULNL_MSG_CONFIG messages that bind a socket to a group and ask for a
-  copy of the packet's headers (`bind_message`, `unbind_message`);
+  copy of the packet's headers (`bind_message`, `unbind_message`), framed by
+  the shared codec (`stockade.netlink`);
 * NFULNL_MSG_PACKET messages → `LoggedPacket` (addresses, protocol, ports
-  parsed out of the copied IPv4/IPv6 header);
-* `describe_packet`: a `LoggedPacket` → the JSON record of a denied flow,
-  naming endpoints and the policies that isolate the denying side.
+  parsed out of the copied IPv4/IPv6 header): pure, tested with hand-built bytes;
+* `NflogSocket`: the NETLINK_NETFILTER socket, opened in a namespace, bound
+  to a group.
+
+Naming the endpoints and policies of a denied packet is the agent's
+(`agent.flowlog.describe_packet`).
 
 Public API::
 
@@ -21,107 +23,35 @@ Public API::
     parse_datagram(data) -> Datagram(packets, malformed, errors)
     bind_message(group, seq, copy_range=128, qthresh=16, timeout_cs=10) -> bytes
     unbind_message(group, seq) -> bytes
-    describe_packet(packet, chain_policies, endpoint_at, *, isolating=None) -> dict
-    chain_policies_of(ruleset) -> dict[str, tuple[str, ...]]
-    describer(evaluator, ruleset=None) -> Callable[[LoggedPacket], dict]
+    NflogSocket(netns=None, rcvbuf=1 << 21): .request(message, seq, timeout) -> errno,
+        and as a socket: .recv(size) .sendall(data) .fileno() .setblocking(flag)
+        .settimeout(t) .close()
 """
 
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 import struct
-from collections.abc import Callable, Iterator, Mapping
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
-from stockade.compile.ir import Ruleset
 from stockade.compile.nft import LOG_PREFIX
-from stockade.engine.evaluate import Evaluator
-from stockade.model.policy import EGRESS as MODEL_EGRESS
-from stockade.model.policy import INGRESS as MODEL_INGRESS
-
-# ---- netlink framing (shared with agent.conntrack) --------------------------------------
-
-NETLINK_NETFILTER = 12
-NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, seq, pid
-NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big endian, swapped by hand)
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
-
-
-class MalformedMessage(ValueError):
-    """Bytes that are not the netlink message they claim to be."""
-
-
-@dataclass(frozen=True)
-class NetlinkMessage:
-    kind: int
-    flags: int
-    seq: int
-    pid: int
-    payload: bytes  # everything after the 16-byte header
-
-
-def attr(kind: int, payload: bytes) -> bytes:
-    """One netlink attribute, padded to 4 bytes."""
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
-def nested(kind: int, *parts: bytes) -> bytes:
-    return attr(kind | NLA_F_NESTED, b"".join(parts))
-
-
-def nfnl_message(subsys: int, msg: int, flags: int, seq: int, family: int, res_id: int,
-                 attrs: bytes) -> bytes:
-    """An nfnetlink message: netlink header, nfgenmsg (res_id in network order), attributes."""
-    body = NFGENMSG.pack(family, 0, socket.htons(res_id)) + attrs
-    return NLMSG_HEADER.pack(16 + len(body), (subsys << 8) | msg, flags, seq, 0) + body
-
-
-def iter_messages(data: bytes) -> Iterator[NetlinkMessage]:
-    """The messages of one datagram; a truncated tail raises MalformedMessage."""
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind, flags, seq, pid = NLMSG_HEADER.unpack_from(data, offset)
-        if length < 16 or offset + length > len(data):
-            raise MalformedMessage(f"netlink message of length {length} at offset {offset}")
-        yield NetlinkMessage(kind, flags, seq, pid, data[offset + 16:offset + length])
-        offset += (length + 3) & ~3
-    if offset < len(data) and data[offset:].strip(b"\0"):
-        raise MalformedMessage(f"{len(data) - offset} stray bytes after the last message")
-
-
-def iter_attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
-    """(type without the nested/byte-order flags, payload) of each attribute."""
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4 or offset + length > len(data):
-            raise MalformedMessage(f"attribute {kind & NLA_TYPE_MASK} of length {length}")
-        yield kind & NLA_TYPE_MASK, data[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-
-
-def attr_map(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    return dict(iter_attrs(data, offset))
-
-
-def error_code(msg: NetlinkMessage) -> int:
-    """The errno of an NLMSG_ERROR message, positive; 0 for an acknowledgement."""
-    if len(msg.payload) < 4:
-        raise MalformedMessage("short netlink error message")
-    (code,) = struct.unpack_from("=i", msg.payload)
-    return -int(code)
-
+from stockade.net.namespace import entered
+from stockade.netlink import (
+    NETLINK_NETFILTER,
+    NFGENMSG,
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    MalformedMessage,
+    attr,
+    attr_map,
+    error_code,
+    iter_messages,
+    nfnl_message,
+)
 
 # ---- nfnetlink_log ------------------------------------------------------------------------
 
@@ -268,7 +198,7 @@ def parse_packet(body: bytes) -> LoggedPacket:
     """
     if len(body) < 4:
         raise MalformedMessage("no nfgenmsg header")
-    _family, _version, res_id = NFGENMSG.unpack_from(body)
+    _family, _version, group = NFGENMSG.unpack_from(body)
     attrs = attr_map(body, 4)
     payload = attrs.get(NFULA_PAYLOAD)
     if not payload:
@@ -291,7 +221,7 @@ def parse_packet(body: bytes) -> LoggedPacket:
         timestamp = sec + usec / 1e6
     return LoggedPacket(prefix, version, src, dst, PROTOCOL_NAMES.get(proto, str(proto)),
                         sport, dport, timestamp,
-                        socket.ntohs(res_id), hw_protocol, flags)
+                        group, hw_protocol, flags)
 
 
 @dataclass(frozen=True)
@@ -323,83 +253,65 @@ def parse_datagram(data: bytes) -> Datagram:
     return Datagram(tuple(packets), malformed, tuple(errors))
 
 
-# ---- describing a denied packet ---------------------------------------------------------
-
-Isolating = Callable[[str, str], tuple[str, ...] | None]
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    stamp = datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+# ---- the socket -------------------------------------------------------------------------
+
+RECV_SIZE = 1 << 17  # one kernel batch is at most nlbufsiz (a page or so); be generous
+SO_RCVBUFFORCE = 33
 
 
-def describe_packet(packet: LoggedPacket, chain_policies: Mapping[str, tuple[str, ...]],
-                    endpoint_at: Callable[[str], str | None], *,
-                    isolating: Isolating | None = None) -> dict[str, Any]:
-    """The JSON record of a denied flow.
+class NflogSocket:
+    """One NETLINK_NETFILTER socket for nfnetlink_log, bound to a namespace at creation.
 
-    The direction comes from the chain (i-… ingress of the destination, e-…
-    egress of the source). The policies come from `isolating(ip, direction)`
-    when given and it names some (the endpoint is known and still isolated),
-    else from `chain_policies[chain]`.
-    The latter alone can be wrong: chains are named by their rules, so two
-    policy sets with the same rules (two deny-all policies, say) share one
-    chain, and its comment names only the first set.
+    The socket stays in the namespace it was made in, whichever namespace the
+    reading thread is in later.
     """
-    chain = packet.chain
-    direction = packet.direction
-    src = endpoint_at(packet.src) or packet.src
-    dst = endpoint_at(packet.dst) or packet.dst
-    subject_ip, subject = (packet.dst, dst) if direction == "ingress" else (packet.src, src)
-    found = isolating(subject_ip, direction) if isolating is not None and direction else None
-    policies = tuple(found) if found else tuple(chain_policies.get(chain, ()))
-    what = packet.protocol if packet.dport is None else f"{packet.protocol}/{packet.dport}"
-    if not direction:
-        reason = f"dropped by a log rule with prefix {packet.prefix!r}, not a stockade chain"
-    else:
-        by = ", ".join(policies) if policies else f"the policies of chain {chain}"
-        peer = f"from {src}" if direction == "ingress" else f"to {dst}"
-        reason = f"{subject} is isolated for {direction} by {by}; no rule allows {what} {peer}"
-        if packet.tcp_flags is not None and packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN:
-            reason += " (not a connection opening: a cut or no longer tracked connection)"
-    return {
-        "time": _iso(packet.timestamp),
-        "src": src, "dst": dst, "srcIP": packet.src, "dstIP": packet.dst,
-        "protocol": packet.protocol, "port": packet.dport,
-        "direction": direction, "policies": list(policies), "reason": reason,
-        "chain": chain,
-    }
 
+    def __init__(self, netns: str | None = None, rcvbuf: int = 1 << 21) -> None:
+        with entered(netns):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            try:  # root may exceed net.core.rmem_max, which bursts of logs need
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.bind((0, 0))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
-def chain_policies_of(ruleset: Ruleset) -> dict[str, tuple[str, ...]]:
-    """chain name → the policy keys its comment lists (see describe_packet's caveat)."""
-    return {name: tuple(k.strip() for k in chain.comment.split(",") if k.strip())
-            for name, chain in ruleset.chains.items()}
+    def request(self, message: bytes, seq: int, timeout: float) -> int:
+        """Send a config message and wait for its answer: the errno (0: acknowledged).
 
+        Raises TimeoutError when the kernel does not answer within ``timeout``.
+        """
+        self.sock.sendall(message)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                break
+            for got, code in parse_datagram(self.sock.recv(RECV_SIZE)).errors:
+                if got == seq:
+                    return code
+        raise TimeoutError("the kernel did not answer an NFLOG configuration request")
 
-def describer(evaluator: Evaluator,
-              ruleset: Ruleset | None = None) -> Callable[[LoggedPacket], dict[str, Any]]:
-    """A `describe` callback over the current cluster: endpoints and isolating policies.
+    def sendall(self, message: bytes) -> None:
+        self.sock.sendall(message)
 
-    The agent builds one per cluster state and hands it to the reader; the
-    ruleset's chain comments only serve packets whose endpoint is gone.
-    """
-    chains = chain_policies_of(ruleset) if ruleset is not None else {}
-    model_dir = {"ingress": MODEL_INGRESS, "egress": MODEL_EGRESS}
+    def recv(self, size: int = RECV_SIZE) -> bytes:
+        return self.sock.recv(size)
 
-    def endpoint_at(ip: str) -> str | None:
-        ep = evaluator.endpoint_at(ip)
-        return ep.key if ep is not None else None
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
-    def isolating(ip: str, direction: str) -> tuple[str, ...] | None:
-        ep = evaluator.endpoint_at(ip)
-        if ep is None or direction not in model_dir:
-            return None
-        return tuple(p.key for p in evaluator.selecting(ep, model_dir[direction]))
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
 
-    def describe(packet: LoggedPacket) -> dict[str, Any]:
-        return describe_packet(packet, chains, endpoint_at, isolating=isolating)
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
 
-    return describe
+    def close(self) -> None:
+        self.sock.close()

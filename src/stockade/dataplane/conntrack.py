@@ -20,8 +20,7 @@ both).
 
 Public API::
 
-    ConnEntry(protocol, src, dst, sport, dport, state=None, zone=0,
-              reply_src=None, reply_sport=None, id=None)
+    ConnEntry (stockade.model.connection: pure, what agent.revoke decides about)
     decode_entry(body) -> ConnEntry | None          (pure; one IPCTNL_MSG_CT_NEW message)
     dump_request(seq) -> bytes, delete_request(entry, seq) -> bytes   (pure)
     Conntrack(netns=None): .entries() -> list[ConnEntry], .delete(entries) -> int, .close()
@@ -32,30 +31,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import itertools
 import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
-from stockade.agent.nflog import (
+from stockade.errors import DataplaneError
+from stockade.model.connection import ConnEntry
+from stockade.net.namespace import entered
+from stockade.netlink import (
+    NETLINK_CAP_ACK,
     NETLINK_NETFILTER,
     NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
+    SOL_NETLINK,
     MalformedMessage,
+    NetlinkError,
     attr,
     attr_map,
-    error_code,
-    iter_messages,
     nested,
     nfnl_message,
+    read_acks,
+    replies,
+    sequence,
 )
-from stockade.errors import DataplaneError
-from stockade.net.namespace import entered
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
@@ -79,9 +79,6 @@ CTA_PROTOINFO_SCTP = 3
 CTA_PROTOINFO_TCP_STATE = 1
 CTA_PROTOINFO_SCTP_STATE = 1
 
-NETLINK_CAP_ACK = 10  # acknowledgements without a copy of the request
-SOL_NETLINK = 270
-
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 33: "DCCP", 58: "ICMPv6", 132: "SCTP",
              136: "UDPLite"}
 _NUMBERS = {name: num for num, name in PROTOCOLS.items()}
@@ -91,32 +88,6 @@ TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_
 SCTP_STATES = ("NONE", "CLOSED", "COOKIE_WAIT", "COOKIE_ECHOED", "ESTABLISHED",
                "SHUTDOWN_SENT", "SHUTDOWN_RECD", "SHUTDOWN_ACK_SENT", "HEARTBEAT_SENT",
                "HEARTBEAT_ACKED")
-
-
-@dataclass(frozen=True)
-class ConnEntry:
-    """A tracked connection by its original-direction tuple (who opened it, to where).
-
-    `reply_src`/`reply_sport` are where the answers come from: the same as
-    dst/dport unless the connection was DNATed (a service address), in which
-    case they name the endpoint that policies actually see. `id` makes a delete
-    exact: the kernel refuses it if the tuple now belongs to another connection.
-    """
-
-    protocol: str  # "TCP", "UDP", "SCTP", "ICMP", ... or the number
-    src: str
-    dst: str
-    sport: int = 0
-    dport: int = 0
-    state: str | None = None  # TCP and SCTP only, e.g. "ESTABLISHED"
-    zone: int = 0
-    reply_src: str | None = None
-    reply_sport: int | None = None
-    id: int | None = None
-
-    @property
-    def family(self) -> int:
-        return ipaddress.ip_address(self.src).version
 
 
 # ---- codec (pure) -------------------------------------------------------------------------
@@ -227,7 +198,7 @@ class Conntrack:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        self._seq = itertools.count(int.from_bytes(os.urandom(2), "big") << 8)
+        self._seq = sequence()
         with entered(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
@@ -261,24 +232,17 @@ class Conntrack:
         seq = next(self._seq)
         self.sock.sendall(dump_request(seq))
         out: list[ConnEntry] = []
-        while True:
-            for msg in iter_messages(self._recv()):
-                if msg.seq != seq:
-                    continue
-                if msg.kind == NLMSG_DONE:
-                    return out
-                if msg.kind == NLMSG_ERROR:
-                    code = error_code(msg)
-                    if code:
-                        raise DataplaneError("the kernel refused to list conntrack entries",
-                                             command="ctnetlink dump",
-                                             stderr=os.strerror(code))
-                    continue
+        try:
+            for msg in replies(self._recv, seq):
                 if msg.kind == ENTRY_KIND:
                     try:
                         out.append(decode_entry(msg.payload))
                     except MalformedMessage:
                         continue  # an entry of a kind we cannot name is not ours to cut
+        except NetlinkError as exc:
+            raise DataplaneError("the kernel refused to list conntrack entries",
+                                 command="ctnetlink dump", stderr=os.strerror(exc.code)) from None
+        return out
 
     def delete(self, entries: Iterable[ConnEntry]) -> int:
         """Delete entries; how many the kernel removed (gone already is not an error).
@@ -305,16 +269,11 @@ class Conntrack:
         self.sock.sendall(b"".join(messages))
         removed = 0
         errors: list[str] = []
-        while pending:
-            for msg in iter_messages(self._recv()):
-                if msg.kind != NLMSG_ERROR or msg.seq not in pending:
-                    continue
-                pending.discard(msg.seq)
-                code = error_code(msg)
-                if code == 0:
-                    removed += 1
-                elif code != errno.ENOENT:  # ENOENT: it ended (or was cut) meanwhile
-                    errors.append(os.strerror(code))
+        for code in read_acks(self._recv, pending).values():
+            if code == 0:
+                removed += 1
+            elif code != errno.ENOENT:  # ENOENT: it ended (or was cut) meanwhile
+                errors.append(os.strerror(code))
         if errors:
             raise DataplaneError(f"the kernel refused to delete {len(errors)} conntrack "
                                  "entries", command="ctnetlink delete",
