@@ -495,16 +495,21 @@ def test_a_request_waiting_for_memory_passes_when_memory_frees(make) -> None:
 
 def test_many_large_requests_at_once_never_exceed_the_memory_bound(make) -> None:
     limit = 2 * 1024 * KB
-    srv, _ = make(max_line=1024 * KB, max_memory=limit, memory_wait=2.0)
+    # A generous wait: on a loaded machine, twelve 900 KB requests through a 2 MB
+    # bound take a while; the bound, not the speed, is what is tested.
+    srv, _ = make(max_line=1024 * KB, max_memory=limit, memory_wait=5.0)
     payload = _req("status", blob="z" * (900 * KB))
     peak = 0
     codes: list[str] = []
     lock = threading.Lock()
 
     def client() -> None:
-        with _connect(srv, timeout=20) as s:
-            s.sendall(payload)
-            code = _code(_line(s))
+        try:
+            with _connect(srv, timeout=120) as s:
+                s.sendall(payload)
+                code = _code(_line(s))
+        except OSError as exc:  # reported by the assertion below, with its cause
+            code = f"error: {exc!r}"
         with lock:
             codes.append(code)
 
@@ -515,7 +520,7 @@ def test_many_large_requests_at_once_never_exceed_the_memory_bound(make) -> None
         peak = max(peak, srv.in_flight)
         time.sleep(0.001)
     assert peak <= limit
-    assert len(codes) == 12 and set(codes) <= {"ok", "unavailable"}
+    assert len(codes) == 12 and set(codes) <= {"ok", "unavailable"}, codes
     assert "ok" in codes
     assert srv.in_flight == 0
 
