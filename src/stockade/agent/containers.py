@@ -76,7 +76,7 @@ from stockade.errors import AgentError, DecodeError, NetError
 from stockade.model.admit import validate_endpoint
 from stockade.model.cluster import ContainerPort, Endpoint
 from stockade.model.labels import Labels
-from stockade.model.policy import PROTOCOLS
+from stockade.model.ports import parse_port_text
 from stockade.net.namespace import entered
 from stockade.net.plumber import Attachment, EndpointSpec, Plumber
 
@@ -115,18 +115,12 @@ def parse_port_spec(text: str) -> ContainerPort:
 
     Raises ValueError with a message fit for the command line.
     """
-    name, sep, rest = text.partition("=")
-    if not sep:
-        name, rest = "", text
-    elif not name:
-        raise ValueError(f"port {text!r}: the name before '=' is empty")
-    number, _, proto = rest.partition("/")
-    protocol = (proto or "tcp").upper()
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"port {text!r}: protocol must be tcp, udp or sctp")
-    if not number.isdigit():
-        raise ValueError(f"port {text!r}: want [NAME=]NUMBER[/PROTOCOL], e.g. http=80/tcp")
-    return ContainerPort(int(number), protocol, name)
+    try:
+        parsed = parse_port_text(text, named=True, numeric=True)
+    except ValueError as exc:
+        raise ValueError(f"port {text!r}: {exc}") from None
+    assert isinstance(parsed.port, int)
+    return ContainerPort(parsed.port, parsed.proto, parsed.name)
 
 
 def _ports(raw: Any) -> tuple[ContainerPort, ...]:

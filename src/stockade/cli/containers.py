@@ -25,7 +25,7 @@ from stockade.agent.records import EndpointRecord, PolicyRecord, namespace_from_
 from stockade.cli.agent import _call, _checked, _labels, _socket
 from stockade.errors import InputError
 from stockade.model.cluster import Cluster
-from stockade.model.policy import PROTOCOLS, TCP
+from stockade.model.ports import parse_port_text
 from stockade.probe.compare import (
     LEGEND,
     NETNS_DIR,
@@ -197,23 +197,11 @@ def run_rm(args: argparse.Namespace) -> int:
 
 def parse_probe_port(text: str) -> tuple[int | str, str]:
     """``80/tcp``, ``tcp:80``, ``80``, ``http`` or ``dns/udp`` → (number or name, PROTOCOL)."""
-    parts = text.replace(":", "/").split("/")
-    if len(parts) > 2 or not all(parts):
-        raise InputError(f"--port {text!r}: want PORT[/PROTO], e.g. 80/tcp, 53/udp or http")
-    protocol = TCP
-    if len(parts) == 2:
-        a, b = parts
-        port, proto = (b, a) if a.upper() in PROTOCOLS else (a, b)
-        protocol = proto.upper()
-        if protocol not in PROTOCOLS:
-            raise InputError(f"--port {text!r}: protocol must be tcp, udp or sctp")
-    else:
-        port = parts[0]
-    if port.isdigit():
-        if not 1 <= int(port) <= 65535:
-            raise InputError(f"--port {text!r}: must be between 1 and 65535")
-        return int(port), protocol
-    return port, protocol
+    try:
+        parsed = parse_port_text(text)
+    except ValueError as exc:
+        raise InputError(f"--port {text}: {exc}") from None
+    return parsed.port, parsed.proto
 
 
 def _cluster(client: AgentClient) -> tuple[Cluster, list[EndpointRecord]]:

@@ -13,6 +13,7 @@ from stockade.errors import InputError
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import Endpoint
 from stockade.model.policy import PROTOCOLS
+from stockade.model.ports import parse_port_text
 
 EPILOG = """\
 Exit status: 0 when the connection is allowed, 1 when it is denied, 2 on bad input.
@@ -45,12 +46,10 @@ def resolve_side(ev: Evaluator, text: str, flag: str) -> Endpoint | str:
 
 
 def parse_port(text: str) -> int | str:
-    if text.isdigit():
-        port = int(text)
-        if not 1 <= port <= 65535:
-            raise InputError(f"--port {text}: must be between 1 and 65535")
-        return port
-    return text
+    try:
+        return parse_port_text(text, protocol=False).port
+    except ValueError as exc:
+        raise InputError(f"--port {text}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from stockade.engine.matrix import compute_matrix
 from stockade.engine.report import FORMATS, LEGEND, RENDERERS
 from stockade.errors import InputError
 from stockade.model.policy import PROTOCOLS
+from stockade.model.ports import parse_port_text
 
 EPILOG = f"""\
 Rows are sources, columns destinations:
@@ -38,14 +39,10 @@ def register(sub: Any) -> None:
 
 def parse_port(text: str) -> int | str:
     """A port number (1-65535) or a container port name."""
-    if text.isdigit():
-        port = int(text)
-        if not 1 <= port <= 65535:
-            raise InputError(f"--port {text}: must be between 1 and 65535")
-        return port
-    if not text or len(text) > 15 or not all(c.isalnum() or c == "-" for c in text):
-        raise InputError(f"--port {text}: not a port number or a port name")
-    return text
+    try:
+        return parse_port_text(text, protocol=False).port
+    except ValueError as exc:
+        raise InputError(f"--port {text}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from stockade.errors import NetError
+from stockade.model.ports import parse_port_text
 
 
 class Protocol(enum.StrEnum):
@@ -38,10 +39,10 @@ class Port:
 
     @classmethod
     def parse(cls, text: str) -> Port:
-        """``tcp:80``, ``UDP/53`` or ``80`` (TCP) -> Port."""
-        proto, sep, number = text.replace("/", ":").rpartition(":")
+        """``tcp:80``, ``UDP/53``, ``80/udp`` or ``80`` (TCP) -> Port (model/ports.py)."""
         try:
-            protocol = Protocol(proto.upper()) if sep else Protocol.TCP
-            return cls(int(number), protocol)
+            parsed = parse_port_text(text, numeric=True)
         except ValueError as exc:
-            raise NetError(f"invalid port {text!r}: want e.g. tcp:80, udp:53, sctp:80") from exc
+            raise NetError(f"invalid port {text!r}: {exc}; e.g. tcp:80, udp:53, sctp:80") from None
+        assert isinstance(parsed.port, int)
+        return cls(parsed.port, Protocol(parsed.proto))
