@@ -55,15 +55,15 @@ def parse_port_text(text: str, *, named: bool = False, numeric: bool = False,
         port, proto = (second, first) if first.upper() in PROTOCOLS else (first, second)
         proto = proto.upper()
         if proto not in PROTOCOLS:
-            raise ValueError(f"the protocol must be tcp, udp or sctp")
+            raise ValueError("the protocol must be tcp, udp or sctp")
         if not protocol:
-            raise ValueError(f"give the protocol on its own (--protocol)")
+            raise ValueError("give the protocol on its own (--protocol)")
     else:
         port = parts[0]
     if port.isdigit():
         number = int(port)
         if not 1 <= number <= 65535:
-            raise ValueError(f"must be between 1 and 65535")
+            raise ValueError("must be between 1 and 65535")
         return PortText(number, proto, name)
     if numeric:
         raise ValueError(f"want {want}, e.g. 8080/tcp")
