@@ -24,7 +24,7 @@ from stockade.model.cidr import parse_ip
 from stockade.model.cluster import NS_NAME_LABEL, Endpoint, Namespace
 from stockade.model.field import FORBIDDEN, INVALID, REQUIRED, UNSUPPORTED, FieldError
 from stockade.model.policy import PROTOCOLS, NetworkPolicy
-from stockade.model.validate import validate_labels, validate_policy
+from stockade.model.validate import validate_labels, validate_names, validate_policy
 
 DUPLICATE = "Duplicate value"
 # Labels the system sets; nobody may set or remove them by hand.
@@ -61,16 +61,7 @@ def validate_label_change(kind: str, set_: Mapping[str, str],
 
 def validate_endpoint(ep: Endpoint) -> list[FieldError]:
     """A Pod as policy reads it: name, namespace, labels, IPs, container ports."""
-    errs: list[FieldError] = []
-    if not ep.name:
-        errs.append(FieldError("metadata.name", REQUIRED, "name or generateName is required"))
-    else:
-        errs += _each("metadata.name", ep.name, names.name_is_dns_subdomain(ep.name, False))
-    if not ep.namespace:
-        errs.append(FieldError("metadata.namespace", REQUIRED))
-    else:
-        errs += _each("metadata.namespace", ep.namespace,
-                      names.name_is_dns_label(ep.namespace, False))
+    errs = validate_names(ep.name, ep.namespace)
     errs += validate_labels(ep.labels, "metadata.labels")
     errs += validate_pod_ips(ep.ips)
     errs += validate_container_ports(ep)

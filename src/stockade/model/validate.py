@@ -62,17 +62,24 @@ def validate_object_meta(policy: NetworkPolicy) -> list[FieldError]:
     # stands in for the name; a bad prefix is then reported on both fields.
     name = policy.name or (names.generated_name(policy.generate_name)
                            if policy.generate_name else "")
+    errs += validate_names(name, policy.namespace)
+    errs += validate_labels(policy.labels, "metadata.labels")
+    errs += validate_annotations(policy.annotations, "metadata.annotations")
+    return errs
+
+
+def validate_names(name: str, namespace: str) -> list[FieldError]:
+    """metadata.name (a DNS-1123 subdomain) and metadata.namespace (a DNS-1123 label)."""
+    errs = []
     if not name:
         errs.append(FieldError("metadata.name", REQUIRED, "name or generateName is required"))
     else:
         errs += _invalid_each("metadata.name", name, names.name_is_dns_subdomain(name, False))
-    if not policy.namespace:
+    if not namespace:
         errs.append(FieldError("metadata.namespace", REQUIRED))
     else:
-        errs += _invalid_each("metadata.namespace", policy.namespace,
-                              names.name_is_dns_label(policy.namespace, False))
-    errs += validate_labels(policy.labels, "metadata.labels")
-    errs += validate_annotations(policy.annotations, "metadata.annotations")
+        errs += _invalid_each("metadata.namespace", namespace,
+                              names.name_is_dns_label(namespace, False))
     return errs
 
 
