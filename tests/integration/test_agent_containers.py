@@ -29,12 +29,11 @@ from stockade.agent.containers import ContainerManager, parse_port_spec, run_req
 from stockade.agent.daemon import Agent, AgentConfig
 from stockade.agent.protocol import INVALID, ApiError
 from stockade.cli import containers as cli
-from stockade.engine.matrix import Matrix, Table
-from stockade.engine.matrix import Probe as MatrixProbe
+from stockade.engine.matrix import Matrix, MatrixPort, TruthTable
 from stockade.model.cluster import ContainerPort
 from stockade.net.namespace import list_netns, netns_exists
 from stockade.probe import compare
-from stockade.probe.client import Outcome, Probe, Verdict, run_probes
+from stockade.probe.client import Outcome, Probe, ProbeResult, run_probes
 from stockade.probe.protocol import Port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,10 +90,10 @@ def test_probe_ports_and_verdicts() -> None:
 
 def test_report_marks_disagreements() -> None:
     pods = ("a/x", "b/y")
-    matrix = Matrix(pods, (Table(MatrixProbe("TCP", 80), ((True, False), (True, True))),))
+    matrix = Matrix(pods, (TruthTable(MatrixPort("TCP", 80), ((True, False), (True, True))),))
 
-    def verdict(outcome: Outcome) -> Verdict:
-        return Verdict(Probe("a/x", "n", "b/y", "10.0.0.2", Port(80)), outcome)
+    def verdict(outcome: Outcome) -> ProbeResult:
+        return ProbeResult(Probe("a/x", "n", "b/y", "10.0.0.2", Port(80)), outcome)
 
     measured = compare.Measured({(0, 0, 1): verdict(Outcome.ALLOWED),
                                  (0, 1, 0): verdict(Outcome.REFUSED)})

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade.compile.ir import Chain, Rule, Ruleset
+from stockade.compile.ir import Chain, ChainRule, Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.dataplane.nft import NftDatapath
 from stockade.errors import DataplaneError
@@ -149,7 +149,7 @@ def test_refused_transaction_leaves_previous_ruleset(trio, datapath, servers) ->
     broken = Ruleset(
         dict(good.sets),
         {**good.chains, "i-broken": Chain("i-broken", "ingress",
-                                           (Rule(4, "s4-doesnotexist"),))},
+                                           (ChainRule(4, "s4-doesnotexist"),))},
         {**good.ingress, trio.c.address4: "i-broken"},
         dict(good.egress))
     with pytest.raises(DataplaneError, match="nothing was changed"):

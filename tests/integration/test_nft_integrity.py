@@ -27,7 +27,7 @@ from stockade.compile.ir import Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
 from stockade.dataplane.monitor import TableEvent
-from stockade.dataplane.nfnetlink import NetlinkError
+from stockade.dataplane.nfnetlink import NftablesRefused
 from stockade.dataplane.nft import OWNER_ON, OWNER_UNSUPPORTED, NftDatapath
 from stockade.errors import DataplaneError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
@@ -380,7 +380,7 @@ def test_without_persistent_tables_the_table_is_not_owned_at_all(trio, caplog) -
     dp = NftDatapath(netns=host, owner=True)
 
     def refuse(body: object, what: str) -> None:
-        raise NetlinkError(f"{what}: refused", errno.EOPNOTSUPP)  # a kernel before 6.9
+        raise NftablesRefused(f"{what}: refused", errno.EOPNOTSUPP)  # a kernel before 6.9
 
     dp._elements.transact = refuse  # type: ignore[method-assign]
     with caplog.at_level("WARNING", logger="stockade.dataplane"):

@@ -14,7 +14,7 @@ from stockade.net.namespace import netns_path
 from stockade.net.sysctl import read_sysctl, write_sysctl
 from stockade.probe.client import Outcome, Probe, run_probes
 from stockade.probe.launcher import ProbeServer
-from stockade.probe.matrix import Matrix, Peer, probe_matrix
+from stockade.probe.matrix import ObservedMatrix, ProbeEndpoint, probe_matrix
 from stockade.probe.protocol import Port, Protocol
 from stockade.probe.sctp import sctp_mode
 
@@ -36,14 +36,14 @@ def _nft(netns: str, ruleset: str) -> None:
     subprocess.run(["nft", "-f", "-"], input=ruleset, text=True, check=True, preexec_fn=enter)
 
 
-def _denied(matrix: Matrix) -> set[tuple[str, str, str]]:
+def _denied(matrix: ObservedMatrix) -> set[tuple[str, str, str]]:
     return {
         (s, d, f"{proto}/{port}") for (s, d, port, proto), ok in matrix.as_bools().items() if not ok
     }
 
 
 def test_everything_allowed_v4_and_v6(trio) -> None:
-    peers = [Peer.of(a) for a in trio.all]
+    peers = [ProbeEndpoint.of(a) for a in trio.all]
     with ProbeServer({a.netns: PORTS for a in trio.all}) as server:
         assert server.sctp_mode == sctp_mode() != "unavailable"
         for family in (4, 6):
@@ -87,7 +87,7 @@ def test_inet_forward_rules_see_bridged_traffic(trio) -> None:
         }}
         """,
     )
-    peers = [Peer.of(x) for x in trio.all]
+    peers = [ProbeEndpoint.of(x) for x in trio.all]
     with ProbeServer({x.netns: PORTS for x in trio.all}):
         v4 = probe_matrix(peers, PORTS, family=4, timeout=0.6)
         v6 = probe_matrix(peers, PORTS, family=6, timeout=0.6)
@@ -121,7 +121,7 @@ def test_closed_port_is_refused_not_denied(trio) -> None:
 
 
 def test_one_server_per_namespace_works_too(trio) -> None:
-    peers = [Peer.of(x) for x in trio.all]
+    peers = [ProbeEndpoint.of(x) for x in trio.all]
     ports = [Port(8080, Protocol.TCP), Port(5353, Protocol.UDP)]
     servers = [ProbeServer({x.netns: ports}).start() for x in trio.all]
     try:

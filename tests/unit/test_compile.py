@@ -136,9 +136,9 @@ def test_interval_sets_are_rewritten_whole() -> None:
 
 
 def test_render_rule_shapes() -> None:
-    from stockade.compile.ir import Rule as IRRule
+    from stockade.compile.ir import ChainRule
 
-    expr = render_rule_expr(IRRule(4, "s4-x", None, "TCP", ((80, 80), (1000, 2000))), INGRESS)
+    expr = render_rule_expr(ChainRule(4, "s4-x", None, "TCP", ((80, 80), (1000, 2000))), INGRESS)
     assert expr == [
         {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
                    "right": "@s4-x"}},
@@ -146,11 +146,11 @@ def test_render_rule_shapes() -> None:
         {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}},
                    "right": {"set": [80, {"range": [1000, 2000]}]}}},
     ]
-    expr = render_rule_expr(IRRule(6, None, "n6-y", "UDP"), EGRESS)
+    expr = render_rule_expr(ChainRule(6, None, "n6-y", "UDP"), EGRESS)
     assert expr[0]["match"]["left"]["concat"][0] == {"payload": {"protocol": "ip6",
                                                                  "field": "daddr"}}
     assert len(expr) == 1  # the triple already holds protocol and port
-    assert render_rule_expr(IRRule(), INGRESS) == []
+    assert render_rule_expr(ChainRule(), INGRESS) == []
 
 
 def test_skeleton_accepts_established_first_and_checks_egress_before_ingress() -> None:

@@ -14,8 +14,8 @@ from stockade.conformance.case import STANDARD_CLUSTER, parse_case
 from stockade.engine.evaluate import Evaluator
 from stockade.engine.matrix import (
     Matrix,
-    Probe,
-    Table,
+    MatrixPort,
+    TruthTable,
     compute_matrix,
     pod_classes,
     probes_for,
@@ -81,7 +81,7 @@ def test_ingress_from_other_namespace_on_one_port() -> None:
         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}],
                      "ports": [{"port": 80}]}]})
     m = compute_matrix(standard(allow), [80, 81], ["TCP"])
-    assert [t.probe for t in m.tables] == [Probe("TCP", 80), Probe("TCP", 81)]
+    assert [t.probe for t in m.tables] == [MatrixPort("TCP", 80), MatrixPort("TCP", 81)]
     into_a_80 = {src for src in m.pods if cell(m, 0, src, "x/a")}
     into_a_81 = {src for src in m.pods if cell(m, 1, src, "x/a")}
     assert into_a_80 == {"x/a", "y/a", "y/b", "y/c"}
@@ -107,13 +107,14 @@ def test_named_port_resolves_per_destination_and_unserved_is_none() -> None:
 def test_default_probes_are_the_served_ports() -> None:
     c = standard()
     assert probes_for(c, [], []) == tuple(
-        Probe(proto, port) for proto, port in sorted((p, n) for p in PROTOCOLS for n in (80, 81)))
-    assert probes_for(c, [], ["UDP"]) == (Probe("UDP", 80), Probe("UDP", 81))
+        MatrixPort(proto, port)
+        for proto, port in sorted((p, n) for p in PROTOCOLS for n in (80, 81)))
+    assert probes_for(c, [], ["UDP"]) == (MatrixPort("UDP", 80), MatrixPort("UDP", 81))
     assert probes_for(c, [80, "serve-81-tcp"], []) == \
-        (Probe("TCP", 80), Probe("TCP", "serve-81-tcp"))
+        (MatrixPort("TCP", 80), MatrixPort("TCP", "serve-81-tcp"))
     bare = Cluster((), (Endpoint("x", "a", Labels(), ("10.0.0.1",)),), ())
-    assert probes_for(bare, [], []) == (Probe("TCP", 80),)
-    assert probes_for(bare, [], ["SCTP", "UDP"]) == (Probe("SCTP", 80), Probe("UDP", 80))
+    assert probes_for(bare, [], []) == (MatrixPort("TCP", 80),)
+    assert probes_for(bare, [], ["SCTP", "UDP"]) == (MatrixPort("SCTP", 80), MatrixPort("UDP", 80))
 
 
 def test_pod_classes_group_interchangeable_pods_only() -> None:
@@ -207,7 +208,8 @@ def test_table_rendering() -> None:
 
 
 def test_table_marks_unserved_named_ports() -> None:
-    m = Matrix(("x/a", "x/b"), (Table(Probe("TCP", "http"), ((True, None), (False, None))),))
+    m = Matrix(("x/a", "x/b"),
+               (TruthTable(MatrixPort("TCP", "http"), ((True, None), (False, None))),))
     assert render_table(m).splitlines() == ["TCP/http x/a x/b", "x/a      .   -", "x/b      X   -"]
 
 

@@ -11,14 +11,23 @@ import copy
 import struct
 from typing import Any
 
-from stockade.compile.ir import ADDR, ADDR_PORT, EGRESS, INGRESS, NET, AddressSet, Chain, Ruleset
-from stockade.compile.ir import Rule as IRRule
+from stockade.compile.ir import (
+    ADDR,
+    ADDR_PORT,
+    EGRESS,
+    INGRESS,
+    NET,
+    AddressSet,
+    Chain,
+    ChainRule,
+    Ruleset,
+)
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import (
     MAPS,
     NOT_A_JUMP,
     TAMPERED,
-    RuleCheck,
+    RuleComparator,
     Table,
     base_chain,
     canonical,
@@ -124,9 +133,10 @@ SETS = {
     "c4-a": AddressSet("c4-a", 4, NET, frozenset({"10.1.0.0/16", "10.9.9.9/32"})),
     "n6-a": AddressSet("n6-a", 6, ADDR_PORT, frozenset({("fd00::1", "udp", 53)})),
 }
-RULES = (IRRule(), IRRule(4), IRRule(None, None, None, "TCP", ((80, 80), (443, 443), (8000, 8100))),
-         IRRule(4, "s4-a", None, "UDP", ((53, 53),)), IRRule(4, "c4-a"),
-         IRRule(6, None, "n6-a", "UDP"))
+RULES = (ChainRule(), ChainRule(4),
+         ChainRule(None, None, None, "TCP", ((80, 80), (443, 443), (8000, 8100))),
+         ChainRule(4, "s4-a", None, "UDP", ((53, 53),)), ChainRule(4, "c4-a"),
+         ChainRule(6, None, "n6-a", "UDP"))
 CHAINS = {"i-x": Chain("i-x", INGRESS, RULES), "e-x": Chain("e-x", EGRESS, RULES[:2]),
           "i-deny": Chain("i-deny", INGRESS, ())}
 RULESET = Ruleset(SETS, CHAINS, {"10.0.0.1": "i-x", "10.0.0.3": "i-deny"}, {"10.0.0.2": "e-x"})
@@ -319,7 +329,7 @@ def test_a_dormant_table_is_drift_by_the_kernels_flags() -> None:
 
 
 def test_the_rule_check_remembers_without_trusting_blindly() -> None:
-    check = RuleCheck()
+    check = RuleComparator()
     doc = _printed()
     assert parse_kernel(doc, TABLE, CHAINS, check).drift == []
     assert parse_kernel(copy.deepcopy(doc), TABLE, CHAINS, check).drift == []

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from stockade.conformance.case import STANDARD_CLUSTER, Case, parse_case
-from stockade.conformance.runner import Datapath, ModelDatapath, check_case
+from stockade.conformance.runner import CaseBackend, ModelDatapath, check_case
 from stockade.errors import InputError
 from stockade.load import read_text
 from stockade.model.parse import parse_documents
@@ -48,7 +48,7 @@ def load_cases(paths: list[str]) -> list[Case]:
     return cases
 
 
-def make_datapath(args: argparse.Namespace) -> Datapath:
+def make_datapath(args: argparse.Namespace) -> CaseBackend:
     if args.datapath == "nft":
         from stockade.conformance.kernel import KernelDatapath
 
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             close()
 
 
-def _run_cases(cases: list[Case], datapath: Datapath, quiet: bool) -> int:
+def _run_cases(cases: list[Case], datapath: CaseBackend, quiet: bool) -> int:
     passed = failed = 0
     for case in cases:
         result = check_case(case, datapath)

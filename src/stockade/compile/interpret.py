@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from stockade.compile.ir import ADDR, ADDR_PORT, EGRESS, INGRESS, NET, AddressSet, Rule, Ruleset
+from stockade.compile.ir import (
+    ADDR,
+    ADDR_PORT,
+    EGRESS,
+    INGRESS,
+    NET,
+    AddressSet,
+    ChainRule,
+    Ruleset,
+)
 from stockade.model.cidr import parse_cidr, parse_ip
 
 
@@ -30,7 +39,7 @@ def _in_set(rs: Ruleset, name: str, addr: str) -> bool:
     return False
 
 
-def rule_matches(rs: Ruleset, rule: Rule, peer: str, dst: str, protocol: str,
+def rule_matches(rs: Ruleset, rule: ChainRule, peer: str, dst: str, protocol: str,
                  port: int) -> bool:
     a = parse_ip(dst)
     if rule.family is not None and (a is None or a.version != rule.family):

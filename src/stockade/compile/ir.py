@@ -45,7 +45,7 @@ class AddressSet:
 
 
 @dataclass(frozen=True)
-class Rule:
+class ChainRule:
     """Allow a packet when every given condition holds; None means no condition.
 
     `peer_set` holds the other side's address (the source for ingress, the
@@ -65,7 +65,7 @@ class Rule:
 class Chain:
     name: str
     direction: str
-    rules: tuple[Rule, ...]
+    rules: tuple[ChainRule, ...]
     comment: str = field(default="", compare=False)
 
 

@@ -16,8 +16,8 @@ from stockade.compile.ir import (
     NET,
     AddressSet,
     Chain,
+    ChainRule,
     Element,
-    Rule,
     Ruleset,
     content_name,
 )
@@ -92,10 +92,10 @@ def _ports(rule: model.Rule) -> tuple[dict[str, list[tuple[int, int]] | None],
 
 
 def lower_rules(direction: str, policy: model.NetworkPolicy, index: int, rule: model.Rule,
-                need: Need) -> list[Rule]:
+                need: Need) -> list[ChainRule]:
     tag = f"{policy.key} {direction.lower()}[{index}]"
     numeric, named = _ports(rule)
-    out: list[Rule] = []
+    out: list[ChainRule] = []
     for peer in rule.peers or (None,):
         # (family, peer set) alternatives that stand for this peer
         peer_opts: list[tuple[int | None, str | None]]
@@ -110,11 +110,11 @@ def lower_rules(direction: str, policy: model.NetworkPolicy, index: int, rule: m
             peer_opts = [(fam, need(s)) for fam, s in
                          selector_specs(policy.namespace, peer).items()]
         if not rule.ports:
-            out.extend(Rule(f, s, comment=tag) for f, s in peer_opts)
+            out.extend(ChainRule(f, s, comment=tag) for f, s in peer_opts)
             continue
         for proto, ranges in sorted(numeric.items()):
             merged = tuple(_merge(ranges)) if ranges is not None else ()
-            out.extend(Rule(f, s, None, proto, merged, comment=tag) for f, s in peer_opts)
+            out.extend(ChainRule(f, s, None, proto, merged, comment=tag) for f, s in peer_opts)
         for name, proto in named:
             out.extend(_named_rules(direction, policy, peer, peer_opts, name, proto, tag, need))
     return out
@@ -122,7 +122,7 @@ def lower_rules(direction: str, policy: model.NetworkPolicy, index: int, rule: m
 
 def _named_rules(direction: str, policy: model.NetworkPolicy, peer: model.Peer | None,
                  peer_opts: list[tuple[int | None, str | None]], name: str, proto: str,
-                 tag: str, need: Need) -> list[Rule]:
+                 tag: str, need: Need) -> list[ChainRule]:
     """A named port is a set of (destination, protocol, port) triples.
 
     Ingress: the destinations are the pods the policy selects, and the peer is
@@ -133,7 +133,7 @@ def _named_rules(direction: str, policy: model.NetworkPolicy, peer: model.Peer |
         specs = named_specs(PolicyTargets(policy.namespace, policy.pod_selector), name, proto,
                             f"{policy.namespace}: pods [{policy.pod_selector.render()}]")
         names = {fam: need(s) for fam, s in specs.items()}
-        return [Rule(nfam, pset, nset, proto, comment=tag)
+        return [ChainRule(nfam, pset, nset, proto, comment=tag)
                 for fam, pset in peer_opts for nfam, nset in names.items()
                 if fam is None or fam == nfam]
     if not peer_opts:
@@ -145,12 +145,12 @@ def _named_rules(direction: str, policy: model.NetworkPolicy, peer: model.Peer |
     else:
         cand = PeerMembers(policy.namespace, peer)
     specs = named_specs(cand, name, proto, peer.render() if peer else "any pod")
-    return [Rule(fam, None, need(s), proto, comment=tag) for fam, s in specs.items()]
+    return [ChainRule(fam, None, need(s), proto, comment=tag) for fam, s in specs.items()]
 
 
 def lower_chain(direction: str, policies: Sequence[model.NetworkPolicy], need: Need) -> Chain:
     """The chain of one policy set (policies sorted by key), named by its rules."""
-    rules: list[Rule] = []
+    rules: list[ChainRule] = []
     for policy in policies:
         for i, rule in enumerate(policy.rules(direction)):
             rules.extend(lower_rules(direction, policy, i, rule, need))

@@ -40,8 +40,8 @@ from stockade.compile.ir import (
     NET,
     AddressSet,
     Chain,
+    ChainRule,
     Element,
-    Rule,
     Ruleset,
 )
 from stockade.compile.plan import Plan
@@ -95,7 +95,7 @@ def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def rule_digest(rule: Rule) -> str:
+def rule_digest(rule: ChainRule) -> str:
     key = (rule.family, rule.peer_set, rule.named_set, rule.protocol, rule.ports)
     return hashlib.sha256(repr(key).encode()).hexdigest()[:8]
 
@@ -130,7 +130,7 @@ def _sorted(elements: Iterable[Element]) -> list[Element]:
     return sorted(elements, key=lambda e: (str(type(e)), e))
 
 
-def render_rule_expr(rule: Rule, direction: str) -> list[dict[str, Any]]:
+def render_rule_expr(rule: ChainRule, direction: str) -> list[dict[str, Any]]:
     peer_field = "saddr" if direction == INGRESS else "daddr"
     expr: list[dict[str, Any]] = []
     if rule.family is not None and rule.peer_set is None and rule.named_set is None:
@@ -152,7 +152,7 @@ def render_rule_expr(rule: Rule, direction: str) -> list[dict[str, Any]]:
     return expr
 
 
-def rule_comment(direction: str, index: int, rule: Rule) -> str:
+def rule_comment(direction: str, index: int, rule: ChainRule) -> str:
     """A rule's kernel comment: its place and a digest of its content, never a policy name.
 
     A chain is shared by every policy set with the same rules (it is named by
@@ -438,7 +438,7 @@ def canonical_rules(rules: Iterable[tuple[Iterable[Any], str]]) -> tuple[Canon, 
     return tuple((comment, canonical_expr(expr)) for expr, comment in rules)
 
 
-class RuleCheck:
+class RuleComparator:
     """Compares the rules of chains read back with what stockade renders for them.
 
     Normalising is what costs, so it is remembered: the canonical form of each
@@ -510,7 +510,7 @@ NFT_TABLE_F_DORMANT = 0x1
 NOT_A_JUMP = "<not a jump>"
 # What a chain that is not what its name promises holds, as far as plans go:
 # unequal to the rules of every real chain, even a chain with no rules.
-TAMPERED = (Rule(protocol="<tampered>"),)
+TAMPERED = (ChainRule(protocol="<tampered>"),)
 
 
 @dataclass
@@ -607,7 +607,8 @@ def _table_flags(flags: Any) -> set[str]:
 
 
 def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[str, Chain],
-                 check: RuleCheck | None = None, table_flags: int | None = None) -> KernelTable:
+                 check: RuleComparator | None = None,
+                 table_flags: int | None = None) -> KernelTable:
     """What `nft -j list table` shows, against what stockade would have put there.
 
     A policy chain is known by its name (a hash of its content) among
@@ -619,7 +620,7 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     `table_flags`: the table's flags as the kernel reports them (NFTA_TABLE_FLAGS);
     without them only a flag printed as "dormant" counts.
     """
-    check = check or RuleCheck()
+    check = check or RuleComparator()
     ref = table.ref
     chain_bodies: dict[str, dict[str, Any]] = {}
     rules: dict[str, list[Any]] = {}

@@ -18,7 +18,7 @@ Pair = tuple[str, str]
 Judgement = dict[tuple[int, str, str], bool]  # (probe group index, from, to) -> allowed
 
 
-class Datapath(Protocol):
+class CaseBackend(Protocol):
     """What the runner needs of a datapath: verdicts for every probed pair of a case."""
 
     name: str
@@ -66,7 +66,7 @@ class CaseResult:
         return not self.mismatches and not self.error
 
 
-def check_case(case: Case, datapath: Datapath) -> CaseResult:
+def check_case(case: Case, datapath: CaseBackend) -> CaseResult:
     problems = [line for p in case.cluster.policies for line in _invalid(p)]
     if problems:
         return CaseResult(case, (), "invalid policy: " + "; ".join(problems))

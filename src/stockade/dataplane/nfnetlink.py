@@ -39,6 +39,7 @@ from stockade.netlink import (
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
+    NetlinkError,
     NetlinkMessage,
     attr,
     attr_map,
@@ -140,12 +141,18 @@ class TableInfo:
         return bool(self.flags & NFT_TABLE_F_PERSIST)
 
 
-class NetlinkError(DataplaneError):
-    """A request refused by the kernel, with its errno."""
+class NftablesRefused(NetlinkError, DataplaneError):
+    """An nf_tables request the kernel refused: the netlink error (``errno``, ``code``)
+    that is also a DataplaneError (``command``, ``stderr``), so that callers catching
+    either catch it; it renders as a DataplaneError does."""
 
-    def __init__(self, message: str, code: int, **kw: str) -> None:
-        super().__init__(message, **kw)
-        self.errno = code
+    def __init__(self, message: str, code: int, *, command: str = "",
+                 stderr: str = "") -> None:
+        NetlinkError.__init__(self, code, message)
+        DataplaneError.__init__(self, message, command=command, stderr=stderr)
+
+    def __str__(self) -> str:
+        return BaseException.__str__(self)
 
 
 def netfilter_sockets() -> set[int]:
@@ -219,13 +226,13 @@ class ElementWriter:
         return b"".join(msgs), seqs
 
     def transact(self, body: Sequence[tuple[int, int, bytes]], what: str) -> None:
-        """One transaction of table-level messages; NetlinkError (nothing applied) if refused."""
+        """One transaction of table-level messages; NftablesRefused (nothing applied) if refused."""
         data, seqs = self._batch(body)
         self.sock.sendall(data)
         errors = self._collect(set(seqs))
         if errors:
             code = next(iter(errors.values()))
-            raise NetlinkError(f"{what} was refused by the kernel: {os.strerror(code)}", code,
+            raise NftablesRefused(f"{what} was refused by the kernel: {os.strerror(code)}", code,
                                command="nfnetlink", stderr=os.strerror(code))
 
     def table_info(self, name: str | None = None) -> TableInfo | None:
@@ -249,7 +256,7 @@ class ElementWriter:
         if code == errno.ENOENT:
             return None
         if code:
-            raise NetlinkError(f"cannot read table {name or self.table}: {os.strerror(code)}",
+            raise NftablesRefused(f"cannot read table {name or self.table}: {os.strerror(code)}",
                                code, command="nfnetlink GETTABLE")
         return info
 

@@ -30,7 +30,7 @@ from stockade.compile.nft import (
     MAPS,
     Command,
     KernelTable,
-    RuleCheck,
+    RuleComparator,
     Table,
     canonical,
     parse_kernel,
@@ -45,7 +45,7 @@ from stockade.dataplane.nfnetlink import (
     NFT_TABLE_F_PERSIST,
     ElementChange,
     ElementWriter,
-    NetlinkError,
+    NftablesRefused,
     del_object,
     del_table,
     netfilter_sockets,
@@ -130,7 +130,7 @@ class NftDatapath:
         self.last_drift: Plan | None = None
         self.last_drift_details: list[str] = []
         self._generation = 0  # successful transactions so far
-        self._check = RuleCheck()
+        self._check = RuleComparator()
         # Ownership: asked for, held, and in words.
         self.owner = owner
         self.owned = False
@@ -186,7 +186,7 @@ class NftDatapath:
                     self._elements.transact([new_table(probe, OWNED), del_table(probe)],
                                             "the persistent-table probe")
                 self._persist = True
-            except NetlinkError as exc:
+            except NftablesRefused as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 self._persist = False

@@ -29,7 +29,7 @@ FALLBACK_PORT = 80
 
 
 @dataclass(frozen=True)
-class Probe:
+class MatrixPort:
     """One table of the matrix: a protocol and a port number or name."""
 
     protocol: str
@@ -40,21 +40,21 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class Table:
+class TruthTable:
     """Verdicts of one probe: `cells[i][j]` is pods[i] -> pods[j].
 
     None marks a destination that serves no port of that name and protocol: there
     is no such connection to judge.
     """
 
-    probe: Probe
+    probe: MatrixPort
     cells: tuple[tuple[bool | None, ...], ...]
 
 
 @dataclass(frozen=True)
 class Matrix:
     pods: tuple[str, ...]  # `namespace/name`, sorted
-    tables: tuple[Table, ...]
+    tables: tuple[TruthTable, ...]
 
 
 def evaluator_judge(cluster: Cluster) -> Judge:
@@ -67,7 +67,7 @@ def evaluator_judge(cluster: Cluster) -> Judge:
     return judge
 
 
-def served_probes(cluster: Cluster, protocols: Sequence[str] = ()) -> tuple[Probe, ...]:
+def served_probes(cluster: Cluster, protocols: Sequence[str] = ()) -> tuple[MatrixPort, ...]:
     """Every (protocol, port number) some pod declares, optionally only some protocols.
 
     Falls back to port 80 of each protocol asked for (TCP by default) when no pod
@@ -77,16 +77,16 @@ def served_probes(cluster: Cluster, protocols: Sequence[str] = ()) -> tuple[Prob
     found = {(p.protocol, p.port) for ep in cluster.endpoints for p in ep.ports
              if not wanted or p.protocol in wanted}
     if not found:
-        return tuple(Probe(proto, FALLBACK_PORT) for proto in (protocols or (TCP,)))
-    return tuple(Probe(proto, port) for proto, port in sorted(found))
+        return tuple(MatrixPort(proto, FALLBACK_PORT) for proto in (protocols or (TCP,)))
+    return tuple(MatrixPort(proto, port) for proto, port in sorted(found))
 
 
 def probes_for(cluster: Cluster, ports: Sequence[int | str],
-               protocols: Sequence[str]) -> tuple[Probe, ...]:
+               protocols: Sequence[str]) -> tuple[MatrixPort, ...]:
     """The tables to compute: each port with each protocol, or the ports pods serve."""
     if not ports:
         return served_probes(cluster, protocols)
-    return tuple(Probe(proto, port) for proto in (protocols or (TCP,)) for port in ports)
+    return tuple(MatrixPort(proto, port) for proto in (protocols or (TCP,)) for port in ports)
 
 
 def pod_classes(cluster: Cluster, pods: Sequence[Endpoint]) -> list[int]:
@@ -124,7 +124,7 @@ def compute_matrix(cluster: Cluster, ports: Sequence[int | str] = (),
     return Matrix(tuple(e.key for e in pods), tables)
 
 
-def _table(pods: list[Endpoint], classes: list[int], probe: Probe, judge: Judge) -> Table:
+def _table(pods: list[Endpoint], classes: list[int], probe: MatrixPort, judge: Judge) -> TruthTable:
     # A named port resolves once per destination, not once per pair.
     numbers = [_port_number(dst, probe) for dst in pods]
     seen: dict[tuple[int, int], bool] = {}
@@ -144,10 +144,10 @@ def _table(pods: list[Endpoint], classes: list[int], probe: Probe, judge: Judge)
                     seen[pair] = judge(src, dst, number, probe.protocol)
                 row.append(seen[pair])
         rows.append(tuple(row))
-    return Table(probe, tuple(rows))
+    return TruthTable(probe, tuple(rows))
 
 
-def _port_number(dst: Endpoint, probe: Probe) -> int | None:
+def _port_number(dst: Endpoint, probe: MatrixPort) -> int | None:
     if isinstance(probe.port, int):
         return probe.port
     return dst.resolve_port(probe.port, probe.protocol)

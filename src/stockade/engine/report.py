@@ -21,7 +21,7 @@ from typing import Any
 from stockade.engine import coverage as cov
 from stockade.engine.diff import Change, PolicyDiff
 from stockade.engine.lint import CHECKS, WARNING, Finding
-from stockade.engine.matrix import Matrix, Table
+from stockade.engine.matrix import Matrix, TruthTable
 
 ALLOWED, DENIED, NO_PORT = ".", "X", "-"
 LEGEND = f"{ALLOWED} allowed, {DENIED} denied, {NO_PORT} destination serves no such named port"
@@ -45,7 +45,7 @@ def render_table(matrix: Matrix) -> str:
     return "\n\n".join(_text_table(matrix, t) for t in matrix.tables) + "\n"
 
 
-def _text_table(matrix: Matrix, table: Table) -> str:
+def _text_table(matrix: Matrix, table: TruthTable) -> str:
     head = table.probe.render()
     first = max([len(head), *(len(p) for p in matrix.pods)])
     widths = [len(p) for p in matrix.pods]

@@ -11,22 +11,22 @@ Modules:
 * :mod:`~stockade.probe.sctp` — SCTP detection and the raw-socket stand-in
 """
 
-from stockade.probe.client import Outcome, Probe, Verdict, run_probes
+from stockade.probe.client import Outcome, Probe, ProbeResult, run_probes
 from stockade.probe.launcher import ProbeServer
-from stockade.probe.matrix import Matrix, Peer, probe_matrix
+from stockade.probe.matrix import ObservedMatrix, ProbeEndpoint, probe_matrix
 from stockade.probe.protocol import Port, Protocol
 from stockade.probe.sctp import sctp_mode
 from stockade.probe.table import render_table
 
 __all__ = [
-    "Matrix",
+    "ObservedMatrix",
     "Outcome",
-    "Peer",
     "Port",
     "Probe",
+    "ProbeEndpoint",
+    "ProbeResult",
     "ProbeServer",
     "Protocol",
-    "Verdict",
     "probe_matrix",
     "render_table",
     "run_probes",

@@ -25,8 +25,8 @@ Only ``ALLOWED`` counts as allowed; every other outcome is a kind of denied.
 Public API::
 
     Probe(src, src_netns, dst, address, port)
-    Outcome, Verdict(probe, outcome, detail, elapsed)
-    run_probes(probes, timeout=1.0, resend=0.25) -> list[Verdict]
+    Outcome, ProbeResult(probe, outcome, detail, elapsed)
+    run_probes(probes, timeout=1.0, resend=0.25) -> list[ProbeResult]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class ProbeResult:
     probe: Probe
     outcome: Outcome
     detail: str = ""
@@ -110,12 +110,12 @@ class _Attempt:
     tag: int = 0
     packet: bytes = b""
     next_send: float = 0.0
-    verdict: Verdict | None = field(default=None)
+    verdict: ProbeResult | None = field(default=None)
 
     def finish(self, outcome: Outcome, detail: str = "") -> None:
         if self.verdict is None:
             elapsed = time.monotonic() - self.started
-            self.verdict = Verdict(self.probe, outcome, detail, elapsed)
+            self.verdict = ProbeResult(self.probe, outcome, detail, elapsed)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -162,7 +162,7 @@ class _Run:
             sctp.sctp_mode() if any(p.port.protocol is Protocol.SCTP for p in probes) else "native"
         )
 
-    def run(self) -> list[Verdict]:
+    def run(self) -> list[ProbeResult]:
         try:
             order = sorted(self.attempts, key=lambda a: a.probe.src_netns or "")
             for netns, group in groupby(order, key=lambda a: a.probe.src_netns):
@@ -330,7 +330,7 @@ def _canonical(address: str) -> str:
 
 def run_probes(
     probes: Sequence[Probe], timeout: float = 1.0, resend: float = 0.25
-) -> list[Verdict]:
+) -> list[ProbeResult]:
     """Run every probe concurrently; verdicts come back in the order of ``probes``.
 
     ``timeout`` bounds each probe (and so, roughly, the whole run); UDP and raw
@@ -340,7 +340,7 @@ def run_probes(
     if timeout <= 0 or resend <= 0:
         raise NetError("probe timeout and resend interval must be positive")
     batch = _raise_fd_limit(len(probes))
-    verdicts: list[Verdict] = []
+    verdicts: list[ProbeResult] = []
     for start in range(0, len(probes), batch):
         verdicts += _Run(probes[start : start + batch], timeout, resend).run()
     return verdicts

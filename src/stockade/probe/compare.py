@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stockade.agent.records import EndpointRecord
-from stockade.engine.matrix import Matrix, Table, compute_matrix
+from stockade.engine.matrix import Matrix, TruthTable, compute_matrix
 from stockade.engine.report import render_table
 from stockade.model.cluster import Cluster, Endpoint
 from stockade.net.namespace import NETNS_DIR
-from stockade.probe.client import Outcome, Probe, Verdict, run_probes
+from stockade.probe.client import Outcome, Probe, ProbeResult, run_probes
 from stockade.probe.protocol import Port, Protocol
 
 __all__ = ["LEGEND", "NETNS_DIR", "Measured", "Target", "agrees", "measure", "model_matrix",
@@ -81,7 +81,7 @@ def model_matrix(cluster: Cluster, ports: Sequence[tuple[int | str, str]]) -> Ma
     """The model's tables, in the order the ports were asked for (every served one if none)."""
     if not ports:
         return compute_matrix(cluster)
-    tables: list[Table] = []
+    tables: list[TruthTable] = []
     pods: tuple[str, ...] = ()
     for port, protocol in ports:
         part = compute_matrix(cluster, [port], [protocol])
@@ -93,7 +93,7 @@ def model_matrix(cluster: Cluster, ports: Sequence[tuple[int | str, str]]) -> Ma
 class Measured:
     """What the kernel did for every probed pair: (table index, row, column) → verdict."""
 
-    verdicts: dict[tuple[int, int, int], Verdict]
+    verdicts: dict[tuple[int, int, int], ProbeResult]
 
     def outcome(self, t: int, i: int, j: int) -> Outcome | None:
         v = self.verdicts.get((t, i, j))

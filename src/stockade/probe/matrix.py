@@ -2,17 +2,17 @@
 
 :func:`probe_matrix` builds the probes for a set of peers (endpoints with a
 namespace and addresses), runs them all at once (:func:`run_probes`) and
-returns a :class:`Matrix` keyed by ``(src key, dst key, port, protocol)``,
+returns an :class:`ObservedMatrix` keyed by ``(src key, dst key, port, protocol)``,
 printable as upstream-style truth tables (:mod:`stockade.probe.table`).
 
 Public API::
 
-    Peer(key, netns, addresses); Peer.of(attachment)
-    probe_matrix(peers, ports, family=4, timeout=1.0, include_self=False) -> Matrix
-    Matrix.allowed(src, dst, port, protocol) -> bool | None
-    Matrix.as_bools() -> dict[(src, dst, port, protocol), bool]
-    Matrix.render(port) -> str; Matrix.render_all() -> str
-    Matrix.verdict(src, dst, port, protocol) -> Verdict | None
+    ProbeEndpoint(key, netns, addresses); ProbeEndpoint.of(attachment)
+    probe_matrix(peers, ports, family=4, timeout=1.0, include_self=False) -> ObservedMatrix
+    ObservedMatrix.allowed(src, dst, port, protocol) -> bool | None
+    ObservedMatrix.as_bools() -> dict[(src, dst, port, protocol), bool]
+    ObservedMatrix.render(port) -> str; ObservedMatrix.render_all() -> str
+    ObservedMatrix.verdict(src, dst, port, protocol) -> ProbeResult | None
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stockade.errors import NetError
-from stockade.probe.client import Probe, Verdict, run_probes
+from stockade.probe.client import Probe, ProbeResult, run_probes
 from stockade.probe.protocol import Port, Protocol
 from stockade.probe.table import render_table
 
@@ -34,7 +34,7 @@ MatrixKey = tuple[str, str, int, Protocol]
 
 
 @dataclass(frozen=True)
-class Peer:
+class ProbeEndpoint:
     """An endpoint as the prober sees it: a key (``ns/pod``), its namespace, its IPs."""
 
     key: str
@@ -50,7 +50,7 @@ class Peer:
         raise NetError(f"peer {self.key!r} has no IPv{family} address")
 
     @classmethod
-    def of(cls, attachment: Attachment) -> Peer:
+    def of(cls, attachment: Attachment) -> ProbeEndpoint:
         """The peer of an endpoint made by :class:`stockade.net.Plumber`."""
         addresses = (
             (attachment.ipv4,) if attachment.ipv6 is None else (attachment.ipv4, attachment.ipv6)
@@ -59,14 +59,14 @@ class Peer:
 
 
 @dataclass(frozen=True)
-class Matrix:
+class ObservedMatrix:
     """Observed reachability; pairs that were not probed are absent."""
 
     keys: tuple[str, ...]
     ports: tuple[Port, ...]
-    verdicts: Mapping[MatrixKey, Verdict]
+    verdicts: Mapping[MatrixKey, ProbeResult]
 
-    def verdict(self, src: str, dst: str, port: int, protocol: Protocol) -> Verdict | None:
+    def verdict(self, src: str, dst: str, port: int, protocol: Protocol) -> ProbeResult | None:
         return self.verdicts.get((src, dst, port, protocol))
 
     def allowed(self, src: str, dst: str, port: int, protocol: Protocol) -> bool | None:
@@ -90,12 +90,12 @@ class Matrix:
 
 
 def probe_matrix(
-    peers: Sequence[Peer],
+    peers: Sequence[ProbeEndpoint],
     ports: Sequence[Port],
     family: int = 4,
     timeout: float = 1.0,
     include_self: bool = False,
-) -> Matrix:
+) -> ObservedMatrix:
     """Probe every ordered pair of ``peers`` (not a peer to itself unless asked)."""
     probes = [
         Probe(src.key, src.netns, dst.key, dst.address(family), port)
@@ -108,4 +108,4 @@ def probe_matrix(
     table = {
         (v.probe.src, v.probe.dst, v.probe.port.number, v.probe.port.protocol): v for v in verdicts
     }
-    return Matrix(tuple(p.key for p in peers), tuple(ports), table)
+    return ObservedMatrix(tuple(p.key for p in peers), tuple(ports), table)
