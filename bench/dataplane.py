@@ -21,8 +21,8 @@ from dataclasses import replace
 from common import print_table, timed
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
-from stockade.dataplane.nfnetlink import ElementChange
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.nfnetlink import ElementChange
+from stockade.datapath.nft import NftDatapath
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint
 from stockade.model.labels import Labels
 from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort, Rule

@@ -32,8 +32,8 @@ from common import pct, print_table
 from stockade.compile.ir import Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
-from stockade.dataplane.monitor import TableEvent, TableMonitor
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.monitor import TableEvent, TableMonitor
+from stockade.datapath.nft import NftDatapath
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster
 

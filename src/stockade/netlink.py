@@ -1,8 +1,8 @@
 """The one netlink codec: messages, attributes, acknowledgements (every family).
 
 rtnetlink (links, addresses, routes: `stockade.net.rtnl`), nf_tables
-(`stockade.dataplane.nfnetlink`, `stockade.dataplane.monitor`), ctnetlink
-(`stockade.dataplane.conntrack`) and nfnetlink_log (`stockade.dataplane.nflog`)
+(`stockade.datapath.nfnetlink`, `stockade.datapath.monitor`), ctnetlink
+(`stockade.datapath.conntrack`) and nfnetlink_log (`stockade.datapath.nflog`)
 all speak the same framing, so it is written once, here::
 
     nlmsghdr  (length, type, flags, seq, pid)   16 bytes, native order

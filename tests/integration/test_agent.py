@@ -13,7 +13,7 @@ import pytest
 from stockade.agent.protocol import ApiError
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.nft import NftDatapath
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
 from stockade.probe.protocol import Port, Protocol

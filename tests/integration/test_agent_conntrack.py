@@ -16,13 +16,13 @@ import pytest
 
 from stockade.agent.revoke import KEEP_ANNOTATION, connections_to_cut
 from stockade.compile.lower import compile_cluster
-from stockade.dataplane.conntrack import (
+from stockade.datapath.conntrack import (
     Conntrack,
     decode_entry,
     delete_request,
     dump_request,
 )
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.nft import NftDatapath
 from stockade.engine.evaluate import Evaluator
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.connection import ConnEntry

@@ -24,8 +24,8 @@ import pytest
 from stockade.agent.flowlog import DeniedFlow, FlowLogReader, chain_policies_of, describe_packet
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
-from stockade.dataplane.nflog import LoggedPacket
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.nflog import LoggedPacket
+from stockade.datapath.nft import NftDatapath
 from stockade.errors import AgentError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels

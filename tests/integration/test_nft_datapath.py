@@ -15,7 +15,7 @@ import pytest
 
 from stockade.compile.ir import Chain, ChainRule, Ruleset
 from stockade.compile.lower import compile_cluster
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.nft import NftDatapath
 from stockade.errors import DataplaneError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels

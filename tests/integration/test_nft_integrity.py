@@ -26,9 +26,9 @@ from stockade.cli.conformance import load_cases
 from stockade.compile.ir import Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
-from stockade.dataplane.monitor import TableEvent
-from stockade.dataplane.nfnetlink import NftablesRefused
-from stockade.dataplane.nft import OWNER_ON, OWNER_UNSUPPORTED, NftDatapath
+from stockade.datapath.monitor import TableEvent
+from stockade.datapath.nfnetlink import NftablesRefused
+from stockade.datapath.nft import OWNER_ON, OWNER_UNSUPPORTED, NftDatapath
 from stockade.errors import DataplaneError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
@@ -287,7 +287,7 @@ def test_no_drift_after_applying_random_rulesets(scratch_netns: str, cluster: Cl
 
 OWNER = """
 import pickle, sys
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.nft import NftDatapath
 dp = NftDatapath(netns=sys.argv[1], owner=True)
 dp.apply(pickle.loads(bytes.fromhex(sys.argv[2])))
 print(dp.owner_status, flush=True)

@@ -28,7 +28,7 @@ from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.interpret import allows
 from stockade.compile.ir import Ruleset
 from stockade.compile.plan import Plan
-from stockade.dataplane.base import KernelSnapshot
+from stockade.datapath.base import KernelSnapshot
 from stockade.errors import DataplaneError
 from stockade.model.admit import validate_endpoint, validate_label_change, validate_namespace
 from stockade.model.cluster import ContainerPort, Endpoint, Namespace

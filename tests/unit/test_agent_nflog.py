@@ -11,7 +11,7 @@ import pytest
 
 from stockade.agent.flowlog import chain_policies_of, describe_packet, describer
 from stockade.compile.lower import compile_cluster
-from stockade.dataplane.nflog import (
+from stockade.datapath.nflog import (
     LoggedPacket,
     bind_message,
     parse_datagram,

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from stockade.agent.runner import BoundedFrequencyRunner
-from stockade.dataplane.monitor import NFT_MSG_NEWGEN, parse_events
-from stockade.dataplane.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
+from stockade.datapath.monitor import NFT_MSG_NEWGEN, parse_events
+from stockade.datapath.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 
 
 def test_bursts_coalesce_and_the_periodic_run_happens() -> None:

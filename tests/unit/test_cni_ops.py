@@ -20,7 +20,7 @@ from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import ADDR, AddressSet, Chain, Ruleset
 from stockade.compile.nft import canonical
 from stockade.compile.plan import Plan, plan
-from stockade.dataplane.base import KernelSnapshot
+from stockade.datapath.base import KernelSnapshot
 from stockade.model.cluster import Endpoint
 from stockade.model.labels import Labels
 from stockade.net.ipam import Ipam

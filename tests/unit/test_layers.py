@@ -47,11 +47,11 @@ def test_a_violating_package_fails_the_same_contracts(tmp_path: Path) -> None:
     with (copy / "model" / "labels.py").open("a") as f:
         f.write("\nimport socket  # injected: I/O in the pure core\n")
     with (copy / "cli" / "validate.py").open("a") as f:
-        f.write("\nfrom stockade.dataplane import nfnetlink  # injected: a kernel adapter\n")
+        f.write("\nfrom stockade.datapath import nfnetlink  # injected: a kernel adapter\n")
     code, out, broken = lint_imports(tmp_path, pythonpath=tmp_path / "pkgs")
     assert code != 0, out
     assert "stockade.model.labels -> socket" in broken, out
-    assert "stockade.cli.validate -> stockade.dataplane.nfnetlink" in broken, out
+    assert "stockade.cli.validate -> stockade.datapath.nfnetlink" in broken, out
     assert re.search(r"model, engine and compile .* BROKEN", out), out
     assert re.search(r"the CLI imports no kernel adapter directly BROKEN", out), out
 

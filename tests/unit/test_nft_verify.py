@@ -39,13 +39,13 @@ from stockade.compile.nft import (
     skeleton_rules,
 )
 from stockade.compile.plan import plan
-from stockade.dataplane.monitor import (
+from stockade.datapath.monitor import (
     NFT_MSG_DELTABLE,
     NFT_MSG_NEWGEN,
     NFT_MSG_NEWTABLE,
     parse_batches,
 )
-from stockade.dataplane.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET, del_object
+from stockade.datapath.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET, del_object
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
 from stockade.model.policy import NetworkPolicy, Peer, PolicyPort, Rule

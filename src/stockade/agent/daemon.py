@@ -41,8 +41,8 @@ from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
 from stockade.compile.nft import Table
 from stockade.compile.plan import Plan
-from stockade.dataplane.monitor import TableMonitor
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.monitor import TableMonitor
+from stockade.datapath.nft import NftDatapath
 from stockade.errors import AgentError, InputError
 from stockade.model.cluster import Cluster
 from stockade.net.ipam import Ipam

@@ -1,6 +1,6 @@
 """The denied-flow log: NFLOG packets read in a thread, described, kept, counted, written.
 
-One NFLOG socket (`dataplane.nflog.NflogSocket`), opened in the namespace
+One NFLOG socket (`datapath.nflog.NflogSocket`), opened in the namespace
 whose ruleset logs (the socket stays bound to it, whichever namespace the
 thread is in later), bound to the log group of `compile.nft.Table.log_group`.
 A background thread turns each packet into a `DeniedFlow` through the
@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from stockade.compile.ir import Ruleset
-from stockade.dataplane.nflog import (
+from stockade.datapath.nflog import (
     RECV_SIZE,
     TCP_ACK,
     TCP_SYN,

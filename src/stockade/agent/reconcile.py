@@ -28,7 +28,7 @@ from stockade.agent.records import (
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
 from stockade.compile.plan import Plan
-from stockade.dataplane.base import Datapath, KernelSnapshot
+from stockade.datapath.base import Datapath, KernelSnapshot
 from stockade.errors import StockadeError
 from stockade.model.cluster import Cluster
 

@@ -3,7 +3,7 @@
 The forward chain accepts `ct state established,related` before any policy
 chain (see `compile.nft`): that is what makes replies work, but it also means
 a connection opened while a policy allowed it outlives the policy. After a
-change the agent lists the conntrack table (`dataplane.conntrack`), asks this
+change the agent lists the conntrack table (`datapath.conntrack`), asks this
 module which entries the new cluster state would no longer admit as new
 connections, and deletes those entries. The listing must come after the new
 ruleset is in the kernel: a connection opened later was judged by it already.

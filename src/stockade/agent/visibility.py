@@ -17,8 +17,8 @@ from stockade.agent.flowlog import DeniedFlow, FlowLogReader, describer
 from stockade.agent.metrics import AgentMetrics
 from stockade.agent.revoke import connections_to_cut
 from stockade.compile.ir import Ruleset
-from stockade.dataplane.conntrack import Conntrack
-from stockade.dataplane.nflog import LoggedPacket
+from stockade.datapath.conntrack import Conntrack
+from stockade.datapath.nflog import LoggedPacket
 from stockade.engine.evaluate import Evaluator
 from stockade.errors import StockadeError
 from stockade.model.cluster import Cluster

@@ -1,4 +1,8 @@
-"""`stockade dataplane show|diff|apply|remove`: the kernel side, read and written."""
+"""`stockade dataplane show|diff|apply|remove`: the kernel side, read and written.
+
+`stockade datapath …` is the same command (the name of the package and of the
+`Datapath` protocol); `dataplane` stays, as it always was.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ from typing import Any
 
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.nft import NftDatapath
 from stockade.load import load_cluster
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("dataplane", help="show, compare or program the kernel datapath")
+    p = sub.add_parser("dataplane", aliases=["datapath"],
+                       help="show, compare or program the kernel datapath")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:

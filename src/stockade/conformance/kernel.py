@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from stockade.compile.lower import compile_cluster
 from stockade.conformance.case import Case
 from stockade.conformance.runner import Judgement
-from stockade.dataplane.nft import NftDatapath
+from stockade.datapath.nft import NftDatapath
 from stockade.net.namespace import create_netns, remove_netns
 from stockade.net.plumber import Attachment, EndpointSpec, Plumber
 from stockade.probe.client import Probe, run_probes

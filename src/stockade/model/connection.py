@@ -1,6 +1,6 @@
 """A tracked connection as policy sees it (pure): what conntrack lists and revocation cuts.
 
-`dataplane.conntrack` reads these from the kernel and deletes them;
+`datapath.conntrack` reads these from the kernel and deletes them;
 `agent.revoke` decides which to cut. Neither side's code is needed to name one.
 """
 

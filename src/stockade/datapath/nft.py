@@ -37,9 +37,9 @@ from stockade.compile.nft import (
     render_plan,
 )
 from stockade.compile.plan import Plan, plan
-from stockade.dataplane.base import KernelSnapshot
-from stockade.dataplane.monitor import TableEvent, TableMonitor
-from stockade.dataplane.nfnetlink import (
+from stockade.datapath.base import KernelSnapshot
+from stockade.datapath.monitor import TableEvent, TableMonitor
+from stockade.datapath.nfnetlink import (
     NFT_TABLE_F_DORMANT,
     NFT_TABLE_F_OWNER,
     NFT_TABLE_F_PERSIST,
@@ -55,7 +55,7 @@ from stockade.errors import DataplaneError, NetError
 from stockade.net.namespace import entered
 from stockade.net.sysctl import BridgeNetfilterMissing, ensure_bridge_netfilter
 
-log = logging.getLogger("stockade.dataplane")
+log = logging.getLogger("stockade.dataplane")  # the logger's name, as logs have always shown it
 
 OWNED = NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST
 

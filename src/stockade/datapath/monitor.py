@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stockade.dataplane.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
+from stockade.datapath.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 from stockade.net.namespace import entered
 from stockade.netlink import (
     NETLINK_ADD_MEMBERSHIP,
