@@ -17,12 +17,13 @@ from stockade.cli import (
     dataplane,
     explain,
     matrix,
+    operator,
     validate,
 )
 from stockade.errors import InvalidObjects, StockadeError, ValidationError
 
 COMMANDS: tuple[ModuleType, ...] = (
-    validate, explain, matrix, analysis, conformance, dataplane, agent, containers,
+    validate, explain, matrix, analysis, conformance, dataplane, agent, containers, operator,
 )
 
 EXIT_OK = 0
