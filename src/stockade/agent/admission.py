@@ -91,8 +91,7 @@ def _address_conflicts(state: AgentState, changes: Sequence[Change]) -> list[Con
         return []
     leaving = {c.key for c in changes if isinstance(c, DeleteEndpoint)}
     leaving |= {ep.key for ep in put}
-    others = {addr: key for addr, key in state.addresses().items() if key not in leaving}
-    return address_conflicts(put, others)
+    return address_conflicts(put, state.addresses(), leaving)
 
 
 # ---- what was stored before ---------------------------------------------------------------

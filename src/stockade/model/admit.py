@@ -15,7 +15,7 @@ one address make the kernel map point at one of their chains only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from stockade.errors import InputError, ValidationError
@@ -152,25 +152,31 @@ def duplicate_objects(policies: Sequence[NetworkPolicy], namespaces: Sequence[Na
     return out
 
 
-def address_conflicts(changed: Iterable[Endpoint],
-                      others: Mapping[str, str]) -> list[Conflict]:
+def address_conflicts(changed: Iterable[Endpoint], others: Mapping[str, str],
+                      leaving: Collection[str] = ()) -> list[Conflict]:
     """Addresses held by two endpoints: among `changed`, or with `others` (address -> key).
 
-    `others` is the state outside this change (endpoints it replaces or deletes
-    excluded); one endpoint may of course keep its own address.
+    `others` is the state around this change; the endpoints in `leaving` (those
+    the change replaces or deletes) hold nothing in it. One endpoint may of
+    course keep its own address. Neither mapping is copied: the agent calls this
+    on every commit, with every address of the node in `others`.
     """
-    holder = dict(others)
+    claimed: dict[str, str] = {}
     out: list[Conflict] = []
     for ep in changed:
         for text in ep.ips:
             ip = parse_ip(text)
             addr = str(ip) if ip is not None else text
-            owner = holder.get(addr)
+            owner = claimed.get(addr)
+            if owner is None:
+                owner = others.get(addr)
+                if owner in leaving:
+                    owner = None
             if owner is not None and owner != ep.key:
                 out.append(Conflict(f"address {addr}", f"endpoint {owner}",
                                     f"endpoint {ep.key}", "is held by two endpoints"))
             else:
-                holder[addr] = ep.key
+                claimed[addr] = ep.key
     return out
 
 
