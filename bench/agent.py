@@ -61,14 +61,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=50)
     args = ap.parse_args()
     tag = f"ba{secrets.token_hex(2)}"
-    host = f"{tag}-host"
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
-    create_netns(host)
     rows: list[tuple[str, str, str]] = []
+    spaces: list[str] = []
     try:
         for big in (False, True):
             d = tmp / ("big" if big else "small")
             d.mkdir()
+            # A namespace each: the empty agent's table outlives it (owned, persistent),
+            # and an agent with a new, empty store refuses to replace a table in force.
+            host = f"{tag}-{d.name}"
+            create_netns(host)
+            spaces.append(host)
             agent = AgentProcess(d, host)
             agent.start()
             try:
@@ -95,7 +99,8 @@ def main() -> None:
             finally:
                 agent.stop()
     finally:
-        remove_netns(host)
+        for host in spaces:
+            remove_netns(host)
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(("measure", "value", "notes"), rows)
 

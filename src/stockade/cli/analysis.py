@@ -30,6 +30,7 @@ from stockade.errors import InputError
 from stockade.load import load_objects, validate_objects
 from stockade.model.cluster import Cluster
 from stockade.model.parse import Objects
+from stockade.model.ports import parse_port_text
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -53,6 +54,14 @@ def load(paths: Sequence[str]) -> Objects:
                 raise InputError(f"status.podIP: {ip!r} is not an IP address",
                                  source=ep.source.render(), obj=f"Pod {ep.key}") from None
     return objects
+
+
+def parse_port(text: str) -> int | str:
+    """A `--port` value: a number (1-65535) or a container port name."""
+    try:
+        return parse_port_text(text, protocol=False).port
+    except ValueError as exc:
+        raise InputError(f"--port {text}: {exc}") from None
 
 
 def register(sub: Any) -> None:

@@ -6,14 +6,13 @@ import argparse
 import json
 from typing import Any
 
-from stockade.cli.analysis import load
+from stockade.cli.analysis import load, parse_port
 from stockade.engine.evaluate import Evaluator
 from stockade.engine.explain import context_of, explain_json, explain_lines
 from stockade.errors import InputError
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import Endpoint
 from stockade.model.policy import PROTOCOLS
-from stockade.model.ports import parse_port_text
 
 EPILOG = """\
 Exit status: 0 when the connection is allowed, 1 when it is denied, 2 on bad input.
@@ -44,12 +43,6 @@ def resolve_side(ev: Evaluator, text: str, flag: str) -> Endpoint | str:
         raise InputError(f"{flag} {text}: no such pod (give NS/POD from the files, or an IP)")
     return ep
 
-
-def parse_port(text: str) -> int | str:
-    try:
-        return parse_port_text(text, protocol=False).port
-    except ValueError as exc:
-        raise InputError(f"--port {text}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,12 +6,11 @@ import argparse
 import sys
 from typing import Any
 
-from stockade.cli.analysis import load
+from stockade.cli.analysis import load, parse_port
 from stockade.engine.matrix import compute_matrix
 from stockade.engine.report import FORMATS, LEGEND, RENDERERS
 from stockade.errors import InputError
 from stockade.model.policy import PROTOCOLS
-from stockade.model.ports import parse_port_text
 
 EPILOG = f"""\
 Rows are sources, columns destinations:
@@ -36,13 +35,6 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", default="table", choices=FORMATS)
     p.set_defaults(run=run)
 
-
-def parse_port(text: str) -> int | str:
-    """A port number (1-65535) or a container port name."""
-    try:
-        return parse_port_text(text, protocol=False).port
-    except ValueError as exc:
-        raise InputError(f"--port {text}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
