@@ -8,6 +8,7 @@ changes, findings, and validation errors worded as the API server words them.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -519,3 +520,144 @@ def test_render_without_microservices_is_bad_input(capsys: pytest.CaptureFixture
     code, _, err = run(capsys, "operator", "render", "-f", str(EXAMPLE / "pods.yaml"))
     assert code == 2
     assert "no MicroService" in err
+
+
+# ---- the CRD ---------------------------------------------------------------------------------
+# Without an API server, a small reader of the OpenAPI keywords the schema uses checks
+# that it accepts the example and rejects malformed services; the CEL rules are checked
+# for their shape only.
+
+CRD = ROOT / "deploy" / "crd-microservice.yaml"
+_TYPES: dict[str, Any] = {"object": dict, "array": list, "string": str, "boolean": bool,
+                          "integer": int}
+
+
+def crd() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(CRD.read_text())
+    return doc
+
+
+def schema() -> dict[str, Any]:
+    (version,) = crd()["spec"]["versions"]
+    s: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return s
+
+
+def schema_errors(value: Any, s: dict[str, Any], path: str = "") -> list[str]:
+    if s.get("x-kubernetes-int-or-string"):
+        ok = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+        return [] if ok else [f"{path}: not an int or a string"]
+    want = _TYPES[s["type"]]
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        return [f"{path}: not {s['type']}"]
+    errs = []
+    if "enum" in s and value not in s["enum"]:
+        errs.append(f"{path}: not one of {s['enum']}")
+    if s.get("minimum", value) > value or s.get("maximum", value) < value:
+        errs.append(f"{path}: out of range")
+    if isinstance(value, str):
+        if not s.get("minLength", 0) <= len(value) <= s.get("maxLength", 10**9):
+            errs.append(f"{path}: bad length")
+        if "pattern" in s and not re.search(s["pattern"], value):
+            errs.append(f"{path}: does not match {s['pattern']}")
+    if isinstance(value, list):
+        if not s.get("minItems", 0) <= len(value) <= s.get("maxItems", 10**9):
+            errs.append(f"{path}: bad number of items")
+        keys = s.get("x-kubernetes-list-map-keys")
+        if keys:
+            seen = [tuple(v.get(k) for k in keys) for v in value]
+            if len(set(seen)) != len(seen):
+                errs.append(f"{path}: duplicate map key")
+        for i, v in enumerate(value):
+            errs += schema_errors(v, s["items"], f"{path}[{i}]")
+    if isinstance(value, dict):
+        errs += [f"{path}.{k}: required" for k in s.get("required", ()) if k not in value]
+        for k, v in value.items():
+            if k in s.get("properties", {}):
+                errs += schema_errors(v, s["properties"][k], f"{path}.{k}".lstrip("."))
+            elif "additionalProperties" in s:
+                errs += schema_errors(v, s["additionalProperties"], f"{path}.{k}")
+    return errs
+
+
+def walk(s: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = [(path, s)]
+    for k, sub in s.get("properties", {}).items():
+        out += walk(sub, f"{path}.{k}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(s.get(key), dict):
+            out += walk(s[key], f"{path}[]" if key == "items" else f"{path}{{}}")
+    return out
+
+
+def test_the_crd_names_what_the_code_reads() -> None:
+    doc = crd()
+    assert (doc["apiVersion"], doc["kind"]) == ("apiextensions.k8s.io/v1",
+                                                "CustomResourceDefinition")
+    spec = doc["spec"]
+    assert doc["metadata"]["name"] == "microservices.stockade.io"
+    assert (spec["group"], spec["scope"], spec["names"]["kind"], spec["names"]["plural"]) == (
+        "stockade.io", "Namespaced", "MicroService", "microservices")
+    (version,) = spec["versions"]
+    assert f"{spec['group']}/{version['name']}" == API_VERSION
+    assert version["subresources"] == {"status": {}}
+    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Ready", "Age"}
+    conditions = schema()["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_the_crd_schema_is_structural_and_its_rules_are_well_formed() -> None:
+    for path, node in walk(schema()):
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), path
+        assert not ("properties" in node and "additionalProperties" in node), path
+        for rule in node.get("x-kubernetes-validations", ()):
+            assert set(rule) == {"rule", "message"}, path
+            # `namespace` is a CEL keyword: a field of that name is written __namespace__
+            assert ".namespace" not in rule["rule"], path
+            assert rule["rule"].count("(") == rule["rule"].count(")"), path
+        if node.get("type") == "array":
+            # bounded lists keep the CEL rules within the API server's cost budget
+            assert "maxItems" in node or path.startswith(".status"), path
+        keys = node.get("x-kubernetes-list-map-keys", ())
+        for key in keys:
+            item = node["items"]
+            assert key in item.get("required", ()) or "default" in item["properties"][key]
+
+
+def test_the_crd_accepts_the_example_and_the_operators_defaults_match() -> None:
+    docs = list(yaml.safe_load_all((EXAMPLE / "services.yaml").read_text()))
+    for doc in docs:
+        assert schema_errors(doc, schema()) == []
+    iso = schema()["properties"]["spec"]["properties"]["isolation"]["properties"]
+    assert (iso["ingress"]["default"], iso["egress"]["default"]) == (
+        Isolation().ingress, Isolation().egress)
+    port = schema()["properties"]["spec"]["properties"]["ports"]["items"]["properties"]
+    assert port["protocol"]["default"] == "TCP"
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    (lambda s: s.pop("selector"), "spec.selector: required"),
+    (lambda s: s.update(ports=[{"name": "http", "port": 70000}]), "spec.ports[0].port"),
+    (lambda s: s.update(ports=[{"name": "http", "port": 0}]), "spec.ports[0].port"),
+    (lambda s: s.update(ports=[{"name": "http", "port": 80, "protocol": "ICMP"}]),
+     "spec.ports[0].protocol"),
+    (lambda s: s.update(ports=[{"name": "http", "port": "80"}]), "spec.ports[0].port"),
+    (lambda s: s.update(ports=[{"port": 80}]), "spec.ports[0].name: required"),
+    (lambda s: s.update(ports=[{"name": "Http", "port": 80}]), "spec.ports[0].name"),
+    (lambda s: s.update(ports=[{"name": "http", "port": 80}, {"name": "http", "port": 81}]),
+     "spec.ports: duplicate map key"),
+    (lambda s: s.update(dependsOn=[{"namespace": "db"}]), "spec.dependsOn[0].name: required"),
+    (lambda s: s.update(dependsOn=[{"name": "Bad_Name"}]), "spec.dependsOn[0].name"),
+    (lambda s: s.update(dependsOn=[{"name": "x", "namespace": "a" * 64}]),
+     "spec.dependsOn[0].namespace"),
+    (lambda s: s.update(dependsOn=[{"name": "x", "ports": [True]}]),
+     "spec.dependsOn[0].ports[0]"),
+    (lambda s: s.update(isolation={"ingress": "yes"}), "spec.isolation.ingress"),
+    (lambda s: s["selector"].update(matchExpressions=[{"key": "a", "operator": "Near"}]),
+     "spec.selector.matchExpressions[0].operator"),
+])
+def test_the_crd_rejects_a_malformed_service(change: Any, error: str) -> None:
+    doc = manifest("api", ports=[{"name": "http", "port": 80}])
+    change(doc["spec"])
+    errs = schema_errors(doc, schema())
+    assert any(e.startswith(error) for e in errs), errs
