@@ -553,7 +553,7 @@ def schema_errors(value: Any, s: dict[str, Any], path: str = "") -> list[str]:
     errs = []
     if "enum" in s and value not in s["enum"]:
         errs.append(f"{path}: not one of {s['enum']}")
-    if s.get("minimum", value) > value or s.get("maximum", value) < value:
+    if isinstance(value, int) and not s.get("minimum", value) <= value <= s.get("maximum", value):
         errs.append(f"{path}: out of range")
     if isinstance(value, str):
         if not s.get("minLength", 0) <= len(value) <= s.get("maxLength", 10**9):
