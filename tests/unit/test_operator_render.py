@@ -20,6 +20,7 @@ from stockade.errors import DecodeError
 from stockade.model.decode import decode_network_policy
 from stockade.model.validate import validate_policy
 from stockade.operator.render import (
+    DEPENDENCY_INVALID,
     DEPENDENCY_NOT_FOUND,
     MANAGED_BY_LABEL,
     MANAGER,
@@ -30,6 +31,7 @@ from stockade.operator.render import (
     is_managed,
     name_conflict,
     render_all,
+    resolved_condition,
 )
 from stockade.operator.service import (
     API_VERSION,
@@ -661,3 +663,16 @@ def test_the_crd_rejects_a_malformed_service(change: Any, error: str) -> None:
     change(doc["spec"])
     errs = schema_errors(doc, schema())
     assert any(e.startswith(error) for e in errs), errs
+
+
+def test_a_dependency_on_an_invalid_service_says_so() -> None:
+    r = render_all([svc("d", depends=[{"name": "broken"}, {"name": "gone"}])],
+                   invalid=["backend/broken"])
+    assert [(f.path, f.reason) for f in r.findings] == [
+        ("spec.dependsOn[0]", DEPENDENCY_INVALID), ("spec.dependsOn[1]", DEPENDENCY_NOT_FOUND)]
+    assert resolved_condition(r.findings_for("backend/d")) == (
+        "False", "DependencyInvalid,DependencyNotFound",
+        "spec.dependsOn[0]: depends on MicroService backend/broken, which is invalid; nothing "
+        "is allowed for it until it is valid; spec.dependsOn[1]: depends on MicroService "
+        "backend/gone, which does not exist; nothing is allowed for it until it does")
+    assert resolved_condition(()) == ("True", "Resolved", "every dependency resolves")

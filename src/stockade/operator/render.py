@@ -28,9 +28,11 @@ What a graph means
 * **The strict choice for an undeclared port.** A name or number the target does
   not declare is a finding (`PortNotFound`), not a guessed TCP port: the service
   must say what it serves.
-* **A missing target** (`DependencyNotFound`) or an unknown port drops the whole
-  edge, on both ends: T admits nothing for it, D's egress has no rule for it. An
-  edge is never half rendered or guessed; it appears once the graph is whole.
+* **A missing target** (`DependencyNotFound`; `DependencyInvalid` when it exists
+  but fails validation and the live operator left it out) or an unknown port
+  drops the whole edge, on both ends: T admits nothing for it, D's egress has no
+  rule for it. An edge is never half rendered or guessed; it appears once the
+  graph is whole.
 * **Same namespace.** D's egress to a T of its own namespace still names the
   namespace in a namespaceSelector: every peer has the same shape, and a rule
   means the same wherever it is read.
@@ -82,6 +84,7 @@ DNS_PORTS = (ServicePort("dns", 53, UDP), ServicePort("dns-tcp", 53, TCP))
 
 # Finding reasons (the `reason` of a status condition and of an event).
 DEPENDENCY_NOT_FOUND = "DependencyNotFound"
+DEPENDENCY_INVALID = "DependencyInvalid"
 PORT_NOT_FOUND = "PortNotFound"
 POLICY_NAME_TAKEN = "PolicyNameTaken"
 
@@ -101,7 +104,7 @@ class Finding:
 
     service: str  # `namespace/name` of the MicroService it belongs to
     path: str  # the field concerned, `spec.dependsOn[1].ports[0]`
-    reason: str  # DependencyNotFound, PortNotFound, PolicyNameTaken
+    reason: str  # DependencyNotFound, DependencyInvalid, PortNotFound, PolicyNameTaken
     message: str
 
     def render(self) -> str:
@@ -168,18 +171,21 @@ class Rendering:
 # --- the graph ----------------------------------------------------------------------
 
 
-def build_graph(services: Iterable[MicroService]) -> Graph:
+def build_graph(services: Iterable[MicroService], invalid: Iterable[str] = ()) -> Graph:
     """Resolve every dependency of valid services (`service.validate_microservice`).
 
     Services are taken by key; given the same key twice, the last one counts
     (a set read from files is refused before that, by `admit_microservices`).
+    `invalid`: keys of MicroServices that exist but fail validation (the live
+    operator renders without them); a dependency on one is reported as such.
     """
     by_key = {s.key: s for s in sorted(services, key=lambda s: (s.namespace, s.name))}
+    broken = frozenset(invalid) - by_key.keys()
     edges: list[Edge] = []
     findings: list[Finding] = []
     for source in by_key.values():
         for i, dep in enumerate(source.depends_on):
-            edge, problems = _resolve(source, i, dep, by_key)
+            edge, problems = _resolve(source, i, dep, by_key, broken)
             findings += problems
             if edge is not None:
                 edges.append(edge)
@@ -187,9 +193,14 @@ def build_graph(services: Iterable[MicroService]) -> Graph:
 
 
 def _resolve(source: MicroService, index: int, dep: Dependency,
-             services: Mapping[str, MicroService]) -> tuple[Edge | None, list[Finding]]:
+             services: Mapping[str, MicroService], invalid: frozenset[str]
+             ) -> tuple[Edge | None, list[Finding]]:
     path = f"spec.dependsOn[{index}]"
     target = services.get(dep.key)
+    if target is None and dep.key in invalid:
+        return None, [Finding(source.key, path, DEPENDENCY_INVALID,
+                              f"depends on MicroService {dep.key}, which is invalid; "
+                              "nothing is allowed for it until it is valid")]
     if target is None:
         return None, [Finding(source.key, path, DEPENDENCY_NOT_FOUND,
                               f"depends on MicroService {dep.key}, which does not exist; "
@@ -348,9 +359,13 @@ def render_service(service: MicroService, graph: Graph) -> tuple[RenderedPolicy,
     return tuple(p for p in out if p is not None)
 
 
-def render_all(services: Iterable[MicroService]) -> Rendering:
-    """Every policy of the graph, its findings and summaries, each sorted."""
-    graph = build_graph(services)
+def render_all(services: Iterable[MicroService], invalid: Iterable[str] = ()) -> Rendering:
+    """Every policy of the graph, its findings and summaries, each sorted.
+
+    `services` must be valid; `invalid` names those left out for failing
+    validation, so that depending on one is reported as that (see build_graph).
+    """
+    graph = build_graph(services, invalid)
     rendered = sorted((p for svc in graph.services.values() for p in render_service(svc, graph)),
                       key=lambda p: p.key)
     return Rendering(
@@ -377,6 +392,15 @@ def name_conflict(service: MicroService, key: PolicyKey) -> Finding:
     return Finding(service.key, f"spec.isolation.{SUFFIXES[direction]}", POLICY_NAME_TAKEN,
                    f"NetworkPolicy {key.render()} exists and is not managed by {MANAGER} "
                    f"(no label {MANAGED_BY_LABEL}={MANAGER}); it is left alone")
+
+
+def resolved_condition(findings: Iterable[Finding]) -> tuple[str, str, str]:
+    """(status, reason, message) of a service's `DependenciesResolved` condition."""
+    found = list(findings)
+    if not found:
+        return "True", "Resolved", "every dependency resolves"
+    reason = ",".join(sorted({f.reason for f in found}))
+    return "False", reason, "; ".join(f"{f.path}: {f.message}" for f in found)
 
 
 def changed_policies(old: Rendering, new: Rendering

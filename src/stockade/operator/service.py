@@ -226,7 +226,7 @@ class _Strict:
                 self.unknown.append(_join(path, k))
         return value
 
-    def list(self, value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
+    def items(self, value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
         if value is None:
             return ()
         if not isinstance(value, list):
@@ -255,7 +255,7 @@ class _Strict:
             return Dependency(
                 name=_string(m.get("name"), _join(path, "name")),
                 namespace=_string(m.get("namespace"), _join(path, "namespace")) or namespace,
-                ports=self.list(m.get("ports"), _join(path, "ports"), _int_or_string),
+                ports=self.items(m.get("ports"), _join(path, "ports"), _int_or_string),
             )
 
         return decode
@@ -287,8 +287,8 @@ def decode_microservice(doc: Any, source: Source = NO_SOURCE,
         name=_string(meta.get("name"), "metadata.name"),
         uid=_string(meta.get("uid"), "metadata.uid"),
         selector=decode_selector(spec.get("selector"), "spec.selector"),
-        ports=strict.list(spec.get("ports"), "spec.ports", strict.port),
-        depends_on=strict.list(spec.get("dependsOn"), "spec.dependsOn",
+        ports=strict.items(spec.get("ports"), "spec.ports", strict.port),
+        depends_on=strict.items(spec.get("dependsOn"), "spec.dependsOn",
                                strict.dependency(namespace)),
         isolation=Isolation(
             ingress=_boolean(iso.get("ingress"), "spec.isolation.ingress", True),
