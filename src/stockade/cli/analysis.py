@@ -44,7 +44,11 @@ def load(paths: Sequence[str]) -> Objects:
     IPs as written; one that is not an address would fail deep in the evaluator,
     so it is reported here as bad input, by file and Pod.
     """
-    objects = load_objects(paths)
+    return check(load_objects(paths))
+
+
+def check(objects: Objects) -> Objects:
+    """`load`'s checks of objects from anywhere (files; a cluster's, `kubectl stockade`)."""
     validate_objects(objects)
     for ep in objects.endpoints:
         for ip in ep.ips:
@@ -102,15 +106,24 @@ def _register_coverage(sub: Any) -> None:
                        epilog=COVERAGE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _files(p)
-    _output(p)
+    coverage_options(p)
     p.set_defaults(run=run_coverage)
 
 
+def coverage_options(p: argparse.ArgumentParser) -> None:
+    _output(p)
+
+
 def run_coverage(args: argparse.Namespace) -> int:
-    cluster = load(args.files).cluster()
+    return report_coverage(args, load(args.files))
+
+
+def report_coverage(args: argparse.Namespace, objects: Objects, where: str = "files",
+                    prog: str = "stockade") -> int:
+    cluster = objects.cluster()
     report = cov.coverage(cluster)
     if not cluster.endpoints:
-        print("stockade: no Pod in the files: only pod-independent checks were made",
+        print(f"{prog}: no Pod in the {where}: only pod-independent checks were made",
               file=sys.stderr)
     _emit(args, coverage_json(report), lambda: coverage_text(report))
     return EXIT_OK
@@ -134,8 +147,12 @@ def _register_diff(sub: Any) -> None:
                        epilog=DIFF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _files(p, what="the current manifests (OLD)")
     _files(p, "-a", "--against", "against", "the proposed manifests (NEW)")
-    _output(p)
+    diff_options(p)
     p.set_defaults(run=run_diff)
+
+
+def diff_options(p: argparse.ArgumentParser) -> None:
+    _output(p)
 
 
 def workloads(old: Objects, new: Objects) -> Cluster:
@@ -148,12 +165,18 @@ def workloads(old: Objects, new: Objects) -> Cluster:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    old = load(args.files)
-    new = load(args.against)
+    return report_diff(args, load(args.files), load(args.against), "files",
+                       ", ".join([*args.files, *args.against]))
+
+
+def report_diff(args: argparse.Namespace, old: Objects, new: Objects, where: str,
+                source: str) -> int:
+    """The diff of two checked sets of objects; `where` they come from and `source`
+    (their names) for messages."""
     cluster = workloads(old, new)
     if not cluster.endpoints:
-        raise InputError("no Pod in the files: the diff compares connections between pods",
-                         source=", ".join([*args.files, *args.against]))
+        raise InputError(f"no Pod in the {where}: the diff compares connections between pods",
+                         source=source)
     # A name given twice on one side is one policy, the last one, as kubectl applies it.
     result = diff_policies(cluster, old.cluster().policies, new.cluster().policies)
     _emit(args, diff_json(result), lambda: diff_text(result))
@@ -172,10 +195,14 @@ def _register_lint(sub: Any) -> None:
     p = sub.add_parser("lint", help="suspicious but valid policy constructs",
                        epilog=LINT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _files(p)
+    lint_options(p)
+    p.set_defaults(run=run_lint)
+
+
+def lint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", action="append", default=[], metavar="CODE[,CODE…]",
                    help="leave out findings with these codes (repeatable)")
     _output(p)
-    p.set_defaults(run=run_lint)
 
 
 def ignored_codes(values: Sequence[str]) -> set[str]:
@@ -188,8 +215,12 @@ def ignored_codes(values: Sequence[str]) -> set[str]:
 
 
 def run_lint(args: argparse.Namespace) -> int:
+    ignored_codes(args.ignore)  # a bad --ignore is reported before the files are read
+    return report_lint(args, load(args.files))
+
+
+def report_lint(args: argparse.Namespace, objects: Objects) -> int:
     skip = ignored_codes(args.ignore)
-    objects = load(args.files)
     # The cluster keeps the last of two policies with one name; lint sees both.
     findings = [f for f in lint(objects.cluster(), objects.policies) if f.code not in skip]
     _emit(args, lint_json(findings), lambda: lint_text(findings))

@@ -12,6 +12,7 @@ from stockade.engine.explain import context_of, explain_json, explain_lines
 from stockade.errors import InputError
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import Endpoint
+from stockade.model.parse import Objects
 from stockade.model.policy import PROTOCOLS
 
 EPILOG = """\
@@ -25,31 +26,44 @@ def register(sub: Any) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-f", "--file", dest="files", action="extend", nargs="+", required=True,
                    metavar="FILE", help="manifests: Pods, Namespaces, NetworkPolicies")
+    add_options(p)
+    p.set_defaults(run=run)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """Everything but the source of the objects (files here, a cluster for kubectl)."""
     p.add_argument("--from", dest="src", required=True, metavar="NS/POD|IP")
     p.add_argument("--to", dest="dst", required=True, metavar="NS/POD|IP")
     p.add_argument("--port", required=True, metavar="PORT|NAME",
                    help="port number, or a port name resolved on the destination pod")
     p.add_argument("--protocol", default="TCP", type=str.upper, choices=PROTOCOLS)
     p.add_argument("-o", "--output", default="text", choices=("text", "json"))
-    p.set_defaults(run=run)
 
 
-def resolve_side(ev: Evaluator, text: str, flag: str) -> Endpoint | str:
-    """A pod by `ns/name`, or an IP (a known pod's IP is that pod)."""
+def resolve_side(ev: Evaluator, text: str, flag: str, namespace: str = "default",
+                 where: str = "files") -> Endpoint | str:
+    """A pod by `ns/name` (`name`: in `namespace`), or an IP (a known pod's IP is that pod)."""
     if parse_ip(text) is not None:
         return text
-    ep = ev.cluster.endpoint(text if "/" in text else f"default/{text}")
+    ep = ev.cluster.endpoint(text if "/" in text else f"{namespace}/{text}")
     if ep is None:
-        raise InputError(f"{flag} {text}: no such pod (give NS/POD from the files, or an IP)")
+        raise InputError(f"{flag} {text}: no such pod (give NS/POD from the {where}, or an IP)")
     return ep
 
 
 
 def run(args: argparse.Namespace) -> int:
-    cluster = load(args.files).cluster()
+    return report(args, load(args.files))
+
+
+def report(args: argparse.Namespace, objects: Objects, namespace: str = "default",
+           where: str = "files") -> int:
+    """The verdict in `objects` (checked as `analysis.load` checks them); a pod named
+    without its namespace is in `namespace`; `where` the objects come from."""
+    cluster = objects.cluster()
     ev = Evaluator(cluster)
-    src = resolve_side(ev, args.src, "--from")
-    dst = resolve_side(ev, args.dst, "--to")
+    src = resolve_side(ev, args.src, "--from", namespace, where)
+    dst = resolve_side(ev, args.dst, "--to", namespace, where)
     port = parse_port(args.port)
     try:
         flow = ev.flow(src, dst, port, args.protocol)

@@ -28,28 +28,43 @@ def run(args: argparse.Namespace) -> int:
     count = 0
     for path in expand_paths(args.files):
         try:
-            docs = list(expand_lists(parse_documents(read_text(path), path)))
+            docs = parse_documents(read_text(path), path)
         except InputError as exc:
             print(exc.render(), file=sys.stderr)
             bad += 1
             continue
-        for index, doc in docs:
-            kind = doc.get("kind") if isinstance(doc, dict) else None
-            if kind in ("Pod", "Namespace"):
-                continue
-            count += 1
-            name = object_name(doc) or f"document {index}"
-            try:
-                policy = decode_network_policy(doc, Source(path, index))
-            except DecodeError as exc:
-                print(f"{path}: {name}: {exc.message}", file=sys.stderr)
-                bad += 1
-                continue
-            for err in validate_policy(policy, strict_cidr=args.strict_cidr):
-                name = policy.name or policy.generate_name
-                print(f"{path}: NetworkPolicy {policy.namespace}/{name}: {err.render()}",
-                      file=sys.stderr)
-                bad += 1
+        n, b = check_documents(docs, path, strict_cidr=args.strict_cidr)
+        count += n
+        bad += b
+    return conclude(count, bad)
+
+
+def check_documents(docs: list[Any], source: str, *, strict_cidr: bool) -> tuple[int, int]:
+    """Check every NetworkPolicy of `docs` (from `source`): errors on stderr; the number
+    of policies and of errors."""
+    bad = 0
+    count = 0
+    for index, doc in expand_lists(docs):
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        if kind in ("Pod", "Namespace"):
+            continue
+        count += 1
+        name = object_name(doc) or f"document {index}"
+        try:
+            policy = decode_network_policy(doc, Source(source, index))
+        except DecodeError as exc:
+            print(f"{source}: {name}: {exc.message}", file=sys.stderr)
+            bad += 1
+            continue
+        for err in validate_policy(policy, strict_cidr=strict_cidr):
+            name = policy.name or policy.generate_name
+            print(f"{source}: NetworkPolicy {policy.namespace}/{name}: {err.render()}",
+                  file=sys.stderr)
+            bad += 1
+    return count, bad
+
+
+def conclude(count: int, bad: int) -> int:
     if bad:
         return 2
     print(f"{count} NetworkPolicy object(s) valid")
