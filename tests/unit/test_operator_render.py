@@ -367,7 +367,7 @@ def test_defaults() -> None:
                                      depends=[{"name": "db"}]))
     assert s.ports == (ServicePort("http", 80, "TCP"),)
     assert s.depends_on[0].namespace == "backend"
-    assert s.depends_on[0].ports == ()
+    assert s.depends_on[0].ports is None
     no_ns = manifest("api")
     del no_ns["metadata"]["namespace"]
     assert decode_microservice(no_ns).namespace == "default"
@@ -377,7 +377,7 @@ def test_every_validation_error_with_its_path() -> None:
     doc = manifest("Api", ports=[{"name": "http", "port": 70000, "protocol": "tcp"},
                                  {"name": "http", "port": 8080}, {"port": 8080}],
                    depends=[{"name": "db", "namespace": "Bad", "ports": [0, "x_y", 5, 5]},
-                            {"name": "db", "namespace": "Bad"}, {}])
+                            {"name": "db", "namespace": "Bad"}, {"ports": []}])
     doc["metadata"]["uid"] = ""
     doc["spec"]["selector"] = {}
     assert errors_of(doc) == [
@@ -409,6 +409,8 @@ def test_every_validation_error_with_its_path() -> None:
         "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')",
         'spec.dependsOn[1]: Duplicate value: "Bad/db": also the target of spec.dependsOn[0]',
         "spec.dependsOn[2].name: Required value",
+        "spec.dependsOn[2].ports: Required value: must name at least one port when given "
+        "(omit it for every port the target declares)",
     ]
 
 

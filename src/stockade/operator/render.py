@@ -205,7 +205,7 @@ def _resolve(source: MicroService, index: int, dep: Dependency,
         return None, [Finding(source.key, path, DEPENDENCY_NOT_FOUND,
                               f"depends on MicroService {dep.key}, which does not exist; "
                               "nothing is allowed for it until it does")]
-    if not dep.ports:
+    if dep.ports is None:
         ports = _sorted_ports(target.ports) if target.ports else None
         return Edge(source, target, ports), []
     found: list[ServicePort] = []

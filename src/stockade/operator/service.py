@@ -33,7 +33,8 @@ inclusive`). Beyond types, the rules are:
 * `spec.ports[*]`: a name (an IANA service name, unique in the service), a port
   1-65535, a protocol TCP, UDP or SCTP; a port and protocol are declared once.
 * `spec.dependsOn[*]`: a name and namespace (DNS-1123 labels); `ports` are names
-  (IANA service names) or numbers (1-65535), each given once; one entry per target.
+  (IANA service names) or numbers (1-65535), each given once, at least one when
+  the field is given (omitted: every port); one entry per target.
   Whether the target exists and serves those ports is a question about the graph,
   answered by `render` as findings, not here.
 """
@@ -91,11 +92,11 @@ class ServicePort:
 
 @dataclass(frozen=True)
 class Dependency:
-    """A service this one calls; no `ports` means every port the target declares."""
+    """A service this one calls; `ports` None (omitted) means every port the target declares."""
 
     name: str
     namespace: str
-    ports: tuple[int | str, ...] = ()
+    ports: tuple[int | str, ...] | None = None
 
     @property
     def key(self) -> str:
@@ -255,7 +256,8 @@ class _Strict:
             return Dependency(
                 name=_string(m.get("name"), _join(path, "name")),
                 namespace=_string(m.get("namespace"), _join(path, "namespace")) or namespace,
-                ports=self.items(m.get("ports"), _join(path, "ports"), _int_or_string),
+                ports=(None if m.get("ports") is None else
+                       self.items(m.get("ports"), _join(path, "ports"), _int_or_string)),
             )
 
         return decode
@@ -412,8 +414,12 @@ def _validate_dependencies(deps: Sequence[Dependency]) -> list[FieldError]:
                                    dep.key))
         else:
             seen[dep.key] = i
+        if dep.ports == ():
+            errs.append(FieldError(f"{path}.ports", REQUIRED,
+                                   "must name at least one port when given (omit it for every "
+                                   "port the target declares)"))
         refs: set[int | str] = set()
-        for j, ref in enumerate(dep.ports):
+        for j, ref in enumerate(dep.ports or ()):
             ref_path = f"{path}.ports[{j}]"
             if isinstance(ref, int):
                 errs += _each(ref_path, ref, names.is_valid_port_num(ref))
