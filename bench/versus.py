@@ -1,4 +1,4 @@
-"""The CNI path of this tree against an earlier commit, interleaved in one run.
+"""This tree against an earlier commit: the CNI path and the agent, interleaved in one run.
 
 A machine shared with other work is too noisy to compare two runs of
 `bench/cni.py` made minutes apart (the same tree's p50 moved from 3 to 17 ms
@@ -10,11 +10,15 @@ call, and only their ratio is read:
   plugin against the same agent (the socket protocol did not change);
 * the agent's part (`cni.add` over the socket: validate, store, compile,
   kernel), each version's own agent in its own namespace, on an empty agent
-  and on one loaded with synthetic endpoints and policies.
+  and on one loaded with synthetic endpoints and policies;
+* the agent at scale (`--agent-pods`, default 10,000 with a tenth as many
+  policies): the time to load everything, then `bench/agent.py`'s relabel,
+  add-endpoint and change-policy calls, the two agents taking turns.
 
 The baseline is checked out with `git worktree` into a temporary directory
 and removed afterwards. Run as root:
-``.venv/bin/python bench/versus.py --baseline 0dd0e77 [--rounds 60] [--pods 5000]``.
+``.venv/bin/python bench/versus.py --baseline 0dd0e77 [--rounds 60] [--pods 5000]
+[--agent-pods 10000]``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from agent import measure
 from cni import LABELS, POD, SELECTING
 from common import AgentProcess, pct, print_table
 from stockade.agent.client import AgentClient
@@ -134,10 +139,36 @@ def agent_rounds(agents: dict[str, AgentProcess], rounds: int,
     return out
 
 
+def scale_rounds(trees: dict[str, Path], tag: str, pods: int,
+                 rounds: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    agents: dict[str, AgentProcess] = {}
+    spaces = {name: f"{tag}-s{name[0]}" for name in trees}
+    docs = manifests(make_cluster(pods, pods // 10))
+    try:
+        for name, src in trees.items():
+            create_netns(spaces[name])
+            agents[name] = start_agent(src, spaces[name], 0)
+            t0 = time.perf_counter()
+            agents[name].call("apply", documents=docs, source="bench")
+            out[f"load {pods} endpoints, {pods // 10} policies ({name})"] = [
+                time.perf_counter() - t0]
+        for i in range(rounds):
+            for name in (list(agents) if i % 2 else list(agents)[::-1]):
+                for what, values in measure(agents[name], 1, True, start=i).items():
+                    out.setdefault(f"{what}, {pods} endpoints ({name})", []).extend(values)
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        for ns in spaces.values():
+            remove_netns(ns)
+    return out
+
+
 def rows_of(results: dict[str, list[float]], warmup: int) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, values in sorted(results.items()):
-        ms = [v * 1000 for v in values[warmup:]]
+        ms = [v * 1000 for v in (values[warmup:] if len(values) > warmup else values)]
         rows.append((name, f"{statistics.median(ms):.1f}", f"{pct(ms, 90):.1f}",
                      f"{min(ms):.1f}"))
     return rows
@@ -148,6 +179,7 @@ def main() -> None:
     ap.add_argument("--baseline", required=True, help="the commit to compare with")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--pods", type=int, default=5_000)
+    ap.add_argument("--agent-pods", type=int, default=10_000)
     args = ap.parse_args()
     tag = f"vs{secrets.token_hex(2)}"
     results: dict[str, list[float]] = {}
@@ -170,6 +202,8 @@ def main() -> None:
                     agent.stop()
                 for ns in spaces.values():
                     remove_netns(ns)
+        if args.agent_pods:
+            results |= scale_rounds(trees, tag, args.agent_pods, args.rounds)
     print_table(("measure", "p50 ms", "p90 ms", "min ms"), rows_of(results, warmup=5))
 
 
