@@ -51,7 +51,12 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return execute(parser.parse_args(argv))
+
+
+def execute(args: argparse.Namespace, prog: str = "stockade") -> int:
+    """Run a parsed command: errors as lines on stderr (exit 2), never a traceback.
+    Also the runner of `kubectl stockade` (cli/kubectl.py)."""
     try:
         code: int = args.run(args)
         return code
@@ -60,12 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return EXIT_INPUT
     except StockadeError as exc:
-        print(f"stockade: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except BrokenPipeError:
         return EXIT_OK
     except KeyboardInterrupt:
-        print("stockade: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
