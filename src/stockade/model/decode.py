@@ -63,7 +63,7 @@ _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:
                       re.ASCII)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -79,11 +79,11 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _wrong(path: str, value: Any, want: str) -> DecodeError:
-    return DecodeError(f"cannot decode {_type_name(value)} as {want}", path=path)
+def wrong_type(path: str, value: Any, want: str) -> DecodeError:
+    return DecodeError(f"cannot decode {type_name(value)} as {want}", path=path)
 
 
-def _join(path: str, key: str) -> str:
+def join_path(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
@@ -95,23 +95,23 @@ def _key_text(key: Any, path: str) -> str:
         return "true" if key else "false"
     if isinstance(key, int):
         return str(key)
-    raise DecodeError(f"unsupported map key {key!r} of type {_type_name(key)}", path=path)
+    raise DecodeError(f"unsupported map key {key!r} of type {type_name(key)}", path=path)
 
 
-def _object(value: Any, path: str) -> dict[str, Any]:
+def read_object(value: Any, path: str) -> dict[str, Any]:
     """A JSON object with its keys as JSON text; null is the empty object."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _wrong(path, value, "an object")
+        raise wrong_type(path, value, "an object")
     return {_key_text(k, path): v for k, v in value.items()}
 
 
-def _string(value: Any, path: str) -> str:
+def read_string(value: Any, path: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _wrong(path, value, "a string")
+        raise wrong_type(path, value, "a string")
     return value
 
 
@@ -120,13 +120,13 @@ def _integer(value: Any, path: str, lo: int, hi: int, name: str) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _wrong(path, value, f"an {name}")
+        raise wrong_type(path, value, f"an {name}")
     if not lo <= value <= hi:
         raise DecodeError(f"number {_show_number(value)} does not fit {name}", path=path)
     return value
 
 
-def _int32(value: Any, path: str) -> int:
+def read_int32(value: Any, path: str) -> int:
     return _integer(value, path, INT32_MIN, INT32_MAX, "int32")
 
 
@@ -134,16 +134,16 @@ def _int64(value: Any, path: str) -> int | None:
     return None if value is None else _integer(value, path, INT64_MIN, INT64_MAX, "int64")
 
 
-def _boolean(value: Any, path: str) -> bool:
+def read_boolean(value: Any, path: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _wrong(path, value, "a boolean")
+        raise wrong_type(path, value, "a boolean")
     return value
 
 
 def _time(value: Any, path: str) -> str:
-    text = _string(value, path)
+    text = read_string(value, path)
     if not text:
         if value is None:
             return ""
@@ -157,34 +157,38 @@ def _time(value: Any, path: str) -> str:
     return text
 
 
-def _list(value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
+def read_list(value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise _wrong(path, value, "an array")
+        raise wrong_type(path, value, "an array")
     return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
 
 
-def _string_map(value: Any, path: str) -> Labels:
+def read_string_map(value: Any, path: str) -> Labels:
     """map[string]string; a bad value names the map, as Go's decoder reports it."""
     out: dict[str, str] = {}
-    for k, v in _object(value, path).items():
+    for k, v in read_object(value, path).items():
         if v is not None and not isinstance(v, str):
             raise DecodeError(
-                f"cannot decode {_type_name(v)} as a string (key {k!r})", path=path)
+                f"cannot decode {type_name(v)} as a string (key {k!r})", path=path)
         out[k] = v or ""
     return Labels(out)
 
 
-class _Strict:
-    """One strict decode: type errors raise at once, unknown fields wait for `finish`."""
+class StrictReader:
+    """One strict decode: type errors raise at once, unknown fields wait for `finish`.
+
+    The reader of every kind stockade decodes: NetworkPolicies and Pods here, the
+    operator's MicroServices (a subclass adds each kind's objects).
+    """
 
     def __init__(self) -> None:
         self.unknown: list[str] = []
 
     def mapping(self, value: Any, path: str, known: frozenset[str]) -> dict[str, Any]:
-        m = _object(value, path)
-        self.unknown.extend(_join(path, k) for k in m if k not in known)
+        m = read_object(value, path)
+        self.unknown.extend(join_path(path, k) for k in m if k not in known)
         return m
 
     def finish(self) -> None:
@@ -193,6 +197,10 @@ class _Strict:
             also = f" (also {', '.join(more)})" if more else ""
             raise DecodeError(f"unknown field{also}", path=first)
 
+
+class _Strict(StrictReader):
+    """The NetworkPolicy's objects (selectors, rules, metadata)."""
+
     # --- label selectors -------------------------------------------------------
 
     def selector(self, value: Any, path: str) -> Selector | None:
@@ -200,17 +208,17 @@ class _Strict:
             return None
         m = self.mapping(value, path, _SELECTOR)
         return Selector(
-            match_labels=_string_map(m.get("matchLabels"), _join(path, "matchLabels")),
-            match_expressions=_list(m.get("matchExpressions"),
-                                    _join(path, "matchExpressions"), self.requirement),
+            match_labels=read_string_map(m.get("matchLabels"), join_path(path, "matchLabels")),
+            match_expressions=read_list(m.get("matchExpressions"),
+                                    join_path(path, "matchExpressions"), self.requirement),
         )
 
     def requirement(self, value: Any, path: str) -> Requirement:
         m = self.mapping(value, path, _REQUIREMENT)
         return Requirement(
-            key=_string(m.get("key"), _join(path, "key")),
-            operator=_string(m.get("operator"), _join(path, "operator")),
-            values=_list(m.get("values"), _join(path, "values"), _string),
+            key=read_string(m.get("key"), join_path(path, "key")),
+            operator=read_string(m.get("operator"), join_path(path, "operator")),
+            values=read_list(m.get("values"), join_path(path, "values"), read_string),
         )
 
     # --- rules -------------------------------------------------------------------
@@ -220,17 +228,17 @@ class _Strict:
             return None
         m = self.mapping(value, path, _IP_BLOCK)
         return IPBlock(
-            cidr=_string(m.get("cidr"), _join(path, "cidr")),
-            except_=_list(m.get("except"), _join(path, "except"), _string),
+            cidr=read_string(m.get("cidr"), join_path(path, "cidr")),
+            except_=read_list(m.get("except"), join_path(path, "except"), read_string),
         )
 
     def peer(self, value: Any, path: str) -> Peer:
         m = self.mapping(value, path, _PEER)
         return Peer(
-            pod_selector=self.selector(m.get("podSelector"), _join(path, "podSelector")),
+            pod_selector=self.selector(m.get("podSelector"), join_path(path, "podSelector")),
             namespace_selector=self.selector(m.get("namespaceSelector"),
-                                             _join(path, "namespaceSelector")),
-            ip_block=self.ip_block(m.get("ipBlock"), _join(path, "ipBlock")),
+                                             join_path(path, "namespaceSelector")),
+            ip_block=self.ip_block(m.get("ipBlock"), join_path(path, "ipBlock")),
         )
 
     def port(self, value: Any, path: str) -> PolicyPort:
@@ -239,17 +247,18 @@ class _Strict:
         end_port = m.get("endPort")
         return PolicyPort(
             # D1: a missing protocol is TCP; an explicit one, even '', is kept for validation.
-            protocol=TCP if protocol is None else _string(protocol, _join(path, "protocol")),
-            port=_int_or_string(m.get("port"), _join(path, "port")),
-            end_port=None if end_port is None else _int32(end_port, _join(path, "endPort")),
+            protocol=(TCP if protocol is None
+                      else read_string(protocol, join_path(path, "protocol"))),
+            port=_int_or_string(m.get("port"), join_path(path, "port")),
+            end_port=None if end_port is None else read_int32(end_port, join_path(path, "endPort")),
         )
 
     def rule(self, peers_key: str) -> Callable[[Any, str], Rule]:
         def decode(value: Any, path: str) -> Rule:
             m = self.mapping(value, path, frozenset({"ports", peers_key}))
             return Rule(
-                ports=_list(m.get("ports"), _join(path, "ports"), self.port),
-                peers=_list(m.get(peers_key), _join(path, peers_key), self.peer),
+                ports=read_list(m.get("ports"), join_path(path, "ports"), self.port),
+                peers=read_list(m.get(peers_key), join_path(path, peers_key), self.peer),
             )
 
         return decode
@@ -267,17 +276,17 @@ class _Strict:
     def owner_reference(self, value: Any, path: str) -> None:
         m = self.mapping(value, path, _OWNER_REFERENCE)
         for key in ("apiVersion", "kind", "name", "uid"):
-            _string(m.get(key), _join(path, key))
+            read_string(m.get(key), join_path(path, key))
         for key in ("controller", "blockOwnerDeletion"):
-            _boolean(m.get(key), _join(path, key))
+            read_boolean(m.get(key), join_path(path, key))
 
     def managed_fields_entry(self, value: Any, path: str) -> None:
         m = self.mapping(value, path, _MANAGED_FIELDS)
         for key in ("manager", "operation", "apiVersion", "fieldsType", "subresource"):
-            _string(m.get(key), _join(path, key))
-        _time(m.get("time"), _join(path, "time"))
+            read_string(m.get(key), join_path(path, key))
+        _time(m.get("time"), join_path(path, "time"))
         # fieldsV1 is free-form JSON, but it has to be an object.
-        _object(m.get("fieldsV1"), _join(path, "fieldsV1"))
+        read_object(m.get("fieldsV1"), join_path(path, "fieldsV1"))
 
 
 def _int_or_string(value: Any, path: str) -> int | str | None:
@@ -286,7 +295,7 @@ def _int_or_string(value: Any, path: str) -> int | str | None:
         return None
     if isinstance(value, str):
         return value
-    return _int32(value, path)
+    return read_int32(value, path)
 
 
 def _check(fn: Callable[[Any, str], object]) -> Callable[[_Strict, Any, str], None]:
@@ -300,33 +309,33 @@ def _check_list(
     item: Callable[[_Strict, Any, str], None],
 ) -> Callable[[_Strict, Any, str], None]:
     def check(strict: _Strict, value: Any, path: str) -> None:
-        _list(value, path, lambda v, p: item(strict, v, p))
+        read_list(value, path, lambda v, p: item(strict, v, p))
 
     return check
 
 
 _META_FIELDS: dict[str, Callable[[_Strict, Any, str], None]] = {
-    "name": _check(_string),
-    "generateName": _check(_string),
-    "namespace": _check(_string),
-    "selfLink": _check(_string),
-    "uid": _check(_string),
-    "resourceVersion": _check(_string),
+    "name": _check(read_string),
+    "generateName": _check(read_string),
+    "namespace": _check(read_string),
+    "selfLink": _check(read_string),
+    "uid": _check(read_string),
+    "resourceVersion": _check(read_string),
     "generation": _check(_int64),
     "creationTimestamp": _check(_time),
     "deletionTimestamp": _check(_time),
     "deletionGracePeriodSeconds": _check(_int64),
-    "labels": _check(_string_map),
-    "annotations": _check(_string_map),
+    "labels": _check(read_string_map),
+    "annotations": _check(read_string_map),
     "ownerReferences": _check_list(_Strict.owner_reference),
-    "finalizers": _check(lambda v, p: _list(v, p, _string)),
+    "finalizers": _check(lambda v, p: read_list(v, p, read_string)),
     "managedFields": _check_list(_Strict.managed_fields_entry),
 }
 
 
 def _type_meta(doc: Any, kind: str, api_versions: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(doc, dict):
-        raise DecodeError(f"the document is {_type_name(doc)}, not a {kind} object")
+        raise DecodeError(f"the document is {type_name(doc)}, not a {kind} object")
     api = doc.get("apiVersion")
     if not isinstance(api, str) or api not in api_versions:
         want = " or ".join(api_versions)
@@ -352,7 +361,7 @@ def describe_value(value: Any) -> str:
         return str(value)
     if isinstance(value, int):
         return _show_number(value)
-    return f"<{_type_name(value)}>"
+    return f"<{type_name(value)}>"
 
 
 def object_name(doc: Any) -> str:
@@ -385,20 +394,20 @@ def decode_network_policy(
     meta = strict.metadata(m.get("metadata"))
     spec = strict.mapping(m.get("spec"), "spec", _SPEC)  # D3: no spec is an empty spec
     pod_selector = strict.selector(spec.get("podSelector"), "spec.podSelector")
-    ingress = _list(spec.get("ingress"), "spec.ingress", strict.rule("from"))
-    egress = _list(spec.get("egress"), "spec.egress", strict.rule("to"))
-    types = _list(spec.get("policyTypes"), "spec.policyTypes", _string)
+    ingress = read_list(spec.get("ingress"), "spec.ingress", strict.rule("from"))
+    egress = read_list(spec.get("egress"), "spec.egress", strict.rule("to"))
+    types = read_list(spec.get("policyTypes"), "spec.policyTypes", read_string)
     strict.finish()
     if not types:
         # D2: absent or empty; `egress: []` does not add Egress.
         types = default_policy_types(spec.get("ingress"), spec.get("egress"))
     return NetworkPolicy(
         # kubectl fills in the namespace of the context when the manifest has none.
-        namespace=_string(meta.get("namespace"), "metadata.namespace") or default_namespace,
-        name=_string(meta.get("name"), "metadata.name"),
-        generate_name=_string(meta.get("generateName"), "metadata.generateName"),
-        labels=_string_map(meta.get("labels"), "metadata.labels"),
-        annotations=_string_map(meta.get("annotations"), "metadata.annotations"),
+        namespace=read_string(meta.get("namespace"), "metadata.namespace") or default_namespace,
+        name=read_string(meta.get("name"), "metadata.name"),
+        generate_name=read_string(meta.get("generateName"), "metadata.generateName"),
+        labels=read_string_map(meta.get("labels"), "metadata.labels"),
+        annotations=read_string_map(meta.get("annotations"), "metadata.annotations"),
         pod_selector=pod_selector or ALL,  # D3: no podSelector selects every pod
         ingress=ingress,
         egress=egress,
@@ -412,10 +421,10 @@ def decode_namespace(doc: Any, source: Source = NO_SOURCE) -> Namespace:
     m = _type_meta(doc, "Namespace", ("v1",))
     meta = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
     assert isinstance(meta, dict)
-    name = _string(meta.get("name"), "metadata.name")
+    name = read_string(meta.get("name"), "metadata.name")
     if not name:
         raise DecodeError("a Namespace needs a name", path="metadata.name")
-    labels = dict(_string_map(meta.get("labels"), "metadata.labels"))
+    labels = dict(read_string_map(meta.get("labels"), "metadata.labels"))
     labels[NS_NAME_LABEL] = name
     return Namespace(name, Labels(labels), source)
 
@@ -429,18 +438,18 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
     m = _type_meta(doc, "Pod", ("v1",))
     meta = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
     assert isinstance(meta, dict)
-    name = _string(meta.get("name"), "metadata.name")
+    name = read_string(meta.get("name"), "metadata.name")
     if not name:
         raise DecodeError("a Pod needs a name", path="metadata.name")
-    namespace = _string(meta.get("namespace"), "metadata.namespace") or "default"
-    labels = _string_map(meta.get("labels"), "metadata.labels")
+    namespace = read_string(meta.get("namespace"), "metadata.namespace") or "default"
+    labels = read_string_map(meta.get("labels"), "metadata.labels")
     status = m.get("status") if isinstance(m.get("status"), dict) else {}
     assert isinstance(status, dict)
     ips: list[str] = []
     for i, entry in enumerate(_pod_list(status.get("podIPs"), "status.podIPs")):
         ip = entry.get("ip") if isinstance(entry, Mapping) else None
-        ips.append(_string(ip, f"status.podIPs[{i}].ip"))
-    pod_ip = _string(status.get("podIP"), "status.podIP")
+        ips.append(read_string(ip, f"status.podIPs[{i}].ip"))
+    pod_ip = read_string(status.get("podIP"), "status.podIP")
     if pod_ip and pod_ip not in ips:
         ips.insert(0, pod_ip)
     if not ips:
@@ -454,15 +463,15 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
     ports: list[ContainerPort] = []
     for ci, c in enumerate(_pod_list(spec.get("containers"), "spec.containers")):
         if not isinstance(c, dict):
-            raise _wrong(f"spec.containers[{ci}]", c, "an object")
+            raise wrong_type(f"spec.containers[{ci}]", c, "an object")
         for pi, p in enumerate(_pod_list(c.get("ports"), f"spec.containers[{ci}].ports")):
             path = f"spec.containers[{ci}].ports[{pi}]"
             if not isinstance(p, dict):
-                raise _wrong(path, p, "an object")
+                raise wrong_type(path, p, "an object")
             ports.append(ContainerPort(
-                port=_int32(p.get("containerPort"), f"{path}.containerPort"),
-                protocol=_string(p.get("protocol"), f"{path}.protocol") or TCP,
-                name=_string(p.get("name"), f"{path}.name"),
+                port=read_int32(p.get("containerPort"), f"{path}.containerPort"),
+                protocol=read_string(p.get("protocol"), f"{path}.protocol") or TCP,
+                name=read_string(p.get("name"), f"{path}.name"),
                 path=path,
             ))
     return Endpoint(namespace, name, labels, tuple(ips), tuple(ports), source)
@@ -472,5 +481,5 @@ def _pod_list(value: Any, path: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _wrong(path, value, "an array")
+        raise wrong_type(path, value, "an array")
     return value

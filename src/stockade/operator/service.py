@@ -47,7 +47,20 @@ from typing import Any, TypeVar
 
 from stockade.errors import DecodeError, InputError, ValidationError
 from stockade.model import names
-from stockade.model.decode import decode_selector, describe_value, object_name
+from stockade.model.decode import (
+    StrictReader,
+    decode_selector,
+    describe_value,
+    join_path,
+    object_name,
+    read_boolean,
+    read_int32,
+    read_list,
+    read_string,
+    read_string_map,
+    type_name,
+    wrong_type,
+)
 from stockade.model.field import INVALID, REQUIRED, UNSUPPORTED, FieldError
 from stockade.model.labels import EMPTY, Labels
 from stockade.model.parse import expand_lists
@@ -136,128 +149,44 @@ class MicroService:
 # --- decoding ---------------------------------------------------------------------
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _wrong(path: str, value: Any, want: str) -> DecodeError:
-    return DecodeError(f"cannot decode {_type_name(value)} as {want}", path=path)
-
-
-def _string(value: Any, path: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _wrong(path, value, "a string")
-    return value
-
-
-def _int32(value: Any, path: str) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _wrong(path, value, "an int32")
-    if not -INT32_MAX - 1 <= value <= INT32_MAX:
-        raise DecodeError(f"number {describe_value(value)} does not fit int32", path=path)
-    return value
-
-
 def _int_or_string(value: Any, path: str) -> int | str:
     if isinstance(value, str):
         return value
     if value is None:
-        raise _wrong(path, value, "an int or a string")
-    return _int32(value, path)
+        raise wrong_type(path, value, "an int or a string")
+    return read_int32(value, path)
 
 
 def _boolean(value: Any, path: str, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _wrong(path, value, "a boolean")
-    return value
+    return default if value is None else read_boolean(value, path)
 
 
-def _string_map(value: Any, path: str) -> Labels:
-    if value is None:
-        return EMPTY
-    if not isinstance(value, dict):
-        raise _wrong(path, value, "an object")
-    out: dict[str, str] = {}
-    for k, v in value.items():
-        if not isinstance(k, str):
-            raise DecodeError(f"unsupported map key {k!r}", path=path)
-        if v is not None and not isinstance(v, str):
-            raise DecodeError(f"cannot decode {_type_name(v)} as a string (key {k!r})", path=path)
-        out[k] = v or ""
-    return Labels(out)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-class _Strict:
-    """Type errors raise at once; unknown fields are collected and raised by `finish`."""
-
-    def __init__(self) -> None:
-        self.unknown: list[str] = []
-
-    def mapping(self, value: Any, path: str, known: frozenset[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise _wrong(path, value, "an object")
-        for k in value:
-            if not isinstance(k, str):
-                raise DecodeError(f"unsupported map key {k!r}", path=path)
-            if k not in known:
-                self.unknown.append(_join(path, k))
-        return value
+class _Reader(StrictReader):
+    """A MicroService's objects (its ports and dependencies)."""
 
     def items(self, value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, ...]:
-        if value is None:
-            return ()
-        if not isinstance(value, list):
-            raise _wrong(path, value, "an array")
-        return tuple(item(v, f"{path}[{i}]") for i, v in enumerate(value))
-
-    def finish(self) -> None:
-        if self.unknown:
-            first, *more = self.unknown
-            also = f" (also {', '.join(more)})" if more else ""
-            raise DecodeError(f"unknown field{also}", path=first)
+        return read_list(value, path, item)
 
     def port(self, value: Any, path: str) -> ServicePort:
         m = self.mapping(value, path, _PORT)
         protocol = m.get("protocol")
         port = m.get("port")
         return ServicePort(
-            name=_string(m.get("name"), _join(path, "name")),
-            port=0 if port is None else _int32(port, _join(path, "port")),
-            protocol=TCP if protocol is None else _string(protocol, _join(path, "protocol")),
+            name=read_string(m.get("name"), join_path(path, "name")),
+            port=0 if port is None else read_int32(port, join_path(path, "port")),
+            protocol=(TCP if protocol is None
+                      else read_string(protocol, join_path(path, "protocol"))),
         )
 
     def dependency(self, namespace: str) -> Callable[[Any, str], Dependency]:
         def decode(value: Any, path: str) -> Dependency:
             m = self.mapping(value, path, _DEPENDENCY)
             return Dependency(
-                name=_string(m.get("name"), _join(path, "name")),
-                namespace=_string(m.get("namespace"), _join(path, "namespace")) or namespace,
+                name=read_string(m.get("name"), join_path(path, "name")),
+                namespace=(read_string(m.get("namespace"), join_path(path, "namespace"))
+                           or namespace),
                 ports=(None if m.get("ports") is None else
-                       self.items(m.get("ports"), _join(path, "ports"), _int_or_string)),
+                       self.items(m.get("ports"), join_path(path, "ports"), _int_or_string)),
             )
 
         return decode
@@ -267,7 +196,7 @@ def decode_microservice(doc: Any, source: Source = NO_SOURCE,
                         default_namespace: str = "default") -> MicroService:
     """A MicroService document, decoded strictly, with its defaults applied."""
     if not isinstance(doc, dict):
-        raise DecodeError(f"the document is {_type_name(doc)}, not a {KIND} object")
+        raise DecodeError(f"the document is {type_name(doc)}, not a {KIND} object")
     api = doc.get("apiVersion")
     if api != API_VERSION:
         problem = "is missing" if api is None else f"{describe_value(api)!r} does not serve {KIND}"
@@ -276,18 +205,18 @@ def decode_microservice(doc: Any, source: Source = NO_SOURCE,
         got = doc.get("kind")
         problem = "is missing" if got is None else f"{describe_value(got)!r} is not {KIND}"
         raise DecodeError(problem, path="kind")
-    strict = _Strict()
+    strict = _Reader()
     m = strict.mapping(doc, "", _TOP_LEVEL)
     meta = strict.mapping(m.get("metadata"), "metadata", _META)
-    namespace = _string(meta.get("namespace"), "metadata.namespace") or default_namespace
+    namespace = read_string(meta.get("namespace"), "metadata.namespace") or default_namespace
     spec = strict.mapping(m.get("spec"), "spec", _SPEC)
     if not isinstance(m.get("status"), dict | None):
-        raise _wrong("status", m.get("status"), "an object")
+        raise wrong_type("status", m.get("status"), "an object")
     iso = strict.mapping(spec.get("isolation"), "spec.isolation", _ISOLATION)
     service = MicroService(
         namespace=namespace,
-        name=_string(meta.get("name"), "metadata.name"),
-        uid=_string(meta.get("uid"), "metadata.uid"),
+        name=read_string(meta.get("name"), "metadata.name"),
+        uid=read_string(meta.get("uid"), "metadata.uid"),
         selector=decode_selector(spec.get("selector"), "spec.selector"),
         ports=strict.items(spec.get("ports"), "spec.ports", strict.port),
         depends_on=strict.items(spec.get("dependsOn"), "spec.dependsOn",
@@ -296,8 +225,8 @@ def decode_microservice(doc: Any, source: Source = NO_SOURCE,
             ingress=_boolean(iso.get("ingress"), "spec.isolation.ingress", True),
             egress=_boolean(iso.get("egress"), "spec.isolation.egress", False),
         ),
-        labels=_string_map(meta.get("labels"), "metadata.labels"),
-        annotations=_string_map(meta.get("annotations"), "metadata.annotations"),
+        labels=read_string_map(meta.get("labels"), "metadata.labels"),
+        annotations=read_string_map(meta.get("annotations"), "metadata.annotations"),
         source=source,
     )
     strict.finish()
