@@ -333,7 +333,7 @@ _META_FIELDS: dict[str, Callable[[_Strict, Any, str], None]] = {
 }
 
 
-def _type_meta(doc: Any, kind: str, api_versions: tuple[str, ...]) -> dict[str, Any]:
+def type_meta(doc: Any, kind: str, api_versions: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise DecodeError(f"the document is {type_name(doc)}, not a {kind} object")
     api = doc.get("apiVersion")
@@ -390,7 +390,7 @@ def decode_network_policy(
     doc: Any, source: Source = NO_SOURCE, default_namespace: str = "default"
 ) -> NetworkPolicy:
     strict = _Strict()
-    m = strict.mapping(_type_meta(doc, "NetworkPolicy", (NETPOL_API,)), "", _TOP_LEVEL)
+    m = strict.mapping(type_meta(doc, "NetworkPolicy", (NETPOL_API,)), "", _TOP_LEVEL)
     meta = strict.metadata(m.get("metadata"))
     spec = strict.mapping(m.get("spec"), "spec", _SPEC)  # D3: no spec is an empty spec
     pod_selector = strict.selector(spec.get("podSelector"), "spec.podSelector")
@@ -418,7 +418,7 @@ def decode_network_policy(
 
 def decode_namespace(doc: Any, source: Source = NO_SOURCE) -> Namespace:
     """A Namespace object; the API server always sets the metadata.name label."""
-    m = _type_meta(doc, "Namespace", ("v1",))
+    m = type_meta(doc, "Namespace", ("v1",))
     meta = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
     assert isinstance(meta, dict)
     name = read_string(meta.get("name"), "metadata.name")
@@ -435,7 +435,7 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
     Pods are read leniently (fields stockade does not use are ignored): they
     describe a cluster, they are not submitted for validation.
     """
-    m = _type_meta(doc, "Pod", ("v1",))
+    m = type_meta(doc, "Pod", ("v1",))
     meta = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
     assert isinstance(meta, dict)
     name = read_string(meta.get("name"), "metadata.name")

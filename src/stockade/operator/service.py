@@ -50,7 +50,6 @@ from stockade.model import names
 from stockade.model.decode import (
     StrictReader,
     decode_selector,
-    describe_value,
     join_path,
     object_name,
     read_boolean,
@@ -58,7 +57,7 @@ from stockade.model.decode import (
     read_list,
     read_string,
     read_string_map,
-    type_name,
+    type_meta,
     wrong_type,
 )
 from stockade.model.field import INVALID, REQUIRED, UNSUPPORTED, FieldError
@@ -195,16 +194,7 @@ class _Reader(StrictReader):
 def decode_microservice(doc: Any, source: Source = NO_SOURCE,
                         default_namespace: str = "default") -> MicroService:
     """A MicroService document, decoded strictly, with its defaults applied."""
-    if not isinstance(doc, dict):
-        raise DecodeError(f"the document is {type_name(doc)}, not a {KIND} object")
-    api = doc.get("apiVersion")
-    if api != API_VERSION:
-        problem = "is missing" if api is None else f"{describe_value(api)!r} does not serve {KIND}"
-        raise DecodeError(f"{problem}; use {API_VERSION}", path="apiVersion")
-    if doc.get("kind") != KIND:
-        got = doc.get("kind")
-        problem = "is missing" if got is None else f"{describe_value(got)!r} is not {KIND}"
-        raise DecodeError(problem, path="kind")
+    type_meta(doc, KIND, (API_VERSION,))
     strict = _Reader()
     m = strict.mapping(doc, "", _TOP_LEVEL)
     meta = strict.mapping(m.get("metadata"), "metadata", _META)
