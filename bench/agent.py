@@ -24,7 +24,8 @@ from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
 
-def measure(agent: AgentProcess, n: int, big: bool) -> dict[str, list[float]]:
+def measure(agent: AgentProcess, n: int, big: bool, start: int = 0) -> dict[str, list[float]]:
+    """`n` rounds of the three changes; `start` numbers them (for rounds taken in turns)."""
     out: dict[str, list[float]] = {"relabel endpoint": [], "add endpoint": [],
                                    "change policy": []}
     pod = {"apiVersion": "v1", "kind": "Pod",
@@ -36,9 +37,9 @@ def measure(agent: AgentProcess, n: int, big: bool) -> dict[str, list[float]]:
            "spec": {"podSelector": {"matchLabels": {"app": "app7"}},
                     "ingress": [{"ports": [{"port": 1}]}]}}
     target = "ns0/pod0" if big else "ns3/probe"
-    if not big:
+    if not big and start == 0:
         agent.call("apply", documents=[pod], source="bench")
-    for i in range(n):
+    for i in range(start, start + n):
         t0 = time.perf_counter()
         agent.call("label", kind="endpoint", name=target, set={"round": str(i)}, remove=[])
         out["relabel endpoint"].append(time.perf_counter() - t0)
