@@ -155,17 +155,21 @@ def enforceable(state: AgentState, held: Mapping[str, Sequence[str]]) -> Cluster
             endpoints.append(rec.endpoint)
             continue
         quarantined_ns.add(rec.endpoint.namespace)
-        ips = _one_per_family(canonical_ip(ip) for ip in rec.endpoint.ips
-                              if parse_ip(ip) is not None)
-        endpoints.append(replace(rec.endpoint, labels=Labels({QUARANTINE_LABEL: "true"}),
-                                 ips=ips, ports=()))
+        endpoints.append(held_endpoint(rec.endpoint))
     policies = [p.policy for p in state.policies.values()
                 if not validate_policy(p.policy)]
-    policies += [_deny_all(ns) for ns in sorted(quarantined_ns)]
+    policies += [deny_all(ns) for ns in sorted(quarantined_ns)]
     return Cluster(tuple(namespaces), tuple(endpoints), tuple(policies))
 
 
-def _deny_all(namespace: str) -> NetworkPolicy:
+def held_endpoint(ep: Endpoint) -> Endpoint:
+    """An endpoint held fail-closed: its valid addresses (one per family), no labels but
+    the quarantine label, no ports; :func:`deny_all` of its namespace selects it."""
+    ips = _one_per_family(canonical_ip(ip) for ip in ep.ips if parse_ip(ip) is not None)
+    return replace(ep, labels=Labels({QUARANTINE_LABEL: "true"}), ips=ips, ports=())
+
+
+def deny_all(namespace: str) -> NetworkPolicy:
     return NetworkPolicy(namespace, QUARANTINE_POLICY,
                          pod_selector=Selector(Labels({QUARANTINE_LABEL: "true"})),
                          policy_types=("Ingress", "Egress"))

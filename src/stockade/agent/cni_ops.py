@@ -52,6 +52,7 @@ from stockade.agent.protocol import BAD_REQUEST, INVALID, UNAVAILABLE, ApiError,
 from stockade.agent.reconcile import ApplyReport
 from stockade.agent.records import (
     OWNER_CNI,
+    OWNER_KUBE,
     OWNER_RUN,
     Change,
     DeleteEndpoint,
@@ -70,7 +71,7 @@ from stockade.cni.spec import (
 from stockade.compile.ir import ADDR_PORT, Ruleset
 from stockade.compile.nft import canonical
 from stockade.errors import DecodeError, NetError
-from stockade.model.admit import validate_endpoint
+from stockade.model.admit import canonical_ip, validate_endpoint
 from stockade.model.cluster import ContainerPort, Endpoint
 from stockade.model.labels import Labels
 
@@ -194,6 +195,10 @@ class CniOps:
 
     def __init__(self) -> None:
         self.service: Service | None = None
+        # With --datastore kubernetes: the feed that knows the API's pods (labels and
+        # named ports of a pod come from there), and how long ADD waits for one.
+        self.pods: Any = None
+        self.pod_wait = 10.0
         self.attachments: dict[str, CniAttachment] = {}
         self._revisions: dict[str, int] = {}  # in memory: after a restart, all is applied
         self._desired: Ruleset | None = None  # what the last successful apply put in
@@ -206,6 +211,8 @@ class CniOps:
         return {"cni": {"attachments": len(self.attachments)}}
 
     def start(self, agent: Host) -> None:
+        self.pods = getattr(agent, "kube_feed", None)
+        self.pod_wait = getattr(getattr(agent, "config", None), "pod_wait", self.pod_wait)
         self.service = agent.service
         raw = self.service.store.get_meta(META) or {}
         self.attachments = {a.id: a for a in (CniAttachment.from_dict(d) for d in
@@ -247,16 +254,21 @@ class CniOps:
         a = Args(args, "cni.add")
         allocate, sync = a.flag("allocate", False), a.flag("sync", True)
         svc = self._svc()
+        api_ports: tuple[ContainerPort, ...] | None = None
+        if labels is None and self.pods is not None:
+            # Before the service lock: the feed commits under it while delivering the pod.
+            labels, api_ports = self._api_pod(spec)
         with svc.lock:
             known = self.attachments.get(attachment_id(network, cid, ifname))
             owner = ipam_owner(cid, ifname) if allocate else (known.ipam_owner if known
                                                                 else "")
             address, fresh = self._allocate(owner) if allocate else ("", False)
             try:
-                rec, inherited = self._record(spec, labels, cid, ifname, address)
+                rec, inherited = self._record(spec, labels, cid, ifname, address, api_ports)
                 att = CniAttachment(network, cid, ifname, rec.key, owner, time.time())
                 registry = {**self.attachments, att.id: att}
                 changes = svc.implicit_namespaces([rec.endpoint.namespace], {})
+                changes += self._evict(rec)
                 changes.append(PutEndpoint(rec))
                 meta = self._meta(registry)
                 if fresh:
@@ -279,6 +291,34 @@ class CniOps:
                        subnet=str(svc.ipam.subnet))
         return out
 
+    def _api_pod(self, spec: Mapping[str, Any]) -> tuple[Labels, tuple[ContainerPort, ...]]:
+        """Labels and named ports of the pod as the Kubernetes API shows it, waiting a
+        bounded time for the watch to deliver a pod it has not seen yet; held pods
+        (admission refused them or their namespace) get the fail-closed labels."""
+        from stockade.agent.admission import held_endpoint
+
+        namespace, name = _spec_str(spec, "namespace"), _spec_str(spec, "name")
+        pod = self.pods.wait_pod(namespace, name, self.pod_wait)
+        if pod is None:
+            raise ApiError(UNAVAILABLE, f"pod {namespace}/{name} is not known to the "
+                                        f"Kubernetes API after {self.pod_wait:g}s (or the "
+                                        "agent has not listed it yet); try again")
+        if self.pods.hold_reasons(pod.key):
+            ep = held_endpoint(Endpoint(namespace, name, pod.labels, ()))
+            return ep.labels, ()
+        return pod.labels, pod.ports
+
+    def _evict(self, rec: EndpointRecord) -> list[Change]:
+        """With the API as the datastore, this node's attachment is the truth for its
+        address: a pod of the API still showing it (deleted, its deletion not seen
+        yet) gives it up."""
+        if self.pods is None:
+            return []
+        svc = self._svc()
+        holders = {svc.state.addresses().get(canonical_ip(ip)) for ip in rec.endpoint.ips}
+        return [DeleteEndpoint(h) for h in sorted(k for k in holders if k and k != rec.key)
+                if svc.state.endpoints[h].owner == OWNER_KUBE]
+
     def _allocate(self, owner: str) -> tuple[str, bool]:
         """The owner's address and whether it is new (a retried ADD gets the same)."""
         svc = self._svc()
@@ -292,7 +332,8 @@ class CniOps:
             raise ApiError(UNAVAILABLE, str(exc)) from None
 
     def _record(self, spec: Mapping[str, Any], labels: Labels | None, cid: str, ifname: str,
-                address: str) -> tuple[EndpointRecord, bool]:
+                address: str, api_ports: tuple[ContainerPort, ...] | None = None,
+                ) -> tuple[EndpointRecord, bool]:
         """The endpoint to store; labels and ports inherited when none are given."""
         svc = self._svc()
         namespace, name = _spec_str(spec, "namespace"), _spec_str(spec, "name")
@@ -312,10 +353,12 @@ class CniOps:
                                     f"namespace {existing.netns} still exists; container "
                                     f"{cid} ({ifname}) cannot take the name until that one "
                                     "is deleted (CNI DEL)")
-        inherited = labels is None and existing is not None
+        inherited = (labels is None and existing is not None) or api_ports is not None
         if labels is None:
             labels = existing.endpoint.labels if existing is not None else Labels({})
         ports = _ports(spec.get("ports"))
+        if ports is None and api_ports is not None:
+            ports = api_ports
         if ports is None:
             ports = existing.endpoint.ports if existing is not None else ()
         raw_ips = spec.get("ips")

@@ -70,6 +70,15 @@ class AgentConfig:
     accept_empty_store: bool = False
     # An owned, persistent table: no other process can change it (see the README).
     table_owner: bool = True
+    # Where namespaces, policies and pods come from: "local" (the store, through the
+    # socket) or "kubernetes" (list and watch of the API; see kube/datastore.py).
+    datastore: str = "local"
+    kubeconfig: str | None = None  # None: in-cluster, else $KUBECONFIG, ~/.kube/config
+    kube_context: str | None = None
+    node: str = ""  # this node's name; "" = $NODE_NAME, else the host name
+    watch_stall_timeout: float = 150.0
+    watch_timeout: int = 300
+    pod_wait: float = 10.0  # a CNI ADD waits this long for the API to show its pod
 
 
 class Agent:
@@ -84,6 +93,8 @@ class Agent:
         self.runner: BoundedFrequencyRunner | None = None
         self.monitor: TableMonitor | None = None
         self.metrics_server: MetricsServer | None = None
+        self.kube_feed: Any = None  # stockade.kube.datastore.KubeFeed with that datastore
+        self._started: list[Extension] = []
         # Started in this order after the first reconciliation, stopped in reverse;
         # their operations join the service's table (see agent/extension.py).
         self.extensions: list[Extension] = []
@@ -94,15 +105,31 @@ class Agent:
         cfg = self.config
         if cfg.datapath != "nft":
             raise AgentError(f"datapath {cfg.datapath!r} is not available (nft is)")
-        self.store = Store(cfg.state_dir)
-        state, revision = self.store.load()
+        if cfg.datastore not in ("local", "kubernetes"):
+            raise AgentError(f"datastore {cfg.datastore!r} is not available "
+                             "(local, kubernetes)")
+        kube = cfg.datastore == "kubernetes"
+        if kube:
+            # Imported here: httpx and lightkube only on this path.
+            from stockade.kube.datastore import KubeCacheStore
+
+            self.kube_feed = self._kube_feed()
+            store = KubeCacheStore(cfg.state_dir)
+            self.store = store
+            state, revision = store.load_local()
+        else:
+            self.store = Store(cfg.state_dir)
+            state, revision = self.store.load()
         log.info("state loaded", extra={"fields": {
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})
         table = Table(cfg.table, log_group=cfg.log_group)
         datapath = NftDatapath(table, netns=cfg.netns, owner=cfg.table_owner)
         datapath.check()
-        state, revision = self._guard_empty_store(state, revision, datapath)
+        if not kube:
+            # With the API as the datastore an empty local store is normal: nothing is
+            # programmed before the first lists, so the kernel's table stays as it is.
+            state, revision = self._guard_empty_store(state, revision, datapath)
         state.quarantined = quarantine(state, strict_cidr=cfg.strict_cidr)
         for key, reasons in sorted(state.quarantined.items()):
             log.error("endpoint held fail-closed: its stored state cannot be enforced",
@@ -124,28 +151,104 @@ class Agent:
         for provider in self.operation_providers():
             self.service.register(provider)
         self.visibility.start()
+        if kube:
+            self._start_kube()
+            return
         # Adopt: read the kernel back and apply only the difference, before serving.
         self.reconciler.run(periodic=True)
         if self.reconciler.last is not None and self.reconciler.last.error:
             raise AgentError(f"cannot program the kernel: {self.reconciler.last.error}")
+        self._enforce()
+        self._start_extensions()
+        self._serve()
+        self._update_gauges()
+        log.info("ready", extra={"fields": {"socket": cfg.socket, "revision": revision,
+                                            "table": f"inet {cfg.table}"}})
+        notify_ready()
+
+    def _enforce(self) -> None:
+        """The reconcile loop and the datapath's monitor, after the first reconciliation."""
+        cfg = self.config
         self.runner = BoundedFrequencyRunner("reconcile", self._run, cfg.min_interval,
                                              cfg.resync_interval)
         self.reconciler.attach(self.runner.run)
         self.runner.start()
         # The datapath's own monitor: a deleted table is rewritten without reading first.
+        datapath = self.reconciler.datapath
+        assert isinstance(datapath, NftDatapath)
         self.monitor = datapath.monitor(self._foreign_change)
         self.monitor.start()
+
+    def _start_extensions(self) -> None:
         for ext in self.extensions:
             ext.start(self)
+            self._started.append(ext)
+
+    def _serve(self) -> None:
+        cfg = self.config
         if cfg.metrics_address:
             self.metrics_server = MetricsServer(self.registry, cfg.metrics_address,
                                                 health=self._healthy)
             self.metrics_server.start()
         self.api = ApiServer(cfg.socket, self.service.handle)
         self.api.start()
+
+    # ---- the Kubernetes datastore ----------------------------------------------------------
+
+    def _kube_feed(self) -> Any:
+        from stockade.kube.client import KubeClient, KubeError
+        from stockade.kube.datastore import KubeFeed
+        from stockade.kube.reflector import ReflectorConfig
+
+        cfg = self.config
+        try:
+            client = KubeClient.connect(cfg.kubeconfig, cfg.kube_context,
+                                        in_cluster=None if cfg.kubeconfig is None else False)
+        except KubeError as exc:
+            raise AgentError(f"--datastore kubernetes: {exc}") from None
+        node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()
+        return KubeFeed(client, node, config=ReflectorConfig(
+            timeout_seconds=cfg.watch_timeout, stall_timeout=cfg.watch_stall_timeout))
+
+    def _start_kube(self) -> None:
+        """Serve reads at once; enforce nothing until the first lists are committed.
+
+        Until then the kernel keeps the table it has, `status` and `/healthz` say not
+        in sync, local writes are refused (the API is the truth), and the CNI and
+        container operations answer unavailable (the runtime retries).
+        """
+        cfg = self.config
+        feed = self.kube_feed
+        self.service.read_only = f"kubernetes ({feed.client.server})"
+        feed.bind(self.service, self.registry)
+        self.service.register(feed)
+        self._serve()
+        feed.start()
+        log.info("serving; enforcing once the first lists of the Kubernetes API are in",
+                 extra={"fields": {"socket": cfg.socket, "server": feed.client.server,
+                                   "node": feed.node, "table": f"inet {cfg.table}"}})
+        threading.Thread(target=self._await_kube, name="kube-sync", daemon=True).start()
+
+    def _await_kube(self) -> None:
+        feed = self.kube_feed
+        while not feed.synced.wait(0.2):
+            if self._stopping.is_set():
+                return
+        if self._stopping.is_set():
+            return
+        # Adopt: read the kernel back and apply only the difference from the lists.
+        if not self.reconciler.run(periodic=True):
+            log.error("the first lists could not be programmed; retrying")
+        try:
+            self._enforce()
+            self._start_extensions()
+        except Exception:  # the agent goes on enforcing; status says what is missing
+            log.exception("starting after the first lists failed")
+        if self.runner is not None and not self.reconciler.healthy:
+            self.runner.retry_in(self.reconciler.backoff())
         self._update_gauges()
-        log.info("ready", extra={"fields": {"socket": cfg.socket, "revision": revision,
-                                            "table": f"inet {cfg.table}"}})
+        log.info("ready", extra={"fields": {"revision": self.reconciler.desired_revision,
+                                            "table": f"inet {self.config.table}"}})
         notify_ready()
 
     def _guard_empty_store(self, state: AgentState, revision: int,
@@ -197,10 +300,12 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.kube_feed is not None:
+            self.kube_feed.stop()
         for part in (self.api, self.metrics_server):
             if part is not None:
                 part.stop()
-        for ext in reversed(self.extensions):
+        for ext in reversed(self._started):
             ext.stop()
         if self.monitor is not None:
             self.monitor.stop()

@@ -21,6 +21,7 @@ from stockade.model.policy import NetworkPolicy, Source
 OWNER_API = "api"  # registered through the API; removed through it
 OWNER_RUN = "run"  # started by `stockade run`; removed when its process exits
 OWNER_CNI = "cni"  # added by the CNI plugin; removed by CNI DEL
+OWNER_KUBE = "kube"  # a Pod of the Kubernetes API (--datastore kubernetes); kept in memory
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,11 @@ class AgentState:
             for key, rec in self.endpoints.items():
                 self._index(rec, key)
         return self._addresses
+
+    def reindex(self) -> None:
+        """Forget the address index (rebuilt at the next use): after a batch that handed an
+        address from one endpoint to another, which the incremental index cannot order."""
+        self._addresses = None
 
     def _index(self, rec: EndpointRecord, key: str | None) -> None:
         assert self._addresses is not None

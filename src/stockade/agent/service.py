@@ -58,6 +58,10 @@ from stockade.model.parse import decode_objects, expand_lists
 from stockade.net.ipam import Ipam
 
 SYNC_TIMEOUT = 30.0
+# What another datastore owns (see Service.read_only); reads and the node's own
+# containers (run, cni.*) stay local.
+LOCAL_WRITES = frozenset({"apply", "delete", "label", "snapshot.restore", "endpoint.add",
+                          "endpoint.remove"})
 
 
 class Service:
@@ -72,6 +76,9 @@ class Service:
         self.started = time.time()
         self._table: dict[str, Handler] = {}
         self._providers: list[Operations] = []
+        # Set when another datastore is the truth (`--datastore kubernetes`): local
+        # writes of namespaces, policies and pods would fork it and are refused.
+        self.read_only: str = ""
         self.register(self)  # the core operations, the same way as any extension's
 
     # ---- the table of operations ---------------------------------------------------------
@@ -115,19 +122,28 @@ class Service:
         handler = self._table.get(op)
         if handler is None:
             raise ApiError(BAD_REQUEST, f"operation {op!r} is not served by this agent")
+        if self.read_only and op in LOCAL_WRITES:
+            raise ApiError(INVALID, f"{op}: this agent's datastore is {self.read_only}; "
+                                    "namespaces, policies and pods are changed there (e.g. "
+                                    "kubectl apply), not through the agent, whose local "
+                                    "changes would fork the truth")
         return handler(args)
 
     # ---- plumbing ---------------------------------------------------------------------
 
     def commit(self, changes: Sequence[Change], *, sync: bool = True,
-               meta: Mapping[str, Any] | None = None) -> int:
+               meta: Mapping[str, Any] | None = None, admitted: bool = False) -> int:
         """Admit, store, fold, reconcile; with `sync`, wait for the kernel.
 
         Admission is here, not only in each operation, so that no path can store
-        an object the kernel would refuse (see agent/admission.py).
+        an object the kernel would refuse (see agent/admission.py). ``admitted``
+        is for the Kubernetes feed alone (kube/datastore.py): it admits each object
+        itself with the same functions and holds what fails fail-closed, object by
+        object, where this check would refuse the whole batch.
         """
         with self.lock:
-            problems = check_changes(self.state, changes, strict_cidr=self.strict_cidr)
+            problems = [] if admitted else check_changes(self.state, changes,
+                                                         strict_cidr=self.strict_cidr)
             if problems:
                 raise ApiError(INVALID, f"{len(problems)} error(s); nothing was applied",
                                problems)

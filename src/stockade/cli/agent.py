@@ -37,6 +37,20 @@ def register(sub: Any) -> None:
     a.add_argument("--no-table-owner", dest="table_owner", action="store_false",
                    help="leave the table changeable by other processes (by default it is "
                         "owned by the agent and kept when the agent exits)")
+    a.add_argument("--datastore", default="local", choices=("local", "kubernetes"),
+                   help="where namespaces, policies and pods come from: the local store "
+                        "(default, single hosts) or the Kubernetes API (list and watch)")
+    a.add_argument("--kubeconfig", metavar="FILE",
+                   help="with --datastore kubernetes: this kubeconfig (default: in-cluster "
+                        "service account, else $KUBECONFIG or ~/.kube/config)")
+    a.add_argument("--context", metavar="NAME", help="the kubeconfig's context to use")
+    a.add_argument("--node", metavar="NAME",
+                   help="with --datastore kubernetes: this node's name (default $NODE_NAME, "
+                        "else the host name)")
+    a.add_argument("--watch-stall-timeout", type=float, default=150.0, metavar="SECONDS",
+                   help="reconnect a watch that delivered no event nor bookmark for this long")
+    a.add_argument("--pod-wait", type=float, default=10.0, metavar="SECONDS",
+                   help="how long a CNI ADD waits for the API to show its pod")
     recover = a.add_mutually_exclusive_group()
     recover.add_argument("--restore-snapshot", metavar="FILE",
                          help="an empty store facing a kernel table: load this snapshot "
@@ -127,7 +141,10 @@ def run_agent(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address, subnet=args.subnet,
         bridge_prefix=args.bridge_prefix, resync_interval=args.resync_interval,
         log_group=args.log_group or None, restore_snapshot=args.restore_snapshot,
-        accept_empty_store=args.accept_empty_store, table_owner=args.table_owner))
+        accept_empty_store=args.accept_empty_store, table_owner=args.table_owner,
+        datastore=args.datastore, kubeconfig=args.kubeconfig, kube_context=args.context,
+        node=args.node or "", watch_stall_timeout=args.watch_stall_timeout,
+        pod_wait=args.pod_wait))
 
 
 def _default_socket() -> str:
@@ -251,6 +268,16 @@ def run_status(args: argparse.Namespace) -> int:
               f"attempt(s), the previous ruleset stays in force: {st['error']}")
     for key, reasons in (st.get("quarantined") or {}).items():
         print(f"held closed:    {key}: {'; '.join(reasons)}")
+    ds = st.get("datastore")
+    if isinstance(ds, dict):
+        print(f"datastore:      {ds.get('kind')} {ds.get('server')} (node {ds.get('node')}), "
+              f"{'synced' if ds.get('synced') else 'NOT SYNCED: waiting for the first lists'}")
+        for plural, r in sorted((ds.get("resources") or {}).items()):
+            print(f"  {plural:16}rv {r.get('resourceVersion') or '-'}, lists {r.get('lists')},"
+                  f" events {r.get('events')}, errors {r.get('errors')}"
+                  + (f", last error: {r['lastError']}" if r.get("lastError") else ""))
+        for key, why in (ds.get("waiting") or {}).items():
+            print(f"  waiting:      {key}: {why}")
     return 0 if st["inSync"] and st.get("ready", True) else 1
 
 

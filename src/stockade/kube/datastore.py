@@ -1,0 +1,739 @@
+"""The agent's state from the Kubernetes API (``stockade agent --datastore kubernetes``).
+
+Three reflectors (reflector.py) list-then-watch Namespaces, NetworkPolicies and
+Pods into a :class:`KubeFeed`, which translates each object with the same
+decoders and admission functions as files and the socket (``model.decode``,
+``model.admit``, ``model.validate``) and commits what changed to the agent's
+``Service``: the same state, incremental compiler and reconciler as with the
+local store.
+
+Decisions, and why:
+
+* **Nothing is programmed before the first list.** Until Namespaces,
+  NetworkPolicies and Pods have each been listed once, the kernel keeps the
+  table it has (the last agent's) and ``status``/``/healthz`` say not in sync.
+  The first list is then committed as a whole and the first reconciliation
+  reads the kernel back and applies only the difference (the restart path of
+  the local store: nothing is flushed).
+* **A relist never flushes.** After 410 Gone a resource is listed again; the
+  feed computes, key by key, what the agent's state should be and commits only
+  what differs from what it holds: unchanged objects cause no change, deleted
+  ones are deleted, and nothing is ever emptied first.
+* **Pods.** Every pod with an IP is an endpoint (labels, IPs, named ports), on
+  any node: remote pods are the peers selectors pick. A pod without an IP yet
+  is not an error: it is skipped until an event gives it one. hostNetwork pods
+  are not endpoints (their address is the node's), nor are pods that finished
+  (``Succeeded``/``Failed`` keep ``podIP`` although the address is free again).
+* **One bad object never blocks the others; it is held fail-closed.** An
+  object stockade's admission refuses (a NetworkPolicy with a field it cannot
+  decode, a pod with two IPs of one family, ...) is handled like a bad record of
+  the local store (agent/admission.py): the endpoints it could affect are held
+  isolated both ways (a bad pod: that pod; a bad policy or namespace: the pods of
+  that namespace), the reason is logged at error level, shown in ``status``
+  (``quarantined`` and ``datastore.invalid``) and counted
+  (``stockade_kube_invalid_objects``). Skipping a bad policy instead would
+  silently open what it was written to close.
+* **Two pods claiming one address** (an address reused before the old pod's
+  deletion arrived) cannot both be in the kernel's maps: the endpoint already
+  holding it (or a CNI attachment of this node, the local truth) keeps it, the
+  other waits (``datastore.waiting``) and is examined again at every change and
+  every few seconds.
+* **Local truth stays local.** Endpoints of the CNI plugin (``cni.add`` on this
+  node) and of ``stockade run`` are kept in the local store as before; the API
+  gives a CNI endpoint its labels and named ports, the CNI attachment its
+  address. Endpoints, namespaces and policies from the API are held in memory
+  only (:class:`KubeCacheStore`): the API is their durable store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from stockade.agent.admission import QUARANTINE_POLICY, deny_all, held_endpoint
+from stockade.agent.extension import Handler
+from stockade.agent.metrics import Registry
+from stockade.agent.records import (
+    OWNER_KUBE,
+    AgentState,
+    Change,
+    DeleteEndpoint,
+    DeleteNamespace,
+    DeletePolicy,
+    EndpointRecord,
+    PolicyRecord,
+    PutEndpoint,
+    PutNamespace,
+    PutPolicy,
+)
+from stockade.agent.store import Store
+from stockade.errors import DecodeError
+from stockade.kube.client import NAMESPACES, NETWORK_POLICIES, PODS, KubeClient, Resource
+from stockade.kube.reflector import DELETED, Reflector, ReflectorConfig
+from stockade.model.admit import canonical_ip, validate_endpoint, validate_namespace
+from stockade.model.cidr import parse_ip
+from stockade.model.cluster import ContainerPort, Endpoint, Namespace, implicit_namespace
+from stockade.model.decode import decode_namespace, decode_network_policy, decode_pod
+from stockade.model.labels import Labels
+from stockade.model.policy import Source
+from stockade.model.validate import validate_policy
+
+log = logging.getLogger("stockade.kube")
+
+FINISHED_PHASES = ("Succeeded", "Failed")
+RETRY_WAITING = 5.0  # seconds between looks at pods waiting for an address
+_PLACEHOLDER_IP = "192.0.2.1"  # TEST-NET-1: lets decode_pod read labels before the IP
+
+# ---- translation (pure) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the feed knows of one Pod of the API."""
+
+    key: str
+    node: str
+    labels: Labels
+    ports: tuple[ContainerPort, ...]
+    endpoint: Endpoint | None  # None: not an endpoint (see `skipped`)
+    skipped: str = ""  # why not: "no IP yet", "hostNetwork", "phase Succeeded", ...
+    errors: tuple[str, ...] = ()  # admission refused it: held fail-closed
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def object_key(res: Resource, obj: Mapping[str, Any]) -> str:
+    meta = _meta(obj)
+    name = str(meta.get("name") or "")
+    if not res.namespaced:
+        return name
+    return f"{meta.get('namespace') or 'default'}/{name}"
+
+
+def _typed(res: Resource, obj: Mapping[str, Any]) -> dict[str, Any]:
+    """List items come without kind and apiVersion; the decoders want them."""
+    return {**obj, "apiVersion": res.api_version, "kind": res.kind}
+
+
+def translate_namespace(obj: Mapping[str, Any]) -> tuple[Namespace, list[str]]:
+    """The namespace, and the reasons its pods must be held (empty: none)."""
+    name = object_key(NAMESPACES, obj)
+    try:
+        ns = decode_namespace(_typed(NAMESPACES, obj), Source("kubernetes"))
+    except DecodeError as e:
+        return implicit_namespace(name), [f"namespace {name}: {e.render()}"]
+    return ns, [f"namespace {name}: {e.render()}" for e in validate_namespace(ns)]
+
+
+def translate_policy(obj: Mapping[str, Any]) -> tuple[str, PolicyRecord | None, list[str]]:
+    """(key, the record or None, errors). ``status`` is the server's and is dropped
+    (API servers 1.24-1.26 send an empty one), every other field is decoded strictly."""
+    key = object_key(NETWORK_POLICIES, obj)
+    doc = _typed(NETWORK_POLICIES, {k: v for k, v in obj.items() if k != "status"})
+    try:
+        policy = decode_network_policy(doc, Source("kubernetes"))
+    except DecodeError as e:
+        return key, None, [f"networkpolicy {key}: {e.render()}"]
+    errors = [f"networkpolicy {key}: {e.render()}" for e in validate_policy(policy)]
+    if errors:
+        return key, None, errors
+    return key, PolicyRecord(policy, doc), []
+
+
+def _pod_ips(status: Mapping[str, Any]) -> list[str]:
+    ips: list[str] = []
+    pod_ip = status.get("podIP")
+    if isinstance(pod_ip, str) and pod_ip:
+        ips.append(pod_ip)
+    entries = status.get("podIPs")
+    for entry in entries if isinstance(entries, list) else ():
+        ip = entry.get("ip") if isinstance(entry, Mapping) else None
+        if isinstance(ip, str) and ip and ip not in ips:
+            ips.append(ip)
+    return ips
+
+
+def translate_pod(obj: Mapping[str, Any]) -> PodView:
+    key = object_key(PODS, obj)
+    spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
+    status = obj.get("status") if isinstance(obj.get("status"), Mapping) else {}
+    assert isinstance(spec, Mapping) and isinstance(status, Mapping)
+    node = str(spec.get("nodeName") or "")
+    ips = _pod_ips(status)
+    # Labels and named ports are read even before the pod has an address: the CNI
+    # plugin asks for them at ADD, before the kubelet reports the IP.
+    try:
+        base = decode_pod(_typed(PODS, {**obj, "status": {"podIP": _PLACEHOLDER_IP}}),
+                          Source("kubernetes"))
+    except DecodeError as e:
+        ns, _, name = key.partition("/")
+        err = f"pod {key}: {e.render()}"
+        valid = tuple(ip for ip in ips if parse_ip(ip) is not None)
+        if not valid or spec.get("hostNetwork") is True:
+            return PodView(key, node, Labels({}), (), None, "undecodable", (err,))
+        return PodView(key, node, Labels({}), (), Endpoint(ns, name, Labels({}), valid),
+                       "", (err,))
+    view = PodView(key, node, base.labels, base.ports, None)
+    phase = status.get("phase")
+    if spec.get("hostNetwork") is True:
+        return replace(view, skipped="hostNetwork")
+    if phase in FINISHED_PHASES:
+        return replace(view, skipped=f"phase {phase}")
+    if not ips:
+        return replace(view, skipped="no IP yet")
+    ep = replace(base, ips=tuple(ips))
+    errors = tuple(f"pod {key}: {e.render()}" for e in validate_endpoint(ep))
+    return replace(view, endpoint=ep, errors=errors)
+
+
+# ---- the store in kubernetes mode ---------------------------------------------------------
+
+
+class KubeCacheStore(Store):
+    """The local store when the API is the datastore: only local truth is durable.
+
+    Endpoints of this node's CNI attachments and of ``stockade run``, and the meta
+    blobs (address pool, attachments), are written to SQLite as before; what comes
+    from the API (endpoints owned ``kube``, namespaces, policies) is not: the API
+    keeps it, and a restarted agent lists it again. Revisions still grow by one per
+    commit (in memory beyond the database's), so waiting for enforcement works alike.
+    """
+
+    def __init__(self, state_dir: Path | str) -> None:
+        super().__init__(state_dir)
+        self._rev = super().revision()
+        self._local: set[str] = set()
+
+    def load_local(self) -> tuple[AgentState, int]:
+        """The durable part: local endpoints only (what an earlier run of the agent
+        with the local datastore kept besides is left in the file, unused)."""
+        state, revision = super().load()
+        local = {k: r for k, r in state.endpoints.items() if r.owner != OWNER_KUBE}
+        self._local = set(local)
+        return AgentState(endpoints=local), revision
+
+    def revision(self) -> int:
+        return self._rev
+
+    def commit(self, changes: Sequence[Change], meta: Mapping[str, Any] | None = None) -> int:
+        durable: list[Change] = []
+        for c in changes:
+            if isinstance(c, PutEndpoint):
+                if c.record.owner != OWNER_KUBE:
+                    durable.append(c)
+                elif c.record.key in self._local:
+                    durable.append(DeleteEndpoint(c.record.key))
+            elif isinstance(c, DeleteEndpoint) and c.key in self._local:
+                durable.append(c)
+        with self.lock:
+            if not changes and not meta:
+                return self._rev
+            if durable or meta:
+                persisted = super().commit(durable, meta)
+                self._rev = max(self._rev + 1, persisted)
+            else:
+                self._rev += 1
+            for c in durable:
+                if isinstance(c, PutEndpoint):
+                    self._local.add(c.record.key)
+                elif isinstance(c, DeleteEndpoint):
+                    self._local.discard(c.key)
+            return self._rev
+
+
+# ---- the feed -------------------------------------------------------------------------------
+
+
+class _Sink:
+    def __init__(self, feed: KubeFeed, res: Resource) -> None:
+        self.feed, self.res = feed, res
+
+    def replace(self, items: list[dict[str, Any]], resource_version: str) -> None:
+        self.feed.replace(self.res, items)
+
+    def event(self, type: str, obj: dict[str, Any]) -> None:
+        self.feed.event(self.res, type, obj)
+
+
+class KubeFeed:
+    """Namespaces, NetworkPolicies and Pods of the API into the agent's service.
+
+    Wiring (agent/daemon.py): ``bind(service, registry)``, then ``start()``; the
+    ``synced`` event is set once the first lists are committed. It is also an
+    operations provider (``status`` gets a ``datastore`` field); it serves no
+    operation of its own.
+    """
+
+    def __init__(self, client: KubeClient, node: str, *,
+                 config: ReflectorConfig | None = None,
+                 reflector_factory: Callable[..., Reflector] = Reflector) -> None:
+        self.client = client
+        self.node = node
+        self.config = config or ReflectorConfig()
+        self.service: Any = None  # stockade.agent.service.Service, once bound
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self.namespaces: dict[str, Namespace] = {}
+        self.ns_errors: dict[str, list[str]] = {}
+        self.policies: dict[str, PolicyRecord] = {}
+        self.policy_errors: dict[str, list[str]] = {}
+        self.pods: dict[str, PodView] = {}
+        self._pods_in: dict[str, set[str]] = {}
+        self._policies_in: dict[str, set[str]] = {}
+        self._listed: set[str] = set()
+        self.held: dict[str, list[str]] = {}  # endpoint key -> reasons (fail-closed)
+        self.waiting: dict[str, str] = {}  # endpoint key -> why it waits (an address)
+        self._ns_hold: dict[str, tuple[str, ...]] = {}  # namespace -> why its pods are held
+        self._reported: dict[str, tuple[str, ...]] = {}  # errors logged, by object
+        self.commits = 0
+        self.changes = 0
+        self.reflectors = [reflector_factory(client, res, _Sink(self, res), config=self.config)
+                           for res in (NAMESPACES, NETWORK_POLICIES, PODS)]
+        self._retry: threading.Thread | None = None
+        self._m_events: Any = None
+        self._m_invalid: Any = None
+        self._m_relists: Any = None
+        self._m_errors: Any = None
+        self._m_synced: Any = None
+
+    # ---- wiring ----------------------------------------------------------------------------
+
+    def bind(self, service: Any, registry: Registry | None = None) -> None:
+        self.service = service
+        if registry is not None:
+            self._m_events = registry.counter(
+                "stockade_kube_events_total",
+                "Watch events delivered by the Kubernetes API, by resource.", ("resource",))
+            self._m_relists = registry.counter(
+                "stockade_kube_lists_total",
+                "Lists of a resource delivered (the first one and every relist).",
+                ("resource",))
+            self._m_errors = registry.counter(
+                "stockade_kube_watch_errors_total",
+                "Failed lists and watches (dropped, refused, stalled), by resource.",
+                ("resource",))
+            self._m_invalid = registry.gauge(
+                "stockade_kube_invalid_objects",
+                "Objects of the API that admission refuses (their endpoints are held "
+                "fail-closed), by kind.", ("kind",))
+            self._m_synced = registry.gauge(
+                "stockade_kube_synced", "1 once the first lists are enforced, else 0.")
+            for kind in ("namespace", "networkpolicy", "pod"):
+                self._m_invalid.set(0, kind=kind)
+            self._m_synced.set(0)
+
+    def start(self) -> None:
+        for r in self.reflectors:
+            r.start()
+        self._retry = threading.Thread(target=self._retry_loop, name="kube-retry",
+                                       daemon=True)
+        self._retry.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for r in self.reflectors:
+            r.stop(timeout=0.5)
+        with self._cond:
+            self._cond.notify_all()
+        self.client.close()  # a watch still blocked in a read ends with it
+
+    # ---- Operations (status only) -----------------------------------------------------------
+
+    def operations(self) -> Mapping[str, Handler]:
+        return {}
+
+    def status(self) -> Mapping[str, Any]:
+        with self._lock:
+            invalid = {**{k: v for k, v in self.ns_errors.items() if v},
+                       **self.policy_errors,
+                       **{k: list(p.errors) for k, p in self.pods.items() if p.errors}}
+            out = {
+                "kind": "kubernetes", "server": self.client.server, "node": self.node,
+                "synced": self.synced.is_set(),
+                "resources": {r.res.plural: r.status.to_dict() for r in self.reflectors},
+                "counts": {"namespaces": len(self.namespaces), "policies": len(self.policies),
+                           "pods": len(self.pods),
+                           "endpoints": sum(1 for p in self.pods.values() if p.endpoint)},
+                "invalid": {k: list(v) for k, v in sorted(invalid.items())},
+                "waiting": dict(sorted(self.waiting.items())),
+            }
+        self._publish_metrics()
+        return {"datastore": out}
+
+    def _publish_metrics(self) -> None:
+        if self._m_events is None:
+            return
+        for r in self.reflectors:
+            st = r.status
+            # Counters are monotonic totals kept by the reflectors: set by difference.
+            for metric, value, attr in ((self._m_events, st.events, "_ev"),
+                                        (self._m_relists, st.lists, "_li"),
+                                        (self._m_errors, st.errors, "_er")):
+                seen = getattr(r, attr, 0)
+                if value > seen:
+                    metric.inc(value - seen, resource=r.res.plural)
+                    setattr(r, attr, value)
+
+    # ---- what the CNI plugin asks -------------------------------------------------------------
+
+    def wait_pod(self, namespace: str, name: str, timeout: float) -> PodView | None:
+        """The pod as the API shows it, waiting up to ``timeout`` for the watch to
+        deliver it (the kubelet creates the sandbox right after the pod is scheduled,
+        so the plugin can ask before this node's watch has seen it)."""
+        key = f"{namespace}/{name}"
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                pod = self.pods.get(key)
+                if pod is not None and self.synced.is_set():
+                    return pod
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return None
+                self._cond.wait(left)
+
+    def hold_reasons(self, key: str) -> list[str]:
+        """Why the pod ``key`` is held fail-closed (empty: it is not)."""
+        with self._lock:
+            pod = self.pods.get(key)
+            return [*(pod.errors if pod is not None else ()),
+                    *self._ns_reasons(key.partition("/")[0])]
+
+    # ---- the sinks --------------------------------------------------------------------------
+
+    def replace(self, res: Resource, items: list[dict[str, Any]]) -> None:
+        """A whole list: the view of that resource is replaced, the state gets only
+        the differences."""
+        with self._lock:
+            if res is NAMESPACES:
+                self.namespaces.clear()
+                self.ns_errors.clear()
+                for obj in items:
+                    self._put_namespace(obj)
+            elif res is NETWORK_POLICIES:
+                self.policies.clear()
+                self.policy_errors.clear()
+                self._policies_in.clear()
+                for obj in items:
+                    self._put_policy(obj)
+            else:
+                self.pods.clear()
+                self._pods_in.clear()
+                for obj in items:
+                    self._put_pod(obj)
+            self._listed.add(res.plural)
+            if len(self._listed) == len(self.reflectors):
+                self._sync_all()
+            self._cond.notify_all()
+
+    def event(self, res: Resource, type: str, obj: dict[str, Any]) -> None:
+        with self._lock:
+            key = object_key(res, obj)
+            ns_keys: set[str] = set()
+            policy_keys: set[str] = set()
+            pod_keys: set[str] = set()
+            if res is NAMESPACES:
+                if type == DELETED:
+                    self.namespaces.pop(key, None)
+                    self.ns_errors.pop(key, None)
+                else:
+                    self._put_namespace(obj)
+                ns_keys.add(key)
+            elif res is NETWORK_POLICIES:
+                if type == DELETED:
+                    self._drop_policy(key)
+                else:
+                    self._put_policy(obj)
+                policy_keys.add(key)
+            else:
+                if type == DELETED:
+                    self._drop_pod(key)
+                else:
+                    self._put_pod(obj)
+                pod_keys.add(key)
+            if self.synced.is_set():
+                self._sync(ns_keys, policy_keys, pod_keys)
+            self._cond.notify_all()
+
+    def _put_namespace(self, obj: Mapping[str, Any]) -> None:
+        ns, errors = translate_namespace(obj)
+        self.namespaces[ns.name] = ns
+        if errors:
+            self.ns_errors[ns.name] = errors
+        else:
+            self.ns_errors.pop(ns.name, None)
+        self._report(f"namespace/{ns.name}", errors)
+
+    def _put_policy(self, obj: Mapping[str, Any]) -> None:
+        key, rec, errors = translate_policy(obj)
+        self._drop_policy(key)
+        if rec is not None:
+            self.policies[key] = rec
+        else:
+            self.policy_errors[key] = errors
+        self._policies_in.setdefault(key.partition("/")[0], set()).add(key)
+        self._report(f"networkpolicy/{key}", errors)
+
+    def _drop_policy(self, key: str) -> None:
+        self.policies.pop(key, None)
+        self.policy_errors.pop(key, None)
+        self._policies_in.get(key.partition("/")[0], set()).discard(key)
+
+    def _put_pod(self, obj: Mapping[str, Any]) -> None:
+        pod = translate_pod(obj)
+        self.pods[pod.key] = pod
+        self._pods_in.setdefault(pod.key.partition("/")[0], set()).add(pod.key)
+        self._report(f"pod/{pod.key}", list(pod.errors))
+
+    def _drop_pod(self, key: str) -> None:
+        self.pods.pop(key, None)
+        self._pods_in.get(key.partition("/")[0], set()).discard(key)
+        self._report(f"pod/{key}", [])
+
+    def _report(self, what: str, errors: Sequence[str]) -> None:
+        """Log an object's errors once (and once when they are gone)."""
+        before = self._reported.get(what, ())
+        now = tuple(errors)
+        if now == before:
+            return
+        if now:
+            self._reported[what] = now
+            log.error("object refused by admission; the endpoints it affects are held "
+                      "fail-closed", extra={"fields": {"object": what,
+                                                       "errors": "; ".join(now)}})
+        else:
+            self._reported.pop(what, None)
+            log.info("object admitted again", extra={"fields": {"object": what}})
+        if self._m_invalid is not None:
+            kind = what.partition("/")[0]
+            self._m_invalid.set(sum(1 for k in self._reported if k.startswith(kind + "/")),
+                                kind=kind)
+
+    # ---- view → state -------------------------------------------------------------------------
+
+    def _sync_all(self) -> None:
+        """Everything the view or the state names (the first list, and each relist)."""
+        svc = self.service
+        with svc.lock:
+            state = svc.state
+            ns_keys = set(self.namespaces) | set(state.namespaces)
+            policy_keys = set(self.policies) | set(self.policy_errors) | set(state.policies)
+            pod_keys = set(self.pods) | {k for k, r in state.endpoints.items()
+                                         if r.owner == OWNER_KUBE}
+        first = not self.synced.is_set()
+        self._sync(ns_keys, policy_keys, pod_keys)
+        if first:
+            self.synced.set()
+            if self._m_synced is not None:
+                self._m_synced.set(1)
+            log.info("first lists from the Kubernetes API committed", extra={"fields": {
+                "namespaces": len(self.namespaces), "policies": len(self.policies),
+                "pods": len(self.pods), "server": self.client.server}})
+
+    def _ns_reasons(self, ns: str) -> list[str]:
+        out = list(self.ns_errors.get(ns, ()))
+        for key in sorted(self._policies_in.get(ns, ())):
+            out += self.policy_errors.get(key, [])
+        return out
+
+    def _sync(self, ns_keys: set[str], policy_keys: set[str], pod_keys: set[str]) -> None:
+        """Commit what the state must become for these keys (and what they imply)."""
+        svc = self.service
+        with svc.lock:
+            state = svc.state
+            pod_keys = set(pod_keys) | set(self.waiting)
+            touched_ns = set(ns_keys)
+            touched_ns |= {k.partition("/")[0] for k in policy_keys}
+            # A namespace whose hold changed (an invalid policy came or went, its object
+            # became valid or not): every endpoint in it is examined again.
+            rehold = {ns for ns in touched_ns
+                      if tuple(self._ns_reasons(ns)) != self._ns_hold.get(ns, ())}
+            for ns in rehold:
+                reasons = tuple(self._ns_reasons(ns))
+                if reasons:
+                    self._ns_hold[ns] = reasons
+                else:
+                    self._ns_hold.pop(ns, None)
+                pod_keys |= self._pods_in.get(ns, set())
+            if rehold:
+                pod_keys |= {k for k, r in state.endpoints.items()
+                             if r.endpoint.namespace in rehold}
+            desired_eps, held = self._desired_endpoints(state, pod_keys)
+            touched_ns |= {k.partition("/")[0] for k in pod_keys}
+            held_ns = {k.partition("/")[0] for k in held}
+            held_ns |= {k.partition("/")[0] for k in self.held if k not in pod_keys}
+            changes: list[Change] = []
+            puts_ns: list[Change] = []
+            dels_ns: list[Change] = []
+            for ns in sorted(touched_ns):
+                want = self._desired_namespace(state, ns, desired_eps)
+                have = state.namespaces.get(ns)
+                if want is not None and want != have:
+                    puts_ns.append(PutNamespace(want))
+                elif want is None and have is not None:
+                    dels_ns.append(DeleteNamespace(ns))
+            put_pol: list[Change] = []
+            del_pol: list[Change] = []
+            for key in sorted(policy_keys):
+                want_p = self.policies.get(key)
+                have_p = state.policies.get(key)
+                if want_p is not None and (have_p is None or have_p != want_p):
+                    put_pol.append(PutPolicy(want_p))
+                elif want_p is None and have_p is not None:
+                    del_pol.append(DeletePolicy(key))
+            for ns in sorted(touched_ns):
+                key = f"{ns}/{QUARANTINE_POLICY}"
+                have_p = state.policies.get(key)
+                if ns in held_ns and have_p is None:
+                    put_pol.append(PutPolicy(_deny_all_record(ns)))
+                elif ns not in held_ns and have_p is not None:
+                    del_pol.append(DeletePolicy(key))
+            put_ep: list[Change] = []
+            del_ep: list[Change] = []
+            handoff = False
+            for key in sorted(pod_keys):
+                want_e = desired_eps.get(key)
+                have_e = state.endpoints.get(key)
+                if want_e is not None and (have_e is None or have_e != want_e):
+                    put_ep.append(PutEndpoint(want_e))
+                    handoff = handoff or (have_e is not None and
+                                          have_e.endpoint.ips != want_e.endpoint.ips)
+                elif want_e is None and have_e is not None:
+                    del_ep.append(DeleteEndpoint(key))
+            # Order: what others need first, what they stop needing last; endpoints
+            # leaving before endpoints arriving, so an address can change hands.
+            changes = [*puts_ns, *put_pol, *del_ep, *put_ep, *del_pol, *dels_ns]
+            for key in pod_keys:
+                if key in held:
+                    self.held[key] = held[key]
+                else:
+                    self.held.pop(key, None)
+            if changes:
+                svc.commit(changes, sync=False, admitted=True)
+                self.commits += 1
+                self.changes += len(changes)
+                if handoff or del_ep:
+                    state.reindex()
+            for key in pod_keys:
+                if key in self.held and key in state.endpoints:
+                    state.quarantined[key] = list(self.held[key])
+                else:
+                    state.quarantined.pop(key, None)
+
+    def _desired_namespace(self, state: AgentState, ns: str,
+                           desired_eps: Mapping[str, EndpointRecord | None]) -> Namespace | None:
+        known = self.namespaces.get(ns)
+        if known is not None:
+            return implicit_namespace(ns) if ns in self.ns_errors else known
+        # Not (or no longer) in the API: kept while something in it remains.
+        if self._pods_in.get(ns) or self._policies_in.get(ns):
+            return implicit_namespace(ns)
+        if any(r.endpoint.namespace == ns for k, r in state.endpoints.items()
+               if desired_eps.get(k, r) is not None):
+            return implicit_namespace(ns)
+        if any(r is not None and r.endpoint.namespace == ns for r in desired_eps.values()):
+            return implicit_namespace(ns)
+        return None
+
+    def _desired_endpoints(self, state: AgentState, keys: Iterable[str]) -> tuple[
+            dict[str, EndpointRecord | None], dict[str, list[str]]]:
+        """Each key's record (None: none), the held ones with their reasons, and
+        ``self.waiting`` updated for addresses another endpoint holds."""
+        want: dict[str, EndpointRecord | None] = {}
+        held: dict[str, list[str]] = {}
+        for key in keys:
+            rec, reasons = self._desired_endpoint(state.endpoints.get(key), key)
+            want[key] = rec
+            if reasons and rec is not None:
+                held[key] = reasons
+        # Addresses: the state's holders, minus what the touched keys give up.
+        addresses = state.addresses()
+        released: dict[str, str] = {}
+        for key in want:
+            cur = state.endpoints.get(key)
+            for ip in cur.endpoint.ips if cur is not None else ():
+                a = canonical_ip(ip)
+                if addresses.get(a) == key:
+                    released[a] = key
+        claimed: dict[str, str] = {}
+
+        def holder(a: str) -> str | None:
+            if a in claimed:
+                return claimed[a]
+            h = addresses.get(a)
+            return None if h is None or released.get(a) == h else h
+
+        def rank(key: str) -> tuple[int, int, str]:
+            rec = want[key]
+            cur = state.endpoints.get(key)
+            local = rec is not None and rec.owner != OWNER_KUBE
+            keeps = cur is not None and rec is not None and bool(
+                set(map(canonical_ip, cur.endpoint.ips)) & set(
+                    map(canonical_ip, rec.endpoint.ips)))
+            return (0 if local else 1, 0 if keeps else 1, key)
+
+        for key in sorted(want, key=rank):
+            rec = want[key]
+            if rec is None:
+                self.waiting.pop(key, None)
+                continue
+            addrs = [canonical_ip(ip) for ip in rec.endpoint.ips]
+            taken = [(a, h) for a in addrs if (h := holder(a)) is not None and h != key]
+            if taken:
+                a, h = taken[0]
+                why = f"address {a} is held by {h}"
+                if self.waiting.get(key) != why:
+                    log.warning("pod waits for its address", extra={"fields": {
+                        "pod": key, "reason": why}})
+                self.waiting[key] = why
+                want[key] = None
+                held.pop(key, None)
+                continue
+            self.waiting.pop(key, None)
+            for a in addrs:
+                claimed[a] = key
+        return want, held
+
+    def _desired_endpoint(self, cur: EndpointRecord | None,
+                          key: str) -> tuple[EndpointRecord | None, list[str]]:
+        pod = self.pods.get(key)
+        ns = key.partition("/")[0]
+        if cur is not None and cur.owner != OWNER_KUBE:
+            # This node's CNI attachment (or `stockade run`): its address is local truth;
+            # the API gives the labels and named ports.
+            if pod is None:
+                return cur, []  # as the CNI plugin gave it, until the API shows the pod
+            ep = replace(cur.endpoint, labels=pod.labels, ports=pod.ports)
+            reasons = [*pod.errors, *self._ns_reasons(ns)]
+            if reasons:
+                ep = held_endpoint(ep)
+            return replace(cur, endpoint=ep), reasons
+        if pod is None or pod.endpoint is None:
+            return None, []
+        ep = pod.endpoint
+        reasons = [*pod.errors, *self._ns_reasons(ns)]
+        if reasons:
+            ep = held_endpoint(ep)
+        rec = EndpointRecord(ep, owner=OWNER_KUBE,
+                             created=cur.created if cur is not None else time.time())
+        return rec, reasons
+
+    def _retry_loop(self) -> None:
+        while not self._stop.wait(RETRY_WAITING):
+            with self._lock:
+                if self.synced.is_set() and self.waiting:
+                    self._sync(set(), set(), set(self.waiting))
+
+
+def _deny_all_record(namespace: str) -> PolicyRecord:
+    return PolicyRecord(deny_all(namespace), {})
