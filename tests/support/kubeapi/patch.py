@@ -422,6 +422,13 @@ def remove_path(obj: Any, path: Path) -> None:
         parent[:] = [i for i in parent if i != want]
 
 
+def is_key_field(path: Path) -> bool:
+    """Whether ``path`` names a merge-key field of an associative list item."""
+    if len(path) < 2 or not path[-2].startswith("k:") or not path[-1].startswith("f:"):
+        return False
+    return path[-1][2:] in json.loads(path[-2][2:])
+
+
 def render_path(path: Path) -> str:
     """``.spec.containers[name="c"].image``, as conflict messages name fields."""
     out = ""

@@ -916,9 +916,10 @@ class Store:
             for i, s in enumerate(new_sets):
                 if i != mine:
                     others |= s
-            for p in sorted(old_set - new_set, key=len, reverse=True):
+            # parents first (an item goes with its fields); never a key field of a kept item
+            for p in sorted(old_set - new_set, key=len):
                 owned = p in others or any(o[: len(p)] == p for o in others)
-                if not owned:
+                if not owned and not P.is_key_field(p):
                     P.remove_path(merged, p)
             out: list[Obj] = []
             for i, e in enumerate(entries):
