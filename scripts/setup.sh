@@ -21,6 +21,18 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# kubectl drives the Kubernetes API test double in tests/integration/test_kubeapi_double.py.
+# Only when absent: Debian's kubernetes-client conflicts with a kubectl installed otherwise.
+if ! command -v kubectl >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: kubectl is missing (apt-get install kubernetes-client, as root); its tests will be skipped" >&2
+  else
+    echo "setup: installing kubernetes-client (kubectl)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+  fi
+fi
+
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e ".[dev]"
