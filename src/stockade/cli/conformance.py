@@ -9,18 +9,20 @@ from typing import Any
 
 from stockade.conformance.case import STANDARD_CLUSTER, Case, parse_case
 from stockade.conformance.runner import CaseBackend, ModelDatapath, check_case
+from stockade.datapath import DATAPATHS as KERNEL_DATAPATHS
 from stockade.errors import InputError
 from stockade.load import read_text
 from stockade.model.parse import parse_documents
 
-DATAPATHS = ("model", "nft")
+DATAPATHS = ("model", *KERNEL_DATAPATHS)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("conformance", help="run conformance cases (FORMAT.md) against a datapath")
     p.add_argument("paths", nargs="+", metavar="DIR|FILE")
     p.add_argument("--datapath", default="model", choices=DATAPATHS,
-                   help="model: the reference evaluator; nft: the kernel, with real packets")
+                   help="model: the reference evaluator; nft, iptables, ebpf: that datapath "
+                   "in the kernel, with real packets")
     p.add_argument("--probe-timeout", type=float, default=1.0, metavar="SECONDS",
                    help="how long a probe waits before it counts as denied (nft)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
@@ -49,10 +51,10 @@ def load_cases(paths: list[str]) -> list[Case]:
 
 
 def make_datapath(args: argparse.Namespace) -> CaseBackend:
-    if args.datapath == "nft":
+    if args.datapath != "model":
         from stockade.conformance.kernel import KernelDatapath
 
-        return KernelDatapath(probe_timeout=args.probe_timeout)
+        return KernelDatapath(probe_timeout=args.probe_timeout, datapath=args.datapath)
     return ModelDatapath()
 
 

@@ -11,7 +11,8 @@ import json
 from typing import Any
 
 from stockade.compile.lower import compile_cluster
-from stockade.compile.nft import Table
+from stockade.datapath import DATAPATHS, open_datapath
+from stockade.datapath.base import Datapath
 from stockade.datapath.nft import NftDatapath
 from stockade.load import load_cluster
 
@@ -24,7 +25,10 @@ def register(sub: Any) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--netns", metavar="NAME",
                        help="work in this named network namespace (/run/netns/NAME)")
-        q.add_argument("--table", default="stockade", help="the nftables table stockade owns")
+        q.add_argument("--datapath", default="nft", choices=tuple(DATAPATHS),
+                       help="which datapath (default nft)")
+        q.add_argument("--table", default="stockade",
+                       help="the name of what stockade owns in the kernel (the nftables table)")
 
     show = verbs.add_parser("show", help="print what stockade has in the kernel")
     common(show)
@@ -47,8 +51,8 @@ def register(sub: Any) -> None:
     remove.set_defaults(run=run_remove)
 
 
-def _datapath(args: argparse.Namespace) -> NftDatapath:
-    return NftDatapath(Table(args.table), netns=args.netns)
+def _datapath(args: argparse.Namespace) -> Datapath:
+    return open_datapath(args.datapath, args.table, netns=args.netns)
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -64,7 +68,7 @@ def run_show(args: argparse.Namespace) -> int:
         }, indent=2))
         return 0
     text = dp.show()
-    print(text if text else f"# no table inet {args.table}")
+    print(text if text else f"# no {args.datapath} state named {args.table} in the kernel")
     return 0
 
 
@@ -72,14 +76,15 @@ def run_diff(args: argparse.Namespace) -> int:
     desired = compile_cluster(load_cluster(args.files))
     dp = _datapath(args)
     delta = dp.diff(desired)
-    kt = dp.read_table(desired.chains)
     lines = delta.describe()
-    if kt is None:
-        lines.insert(0, f"+ table inet {args.table}")
-    else:
-        # What the plan does not show: the base chain, foreign objects, flags.
-        lines[:0] = [f"~ {d}" for d in kt.drift if not d.startswith("chain ")
-                     or "foreign" in d]
+    if isinstance(dp, NftDatapath):
+        kt = dp.read_table(desired.chains)
+        if kt is None:
+            lines.insert(0, f"+ table inet {args.table}")
+        else:
+            # What the plan does not show: the base chain, foreign objects, flags.
+            lines[:0] = [f"~ {d}" for d in kt.drift if not d.startswith("chain ")
+                         or "foreign" in d]
     for line in lines:
         print(line)
     return 1 if lines else 0

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from stockade.compile.lower import compile_cluster
 from stockade.conformance.case import Case
 from stockade.conformance.runner import Judgement
-from stockade.datapath.nft import NftDatapath
+from stockade.datapath import open_datapath
 from stockade.net.namespace import create_netns, remove_netns
 from stockade.net.plumber import Attachment, EndpointSpec, Plumber
 from stockade.probe.client import Probe, run_probes
@@ -53,11 +53,11 @@ def on_link_prefix(addresses: Iterable[str]) -> dict[int, int]:
 
 
 class KernelDatapath:
-    """`--datapath nft`: programs each case into the kernel and probes it."""
+    """`--datapath nft|iptables|ebpf`: programs each case into the kernel and probes it."""
 
-    name = "nft"
-
-    def __init__(self, probe_timeout: float = 1.0, prefix: str | None = None) -> None:
+    def __init__(self, probe_timeout: float = 1.0, prefix: str | None = None,
+                 datapath: str = "nft") -> None:
+        self.name = datapath
         tag = prefix or f"sc{secrets.token_hex(2)}"
         self.host = f"{tag}-host"
         self.timeout = probe_timeout
@@ -68,8 +68,8 @@ class KernelDatapath:
         try:
             self.plumber = Plumber(prefix=tag, host_netns=self.host)
             self.plumber.ensure_bridge(addresses=[])
-            self.nft = NftDatapath(netns=self.host)
-            self.nft.check()
+            self.datapath = open_datapath(datapath, netns=self.host)
+            self.datapath.check()
         except BaseException:
             remove_netns(self.host)
             raise
@@ -109,7 +109,7 @@ class KernelDatapath:
 
     def judge(self, case: Case) -> Judgement:
         self._attach(case)
-        self.nft.apply(compile_cluster(case.cluster))
+        self.datapath.apply(compile_cluster(case.cluster))
         self._flush_conntrack()
         probes: list[Probe] = []
         keys: list[tuple[int, str, str]] = []

@@ -1,1 +1,37 @@
-"""Datapaths: the kernel side, behind one small protocol (see `base`)."""
+"""Datapaths: the kernel side, behind one small protocol (see `base`).
+
+`open_datapath` is the one place a datapath is chosen by name (`--datapath`
+of the CLI, the conformance runner and the agent), so a new datapath is one
+entry in `DATAPATHS` and one module implementing `base.Datapath`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from stockade.datapath.base import Datapath
+from stockade.errors import DataplaneError
+
+# kind -> "module:class"; every class has a classmethod
+# `open(name, *, netns, owner, log_group) -> Self`, where `name` names what it owns
+# in the kernel (the nftables table, the iptables chain and ipset prefix, the
+# pinned eBPF directory) and `log_group` is the NFLOG group of denied packets.
+DATAPATHS: dict[str, str] = {
+    "nft": "stockade.datapath.nft:NftDatapath",
+    "iptables": "stockade.datapath.iptables:IptablesDatapath",
+    "ebpf": "stockade.datapath.ebpf:EbpfDatapath",
+}
+
+
+def open_datapath(kind: str, name: str = "stockade", *, netns: str | None = None,
+                  owner: bool = False, log_group: int | None = None) -> Datapath:
+    """The datapath `kind`, owning the kernel objects called `name`, in `netns`."""
+    if kind not in DATAPATHS:
+        raise DataplaneError(f"no datapath {kind!r} (choose from {', '.join(DATAPATHS)})")
+    module, cls = DATAPATHS[kind].split(":")
+    try:
+        factory = getattr(importlib.import_module(module), cls).open
+    except ImportError as exc:
+        raise DataplaneError(f"the {kind} datapath is not available: {exc}") from None
+    datapath: Datapath = factory(name, netns=netns, owner=owner, log_group=log_group)
+    return datapath

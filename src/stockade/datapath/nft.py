@@ -146,6 +146,12 @@ class NftDatapath:
         # A table that kept enforcing while a table without ownership was replaced.
         self._handover: str | None = None
 
+    @classmethod
+    def open(cls, name: str, *, netns: str | None = None, owner: bool = False,
+             log_group: int | None = None) -> NftDatapath:
+        """The datapath as `datapath.open_datapath` makes every one."""
+        return cls(Table(name, log_group=log_group), netns=netns, owner=owner)
+
     # ---- talking to the kernel --------------------------------------------------------
 
     def _run(self, cmds: list[dict[str, Any]], what: str) -> str:
