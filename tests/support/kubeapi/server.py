@@ -50,6 +50,21 @@ VERSION = {
     "platform": "linux/amd64",
 }
 
+def _pb_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (payloads here are < 128 bytes)."""
+    return bytes([(number << 3) | 2, len(payload)]) + payload
+
+
+# An OpenAPI v2 document with no definitions, in the protobuf kubectl asks for
+# (gnostic's openapi_v2.Document: swagger = 1, info = 2 {title = 1, version = 2}).
+# kubectl skips client-side validation of kinds a schema does not define, and
+# computes strategic merge patches from its compiled-in types; older kubectl
+# (Debian's 1.20) needs the document to exist at all.
+OPENAPI_V2 = _pb_field(1, b"2.0") + _pb_field(
+    2, _pb_field(1, b"Kubernetes") + _pb_field(2, b"v1.32.0")
+)
+OPENAPI_V2_TYPE = "application/octet-stream"  # Go's mime parser rejects the "@v1.0+protobuf" name
+
 PATCH_TYPES = {
     "application/json-patch+json": "json",
     "application/merge-patch+json": "merge",
@@ -167,6 +182,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _decode(self, raw: bytes, content_type: str) -> Any:
         if not raw:
             return None
+        media = content_type.split(";")[0].strip().lower()
+        if media not in ("", "json", "application/json", "application/yaml", "*/*") \
+                and media not in PATCH_TYPES:
+            # protobuf and CBOR bodies: client-go falls back to JSON on a 415
+            raise unsupported_media_type(media)
         try:
             if "yaml" in content_type:
                 return yaml.safe_load(raw)
@@ -254,7 +274,9 @@ class _Handler(BaseHTTPRequestHandler):
         store = api.store
         if route.verb == "discovery":
             code, doc = api._discovery(route.resource, self.headers.get("Host", ""))
-            if isinstance(doc, bytes):
+            if doc is OPENAPI_V2:
+                self._send(code, doc, OPENAPI_V2_TYPE)
+            elif isinstance(doc, bytes):
                 self._send(code, doc, "text/plain; charset=utf-8")
             else:
                 self._send_json(code, doc)
@@ -425,6 +447,21 @@ class _Handler(BaseHTTPRequestHandler):
             obj = self._present(t, obj, single=True)
         return _dumps({"type": type_, "object": obj}) + b"\n"
 
+    def _send_events(self, t: ResourceType, events: list[tuple[str, Obj]]) -> bool:
+        """Encode (outside the store's lock: stored objects are immutable) and send, a few
+        events per chunk, as the real server flushes when its queue is empty."""
+        batch: list[bytes] = []
+        size = 0
+        for type_, obj in events:
+            data = self._event_bytes(t, type_, obj)
+            batch.append(data)
+            size += len(data)
+            if size >= 1 << 16:
+                if not self._chunk(b"".join(batch)):
+                    return False
+                batch, size = [], 0
+        return not batch or self._chunk(b"".join(batch))
+
     def _watch(self, t: ResourceType, ns: str, query: dict[str, str]) -> None:
         api = self.server.api
         store = api.store
@@ -439,31 +476,15 @@ class _Handler(BaseHTTPRequestHandler):
         initial_events = query.get("sendInitialEvents") in _TRUE
         timeout = self._int(query.get("timeoutSeconds"), "timeoutSeconds")
         deadline = time.monotonic() + (timeout if timeout else api.watch_timeout)
-        pending: list[bytes] = []
+        pending: list[tuple[str, Obj]] = []
         error: ApiError | None = None
         with store.lock:
             drop_gen = store.faults.drop_generation
             if rv_text in ("", "0") or initial_events:
-                for obj in iter_initial(store, flt):
-                    pending.append(self._event_bytes(t, "ADDED", obj))
+                pending = [("ADDED", obj) for obj in iter_initial(store, flt)]
                 cursor = store.rv
                 if initial_events:
-                    pending.append(
-                        _dumps(
-                            {
-                                "type": "BOOKMARK",
-                                "object": {
-                                    "kind": t.kind,
-                                    "apiVersion": t.api_version,
-                                    "metadata": {
-                                        "resourceVersion": str(cursor),
-                                        "annotations": {"k8s.io/initial-events-end": "true"},
-                                    },
-                                },
-                            }
-                        )
-                        + b"\n"
-                    )
+                    pending.append(("BOOKMARK", _bookmark(t, cursor, initial_end=True)))
             else:
                 cursor = Store._parse_rv(rv_text)
                 if cursor < store.compacted:
@@ -483,9 +504,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk(_dumps({"type": "ERROR", "object": error.status()}) + b"\n")
                 self._chunk(b"")
                 return
-            for data in pending:
-                if not self._chunk(data):
-                    return
+            if not self._send_events(t, pending):
+                return
             self._stream(t, flt, cursor, bookmarks, deadline, drop_gen)
         finally:
             api._watch_closed()
@@ -504,7 +524,7 @@ class _Handler(BaseHTTPRequestHandler):
         interval = api.bookmark_interval
         next_bookmark = time.monotonic() + interval
         while True:
-            out: list[bytes] = []
+            out: list[tuple[str, Obj]] = []
             end = ""
             with store.lock:
                 while True:
@@ -526,7 +546,7 @@ class _Handler(BaseHTTPRequestHandler):
                             "Expired",
                             f"too old resource version: {cursor} ({store.compacted})",
                         )
-                        out.append(_dumps({"type": "ERROR", "object": err.status()}) + b"\n")
+                        out.append(("ERROR", err.status()))
                         end = "end"
                         break
                     if store.rv > cursor:
@@ -535,33 +555,20 @@ class _Handler(BaseHTTPRequestHandler):
                         for ev in events:
                             converted = flt.convert(ev)
                             if converted is not None:
-                                out.append(self._event_bytes(t, *converted))
+                                out.append(converted)
                         if out:
                             break
                     if bookmarks and now >= next_bookmark:
                         next_bookmark = now + interval
-                        out.append(
-                            _dumps(
-                                {
-                                    "type": "BOOKMARK",
-                                    "object": {
-                                        "kind": t.kind,
-                                        "apiVersion": t.api_version,
-                                        "metadata": {"resourceVersion": str(cursor)},
-                                    },
-                                }
-                            )
-                            + b"\n"
-                        )
+                        out.append(("BOOKMARK", _bookmark(t, cursor)))
                         break
                     wake = min(deadline, next_bookmark if bookmarks else deadline, now + 0.5)
                     store.cond.wait(max(0.0, wake - now))
                     if self._client_gone():
                         end = "gone"
                         break
-            for data in out:
-                if not self._chunk(data):
-                    return
+            if not self._send_events(t, out):
+                return
             if end == "drop":
                 self.close_connection = True
                 with contextlib.suppress(OSError):
@@ -576,6 +583,13 @@ class _Handler(BaseHTTPRequestHandler):
             if end:
                 self._chunk(b"")
                 return
+
+
+def _bookmark(t: ResourceType, rv: int, initial_end: bool = False) -> Obj:
+    meta: Obj = {"resourceVersion": str(rv)}
+    if initial_end:
+        meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+    return {"kind": t.kind, "apiVersion": t.api_version, "metadata": meta}
 
 
 class KubeAPI:
@@ -790,6 +804,8 @@ class KubeAPI:
                 if not types:
                     raise not_found_path()
                 return 200, api_resource_list(f"{parts[1]}/{parts[2]}", types)
+            if parts == ["openapi", "v2"]:
+                return 200, OPENAPI_V2
             if parts == ["openapi", "v3"]:
                 h = reg.hash()
                 paths = {}
