@@ -5,7 +5,8 @@
 set -euo pipefail
 venv=${1:-.venv}
 debs=(nftables libnftables1 iptables ipset conntrack iproute2 lksctp-tools
-      containernetworking-plugins podman runc busybox-static)
+      containernetworking-plugins podman runc busybox-static
+      clang llvm libbpf-dev bpftool gcc libc6-dev iperf3)
 
 missing=()
 for d in "${debs[@]}"; do
