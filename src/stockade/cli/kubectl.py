@@ -12,8 +12,8 @@ agent reports on its /status endpoint (kube/live.py says what it must serve), an
 the cluster's policies against what each agent enforces.
 
 Scope, as kubectl's: `-n NS` (default: the context's namespace) or `-A`. `explain`
-reads every namespace (its two pods may be in two); `-n` is then the namespace of a
-pod given without one.
+and `diff` read every namespace (a connection crosses namespaces); `-n` is then the
+namespace of a pod or a file's object given without one.
 """
 
 from __future__ import annotations
@@ -44,11 +44,14 @@ PROG = "kubectl stockade"
 
 EPILOG = """\
 Every command reads the cluster through the kubeconfig (--kubeconfig, else
-$KUBECONFIG, else ~/.kube/config, else the in-cluster service account), in the
-namespace of the context unless -n NS or -A is given. The output and exit status
-are those of the offline command (stockade COMMAND -f FILE…) on the same objects.
-Pods NetworkPolicy does not govern (host network, finished, no address yet) are
-left out, and said so on stderr.
+$KUBECONFIG, else ~/.kube/config, else the in-cluster service account).
+matrix, coverage, lint and validate read the namespace of the context, or -n NS,
+or every namespace with -A. explain and diff read every namespace (a connection
+crosses them): -n is the namespace of pods and files given without one. status
+compares the policies of every namespace, or of -n NS.
+The output and exit status are those of the offline command (stockade COMMAND
+-f FILE…) on the same objects. Pods NetworkPolicy does not govern (host network,
+finished, no address yet) are left out, and said so on stderr.
 """
 
 
