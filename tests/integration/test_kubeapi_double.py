@@ -280,6 +280,9 @@ def test_kubectl_get_outputs_and_selectors(kube_api: KubeAPI, kubectl: Kubectl) 
     assert table[0].split() == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
     assert [line.split()[0] for line in table[1:]] == ["db-1", "web-1", "web-2"]
     assert table[1].split()[1:3] == ["0/1", "Pending"]
+    wide = kubectl.run("get", "pods", "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[:7] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE"]
+    assert wide[2].split()[6] == "n1"
 
     def sel(*args: str) -> list[str]:
         return kubectl.run("get", "pods", "-o", "name", *args).stdout.split()
@@ -485,6 +488,67 @@ def test_kubectl_apply_k_deploy_dir(kube_api: KubeAPI, kubectl: Kubectl, tmp_pat
     assert "created" not in out and "configured" not in out
     assert kube_api.get("daemonsets", "agent", "stockade-system")["spec"]["template"] == template
     assert kube_api.crd_registered("microservices.stockade.io")
+
+
+def _prune(value: Any) -> Any:
+    """Drop empty values, as protobuf cannot carry them (``resources: {}``, ``strategy: {}``)."""
+    if isinstance(value, dict):
+        out = {k: _prune(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in ({}, [], None, "")}
+    if isinstance(value, list):
+        return [_prune(v) for v in value]
+    return value
+
+
+@needs_kubectl
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "namespace", "demo"],
+        ["create", "configmap", "c", "--from-literal=a=1", "--from-literal=b=two"],
+        ["create", "secret", "generic", "s", "--from-literal=pw=x"],
+        ["create", "serviceaccount", "robot"],
+        [
+            "run",
+            "p",
+            "--image=busybox",
+            "--labels=app=web,tier=x",
+            "--env=X=1",
+            "--port=80",
+            "--restart=Never",
+            "--",
+            "sleep",
+            "10",
+        ],
+        ["create", "deployment", "d", "--image=nginx", "--replicas=2", "--port=8080"],
+    ],
+    ids=["namespace", "configmap", "secret", "serviceaccount", "run", "deployment"],
+)
+def test_kubectl_typed_commands_send_protobuf(
+    kube_api: KubeAPI, kubectl: Kubectl, args: list[str]
+) -> None:
+    """kubectl's generators send protobuf; the double decodes what they send, exactly."""
+    cut = args.index("--") if "--" in args else len(args)
+    dry = [*args[:cut], "--dry-run=client", "-o", "json", *args[cut:]]
+    want = json.loads(kubectl.run(*dry).stdout)
+    kubectl.run(*args)
+    t = kube_api.resource(want["kind"])
+    got = kube_api.get(t.plural, want["metadata"]["name"])
+    for k in (
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+        "generation",
+        "managedFields",
+        "namespace",
+    ):
+        got["metadata"].pop(k, None)
+        want["metadata"].pop(k, None)
+    got.pop("status", None)
+    want.pop("status", None)
+    if want["kind"] == "Namespace":
+        got.pop("spec")
+    assert _prune(got) == _prune(want)
 
 
 @needs_kubectl

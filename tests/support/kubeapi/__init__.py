@@ -26,8 +26,9 @@ Faithful:
   older server). /openapi/v3 and one document per group-version: minimal
   (see :func:`.resources.openapi_v3_document`): enough for ``kubectl apply`` to
   see that the server validates fields (``fieldValidation``) so that plain
-  ``kubectl apply`` works without ``--validate=false``. /openapi/v2 is 404
-  (kubectl then computes strategic merge patches from its compiled-in types).
+  ``kubectl apply`` works without ``--validate=false``. /openapi/v2 is an empty
+  document (protobuf), which older kubectl (1.20) needs to exist; kubectl then
+  computes strategic merge patches from its compiled-in types.
 * GET, LIST (label selectors: ``=``, ``==``, ``!=``, ``in``, ``notin``, exists,
   ``!key``; field selectors: the fields the real server supports per resource,
   else 400; ``limit``/``continue`` pagination consistent at the list's
@@ -79,7 +80,9 @@ pod's ``status.phase: Pending``, validation beyond names, labels and CRDs (no
 OpenAPI schema validation or pruning; ``fieldValidation`` is accepted and
 ignored), version conversion (a CRD's versions share the objects, only
 ``apiVersion`` is rewritten), graceful deletion (pods go at once: there is no
-kubelet), protobuf, HTTP/2, aggregated discovery, /openapi/v2, the watch-list
+kubelet), the scale subresource, protobuf responses (requests: only the bodies
+kubectl's generators send for a few kinds are decoded, see :mod:`.protobuf`;
+others get 415), HTTP/2, aggregated discovery, OpenAPI schemas, the watch-list
 feature beyond ``sendInitialEvents``, ``resourceVersionMatch=NotOlderThan``
 waits, the garbage collector's asynchrony (dependents go within the owner's
 DELETE request, right after the owner's DELETED event), and the real schemas:

@@ -400,13 +400,28 @@ def _pod_cells(obj: dict[str, Any]) -> list[Any]:
     phase = status.get("phase") or "Pending"
     if obj.get("metadata", {}).get("deletionTimestamp"):
         phase = "Terminating"
-    return [f"{ready}/{len(containers)}", phase, restarts]
+    ip = status.get("podIP") or "<none>"
+    node = spec.get("nodeName") or "<none>"
+    return [f"{ready}/{len(containers)}", phase, restarts, AGE, ip, node, "<none>", "<none>"]
+
+
+AGE = object()  # where a kind's cells put the age, when columns follow it (wide output)
 
 
 def table_columns(t: ResourceType) -> tuple[list[dict[str, Any]], Any]:
-    """The columns of a kind and a function of an object giving the cells between NAME and AGE."""
+    """The columns of a kind after NAME, and a function of an object giving their cells (the
+    age last, unless the cells hold :data:`AGE` where it goes)."""
     if t.storage == ("", "pods"):
-        return [_col("Ready"), _col("Status"), _col("Restarts", "integer")], _pod_cells
+        return [
+            _col("Ready"),
+            _col("Status"),
+            _col("Restarts", "integer"),
+            _col("Age"),
+            _col("IP", priority=1),
+            _col("Node", priority=1),
+            _col("Nominated Node", priority=1),
+            _col("Readiness Gates", priority=1),
+        ], _pod_cells
     if t.storage == ("", "namespaces"):
         return [_col("Status")], lambda o: [(o.get("status") or {}).get("phase", "Active")]
     if t.storage == ("networking.k8s.io", "networkpolicies"):
@@ -437,10 +452,15 @@ def to_table(
     """The ``meta.k8s.io/v1 Table`` the server answers to ``Accept: ...;as=Table``."""
     now = datetime.now(UTC)
     extra_defs, cells = table_columns(t)
-    defs = [_col("Name", fmt="name"), *extra_defs, _col("Age")]
+    age_inside = any(d["name"] == "Age" for d in extra_defs)
+    defs = [_col("Name", fmt="name"), *extra_defs, *([] if age_inside else [_col("Age")])]
     rows = []
     for o in objects:
-        row: dict[str, Any] = {"cells": [o["metadata"].get("name", ""), *cells(o), _age(o, now)]}
+        age = _age(o, now)
+        values = [age if c is AGE else c for c in cells(o)]
+        row: dict[str, Any] = {
+            "cells": [o["metadata"].get("name", ""), *values, *([] if age_inside else [age])]
+        }
         if include_object == "Object":
             row["object"] = o
         elif include_object != "None":

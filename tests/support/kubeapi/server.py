@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from . import protobuf
 from .errors import (
     ApiError,
     bad_request,
@@ -49,6 +50,7 @@ VERSION = {
     "compiler": "gc",
     "platform": "linux/amd64",
 }
+
 
 def _pb_field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field (payloads here are < 128 bytes)."""
@@ -183,9 +185,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not raw:
             return None
         media = content_type.split(";")[0].strip().lower()
-        if media not in ("", "json", "application/json", "application/yaml", "*/*") \
-                and media not in PATCH_TYPES:
-            # protobuf and CBOR bodies: client-go falls back to JSON on a 415
+        if media == "application/vnd.kubernetes.protobuf":
+            return protobuf.decode(raw)
+        if (
+            media not in ("", "json", "application/json", "application/yaml", "*/*")
+            and media not in PATCH_TYPES
+        ):
             raise unsupported_media_type(media)
         try:
             if "yaml" in content_type:
