@@ -2,8 +2,9 @@
 
 `render` prints, offline, the NetworkPolicies the operator would create from
 MicroService manifests (`stockade.operator.render.render_all`, the function the
-live operator calls). Other verbs (the live `run`) register themselves by adding
-their registrar to VERBS.
+live operator calls). `run` is the live operator (`stockade.operator.controller`):
+it watches MicroServices and NetworkPolicies through the kubeconfig (or the
+in-cluster service account) until SIGTERM or SIGINT, then exits 0.
 
 Exit status: 0 rendered; 1 findings (a dependency on a MicroService that does
 not exist, a port its target does not declare), printed to stderr after the
@@ -57,7 +58,35 @@ def register_render(verbs: Any) -> None:
     p.set_defaults(run=run_render)
 
 
-VERBS: tuple[Callable[[Any], None], ...] = (register_render,)
+RUN_EPILOG = """\
+Writes, with server-side apply (field manager stockade-operator), the
+NetworkPolicies `operator render` prints, only where they differ from the
+cluster's; deletes the managed ones no longer asked for; never touches a policy
+without the label app.kubernetes.io/managed-by=stockade-operator. Each
+MicroService gets status.conditions Valid, DependenciesResolved and Ready, and a
+Warning event per new finding. Logs (logfmt) go to stderr.
+"""
+
+
+def register_run(verbs: Any) -> None:
+    p = verbs.add_parser("run", help="run the operator against a cluster",
+                         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kubeconfig", metavar="FILE",
+                   help="kubeconfig (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    p.add_argument("-n", "--namespace", default=None,
+                   help="watch one namespace (default: all); dependencies on services "
+                        "of other namespaces are then not found")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve /metrics and /healthz there (default: not served)")
+    p.add_argument("--resync", type=float, default=600.0, metavar="SECONDS",
+                   help="reconcile at least this often (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    p.set_defaults(run=run_operator)
+
+
+VERBS: tuple[Callable[[Any], None], ...] = (register_render, register_run)
+
 
 
 def load_microservices(paths: Sequence[str]) -> list[MicroService]:
@@ -94,3 +123,42 @@ def run_render(args: argparse.Namespace) -> int:
     for finding in rendering.findings:
         print(f"{where[finding.service]}: {finding.render()}", file=sys.stderr)
     return EXIT_FINDINGS if rendering.findings else EXIT_OK
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    # Imported here: the offline verbs load neither the client nor the metrics.
+    import signal
+    import threading
+
+    from stockade.agent.logfmt import setup_logging
+    from stockade.agent.prometheus import MetricsServer, Registry
+    from stockade.kube.client import KubeClient
+    from stockade.operator.controller import Operator, OperatorConfig, OperatorMetrics
+
+    setup_logging(args.log_level)
+    client = KubeClient.connect(args.kubeconfig, args.context)
+    registry = Registry()
+    metrics = OperatorMetrics.create(registry) if args.metrics_address else None
+    operator = Operator(client, OperatorConfig(namespace=args.namespace, resync=args.resync),
+                        metrics=metrics)
+    server = (MetricsServer(registry, args.metrics_address, health=operator.healthy)
+              if args.metrics_address else None)
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        if server is not None:
+            server.start()
+        operator.start()
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        operator.stop()
+        if server is not None:
+            server.stop()
+        client.close()
+    return EXIT_OK
