@@ -211,6 +211,11 @@ class Operator:
         log.info("operator stopped")
 
     @property
+    def reflectors(self) -> tuple[Reflector, ...]:
+        """The MicroService and NetworkPolicy feeds (their ``status`` for reports)."""
+        return tuple(self._reflectors)
+
+    @property
     def synced(self) -> bool:
         """Both resources listed once: reconciling may begin."""
         return self.services.listed and self.policies.listed
