@@ -366,3 +366,50 @@ def test_the_command_runs_until_sigterm(cluster: Path, kube_api: KubeAPI) -> Non
     assert out == ""
     assert "backend/db: ingress allowed from backend/api on TCP/5432" in err
     assert "operator stopped" in err
+
+
+def test_a_relist_after_410_deletes_nothing_and_catches_up(
+        kube_api: KubeAPI, operator: Callable[[], Operator]) -> None:
+    graph(kube_api)
+    op = operator()
+    settle(op, kube_api)
+    kube_api.reset_counts()
+    kube_api.stall_watches(2.0)  # the change is not sent, and then forgotten: 410
+    kube_api.patch("microservices", "db", {"spec": {"isolation": {"egress": True}}}, "backend")
+    kube_api.compact()
+    kube_api.drop_watches()
+    settle(op, kube_api, timeout=20)
+    assert "backend/db-egress" in managed(kube_api)
+    assert kube_api.count("delete") == 0
+    assert kube_api.count("patch", "networkpolicies") == 1
+    assert kube_api.count("list") >= 1  # listed again, not resumed from "now"
+
+
+def test_metrics_count_what_the_operator_does(cluster: Path, kube_api: KubeAPI) -> None:
+    from stockade.agent.prometheus import MetricsServer, Registry
+    from stockade.operator.controller import OperatorMetrics
+
+    graph(kube_api)
+    registry = Registry()
+    metrics = OperatorMetrics.create(registry)
+    client = KubeClient.connect(str(cluster))
+    op = Operator(client, OperatorConfig(coalesce=0.02), metrics=metrics)
+    server = MetricsServer(registry, "127.0.0.1:0", health=op.healthy)
+    server.start()
+    try:
+        import httpx
+
+        assert httpx.get(f"http://127.0.0.1:{server.port}/healthz").status_code == 503
+        op.start()
+        settle(op, kube_api)
+        assert metrics.writes.value(kind="apply") == 3
+        assert metrics.writes.value(kind="status") == 3
+        assert metrics.policies.value() == 3
+        assert metrics.reconciles.value() >= 1
+        assert httpx.get(f"http://127.0.0.1:{server.port}/healthz").status_code == 200
+        text = httpx.get(f"http://127.0.0.1:{server.port}/metrics").text
+        assert 'stockade_operator_writes_total{kind="apply"} 3' in text
+    finally:
+        op.stop()
+        server.stop()
+        client.close()
