@@ -413,3 +413,23 @@ def test_metrics_count_what_the_operator_does(cluster: Path, kube_api: KubeAPI) 
         op.stop()
         server.stop()
         client.close()
+
+
+def test_an_invalid_service_gets_valid_false_and_keeps_its_policies(
+        kube_api: KubeAPI, operator: Callable[[], Operator]) -> None:
+    graph(kube_api)
+    op = operator()
+    settle(op, kube_api)
+    before = managed(kube_api)["backend/db-ingress"]["metadata"]["resourceVersion"]
+    # the double checks no schema: a port the CRD would refuse reaches the operator
+    kube_api.patch("microservices", "db", {"spec": {"ports": [{"name": "pg", "port": 70000}]}},
+                   "backend")
+    settle(op, kube_api)
+    valid = conditions(kube_api, "db")["Valid"]
+    assert valid["status"] == "False" and valid["reason"] == "Invalid"
+    assert valid["message"].startswith("spec.ports[0].port: Invalid value: 70000")
+    assert managed(kube_api)["backend/db-ingress"]["metadata"]["resourceVersion"] == before
+    resolved = conditions(kube_api, "api")["DependenciesResolved"]
+    assert resolved["reason"] == "DependencyInvalid"
+    assert [e["reason"] for e in warnings(kube_api, "db")] == ["Invalid"]
+    assert [e["reason"] for e in warnings(kube_api, "api")] == ["DependencyInvalid"]

@@ -394,3 +394,17 @@ def test_apply_and_delete_are_data() -> None:
     from stockade.operator.reconcile import summary_line
     assert summary_line(a) == "NetworkPolicy n/x-ingress applied: n/x: ingress denied"
     assert summary_line(d) == "NetworkPolicy n/x-egress deleted: why"
+
+
+def test_the_controllers_cache_tells_only_of_changes() -> None:
+    from stockade.operator.controller import Cache, service_key
+
+    calls: list[int] = []
+    cache = Cache(service_key, lambda: calls.append(1))
+    objs = graph()
+    cache.replace(objs, "5")
+    assert cache.listed and len(calls) == 1
+    cache.replace(copy.deepcopy(objs), "9")  # a relist that finds the same objects
+    assert len(calls) == 1
+    cache.event("DELETED", objs[0])
+    assert sorted(cache.snapshot()) == ["backend/api", "backend/db"] and len(calls) == 2
