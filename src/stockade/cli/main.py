@@ -12,6 +12,7 @@ from stockade import __version__
 from stockade.cli import (
     agent,
     analysis,
+    compile,
     conformance,
     containers,
     dataplane,
@@ -23,7 +24,8 @@ from stockade.cli import (
 from stockade.errors import InvalidObjects, StockadeError, ValidationError
 
 COMMANDS: tuple[ModuleType, ...] = (
-    validate, explain, matrix, analysis, conformance, dataplane, agent, containers, operator,
+    validate, explain, matrix, compile, analysis, conformance, dataplane, agent, containers,
+    operator,
 )
 
 EXIT_OK = 0

@@ -89,3 +89,30 @@ class Ruleset:
             "ingress_entries": len(self.ingress),
             "egress_entries": len(self.egress),
         }
+
+
+def ruleset_data(rs: Ruleset) -> dict[str, object]:
+    """The ruleset as plain JSON data (`stockade compile -o json`), in a stable order."""
+
+    def element(e: Element) -> object:
+        return e if isinstance(e, str) else list(e)
+
+    return {
+        "counts": rs.counts(),
+        "sets": {n: {"family": s.family, "kind": s.kind, "comment": s.comment,
+                     "elements": [element(e) for e in sorted(s.elements, key=_element_key)]}
+                 for n, s in sorted(rs.sets.items())},
+        "chains": {n: {"direction": c.direction, "policies": c.comment,
+                       "rules": [{k: v for k, v in (
+                           ("family", r.family), ("peer_set", r.peer_set),
+                           ("named_set", r.named_set), ("protocol", r.protocol),
+                           ("ports", [list(p) for p in r.ports]), ("comment", r.comment))
+                                  if v not in (None, [], "")} for r in c.rules]}
+                   for n, c in sorted(rs.chains.items())},
+        "ingress": dict(sorted(rs.ingress.items())),
+        "egress": dict(sorted(rs.egress.items())),
+    }
+
+
+def _element_key(e: Element) -> tuple[str, Element]:
+    return (str(type(e)), e)

@@ -44,7 +44,7 @@ from stockade.compile.ir import (
     Element,
     Ruleset,
 )
-from stockade.compile.plan import Plan
+from stockade.compile.plan import Plan, plan
 from stockade.model.cidr import parse_cidr
 
 FAMILY = "inet"
@@ -266,6 +266,13 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
                 name=s.name, elem=[_element(s, e) for e in _sorted(els)])}})
     cmds += [{"delete": {"set": table.ref(name=n)}} for n in p.del_sets]
     return cmds
+
+
+def render_full(table: Table, rs: Ruleset) -> list[Command]:
+    """Every command of a full load into an empty kernel: what the datapath sends
+    when the table is missing (skeleton, sets, chains, map entries), with interval
+    sets in the collapsed form the kernel keeps."""
+    return render_plan(table, plan(Ruleset(), canonical(rs)), skeleton=True)
 
 
 # ---- normalising expressions ---------------------------------------------------
