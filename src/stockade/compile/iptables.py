@@ -1,0 +1,810 @@
+"""Rendering the ruleset for iptables + ipset, and reading it back (pure).
+
+What stockade owns, per family (iptables for IPv4, ip6tables for IPv6), all in
+the `filter` table and named with the datapath's prefix `P` (`stockade-`):
+
+    FORWARD          one rule, first:  -j P-forward
+    P-forward        conntrack first: RELATED,ESTABLISHED -> RETURN
+                     TCP opening a connection without SYN -> DROP
+                     (IPv6) neighbour solicitation/advertisement -> RETURN
+                     -j P-egress ; -j P-ingress
+    P-egress         one rule per egress chain:
+                       -m set --match-set P-e4-<hash> src -g P-e-<hash>
+    P-ingress        one rule per ingress chain:
+                       -m set --match-set P-i4-<hash> dst -g P-i-<hash>
+    P-e-/P-i-<hash>  the rules of one set of policies: match -> RETURN,
+                     else NFLOG "stockade-deny <chain>" (rate-limited) and DROP
+
+and ipsets: `P-s4-/s6-` selector members (hash:ip), `P-c4-/c6-` ipBlocks
+(hash:net; an `except` is a `nomatch` entry when that is shorter),
+`P-n4-/n6-` named ports (hash:ip,port), and the dispatch sets `P-i4-/e4-/i6-/
+e6-<hash>`: the endpoints whose ingress (egress) the chain `i-<hash>`
+(`e-<hash>`) enforces. The dispatch sets are the ruleset's verdict maps: an
+endpoint is in at most one set per direction, so moving an endpoint between
+policy sets, or adding one, is an ipset element change, and the number of
+rules a packet meets grows with the number of distinct policy sets, never with
+the number of endpoints (see the README for the measurement).
+
+Nothing here ACCEPTs: an allowed packet RETURNs to FORWARD and meets the rules
+other software put there, exactly as an nftables `accept` in stockade's own
+table leaves other tables' verdicts standing.
+
+Every rule carries a comment `stk:<digest>` (a digest of its chain and body).
+Reading back compares every rule line of our chains, as `iptables-save` prints
+it, with what this module renders; sets are compared by type, family, maxelem
+and elements. Whatever differs is drift, repaired by the next verifying apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from stockade.compile.ir import (
+    ADDR,
+    ADDR_PORT,
+    EGRESS,
+    INGRESS,
+    NET,
+    AddressSet,
+    Chain,
+    ChainRule,
+    Element,
+    Ruleset,
+)
+from stockade.compile.nft import LOG_PREFIX, TAMPERED, canonical
+from stockade.compile.plan import Plan
+
+CHAIN_MAX = 28  # iptables' chain names (XT_EXTENSION_MAXNAMELEN - 1 = 28 usable)
+SET_MAX = 31  # ipset's set names (IPSET_MAXNAMELEN - 1)
+# IR names are at most this long: "s4-" + 12 hex digits (sets), "i-" + 12 (chains).
+_IR_SET_LEN = 15
+_IR_CHAIN_LEN = 14
+PREFIX_MAX = min(CHAIN_MAX - _IR_CHAIN_LEN, SET_MAX - _IR_SET_LEN - 1)  # 14 (room for "t")
+MAXELEM = 1 << 20
+FORWARD = "FORWARD"
+TABLE = "filter"
+FAMILIES = (4, 6)
+_INET = {4: "inet", 6: "inet6"}
+_TYPE = {ADDR: "hash:ip", NET: "hash:net", ADDR_PORT: "hash:ip,port"}
+_KIND_OF_TYPE = {v: k for k, v in _TYPE.items()}
+_SET_KINDS = {"s": ADDR, "c": NET, "n": ADDR_PORT}
+# Options ipset prints that stockade never sets; anything else is drift.
+_OK_OPTIONS = frozenset({"family", "hashsize", "maxelem", "bucketsize", "initval"})
+MULTIPORT_MAX = 15  # ports per multiport match (a range counts twice)
+
+
+def _digest(*parts: object, n: int = 10) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class Names:
+    """Kernel names: the prefix, then the IR name (so a name read back gives the IR name).
+
+    The prefix is the datapath's name and a dash; a name too long for iptables'
+    28 characters is shortened to 8 characters and 5 of its hash, deterministically.
+    """
+
+    prefix: str
+
+    @classmethod
+    def of(cls, name: str) -> Names:
+        if len(name) + 1 <= PREFIX_MAX:
+            return cls(name + "-")
+        return cls(f"{name[:8]}{_digest(name, n=5)}-")
+
+    def chain(self, ir_name: str) -> str:
+        return self.prefix + ir_name
+
+    def set(self, ir_name: str) -> str:
+        return self.prefix + ir_name
+
+    def tmp_set(self, ir_name: str) -> str:
+        return self.prefix + "t" + ir_name
+
+    @property
+    def forward(self) -> str:
+        return self.prefix + "forward"
+
+    def dispatch_chain(self, direction: str) -> str:
+        return self.prefix + direction
+
+    def ir(self, kernel_name: str) -> str | None:
+        return kernel_name[len(self.prefix):] if kernel_name.startswith(self.prefix) else None
+
+
+def dispatch_set(chain: str, family: int) -> str:
+    """The IR name of the set of endpoints a chain serves: `i-abc` -> `i4-abc`."""
+    return f"{chain[0]}{family}{chain[1:]}"
+
+
+def chain_of_dispatch(set_name: str) -> tuple[str, int] | None:
+    """`i4-abc` -> (`i-abc`, 4); None if not a dispatch set's name."""
+    if len(set_name) >= 4 and set_name[0] in "ie" and set_name[1] in "46" and set_name[2] == "-":
+        return set_name[0] + set_name[2:], int(set_name[1])
+    return None
+
+
+def set_kind(set_name: str) -> tuple[str, int] | None:
+    """(kind, family) of an address set's IR name (`s4-`, `c6-`, `n4-`), else None."""
+    if len(set_name) >= 4 and set_name[0] in _SET_KINDS and set_name[1] in "46" and \
+            set_name[2] == "-":
+        return _SET_KINDS[set_name[0]], int(set_name[1])
+    return None
+
+
+def is_chain_name(ir_name: str) -> bool:
+    return len(ir_name) > 2 and ir_name[0] in "ie" and ir_name[1] == "-"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the rendering depends on besides the ruleset (nft's `Table`)."""
+
+    names: Names
+    # Dropped new connections go to this NFLOG group, with the prefix
+    # "stockade-deny <chain>" as on nftables; None: no logging.
+    log_group: int | None = None
+    log_rate: int = 50  # per second, per chain, beyond a burst of as many
+
+    @classmethod
+    def of(cls, name: str = "stockade", log_group: int | None = None) -> Layout:
+        return cls(Names.of(name), log_group)
+
+
+# ---- rules ---------------------------------------------------------------------------
+
+def _with_comment(chain: str, spec: str, target: str) -> str:
+    """A rule's body exactly as iptables-save prints it (after `-A <chain> `)."""
+    comment = f'-m comment --comment "stk:{_digest(chain, spec, target)}"'
+    return " ".join(p for p in (spec, comment, target) if p)
+
+
+def _port_groups(ports: Sequence[tuple[int, int]]) -> list[str]:
+    """multiport's --dports values, at most 15 ports (a range counts twice) each."""
+    groups: list[str] = []
+    current: list[str] = []
+    used = 0
+    for lo, hi in ports:
+        cost = 1 if lo == hi else 2
+        if used + cost > MULTIPORT_MAX:
+            groups.append(",".join(current))
+            current, used = [], 0
+        current.append(str(lo) if lo == hi else f"{lo}:{hi}")
+        used += cost
+    if current:
+        groups.append(",".join(current))
+    return groups
+
+
+def rule_specs(names: Names, rule: ChainRule, direction: str, family: int) -> list[str]:
+    """The match part of a rule, in iptables-save's order; [] if not of this family.
+
+    Several specs when the ports need more than one multiport match.
+    """
+    if rule.family is not None and rule.family != family:
+        return []
+    parts: list[str] = []
+    if rule.protocol is not None and rule.named_set is None:
+        parts.append(f"-p {rule.protocol.lower()}")
+    if rule.peer_set is not None:
+        parts.append(f"-m set --match-set {names.set(rule.peer_set)} "
+                     f"{'src' if direction == INGRESS else 'dst'}")
+    if rule.named_set is not None:
+        parts.append(f"-m set --match-set {names.set(rule.named_set)} dst,dst")
+    base = " ".join(parts)
+    if rule.protocol is None or rule.named_set is not None or not rule.ports:
+        return [base]
+    return [f"{base} -m multiport --dports {g}" for g in _port_groups(rule.ports)]
+
+
+def chain_bodies(layout: Layout, chain: Chain, family: int) -> list[str]:
+    """Every rule of a policy chain in one family, as iptables-save prints it."""
+    kname = layout.names.chain(chain.name)
+    out = [_with_comment(kname, spec, "-j RETURN")
+           for rule in chain.rules for spec in rule_specs(layout.names, rule, chain.direction,
+                                                          family)]
+    if layout.log_group is not None:
+        out.append(_with_comment(
+            kname, f"-m limit --limit {layout.log_rate}/sec --limit-burst {layout.log_rate}",
+            f'-j NFLOG --nflog-prefix "{LOG_PREFIX} {chain.name}" '
+            f"--nflog-group {layout.log_group}"))
+    out.append(_with_comment(kname, "", "-j DROP"))
+    return out
+
+
+def base_bodies(names: Names, family: int) -> list[str]:
+    """The rules of P-forward: conntrack first, then the two dispatch chains."""
+    k = names.forward
+    out = [
+        _with_comment(k, "-m conntrack --ctstate RELATED,ESTABLISHED", "-j RETURN"),
+        # A TCP packet that would open a connection without SYN is a stream that
+        # conntrack lost (or that stockade cut after revoking access): picked up
+        # mid-stream it would pass as a new connection the other way.
+        _with_comment(k, "-p tcp -m conntrack --ctstate NEW -m tcp ! --tcp-flags "
+                         "FIN,SYN,RST,ACK SYN", "-j DROP"),
+    ]
+    if family == 6:
+        out += [_with_comment(k, f"-p ipv6-icmp -m icmp6 --icmpv6-type {t}", "-j RETURN")
+                for t in (135, 136)]
+    out += [_with_comment(k, "", f"-j {names.dispatch_chain(d)}") for d in (EGRESS, INGRESS)]
+    return out
+
+
+def dispatch_body(names: Names, chain: str, family: int) -> str:
+    direction = INGRESS if chain[0] == "i" else EGRESS
+    return _with_comment(names.dispatch_chain(direction),
+                         f"-m set --match-set {names.set(dispatch_set(chain, family))} "
+                         f"{'dst' if direction == INGRESS else 'src'}",
+                         f"-g {names.chain(chain)}")
+
+
+def jump_body(names: Names) -> str:
+    return _with_comment(FORWARD, "", f"-j {names.forward}")
+
+
+# ---- sets ------------------------------------------------------------------------------
+
+def create_line(names: Names, kernel_name: str, kind: str, family: int) -> str:
+    return (f"create {kernel_name} {_TYPE[kind]} family {_INET[family]} maxelem {MAXELEM} "
+            "-exist")
+
+
+def _net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _subtract(nets: list[Net], hole: Net) -> list[Net]:
+    out: list[Net] = []
+    for n in nets:
+        if n.version != hole.version:
+            out.append(n)
+        elif hole.subnet_of(n):  # type: ignore[arg-type]
+            out.extend(n.address_exclude(hole))  # type: ignore[arg-type]
+        elif not n.subnet_of(hole):  # type: ignore[arg-type]
+            out.append(n)
+    return out
+
+
+def _collapse(nets: Iterable[Net]) -> list[Net]:
+    return list(ipaddress.collapse_addresses(cast(Any, list(nets))))
+
+
+def _halves(family: int) -> list[Net]:
+    return list(ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0").subnets(1))
+
+
+def net_entries(elements: Iterable[Element], family: int) -> list[str]:
+    """An interval set as hash:net entries: networks, or a supernet with `nomatch` holes.
+
+    hash:net cannot hold /0, so each half of the address space is written on its
+    own. Within a half, the smallest network holding every member plus its holes
+    (as `nomatch`, most specific wins) is used when that takes fewer entries:
+    10.0.0.0/8 except 10.1.2.3/32 is 2 entries instead of 24.
+    """
+    nets = [n for e in elements if isinstance(e, str) and (n := _net(e)) is not None
+            and n.version == family]
+    full: list[Net] = []
+    for n in _collapse(nets):
+        full.extend(_halves(family) if n.prefixlen == 0 else [n])
+    out: list[str] = []
+    for half in _halves(family):
+        mine = sorted((n for n in full if n.subnet_of(half)),  # type: ignore[arg-type]
+                      key=lambda n: (n.network_address, n.prefixlen))
+        if not mine:
+            continue
+        first, last = int(mine[0].network_address), int(mine[-1].broadcast_address)
+        bits = 32 if family == 4 else 128
+        length = bits - (first ^ last).bit_length()
+        cover = ipaddress.ip_network((first >> (bits - length) << (bits - length), length)
+                                     if length else 0)
+        holes: list[Net] = [cover]
+        for n in mine:
+            holes = _subtract(holes, n)
+        holes = _collapse(holes)
+        if 1 + len(holes) < len(mine):
+            out.append(str(cover))
+            out += [f"{h} nomatch" for h in sorted(holes, key=lambda h: (h.network_address,
+                                                                           h.prefixlen))]
+        else:
+            out += [str(n) for n in mine]
+    return out
+
+
+def element_text(kind: str, e: Element) -> str:
+    if kind == ADDR_PORT:
+        assert isinstance(e, tuple)
+        return f"{e[0]},{e[1]}:{e[2]}"
+    assert isinstance(e, str)
+    return e
+
+
+def _sorted(elements: Iterable[Element]) -> list[Element]:
+    return sorted(elements, key=lambda e: (str(type(e)), e))
+
+
+def set_lines(names: Names, s: AddressSet, kernel_name: str | None = None) -> list[str]:
+    """A set created (if missing) and filled, as `ipset restore` lines."""
+    k = kernel_name or names.set(s.name)
+    out = [create_line(names, k, s.kind, s.family)]
+    if s.kind == NET:
+        out += [f"add {k} {e} -exist" for e in net_entries(s.elements, s.family)]
+    else:
+        out += [f"add {k} {element_text(s.kind, e)} -exist" for e in _sorted(s.elements)]
+    return out
+
+
+def swap_lines(names: Names, s: AddressSet) -> list[str]:
+    """Replace a set whole, atomically for the rules using it: fill a temporary set, swap."""
+    tmp = names.tmp_set(s.name)
+    fill = set_lines(names, s, tmp)
+    return [fill[0], f"flush {tmp}", *fill[1:], f"swap {tmp} {names.set(s.name)}",
+            f"destroy {tmp}"]
+
+
+# ---- plans -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    """One process: `ipset restore` (family None) or `ip[6]tables-restore --noflush`."""
+
+    tool: str  # "ipset" or "iptables"
+    family: int | None
+    text: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.text.splitlines()
+
+
+def _restore(lines: list[str]) -> str:
+    return "\n".join([f"*{TABLE}", *lines, "COMMIT", ""])
+
+
+@dataclass
+class Repair:
+    """What a read-back found that a plan does not express, and how to clear it away.
+
+    Filled by `parse_kernel`; an empty Repair (the default) means none.
+    """
+
+    # per family: rewrite P-forward, P-ingress, P-egress whole and fix the jump
+    skeleton: dict[int, bool] = field(default_factory=dict)
+    # per family: every FORWARD rule jumping to P-forward (deleted when the skeleton is
+    # rewritten, before the one jump is inserted first)
+    jumps: dict[int, list[str]] = field(default_factory=dict)
+    # per family: chains in our namespace to delete (foreign ones, leftovers)
+    del_chains: dict[int, list[str]] = field(default_factory=dict)
+    # kernel set names with a wrong definition (recreated by swap) / not ours (destroyed)
+    bad_sets: set[str] = field(default_factory=set)
+    del_sets: list[str] = field(default_factory=list)
+    # (kernel dispatch set, address): an address in more than one dispatch set
+    stale_members: list[tuple[str, str]] = field(default_factory=list)
+    # chains present in the kernel (per family), whose dispatch rules P-in/egress hold
+    kernel_chains: dict[int, set[str]] = field(default_factory=dict)
+
+    @property
+    def needed(self) -> bool:
+        return (any(self.skeleton.values()) or any(self.del_chains.values()) or bool(self.bad_sets)
+                or bool(self.del_sets) or bool(self.stale_members))
+
+
+def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False,
+                repair: Repair | None = None) -> list[Step]:
+    """The processes that make the kernel go from `old` to `old + p`, in order.
+
+    Up to five steps, each one process and empty ones left out: (1) ipset:
+    new sets, added elements, endpoints entering dispatch sets; (2) iptables
+    per family: new and rewritten chains; (3) ipset: removed elements,
+    endpoints leaving dispatch sets; (4) iptables: chains no longer used;
+    (5) ipset: sets no longer used. Every reference stays valid between steps.
+    A plan that only moves elements is one ipset session.
+    `skeleton`: write the base chain, the dispatch chains and the jump (first apply).
+    """
+    names = layout.names
+    rep = repair or Repair()
+    new_chains = {c.name: c for c in (*p.add_chains, *p.replace_chains)}
+    del_chains = set(p.del_chains)
+    old_map = {INGRESS: old.ingress, EGRESS: old.egress}
+
+    # (1) ipset: creations and additions (leftover temporary sets out first)
+    s1: list[str] = [f"destroy {k}" for k in rep.del_sets
+                     if (names.ir(k) or "").startswith("t")]
+    for s in p.add_sets:
+        k = names.set(s.name)
+        s1 += swap_lines(names, s) if k in rep.bad_sets else set_lines(names, s)
+    for s, els in p.add_elements:
+        if s.kind == NET:
+            s1 += swap_lines(names, s)  # rewritten whole, atomically
+        else:
+            s1 += [f"add {names.set(s.name)} {element_text(s.kind, e)} -exist"
+                   for e in _sorted(els)]
+    for c in p.add_chains:
+        for fam in FAMILIES:
+            k = names.set(dispatch_set(c.name, fam))
+            if k in rep.bad_sets:
+                s1 += swap_lines(names, AddressSet(dispatch_set(c.name, fam), fam, ADDR,
+                                                   frozenset()))
+            else:
+                s1.append(create_line(names, k, ADDR, fam))
+    for bad in sorted(rep.bad_sets):
+        ir = names.ir(bad) or ""
+        cd = chain_of_dispatch(ir)
+        if cd is not None and cd[0] not in {c.name for c in p.add_chains}:
+            # a dispatch set recreated empty: the plan refills it (the map entries of a
+            # set read as bad were left out of the read-back)
+            s1 += swap_lines(names, AddressSet(ir, cd[1], ADDR, frozenset()))
+    for (_, fam, addr), target in p.set_map:
+        s1.append(f"add {names.set(dispatch_set(target, fam))} {addr} -exist")
+
+    # (2) iptables: new chains, rewritten chains, the skeleton
+    t2: dict[int, list[str]] = {f: [] for f in FAMILIES}
+    t4: dict[int, list[str]] = {f: [] for f in FAMILIES}
+    for fam in FAMILIES:
+        lines = t2[fam]
+        whole = skeleton or rep.skeleton.get(fam, False)
+        for cn in sorted(new_chains):
+            lines.append(f":{names.chain(cn)} - [0:0]")
+        if whole:
+            for k in (names.forward, *(names.dispatch_chain(d) for d in (EGRESS, INGRESS))):
+                lines.append(f":{k} - [0:0]")
+            lines += [f"-A {names.forward} {b}" for b in base_bodies(names, fam)]
+            present = (rep.kernel_chains.get(fam, set(old.chains)) | set(new_chains)) - set(
+                rep.del_chains.get(fam, []))
+            for cn in sorted(present):
+                lines.append(f"-A {names.dispatch_chain(_direction(cn))} "
+                             f"{dispatch_body(names, cn, fam)}")
+        for cn in sorted(new_chains):
+            lines += [f"-A {names.chain(cn)} {b}"
+                      for b in chain_bodies(layout, new_chains[cn], fam)]
+        if not whole:
+            # chains the kernel does not hold in this family get their dispatch rule
+            for cn in sorted(set(new_chains) - rep.kernel_chains.get(fam, set(old.chains))):
+                lines.append(f"-A {names.dispatch_chain(_direction(cn))} "
+                             f"{dispatch_body(names, cn, fam)}")
+        if whole:
+            lines += [f"-D {FORWARD} {b}" for b in rep.jumps.get(fam, [])]
+            lines.append(f"-I {FORWARD} 1 {jump_body(names)}")
+
+    # (3) ipset: removals
+    s3: list[str] = []
+    added = {(names.set(dispatch_set(chain, fam)), addr)
+             for (_, fam, addr), chain in p.set_map}
+    for direction, fam, addr in p.del_map:
+        was = old_map[direction].get(addr)
+        if was is not None and is_chain_name(was):
+            k = names.set(dispatch_set(was, fam))
+            if (k, addr) not in added:
+                s3.append(f"del {k} {addr} -exist")
+    s3 += [f"del {k} {addr} -exist" for k, addr in rep.stale_members if (k, addr) not in added]
+    for s, els in p.del_elements:
+        if s.kind != NET:
+            s3 += [f"del {names.set(s.name)} {element_text(s.kind, e)} -exist"
+                   for e in _sorted(els)]
+
+    # (4) iptables: chains no longer used (the dispatch chains rewritten without them)
+    for fam in FAMILIES:
+        gone = sorted(del_chains | set(rep.del_chains.get(fam, [])))
+        if not gone:
+            continue
+        lines = t4[fam]
+        present = (rep.kernel_chains.get(fam, set(old.chains)) | set(new_chains)) - set(gone)
+        for d in (EGRESS, INGRESS):
+            lines.append(f":{names.dispatch_chain(d)} - [0:0]")
+            lines += [f"-A {names.dispatch_chain(d)} {dispatch_body(names, cn, fam)}"
+                      for cn in sorted(present) if _direction(cn) == d]
+        for cn in gone:
+            k = cn if cn.startswith(names.prefix) else names.chain(cn)
+            lines += [f"-F {k}", f"-X {k}"]
+
+    # (5) ipset: sets no longer used
+    s5 = [f"destroy {names.set(n)}" for n in p.del_sets]
+    s5 += [f"destroy {names.set(dispatch_set(cn, fam))}" for cn in sorted(del_chains)
+           for fam in FAMILIES]
+    s5 += [f"destroy {k}" for k in rep.del_sets if not (names.ir(k) or "").startswith("t")]
+    keep = {a.name for a in p.add_sets} | {
+        dispatch_set(cn, fam) for cn in (set(old.chains) | set(new_chains)) - del_chains
+        for fam in FAMILIES}
+    s5 += [f"destroy {k}" for k in sorted(rep.bad_sets) if names.ir(k) not in keep]
+
+    steps: list[Step] = []
+    ipset_pending: list[str] = []
+
+    def flush_ipset() -> None:
+        if ipset_pending:
+            steps.append(Step("ipset", None, "\n".join(ipset_pending) + "\n"))
+            ipset_pending.clear()
+
+    for part in (s1, t2, s3, t4, s5):
+        if isinstance(part, list):
+            ipset_pending += part
+            continue
+        if any(part.values()):
+            flush_ipset()
+            steps += [Step("iptables", fam, _restore(part[fam])) for fam in FAMILIES
+                      if part[fam]]
+    flush_ipset()
+    return steps
+
+
+def _direction(chain: str) -> str:
+    return INGRESS if chain[0] == "i" else EGRESS
+
+
+def render_remove(layout: Layout, save: Mapping[int, str], ipset_save: str) -> list[Step]:
+    """Everything of ours out: the jump, the chains, then the sets (read from the kernel)."""
+    names = layout.names
+    steps: list[Step] = []
+    for fam in FAMILIES:
+        chains, rules = parse_save(save.get(fam, ""))
+        mine = [c for c in chains if c.startswith(names.prefix)]
+        lines = [f"-D {FORWARD} {b}" for b in rules.get(FORWARD, [])
+                 if _targets(b, names.forward)]
+        lines += [f"-F {c}" for c in mine] + [f"-X {c}" for c in mine]
+        if lines:
+            steps.append(Step("iptables", fam, _restore(lines)))
+    sets = [n for n, _ in _ipset_creates(ipset_save) if n.startswith(names.prefix)]
+    if sets:
+        steps.append(Step("ipset", None, "".join(f"destroy {n}\n" for n in sets)))
+    return steps
+
+
+# ---- reading back ------------------------------------------------------------------------
+
+def parse_save(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The filter table of `iptables-save` output: chain names, and each chain's rule bodies."""
+    chains: list[str] = []
+    rules: dict[str, list[str]] = {}
+    in_filter = False
+    for line in text.splitlines():
+        if line.startswith("*"):
+            in_filter = line[1:].strip() == TABLE
+        elif not in_filter or line.startswith("#"):
+            continue
+        elif line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            chains.append(name)
+            rules.setdefault(name, [])
+        elif line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            rules.setdefault(chain, []).append(rest[0] if rest else "")
+    return chains, rules
+
+
+def _targets(body: str, chain: str) -> bool:
+    try:
+        words = shlex.split(body)
+    except ValueError:
+        return False
+    return any(w in ("-j", "-g", "--jump", "--goto") and i + 1 < len(words)
+               and words[i + 1] == chain for i, w in enumerate(words))
+
+
+def _ipset_creates(text: str) -> list[tuple[str, list[str]]]:
+    return [(w[1], w[2:]) for line in text.splitlines()
+            if (w := line.split()) and w[0] == "create" and len(w) >= 3]
+
+
+def parse_ipset(text: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """`ipset save` output: each set's create options (type first), and its elements."""
+    defs: dict[str, list[str]] = {}
+    members: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        w = line.split(" ", 2)
+        if len(w) < 3:
+            continue
+        if w[0] == "create":
+            defs[w[1]] = w[2].split()
+            members.setdefault(w[1], [])
+        elif w[0] == "add":
+            members.setdefault(w[1], []).append(w[2].strip())
+    return defs, members
+
+
+def _definition_ok(options: list[str], kind: str, family: int) -> bool:
+    if not options or options[0] != _TYPE[kind]:
+        return False
+    rest = options[1:]
+    if len(rest) % 2:
+        return False
+    pairs = dict(zip(rest[::2], rest[1::2], strict=True))
+    return (set(pairs) <= _OK_OPTIONS and pairs.get("family") == _INET[family]
+            and pairs.get("maxelem") == str(MAXELEM))
+
+
+def read_net(entries: Iterable[str], family: int) -> frozenset[Element]:
+    """hash:net entries (most specific wins, `nomatch` excludes) back into networks."""
+    parsed: list[tuple[Net, bool]] = []
+    for e in entries:
+        text, _, flag = e.partition(" ")
+        n = _net(text)
+        if n is not None and n.version == family:
+            parsed.append((n, flag.strip() == "nomatch"))
+    nets: list[Net] = []
+    for n, nomatch in sorted(parsed, key=lambda x: x[0].prefixlen):
+        nets = _subtract(nets, n) if nomatch else _collapse([*nets, n])
+    return frozenset(str(n) for n in _collapse(nets))
+
+
+def _read_elements(kind: str, family: int, raw: list[str]) -> frozenset[Element] | None:
+    if kind == NET:
+        return read_net(raw, family)
+    out: set[Element] = set()
+    for e in raw:
+        text = e.split(" ", 1)[0]
+        if kind == ADDR:
+            n = _net(text)
+            if n is None or n.version != family:
+                return None
+            out.add(str(n.network_address))
+        else:
+            addr, _, pp = text.rpartition(",")
+            proto, _, port = pp.partition(":")
+            n = _net(addr)
+            if n is None or not port.isdigit():
+                return None
+            out.add((str(n.network_address), proto, int(port)))
+    return frozenset(out)
+
+
+@dataclass
+class KernelState:
+    """What the kernel holds of ours, in stockade's terms, and what differs from ours."""
+
+    ruleset: Ruleset
+    repair: Repair
+    drift: list[str] = field(default_factory=list)
+    present: bool = False  # anything of ours at all
+
+    @property
+    def needs_repair(self) -> bool:
+        return bool(self.drift) or self.repair.needed
+
+
+def parse_kernel(layout: Layout, save: Mapping[int, str], ipset_save: str,
+                 expected_chains: Mapping[str, Chain]) -> KernelState:
+    """`ip[6]tables-save` (per family) and `ipset save` output, against what we render.
+
+    A policy chain is known by its name among `expected_chains` and is that
+    chain only if its rules in both families are exactly what we render for it;
+    otherwise it reads as tampered (plans rewrite or delete it). Sets must have
+    our type, family and maxelem. The base chain, the dispatch chains and the
+    one jump from FORWARD must be exactly ours. Everything in our namespace
+    that is none of these is foreign and removed.
+    """
+    names = layout.names
+    rep = Repair()
+    drift: list[str] = []
+    present = False
+
+    # sets
+    defs, members = parse_ipset(ipset_save)
+    sets: dict[str, AddressSet] = {}
+    dispatch: dict[str, dict[str, list[str]]] = {INGRESS: {}, EGRESS: {}}
+    for kname, options in defs.items():
+        ir = names.ir(kname)
+        if ir is None:
+            continue
+        present = True
+        sk, cd = set_kind(ir), chain_of_dispatch(ir)
+        kind, fam = sk if sk is not None else (ADDR, cd[1]) if cd is not None else ("", 0)
+        if not kind:
+            drift.append(f"foreign set {kname}")
+            rep.del_sets.append(kname)
+            continue
+        els = _read_elements(kind, fam, members.get(kname, []))
+        if not _definition_ok(options, kind, fam) or els is None:
+            drift.append(f"set {kname}: definition differs")
+            rep.bad_sets.add(kname)
+            continue
+        if cd is not None:
+            for addr in els:
+                assert isinstance(addr, str)
+                dispatch[_direction(cd[0])].setdefault(addr, []).append(cd[0])
+        else:
+            sets[ir] = AddressSet(ir, fam, kind, els)
+    maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+    for direction, by_addr in dispatch.items():
+        for addr, holders in by_addr.items():
+            holders.sort()
+            maps[direction][addr] = holders[0]
+            if len(holders) > 1:
+                drift.append(f"{direction} endpoint {addr} in {len(holders)} dispatch sets")
+                fam = 6 if ":" in addr else 4
+                rep.stale_members += [(names.set(dispatch_set(h, fam)), addr)
+                                      for h in holders[1:]]
+
+    # chains, per family
+    seen: dict[str, dict[int, list[str]]] = {}
+    for fam in FAMILIES:
+        chain_names, rules = parse_save(save.get(fam, ""))
+        tool = "iptables" if fam == 4 else "ip6tables"
+        kernel_chains: set[str] = set()
+        rep.kernel_chains[fam] = kernel_chains
+        fixed = {names.forward, *(names.dispatch_chain(d) for d in (EGRESS, INGRESS))}
+        skeleton_ok = True
+        for kname in chain_names:
+            ir = names.ir(kname)
+            if ir is None or kname in fixed:
+                continue
+            present = True
+            if is_chain_name(ir):
+                kernel_chains.add(ir)
+                seen.setdefault(ir, {})[fam] = rules.get(kname, [])
+            else:
+                drift.append(f"foreign chain {kname} ({tool})")
+                rep.del_chains.setdefault(fam, []).append(kname)
+                skeleton_ok = False  # a dispatch rule may jump to it
+        # the base chain, the dispatch chains
+        if names.forward in chain_names:
+            present = True
+        if rules.get(names.forward) != base_bodies(names, fam):
+            if names.forward in chain_names or any(names.ir(c) for c in chain_names):
+                drift.append(f"base chain {names.forward} "
+                             f"{'differs' if names.forward in chain_names else 'missing'} "
+                             f"({tool})")
+            skeleton_ok = False
+        for d in (EGRESS, INGRESS):
+            want = sorted(dispatch_body(names, c, fam) for c in kernel_chains
+                          if _direction(c) == d)
+            k = names.dispatch_chain(d)
+            if k not in chain_names or sorted(rules.get(k, [])) != want:
+                if k in chain_names:
+                    drift.append(f"dispatch chain {k} differs ({tool})")
+                skeleton_ok = False
+        # the jump
+        jumps = [b for b in rules.get(FORWARD, []) if _targets(b, names.forward)]
+        first = rules.get(FORWARD, [None])[0] if rules.get(FORWARD) else None
+        if jumps != [jump_body(names)] or first != jump_body(names):
+            if names.forward in chain_names:
+                drift.append(f"jump from {FORWARD} {'missing' if not jumps else 'altered'}"
+                             f" ({tool})")
+            skeleton_ok = False
+        rep.jumps[fam] = jumps
+        rep.skeleton[fam] = not skeleton_ok
+
+    chains: dict[str, Chain] = {}
+    for ir, by_fam in seen.items():
+        chain = expected_chains.get(ir)
+        direction = _direction(ir)
+        if chain is not None and chain.direction == direction and all(
+                by_fam.get(fam) == chain_bodies(layout, chain, fam) for fam in FAMILIES) and not (
+                {n for r in chain.rules for n in (r.peer_set, r.named_set) if n}
+                - set(sets)):
+            chains[ir] = chain
+            continue
+        if chain is not None:
+            drift.append(f"chain {names.chain(ir)}: rules differ")
+        chains[ir] = Chain(ir, direction, TAMPERED, "tampered")
+    return KernelState(Ruleset(dict(sorted(sets.items())), dict(sorted(chains.items())),
+                               maps[INGRESS], maps[EGRESS]), rep, drift, present)
+
+
+__all__ = [
+    "FAMILIES",
+    "KernelState",
+    "Layout",
+    "Names",
+    "Repair",
+    "Step",
+    "canonical",
+    "chain_bodies",
+    "net_entries",
+    "parse_ipset",
+    "parse_kernel",
+    "parse_save",
+    "read_net",
+    "render_plan",
+    "render_remove",
+]
