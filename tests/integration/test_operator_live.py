@@ -429,6 +429,7 @@ def test_an_invalid_service_gets_valid_false_and_keeps_its_policies(
     assert valid["status"] == "False" and valid["reason"] == "Invalid"
     assert valid["message"].startswith("spec.ports[0].port: Invalid value: 70000")
     assert managed(kube_api)["backend/db-ingress"]["metadata"]["resourceVersion"] == before
+    assert kube_api.get("microservices", "db", "backend")["status"]["policies"] == ["db-ingress"]
     resolved = conditions(kube_api, "api")["DependenciesResolved"]
     assert resolved["reason"] == "DependencyInvalid"
     assert [e["reason"] for e in warnings(kube_api, "db")] == ["Invalid"]

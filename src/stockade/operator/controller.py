@@ -291,8 +291,9 @@ class Operator:
         for a in writes.applies:
             self._apply(a, policies.get(a.key), by_uid, failed, out)
         now = _now()
+        states = {s.key: s for s in services}
         for key, status in plan_status(services, writes, failed, now, self._status_memo).items():
-            self._patch_status(next(s for s in services if s.key == key), status, out)
+            self._patch_status(states[key], status, out)
         reports, reported = plan_events(services, writes, self._reported)
         for report in reports:
             if not self._event(report, now, out):

@@ -218,7 +218,8 @@ def same_policy(desired: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
 
     if refs(desired) != refs(current):
         return False
-    return bool(_normal(desired.get("spec")) == _normal(current.get("spec")))
+    want_spec, have_spec = desired.get("spec"), current.get("spec")
+    return bool(want_spec == have_spec or _normal(want_spec) == _normal(have_spec))
 
 
 def controller_uid(obj: Mapping[str, Any]) -> str | None:
@@ -355,11 +356,13 @@ def desired_status(state: ServiceState, writes: Writes, failed: Mapping[PolicyKe
                            "lastTransitionTime": since or now})
     conditions += [dict(c) for t, c in sorted(old.items()) if t not in OUR_CONDITIONS]
     taken = set(writes.taken)
-    return {
-        "observedGeneration": state.generation,
-        "policies": [k.name for k in writes.rendering.policies_of(state.key) if k not in taken],
-        "conditions": conditions,
-    }
+    if state.valid:
+        policies = [k.name for k in writes.rendering.policies_of(state.key) if k not in taken]
+    else:  # its policies are kept as they were: so is the list
+        before = (state.status if known is None else known).get("policies")
+        policies = [str(p) for p in before] if isinstance(before, list) else []
+    return {"observedGeneration": state.generation, "policies": policies,
+            "conditions": conditions}
 
 
 def _comparable(status: Mapping[str, Any]) -> Any:
