@@ -514,3 +514,37 @@ def test_local_writes_are_refused(fx: Fixture) -> None:
             fx.service.handle(op, args)
         assert "kubernetes (http://kube.test)" in e.value.message
     assert "items" in fx.service.handle("get", {"kind": "endpoints"})
+
+
+def test_pods_of_other_nodes_are_peers_only(fx: Fixture) -> None:
+    remote_web = {**pod("web2", "3", ip="10.0.9.2", labels={"app": "web"}),
+                  "spec": {"nodeName": "n2", "containers": []}}
+    remote_db = {**pod("db2", "4", ip="10.0.9.1", labels={"app": "db"}),
+                 "spec": {"nodeName": "n2", "containers": []}}
+    fx.lists([ns("ns")], [ALLOW], [pod("db", "2", ip="10.0.0.1", labels={"app": "db"}),
+                                   remote_web, remote_db])
+    rec = fx.service.state.endpoints["ns/web2"]
+    assert rec.node == "n2" and rec.endpoint.remote and rec.to_dict()["remote"] is True
+    assert not fx.service.state.endpoints["ns/db"].endpoint.remote
+    kernel = fx.enforce()
+    assert set(kernel.ingress) == {"10.0.0.1"}  # db2 is enforced by its own node
+    assert any("10.0.9.2" in s.elements for s in kernel.sets.values())  # web2: a peer
+    # The pod rescheduled here (a new pod, same name): enforced here now.
+    fx.feed.event(PODS, "MODIFIED", pod("db2", "5", ip="10.0.9.1", labels={"app": "db"}))
+    assert set(fx.enforce().ingress) == {"10.0.0.1", "10.0.9.1"}
+
+
+def test_metrics(tmp_path: Path) -> None:
+    from stockade.agent.metrics import Registry
+
+    f = Fixture(tmp_path)
+    registry = Registry()
+    f.feed.bind(f.service, registry)
+    f.feed._observer("pods")("event")
+    bad = netpol("bad", {"podSelector": {}, "policyTypes": ["Sideways"]})
+    f.lists([ns("ns")], [bad], [])
+    text = registry.render()
+    assert 'stockade_kube_events_total{resource="pods"} 1\n' in text
+    assert 'stockade_kube_invalid_objects{kind="networkpolicy"} 1\n' in text
+    assert "stockade_kube_synced 1\n" in text
+    f.store.close()

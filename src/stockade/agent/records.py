@@ -35,6 +35,7 @@ class EndpointRecord:
     pid: int = 0  # the process `stockade run` started
     command: tuple[str, ...] = ()
     created: float = 0.0
+    node: str = ""  # the Kubernetes node the pod runs on (--datastore kubernetes)
 
     @property
     def key(self) -> str:
@@ -42,6 +43,11 @@ class EndpointRecord:
 
     def to_dict(self) -> dict[str, Any]:
         ep = self.endpoint
+        extra: dict[str, Any] = {}
+        if self.node:
+            extra["node"] = self.node
+        if ep.remote:
+            extra["remote"] = True
         return {
             "namespace": ep.namespace, "name": ep.name, "labels": dict(ep.labels),
             "ips": list(ep.ips),
@@ -50,7 +56,7 @@ class EndpointRecord:
             "netns": self.netns, "interface": self.interface,
             "hostInterface": self.host_interface, "owner": self.owner,
             "containerID": self.container_id, "pid": self.pid,
-            "command": list(self.command), "created": self.created,
+            "command": list(self.command), "created": self.created, **extra,
         }
 
     @classmethod
@@ -58,9 +64,13 @@ class EndpointRecord:
         """Strictly typed: a wrong type is a DecodeError naming the field, never a guess."""
         if not isinstance(d, Mapping):
             raise DecodeError("an endpoint must be an object")
+        remote = d.get("remote", False)
+        if not isinstance(remote, bool):
+            raise DecodeError("must be a boolean", path="remote")
         ep = Endpoint(_str(d, "namespace", required=True), _str(d, "name", required=True),
                       decode_labels(d.get("labels"), "labels"),
-                      _strs(d.get("ips"), "ips"), decode_ports(d.get("ports"), "ports"))
+                      _strs(d.get("ips"), "ips"), decode_ports(d.get("ports"), "ports"),
+                      remote=remote)
         pid = d.get("pid", 0)
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 2**31:
             raise DecodeError("must be a process id", path="pid")
@@ -69,7 +79,7 @@ class EndpointRecord:
             raise DecodeError("must be a number", path="created")
         return cls(ep, _str(d, "netns"), _str(d, "interface"), _str(d, "hostInterface"),
                    _str(d, "owner") or OWNER_API, _str(d, "containerID"), pid,
-                   _strs(d.get("command"), "command"), float(created))
+                   _strs(d.get("command"), "command"), float(created), _str(d, "node"))
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,8 @@ class IncrementalCompiler:
 
     def _place(self, ep: Endpoint, direction: str, keys: tuple[str, ...] | None = None,
                members: Members | None = None) -> None:
+        if ep.remote:
+            return  # a peer only: its node enforces its policies (see Endpoint.remote)
         if keys is None:
             keys = self._selecting(ep, direction)
         if not keys:

@@ -201,12 +201,16 @@ class Lowering:
         for mdir, direction in DIRECTION.items():
             chain_of: dict[object, str] = {}
             for ident, ps in sorted(self.res.isolated[mdir].items()):
+                # Remote endpoints are peers only: their node enforces their policies.
+                local = [ep for ep in self.index.members[ident] if not ep.remote]
+                if not local:
+                    continue
                 name = chain_of.get(ps)
                 if name is None:
                     chain = lower_chain(mdir, ps.policies, self.need)
                     self.chains.setdefault(chain.name, chain)
                     name = chain_of[ps] = chain.name
-                for ep in self.index.members[ident]:
+                for ep in local:
                     for addr in endpoint_addresses(ep):
                         maps[direction][addr] = name
         return Ruleset(dict(sorted(self.sets.items())), dict(sorted(self.chains.items())),

@@ -297,7 +297,8 @@ class KubeFeed:
         self._reported: dict[str, tuple[str, ...]] = {}  # errors logged, by object
         self.commits = 0
         self.changes = 0
-        self.reflectors = [reflector_factory(client, res, _Sink(self, res), config=self.config)
+        self.reflectors = [reflector_factory(client, res, _Sink(self, res), config=self.config,
+                                             observe=self._observer(res.plural))
                            for res in (NAMESPACES, NETWORK_POLICIES, PODS)]
         self._retry: threading.Thread | None = None
         self._m_events: Any = None
@@ -367,22 +368,15 @@ class KubeFeed:
                 "invalid": {k: list(v) for k, v in sorted(invalid.items())},
                 "waiting": dict(sorted(self.waiting.items())),
             }
-        self._publish_metrics()
         return {"datastore": out}
 
-    def _publish_metrics(self) -> None:
-        if self._m_events is None:
-            return
-        for r in self.reflectors:
-            st = r.status
-            # Counters are monotonic totals kept by the reflectors: set by difference.
-            for metric, value, attr in ((self._m_events, st.events, "_ev"),
-                                        (self._m_relists, st.lists, "_li"),
-                                        (self._m_errors, st.errors, "_er")):
-                seen = getattr(r, attr, 0)
-                if value > seen:
-                    metric.inc(value - seen, resource=r.res.plural)
-                    setattr(r, attr, value)
+    def _observer(self, plural: str) -> Callable[[str], None]:
+        def observe(what: str) -> None:
+            metric = {"event": self._m_events, "list": self._m_relists,
+                      "error": self._m_errors}.get(what)
+            if metric is not None:
+                metric.inc(resource=plural)
+        return observe
 
     # ---- what the CNI plugin asks -------------------------------------------------------------
 
@@ -720,11 +714,12 @@ class KubeFeed:
             return replace(cur, endpoint=ep), reasons
         if pod is None or pod.endpoint is None:
             return None, []
-        ep = pod.endpoint
+        # A pod of another node is a peer only: no verdict chain of its own here.
+        ep = replace(pod.endpoint, remote=pod.node != self.node)
         reasons = [*pod.errors, *self._ns_reasons(ns)]
         if reasons:
             ep = held_endpoint(ep)
-        rec = EndpointRecord(ep, owner=OWNER_KUBE,
+        rec = EndpointRecord(ep, owner=OWNER_KUBE, node=pod.node,
                              created=cur.created if cur is not None else time.time())
         return rec, reasons
 

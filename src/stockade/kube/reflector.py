@@ -128,7 +128,8 @@ class Reflector:
     def __init__(self, client: KubeClient, res: Resource, sink: Sink, *,
                  namespace: str | None = None, config: ReflectorConfig | None = None,
                  sleep: Callable[[float], bool] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 observe: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.res = res
         self.sink = sink
@@ -141,6 +142,8 @@ class Reflector:
         # Waiting between attempts; returns True when stopped (tests replace it).
         self._sleep = sleep or self._stop.wait
         self._clock = clock
+        # Told "list", "event" or "error" as they happen (the agent's counters).
+        self._observe = observe or (lambda what: None)
         self._thread: threading.Thread | None = None
         self.synced = threading.Event()  # set once the first list is delivered
 
@@ -197,6 +200,7 @@ class Reflector:
             return ""
         st = self.status
         st.lists += 1
+        self._observe("list")
         st.synced = True
         st.resource_version = page.resource_version
         st.last_event = self._clock()
@@ -233,6 +237,7 @@ class Reflector:
                 elif ev.type in (ADDED, MODIFIED, DELETED):
                     self.sink.event(ev.type, ev.object)
                     st.events += 1
+                    self._observe("event")
                     delivered += 1
                 else:
                     log.warning("unknown watch event type %r", ev.type)
@@ -267,6 +272,7 @@ class Reflector:
     def _failed(self, error: str) -> None:
         st = self.status
         st.errors += 1
+        self._observe("error")
         st.last_error = error
         log.warning("kubernetes feed: %s", error, extra={"fields": {
             "resource": self.res.plural, "attempt": self.backoff.attempts + 1}})

@@ -38,6 +38,9 @@ class Endpoint:
     ips: tuple[str, ...]
     ports: tuple[ContainerPort, ...] = ()
     source: Source = field(default=NO_SOURCE, compare=False, hash=False)
+    # A pod of another node (the Kubernetes datastore): a peer that selectors pick,
+    # whose own policies that node enforces, so it gets no verdict chain here.
+    remote: bool = False
 
     @property
     def key(self) -> str:
