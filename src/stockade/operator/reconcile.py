@@ -207,8 +207,9 @@ def same_policy(desired: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     """Whether ``current`` already says what ``desired`` writes: its labels, its
     MicroService ownerReferences and its spec (others' labels and fields aside)."""
     want, have = _meta(desired), _meta(current)
-    labels = have.get("labels") if isinstance(have.get("labels"), Mapping) else {}
-    assert isinstance(labels, Mapping)
+    labels = have.get("labels")
+    if not isinstance(labels, Mapping):
+        labels = {}
     for k, v in (want.get("labels") or {}).items():
         if labels.get(k) != v:
             return False
