@@ -1080,6 +1080,19 @@ def test_server_side_apply_noop_conflict_force(kube_api: KubeAPI, client: httpx.
             field_manager="other",
         )
     assert e.value.code == 409 and 'conflict with "editor"' in e.value.message
+    # a resourceVersion in the applied configuration is a precondition
+    with pytest.raises(ApiError) as e:
+        kube_api.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "c", "resourceVersion": "1"},
+                "data": {},
+            },
+            field_manager="other",
+            force=True,
+        )
+    assert e.value.code == 409 and e.value.reason == "Conflict"
 
 
 def test_server_side_apply_associative_lists(kube_api: KubeAPI) -> None:

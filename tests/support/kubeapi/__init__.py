@@ -103,7 +103,17 @@ Use::
         cfg = kube_api.write_kubeconfig(tmp_path / "kubeconfig")
         kube_api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a"}})
 
-or ``with KubeAPI() as api: ...``. :class:`Kubectl` runs the real kubectl against it.
+(or, in a conftest.py, ``from tests.support.kubeapi import kube_api``), or
+``with KubeAPI() as api: ...``. :class:`Kubectl` runs the real kubectl against it::
+
+    kubectl = Kubectl(kube_api.write_kubeconfig(tmp_path / "kubeconfig"))
+    kubectl.run("apply", "-f", str(manifest))   # argv list, timeout, private cache dir
+
+The Python helpers (``create``, ``get``, ``list``, ``update``, ``update_status``,
+``patch``, ``apply``, ``delete``) call the same store methods as the HTTP
+handlers, so they make the same events, resourceVersions and managedFields; they
+take and return copies. Errors are :class:`ApiError` (``code``, ``reason``,
+``message``, ``status()``).
 """
 
 from __future__ import annotations
@@ -126,6 +136,7 @@ __all__ = [
     "KubeAPI",
     "Kubectl",
     "ResourceType",
+    "kube_api",
     "kube_api_fixture",
     "kubectl_path",
 ]
@@ -145,6 +156,11 @@ def kube_api_fixture(name: str = "kube_api", **options: Any) -> Callable[..., It
             yield api
 
     return pytest.fixture(name=name)(fixture)
+
+
+# The fixture with default options, for a conftest.py to import:
+#     from tests.support.kubeapi import kube_api  (with a noqa for F401: it is used by name)
+kube_api = kube_api_fixture()
 
 
 def kubectl_path() -> str | None:

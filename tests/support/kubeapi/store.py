@@ -862,6 +862,9 @@ class Store:
                     t, namespace, obj, manager=manager, dry_run=dry_run, managed_fields=[entry]
                 )
             self._validate(t, copy.deepcopy(body), namespace, name)
+            rv = meta.get("resourceVersion")
+            if rv and rv != current["metadata"]["resourceVersion"]:
+                raise conflict(t.group, t.plural, name, MODIFIED)
             entries = list(current["metadata"].get("managedFields") or [])
             sets = [P.parse_fields_v1(e.get("fieldsV1") or {}) for e in entries]
             mine = next(
