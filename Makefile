@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean bpf
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -20,7 +20,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
-test: $(STAMP) lint
+# the eBPF program, compiled with clang into build/bpf/ (named by the source's hash)
+bpf: $(STAMP)
+	$(PY) -m stockade.datapath.ebpf build
+
+test: $(STAMP) lint bpf
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -106,6 +106,9 @@ class KernelDatapath:
         # Entries of the previous case's probes must not pass as "established".
         subprocess.run(["ip", "netns", "exec", self.host, "conntrack", "-F"],
                        capture_output=True, check=False)
+        flush = getattr(self.datapath, "flush_connections", None)  # the eBPF datapath's own
+        if flush is not None:
+            flush()
 
     def judge(self, case: Case) -> Judgement:
         self._attach(case)
@@ -135,6 +138,8 @@ class KernelDatapath:
         try:
             if self.server is not None:
                 self.server.stop()
+            if self.name != "nft":  # nft's table goes with the namespace; pins do not
+                self.datapath.remove()
         finally:
             try:
                 self.plumber.teardown()

@@ -1,0 +1,630 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * stockade's eBPF datapath: one tc program on the host side of every endpoint veth
+ * (tcx ingress = packets leaving the pod, tcx egress = packets entering it).
+ *
+ * Per packet, as the nftables forward chain does:
+ *   1. conntrack first: a packet of a tracked connection (either direction), or an
+ *      ICMP error about one, passes; an entry validated under an older policy
+ *      generation is judged again (a revoked connection is cut);
+ *   2. ICMPv6 neighbour solicitation/advertisement passes;
+ *   3. a TCP packet that would open a connection without SYN is dropped;
+ *   4. the source's egress policy and the destination's ingress policy must both
+ *      allow the packet; if they do, a conntrack entry is created.
+ * Both hooks judge both sides, so a packet between two local endpoints is judged
+ * at the first hook it meets and passes the second one through conntrack.
+ *
+ * Maps (all pinned by the loader, see src/stockade/datapath/ebpf.py):
+ *   ipcache4/6  LPM trie: (slot, prefix) -> identity, ingress policy, egress policy
+ *   policy      LPM trie: (slot|policy, identity, protocol, port prefix) -> allow
+ *   config      the active slot and the policy generation (the atomic switch)
+ *   ct          LRU hash: the program's own connection tracking
+ *   events      ring buffer: denied new connections, rate-limited
+ *   meta        definitions the loader reads back (never read here)
+ *   stats       per-CPU counters
+ * Every map keyed by slot holds two copies of the policy: the loader writes the
+ * inactive one, flips `config.slot` (one 4-byte write) and then catches the other
+ * copy up, so a packet sees the old policy or the new one, never a mix.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define ANY4 3
+#define ANY6 4
+#define WORLD4 1
+#define WORLD6 2
+#define SLOT_BIT 0x80000000u
+
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+#define PROTO_SCTP 132
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+#define DIR_INGRESS 1
+#define DIR_EGRESS 2
+
+#define CT_CLOSING 1
+
+#define SEC_NS 1000000000ull
+
+struct ip4_key {
+	__u32 prefixlen; /* 8 (slot) + prefix length */
+	__u8 slot;
+	__u8 addr[4];
+	__u8 pad[3];
+};
+
+struct ip6_key {
+	__u32 prefixlen;
+	__u8 slot;
+	__u8 addr[16];
+	__u8 pad[3];
+};
+
+struct ip_info {
+	__u32 identity;
+	__u32 ingress; /* policy id, 0: not isolated for ingress */
+	__u32 egress;
+};
+
+struct policy_key {
+	__u32 prefixlen; /* 64 + (8 if protocol) + port prefix bits */
+	__be32 policy;   /* slot in the top bit */
+	__be32 identity;
+	__u8 proto;
+	__u8 port[2];   /* big endian */
+	__u8 pad;
+};
+
+struct config {
+	__u32 slot;
+	__u32 log_rate;  /* denied-packet events per second, 0: none */
+	__u64 generation;
+};
+
+struct ct_key {
+	__u8 family;
+	__u8 proto;
+	__u16 pad;
+	__be16 sport;
+	__be16 dport;
+	__u32 src[4];
+	__u32 dst[4];
+};
+
+struct ct_value {
+	__u64 seen_ns;
+	__u64 generation;
+	__u32 flags;
+	__u32 pad;
+};
+
+struct event {
+	__u64 ts_ns;
+	__u32 ifindex;
+	__u32 policy;
+	__u8 family;
+	__u8 proto;
+	__u8 direction;
+	__u8 tcp_flags;
+	__be16 sport;
+	__be16 dport;
+	__u8 src[16];
+	__u8 dst[16];
+	__u8 hook;  /* 1: leaving the pod (tc ingress), 2: entering it (tc egress) */
+	__u8 pad[7];
+};
+
+struct meta_key {
+	char name[28];
+	__u32 chunk;
+};
+
+struct meta_value {
+	__u32 len;
+	__u8 data[508];
+};
+
+struct rate {
+	__u64 window;
+	__u64 count;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(key_size, sizeof(struct ip4_key));
+	__uint(value_size, sizeof(struct ip_info));
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} ipcache4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(key_size, sizeof(struct ip6_key));
+	__uint(value_size, sizeof(struct ip_info));
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} ipcache6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(key_size, sizeof(struct policy_key));
+	__uint(value_size, sizeof(__u32));
+	__uint(max_entries, 1 << 22);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(max_entries, 1);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, 1 << 17);
+} ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 18);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct meta_key);
+	__type(value, struct meta_value);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} meta SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct rate);
+	__uint(max_entries, 1);
+} ratelimit SEC(".maps");
+
+/* allowed new, denied new, conntrack hits, revalidated, cut, passed (not IP, ND) */
+#define STAT_ALLOWED 0
+#define STAT_DENIED 1
+#define STAT_CT 2
+#define STAT_REJUDGED 3
+#define STAT_CUT 4
+#define STAT_OTHER 5
+#define STAT_MAX 8
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, STAT_MAX);
+} stats SEC(".maps");
+
+struct packet {
+	__u8 family;
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+	__u8 fragment;  /* a non-first fragment: no transport header */
+	__be16 sport;
+	__be16 dport;
+	__u32 src[4];
+	__u32 dst[4];
+	__u32 l4_off;
+};
+
+struct verdict {
+	__u32 policy;
+	__u8 direction; /* 0: allowed */
+};
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &which);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int lookup_ip(__u32 slot, __u8 family, const __u32 *addr,
+				     struct ip_info *out)
+{
+	struct ip_info *info;
+	if (family == 4) {
+		struct ip4_key k = {.prefixlen = 40, .slot = (__u8)slot};
+		__builtin_memcpy(k.addr, addr, 4);
+		info = bpf_map_lookup_elem(&ipcache4, &k);
+	} else {
+		struct ip6_key k = {.prefixlen = 136, .slot = (__u8)slot};
+		__builtin_memcpy(k.addr, addr, 16);
+		info = bpf_map_lookup_elem(&ipcache6, &k);
+	}
+	if (!info) {
+		out->identity = family == 4 ? WORLD4 : WORLD6;
+		out->ingress = 0;
+		out->egress = 0;
+		return 0;
+	}
+	*out = *info;
+	return 1;
+}
+
+static __always_inline int policy_allows(__u32 slot, __u32 pol, __u32 identity, __u8 family,
+					 __u8 proto, __be16 port)
+{
+	struct policy_key k = {
+		.prefixlen = 88,
+		.policy = bpf_htonl(pol | (slot ? SLOT_BIT : 0)),
+		.identity = bpf_htonl(identity),
+		.proto = proto,
+	};
+	__builtin_memcpy(k.port, &port, 2);
+	if (bpf_map_lookup_elem(&policy, &k))
+		return 1;
+	k.identity = bpf_htonl(family == 4 ? ANY4 : ANY6);
+	return bpf_map_lookup_elem(&policy, &k) != 0;
+}
+
+/* The nftables chains' verdict: the source's egress, then the destination's ingress. */
+static __always_inline void judge(__u32 slot, __u8 family, const __u32 *src, const __u32 *dst,
+				  __u8 proto, __be16 dport, struct verdict *v)
+{
+	struct ip_info s, d;
+	v->direction = 0;
+	v->policy = 0;
+	lookup_ip(slot, family, src, &s);
+	lookup_ip(slot, family, dst, &d);
+	if (s.egress && !policy_allows(slot, s.egress, d.identity, family, proto, dport)) {
+		v->direction = DIR_EGRESS;
+		v->policy = s.egress;
+		return;
+	}
+	if (d.ingress && !policy_allows(slot, d.ingress, s.identity, family, proto, dport)) {
+		v->direction = DIR_INGRESS;
+		v->policy = d.ingress;
+	}
+}
+
+static __always_inline int has_ports(__u8 proto)
+{
+	return proto == PROTO_TCP || proto == PROTO_UDP || proto == PROTO_SCTP;
+}
+
+static __always_inline int parse_l4(struct __sk_buff *skb, struct packet *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 off = p->l4_off;
+	if (p->fragment)
+		return 0;
+	if (has_ports(p->proto)) {
+		__u8 *l4 = data + off;
+		if ((void *)(l4 + 4) > end)
+			return -1;
+		__builtin_memcpy(&p->sport, l4, 2);
+		__builtin_memcpy(&p->dport, l4 + 2, 2);
+		if (p->proto == PROTO_TCP) {
+			if ((void *)(l4 + 14) > end)
+				return -1;
+			p->tcp_flags = l4[13];
+		}
+	} else if (p->proto == PROTO_ICMP || p->proto == PROTO_ICMPV6) {
+		__u8 *l4 = data + off;
+		if ((void *)(l4 + 8) > end)
+			return -1;
+		p->icmp_type = l4[0];
+		/* echo request/reply: the identifier stands for both ports */
+		if ((p->proto == PROTO_ICMP && (l4[0] == 8 || l4[0] == 0)) ||
+		    (p->proto == PROTO_ICMPV6 && (l4[0] == 128 || l4[0] == 129))) {
+			__builtin_memcpy(&p->sport, l4 + 4, 2);
+			p->dport = p->sport;
+		}
+	}
+	return 0;
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return 1;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return -1;
+		if (ip->ihl < 5)
+			return -1;
+		p->family = 4;
+		p->proto = ip->protocol;
+		p->src[0] = ip->saddr;
+		p->dst[0] = ip->daddr;
+		p->fragment = (bpf_ntohs(ip->frag_off) & 0x1fff) != 0;
+		p->l4_off = sizeof(*eth) + ip->ihl * 4;
+		return parse_l4(skb, p);
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end)
+			return -1;
+		p->family = 6;
+		__builtin_memcpy(p->src, &ip6->saddr, 16);
+		__builtin_memcpy(p->dst, &ip6->daddr, 16);
+		__u8 next = ip6->nexthdr;
+		__u32 off = sizeof(*eth) + sizeof(*ip6);
+		/* extension headers: a bounded walk */
+#pragma unroll
+		for (int i = 0; i < 6; i++) {
+			if (next == 0 || next == 43 || next == 60) { /* hop-by-hop, routing, dest */
+				__u8 hdr[2];
+				if (bpf_skb_load_bytes(skb, off, hdr, 2) < 0)
+					return -1;
+				next = hdr[0];
+				off += (hdr[1] + 1) * 8;
+			} else if (next == 44) { /* fragment */
+				__u8 frag[4];
+				if (bpf_skb_load_bytes(skb, off, frag, 4) < 0)
+					return -1;
+				next = frag[0];
+				if (((frag[2] << 8) | frag[3]) & 0xfff8)
+					p->fragment = 1;
+				off += 8;
+			} else {
+				break;
+			}
+		}
+		p->proto = next;
+		p->l4_off = off;
+		if (off > 1024)
+			return -1;
+		return parse_l4(skb, p);
+	}
+	return 1; /* not IP: ARP and the like pass */
+}
+
+static __always_inline void ct_key_of(struct ct_key *k, __u8 family, __u8 proto,
+				      const __u32 *src, const __u32 *dst, __be16 sport,
+				      __be16 dport)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = family;
+	k->proto = proto;
+	k->sport = sport;
+	k->dport = dport;
+	__builtin_memcpy(k->src, src, 16);
+	__builtin_memcpy(k->dst, dst, 16);
+}
+
+static __always_inline __u64 ct_timeout(__u8 proto, __u32 flags)
+{
+	if (proto == PROTO_TCP)
+		return (flags & CT_CLOSING) ? 10 * SEC_NS : 86400 * SEC_NS;
+	if (proto == PROTO_UDP || proto == PROTO_SCTP)
+		return 180 * SEC_NS;
+	return 60 * SEC_NS;
+}
+
+/* A live entry for the tuple, or NULL. */
+static __always_inline struct ct_value *ct_find(struct ct_key *k, __u64 now)
+{
+	struct ct_value *v = bpf_map_lookup_elem(&ct, k);
+	if (!v)
+		return 0;
+	if (now - v->seen_ns > ct_timeout(k->proto, v->flags)) {
+		bpf_map_delete_elem(&ct, k);
+		return 0;
+	}
+	return v;
+}
+
+static __always_inline int related_icmp(struct __sk_buff *skb, struct packet *p, __u64 now)
+{
+	/* ICMP errors carry the offending packet: pass them if its connection is tracked. */
+	int v4 = p->proto == PROTO_ICMP &&
+		 (p->icmp_type == 3 || p->icmp_type == 11 || p->icmp_type == 12);
+	int v6 = p->proto == PROTO_ICMPV6 && p->icmp_type >= 1 && p->icmp_type <= 4;
+	struct ct_key k;
+	__u32 src[4] = {}, dst[4] = {};
+	__u8 proto;
+	__be16 ports[2] = {};
+	__u32 off = p->l4_off + 8;
+	if (!v4 && !v6)
+		return 0;
+	if (v4) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+			return 0;
+		src[0] = ip.saddr;
+		dst[0] = ip.daddr;
+		proto = ip.protocol;
+		off += (ip.ihl & 0xf) * 4;
+	} else {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+			return 0;
+		__builtin_memcpy(src, &ip6.saddr, 16);
+		__builtin_memcpy(dst, &ip6.daddr, 16);
+		proto = ip6.nexthdr;
+		off += sizeof(ip6);
+	}
+	if (has_ports(proto)) {
+		if (bpf_skb_load_bytes(skb, off, ports, 4) < 0)
+			return 0;
+	} else if (proto == PROTO_ICMP || proto == PROTO_ICMPV6) {
+		__u8 icmp[6];
+		if (bpf_skb_load_bytes(skb, off, icmp, 6) < 0)
+			return 0;
+		__builtin_memcpy(&ports[0], icmp + 4, 2);
+		ports[1] = ports[0];
+	}
+	ct_key_of(&k, p->family, proto, src, dst, ports[0], ports[1]);
+	if (ct_find(&k, now))
+		return 1;
+	ct_key_of(&k, p->family, proto, dst, src, ports[1], ports[0]);
+	return ct_find(&k, now) != 0;
+}
+
+static __always_inline void report(struct __sk_buff *skb, struct packet *p, struct verdict *v,
+				   struct config *cfg, __u8 hook)
+{
+	__u32 zero = 0;
+	struct rate *r;
+	struct event *e;
+	__u64 now;
+	if (!cfg->log_rate)
+		return;
+	r = bpf_map_lookup_elem(&ratelimit, &zero);
+	if (!r)
+		return;
+	now = bpf_ktime_get_ns();
+	if (now - r->window > SEC_NS) {
+		r->window = now;
+		r->count = 0;
+	}
+	if (__sync_fetch_and_add(&r->count, 1) >= cfg->log_rate)
+		return;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = now;
+	e->ifindex = skb->ifindex;
+	e->policy = v->policy;
+	e->family = p->family;
+	e->proto = p->proto;
+	e->direction = v->direction;
+	e->tcp_flags = p->tcp_flags;
+	e->sport = p->sport;
+	e->dport = p->dport;
+	__builtin_memcpy(e->src, p->src, 16);
+	__builtin_memcpy(e->dst, p->dst, 16);
+	e->hook = hook;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int same_addr(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline int process(struct __sk_buff *skb, __u8 hook)
+{
+	struct packet p = {};
+	struct ct_key k;
+	struct ct_value *e;
+	struct verdict v;
+	struct config *cfg;
+	__u32 zero = 0;
+	__u64 now;
+	int rc = parse(skb, &p);
+	if (rc > 0) {
+		count(STAT_OTHER);
+		return TC_ACT_UNSPEC;
+	}
+	if (rc < 0)
+		return TC_ACT_SHOT; /* a truncated IP header: nothing to judge it by */
+	if (p.proto == PROTO_ICMPV6 && (p.icmp_type == 135 || p.icmp_type == 136)) {
+		count(STAT_OTHER);
+		return TC_ACT_UNSPEC;
+	}
+	if (same_addr(p.src, p.dst))
+		return TC_ACT_UNSPEC; /* a pod may always talk to itself */
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg)
+		return TC_ACT_SHOT;
+	now = bpf_ktime_get_ns();
+	if (p.fragment) {
+		/* no ports to judge by: the first fragment was judged, and without it
+		 * nothing reassembles */
+		count(STAT_OTHER);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* 1. conntrack: the original direction, then the reply */
+	ct_key_of(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
+	e = ct_find(&k, now);
+	int reply = 0;
+	if (!e) {
+		ct_key_of(&k, p.family, p.proto, p.dst, p.src, p.dport, p.sport);
+		e = ct_find(&k, now);
+		/* a SYN is never a reply: it opens a connection of its own */
+		if (e && p.proto == PROTO_TCP &&
+		    (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			e = 0;
+		reply = 1;
+	}
+	if (e) {
+		if (e->generation != cfg->generation) {
+			/* the policy changed since this connection was allowed: judge its
+			 * original direction again (k is the original tuple) */
+			count(STAT_REJUDGED);
+			judge(cfg->slot, k.family, k.src, k.dst, k.proto,
+			      k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6 ? 0 : k.dport, &v);
+			if (v.direction) {
+				bpf_map_delete_elem(&ct, &k);
+				count(STAT_CUT);
+				return TC_ACT_SHOT;
+			}
+			e->generation = cfg->generation;
+		}
+		e->seen_ns = now;
+		if (p.proto == PROTO_TCP && (p.tcp_flags & (TCP_FIN | TCP_RST)))
+			e->flags |= CT_CLOSING;
+		count(STAT_CT);
+		return TC_ACT_UNSPEC;
+	}
+	(void)reply;
+	if (related_icmp(skb, &p, now)) {
+		count(STAT_CT);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* 2. a new connection */
+	if (p.proto == PROTO_TCP &&
+	    (p.tcp_flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK)) != TCP_SYN) {
+		count(STAT_DENIED);
+		return TC_ACT_SHOT; /* mid-stream without conntrack: never a new connection */
+	}
+	judge(cfg->slot, p.family, p.src, p.dst, p.proto,
+	      has_ports(p.proto) ? p.dport : 0, &v);
+	if (v.direction) {
+		count(STAT_DENIED);
+		report(skb, &p, &v, cfg, hook);
+		return TC_ACT_SHOT;
+	}
+	count(STAT_ALLOWED);
+	ct_key_of(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
+	struct ct_value nv = {.seen_ns = now, .generation = cfg->generation};
+	bpf_map_update_elem(&ct, &k, &nv, BPF_ANY);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int stockade_from_pod(struct __sk_buff *skb)
+{
+	return process(skb, 1);
+}
+
+SEC("tc")
+int stockade_to_pod(struct __sk_buff *skb)
+{
+	return process(skb, 2);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,569 @@
+"""The ruleset as the eBPF program's map contents, and back (pure).
+
+The program (`bpf/stockade.bpf.c`) judges a packet with two LPM lookups per
+address and at most two per side in the policy map:
+
+* **ipcache** (one LPM trie per family): prefix -> (identity, ingress policy,
+  egress policy). An *identity* stands for every address that belongs to the
+  same sets: the ADDR sets (selector members) and NET sets (ipBlocks) holding
+  it, and its named ports (ADDR_PORT triples). The prefixes are the addresses
+  of every ADDR/ADDR_PORT set and verdict map, and every element of every NET
+  set; an address matches its longest prefix, and all addresses with the same
+  longest prefix belong to the same sets (a NET element holding the address
+  holds that prefix too), so the identity is exact. An address in no prefix is
+  WORLD4/WORLD6 (in no set). Endpoints carry the ids of their policies.
+* **policy** (one LPM trie): (policy, peer identity, protocol, port prefix) ->
+  allow. A *policy* is a chain as one endpoint sees it: (direction, chain,
+  family, the endpoint's own named ports that the chain uses), so chains are
+  shared as in nftables while ingress named ports, which name the local
+  endpoint's ports, stay exact. A rule without a peer condition is keyed by
+  ANY4/ANY6; a rule without protocol by a 64-bit prefix, a protocol without
+  ports by 72 bits, a port range by its 72+n-bit prefixes. Every entry allows,
+  so any match allows.
+* **meta**: the definitions of identities, policies, chains and sets as JSON
+  chunks, so that a new process reads the maps back into the `Ruleset` they
+  enforce (`ruleset_of`) and adopts them; selector members and named ports are
+  read from the ipcache itself, so a deleted entry shows as a difference.
+
+Ids are stable across compilations when the previous state is given: an
+identity or policy that still exists keeps its number, so one change is a
+small delta. `encode_maps` gives the byte-level keys and values of one slot
+(the maps hold two copies; see the program), `map_delta` the batch between two.
+`allows` models the program's lookup on the plain data, for the property tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from stockade.compile.ir import (
+    ADDR,
+    ADDR_PORT,
+    EGRESS,
+    INGRESS,
+    NET,
+    AddressSet,
+    Chain,
+    ChainRule,
+    Element,
+    Ruleset,
+)
+from stockade.model.cidr import parse_cidr, parse_ip
+
+WORLD4, WORLD6, ANY4, ANY6 = 1, 2, 3, 4
+FIRST_IDENTITY = 16
+WORLD = {4: WORLD4, 6: WORLD6}
+ANY = {4: ANY4, 6: ANY6}
+SLOT_BIT = 1 << 31
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
+ADDR_BITS = {4: 32, 6: 128}
+
+# Byte layouts shared with the C program (struct ip4_key, ip6_key, ip_info, policy_key,
+# meta_key, meta_value).
+IP4_KEY = struct.Struct("=IB4s3x")
+IP6_KEY = struct.Struct("=IB16s3x")
+IP_INFO = struct.Struct("=III")
+POLICY_KEY = struct.Struct("=I4s4sB2sx")
+POLICY_VALUE = struct.Struct("=I")
+META_KEY = struct.Struct("=28sI")
+META_DATA = 508
+META_VALUE = struct.Struct(f"=I{META_DATA}s")
+
+MAPS = ("ipcache4", "ipcache6", "policy")
+
+Named = tuple[str, str, int]  # (named set, protocol as the set holds it, port)
+Prefix = tuple[int, str]  # (family, canonical CIDR)
+IpInfo = tuple[int, int, int]  # (identity, ingress policy, egress policy)
+PolicyKey = tuple[int, int, int, int, int]  # (policy, identity, protocol, port, prefixlen)
+MapContents = dict[str, dict[bytes, bytes]]
+K = TypeVar("K", "Identity", "PolicyRef")
+
+
+@dataclass(frozen=True, order=True)
+class Identity:
+    """What an address belongs to: sets holding it and its named ports."""
+
+    family: int
+    sets: tuple[str, ...] = ()
+    named: tuple[Named, ...] = ()
+
+
+@dataclass(frozen=True, order=True)
+class PolicyRef:
+    """A chain as one endpoint (one address family) enforces it."""
+
+    direction: str
+    chain: str
+    family: int
+    named: tuple[Named, ...] = ()  # ingress: the endpoint's own ports in the chain's named sets
+
+
+@dataclass(frozen=True)
+class BpfState:
+    """Everything the maps hold, as plain data."""
+
+    identities: Mapping[int, Identity] = field(default_factory=dict)
+    policies: Mapping[int, PolicyRef] = field(default_factory=dict)
+    chains: Mapping[str, Chain] = field(default_factory=dict)
+    # NET sets whole; ADDR and ADDR_PORT sets without elements (the ipcache has them)
+    sets: Mapping[str, AddressSet] = field(default_factory=dict)
+    ipcache: Mapping[Prefix, IpInfo] = field(default_factory=dict)
+    policy: frozenset[PolicyKey] = frozenset()
+
+    def counts(self) -> dict[str, int]:
+        return {"identities": len(self.identities), "policies": len(self.policies),
+                "ipcache": len(self.ipcache), "policy_entries": len(self.policy)}
+
+
+def _net(family: int, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    n = parse_cidr(text) if "/" in text else None
+    if n is None:
+        a = parse_ip(text)
+        assert a is not None, text
+        return ipaddress.ip_network(f"{a}/{ADDR_BITS[a.version]}")
+    return n
+
+
+def _network(family: int, value: int, length: int
+             ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if family == 4:
+        return ipaddress.IPv4Network((value, length))
+    return ipaddress.IPv6Network((value, length))
+
+
+def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The fewest (base, bits) blocks of the 16-bit port space covering lo..hi."""
+    out: list[tuple[int, int]] = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while size > hi - lo + 1:
+            size >>= 1
+        out.append((lo, 16 - (size.bit_length() - 1)))
+        lo += size
+    return out
+
+
+def _allocate(wanted: Iterable[K], previous: Mapping[int, K], first: int,
+              reserved: Mapping[K, int] | None = None) -> dict[K, int]:
+    """Ids for `wanted`: reserved ones, then the previous ones, then the lowest free."""
+    out: dict[K, int] = {}
+    taken: set[int] = set()
+    by_value = {v: k for k, v in previous.items()}
+    rest = []
+    for w in sorted(set(wanted)):
+        if reserved is not None and w in reserved:
+            out[w] = reserved[w]
+        elif w in by_value and by_value[w] >= first:
+            out[w] = by_value[w]
+            taken.add(by_value[w])
+        else:
+            rest.append(w)
+    n = first
+    for w in rest:
+        while n in taken:
+            n += 1
+        out[w] = n
+        taken.add(n)
+    return out
+
+
+def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
+    """The map contents that enforce `rs` (ids kept from `previous` where they still fit)."""
+    # Every prefix: exact addresses and NET elements, with what holds them.
+    sets_of: dict[Prefix, set[str]] = {}
+    named_of: dict[Prefix, set[Named]] = {}
+    nets: dict[int, dict[tuple[int, int], set[str]]] = {4: {}, 6: {}}  # (network int, len)
+
+    def exact(addr: str) -> Prefix:
+        a = parse_ip(addr)
+        assert a is not None, addr
+        return (a.version, f"{a}/{ADDR_BITS[a.version]}")
+
+    for s in rs.sets.values():
+        for e in s.elements:
+            if s.kind == ADDR:
+                assert isinstance(e, str)
+                sets_of.setdefault(exact(e), set()).add(s.name)
+            elif s.kind == ADDR_PORT:
+                assert isinstance(e, tuple)
+                named_of.setdefault(exact(e[0]), set()).add((s.name, e[1], e[2]))
+            else:
+                assert isinstance(e, str)
+                n = _net(s.family, e)
+                nets[n.version].setdefault((int(n.network_address), n.prefixlen),
+                                           set()).add(s.name)
+                sets_of.setdefault((n.version, str(n)), set())
+    for m in (rs.ingress, rs.egress):
+        for addr in m:
+            sets_of.setdefault(exact(addr), set())
+    for p in named_of:
+        sets_of.setdefault(p, set())
+    lengths = {fam: sorted({ln for _, ln in nets[fam]}) for fam in (4, 6)}
+    identity_of: dict[Prefix, Identity] = {}
+    for p, held in sets_of.items():
+        fam, text = p
+        n = ipaddress.ip_network(text)
+        base, bits = int(n.network_address), ADDR_BITS[fam]
+        member = set(held)
+        for ln in lengths[fam]:
+            if ln > n.prefixlen:
+                break
+            mask = ((1 << bits) - 1) ^ ((1 << (bits - ln)) - 1)
+            member |= nets[fam].get((base & mask, ln), set())
+        identity_of[p] = Identity(fam, tuple(sorted(member)),
+                                  tuple(sorted(named_of.get(p, ()))))
+    prev_ids = previous.identities if previous is not None else {}
+    reserved = {Identity(4): WORLD4, Identity(6): WORLD6}
+    ids = _allocate(identity_of.values(), prev_ids, FIRST_IDENTITY, reserved)
+    identities = {i: ident for ident, i in ids.items() if i >= FIRST_IDENTITY}
+
+    # Policies: each endpoint address's chain, per direction.
+    chain_named = {c.name: {r.named_set for r in c.rules if r.named_set} for c in
+                   rs.chains.values()}
+    ref_of: dict[tuple[str, Prefix], PolicyRef] = {}
+    for direction, m in ((INGRESS, rs.ingress), (EGRESS, rs.egress)):
+        for addr, chain in m.items():
+            p = exact(addr)
+            own: tuple[Named, ...] = ()
+            if direction == INGRESS:
+                wanted = chain_named.get(chain, set())
+                own = tuple(sorted(n for n in named_of.get(p, ()) if n[0] in wanted))
+            ref_of[(direction, p)] = PolicyRef(direction, chain, p[0], own)
+    prev_pols = previous.policies if previous is not None else {}
+    pids = _allocate(ref_of.values(), prev_pols, 1)
+    policies = {i: ref for ref, i in pids.items()}
+
+    ipcache: dict[Prefix, IpInfo] = {}
+    for p, ident in identity_of.items():
+        ing = ref_of.get((INGRESS, p))
+        egr = ref_of.get((EGRESS, p))
+        ipcache[p] = (ids[ident], pids[ing] if ing else 0, pids[egr] if egr else 0)
+
+    by_set: dict[str, list[int]] = {}
+    by_named: dict[str, list[int]] = {}
+    for i, ident in identities.items():
+        for held_by in ident.sets:
+            by_set.setdefault(held_by, []).append(i)
+        for named_set, _, _ in ident.named:
+            by_named.setdefault(named_set, []).append(i)
+    keys: set[PolicyKey] = set()
+    for pid, ref in policies.items():
+        for rule in rs.chains[ref.chain].rules:
+            keys.update(_rule_keys(pid, ref, rule, identities, by_set, by_named))
+
+    sets = {name: a if a.kind == NET else AddressSet(a.name, a.family, a.kind, frozenset(),
+                                                     a.comment)
+            for name, a in rs.sets.items()}
+    return BpfState(identities, policies, dict(rs.chains), sets, ipcache, frozenset(keys))
+
+
+def _port_keys(pid: int, ident: int, proto: int, ports: tuple[tuple[int, int], ...]
+               ) -> list[PolicyKey]:
+    if not ports:
+        return [(pid, ident, proto, 0, 72)]
+    return [(pid, ident, proto, base, 72 + bits) for lo, hi in ports
+            for base, bits in port_prefixes(lo, hi)]
+
+
+def _rule_keys(pid: int, ref: PolicyRef, rule: ChainRule, identities: Mapping[int, Identity],
+               by_set: Mapping[str, list[int]], by_named: Mapping[str, list[int]]
+               ) -> list[PolicyKey]:
+    fam = ref.family
+    if rule.family is not None and rule.family != fam:
+        return []
+    if rule.peer_set is not None:
+        peers = [i for i in by_set.get(rule.peer_set, ()) if identities[i].family == fam]
+    else:
+        peers = [ANY[fam]]
+    out: list[PolicyKey] = []
+    if rule.named_set is not None:
+        def pairs(named: Iterable[Named]) -> list[tuple[int, int]]:
+            got = []
+            for n, proto, port in named:
+                if n != rule.named_set or proto.upper() not in PROTOCOLS:
+                    continue
+                if rule.protocol is not None and rule.protocol != proto.upper():
+                    continue
+                if rule.ports and not any(lo <= port <= hi for lo, hi in rule.ports):
+                    continue
+                got.append((PROTOCOLS[proto.upper()], port))
+            return got
+
+        if ref.direction == INGRESS:
+            own = pairs(ref.named)
+            out += [(pid, i, pr, port, 88) for i in peers for pr, port in own]
+        else:
+            # the destination is the peer: its own named ports
+            cand = by_named.get(rule.named_set, ())
+            allowed = set(peers) if rule.peer_set is not None else None
+            for i in cand:
+                if identities[i].family != fam or (allowed is not None and i not in allowed):
+                    continue
+                out += [(pid, i, pr, port, 88) for pr, port in pairs(identities[i].named)]
+        return out
+    for i in peers:
+        if rule.protocol is not None:
+            if rule.protocol in PROTOCOLS:
+                out += _port_keys(pid, i, PROTOCOLS[rule.protocol], rule.ports)
+        elif rule.ports:
+            for proto in PROTOCOLS.values():
+                out += _port_keys(pid, i, proto, rule.ports)
+        else:
+            out.append((pid, i, 0, 0, 64))
+    return out
+
+
+# ---- the program's lookup, modelled ------------------------------------------------------
+
+
+def _lookup_ip(state: BpfState, addr: ipaddress.IPv4Address | ipaddress.IPv6Address
+               ) -> IpInfo:
+    fam = addr.version
+    bits = ADDR_BITS[fam]
+    value = int(addr)
+    for ln in range(bits, -1, -1):
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - ln)) - 1)
+        net = _network(fam, value & mask, ln)
+        info = state.ipcache.get((fam, str(net)))
+        if info is not None:
+            return info
+    return (WORLD[fam], 0, 0)
+
+
+def _key_bits(pid: int, ident: int, proto: int, port: int) -> int:
+    return (pid << 56) | (ident << 24) | (proto << 16) | port
+
+
+def _policy_hit(state: BpfState, pid: int, ident: int, proto: int, port: int) -> bool:
+    want = _key_bits(pid, ident, proto, port)
+    for k in state.policy:
+        plen = k[4]
+        if (want ^ _key_bits(k[0], k[1], k[2], k[3])) >> (88 - plen) == 0:
+            return True
+    return False
+
+
+def allows(state: BpfState, src: str, dst: str, protocol: str, port: int) -> bool:
+    """What the program decides for a new connection (the program's `judge`, in Python)."""
+    s, d = parse_ip(src), parse_ip(dst)
+    assert s is not None and d is not None
+    if s == d:
+        return True
+    proto = PROTOCOLS[protocol]
+    si, di = _lookup_ip(state, s), _lookup_ip(state, d)
+    fam = s.version
+
+    def ok(pid: int, ident: int) -> bool:
+        return (_policy_hit(state, pid, ident, proto, port)
+                or _policy_hit(state, pid, ANY[fam], proto, port))
+
+    if si[2] and not ok(si[2], di[0]):
+        return False
+    return not di[1] or ok(di[1], si[0])
+
+
+# ---- back to the ruleset ------------------------------------------------------------------
+
+
+def ruleset_of(state: BpfState) -> Ruleset:
+    """The ruleset the maps enforce: sets filled from the ipcache, maps from its endpoints."""
+    elements: dict[str, set[Element]] = {n: set(s.elements) for n, s in state.sets.items()}
+    ingress: dict[str, str] = {}
+    egress: dict[str, str] = {}
+    for (fam, text), (ident, ing, egr) in state.ipcache.items():
+        addr, _, length = text.partition("/")
+        if int(length) != ADDR_BITS[fam]:
+            continue
+        identity = state.identities.get(ident)
+        if identity is not None:
+            for s in identity.sets:
+                if s in elements and state.sets[s].kind == ADDR:
+                    elements[s].add(addr)
+            for n, proto, port in identity.named:
+                if n in elements:
+                    elements[n].add((addr, proto, port))
+        if ing and ing in state.policies:
+            ingress[addr] = state.policies[ing].chain
+        if egr and egr in state.policies:
+            egress[addr] = state.policies[egr].chain
+    sets = {n: AddressSet(n, s.family, s.kind, frozenset(elements[n]), s.comment)
+            for n, s in sorted(state.sets.items())}
+    return Ruleset(sets, dict(sorted(state.chains.items())), ingress, egress)
+
+
+# ---- bytes: what the maps hold ---------------------------------------------------------
+
+
+def encode_maps(state: BpfState, slot: int) -> MapContents:
+    """The keys and values of `slot`'s copy in ipcache4, ipcache6 and policy."""
+    out: MapContents = {m: {} for m in MAPS}
+    for (fam, text), info in state.ipcache.items():
+        n = ipaddress.ip_network(text)
+        value = IP_INFO.pack(*info)
+        if fam == 4:
+            out["ipcache4"][IP4_KEY.pack(8 + n.prefixlen, slot, n.network_address.packed)] = value
+        else:
+            out["ipcache6"][IP6_KEY.pack(8 + n.prefixlen, slot, n.network_address.packed)] = value
+    one = POLICY_VALUE.pack(1)
+    for pid, ident, proto, port, plen in state.policy:
+        key = POLICY_KEY.pack(plen, struct.pack(">I", pid | (SLOT_BIT if slot else 0)),
+                              struct.pack(">I", ident), proto, struct.pack(">H", port))
+        out["policy"][key] = one
+    return out
+
+
+def _doc_key(kind: str, name: str) -> bytes:
+    text = f"{kind}{name}"
+    if len(text.encode()) > 27:
+        text = kind + "#" + hashlib.sha256(name.encode()).hexdigest()[:25]
+    return text.encode()
+
+
+def _rule_doc(r: ChainRule) -> dict[str, object]:
+    return {"family": r.family, "peer_set": r.peer_set, "named_set": r.named_set,
+            "protocol": r.protocol, "ports": [list(p) for p in r.ports], "comment": r.comment}
+
+
+def _docs(state: BpfState) -> dict[bytes, object]:
+    docs: dict[bytes, object] = {}
+    for i, ident in state.identities.items():
+        docs[_doc_key("i", str(i))] = {"id": i, "family": ident.family, "sets": list(ident.sets),
+                                       "named": [list(n) for n in ident.named]}
+    for i, ref in state.policies.items():
+        docs[_doc_key("p", str(i))] = {"id": i, "direction": ref.direction, "chain": ref.chain,
+                                       "family": ref.family,
+                                       "named": [list(n) for n in ref.named]}
+    for name, c in state.chains.items():
+        docs[_doc_key("c", name)] = {"name": name, "direction": c.direction,
+                                     "comment": c.comment,
+                                     "rules": [_rule_doc(r) for r in c.rules]}
+    for name, s in state.sets.items():
+        docs[_doc_key("s", name)] = {"name": name, "family": s.family, "kind": s.kind,
+                                     "comment": s.comment,
+                                     "elements": sorted(str(e) for e in s.elements)
+                                     if s.kind == NET else []}
+    return docs
+
+
+def encode_meta(state: BpfState) -> dict[bytes, bytes]:
+    """The meta map: each definition as compact JSON in chunks of META_DATA bytes."""
+    out: dict[bytes, bytes] = {}
+    for key, doc in _docs(state).items():
+        data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        for n, at in enumerate(range(0, max(len(data), 1), META_DATA)):
+            chunk = data[at:at + META_DATA]
+            out[META_KEY.pack(key, n)] = META_VALUE.pack(len(chunk), chunk)
+    return out
+
+
+def _named(items: object) -> tuple[Named, ...]:
+    assert isinstance(items, list)
+    return tuple((str(n), str(p), int(port)) for n, p, port in items)
+
+
+def decode(maps: Mapping[str, Mapping[bytes, bytes]], meta: Mapping[bytes, bytes],
+           slot: int) -> BpfState:
+    """What one slot of the maps holds (entries of the other slot are ignored).
+
+    Raises ValueError when the meta map cannot be read (a damaged chunk).
+    """
+    chunks: dict[bytes, dict[int, bytes]] = {}
+    for k, v in meta.items():
+        name, n = META_KEY.unpack(k)
+        length, data = META_VALUE.unpack(v)
+        chunks.setdefault(name.rstrip(b"\0"), {})[n] = data[:length]
+    identities: dict[int, Identity] = {}
+    policies: dict[int, PolicyRef] = {}
+    chains: dict[str, Chain] = {}
+    sets: dict[str, AddressSet] = {}
+    for name, parts in chunks.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise ValueError(f"meta {name!r}: chunks missing")
+        doc = json.loads(b"".join(parts[i] for i in range(len(parts))))
+        kind = name[:1]
+        if kind == b"i":
+            identities[int(doc["id"])] = Identity(int(doc["family"]), tuple(doc["sets"]),
+                                                  _named(doc["named"]))
+        elif kind == b"p":
+            policies[int(doc["id"])] = PolicyRef(doc["direction"], doc["chain"],
+                                                 int(doc["family"]), _named(doc["named"]))
+        elif kind == b"c":
+            rules = tuple(ChainRule(r["family"], r["peer_set"], r["named_set"], r["protocol"],
+                                    tuple((int(a), int(b)) for a, b in r["ports"]),
+                                    r["comment"]) for r in doc["rules"])
+            chains[doc["name"]] = Chain(doc["name"], doc["direction"], rules, doc["comment"])
+        elif kind == b"s":
+            sets[doc["name"]] = AddressSet(doc["name"], int(doc["family"]), doc["kind"],
+                                           frozenset(doc["elements"]), doc["comment"])
+    ipcache: dict[Prefix, IpInfo] = {}
+    for mapname, layout, fam in (("ipcache4", IP4_KEY, 4), ("ipcache6", IP6_KEY, 6)):
+        for k, v in maps.get(mapname, {}).items():
+            plen, s, packed = layout.unpack(k)
+            if s != slot:
+                continue
+            net = _network(fam, int.from_bytes(packed, "big"), plen - 8)
+            ident, ing, egr = IP_INFO.unpack(v)
+            ipcache[(fam, str(net))] = (ident, ing, egr)
+    policy: set[PolicyKey] = set()
+    for k in maps.get("policy", {}):
+        plen, pol, ident, proto, port = POLICY_KEY.unpack(k)
+        pid = int.from_bytes(pol, "big")
+        if bool(pid & SLOT_BIT) != bool(slot):
+            continue
+        policy.add((pid & ~SLOT_BIT, int.from_bytes(ident, "big"), proto,
+                    int.from_bytes(port, "big"), plen))
+    return BpfState(identities, policies, dict(sorted(chains.items())),
+                    dict(sorted(sets.items())), ipcache, frozenset(policy))
+
+
+def slot_of_key(mapname: str, key: bytes) -> int:
+    """Which slot a key of ipcache4, ipcache6 or policy belongs to."""
+    if mapname == "policy":
+        return 1 if int.from_bytes(POLICY_KEY.unpack(key)[1], "big") & SLOT_BIT else 0
+    return int(key[4])
+
+
+@dataclass(frozen=True)
+class MapDelta:
+    """A batch for each map: keys to write (with their values), keys to delete."""
+
+    update: Mapping[str, Mapping[bytes, bytes]]
+    delete: Mapping[str, tuple[bytes, ...]]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.update.values()) and not any(self.delete.values())
+
+    def size(self) -> int:
+        return sum(len(v) for v in self.update.values()) + sum(
+            len(v) for v in self.delete.values())
+
+
+def map_delta(old: Mapping[str, Mapping[bytes, bytes]],
+              new: Mapping[str, Mapping[bytes, bytes]]) -> MapDelta:
+    """What turns the contents `old` into `new`, map by map."""
+    update: dict[str, dict[bytes, bytes]] = {}
+    delete: dict[str, tuple[bytes, ...]] = {}
+    for name in sorted(set(old) | set(new)):
+        o, n = old.get(name, {}), new.get(name, {})
+        update[name] = {k: v for k, v in n.items() if o.get(k) != v}
+        delete[name] = tuple(sorted(k for k in o if k not in n))
+    return MapDelta(update, delete)
+
+
+def apply_delta(contents: Mapping[str, Mapping[bytes, bytes]], delta: MapDelta) -> MapContents:
+    """`contents` with `delta` applied (what the kernel holds after the batch)."""
+    out = {k: dict(v) for k, v in contents.items()}
+    for name, keys in delta.delete.items():
+        for k in keys:
+            out.get(name, {}).pop(k, None)
+    for name, items in delta.update.items():
+        out.setdefault(name, {}).update(items)
+    return out

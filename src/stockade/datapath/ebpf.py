@@ -1,0 +1,708 @@
+"""The eBPF datapath: `bpf/stockade.bpf.c` on every endpoint veth, maps written in batches.
+
+What lives where (`name` is the datapath's name, "stockade" by default)::
+
+    /sys/fs/bpf/stockade/<host | netns-NAME>/<name>/
+        ipcache4 ipcache6 policy config ct events meta ratelimit stats   the maps
+        prog_from_pod prog_to_pod                                         the programs
+        link-<ifindex>-in link-<ifindex>-out                              tcx links
+
+Everything is pinned, so the kernel keeps enforcing after the process exits
+(kill -9 included); a new `EbpfDatapath` finds the pins, reads the maps back
+(`compile.bpf.decode` → `ruleset_of`) and applies only the difference. bpffs is
+mounted on /sys/fs/bpf when it is not there.
+
+The object is compiled with clang on first use (or by `make bpf`) into a cache
+named after the SHA-256 of the source and the flags, so an edited source is
+rebuilt and a stale object is never used; `STOCKADE_BPF_OBJECT` names another.
+
+**Atomic applies.** ipcache and policy entries carry a slot (0 or 1); the program
+reads the active slot from `config` once per packet. An apply writes the
+inactive slot, flips `config.slot` (and bumps the generation: conntrack entries
+validated under an older generation are judged again, so revoked connections are
+cut), waits for an RCU grace period (membarrier: every program that read the old
+slot has returned), then brings the old slot up to date. Definitions in `meta`
+are added before the flip and removed after it.
+
+**Attachment.** tcx links (kernel >= 6.6) on the host side of every veth that is
+a bridge port in the namespace: `tcx/ingress` judges packets leaving the pod,
+`tcx/egress` packets entering it. Each apply attaches new ports and checks
+every link (a link detached, unpinned or pointing at another program is drift,
+repaired and reported); links of vanished interfaces are unpinned. Where tcx is
+missing, clsact with `tc` (direct action, pinned program) is the fallback.
+
+**Conntrack** is the program's own LRU map (not the kernel's through
+bpf_skb_ct_lookup): it works whether or not netfilter tracks the bridge's
+traffic, costs two hash lookups on the fast path, and lets a policy generation
+re-judge flows lazily. Denied new connections go to the `events` ring buffer
+(rate-limited to `log_rate` per second; `DeniedEvents` reads them as
+`LoggedPacket`s naming the chain, like NFLOG's prefix does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stockade.compile import bpf as bpfc
+from stockade.compile.ir import Chain, Ruleset
+from stockade.compile.nft import LOG_PREFIX
+from stockade.compile.plan import Plan, plan
+from stockade.datapath import libbpf
+from stockade.datapath.base import KernelSnapshot
+from stockade.datapath.nflog import LoggedPacket
+from stockade.errors import DataplaneError
+from stockade.net.namespace import entered
+from stockade.net.rtnl import Link, Rtnl
+
+SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "stockade.bpf.c"
+PIN_ROOT = Path("/sys/fs/bpf")
+PROGRAMS = {"in": "stockade_from_pod", "out": "stockade_to_pod"}  # hook -> program
+ATTACH = {"in": libbpf.BPF_TCX_INGRESS, "out": libbpf.BPF_TCX_EGRESS}
+# map -> (key size, value size)
+LAYOUT = {"ipcache4": (bpfc.IP4_KEY.size, bpfc.IP_INFO.size),
+          "ipcache6": (bpfc.IP6_KEY.size, bpfc.IP_INFO.size),
+          "policy": (bpfc.POLICY_KEY.size, bpfc.POLICY_VALUE.size),
+          "meta": (bpfc.META_KEY.size, bpfc.META_VALUE.size),
+          "config": (4, 16), "ct": (40, 24)}
+MAP_NAMES = ("ipcache4", "ipcache6", "policy", "config", "ct", "events", "meta", "ratelimit",
+             "stats")
+CONFIG = struct.Struct("=IIQ")  # slot, log rate, generation
+EVENT = struct.Struct("=QIIBBBB2s2s16s16sB7x")
+STATS = ("allowed", "denied", "conntrack", "rejudged", "cut", "passed")
+LOG_RATE = 50  # denied-connection events per second, as the nftables chains log
+
+
+# ---- the object file --------------------------------------------------------------------
+
+
+def _cflags() -> list[str]:
+    arch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+    return ["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I/usr/include/{arch}"]
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("STOCKADE_BPF_CACHE")
+    if env:
+        return Path(env)
+    repo_build = SOURCE.parent.parent / "build" / "bpf"
+    with contextlib.suppress(OSError):
+        repo_build.mkdir(parents=True, exist_ok=True)
+        if os.access(repo_build, os.W_OK):
+            return repo_build
+    return Path("/var/cache/stockade/bpf")
+
+
+def object_path(source: Path = SOURCE) -> Path:
+    """The compiled program, built with clang when no object of this source exists."""
+    env = os.environ.get("STOCKADE_BPF_OBJECT")
+    if env:
+        return Path(env)
+    try:
+        text = source.read_bytes()
+    except OSError as exc:
+        raise DataplaneError(f"the eBPF program's source is missing ({source})",
+                             stderr=str(exc)) from None
+    flags = _cflags()
+    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    out = cache / f"stockade-{digest}.o"
+    if out.exists():
+        return out
+    clang = shutil.which("clang") or shutil.which("clang-14")
+    if clang is None:
+        raise DataplaneError("clang is needed to build the eBPF program (apt-get install clang)")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".o.tmp")
+    os.close(fd)
+    try:
+        run = subprocess.run([clang, *flags, "-c", str(source), "-o", tmp],
+                             capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise DataplaneError("clang refused the eBPF program",
+                                 command=" ".join([clang, *flags]), stderr=run.stderr)
+        os.replace(tmp, out)  # atomic: a concurrent build ends with the same file
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return out
+
+
+# ---- bpffs ----------------------------------------------------------------------------------
+
+
+def _is_bpffs(path: Path) -> bool:
+    """Whether bpffs is mounted on `path` in this mount namespace."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    return any(len(f := line.split()) >= 3 and f[1] == str(path) and f[2] == "bpf"
+               for line in mounts)
+
+
+def ensure_bpffs(root: Path = PIN_ROOT) -> None:
+    """Mount bpffs on `root` when it is not there (pins need it)."""
+    if _is_bpffs(root):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], capture_output=True,
+                         text=True, check=False)
+    if run.returncode != 0 or not _is_bpffs(root):
+        raise DataplaneError(f"cannot mount bpffs on {root}", command="mount -t bpf",
+                             stderr=run.stderr)
+
+
+# ---- the datapath -----------------------------------------------------------------------------
+
+
+@dataclass
+class EbpfKernel:
+    """The maps and attachments as read back."""
+
+    slots: dict[int, bpfc.MapContents]
+    meta: dict[bytes, bytes]
+    slot: int
+    generation: int
+    log_rate: int
+    links: dict[str, str] = field(default_factory=dict)  # pin name -> problem ("" if fine)
+
+    def state(self) -> tuple[bpfc.BpfState, str]:
+        """The active slot decoded, and why not ("" when it could be)."""
+        try:
+            return bpfc.decode(self.slots[self.slot], self.meta, self.slot), ""
+        except (ValueError, KeyError) as exc:
+            return bpfc.BpfState(), f"meta map unreadable ({exc})"
+
+
+def _split(contents: Mapping[str, Mapping[bytes, bytes]]) -> dict[int, bpfc.MapContents]:
+    out: dict[int, bpfc.MapContents] = {0: {m: {} for m in bpfc.MAPS},
+                                        1: {m: {} for m in bpfc.MAPS}}
+    for m in bpfc.MAPS:
+        for k, v in contents.get(m, {}).items():
+            out[bpfc.slot_of_key(m, k)][m][k] = v
+    return out
+
+
+class EbpfDatapath:
+    """stockade's eBPF program and maps, pinned under one directory per name and namespace."""
+
+    name = "ebpf"
+
+    def __init__(self, name: str = "stockade", netns: str | None = None, *,
+                 log_group: int | None = None, bridge: str | None = None,
+                 pin_root: Path = PIN_ROOT) -> None:
+        self.pin_name = name
+        self.netns = netns
+        self.bridge = bridge
+        self.log_rate = LOG_RATE if log_group is not None else 0
+        scope = "host" if netns is None else (
+            "netns-" + (netns if "/" not in netns else hashlib.sha256(
+                netns.encode()).hexdigest()[:12]))
+        self.pin_root = pin_root
+        self.dir = pin_root / "stockade" / scope / name
+        self._lock = threading.RLock()
+        self._maps: dict[str, int] = {}
+        self._progs: dict[str, int] = {}  # hook -> fd
+        self._prog_ids: dict[str, int] = {}
+        self._mode = "tcx"
+        # What the last apply left: the ruleset, its map state, both slots' bytes.
+        self._applied: Ruleset | None = None
+        self._state: bpfc.BpfState | None = None
+        self._slot = 0
+        self._kgen = 0  # the policy generation in config
+        self._generation = 0  # successful applies (snapshots taken before are stale)
+        self.last_drift: Plan | None = None
+        self.last_drift_details: list[str] = []
+        self.last_timing: dict[str, float] = {}
+
+    @classmethod
+    def open(cls, name: str, *, netns: str | None = None, owner: bool = False,
+             log_group: int | None = None) -> EbpfDatapath:
+        """The datapath as `datapath.open_datapath` makes every one (`owner` has no
+        meaning here: pinned objects are root's; see the README)."""
+        return cls(name, netns=netns, log_group=log_group)
+
+    # ---- loading ------------------------------------------------------------------------
+
+    def _pin(self, what: str) -> str:
+        return str(self.dir / what)
+
+    def _load(self) -> None:
+        """Maps (created or reused from their pins) and programs, pinned."""
+        if self._maps:
+            return
+        ensure_bpffs(self.pin_root)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        obj = object_path()
+        progs, maps = libbpf.load_object(str(obj), {m: self._pin(m) for m in MAP_NAMES})
+        try:
+            for hook, prog in PROGRAMS.items():
+                fd = progs.pop(prog)
+                pin = self._pin(f"prog_{prog.removeprefix('stockade_')}")
+                _, new_tag = libbpf.prog_id_tag(fd)
+                old = None
+                with contextlib.suppress(libbpf.BpfError):
+                    old = libbpf.obj_get(pin)
+                if old is not None and libbpf.prog_id_tag(old)[1] == new_tag:
+                    os.close(fd)
+                    fd = old
+                else:
+                    if old is not None:
+                        os.close(old)
+                        os.unlink(pin)
+                        self._relink(hook, fd)
+                    libbpf.obj_pin(fd, pin)
+                self._progs[hook] = fd
+                self._prog_ids[hook] = libbpf.prog_id_tag(fd)[0]
+        finally:
+            for fd in progs.values():
+                os.close(fd)
+        self._maps = maps
+        cfg = self._config()
+        if cfg[1] != self.log_rate:
+            self._write_config(cfg[0], cfg[2])
+
+    def _relink(self, hook: str, prog_fd: int) -> None:
+        """A new build of the program: every link of this hook switches to it atomically."""
+        for pin in self._link_pins():
+            if pin.endswith(f"-{hook}"):
+                try:
+                    fd = libbpf.obj_get(self._pin(pin))
+                except libbpf.BpfError:
+                    continue
+                try:
+                    libbpf.link_update(fd, prog_fd)
+                except libbpf.BpfError:
+                    pass  # a defunct link: the next apply attaches anew
+                finally:
+                    os.close(fd)
+
+    def close(self) -> None:
+        """Let go of the file descriptors; the pins keep everything enforcing."""
+        with self._lock:
+            for fd in [*self._maps.values(), *self._progs.values()]:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._maps = {}
+            self._progs = {}
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # ---- config and maps -----------------------------------------------------------------
+
+    def _config(self) -> tuple[int, int, int]:
+        raw = libbpf.lookup(self._maps["config"], struct.pack("=I", 0), CONFIG.size)
+        slot, rate, gen = CONFIG.unpack(raw or bytes(CONFIG.size))
+        return slot & 1, rate, gen
+
+    def _write_config(self, slot: int, generation: int) -> None:
+        libbpf.update(self._maps["config"], struct.pack("=I", 0),
+                      CONFIG.pack(slot, self.log_rate, generation))
+
+    def _write(self, delta: bpfc.MapDelta, *, deletes: bool = True, updates: bool = True
+               ) -> None:
+        for m in sorted(set(delta.update) | set(delta.delete)):
+            ksize, vsize = LAYOUT[m]
+            if deletes and delta.delete.get(m):
+                libbpf.delete_batch(self._maps[m], list(delta.delete[m]), ksize)
+            if updates and delta.update.get(m):
+                items = delta.update[m]
+                libbpf.update_batch(self._maps[m], list(items), list(items.values()), ksize,
+                                    vsize)
+
+    def _read_kernel(self) -> EbpfKernel:
+        dumped = {m: libbpf.dump(self._maps[m], *LAYOUT[m]) for m in bpfc.MAPS}
+        meta = libbpf.dump(self._maps["meta"], *LAYOUT["meta"])
+        slot, rate, gen = self._config()
+        return EbpfKernel(_split(dumped), meta, slot, gen, rate, self._check_links())
+
+    # ---- attachment ------------------------------------------------------------------------
+
+    def _link_pins(self) -> list[str]:
+        try:
+            return sorted(p for p in os.listdir(self.dir) if p.startswith("link-"))
+        except FileNotFoundError:
+            return []
+
+    def _ports(self) -> dict[int, str]:
+        """ifindex -> name of every veth on a bridge (or on `bridge`) in the namespace."""
+        with entered(self.netns), Rtnl() as nl:
+            links: list[Link] = nl.links()
+        bridges = {lk.index for lk in links if lk.kind == "bridge"
+                   and (self.bridge is None or lk.name == self.bridge)}
+        return {lk.index: lk.name for lk in links if lk.master in bridges and lk.kind == "veth"}
+
+    def _check_links(self, ports: dict[int, str] | None = None) -> dict[str, str]:
+        """Every link pin and what is wrong with it ("" if nothing); wanted ones missing too."""
+        if ports is None:
+            ports = self._ports()
+        out: dict[str, str] = {}
+        for pin in self._link_pins():
+            _, index, hook = pin.split("-")
+            try:
+                fd = libbpf.obj_get(self._pin(pin))
+            except libbpf.BpfError:
+                out[pin] = "pin unreadable"
+                continue
+            try:
+                _, prog_id, ifindex, attach = libbpf.link_info(fd)
+            finally:
+                os.close(fd)
+            if int(index) not in ports:
+                out[pin] = "gone"
+            elif ifindex == 0:
+                out[pin] = "detached"
+            elif prog_id != self._prog_ids.get(hook) or attach != ATTACH[hook]:
+                out[pin] = f"runs program {prog_id}, not stockade's"
+            else:
+                out[pin] = ""
+        for port in ports:
+            for direction in ATTACH:
+                out.setdefault(f"link-{port}-{direction}", "missing")
+        return out
+
+    def _attach(self, index: int, hook: str) -> None:
+        pin = self._pin(f"link-{index}-{hook}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pin)
+        for attempt in range(50):
+            try:
+                with entered(self.netns):
+                    fd = libbpf.link_create(self._progs[hook], index, ATTACH[hook])
+                break
+            except libbpf.BpfError as exc:
+                # EEXIST: a link of ours that lost its pin is still being released (the
+                # kernel frees links from a workqueue): wait for it, briefly.
+                if exc.errno != errno.EEXIST or attempt == 49:
+                    raise
+                time.sleep(0.01)
+        try:
+            libbpf.obj_pin(fd, pin)
+        finally:
+            os.close(fd)
+
+    def _unlink(self, pin: str, *, detach: bool) -> None:
+        path = self._pin(pin)
+        if detach:
+            with contextlib.suppress(libbpf.BpfError):
+                fd = libbpf.obj_get(path)
+                try:
+                    libbpf.link_detach(fd)
+                finally:
+                    os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def _ensure_links(self, links: dict[str, str]) -> list[str]:
+        """Attach what is missing, repair what is broken; the repairs, in words."""
+        ports = self._ports()
+        repaired = []
+        for pin, problem in sorted(links.items()):
+            if not problem:
+                continue
+            _, index, hook = pin.split("-")
+            if problem == "gone":
+                self._unlink(pin, detach=True)
+                continue
+            if problem != "missing":
+                self._unlink(pin, detach=True)
+                repaired.append(f"{ports.get(int(index), index)} {hook}: {problem}")
+            elif int(index) not in ports:
+                continue
+            self._attach(int(index), hook)
+        return repaired
+
+    # ---- the Datapath protocol --------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail clearly unless bpffs, clang, the verifier and tcx links work here."""
+        with self._lock:
+            self._load()
+            with entered(self.netns):
+                try:
+                    fd = libbpf.link_create(self._progs["in"], 1, ATTACH["in"])
+                except libbpf.BpfError as exc:
+                    raise DataplaneError("this kernel cannot attach tcx programs "
+                                         "(Linux >= 6.6 is needed)", stderr=str(exc)) from None
+                try:
+                    libbpf.link_detach(fd)
+                finally:
+                    os.close(fd)
+
+    def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
+        with self._lock:
+            self._load()
+            return KernelSnapshot(self._generation, self._read_kernel())
+
+    def read(self) -> Ruleset:
+        with self._lock:
+            self._load()
+            state, _ = self._read_kernel().state()
+            return bpfc.ruleset_of(state)
+
+    def diff(self, desired: Ruleset) -> Plan:
+        return plan(self.read(), desired)
+
+    def apply(self, desired: Ruleset, *, verify: bool | KernelSnapshot = False) -> Plan:
+        """Make the maps and links enforce `desired`; see the module for the slot switch."""
+        with self._lock:
+            return self._apply(desired, verify)
+
+    def _apply(self, desired: Ruleset, verify: bool | KernelSnapshot) -> Plan:
+        t0 = time.perf_counter()
+        self._load()
+        self.last_drift = None
+        self.last_drift_details = []
+        kernel: EbpfKernel | None = None
+        if isinstance(verify, KernelSnapshot) and verify.generation == self._generation \
+                and isinstance(verify.table, EbpfKernel):
+            kernel = verify.table
+        elif verify or self._state is None:
+            kernel = self._read_kernel()
+        if kernel is not None:
+            kstate, problem = kernel.state()
+            before = bpfc.ruleset_of(kstate)
+            slots, meta, active, kgen = kernel.slots, kernel.meta, kernel.slot, kernel.generation
+            links = kernel.links
+            base = self._state if self._state is not None else kstate
+            if self._state is not None and self._applied is not None:
+                details = self._drift_details(kernel, problem)
+                drift = plan(before, self._applied)
+                if details or not drift.empty:
+                    self.last_drift = drift
+                    self.last_drift_details = details or drift.describe()
+        else:
+            assert self._state is not None and self._applied is not None
+            before = self._applied
+            slots = {s: bpfc.encode_maps(self._state, s) for s in (0, 1)}
+            meta = bpfc.encode_meta(self._state)
+            active, kgen, base = self._slot, self._kgen, self._state
+            links = self._check_links()
+        t1 = time.perf_counter()
+        state = bpfc.compile_state(desired, base)
+        new = {s: bpfc.encode_maps(state, s) for s in (0, 1)}
+        new_meta = bpfc.encode_meta(state)
+        inactive = 1 - active
+        d_in = bpfc.map_delta(slots[inactive], new[inactive])
+        d_act = bpfc.map_delta(slots[active], new[active])
+        d_meta = bpfc.map_delta({"meta": meta}, {"meta": new_meta})
+        t2 = time.perf_counter()
+        written = False
+        try:
+            self._write(d_meta, deletes=False)
+            if not d_in.empty or not d_act.empty:
+                self._write(d_in)
+                kgen += 1
+                self._write_config(inactive, kgen)
+                libbpf.synchronize()  # no program still reads the old slot
+                active = inactive
+                self._write(d_act)
+                written = True
+            self._write(d_meta, updates=False)
+            repaired = self._ensure_links(links)
+        except DataplaneError:
+            self._state = None  # read the kernel back before the next apply
+            self._applied = None
+            raise
+        if repaired:
+            self.last_drift = self.last_drift or Plan()
+            self.last_drift_details += [f"program detached: {r}" for r in repaired]
+        self._state, self._applied, self._slot, self._kgen = state, desired, active, kgen
+        if written or not d_meta.empty:
+            self._generation += 1
+        t3 = time.perf_counter()
+        self.last_timing = {"read": t1 - t0, "compile": t2 - t1, "write": t3 - t2,
+                            "entries": float(d_in.size() + d_act.size() + d_meta.size())}
+        return plan(before, desired)
+
+    def _drift_details(self, kernel: EbpfKernel, problem: str) -> list[str]:
+        assert self._state is not None
+        out = [problem] if problem else []
+        for s in (0, 1):
+            want = bpfc.encode_maps(self._state, s)
+            for m in bpfc.MAPS:
+                have = kernel.slots[s][m]
+                missing = sum(1 for k in want[m] if k not in have)
+                changed = sum(1 for k, v in want[m].items() if k in have and have[k] != v)
+                foreign = sum(1 for k in have if k not in want[m])
+                if missing or changed or foreign:
+                    out.append(f"{m} slot {s}: {missing} missing, {changed} changed, "
+                               f"{foreign} foreign entries")
+        want_meta = bpfc.encode_meta(self._state)
+        if want_meta != kernel.meta:
+            out.append("meta map differs")
+        out += [f"{pin}: {p}" for pin, p in sorted(kernel.links.items())
+                if p and p not in ("missing", "gone")]
+        return out
+
+    def flush_connections(self) -> int:
+        """Forget every tracked connection (the next packet of each is judged as new)."""
+        with self._lock:
+            self._load()
+            keys = list(libbpf.keys(self._maps["ct"], LAYOUT["ct"][0]))
+            libbpf.delete_batch(self._maps["ct"], keys, LAYOUT["ct"][0])
+            return len(keys)
+
+    def stats(self) -> dict[str, int]:
+        """The program's counters, summed over CPUs."""
+        with self._lock:
+            self._load()
+            ncpu = _possible_cpus()
+            out = {}
+            for i, what in enumerate(STATS):
+                raw = libbpf.lookup(self._maps["stats"], struct.pack("=I", i), 8 * ncpu)
+                out[what] = sum(struct.unpack(f"={ncpu}Q", raw)) if raw else 0
+            return out
+
+    def show(self) -> str:
+        with self._lock:
+            self._load()
+            kernel = self._read_kernel()
+            state, problem = kernel.state()
+            lines = [f"eBPF datapath {self.pin_name}: pinned in {self.dir}",
+                     "programs: " + ", ".join(f"{PROGRAMS[h]} id {i}" for h, i in
+                                              sorted(self._prog_ids.items())),
+                     f"active slot {kernel.slot}, policy generation {kernel.generation}, "
+                     f"denied events {kernel.log_rate}/s"]
+            if problem:
+                lines.append(problem)
+            lines.append("maps: " + ", ".join(f"{k} {v}" for k, v in state.counts().items()))
+            for pin, p in sorted(kernel.links.items()):
+                lines.append(f"{pin}: {p or 'attached'}")
+            lines.append("counters: " + ", ".join(f"{k} {v}" for k, v in self.stats().items()))
+            rs = bpfc.ruleset_of(state)
+            for d, m in (("ingress", rs.ingress), ("egress", rs.egress)):
+                for addr, chain in sorted(m.items()):
+                    lines.append(f"{d} {addr} -> {chain}")
+            return "\n".join(lines) + "\n"
+
+    def remove(self) -> None:
+        """Detach every link and unpin everything (the maps go with their last reference)."""
+        with self._lock:
+            for pin in self._link_pins():
+                self._unlink(pin, detach=True)
+            self.close()
+            if self.dir.exists():
+                for entry in os.listdir(self.dir):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.dir / entry)
+                with contextlib.suppress(OSError):
+                    self.dir.rmdir()
+                    self.dir.parent.rmdir()
+                    self.dir.parent.parent.rmdir()
+            self._applied = None
+            self._state = None
+            self._generation += 1
+
+    # ---- denied connections ------------------------------------------------------------
+
+    def events(self) -> DeniedEvents:
+        with self._lock:
+            self._load()
+            return DeniedEvents(self._maps["events"], self)
+
+    def chain_of(self, policy: int) -> str:
+        """The chain a policy id stands for (from the last apply or the maps)."""
+        state = self._state
+        if state is None or policy not in state.policies:
+            with self._lock:
+                self._load()
+                state, _ = self._read_kernel().state()
+        ref = state.policies.get(policy)
+        return ref.chain if ref is not None else ""
+
+
+def _possible_cpus() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
+
+
+_PROTO = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
+
+
+def parse_event(raw: bytes, chain: str, boot_offset: float) -> LoggedPacket:
+    """One ring buffer record as the flow log's packet ("stockade-deny <chain>" prefix)."""
+    (ts, _ifindex, _policy, family, proto, _direction, flags, sport, dport, src, dst,
+     _hook) = EVENT.unpack(raw[:EVENT.size])
+    import ipaddress
+
+    def addr(b: bytes) -> str:
+        return str(ipaddress.ip_address(b[:4] if family == 4 else b))
+
+    ports = proto in (6, 17, 132)
+    return LoggedPacket(
+        prefix=f"{LOG_PREFIX} {chain}", family=family, src=addr(src), dst=addr(dst),
+        protocol=_PROTO.get(proto, str(proto)),
+        sport=int.from_bytes(sport, "big") if ports else None,
+        dport=int.from_bytes(dport, "big") if ports else None,
+        timestamp=boot_offset + ts / 1e9, hw_protocol=0x0800 if family == 4 else 0x86DD,
+        tcp_flags=flags if proto == 6 else None)
+
+
+class DeniedEvents:
+    """Denied new connections from the program's ring buffer, as `LoggedPacket`s."""
+
+    def __init__(self, map_fd: int, datapath: EbpfDatapath) -> None:
+        self._datapath = datapath
+        self._pending: list[tuple[bytes]] = []
+        self._fd = os.dup(map_fd)
+        self._rb = libbpf.RingBuffer(self._fd, lambda raw: self._pending.append((raw,)))
+        # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        self._offset = time.time() - time.monotonic()
+
+    def read(self, timeout: float = 0.0) -> list[LoggedPacket]:
+        self._rb.poll(int(timeout * 1000))
+        raw, self._pending = self._pending, []
+        out = []
+        for (r,) in raw:
+            policy = EVENT.unpack(r[:EVENT.size])[2]
+            out.append(parse_event(r, self._datapath.chain_of(policy), self._offset))
+        return out
+
+    def close(self) -> None:
+        self._rb.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m stockade.datapath.ebpf build`: compile the object (what `make bpf` runs)."""
+    if argv[1:2] != ["build"]:
+        print("usage: python -m stockade.datapath.ebpf build", file=sys.stderr)
+        return 2
+    try:
+        print(object_path())
+    except DataplaneError as exc:
+        print(f"stockade: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
+
+
+__all__ = ["DeniedEvents", "EbpfDatapath", "ensure_bpffs", "object_path"]

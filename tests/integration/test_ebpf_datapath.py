@@ -1,0 +1,308 @@
+"""The eBPF datapath against the real kernel, with real packets.
+
+Each test builds three endpoints in its own host namespace (see conftest); the
+datapath pins its maps, programs and links under a directory named after that
+namespace, and the fixture removes them (and checks they are gone) whatever
+happens in the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.support import shared
+
+from stockade.cli.main import main
+from stockade.compile import bpf as bpfc
+from stockade.compile.lower import compile_cluster
+from stockade.datapath import libbpf, open_datapath
+from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
+from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
+from stockade.model.labels import Labels
+from stockade.model.policy import EGRESS, INGRESS, IPBlock, NetworkPolicy, Peer, PolicyPort
+from stockade.model.policy import Rule as PRule
+from stockade.model.selector import Selector
+from stockade.net.namespace import list_netns
+from stockade.probe.client import Probe, run_probes
+from stockade.probe.launcher import ProbeServer
+from stockade.probe.protocol import Port, Protocol
+
+from .netio import EchoServer, connect, echo
+
+pytestmark = pytest.mark.privileged
+
+PORTS = [Port(80, Protocol.TCP), Port(81, Protocol.TCP), Port(80, Protocol.UDP),
+         Port(80, Protocol.SCTP)]
+CORPUS = shared("conformance")
+
+
+def _ns(name: str) -> Namespace:
+    return Namespace(name, Labels({"kubernetes.io/metadata.name": name, "ns": name}))
+
+
+def _ep(trio, name: str, **labels: str) -> Endpoint:
+    att = getattr(trio, name)
+    return Endpoint("x", name, Labels({"pod": name, **labels}),
+                    (att.address4, att.address6), (ContainerPort(80, "TCP", "http"),))
+
+
+def _allow_only(target: str, source: str, port: int = 80) -> NetworkPolicy:
+    return NetworkPolicy(
+        "x", f"allow-{source}-to-{target}", Selector(Labels({"pod": target})),
+        ingress=(PRule((PolicyPort("TCP", port),),
+                       (Peer(pod_selector=Selector(Labels({"pod": source}))),)),),
+        policy_types=(INGRESS,))
+
+
+def _cluster(trio, *policies: NetworkPolicy) -> Cluster:
+    return Cluster((_ns("x"),), tuple(_ep(trio, n) for n in "abc"), policies)
+
+
+@pytest.fixture
+def datapath(trio) -> Iterator[EbpfDatapath]:
+    dp = EbpfDatapath(netns=trio.host_netns, log_group=1)
+    try:
+        dp.check()
+        yield dp
+    finally:
+        EbpfDatapath(netns=trio.host_netns).remove()
+        assert not dp.dir.exists()
+
+
+@pytest.fixture
+def servers(trio) -> Iterator[ProbeServer]:
+    with ProbeServer({a.netns: PORTS for a in trio.all}) as server:
+        yield server
+
+
+def _probe(trio, pairs, family: int = 4) -> dict[tuple[str, str, str], bool]:
+    atts = {a.key.split("/")[1]: a for a in trio.all}
+    probes = []
+    for s, d, port in pairs:
+        dst = atts[d]
+        probes.append(Probe(s, atts[s].netns, d, dst.address4 if family == 4 else dst.address6,
+                            port))
+    return {(v.probe.src, v.probe.dst, str(v.probe.port)): v.allowed
+            for v in run_probes(probes, timeout=0.8)}
+
+
+def _all_pairs():
+    return [(s, d, p) for s in "abc" for d in "abc" if s != d for p in PORTS]
+
+
+A_ONLY_FROM_B = {("b", "a", "TCP/81"), ("b", "a", "UDP/80"), ("b", "a", "SCTP/80"),
+                 ("c", "a", "TCP/80"), ("c", "a", "TCP/81"), ("c", "a", "UDP/80"),
+                 ("c", "a", "SCTP/80")}
+
+
+def test_loads_attaches_and_enforces_v4_and_v6(trio, datapath, servers) -> None:
+    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}
+    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    delta = datapath.apply(rs)
+    assert not delta.empty
+    pins = set(os.listdir(datapath.dir))
+    assert {"ipcache4", "ipcache6", "policy", "ct", "events", "meta", "config",
+            "prog_from_pod", "prog_to_pod"} <= pins
+    assert len([p for p in pins if p.startswith("link-")]) == 6  # 3 veths x 2 hooks
+    for family in (4, 6):
+        denied = {k for k, ok in _probe(trio, _all_pairs(), family).items() if not ok}
+        assert denied == A_ONLY_FROM_B, family
+    assert datapath.stats()["denied"] > 0
+
+
+def test_a_new_object_adopts_the_pins_with_an_empty_delta(trio, datapath, servers) -> None:
+    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    datapath.apply(rs)
+    datapath.close()
+    again = EbpfDatapath(netns=trio.host_netns, log_group=1)
+    assert again.diff(rs).empty
+    assert again.apply(rs).empty
+    assert again.last_timing["entries"] == 0
+    assert again.last_drift is None
+    assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == A_ONLY_FROM_B
+
+
+def test_enforcement_survives_kill_9_and_is_adopted(trio, datapath, servers) -> None:
+    script = (
+        "import os, sys\n"
+        "from stockade.compile.lower import compile_cluster\n"
+        "from stockade.datapath.ebpf import EbpfDatapath\n"
+        "from stockade.model.cluster import Cluster\n"
+        "import pickle\n"
+        "rs = pickle.loads(sys.stdin.buffer.read())\n"
+        f"EbpfDatapath(netns={trio.host_netns!r}, log_group=1).apply(rs)\n"
+        "os.kill(os.getpid(), 9)\n")
+    import pickle
+
+    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    run = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(rs),
+                         capture_output=True, check=False)
+    assert run.returncode == -9, run.stderr.decode()
+    assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == A_ONLY_FROM_B
+    again = EbpfDatapath(netns=trio.host_netns)
+    assert again.diff(rs).empty
+    assert again.apply(rs, verify=True).empty and again.last_drift is None
+
+
+def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> None:
+    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    datapath.apply(rs)
+    # an outsider deletes a's ipcache entry from both slots: a is no longer isolated
+    fd = libbpf.obj_get(str(datapath.dir / "ipcache4"))
+    try:
+        for slot in (0, 1):
+            key = bpfc.IP4_KEY.pack(40, slot, bytes(map(int, trio.a.address4.split("."))))
+            libbpf.delete(fd, key)
+    finally:
+        os.close(fd)
+    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
+    assert not datapath.diff(rs).empty
+    assert datapath.apply(rs).empty  # without verify, the last apply is trusted
+    assert not datapath.apply(rs, verify=True).empty
+    assert datapath.last_drift is not None
+    assert any("ipcache4" in d for d in datapath.last_drift_details)
+    assert datapath.diff(rs).empty
+    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
+    # a deleted policy entry: seen by the byte comparison, repaired
+    fd = libbpf.obj_get(str(datapath.dir / "policy"))
+    try:
+        for key in list(libbpf.keys(fd, LAYOUT["policy"][0])):
+            libbpf.delete(fd, key)
+    finally:
+        os.close(fd)
+    assert _probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): False}
+    datapath.apply(rs, verify=True)
+    assert any(d.startswith("policy slot") for d in datapath.last_drift_details)
+    assert _probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): True}
+
+
+def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> None:
+    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    datapath.apply(rs)
+    # both hooks judge both sides: only with every link gone is there a hole
+    links = [p for p in os.listdir(datapath.dir) if p.startswith("link-")]
+    for pin in links:
+        fd = libbpf.obj_get(str(datapath.dir / pin))
+        try:
+            libbpf.link_detach(fd)  # what `bpftool link detach` does
+        finally:
+            os.close(fd)
+    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
+    assert datapath.apply(rs).empty
+    assert datapath.last_drift is not None  # every apply checks the links
+    assert len([d for d in datapath.last_drift_details if "detached" in d]) == 6
+    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
+    # an unpinned link goes away with its last reference: missing, attached again
+    for pin in links:
+        os.unlink(datapath.dir / pin)
+    datapath.apply(rs, verify=True)
+    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
+    assert len([p for p in os.listdir(datapath.dir) if p.startswith("link-")]) == 6
+
+
+def test_new_ports_are_attached_on_the_next_apply(trio, datapath, servers, spec_for) -> None:
+    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    datapath.apply(rs)
+    d = trio.plumber.ensure_endpoint(spec_for("x/d", 20))
+    datapath.apply(rs)
+    assert len([p for p in os.listdir(datapath.dir) if p.startswith("link-")]) == 8
+    with ProbeServer({d.netns: PORTS[:1]}):
+        probes = [Probe("d", d.netns, "a", trio.a.address4, PORTS[0]),
+                  Probe("d", d.netns, "b", trio.b.address4, PORTS[0])]
+        got = {v.probe.dst: v.allowed for v in run_probes(probes, timeout=0.8)}
+    assert got == {"a": False, "b": True}
+    trio.plumber.remove_endpoint("x/d")
+    datapath.apply(rs)
+    assert len([p for p in os.listdir(datapath.dir) if p.startswith("link-")]) == 6
+
+
+def test_established_connections_survive_unrelated_changes_and_revoked_ones_are_cut(
+        trio, datapath) -> None:
+    allow = _allow_only("a", "b", 7777)
+    datapath.apply(compile_cluster(_cluster(trio, allow)))
+    with EchoServer(trio.a.netns, 7777):
+        conn = connect(trio.b.netns, trio.a.address4, 7777)
+        try:
+            assert echo(conn, b"one")
+            unrelated = NetworkPolicy("x", "isolate-c", Selector(Labels({"pod": "c"})),
+                                      policy_types=(INGRESS, EGRESS))
+            datapath.apply(compile_cluster(_cluster(trio, allow, unrelated)))
+            assert echo(conn, b"two")
+            deny = NetworkPolicy("x", "deny-a", Selector(Labels({"pod": "a"})),
+                                 policy_types=(INGRESS,))
+            datapath.apply(compile_cluster(_cluster(trio, deny)))
+            assert not echo(conn, b"three")
+            assert datapath.stats()["cut"] >= 1
+        finally:
+            conn.close()
+
+
+def test_ipblock_except_and_egress(trio, datapath, servers) -> None:
+    block = IPBlock(trio.b.address4.rsplit(".", 1)[0] + ".0/24", (f"{trio.c.address4}/32",))
+    pol = NetworkPolicy("x", "egress-a", Selector(Labels({"pod": "a"})),
+                        egress=(PRule((PolicyPort("TCP", 80),), (Peer(ip_block=block),)),),
+                        policy_types=(EGRESS,))
+    datapath.apply(compile_cluster(_cluster(trio, pol)))
+    assert _probe(trio, [("a", "b", PORTS[0]), ("a", "c", PORTS[0]), ("a", "b", PORTS[1])]) == {
+        ("a", "b", "TCP/80"): True, ("a", "c", "TCP/80"): False, ("a", "b", "TCP/81"): False}
+
+
+def test_denied_connections_reach_the_ring_buffer(trio, datapath, servers) -> None:
+    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    datapath.apply(rs)
+    events = datapath.events()
+    try:
+        events.read()  # whatever came before
+        _probe(trio, [("c", "a", PORTS[0])])
+        got = []
+        deadline = time.monotonic() + 2
+        while not got and time.monotonic() < deadline:
+            got = [p for p in events.read(0.2) if p.dport == 80 and p.protocol == "TCP"]
+    finally:
+        events.close()
+    assert got
+    packet = got[0]
+    assert (packet.src, packet.dst, packet.family) == (trio.c.address4, trio.a.address4, 4)
+    assert packet.direction == "ingress" and packet.chain == rs.ingress[trio.a.address4]
+    assert packet.sport is not None and packet.timestamp is not None
+    assert abs(packet.timestamp - time.time()) < 60
+
+
+def test_remove_detaches_and_unpins_everything(trio, datapath, servers) -> None:
+    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"))))
+    datapath.remove()
+    assert not datapath.dir.exists()
+    assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == set()
+    assert not Path("/sys/fs/bpf/stockade", f"netns-{trio.host_netns}").exists()
+
+
+def test_open_datapath_names_it() -> None:
+    dp = open_datapath("ebpf", "other", netns="nowhere")
+    assert isinstance(dp, EbpfDatapath)
+    assert dp.dir.name == "other" and dp.dir.parent.name == "netns-nowhere"
+
+
+def test_public_corpus_passes_on_real_packets(capsys: pytest.CaptureFixture[str]) -> None:
+    if not CORPUS.is_dir():
+        pytest.fail(f"the conformance corpus is missing at {CORPUS}")
+    cases = len([p for p in CORPUS.glob("*.yaml") if p.name != "standard-cluster.yaml"])
+    before = set(list_netns())
+    pins_before = set(os.listdir("/sys/fs/bpf/stockade")) if Path(
+        "/sys/fs/bpf/stockade").exists() else set()
+    code = main(["conformance", str(CORPUS), "--datapath", "ebpf"])
+    out = capsys.readouterr().out
+    summary = out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"{cases} passed, 0 failed", summary), out[-3000:]
+    assert code == 0
+    left = {n for n in set(list_netns()) - before if re.match(r"sc[0-9a-f]{4}", n)}
+    assert left == set()
+    pins_after = set(os.listdir("/sys/fs/bpf/stockade")) if Path(
+        "/sys/fs/bpf/stockade").exists() else set()
+    assert pins_after - pins_before == set()
