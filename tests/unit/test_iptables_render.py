@@ -519,8 +519,15 @@ def test_a_refused_iptables_restore_changes_nothing_of_that_table() -> None:
     bad = Ruleset(rs.sets, {"i-bad": Chain("i-bad", "ingress", (
         ChainRule(4, "s4-missing"),))}, {}, {})
     with pytest.raises(Refused):
-        k.run([s for s in render_plan(layout, plan(rs, bad), rs) if s.tool == "iptables"])
+        k.run(render_plan(layout, plan(rs, bad), rs))
     assert k.chains == before
+    # the ipset step before it left the new chain's dispatch sets: the next verifying
+    # apply removes them
+    assert "stockade-i4-bad" in k.sets
+    state = k.read(layout, dict(rs.chains))
+    assert state.needs_repair
+    _repair(state, k, layout, rs)
+    assert "stockade-i4-bad" not in k.sets
 
 
 # ---- semantics ----------------------------------------------------------------------------

@@ -393,11 +393,14 @@ class Repair:
     stale_members: list[tuple[str, str]] = field(default_factory=list)
     # chains present in the kernel (per family), whose dispatch rules P-in/egress hold
     kernel_chains: dict[int, set[str]] = field(default_factory=dict)
+    # IR names of dispatch sets whose chain is in neither family (a refused apply's
+    # leftovers): destroyed unless a plan brings the chain back
+    orphans: list[str] = field(default_factory=list)
 
     @property
     def needed(self) -> bool:
         return (any(self.skeleton.values()) or any(self.del_chains.values()) or bool(self.bad_sets)
-                or bool(self.del_sets) or bool(self.stale_members))
+                or bool(self.del_sets) or bool(self.stale_members) or bool(self.orphans))
 
 
 def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False,
@@ -517,6 +520,7 @@ def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False
         dispatch_set(cn, fam) for cn in (set(old.chains) | set(new_chains)) - del_chains
         for fam in FAMILIES}
     s5 += [f"destroy {k}" for k in sorted(rep.bad_sets) if names.ir(k) not in keep]
+    s5 += [f"destroy {names.set(n)}" for n in rep.orphans if n not in keep]
 
     steps: list[Step] = []
     ipset_pending: list[str] = []
@@ -787,6 +791,11 @@ def parse_kernel(layout: Layout, save: Mapping[int, str], ipset_save: str,
         if chain is not None:
             drift.append(f"chain {names.chain(ir)}: rules differ")
         chains[ir] = Chain(ir, direction, TAMPERED, "tampered")
+    for kname in defs:
+        ir = names.ir(kname)
+        cd = chain_of_dispatch(ir) if ir is not None else None
+        if ir is not None and cd is not None and cd[0] not in seen and kname not in rep.bad_sets:
+            rep.orphans.append(ir)
     return KernelState(Ruleset(dict(sorted(sets.items())), dict(sorted(chains.items())),
                                maps[INGRESS], maps[EGRESS]), rep, drift, present)
 
