@@ -1295,6 +1295,69 @@ def test_fail_next_delay_and_counts(kube_api: KubeAPI, client: httpx.Client) -> 
     assert kube_api.count(resource="pods") == 3
 
 
+def test_concurrent_writers_and_watchers_agree(kube_api: KubeAPI) -> None:
+    """Eight writers over HTTP and eight watches: every watch sees every write, once, in
+    resourceVersion order, and the final state matches."""
+    start_rv = str(kube_api.resource_version)
+    clients = [httpx.Client(base_url=kube_api.url, timeout=10) for _ in range(16)]
+    try:
+        watchers = [
+            Watcher(c, "/api/v1/configmaps", resourceVersion=start_rv, timeoutSeconds="30")
+            for c in clients[8:]
+        ]
+        kube_api.wait_for_watches(8)
+
+        def writer(n: int, c: httpx.Client) -> None:
+            for i in range(25):
+                name = f"w{n}-{i}"
+                r = c.post(
+                    "/api/v1/namespaces/default/configmaps",
+                    json={"metadata": {"name": name}, "data": {"v": "0"}},
+                )
+                assert r.status_code == 201
+                r = c.patch(
+                    f"/api/v1/namespaces/default/configmaps/{name}",
+                    content=b'{"data":{"v":"1"}}',
+                    headers={"Content-Type": "application/merge-patch+json"},
+                )
+                assert r.status_code == 200
+                if i % 5 == 0:
+                    assert (
+                        c.delete(f"/api/v1/namespaces/default/configmaps/{name}").status_code == 200
+                    )
+
+        threads = [threading.Thread(target=writer, args=(n, c)) for n, c in enumerate(clients[:8])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        final_rv = kube_api.resource_version
+        expected = 8 * (25 * 2 + 5)
+        for w in watchers:
+            got: list[Obj] = []
+            while len(got) < expected:
+                ev = w.next(timeout=10)
+                assert isinstance(ev, dict), ev
+                got.append(ev)
+            rvs = [int(e["object"]["metadata"]["resourceVersion"]) for e in got]
+            assert rvs == sorted(set(rvs)) and rvs[-1] == final_rv
+            state: dict[str, str] = {}
+            for e in got:
+                name = e["object"]["metadata"]["name"]
+                if e["type"] == "DELETED":
+                    del state[name]
+                else:
+                    state[name] = e["object"]["data"]["v"]
+            live = {o["metadata"]["name"]: o["data"]["v"] for o in kube_api.list("configmaps")}
+            assert state == live and len(live) == 8 * 20
+        kube_api.drop_watches()
+        for w in watchers:
+            w.join()
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_stop_joins_every_thread() -> None:
     before = set(threading.enumerate())
     api = KubeAPI(bookmark_interval=0.1).start()

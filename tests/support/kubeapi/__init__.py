@@ -2,8 +2,10 @@
 
 ``KubeAPI`` serves the Kubernetes REST API over plain HTTP on 127.0.0.1 (an
 ephemeral port) from a thread, with an in-memory store. It is a test double: it
-is never part of stockade, and it is faithful where clients can tell (kubectl
-1.32 and our own client are run against it in tests/integration/test_kubeapi_double.py).
+is never part of stockade, and it aims to be faithful wherever a client can
+tell: tests/integration/test_kubeapi_double.py runs the real kubectl (1.32, and
+Debian's 1.20) and plain HTTP clients against it. The package type-checks
+under ``mypy --strict``.
 
 Faithful:
 

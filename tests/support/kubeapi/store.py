@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import builtins
 import copy
 import json
 import re
@@ -494,7 +495,7 @@ class Store:
         named = sorted((_sort_key(k), k) for k in keys)
         if start:
             named = named[bisect.bisect_right(named, start, key=lambda x: x[0]) :]
-        items: list[Obj] = []
+        items: builtins.list[Obj] = []
         token, remaining = "", None
         filtering = label is not None or field is not None
         last = ""
@@ -530,7 +531,7 @@ class Store:
         *,
         manager: str,
         dry_run: bool = False,
-        managed_fields: list[Obj] | None = None,
+        managed_fields: builtins.list[Obj] | None = None,
     ) -> Obj:
         """POST: ``body`` is taken over (the caller must not use it afterwards)."""
         with self.lock:
@@ -690,7 +691,7 @@ class Store:
         operation: str,
         subresource: str,
         dry_run: bool,
-        managed_fields: list[Obj] | None = None,
+        managed_fields: builtins.list[Obj] | None = None,
     ) -> Obj:
         """Finish an update: immutable fields, status split, generation, managedFields, commit."""
         cur_meta = current["metadata"]
@@ -745,7 +746,7 @@ class Store:
             new_meta["generation"] = cur_meta.get("generation", 1) + 1
         new_meta["resourceVersion"] = cur_meta["resourceVersion"]
         if managed_fields is not None:
-            mf: list[Obj] | None = managed_fields
+            mf: builtins.list[Obj] | None = managed_fields
         elif incoming_mf is not None and incoming_mf != cur_meta.get("managedFields"):
             mf = incoming_mf  # a client replaced managedFields: taken as given ([] resets them)
         else:
@@ -777,13 +778,13 @@ class Store:
 
     def _update_managed(
         self,
-        entries: list[Obj],
+        entries: builtins.list[Obj],
         old: Obj,
         new: Obj,
         manager: str,
         api_version: str,
         subresource: str,
-    ) -> list[Obj]:
+    ) -> builtins.list[Obj]:
         """managedFields after an Update: the manager takes the fields it changed."""
         t_old, t_new = P.tracked(old, subresource), P.tracked(new, subresource)
         new_paths = P.fieldset(t_new)
@@ -792,7 +793,7 @@ class Store:
         removed = old_paths - new_paths
         if not changed and not removed:
             return entries
-        out: list[Obj] = []
+        out: builtins.list[Obj] = []
         mine_found = False
         for e in entries:
             fields = P.parse_fields_v1(e.get("fieldsV1") or {})
@@ -880,7 +881,7 @@ class Store:
             old_set = sets[mine] if mine is not None else set()
             merged = P.apply_merge(copy.deepcopy(current), config)
             candidates = P.changed_paths(current, merged, P.leaves(new_set))
-            conflicts: list[tuple[str, str, P.Path]] = []
+            conflicts: builtins.list[tuple[str, str, P.Path]] = []
             for i, e in enumerate(entries):
                 if i == mine or e.get("subresource", "") != subresource:
                     continue
@@ -924,7 +925,7 @@ class Store:
                 owned = p in others or any(o[: len(p)] == p for o in others)
                 if not owned and not P.is_key_field(p):
                     P.remove_path(merged, p)
-            out: list[Obj] = []
+            out: builtins.list[Obj] = []
             for i, e in enumerate(entries):
                 if i == mine:
                     if new_set == old_set and e.get("apiVersion") == t.api_version:
@@ -1069,7 +1070,7 @@ class Store:
             dry_run=False,
         )
 
-    def _orphan(self, uid: str, dependents: list[tuple[Storage, Key]]) -> None:
+    def _orphan(self, uid: str, dependents: builtins.list[tuple[Storage, Key]]) -> None:
         for storage, key in dependents:
             self._remove_owner_ref(uid, storage, key)
 
@@ -1080,7 +1081,9 @@ class Store:
                     return True
         return False
 
-    def _collect(self, uid: str, dependents: list[tuple[Storage, Key]], propagation: str) -> None:
+    def _collect(
+        self, uid: str, dependents: builtins.list[tuple[Storage, Key]], propagation: str
+    ) -> None:
         for storage, key in dependents:
             obj = self.objects[storage].get(key)
             rt = self._rt_for_storage(storage)
@@ -1112,7 +1115,7 @@ class Store:
         label: Predicate | None,
         field: Predicate | None,
         propagation: str = "",
-    ) -> list[Obj]:
+    ) -> builtins.list[Obj]:
         with self.lock:
             items = self.list(t, namespace, label, field).items
             out = []
@@ -1128,7 +1131,7 @@ class Store:
 
     # ------------------------------------------------------------------ watch
 
-    def events_after(self, rv: int) -> tuple[list[Event], int]:
+    def events_after(self, rv: int) -> tuple[builtins.list[Event], int]:
         """The events after ``rv`` and the current resourceVersion (under the lock)."""
         if rv < self.compacted:
             raise gone(f"too old resource version: {rv} ({self.compacted})")
