@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import os
 import shutil
 import struct
@@ -647,7 +648,6 @@ def parse_event(raw: bytes, chain: str, boot_offset: float) -> LoggedPacket:
     """One ring buffer record as the flow log's packet ("stockade-deny <chain>" prefix)."""
     (ts, _ifindex, _policy, family, proto, _direction, flags, sport, dport, src, dst,
      _hook) = EVENT.unpack(raw[:EVENT.size])
-    import ipaddress
 
     def addr(b: bytes) -> str:
         return str(ipaddress.ip_address(b[:4] if family == 4 else b))
@@ -667,17 +667,18 @@ class DeniedEvents:
 
     def __init__(self, map_fd: int, datapath: EbpfDatapath) -> None:
         self._datapath = datapath
-        self._pending: list[tuple[bytes]] = []
+        self._pending: list[bytes] = []
         self._fd = os.dup(map_fd)
-        self._rb = libbpf.RingBuffer(self._fd, lambda raw: self._pending.append((raw,)))
+        self._rb = libbpf.RingBuffer(self._fd, self._pending.append)
         # bpf_ktime_get_ns is CLOCK_MONOTONIC
         self._offset = time.time() - time.monotonic()
 
     def read(self, timeout: float = 0.0) -> list[LoggedPacket]:
         self._rb.poll(int(timeout * 1000))
-        raw, self._pending = self._pending, []
+        raw = list(self._pending)
+        self._pending.clear()
         out = []
-        for (r,) in raw:
+        for r in raw:
             policy = EVENT.unpack(r[:EVENT.size])[2]
             out.append(parse_event(r, self._datapath.chain_of(policy), self._offset))
         return out

@@ -1,0 +1,224 @@
+"""Benchmark of the eBPF datapath at scale, in a private network namespace.
+
+Measures, in one run:
+- programming 10,000 endpoints and 1,000 policies from scratch (compile to map
+  contents, write both slots), one endpoint added, one policy changed;
+- re-reading the maps (adoption by a new process: dump, decode, empty delta);
+- 10,000 map entries written through libbpf in-process (one batch) against one
+  `bpftool batch` process, and one entry through one `bpftool` process;
+- the program's cost per packet (BPF_PROG_TEST_RUN, the kernel's own timing):
+  a packet of a tracked connection, a denied new connection (the full judgement:
+  two ipcache and two policy lookups), and an allowed new one with the ruleset
+  loaded; and the cost of the kernel's conntrack lookup through the
+  bpf_skb_ct_lookup kfunc (a miss) for the comparison that chose the program's
+  own conntrack map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import secrets
+import struct
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from common import print_table, timed
+from stockade.compile import bpf as bpfc
+from stockade.compile.lower import compile_cluster
+from stockade.datapath import libbpf
+from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
+from stockade.model.cluster import Cluster, ContainerPort, Endpoint
+from stockade.model.labels import Labels
+from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort, Rule
+from stockade.model.selector import Selector
+from stockade.net.namespace import create_netns, remove_netns
+from synthetic import make_cluster
+
+KFUNC_PROBE = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#define TC_ACT_UNSPEC (-1)
+#define TC_ACT_OK 0
+extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *, struct bpf_sock_tuple *, __u32,
+                                         struct bpf_ct_opts *, __u32) __ksym;
+extern void bpf_ct_release(struct nf_conn *) __ksym;
+SEC("tc") int kernel_ct(struct __sk_buff *skb) {
+    struct bpf_sock_tuple t = {};
+    struct bpf_ct_opts o = {.netns_id = -1, .l4proto = 6};
+    t.ipv4.saddr = 0x0a000001; t.ipv4.daddr = 0x0a000002; t.ipv4.sport = 1; t.ipv4.dport = 2;
+    struct nf_conn *ct = bpf_skb_ct_lookup(skb, &t, sizeof(t.ipv4), &o, sizeof(o));
+    if (ct) { bpf_ct_release(ct); return TC_ACT_OK; }
+    return TC_ACT_UNSPEC;
+}
+SEC("tc") int nothing(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def tcp_packet(src: str, dst: str, sport: int, dport: int, flags: int = 0x02) -> bytes:
+    eth = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00"
+    tcp = struct.pack(">HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
+    total = 20 + len(tcp)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, 6, 0,
+                     ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+    return eth + ip + tcp
+
+
+def ns_per_packet(prog_fd: int, packet: bytes, repeat: int = 200_000) -> tuple[int, float]:
+    best = None
+    for _ in range(3):
+        rc, ns = libbpf.test_run(prog_fd, packet, repeat)
+        best = ns if best is None else min(best, ns)
+    assert best is not None
+    return rc, float(best)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pods", type=int, default=10_000)
+    ap.add_argument("--policies", type=int, default=1_000)
+    args = ap.parse_args()
+    host = f"be{secrets.token_hex(2)}-host"
+    create_netns(host)
+    rows: list[tuple[str, str, str]] = []
+    dp = EbpfDatapath("bench", netns=host)
+    try:
+        dp.check()
+        base = make_cluster(args.pods, args.policies)
+        client = Endpoint("ns0", "client", Labels({"app": "bench-client"}), ("10.200.0.11",))
+        server = Endpoint("ns0", "server", Labels({"app": "bench-server"}), ("10.200.0.10",),
+                          (ContainerPort(5001, "TCP", "bench"),))
+        allow = NetworkPolicy("ns0", "bench-allow", Selector(Labels({"app": "bench-server"})),
+                              ingress=(Rule((PolicyPort("TCP", "bench"),), (Peer(
+                                  pod_selector=Selector(Labels({"app": "bench-client"}))),)),),
+                              policy_types=(INGRESS,))
+        cluster = Cluster(base.namespaces, (*base.endpoints, client, server),
+                          (*base.policies, allow))
+        t_lower, rs = timed(lambda: compile_cluster(cluster))
+        t_state, state = timed(lambda: bpfc.compile_state(rs))
+        c = state.counts()
+        rows.append(("lower to the ruleset (shared with nft)", f"{t_lower * 1000:.0f} ms", ""))
+        rows.append(("ruleset -> map contents", f"{t_state * 1000:.0f} ms",
+                     f"{c['identities']} identities, {c['policies']} policies, "
+                     f"{c['ipcache']} ipcache prefixes, {c['policy_entries']} policy entries"))
+        t_full, _ = timed(lambda: dp.apply(rs))
+        rows.append(("from scratch: apply (compile, both slots, meta)",
+                     f"{t_full * 1000:.0f} ms",
+                     f"{dp.last_timing['entries']:.0f} entries; write "
+                     f"{dp.last_timing['write'] * 1000:.0f} ms"))
+
+        new_ep = Endpoint("ns3", "newpod", Labels({"app": "app7", "tier": "api", "env": "prod"}),
+                          ("10.129.0.1",), (ContainerPort(8080, "TCP", "http"),))
+        one_more = replace(cluster, endpoints=(*cluster.endpoints, new_ep))
+        rs1 = compile_cluster(one_more)
+        t_a1, _ = timed(lambda: dp.apply(rs1))
+        rows.append(("one endpoint added: apply", f"{t_a1 * 1000:.0f} ms",
+                     f"{dp.last_timing['entries']:.0f} entries written in "
+                     f"{dp.last_timing['write'] * 1000:.1f} ms; map compile "
+                     f"{dp.last_timing['compile'] * 1000:.0f} ms"))
+        changed = list(one_more.policies)
+        changed[0] = replace(changed[0], ingress=(*changed[0].ingress,
+                                                  Rule((PolicyPort("TCP", 9999),))))
+        rs2 = compile_cluster(replace(one_more, policies=tuple(changed)))
+        t_a2, _ = timed(lambda: dp.apply(rs2))
+        rows.append(("one policy changed: apply", f"{t_a2 * 1000:.0f} ms",
+                     f"{dp.last_timing['entries']:.0f} entries written in "
+                     f"{dp.last_timing['write'] * 1000:.1f} ms"))
+        dp.close()
+        fresh = EbpfDatapath("bench", netns=host)
+        t_adopt, delta = timed(lambda: fresh.apply(rs2))
+        rows.append(("a new process adopts: read back, decode, apply", f"{t_adopt * 1000:.0f} ms",
+                     f"delta empty: {delta.empty}; read {fresh.last_timing['read'] * 1000:.0f} "
+                     f"ms, {fresh.last_timing['entries']:.0f} entries written"))
+
+        # 10,000 entries: libbpf in-process against bpftool
+        pin = str(fresh.dir / "policy")
+        fd = libbpf.obj_get(pin)
+        keys = [bpfc.POLICY_KEY.pack(88, (0x7000_0000 + i).to_bytes(4, "big"),
+                                     (5).to_bytes(4, "big"), 6, (80).to_bytes(2, "big"))
+                for i in range(10_000)]
+        one = bpfc.POLICY_VALUE.pack(1)
+        t_lib, _ = timed(lambda: libbpf.update_batch(fd, keys, [one] * len(keys),
+                                                     *LAYOUT["policy"]))
+        libbpf.delete_batch(fd, keys, LAYOUT["policy"][0])
+        os.close(fd)
+        with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
+            for k in keys:
+                f.write(f"map update pinned {pin} key hex {k.hex(' ')} value hex "
+                        f"{one.hex(' ')}\n")
+        t_tool, _ = timed(lambda: subprocess.run(["bpftool", "batch", "file", f.name],
+                                                 check=True, capture_output=True))
+        Path(f.name).unlink()
+        t_one, _ = timed(lambda: subprocess.run(
+            ["bpftool", "map", "update", "pinned", pin, "key", "hex", *keys[0].hex(" ").split(),
+             "value", "hex", *one.hex(" ").split()], check=True, capture_output=True))
+        rows.append(("10,000 entries: libbpf batch in-process", f"{t_lib * 1000:.1f} ms", ""))
+        rows.append(("10,000 entries: one `bpftool batch` process", f"{t_tool * 1000:.0f} ms",
+                     f"{t_tool / t_lib:.0f}x"))
+        rows.append(("1 entry: one `bpftool` process", f"{t_one * 1000:.0f} ms", ""))
+
+        # per packet
+        prog = fresh._progs["in"]
+        a, b = str(client.ips[0]), str(server.ips[0])
+        rc, allowed_new = ns_per_packet(prog, tcp_packet(a, b, 40000, 5001), 1)
+        rc_hit, tracked = ns_per_packet(prog, tcp_packet(a, b, 40000, 5001, 0x10))
+        rc_deny, denied = ns_per_packet(prog, tcp_packet(a, b, 40001, 5002))
+        other = str(base.endpoints[0].ips[0])
+        rc_far, far = ns_per_packet(prog, tcp_packet(other, b, 40002, 5001))
+        rows.append(("first packet of an allowed connection (one run, with the insert)",
+                     f"{allowed_new:.0f} ns", f"verdict {rc}"))
+        rows.append(("per packet: tracked connection (conntrack hit)", f"{tracked:.0f} ns",
+                     f"verdict {rc_hit}"))
+        rows.append(("per packet: new connection denied (full judgement)", f"{denied:.0f} ns",
+                     f"verdict {rc_deny}"))
+        rows.append(("per packet: new connection, other pod to an isolated one",
+                     f"{far:.0f} ns", f"verdict {rc_far}"))
+        rows += kfunc_rows()
+    finally:
+        dp.remove()
+        remove_netns(host)
+    print_table(("measure", "value", "notes"), rows)
+
+
+def kfunc_rows() -> list[tuple[str, str, str]]:
+    """The kernel's conntrack through bpf_skb_ct_lookup, against an empty program."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, obj = Path(tmp, "k.c"), Path(tmp, "k.o")
+        src.write_text(KFUNC_PROBE)
+        with Path(tmp, "vmlinux.h").open("w") as header:
+            subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux",
+                            "format", "c"], stdout=header, check=True)
+        arch = "x86_64-linux-gnu"
+        run = subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{arch}",
+                              f"-I{tmp}", "-c", str(src), "-o", str(obj)],
+                             capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            return [("kernel conntrack kfunc", "n/a", run.stderr.strip()[:80])]
+        pins = Path("/sys/fs/bpf", f"kfunc{os.getpid()}")
+        pins.mkdir()
+        try:
+            subprocess.run(["bpftool", "prog", "loadall", str(obj), str(pins)], check=True,
+                           capture_output=True, text=True)
+            fds = {p: libbpf.obj_get(str(pins / p)) for p in ("kernel_ct", "nothing")}
+            pkt = tcp_packet("10.0.0.1", "10.0.0.2", 1, 2)
+            _, kct = ns_per_packet(fds["kernel_ct"], pkt)
+            _, empty = ns_per_packet(fds["nothing"], pkt)
+            for fd in fds.values():
+                os.close(fd)
+        except subprocess.CalledProcessError as exc:
+            return [("kernel conntrack kfunc", "n/a", str(exc.stderr)[:80])]
+        finally:
+            for p in pins.iterdir():
+                p.unlink()
+            pins.rmdir()
+    return [("per packet: an empty tc program", f"{empty:.0f} ns", ""),
+            ("per packet: bpf_skb_ct_lookup (kernel conntrack, a miss) + release",
+             f"{kct:.0f} ns", "the alternative to the program's own map")]
+
+
+if __name__ == "__main__":
+    main()
