@@ -784,7 +784,7 @@ def test_watch_timeout_ends_cleanly(kube_api: KubeAPI, client: httpx.Client) -> 
         )
         == []
     )
-    assert 0.9 <= time.monotonic() - start < 3
+    assert 0.9 <= time.monotonic() - start < 10
 
 
 # --------------------------------------------------------------------------- lists
@@ -1218,11 +1218,11 @@ def test_garbage_collection_cascades(kube_api: KubeAPI, client: httpx.Client) ->
     other = kube_api.create(
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "keeper"}}
     )
-    shared = kube_api.create(
+    coowned = kube_api.create(
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {"name": "shared", "ownerReferences": [owner_ref(ms), owner_ref(other)]},
+            "metadata": {"name": "co-owned", "ownerReferences": [owner_ref(ms), owner_ref(other)]},
         }
     )
     rv = str(kube_api.resource_version)
@@ -1230,11 +1230,11 @@ def test_garbage_collection_cascades(kube_api: KubeAPI, client: httpx.Client) ->
     assert r.status_code == 200 and r.json()["metadata"]["name"] == "web"
     assert not kube_api.exists("networkpolicies", "web-ingress")
     assert not kube_api.exists("configmaps", "grandchild")
-    left = kube_api.get("configmaps", "shared")
+    left = kube_api.get("configmaps", "co-owned")
     assert left["metadata"]["ownerReferences"] == [owner_ref(other)]
-    assert int(left["metadata"]["resourceVersion"]) > int(shared["metadata"]["resourceVersion"])
+    assert int(left["metadata"]["resourceVersion"]) > int(coowned["metadata"]["resourceVersion"])
     events = watch(client, "/api/v1/configmaps", resourceVersion=rv, timeoutSeconds="1")
-    assert ("DELETED", "grandchild") in names(events) and ("MODIFIED", "shared") in names(events)
+    assert ("DELETED", "grandchild") in names(events) and ("MODIFIED", "co-owned") in names(events)
 
 
 def test_orphan_propagation(kube_api: KubeAPI, client: httpx.Client) -> None:
