@@ -8,7 +8,7 @@ compiler, which keeps them up to date endpoint by endpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from stockade.compile.ir import (
     EGRESS,
@@ -27,13 +27,15 @@ from stockade.compile.membership import (
     PeerMembers,
     PolicyTargets,
     SetSpec,
+    address,
     block_spec,
     named_specs,
+    peer_members,
     selector_specs,
 )
 from stockade.engine.resolve import Resolution, resolve
 from stockade.model import policy as model
-from stockade.model.cidr import Network, parse_cidr, parse_ip
+from stockade.model.cidr import Network, parse_cidr
 from stockade.model.cluster import Cluster, Endpoint
 
 DIRECTION = {model.INGRESS: INGRESS, model.EGRESS: EGRESS}
@@ -143,17 +145,35 @@ def _named_rules(direction: str, policy: model.NetworkPolicy, peer: model.Peer |
     elif peer.ip_block is not None:
         cand = BlockEndpoints(peer.ip_block)
     else:
-        cand = PeerMembers(policy.namespace, peer)
+        cand = peer_members(policy.namespace, peer)
     specs = named_specs(cand, name, proto, peer.render() if peer else "any pod")
     return [ChainRule(fam, None, need(s), proto, comment=tag) for fam, s in specs.items()]
 
 
-def lower_chain(direction: str, policies: Sequence[model.NetworkPolicy], need: Need) -> Chain:
-    """The chain of one policy set (policies sorted by key), named by its rules."""
+def lower_policy(direction: str, policy: model.NetworkPolicy, need: Need) -> list[ChainRule]:
+    """The rules of one policy in one direction, in order."""
+    rules: list[ChainRule] = []
+    for i, rule in enumerate(policy.rules(direction)):
+        rules.extend(lower_rules(direction, policy, i, rule, need))
+    return rules
+
+
+def lower_chain(direction: str, policies: Sequence[model.NetworkPolicy], need: Need,
+                lowered: dict[int, list[ChainRule]] | None = None) -> Chain:
+    """The chain of one policy set (policies sorted by key), named by its rules.
+
+    `lowered` keeps each policy's rules (by `id`, for one direction and one
+    `need`) across the chains of a compile: a policy is in many policy sets.
+    """
     rules: list[ChainRule] = []
     for policy in policies:
-        for i, rule in enumerate(policy.rules(direction)):
-            rules.extend(lower_rules(direction, policy, i, rule, need))
+        if lowered is None:
+            rules.extend(lower_policy(direction, policy, need))
+            continue
+        mine = lowered.get(id(policy))
+        if mine is None:
+            mine = lowered[id(policy)] = lower_policy(direction, policy, need)
+        rules.extend(mine)
     ir_dir = DIRECTION[direction]
     key = tuple((r.family, r.peer_set, r.named_set, r.protocol, r.ports) for r in rules)
     name = content_name(ir_dir[0] + "-", ir_dir, key)
@@ -161,18 +181,30 @@ def lower_chain(direction: str, policies: Sequence[model.NetworkPolicy], need: N
 
 
 def endpoint_addresses(ep: Endpoint) -> list[str]:
-    return [str(a) for ip in ep.ips if (a := parse_ip(ip)) is not None]
+    return [a[1] for ip in ep.ips if (a := address(ip)) is not None]
 
 
 class Lowering:
-    """The full compiler: every set filled through the label index."""
+    """The full compiler: every set filled through the label index.
 
-    def __init__(self, res: Resolution) -> None:
+    A selector's set is the union of what its identities contribute, and what
+    an identity contributes to a set depends only on the set's family and named
+    port, so it is computed once per identity and (family, port), not once per
+    set: the DNS peer of a thousand namespaces costs one pass over its pods.
+    """
+
+    def __init__(self, res: Resolution, *, reference: bool = False) -> None:
+        """`reference`: fill every set endpoint by endpoint with `SetSpec.contributes`
+        (the definition; tests compare the two)."""
         self.res = res
         self.index = res.index
+        self.reference = reference
         self.sets: dict[str, AddressSet] = {}
         self.chains: dict[str, Chain] = {}
         self._ns_labels = self.index.namespace_labels
+        self._of_identity: dict[tuple[int, int, tuple[str, str] | None], list[Element]] = {}
+        self._addresses: dict[int, list[tuple[Endpoint, list[tuple[int, str]]]]] = {}
+        self._lowered: dict[str, dict[int, list[ChainRule]]] = {}
 
     def need(self, spec: SetSpec) -> str:
         if spec.name not in self.sets:
@@ -194,7 +226,42 @@ class Lowering:
     def _elements(self, spec: SetSpec) -> list[Element]:
         if spec.kind == NET:
             return list(spec.fixed)
-        return [e for ep in self.members(spec) for e in spec.contributes(ep)]
+        cand = spec.candidates
+        if self.reference or not isinstance(cand, PeerMembers | PolicyTargets):
+            return [e for ep in self.members(spec) for e in spec.contributes(ep)]
+        if isinstance(cand, PeerMembers):
+            idents: Iterable[int] = self.index.peer_identities(cand.namespace, cand.peer)
+        else:
+            idents = self.index.selected_by_policy(cand.namespace, cand.selector)
+        out: list[Element] = []
+        for ident in idents:
+            key = (ident, spec.family, spec.port)
+            found = self._of_identity.get(key)
+            if found is None:
+                found = self._of_identity[key] = self._contributed(ident, spec.family,
+                                                                   spec.port)
+            out.extend(found)
+        return out
+
+    def _contributed(self, ident: int, family: int, port: tuple[str, str] | None
+                     ) -> list[Element]:
+        """`SetSpec.contributes` of every pod of an identity to a selector's set of
+        `family` (and named `port`), each pod's addresses parsed once."""
+        pods = self._addresses.get(ident)
+        if pods is None:
+            pods = self._addresses[ident] = [
+                (ep, [a for ip in ep.ips if (a := address(ip)) is not None])
+                for ep in self.index.members[ident]]
+        if port is None:
+            return [text for _, addrs in pods for fam, text in addrs if fam == family]
+        name, protocol = port
+        proto = protocol.lower()
+        out: list[Element] = []
+        for ep, addrs in pods:
+            number = ep.resolve_port(name, protocol)
+            if number is not None:
+                out.extend((text, proto, number) for fam, text in addrs if fam == family)
+        return out
 
     def ruleset(self) -> Ruleset:
         maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
@@ -207,7 +274,8 @@ class Lowering:
                     continue
                 name = chain_of.get(ps)
                 if name is None:
-                    chain = lower_chain(mdir, ps.policies, self.need)
+                    chain = lower_chain(mdir, ps.policies, self.need,
+                                        self._lowered.setdefault(mdir, {}))
                     self.chains.setdefault(chain.name, chain)
                     name = chain_of[ps] = chain.name
                 for ep in local:

@@ -10,6 +10,8 @@ same sets.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -72,6 +74,35 @@ class BlockEndpoints:
 Candidates = PeerMembers | PolicyTargets | AllEndpoints | BlockEndpoints
 
 
+def peer_members(namespace: str, peer: Peer) -> PeerMembers:
+    """The members of a selector peer of a policy in `namespace`.
+
+    A peer with a namespaceSelector stands for the same pods whatever namespace
+    its policy is in, so its set is one for the whole cluster (namespace "").
+    DNS and monitoring peers recur in every namespace: one set each, not one per
+    namespace (bench/realistic.py, 100,000 pods and 10,000 policies: 4.6 M set
+    elements before, 0.33 M with it).
+    """
+    return PeerMembers("" if peer.namespace_selector is not None else namespace, peer)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def address(text: str) -> tuple[int, str] | None:
+    """An endpoint IP as (family, canonical text); cached, as every set asks again.
+
+    Plain dotted IPv4 (what pods have) goes through `ipaddress` (~1 µs), which
+    accepts a subset of what the legacy-lenient `parse_ip` does, with the same
+    result; anything else through `parse_ip` (~20 µs).
+    """
+    if text.count(".") == 3 and ":" not in text:
+        try:
+            return 4, str(ipaddress.IPv4Address(text))
+        except ValueError:
+            pass
+    a = parse_ip(text)
+    return (a.version, str(a)) if a is not None else None
+
+
 @dataclass(frozen=True)
 class SetSpec:
     name: str
@@ -91,23 +122,27 @@ class SetSpec:
             if number is None:
                 return out
         for ip in ep.ips:
-            a = parse_ip(ip)
-            if a is None or a.version != self.family:
+            a = address(ip)
+            if a is None or a[0] != self.family:
                 continue
             if isinstance(self.candidates, BlockEndpoints) and not ip_block_matches(
                     self.candidates.block, ip):
                 continue
             if number is not None and self.port is not None:
-                out.append((str(a), self.port[1].lower(), number))
+                out.append((a[1], self.port[1].lower(), number))
             else:
-                out.append(str(a))
+                out.append(a[1])
         return out
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def selector_specs(namespace: str, peer: Peer) -> dict[int, SetSpec]:
-    cand = PeerMembers(namespace, peer)
-    return {fam: SetSpec(content_name(f"s{fam}-", ADDR, fam, (namespace, peer)), fam, ADDR,
-                         f"{namespace}: {peer.render()}", cand)
+    """The sets of a selector peer (one per family); cached: peers recur in many rules.
+    Callers must not change the dict."""
+    cand = peer_members(namespace, peer)
+    where = f"{cand.namespace}: " if cand.namespace else ""
+    return {fam: SetSpec(content_name(f"s{fam}-", ADDR, fam, (cand.namespace, peer)), fam,
+                         ADDR, f"{where}{peer.render()}", cand)
             for fam in FAMILIES}
 
 
