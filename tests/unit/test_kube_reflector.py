@@ -440,7 +440,7 @@ def test_a_bad_policy_holds_its_namespace_closed_and_blocks_nothing_else(
     assert st.endpoints["ns/db"].endpoint.labels == Labels({QUARANTINE_LABEL: "true"})
     assert f"ns/{QUARANTINE_POLICY}" in st.policies
     assert "ns/db" in st.quarantined and "other/db" not in st.quarantined
-    assert fx.feed.status()["datastore"]["invalid"]["ns/bad"]
+    assert fx.feed.status()["datastore"]["invalid"]["networkpolicy/ns/bad"]
     kernel = fx.enforce()
     assert "10.0.0.1" in kernel.ingress and "10.0.0.1" in kernel.egress  # closed both ways
     # The policy fixed: released, the synthetic deny-all gone, labels back.

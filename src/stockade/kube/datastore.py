@@ -354,18 +354,14 @@ class KubeFeed:
         return {}
 
     def status(self) -> Mapping[str, Any]:
-        with self._lock:
-            invalid = {**{k: v for k, v in self.ns_errors.items() if v},
-                       **self.policy_errors,
-                       **{k: list(p.errors) for k, p in self.pods.items() if p.errors}}
+        with self._lock:  # cheap at any size: nothing here walks every pod
             out = {
                 "kind": "kubernetes", "server": self.client.server, "node": self.node,
                 "synced": self.synced.is_set(),
                 "resources": {r.res.plural: r.status.to_dict() for r in self.reflectors},
                 "counts": {"namespaces": len(self.namespaces), "policies": len(self.policies),
-                           "pods": len(self.pods),
-                           "endpoints": sum(1 for p in self.pods.values() if p.endpoint)},
-                "invalid": {k: list(v) for k, v in sorted(invalid.items())},
+                           "pods": len(self.pods)},
+                "invalid": {k: list(v) for k, v in sorted(self._reported.items())},
                 "waiting": dict(sorted(self.waiting.items())),
             }
         return {"datastore": out}
