@@ -1,5 +1,7 @@
 """Random clusters and policies, programmed into the kernel and probed with real packets.
 
+Run on every kernel datapath (nftables, eBPF): the same examples, the same probes.
+
 Hypothesis draws a cluster (pods with labels, IPs and named ports in a few
 namespaces) and a set of valid policies; the kernel datapath builds it in private
 namespaces, compiles and applies it as a delta from the previous example, and
@@ -27,9 +29,9 @@ UNIVERSE = Universe(ipv4_net="10.77.0.0/26", max_pods=5, max_policies=4).with_fe
     ipv6=False)
 
 
-@pytest.fixture(scope="module")
-def kernel() -> Iterator[KernelDatapath]:
-    dp = KernelDatapath(probe_timeout=0.5)
+@pytest.fixture(scope="module", params=["nft", "ebpf"])
+def kernel(request: pytest.FixtureRequest) -> Iterator[KernelDatapath]:
+    dp = KernelDatapath(probe_timeout=0.5, datapath=request.param)
     try:
         yield dp
     finally:

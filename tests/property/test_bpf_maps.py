@@ -59,6 +59,12 @@ def test_a_delta_turns_one_state_into_the_next(a: Scenario, b: Scenario) -> None
     old = {**bpf.encode_maps(first, 0), "meta": bpf.encode_meta(first)}
     new = {**bpf.encode_maps(second, 0), "meta": bpf.encode_meta(second)}
     assert bpf.apply_delta(old, bpf.map_delta(old, new)) == new
+    # the same batches, computed from the states without encoding everything
+    for slot in (0, 1):
+        full = bpf.map_delta(bpf.encode_maps(first, slot), bpf.encode_maps(second, slot))
+        assert bpf.state_delta(first, second, slot) == full
+    assert bpf.meta_delta(first, second) == bpf.map_delta({"meta": old["meta"]},
+                                                          {"meta": new["meta"]})
     # ids survive: recompiling the same ruleset from the state read back changes nothing
     again = bpf.compile_state(bpf.ruleset_of(second), second)
     assert again == second

@@ -34,6 +34,7 @@ small delta. `encode_maps` gives the byte-level keys and values of one slot
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -138,6 +139,21 @@ def _network(family: int, value: int, length: int
     return ipaddress.IPv6Network((value, length))
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _exact(addr: str) -> Prefix:
+    """An address as its full-length prefix (canonical text)."""
+    a = parse_ip(addr)
+    assert a is not None, addr
+    return (a.version, f"{a}/{ADDR_BITS[a.version]}")
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _prefix(text: str) -> tuple[int, int]:
+    """(network as an integer, length) of a canonical prefix."""
+    n = ipaddress.ip_network(text)
+    return int(n.network_address), n.prefixlen
+
+
 def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
     """The fewest (base, bits) blocks of the 16-bit port space covering lo..hi."""
     out: list[tuple[int, int]] = []
@@ -181,11 +197,7 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     named_of: dict[Prefix, set[Named]] = {}
     nets: dict[int, dict[tuple[int, int], set[str]]] = {4: {}, 6: {}}  # (network int, len)
 
-    def exact(addr: str) -> Prefix:
-        a = parse_ip(addr)
-        assert a is not None, addr
-        return (a.version, f"{a}/{ADDR_BITS[a.version]}")
-
+    exact = _exact
     for s in rs.sets.values():
         for e in s.elements:
             if s.kind == ADDR:
@@ -209,11 +221,11 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     identity_of: dict[Prefix, Identity] = {}
     for p, held in sets_of.items():
         fam, text = p
-        n = ipaddress.ip_network(text)
-        base, bits = int(n.network_address), ADDR_BITS[fam]
+        base, plen = _prefix(text)
+        bits = ADDR_BITS[fam]
         member = set(held)
         for ln in lengths[fam]:
-            if ln > n.prefixlen:
+            if ln > plen:
                 break
             mask = ((1 << bits) - 1) ^ ((1 << (bits - ln)) - 1)
             member |= nets[fam].get((base & mask, ln), set())
@@ -405,17 +417,11 @@ def encode_maps(state: BpfState, slot: int) -> MapContents:
     """The keys and values of `slot`'s copy in ipcache4, ipcache6 and policy."""
     out: MapContents = {m: {} for m in MAPS}
     for (fam, text), info in state.ipcache.items():
-        n = ipaddress.ip_network(text)
-        value = IP_INFO.pack(*info)
-        if fam == 4:
-            out["ipcache4"][IP4_KEY.pack(8 + n.prefixlen, slot, n.network_address.packed)] = value
-        else:
-            out["ipcache6"][IP6_KEY.pack(8 + n.prefixlen, slot, n.network_address.packed)] = value
+        m, k, v = _ip_entry(fam, text, info, slot)
+        out[m][k] = v
     one = POLICY_VALUE.pack(1)
-    for pid, ident, proto, port, plen in state.policy:
-        key = POLICY_KEY.pack(plen, struct.pack(">I", pid | (SLOT_BIT if slot else 0)),
-                              struct.pack(">I", ident), proto, struct.pack(">H", port))
-        out["policy"][key] = one
+    for key in state.policy:
+        out["policy"][_policy_entry(key, slot)] = one
     return out
 
 
@@ -556,6 +562,62 @@ def map_delta(old: Mapping[str, Mapping[bytes, bytes]],
         update[name] = {k: v for k, v in n.items() if o.get(k) != v}
         delete[name] = tuple(sorted(k for k in o if k not in n))
     return MapDelta(update, delete)
+
+
+def _ip_entry(fam: int, text: str, info: IpInfo, slot: int) -> tuple[str, bytes, bytes]:
+    base, plen = _prefix(text)
+    if fam == 4:
+        return "ipcache4", IP4_KEY.pack(8 + plen, slot, base.to_bytes(4, "big")), IP_INFO.pack(
+            *info)
+    return "ipcache6", IP6_KEY.pack(8 + plen, slot, base.to_bytes(16, "big")), IP_INFO.pack(
+        *info)
+
+
+def _policy_entry(key: PolicyKey, slot: int) -> bytes:
+    pid, ident, proto, port, plen = key
+    return POLICY_KEY.pack(plen, (pid | (SLOT_BIT if slot else 0)).to_bytes(4, "big"),
+                           ident.to_bytes(4, "big"), proto, port.to_bytes(2, "big"))
+
+
+def state_delta(old: BpfState, new: BpfState, slot: int) -> MapDelta:
+    """`map_delta(encode_maps(old, slot), encode_maps(new, slot))`, encoding only changes."""
+    update: dict[str, dict[bytes, bytes]] = {m: {} for m in MAPS}
+    delete: dict[str, list[bytes]] = {m: [] for m in MAPS}
+    for p, info in new.ipcache.items():
+        if old.ipcache.get(p) != info:
+            m, k, v = _ip_entry(p[0], p[1], info, slot)
+            update[m][k] = v
+    for p, info in old.ipcache.items():
+        if p not in new.ipcache:
+            m, k, _ = _ip_entry(p[0], p[1], info, slot)
+            delete[m].append(k)
+    one = POLICY_VALUE.pack(1)
+    for key in new.policy - old.policy:
+        update["policy"][_policy_entry(key, slot)] = one
+    delete["policy"] = [_policy_entry(key, slot) for key in old.policy - new.policy]
+    return MapDelta(update, {m: tuple(sorted(v)) for m, v in delete.items()})
+
+
+def _chain_doc(c: Chain | None) -> object:
+    """A chain with its comments (which its equality leaves out, but meta stores)."""
+    return None if c is None else (c, c.comment, tuple(r.comment for r in c.rules))
+
+
+def _set_doc(a: AddressSet | None) -> object:
+    return None if a is None else (a, a.comment)
+
+
+def meta_delta(old: BpfState, new: BpfState) -> MapDelta:
+    """`map_delta` of the two states' meta maps, encoding only the definitions that changed."""
+    def changed(a: BpfState, b: BpfState) -> BpfState:
+        return BpfState(
+            {i: v for i, v in a.identities.items() if b.identities.get(i) != v},
+            {i: v for i, v in a.policies.items() if b.policies.get(i) != v},
+            {n: v for n, v in a.chains.items() if _chain_doc(b.chains.get(n)) != _chain_doc(v)},
+            {n: v for n, v in a.sets.items() if _set_doc(b.sets.get(n)) != _set_doc(v)})
+
+    return map_delta({"meta": encode_meta(changed(old, new))},
+                     {"meta": encode_meta(changed(new, old))})
 
 
 def apply_delta(contents: Mapping[str, Mapping[bytes, bytes]], delta: MapDelta) -> MapContents:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import ipaddress
 import os
@@ -447,9 +448,15 @@ class EbpfDatapath:
                     os.close(fd)
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
-        with self._lock:
-            self._load()
-            return KernelSnapshot(self._generation, self._read_kernel())
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with self._lock:
+                self._load()
+                return KernelSnapshot(self._generation, self._read_kernel())
+        finally:
+            if collecting:
+                gc.enable()
 
     def read(self) -> Ruleset:
         with self._lock:
@@ -462,8 +469,16 @@ class EbpfDatapath:
 
     def apply(self, desired: Ruleset, *, verify: bool | KernelSnapshot = False) -> Plan:
         """Make the maps and links enforce `desired`; see the module for the slot switch."""
-        with self._lock:
-            return self._apply(desired, verify)
+        # Hundreds of thousands of fresh tuples, none in a cycle: the cyclic collector
+        # would only walk them (and everything alive) again and again.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with self._lock:
+                return self._apply(desired, verify)
+        finally:
+            if collecting:
+                gc.enable()
 
     def _apply(self, desired: Ruleset, verify: bool | KernelSnapshot) -> Plan:
         t0 = time.perf_counter()
@@ -479,7 +494,7 @@ class EbpfDatapath:
         if kernel is not None:
             kstate, problem = kernel.state()
             before = bpfc.ruleset_of(kstate)
-            slots, meta, active, kgen = kernel.slots, kernel.meta, kernel.slot, kernel.generation
+            active, kgen = kernel.slot, kernel.generation
             links = kernel.links
             base = self._state if self._state is not None else kstate
             if self._state is not None and self._applied is not None:
@@ -491,18 +506,20 @@ class EbpfDatapath:
         else:
             assert self._state is not None and self._applied is not None
             before = self._applied
-            slots = {s: bpfc.encode_maps(self._state, s) for s in (0, 1)}
-            meta = bpfc.encode_meta(self._state)
             active, kgen, base = self._slot, self._kgen, self._state
             links = self._check_links()
         t1 = time.perf_counter()
         state = bpfc.compile_state(desired, base)
-        new = {s: bpfc.encode_maps(state, s) for s in (0, 1)}
-        new_meta = bpfc.encode_meta(state)
         inactive = 1 - active
-        d_in = bpfc.map_delta(slots[inactive], new[inactive])
-        d_act = bpfc.map_delta(slots[active], new[active])
-        d_meta = bpfc.map_delta({"meta": meta}, {"meta": new_meta})
+        if kernel is not None:  # against the bytes the kernel holds
+            new = {s: bpfc.encode_maps(state, s) for s in (0, 1)}
+            d_in = bpfc.map_delta(kernel.slots[inactive], new[inactive])
+            d_act = bpfc.map_delta(kernel.slots[active], new[active])
+            d_meta = bpfc.map_delta({"meta": kernel.meta}, {"meta": bpfc.encode_meta(state)})
+        else:  # against the last apply: only what changed is encoded
+            d_in = bpfc.state_delta(base, state, inactive)
+            d_act = bpfc.state_delta(base, state, active)
+            d_meta = bpfc.meta_delta(base, state)
         t2 = time.perf_counter()
         written = False
         try:
