@@ -1237,6 +1237,69 @@ def test_garbage_collection_cascades(kube_api: KubeAPI, client: httpx.Client) ->
     assert ("DELETED", "grandchild") in names(events) and ("MODIFIED", "co-owned") in names(events)
 
 
+def test_garbage_collection_can_lag_like_the_real_one() -> None:
+    with KubeAPI(gc_delay=0.3) as api:
+        owner = api.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "o"}})
+        child = api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "c", "ownerReferences": [owner_ref(owner)]},
+            }
+        )
+        api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "g", "ownerReferences": [owner_ref(child)]},
+            }
+        )
+        start = time.monotonic()
+        api.delete("configmaps", "o")
+        assert api.exists("configmaps", "c")  # the DELETE returned before the collector ran
+        while api.exists("configmaps", "g") and time.monotonic() - start < 10:
+            time.sleep(0.02)
+        assert not api.exists("configmaps", "c") and not api.exists("configmaps", "g")
+        assert time.monotonic() - start >= 0.6  # two generations, 0.3 s each
+        owner = api.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "o"}})
+        api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "c", "ownerReferences": [owner_ref(owner)]},
+            }
+        )
+        api.delete("configmaps", "o")
+        api.collect_garbage()
+        assert not api.exists("configmaps", "c")
+
+
+def test_watch_ends_when_its_crd_goes(kube_api: KubeAPI, client: httpx.Client) -> None:
+    kube_api.create(CRD)
+    kube_api.create(
+        {
+            "apiVersion": "stockade.io/v1alpha1",
+            "kind": "MicroService",
+            "metadata": {"name": "web"},
+            "spec": {},
+        }
+    )
+    w = Watcher(
+        client,
+        "/apis/stockade.io/v1alpha1/microservices",
+        resourceVersion=str(kube_api.resource_version),
+    )
+    kube_api.wait_for_watches(1)
+    kube_api.delete("crd", "microservices.stockade.io")
+    ev = w.next()
+    assert isinstance(ev, dict) and (ev["type"], ev["object"]["metadata"]["name"]) == (
+        "DELETED",
+        "web",
+    )
+    assert w.next() is None
+    w.join()
+
+
 def test_orphan_propagation(kube_api: KubeAPI, client: httpx.Client) -> None:
     owner = kube_api.create(
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}}

@@ -73,8 +73,12 @@ Faithful:
   dependents (recursively) whose owners are all gone, and removes the
   reference from those with another live owner; ``propagationPolicy=Orphan``
   (or ``orphanDependents``) removes the references and keeps the dependents;
-  ``Foreground`` deletes dependents before the owner. Deleting a namespace marks
-  it Terminating, deletes what it holds, then the namespace.
+  ``Foreground`` deletes dependents before the owner. By default the collector
+  runs within the owner's DELETE (deterministic); ``KubeAPI(gc_delay=s)`` runs
+  it ``s`` seconds later, per generation of dependents, like the real,
+  asynchronous one (``collect_garbage()`` runs it at once). Deleting a namespace
+  marks it Terminating, deletes what it holds, then the namespace. Deleting a
+  CRD deletes its objects (DELETED events) and ends the watches on it.
 
 Not implemented (on purpose): authentication and authorization (any token is
 accepted and ignored), admission, defaulting beyond a namespace's phase and a
@@ -86,8 +90,7 @@ kubelet), the scale subresource, protobuf responses (requests: only the bodies
 kubectl's generators send for a few kinds are decoded, see :mod:`.protobuf`;
 others get 415), HTTP/2, aggregated discovery, OpenAPI schemas, the watch-list
 feature beyond ``sendInitialEvents``, ``resourceVersionMatch=NotOlderThan``
-waits, the garbage collector's asynchrony (dependents go within the owner's
-DELETE request, right after the owner's DELETED event), and the real schemas:
+waits, and the real schemas:
 server-side apply and strategic merge patch know associative lists only from
 the small table in :mod:`.patch`.
 

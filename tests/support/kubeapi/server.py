@@ -569,6 +569,9 @@ class _Handler(BaseHTTPRequestHandler):
                                 out.append(converted)
                         if out:
                             break
+                    if store.registry.lookup(t.group, t.version, t.plural) is None:
+                        end = "end"  # its CRD was deleted: the real server ends the watch too
+                        break
                     if bookmarks and now >= next_bookmark:
                         next_bookmark = now + interval
                         out.append(("BOOKMARK", _bookmark(t, cursor)))
@@ -613,11 +616,13 @@ class KubeAPI:
         watch_gone: str = "event",
         watch_timeout: float = 1800.0,
         history_limit: int | None = None,
+        gc_delay: float = 0.0,
         verbose: bool = False,
     ) -> None:
         if watch_gone not in ("event", "http"):
             raise ValueError("watch_gone is 'event' (the real server's way) or 'http'")
         self.store = Store(history_limit=history_limit)
+        self.store.gc_delay = gc_delay
         self.bookmark_interval = bookmark_interval
         self.watch_gone = watch_gone
         self.watch_timeout = watch_timeout
@@ -630,6 +635,7 @@ class KubeAPI:
         self._json_cache: dict[tuple[Any, ...], tuple[tuple[str, str], bytes]] = {}
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._gc_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -644,7 +650,22 @@ class KubeAPI:
             daemon=True,
         )
         self._thread.start()
+        if self.store.gc_delay > 0:
+            self._gc_thread = threading.Thread(
+                target=self._gc_loop, name="kubeapi-double-gc", daemon=True
+            )
+            self._gc_thread.start()
         return self
+
+    def _gc_loop(self) -> None:
+        store = self.store
+        while True:
+            due = store.collect_garbage(time.monotonic())
+            with store.lock:
+                if store.faults.stopping:
+                    return
+                wait = 0.5 if due is None else max(0.0, due - time.monotonic())
+                store.cond.wait(min(wait, 0.5))
 
     def stop(self) -> None:
         """Stop serving, end every watch and join every thread."""
@@ -656,6 +677,9 @@ class KubeAPI:
             self.store.cond.notify_all()
         httpd.shutdown()
         thread.join()
+        if self._gc_thread is not None:
+            self._gc_thread.join()
+            self._gc_thread = None
         httpd.wake_all()
         httpd.server_close()  # joins the handler threads (block_on_close)
         self._httpd = self._thread = None
@@ -706,6 +730,10 @@ class KubeAPI:
     def compact(self) -> int:
         """Forget the event history: watches and continue tokens from before now get 410 Gone."""
         return self.store.compact()
+
+    def collect_garbage(self) -> None:
+        """Run the garbage collector now for every owner deleted so far (with ``gc_delay``)."""
+        self.store.collect_garbage(None)
 
     def drop_watches(self) -> None:
         """Abort every open watch connection mid-stream (no final chunk)."""

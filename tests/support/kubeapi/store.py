@@ -24,6 +24,7 @@ import re
 import secrets
 import string
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -149,6 +150,9 @@ class Store:
         self.history_limit = history_limit
         self.faults = Faults()
         self._owners: dict[str, set[tuple[Storage, Key]]] = defaultdict(set)
+        # > 0: the garbage collector runs that long after an owner goes (KubeAPI's thread)
+        self.gc_delay = 0.0
+        self.gc_pending: list[tuple[float, str]] = []  # (time.monotonic() due, owner uid)
         ns_type = self.registry.lookup("", "v1", "namespaces")
         assert ns_type is not None
         for ns in DEFAULT_NAMESPACES:
@@ -1030,7 +1034,8 @@ class Store:
                     self._delete_now(rt, key, "Background")
 
     def _delete_now(self, t: ResourceType, key: Key, propagation: str) -> Obj:
-        """Remove an object, then collect its dependents (the garbage collector, run at once)."""
+        """Remove an object, then collect its dependents (the garbage collector: at once, or
+        ``gc_delay`` seconds later for the Background policy)."""
         current = self.objects[t.storage].get(key)
         if current is None:
             return {}
@@ -1045,8 +1050,24 @@ class Store:
         if propagation == "Orphan":
             self._orphan(uid, dependents)
         elif propagation == "Background":
-            self._collect(uid, dependents, "Background")
+            if self.gc_delay > 0:
+                self.gc_pending.append((time.monotonic() + self.gc_delay, uid))
+                self.cond.notify_all()
+            else:
+                self._collect(uid, dependents, "Background")
         return out
+
+    def collect_garbage(self, now: float | None = None) -> float | None:
+        """Collect the dependents of owners deleted before ``now`` (all, if None); the
+        time the next collection is due, if any (under the lock or not)."""
+        with self.lock:
+            due = [p for p in self.gc_pending if now is None or p[0] <= now]
+            self.gc_pending = [p for p in self.gc_pending if p not in due]
+            for _, uid in due:
+                self._collect(uid, sorted(self._owners.get(uid, set())), "Background")
+            if now is None and self.gc_pending:  # collecting made more owners go
+                return self.collect_garbage(None)
+            return min((p[0] for p in self.gc_pending), default=None)
 
     def _rt_for_storage(self, storage: Storage) -> ResourceType | None:
         return next((x for x in self.registry.types.values() if x.storage == storage), None)
