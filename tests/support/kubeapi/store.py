@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -492,19 +492,18 @@ class Store:
             else:
                 rv = self.rv
                 state = self.objects[t.storage]
-            keys = list(state)
+            pairs = list(state.items())  # the live dict changes once the lock is released
         ns = namespace if t.namespaced else ""
         if ns:
-            keys = [k for k in keys if k[0] == ns]
-        named = sorted((_sort_key(k), k) for k in keys)
+            pairs = [p for p in pairs if p[0][0] == ns]
+        named = sorted(((_sort_key(k), obj) for k, obj in pairs), key=lambda x: x[0])
         if start:
             named = named[bisect.bisect_right(named, start, key=lambda x: x[0]) :]
         items: builtins.list[Obj] = []
         token, remaining = "", None
         filtering = label is not None or field is not None
         last = ""
-        for i, (sk, k) in enumerate(named):
-            obj = state[k]
+        for i, (sk, obj) in enumerate(named):
             if (label is None or label(obj)) and (field is None or field(obj)):
                 if limit and len(items) == limit:
                     token = _encode_continue(rv, last)
@@ -1209,5 +1208,3 @@ def iter_initial(store: Store, flt: WatchFilter) -> Iterator[Obj]:
         if flt.match(obj):
             yield obj
 
-
-Clock = Callable[[], float]
