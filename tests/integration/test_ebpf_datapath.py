@@ -203,6 +203,7 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
     for pin in links:
         os.unlink(datapath.dir / pin)
     datapath.apply(rs, verify=True)
+    assert len([d for d in datapath.last_drift_details if "no link" in d]) == 6
     assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
     assert len([p for p in os.listdir(datapath.dir) if p.startswith("link-")]) == 6
 
@@ -306,3 +307,29 @@ def test_public_corpus_passes_on_real_packets(capsys: pytest.CaptureFixture[str]
     pins_after = set(os.listdir("/sys/fs/bpf/stockade")) if Path(
         "/sys/fs/bpf/stockade").exists() else set()
     assert pins_after - pins_before == set()
+
+
+def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:
+    """Where tcx is missing (Linux < 6.6) the program goes on clsact through `tc`."""
+    dp = EbpfDatapath("fallback", netns=trio.host_netns, attach="clsact")
+    try:
+        dp.check()
+        rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+        dp.apply(rs)
+        assert not [p for p in os.listdir(dp.dir) if p.startswith("link-")]
+        assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == A_ONLY_FROM_B
+        # a deleted filter is found by a verifying apply and put back
+        out = subprocess.run(["ip", "netns", "exec", trio.host_netns, "tc", "filter", "del",
+                              "dev", trio.a.host_ifname, "egress", "pref", str(dp._pref)],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        dp.apply(rs, verify=True)
+        assert dp.last_drift is not None
+        assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == A_ONLY_FROM_B
+        # a new process finds the mode among the pins and adopts
+        again = EbpfDatapath("fallback", netns=trio.host_netns)
+        assert again.apply(rs, verify=True).empty and again.last_drift is None
+    finally:
+        EbpfDatapath("fallback", netns=trio.host_netns).remove()
+    assert not dp.dir.exists()
+    assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == set()

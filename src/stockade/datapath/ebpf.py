@@ -47,6 +47,7 @@ import gc
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -206,7 +207,7 @@ class EbpfDatapath:
 
     def __init__(self, name: str = "stockade", netns: str | None = None, *,
                  log_group: int | None = None, bridge: str | None = None,
-                 pin_root: Path = PIN_ROOT) -> None:
+                 pin_root: Path = PIN_ROOT, attach: str = "auto") -> None:
         self.pin_name = name
         self.netns = netns
         self.bridge = bridge
@@ -220,7 +221,10 @@ class EbpfDatapath:
         self._maps: dict[str, int] = {}
         self._progs: dict[str, int] = {}  # hook -> fd
         self._prog_ids: dict[str, int] = {}
-        self._mode = "tcx"
+        self._attach_mode = attach  # "auto" (tcx where the kernel has it), "tcx", "clsact"
+        self._mode = ""  # resolved when loading
+        self._attached: set[str] = set()  # clsact: filters known in place since the last check
+        self._pref = 0xC000 + int(hashlib.sha256(name.encode()).hexdigest()[:3], 16)
         # What the last apply left: the ruleset, its map state, both slots' bytes.
         self._applied: Ruleset | None = None
         self._state: bpfc.BpfState | None = None
@@ -274,9 +278,47 @@ class EbpfDatapath:
             for fd in progs.values():
                 os.close(fd)
         self._maps = maps
+        self._mode = self._resolve_mode()
         cfg = self._config()
         if cfg[1] != self.log_rate:
             self._write_config(cfg[0], cfg[2])
+
+    def _resolve_mode(self) -> str:
+        """tcx links where the kernel has them (Linux >= 6.6), else clsact through `tc`.
+
+        A datapath that attached with clsact leaves a `mode-clsact` directory among its
+        pins, so a later process (and `remove`) knows where its filters are.
+        """
+        marker = self.dir / "mode-clsact"
+        mode = self._attach_mode
+        if mode == "auto":
+            mode = "clsact" if marker.exists() else "tcx" if self._tcx_works() else "clsact"
+        if mode == "clsact":
+            marker.mkdir(exist_ok=True)
+        return mode
+
+    def _tcx_works(self) -> bool:
+        with entered(self.netns):
+            try:
+                fd = libbpf.link_create(self._progs["in"], 1, ATTACH["in"])
+            except libbpf.BpfError as exc:
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
+                    return False
+                raise
+        try:
+            libbpf.link_detach(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _tc(self, *args: str, check: bool = True) -> str:
+        """`tc ARGS` in the datapath's namespace (the child inherits the thread's)."""
+        with entered(self.netns):
+            run = subprocess.run(["tc", *args], capture_output=True, text=True, check=False)
+        if check and run.returncode != 0:
+            raise DataplaneError("tc refused", command="tc " + " ".join(args),
+                                 stderr=run.stderr)
+        return run.stdout
 
     def _relink(self, hook: str, prog_fd: int) -> None:
         """A new build of the program: every link of this hook switches to it atomically."""
@@ -350,11 +392,31 @@ class EbpfDatapath:
                    and (self.bridge is None or lk.name == self.bridge)}
         return {lk.index: lk.name for lk in links if lk.master in bridges and lk.kind == "veth"}
 
-    def _check_links(self, ports: dict[int, str] | None = None) -> dict[str, str]:
-        """Every link pin and what is wrong with it ("" if nothing); wanted ones missing too."""
+    def _check_links(self, ports: dict[int, str] | None = None, *, full: bool = True
+                     ) -> dict[str, str]:
+        """Every link pin and what is wrong with it ("" if nothing); wanted ones missing too.
+
+        With clsact, each check is a `tc` process per port and hook, so only a full
+        check (`full`: reading the kernel back) asks tc; otherwise filters attached
+        since the last full check are taken as there.
+        """
         if ports is None:
             ports = self._ports()
         out: dict[str, str] = {}
+        if self._mode == "clsact":
+            for port_index, ifname in ports.items():
+                for hook in ATTACH:
+                    key = f"link-{port_index}-{hook}"
+                    if not full:
+                        out[key] = "" if key in self._attached else "missing"
+                        continue
+                    shown = self._tc("filter", "show", "dev", ifname,
+                                     "ingress" if hook == "in" else "egress",
+                                     "pref", str(self._pref), check=False)
+                    ids = [int(x) for x in re.findall(r"\bid (\d+)", shown)]
+                    out[key] = ("missing" if not ids else "" if ids == [self._prog_ids[hook]]
+                                else f"runs program {ids[0]}, not stockade's")
+            return out
         for pin in self._link_pins():
             _, index, hook = pin.split("-")
             try:
@@ -379,7 +441,14 @@ class EbpfDatapath:
                 out.setdefault(f"link-{port}-{direction}", "missing")
         return out
 
-    def _attach(self, index: int, hook: str) -> None:
+    def _attach(self, index: int, hook: str, ifname: str) -> None:
+        if self._mode == "clsact":
+            self._tc("qdisc", "add", "dev", ifname, "clsact", check=False)  # EEXIST is fine
+            self._tc("filter", "replace", "dev", ifname, "ingress" if hook == "in" else "egress",
+                     "pref", str(self._pref), "handle", "1", "bpf", "direct-action",
+                     "object-pinned", self._pin(f"prog_{PROGRAMS[hook].removeprefix('stockade_')}"))
+            self._attached.add(f"link-{index}-{hook}")
+            return
         pin = self._pin(f"link-{index}-{hook}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pin)
@@ -398,8 +467,16 @@ class EbpfDatapath:
             libbpf.obj_pin(fd, pin)
         finally:
             os.close(fd)
+        self._attached.add(f"link-{index}-{hook}")
 
-    def _unlink(self, pin: str, *, detach: bool) -> None:
+    def _unlink(self, pin: str, *, detach: bool, ifname: str = "") -> None:
+        if self._mode == "clsact":
+            self._attached.discard(pin)
+            if ifname:
+                self._tc("filter", "del", "dev", ifname,
+                         "ingress" if pin.endswith("-in") else "egress",
+                         "pref", str(self._pref), check=False)
+            return
         path = self._pin(pin)
         if detach:
             with contextlib.suppress(libbpf.BpfError):
@@ -415,37 +492,35 @@ class EbpfDatapath:
         """Attach what is missing, repair what is broken; the repairs, in words."""
         ports = self._ports()
         repaired = []
+        before, self._attached = self._attached, {p for p, problem in links.items()
+                                                  if not problem}
         for pin, problem in sorted(links.items()):
             if not problem:
                 continue
             _, index, hook = pin.split("-")
+            ifname = ports.get(int(index), "")
             if problem == "gone":
                 self._unlink(pin, detach=True)
                 continue
             if problem != "missing":
-                self._unlink(pin, detach=True)
-                repaired.append(f"{ports.get(int(index), index)} {hook}: {problem}")
-            elif int(index) not in ports:
+                self._unlink(pin, detach=True, ifname=ifname)
+                repaired.append(f"{ifname or index} {hook}: {problem}")
+            elif not ifname:
                 continue
-            self._attach(int(index), hook)
+            elif pin in before:  # attached by the last apply, gone since
+                repaired.append(f"{ifname} {hook}: detached (no link or filter left)")
+            self._attach(int(index), hook, ifname)
         return repaired
 
     # ---- the Datapath protocol --------------------------------------------------------------
 
     def check(self) -> None:
-        """Fail clearly unless bpffs, clang, the verifier and tcx links work here."""
+        """Fail clearly unless bpffs, clang, the verifier and tcx links (or tc) work here."""
         with self._lock:
             self._load()
-            with entered(self.netns):
-                try:
-                    fd = libbpf.link_create(self._progs["in"], 1, ATTACH["in"])
-                except libbpf.BpfError as exc:
-                    raise DataplaneError("this kernel cannot attach tcx programs "
-                                         "(Linux >= 6.6 is needed)", stderr=str(exc)) from None
-                try:
-                    libbpf.link_detach(fd)
-                finally:
-                    os.close(fd)
+            if self._mode == "clsact" and shutil.which("tc") is None:
+                raise DataplaneError("this kernel has no tcx links and `tc` (iproute2) is "
+                                     "missing for the clsact fallback")
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
         collecting = gc.isenabled()
@@ -507,7 +582,7 @@ class EbpfDatapath:
             assert self._state is not None and self._applied is not None
             before = self._applied
             active, kgen, base = self._slot, self._kgen, self._state
-            links = self._check_links()
+            links = self._check_links(full=False)
         t1 = time.perf_counter()
         state = bpfc.compile_state(desired, base)
         inactive = 1 - active
@@ -565,9 +640,7 @@ class EbpfDatapath:
         want_meta = bpfc.encode_meta(self._state)
         if want_meta != kernel.meta:
             out.append("meta map differs")
-        out += [f"{pin}: {p}" for pin, p in sorted(kernel.links.items())
-                if p and p not in ("missing", "gone")]
-        return out
+        return out  # links: reported as they are repaired
 
     def flush_connections(self) -> int:
         """Forget every tracked connection (the next packet of each is judged as new)."""
@@ -615,11 +688,20 @@ class EbpfDatapath:
         with self._lock:
             for pin in self._link_pins():
                 self._unlink(pin, detach=True)
+            if (self.dir / "mode-clsact").exists():
+                self._mode = "clsact"
+                with contextlib.suppress(DataplaneError, OSError):
+                    for index, ifname in self._ports().items():
+                        for hook in ATTACH:
+                            self._unlink(f"link-{index}-{hook}", detach=True, ifname=ifname)
             self.close()
             if self.dir.exists():
                 for entry in os.listdir(self.dir):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.dir / entry)
+                        if (self.dir / entry).is_dir():
+                            (self.dir / entry).rmdir()
+                        else:
+                            os.unlink(self.dir / entry)
                 with contextlib.suppress(OSError):
                     self.dir.rmdir()
                     self.dir.parent.rmdir()
