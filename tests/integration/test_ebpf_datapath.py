@@ -117,6 +117,21 @@ def test_loads_attaches_and_enforces_v4_and_v6(trio, datapath, servers) -> None:
     assert datapath.stats()["denied"] > 0
 
 
+def test_an_apply_switches_slots_and_leaves_both_equal(trio, datapath) -> None:
+    """The atomic switch: the new policy is written to the other slot, then flipped to."""
+    kernel = datapath.snapshot().table
+    slot = kernel.slot
+    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"))))
+    kernel = datapath.snapshot().table
+    assert kernel.slot == 1 - slot and kernel.generation >= 1
+    state0 = bpfc.decode(kernel.slots[0], kernel.meta, 0)
+    state1 = bpfc.decode(kernel.slots[1], kernel.meta, 1)
+    assert state0 == state1 and state0.policy
+    gen = kernel.generation
+    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"))))  # no change
+    assert datapath.snapshot().table.generation == gen  # no switch, no re-judging
+
+
 def test_a_new_object_adopts_the_pins_with_an_empty_delta(trio, datapath, servers) -> None:
     rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
     datapath.apply(rs)
@@ -284,10 +299,12 @@ def test_remove_detaches_and_unpins_everything(trio, datapath, servers) -> None:
     assert not Path("/sys/fs/bpf/stockade", f"netns-{trio.host_netns}").exists()
 
 
-def test_open_datapath_names_it() -> None:
+def test_open_datapath_names_it_and_reading_nothing_creates_nothing() -> None:
     dp = open_datapath("ebpf", "other", netns="nowhere")
     assert isinstance(dp, EbpfDatapath)
     assert dp.dir.name == "other" and dp.dir.parent.name == "netns-nowhere"
+    assert dp.read() == bpfc.ruleset_of(bpfc.BpfState()) and dp.show() == ""
+    assert not dp.dir.exists()
 
 
 def test_public_corpus_passes_on_real_packets(capsys: pytest.CaptureFixture[str]) -> None:

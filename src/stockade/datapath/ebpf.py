@@ -247,6 +247,10 @@ class EbpfDatapath:
     def _pin(self, what: str) -> str:
         return str(self.dir / what)
 
+    def _exists(self) -> bool:
+        """Whether there is something to read: loaded here, or pinned by an earlier process."""
+        return bool(self._maps) or (self.dir / "config").exists()
+
     def _load(self) -> None:
         """Maps (created or reused from their pins) and programs, pinned."""
         if self._maps:
@@ -527,6 +531,8 @@ class EbpfDatapath:
         gc.disable()
         try:
             with self._lock:
+                if not self._exists():
+                    return KernelSnapshot(self._generation, None)
                 self._load()
                 return KernelSnapshot(self._generation, self._read_kernel())
         finally:
@@ -535,6 +541,8 @@ class EbpfDatapath:
 
     def read(self) -> Ruleset:
         with self._lock:
+            if not self._exists():
+                return Ruleset()
             self._load()
             state, _ = self._read_kernel().state()
             return bpfc.ruleset_of(state)
@@ -645,6 +653,8 @@ class EbpfDatapath:
     def flush_connections(self) -> int:
         """Forget every tracked connection (the next packet of each is judged as new)."""
         with self._lock:
+            if not self._exists():
+                return 0
             self._load()
             keys = list(libbpf.keys(self._maps["ct"], LAYOUT["ct"][0]))
             libbpf.delete_batch(self._maps["ct"], keys, LAYOUT["ct"][0])
@@ -663,6 +673,8 @@ class EbpfDatapath:
 
     def show(self) -> str:
         with self._lock:
+            if not self._exists():
+                return ""
             self._load()
             kernel = self._read_kernel()
             state, problem = kernel.state()
