@@ -12,6 +12,7 @@ interpreter allows.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import shlex
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from tests.support import shared
 from stockade.cli.conformance import load_cases
 from stockade.compile import interpret
 from stockade.compile.iptables import (
+    BUCKETS,
     CHAIN_MAX,
     FORWARD,
     SET_MAX,
@@ -29,11 +31,13 @@ from stockade.compile.iptables import (
     Layout,
     Names,
     Step,
+    bucket_of,
     net_entries,
     parse_kernel,
     read_net,
     render_plan,
     render_remove,
+    skeleton_chains,
 )
 from stockade.compile.ir import ADDR, NET, AddressSet, Chain, ChainRule, Ruleset
 from stockade.compile.lower import compile_cluster
@@ -51,6 +55,14 @@ CORPUS = shared("conformance")
 
 class Refused(Exception):
     pass
+
+
+_TARGETS = frozenset({"RETURN", "DROP", "ACCEPT", "NFLOG"})
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _words(line: str) -> list[str]:
+    return shlex.split(line)
 
 
 @dataclass
@@ -113,6 +125,14 @@ class FakeKernel:
                 continue
             op, chain, *rest = line.split(" ", 2)
             body = rest[0] if rest else ""
+            if op in ("-A", "-I"):  # what a rule names must exist already
+                words = _words(line)
+                for i, word in enumerate(words):
+                    if word in ("-j", "-g") and words[i + 1] not in _TARGETS and \
+                            words[i + 1] not in table:
+                        raise Refused(f"no chain {words[i + 1]}")
+                    if word == "--match-set" and words[i + 1] not in self.sets:
+                        raise Refused(f"no set {words[i + 1]}")
             if op == "-A":
                 table[chain].append(body)
             elif op == "-I":
@@ -131,15 +151,6 @@ class FakeKernel:
                 del table[chain]
             else:
                 raise AssertionError(line)
-        for rules in table.values():
-            for b in rules:
-                words = shlex.split(b)
-                for i, word in enumerate(words):
-                    if word in ("-j", "-g") and words[i + 1].isupper() is False and \
-                            words[i + 1] not in ("NFLOG",) and words[i + 1] not in table:
-                        raise Refused(f"no chain {words[i + 1]}")
-                    if word == "--match-set" and words[i + 1] not in self.sets:
-                        raise Refused(f"no set {words[i + 1]}")
         self.chains[fam] = table
 
     # ---- what the tools print ----
@@ -220,7 +231,7 @@ class FakeKernel:
 
     def _walk(self, fam: int, chain: str, src: str, dst: str, proto: str, port: int) -> str:
         for body in self.chains[fam][chain]:
-            words = shlex.split(body)
+            words = _words(body)
             if not self._matches(words, src, dst, proto, port):
                 continue
             kind, target = words[-2], words[-1]
@@ -452,7 +463,8 @@ def _policy_chain(k: FakeKernel) -> str:
 
 @pytest.mark.parametrize("what", ["flush", "foreign rule", "member", "jump", "jump moved",
                                   "dispatch", "set redefined", "foreign chain",
-                                  "foreign set", "two dispatch sets", "base chain"])
+                                  "foreign set", "two dispatch sets", "base chain",
+                                  "bucket member", "bucket chain"])
 def test_drift_is_found_and_repaired(what: str) -> None:
     def tamper(k: FakeKernel) -> None:
         chain = _policy_chain(k)
@@ -484,6 +496,14 @@ def test_drift_is_found_and_repaired(what: str) -> None:
             k.sets[other].elements["10.0.0.1"] = False
         elif what == "base chain":
             k.chains[4]["stockade-forward"].pop(0)
+        elif what == "bucket member":
+            name = next(n for n, s in k.sets.items() if n.startswith("stockade-ib4-")
+                        and s.elements)
+            k.sets[name].elements.popitem()
+        elif what == "bucket chain":
+            name = next(c for c, r in k.chains[6].items() if c.startswith("stockade-ib-")
+                        and len(r) > 1)
+            k.chains[6][name] = k.chains[6][name][-1:]
 
     state, k, layout, rs = _drifted(tamper)
     if what == "member":  # a plain difference of elements: the plan puts it back
@@ -505,9 +525,11 @@ def test_a_chain_known_to_nobody_is_deleted() -> None:
     new = compile_cluster(Cluster((_ns("x"),), BASE, ()))
     state = k.read(layout, {})
     _apply(k, layout, state.ruleset, new, state)
-    assert [c for c in k.chains[4] if c.startswith("stockade-")] == [
-        "stockade-forward", "stockade-egress", "stockade-ingress"]
-    assert not [n for n in k.sets if n.startswith("stockade-")]
+    assert {c for c in k.chains[4] if c.startswith("stockade-")} == set(
+        skeleton_chains(layout.names))
+    assert all(not s.elements for s in k.sets.values())
+    assert not [n for n in k.sets if n.startswith("stockade-") and "b4-" not in n
+                and "b6-" not in n]
 
 
 def test_a_refused_iptables_restore_changes_nothing_of_that_table() -> None:
@@ -554,10 +576,13 @@ def test_the_rendered_rules_allow_what_the_ir_allows_on_the_corpus() -> None:
     assert checked > 10_000
 
 
-def test_moving_an_endpoint_never_leaves_it_unenforced_between_steps() -> None:
+@pytest.mark.parametrize("same_bucket", [True, False])
+def test_moving_an_endpoint_never_leaves_it_unenforced_between_steps(same_bucket: bool) -> None:
     layout = Layout.of("stockade")
-    a = Chain("i-aaaaaaaaaaaa", "ingress", (ChainRule(protocol="TCP", ports=((80, 80),)),))
-    b = Chain("i-bbbbbbbbbbbb", "ingress", ())
+    a = Chain("i-aaaaaaaaaaaa", "ingress", (ChainRule(protocol="tcp", ports=((80, 80),)),))
+    b = next(c for i in range(100) if (c := Chain(f"i-{i:012d}", "ingress", (
+        ChainRule(protocol="tcp", ports=((81, 81),)),))) and (
+            bucket_of(c.name) == bucket_of(a.name)) == same_bucket)
     chains = {a.name: a, b.name: b}
     old = Ruleset({}, chains, {"10.0.0.3": a.name, "10.0.0.4": b.name}, {})
     new = Ruleset({}, chains, {"10.0.0.3": b.name, "10.0.0.4": b.name}, {})
@@ -565,12 +590,28 @@ def test_moving_an_endpoint_never_leaves_it_unenforced_between_steps() -> None:
     _first(k, layout, old)
     steps = render_plan(layout, plan(old, new), old)
     assert [s.tool for s in steps] == ["ipset"]
-    for line in steps[0].lines:
-        k._ipset([line])
-        # at every step of the session 10.0.0.3 is in a dispatch set, never in none
-        assert any("10.0.0.3" in s.elements for n, s in k.sets.items()
-                   if n.startswith("stockade-i4-"))
+    for line in ["", *steps[0].lines]:
+        if line:
+            k._ipset([line])
+        # at every line of the session 10.0.0.3 is under its old chain or its new one:
+        # exactly one of the two ports passes (neither: dropped; both: unenforced)
+        seen = [k.verdict("10.9.9.9", "10.0.0.3", "tcp", port) for port in (80, 81)]
+        assert seen in ([True, False], [False, True]), line
     assert k.read(layout, chains).ruleset == new
+
+
+def test_dispatch_does_not_grow_with_endpoints_or_linearly_with_chains() -> None:
+    layout = Layout.of("stockade")
+    chains = {f"i-{i:012x}": Chain(f"i-{i:012x}", "ingress", ()) for i in range(800)}
+    ingress = {f"10.{i // 250}.{i % 250}.1": f"i-{i % 800:012x}" for i in range(5000)}
+    rs = Ruleset({}, chains, ingress, {})
+    k = FakeKernel()
+    _first(k, layout, rs)
+    assert len(k.chains[4]["stockade-ingress"]) == BUCKETS
+    biggest = max(len(r) for c, r in k.chains[4].items() if c.startswith("stockade-ib-"))
+    assert biggest < 3 * 800 / BUCKETS
+    assert not k.verdict("10.9.9.9", "10.3.7.1", "tcp", 80)
+    assert k.verdict("10.9.9.9", "10.99.7.1", "tcp", 80)
 
 
 def test_interval_set_rewrites_go_through_a_swap() -> None:
