@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, IPBlock, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
-from stockade.net.namespace import list_netns
+from stockade.net.namespace import entered, list_netns
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
 from stockade.probe.protocol import Port, Protocol
@@ -210,6 +212,7 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
         finally:
             os.close(fd)
     assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
+    assert not datapath.skeleton_intact()
     assert datapath.apply(rs).empty
     assert datapath.last_drift is not None  # every apply checks the links
     assert len([d for d in datapath.last_drift_details if "detached" in d]) == 6
@@ -219,6 +222,7 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
         os.unlink(datapath.dir / pin)
     datapath.apply(rs, verify=True)
     assert len([d for d in datapath.last_drift_details if "no link" in d]) == 6
+    assert datapath.skeleton_intact()
     assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
     assert len([p for p in os.listdir(datapath.dir) if p.startswith("link-")]) == 6
 
@@ -350,3 +354,42 @@ def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:
         EbpfDatapath("fallback", netns=trio.host_netns).remove()
     assert not dp.dir.exists()
     assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == set()
+
+
+def _ping(netns: str, dst: str, ident: int) -> bool:
+    """One ICMP echo over a raw socket in `netns`; whether its reply came back."""
+    with entered(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        sock.settimeout(0.5)
+        body = struct.pack(">BBHHH", 8, 0, 0, ident, 1) + b"stockade"
+        total = sum(struct.unpack(f">{len(body) // 2}H", body))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        body = body[:2] + struct.pack(">H", ~total & 0xFFFF) + body[4:]
+        sock.sendto(body, (dst, 0))
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            try:
+                data, (src, _) = sock.recvfrom(1500)
+            except OSError:
+                return False
+            icmp = data[(data[0] & 0xF) * 4:]
+            if src == dst and icmp[0] == 0 and struct.unpack(">H", icmp[4:6])[0] == ident:
+                return True
+        return False
+    finally:
+        sock.close()
+
+
+def test_icmp_is_judged_like_nftables(trio, datapath) -> None:
+    """Echo requests are new flows (a rule without protocol matches them, a TCP rule
+    does not); replies pass through conntrack."""
+    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"))))
+    assert not _ping(trio.c.netns, trio.a.address4, 7)  # a admits only TCP/80 from b
+    assert _ping(trio.a.netns, trio.c.address4, 8)  # c is not isolated; the reply passes
+    anything = NetworkPolicy("x", "from-c", Selector(Labels({"pod": "a"})),
+                             ingress=(PRule((), (Peer(pod_selector=Selector(
+                                 Labels({"pod": "c"}))),)),), policy_types=(INGRESS,))
+    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"), anything)))
+    assert _ping(trio.c.netns, trio.a.address4, 9)

@@ -650,6 +650,15 @@ class EbpfDatapath:
             out.append("meta map differs")
         return out  # links: reported as they are repaired
 
+    def skeleton_intact(self) -> bool:
+        """Whether the pins are there and every bridge port runs both programs (cheap
+        enough to poll every second or so: no map is read)."""
+        with self._lock:
+            if not self._exists():
+                return False
+            self._load()
+            return all(not p or p == "gone" for p in self._check_links().values())
+
     def flush_connections(self) -> int:
         """Forget every tracked connection (the next packet of each is judged as new)."""
         with self._lock:
