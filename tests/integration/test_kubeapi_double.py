@@ -552,6 +552,29 @@ def test_kubectl_typed_commands_send_protobuf(
 
 
 @needs_kubectl
+def test_kubectl_auth_can_i_is_always_yes(kubectl: Kubectl) -> None:
+    """No authorization: access reviews (protobuf, from kubectl) allow everything."""
+    assert (
+        kubectl.run("auth", "can-i", "delete", "nodes", "--all-namespaces").stdout.strip() == "yes"
+    )
+    assert "*.*" in kubectl.run("auth", "can-i", "--list").stdout
+
+
+def test_metadata_only_lists(kube_api: KubeAPI, client: httpx.Client) -> None:
+    kube_api.create(pod("a", labels={"app": "web"}))
+    accept = {"Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"}
+    doc = client.get("/api/v1/namespaces/default/pods", headers=accept).json()
+    assert doc["kind"] == "PartialObjectMetadataList"
+    assert doc["items"] == [
+        {
+            "kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": kube_api.get("pods", "a")["metadata"],
+        }
+    ]
+
+
+@needs_kubectl
 def test_kubectl_errors(kube_api: KubeAPI, kubectl: Kubectl, tmp_path: Path) -> None:
     proc = kubectl.run("get", "pod", "nope", check=False)
     assert proc.returncode == 1 and '(NotFound): pods "nope" not found' in proc.stderr

@@ -16,7 +16,10 @@ Faithful:
 * Resources: v1 namespaces, pods, nodes, events, serviceaccounts, configmaps,
   secrets, services; networking.k8s.io/v1 networkpolicies; apps/v1 daemonsets,
   deployments; rbac.authorization.k8s.io/v1 (cluster)roles and (cluster)rolebindings;
-  coordination.k8s.io/v1 leases; apiextensions.k8s.io/v1 customresourcedefinitions.
+  coordination.k8s.io/v1 leases; apiextensions.k8s.io/v1 customresourcedefinitions;
+  authorization.k8s.io/v1 self-subject access and rules reviews (create only,
+  never stored; they allow everything, which is the truth here: ``kubectl auth
+  can-i`` says yes).
   Creating a CRD registers its resource at once (group, served versions, plural,
   kind, scope, short names, categories, status subresource, printer columns,
   selectable fields) with an ``Established`` condition; deleting it deletes its
@@ -38,7 +41,8 @@ Faithful:
   ``resourceVersionMatch=Exact``), lists across namespaces, typed lists whose
   items carry no kind/apiVersion (custom resources' do), server-side tables
   (``Accept: ...;as=Table``: NAME, a few kind-specific columns, CRD printer
-  columns, AGE) for ``kubectl get``.
+  columns, AGE) for ``kubectl get``, metadata-only answers (``Accept:
+  ...;as=PartialObjectMetadata[List]``).
 * WATCH: a chunked stream of JSON lines. From a resourceVersion: the events
   after it, from the history; absent or "0": synthetic ADDED for the current
   objects first; ``sendInitialEvents=true``: the same and a BOOKMARK annotated

@@ -191,6 +191,39 @@ MESSAGES: dict[str, Schema] = {
     "PodTemplateSpec": {1: ("metadata", "ObjectMeta"), 2: ("spec", "PodSpec")},
 }
 
+MESSAGES.update(
+    {
+        "SelfSubjectAccessReview": {
+            1: ("metadata", "ObjectMeta"),
+            2: ("spec", "SelfSubjectAccessReviewSpec"),
+            3: ("status", "skip"),
+        },
+        "SelfSubjectAccessReviewSpec": {
+            1: ("resourceAttributes", "ResourceAttributes"),
+            2: ("nonResourceAttributes", "NonResourceAttributes"),
+        },
+        "ResourceAttributes": {
+            1: ("namespace", "string"),
+            2: ("verb", "string"),
+            3: ("group", "string"),
+            4: ("version", "string"),
+            5: ("resource", "string"),
+            6: ("subresource", "string"),
+            7: ("name", "string"),
+            # selectors do not change the answer here: everything is allowed
+            8: ("fieldSelector", "skip"),
+            9: ("labelSelector", "skip"),
+        },
+        "NonResourceAttributes": {1: ("path", "string"), 2: ("verb", "string")},
+        "SelfSubjectRulesReview": {
+            1: ("metadata", "ObjectMeta"),
+            2: ("spec", "SelfSubjectRulesReviewSpec"),
+            3: ("status", "skip"),
+        },
+        "SelfSubjectRulesReviewSpec": {1: ("namespace", "string")},
+    }
+)
+
 KINDS = {
     ("v1", "Namespace"),
     ("v1", "ConfigMap"),
@@ -198,6 +231,8 @@ KINDS = {
     ("v1", "ServiceAccount"),
     ("v1", "Pod"),
     ("apps/v1", "Deployment"),
+    ("authorization.k8s.io/v1", "SelfSubjectAccessReview"),
+    ("authorization.k8s.io/v1", "SelfSubjectRulesReview"),
 }
 
 

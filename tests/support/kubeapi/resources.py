@@ -101,7 +101,7 @@ class ResourceType:
             "singularName": self.singular or self.kind.lower(),
             "namespaced": self.namespaced,
             "kind": self.kind,
-            "verbs": list(ALL_VERBS),
+            "verbs": ["create"] if self.storage in REVIEWS else list(ALL_VERBS),
             "storageVersionHash": hashlib.sha256(self.qualified.encode()).hexdigest()[:11],
         }
         if self.short_names:
@@ -171,6 +171,8 @@ BUILTINS: tuple[ResourceType, ...] = (
     _rt("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
     _rt("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
     _rt("coordination.k8s.io", "v1", "leases", "Lease", True),
+    _rt("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview", False),
+    _rt("authorization.k8s.io", "v1", "selfsubjectrulesreviews", "SelfSubjectRulesReview", False),
     _rt(
         "apiextensions.k8s.io",
         "v1",
@@ -183,6 +185,13 @@ BUILTINS: tuple[ResourceType, ...] = (
 )
 
 CRD_STORAGE = ("apiextensions.k8s.io", "customresourcedefinitions")
+# create-only resources answered at once and never stored (like the real server's)
+REVIEWS = frozenset(
+    {
+        ("authorization.k8s.io", "selfsubjectaccessreviews"),
+        ("authorization.k8s.io", "selfsubjectrulesreviews"),
+    }
+)
 NAMESPACE_STORAGE = ("", "namespaces")
 
 

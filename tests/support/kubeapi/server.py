@@ -30,6 +30,7 @@ from .errors import (
 )
 from .resources import (
     CRD_STORAGE,
+    REVIEWS,
     ResourceType,
     api_group,
     api_resource_list,
@@ -267,6 +268,8 @@ class _Handler(BaseHTTPRequestHandler):
                 verb = {"POST": "create", "DELETE": "deletecollection"}.get(method)
         if verb is None or (sub and verb not in ("get", "update", "patch")):
             raise method_not_allowed()
+        if t.storage in REVIEWS and verb != "create":
+            raise method_not_allowed()
         return _Route(verb, resource, t, namespace, name, sub)
 
     # ------------------------------------------------------------------ serving
@@ -322,6 +325,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._decode(raw, self.headers.get("Content-Type", ""))
             if not isinstance(body, dict):
                 raise bad_request("the body of the request is not an object")
+            if t.storage in REVIEWS:
+                self._send_json(201, _review(t, body))
+                return
             obj = store.create(t, ns, body, manager=self._manager(query), dry_run=dry_run)
             self._send_json(201, self._present(t, obj, single=True))
         elif route.verb == "update":
@@ -411,7 +417,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._include(),
                 {"resourceVersion": obj["metadata"].get("resourceVersion", "")},
             )
+        if self._wants_metadata():
+            return _partial(obj)
         return obj
+
+    def _wants_metadata(self) -> bool:
+        """``Accept: ...;as=PartialObjectMetadata[List]`` (metadata-only clients)."""
+        return "as=PartialObjectMetadata" in (self.headers.get("Accept") or "")
 
     def _include(self) -> str:
         return parse_qs(urlsplit(self.path).query).get("includeObject", ["Metadata"])[-1]
@@ -430,6 +442,15 @@ class _Handler(BaseHTTPRequestHandler):
                     self._include(),
                     meta,
                 )
+            )
+        if self._wants_metadata():
+            return _dumps(
+                {
+                    "kind": "PartialObjectMetadataList",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": meta,
+                    "items": [_partial(o) for o in result.items],
+                }
             )
         head = _dumps({"kind": t.list_kind, "apiVersion": t.api_version, "metadata": meta})
         items = b",".join(self.server.api._item_json(t, o) for o in result.items)
@@ -597,6 +618,34 @@ class _Handler(BaseHTTPRequestHandler):
             if end:
                 self._chunk(b"")
                 return
+
+
+def _review(t: ResourceType, body: Obj) -> Obj:
+    """The answer to an access review: there is no authorization, so everything is allowed."""
+    if t.plural == "selfsubjectaccessreviews":
+        status: Obj = {"allowed": True, "reason": "the API test double authorizes every request"}
+    else:
+        status = {
+            "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}],
+            "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}],
+            "incomplete": False,
+        }
+    meta = body.get("metadata") or {}
+    return {
+        "kind": t.kind,
+        "apiVersion": t.api_version,
+        "metadata": {"creationTimestamp": None, **meta},
+        "spec": body.get("spec") or {},
+        "status": status,
+    }
+
+
+def _partial(obj: Obj) -> Obj:
+    return {
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj["metadata"],
+    }
 
 
 def _bookmark(t: ResourceType, rv: int, initial_end: bool = False) -> Obj:

@@ -1207,4 +1207,3 @@ def iter_initial(store: Store, flt: WatchFilter) -> Iterator[Obj]:
         obj = store.objects[flt.storage][key]
         if flt.match(obj):
             yield obj
-
