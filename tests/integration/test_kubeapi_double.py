@@ -22,7 +22,14 @@ import pytest
 import yaml
 from tests.support.kubeapi import ApiError, KubeAPI, Kubectl, kube_api_fixture, kubectl_path
 
-kube_api = kube_api_fixture(bookmark_interval=0.2)
+_kube_api = kube_api_fixture(name="_kube_api", bookmark_interval=0.2)
+
+
+@pytest.fixture
+def kube_api(_kube_api: KubeAPI) -> Iterator[KubeAPI]:
+    yield _kube_api
+    assert _kube_api.internal_errors == []  # no bug of the double answered 500
+
 
 needs_kubectl = pytest.mark.skipif(kubectl_path() is None, reason="kubectl is not installed")
 
@@ -1442,6 +1449,20 @@ def test_concurrent_writers_and_watchers_agree(kube_api: KubeAPI) -> None:
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_bug_of_the_double_is_a_500_and_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    with KubeAPI() as api, httpx.Client(base_url=api.url) as c:
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(api.store, "get", broken)
+        r = c.get("/api/v1/namespaces/default/pods/x")
+        assert r.status_code == 500 and r.json()["reason"] == "InternalError"
+        assert "RuntimeError: boom" in r.json()["message"]
+        assert len(api.internal_errors) == 1
+        assert c.get("/api/v1/pods").status_code == 200  # the connection and server carry on
 
 
 def test_stop_joins_every_thread() -> None:

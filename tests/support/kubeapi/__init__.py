@@ -100,7 +100,9 @@ the small table in :mod:`.patch`.
 
 Fault injection (methods of :class:`KubeAPI`): ``compact()``, ``drop_watches()``,
 ``stall_watches(seconds)``, ``delay(seconds)``, ``fail_next(n, code, verb=, resource=)``;
-``count(verb, resource)`` counts requests; ``open_watches``/``wait_for_watches(n)``.
+``count(verb, resource)`` counts requests; ``open_watches``/``wait_for_watches(n)``;
+``internal_errors`` keeps the traceback of any bug of the double itself (answered
+as a 500 InternalError Status), for a test to assert there was none.
 
 Use::
 

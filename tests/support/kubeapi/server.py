@@ -7,8 +7,10 @@ import copy
 import json
 import select
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -225,6 +227,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(e.code, e.status())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception:  # a bug of the double: answer 500, keep the traceback for tests
+            text = traceback.format_exc()
+            api.internal_errors.append(text)
+            sys.stderr.write(f"kubeapi double: internal error on {method} {self.path}\n{text}")
+            if self._streaming:
+                self.close_connection = True
+            else:
+                err = ApiError(
+                    500,
+                    "InternalError",
+                    f"internal error in the API test double: {text.strip().splitlines()[-1]}",
+                    {},
+                )
+                self._send_json(500, err.status())
+
+    _streaming = False
 
     def _route(self, method: str, segs: list[str], query: dict[str, str]) -> _Route:
         api = self.server.api
@@ -530,6 +548,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-cache, private")
         self.end_headers()
+        self._streaming = True
         api._watch_opened()
         try:
             if error is not None:
@@ -681,6 +700,7 @@ class KubeAPI:
         self._delay = 0.0
         self._failures: list[_Failure] = []
         self._open_watches = 0
+        self.internal_errors: list[str] = []  # tracebacks of the double's own bugs (500s)
         self._json_cache: dict[tuple[Any, ...], tuple[tuple[str, str], bytes]] = {}
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
