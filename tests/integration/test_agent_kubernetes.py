@@ -21,6 +21,7 @@ network namespaces and real packets.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -41,6 +42,7 @@ from stockade.conformance.case import Case
 from stockade.conformance.kernel import on_link_prefix
 from stockade.conformance.runner import Judgement, check_case
 from stockade.datapath.nft import NftDatapath
+from stockade.kube.live import policy_differences, policy_versions
 from stockade.load import read_text
 from stockade.model.parse import parse_documents
 from stockade.net.plumber import Attachment, EndpointSpec, Plumber
@@ -444,6 +446,11 @@ def _healthz(port: int) -> int:
         return int(e.code)
 
 
+def _report(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as r:
+        return dict(json.load(r))
+
+
 def test_nothing_is_programmed_before_the_first_lists(
         tmp_path: Path, api: KubeAPI, trio: Any, netns_prefix: str) -> None:
     w = Writer(api)
@@ -481,9 +488,18 @@ def test_nothing_is_programmed_before_the_first_lists(
         with pytest.raises(ApiError) as e:
             second.call("cni.status")
         assert e.value.code == "unavailable"
+        assert _report(port)["inSync"] is False
         st = wait_enforced(second, w.rvs)
         assert st["datastore"]["resources"]["pods"]["errors"] >= 1
         assert _healthz(port) == 200
+        # GET /status, what `kubectl stockade status` compares with the cluster: every
+        # policy enforced at the cluster's resourceVersion.
+        report = _report(port)
+        assert report["node"] == NODE and report["inSync"] is True and report["ready"]
+        assert policy_differences(policy_versions(api.list("networkpolicies")),
+                                  report["policies"]) == []
+        assert set(report["policies"]) == {"x/web", "x/extra"}
+        assert report["features"] and all(report["features"].values())
         assert dp.read() == kernel  # adopted: the same lists, nothing to change
         # "applied" is logged for a run that changed something: none since the lists.
         assert 'msg="applied"' not in second.logs().split("first lists")[-1]

@@ -548,3 +548,41 @@ def test_metrics(tmp_path: Path) -> None:
     assert 'stockade_kube_invalid_objects{kind="networkpolicy"} 1\n' in text
     assert "stockade_kube_synced 1\n" in text
     f.store.close()
+
+
+def test_policy_versions_follow_what_the_kernel_enforces(fx: Fixture) -> None:
+    fx.lists([ns("ns")], [DENY], [])
+    assert fx.feed.policy_versions(fx.reconciler.applied_revision) == {}  # not applied
+    fx.enforce()
+    assert fx.feed.policy_versions(fx.reconciler.applied_revision) == {"ns/deny": "1"}
+    changed = {**DENY, "metadata": {**DENY["metadata"], "resourceVersion": "7"},
+               "spec": {**DENY["spec"], "policyTypes": ["Ingress", "Egress"]}}
+    fx.feed.event(NETWORK_POLICIES, "MODIFIED", changed)
+    assert fx.feed.policy_versions(fx.reconciler.applied_revision) == {"ns/deny": "1"}
+    fx.enforce()
+    assert fx.feed.policy_versions(fx.reconciler.applied_revision) == {"ns/deny": "7"}
+    # The same content at a new version (an annotation-free metadata change): no kernel
+    # change, and the new version is what is enforced.
+    fx.feed.event(NETWORK_POLICIES, "MODIFIED",
+                  {**changed, "metadata": {**changed["metadata"], "resourceVersion": "9"}})
+    assert fx.feed.policy_versions(fx.reconciler.applied_revision) == {"ns/deny": "9"}
+    fx.feed.event(NETWORK_POLICIES, "DELETED", changed)
+    fx.enforce()
+    assert fx.feed.policy_versions(fx.reconciler.applied_revision) == {}
+
+
+def test_cni_config_as_the_runtime_reads_it(tmp_path: Path) -> None:
+    from stockade.agent.daemon import cni_config
+
+    (tmp_path / "10-stockade.conflist").write_text(json.dumps(
+        {"name": "stockade", "plugins": [{"type": "stockade-cni"}, {"type": "portmap"}]}))
+    (tmp_path / "20-bridge.conf").write_text(json.dumps({"name": "b", "type": "bridge"}))
+    (tmp_path / "30-bad.json").write_text("{")
+    (tmp_path / "README").write_text("not a config")
+    got = cni_config(str(tmp_path))
+    assert got[:2] == [
+        {"file": "10-stockade.conflist", "name": "stockade",
+         "plugins": ["stockade-cni", "portmap"]},
+        {"file": "20-bridge.conf", "name": "b", "plugins": ["bridge"]}]
+    assert got[2]["file"] == "30-bad.json" and "error" in got[2]
+    assert cni_config(str(tmp_path / "missing")) == []

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from stockade.agent.admission import enforceable, quarantine
+from stockade.agent.admission import QUARANTINE_POLICY, enforceable, quarantine
 from stockade.agent.client import DEFAULT_SOCKET
 from stockade.agent.cni_ops import CniOps
 from stockade.agent.containers import ContainerManager
@@ -79,6 +79,7 @@ class AgentConfig:
     watch_stall_timeout: float = 150.0
     watch_timeout: int = 300
     pod_wait: float = 10.0  # a CNI ADD waits this long for the API to show its pod
+    cni_conf_dir: str = "/etc/cni/net.d"  # reported on GET /status (the runtime's view)
 
 
 class Agent:
@@ -188,7 +189,7 @@ class Agent:
         cfg = self.config
         if cfg.metrics_address:
             self.metrics_server = MetricsServer(self.registry, cfg.metrics_address,
-                                                health=self._healthy)
+                                                health=self._healthy, status=self.node_report)
             self.metrics_server.start()
         self.api = ApiServer(cfg.socket, self.service.handle)
         self.api.start()
@@ -372,6 +373,31 @@ class Agent:
         alive = runner is not None and runner._thread is not None and runner._thread.is_alive()
         return alive and self.reconciler.healthy
 
+    def node_report(self) -> dict[str, Any]:
+        """GET /status on the metrics port: what `kubectl stockade status` compares with
+        the cluster (the format is kube/live.py's). Policies are those the kernel
+        enforces, each with the resourceVersion it enforces ("" for local ones)."""
+        r = self.reconciler
+        feed = self.kube_feed
+        last = r.last
+        if feed is not None:
+            node = feed.node
+            policies = feed.policy_versions(r.applied_revision)
+            synced = bool(feed.synced.is_set())
+        else:
+            node = self.config.node or os.environ.get("NODE_NAME") or socket.gethostname()
+            with self.service.lock:
+                policies = {k: str((p.manifest.get("metadata") or {}).get("resourceVersion")
+                                   or "") for k, p in self.service.state.policies.items()
+                            if not k.endswith(f"/{QUARANTINE_POLICY}")}
+            synced = True
+        return {"node": node, "ready": r.healthy, "inSync": synced and r.in_sync,
+                "error": (last.error if last is not None else "") or "",
+                "cniConfig": cni_config(self.config.cni_conf_dir),
+                # Start-up refuses a kernel that fails the probe: here, all present.
+                "features": {name: True for name in KERNEL_FEATURES},
+                "policies": policies}
+
     def _revoked(self, ruleset: Ruleset) -> None:
         """The kernel changed (an apply, or a repair): cut what it no longer allows."""
         self.visibility.applied(ruleset)
@@ -432,6 +458,37 @@ def _read_snapshot(path: str, strict_cidr: bool) -> tuple[AgentState, dict[str, 
         raise AgentError(f"{path}: not a JSON snapshot: {exc}") from None
     except InputError as exc:
         raise AgentError(f"{path}: not a valid snapshot: {exc}") from None
+
+
+# What NftDatapath.check() probes at start (the agent does not start without them).
+KERNEL_FEATURES = ("inetForwardHook", "conntrack", "verdictMaps", "intervalSets",
+                   "concatenatedSets", "bridgeNetfilter")
+
+
+def cni_config(directory: str) -> list[dict[str, Any]]:
+    """The CNI configurations as a container runtime reads them: every *.conflist,
+    *.conf and *.json file of `directory`, by name (the runtime takes the first),
+    each with its network name and its plugins' types in order."""
+    out: list[dict[str, Any]] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return out
+    for name in names:
+        if not name.endswith((".conflist", ".conf", ".json")):
+            continue
+        entry: dict[str, Any] = {"file": name}
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                doc = json.load(f)
+            plugins = doc.get("plugins") if isinstance(doc.get("plugins"), list) else [doc]
+            entry["name"] = str(doc.get("name") or "")
+            entry["plugins"] = [str(p.get("type") or "") for p in plugins
+                                if isinstance(p, dict)]
+        except (OSError, ValueError, AttributeError) as exc:
+            entry["error"] = str(exc) or type(exc).__name__
+        out.append(entry)
+    return out
 
 
 def notify_ready() -> None:

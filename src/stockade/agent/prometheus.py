@@ -17,7 +17,9 @@ stockade did before it:
 * The HTTP server: prometheus_client's serves the metrics on every path, has no
   health endpoint and resolves its own name at bind time (a DNS lookup that can
   hang); ours answers ``/metrics``, ``/healthz`` (200, or 503 when the health
-  callback says so or raises) and 404 otherwise, on IPv4, IPv6 or both.
+  callback says so or raises), ``/status`` (the agent's report as JSON, when given
+  one: what ``kubectl stockade status`` reads) and 404 otherwise, on IPv4, IPv6 or
+  both.
 
 Public API::
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import logging
 import math
 import re
@@ -373,9 +376,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, host: str, port: int, registry: Registry,
-                 health: Callable[[], bool] | None) -> None:
+                 health: Callable[[], bool] | None,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = registry
         self.health = health
+        self.status = status
         self.dualstack = not host and socket.has_dualstack_ipv6()
         if self.dualstack:
             host = "::"
@@ -409,6 +414,13 @@ class _Handler(BaseHTTPRequestHandler):
             ok = _healthy(server.health)
             status, ctype, body = (200 if ok else 503), "text/plain; charset=utf-8", \
                 b"ok\n" if ok else b"unhealthy\n"
+        elif path == "/status" and server.status is not None:
+            try:
+                body = (json.dumps(server.status(), sort_keys=True) + "\n").encode()
+                status, ctype = 200, "application/json"
+            except Exception:  # a broken report is an error answer, not a dead server
+                log.exception("status report failed")
+                status, ctype, body = 500, "text/plain; charset=utf-8", b"error\n"
         else:
             status, ctype, body = 404, "text/plain; charset=utf-8", b"not found\n"
         self.send_response(status)
@@ -441,11 +453,13 @@ class MetricsServer:
     """
 
     def __init__(self, registry: Registry, address: str,
-                 health: Callable[[], bool] | None = None) -> None:
+                 health: Callable[[], bool] | None = None,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = registry
         self.address = address
         self.host, self._port = parse_address(address)
         self.health = health
+        self.status = status  # GET /status: this JSON object (kubectl stockade status)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -460,7 +474,7 @@ class MetricsServer:
         if self._server is not None:
             return
         try:
-            server = _Server(self.host, self._port, self.registry, self.health)
+            server = _Server(self.host, self._port, self.registry, self.health, self.status)
         except OSError as exc:
             raise AgentError(f"cannot serve metrics on {self.address}: {exc}") from exc
         self._server = server

@@ -51,6 +51,9 @@ def register(sub: Any) -> None:
                    help="reconnect a watch that delivered no event nor bookmark for this long")
     a.add_argument("--pod-wait", type=float, default=10.0, metavar="SECONDS",
                    help="how long a CNI ADD waits for the API to show its pod")
+    a.add_argument("--cni-conf-dir", default="/etc/cni/net.d", metavar="DIR",
+                   help="the container runtime's CNI configurations, reported on GET "
+                        "/status of the metrics port")
     recover = a.add_mutually_exclusive_group()
     recover.add_argument("--restore-snapshot", metavar="FILE",
                          help="an empty store facing a kernel table: load this snapshot "
@@ -144,7 +147,7 @@ def run_agent(args: argparse.Namespace) -> int:
         accept_empty_store=args.accept_empty_store, table_owner=args.table_owner,
         datastore=args.datastore, kubeconfig=args.kubeconfig, kube_context=args.context,
         node=args.node or "", watch_stall_timeout=args.watch_stall_timeout,
-        pod_wait=args.pod_wait))
+        pod_wait=args.pod_wait, cni_conf_dir=args.cni_conf_dir))
 
 
 def _default_socket() -> str:

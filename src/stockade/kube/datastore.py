@@ -297,6 +297,11 @@ class KubeFeed:
         self._reported: dict[str, tuple[str, ...]] = {}  # errors logged, by object
         self.commits = 0
         self.changes = 0
+        # Which resourceVersion of each NetworkPolicy the kernel enforces (the agent's
+        # /status, for `kubectl stockade status`): versions wait here with the revision
+        # that carries them until the reconciler has applied it.
+        self._enforced_rv: dict[str, str] = {}
+        self._pending_rv: list[tuple[int, str, str | None]] = []
         self.reflectors = [reflector_factory(client, res, _Sink(self, res), config=self.config,
                                              observe=self._observer(res.plural))
                            for res in (NAMESPACES, NETWORK_POLICIES, PODS)]
@@ -391,6 +396,21 @@ class KubeFeed:
                 if left <= 0 or self._stop.is_set():
                     return None
                 self._cond.wait(left)
+
+    def policy_versions(self, applied_revision: int) -> dict[str, str]:
+        """NetworkPolicy key -> the resourceVersion the kernel enforces (what the reconciler
+        has applied); a policy held fail-closed is not enforced as written: absent."""
+        with self._lock:
+            keep: list[tuple[int, str, str | None]] = []
+            for revision, key, rv in self._pending_rv:
+                if revision > applied_revision:
+                    keep.append((revision, key, rv))
+                elif rv is None:
+                    self._enforced_rv.pop(key, None)
+                else:
+                    self._enforced_rv[key] = rv
+            self._pending_rv = keep
+            return dict(sorted(self._enforced_rv.items()))
 
     def hold_reasons(self, key: str) -> list[str]:
         """Why the pod ``key`` is held fail-closed (empty: it is not)."""
@@ -608,12 +628,17 @@ class KubeFeed:
                     self.held[key] = held[key]
                 else:
                     self.held.pop(key, None)
+            revision = svc.reconciler.desired_revision
             if changes:
-                svc.commit(changes, sync=False, admitted=True)
+                revision = svc.commit(changes, sync=False, admitted=True)
                 self.commits += 1
                 self.changes += len(changes)
                 if handoff or del_ep:
                     state.reindex()
+            for key in policy_keys:
+                rec = self.policies.get(key)
+                rv = str(_meta(rec.manifest).get("resourceVersion") or "") if rec else None
+                self._pending_rv.append((revision, key, rv))
             for key in pod_keys:
                 if key in self.held and key in state.endpoints:
                     state.quarantined[key] = list(self.held[key])
