@@ -612,3 +612,40 @@ def test_cni_takes_labels_from_the_api_for_a_pod_the_watch_delivers_late(
     finally:
         if agent.proc is not None and agent.proc.poll() is None:
             agent.kill9()
+
+
+def test_a_bad_object_from_the_api_is_held_closed_and_blocks_nothing_else(
+        tmp_path: Path, api: KubeAPI, trio: Any, netns_prefix: str) -> None:
+    """The double, unlike an API server, accepts a policy stockade's validation refuses
+    (an except outside its cidr): its namespace's pods are held isolated both ways, the
+    other namespace is enforced as written, and fixing the policy releases them."""
+    w = Writer(api)
+    w.namespace("x", {})
+    w.namespace("y", {})
+    for att, ns in ((trio.a, "x"), (trio.b, "x"), (trio.c, "y")):
+        name = att.key.split("/")[1]
+        w.pod(ns, name, {"pod": name}, [att.address4, att.address6])
+    w.policy(allow("web", "a", "b"))
+    bad = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": "bad", "namespace": "y"},
+           "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {
+               "cidr": "10.0.0.0/24", "except": ["10.9.0.0/24"]}}]}]}}
+    w.policy(bad)
+    agent = kube_agent(tmp_path, api, trio.host_netns, netns_prefix).start()
+    try:
+        st = wait_enforced(agent, w.rvs)
+        assert list(st["quarantined"]) == ["y/c"]
+        assert "networkpolicy/y/bad" in st["datastore"]["invalid"]
+        pairs = [("b", "a"), ("a", "b"), ("b", "c"), ("c", "a"), ("c", "b")]
+        with ProbeServer({a.netns: [TCP80] for a in trio.all}):
+            assert probe(trio, pairs) == {("b", "a"): True, ("a", "b"): True,
+                                          ("b", "c"): False, ("c", "a"): False,
+                                          ("c", "b"): False}
+            w.policy({**bad, "spec": {"podSelector": {}, "ingress": [{}]}})  # fixed
+            st = wait_enforced(agent, w.rvs)
+            assert st["quarantined"] == {} and st["datastore"]["invalid"] == {}
+            assert probe(trio, pairs) == {("b", "a"): True, ("a", "b"): True,
+                                          ("b", "c"): True, ("c", "a"): False,
+                                          ("c", "b"): True}
+    finally:
+        agent.stop()

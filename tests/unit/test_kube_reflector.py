@@ -443,6 +443,17 @@ def test_a_bad_policy_holds_its_namespace_closed_and_blocks_nothing_else(
     assert fx.feed.status()["datastore"]["invalid"]["networkpolicy/ns/bad"]
     kernel = fx.enforce()
     assert "10.0.0.1" in kernel.ingress and "10.0.0.1" in kernel.egress  # closed both ways
+    # A relist of every resource keeps it held: the synthetic deny-all is not "a policy
+    # the API no longer has".
+    fx.commits.clear()
+    fx.feed.replace(NETWORK_POLICIES, [bad, DENY, other])
+    fx.feed.replace(PODS, [pod("db", "2", ip="10.0.0.1", labels={"app": "db"}),
+                           {**pod("db", "3", ip="10.0.0.2", labels={"app": "db"}),
+                            "metadata": {"name": "db", "namespace": "other",
+                                         "labels": {"app": "db"}}}])
+    fx.feed.replace(NAMESPACES, [ns("ns"), ns("other")])
+    assert fx.commits == [] and f"ns/{QUARANTINE_POLICY}" in st.policies
+    assert fx.enforce() == kernel
     # The policy fixed: released, the synthetic deny-all gone, labels back.
     fx.feed.event(NETWORK_POLICIES, "MODIFIED", netpol("bad", {"podSelector": {}}))
     assert st.endpoints["ns/db"].endpoint.labels == Labels({"app": "db"})

@@ -595,6 +595,8 @@ class KubeFeed:
             put_pol: list[Change] = []
             del_pol: list[Change] = []
             for key in sorted(policy_keys):
+                if key.endswith(f"/{QUARANTINE_POLICY}"):
+                    continue  # the synthetic deny-all of held endpoints: below
                 want_p = self.policies.get(key)
                 have_p = state.policies.get(key)
                 if want_p is not None and (have_p is None or have_p != want_p):
