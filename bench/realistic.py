@@ -10,8 +10,9 @@ The shape of a multi-tenant cluster, as issue #11 describes it:
 * pods declare named container ports (`http` 8080, `metrics` 9090, some `grpc`
   9000, databases `postgres` 5432);
 * per namespace, in this order while its share of the policy budget lasts: a
-  default deny (ingress and egress), an egress allow to DNS, an ingress allow
-  from monitoring on the named port `metrics`, then one allow per app (from
+  default deny (ingress and egress), an egress allow to DNS, an allow for its
+  first app, an ingress allow from monitoring on the named port `metrics`, then
+  one allow per other app (from
   other apps of the namespace and of other teams' namespaces, on `http` or a
   number or a range; egress to the namespace's database on `postgres`);
 * about 1 in 20 app policies admits dozens of peers (apps across namespaces, by
@@ -149,10 +150,13 @@ def _namespace_policies(rnd: random.Random, i: int, ns: str, apps: list[str], bu
         out.append(_policy(ns, "allow-dns", {}, ["Egress"], egress=[{
             "to": [DNS_PEER], "ports": [{"protocol": "UDP", "port": 53},
                                         {"protocol": "TCP", "port": 53}]}]))
+    k = 0
+    if len(out) < budget:
+        out.append(_app_policy(rnd, i, ns, apps[0], apps, k, names, apps_of))
+        k += 1
     if len(out) < budget:
         out.append(_policy(ns, "allow-monitoring", {}, ["Ingress"], ingress=[{
             "from": [MONITORING_PEER], "ports": [{"protocol": "TCP", "port": "metrics"}]}]))
-    k = 0
     while len(out) < budget:
         app = apps[k % len(apps)]
         out.append(_app_policy(rnd, i, ns, app, apps, k, names, apps_of))

@@ -15,14 +15,25 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.property.strategies import DEFAULT, DENSE, Universe, clusters, scenarios
+from tests.property.strategies import (
+    DEFAULT,
+    DENSE,
+    Universe,
+    clusters,
+    network_policies,
+    pod_vocab,
+    scenarios,
+    selectors,
+)
 
 from stockade.compile import interpret
-from stockade.compile.ir import Ruleset
+from stockade.compile.ir import ADDR, ADDR_PORT, Ruleset, content_name
 from stockade.compile.lower import Lowering
+from stockade.compile.membership import named_specs, peer_members, selector_specs
 from stockade.compile.nft import Table, canonical, render_full, render_plan
 from stockade.compile.plan import plan
 from stockade.engine.evaluate import Evaluator
+from stockade.engine.index import ClusterIndex
 from stockade.engine.resolve import resolve
 from stockade.model.cluster import Cluster
 
@@ -50,3 +61,35 @@ def test_compiled_ruleset_gives_the_evaluators_verdicts(u: Universe, data: st.Da
     for flow in sc.flows(external=False):
         got = interpret.allows(rs, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
         assert got == ev.allowed(flow), flow
+
+
+@UNIVERSES
+@given(data=st.data())
+def test_label_index_select_equals_the_reference(u: Universe, data: st.DataObject) -> None:
+    cluster = data.draw(clusters(u), label="cluster")
+    index = ClusterIndex(cluster)
+    pods = index._pods  # the pod label index
+    everyone = set(pods.all)
+    some = set(sorted(everyone)[::2])
+    for _ in range(5):
+        sel = data.draw(selectors(pod_vocab(u)), label="selector")
+        for within in (everyone, some, frozenset(some)):
+            assert pods.select(sel, within) == pods.select_reference(sel, within)
+
+
+@UNIVERSES
+@given(data=st.data())
+def test_set_names_are_content_names(u: Universe, data: st.DataObject) -> None:
+    """Names are what the kernel holds: the faster spelling must not change them."""
+    policy = data.draw(network_policies(u), label="policy")
+    for rule in policy.ingress + policy.egress:
+        for peer in rule.peers:
+            if peer.ip_block is not None:
+                continue
+            cand = peer_members(policy.namespace, peer)
+            for fam, spec in selector_specs(policy.namespace, peer).items():
+                assert spec.name == content_name(f"s{fam}-", ADDR, fam, (cand.namespace, peer))
+            for fam, spec in named_specs(cand, "http", "TCP", "x").items():
+                key = ("peer", cand.namespace, peer)
+                assert spec.name == content_name(f"n{fam}-", ADDR_PORT, fam,
+                                                 (key, "http", "TCP"))

@@ -11,6 +11,7 @@ same sets.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -140,10 +141,16 @@ def selector_specs(namespace: str, peer: Peer) -> dict[int, SetSpec]:
     """The sets of a selector peer (one per family); cached: peers recur in many rules.
     Callers must not change the dict."""
     cand = peer_members(namespace, peer)
-    where = f"{cand.namespace}: " if cand.namespace else ""
-    return {fam: SetSpec(content_name(f"s{fam}-", ADDR, fam, (cand.namespace, peer)), fam,
-                         ADDR, f"{where}{peer.render()}", cand)
+    comment = f"{cand.namespace}: {peer.render()}" if cand.namespace else peer.render()
+    inner = repr((cand.namespace, peer))  # once, not once per family
+    return {fam: SetSpec(_content_name(f"s{fam}-", ADDR, fam, inner), fam, ADDR, comment, cand)
             for fam in FAMILIES}
+
+
+def _content_name(prefix: str, kind: str, family: int, inner_repr: str) -> str:
+    """`content_name(prefix, kind, family, inner)` given `repr(inner)`: the same name."""
+    text = f"({kind!r}, {family!r}, {inner_repr})"
+    return f"{prefix}{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def block_spec(block: IPBlock, networks: list[str]) -> SetSpec | None:
@@ -165,7 +172,8 @@ def named_specs(candidates: Candidates, name: str, protocol: str,
         key = ("block", candidates.block)
     else:
         key = ("all",)
-    return {fam: SetSpec(content_name(f"n{fam}-", ADDR_PORT, fam, (key, name, protocol)), fam,
-                         ADDR_PORT, f"{comment} port {name}/{protocol}", candidates,
-                         (name, protocol))
+    inner = repr((key, name, protocol))
+    comment = f"{comment} port {name}/{protocol}"
+    return {fam: SetSpec(_content_name(f"n{fam}-", ADDR_PORT, fam, inner), fam, ADDR_PORT,
+                         comment, candidates, (name, protocol))
             for fam in FAMILIES}

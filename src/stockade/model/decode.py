@@ -166,14 +166,39 @@ def read_list(value: Any, path: str, item: Callable[[Any, str], T]) -> tuple[T, 
 
 
 def read_string_map(value: Any, path: str) -> Labels:
-    """map[string]string; a bad value names the map, as Go's decoder reports it."""
+    """map[string]string; a bad value names the map, as Go's decoder reports it.
+
+    Equal maps come back as one shared `Labels` (interned): replicas carry the
+    same labels, and every cache keyed by labels then compares by identity.
+    """
     out: dict[str, str] = {}
     for k, v in read_object(value, path).items():
         if v is not None and not isinstance(v, str):
             raise DecodeError(
                 f"cannot decode {type_name(v)} as a string (key {k!r})", path=path)
         out[k] = v or ""
-    return Labels(out)
+    return _intern(_LABELS, tuple(out.items()), lambda: Labels(out))
+
+
+# Interned values of the decoder, bounded (the agent decodes for as long as it runs).
+_LABELS: dict[Any, Labels] = {}
+_PORTS: dict[Any, ContainerPort] = {}
+_INTERNED_MAX = 1 << 16
+_SCALARS = frozenset({int, str, type(None)})
+
+
+def _intern(table: dict[Any, T], key: Any, make: Callable[[], T]) -> T:
+    found = table.get(key)
+    if found is None:
+        found = _remember(table, key, make())
+    return found
+
+
+def _remember(table: dict[Any, T], key: Any, value: T) -> T:
+    if len(table) >= _INTERNED_MAX:
+        table.clear()
+    table[key] = value
+    return value
 
 
 class StrictReader:
@@ -465,16 +490,30 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
         if not isinstance(c, dict):
             raise wrong_type(f"spec.containers[{ci}]", c, "an object")
         for pi, p in enumerate(_pod_list(c.get("ports"), f"spec.containers[{ci}].ports")):
-            path = f"spec.containers[{ci}].ports[{pi}]"
             if not isinstance(p, dict):
-                raise wrong_type(path, p, "an object")
-            ports.append(ContainerPort(
-                port=read_int32(p.get("containerPort"), f"{path}.containerPort"),
-                protocol=read_string(p.get("protocol"), f"{path}.protocol") or TCP,
-                name=read_string(p.get("name"), f"{path}.name"),
-                path=path,
-            ))
+                raise wrong_type(f"spec.containers[{ci}].ports[{pi}]", p, "an object")
+            # The same declaration at the same place decodes to the same port:
+            # replicas share one (only ints, strings and nulls: True == 1).
+            raw = (p.get("containerPort"), p.get("protocol"), p.get("name"))
+            if not all(type(v) in _SCALARS for v in raw):
+                ports.append(_container_port(f"spec.containers[{ci}].ports[{pi}]", *raw))
+                continue
+            key = (ci, pi, *raw)
+            port = _PORTS.get(key)
+            if port is None:
+                port = _container_port(f"spec.containers[{ci}].ports[{pi}]", *raw)
+                _remember(_PORTS, key, port)
+            ports.append(port)
     return Endpoint(namespace, name, labels, tuple(ips), tuple(ports), source)
+
+
+def _container_port(path: str, port: Any, protocol: Any, name: Any) -> ContainerPort:
+    return ContainerPort(
+        port=read_int32(port, f"{path}.containerPort"),
+        protocol=read_string(protocol, f"{path}.protocol") or TCP,
+        name=read_string(name, f"{path}.name"),
+        path=path,
+    )
 
 
 def _pod_list(value: Any, path: str) -> list[Any]:
