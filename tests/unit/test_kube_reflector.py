@@ -494,6 +494,21 @@ def test_only_local_truth_is_durable(fx: Fixture, tmp_path: Path) -> None:
     again.close()
 
 
+def test_what_a_local_datastore_stored_is_not_loaded(tmp_path: Path) -> None:
+    from stockade.agent.records import OWNER_API
+    from stockade.agent.store import Store
+
+    with Store(tmp_path) as local:
+        local.commit([PutEndpoint(EndpointRecord(Endpoint("ns", "applied", Labels({}),
+                                                          ("10.0.0.5",)), owner=OWNER_API)),
+                      PutEndpoint(EndpointRecord(Endpoint("ns", "c", Labels({}),
+                                                          ("10.0.0.3",)), owner=OWNER_CNI))])
+    store = KubeCacheStore(tmp_path)
+    state, _ = store.load_local()
+    assert set(state.endpoints) == {"ns/c"}
+    store.close()
+
+
 def test_policy_events_are_incremental(fx: Fixture) -> None:
     fx.lists([ns("ns")], [], [pod("db", "2", ip="10.0.0.1", labels={"app": "db"})])
     fx.commits.clear()

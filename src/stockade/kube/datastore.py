@@ -59,7 +59,9 @@ from stockade.agent.admission import QUARANTINE_POLICY, deny_all, held_endpoint
 from stockade.agent.extension import Handler
 from stockade.agent.metrics import Registry
 from stockade.agent.records import (
+    OWNER_CNI,
     OWNER_KUBE,
+    OWNER_RUN,
     AgentState,
     Change,
     DeleteEndpoint,
@@ -87,6 +89,7 @@ log = logging.getLogger("stockade.kube")
 
 FINISHED_PHASES = ("Succeeded", "Failed")
 RETRY_WAITING = 5.0  # seconds between looks at pods waiting for an address
+LOCAL_OWNERS = (OWNER_CNI, OWNER_RUN)  # endpoints that are this node's own truth
 _PLACEHOLDER_IP = "192.0.2.1"  # TEST-NET-1: lets decode_pod read labels before the IP
 
 # ---- translation (pure) ------------------------------------------------------------------
@@ -213,10 +216,12 @@ class KubeCacheStore(Store):
         self._local: set[str] = set()
 
     def load_local(self) -> tuple[AgentState, int]:
-        """The durable part: local endpoints only (what an earlier run of the agent
-        with the local datastore kept besides is left in the file, unused)."""
+        """The durable part: this node's CNI and `stockade run` endpoints only (what an
+        earlier run with the local datastore kept besides, namespaces, policies and
+        Pods applied through the socket, is left in the file, unused: the API says
+        what the cluster holds)."""
         state, revision = super().load()
-        local = {k: r for k, r in state.endpoints.items() if r.owner != OWNER_KUBE}
+        local = {k: r for k, r in state.endpoints.items() if r.owner in LOCAL_OWNERS}
         self._local = set(local)
         return AgentState(endpoints=local), revision
 
@@ -227,7 +232,7 @@ class KubeCacheStore(Store):
         durable: list[Change] = []
         for c in changes:
             if isinstance(c, PutEndpoint):
-                if c.record.owner != OWNER_KUBE:
+                if c.record.owner in LOCAL_OWNERS:
                     durable.append(c)
                 elif c.record.key in self._local:
                     durable.append(DeleteEndpoint(c.record.key))
@@ -693,7 +698,7 @@ class KubeFeed:
         def rank(key: str) -> tuple[int, int, str]:
             rec = want[key]
             cur = state.endpoints.get(key)
-            local = rec is not None and rec.owner != OWNER_KUBE
+            local = rec is not None and rec.owner in LOCAL_OWNERS
             keeps = cur is not None and rec is not None and bool(
                 set(map(canonical_ip, cur.endpoint.ips)) & set(
                     map(canonical_ip, rec.endpoint.ips)))
@@ -725,7 +730,7 @@ class KubeFeed:
                           key: str) -> tuple[EndpointRecord | None, list[str]]:
         pod = self.pods.get(key)
         ns = key.partition("/")[0]
-        if cur is not None and cur.owner != OWNER_KUBE:
+        if cur is not None and cur.owner in LOCAL_OWNERS:
             # This node's CNI attachment (or `stockade run`): its address is local truth;
             # the API gives the labels and named ports.
             if pod is None:
