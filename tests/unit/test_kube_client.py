@@ -292,3 +292,15 @@ def test_client_certificate_kubeconfig(tmp_path: Path) -> None:
     with pytest.raises(KubeError) as e:
         KubeClient.connect(str(path))
     assert e.value.reason == "ConfigError"
+
+
+def test_the_cli_the_plugin_and_the_agent_do_not_import_the_kubernetes_client() -> None:
+    """httpx and lightkube cost ~100 ms each: only the kubernetes path loads them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stockade.cli.main, stockade.cni.plugin, stockade.agent.daemon; "
+            "print(sorted(m for m in ('httpx', 'httpx2', 'lightkube') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
