@@ -304,3 +304,90 @@ def test_the_cli_the_plugin_and_the_agent_do_not_import_the_kubernetes_client() 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _cert(tmp: Path, name: str, san: str = "") -> tuple[Path, Path]:
+    import subprocess
+
+    key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
+    cmd = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+           "-nodes", "-subj", f"/CN={name}", "-days", "1", "-keyout", str(key), "-out", str(crt)]
+    if san:
+        cmd += ["-addext", f"subjectAltName={san}"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return crt, key
+
+
+def _https_server(tmp: Path, client_ca: Path | None) -> tuple[Any, list[dict[str, str]]]:
+    """A tiny HTTPS API on 127.0.0.1 answering a pod list; records request headers."""
+    import http.server
+    import ssl
+    import threading
+
+    crt, key = _cert(tmp, "server", "IP:127.0.0.1")
+    seen: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(dict(self.headers))
+            body = json.dumps({"kind": "PodList", "metadata": {"resourceVersion": "5"},
+                               "items": [{"metadata": {"name": "a"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(crt, key)
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.ca = crt  # type: ignore[attr-defined]
+    return server, seen
+
+
+def _config(tmp: Path, server: Any, user: dict[str, Any]) -> str:
+    path = tmp / "kubeconfig"
+    path.write_text(json.dumps({
+        "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {
+            "server": f"https://127.0.0.1:{server.server_address[1]}",
+            "certificate-authority-data": base64.b64encode(server.ca.read_bytes()).decode()}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        "users": [{"name": "u", "user": user}],
+    }))
+    return str(path)
+
+
+def test_https_with_a_token(tmp_path: Path) -> None:
+    server, seen = _https_server(tmp_path, None)
+    try:
+        with KubeClient.connect(_config(tmp_path, server, {"token": "T0K"})) as c:
+            assert [i["metadata"]["name"] for i in c.list(PODS).items] == ["a"]
+        assert seen[0]["Authorization"] == "Bearer T0K"
+    finally:
+        server.shutdown()
+
+
+def test_https_with_client_certificates(tmp_path: Path) -> None:
+    crt, key = _cert(tmp_path, "client")
+    server, seen = _https_server(tmp_path, crt)
+    try:
+        user = {"client-certificate-data": base64.b64encode(crt.read_bytes()).decode(),
+                "client-key-data": base64.b64encode(key.read_bytes()).decode()}
+        with KubeClient.connect(_config(tmp_path, server, user)) as c:
+            assert c.list(PODS).resource_version == "5"
+        assert "Authorization" not in seen[0]
+        # Without the certificate the server refuses the handshake: Unavailable.
+        with KubeClient.connect(_config(tmp_path, server, {"token": "x"})) as c, \
+                pytest.raises(Unavailable):
+            c.list(PODS)
+    finally:
+        server.shutdown()
