@@ -531,9 +531,12 @@ def test_local_writes_are_refused_and_reads_served(
         got = agent.call("get", kind="endpoints")["items"]
         assert {e["name"]: e["owner"] for e in got} == {"a": "kube", "b": "kube", "c": "kube"}
         assert agent.call("get", kind="chains")["items"]
-        out = subprocess.run([*agent.cmd[:3], "apply", "--socket", agent.socket, "-f", "-"],
-                             input="", capture_output=True, text=True, check=False)
-        assert out.returncode != 0
+        manifest = tmp_path / "local.json"
+        manifest.write_text(json.dumps(allow("local", "a", "c")))
+        out = subprocess.run([*agent.cmd[:3], "apply", "--socket", agent.socket, "-f",
+                              str(manifest)], capture_output=True, text=True, check=False)
+        assert out.returncode == 2, out
+        assert "datastore is kubernetes" in out.stderr and "kubectl" in out.stderr, out.stderr
     finally:
         agent.stop()
 
