@@ -197,14 +197,17 @@ class Agent:
     # ---- the Kubernetes datastore ----------------------------------------------------------
 
     def _kube_feed(self) -> Any:
-        from stockade.kube.client import KubeClient, KubeError
+        from stockade.kube.client import KubeClient, KubeError, in_cluster_available
         from stockade.kube.datastore import KubeFeed
         from stockade.kube.reflector import ReflectorConfig
 
         cfg = self.config
+        # In a pod, the service account by default; else as kubectl finds a kubeconfig.
+        in_cluster = False if cfg.kubeconfig else (
+            True if in_cluster_available() and not cfg.kube_context else None)
         try:
             client = KubeClient.connect(cfg.kubeconfig, cfg.kube_context,
-                                        in_cluster=None if cfg.kubeconfig is None else False)
+                                        in_cluster=in_cluster)
         except KubeError as exc:
             raise AgentError(f"--datastore kubernetes: {exc}") from None
         node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()

@@ -174,7 +174,8 @@ class _AuthAdapter(httpx.Auth):
         yield from self._inner.sync_auth_flow(request)
 
 
-def _in_cluster_available(service_account: str) -> bool:
+def in_cluster_available(service_account: str = SERVICE_ACCOUNT) -> bool:
+    """Whether this process runs in a pod with a service account (in-cluster config)."""
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and \
         Path(service_account, "token").is_file()
 
@@ -209,7 +210,7 @@ class KubeClient:
             if kubeconfig is None and in_cluster is not False and (
                     in_cluster or (not os.environ.get("KUBECONFIG")
                                    and not Path("~/.kube/config").expanduser().is_file())):
-                if not _in_cluster_available(service_account):
+                if not in_cluster_available(service_account):
                     raise ConfigError(
                         "no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and not "
                         f"in a cluster (KUBERNETES_SERVICE_HOST and {service_account}/token)")
