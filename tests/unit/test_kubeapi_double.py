@@ -362,3 +362,18 @@ def test_protobuf_configmap() -> None:
     with pytest.raises(ApiError) as e:
         decode(b"k8s\x00" + _field(1, _field(1, b"v1") + _field(2, b"Endpoints")))
     assert e.value.code == 415
+
+
+def test_history_limit_compacts_in_steps() -> None:
+    store = Store(history_limit=100)
+    t = store.registry.resolve("configmaps")
+    assert t is not None
+    store.create(t, "default", {"metadata": {"name": "c"}, "data": {"n": "0"}}, manager="m")
+    for i in range(500):
+        store.patch(t, "default", "c", "merge", {"data": {"n": str(i)}}, manager="m")
+    assert 100 <= len(store.events) <= 110
+    assert store.events[0].rv == store.compacted + 1
+    with pytest.raises(ApiError) as e:
+        store.events_after(store.compacted - 1)
+    assert e.value.code == 410
+    assert len(store.events_after(store.compacted)[0]) == len(store.events)

@@ -55,6 +55,8 @@ Faithful:
   as the real server does (200, then an ERROR event with a 410 ``Expired``
   Status, then the end of the stream); ``KubeAPI(watch_gone="http")`` answers an
   HTTP 410 Status instead. A watch that falls behind a compaction gets the ERROR.
+  The history keeps the last ``history_limit`` events (100,000 by default, in
+  steps of a tenth; None keeps all), like etcd's periodic compaction.
 * Writes: POST (409 AlreadyExists, ``generateName``), PUT (409 Conflict on a
   stale resourceVersion), DELETE (the object; preconditions; finalizers: marked
   with deletionTimestamp and removed when the last finalizer goes), deletecollection,

@@ -683,7 +683,7 @@ class KubeAPI:
         bookmark_interval: float = 1.0,
         watch_gone: str = "event",
         watch_timeout: float = 1800.0,
-        history_limit: int | None = None,
+        history_limit: int | None = 100_000,
         gc_delay: float = 0.0,
         verbose: bool = False,
     ) -> None:
@@ -874,6 +874,8 @@ class KubeAPI:
         else:
             item = {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
         data = _dumps(item)
+        if len(self._json_cache) > 100_000:  # entries of deleted objects are never reused
+            self._json_cache.clear()
         self._json_cache[key] = (stamp, data)
         return data
 

@@ -137,7 +137,7 @@ def _spec_of(obj: Obj) -> Obj:
 class Store:
     """Objects by resource, the event history and the condition every watch waits on."""
 
-    def __init__(self, history_limit: int | None = None) -> None:
+    def __init__(self, history_limit: int | None = 100_000) -> None:
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.registry = Registry()
@@ -182,8 +182,10 @@ class Store:
         for uid in new_owners - old_owners:
             self._owners[uid].add((t.storage, key))
         self.events.append(Event(rv, type_, t.storage, key, ev_obj, prev))
-        if self.history_limit is not None and len(self.events) > self.history_limit:
-            drop = len(self.events) - self.history_limit
+        limit = self.history_limit
+        if limit is not None and len(self.events) > limit + limit // 10:
+            # compacted in steps of a tenth, as a slice off the front of a list costs O(n)
+            drop = len(self.events) - limit
             self.compacted = self.events[drop - 1].rv
             del self.events[:drop]
         self.cond.notify_all()
