@@ -198,6 +198,24 @@ def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> N
     datapath.apply(rs, verify=True)
     assert any(d.startswith("policy slot") for d in datapath.last_drift_details)
     assert _probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): True}
+    # foreign entries, even of no slot, and a damaged meta map: removed, rewritten
+    fd = libbpf.obj_get(str(datapath.dir / "ipcache4"))
+    try:
+        libbpf.update(fd, bpfc.IP4_KEY.pack(40, 7, bytes([10, 9, 9, 9])), bytes(12))
+    finally:
+        os.close(fd)
+    fd = libbpf.obj_get(str(datapath.dir / "meta"))
+    try:
+        key = next(iter(libbpf.keys(fd, LAYOUT["meta"][0])))
+        libbpf.update(fd, key, bpfc.META_VALUE.pack(3, b"{{{"))
+    finally:
+        os.close(fd)
+    assert not datapath.apply(rs, verify=True).empty  # the meta could not be read back
+    assert any("meta" in d for d in datapath.last_drift_details)
+    assert any("foreign" in d for d in datapath.last_drift_details)
+    assert datapath.apply(rs, verify=True).empty and datapath.last_drift is None
+    assert _probe(trio, [("b", "a", PORTS[0]), ("c", "a", PORTS[0])]) == {
+        ("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
 
 
 def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> None:

@@ -187,7 +187,7 @@ class EbpfKernel:
         """The active slot decoded, and why not ("" when it could be)."""
         try:
             return bpfc.decode(self.slots[self.slot], self.meta, self.slot), ""
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
             return bpfc.BpfState(), f"meta map unreadable ({exc})"
 
 
@@ -196,7 +196,9 @@ def _split(contents: Mapping[str, Mapping[bytes, bytes]]) -> dict[int, bpfc.MapC
                                         1: {m: {} for m in bpfc.MAPS}}
     for m in bpfc.MAPS:
         for k, v in contents.get(m, {}).items():
-            out[bpfc.slot_of_key(m, k)][m][k] = v
+            slot = bpfc.slot_of_key(m, k)
+            # a key of no slot is nobody's: with slot 0's, it is found foreign and deleted
+            out[slot if slot in (0, 1) else 0][m][k] = v
     return out
 
 
