@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -295,7 +296,7 @@ def test_nothing_foreign_is_flushed(trio, datapath) -> None:
 
 def _legacy_tables(netns: str) -> str:
     with entered(netns):
-        return Path("/proc/net/ip_tables_names").read_text()
+        return Path("/proc/thread-self/net/ip_tables_names").read_text()
 
 
 def test_the_backend_is_the_one_holding_rules(host_netns: str) -> None:
@@ -304,6 +305,11 @@ def test_the_backend_is_the_one_holding_rules(host_netns: str) -> None:
     assert _legacy_tables(host_netns) == ""  # detection loaded no legacy table
     _run(host_netns, "iptables-legacy", "-w", "-A", "FORWARD", "-j", "ACCEPT")
     assert dp.detect_backend() == "legacy"
+    seen: list[str] = []  # the agent's threads see the namespace's tables too
+    worker = threading.Thread(target=lambda: seen.append(dp.detect_backend()))
+    worker.start()
+    worker.join()
+    assert seen == ["legacy"]
     _run(host_netns, "iptables-nft", "-w", "-A", "FORWARD", "-j", "ACCEPT")
     assert dp.detect_backend() == "nft"  # a tie
     _run(host_netns, "iptables-nft", "-w", "-A", "FORWARD", "-j", "ACCEPT")

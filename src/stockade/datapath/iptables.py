@@ -76,8 +76,9 @@ def _tool(backend: str, family: int, what: str) -> str:
 
 def _legacy_tables_present(netns: str | None) -> bool:
     """Whether legacy iptables holds any table here, read without loading anything."""
-    with entered(netns):
-        for name in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"):
+    with entered(netns):  # thread-self: /proc/net is the main thread's namespace
+        for name in ("/proc/thread-self/net/ip_tables_names",
+                     "/proc/thread-self/net/ip6_tables_names"):
             try:
                 if Path(name).read_text().strip():
                     return True
