@@ -25,9 +25,10 @@ and ipsets: `P-s4-/s6-` selector members (hash:ip), `P-c4-/c6-` ipBlocks
 chain's name). An endpoint added, removed or moving between policy sets is an
 ipset element change, and a new connection meets at most 32 bucket rules and
 the rules of one bucket (about chains / 32) per direction, whatever the number
-of endpoints. With one set match per chain instead (the first version), 817
-chains cost a new connection about 180 us and two thirds of the connection rate
-(bench/iptables.py; the README has the numbers).
+of endpoints. With one set match per chain instead (the first version; `BUCKETS
+= 1` gives it back), 815 chains cost a new connection ~50 us, half the
+connection rate, against 0.7-0.8 of it with buckets (bench/iptables.py; the
+README has the numbers).
 
 Nothing here ACCEPTs: an allowed packet RETURNs to FORWARD and meets the rules
 other software put there, exactly as an nftables `accept` in stockade's own
