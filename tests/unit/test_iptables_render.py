@@ -18,6 +18,8 @@ import shlex
 from dataclasses import dataclass, field, replace
 
 import pytest
+from hypothesis import given, settings
+from tests.property.strategies import DEFAULT, Scenario, scenarios
 from tests.support import shared
 
 from stockade.cli.conformance import load_cases
@@ -629,3 +631,30 @@ def test_interval_set_rewrites_go_through_a_swap() -> None:
     k.run(steps)
     assert k.read(layout, dict(new.chains)).ruleset == canonical(new)
     assert ADDR != NET
+
+
+# ---- random clusters (hypothesis, the property tests' strategies) ----------------------
+
+@settings(max_examples=60, deadline=None)
+@given(a=scenarios(DEFAULT.with_features(named_ports=True)),
+       b=scenarios(DEFAULT.with_features(named_ports=True)))
+def test_random_rulesets_decide_like_the_interpreter_and_plans_between_them_converge(
+        a: Scenario, b: Scenario) -> None:
+    layout = Layout.of("stk", log_group=9)
+    k = FakeKernel()
+    first, second = compile_cluster(a.cluster), compile_cluster(b.cluster)
+    _first(k, layout, first)
+    for sc, rs in ((a, first), (b, second)):
+        if rs is second:
+            steps = _apply(k, layout, canonical(first), rs)
+            if plan(canonical(first), canonical(second)).empty:
+                assert steps == []
+        state = k.read(layout, dict(rs.chains))
+        assert not state.needs_repair, state.drift
+        assert state.ruleset == canonical(rs)
+        for flow in sc.flows():
+            if flow.src_ip == flow.dst_ip:
+                continue
+            want = interpret.allows(rs, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
+            got = k.verdict(flow.src_ip, flow.dst_ip, flow.protocol.lower(), flow.port)
+            assert got == want, flow
