@@ -29,12 +29,13 @@ from tests.property.strategies import (
 from stockade.compile import interpret
 from stockade.compile.ir import ADDR, ADDR_PORT, Ruleset, content_name
 from stockade.compile.lower import Lowering
-from stockade.compile.membership import named_specs, peer_members, selector_specs
+from stockade.compile.membership import address, named_specs, peer_members, selector_specs
 from stockade.compile.nft import Table, canonical, render_full, render_plan
 from stockade.compile.plan import plan
 from stockade.engine.evaluate import Evaluator
 from stockade.engine.index import ClusterIndex
 from stockade.engine.resolve import resolve
+from stockade.model.cidr import parse_ip
 from stockade.model.cluster import Cluster
 
 UNIVERSES = pytest.mark.parametrize("u", [DEFAULT, DENSE], ids=["default", "dense"])
@@ -93,3 +94,11 @@ def test_set_names_are_content_names(u: Universe, data: st.DataObject) -> None:
                 key = ("peer", cand.namespace, peer)
                 assert spec.name == content_name(f"n{fam}-", ADDR_PORT, fam,
                                                  (key, "http", "TCP"))
+
+
+@given(st.ip_addresses().map(str)
+       | st.lists(st.sampled_from(["0", "00", "01", "1", "9", "10", "255", "256", "999", "",
+                                   "\u0661", "+1", " 1"]), min_size=3, max_size=5).map(".".join))
+def test_address_is_parse_ip(text: str) -> None:
+    a = parse_ip(text)
+    assert address(text) == ((a.version, str(a)) if a is not None else None)

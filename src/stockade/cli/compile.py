@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 FORMATS = ("nft", "json", "stats")
@@ -65,16 +66,33 @@ def run(args: argparse.Namespace) -> int:
 
 def write_json(out: Any, data: dict[str, Any]) -> None:
     """JSON with one line per item of each top-level list or mapping: readable and
-    diffable in review, and written by the C encoder (`indent` would use the
-    pure-Python one, several times slower on millions of elements)."""
+    diffable in review, and written item by item (never the whole text at once)
+    by the C encoder (`indent` would use the pure-Python one, several times
+    slower on millions of elements)."""
     out.write("{")
     for i, (key, value) in enumerate(data.items()):
         out.write(("," if i else "") + "\n" + json.dumps(key) + ": ")
         if isinstance(value, dict) and value:
-            out.write("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}"
-                                          for k, v in value.items()) + "\n}")
+            items = (f"{json.dumps(k)}: {_dumps(v)}" for k, v in value.items())
+            _write_items(out, "{", items, "}")
         elif isinstance(value, list) and value:
-            out.write("[\n" + ",\n".join(json.dumps(v) for v in value) + "\n]")
+            _write_items(out, "[", map(_dumps, value), "]")
         else:
             out.write(json.dumps(value))
     out.write("\n}\n")
+
+
+def _write_items(out: Any, opening: str, items: Iterator[str], closing: str) -> None:
+    out.write(opening)
+    separator = "\n"
+    for item in items:
+        out.write(separator)
+        out.write(item)
+        separator = ",\n"
+    out.write("\n" + closing)
+
+
+def _dumps(value: Any) -> str:
+    # Rendered rules share their expression lists (nothing refers to itself), so
+    # the encoder's cycle bookkeeping is pure cost: 1.6x faster without it.
+    return json.dumps(value, check_circular=False)

@@ -8,6 +8,7 @@ compiler, which keeps them up to date endpoint by endpoint.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 
 from stockade.compile.ir import (
@@ -37,6 +38,7 @@ from stockade.engine.resolve import Resolution, resolve
 from stockade.model import policy as model
 from stockade.model.cidr import Network, parse_cidr
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.selector import Selector
 
 DIRECTION = {model.INGRESS: INGRESS, model.EGRESS: EGRESS}
 
@@ -104,7 +106,7 @@ def lower_rules(direction: str, policy: model.NetworkPolicy, index: int, rule: m
         if peer is None:
             peer_opts = [(None, None)]
         elif peer.ip_block is not None:
-            spec = block_spec(peer.ip_block, [str(n) for n in block_networks(peer.ip_block)])
+            spec = _block_spec(peer.ip_block)
             peer_opts = [(spec.family, need(spec))] if spec is not None else []
         elif peer.pod_selector is None and peer.namespace_selector is None:
             peer_opts = []  # matches nothing (and never validates)
@@ -132,22 +134,42 @@ def _named_rules(direction: str, policy: model.NetworkPolicy, peer: model.Peer |
     (or every pod), so the triples express the peer as well.
     """
     if direction == model.INGRESS:
-        specs = named_specs(PolicyTargets(policy.namespace, policy.pod_selector), name, proto,
-                            f"{policy.namespace}: pods [{policy.pod_selector.render()}]")
+        specs = _target_specs(policy.namespace, policy.pod_selector, name, proto)
         names = {fam: need(s) for fam, s in specs.items()}
         return [ChainRule(nfam, pset, nset, proto, comment=tag)
                 for fam, pset in peer_opts for nfam, nset in names.items()
                 if fam is None or fam == nfam]
     if not peer_opts:
         return []
+    specs = _peer_specs(policy.namespace, peer, name, proto)
+    return [ChainRule(fam, None, need(s), proto, comment=tag) for fam, s in specs.items()]
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _block_spec(block: model.IPBlock) -> SetSpec | None:
+    return block_spec(block, [str(n) for n in block_networks(block)])
+
+
+# The specs of named-port sets, cached: every peer of a rule, and every policy
+# with the same selector, asks again (callers must not change the dicts).
+
+@functools.lru_cache(maxsize=1 << 16)
+def _target_specs(namespace: str, selector: Selector, name: str, proto: str
+                  ) -> dict[int, SetSpec]:
+    return named_specs(PolicyTargets(namespace, selector), name, proto,
+                       f"{namespace}: pods [{selector.render()}]")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _peer_specs(namespace: str, peer: model.Peer | None, name: str, proto: str
+                ) -> dict[int, SetSpec]:
     if peer is None:
         cand: AllEndpoints | BlockEndpoints | PeerMembers = AllEndpoints()
     elif peer.ip_block is not None:
         cand = BlockEndpoints(peer.ip_block)
     else:
-        cand = peer_members(policy.namespace, peer)
-    specs = named_specs(cand, name, proto, peer.render() if peer else "any pod")
-    return [ChainRule(fam, None, need(s), proto, comment=tag) for fam, s in specs.items()]
+        cand = peer_members(namespace, peer)
+    return named_specs(cand, name, proto, peer.render() if peer else "any pod")
 
 
 def lower_policy(direction: str, policy: model.NetworkPolicy, need: Need) -> list[ChainRule]:
@@ -266,18 +288,18 @@ class Lowering:
     def ruleset(self) -> Ruleset:
         maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
         for mdir, direction in DIRECTION.items():
-            chain_of: dict[object, str] = {}
+            chain_of: dict[int, str] = {}  # by id: resolve shares one PolicySet per set
             for ident, ps in sorted(self.res.isolated[mdir].items()):
                 # Remote endpoints are peers only: their node enforces their policies.
                 local = [ep for ep in self.index.members[ident] if not ep.remote]
                 if not local:
                     continue
-                name = chain_of.get(ps)
+                name = chain_of.get(id(ps))
                 if name is None:
                     chain = lower_chain(mdir, ps.policies, self.need,
                                         self._lowered.setdefault(mdir, {}))
                     self.chains.setdefault(chain.name, chain)
-                    name = chain_of[ps] = chain.name
+                    name = chain_of[id(ps)] = chain.name
                 for ep in local:
                     for addr in endpoint_addresses(ep):
                         maps[direction][addr] = name

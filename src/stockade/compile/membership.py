@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -91,15 +90,11 @@ def peer_members(namespace: str, peer: Peer) -> PeerMembers:
 def address(text: str) -> tuple[int, str] | None:
     """An endpoint IP as (family, canonical text); cached, as every set asks again.
 
-    Plain dotted IPv4 (what pods have) goes through `ipaddress` (~1 µs), which
-    accepts a subset of what the legacy-lenient `parse_ip` does, with the same
-    result; anything else through `parse_ip` (~20 µs).
+    Canonical dotted IPv4 (what pods have) is itself (~1 µs); anything else
+    goes through the legacy-lenient `parse_ip` (~5 µs, more past its cache).
     """
-    if text.count(".") == 3 and ":" not in text:
-        try:
-            return 4, str(ipaddress.IPv4Address(text))
-        except ValueError:
-            pass
+    if _canonical_ipv4(text):
+        return 4, text
     a = parse_ip(text)
     return (a.version, str(a)) if a is not None else None
 
@@ -134,6 +129,18 @@ class SetSpec:
             else:
                 out.append(a[1])
         return out
+
+
+def _canonical_ipv4(text: str) -> bool:
+    """Four decimal octets 0-255 without leading zeros: `str(parse_ip(text)) == text`."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        if not (p.isascii() and p.isdigit()) or len(p) > 3 or (p[0] == "0" and len(p) > 1) \
+                or int(p) > 255:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -99,12 +99,21 @@ def _key_text(key: Any, path: str) -> str:
 
 
 def read_object(value: Any, path: str) -> dict[str, Any]:
-    """A JSON object with its keys as JSON text; null is the empty object."""
+    """A JSON object with its keys as JSON text; null is the empty object.
+
+    Callers only read the result: an object whose keys are all strings (always,
+    from JSON) is returned as it is, not copied.
+    """
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise wrong_type(path, value, "an object")
+    if _STR.issuperset(map(type, value)):
+        return value
     return {_key_text(k, path): v for k, v in value.items()}
+
+
+_STR = frozenset({str})
 
 
 def read_string(value: Any, path: str) -> str:
@@ -171,6 +180,10 @@ def read_string_map(value: Any, path: str) -> Labels:
     Equal maps come back as one shared `Labels` (interned): replicas carry the
     same labels, and every cache keyed by labels then compares by identity.
     """
+    if isinstance(value, dict) and _STR.issuperset(map(type, value)) \
+            and _STR.issuperset(map(type, value.values())):
+        items = tuple(value.items())  # strings only: what the loop below would give
+        return _intern(_LABELS, items, lambda: Labels(dict(items)))
     out: dict[str, str] = {}
     for k, v in read_object(value, path).items():
         if v is not None and not isinstance(v, str):
@@ -213,7 +226,8 @@ class StrictReader:
 
     def mapping(self, value: Any, path: str, known: frozenset[str]) -> dict[str, Any]:
         m = read_object(value, path)
-        self.unknown.extend(join_path(path, k) for k in m if k not in known)
+        if not known.issuperset(m):
+            self.unknown.extend(join_path(path, k) for k in m if k not in known)
         return m
 
     def finish(self) -> None:
