@@ -1,6 +1,6 @@
 """Random clusters and policies, programmed into the kernel and probed with real packets.
 
-Run on every kernel datapath (nftables, eBPF): the same examples, the same probes.
+Run on every kernel datapath (nftables, iptables, eBPF): the same examples, the same probes.
 
 Hypothesis draws a cluster (pods with labels, IPs and named ports in a few
 namespaces) and a set of valid policies; the kernel datapath builds it in private
@@ -29,7 +29,7 @@ UNIVERSE = Universe(ipv4_net="10.77.0.0/26", max_pods=5, max_policies=4).with_fe
     ipv6=False)
 
 
-@pytest.fixture(scope="module", params=["nft", "ebpf"])
+@pytest.fixture(scope="module", params=["nft", "iptables", "ebpf"])
 def kernel(request: pytest.FixtureRequest) -> Iterator[KernelDatapath]:
     dp = KernelDatapath(probe_timeout=0.5, datapath=request.param)
     try:
