@@ -85,6 +85,8 @@ def run_diff(args: argparse.Namespace) -> int:
             # What the plan does not show: the base chain, foreign objects, flags.
             lines[:0] = [f"~ {d}" for d in kt.drift if not d.startswith("chain ")
                          or "foreign" in d]
+    elif (details := getattr(dp, "diff_details", None)) is not None:
+        lines[:0] = details(desired)  # the same, from a datapath that says it (iptables)
     for line in lines:
         print(line)
     return 1 if lines else 0

@@ -277,6 +277,17 @@ class IptablesDatapath:
         state = self.read_state({**known, **desired.chains})
         return plan(state.ruleset, canonical(desired))
 
+    def diff_details(self, desired: Ruleset) -> list[str]:
+        """What a plan does not show: the skeleton, foreign objects, dispatch (for `diff`)."""
+        known = dict(self._applied.chains) if self._applied is not None else {}
+        state = self.read_state({**known, **desired.chains})
+        if not state.present:
+            return [f"+ chains and sets {self.layout.names.prefix}* (nothing in the kernel)"]
+        out = [f"~ {d}" for d in state.drift if not d.startswith("chain ")]
+        if any(state.repair.skeleton.values()) and not out:
+            out.append("~ base chain, dispatch chains or jump to rewrite")
+        return out
+
     def apply(self, desired: Ruleset, *, verify: bool | KernelSnapshot = False) -> Plan:
         """Make the kernel enforce `desired`; return the delta (see the module).
 
