@@ -260,6 +260,13 @@ def test_drift_is_seen_and_repaired(trio, datapath, servers) -> None:
     assert _probe(trio, blocked) == closed
     assert datapath.skeleton_intact() and datapath.diff(rs).empty
 
+    # everything wiped by another process: the jump, every chain of ours, every set
+    IptablesDatapath(datapath.layout, netns=trio.host_netns, backend=datapath.backend).remove()
+    assert _probe(trio, blocked) == {("c", "a", "TCP/80"): True}
+    datapath.apply(rs, verify=True)
+    assert datapath.last_drift is not None and datapath.last_drift_details
+    assert _probe(trio, blocked) == closed
+
     # after all that, a new reader is in sync
     again = IptablesDatapath(datapath.layout, netns=trio.host_netns, backend=datapath.backend)
     assert again.apply(rs).empty and again.last_drift is None
