@@ -80,3 +80,17 @@ def test_compile_imports_no_kernel_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split(None, 1) == ["0", "[]\n"]
+
+
+def test_compile_leaves_the_collector_as_it_found_it(capsys: pytest.CaptureFixture[str]) -> None:
+    import gc
+
+    assert gc.isenabled()
+    run(capsys, "compile", "-f", *FILES)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        run(capsys, "compile", "-f", *FILES)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -307,6 +307,17 @@ class Lowering:
                        maps[INGRESS], maps[EGRESS])
 
 
+def clear_caches() -> None:
+    """Empty the compiler's module-level memos (set specs, parsed addresses).
+
+    A one-shot command calls this before it exits: the memos are freed then,
+    not by interpreter shutdown after a collection that walks them all (0.6 s
+    of the 100,000-pod compile).
+    """
+    for cached in (_block_spec, _target_specs, _peer_specs, address, selector_specs):
+        cached.cache_clear()
+
+
 def compile_cluster(cluster: Cluster) -> Ruleset:
     """The whole ruleset of a cluster."""
     return Lowering(resolve(cluster)).ruleset()

@@ -200,6 +200,12 @@ _INTERNED_MAX = 1 << 16
 _SCALARS = frozenset({int, str, type(None)})
 
 
+def clear_interned() -> None:
+    """Forget the interned labels and ports (a one-shot command, before it exits)."""
+    _LABELS.clear()
+    _PORTS.clear()
+
+
 def _intern(table: dict[Any, T], key: Any, make: Callable[[], T]) -> T:
     found = table.get(key)
     if found is None:
