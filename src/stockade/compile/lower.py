@@ -269,11 +269,7 @@ class Lowering:
                      ) -> list[Element]:
         """`SetSpec.contributes` of every pod of an identity to a selector's set of
         `family` (and named `port`), each pod's addresses parsed once."""
-        pods = self._addresses.get(ident)
-        if pods is None:
-            pods = self._addresses[ident] = [
-                (ep, [a for ip in ep.ips if (a := address(ip)) is not None])
-                for ep in self.index.members[ident]]
+        pods = self._pods(ident)
         if port is None:
             return [text for _, addrs in pods for fam, text in addrs if fam == family]
         name, protocol = port
@@ -285,13 +281,22 @@ class Lowering:
                 out.extend((text, proto, number) for fam, text in addrs if fam == family)
         return out
 
+    def _pods(self, ident: int) -> list[tuple[Endpoint, list[tuple[int, str]]]]:
+        """The pods of an identity with their addresses as (family, text), parsed once."""
+        pods = self._addresses.get(ident)
+        if pods is None:
+            pods = self._addresses[ident] = [
+                (ep, [a for ip in ep.ips if (a := address(ip)) is not None])
+                for ep in self.index.members[ident]]
+        return pods
+
     def ruleset(self) -> Ruleset:
         maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
         for mdir, direction in DIRECTION.items():
             chain_of: dict[int, str] = {}  # by id: resolve shares one PolicySet per set
             for ident, ps in sorted(self.res.isolated[mdir].items()):
                 # Remote endpoints are peers only: their node enforces their policies.
-                local = [ep for ep in self.index.members[ident] if not ep.remote]
+                local = [addrs for ep, addrs in self._pods(ident) if not ep.remote]
                 if not local:
                     continue
                 name = chain_of.get(id(ps))
@@ -300,9 +305,10 @@ class Lowering:
                                         self._lowered.setdefault(mdir, {}))
                     self.chains.setdefault(chain.name, chain)
                     name = chain_of[id(ps)] = chain.name
-                for ep in local:
-                    for addr in endpoint_addresses(ep):
-                        maps[direction][addr] = name
+                verdicts = maps[direction]
+                for addrs in local:
+                    for _, addr in addrs:
+                        verdicts[addr] = name
         return Ruleset(dict(sorted(self.sets.items())), dict(sorted(self.chains.items())),
                        maps[INGRESS], maps[EGRESS])
 

@@ -19,6 +19,7 @@ from stockade.compile.ir import ADDR, ADDR_PORT, NET, Element, content_name
 from stockade.engine.match import ip_block_matches
 from stockade.model.cidr import parse_cidr, parse_ip
 from stockade.model.cluster import Endpoint
+from stockade.model.decode import is_canonical_ipv4
 from stockade.model.labels import Labels
 from stockade.model.policy import IPBlock, Peer
 from stockade.model.selector import Selector
@@ -93,7 +94,7 @@ def address(text: str) -> tuple[int, str] | None:
     Canonical dotted IPv4 (what pods have) is itself (~1 µs); anything else
     goes through the legacy-lenient `parse_ip` (~5 µs, more past its cache).
     """
-    if _canonical_ipv4(text):
+    if is_canonical_ipv4(text):
         return 4, text
     a = parse_ip(text)
     return (a.version, str(a)) if a is not None else None
@@ -129,18 +130,6 @@ class SetSpec:
             else:
                 out.append(a[1])
         return out
-
-
-def _canonical_ipv4(text: str) -> bool:
-    """Four decimal octets 0-255 without leading zeros: `str(parse_ip(text)) == text`."""
-    parts = text.split(".")
-    if len(parts) != 4:
-        return False
-    for p in parts:
-        if not (p.isascii() and p.isdigit()) or len(p) > 3 or (p[0] == "0" and len(p) > 1) \
-                or int(p) > 255:
-            return False
-    return True
 
 
 @functools.lru_cache(maxsize=1 << 16)

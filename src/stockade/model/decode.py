@@ -500,7 +500,7 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
     if not ips:
         raise DecodeError("the Pod has no IP (status.podIP or status.podIPs)", path="status.podIP")
     for i, ip in enumerate(ips):
-        if parse_ip(ip) is None:
+        if not is_canonical_ipv4(ip) and parse_ip(ip) is None:
             where = "status.podIP" if ip == pod_ip and i == 0 else f"status.podIPs[{i}].ip"
             raise DecodeError(f"{ip!r} is not an IP address", path=where)
     spec = m.get("spec") if isinstance(m.get("spec"), dict) else {}
@@ -534,6 +534,22 @@ def _container_port(path: str, port: Any, protocol: Any, name: Any) -> Container
         name=read_string(name, f"{path}.name"),
         path=path,
     )
+
+
+def is_canonical_ipv4(text: str) -> bool:
+    """Four decimal octets 0-255 without leading zeros: then `str(parse_ip(text)) == text`.
+
+    ~1 µs where the legacy-lenient `parse_ip` takes ~5 µs past its cache (which
+    100,000 pods overflow); anything else is for `parse_ip` to judge.
+    """
+    parts = text.split(".")
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        if not (p.isascii() and p.isdigit()) or len(p) > 3 or (p[0] == "0" and len(p) > 1) \
+                or int(p) > 255:
+            return False
+    return True
 
 
 def _pod_list(value: Any, path: str) -> list[Any]:
