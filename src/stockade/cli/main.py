@@ -3,45 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from collections.abc import Sequence
-from types import ModuleType
 
 from stockade import __version__
-from stockade.cli import (
-    agent,
-    analysis,
-    compile,
-    conformance,
-    containers,
-    dataplane,
-    explain,
-    matrix,
-    operator,
-    validate,
-)
 from stockade.errors import InvalidObjects, StockadeError, ValidationError
 
-COMMANDS: tuple[ModuleType, ...] = (
-    validate, explain, matrix, compile, analysis, conformance, dataplane, agent, containers,
-    operator,
+# Command modules, imported when their command runs (or all for --help): an
+# offline command does not pay for the agent's imports (sqlite3, ctypes, ...).
+COMMANDS: tuple[str, ...] = (
+    "validate", "explain", "matrix", "compile", "analysis", "conformance", "dataplane",
+    "agent", "containers", "operator",
 )
+# Commands whose module registers nothing else a parser needs to see.
+_MODULE_OF = {"validate": "validate", "explain": "explain", "matrix": "matrix",
+              "compile": "compile", "coverage": "analysis", "diff": "analysis",
+              "lint": "analysis", "conformance": "conformance", "dataplane": "dataplane",
+              "datapath": "dataplane", "operator": "operator"}
+
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_INPUT = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stockade",
         description="Container network isolation and NetworkPolicy enforcement on Linux.",
     )
     parser.add_argument("--version", action="version", version=f"stockade {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
-        module.register(sub)
+    names = (_MODULE_OF[command],) if command in _MODULE_OF else COMMANDS
+    for name in names:
+        importlib.import_module(f"stockade.cli.{name}").register(sub)
     return parser
 
 
@@ -52,8 +49,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
-    parser = build_parser()
-    return execute(parser.parse_args(argv))
+    args = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in args if not a.startswith("-")), None)
+    return execute(build_parser(first).parse_args(args))
 
 
 def execute(args: argparse.Namespace, prog: str = "stockade") -> int:
