@@ -9,7 +9,6 @@ happens in the test.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import struct
 import subprocess
@@ -19,9 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.support import shared
 
-from stockade.cli.main import main
 from stockade.compile import bpf as bpfc
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import libbpf, open_datapath
@@ -31,7 +28,7 @@ from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, IPBlock, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
-from stockade.net.namespace import entered, list_netns
+from stockade.net.namespace import entered
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
 from stockade.probe.protocol import Port, Protocol
@@ -42,7 +39,6 @@ pytestmark = pytest.mark.privileged
 
 PORTS = [Port(80, Protocol.TCP), Port(81, Protocol.TCP), Port(80, Protocol.UDP),
          Port(80, Protocol.SCTP)]
-CORPUS = shared("conformance")
 
 
 def _ns(name: str) -> Namespace:
@@ -327,25 +323,6 @@ def test_open_datapath_names_it_and_reading_nothing_creates_nothing() -> None:
     assert dp.dir.name == "other" and dp.dir.parent.name == "netns-nowhere"
     assert dp.read() == bpfc.ruleset_of(bpfc.BpfState()) and dp.show() == ""
     assert not dp.dir.exists()
-
-
-def test_public_corpus_passes_on_real_packets(capsys: pytest.CaptureFixture[str]) -> None:
-    if not CORPUS.is_dir():
-        pytest.fail(f"the conformance corpus is missing at {CORPUS}")
-    cases = len([p for p in CORPUS.glob("*.yaml") if p.name != "standard-cluster.yaml"])
-    before = set(list_netns())
-    pins_before = set(os.listdir("/sys/fs/bpf/stockade")) if Path(
-        "/sys/fs/bpf/stockade").exists() else set()
-    code = main(["conformance", str(CORPUS), "--datapath", "ebpf"])
-    out = capsys.readouterr().out
-    summary = out.strip().splitlines()[-1]
-    assert re.fullmatch(rf"{cases} passed, 0 failed", summary), out[-3000:]
-    assert code == 0
-    left = {n for n in set(list_netns()) - before if re.match(r"sc[0-9a-f]{4}", n)}
-    assert left == set()
-    pins_after = set(os.listdir("/sys/fs/bpf/stockade")) if Path(
-        "/sys/fs/bpf/stockade").exists() else set()
-    assert pins_after - pins_before == set()
 
 
 def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:
