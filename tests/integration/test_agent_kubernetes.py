@@ -152,6 +152,8 @@ def kube_agent(tmp: Path, api: KubeAPI, host: str, prefix: str,
 def api() -> Iterator[KubeAPI]:
     with KubeAPI(bookmark_interval=0.5) as server:
         yield server
+    # A 500 from a bug of the double would be mistaken for the API's behaviour.
+    assert server.internal_errors == []
 
 
 # ---- (1) the conformance corpus through the API -------------------------------------------
