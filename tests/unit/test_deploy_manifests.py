@@ -155,7 +155,9 @@ def test_agent_daemonset_runs_on_every_node_with_exact_capabilities() -> None:
     assert sc["privileged"] is False
     assert sc["capabilities"] == {"drop": ["ALL"],
                                   "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF"]}
-    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # Not /healthz: not ready (no API yet) is not dead, and a restart would not help.
+    assert agent["livenessProbe"]["tcpSocket"]["port"] == "metrics"
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert agent["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert {p["name"]: p["containerPort"] for p in agent["ports"]} == {"metrics": 9641}
     host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
