@@ -16,7 +16,13 @@ from stockade.errors import AgentError
 
 class AgentProcess:
     def __init__(self, tmp: Path, host_netns: str, prefix: str, *, log_group: int = 0,
-                 resync: float = 1.0, extra: tuple[str, ...] = ()) -> None:
+                 resync: float = 1.0, extra: tuple[str, ...] = (), datapath: str = "nft",
+                 table: str = "stockade", env: dict[str, str] | None = None) -> None:
+        self.datapath = datapath
+        self.table = table
+        self.netns = host_netns
+        # e.g. STOCKADE_IPTABLES_BACKEND for the legacy iptables backend
+        self.env = {**os.environ, **env} if env else None
         self.state = tmp / "state"
         self.socket = str(tmp / "run" / "agent.sock")
         self.log = tmp / "agent.log"
@@ -24,12 +30,12 @@ class AgentProcess:
                     "--state-dir", str(self.state), "--socket", self.socket,
                     "--netns", host_netns, "--bridge-prefix", prefix,
                     "--resync-interval", str(resync), "--log-group", str(log_group),
-                    *extra]
+                    "--datapath", datapath, "--table", table, *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> AgentProcess:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=out)
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=out, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

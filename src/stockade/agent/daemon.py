@@ -39,10 +39,10 @@ from stockade.agent.store import Store
 from stockade.agent.visibility import Visibility
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
-from stockade.compile.nft import Table
 from stockade.compile.plan import Plan
+from stockade.datapath import DATAPATHS, open_datapath
+from stockade.datapath.base import Datapath
 from stockade.datapath.monitor import TableMonitor
-from stockade.datapath.nft import NftDatapath
 from stockade.errors import AgentError, InputError
 from stockade.model.cluster import Cluster
 from stockade.net.ipam import Ipam
@@ -93,6 +93,7 @@ class Agent:
         self.api: ApiServer | None = None
         self.runner: BoundedFrequencyRunner | None = None
         self.monitor: TableMonitor | None = None
+        self._link_poll: threading.Thread | None = None  # the eBPF datapath's
         self.metrics_server: MetricsServer | None = None
         self.kube_feed: Any = None  # stockade.kube.datastore.KubeFeed with that datastore
         self._started: list[Extension] = []
@@ -104,8 +105,9 @@ class Agent:
 
     def start(self) -> None:
         cfg = self.config
-        if cfg.datapath != "nft":
-            raise AgentError(f"datapath {cfg.datapath!r} is not available (nft is)")
+        if cfg.datapath not in DATAPATHS:
+            raise AgentError(f"datapath {cfg.datapath!r} is not available "
+                             f"({', '.join(DATAPATHS)})")
         if cfg.datastore not in ("local", "kubernetes"):
             raise AgentError(f"datastore {cfg.datastore!r} is not available "
                              "(local, kubernetes)")
@@ -124,8 +126,8 @@ class Agent:
         log.info("state loaded", extra={"fields": {
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})
-        table = Table(cfg.table, log_group=cfg.log_group)
-        datapath = NftDatapath(table, netns=cfg.netns, owner=cfg.table_owner)
+        datapath = open_datapath(cfg.datapath, cfg.table, netns=cfg.netns,
+                                 owner=cfg.table_owner, log_group=cfg.log_group)
         datapath.check()
         if not kube:
             # With the API as the datastore an empty local store is normal: nothing is
@@ -147,8 +149,14 @@ class Agent:
         ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet)
         self.service = Service(self.store, state, self.reconciler, ipam=ipam,
                                strict_cidr=cfg.strict_cidr)
+        ebpf = cfg.datapath == "ebpf"
+        # nft and iptables log denied packets to the same NFLOG group and prefix; the eBPF
+        # program to its ring buffer. It also cuts revoked connections itself (it tracks
+        # them in its own map), so the kernel's conntrack is left alone there.
         self.visibility = Visibility(self._cluster, self.metrics, cfg.netns, cfg.log_group,
-                                     cfg.state_dir)
+                                     cfg.state_dir,
+                                     events=getattr(datapath, "events", None) if ebpf else None,
+                                     revoke=not ebpf)
         for provider in self.operation_providers():
             self.service.register(provider)
         self.visibility.start()
@@ -164,7 +172,7 @@ class Agent:
         self._serve()
         self._update_gauges()
         log.info("ready", extra={"fields": {"socket": cfg.socket, "revision": revision,
-                                            "table": f"inet {cfg.table}"}})
+                                            "table": self._where()}})
         notify_ready()
 
     def _enforce(self) -> None:
@@ -174,11 +182,33 @@ class Agent:
                                              cfg.resync_interval)
         self.reconciler.attach(self.runner.run)
         self.runner.start()
-        # The datapath's own monitor: a deleted table is rewritten without reading first.
-        datapath = self.reconciler.datapath
-        assert isinstance(datapath, NftDatapath)
-        self.monitor = datapath.monitor(self._foreign_change)
-        self.monitor.start()
+        datapath: Any = self.reconciler.datapath
+        if cfg.datapath == "nft":
+            # The table's events: a deleted table is rewritten without reading first.
+            self.monitor = datapath.monitor(self._foreign_change)
+            self.monitor.start()
+        elif cfg.datapath == "ebpf":
+            # No events for a detached program: poll the links (no map is read).
+            self._link_poll = threading.Thread(target=self._poll_links, args=(datapath,),
+                                               name="ebpf-links", daemon=True)
+            self._link_poll.start()
+        else:
+            log.info("iptables offers no change events: drift is found by the verifying "
+                     "resync", extra={"fields": {"seconds": cfg.resync_interval}})
+
+    LINK_POLL = 1.0
+
+    def _poll_links(self, datapath: Any) -> None:
+        """Every LINK_POLL seconds: a detached program or a missing pin is repaired the
+        way the nft monitor's foreign change is (a verifying reconciliation at once)."""
+        while not self._stopping.wait(self.LINK_POLL):
+            try:
+                intact = datapath.skeleton_intact()
+            except Exception as exc:  # the next poll tries again
+                log.warning("could not check the eBPF links: %s", exc)
+                continue
+            if not intact:
+                self._foreign_change()
 
     def _start_extensions(self) -> None:
         for ext in self.extensions:
@@ -230,7 +260,7 @@ class Agent:
         feed.start()
         log.info("serving; enforcing once the first lists of the Kubernetes API are in",
                  extra={"fields": {"socket": cfg.socket, "server": feed.client.server,
-                                   "node": feed.node, "table": f"inet {cfg.table}"}})
+                                   "node": feed.node, "table": self._where()}})
         threading.Thread(target=self._await_kube, name="kube-sync", daemon=True).start()
 
     def _await_kube(self) -> None:
@@ -252,11 +282,11 @@ class Agent:
             self.runner.retry_in(self.reconciler.backoff())
         self._update_gauges()
         log.info("ready", extra={"fields": {"revision": self.reconciler.desired_revision,
-                                            "table": f"inet {self.config.table}"}})
+                                            "table": self._where()}})
         notify_ready()
 
     def _guard_empty_store(self, state: AgentState, revision: int,
-                           datapath: NftDatapath) -> tuple[AgentState, int]:
+                           datapath: Datapath) -> tuple[AgentState, int]:
         """Losing the store must never open enforcement.
 
         An empty store (emptied, removed, or a mistyped --state-dir) facing a
@@ -289,11 +319,11 @@ class Agent:
         if cfg.accept_empty_store:
             log.warning("the store is empty and the kernel enforces a ruleset: replacing "
                         "it by the empty state, as --accept-empty-store asks",
-                        extra={"fields": {"store": where, "table": f"inet {cfg.table}",
+                        extra={"fields": {"store": where, "table": self._where(),
                                           "chains": len(kernel.chains)}})
             return state, revision
         raise AgentError(
-            f"the store {where} is empty (revision {revision}), but table inet {cfg.table} "
+            f"the store {where} is empty (revision {revision}), but {self._objects()} "
             f"in the kernel enforces {len(kernel.chains)} policy chain(s) for "
             f"{len(set(kernel.ingress) | set(kernel.egress))} address(es); starting would "
             "remove that enforcement, so the agent refuses. If --state-dir is mistyped, fix "
@@ -301,6 +331,18 @@ class Agent:
             "(a file from `stockade snapshot save`), or start with --accept-empty-store to "
             "replace the kernel's rules by the empty state on purpose. Until then the "
             "kernel keeps enforcing the table as it is.")
+
+    def _where(self) -> str:
+        """What the datapath owns in the kernel, for logs."""
+        cfg = self.config
+        return f"inet {cfg.table}" if cfg.datapath == "nft" else f"{cfg.datapath} {cfg.table}"
+
+    def _objects(self) -> str:
+        cfg = self.config
+        return {"nft": f"table inet {cfg.table}",
+                "iptables": f"the iptables chains and ipsets of {cfg.table}",
+                "ebpf": f"the pinned eBPF programs and maps of {cfg.table}",
+                }.get(cfg.datapath, f"{cfg.datapath} {cfg.table}")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -313,6 +355,8 @@ class Agent:
             ext.stop()
         if self.monitor is not None:
             self.monitor.stop()
+        if self._link_poll is not None:
+            self._link_poll.join()
         if getattr(self, "visibility", None) is not None:
             self.visibility.stop()
         if self.runner is not None:
@@ -343,7 +387,7 @@ class Agent:
                 self.runner.retry_in(self.reconciler.backoff())
 
     def _foreign_change(self) -> None:
-        log.info("another process changed the table; checking it")
+        log.info("another process changed the datapath's kernel objects; checking them")
         self._verify_next = True
         if self.runner is not None:
             self.runner.run()
@@ -398,7 +442,8 @@ class Agent:
                 "error": (last.error if last is not None else "") or "",
                 "cniConfig": cni_config(self.config.cni_conf_dir),
                 # Start-up refuses a kernel that fails the probe: here, all present.
-                "features": {name: True for name in KERNEL_FEATURES},
+                "features": {name: True for name in
+                             KERNEL_FEATURES.get(self.config.datapath, ())},
                 "policies": policies}
 
     def _revoked(self, ruleset: Ruleset) -> None:
@@ -463,9 +508,15 @@ def _read_snapshot(path: str, strict_cidr: bool) -> tuple[AgentState, dict[str, 
         raise AgentError(f"{path}: not a valid snapshot: {exc}") from None
 
 
-# What NftDatapath.check() probes at start (the agent does not start without them).
-KERNEL_FEATURES = ("inetForwardHook", "conntrack", "verdictMaps", "intervalSets",
-                   "concatenatedSets", "bridgeNetfilter")
+# What each datapath's check() probes at start (the agent does not start without them).
+KERNEL_FEATURES: dict[str, tuple[str, ...]] = {
+    "nft": ("inetForwardHook", "conntrack", "verdictMaps", "intervalSets",
+            "concatenatedSets", "bridgeNetfilter"),
+    "iptables": ("ipsetHashIp", "ipsetHashNet", "ipsetHashIpPort", "setMatch",
+                 "multiportMatch", "conntrackMatch", "commentMatch", "limitMatch",
+                 "nflogTarget", "bridgeNetfilter"),
+    "ebpf": ("bpffs", "bpfVerifier", "tcAttach", "ringBuffer"),
+}
 
 
 def cni_config(directory: str) -> list[dict[str, Any]]:

@@ -39,10 +39,10 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from stockade.compile.ir import Ruleset
 from stockade.datapath.nflog import (
@@ -314,9 +314,15 @@ class FlowLogReader:
     def handle(self, data: bytes, *, received_at: float) -> list[DeniedFlow]:
         """Record the packets of one datagram (called by the thread; public for tests)."""
         datagram = parse_datagram(data)
+        return self.record(datagram.packets, received_at=received_at,
+                           malformed=datagram.malformed)
+
+    def record(self, packets: Sequence[LoggedPacket], *, received_at: float,
+               malformed: int = 0) -> list[DeniedFlow]:
+        """Record logged packets, whatever read them (NFLOG here, a ring buffer below)."""
         flows: list[DeniedFlow] = []
         ignored = failed = 0
-        for packet in datagram.packets:
+        for packet in packets:
             if not packet.chain:
                 ignored += 1
                 continue
@@ -328,8 +334,8 @@ class FlowLogReader:
                 failed += 1
                 record = dict(_bare(packet))
             flows.append(self._append(record))
-        self._count(received=len(datagram.packets), recorded=len(flows), ignored=ignored,
-                    malformed=datagram.malformed, failed=failed)
+        self._count(received=len(packets), recorded=len(flows), ignored=ignored,
+                    malformed=malformed, failed=failed)
         if flows:
             self._write(flows)
         if self.on_record is not None:
@@ -377,3 +383,69 @@ class FlowLogReader:
     def stats(self) -> FlowLogStats:
         with self._lock:
             return self._stats
+
+
+class PacketSource(Protocol):
+    """Denied packets from elsewhere than NFLOG (the eBPF datapath's `DeniedEvents`)."""
+
+    def read(self, timeout: float = 0.0) -> list[LoggedPacket]: ...
+
+    def close(self) -> None: ...
+
+
+class EventFlowReader(FlowLogReader):
+    """The same log, fed by a `PacketSource` read in a thread (the eBPF ring buffer):
+    the same records, counters, file and paging as NFLOG's."""
+
+    POLL = 0.2  # how long one read waits, so that stop() is noticed
+
+    def __init__(self, open_source: Callable[[], PacketSource], *,
+                 describe: Describe | None = None, capacity: int = 1024,
+                 path: str | None = None,
+                 on_record: Callable[[DeniedFlow], None] | None = None) -> None:
+        super().__init__(0, None, describe=describe, capacity=capacity, path=path,
+                         on_record=on_record)
+        self.open_source = open_source
+        self._source: PacketSource | None = None
+        self._halt = threading.Event()
+
+    def start(self) -> FlowLogReader:
+        if self._thread is not None:
+            return self
+        source = self.open_source()
+        try:
+            if self.path is not None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        except BaseException:
+            source.close()
+            raise
+        self._source = source
+        self._halt.clear()
+        self._thread = threading.Thread(target=self._run, name="flowlog-events",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._halt.set()
+        thread.join()
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _run(self) -> None:
+        assert self._source is not None
+        while not self._halt.is_set():
+            try:
+                packets = self._source.read(self.POLL)
+            except Exception as exc:  # said in `error`, as NFLOG's is
+                self.error = f"reading the denied-connection events: {exc}"
+                return
+            if packets:
+                self.record(packets, received_at=time.time())

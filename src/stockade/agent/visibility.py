@@ -13,7 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stockade.agent.flowlog import DeniedFlow, FlowLogReader, describer
+from stockade.agent.flowlog import (
+    DeniedFlow,
+    EventFlowReader,
+    FlowLogReader,
+    PacketSource,
+    describer,
+)
 from stockade.agent.metrics import AgentMetrics
 from stockade.agent.revoke import connections_to_cut
 from stockade.compile.ir import Ruleset
@@ -28,7 +34,9 @@ log = logging.getLogger("stockade.visibility")
 
 class Visibility:
     def __init__(self, cluster_of: Callable[[], Cluster], metrics: AgentMetrics,
-                 netns: str | None, log_group: int | None, state_dir: str) -> None:
+                 netns: str | None, log_group: int | None, state_dir: str, *,
+                 events: Callable[[], PacketSource] | None = None,
+                 revoke: bool = True) -> None:
         self.cluster_of = cluster_of
         self.metrics = metrics
         self.netns = netns
@@ -39,7 +47,13 @@ class Visibility:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reader: FlowLogReader | None = None
-        if log_group is not None:
+        self.revoke = revoke
+        if log_group is not None and events is not None:
+            # The eBPF datapath: its ring buffer, read in a thread, recorded the same way.
+            self.reader = EventFlowReader(events, describe=self.describe,
+                                          path=str(Path(state_dir) / "denied-flows.jsonl"),
+                                          on_record=self._counted)
+        elif log_group is not None:
             self.reader = FlowLogReader(log_group, netns, describe=self.describe,
                                         path=str(Path(state_dir) / "denied-flows.jsonl"),
                                         on_record=self._counted)
@@ -48,8 +62,10 @@ class Visibility:
     def start(self) -> None:
         if self.reader is not None:
             self.reader.start()
-        self._thread = threading.Thread(target=self._revoker, name="revoke", daemon=True)
-        self._thread.start()
+        if self.revoke:
+            self._thread = threading.Thread(target=self._revoker, name="revoke",
+                                            daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()

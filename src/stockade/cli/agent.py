@@ -14,6 +14,7 @@ import yaml
 
 from stockade.agent.client import AgentClient
 from stockade.agent.protocol import ApiError
+from stockade.datapath import DATAPATHS
 from stockade.errors import InputError
 from stockade.load import expand_paths, read_text
 from stockade.model.parse import parse_documents
@@ -23,7 +24,8 @@ def register(sub: Any) -> None:
     a = sub.add_parser("agent", help="run the node agent in the foreground")
     a.add_argument("--state-dir", default="/var/lib/stockade")
     _socket(a)
-    a.add_argument("--datapath", default="nft", choices=("nft",))
+    a.add_argument("--datapath", default="nft", choices=tuple(DATAPATHS),
+                   help="what enforces in the kernel: nftables, iptables + ipset, or eBPF")
     a.add_argument("--netns", metavar="NAME", help="enforce in /run/netns/NAME")
     a.add_argument("--table", default="stockade")
     a.add_argument("--metrics-address", metavar="HOST:PORT")
