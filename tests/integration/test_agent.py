@@ -293,12 +293,18 @@ def test_revoked_connection_is_cut_unless_kept(trio, agent, keep: bool) -> None:
             conn.close()
 
 
-def test_denied_flows_are_logged(tmp_path: Path, trio, netns_prefix: str, servers) -> None:
+@pytest.mark.parametrize("which", ["nft", "iptables-nft", "ebpf"])
+def test_denied_flows_are_logged(tmp_path: Path, trio, netns_prefix: str, servers,
+                                 which: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import random
 
+    kind, backend = DATAPATHS[which]
+    table = f"{netns_prefix}agent" if kind == "ebpf" else "stockade"
     proc = AgentProcess(tmp_path, trio.host_netns, netns_prefix,
-                        log_group=random.randint(2000, 60000)).start()
+                        log_group=random.randint(2000, 60000), datapath=kind, table=table,
+                        env={BACKEND_ENV: backend} if backend else None)
     try:
+        proc.start()
         for att in trio.all:
             ns, name = att.key.split("/")
             proc.call("endpoint.add", endpoint={"namespace": ns, "name": name,
@@ -321,6 +327,7 @@ def test_denied_flows_are_logged(tmp_path: Path, trio, netns_prefix: str, server
         assert (tmp_path / "state" / "denied-flows.jsonl").read_text().count("x/c") >= 1
     finally:
         proc.stop()
+        _remove_pins(kind, table, trio.host_netns)
 
 
 def test_metrics_are_served(tmp_path: Path, trio, netns_prefix: str) -> None:
