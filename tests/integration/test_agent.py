@@ -210,10 +210,7 @@ def test_drift_is_repaired(trio, agent, servers, tamper) -> None:
     assert "drift repaired" in agent.logs()
 
 
-# Not iptables yet: a kill -9 between the per-family steps of an apply leaves a chain
-# in one family only, and the restarted agent's removal of it (`-F` in both) is refused
-# ("No chain/target/match by that name"), so it does not start (fails 1 run in 2 here).
-@pytest.mark.parametrize("agent", ["nft", "ebpf"], indirect=True)
+@pytest.mark.parametrize("agent", list(DATAPATHS), indirect=True)
 def test_kill9_during_changes_then_restart_keeps_enforcing(trio, agent, servers) -> None:
     """Allowed traffic never fails and denied traffic never passes, across a kill -9."""
     agent.call("apply", documents=[_policy("web", "a", {"pod": "b"})], source="test")

@@ -145,6 +145,8 @@ class FakeKernel:
                     raise Refused(line)
                 table[chain].remove(body)
             elif op == "-F":
+                if chain not in table:  # as iptables-restore: "No chain/target/match"
+                    raise Refused(line)
                 table[chain] = []
             elif op == "-X":
                 if table.get(chain) or any(f"-j {chain}" in b or f"-g {chain}" in b
@@ -532,6 +534,25 @@ def test_a_chain_known_to_nobody_is_deleted() -> None:
     assert all(not s.elements for s in k.sets.values())
     assert not [n for n in k.sets if n.startswith("stockade-") and "b4-" not in n
                 and "b6-" not in n]
+
+
+def test_a_chain_left_in_one_family_by_a_cut_short_apply_is_removed() -> None:
+    """A kill -9 between the families' steps leaves a chain in IPv4 only; the next
+    process deletes it there and writes nothing about it for IPv6."""
+    layout = Layout.of("stockade")
+    old = compile_cluster(_cluster(*BASE))
+    k = FakeKernel()
+    _first(k, layout, old)
+    gone = _policy_chain(k)
+    for rules in k.chains[6].values():  # as if IPv6's step had not run
+        rules[:] = [r for r in rules if gone not in r]
+    del k.chains[6][gone]
+    new = compile_cluster(Cluster((_ns("x"),), BASE, ()))
+    state = k.read(layout, dict(new.chains))
+    _apply(k, layout, state.ruleset, new, state)  # refused before: -F of a missing chain
+    after = k.read(layout, dict(new.chains))
+    assert not after.needs_repair and after.ruleset == canonical(new)
+    assert gone not in k.chains[4]
 
 
 def test_a_refused_iptables_restore_changes_nothing_of_that_table() -> None:

@@ -600,7 +600,10 @@ def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False
         present = (rep.kernel_chains.get(fam, set(old.chains)) | set(new_chains)) - del_chains
         for d, b in sorted({(_direction(cn), bucket_of(cn)) for cn in gone_ir}):
             lines += bucket_chain_lines(names, d, b, present, fam)
-        for k in [names.chain(cn) for cn in gone_ir] + foreign:
+        # only where the chain is: an apply cut short (kill -9 between the families'
+        # steps) leaves it in one family, and `-F` of a missing chain fails the restore
+        held = rep.kernel_chains.get(fam, set(old.chains))
+        for k in [names.chain(cn) for cn in gone_ir if cn in held] + foreign:
             lines += [f"-F {k}", f"-X {k}"]
 
     # (5) ipset: sets no longer used
