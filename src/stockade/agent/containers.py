@@ -269,7 +269,9 @@ class ContainerManager:
             raise AgentError("the container manager needs the agent's address pool")
         cfg = agent.config
         self.service = service
-        self.plumber = Plumber(cfg.bridge_prefix, host_netns=cfg.netns, subnet4=cfg.subnet)
+        # The pool in use (the store's, once allocated from), not only the configured one.
+        self.plumber = Plumber(cfg.bridge_prefix, host_netns=cfg.netns,
+                               subnet4=str(service.ipam.subnet))
         try:
             self.plumber.ensure_bridge(addresses=[service.ipam.gateway_interface])
         except NetError as exc:  # the agent still enforces policy; only `run` cannot work

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
@@ -47,6 +47,7 @@ from stockade.errors import AgentError, InputError
 from stockade.model.cluster import Cluster
 from stockade.net.ipam import Ipam
 
+DEFAULT_SUBNET = "10.244.0.0/16"  # the bridge's pool on a single host
 log = logging.getLogger("stockade.agent")
 
 
@@ -61,7 +62,9 @@ class AgentConfig:
     log_group: int | None = 100
     min_interval: float = 0.002
     resync_interval: float = 30.0
-    subnet: str = "10.244.0.0/16"
+    # The address pool of the bridge; None: on a cluster this node's spec.podCIDR
+    # (every node its own block, as the cluster assigned it), else DEFAULT_SUBNET.
+    subnet: str | None = None
     bridge_prefix: str = "stk"
     strict_cidr: bool = False
     # An empty store facing a kernel table that enforces something: refuse to
@@ -117,12 +120,16 @@ class Agent:
             from stockade.kube.datastore import KubeCacheStore
 
             self.kube_feed = self._kube_feed()
+            if cfg.subnet is None:
+                cfg = self.config = replace(cfg, subnet=self._node_pod_cidr())
             store = KubeCacheStore(cfg.state_dir)
             self.store = store
             state, revision = store.load_local()
         else:
             self.store = Store(cfg.state_dir)
             state, revision = self.store.load()
+            if cfg.subnet is None:
+                cfg = self.config = replace(cfg, subnet=DEFAULT_SUBNET)
         log.info("state loaded", extra={"fields": {
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})
@@ -146,7 +153,7 @@ class Agent:
             revoked=self._revoked),
             cluster_of=self._cluster)
         ipam_state = self.store.get_meta("ipam")
-        ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet)
+        ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet or DEFAULT_SUBNET)
         self.service = Service(self.store, state, self.reconciler, ipam=ipam,
                                strict_cidr=cfg.strict_cidr)
         ebpf = cfg.datapath == "ebpf"
@@ -243,6 +250,30 @@ class Agent:
         node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()
         return KubeFeed(client, node, config=ReflectorConfig(
             timeout_seconds=cfg.watch_timeout, stall_timeout=cfg.watch_stall_timeout))
+
+    def _node_pod_cidr(self) -> str:
+        """This node's IPv4 pod CIDR as the cluster assigned it, or DEFAULT_SUBNET.
+
+        Without it every node would hand out the same addresses. A cluster that
+        assigns none (no --allocate-node-cidrs) needs --subnet on each agent.
+        """
+        from stockade.kube.client import NODES, KubeError
+
+        feed = self.kube_feed
+        try:
+            node = feed.client.get(NODES, feed.node)
+        except KubeError as exc:
+            raise AgentError(f"--datastore kubernetes: cannot read node {feed.node}: {exc}; "
+                             "give its address pool with --subnet") from None
+        spec = (node or {}).get("spec") or {}
+        cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+        for cidr in cidrs:
+            if isinstance(cidr, str) and "." in cidr:
+                log.info("address pool from node %s: %s", feed.node, cidr)
+                return cidr
+        log.warning("node %s has no IPv4 podCIDR; using %s (give --subnet on a cluster "
+                    "of several nodes)", feed.node, DEFAULT_SUBNET)
+        return DEFAULT_SUBNET
 
     def _start_kube(self) -> None:
         """Serve reads at once; enforce nothing until the first lists are committed.

@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
     a.add_argument("--netns", metavar="NAME", help="enforce in /run/netns/NAME")
     a.add_argument("--table", default="stockade")
     a.add_argument("--metrics-address", metavar="HOST:PORT")
-    a.add_argument("--subnet", default="10.244.0.0/16", help="address pool of the bridge")
+    a.add_argument("--subnet", help="address pool of the bridge (default: with --datastore "
+                   "kubernetes this node's spec.podCIDR, else 10.244.0.0/16)")
     a.add_argument("--bridge-prefix", default="stk", metavar="PREFIX",
                    help="prefix of the bridge, veths and namespaces `stockade run` makes")
     a.add_argument("--resync-interval", type=float, default=30.0, metavar="SECONDS")
