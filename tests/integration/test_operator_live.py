@@ -99,18 +99,6 @@ def warnings(api: KubeAPI, name: str, namespace: str = "backend") -> list[Obj]:
             if e["involvedObject"]["name"] == name and e["type"] == "Warning"]
 
 
-@pytest.fixture(autouse=True)
-def _no_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The double answers each request in several writes: with Nagle's algorithm and the
-    client's delayed ACK, every request took ~44 ms on loopback (0.8 ms without; measured
-    here). A workaround until the double sets it itself."""
-    from tests.support.kubeapi import server
-
-    handler = getattr(server, "_Handler", None)
-    if handler is not None:
-        monkeypatch.setattr(handler, "disable_nagle_algorithm", True, raising=False)
-
-
 @pytest.fixture
 def cluster(kube_api: KubeAPI, tmp_path: Path) -> Path:
     kube_api.create(yaml.safe_load(CRD.read_text()))

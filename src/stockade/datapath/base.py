@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.plan import Plan
+from stockade.errors import DataplaneError, NetError
+from stockade.net.sysctl import BridgeNetfilterMissing, ensure_bridge_netfilter
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,19 @@ class Datapath(Protocol):
 
     def remove(self) -> None:
         """Remove everything this datapath created."""
+
+
+def require_bridge_netfilter(netns: str | None, hook: str) -> None:
+    """Bridged traffic of `netns` through netfilter, or a DataplaneError naming `hook`.
+
+    Every datapath that judges packets in netfilter (nft's forward hook, iptables'
+    FORWARD chain) sees bridged container traffic only through br_netfilter.
+    """
+    try:
+        ensure_bridge_netfilter(netns)
+    except BridgeNetfilterMissing:
+        raise DataplaneError(
+            "br_netfilter is not available (no /proc/sys/net/bridge): bridged "
+            f"container traffic would bypass {hook}") from None
+    except NetError as exc:
+        raise DataplaneError(str(exc)) from None

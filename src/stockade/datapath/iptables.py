@@ -55,10 +55,9 @@ from stockade.compile.iptables import (
 from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.nft import canonical
 from stockade.compile.plan import Plan, plan
-from stockade.datapath.base import KernelSnapshot
-from stockade.errors import DataplaneError, NetError
+from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
+from stockade.errors import DataplaneError
 from stockade.net.namespace import entered, netns_path
-from stockade.net.sysctl import BridgeNetfilterMissing, ensure_bridge_netfilter
 
 log = logging.getLogger("stockade.dataplane")
 
@@ -243,14 +242,7 @@ class IptablesDatapath:
             script = "".join(f"destroy {s}\n" for s in sets if s in present)
             if script:
                 self._exec(["ipset", "restore"], script, what="removing the probe sets")
-        try:
-            ensure_bridge_netfilter(self.netns)
-        except BridgeNetfilterMissing:
-            raise DataplaneError(
-                "br_netfilter is not available (no /proc/sys/net/bridge): bridged "
-                "container traffic would bypass iptables' FORWARD chain") from None
-        except NetError as exc:
-            raise DataplaneError(str(exc)) from None
+        require_bridge_netfilter(self.netns, "iptables' FORWARD chain")
 
     def _ipset_names(self) -> set[str]:
         return set(self._exec(["ipset", "list", "-n"], what="ipset list").split())

@@ -37,7 +37,7 @@ from stockade.compile.nft import (
     render_plan,
 )
 from stockade.compile.plan import Plan, plan
-from stockade.datapath.base import KernelSnapshot
+from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
 from stockade.datapath.monitor import TableEvent, TableMonitor
 from stockade.datapath.nfnetlink import (
     NFT_TABLE_F_DORMANT,
@@ -51,9 +51,8 @@ from stockade.datapath.nfnetlink import (
     netfilter_sockets,
     new_table,
 )
-from stockade.errors import DataplaneError, NetError
+from stockade.errors import DataplaneError
 from stockade.net.namespace import entered
-from stockade.net.sysctl import BridgeNetfilterMissing, ensure_bridge_netfilter
 
 log = logging.getLogger("stockade.dataplane")  # the logger's name, as logs have always shown it
 
@@ -345,19 +344,9 @@ class NftDatapath:
                                  "concatenated sets)", stderr=exc.stderr) from None
         finally:
             self._text(f"delete table {FAMILY} {probe.name}")
-        self._ensure_bridge_netfilter()
+        require_bridge_netfilter(self.netns, "the inet forward hook")
         if self.owner:
             self._persist_supported()
-
-    def _ensure_bridge_netfilter(self) -> None:
-        try:
-            ensure_bridge_netfilter(self.netns)
-        except BridgeNetfilterMissing:
-            raise DataplaneError(
-                "br_netfilter is not available (no /proc/sys/net/bridge): bridged "
-                "container traffic would bypass the inet forward hook") from None
-        except NetError as exc:
-            raise DataplaneError(str(exc)) from None
 
     def read_table(self, expected: Mapping[str, Chain] | None = None) -> KernelTable | None:
         """The table as the kernel holds it, compared with what stockade renders.
