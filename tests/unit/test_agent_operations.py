@@ -79,6 +79,32 @@ def test_a_registered_provider_serves_its_operations_and_adds_to_status(
                                                            ("probe", {"ok": True})]
 
 
+class Feed:
+    """A feed that commits to the core between reads: what it reports as seen, the
+    core must show as committed (the Kubernetes feed's resourceVersion and inSync)."""
+
+    def __init__(self, core: dict[str, int]) -> None:
+        self.core = core
+        self.seen = 0
+
+    def operations(self) -> Mapping[str, Any]:
+        return {}
+
+    def status(self) -> Mapping[str, Any]:
+        self.seen = self.core["revision"] = self.seen + 1  # an event lands right now
+        return {"feed": {"seen": self.seen}}
+
+
+def test_status_never_shows_a_feed_ahead_of_the_core(service: Service) -> None:
+    core = {"revision": 0}
+    service.status = lambda: {"revision": core["revision"]}  # type: ignore[method-assign]
+    service.register(Feed(core))
+    for _ in range(3):
+        st = service.handle("status", {})
+        assert st["revision"] >= st["feed"]["seen"], st
+    assert list(st) == ["revision", "feed"]  # the core's fields still come first
+
+
 def test_an_operation_registered_twice_is_a_wiring_error(service: Service) -> None:
     service.register(Probe())
     with pytest.raises(AgentError, match=r"probe\.echo registered twice"):

@@ -171,9 +171,13 @@ class Service:
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         """The core's fields, then each provider's, in registration order."""
+        # Read last-registered first: a feed's progress (say, the resourceVersion it has
+        # seen) is read before the core's state, so a caller who sees the feed at X also
+        # sees the state and inSync with X committed (never older than the feed's part).
+        parts = [provider.status() for provider in reversed(self._providers)]
         out: dict[str, Any] = {}
-        for provider in self._providers:
-            out.update(provider.status())
+        for part in reversed(parts):
+            out.update(part)
         return out
 
     def status(self) -> dict[str, Any]:
