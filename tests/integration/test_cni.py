@@ -8,9 +8,11 @@ holds the moment ADD returns.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +202,32 @@ def test_the_agent_restarting_between_add_check_and_del(world: World) -> None:  
     assert world.pool() == {} and world.endpoints() == {} and world.states() == []
     assert world.veths() == []
     assert os.path.exists(netns)  # the runtime's namespace is the runtime's to remove
+
+
+def test_main_mode_announces_the_address_to_its_neighbours(world: World) -> None:  # noqa: F811
+    """A neighbour's ARP cache still holding another MAC for the address (a reused one)
+    learns the new container's MAC from ADD's gratuitous ARP, sent once it is up."""
+    client = world.run("ADD", world.conf(args={"labels": LABELS["client"]}), cid="c-cl",
+                       netns=world.netns("client"), args=_pod("client"))
+    assert client.code == 0 and client.out is not None, client
+    base = ipaddress.ip_address(_address(client.out))
+    stale = "02:00:00:00:00:99"
+    candidates = [str(base + i) for i in range(1, 9)]
+    for address in candidates:
+        subprocess.run(["ip", "-n", f"{world.prefix}-client", "neigh", "replace", address,
+                        "lladdr", stale, "dev", "eth0", "nud", "stale"], check=True)
+    web = world.run("ADD", world.conf(args={"labels": LABELS["web"]}), cid="c-web",
+                    netns=world.netns("web"), args=_pod("web"))
+    assert web.code == 0 and web.out is not None, web
+    address = _address(web.out)
+    assert address in candidates, (address, candidates)
+    mac = next(i["mac"] for i in web.out["interfaces"] if i.get("sandbox"))
+    deadline = time.monotonic() + 3.0
+    seen = ""
+    while time.monotonic() < deadline:
+        seen = subprocess.run(["ip", "-n", f"{world.prefix}-client", "neigh", "show", address],
+                              capture_output=True, text=True, check=True).stdout
+        if mac in seen:
+            break
+        time.sleep(0.02)
+    assert mac in seen and stale not in seen, seen
