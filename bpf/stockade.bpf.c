@@ -6,7 +6,8 @@
  * Per packet, as the nftables forward chain does:
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
  *      ICMP error about one, passes; an entry validated under an older policy
- *      generation is judged again (a revoked connection is cut);
+ *      generation is judged again (a revoked connection is cut, unless every
+ *      denying side's policy keeps existing connections);
  *   2. ICMPv6 neighbour solicitation/advertisement passes;
  *   3. a TCP packet that would open a connection without SYN is dropped;
  *   4. the source's egress policy and the destination's ingress policy must both
@@ -37,6 +38,7 @@
 
 #define ANY4 3
 #define ANY6 4
+#define KEEP_MARK 0 /* policy (policy, KEEP_MARK, 0, 0)/64: the policy keeps connections */
 #define WORLD4 1
 #define WORLD6 2
 #define SLOT_BIT 0x80000000u
@@ -278,6 +280,37 @@ static __always_inline int policy_allows(__u32 slot, __u32 pol, __u32 identity, 
 		return 1;
 	k.identity = bpf_htonl(family == 4 ? ANY4 : ANY6);
 	return bpf_map_lookup_elem(&policy, &k) != 0;
+}
+
+/* Whether a policy's chain keeps the connections it would now deny (a policy annotated
+ * stockade.io/existing-connections: keep): its marker entry, which no packet's identity
+ * matches. */
+static __always_inline int policy_keeps(__u32 slot, __u32 pol)
+{
+	struct policy_key k = {
+		.prefixlen = 88,
+		.policy = bpf_htonl(pol | (slot ? SLOT_BIT : 0)),
+		.identity = bpf_htonl(KEEP_MARK),
+	};
+	return bpf_map_lookup_elem(&policy, &k) != 0;
+}
+
+/* A tracked connection judged again under a new policy generation: cut it when a side
+ * denies it and that side's policies do not keep it (when both deny, both must keep),
+ * as the agent's revoker decides on nftables (agent/revoke.py, should_cut). */
+static __always_inline int rejudge_cuts(__u32 slot, __u8 family, const __u32 *src,
+					const __u32 *dst, __u8 proto, __be16 dport)
+{
+	struct ip_info s, d;
+	lookup_ip(slot, family, src, &s);
+	lookup_ip(slot, family, dst, &d);
+	if (s.egress && !policy_allows(slot, s.egress, d.identity, family, proto, dport) &&
+	    !policy_keeps(slot, s.egress))
+		return 1;
+	if (d.ingress && !policy_allows(slot, d.ingress, s.identity, family, proto, dport) &&
+	    !policy_keeps(slot, d.ingress))
+		return 1;
+	return 0;
 }
 
 /* The nftables chains' verdict: the source's egress, then the destination's ingress. */
@@ -572,11 +605,11 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 	if (e) {
 		if (e->generation != cfg->generation) {
 			/* the policy changed since this connection was allowed: judge its
-			 * original direction again (k is the original tuple) */
+			 * original direction again (k is the original tuple); a denied one
+			 * lives on if its denying sides keep connections */
 			count(STAT_REJUDGED);
-			judge(cfg->slot, k.family, k.src, k.dst, k.proto,
-			      k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6 ? 0 : k.dport, &v);
-			if (v.direction) {
+			if (rejudge_cuts(cfg->slot, k.family, k.src, k.dst, k.proto,
+					 k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6 ? 0 : k.dport)) {
 				bpf_map_delete_elem(&ct, &k);
 				count(STAT_CUT);
 				return TC_ACT_SHOT;

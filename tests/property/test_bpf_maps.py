@@ -5,18 +5,26 @@ policy trie with the peer's identity and with ANY) on the plain map contents.
 On random clusters and policies it must agree with `compile.interpret.allows` on
 every probed flow; the bytes written to the maps must read back to the same state
 and the same ruleset; a delta between two states, applied to the first state's
-bytes, must give exactly the second's.
+bytes, must give exactly the second's. `compile.bpf.keeps_connection` models the
+program judging a tracked connection again after a change: with some policies
+annotated `stockade.io/existing-connections: keep`, it must keep exactly what the
+agent's revoker keeps on nftables (`agent.revoke.should_cut`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.property.strategies import DEFAULT, Scenario, Universe, scenarios
 
+from stockade.agent.revoke import KEEP_ANNOTATION, keeping_policies, should_cut
 from stockade.compile import bpf, interpret
 from stockade.compile.lower import compile_cluster
 from stockade.compile.plan import plan
+from stockade.engine.evaluate import Evaluator
+from stockade.model.labels import Labels
 
 UNIVERSE = Universe(max_pods=5, max_policies=4)
 
@@ -68,6 +76,29 @@ def test_a_delta_turns_one_state_into_the_next(a: Scenario, b: Scenario) -> None
     # ids survive: recompiling the same ruleset from the state read back changes nothing
     again = bpf.compile_state(bpf.ruleset_of(second), second)
     assert again == second
+
+
+@settings(max_examples=150, deadline=None)
+@given(sc=scenarios(UNIVERSE), data=st.data())
+def test_a_tracked_connection_is_kept_as_the_revoker_keeps_it(sc: Scenario,
+                                                             data: st.DataObject) -> None:
+    policies = sc.cluster.policies
+    marks = data.draw(st.lists(st.sampled_from(["keep", " KEEP ", "cut", ""]),
+                               min_size=len(policies), max_size=len(policies)))
+    annotated = [dataclasses.replace(p, annotations=Labels({**p.annotations,
+                                                            KEEP_ANNOTATION: m}))
+                 if m else p for p, m in zip(policies, marks, strict=True)]
+    sc = sc.with_policies(annotated)
+    rs = compile_cluster(sc.cluster)
+    state = bpf.compile_state(rs)
+    back = bpf.decode(bpf.encode_maps(state, 1), bpf.encode_meta(state), 1)
+    assert back == state  # the keep marks and the chains' keep read back
+    evaluator = Evaluator(sc.cluster)
+    keep = keeping_policies(evaluator)
+    for flow in sc.flows():
+        want = not should_cut(evaluator.verdict(flow), keep)
+        got = bpf.keeps_connection(state, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
+        assert got == want, (flow, want)
 
 
 def test_port_ranges_become_the_fewest_prefixes() -> None:

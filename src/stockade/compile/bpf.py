@@ -19,7 +19,12 @@ address and at most two per side in the policy map:
   endpoint's ports, stay exact. A rule without a peer condition is keyed by
   ANY4/ANY6; a rule without protocol by a 64-bit prefix, a protocol without
   ports by 72 bits, a port range by its 72+n-bit prefixes. Every entry allows,
-  so any match allows.
+  so any match allows. One more entry marks a policy whose chain keeps
+  existing connections (`Chain.keep`): (policy, KEEP_MARK, 0, 0) with a 64-bit
+  prefix; KEEP_MARK (0) is no identity, so no packet's lookup can match it.
+  When the policy generation changes, the program judges a tracked connection
+  again and cuts it if denied, unless every denying side's policy has the mark
+  (`keeps_connection`), as the agent's revoker decides on nftables.
 * **meta**: the definitions of identities, policies, chains and sets as JSON
   chunks, so that a new process reads the maps back into the `Ruleset` they
   enforce (`ruleset_of`) and adopts them; selector members and named ports are
@@ -58,6 +63,7 @@ from stockade.compile.ir import (
 from stockade.model.cidr import parse_cidr, parse_ip
 
 WORLD4, WORLD6, ANY4, ANY6 = 1, 2, 3, 4
+KEEP_MARK = 0  # the policy key's identity that marks a policy keeping connections
 FIRST_IDENTITY = 16
 WORLD = {4: WORLD4, 6: WORLD6}
 ANY = {4: ANY4, 6: ANY6}
@@ -267,8 +273,11 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
             by_named.setdefault(named_set, []).append(i)
     keys: set[PolicyKey] = set()
     for pid, ref in policies.items():
-        for rule in rs.chains[ref.chain].rules:
+        enforced = rs.chains[ref.chain]
+        for rule in enforced.rules:
             keys.update(_rule_keys(pid, ref, rule, identities, by_set, by_named))
+        if enforced.keep:
+            keys.add((pid, KEEP_MARK, 0, 0, 64))
 
     sets = {name: a if a.kind == NET else AddressSet(a.name, a.family, a.kind, frozenset(),
                                                      a.comment)
@@ -381,6 +390,29 @@ def allows(state: BpfState, src: str, dst: str, protocol: str, port: int) -> boo
     return not di[1] or ok(di[1], si[0])
 
 
+def keeps_connection(state: BpfState, src: str, dst: str, protocol: str, port: int) -> bool:
+    """Whether the program, judging a tracked connection again after a policy change,
+    lets it live: allowed, or every denying side's policy carries the keep mark."""
+    s, d = parse_ip(src), parse_ip(dst)
+    assert s is not None and d is not None
+    if s == d:
+        return True
+    proto = PROTOCOLS[protocol]
+    si, di = _lookup_ip(state, s), _lookup_ip(state, d)
+    fam = s.version
+
+    def ok(pid: int, ident: int) -> bool:
+        return (_policy_hit(state, pid, ident, proto, port)
+                or _policy_hit(state, pid, ANY[fam], proto, port))
+
+    def kept(pid: int) -> bool:
+        return _policy_hit(state, pid, KEEP_MARK, 0, 0)
+
+    if si[2] and not ok(si[2], di[0]) and not kept(si[2]):
+        return False
+    return not di[1] or ok(di[1], si[0]) or kept(di[1])
+
+
 # ---- back to the ruleset ------------------------------------------------------------------
 
 
@@ -447,9 +479,12 @@ def _docs(state: BpfState) -> dict[bytes, object]:
                                        "family": ref.family,
                                        "named": [list(n) for n in ref.named]}
     for name, c in state.chains.items():
-        docs[_doc_key("c", name)] = {"name": name, "direction": c.direction,
-                                     "comment": c.comment,
-                                     "rules": [_rule_doc(r) for r in c.rules]}
+        doc: dict[str, object] = {"name": name, "direction": c.direction,
+                                  "comment": c.comment,
+                                  "rules": [_rule_doc(r) for r in c.rules]}
+        if c.keep:  # only then: a chain without keep reads as it did before keep existed
+            doc["keep"] = True
+        docs[_doc_key("c", name)] = doc
     for name, s in state.sets.items():
         docs[_doc_key("s", name)] = {"name": name, "family": s.family, "kind": s.kind,
                                      "comment": s.comment,
@@ -504,7 +539,8 @@ def decode(maps: Mapping[str, Mapping[bytes, bytes]], meta: Mapping[bytes, bytes
             rules = tuple(ChainRule(r["family"], r["peer_set"], r["named_set"], r["protocol"],
                                     tuple((int(a), int(b)) for a, b in r["ports"]),
                                     r["comment"]) for r in doc["rules"])
-            chains[doc["name"]] = Chain(doc["name"], doc["direction"], rules, doc["comment"])
+            chains[doc["name"]] = Chain(doc["name"], doc["direction"], rules, doc["comment"],
+                                        bool(doc.get("keep", False)))
         elif kind == b"s":
             sets[doc["name"]] = AddressSet(doc["name"], int(doc["family"]), doc["kind"],
                                            frozenset(doc["elements"]), doc["comment"])

@@ -63,10 +63,19 @@ class ChainRule:
 
 @dataclass(frozen=True)
 class Chain:
+    """The rules of one endpoint-direction's policy set.
+
+    `keep`: a policy of the set is annotated `stockade.io/existing-connections:
+    keep`, so a connection this side would now deny is not cut when the policy
+    changes (see `agent.revoke`). It is part of the chain's identity (and name),
+    but only datapaths that cut connections themselves (eBPF) render it.
+    """
+
     name: str
     direction: str
     rules: tuple[ChainRule, ...]
     comment: str = field(default="", compare=False)
+    keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,7 @@ def ruleset_data(rs: Ruleset) -> dict[str, object]:
                      "elements": [element(e) for e in sorted(s.elements, key=_element_key)]}
                  for n, s in sorted(rs.sets.items())},
         "chains": {n: {"direction": c.direction, "policies": c.comment,
+                       **({"keep": True} if c.keep else {}),
                        "rules": [{k: v for k, v in (
                            ("family", r.family), ("peer_set", r.peer_set),
                            ("named_set", r.named_set), ("protocol", r.protocol),
