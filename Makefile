@@ -27,8 +27,10 @@ bpf: $(STAMP)
 test: $(STAMP) lint bpf
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
+# Every benchmark at report size (about half an hour here), written to docs/benchmarks.md.
 bench: $(STAMP)
-	$(PY) bench/policy_core.py
+	$(VENV)/bin/pip install -q -e ".[dev,bench]"
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common import print_table
+from results import Results
 
 HERE = Path(__file__).resolve().parent
 STOCKADE = str(Path(sys.executable).parent / "stockade")
@@ -147,6 +148,7 @@ def main() -> None:
                     help="runs of each command at 10k and below (best wall time)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/stockade-bench"))
     ap.add_argument("--stages", metavar="FILE", help=argparse.SUPPRESS)
+    ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
     args = ap.parse_args()
     if args.stages:
         print(json.dumps(stages(args.stages)))
@@ -167,6 +169,7 @@ def main() -> None:
         r["pods"] = pods
         results[name] = r
 
+    out = Results("offline", " ".join(["bench/offline.py", *sys.argv[1:]]))
     rows = []
     for name, r in results.items():
         c = r["counts"]
@@ -177,8 +180,16 @@ def main() -> None:
                      f"{r['identities']} identities, {c['sets']} sets, "
                      f"{c['set_elements']} elements, {c['chains']} chains, {c['rules']} rules"))
     print("stockade compile: stages in-process (s) and the command end to end")
-    print_table(("size", *STAGES, "compute", "compile -o stats", "compile -o nft", "ruleset"),
-                rows)
+    header = ("size", *STAGES, "compute", "compile -o stats", "compile -o nft", "ruleset")
+    print_table(header, rows)
+    out.table("stockade compile: stages in-process (s) and the command end to end",
+              header, rows)
+    sized_all = [(n, r) for n, r in results.items() if not n.startswith("antrea")]
+    out.series["offline-stages"] = {
+        "x": "pods (policies: a tenth)", "y": "seconds",
+        "lines": {**{s: [[r["pods"], r[s]] for _, r in sized_all] for s in STAGES},
+                  "stockade compile -o nft (end to end)":
+                      [[r["pods"], r["cli_nft"][0]] for _, r in sized_all]}}
 
     sized = [(n, r) for n, r in results.items() if not n.startswith("antrea")]
     if len(sized) > 1:
@@ -222,6 +233,14 @@ def main() -> None:
     print_table(("goal", "measured", "status"),
                 [(text, shown, "met" if value <= limit else "NOT met")
                  for text, shown, value, limit in goals])
+    out.table("other offline commands", ("command", "measured", ""),
+              [("stockade matrix, 1,000 pods, every declared port",
+                f"{m_wall:.2f} s, {m_rss:.0f} MB", ""),
+               ("stockade compile of examples/cluster.yaml (start-up and a tiny file)",
+                f"{start_wall * 1000:.0f} ms", "")])
+    for text, shown, value, limit in goals:
+        out.goal(text, shown, value <= limit)
+    out.write(args.json)
     print("\n(2 cores shared with other work: wall times vary by tens of percent between "
           "runs; stages are one run each, commands the best of the runs)")
 

@@ -1,0 +1,169 @@
+"""`make bench`: every benchmark at a size that finishes in minutes, one report.
+
+Runs each benchmark below in its own process with `--json`, then writes
+`docs/benchmarks.md` (tables, every goal marked met or not met, the machine and
+the commands to reproduce) and PNG plots in `docs/img/`. The numbers are what
+this machine gave in this run: a 2-core machine shared with other work varies by
+tens of percent from run to run, which is why the benchmarks themselves compare
+variants interleaved in one run and report ratios and spreads.
+
+    .venv/bin/python bench/report.py [--only offline cni …] [--out docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from results import Results, read
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# name -> the benchmark's arguments at report size (each also gets --json FILE)
+STEPS: dict[str, list[str]] = {
+    "offline": ["offline.py", "--sizes", "2k/200", "10k/1k", "20k/2k", "--repeat", "2"],
+    "cni": ["cni.py", "--rounds", "40", "--pods", "10000", "--policies", "1000",
+            "--parallel", "20"],
+    "agent": ["agent.py", "--json-only-sizes"],
+    "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "2"],
+}
+
+
+def machine() -> list[tuple[str, str]]:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), "0")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return [("date (UTC)", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")),
+            ("commit", commit + (" (src modified)" if dirty else "")),
+            ("CPU", f"{cpu}, {os.cpu_count()} cores"),
+            ("memory", f"{int(mem) / 1024 / 1024:.1f} GiB"),
+            ("kernel", platform.release()),
+            ("Python", platform.python_version())]
+
+
+def run_step(name: str, args: list[str], tmp: Path) -> tuple[Results | None, float, str]:
+    out = tmp / f"{name}.json"
+    argv = [sys.executable, str(HERE / args[0]), *args[1:], "--json", str(out)]
+    print(f"# {name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=HERE, check=False, stdout=sys.stderr)
+    took = time.perf_counter() - t0
+    if proc.returncode != 0 or not out.exists():
+        return None, took, f"exit {proc.returncode}"
+    return read(out), took, ""
+
+
+def plot(name: str, spec: dict[str, object], directory: Path) -> str:
+    """One PNG (lines: cost against size; bars: variants side by side); its file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if "lines" in spec:
+        lines = spec["lines"]
+        assert isinstance(lines, dict)
+        for label, points in lines.items():
+            xs, ys = zip(*points, strict=True) if points else ((), ())
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel(str(spec.get("x", "")))
+    else:
+        bars = spec["bars"]
+        assert isinstance(bars, dict)
+        groups = list(bars)
+        keys = sorted({k for g in bars.values() for k in g})
+        width = 0.8 / max(1, len(keys))
+        for i, key in enumerate(keys):
+            ax.bar([j + i * width for j in range(len(groups))],
+                   [bars[g].get(key, 0) for g in groups], width, label=key)
+        ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(groups))])
+        ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=7)
+        if "ref" in spec:
+            ax.axhline(float(str(spec["ref"])), color="grey", linestyle="--", linewidth=1)
+    ax.set_ylabel(str(spec.get("y", "")))
+    ax.set_title(name)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def cell(c: str) -> str:
+        return c.replace("|", "\\|")
+
+    out = ["| " + " | ".join(cell(c) for c in header) + " |",
+           "| " + " | ".join("---" for _ in header) + " |"]
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def render(done: dict[str, tuple[Results | None, float, str]], out: Path) -> str:
+    lines = ["# Benchmarks", "",
+             "Written by `make bench` (`bench/report.py`); do not edit by hand. Every figure",
+             "below is what this machine gave in the run described here, measured by the",
+             "benchmark named with it. The machine is small and shared: read ratios, spreads",
+             "and growth, not the last digit.", "", "## The machine", ""]
+    lines += md_table(["", ""], [list(r) for r in machine()])
+    goals = [(name, g) for name, (res, _, _) in done.items() if res for g in res.goals]
+    lines += ["", "## Goals", ""]
+    lines += md_table(["benchmark", "goal", "measured", "status"],
+                      [[name, g.goal, g.measured, "met" if g.met else "**not met**"]
+                       for name, g in goals])
+    for name, (res, took, error) in done.items():
+        lines += ["", f"## {name}", ""]
+        if res is None:
+            lines += [f"Not measured in this run ({error}).", ""]
+            continue
+        lines += [f"`.venv/bin/python bench/{res.command.removeprefix('bench/')}` "
+                  f"({took:.0f} s)", ""]
+        for t in res.tables:
+            lines += [f"**{t.title}**", ""]
+            lines += md_table(t.header, t.rows)
+            if t.note:
+                lines += ["", t.note]
+            lines += [""]
+        for plot_name, spec in res.series.items():
+            lines += [f"![{plot_name}](img/{plot(plot_name, spec, out / 'img')})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=tuple(STEPS), default=list(STEPS))
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("bench/report.py: run as root (namespaces, the agent, datapaths)")
+    done: dict[str, tuple[Results | None, float, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="stockade-report-") as tmp:
+        for name in args.only:
+            done[name] = run_step(name, STEPS[name], Path(tmp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = render(done, args.out)
+    (args.out / "benchmarks.md").write_text(text, encoding="utf-8")
+    print(f"wrote {args.out / 'benchmarks.md'}", file=sys.stderr)
+    if any(res is None for res, _, _ in done.values()):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
