@@ -22,7 +22,14 @@ from stockade.errors import InputError, ValidationError
 from stockade.model import names
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import NS_NAME_LABEL, Endpoint, Namespace
-from stockade.model.field import FORBIDDEN, INVALID, REQUIRED, UNSUPPORTED, FieldError
+from stockade.model.field import (
+    FORBIDDEN,
+    INVALID,
+    REQUIRED,
+    UNSUPPORTED,
+    FieldError,
+    invalid_each,
+)
 from stockade.model.policy import PROTOCOLS, NetworkPolicy
 from stockade.model.validate import validate_labels, validate_names, validate_policy
 
@@ -37,7 +44,7 @@ def validate_namespace(ns: Namespace) -> list[FieldError]:
     if not ns.name:
         errs.append(FieldError("metadata.name", REQUIRED, "name or generateName is required"))
     else:
-        errs += _each("metadata.name", ns.name, names.name_is_dns_label(ns.name, False))
+        errs += invalid_each("metadata.name", ns.name, names.name_is_dns_label(ns.name, False))
     errs += validate_labels(ns.labels, "metadata.labels")
     if ns.labels.get(NS_NAME_LABEL) != ns.name:
         errs.append(FieldError(f"metadata.labels[{NS_NAME_LABEL}]", INVALID,
@@ -93,13 +100,13 @@ def validate_container_ports(ep: Endpoint) -> list[FieldError]:
     seen: dict[str, str] = {}
     for i, port in enumerate(ep.ports):
         path = port.path or f"spec.containers[*].ports[{i}]"
-        errs += _each(f"{path}.containerPort", port.port, names.is_valid_port_num(port.port))
+        errs += invalid_each(f"{path}.containerPort", port.port, names.is_valid_port_num(port.port))
         if port.protocol not in PROTOCOLS:
             errs.append(FieldError(f"{path}.protocol", UNSUPPORTED,
                                    "supported values: " + ", ".join(f'"{p}"' for p in PROTOCOLS),
                                    port.protocol))
         if port.name:
-            errs += _each(f"{path}.name", port.name, names.is_valid_port_name(port.name))
+            errs += invalid_each(f"{path}.name", port.name, names.is_valid_port_name(port.name))
             if port.name in seen:
                 errs.append(FieldError(f"{path}.name", DUPLICATE,
                                        f"also the name of {seen[port.name]}", port.name))
@@ -214,9 +221,6 @@ def canonical_ip(text: str) -> str:
     ip = parse_ip(text)
     return str(ip) if ip is not None else text
 
-
-def _each(path: str, value: object, messages: Iterable[str]) -> list[FieldError]:
-    return [FieldError(path, INVALID, msg, value) for msg in messages]
 
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,11 @@ class FieldError:
         if self.detail:
             parts.append(self.detail)
         return ": ".join(parts)
+
+
+def invalid_each(path: str, value: object, messages: Iterable[str]) -> list[FieldError]:
+    """One Invalid error per message, as upstream's `for _, msg := range ...` loops."""
+    return [FieldError(path, INVALID, msg, value) for msg in messages]
 
 
 def _show(value: Any) -> str:

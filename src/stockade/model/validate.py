@@ -24,7 +24,15 @@ from stockade.model.cidr import (
     parse_cidr_sloppy,
     strict_cidr_problems,
 )
-from stockade.model.field import FORBIDDEN, INVALID, REQUIRED, TOO_LONG, UNSUPPORTED, FieldError
+from stockade.model.field import (
+    FORBIDDEN,
+    INVALID,
+    REQUIRED,
+    TOO_LONG,
+    UNSUPPORTED,
+    FieldError,
+    invalid_each,
+)
 from stockade.model.policy import (
     DIRECTIONS,
     PROTOCOLS,
@@ -56,7 +64,7 @@ def validate_object_meta(policy: NetworkPolicy) -> list[FieldError]:
     """ValidateObjectMeta for a namespaced object named as a DNS-1123 subdomain."""
     errs = []
     if policy.generate_name:
-        errs += _invalid_each("metadata.generateName", policy.generate_name,
+        errs += invalid_each("metadata.generateName", policy.generate_name,
                               names.name_is_dns_subdomain(policy.generate_name, True))
     # The API server generates the name before it validates, so a generateName
     # stands in for the name; a bad prefix is then reported on both fields.
@@ -74,21 +82,25 @@ def validate_names(name: str, namespace: str) -> list[FieldError]:
     if not name:
         errs.append(FieldError("metadata.name", REQUIRED, "name or generateName is required"))
     else:
-        errs += _invalid_each("metadata.name", name, names.name_is_dns_subdomain(name, False))
+        errs += invalid_each("metadata.name", name, names.name_is_dns_subdomain(name, False))
     if not namespace:
         errs.append(FieldError("metadata.namespace", REQUIRED))
     else:
-        errs += _invalid_each("metadata.namespace", namespace,
+        errs += invalid_each("metadata.namespace", namespace,
                               names.name_is_dns_label(namespace, False))
     return errs
 
 
 def validate_labels(labels: Mapping[str, str], path: str) -> list[FieldError]:
     """Label keys and values; every error names the map, not the key."""
-    errs = []
+    errs: list[FieldError] = []
     for key, value in labels.items():
-        errs += _invalid_each(path, key, names.is_qualified_name(key))
-        errs += _invalid_each(path, value, names.is_label_value(value))
+        bad = names.is_qualified_name(key)
+        if bad:
+            errs += invalid_each(path, key, bad)
+        bad = names.is_label_value(value)
+        if bad:
+            errs += invalid_each(path, value, bad)
     return errs
 
 
@@ -96,7 +108,7 @@ def validate_annotations(annotations: Mapping[str, str], path: str) -> list[Fiel
     """Annotation keys are qualified names up to case; all of them share a size limit."""
     errs = []
     for key in annotations:
-        errs += _invalid_each(path, key, names.is_qualified_name(names.go_lower(key)))
+        errs += invalid_each(path, key, names.is_qualified_name(names.go_lower(key)))
     size = sum(names.byte_len(k) + names.byte_len(v) for k, v in annotations.items())
     if size > TOTAL_ANNOTATION_SIZE_LIMIT:
         errs.append(FieldError(path, TOO_LONG,
@@ -129,10 +141,10 @@ def validate_requirement(req: Requirement, path: str) -> list[FieldError]:
     else:
         errs.append(FieldError(f"{path}.operator", INVALID, "not a valid selector operator",
                                req.operator))
-    errs += _invalid_each(f"{path}.key", req.key, names.is_qualified_name(req.key))
+    errs += invalid_each(f"{path}.key", req.key, names.is_qualified_name(req.key))
     # Values are checked whatever the operator, even where they are forbidden.
     for j, value in enumerate(req.values):
-        errs += _invalid_each(f"{path}.values[{j}]", value, names.is_label_value(value))
+        errs += invalid_each(f"{path}.values[{j}]", value, names.is_label_value(value))
     return errs
 
 
@@ -169,19 +181,19 @@ def validate_port(port: PolicyPort, path: str) -> list[FieldError]:
                                port.protocol))
     end_path = f"{path}.endPort"
     if isinstance(port.port, int):
-        errs += _invalid_each(f"{path}.port", port.port, names.is_valid_port_num(port.port))
+        errs += invalid_each(f"{path}.port", port.port, names.is_valid_port_num(port.port))
         if port.end_port is not None:
             if port.end_port < port.port:
                 errs.append(FieldError(end_path, INVALID,
                                        "must be greater than or equal to `port`", port.end_port))
-            errs += _invalid_each(end_path, port.end_port,
+            errs += invalid_each(end_path, port.end_port,
                                   names.is_valid_port_num(port.end_port))
     elif isinstance(port.port, str):
         if port.end_port is not None:
             errs.append(FieldError(end_path, INVALID,
                                    "may not be specified when `port` is non-numeric",
                                    port.end_port))
-        errs += _invalid_each(f"{path}.port", port.port, names.is_valid_port_name(port.port))
+        errs += invalid_each(f"{path}.port", port.port, names.is_valid_port_name(port.port))
     elif port.end_port is not None:
         errs.append(FieldError(end_path, INVALID,
                                "may not be specified when `port` is not specified",
@@ -231,7 +243,7 @@ def _cidr_errors(text: str, path: str, strict: bool) -> list[FieldError]:
         return [FieldError(path, INVALID, INVALID_CIDR, text)]
     if not strict:
         return []
-    return _invalid_each(path, text, strict_cidr_problems(text))
+    return invalid_each(path, text, strict_cidr_problems(text))
 
 
 # --- warnings ------------------------------------------------------------------
@@ -267,11 +279,6 @@ def _cidr_fields(policy: NetworkPolicy) -> Iterable[tuple[str, str]]:
 def _rule_lists(policy: NetworkPolicy) -> tuple[tuple[tuple[Rule, ...], str, str], ...]:
     """Each rule list with its field name and the name of its peer list."""
     return ((policy.ingress, "ingress", "from"), (policy.egress, "egress", "to"))
-
-
-def _invalid_each(path: str, value: object, messages: Iterable[str]) -> list[FieldError]:
-    """One Invalid error per message, as upstream's `for _, msg := range ...` loops."""
-    return [FieldError(path, INVALID, msg, value) for msg in messages]
 
 
 def _supported(values: Iterable[str]) -> str:

@@ -60,7 +60,7 @@ from stockade.model.decode import (
     type_meta,
     wrong_type,
 )
-from stockade.model.field import INVALID, REQUIRED, UNSUPPORTED, FieldError
+from stockade.model.field import INVALID, REQUIRED, UNSUPPORTED, FieldError, invalid_each
 from stockade.model.labels import EMPTY, Labels
 from stockade.model.parse import expand_lists
 from stockade.model.policy import NO_SOURCE, PROTOCOLS, TCP, Source
@@ -259,11 +259,11 @@ def validate_microservice(service: MicroService) -> list[FieldError]:
     if not service.name:
         errs.append(FieldError("metadata.name", REQUIRED, "name is required"))
     else:
-        errs += _each("metadata.name", service.name, names.is_dns1123_label(service.name))
+        errs += invalid_each("metadata.name", service.name, names.is_dns1123_label(service.name))
     if not service.namespace:
         errs.append(FieldError("metadata.namespace", REQUIRED))
     else:
-        errs += _each("metadata.namespace", service.namespace,
+        errs += invalid_each("metadata.namespace", service.namespace,
                       names.is_dns1123_label(service.namespace))
     if not service.uid:
         errs.append(FieldError("metadata.uid", REQUIRED,
@@ -295,14 +295,14 @@ def _validate_ports(ports: Sequence[ServicePort]) -> list[FieldError]:
         if not port.name:
             errs.append(FieldError(f"{path}.name", REQUIRED))
         else:
-            errs += _each(f"{path}.name", port.name, names.is_valid_port_name(port.name))
+            errs += invalid_each(f"{path}.name", port.name, names.is_valid_port_name(port.name))
             if port.name in names_seen:
                 errs.append(FieldError(f"{path}.name", DUPLICATE,
                                        f"also the name of spec.ports[{names_seen[port.name]}]",
                                        port.name))
             else:
                 names_seen[port.name] = i
-        errs += _each(f"{path}.port", port.port, names.is_valid_port_num(port.port))
+        errs += invalid_each(f"{path}.port", port.port, names.is_valid_port_num(port.port))
         if port.protocol not in PROTOCOLS:
             errs.append(FieldError(f"{path}.protocol", UNSUPPORTED, _supported(PROTOCOLS),
                                    port.protocol))
@@ -324,8 +324,8 @@ def _validate_dependencies(deps: Sequence[Dependency]) -> list[FieldError]:
         if not dep.name:
             errs.append(FieldError(f"{path}.name", REQUIRED))
         else:
-            errs += _each(f"{path}.name", dep.name, names.is_dns1123_label(dep.name))
-        errs += _each(f"{path}.namespace", dep.namespace,
+            errs += invalid_each(f"{path}.name", dep.name, names.is_dns1123_label(dep.name))
+        errs += invalid_each(f"{path}.namespace", dep.namespace,
                       names.is_dns1123_label(dep.namespace))
         if dep.key in seen:
             errs.append(FieldError(path, DUPLICATE,
@@ -341,17 +341,14 @@ def _validate_dependencies(deps: Sequence[Dependency]) -> list[FieldError]:
         for j, ref in enumerate(dep.ports or ()):
             ref_path = f"{path}.ports[{j}]"
             if isinstance(ref, int):
-                errs += _each(ref_path, ref, names.is_valid_port_num(ref))
+                errs += invalid_each(ref_path, ref, names.is_valid_port_num(ref))
             else:
-                errs += _each(ref_path, ref, names.is_valid_port_name(ref))
+                errs += invalid_each(ref_path, ref, names.is_valid_port_name(ref))
             if ref in refs:
                 errs.append(FieldError(ref_path, DUPLICATE, "given twice", ref))
             refs.add(ref)
     return errs
 
-
-def _each(path: str, value: object, messages: Sequence[str]) -> list[FieldError]:
-    return [FieldError(path, INVALID, msg, value) for msg in messages]
 
 
 def _supported(values: Sequence[str]) -> str:
