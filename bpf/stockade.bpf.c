@@ -15,11 +15,20 @@
  * Both hooks judge both sides, so a packet between two local endpoints is judged
  * at the first hook it meets and passes the second one through conntrack.
  *
+ * IP fragments (fail closed, as Cilium does): a first fragment (offset 0, more to
+ * come) carries the transport header and is judged like any packet; when it
+ * passes, its ports are recorded under (family, src, dst, protocol, IP id). A
+ * later fragment takes the ports recorded for its datagram and is judged with
+ * them (through conntrack, as its first fragment was); one whose first fragment
+ * was not seen passing (denied, or arriving out of order) is dropped.
+ *
  * Maps (all pinned by the loader, see src/stockade/datapath/ebpf.py):
  *   ipcache4/6  LPM trie: (slot, prefix) -> identity, ingress policy, egress policy
  *   policy      LPM trie: (slot|policy, identity, protocol, port prefix) -> allow
  *   config      the active slot and the policy generation (the atomic switch)
  *   ct          LRU hash: the program's own connection tracking
+ *   frag        LRU hash: (family, src, dst, protocol, IP id) of an allowed first
+ *               fragment -> its ports, so the later fragments are judged as it was
  *   events      ring buffer: denied new connections, rate-limited
  *   meta        definitions the loader reads back (never read here)
  *   stats       per-CPU counters
@@ -113,6 +122,22 @@ struct ct_value {
 	__u32 pad;
 };
 
+struct frag_key {
+	__u8 family;
+	__u8 proto; /* IPv4: the protocol; IPv6: the fragment header's next header */
+	__u16 pad;
+	__u32 id;   /* IPv4: 16 bits, IPv6: 32 */
+	__u32 src[4];
+	__u32 dst[4];
+};
+
+struct frag_value {
+	__be16 sport;
+	__be16 dport;
+	__u8 proto; /* the transport protocol of the datagram */
+	__u8 pad[3];
+};
+
 struct event {
 	__u64 ts_ns;
 	__u32 ifindex;
@@ -183,6 +208,13 @@ struct {
 } ct SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag_key);
+	__type(value, struct frag_value);
+	__uint(max_entries, 1 << 13);
+} frag SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 18);
 } events SEC(".maps");
@@ -202,13 +234,15 @@ struct {
 	__uint(max_entries, 1);
 } ratelimit SEC(".maps");
 
-/* allowed new, denied new, conntrack hits, revalidated, cut, passed (not IP, ND) */
+/* allowed new, denied new, conntrack hits, revalidated, cut, passed (not IP, ND),
+ * fragments dropped (no allowed first fragment seen) */
 #define STAT_ALLOWED 0
 #define STAT_DENIED 1
 #define STAT_CT 2
 #define STAT_REJUDGED 3
 #define STAT_CUT 4
 #define STAT_OTHER 5
+#define STAT_FRAG_DROPPED 6
 #define STAT_MAX 8
 
 struct {
@@ -224,6 +258,9 @@ struct packet {
 	__u8 tcp_flags;
 	__u8 icmp_type;
 	__u8 fragment;  /* a non-first fragment: no transport header */
+	__u8 first_fragment; /* offset 0, more fragments to come */
+	__u8 frag_proto; /* the protocol field of the fragment: part of its datagram's key */
+	__u32 frag_id;
 	__be16 sport;
 	__be16 dport;
 	__u32 src[4];
@@ -388,7 +425,11 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 		p->proto = ip->protocol;
 		p->src[0] = ip->saddr;
 		p->dst[0] = ip->daddr;
-		p->fragment = (bpf_ntohs(ip->frag_off) & 0x1fff) != 0;
+		__u16 frag_off = bpf_ntohs(ip->frag_off);
+		p->fragment = (frag_off & 0x1fff) != 0;
+		p->first_fragment = !p->fragment && (frag_off & 0x2000); /* MF */
+		p->frag_proto = ip->protocol;
+		p->frag_id = ip->id;
 		p->l4_off = sizeof(*eth) + ip->ihl * 4;
 		return parse_l4(skb, p);
 	}
@@ -411,13 +452,20 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 				next = hdr[0];
 				off += (hdr[1] + 1) * 8;
 			} else if (next == 44) { /* fragment */
-				__u8 frag[4];
-				if (bpf_skb_load_bytes(skb, off, frag, 4) < 0)
+				__u8 fh[8];
+				if (bpf_skb_load_bytes(skb, off, fh, 8) < 0)
 					return -1;
-				next = frag[0];
-				if (((frag[2] << 8) | frag[3]) & 0xfff8)
-					p->fragment = 1;
+				next = fh[0];
 				off += 8;
+				__u16 field = (fh[2] << 8) | fh[3]; /* offset << 3 | M */
+				p->frag_proto = next;
+				__builtin_memcpy(&p->frag_id, fh + 4, 4);
+				if (field & 0xfff8) {
+					/* a later fragment: what follows is payload, not headers */
+					p->fragment = 1;
+					break;
+				}
+				p->first_fragment = field & 1;
 			} else {
 				break;
 			}
@@ -551,6 +599,38 @@ static __always_inline void report(struct __sk_buff *skb, struct packet *p, stru
 	bpf_ringbuf_submit(e, 0);
 }
 
+static __always_inline void frag_key_of(struct frag_key *k, const struct packet *p)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->family = p->family;
+	k->proto = p->frag_proto;
+	k->id = p->frag_id;
+	__builtin_memcpy(k->src, p->src, 16);
+	__builtin_memcpy(k->dst, p->dst, 16);
+}
+
+/* A first fragment passes: its datagram's later fragments will be judged with its ports. */
+static __always_inline void frag_record(const struct packet *p)
+{
+	struct frag_key k;
+	struct frag_value v = {.sport = p->sport, .dport = p->dport, .proto = p->proto};
+	if (!p->first_fragment)
+		return;
+	frag_key_of(&k, p);
+	bpf_map_update_elem(&frag, &k, &v, BPF_ANY);
+}
+
+/* A first fragment is dropped: an older record under the same IP id must not let its
+ * datagram's later fragments through. */
+static __always_inline void frag_forget(const struct packet *p)
+{
+	struct frag_key k;
+	if (!p->first_fragment)
+		return;
+	frag_key_of(&k, p);
+	bpf_map_delete_elem(&frag, &k);
+}
+
 static __always_inline int same_addr(const __u32 *a, const __u32 *b)
 {
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
@@ -583,10 +663,19 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 		return TC_ACT_SHOT;
 	now = bpf_ktime_get_ns();
 	if (p.fragment) {
-		/* no ports to judge by: the first fragment was judged, and without it
-		 * nothing reassembles */
-		count(STAT_OTHER);
-		return TC_ACT_UNSPEC;
+		/* no transport header: the ports are those its first fragment passed with,
+		 * and without a first fragment seen passing, nothing to judge by */
+		struct frag_key fk;
+		struct frag_value *fv;
+		frag_key_of(&fk, &p);
+		fv = bpf_map_lookup_elem(&frag, &fk);
+		if (!fv) {
+			count(STAT_FRAG_DROPPED);
+			return TC_ACT_SHOT;
+		}
+		p.sport = fv->sport;
+		p.dport = fv->dport;
+		p.proto = fv->proto;
 	}
 
 	/* 1. conntrack: the original direction, then the reply */
@@ -612,6 +701,7 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 					 k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6 ? 0 : k.dport)) {
 				bpf_map_delete_elem(&ct, &k);
 				count(STAT_CUT);
+				frag_forget(&p);
 				return TC_ACT_SHOT;
 			}
 			e->generation = cfg->generation;
@@ -620,11 +710,13 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 		if (p.proto == PROTO_TCP && (p.tcp_flags & (TCP_FIN | TCP_RST)))
 			e->flags |= CT_CLOSING;
 		count(STAT_CT);
+		frag_record(&p);
 		return TC_ACT_UNSPEC;
 	}
 	(void)reply;
-	if (related_icmp(skb, &p, now)) {
+	if (!p.fragment && related_icmp(skb, &p, now)) {
 		count(STAT_CT);
+		frag_record(&p);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -632,6 +724,7 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 	if (p.proto == PROTO_TCP &&
 	    (p.tcp_flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK)) != TCP_SYN) {
 		count(STAT_DENIED);
+		frag_forget(&p);
 		return TC_ACT_SHOT; /* mid-stream without conntrack: never a new connection */
 	}
 	judge(cfg->slot, p.family, p.src, p.dst, p.proto,
@@ -639,12 +732,14 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 	if (v.direction) {
 		count(STAT_DENIED);
 		report(skb, &p, &v, cfg, hook);
+		frag_forget(&p);
 		return TC_ACT_SHOT;
 	}
 	count(STAT_ALLOWED);
 	ct_key_of(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
 	struct ct_value nv = {.seen_ns = now, .generation = cfg->generation};
 	bpf_map_update_elem(&ct, &k, &nv, BPF_ANY);
+	frag_record(&p);
 	return TC_ACT_UNSPEC;
 }
 

@@ -4,6 +4,11 @@
   cut when the program judges it again, unless every denying side's policies
   keep connections (what the agent's revoker does through conntrack on
   nftables; see `agent.revoke.should_cut`).
+* IP fragments fail closed: a datagram larger than the MTU, fragmented by the
+  sender's kernel, arrives whole when its port is allowed and not at all when
+  denied (IPv4 and IPv6); a later fragment whose first fragment was not seen
+  passing (crafted with a raw socket) is dropped, as seen by a packet socket in
+  the destination's namespace.
 
 Each test builds three endpoints in its own host namespace (see conftest: a
 per-test prefix, every namespace removed whatever happens); the datapath's pins
@@ -13,6 +18,8 @@ are removed by the fixture, and checked gone.
 from __future__ import annotations
 
 import socket
+import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +32,7 @@ from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
+from stockade.net.namespace import entered
 
 from .netio import EchoServer, connect, echo
 
@@ -134,3 +142,181 @@ def test_keep_on_a_side_that_allows_does_not_save_the_other(trio, datapath, held
     datapath.apply(compile_cluster(_cluster(trio, _a_ingress_from("c"),
                                             _b_egress_to("a", keep=True))))
     assert not echo(held, b"two")
+
+
+# ---- IP fragments -------------------------------------------------------------------------
+
+ALLOWED, DENIED = 9000, 9001
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0  # <linux/in.h>
+IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT, IPV6_DONTFRAG = 23, 0, 62  # <linux/in6.h>
+ETH_P_ALL = 0x0003
+
+
+def _a_udp_from_b() -> NetworkPolicy:
+    return NetworkPolicy(
+        "x", "a-udp", Selector(Labels({"pod": "a"})),
+        ingress=(PRule((PolicyPort("UDP", ALLOWED),),
+                       (Peer(pod_selector=Selector(Labels({"pod": "b"}))),)),),
+        policy_types=(INGRESS,))
+
+
+def _address(att, family: int) -> str:
+    addr = att.address4 if family == 4 else att.address6
+    assert addr is not None
+    return addr
+
+
+def _datagram(trio, family: int, port: int, size: int = 3000) -> int | None:
+    """A UDP datagram of `size` bytes from b to a (over a 1500-byte MTU: the sending
+    kernel fragments it); the size a received, or None."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    with entered(trio.a.netns):
+        rx = socket.socket(af, socket.SOCK_DGRAM)
+    with entered(trio.b.netns):
+        tx = socket.socket(af, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("0.0.0.0" if family == 4 else "::", port))
+        rx.settimeout(1.0)
+        if family == 4:
+            tx.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+        else:
+            tx.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT)
+            tx.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, 0)
+        tx.sendto(bytes(range(256)) * (size // 256) + bytes(size % 256),
+                  (_address(trio.a, family), port))
+        try:
+            data = rx.recv(65536)
+        except OSError:
+            return None
+        return len(data)
+    finally:
+        rx.close()
+        tx.close()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_fragmented_datagram_arrives_whole_only_to_an_allowed_port(trio, datapath,
+                                                                     family: int) -> None:
+    datapath.apply(compile_cluster(_cluster(trio, _a_udp_from_b())))
+    before = datapath.stats()
+    assert _datagram(trio, family, ALLOWED) == 3000
+    assert _datagram(trio, family, ALLOWED) == 3000  # another datagram, another IP id
+    allowed = datapath.stats()
+    assert allowed["fragments_dropped"] == before["fragments_dropped"]  # none out of order
+    assert _datagram(trio, family, DENIED) is None
+    denied = datapath.stats()
+    assert denied["denied"] > allowed["denied"]  # the first fragment, judged
+    # and its later fragments (3008 bytes of UDP: two more), with no first fragment passed
+    assert denied["fragments_dropped"] == allowed["fragments_dropped"] + 2
+
+
+def _checksum(data: bytes) -> int:
+    data += bytes(len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _fragment(family: int, src: str, dst: str, ident: int, offset: int, more: bool,
+              payload: bytes) -> bytes:
+    """An IP packet holding one fragment (`offset` in bytes, a multiple of 8) of a UDP
+    datagram, headers and all."""
+    if family == 4:
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident,
+                          (0x2000 if more else 0) | (offset // 8), 64, 17, 0,
+                          socket.inet_pton(socket.AF_INET, src),
+                          socket.inet_pton(socket.AF_INET, dst))
+        hdr = hdr[:10] + struct.pack("!H", _checksum(hdr)) + hdr[12:]
+        return hdr + payload
+    frag = struct.pack("!BBHI", 17, 0, offset | (1 if more else 0), ident)
+    return struct.pack("!IHBB16s16s", 6 << 28, len(frag) + len(payload), 44, 64,
+                       socket.inet_pton(socket.AF_INET6, src),
+                       socket.inet_pton(socket.AF_INET6, dst)) + frag + payload
+
+
+def _udp_head(port: int, length: int) -> bytes:
+    """The first 24 bytes of a UDP datagram of `length` bytes (checksum 0: never checked
+    here, nothing reassembles it into a socket)."""
+    return struct.pack("!HHHH", 40000, port, length, 0) + b"first fragment!!"
+
+
+class _Capture:
+    """A packet socket on a's interface: the fragments of one IP id that reached a."""
+
+    def __init__(self, att) -> None:
+        with entered(att.netns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                      socket.htons(ETH_P_ALL))
+            self.sock.bind((att.ifname, 0))
+        self.sock.settimeout(0.1)
+
+    def offsets(self, family: int, ident: int, wait: float = 0.7) -> set[int]:
+        """Byte offsets of the fragments of datagram `ident` seen within `wait` s."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                frame = self.sock.recv(65536)
+            except OSError:
+                continue
+            ethertype = struct.unpack("!H", frame[12:14])[0]
+            ip = frame[14:]
+            if family == 4 and ethertype == 0x0800 and len(ip) >= 20 and ip[9] == 17:
+                if struct.unpack("!H", ip[4:6])[0] == ident:
+                    seen.add((struct.unpack("!H", ip[6:8])[0] & 0x1FFF) * 8)
+            elif family == 6 and ethertype == 0x86DD and len(ip) >= 48 and ip[6] == 44:
+                field, got = struct.unpack("!HI", ip[42:48])
+                if got == ident:
+                    seen.add(field & 0xFFF8)
+        return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _raw_sender(att, family: int) -> socket.socket:
+    """A raw socket in `att`'s namespace whose packets carry their own IP header."""
+    with entered(att.netns):
+        if family == 4:
+            return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        return socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_fragment_without_its_first_fragment_is_dropped(trio, datapath,
+                                                          family: int) -> None:
+    datapath.apply(compile_cluster(_cluster(trio, _a_udp_from_b())))
+    src, dst = _address(trio.b, family), _address(trio.a, family)
+    # neighbours resolved first: a packet socket must not wait on them
+    assert _datagram(trio, family, ALLOWED, 100) == 100
+    capture = _Capture(trio.a)
+    raw = _raw_sender(trio.b, family)
+    try:
+        def send(ident: int, offset: int, more: bool, payload: bytes) -> None:
+            raw.sendto(_fragment(family, src, dst, ident, offset, more, payload), (dst, 0))
+
+        dropped = datapath.stats()["fragments_dropped"]
+        # a lone later fragment (to the allowed port, had its first fragment come)
+        send(0x4A11, 24, False, b"tail....")
+        assert capture.offsets(family, 0x4A11) == set()
+        assert datapath.stats()["fragments_dropped"] > dropped
+        # the control: after an allowed first fragment, its later fragment passes
+        send(0x4A12, 0, True, _udp_head(ALLOWED, 32))
+        send(0x4A12, 24, False, b"tail....")
+        assert capture.offsets(family, 0x4A12) == {0, 24}
+        # the record is pinned: a new process adopts it with the other maps
+        assert (datapath.dir / "frag").exists()
+        again = EbpfDatapath(netns=trio.host_netns)
+        again.check()
+        assert again.apply(compile_cluster(_cluster(trio, _a_udp_from_b()))).empty
+        send(0x4A12, 32, False, b"more....")
+        assert capture.offsets(family, 0x4A12) == {32}
+        again.close()
+        # after a denied first fragment, neither passes
+        send(0x4A13, 0, True, _udp_head(DENIED, 32))
+        send(0x4A13, 24, False, b"tail....")
+        assert capture.offsets(family, 0x4A13) == set()
+    finally:
+        raw.close()
+        capture.close()

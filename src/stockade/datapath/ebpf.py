@@ -3,7 +3,7 @@
 What lives where (`name` is the datapath's name, "stockade" by default)::
 
     /sys/fs/bpf/stockade/<host | netns-NAME>/<name>/
-        ipcache4 ipcache6 policy config ct events meta ratelimit stats   the maps
+        ipcache4 ipcache6 policy config ct frag events meta ratelimit stats   the maps
         prog_from_pod prog_to_pod                                         the programs
         link-<ifindex>-in link-<ifindex>-out                              tcx links
 
@@ -34,7 +34,10 @@ missing, clsact with `tc` (direct action, pinned program) is the fallback.
 **Conntrack** is the program's own LRU map (not the kernel's through
 bpf_skb_ct_lookup): it works whether or not netfilter tracks the bridge's
 traffic, costs two hash lookups on the fast path, and lets a policy generation
-re-judge flows lazily. Denied new connections go to the `events` ring buffer
+re-judge flows lazily. IP fragments fail closed: an allowed first fragment's ports
+are kept in `frag` (LRU) under its datagram's (family, addresses, protocol, IP id),
+a later fragment is judged with them, and one without is dropped (counted as
+`fragments_dropped`). Denied new connections go to the `events` ring buffer
 (rate-limited to `log_rate` per second; `DeniedEvents` reads them as
 `LoggedPacket`s naming the chain, like NFLOG's prefix does).
 """
@@ -81,11 +84,11 @@ LAYOUT = {"ipcache4": (bpfc.IP4_KEY.size, bpfc.IP_INFO.size),
           "policy": (bpfc.POLICY_KEY.size, bpfc.POLICY_VALUE.size),
           "meta": (bpfc.META_KEY.size, bpfc.META_VALUE.size),
           "config": (4, 16), "ct": (40, 24)}
-MAP_NAMES = ("ipcache4", "ipcache6", "policy", "config", "ct", "events", "meta", "ratelimit",
-             "stats")
+MAP_NAMES = ("ipcache4", "ipcache6", "policy", "config", "ct", "frag", "events", "meta",
+             "ratelimit", "stats")
 CONFIG = struct.Struct("=IIQ")  # slot, log rate, generation
 EVENT = struct.Struct("=QIIBBBB2s2s16s16sB7x")
-STATS = ("allowed", "denied", "conntrack", "rejudged", "cut", "passed")
+STATS = ("allowed", "denied", "conntrack", "rejudged", "cut", "passed", "fragments_dropped")
 LOG_RATE = 50  # denied-connection events per second, as the nftables chains log
 
 
