@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 from stockade.compile.ir import ADDR, ADDR_PORT, NET, Element, content_name
 from stockade.engine.match import ip_block_matches
-from stockade.model.cidr import parse_cidr, parse_ip
+from stockade.model.cidr import is_canonical_ipv4, parse_cidr, parse_ip
 from stockade.model.cluster import Endpoint
-from stockade.model.decode import is_canonical_ipv4
 from stockade.model.labels import Labels
 from stockade.model.policy import IPBlock, Peer
 from stockade.model.selector import Selector

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from stockade.errors import InputError, ValidationError
 from stockade.model import names
-from stockade.model.cidr import parse_ip
+from stockade.model.cidr import ip_version, parse_ip
 from stockade.model.cluster import NS_NAME_LABEL, Endpoint, Namespace
 from stockade.model.field import (
     FORBIDDEN,
@@ -83,14 +83,14 @@ def validate_pod_ips(ips: Sequence[str]) -> list[FieldError]:
     families: dict[int, str] = {}
     for i, text in enumerate(ips):
         path = f"status.podIPs[{i}].ip"
-        ip = parse_ip(text)
-        if ip is None:
+        version = ip_version(text)
+        if version is None:
             errs.append(FieldError(path, INVALID, "must be a valid IP address", text))
-        elif ip.version in families:
+        elif version in families:
             errs.append(FieldError(path, INVALID,
                                    "may specify no more than one IP for each IP family", text))
         else:
-            families[ip.version] = text
+            families[version] = text
     return errs
 
 

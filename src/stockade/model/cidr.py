@@ -298,6 +298,30 @@ def parse_cidr(text: str) -> Network | None:
     return ipaddress.IPv6Network((number, cidr.prefix))
 
 
+def is_canonical_ipv4(text: str) -> bool:
+    """Four decimal octets 0-255 without leading zeros: then `str(parse_ip(text)) == text`.
+
+    ~1 µs where the legacy-lenient `parse_ip` takes ~5 µs past its cache (which
+    100,000 pods overflow); anything else is for `parse_ip` to judge.
+    """
+    parts = text.split(".")
+    if len(parts) != 4:
+        return False
+    for p in parts:
+        if not (p.isascii() and p.isdigit()) or len(p) > 3 or (p[0] == "0" and len(p) > 1) \
+                or int(p) > 255:
+            return False
+    return True
+
+
+def ip_version(text: str) -> int | None:
+    """4 or 6 for an IP address as `parse_ip` reads it, None for anything else."""
+    if is_canonical_ipv4(text):
+        return 4
+    ip = parse_ip(text)
+    return None if ip is None else ip.version
+
+
 @lru_cache(maxsize=65536)
 def parse_ip(text: str) -> Address | None:
     """An IP address (legacy-lenient, as ParseIPSloppy), or None."""
