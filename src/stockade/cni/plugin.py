@@ -36,7 +36,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any
@@ -565,6 +564,8 @@ def run(environ: Mapping[str, str], stdin: bytes, out: IO[str], err: IO[str]) ->
         _write(out, exc.to_dict(error_version(requested)))
         return 1
     except Exception as exc:  # a bug; the runtime still gets the spec's error shape
+        import traceback
+
         traceback.print_exc(file=err)
         _write(out, CniError(INTERNAL, "unexpected failure",
                              f"{type(exc).__name__}: {exc}").to_dict(error_version(requested)))

@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,8 +105,11 @@ class StateDir:
     def write(self, state: AttachmentState) -> None:
         self._ensure()
         target = self.path(state.container_id, state.ifname)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.dir)
+        # Unique while this process lives (no tempfile: its import is a tenth of a
+        # plugin's start); one left by a dead process of the same pid is overwritten.
+        tmp = self.dir / f".tmp-{os.getpid()}-{target.name}"
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(state.to_dict(), f, separators=(",", ":"))
                 f.flush()
