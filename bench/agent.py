@@ -4,55 +4,249 @@ A real agent process runs in a private network namespace with 10,000
 endpoints and 1,000 policies loaded. Each measured call is synchronous (it
 returns once the kernel enforces the change), so its latency is the whole
 path: socket, validation, store commit, incremental compile, plan, kernel.
-Variants side by side: relabel an endpoint, add one, change one policy, on
-the loaded agent and on an empty one. Also: the time to load everything,
-a restart (adopting the table), and the agent's memory.
+Variants side by side: relabel an endpoint, add one, delete it, change one
+policy, on the loaded agent and on an empty one. Also: the time to load
+everything, endpoint changes per second from parallel clients, a restart
+(adopting the table), and the agent's memory.
+
+``--baseline REV`` runs the agent of an earlier commit (checked out with
+`git worktree`) beside this tree's, both loaded, taking turns call by call,
+so that a machine busy with other work weighs on both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import shutil
 import statistics
+import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import AgentProcess, pct, print_table
+from stockade.agent.client import AgentClient
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
+HERE = Path(__file__).resolve().parent.parent
+POD = {"apiVersion": "v1", "kind": "Pod",
+       "metadata": {"name": "probe", "namespace": "ns3",
+                    "labels": {"app": "app7", "tier": "api", "env": "prod"}},
+       "status": {"podIP": "10.250.0.1"}}
+
 
 def measure(agent: AgentProcess, n: int, big: bool, start: int = 0) -> dict[str, list[float]]:
-    """`n` rounds of the three changes; `start` numbers them (for rounds taken in turns)."""
+    """`n` rounds of the four changes; `start` numbers them (for rounds taken in turns)."""
     out: dict[str, list[float]] = {"relabel endpoint": [], "add endpoint": [],
-                                   "change policy": []}
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "probe", "namespace": "ns3",
-                        "labels": {"app": "app7", "tier": "api", "env": "prod"}},
-           "status": {"podIP": "10.250.0.1"}}
+                                   "delete endpoint": [], "change policy": []}
     pol = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
            "metadata": {"name": "bench", "namespace": "ns3"},
            "spec": {"podSelector": {"matchLabels": {"app": "app7"}},
                     "ingress": [{"ports": [{"port": 1}]}]}}
     target = "ns0/pod0" if big else "ns3/probe"
     if not big and start == 0:
-        agent.call("apply", documents=[pod], source="bench")
+        agent.call("apply", documents=[POD], source="bench")
     for i in range(start, start + n):
         t0 = time.perf_counter()
         agent.call("label", kind="endpoint", name=target, set={"round": str(i)}, remove=[])
         out["relabel endpoint"].append(time.perf_counter() - t0)
-        doc = {**pod, "metadata": {**pod["metadata"], "name": f"new{i}"},  # type: ignore[dict-item]
-               "status": {"podIP": f"10.251.{i // 250}.{i % 250 + 1}"}}
+        doc = {**POD, "metadata": {**POD["metadata"], "name": f"new{i}"},  # type: ignore[dict-item]
+               "status": {"podIP": f"10.251.{i // 250 % 250}.{i % 250 + 1}"}}
         t0 = time.perf_counter()
         agent.call("apply", documents=[doc], source="bench")
         out["add endpoint"].append(time.perf_counter() - t0)
-        pol["spec"]["ingress"][0]["ports"][0]["port"] = i + 1  # type: ignore[index]
+        t0 = time.perf_counter()
+        agent.call("delete", refs=[{"kind": "Pod", "namespace": "ns3", "name": f"new{i}"}])
+        out["delete endpoint"].append(time.perf_counter() - t0)
+        pol["spec"]["ingress"][0]["ports"][0]["port"] = i % 60000 + 1  # type: ignore[index]
         t0 = time.perf_counter()
         agent.call("apply", documents=[pol], source="bench")
         out["change policy"].append(time.perf_counter() - t0)
     return out
+
+
+def parallel(agent: AgentProcess, clients: int, seconds: float, pods: int) -> tuple[float,
+                                                                                  list[float]]:
+    """Endpoint changes per second (each synchronous) from `clients` threads, and their
+    latencies: each client relabels endpoints of its own, one call after the other."""
+    stop = time.monotonic() + seconds
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            with AgentClient(agent.socket, timeout=600) as c:
+                n = 0
+                while time.monotonic() < stop:
+                    i = (k + clients * n) % pods
+                    t0 = time.perf_counter()
+                    c.call("label", kind="endpoint", name=f"ns{i % 50}/pod{i}",
+                           set={"burst": str(n)}, remove=[])
+                    latencies[k].append(time.perf_counter() - t0)
+                    n += 1
+        except BaseException as exc:  # reported after the others finish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    done = [v for vs in latencies for v in vs]
+    return len(done) / took, done
+
+
+def ms_row(name: str, values: list[float]) -> tuple[str, str, str]:
+    ms = [v * 1000 for v in values]
+    return (name, f"{statistics.median(ms):.1f} ms",
+            f"p99 {pct(ms, 99):.1f} ms over {len(ms)} calls")
+
+
+@contextmanager
+def baseline_tree(rev: str) -> Iterator[Path]:
+    where = Path(tempfile.mkdtemp(prefix="stockade-baseline-"))
+    subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", "-f",
+                    str(where / "tree"), rev], check=True, capture_output=True)
+    try:
+        yield where / "tree" / "src"
+    finally:
+        subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force",
+                        str(where / "tree")], check=False, capture_output=True)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+class TreeAgent(AgentProcess):
+    """An agent run from a given source tree (PYTHONPATH), else this one."""
+
+    def __init__(self, tmp: Path, netns: str, src: Path | None) -> None:
+        super().__init__(tmp, netns)
+        self.src = src
+
+    def start(self) -> float:
+        if self.src is None:
+            return super().start()
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "PYTHONPATH": str(self.src)})
+        while True:
+            try:
+                if self.call("status")["ready"]:
+                    return time.perf_counter() - t0
+            except Exception:  # not listening yet
+                time.sleep(0.05)
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the agent of {self.src} exited")
+
+
+def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
+                 spaces: list[str]) -> list[tuple[str, str, str]]:
+    """This tree and `args.baseline`, both loaded, taking turns."""
+    rows: list[tuple[str, str, str]] = []
+    with baseline_tree(args.baseline) as src:
+        trees: dict[str, Path | None] = {"this tree": None, args.baseline: src}
+        agents: dict[str, TreeAgent] = {}
+        docs = manifests(make_cluster(args.pods, args.policies))
+        results: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
+        try:
+            for j, (name, tree) in enumerate(trees.items()):
+                host = f"{tag}-v{j}"
+                create_netns(host)
+                spaces.append(host)
+                d = tmp / f"v{j}"
+                d.mkdir()
+                agents[name] = TreeAgent(d, host, tree)
+                agents[name].start()
+            for name, agent in agents.items():
+                t0 = time.perf_counter()
+                agent.call("apply", documents=docs, source="bench")
+                results[name]["load (one apply, enforced)"] = [time.perf_counter() - t0]
+            for i in range(args.rounds):
+                order = list(agents) if i % 2 else list(agents)[::-1]
+                for name in order:
+                    for what, values in measure(agents[name], 1, True, start=i).items():
+                        results[name].setdefault(what, []).extend(values)
+            for i in range(2):
+                order = list(agents) if i % 2 else list(agents)[::-1]
+                for name in order:
+                    rate, lat = parallel(agents[name], args.clients, args.seconds, args.pods)
+                    results[name].setdefault("parallel rate", []).append(rate)
+                    results[name].setdefault("parallel latency", []).extend(lat)
+            for name, agent in agents.items():
+                results[name]["rss"] = [agent.rss_mb()]
+            for i in range(2):
+                order = list(agents) if i % 2 else list(agents)[::-1]
+                for name in order:
+                    agents[name].stop()
+                    results[name].setdefault("restart", []).append(agents[name].start())
+        finally:
+            for agent in agents.values():
+                agent.stop()
+        for name in trees:
+            r = results[name]
+            rows.append((f"[{name}] load everything", f"{r['load (one apply, enforced)'][0]:.1f} s",
+                         ""))
+            for what in ("relabel endpoint", "add endpoint", "delete endpoint",
+                         "change policy"):
+                rows.append(ms_row(f"[{name}] {what}", r[what]))
+            rows.append((f"[{name}] endpoint changes/s, {args.clients} clients",
+                         f"{statistics.median(r['parallel rate']):.0f}/s",
+                         "runs: " + ", ".join(f"{x:.0f}" for x in r["parallel rate"])))
+            rows.append(ms_row(f"[{name}] ... their latency", r["parallel latency"]))
+            rows.append((f"[{name}] memory (RSS)", f"{r['rss'][0]:.0f} MB", ""))
+            rows.append((f"[{name}] restart", f"{min(r['restart']):.1f} s",
+                         "runs: " + ", ".join(f"{x:.1f}" for x in r["restart"])))
+    return rows
+
+
+def alone(args: argparse.Namespace, tmp: Path, tag: str,
+          spaces: list[str]) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    for big in (False, True):
+        d = tmp / ("big" if big else "small")
+        d.mkdir()
+        # A namespace each: the empty agent's table outlives it (owned, persistent),
+        # and an agent with a new, empty store refuses to replace a table in force.
+        host = f"{tag}-{d.name}"
+        create_netns(host)
+        spaces.append(host)
+        agent = AgentProcess(d, host)
+        agent.start()
+        try:
+            size = "empty"
+            if big:
+                docs = manifests(make_cluster(args.pods, args.policies))
+                t0 = time.perf_counter()
+                agent.call("apply", documents=docs, source="bench")
+                load = time.perf_counter() - t0
+                size = f"{args.pods} endpoints, {args.policies} policies"
+                rows.append((f"load {size} (one apply, enforced)", f"{load:.1f} s", ""))
+            rss = agent.rss_mb()
+            results = measure(agent, args.rounds, big)
+            for name, values in results.items():
+                rows.append(ms_row(f"{name}, {size}", values))
+            if big:
+                rate, lat = parallel(agent, args.clients, args.seconds, args.pods)
+                rows.append((f"endpoint changes/s, {args.clients} parallel clients, {size}",
+                             f"{rate:.0f}/s", ""))
+                rows.append(ms_row("... their latency", lat))
+            rows.append((f"agent memory (RSS), {size}", f"{rss:.0f} MB", ""))
+            if big:
+                agent.stop()
+                t = agent.start()
+                rows.append(("restart with all of it: load, compile, adopt the table",
+                             f"{t:.1f} s", f"RSS {agent.rss_mb():.0f} MB"))
+        finally:
+            agent.stop()
+    return rows
 
 
 def main() -> None:
@@ -60,45 +254,16 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=1_000)
     ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--clients", type=int, default=16, help="parallel clients")
+    ap.add_argument("--seconds", type=float, default=5.0, help="of parallel changes")
+    ap.add_argument("--baseline", help="an earlier commit, run side by side with this tree")
     args = ap.parse_args()
     tag = f"ba{secrets.token_hex(2)}"
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
-    rows: list[tuple[str, str, str]] = []
     spaces: list[str] = []
     try:
-        for big in (False, True):
-            d = tmp / ("big" if big else "small")
-            d.mkdir()
-            # A namespace each: the empty agent's table outlives it (owned, persistent),
-            # and an agent with a new, empty store refuses to replace a table in force.
-            host = f"{tag}-{d.name}"
-            create_netns(host)
-            spaces.append(host)
-            agent = AgentProcess(d, host)
-            agent.start()
-            try:
-                size = "empty"
-                if big:
-                    docs = manifests(make_cluster(args.pods, args.policies))
-                    t0 = time.perf_counter()
-                    agent.call("apply", documents=docs, source="bench")
-                    load = time.perf_counter() - t0
-                    size = f"{args.pods} endpoints, {args.policies} policies"
-                    rows.append((f"load {size} (one apply, enforced)", f"{load:.1f} s", ""))
-                rss = agent.rss_mb()
-                results = measure(agent, args.rounds, big)
-                for name, values in results.items():
-                    ms = [v * 1000 for v in values]
-                    rows.append((f"{name}, {size}", f"{statistics.median(ms):.1f} ms",
-                                 f"p99 {pct(ms, 99):.1f} ms over {len(ms)} calls"))
-                rows.append((f"agent memory (RSS), {size}", f"{rss:.0f} MB", ""))
-                if big:
-                    agent.stop()
-                    t = agent.start()
-                    rows.append(("restart with all of it: load, compile, adopt the table",
-                                 f"{t:.1f} s", f"RSS {agent.rss_mb():.0f} MB"))
-            finally:
-                agent.stop()
+        rows = (side_by_side(args, tmp, tag, spaces) if args.baseline
+                else alone(args, tmp, tag, spaces))
     finally:
         for host in spaces:
             remove_netns(host)

@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import random
+import sys
+from pathlib import Path
+
+from stockade.agent.admission import cluster_near, enforceable
+from stockade.agent.records import (
+    AgentState,
+    EndpointRecord,
+    PolicyRecord,
+    PutEndpoint,
+    PutNamespace,
+    PutPolicy,
+)
 from stockade.agent.revoke import KEEP_ANNOTATION, connections_to_cut, flow_of
 from stockade.engine.evaluate import Evaluator, Flow, Verdict
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
@@ -9,6 +22,9 @@ from stockade.model.connection import ConnEntry
 from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, NetworkPolicy, Peer, PolicyPort, Rule
 from stockade.model.selector import Selector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from synthetic import make_cluster
 
 A, B, C = "10.244.0.10", "10.244.0.11", "10.244.0.12"
 A6 = "fd00:244::a"
@@ -144,3 +160,47 @@ def test_verdicts_are_computed_once_per_flow() -> None:
     entries = [_tcp(C, A, sport=p) for p in range(1000, 1500)] + [_tcp(B, A, sport=1)]
     cut = connections_to_cut(entries, ev)
     assert len(cut) == 500 and ev.calls == 2
+
+
+def _state(cluster: Cluster) -> AgentState:
+    state = AgentState()
+    state.apply([PutNamespace(ns) for ns in cluster.namespaces]
+                + [PutEndpoint(EndpointRecord(ep)) for ep in cluster.endpoints]
+                + [PutPolicy(PolicyRecord(p)) for p in cluster.policies])
+    return state
+
+
+def test_the_revokers_cluster_judges_as_the_whole_one() -> None:
+    """Only the endpoints at the connections' addresses: the same cuts, on a synthetic
+    cluster with every kind of peer, for connections among its pods and beyond it."""
+    rnd = random.Random(7)
+    whole = make_cluster(400, 60)
+    state = _state(whole)
+    ips = [ep.ips[0] for ep in whole.endpoints] + [OUTSIDE, "10.0.0.1"]
+    for _ in range(20):
+        entries = [ConnEntry(rnd.choice(("TCP", "UDP")), rnd.choice(ips), rnd.choice(ips),
+                             rnd.randrange(1024, 65535), rnd.choice((53, 80, 8080, 9090)),
+                             state="ESTABLISHED")
+                   for _ in range(rnd.randrange(1, 30))]
+        addresses = {a for e in entries for a in (e.src, e.dst, e.reply_src) if a}
+        near = cluster_near(state, addresses)
+        expected = connections_to_cut(entries, Evaluator(enforceable(state, {})))
+        if near is None:
+            assert expected == []
+            continue
+        assert len(near.endpoints) <= len(addresses)
+        assert connections_to_cut(entries, Evaluator(near)) == expected
+
+
+def test_no_endpoint_at_either_end_needs_no_cluster() -> None:
+    state = _state(_cluster(_a_ingress_from("b")))
+    assert cluster_near(state, {OUTSIDE, "198.51.100.1"}) is None
+    near = cluster_near(state, {A, OUTSIDE})
+    assert near is not None and [ep.key for ep in near.endpoints] == ["x/a"]
+
+
+def test_held_endpoints_take_the_whole_cluster() -> None:
+    state = _state(_cluster(_a_ingress_from("b")))
+    state.quarantined = {"x/c": ["held"]}
+    near = cluster_near(state, {A})
+    assert near is not None and len(near.endpoints) == 3

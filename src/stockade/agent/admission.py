@@ -162,6 +162,25 @@ def enforceable(state: AgentState, held: Mapping[str, Sequence[str]]) -> Cluster
     return Cluster(tuple(namespaces), tuple(endpoints), tuple(policies))
 
 
+def cluster_near(state: AgentState, addresses: Iterable[str]) -> Cluster | None:
+    """What `enforceable` gives, with only the endpoints holding `addresses` (None: none).
+
+    A verdict on a flow reads its two endpoints, the policies and the namespaces,
+    nothing else: this cluster judges flows between those addresses as the whole
+    one does, at the cost of the addresses, not of the cluster (the revoker's).
+    With endpoints held fail-closed (rare) it is the whole cluster.
+    """
+    if state.quarantined:
+        return enforceable(state, state.quarantined)
+    index = state.addresses()
+    keys = {k for a in addresses if (k := index.get(canonical_ip(a))) is not None}
+    if not keys:
+        return None
+    return Cluster(tuple(state.namespaces.values()),
+                   tuple(state.endpoints[k].endpoint for k in sorted(keys)),
+                   tuple(r.policy for r in state.policies.values()))
+
+
 def held_endpoint(ep: Endpoint) -> Endpoint:
     """An endpoint held fail-closed: its valid addresses (one per family), no labels but
     the quarantine label, no ports; :func:`deny_all` of its namespace selects it."""

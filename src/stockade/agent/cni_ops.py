@@ -202,6 +202,8 @@ class CniOps:
         self.attachments: dict[str, CniAttachment] = {}
         self._revisions: dict[str, int] = {}  # in memory: after a restart, all is applied
         self._desired: Ruleset | None = None  # what the last successful apply put in
+        self._applied: Ruleset | None = None  # the same, before made canonical
+        self._canonical: tuple[Ruleset, Ruleset] | None = None  # (_applied, canonical)
 
     def operations(self) -> Mapping[str, Handler]:
         return {"cni.add": self.op_add, "cni.del": self.op_del, "cni.check": self.op_check,
@@ -224,7 +226,7 @@ class CniOps:
             if previous is not None:
                 previous(report, ruleset)
             if not report.error:
-                self._desired = canonical(ruleset)
+                self._applied = ruleset  # made canonical when read (rarely; not per apply)
 
         reconciler.hooks.applied = applied
         self._desired = reconciler.datapath.read()  # adopted at start: the kernel is current
@@ -505,12 +507,21 @@ class CniOps:
                     f"the attachment {ips}"]
         return []
 
+    def _desired_ruleset(self) -> Ruleset:
+        """What the last successful apply put in, as the kernel shows it (canonical)."""
+        applied, memo = self._applied, self._canonical
+        if applied is None:
+            return self._desired or Ruleset()  # the kernel as adopted at start
+        if memo is None or memo[0] is not applied:
+            memo = self._canonical = (applied, canonical(applied))
+        return memo[1]
+
     def _in_kernel(self, ips: tuple[str, ...], problems: list[str]) -> bool:
         """The endpoint's footprint in the kernel equals the last applied one (with retries)."""
         datapath = self._svc().reconciler.datapath
         deadline = time.monotonic() + CONVERGE
         while True:
-            desired = self._desired or Ruleset()
+            desired = self._desired_ruleset()
             want = footprint(desired, ips)
             have = footprint(datapath.read(), ips)
             if want == have and all(want["chains"].values()):

@@ -22,7 +22,12 @@ from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
-from stockade.agent.admission import QUARANTINE_POLICY, enforceable, quarantine
+from stockade.agent.admission import (
+    QUARANTINE_POLICY,
+    cluster_near,
+    enforceable,
+    quarantine,
+)
 from stockade.agent.client import DEFAULT_SOCKET
 from stockade.agent.cni_ops import CniOps
 from stockade.agent.containers import ContainerManager
@@ -91,6 +96,7 @@ class Agent:
         self.registry = Registry()
         self.metrics = agent_metrics(self.registry)
         self._stopping = threading.Event()
+        self._verify_wanted = threading.Event()
         self._ruleset = Ruleset()
         self.store: Store | None = None
         self.api: ApiServer | None = None
@@ -163,7 +169,7 @@ class Agent:
         self.visibility = Visibility(self._cluster, self.metrics, cfg.netns, cfg.log_group,
                                      cfg.state_dir,
                                      events=getattr(datapath, "events", None) if ebpf else None,
-                                     revoke=not ebpf)
+                                     revoke=not ebpf, cluster_near=self._cluster_near)
         for provider in self.operation_providers():
             self.service.register(provider)
         self.visibility.start()
@@ -190,9 +196,16 @@ class Agent:
         self.reconciler.attach(self.runner.run)
         self.runner.start()
         datapath: Any = self.reconciler.datapath
+        if hasattr(datapath, "verify_quietly"):
+            # The periodic read-back on a thread of its own: changes go on meanwhile.
+            self._verifier = threading.Thread(target=self._verify_loop, name="verify",
+                                              daemon=True)
+            self._verifier.start()
         if cfg.datapath == "nft":
-            # The table's events: a deleted table is rewritten without reading first.
-            self.monitor = datapath.monitor(self._foreign_change)
+            # The table's events: a deleted table is rewritten without reading first;
+            # lost events (our own large transactions overflow the socket) are checked
+            # for by the read-back, without holding up changes.
+            self.monitor = datapath.monitor(self._foreign_change, on_lost=self._check_soon)
             self.monitor.start()
         elif cfg.datapath == "ebpf":
             # No events for a detached program: poll the links (no map is read).
@@ -388,6 +401,9 @@ class Agent:
             self.monitor.stop()
         if self._link_poll is not None:
             self._link_poll.join()
+        if self._verifier is not None:
+            self._verify_wanted.set()
+            self._verifier.join()
         if getattr(self, "visibility", None) is not None:
             self.visibility.stop()
         if self.runner is not None:
@@ -406,9 +422,15 @@ class Agent:
     # ---- reconciliation hooks -----------------------------------------------------------
 
     _verify_next = False
+    _verifier: threading.Thread | None = None
 
     def _run(self, periodic: bool) -> None:
-        verify = periodic or self._verify_next
+        verify = self._verify_next
+        if periodic and not verify:
+            if self._verifier is not None:
+                self._check_soon()  # read back on the verifier's thread
+            else:
+                verify = True
         self._verify_next = False
         if not self.reconciler.run(verify):
             # Read the kernel back on the retry: the failed transaction may have
@@ -416,6 +438,23 @@ class Agent:
             self._verify_next = True
             if self.runner is not None:
                 self.runner.retry_in(self.reconciler.backoff())
+
+    def _check_soon(self) -> None:
+        """Ask the verifier thread for a read-back (the periodic one, or lost events)."""
+        self._verify_wanted.set()
+
+    def _verify_loop(self) -> None:
+        """Reads the kernel back when asked; drift goes to the runner's verifying run."""
+        while True:
+            self._verify_wanted.wait()
+            self._verify_wanted.clear()
+            if self._stopping.is_set():
+                return
+            if self.reconciler.verify_quietly() is False:
+                log.info("the kernel differs from what was applied; repairing")
+                self._verify_next = True
+                if self.runner is not None:
+                    self.runner.run()
 
     def _foreign_change(self) -> None:
         log.info("another process changed the datapath's kernel objects; checking them")
@@ -445,6 +484,11 @@ class Agent:
         with self.service.lock:
             state = self.service.state
             return enforceable(state, state.quarantined)
+
+    def _cluster_near(self, addresses: set[str]) -> Cluster | None:
+        """The revoker's cluster: only the endpoints at `addresses` (admission.cluster_near)."""
+        with self.service.lock:
+            return cluster_near(self.service.state, addresses)
 
     def _healthy(self) -> bool:
         runner = self.runner

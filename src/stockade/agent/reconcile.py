@@ -78,6 +78,8 @@ class Reconciler:
         self._accepted: list[tuple[int, float]] = []  # (revision, monotonic time accepted)
         self._changes = 0  # calls of `changed`: tells a rebuild whether it is current
         self._kick: Callable[[], None] = lambda: None
+        self.verifications = 0  # periodic checks that found the kernel as applied
+        self.last_verified: float | None = None  # wall clock of the last one
 
     def attach(self, kick: Callable[[], None]) -> None:
         """`kick` asks the runner for a run soon."""
@@ -164,6 +166,30 @@ class Reconciler:
                 for t in done:
                     self.hooks.enforced(finished - t)
         return True
+
+    def verify_quietly(self) -> bool | None:
+        """The periodic check of the kernel, without holding up changes.
+
+        On a datapath that can read its kernel objects while transactions go on
+        (nft's `verify_quietly`): True when the kernel holds what was applied,
+        False when a verifying run must repair it (it reads again, under the apply
+        lock). None: this datapath cannot; the verifying run is the check.
+        """
+        quiet = getattr(self.datapath, "verify_quietly", None)
+        if quiet is None:
+            return None
+        started = time.monotonic()
+        try:
+            clean = bool(quiet())
+        except Exception:  # the verifying run reads again, and reports what fails
+            log.exception("reading the kernel back failed")
+            return False
+        if clean:
+            self.verifications += 1
+            self.last_verified = time.time()
+            log.debug("verified", extra={"fields": {
+                "ms": round((time.monotonic() - started) * 1000, 1)}})
+        return clean
 
     def _rebuild(self) -> None:
         """The same failure twice: do not trust the incremental state, compile anew.

@@ -19,7 +19,7 @@ traffic no policy governs (the host's own, say).
 
 Public API::
 
-    KEEP_ANNOTATION, KEEP
+    KEEP_ANNOTATION, KEEP, CANDIDATES, FINISHED
     flow_of(entry, evaluator) -> Flow | None
     keeping_policies(evaluator, keep_key=KEEP_ANNOTATION) -> frozenset[str]
     should_cut(verdict, keep) -> bool
@@ -37,7 +37,7 @@ KEEP_ANNOTATION = "stockade.io/existing-connections"
 KEEP = "keep"
 CANDIDATES = frozenset({"TCP", "UDP", "SCTP"})
 # Nothing flows on these any more: deleting them would only cost a message.
-_FINISHED = frozenset({"TIME_WAIT", "CLOSE", "CLOSED"})
+FINISHED = frozenset({"TIME_WAIT", "CLOSE", "CLOSED"})
 
 
 def flow_of(entry: ConnEntry, evaluator: Evaluator) -> Flow | None:
@@ -47,7 +47,7 @@ def flow_of(entry: ConnEntry, evaluator: Evaluator) -> Flow | None:
     with DNAT (a service address) that is the endpoint the forward hook saw,
     the original destination being only the service's address.
     """
-    if entry.protocol not in CANDIDATES or entry.state in _FINISHED:
+    if entry.protocol not in CANDIDATES or entry.state in FINISHED:
         return None
     dst = entry.reply_src or entry.dst
     port = entry.reply_sport if entry.reply_src and entry.reply_sport else entry.dport

@@ -2,7 +2,11 @@
 
 Both need the current cluster to name endpoints and policies. Building an
 evaluator over a large cluster is not free, so it is built lazily: once per
-change, and only when a packet is logged or conntrack holds candidates.
+change, and only when a packet is logged or conntrack holds candidates. The
+revoker's evaluator holds only the endpoints at the candidates' addresses
+(`cluster_near`): a verdict reads the flow's two endpoints, the policies and
+the namespaces, nothing else, so it is the whole cluster's verdict at the cost
+of the connections there are, not of the cluster's size.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from stockade.agent.flowlog import (
     describer,
 )
 from stockade.agent.metrics import AgentMetrics
-from stockade.agent.revoke import connections_to_cut
+from stockade.agent.revoke import CANDIDATES, FINISHED, connections_to_cut
 from stockade.compile.ir import Ruleset
 from stockade.datapath.conntrack import Conntrack
 from stockade.datapath.nflog import LoggedPacket
@@ -36,8 +40,12 @@ class Visibility:
     def __init__(self, cluster_of: Callable[[], Cluster], metrics: AgentMetrics,
                  netns: str | None, log_group: int | None, state_dir: str, *,
                  events: Callable[[], PacketSource] | None = None,
-                 revoke: bool = True) -> None:
+                 revoke: bool = True,
+                 cluster_near: Callable[[set[str]], Cluster | None] | None = None) -> None:
+        """`cluster_near(addresses)`: the cluster with only the endpoints holding those
+        addresses (None when none does); without it the revoker takes the whole one."""
         self.cluster_of = cluster_of
+        self.cluster_near = cluster_near
         self.metrics = metrics
         self.netns = netns
         self._lock = threading.Lock()
@@ -120,10 +128,19 @@ class Visibility:
     def revoke_now(self) -> int:
         """Delete conntrack entries of connections the current policy denies."""
         with Conntrack(self.netns) as ct:
-            entries = ct.entries()
+            # Only what the revocation could cut: a ported protocol, not finished.
+            entries = [e for e in ct.entries()
+                       if e.protocol in CANDIDATES and e.state not in FINISHED]
             if not entries:
                 return 0
-            cut = connections_to_cut(entries, Evaluator(self.cluster_of()))
+            if self.cluster_near is None:
+                cluster: Cluster | None = self.cluster_of()
+            else:
+                cluster = self.cluster_near({a for e in entries
+                                             for a in (e.src, e.dst, e.reply_src) if a})
+            if cluster is None:
+                return 0  # no endpoint at either end of any: no policy governs them
+            cut = connections_to_cut(entries, Evaluator(cluster))
             deleted = ct.delete(cut) if cut else 0
         if deleted:
             self.cut_total += deleted

@@ -144,6 +144,9 @@ class NftDatapath:
         self._gone_at: int | None = None
         # A table that kept enforcing while a table without ownership was replaced.
         self._handover: str | None = None
+        # Reading the table while transactions go on (see `verify_quietly`) and
+        # comparing it (the comparator's memory is shared): one reader at a time.
+        self._read_lock = threading.Lock()
 
     @classmethod
     def open(cls, name: str, *, netns: str | None = None, owner: bool = False,
@@ -153,11 +156,17 @@ class NftDatapath:
 
     # ---- talking to the kernel --------------------------------------------------------
 
-    def _run(self, cmds: list[dict[str, Any]], what: str) -> str:
+    def _run(self, cmds: list[dict[str, Any]], what: str,
+             applied: Ruleset | None = None) -> str:
+        """One libnftables transaction; with `applied`, it becomes what the kernel holds,
+        in the same critical section as the commit (see `verify_quietly`)."""
         if not cmds:
             return ""
         with self._lock:
             rc, out, err = self._nft.json_cmd({"nftables": cmds})
+            if rc == 0 and applied is not None:
+                self._applied = applied
+                self._generation += 1
         if rc != 0:
             raise DataplaneError(f"{what} was refused by the kernel; nothing was changed",
                                  command="nft -j -f -", stderr=str(err)[:2000])
@@ -369,8 +378,9 @@ class NftDatapath:
         gc.disable()
         try:
             doc = json.loads(out)
-            return parse_kernel(doc, self.table, expected, self._check,
-                                info.flags if info is not None else None)
+            with self._read_lock:  # the comparator's memory is shared with verify_quietly
+                return parse_kernel(doc, self.table, expected, self._check,
+                                    info.flags if info is not None else None)
         finally:
             if collecting:
                 gc.enable()
@@ -399,14 +409,74 @@ class NftDatapath:
         chains = {**(applied.chains if applied is not None else {}), **(known or {})}
         return KernelSnapshot(generation, self.read_table(chains))
 
+    def verify_quietly(self) -> bool:
+        """Whether the kernel holds what was applied, read without holding up transactions.
+
+        The periodic verification at scale reads for a second or more; changes keep
+        being applied meanwhile (this reads through a context of its own), so the
+        table read may hold any state between what was applied when the read
+        began and what is applied when it ends. It is compared with both: an
+        object that differs from both is drift, as is anything foreign or a
+        skeleton not as rendered. True: no drift (nothing to do). False: drift,
+        or nothing to compare with: the caller runs a verifying apply, which
+        reads the kernel again under the transaction lock and repairs.
+        """
+        with self._lock:
+            before = self._applied
+        if before is None or (self.owner and not self.owned) or (
+                self._gone_at is not None and self._gone_at == self._generation):
+            return False
+        with self._read_lock:
+            # A context of its own, for this read only: libnftables keeps what it read
+            # (the whole table) in its context's cache until the context goes.
+            with entered(self.netns):
+                reader = _load_nftables().Nftables()
+            reader.set_json_output(True)
+            reader.set_handle_output(False)
+            reader.set_numeric_proto_output(False)
+            reader.set_service_output(False)
+            rc, out, _err = reader.cmd(f"list table {FAMILY} {self.table.name}")
+            del reader
+            with self._lock:
+                after = self._applied
+                info = self._elements.table_info() if rc == 0 else None
+            if rc != 0 or after is None or info is None:
+                return False
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                kt = parse_kernel(json.loads(out), self.table,
+                                  {**before.chains, **after.chains}, self._check, info.flags)
+            finally:
+                if collecting:
+                    gc.enable()
+        return not kt.needs_repair and read_while_applying(kt.ruleset, before, after)
+
     def foreign_change(self, event: TableEvent) -> None:
         """What the table monitor saw another process commit (see `monitor`)."""
         self._gone_at = self._generation if event.deleted and not event.lost else None
 
-    def monitor(self, on_foreign_change: Callable[[], None]) -> TableMonitor:
-        """A monitor of this table that tells this datapath what it saw, then calls back."""
-        return TableMonitor(self.table.name, on_foreign_change, netns=self.netns,
-                            on_event=self.foreign_change)
+    def monitor(self, on_foreign_change: Callable[[], None],
+                on_lost: Callable[[], None] | None = None) -> TableMonitor:
+        """A monitor of this table that tells this datapath what it saw, then calls back.
+
+        `on_lost`, if given, is called instead of `on_foreign_change` when events were
+        lost (the socket overflowed, as our own large transactions make it): nothing
+        says another process changed anything, so the caller may check without haste.
+        """
+        lost = [False]
+
+        def event(ev: TableEvent) -> None:
+            self.foreign_change(ev)
+            lost[0] = ev.lost
+
+        def changed() -> None:
+            if lost[0] and on_lost is not None:
+                on_lost()
+            else:
+                on_foreign_change()
+
+        return TableMonitor(self.table.name, changed, netns=self.netns, on_event=event)
 
     def diff(self, desired: Ruleset) -> Plan:
         delta, _ = self._delta(desired)
@@ -457,11 +527,11 @@ class NftDatapath:
             try:
                 with self._lock:
                     self._elements.apply(element_changes(delta))
+                    self._applied = target
+                    self._generation += 1
             except DataplaneError:
                 self._applied = None
                 raise
-            self._applied = target
-            self._generation += 1
             self._drop_handover()
             return delta
         missing = snap is not None and kt is None  # the kernel holds no table at all
@@ -470,12 +540,10 @@ class NftDatapath:
                             skeleton=missing or (kt is not None and not kt.skeleton_ok),
                             create_table=missing and not self.owned)
         try:
-            self._run(cmds, "the ruleset update")
+            self._run(cmds, "the ruleset update", applied=target)
         except DataplaneError:
             self._applied = None
             raise
-        self._applied = target
-        self._generation += 1
         if kt is not None and kt.objects:
             self._delete_objects(kt.objects)
         if kt is not None and not kt.table_ok:
@@ -536,6 +604,37 @@ class NftDatapath:
         if self.owner_active:
             self.owner_status = OWNER_PENDING
         self._drop_handover()
+
+
+def read_while_applying(current: Ruleset, before: Ruleset, after: Ruleset) -> bool:
+    """Whether `current`, read while transactions took the kernel from `before` to
+    `after`, shows no drift: every object in it is as one of the two left it.
+
+    An object changed twice during the read may be read in its state in between
+    and is then taken for drift; so is anything neither holds. The caller's
+    verifying apply tells which (it reads again, under the transaction lock).
+    """
+    early = plan(current, before)
+    if after is before or early.empty:
+        return early.empty
+    return not (plan_objects(early) & plan_objects(plan(current, after)))
+
+
+def plan_objects(delta: Plan) -> set[tuple[Any, ...]]:
+    """Every kernel object a plan touches: sets (interval sets whole), elements, chains,
+    map entries."""
+    out: set[tuple[Any, ...]] = {("set", s.name) for s in delta.add_sets}
+    out |= {("set", name) for name in delta.del_sets}
+    for s, els in (*delta.add_elements, *delta.del_elements):
+        if s.kind == NET:
+            out.add(("set", s.name))
+        else:
+            out |= {("element", s.name, e) for e in els}
+    out |= {("chain", c.name) for c in (*delta.add_chains, *delta.replace_chains)}
+    out |= {("chain", name) for name in delta.del_chains}
+    out |= {("map", *entry) for entry in delta.del_map}
+    out |= {("map", *entry) for entry, _ in delta.set_map}
+    return out
 
 
 def elements_only(delta: Plan) -> bool:
