@@ -152,7 +152,7 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
     """This tree and `args.baseline`, both loaded, taking turns."""
     rows: list[tuple[str, str, str]] = []
     with baseline_tree(args.baseline) as src:
-        trees: dict[str, Path | None] = {"this tree": None, args.baseline: src}
+        trees: dict[str, Path | None] = {"this tree": HERE / "src", args.baseline: src}
         agents: dict[str, TreeAgent] = {}
         docs = manifests(make_cluster(args.pods, args.policies))
         results: dict[str, dict[str, list[float]]] = {name: {} for name in trees}

@@ -450,11 +450,14 @@ class Agent:
             self._verify_wanted.clear()
             if self._stopping.is_set():
                 return
-            if self.reconciler.verify_quietly() is False:
+            clean = self.reconciler.verify_quietly()
+            if clean is False:
                 log.info("the kernel differs from what was applied; repairing")
                 self._verify_next = True
                 if self.runner is not None:
                     self.runner.run()
+            elif clean:
+                self.visibility.revoke_soon()  # cuts are also looked for periodically
 
     def _foreign_change(self) -> None:
         log.info("another process changed the datapath's kernel objects; checking them")
@@ -468,6 +471,7 @@ class Agent:
             m.apply_errors.inc()
             return
         self._ruleset = ruleset
+        self.visibility.refresh(ruleset)  # names for the flow log; cuts come by _revoked
         m.applies.inc()
         m.apply_duration.observe(report.duration)
         if report.summary:

@@ -53,11 +53,14 @@ class Hooks:
     drift: Callable[[Plan], None] | None = None
     enforced: Callable[[float], None] | None = None  # seconds from change to enforcement
     revoked: Callable[[Ruleset], None] | None = None  # access may have been taken away
+    # (an apply whose delta narrows, or a repair; not one that only allows more)
 
 
 class Reconciler:
     # Beyond this many changes at once, compiling the whole state anew is faster.
     BULK = 500
+    # Reads of the kernel that see drift before the verifying run repairs it.
+    QUIET_READS = 3
 
     def __init__(self, compiler: IncrementalCompiler, datapath: Datapath, revision: int,
                  hooks: Hooks | None = None,
@@ -155,7 +158,8 @@ class Reconciler:
                 self.hooks.applied(report, desired)
             # Drift may have let connections in (an inserted accept, a dormant table)
             # that conntrack now passes as established: cut them like revoked ones.
-            if (not delta.empty or drift is not None) and self.hooks.revoked:
+            # A delta that only allows more revokes nothing (see Plan.narrows).
+            if (delta.narrows or drift is not None) and self.hooks.revoked:
                 self.hooks.revoked(desired)
             with self._cond:
                 self.applied_revision = max(self.applied_revision, revision)
@@ -179,11 +183,17 @@ class Reconciler:
         if quiet is None:
             return None
         started = time.monotonic()
-        try:
-            clean = bool(quiet())
-        except Exception:  # the verifying run reads again, and reports what fails
-            log.exception("reading the kernel back failed")
-            return False
+        clean = False
+        # An object changed twice during a read may be read in between and look like
+        # drift: read again (a few seconds) before holding up changes to repair.
+        for _ in range(self.QUIET_READS):
+            try:
+                clean = bool(quiet())
+            except Exception:  # the verifying run reads again, and reports what fails
+                log.exception("reading the kernel back failed")
+                return False
+            if clean:
+                break
         if clean:
             self.verifications += 1
             self.last_verified = time.time()

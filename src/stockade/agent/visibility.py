@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class Visibility:
         self._ruleset = Ruleset()
         self._describe: Callable[[LoggedPacket], dict[str, Any]] | None = None
         self._revoke = threading.Event()
+        self._failed = False  # the last revocation pass failed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reader: FlowLogReader | None = None
@@ -83,11 +85,22 @@ class Visibility:
         if self.reader is not None:
             self.reader.stop()
 
-    def applied(self, ruleset: Ruleset) -> None:
-        """A new ruleset is in force: refresh names, and look for revoked connections."""
+    def refresh(self, ruleset: Ruleset) -> None:
+        """A new ruleset is in force that takes nothing away: refresh names only (and
+        retry a revocation that failed)."""
         with self._lock:
             self._ruleset = ruleset
             self._describe = None
+        if self._failed:
+            self._revoke.set()
+
+    def applied(self, ruleset: Ruleset) -> None:
+        """A new ruleset is in force: refresh names, and look for revoked connections."""
+        self.refresh(ruleset)
+        self._revoke.set()
+
+    def revoke_soon(self) -> None:
+        """Look for connections to cut (the periodic check's safety net)."""
         self._revoke.set()
 
     # ---- the denied-flow log ----------------------------------------------------------
@@ -114,15 +127,24 @@ class Visibility:
 
     # ---- cutting what is no longer allowed ------------------------------------------------
 
+    # Between the starts of two passes, at least: listing conntrack walks the whole
+    # host's table in the kernel (~13 ms at 262,144 buckets, even for an empty
+    # namespace), so under a stream of changes one pass covers many of them.
+    MIN_GAP = 0.05
+
     def _revoker(self) -> None:
+        last = float("-inf")
         while not self._stop.is_set():
             self._revoke.wait()
-            self._revoke.clear()
-            if self._stop.is_set():
+            if self._stop.wait(max(0.0, last + self.MIN_GAP - time.monotonic())):
                 return
+            self._revoke.clear()
+            last = time.monotonic()
             try:
                 self.revoke_now()
+                self._failed = False
             except StockadeError as exc:
+                self._failed = True  # tried again at the next apply
                 log.warning("could not check connections against the new policy: %s", exc)
 
     def revoke_now(self) -> int:

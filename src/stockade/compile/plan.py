@@ -34,6 +34,20 @@ class Plan:
                         self.replace_chains, self.del_map,
                         self.set_map, self.del_chains, self.del_elements, self.del_sets))
 
+    @property
+    def narrows(self) -> bool:
+        """Whether the new ruleset may deny something the old one allowed.
+
+        Every chain rule allows (the drop is the chain's end), so only these take
+        access away: an element leaving a set, an interval set rewritten, an address
+        mapped to another chain or newly isolated, a chain's rules restored. Adding
+        elements, un-isolating an address (its map entry removed), and adding or
+        removing chains and sets no entry names only allow more.
+        """
+        return bool(self.del_elements or self.set_map or self.replace_chains
+                    or any(s.kind == NET for s, _ in self.add_elements)
+                    or any(s.kind == NET for s in self.add_sets))
+
     def summary(self) -> dict[str, int]:
         return {
             "sets_added": len(self.add_sets),
