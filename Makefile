@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean bpf
+.PHONY: setup demo test lint bench clean bpf cni
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -24,7 +24,16 @@ lint: $(STAMP)
 bpf: $(STAMP)
 	$(PY) -m stockade.datapath.ebpf build
 
-test: $(STAMP) lint bpf
+# the thin CNI plugin (cni/stockade-cni.c): the agent runs each invocation, and the
+# venv's Python plugin takes over whenever the agent cannot
+cni: build/cni/stockade-cni
+
+build/cni/stockade-cni: cni/stockade-cni.c
+	mkdir -p build/cni
+	gcc -O2 -Wall -Wextra -Werror -o $@ \
+	  -DSTOCKADE_CNI_PYTHON='"$(abspath $(VENV))/bin/stockade-cni"' $<
+
+test: $(STAMP) lint bpf cni
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 # Every benchmark at report size (about half an hour here), written to docs/benchmarks.md.

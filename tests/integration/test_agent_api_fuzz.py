@@ -629,6 +629,13 @@ def templates(world: World) -> dict[str, tuple[dict[str, Any], list[Field]]]:
             Field(("valid", 0, "ifname"), "str", False),
             Field(("sync",), "bool"),
         ]),
+        # VERSION: the plugin answers without touching anything
+        "cni.exec": ({"env": {"CNI_COMMAND": "VERSION"}, "stdin": '{"cniVersion":"1.0.0"}',
+                      "pid": 0}, [
+            Field(("env",), "obj", True, ({"CNI_COMMAND": 5}, {"CNI_COMMAND": None})),
+            Field(("stdin",), "str", True),
+            Field(("pid",), "int", False, (-1, 2**40)),
+        ]),
     }
     assert set(t) == set(OPS), set(OPS) ^ set(t)
     return t
@@ -636,7 +643,7 @@ def templates(world: World) -> dict[str, tuple[dict[str, Any], list[Field]]]:
 
 # operations whose template changes nothing (reads, and a GC that lists x/c)
 HARMLESS = {"status", "snapshot.save", "cni.status", "get", "ps", "flows", "cni.check",
-            "cni.gc"}
+            "cni.gc", "cni.exec"}
 
 
 def invalid_cases(rng: random.Random,

@@ -9,6 +9,7 @@ holds the moment ADD returns.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import threading
@@ -22,7 +23,7 @@ from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
 from stockade.probe.protocol import Port, Protocol
 
-from .test_cni_harness import REFERENCE, Runtime, World, world  # noqa: F401
+from .test_cni_harness import REFERENCE, THIN, Runtime, World, world  # noqa: F401
 
 pytestmark = pytest.mark.privileged
 
@@ -67,6 +68,33 @@ def test_main_mode_enforces_the_policy_when_add_returns(world: World) -> None:  
         web = _address(results["web"])
         assert _probe(world, "client", web) is True
         assert _probe(world, "other", web) is False
+    ran = world.agent.call("status")["cniExec"]
+    # the thin plugin's calls ran in the agent, none fell back to the Python plugin
+    assert ran == ({"calls": 3, "fallbacks": 0} if world.plugin == THIN
+                   else {"calls": 0, "fallbacks": 0})
+
+
+@pytest.mark.parametrize("world", ["thin"], indirect=True)
+def test_the_thin_plugin_hands_other_agents_calls_to_the_python_plugin(
+        world: World) -> None:  # noqa: F811
+    """A configuration naming another socket, and an agent that is gone: the thin plugin
+    runs the Python plugin, whose answers are the reference (code 11, try again)."""
+    elsewhere = world.run("ADD", world.conf(socket=str(world.tmp / "other.sock")),
+                          cid="c-x", netns=world.netns("x"), args=_pod("x"))
+    assert elsewhere.code == 1 and elsewhere.error == 11, elsewhere
+    assert "other.sock" in str(elsewhere.out)
+    assert world.agent.call("status")["cniExec"] == {"calls": 0, "fallbacks": 0}
+    # reached all the same (a socket path that resolves elsewhere in another mount
+    # namespace), the agent hands it back rather than serve another agent's network
+    answer = world.agent.call("cni.exec", env={"CNI_COMMAND": "VERSION"},
+                              stdin=json.dumps(world.conf(socket=str(world.tmp / "o.sock"))))
+    assert answer == {"fallback": "the configuration names another agent's socket "
+                                  f"({world.tmp / 'o.sock'})"}
+    assert world.agent.call("status")["cniExec"] == {"calls": 0, "fallbacks": 1}
+    world.agent.kill9()
+    gone = world.run("ADD", world.conf(), cid="c-y", netns=world.netns("y"), args=_pod("y"))
+    assert gone.code == 1 and gone.error == 11, gone
+    assert world.veths() == []
 
 
 def test_no_packet_passes_before_the_policy_applies(world: World) -> None:  # noqa: F811

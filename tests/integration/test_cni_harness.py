@@ -33,6 +33,8 @@ from stockade.net.namespace import create_netns
 from .agent_harness import AgentProcess
 
 PLUGIN = str(Path(sys.executable).parent / "stockade-cni")
+# The thin plugin (`make cni`): the same plugin run by the agent (cni.exec).
+THIN = str(Path(__file__).resolve().parents[2] / "build" / "cni" / "stockade-cni")
 REFERENCE = "/usr/lib/cni"
 
 def cni_agent(tmp: Path, host_netns: str | None, prefix: str, *extra: str) -> AgentProcess:
@@ -179,6 +181,7 @@ class World:
     host: str
     tmp: Path
     agent: AgentProcess
+    plugin: str = PLUGIN
 
     @property
     def network(self) -> str:
@@ -205,7 +208,7 @@ class World:
     def run(self, command: str, conf: Mapping[str, Any] | bytes, cid: str = "",
             netns: str = "", ifname: str = "eth0", args: str = "",
             env: Mapping[str, str | None] | None = None) -> Outcome:
-        return run_plugin(PLUGIN, command, conf, host_netns=self.host, container_id=cid,
+        return run_plugin(self.plugin, command, conf, host_netns=self.host, container_id=cid,
                           netns=netns, ifname=ifname, args=args, env=env)
 
     def links(self) -> list[str]:
@@ -237,12 +240,15 @@ class World:
                               check=False).stdout
 
 
-@pytest.fixture
-def world(tmp_path: Path, netns_prefix: str, host_netns: str) -> Iterator[World]:
-    """A started agent with the CNI extension in the test's host namespace."""
+@pytest.fixture(params=["python", "thin"])
+def world(request: pytest.FixtureRequest, tmp_path: Path, netns_prefix: str,
+          host_netns: str) -> Iterator[World]:
+    """A started agent with the CNI extension in the test's host namespace, driven by
+    the Python plugin and by the thin one (each test runs with both)."""
     agent = cni_agent(tmp_path, host_netns, netns_prefix).start()
     try:
-        yield World(netns_prefix, host_netns, tmp_path, agent)
+        yield World(netns_prefix, host_netns, tmp_path, agent,
+                    THIN if request.param == "thin" else PLUGIN)
     finally:
         # SIGKILL: a graceful stop polls once a second, and nothing here outlives the
         # test (the host namespace, with bridge, veths and table, goes next).
@@ -253,6 +259,7 @@ def world(tmp_path: Path, netns_prefix: str, host_netns: str) -> Iterator[World]
 @pytest.mark.privileged
 def test_the_harness_finds_its_executables() -> None:
     assert os.access(PLUGIN, os.X_OK), "pip install -e . (the stockade-cni entry point)"
+    assert os.access(THIN, os.X_OK), "make cni (the thin plugin)"
     for name in ("bridge", "host-local", "loopback"):
         assert os.access(os.path.join(REFERENCE, name), os.X_OK), \
             "apt-get install containernetworking-plugins"

@@ -570,8 +570,11 @@ class FlowOps:
 
 def default_extensions() -> list[Extension]:
     """The extensions `stockade agent` runs with."""
+    from stockade.cni.thin import ThinPlugin
+
     return [ContainerManager(),  # `stockade run`, `ps`, `rm`
-            CniOps()]  # the CNI plugin's cni.* operations
+            CniOps(),  # the CNI plugin's cni.* operations
+            ThinPlugin()]  # cni.exec: the thin plugin's invocations, run here
 
 
 def _read_snapshot(path: str, strict_cidr: bool) -> tuple[AgentState, dict[str, Any]]:

@@ -26,6 +26,7 @@ Operations (args → result):
     rm           {key, grace}                 → {removed, exitCode}
     flows        {since, limit}               → {items, next}
     cni.add / cni.del / cni.check / cni.gc / cni.status   (stockade.agent.cni_ops)
+    cni.exec   a whole plugin invocation, for the thin plugin (stockade.cni.thin)
 
 `sync` (default true) makes a changing call return only once the kernel
 enforces the change (or fail with code "timeout").
@@ -63,7 +64,7 @@ INTERNAL = "internal"
 OPS = (
     "status", "apply", "delete", "get", "label", "snapshot.save", "snapshot.restore",
     "endpoint.add", "endpoint.remove", "ipam.allocate", "ipam.release", "run", "ps", "rm",
-    "flows", "cni.add", "cni.del", "cni.check", "cni.gc", "cni.status",
+    "flows", "cni.add", "cni.del", "cni.check", "cni.gc", "cni.status", "cni.exec",
 )
 
 

@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -190,11 +191,16 @@ def announce(netns: str, ifname: str, mac: str, address: str) -> None:
     kernel's own `arp_notify` is no substitute, it fires while the bridge port is
     still coming up and the bridge drops it.
     """
+    if threading.active_count() > 1:
+        # A long-lived process with threads (the agent serving cni.exec): forking
+        # one is unsafe, and a thread of its own outlives this call.
+        threading.Thread(target=_announce_quietly, args=(netns, ifname, mac, address),
+                         name="announce", daemon=True).start()
+        return
     try:
         pid = os.fork()
     except OSError:  # no child to be had: announce here, and wait for it
-        with contextlib.suppress(NetError):
-            net_announce(netns, ifname, mac, address)
+        _announce_quietly(netns, ifname, mac, address)
         return
     if pid:
         return
@@ -206,6 +212,11 @@ def announce(netns: str, ifname: str, mac: str, address: str) -> None:
         net_announce(netns, ifname, mac, address)
     finally:
         os._exit(0)
+
+
+def _announce_quietly(netns: str, ifname: str, mac: str, address: str) -> None:
+    with contextlib.suppress(NetError):
+        net_announce(netns, ifname, mac, address)
 
 
 def remove_veth(host_if: str) -> bool:

@@ -105,7 +105,7 @@ class Delegate:
         return parse_result(decode_json(out, f"result of {self.type}"), f"{self.type} result")
 
     def _run(self, command: str, stdin: bytes) -> bytes:
-        env = dict(os.environ)  # CNI_ARGS passes on as the runtime wrote it
+        env = dict(self.env.inherited)  # CNI_ARGS passes on as the runtime wrote it
         env.update({"CNI_COMMAND": command, "CNI_CONTAINERID": self.env.container_id,
                     "CNI_NETNS": self.env.netns, "CNI_IFNAME": self.env.ifname,
                     "CNI_PATH": ":".join(self.env.path)})

@@ -98,7 +98,10 @@ class Call:
     def socket(self) -> str:
         from stockade.agent.client import socket_path
 
-        return socket_path(self.conf.socket or None)
+        # The invocation's environment, not this process's: inside the agent (cni.exec)
+        # they differ.
+        return socket_path(self.conf.socket or self.env.inherited.get("STOCKADE_SOCKET")
+                           or None)
 
     def agent(self, op: str, **args: Any) -> Any:
         return agent_call(self.socket(), op, args)

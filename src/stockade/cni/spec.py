@@ -180,6 +180,9 @@ class Env:
     ifname: str = ""
     args: Mapping[str, str] = field(default_factory=dict)
     path: tuple[str, ...] = ()
+    # The whole environment the runtime gave: a delegated IPAM plugin inherits it
+    # (the plugin's own process environment, or the thin plugin's, sent to the agent).
+    inherited: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
 
 def parse_cni_args(text: str) -> dict[str, str]:
@@ -219,6 +222,7 @@ def parse_env(environ: Mapping[str, str]) -> Env:
         ifname=environ.get("CNI_IFNAME", ""),
         args=parse_cni_args(environ.get("CNI_ARGS", "")),
         path=tuple(p for p in environ.get("CNI_PATH", "").split(":") if p),
+        inherited=dict(environ),
     )
 
 
