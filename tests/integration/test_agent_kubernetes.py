@@ -39,13 +39,13 @@ from tests.support.kubeapi import KubeAPI
 from stockade.agent.protocol import ApiError
 from stockade.cli.conformance import load_cases
 from stockade.conformance.case import Case
-from stockade.conformance.kernel import on_link_prefix
+from stockade.conformance.kernel import CasePods
 from stockade.conformance.runner import Judgement, check_case
 from stockade.datapath.nft import NftDatapath
 from stockade.kube.live import policy_differences, policy_versions
 from stockade.load import read_text
 from stockade.model.parse import parse_documents
-from stockade.net.plumber import Attachment, EndpointSpec, Plumber
+from stockade.net.plumber import Plumber
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
 from stockade.probe.protocol import Port, Protocol
@@ -169,33 +169,13 @@ class ApiCases:
         self.writer = Writer(api)
         self.agent = agent
         self.plumber = plumber
-        self.timeout = timeout
-        self.attached: dict[str, Attachment] = {}
-        self.server: ProbeServer | None = None
-        self.bindings: dict[str | None, tuple[Port, ...]] = {}
-        self.pods: dict[str, tuple[Any, ...]] = {}
+        self.pods = CasePods(plumber, timeout)
+        self.written: dict[str, tuple[Any, ...]] = {}
         self.policies: set[str] = set()
         self.seconds_waiting = 0.0
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-
-    def _attach(self, case: Case) -> None:
-        prefixes = on_link_prefix(ip for ep in case.cluster.endpoints for ip in ep.ips)
-        wanted = set()
-        for ep in case.cluster.endpoints:
-            v4 = [ip for ip in ep.ips if ":" not in ip]
-            v6 = [ip for ip in ep.ips if ":" in ip]
-            spec = EndpointSpec(ep.key, f"{v4[0]}/{prefixes[4]}",
-                                f"{v6[0]}/{prefixes[6]}" if v6 else None)
-            have = self.attached.get(ep.key)
-            if have is None or have.ipv4 != spec.ipv4 or have.ipv6 != spec.ipv6:
-                self.attached[ep.key] = self.plumber.ensure_endpoint(spec)
-            wanted.add(ep.key)
-        for key in set(self.attached) - wanted:
-            self.plumber.remove_endpoint(key)
-            del self.attached[key]
+        self.pods.close()
 
     def _write(self, case: Case) -> None:
         w = self.writer
@@ -206,28 +186,28 @@ class ApiCases:
             ns, name = key.split("/")
             w.delete("networkpolicies", name, ns)
         pods = {ep.key: ep for ep in case.cluster.endpoints}
-        for key in sorted(set(self.pods) - set(pods)):
+        for key in sorted(set(self.written) - set(pods)):
             ns, name = key.split("/")
             w.delete("pods", name, ns)
-            del self.pods[key]
+            del self.written[key]
         for ns in case.cluster.namespaces:
             w.namespace(ns.name, dict(ns.labels))
         for key, ep in sorted(pods.items()):
             ports = [{**({"name": p.name} if p.name else {}), "containerPort": p.port,
                       "protocol": p.protocol} for p in ep.ports]
             shape = (tuple(sorted(ep.labels.items())), ep.ips, tuple(map(str, ports)))
-            if self.pods.get(key) == shape:
+            if self.written.get(key) == shape:
                 continue  # unchanged: no write, no event
-            if key in self.pods:
+            if key in self.written:
                 w.delete("pods", ep.name, ep.namespace)  # ports of a pod are immutable
             w.pod(ep.namespace, ep.name, dict(ep.labels), ep.ips, ports)
-            self.pods[key] = shape
+            self.written[key] = shape
         for manifest in manifests.values():
             w.policy(manifest)
         self.policies = set(manifests)
 
     def judge(self, case: Case) -> Judgement:
-        self._attach(case)
+        self.pods.attach(case)
         self._write(case)
         started = time.monotonic()
         wait_enforced(self.agent, self.writer.rvs)
@@ -235,29 +215,7 @@ class ApiCases:
         # Entries of the previous case's probes must not pass as "established".
         subprocess.run(["ip", "netns", "exec", self.plumber.host_netns or "", "conntrack",
                         "-F"], capture_output=True, check=False)
-        probes: list[Probe] = []
-        keys: list[tuple[int, str, str]] = []
-        for gi, group in enumerate(case.probes):
-            for src, dst in case.pairs():
-                port = group.port
-                if isinstance(port, str):
-                    number = dst.resolve_port(port, group.protocol)
-                    if number is None:
-                        raise ValueError(f"{dst.key} serves no {group.protocol} port {port}")
-                    port = number
-                probes.append(Probe(src.key, self.attached[src.key].netns, dst.key,
-                                    self.attached[dst.key].address4,
-                                    Port(port, Protocol(group.protocol))))
-                keys.append((gi, src.key, dst.key))
-        bindings: dict[str | None, tuple[Port, ...]] = {
-            a.netns: tuple(sorted({p.port for p in probes})) for a in self.attached.values()}
-        if self.server is None or bindings != self.bindings:
-            if self.server is not None:
-                self.server.stop()
-            self.server = ProbeServer(bindings).start()
-            self.bindings = bindings
-        verdicts = run_probes(probes, timeout=self.timeout)
-        return {k: v.allowed for k, v in zip(keys, verdicts, strict=True)}
+        return self.pods.probe(case)
 
 
 def test_conformance_corpus_through_the_api(tmp_path: Path, api: KubeAPI, host_netns: str,

@@ -23,45 +23,20 @@ from stockade.compile import bpf as bpfc
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import libbpf, open_datapath
 from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
-from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
-from stockade.model.policy import EGRESS, INGRESS, IPBlock, NetworkPolicy, Peer, PolicyPort
+from stockade.model.policy import INGRESS, NetworkPolicy, Peer
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
 from stockade.net.namespace import entered
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
-from stockade.probe.protocol import Port, Protocol
 
-from .netio import EchoServer, connect, echo
+from . import clusters
+from .clusters import A_ONLY_FROM_B, PORTS, allow_only, cluster, denied, probe
+from .clusters import servers as servers  # the fixture
+from .netio import echo
 
 pytestmark = pytest.mark.privileged
-
-PORTS = [Port(80, Protocol.TCP), Port(81, Protocol.TCP), Port(80, Protocol.UDP),
-         Port(80, Protocol.SCTP)]
-
-
-def _ns(name: str) -> Namespace:
-    return Namespace(name, Labels({"kubernetes.io/metadata.name": name, "ns": name}))
-
-
-def _ep(trio, name: str, **labels: str) -> Endpoint:
-    att = getattr(trio, name)
-    return Endpoint("x", name, Labels({"pod": name, **labels}),
-                    (att.address4, att.address6), (ContainerPort(80, "TCP", "http"),))
-
-
-def _allow_only(target: str, source: str, port: int = 80) -> NetworkPolicy:
-    return NetworkPolicy(
-        "x", f"allow-{source}-to-{target}", Selector(Labels({"pod": target})),
-        ingress=(PRule((PolicyPort("TCP", port),),
-                       (Peer(pod_selector=Selector(Labels({"pod": source}))),)),),
-        policy_types=(INGRESS,))
-
-
-def _cluster(trio, *policies: NetworkPolicy) -> Cluster:
-    return Cluster((_ns("x"),), tuple(_ep(trio, n) for n in "abc"), policies)
-
 
 @pytest.fixture
 def datapath(trio) -> Iterator[EbpfDatapath]:
@@ -74,35 +49,9 @@ def datapath(trio) -> Iterator[EbpfDatapath]:
         assert not dp.dir.exists()
 
 
-@pytest.fixture
-def servers(trio) -> Iterator[ProbeServer]:
-    with ProbeServer({a.netns: PORTS for a in trio.all}) as server:
-        yield server
-
-
-def _probe(trio, pairs, family: int = 4) -> dict[tuple[str, str, str], bool]:
-    atts = {a.key.split("/")[1]: a for a in trio.all}
-    probes = []
-    for s, d, port in pairs:
-        dst = atts[d]
-        probes.append(Probe(s, atts[s].netns, d, dst.address4 if family == 4 else dst.address6,
-                            port))
-    return {(v.probe.src, v.probe.dst, str(v.probe.port)): v.allowed
-            for v in run_probes(probes, timeout=0.8)}
-
-
-def _all_pairs():
-    return [(s, d, p) for s in "abc" for d in "abc" if s != d for p in PORTS]
-
-
-A_ONLY_FROM_B = {("b", "a", "TCP/81"), ("b", "a", "UDP/80"), ("b", "a", "SCTP/80"),
-                 ("c", "a", "TCP/80"), ("c", "a", "TCP/81"), ("c", "a", "UDP/80"),
-                 ("c", "a", "SCTP/80")}
-
-
 def test_loads_attaches_and_enforces_v4_and_v6(trio, datapath, servers) -> None:
-    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}
-    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     delta = datapath.apply(rs)
     assert not delta.empty
     pins = set(os.listdir(datapath.dir))
@@ -110,8 +59,7 @@ def test_loads_attaches_and_enforces_v4_and_v6(trio, datapath, servers) -> None:
             "prog_from_pod", "prog_to_pod"} <= pins
     assert len([p for p in pins if p.startswith("link-")]) == 6  # 3 veths x 2 hooks
     for family in (4, 6):
-        denied = {k for k, ok in _probe(trio, _all_pairs(), family).items() if not ok}
-        assert denied == A_ONLY_FROM_B, family
+        assert denied(trio, family) == A_ONLY_FROM_B, family
     assert datapath.stats()["denied"] > 0
 
 
@@ -119,19 +67,19 @@ def test_an_apply_switches_slots_and_leaves_both_equal(trio, datapath) -> None:
     """The atomic switch: the new policy is written to the other slot, then flipped to."""
     kernel = datapath.snapshot().table
     slot = kernel.slot
-    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"))))
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))
     kernel = datapath.snapshot().table
     assert kernel.slot == 1 - slot and kernel.generation >= 1
     state0 = bpfc.decode(kernel.slots[0], kernel.meta, 0)
     state1 = bpfc.decode(kernel.slots[1], kernel.meta, 1)
     assert state0 == state1 and state0.policy
     gen = kernel.generation
-    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"))))  # no change
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))  # no change
     assert datapath.snapshot().table.generation == gen  # no switch, no re-judging
 
 
 def test_a_new_object_adopts_the_pins_with_an_empty_delta(trio, datapath, servers) -> None:
-    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)
     datapath.close()
     again = EbpfDatapath(netns=trio.host_netns, log_group=1)
@@ -139,7 +87,7 @@ def test_a_new_object_adopts_the_pins_with_an_empty_delta(trio, datapath, server
     assert again.apply(rs).empty
     assert again.last_timing["entries"] == 0
     assert again.last_drift is None
-    assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == A_ONLY_FROM_B
+    assert denied(trio) == A_ONLY_FROM_B
 
 
 def test_enforcement_survives_kill_9_and_is_adopted(trio, datapath, servers) -> None:
@@ -154,18 +102,18 @@ def test_enforcement_survives_kill_9_and_is_adopted(trio, datapath, servers) -> 
         "os.kill(os.getpid(), 9)\n")
     import pickle
 
-    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     run = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(rs),
                          capture_output=True, check=False)
     assert run.returncode == -9, run.stderr.decode()
-    assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == A_ONLY_FROM_B
+    assert denied(trio) == A_ONLY_FROM_B
     again = EbpfDatapath(netns=trio.host_netns)
     assert again.diff(rs).empty
     assert again.apply(rs, verify=True).empty and again.last_drift is None
 
 
 def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> None:
-    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)
     # an outsider deletes a's ipcache entry from both slots: a is no longer isolated
     fd = libbpf.obj_get(str(datapath.dir / "ipcache4"))
@@ -175,14 +123,14 @@ def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> N
             libbpf.delete(fd, key)
     finally:
         os.close(fd)
-    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
+    assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
     assert not datapath.diff(rs).empty
     assert datapath.apply(rs).empty  # without verify, the last apply is trusted
     assert not datapath.apply(rs, verify=True).empty
     assert datapath.last_drift is not None
     assert any("ipcache4" in d for d in datapath.last_drift_details)
     assert datapath.diff(rs).empty
-    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
+    assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
     # a deleted policy entry: seen by the byte comparison, repaired
     fd = libbpf.obj_get(str(datapath.dir / "policy"))
     try:
@@ -190,10 +138,10 @@ def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> N
             libbpf.delete(fd, key)
     finally:
         os.close(fd)
-    assert _probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): False}
+    assert probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): False}
     datapath.apply(rs, verify=True)
     assert any(d.startswith("policy slot") for d in datapath.last_drift_details)
-    assert _probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): True}
+    assert probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): True}
     # foreign entries, even of no slot, and a damaged meta map: removed, rewritten
     fd = libbpf.obj_get(str(datapath.dir / "ipcache4"))
     try:
@@ -210,12 +158,12 @@ def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> N
     assert any("meta" in d for d in datapath.last_drift_details)
     assert any("foreign" in d for d in datapath.last_drift_details)
     assert datapath.apply(rs, verify=True).empty and datapath.last_drift is None
-    assert _probe(trio, [("b", "a", PORTS[0]), ("c", "a", PORTS[0])]) == {
+    assert probe(trio, [("b", "a", PORTS[0]), ("c", "a", PORTS[0])]) == {
         ("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
 
 
 def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> None:
-    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)
     # both hooks judge both sides: only with every link gone is there a hole
     links = [p for p in os.listdir(datapath.dir) if p.startswith("link-")]
@@ -225,24 +173,24 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
             libbpf.link_detach(fd)  # what `bpftool link detach` does
         finally:
             os.close(fd)
-    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
+    assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
     assert not datapath.skeleton_intact()
     assert datapath.apply(rs).empty
     assert datapath.last_drift is not None  # every apply checks the links
     assert len([d for d in datapath.last_drift_details if "detached" in d]) == 6
-    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
+    assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
     # an unpinned link goes away with its last reference: missing, attached again
     for pin in links:
         os.unlink(datapath.dir / pin)
     datapath.apply(rs, verify=True)
     assert len([d for d in datapath.last_drift_details if "no link" in d]) == 6
     assert datapath.skeleton_intact()
-    assert _probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
+    assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
     assert len([p for p in os.listdir(datapath.dir) if p.startswith("link-")]) == 6
 
 
 def test_new_ports_are_attached_on_the_next_apply(trio, datapath, servers, spec_for) -> None:
-    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)
     d = trio.plumber.ensure_endpoint(spec_for("x/d", 20))
     datapath.apply(rs)
@@ -259,42 +207,26 @@ def test_new_ports_are_attached_on_the_next_apply(trio, datapath, servers, spec_
 
 def test_established_connections_survive_unrelated_changes_and_revoked_ones_are_cut(
         trio, datapath) -> None:
-    allow = _allow_only("a", "b", 7777)
-    datapath.apply(compile_cluster(_cluster(trio, allow)))
-    with EchoServer(trio.a.netns, 7777):
-        conn = connect(trio.b.netns, trio.a.address4, 7777)
-        try:
-            assert echo(conn, b"one")
-            unrelated = NetworkPolicy("x", "isolate-c", Selector(Labels({"pod": "c"})),
-                                      policy_types=(INGRESS, EGRESS))
-            datapath.apply(compile_cluster(_cluster(trio, allow, unrelated)))
-            assert echo(conn, b"two")
-            deny = NetworkPolicy("x", "deny-a", Selector(Labels({"pod": "a"})),
-                                 policy_types=(INGRESS,))
-            datapath.apply(compile_cluster(_cluster(trio, deny)))
-            assert not echo(conn, b"three")
-            assert datapath.stats()["cut"] >= 1
-        finally:
-            conn.close()
+    with clusters.across_an_unrelated_change(trio, datapath) as (conn, _):
+        deny = NetworkPolicy("x", "deny-a", Selector(Labels({"pod": "a"})),
+                             policy_types=(INGRESS,))
+        datapath.apply(compile_cluster(cluster(trio, deny)))
+        assert not echo(conn, b"three")
+        assert datapath.stats()["cut"] >= 1
 
 
 def test_ipblock_except_and_egress(trio, datapath, servers) -> None:
-    block = IPBlock(trio.b.address4.rsplit(".", 1)[0] + ".0/24", (f"{trio.c.address4}/32",))
-    pol = NetworkPolicy("x", "egress-a", Selector(Labels({"pod": "a"})),
-                        egress=(PRule((PolicyPort("TCP", 80),), (Peer(ip_block=block),)),),
-                        policy_types=(EGRESS,))
-    datapath.apply(compile_cluster(_cluster(trio, pol)))
-    assert _probe(trio, [("a", "b", PORTS[0]), ("a", "c", PORTS[0]), ("a", "b", PORTS[1])]) == {
-        ("a", "b", "TCP/80"): True, ("a", "c", "TCP/80"): False, ("a", "b", "TCP/81"): False}
+    datapath.apply(compile_cluster(cluster(trio, clusters.egress_to_block_except_c(trio))))
+    assert probe(trio, clusters.EGRESS_PAIRS) == clusters.EGRESS_SEEN
 
 
 def test_denied_connections_reach_the_ring_buffer(trio, datapath, servers) -> None:
-    rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)
     events = datapath.events()
     try:
         events.read()  # whatever came before
-        _probe(trio, [("c", "a", PORTS[0])])
+        probe(trio, [("c", "a", PORTS[0])])
         got = []
         deadline = time.monotonic() + 2
         while not got and time.monotonic() < deadline:
@@ -310,10 +242,10 @@ def test_denied_connections_reach_the_ring_buffer(trio, datapath, servers) -> No
 
 
 def test_remove_detaches_and_unpins_everything(trio, datapath, servers) -> None:
-    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"))))
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))
     datapath.remove()
     assert not datapath.dir.exists()
-    assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == set()
+    assert denied(trio) == set()
     assert not Path("/sys/fs/bpf/stockade", f"netns-{trio.host_netns}").exists()
 
 
@@ -330,10 +262,10 @@ def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:
     dp = EbpfDatapath("fallback", netns=trio.host_netns, attach="clsact")
     try:
         dp.check()
-        rs = compile_cluster(_cluster(trio, _allow_only("a", "b")))
+        rs = compile_cluster(cluster(trio, allow_only("a", "b")))
         dp.apply(rs)
         assert not [p for p in os.listdir(dp.dir) if p.startswith("link-")]
-        assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == A_ONLY_FROM_B
+        assert denied(trio) == A_ONLY_FROM_B
         # a deleted filter is found by a verifying apply and put back
         out = subprocess.run(["ip", "netns", "exec", trio.host_netns, "tc", "filter", "del",
                               "dev", trio.a.host_ifname, "egress", "pref", str(dp._pref)],
@@ -341,14 +273,14 @@ def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:
         assert out.returncode == 0, out.stderr
         dp.apply(rs, verify=True)
         assert dp.last_drift is not None
-        assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == A_ONLY_FROM_B
+        assert denied(trio) == A_ONLY_FROM_B
         # a new process finds the mode among the pins and adopts
         again = EbpfDatapath("fallback", netns=trio.host_netns)
         assert again.apply(rs, verify=True).empty and again.last_drift is None
     finally:
         EbpfDatapath("fallback", netns=trio.host_netns).remove()
     assert not dp.dir.exists()
-    assert {k for k, ok in _probe(trio, _all_pairs()).items() if not ok} == set()
+    assert denied(trio) == set()
 
 
 def _ping(netns: str, dst: str, ident: int) -> bool:
@@ -380,11 +312,11 @@ def _ping(netns: str, dst: str, ident: int) -> bool:
 def test_icmp_is_judged_like_nftables(trio, datapath) -> None:
     """Echo requests are new flows (a rule without protocol matches them, a TCP rule
     does not); replies pass through conntrack."""
-    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"))))
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))
     assert not _ping(trio.c.netns, trio.a.address4, 7)  # a admits only TCP/80 from b
     assert _ping(trio.a.netns, trio.c.address4, 8)  # c is not isolated; the reply passes
     anything = NetworkPolicy("x", "from-c", Selector(Labels({"pod": "a"})),
                              ingress=(PRule((), (Peer(pod_selector=Selector(
                                  Labels({"pod": "c"}))),)),), policy_types=(INGRESS,))
-    datapath.apply(compile_cluster(_cluster(trio, _allow_only("a", "b"), anything)))
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"), anything)))
     assert _ping(trio.c.netns, trio.a.address4, 9)

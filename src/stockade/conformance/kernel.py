@@ -52,29 +52,24 @@ def on_link_prefix(addresses: Iterable[str]) -> dict[int, int]:
     return out
 
 
-class KernelDatapath:
-    """`--datapath nft|iptables|ebpf`: programs each case into the kernel and probes it."""
+class CasePods:
+    """A case's pods for real, probed with real packets.
 
-    def __init__(self, probe_timeout: float = 1.0, prefix: str | None = None,
-                 datapath: str = "nft") -> None:
-        self.name = datapath
-        tag = prefix or f"sc{secrets.token_hex(2)}"
-        self.host = f"{tag}-host"
-        self.timeout = probe_timeout
+    Each endpoint is a network namespace on the plumber's bridge with the case's IPs;
+    pods are kept from case to case while their addresses stay, and the probe servers
+    while the ports do. What enforces the case's policies in between is the caller's:
+    `KernelDatapath` programs a datapath itself, a test may have an agent do it.
+    """
+
+    def __init__(self, plumber: Plumber, timeout: float = 1.0) -> None:
+        self.plumber = plumber
+        self.timeout = timeout
         self.attached: dict[str, Attachment] = {}
         self.server: ProbeServer | None = None
         self.bindings: dict[str | None, tuple[Port, ...]] = {}
-        create_netns(self.host)
-        try:
-            self.plumber = Plumber(prefix=tag, host_netns=self.host)
-            self.plumber.ensure_bridge(addresses=[])
-            self.datapath = open_datapath(datapath, netns=self.host)
-            self.datapath.check()
-        except BaseException:
-            remove_netns(self.host)
-            raise
 
-    def _attach(self, case: Case) -> None:
+    def attach(self, case: Case) -> None:
+        """Plumb the case's endpoints (and unplumb those of earlier cases it has not)."""
         prefixes = on_link_prefix(ip for ep in case.cluster.endpoints for ip in ep.ips)
         wanted = set()
         for ep in case.cluster.endpoints:
@@ -92,28 +87,8 @@ class KernelDatapath:
             self.plumber.remove_endpoint(key)
             del self.attached[key]
 
-    def _serve(self, ports: Sequence[Port]) -> None:
-        bindings: dict[str | None, tuple[Port, ...]] = {
-            a.netns: tuple(sorted(set(ports))) for a in self.attached.values()}
-        if self.server is not None and bindings == self.bindings:
-            return
-        if self.server is not None:
-            self.server.stop()
-        self.server = ProbeServer(bindings).start()
-        self.bindings = bindings
-
-    def _flush_conntrack(self) -> None:
-        # Entries of the previous case's probes must not pass as "established".
-        subprocess.run(["ip", "netns", "exec", self.host, "conntrack", "-F"],
-                       capture_output=True, check=False)
-        flush = getattr(self.datapath, "flush_connections", None)  # the eBPF datapath's own
-        if flush is not None:
-            flush()
-
-    def judge(self, case: Case) -> Judgement:
-        self._attach(case)
-        self.datapath.apply(compile_cluster(case.cluster))
-        self._flush_conntrack()
+    def probe(self, case: Case) -> Judgement:
+        """Every pair of every probe group of the (attached) case, probed over IPv4."""
         probes: list[Probe] = []
         keys: list[tuple[int, str, str]] = []
         for gi, group in enumerate(case.probes):
@@ -133,11 +108,60 @@ class KernelDatapath:
         verdicts = run_probes(probes, timeout=self.timeout)
         return {k: v.allowed for k, v in zip(keys, verdicts, strict=True)}
 
+    def _serve(self, ports: Sequence[Port]) -> None:
+        bindings: dict[str | None, tuple[Port, ...]] = {
+            a.netns: tuple(sorted(set(ports))) for a in self.attached.values()}
+        if self.server is not None and bindings == self.bindings:
+            return
+        if self.server is not None:
+            self.server.stop()
+        self.server = ProbeServer(bindings).start()
+        self.bindings = bindings
+
+    def close(self) -> None:
+        """Stop the probe servers (the pods go with the plumber's teardown)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class KernelDatapath:
+    """`--datapath nft|iptables|ebpf`: programs each case into the kernel and probes it."""
+
+    def __init__(self, probe_timeout: float = 1.0, prefix: str | None = None,
+                 datapath: str = "nft") -> None:
+        self.name = datapath
+        tag = prefix or f"sc{secrets.token_hex(2)}"
+        self.host = f"{tag}-host"
+        create_netns(self.host)
+        try:
+            self.plumber = Plumber(prefix=tag, host_netns=self.host)
+            self.plumber.ensure_bridge(addresses=[])
+            self.pods = CasePods(self.plumber, probe_timeout)
+            self.datapath = open_datapath(datapath, netns=self.host)
+            self.datapath.check()
+        except BaseException:
+            remove_netns(self.host)
+            raise
+
+    def _flush_conntrack(self) -> None:
+        # Entries of the previous case's probes must not pass as "established".
+        subprocess.run(["ip", "netns", "exec", self.host, "conntrack", "-F"],
+                       capture_output=True, check=False)
+        flush = getattr(self.datapath, "flush_connections", None)  # the eBPF datapath's own
+        if flush is not None:
+            flush()
+
+    def judge(self, case: Case) -> Judgement:
+        self.pods.attach(case)
+        self.datapath.apply(compile_cluster(case.cluster))
+        self._flush_conntrack()
+        return self.pods.probe(case)
+
     def close(self) -> None:
         """Remove every namespace, link and table this run created."""
         try:
-            if self.server is not None:
-                self.server.stop()
+            self.pods.close()
             if self.name != "nft":  # nft's table goes with the namespace; pins do not
                 self.datapath.remove()
         finally:
