@@ -3,7 +3,8 @@
 * `stockade.io/existing-connections: keep`: a connection the new policy denies is
   cut when the program judges it again, unless every denying side's policies
   keep connections (what the agent's revoker does through conntrack on
-  nftables; see `agent.revoke.should_cut`).
+  nftables; see `agent.revoke.should_cut`). A keeping chain is a chain of its
+  own, which every datapath (nftables and iptables too) adopts on restart.
 * IP fragments fail closed: a datagram larger than the MTU, fragmented by the
   sender's kernel, arrives whole when its port is allowed and not at all when
   denied (IPv4 and IPv6); a later fragment whose first fragment was not seen
@@ -26,6 +27,7 @@ import pytest
 
 from stockade.agent.revoke import KEEP_ANNOTATION
 from stockade.compile.lower import compile_cluster
+from stockade.datapath import open_datapath
 from stockade.datapath.ebpf import EbpfDatapath
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
@@ -142,6 +144,27 @@ def test_keep_on_a_side_that_allows_does_not_save_the_other(trio, datapath, held
     datapath.apply(compile_cluster(_cluster(trio, _a_ingress_from("c"),
                                             _b_egress_to("a", keep=True))))
     assert not echo(held, b"two")
+
+
+@pytest.mark.parametrize("kind", ["nft", "iptables", "ebpf"])
+def test_a_keeping_chain_is_adopted_by_a_new_process(trio, kind: str) -> None:
+    """A chain that keeps is named apart from the same rules without keep; every
+    datapath reads it back as what it renders (a restart adopts, writes nothing)."""
+    rs = compile_cluster(_cluster(trio, _a_ingress_from("b", keep=True), _b_egress_to("a")))
+    plain = compile_cluster(_cluster(trio, _a_ingress_from("b"), _b_egress_to("a")))
+    assert [c.keep for c in rs.chains.values()].count(True) == 1
+    assert set(rs.chains) != set(plain.chains) and len(set(rs.chains) & set(plain.chains)) == 1
+    dp = open_datapath(kind, netns=trio.host_netns)
+    try:
+        dp.check()
+        dp.apply(rs)
+        again = open_datapath(kind, netns=trio.host_netns)
+        assert again.diff(rs).empty
+        assert again.apply(rs, verify=True).empty
+        assert not again.diff(plain).empty  # keep or not is a change
+    finally:
+        if kind == "ebpf":  # the others' rules go with the test's namespace
+            EbpfDatapath(netns=trio.host_netns).remove()
 
 
 # ---- IP fragments -------------------------------------------------------------------------
