@@ -91,6 +91,11 @@ def test_the_thin_plugin_hands_other_agents_calls_to_the_python_plugin(
     assert answer == {"fallback": "the configuration names another agent's socket "
                                   f"({world.tmp / 'o.sock'})"}
     assert world.agent.call("status")["cniExec"] == {"calls": 0, "fallbacks": 1}
+    # an agent that does not see the runtime's files (a container of its own)
+    unseen = world.agent.call("cni.exec", env={"CNI_COMMAND": "ADD",
+                                               "CNI_NETNS": "/run/netns/not-here"},
+                              stdin=json.dumps(world.conf()))
+    assert unseen == {"fallback": "CNI_NETNS /run/netns/not-here is not visible to the agent"}
     world.agent.kill9()
     gone = world.run("ADD", world.conf(), cid="c-y", netns=world.netns("y"), args=_pod("y"))
     assert gone.code == 1 and gone.error == 11, gone

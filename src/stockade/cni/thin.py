@@ -10,7 +10,10 @@ same errors; only where it runs differs.
 
 The agent serves the call only when the configuration names this agent's
 socket (a configuration naming another agent must reach that one: the answer
-asks the thin plugin to run the Python plugin, which connects where it is told).
+asks the thin plugin to run the Python plugin, which connects where it is told)
+and when it sees the caller's processes and files as the caller does (the
+caller's /proc entry, CNI_NETNS): an agent in a container of its own must leave
+the call to the Python plugin, run where the runtime runs it.
 Inside the agent the plugin still talks to the agent over its socket, so the
 plugin code keeps one way of reaching it.
 
@@ -99,4 +102,9 @@ class ThinPlugin:
         named = named or env.get("STOCKADE_SOCKET", "")  # as plugin.Call.socket chooses
         if named and os.path.realpath(named) != self.socket:
             return f"the configuration names another agent's socket ({named})"
+        netns = env.get("CNI_NETNS", "")
+        if netns and not os.path.exists(netns):
+            # An agent that does not share the runtime's mount namespace: the Python
+            # plugin, run where the runtime is, sees what the runtime means.
+            return f"CNI_NETNS {netns} is not visible to the agent"
         return ""
