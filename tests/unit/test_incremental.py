@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from tests.support import shared
@@ -11,8 +12,10 @@ from tests.support import shared
 from stockade.cli.conformance import load_cases
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.lower import compile_cluster
-from stockade.compile.plan import plan
+from stockade.compile.nft import canonical
+from stockade.compile.plan import Plan, derived, full_plan, plan
 from stockade.conformance.case import Case
+from stockade.datapath.nft import NftDatapath
 from stockade.model.cluster import Namespace
 
 CORPUS = shared("conformance")
@@ -82,3 +85,55 @@ def test_untouched_sets_keep_their_identity_so_plans_stay_small() -> None:
     kept = [n for n in before.sets if n in after.sets and before.sets[n] is after.sets[n]]
     assert kept, "unchanged sets should be the same objects"
     assert plan(before, after) == plan(compile_cluster(case.cluster), after)
+
+
+def _normal(p: Plan) -> tuple[object, ...]:
+    """A plan's content without its order."""
+    return (sorted(s.name for s in p.add_sets), sorted((s.name, sorted(e, key=str))
+                                                       for s, e in p.add_elements),
+            sorted(c.name for c in p.add_chains), sorted(c.name for c in p.replace_chains),
+            sorted(p.del_map), sorted(p.set_map), sorted(p.del_chains),
+            sorted((s.name, sorted(e, key=str)) for s, e in p.del_elements),
+            sorted(p.del_sets))
+
+
+def test_a_plan_between_successive_rulesets_looks_at_what_changed_only() -> None:
+    """The compiler records what each change touched (plan.derive): the plan from the
+    previous ruleset, and the datapath's canonical target derived alike, are those of
+    the full comparison, over random changes of every kind."""
+    rnd = random.Random(11)
+    for case in _cases():
+        c = case.cluster
+        inc = IncrementalCompiler.of(c)
+        dp = SimpleNamespace(_last_desired=None, _last_target=None)
+        before = inc.ruleset()
+        target = NftDatapath._target(dp, before)  # type: ignore[arg-type]
+        eps, pols = list(c.endpoints), list(c.policies)
+        for _ in range(12):
+            kind = rnd.randrange(5)
+            if kind == 0 and eps:
+                ep = rnd.choice(eps)
+                inc.upsert_endpoint(replace(ep, labels=ep.labels.with_labels(
+                    pod=rnd.choice("abc"))))
+            elif kind == 1 and eps:
+                inc.delete_endpoint(rnd.choice(eps).key)
+            elif kind == 2 and eps:
+                inc.upsert_endpoint(rnd.choice(eps))
+            elif kind == 3 and pols:
+                p = rnd.choice(pols)
+                if rnd.random() < 0.5:
+                    inc.delete_policy(p.key)
+                else:
+                    inc.upsert_policy(p)
+            elif c.namespaces:
+                ns = rnd.choice(c.namespaces)
+                inc.upsert_namespace(Namespace(ns.name, ns.labels.with_labels(
+                    ns=rnd.choice("xy"))))
+            after = inc.ruleset()
+            assert derived(after, before) is not None
+            assert _normal(plan(before, after)) == _normal(full_plan(before, after)), case.id
+            new_target = NftDatapath._target(dp, after)  # type: ignore[arg-type]
+            assert new_target == canonical(after), case.id
+            assert _normal(plan(target, new_target)) == _normal(
+                full_plan(target, new_target)), case.id
+            before, target = after, new_target

@@ -227,9 +227,15 @@ class CniOps:
                 previous(report, ruleset)
             if not report.error:
                 self._applied = ruleset  # made canonical when read (rarely; not per apply)
+                self._desired = None  # the kernel as read at start: no longer needed
 
         reconciler.hooks.applied = applied
-        self._desired = reconciler.datapath.read()  # adopted at start: the kernel is current
+        if reconciler.healthy:
+            # Started after the first reconciliation: the kernel holds what it applied
+            # (reading the table back again would take seconds at scale).
+            self._applied = reconciler.desired()
+        else:
+            self._desired = reconciler.datapath.read()  # the kernel, whatever it holds
 
     def stop(self) -> None:
         """Nothing runs in the background; the attachments live on in the store."""

@@ -114,7 +114,7 @@ class Reconciler:
         snapshot: bool | KernelSnapshot = False
         if periodic:
             with self._lock:
-                known = self.compiler.ruleset().chains
+                known = self.compiler.chains()
             try:
                 snapshot = self.datapath.snapshot(known)
             except Exception:  # read again under the lock; apply reports what fails
@@ -242,6 +242,11 @@ class Reconciler:
         if not self.consecutive_failures:
             return 0.0
         return float(min(30.0, 0.1 * 2 ** min(self.consecutive_failures - 1, 10)))
+
+    def desired(self) -> Ruleset:
+        """The ruleset of the state as the compiler holds it now."""
+        with self._lock:
+            return self.compiler.ruleset()
 
     def chain_uses(self) -> dict[str, tuple[str, int, list[tuple[str, ...]]]]:
         with self._lock:

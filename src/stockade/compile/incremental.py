@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
 from stockade.compile.lower import DIRECTION, Lowering, endpoint_addresses, lower_chain
 from stockade.compile.membership import PeerMembers, PolicyTargets, SetSpec
+from stockade.compile.plan import Touched, derive
 from stockade.engine.resolve import resolve
 from stockade.model import policy as model
 from stockade.model.cluster import Cluster, Endpoint, Namespace
@@ -61,6 +62,11 @@ class IncrementalCompiler:
         # maps: direction -> address -> chain, and who owns each address
         self._maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
         self._owner: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+        # What changed since the last ruleset() (handed to plan.derive), and that one.
+        self._last: Ruleset | None = None
+        self._touched_sets: set[str] = set()
+        self._touched_chains: set[str] = set()
+        self._touched_addrs: dict[str, set[str]] = {INGRESS: set(), EGRESS: set()}
 
     # ---- bulk ------------------------------------------------------------------------
 
@@ -100,9 +106,25 @@ class IncrementalCompiler:
                 if old is None or old.elements != elements:
                     self._sets[name] = AddressSet(name, spec.family, spec.kind, elements,
                                                   spec.comment)
+        self._touched_sets |= self._stale_sets
         self._stale_sets.clear()
-        return Ruleset(dict(self._sets), dict(self._chains), dict(self._maps[INGRESS]),
-                       dict(self._maps[EGRESS]))
+        out = Ruleset(dict(self._sets), dict(self._chains), dict(self._maps[INGRESS]),
+                      dict(self._maps[EGRESS]))
+        if self._last is not None:
+            # A plan from the previous one looks at what changed only (plan.derive).
+            derive(out, self._last, Touched(frozenset(self._touched_sets),
+                                            frozenset(self._touched_chains),
+                                            frozenset(self._touched_addrs[INGRESS]),
+                                            frozenset(self._touched_addrs[EGRESS])))
+        self._last = out
+        self._touched_sets = set()
+        self._touched_chains = set()
+        self._touched_addrs = {INGRESS: set(), EGRESS: set()}
+        return out
+
+    def chains(self) -> dict[str, Chain]:
+        """The chains in use (without making a ruleset)."""
+        return dict(self._chains)
 
     # ---- namespaces --------------------------------------------------------------------
 
@@ -212,6 +234,7 @@ class IncrementalCompiler:
         for addr in endpoint_addresses(ep):
             self._maps[ir_dir][addr] = chain
             self._owner[ir_dir][addr] = ep.key
+            self._touched_addrs[ir_dir].add(addr)
 
     def chain_uses(self) -> dict[str, tuple[str, int, list[tuple[str, ...]]]]:
         """Each chain in use: its direction, how many endpoints it isolates, and the
@@ -233,6 +256,7 @@ class IncrementalCompiler:
             if self._owner[ir_dir].get(addr) == ep.key:
                 del self._maps[ir_dir][addr]
                 del self._owner[ir_dir][addr]
+                self._touched_addrs[ir_dir].add(addr)
         self._chain_users[chain] -= 1
         if self._chain_users[chain] == 0:
             # Dropped at the end of the change, unless the change uses it again.
@@ -258,6 +282,7 @@ class IncrementalCompiler:
         self._chain_of[(direction, keys)] = chain.name
         if chain.name not in self._chains:
             self._chains[chain.name] = chain
+            self._touched_chains.add(chain.name)
             self._chain_users[chain.name] = 0
             self._chain_specs[chain.name] = frozenset(specs)
             for spec in specs.values():
@@ -266,6 +291,7 @@ class IncrementalCompiler:
 
     def _drop_chain(self, name: str) -> None:
         del self._chains[name]
+        self._touched_chains.add(name)
         del self._chain_users[name]
         for set_name in self._chain_specs.pop(name):
             self._unref_set(set_name)
@@ -312,6 +338,7 @@ class IncrementalCompiler:
         del self._elements[name]
         self._sets.pop(name, None)
         self._stale_sets.discard(name)
+        self._touched_sets.add(name)
         del spec
         for g in self._guard_of.pop(name, ()):
             self._guarded[g].discard(name)

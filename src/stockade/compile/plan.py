@@ -7,6 +7,8 @@ before the map entries that jump to them, and removals in reverse.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
@@ -90,29 +92,129 @@ def family_of(address: str) -> int:
     return a.version if a is not None else 4
 
 
+@dataclass(frozen=True)
+class Touched:
+    """What may differ between a ruleset and the one it was derived from: set and
+    chain names, and addresses of the ingress and egress maps."""
+
+    sets: frozenset[str] = frozenset()
+    chains: frozenset[str] = frozenset()
+    ingress: frozenset[str] = frozenset()
+    egress: frozenset[str] = frozenset()
+
+
+# id(new) -> (new, old, what may differ): recorded by whoever derives one ruleset from
+# another (the incremental compiler), so that a plan between them looks at that only.
+_DERIVED: dict[int, tuple[weakref.ref[Ruleset], weakref.ref[Ruleset], Touched]] = {}
+_DERIVED_LOCK = threading.Lock()
+
+
+def derive(new: Ruleset, old: Ruleset, touched: Touched) -> None:
+    """Record that `new` equals `old` but for `touched`: `plan(old, new)` examines
+    only those (everything else is assumed the same objects)."""
+    key = id(new)
+
+    def gone(_: object) -> None:
+        with _DERIVED_LOCK:
+            entry = _DERIVED.get(key)
+            if entry is not None and entry[0]() is None:
+                del _DERIVED[key]
+
+    with _DERIVED_LOCK:
+        _DERIVED[key] = (weakref.ref(new, gone), weakref.ref(old), touched)
+
+
+def derived(new: Ruleset, old: Ruleset) -> Touched | None:
+    """What may differ from `old`, if `new` was recorded as derived from it."""
+    with _DERIVED_LOCK:
+        entry = _DERIVED.get(id(new))
+    if entry is None or entry[0]() is not new or entry[1]() is not old:
+        return None
+    return entry[2]
+
+
 def plan(old: Ruleset, new: Ruleset) -> Plan:
     """What turns `old` into `new`: added and removed sets, elements, chains, map entries.
 
     Chains are named by their content, so a chain present in both is the same
-    chain; a set present in both differs at most in its elements.
+    chain; a set present in both differs at most in its elements. When `new` was
+    derived from `old` (see `derive`), only what may differ is examined.
     """
+    touched = derived(new, old)
+    if touched is not None:
+        return _plan_touched(old, new, touched)
+    return full_plan(old, new)
+
+
+def _set_delta(o: AddressSet, s: AddressSet, add_el: list[tuple[AddressSet, frozenset[Element]]],
+               del_el: list[tuple[AddressSet, frozenset[Element]]]) -> None:
+    if o is s or o.elements is s.elements:
+        return
+    if s.kind == NET:
+        # An interval set is rewritten whole when it differs at all.
+        if s.elements != o.elements:
+            add_el.append((s, s.elements))
+        return
+    if plus := s.elements - o.elements:
+        add_el.append((s, plus))
+    if minus := o.elements - s.elements:
+        del_el.append((s, minus))
+
+
+def _plan_touched(old: Ruleset, new: Ruleset, touched: Touched) -> Plan:
+    """`full_plan(old, new)` when they differ at most in `touched` (in name order)."""
+    add_sets: list[AddressSet] = []
+    del_sets: list[str] = []
+    add_el: list[tuple[AddressSet, frozenset[Element]]] = []
+    del_el: list[tuple[AddressSet, frozenset[Element]]] = []
+    for name in sorted(touched.sets):
+        o, s = old.sets.get(name), new.sets.get(name)
+        if s is None:
+            if o is not None:
+                del_sets.append(name)
+        elif o is None:
+            add_sets.append(s)
+        else:
+            _set_delta(o, s, add_el, del_el)
+    add_chains: list[Chain] = []
+    replace_chains: list[Chain] = []
+    del_chains: list[str] = []
+    for name in sorted(touched.chains):
+        oc, c = old.chains.get(name), new.chains.get(name)
+        if c is None:
+            if oc is not None:
+                del_chains.append(name)
+        elif oc is None:
+            add_chains.append(c)
+        elif oc is not c and oc.rules != c.rules:
+            replace_chains.append(c)
+    del_map: list[MapEntry] = []
+    set_map: list[tuple[MapEntry, str]] = []
+    for direction, addrs in ((INGRESS, touched.ingress), (EGRESS, touched.egress)):
+        o_map, n_map = old.verdict_map(direction), new.verdict_map(direction)
+        for addr in sorted(addrs):
+            was, now = o_map.get(addr), n_map.get(addr)
+            if was == now:
+                continue
+            if was is not None:
+                del_map.append((direction, family_of(addr), addr))
+            if now is not None:
+                set_map.append(((direction, family_of(addr), addr), now))
+    return Plan(tuple(add_sets), tuple(add_el), tuple(add_chains), tuple(replace_chains),
+                tuple(del_map), tuple(set_map), tuple(del_chains), tuple(del_el),
+                tuple(del_sets))
+
+
+def full_plan(old: Ruleset, new: Ruleset) -> Plan:
+    """`plan` comparing every set, chain and map entry."""
     add_sets = tuple(s for n, s in new.sets.items() if n not in old.sets)
     del_sets = tuple(n for n in old.sets if n not in new.sets)
     add_el: list[tuple[AddressSet, frozenset[Element]]] = []
     del_el: list[tuple[AddressSet, frozenset[Element]]] = []
     for name, s in new.sets.items():
         o = old.sets.get(name)
-        if o is None or o is s or o.elements is s.elements:
-            continue
-        if s.kind == NET:
-            # An interval set is rewritten whole when it differs at all.
-            if s.elements != o.elements:
-                add_el.append((s, s.elements))
-            continue
-        if plus := s.elements - o.elements:
-            add_el.append((s, plus))
-        if minus := o.elements - s.elements:
-            del_el.append((s, minus))
+        if o is not None:
+            _set_delta(o, s, add_el, del_el)
     add_chains = tuple(c for n, c in new.chains.items() if n not in old.chains)
     replace_chains = tuple(c for n, c in new.chains.items() if n in old.chains
                            and old.chains[n] is not c and old.chains[n].rules != c.rules)

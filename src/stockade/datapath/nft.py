@@ -36,7 +36,7 @@ from stockade.compile.nft import (
     parse_kernel,
     render_plan,
 )
-from stockade.compile.plan import Plan, plan
+from stockade.compile.plan import Plan, derive, derived, plan
 from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
 from stockade.datapath.monitor import TableEvent, TableMonitor
 from stockade.datapath.nfnetlink import (
@@ -46,6 +46,7 @@ from stockade.datapath.nfnetlink import (
     ElementChange,
     ElementWriter,
     NftablesRefused,
+    TableInfo,
     del_object,
     del_table,
     netfilter_sockets,
@@ -57,6 +58,8 @@ from stockade.net.namespace import entered
 log = logging.getLogger("stockade.dataplane")  # the logger's name, as logs have always shown it
 
 OWNED = NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST
+# What libnftables answered to `list table`: rc, output, error; the table's flags.
+Listing = tuple[int, str, str, "TableInfo | None"]
 
 # What `owner_status` says.
 OWNER_OFF = "off: not asked for; any process with CAP_NET_ADMIN can change the table"
@@ -124,6 +127,9 @@ class NftDatapath:
         # What the last successful transaction left in the kernel; None until the
         # kernel has been read once (a restart adopts what it finds there).
         self._applied: Ruleset | None = None
+        # The last ruleset asked for and its canonical form (see `_target`).
+        self._last_desired: Ruleset | None = None
+        self._last_target: Ruleset | None = None
         # What a verifying apply found changed behind our back (not pending changes),
         # and every difference it found, one line each (foreign objects included).
         self.last_drift: Plan | None = None
@@ -144,6 +150,10 @@ class NftDatapath:
         self._gone_at: int | None = None
         # A table that kept enforcing while a table without ownership was replaced.
         self._handover: str | None = None
+        # A read of the table started ahead (see `prefetch`): the thread, then what it
+        # read, with the generation it was read at.
+        self._prefetching: threading.Thread | None = None
+        self._prefetched: tuple[int, Listing] | None = None
         # Reading the table while transactions go on (see `verify_quietly`) and
         # comparing it (the comparator's memory is shared): one reader at a time.
         self._read_lock = threading.Lock()
@@ -357,16 +367,21 @@ class NftDatapath:
         if self.owner:
             self._persist_supported()
 
-    def read_table(self, expected: Mapping[str, Chain] | None = None) -> KernelTable | None:
+    def read_table(self, expected: Mapping[str, Chain] | None = None, *,
+                   listing: Listing | None = None) -> KernelTable | None:
         """The table as the kernel holds it, compared with what stockade renders.
 
         Chains are recognised among `expected` (by default the last applied).
+        `listing`: what libnftables printed, read before (see `prefetch`).
         """
         if expected is None:
             expected = self._applied.chains if self._applied is not None else {}
-        with self._lock:
-            rc, out, err = self._nft.cmd(f"list table {FAMILY} {self.table.name}")
-            info = self._elements.table_info() if rc == 0 else None
+        if listing is None:
+            with self._lock:
+                rc, out, err = self._nft.cmd(f"list table {FAMILY} {self.table.name}")
+                info = self._elements.table_info() if rc == 0 else None
+        else:
+            rc, out, err, info = listing
         if rc != 0:
             if "No such file" in err or "does not exist" in err:
                 return None
@@ -407,7 +422,51 @@ class NftDatapath:
         if self._gone_at is not None and self._gone_at == generation:
             return KernelSnapshot(generation, None)
         chains = {**(applied.chains if applied is not None else {}), **(known or {})}
-        return KernelSnapshot(generation, self.read_table(chains))
+        pre = self._take_prefetched()
+        listing = pre[1] if pre is not None and pre[0] == generation else None
+        return KernelSnapshot(generation, self.read_table(chains, listing=listing))
+
+    def prefetch(self) -> None:
+        """Start reading the table back on a thread of its own (at start, while the state
+        loads and compiles: the read is libnftables' work, outside the interpreter).
+
+        The table is claimed first, as `snapshot` does. The next snapshot takes what
+        was read if no transaction came in between; otherwise it reads again.
+        """
+        def read() -> None:
+            try:
+                if self.owner and not self.owned and self._persist_supported():
+                    self._claim()
+                generation = self._generation
+                rc, out, err = self._reader().cmd(f"list table {FAMILY} {self.table.name}")
+                with self._lock:
+                    if self._generation != generation:
+                        return  # a transaction came in: the snapshot reads again
+                    info = self._elements.table_info() if rc == 0 else None
+                self._prefetched = (generation, (int(rc), str(out), str(err), info))
+            except Exception as exc:  # the snapshot reads (and claims) again, and says why
+                log.debug("reading the table ahead failed: %s", exc)
+
+        self._prefetching = threading.Thread(target=read, name="nft-prefetch", daemon=True)
+        self._prefetching.start()
+
+    def _take_prefetched(self) -> tuple[int, Listing] | None:
+        thread, self._prefetching = self._prefetching, None
+        if thread is not None:
+            thread.join()
+        pre, self._prefetched = self._prefetched, None
+        return pre
+
+    def _reader(self) -> Any:
+        """A libnftables context of its own, for one read: it keeps what it read (the
+        whole table) in its cache until it goes, and takes no lock of the writer's."""
+        with entered(self.netns):
+            reader = _load_nftables().Nftables()
+        reader.set_json_output(True)
+        reader.set_handle_output(False)
+        reader.set_numeric_proto_output(False)
+        reader.set_service_output(False)
+        return reader
 
     def verify_quietly(self) -> bool:
         """Whether the kernel holds what was applied, read without holding up transactions.
@@ -427,16 +486,7 @@ class NftDatapath:
                 self._gone_at is not None and self._gone_at == self._generation):
             return False
         with self._read_lock:
-            # A context of its own, for this read only: libnftables keeps what it read
-            # (the whole table) in its context's cache until the context goes.
-            with entered(self.netns):
-                reader = _load_nftables().Nftables()
-            reader.set_json_output(True)
-            reader.set_handle_output(False)
-            reader.set_numeric_proto_output(False)
-            reader.set_service_output(False)
-            rc, out, _err = reader.cmd(f"list table {FAMILY} {self.table.name}")
-            del reader
+            rc, out, _err = self._reader().cmd(f"list table {FAMILY} {self.table.name}")
             with self._lock:
                 after = self._applied
                 info = self._elements.table_info() if rc == 0 else None
@@ -491,7 +541,7 @@ class NftDatapath:
         the table is not what stockade renders is removed or rewritten in the
         same transaction.
         """
-        target = canonical(desired)
+        target = self._target(desired)
         self.last_drift = None
         self.last_drift_details = []
         if self.owner and not self.owned and self._persist_supported() and not self._claim():
@@ -550,6 +600,30 @@ class NftDatapath:
             self._wake()
         self._drop_handover()
         return delta
+
+    def _target(self, desired: Ruleset) -> Ruleset:
+        """`canonical(desired)`; when `desired` was derived from the previous one (the
+        incremental compiler records what changed, see plan.derive), only the sets that
+        changed are made canonical, and the target is derived from the previous target
+        alike, so that the plan from what was applied looks at those only."""
+        previous, before = self._last_desired, self._last_target
+        touched = derived(desired, previous) if previous is not None else None
+        if touched is None or before is None:
+            target = canonical(desired)
+        else:
+            sets = dict(before.sets)
+            for name in touched.sets:
+                s = desired.sets.get(name)
+                if s is None:
+                    sets.pop(name, None)
+                elif s.kind == NET:
+                    sets[name] = canonical(Ruleset(sets={name: s})).sets[name]
+                else:
+                    sets[name] = s
+            target = Ruleset(sets, desired.chains, desired.ingress, desired.egress)
+            derive(target, before, touched)
+        self._last_desired, self._last_target = desired, target
+        return target
 
     def _delete_objects(self, objects: list[tuple[str, str, int]]) -> None:
         """Foreign stateful objects and flowtables, unused once the repair is in."""
