@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what stockade needs on a fresh Debian machine: the kernel tools
-# (nftables and its library, conntrack, iproute2, probes' helpers) and a
+# (nftables and its library, conntrack, iproute2, probes' helpers; etcd, which the
+# tests of the etcd datastore start on loopback themselves) and a
 # virtual environment with the package and its development tools.
 set -euo pipefail
 venv=${1:-.venv}
 debs=(nftables libnftables1 iptables ipset conntrack iproute2 lksctp-tools
       containernetworking-plugins podman runc busybox-static
-      clang llvm libbpf-dev bpftool gcc libc6-dev iperf3)
+      clang llvm libbpf-dev bpftool gcc libc6-dev iperf3
+      etcd-server etcd-client)
 
 missing=()
 for d in "${debs[@]}"; do

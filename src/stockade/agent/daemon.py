@@ -89,6 +89,12 @@ class AgentConfig:
     watch_stall_timeout: float = 150.0
     watch_timeout: int = 300
     pod_wait: float = 10.0  # a CNI ADD waits this long for the API to show its pod
+    # --datastore etcd (see etcd/datastore.py): its members, the key prefix, TLS files.
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/stockade"
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_cacert: str | None = None
     cni_conf_dir: str = "/etc/cni/net.d"  # reported on GET /status (the runtime's view)
 
 
@@ -119,17 +125,27 @@ class Agent:
         if cfg.datapath not in DATAPATHS:
             raise AgentError(f"datapath {cfg.datapath!r} is not available "
                              f"({', '.join(DATAPATHS)})")
-        if cfg.datastore not in ("local", "kubernetes"):
+        if cfg.datastore not in ("local", "kubernetes", "etcd"):
             raise AgentError(f"datastore {cfg.datastore!r} is not available "
-                             "(local, kubernetes)")
-        kube = cfg.datastore == "kubernetes"
+                             "(local, kubernetes, etcd)")
+        etcd = cfg.datastore == "etcd"
+        # etcd is fed as the Kubernetes API is: the same feed, other reflectors.
+        kube = cfg.datastore in ("kubernetes", "etcd")
+        service_class: type[Service] = Service
         if kube:
             # Imported here: httpx and lightkube only on this path.
             from stockade.kube.datastore import KubeCacheStore
 
-            self.kube_feed = self._kube_feed()
+            if etcd:
+                from stockade.etcd.datastore import EtcdService
+
+                self.kube_feed = self._etcd_feed()
+                service_class = EtcdService
+            else:
+                self.kube_feed = self._kube_feed()
             if cfg.subnet is None:
-                cfg = self.config = replace(cfg, subnet=self._node_pod_cidr())
+                cfg = self.config = replace(
+                    cfg, subnet=DEFAULT_SUBNET if etcd else self._node_pod_cidr())
             store = KubeCacheStore(cfg.state_dir)
             self.store = store
             state, revision = store.load_local()
@@ -167,8 +183,8 @@ class Agent:
             cluster_of=self._cluster)
         ipam_state = self.store.get_meta("ipam")
         ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet or DEFAULT_SUBNET)
-        self.service = Service(self.store, state, self.reconciler, ipam=ipam,
-                               strict_cidr=cfg.strict_cidr)
+        self.service = service_class(self.store, state, self.reconciler, ipam=ipam,
+                                     strict_cidr=cfg.strict_cidr)
         ebpf = cfg.datapath == "ebpf"
         # nft and iptables log denied packets to the same NFLOG group and prefix; the eBPF
         # program to its ring buffer. It also cuts revoked connections itself (it tracks
@@ -272,6 +288,18 @@ class Agent:
         return KubeFeed(client, node, config=ReflectorConfig(
             timeout_seconds=cfg.watch_timeout, stall_timeout=cfg.watch_stall_timeout))
 
+    def _etcd_feed(self) -> Any:
+        from stockade.etcd.datastore import open_feed
+        from stockade.kube.reflector import ReflectorConfig
+
+        cfg = self.config
+        if not cfg.etcd_endpoints:
+            raise AgentError("--datastore etcd needs --etcd-endpoints URL...")
+        node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()
+        return open_feed(cfg.etcd_endpoints, node, prefix=cfg.etcd_prefix,
+                         cert=cfg.etcd_cert, key=cfg.etcd_key, ca=cfg.etcd_cacert,
+                         config=ReflectorConfig(stall_timeout=cfg.watch_stall_timeout))
+
     def _node_pod_cidr(self) -> str:
         """This node's IPv4 pod CIDR as the cluster assigned it, or DEFAULT_SUBNET.
 
@@ -305,12 +333,15 @@ class Agent:
         """
         cfg = self.config
         feed = self.kube_feed
-        self.service.read_only = f"kubernetes ({feed.client.server})"
+        if self.config.datastore == "etcd":
+            self.service.attach(feed)  # type: ignore[attr-defined]  # writes go to etcd
+        else:
+            self.service.read_only = f"kubernetes ({feed.client.server})"
         feed.bind(self.service, self.registry)
         self.service.register(feed)
         self._serve()
         feed.start()
-        log.info("serving; enforcing once the first lists of the Kubernetes API are in",
+        log.info(f"serving; enforcing once the first lists of {feed.SOURCE} are in",
                  extra={"fields": {"socket": cfg.socket, "server": feed.client.server,
                                    "node": feed.node, "table": self._where()}})
         threading.Thread(target=self._await_kube, name="kube-sync", daemon=True).start()

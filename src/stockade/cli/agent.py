@@ -40,15 +40,25 @@ def register(sub: Any) -> None:
     a.add_argument("--no-table-owner", dest="table_owner", action="store_false",
                    help="leave the table changeable by other processes (by default it is "
                         "owned by the agent and kept when the agent exits)")
-    a.add_argument("--datastore", default="local", choices=("local", "kubernetes"),
+    a.add_argument("--datastore", default="local", choices=("local", "kubernetes", "etcd"),
                    help="where namespaces, policies and pods come from: the local store "
-                        "(default, single hosts) or the Kubernetes API (list and watch)")
+                        "(default, single hosts), the Kubernetes API or etcd (list and "
+                        "watch)")
+    a.add_argument("--etcd-endpoints", nargs="+", metavar="URL", default=(),
+                   help="with --datastore etcd: etcd's client URLs (http://HOST:2379, or "
+                        "https with --etcd-cacert/--etcd-cert/--etcd-key)")
+    a.add_argument("--etcd-prefix", default="/stockade", metavar="PREFIX",
+                   help="with --datastore etcd: the key prefix of the objects")
+    a.add_argument("--etcd-cacert", metavar="FILE", help="CA bundle of etcd's certificate")
+    a.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
+    a.add_argument("--etcd-key", metavar="FILE", help="the client certificate's key")
     a.add_argument("--kubeconfig", metavar="FILE",
                    help="with --datastore kubernetes: this kubeconfig (default: in-cluster "
                         "service account, else $KUBECONFIG or ~/.kube/config)")
     a.add_argument("--context", metavar="NAME", help="the kubeconfig's context to use")
     a.add_argument("--node", metavar="NAME",
-                   help="with --datastore kubernetes: this node's name (default $NODE_NAME, "
+                   help="with --datastore kubernetes or etcd: this node's name (default "
+                        "$NODE_NAME, "
                         "else the host name)")
     a.add_argument("--watch-stall-timeout", type=float, default=150.0, metavar="SECONDS",
                    help="reconnect a watch that delivered no event nor bookmark for this long")
@@ -150,7 +160,10 @@ def run_agent(args: argparse.Namespace) -> int:
         accept_empty_store=args.accept_empty_store, table_owner=args.table_owner,
         datastore=args.datastore, kubeconfig=args.kubeconfig, kube_context=args.context,
         node=args.node or "", watch_stall_timeout=args.watch_stall_timeout,
-        pod_wait=args.pod_wait, cni_conf_dir=args.cni_conf_dir))
+        pod_wait=args.pod_wait, cni_conf_dir=args.cni_conf_dir,
+        etcd_endpoints=tuple(u for e in args.etcd_endpoints for u in e.split(",") if u),
+        etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert, etcd_cert=args.etcd_cert,
+        etcd_key=args.etcd_key))
 
 
 def _default_socket() -> str:
@@ -253,7 +266,7 @@ def run_status(args: argparse.Namespace) -> int:
     st = _call(args, "status")
     if args.output == "json":
         print(json.dumps(st, indent=2))
-        return 0 if st["inSync"] and st.get("ready", True) else 1
+        return 0 if _healthy_status(st) else 1
     last = st.get("lastApply") or {}
     print(f"in sync:        {'yes' if st['inSync'] else 'NO'} "
           f"(revision {st['revision']}, applied {st['appliedRevision']})")
@@ -277,14 +290,23 @@ def run_status(args: argparse.Namespace) -> int:
     ds = st.get("datastore")
     if isinstance(ds, dict):
         print(f"datastore:      {ds.get('kind')} {ds.get('server')} (node {ds.get('node')}), "
-              f"{'synced' if ds.get('synced') else 'NOT SYNCED: waiting for the first lists'}")
+              f"{'synced' if ds.get('synced') else 'NOT SYNCED: waiting for the first lists'}"
+              + (", DEGRADED: reconnecting (enforcing the last state, writes refused)"
+                 if ds.get("degraded") else ""))
         for plural, r in sorted((ds.get("resources") or {}).items()):
             print(f"  {plural:16}rv {r.get('resourceVersion') or '-'}, lists {r.get('lists')},"
                   f" events {r.get('events')}, errors {r.get('errors')}"
                   + (f", last error: {r['lastError']}" if r.get("lastError") else ""))
         for key, why in (ds.get("waiting") or {}).items():
             print(f"  waiting:      {key}: {why}")
-    return 0 if st["inSync"] and st.get("ready", True) else 1
+    return 0 if _healthy_status(st) else 1
+
+
+def _healthy_status(st: dict[str, Any]) -> bool:
+    """In sync, ready, and not cut off from its datastore (etcd: degraded)."""
+    ds = st.get("datastore")
+    degraded = isinstance(ds, dict) and bool(ds.get("degraded"))
+    return bool(st["inSync"] and st.get("ready", True)) and not degraded
 
 
 def run_snapshot_save(args: argparse.Namespace) -> int:

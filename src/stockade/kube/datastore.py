@@ -262,7 +262,7 @@ class _Sink:
         self.feed, self.res = feed, res
 
     def replace(self, items: list[dict[str, Any]], resource_version: str) -> None:
-        self.feed.replace(self.res, items)
+        self.feed.replace(self.res, items, resource_version)
 
     def event(self, type: str, obj: dict[str, Any]) -> None:
         self.feed.event(self.res, type, obj)
@@ -275,7 +275,15 @@ class KubeFeed:
     ``synced`` event is set once the first lists are committed. It is also an
     operations provider (``status`` gets a ``datastore`` field); it serves no
     operation of its own.
+
+    The etcd datastore (etcd/datastore.py) is this feed with other reflectors: the
+    class attributes below are what differs.
     """
+
+    KIND = "kubernetes"  # `status`: datastore.kind
+    SOURCE = "the Kubernetes API"  # in logs and metric help
+    METRICS = "stockade_kube"  # the metrics' prefix
+    OWNER = OWNER_KUBE  # the owner of the endpoints this feed makes
 
     def __init__(self, client: KubeClient, node: str, *,
                  config: ReflectorConfig | None = None,
@@ -323,22 +331,22 @@ class KubeFeed:
         self.service = service
         if registry is not None:
             self._m_events = registry.counter(
-                "stockade_kube_events_total",
-                "Watch events delivered by the Kubernetes API, by resource.", ("resource",))
+                f"{self.METRICS}_events_total",
+                f"Watch events delivered by {self.SOURCE}, by resource.", ("resource",))
             self._m_relists = registry.counter(
-                "stockade_kube_lists_total",
+                f"{self.METRICS}_lists_total",
                 "Lists of a resource delivered (the first one and every relist).",
                 ("resource",))
             self._m_errors = registry.counter(
-                "stockade_kube_watch_errors_total",
+                f"{self.METRICS}_watch_errors_total",
                 "Failed lists and watches (dropped, refused, stalled), by resource.",
                 ("resource",))
             self._m_invalid = registry.gauge(
-                "stockade_kube_invalid_objects",
-                "Objects of the API that admission refuses (their endpoints are held "
+                f"{self.METRICS}_invalid_objects",
+                f"Objects of {self.SOURCE} that admission refuses (their endpoints are held "
                 "fail-closed), by kind.", ("kind",))
             self._m_synced = registry.gauge(
-                "stockade_kube_synced", "1 once the first lists are enforced, else 0.")
+                f"{self.METRICS}_synced", "1 once the first lists are enforced, else 0.")
             for kind in ("namespace", "networkpolicy", "pod"):
                 self._m_invalid.set(0, kind=kind)
             self._m_synced.set(0)
@@ -366,7 +374,7 @@ class KubeFeed:
     def status(self) -> Mapping[str, Any]:
         with self._lock:  # cheap at any size: nothing here walks every pod
             out = {
-                "kind": "kubernetes", "server": self.client.server, "node": self.node,
+                "kind": self.KIND, "server": self.client.server, "node": self.node,
                 "synced": self.synced.is_set(),
                 "resources": {r.res.plural: r.status.to_dict() for r in self.reflectors},
                 "counts": {"namespaces": len(self.namespaces), "policies": len(self.policies),
@@ -426,7 +434,8 @@ class KubeFeed:
 
     # ---- the sinks --------------------------------------------------------------------------
 
-    def replace(self, res: Resource, items: list[dict[str, Any]]) -> None:
+    def replace(self, res: Resource, items: list[dict[str, Any]],
+                resource_version: str = "") -> None:
         """A whole list: the view of that resource is replaced, the state gets only
         the differences."""
         with self._lock:
@@ -544,14 +553,14 @@ class KubeFeed:
             ns_keys = set(self.namespaces) | set(state.namespaces)
             policy_keys = set(self.policies) | set(self.policy_errors) | set(state.policies)
             pod_keys = set(self.pods) | {k for k, r in state.endpoints.items()
-                                         if r.owner == OWNER_KUBE}
+                                         if r.owner == self.OWNER}
         first = not self.synced.is_set()
         self._sync(ns_keys, policy_keys, pod_keys)
         if first:
             self.synced.set()
             if self._m_synced is not None:
                 self._m_synced.set(1)
-            log.info("first lists from the Kubernetes API committed", extra={"fields": {
+            log.info(f"first lists from {self.SOURCE} committed", extra={"fields": {
                 "namespaces": len(self.namespaces), "policies": len(self.policies),
                 "pods": len(self.pods), "server": self.client.server}})
 
@@ -747,7 +756,7 @@ class KubeFeed:
         reasons = [*pod.errors, *self._ns_reasons(ns)]
         if reasons:
             ep = held_endpoint(ep)
-        rec = EndpointRecord(ep, owner=OWNER_KUBE, node=pod.node,
+        rec = EndpointRecord(ep, owner=self.OWNER, node=pod.node,
                              created=cur.created if cur is not None else time.time())
         return rec, reasons
 

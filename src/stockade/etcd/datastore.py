@@ -1,0 +1,421 @@
+"""etcd as the agent's datastore (``stockade agent --datastore etcd``).
+
+Namespaces, NetworkPolicies and Pods live in etcd under one key prefix as the
+documents a file or the Kubernetes API gives (watch.py says where). The agent
+reads them exactly as it reads the Kubernetes API: :class:`EtcdFeed` is the
+Kubernetes feed (kube/datastore.py: translation, admission, objects held
+fail-closed, only the differences committed, nothing programmed before the first
+lists, relists that never flush) with etcd reflectors. What etcd adds is writes:
+
+* **Writes go to etcd, in transactions.** ``apply``, ``delete`` and ``label`` through
+  any agent decode and validate as always, then :class:`EtcdService` writes the
+  changed objects in one etcd transaction that compares each key's ``mod_revision``
+  with the one this agent last saw (absent: 0). Another writer in between makes the
+  comparison fail: nothing is written, the agent waits until its watch shows the
+  other write, and the operation runs again on the new state (at most
+  ``CONFLICT_ATTEMPTS`` times). Two hosts never clobber each other's writes.
+* **Acknowledged once etcd has them, and read-your-writes.** The transaction's
+  revision is then awaited on the agent's own watch, so the state (``get``) shows the
+  write when the call returns, and (unless ``--no-wait``) the kernel enforces it. The
+  local state follows from the watch only, one way for every writer.
+* **etcd lost: enforce, read, refuse writes.** Reads are answered from the agent's
+  state; a write fails with ``unavailable`` naming etcd and nothing is written; the
+  kernel keeps what it enforces, ``status`` says ``degraded`` until every watch is
+  established again, then the watches resume from their revision (or relist after a
+  compaction) and only the differences are applied.
+* **Local truth stays local.** CNI attachments and ``stockade run`` containers are
+  this host's (the local store keeps them, as in Kubernetes mode); publishing them to
+  etcd for the other hosts is the multi-host step.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from stockade.agent.admission import QUARANTINE_POLICY, check_changes
+from stockade.agent.protocol import INVALID, TIMEOUT, UNAVAILABLE, ApiError
+from stockade.agent.records import (
+    OWNER_API,
+    Change,
+    DeleteEndpoint,
+    DeleteNamespace,
+    DeletePolicy,
+    EndpointRecord,
+    PolicyRecord,
+    PutEndpoint,
+    PutNamespace,
+    PutPolicy,
+)
+from stockade.agent.service import LOCAL_WRITES, Service
+from stockade.etcd.client import MAX_TXN_OPS, EtcdClient, EtcdError, Unavailable, b64, unb64
+from stockade.etcd.watch import EtcdReflector, etcd_key, resource_prefix
+from stockade.kube.client import NAMESPACES, NETWORK_POLICIES, PODS, Resource
+from stockade.kube.datastore import LOCAL_OWNERS, KubeFeed
+from stockade.kube.reflector import ReflectorConfig
+from stockade.model.cluster import Namespace
+from stockade.model.parse import expand_lists
+
+DEFAULT_PREFIX = "/stockade"
+CONFLICT_ATTEMPTS = 5
+SEEN_TIMEOUT = 10.0  # a write waits this long for the agent's watch to deliver it
+
+
+class Conflict(Exception):
+    """A transaction's comparison failed: another writer changed these keys."""
+
+    def __init__(self, current: Mapping[str, int], revision: int) -> None:
+        super().__init__(", ".join(sorted(current)))
+        self.current = dict(current)  # etcd key -> its mod_revision now (0: absent)
+        self.revision = revision
+
+
+def normalize_prefix(prefix: str) -> str:
+    p = "/" + prefix.strip("/")
+    return p if p != "/" else ""
+
+
+# ---- documents (what the agent writes) ---------------------------------------------------
+
+
+def namespace_doc(ns: Namespace) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns.name, "labels": dict(ns.labels)}}
+
+
+def policy_doc(rec: PolicyRecord) -> dict[str, Any]:
+    doc = dict(rec.manifest)
+    meta = dict(doc.get("metadata") or {})
+    meta.pop("resourceVersion", None)
+    meta["name"], meta["namespace"] = rec.policy.name, rec.policy.namespace
+    doc["metadata"] = meta
+    doc.setdefault("apiVersion", "networking.k8s.io/v1")
+    doc.setdefault("kind", "NetworkPolicy")
+    return doc
+
+
+def pod_doc(rec: EndpointRecord, node: str) -> dict[str, Any]:
+    """An endpoint as a Pod: labels, named ports, addresses and the node it runs on."""
+    ep = rec.endpoint
+    ports = []
+    for p in ep.ports:
+        port: dict[str, Any] = {"containerPort": p.port, "protocol": p.protocol}
+        if p.name:
+            port["name"] = p.name
+        ports.append(port)
+    container: dict[str, Any] = {"name": "main"}
+    if ports:
+        container["ports"] = ports
+    doc: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": ep.name, "namespace": ep.namespace, "labels": dict(ep.labels)},
+        "spec": {"nodeName": rec.node or node, "containers": [container]}}
+    if ep.ips:
+        doc["status"] = {"phase": "Running", "podIP": ep.ips[0],
+                         "podIPs": [{"ip": ip} for ip in ep.ips]}
+    return doc
+
+
+def _json(doc: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+# ---- the feed ----------------------------------------------------------------------------
+
+
+class EtcdFeed(KubeFeed):
+    """The Kubernetes feed, fed by etcd watches; also the agent's writer to etcd."""
+
+    KIND = "etcd"
+    SOURCE = "etcd"
+    METRICS = "stockade_etcd"
+    OWNER = OWNER_API  # applied through an agent's API (any host's), removed through it
+
+    def __init__(self, client: EtcdClient, node: str, *, prefix: str = DEFAULT_PREFIX,
+                 config: ReflectorConfig | None = None) -> None:
+        self.prefix = normalize_prefix(prefix)
+        # What the state knows of etcd, kept under the service's lock: each key's
+        # mod_revision (what a write compares with) and, by resource, the revision
+        # up to which the watch has delivered (what a write waits for).
+        self.revs: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
+        self._m_degraded: Any = None
+        factory: Any = functools.partial(EtcdReflector, prefix=self.prefix)
+        super().__init__(client, node, config=config,  # type: ignore[arg-type]
+                         reflector_factory=factory)
+        self.etcd: EtcdClient = client
+
+    # ---- wiring -----------------------------------------------------------------------
+
+    def bind(self, service: Any, registry: Any = None) -> None:
+        super().bind(service, registry)
+        if registry is not None:
+            self._m_degraded = registry.gauge(
+                "stockade_etcd_degraded",
+                "1 while a watch of etcd is not established (the agent enforces its last "
+                "state and refuses writes), else 0.")
+            self._m_degraded.set(0)
+
+    @property
+    def degraded(self) -> bool:
+        return any(getattr(r, "failing", False) for r in self.reflectors)
+
+    def _observer(self, plural: str) -> Callable[[str], None]:
+        inner = super()._observer(plural)
+
+        def observe(what: str) -> None:
+            inner(what)
+            if what in ("error", "connected") and self._m_degraded is not None:
+                self._m_degraded.set(1 if self.degraded else 0)
+        return observe
+
+    def status(self) -> Mapping[str, Any]:
+        out = dict(super().status())
+        ds = dict(out["datastore"])
+        with self._lock:
+            ds.update({"server": self.etcd.server, "endpoints": list(self.etcd.endpoints),
+                       "prefix": self.prefix or "/", "degraded": self.degraded,
+                       "revision": max(self.seen.values(), default=0)})
+        out["datastore"] = ds
+        return out
+
+    # ---- the sinks: the state's view of etcd, under the service's lock -------------------
+
+    def replace(self, res: Resource, items: list[dict[str, Any]],
+                resource_version: str = "") -> None:
+        svc = self.service
+        with self._lock, svc.lock:
+            head = resource_prefix(self.prefix, res)
+            for k in [k for k in self.revs if k.startswith(head)]:
+                del self.revs[k]
+            for obj in items:
+                key = etcd_key(self.prefix, res, _ident(res, obj))
+                self.revs[key] = _rv(obj)
+            super().replace(res, items, resource_version)
+            self._saw(res, int(resource_version or 0))
+
+    def event(self, res: Resource, type: str, obj: dict[str, Any]) -> None:
+        svc = self.service
+        with self._lock, svc.lock:
+            key = etcd_key(self.prefix, res, _ident(res, obj))
+            if type == "DELETED":
+                self.revs.pop(key, None)
+            else:
+                self.revs[key] = _rv(obj)
+            super().event(res, type, obj)
+            self._saw(res, _rv(obj))
+
+    def _saw(self, res: Resource, revision: int) -> None:
+        self.seen[res.plural] = max(self.seen.get(res.plural, 0), revision)
+        self.service.caught_up.notify_all()
+
+    # ---- writes -----------------------------------------------------------------------
+
+    def write(self, changes: Sequence[Change]) -> tuple[int, set[str]]:
+        """Write ``changes`` to etcd in transactions comparing each key's mod_revision
+        with what the state knows (the caller holds the service's lock). Returns the
+        last transaction's revision and the resources it touched; Conflict when
+        another writer got there first (nothing of that transaction is written)."""
+        ops: dict[str, tuple[Resource, str | None]] = {}
+        for c in changes:
+            res, key, doc = self._op(c)
+            if key.endswith(f"/{QUARANTINE_POLICY}"):
+                continue  # the synthetic deny-all of held endpoints is never stored
+            ops.pop(etcd_key(self.prefix, res, key), None)  # the last change of a key wins
+            ops[etcd_key(self.prefix, res, key)] = (res, None if doc is None else _json(doc))
+        if not ops:
+            return 0, set()
+        revision = 0
+        touched: set[str] = set()
+        items = list(ops.items())
+        # etcd refuses a transaction of more than --max-txn-ops (128) operations; a
+        # larger change is written in several, in order (see the README).
+        for at in range(0, len(items), MAX_TXN_OPS):
+            chunk = items[at:at + MAX_TXN_OPS]
+            compare = [{"key": b64(k), "target": "MOD", "result": "EQUAL",
+                        "mod_revision": str(self.revs.get(k, 0))} for k, _ in chunk]
+            success = [{"request_put": {"key": b64(k), "value": b64(v)}} if v is not None
+                       else {"request_delete_range": {"key": b64(k)}} for k, (_, v) in chunk]
+            failure = [{"request_range": {"key": b64(k), "keys_only": True}} for k, _ in chunk]
+            try:
+                result = self.etcd.txn(compare, success, failure)
+            except Unavailable as e:
+                raise ApiError(UNAVAILABLE, f"etcd is unreachable ({e}); nothing more was "
+                                            "written. This agent keeps enforcing the last "
+                                            "state it has and catches up when etcd returns"
+                                            + (f" (revision {revision} was written before)"
+                                               if revision else "")) from None
+            except EtcdError as e:
+                raise ApiError(UNAVAILABLE, f"etcd refused the write: {e}") from None
+            if not result.succeeded:
+                current = {k: 0 for k, _ in chunk}
+                for resp in result.responses:
+                    for kv in (resp.get("response_range") or {}).get("kvs") or ():
+                        key_ = unb64(kv.get("key")).decode("utf-8", "replace")
+                        current[key_] = int(kv.get("mod_revision") or 0)
+                stale = {k: v for k, v in current.items() if v != self.revs.get(k, 0)}
+                raise Conflict(stale or current, result.revision)
+            revision = result.revision
+            touched |= {res.plural for _, (res, _) in chunk}
+        return revision, touched
+
+    def _op(self, c: Change) -> tuple[Resource, str, dict[str, Any] | None]:
+        if isinstance(c, PutNamespace):
+            return NAMESPACES, c.namespace.name, namespace_doc(c.namespace)
+        if isinstance(c, DeleteNamespace):
+            return NAMESPACES, c.name, None
+        if isinstance(c, PutPolicy):
+            return NETWORK_POLICIES, c.record.key, policy_doc(c.record)
+        if isinstance(c, DeletePolicy):
+            return NETWORK_POLICIES, c.key, None
+        if isinstance(c, PutEndpoint):
+            if c.record.key in self.held:
+                raise ApiError(INVALID, f"endpoint {c.record.key} is held fail-closed "
+                                        f"({'; '.join(self.held[c.record.key])}); fix its "
+                                        "object in etcd")
+            return PODS, c.record.key, pod_doc(c.record, self.node)
+        if isinstance(c, DeleteEndpoint):
+            return PODS, c.key, None
+        raise TypeError(f"not a change: {c!r}")
+
+    def fresh(self, current: Mapping[str, int], revision: int) -> bool:
+        """Whether the state has caught up with these keys as etcd showed them (the
+        caller holds the service's lock)."""
+        for key, mod in current.items():
+            have = self.revs.get(key, 0)
+            if mod and have < mod:
+                return False
+            if not mod and have and have <= revision:
+                return False
+        return True
+
+
+def _ident(res: Resource, obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    if res.namespaced:
+        return f"{meta.get('namespace')}/{meta.get('name')}"
+    return str(meta.get("name"))
+
+
+def _rv(obj: Mapping[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+# ---- the service: the operations write to etcd --------------------------------------------
+
+
+class EtcdService(Service):
+    """The agent's operations with etcd as the truth: ``apply``, ``delete``, ``label``,
+    ``snapshot.restore`` and ``endpoint.add/remove`` of API endpoints write to etcd
+    (:meth:`EtcdFeed.write`); this host's CNI and ``run`` endpoints and the address
+    pool stay in the local store; reads are the state's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.feed: EtcdFeed | None = None
+        self.node = ""
+        # Notified (under the service's lock) whenever the feed has delivered more.
+        self.caught_up = threading.Condition(self.lock)
+
+    def attach(self, feed: EtcdFeed) -> None:
+        self.feed = feed
+        self.node = feed.node
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        if op not in LOCAL_WRITES or self.feed is None:
+            return super().handle(op, args)
+        feed = self.feed
+        for attempt in range(CONFLICT_ATTEMPTS):
+            try:
+                return super().handle(op, args)
+            except Conflict as c:
+                if attempt == CONFLICT_ATTEMPTS - 1:
+                    raise ApiError(UNAVAILABLE, f"{op}: etcd keys kept changing under this "
+                                                f"write ({c}); nothing of the last attempt "
+                                                "was written, try again") from None
+                with self.lock:  # until the watch shows the other writer's change
+                    self.caught_up.wait_for(functools.partial(feed.fresh, c.current,
+                                                              c.revision), SEEN_TIMEOUT)
+        raise AssertionError("unreachable")
+
+    def _decode(self, docs: list[Any], source: str) -> tuple[
+            list[PolicyRecord], dict[str, Namespace], list[EndpointRecord]]:
+        """As always, and each Pod keeps its ``spec.nodeName`` (default: this host)."""
+        policies, namespaces, endpoints = super()._decode(docs, source)
+        if self.feed is None:
+            return policies, namespaces, endpoints
+        nodes: dict[str, str] = {}
+        for _, doc in expand_lists(docs):
+            if isinstance(doc, dict) and doc.get("kind") == "Pod":
+                meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+                spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+                assert isinstance(meta, dict) and isinstance(spec, dict)
+                key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+                node = spec.get("nodeName")
+                nodes[key] = node if isinstance(node, str) and node else self.node
+        return policies, namespaces, [replace(r, node=nodes.get(r.key) or self.node)
+                                      for r in endpoints]
+
+    def _to_etcd(self, changes: Sequence[Change]) -> bool:
+        """Changes of etcd's objects (not of this host's CNI or `run` endpoints)."""
+        if not changes:
+            return False
+        for c in changes:
+            if isinstance(c, PutEndpoint) and c.record.owner in LOCAL_OWNERS:
+                return False
+            if isinstance(c, DeleteEndpoint):
+                cur = self.state.endpoints.get(c.key)
+                if cur is not None and cur.owner in LOCAL_OWNERS:
+                    return False
+        return True
+
+    def commit(self, changes: Sequence[Change], *, sync: bool = True,
+               meta: Mapping[str, Any] | None = None, admitted: bool = False) -> int:
+        feed = self.feed
+        if admitted or feed is None or not self._to_etcd(changes):
+            return super().commit(changes, sync=sync, meta=meta, admitted=admitted)
+        with self.lock:
+            if not feed.synced.is_set():
+                raise ApiError(UNAVAILABLE, "not in sync with etcd yet (the first lists "
+                                            "are not in); try again")
+            problems = check_changes(self.state, changes, strict_cidr=self.strict_cidr)
+            if problems:
+                raise ApiError(INVALID, f"{len(problems)} error(s); nothing was applied",
+                               problems)
+            if meta:
+                super().commit([], sync=False, meta=meta)
+            revision, touched = feed.write(changes)
+            # Acknowledged by etcd; now until this agent's watch has delivered it (the
+            # wait releases the lock, so the feed can commit it meanwhile).
+            seen = self.caught_up.wait_for(
+                lambda: all(feed.seen.get(p, 0) >= revision for p in touched), SEEN_TIMEOUT)
+            if not seen:
+                raise ApiError(TIMEOUT, f"written to etcd at revision {revision}, but this "
+                                        f"agent's watch has not delivered it after "
+                                        f"{SEEN_TIMEOUT:.0f}s; it is enforced once it does "
+                                        "(see `stockade status`)")
+            local = self.reconciler.desired_revision
+        if sync:
+            self._wait(local)
+        return local
+
+
+def open_feed(endpoints: Sequence[str], node: str, *, prefix: str = DEFAULT_PREFIX,
+              config: ReflectorConfig | None = None, cert: str | None = None,
+              key: str | None = None, ca: str | None = None,
+              timeout: float = 5.0) -> EtcdFeed:
+    """The agent's feed for ``--datastore etcd``: no I/O until it is started."""
+    from stockade.etcd.client import TlsConfig
+
+    tls = TlsConfig(cert, key, ca) if (cert or key or ca) else None
+    return EtcdFeed(EtcdClient(endpoints, timeout=timeout, tls=tls), node, prefix=prefix,
+                    config=config)
+
