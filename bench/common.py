@@ -37,6 +37,12 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cells).rstrip())
 
 
+def print_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """The same table as markdown (for the README)."""
+    for r in (header, ["---"] * len(header), *rows):
+        print("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+
+
 class AgentProcess:
     """`stockade agent` in a network namespace, with its own state and socket."""
 

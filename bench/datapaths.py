@@ -1,0 +1,415 @@
+"""Every datapath side by side, with real packets, against the same pair with no policy.
+
+One run, 10,000 synthetic endpoints and 1,000 policies (bench/synthetic.py
+make_cluster) plus two real endpoints on a bridge, a server and a client, with a
+policy isolating the server and allowing the client on the benchmark ports.
+Variants: nft, iptables (nf_tables backend), iptables (legacy backend), ebpf, and
+the naive baseline a user would otherwise write: one `iptables -A FORWARD -s SRC
+-d DST -p PROTO --dport P -j ACCEPT` per allowed pair in one linear chain (after
+the usual ESTABLISHED,RELATED accept), then a DROP for the server.
+
+Each variant gets a fresh host namespace (bridge, two endpoints, servers), so no
+variant inherits another's kernel state (conntrack hooks, a legacy table that
+cannot be unregistered, pins). In it, the same measures run first with no
+ruleset, then with the variant's ruleset loaded, so each ratio is against a
+baseline taken right before on the same plumbing:
+
+- TCP throughput: iperf3, one stream, `--seconds`;
+- new TCP connections per second and their latency (p50, p99): bench/loadgen.c
+  `crr` (connect, 64-byte request, 64-byte answer, close with RST; one at a time);
+- UDP packets per second received: loadgen `udp-flood` (64-byte frames: 18 bytes
+  of payload, one flow, sendmmsg) into `udp-sink`; a one-way flow never becomes
+  ESTABLISHED, so every datagram is judged;
+- programming time (bench/iptables.py `program`): the full load from nothing, one
+  endpoint added, one policy changed, a verifying read-back. For the naive
+  baseline these are extrapolated by bench/iptables.py `naive` (one process per
+  rule, timed at several chain lengths); its packet tests load a chain capped at
+  `--naive-rules` rules with one iptables-restore, the real pair's rules in the
+  middle.
+
+The variants take turns (the order rotates each round), `--rounds` times; the
+table gives medians and the range (min-max) in brackets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from common import print_markdown, timed
+from iptables import build_loadgen, naive, program
+from stockade.compile.iptables import Layout
+from stockade.compile.lower import compile_cluster
+from stockade.compile.nft import Table
+from stockade.datapath.base import require_bridge_netfilter
+from stockade.datapath.ebpf import EbpfDatapath
+from stockade.datapath.iptables import IptablesDatapath
+from stockade.datapath.nft import NftDatapath
+from stockade.model.cluster import Cluster, ContainerPort, Endpoint
+from stockade.model.labels import Labels
+from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort, Rule
+from stockade.model.selector import Selector
+from stockade.net.namespace import create_netns, remove_netns
+from stockade.net.plumber import EndpointSpec, Plumber
+from synthetic import make_cluster
+
+SERVER, CLIENT = "10.200.0.10", "10.200.0.11"
+CRR_PORT, IPERF_PORT, UDP_PORT, CLOSED_PORT = 5002, 5201, 5003, 5009
+ALLOWED = (("TCP", CRR_PORT), ("TCP", IPERF_PORT), ("UDP", UDP_PORT))
+UDP_PAYLOAD = 18  # 14 Ethernet + 20 IP + 8 UDP + 18 + 4 FCS = a 64-byte frame
+NAIVE_TOOL = "iptables-nft"  # the host's default iptables here
+DATAPATHS = ("nft", "iptables (nf_tables)", "iptables (legacy)", "ebpf")
+VARIANTS = (*DATAPATHS, "naive")
+LENGTHS = (0, 2_000, 10_000, 20_000)  # chain lengths bench/iptables.py `naive` times
+
+
+def bench_cluster(pods: int, policies: int) -> Cluster:
+    """The synthetic cluster plus the server (isolated) and the client (allowed)."""
+    base = make_cluster(pods, policies)
+    server = Endpoint("ns0", "server", Labels({"app": "bench-server"}), (SERVER,),
+                      tuple(ContainerPort(port, proto, f"b{port}") for proto, port in ALLOWED))
+    client = Endpoint("ns0", "client", Labels({"app": "bench-client"}), (CLIENT,))
+    allow = NetworkPolicy("ns0", "bench-allow", Selector(Labels({"app": "bench-server"})),
+                          ingress=(Rule(tuple(PolicyPort(proto, port) for proto, port in ALLOWED),
+                                        (Peer(pod_selector=Selector(
+                                            Labels({"app": "bench-client"}))),)),),
+                          policy_types=(INGRESS,))
+    return Cluster(base.namespaces, (*base.endpoints, server, client), (*base.policies, allow))
+
+
+def open_datapath(name: str, tag: str, host: str) -> Any:
+    if name == "nft":
+        return NftDatapath(Table(tag), netns=host)
+    if name == "ebpf":
+        return EbpfDatapath(tag, netns=host)
+    backend = "legacy" if name == "iptables (legacy)" else "nft"
+    return IptablesDatapath(Layout.of(tag), netns=host, backend=backend)
+
+
+def naive_restore(cluster: Cluster, rules: int) -> str:
+    """The naive chain: ESTABLISHED first, `rules` pair rules (the real pair's in the
+    middle), a DROP for the server; as iptables-restore input."""
+    ips = [e.ips[0] for e in cluster.endpoints if e.ips and e.ips[0] not in (SERVER, CLIENT)]
+    lines = ["*filter", ":FORWARD ACCEPT [0:0]",
+             "-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
+    pairs = [f"-A FORWARD -s {ips[k % len(ips)]} -d {ips[(k * 7919 + 1) % len(ips)]} "
+             "-p tcp -m tcp --dport 8080 -j ACCEPT" for k in range(rules)]
+    mine = [f"-A FORWARD -s {CLIENT} -d {SERVER} -p {p.lower()} -m {p.lower()} --dport {port} "
+            "-j ACCEPT" for p, port in ALLOWED]
+    lines += [*pairs[:rules // 2], *mine, *pairs[rules // 2:],
+              f"-A FORWARD -d {SERVER} -j DROP", "COMMIT", ""]
+    return "\n".join(lines)
+
+
+def load_naive(host: str, restore: str) -> float:
+    """Seconds to load the naive chain with one iptables-restore."""
+    t, _ = timed(lambda: subprocess.run(["ip", "netns", "exec", host, f"{NAIVE_TOOL}-restore",
+                                         "-w"], input=restore, text=True, check=True))
+    return t
+
+
+def in_netns(netns: str, *cmd: str, timeout: float = 120) -> str:
+    return subprocess.run(["ip", "netns", "exec", netns, *cmd], capture_output=True, text=True,
+                          check=True, timeout=timeout).stdout
+
+
+class Pair:
+    """A host namespace with a bridge, a server and a client endpoint, the servers running."""
+
+    def __init__(self, tag: str, index: int, loadgen: str) -> None:
+        self.tag, self.host, self.loadgen = tag, f"{tag}-h{index}", loadgen
+        self.procs: list[subprocess.Popen[str]] = []
+        create_netns(self.host)
+        self.plumber = Plumber(prefix=tag, host_netns=self.host, subnet4="10.200.0.0/16")
+        try:
+            self.plumber.ensure_bridge()
+            self.server = self.plumber.ensure_endpoint(
+                EndpointSpec(f"server{index}", f"{SERVER}/16")).netns
+            self.client = self.plumber.ensure_endpoint(
+                EndpointSpec(f"client{index}", f"{CLIENT}/16")).netns
+            crr = self._spawn(self.server, loadgen, "crr-server", str(CRR_PORT))
+            assert crr.stdout is not None and crr.stdout.readline().strip() == "ready"
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, netns: str, *cmd: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def isolated(self) -> bool:
+        """Whether a new connection to a closed, unallowed port of the server is dropped
+        (a timeout) rather than refused by the server's kernel."""
+        code = ("import socket, sys\ns = socket.socket()\ns.settimeout(0.5)\n"
+                f"try:\n    s.connect(('{SERVER}', {CLOSED_PORT}))\n"
+                "except socket.timeout:\n    sys.exit(3)\nexcept OSError:\n    sys.exit(0)\n")
+        run = subprocess.run(["ip", "netns", "exec", self.client, sys.executable, "-c", code],
+                             check=False)
+        return run.returncode == 3
+
+    def iperf(self, secs: float) -> float:
+        """TCP throughput, Gbit/s (iperf3's received rate); a one-off server per test, and
+        a test that hangs is run again (once)."""
+        for _ in range(2):
+            server = self._spawn(self.server, "iperf3", "-s", "-1", "--forceflush", "-p",
+                                 str(IPERF_PORT))
+            try:
+                assert server.stdout is not None
+                while "listening" not in (line := server.stdout.readline()):
+                    assert line, "the iperf3 server exited"
+                run = subprocess.run(["ip", "netns", "exec", self.client, "iperf3", "-c",
+                                      SERVER, "-p", str(IPERF_PORT), "-t", str(secs), "-J"],
+                                     capture_output=True, text=True, timeout=secs + 30,
+                                     check=False)
+            except subprocess.TimeoutExpired:
+                print("iperf3 hung; again", file=sys.stderr)
+                continue
+            finally:
+                server.kill()
+                server.wait()
+                self.procs.remove(server)
+            try:
+                out = json.loads(run.stdout)
+            except json.JSONDecodeError:
+                out = {"error": run.stderr.strip() or f"exit status {run.returncode}"}
+            # no sum_received: the data connection died (counted as 0, said on stderr)
+            received = out.get("end", {}).get("sum_received", {}).get("bits_per_second", 0.0)
+            if not received:
+                print(f"iperf3 received nothing: {out.get('error')}", file=sys.stderr)
+            return float(received) / 1e9
+        print("iperf3 hung twice: counted as 0", file=sys.stderr)
+        return 0.0
+
+    def crr(self, secs: float) -> tuple[float, float, float, float]:
+        """Connections/s, p50 and p99 latency in µs, failures (stalled 1 s or refused)."""
+        rate, failed, p50, p99 = in_netns(self.client, self.loadgen, "crr", SERVER,
+                                          str(CRR_PORT), str(secs)).split()
+        return float(rate), float(p50), float(p99), float(failed)
+
+    def udp(self, secs: float) -> float:
+        """Datagrams received per second, over `secs` of a flood a second longer."""
+        sink = self._spawn(self.server, self.loadgen, "udp-sink", str(UDP_PORT), str(secs))
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        in_netns(self.client, self.loadgen, "udp-flood", SERVER, str(UDP_PORT), str(secs + 1),
+                 str(UDP_PAYLOAD))
+        out, _ = sink.communicate(timeout=secs + 40)
+        self.procs.remove(sink)
+        pps = float(out.strip())
+        if not pps:
+            print("no datagram arrived", file=sys.stderr)
+        return pps
+
+    def measure(self, secs: float) -> dict[str, float]:
+        gbps = self.iperf(secs)
+        rate, p50, p99, failed = self.crr(secs)
+        return {"gbps": gbps, "crr": rate, "p50": p50, "p99": p99, "failed": failed,
+                "pps": self.udp(secs)}
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.procs.clear()
+        with contextlib.suppress(Exception):  # pins of an ebpf variant left by a failure
+            ebpf = EbpfDatapath(self.tag, netns=self.host)
+            if ebpf.dir.exists():
+                ebpf.remove()
+        try:
+            self.plumber.teardown()
+        finally:
+            remove_netns(self.host)
+
+
+def fmt_time(secs: float) -> str:
+    if secs >= 3600:
+        return f"{secs / 3600:,.0f} h"
+    if secs >= 60:
+        return f"{secs / 60:,.0f} min"
+    if secs >= 1:
+        return f"{secs:.1f} s"
+    return f"{secs * 1000:.0f} ms" if secs >= 0.01 else f"{secs * 1000:.1f} ms"
+
+
+def cell(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+    if not values:
+        return "n/a"
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs: Any,
+             restore: str, secs: float
+             ) -> tuple[dict[str, float], dict[str, float], dict[str, float], float]:
+    """In a fresh pair: the measures with no ruleset, then with `name`'s; its programming
+    times (a datapath) or the restore's time (naive)."""
+    pair = Pair(tag, index, loadgen)
+    dp: Any = None
+    prog: dict[str, float] = {}
+    load = 0.0
+    try:
+        assert not pair.isolated(), "the server is unreachable without a ruleset"
+        base = pair.measure(secs)
+        if name != "ebpf":  # the netfilter ones judge bridged packets in FORWARD
+            require_bridge_netfilter(pair.host, "the FORWARD hook")
+        if name == "naive":
+            load = load_naive(pair.host, restore)
+        else:
+            dp = open_datapath(name, tag, pair.host)
+            dp.check()
+            prog = program(dp, cluster, rs)
+        assert pair.isolated(), f"{name}: the server is not isolated"
+        return base, pair.measure(secs), prog, load
+    finally:
+        try:
+            if dp is not None:
+                dp.remove()
+                dp.close()
+        finally:
+            pair.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pods", type=int, default=10_000)
+    ap.add_argument("--policies", type=int, default=1_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per packet test")
+    ap.add_argument("--naive-rules", type=int, default=20_000,
+                    help="cap on the naive chain's length in the packet tests")
+    ap.add_argument("--sample", type=int, default=50,
+                    help="sources sampled to count the naive baseline's allowed pairs")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
+    args = ap.parse_args()
+    variants = tuple(v.strip() for v in args.variants.split(","))
+    datapaths = tuple(v for v in variants if v in DATAPATHS)
+    if not set(variants) <= set(VARIANTS):
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a kill too
+    t_start = time.monotonic()
+    tag = f"dp{secrets.token_hex(2)}"
+    scratch = f"{tag}-naive"
+    tmp = tempfile.TemporaryDirectory()
+    loadgen = build_loadgen(tmp.name)
+    cluster = bench_cluster(args.pods, args.policies)
+    t_compile, rs = timed(lambda: compile_cluster(cluster))
+    c = rs.counts()
+    print(f"compiled in {t_compile:.1f} s: {c}", file=sys.stderr)
+
+    # the naive baseline's programming time, extrapolated (bench/iptables.py)
+    nv: dict[str, float] = {}
+    if "naive" in variants:
+        create_netns(scratch)
+        try:
+            nv = naive(scratch, cluster, rs, args.sample, NAIVE_TOOL)
+        finally:
+            remove_netns(scratch)
+        print(f"naive: {nv}", file=sys.stderr)
+        slope, icept = statistics.linear_regression(LENGTHS, [nv[f"at{x}"] for x in LENGTHS])
+        nv["full"] = nv["total"]
+        nv["per_pod"] = 2 * nv["pairs"] / len(cluster.endpoints)  # a new pod's, both ways
+        nv["endpoint"] = nv["per_pod"] * (icept + slope * nv["pairs"])
+        nv["rules"] = int(min(nv["pairs"], args.naive_rules))
+    restore = naive_restore(cluster, int(nv["rules"])) if nv else ""
+
+    base: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    got: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    prog: dict[str, list[dict[str, float]]] = {v: [] for v in datapaths}
+    naive_load: list[float] = []
+    failures: list[str] = []
+    index = 0
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for name in order:
+            index += 1
+            try:
+                b, g, p, t = one_pair(name, tag, index, loadgen, cluster, rs, restore,
+                                      args.seconds)
+            except Exception:  # one pair's failure costs its sample, not the run
+                traceback.print_exc()
+                failures.append(f"round {r + 1} {name}")
+                continue
+            base[name].append(b)
+            got[name].append(g)
+            if p:
+                prog[name].append(p)
+            if t:
+                naive_load.append(t)
+            print(f"round {r + 1} {name} ({time.monotonic() - t_start:.0f} s): none "
+                  f"{b} / with {g}", file=sys.stderr)
+
+    def ratios(name: str, key: str) -> list[float]:
+        return [g[key] / b[key] if b[key] else float("nan")
+                for b, g in zip(base[name], got[name], strict=True)]
+
+    def absolute(name: str, key: str) -> list[float]:
+        return [g[key] for g in got[name]]
+
+    nones = {key: [b[key] for v in variants for b in base[v]]
+             for key in ("gbps", "crr", "p50", "p99", "pps", "failed")}
+    rows: list[list[str]] = []
+    for key, label, fmt in (
+            ("gbps", f"TCP throughput, iperf3 one stream {args.seconds:g} s (Gbit/s)",
+             lambda x: f"{x:.1f}"),
+            ("crr", "new TCP connections/s (connect, 64 B request, 64 B answer, close)",
+             lambda x: f"{x:,.0f}"),
+            ("p50", "connect-request-response latency p50 (µs)", lambda x: f"{x:.0f}"),
+            ("p99", "connect-request-response latency p99 (µs)", lambda x: f"{x:.0f}"),
+            ("pps", f"UDP packets/s received (64-byte frames, one flow, {args.seconds:g} s)",
+             lambda x: f"{x / 1000:,.0f}k")):
+        rows.append([label, cell(nones[key], fmt), *(cell(absolute(v, key), fmt)
+                                                     for v in variants)])
+        rows.append(["  ratio to no ruleset, measured right before", "1",
+                     *(cell(ratios(v, key), lambda x: f"{x:.2f}") for v in variants)])
+    rows.append(["connect-request-responses failed (stalled 1 s), sum of rounds",
+                 f"{sum(nones['failed']):.0f} (all baselines)",
+                 *(f"{sum(g['failed'] for g in got[v]):.0f}" for v in variants)])
+    for key, label in (("full", "programming: full load, from nothing"),
+                       ("endpoint", "programming: one endpoint added"),
+                       ("policy", "programming: one policy changed"),
+                       ("read", "verifying read-back of everything")):
+        naive_cell = ([f"~{fmt_time(nv[key])}, extrapolated" if key in ("full", "endpoint")
+                       else "not estimated" if key == "policy" else "-"] if nv else [])
+        rows.append([label, "-", *(cell([p[key] for p in prog[v]], fmt_time)
+                                   for v in datapaths), *naive_cell])
+
+    elapsed = time.monotonic() - t_start
+    print(f"\n{len(cluster.endpoints):,} endpoints, {len(cluster.policies):,} policies "
+          f"(compiled: {c['chains']} chains, {c['rules']} rules, {c['sets']} sets, "
+          f"{c['set_elements']} elements); {args.rounds} rounds, the variants in turn, each "
+          f"in a fresh namespace, its own no-ruleset baseline right before; median "
+          f"(min-max). Run took {elapsed / 60:.0f} min.\n")
+    print_markdown(("measure", "no ruleset", *variants), rows)
+    if failures:
+        print(f"\nfailed, left out (see stderr): {', '.join(failures)}")
+    if nv:
+        print(naive_note(nv, args.sample, statistics.median(naive_load or [float("nan")])))
+
+
+def naive_note(nv: dict[str, float], sample: int, load: float) -> str:
+    per_length = " / ".join(f"{nv[f'at{x}'] * 1000:.1f}" for x in LENGTHS)
+    return (f"\nnaive: one `{NAIVE_TOOL} -A FORWARD -s SRC -d DST -p tcp --dport 8080 -j "
+            f"ACCEPT` per allowed pair after an ESTABLISHED,RELATED accept, then `-d server "
+            f"-j DROP`. Allowed pairs: {nv['pairs']:,.0f} (counted for {sample} sampled "
+            f"sources, scaled). Packet tests: a chain of {nv['rules']:,.0f} pair rules "
+            f"(capped), the real pair's 3 rules after the first {nv['rules'] // 2:,.0f}, "
+            f"loaded with one iptables-restore in {fmt_time(load)} (not how a user loads "
+            f"it). Programming, extrapolated (bench/iptables.py): one process per rule, "
+            f"{per_length} ms each at 0 / 2k / 10k / 20k rules, the fitted line summed over "
+            f"all pairs; one endpoint added = {nv['per_pod']:,.0f} more processes at the "
+            f"full chain's length.")
+
+if __name__ == "__main__":
+    main()
