@@ -26,23 +26,32 @@ def read_text(path: str) -> str:
         raise InputError(f"cannot read: {exc}", source=path) from None
 
 
-def expand_paths(paths: Iterable[str]) -> list[str]:
-    """Files as given; a directory stands for its *.yaml, *.yml and *.json files."""
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def expand_paths(paths: Iterable[str], *, recursive: bool = False) -> list[str]:
+    """Files as given; a directory stands for its *.yaml, *.yml and *.json files
+    (and, `recursive`, those of its subdirectories, as `kubectl -R` reads them)."""
     out: list[str] = []
     for path in paths:
         p = Path(path)
         if path != "-" and p.is_dir():
-            out.extend(sorted(str(f) for f in p.iterdir()
-                              if f.suffix in (".yaml", ".yml", ".json") and f.is_file()))
+            found = p.rglob("*") if recursive else p.iterdir()
+            out.extend(sorted(str(f) for f in found
+                              if f.suffix in MANIFEST_SUFFIXES and f.is_file()))
         else:
             out.append(path)
     return out
 
 
-def load_objects(paths: Iterable[str]) -> Objects:
+def load_objects(paths: Iterable[str], *, workloads: bool = False,
+                 recursive: bool = False) -> Objects:
+    """The objects of the files. `workloads`: the offline analyses' reading (workload
+    kinds from their pod templates, Pods whatever their status, skipped objects named;
+    `model.parse.decode_objects`)."""
     objects = Objects()
-    for path in expand_paths(paths):
-        objects.extend(parse_objects(read_text(path), path))
+    for path in expand_paths(paths, recursive=recursive):
+        objects.extend(parse_objects(read_text(path), path, workloads=workloads))
     return objects
 
 
@@ -52,7 +61,10 @@ def validate_objects(objects: Objects, *, strict_cidr: bool = False,
 
     `duplicates`: a key given twice is an error too (a set to enforce).
     """
-    bad = admit_objects(objects.policies, objects.namespaces, objects.endpoints,
+    # A Pod without an address (read by the analyses only: enforcement refuses it
+    # at decoding) describes a workload, not an endpoint to admit.
+    bad = admit_objects(objects.policies, objects.namespaces,
+                        [ep for ep in objects.endpoints if ep.ips],
                         strict_cidr=strict_cidr, duplicates=duplicates)
     if bad:
         raise InvalidObjects(bad)

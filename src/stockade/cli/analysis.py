@@ -36,15 +36,27 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1
 
 
-def load(paths: Sequence[str]) -> Objects:
+def load(paths: Sequence[str], *, recursive: bool = False,
+         prog: str = "stockade") -> Objects:
     """The objects of the files: every policy valid, every pod IP an IP address.
 
     An analysis of policies the API server would reject would describe nothing
     real, so invalid ones stop it (every error listed, exit 2). Decoding keeps pod
     IPs as written; one that is not an address would fail deep in the evaluator,
-    so it is reported here as bad input, by file and Pod.
+    so it is reported here as bad input, by file and Pod. Workloads (Deployments,
+    Jobs, ...) are read from their pod templates, Pods whatever their status;
+    every object of another kind is skipped with a note on stderr.
     """
-    return check(load_objects(paths))
+    objects = load_objects(paths, workloads=True, recursive=recursive)
+    note_ignored(objects, prog)
+    return check(objects)
+
+
+def note_ignored(objects: Objects, prog: str = "stockade") -> None:
+    """One note on stderr per object the analyses skip (a Service, a ConfigMap...)."""
+    for what in objects.ignored:
+        print(f"{prog}: note: {what}: skipped (not a NetworkPolicy, Namespace, Pod "
+              "or workload)", file=sys.stderr)
 
 
 def check(objects: Objects) -> Objects:
@@ -157,7 +169,8 @@ def diff_options(p: argparse.ArgumentParser) -> None:
 
 def workloads(old: Objects, new: Objects) -> Cluster:
     """Pods and namespaces of both sides, the new side's version winning."""
-    pods = {ep.key: ep for ep in old.endpoints} | {ep.key: ep for ep in new.endpoints}
+    pods = {ep.key: ep for ep in old.endpoints + old.workloads} \
+        | {ep.key: ep for ep in new.endpoints + new.workloads}
     nss = {ns.name: ns for ns in old.namespaces} | {ns.name: ns for ns in new.namespaces}
     both = Objects(policies=old.policies + new.policies, namespaces=list(nss.values()),
                    endpoints=list(pods.values()))

@@ -15,13 +15,13 @@ from stockade.errors import InvalidObjects, StockadeError, ValidationError
 # offline command does not pay for the agent's imports (sqlite3, ctypes, ...).
 COMMANDS: tuple[str, ...] = (
     "validate", "explain", "matrix", "compile", "analysis", "conformance", "dataplane",
-    "agent", "containers", "operator",
+    "agent", "containers", "operator", "listing",
 )
 # Commands whose module registers nothing else a parser needs to see.
 _MODULE_OF = {"validate": "validate", "explain": "explain", "matrix": "matrix",
               "compile": "compile", "coverage": "analysis", "diff": "analysis",
               "lint": "analysis", "conformance": "conformance", "dataplane": "dataplane",
-              "datapath": "dataplane", "operator": "operator"}
+              "datapath": "dataplane", "operator": "operator", "list": "listing"}
 
 
 EXIT_OK = 0

@@ -41,12 +41,15 @@ def run(args: argparse.Namespace) -> int:
 
 def check_documents(docs: list[Any], source: str, *, strict_cidr: bool) -> tuple[int, int]:
     """Check every NetworkPolicy of `docs` (from `source`): errors on stderr; the number
-    of policies and of errors."""
+    of policies and of errors. Every object of another kind is named on stderr as
+    ignored (a document without a kind is checked, and fails, as a NetworkPolicy)."""
     bad = 0
     count = 0
     for index, doc in expand_lists(docs):
         kind = doc.get("kind") if isinstance(doc, dict) else None
-        if kind in ("Pod", "Namespace"):
+        if isinstance(kind, str) and kind and kind != "NetworkPolicy":
+            print(f"{source}: {object_name(doc)}: ignored (validate checks NetworkPolicies)",
+                  file=sys.stderr)
             continue
         count += 1
         name = object_name(doc) or f"document {index}"

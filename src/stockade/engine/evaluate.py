@@ -181,5 +181,6 @@ class Evaluator:
 
     def _side_of(self, who: Endpoint | str) -> tuple[Endpoint | None, str]:
         if isinstance(who, Endpoint):
-            return who, who.ips[0]
+            # A workload (or a Pod not yet given one) has no address: no ipBlock matches it.
+            return who, who.ips[0] if who.ips else ""
         return self.endpoint_at(who), who

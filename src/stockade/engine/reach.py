@@ -20,13 +20,18 @@ from stockade.model.policy import EGRESS, INGRESS, IPBlock, NetworkPolicy, Peer,
 
 
 def _family(ep: Endpoint) -> int:
-    a = parse_ip(ep.ips[0])
+    a = parse_ip(ep.ips[0]) if ep.ips else None
     return a.version if a is not None else 4
+
+
+def _first_ip(ep: Endpoint) -> str:
+    """A pod's first address; "" for a workload, which has none (no ipBlock matches it)."""
+    return ep.ips[0] if ep.ips else ""
 
 
 def _source_ip(ep: Endpoint, family: int) -> str:
     """The address a pod connects from towards a destination of that family."""
-    return ep.ip_for_family(family) or ep.ips[0]
+    return ep.ip_for_family(family) or _first_ip(ep)
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class _Bits:
     def _block(self, block: IPBlock, family: int | None) -> int:
         bits = 0
         for i, ep in enumerate(self.eps):
-            ip = _source_ip(ep, family) if family else ep.ips[0]
+            ip = _source_ip(ep, family) if family else _first_ip(ep)
             if ip_block_matches(block, ip):
                 bits |= 1 << i
         return bits

@@ -48,6 +48,7 @@ INT64_MIN = -(2**63)
 NETPOL_API = "networking.k8s.io/v1"
 
 _TOP_LEVEL = frozenset({"apiVersion", "kind", "metadata", "spec"})
+_TOP_LEVEL_WITH_STATUS = _TOP_LEVEL | {"status"}
 _SPEC = frozenset({"podSelector", "ingress", "egress", "policyTypes"})
 _SELECTOR = frozenset({"matchLabels", "matchExpressions"})
 _REQUIREMENT = frozenset({"key", "operator", "values"})
@@ -432,10 +433,17 @@ def decode_selector(value: Any, path: str) -> Selector | None:
 
 
 def decode_network_policy(
-    doc: Any, source: Source = NO_SOURCE, default_namespace: str = "default"
+    doc: Any, source: Source = NO_SOURCE, default_namespace: str = "default", *,
+    allow_status: bool = False,
 ) -> NetworkPolicy:
+    """`allow_status`: a top-level `status` object is ignored rather than an unknown
+    field (the offline analyses: `kubectl get -o yaml` of clusters before 1.27, and
+    generators, write `status: {}`; the API server of today refuses it)."""
     strict = _Strict()
-    m = strict.mapping(type_meta(doc, "NetworkPolicy", (NETPOL_API,)), "", _TOP_LEVEL)
+    m = strict.mapping(type_meta(doc, "NetworkPolicy", (NETPOL_API,)), "",
+                       _TOP_LEVEL_WITH_STATUS if allow_status else _TOP_LEVEL)
+    if allow_status:
+        read_object(m.get("status"), "status")
     meta = strict.metadata(m.get("metadata"))
     spec = strict.mapping(m.get("spec"), "spec", _SPEC)  # D3: no spec is an empty spec
     pod_selector = strict.selector(spec.get("podSelector"), "spec.podSelector")
@@ -474,11 +482,13 @@ def decode_namespace(doc: Any, source: Source = NO_SOURCE) -> Namespace:
     return Namespace(name, Labels(labels), source)
 
 
-def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
+def decode_pod(doc: Any, source: Source = NO_SOURCE, *, require_ip: bool = True) -> Endpoint:
     """The parts of a Pod that policy depends on: labels, IPs, named ports.
 
     Pods are read leniently (fields stockade does not use are ignored): they
-    describe a cluster, they are not submitted for validation.
+    describe a cluster, they are not submitted for validation. `require_ip`:
+    a Pod without an IP is an error (enforcement needs addresses); the offline
+    analyses read Pods whatever their status, and such a Pod has no address.
     """
     m = type_meta(doc, "Pod", ("v1",))
     meta = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
@@ -497,7 +507,7 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
     pod_ip = read_string(status.get("podIP"), "status.podIP")
     if pod_ip and pod_ip not in ips:
         ips.insert(0, pod_ip)
-    if not ips:
+    if not ips and require_ip:
         raise DecodeError("the Pod has no IP (status.podIP or status.podIPs)", path="status.podIP")
     for i, ip in enumerate(ips):
         if not is_canonical_ipv4(ip) and parse_ip(ip) is None:
@@ -505,6 +515,83 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
             raise DecodeError(f"{ip!r} is not an IP address", path=where)
     spec = m.get("spec") if isinstance(m.get("spec"), dict) else {}
     assert isinstance(spec, dict)
+    return Endpoint(namespace, name, labels, tuple(ips), _container_ports(spec), source)
+
+
+# Workload kinds whose pods are described by a pod template, and where it is.
+WORKLOAD_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+def workload_endpoint_name(name: str, kind: str) -> str:
+    """The endpoint name a workload is analysed under: `name[Kind]`, as netpol-analyzer
+    writes peers (no Pod name has brackets, so it never meets one)."""
+    return f"{name}[{kind}]"
+
+
+def decode_workload(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
+    """A workload as one address-less endpoint: its pod template's labels and ports.
+
+    Named `name[Kind]` in the workload's namespace (see `workload_endpoint_name`);
+    read leniently, as Pods are. Every apiVersion is accepted (apps/v1, batch/v1,
+    their betas): only the template matters.
+    """
+    if not isinstance(doc, dict):
+        raise DecodeError(f"the document is {type_name(doc)}, not an object")
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or kind not in WORKLOAD_TEMPLATES:
+        raise DecodeError(f"{describe_value(kind)!r} is not a workload kind", path="kind")
+    meta = read_object(doc.get("metadata"), "metadata")
+    name = read_string(meta.get("name"), "metadata.name")
+    if not name:
+        raise DecodeError(f"a {kind} needs a name", path="metadata.name")
+    namespace = read_string(meta.get("namespace"), "metadata.namespace") or "default"
+    template: Any = doc
+    path = ""
+    for key in WORKLOAD_TEMPLATES[kind]:
+        template = read_object(template, path or "document").get(key)
+        path = join_path(path, key)
+    tmpl = read_object(template, path)
+    tmeta = read_object(tmpl.get("metadata"), join_path(path, "metadata"))
+    labels = read_string_map(tmeta.get("labels"), join_path(path, "metadata.labels"))
+    spec = read_object(tmpl.get("spec"), join_path(path, "spec"))
+    try:
+        ports = _container_ports(spec)
+    except DecodeError as exc:
+        raise DecodeError(exc.message.removeprefix(f"{exc.path}: "),
+                          path=join_path(path, exc.path)) from None
+    return Endpoint(namespace, workload_endpoint_name(name, kind), labels, (), ports, source)
+
+
+def pod_controller(doc: Any) -> tuple[str, str] | None:
+    """(kind, name) of a Pod's controller, as its ownerReferences write it.
+
+    The first reference marked `controller: true` whose kind is not Node (a static
+    pod's mirror is its own workload); None when there is none.
+    """
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    refs = meta.get("ownerReferences") if isinstance(meta, dict) else None
+    if not isinstance(refs, list):
+        return None
+    for ref in refs:
+        if not isinstance(ref, dict) or ref.get("controller") is not True:
+            continue
+        kind, name = ref.get("kind"), ref.get("name")
+        if isinstance(kind, str) and isinstance(name, str) and kind and name \
+                and kind != "Node":
+            return kind, name
+    return None
+
+
+def _container_ports(spec: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
+    """Every `containers[*].ports[*]` of a pod spec."""
     ports: list[ContainerPort] = []
     for ci, c in enumerate(_pod_list(spec.get("containers"), "spec.containers")):
         if not isinstance(c, dict):
@@ -524,7 +611,7 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE) -> Endpoint:
                 port = _container_port(f"spec.containers[{ci}].ports[{pi}]", *raw)
                 _remember(_PORTS, key, port)
             ports.append(port)
-    return Endpoint(namespace, name, labels, tuple(ips), tuple(ports), source)
+    return tuple(ports)
 
 
 def _container_port(path: str, port: Any, protocol: Any, name: Any) -> ContainerPort:

@@ -13,11 +13,14 @@ import yaml
 from stockade.errors import DecodeError, InputError, InvalidObjects
 from stockade.model.cluster import Cluster, Endpoint, Namespace, implicit_namespace
 from stockade.model.decode import (
+    WORKLOAD_TEMPLATES,
     decode_namespace,
     decode_network_policy,
     decode_pod,
+    decode_workload,
     describe_value,
     object_name,
+    pod_controller,
 )
 from stockade.model.policy import NetworkPolicy, Source
 
@@ -174,35 +177,52 @@ class Objects:
     endpoints: list[Endpoint] = field(default_factory=list)
     # Documents of other kinds (Deployments, Services...) are skipped but counted.
     skipped: int = 0
+    # Decoded only for the offline analyses (`workloads=True`): workloads as one
+    # address-less endpoint each, named `name[Kind]` (Deployments, Jobs...); the
+    # controller (kind, name) of each Pod that has one, by Pod key; and each
+    # skipped object, as `FILE: Kind ns/name` for a note.
+    workloads: list[Endpoint] = field(default_factory=list)
+    controllers: dict[str, tuple[str, str]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
 
     def extend(self, other: Objects) -> None:
         self.policies.extend(other.policies)
         self.namespaces.extend(other.namespaces)
         self.endpoints.extend(other.endpoints)
         self.skipped += other.skipped
+        self.workloads.extend(other.workloads)
+        for ep in other.endpoints:
+            self.controllers.pop(ep.key, None)  # a later Pod replaces an earlier one whole
+        self.controllers.update(other.controllers)
+        self.ignored.extend(other.ignored)
 
     def cluster(self) -> Cluster:
-        """The cluster, with any namespace named by a pod or policy but not declared."""
+        """The cluster, with any namespace named by a pod or policy but not declared.
+
+        Workloads (when decoded) are endpoints of it like Pods, without addresses.
+        """
         declared = {ns.name: ns for ns in self.namespaces}
-        for name in [ep.namespace for ep in self.endpoints] + [p.namespace for p in self.policies]:
+        everyone = self.endpoints + self.workloads
+        for name in [ep.namespace for ep in everyone] + [p.namespace for p in self.policies]:
             declared.setdefault(name, implicit_namespace(name))
         # As with `kubectl apply` of several files, a later object of the same
         # kind, namespace and name replaces an earlier one.
-        endpoints = {ep.key: ep for ep in self.endpoints}
+        endpoints = {ep.key: ep for ep in everyone}
         policies = {p.key: p for p in self.policies}
         return Cluster(tuple(declared.values()), tuple(endpoints.values()),
                        tuple(policies.values()))
 
 
-def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False) -> Objects:
+def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False,
+                  workloads: bool = False) -> Objects:
     """Decode every NetworkPolicy, Pod and Namespace of a stream.
 
     Decoding errors name the file and the object; all of them are reported
     (InvalidObjects), or the one (DecodeError). Other kinds are skipped unless
-    `strict_kinds`, where they are an error.
+    `strict_kinds`, where they are an error. `workloads`: as `decode_objects`.
     """
     objects, errors = decode_objects(parse_documents(text, source), source,
-                                     strict_kinds=strict_kinds)
+                                     strict_kinds=strict_kinds, workloads=workloads)
     if len(errors) == 1:
         raise errors[0]
     if errors:
@@ -210,12 +230,16 @@ def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False) ->
     return objects
 
 
-def decode_objects(docs: list[Any], source: str = "", *,
-                   strict_kinds: bool = False) -> tuple[Objects, list[DecodeError]]:
+def decode_objects(docs: list[Any], source: str = "", *, strict_kinds: bool = False,
+                   workloads: bool = False) -> tuple[Objects, list[DecodeError]]:
     """Every object of a list of documents, and every document that cannot be decoded.
 
     The one decoding path of files and of the agent's socket alike; validation
-    follows in `model.admit.admit_objects`.
+    follows in `model.admit.admit_objects`. `workloads` (the offline analyses):
+    workload kinds are decoded from their pod templates, Pods are read whatever
+    their status (without an IP they have no address), each Pod's controller is
+    kept, and every skipped object is named in `ignored`. Without it, what
+    enforcement needs: a Pod without an IP is an error, workloads are skipped.
     """
     out = Objects()
     errors: list[DecodeError] = []
@@ -224,17 +248,29 @@ def decode_objects(docs: list[Any], source: str = "", *,
         kind = doc.get("kind") if isinstance(doc, dict) else None
         try:
             if kind == "NetworkPolicy":
-                out.policies.append(decode_network_policy(doc, src))
+                out.policies.append(decode_network_policy(doc, src, allow_status=workloads))
             elif kind == "Pod":
-                out.endpoints.append(decode_pod(doc, src))
+                ep = decode_pod(doc, src, require_ip=not workloads)
+                out.endpoints.append(ep)
+                if workloads:
+                    owner = pod_controller(doc)
+                    if owner is not None:
+                        out.controllers[ep.key] = owner
+                    else:
+                        out.controllers.pop(ep.key, None)
             elif kind == "Namespace":
                 out.namespaces.append(decode_namespace(doc, src))
+            elif workloads and not strict_kinds and kind in WORKLOAD_TEMPLATES:
+                out.workloads.append(decode_workload(doc, src))
             elif strict_kinds or not isinstance(doc, dict) or not isinstance(kind, str):
                 supported = " (NetworkPolicy, Namespace, Pod)" if strict_kinds else ""
                 raise DecodeError(f"unsupported document (kind {describe_value(kind)})"
                                   + supported)
             else:
                 out.skipped += 1
+                if workloads:
+                    out.ignored.append(f"{source or '<input>'}: "
+                                       f"{object_name(doc) or f'document {index + 1}'}")
         except DecodeError as exc:
             errors.append(DecodeError(exc.message.removeprefix(f"{exc.path}: "),
                                       path=exc.path, source=source,

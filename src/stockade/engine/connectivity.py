@@ -1,0 +1,395 @@
+"""Exact connectivity: the allowed protocols and ports between every pair of peers.
+
+The peers are workloads (a Deployment, a StatefulSet..., a Pod's controller, a Pod
+without one), and the pieces the policies cut the IPv4 address space into. The
+connections of a pair are computed on port intervals, never by sampling ports:
+each rule contributes the intervals of its port entries (a named port resolved on
+the destination's container ports), a side is the union over the rules whose
+peers match, a pair the intersection of the source's egress and the
+destination's ingress. Addresses are cut at every boundary of every ipBlock
+(after its excepts) of the direction, so one address of a piece stands for all
+of it. The semantics are those of the reference evaluator (`engine.evaluate`),
+with which a property test holds it to agree; as netpol-analyzer, an ipBlock
+never matches a workload (the workloads here have no address).
+
+This is netpol-analyzer's `list`: `render_txt` prints its lines exactly
+(`src => dst : conns`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import itertools
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from stockade.engine.evaluate import Evaluator
+from stockade.engine.match import peer_matches
+from stockade.model.cidr import parse_cidr
+from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.labels import Labels
+from stockade.model.policy import (
+    EGRESS,
+    INGRESS,
+    PROTOCOLS,
+    SCTP,
+    TCP,
+    UDP,
+    IPBlock,
+    NetworkPolicy,
+    Rule,
+)
+
+MIN_PORT = 1
+MAX_PORT = 65535
+IPV4_LAST = 2**32 - 1
+# The order netpol-analyzer writes protocols in.
+PROTOCOL_ORDER = (SCTP, TCP, UDP)
+
+Intervals = tuple[tuple[int, int], ...]
+
+
+def _merge(intervals: Iterable[tuple[int, int]]) -> Intervals:
+    """Sorted, disjoint, non-adjacent intervals covering the same ports."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+def _intersect(a: Intervals, b: Intervals) -> Intervals:
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo = max(a[i][0], b[j][0])
+        hi = min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Connections:
+    """A set of (protocol, port): per protocol, disjoint ascending port intervals."""
+
+    ports: tuple[tuple[str, Intervals], ...] = ()  # protocols in PROTOCOLS order, none empty
+
+    @staticmethod
+    def of(by_protocol: Mapping[str, Iterable[tuple[int, int]]]) -> Connections:
+        return Connections(tuple((p, merged) for p in PROTOCOLS
+                                 if (merged := _merge(by_protocol.get(p, ())))))
+
+    def intervals(self, protocol: str) -> Intervals:
+        for p, ranges in self.ports:
+            if p == protocol:
+                return ranges
+        return ()
+
+    def union(self, other: Connections) -> Connections:
+        if not other.ports:
+            return self
+        if not self.ports:
+            return other
+        return Connections.of({p: self.intervals(p) + other.intervals(p) for p in PROTOCOLS})
+
+    def intersection(self, other: Connections) -> Connections:
+        return Connections(tuple((p, both) for p in PROTOCOLS
+                                 if (both := _intersect(self.intervals(p),
+                                                        other.intervals(p)))))
+
+    def allows(self, protocol: str, port: int) -> bool:
+        return any(lo <= port <= hi for lo, hi in self.intervals(protocol))
+
+    @property
+    def empty(self) -> bool:
+        return not self.ports
+
+    @property
+    def everything(self) -> bool:
+        return self == ALL_CONNECTIONS
+
+    def render(self) -> str:
+        """netpol-analyzer's words: `All Connections`, or `SCTP 1-9002,TCP 80,443,UDP 53`."""
+        if self.everything:
+            return "All Connections"
+        if self.empty:
+            return "No Connections"
+        groups = []
+        for protocol in PROTOCOL_ORDER:
+            ranges = self.intervals(protocol)
+            if ranges:
+                groups.append(f"{protocol} " + ",".join(
+                    str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges))
+        return ",".join(groups)
+
+
+NO_CONNECTIONS = Connections()
+ALL_CONNECTIONS = Connections(tuple((p, ((MIN_PORT, MAX_PORT),)) for p in PROTOCOLS))
+
+
+def rule_connections(rule: Rule, destination: Endpoint | None) -> Connections:
+    """What a rule's ports admit towards a destination (a named port is resolved on
+    it; towards an address, a named port admits nothing)."""
+    if not rule.ports:
+        return ALL_CONNECTIONS
+    found: dict[str, list[tuple[int, int]]] = {}
+    for entry in rule.ports:
+        if entry.protocol not in PROTOCOLS:
+            continue
+        if entry.port is None:
+            span = (MIN_PORT, MAX_PORT)
+        elif isinstance(entry.port, str):
+            number = destination.resolve_port(entry.port, entry.protocol) \
+                if destination is not None else None
+            if number is None:
+                continue
+            span = (number, number)
+        else:
+            span = (entry.port, entry.end_port if entry.end_port is not None else entry.port)
+        found.setdefault(entry.protocol, []).append(span)
+    return Connections.of(found)
+
+
+# ---- peers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddressRange:
+    """A contiguous piece of the IPv4 space, outside the cluster."""
+
+    first: int
+    last: int
+
+    @property
+    def sample(self) -> str:
+        """One address of the piece: every address of it is judged alike."""
+        return str(ipaddress.IPv4Address(self.first))
+
+    def render(self) -> str:
+        return (f"{ipaddress.IPv4Address(self.first)}-{ipaddress.IPv4Address(self.last)}"
+                "[External]")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload peer: its name as netpol-analyzer writes it and the endpoint that
+    stands for its pods (no address: an ipBlock never matches it)."""
+
+    name: str  # ns/name[Kind]
+    endpoint: Endpoint
+
+
+def block_ranges(block: IPBlock) -> list[tuple[int, int]]:
+    """An IPv4 ipBlock after its excepts, as contiguous ranges (none for IPv6)."""
+    net = parse_cidr(block.cidr)
+    if net is None or net.version != 4:
+        return []
+    ranges = [(int(net.network_address), int(net.broadcast_address))]
+    for text in block.except_:
+        exc = parse_cidr(text)
+        if exc is None or exc.version != 4:
+            continue
+        lo, hi = int(exc.network_address), int(exc.broadcast_address)
+        cut: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if hi < a or lo > b:
+                cut.append((a, b))
+                continue
+            if a < lo:
+                cut.append((a, lo - 1))
+            if hi < b:
+                cut.append((hi + 1, b))
+        ranges = cut
+    return ranges
+
+
+def address_ranges(policies: Iterable[NetworkPolicy], direction: str) -> tuple[AddressRange, ...]:
+    """The pieces of the IPv4 space cut at the bounds of every ipBlock of the direction's
+    rules (`from` of ingress rules, `to` of egress rules), of every policy."""
+    cuts = {0, IPV4_LAST + 1}
+    for policy in policies:
+        for rule in policy.rules(direction):
+            for peer in rule.peers:
+                if peer.ip_block is not None:
+                    for lo, hi in block_ranges(peer.ip_block):
+                        cuts.add(lo)
+                        cuts.add(hi + 1)
+    bounds = sorted(cuts)
+    return tuple(AddressRange(a, b - 1) for a, b in itertools.pairwise(bounds))
+
+
+def workload_peers(endpoints: Sequence[Endpoint], controllers: Mapping[str, tuple[str, str]],
+                   workloads: Iterable[str]) -> tuple[list[Workload], list[str]]:
+    """The workload peers of a cluster's endpoints, and a warning per inconsistency.
+
+    `workloads`: keys of the endpoints that are workloads (named `name[Kind]`);
+    `controllers`: the (kind, name) of each Pod's controller, by Pod key. Pods of
+    one controller are one peer, named after it as written (`ns/name[Kind]`); a Pod
+    without one is `ns/name[Pod]`. The first Pod of a peer stands for it; another
+    with other labels or ports is reported.
+    """
+    is_workload = set(workloads)
+    found: dict[str, Workload] = {}
+    warnings: list[str] = []
+    for ep in endpoints:
+        if ep.key in is_workload:
+            name = ep.key
+        elif (owner := controllers.get(ep.key)) is not None:
+            name = f"{ep.namespace}/{owner[1]}[{owner[0]}]"
+        else:
+            name = f"{ep.namespace}/{ep.name}[Pod]"
+        first = found.get(name)
+        if first is None:
+            short = name.split("/", 1)[1]
+            found[name] = Workload(name, replace(ep, name=short, ips=()))
+        elif (first.endpoint.labels, first.endpoint.ports) != (ep.labels, ep.ports):
+            warnings.append(f"{ep.key} is part of {name} but its labels or ports differ "
+                            f"from its first pod's: {name} is analysed with the first one's")
+    return list(found.values()), warnings
+
+
+# ---- the computation --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connection:
+    src: str
+    dst: str
+    connections: Connections
+
+    def render(self) -> str:
+        return f"{self.src} => {self.dst} : {self.connections.render()}"
+
+
+@dataclass(frozen=True)
+class ConnList:
+    """Every pair with something allowed, sorted by source then destination."""
+
+    connections: tuple[Connection, ...]
+    sources: tuple[AddressRange, ...] = field(default=())
+    destinations: tuple[AddressRange, ...] = field(default=())
+
+
+def _class_key(ep: Endpoint) -> tuple[str, Labels, object]:
+    return ep.namespace, ep.labels, ep.ports
+
+
+class Sides:
+    """Each side of a pair's connections, cached per class of endpoint (namespace,
+    labels, container ports: what a verdict can depend on for an address-less peer)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.ev = Evaluator(cluster)
+        self._cache: dict[object, Connections] = {}
+
+    def side(self, subject: Endpoint, direction: str, other: Endpoint | None,
+             other_ip: str, destination: Endpoint | None) -> Connections:
+        """What `subject`'s policies of `direction` admit to or from `other` (an
+        endpoint, or the address `other_ip`)."""
+        policies = self.ev.selecting(subject, direction)
+        if not policies:
+            return ALL_CONNECTIONS
+        key = (direction, _class_key(subject),
+               _class_key(other) if other is not None else other_ip,
+               destination.ports if destination is not None else None)
+        found = self._cache.get(key)
+        if found is None:
+            found = NO_CONNECTIONS
+            labels = self.ev.namespace_labels
+            for policy in policies:
+                for rule in policy.rules(direction):
+                    if rule.peers and not any(
+                            peer_matches(peer, policy.namespace, other, other_ip, labels)
+                            for peer in rule.peers):
+                        continue
+                    found = found.union(rule_connections(rule, destination))
+                    if found.everything:
+                        break
+                if found.everything:
+                    break
+            self._cache[key] = found
+        return found
+
+    def between(self, src: Endpoint, dst: Endpoint) -> Connections:
+        egress = self.side(src, EGRESS, dst, "", dst)
+        if egress.empty:
+            return egress
+        return egress.intersection(self.side(dst, INGRESS, src, "", dst))
+
+    def to_address(self, src: Endpoint, address: str) -> Connections:
+        return self.side(src, EGRESS, None, address, None)
+
+    def from_address(self, address: str, dst: Endpoint) -> Connections:
+        return self.side(dst, INGRESS, None, address, dst)
+
+
+def connectivity(cluster: Cluster, peers: Sequence[Workload]) -> ConnList:
+    """Every ordered pair of peers with what it allows (nothing allowed: no entry).
+
+    `cluster` gives the namespaces and the policies; its endpoints are not used
+    (the peers' endpoints stand for them). A workload is never paired with itself,
+    an address range never with another.
+    """
+    judged = Cluster(cluster.namespaces, tuple(p.endpoint for p in peers), cluster.policies)
+    sides = Sides(judged)
+    sources = address_ranges(cluster.policies, INGRESS)
+    destinations = address_ranges(cluster.policies, EGRESS)
+    out: list[Connection] = []
+    for src in peers:
+        for dst in peers:
+            if src.name != dst.name:
+                out.append(Connection(src.name, dst.name,
+                                      sides.between(src.endpoint, dst.endpoint)))
+        for rng in destinations:
+            out.append(Connection(src.name, rng.render(),
+                                  sides.to_address(src.endpoint, rng.sample)))
+    for rng in sources:
+        for dst in peers:
+            out.append(Connection(rng.render(), dst.name,
+                                  sides.from_address(rng.sample, dst.endpoint)))
+    kept = sorted((c for c in out if not c.connections.empty), key=lambda c: (c.src, c.dst))
+    return ConnList(tuple(kept), sources, destinations)
+
+
+# ---- renderings (netpol-analyzer's formats) --------------------------------------------
+
+LIST_FORMATS = ("txt", "json", "csv", "md")
+
+
+def render_txt(result: ConnList) -> str:
+    return "".join(c.render() + "\n" for c in result.connections)
+
+
+def render_json(result: ConnList) -> str:
+    rows = [{"src": c.src, "dst": c.dst, "conn": c.connections.render()}
+            for c in result.connections]
+    return json.dumps(rows, indent=2) + "\n"
+
+
+def render_csv(result: ConnList) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["src", "dst", "conn"])
+    for c in result.connections:
+        writer.writerow([c.src, c.dst, c.connections.render()])
+    return buf.getvalue()
+
+
+def render_md(result: ConnList) -> str:
+    lines = ["| src | dst | conn |", "|-----|-----|------|"]
+    lines += [f"| {c.src} | {c.dst} | {c.connections.render()} |" for c in result.connections]
+    return "\n".join(lines) + "\n"
+
+
+LIST_RENDERERS = {"txt": render_txt, "json": render_json, "csv": render_csv, "md": render_md}
