@@ -130,15 +130,18 @@ def test_compaction_while_away_relists_and_loses_no_deletion(
         c.put("/stk/pods/x/b", pod("b"))
         r.start()
         until(lambda: sink.lists == 1 and len(sink.items) == 2)
-    r.backoff.base = r.backoff.cap = 3.0  # away long enough for what follows
+    # Its backoff lasts until the test says so: away for what follows.
+    gate = threading.Event()
+    r._sleep = lambda seconds: gate.wait(30) and r.stopped
     etcd.stop()
     until(lambda: r.failing)
     etcd.start()
-    # Before the reflector's next attempt (its backoff): a deletion, then compaction.
+    # Before the reflector's next attempt: a deletion, then compaction.
     with etcd.client() as c:
         c.delete("/stk/pods/x/a")
         c.put("/stk/pods/x/c", pod("c"))
     etcd.compact()
+    gate.set()
     until(lambda: sink.lists >= 2)
     assert r.status.gone >= 1  # the watch was told its revision is compacted
     assert set(sink.items) == {"x/b", "x/c"}

@@ -1,0 +1,299 @@
+"""The agent with etcd as its datastore, end to end: a real etcd on loopback started by
+the test (tests/support/etcd.py), a real agent process (``--datastore etcd``), real
+network namespaces and real packets.
+
+* policies, pods and namespaces written into etcd are enforced; writes through the
+  agent (apply, label, delete) land in etcd and are enforced when the call returns;
+* an etcd outage: the kernel keeps enforcing (probed throughout), reads are served,
+  writes are refused naming etcd, ``status`` says degraded; etcd back, the agent
+  catches up without flushing anything;
+* a compaction while the agent is cut off from etcd: relist, nothing flushed, a
+  deletion made meanwhile not lost;
+* a restarted agent adopts the kernel's table (nothing changed for an unchanged
+  etcd), and one started after changes and a compaction applies only the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.support.etcd import EtcdServer, etcd_binary
+
+from stockade.agent.protocol import ApiError
+from stockade.datapath.nft import NftDatapath
+from stockade.etcd.client import EtcdClient
+from stockade.probe.launcher import ProbeServer
+
+from .agent_harness import AgentProcess
+from .test_agent_kubernetes import TCP80, Watchers, allow, probe, wait_enforced, wait_status
+
+pytestmark = [pytest.mark.privileged,
+              pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed")]
+
+NODE = "node-1"
+PREFIX = "/stockade"
+
+
+class EtcdWriter:
+    """Writes into etcd as another host or an operator would (etcdctl put), remembering
+    the revision of the last write of each resource (what the agent must reach)."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self.c = client
+        self.rvs: dict[str, int] = {}
+
+    def _put(self, plural: str, key: str, doc: Mapping[str, Any]) -> None:
+        self.rvs[plural] = self.c.put(f"{PREFIX}/{plural}/{key}", json.dumps(doc))
+
+    def namespace(self, name: str, labels: Mapping[str, str]) -> None:
+        self._put("namespaces", name, {"apiVersion": "v1", "kind": "Namespace",
+                                       "metadata": {"name": name, "labels": dict(labels)}})
+
+    def pod(self, ns: str, name: str, labels: Mapping[str, str], ips: Sequence[str],
+            node: str = NODE) -> None:
+        self._put("pods", f"{ns}/{name}", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": dict(labels)},
+            "spec": {"nodeName": node, "containers": [{"name": "main"}]},
+            "status": {"phase": "Running", "podIP": ips[0],
+                       "podIPs": [{"ip": ip} for ip in ips]}})
+
+    def policy(self, manifest: Mapping[str, Any]) -> None:
+        meta = manifest["metadata"]
+        self._put("networkpolicies", f"{meta['namespace']}/{meta['name']}", manifest)
+
+    def delete(self, plural: str, key: str) -> None:
+        self.rvs[plural] = self.c.delete(f"{PREFIX}/{plural}/{key}")
+
+    def doc(self, plural: str, key: str) -> dict[str, Any] | None:
+        kv = self.c.get(f"{PREFIX}/{plural}/{key}")
+        return None if kv is None else dict(json.loads(kv.value))
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    with EtcdServer(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
+    with etcd.client() as c:
+        yield EtcdWriter(c)
+
+
+def etcd_agent(tmp: Path, etcd: EtcdServer, host: str, prefix: str,
+               *extra: str) -> AgentProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    return AgentProcess(tmp, host, prefix, resync=1.0, extra=(
+        "--datastore", "etcd", "--etcd-endpoints", etcd.url, "--etcd-prefix", PREFIX,
+        "--node", NODE, "--watch-stall-timeout", "5", *extra))
+
+
+def publish_trio(w: EtcdWriter, trio: Any) -> None:
+    w.namespace("x", {})
+    for att in trio.all:
+        name = att.key.split("/")[1]
+        w.pod("x", name, {"pod": name}, [att.address4, att.address6])
+    w.policy(allow("web", "a", "b"))
+    w.policy(allow("extra", "c", "a", 81))
+
+
+def names(agent: AgentProcess, kind: str) -> set[str]:
+    return {i["metadata"]["name"] if kind == "policies" else i["name"]
+            for i in agent.call("get", kind=kind)["items"]}
+
+
+def until_status(agent: AgentProcess, pred: Any, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    st: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        st = agent.call("status")
+        if pred(st):
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"not reached in {timeout} s: {st}")
+
+
+# ---- (1) enforced from etcd; writes through the agent land in etcd ---------------------------
+
+
+def test_etcd_objects_are_enforced_and_writes_through_the_agent_land_in_etcd(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
+        netns_prefix: str) -> None:
+    publish_trio(writer, trio)
+    agent = etcd_agent(tmp_path, etcd, trio.host_netns, netns_prefix).start()
+    try:
+        st = wait_enforced(agent, writer.rvs)
+        assert st["datastore"]["kind"] == "etcd" and st["datastore"]["synced"]
+        assert st["datastore"]["degraded"] is False
+        with ProbeServer({a.netns: [TCP80] for a in trio.all}):
+            assert probe(trio, [("b", "a"), ("c", "a")]) == {("b", "a"): True,
+                                                             ("c", "a"): False}
+            # apply: in etcd, and enforced when the call returns.
+            out = agent.call("apply", documents=[allow("from-c", "a", "c")])
+            assert out["created"] == ["networkpolicy/x/from-c"]
+            doc = writer.doc("networkpolicies", "x/from-c")
+            assert doc is not None and doc["spec"]["podSelector"] == {
+                "matchLabels": {"pod": "a"}}
+            assert probe(trio, [("c", "a")]) == {("c", "a"): True}
+            # label: the Pod in etcd changes, and c is no longer what from-c admits.
+            agent.call("label", kind="endpoint", name="x/c", set={"pod": "z"}, remove=[])
+            doc = writer.doc("pods", "x/c")
+            assert doc is not None and doc["metadata"]["labels"] == {"pod": "z"}
+            assert doc["status"]["podIP"] == trio.c.address4  # the rest is kept
+            assert probe(trio, [("c", "a")]) == {("c", "a"): False}
+            agent.call("label", kind="endpoint", name="x/c", set={"pod": "c"}, remove=[])
+            # delete: gone from etcd, and from the kernel.
+            out = agent.call("delete", refs=[{"kind": "NetworkPolicy", "namespace": "x",
+                                              "name": "from-c"}])
+            assert out["deleted"] == ["networkpolicy/x/from-c"]
+            assert writer.doc("networkpolicies", "x/from-c") is None
+            assert probe(trio, [("c", "a")]) == {("c", "a"): False}
+        # A Pod applied through the agent without spec.nodeName is this host's.
+        agent.call("apply", documents=[{
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "d", "namespace": "x", "labels": {"pod": "d"}},
+            "status": {"podIP": "10.244.0.99"}}])
+        doc = writer.doc("pods", "x/d")
+        assert doc is not None and doc["spec"]["nodeName"] == NODE
+        # Another writer's change arrives through the watch like any other.
+        writer.policy(allow("other", "b", "a"))
+        wait_enforced(agent, writer.rvs)
+        assert names(agent, "policies") == {"web", "extra", "other"}
+        # Re-applying what etcd holds changes nothing (no write, no conflict).
+        out = agent.call("apply", documents=[allow("web", "a", "b")])
+        assert out["unchanged"] == ["networkpolicy/x/web"]
+    finally:
+        agent.stop()
+
+
+# ---- (2) an etcd outage -------------------------------------------------------------------------
+
+
+def test_an_etcd_outage_keeps_enforcing_refuses_writes_and_catches_up(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
+        netns_prefix: str) -> None:
+    publish_trio(writer, trio)
+    agent = etcd_agent(tmp_path, etcd, trio.host_netns, netns_prefix).start()
+    try:
+        wait_enforced(agent, writer.rvs)
+        with ProbeServer({a.netns: [TCP80] for a in trio.all}), Watchers(trio) as watch:
+            etcd.kill()
+            st = until_status(agent, lambda s: s["datastore"]["degraded"])
+            assert st["inSync"] and st["ready"]  # enforcing the last state
+            with pytest.raises(ApiError) as e:
+                agent.call("apply", documents=[allow("refused", "a", "c")])
+            assert e.value.code == "unavailable"
+            assert "etcd is unreachable" in e.value.message, e.value.message
+            assert names(agent, "policies") == {"web", "extra"}  # reads from the cache
+            assert names(agent, "endpoints") == {"a", "b", "c"}
+            out = subprocess.run([*agent.cmd[:3], "status", "--socket", agent.socket],
+                                 capture_output=True, text=True, check=False)
+            assert out.returncode == 1 and "DEGRADED" in out.stdout, out
+            time.sleep(1.5)  # probes and kernel reads go on while etcd is away
+            etcd.start()
+            until_status(agent, lambda s: not s["datastore"]["degraded"])
+            writer.delete("networkpolicies", "x/extra")
+            wait_enforced(agent, writer.rvs)
+            agent.call("apply", documents=[allow("after", "b", "a", 81)])
+            time.sleep(0.5)
+        assert watch.rounds >= 5, watch.rounds
+        assert watch.problems == [], watch.problems[:20]
+        assert names(agent, "policies") == {"web", "after"}
+        res = agent.call("status")["datastore"]["resources"]
+        assert all(r["lists"] == 1 for r in res.values()), res  # resumed, no relist
+        assert all(r["errors"] >= 1 for r in res.values()), res
+    finally:
+        agent.stop()
+
+
+# ---- (3) compaction while the agent is cut off ------------------------------------------------
+
+
+def test_a_compaction_while_cut_off_relists_without_flushing(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
+        netns_prefix: str) -> None:
+    publish_trio(writer, trio)
+    agent = etcd_agent(tmp_path, etcd, trio.host_netns, netns_prefix).start()
+    assert agent.proc is not None
+    try:
+        wait_enforced(agent, writer.rvs)
+        with ProbeServer({a.netns: [TCP80] for a in trio.all}), Watchers(trio) as watch:
+            # The agent frozen, its watches broken by an etcd restart, changes made and
+            # the history compacted before it can resume: its revision is gone.
+            os.kill(agent.proc.pid, signal.SIGSTOP)
+            try:
+                etcd.stop()
+                etcd.start()
+                writer.delete("networkpolicies", "x/extra")
+                writer.pod("x", "c", {"pod": "c", "moved": "yes"},
+                           [trio.c.address4, trio.c.address6])
+                writer.policy(allow("later", "b", "c"))
+                writer.namespace("x", {"team": "t"})
+                etcd.compact()
+            finally:
+                os.kill(agent.proc.pid, signal.SIGCONT)
+            res = wait_status(agent, lambda r: all(x["lists"] >= 2 for x in r.values()),
+                              timeout=30)
+            assert all(r["gone"] >= 1 for r in res.values()), res
+            wait_enforced(agent, writer.rvs)
+            time.sleep(1.0)  # probes and kernel reads go on after the relist
+        assert watch.rounds >= 5, watch.rounds
+        assert watch.problems == [], watch.problems[:20]
+        assert names(agent, "policies") == {"web", "later"}  # the deletion is not lost
+        labels = {e["name"]: e["labels"] for e in agent.call("get", kind="endpoints")["items"]}
+        assert labels["c"] == {"pod": "c", "moved": "yes"}
+        ns = agent.call("get", kind="namespaces")["items"]
+        assert [n["labels"].get("team") for n in ns if n["name"] == "x"] == ["t"]
+        assert "relisted" in agent.logs()
+    finally:
+        agent.stop()
+
+
+# ---- (4) restarts adopt --------------------------------------------------------------------
+
+
+def test_a_restarted_agent_adopts_and_applies_only_what_changed_while_it_was_down(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
+        netns_prefix: str) -> None:
+    publish_trio(writer, trio)
+    first = etcd_agent(tmp_path / "one", etcd, trio.host_netns, netns_prefix).start()
+    wait_enforced(first, writer.rvs)
+    assert first.stop() == 0
+    dp = NftDatapath(netns=trio.host_netns)
+    kernel = dp.read()
+    assert kernel.ingress
+    # The same etcd: the next agent changes nothing in the kernel.
+    second = etcd_agent(tmp_path / "two", etcd, trio.host_netns, netns_prefix).start()
+    try:
+        wait_enforced(second, writer.rvs)
+        assert dp.read() == kernel
+        assert 'msg="applied"' not in second.logs().split("first lists")[-1]
+    finally:
+        assert second.stop() == 0
+    # Changes and a compaction while no agent runs: the third applies the difference
+    # only, with traffic flowing throughout.
+    writer.delete("networkpolicies", "x/extra")
+    writer.policy(allow("later", "b", "c"))
+    etcd.compact()
+    with ProbeServer({a.netns: [TCP80] for a in trio.all}), Watchers(trio) as watch:
+        third = etcd_agent(tmp_path / "three", etcd, trio.host_netns, netns_prefix).start()
+        try:
+            wait_enforced(third, writer.rvs)
+            time.sleep(1.0)
+            assert names(third, "policies") == {"web", "later"}
+        finally:
+            third.stop()
+    assert watch.rounds >= 3, watch.rounds
+    assert watch.problems == [], watch.problems[:20]
+    after = dp.read()
+    assert after.ingress[trio.a.address4] == kernel.ingress[trio.a.address4]
