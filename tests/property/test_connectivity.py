@@ -14,19 +14,22 @@ import ipaddress
 import itertools
 
 from hypothesis import given, settings
-from tests.property.strategies import DEFAULT, DENSE, Universe, clusters
+from hypothesis import strategies as st
+from tests.property.strategies import DEFAULT, DENSE, Universe, clusters, policy_sets
 
 from stockade.engine.connectivity import (
     IPV4_LAST,
     AddressRange,
     Connections,
+    address_ranges,
     connectivity,
     workload_peers,
 )
+from stockade.engine.diff import diff_policies, render_range
 from stockade.engine.evaluate import Evaluator, Flow
 from stockade.model.cidr import parse_cidr
 from stockade.model.cluster import Cluster, Endpoint
-from stockade.model.policy import PROTOCOLS, IPBlock, NetworkPolicy
+from stockade.model.policy import EGRESS, INGRESS, PROTOCOLS, IPBlock, NetworkPolicy
 
 
 def sample_ports(cluster: Cluster, u: Universe) -> list[int]:
@@ -49,8 +52,12 @@ def _blocks(policies: tuple[NetworkPolicy, ...]) -> list[IPBlock]:
 
 def sample_addresses(cluster: Cluster) -> list[str]:
     """Inside and just outside every ipBlock and every except (IPv4), and the ends."""
+    return addresses_of(cluster.policies)
+
+
+def addresses_of(policies: tuple[NetworkPolicy, ...]) -> list[str]:
     numbers = {0, 1, IPV4_LAST - 1, IPV4_LAST, int(ipaddress.IPv4Address("10.1.0.7"))}
-    for block in _blocks(cluster.policies):
+    for block in _blocks(policies):
         for text in (block.cidr, *block.except_):
             net = parse_cidr(text)
             if net is None or net.version != 4:
@@ -130,7 +137,7 @@ def test_every_line_names_a_peer_or_a_range() -> None:
     hold the contents)."""
     from stockade.model.cluster import Namespace
     from stockade.model.labels import Labels
-    from stockade.model.policy import INGRESS, Peer, PolicyPort, Rule
+    from stockade.model.policy import Peer, PolicyPort, Rule
     from stockade.model.selector import ALL
 
     ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
@@ -150,3 +157,42 @@ def test_every_line_names_a_peer_or_a_range() -> None:
         "x/a[Pod] => 0.0.0.0-255.255.255.255[External] : All Connections",
         "x/b[Pod] => 0.0.0.0-255.255.255.255[External] : All Connections",
     ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(cluster=clusters(DEFAULT), data=st.data())
+def test_diff_covers_external_addresses_exactly(cluster: Cluster, data: st.DataObject) -> None:
+    """`diff` between two random policy sets, towards and from external addresses:
+    a (pod, address, protocol, port) is in a change line (of the range holding the
+    address) exactly when the evaluator's verdict on it differs."""
+    names = tuple(ns.name for ns in cluster.namespaces)
+    old = data.draw(policy_sets(DEFAULT, names, prefix="old"))
+    new = data.draw(policy_sets(DEFAULT, names, prefix="new"))
+    result = diff_policies(cluster, old, new, external=True)
+    before = Evaluator(cluster.with_policies(old))
+    after = Evaluator(cluster.with_policies(new))
+    ports = sample_ports(cluster.with_policies(old + new), DEFAULT)
+    changed: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
+    for c in result.changes:
+        for ps in c.ports:
+            changed.setdefault((c.src, c.dst), []).extend(
+                (ps.protocol, r.low, r.high) for r in ps.ranges)
+
+    def listed(src: str, dst: str, protocol: str, port: int) -> bool:
+        return any(p == protocol and lo <= port <= hi
+                   for p, lo, hi in changed.get((src, dst), ()))
+
+    sources = address_ranges(old + new, INGRESS)
+    destinations = address_ranges(old + new, EGRESS)
+    for address in addresses_of(old + new):
+        inbound = render_range(_range_of(sources, address))
+        outbound = render_range(_range_of(destinations, address))
+        for pod in cluster.endpoints:
+            for protocol in PROTOCOLS:
+                for port in ports:
+                    into = Flow(None, address, pod, pod.ips[0], port, protocol)
+                    assert listed(inbound, pod.key, protocol, port) == \
+                        (before.allowed(into) != after.allowed(into)), (address, pod.key)
+                    out = Flow(pod, pod.ips[0], None, address, port, protocol)
+                    assert listed(pod.key, outbound, protocol, port) == \
+                        (before.allowed(out) != after.allowed(out)), (pod.key, address)

@@ -144,7 +144,9 @@ def report_coverage(args: argparse.Namespace, objects: Objects, where: str = "fi
 # ---- diff --------------------------------------------------------------------------------
 
 DIFF_EPILOG = """\
-Compares the pod-to-pod connections that the OLD and the NEW policies allow, over
+Compares the connections that the OLD and the NEW policies allow between pods (and
+workloads), and between a pod and the external IPv4 ranges the ipBlocks of either
+side cut the address space into (a range written as a CIDR when it is one), over
 every port of TCP, UDP and SCTP (exactly: ports are grouped into the ranges that
 policies and named ports distinguish). The pods and namespaces are the union of
 both sides (the NEW side wins when a pod or namespace is in both), so cluster
@@ -191,7 +193,8 @@ def report_diff(args: argparse.Namespace, old: Objects, new: Objects, where: str
         raise InputError(f"no Pod in the {where}: the diff compares connections between pods",
                          source=source)
     # A name given twice on one side is one policy, the last one, as kubectl applies it.
-    result = diff_policies(cluster, old.cluster().policies, new.cluster().policies)
+    result = diff_policies(cluster, old.cluster().policies, new.cluster().policies,
+                           external=True)
     _emit(args, diff_json(result), lambda: diff_text(result))
     return EXIT_FINDINGS if result.changes else EXIT_OK
 

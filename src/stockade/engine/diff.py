@@ -7,19 +7,28 @@ space of each protocol splits into intervals whose bounds are those numbers, and
 every port of an interval has the same verdict for every pair. Judging one port
 per interval, before and after, is exact, and the changes come out as ranges.
 
+Addresses outside the cluster are judged the same way (the ranges of
+`engine.connectivity`, as `stockade list` cuts them): the IPv4 space is cut at
+every bound of every ipBlock (after its excepts) of both policy sets, so one
+address stands for its whole range, and each range is paired with every pod
+(from the range to the pod, and from the pod to the range; never a pod's own
+address). Removing an `except` shows as connections opened to that range.
+
 The workloads (pods, namespaces) are held fixed: the same cluster is judged with
 the old and with the new policies, so the diff shows what the policies change.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from stockade.engine.evaluate import Evaluator, Side, Verdict
+from stockade.engine.connectivity import AddressRange, address_ranges
+from stockade.engine.evaluate import Evaluator, Flow, Side, Verdict
 from stockade.engine.matrix import pod_classes
 from stockade.model.cluster import Cluster, Endpoint
-from stockade.model.policy import INGRESS, PROTOCOLS, NetworkPolicy
+from stockade.model.policy import EGRESS, INGRESS, PROTOCOLS, NetworkPolicy
 
 MAX_PORT = 65535
 OPENED = "opened"
@@ -99,18 +108,30 @@ def port_intervals(policies: Iterable[NetworkPolicy], endpoints: Sequence[Endpoi
 
 
 def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
-                  new: Sequence[NetworkPolicy]) -> PolicyDiff:
-    """Every pod-to-pod connection whose verdict differs between the two policy sets."""
+                  new: Sequence[NetworkPolicy], *, external: bool = False) -> PolicyDiff:
+    """Every connection whose verdict differs between the two policy sets: between
+    two pods, and (`external`, as `stockade diff` does) between a pod and a range of
+    external IPv4 addresses."""
     before = Evaluator(cluster.with_policies(old))
     after = Evaluator(cluster.with_policies(new))
     keys = (frozenset(p.key for p in old), frozenset(p.key for p in new))
     pods = sorted(cluster.endpoints, key=lambda e: (e.namespace, e.name))
-    classes = pod_classes(cluster.with_policies([*old, *new]), pods)
+    both = [*old, *new]
+    classes = pod_classes(cluster.with_policies(both), pods)
+    sources = address_ranges(both, INGRESS) if external else ()
+    destinations = address_ranges(both, EGRESS) if external else ()
     found: dict[tuple[str, str, str, str], dict[str, list[PortRange]]] = {}
+
+    def judge(flows: tuple[Flow, Flow], src: str, dst: str, protocol: str,
+              span: PortRange) -> None:
+        hit = _change((before, after), keys, flows)
+        ports = found.setdefault((hit[0], src, dst, hit[1]), {})
+        ports.setdefault(protocol, []).append(span)
+
     for protocol in PROTOCOLS:
-        for span in port_intervals([*old, *new], pods, protocol):
+        for span in port_intervals(both, pods, protocol):
             # Pods of the same classes get the same verdicts (see matrix.pod_classes).
-            seen: dict[tuple[int, int], tuple[bool, bool]] = {}
+            seen: dict[object, tuple[bool, bool]] = {}
             for i, src in enumerate(pods):
                 for j, dst in enumerate(pods):
                     if i == j:
@@ -120,11 +141,25 @@ def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
                         seen[pair] = (_allowed(before, src, dst, span.low, protocol),
                                       _allowed(after, src, dst, span.low, protocol))
                     was, now = seen[pair]
-                    if was == now:
-                        continue
-                    hit = _change((before, after), keys, src, dst, span.low, protocol)
-                    ports = found.setdefault((hit[0], src.key, dst.key, hit[1]), {})
-                    ports.setdefault(protocol, []).append(span)
+                    if was != now:
+                        judge((before.flow(src, dst, span.low, protocol),
+                               after.flow(src, dst, span.low, protocol)),
+                              src.key, dst.key, protocol, span)
+            for i, pod in enumerate(pods):
+                for rng in destinations:
+                    out = _to_address(pod, rng, span.low, protocol)
+                    key = ("to", classes[i], rng)
+                    if key not in seen:
+                        seen[key] = (before.allowed(out), after.allowed(out))
+                    if seen[key][0] != seen[key][1]:
+                        judge((out, out), pod.key, render_range(rng), protocol, span)
+                for rng in sources:
+                    inbound = _from_address(rng, pod, span.low, protocol)
+                    key = ("from", classes[i], rng)
+                    if key not in seen:
+                        seen[key] = (before.allowed(inbound), after.allowed(inbound))
+                    if seen[key][0] != seen[key][1]:
+                        judge((inbound, inbound), render_range(rng), pod.key, protocol, span)
     changes = [Change(kind, s, d, _port_sets(ports), reason)
                for (kind, s, d, reason), ports in found.items()]
     changes.sort(key=lambda c: (c.src, c.dst, c.change, c.ports[0].protocol,
@@ -132,16 +167,36 @@ def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
     return PolicyDiff(tuple(changes))
 
 
+def render_range(rng: AddressRange) -> str:
+    """An external range as a CIDR when it is one (`192.168.0.0/16`), else `first-last`."""
+    first = ipaddress.IPv4Address(rng.first)
+    nets = list(ipaddress.summarize_address_range(first, ipaddress.IPv4Address(rng.last)))
+    if len(nets) == 1:
+        return str(nets[0])
+    return f"{first}-{ipaddress.IPv4Address(rng.last)}"
+
+
+def _to_address(src: Endpoint, rng: AddressRange, port: int, protocol: str) -> Flow:
+    """From a pod to an address of the range (one that is no pod's: never resolved)."""
+    return Flow(src, src.ip_for_family(4) or (src.ips[0] if src.ips else ""), None,
+                rng.sample, port, protocol)
+
+
+def _from_address(rng: AddressRange, dst: Endpoint, port: int, protocol: str) -> Flow:
+    return Flow(None, rng.sample, dst, dst.ip_for_family(4) or (dst.ips[0] if dst.ips else ""),
+                port, protocol)
+
+
 def _allowed(ev: Evaluator, src: Endpoint, dst: Endpoint, port: int, protocol: str) -> bool:
     return ev.allowed(ev.flow(src, dst, port, protocol))
 
 
 def _change(evaluators: tuple[Evaluator, Evaluator], keys: tuple[frozenset[str], frozenset[str]],
-            src: Endpoint, dst: Endpoint, port: int, protocol: str) -> tuple[str, str]:
+            flows: tuple[Flow, Flow]) -> tuple[str, str]:
     """(OPENED or CLOSED, reason) of a connection whose verdict changed."""
     before, after = evaluators
-    old_v = before.verdict(before.flow(src, dst, port, protocol))
-    new_v = after.verdict(after.flow(src, dst, port, protocol))
+    old_v = before.verdict(flows[0])
+    new_v = after.verdict(flows[1])
     if new_v.allowed:
         return OPENED, opened_reason(old_v, new_v, keys[0])
     return CLOSED, closed_reason(old_v, new_v, keys[1], keys[0])
