@@ -297,3 +297,66 @@ def test_a_restarted_agent_adopts_and_applies_only_what_changed_while_it_was_dow
     assert watch.problems == [], watch.problems[:20]
     after = dp.read()
     assert after.ingress[trio.a.address4] == kernel.ingress[trio.a.address4]
+
+
+# ---- (5) two hosts' agents writing at once ------------------------------------------------------
+
+
+def test_two_agents_writing_one_object_at_once_lose_no_update(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
+        netns_prefix: str) -> None:
+    """Each label call is a read-modify-write of one Pod: without the comparison on the
+    mod revision, concurrent calls through two agents would overwrite each other's
+    labels. Every call must succeed (a conflict is retried on the newer state) and
+    every label must be there at the end, in etcd and in both agents."""
+    from stockade.net.namespace import create_netns
+
+    publish_trio(writer, trio)
+    other_host = f"{netns_prefix}-h2"
+    create_netns(other_host)  # removed with the test's namespaces
+    one = etcd_agent(tmp_path / "one", etcd, trio.host_netns, netns_prefix).start()
+    two = AgentProcess(tmp_path / "two", other_host, netns_prefix + "b", resync=1.0, extra=(
+        "--datastore", "etcd", "--etcd-endpoints", etcd.url, "--node", "node-2"))
+    (tmp_path / "two").mkdir()
+    two.start()
+    try:
+        wait_enforced(one, writer.rvs)
+        wait_enforced(two, writer.rvs)
+        errors: list[str] = []
+
+        def label(agent: AgentProcess, n: int) -> None:
+            try:
+                agent.call("label", kind="endpoint", name="x/b", set={f"k{n}": "v"},
+                           remove=[])
+            except Exception as e:
+                errors.append(f"{n}: {e}")
+
+        import threading
+
+        threads = [threading.Thread(target=label, args=(one if n % 2 else two, n))
+                   for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        want = {"pod": "b", **{f"k{n}": "v" for n in range(16)}}
+        doc = writer.doc("pods", "x/b")
+        assert doc is not None and doc["metadata"]["labels"] == want
+        for agent in (one, two):
+            until_status(agent, lambda s: True)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                got = {e["name"]: e for e in agent.call("get", kind="endpoints")["items"]}
+                if got["b"]["labels"] == want:
+                    break
+                time.sleep(0.05)
+            assert got["b"]["labels"] == want
+        # node-2's agent knows node-1's pods as peers only.
+        got = {e["name"]: e for e in two.call("get", kind="endpoints")["items"]}
+        assert all(e.get("remote") for e in got.values()), got
+        conflicts = sum(a.call("status")["datastore"]["conflicts"] for a in (one, two))
+        assert conflicts >= 1  # they did race, and the comparison caught it
+    finally:
+        one.stop()
+        two.stop()

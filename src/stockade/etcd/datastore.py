@@ -12,8 +12,9 @@ lists, relists that never flush) with etcd reflectors. What etcd adds is writes:
   changed objects in one etcd transaction that compares each key's ``mod_revision``
   with the one this agent last saw (absent: 0). Another writer in between makes the
   comparison fail: nothing is written, the agent waits until its watch shows the
-  other write, and the operation runs again on the new state (at most
-  ``CONFLICT_ATTEMPTS`` times). Two hosts never clobber each other's writes.
+  other write, and the operation runs again on the new state (for up to
+  ``CONFLICT_WINDOW`` seconds, after a short random pause). Two hosts never clobber
+  each other's writes.
 * **Acknowledged once etcd has them, and read-your-writes.** The transaction's
   revision is then awaited on the agent's own watch, so the state (``get``) shows the
   write when the call returns, and (unless ``--no-wait``) the kernel enforces it. The
@@ -31,7 +32,10 @@ lists, relists that never flush) with etcd reflectors. What etcd adds is writes:
 from __future__ import annotations
 
 import functools
+import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -59,8 +63,10 @@ from stockade.kube.reflector import ReflectorConfig
 from stockade.model.cluster import Namespace
 from stockade.model.parse import expand_lists
 
+log = logging.getLogger("stockade.etcd")
+
 DEFAULT_PREFIX = "/stockade"
-CONFLICT_ATTEMPTS = 5
+CONFLICT_WINDOW = 10.0  # seconds an operation is run again after conflicts
 SEEN_TIMEOUT = 10.0  # a write waits this long for the agent's watch to deliver it
 
 
@@ -144,6 +150,7 @@ class EtcdFeed(KubeFeed):
         # up to which the watch has delivered (what a write waits for).
         self.revs: dict[str, int] = {}
         self.seen: dict[str, int] = {}
+        self.conflicts = 0  # writes run again because another writer was first
         self._m_degraded: Any = None
         factory: Any = functools.partial(EtcdReflector, prefix=self.prefix)
         super().__init__(client, node, config=config,  # type: ignore[arg-type]
@@ -180,6 +187,7 @@ class EtcdFeed(KubeFeed):
         with self._lock:
             ds.update({"server": self.etcd.server, "endpoints": list(self.etcd.endpoints),
                        "prefix": self.prefix or "/", "degraded": self.degraded,
+                       "conflicts": self.conflicts,
                        "revision": max(self.seen.values(), default=0)})
         out["datastore"] = ds
         return out
@@ -333,18 +341,26 @@ class EtcdService(Service):
         if op not in LOCAL_WRITES or self.feed is None:
             return super().handle(op, args)
         feed = self.feed
-        for attempt in range(CONFLICT_ATTEMPTS):
+        deadline = time.monotonic() + CONFLICT_WINDOW
+        attempt = 0
+        while True:
             try:
                 return super().handle(op, args)
             except Conflict as c:
-                if attempt == CONFLICT_ATTEMPTS - 1:
+                attempt += 1
+                feed.conflicts += 1
+                log.info("write conflict: another writer changed the keys first; running "
+                         "the operation again on the newer state", extra={"fields": {
+                             "op": op, "keys": str(c), "attempt": attempt}})
+                if time.monotonic() > deadline:
                     raise ApiError(UNAVAILABLE, f"{op}: etcd keys kept changing under this "
                                                 f"write ({c}); nothing of the last attempt "
                                                 "was written, try again") from None
                 with self.lock:  # until the watch shows the other writer's change
                     self.caught_up.wait_for(functools.partial(feed.fresh, c.current,
                                                               c.revision), SEEN_TIMEOUT)
-        raise AssertionError("unreachable")
+                # Writers that lost together do not all come back at once.
+                time.sleep(random.random() * min(0.05, 0.002 * 2 ** attempt))  # noqa: S311
 
     def _decode(self, docs: list[Any], source: str) -> tuple[
             list[PolicyRecord], dict[str, Namespace], list[EndpointRecord]]:
