@@ -281,44 +281,101 @@ class ConnList:
     destinations: tuple[AddressRange, ...] = field(default=())
 
 
-def _class_key(ep: Endpoint) -> tuple[str, Labels, object]:
-    return ep.namespace, ep.labels, ep.ports
+def _class_key(ep: Endpoint) -> tuple[str, Labels]:
+    return ep.namespace, ep.labels
+
+
+def _has_named_port(rule: Rule) -> bool:
+    return any(isinstance(p.port, str) for p in rule.ports)
 
 
 class Sides:
-    """Each side of a pair's connections, cached per class of endpoint (namespace,
-    labels, container ports: what a verdict can depend on for an address-less peer)."""
+    """Each side of a pair's connections.
+
+    What a side admits is the union of the connections of the rules whose peers
+    match the other end; so per subject it is computed once per set of matching
+    rules (a bitmask over the subject's rules), and peer matches are remembered
+    per (peer, namespace and labels of the other end, or its address).
+    """
 
     def __init__(self, cluster: Cluster) -> None:
         self.ev = Evaluator(cluster)
-        self._cache: dict[object, Connections] = {}
+        # By the identity of the evaluator's (cached) tuple of selecting policies:
+        # hashing policies is deep.
+        self._rules: dict[int, tuple[tuple[tuple[str, Rule], ...], bool]] = {}
+        self._ports: dict[int, int] = {}  # id(endpoint) -> number of its container ports
+        self._port_numbers: dict[object, int] = {}
+        self._matches: dict[tuple[int, str, object], bool] = {}
+        self._unions: dict[tuple[int, int, int | None], Connections] = {}
+        self._rule_conns: dict[tuple[int, int | None], Connections] = {}
+
+    def _rules_of(self, policies: tuple[NetworkPolicy, ...], direction: str
+                  ) -> tuple[tuple[tuple[str, Rule], ...], bool]:
+        """The (policy namespace, rule) pairs of the policies, and whether any rule
+        names a port (then the destination's ports matter)."""
+        found = self._rules.get(id(policies))
+        if found is None:
+            rules = tuple((p.namespace, r) for p in policies for r in p.rules(direction))
+            found = (rules, any(_has_named_port(r) for _, r in rules))
+            self._rules[id(policies)] = found
+        return found
+
+    def _ports_of(self, destination: Endpoint | None) -> int:
+        """A number per distinct set of container ports (endpoints live as long as this)."""
+        if destination is None:
+            return -1
+        found = self._ports.get(id(destination))
+        if found is None:
+            found = self._port_numbers.setdefault(destination.ports, len(self._port_numbers))
+            self._ports[id(destination)] = found
+        return found
+
+    def _matches_peer(self, namespace: str, rule: Rule, other: Endpoint | None,
+                      other_ip: str) -> bool:
+        if not rule.peers:
+            return True
+        who: object = _class_key(other) if other is not None else other_ip
+        key = (id(rule), namespace, who)
+        found = self._matches.get(key)
+        if found is None:
+            labels = self.ev.namespace_labels
+            found = any(peer_matches(peer, namespace, other, other_ip, labels)
+                        for peer in rule.peers)
+            self._matches[key] = found
+        return found
+
+    def _connections(self, rule: Rule, destination: Endpoint | None) -> Connections:
+        key = (id(rule), self._ports_of(destination) if _has_named_port(rule) else None)
+        found = self._rule_conns.get(key)
+        if found is None:
+            found = rule_connections(rule, destination)
+            self._rule_conns[key] = found
+        return found
 
     def side(self, subject: Endpoint, direction: str, other: Endpoint | None,
              other_ip: str, destination: Endpoint | None) -> Connections:
         """What `subject`'s policies of `direction` admit to or from `other` (an
-        endpoint, or the address `other_ip`)."""
+        endpoint, or the address `other_ip`); named ports resolve on `destination`."""
         policies = self.ev.selecting(subject, direction)
         if not policies:
             return ALL_CONNECTIONS
-        key = (direction, _class_key(subject),
-               _class_key(other) if other is not None else other_ip,
-               destination.ports if destination is not None else None)
-        found = self._cache.get(key)
+        rules, named = self._rules_of(policies, direction)
+        mask = 0
+        for i, (namespace, rule) in enumerate(rules):
+            if self._matches_peer(namespace, rule, other, other_ip):
+                mask |= 1 << i
+        if not mask:
+            return NO_CONNECTIONS
+        key = (id(rules), mask, self._ports_of(destination) if named else None)
+        found = self._unions.get(key)
         if found is None:
             found = NO_CONNECTIONS
-            labels = self.ev.namespace_labels
-            for policy in policies:
-                for rule in policy.rules(direction):
-                    if rule.peers and not any(
-                            peer_matches(peer, policy.namespace, other, other_ip, labels)
-                            for peer in rule.peers):
-                        continue
-                    found = found.union(rule_connections(rule, destination))
+            for i, (_, rule) in enumerate(rules):
+                if mask >> i & 1:
+                    found = found.union(self._connections(rule, destination))
                     if found.everything:
                         break
-                if found.everything:
-                    break
-            self._cache[key] = found
+            self._unions[key] = found
         return found
 
     def between(self, src: Endpoint, dst: Endpoint) -> Connections:
