@@ -160,6 +160,8 @@ class Agent:
         datapath = open_datapath(cfg.datapath, cfg.table, netns=cfg.netns,
                                  owner=cfg.table_owner, log_group=cfg.log_group)
         datapath.check()
+        if hasattr(datapath, "keep_unused"):
+            datapath.keep_unused = True  # unused chains wait a while for reuse (nft)
         if not kube:
             # With the API as the datastore an empty local store is normal: nothing is
             # programmed before the first lists, so the kernel's table stays as it is.

@@ -146,8 +146,9 @@ def plan(old: Ruleset, new: Ruleset) -> Plan:
     return full_plan(old, new)
 
 
-def _set_delta(o: AddressSet, s: AddressSet, add_el: list[tuple[AddressSet, frozenset[Element]]],
-               del_el: list[tuple[AddressSet, frozenset[Element]]]) -> None:
+def set_delta(o: AddressSet, s: AddressSet, add_el: list[tuple[AddressSet, frozenset[Element]]],
+              del_el: list[tuple[AddressSet, frozenset[Element]]]) -> None:
+    """Append what turns set `o` into `s` (an interval set: all of it, rewritten)."""
     if o is s or o.elements is s.elements:
         return
     if s.kind == NET:
@@ -175,7 +176,7 @@ def _plan_touched(old: Ruleset, new: Ruleset, touched: Touched) -> Plan:
         elif o is None:
             add_sets.append(s)
         else:
-            _set_delta(o, s, add_el, del_el)
+            set_delta(o, s, add_el, del_el)
     add_chains: list[Chain] = []
     replace_chains: list[Chain] = []
     del_chains: list[str] = []
@@ -214,7 +215,7 @@ def full_plan(old: Ruleset, new: Ruleset) -> Plan:
     for name, s in new.sets.items():
         o = old.sets.get(name)
         if o is not None:
-            _set_delta(o, s, add_el, del_el)
+            set_delta(o, s, add_el, del_el)
     add_chains = tuple(c for n, c in new.chains.items() if n not in old.chains)
     replace_chains = tuple(c for n, c in new.chains.items() if n in old.chains
                            and old.chains[n] is not c and old.chains[n].rules != c.rules)
