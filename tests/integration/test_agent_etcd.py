@@ -30,6 +30,7 @@ from tests.support.etcd import EtcdServer, etcd_binary
 from stockade.agent.protocol import ApiError
 from stockade.datapath.nft import NftDatapath
 from stockade.etcd.client import EtcdClient
+from stockade.net.plumber import Plumber
 from stockade.probe.launcher import ProbeServer
 
 from .agent_harness import AgentProcess
@@ -360,3 +361,257 @@ def test_two_agents_writing_one_object_at_once_lose_no_update(
     finally:
         one.stop()
         two.stop()
+
+
+# ---- (6) several hosts: the conformance corpus across three ----------------------------------
+
+
+def _ip(netns: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
+
+
+def _sysctl(netns: str, name: str, value: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{name}={value}"],
+                   check=True, capture_output=True)
+
+
+class Hosts:
+    """Simulated hosts on one machine: each a network namespace with its own bridge
+    (a Plumber), its endpoints and its agent, joined to the others by a veth into a
+    "fabric" namespace's bridge. Hosts route each other's endpoints (a /32 per remote
+    endpoint via its host's fabric address) and answer ARP for them on their bridge
+    (proxy ARP), so endpoints of one on-link subnet reach each other across hosts."""
+
+    UNDERLAY = "100.127.77"
+
+    def __init__(self, prefix: str, count: int) -> None:
+        from stockade.net.namespace import create_netns
+
+        self.prefix = prefix
+        self.fabric = f"{prefix}-fab"
+        create_netns(self.fabric)
+        _ip(self.fabric, "link", "add", "fab0", "type", "bridge")
+        _ip(self.fabric, "link", "set", "fab0", "up")
+        self.names = [f"host-{i}" for i in range(1, count + 1)]
+        self.netns: dict[str, str] = {}
+        self.plumbers: dict[str, Plumber] = {}
+        self.routes: dict[str, str] = {}  # address -> the host whose endpoint it is
+        for i, host in enumerate(self.names, 1):
+            ns = f"{prefix}-h{i}"
+            create_netns(ns)
+            self.netns[host] = ns
+            _ip(ns, "link", "add", "up0", "type", "veth", "peer", "name", f"h{i}",
+                "netns", self.fabric)
+            _ip(self.fabric, "link", "set", f"h{i}", "master", "fab0", "up")
+            _ip(ns, "addr", "add", f"{self.UNDERLAY}.{i}/24", "dev", "up0")
+            _ip(ns, "link", "set", "up0", "up")
+            plumber = Plumber(prefix=prefix, host_netns=ns)
+            plumber.ensure_bridge(addresses=[f"100.127.78.{i}/32"], forward=True)
+            _sysctl(ns, f"net.ipv4.conf.{plumber.bridge}.proxy_arp", "1")
+            _sysctl(ns, f"net.ipv4.neigh.{plumber.bridge}.proxy_delay", "0")
+            self.plumbers[host] = plumber
+
+    def address(self, host: str) -> str:
+        return f"{self.UNDERLAY}.{self.names.index(host) + 1}"
+
+    def route(self, ip: str, owner: str | None) -> None:
+        """Where ``ip`` lives now (None: nowhere): every host's route to it."""
+        before = self.routes.pop(ip, None)
+        if owner is not None:
+            self.routes[ip] = owner
+        for host, ns in self.netns.items():
+            if owner is None:
+                if before is not None:
+                    subprocess.run(["ip", "-n", ns, "route", "del", f"{ip}/32"],
+                                   capture_output=True, check=False)
+            elif host == owner:
+                _ip(ns, "route", "replace", f"{ip}/32", "dev", self.plumbers[host].bridge)
+            else:
+                _ip(ns, "route", "replace", f"{ip}/32", "via", self.address(owner))
+
+    def flush_conntrack(self) -> None:
+        for ns in self.netns.values():
+            subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-F"],
+                           capture_output=True, check=False)
+
+
+class SpreadPods:
+    """A case's pods spread over the hosts (by a hash of the key: a pod stays on its
+    host from case to case), probed with real packets from each pod's own namespace;
+    the probe servers run in every pod."""
+
+    def __init__(self, hosts: Hosts, timeout: float = 1.0) -> None:
+        from stockade.net.plumber import Attachment
+
+        self.hosts = hosts
+        self.timeout = timeout
+        self.attached: dict[str, tuple[str, Attachment]] = {}
+        self.server: ProbeServer | None = None
+        self.bindings: dict[str | None, tuple[Any, ...]] = {}
+        self.changed = False  # a namespace was made again: its servers too
+
+    def place(self, case: Any) -> dict[str, str]:
+        import zlib
+
+        names = self.hosts.names
+        return {ep.key: names[zlib.crc32(ep.key.encode()) % len(names)]
+                for ep in case.cluster.endpoints}
+
+    def attach(self, case: Any) -> dict[str, str]:
+        import ipaddress
+
+        from stockade.conformance.kernel import on_link_prefix
+        from stockade.net.plumber import EndpointSpec
+
+        placement = self.place(case)
+        prefixes = on_link_prefix(ip for ep in case.cluster.endpoints for ip in ep.ips)
+        for ep in case.cluster.endpoints:
+            v4 = [ip for ip in ep.ips if ipaddress.ip_address(ip).version == 4]
+            v6 = [ip for ip in ep.ips if ipaddress.ip_address(ip).version == 6]
+            spec = EndpointSpec(ep.key, f"{v4[0]}/{prefixes[4]}",
+                                f"{v6[0]}/{prefixes[6]}" if v6 else None)
+            host = placement[ep.key]
+            have = self.attached.get(ep.key)
+            if have is not None and (have[0] != host or have[1].ipv4 != spec.ipv4
+                                     or have[1].ipv6 != spec.ipv6):
+                self._detach(ep.key)
+                have = None
+            if have is None:
+                att = self.hosts.plumbers[host].ensure_endpoint(spec)
+                self.attached[ep.key] = (host, att)
+                self.changed = True
+                self.hosts.route(v4[0], host)
+        for key in set(self.attached) - set(placement):
+            self._detach(key)
+        return placement
+
+    def _detach(self, key: str) -> None:
+        host, att = self.attached.pop(key)
+        self.hosts.plumbers[host].remove_endpoint(key)
+        self.hosts.route(att.address4, None)
+
+    def probe(self, case: Any) -> Any:
+        from stockade.probe.client import Probe, run_probes
+        from stockade.probe.protocol import Port, Protocol
+
+        probes: list[Any] = []
+        keys: list[tuple[int, str, str]] = []
+        for gi, group in enumerate(case.probes):
+            for src, dst in case.pairs():
+                port = group.port
+                if isinstance(port, str):
+                    port = dst.resolve_port(port, group.protocol)
+                probes.append(Probe(src.key, self.attached[src.key][1].netns, dst.key,
+                                    self.attached[dst.key][1].address4,
+                                    Port(port, Protocol(group.protocol))))
+                keys.append((gi, src.key, dst.key))
+        bindings: dict[str | None, tuple[Any, ...]] = {
+            att.netns: tuple(sorted({p.port for p in probes}))
+            for _, att in self.attached.values()}
+        if self.server is None or bindings != self.bindings or self.changed:
+            self.changed = False
+            if self.server is not None:
+                self.server.stop()
+            self.server = ProbeServer(bindings).start()
+            self.bindings = bindings
+        verdicts = run_probes(probes, timeout=self.timeout)
+        return {k: v.allowed for k, v in zip(keys, verdicts, strict=True)}
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class EtcdCases:
+    """A CaseBackend: each case's objects written to etcd (what changed only), its pods
+    spread over the hosts (``spec.nodeName`` each pod's host), every host's agent
+    enforcing them, real packets across hosts judging."""
+
+    def __init__(self, writer: EtcdWriter, agents: Sequence[AgentProcess],
+                 pods: SpreadPods) -> None:
+        self.writer = writer
+        self.agents = agents
+        self.pods = pods
+        self.written: dict[str, tuple[Any, ...]] = {}
+        self.policies: set[str] = set()
+
+    def judge(self, case: Any) -> Any:
+        from stockade.load import read_text
+        from stockade.model.parse import parse_documents
+
+        placement = self.pods.attach(case)
+        w = self.writer
+        w.rvs.clear()
+        raw = parse_documents(read_text(case.source), case.source)[0].get("policies") or []
+        manifests = {f"{p['metadata']['namespace']}/{p['metadata']['name']}": p for p in raw}
+        for key in sorted(self.policies - set(manifests)):
+            w.delete("networkpolicies", key)
+        pods = {ep.key: ep for ep in case.cluster.endpoints}
+        for key in sorted(set(self.written) - set(pods)):
+            w.delete("pods", key)
+            del self.written[key]
+        for ns in case.cluster.namespaces:
+            w.namespace(ns.name, dict(ns.labels))
+        for key, ep in sorted(pods.items()):
+            ports = [{**({"name": p.name} if p.name else {}), "containerPort": p.port,
+                      "protocol": p.protocol} for p in ep.ports]
+            shape = (tuple(sorted(ep.labels.items())), ep.ips, tuple(map(str, ports)),
+                     placement[key])
+            if self.written.get(key) == shape:
+                continue
+            w._put("pods", key, {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": ep.name, "namespace": ep.namespace,
+                             "labels": dict(ep.labels)},
+                "spec": {"nodeName": placement[key],
+                         "containers": [{"name": "main", "ports": ports}]},
+                "status": {"phase": "Running", "podIP": ep.ips[0],
+                           "podIPs": [{"ip": ip} for ip in ep.ips]}})
+            self.written[key] = shape
+        for manifest in manifests.values():
+            w.policy(manifest)
+        self.policies = set(manifests)
+        for agent in self.agents:
+            wait_enforced(agent, w.rvs)
+        self.pods.hosts.flush_conntrack()
+        return self.pods.probe(case)
+
+
+def test_the_conformance_corpus_across_three_hosts(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, netns_prefix: str) -> None:
+    from tests.support import shared
+
+    from stockade.cli.conformance import load_cases
+    from stockade.conformance.runner import check_case
+
+    cases = load_cases([str(shared("conformance"))])
+    assert len(cases) > 40
+    hosts = Hosts(netns_prefix, 3)
+    agents = [AgentProcess(tmp_path / host, hosts.netns[host], netns_prefix, resync=1.0,
+                           extra=("--datastore", "etcd", "--etcd-endpoints", etcd.url,
+                                  "--node", host, "--watch-stall-timeout", "5"))
+              for host in hosts.names]
+    pods = SpreadPods(hosts)
+    failed: list[str] = []
+    started = time.monotonic()
+    try:
+        for agent in agents:
+            agent.log.parent.mkdir(parents=True, exist_ok=True)
+            agent.start()
+        backend = EtcdCases(writer, agents, pods)
+        for case in cases:
+            result = check_case(case, backend)
+            if not result.passed:
+                failed += [result.error] if result.error else [
+                    m.render(case.id) for m in result.mismatches]
+        statuses = [a.call("status") for a in agents]
+    finally:
+        pods.close()
+        for agent in agents:
+            agent.stop()
+    assert failed == [], "\n".join(failed[:40])
+    for st in statuses:
+        for plural, r in st["datastore"]["resources"].items():
+            assert r["lists"] == 1 and r["gone"] == 0, (plural, r)
+    print(f"{len(cases)} cases across 3 hosts in {time.monotonic() - started:.1f} s")
