@@ -15,10 +15,12 @@ network namespaces and real packets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -384,7 +386,7 @@ class Hosts:
 
     UNDERLAY = "100.127.77"
 
-    def __init__(self, prefix: str, count: int) -> None:
+    def __init__(self, prefix: str, count: int, *, plumb: bool = True) -> None:
         from stockade.net.namespace import create_netns
 
         self.prefix = prefix
@@ -405,6 +407,8 @@ class Hosts:
             _ip(self.fabric, "link", "set", f"h{i}", "master", "fab0", "up")
             _ip(ns, "addr", "add", f"{self.UNDERLAY}.{i}/24", "dev", "up0")
             _ip(ns, "link", "set", "up0", "up")
+            if not plumb:
+                continue  # the agents plumb and route themselves
             plumber = Plumber(prefix=prefix, host_netns=ns)
             plumber.ensure_bridge(addresses=[f"100.127.78.{i}/32"], forward=True)
             _sysctl(ns, f"net.ipv4.conf.{plumber.bridge}.proxy_arp", "1")
@@ -615,3 +619,104 @@ def test_the_conformance_corpus_across_three_hosts(
         for plural, r in st["datastore"]["resources"].items():
             assert r["lists"] == 1 and r["gone"] == 0, (plural, r)
     print(f"{len(cases)} cases across 3 hosts in {time.monotonic() - started:.1f} s")
+
+
+# ---- (7) several hosts, the agents plumbing and routing themselves --------------------------
+
+
+SERVER = str(Path(__file__).resolve().parents[2] / "examples" / "agent" / "server.py")
+
+
+def _connect(src: Mapping[str, Any], dst: Mapping[str, Any], port: int = 8080) -> bool:
+    from stockade.probe.client import Probe, run_probes
+    from stockade.probe.protocol import Port
+
+    a, b = src["endpoint"], dst["endpoint"]
+    probe = Probe(a["name"], os.path.basename(a["netns"]), b["name"], b["ips"][0], Port(port))
+    return bool(run_probes([probe], timeout=1.0)[0].allowed)
+
+
+def _until(pred: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_containers_on_two_hosts_get_blocks_routes_and_policy_across_hosts(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, netns_prefix: str) -> None:
+    """`stockade run` on two hosts: each host's addresses come from blocks it claimed
+    in etcd, each agent publishes its containers (the other host's peers) and routes
+    the other host's blocks; policy is enforced across hosts, ingress at the
+    destination and egress at the source."""
+    from stockade.etcd.ipam import Blocks
+
+    hosts = Hosts(netns_prefix, 2, plumb=False)
+    agents = {h: AgentProcess(tmp_path / h, hosts.netns[h], netns_prefix, resync=1.0, extra=(
+        "--datastore", "etcd", "--etcd-endpoints", etcd.url, "--node", h,
+        "--host-address", hosts.address(h))) for h in hosts.names}
+    one, two = agents["host-1"], agents["host-2"]
+    try:
+        for h, agent in agents.items():
+            (tmp_path / h).mkdir()
+            agent.start()
+
+        def serve(agent: AgentProcess, name: str) -> dict[str, Any]:
+            out: dict[str, Any] = agent.call(
+                "run", namespace="x", name=name, labels={"app": name},
+                command=[sys.executable, SERVER, "8080"],
+                ports=[{"name": "http", "port": 8080, "protocol": "TCP"}])
+            log = Path(out["log"])
+            _until(lambda: "listening" in log.read_text(), what=f"{name} listening")
+            return out
+
+        a, b, c = serve(one, "a"), serve(two, "b"), serve(two, "c")
+        # Addresses from blocks each host claimed: never one address twice.
+        owned = Blocks(writer.c, PREFIX, "").owned()
+        assert set(owned.values()) == {"host-1", "host-2"}, owned
+        import ipaddress
+
+        def host_of(out: Mapping[str, Any]) -> str:
+            ip = ipaddress.ip_address(out["endpoint"]["ips"][0])
+            return next(h for blk, h in owned.items() if ip in blk)
+
+        assert [host_of(x) for x in (a, b, c)] == ["host-1", "host-2", "host-2"]
+        # Each host knows the other's containers as peers, and routes its block.
+        for agent, others in ((one, {"b", "c"}), (two, {"a"})):
+            _until(lambda agent=agent, others=others: others <= {
+                e["name"] for e in agent.call("get", kind="endpoints")["items"]
+                if e.get("remote")}, what="the other host's containers")
+            _until(lambda agent=agent: agent.call("status")["datastore"]["hosts"]["routes"],
+                   what="routes to the other host")
+        # No policy: everything reaches everything, across hosts.
+        _until(lambda: _connect(b, a) and _connect(a, c), what="traffic across hosts")
+        # Ingress at the destination (host-1): only b may reach a.
+        two.call("apply", documents=[{
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "a-from-b", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {"app": "a"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}],
+                                  "ports": [{"port": "http"}]}]}}])
+        wait_enforced(one, {"networkpolicies": two.call("status")["datastore"]["revision"]})
+        assert _connect(b, a) and not _connect(c, a)
+        # Egress at the source (host-2): b may send nothing.
+        one.call("apply", documents=[{
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "b-silent", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {"app": "b"}},
+                     "policyTypes": ["Egress"]}}])
+        wait_enforced(two, {"networkpolicies": one.call("status")["datastore"]["revision"]})
+        assert not _connect(b, a) and _connect(a, c)
+        # A container that goes: its Pod leaves etcd and the other host's peers.
+        one.call("rm", key="x/a", grace=0.5)
+        _until(lambda: writer.doc("pods", "x/a") is None, what="x/a unpublished")
+        _until(lambda: "a" not in {e["name"] for e in two.call("get", kind="endpoints")[
+            "items"]}, what="x/a gone from host-2")
+    finally:
+        for agent in agents.values():
+            with contextlib.suppress(Exception):
+                for item in agent.call("ps")["items"]:
+                    agent.call("rm", key=item["key"], grace=0.5)
+            agent.stop()

@@ -49,7 +49,7 @@ from stockade.compile.plan import Plan
 from stockade.datapath import DATAPATHS, open_datapath
 from stockade.datapath.base import Datapath
 from stockade.datapath.monitor import TableMonitor
-from stockade.errors import AgentError, InputError
+from stockade.errors import AgentError, InputError, NetError
 from stockade.model.cluster import Cluster
 from stockade.net.ipam import Ipam
 
@@ -95,6 +95,8 @@ class AgentConfig:
     etcd_cert: str | None = None
     etcd_key: str | None = None
     etcd_cacert: str | None = None
+    # The address other hosts route this host's address blocks to (etcd/hosts.py).
+    host_address: str | None = None
     cni_conf_dir: str = "/etc/cni/net.d"  # reported on GET /status (the runtime's view)
 
 
@@ -184,7 +186,19 @@ class Agent:
             revoked=self._revoked),
             cluster_of=self._cluster)
         ipam_state = self.store.get_meta("ipam")
-        ipam = Ipam.from_dict(ipam_state) if ipam_state else Ipam(cfg.subnet or DEFAULT_SUBNET)
+        if cfg.datastore == "etcd":
+            # Blocks of the cluster's pool claimed in etcd; routes to the other hosts'.
+            from stockade.etcd.datastore import open_hosts
+
+            try:
+                ipam = open_hosts(self.kube_feed, cfg.subnet or DEFAULT_SUBNET, ipam_state,
+                                  netns=cfg.netns, bridge_prefix=cfg.bridge_prefix,
+                                  host_address=cfg.host_address)
+            except NetError as exc:
+                raise AgentError(f"--datastore etcd: {exc}") from None
+        else:
+            ipam = (Ipam.from_dict(ipam_state) if ipam_state
+                    else Ipam(cfg.subnet or DEFAULT_SUBNET))
         self.service = service_class(self.store, state, self.reconciler, ipam=ipam,
                                      strict_cidr=cfg.strict_cidr)
         ebpf = cfg.datapath == "ebpf"

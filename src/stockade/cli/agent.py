@@ -52,6 +52,9 @@ def register(sub: Any) -> None:
     a.add_argument("--etcd-cacert", metavar="FILE", help="CA bundle of etcd's certificate")
     a.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
     a.add_argument("--etcd-key", metavar="FILE", help="the client certificate's key")
+    a.add_argument("--host-address", metavar="IP",
+                   help="with --datastore etcd: this host's address, to which the other "
+                        "hosts route its endpoints' address blocks")
     a.add_argument("--kubeconfig", metavar="FILE",
                    help="with --datastore kubernetes: this kubeconfig (default: in-cluster "
                         "service account, else $KUBECONFIG or ~/.kube/config)")
@@ -163,7 +166,7 @@ def run_agent(args: argparse.Namespace) -> int:
         pod_wait=args.pod_wait, cni_conf_dir=args.cni_conf_dir,
         etcd_endpoints=tuple(u for e in args.etcd_endpoints for u in e.split(",") if u),
         etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert, etcd_cert=args.etcd_cert,
-        etcd_key=args.etcd_key))
+        etcd_key=args.etcd_key, host_address=args.host_address))
 
 
 def _default_socket() -> str:

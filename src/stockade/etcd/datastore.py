@@ -32,6 +32,7 @@ lists, relists that never flush) with etcd reflectors. What etcd adds is writes:
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 import threading
@@ -66,6 +67,9 @@ from stockade.model.parse import expand_lists
 log = logging.getLogger("stockade.etcd")
 
 DEFAULT_PREFIX = "/stockade"
+# On a Pod an agent published for its own CNI or `run` endpoint: which of the two.
+OWNER_ANNOTATION = "stockade.io/owner"
+PUBLISH_RETRY = 2.0  # seconds between attempts to publish while etcd is away
 CONFLICT_WINDOW = 10.0  # seconds an operation is run again after conflicts
 SEEN_TIMEOUT = 10.0  # a write waits this long for the agent's watch to deliver it
 
@@ -126,9 +130,14 @@ def pod_doc(rec: EndpointRecord, node: str) -> dict[str, Any]:
 
 
 def _json(doc: Mapping[str, Any]) -> str:
-    import json
-
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def _same_doc(raw: bytes, doc: Mapping[str, Any]) -> bool:
+    try:
+        return bool(json.loads(raw) == json.loads(_json(doc)))
+    except ValueError:
+        return False
 
 
 # ---- the feed ----------------------------------------------------------------------------
@@ -156,6 +165,20 @@ class EtcdFeed(KubeFeed):
         super().__init__(client, node, config=config,  # type: ignore[arg-type]
                          reflector_factory=factory)
         self.etcd: EtcdClient = client
+        self.routes: Any = None  # etcd/hosts.py HostRoutes, with --host-address
+        # Pods in etcd that an agent of this node published for its CNI and `run`
+        # endpoints (what its publisher may have to delete).
+        self.published: set[str] = set()
+
+    def start(self) -> None:
+        super().start()
+        if self.routes is not None:
+            self.routes.start()
+
+    def stop(self) -> None:
+        if self.routes is not None:
+            self.routes.stop()
+        super().stop()
 
     # ---- wiring -----------------------------------------------------------------------
 
@@ -188,6 +211,8 @@ class EtcdFeed(KubeFeed):
             ds.update({"server": self.etcd.server, "endpoints": list(self.etcd.endpoints),
                        "prefix": self.prefix or "/", "degraded": self.degraded,
                        "conflicts": self.conflicts,
+                       **({"hosts": self.routes.status()} if self.routes is not None
+                          else {}),
                        "revision": max(self.seen.values(), default=0)})
         out["datastore"] = ds
         return out
@@ -201,9 +226,12 @@ class EtcdFeed(KubeFeed):
             head = resource_prefix(self.prefix, res)
             for k in [k for k in self.revs if k.startswith(head)]:
                 del self.revs[k]
+            if res is PODS:
+                self.published.clear()
             for obj in items:
                 key = etcd_key(self.prefix, res, _ident(res, obj))
                 self.revs[key] = _rv(obj)
+                self._note_published(res, obj, False)
             super().replace(res, items, resource_version)
             self._saw(res, int(resource_version or 0))
 
@@ -215,8 +243,24 @@ class EtcdFeed(KubeFeed):
                 self.revs.pop(key, None)
             else:
                 self.revs[key] = _rv(obj)
+            self._note_published(res, obj, type == "DELETED")
             super().event(res, type, obj)
             self._saw(res, _rv(obj))
+
+    def _note_published(self, res: Resource, obj: Mapping[str, Any], deleted: bool) -> None:
+        if res is not PODS:
+            return
+        key = _ident(res, obj)
+        meta = obj.get("metadata") or {}
+        notes = meta.get("annotations") if isinstance(meta, Mapping) else None
+        spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
+        ours = (not deleted and isinstance(notes, Mapping)
+                and notes.get(OWNER_ANNOTATION) in LOCAL_OWNERS
+                and isinstance(spec, Mapping) and spec.get("nodeName") == self.node)
+        if ours:
+            self.published.add(key)
+        else:
+            self.published.discard(key)
 
     def _saw(self, res: Resource, revision: int) -> None:
         self.seen[res.plural] = max(self.seen.get(res.plural, 0), revision)
@@ -336,6 +380,73 @@ class EtcdService(Service):
     def attach(self, feed: EtcdFeed) -> None:
         self.feed = feed
         self.node = feed.node
+        self._pending: set[str] = set()
+        self._publish_wake = threading.Event()
+        threading.Thread(target=self._publisher, name="etcd-publish", daemon=True).start()
+
+    # ---- this host's CNI and `run` endpoints, published for the other hosts -------------
+
+    def _publish(self, keys: set[str]) -> None:
+        if keys:
+            with self.lock:
+                self._pending |= keys
+            self._publish_wake.set()
+
+    def _publisher(self) -> None:
+        """Puts a Pod in etcd for each of this host's CNI and `run` endpoints (so other
+        hosts see them as peers) and deletes those that are gone; asynchronous, so a
+        container never waits for etcd, and retried while etcd is away."""
+        feed = self.feed
+        assert feed is not None
+        while not feed.synced.wait(0.2):
+            if feed._stop.is_set():
+                return
+        with self.lock:  # everything once: what an earlier run left or missed
+            self._pending |= {k for k, r in self.state.endpoints.items()
+                              if r.owner in LOCAL_OWNERS} | set(feed.published)
+        while not feed._stop.is_set():
+            with self.lock:
+                keys, self._pending = self._pending, set()
+            failed: set[str] = set()
+            for key in sorted(keys):
+                try:
+                    self._publish_one(feed, key)
+                except EtcdError as e:
+                    failed.add(key)
+                    log.info("publishing an endpoint to etcd failed; retrying",
+                             extra={"fields": {"endpoint": key, "error": str(e)}})
+            if failed:
+                with self.lock:
+                    self._pending |= failed
+            self._publish_wake.wait(PUBLISH_RETRY if failed else None)
+            self._publish_wake.clear()
+
+    def _publish_one(self, feed: EtcdFeed, key: str) -> None:
+        ekey = etcd_key(feed.prefix, PODS, key)
+        with self.lock:
+            rec = self.state.endpoints.get(key)
+            local = rec is not None and rec.owner in LOCAL_OWNERS
+        if local:
+            assert rec is not None
+            doc = pod_doc(rec, self.node)
+            doc["metadata"]["annotations"] = {OWNER_ANNOTATION: rec.owner}
+            kv = feed.etcd.get(ekey)
+            if kv is None or not _same_doc(kv.value, doc):
+                feed.etcd.put(ekey, _json(doc))
+            return
+        kv = feed.etcd.get(ekey)
+        if kv is None:
+            return
+        try:
+            have = json.loads(kv.value)
+        except ValueError:
+            return
+        notes = (have.get("metadata") or {}).get("annotations") or {}
+        if notes.get(OWNER_ANNOTATION) in LOCAL_OWNERS and (
+                have.get("spec") or {}).get("nodeName") == self.node:
+            feed.etcd.txn([{"key": b64(ekey), "target": "MOD", "result": "EQUAL",
+                            "mod_revision": str(kv.mod_revision)}],
+                          [{"request_delete_range": {"key": b64(ekey)}}])
 
     def handle(self, op: str, args: dict[str, Any]) -> Any:
         if op not in LOCAL_WRITES or self.feed is None:
@@ -380,6 +491,18 @@ class EtcdService(Service):
         return policies, namespaces, [replace(r, node=nodes.get(r.key) or self.node)
                                       for r in endpoints]
 
+    def _local_keys(self, changes: Sequence[Change]) -> set[str]:
+        """The keys of this host's CNI and `run` endpoints these changes touch."""
+        out: set[str] = set()
+        for c in changes:
+            if isinstance(c, PutEndpoint) and c.record.owner in LOCAL_OWNERS:
+                out.add(c.record.key)
+            elif isinstance(c, DeleteEndpoint):
+                cur = self.state.endpoints.get(c.key)
+                if cur is not None and cur.owner in LOCAL_OWNERS:
+                    out.add(c.key)
+        return out
+
     def _to_etcd(self, changes: Sequence[Change]) -> bool:
         """Changes of etcd's objects (not of this host's CNI or `run` endpoints)."""
         if not changes:
@@ -397,7 +520,10 @@ class EtcdService(Service):
                meta: Mapping[str, Any] | None = None, admitted: bool = False) -> int:
         feed = self.feed
         if admitted or feed is None or not self._to_etcd(changes):
-            return super().commit(changes, sync=sync, meta=meta, admitted=admitted)
+            publish = self._local_keys(changes) if feed is not None and not admitted else set()
+            revision = super().commit(changes, sync=sync, meta=meta, admitted=admitted)
+            self._publish(publish)
+            return revision
         with self.lock:
             if not feed.synced.is_set():
                 raise ApiError(UNAVAILABLE, "not in sync with etcd yet (the first lists "
@@ -435,3 +561,25 @@ def open_feed(endpoints: Sequence[str], node: str, *, prefix: str = DEFAULT_PREF
     return EtcdFeed(EtcdClient(endpoints, timeout=timeout, tls=tls), node, prefix=prefix,
                     config=config)
 
+
+
+def open_hosts(feed: EtcdFeed, subnet: str, saved: Mapping[str, Any] | None, *,
+               netns: str | None, bridge_prefix: str, host_address: str | None,
+               config: ReflectorConfig | None = None) -> Any:
+    """The address pool across hosts (etcd/ipam.py) and the routes between hosts
+    (etcd/hosts.py) of an agent: its IPAM, claiming blocks in etcd; the routes start
+    with the feed."""
+    from stockade.errors import NetError
+    from stockade.etcd.hosts import HostRoutes
+    from stockade.etcd.ipam import Blocks, open_ipam
+    from stockade.net.naming import Naming
+
+    ipam = open_ipam(Blocks(feed.etcd, feed.prefix, feed.node), subnet, saved)
+    try:
+        bridge = Naming(bridge_prefix).bridge
+    except NetError:  # `stockade run` says so; the routes need no bridge
+        bridge = ""
+    feed.routes = HostRoutes(feed.etcd, feed.prefix, feed.node, address=host_address,
+                             netns=netns, bridge=bridge, pool=str(ipam.subnet),
+                             config=config)
+    return ipam

@@ -1,0 +1,234 @@
+"""Routes between hosts: every host routes the others' address blocks to them.
+
+Layout under the prefix::
+
+    <prefix>/hosts/NAME                     {"address": "192.0.2.11"}   (--host-address)
+    <prefix>/ipam/blocks/10.244.0.64-26     {"host": "NAME"}            (etcd/ipam.py)
+
+Each agent given ``--host-address`` registers it, watches hosts and blocks (the same
+list-then-watch as the datastore's objects) and keeps, in its network namespace, one
+route per block of another host via that host's address
+(``ip route replace 10.244.0.64/26 via 192.0.2.12``), removing the routes of blocks
+that moved or were reclaimed. Endpoints see the whole pool on their link (their
+address has the pool's prefix length), so the host's bridge answers ARP for the
+addresses it routes elsewhere (``proxy_arp``, without the proxy delay) and the host
+forwards (``ip_forward``). Policy needs nothing more: egress is enforced on the
+source host, ingress on the destination host, both from the same etcd state.
+
+Routes go through iproute2 (``ip``), a dependency of the setup already.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from stockade.etcd.client import EtcdClient, EtcdError
+from stockade.etcd.ipam import parse_block
+from stockade.etcd.watch import EtcdReflector
+from stockade.kube.client import Resource
+from stockade.kube.reflector import ReflectorConfig
+from stockade.net.namespace import entered
+from stockade.net.sysctl import write_sysctl
+
+log = logging.getLogger("stockade.etcd")
+
+HOSTS = Resource("stockade.io", "v1", "hosts", "Host", False)
+BLOCKS = Resource("stockade.io", "v1", "ipam/blocks", "Block", False)
+RECHECK = 5.0  # seconds between checks of the routes and the bridge's settings
+
+
+class _Sink:
+    def __init__(self, owner: HostRoutes, what: str) -> None:
+        self.owner, self.what = owner, what
+
+    def replace(self, items: list[dict[str, Any]], resource_version: str) -> None:
+        self.owner.replace(self.what, items)
+
+    def event(self, type: str, obj: dict[str, Any]) -> None:
+        self.owner.event(self.what, type, obj)
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "")
+
+
+class HostRoutes:
+    def __init__(self, client: EtcdClient, prefix: str, node: str, *, address: str | None,
+                 netns: str | None, bridge: str, pool: str,
+                 config: ReflectorConfig | None = None) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.node = node
+        self.address = address
+        self.netns = netns
+        self.bridge = bridge
+        self.pool = ipaddress.ip_network(pool)
+        self.blocks: dict[str, str] = {}  # block (CIDR) -> host
+        self.hosts: dict[str, str] = {}  # host -> address
+        self.installed: dict[str, str] = {}  # block -> via, as programmed
+        self.listed: set[str] = set()
+        self.registered = address is None
+        self.error = ""
+        self._cleaned = False  # stale routes of an earlier agent removed
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reflectors = [
+            EtcdReflector(client, BLOCKS, _Sink(self, "blocks"), prefix=prefix, config=config),
+            EtcdReflector(client, HOSTS, _Sink(self, "hosts"), prefix=prefix, config=config)]
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        for r in self.reflectors:
+            r.start()
+        self._thread = threading.Thread(target=self._loop, name="etcd-routes", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for r in self.reflectors:
+            r.stop(timeout=0.5)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"address": self.address or "", "registered": self.registered,
+                    "hosts": dict(sorted(self.hosts.items())),
+                    "routes": dict(sorted(self.installed.items())), "error": self.error}
+
+    # ---- the sinks --------------------------------------------------------------------
+
+    def replace(self, what: str, items: list[dict[str, Any]]) -> None:
+        with self._lock:
+            table: dict[str, str] = {}
+            for obj in items:
+                k, v = self._entry(what, obj)
+                if k:
+                    table[k] = v
+            if what == "blocks":
+                self.blocks = table
+            else:
+                self.hosts = table
+            self.listed.add(what)
+        self._wake.set()
+
+    def event(self, what: str, type: str, obj: dict[str, Any]) -> None:
+        with self._lock:
+            k, v = self._entry(what, obj)
+            table = self.blocks if what == "blocks" else self.hosts
+            if not k:
+                return
+            if type == "DELETED":
+                table.pop(k, None)
+            else:
+                table[k] = v
+        self._wake.set()
+
+    def _entry(self, what: str, obj: Mapping[str, Any]) -> tuple[str, str]:
+        name = _name(obj)
+        if what == "blocks":
+            block = parse_block(name)
+            return (str(block), str(obj.get("host") or "")) if block is not None else ("", "")
+        return name, str(obj.get("address") or "")
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.registered:
+                self._register()
+            try:
+                self.reconcile()
+            except Exception as e:  # the next round tries again
+                self.error = f"{type(e).__name__}: {e}"
+                log.warning("routes between hosts: %s", e)
+            self._wake.wait(RECHECK if self.registered else 1.0)
+            self._wake.clear()
+
+    def _register(self) -> None:
+        try:
+            self.client.put(f"{self.prefix}/hosts/{self.node}",
+                            json.dumps({"address": self.address}))
+        except EtcdError as e:
+            self.error = f"cannot register this host: {e}"
+            return
+        self.registered = True
+        log.info("host registered in etcd", extra={"fields": {
+            "host": self.node, "address": self.address}})
+
+    def desired(self) -> dict[str, str]:
+        with self._lock:
+            return {block: self.hosts[host] for block, host in self.blocks.items()
+                    if host != self.node and self.hosts.get(host)}
+
+    def reconcile(self) -> None:
+        """The kernel's routes as etcd says (only once both lists are in), and the
+        bridge's settings once the bridge exists."""
+        with self._lock:
+            want = self.desired() if self.listed == {"blocks", "hosts"} else {}
+        if self.address or want:
+            # Several hosts: forward and answer ARP for the others' endpoints (node-wide
+            # settings, left alone on a single host).
+            self._bridge()
+        with self._lock:
+            if self.listed != {"blocks", "hosts"}:
+                return
+            first = not self._cleaned
+        if first:
+            self._clean_stale(want)
+            self._cleaned = True
+        for block, via in sorted(want.items()):
+            if self.installed.get(block) != via:
+                self._ip("route", "replace", block, "via", via)
+                self.installed[block] = via
+                log.info("route to another host's block", extra={"fields": {
+                    "block": block, "via": via}})
+        for block in sorted(set(self.installed) - set(want)):
+            self._ip("route", "del", block, check=False)
+            del self.installed[block]
+            log.info("route removed", extra={"fields": {"block": block}})
+        self.error = ""
+
+    def _clean_stale(self, want: Mapping[str, str]) -> None:
+        """After a restart: routes to blocks of the pool via a gateway that etcd no
+        longer gives are an earlier agent's, and go."""
+        out = self._ip("-j", "route", "show", check=False)
+        try:
+            routes = json.loads(out or "[]")
+        except ValueError:
+            return
+        for r in routes:
+            dst, gw = str(r.get("dst") or ""), r.get("gateway")
+            try:
+                net = ipaddress.ip_network(dst)
+            except ValueError:
+                continue
+            if gw and net.version == self.pool.version and net.subnet_of(
+                    self.pool) and net != self.pool and dst not in want:  # type: ignore[arg-type]
+                self._ip("route", "del", dst, check=False)
+                log.info("stale route removed", extra={"fields": {"block": dst}})
+
+    def _bridge(self) -> None:
+        with entered(self.netns):
+            exists = bool(self.bridge) and os.path.isdir(
+                f"/proc/sys/net/ipv4/conf/{self.bridge}")
+        write_sysctl("net.ipv4.ip_forward", 1, self.netns)
+        if exists and self.bridge:
+            write_sysctl(f"net.ipv4.conf.{self.bridge}.proxy_arp", 1, self.netns)
+            write_sysctl(f"net.ipv4.neigh.{self.bridge}.proxy_delay", 0, self.netns)
+
+    def _ip(self, *args: str, check: bool = True) -> str:
+        cmd = ["ip", *(("-n", self.netns) if self.netns else ()), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {out.stderr.strip()}")
+        return out.stdout
