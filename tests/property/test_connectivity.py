@@ -55,21 +55,26 @@ def sample_addresses(cluster: Cluster) -> list[str]:
     return addresses_of(cluster.policies)
 
 
-def addresses_of(policies: tuple[NetworkPolicy, ...]) -> list[str]:
-    numbers = {0, 1, IPV4_LAST - 1, IPV4_LAST, int(ipaddress.IPv4Address("10.1.0.7"))}
+def addresses_of(policies: tuple[NetworkPolicy, ...], version: int = 4) -> list[str]:
+    last = IPV4_LAST if version == 4 else 2**128 - 1
+    make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    numbers = {0, 1, last - 1, last}
+    if version == 4:
+        numbers.add(int(ipaddress.IPv4Address("10.1.0.7")))
     for block in _blocks(policies):
         for text in (block.cidr, *block.except_):
             net = parse_cidr(text)
-            if net is None or net.version != 4:
+            if net is None or net.version != version:
                 continue
             lo, hi = int(net.network_address), int(net.broadcast_address)
             numbers |= {lo - 1, lo, lo + 1, (lo + hi) // 2, hi - 1, hi, hi + 1}
-    return [str(ipaddress.IPv4Address(n)) for n in sorted(numbers) if 0 <= n <= IPV4_LAST]
+    return [str(make(n)) for n in sorted(numbers) if 0 <= n <= last]
 
 
 def _range_of(ranges: tuple[AddressRange, ...], address: str) -> AddressRange:
-    n = int(ipaddress.IPv4Address(address))
-    found = [r for r in ranges if r.first <= n <= r.last]
+    ip = ipaddress.ip_address(address)
+    n = int(ip)
+    found = [r for r in ranges if r.version == ip.version and r.first <= n <= r.last]
     assert len(found) == 1, (address, ranges)
     return found[0]
 
@@ -182,9 +187,9 @@ def test_diff_covers_external_addresses_exactly(cluster: Cluster, data: st.DataO
         return any(p == protocol and lo <= port <= hi
                    for p, lo, hi in changed.get((src, dst), ()))
 
-    sources = address_ranges(old + new, INGRESS)
-    destinations = address_ranges(old + new, EGRESS)
-    for address in addresses_of(old + new):
+    sources = address_ranges(old + new, INGRESS) + address_ranges(old + new, INGRESS, 6)
+    destinations = address_ranges(old + new, EGRESS) + address_ranges(old + new, EGRESS, 6)
+    for address in addresses_of(old + new) + addresses_of(old + new, 6):
         inbound = render_range(_range_of(sources, address))
         outbound = render_range(_range_of(destinations, address))
         for pod in cluster.endpoints:

@@ -145,8 +145,8 @@ def report_coverage(args: argparse.Namespace, objects: Objects, where: str = "fi
 
 DIFF_EPILOG = """\
 Compares the connections that the OLD and the NEW policies allow between pods (and
-workloads), and between a pod and the external IPv4 ranges the ipBlocks of either
-side cut the address space into (a range written as a CIDR when it is one), over
+workloads), and between a pod and the external ranges the ipBlocks of either side
+cut the IPv4 and IPv6 spaces into (a range written as a CIDR when it is one), over
 every port of TCP, UDP and SCTP (exactly: ports are grouped into the ranges that
 policies and named ports distinguish). The pods and namespaces are the union of
 both sides (the NEW side wins when a pod or namespace is in both), so cluster

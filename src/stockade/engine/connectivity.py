@@ -46,6 +46,7 @@ from stockade.model.policy import (
 MIN_PORT = 1
 MAX_PORT = 65535
 IPV4_LAST = 2**32 - 1
+IPV6_LAST = 2**128 - 1
 # The order netpol-analyzer writes protocols in.
 PROTOCOL_ORDER = (SCTP, TCP, UDP)
 
@@ -166,19 +167,28 @@ def rule_connections(rule: Rule, destination: Endpoint | None) -> Connections:
 
 @dataclass(frozen=True)
 class AddressRange:
-    """A contiguous piece of the IPv4 space, outside the cluster."""
+    """A contiguous piece of the IPv4 (or, `version` 6, the IPv6) space, outside the
+    cluster."""
 
     first: int
     last: int
+    version: int = 4
+
+    def _address(self, n: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.IPv4Address(n) if self.version == 4 else ipaddress.IPv6Address(n)
 
     @property
     def sample(self) -> str:
         """One address of the piece: every address of it is judged alike."""
-        return str(ipaddress.IPv4Address(self.first))
+        return str(self._address(self.first))
 
     def render(self) -> str:
-        return (f"{ipaddress.IPv4Address(self.first)}-{ipaddress.IPv4Address(self.last)}"
-                "[External]")
+        return f"{self._address(self.first)}-{self._address(self.last)}[External]"
+
+    def cidrs(self) -> list[str]:
+        """The piece as the fewest CIDRs."""
+        return [str(n) for n in ipaddress.summarize_address_range(
+            self._address(self.first), self._address(self.last))]
 
 
 @dataclass(frozen=True)
@@ -190,15 +200,16 @@ class Workload:
     endpoint: Endpoint
 
 
-def block_ranges(block: IPBlock) -> list[tuple[int, int]]:
-    """An IPv4 ipBlock after its excepts, as contiguous ranges (none for IPv6)."""
+def block_ranges(block: IPBlock, version: int = 4) -> list[tuple[int, int]]:
+    """An ipBlock of the family after its excepts, as contiguous ranges (none when the
+    block is of the other family)."""
     net = parse_cidr(block.cidr)
-    if net is None or net.version != 4:
+    if net is None or net.version != version:
         return []
     ranges = [(int(net.network_address), int(net.broadcast_address))]
     for text in block.except_:
         exc = parse_cidr(text)
-        if exc is None or exc.version != 4:
+        if exc is None or exc.version != version:
             continue
         lo, hi = int(exc.network_address), int(exc.broadcast_address)
         cut: list[tuple[int, int]] = []
@@ -214,19 +225,20 @@ def block_ranges(block: IPBlock) -> list[tuple[int, int]]:
     return ranges
 
 
-def address_ranges(policies: Iterable[NetworkPolicy], direction: str) -> tuple[AddressRange, ...]:
-    """The pieces of the IPv4 space cut at the bounds of every ipBlock of the direction's
-    rules (`from` of ingress rules, `to` of egress rules), of every policy."""
-    cuts = {0, IPV4_LAST + 1}
+def address_ranges(policies: Iterable[NetworkPolicy], direction: str,
+                   version: int = 4) -> tuple[AddressRange, ...]:
+    """The pieces of the IPv4 (or IPv6) space cut at the bounds of every ipBlock of the
+    direction's rules (`from` of ingress rules, `to` of egress rules), of every policy."""
+    cuts = {0, (IPV4_LAST if version == 4 else IPV6_LAST) + 1}
     for policy in policies:
         for rule in policy.rules(direction):
             for peer in rule.peers:
                 if peer.ip_block is not None:
-                    for lo, hi in block_ranges(peer.ip_block):
+                    for lo, hi in block_ranges(peer.ip_block, version):
                         cuts.add(lo)
                         cuts.add(hi + 1)
     bounds = sorted(cuts)
-    return tuple(AddressRange(a, b - 1) for a, b in itertools.pairwise(bounds))
+    return tuple(AddressRange(a, b - 1, version) for a, b in itertools.pairwise(bounds))
 
 
 def workload_peers(endpoints: Sequence[Endpoint], controllers: Mapping[str, tuple[str, str]],

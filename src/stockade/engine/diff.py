@@ -8,7 +8,7 @@ every port of an interval has the same verdict for every pair. Judging one port
 per interval, before and after, is exact, and the changes come out as ranges.
 
 Addresses outside the cluster are judged the same way (the ranges of
-`engine.connectivity`, as `stockade list` cuts them): the IPv4 space is cut at
+`engine.connectivity`, as `stockade list` cuts them): the IPv4 and IPv6 spaces are cut at
 every bound of every ipBlock (after its excepts) of both policy sets, so one
 address stands for its whole range, and each range is paired with every pod
 (from the range to the pod, and from the pod to the range; never a pod's own
@@ -20,7 +20,6 @@ the old and with the new policies, so the diff shows what the policies change.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -118,8 +117,10 @@ def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
     pods = sorted(cluster.endpoints, key=lambda e: (e.namespace, e.name))
     both = [*old, *new]
     classes = pod_classes(cluster.with_policies(both), pods)
-    sources = address_ranges(both, INGRESS) if external else ()
-    destinations = address_ranges(both, EGRESS) if external else ()
+    sources = tuple(r for v in (4, 6) for r in address_ranges(both, INGRESS, v)) \
+        if external else ()
+    destinations = tuple(r for v in (4, 6) for r in address_ranges(both, EGRESS, v)) \
+        if external else ()
     found: dict[tuple[str, str, str, str], dict[str, list[PortRange]]] = {}
 
     def judge(flows: tuple[Flow, Flow], src: str, dst: str, protocol: str,
@@ -169,21 +170,21 @@ def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
 
 def render_range(rng: AddressRange) -> str:
     """An external range as a CIDR when it is one (`192.168.0.0/16`), else `first-last`."""
-    first = ipaddress.IPv4Address(rng.first)
-    nets = list(ipaddress.summarize_address_range(first, ipaddress.IPv4Address(rng.last)))
-    if len(nets) == 1:
-        return str(nets[0])
-    return f"{first}-{ipaddress.IPv4Address(rng.last)}"
+    cidrs = rng.cidrs()
+    if len(cidrs) == 1:
+        return cidrs[0]
+    return rng.render().removesuffix("[External]")
 
 
 def _to_address(src: Endpoint, rng: AddressRange, port: int, protocol: str) -> Flow:
     """From a pod to an address of the range (one that is no pod's: never resolved)."""
-    return Flow(src, src.ip_for_family(4) or (src.ips[0] if src.ips else ""), None,
-                rng.sample, port, protocol)
+    return Flow(src, src.ip_for_family(rng.version) or (src.ips[0] if src.ips else ""),
+                None, rng.sample, port, protocol)
 
 
 def _from_address(rng: AddressRange, dst: Endpoint, port: int, protocol: str) -> Flow:
-    return Flow(None, rng.sample, dst, dst.ip_for_family(4) or (dst.ips[0] if dst.ips else ""),
+    return Flow(None, rng.sample, dst,
+                dst.ip_for_family(rng.version) or (dst.ips[0] if dst.ips else ""),
                 port, protocol)
 
 
