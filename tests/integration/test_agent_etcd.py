@@ -720,3 +720,129 @@ def test_containers_on_two_hosts_get_blocks_routes_and_policy_across_hosts(
                 for item in agent.call("ps")["items"]:
                     agent.call("rm", key=item["key"], grace=0.5)
             agent.stop()
+
+
+# ---- (8) several hosts: failures, with probes across hosts throughout -----------------------
+
+
+class CrossProbes:
+    """b->a allowed and c->a denied, probed across hosts in the background."""
+
+    def __init__(self, atts: Mapping[str, Any]) -> None:
+        import threading
+
+        self.atts = atts
+        self.problems: list[str] = []
+        self.rounds = 0
+        self.expect = {("b", "a"): True, ("c", "a"): False}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> CrossProbes:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from stockade.probe.client import Probe, run_probes
+
+        while not self._stop.is_set():
+            pairs = list(self.expect)
+            got = run_probes([Probe(s, self.atts[s].netns, d, self.atts[d].address4, TCP80)
+                              for s, d in pairs], timeout=0.5)
+            self.rounds += 1
+            for (s, d), v in zip(pairs, got, strict=True):
+                if v.allowed != self.expect[(s, d)]:
+                    self.problems.append(f"{s}->{d}: {v.allowed} (round {self.rounds})")
+
+
+def test_across_hosts_agent_kill_etcd_restart_and_compaction_keep_enforcement(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, netns_prefix: str) -> None:
+    from stockade.net.plumber import EndpointSpec
+
+    hosts = Hosts(netns_prefix, 3)
+    placement = {"a": "host-1", "b": "host-2", "c": "host-3"}
+    atts = {}
+    writer.namespace("x", {})
+    for i, (name, host) in enumerate(sorted(placement.items())):
+        ip = f"10.250.0.{10 + i}"
+        atts[name] = hosts.plumbers[host].ensure_endpoint(EndpointSpec(f"x/{name}",
+                                                                       f"{ip}/24", None))
+        hosts.route(ip, host)
+        writer.pod("x", name, {"pod": name}, [ip], node=host)
+    writer.policy(allow("web", "a", "b"))
+    writer.policy(allow("extra", "c", "a", 81))
+
+    def agent_of(host: str, tag: str = "") -> AgentProcess:
+        (tmp_path / f"{host}{tag}").mkdir()
+        return AgentProcess(tmp_path / f"{host}{tag}", hosts.netns[host], netns_prefix,
+                            resync=1.0, extra=(
+                                "--datastore", "etcd", "--etcd-endpoints", etcd.url,
+                                "--node", host, "--watch-stall-timeout", "5"))
+
+    agents = {h: agent_of(h) for h in hosts.names}
+    try:
+        for agent in agents.values():
+            agent.start()
+        for agent in agents.values():
+            wait_enforced(agent, writer.rvs)
+        with ProbeServer({att.netns: [TCP80] for att in atts.values()}), \
+                CrossProbes(atts) as probes:
+            time.sleep(0.5)
+            # (1) The destination's agent killed: its kernel keeps enforcing; a new
+            # agent adopts its table and converges, with a change made meanwhile.
+            agents["host-1"].kill9()
+            writer.policy(allow("while-dead", "b", "c", 82))
+            time.sleep(1.0)
+            agents["host-1"] = agent_of("host-1", "-again").start()
+            for agent in agents.values():
+                wait_enforced(agent, writer.rvs)
+            # (2) etcd stopped and started: every host degraded, then caught up.
+            etcd.stop()
+            for agent in agents.values():
+                until_status(agent, lambda s: s["datastore"]["degraded"])
+            time.sleep(1.0)
+            etcd.start()
+            for agent in agents.values():
+                until_status(agent, lambda s: not s["datastore"]["degraded"])
+            writer.delete("networkpolicies", "x/extra")
+            for agent in agents.values():
+                wait_enforced(agent, writer.rvs)
+            # (3) Compaction while the source's agent is cut off: it relists.
+            src = agents["host-2"]
+            assert src.proc is not None
+            os.kill(src.proc.pid, signal.SIGSTOP)
+            try:
+                etcd.stop()
+                etcd.start()
+                writer.delete("networkpolicies", "x/while-dead")
+                for i in range(3):  # history moves on past the agent's revision
+                    writer.c.put(f"/elsewhere/{i}", "x")
+                etcd.compact()
+            finally:
+                os.kill(src.proc.pid, signal.SIGCONT)
+            wait_status(src, lambda r: all(x["lists"] >= 2 for x in r.values()), timeout=30)
+            for agent in agents.values():
+                wait_enforced(agent, writer.rvs)
+            time.sleep(0.5)
+        assert probes.rounds >= 10, probes.rounds
+        assert probes.problems == [], probes.problems[:20]
+        # Converged: every host holds the same policies, and a new one is enforced
+        # across hosts at once.
+        for agent in agents.values():
+            assert names(agent, "policies") == {"web"}
+        writer.policy(allow("c-too", "a", "c"))
+        for agent in agents.values():
+            wait_enforced(agent, writer.rvs)
+        from stockade.probe.client import Probe, run_probes
+
+        with ProbeServer({att.netns: [TCP80] for att in atts.values()}):
+            got = run_probes([Probe("c", atts["c"].netns, "a", atts["a"].address4, TCP80)],
+                             timeout=1.0)
+            assert got[0].allowed
+    finally:
+        for agent in agents.values():
+            agent.stop()
