@@ -846,3 +846,28 @@ def test_across_hosts_agent_kill_etcd_restart_and_compaction_keep_enforcement(
     finally:
         for agent in agents.values():
             agent.stop()
+
+
+# ---- (9) TLS with client certificates ----------------------------------------------------------
+
+
+def test_an_agent_talks_to_etcd_over_tls_with_a_client_certificate(
+        tmp_path: Path, host_netns: str, netns_prefix: str) -> None:
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    with EtcdServer(tmp_path / "etcd", tls=True) as etcd, etcd.client() as c:
+        assert etcd.tls is not None
+        tls = etcd.tls
+        (tmp_path / "agent").mkdir()
+        agent = AgentProcess(tmp_path / "agent", host_netns, netns_prefix, extra=(
+            "--datastore", "etcd", "--etcd-endpoints", etcd.url, "--node", NODE,
+            "--etcd-cacert", tls.ca, "--etcd-cert", tls.client_cert,
+            "--etcd-key", tls.client_key)).start()
+        try:
+            agent.call("apply", documents=[allow("web", "a", "b")])
+            assert c.get(f"{PREFIX}/networkpolicies/x/web") is not None
+            assert agent.call("status")["datastore"]["server"].startswith("https://")
+        finally:
+            agent.stop()

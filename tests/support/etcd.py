@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_tls(directory: Path) -> TlsFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    d = str(directory)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    for who, ext in (("server", ["subjectAltName=IP:127.0.0.1",
+                                   # etcd's JSON gateway dials etcd with the server's
+                                   # certificate: it is a client certificate too.
+                                   "extendedKeyUsage=serverAuth,clientAuth"]),
+                     ("client", ["extendedKeyUsage=clientAuth"])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+            "-keyout", f"{who}.key", "-out", f"{who}.csr")
+        (directory / f"{who}.ext").write_text("".join(f"{line}\n" for line in ext))
+        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{who}.ext", "-out", f"{who}.crt")
+    return TlsFiles(f"{d}/ca.crt", f"{d}/server.crt", f"{d}/server.key", f"{d}/client.crt",
+                    f"{d}/client.key")
+
+
 class EtcdServer:
-    def __init__(self, tmp: Path, *, name: str = "default") -> None:
+    def __init__(self, tmp: Path, *, name: str = "default", tls: bool = False) -> None:
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError("etcd is not installed (make setup installs etcd-server)")
@@ -50,7 +84,9 @@ class EtcdServer:
         self.name = name
         self.port = free_port()
         self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # With tls: https, a server certificate, and client certificates required.
+        self.tls = make_tls(self.dir / "tls") if tls else None
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -77,6 +113,9 @@ class EtcdServer:
                "--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr",
                # A quiet watch is told its progress every second (a bookmark).
                "--experimental-watch-progress-notify-interval", "1s"]
+        if self.tls is not None:
+            cmd += ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
+                    "--client-cert-auth", "--trusted-ca-file", self.tls.ca]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
         atexit.register(self.close)  # pytest itself interrupted: no etcd left behind
@@ -85,7 +124,7 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited: {self.log.read_text()[-3000:]}")
             try:
-                r = httpx.get(self.url + "/health", timeout=1.0)
+                r = httpx.get(self.url + "/health", timeout=1.0, **self._httpx_tls())
                 if r.status_code == 200 and r.json().get("health") == "true":
                     return self
             except (httpx.HTTPError, ValueError):
@@ -124,7 +163,20 @@ class EtcdServer:
 
     # ---- data -------------------------------------------------------------------------
 
+    def _httpx_tls(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {}
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.tls.ca)
+        ctx.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        return {"verify": ctx}
+
     def client(self, **kwargs: Any) -> EtcdClient:
+        if self.tls is not None and "tls" not in kwargs:
+            from stockade.etcd.client import TlsConfig
+
+            kwargs["tls"] = TlsConfig(self.tls.client_cert, self.tls.client_key, self.tls.ca)
         return EtcdClient([self.url], **kwargs)
 
     def compact(self) -> int:

@@ -14,6 +14,7 @@ from tests.support.etcd import EtcdServer, etcd_binary
 from stockade.etcd.client import (
     Compacted,
     EtcdClient,
+    EtcdError,
     Unavailable,
     b64,
     prefix_end,
@@ -115,3 +116,26 @@ def test_failover_to_the_next_endpoint(tmp_path: Path) -> None:
                                                   timeout=2.0) as c:
         assert c.put("/f", "x") > 0
         assert c.server == etcd.url
+
+
+def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    import shutil
+
+    from stockade.etcd.client import TlsConfig
+
+    if etcd_binary() is None or shutil.which("openssl") is None:
+        pytest.skip("etcd or openssl is not installed")
+    with EtcdServer(tmp_path, tls=True) as etcd:
+        assert etcd.url.startswith("https://") and etcd.tls is not None
+        with etcd.client() as c:  # the CA, and this client's certificate
+            rev = c.put("/t", "x")
+            assert c.get("/t") is not None
+            events = next(iter(c.watch("/t", rev, read_timeout=5)))
+            assert events.created or events.events
+        # Without a client certificate etcd refuses the connection.
+        with EtcdClient([etcd.url], timeout=2.0, tls=TlsConfig(ca=etcd.tls.ca)) as c, \
+                pytest.raises(EtcdError):
+            c.put("/t", "y")
+        # A server whose certificate is not from the configured CA is refused.
+        with EtcdClient([etcd.url], timeout=2.0) as c, pytest.raises(EtcdError):
+            c.put("/t", "z")
