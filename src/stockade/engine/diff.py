@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from stockade.engine.connectivity import AddressRange, address_ranges
+from stockade.engine.connectivity import AddressRange, Sides, address_ranges
 from stockade.engine.evaluate import Evaluator, Flow, Side, Verdict
 from stockade.engine.matrix import pod_classes
 from stockade.model.cluster import Cluster, Endpoint
@@ -122,6 +122,9 @@ def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
     destinations = tuple(r for v in (4, 6) for r in address_ranges(both, EGRESS, v)) \
         if external else ()
     found: dict[tuple[str, str, str, str], dict[str, list[PortRange]]] = {}
+    # The (pod, range) pairs whose connections differ at all: found on port intervals
+    # (engine.connectivity), then judged port range by port range for the reasons.
+    outbound, inbound_pairs = _changed_external(cluster, old, new, pods, sources, destinations)
 
     def judge(flows: tuple[Flow, Flow], src: str, dst: str, protocol: str,
               span: PortRange) -> None:
@@ -146,26 +149,41 @@ def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
                         judge((before.flow(src, dst, span.low, protocol),
                                after.flow(src, dst, span.low, protocol)),
                               src.key, dst.key, protocol, span)
-            for i, pod in enumerate(pods):
-                for rng in destinations:
-                    out = _to_address(pod, rng, span.low, protocol)
-                    key = ("to", classes[i], rng)
-                    if key not in seen:
-                        seen[key] = (before.allowed(out), after.allowed(out))
-                    if seen[key][0] != seen[key][1]:
-                        judge((out, out), pod.key, render_range(rng), protocol, span)
-                for rng in sources:
-                    inbound = _from_address(rng, pod, span.low, protocol)
-                    key = ("from", classes[i], rng)
-                    if key not in seen:
-                        seen[key] = (before.allowed(inbound), after.allowed(inbound))
-                    if seen[key][0] != seen[key][1]:
-                        judge((inbound, inbound), render_range(rng), pod.key, protocol, span)
+            for i, rng in outbound:
+                out = _to_address(pods[i], rng, span.low, protocol)
+                key = ("to", classes[i], rng)
+                if key not in seen:
+                    seen[key] = (before.allowed(out), after.allowed(out))
+                if seen[key][0] != seen[key][1]:
+                    judge((out, out), pods[i].key, render_range(rng), protocol, span)
+            for i, rng in inbound_pairs:
+                inbound = _from_address(rng, pods[i], span.low, protocol)
+                key = ("from", classes[i], rng)
+                if key not in seen:
+                    seen[key] = (before.allowed(inbound), after.allowed(inbound))
+                if seen[key][0] != seen[key][1]:
+                    judge((inbound, inbound), render_range(rng), pods[i].key, protocol, span)
     changes = [Change(kind, s, d, _port_sets(ports), reason)
                for (kind, s, d, reason), ports in found.items()]
     changes.sort(key=lambda c: (c.src, c.dst, c.change, c.ports[0].protocol,
                                 c.ports[0].ranges[0].low))
     return PolicyDiff(tuple(changes))
+
+
+def _changed_external(cluster: Cluster, old: Sequence[NetworkPolicy],
+                      new: Sequence[NetworkPolicy], pods: Sequence[Endpoint],
+                      sources: Sequence[AddressRange], destinations: Sequence[AddressRange]
+                      ) -> tuple[list[tuple[int, AddressRange]], list[tuple[int, AddressRange]]]:
+    """(pod index, range) pairs whose connections differ: to the range, from it."""
+    if not sources and not destinations:
+        return [], []
+    before = Sides(cluster.with_policies(old))
+    after = Sides(cluster.with_policies(new))
+    outbound = [(i, rng) for i, pod in enumerate(pods) for rng in destinations
+                if before.to_address(pod, rng.sample) != after.to_address(pod, rng.sample)]
+    inbound = [(i, rng) for i, pod in enumerate(pods) for rng in sources
+               if before.from_address(rng.sample, pod) != after.from_address(rng.sample, pod)]
+    return outbound, inbound
 
 
 def render_range(rng: AddressRange) -> str:
