@@ -487,6 +487,14 @@ class SpreadPods:
                 self.hosts.route(v4[0], host)
         for key in set(self.attached) - set(placement):
             self._detach(key)
+            self.changed = True
+        if self.changed:
+            # An address may have moved to another host: a gratuitous ARP reaches only
+            # the new host's bridge, so every neighbour cache forgets it here.
+            for ns in [*(att.netns for _, att in self.attached.values()),
+                       *self.hosts.netns.values()]:
+                subprocess.run(["ip", "-n", ns, "neigh", "flush", "all"],
+                               capture_output=True, check=False)
         return placement
 
     def _detach(self, key: str) -> None:
@@ -871,3 +879,42 @@ def test_an_agent_talks_to_etcd_over_tls_with_a_client_certificate(
             assert agent.call("status")["datastore"]["server"].startswith("https://")
         finally:
             agent.stop()
+
+
+# ---- (10) an agent starting while etcd is away ---------------------------------------------------
+
+
+def test_an_agent_starting_without_etcd_keeps_the_kernel_until_the_first_lists(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
+        netns_prefix: str) -> None:
+    publish_trio(writer, trio)
+    first = etcd_agent(tmp_path / "one", etcd, trio.host_netns, netns_prefix).start()
+    wait_enforced(first, writer.rvs)
+    assert first.stop() == 0
+    dp = NftDatapath(netns=trio.host_netns)
+    kernel = dp.read()
+    etcd.stop()
+    second = etcd_agent(tmp_path / "two", etcd, trio.host_netns, netns_prefix)
+    with open(second.log, "ab") as out:
+        second.proc = subprocess.Popen(second.cmd, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 20
+        st: dict[str, Any] = {}
+        while time.monotonic() < deadline and not st:
+            with contextlib.suppress(Exception):
+                st = second.call("status")
+            time.sleep(0.05)
+        assert st and not st["inSync"] and not st["ready"], st
+        assert st["datastore"]["synced"] is False and st["datastore"]["degraded"] is True
+        with pytest.raises(ApiError) as e:
+            second.call("apply", documents=[allow("early", "a", "c")])
+        assert e.value.code == "unavailable" and "not in sync with etcd" in e.value.message
+        with ProbeServer({a.netns: [TCP80] for a in trio.all}):
+            assert probe(trio, [("b", "a"), ("c", "a")]) == {("b", "a"): True,
+                                                             ("c", "a"): False}
+        assert dp.read() == kernel  # kept as the last agent left it
+        etcd.start()
+        wait_enforced(second, writer.rvs)
+        assert dp.read() == kernel  # adopted: the same state, nothing changed
+    finally:
+        second.stop()

@@ -198,12 +198,16 @@ def open_ipam(blocks: Blocks, wanted: str, saved: Mapping[str, Any] | None) -> B
         subnet, size = blocks.pool(wanted)
         mine = [str(b) for b in blocks.mine()]
     except EtcdError as e:
-        if not saved:
-            raise NetError(f"cannot read the address pool from etcd: {e}") from None
-        log.warning("etcd unreachable at start: using the saved address blocks",
-                    extra={"fields": {"error": str(e)}})
-        ipam = BlockIpam.from_dict(saved)
-        subnet, size, mine = str(ipam.subnet), BLOCK_PREFIXLEN, [str(b) for b in ipam.blocks]
+        # The agent starts anyway (it keeps the kernel's table until the first lists);
+        # blocks are claimed when etcd is back and an address is needed.
+        if saved:
+            ipam = BlockIpam.from_dict(saved)
+            subnet, mine = str(ipam.subnet), [str(b) for b in ipam.blocks]
+        else:
+            subnet, mine = wanted, []
+        size = BLOCK_PREFIXLEN
+        log.warning("etcd unreachable at start: using the saved address blocks and the "
+                    "pool %s", subnet, extra={"fields": {"error": str(e)}})
     allocated: dict[str, str] = {}
     if saved and str(saved.get("subnet")) == subnet:
         allocated = {str(k): str(v) for k, v in dict(saved.get("allocated") or {}).items()}
