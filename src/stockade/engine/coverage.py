@@ -67,9 +67,11 @@ def selected_pods(policy: NetworkPolicy, cluster: Cluster) -> tuple[Endpoint, ..
 
 def peer_pods(peer: Peer, policy_ns: str, cluster: Cluster,
               ns_labels: Mapping[str, Labels]) -> tuple[Endpoint, ...]:
-    """The pods a peer stands for; an ipBlock stands for the pods with an IP inside it."""
+    """The pods a peer stands for; an ipBlock stands for the pods with an IP inside it
+    (a workload, or a Pod without an IP, has none: selectors alone can match it)."""
     return tuple(ep for ep in cluster.endpoints
-                 if any(peer_matches(peer, policy_ns, ep, ip, ns_labels) for ip in ep.ips))
+                 if any(peer_matches(peer, policy_ns, ep, ip, ns_labels)
+                        for ip in ep.ips or ("",)))
 
 
 def rule_destinations(rule: Rule, direction: str, policy: NetworkPolicy, cluster: Cluster,
