@@ -1,13 +1,18 @@
 """Workload documents of any shape: the analyses' decoding (`workloads=True`) gives
-objects or decoding errors naming the object, never another exception."""
+objects or decoding errors naming the object, never another exception; and the
+matrix of address-less endpoints agrees with the evaluator."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.property.strategies import DEFAULT, DENSE, Universe, clusters
 
+from stockade.engine.matrix import compute_matrix, evaluator_judge
 from stockade.model.decode import WORKLOAD_TEMPLATES
 from stockade.model.parse import decode_objects
 
@@ -65,3 +70,23 @@ def test_any_workload_document_decodes_or_is_a_named_error(docs: list[dict[str, 
     for ep in objects.workloads:
         assert ep.ips == ()
         assert ep.name.endswith("]")
+
+
+@pytest.mark.parametrize("u", [DEFAULT, DENSE], ids=["default", "dense"])
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_matrix_on_bitsets_equals_the_evaluator_without_addresses(
+        u: Universe, data: st.DataObject) -> None:
+    """Workloads and Pending Pods have no address: some of the cluster's endpoints lose
+    theirs, and the matrix's bitsets (engine.reach) still agree with the evaluator (an
+    ipBlock matches none of them)."""
+    cluster = data.draw(clusters(u, with_policies=True), label="cluster")
+    keep = data.draw(st.lists(st.booleans(), min_size=len(cluster.endpoints),
+                              max_size=len(cluster.endpoints)), label="keep addresses")
+    eps = tuple(ep if k else replace(ep, ips=()) for ep, k in zip(cluster.endpoints, keep,
+                                                                   strict=True))
+    cluster = replace(cluster, endpoints=eps)
+    fast = compute_matrix(cluster, [80, 443, 53, "http"], ["TCP", "UDP"])
+    slow = compute_matrix(cluster, [80, 443, 53, "http"], ["TCP", "UDP"],
+                          judge=evaluator_judge(cluster))
+    assert fast == slow

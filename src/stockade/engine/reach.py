@@ -19,8 +19,13 @@ from stockade.model.cluster import Cluster, Endpoint
 from stockade.model.policy import EGRESS, INGRESS, IPBlock, NetworkPolicy, Peer, Rule
 
 
-def _family(ep: Endpoint) -> int:
-    a = parse_ip(ep.ips[0]) if ep.ips else None
+def _family(ep: Endpoint) -> int | None:
+    """The family of a destination's address; None for one without (a workload, a Pod
+    without an IP): a source then connects from its first address, as the evaluator
+    takes it."""
+    if not ep.ips:
+        return None
+    a = parse_ip(ep.ips[0])
     return a.version if a is not None else 4
 
 
@@ -145,7 +150,7 @@ def reachability(cluster: Cluster, port: int, protocol: str,
     index = res.index
     ingress: list[int] = []
     egress: list[int] = []
-    in_cache: dict[tuple[PolicySet, int, tuple[object, ...]], int] = {}
+    in_cache: dict[tuple[PolicySet, int | None, tuple[object, ...]], int] = {}
     out_cache: dict[PolicySet, int] = {}
     for ep in bits.eps:
         ident = index.identity_of_existing(ep)
