@@ -507,7 +507,9 @@ static __always_inline struct ct_value *ct_find(struct ct_key *k, __u64 now)
 	struct ct_value *v = bpf_map_lookup_elem(&ct, k);
 	if (!v)
 		return 0;
-	if (now - v->seen_ns > ct_timeout(k->proto, v->flags)) {
+	/* seen_ns may be ahead of this CPU's now (another CPU stored it a moment ago):
+	 * unsigned, now - seen_ns would wrap and expire a live connection */
+	if (now > v->seen_ns && now - v->seen_ns > ct_timeout(k->proto, v->flags)) {
 		bpf_map_delete_elem(&ct, k);
 		return 0;
 	}
@@ -574,7 +576,7 @@ static __always_inline void report(struct __sk_buff *skb, struct packet *p, stru
 	if (!r)
 		return;
 	now = bpf_ktime_get_ns();
-	if (now - r->window > SEC_NS) {
+	if (now > r->window && now - r->window > SEC_NS) { /* window: maybe another CPU's */
 		r->window = now;
 		r->count = 0;
 	}
