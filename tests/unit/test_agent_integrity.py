@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -348,37 +347,3 @@ def test_repeated_failures_recompile_from_the_state() -> None:
     assert rec.compiler is not first  # from the second failure in a row on: anew
     dp.failing = None
     assert rec.run(False) and rec.healthy
-
-
-def test_changes_are_queued_and_folded_in_order_by_the_next_run() -> None:
-    """A caller of `changed` (who holds the service's lock) never waits for a run that
-    is making a ruleset: the change is queued, and the run folds the queue in order,
-    enforcing the revision it folded up to."""
-    ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
-    web = Endpoint("x", "web", Labels({"app": "web"}), ("10.0.0.1",))
-    rec = Reconciler(IncrementalCompiler(), MemoryDatapath(), 0)
-    assert rec.run(False)
-    with rec._lock:  # a run holds the compiler
-        rec.changed(1, [PutNamespace(ns)])
-        rec.changed(2, [PutEndpoint(EndpointRecord(web))])
-        rec.changed(3, [PutEndpoint(EndpointRecord(replace(web, labels=Labels(
-            {"app": "db"}))))])
-    assert rec.desired_revision == 3 and not rec.in_sync
-    assert not rec.compiler.endpoints
-    assert rec.run(False) and rec.applied_revision == 3 and rec.in_sync
-    assert rec.compiler.endpoints["x/web"].labels == Labels({"app": "db"})
-
-
-def test_a_bulk_of_changes_compiles_the_state_anew() -> None:
-    state = AgentState()
-    rec = Reconciler(IncrementalCompiler(), MemoryDatapath(), 0, cluster_of=state.cluster)
-    ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
-    changes: list[Any] = [PutNamespace(ns)] + [
-        PutEndpoint(EndpointRecord(Endpoint("x", f"p{i}", Labels(), (f"10.0.{i // 250}."
-                                                                     f"{i % 250 + 1}",))))
-        for i in range(Reconciler.BULK + 1)]
-    state.apply(changes)
-    rec.changed(1, changes)
-    before = rec.compiler
-    assert rec.run(False) and rec.applied_revision == 1
-    assert rec.compiler is not before and len(rec.compiler.endpoints) == Reconciler.BULK + 1

@@ -80,10 +80,6 @@ class Reconciler:
         self.consecutive_failures = 0  # since the last success; drives the backoff
         self._accepted: list[tuple[int, float]] = []  # (revision, monotonic time accepted)
         self._changes = 0  # calls of `changed`: tells a rebuild whether it is current
-        # Changes accepted and not yet in the compiler, and the revision it holds.
-        self._queue_lock = threading.Lock()
-        self._queue: list[tuple[int, tuple[Change, ...]]] = []
-        self._folded = revision
         self._kick: Callable[[], None] = lambda: None
         self.verifications = 0  # periodic checks that found the kernel as applied
         self.last_verified: float | None = None  # wall clock of the last one
@@ -95,53 +91,16 @@ class Reconciler:
     # ---- changes in ------------------------------------------------------------------------
 
     def changed(self, revision: int, changes: Sequence[Change]) -> None:
-        """Accepted changes, in the store's order: queued, and folded into the compiler
-        by the next run (so that a caller, who holds the service's lock, never waits
-        for a run that is making a ruleset out of the compiler)."""
-        with self._queue_lock:
+        with self._lock:
             self._changes += 1
-            self._queue.append((revision, tuple(changes)))
+            if len(changes) > self.BULK and self.cluster_of is not None:
+                self.compiler = IncrementalCompiler.of(self.cluster_of())
+            else:
+                for c in changes:
+                    feed(self.compiler, c)
             self.desired_revision = max(self.desired_revision, revision)
             self._accepted.append((revision, time.monotonic()))
         self._kick()
-
-    def _fold(self) -> None:
-        """The queued changes into the compiler, in order (under the apply lock).
-
-        Beyond BULK changes, or if the compiler fails on one, the whole state is
-        compiled anew instead; the state read then holds the batch (it was stored
-        first), and changes queued after it are folded again later (each is
-        idempotent). Read without holding `_lock` (see `_rebuild`).
-        """
-        with self._queue_lock:
-            batch, self._queue = self._queue, []
-        if not batch:
-            return
-        last = max(r for r, _ in batch)
-        bulk = sum(len(c) for _, c in batch) > self.BULK
-        if not bulk:
-            try:
-                with self._lock:
-                    for _, changes in batch:
-                        for c in changes:
-                            feed(self.compiler, c)
-                    self._folded = max(self._folded, last)
-                return
-            except Exception:  # a compiler bug: compile the state anew
-                if self.cluster_of is None:
-                    raise
-                log.exception("folding a change into the compiler failed; compiling anew")
-        if self.cluster_of is None:
-            with self._lock:
-                for _, changes in batch:
-                    for c in changes:
-                        feed(self.compiler, c)
-                self._folded = max(self._folded, last)
-            return
-        fresh = IncrementalCompiler.of(self.cluster_of())
-        with self._lock:
-            self.compiler = fresh
-            self._folded = max(self._folded, last)
 
     # ---- the run --------------------------------------------------------------------------
 
@@ -162,11 +121,10 @@ class Reconciler:
                 snapshot = True
         with self._apply_lock:
             started = time.monotonic()
-            self._fold()
             if self.consecutive_failures >= 2:
                 self._rebuild()
             with self._lock:
-                revision = self._folded
+                revision = self.desired_revision
                 try:
                     desired = self.compiler.ruleset()
                 except Exception as exc:  # a compiler bug must not stop reconciliation
@@ -205,9 +163,8 @@ class Reconciler:
                 self.hooks.revoked(desired)
             with self._cond:
                 self.applied_revision = max(self.applied_revision, revision)
-                with self._queue_lock:
-                    done = [t for r, t in self._accepted if r <= revision]
-                    self._accepted = [(r, t) for r, t in self._accepted if r > revision]
+                done = [t for r, t in self._accepted if r <= revision]
+                self._accepted = [(r, t) for r, t in self._accepted if r > revision]
                 self._cond.notify_all()
             if self.hooks.enforced:
                 for t in done:
