@@ -240,8 +240,11 @@ def test_kill9_during_changes_then_restart_keeps_enforcing(trio, agent, servers)
         stop.set()
         watcher.join()
     assert failures == []
-    st = agent.call("status")
-    assert st["inSync"]
+    # the last changes were sent without waiting: in sync once they are applied
+    deadline = time.monotonic() + 10
+    while not (st := agent.call("status"))["inSync"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert st["inSync"], st
     # the kernel holds exactly what the store says
     from stockade.agent.store import Store
 
