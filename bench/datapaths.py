@@ -49,6 +49,7 @@ from typing import Any
 
 from common import print_markdown, timed
 from iptables import build_loadgen, naive, program
+from results import Results
 from stockade.compile.iptables import Layout
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
@@ -285,6 +286,7 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=1_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
     ap.add_argument("--seconds", type=float, default=5.0, help="per packet test")
     ap.add_argument("--naive-rules", type=int, default=20_000,
                     help="cap on the naive chain's length in the packet tests")
@@ -392,6 +394,26 @@ def main() -> None:
           f"in a fresh namespace, its own no-ruleset baseline right before; median "
           f"(min-max). Run took {elapsed / 60:.0f} min.\n")
     print_markdown(("measure", "no ruleset", *variants), rows)
+    out = Results("datapaths", " ".join(["bench/datapaths.py", *sys.argv[1:]]))
+    out.table(f"{len(cluster.endpoints):,} endpoints, {len(cluster.policies):,} policies; "
+              f"{args.rounds} rounds, variants in turn; median (min-max)",
+              ("measure", "no ruleset", *variants), rows)
+    bars: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row[0].strip().startswith("ratio"):
+            measure = rows[rows.index(row) - 1][0].split("(")[0].strip()
+            for v, cell_text in zip(variants, row[2:], strict=False):
+                try:
+                    bars.setdefault(v, {})[measure[:28]] = float(str(cell_text).split()[0])
+                except ValueError:
+                    continue
+    out.series["datapath-ratios"] = {"y": "ratio to no ruleset (1 = no cost)", "bars": bars,
+                                     "ref": 1.0}
+    for v in ("nft",):
+        for measure, value in bars.get(v, {}).items():
+            if measure.startswith(("TCP throughput", "new TCP connections")):
+                out.goal(f"{v}: {measure} ratio >= 0.97", f"{value:.2f}", value >= 0.97)
+    out.write(args.json)
     if failures:
         print(f"\nfailed, left out (see stderr): {', '.join(failures)}")
     if nv:

@@ -32,8 +32,8 @@ STEPS: dict[str, list[str]] = {
     "offline": ["offline.py", "--sizes", "2k/200", "10k/1k", "20k/2k", "--repeat", "2"],
     "cni": ["cni.py", "--rounds", "40", "--pods", "10000", "--policies", "1000",
             "--parallel", "20"],
-    "agent": ["agent.py", "--json-only-sizes"],
-    "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "2"],
+    "agent": ["agent.py", "--rounds", "30", "--seconds", "5"],
+    "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "3"],
 }
 
 
