@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade.agent.revoke import KEEP_ANNOTATION, connections_to_cut
+from stockade.agent.revoke import connections_to_cut
 from stockade.compile.lower import compile_cluster
 from stockade.datapath.conntrack import (
     Conntrack,
@@ -27,7 +27,7 @@ from stockade.engine.evaluate import Evaluator
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.connection import ConnEntry
 from stockade.model.labels import Labels
-from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort
+from stockade.model.policy import INGRESS, KEEP_ANNOTATION, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
 from stockade.netlink import attr, iter_messages, nested

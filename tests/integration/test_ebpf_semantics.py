@@ -27,13 +27,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from stockade.agent.revoke import KEEP_ANNOTATION
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import open_datapath
 from stockade.datapath.ebpf import EbpfDatapath
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
-from stockade.model.policy import EGRESS, INGRESS, NetworkPolicy, Peer, PolicyPort
+from stockade.model.policy import EGRESS, INGRESS, KEEP_ANNOTATION, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
 from stockade.net.namespace import entered

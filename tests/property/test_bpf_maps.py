@@ -19,12 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.property.strategies import DEFAULT, Scenario, Universe, scenarios
 
-from stockade.agent.revoke import KEEP_ANNOTATION, keeping_policies, should_cut
+from stockade.agent.revoke import keeping_policies, should_cut
 from stockade.compile import bpf, interpret
 from stockade.compile.lower import compile_cluster
 from stockade.compile.plan import plan
 from stockade.engine.evaluate import Evaluator
 from stockade.model.labels import Labels
+from stockade.model.policy import KEEP_ANNOTATION
 
 UNIVERSE = Universe(max_pods=5, max_policies=4)
 

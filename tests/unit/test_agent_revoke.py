@@ -15,12 +15,20 @@ from stockade.agent.records import (
     PutNamespace,
     PutPolicy,
 )
-from stockade.agent.revoke import KEEP_ANNOTATION, connections_to_cut, flow_of
+from stockade.agent.revoke import connections_to_cut, flow_of
 from stockade.engine.evaluate import Evaluator, Flow, Verdict
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.connection import ConnEntry
 from stockade.model.labels import Labels
-from stockade.model.policy import EGRESS, INGRESS, NetworkPolicy, Peer, PolicyPort, Rule
+from stockade.model.policy import (
+    EGRESS,
+    INGRESS,
+    KEEP_ANNOTATION,
+    NetworkPolicy,
+    Peer,
+    PolicyPort,
+    Rule,
+)
 from stockade.model.selector import Selector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))

@@ -19,7 +19,7 @@ traffic no policy governs (the host's own, say).
 
 Public API::
 
-    KEEP_ANNOTATION, KEEP, CANDIDATES, FINISHED
+    CANDIDATES, FINISHED   (the annotation: model.policy.KEEP_ANNOTATION)
     flow_of(entry, evaluator) -> Flow | None
     keeping_policies(evaluator, keep_key=KEEP_ANNOTATION) -> frozenset[str]
     should_cut(verdict, keep) -> bool
@@ -32,9 +32,8 @@ from collections.abc import Iterable
 
 from stockade.engine.evaluate import Evaluator, Flow, Side, Verdict
 from stockade.model.connection import ConnEntry
+from stockade.model.policy import KEEP_ANNOTATION, keeps_connections
 
-KEEP_ANNOTATION = "stockade.io/existing-connections"
-KEEP = "keep"
 CANDIDATES = frozenset({"TCP", "UDP", "SCTP"})
 # Nothing flows on these any more: deleting them would only cost a message.
 FINISHED = frozenset({"TIME_WAIT", "CLOSE", "CLOSED"})
@@ -59,7 +58,7 @@ def flow_of(entry: ConnEntry, evaluator: Evaluator) -> Flow | None:
 def keeping_policies(evaluator: Evaluator, keep_key: str = KEEP_ANNOTATION) -> frozenset[str]:
     """Keys of the policies annotated `<keep_key>: keep`."""
     return frozenset(p.key for p in evaluator.cluster.policies
-                     if p.annotations.get(keep_key, "").strip().lower() == KEEP)
+                     if keeps_connections(p, keep_key))
 
 
 def _kept(side: Side, keep: frozenset[str]) -> bool:

@@ -44,8 +44,6 @@ DIRECTION = {model.INGRESS: INGRESS, model.EGRESS: EGRESS}
 
 # A policy annotated so asks that connections it would now deny be kept, not cut
 # (the agent's revoker reads the same annotation: `agent.revoke.KEEP_ANNOTATION`).
-KEEP_ANNOTATION = "stockade.io/existing-connections"
-KEEP = "keep"
 
 # Registers a set spec with whoever builds the sets; returns the set's name.
 Need = Callable[[SetSpec], str]
@@ -203,16 +201,11 @@ def lower_chain(direction: str, policies: Sequence[model.NetworkPolicy], need: N
         rules.extend(mine)
     ir_dir = DIRECTION[direction]
     key = tuple((r.family, r.peer_set, r.named_set, r.protocol, r.ports) for r in rules)
-    keep = any(keeps(p) for p in policies)
+    keep = any(model.keeps_connections(p) for p in policies)
     # A chain that keeps is another chain (its name says so): the same rules without
     # keep are shared by other policy sets. Without keep the name is what it always was.
     name = content_name(ir_dir[0] + "-", ir_dir, key, *(("keep",) if keep else ()))
     return Chain(name, ir_dir, tuple(rules), ", ".join(p.key for p in policies), keep)
-
-
-def keeps(policy: model.NetworkPolicy) -> bool:
-    """Whether the policy asks to keep the connections it would now deny."""
-    return policy.annotations.get(KEEP_ANNOTATION, "").strip().lower() == KEEP
 
 
 def endpoint_addresses(ep: Endpoint) -> list[str]:

@@ -115,3 +115,14 @@ def default_policy_types(ingress: object, egress: object) -> tuple[str, ...]:
     if isinstance(egress, list | tuple) and len(egress) > 0:
         return (INGRESS, EGRESS)
     return (INGRESS,)
+
+
+# A policy may ask that connections it would now deny are kept, not cut (a rolling change
+# that drains them): honoured by the agent's revoker and by the eBPF program alike.
+KEEP_ANNOTATION = "stockade.io/existing-connections"
+KEEP = "keep"
+
+
+def keeps_connections(policy: NetworkPolicy, key: str = KEEP_ANNOTATION) -> bool:
+    """Whether `policy` is annotated `<key>: keep` (case and blanks ignored)."""
+    return policy.annotations.get(key, "").strip().lower() == KEEP
