@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,9 +42,8 @@ from stockade.kube.reflector import (
     ADDED,
     DELETED,
     MODIFIED,
-    Backoff,
     ReflectorConfig,
-    ReflectorStatus,
+    ReflectorLoop,
     Sink,
 )
 
@@ -99,50 +97,26 @@ def object_of(res: Resource, object_key: str, kv: KeyValue | None,
     return {**doc, "metadata": meta}
 
 
-class EtcdReflector:
+class EtcdReflector(ReflectorLoop):
     """List-then-watch of ``res`` under the client's prefix into ``sink``; the same
     interface as kube.reflector.Reflector (start, stop, status, synced, res)."""
+
+    THREAD = "etcd"
 
     def __init__(self, client: EtcdClient, res: Resource, sink: Sink, *, prefix: str,
                  config: ReflectorConfig | None = None,
                  sleep: Callable[[float], bool] | None = None,
                  observe: Callable[[str], None] | None = None) -> None:
+        super().__init__(res, sink, config, sleep, observe)
         self.client = client
-        self.res = res
-        self.sink = sink
         self.prefix = prefix
         self.head = resource_prefix(prefix, res)
-        self.config = config or ReflectorConfig()
-        self.backoff = Backoff(self.config.backoff_base, self.config.backoff_cap,
-                               self.config.rng)
-        self.status = ReflectorStatus(res.plural)
-        self._stop = threading.Event()
-        self._sleep = sleep or self._stop.wait
-        self._observe = observe or (lambda what: None)
-        self._thread: threading.Thread | None = None
-        self.synced = threading.Event()
         self.cluster_id = ""
         self.revision = 0  # every event up to here was delivered
         # True from a failed attempt until a watch is established again: the agent
         # reports itself degraded meanwhile.
         self.failing = False
         self._bad_keys: set[str] = set()
-
-    # ---- thread -----------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name=f"etcd-{self.res.plural}",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.is_set()
 
     # ---- the loop ---------------------------------------------------------------------
 

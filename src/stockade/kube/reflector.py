@@ -122,18 +122,17 @@ class ReflectorConfig:
     rng: Callable[[], float] = field(default=random.random)
 
 
-class Reflector:
-    """List-then-watch of ``res`` into ``sink``; :meth:`run` until ``stop`` is set."""
+class ReflectorLoop:
+    """What every list-then-watch loop shares (this one and the etcd feed's): the
+    resource, the sink, backoff, status, and the thread running :meth:`run`."""
 
-    def __init__(self, client: KubeClient, res: Resource, sink: Sink, *,
-                 namespace: str | None = None, config: ReflectorConfig | None = None,
-                 sleep: Callable[[float], bool] | None = None,
-                 clock: Callable[[], float] = time.time,
-                 observe: Callable[[str], None] | None = None) -> None:
-        self.client = client
+    THREAD = "reflector"  # the thread is named <THREAD>-<plural>
+
+    def __init__(self, res: Resource, sink: Sink, config: ReflectorConfig | None,
+                 sleep: Callable[[float], bool] | None,
+                 observe: Callable[[str], None] | None) -> None:
         self.res = res
         self.sink = sink
-        self.namespace = namespace
         self.config = config or ReflectorConfig()
         self.backoff = Backoff(self.config.backoff_base, self.config.backoff_cap,
                                self.config.rng)
@@ -141,17 +140,19 @@ class Reflector:
         self._stop = threading.Event()
         # Waiting between attempts; returns True when stopped (tests replace it).
         self._sleep = sleep or self._stop.wait
-        self._clock = clock
         # Told "list", "event" or "error" as they happen (the agent's counters).
         self._observe = observe or (lambda what: None)
         self._thread: threading.Thread | None = None
         self.synced = threading.Event()  # set once the first list is delivered
 
+    def run(self) -> None:
+        raise NotImplementedError
+
     # ---- thread ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name=f"kube-{self.res.plural}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.run,
+                                        name=f"{self.THREAD}-{self.res.plural}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -165,6 +166,22 @@ class Reflector:
     @property
     def stopped(self) -> bool:
         return self._stop.is_set()
+
+
+class Reflector(ReflectorLoop):
+    """List-then-watch of ``res`` into ``sink``; :meth:`run` until ``stop`` is set."""
+
+    THREAD = "kube"
+
+    def __init__(self, client: KubeClient, res: Resource, sink: Sink, *,
+                 namespace: str | None = None, config: ReflectorConfig | None = None,
+                 sleep: Callable[[float], bool] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 observe: Callable[[str], None] | None = None) -> None:
+        super().__init__(res, sink, config, sleep, observe)
+        self.client = client
+        self.namespace = namespace
+        self._clock = clock
 
     # ---- the loop -------------------------------------------------------------------------
 
