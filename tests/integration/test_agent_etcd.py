@@ -36,7 +36,15 @@ from stockade.net.plumber import Plumber
 from stockade.probe.launcher import ProbeServer
 
 from .agent_harness import AgentProcess
-from .test_agent_kubernetes import TCP80, Watchers, allow, probe, wait_enforced, wait_status
+from .test_agent_kubernetes import (
+    TCP80,
+    Watchers,
+    allow,
+    probe,
+    publish_trio,
+    wait_enforced,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.privileged,
               pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed")]
@@ -101,13 +109,18 @@ def etcd_agent(tmp: Path, etcd: EtcdServer, host: str, prefix: str,
         "--node", NODE, "--watch-stall-timeout", "5", *extra))
 
 
-def publish_trio(w: EtcdWriter, trio: Any) -> None:
-    w.namespace("x", {})
-    for att in trio.all:
-        name = att.key.split("/")[1]
-        w.pod("x", name, {"pod": name}, [att.address4, att.address6])
-    w.policy(allow("web", "a", "b"))
-    w.policy(allow("extra", "c", "a", 81))
+def enforced_then_stopped(tmp: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
+                          prefix: str) -> tuple[NftDatapath, Any]:
+    """The trio published and enforced by a first agent, which then stops: the
+    datapath and the table it left."""
+    publish_trio(writer, trio)
+    first = etcd_agent(tmp / "one", etcd, trio.host_netns, prefix).start()
+    wait_enforced(first, writer.rvs)
+    assert first.stop() == 0
+    dp = NftDatapath(netns=trio.host_netns)
+    kernel = dp.read()
+    assert kernel.ingress
+    return dp, kernel
 
 
 def names(agent: AgentProcess, kind: str) -> set[str]:
@@ -284,13 +297,7 @@ def test_a_compaction_while_cut_off_relists_without_flushing(
 def test_a_restarted_agent_adopts_and_applies_only_what_changed_while_it_was_down(
         tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
         netns_prefix: str) -> None:
-    publish_trio(writer, trio)
-    first = etcd_agent(tmp_path / "one", etcd, trio.host_netns, netns_prefix).start()
-    wait_enforced(first, writer.rvs)
-    assert first.stop() == 0
-    dp = NftDatapath(netns=trio.host_netns)
-    kernel = dp.read()
-    assert kernel.ingress
+    dp, kernel = enforced_then_stopped(tmp_path, etcd, writer, trio, netns_prefix)
     # The same etcd: the next agent changes nothing in the kernel.
     second = etcd_agent(tmp_path / "two", etcd, trio.host_netns, netns_prefix).start()
     try:
@@ -904,12 +911,7 @@ def test_an_agent_talks_to_etcd_over_tls_with_a_client_certificate(
 def test_an_agent_starting_without_etcd_keeps_the_kernel_until_the_first_lists(
         tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
         netns_prefix: str) -> None:
-    publish_trio(writer, trio)
-    first = etcd_agent(tmp_path / "one", etcd, trio.host_netns, netns_prefix).start()
-    wait_enforced(first, writer.rvs)
-    assert first.stop() == 0
-    dp = NftDatapath(netns=trio.host_netns)
-    kernel = dp.read()
+    dp, kernel = enforced_then_stopped(tmp_path, etcd, writer, trio, netns_prefix)
     etcd.stop()
     second = etcd_agent(tmp_path / "two", etcd, trio.host_netns, netns_prefix)
     with open(second.log, "ab") as out:
