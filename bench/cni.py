@@ -227,14 +227,16 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
     args = ap.parse_args()
     tag = f"bc{secrets.token_hex(2)}"
-    host = f"{tag}-host"
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-cni-"))
     rows: list[tuple[str, str, str, str]] = []
-    create_netns(host)
     try:
         for big in (False, True):
             d = tmp / ("big" if big else "empty")
             d.mkdir()
+            # A host of its own per size: the first agent's table outlives it, and a new
+            # agent with an empty store refuses to replace a table that enforces something.
+            host = f"{tag}-host-{d.name}"
+            create_netns(host)
             agent = AgentProcess(d, host, "--bridge-prefix", "bc")
             agent.start()
             try:
@@ -248,7 +250,7 @@ def main() -> None:
             finally:
                 agent.stop()
     finally:
-        remove_netns(host)  # bridges, veths and the table go with it
+        # the hosts (bridges, veths and the tables go with them) and the containers
         for name in os.listdir("/run/netns"):
             if name.startswith(f"{tag}-"):
                 remove_netns(name)
