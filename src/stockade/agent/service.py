@@ -289,6 +289,10 @@ class Service:
         errors: list[InputError] = [*decode_errors, *admit_objects(
             objects.policies, objects.namespaces, objects.endpoints,
             strict_cidr=self.strict_cidr)]
+        errors += [InputError("the agent does not enforce ClusterNetworkPolicy yet; "
+                              "the offline analyses read it", source=source,
+                              obj=f"ClusterNetworkPolicy {p.name}")
+                   for p in objects.cluster_policies]
         lines = [line for e in errors for line in e.lines()]
         if lines:
             raise ApiError(INVALID, f"{len(lines)} error(s); nothing was applied", lines)

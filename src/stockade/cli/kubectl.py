@@ -27,7 +27,7 @@ from typing import Any
 from stockade import __version__
 from stockade.cli import analysis, explain, matrix, validate
 from stockade.cli.main import execute
-from stockade.errors import DecodeError, InputError, InvalidObjects
+from stockade.errors import InputError, InvalidObjects
 from stockade.kube.client import KubeClient
 from stockade.kube.live import (
     AGENT_NAMESPACE,
@@ -186,7 +186,7 @@ def file_objects(paths: Sequence[str], scope: Scope) -> Objects:
     """The files' objects; one without a namespace takes the scope's, as kubectl apply
     gives it; with -n, one of another namespace is an error, as in kubectl apply."""
     objects = Objects()
-    errors: list[DecodeError] = []
+    errors: list[InputError] = []
     for path in expand_paths(paths):
         docs = parse_documents(read_text(path), path)
         for index, doc in expand_lists(docs):

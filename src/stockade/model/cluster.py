@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from stockade.model.cnp import ClusterNetworkPolicy
 from stockade.model.labels import Labels
 from stockade.model.policy import NO_SOURCE, NetworkPolicy, Source
 
@@ -67,6 +68,8 @@ class Cluster:
     namespaces: tuple[Namespace, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     policies: tuple[NetworkPolicy, ...] = ()
+    # The administrator's tiers, judged before (Admin) and after (Baseline) `policies`.
+    cluster_policies: tuple[ClusterNetworkPolicy, ...] = ()
 
     def namespace(self, name: str) -> Namespace | None:
         for ns in self.namespaces:
@@ -81,7 +84,7 @@ class Cluster:
         return None
 
     def with_policies(self, policies: Iterable[NetworkPolicy]) -> Cluster:
-        return Cluster(self.namespaces, self.endpoints, tuple(policies))
+        return Cluster(self.namespaces, self.endpoints, tuple(policies), self.cluster_policies)
 
 
 def implicit_namespace(name: str) -> Namespace:

@@ -10,8 +10,10 @@ from typing import Any
 
 import yaml
 
-from stockade.errors import DecodeError, InputError, InvalidObjects
+from stockade.errors import DecodeError, InputError, InvalidObjects, ValidationError
 from stockade.model.cluster import Cluster, Endpoint, Namespace, implicit_namespace
+from stockade.model.cnp import CNP_KIND, ClusterNetworkPolicy
+from stockade.model.cnp_decode import decode_cluster_network_policy
 from stockade.model.decode import (
     WORKLOAD_TEMPLATES,
     decode_namespace,
@@ -173,6 +175,7 @@ class Objects:
     """What a set of files describes: policies and the cluster they apply to."""
 
     policies: list[NetworkPolicy] = field(default_factory=list)
+    cluster_policies: list[ClusterNetworkPolicy] = field(default_factory=list)
     namespaces: list[Namespace] = field(default_factory=list)
     endpoints: list[Endpoint] = field(default_factory=list)
     # Documents of other kinds (Deployments, Services...) are skipped but counted.
@@ -187,6 +190,7 @@ class Objects:
 
     def extend(self, other: Objects) -> None:
         self.policies.extend(other.policies)
+        self.cluster_policies.extend(other.cluster_policies)
         self.namespaces.extend(other.namespaces)
         self.endpoints.extend(other.endpoints)
         self.skipped += other.skipped
@@ -209,8 +213,9 @@ class Objects:
         # kind, namespace and name replaces an earlier one.
         endpoints = {ep.key: ep for ep in everyone}
         policies = {p.key: p for p in self.policies}
+        tiers = {p.key: p for p in self.cluster_policies}
         return Cluster(tuple(declared.values()), tuple(endpoints.values()),
-                       tuple(policies.values()))
+                       tuple(policies.values()), tuple(tiers.values()))
 
 
 def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False,
@@ -231,7 +236,7 @@ def parse_objects(text: str, source: str = "", *, strict_kinds: bool = False,
 
 
 def decode_objects(docs: list[Any], source: str = "", *, strict_kinds: bool = False,
-                   workloads: bool = False) -> tuple[Objects, list[DecodeError]]:
+                   workloads: bool = False) -> tuple[Objects, list[InputError]]:
     """Every object of a list of documents, and every document that cannot be decoded.
 
     The one decoding path of files and of the agent's socket alike; validation
@@ -242,13 +247,15 @@ def decode_objects(docs: list[Any], source: str = "", *, strict_kinds: bool = Fa
     enforcement needs: a Pod without an IP is an error, workloads are skipped.
     """
     out = Objects()
-    errors: list[DecodeError] = []
+    errors: list[InputError] = []
     for index, doc in expand_lists(docs):
         src = Source(source, index)
         kind = doc.get("kind") if isinstance(doc, dict) else None
         try:
             if kind == "NetworkPolicy":
                 out.policies.append(decode_network_policy(doc, src, allow_status=workloads))
+            elif kind == CNP_KIND:
+                out.cluster_policies.append(decode_cluster_network_policy(doc, src))
             elif kind == "Pod":
                 ep = decode_pod(doc, src, require_ip=not workloads)
                 out.endpoints.append(ep)
@@ -263,7 +270,8 @@ def decode_objects(docs: list[Any], source: str = "", *, strict_kinds: bool = Fa
             elif workloads and not strict_kinds and kind in WORKLOAD_TEMPLATES:
                 out.workloads.append(decode_workload(doc, src))
             elif strict_kinds or not isinstance(doc, dict) or not isinstance(kind, str):
-                supported = " (NetworkPolicy, Namespace, Pod)" if strict_kinds else ""
+                supported = (" (NetworkPolicy, ClusterNetworkPolicy, Namespace, Pod)"
+                             if strict_kinds else "")
                 raise DecodeError(f"unsupported document (kind {describe_value(kind)})"
                                   + supported)
             else:
@@ -275,4 +283,6 @@ def decode_objects(docs: list[Any], source: str = "", *, strict_kinds: bool = Fa
             errors.append(DecodeError(exc.message.removeprefix(f"{exc.path}: "),
                                       path=exc.path, source=source,
                                       obj=object_name(doc) or f"document {index + 1}"))
+        except ValidationError as exc:  # a ClusterNetworkPolicy: its CRD's schema
+            errors.append(exc)
     return out, errors
