@@ -7,6 +7,8 @@ from typing import Any
 
 from stockade.errors import DecodeError, InputError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
+from stockade.model.cnp import CNP_KIND
+from stockade.model.cnp_decode import decode_cluster_network_policy
 from stockade.model.decode import decode_network_policy
 from stockade.model.labels import Labels
 from stockade.model.parse import parse_documents
@@ -21,9 +23,18 @@ class ProbeGroup:
     protocol: str
     default: bool  # True: allow
     flipped: frozenset[tuple[str, str]]
+    # A `pairs:` group judges only these (from, to); None: every ordered pair.
+    listed: tuple[tuple[str, str], ...] | None = None
 
     def expected(self, src: str, dst: str) -> bool:
         return self.default != ((src, dst) in self.flipped)
+
+    def judged(self, case: Case) -> list[tuple[Endpoint, Endpoint]]:
+        """The pairs this group makes a claim about, in the case's order."""
+        if self.listed is None:
+            return case.pairs()
+        by_key = {ep.key: ep for ep in case.cluster.endpoints}
+        return [(by_key[a], by_key[b]) for a, b in self.listed]
 
     def render(self) -> str:
         return f"{self.protocol}/{self.port}"
@@ -89,21 +100,61 @@ def parse_case(text: str, where: str, standard: Any | None) -> Case:
         cluster_raw = standard.get("cluster") if isinstance(standard, dict) else None
     namespaces, endpoints = parse_cluster(cluster_raw, where)
     policies = []
+    tiers = []
     for i, doc in enumerate(_need(raw, "policies", where) or []):
         try:
-            policies.append(decode_network_policy(doc, Source(where, i)))
+            if isinstance(doc, dict) and doc.get("kind") == CNP_KIND:
+                tiers.append(decode_cluster_network_policy(doc, Source(where, i)))
+            else:
+                policies.append(decode_network_policy(doc, Source(where, i)))
         except DecodeError as exc:
             raise InputError(f"policies[{i}]: {exc.message}", source=where) from None
-    groups = []
-    for i, g in enumerate(_need(raw, "probes", where) or []):
-        protocol = str(g.get("protocol", "TCP"))
-        default = g.get("default")
-        if protocol not in PROTOCOLS or default not in ("allow", "deny"):
-            raise InputError(f"probes[{i}]: bad protocol or default", source=where)
-        port = g.get("port")
-        if not isinstance(port, int | str) or isinstance(port, bool):
-            raise InputError(f"probes[{i}]: port must be a number or a name", source=where)
-        flipped = frozenset((str(e["from"]), str(e["to"])) for e in g.get("except") or [])
-        groups.append(ProbeGroup(port, protocol, default == "allow", flipped))
-    cluster = Cluster(namespaces, endpoints, tuple(policies))
+        except InputError as exc:
+            raise InputError(f"policies[{i}]: {exc.message}", source=where) from None
+    keys = {ep.key for ep in endpoints}
+    groups = [_probe_group(g, f"probes[{i}]", keys, where)
+              for i, g in enumerate(_need(raw, "probes", where) or [])]
+    cluster = Cluster(namespaces, endpoints, tuple(policies), tuple(tiers))
     return Case(case_id, str(raw.get("description", "")), cluster, tuple(groups), where)
+
+
+def _probe_group(g: Any, at: str, pods: set[str], where: str) -> ProbeGroup:
+    """A group of probes: `default`/`except` over every pair, or `pairs` (only those)."""
+    if not isinstance(g, dict):
+        raise InputError(f"{at} must be a mapping", source=where)
+    protocol = str(g.get("protocol", "TCP"))
+    if protocol not in PROTOCOLS:
+        raise InputError(f"{at}.protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}",
+                         source=where)
+    port = g.get("port")
+    if not isinstance(port, int | str) or isinstance(port, bool):
+        raise InputError(f"{at}.port: must be a number or a name", source=where)
+    if "pairs" in g:
+        if "default" in g or "except" in g:
+            raise InputError(f"{at}: `pairs` is never written with `default`/`except`",
+                             source=where)
+        listed: list[tuple[str, str]] = []
+        allowed = set()
+        for j, pair in enumerate(g.get("pairs") or []):
+            here = f"{at}.pairs[{j}]"
+            if not isinstance(pair, dict) or pair.get("expect") not in ("allow", "deny"):
+                raise InputError(f"{here}: needs from, to and expect (allow or deny)",
+                                 source=where)
+            key = (str(pair.get("from")), str(pair.get("to")))
+            if key[0] not in pods or key[1] not in pods:
+                raise InputError(f"{here}: no pod {key[0] if key[0] not in pods else key[1]}"
+                                 " in the cluster", source=where)
+            if key[0] == key[1] or key in listed:
+                raise InputError(f"{here}: a pod with itself, or a pair listed twice",
+                                 source=where)
+            listed.append(key)
+            if pair["expect"] == "allow":
+                allowed.add(key)
+        if not listed:
+            raise InputError(f"{at}.pairs: must not be empty", source=where)
+        return ProbeGroup(port, protocol, False, frozenset(allowed), tuple(listed))
+    default = g.get("default")
+    if default not in ("allow", "deny"):
+        raise InputError(f"{at}.default: must be allow or deny", source=where)
+    flipped = frozenset((str(e["from"]), str(e["to"])) for e in g.get("except") or [])
+    return ProbeGroup(port, protocol, default == "allow", flipped)

@@ -92,7 +92,7 @@ class CasePods:
         probes: list[Probe] = []
         keys: list[tuple[int, str, str]] = []
         for gi, group in enumerate(case.probes):
-            for src, dst in case.pairs():
+            for src, dst in group.judged(case):
                 port = group.port
                 if isinstance(port, str):
                     number = dst.resolve_port(port, group.protocol)

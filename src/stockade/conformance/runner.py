@@ -35,7 +35,7 @@ class ModelDatapath:
         ev = Evaluator(case.cluster)
         out: Judgement = {}
         for gi, group in enumerate(case.probes):
-            for src, dst in case.pairs():
+            for src, dst in group.judged(case):
                 flow = ev.flow(src, dst, group.port, group.protocol)
                 out[(gi, src.key, dst.key)] = ev.allowed(flow)
         return out
@@ -76,7 +76,7 @@ def check_case(case: Case, datapath: CaseBackend) -> CaseResult:
         return CaseResult(case, (), str(exc))
     mismatches = []
     for gi, group in enumerate(case.probes):
-        for src, dst in case.pairs():
+        for src, dst in group.judged(case):
             expected = group.expected(src.key, dst.key)
             got = judged.get((gi, src.key, dst.key))
             if got is None or got != expected:

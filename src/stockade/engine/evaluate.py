@@ -1,10 +1,13 @@
 """The reference evaluator: the semantics of NetworkPolicy, one flow at a time.
 
 A connection from `src` to `dst` is allowed when the egress side of `src` and the
-ingress side of `dst` both allow it. A side is unrestricted until some policy
-selects its pod for that direction; once isolated, the union of the rules of
-every such policy is what it allows. A pod talking to itself is always allowed.
-Every verdict carries the trace that justifies it.
+ingress side of `dst` both allow it. Each side is judged by tiers: the Admin
+ClusterNetworkPolicies first (their first matching rule accepts or denies, or
+passes to the next tier), then NetworkPolicy (a side is unrestricted until some
+policy selects its pod for that direction; once isolated, the union of the rules
+of every such policy is what it allows, and that is final), then the Baseline
+ClusterNetworkPolicies, then the default: allowed. A pod talking to itself is
+always allowed. Every verdict carries the trace that justifies it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stockade.engine.match import matching_port, peer_matches
+from stockade.engine.tiers import TierDecision, TierIndex
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.cnp import ACCEPT, ADMIN, BASELINE, PASS
 from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, NetworkPolicy
 
@@ -61,14 +66,36 @@ class Side:
     endpoint: str | None  # None: a bare IP, which no policy can isolate
     isolating: tuple[str, ...]
     allowed_by: tuple[RuleRef, ...]
+    # The first matching ClusterNetworkPolicy rule of each tier, if any (a Baseline
+    # one only when neither the Admin tier nor NetworkPolicy decided).
+    admin: TierDecision | None = None
+    baseline: TierDecision | None = None
 
     @property
     def isolated(self) -> bool:
         return bool(self.isolating)
 
     @property
+    def decided_by(self) -> str:
+        """Which tier decided: `Admin`, `NetworkPolicy`, `Baseline`, or `default`."""
+        if self.admin is not None and self.admin.action != PASS:
+            return ADMIN
+        if self.isolating:
+            return "NetworkPolicy"
+        if self.baseline is not None and self.baseline.action != PASS:
+            return BASELINE
+        return "default"
+
+    @property
     def allowed(self) -> bool:
-        return not self.isolating or bool(self.allowed_by)
+        decided = self.decided_by
+        if decided == ADMIN:
+            return self.admin is not None and self.admin.action == ACCEPT
+        if decided == "NetworkPolicy":
+            return bool(self.allowed_by)
+        if decided == BASELINE:
+            return self.baseline is not None and self.baseline.action == ACCEPT
+        return True
 
 
 @dataclass(frozen=True)
@@ -97,6 +124,7 @@ class Evaluator:
                 if addr is not None:
                     self._by_ip.setdefault(str(addr), ep)
         self._selecting: dict[tuple[str, Labels, str], tuple[NetworkPolicy, ...]] = {}
+        self.tiers = TierIndex(cluster.cluster_policies, self.namespace_labels)
 
     def endpoint_at(self, ip: str) -> Endpoint | None:
         addr = parse_ip(ip)
@@ -122,7 +150,16 @@ class Evaluator:
             subject, other, other_ip = flow.dst, flow.src, flow.src_ip
         if subject is None:
             return Side(direction, None, (), ())
+        admin = baseline = None
+        if self.tiers:
+            admin = self.tiers.decide(ADMIN, direction, subject, other, other_ip, flow.port,
+                                      flow.protocol, flow.dst)
+            if admin is not None and admin.action != PASS and first_only:
+                return Side(direction, subject.key, (), (), admin)
         policies = self.selecting(subject, direction)
+        if self.tiers and not policies:
+            baseline = self.tiers.decide(BASELINE, direction, subject, other, other_ip,
+                                         flow.port, flow.protocol, flow.dst)
         allowed: list[RuleRef] = []
         for policy in policies:
             for ri, rule in enumerate(policy.rules(direction)):
@@ -141,7 +178,8 @@ class Evaluator:
                     break
             if allowed and first_only:
                 break
-        return Side(direction, subject.key, tuple(p.key for p in policies), tuple(allowed))
+        return Side(direction, subject.key, tuple(p.key for p in policies), tuple(allowed),
+                    admin, baseline)
 
     def verdict(self, flow: Flow) -> Verdict:
         egress = self.side(flow, EGRESS)
