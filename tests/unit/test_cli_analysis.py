@@ -221,7 +221,7 @@ def test_lint_v1_has_only_notes(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "lint", "-f", CLUSTER, V1)
     assert code == 0
     assert out.splitlines()[-1] == "0 warnings, 4 notes"
-    assert (f"{V1}: NetworkPolicy backend/allow-prometheus: spec.ingress[0].ports[0]: SK009 "
+    assert (f"{V1}:68: NetworkPolicy backend/allow-prometheus: spec.ingress[0].ports[0]: SK009 "
             "note: TCP port 'metrics' is 9090 on backend/api; 9100 on backend/worker") in out
 
 

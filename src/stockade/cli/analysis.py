@@ -9,25 +9,37 @@ on warnings, not on notes.
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from stockade import __version__
+from stockade.cli.inputs import View, add_files, add_filters, add_output, check, load, read
 from stockade.engine import coverage as cov
 from stockade.engine.diff import diff_policies
-from stockade.engine.lint import CHECKS, WARNING, lint
+from stockade.engine.lint import CHECKS, WARNING, Finding, lint
 from stockade.engine.report import (
+    COVERAGE_COLUMNS,
+    DIFF_COLUMNS,
+    LINT_COLUMNS,
+    LINT_RULES,
     coverage_json,
+    coverage_rows,
     coverage_text,
     diff_json,
+    diff_rows,
     diff_text,
+    json_text,
     lint_json,
+    lint_rows,
+    lint_sarif_results,
     lint_text,
+    rows_text,
+    sarif_log,
+    yaml_text,
 )
 from stockade.errors import InputError
-from stockade.load import load_objects, validate_objects
+from stockade.load import Locations
 from stockade.model.cluster import Cluster
 from stockade.model.parse import Objects
 from stockade.model.ports import parse_port_text
@@ -35,41 +47,10 @@ from stockade.model.ports import parse_port_text
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 
+# `load` and `check` live with the other input conventions; kept importable here.
+__all__ = ["check", "load"]
 
-def load(paths: Sequence[str], *, recursive: bool = False,
-         prog: str = "stockade") -> Objects:
-    """The objects of the files: every policy valid, every pod IP an IP address.
-
-    An analysis of policies the API server would reject would describe nothing
-    real, so invalid ones stop it (every error listed, exit 2). Decoding keeps pod
-    IPs as written; one that is not an address would fail deep in the evaluator,
-    so it is reported here as bad input, by file and Pod. Workloads (Deployments,
-    Jobs, ...) are read from their pod templates, Pods whatever their status;
-    every object of another kind is skipped with a note on stderr.
-    """
-    objects = load_objects(paths, workloads=True, recursive=recursive)
-    note_ignored(objects, prog)
-    return check(objects)
-
-
-def note_ignored(objects: Objects, prog: str = "stockade") -> None:
-    """One note on stderr per object the analyses skip (a Service, a ConfigMap...)."""
-    for what in objects.ignored:
-        print(f"{prog}: note: {what}: skipped (not a NetworkPolicy, Namespace, Pod "
-              "or workload)", file=sys.stderr)
-
-
-def check(objects: Objects) -> Objects:
-    """`load`'s checks of objects from anywhere (files; a cluster's, `kubectl stockade`)."""
-    validate_objects(objects)
-    for ep in objects.endpoints:
-        for ip in ep.ips:
-            try:
-                ipaddress.ip_address(ip)
-            except ValueError:
-                raise InputError(f"status.podIP: {ip!r} is not an IP address",
-                                 source=ep.source.render(), obj=f"Pod {ep.key}") from None
-    return objects
+REPORT_FORMATS = ("txt", "json", "yaml", "csv", "md")
 
 
 def parse_port(text: str) -> int | str:
@@ -86,59 +67,106 @@ def register(sub: Any) -> None:
     _register_lint(sub)
 
 
-def _files(p: argparse.ArgumentParser, flag: str = "-f", long: str = "--file",
-           dest: str = "files", what: str = "manifests: Pods, Namespaces, NetworkPolicies"
-           ) -> None:
-    p.add_argument(flag, long, dest=dest, action="extend", nargs="+", required=True,
-                   metavar="FILE", help=what)
-
-
-def _output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", default="text", choices=("text", "json"))
-
-
-def _emit(args: argparse.Namespace, data: Any, text: Callable[[], list[str]]) -> None:
-    if args.output == "json":
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+def emit(fmt: str, data: Any, text: Callable[[], list[str]],
+         rows: tuple[Sequence[str], Callable[[], Sequence[Sequence[object]]]] | None = None
+         ) -> None:
+    """Write a report in `fmt`: `data` (json, yaml), `text` lines (txt), `rows` (csv, md)."""
+    if fmt == "json":
+        sys.stdout.write(json_text(data))
+    elif fmt == "yaml":
+        sys.stdout.write(yaml_text(data))
+    elif fmt in ("csv", "md") and rows is not None:
+        sys.stdout.write(rows_text(rows[0], rows[1](), fmt))
     else:
         sys.stdout.write("".join(line + "\n" for line in text()))
 
 
+def _subject_shown(view: View, subject: str, cluster: Cluster) -> bool:
+    """A finding about `subject` (a pod or workload key, or `NetworkPolicy ns/name`, or
+    several of those comma-separated) is shown when one of them is selected: a pod by
+    its namespace and labels, a policy by its namespace and its own labels."""
+    if view.namespace is None and view.selector is None:
+        return True
+    policies = {p.key: p for p in cluster.policies}
+    for part in subject.split(", "):
+        key = part.removeprefix("NetworkPolicy ")
+        if part.startswith("NetworkPolicy "):
+            policy = policies.get(key)
+            ns = key.split("/", 1)[0]
+            labels = policy.labels if policy is not None else None
+            if (view.namespace is None or ns == view.namespace) and (
+                    view.selector is None or (labels is not None
+                                              and view.selector.matches(labels))):
+                return True
+        else:
+            ep = cluster.endpoint(key)
+            if ep is not None and view.selects(ep):
+                return True
+    return False
+
+
 # ---- coverage ----------------------------------------------------------------------------
 
-COVERAGE_EPILOG = """\
+COVERAGE_EPILOG = f"""\
 Reports pods that no policy isolates (for ingress, for egress), policies that
 select no pod, and rules or rule entries that can never match (a selector that
 matches nothing, a named port no destination serves, rules ignored by policyTypes).
-Pod-dependent checks need Pods in the files. Exit status 0: it is a report.
+Pod-dependent checks need Pods in the files. -n and -l show the findings about the
+pods, workloads and policies of a namespace or with some labels (a policy by its own
+labels); the analysis always sees every object.
+Finding codes (for --fail-on): {", ".join(cov.KINDS)}.
+Exit status: 0 (it is a report), or 1 when --fail-on names a code that is found
+(among the findings shown), 2 on bad input.
 """
 
 def _register_coverage(sub: Any) -> None:
     p = sub.add_parser("coverage", help="unisolated pods, unused policies, dead rules",
                        epilog=COVERAGE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _files(p)
+    add_files(p)
+    add_filters(p)
     coverage_options(p)
     p.set_defaults(run=run_coverage)
 
 
 def coverage_options(p: argparse.ArgumentParser) -> None:
-    _output(p)
+    p.add_argument("--fail-on", dest="fail_on", action="extend", nargs="+", default=[],
+                   metavar="CODE", help="exit 1 when a finding with one of these codes is "
+                   f"shown (codes: {', '.join(cov.KINDS)}; comma-separated or repeated)")
+    add_output(p, REPORT_FORMATS)
+
+
+def fail_on_codes(values: Sequence[str]) -> set[str]:
+    """The codes of --fail-on; an unknown one is bad input naming the valid ones."""
+    codes = {c.strip().lower() for v in values for c in v.split(",") if c.strip()}
+    unknown = sorted(codes - set(cov.KINDS))
+    if unknown:
+        raise InputError(f"--fail-on {','.join(unknown)}: no such coverage finding "
+                         f"(valid codes: {', '.join(cov.KINDS)})")
+    return codes
 
 
 def run_coverage(args: argparse.Namespace) -> int:
-    return report_coverage(args, load(args.files))
+    fail_on_codes(args.fail_on)  # a bad --fail-on is reported before the files are read
+    return report_coverage(args, read(args))
 
 
 def report_coverage(args: argparse.Namespace, objects: Objects, where: str = "files",
                     prog: str = "stockade") -> int:
+    fail_on = fail_on_codes(getattr(args, "fail_on", []))
     cluster = objects.cluster()
     report = cov.coverage(cluster)
     if not cluster.endpoints:
         print(f"{prog}: no Pod in the {where}: only pod-independent checks were made",
               file=sys.stderr)
-    _emit(args, coverage_json(report), lambda: coverage_text(report))
-    return EXIT_OK
+    view = View.of(args)
+    if not view.everything:
+        report = cov.Coverage(tuple(g for g in report.gaps
+                                    if _subject_shown(view, g.subject, cluster)),
+                              report.pods, report.policies)
+    emit(args.output, coverage_json(report), lambda: coverage_text(report),
+         (COVERAGE_COLUMNS, lambda: coverage_rows(report)))
+    return EXIT_FINDINGS if any(g.kind in fail_on for g in report.gaps) else EXIT_OK
 
 
 # ---- diff --------------------------------------------------------------------------------
@@ -151,22 +179,26 @@ every port of TCP, UDP and SCTP (exactly: ports are grouped into the ranges that
 policies and named ports distinguish). The pods and namespaces are the union of
 both sides (the NEW side wins when a pod or namespace is in both), so cluster
 files can be given on either side; only the policies differ.
-Lines: '+' opened, '-' closed, with the rules responsible.
-Exit status: 0 no difference, 1 differences, 2 bad input (as diff(1)).
+Lines: '+' opened, '-' closed, with the rules responsible. -n, -l and
+--focus-workload show the changes from or to the pods and workloads selected.
+Exit status: 0 no difference, 1 differences (among those shown), 2 bad input
+(as diff(1)).
 """
 
 
 def _register_diff(sub: Any) -> None:
     p = sub.add_parser("diff", help="connections a policy change opens and closes",
                        epilog=DIFF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _files(p, what="the current manifests (OLD)")
-    _files(p, "-a", "--against", "against", "the proposed manifests (NEW)")
+    add_files(p, help="the current manifests (OLD): files, directories or -")
+    add_files(p, flags=("-a", "--against"), dest="against", recursive=False,
+              help="the proposed manifests (NEW): files, directories or -")
+    add_filters(p, focus=True)
     diff_options(p)
     p.set_defaults(run=run_diff)
 
 
 def diff_options(p: argparse.ArgumentParser) -> None:
-    _output(p)
+    add_output(p, REPORT_FORMATS)
 
 
 def workloads(old: Objects, new: Objects) -> Cluster:
@@ -180,7 +212,7 @@ def workloads(old: Objects, new: Objects) -> Cluster:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    return report_diff(args, load(args.files), load(args.against), "files",
+    return report_diff(args, read(args), read(args, "against"), "files",
                        ", ".join([*args.files, *args.against]))
 
 
@@ -195,7 +227,16 @@ def report_diff(args: argparse.Namespace, old: Objects, new: Objects, where: str
     # A name given twice on one side is one policy, the last one, as kubectl applies it.
     result = diff_policies(cluster, old.cluster().policies, new.cluster().policies,
                            external=True)
-    _emit(args, diff_json(result), lambda: diff_text(result))
+    view = View.of(args)
+    if not view.everything:
+        controllers = {**old.controllers, **new.controllers}
+        view.check_focus(cluster.endpoints, controllers)
+        endpoints = {ep.key: ep for ep in cluster.endpoints}
+        result = type(result)(tuple(
+            c for c in result.changes
+            if view.shown_pair(endpoints.get(c.src), endpoints.get(c.dst), controllers)))
+    emit(args.output, diff_json(result), lambda: diff_text(result),
+         (DIFF_COLUMNS, lambda: diff_rows(result)))
     return EXIT_FINDINGS if result.changes else EXIT_OK
 
 
@@ -203,14 +244,19 @@ def report_diff(args: argparse.Namespace, old: Objects, new: Objects, where: str
 
 LINT_EPILOG = "Checks:\n" + "\n".join(
     f"  {code} {sev:<7} {title}" for code, (sev, title) in CHECKS.items()) + """
-Exit status: 1 when there is a warning, 0 otherwise (notes alone do not fail).
+Every finding names its file and the line where its policy starts (-o sarif: a SARIF
+2.1.0 log for code-scanning annotations). -n and -l show the findings about the
+policies of a namespace or with some labels.
+Exit status: 1 when there is a warning (among those shown), 0 otherwise (notes alone
+do not fail), 2 on bad input.
 """
 
 
 def _register_lint(sub: Any) -> None:
     p = sub.add_parser("lint", help="suspicious but valid policy constructs",
                        epilog=LINT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _files(p)
+    add_files(p)
+    add_filters(p)
     lint_options(p)
     p.set_defaults(run=run_lint)
 
@@ -218,7 +264,7 @@ def _register_lint(sub: Any) -> None:
 def lint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore", action="append", default=[], metavar="CODE[,CODE…]",
                    help="leave out findings with these codes (repeatable)")
-    _output(p)
+    add_output(p, (*REPORT_FORMATS, "sarif"))
 
 
 def ignored_codes(values: Sequence[str]) -> set[str]:
@@ -232,12 +278,33 @@ def ignored_codes(values: Sequence[str]) -> set[str]:
 
 def run_lint(args: argparse.Namespace) -> int:
     ignored_codes(args.ignore)  # a bad --ignore is reported before the files are read
-    return report_lint(args, load(args.files))
+    locations = Locations()
+    return report_lint(args, read(args, locations=locations), locations)
 
 
-def report_lint(args: argparse.Namespace, objects: Objects) -> int:
+def finding_line(finding: Finding, locations: Locations | None) -> int:
+    """The line where the (first) policy of a finding starts in its file; 0: unknown."""
+    if locations is None:
+        return 0
+    first = finding.subject.split(", ", 1)[0].removeprefix("NetworkPolicy ")
+    return locations.line(finding.source, "NetworkPolicy", first)
+
+
+def report_lint(args: argparse.Namespace, objects: Objects,
+                locations: Locations | None = None) -> int:
     skip = ignored_codes(args.ignore)
+    cluster = objects.cluster()
+    view = View.of(args)
     # The cluster keeps the last of two policies with one name; lint sees both.
-    findings = [f for f in lint(objects.cluster(), objects.policies) if f.code not in skip]
-    _emit(args, lint_json(findings), lambda: lint_text(findings))
+    findings = [f for f in lint(cluster, objects.policies) if f.code not in skip
+                and _subject_shown(view, f.subject, cluster)]
+    lines = [finding_line(f, locations) for f in findings]
+    if args.output == "sarif":
+        log = sarif_log("stockade", __version__, LINT_RULES,
+                        lint_sarif_results(findings, lines))
+        sys.stdout.write(json_text(log))
+    else:
+        emit(args.output, lint_json(findings, lines), lambda: lint_text(findings, lines),
+             (LINT_COLUMNS, lambda: lint_rows(findings, lines)))
     return EXIT_FINDINGS if any(f.severity == WARNING for f in findings) else EXIT_OK
+

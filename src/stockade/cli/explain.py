@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from typing import Any
 
-from stockade.cli.analysis import load, parse_port
+from stockade.cli.analysis import parse_port
+from stockade.cli.inputs import add_files, add_output, read
 from stockade.engine.evaluate import Evaluator
 from stockade.engine.explain import context_of, explain_json, explain_lines
+from stockade.engine.report import json_text, yaml_text
 from stockade.errors import InputError
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import Endpoint
@@ -17,15 +19,19 @@ from stockade.model.policy import PROTOCOLS
 
 EPILOG = """\
 Exit status: 0 when the connection is allowed, 1 when it is denied, 2 on bad input.
-A pod is NS/POD (or POD in namespace default); an IP that belongs to a pod is that pod.
+A pod is NS/POD, or POD in the namespace of -n (default: default); a workload is
+NS/NAME[Kind] (as list names it); an IP that belongs to a pod is that pod.
+JSON and YAML: a port or peer that is "any" is written as such (null numbers never
+stand for "every port").
 """
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("explain", help="explain the verdict on one connection",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-f", "--file", dest="files", action="extend", nargs="+", required=True,
-                   metavar="FILE", help="manifests: Pods, Namespaces, NetworkPolicies")
+    add_files(p)
+    p.add_argument("-n", "--namespace", metavar="NS", default="default",
+                   help="the namespace of a pod given without one (default: default)")
     add_options(p)
     p.set_defaults(run=run)
 
@@ -37,7 +43,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", required=True, metavar="PORT|NAME",
                    help="port number, or a port name resolved on the destination pod")
     p.add_argument("--protocol", default="TCP", type=str.upper, choices=PROTOCOLS)
-    p.add_argument("-o", "--output", default="text", choices=("text", "json"))
+    add_output(p, ("txt", "json", "yaml"))
 
 
 def resolve_side(ev: Evaluator, text: str, flag: str, namespace: str = "default",
@@ -53,7 +59,7 @@ def resolve_side(ev: Evaluator, text: str, flag: str, namespace: str = "default"
 
 
 def run(args: argparse.Namespace) -> int:
-    return report(args, load(args.files))
+    return report(args, read(args), args.namespace)
 
 
 def report(args: argparse.Namespace, objects: Objects, namespace: str = "default",
@@ -71,8 +77,9 @@ def report(args: argparse.Namespace, objects: Objects, namespace: str = "default
         raise InputError(f"--port {args.port}: {exc}") from None
     ctx = context_of(cluster, port if isinstance(port, str) else None)
     verdict = ev.verdict(flow)
-    if args.output == "json":
-        print(json.dumps(explain_json(verdict, ctx), indent=2))
+    if args.output in ("json", "yaml"):
+        data = explain_json(verdict, ctx)
+        sys.stdout.write(json_text(data) if args.output == "json" else yaml_text(data))
     else:
         print("\n".join(explain_lines(verdict, ctx)))
     return 0 if verdict.allowed else 1

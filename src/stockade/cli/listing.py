@@ -7,16 +7,22 @@ computation is `stockade.engine.connectivity`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from stockade.cli.analysis import load
+from stockade.cli.inputs import View, add_files, add_filters, add_output, read
 from stockade.engine.connectivity import (
     LIST_FORMATS,
     LIST_RENDERERS,
+    ConnList,
+    Workload,
     connectivity,
     workload_peers,
 )
+from stockade.engine.report import yaml_text
 from stockade.model.parse import Objects
 
 EPILOG = """\
@@ -33,6 +39,9 @@ per protocol (SCTP, TCP, UDP) its exact ports as ranges, computed on port interv
 (a named port is resolved on each destination's container ports). A pair with
 nothing allowed has no line; two external ranges are never paired.
 
+-n, -l and --focus-workload show the connections from or to the workloads selected
+(the connections are computed on every object all the same). A kubectl dump works
+as it is: kubectl get ns,pods,deploy,netpol -A -o yaml | stockade list -f -
 Objects of other kinds (Service, ConfigMap, ...) are skipped with a note on stderr.
 Exit status: 0, or 2 on bad input.
 """
@@ -41,29 +50,21 @@ Exit status: 0, or 2 on bad input.
 def register(sub: Any) -> None:
     p = sub.add_parser("list", help="allowed connections between every pair of workloads",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-f", "--file", dest="files", action="extend", nargs="+", required=True,
-                   metavar="FILE|DIR", help="manifests, or directories of them")
-    p.add_argument("-R", "--recursive", action="store_true",
-                   help="read the directories given with -f recursively")
+    add_files(p)
+    add_filters(p, focus=True)
     add_options(p)
     p.set_defaults(run=run)
 
 
+FORMATS = (*LIST_FORMATS, "yaml")
+
+
 def add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", default="txt", type=_output_format,
-                   metavar="{txt,json,csv,md}", help="output format (default txt; text is txt)")
-
-
-def _output_format(text: str) -> str:
-    value = "txt" if text == "text" else text
-    if value not in LIST_FORMATS:
-        raise argparse.ArgumentTypeError(
-            f"invalid choice: {text!r} (choose from {', '.join(LIST_FORMATS)})")
-    return value
+    add_output(p, FORMATS)
 
 
 def run(args: argparse.Namespace) -> int:
-    return report(args, load(args.files, recursive=args.recursive))
+    return report(args, read(args))
 
 
 def report(args: argparse.Namespace, objects: Objects, prog: str = "stockade") -> int:
@@ -73,5 +74,22 @@ def report(args: argparse.Namespace, objects: Objects, prog: str = "stockade") -
     peers, warnings = workload_peers(cluster.endpoints, objects.controllers, workloads)
     for warning in warnings:
         print(f"{prog}: warning: {warning}", file=sys.stderr)
-    sys.stdout.write(LIST_RENDERERS[args.output](connectivity(cluster, peers)))
+    result = shown(View.of(args), connectivity(cluster, peers), peers)
+    if args.output == "yaml":
+        sys.stdout.write(yaml_text(json.loads(LIST_RENDERERS["json"](result))))
+    else:
+        sys.stdout.write(LIST_RENDERERS[args.output](result))
     return 0
+
+
+def shown(view: View, result: ConnList, peers: Sequence[Workload]) -> ConnList:
+    """The connections the view shows: from or to a selected workload (and from or to
+    the focus, if any). A workload made of Pods is selected by its first Pod."""
+    if view.everything:
+        return result
+    by_name = {p.name: p.endpoint for p in peers}
+    # A peer's endpoint is renamed after its workload: match the focus by that name.
+    view.check_focus(by_name.values())
+    return replace(result, connections=tuple(
+        c for c in result.connections
+        if view.shown_pair(by_name.get(c.src), by_name.get(c.dst))))

@@ -6,9 +6,10 @@ import argparse
 import sys
 from typing import Any
 
-from stockade.cli.analysis import load, parse_port
-from stockade.engine.matrix import compute_matrix
-from stockade.engine.report import FORMATS, LEGEND, RENDERERS
+from stockade.cli.analysis import parse_port
+from stockade.cli.inputs import View, add_files, add_filters, add_output, read
+from stockade.engine.matrix import Matrix, compute_matrix
+from stockade.engine.report import FORMATS, LEGEND, RENDERERS, neighbours, sub_matrix
 from stockade.errors import InputError
 from stockade.model.parse import Objects
 from stockade.model.policy import PROTOCOLS
@@ -21,14 +22,17 @@ Without --port: one table per (protocol, port) that some pod declares as a
 container port, narrowed by --protocol (port 80 when no pod declares any).
 With --port: each port with each --protocol (TCP by default); a named port is
 resolved on each destination pod.
+-n and -l keep the rows and columns of the pods selected; --focus-workload keeps
+those of its pods and of every pod they may connect to or be connected from (the
+verdicts are computed on every object all the same).
 """
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("matrix", help="reachability truth table between all pods",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-f", "--file", dest="files", action="extend", nargs="+", required=True,
-                   metavar="FILE", help="manifests: Pods, Namespaces, NetworkPolicies")
+    add_files(p)
+    add_filters(p, focus=True)
     add_options(p)
     p.set_defaults(run=run)
 
@@ -39,11 +43,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="port number or named port to probe (repeatable)")
     p.add_argument("--protocol", dest="protocols", action="append", default=[],
                    type=str.upper, choices=PROTOCOLS, help="protocol to probe (repeatable)")
-    p.add_argument("-o", "--output", default="table", choices=FORMATS)
+    add_output(p, FORMATS, help="output format (default txt, the table; text and table "
+               "are txt)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return report(args, load(args.files), "files", ", ".join(args.files))
+    return report(args, read(args), "files", ", ".join(args.files))
 
 
 def report(args: argparse.Namespace, objects: Objects, where: str, source: str) -> int:
@@ -55,6 +60,20 @@ def report(args: argparse.Namespace, objects: Objects, where: str, source: str) 
                          source=source)
     ports = list(dict.fromkeys(parse_port(p) for p in args.ports))
     protocols = list(dict.fromkeys(args.protocols))
-    matrix = compute_matrix(cluster, ports, protocols)
+    matrix = shown(View.of(args), compute_matrix(cluster, ports, protocols), objects)
     sys.stdout.write(RENDERERS[args.output](matrix))
     return 0
+
+
+def shown(view: View, matrix: Matrix, objects: Objects) -> Matrix:
+    """The rows and columns the view shows (every verdict as computed on everything)."""
+    if view.everything:
+        return matrix
+    endpoints = {ep.key: ep for ep in objects.cluster().endpoints}
+    controllers = objects.controllers
+    view.check_focus(endpoints.values(), controllers)
+    pods = [p for p in matrix.pods if p in endpoints and view.selects(endpoints[p])]
+    if view.focus is not None:
+        focus = [p for p in pods if view.focused(endpoints[p], controllers.get(p))]
+        pods = [p for p in pods if p in neighbours(sub_matrix(matrix, pods), focus)]
+    return sub_matrix(matrix, pods)

@@ -15,8 +15,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
+from urllib.parse import quote
+
+import yaml
 
 from stockade.engine import coverage as cov
 from stockade.engine.diff import Change, PolicyDiff
@@ -25,7 +30,7 @@ from stockade.engine.matrix import Matrix, TruthTable
 
 ALLOWED, DENIED, NO_PORT = ".", "X", "-"
 LEGEND = f"{ALLOWED} allowed, {DENIED} denied, {NO_PORT} destination serves no such named port"
-FORMATS = ("table", "json", "csv", "md", "dot")
+FORMATS = ("txt", "json", "yaml", "csv", "md", "dot")
 
 
 def symbol(cell: bool | None) -> str:
@@ -137,9 +142,38 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def matrix_data(matrix: Matrix) -> dict[str, Any]:
+    """`render_json`'s data, for the other structured formats (yaml)."""
+    data: dict[str, Any] = json.loads(render_json(matrix))
+    return data
+
+
+def sub_matrix(matrix: Matrix, pods: Iterable[str]) -> Matrix:
+    """The rows and columns of `pods` only (in the matrix's order), every verdict kept."""
+    keep = set(pods)
+    index = [i for i, p in enumerate(matrix.pods) if p in keep]
+    tables = tuple(TruthTable(t.probe, tuple(tuple(t.cells[i][j] for j in index)
+                                             for i in index)) for t in matrix.tables)
+    return Matrix(tuple(matrix.pods[i] for i in index), tables)
+
+
+def neighbours(matrix: Matrix, pods: Iterable[str]) -> set[str]:
+    """`pods` and every pod they may connect to, or that may connect to them, on some probe."""
+    focus = set(pods)
+    found = set(focus)
+    for t in matrix.tables:
+        for i, src in enumerate(matrix.pods):
+            for j, dst in enumerate(matrix.pods):
+                if t.cells[i][j] and (src in focus or dst in focus):
+                    found.update((src, dst))
+    return found
+
+
 RENDERERS: dict[str, Callable[[Matrix], str]] = {
+    "txt": render_table,
     "table": render_table,
     "json": render_json,
+    "yaml": lambda m: yaml_text(matrix_data(m)),
     "csv": render_csv,
     "md": render_markdown,
     "dot": render_dot,
@@ -233,25 +267,162 @@ def diff_json(result: PolicyDiff) -> dict[str, Any]:
 # ---- lint --------------------------------------------------------------------------------
 
 
-def _finding_text(f: Finding) -> str:
-    head = ": ".join(p for p in (f.source, f.subject, f.where) if p)
+def _finding_text(f: Finding, line: int = 0) -> str:
+    where = f"{f.source}:{line}" if f.source and line else f.source
+    head = ": ".join(p for p in (where, f.subject, f.where) if p)
     return f"{head}: {f.code} {f.severity}: {f.message}"
 
 
-def lint_text(findings: Sequence[Finding]) -> list[str]:
+def _lines_for(findings: Sequence[Finding], lines: Sequence[int]) -> Sequence[int]:
+    return lines if lines else [0] * len(findings)
+
+
+def lint_text(findings: Sequence[Finding], lines: Sequence[int] = ()) -> list[str]:
+    """One line per finding, `file:line: subject: field: CODE severity: message` (the
+    line where the policy starts, when known), then the counts."""
     warnings = sum(f.severity == WARNING for f in findings)
-    lines = [_finding_text(f) for f in findings]
-    lines.append(f"{_count(warnings, 'warning', 'warnings')}, "
-                 f"{_count(len(findings) - warnings, 'note', 'notes')}")
-    return lines
+    out = [_finding_text(f, n) for f, n in zip(findings, _lines_for(findings, lines),
+                                                strict=True)]
+    out.append(f"{_count(warnings, 'warning', 'warnings')}, "
+               f"{_count(len(findings) - warnings, 'note', 'notes')}")
+    return out
 
 
-def lint_json(findings: Sequence[Finding]) -> dict[str, Any]:
+def lint_json(findings: Sequence[Finding], lines: Sequence[int] = ()) -> dict[str, Any]:
+    """`line`: where the policy starts in `source`, or null when unknown."""
     warnings = sum(f.severity == WARNING for f in findings)
     return {
         "findings": [{"code": f.code, "severity": f.severity, "title": CHECKS[f.code][1],
                       "subject": f.subject, "where": f.where, "message": f.message,
-                      "source": f.source} for f in findings],
+                      "source": f.source, "line": n or None}
+                     for f, n in zip(findings, _lines_for(findings, lines), strict=True)],
         "warnings": warnings,
         "notes": len(findings) - warnings,
     }
+
+
+# ---- the structured formats every command shares ---------------------------------------
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def yaml_text(data: Any) -> str:
+    text: str = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
+    return text
+
+
+def rows_text(columns: Sequence[str], rows: Iterable[Sequence[object]], fmt: str) -> str:
+    """A table as CSV (one header row) or as a Markdown table."""
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(["" if v is None else v for v in row] for row in rows)
+        return out.getvalue()
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_md_text("" if v is None else str(v)) for v in row) + " |"
+              for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _md_text(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+COVERAGE_COLUMNS = ("kind", "subject", "where", "reason", "source")
+
+
+def coverage_rows(report: cov.Coverage) -> list[tuple[str, ...]]:
+    return [(g.kind, g.subject, g.where, g.reason, g.source) for g in report.gaps]
+
+
+DIFF_COLUMNS = ("change", "from", "to", "ports", "reason")
+
+
+def diff_rows(result: PolicyDiff) -> list[tuple[str, ...]]:
+    return [(c.change, c.src, c.dst, " ".join(p.render() for p in c.ports), c.reason)
+            for c in result.changes]
+
+
+LINT_COLUMNS = ("code", "severity", "subject", "where", "message", "source", "line")
+
+
+def lint_rows(findings: Sequence[Finding], lines: Sequence[int]) -> list[tuple[object, ...]]:
+    return [(f.code, f.severity, f.subject, f.where, f.message, f.source, line or None)
+            for f, line in zip(findings, lines, strict=True)]
+
+
+# ---- SARIF 2.1.0 (code-scanning annotations) -------------------------------------------
+
+SARIF_VERSION = "2.1.0"
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+SARIF_LEVELS = ("error", "warning", "note", "none")
+
+
+@dataclass(frozen=True)
+class SarifResult:
+    """One finding: its rule, level, message and where it is (line 0: unknown)."""
+
+    rule: str
+    level: str
+    message: str
+    file: str
+    line: int = 0
+    subject: str = ""
+
+
+def artifact_uri(path: str) -> str:
+    """A file as a SARIF artifact URI: relative paths stay relative (to the checkout, as
+    code scanning resolves them), absolute ones become file: URIs."""
+    if path in ("", "-"):
+        return "stdin"
+    if PureWindowsPath(path).is_absolute() and not path.startswith("/"):
+        return PureWindowsPath(path).as_uri()
+    posix = PurePosixPath(path.replace("\\", "/"))
+    if posix.is_absolute():
+        return posix.as_uri()
+    return quote(str(posix).removeprefix("./"))
+
+
+def sarif_log(tool: str, version: str, rules: Mapping[str, tuple[str, str]],
+              results: Sequence[SarifResult]) -> dict[str, Any]:
+    """A SARIF log of one run: `rules` by id as (default level, title)."""
+    ids = list(rules)
+    out_results = []
+    for r in results:
+        location: dict[str, Any] = {"artifactLocation": {"uri": artifact_uri(r.file)}}
+        if r.line > 0:
+            location["region"] = {"startLine": r.line}
+        result: dict[str, Any] = {
+            "ruleId": r.rule, "ruleIndex": ids.index(r.rule), "level": r.level,
+            "message": {"text": r.message},
+            "locations": [{"physicalLocation": location}],
+        }
+        if r.subject:
+            result["locations"][0]["logicalLocations"] = [{"fullyQualifiedName": r.subject}]
+        out_results.append(result)
+    return {
+        "$schema": SARIF_SCHEMA,
+        "version": SARIF_VERSION,
+        "runs": [{
+            "tool": {"driver": {
+                "name": tool, "version": version,
+                "rules": [{"id": rid, "name": rid,
+                           "shortDescription": {"text": title},
+                           "defaultConfiguration": {"level": level}}
+                          for rid, (level, title) in rules.items()],
+            }},
+            "results": out_results,
+        }],
+    }
+
+
+def lint_sarif_results(findings: Sequence[Finding], lines: Sequence[int]) -> list[SarifResult]:
+    return [SarifResult(f.code, f.severity, f"{f.subject}" + (f" {f.where}" if f.where else "")
+                        + f": {f.message}", f.source, line, f.subject)
+            for f, line in zip(findings, lines, strict=True)]
+
+
+LINT_RULES = {code: (sev, title) for code, (sev, title) in CHECKS.items()}
