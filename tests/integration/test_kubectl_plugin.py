@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -76,9 +77,12 @@ def files(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
 
 
 def same_source(text: str, *paths: Path | str) -> str:
+    """The offline output as the cluster's: its files named as the context, without the
+    lines where their objects start (a cluster's objects have none)."""
     for p in paths:
+        text = re.sub(re.escape(str(p)) + r":\d+:", f"{SOURCE}:", text)
         text = text.replace(str(p), SOURCE)
-    return text
+    return re.sub(r'"line": \d+', '"line": null', text)
 
 
 # ---- the analyses: the offline output, read from the cluster ------------------------------
