@@ -455,9 +455,9 @@ def test_cli_reports_every_error_and_exits_2(tmp_path: Path,
     assert main(["validate", str(path)]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
-        f"{path}: NetworkPolicy shop/web: spec.ingress[0].ports[0].endPort: Invalid value: 79: "
+        f"{path}:1: NetworkPolicy shop/web: spec.ingress[0].ports[0].endPort: Invalid value: 79: "
         "must be greater than or equal to `port`",
-        f"{path}: NetworkPolicy shop/web: spec.ingress[0].from[0]: Required value: "
+        f"{path}:1: NetworkPolicy shop/web: spec.ingress[0].from[0]: Required value: "
         "must specify a peer",
     ]
 
@@ -476,7 +476,7 @@ def test_cli_strict_cidr_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     path.write_text(GOOD_POLICY)
     assert main(["validate", "--strict-cidr", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f'{path}: NetworkPolicy shop/web: spec.ingress[0].from[0].ipBlock.cidr: Invalid value: '
+        f'{path}:1: NetworkPolicy shop/web: spec.ingress[0].from[0].ipBlock.cidr: Invalid value: '
         '"10.1.2.3/16": must not have bits set beyond the prefix length')
 
 
@@ -486,4 +486,4 @@ def test_cli_decode_error_names_the_field(tmp_path: Path,
     path.write_text(GOOD_POLICY.replace("ingress:", "ingres:"))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"{path}: NetworkPolicy shop/web: spec.ingres: unknown field")
+    assert err.startswith(f"{path}:1: NetworkPolicy shop/web: spec.ingres: unknown field")

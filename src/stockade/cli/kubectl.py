@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cluster); by default they are applied over the cluster's, as "
                         "kubectl apply does")
     v = command("validate", "the cluster's NetworkPolicies by stockade's rules",
-                VALIDATE_EPILOG, lambda p: None, run_validate)
+                VALIDATE_EPILOG, validate.options, run_validate)
     v.add_argument("--strict-cidr", action="store_true",
                    help="turn on the StrictIPCIDRValidation rules (off by default, as upstream)")
     command("status", "the agents on every node, their CNI side and their policies",
@@ -253,8 +253,8 @@ def run_diff(args: argparse.Namespace) -> int:
 def run_validate(args: argparse.Namespace) -> int:
     scope = Scope(args)
     _, policies = scope.read()
-    count, bad = validate.check_documents(policies, scope.source, strict_cidr=args.strict_cidr)
-    return validate.conclude(count, bad)
+    return validate.report(args, validate.check_documents(policies, scope.source,
+                                                          strict_cidr=args.strict_cidr))
 
 
 # ---- status --------------------------------------------------------------------------------
