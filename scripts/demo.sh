@@ -210,7 +210,7 @@ live_demo() {
   fi
 
   heading "Denied flows the kernel logged"
-  live flows -n 5 || echo "(the denied-flow log is not available from this agent)"
+  live flows --limit 5 || echo "(the denied-flow log is not available from this agent)"
 
   heading "Remove the containers; stop the agent; delete the namespace"
   live rm frontend/web backend/api db/postgres
