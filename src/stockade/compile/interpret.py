@@ -12,9 +12,11 @@ from functools import lru_cache
 from stockade.compile.ir import (
     ADDR,
     ADDR_PORT,
+    ALLOW,
     EGRESS,
     INGRESS,
     NET,
+    PASS,
     AddressSet,
     ChainRule,
     Ruleset,
@@ -58,7 +60,20 @@ def rule_matches(rs: Ruleset, rule: ChainRule, peer: str, dst: str, protocol: st
 
 def chain_allows(rs: Ruleset, chain: str, peer: str, dst: str, protocol: str,
                  port: int) -> bool:
-    return any(rule_matches(rs, r, peer, dst, protocol, port) for r in rs.chains[chain].rules)
+    """Whether a side passes from `chain` on: a NetworkPolicy chain allows on a match
+    and drops otherwise; a tier's chain acts on its first matching rule, and a `pass`
+    or no match goes on in its `next` chain (none: the side passes)."""
+    name: str | None = chain
+    while name is not None:
+        c = rs.chains[name]
+        hit = next((r for r in c.rules if rule_matches(rs, r, peer, dst, protocol, port)),
+                   None)
+        if c.final:
+            return hit is not None
+        if hit is not None and hit.action != PASS:
+            return hit.action == ALLOW
+        name = c.next
+    return True
 
 
 def allows(rs: Ruleset, src: str, dst: str, protocol: str, port: int) -> bool:

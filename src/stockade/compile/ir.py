@@ -7,6 +7,14 @@ Shape (per packet, after conntrack has accepted established/related traffic):
 2. the destination address looks up the *ingress* map; likewise.
 
 An address in neither map belongs to no isolated endpoint and is unrestricted.
+
+ClusterNetworkPolicy tiers live in the same chains. A chain of a tier (`tier`
+set) holds the ordered rules of the policies of that tier selecting its
+endpoints, each with an action: `allow` (this side passes), `deny` (dropped) or
+`pass` (continue in `next`); a packet no rule matches continues in `next` too,
+and with no `next` the side passes. A NetworkPolicy chain (no `tier`) allows
+on a match and drops otherwise, as always. An endpoint's map entry is the first
+of its chains: Admin, then NetworkPolicy (which is final), else Baseline.
 Chains are shared by every endpoint whose selecting policies are the same, and
 named by a hash of their rules; address sets are named by a hash of what defines
 them (a selector in a namespace, an ipBlock, a named port), not of their members,
@@ -19,12 +27,19 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from stockade.errors import DataplaneError
+
 ADDR = "addr"  # addresses
 NET = "net"  # CIDRs (interval set)
 ADDR_PORT = "addr_port"  # (address, protocol, port) triples: named ports
 
 INGRESS = "ingress"
 EGRESS = "egress"
+
+# What a matching rule does: the side passes, is dropped, or goes on in `Chain.next`.
+ALLOW = "allow"
+DENY = "deny"
+PASS = "pass"  # noqa: S105 - an action, not a password
 
 Element = str | tuple[str, str, int]
 
@@ -59,6 +74,7 @@ class ChainRule:
     protocol: str | None = None
     ports: tuple[tuple[int, int], ...] = ()
     comment: str = field(default="", compare=False)
+    action: str = ALLOW
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,15 @@ class Chain:
     rules: tuple[ChainRule, ...]
     comment: str = field(default="", compare=False)
     keep: bool = False
+    # A ClusterNetworkPolicy tier's chain (`Admin`, `Baseline`), and where its
+    # `pass` and its end go: another chain, or (None) the side passes.
+    tier: str = ""
+    next: str | None = None
+
+    @property
+    def final(self) -> bool:
+        """A NetworkPolicy chain: what no rule allows is dropped."""
+        return not self.tier
 
 
 @dataclass(frozen=True)
@@ -100,6 +125,16 @@ class Ruleset:
         }
 
 
+def refuse_tiers(rs: Ruleset, datapath: str) -> None:
+    """Fail closed, before anything changes, on a ruleset a datapath cannot enforce:
+    ClusterNetworkPolicy tiers are enforced by the nftables datapath only so far."""
+    tiered = sorted({c.comment or c.name for c in rs.chains.values() if c.tier})
+    if tiered:
+        raise DataplaneError(
+            f"the {datapath} datapath does not enforce ClusterNetworkPolicy yet "
+            f"({'; '.join(tiered)[:200]}); nothing was changed: use the nftables datapath")
+
+
 def ruleset_data(rs: Ruleset) -> dict[str, object]:
     """The ruleset as plain JSON data (`stockade compile -o json`), in a stable order."""
 
@@ -113,10 +148,12 @@ def ruleset_data(rs: Ruleset) -> dict[str, object]:
                  for n, s in sorted(rs.sets.items())},
         "chains": {n: {"direction": c.direction, "policies": c.comment,
                        **({"keep": True} if c.keep else {}),
+                       **({"tier": c.tier, "next": c.next} if c.tier else {}),
                        "rules": [{k: v for k, v in (
                            ("family", r.family), ("peer_set", r.peer_set),
                            ("named_set", r.named_set), ("protocol", r.protocol),
-                           ("ports", [list(p) for p in r.ports]), ("comment", r.comment))
+                           ("ports", [list(p) for p in r.ports]), ("comment", r.comment),
+                           ("action", r.action if c.tier else None))
                                   if v not in (None, [], "")} for r in c.rules]}
                    for n, c in sorted(rs.chains.items())},
         "ingress": dict(sorted(rs.ingress.items())),

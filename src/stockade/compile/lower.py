@@ -34,10 +34,11 @@ from stockade.compile.membership import (
     peer_members,
     selector_specs,
 )
-from stockade.engine.resolve import Resolution, resolve
+from stockade.engine.resolve import PolicySet, Resolution, resolve
 from stockade.model import policy as model
 from stockade.model.cidr import Network, parse_cidr
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.cnp import ADMIN, BASELINE, NAMESPACES, PODS, ClusterNetworkPolicy
 from stockade.model.selector import Selector
 
 DIRECTION = {model.INGRESS: INGRESS, model.EGRESS: EGRESS}
@@ -104,18 +105,7 @@ def lower_rules(direction: str, policy: model.NetworkPolicy, index: int, rule: m
     numeric, named = _ports(rule)
     out: list[ChainRule] = []
     for peer in rule.peers or (None,):
-        # (family, peer set) alternatives that stand for this peer
-        peer_opts: list[tuple[int | None, str | None]]
-        if peer is None:
-            peer_opts = [(None, None)]
-        elif peer.ip_block is not None:
-            spec = _block_spec(peer.ip_block)
-            peer_opts = [(spec.family, need(spec))] if spec is not None else []
-        elif peer.pod_selector is None and peer.namespace_selector is None:
-            peer_opts = []  # matches nothing (and never validates)
-        else:
-            peer_opts = [(fam, need(s)) for fam, s in
-                         selector_specs(policy.namespace, peer).items()]
+        peer_opts = _peer_options(policy.namespace, peer, need)
         if not rule.ports:
             out.extend(ChainRule(f, s, comment=tag) for f, s in peer_opts)
             continue
@@ -124,6 +114,45 @@ def lower_rules(direction: str, policy: model.NetworkPolicy, index: int, rule: m
             out.extend(ChainRule(f, s, None, proto, merged, comment=tag) for f, s in peer_opts)
         for name, proto in named:
             out.extend(_named_rules(direction, policy, peer, peer_opts, name, proto, tag, need))
+    return out
+
+
+def _peer_options(namespace: str, peer: model.Peer | None, need: Need
+                  ) -> list[tuple[int | None, str | None]]:
+    """The (family, peer set) alternatives that stand for a peer (None: any peer)."""
+    if peer is None:
+        return [(None, None)]
+    if peer.ip_block is not None:
+        spec = _block_spec(peer.ip_block)
+        return [(spec.family, need(spec))] if spec is not None else []
+    if peer.pod_selector is None and peer.namespace_selector is None:
+        return []  # matches nothing (and never validates)
+    return [(fam, need(s)) for fam, s in selector_specs(namespace, peer).items()]
+
+
+def named_rule_specs(direction: str, rule: model.Rule, name: str, tag: str,
+                     need: Need) -> list[ChainRule]:
+    """A ClusterNetworkPolicy's `destinationNamedPort`: the destination's container
+    port of that name, on its own number and protocol, whatever the protocol.
+
+    Egress: the triples of the peer's pods serving it (they express the peer too).
+    Ingress: the triples of every pod serving it, with the peer matched on the
+    source (the chain is the destination's own: its address decides).
+    """
+    out: list[ChainRule] = []
+    for proto in model.PROTOCOLS:
+        for peer in rule.peers or (None,):
+            if direction == model.EGRESS:
+                if not _peer_options("", peer, need):
+                    continue
+                specs = _peer_specs("", peer, name, proto)
+                out += [ChainRule(fam, None, need(s), proto, comment=tag)
+                        for fam, s in specs.items()]
+                continue
+            anyone = {fam: need(s) for fam, s in _peer_specs("", None, name, proto).items()}
+            out += [ChainRule(nfam, pset, nset, proto, comment=tag)
+                    for fam, pset in _peer_options("", peer, need)
+                    for nfam, nset in anyone.items() if fam is None or fam == nfam]
     return out
 
 
@@ -298,25 +327,74 @@ class Lowering:
 
     def ruleset(self) -> Ruleset:
         maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+        tiers = self._tier_subjects()
         for mdir, direction in DIRECTION.items():
-            chain_of: dict[int, str] = {}  # by id: resolve shares one PolicySet per set
-            for ident, ps in sorted(self.res.isolated[mdir].items()):
+            # by ids: resolve shares one PolicySet per set, tiers one list per set
+            chain_of: dict[tuple[int, ...], str] = {}
+            isolated = self.res.isolated[mdir]
+            for ident in sorted(isolated.keys() | tiers[mdir].keys()):
                 # Remote endpoints are peers only: their node enforces their policies.
                 local = [addrs for ep, addrs in self._pods(ident) if not ep.remote]
                 if not local:
                     continue
-                name = chain_of.get(id(ps))
+                ps = isolated.get(ident)
+                admin, baseline = tiers[mdir].get(ident, ((), ()))
+                key = (id(ps), *map(id, admin), -1, *map(id, baseline))
+                name = chain_of.get(key)
                 if name is None:
-                    chain = lower_chain(mdir, ps.policies, self.need,
-                                        self._lowered.setdefault(mdir, {}))
-                    self.chains.setdefault(chain.name, chain)
-                    name = chain_of[id(ps)] = chain.name
+                    name = chain_of[key] = self._entry(mdir, ps, admin, baseline)
                 verdicts = maps[direction]
                 for addrs in local:
                     for _, addr in addrs:
                         verdicts[addr] = name
         return Ruleset(dict(sorted(self.sets.items())), dict(sorted(self.chains.items())),
                        maps[INGRESS], maps[EGRESS])
+
+    def _entry(self, direction: str, ps: PolicySet | None,
+               admin: Sequence[ClusterNetworkPolicy],
+               baseline: Sequence[ClusterNetworkPolicy]) -> str:
+        """The first chain of an endpoint-direction: Admin, NetworkPolicy or Baseline,
+        each continuing in the next (NetworkPolicy is final, so Baseline follows only
+        an endpoint it does not isolate)."""
+        # The tiers' lowering builds on this module's (peers, ports, named ports).
+        from stockade.compile.tiers import lower_tier_chain
+
+        chain: Chain | None = None
+        if ps is not None:
+            chain = lower_chain(direction, ps.policies, self.need,
+                                self._lowered.setdefault(direction, {}))
+        elif baseline:
+            chain = lower_tier_chain(direction, BASELINE, baseline, None, self.need)
+        if chain is not None:
+            self.chains.setdefault(chain.name, chain)
+        if admin:
+            chain = lower_tier_chain(direction, ADMIN, admin,
+                                     chain.name if chain else None, self.need)
+            self.chains.setdefault(chain.name, chain)
+        assert chain is not None
+        return chain.name
+
+    def _tier_subjects(self) -> dict[str, dict[int, tuple[list[ClusterNetworkPolicy],
+                                                          list[ClusterNetworkPolicy]]]]:
+        """Per direction and identity, the Admin and the Baseline policies with rules of
+        that direction whose subject selects it, in precedence order."""
+        out: dict[str, dict[int, tuple[list[ClusterNetworkPolicy],
+                                       list[ClusterNetworkPolicy]]]] = {
+            model.INGRESS: {}, model.EGRESS: {}}
+        for policy in sorted(self.index.cluster.cluster_policies,
+                             key=ClusterNetworkPolicy.order):
+            subject = policy.subject
+            if subject.kind not in (NAMESPACES, PODS):
+                continue  # never valid: a subject is namespaces or pods
+            idents = self.index.peer_identities("", model.Peer(
+                pod_selector=subject.pod_selector,
+                namespace_selector=subject.namespace_selector))
+            for direction in model.DIRECTIONS:
+                if policy.rules(direction):
+                    for ident in idents:
+                        lists = out[direction].setdefault(ident, ([], []))
+                        lists[0 if policy.tier == ADMIN else 1].append(policy)
+        return out
 
 
 def clear_caches() -> None:

@@ -35,9 +35,11 @@ from typing import Any, cast
 from stockade.compile.ir import (
     ADDR,
     ADDR_PORT,
+    DENY,
     EGRESS,
     INGRESS,
     NET,
+    PASS,
     AddressSet,
     Chain,
     ChainRule,
@@ -82,6 +84,12 @@ class Table:
             ], f"log denied #{chain.direction}"))
         out.append(([{"drop": None}], f"default deny #{chain.direction}"))
         return out
+
+    def tail_rules(self, chain: Chain) -> list[tuple[list[dict[str, Any]], str]]:
+        """The end of a chain: a NetworkPolicy chain denies; a tier's goes on."""
+        if chain.final:
+            return self.deny_rules(chain)
+        return [([pass_verdict(chain)], f"end of tier #{chain.direction}")]
 
     def ref(self, **kw: Any) -> dict[str, Any]:
         return {"family": FAMILY, "table": self.name, **kw}
@@ -186,18 +194,35 @@ def chain_rules(table: Table, chain: Chain,
     rendering (a policy's rules recur in every chain of a policy set holding
     it): the lists are then shared, to be serialised, not changed.
     """
-    verdict = {"accept": None} if chain.direction == INGRESS else {"return": None}
     out = []
     for i, rule in enumerate(chain.rules, 1):
-        if memo is None:
-            expr = [*render_rule_expr(rule, chain.direction), verdict]
+        if memo is None or chain.tier:  # a tier's verdicts depend on the chain's `next`
+            expr = [*render_rule_expr(rule, chain.direction), rule_verdict(chain, rule)]
         else:
             found = memo.get(rule)
             if found is None:
-                found = memo[rule] = [*render_rule_expr(rule, chain.direction), verdict]
+                found = memo[rule] = [*render_rule_expr(rule, chain.direction),
+                                      rule_verdict(chain, rule)]
             expr = found
         out.append((expr, rule_comment(chain.direction, i, rule)))
-    return out + table.deny_rules(chain)
+    return out + table.tail_rules(chain)
+
+
+def rule_verdict(chain: Chain, rule: ChainRule) -> dict[str, Any]:
+    """What a matching rule does: the side passes (ingress is judged last, so its pass
+    is the packet's), the packet is dropped, or the next tier's chain goes on."""
+    if rule.action == DENY:
+        return {"drop": None}
+    if rule.action == PASS:
+        return pass_verdict(chain)
+    return {"accept": None} if chain.direction == INGRESS else {"return": None}
+
+
+def pass_verdict(chain: Chain) -> dict[str, Any]:
+    """Leaving a tier: into the next chain, or (none) the side passes."""
+    if chain.next is not None:
+        return {"goto": {"target": chain.next}}
+    return {"accept": None} if chain.direction == INGRESS else {"return": None}
 
 
 def render_chain(table: Table, chain: Chain,
@@ -274,11 +299,13 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
             cmds.append({"add": {"element": table.ref(name=s.name, elem=_elements(s, els))}})
     # A rule's expressions depend on its direction (the verdict, the peer field).
     memo: dict[str, dict[ChainRule, list[dict[str, Any]]]] = {INGRESS: {}, EGRESS: {}}
+    # Every new chain is declared before any rule: a tier's chain jumps to the next.
+    cmds += [{"add": {"chain": table.ref(name=c.name)}} for c in p.add_chains]
     for c in p.add_chains:
-        cmds += render_chain(table, c, memo[c.direction])
+        cmds += render_chain(table, c, memo[c.direction])[1:]
     for c in p.replace_chains:
         cmds.append({"flush": {"chain": table.ref(name=c.name)}})
-        cmds += render_chain(table, c, memo[c.direction])
+        cmds += render_chain(table, c, memo[c.direction])[1:]
     by_map: dict[str, list[Any]] = {}
     for direction, fam, addr in p.del_map:
         by_map.setdefault(MAPS[(direction, fam)], []).append(_map_elem(addr, None))
@@ -289,9 +316,9 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
         by_map.setdefault(MAPS[(direction, fam)], []).append(_map_elem(addr, chain))
     for name, elems in sorted(by_map.items()):
         cmds.append({"add": {"element": table.ref(name=name, elem=elems)}})
-    for name in p.del_chains:
-        cmds.append({"flush": {"chain": table.ref(name=name)}})
-        cmds.append({"delete": {"chain": table.ref(name=name)}})
+    # Flushed first: a tier's chain going away may be what another one jumps to.
+    cmds += [{"flush": {"chain": table.ref(name=name)}} for name in p.del_chains]
+    cmds += [{"delete": {"chain": table.ref(name=name)}} for name in p.del_chains]
     for s, els in p.del_elements:
         if s.kind != NET and els:
             cmds.append({"delete": {"element": table.ref(name=s.name, elem=_elements(s, els))}})
@@ -511,12 +538,12 @@ class RuleComparator:
         known = self._chains.get((table, chain.name))
         if known is not None and (known[0] is chain or known[0] == chain):
             return known[1]
-        verdict = {"accept": None} if chain.direction == INGRESS else {"return": None}
         out: list[tuple[str, Any, Any]] = [
-            (rule_comment(chain.direction, i, rule), (rule, chain.direction),
-             lambda r=rule: [*render_rule_expr(r, chain.direction), verdict])
+            (rule_comment(chain.direction, i, rule),
+             (rule, chain.direction, chain.next if chain.tier else None),
+             lambda r=rule: [*render_rule_expr(r, chain.direction), rule_verdict(chain, r)])
             for i, rule in enumerate(chain.rules, 1)]
-        for i, (expr, comment) in enumerate(table.deny_rules(chain)):
+        for i, (expr, comment) in enumerate(table.tail_rules(chain)):
             out.append((comment, (table, chain.name, i), lambda e=expr: e))
         self._chains[(table, chain.name)] = (chain, out)
         return out

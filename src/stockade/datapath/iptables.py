@@ -52,7 +52,7 @@ from stockade.compile.iptables import (
     render_plan,
     render_remove,
 )
-from stockade.compile.ir import Chain, Ruleset
+from stockade.compile.ir import Chain, Ruleset, refuse_tiers
 from stockade.compile.nft import canonical
 from stockade.compile.plan import Plan, plan
 from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
@@ -288,6 +288,7 @@ class IptablesDatapath:
         (a restart adopts what it finds). Drift is whatever the read-back shows
         that the previous apply did not leave: reported and repaired.
         """
+        refuse_tiers(desired, "iptables")
         target = canonical(desired)
         self.last_drift = None
         self.last_drift_details = []
