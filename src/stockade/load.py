@@ -160,8 +160,9 @@ def validate_objects(objects: Objects, *, strict_cidr: bool = False,
         raise InvalidObjects(bad)
 
 
-def load_cluster(paths: Iterable[str], *, strict_cidr: bool = False) -> Cluster:
+def load_cluster(paths: Iterable[str], *, strict_cidr: bool = False,
+                 recursive: bool = False) -> Cluster:
     """The cluster the files describe to enforce: every object valid, none twice."""
-    objects = load_objects(paths)
+    objects = load_objects(paths, recursive=recursive)
     validate_objects(objects, strict_cidr=strict_cidr, duplicates=True)
     return objects.cluster()

@@ -146,7 +146,7 @@ def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert ingress["allowed_by"] == []
     rules = {(r["policy"], r["rule"]): r for r in ingress["rules"]}
     assert set(rules) == {("backend/allow-prometheus", 0), ("backend/allow-web-to-api", 0),
-                          ("backend/default-deny", -1)}
+                          ("backend/default-deny", None)}
     assert not any(r["matches"] for r in ingress["rules"])
 
 

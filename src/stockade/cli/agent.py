@@ -125,7 +125,9 @@ def register(sub: Any) -> None:
     _socket(fl)
     fl.add_argument("--denied", action="store_true", default=True)
     fl.add_argument("--follow", action="store_true")
-    fl.add_argument("-n", "--limit", type=int, default=100)
+    # -n is a namespace everywhere else: the count is only --limit.
+    fl.add_argument("--limit", type=int, default=100, metavar="COUNT",
+                    help="how many of the latest flows (default 100)")
     fl.set_defaults(run=run_flows)
 
 

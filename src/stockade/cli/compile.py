@@ -23,6 +23,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from stockade.cli.inputs import add_files
+
 FORMATS = ("nft", "json", "stats")
 
 
@@ -30,8 +32,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("compile", help="print the ruleset the nftables datapath would program",
                        description="Compile the files to the ruleset the nftables datapath "
                        "would program (offline; nothing touches the kernel).")
-    p.add_argument("-f", "--file", dest="files", action="extend", nargs="+", required=True,
-                   metavar="FILE", help="manifests: Pods, Namespaces, NetworkPolicies")
+    add_files(p)
     p.add_argument("-o", "--output", default="stats", choices=FORMATS,
                    help="nft: libnftables JSON commands of a full load; json: the "
                    "backend-neutral ruleset; stats: its counts (default)")
@@ -60,7 +61,8 @@ def _run(args: argparse.Namespace) -> int:
     from stockade.compile.lower import compile_cluster
     from stockade.load import load_cluster
 
-    ruleset = compile_cluster(load_cluster(args.files, strict_cidr=args.strict_cidr))
+    ruleset = compile_cluster(load_cluster(args.files, strict_cidr=args.strict_cidr,
+                                           recursive=args.recursive))
     out = sys.stdout
     if args.output == "stats":
         out.write("".join(f"{k} {v}\n" for k, v in ruleset.counts().items()))

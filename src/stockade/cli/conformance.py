@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from stockade.cli.inputs import add_output
 from stockade.conformance.case import STANDARD_CLUSTER, Case, parse_case
-from stockade.conformance.runner import CaseBackend, ModelDatapath, check_case
+from stockade.conformance.runner import (
+    CaseBackend,
+    CaseResult,
+    ModelDatapath,
+    check_case,
+    failures,
+    results_json,
+    results_junit,
+)
 from stockade.datapath import DATAPATHS as KERNEL_DATAPATHS
+from stockade.engine.report import json_text
 from stockade.errors import InputError
 from stockade.load import read_text
 from stockade.model.parse import parse_documents
@@ -26,6 +37,9 @@ def register(sub: Any) -> None:
     p.add_argument("--probe-timeout", type=float, default=1.0, metavar="SECONDS",
                    help="how long a probe waits before it counts as denied (nft)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    add_output(p, ("txt", "json", "junit"),
+               help="txt: a line per case as it runs; json: cases with id, passed, failures; "
+                    "junit: JUnit XML, a testcase per case (default txt)")
     p.set_defaults(run=run)
 
 
@@ -62,11 +76,27 @@ def run(args: argparse.Namespace) -> int:
     cases = load_cases(args.paths)
     datapath = make_datapath(args)
     try:
-        return _run_cases(cases, datapath, args.quiet)
+        if args.output == "txt":
+            return _run_cases(cases, datapath, args.quiet)
+        results = _judged(cases, datapath)
     finally:
         close = getattr(datapath, "close", None)
         if close is not None:
             close()
+    if args.output == "json":
+        sys.stdout.write(json_text(results_json(results, args.datapath)))
+    else:
+        sys.stdout.write(results_junit(results, args.datapath))
+    return 0 if all(r.passed for r, _ in results) else 1
+
+
+def _judged(cases: list[Case], datapath: CaseBackend) -> list[tuple[CaseResult, float]]:
+    out = []
+    for case in cases:
+        start = time.monotonic()
+        result = check_case(case, datapath)
+        out.append((result, time.monotonic() - start))
+    return out
 
 
 def _run_cases(cases: list[Case], datapath: CaseBackend, quiet: bool) -> int:
@@ -79,10 +109,8 @@ def _run_cases(cases: list[Case], datapath: CaseBackend, quiet: bool) -> int:
                 print(f"ok   {case.id}")
             continue
         failed += 1
-        if result.error:
-            print(f"FAIL {case.id}: {result.error}")
-        for m in result.mismatches:
-            print(m.render(case.id))
+        for line in failures(result):
+            print(line)
     print(f"{passed} passed, {failed} failed")
     sys.stdout.flush()
     return 0 if failed == 0 else 1

@@ -26,6 +26,7 @@ from typing import Any
 
 from stockade import __version__
 from stockade.cli import analysis, explain, matrix, validate
+from stockade.cli.inputs import add_filters
 from stockade.cli.main import execute
 from stockade.errors import InputError, InvalidObjects
 from stockade.kube.client import KubeClient
@@ -88,16 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    command("matrix", "reachability truth table between the cluster's pods", matrix.EPILOG,
-            matrix.add_options, run_matrix)
+    def shown(focus: bool) -> Callable[[Any], None]:
+        # -n is the scope read here; -l and --focus-workload filter what is shown.
+        return lambda p: add_filters(p, namespace=False, focus=focus)
+
+    m = command("matrix", "reachability truth table between the cluster's pods",
+                matrix.EPILOG, matrix.add_options, run_matrix)
+    shown(True)(m)
     command("explain", "explain the verdict on one connection", explain.EPILOG,
             explain.add_options, run_explain)
-    command("coverage", "unisolated pods, unused policies, dead rules",
-            analysis.COVERAGE_EPILOG, analysis.coverage_options, run_coverage)
-    command("lint", "suspicious but valid policy constructs", analysis.LINT_EPILOG,
-            analysis.lint_options, run_lint)
+    shown(False)(command("coverage", "unisolated pods, unused policies, dead rules",
+                         analysis.COVERAGE_EPILOG, analysis.coverage_options, run_coverage))
+    shown(False)(command("lint", "suspicious but valid policy constructs",
+                         analysis.LINT_EPILOG, analysis.lint_options, run_lint))
     d = command("diff", "connections applying files would open and close", DIFF_EPILOG,
                 analysis.diff_options, run_diff)
+    shown(True)(d)
     d.add_argument("-f", "--file", dest="files", action="extend", nargs="+", required=True,
                    metavar="FILE", help="the manifests to apply (NEW)")
     d.add_argument("--replace", action="store_true",
@@ -227,6 +234,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_coverage(args: argparse.Namespace) -> int:
+    analysis.fail_on_codes(args.fail_on)
     return analysis.report_coverage(args, Scope(args).objects(), "cluster", PROG)
 
 

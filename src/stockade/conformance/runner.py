@@ -6,9 +6,10 @@ reference evaluator, the kernel datapaths program the case for real and probe it
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+from xml.etree import ElementTree
 
 from stockade.conformance.case import Case, ProbeGroup
 from stockade.engine.evaluate import Evaluator
@@ -89,3 +90,47 @@ def _invalid(policy: object) -> Iterable[str]:
 
     assert isinstance(policy, NetworkPolicy)
     return [f"{policy.key}: {e.render()}" for e in validate_policy(policy)]
+
+
+# ---- reports for CI (`stockade conformance -o json|junit`) --------------------------------
+
+def failures(result: CaseResult) -> list[str]:
+    """Every failure of a case, one message each: its error, or each mismatched pair."""
+    out = [f"FAIL {result.case.id}: {result.error}"] if result.error else []
+    return out + [m.render(result.case.id) for m in result.mismatches]
+
+
+def results_json(results: Sequence[tuple[CaseResult, float]], datapath: str) -> dict[str, Any]:
+    """`cases`: id, passed, failures (messages) and seconds taken, in the order run."""
+    return {
+        "datapath": datapath,
+        "passed": sum(r.passed for r, _ in results),
+        "failed": sum(not r.passed for r, _ in results),
+        "cases": [{"id": r.case.id, "passed": r.passed, "failures": failures(r),
+                   "seconds": round(t, 3)} for r, t in results],
+    }
+
+
+def results_junit(results: Sequence[tuple[CaseResult, float]], datapath: str) -> str:
+    """JUnit XML: one testsuite, one testcase per case; a failing case has one <failure>
+    whose message counts its failures and whose text lists them (pair by pair)."""
+    suite = ElementTree.Element("testsuite", {
+        "name": f"stockade conformance ({datapath})",
+        "tests": str(len(results)),
+        "failures": str(sum(not r.passed for r, _ in results)),
+        "errors": "0", "skipped": "0",
+        "time": f"{sum(t for _, t in results):.3f}",
+    })
+    for result, seconds in results:
+        case = ElementTree.SubElement(suite, "testcase", {
+            "classname": f"conformance.{datapath}", "name": result.case.id,
+            "time": f"{seconds:.3f}"})
+        if not result.passed:
+            found = failures(result)
+            first = result.error or f"{len(found)} probe(s) got the wrong verdict"
+            failure = ElementTree.SubElement(case, "failure", {
+                "message": first, "type": "error" if result.error else "mismatch"})
+            failure.text = "\n".join(found)
+    ElementTree.indent(suite)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' \
+        + ElementTree.tostring(suite, encoding="unicode") + "\n"

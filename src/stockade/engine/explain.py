@@ -215,6 +215,8 @@ def explain_lines(verdict: Verdict, ctx: Context) -> list[str]:
 
 
 def explain_json(verdict: Verdict, ctx: Context) -> dict[str, Any]:
+    """The verdict as data. No number stands for "any": a rule that admits any peer or
+    any port has `"any_peer"`/`"any_port": true` and a null index."""
     flow = verdict.flow
     return {
         "allowed": verdict.allowed,
@@ -233,9 +235,14 @@ def _side_json(side: Side, flow: Flow, ctx: Context) -> dict[str, Any]:
         "isolated": side.isolated,
         "allowed": side.allowed,
         "policies": list(side.isolating),
-        "allowed_by": [{"policy": r.policy, "rule": r.rule, "peer": r.peer, "port": r.port,
+        # A rule without peers (ports) admits any peer (port): said so, with no index.
+        "allowed_by": [{"policy": r.policy, "rule": r.rule,
+                        "peer": None if r.peer < 0 else r.peer, "any_peer": r.peer < 0,
+                        "port": None if r.port < 0 else r.port, "any_port": r.port < 0,
                         "text": describe_ref(r, ctx)} for r in side.allowed_by],
+        # A policy with no rule for the direction: one entry, its rule null.
         "rules": [] if side.allowed else [
-            {"policy": c.policy, "rule": c.rule, "matches": c.matches, "reason": c.reason}
+            {"policy": c.policy, "rule": None if c.rule < 0 else c.rule,
+             "matches": c.matches, "reason": c.reason}
             for c in check_rules(side, flow, ctx)],
     }
