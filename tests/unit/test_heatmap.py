@@ -3,10 +3,8 @@ the matrix's verdicts, with a line between namespaces."""
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import pytest
+from tests.support.png import read_png
 
 from stockade.engine.heatmap import (
     ALLOWED,
@@ -15,40 +13,11 @@ from stockade.engine.heatmap import (
     MIXED,
     NOT_SERVED,
     PALETTE,
-    PNG_SIGNATURE,
     heatmap,
     layout,
     png,
 )
 from stockade.engine.matrix import Matrix, MatrixPort, TruthTable
-
-
-def decode(data: bytes) -> tuple[int, int, list[tuple[int, int, int]], list[bytes]]:
-    """(width, height, palette, rows of palette indexes) of an 8-bit palette PNG,
-    every chunk's CRC checked."""
-    assert data[:8] == PNG_SIGNATURE
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body), kind
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert pos == len(data)
-    kinds = [k for k, _ in chunks]
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"PLTE" in kinds
-    width, height, depth, colour, comp, filt, interlace = struct.unpack(">IIBBBBB",
-                                                                        chunks[0][1])
-    assert (depth, colour, comp, filt, interlace) == (8, 3, 0, 0, 0)
-    plte = dict(chunks)[b"PLTE"]
-    palette = [tuple(plte[i:i + 3]) for i in range(0, len(plte), 3)]
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    assert len(raw) == height * (width + 1)
-    rows = [raw[r * (width + 1):(r + 1) * (width + 1)] for r in range(height)]
-    assert all(row[0] == 0 for row in rows)  # filter: none
-    return width, height, palette, [row[1:] for row in rows]  # type: ignore[return-value]
-
 
 T, F, N = True, False, None
 PODS = ("a/p", "a/q", "b/r", "c/s")
@@ -64,12 +33,12 @@ EXPECTED = ((ALLOWED, DENIED, MIXED, DENIED), (ALLOWED, ALLOWED, DENIED, DENIED)
 
 @pytest.mark.parametrize("block", [1, 3, None])
 def test_pixels_are_the_verdicts_with_lines_between_namespaces(block: int | None) -> None:
-    data = heatmap(Matrix(PODS, TABLES), block)
-    width, height, palette, rows = decode(data)
+    picture = read_png(heatmap(Matrix(PODS, TABLES), block))
+    rows = picture.rows
     place = layout(PODS, block)
     assert place.boundaries == (2, 3)  # b/r and c/s start new namespaces
-    assert width == height == place.side == 4 * place.block + 2
-    assert palette == list(PALETTE)
+    assert picture.width == picture.height == place.side == 4 * place.block + 2
+    assert picture.palette == list(PALETTE)
     for i, start_i in enumerate(place.starts):
         for j, start_j in enumerate(place.starts):
             square = {rows[y][x] for y in range(start_i, start_i + place.block)
@@ -83,12 +52,13 @@ def test_pixels_are_the_verdicts_with_lines_between_namespaces(block: int | None
 def test_one_table_gives_allowed_denied_and_not_served() -> None:
     pods = ("a/p", "a/q")
     table = TruthTable(MatrixPort("TCP", "http"), ((T, N), (F, N)))
-    _, _, _, rows = decode(heatmap(Matrix(pods, (table,)), 1))
-    assert rows == [bytes([ALLOWED, NOT_SERVED]), bytes([DENIED, NOT_SERVED])]
+    assert read_png(heatmap(Matrix(pods, (table,)), 1)).rows == \
+        [bytes([ALLOWED, NOT_SERVED]), bytes([DENIED, NOT_SERVED])]
 
 
 def test_an_empty_matrix_is_one_pixel() -> None:
-    assert decode(heatmap(Matrix((), ())))[:2] == (1, 1)
+    picture = read_png(heatmap(Matrix((), ())))
+    assert (picture.width, picture.height) == (1, 1)
 
 
 def test_png_refuses_rows_of_the_wrong_size() -> None:
