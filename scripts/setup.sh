@@ -38,7 +38,8 @@ fi
 
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
-"$venv/bin/pip" install -q -e ".[dev]"
+# The agent and kube extras too: the tests cover the kernel and the cluster side.
+"$venv/bin/pip" install -q -e ".[dev,all]"
 # The CNI plugin is one process per container: byte-compile here once instead of on
 # every start (an editable install writes no .pyc files, and with
 # PYTHONDONTWRITEBYTECODE nothing writes them at run time either).

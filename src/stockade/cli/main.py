@@ -15,13 +15,23 @@ from stockade.errors import InvalidObjects, StockadeError, ValidationError
 # offline command does not pay for the agent's imports (sqlite3, ctypes, ...).
 COMMANDS: tuple[str, ...] = (
     "validate", "explain", "matrix", "compile", "analysis", "conformance", "dataplane",
-    "agent", "containers", "operator", "listing",
+    "agent", "containers", "operator", "listing", "completion",
 )
 # Commands whose module registers nothing else a parser needs to see.
 _MODULE_OF = {"validate": "validate", "explain": "explain", "matrix": "matrix",
               "compile": "compile", "coverage": "analysis", "diff": "analysis",
               "lint": "analysis", "conformance": "conformance", "dataplane": "dataplane",
-              "datapath": "dataplane", "operator": "operator", "list": "listing"}
+              "datapath": "dataplane", "operator": "operator", "list": "listing",
+              "completion": "completion"}
+
+# The libraries of the optional extras (pyproject's optional-dependencies, by
+# module name; tests/unit/test_extras.py keeps the two in step). The base install
+# is the offline analyses: a command that reaches one of these without its extra
+# gets one line naming the extra, not a traceback.
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "agent": ("nftables", "prometheus_client", "httpx"),
+    "kube": ("lightkube", "httpx", "prometheus_client"),
+}
 
 
 EXIT_OK = 0
@@ -67,11 +77,47 @@ def execute(args: argparse.Namespace, prog: str = "stockade") -> int:
     except StockadeError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except ModuleNotFoundError as exc:
+        return missing_extra(exc, f"{prog} {args.command}", _extras_of(args))
     except BrokenPipeError:
         return EXIT_OK
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def _extras_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The extras a command needs (for the message when one is missing)."""
+    kube = (args.command == "operator"
+            or getattr(args, "program", "") == "kubectl-stockade")  # its completion
+    if args.command == "agent":
+        return ("agent", "kube") if args.datastore == "kubernetes" else ("agent",)
+    return ("kube",) if kube else ("agent",)
+
+
+def missing_extra(exc: ModuleNotFoundError, what: str, needed: tuple[str, ...]) -> int:
+    """`what`, which needs the extras `needed`, met a library that is not installed:
+    name the extras, exit 2. A module no extra provides means a broken install, and
+    its traceback is the useful report."""
+    module = (exc.name or "").partition(".")[0]
+    providers = tuple(extra for extra, modules in EXTRAS.items() if module in modules)
+    if not providers:
+        raise exc
+    extras = needed if set(needed) & set(providers) else providers[:1]
+    print(f"{what} needs the {' and '.join(repr(e) for e in extras)} "
+          f"extra{'s' if len(extras) > 1 else ''} (no module named {module!r}): "
+          f"pip install 'stockade[{','.join(extras)}]'", file=sys.stderr)
+    return EXIT_INPUT
+
+
+def kubectl_main(argv: Sequence[str] | None = None) -> int:
+    """The `kubectl-stockade` executable: cli/kubectl.py, which needs the 'kube' extra
+    from its first import on."""
+    try:
+        from stockade.cli import kubectl
+    except ModuleNotFoundError as exc:
+        return missing_extra(exc, "kubectl stockade", ("kube",))
+    return kubectl.main(argv)
 
 
 if __name__ == "__main__":

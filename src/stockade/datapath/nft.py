@@ -79,8 +79,8 @@ def _load_nftables() -> Any:
     try:
         import nftables
     except ImportError as exc:  # pragma: no cover - the package depends on it
-        raise DataplaneError("the Python binding of libnftables (pip-nftables) is missing",
-                             stderr=str(exc)) from None
+        raise DataplaneError("the Python binding of libnftables (pip-nftables) is missing: "
+                             "pip install 'stockade[agent]'", stderr=str(exc)) from None
     return nftables
 
 
