@@ -87,8 +87,8 @@ def test_matrix_csv_md_dot(capsys: pytest.CaptureFixture[str]) -> None:
     _, md, _ = run(capsys, *args, "md")
     assert md.count("### TCP/") == 2 and "| **frontend/web** |" in md
     _, dot, _ = run(capsys, *args, "dot")
-    assert '"frontend/web" -> "backend/api" [label="TCP/8000"];' in dot
-    assert '"backend/api" -> "db/postgres" [label="TCP/5432"];' in dot
+    assert '"frontend/web" -> "backend/api" [label="TCP/8000",' in dot
+    assert '"backend/api" -> "db/postgres" [label="TCP/5432",' in dot
     assert '"frontend/admin" -> "backend/api"' not in dot
 
 

@@ -12,6 +12,7 @@ from tests.support import shared
 
 from stockade.conformance.case import STANDARD_CLUSTER, parse_case
 from stockade.engine.evaluate import Evaluator
+from stockade.engine.graph import matrix_graph, render_dot
 from stockade.engine.matrix import (
     Matrix,
     MatrixPort,
@@ -22,7 +23,6 @@ from stockade.engine.matrix import (
 )
 from stockade.engine.report import (
     render_csv,
-    render_dot,
     render_json,
     render_markdown,
     render_table,
@@ -241,12 +241,13 @@ def test_markdown_rendering() -> None:
 
 
 def test_dot_rendering() -> None:
-    dot = render_dot(small())
-    assert dot.startswith("digraph reachability {") and dot.rstrip().endswith("}")
+    dot = render_dot(matrix_graph(small()))
+    assert dot.startswith('digraph "stockade matrix (TCP/80)" {')
+    assert dot.rstrip().endswith("}")
     assert 'subgraph cluster_0 {\n    label="x";' in dot
-    assert '"y/a" [label="a"];' in dot
+    assert '"y/a" [label="a",' in dot
     edges = {line.strip() for line in dot.splitlines() if "->" in line}
     # Six ordered pairs of different pods, one denied: five edges, no self loops.
     assert len(edges) == 5
-    assert '"x/b" -> "x/a" [label="TCP/80"];' in edges
+    assert '"x/b" -> "x/a" [label="TCP/80", penwidth="1.6"];' in edges
     assert not any(e.startswith('"y/a" -> "x/a"') for e in edges)

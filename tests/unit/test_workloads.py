@@ -191,7 +191,7 @@ def test_list_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert {"src": "shop/web-5d8[ReplicaSet]", "dst": "shop/api[Deployment]",
             "conn": "TCP 8080"} in rows
     with pytest.raises(SystemExit):
-        main(["list", "-f", str(root), "-o", "dot"])
+        main(["list", "-f", str(root), "-o", "sarif"])
 
 
 def test_pods_of_one_controller_with_other_labels_are_reported(

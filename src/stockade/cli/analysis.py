@@ -15,8 +15,10 @@ from typing import Any
 
 from stockade import __version__
 from stockade.cli.inputs import View, add_files, add_filters, add_output, check, load, read
+from stockade.cli.pictures import PICTURE_FORMATS, add_group_by, emit_graph
 from stockade.engine import coverage as cov
 from stockade.engine.diff import diff_policies
+from stockade.engine.graph import diff_graph
 from stockade.engine.lint import CHECKS, WARNING, Finding, lint
 from stockade.engine.report import (
     COVERAGE_COLUMNS,
@@ -198,7 +200,8 @@ def _register_diff(sub: Any) -> None:
 
 
 def diff_options(p: argparse.ArgumentParser) -> None:
-    add_output(p, REPORT_FORMATS)
+    add_output(p, (*REPORT_FORMATS, *PICTURE_FORMATS))
+    add_group_by(p)
 
 
 def workloads(old: Objects, new: Objects) -> Cluster:
@@ -235,8 +238,16 @@ def report_diff(args: argparse.Namespace, old: Objects, new: Objects, where: str
         result = type(result)(tuple(
             c for c in result.changes
             if view.shown_pair(endpoints.get(c.src), endpoints.get(c.dst), controllers)))
-    emit(args.output, diff_json(result), lambda: diff_text(result),
-         (DIFF_COLUMNS, lambda: diff_rows(result)))
+    if args.output in PICTURE_FORMATS:
+        owners = {**old.controllers, **new.controllers}
+        selected = None if view.everything else [
+            ep.key for ep in cluster.endpoints
+            if view.selects(ep) and view.focused(ep, owners.get(ep.key))]
+        emit_graph(diff_graph(result, [ep.key for ep in cluster.endpoints], args.group_by,
+                              selected), args.output)
+    else:
+        emit(args.output, diff_json(result), lambda: diff_text(result),
+             (DIFF_COLUMNS, lambda: diff_rows(result)))
     return EXIT_FINDINGS if result.changes else EXIT_OK
 
 

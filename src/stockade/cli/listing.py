@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from stockade.cli.inputs import View, add_files, add_filters, add_output, read
+from stockade.cli.pictures import PICTURE_FORMATS, add_group_by, emit_graph
 from stockade.engine.connectivity import (
     LIST_FORMATS,
     LIST_RENDERERS,
@@ -22,6 +23,7 @@ from stockade.engine.connectivity import (
     connectivity,
     workload_peers,
 )
+from stockade.engine.graph import list_graph
 from stockade.engine.report import yaml_text
 from stockade.model.parse import Objects
 
@@ -56,11 +58,12 @@ def register(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
-FORMATS = (*LIST_FORMATS, "yaml")
+FORMATS = (*LIST_FORMATS, "yaml", *PICTURE_FORMATS)
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
     add_output(p, FORMATS)
+    add_group_by(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,8 +77,14 @@ def report(args: argparse.Namespace, objects: Objects, prog: str = "stockade") -
     peers, warnings = workload_peers(cluster.endpoints, objects.controllers, workloads)
     for warning in warnings:
         print(f"{prog}: warning: {warning}", file=sys.stderr)
-    result = shown(View.of(args), connectivity(cluster, peers), peers)
-    if args.output == "yaml":
+    view = View.of(args)
+    result = shown(view, connectivity(cluster, peers), peers)
+    if args.output in PICTURE_FORMATS:
+        selected = None if view.everything else [
+            p.name for p in peers if view.selects(p.endpoint) and view.focused(p.endpoint)]
+        emit_graph(list_graph(result, [p.name for p in peers], args.group_by, selected),
+                   args.output, prog)
+    elif args.output == "yaml":
         sys.stdout.write(yaml_text(json.loads(LIST_RENDERERS["json"](result))))
     else:
         sys.stdout.write(LIST_RENDERERS[args.output](result))

@@ -8,6 +8,9 @@ from typing import Any
 
 from stockade.cli.analysis import parse_port
 from stockade.cli.inputs import View, add_files, add_filters, add_output, read
+from stockade.cli.pictures import HEATMAP, PICTURE_FORMATS, add_group_by, emit_graph, write_binary
+from stockade.engine.graph import matrix_graph
+from stockade.engine.heatmap import COLOUR_NAMES, heatmap
 from stockade.engine.matrix import Matrix, compute_matrix
 from stockade.engine.report import FORMATS, LEGEND, RENDERERS, neighbours, sub_matrix
 from stockade.errors import InputError
@@ -25,6 +28,11 @@ resolved on each destination pod.
 -n and -l keep the rows and columns of the pods selected; --focus-workload keeps
 those of its pods and of every pod they may connect to or be connected from (the
 verdicts are computed on every object all the same).
+-o dot|svg|png: a graph, an edge per allowed pair labelled with its probes ('all':
+every probe); svg and png need graphviz's dot. -o heatmap: a PNG for large
+clusters, a square per pair (row: source, column: destination), pods by namespace
+with a line between namespaces; {", ".join(COLOUR_NAMES)} (several probes: a
+pair allowed on every probe its destination serves is blue). Redirect it to a file.
 """
 
 
@@ -43,8 +51,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="port number or named port to probe (repeatable)")
     p.add_argument("--protocol", dest="protocols", action="append", default=[],
                    type=str.upper, choices=PROTOCOLS, help="protocol to probe (repeatable)")
-    add_output(p, FORMATS, help="output format (default txt, the table; text and table "
-               "are txt)")
+    add_output(p, (*FORMATS, *PICTURE_FORMATS, HEATMAP),
+               help="output format (default txt, the table; text and table are txt)")
+    add_group_by(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +70,12 @@ def report(args: argparse.Namespace, objects: Objects, where: str, source: str) 
     ports = list(dict.fromkeys(parse_port(p) for p in args.ports))
     protocols = list(dict.fromkeys(args.protocols))
     matrix = shown(View.of(args), compute_matrix(cluster, ports, protocols), objects)
-    sys.stdout.write(RENDERERS[args.output](matrix))
+    if args.output in PICTURE_FORMATS:
+        emit_graph(matrix_graph(matrix, args.group_by), args.output)
+    elif args.output == HEATMAP:
+        write_binary(heatmap(matrix), HEATMAP)
+    else:
+        sys.stdout.write(RENDERERS[args.output](matrix))
     return 0
 
 

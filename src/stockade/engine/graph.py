@@ -22,7 +22,7 @@ namespaces are sorted, so the same input gives the same text.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -225,15 +225,29 @@ def _grouped_edges(peers: _Peers, pairs: Iterable[tuple[str, str, V]],
 # ---- the three pictures -----------------------------------------------------------------
 
 
-def list_graph(result: ConnList, peers: Sequence[str], group_by: str = WORKLOAD) -> Graph:
-    """`stockade list`'s connections. `peers`: the workload names (`ns/name[Kind]`), so
-    a workload with no connection is drawn too; every other name is a range."""
+def list_graph(result: ConnList, peers: Sequence[str], group_by: str = WORKLOAD,
+               shown: Collection[str] | None = None) -> Graph:
+    """`stockade list`'s connections. `peers`: every workload's name (`ns/name[Kind]`),
+    so that one with no connection is drawn too; every other name is a range.
+    `shown`: when the connections are filtered, the peers to draw besides the ends
+    of the edges (None: all)."""
     ranges = [r.render() for r in (*result.sources, *result.destinations)]
     names = {n for c in result.connections for n in (c.src, c.dst)}
     found = _peers(peers, names.union(ranges) - set(peers), group_by)
     edges = _grouped_edges(found, ((c.src, c.dst, c.connections) for c in result.connections),
                            Connections.union, Connections.render, _everything)
-    return Graph("stockade list", found.nodes, tuple(edges))
+    return _graph("stockade list", found, edges, shown)
+
+
+def _graph(title: str, found: _Peers, edges: Sequence[Edge],
+           shown: Collection[str] | None) -> Graph:
+    """The graph of the edges, with the nodes of `shown` peers and of the edges' ends."""
+    nodes = found.nodes
+    if shown is not None:
+        kept = {found.group_of.get(name, name) for name in shown}
+        kept.update(n for e in edges for n in (e.src, e.dst))
+        nodes = tuple(n for n in nodes if n.id in kept)
+    return Graph(title, nodes, tuple(edges))
 
 
 def _everything(value: Connections) -> bool:
@@ -242,7 +256,8 @@ def _everything(value: Connections) -> bool:
 
 def matrix_graph(matrix: Matrix, group_by: str = WORKLOAD) -> Graph:
     """`stockade matrix`'s allowed pairs (a pod with itself left out), each edge
-    labelled with the probes that allow it; `all` when every probe does."""
+    labelled with the probes that allow it; `all` when every probe does (of two or
+    more: with one probe, the label is the probe)."""
     probes = tuple(t.probe.render() for t in matrix.tables)
     order = {p: i for i, p in enumerate(probes)}
     allowed: dict[tuple[int, int], set[str]] = {}
@@ -258,16 +273,20 @@ def matrix_graph(matrix: Matrix, group_by: str = WORKLOAD) -> Graph:
     def label(value: frozenset[str]) -> str:
         return ", ".join(sorted(value, key=order.__getitem__))
 
-    edges = _grouped_edges(found, pairs, frozenset.union, label, every.__eq__)
+    def everything(value: frozenset[str]) -> bool:
+        return len(every) > 1 and value == every
+
+    edges = _grouped_edges(found, pairs, frozenset.union, label, everything)
     title = f"stockade matrix ({ALL} = {', '.join(probes)})" if len(probes) > 1 \
         else f"stockade matrix ({probes[0] if probes else 'no probe'})"
     return Graph(title, found.nodes, tuple(edges))
 
 
-def diff_graph(result: PolicyDiff, peers: Sequence[str], group_by: str = WORKLOAD) -> Graph:
+def diff_graph(result: PolicyDiff, peers: Sequence[str], group_by: str = WORKLOAD,
+               shown: Collection[str] | None = None) -> Graph:
     """`stockade diff`'s changes: opened connections as green edges (`+`), closed
     ones as red edges (`-`). `peers`: the pods and workloads (`ns/name`), every
-    other name is an external range."""
+    other name is an external range; `shown` as for `list_graph`."""
     names = {n for c in result.changes for n in (c.src, c.dst)}
     found = _peers(peers, names - set(peers), group_by)
     edges: list[Edge] = []
@@ -282,4 +301,4 @@ def diff_graph(result: PolicyDiff, peers: Sequence[str], group_by: str = WORKLOA
         edges += _grouped_edges(found, ((s, d, v) for (s, d), v in changed.items()),
                                 Connections.union, Connections.render, _everything,
                                 colour, "+ " if opened else "- ")
-    return Graph("stockade diff (+ opened, - closed)", found.nodes, tuple(edges))
+    return _graph("stockade diff (+ opened, - closed)", found, edges, shown)

@@ -4,10 +4,11 @@ Every renderer is a pure function from an analysis' result to text (or, for
 ``-o json``, to a JSON-able dict); the CLI only prints. The verdict of one flow
 renders in `engine/explain.py`, next to its trace.
 
-The reachability matrix renders as table, json, csv, markdown or graphviz dot. The symbols are the
-upstream e2e tests': `.` allowed, `X` denied; `-` marks a destination that serves
-no port of the probed name, where there is no connection to judge. A pod talking
-to itself is always allowed, so the diagonal shows `.`.
+The reachability matrix renders as table, json, csv or markdown (its pictures are
+`engine/graph.py` and `engine/heatmap.py`). The symbols are the upstream e2e
+tests': `.` allowed, `X` denied; `-` marks a destination that serves no port of the
+probed name, where there is no connection to judge. A pod talking to itself is
+always allowed, so the diagonal shows `.`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from stockade.engine.matrix import Matrix, TruthTable
 
 ALLOWED, DENIED, NO_PORT = ".", "X", "-"
 LEGEND = f"{ALLOWED} allowed, {DENIED} denied, {NO_PORT} destination serves no such named port"
-FORMATS = ("txt", "json", "yaml", "csv", "md", "dot")
+FORMATS = ("txt", "json", "yaml", "csv", "md")
 
 
 def symbol(cell: bool | None) -> str:
@@ -110,38 +111,6 @@ def _md_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("-", "\\-")
 
 
-def render_dot(matrix: Matrix) -> str:
-    """Pods as nodes clustered per namespace; an edge per allowed pair, labelled with probes."""
-    lines = ["digraph reachability {", "  rankdir=LR;", "  node [shape=box];"]
-    by_ns: dict[str, list[str]] = {}
-    for pod in matrix.pods:
-        by_ns.setdefault(pod.split("/", 1)[0], []).append(pod)
-    for i, (ns, pods) in enumerate(sorted(by_ns.items())):
-        lines.append(f"  subgraph cluster_{i} {{")
-        lines.append(f"    label={_quote(ns)};")
-        lines.extend(f"    {_quote(p)} [label={_quote(p.split('/', 1)[1])}];" for p in pods)
-        lines.append("  }")
-    for (src, dst), probes in _edges(matrix).items():
-        lines.append(f"  {_quote(src)} -> {_quote(dst)} [label={_quote(', '.join(probes))}];")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def _edges(matrix: Matrix) -> dict[tuple[str, str], list[str]]:
-    """Allowed pairs (self pairs left out) with the probes that allow them, in order."""
-    edges: dict[tuple[str, str], list[str]] = {}
-    for t in matrix.tables:
-        for src, cells in zip(matrix.pods, t.cells, strict=True):
-            for dst, cell in zip(matrix.pods, cells, strict=True):
-                if cell and src != dst:
-                    edges.setdefault((src, dst), []).append(t.probe.render())
-    return dict(sorted(edges.items()))
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def matrix_data(matrix: Matrix) -> dict[str, Any]:
     """`render_json`'s data, for the other structured formats (yaml)."""
     data: dict[str, Any] = json.loads(render_json(matrix))
@@ -176,7 +145,6 @@ RENDERERS: dict[str, Callable[[Matrix], str]] = {
     "yaml": lambda m: yaml_text(matrix_data(m)),
     "csv": render_csv,
     "md": render_markdown,
-    "dot": render_dot,
 }
 
 
