@@ -183,6 +183,8 @@ both sides (the NEW side wins when a pod or namespace is in both), so cluster
 files can be given on either side; only the policies differ.
 Lines: '+' opened, '-' closed, with the rules responsible. -n, -l and
 --focus-workload show the changes from or to the pods and workloads selected.
+-o dot|svg|png: a graph, opened connections as green edges, closed ones red
+(--group-by namespace: a node per namespace); svg and png need graphviz's dot.
 Exit status: 0 no difference, 1 differences (among those shown), 2 bad input
 (as diff(1)).
 """

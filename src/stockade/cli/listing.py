@@ -44,6 +44,11 @@ nothing allowed has no line; two external ranges are never paired.
 -n, -l and --focus-workload show the connections from or to the workloads selected
 (the connections are computed on every object all the same). A kubectl dump works
 as it is: kubectl get ns,pods,deploy,netpol -A -o yaml | stockade list -f -
+-o dot|svg|png: a graph of the workloads (a box per namespace) and the ranges, an
+edge per line labelled with its connections ('all' for All Connections); svg and
+png need graphviz's dot. --group-by namespace draws a node per namespace, each
+edge the union of its pairs' connections, marked '(k of n pairs)' when not every
+pair of workloads allows exactly that.
 Objects of other kinds (Service, ConfigMap, ...) are skipped with a note on stderr.
 Exit status: 0, or 2 on bad input.
 """

@@ -17,6 +17,7 @@ from stockade.errors import InputError
 from stockade.model.parse import Objects
 from stockade.model.policy import PROTOCOLS
 
+COLOURS = ", ".join(COLOUR_NAMES)
 EPILOG = f"""\
 Rows are sources, columns destinations:
   {LEGEND}.
@@ -29,10 +30,11 @@ resolved on each destination pod.
 those of its pods and of every pod they may connect to or be connected from (the
 verdicts are computed on every object all the same).
 -o dot|svg|png: a graph, an edge per allowed pair labelled with its probes ('all':
-every probe); svg and png need graphviz's dot. -o heatmap: a PNG for large
-clusters, a square per pair (row: source, column: destination), pods by namespace
-with a line between namespaces; {", ".join(COLOUR_NAMES)} (several probes: a
-pair allowed on every probe its destination serves is blue). Redirect it to a file.
+every probe); svg and png need graphviz's dot; --group-by namespace draws a node
+per namespace. -o heatmap: a PNG for large clusters, a square per pair (row:
+source, column: destination), pods by namespace, a line between namespaces;
+{COLOURS}.
+Redirect it to a file: stockade matrix -f ... -o heatmap > matrix.png
 """
 
 

@@ -36,8 +36,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (0x92, 0xC5, 0xDE),  # mixed
     (0x40, 0x40, 0x40),  # namespace boundary
 )
-COLOUR_NAMES = ("grey: not served", "blue: allowed", "white: denied",
-                "light blue: allowed on some probes only")
+COLOUR_NAMES = ("blue: allowed", "light blue: on some probes only", "white: denied",
+                "grey: port not served")
 # Blocks are scaled up to about this many pixels a side (a pixel per pair beyond).
 TARGET_SIDE = 1024
 MAX_BLOCK = 16
