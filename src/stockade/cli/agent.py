@@ -14,6 +14,7 @@ import yaml
 
 from stockade.agent.client import AgentClient
 from stockade.agent.protocol import ApiError
+from stockade.cli.inputs import add_files, add_output
 from stockade.datapath import DATAPATHS
 from stockade.errors import InputError
 from stockade.load import expand_paths, read_text
@@ -81,13 +82,13 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("apply", help="apply manifests through the agent (all or nothing)")
     _socket(p)
-    p.add_argument("-f", "--file", dest="files", action="append", required=True)
+    add_files(p)
     p.add_argument("--no-wait", action="store_true", help="return once stored, not enforced")
     p.set_defaults(run=run_apply)
 
     d = sub.add_parser("delete", help="delete objects through the agent")
     _socket(d)
-    d.add_argument("-f", "--file", dest="files", action="append")
+    add_files(d, required=False)
     d.add_argument("what", nargs="*", metavar="KIND NS/NAME",
                    help="e.g. `policy shop/allow-web` or `namespace shop`")
     d.set_defaults(run=run_delete)
@@ -95,7 +96,8 @@ def register(sub: Any) -> None:
     g = sub.add_parser("get", help="list namespaces, endpoints or policies")
     _socket(g)
     g.add_argument("kind", choices=("namespaces", "endpoints", "policies", "chains"))
-    g.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    add_output(g, ("txt", "json", "yaml"), help="output format (default txt, a table; "
+               "text and table are txt)")
     g.set_defaults(run=run_get)
 
     lab = sub.add_parser("label", help="set (k=v) or remove (k-) labels")
@@ -107,7 +109,7 @@ def register(sub: Any) -> None:
 
     st = sub.add_parser("status", help="is the kernel in sync; last apply; counts; drift")
     _socket(st)
-    st.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_output(st, ("txt", "json"))
     st.set_defaults(run=run_status)
 
     sn = sub.add_parser("snapshot", help="export or import the agent's whole state")
@@ -177,16 +179,16 @@ def _default_socket() -> str:
     return socket_path(None)
 
 
-def _documents(files: list[str]) -> tuple[list[Any], str]:
+def _documents(files: list[str], recursive: bool = False) -> tuple[list[Any], str]:
     docs: list[Any] = []
-    paths = expand_paths(files)
+    paths = expand_paths(files, recursive=recursive)
     for path in paths:
         docs += parse_documents(read_text(path), path)
     return docs, ",".join(paths)
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    docs, source = _documents(args.files)
+    docs, source = _documents(args.files, args.recursive)
     out = _call(args, "apply", documents=docs, source=source, sync=not args.no_wait)
     for verb in ("created", "configured", "unchanged"):
         for name in out[verb]:
@@ -204,7 +206,7 @@ def run_delete(args: argparse.Namespace) -> int:
         if kind == "namespace":
             ns, n = "", name
         refs.append({"kind": kind, "namespace": ns or "default", "name": n})
-    docs = _documents(args.files)[0] if args.files else []
+    docs = _documents(args.files, args.recursive)[0] if args.files else []
     if not refs and not docs:
         raise InputError("nothing to delete: give -f FILE or KIND NAME")
     out = _call(args, "delete", refs=refs, documents=docs)

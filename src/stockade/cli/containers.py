@@ -23,6 +23,7 @@ from stockade.agent.client import AgentClient
 from stockade.agent.containers import parse_port_spec
 from stockade.agent.records import EndpointRecord, PolicyRecord, namespace_from_dict
 from stockade.cli.agent import _call, _checked, _labels, _socket
+from stockade.cli.inputs import add_output
 from stockade.errors import InputError
 from stockade.model.cluster import Cluster
 from stockade.model.ports import parse_port_text
@@ -67,7 +68,8 @@ def register(sub: Any) -> None:
     _socket(p)
     p.add_argument("-a", "--all", action="store_true", help="also recently exited ones")
     p.add_argument("-q", "--quiet", action="store_true", help="only NS/NAME")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    add_output(p, ("txt", "json"), help="output format (default txt, a table; text and "
+               "table are txt)")
     p.set_defaults(run=run_ps)
 
     rm = sub.add_parser("rm", help="stop containers (SIGTERM, then SIGKILL) and remove them")

@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from stockade.cli.inputs import add_files
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import DATAPATHS, open_datapath
 from stockade.datapath.base import Datapath
@@ -37,12 +38,12 @@ def register(sub: Any) -> None:
 
     diff = verbs.add_parser("diff", help="compare the kernel with what the files produce")
     common(diff)
-    diff.add_argument("-f", "--file", dest="files", action="append", required=True)
+    add_files(diff)
     diff.set_defaults(run=run_diff)
 
     apply = verbs.add_parser("apply", help="program the kernel from files (all or nothing)")
     common(apply)
-    apply.add_argument("-f", "--file", dest="files", action="append", required=True)
+    add_files(apply)
     apply.add_argument("--strict-cidr", action="store_true")
     apply.set_defaults(run=run_apply)
 
@@ -73,7 +74,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    desired = compile_cluster(load_cluster(args.files))
+    desired = compile_cluster(load_cluster(args.files, recursive=args.recursive))
     dp = _datapath(args)
     delta = dp.diff(desired)
     lines = delta.describe()
@@ -93,7 +94,8 @@ def run_diff(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    desired = compile_cluster(load_cluster(args.files, strict_cidr=args.strict_cidr))
+    desired = compile_cluster(load_cluster(args.files, strict_cidr=args.strict_cidr,
+                                           recursive=args.recursive))
     dp = _datapath(args)
     dp.check()
     delta = dp.apply(desired)

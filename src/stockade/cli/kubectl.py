@@ -26,7 +26,7 @@ from typing import Any
 
 from stockade import __version__
 from stockade.cli import analysis, explain, matrix, validate
-from stockade.cli.inputs import add_filters
+from stockade.cli.inputs import add_filters, add_output
 from stockade.cli.main import execute
 from stockade.errors import InputError, InvalidObjects
 from stockade.kube.client import KubeClient
@@ -277,7 +277,7 @@ def status_options(p: argparse.ArgumentParser) -> None:
                    help="reach each agent at its pod's address, not through the API server")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="for each agent (default 5)")
-    p.add_argument("-o", "--output", default="text", choices=("text", "json"))
+    add_output(p, ("txt", "json"))
 
 
 def run_status(args: argparse.Namespace) -> int:
