@@ -28,11 +28,11 @@ from typing import Any
 
 import pytest
 from tests.support.etcd import EtcdServer, etcd_binary
+from tests.support.hosts import Hosts
 
 from stockade.agent.protocol import ApiError
 from stockade.datapath.nft import NftDatapath
 from stockade.etcd.client import EtcdClient
-from stockade.net.plumber import Plumber
 from stockade.probe.launcher import ProbeServer
 
 from .agent_harness import AgentProcess
@@ -188,6 +188,32 @@ def test_etcd_objects_are_enforced_and_writes_through_the_agent_land_in_etcd(
         # Re-applying what etcd holds changes nothing (no write, no conflict).
         out = agent.call("apply", documents=[allow("web", "a", "b")])
         assert out["unchanged"] == ["networkpolicy/x/web"]
+    finally:
+        agent.stop()
+
+
+def test_an_apply_larger_than_one_etcd_transaction_returns_once_delivered(
+        tmp_path: Path, etcd: EtcdServer, host_netns: str, netns_prefix: str) -> None:
+    """etcd takes at most 128 operations per transaction: the namespace goes in the
+    first, the pods in the next ones. Each resource's watch reaches the last
+    transaction that wrote it and no later one, so that is what the call waits for
+    (it waited for the last transaction on every watch: the namespaces' never came,
+    and the apply failed after SEEN_TIMEOUT)."""
+    from stockade.etcd.datastore import SEEN_TIMEOUT
+
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "big"}},
+        *({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": f"p{i}", "namespace": "big", "labels": {"app": "a"}},
+           "spec": {"nodeName": "node-2"},
+           "status": {"podIP": f"10.99.{i // 250}.{i % 250 + 1}"}} for i in range(300))]
+    try:
+        started = time.monotonic()
+        out = agent.call("apply", documents=docs)
+        assert time.monotonic() - started < SEEN_TIMEOUT / 2
+        assert len(out["created"]) == 301
+        assert names(agent, "endpoints") == {f"p{i}" for i in range(300)}
     finally:
         agent.stop()
 
@@ -390,77 +416,6 @@ def test_two_agents_writing_one_object_at_once_lose_no_update(
 
 
 # ---- (6) several hosts: the conformance corpus across three ----------------------------------
-
-
-def _ip(netns: str, *args: str) -> None:
-    subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True)
-
-
-def _sysctl(netns: str, name: str, value: str) -> None:
-    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", f"{name}={value}"],
-                   check=True, capture_output=True)
-
-
-class Hosts:
-    """Simulated hosts on one machine: each a network namespace with its own bridge
-    (a Plumber), its endpoints and its agent, joined to the others by a veth into a
-    "fabric" namespace's bridge. Hosts route each other's endpoints (a /32 per remote
-    endpoint via its host's fabric address) and answer ARP for them on their bridge
-    (proxy ARP), so endpoints of one on-link subnet reach each other across hosts."""
-
-    UNDERLAY = "100.127.77"
-
-    def __init__(self, prefix: str, count: int, *, plumb: bool = True) -> None:
-        from stockade.net.namespace import create_netns
-
-        self.prefix = prefix
-        self.fabric = f"{prefix}-fab"
-        create_netns(self.fabric)
-        _ip(self.fabric, "link", "add", "fab0", "type", "bridge")
-        _ip(self.fabric, "link", "set", "fab0", "up")
-        self.names = [f"host-{i}" for i in range(1, count + 1)]
-        self.netns: dict[str, str] = {}
-        self.plumbers: dict[str, Plumber] = {}
-        self.routes: dict[str, str] = {}  # address -> the host whose endpoint it is
-        for i, host in enumerate(self.names, 1):
-            ns = f"{prefix}-h{i}"
-            create_netns(ns)
-            self.netns[host] = ns
-            _ip(ns, "link", "add", "up0", "type", "veth", "peer", "name", f"h{i}",
-                "netns", self.fabric)
-            _ip(self.fabric, "link", "set", f"h{i}", "master", "fab0", "up")
-            _ip(ns, "addr", "add", f"{self.UNDERLAY}.{i}/24", "dev", "up0")
-            _ip(ns, "link", "set", "up0", "up")
-            if not plumb:
-                continue  # the agents plumb and route themselves
-            plumber = Plumber(prefix=prefix, host_netns=ns)
-            plumber.ensure_bridge(addresses=[f"100.127.78.{i}/32"], forward=True)
-            _sysctl(ns, f"net.ipv4.conf.{plumber.bridge}.proxy_arp", "1")
-            _sysctl(ns, f"net.ipv4.neigh.{plumber.bridge}.proxy_delay", "0")
-            self.plumbers[host] = plumber
-
-    def address(self, host: str) -> str:
-        return f"{self.UNDERLAY}.{self.names.index(host) + 1}"
-
-    def route(self, ip: str, owner: str | None) -> None:
-        """Where ``ip`` lives now (None: nowhere): every host's route to it."""
-        before = self.routes.pop(ip, None)
-        if owner is not None:
-            self.routes[ip] = owner
-        for host, ns in self.netns.items():
-            if owner is None:
-                if before is not None:
-                    subprocess.run(["ip", "-n", ns, "route", "del", f"{ip}/32"],
-                                   capture_output=True, check=False)
-            elif host == owner:
-                _ip(ns, "route", "replace", f"{ip}/32", "dev", self.plumbers[host].bridge)
-            else:
-                _ip(ns, "route", "replace", f"{ip}/32", "via", self.address(owner))
-
-    def flush_conntrack(self) -> None:
-        for ns in self.netns.values():
-            subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-F"],
-                           capture_output=True, check=False)
 
 
 class SpreadPods:

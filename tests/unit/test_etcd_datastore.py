@@ -94,7 +94,7 @@ def test_a_write_compares_what_the_writer_knows(etcd: EtcdServer) -> None:
         two = EtcdFeed(c, "n2", prefix="/s")
         ns = Namespace("x", Labels({}))
         rev, touched = one.write([PutNamespace(ns), PutEndpoint(endpoint())])
-        assert touched == {"namespaces", "pods"}
+        assert touched == {"namespaces": rev, "pods": rev}
         kv = c.get("/s/pods/x/a")
         assert kv is not None and kv.mod_revision == rev
         assert json.loads(kv.value)["spec"]["nodeName"] == "n2"
@@ -127,6 +127,11 @@ def test_a_large_change_is_written_in_transactions_etcd_accepts(etcd: EtcdServer
                                       "name": f"p{i}", "namespace": "x"}}))
             for i in range(300)]
         assert prec.key == "x/web"
-        feed.write(changes)
+        first, _ = feed.write([PutNamespace(Namespace("x", Labels({})))])
+        last, touched = feed.write([PutNamespace(Namespace("z", Labels({}))), *changes])
         _, kvs = c.list_prefix("/s/networkpolicies/")
         assert len(kvs) == 300
+        # The namespace went in the first of three transactions: its watch reaches that
+        # revision, not the last one (what a write through the agent waits for).
+        assert touched == {"namespaces": first + 1, "networkpolicies": last}
+        assert last == first + 3

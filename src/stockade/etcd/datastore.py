@@ -268,11 +268,13 @@ class EtcdFeed(KubeFeed):
 
     # ---- writes -----------------------------------------------------------------------
 
-    def write(self, changes: Sequence[Change]) -> tuple[int, set[str]]:
+    def write(self, changes: Sequence[Change]) -> tuple[int, dict[str, int]]:
         """Write ``changes`` to etcd in transactions comparing each key's mod_revision
         with what the state knows (the caller holds the service's lock). Returns the
-        last transaction's revision and the resources it touched; Conflict when
-        another writer got there first (nothing of that transaction is written)."""
+        last transaction's revision and, per resource touched, the revision of the last
+        transaction that wrote it (the one its watch reaches: a later transaction of
+        other resources only is no event of it); Conflict when another writer got there
+        first (nothing of that transaction is written)."""
         ops: dict[str, tuple[Resource, str | None]] = {}
         for c in changes:
             res, key, doc = self._op(c)
@@ -281,9 +283,9 @@ class EtcdFeed(KubeFeed):
             ops.pop(etcd_key(self.prefix, res, key), None)  # the last change of a key wins
             ops[etcd_key(self.prefix, res, key)] = (res, None if doc is None else _json(doc))
         if not ops:
-            return 0, set()
+            return 0, {}
         revision = 0
-        touched: set[str] = set()
+        touched: dict[str, int] = {}
         items = list(ops.items())
         # etcd refuses a transaction of more than --max-txn-ops (128) operations; a
         # larger change is written in several, in order (see the README).
@@ -313,7 +315,7 @@ class EtcdFeed(KubeFeed):
                 stale = {k: v for k, v in current.items() if v != self.revs.get(k, 0)}
                 raise Conflict(stale or current, result.revision)
             revision = result.revision
-            touched |= {res.plural for _, (res, _) in chunk}
+            touched.update((res.plural, revision) for _, (res, _) in chunk)
         return revision, touched
 
     def _op(self, c: Change) -> tuple[Resource, str, dict[str, Any] | None]:
@@ -538,7 +540,8 @@ class EtcdService(Service):
             # Acknowledged by etcd; now until this agent's watch has delivered it (the
             # wait releases the lock, so the feed can commit it meanwhile).
             seen = self.caught_up.wait_for(
-                lambda: all(feed.seen.get(p, 0) >= revision for p in touched), SEEN_TIMEOUT)
+                lambda: all(feed.seen.get(p, 0) >= r for p, r in touched.items()),
+                SEEN_TIMEOUT)
             if not seen:
                 raise ApiError(TIMEOUT, f"written to etcd at revision {revision}, but this "
                                         f"agent's watch has not delivered it after "
