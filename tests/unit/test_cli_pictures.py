@@ -165,3 +165,20 @@ def test_the_heatmap_is_the_matrix(capsysbinary: pytest.CaptureFixture[bytes]) -
     assert cell("frontend/admin", "backend/api") == DENIED
     assert cell("backend/api", "frontend/web") == DENIED  # backend's egress is isolated
     assert cell("backend/worker", "backend/worker") == ALLOWED
+
+
+def test_a_filtered_picture_draws_what_the_filter_shows(
+        capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    code, data = run(capsysbinary, "list", "-f", CLUSTER, V1, "-n", "backend", "-o", "dot")
+    assert code == 0
+    text = data.decode()
+    edges = {line.split(" [")[0].strip() for line in text.splitlines() if " -> " in line}
+    assert edges == {
+        '"backend/api[Pod]" -> "db/postgres[Pod]"',
+        '"backend/api[Pod]" -> "kube-system/coredns[Pod]"',
+        '"backend/worker[Pod]" -> "kube-system/coredns[Pod]"',
+        '"frontend/web[Pod]" -> "backend/api[Pod]"',
+        '"monitoring/prometheus[Pod]" -> "backend/api[Pod]"',
+        '"monitoring/prometheus[Pod]" -> "backend/worker[Pod]"',
+    }
+    assert '"frontend/admin[Pod]"' not in text and "[External]" not in text

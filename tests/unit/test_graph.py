@@ -227,3 +227,15 @@ def test_diff_opened_edges_are_green_and_closed_ones_red() -> None:
                for e in diff_graph(result, ["a/p", "a/q", "b/r", "b/idle"], NAMESPACE).edges}
     assert grouped["a", "b", CLOSED_COLOUR] == "- TCP 5432\n(1 of 4 pairs)"
     assert grouped["a", "b", OPENED_COLOUR] == "+ TCP 443,8000-8100,UDP 53\n(1 of 4 pairs)"
+
+
+def test_when_filtered_only_the_shown_peers_and_the_ends_of_edges_are_drawn() -> None:
+    peers = ["a/x[Pod]", "a/y[Pod]", "b/z[Pod]", "c/w[Pod]"]
+    rng = AddressRange(0, 2**32 - 1)
+    result = ConnList((Connection("b/z[Pod]", "a/x[Pod]", TCP80),), sources=(rng,))
+    drawn = list_graph(result, peers, shown=["a/x[Pod]", "a/y[Pod]"])
+    assert {n.id for n in drawn.nodes} == {"a/x[Pod]", "a/y[Pod]", "b/z[Pod]"}
+    grouped = list_graph(result, peers, NAMESPACE, shown=["a/x[Pod]"])
+    assert {n.id for n in grouped.nodes} == {"a", "b"}
+    assert edges_of(grouped)["b", "a"].label == "TCP 80\n(1 of 2 pairs)"
+    assert len(list_graph(result, peers).nodes) == 5  # unfiltered: every peer and range
