@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from stockade.cli.inputs import add_files
 from stockade.errors import InputError, InvalidObjects
 from stockade.load import expand_paths, read_text
 from stockade.model.parse import parse_documents
@@ -50,8 +51,8 @@ def register(sub: Any) -> None:
 def register_render(verbs: Any) -> None:
     p = verbs.add_parser("render", help="print the NetworkPolicies MicroServices ask for",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-f", "--file", dest="files", action="extend", nargs="+", required=True,
-                   metavar="FILE", help="manifests with MicroServices ('-': standard input)")
+    add_files(p, help="manifests with MicroServices, directories of them, or - for "
+              "standard input; repeatable")
     p.add_argument("-o", "--output", default="yaml", choices=("yaml", "json"),
                    help="yaml: one document per policy; json: a kind: List")
     p.add_argument("-q", "--quiet", action="store_true", help="no summaries on stderr")
@@ -89,11 +90,11 @@ VERBS: tuple[Callable[[Any], None], ...] = (register_render, register_run)
 
 
 
-def load_microservices(paths: Sequence[str]) -> list[MicroService]:
+def load_microservices(paths: Sequence[str], *, recursive: bool = False) -> list[MicroService]:
     """Every MicroService of the files, all valid and none twice, or InvalidObjects."""
     services: list[MicroService] = []
     errors: list[InputError] = []
-    for path in expand_paths(paths):
+    for path in expand_paths(paths, recursive=recursive):
         found, bad, _ = decode_microservices(parse_documents(read_text(path), path), path)
         services += found
         errors += bad
@@ -107,7 +108,7 @@ def load_microservices(paths: Sequence[str]) -> list[MicroService]:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    services = load_microservices(args.files)
+    services = load_microservices(args.files, recursive=args.recursive)
     rendering = render_all(services)
     manifests = rendering.manifests()
     if args.output == "json":
