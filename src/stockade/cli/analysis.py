@@ -116,7 +116,9 @@ matches nothing, a named port no destination serves, rules ignored by policyType
 Pod-dependent checks need Pods in the files. -n and -l show the findings about the
 pods, workloads and policies of a namespace or with some labels (a policy by its own
 labels); the analysis always sees every object.
-Finding codes (for --fail-on): {", ".join(cov.KINDS)}.
+Finding codes (for --fail-on):
+  {", ".join(cov.KINDS[:4])},
+  {", ".join(cov.KINDS[4:])}.
 Exit status: 0 (it is a report), or 1 when --fail-on names a code that is found
 (among the findings shown), 2 on bad input.
 """
