@@ -7,8 +7,13 @@ well under a second where asking the evaluator pair by pair took about 49 s
 plain function (`compute_matrix(cluster, ports, protocols, judge=evaluator_judge(
 cluster))` is the reference evaluator); tests hold the two to the same tables.
 
+ClusterNetworkPolicy tiers are part of the bitsets (`engine.reach` walks each
+side's Admin rules, NetworkPolicy or Baseline rules, then the default, as masks),
+so the tables stay exact, and as fast, with them.
+
 With a judge, pods that no policy can tell apart (same namespace, labels, container ports, and
-the same answers from every ipBlock) get the same verdicts, so the judge is asked
+the same answers from every ipBlock and every ClusterNetworkPolicy `networks` CIDR) get the
+same verdicts, so the judge is asked
 once per pair of such classes, not once per pair of pods: replicas of a
 Deployment cost one judgement, which keeps large clusters tractable.
 """
@@ -99,9 +104,10 @@ def pod_classes(cluster: Cluster, pods: Sequence[Endpoint]) -> list[int]:
 
     What a verdict can depend on besides identity: the namespace (and so its
     labels), the pod labels, the container ports (named ports), and for each
-    ipBlock whether each of the pod's IPs, by family, is inside it.
+    ipBlock and each ClusterNetworkPolicy `networks` CIDR whether each of the pod's
+    IPs, by family, is inside it.
     """
-    blocks = _ip_blocks(cluster)
+    blocks = _ip_blocks(cluster) + _networks(cluster)
     keys: dict[object, int] = {}
     out = []
     for ep in pods:
@@ -116,6 +122,13 @@ def _ip_blocks(cluster: Cluster) -> tuple[IPBlock, ...]:
     found = {peer.ip_block for p in cluster.policies for r in p.ingress + p.egress
              for peer in r.peers if peer.ip_block is not None}
     return tuple(sorted(found, key=lambda b: (b.cidr, b.except_)))
+
+
+def _networks(cluster: Cluster) -> tuple[IPBlock, ...]:
+    """Each `networks` CIDR of the tiers, as an ipBlock without excepts."""
+    found = {text for p in cluster.cluster_policies for r in p.ingress + p.egress
+             for peer in r.peers for text in peer.networks}
+    return tuple(IPBlock(text) for text in sorted(found))
 
 
 def compute_matrix(cluster: Cluster, ports: Sequence[int | str] = (),

@@ -6,16 +6,40 @@ A rule's peers become bitsets once per peer (cached), policy sets are shared
 by identities, so the cost is policy sets x rules x (N-bit operations), never
 pods x pods x policies. `allowed(s, d)` is then two bit tests. It agrees with
 the reference evaluator on every pair (a property test holds it to that).
+
+With ClusterNetworkPolicies, each side walks its tiers as masks: the Admin rules
+of the policies selecting the pod, in precedence order, each taking the
+still-undecided part of its matches (accepted, denied, or passed on); then
+NetworkPolicy for what the Admin tier left (if it isolates the pod), else the
+Baseline rules likewise, and the default allows the rest. The walk is cached per
+(identity, the policy sets), so it costs tiers x rules x (N-bit operations) per
+distinct combination, never per pod pair.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from stockade.engine.match import ip_block_matches, port_matches
 from stockade.engine.resolve import PolicySet, Resolution, resolve
-from stockade.model.cidr import parse_ip
+from stockade.engine.tiers import TierIndex
+from stockade.engine.tiers import port_matches as cnp_port_matches
+from stockade.model.cidr import parse_cidr, parse_ip
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.cnp import (
+    ACCEPT,
+    ADMIN,
+    BASELINE,
+    DENY,
+    NAMESPACES,
+    NETWORKS,
+    PODS,
+    ClusterNetworkPolicy,
+    CnpPeer,
+    CnpRule,
+)
 from stockade.model.policy import EGRESS, INGRESS, IPBlock, NetworkPolicy, Peer, Rule
 
 
@@ -70,6 +94,9 @@ class _Bits:
             self._of_identity.append(bits)
         self._peer: dict[tuple[str, Peer, int], int] = {}
         self._named: dict[tuple[str, str, int], int] = {}
+
+    def identity_bits(self, ident: int) -> int:
+        return self._of_identity[ident]
 
     def peer(self, policy: NetworkPolicy, peer: Peer, family: int | None) -> int:
         """Endpoints a peer admits; for an ipBlock, by the address used in `family`."""
@@ -142,11 +169,134 @@ def _egress(bits: _Bits, ps: PolicySet, port: int, protocol: str) -> int:
     return out
 
 
+class _Tiers:
+    """Each side's walk of the ClusterNetworkPolicy tiers, as bitsets of the other ends.
+
+    A rule's bitset is the other ends its peers match (selectors by identity,
+    `networks` by the address used towards them) intersected with its ports;
+    walking the rules in precedence order, each takes only what is still
+    undecided, so the first matching rule decides every other end.
+    """
+
+    def __init__(self, bits: _Bits, tiers: TierIndex) -> None:
+        self.bits = bits
+        self.tiers = tiers
+        self._peer: dict[tuple[CnpPeer, str, int], int] = {}
+        self._named: dict[tuple[str, str, int], int] = {}
+
+    def peer(self, peer: CnpPeer, action: str, family: int | None) -> int:
+        """The endpoints a peer matches; `networks` by the address used in `family`
+        (None: each endpoint's first address, as a destination)."""
+        key = (peer, action if peer.kind not in (NAMESPACES, PODS, NETWORKS) else "",
+               family or 0 if peer.kind == NETWORKS else 0)
+        found = self._peer.get(key)
+        if found is None:
+            found = 0
+            index = self.bits.res.index
+            if peer.kind in (NAMESPACES, PODS):
+                namespaces = index.namespaces_matching(peer.namespace_selector)
+                selector = peer.pod_selector if peer.kind == PODS else None
+                for ident in index.pods_matching(namespaces, selector):
+                    found |= self.bits.identity_bits(ident)
+            elif peer.kind == NETWORKS:
+                nets = [n for text in peer.networks if (n := parse_cidr(text)) is not None]
+                for i, ep in enumerate(self.bits.eps):
+                    ip = _source_ip(ep, family) if family else _first_ip(ep)
+                    addr = parse_ip(ip) if ip else None
+                    if addr is not None and any(n.version == addr.version and addr in n
+                                                for n in nets):
+                        found |= 1 << i
+            elif action != ACCEPT:
+                found = self.bits.all  # a peer stockade cannot read fails closed
+            self._peer[key] = found
+        return found
+
+    def peers(self, rule: CnpRule, family: int | None) -> int:
+        out = 0
+        for peer in rule.peers:
+            out |= self.peer(peer, rule.action, family)
+        return out
+
+    def serving(self, name: str, protocol: str, port: int) -> int:
+        """Destinations whose container port `name` is `port` of `protocol`."""
+        key = (name, protocol, port)
+        found = self._named.get(key)
+        if found is None:
+            found = 0
+            for i, ep in enumerate(self.bits.eps):
+                if any(p.name == name and p.port == port and p.protocol == protocol
+                       for p in ep.ports):
+                    found |= 1 << i
+            self._named[key] = found
+        return found
+
+    def egress_rule(self, rule: CnpRule, port: int, protocol: str) -> int:
+        """The destinations an egress rule matches (a named port is the destination's)."""
+        if rule.ports is None:
+            ports = self.bits.all
+        else:
+            ports = 0
+            for entry in rule.ports:
+                if entry.name:
+                    ports |= self.serving(entry.name, protocol, port)
+                elif cnp_port_matches(entry, port, protocol, None):
+                    ports = self.bits.all
+                    break
+        return self.peers(rule, None) & ports if ports else 0
+
+    def ingress_rule(self, rule: CnpRule, dst: Endpoint, port: int, protocol: str) -> int:
+        """The sources an ingress rule of `dst` matches."""
+        if rule.ports is not None and not any(cnp_port_matches(e, port, protocol, dst)
+                                              for e in rule.ports):
+            return 0
+        return self.peers(rule, _family(dst))
+
+    def walk(self, policies: tuple[ClusterNetworkPolicy, ...], direction: str,
+             matched: Callable[[CnpRule], int]) -> tuple[int, int]:
+        """(accepted, denied) by the first matching rule of a tier; the rest is
+        passed on or unmatched."""
+        undecided = self.bits.all
+        accepted = denied = 0
+        for policy in policies:
+            for rule in policy.rules(direction):
+                hit = matched(rule) & undecided
+                if not hit:
+                    continue
+                if rule.action == ACCEPT:
+                    accepted |= hit
+                elif rule.action == DENY:
+                    denied |= hit
+                undecided &= ~hit
+                if not undecided:
+                    return accepted, denied
+        return accepted, denied
+
+    def side(self, subject: Endpoint, direction: str, isolated: int | None,
+             matched: Callable[[CnpRule], int]) -> int:
+        """The other ends one side admits: Admin, then NetworkPolicy (`isolated`: what
+        it admits, when it isolates the pod) or Baseline, then the default."""
+        admin = self.tiers.selecting(ADMIN, subject, direction)
+        accepted, denied = self.walk(admin, direction, matched) if admin else (0, 0)
+        rest = self.bits.all & ~(accepted | denied)
+        if isolated is not None:
+            return accepted | (isolated & rest)
+        baseline = self.tiers.selecting(BASELINE, subject, direction)
+        _, refused = self.walk(baseline, direction, matched) if baseline else (0, 0)
+        return accepted | (rest & ~refused)
+
+    def key(self, subject: Endpoint, direction: str) -> tuple[int, ...]:
+        """What the tiers of a side depend on besides the probe: the policies selecting it."""
+        return tuple(id(p) for tier in (ADMIN, BASELINE)
+                     for p in self.tiers.selecting(tier, subject, direction))
+
+
 def reachability(cluster: Cluster, port: int, protocol: str,
                  res: Resolution | None = None) -> Reach:
     """Every pair's verdict for one numeric port and protocol."""
     res = res or resolve(cluster)
     bits = _Bits(res)
+    if cluster.cluster_policies:
+        return _tiered(cluster, bits, port, protocol)
     index = res.index
     ingress: list[int] = []
     egress: list[int] = []
@@ -169,4 +319,35 @@ def reachability(cluster: Cluster, port: int, protocol: str,
             if ps not in out_cache:
                 out_cache[ps] = _egress(bits, ps, port, protocol)
             egress.append(out_cache[ps])
+    return Reach(tuple(bits.eps), tuple(ingress), tuple(egress))
+
+
+def _tiered(cluster: Cluster, bits: _Bits, port: int, protocol: str) -> Reach:
+    """`reachability` through the tiers of the cluster's ClusterNetworkPolicies."""
+    res = bits.res
+    tiers = _Tiers(bits, TierIndex(cluster.cluster_policies, res.index.namespace_labels))
+    ingress: list[int] = []
+    egress: list[int] = []
+    in_cache: dict[object, int] = {}
+    out_cache: dict[object, int] = {}
+    for ep in bits.eps:
+        ident = res.index.identity_of_existing(ep)
+        ps = res.policy_set(ident, INGRESS)
+        key: object = (ps, tiers.key(ep, INGRESS), _family(ep), ep.ports)
+        found = in_cache.get(key)
+        if found is None:
+            found = tiers.side(ep, INGRESS,
+                               None if ps is None else _ingress(bits, ps, ep, port, protocol),
+                               partial(tiers.ingress_rule, dst=ep, port=port, protocol=protocol))
+            in_cache[key] = found
+        ingress.append(found)
+        ps = res.policy_set(ident, EGRESS)
+        key = (ps, tiers.key(ep, EGRESS))
+        found = out_cache.get(key)
+        if found is None:
+            found = tiers.side(ep, EGRESS,
+                               None if ps is None else _egress(bits, ps, port, protocol),
+                               partial(tiers.egress_rule, port=port, protocol=protocol))
+            out_cache[key] = found
+        egress.append(found)
     return Reach(tuple(bits.eps), tuple(ingress), tuple(egress))
