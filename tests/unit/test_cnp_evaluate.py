@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support import REPO_ROOT
 
 from stockade.compile.interpret import allows
 from stockade.compile.lower import compile_cluster
@@ -198,3 +199,43 @@ def test_no_rules_in_a_direction_leave_it_alone() -> None:
     c = cluster(egress_only)
     assert verdict(c, "b/b1", "a/a1")  # a's ingress has no CNP rule
     assert not verdict(c, "a/a2", "a/a1")
+
+
+EXAMPLES = tuple(str(REPO_ROOT / "examples" / name) for name in
+                 ("cluster.yaml", "policies.yaml", "cluster-policies.yaml"))
+
+
+def test_explain_names_the_tier_the_policy_its_priority_and_the_rule(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from stockade.cli.main import main
+
+    assert main(["explain", "-f", *EXAMPLES, "--from", "frontend/web", "--to", "backend/api",
+                 "--port", "api"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "DENIED: frontend/web -> backend/api TCP/8000 (port 'api' of backend/api)"
+    assert out[2] == ("  ingress: denied: by Admin ClusterNetworkPolicy guard-backend "
+                      "(priority 10) ingress[1] (deny-frontend): Deny")
+    assert "by Baseline ClusterNetworkPolicy no-internet (priority 1) egress[0] " \
+           "(deny-the-internet): Deny" in out[1]
+    # a Pass hands over to the NetworkPolicies, which are then explained as always
+    assert main(["explain", "-f", *EXAMPLES, "--from", "monitoring/prometheus", "--to",
+                 "backend/api", "--port", "9090", "-o", "json"]) in (0, 1)
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    ingress = data["ingress"]
+    assert ingress["decided_by"] == "NetworkPolicy"
+    assert ingress["admin"]["action"] == "Pass"
+    assert ingress["admin"]["rule_name"] == "pass-monitoring"
+    assert ingress["admin"]["priority"] == 10
+    assert data["egress"]["decided_by"] == "Baseline"
+    assert data["egress"]["baseline"]["policy"] == "no-internet"
+
+
+def test_explain_says_when_no_tier_rule_decided(capsys: pytest.CaptureFixture[str]) -> None:
+    from stockade.cli.main import main
+
+    main(["explain", "-f", *EXAMPLES, "--from", "backend/api", "--to", "monitoring/prometheus",
+          "--port", "9090"])
+    out = capsys.readouterr().out
+    assert "no ClusterNetworkPolicy rule decided: default allow" in out

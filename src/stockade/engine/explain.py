@@ -15,7 +15,9 @@ from typing import Any
 
 from stockade.engine.evaluate import Flow, RuleRef, Side, Verdict
 from stockade.engine.match import ip_block_matches, matching_port
+from stockade.engine.tiers import TierDecision
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.cnp import ADMIN, BASELINE
 from stockade.model.labels import Labels
 from stockade.model.policy import (
     EGRESS,
@@ -51,11 +53,13 @@ class Context:
     policies: Mapping[str, NetworkPolicy]
     namespace_labels: Mapping[str, Labels]
     port_name: str | None
+    tiers: bool = False  # the cluster has ClusterNetworkPolicies: say what they decided
 
 
 def context_of(cluster: Cluster, port_name: str | None = None) -> Context:
     return Context({p.key: p for p in cluster.policies},
-                   {n.name: n.labels for n in cluster.namespaces}, port_name)
+                   {n.name: n.labels for n in cluster.namespaces}, port_name,
+                   bool(cluster.cluster_policies))
 
 
 # ---- why a rule does or does not match -------------------------------------------------
@@ -185,8 +189,29 @@ def side_lines(side: Side, flow: Flow, ctx: Context) -> list[str]:
     verdict = "allowed" if side.allowed else "denied"
     if side.endpoint is None:
         return [f"{d}: {verdict}: {pod} is not a pod of the files, so no policy applies to it"]
+    decided = side.decided_by
+    passed = [f"  passed on by {side.admin.render()}"] \
+        if side.admin is not None and decided != ADMIN else []
+    if decided == ADMIN and side.admin is not None:
+        return [f"{d}: {verdict}: by {side.admin.render()}"]
+    if decided == BASELINE and side.baseline is not None:
+        return [f"{d}: {verdict}: {pod} is not isolated for {d} (no NetworkPolicy selects "
+                f"it); by {side.baseline.render()}", *passed]
     if not side.isolating:
-        return [f"{d}: {verdict}: {pod} is not isolated for {d} (no NetworkPolicy selects it)"]
+        tail = ""
+        if ctx.tiers:
+            tail = "; no ClusterNetworkPolicy rule decided: default allow"
+            if side.baseline is not None:
+                passed.append(f"  passed on by {side.baseline.render()}")
+        return [f"{d}: {verdict}: {pod} is not isolated for {d} (no NetworkPolicy selects "
+                f"it){tail}", *passed]
+    head, *rules = _isolated_lines(side, flow, ctx, pod, other)
+    return [head, *passed, *rules]
+
+
+def _isolated_lines(side: Side, flow: Flow, ctx: Context, pod: str, other: str) -> list[str]:
+    d = side.direction.lower()
+    verdict = "allowed" if side.allowed else "denied"
     pols = ", ".join(side.isolating)
     head = f"{d}: {verdict}: {pod} is isolated for {d} by {_plural(side.isolating)} {pols}"
     if side.allowed_by:
@@ -229,9 +254,22 @@ def explain_json(verdict: Verdict, ctx: Context) -> dict[str, Any]:
     }
 
 
+def _decision_json(decision: TierDecision | None) -> dict[str, Any] | None:
+    if decision is None:
+        return None
+    return {"tier": decision.tier, "policy": decision.policy, "priority": decision.priority,
+            "rule": decision.rule, "rule_name": decision.rule_name or None,
+            "action": decision.action, "peer": None if decision.peer < 0 else decision.peer,
+            "text": decision.render()}
+
+
 def _side_json(side: Side, flow: Flow, ctx: Context) -> dict[str, Any]:
     return {
         "pod": side.endpoint,
+        # Which tier decided: Admin, NetworkPolicy, Baseline, or default (allowed).
+        "decided_by": side.decided_by if side.endpoint is not None else "default",
+        "admin": _decision_json(side.admin),
+        "baseline": _decision_json(side.baseline),
         "isolated": side.isolated,
         "allowed": side.allowed,
         "policies": list(side.isolating),
@@ -241,7 +279,7 @@ def _side_json(side: Side, flow: Flow, ctx: Context) -> dict[str, Any]:
                         "port": None if r.port < 0 else r.port, "any_port": r.port < 0,
                         "text": describe_ref(r, ctx)} for r in side.allowed_by],
         # A policy with no rule for the direction: one entry, its rule null.
-        "rules": [] if side.allowed else [
+        "rules": [] if side.allowed or side.decided_by != "NetworkPolicy" else [
             {"policy": c.policy, "rule": None if c.rule < 0 else c.rule,
              "matches": c.matches, "reason": c.reason}
             for c in check_rules(side, flow, ctx)],
