@@ -208,3 +208,23 @@ def test_files_carry_them_and_a_bad_one_fails_the_whole_set() -> None:
     assert len(info.value.lines()) == 2
     assert all(line.startswith("p.yaml: ClusterNetworkPolicy guard: spec.")
                for line in info.value.lines())
+
+
+def test_validate_checks_cluster_network_policies(tmp_path: Any,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from stockade.cli.main import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(GOOD))
+    assert main(["validate", "-f", str(good)]) == 0
+    assert capsys.readouterr().out == "0 NetworkPolicy and 1 ClusterNetworkPolicy object(s) valid\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump_all([GOOD, spec(priority=1001, tier="x")]))
+    assert main(["validate", "-f", str(bad)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].startswith(f"{bad}:") and "ClusterNetworkPolicy guard: spec.tier: " \
+        "Unsupported value" in err[0]
+    assert "spec.priority: Invalid value: 1001" in err[1]

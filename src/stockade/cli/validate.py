@@ -1,4 +1,5 @@
-"""`stockade validate -f FILE…`: the API server's verdict on every NetworkPolicy."""
+"""`stockade validate -f FILE…`: the API server's verdict on every NetworkPolicy and
+ClusterNetworkPolicy."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Any
 from stockade import __version__
 from stockade.cli.inputs import FILES_HELP, add_output
 from stockade.engine.report import SarifResult, json_text, sarif_log, yaml_text
-from stockade.errors import DecodeError, InputError
+from stockade.errors import DecodeError, InputError, ValidationError
 from stockade.load import document_lines, expand_paths, read_text
+from stockade.model.cnp import CNP_KIND
+from stockade.model.cnp_decode import decode_cluster_network_policy
 from stockade.model.decode import decode_network_policy, object_name
 from stockade.model.parse import expand_lists, parse_documents
 from stockade.model.policy import Source
@@ -22,8 +25,8 @@ from stockade.model.validate import validate_policy
 # The kinds of problem, as SARIF rules: (level, title).
 INVALID, UNDECODABLE, UNREADABLE = "SV001", "SV002", "SV003"
 RULES = {
-    INVALID: ("error", "NetworkPolicy rejected by the API server's validation"),
-    UNDECODABLE: ("error", "NetworkPolicy that cannot be decoded (unknown field, wrong type)"),
+    INVALID: ("error", "policy rejected by the API server's validation"),
+    UNDECODABLE: ("error", "policy that cannot be decoded (unknown field, wrong type)"),
     UNREADABLE: ("error", "file that is not valid YAML or JSON"),
 }
 
@@ -36,7 +39,8 @@ ignored. Exit status: 0 all valid, 2 errors.
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("validate", help="validate NetworkPolicy manifests as the API server does",
+    p = sub.add_parser("validate", help="validate NetworkPolicy and ClusterNetworkPolicy "
+                       "manifests as the API server does",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="*", metavar="FILE", help="as -f (kept for older scripts)")
     p.add_argument("-f", "--file", dest="files", action="extend", nargs="+", default=[],
@@ -70,13 +74,15 @@ class Problem:
 
 @dataclass
 class Validation:
-    """What validation found: the NetworkPolicies checked and every problem."""
+    """What validation found: the policies checked and every problem."""
 
     count: int = 0
     problems: list[Problem] = field(default_factory=list)
+    tiers: int = 0  # of `count`, the ClusterNetworkPolicies
 
     def extend(self, other: Validation) -> None:
         self.count += other.count
+        self.tiers += other.tiers
         self.problems += other.problems
 
 
@@ -112,12 +118,22 @@ def check_documents(docs: list[Any], source: str, *, strict_cidr: bool,
     objects = list(expand_lists(docs))
     for (index, doc), line in zip(objects, lines or [0] * len(objects), strict=True):
         kind = doc.get("kind") if isinstance(doc, dict) else None
-        if isinstance(kind, str) and kind and kind != "NetworkPolicy":
-            print(f"{source}: {object_name(doc)}: ignored (validate checks NetworkPolicies)",
-                  file=sys.stderr)
+        if isinstance(kind, str) and kind and kind not in ("NetworkPolicy", CNP_KIND):
+            print(f"{source}: {object_name(doc)}: ignored (validate checks NetworkPolicies "
+                  "and ClusterNetworkPolicies)", file=sys.stderr)
             continue
         found.count += 1
         name = object_name(doc) or f"document {index}"
+        if kind == CNP_KIND:
+            found.tiers += 1
+            try:
+                decode_cluster_network_policy(doc, Source(source, index))
+            except DecodeError as exc:
+                found.problems.append(Problem(UNDECODABLE, source, line, name, exc.message))
+            except ValidationError as exc:  # its CRD's schema and CEL rules, every error
+                found.problems += [Problem(INVALID, source, line, exc.obj, err.render())
+                                   for err in exc.errors]
+            continue
         try:
             policy = decode_network_policy(doc, Source(source, index))
         except DecodeError as exc:
@@ -141,7 +157,8 @@ def report(args: argparse.Namespace, found: Validation) -> int:
         for problem in found.problems:
             print(problem.render(), file=sys.stderr)
         if not found.problems:
-            print(f"{found.count} NetworkPolicy object(s) valid")
+            cnps = f" and {found.tiers} ClusterNetworkPolicy" if found.tiers else ""
+            print(f"{found.count - found.tiers} NetworkPolicy{cnps} object(s) valid")
     return 2 if found.problems else 0
 
 
