@@ -202,7 +202,8 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
                  (json.dumps(SCHEMA_VERSION + 1),))
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match=r"state\.db: .*schema version 2, newer"):
+    newer = SCHEMA_VERSION + 1
+    with pytest.raises(StoreError, match=rf"state\.db: .*schema version {newer}, newer"):
         Store(tmp_path)
 
 

@@ -31,3 +31,15 @@ def test_what_may_deny_narrows() -> None:
     assert plan(old, _rs({"10.0.0.2"}, {"10.0.0.1": "i-1", "10.0.0.5": "i-2"})).narrows
     assert plan(old, _rs({"10.0.0.2"}, {"10.0.0.1": "i-1"},
                          frozenset({"10.1.0.0/16"}))).narrows  # interval sets: rewritten
+
+
+def test_an_element_joining_a_tier_deny_or_pass_set_narrows() -> None:
+    """In a tier's chain a rule may deny, or pass on to a chain that denies: a peer
+    joining its set may lose access; joining an Accept's set only allows more."""
+    for action, narrows in (("deny", True), ("pass", True), ("allow", False)):
+        tier = Chain("ai-1", INGRESS, (ChainRule(4, peer_set="a4-x", action=action),),
+                     tier="Admin")
+        old = _rs({"10.0.0.2"}, {"10.0.0.1": "ai-1"}, chains=(tier,))
+        new = _rs({"10.0.0.2", "10.0.0.3"}, {"10.0.0.1": "ai-1"}, chains=(tier,))
+        assert plan(old, new).narrows is narrows, action
+        assert plan(new, old).narrows  # an element leaving any set may narrow

@@ -21,8 +21,10 @@ from dataclasses import replace
 from stockade.agent.records import (
     AgentState,
     Change,
+    DeleteClusterPolicy,
     DeleteEndpoint,
     DeleteNamespace,
+    PutClusterPolicy,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
@@ -36,9 +38,18 @@ from stockade.model.admit import (
 )
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import NS_NAME_LABEL, Cluster, Endpoint, Namespace
+from stockade.model.cnp import (
+    ADMIN,
+    DENY,
+    PODS,
+    UNKNOWN,
+    ClusterNetworkPolicy,
+    CnpPeer,
+    CnpRule,
+)
 from stockade.model.labels import Labels
 from stockade.model.policy import NetworkPolicy
-from stockade.model.selector import Selector
+from stockade.model.selector import ALL, Selector
 from stockade.model.validate import validate_policy
 
 QUARANTINE_LABEL = "stockade.io/quarantined"
@@ -82,6 +93,11 @@ def _identity(change: Change) -> tuple[str, str]:
         return "delete endpoint", change.key
     if isinstance(change, DeleteNamespace):
         return "delete namespace", change.name
+    if isinstance(change, PutClusterPolicy):
+        # Validated by its decoder (a CRD's schema and CEL rules): a record is valid.
+        return "clusternetworkpolicy", change.record.key
+    if isinstance(change, DeleteClusterPolicy):
+        return "delete clusternetworkpolicy", change.name
     return "delete networkpolicy", change.key
 
 
@@ -159,7 +175,9 @@ def enforceable(state: AgentState, held: Mapping[str, Sequence[str]]) -> Cluster
     policies = [p.policy for p in state.policies.values()
                 if not validate_policy(p.policy)]
     policies += [deny_all(ns) for ns in sorted(quarantined_ns)]
-    return Cluster(tuple(namespaces), tuple(endpoints), tuple(policies))
+    return Cluster(tuple(namespaces), tuple(endpoints), tuple(policies),
+                   with_quarantine_tier([r.policy for r in state.cluster_policies.values()],
+                                        bool(quarantined_ns)))
 
 
 def cluster_near(state: AgentState, addresses: Iterable[str]) -> Cluster | None:
@@ -178,7 +196,33 @@ def cluster_near(state: AgentState, addresses: Iterable[str]) -> Cluster | None:
         return None
     return Cluster(tuple(state.namespaces.values()),
                    tuple(state.endpoints[k].endpoint for k in sorted(keys)),
-                   tuple(r.policy for r in state.policies.values()))
+                   tuple(r.policy for r in state.policies.values()),
+                   tuple(r.policy for r in state.cluster_policies.values()))
+
+
+def quarantine_tier() -> ClusterNetworkPolicy:
+    """The Admin policy that holds quarantined endpoints closed before any other tier.
+
+    A subject selecting a held endpoint's namespace (or every pod) still selects it,
+    and an Admin Accept would open it above its deny-all NetworkPolicy: this policy
+    comes first (priority -1, below what any object may have) and denies everything
+    both ways (a peer of no known field: a Deny of every peer and address).
+    """
+    deny = (CnpRule(DENY, (CnpPeer(UNKNOWN),), name="quarantined"),)
+    return ClusterNetworkPolicy(
+        QUARANTINE_POLICY, ADMIN, -1,
+        CnpPeer(PODS, namespace_selector=ALL,
+                pod_selector=Selector(Labels({QUARANTINE_LABEL: "true"}))),
+        ingress=deny, egress=deny)
+
+
+def with_quarantine_tier(policies: Sequence[ClusterNetworkPolicy],
+                         held: bool) -> tuple[ClusterNetworkPolicy, ...]:
+    """The tiers to compile: with :func:`quarantine_tier` when endpoints are held and
+    other tiers exist (without tiers, the deny-all NetworkPolicy suffices)."""
+    if held and policies:
+        return (*policies, quarantine_tier())
+    return tuple(policies)
 
 
 def held_endpoint(ep: Endpoint) -> Endpoint:

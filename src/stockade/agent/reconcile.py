@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 from stockade.agent.records import (
     Change,
+    DeleteClusterPolicy,
     DeleteEndpoint,
     DeleteNamespace,
     DeletePolicy,
+    PutClusterPolicy,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
@@ -294,3 +296,7 @@ def feed(compiler: IncrementalCompiler, change: Change) -> None:
         compiler.upsert_policy(change.record.policy)
     elif isinstance(change, DeletePolicy):
         compiler.delete_policy(change.key)
+    elif isinstance(change, PutClusterPolicy):
+        compiler.upsert_cluster_policy(change.record.policy)
+    elif isinstance(change, DeleteClusterPolicy):
+        compiler.delete_cluster_policy(change.name)

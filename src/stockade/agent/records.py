@@ -13,6 +13,8 @@ from typing import Any
 from stockade.errors import DecodeError
 from stockade.model.admit import canonical_ip
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
+from stockade.model.cnp import ClusterNetworkPolicy
+from stockade.model.cnp_decode import decode_cluster_network_policy
 from stockade.model.decode import decode_network_policy
 from stockade.model.labels import Labels
 from stockade.model.policy import NetworkPolicy, Source
@@ -99,6 +101,26 @@ class PolicyRecord:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PolicyRecord:
         return cls(decode_network_policy(dict(d), Source("store")), dict(d))
+
+
+@dataclass(frozen=True)
+class ClusterPolicyRecord:
+    """A ClusterNetworkPolicy (cluster-scoped: keyed by its name) with its manifest."""
+
+    policy: ClusterNetworkPolicy
+    manifest: Mapping[str, Any] = field(compare=False, hash=False, default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.policy.key
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.manifest)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClusterPolicyRecord:
+        """Decoded and validated (a CRD's decoder does both): what fails never loads."""
+        return cls(decode_cluster_network_policy(dict(d), Source("store")), dict(d))
 
 
 def _str(d: Mapping[str, Any], key: str, *, required: bool = False) -> str:
@@ -196,7 +218,18 @@ class DeletePolicy:
     key: str
 
 
-Change = PutNamespace | DeleteNamespace | PutEndpoint | DeleteEndpoint | PutPolicy | DeletePolicy
+@dataclass(frozen=True)
+class PutClusterPolicy:
+    record: ClusterPolicyRecord
+
+
+@dataclass(frozen=True)
+class DeleteClusterPolicy:
+    name: str
+
+
+Change = (PutNamespace | DeleteNamespace | PutEndpoint | DeleteEndpoint | PutPolicy
+          | DeletePolicy | PutClusterPolicy | DeleteClusterPolicy)
 
 
 @dataclass
@@ -206,6 +239,7 @@ class AgentState:
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     endpoints: dict[str, EndpointRecord] = field(default_factory=dict)
     policies: dict[str, PolicyRecord] = field(default_factory=dict)
+    cluster_policies: dict[str, ClusterPolicyRecord] = field(default_factory=dict)
     # Endpoints held fail-closed because what was stored cannot be enforced
     # (key -> reasons); see agent/admission.py. A valid new record releases one.
     quarantined: dict[str, list[str]] = field(default_factory=dict)
@@ -251,8 +285,12 @@ class AgentState:
                 self.quarantined.pop(c.key, None)
             elif isinstance(c, PutPolicy):
                 self.policies[c.record.key] = c.record
-            else:
+            elif isinstance(c, DeletePolicy):
                 self.policies.pop(c.key, None)
+            elif isinstance(c, PutClusterPolicy):
+                self.cluster_policies[c.record.key] = c.record
+            else:
+                self.cluster_policies.pop(c.name, None)
 
     def _forget(self, key: str) -> None:
         old = self.endpoints.get(key)
@@ -262,4 +300,5 @@ class AgentState:
     def cluster(self) -> Cluster:
         return Cluster(tuple(self.namespaces.values()),
                        tuple(r.endpoint for r in self.endpoints.values()),
-                       tuple(r.policy for r in self.policies.values()))
+                       tuple(r.policy for r in self.policies.values()),
+                       tuple(r.policy for r in self.cluster_policies.values()))

@@ -38,11 +38,14 @@ from stockade.agent.records import (
     OWNER_API,
     AgentState,
     Change,
+    ClusterPolicyRecord,
+    DeleteClusterPolicy,
     DeleteEndpoint,
     DeleteNamespace,
     DeletePolicy,
     EndpointRecord,
     PolicyRecord,
+    PutClusterPolicy,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
@@ -53,6 +56,7 @@ from stockade.agent.store import Store
 from stockade.errors import AgentError, DecodeError, InputError
 from stockade.model.admit import admit_objects, validate_label_change
 from stockade.model.cluster import Namespace, implicit_namespace
+from stockade.model.cnp import CNP_KIND, ClusterNetworkPolicy
 from stockade.model.labels import Labels
 from stockade.model.parse import decode_objects, expand_lists
 from stockade.net.ipam import Ipam
@@ -62,6 +66,29 @@ SYNC_TIMEOUT = 30.0
 # containers (run, cni.*) stay local.
 LOCAL_WRITES = frozenset({"apply", "delete", "label", "snapshot.restore", "endpoint.add",
                           "endpoint.remove"})
+# The datapaths that enforce ClusterNetworkPolicy tiers; the others refuse a ruleset
+# with tiers (compile.ir.refuse_tiers), so the agent refuses the objects at admission.
+TIERED_DATAPATHS = frozenset({"nft"})
+# The names `get` and `delete` know a ClusterNetworkPolicy by (kubectl's, and short).
+CNP_NAMES = frozenset({"clusternetworkpolicy", "clusternetworkpolicies", "cnp", "cnps"})
+
+
+def enforces_tiers(datapath: object) -> bool:
+    """Whether a datapath enforces tiers: its `enforces_tiers`, else by its name."""
+    said = getattr(datapath, "enforces_tiers", None)
+    if isinstance(said, bool):
+        return said
+    return getattr(datapath, "name", "") in TIERED_DATAPATHS
+
+
+def tiers_refused(datapath: object, names: Iterable[str]) -> str:
+    """Why this agent cannot take these ClusterNetworkPolicy objects (empty: it can)."""
+    listed = sorted(names)
+    if enforces_tiers(datapath) or not listed:
+        return ""
+    return (f"ClusterNetworkPolicy {', '.join(listed)}: the {getattr(datapath, 'name', '?')} "
+            "datapath does not enforce ClusterNetworkPolicy tiers (nothing was applied); "
+            "run the agent with --datapath nft")
 
 
 class Service:
@@ -195,7 +222,8 @@ class Service:
                 "summary": last.summary, "verified": last.verified, "error": last.error},
             "counts": {"namespaces": len(self.state.namespaces),
                        "endpoints": len(self.state.endpoints),
-                       "policies": len(self.state.policies)},
+                       "policies": len(self.state.policies),
+                       "clusterPolicies": len(self.state.cluster_policies)},
             "driftRepairs": r.drift_repairs,
             "applyFailures": r.failures,
             "consecutiveFailures": r.consecutive_failures,
@@ -218,14 +246,16 @@ class Service:
                 items = [r.to_dict() for _, r in sorted(self.state.endpoints.items())]
             elif kind == "policies":
                 items = [r.to_dict() for _, r in sorted(self.state.policies.items())]
+            elif kind in CNP_NAMES:
+                items = [r.to_dict() for _, r in sorted(self.state.cluster_policies.items())]
             elif kind == "chains":
                 items = [{"name": name, "direction": direction, "endpoints": users,
                           "policies": [list(keys) for keys in sets]}
                          for name, (direction, users, sets) in
                          sorted(self.reconciler.chain_uses().items())]
             else:
-                raise ApiError(BAD_REQUEST, "kind must be namespaces, endpoints, policies "
-                                            "or chains")
+                raise ApiError(BAD_REQUEST, "kind must be namespaces, endpoints, policies, "
+                                            "clusternetworkpolicies or chains")
         return {"items": items}
 
     # ---- apply and delete --------------------------------------------------------------
@@ -237,7 +267,7 @@ class Service:
         docs = a.items("documents")
         source = a.text("source", "<api>")
         sync = a.flag("sync", True)  # read before anything changes: a bad one changes nothing
-        policies, namespaces, endpoints = self._decode(docs, source)
+        policies, namespaces, endpoints, tiers = self._decode(docs, source)
         with self.lock:
             changes: list[Change] = []
             created: list[str] = []
@@ -268,6 +298,11 @@ class Service:
                 old_p = self.state.policies.get(prec.key)
                 if classify(f"networkpolicy/{prec.key}", old_p and old_p.policy, prec.policy):
                     changes.append(PutPolicy(prec))
+            for crec in tiers:
+                old_c = self.state.cluster_policies.get(crec.key)
+                if classify(f"clusternetworkpolicy/{crec.key}", old_c and old_c.policy,
+                            crec.policy):
+                    changes.append(PutClusterPolicy(crec))
             referenced = [p.policy.namespace for p in policies] + [
                 e.endpoint.namespace for e in endpoints]
             implicit = self.implicit_namespaces(referenced, namespaces)
@@ -283,25 +318,32 @@ class Service:
         wait_enforced(self.reconciler, revision)
 
     def _decode(self, docs: list[Any], source: str) -> tuple[
-            list[PolicyRecord], dict[str, Namespace], list[EndpointRecord]]:
+            list[PolicyRecord], dict[str, Namespace], list[EndpointRecord],
+            list[ClusterPolicyRecord]]:
         """Every document decoded and validated as files are; all errors or nothing."""
         objects, decode_errors = decode_objects(docs, source, strict_kinds=True)
         errors: list[InputError] = [*decode_errors, *admit_objects(
             objects.policies, objects.namespaces, objects.endpoints,
             strict_cidr=self.strict_cidr)]
-        errors += [InputError("the agent does not enforce ClusterNetworkPolicy yet; "
-                              "the offline analyses read it", source=source,
-                              obj=f"ClusterNetworkPolicy {p.name}")
-                   for p in objects.cluster_policies]
+        errors += _duplicate_tiers(objects.cluster_policies)
+        refused = tiers_refused(self.reconciler.datapath,
+                                {p.name for p in objects.cluster_policies})
+        if refused:
+            errors.append(InputError(refused, source=source))
         lines = [line for e in errors for line in e.lines()]
         if lines:
             raise ApiError(INVALID, f"{len(lines)} error(s); nothing was applied", lines)
-        manifests = {id(p): doc for p, doc in zip(objects.policies, _policy_docs(docs),
+        manifests = {id(p): doc for p, doc in zip(objects.policies,
+                                                  _kind_docs(docs, "NetworkPolicy"),
                                                   strict=False)}
+        tier_docs = {id(p): doc for p, doc in zip(objects.cluster_policies,
+                                                  _kind_docs(docs, CNP_KIND), strict=False)}
         now = time.time()
         return ([PolicyRecord(p, manifests.get(id(p), {})) for p in objects.policies],
                 {ns.name: ns for ns in objects.namespaces},
-                [EndpointRecord(ep, owner=OWNER_API, created=now) for ep in objects.endpoints])
+                [EndpointRecord(ep, owner=OWNER_API, created=now) for ep in objects.endpoints],
+                [ClusterPolicyRecord(p, tier_docs.get(id(p), {}))
+                 for p in objects.cluster_policies])
 
     def op_delete(self, args: dict[str, Any]) -> dict[str, Any]:
         a = Args(args, "delete")
@@ -346,6 +388,13 @@ class Service:
                     else:
                         changes.append(DeleteEndpoint(key))
                         deleted.append(f"endpoint/{key}")
+                elif kind in CNP_NAMES:
+                    # Cluster-scoped: a namespace given with it is ignored, as kubectl does.
+                    if name in self.state.cluster_policies:
+                        changes.append(DeleteClusterPolicy(name))
+                        deleted.append(f"clusternetworkpolicy/{name}")
+                    else:
+                        missing.append(f"clusternetworkpolicy/{name}")
                 elif kind == "namespace":
                     changes += self._delete_namespace(name, deleted, missing)
                 else:
@@ -387,6 +436,9 @@ class Service:
             target, meta = parse_snapshot(args.get("snapshot"), strict_cidr=self.strict_cidr)
         except InputError as exc:
             raise ApiError(INVALID, f"not a valid snapshot: {exc}") from None
+        refused = tiers_refused(self.reconciler.datapath, target.cluster_policies)
+        if refused:
+            raise ApiError(INVALID, f"not restored: {refused}")
         with self.lock:
             changes = changes_to_restore(self.state, target)
             extra: dict[str, Any] = {}
@@ -483,10 +535,24 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _policy_docs(docs: list[Any]) -> list[Any]:
-    """The NetworkPolicy documents, in the order `decode_objects` decodes them."""
+def _kind_docs(docs: list[Any], kind: str) -> list[Any]:
+    """The documents of one kind, in the order `decode_objects` decodes them."""
     return [doc for _, doc in expand_lists(docs)
-            if isinstance(doc, dict) and doc.get("kind") == "NetworkPolicy"]
+            if isinstance(doc, dict) and doc.get("kind") == kind]
+
+
+def _duplicate_tiers(policies: Iterable[ClusterNetworkPolicy]) -> list[InputError]:
+    """A ClusterNetworkPolicy given twice in one batch is refused, like any object."""
+    first: dict[str, ClusterNetworkPolicy] = {}
+    out: list[InputError] = []
+    for p in policies:
+        if p.name in first:
+            out.append(InputError(f"clusternetworkpolicy {p.name} is given twice: "
+                                  f"{first[p.name].source.render() or 'an earlier object'} "
+                                  f"and {p.source.render() or 'a later one'}"))
+        else:
+            first[p.name] = p
+    return out
 
 
 def wait_enforced(reconciler: Reconciler, revision: int) -> None:

@@ -4,7 +4,12 @@ A snapshot is a JSON-able dict, sorted so that equal states give equal text::
 
     {"kind": "StockadeSnapshot", "version": 1, "revision": N,
      "namespaces": [namespace_to_dict...], "endpoints": [EndpointRecord.to_dict...],
-     "policies": [manifest...], "meta": {"ipam": Ipam.to_dict()}}
+     "policies": [manifest...], "clusterPolicies": [manifest...],
+     "meta": {"ipam": Ipam.to_dict()}}
+
+``clusterPolicies`` (ClusterNetworkPolicy manifests) is written when there are
+any, and optional when read, so a snapshot of an agent without them is the same
+text as before.
 
 A snapshot may come from a user's file, so :func:`parse_snapshot` checks every
 field and names the one that is wrong (`stockade.errors.DecodeError`, an
@@ -40,11 +45,14 @@ from stockade.agent.records import (
     OWNER_RUN,
     AgentState,
     Change,
+    ClusterPolicyRecord,
+    DeleteClusterPolicy,
     DeleteEndpoint,
     DeleteNamespace,
     DeletePolicy,
     EndpointRecord,
     PolicyRecord,
+    PutClusterPolicy,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
@@ -62,7 +70,8 @@ VERSION = 1
 SOURCE = "snapshot"  # what error messages name as the input
 SNAPSHOT_META_KEYS = ("ipam",)  # the meta blobs that travel with a snapshot
 
-_TOP_FIELDS = {"kind", "version", "revision", "namespaces", "endpoints", "policies", "meta"}
+_TOP_FIELDS = {"kind", "version", "revision", "namespaces", "endpoints", "policies",
+               "clusterPolicies", "meta"}
 _NAMESPACE_FIELDS = {"name", "labels"}
 _ENDPOINT_FIELDS = {"namespace", "name", "labels", "ips", "ports", "netns", "interface",
                     "hostInterface", "owner", "containerID", "pid", "command", "created"}
@@ -77,15 +86,19 @@ _R = TypeVar("_R")
 
 def snapshot_of(state: AgentState, revision: int, meta: Mapping[str, Any]) -> dict[str, Any]:
     """The snapshot of a state (records sorted by key; nothing aliases the state)."""
-    return {
+    out: dict[str, Any] = {
         "kind": KIND,
         "version": VERSION,
         "revision": revision,
         "namespaces": [namespace_to_dict(state.namespaces[k]) for k in sorted(state.namespaces)],
         "endpoints": [state.endpoints[k].to_dict() for k in sorted(state.endpoints)],
         "policies": [copy.deepcopy(state.policies[k].to_dict()) for k in sorted(state.policies)],
-        "meta": {k: copy.deepcopy(meta[k]) for k in sorted(meta)},
     }
+    if state.cluster_policies:
+        out["clusterPolicies"] = [copy.deepcopy(state.cluster_policies[k].to_dict())
+                                  for k in sorted(state.cluster_policies)]
+    out["meta"] = {k: copy.deepcopy(meta[k]) for k in sorted(meta)}
+    return out
 
 
 # ---- import -------------------------------------------------------------------------
@@ -106,6 +119,8 @@ def parse_snapshot(data: Any, meta_keys: Collection[str] = SNAPSHOT_META_KEYS, *
         namespaces=_records(top, "namespaces", _namespace, lambda ns: ns.name),
         endpoints=_records(top, "endpoints", _endpoint, lambda r: r.key),
         policies=_records(top, "policies", policy, lambda r: r.key),
+        cluster_policies=_records(top, "clusterPolicies", _cluster_policy, lambda r: r.key,
+                                  required=False),
     )
     _check_namespaces_exist(state)
     return state, _meta(top.get("meta", {}), meta_keys)
@@ -134,9 +149,9 @@ def _check_header(top: Mapping[str, Any]) -> None:
 
 
 def _records(top: Mapping[str, Any], field: str, decode: Callable[[Any, str], _R],
-             key_of: Callable[[_R], str]) -> dict[str, _R]:
+             key_of: Callable[[_R], str], *, required: bool = True) -> dict[str, _R]:
     """One list of records, decoded, with duplicate keys refused."""
-    items = _list(_required(top, field, ""), field)
+    items = _list(_required(top, field, "") if required else top.get(field, []), field)
     out: dict[str, _R] = {}
     first: dict[str, int] = {}
     for i, item in enumerate(items):
@@ -201,6 +216,21 @@ def _policy(item: Any, path: str, strict_cidr: bool) -> PolicyRecord:
     if errors:
         raise ValidationError(errors, source=SOURCE, obj=f"{path} {record.key}")
     return record
+
+
+def _cluster_policy(item: Any, path: str) -> ClusterPolicyRecord:
+    """Decoded and validated by the same decoder as `apply` (every error, named)."""
+    d = _mapping(item, path, None)
+    meta = d.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    obj = f"{path} {name}" if isinstance(name, str) else path
+    try:
+        return ClusterPolicyRecord.from_dict(d)
+    except ValidationError as exc:
+        raise ValidationError(exc.errors, source=SOURCE, obj=obj) from None
+    except DecodeError as exc:
+        inner = exc.message.removeprefix(f"{exc.path}: ") if exc.path else exc.message
+        _fail(f"{path}.{exc.path}" if exc.path else path, inner, obj)
 
 
 def _manifest_name(d: Mapping[str, Any]) -> str:
@@ -322,9 +352,15 @@ def changes_to_restore(current: AgentState, target: AgentState) -> list[Change]:
           if current.endpoints.get(k) != r),
         *(PutPolicy(r) for k, r in sorted(target.policies.items())
           if not _same_policy(current.policies.get(k), r)),
+        # Cluster-scoped, depending on nothing: last among the puts, first of the deletes.
+        *(DeleteClusterPolicy(k) for k in sorted(current.cluster_policies.keys()
+                                                 - target.cluster_policies.keys())),
+        *(PutClusterPolicy(r) for k, r in sorted(target.cluster_policies.items())
+          if not _same_policy(current.cluster_policies.get(k), r)),
     ]
 
 
-def _same_policy(a: PolicyRecord | None, b: PolicyRecord) -> bool:
+def _same_policy(a: PolicyRecord | ClusterPolicyRecord | None,
+                 b: PolicyRecord | ClusterPolicyRecord) -> bool:
     # PolicyRecord equality ignores the manifest; what `get -o yaml` shows counts too.
     return a is not None and a == b and a.to_dict() == b.to_dict()

@@ -14,7 +14,12 @@ would silently turn the JSON text ``5`` into the integer 5)::
     namespaces(name TEXT PRIMARY KEY, doc TEXT)   namespace_to_dict
     endpoints (key  TEXT PRIMARY KEY, doc TEXT)   EndpointRecord.to_dict
     policies  (key  TEXT PRIMARY KEY, doc TEXT)   PolicyRecord.to_dict (the manifest)
+    cluster_policies (name TEXT PRIMARY KEY, doc TEXT)  ClusterPolicyRecord.to_dict
     meta      (key  TEXT PRIMARY KEY, value TEXT) "schema", "revision", named blobs
+
+Schema 2 added ``cluster_policies``; a schema-1 database gets the table when an
+agent of schema 2 opens it (an older agent then refuses the file rather than
+silently dropping the ClusterNetworkPolicies it cannot read).
 
 ``revision`` counts committed transactions: every :meth:`Store.commit` that
 changes something (records or meta) increments it in the same transaction, so
@@ -62,11 +67,14 @@ from typing import Any, TypeVar
 from stockade.agent.records import (
     AgentState,
     Change,
+    ClusterPolicyRecord,
+    DeleteClusterPolicy,
     DeleteEndpoint,
     DeleteNamespace,
     DeletePolicy,
     EndpointRecord,
     PolicyRecord,
+    PutClusterPolicy,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
@@ -81,7 +89,7 @@ from stockade.agent.snapshot import (
 )
 from stockade.errors import AgentError, StockadeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "state.db"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -99,6 +107,7 @@ _TABLES = (
     "CREATE TABLE IF NOT EXISTS namespaces (name TEXT PRIMARY KEY, doc TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS endpoints (key TEXT PRIMARY KEY, doc TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS policies (key TEXT PRIMARY KEY, doc TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cluster_policies (name TEXT PRIMARY KEY, doc TEXT NOT NULL)",
 )
 
 
@@ -163,6 +172,8 @@ class Store:
                                      lambda r: r.key),
                 policies=self._rows(conn, "policies", "key", PolicyRecord.from_dict,
                                     lambda r: r.key),
+                cluster_policies=self._rows(conn, "cluster_policies", "name",
+                                            ClusterPolicyRecord.from_dict, lambda r: r.key),
             )
             revision = self._revision(conn)
             meta = {k: v for k in wanted if (v := self._meta(conn, k)) is not None}
@@ -235,12 +246,19 @@ class Store:
                              (META_SCHEMA, json.dumps(SCHEMA_VERSION)))
                 conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",
                              (META_REVISION, json.dumps(0)))
-            elif not isinstance(found, int) or isinstance(found, bool):
+            elif not isinstance(found, int) or isinstance(found, bool) or found < 1:
                 raise StoreError(f"{self.path}: invalid schema version {found!r}")
             elif found > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path}: the state database has schema version {found}, newer than"
                     f" this agent's {SCHEMA_VERSION}; run the newer agent or move the file away")
+            elif found < SCHEMA_VERSION:
+                # Every change from an older schema adds tables: creating the missing
+                # ones is the whole migration, in the same transaction as the new number.
+                for sql in _TABLES:
+                    conn.execute(sql)
+                conn.execute("UPDATE meta SET value = ? WHERE key = ?",
+                             (json.dumps(SCHEMA_VERSION), META_SCHEMA))
 
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
@@ -325,6 +343,10 @@ def _encode_change(c: Change) -> _Write:
         return _put("policies", "key", c.record.key, c.record.to_dict())
     if isinstance(c, DeletePolicy):
         return _Write("DELETE FROM policies WHERE key = ?", (c.key,))
+    if isinstance(c, PutClusterPolicy):
+        return _put("cluster_policies", "name", c.record.key, c.record.to_dict())
+    if isinstance(c, DeleteClusterPolicy):
+        return _Write("DELETE FROM cluster_policies WHERE name = ?", (c.name,))
     raise TypeError(f"not a change: {c!r}")
 
 

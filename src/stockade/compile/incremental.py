@@ -9,6 +9,14 @@ selects; a namespace relabel re-examines only namespace-selecting sets. Sets
 and chains that do not change keep their identity, so a plan against the
 previous ruleset skips them at once.
 
+ClusterNetworkPolicy tiers: an endpoint-direction's map entry is the first of up
+to two chains (Admin, then NetworkPolicy or Baseline: see `Lowering._entry`),
+and every chain of that run counts the endpoint among its users, so a tier
+chain lives as long as some endpoint starts in it and the chain it goes on to
+as long as one reaches it. A tier policy's change moves the endpoints its old
+or new subject selects; a namespace relabel, with tiers present, moves that
+namespace's endpoints too (a subject selects namespaces by their labels).
+
 `ruleset()` always equals `compile_cluster()` of the same cluster (a property
 test replays random changes and compares).
 """
@@ -19,16 +27,21 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
-from stockade.compile.lower import DIRECTION, Lowering, endpoint_addresses, lower_chain
+from stockade.compile.lower import DIRECTION, Lowering, Need, endpoint_addresses, lower_chain
 from stockade.compile.membership import PeerMembers, PolicyTargets, SetSpec
 from stockade.compile.plan import Touched, derive
+from stockade.compile.tiers import lower_tier_chain
 from stockade.engine.resolve import resolve
+from stockade.engine.tiers import subject_selects
 from stockade.model import policy as model
 from stockade.model.cluster import Cluster, Endpoint, Namespace
+from stockade.model.cnp import ADMIN, BASELINE, ClusterNetworkPolicy
 from stockade.model.labels import Labels
 from stockade.model.selector import EXISTS, IN
 
 PolicySetKey = tuple[str, tuple[str, ...]]  # (model direction, sorted policy keys)
+# (model direction, tier, policy names in precedence order, the next chain)
+TierKey = tuple[str, str, tuple[str, ...], str | None]
 Members = Callable[[SetSpec], list[Endpoint]]
 
 
@@ -37,6 +50,8 @@ class IncrementalCompiler:
         self.namespace_labels: dict[str, Labels] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self.policies: dict[str, model.NetworkPolicy] = {}
+        self.cluster_policies: dict[str, ClusterNetworkPolicy] = {}
+        self._tier_order: list[ClusterNetworkPolicy] = []  # by precedence
         self._policies_in: dict[str, dict[str, model.NetworkPolicy]] = {}
         self._endpoints_in: dict[str, set[str]] = {}
         # sets: the spec, how many chains name it, element counts, the current object
@@ -57,7 +72,9 @@ class IncrementalCompiler:
         self._chain_specs: dict[str, frozenset[str]] = {}
         self._chain_users: dict[str, int] = {}
         self._chain_of: dict[PolicySetKey, str] = {}
-        self._endpoint_chain: dict[tuple[str, str], str] = {}  # (direction, ep) -> chain
+        self._tier_of: dict[TierKey, str] = {}
+        # (direction, ep) -> the chains its packets may run through, the entry first
+        self._endpoint_chain: dict[tuple[str, str], tuple[str, ...]] = {}
         self._unused: set[str] = set()
         # maps: direction -> address -> chain, and who owns each address
         self._maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
@@ -83,19 +100,31 @@ class IncrementalCompiler:
         for p in cluster.policies:
             inc.policies[p.key] = p
             inc._policies_in.setdefault(p.namespace, {})[p.key] = p
+        for cp in cluster.cluster_policies:
+            inc.cluster_policies[cp.key] = cp
+        inc._order_tiers()
         for ep in cluster.endpoints:
             inc.endpoints[ep.key] = ep
             inc._endpoints_in.setdefault(ep.namespace, set()).add(ep.key)
         bulk = Lowering(resolve(cluster))
         for direction in model.DIRECTIONS:
-            for ident, ps in bulk.res.isolated[direction].items():
-                for ep in bulk.index.members[ident]:
-                    inc._place(ep, direction, ps.keys, bulk.members)
+            isolated = bulk.res.isolated[direction]
+            if not inc._tier_order:
+                for ident, ps in isolated.items():
+                    for ep in bulk.index.members[ident]:
+                        inc._place(ep, direction, ps.keys, bulk.members)
+                continue
+            # With tiers an endpoint no NetworkPolicy isolates may still have a chain.
+            for ident, pods in enumerate(bulk.index.members):
+                found = isolated.get(ident)
+                for ep in pods:
+                    inc._place(ep, direction, found.keys if found else (), bulk.members)
         return inc
 
     def cluster(self) -> Cluster:
         return Cluster(tuple(Namespace(n, lab) for n, lab in self.namespace_labels.items()),
-                       tuple(self.endpoints.values()), tuple(self.policies.values()))
+                       tuple(self.endpoints.values()), tuple(self.policies.values()),
+                       tuple(self.cluster_policies.values()))
 
     def ruleset(self) -> Ruleset:
         for name in self._stale_sets:
@@ -139,12 +168,17 @@ class IncrementalCompiler:
             self._reexamine_namespace(name)
 
     def _reexamine_namespace(self, name: str) -> None:
-        """Membership in namespace-selecting sets may change for the pods of `name`."""
+        """Membership in namespace-selecting sets may change for the pods of `name`, and
+        with tiers, which tier policies' subjects select them."""
         for key in self._endpoints_in.get(name, ()):
             ep = self.endpoints[key]
             for set_name in self._specs_anywhere:
                 self._leave(ep, set_name)
                 self._join_if_selected(ep, set_name)
+        if self._tier_order:
+            self._replace_endpoints([self.endpoints[k]
+                                     for k in sorted(self._endpoints_in.get(name, ()))])
+            self._collect()
 
     # ---- endpoints -----------------------------------------------------------------------
 
@@ -219,17 +253,35 @@ class IncrementalCompiler:
             k for k, p in self._policies_in.get(ep.namespace, {}).items()
             if p.affects(direction) and p.pod_selector.matches(ep.labels)))
 
+    def _tiers(self, ep: Endpoint, direction: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The Admin and the Baseline policies with rules of `direction` whose subject
+        selects `ep`, in precedence order."""
+        admin: list[str] = []
+        baseline: list[str] = []
+        for p in self._tier_order:
+            if p.rules(direction) and subject_selects(p.subject, ep, self.namespace_labels):
+                (admin if p.tier == ADMIN else baseline).append(p.name)
+        return tuple(admin), tuple(baseline)
+
     def _place(self, ep: Endpoint, direction: str, keys: tuple[str, ...] | None = None,
                members: Members | None = None) -> None:
         if ep.remote:
             return  # a peer only: its node enforces its policies (see Endpoint.remote)
         if keys is None:
             keys = self._selecting(ep, direction)
-        if not keys:
+        admin: tuple[str, ...] = ()
+        baseline: tuple[str, ...] = ()
+        if self._tier_order:
+            admin, baseline = self._tiers(ep, direction)
+            if keys:
+                baseline = ()  # NetworkPolicy is final: Baseline is never reached
+        if not keys and not admin and not baseline:
             return
-        chain = self._chain(direction, keys, members)
-        self._chain_users[chain] += 1
-        self._endpoint_chain[(direction, ep.key)] = chain
+        chains = self._entry(direction, keys, admin, baseline, members)
+        for name in chains:
+            self._chain_users[name] += 1
+        self._endpoint_chain[(direction, ep.key)] = chains
+        chain = chains[0]
         ir_dir = DIRECTION[direction]
         for addr in endpoint_addresses(ep):
             self._maps[ir_dir][addr] = chain
@@ -241,15 +293,19 @@ class IncrementalCompiler:
         sets of policies it enforces. Policy names live here, not in the kernel: a
         chain is shared by content, so its users change while it stays."""
         out: dict[str, tuple[str, int, list[tuple[str, ...]]]] = {}
-        for (_direction, keys), name in sorted(self._chain_of.items()):
+        uses = [(keys, name) for (_direction, keys), name in sorted(self._chain_of.items())]
+        uses += [(tuple(f"{tier}:{n}" for n in names), name)
+                 for (_direction, tier, names, _next), name in sorted(
+                     self._tier_of.items(), key=lambda kv: (kv[0][:3], kv[0][3] or ""))]
+        for keys, name in uses:
             users = self._chain_users.get(name, 0)
             if users and name in self._chains:
                 out.setdefault(name, (self._chains[name].direction, users, []))[2].append(keys)
         return out
 
     def _unplace(self, ep: Endpoint, direction: str) -> None:
-        chain = self._endpoint_chain.pop((direction, ep.key), None)
-        if chain is None:
+        chains = self._endpoint_chain.pop((direction, ep.key), None)
+        if chains is None:
             return
         ir_dir = DIRECTION[direction]
         for addr in endpoint_addresses(ep):
@@ -257,10 +313,11 @@ class IncrementalCompiler:
                 del self._maps[ir_dir][addr]
                 del self._owner[ir_dir][addr]
                 self._touched_addrs[ir_dir].add(addr)
-        self._chain_users[chain] -= 1
-        if self._chain_users[chain] == 0:
-            # Dropped at the end of the change, unless the change uses it again.
-            self._unused.add(chain)
+        for chain in chains:
+            self._chain_users[chain] -= 1
+            if self._chain_users[chain] == 0:
+                # Dropped at the end of the change, unless the change uses it again.
+                self._unused.add(chain)
 
     def _collect(self) -> None:
         for name in self._unused:
@@ -268,26 +325,53 @@ class IncrementalCompiler:
                 self._drop_chain(name)
         self._unused.clear()
 
+    def _entry(self, direction: str, keys: tuple[str, ...], admin: tuple[str, ...],
+               baseline: tuple[str, ...], members: Members | None) -> tuple[str, ...]:
+        """The chains of an endpoint-direction, the entry first: as `Lowering._entry`."""
+        chains: list[str] = []
+        if keys:
+            chains.append(self._chain(direction, keys, members))
+        elif baseline:
+            chains.append(self._tier_chain(direction, BASELINE, baseline, None, members))
+        if admin:
+            chains.insert(0, self._tier_chain(direction, ADMIN, admin,
+                                              chains[0] if chains else None, members))
+        return tuple(chains)
+
     def _chain(self, direction: str, keys: tuple[str, ...], members: Members | None) -> str:
         name = self._chain_of.get((direction, keys))
         if name is not None:
             return name
         specs: dict[str, SetSpec] = {}
-
-        def need(spec: SetSpec) -> str:
-            specs.setdefault(spec.name, spec)
-            return spec.name
-
-        chain = lower_chain(direction, [self.policies[k] for k in keys], need)
+        chain = lower_chain(direction, [self.policies[k] for k in keys], _collector(specs))
         self._chain_of[(direction, keys)] = chain.name
-        if chain.name not in self._chains:
-            self._chains[chain.name] = chain
-            self._touched_chains.add(chain.name)
-            self._chain_users[chain.name] = 0
-            self._chain_specs[chain.name] = frozenset(specs)
-            for spec in specs.values():
-                self._ref_set(spec, members)
+        self._register(chain, specs, members)
         return chain.name
+
+    def _tier_chain(self, direction: str, tier: str, names: tuple[str, ...],
+                    next_chain: str | None, members: Members | None) -> str:
+        key = (direction, tier, names, next_chain)
+        name = self._tier_of.get(key)
+        if name is not None:
+            return name
+        specs: dict[str, SetSpec] = {}
+        chain = lower_tier_chain(direction, tier, [self.cluster_policies[n] for n in names],
+                                 next_chain, _collector(specs))
+        self._tier_of[key] = chain.name
+        self._register(chain, specs, members)
+        return chain.name
+
+    def _register(self, chain: Chain, specs: dict[str, SetSpec],
+                  members: Members | None) -> None:
+        """A chain just lowered, unless one of the same content is in use."""
+        if chain.name in self._chains:
+            return
+        self._chains[chain.name] = chain
+        self._touched_chains.add(chain.name)
+        self._chain_users[chain.name] = 0
+        self._chain_specs[chain.name] = frozenset(specs)
+        for spec in specs.values():
+            self._ref_set(spec, members)
 
     def _drop_chain(self, name: str) -> None:
         del self._chains[name]
@@ -297,6 +381,8 @@ class IncrementalCompiler:
             self._unref_set(set_name)
         for k in [k for k, v in self._chain_of.items() if v == name]:
             del self._chain_of[k]
+        for t in [t for t, v in self._tier_of.items() if v == name]:
+            del self._tier_of[t]
 
     # ---- sets -----------------------------------------------------------------------------
 
@@ -380,6 +466,59 @@ class IncrementalCompiler:
             for direction in model.DIRECTIONS:
                 self._place(ep, direction)
         self._collect()
+
+    # ---- ClusterNetworkPolicy tiers -----------------------------------------------------------
+
+    def upsert_cluster_policy(self, policy: ClusterNetworkPolicy) -> None:
+        old = self.cluster_policies.get(policy.key)
+        if old != policy:
+            self._replace_cluster_policy(policy.key, old, policy)
+
+    def delete_cluster_policy(self, name: str) -> None:
+        old = self.cluster_policies.get(name)
+        if old is not None:
+            self._replace_cluster_policy(name, old, None)
+
+    def _replace_cluster_policy(self, name: str, old: ClusterNetworkPolicy | None,
+                                new: ClusterNetworkPolicy | None) -> None:
+        """Move the endpoints the old or the new subject selects (in any namespace)."""
+        subjects = [p.subject for p in (old, new) if p is not None]
+        affected = [ep for _, ep in sorted(self.endpoints.items())
+                    if any(subject_selects(s, ep, self.namespace_labels) for s in subjects)]
+        for ep in affected:
+            for direction in model.DIRECTIONS:
+                self._unplace(ep, direction)
+        # Chains built from the old text (or order) of the policy must not be found again.
+        for k in [k for k in self._tier_of if name in k[2]]:
+            del self._tier_of[k]
+        if new is None:
+            del self.cluster_policies[name]
+        else:
+            self.cluster_policies[name] = new
+        self._order_tiers()
+        for ep in affected:
+            for direction in model.DIRECTIONS:
+                self._place(ep, direction)
+        self._collect()
+
+    def _order_tiers(self) -> None:
+        self._tier_order = sorted(self.cluster_policies.values(),
+                                  key=ClusterNetworkPolicy.order)
+
+    def _replace_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        """Place endpoints again, both ways (what selects them may have changed)."""
+        for ep in endpoints:
+            for direction in model.DIRECTIONS:
+                self._unplace(ep, direction)
+                self._place(ep, direction)
+
+
+def _collector(specs: dict[str, SetSpec]) -> Need:
+    """A `need` that records the specs a chain's lowering asks for."""
+    def need(spec: SetSpec) -> str:
+        specs.setdefault(spec.name, spec)
+        return spec.name
+    return need
 
 
 def _guards(cand: object) -> list[tuple[str, str, str | None]]:

@@ -11,7 +11,16 @@ import threading
 import weakref
 from dataclasses import dataclass
 
-from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
+from stockade.compile.ir import (
+    ALLOW,
+    EGRESS,
+    INGRESS,
+    NET,
+    AddressSet,
+    Chain,
+    Element,
+    Ruleset,
+)
 from stockade.model.cidr import parse_ip
 
 MapEntry = tuple[str, int, str]  # (direction, family, address)
@@ -29,6 +38,9 @@ class Plan:
     del_chains: tuple[str, ...] = ()
     del_elements: tuple[tuple[AddressSet, frozenset[Element]], ...] = ()
     del_sets: tuple[str, ...] = ()
+    # Sets gaining elements that a tier's `deny` or `pass` rule names: a packet that
+    # went on to an allow may now be dropped (see `narrows`).
+    denying: frozenset[str] = frozenset()
 
     @property
     def empty(self) -> bool:
@@ -40,14 +52,16 @@ class Plan:
     def narrows(self) -> bool:
         """Whether the new ruleset may deny something the old one allowed.
 
-        Every chain rule allows (the drop is the chain's end), so only these take
+        A NetworkPolicy rule allows (the drop is the chain's end), so only these take
         access away: an element leaving a set, an interval set rewritten, an address
-        mapped to another chain or newly isolated, a chain's rules restored. Adding
-        elements, un-isolating an address (its map entry removed), and adding or
-        removing chains and sets no entry names only allow more.
+        mapped to another chain or newly isolated, a chain's rules restored, and an
+        element joining a set a tier's `deny` or `pass` rule names (`denying`).
+        Adding other elements, un-isolating an address (its map entry removed), and
+        adding or removing chains and sets no entry names only allow more.
         """
         return bool(self.del_elements or self.set_map or self.replace_chains
-                    or any(s.kind == NET for s, _ in self.add_elements)
+                    or any(s.kind == NET or s.name in self.denying
+                           for s, _ in self.add_elements)
                     or any(s.kind == NET for s in self.add_sets))
 
     def summary(self) -> dict[str, int]:
@@ -203,7 +217,7 @@ def _plan_touched(old: Ruleset, new: Ruleset, touched: Touched) -> Plan:
                 set_map.append(((direction, family_of(addr), addr), now))
     return Plan(tuple(add_sets), tuple(add_el), tuple(add_chains), tuple(replace_chains),
                 tuple(del_map), tuple(set_map), tuple(del_chains), tuple(del_el),
-                tuple(del_sets))
+                tuple(del_sets), denying_sets(new, add_el))
 
 
 def full_plan(old: Ruleset, new: Ruleset) -> Plan:
@@ -231,5 +245,20 @@ def full_plan(old: Ruleset, new: Ruleset) -> Plan:
             if o_map.get(addr) != chain:
                 set_map.append(((direction, family_of(addr), addr), chain))
     return Plan(add_sets, tuple(add_el), add_chains, replace_chains, tuple(del_map),
-                tuple(set_map),
-                del_chains, tuple(del_el), del_sets)
+                tuple(set_map), del_chains, tuple(del_el), del_sets,
+                denying_sets(new, add_el))
+
+
+def denying_sets(rs: Ruleset, grown: list[tuple[AddressSet, frozenset[Element]]]
+                 ) -> frozenset[str]:
+    """Which of the `grown` sets a rule of a tier that does not allow names."""
+    names = {s.name for s, _ in grown}
+    if not names:
+        return frozenset()
+    out: set[str] = set()
+    for chain in rs.chains.values():
+        if chain.tier:
+            for r in chain.rules:
+                if r.action != ALLOW:
+                    out.update(n for n in (r.peer_set, r.named_set) if n in names)
+    return frozenset(out)

@@ -46,6 +46,7 @@ from stockade.agent.protocol import INVALID, TIMEOUT, UNAVAILABLE, ApiError
 from stockade.agent.records import (
     OWNER_API,
     Change,
+    ClusterPolicyRecord,
     DeleteEndpoint,
     DeleteNamespace,
     DeletePolicy,
@@ -476,11 +477,12 @@ class EtcdService(Service):
                 time.sleep(random.random() * min(0.05, 0.002 * 2 ** attempt))  # noqa: S311
 
     def _decode(self, docs: list[Any], source: str) -> tuple[
-            list[PolicyRecord], dict[str, Namespace], list[EndpointRecord]]:
+            list[PolicyRecord], dict[str, Namespace], list[EndpointRecord],
+            list[ClusterPolicyRecord]]:
         """As always, and each Pod keeps its ``spec.nodeName`` (default: this host)."""
-        policies, namespaces, endpoints = super()._decode(docs, source)
+        policies, namespaces, endpoints, tiers = super()._decode(docs, source)
         if self.feed is None:
-            return policies, namespaces, endpoints
+            return policies, namespaces, endpoints, tiers
         nodes: dict[str, str] = {}
         for _, doc in expand_lists(docs):
             if isinstance(doc, dict) and doc.get("kind") == "Pod":
@@ -491,7 +493,7 @@ class EtcdService(Service):
                 node = spec.get("nodeName")
                 nodes[key] = node if isinstance(node, str) and node else self.node
         return policies, namespaces, [replace(r, node=nodes.get(r.key) or self.node)
-                                      for r in endpoints]
+                                      for r in endpoints], tiers
 
     def _local_keys(self, changes: Sequence[Change]) -> set[str]:
         """The keys of this host's CNI and `run` endpoints these changes touch."""
