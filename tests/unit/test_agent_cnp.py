@@ -14,6 +14,7 @@ import pytest
 import yaml
 from test_cni_ops import MemoryDatapath
 
+from stockade.agent.admission import QUARANTINE_POLICY, enforceable
 from stockade.agent.protocol import INVALID, ApiError
 from stockade.agent.reconcile import Reconciler
 from stockade.agent.records import AgentState
@@ -240,3 +241,20 @@ def test_get_yaml_is_the_manifest(agent: Agent) -> None:
     items = agent.call("get", kind="clusternetworkpolicies")["items"]
     assert yaml.safe_load(yaml.safe_dump_all(items)) == doc
     assert AgentState().cluster().cluster_policies == ()
+
+
+def test_a_held_endpoint_stays_closed_under_an_admin_accept(agent: Agent) -> None:
+    """An endpoint held fail-closed (its stored record cannot be enforced) is denied both
+    ways before any tier: an Admin Accept of every pod does not open it."""
+    agent.apply(*SCENE, cnp("accept-all", "Admin", 0, "Accept", subject={"namespaces": {}}))
+    state = agent.service.state
+    assert allows(compile_cluster(enforceable(state, {})), "10.1.0.1", "10.1.0.2", "TCP", 80)
+    held = enforceable(state, {"db/d": ["held for the test"]})
+    assert QUARANTINE_POLICY in [p.name for p in held.cluster_policies]
+    rs = compile_cluster(held)
+    assert not allows(rs, "10.1.0.1", "10.1.0.2", "TCP", 80)
+    assert not allows(rs, "10.1.0.2", "10.1.0.1", "TCP", 80)
+    assert not allows(rs, "10.1.0.2", "192.0.2.1", "TCP", 80)
+    # Without tiers nothing changes: the deny-all NetworkPolicy alone holds it.
+    agent.call("delete", refs=[{"kind": "cnp", "name": "accept-all"}])
+    assert enforceable(agent.service.state, {"db/d": ["held"]}).cluster_policies == ()

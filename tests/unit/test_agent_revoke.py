@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from stockade.agent.admission import cluster_near, enforceable
 from stockade.agent.records import (
     AgentState,
+    ClusterPolicyRecord,
     EndpointRecord,
     PolicyRecord,
     PutEndpoint,
@@ -18,6 +20,7 @@ from stockade.agent.records import (
 from stockade.agent.revoke import connections_to_cut, flow_of
 from stockade.engine.evaluate import Evaluator, Flow, Verdict
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
+from stockade.model.cnp import NAMESPACES, ClusterNetworkPolicy, CnpPeer, CnpRule
 from stockade.model.connection import ConnEntry
 from stockade.model.labels import Labels
 from stockade.model.policy import (
@@ -212,3 +215,44 @@ def test_held_endpoints_take_the_whole_cluster() -> None:
     state.quarantined = {"x/c": ["held"]}
     near = cluster_near(state, {A})
     assert near is not None and len(near.endpoints) == 3
+
+
+def _admin(action: str, annotations: Labels = NONE, tier: str = "Admin") -> ClusterNetworkPolicy:
+    """Every pod's ingress from every pod: `action`."""
+    return ClusterNetworkPolicy(f"{tier.lower()}-{action.lower()}", tier, 1,
+                                CnpPeer(NAMESPACES), ingress=(
+                                    CnpRule(action, (CnpPeer(NAMESPACES),)),),
+                                annotations=annotations)
+
+
+def _tiered(*policies: NetworkPolicy | ClusterNetworkPolicy) -> Cluster:
+    base = _cluster(*(p for p in policies if isinstance(p, NetworkPolicy)))
+    return replace(base, cluster_policies=tuple(
+        p for p in policies if isinstance(p, ClusterNetworkPolicy)))
+
+
+def test_tiers_decide_what_is_cut_and_their_own_annotation_what_is_kept() -> None:
+    entry = _tcp(B, A)  # the NetworkPolicy lets b into a
+    assert connections_to_cut([entry], Evaluator(_tiered(_a_ingress_from("b")))) == []
+    assert connections_to_cut([entry], Evaluator(_tiered(
+        _a_ingress_from("b"), _admin("Deny")))) == [entry]
+    # The NetworkPolicy's keep does not keep what an Admin Deny decided ...
+    assert connections_to_cut([entry], Evaluator(_tiered(
+        _a_ingress_from("c", annotations=KEEP), _admin("Deny")))) == [entry]
+    # ... the deciding ClusterNetworkPolicy's does.
+    assert connections_to_cut([entry], Evaluator(_tiered(
+        _a_ingress_from("b"), _admin("Deny", annotations=KEEP)))) == []
+    # A Pass hands the side to the NetworkPolicy, whose keep then counts.
+    assert connections_to_cut([_tcp(C, A)], Evaluator(_tiered(
+        _a_ingress_from("b", annotations=KEEP), _admin("Pass")))) == []
+    # A Baseline Deny for pods no NetworkPolicy selects (b and c here, not a).
+    assert connections_to_cut([_tcp(A, C), entry], Evaluator(_tiered(
+        _a_ingress_from("b"), _admin("Deny", tier="Baseline")))) == [_tcp(A, C)]
+
+
+def test_the_revokers_cluster_carries_the_tiers() -> None:
+    state = _state(_tiered(_a_ingress_from("b")))
+    state.cluster_policies["admin-deny"] = ClusterPolicyRecord(_admin("Deny"))
+    near = cluster_near(state, {A, B})
+    assert near is not None and [p.name for p in near.cluster_policies] == ["admin-deny"]
+    assert connections_to_cut([_tcp(B, A)], Evaluator(near)) == [_tcp(B, A)]

@@ -13,6 +13,11 @@ that isolates the denying side keeps what that side would now deny (a rolling
 change that should drain connections rather than cut them). When both sides
 deny, both must opt out.
 
+With ClusterNetworkPolicy tiers the side's deciding tier says who may opt out:
+a side a tier decided (an Admin or Baseline Deny, or a Pass on to a
+NetworkPolicy that denies) is kept only when the deciding policy is annotated
+so: an Admin Deny is not kept because some NetworkPolicy of the pod asks to keep.
+
 Only TCP, UDP and SCTP entries are candidates: NetworkPolicy says nothing of
 ICMP, and an entry between two addresses that belong to no endpoint is
 traffic no policy governs (the host's own, say).
@@ -31,8 +36,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from stockade.engine.evaluate import Evaluator, Flow, Side, Verdict
+from stockade.model.cnp import ADMIN, BASELINE
 from stockade.model.connection import ConnEntry
-from stockade.model.policy import KEEP_ANNOTATION, keeps_connections
+from stockade.model.policy import KEEP, KEEP_ANNOTATION, keeps_connections
 
 CANDIDATES = frozenset({"TCP", "UDP", "SCTP"})
 # Nothing flows on these any more: deleting them would only cost a message.
@@ -56,13 +62,22 @@ def flow_of(entry: ConnEntry, evaluator: Evaluator) -> Flow | None:
 
 
 def keeping_policies(evaluator: Evaluator, keep_key: str = KEEP_ANNOTATION) -> frozenset[str]:
-    """Keys of the policies annotated `<keep_key>: keep`."""
+    """Keys of the policies annotated `<keep_key>: keep`: NetworkPolicies' (`ns/name`)
+    and ClusterNetworkPolicies' (their names, which have no slash)."""
+    tiers = {p.key for p in evaluator.cluster.cluster_policies
+             if p.annotations.get(keep_key, "").strip().lower() == KEEP}
     return frozenset(p.key for p in evaluator.cluster.policies
-                     if keeps_connections(p, keep_key))
+                     if keeps_connections(p, keep_key)) | tiers
 
 
 def _kept(side: Side, keep: frozenset[str]) -> bool:
-    """Whether a denying side has an isolating policy that asks to keep connections."""
+    """Whether what denies a side asks to keep connections: the deciding tier policy,
+    or with NetworkPolicy deciding, one of those isolating the side."""
+    decided = side.decided_by
+    if decided == ADMIN and side.admin is not None:
+        return side.admin.policy in keep
+    if decided == BASELINE and side.baseline is not None:
+        return side.baseline.policy in keep
     return any(key in keep for key in side.isolating)
 
 
