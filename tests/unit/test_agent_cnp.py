@@ -258,3 +258,19 @@ def test_a_held_endpoint_stays_closed_under_an_admin_accept(agent: Agent) -> Non
     # Without tiers nothing changes: the deny-all NetworkPolicy alone holds it.
     agent.call("delete", refs=[{"kind": "cnp", "name": "accept-all"}])
     assert enforceable(agent.service.state, {"db/d": ["held"]}).cluster_policies == ()
+
+
+def test_the_get_table(agent: Agent) -> None:
+    from stockade.cli.agent import _table
+
+    pods = {"pods": {"namespaceSelector": {"matchLabels": {"team": "db"}},
+                     "podSelector": {"matchExpressions": [
+                         {"key": "app", "operator": "In", "values": ["d", "e"]}]}}}
+    agent.apply(cnp("deny-db", "Admin", 10, "Deny"),
+                cnp("base", "Baseline", 3, "Deny", subject=pods))
+    items = agent.call("get", kind="clusternetworkpolicies")["items"]
+    rows = [line.split("  ") for line in _table("clusternetworkpolicies", items).splitlines()]
+    assert [[cell.strip() for cell in row if cell.strip()] for row in rows] == [
+        ["NAME", "TIER", "PRIORITY", "SUBJECT", "INGRESS", "EGRESS"],
+        ["base", "Baseline", "3", "pods {app In (d,e)} in namespaces {team=db}", "1", "0"],
+        ["deny-db", "Admin", "10", "namespaces {team=db}", "1", "0"]]

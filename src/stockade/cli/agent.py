@@ -20,6 +20,9 @@ from stockade.errors import InputError
 from stockade.load import expand_paths, read_text
 from stockade.model.parse import parse_documents
 
+# The names a ClusterNetworkPolicy goes by on the command line (the agent knows them too).
+CNP_KINDS = ("clusternetworkpolicy", "clusternetworkpolicies", "cnp")
+
 
 def register(sub: Any) -> None:
     a = sub.add_parser("agent", help="run the node agent in the foreground")
@@ -90,12 +93,15 @@ def register(sub: Any) -> None:
     _socket(d)
     add_files(d, required=False)
     d.add_argument("what", nargs="*", metavar="KIND NS/NAME",
-                   help="e.g. `policy shop/allow-web` or `namespace shop`")
+                   help="e.g. `policy shop/allow-web`, `namespace shop` or "
+                        "`clusternetworkpolicy deny-db` (alias cnp)")
     d.set_defaults(run=run_delete)
 
-    g = sub.add_parser("get", help="list namespaces, endpoints or policies")
+    g = sub.add_parser("get", help="list namespaces, endpoints, policies, "
+                                   "clusternetworkpolicies (cnp) or chains")
     _socket(g)
-    g.add_argument("kind", choices=("namespaces", "endpoints", "policies", "chains"))
+    g.add_argument("kind", choices=("namespaces", "endpoints", "policies",
+                                    "clusternetworkpolicies", "cnp", "chains"))
     add_output(g, ("txt", "json", "yaml"), help="output format (default txt, a table; "
                "text and table are txt)")
     g.set_defaults(run=run_get)
@@ -203,8 +209,8 @@ def run_delete(args: argparse.Namespace) -> int:
         raise InputError("give KIND NAME pairs, e.g. `policy shop/web` or `namespace shop`")
     for kind, name in zip(what[::2], what[1::2], strict=True):
         ns, _, n = name.rpartition("/")
-        if kind == "namespace":
-            ns, n = "", name
+        if kind in ("namespace", *CNP_KINDS):
+            ns, n = "", name  # cluster-scoped
         refs.append({"kind": kind, "namespace": ns or "default", "name": n})
     docs = _documents(args.files, args.recursive)[0] if args.files else []
     if not refs and not docs:
@@ -218,13 +224,14 @@ def run_delete(args: argparse.Namespace) -> int:
 
 
 def run_get(args: argparse.Namespace) -> int:
-    items = _call(args, "get", kind=args.kind)["items"]
+    kind = "clusternetworkpolicies" if args.kind in CNP_KINDS else args.kind
+    items = _call(args, "get", kind=kind)["items"]
     if args.output == "json":
         print(json.dumps(items, indent=2))
     elif args.output == "yaml":
         print(yaml.safe_dump_all(items, sort_keys=False) if items else "", end="")
     else:
-        print(_table(args.kind, items))
+        print(_table(kind, items))
     return 0
 
 
@@ -243,6 +250,9 @@ def _table(kind: str, items: list[dict[str, Any]]) -> str:
         rows = [["CHAIN", "DIRECTION", "ENDPOINTS", "POLICIES"]] + [
             [i["name"], i["direction"], str(i["endpoints"]),
              " | ".join(",".join(keys) for keys in i["policies"])] for i in items]
+    elif kind == "clusternetworkpolicies":
+        rows = [["NAME", "TIER", "PRIORITY", "SUBJECT", "INGRESS", "EGRESS"]] + [
+            _cnp_row(i) for i in items]
     else:
         rows = [["NAMESPACE", "NAME", "POLICY-TYPES"]] + [
             [i["metadata"].get("namespace", "default"), i["metadata"].get("name", ""),
@@ -251,6 +261,32 @@ def _table(kind: str, items: list[dict[str, Any]]) -> str:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True))
                      .rstrip() for r in rows)
+
+
+def _cnp_row(manifest: dict[str, Any]) -> list[str]:
+    """NAME TIER PRIORITY SUBJECT INGRESS EGRESS of a stored (valid) manifest."""
+    spec = manifest.get("spec") or {}
+    subject = spec.get("subject") or {}
+    if "namespaces" in subject:
+        what = f"namespaces {_selector(subject['namespaces'])}"
+    else:
+        pods = subject.get("pods") or {}
+        what = (f"pods {_selector(pods.get('podSelector'))} in namespaces "
+                f"{_selector(pods.get('namespaceSelector'))}")
+    return [str((manifest.get("metadata") or {}).get("name", "")), str(spec.get("tier", "")),
+            str(spec.get("priority", "")), what, str(len(spec.get("ingress") or [])),
+            str(len(spec.get("egress") or []))]
+
+
+def _selector(sel: Any) -> str:
+    """A label selector, short: `{k=v,k2 In (a,b)}`; `{}` selects everything."""
+    if not isinstance(sel, dict):
+        return "{}"
+    parts = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
+    for e in sel.get("matchExpressions") or []:
+        values = ",".join(e.get("values") or [])
+        parts.append(f"{e.get('key')} {e.get('operator')}" + (f" ({values})" if values else ""))
+    return "{" + ",".join(parts) + "}"
 
 
 def run_label(args: argparse.Namespace) -> int:
