@@ -46,15 +46,19 @@ from stockade.model.cnp import (
     CnpRule,
 )
 from stockade.model.policy import EGRESS, INGRESS
+from stockade.model.selector import ALL
 
 PRIORITIES = (0, 1, 2, 1000)
 
 
 @cache
 def subjects(u: Universe) -> st.SearchStrategy[CnpPeer]:
+    """Half the time every namespace, so that tiers meet on the same pods often."""
     return st.one_of(
-        st.builds(CnpPeer, st.just(NAMESPACES), namespace_selectors(u)),
-        st.builds(CnpPeer, st.just(PODS), namespace_selectors(u), pod_selectors(u)))
+        st.just(CnpPeer(NAMESPACES)),
+        st.one_of(st.builds(CnpPeer, st.just(NAMESPACES), namespace_selectors(u)),
+                  st.builds(CnpPeer, st.just(PODS), namespace_selectors(u), pod_selectors(u)),
+                  st.builds(CnpPeer, st.just(PODS), st.just(ALL), pod_selectors(u))))
 
 
 @cache

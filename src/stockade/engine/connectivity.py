@@ -8,7 +8,15 @@ the destination's container ports), a side is the union over the rules whose
 peers match, a pair the intersection of the source's egress and the
 destination's ingress. Addresses are cut at every boundary of every ipBlock
 (after its excepts) of the direction, so one address of a piece stands for all
-of it. The semantics are those of the reference evaluator (`engine.evaluate`),
+of it.
+
+ClusterNetworkPolicy tiers use the same algebra, per side: the Admin rules of the
+policies selecting the subject, in precedence order, each taking from what is
+still undecided the connections its peers and ports match (Accept to the allowed
+set, Deny out, Pass on to NetworkPolicy); then, of what the Admin tier left,
+NetworkPolicy's union if it isolates the subject, else all but what the first
+matching Baseline rule denies. Addresses are also cut at every `networks` CIDR.
+The semantics are those of the reference evaluator (`engine.evaluate`),
 with which a property test holds it to agree; as netpol-analyzer, an ipBlock
 never matches a workload (the workloads here have no address).
 
@@ -28,8 +36,10 @@ from dataclasses import dataclass, field, replace
 
 from stockade.engine.evaluate import Evaluator
 from stockade.engine.match import peer_matches
+from stockade.engine.tiers import peer_matches as cnp_peer_matches
 from stockade.model.cidr import parse_cidr
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.cnp import ACCEPT, ADMIN, BASELINE, DENY, ClusterNetworkPolicy, CnpRule
 from stockade.model.labels import Labels
 from stockade.model.policy import (
     EGRESS,
@@ -80,6 +90,24 @@ def _intersect(a: Intervals, b: Intervals) -> Intervals:
     return tuple(out)
 
 
+def _subtract(a: Intervals, b: Intervals) -> Intervals:
+    """The ports of `a` not in `b`."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for lo, hi in a:
+        while j < len(b) and b[j][1] < lo:
+            j += 1
+        k = j
+        while lo <= hi and k < len(b) and b[k][0] <= hi:
+            if b[k][0] > lo:
+                out.append((lo, b[k][0] - 1))
+            lo = max(lo, b[k][1] + 1)
+            k += 1
+        if lo <= hi:
+            out.append((lo, hi))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Connections:
     """A set of (protocol, port): per protocol, disjoint ascending port intervals."""
@@ -108,6 +136,12 @@ class Connections:
         return Connections(tuple((p, both) for p in PROTOCOLS
                                  if (both := _intersect(self.intervals(p),
                                                         other.intervals(p)))))
+
+    def difference(self, other: Connections) -> Connections:
+        if not other.ports or not self.ports:
+            return self
+        return Connections(tuple((p, left) for p in PROTOCOLS
+                                 if (left := _subtract(self.intervals(p), other.intervals(p)))))
 
     def allows(self, protocol: str, port: int) -> bool:
         return any(lo <= port <= hi for lo, hi in self.intervals(protocol))
@@ -159,6 +193,23 @@ def rule_connections(rule: Rule, destination: Endpoint | None) -> Connections:
         else:
             span = (entry.port, entry.end_port if entry.end_port is not None else entry.port)
         found.setdefault(entry.protocol, []).append(span)
+    return Connections.of(found)
+
+
+def cnp_rule_connections(rule: CnpRule, destination: Endpoint | None) -> Connections:
+    """What a ClusterNetworkPolicy rule's `protocols` match towards a destination (a
+    named port is the destination's container port of that name, whatever its
+    protocol; towards an address it matches nothing)."""
+    if rule.ports is None:
+        return ALL_CONNECTIONS
+    found: dict[str, list[tuple[int, int]]] = {}
+    for entry in rule.ports:
+        if entry.name:
+            for cp in destination.ports if destination is not None else ():
+                if cp.name == entry.name:
+                    found.setdefault(cp.protocol, []).append((cp.port, cp.port))
+        else:
+            found.setdefault(entry.protocol, []).append((entry.start, entry.end))
     return Connections.of(found)
 
 
@@ -226,17 +277,20 @@ def block_ranges(block: IPBlock, version: int = 4) -> list[tuple[int, int]]:
 
 
 def address_ranges(policies: Iterable[NetworkPolicy], direction: str,
-                   version: int = 4) -> tuple[AddressRange, ...]:
+                   version: int = 4, cluster_policies: Iterable[ClusterNetworkPolicy] = ()
+                   ) -> tuple[AddressRange, ...]:
     """The pieces of the IPv4 (or IPv6) space cut at the bounds of every ipBlock of the
-    direction's rules (`from` of ingress rules, `to` of egress rules), of every policy."""
+    direction's rules (`from` of ingress rules, `to` of egress rules), of every policy,
+    and of every `networks` CIDR of the direction's ClusterNetworkPolicy rules."""
     cuts = {0, (IPV4_LAST if version == 4 else IPV6_LAST) + 1}
-    for policy in policies:
-        for rule in policy.rules(direction):
-            for peer in rule.peers:
-                if peer.ip_block is not None:
-                    for lo, hi in block_ranges(peer.ip_block, version):
-                        cuts.add(lo)
-                        cuts.add(hi + 1)
+    blocks = [peer.ip_block for policy in policies for rule in policy.rules(direction)
+              for peer in rule.peers if peer.ip_block is not None]
+    blocks += [IPBlock(text) for policy in cluster_policies for rule in policy.rules(direction)
+               for peer in rule.peers for text in peer.networks]
+    for block in blocks:
+        for lo, hi in block_ranges(block, version):
+            cuts.add(lo)
+            cuts.add(hi + 1)
     bounds = sorted(cuts)
     return tuple(AddressRange(a, b - 1, version) for a, b in itertools.pairwise(bounds))
 
@@ -320,6 +374,10 @@ class Sides:
         self._matches: dict[tuple[int, str, object], bool] = {}
         self._unions: dict[tuple[int, int, int | None], Connections] = {}
         self._rule_conns: dict[tuple[int, int | None], Connections] = {}
+        self.tiers = self.ev.tiers
+        self._tiered: dict[tuple[object, ...], Connections] = {}
+        self._cnp_matches: dict[tuple[int, object], bool] = {}
+        self._cnp_conns: dict[tuple[int, int], Connections] = {}
 
     def _rules_of(self, policies: tuple[NetworkPolicy, ...], direction: str
                   ) -> tuple[tuple[tuple[str, Rule], ...], bool]:
@@ -366,8 +424,81 @@ class Sides:
 
     def side(self, subject: Endpoint, direction: str, other: Endpoint | None,
              other_ip: str, destination: Endpoint | None) -> Connections:
-        """What `subject`'s policies of `direction` admit to or from `other` (an
-        endpoint, or the address `other_ip`); named ports resolve on `destination`."""
+        """What `subject`'s side of `direction` admits to or from `other` (an endpoint,
+        or the address `other_ip`) through the tiers; named ports resolve on
+        `destination`."""
+        if not self.tiers:
+            return self.policy_side(subject, direction, other, other_ip, destination)
+        who: object = _class_key(other) if other is not None else None
+        key = (direction, subject.namespace, subject.labels, who, other_ip,
+               self._ports_of(destination))
+        found = self._tiered.get(key)
+        if found is None:
+            found = self._tiered_side(subject, direction, other, other_ip, destination)
+            self._tiered[key] = found
+        return found
+
+    def _tiered_side(self, subject: Endpoint, direction: str, other: Endpoint | None,
+                     other_ip: str, destination: Endpoint | None) -> Connections:
+        """Admin, then NetworkPolicy (if it isolates the subject) or Baseline, then the
+        default, each deciding only what the tiers before it left."""
+        admin = self.tiers.selecting(ADMIN, subject, direction)
+        accepted, denied = self._walk(admin, direction, other, other_ip, destination)
+        rest = ALL_CONNECTIONS.difference(accepted.union(denied))
+        if self.ev.selecting(subject, direction):
+            isolated = self.policy_side(subject, direction, other, other_ip, destination)
+            return accepted.union(isolated.intersection(rest))
+        baseline = self.tiers.selecting(BASELINE, subject, direction)
+        _, refused = self._walk(baseline, direction, other, other_ip, destination)
+        return accepted.union(rest.difference(refused))
+
+    def _walk(self, policies: tuple[ClusterNetworkPolicy, ...], direction: str,
+              other: Endpoint | None, other_ip: str, destination: Endpoint | None
+              ) -> tuple[Connections, Connections]:
+        """(accepted, denied) by the first matching rule of one tier, connection by
+        connection; the rest is passed on or matched by no rule."""
+        undecided = ALL_CONNECTIONS
+        accepted = denied = NO_CONNECTIONS
+        for policy in policies:
+            for rule in policy.rules(direction):
+                if not self.cnp_matches(rule, other, other_ip):
+                    continue
+                hit = self.cnp_connections(rule, destination).intersection(undecided)
+                if hit.empty:
+                    continue
+                if rule.action == ACCEPT:
+                    accepted = accepted.union(hit)
+                elif rule.action == DENY:
+                    denied = denied.union(hit)
+                undecided = undecided.difference(hit)
+                if undecided.empty:
+                    return accepted, denied
+        return accepted, denied
+
+    def cnp_matches(self, rule: CnpRule, other: Endpoint | None, other_ip: str) -> bool:
+        """Whether some peer of a ClusterNetworkPolicy rule is the other end."""
+        who: object = (_class_key(other), other_ip) if other is not None else other_ip
+        key = (id(rule), who)
+        found = self._cnp_matches.get(key)
+        if found is None:
+            labels = self.ev.namespace_labels
+            found = any(cnp_peer_matches(peer, rule.action, other, other_ip, labels)
+                        for peer in rule.peers)
+            self._cnp_matches[key] = found
+        return found
+
+    def cnp_connections(self, rule: CnpRule, destination: Endpoint | None) -> Connections:
+        key = (id(rule), self._ports_of(destination))
+        found = self._cnp_conns.get(key)
+        if found is None:
+            found = cnp_rule_connections(rule, destination)
+            self._cnp_conns[key] = found
+        return found
+
+    def policy_side(self, subject: Endpoint, direction: str, other: Endpoint | None,
+                    other_ip: str, destination: Endpoint | None) -> Connections:
+        """What `subject`'s NetworkPolicies of `direction` admit (everything when none
+        isolates it)."""
         policies = self.ev.selecting(subject, direction)
         if not policies:
             return ALL_CONNECTIONS
@@ -410,10 +541,13 @@ def connectivity(cluster: Cluster, peers: Sequence[Workload]) -> ConnList:
     (the peers' endpoints stand for them). A workload is never paired with itself,
     an address range never with another.
     """
-    judged = Cluster(cluster.namespaces, tuple(p.endpoint for p in peers), cluster.policies)
+    judged = Cluster(cluster.namespaces, tuple(p.endpoint for p in peers), cluster.policies,
+                     cluster.cluster_policies)
     sides = Sides(judged)
-    sources = address_ranges(cluster.policies, INGRESS)
-    destinations = address_ranges(cluster.policies, EGRESS)
+    sources = address_ranges(cluster.policies, INGRESS,
+                             cluster_policies=cluster.cluster_policies)
+    destinations = address_ranges(cluster.policies, EGRESS,
+                                  cluster_policies=cluster.cluster_policies)
     out: list[Connection] = []
     for src in peers:
         for dst in peers:
