@@ -9,6 +9,7 @@ real completion widget, compadd recording what it is given); fish with its own
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -216,3 +217,25 @@ def test_describe_reads_arity_choices_and_file_values_from_argparse() -> None:
     [go] = root.commands
     assert (go.path, go.help, [o.flags for o in go.options]) == (
         ("go",), "go somewhere", [("-h", "--help"), ("--far",)])
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_completes_the_plugin_through_kubectl_complete_stockade(
+        tmp_path: Path) -> None:
+    from stockade.cli.kubectl import build_parser as kubectl_parser
+
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / "kubectl_complete-stockade").exists(), "pip install -e . installs it"
+    (tmp_path / "policies.yaml").write_text("")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+
+    def complete(*words: str) -> list[str]:
+        out = subprocess.run(["kubectl", "__complete", "stockade", *words], env=env,
+                             capture_output=True, text=True, check=True, cwd=tmp_path)
+        lines = out.stdout.split("\n")
+        assert lines[-2:] == [":4", ""], out.stdout
+        return lines[:-2]
+
+    assert set(complete("")) == _subcommands(kubectl_parser())
+    assert complete("mat") == ["matrix"]
+    assert set(complete("diff", "-f", "pol")) == {"policies.yaml"}

@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,6 +372,28 @@ def script(shell: str, prog: str = "stockade") -> str:
 
         parser = build_parser()
     return SCRIPTS[shell](describe(parser), prog)
+
+
+def kubectl_complete(argv: Sequence[str] | None = None) -> int:
+    """The `kubectl_complete-stockade` executable, which kubectl (1.26 and later) runs
+    on TAB after `kubectl stockade` with the words typed so far, the last one being
+    completed. It runs the bash script's own function on them, so both complete
+    alike, and prints the candidates one a line, then cobra's directive `:4` (no
+    file completion of kubectl's own: file names are candidates where they belong)."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        text = script("bash", "kubectl-stockade")
+    except ModuleNotFoundError:  # no 'kube' extra: no kubectl stockade to complete
+        print(":4")
+        return 0
+    fn = _function("kubectl-stockade")
+    program = (f"{text}\nCOMP_WORDS=(kubectl-stockade \"$@\"); COMP_CWORD=$#\n"
+               f"{fn} 2>/dev/null\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n")
+    out = subprocess.run(["bash", "--norc", "--noprofile", "-c", program, "kubectl-stockade",
+                          *(words or [""])], capture_output=True, text=True)
+    sys.stdout.write("".join(f"{w}\n" for w in out.stdout.splitlines() if w))
+    print(":4")
+    return 0
 
 
 def register(sub: Any) -> None:
