@@ -29,7 +29,13 @@ from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.nft import canonical
 from stockade.compile.plan import Plan, plan
 from stockade.datapath.base import KernelSnapshot
-from stockade.kube.client import NAMESPACES, NETWORK_POLICIES, PODS, KubeClient
+from stockade.kube.client import (
+    CLUSTER_NETWORK_POLICIES,
+    NAMESPACES,
+    NETWORK_POLICIES,
+    PODS,
+    KubeClient,
+)
 from stockade.kube.datastore import KubeCacheStore, KubeFeed, translate_pod
 from stockade.kube.reflector import Backoff, Reflector, ReflectorConfig
 from stockade.model.cluster import Endpoint
@@ -338,7 +344,8 @@ class Fixture:
         self.feed.bind(self.service)
 
     def lists(self, namespaces: list[dict[str, Any]], policies: list[dict[str, Any]],
-              pods: list[dict[str, Any]]) -> None:
+              pods: list[dict[str, Any]], tiers: list[dict[str, Any]] | None = None) -> None:
+        self.feed.replace(CLUSTER_NETWORK_POLICIES, tiers or [])
         self.feed.replace(NAMESPACES, namespaces)
         self.feed.replace(NETWORK_POLICIES, policies)
         self.feed.replace(PODS, pods)
@@ -373,6 +380,7 @@ def test_nothing_is_committed_before_every_resource_is_listed(fx: Fixture) -> No
     fx.feed.replace(NAMESPACES, [ns("ns")])
     fx.feed.replace(PODS, [pod("db", "2", ip="10.0.0.1", labels={"app": "db"})])
     fx.feed.event(PODS, "ADDED", pod("web", "3", ip="10.0.0.2", labels={"app": "web"}))
+    fx.feed.replace(CLUSTER_NETWORK_POLICIES, [])
     assert fx.commits == [] and not fx.feed.synced.is_set()
     fx.feed.replace(NETWORK_POLICIES, [DENY])
     assert fx.feed.synced.is_set() and len(fx.commits) == 1

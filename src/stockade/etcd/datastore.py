@@ -47,11 +47,13 @@ from stockade.agent.records import (
     OWNER_API,
     Change,
     ClusterPolicyRecord,
+    DeleteClusterPolicy,
     DeleteEndpoint,
     DeleteNamespace,
     DeletePolicy,
     EndpointRecord,
     PolicyRecord,
+    PutClusterPolicy,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
@@ -59,7 +61,13 @@ from stockade.agent.records import (
 from stockade.agent.service import LOCAL_WRITES, Service
 from stockade.etcd.client import MAX_TXN_OPS, EtcdClient, EtcdError, Unavailable, b64, unb64
 from stockade.etcd.watch import EtcdReflector, etcd_key, resource_prefix
-from stockade.kube.client import NAMESPACES, NETWORK_POLICIES, PODS, Resource
+from stockade.kube.client import (
+    CLUSTER_NETWORK_POLICIES,
+    NAMESPACES,
+    NETWORK_POLICIES,
+    PODS,
+    Resource,
+)
 from stockade.kube.datastore import LOCAL_OWNERS, KubeFeed
 from stockade.kube.reflector import ReflectorConfig
 from stockade.model.cluster import Namespace
@@ -105,6 +113,17 @@ def policy_doc(rec: PolicyRecord) -> dict[str, Any]:
     doc["metadata"] = meta
     doc.setdefault("apiVersion", "networking.k8s.io/v1")
     doc.setdefault("kind", "NetworkPolicy")
+    return doc
+
+
+def cluster_policy_doc(rec: ClusterPolicyRecord) -> dict[str, Any]:
+    doc = dict(rec.manifest)
+    meta = dict(doc.get("metadata") or {})
+    meta.pop("resourceVersion", None)
+    meta["name"] = rec.policy.name
+    doc["metadata"] = meta
+    doc.setdefault("apiVersion", CLUSTER_NETWORK_POLICIES.api_version)
+    doc.setdefault("kind", CLUSTER_NETWORK_POLICIES.kind)
     return doc
 
 
@@ -328,6 +347,10 @@ class EtcdFeed(KubeFeed):
             return NETWORK_POLICIES, c.record.key, policy_doc(c.record)
         if isinstance(c, DeletePolicy):
             return NETWORK_POLICIES, c.key, None
+        if isinstance(c, PutClusterPolicy):
+            return CLUSTER_NETWORK_POLICIES, c.record.key, cluster_policy_doc(c.record)
+        if isinstance(c, DeleteClusterPolicy):
+            return CLUSTER_NETWORK_POLICIES, c.name, None
         if isinstance(c, PutEndpoint):
             if c.record.key in self.held:
                 raise ApiError(INVALID, f"endpoint {c.record.key} is held fail-closed "

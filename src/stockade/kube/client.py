@@ -72,6 +72,9 @@ class Resource:
     plural: str
     kind: str
     namespaced: bool
+    # Served only once its CustomResourceDefinition is installed: a list answered 404
+    # is an empty list (and is asked again), not a failure (see kube/reflector.py).
+    optional: bool = False
 
     @property
     def api_version(self) -> str:
@@ -95,6 +98,9 @@ EVENTS = Resource("", "v1", "events", "Event", True)
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True)
 DAEMONSETS = Resource("apps", "v1", "daemonsets", "DaemonSet", True)
 MICROSERVICES = Resource("stockade.io", "v1alpha1", "microservices", "MicroService", True)
+CLUSTER_NETWORK_POLICIES = Resource("policy.networking.k8s.io", "v1alpha2",
+                                    "clusternetworkpolicies", "ClusterNetworkPolicy", False,
+                                    optional=True)
 
 
 class KubeError(StockadeError):

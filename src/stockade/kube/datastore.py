@@ -1,7 +1,7 @@
 """The agent's state from the Kubernetes API (``stockade agent --datastore kubernetes``).
 
-Three reflectors (reflector.py) list-then-watch Namespaces, NetworkPolicies and
-Pods into a :class:`KubeFeed`, which translates each object with the same
+Four reflectors (reflector.py) list-then-watch Namespaces, NetworkPolicies, Pods
+and ClusterNetworkPolicies into a :class:`KubeFeed`, which translates each object with the same
 decoders and admission functions as files and the socket (``model.decode``,
 ``model.admit``, ``model.validate``) and commits what changed to the agent's
 ``Service``: the same state, incremental compiler and reconciler as with the
@@ -33,6 +33,15 @@ Decisions, and why:
   (``quarantined`` and ``datastore.invalid``) and counted
   (``stockade_kube_invalid_objects``). Skipping a bad policy instead would
   silently open what it was written to close.
+* **ClusterNetworkPolicy** (``policy.networking.k8s.io/v1alpha2``, cluster-scoped)
+  is watched like NetworkPolicy once its CRD is installed; without it the list
+  answers 404, which means none exist (asked again every half minute). One that
+  stockade's decoder refuses is held like a bad NetworkPolicy, by its reach: the
+  endpoints its subject selects (every endpoint when even the subject cannot be
+  read) are held fail-closed, and so are they all when the agent's datapath does
+  not enforce tiers (iptables, eBPF). Held endpoints are then also denied by an
+  Admin policy before any other tier (agent/admission.py ``quarantine_tier``), so
+  no Admin Accept reopens them.
 * **Two pods claiming one address** (an address reused before the old pod's
   deletion arrived) cannot both be in the kernel's maps: the endpoint already
   holding it (or a CNI attachment of this node, the local truth) keeps it, the
@@ -55,7 +64,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from stockade.agent.admission import QUARANTINE_POLICY, deny_all, held_endpoint
+from stockade.agent.admission import (
+    QUARANTINE_POLICY,
+    deny_all,
+    held_endpoint,
+    quarantine_tier,
+)
 from stockade.agent.extension import Handler
 from stockade.agent.metrics import Registry
 from stockade.agent.records import (
@@ -64,22 +78,36 @@ from stockade.agent.records import (
     OWNER_RUN,
     AgentState,
     Change,
+    ClusterPolicyRecord,
+    DeleteClusterPolicy,
     DeleteEndpoint,
     DeleteNamespace,
     DeletePolicy,
     EndpointRecord,
     PolicyRecord,
+    PutClusterPolicy,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
 )
+from stockade.agent.service import enforces_tiers
 from stockade.agent.store import Store
-from stockade.errors import DecodeError
-from stockade.kube.client import NAMESPACES, NETWORK_POLICIES, PODS, KubeClient, Resource
+from stockade.engine.tiers import subject_selects
+from stockade.errors import DecodeError, InputError, ValidationError
+from stockade.kube.client import (
+    CLUSTER_NETWORK_POLICIES,
+    NAMESPACES,
+    NETWORK_POLICIES,
+    PODS,
+    KubeClient,
+    Resource,
+)
 from stockade.kube.reflector import DELETED, Reflector, ReflectorConfig
 from stockade.model.admit import canonical_ip, validate_endpoint, validate_namespace
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import ContainerPort, Endpoint, Namespace, implicit_namespace
+from stockade.model.cnp import ADMIN, CnpPeer
+from stockade.model.cnp_decode import decode_cluster_network_policy
 from stockade.model.decode import decode_namespace, decode_network_policy, decode_pod
 from stockade.model.labels import Labels
 from stockade.model.policy import Source
@@ -149,6 +177,49 @@ def translate_policy(obj: Mapping[str, Any]) -> tuple[str, PolicyRecord | None, 
     if errors:
         return key, None, errors
     return key, PolicyRecord(policy, doc), []
+
+
+@dataclass(frozen=True)
+class TierView:
+    """What the feed knows of one ClusterNetworkPolicy of the API."""
+
+    name: str
+    record: ClusterPolicyRecord | None  # None: refused (see `errors`)
+    errors: tuple[str, ...] = ()
+    # The subject of a refused one, when it can be read alone (None: it cannot):
+    # the endpoints it selects are held.
+    subject: CnpPeer | None = None
+
+
+def translate_cluster_policy(obj: Mapping[str, Any]) -> TierView:
+    """Decoded and validated strictly (``status`` is the server's and is dropped)."""
+    name = object_key(CLUSTER_NETWORK_POLICIES, obj)
+    doc = _typed(CLUSTER_NETWORK_POLICIES, {k: v for k, v in obj.items() if k != "status"})
+    try:
+        policy = decode_cluster_network_policy(doc, Source("kubernetes"))
+    except ValidationError as e:
+        return TierView(name, None, tuple(f"clusternetworkpolicy {name}: {f.render()}"
+                                          for f in e.errors), _subject_alone(doc))
+    except DecodeError as e:
+        return TierView(name, None, (f"clusternetworkpolicy {name}: {e.message}",),
+                        _subject_alone(doc))
+    return TierView(name, ClusterPolicyRecord(policy, doc))
+
+
+def _subject_alone(doc: Mapping[str, Any]) -> CnpPeer | None:
+    """The subject of a policy that does not decode, read by the same decoder as part of
+    an otherwise empty policy (None: it does not decode either)."""
+    spec = doc.get("spec")
+    subject = spec.get("subject") if isinstance(spec, Mapping) else None
+    if subject is None:
+        return None
+    try:
+        return decode_cluster_network_policy(
+            {"apiVersion": CLUSTER_NETWORK_POLICIES.api_version,
+             "kind": CLUSTER_NETWORK_POLICIES.kind, "metadata": {"name": "subject"},
+             "spec": {"tier": ADMIN, "priority": 0, "subject": subject}}).subject
+    except InputError:
+        return None
 
 
 def _pod_ips(status: Mapping[str, Any]) -> list[str]:
@@ -284,6 +355,7 @@ class KubeFeed:
     SOURCE = "the Kubernetes API"  # in logs and metric help
     METRICS = "stockade_kube"  # the metrics' prefix
     OWNER = OWNER_KUBE  # the owner of the endpoints this feed makes
+    RESOURCES = (NAMESPACES, NETWORK_POLICIES, PODS, CLUSTER_NETWORK_POLICIES)
 
     def __init__(self, client: KubeClient, node: str, *,
                  config: ReflectorConfig | None = None,
@@ -301,10 +373,14 @@ class KubeFeed:
         self.policies: dict[str, PolicyRecord] = {}
         self.policy_errors: dict[str, list[str]] = {}
         self.pods: dict[str, PodView] = {}
+        self.tiers: dict[str, TierView] = {}  # ClusterNetworkPolicies by name
+        # Whether the datapath enforces tiers (set by `bind`); without, every one is held.
+        self.tiers_enforced = True
         self._pods_in: dict[str, set[str]] = {}
         self._policies_in: dict[str, set[str]] = {}
         self._listed: set[str] = set()
         self.held: dict[str, list[str]] = {}  # endpoint key -> reasons (fail-closed)
+        self._tier_hold: tuple[tuple[str, tuple[str, ...], CnpPeer | None], ...] = ()
         self.waiting: dict[str, str] = {}  # endpoint key -> why it waits (an address)
         self._ns_hold: dict[str, tuple[str, ...]] = {}  # namespace -> why its pods are held
         self._reported: dict[str, tuple[str, ...]] = {}  # errors logged, by object
@@ -317,7 +393,7 @@ class KubeFeed:
         self._pending_rv: list[tuple[int, str, str | None]] = []
         self.reflectors = [reflector_factory(client, res, _Sink(self, res), config=self.config,
                                              observe=self._observer(res.plural))
-                           for res in (NAMESPACES, NETWORK_POLICIES, PODS)]
+                           for res in self.RESOURCES]
         self._retry: threading.Thread | None = None
         self._m_events: Any = None
         self._m_invalid: Any = None
@@ -329,6 +405,9 @@ class KubeFeed:
 
     def bind(self, service: Any, registry: Registry | None = None) -> None:
         self.service = service
+        reconciler = getattr(service, "reconciler", None)
+        self.tiers_enforced = enforces_tiers(getattr(reconciler, "datapath", None)) \
+            if reconciler is not None else True
         if registry is not None:
             self._m_events = registry.counter(
                 f"{self.METRICS}_events_total",
@@ -347,7 +426,7 @@ class KubeFeed:
                 "fail-closed), by kind.", ("kind",))
             self._m_synced = registry.gauge(
                 f"{self.METRICS}_synced", "1 once the first lists are enforced, else 0.")
-            for kind in ("namespace", "networkpolicy", "pod"):
+            for kind in ("namespace", "networkpolicy", "pod", "clusternetworkpolicy"):
                 self._m_invalid.set(0, kind=kind)
             self._m_synced.set(0)
 
@@ -378,7 +457,7 @@ class KubeFeed:
                 "synced": self.synced.is_set(),
                 "resources": {r.res.plural: r.status.to_dict() for r in self.reflectors},
                 "counts": {"namespaces": len(self.namespaces), "policies": len(self.policies),
-                           "pods": len(self.pods)},
+                           "pods": len(self.pods), "clusterPolicies": len(self.tiers)},
                 "invalid": {k: list(v) for k, v in sorted(self._reported.items())},
                 "waiting": dict(sorted(self.waiting.items())),
             }
@@ -450,6 +529,11 @@ class KubeFeed:
                 self._policies_in.clear()
                 for obj in items:
                     self._put_policy(obj)
+            elif res is CLUSTER_NETWORK_POLICIES:
+                for name in list(self.tiers):
+                    self._drop_tier(name)
+                for obj in items:
+                    self._put_tier(obj)
             else:
                 self.pods.clear()
                 self._pods_in.clear()
@@ -466,6 +550,7 @@ class KubeFeed:
             ns_keys: set[str] = set()
             policy_keys: set[str] = set()
             pod_keys: set[str] = set()
+            tier_keys: set[str] = set()
             if res is NAMESPACES:
                 if type == DELETED:
                     self.namespaces.pop(key, None)
@@ -479,6 +564,12 @@ class KubeFeed:
                 else:
                     self._put_policy(obj)
                 policy_keys.add(key)
+            elif res is CLUSTER_NETWORK_POLICIES:
+                if type == DELETED:
+                    self._drop_tier(key)
+                else:
+                    self._put_tier(obj)
+                tier_keys.add(key)
             else:
                 if type == DELETED:
                     self._drop_pod(key)
@@ -486,7 +577,7 @@ class KubeFeed:
                     self._put_pod(obj)
                 pod_keys.add(key)
             if self.synced.is_set():
-                self._sync(ns_keys, policy_keys, pod_keys)
+                self._sync(ns_keys, policy_keys, pod_keys, tier_keys)
             self._cond.notify_all()
 
     def _put_namespace(self, obj: Mapping[str, Any]) -> None:
@@ -512,6 +603,42 @@ class KubeFeed:
         self.policies.pop(key, None)
         self.policy_errors.pop(key, None)
         self._policies_in.get(key.partition("/")[0], set()).discard(key)
+
+    def _put_tier(self, obj: Mapping[str, Any]) -> None:
+        view = translate_cluster_policy(obj)
+        if view.record is not None and not self.tiers_enforced:
+            view = TierView(view.name, None, (
+                f"clusternetworkpolicy {view.name}: the {self._datapath_name()} datapath does "
+                "not enforce ClusterNetworkPolicy tiers (run the agent with --datapath nft)",),
+                view.record.policy.subject)
+        self.tiers[view.name] = view
+        self._report(f"clusternetworkpolicy/{view.name}", list(view.errors))
+
+    def _drop_tier(self, name: str) -> None:
+        self.tiers.pop(name, None)
+        self._report(f"clusternetworkpolicy/{name}", [])
+
+    def _datapath_name(self) -> str:
+        reconciler = getattr(self.service, "reconciler", None)
+        return str(getattr(getattr(reconciler, "datapath", None), "name", "?"))
+
+    def _tier_reasons(self, ep: Endpoint) -> list[str]:
+        """Why the ClusterNetworkPolicies stockade refuses hold `ep` (its labels as the
+        API gives them): their subject selects it, or cannot be read."""
+        if not self._tier_hold:
+            return []
+        out: list[str] = []
+        labels = {n: ns.labels for n, ns in self.namespaces.items()}
+        for name in sorted(self.tiers):
+            view = self.tiers[name]
+            if view.errors and (view.subject is None
+                                or subject_selects(view.subject, ep, labels)):
+                out += view.errors
+        return out
+
+    def _refused_tiers(self) -> tuple[tuple[str, tuple[str, ...], CnpPeer | None], ...]:
+        return tuple((n, v.errors, v.subject) for n, v in sorted(self.tiers.items())
+                     if v.errors)
 
     def _put_pod(self, obj: Mapping[str, Any]) -> None:
         pod = translate_pod(obj)
@@ -554,8 +681,9 @@ class KubeFeed:
             policy_keys = set(self.policies) | set(self.policy_errors) | set(state.policies)
             pod_keys = set(self.pods) | {k for k, r in state.endpoints.items()
                                          if r.owner == self.OWNER}
+            tier_keys = set(self.tiers) | set(state.cluster_policies)
         first = not self.synced.is_set()
-        self._sync(ns_keys, policy_keys, pod_keys)
+        self._sync(ns_keys, policy_keys, pod_keys, tier_keys)
         if first:
             self.synced.set()
             if self._m_synced is not None:
@@ -570,12 +698,26 @@ class KubeFeed:
             out += self.policy_errors.get(key, [])
         return out
 
-    def _sync(self, ns_keys: set[str], policy_keys: set[str], pod_keys: set[str]) -> None:
+    def _sync(self, ns_keys: set[str], policy_keys: set[str], pod_keys: set[str],
+              tier_keys: set[str] | None = None) -> None:
         """Commit what the state must become for these keys (and what they imply)."""
         svc = self.service
+        tier_keys = set(tier_keys or ()) - {QUARANTINE_POLICY}
         with svc.lock:
             state = svc.state
             pod_keys = set(pod_keys) | set(self.waiting)
+            # Refused ClusterNetworkPolicies hold the endpoints their subject selects:
+            # when they change, every endpoint is examined again; with some refused, a
+            # namespace relabel re-examines that namespace's (a subject reads its labels).
+            refused = self._refused_tiers()
+            if refused != self._tier_hold:
+                self._tier_hold = refused
+                pod_keys |= set(self.pods) | set(state.endpoints)
+            elif refused and ns_keys:
+                for ns in ns_keys:
+                    pod_keys |= self._pods_in.get(ns, set())
+                pod_keys |= {k for k, r in state.endpoints.items()
+                             if r.endpoint.namespace in ns_keys}
             touched_ns = set(ns_keys)
             touched_ns |= {k.partition("/")[0] for k in policy_keys}
             # A namespace whose hold changed (an invalid policy came or went, its object
@@ -636,14 +778,34 @@ class KubeFeed:
                                           have_e.endpoint.ips != want_e.endpoint.ips)
                 elif want_e is None and have_e is not None:
                     del_ep.append(DeleteEndpoint(key))
-            # Order: what others need first, what they stop needing last; endpoints
-            # leaving before endpoints arriving, so an address can change hands.
-            changes = [*puts_ns, *put_pol, *del_ep, *put_ep, *del_pol, *dels_ns]
+            put_tiers: list[Change] = []
+            del_tiers: list[Change] = []
+            for key in sorted(tier_keys):
+                view = self.tiers.get(key)
+                want_t = view.record if view is not None else None
+                have_t = state.cluster_policies.get(key)
+                if want_t is not None and (have_t is None or have_t != want_t):
+                    put_tiers.append(PutClusterPolicy(want_t))
+                elif want_t is None and have_t is not None:
+                    del_tiers.append(DeleteClusterPolicy(key))
             for key in pod_keys:
                 if key in held:
                     self.held[key] = held[key]
                 else:
                     self.held.pop(key, None)
+            # Held endpoints are denied before any other tier (no Admin Accept reopens
+            # them) while there are tiers: see admission.quarantine_tier.
+            want_q = bool(self.held) and any(v.record is not None
+                                             for v in self.tiers.values())
+            have_q = QUARANTINE_POLICY in state.cluster_policies
+            if want_q and not have_q:
+                put_tiers.append(PutClusterPolicy(ClusterPolicyRecord(quarantine_tier())))
+            elif have_q and not want_q:
+                del_tiers.append(DeleteClusterPolicy(QUARANTINE_POLICY))
+            # Order: what others need first, what they stop needing last; endpoints
+            # leaving before endpoints arriving, so an address can change hands.
+            changes = [*puts_ns, *put_pol, *put_tiers, *del_ep, *put_ep, *del_pol,
+                       *del_tiers, *dels_ns]
             revision = svc.reconciler.desired_revision
             if changes:
                 revision = svc.commit(changes, sync=False, admitted=True)
@@ -745,7 +907,7 @@ class KubeFeed:
             if pod is None:
                 return cur, []  # as the CNI plugin gave it, until the API shows the pod
             ep = replace(cur.endpoint, labels=pod.labels, ports=pod.ports)
-            reasons = [*pod.errors, *self._ns_reasons(ns)]
+            reasons = [*pod.errors, *self._ns_reasons(ns), *self._tier_reasons(ep)]
             if reasons:
                 ep = held_endpoint(ep)
             return replace(cur, endpoint=ep), reasons
@@ -753,7 +915,7 @@ class KubeFeed:
             return None, []
         # A pod of another node is a peer only: no verdict chain of its own here.
         ep = replace(pod.endpoint, remote=pod.node != self.node)
-        reasons = [*pod.errors, *self._ns_reasons(ns)]
+        reasons = [*pod.errors, *self._ns_reasons(ns), *self._tier_reasons(ep)]
         if reasons:
             ep = held_endpoint(ep)
         rec = EndpointRecord(ep, owner=self.OWNER, node=pod.node,

@@ -11,6 +11,8 @@ One :class:`Reflector` per resource, on a thread of its own::
            dropped connection, torn line, 5xx, refused   → watch again from rv after a backoff
            nothing at all for `stall_timeout` seconds    → the same (a silent stall: watchdog)
            410 Gone (HTTP, or an ERROR event of code 410) → list again (never "watch from now")
+    an optional resource (a CRD's) answering 404 ──▶ sink.replace([], "")   none exist;
+           listed again after a backoff, until its CRD is installed (never a failure)
 
 Why these choices:
 
@@ -50,6 +52,7 @@ from stockade.kube.client import Gone, KubeClient, KubeError, Resource
 log = logging.getLogger("stockade.kube")
 
 ADDED, MODIFIED, DELETED, BOOKMARK = "ADDED", "MODIFIED", "DELETED", "BOOKMARK"
+NOT_SERVED = "not served (its CustomResourceDefinition is not installed)"
 
 
 class Sink(Protocol):
@@ -206,7 +209,11 @@ class Reflector(ReflectorLoop):
                                     label_selector=cfg.label_selector,
                                     field_selector=cfg.field_selector)
         except Exception as e:  # KubeError; anything else (a closed client) alike
-            if not self._stop.is_set():
+            if self._stop.is_set():
+                return ""
+            if self.res.optional and isinstance(e, KubeError) and e.code == 404:
+                self._not_served(e)
+            else:
                 self._failed(f"list: {e}")
             return ""
         try:
@@ -285,6 +292,27 @@ class Reflector(ReflectorLoop):
             # Ended at once without anything: do not spin on a misbehaving server.
             return rv, self.backoff.next()
         return rv, None
+
+    def _not_served(self, e: KubeError) -> None:
+        """An optional resource the server does not serve (its CRD is not installed):
+        there is none of it, which the sink hears as an empty list (so the feed is not
+        held back waiting for it); the loop asks again after a backoff."""
+        st = self.status
+        if not st.synced or st.last_error != NOT_SERVED:
+            try:
+                self.sink.replace([], "")
+            except Exception as exc:  # a sink bug: as in _list
+                log.exception("delivering the empty list of %s failed", self.res.plural)
+                self._failed(f"sink: {type(exc).__name__}: {exc}")
+                return
+            log.info("not served by the API (no CustomResourceDefinition); none exist",
+                     extra={"fields": {"resource": self.res.plural, "error": str(e)}})
+        st.synced = True
+        st.last_error = NOT_SERVED
+        st.last_event = self._clock()
+        self.synced.set()
+        # Every half a minute at most: a CRD installed later is noticed soon enough.
+        self.backoff.attempts = min(self.backoff.attempts, 6)
 
     def _failed(self, error: str) -> None:
         st = self.status
