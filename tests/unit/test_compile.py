@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from tests.support import shared
@@ -24,10 +25,10 @@ from stockade.model.selector import Selector
 CORPUS = shared("conformance")
 
 
-def _cases() -> list[Case]:
-    if not CORPUS.is_dir():
-        pytest.skip(f"no conformance corpus at {CORPUS}")
-    return load_cases([str(CORPUS)])
+def _cases(corpus: Path = CORPUS) -> list[Case]:
+    if not corpus.is_dir():
+        pytest.fail(f"no conformance corpus at {corpus}")
+    return load_cases([str(corpus)])
 
 
 def test_interpreted_ruleset_matches_every_expected_verdict_of_the_corpus() -> None:
@@ -155,9 +156,14 @@ def test_render_rule_shapes() -> None:
 
 def test_skeleton_accepts_established_first_and_checks_egress_before_ingress() -> None:
     rules = [c["add"]["rule"] for c in render_skeleton(Table("t")) if "rule" in c["add"]]
-    assert "ct" in str(rules[0]["expr"]) and rules[0]["expr"][-1] == {"accept": None}
-    vmaps = [r["expr"][0]["vmap"]["data"] for r in rules if "vmap" in r["expr"][0]]
+    forward = [r for r in rules if r["chain"] == "forward"]
+    assert "ct" in str(forward[0]["expr"]) and forward[0]["expr"][-1] == {"accept": None}
+    vmaps = [r["expr"][0]["vmap"]["data"] for r in forward if "vmap" in r["expr"][0]]
     assert vmaps == ["@egress4", "@egress6", "@ingress4", "@ingress6"]
+    # where an Admin egress accept goes: the destination's ingress, then accept
+    judge = [r["expr"] for r in rules if r["chain"] == "judge-ingress"]
+    assert [e[0].get("vmap", {}).get("data") for e in judge] == ["@ingress4", "@ingress6", None]
+    assert judge[-1] == [{"accept": None}]
 
 
 
@@ -166,8 +172,9 @@ def test_no_policy_name_reaches_the_kernel_for_any_corpus_case() -> None:
 
     table = Table(log_group=100)
     neutral = re.compile(r"(ingress|egress) rule \d+ #[0-9a-f]{8}|log denied #(ingress|egress)"
-                         r"|default deny #(ingress|egress)|.* #stockade-\d+")
-    for case in _cases():
+                         r"|default deny #(ingress|egress)|.* #stockade-\d+"
+                         r"|(admin tier|end of tier) #(ingress|egress)")
+    for case in [*_cases(), *_cases(shared("conformance-cnp"))]:
         rs = compile_cluster(case.cluster)
         cmds = render_plan(table, plan(Ruleset(), rs), skeleton=True)
         comments = [c["add"]["rule"]["comment"] for c in cmds if "rule" in c.get("add", {})]

@@ -24,6 +24,7 @@ from stockade.compile.ir import (
 )
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import (
+    JUDGE_INGRESS,
     MAPS,
     NOT_A_JUMP,
     TAMPERED,
@@ -33,6 +34,7 @@ from stockade.compile.nft import (
     canonical,
     canonical_expr,
     chain_rules,
+    judge_rules,
     parse_kernel,
     render_plan,
     render_skeleton,
@@ -181,6 +183,10 @@ def _printed(tampered: dict[str, Any] | None = None) -> dict[str, Any]:
                           "handle": next(handle),
                           "elem": [{"concat": ["fd00::1", "udp", 53]}]}})
     items.append({"chain": {**base_chain(TABLE), "handle": next(handle)}})
+    items.append({"chain": {**ref, "name": JUDGE_INGRESS, "handle": next(handle)}})
+    for expr, comment in judge_rules():  # vmaps and accept print back as sent
+        items.append({"rule": {**ref, "chain": JUDGE_INGRESS, "handle": next(handle),
+                               "comment": comment, "expr": expr}})
     for name in CHAINS:
         items.append({"chain": {**ref, "name": name, "handle": next(handle)}})
     printed_skeleton = [
@@ -245,11 +251,28 @@ def test_the_base_chain_is_compared_by_definition_and_rules() -> None:
         fwd.update(change)
         kt = parse_kernel(doc, TABLE, CHAINS)
         assert not kt.skeleton_ok and kt.drift == ["base chain definition differs"], change
-        assert kt.prelude[-2:] == [{"flush": {"chain": TABLE.ref(name="forward")}},
+        # the skeleton is rendered again: the base chain goes, the judging chain (which
+        # Admin chains may jump to) is only emptied
+        assert kt.prelude[-3:] == [{"flush": {"chain": TABLE.ref(name="forward")}},
+                                   {"flush": {"chain": TABLE.ref(name=JUDGE_INGRESS)}},
                                    {"delete": {"chain": TABLE.ref(name="forward")}}]
     doc = _printed()
     _rules(doc, "forward")[0]["expr"] = [ACCEPT]
     assert parse_kernel(doc, TABLE, CHAINS).drift == ["base chain rules differ"]
+
+
+def test_the_ingress_judging_chain_is_part_of_the_skeleton() -> None:
+    doc = _printed()
+    _rules(doc, JUDGE_INGRESS)[-1]["expr"] = [{"drop": None}]
+    kt = parse_kernel(doc, TABLE, CHAINS)
+    assert not kt.skeleton_ok and kt.drift == ["ingress judging chain missing or altered"]
+    assert {"flush": {"chain": TABLE.ref(name=JUDGE_INGRESS)}} in kt.prelude
+    assert {"delete": {"chain": TABLE.ref(name=JUDGE_INGRESS)}} not in kt.prelude
+    doc["nftables"] = [i for i in doc["nftables"] if not (
+        ("chain" in i and i["chain"]["name"] == JUDGE_INGRESS)
+        or ("rule" in i and i["rule"]["chain"] == JUDGE_INGRESS))]
+    kt = parse_kernel(doc, TABLE, CHAINS)
+    assert not kt.skeleton_ok and "ingress judging chain missing or altered" in kt.drift
 
 
 def test_foreign_objects_are_removed_references_first() -> None:

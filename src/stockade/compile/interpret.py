@@ -66,6 +66,12 @@ def chain_allows(rs: Ruleset, chain: str, peer: str, dst: str, protocol: str,
     name: str | None = chain
     while name is not None:
         c = rs.chains[name]
+        if c.calls is not None:  # a link: the shared Admin chain decides, or goes on here
+            called = rs.chains[c.calls]
+            hit = next((r for r in called.rules
+                        if rule_matches(rs, r, peer, dst, protocol, port)), None)
+            if hit is not None and hit.action != PASS:
+                return hit.action == ALLOW
         hit = next((r for r in c.rules if rule_matches(rs, r, peer, dst, protocol, port)),
                    None)
         if c.final:

@@ -15,6 +15,12 @@ endpoints, each with an action: `allow` (this side passes), `deny` (dropped) or
 and with no `next` the side passes. A NetworkPolicy chain (no `tier`) allows
 on a match and drops otherwise, as always. An endpoint's map entry is the first
 of its chains: Admin, then NetworkPolicy (which is final), else Baseline.
+
+An Admin chain is shared by every endpoint the same Admin policies select,
+whatever comes after it: it is not entered but *called* by a small link chain
+(`calls`, no rules of its own) whose `next` is that endpoint's NetworkPolicy or
+Baseline chain. So a thousand policy sets under one Admin tier cost one copy of
+its rules, not a thousand.
 Chains are shared by every endpoint whose selecting policies are the same, and
 named by a hash of their rules; address sets are named by a hash of what defines
 them (a selector in a namespace, an ipBlock, a named port), not of their members,
@@ -96,6 +102,9 @@ class Chain:
     # `pass` and its end go: another chain, or (None) the side passes.
     tier: str = ""
     next: str | None = None
+    # A link chain: the Admin chain judged first (its allow or deny decides; a pass
+    # or no match goes on in `next`).
+    calls: str | None = None
 
     @property
     def final(self) -> bool:
@@ -149,6 +158,7 @@ def ruleset_data(rs: Ruleset) -> dict[str, object]:
         "chains": {n: {"direction": c.direction, "policies": c.comment,
                        **({"keep": True} if c.keep else {}),
                        **({"tier": c.tier, "next": c.next} if c.tier else {}),
+                       **({"calls": c.calls} if c.calls else {}),
                        "rules": [{k: v for k, v in (
                            ("family", r.family), ("peer_set", r.peer_set),
                            ("named_set", r.named_set), ("protocol", r.protocol),

@@ -357,7 +357,7 @@ class Lowering:
         each continuing in the next (NetworkPolicy is final, so Baseline follows only
         an endpoint it does not isolate)."""
         # The tiers' lowering builds on this module's (peers, ports, named ports).
-        from stockade.compile.tiers import lower_tier_chain
+        from stockade.compile.tiers import link_chain, lower_tier_chain
 
         chain: Chain | None = None
         if ps is not None:
@@ -368,8 +368,9 @@ class Lowering:
         if chain is not None:
             self.chains.setdefault(chain.name, chain)
         if admin:
-            chain = lower_tier_chain(direction, ADMIN, admin,
-                                     chain.name if chain else None, self.need)
+            tier = lower_tier_chain(direction, ADMIN, admin, None, self.need)
+            self.chains.setdefault(tier.name, tier)
+            chain = link_chain(tier, chain.name if chain else None)
             self.chains.setdefault(chain.name, chain)
         assert chain is not None
         return chain.name

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -49,9 +50,11 @@ from stockade.compile.ir import (
 from stockade.compile.membership import address
 from stockade.compile.plan import Plan
 from stockade.model.cidr import parse_cidr
+from stockade.model.cnp import ADMIN
 
 FAMILY = "inet"
 FORWARD = "forward"
+JUDGE_INGRESS = "judge-ingress"
 SKELETON_VERSION = "stockade-2"
 MAPS = {(EGRESS, 4): "egress4", (EGRESS, 6): "egress6",
         (INGRESS, 4): "ingress4", (INGRESS, 6): "ingress6"}
@@ -86,10 +89,14 @@ class Table:
         return out
 
     def tail_rules(self, chain: Chain) -> list[tuple[list[dict[str, Any]], str]]:
-        """The end of a chain: a NetworkPolicy chain denies; a tier's goes on."""
+        """The end of a chain: a NetworkPolicy chain denies; a tier's goes on (a shared
+        Admin chain returns to its link, which called it first)."""
         if chain.final:
             return self.deny_rules(chain)
-        return [([pass_verdict(chain)], f"end of tier #{chain.direction}")]
+        end = ([pass_verdict(chain)], f"end of tier #{chain.direction}")
+        if chain.calls is not None:
+            return [([{"jump": {"target": chain.calls}}], f"admin tier #{chain.direction}"), end]
+        return [] if _called(chain) else [end]
 
     def ref(self, **kw: Any) -> dict[str, Any]:
         return {"family": FAMILY, "table": self.name, **kw}
@@ -210,12 +217,28 @@ def chain_rules(table: Table, chain: Chain,
 
 def rule_verdict(chain: Chain, rule: ChainRule) -> dict[str, Any]:
     """What a matching rule does: the side passes (ingress is judged last, so its pass
-    is the packet's), the packet is dropped, or the next tier's chain goes on."""
+    is the packet's), the packet is dropped, or the next tier's chain goes on.
+
+    An Admin chain is called (jumped to) by a link chain, so its pass returns there,
+    and its egress accept cannot return (the link would go on): it goes to the
+    skeleton's chain that judges the destination's ingress instead.
+    """
     if rule.action == DENY:
         return {"drop": None}
+    if _called(chain):
+        if rule.action == PASS:
+            return {"return": None}
+        if chain.direction == EGRESS:
+            return {"goto": {"target": JUDGE_INGRESS}}
+        return {"accept": None}
     if rule.action == PASS:
         return pass_verdict(chain)
     return {"accept": None} if chain.direction == INGRESS else {"return": None}
+
+
+def _called(chain: Chain) -> bool:
+    """A shared Admin chain, jumped to by link chains (which have no rules of their own)."""
+    return chain.tier == ADMIN and chain.calls is None
 
 
 def pass_verdict(chain: Chain) -> dict[str, Any]:
@@ -251,6 +274,10 @@ def render_skeleton(table: Table, *, create_table: bool = True) -> list[Command]
         cmds.append({"add": {"table": {"family": FAMILY, "name": table.name}}})
     for (_direction, fam), name in sorted(MAPS.items()):
         cmds.append({"add": {"map": table.ref(name=name, type=_ADDR_TYPE[fam], map="verdict")}})
+    cmds.append({"add": {"chain": table.ref(name=JUDGE_INGRESS)}})
+    for expr, comment in judge_rules():
+        cmds.append({"add": {"rule": table.ref(chain=JUDGE_INGRESS, expr=expr,
+                                               comment=comment)}})
     cmds.append({"add": {"chain": base_chain(table)}})
     for expr, comment in skeleton_rules():
         cmds.append({"add": {"rule": table.ref(chain=FORWARD, expr=expr, comment=comment)}})
@@ -278,6 +305,16 @@ def skeleton_rules() -> list[tuple[list[dict[str, Any]], str]]:
             rules.append(([{"vmap": {"key": _payload(_IP[fam], fld),
                                      "data": "@" + MAPS[(direction, fam)]}}],
                           f"{direction} {_IP[fam]}"))
+    return [(expr, f"{comment} #{SKELETON_VERSION}") for expr, comment in rules]
+
+
+def judge_rules() -> list[tuple[list[dict[str, Any]], str]]:
+    """The skeleton's chain that judges a packet's ingress and accepts what passes: where
+    an Admin egress accept goes (the destination's ingress is still to be judged)."""
+    rules: list[tuple[list[dict[str, Any]], str]] = [
+        ([{"vmap": {"key": _payload(_IP[fam], "daddr"), "data": "@" + MAPS[(INGRESS, fam)]}}],
+         f"{INGRESS} {_IP[fam]}") for fam in (4, 6)]
+    rules.append(([{"accept": None}], "ingress unrestricted"))
     return [(expr, f"{comment} #{SKELETON_VERSION}") for expr, comment in rules]
 
 
@@ -540,7 +577,7 @@ class RuleComparator:
             return known[1]
         out: list[tuple[str, Any, Any]] = [
             (rule_comment(chain.direction, i, rule),
-             (rule, chain.direction, chain.next if chain.tier else None),
+             (rule, chain.direction, chain.tier, chain.next, chain.calls),
              lambda r=rule: [*render_rule_expr(r, chain.direction), rule_verdict(chain, r)])
             for i, rule in enumerate(chain.rules, 1)]
         for i, (expr, comment) in enumerate(table.tail_rules(chain)):
@@ -575,6 +612,9 @@ class RuleComparator:
 # ---- reading back ---------------------------------------------------------------
 
 _RULE_KEYS = frozenset({"family", "table", "chain", "handle", "comment", "expr"})
+# The policy chains' names: NetworkPolicy (i-, e-), Admin (ai-, ae-), Baseline (bi-,
+# be-) and links (li-, le-), with the direction's letter before the dash.
+_OUR_CHAIN = re.compile(r"[abl]?([ie])-.+")
 _CHAIN_KEYS = frozenset({"family", "table", "name", "handle"})
 _SET_KEYS = frozenset({"family", "table", "name", "handle", "type", "flags", "elem", "comment"})
 _MAP_KEYS = frozenset({"family", "table", "name", "handle", "type", "map", "elem", "comment"})
@@ -766,14 +806,14 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     chains: dict[str, Chain] = {}
     gone: set[str] = set()  # chains deleted by the prelude
     for name, body in chain_bodies.items():
-        if name == FORWARD:
+        if name in (FORWARD, JUDGE_INGRESS):
             continue
-        mine = name[:2] in ("i-", "e-")
+        mine = _OUR_CHAIN.fullmatch(name)
         if not mine:
             foreign.append(f"chain {name}")
             gone.add(name)
             continue
-        direction = INGRESS if name[0] == "i" else EGRESS
+        direction = INGRESS if mine[1] == "i" else EGRESS
         if not set(body) <= _CHAIN_KEYS:
             drift.append(f"chain {name}: definition differs")
             gone.add(name)
@@ -843,10 +883,20 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
         fwd_ok = False
     if good_maps != set(MAPS.values()):
         drift.append("verdict maps missing or altered")
-    skeleton_ok = fwd_ok and good_maps == set(MAPS.values())
+    judge = chain_bodies.get(JUDGE_INGRESS)
+    judge_ok = judge is not None and set(judge) <= _CHAIN_KEYS and canonical_rules(
+        (r.get("expr", []), r.get("comment", "")) for r in rules.get(JUDGE_INGRESS, [])
+    ) == canonical_rules(judge_rules()) and all(
+        set(r) <= _RULE_KEYS for r in rules.get(JUDGE_INGRESS, []))
+    if not judge_ok:
+        drift.append("ingress judging chain missing or altered")
+    skeleton_ok = fwd_ok and judge_ok and good_maps == set(MAPS.values())
     if not skeleton_ok and fwd is not None:
         flush.append(FORWARD)
         del_chains.append(FORWARD)
+    if not skeleton_ok and judge is not None:
+        # Emptied, not deleted: Admin chains may jump to it; the skeleton refills it.
+        flush.append(JUDGE_INGRESS)
 
     # Stateful objects and flowtables: libnftables 1.0.6 cannot delete them all
     # (a ct timeout aborts it), so they go over raw netlink, after the prelude's

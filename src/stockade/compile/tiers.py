@@ -114,3 +114,10 @@ def lower_tier_chain(direction: str, tier: str, policies: Sequence[ClusterNetwor
     name = content_name(f"{tier[0].lower()}{ir_dir[0]}-", ir_dir, tier, key, next_chain)
     return Chain(name, ir_dir, tuple(rules), ", ".join(p.name for p in policies),
                  tier=tier, next=next_chain)
+
+
+def link_chain(admin: Chain, next_chain: str | None) -> Chain:
+    """The chain that calls a shared Admin chain and then goes on in `next_chain`."""
+    name = content_name(f"l{admin.direction[0]}-", admin.name, next_chain)
+    return Chain(name, admin.direction, (), admin.comment, tier=admin.tier,
+                 next=next_chain, calls=admin.name)
