@@ -9,13 +9,14 @@ selects; a namespace relabel re-examines only namespace-selecting sets. Sets
 and chains that do not change keep their identity, so a plan against the
 previous ruleset skips them at once.
 
-ClusterNetworkPolicy tiers: an endpoint-direction's map entry is the first of up
-to two chains (Admin, then NetworkPolicy or Baseline: see `Lowering._entry`),
-and every chain of that run counts the endpoint among its users, so a tier
-chain lives as long as some endpoint starts in it and the chain it goes on to
-as long as one reaches it. A tier policy's change moves the endpoints its old
-or new subject selects; a namespace relabel, with tiers present, moves that
-namespace's endpoints too (a subject selects namespaces by their labels).
+ClusterNetworkPolicy tiers: an endpoint-direction's map entry is the first of
+its run of chains (see `Lowering._entry`): a link chain that calls the shared
+Admin chain and goes on in the NetworkPolicy or Baseline chain, or one of those
+alone. Every chain of the run counts the endpoint among its users, so each
+lives as long as some endpoint's run passes through it. A tier policy's change
+moves the endpoints its old or new subject selects; a namespace relabel, with
+tiers present, moves that namespace's endpoints too (a subject selects
+namespaces by their labels).
 
 `ruleset()` always equals `compile_cluster()` of the same cluster (a property
 test replays random changes and compares).
@@ -30,7 +31,7 @@ from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element
 from stockade.compile.lower import DIRECTION, Lowering, Need, endpoint_addresses, lower_chain
 from stockade.compile.membership import PeerMembers, PolicyTargets, SetSpec
 from stockade.compile.plan import Touched, derive
-from stockade.compile.tiers import lower_tier_chain
+from stockade.compile.tiers import link_chain, lower_tier_chain
 from stockade.engine.resolve import resolve
 from stockade.engine.tiers import subject_selects
 from stockade.model import policy as model
@@ -73,6 +74,7 @@ class IncrementalCompiler:
         self._chain_users: dict[str, int] = {}
         self._chain_of: dict[PolicySetKey, str] = {}
         self._tier_of: dict[TierKey, str] = {}
+        self._link_of: dict[tuple[str, str | None], str] = {}  # (Admin chain, next)
         # (direction, ep) -> the chains its packets may run through, the entry first
         self._endpoint_chain: dict[tuple[str, str], tuple[str, ...]] = {}
         self._unused: set[str] = set()
@@ -297,6 +299,12 @@ class IncrementalCompiler:
         uses += [(tuple(f"{tier}:{n}" for n in names), name)
                  for (_direction, tier, names, _next), name in sorted(
                      self._tier_of.items(), key=lambda kv: (kv[0][:3], kv[0][3] or ""))]
+        # A link chain: the Admin policies it calls, then where it goes on.
+        uses += [(tuple(f"{ADMIN}:{n}" for n in self._chains[admin].comment.split(", "))
+                  + ((f"then {after}",) if after else ()), name)
+                 for (admin, after), name in sorted(self._link_of.items(),
+                                                    key=lambda kv: (kv[0][0], kv[0][1] or ""))
+                 if admin in self._chains]
         for keys, name in uses:
             users = self._chain_users.get(name, 0)
             if users and name in self._chains:
@@ -334,8 +342,9 @@ class IncrementalCompiler:
         elif baseline:
             chains.append(self._tier_chain(direction, BASELINE, baseline, None, members))
         if admin:
-            chains.insert(0, self._tier_chain(direction, ADMIN, admin,
-                                              chains[0] if chains else None, members))
+            tier = self._tier_chain(direction, ADMIN, admin, None, members)
+            link = self._link_chain(tier, chains[0] if chains else None)
+            chains[:0] = [link, tier]
         return tuple(chains)
 
     def _chain(self, direction: str, keys: tuple[str, ...], members: Members | None) -> str:
@@ -361,6 +370,16 @@ class IncrementalCompiler:
         self._register(chain, specs, members)
         return chain.name
 
+    def _link_chain(self, admin: str, next_chain: str | None) -> str:
+        """The chain that calls the Admin chain `admin`, then goes on in `next_chain`."""
+        name = self._link_of.get((admin, next_chain))
+        if name is not None:
+            return name
+        chain = link_chain(self._chains[admin], next_chain)
+        self._link_of[(admin, next_chain)] = chain.name
+        self._register(chain, {}, None)
+        return chain.name
+
     def _register(self, chain: Chain, specs: dict[str, SetSpec],
                   members: Members | None) -> None:
         """A chain just lowered, unless one of the same content is in use."""
@@ -383,6 +402,8 @@ class IncrementalCompiler:
             del self._chain_of[k]
         for t in [t for t, v in self._tier_of.items() if v == name]:
             del self._tier_of[t]
+        for k2 in [k2 for k2, v in self._link_of.items() if v == name or k2[0] == name]:
+            del self._link_of[k2]
 
     # ---- sets -----------------------------------------------------------------------------
 
