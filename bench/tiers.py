@@ -1,0 +1,222 @@
+"""The per-packet cost of ClusterNetworkPolicy tiers on nftables, with real packets.
+
+One run, the cluster of bench/datapaths.py (10,000 synthetic endpoints, 1,000
+NetworkPolicies, a server isolated by one of them and a client it allows), and
+variants that add `--cnps` ClusterNetworkPolicies:
+
+- `np only`: no ClusterNetworkPolicy;
+- `admin`: that many Admin policies, each selecting every namespace, with an
+  ingress and an egress Deny whose peer is a pod label nobody has: every new
+  connection walks the server's ingress and the client's egress Admin chain to
+  the end and goes on (to the server's NetworkPolicy chain; the client's egress is
+  then unrestricted). The worst case: no rule decides;
+- `baseline`: the same as Baseline policies: the server is isolated by a
+  NetworkPolicy, so its ingress never reaches them, but the client's egress walks
+  the Baseline chain to the end;
+- `both`: both sets.
+
+Each variant gets a fresh host namespace (bench/datapaths.py `Pair`): the packet
+measures run with no ruleset, then with the variant's ruleset loaded, and the
+ratios are to that baseline taken right before; the variants take turns,
+`--rounds` times. With a variant's policies loaded, one policy's priority is
+changed (the last one becomes the first of its tier): the time to compile the
+whole cluster again and to apply the delta (one nft transaction), and the delta's
+size, are measured too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import replace
+from typing import Any
+
+from common import print_markdown, timed
+from datapaths import Pair, bench_cluster, cell, fmt_time
+from iptables import build_loadgen
+from results import Results
+from stockade.compile.lower import compile_cluster
+from stockade.compile.nft import Table
+from stockade.datapath.base import require_bridge_netfilter
+from stockade.datapath.nft import NftDatapath
+from stockade.model.cluster import Cluster
+from stockade.model.cnp import (
+    ADMIN,
+    BASELINE,
+    DENY,
+    PODS,
+    ClusterNetworkPolicy,
+    CnpPeer,
+    CnpPort,
+    CnpRule,
+)
+from stockade.model.labels import Labels
+from stockade.model.selector import ALL, Selector
+
+VARIANTS = ("np only", "admin", "baseline", "both")
+
+
+def cluster_policies(tier: str, count: int) -> tuple[ClusterNetworkPolicy, ...]:
+    """`count` policies of a tier over every namespace whose rules match no bench pod."""
+    out = []
+    for i in range(count):
+        nobody = CnpPeer(PODS, ALL, Selector(Labels({"app": f"nobody-{i}"})))
+        ports = (CnpPort("TCP", 10_000 + i % 50_000, 10_000 + i % 50_000),)
+        out.append(ClusterNetworkPolicy(
+            name=f"{tier.lower()}-{i:04}", tier=tier, priority=i % 1001,
+            subject=CnpPeer("namespaces", ALL),
+            ingress=(CnpRule(DENY, (nobody,), ports, "deny-nobody"),),
+            egress=(CnpRule(DENY, (nobody,), None, "deny-nobody"),)))
+    return tuple(out)
+
+
+def variant_cluster(base: Cluster, name: str, count: int) -> Cluster:
+    tiers: tuple[ClusterNetworkPolicy, ...] = ()
+    if name in ("admin", "both"):
+        tiers += cluster_policies(ADMIN, count)
+    if name in ("baseline", "both"):
+        tiers += cluster_policies(BASELINE, count)
+    return replace(base, cluster_policies=tiers)
+
+
+def reprioritised(cluster: Cluster) -> Cluster:
+    """The last policy of the first tier becomes that tier's first."""
+    tiers = list(cluster.cluster_policies)
+    last = max(range(len(tiers)), key=lambda i: (tiers[i].tier == tiers[0].tier,
+                                                  tiers[i].order()))
+    tiers[last] = replace(tiers[last], priority=0, name="aaa-" + tiers[last].name)
+    return replace(cluster, cluster_policies=tuple(tiers))
+
+
+def one_variant(name: str, tag: str, index: int, loadgen: str, cluster: Cluster,
+                rs: Any, secs: float) -> tuple[dict[str, float], dict[str, float],
+                                               dict[str, float]]:
+    pair = Pair(tag, index, loadgen)
+    dp: NftDatapath | None = None
+    try:
+        assert not pair.isolated(), "the server is unreachable without a ruleset"
+        base = pair.measure(secs)
+        require_bridge_netfilter(pair.host, "the FORWARD hook")
+        dp = NftDatapath(Table(tag), netns=pair.host)
+        dp.check()
+        t_load, _ = timed(lambda: dp.apply(rs))  # type: ignore[union-attr]
+        assert pair.isolated(), f"{name}: the server is not isolated"
+        got = pair.measure(secs)
+        prog = {"load": t_load}
+        if cluster.cluster_policies:
+            changed = reprioritised(cluster)
+            t_compile, rs2 = timed(lambda: compile_cluster(changed))
+            t_apply, delta = timed(lambda: dp.apply(rs2))  # type: ignore[union-attr]
+            assert not delta.empty, "a priority change changed nothing"
+            assert dp.diff(rs2).empty
+            assert pair.isolated(), f"{name}: the server is not isolated after the change"
+            prog.update(compile=t_compile, apply=t_apply,
+                        delta=float(sum(delta.summary().values())))
+        return base, got, prog
+    finally:
+        try:
+            if dp is not None:
+                dp.remove()
+                dp.close()
+        finally:
+            pair.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pods", type=int, default=10_000)
+    ap.add_argument("--policies", type=int, default=1_000)
+    ap.add_argument("--cnps", type=int, default=1_000, help="ClusterNetworkPolicies per tier")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per packet test")
+    ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a kill too
+    t_start = time.monotonic()
+    tag = f"tr{secrets.token_hex(2)}"
+    tmp = tempfile.TemporaryDirectory()
+    loadgen = build_loadgen(tmp.name)
+    base_cluster = bench_cluster(args.pods, args.policies)
+    clusters = {v: variant_cluster(base_cluster, v, args.cnps) for v in VARIANTS}
+    compiled: dict[str, Any] = {}
+    compile_s: dict[str, float] = {}
+    for v, c in clusters.items():
+        compile_s[v], compiled[v] = timed(lambda c=c: compile_cluster(c))
+        print(f"{v}: compiled in {compile_s[v]:.1f} s: {compiled[v].counts()}", file=sys.stderr)
+
+    base: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    got: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    prog: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    failures: list[str] = []
+    index = 0
+    for r in range(args.rounds):
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+        for v in order:
+            index += 1
+            try:
+                b, g, p = one_variant(v, tag, index, loadgen, clusters[v], compiled[v],
+                                      args.seconds)
+            except Exception:  # one variant's failure costs its sample, not the run
+                traceback.print_exc()
+                failures.append(f"round {r + 1} {v}")
+                continue
+            base[v].append(b)
+            got[v].append(g)
+            prog[v].append(p)
+            print(f"round {r + 1} {v} ({time.monotonic() - t_start:.0f} s): none {b} / "
+                  f"with {g} / {p}", file=sys.stderr)
+
+    def ratios(v: str, key: str) -> list[float]:
+        return [g[key] / b[key] if b[key] else float("nan")
+                for b, g in zip(base[v], got[v], strict=True)]
+
+    rows: list[list[str]] = []
+    for key, label, fmt in (
+            ("gbps", f"TCP throughput, iperf3 one stream {args.seconds:g} s (Gbit/s)",
+             lambda x: f"{x:.1f}"),
+            ("crr", "new TCP connections/s (connect, 64 B request, 64 B answer, close)",
+             lambda x: f"{x:,.0f}"),
+            ("p99", "connect-request-response latency p99 (µs)", lambda x: f"{x:.0f}"),
+            ("pps", f"UDP packets/s received (64-byte frames, one flow, {args.seconds:g} s)",
+             lambda x: f"{x / 1000:,.0f}k")):
+        rows.append([label, *(cell([g[key] for g in got[v]], fmt) for v in VARIANTS)])
+        rows.append(["  ratio to no ruleset, measured right before",
+                     *(cell(ratios(v, key), lambda x: f"{x:.2f}") for v in VARIANTS)])
+    rows.append(["compile everything", *(fmt_time(compile_s[v]) for v in VARIANTS)])
+    rows.append(["load into an empty table (one transaction)",
+                 *(cell([p["load"] for p in prog[v]], fmt_time) for v in VARIANTS)])
+    for key, label in (("compile", "one priority change: compile everything again"),
+                       ("apply", "one priority change: apply the delta (one transaction)")):
+        rows.append([label, *(cell([p[key] for p in prog[v] if key in p], fmt_time)
+                              if clusters[v].cluster_policies else "-" for v in VARIANTS)])
+    rows.append(["one priority change: delta (chains, elements, map entries)",
+                 *(f"{statistics.median([p['delta'] for p in prog[v]]):.0f}"
+                   if prog[v] and "delta" in prog[v][0] else "-" for v in VARIANTS)])
+    counts = {v: compiled[v].counts() for v in VARIANTS}
+    rows.append(["compiled chains / rules",
+                 *(f"{counts[v]['chains']:,} / {counts[v]['rules']:,}" for v in VARIANTS)])
+    elapsed = time.monotonic() - t_start
+    print(f"\n{len(base_cluster.endpoints):,} endpoints, {len(base_cluster.policies):,} "
+          f"NetworkPolicies, {args.cnps:,} ClusterNetworkPolicies per tier in the variants "
+          f"that have them (every namespace selected; no rule matches the bench traffic, so "
+          f"each new connection walks every rule); nftables; {args.rounds} rounds, the "
+          f"variants in turn, each in a fresh namespace with its own no-ruleset baseline "
+          f"right before; median (min-max). Run took {elapsed / 60:.0f} min.\n")
+    print_markdown(("measure", *VARIANTS), rows)
+    out = Results("tiers", " ".join(["bench/tiers.py", *sys.argv[1:]]))
+    out.table(f"{len(base_cluster.endpoints):,} endpoints, {len(base_cluster.policies):,} "
+              f"NetworkPolicies, {args.cnps:,} ClusterNetworkPolicies per tier; nftables; "
+              f"{args.rounds} rounds; median (min-max)", ("measure", *VARIANTS), rows)
+    out.write(args.json)
+    if failures:
+        print(f"\nfailed, left out (see stderr): {', '.join(failures)}")
+
+
+if __name__ == "__main__":
+    main()
