@@ -5,15 +5,19 @@ NetworkPolicies, a server isolated by one of them and a client it allows), and
 variants that add `--cnps` ClusterNetworkPolicies:
 
 - `np only`: no ClusterNetworkPolicy;
-- `admin`: that many Admin policies, each selecting every namespace, with an
-  ingress and an egress Deny whose peer is a pod label nobody has: every new
-  connection walks the server's ingress and the client's egress Admin chain to
-  the end and goes on (to the server's NetworkPolicy chain; the client's egress is
-  then unrestricted). The worst case: no rule decides;
-- `baseline`: the same as Baseline policies: the server is isolated by a
+- `admin, one ns each`: that many Admin policies, each selecting one of the 50
+  namespaces (round robin), with an ingress and an egress Deny whose peer is a pod
+  label nobody has. An endpoint's Admin chain holds only the rules of the policies
+  selecting it (a fiftieth of them here): the per-packet cost does not grow with
+  the policies of other namespaces;
+- `admin, every ns`: the same policies each selecting every namespace: every new
+  connection walks the server's ingress and the client's egress Admin chain, all of
+  it, and goes on (to the server's NetworkPolicy chain; the client's egress is then
+  unrestricted). The worst case: every policy selects the pod and no rule decides;
+- `baseline, every ns`: the same as Baseline policies: the server is isolated by a
   NetworkPolicy, so its ingress never reaches them, but the client's egress walks
   the Baseline chain to the end;
-- `both`: both sets.
+- `both, every ns`: both tiers.
 
 Each variant gets a fresh host namespace (bench/datapaths.py `Pair`): the packet
 measures run with no ruleset, then with the variant's ruleset loaded, and the
@@ -45,7 +49,7 @@ from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
 from stockade.datapath.base import require_bridge_netfilter
 from stockade.datapath.nft import NftDatapath
-from stockade.model.cluster import Cluster
+from stockade.model.cluster import NS_NAME_LABEL, Cluster
 from stockade.model.cnp import (
     ADMIN,
     BASELINE,
@@ -59,18 +63,23 @@ from stockade.model.cnp import (
 from stockade.model.labels import Labels
 from stockade.model.selector import ALL, Selector
 
-VARIANTS = ("np only", "admin", "baseline", "both")
+VARIANTS = ("np only", "admin, one ns each", "admin, every ns", "baseline, every ns",
+            "both, every ns")
+NAMESPACES = 50  # bench/synthetic.py make_cluster's
 
 
-def cluster_policies(tier: str, count: int) -> tuple[ClusterNetworkPolicy, ...]:
-    """`count` policies of a tier over every namespace whose rules match no bench pod."""
+def cluster_policies(tier: str, count: int, *, spread: bool = False
+                     ) -> tuple[ClusterNetworkPolicy, ...]:
+    """`count` policies of a tier whose rules match no bench pod, each over every
+    namespace or (`spread`) over one, round robin."""
     out = []
     for i in range(count):
         nobody = CnpPeer(PODS, ALL, Selector(Labels({"app": f"nobody-{i}"})))
         ports = (CnpPort("TCP", 10_000 + i % 50_000, 10_000 + i % 50_000),)
+        subject = CnpPeer("namespaces", Selector(Labels({NS_NAME_LABEL: f"ns{i % NAMESPACES}"}))
+                          if spread else ALL)
         out.append(ClusterNetworkPolicy(
-            name=f"{tier.lower()}-{i:04}", tier=tier, priority=i % 1001,
-            subject=CnpPeer("namespaces", ALL),
+            name=f"{tier.lower()}-{i:04}", tier=tier, priority=i % 1001, subject=subject,
             ingress=(CnpRule(DENY, (nobody,), ports, "deny-nobody"),),
             egress=(CnpRule(DENY, (nobody,), None, "deny-nobody"),)))
     return tuple(out)
@@ -78,9 +87,9 @@ def cluster_policies(tier: str, count: int) -> tuple[ClusterNetworkPolicy, ...]:
 
 def variant_cluster(base: Cluster, name: str, count: int) -> Cluster:
     tiers: tuple[ClusterNetworkPolicy, ...] = ()
-    if name in ("admin", "both"):
-        tiers += cluster_policies(ADMIN, count)
-    if name in ("baseline", "both"):
+    if name.startswith(("admin", "both")):
+        tiers += cluster_policies(ADMIN, count, spread="one ns" in name)
+    if name.startswith(("baseline", "both")):
         tiers += cluster_policies(BASELINE, count)
     return replace(base, cluster_policies=tiers)
 
@@ -204,8 +213,8 @@ def main() -> None:
     elapsed = time.monotonic() - t_start
     print(f"\n{len(base_cluster.endpoints):,} endpoints, {len(base_cluster.policies):,} "
           f"NetworkPolicies, {args.cnps:,} ClusterNetworkPolicies per tier in the variants "
-          f"that have them (every namespace selected; no rule matches the bench traffic, so "
-          f"each new connection walks every rule); nftables; {args.rounds} rounds, the "
+          f"that have them (no rule matches the bench traffic, so each new connection walks "
+          f"every rule of the policies selecting its ends); nftables; {args.rounds} rounds, the "
           f"variants in turn, each in a fresh namespace with its own no-ruleset baseline "
           f"right before; median (min-max). Run took {elapsed / 60:.0f} min.\n")
     print_markdown(("measure", *VARIANTS), rows)
