@@ -8,7 +8,7 @@ venv=${1:-.venv}
 debs=(nftables libnftables1 iptables ipset conntrack iproute2 lksctp-tools
       containernetworking-plugins podman runc busybox-static
       clang llvm libbpf-dev bpftool gcc libc6-dev iperf3
-      etcd-server etcd-client graphviz)
+      etcd-server etcd-client graphviz zsh fish)
 
 missing=()
 for d in "${debs[@]}"; do
