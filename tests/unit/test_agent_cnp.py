@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,17 @@ import pytest
 import yaml
 from test_cni_ops import MemoryDatapath
 
-from stockade.agent.admission import QUARANTINE_POLICY, enforceable
+from stockade.agent.admission import QUARANTINE_POLICY, enforceable, quarantine
 from stockade.agent.protocol import INVALID, ApiError
 from stockade.agent.reconcile import Reconciler
-from stockade.agent.records import AgentState
+from stockade.agent.records import AgentState, PutEndpoint
 from stockade.agent.service import Service
 from stockade.agent.store import SCHEMA_VERSION, Store
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.interpret import allows
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import canonical
+from stockade.model.labels import Labels
 
 
 class TieredMemory(MemoryDatapath):
@@ -38,9 +40,13 @@ class Agent:
     def __init__(self, state_dir: Path, datapath: MemoryDatapath | None = None) -> None:
         self.store = Store(state_dir)
         state, revision = self.store.load()
+        # As agent/daemon.py: what cannot be enforced as stored is held fail-closed.
+        state.quarantined = quarantine(state)
         self.datapath = datapath or TieredMemory()
-        self.reconciler = Reconciler(IncrementalCompiler.of(state.cluster()), self.datapath,
-                                     revision, cluster_of=lambda: self.service.state.cluster())
+        self.reconciler = Reconciler(
+            IncrementalCompiler.of(enforceable(state, state.quarantined)), self.datapath,
+            revision, cluster_of=lambda: enforceable(self.service.state,
+                                                     self.service.state.quarantined))
         self.reconciler.attach(lambda: self.reconciler.run(False))
         self.reconciler.run(True)
         self.service = Service(self.store, state, self.reconciler)
@@ -274,3 +280,31 @@ def test_the_get_table(agent: Agent) -> None:
         ["NAME", "TIER", "PRIORITY", "SUBJECT", "INGRESS", "EGRESS"],
         ["base", "Baseline", "3", "pods {app In (d,e)} in namespaces {team=db}", "1", "0"],
         ["deny-db", "Admin", "10", "namespaces {team=db}", "1", "0"]]
+
+
+def test_a_stored_bad_endpoint_stays_closed_when_tiers_come_later(tmp_path: Path) -> None:
+    """Held at start (its stored labels are invalid), then an Admin Accept of every pod
+    is applied: the held endpoint stays closed both ways, the others are opened."""
+    first = Agent(tmp_path)
+    first.apply(*SCENE)
+    rec = first.service.state.endpoints["db/d"]
+    bad = replace(rec.endpoint, labels=Labels({"not a key!": "x"}))
+    first.store.commit([PutEndpoint(replace(rec, endpoint=bad))])  # behind admission
+    first.close()
+    agent = Agent(tmp_path)
+    try:
+        assert list(agent.service.state.quarantined) == ["db/d"]
+        agent.apply(pod("web", "w2", "10.1.0.3"),
+                    cnp("accept-all", "Admin", 0, "Accept", subject={"namespaces": {}}))
+        assert not agent.allowed("10.1.0.1", "10.1.0.2")
+        assert not agent.allowed("10.1.0.2", "10.1.0.1")
+        assert agent.allowed("10.1.0.3", "10.1.0.1")
+        state = agent.service.state
+        assert agent.datapath.kernel == canonical(compile_cluster(
+            enforceable(state, state.quarantined)))
+        agent.call("delete", refs=[{"kind": "cnp", "name": "accept-all"}])
+        assert not agent.allowed("10.1.0.1", "10.1.0.2")
+        assert agent.datapath.kernel == canonical(compile_cluster(
+            enforceable(state, state.quarantined)))
+    finally:
+        agent.close()

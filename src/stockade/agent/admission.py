@@ -219,8 +219,9 @@ def quarantine_tier() -> ClusterNetworkPolicy:
 def with_quarantine_tier(policies: Sequence[ClusterNetworkPolicy],
                          held: bool) -> tuple[ClusterNetworkPolicy, ...]:
     """The tiers to compile: with :func:`quarantine_tier` when endpoints are held and
-    other tiers exist (without tiers, the deny-all NetworkPolicy suffices)."""
-    if held and policies:
+    other tiers exist (without tiers, the deny-all NetworkPolicy suffices), unless the
+    state holds it already (the Kubernetes feed stores it)."""
+    if held and policies and all(p.name != QUARANTINE_POLICY for p in policies):
         return (*policies, quarantine_tier())
     return tuple(policies)
 

@@ -92,10 +92,13 @@ class Reconciler:
 
     # ---- changes in ------------------------------------------------------------------------
 
-    def changed(self, revision: int, changes: Sequence[Change]) -> None:
+    def changed(self, revision: int, changes: Sequence[Change], *,
+                rebuild: bool = False) -> None:
+        """Fold accepted changes into the compiler; `rebuild`: compile the whole state
+        anew instead (what the changes imply is more than the changes themselves)."""
         with self._lock:
             self._changes += 1
-            if len(changes) > self.BULK and self.cluster_of is not None:
+            if (rebuild or len(changes) > self.BULK) and self.cluster_of is not None:
                 self.compiler = IncrementalCompiler.of(self.cluster_of())
             else:
                 for c in changes:

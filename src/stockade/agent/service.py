@@ -180,10 +180,20 @@ class Service:
                 revision = self.store.commit(changes, meta)
                 self.state.apply(changes)
                 if changes:
-                    self.reconciler.changed(revision, changes)
+                    self.reconciler.changed(revision, changes,
+                                            rebuild=self._tiers_meet_held(changes, admitted))
         if sync and changes:
             self._wait(revision)
         return revision
+
+    def _tiers_meet_held(self, changes: Sequence[Change], admitted: bool) -> bool:
+        """Tier policies change while endpoints are held fail-closed (the local store):
+        the compiler is given the whole enforceable state again, so that the Admin
+        deny-all of held endpoints comes and goes with the tiers (admission.py). A feed
+        (`admitted`) stores that policy itself."""
+        return (not admitted and bool(self.state.quarantined)
+                and any(isinstance(c, PutClusterPolicy | DeleteClusterPolicy)
+                        for c in changes))
 
     def implicit_namespaces(self, names: Iterable[str],
                             pending: Mapping[str, Namespace]) -> list[Change]:
