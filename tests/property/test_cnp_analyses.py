@@ -10,17 +10,40 @@ verdict differs when the tiers change.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.property.strategies import DEFAULT, DENSE, Universe
+from tests.property.strategies import DEFAULT, DENSE, Universe, policy_sets
 from tests.property.test_connectivity import _range_of, addresses_of, sample_ports
-from tests.property.tier_strategies import cnp_cidrs, cnp_clusters, cnp_scenarios
+from tests.property.tier_strategies import (
+    PRIORITIES,
+    cnp_cidrs,
+    cnp_clusters,
+    cnp_scenarios,
+    cnp_sets,
+)
 
-from stockade.engine.connectivity import Connections, connectivity, workload_peers
+from stockade.engine.connectivity import (
+    Connections,
+    address_ranges,
+    connectivity,
+    workload_peers,
+)
+from stockade.engine.diff import diff_policies, render_range
 from stockade.engine.evaluate import Evaluator, Flow
 from stockade.engine.matrix import compute_matrix, evaluator_judge
 from stockade.model.cluster import Cluster
-from stockade.model.policy import PROTOCOLS, IPBlock, NetworkPolicy, Peer, Rule
+from stockade.model.cnp import ACTIONS
+from stockade.model.policy import (
+    EGRESS,
+    INGRESS,
+    PROTOCOLS,
+    IPBlock,
+    NetworkPolicy,
+    Peer,
+    Rule,
+)
 from stockade.model.selector import ALL
 
 UNIVERSES = {"default": DEFAULT, "dense": DENSE}
@@ -102,3 +125,94 @@ def test_list_equals_the_evaluator(data: st.DataObject, name: str) -> None:
             _check(lines.get((p.name, dst_range), none), ev,
                    Flow(p.endpoint, "", None, address, 0, "TCP"), ports,
                    f"{p.name} => {address} in {dst_range}")
+
+
+# ---- stockade diff ---------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_diff_of_tiers_is_exactly_the_changed_verdicts(data: st.DataObject) -> None:
+    """Two random sets of tiers (and NetworkPolicies) over one cluster: a (source,
+    destination, protocol, port) is in a change line exactly when the evaluator's
+    verdict on it differs; between pods, and between pods and addresses inside and
+    outside every ipBlock and networks CIDR."""
+    u = DENSE
+    cluster = data.draw(cnp_clusters(u, min_cnps=0), label="old")
+    new_cnps = data.draw(cnp_sets(u, prefix="cnp"), label="new tiers")
+    if data.draw(st.booleans(), label="same NetworkPolicies"):
+        new_nps = cluster.policies
+    else:
+        new_nps = data.draw(policy_sets(u, tuple(ns.name for ns in cluster.namespaces),
+                                        prefix="new"), label="new policies")
+    old = cluster
+    new = Cluster(cluster.namespaces, cluster.endpoints, new_nps, new_cnps)
+    _assert_diff_exact(old, new, u)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_diff_of_a_priority_or_action_change(data: st.DataObject) -> None:
+    """One policy of the tiers with another priority, or one rule with another action:
+    exactly the connections whose verdict that changes."""
+    u = DENSE
+    cluster = data.draw(cnp_clusters(u, min_cnps=1), label="old")
+    cnps = list(cluster.cluster_policies)
+    i = data.draw(st.integers(0, len(cnps) - 1), label="policy")
+    target = cnps[i]
+    rules = [(d, j) for d in (INGRESS, EGRESS) for j in range(len(target.rules(d)))]
+    if rules and data.draw(st.booleans(), label="action"):
+        d, j = data.draw(st.sampled_from(rules), label="rule")
+        changed = list(target.rules(d))
+        changed[j] = replace(changed[j], action=data.draw(st.sampled_from(ACTIONS)))
+        cnps[i] = replace(target, **{"ingress" if d == INGRESS else "egress": tuple(changed)})
+    else:
+        cnps[i] = replace(target, priority=data.draw(st.sampled_from(PRIORITIES)))
+    new = Cluster(cluster.namespaces, cluster.endpoints, cluster.policies, tuple(cnps))
+    _assert_diff_exact(cluster, new, u)
+
+
+def _assert_diff_exact(old: Cluster, new: Cluster, u: Universe) -> None:
+    result = diff_policies(old.with_policies(()), old.policies, new.policies, external=True,
+                           old_tiers=old.cluster_policies, new_tiers=new.cluster_policies)
+    before, after = Evaluator(old), Evaluator(new)
+    both = Cluster(old.namespaces, old.endpoints, old.policies + new.policies,
+                   old.cluster_policies + new.cluster_policies)
+    ports = tier_ports(both, u)
+    changed: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
+    for c in result.changes:
+        assert c.reason, c
+        for ps in c.ports:
+            changed.setdefault((c.src, c.dst), []).extend(
+                (ps.protocol, r.low, r.high) for r in ps.ranges)
+
+    def listed(src: str, dst: str, protocol: str, port: int) -> bool:
+        return any(p == protocol and lo <= port <= hi
+                   for p, lo, hi in changed.get((src, dst), ()))
+
+    for s in old.endpoints:
+        for d in old.endpoints:
+            if s.key == d.key:
+                continue
+            for protocol in PROTOCOLS:
+                for port in ports:
+                    was = before.allowed(before.flow(s, d, port, protocol))
+                    now = after.allowed(after.flow(s, d, port, protocol))
+                    assert listed(s.key, d.key, protocol, port) == (was != now), \
+                        (s.key, d.key, protocol, port, was, now)
+    cnps = both.cluster_policies
+    nps = both.policies
+    sources = tuple(r for v in (4, 6) for r in address_ranges(nps, INGRESS, v, cnps))
+    destinations = tuple(r for v in (4, 6) for r in address_ranges(nps, EGRESS, v, cnps))
+    for address in tier_addresses(both) + tier_addresses(both, 6):
+        inbound = render_range(_range_of(sources, address))
+        outbound = render_range(_range_of(destinations, address))
+        for pod in old.endpoints:
+            for protocol in PROTOCOLS:
+                for port in ports:
+                    into = Flow(None, address, pod, pod.ips[0], port, protocol)
+                    assert listed(inbound, pod.key, protocol, port) == \
+                        (before.allowed(into) != after.allowed(into)), (address, pod.key)
+                    out = Flow(pod, pod.ips[0], None, address, port, protocol)
+                    assert listed(pod.key, outbound, protocol, port) == \
+                        (before.allowed(out) != after.allowed(out)), (pod.key, address)

@@ -232,8 +232,9 @@ def report_diff(args: argparse.Namespace, old: Objects, new: Objects, where: str
         raise InputError(f"no Pod in the {where}: the diff compares connections between pods",
                          source=source)
     # A name given twice on one side is one policy, the last one, as kubectl applies it.
-    result = diff_policies(cluster, old.cluster().policies, new.cluster().policies,
-                           external=True)
+    before, after = old.cluster(), new.cluster()
+    result = diff_policies(cluster, before.policies, after.policies, external=True,
+                           old_tiers=before.cluster_policies, new_tiers=after.cluster_policies)
     view = View.of(args)
     if not view.everything:
         controllers = {**old.controllers, **new.controllers}

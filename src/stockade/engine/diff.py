@@ -16,17 +16,25 @@ address). Removing an `except` shows as connections opened to that range.
 
 The workloads (pods, namespaces) are held fixed: the same cluster is judged with
 the old and with the new policies, so the diff shows what the policies change.
+
+ClusterNetworkPolicies are policies too: each side has its own tiers, the port
+space is also cut at their port bounds and the address space at their `networks`
+CIDRs, so a change of priority, of action or of rule order shows as exactly the
+connections whose verdict it changes, with the tier rule that now decides (or
+no longer does) as the reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from stockade.engine.connectivity import AddressRange, Sides, address_ranges
 from stockade.engine.evaluate import Evaluator, Flow, Side, Verdict
 from stockade.engine.matrix import pod_classes
+from stockade.engine.tiers import TierDecision
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.cnp import ACCEPT, ADMIN, BASELINE, DENY, ClusterNetworkPolicy
 from stockade.model.policy import EGRESS, INGRESS, PROTOCOLS, NetworkPolicy
 
 MAX_PORT = 65535
@@ -86,7 +94,8 @@ class PolicyDiff:
 
 
 def port_intervals(policies: Iterable[NetworkPolicy], endpoints: Sequence[Endpoint],
-                   protocol: str) -> tuple[PortRange, ...]:
+                   protocol: str, cluster_policies: Iterable[ClusterNetworkPolicy] = ()
+                   ) -> tuple[PortRange, ...]:
     """Intervals of one protocol's ports on which every verdict is constant."""
     starts = {1}
     for policy in policies:
@@ -96,6 +105,11 @@ def port_intervals(policies: Iterable[NetworkPolicy], endpoints: Sequence[Endpoi
                     continue
                 starts.add(entry.port)
                 starts.add((entry.end_port or entry.port) + 1)
+    for cnp in cluster_policies:
+        for cnp_rule in cnp.ingress + cnp.egress:
+            for cnp_port in cnp_rule.ports or ():
+                if not cnp_port.name and cnp_port.protocol == protocol:
+                    starts.update((cnp_port.start, cnp_port.end + 1))
     # A named port can resolve to any container port number of the protocol.
     for ep in endpoints:
         for cp in ep.ports:
@@ -106,34 +120,57 @@ def port_intervals(policies: Iterable[NetworkPolicy], endpoints: Sequence[Endpoi
     return tuple(PortRange(lo, hi) for lo, hi in zip(bounds, ends, strict=True))
 
 
+@dataclass(frozen=True)
+class Versions:
+    """What the reasons name: the policies of each side, to mark one new, removed
+    or changed."""
+
+    old_keys: frozenset[str]
+    new_keys: frozenset[str]
+    old_tiers: Mapping[str, ClusterNetworkPolicy]
+    new_tiers: Mapping[str, ClusterNetworkPolicy]
+
+
 def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
-                  new: Sequence[NetworkPolicy], *, external: bool = False) -> PolicyDiff:
+                  new: Sequence[NetworkPolicy], *, external: bool = False,
+                  old_tiers: Sequence[ClusterNetworkPolicy] | None = None,
+                  new_tiers: Sequence[ClusterNetworkPolicy] | None = None) -> PolicyDiff:
     """Every connection whose verdict differs between the two policy sets: between
     two pods, and (`external`, as `stockade diff` does) between a pod and a range of
-    external IPv4 addresses."""
-    before = Evaluator(cluster.with_policies(old))
-    after = Evaluator(cluster.with_policies(new))
-    keys = (frozenset(p.key for p in old), frozenset(p.key for p in new))
+    external IPv4 addresses. `old_tiers` and `new_tiers` are each side's
+    ClusterNetworkPolicies (None: the cluster's own, unchanged)."""
+    old_cnps = tuple(cluster.cluster_policies if old_tiers is None else old_tiers)
+    new_cnps = tuple(cluster.cluster_policies if new_tiers is None else new_tiers)
+    old_cluster = Cluster(cluster.namespaces, cluster.endpoints, tuple(old), old_cnps)
+    new_cluster = Cluster(cluster.namespaces, cluster.endpoints, tuple(new), new_cnps)
+    before = Evaluator(old_cluster)
+    after = Evaluator(new_cluster)
+    versions = Versions(frozenset(p.key for p in old), frozenset(p.key for p in new),
+                        {p.name: p for p in old_cnps}, {p.name: p for p in new_cnps})
     pods = sorted(cluster.endpoints, key=lambda e: (e.namespace, e.name))
     both = [*old, *new]
-    classes = pod_classes(cluster.with_policies(both), pods)
-    sources = tuple(r for v in (4, 6) for r in address_ranges(both, INGRESS, v)) \
+    both_cnps = [*old_cnps, *new_cnps]
+    classes = pod_classes(Cluster(cluster.namespaces, cluster.endpoints, tuple(both),
+                                  tuple(both_cnps)), pods)
+    sources = tuple(r for v in (4, 6) for r in address_ranges(both, INGRESS, v, both_cnps)) \
         if external else ()
-    destinations = tuple(r for v in (4, 6) for r in address_ranges(both, EGRESS, v)) \
+    destinations = tuple(r for v in (4, 6)
+                         for r in address_ranges(both, EGRESS, v, both_cnps)) \
         if external else ()
     found: dict[tuple[str, str, str, str], dict[str, list[PortRange]]] = {}
     # The (pod, range) pairs whose connections differ at all: found on port intervals
     # (engine.connectivity), then judged port range by port range for the reasons.
-    outbound, inbound_pairs = _changed_external(cluster, old, new, pods, sources, destinations)
+    outbound, inbound_pairs = _changed_external(old_cluster, new_cluster, pods, sources,
+                                                destinations)
 
     def judge(flows: tuple[Flow, Flow], src: str, dst: str, protocol: str,
               span: PortRange) -> None:
-        hit = _change((before, after), keys, flows)
+        hit = _change((before, after), versions, flows)
         ports = found.setdefault((hit[0], src, dst, hit[1]), {})
         ports.setdefault(protocol, []).append(span)
 
     for protocol in PROTOCOLS:
-        for span in port_intervals(both, pods, protocol):
+        for span in port_intervals(both, pods, protocol, both_cnps):
             # Pods of the same classes get the same verdicts (see matrix.pod_classes).
             seen: dict[object, tuple[bool, bool]] = {}
             for i, src in enumerate(pods):
@@ -170,15 +207,14 @@ def diff_policies(cluster: Cluster, old: Sequence[NetworkPolicy],
     return PolicyDiff(tuple(changes))
 
 
-def _changed_external(cluster: Cluster, old: Sequence[NetworkPolicy],
-                      new: Sequence[NetworkPolicy], pods: Sequence[Endpoint],
+def _changed_external(old: Cluster, new: Cluster, pods: Sequence[Endpoint],
                       sources: Sequence[AddressRange], destinations: Sequence[AddressRange]
                       ) -> tuple[list[tuple[int, AddressRange]], list[tuple[int, AddressRange]]]:
     """(pod index, range) pairs whose connections differ: to the range, from it."""
     if not sources and not destinations:
         return [], []
-    before = Sides(cluster.with_policies(old))
-    after = Sides(cluster.with_policies(new))
+    before = Sides(old)
+    after = Sides(new)
     outbound = [(i, rng) for i, pod in enumerate(pods) for rng in destinations
                 if before.to_address(pod, rng.sample) != after.to_address(pod, rng.sample)]
     inbound = [(i, rng) for i, pod in enumerate(pods) for rng in sources
@@ -210,15 +246,15 @@ def _allowed(ev: Evaluator, src: Endpoint, dst: Endpoint, port: int, protocol: s
     return ev.allowed(ev.flow(src, dst, port, protocol))
 
 
-def _change(evaluators: tuple[Evaluator, Evaluator], keys: tuple[frozenset[str], frozenset[str]],
+def _change(evaluators: tuple[Evaluator, Evaluator], versions: Versions,
             flows: tuple[Flow, Flow]) -> tuple[str, str]:
     """(OPENED or CLOSED, reason) of a connection whose verdict changed."""
     before, after = evaluators
     old_v = before.verdict(flows[0])
     new_v = after.verdict(flows[1])
     if new_v.allowed:
-        return OPENED, opened_reason(old_v, new_v, keys[0])
-    return CLOSED, closed_reason(old_v, new_v, keys[1], keys[0])
+        return OPENED, opened_reason(old_v, new_v, versions.old_keys, versions)
+    return CLOSED, closed_reason(old_v, new_v, versions.new_keys, versions.old_keys, versions)
 
 
 def _port_sets(ports: dict[str, list[PortRange]]) -> tuple[PortSet, ...]:
@@ -260,30 +296,81 @@ def _sides(verdict: Verdict) -> tuple[tuple[Side, str], tuple[Side, str]]:
     return (verdict.egress, f.render_side("src")), (verdict.ingress, f.render_side("dst"))
 
 
-def opened_reason(old: Verdict, new: Verdict, old_keys: frozenset[str]) -> str:
+def _tier_rule(decision: TierDecision, versions: Versions | None, new: bool) -> str:
+    """`Admin ClusterNetworkPolicy x (priority 3) egress[1] (name)`, marked (new),
+    (removed) or (changed) against the other side."""
+    mark = ""
+    if versions is not None:
+        mine = (versions.new_tiers if new else versions.old_tiers).get(decision.policy)
+        theirs = (versions.old_tiers if new else versions.new_tiers).get(decision.policy)
+        if theirs is None:
+            mark = " (new)" if new else " (removed)"
+        elif theirs != mine:
+            mark = " (changed)"
+    key = "ingress" if decision.direction == INGRESS else "egress"
+    named = f" ({decision.rule_name})" if decision.rule_name else ""
+    return (f"{decision.tier} ClusterNetworkPolicy {decision.policy}{mark} "
+            f"(priority {decision.priority}) {key}[{decision.rule}]{named}")
+
+
+def _tier_decision(side: Side) -> TierDecision | None:
+    """The tier rule that decided a side, if a tier did."""
+    if side.decided_by == ADMIN:
+        return side.admin
+    if side.decided_by == BASELINE:
+        return side.baseline
+    return None
+
+
+def _no_longer(was: Side, now: Side, versions: Versions | None) -> list[str]:
+    """The tier rule that decided a side before and no longer does."""
+    old = _tier_decision(was)
+    if old is None or old == _tier_decision(now):
+        return []
+    verb = {ACCEPT: "accepts", DENY: "denies"}[old.action]
+    return [f"{_tier_rule(old, versions, False)} no longer {verb} it"]
+
+
+def opened_reason(old: Verdict, new: Verdict, old_keys: frozenset[str],
+                  versions: Versions | None = None) -> str:
     """What now admits each side that refused before."""
     rules: list[str] = []
     freed: list[str] = []
     for (was, pod), (now, _) in zip(_sides(old), _sides(new), strict=True):
         if was.allowed:
             continue
-        if now.isolated:
+        decision = _tier_decision(now)
+        if decision is not None:
+            rules.append(f"{_tier_rule(decision, versions, True)} (Accept)")
+            freed += _no_longer(was, now, versions)
+        elif now.isolated:
             rules += _rules(now, old_keys, "new")
-        else:
+            freed += _no_longer(was, now, versions)
+        elif was.decided_by == "NetworkPolicy":
             freed.append(f"{pod} no longer isolated for {now.direction.lower()}")
+        else:
+            freed += _no_longer(was, now, versions)
     parts = ([f"by {' and '.join(rules)}"] if rules else []) + freed
     return "; ".join(parts)
 
 
 def closed_reason(old: Verdict, new: Verdict, new_keys: frozenset[str],
-                  old_keys: frozenset[str]) -> str:
+                  old_keys: frozenset[str], versions: Versions | None = None) -> str:
     """What now refuses each side that admitted before."""
     parts = []
     for (was, pod), (now, _) in zip(_sides(old), _sides(new), strict=True):
         if now.allowed:
             continue
         d = now.direction.lower()
-        if not was.isolated:
+        decision = _tier_decision(now)
+        if decision is not None:
+            parts.append(f"{_tier_rule(decision, versions, True)} denies it")
+            continue
+        before = _no_longer(was, now, versions)
+        if before:
+            pols = ", ".join(_name(k, old_keys, "new") for k in now.isolating)
+            parts.append(f"{before[0]}, and no rule of {pols} allows it")
+        elif not was.isolated:
             pols = ", ".join(_name(k, old_keys, "new") for k in now.isolating)
             parts.append(f"{pod} now isolated for {d} by {pols}, and no rule allows it")
         else:
