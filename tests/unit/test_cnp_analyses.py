@@ -16,6 +16,7 @@ from tests.unit.test_cnp_evaluate import ALL_NS, BASE, cluster, cnp, netpol, ns
 
 from stockade.cli.main import main
 from stockade.engine.connectivity import connectivity, workload_peers
+from stockade.engine.coverage import UNISOLATED_EGRESS, UNISOLATED_INGRESS, coverage
 from stockade.engine.diff import CLOSED, OPENED, diff_policies
 from stockade.engine.matrix import compute_matrix, evaluator_judge
 from stockade.model.cluster import Cluster
@@ -183,3 +184,62 @@ def test_diff_command_reads_the_tiers_of_each_side(tmp_path: Path,
     assert ("- a/a1 -> b/b1 TCP/* UDP/* SCTP/* (closed: Admin ClusterNetworkPolicy deny-a "
             "(new) (priority 5) ingress[0] denies it)") in out
     assert main(["diff", "-f", str(new), "-a", str(new)]) == 0
+
+
+# ---- coverage --------------------------------------------------------------------------
+
+
+def test_coverage_selections_unused_dead_and_shadowed_rules(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    accept = cnp("accept-all", "Admin", 1, ns("b"), ingress=[
+        {"action": "Accept", "from": [ALL_NS]}])
+    later = cnp("later", "Admin", 2, ALL_NS, ingress=[
+        {"action": "Deny", "from": [ns("a")]},  # for b1: after accept-all; for a1, a2: live
+        {"action": "Pass", "from": [{"pods": {"podSelector": {"matchLabels": {"app": "no"}}}}]},
+        {"action": "Deny", "from": [ns("a")]}])  # after the first for every pod
+    unused = cnp("unused", "Baseline", 2, ns("zzz"), ingress=[{"action": "Deny",
+                                                               "from": [ns("a")]}])
+    report = coverage(cluster(accept, later, unused))
+    assert [(s.policy, s.pods) for s in report.selections] == [
+        ("accept-all", ("b/b1",)), ("later", ("a/a1", "a/a2", "b/b1")), ("unused", ())]
+    gaps = [(g.kind, g.subject, g.where, g.reason) for g in report.gaps
+            if g.subject.startswith("ClusterNetworkPolicy")]
+    assert gaps == [
+        ("unused-policy", "ClusterNetworkPolicy unused", "spec.subject",
+         "subject namespaces [team=zzz] selects no pod"),
+        ("dead-rule", "ClusterNetworkPolicy later", "spec.ingress[1]",
+         "can never match: no connection of the pods it selects meets its peers and protocols"),
+        ("dead-rule", "ClusterNetworkPolicy later", "spec.ingress[2]",
+         "shadowed: every connection it matches is decided first by Admin "
+         "ClusterNetworkPolicy accept-all (priority 1) ingress[0], Admin "
+         "ClusterNetworkPolicy later (priority 2) ingress[0]"),
+    ]
+    # Every pod may be denied ingress by `later`: none is reported as unrestricted.
+    assert not report.of_kind(UNISOLATED_INGRESS)
+    assert len(report.of_kind(UNISOLATED_EGRESS)) == 3
+    assert report.policies == 3
+    # The command shows the selections and the ClusterNetworkPolicy gaps with their paths.
+    path = tmp_path / "c.yaml"
+    path.write_text("---\n".join([BASE, accept, later, unused]))
+    assert main(["coverage", "-f", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  ClusterNetworkPolicy later spec.ingress[2] (" in out
+    assert "ClusterNetworkPolicies and the pods they select:\n" \
+           "  Admin priority 1 accept-all: b/b1\n" \
+           "  Admin priority 2 later: a/a1, a/a2, b/b1\n" \
+           "  Baseline priority 2 unused: no pod\n" in out
+
+
+def test_coverage_a_deny_shadowed_by_an_earlier_accept() -> None:
+    accept = cnp("accept-all", "Admin", 1, ns("b"), ingress=[
+        {"action": "Accept", "from": [ALL_NS]}])
+    deny = cnp("deny-a", "Admin", 2, ns("b"), ingress=[{"action": "Deny", "from": [ns("a")]}])
+    (gap,) = [g for g in coverage(cluster(accept, deny)).gaps if g.kind == "dead-rule"]
+    assert gap.reason == ("a Deny shadowed by an earlier Accept: every connection it matches "
+                          "is decided first by Admin ClusterNetworkPolicy accept-all "
+                          "(priority 1) ingress[0]")
+    # A narrower Accept leaves ports to the Deny: it takes effect.
+    narrow = accept.replace("from:", "protocols: [{tcp: {destinationPort: {number: 80}}}]\n"
+                                     "    from:")
+    assert "protocols" in narrow
+    assert not [g for g in coverage(cluster(narrow, deny)).gaps if g.kind == "dead-rule"]

@@ -9,6 +9,14 @@ Four kinds of gaps, each with a short reason:
   possible destination pod serves with that protocol. When every peer (or every
   port) of a rule is dead the whole rule is reported instead of its entries.
 
+ClusterNetworkPolicies (`engine.precedence`): which pods each one selects; one
+whose subject selects no pod is unused; a rule that matches no connection of the
+pods (and addresses) it could judge is dead, and one whose every matching
+connection an earlier rule of its tier decides first (a higher priority, or an
+earlier rule) is shadowed. A pod is only reported as not isolated for a direction
+when no NetworkPolicy isolates it and no ClusterNetworkPolicy selecting it has a
+Deny rule for that direction (an Accept or a Pass restricts nothing).
+
 Pod-dependent gaps need pods: without any, only the pod-independent ones are found.
 """
 
@@ -18,8 +26,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from stockade.engine.match import peer_matches
+from stockade.engine.precedence import Precedence, precedence
+from stockade.engine.tiers import subject_selects
 from stockade.model.cidr import parse_cidr
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.cnp import DENY, ClusterNetworkPolicy
 from stockade.model.labels import Labels
 from stockade.model.policy import DIRECTIONS, EGRESS, INGRESS, NetworkPolicy, Peer, Rule
 
@@ -35,9 +46,19 @@ KINDS = (UNISOLATED_INGRESS, UNISOLATED_EGRESS, UNUSED_POLICY, IGNORED_RULES,
 
 
 @dataclass(frozen=True)
+class Selection:
+    """The pods a ClusterNetworkPolicy's subject selects."""
+
+    policy: str
+    tier: str
+    priority: int
+    pods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Gap:
     kind: str
-    subject: str  # a pod `ns/name`, or `NetworkPolicy ns/name`
+    subject: str  # a pod `ns/name`, `NetworkPolicy ns/name` or `ClusterNetworkPolicy name`
     where: str  # a field path in the policy (`spec.ingress[0].from[1]`), or ""
     reason: str
     source: str = ""  # the file the policy came from
@@ -48,6 +69,7 @@ class Coverage:
     gaps: tuple[Gap, ...]
     pods: int
     policies: int
+    selections: tuple[Selection, ...] = ()  # one per ClusterNetworkPolicy
 
     def of_kind(self, kind: str) -> tuple[Gap, ...]:
         return tuple(g for g in self.gaps if g.kind == kind)
@@ -118,18 +140,58 @@ def coverage(cluster: Cluster) -> Coverage:
         gaps += unisolated_pods(cluster)
     for policy in cluster.policies:
         gaps += policy_gaps(policy, cluster, ns_labels, has_pods)
+    selections: tuple[Selection, ...] = ()
+    if cluster.cluster_policies:
+        prec = precedence(cluster)
+        selections = tuple(
+            Selection(p.name, p.tier, p.priority, tuple(ep.key for ep in prec.selected[p.name]))
+            for p in sorted(cluster.cluster_policies, key=lambda p: (p.tier, *p.order())))
+        for cnp in cluster.cluster_policies:
+            gaps += tier_gaps(cnp, prec, has_pods)
     order = {k: i for i, k in enumerate(KINDS)}
     gaps.sort(key=lambda g: (order[g.kind], g.subject, g.where))
-    return Coverage(tuple(gaps), len(cluster.endpoints), len(cluster.policies))
+    return Coverage(tuple(gaps), len(cluster.endpoints),
+                    len(cluster.policies) + len(cluster.cluster_policies), selections)
+
+
+def tier_gaps(policy: ClusterNetworkPolicy, prec: Precedence, has_pods: bool) -> list[Gap]:
+    """A ClusterNetworkPolicy that selects no pod, its dead and its shadowed rules."""
+    if not has_pods:
+        return []
+    subject = f"ClusterNetworkPolicy {policy.name}"
+    src = policy.source.file
+    if not prec.selected[policy.name]:
+        return [Gap(UNUSED_POLICY, subject, "spec.subject",
+                    f"subject {policy.subject.render()} selects no pod", src)]
+    gaps = []
+    for direction in DIRECTIONS:
+        for i, _ in enumerate(policy.rules(direction)):
+            use = prec.uses[(policy.name, direction, i)]
+            if use.decided:
+                continue
+            if not use.matched:
+                why = ("can never match: no connection of the pods it selects meets its "
+                       "peers and protocols")
+            else:
+                why = prec.shadowed_reason((policy.name, direction, i))
+            gaps.append(Gap(DEAD_RULE, subject, rule_path(direction, i), why, src))
+    return gaps
 
 
 def unisolated_pods(cluster: Cluster) -> list[Gap]:
+    """Pods nothing restricts in a direction: no NetworkPolicy isolates them and no
+    ClusterNetworkPolicy selecting them can deny (has a Deny rule for it)."""
     gaps = []
+    ns_labels = namespace_labels(cluster)
     for ep in sorted(cluster.endpoints, key=lambda e: (e.namespace, e.name)):
         for direction, kind in ((INGRESS, UNISOLATED_INGRESS), (EGRESS, UNISOLATED_EGRESS)):
             pols = [p for p in cluster.policies
                     if p.namespace == ep.namespace and p.affects(direction)]
             if any(p.pod_selector.matches(ep.labels) for p in pols):
+                continue
+            if any(any(r.action == DENY for r in c.rules(direction))
+                   and subject_selects(c.subject, ep, ns_labels)
+                   for c in cluster.cluster_policies):
                 continue
             d = direction.lower()
             if not pols:

@@ -167,12 +167,16 @@ def coverage_text(report: cov.Coverage) -> list[str]:
             continue
         lines.append(title)
         lines += [f"  {_gap_text(g)}" for g in gaps]
+    if report.selections:
+        lines.append("ClusterNetworkPolicies and the pods they select:")
+        lines += [f"  {sel.tier} priority {sel.priority} {sel.policy}: "
+                  f"{', '.join(sel.pods) or 'no pod'}" for sel in report.selections]
     lines.append(coverage_summary(report))
     return lines
 
 
 def _gap_text(gap: cov.Gap) -> str:
-    if not gap.subject.startswith("NetworkPolicy "):
+    if not gap.subject.startswith(("NetworkPolicy ", "ClusterNetworkPolicy ")):
         return f"{gap.subject}: {gap.reason}"
     where = f" {gap.where}" if gap.where else ""
     src = f" ({gap.source})" if gap.source else ""
@@ -201,6 +205,9 @@ def coverage_json(report: cov.Coverage) -> dict[str, Any]:
         "gaps": [{"kind": g.kind, "subject": g.subject, "where": g.where,
                   "reason": g.reason, "source": g.source} for g in report.gaps],
         "counts": {k: len(report.of_kind(k)) for k in cov.KINDS},
+        **({"selections": [{"policy": sel.policy, "tier": sel.tier, "priority": sel.priority,
+                            "pods": list(sel.pods)} for sel in report.selections]}
+           if report.selections else {}),
     }
 
 
