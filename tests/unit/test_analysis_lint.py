@@ -36,8 +36,9 @@ SELECT_A = {"matchLabels": {"pod": "a"}}
 
 
 def test_codes_are_stable_and_classified() -> None:
-    assert list(CHECKS) == [f"SK00{i}" for i in range(1, 10)]
-    assert {c for c, (sev, _) in CHECKS.items() if sev == NOTE} == {"SK005", "SK009"}
+    assert list(CHECKS) == [f"SK{i:03d}" for i in range(1, 14)]
+    assert {c for c, (sev, _) in CHECKS.items() if sev == NOTE} == {"SK005", "SK009", "SK012",
+                                                                    "SK013"}
 
 
 def test_sk001_namespace_only_and_pod_only_peers() -> None:

@@ -18,6 +18,7 @@ from stockade.cli.main import main
 from stockade.engine.connectivity import connectivity, workload_peers
 from stockade.engine.coverage import UNISOLATED_EGRESS, UNISOLATED_INGRESS, coverage
 from stockade.engine.diff import CLOSED, OPENED, diff_policies
+from stockade.engine.lint import lint
 from stockade.engine.matrix import compute_matrix, evaluator_judge
 from stockade.model.cluster import Cluster
 
@@ -243,3 +244,84 @@ def test_coverage_a_deny_shadowed_by_an_earlier_accept() -> None:
                                      "    from:")
     assert "protocols" in narrow
     assert not [g for g in coverage(cluster(narrow, deny)).gaps if g.kind == "dead-rule"]
+
+
+# ---- lint ------------------------------------------------------------------------------
+
+A_ACCEPT = cnp("a-accept", "Admin", 5, ns("b"), ingress=[{"action": "Accept",
+                                                           "from": [ns("a")]}])
+B_DENY = cnp("b-deny", "Admin", 5, ALL_NS, ingress=[{"action": "Deny", "from": [ALL_NS]},
+                                                     {"action": "Pass", "from": [ALL_NS]}])
+
+
+def codes(c: Cluster) -> list[tuple[str, str, str]]:
+    return [(f.code, f.subject, f.where) for f in lint(c) if f.code >= "SK010"]
+
+
+def test_lint_same_priority_overlap_with_pods_names_a_connection() -> None:
+    findings = [f for f in lint(cluster(A_ACCEPT, B_DENY)) if f.code == "SK010"]
+    assert [(f.subject, f.where, f.severity) for f in findings] == [
+        ("ClusterNetworkPolicy a-accept", "spec.priority", "warning")]
+    assert findings[0].message == (
+        "same Admin priority 5 as ClusterNetworkPolicy b-deny, and their first matching "
+        "rules disagree (a-accept ingress[0] Accept, b-deny ingress[0] Deny), e.g. on "
+        "a/a1 -> b/b1 TCP 1: the API leaves the winner to the implementation (stockade "
+        "takes a-accept, by name); give them different priorities")
+    # Different priorities, or the same action: no overlap to report.
+    assert not [f for f in lint(cluster(A_ACCEPT, B_DENY.replace("priority: 5",
+                                                                 "priority: 6")))
+                if f.code == "SK010"]
+    same = A_ACCEPT.replace("a-accept", "a-deny").replace("Accept", "Deny")
+    assert not [f for f in lint(cluster(same, B_DENY)) if f.code == "SK010"]
+
+
+def test_lint_shadowed_rules_and_passes_with_pods() -> None:
+    assert codes(cluster(A_ACCEPT.replace("priority: 5", "priority: 1"), B_DENY)) == [
+        # b-deny's Pass comes after its Deny of everything: shadowed, not also SK012.
+        ("SK011", "ClusterNetworkPolicy b-deny", "spec.ingress[1]")]
+    deny_a = cnp("deny-a", "Admin", 9, ns("b"), ingress=[{"action": "Deny", "from": [ns("a")]}])
+    (f,) = [f for f in lint(cluster(A_ACCEPT, deny_a)) if f.code == "SK011"]
+    assert f.message == ("a Deny shadowed by an earlier Accept: every connection it matches "
+                         "is decided first by Admin ClusterNetworkPolicy a-accept "
+                         "(priority 5) ingress[0]")
+
+
+def test_lint_pass_with_nothing_below_and_baseline_pass() -> None:
+    passing = cnp("pass", "Admin", 7, ns("a"), egress=[{"action": "Pass", "to": [ALL_NS]}])
+    base_pass = cnp("bp", "Baseline", 7, ns("b"), egress=[{"action": "Pass", "to": [ALL_NS]}])
+    got = [(f.code, f.subject, f.severity) for f in lint(cluster(passing, base_pass))]
+    assert got == [("SK013", "ClusterNetworkPolicy bp", "note"),
+                   ("SK012", "ClusterNetworkPolicy pass", "note")]
+    # Something below for a's pods: a NetworkPolicy isolating them for egress, or a
+    # Baseline policy with egress rules selecting them.
+    isolate = netpol("a", "egress", {"podSelector": {}, "policyTypes": ["Egress"]})
+    assert "SK012" not in [f.code for f in lint(cluster(passing, isolate))]
+    below = cnp("below", "Baseline", 1, ns("a"), egress=[{"action": "Deny", "to": [ALL_NS]}])
+    assert "SK012" not in [f.code for f in lint(cluster(passing, below))]
+
+
+def test_lint_without_pods_reads_the_rules_as_written(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    shadow = cnp("shadow", "Admin", 3, ALL_NS, egress=[
+        {"action": "Accept", "to": [{"networks": ["10.0.0.0/8"]}]},
+        {"action": "Deny", "to": [{"networks": ["10.1.0.0/16"]}],
+         "protocols": [{"tcp": {"destinationPort": {"number": 22}}}]},
+        {"action": "Deny", "to": [{"networks": ["192.168.0.0/16"]}]}])
+    other = cnp("other", "Admin", 3, ns("b"), egress=[
+        {"action": "Deny", "to": [{"networks": ["10.2.0.0/16"]}]}])
+    disjoint = cnp("disjoint", "Admin", 3, ns("b"), egress=[
+        {"action": "Deny", "to": [{"networks": ["172.16.0.0/12"]}]}])
+    path = tmp_path / "tiers.yaml"
+    path.write_text("---\n".join([shadow, other, disjoint]))
+    assert main(["lint", "-f", str(path)]) == 1
+    out = capsys.readouterr().out
+    line = shadow.count("\n") + 2  # where the second document starts
+    assert (f"{path}:{line}: ClusterNetworkPolicy other: spec.priority: SK010 warning: same Admin "
+            "priority 3 as ClusterNetworkPolicy shadow, and egress[0] (Deny) and its "
+            "egress[0] (Accept) may match") in out
+    assert "ClusterNetworkPolicy disjoint: spec.priority: SK010" not in out
+    assert ("ClusterNetworkPolicy shadow: spec.egress[1]: SK011 warning: a Deny shadowed by "
+            "an earlier Accept: Admin ClusterNetworkPolicy shadow (priority 3) egress[0] "
+            "matches every connection it does, first") in out
+    assert "spec.egress[2]: SK011" not in out

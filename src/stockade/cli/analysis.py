@@ -302,8 +302,11 @@ def finding_line(finding: Finding, locations: Locations | None) -> int:
     """The line where the (first) policy of a finding starts in its file; 0: unknown."""
     if locations is None:
         return 0
-    first = finding.subject.split(", ", 1)[0].removeprefix("NetworkPolicy ")
-    return locations.line(finding.source, "NetworkPolicy", first)
+    first = finding.subject.split(", ", 1)[0]
+    if first.startswith("ClusterNetworkPolicy "):  # cluster-scoped: load keys it default/
+        return locations.line(finding.source, "ClusterNetworkPolicy",
+                              "default/" + first.removeprefix("ClusterNetworkPolicy "))
+    return locations.line(finding.source, "NetworkPolicy", first.removeprefix("NetworkPolicy "))
 
 
 def report_lint(args: argparse.Namespace, objects: Objects,

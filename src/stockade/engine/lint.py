@@ -15,12 +15,34 @@ intended (a default deny is good practice), so only warnings make a run fail.
     SK007 warning  ipBlock 0.0.0.0/0 or ::/0 without except: every address
     SK008 warning  duplicate policies: the same name twice, or the same spec
     SK009 note     a named port that resolves to different numbers on different pods
+
+ClusterNetworkPolicies (`engine.precedence`; with pods, exactly over their
+connections, else from the rules as written):
+
+    SK010 warning  two policies of one tier and priority whose first matching rules
+                   disagree on some connection (with pods: one is named; without:
+                   their rules of a direction have different actions and peers and
+                   ports that can overlap): the API leaves the winner to the
+                   implementation
+    SK011 warning  a rule shadowed by earlier rules of its tier (higher priority, or
+                   earlier in its policy): with pods, every connection it matches is
+                   decided first; without, one earlier rule of the same policy, or of
+                   a policy with the same subject, matches everything it does. A Deny
+                   shadowed by an Accept says so
+    SK012 note     an Admin Pass with nothing below it: for every pod its policy
+                   selects, no NetworkPolicy isolates the pod in that direction and no
+                   Baseline policy has rules for it there (without pods: none in the
+                   whole set), so what it passes is allowed by default, as an Accept
+                   would; harmless until a NetworkPolicy or a Baseline policy appears
+    SK013 note     a Baseline Pass: nothing is below Baseline, so it allows (the
+                   default); it only keeps the later Baseline rules from matching
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stockade.engine.coverage import (
     namespace_labels,
@@ -30,8 +52,25 @@ from stockade.engine.coverage import (
     rule_path,
 )
 from stockade.engine.match import port_matches
+from stockade.engine.precedence import precedence
+from stockade.engine.tiers import subject_selects
 from stockade.model.cidr import parse_cidr
 from stockade.model.cluster import Cluster, Endpoint
+from stockade.model.cnp import (
+    ACCEPT,
+    BASELINE,
+    DENY,
+    NAMESPACES,
+    NETWORKS,
+    PASS,
+    PODS,
+    UNKNOWN,
+    ClusterNetworkPolicy,
+    CnpPeer,
+    CnpPort,
+    CnpRule,
+    rule_label,
+)
 from stockade.model.labels import Labels
 from stockade.model.policy import DIRECTIONS, EGRESS, INGRESS, TCP, UDP, NetworkPolicy, Peer, Rule
 
@@ -48,6 +87,10 @@ CHECKS: dict[str, tuple[str, str]] = {
     "SK007": (WARNING, "ipBlock opens every address"),
     "SK008": (WARNING, "duplicate policy"),
     "SK009": (NOTE, "named port with different numbers"),
+    "SK010": (WARNING, "same-priority ClusterNetworkPolicies disagree"),
+    "SK011": (WARNING, "ClusterNetworkPolicy rule shadowed by earlier rules"),
+    "SK012": (NOTE, "Admin Pass with nothing below it"),
+    "SK013": (NOTE, "Baseline Pass is the default allow"),
 }
 
 DNS_PORT = 53
@@ -78,6 +121,8 @@ def lint(cluster: Cluster, as_loaded: Sequence[NetworkPolicy] = ()) -> tuple[Fin
         found += policy_findings(policy, cluster, ns_labels)
     found += duplicates(as_loaded or cluster.policies)
     found += dns_blocked(cluster)
+    if cluster.cluster_policies:
+        found += tier_findings(cluster)
     return tuple(sorted(set(found), key=lambda f: (f.source, f.subject, f.code, f.where)))
 
 
@@ -285,3 +330,194 @@ def _allows_dns(rule: Rule, cluster: Cluster) -> bool:
     return any(port_matches(e, DNS_PORT, proto, d)
                for e in rule.ports for proto in (UDP, TCP) for d in dests)
 
+
+
+# ---- ClusterNetworkPolicy tiers ----------------------------------------------------------
+
+
+def _tier_finding(code: str, policy: ClusterNetworkPolicy, where: str, message: str
+                  ) -> Finding:
+    return Finding(code, f"ClusterNetworkPolicy {policy.name}", where, message,
+                   policy.source.file)
+
+
+def tier_findings(cluster: Cluster) -> list[Finding]:
+    """SK010-SK013 for every ClusterNetworkPolicy."""
+    out: list[Finding] = []
+    if cluster.endpoints:
+        prec = precedence(cluster)
+        for overlap in prec.overlaps:
+            first = prec.policies[overlap.first]
+            out.append(_tier_finding("SK010", first, "spec.priority",
+                                     overlap.render(first, prec.policies[overlap.second])))
+        for key in prec.shadowed():
+            out.append(_tier_finding("SK011", prec.policies[key[0]], rule_path(key[1], key[2]),
+                                     prec.shadowed_reason(key)))
+    else:
+        out += written_overlaps(cluster.cluster_policies)
+        out += written_shadows(cluster.cluster_policies)
+    # A shadowed Pass is reported as shadowed only: what it would pass is moot.
+    shadowed = {(f.subject, f.where) for f in out if f.code == "SK011"}
+    out += [f for f in passes(cluster) if (f.subject, f.where) not in shadowed]
+    return out
+
+
+def _by_tier(policies: Sequence[ClusterNetworkPolicy]
+             ) -> dict[str, list[ClusterNetworkPolicy]]:
+    out: dict[str, list[ClusterNetworkPolicy]] = {}
+    for p in sorted(policies, key=ClusterNetworkPolicy.order):
+        out.setdefault(p.tier, []).append(p)
+    return out
+
+
+def written_overlaps(policies: Sequence[ClusterNetworkPolicy]) -> list[Finding]:
+    """SK010 without pods: same tier and priority, rules of one direction with different
+    actions whose peers and ports can overlap (the subjects are assumed to)."""
+    out = []
+    for ordered in _by_tier(policies).values():
+        for i, a in enumerate(ordered):
+            for b in ordered[i + 1:]:
+                if a.priority != b.priority:
+                    continue
+                hit = next(((d, ai, bi) for d in DIRECTIONS
+                            for ai, ra in enumerate(a.rules(d))
+                            for bi, rb in enumerate(b.rules(d))
+                            if ra.action != rb.action and _rules_may_meet(ra, rb)), None)
+                if hit is None:
+                    continue
+                d, ai, bi = hit
+                key = "ingress" if d == INGRESS else "egress"
+                out.append(_tier_finding("SK010", a, "spec.priority", (
+                    f"same {a.tier} priority {a.priority} as ClusterNetworkPolicy {b.name}, "
+                    f"and {key}[{ai}] ({a.rules(d)[ai].action}) and its {key}[{bi}] "
+                    f"({b.rules(d)[bi].action}) may match the same connections of a pod both "
+                    f"select: the API leaves the winner to the implementation (stockade "
+                    f"takes {a.name}, by name); give them different priorities")))
+    return out
+
+
+def _rules_may_meet(a: CnpRule, b: CnpRule) -> bool:
+    return _ports_may_meet(a.ports, b.ports) and any(
+        _peers_may_meet(pa, a.action, pb, b.action) for pa in a.peers for pb in b.peers)
+
+
+def _ports_may_meet(a: tuple[CnpPort, ...] | None, b: tuple[CnpPort, ...] | None) -> bool:
+    if a is None or b is None:
+        return True
+    return any(x.name or y.name or (x.protocol == y.protocol and x.start <= y.end
+                                    and y.start <= x.end) for x in a for y in b)
+
+
+def _peers_may_meet(a: CnpPeer, a_action: str, b: CnpPeer, b_action: str) -> bool:
+    if (a.kind == UNKNOWN and a_action == ACCEPT) or (b.kind == UNKNOWN and b_action == ACCEPT):
+        return False  # an Accept of a peer stockade cannot read matches nothing
+    if a.kind == NETWORKS and b.kind == NETWORKS:
+        return any(x.version == y.version and x.overlaps(y)
+                   for x in _nets(a) for y in _nets(b))
+    return True
+
+
+def _nets(peer: CnpPeer) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [n for text in peer.networks if (n := parse_cidr(text)) is not None]
+
+
+def written_shadows(policies: Sequence[ClusterNetworkPolicy]) -> list[Finding]:
+    """SK011 without pods: an earlier rule of the same policy, or of an earlier policy of
+    the tier with the same subject, matches everything the rule does."""
+    out = []
+    for ordered in _by_tier(policies).values():
+        for pi, policy in enumerate(ordered):
+            earlier_policies = [p for p in ordered[:pi] if p.subject == policy.subject]
+            for d in DIRECTIONS:
+                for ri, rule in enumerate(policy.rules(d)):
+                    before = [(p, i, r) for p in earlier_policies
+                              for i, r in enumerate(p.rules(d))]
+                    before += [(policy, i, r) for i, r in enumerate(policy.rules(d)[:ri])]
+                    cover = next(((p, i, r) for p, i, r in before if _covers(r, rule)), None)
+                    if cover is None:
+                        continue
+                    p, i, r = cover
+                    head = "a Deny shadowed by an earlier Accept" \
+                        if rule.action == DENY and r.action == ACCEPT else "shadowed"
+                    out.append(_tier_finding("SK011", policy, rule_path(d, ri), (
+                        f"{head}: {rule_label(p, d, i)} matches every connection it does, "
+                        "first")))
+    return out
+
+
+def _covers(e: CnpRule, r: CnpRule) -> bool:
+    """Whether rule `e` matches every connection rule `r` matches, whatever the pods."""
+    if e.ports is not None:
+        if r.ports is None:
+            return False
+        for x in r.ports:
+            if not any((x.name and y.name == x.name) or (
+                    not x.name and not y.name and y.protocol == x.protocol
+                    and y.start <= x.start and x.end <= y.end) for y in e.ports):
+                return False
+    return all(any(_peer_covers(pe, e.action, pr, r.action) for pe in e.peers)
+               for pr in r.peers)
+
+
+def _peer_covers(e: CnpPeer, e_action: str, r: CnpPeer, r_action: str) -> bool:
+    if r.kind == UNKNOWN and r_action == ACCEPT:
+        return True  # matches nothing
+    if e.kind == UNKNOWN:
+        return e_action != ACCEPT
+    if r.kind == UNKNOWN:
+        return False
+    if e == replace(r, written=e.written):
+        return True
+    if e.kind == NAMESPACES and r.kind in (NAMESPACES, PODS):
+        return e.namespace_selector.is_empty or e.namespace_selector == r.namespace_selector
+    if e.kind == PODS and r.kind == PODS:
+        return (e.namespace_selector.is_empty
+                or e.namespace_selector == r.namespace_selector) \
+            and (e.pod_selector.is_empty or e.pod_selector == r.pod_selector)
+    if e.kind == NETWORKS and r.kind == NETWORKS:
+        outer = _nets(e)
+        return all(any(n.version == o.version and n.subnet_of(o)  # type: ignore[arg-type]
+                       for o in outer) for n in _nets(r))
+    return False
+
+
+def passes(cluster: Cluster) -> list[Finding]:
+    """SK012 (an Admin Pass with nothing below it) and SK013 (every Baseline Pass)."""
+    out = []
+    ns_labels = namespace_labels(cluster)
+    baseline = [p for p in cluster.cluster_policies if p.tier == BASELINE]
+    for policy in cluster.cluster_policies:
+        for d in DIRECTIONS:
+            for i, rule in enumerate(policy.rules(d)):
+                if rule.action != PASS:
+                    continue
+                if policy.tier == BASELINE:
+                    out.append(_tier_finding("SK013", policy, rule_path(d, i), (
+                        "a Baseline Pass allows what it matches (nothing is below Baseline: "
+                        "the default allows); it only keeps the later Baseline rules from "
+                        "matching, which an Accept says explicitly")))
+                elif _nothing_below(policy, d, cluster, baseline, ns_labels):
+                    where = "the pods it selects" if cluster.endpoints else "any pod"
+                    out.append(_tier_finding("SK012", policy, rule_path(d, i), (
+                        f"passes to nothing: no NetworkPolicy isolates {where} for "
+                        f"{d.lower()} and no Baseline policy has {d.lower()} rules for "
+                        "them, so what it passes is allowed by default, as an Accept would "
+                        "allow it (a NetworkPolicy or Baseline policy added later will "
+                        "decide instead)")))
+    return out
+
+
+def _nothing_below(policy: ClusterNetworkPolicy, direction: str, cluster: Cluster,
+                   baseline: list[ClusterNetworkPolicy], ns_labels: Mapping[str, Labels]
+                   ) -> bool:
+    below = [b for b in baseline if b.rules(direction)]
+    if not cluster.endpoints:
+        return not below and not any(p.affects(direction) for p in cluster.policies)
+    pods = [ep for ep in cluster.endpoints if subject_selects(policy.subject, ep, ns_labels)]
+    if not pods:
+        return False  # coverage reports the policy as unused
+    return not any(
+        any(p.namespace == ep.namespace and p.affects(direction)
+            and p.pod_selector.matches(ep.labels) for p in cluster.policies)
+        or any(subject_selects(b.subject, ep, ns_labels) for b in below)
+        for ep in pods)
