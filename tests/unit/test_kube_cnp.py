@@ -159,7 +159,15 @@ def test_without_the_crd_there_are_none_and_the_list_is_asked_again() -> None:
     script.reflector = r
     r.run()
     assert calls == [("replace", []), ("replace", ["a"])]  # the second 404 is no news
-    assert r.status.errors == 0 and r.status.lists == 1 and r.synced.is_set()
+    assert r.status.errors == 0 and r.status.lists == 2 and r.synced.is_set()
     assert len(sleeps) >= 2
     assert all("watch" not in dict(q.url.params) for q in script.requests[:3])
     assert r.status.last_error == NOT_SERVED  # what status showed while not served
+
+
+def test_the_quarantine_tier_shows_as_a_manifest(fx: Fixture) -> None:
+    fx.lists(NAMESPACES, [], PODS, [cnp("bad", 1, "Deny", sideways=True),
+                                   cnp("ok", 2, "Deny")])
+    items = fx.service.handle("get", {"kind": "clusternetworkpolicies"})["items"]
+    assert [i["metadata"]["name"] for i in items] == ["ok", QUARANTINE_POLICY]
+    assert items[1]["spec"]["tier"] == "Admin" and items[1]["spec"]["priority"] == -1

@@ -40,6 +40,8 @@ from stockade.model.cidr import parse_ip
 from stockade.model.cluster import NS_NAME_LABEL, Cluster, Endpoint, Namespace
 from stockade.model.cnp import (
     ADMIN,
+    CNP_API,
+    CNP_KIND,
     DENY,
     PODS,
     UNKNOWN,
@@ -214,6 +216,19 @@ def quarantine_tier() -> ClusterNetworkPolicy:
         CnpPeer(PODS, namespace_selector=ALL,
                 pod_selector=Selector(Labels({QUARANTINE_LABEL: "true"}))),
         ingress=deny, egress=deny)
+
+
+def quarantine_tier_manifest() -> dict[str, object]:
+    """What `get clusternetworkpolicies` shows of :func:`quarantine_tier` where a state
+    holds it (the Kubernetes feed's): the same policy as a manifest (its priority, -1,
+    is one no object may have; its peers, of no field, deny everything)."""
+    rule = {"name": "quarantined", "action": "Deny"}
+    return {"apiVersion": CNP_API, "kind": CNP_KIND,
+            "metadata": {"name": QUARANTINE_POLICY},
+            "spec": {"tier": ADMIN, "priority": -1,
+                     "subject": {"pods": {"namespaceSelector": {}, "podSelector": {
+                         "matchLabels": {QUARANTINE_LABEL: "true"}}}},
+                     "ingress": [{**rule, "from": [{}]}], "egress": [{**rule, "to": [{}]}]}}
 
 
 def with_quarantine_tier(policies: Sequence[ClusterNetworkPolicy],

@@ -69,6 +69,7 @@ from stockade.agent.admission import (
     deny_all,
     held_endpoint,
     quarantine_tier,
+    quarantine_tier_manifest,
 )
 from stockade.agent.extension import Handler
 from stockade.agent.metrics import Registry
@@ -799,7 +800,8 @@ class KubeFeed:
                                              for v in self.tiers.values())
             have_q = QUARANTINE_POLICY in state.cluster_policies
             if want_q and not have_q:
-                put_tiers.append(PutClusterPolicy(ClusterPolicyRecord(quarantine_tier())))
+                put_tiers.append(PutClusterPolicy(ClusterPolicyRecord(
+                    quarantine_tier(), quarantine_tier_manifest())))
             elif have_q and not want_q:
                 del_tiers.append(DeleteClusterPolicy(QUARANTINE_POLICY))
             # Order: what others need first, what they stop needing last; endpoints

@@ -307,6 +307,8 @@ class Reflector(ReflectorLoop):
                 return
             log.info("not served by the API (no CustomResourceDefinition); none exist",
                      extra={"fields": {"resource": self.res.plural, "error": str(e)}})
+            st.lists += 1  # an empty list was delivered
+            self._observe("list")
         st.synced = True
         st.last_error = NOT_SERVED
         st.last_event = self._clock()
