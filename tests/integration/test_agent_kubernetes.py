@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 from tests.support import shared
+from tests.support.cnp import CNP_CRD
 from tests.support.kubeapi import KubeAPI
 
 from stockade.agent.protocol import ApiError
@@ -59,21 +60,6 @@ NODE = "node-1"
 TCP80 = Port(80, Protocol.TCP)
 PLURALS = {"Namespace": "namespaces", "Pod": "pods", "NetworkPolicy": "networkpolicies",
            "ClusterNetworkPolicy": "clusternetworkpolicies"}
-# ClusterNetworkPolicy's CRD (policy.networking.k8s.io/v1alpha2, cluster-scoped), as the
-# network-policy-api release installs it, less the schema (the double does not enforce
-# one; the agent validates each object itself).
-CNP_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "clusternetworkpolicies.policy.networking.k8s.io"},
-    "spec": {"group": "policy.networking.k8s.io", "scope": "Cluster",
-             "names": {"kind": "ClusterNetworkPolicy", "listKind": "ClusterNetworkPolicyList",
-                       "plural": "clusternetworkpolicies",
-                       "singular": "clusternetworkpolicy", "shortNames": ["cnp"]},
-             "versions": [{"name": "v1alpha2", "served": True, "storage": True,
-                           "subresources": {"status": {}},
-                           "schema": {"openAPIV3Schema": {
-                               "type": "object",
-                               "x-kubernetes-preserve-unknown-fields": True}}}]}}
 
 
 # ---- writing to the API as users and kubelets do ------------------------------------------

@@ -5,6 +5,7 @@ and a server without the CRD meaning none (no root needed)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,53 @@ def test_the_quarantine_tier_shows_as_a_manifest(fx: Fixture) -> None:
     items = fx.service.handle("get", {"kind": "clusternetworkpolicies"})["items"]
     assert [i["metadata"]["name"] for i in items] == ["ok", QUARANTINE_POLICY]
     assert items[1]["spec"]["tier"] == "Admin" and items[1]["spec"]["priority"] == -1
+
+
+def test_against_the_api_double_without_then_with_the_crd(tmp_path: Path) -> None:
+    """The double answers a list of a resource it does not serve as the API server does
+    (404): the reflector delivers an empty list and keeps asking; once the CRD is
+    created, the objects are listed and then watched."""
+    import threading
+
+    from tests.support.cnp import CNP_CRD
+    from tests.support.kubeapi import KubeAPI
+
+    delivered: list[list[str]] = []
+    events: list[tuple[str, str]] = []
+    got = threading.Event()
+
+    class Sink:
+        def replace(self, items: list[dict[str, Any]], rv: str) -> None:
+            delivered.append([i["metadata"]["name"] for i in items])
+            got.set()
+
+        def event(self, type: str, obj: dict[str, Any]) -> None:
+            events.append((type, obj["metadata"]["name"]))
+            got.set()
+
+    def wait(pred: Any) -> None:
+        deadline = time.monotonic() + 10
+        while not pred():
+            assert time.monotonic() < deadline, (delivered, events)
+            got.wait(0.05)
+            got.clear()
+
+    with KubeAPI() as api:
+        client = KubeClient.connect(str(api.write_kubeconfig(tmp_path / "kubeconfig")))
+        r = Reflector(client, CLUSTER_NETWORK_POLICIES, Sink(), config=ReflectorConfig(
+            backoff_base=0.05, backoff_cap=0.2, min_watch=0.0))
+        r.start()
+        try:
+            wait(lambda: delivered == [[]])
+            assert r.synced.is_set() and r.status.last_error == NOT_SERVED
+            api.create(CNP_CRD)
+            api.create({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+                        "kind": "ClusterNetworkPolicy", **cnp("a", 1, "Deny")})
+            wait(lambda: delivered[-1] == ["a"])
+            api.create({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+                        "kind": "ClusterNetworkPolicy", **cnp("b", 2, "Deny")})
+            wait(lambda: ("ADDED", "b") in events)
+            assert r.status.errors == 0
+        finally:
+            r.stop(timeout=1)
+            client.close()
