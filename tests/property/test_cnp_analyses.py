@@ -5,7 +5,9 @@ For random small clusters with random NetworkPolicies and ClusterNetworkPolicies
 tables; `stockade list`'s port intervals are the evaluator's verdicts on sampled
 ports of every protocol and on addresses inside and outside every ipBlock and
 every `networks` CIDR; `diff` reports exactly the sampled connections whose
-verdict differs when the tiers change.
+verdict differs when the tiers change; removing what coverage reports as dead or
+shadowed changes no verdict; and when lint reports no same-priority overlap, the
+tie-break between equal priorities changes no verdict.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from stockade.engine.connectivity import (
     connectivity,
     workload_peers,
 )
+from stockade.engine.coverage import DEAD_RULE, UNUSED_POLICY, coverage
 from stockade.engine.diff import diff_policies, render_range
 from stockade.engine.evaluate import Evaluator, Flow
+from stockade.engine.lint import lint
 from stockade.engine.matrix import compute_matrix, evaluator_judge
 from stockade.model.cluster import Cluster
 from stockade.model.cnp import ACTIONS
@@ -216,3 +220,57 @@ def _assert_diff_exact(old: Cluster, new: Cluster, u: Universe) -> None:
                     out = Flow(pod, pod.ips[0], None, address, port, protocol)
                     assert listed(pod.key, outbound, protocol, port) == \
                         (before.allowed(out) != after.allowed(out)), (pod.key, address)
+
+
+# ---- coverage and lint -----------------------------------------------------------------
+
+
+def _verdicts(cluster: Cluster, flows: list[Flow]) -> list[bool]:
+    ev = Evaluator(cluster)
+    return [ev.allowed(f) for f in flows]
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), name=st.sampled_from(sorted(UNIVERSES)))
+def test_what_coverage_calls_dead_or_shadowed_changes_no_verdict(data: st.DataObject,
+                                                                 name: str) -> None:
+    """Removing every ClusterNetworkPolicy that selects no pod and every rule coverage
+    reports as dead or shadowed (lint's SK011 too) leaves every verdict as it was."""
+    sc = data.draw(cnp_scenarios(UNIVERSES[name]), label="scenario")
+    report = coverage(sc.cluster)
+    gone = {g.subject.removeprefix("ClusterNetworkPolicy ") for g in report.gaps
+            if g.kind == UNUSED_POLICY and g.subject.startswith("ClusterNetworkPolicy ")}
+    dead = {(g.subject.removeprefix("ClusterNetworkPolicy "), g.where) for g in report.gaps
+            if g.kind == DEAD_RULE and g.subject.startswith("ClusterNetworkPolicy ")}
+    shadowed = {(f.subject.removeprefix("ClusterNetworkPolicy "), f.where)
+                for f in lint(sc.cluster) if f.code == "SK011"}
+    assert shadowed <= dead
+    kept = []
+    for p in sc.cluster.cluster_policies:
+        if p.name in gone:
+            continue
+        kept.append(replace(
+            p, ingress=tuple(r for i, r in enumerate(p.ingress)
+                             if (p.name, f"spec.ingress[{i}]") not in dead),
+            egress=tuple(r for i, r in enumerate(p.egress)
+                         if (p.name, f"spec.egress[{i}]") not in dead)))
+    pruned = Cluster(sc.cluster.namespaces, sc.cluster.endpoints, sc.cluster.policies,
+                     tuple(kept))
+    flows = list(sc.flows())
+    assert _verdicts(pruned, flows) == _verdicts(sc.cluster, flows)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), name=st.sampled_from(sorted(UNIVERSES)))
+def test_without_a_same_priority_overlap_the_tie_break_does_not_matter(
+        data: st.DataObject, name: str) -> None:
+    """When lint reports no SK010, reversing the order of policies of equal priority
+    (by renaming them) changes no verdict."""
+    sc = data.draw(cnp_scenarios(UNIVERSES[name]), label="scenario")
+    if any(f.code == "SK010" for f in lint(sc.cluster)):
+        return
+    ordered = sorted(sc.cluster.cluster_policies, key=lambda p: p.name)
+    renamed = tuple(replace(p, name=f"r-{len(ordered) - i:03d}") for i, p in enumerate(ordered))
+    flipped = Cluster(sc.cluster.namespaces, sc.cluster.endpoints, sc.cluster.policies, renamed)
+    flows = list(sc.flows())
+    assert _verdicts(flipped, flows) == _verdicts(sc.cluster, flows)

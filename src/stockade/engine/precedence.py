@@ -115,24 +115,16 @@ class Precedence:
                 + ", ".join(self.label(k) for k in earlier))
 
 
-def _family(ep: Endpoint) -> int | None:
-    addr = parse_ip(ep.ips[0]) if ep.ips else None
-    return addr.version if addr is not None else None
-
-
 def _others(subject: Endpoint, direction: str, cluster: Cluster,
             ranges: dict[str, tuple[AddressRange, ...]]) -> Iterator[Other]:
-    """Every other end of the subject's connections in a direction, with the address
-    the evaluator would see for it."""
-    family = _family(subject)
+    """Every other end of the subject's connections in a direction, with each address
+    it may use."""
     for ep in cluster.endpoints:
         if ep.key == subject.key:
             continue  # a pod talking to itself is not subject to the tiers
-        if direction == EGRESS:
-            ip = ep.ips[0] if ep.ips else ""
-        else:
-            ip = (ep.ip_for_family(family) if family else None) or (ep.ips[0] if ep.ips else "")
-        yield Other(ep.key, ep, ip)
+        # Any of its addresses: a dual-stack pod is reached (or connects) over each.
+        for ip in ep.ips or ("",):
+            yield Other(ep.key, ep, ip)
     for rng in ranges[direction]:
         yield Other(rng.render().removesuffix("[External]"), None, rng.sample)
 
