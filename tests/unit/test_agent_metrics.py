@@ -184,7 +184,8 @@ def test_agent_metrics() -> None:
                  "stockade_reconcile_enforcement_latency_seconds",
                  "stockade_reconcile_applies_total", "stockade_reconcile_apply_errors_total",
                  "stockade_reconcile_drift_repairs_total", "stockade_state_endpoints",
-                 "stockade_state_policies", "stockade_state_namespaces",
+                 "stockade_state_policies", "stockade_state_cluster_policies",
+                 "stockade_state_namespaces",
                  "stockade_datapath_objects", "stockade_flows_denied_packets_total",
                  "stockade_conntrack_flows_cut_total"):
         assert f"# TYPE {name} " in text, name

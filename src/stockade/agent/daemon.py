@@ -597,6 +597,7 @@ class Agent:
         st = self.service.state
         self.metrics.endpoints.set(len(st.endpoints))
         self.metrics.policies.set(len(st.policies))
+        self.metrics.cluster_policies.set(len(st.cluster_policies))
         self.metrics.namespaces.set(len(st.namespaces))
         if self.metrics_server is None:
             return  # nobody reads them: counting every element is not free at scale

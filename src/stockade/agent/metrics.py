@@ -49,6 +49,7 @@ class AgentMetrics:
     drift_repairs: Counter
     endpoints: Gauge
     policies: Gauge
+    cluster_policies: Gauge
     namespaces: Gauge
     datapath_objects: Gauge
     flows_denied_packets: Counter
@@ -77,6 +78,8 @@ def agent_metrics(registry: Registry) -> AgentMetrics:
             "Times the kernel's ruleset differed from the desired one and was repaired."),
         endpoints=r.gauge("stockade_state_endpoints", "Endpoints in the agent's state."),
         policies=r.gauge("stockade_state_policies", "NetworkPolicies in the agent's state."),
+        cluster_policies=r.gauge("stockade_state_cluster_policies",
+                                 "ClusterNetworkPolicies in the agent's state."),
         namespaces=r.gauge("stockade_state_namespaces", "Namespaces in the agent's state."),
         datapath_objects=r.gauge(
             "stockade_datapath_objects",

@@ -320,7 +320,7 @@ def run_status(args: argparse.Namespace) -> int:
               + (f", ERROR: {last['error']}" if last.get("error") else ""))
     c = st["counts"]
     print(f"objects:        {c['namespaces']} namespaces, {c['endpoints']} endpoints, "
-          f"{c['policies']} policies")
+          f"{c['policies']} policies, {c.get('clusterPolicies', 0)} cluster policies")
     print(f"drift repaired: {st['driftRepairs']} time(s); apply failures: {st['applyFailures']}")
     print(f"datapath:       {st['datapath']}; up {st['uptime']} s")
     if st.get("table"):
