@@ -5,6 +5,7 @@ and a server without the CRD meaning none (no root needed)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ import httpx
 import pytest
 from test_kube_reflector import Fixture, MemoryDatapath, Script, ns, pod, status
 from test_kube_reflector import listing as listing_of
+from tests.support.cnp import CNP_CRD
+from tests.support.kubeapi import KubeAPI
 
 from stockade.agent.admission import QUARANTINE_LABEL, QUARANTINE_POLICY
 from stockade.compile.interpret import allows
@@ -21,8 +24,10 @@ from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import canonical
 from stockade.kube.client import CLUSTER_NETWORK_POLICIES, KubeClient
 from stockade.kube.client import NAMESPACES as NAMESPACE_RESOURCE
+from stockade.kube.live import read_cluster
 from stockade.kube.reflector import NOT_SERVED, Reflector, ReflectorConfig
 from stockade.model.labels import Labels
+from stockade.model.parse import decode_objects
 
 
 class TieredMemory(MemoryDatapath):
@@ -178,10 +183,6 @@ def test_against_the_api_double_without_then_with_the_crd(tmp_path: Path) -> Non
     """The double answers a list of a resource it does not serve as the API server does
     (404): the reflector delivers an empty list and keeps asking; once the CRD is
     created, the objects are listed and then watched."""
-    import threading
-
-    from tests.support.cnp import CNP_CRD
-    from tests.support.kubeapi import KubeAPI
 
     delivered: list[list[str]] = []
     events: list[tuple[str, str]] = []
@@ -221,4 +222,22 @@ def test_against_the_api_double_without_then_with_the_crd(tmp_path: Path) -> Non
             assert r.status.errors == 0
         finally:
             r.stop(timeout=1)
+            client.close()
+
+
+def test_kubectl_stockade_reads_them_from_a_live_cluster(tmp_path: Path) -> None:
+    """`kubectl stockade`'s reading of a cluster (kube/live.py): every
+    ClusterNetworkPolicy, whatever the namespace read; none without the CRD."""
+
+    with KubeAPI() as api:
+        client = KubeClient.connect(str(api.write_kubeconfig(tmp_path / "kubeconfig")))
+        try:
+            assert read_cluster(client, "default").cluster_policies == []
+            api.create(CNP_CRD)
+            api.create({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+                        "kind": "ClusterNetworkPolicy", **cnp("a", 1, "Deny")})
+            found = read_cluster(client, "default")
+            objects, errors = decode_objects(found.documents(), "cluster")
+            assert errors == [] and [p.name for p in objects.cluster_policies] == ["a"]
+        finally:
             client.close()

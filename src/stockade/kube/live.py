@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stockade.kube.client import (
+    CLUSTER_NETWORK_POLICIES,
     DAEMONSETS,
     NAMESPACES,
     NETWORK_POLICIES,
@@ -75,16 +76,19 @@ def kube_context(kubeconfig: str | None = None, context: str | None = None, *,
 
 @dataclass
 class ClusterDocuments:
-    """Namespaces, Pods and NetworkPolicies as documents, and the pods left out."""
+    """Namespaces, Pods, NetworkPolicies and ClusterNetworkPolicies as documents, and the
+    pods left out."""
 
     namespaces: list[dict[str, Any]] = field(default_factory=list)
     pods: list[dict[str, Any]] = field(default_factory=list)
     policies: list[dict[str, Any]] = field(default_factory=list)
+    # Cluster-scoped: every one, whatever the namespace read (they judge its pods too).
+    cluster_policies: list[dict[str, Any]] = field(default_factory=list)
     # reason -> the pods (namespace/name) left out for it
     left_out: dict[str, list[str]] = field(default_factory=dict)
 
     def documents(self) -> list[dict[str, Any]]:
-        return [*self.namespaces, *self.pods, *self.policies]
+        return [*self.namespaces, *self.pods, *self.policies, *self.cluster_policies]
 
 
 def as_document(res: Resource, item: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +119,8 @@ def pod_key(pod: dict[str, Any]) -> str:
 
 def read_cluster(client: KubeClient, namespace: str | None) -> ClusterDocuments:
     """The objects of ``namespace`` (its Namespace, Pods and NetworkPolicies), or of
-    every namespace when it is None. A namespace that does not exist holds nothing."""
+    every namespace when it is None, and every ClusterNetworkPolicy. A namespace that
+    does not exist holds nothing."""
     out = ClusterDocuments()
     if namespace is None:
         out.namespaces = [as_document(NAMESPACES, ns) for ns in client.list(NAMESPACES).items]
@@ -132,7 +137,20 @@ def read_cluster(client: KubeClient, namespace: str | None) -> ClusterDocuments:
             out.left_out.setdefault(reason, []).append(pod_key(pod))
     out.policies = [as_document(NETWORK_POLICIES, p)
                     for p in client.list(NETWORK_POLICIES, namespace).items]
+    out.cluster_policies = [as_document(CLUSTER_NETWORK_POLICIES, p)
+                            for p in list_optional(client, CLUSTER_NETWORK_POLICIES)]
     return out
+
+
+def list_optional(client: KubeClient, res: Resource) -> list[dict[str, Any]]:
+    """Every object of ``res``; none when the server does not serve it (a CRD's
+    resource before the CRD is installed answers 404)."""
+    try:
+        return client.list(res).items
+    except KubeError as e:
+        if res.optional and e.code == 404:
+            return []
+        raise
 
 
 # ---- the CNI side: `kubectl stockade status` ------------------------------------------------
