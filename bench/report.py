@@ -8,6 +8,10 @@ tens of percent from run to run, which is why the benchmarks themselves compare
 variants interleaved in one run and report ratios and spreads.
 
     .venv/bin/python bench/report.py [--only offline cni …] [--out docs]
+
+With ``--only``, the sections of the other benchmarks already in the report (and
+their goals) are kept as they were, each saying when and at which commit it was
+measured.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from results import Results, read
@@ -34,6 +41,7 @@ STEPS: dict[str, list[str]] = {
             "--parallel", "20"],
     "agent": ["agent.py", "--rounds", "30", "--seconds", "5"],
     "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "3"],
+    "multihost": ["multihost.py", "--endpoints", "10000", "--hosts", "3", "--changes", "100"],
 }
 
 
@@ -116,25 +124,86 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def render(done: dict[str, tuple[Results | None, float, str]], out: Path) -> str:
+def sections(text: str) -> dict[str, list[str]]:
+    """A report's ``## name`` sections: name -> its lines, the heading excluded."""
+    out: dict[str, list[str]] = {}
+    lines: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            lines = out.setdefault(line[3:].strip(), [])
+        elif lines is not None:
+            lines.append(line)
+    return out
+
+
+def table_rows(lines: list[str]) -> list[list[str]]:
+    """The body rows of the markdown tables in ``lines`` (cells unescaped)."""
+    rows = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            for line in lines if line.startswith("| ")]
+    return [r for r in rows[1:] if not all(set(c) <= {"-"} for c in r)]
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A benchmark's section of an earlier report, not run this time."""
+
+    lines: list[str]
+    goals: list[list[str]]  # its rows of the goals table
+
+
+def kept_sections(previous: str, run: Sequence[str]) -> dict[str, Kept]:
+    """The sections of ``previous`` (a report) of benchmarks not in ``run``, each saying
+    when it was measured (an older report gave that only for the whole report)."""
+    old = sections(previous)
+    machine = dict((r[0], r[1]) for r in table_rows(old.get("The machine", [])) if len(r) == 2)
+    goals = table_rows(old.get("Goals", []))
+    out: dict[str, Kept] = {}
+    for name in STEPS:
+        if name in run or name not in old:
+            continue
+        lines = "\n".join(old[name]).strip("\n").splitlines()
+        at = next((i for i, line in enumerate(lines) if line.startswith("`")), None)
+        if at is not None:
+            lines[at] = re.sub(r" --json \S+", "", lines[at])
+        if at is not None and " UTC, commit " not in lines[at] and lines[at].endswith(")"):
+            lines[at] = (lines[at][:-1] + f"; {machine.get('date (UTC)', '?')} UTC, commit "
+                         f"{machine.get('commit', '?')})")
+        out[name] = Kept(lines, [r for r in goals if r and r[0] == name])
+    return out
+
+
+def render(done: dict[str, tuple[Results | None, float, str]], out: Path,
+           kept: Mapping[str, Kept] | None = None) -> str:
+    kept = kept or {}
+    about = dict(machine())
+    when = f"{about['date (UTC)']} UTC, commit {about['commit']}"
     lines = ["# Benchmarks", "",
              "Written by `make bench` (`bench/report.py`); do not edit by hand. Every figure",
-             "below is what this machine gave in the run described here, measured by the",
+             "below is what this machine gave in the run described with it, measured by the",
              "benchmark named with it. The machine is small and shared: read ratios, spreads",
              "and growth, not the last digit.", "", "## The machine", ""]
-    lines += md_table(["", ""], [list(r) for r in machine()])
-    goals = [(name, g) for name, (res, _, _) in done.items() if res for g in res.goals]
+    lines += md_table(["", ""], [list(r) for r in about.items()])
+    if kept:
+        lines += ["", f"The sections of {', '.join(kept)} are from an earlier run "
+                      "(`bench/report.py --only` ran the others); each says when."]
+    goals = [[name, g.goal, g.measured, "met" if g.met else "**not met**"]
+             for name, (res, _, _) in done.items() if res for g in res.goals]
+    goals += [row for k in kept.values() for row in k.goals]
+    order = list(STEPS)
+    goals.sort(key=lambda r: order.index(r[0]) if r[0] in order else len(order))
     lines += ["", "## Goals", ""]
-    lines += md_table(["benchmark", "goal", "measured", "status"],
-                      [[name, g.goal, g.measured, "met" if g.met else "**not met**"]
-                       for name, g in goals])
-    for name, (res, took, error) in done.items():
+    lines += md_table(["benchmark", "goal", "measured", "status"], goals)
+    for name in [n for n in order if n in done or n in kept]:
         lines += ["", f"## {name}", ""]
+        if name in kept:
+            lines += kept[name].lines
+            continue
+        res, took, error = done[name]
         if res is None:
             lines += [f"Not measured in this run ({error}).", ""]
             continue
-        lines += [f"`.venv/bin/python bench/{res.command.removeprefix('bench/')}` "
-                  f"({took:.0f} s)", ""]
+        command = re.sub(r" --json \S+", "", res.command.removeprefix("bench/"))
+        lines += [f"`.venv/bin/python bench/{command}` ({took:.0f} s; {when})", ""]
         for t in res.tables:
             lines += [f"**{t.title}**", ""]
             lines += md_table(t.header, t.rows)
@@ -158,8 +227,10 @@ def main() -> None:
         for name in args.only:
             done[name] = run_step(name, STEPS[name], Path(tmp))
     args.out.mkdir(parents=True, exist_ok=True)
-    text = render(done, args.out)
-    (args.out / "benchmarks.md").write_text(text, encoding="utf-8")
+    report = args.out / "benchmarks.md"
+    previous = report.read_text(encoding="utf-8") if report.exists() else ""
+    text = render(done, args.out, kept_sections(previous, args.only))
+    report.write_text(text, encoding="utf-8")
     print(f"wrote {args.out / 'benchmarks.md'}", file=sys.stderr)
     if any(res is None for res, _, _ in done.values()):
         raise SystemExit(1)
