@@ -117,6 +117,8 @@ def test_rbac_is_least_privilege() -> None:
     read = {"get", "list", "watch"}
     assert agent == ({("", r, v) for r in ("pods", "namespaces") for v in read}
                      | {("networking.k8s.io", "networkpolicies", v) for v in read}
+                     | {("policy.networking.k8s.io", "clusternetworkpolicies", v)
+                        for v in read}
                      | {("", "nodes", "get")})
     operator = _grants(objs["ClusterRole", "stockade-operator"])
     assert {("stockade.io", "microservices", v) for v in
