@@ -206,3 +206,40 @@ def test_get_and_delete_from_the_command_line(trio, agent, tmp_path: Path) -> No
     assert json.loads(cli("get", "clusternetworkpolicies", "-o", "json")) == [doc]
     assert "clusternetworkpolicy/deny-b deleted" in cli("delete", "cnp", "deny-b")
     assert agent.call("get", kind="cnp")["items"] == []
+
+
+def test_priority_flips_reach_the_kernel_in_one_transaction(trio, agent, servers) -> None:
+    """Two Admin policies for a's ingress from c, Accept and Deny, swap priorities again
+    and again: each swap is one apply adding the new chains and moving a's map entry to
+    them (in one nft transaction), c's verdict is the new one when the call returns, and
+    b, which neither policy names, is never dropped meanwhile."""
+    apply(agent, _policy("web", "a", {"pod": "b"}))
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not _probe(trio, [B_A], timeout=0.5)[B_A]:
+                failures.append("b->a dropped during a swap")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    swaps = 0
+    try:
+        for i in range(12):
+            accept_first = i % 2 == 0
+            apply(agent, cnp("accept-c", "Admin", 10 if accept_first else 30, "Accept",
+                             subject="a", peer=pods("c")),
+                  cnp("deny-c", "Admin", 20, "Deny", subject="a", peer=pods("c")))
+            last = agent.call("status")["lastApply"]
+            if i and not last["verified"]:  # not a periodic run (1 s) come in between
+                swaps += 1
+                assert last["summary"].get("chains_added", 0) >= 1, last
+                assert last["summary"].get("map_entries_set", 0) >= 1, last
+            assert _probe(trio, [C_A])[C_A] is accept_first, i
+    finally:
+        stop.set()
+        watcher.join()
+    assert failures == []
+    assert swaps >= 6
+    assert agent.call("status")["driftRepairs"] == 0
