@@ -164,7 +164,7 @@ def kept_sections(previous: str, run: Sequence[str]) -> dict[str, Kept]:
         lines = "\n".join(old[name]).strip("\n").splitlines()
         at = next((i for i, line in enumerate(lines) if line.startswith("`")), None)
         if at is not None:
-            lines[at] = re.sub(r" --json \S+", "", lines[at])
+            lines[at] = re.sub(r" --json [^\s`]+", "", lines[at])
         if at is not None and " UTC, commit " not in lines[at] and lines[at].endswith(")"):
             lines[at] = (lines[at][:-1] + f"; {machine.get('date (UTC)', '?')} UTC, commit "
                          f"{machine.get('commit', '?')})")
@@ -202,7 +202,7 @@ def render(done: dict[str, tuple[Results | None, float, str]], out: Path,
         if res is None:
             lines += [f"Not measured in this run ({error}).", ""]
             continue
-        command = re.sub(r" --json \S+", "", res.command.removeprefix("bench/"))
+        command = re.sub(r" --json [^\s`]+", "", res.command.removeprefix("bench/"))
         lines += [f"`.venv/bin/python bench/{command}` ({took:.0f} s; {when})", ""]
         for t in res.tables:
             lines += [f"**{t.title}**", ""]
