@@ -167,7 +167,8 @@ def test_losing_the_store_never_opens_enforcement(trio, agent, servers, tmp_path
     agent.cmd += ["--restore-snapshot", str(snapshot)]
     agent.start()
     st = agent.call("status")
-    assert st["inSync"] and st["counts"] == {"namespaces": 1, "endpoints": 3, "policies": 1}
+    assert st["inSync"] and st["counts"] == {"namespaces": 1, "endpoints": 3, "policies": 1,
+                                             "clusterPolicies": 0}
     assert _probe(trio, list(BASELINE)) == BASELINE
     agent.stop()
     # A snapshot is only for an empty store.

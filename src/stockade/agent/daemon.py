@@ -394,7 +394,7 @@ class Agent:
         """
         assert self.store is not None
         cfg = self.config
-        if state.namespaces or state.endpoints or state.policies:
+        if state.namespaces or state.endpoints or state.policies or state.cluster_policies:
             if cfg.restore_snapshot:
                 raise AgentError("--restore-snapshot is for an empty store; this one holds "
                                  f"state (revision {revision}): use `stockade snapshot "
