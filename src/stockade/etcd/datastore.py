@@ -564,14 +564,23 @@ class EtcdService(Service):
             revision, touched = feed.write(changes)
             # Acknowledged by etcd; now until this agent's watch has delivered it (the
             # wait releases the lock, so the feed can commit it meanwhile).
-            seen = self.caught_up.wait_for(
-                lambda: all(feed.seen.get(p, 0) >= r for p, r in touched.items()),
-                SEEN_TIMEOUT)
+            # A large write behind a busy watch may take longer than SEEN_TIMEOUT to come
+            # back: the wait goes on while the watch makes progress, and gives up only
+            # after SEEN_TIMEOUT without any.
+            progress = sum(feed.seen.get(p, 0) for p in touched)
+            while True:
+                seen = self.caught_up.wait_for(
+                    lambda: all(feed.seen.get(p, 0) >= r for p, r in touched.items()),
+                    SEEN_TIMEOUT)
+                now = sum(feed.seen.get(p, 0) for p in touched)
+                if seen or now == progress:
+                    break
+                progress = now
             if not seen:
                 raise ApiError(TIMEOUT, f"written to etcd at revision {revision}, but this "
-                                        f"agent's watch has not delivered it after "
-                                        f"{SEEN_TIMEOUT:.0f}s; it is enforced once it does "
-                                        "(see `stockade status`)")
+                                        f"agent's watch has not delivered it, with no "
+                                        f"progress for {SEEN_TIMEOUT:.0f}s; it is enforced "
+                                        "once it does (see `stockade status`)")
             local = self.reconciler.desired_revision
         if sync:
             self._wait(local)
