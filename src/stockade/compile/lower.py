@@ -327,7 +327,7 @@ class Lowering:
 
     def ruleset(self) -> Ruleset:
         maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
-        tiers = self._tier_subjects()
+        tiers = self.tier_subjects()
         for mdir, direction in DIRECTION.items():
             # by ids: resolve shares one PolicySet per set, tiers one list per set
             chain_of: dict[tuple[int, ...], str] = {}
@@ -375,7 +375,7 @@ class Lowering:
         assert chain is not None
         return chain.name
 
-    def _tier_subjects(self) -> dict[str, dict[int, tuple[list[ClusterNetworkPolicy],
+    def tier_subjects(self) -> dict[str, dict[int, tuple[list[ClusterNetworkPolicy],
                                                           list[ClusterNetworkPolicy]]]]:
         """Per direction and identity, the Admin and the Baseline policies with rules of
         that direction whose subject selects it, in precedence order."""
