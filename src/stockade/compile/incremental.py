@@ -53,6 +53,8 @@ class IncrementalCompiler:
         self.policies: dict[str, model.NetworkPolicy] = {}
         self.cluster_policies: dict[str, ClusterNetworkPolicy] = {}
         self._tier_order: list[ClusterNetworkPolicy] = []  # by precedence
+        self._tier_cache: dict[tuple[str, str, Labels],
+                               tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._policies_in: dict[str, dict[str, model.NetworkPolicy]] = {}
         self._endpoints_in: dict[str, set[str]] = {}
         # sets: the spec, how many chains name it, element counts, the current object
@@ -109,6 +111,7 @@ class IncrementalCompiler:
             inc.endpoints[ep.key] = ep
             inc._endpoints_in.setdefault(ep.namespace, set()).add(ep.key)
         bulk = Lowering(resolve(cluster))
+        tier_subjects = bulk.tier_subjects() if inc._tier_order else {}
         for direction in model.DIRECTIONS:
             isolated = bulk.res.isolated[direction]
             if not inc._tier_order:
@@ -116,11 +119,16 @@ class IncrementalCompiler:
                     for ep in bulk.index.members[ident]:
                         inc._place(ep, direction, ps.keys, bulk.members)
                 continue
-            # With tiers an endpoint no NetworkPolicy isolates may still have a chain.
+            # With tiers an endpoint no NetworkPolicy isolates may still have a chain;
+            # which tiers select whom is answered through the label index, as in bulk.
+            subjects = tier_subjects[direction]
             for ident, pods in enumerate(bulk.index.members):
                 found = isolated.get(ident)
+                admin, baseline = subjects.get(ident, ((), ()))
+                names = (tuple(p.name for p in admin), tuple(p.name for p in baseline))
                 for ep in pods:
-                    inc._place(ep, direction, found.keys if found else (), bulk.members)
+                    inc._place(ep, direction, found.keys if found else (), bulk.members,
+                               names)
         return inc
 
     def cluster(self) -> Cluster:
@@ -178,6 +186,7 @@ class IncrementalCompiler:
                 self._leave(ep, set_name)
                 self._join_if_selected(ep, set_name)
         if self._tier_order:
+            self._tier_cache.clear()
             self._replace_endpoints([self.endpoints[k]
                                      for k in sorted(self._endpoints_in.get(name, ()))])
             self._collect()
@@ -257,16 +266,28 @@ class IncrementalCompiler:
 
     def _tiers(self, ep: Endpoint, direction: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The Admin and the Baseline policies with rules of `direction` whose subject
-        selects `ep`, in precedence order."""
+        selects `ep`, in precedence order. A subject reads the pod's labels and its
+        namespace's: the answer is kept per (direction, namespace, labels) until a tier
+        policy or a namespace's labels change (a policy change moves many pods of few
+        label sets)."""
+        key = (direction, ep.namespace, ep.labels)
+        found = self._tier_cache.get(key)
+        if found is not None:
+            return found
         admin: list[str] = []
         baseline: list[str] = []
         for p in self._tier_order:
             if p.rules(direction) and subject_selects(p.subject, ep, self.namespace_labels):
                 (admin if p.tier == ADMIN else baseline).append(p.name)
-        return tuple(admin), tuple(baseline)
+        found = self._tier_cache[key] = (tuple(admin), tuple(baseline))
+        return found
 
     def _place(self, ep: Endpoint, direction: str, keys: tuple[str, ...] | None = None,
-               members: Members | None = None) -> None:
+               members: Members | None = None,
+               tiers: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> None:
+        """Give `ep` its run of chains for `direction`: by the NetworkPolicies selecting
+        it (`keys`) and the tier policies (`tiers`: Admin, Baseline names), both found
+        here when not given."""
         if ep.remote:
             return  # a peer only: its node enforces its policies (see Endpoint.remote)
         if keys is None:
@@ -274,7 +295,7 @@ class IncrementalCompiler:
         admin: tuple[str, ...] = ()
         baseline: tuple[str, ...] = ()
         if self._tier_order:
-            admin, baseline = self._tiers(ep, direction)
+            admin, baseline = tiers if tiers is not None else self._tiers(ep, direction)
             if keys:
                 baseline = ()  # NetworkPolicy is final: Baseline is never reached
         if not keys and not admin and not baseline:
@@ -525,6 +546,7 @@ class IncrementalCompiler:
     def _order_tiers(self) -> None:
         self._tier_order = sorted(self.cluster_policies.values(),
                                   key=ClusterNetworkPolicy.order)
+        self._tier_cache.clear()
 
     def _replace_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Place endpoints again, both ways (what selects them may have changed)."""
