@@ -63,6 +63,12 @@ class Agent:
     def close(self) -> None:
         self.store.close()
 
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
@@ -220,6 +226,12 @@ def test_a_datapath_without_tiers_refuses_them_at_admission(tmp_path: Path) -> N
         assert "does not enforce ClusterNetworkPolicy" in " ".join(err.value.lines)
         assert agent.call("get", kind="namespaces")["items"] == []  # nothing applied
         agent.apply(*SCENE)  # the rest still works
+        with Agent(tmp_path / "other") as other:
+            other.apply(cnp("deny-db", "Admin", 10, "Deny"))
+            snap = other.call("snapshot.save")["snapshot"]
+        with pytest.raises(ApiError, match=r"not restored: .*does not enforce"):
+            agent.call("snapshot.restore", snapshot=snap)
+        assert agent.service.state.cluster_policies == {}
     finally:
         agent.close()
 
