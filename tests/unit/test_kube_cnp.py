@@ -241,3 +241,8 @@ def test_kubectl_stockade_reads_them_from_a_live_cluster(tmp_path: Path) -> None
             assert errors == [] and [p.name for p in objects.cluster_policies] == ["a"]
         finally:
             client.close()
+
+
+def test_the_cni_plugin_hears_why_a_pod_is_held(fx: Fixture) -> None:
+    fx.lists(NAMESPACES, [], PODS, [cnp("bad", 1, "Deny", sideways=True)])
+    assert fx.feed.hold_reasons("db/db") and not fx.feed.hold_reasons("ns/web")

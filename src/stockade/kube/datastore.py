@@ -509,8 +509,10 @@ class KubeFeed:
         """Why the pod ``key`` is held fail-closed (empty: it is not)."""
         with self._lock:
             pod = self.pods.get(key)
-            return [*(pod.errors if pod is not None else ()),
-                    *self._ns_reasons(key.partition("/")[0])]
+            ns, _, name = key.partition("/")
+            tiers = self._tier_reasons(Endpoint(ns, name, pod.labels, ())) \
+                if pod is not None else []
+            return [*(pod.errors if pod is not None else ()), *self._ns_reasons(ns), *tiers]
 
     # ---- the sinks --------------------------------------------------------------------------
 
