@@ -24,7 +24,7 @@ from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import canonical
 from stockade.kube.client import CLUSTER_NETWORK_POLICIES, KubeClient
 from stockade.kube.client import NAMESPACES as NAMESPACE_RESOURCE
-from stockade.kube.live import read_cluster
+from stockade.kube.live import policy_differences, policy_versions, read_cluster
 from stockade.kube.reflector import NOT_SERVED, Reflector, ReflectorConfig
 from stockade.model.labels import Labels
 from stockade.model.parse import decode_objects
@@ -246,3 +246,17 @@ def test_kubectl_stockade_reads_them_from_a_live_cluster(tmp_path: Path) -> None
 def test_the_cni_plugin_hears_why_a_pod_is_held(fx: Fixture) -> None:
     fx.lists(NAMESPACES, [], PODS, [cnp("bad", 1, "Deny", sideways=True)])
     assert fx.feed.hold_reasons("db/db") and not fx.feed.hold_reasons("ns/web")
+
+
+def test_the_versions_the_kernel_enforces_name_them_too(fx: Fixture) -> None:
+    """What `kubectl stockade status` compares: a ClusterNetworkPolicy by its name."""
+    fx.lists(NAMESPACES, [], PODS, [cnp("deny-db", 10, "Deny", "4")])
+    fx.enforce()
+    versions = fx.feed.policy_versions(fx.reconciler.applied_revision)
+    assert versions == {"deny-db": "4"}
+    assert policy_differences(policy_versions([cnp("deny-db", 10, "Deny", "5")]),
+                              versions) == [
+        "ClusterNetworkPolicy deny-db: enforces resourceVersion 4, the cluster has 5"]
+    fx.feed.event(CLUSTER_NETWORK_POLICIES, "DELETED", cnp("deny-db", 10, "Deny", "6"))
+    fx.enforce()
+    assert fx.feed.policy_versions(fx.reconciler.applied_revision) == {}

@@ -36,7 +36,7 @@ from stockade.agent.extension import Extension, Handler, Operations
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
 from stockade.agent.protocol import Args
 from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
-from stockade.agent.records import AgentState
+from stockade.agent.records import AgentState, ClusterPolicyRecord, PolicyRecord
 from stockade.agent.runner import BoundedFrequencyRunner
 from stockade.agent.server import ApiServer
 from stockade.agent.service import Service
@@ -571,9 +571,13 @@ class Agent:
         else:
             node = self.config.node or os.environ.get("NODE_NAME") or socket.gethostname()
             with self.service.lock:
+                state = self.service.state
+                records: list[tuple[str, PolicyRecord | ClusterPolicyRecord]] = [
+                    *state.policies.items(), *state.cluster_policies.items()]
                 policies = {k: str((p.manifest.get("metadata") or {}).get("resourceVersion")
-                                   or "") for k, p in self.service.state.policies.items()
-                            if not k.endswith(f"/{QUARANTINE_POLICY}")}
+                                   or "") for k, p in records
+                            if k != QUARANTINE_POLICY
+                            and not k.endswith(f"/{QUARANTINE_POLICY}")}
             synced = True
         return {"node": node, "ready": r.healthy, "inSync": synced and r.in_sync,
                 "error": (last.error if last is not None else "") or "",

@@ -491,8 +491,9 @@ class KubeFeed:
                 self._cond.wait(left)
 
     def policy_versions(self, applied_revision: int) -> dict[str, str]:
-        """NetworkPolicy key -> the resourceVersion the kernel enforces (what the reconciler
-        has applied); a policy held fail-closed is not enforced as written: absent."""
+        """NetworkPolicy key (ns/name) and ClusterNetworkPolicy name -> the resourceVersion
+        the kernel enforces (what the reconciler has applied); a policy held fail-closed
+        is not enforced as written: absent."""
         with self._lock:
             keep: list[tuple[int, str, str | None]] = []
             for revision, key, rv in self._pending_rv:
@@ -820,6 +821,11 @@ class KubeFeed:
             for key in policy_keys:
                 rec = self.policies.get(key)
                 rv = str(_meta(rec.manifest).get("resourceVersion") or "") if rec else None
+                self._pending_rv.append((revision, key, rv))
+            for key in tier_keys:  # cluster-scoped: the name alone (no slash) is the key
+                view = self.tiers.get(key)
+                tier = view.record if view is not None else None
+                rv = str(_meta(tier.manifest).get("resourceVersion") or "") if tier else None
                 self._pending_rv.append((revision, key, rv))
             for key in pod_keys:
                 if key in self.held and key in state.endpoints:

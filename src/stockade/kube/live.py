@@ -280,27 +280,35 @@ def report_problems(report: dict[str, Any], node: str) -> list[str]:
 
 
 def policy_differences(cluster: dict[str, str], enforced: dict[str, str]) -> list[str]:
-    """The cluster's policies (key -> resourceVersion) against one agent's, one line each."""
+    """The cluster's policies (key -> resourceVersion) against one agent's, one line each.
+
+    A key with a slash is a NetworkPolicy's (ns/name), one without a
+    ClusterNetworkPolicy's (its name: cluster-scoped)."""
     lines: list[str] = []
     for key in sorted(cluster.keys() | enforced.keys()):
         want, have = cluster.get(key), enforced.get(key)
+        kind = "NetworkPolicy" if "/" in key else "ClusterNetworkPolicy"
         if have is None:
-            lines.append(f"NetworkPolicy {key}: not enforced (the cluster has "
+            lines.append(f"{kind} {key}: not enforced (the cluster has "
                          f"resourceVersion {want})")
         elif want is None:
-            lines.append(f"NetworkPolicy {key}: enforced (resourceVersion {have}), "
+            lines.append(f"{kind} {key}: enforced (resourceVersion {have}), "
                          "but not in the cluster")
         elif want != have:
-            lines.append(f"NetworkPolicy {key}: enforces resourceVersion {have}, "
+            lines.append(f"{kind} {key}: enforces resourceVersion {have}, "
                          f"the cluster has {want}")
     return lines
 
 
 def policy_versions(policies: list[dict[str, Any]]) -> dict[str, str]:
+    """key -> resourceVersion: ns/name of a NetworkPolicy, the name of a cluster-scoped
+    ClusterNetworkPolicy."""
     out: dict[str, str] = {}
     for p in policies:
         meta = p.get("metadata") or {}
-        out[f"{meta.get('namespace')}/{meta.get('name')}"] = str(meta.get("resourceVersion"))
+        ns = meta.get("namespace")
+        key = f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
+        out[key] = str(meta.get("resourceVersion"))
     return out
 
 
@@ -329,6 +337,8 @@ def read_status(client: KubeClient, *, namespace: str | None,
         if node and (node not in by_node or _pod_ready(pod)):
             by_node[node] = pod
     cluster = policy_versions(client.list(NETWORK_POLICIES, namespace).items)
+    if namespace is None:  # every policy: the cluster-scoped ones too
+        cluster.update(policy_versions(list_optional(client, CLUSTER_NETWORK_POLICIES)))
     out: list[NodeStatus] = []
     for node in sorted(str((n.get("metadata") or {}).get("name"))
                        for n in client.list(NODES).items):
