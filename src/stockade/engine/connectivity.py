@@ -375,8 +375,12 @@ class Sides:
         self._unions: dict[tuple[int, int, int | None], Connections] = {}
         self._rule_conns: dict[tuple[int, int | None], Connections] = {}
         self.tiers = self.ev.tiers
-        self._tiered: dict[tuple[object, ...], Connections] = {}
-        self._cnp_matches: dict[tuple[int, object], bool] = {}
+        # Per ClusterNetworkPolicy rule (by identity) a bit; signatures of other ends,
+        # rule masks of tuples of policies, and tier walks, as `side` explains.
+        self._rule_bits: dict[int, int] = {}
+        self._signatures: dict[tuple[str, object, str], int] = {}
+        self._masks: dict[tuple[int, str], int] = {}
+        self._walks: dict[tuple[int, int, int], tuple[Connections, Connections]] = {}
         self._cnp_conns: dict[tuple[int, int], Connections] = {}
 
     def _rules_of(self, policies: tuple[NetworkPolicy, ...], direction: str
@@ -426,42 +430,74 @@ class Sides:
              other_ip: str, destination: Endpoint | None) -> Connections:
         """What `subject`'s side of `direction` admits to or from `other` (an endpoint,
         or the address `other_ip`) through the tiers; named ports resolve on
-        `destination`."""
+        `destination`.
+
+        Admin, then NetworkPolicy (if it isolates the subject) or Baseline, then the
+        default, each deciding only what the tiers before it left. A tier's walk
+        depends on the other end only through which of its rules' peers match it (the
+        end's signature), so walks are shared by every end with the same one.
+        """
         if not self.tiers:
             return self.policy_side(subject, direction, other, other_ip, destination)
-        who: object = _class_key(other) if other is not None else None
-        key = (direction, subject.namespace, subject.labels, who, other_ip,
-               self._ports_of(destination))
-        found = self._tiered.get(key)
-        if found is None:
-            found = self._tiered_side(subject, direction, other, other_ip, destination)
-            self._tiered[key] = found
-        return found
-
-    def _tiered_side(self, subject: Endpoint, direction: str, other: Endpoint | None,
-                     other_ip: str, destination: Endpoint | None) -> Connections:
-        """Admin, then NetworkPolicy (if it isolates the subject) or Baseline, then the
-        default, each deciding only what the tiers before it left."""
         admin = self.tiers.selecting(ADMIN, subject, direction)
-        accepted, denied = self._walk(admin, direction, other, other_ip, destination)
-        rest = ALL_CONNECTIONS.difference(accepted.union(denied))
+        signature = self._signature(direction, other, other_ip)
+        ports = self._ports_of(destination)
+        accepted, denied = self._walk(admin, direction, signature, ports, destination)
         if self.ev.selecting(subject, direction):
             isolated = self.policy_side(subject, direction, other, other_ip, destination)
-            return accepted.union(isolated.intersection(rest))
+            if isolated.everything:
+                return ALL_CONNECTIONS.difference(denied)
+            return accepted.union(isolated.difference(accepted.union(denied)))
         baseline = self.tiers.selecting(BASELINE, subject, direction)
-        _, refused = self._walk(baseline, direction, other, other_ip, destination)
-        return accepted.union(rest.difference(refused))
+        _, refused = self._walk(baseline, direction, signature, ports, destination)
+        return ALL_CONNECTIONS.difference(denied.union(refused.difference(accepted)))
+
+    def _signature(self, direction: str, other: Endpoint | None, other_ip: str) -> int:
+        """The ClusterNetworkPolicy rules of a direction whose peers match the other end,
+        as bits."""
+        key = (direction, _class_key(other) if other is not None else None, other_ip)
+        found = self._signatures.get(key)
+        if found is None:
+            found = 0
+            labels = self.ev.namespace_labels
+            for policy in self.ev.cluster.cluster_policies:
+                for rule in policy.rules(direction):
+                    if any(cnp_peer_matches(peer, rule.action, other, other_ip, labels)
+                           for peer in rule.peers):
+                        found |= self._rule_bit(rule)
+            self._signatures[key] = found
+        return found
+
+    def _rule_bit(self, rule: CnpRule) -> int:
+        return self._rule_bits.setdefault(id(rule), 1 << len(self._rule_bits))
+
+    def _mask(self, policies: tuple[ClusterNetworkPolicy, ...], direction: str) -> int:
+        found = self._masks.get((id(policies), direction))
+        if found is None:
+            found = 0
+            for policy in policies:
+                for rule in policy.rules(direction):
+                    found |= self._rule_bit(rule)
+            self._masks[(id(policies), direction)] = found
+        return found
 
     def _walk(self, policies: tuple[ClusterNetworkPolicy, ...], direction: str,
-              other: Endpoint | None, other_ip: str, destination: Endpoint | None
+              signature: int, ports: int, destination: Endpoint | None
               ) -> tuple[Connections, Connections]:
         """(accepted, denied) by the first matching rule of one tier, connection by
         connection; the rest is passed on or matched by no rule."""
+        if not policies:
+            return NO_CONNECTIONS, NO_CONNECTIONS
+        matching = signature & self._mask(policies, direction)
+        key = (id(policies), matching, ports)
+        found = self._walks.get(key)
+        if found is not None:
+            return found
         undecided = ALL_CONNECTIONS
         accepted = denied = NO_CONNECTIONS
         for policy in policies:
             for rule in policy.rules(direction):
-                if not self.cnp_matches(rule, other, other_ip):
+                if not matching & self._rule_bit(rule):
                     continue
                 hit = self.cnp_connections(rule, destination).intersection(undecided)
                 if hit.empty:
@@ -472,20 +508,11 @@ class Sides:
                     denied = denied.union(hit)
                 undecided = undecided.difference(hit)
                 if undecided.empty:
-                    return accepted, denied
+                    break
+            if undecided.empty:
+                break
+        self._walks[key] = (accepted, denied)
         return accepted, denied
-
-    def cnp_matches(self, rule: CnpRule, other: Endpoint | None, other_ip: str) -> bool:
-        """Whether some peer of a ClusterNetworkPolicy rule is the other end."""
-        who: object = (_class_key(other), other_ip) if other is not None else other_ip
-        key = (id(rule), who)
-        found = self._cnp_matches.get(key)
-        if found is None:
-            labels = self.ev.namespace_labels
-            found = any(cnp_peer_matches(peer, rule.action, other, other_ip, labels)
-                        for peer in rule.peers)
-            self._cnp_matches[key] = found
-        return found
 
     def cnp_connections(self, rule: CnpRule, destination: Endpoint | None) -> Connections:
         key = (id(rule), self._ports_of(destination))
