@@ -22,8 +22,6 @@ exact for the pods and addresses given; a future pod may change it.
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from stockade.engine.connectivity import (
@@ -34,7 +32,6 @@ from stockade.engine.connectivity import (
     cnp_rule_connections,
 )
 from stockade.engine.tiers import TierIndex, peer_matches, subject_selects
-from stockade.model.cidr import parse_ip
 from stockade.model.cluster import Cluster, Endpoint
 from stockade.model.cnp import ACCEPT, DENY, TIERS, ClusterNetworkPolicy, CnpRule, rule_label
 from stockade.model.labels import Labels
@@ -81,6 +78,7 @@ class Other:
     name: str
     endpoint: Endpoint | None
     ip: str
+    signature: int  # the rules of its direction whose peers match it, as bits
 
 
 @dataclass
@@ -115,51 +113,82 @@ class Precedence:
                 + ", ".join(self.label(k) for k in earlier))
 
 
-def _others(subject: Endpoint, direction: str, cluster: Cluster,
-            ranges: dict[str, tuple[AddressRange, ...]]) -> Iterator[Other]:
-    """Every other end of the subject's connections in a direction, with each address
-    it may use."""
-    for ep in cluster.endpoints:
-        if ep.key == subject.key:
-            continue  # a pod talking to itself is not subject to the tiers
-        # Any of its addresses: a dual-stack pod is reached (or connects) over each.
-        for ip in ep.ips or ("",):
-            yield Other(ep.key, ep, ip)
-    for rng in ranges[direction]:
-        yield Other(rng.render().removesuffix("[External]"), None, rng.sample)
-
-
-def _ip_key(ip: str, cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-            ) -> tuple[bool, ...]:
-    addr = parse_ip(ip) if ip else None
-    return tuple(addr is not None and addr.version == n.version and addr in n for n in cidrs)
-
-
 class _Walker:
+    """Peer matches as signatures: per other end, the rules whose peers match it."""
+
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.ns_labels: dict[str, Labels] = {ns.name: ns.labels for ns in cluster.namespaces}
         self.index = TierIndex(cluster.cluster_policies, self.ns_labels)
+        self._bits: dict[int, int] = {}
+        self._masks: dict[tuple[int, str], int] = {}
+        self._conns: dict[tuple[int, object], Connections] = {}
+
+    def bit(self, rule: CnpRule) -> int:
+        return self._bits.setdefault(id(rule), 1 << len(self._bits))
+
+    def signature(self, direction: str, other: Endpoint | None, ip: str) -> int:
+        found = 0
+        for policy in self.cluster.cluster_policies:
+            for rule in policy.rules(direction):
+                if any(peer_matches(p, rule.action, other, ip, self.ns_labels)
+                       for p in rule.peers):
+                    found |= self.bit(rule)
+        return found
+
+    def mask(self, policies: tuple[ClusterNetworkPolicy, ...], direction: str) -> int:
+        found = self._masks.get((id(policies), direction))
+        if found is None:
+            found = 0
+            for policy in policies:
+                for rule in policy.rules(direction):
+                    found |= self.bit(rule)
+            self._masks[(id(policies), direction)] = found
+        return found
 
     def matched(self, rule: CnpRule, other: Other, destination: Endpoint | None
                 ) -> Connections:
         """The connections a rule matches towards (or from) one other end."""
-        if not any(peer_matches(p, rule.action, other.endpoint, other.ip, self.ns_labels)
-                   for p in rule.peers):
+        if not other.signature & self.bit(rule):
             return NO_CONNECTIONS
-        return cnp_rule_connections(rule, destination)
+        key = (id(rule), destination.ports if destination is not None else None)
+        found = self._conns.get(key)
+        if found is None:
+            found = self._conns[key] = cnp_rule_connections(rule, destination)
+        return found
+
+
+def _other_ends(walker: _Walker, direction: str, cluster: Cluster,
+                ranges: tuple[AddressRange, ...]) -> dict[tuple[int, object], list[Other]]:
+    """The other ends of a direction by what a walk can tell apart (the signature, and
+    for egress the container ports, where named ports resolve): for each, up to two
+    of them, so that one is never the subject itself. Every address of a dual-stack
+    pod counts: a connection may use either."""
+    groups: dict[tuple[int, object], list[Other]] = {}
+    for ep in cluster.endpoints:
+        for ip in ep.ips or ("",):
+            sig = walker.signature(direction, ep, ip)
+            group = groups.setdefault((sig, ep.ports if direction == EGRESS else ()), [])
+            if len(group) < 2 and all(o.name != ep.key for o in group):
+                group.append(Other(ep.key, ep, ip, sig))
+    for rng in ranges:
+        sig = walker.signature(direction, None, rng.sample)
+        group = groups.setdefault((sig, None), [])
+        if not group:
+            group.append(Other(rng.render().removesuffix("[External]"), None, rng.sample, sig))
+    return groups
 
 
 def precedence(cluster: Cluster) -> Precedence:
     """Every rule's use and every same-priority overlap, over the cluster's pods and the
-    address pieces of every `networks` CIDR (IPv4 and IPv6)."""
+    address pieces of every `networks` CIDR (IPv4 and IPv6).
+
+    A walk depends on the subject through the policies selecting it (and, for ingress,
+    its container ports) and on the other end through its signature: one walk per
+    distinct combination.
+    """
     walker = _Walker(cluster)
     cnps = cluster.cluster_policies
-    ranges = {d: address_ranges((), d, 4, cnps) + address_ranges((), d, 6, cnps)
-              for d in DIRECTIONS}
-    cidrs = tuple(n for p in cnps for r in p.ingress + p.egress for peer in r.peers
-                  for text in peer.networks
-                  if (n := _network(text)) is not None)
     uses = {(p.name, d, i): RuleUse() for p in cnps for d in DIRECTIONS
             for i in range(len(p.rules(d)))}
     overlaps: dict[tuple[str, str, str], Overlap] = {}
@@ -167,34 +196,39 @@ def precedence(cluster: Cluster) -> Precedence:
                               if subject_selects(p.subject, ep, walker.ns_labels))
                 for p in cnps}
     seen: set[object] = set()
-    for tier in TIERS:
-        for direction in DIRECTIONS:
-            for subject in cluster.endpoints:
-                policies = walker.index.selecting(tier, subject, direction)
+    for direction in DIRECTIONS:
+        ranges = address_ranges((), direction, 4, cnps) + address_ranges((), direction, 6, cnps)
+        others = _other_ends(walker, direction, cluster, ranges)
+        subjects: dict[object, list[Endpoint]] = {}
+        for ep in cluster.endpoints:
+            key = (ep.namespace, ep.labels, ep.ports if direction == INGRESS else ())
+            subjects.setdefault(key, []).append(ep)
+        for tier in TIERS:
+            for members in subjects.values():
+                policies = walker.index.selecting(tier, members[0], direction)
                 if not policies:
                     continue
-                for other in _others(subject, direction, cluster, ranges):
-                    destination = other.endpoint if direction == EGRESS else subject
-                    key = (tier, direction, subject.namespace, subject.labels,
-                           subject.ports if direction == INGRESS else (),
-                           other.endpoint.namespace if other.endpoint else None,
-                           other.endpoint.labels if other.endpoint else None,
-                           destination.ports if destination else (),
-                           _ip_key(other.ip, cidrs), other.endpoint is None and other.ip)
-                    if key in seen:
+                mask = walker.mask(policies, direction)
+                for (sig, ports), group in others.items():
+                    # A pod is not its own other end, but another of its class is: the
+                    # walk is the same for every member (a group holds two pods if it can).
+                    subject = members[0]
+                    candidates = [o for o in group if o.name != subject.key]
+                    if not candidates and len(members) > 1:
+                        subject, candidates = members[1], group
+                    if not candidates:
                         continue
-                    seen.add(key)
+                    other = candidates[0]
+                    walk = (id(policies), sig & mask,
+                            ports if direction == EGRESS else subject.ports)
+                    if walk in seen:
+                        continue
+                    seen.add(walk)
+                    destination = other.endpoint if direction == EGRESS else subject
                     _walk(walker, policies, direction, other, destination, uses)
                     _overlaps(walker, policies, direction, subject, other, destination,
                               overlaps)
     return Precedence({p.name: p for p in cnps}, uses, list(overlaps.values()), selected)
-
-
-def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        return None
 
 
 def _walk(walker: _Walker, policies: tuple[ClusterNetworkPolicy, ...], direction: str,
