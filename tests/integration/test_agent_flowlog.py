@@ -297,3 +297,71 @@ def test_a_group_bound_twice_is_refused(logging_trio) -> None:
     trio, reader, _path = logging_trio
     with pytest.raises(AgentError, match="already bound"):
         FlowLogReader(reader.group, trio.host_netns).start()
+
+
+@pytest.mark.privileged
+def test_a_tier_deny_is_logged_and_past_the_rate_still_drops(trio, tmp_path: Path) -> None:
+    """An Admin Deny of c's egress to a: logged with the tier and the policy, and a flood
+    past the log's rate is dropped all the same (the log rule's limit never lets one by)."""
+    from dataclasses import replace
+
+    from stockade.model.cnp import (
+        ADMIN,
+        DENY,
+        NAMESPACES,
+        PODS,
+        ClusterNetworkPolicy,
+        CnpPeer,
+        CnpRule,
+    )
+    from stockade.model.selector import ALL
+
+    deny = ClusterNetworkPolicy(
+        "no-c-to-a", ADMIN, 5,
+        subject=CnpPeer(PODS, ALL, Selector(Labels({"pod": "c"}))),
+        egress=(CnpRule(DENY, (CnpPeer(PODS, ALL, Selector(Labels({"pod": "a"}))),),
+                        name="deny-a"),))
+    cluster = replace(_cluster(trio), policies=(), cluster_policies=(deny,))
+    assert cluster.cluster_policies[0].subject.kind == PODS != NAMESPACES
+    group = random.randint(1000, 60000)
+    ruleset = compile_cluster(cluster)
+    NftDatapath(Table(log_group=group), netns=trio.host_netns).apply(ruleset)
+    names = {ip: att.key for att in trio.all for ip in (att.address4, att.address6)}
+    chains = chain_policies_of(ruleset)
+    with FlowLogReader(group, trio.host_netns, path=str(tmp_path / "f.jsonl"),
+                       describe=lambda p: describe_packet(p, chains, names.get)) as reader:
+        with ProbeServer({trio.a.netns: PORTS}):
+            pairs = [("c", PORTS[0]), ("c", PORTS[1]), ("b", PORTS[0])]
+            atts = {"b": trio.b, "c": trio.c}
+            probes = [Probe(s, atts[s].netns, "a", trio.a.address4, p) for s, p in pairs]
+            got = {(v.probe.src, str(v.probe.port)): v.allowed
+                   for v in run_probes(probes, timeout=0.8)}
+        assert got == {("c", "TCP/80"): False, ("c", "TCP/81"): False, ("b", "TCP/80"): True}
+        records = [f.record for f in _settle(reader)]
+        assert {(r["src"], r["dst"], r["port"]) for r in records} >= {("x/c", "x/a", 80),
+                                                                       ("x/c", "x/a", 81)}
+        r = next(r for r in records if r["port"] == 81)
+        assert r["direction"] == "egress" and r["policies"] == ["no-c-to-a"]
+        assert r["chain"].startswith("ae-")
+        assert r["reason"] == ("TCP/81 to x/a denied for the egress of x/c by a Deny rule "
+                               "of the Admin ClusterNetworkPolicies no-c-to-a")
+    # a flood far past the rate: every SYN dropped (none reaches a's listener)
+    with ProbeServer({trio.a.netns: PORTS}):
+        socks: list[socket.socket] = []
+        with entered(trio.c.netns):
+            socks = [socket.socket() for _ in range(300)]
+        try:
+            for s in socks:
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect((trio.a.address4, 80))
+            time.sleep(0.5)
+            connected = 0
+            for s in socks:
+                with contextlib.suppress(OSError):
+                    s.getpeername()
+                    connected += 1
+        finally:
+            for s in socks:
+                s.close()
+    assert connected == 0

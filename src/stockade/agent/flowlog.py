@@ -77,6 +77,10 @@ def _iso(ts: float | None) -> str | None:
     return stamp.replace("+00:00", "Z")
 
 
+# A tier chain's first letter: its denials name ClusterNetworkPolicies, not isolation.
+_TIERS = {"a": "Admin", "b": "Baseline"}
+
+
 def describe_packet(packet: LoggedPacket, chain_policies: Mapping[str, tuple[str, ...]],
                     endpoint_at: Callable[[str], str | None], *,
                     isolating: Isolating | None = None) -> dict[str, Any]:
@@ -95,11 +99,18 @@ def describe_packet(packet: LoggedPacket, chain_policies: Mapping[str, tuple[str
     src = endpoint_at(packet.src) or packet.src
     dst = endpoint_at(packet.dst) or packet.dst
     subject_ip, subject = (packet.dst, dst) if direction == "ingress" else (packet.src, src)
-    found = isolating(subject_ip, direction) if isolating is not None and direction else None
+    tier = _TIERS.get(chain[:1], "") if chain[1:3] in ("i-", "e-") else ""
+    found = isolating(subject_ip, direction) \
+        if isolating is not None and direction and not tier else None
     policies = tuple(found) if found else tuple(chain_policies.get(chain, ()))
     what = packet.protocol if packet.dport is None else f"{packet.protocol}/{packet.dport}"
     if not direction:
         reason = f"dropped by a log rule with prefix {packet.prefix!r}, not a stockade chain"
+    elif tier:
+        by = ", ".join(policies) if policies else f"the policies of chain {chain}"
+        peer = f"from {src}" if direction == "ingress" else f"to {dst}"
+        reason = (f"{what} {peer} denied for the {direction} of {subject} by a Deny rule of "
+                  f"the {tier} ClusterNetworkPolicies {by}")
     else:
         by = ", ".join(policies) if policies else f"the policies of chain {chain}"
         peer = f"from {src}" if direction == "ingress" else f"to {dst}"

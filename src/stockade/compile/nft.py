@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -87,6 +87,33 @@ class Table:
             ], f"log denied #{chain.direction}"))
         out.append(([{"drop": None}], f"default deny #{chain.direction}"))
         return out
+
+    def tier_rule(self, chain: Chain, index: int, rule: ChainRule
+                  ) -> list[tuple[str, Any, Callable[[], list[dict[str, Any]]]]]:
+        """A tier chain's rule as (comment, memo key, expressions) of its nftables rules.
+
+        A Deny with logging is two: the first logs (rate-limited, the prefix naming the
+        chain, as a NetworkPolicy chain's tail does) and drops; past the rate its limit
+        does not match, so the second drops without logging. Never one that lets a
+        packet through when the log is over its rate.
+        """
+        key = (rule, chain.direction, chain.tier, chain.next, chain.calls)
+
+        def plain() -> list[dict[str, Any]]:
+            return [*render_rule_expr(rule, chain.direction), rule_verdict(chain, rule)]
+
+        drop = (rule_comment(chain.direction, index, rule), key, plain)
+        if rule.action != DENY or self.log_group is None:
+            return [drop]
+
+        def logged() -> list[dict[str, Any]]:
+            return [*render_rule_expr(rule, chain.direction),
+                    {"limit": {"rate": self.log_rate, "per": "second", "burst": self.log_rate}},
+                    {"log": {"group": self.log_group, "prefix": f"{LOG_PREFIX} {chain.name}"}},
+                    {"drop": None}]
+
+        return [(f"log denied #{chain.direction}", (self, chain.name, "log", index), logged),
+                drop]
 
     def tail_rules(self, chain: Chain) -> list[tuple[list[dict[str, Any]], str]]:
         """The end of a chain: a NetworkPolicy chain denies; a tier's goes on (a shared
@@ -203,7 +230,11 @@ def chain_rules(table: Table, chain: Chain,
     """
     out = []
     for i, rule in enumerate(chain.rules, 1):
-        if memo is None or chain.tier:  # a tier's verdicts depend on the chain's `next`
+        if chain.tier:  # a tier's verdicts depend on the chain's `next`, its denials log
+            for comment, _key, render in table.tier_rule(chain, i, rule):
+                out.append((render(), comment))
+            continue
+        if memo is None:
             expr = [*render_rule_expr(rule, chain.direction), rule_verdict(chain, rule)]
         else:
             found = memo.get(rule)
@@ -575,11 +606,14 @@ class RuleComparator:
         known = self._chains.get((table, chain.name))
         if known is not None and (known[0] is chain or known[0] == chain):
             return known[1]
-        out: list[tuple[str, Any, Any]] = [
-            (rule_comment(chain.direction, i, rule),
-             (rule, chain.direction, chain.tier, chain.next, chain.calls),
-             lambda r=rule: [*render_rule_expr(r, chain.direction), rule_verdict(chain, r)])
-            for i, rule in enumerate(chain.rules, 1)]
+        out: list[tuple[str, Any, Any]] = []
+        for i, rule in enumerate(chain.rules, 1):
+            if chain.tier:
+                out += table.tier_rule(chain, i, rule)
+            else:
+                out.append((rule_comment(chain.direction, i, rule), (rule, chain.direction),
+                            lambda r=rule: [*render_rule_expr(r, chain.direction),
+                                            rule_verdict(chain, r)]))
         for i, (expr, comment) in enumerate(table.tail_rules(chain)):
             out.append((comment, (table, chain.name, i), lambda e=expr: e))
         self._chains[(table, chain.name)] = (chain, out)

@@ -140,7 +140,9 @@ class LoggedPacket:
     @property
     def direction(self) -> str:
         """"ingress" or "egress" from the chain's name, "" when it is not a stockade chain."""
-        return {"i-": "ingress", "e-": "egress"}.get(self.chain[:2], "")
+        # NetworkPolicy chains (i-, e-), and the tiers' (Admin ai-, Baseline bi-, ...)
+        head = self.chain[1:3] if self.chain[:1] in ("a", "b", "l") else self.chain[:2]
+        return {"i-": "ingress", "e-": "egress"}.get(head, "")
 
 
 def _ports(proto: int, l4: bytes | None) -> tuple[int | None, int | None, int | None]:
