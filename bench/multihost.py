@@ -486,7 +486,8 @@ def main() -> None:
                     help="namespaces and pods per apply when loading")
     ap.add_argument("--policy-chunk", type=int, default=20,
                     help="policies per apply when loading (an apply returns once host-1 "
-                         "enforces it, and fails if its watch has not delivered it in 10 s)")
+                         "enforces it, and fails if its watch makes no progress delivering "
+                         "it for 30 s)")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds a change may take to reach every host")
     ap.add_argument("--verify-every", type=int, default=10, metavar="N",

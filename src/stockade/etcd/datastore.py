@@ -80,7 +80,7 @@ DEFAULT_PREFIX = "/stockade"
 OWNER_ANNOTATION = "stockade.io/owner"
 PUBLISH_RETRY = 2.0  # seconds between attempts to publish while etcd is away
 CONFLICT_WINDOW = 10.0  # seconds an operation is run again after conflicts
-SEEN_TIMEOUT = 10.0  # a write waits this long for the agent's watch to deliver it
+SEEN_TIMEOUT = 30.0  # a write waits this long for the agent's watch to deliver it
 
 
 class Conflict(Exception):
