@@ -21,6 +21,7 @@ from stockade.engine.diff import CLOSED, OPENED, diff_policies
 from stockade.engine.lint import lint
 from stockade.engine.matrix import compute_matrix, evaluator_judge
 from stockade.model.cluster import Cluster
+from stockade.model.parse import parse_objects
 
 DENY_A_TO_B = cnp("deny-a", "Admin", 5, ns("b"), ingress=[{"action": "Deny",
                                                            "from": [ns("a")]}])
@@ -325,3 +326,22 @@ def test_lint_without_pods_reads_the_rules_as_written(tmp_path: Path,
             "an earlier Accept: Admin ClusterNetworkPolicy shadow (priority 3) egress[0] "
             "matches every connection it does, first") in out
     assert "spec.egress[2]: SK011" not in out
+
+
+def test_lint_without_pods_subjects_and_peers_that_cannot_meet() -> None:
+    a = cnp("a", "Admin", 3, ns("a"), egress=[{"action": "Deny", "to": [ALL_NS]}])
+    b = cnp("b", "Admin", 3, ns("b"), egress=[{"action": "Accept", "to": [ALL_NS]}])
+    c = cnp("c", "Admin", 3, ALL_NS, egress=[{"action": "Accept", "to": [ns("x")]}])
+    d = cnp("d", "Admin", 3, ns("b"), egress=[{"action": "Deny", "to": [ns("y")]}])
+    objects = parse_objects("---\n".join([a, b, c, d])).cluster()
+    # a and b select different namespaces (team=a, team=b); c and d's peers too (x, y);
+    # b and c both accept. a meets c, and b meets d, which b's Accept also shadows.
+    assert [(f.code, f.subject, f.message.split(",")[0]) for f in lint(objects)] == [
+        ("SK010", "ClusterNetworkPolicy a",
+         "same Admin priority 3 as ClusterNetworkPolicy c"),
+        ("SK010", "ClusterNetworkPolicy b",
+         "same Admin priority 3 as ClusterNetworkPolicy d"),
+        ("SK011", "ClusterNetworkPolicy d",
+         "a Deny shadowed by an earlier Accept: Admin ClusterNetworkPolicy b (priority 3) "
+         "egress[0] matches every connection it does"),
+    ]

@@ -22,7 +22,8 @@ connections, else from the rules as written):
     SK010 warning  two policies of one tier and priority whose first matching rules
                    disagree on some connection (with pods: one is named; without:
                    their rules of a direction have different actions and peers and
-                   ports that can overlap): the API leaves the winner to the
+                   ports that can overlap, and subjects that do not require
+                   different values of one label): the API leaves the winner to the
                    implementation
     SK011 warning  a rule shadowed by earlier rules of its tier (higher priority, or
                    earlier in its policy): with pods, every connection it matches is
@@ -73,6 +74,7 @@ from stockade.model.cnp import (
 )
 from stockade.model.labels import Labels
 from stockade.model.policy import DIRECTIONS, EGRESS, INGRESS, TCP, UDP, NetworkPolicy, Peer, Rule
+from stockade.model.selector import DOES_NOT_EXIST, IN, Selector
 
 WARNING = "warning"
 NOTE = "note"
@@ -377,7 +379,7 @@ def written_overlaps(policies: Sequence[ClusterNetworkPolicy]) -> list[Finding]:
     for ordered in _by_tier(policies).values():
         for i, a in enumerate(ordered):
             for b in ordered[i + 1:]:
-                if a.priority != b.priority:
+                if a.priority != b.priority or not _selections_may_meet(a.subject, b.subject):
                     continue
                 hit = next(((d, ai, bi) for d in DIRECTIONS
                             for ai, ra in enumerate(a.rules(d))
@@ -414,7 +416,33 @@ def _peers_may_meet(a: CnpPeer, a_action: str, b: CnpPeer, b_action: str) -> boo
     if a.kind == NETWORKS and b.kind == NETWORKS:
         return any(x.version == y.version and x.overlaps(y)
                    for x in _nets(a) for y in _nets(b))
+    if a.kind in (NAMESPACES, PODS) and b.kind in (NAMESPACES, PODS):
+        return _selections_may_meet(a, b)
     return True
+
+
+def _selections_may_meet(a: CnpPeer, b: CnpPeer) -> bool:
+    """Whether two subjects (or selector peers) can select one pod: not when their
+    namespace selectors, or both pod selectors, require different values of a label."""
+    if _disjoint(a.namespace_selector, b.namespace_selector):
+        return False
+    return not (a.kind == PODS and b.kind == PODS
+                and _disjoint(a.pod_selector, b.pod_selector))
+
+
+def _disjoint(a: Selector, b: Selector) -> bool:
+    """Whether no labels match both: one key required In disjoint values, or In by one
+    and DoesNotExist by the other."""
+    for x in a.requirements():
+        for y in b.requirements():
+            if x.key != y.key:
+                continue
+            ops = {x.operator, y.operator}
+            if ops == {IN} and not set(x.values) & set(y.values):
+                return True
+            if ops == {IN, DOES_NOT_EXIST}:
+                return True
+    return False
 
 
 def _nets(peer: CnpPeer) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
