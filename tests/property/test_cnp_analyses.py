@@ -274,3 +274,25 @@ def test_without_a_same_priority_overlap_the_tie_break_does_not_matter(
     flipped = Cluster(sc.cluster.namespaces, sc.cluster.endpoints, sc.cluster.policies, renamed)
     flows = list(sc.flows())
     assert _verdicts(flipped, flows) == _verdicts(sc.cluster, flows)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), name=st.sampled_from(sorted(UNIVERSES)))
+def test_what_lint_calls_shadowed_without_pods_is_shadowed_for_any_pods(
+        data: st.DataObject, name: str) -> None:
+    """SK011 read from the rules alone (no pod given) holds for the pods that come: the
+    rules it names can be removed without changing any verdict."""
+    sc = data.draw(cnp_scenarios(UNIVERSES[name]), label="scenario")
+    podless = Cluster(sc.cluster.namespaces, (), sc.cluster.policies,
+                      sc.cluster.cluster_policies)
+    shadowed = {(f.subject.removeprefix("ClusterNetworkPolicy "), f.where)
+                for f in lint(podless) if f.code == "SK011"}
+    kept = tuple(replace(
+        p, ingress=tuple(r for i, r in enumerate(p.ingress)
+                         if (p.name, f"spec.ingress[{i}]") not in shadowed),
+        egress=tuple(r for i, r in enumerate(p.egress)
+                     if (p.name, f"spec.egress[{i}]") not in shadowed))
+        for p in sc.cluster.cluster_policies)
+    pruned = Cluster(sc.cluster.namespaces, sc.cluster.endpoints, sc.cluster.policies, kept)
+    flows = list(sc.flows())
+    assert _verdicts(pruned, flows) == _verdicts(sc.cluster, flows)
