@@ -113,6 +113,10 @@ COVERAGE_EPILOG = f"""\
 Reports pods that no policy isolates (for ingress, for egress), policies that
 select no pod, and rules or rule entries that can never match (a selector that
 matches nothing, a named port no destination serves, rules ignored by policyTypes).
+ClusterNetworkPolicies: the pods each one selects, one selecting no pod, and rules
+that match no connection of their pods or that are shadowed (every connection they
+match is decided first by earlier rules of their tier); a pod is not isolated only
+when no ClusterNetworkPolicy selecting it can deny in that direction either.
 Pod-dependent checks need Pods in the files. -n and -l show the findings about the
 pods, workloads and policies of a namespace or with some labels (a policy by its own
 labels); the analysis always sees every object.
@@ -182,7 +186,9 @@ cut the IPv4 and IPv6 spaces into (a range written as a CIDR when it is one), ov
 every port of TCP, UDP and SCTP (exactly: ports are grouped into the ranges that
 policies and named ports distinguish). The pods and namespaces are the union of
 both sides (the NEW side wins when a pod or namespace is in both), so cluster
-files can be given on either side; only the policies differ.
+files can be given on either side; only the policies differ. ClusterNetworkPolicies
+are policies too: a change of tier, priority, action or rule order shows as the
+connections it changes, with the tier rule that now decides (or no longer does).
 Lines: '+' opened, '-' closed, with the rules responsible. -n, -l and
 --focus-workload show the changes from or to the pods and workloads selected.
 -o dot|svg|png: a graph, opened connections as green edges, closed ones red
