@@ -122,10 +122,14 @@ class IncrementalCompiler:
             # With tiers an endpoint no NetworkPolicy isolates may still have a chain;
             # which tiers select whom is answered through the label index, as in bulk.
             subjects = tier_subjects[direction]
+            named: dict[tuple[int, int], tuple[tuple[str, ...], tuple[str, ...]]] = {}
             for ident, pods in enumerate(bulk.index.members):
                 found = isolated.get(ident)
                 admin, baseline = subjects.get(ident, ((), ()))
-                names = (tuple(p.name for p in admin), tuple(p.name for p in baseline))
+                names = named.get((id(admin), id(baseline)))  # shared tuples: tier_subjects
+                if names is None:
+                    names = named[(id(admin), id(baseline))] = (
+                        tuple(p.name for p in admin), tuple(p.name for p in baseline))
                 for ep in pods:
                     inc._place(ep, direction, found.keys if found else (), bulk.members,
                                names)

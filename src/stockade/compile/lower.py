@@ -262,6 +262,7 @@ class Lowering:
         self._of_identity: dict[tuple[int, int, tuple[str, str] | None], list[Element]] = {}
         self._addresses: dict[int, list[tuple[Endpoint, list[tuple[int, str]]]]] = {}
         self._lowered: dict[str, dict[int, list[ChainRule]]] = {}
+        self._tiers: dict[tuple[str, str, int], tuple[Sequence[ClusterNetworkPolicy], Chain]] = {}
 
     def need(self, spec: SetSpec) -> str:
         if spec.name not in self.sets:
@@ -339,7 +340,7 @@ class Lowering:
                     continue
                 ps = isolated.get(ident)
                 admin, baseline = tiers[mdir].get(ident, ((), ()))
-                key = (id(ps), *map(id, admin), -1, *map(id, baseline))
+                key = (id(ps), id(admin), id(baseline))  # shared tuples: see tier_subjects
                 name = chain_of.get(key)
                 if name is None:
                     name = chain_of[key] = self._entry(mdir, ps, admin, baseline)
@@ -357,44 +358,75 @@ class Lowering:
         each continuing in the next (NetworkPolicy is final, so Baseline follows only
         an endpoint it does not isolate)."""
         # The tiers' lowering builds on this module's (peers, ports, named ports).
-        from stockade.compile.tiers import link_chain, lower_tier_chain
+        from stockade.compile.tiers import link_chain
 
         chain: Chain | None = None
         if ps is not None:
             chain = lower_chain(direction, ps.policies, self.need,
                                 self._lowered.setdefault(direction, {}))
         elif baseline:
-            chain = lower_tier_chain(direction, BASELINE, baseline, None, self.need)
+            chain = self._tier_chain(direction, BASELINE, baseline)
         if chain is not None:
             self.chains.setdefault(chain.name, chain)
         if admin:
-            tier = lower_tier_chain(direction, ADMIN, admin, None, self.need)
+            tier = self._tier_chain(direction, ADMIN, admin)
             self.chains.setdefault(tier.name, tier)
             chain = link_chain(tier, chain.name if chain else None)
             self.chains.setdefault(chain.name, chain)
         assert chain is not None
         return chain.name
 
-    def tier_subjects(self) -> dict[str, dict[int, tuple[list[ClusterNetworkPolicy],
-                                                          list[ClusterNetworkPolicy]]]]:
+    def _tier_chain(self, direction: str, tier: str,
+                    policies: Sequence[ClusterNetworkPolicy]) -> Chain:
+        """A tier's chain, lowered once per selection (an Admin chain is shared by every
+        policy set under it; the key holds the sequence, so its id stays valid)."""
+        from stockade.compile.tiers import lower_tier_chain
+
+        key = (direction, tier, id(policies))
+        found = self._tiers.get(key)
+        if found is None:
+            found = self._tiers[key] = (policies, lower_tier_chain(direction, tier, policies,
+                                                                   None, self.need))
+        return found[1]
+
+    def tier_subjects(self) -> dict[str, dict[int, tuple[tuple[ClusterNetworkPolicy, ...],
+                                                          tuple[ClusterNetworkPolicy, ...]]]]:
         """Per direction and identity, the Admin and the Baseline policies with rules of
-        that direction whose subject selects it, in precedence order."""
-        out: dict[str, dict[int, tuple[list[ClusterNetworkPolicy],
-                                       list[ClusterNetworkPolicy]]]] = {
-            model.INGRESS: {}, model.EGRESS: {}}
-        for policy in sorted(self.index.cluster.cluster_policies,
-                             key=ClusterNetworkPolicy.order):
+        that direction whose subject selects it, in precedence order.
+
+        Identities selected by the same policies share the same two tuples (one object
+        each), so callers can key by their ids: a thousand policies over every namespace
+        build one tuple per distinct selection, not one per identity.
+        """
+        ordered = sorted(self.index.cluster.cluster_policies, key=ClusterNetworkPolicy.order)
+        selected: list[frozenset[int]] = []
+        for policy in ordered:
             subject = policy.subject
-            if subject.kind not in (NAMESPACES, PODS):
-                continue  # never valid: a subject is namespaces or pods
-            idents = self.index.peer_identities("", model.Peer(
-                pod_selector=subject.pod_selector,
-                namespace_selector=subject.namespace_selector))
-            for direction in model.DIRECTIONS:
-                if policy.rules(direction):
-                    for ident in idents:
-                        lists = out[direction].setdefault(ident, ([], []))
-                        lists[0 if policy.tier == ADMIN else 1].append(policy)
+            selected.append(frozenset() if subject.kind not in (NAMESPACES, PODS)
+                            else self.index.peer_identities("", model.Peer(
+                                pod_selector=subject.pod_selector,
+                                namespace_selector=subject.namespace_selector)))
+        out: dict[str, dict[int, tuple[tuple[ClusterNetworkPolicy, ...],
+                                       tuple[ClusterNetworkPolicy, ...]]]] = {}
+        for direction in model.DIRECTIONS:
+            # A trie of selections: an identity's state is the policies selecting it so far.
+            Lists = tuple[tuple[ClusterNetworkPolicy, ...], tuple[ClusterNetworkPolicy, ...]]
+            lists: list[Lists] = [((), ())]
+            step: dict[tuple[int, int], int] = {}
+            state: dict[int, int] = {}
+            for pi, policy in enumerate(ordered):
+                if not policy.rules(direction):
+                    continue
+                for ident in selected[pi]:
+                    here = state.get(ident, 0)
+                    there = step.get((here, pi))
+                    if there is None:
+                        admin, baseline = lists[here]
+                        lists.append(((*admin, policy), baseline) if policy.tier == ADMIN
+                                     else (admin, (*baseline, policy)))
+                        there = step[(here, pi)] = len(lists) - 1
+                    state[ident] = there
+            out[direction] = {ident: lists[s] for ident, s in state.items()}
         return out
 
 
