@@ -42,6 +42,7 @@ STEPS: dict[str, list[str]] = {
     "agent": ["agent.py", "--rounds", "30", "--seconds", "5"],
     "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "3"],
     "multihost": ["multihost.py", "--endpoints", "10000", "--hosts", "3", "--changes", "100"],
+    "tiers": ["tiers.py", "--rounds", "3", "--seconds", "3"],
 }
 
 
