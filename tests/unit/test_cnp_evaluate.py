@@ -216,7 +216,10 @@ def test_explain_names_the_tier_the_policy_its_priority_and_the_rule(
     assert out[2] == ("  ingress: denied: by Admin ClusterNetworkPolicy guard-backend "
                       "(priority 10) ingress[1] (deny-frontend): Deny")
     assert "by Baseline ClusterNetworkPolicy no-internet (priority 1) egress[0] " \
-           "(deny-the-internet): Deny" in out[1]
+           "(accept-pods): Accept" in out[1]
+    assert main(["explain", "-f", *EXAMPLES, "--from", "frontend/web", "--to",
+                 "93.184.216.34", "--port", "443"]) == 1
+    assert "egress[1] (deny-the-internet): Deny" in capsys.readouterr().out
     # a Pass hands over to the NetworkPolicies, which are then explained as always
     assert main(["explain", "-f", *EXAMPLES, "--from", "monitoring/prometheus", "--to",
                  "backend/api", "--port", "9090", "-o", "json"]) in (0, 1)
