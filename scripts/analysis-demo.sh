@@ -55,5 +55,10 @@ run explain "${V1[@]}" --from frontend/admin --to backend/api --port api
 heading "Diff: what version 2 opens and closes, for review before applying"
 run diff "${V1[@]}" --against "$EX/policies-v2.yaml"
 
+heading "The administrator's tiers: ClusterNetworkPolicies over version 1"
+run explain "${V1[@]}" "$EX/cluster-policies.yaml" --from frontend/web --to backend/api --port api
+echo
+run explain "${V1[@]}" "$EX/cluster-policies.yaml" --from monitoring/prometheus --to backend/api --port 9090
+
 echo
 echo "analysis: done"

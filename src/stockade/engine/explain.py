@@ -17,7 +17,7 @@ from stockade.engine.evaluate import Flow, RuleRef, Side, Verdict
 from stockade.engine.match import ip_block_matches, matching_port
 from stockade.engine.tiers import TierDecision
 from stockade.model.cluster import Cluster, Endpoint
-from stockade.model.cnp import ADMIN, BASELINE
+from stockade.model.cnp import ADMIN, BASELINE, PASS
 from stockade.model.labels import Labels
 from stockade.model.policy import (
     EGRESS,
@@ -190,23 +190,20 @@ def side_lines(side: Side, flow: Flow, ctx: Context) -> list[str]:
     if side.endpoint is None:
         return [f"{d}: {verdict}: {pod} is not a pod of the files, so no policy applies to it"]
     decided = side.decided_by
-    passed = [f"  passed on by {side.admin.render()}"] \
-        if side.admin is not None and decided != ADMIN else []
     if decided == ADMIN and side.admin is not None:
         return [f"{d}: {verdict}: by {side.admin.render()}"]
+    # A Pass says where the decision went on from, in the first line.
+    passes = [t for t in (side.admin, side.baseline) if t is not None and t.action == PASS]
+    via = "".join(f"passed on by {t.render()}; " for t in passes)
     if decided == BASELINE and side.baseline is not None:
-        return [f"{d}: {verdict}: {pod} is not isolated for {d} (no NetworkPolicy selects "
-                f"it); by {side.baseline.render()}", *passed]
+        return [f"{d}: {verdict}: {via}{pod} is not isolated for {d} (no NetworkPolicy "
+                f"selects it); by {side.baseline.render()}"]
     if not side.isolating:
-        tail = ""
-        if ctx.tiers:
-            tail = "; no ClusterNetworkPolicy rule decided: default allow"
-            if side.baseline is not None:
-                passed.append(f"  passed on by {side.baseline.render()}")
-        return [f"{d}: {verdict}: {pod} is not isolated for {d} (no NetworkPolicy selects "
-                f"it){tail}", *passed]
+        tail = "; no ClusterNetworkPolicy rule decided: default allow" if ctx.tiers else ""
+        return [f"{d}: {verdict}: {via}{pod} is not isolated for {d} (no NetworkPolicy "
+                f"selects it){tail}"]
     head, *rules = _isolated_lines(side, flow, ctx, pod, other)
-    return [head, *passed, *rules]
+    return [head.replace(f"{d}: {verdict}: ", f"{d}: {verdict}: {via}", 1), *rules]
 
 
 def _isolated_lines(side: Side, flow: Flow, ctx: Context, pod: str, other: str) -> list[str]:
