@@ -45,7 +45,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from common import print_markdown, timed
 from iptables import build_loadgen, naive, program
@@ -65,6 +65,7 @@ from stockade.net.namespace import create_netns, remove_netns
 from stockade.net.plumber import EndpointSpec, Plumber
 from synthetic import make_cluster
 
+T = TypeVar("T")
 SERVER, CLIENT = "10.200.0.10", "10.200.0.11"
 CRR_PORT, IPERF_PORT, UDP_PORT, CLOSED_PORT = 5002, 5201, 5003, 5009
 ALLOWED = (("TCP", CRR_PORT), ("TCP", IPERF_PORT), ("UDP", UDP_PORT))
@@ -234,6 +235,39 @@ class Pair:
             remove_netns(self.host)
 
 
+def release(pair: Pair, dp: Any) -> None:
+    """Remove a variant's ruleset, then its pair (the pair even when that fails)."""
+    try:
+        if dp is not None:
+            dp.remove()
+            dp.close()
+    finally:
+        pair.close()
+
+
+def take_turns(variants: Sequence[str], rounds: int, run: Callable[[str, int], T]
+               ) -> tuple[dict[str, list[T]], list[str]]:
+    """`run(variant, index)` for each variant once a round, the order rotating each
+    round; a variant's failure costs its sample (said on stderr), not the run."""
+    out: dict[str, list[T]] = {v: [] for v in variants}
+    failures: list[str] = []
+    start = time.monotonic()
+    index = 0
+    for r in range(rounds):
+        for name in (*variants[r % len(variants):], *variants[:r % len(variants)]):
+            index += 1
+            try:
+                sample = run(name, index)
+            except Exception:
+                traceback.print_exc()
+                failures.append(f"round {r + 1} {name}")
+                continue
+            out[name].append(sample)
+            print(f"round {r + 1} {name} ({time.monotonic() - start:.0f} s): {sample}",
+                  file=sys.stderr)
+    return out, failures
+
+
 def fmt_time(secs: float) -> str:
     if secs >= 3600:
         return f"{secs / 3600:,.0f} h"
@@ -273,12 +307,7 @@ def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs
         assert pair.isolated(), f"{name}: the server is not isolated"
         return base, pair.measure(secs), prog, load
     finally:
-        try:
-            if dp is not None:
-                dp.remove()
-                dp.close()
-        finally:
-            pair.close()
+        release(pair, dp)
 
 
 def main() -> None:
@@ -326,31 +355,12 @@ def main() -> None:
         nv["rules"] = int(min(nv["pairs"], args.naive_rules))
     restore = naive_restore(cluster, int(nv["rules"])) if nv else ""
 
-    base: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-    got: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-    prog: dict[str, list[dict[str, float]]] = {v: [] for v in datapaths}
-    naive_load: list[float] = []
-    failures: list[str] = []
-    index = 0
-    for r in range(args.rounds):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for name in order:
-            index += 1
-            try:
-                b, g, p, t = one_pair(name, tag, index, loadgen, cluster, rs, restore,
-                                      args.seconds)
-            except Exception:  # one pair's failure costs its sample, not the run
-                traceback.print_exc()
-                failures.append(f"round {r + 1} {name}")
-                continue
-            base[name].append(b)
-            got[name].append(g)
-            if p:
-                prog[name].append(p)
-            if t:
-                naive_load.append(t)
-            print(f"round {r + 1} {name} ({time.monotonic() - t_start:.0f} s): none "
-                  f"{b} / with {g}", file=sys.stderr)
+    samples, failures = take_turns(variants, args.rounds, lambda name, index: one_pair(
+        name, tag, index, loadgen, cluster, rs, restore, args.seconds))
+    base = {v: [s[0] for s in samples[v]] for v in variants}
+    got = {v: [s[1] for s in samples[v]] for v in variants}
+    prog = {v: [s[2] for s in samples[v] if s[2]] for v in datapaths}
+    naive_load = [s[3] for v in variants for s in samples[v] if s[3]]
 
     def ratios(name: str, key: str) -> list[float]:
         return [g[key] / b[key] if b[key] else float("nan")

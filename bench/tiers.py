@@ -37,12 +37,11 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import replace
 from typing import Any
 
 from common import print_markdown, timed
-from datapaths import Pair, bench_cluster, cell, fmt_time
+from datapaths import Pair, bench_cluster, cell, fmt_time, release, take_turns
 from iptables import build_loadgen
 from results import Results
 from stockade.compile.lower import compile_cluster
@@ -122,19 +121,14 @@ def one_variant(name: str, tag: str, index: int, loadgen: str, cluster: Cluster,
             changed = reprioritised(cluster)
             t_compile, rs2 = timed(lambda: compile_cluster(changed))
             t_apply, delta = timed(lambda: dp.apply(rs2))  # type: ignore[union-attr]
-            assert not delta.empty, "a priority change changed nothing"
+            # (empty when the moved policy shares no endpoint with another of its tier)
             assert dp.diff(rs2).empty
             assert pair.isolated(), f"{name}: the server is not isolated after the change"
             prog.update(compile=t_compile, apply=t_apply,
                         delta=float(sum(delta.summary().values())))
         return base, got, prog
     finally:
-        try:
-            if dp is not None:
-                dp.remove()
-                dp.close()
-        finally:
-            pair.close()
+        release(pair, dp)
 
 
 def main() -> None:
@@ -159,27 +153,11 @@ def main() -> None:
         compile_s[v], compiled[v] = timed(lambda c=c: compile_cluster(c))
         print(f"{v}: compiled in {compile_s[v]:.1f} s: {compiled[v].counts()}", file=sys.stderr)
 
-    base: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
-    got: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
-    prog: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
-    failures: list[str] = []
-    index = 0
-    for r in range(args.rounds):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
-        for v in order:
-            index += 1
-            try:
-                b, g, p = one_variant(v, tag, index, loadgen, clusters[v], compiled[v],
-                                      args.seconds)
-            except Exception:  # one variant's failure costs its sample, not the run
-                traceback.print_exc()
-                failures.append(f"round {r + 1} {v}")
-                continue
-            base[v].append(b)
-            got[v].append(g)
-            prog[v].append(p)
-            print(f"round {r + 1} {v} ({time.monotonic() - t_start:.0f} s): none {b} / "
-                  f"with {g} / {p}", file=sys.stderr)
+    samples, failures = take_turns(VARIANTS, args.rounds, lambda v, index: one_variant(
+        v, tag, index, loadgen, clusters[v], compiled[v], args.seconds))
+    base = {v: [s[0] for s in samples[v]] for v in VARIANTS}
+    got = {v: [s[1] for s in samples[v]] for v in VARIANTS}
+    prog = {v: [s[2] for s in samples[v]] for v in VARIANTS}
 
     def ratios(v: str, key: str) -> list[float]:
         return [g[key] / b[key] if b[key] else float("nan")

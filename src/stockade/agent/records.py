@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from stockade.errors import DecodeError
 from stockade.model.admit import canonical_ip
@@ -84,11 +84,14 @@ class EndpointRecord:
                    _strs(d.get("command"), "command"), float(created), _str(d, "node"))
 
 
+P = TypeVar("P", NetworkPolicy, ClusterNetworkPolicy)
+
+
 @dataclass(frozen=True)
-class PolicyRecord:
+class _Manifested(Generic[P]):
     """A policy with the manifest it was submitted as (what `get -o yaml` shows)."""
 
-    policy: NetworkPolicy
+    policy: P
     manifest: Mapping[str, Any] = field(compare=False, hash=False, default_factory=dict)
 
     @property
@@ -97,6 +100,11 @@ class PolicyRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.manifest)
+
+
+@dataclass(frozen=True)
+class PolicyRecord(_Manifested[NetworkPolicy]):
+    """A NetworkPolicy (keyed namespace/name) with its manifest."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PolicyRecord:
@@ -104,18 +112,8 @@ class PolicyRecord:
 
 
 @dataclass(frozen=True)
-class ClusterPolicyRecord:
+class ClusterPolicyRecord(_Manifested[ClusterNetworkPolicy]):
     """A ClusterNetworkPolicy (cluster-scoped: keyed by its name) with its manifest."""
-
-    policy: ClusterNetworkPolicy
-    manifest: Mapping[str, Any] = field(compare=False, hash=False, default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return self.policy.key
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.manifest)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ClusterPolicyRecord:
