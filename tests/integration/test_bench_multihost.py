@@ -54,7 +54,7 @@ def test_the_multihost_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
         assert row["kernel-checked"] == "1", row  # the first of each kind, in every kernel
     (loaded,) = load["rows"]
     assert loaded[0].startswith("30 pods, 6 policies")
-    assert 0 < float(loaded[2]) <= float(loaded[3]) < 60
+    assert 0 <= float(loaded[2]) <= float(loaded[3]) < 60  # tenths of a second: 0.0 at this size
     who = [r[0] for r in memory["rows"]]
     assert who == ["host-1", "host-2", "host-3", "etcd"]
     assert all(float(r[1]) > 10 and float(r[2]) > 10 for r in memory["rows"]), memory
