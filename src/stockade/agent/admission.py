@@ -29,6 +29,7 @@ from stockade.agent.records import (
     PutNamespace,
     PutPolicy,
 )
+from stockade.engine.tiers import subject_selects
 from stockade.model.admit import (
     Conflict,
     address_conflicts,
@@ -119,9 +120,11 @@ def quarantine(state: AgentState, *, strict_cidr: bool = False) -> dict[str, lis
     """Endpoints that cannot be enforced as stored, with the reasons (key -> lines).
 
     An invalid endpoint, one sharing an address, every endpoint of a namespace
-    whose object is invalid, and every endpoint a stored invalid policy could
-    select (its namespace's) are held fail-closed rather than dropped: dropping
-    them would leave their traffic unrestricted.
+    whose object is invalid, every endpoint a stored invalid policy could select
+    (its namespace's) and every endpoint the subject of a stored invalid
+    ClusterNetworkPolicy selects (all of them if the subject cannot be read) are
+    held fail-closed rather than dropped: dropping them would leave their traffic
+    unrestricted.
     """
     out: dict[str, list[str]] = {}
 
@@ -141,6 +144,13 @@ def quarantine(state: AgentState, *, strict_cidr: bool = False) -> dict[str, lis
         for e in validate_policy(prec.policy, strict_cidr=strict_cidr):
             for key in by_ns.get(prec.policy.namespace, []):
                 hold(key, f"networkpolicy {prec.key}: {e.render()}")
+    ns_labels = {ns.name: ns.labels for ns in state.namespaces.values()}
+    for refused in state.refused_cluster_policies.values():
+        for key, rec in state.endpoints.items():
+            if refused.subject is None or subject_selects(refused.subject, rec.endpoint,
+                                                          ns_labels):
+                for line in refused.errors:
+                    hold(key, line)
     holders: dict[str, list[str]] = {}
     for key, rec in state.endpoints.items():
         for ip in rec.endpoint.ips:

@@ -10,10 +10,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from stockade.errors import DecodeError
+from stockade.errors import DecodeError, InputError, ValidationError
 from stockade.model.admit import canonical_ip
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
-from stockade.model.cnp import ClusterNetworkPolicy
+from stockade.model.cnp import ADMIN, CNP_API, CNP_KIND, ClusterNetworkPolicy, CnpPeer
 from stockade.model.cnp_decode import decode_cluster_network_policy
 from stockade.model.decode import decode_network_policy
 from stockade.model.labels import Labels
@@ -119,6 +119,50 @@ class ClusterPolicyRecord(_Manifested[ClusterNetworkPolicy]):
     def from_dict(cls, d: Mapping[str, Any]) -> ClusterPolicyRecord:
         """Decoded and validated (a CRD's decoder does both): what fails never loads."""
         return cls(decode_cluster_network_policy(dict(d), Source("store")), dict(d))
+
+
+@dataclass(frozen=True)
+class RefusedClusterPolicy:
+    """A stored or watched ClusterNetworkPolicy that does not validate.
+
+    It is not enforced as written, nor dropped (its subject's traffic would be
+    unrestricted): the endpoints its subject selects are held fail-closed, every
+    endpoint when the subject cannot be read either (a cluster-scoped policy may
+    select any pod).
+    """
+
+    name: str
+    errors: tuple[str, ...]
+    subject: CnpPeer | None
+    manifest: Mapping[str, Any] = field(compare=False, hash=False, default_factory=dict)
+
+
+def read_cluster_policy(doc: Mapping[str, Any], name: str,
+                        source: str) -> ClusterPolicyRecord | RefusedClusterPolicy:
+    """A ClusterNetworkPolicy as its record, or as refused with every error."""
+    try:
+        return ClusterPolicyRecord(decode_cluster_network_policy(dict(doc), Source(source)),
+                                   dict(doc))
+    except ValidationError as e:
+        errors = tuple(f"clusternetworkpolicy {name}: {f.render()}" for f in e.errors)
+    except DecodeError as e:
+        errors = (f"clusternetworkpolicy {name}: {e.message}",)
+    return RefusedClusterPolicy(name, errors, _subject_alone(doc), dict(doc))
+
+
+def _subject_alone(doc: Mapping[str, Any]) -> CnpPeer | None:
+    """The subject of a policy that does not validate, read by the same decoder as part
+    of an otherwise empty policy (None: it does not decode either)."""
+    spec = doc.get("spec")
+    subject = spec.get("subject") if isinstance(spec, Mapping) else None
+    if subject is None:
+        return None
+    try:
+        return decode_cluster_network_policy(
+            {"apiVersion": CNP_API, "kind": CNP_KIND, "metadata": {"name": "subject"},
+             "spec": {"tier": ADMIN, "priority": 0, "subject": subject}}).subject
+    except InputError:
+        return None
 
 
 def _str(d: Mapping[str, Any], key: str, *, required: bool = False) -> str:
@@ -238,6 +282,9 @@ class AgentState:
     endpoints: dict[str, EndpointRecord] = field(default_factory=dict)
     policies: dict[str, PolicyRecord] = field(default_factory=dict)
     cluster_policies: dict[str, ClusterPolicyRecord] = field(default_factory=dict)
+    # Stored ClusterNetworkPolicies that do not validate (written by hand, or by an
+    # older agent): never compiled; admission.quarantine holds what they select.
+    refused_cluster_policies: dict[str, RefusedClusterPolicy] = field(default_factory=dict)
     # Endpoints held fail-closed because what was stored cannot be enforced
     # (key -> reasons); see agent/admission.py. A valid new record releases one.
     quarantined: dict[str, list[str]] = field(default_factory=dict)
@@ -287,8 +334,10 @@ class AgentState:
                 self.policies.pop(c.key, None)
             elif isinstance(c, PutClusterPolicy):
                 self.cluster_policies[c.record.key] = c.record
+                self.refused_cluster_policies.pop(c.record.key, None)
             else:
                 self.cluster_policies.pop(c.name, None)
+                self.refused_cluster_policies.pop(c.name, None)
 
     def _forget(self, key: str) -> None:
         old = self.endpoints.get(key)

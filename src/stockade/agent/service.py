@@ -22,7 +22,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
-from stockade.agent.admission import check_changes
+from stockade.agent.admission import check_changes, quarantine
 from stockade.agent.extension import Handler, Operations
 from stockade.agent.protocol import (
     BAD_REQUEST,
@@ -178,13 +178,27 @@ class Service:
                 revision = self.reconciler.desired_revision
             else:
                 revision = self.store.commit(changes, meta)
+                released = self._releases_refused(changes)
                 self.state.apply(changes)
+                if released:
+                    # What held endpoints for a refused ClusterNetworkPolicy is gone: held
+                    # again is exactly what a restart would hold now.
+                    self.state.quarantined = quarantine(self.state,
+                                                        strict_cidr=self.strict_cidr)
                 if changes:
-                    self.reconciler.changed(revision, changes,
-                                            rebuild=self._tiers_meet_held(changes, admitted))
+                    self.reconciler.changed(
+                        revision, changes,
+                        rebuild=released or self._tiers_meet_held(changes, admitted))
         if sync and changes:
             self._wait(revision)
         return revision
+
+    def _releases_refused(self, changes: Sequence[Change]) -> bool:
+        """A change replaces or deletes a stored ClusterNetworkPolicy that was refused."""
+        refused = self.state.refused_cluster_policies
+        return bool(refused) and any(
+            (c.record.key if isinstance(c, PutClusterPolicy) else c.name) in refused
+            for c in changes if isinstance(c, PutClusterPolicy | DeleteClusterPolicy))
 
     def _tiers_meet_held(self, changes: Sequence[Change], admitted: bool) -> bool:
         """Tier policies change while endpoints are held fail-closed (the local store):
@@ -400,7 +414,8 @@ class Service:
                         deleted.append(f"endpoint/{key}")
                 elif kind in CNP_NAMES:
                     # Cluster-scoped: a namespace given with it is ignored, as kubectl does.
-                    if name in self.state.cluster_policies:
+                    if (name in self.state.cluster_policies
+                            or name in self.state.refused_cluster_policies):
                         changes.append(DeleteClusterPolicy(name))
                         deleted.append(f"clusternetworkpolicy/{name}")
                     else:

@@ -78,8 +78,10 @@ from stockade.agent.records import (
     PutEndpoint,
     PutNamespace,
     PutPolicy,
+    RefusedClusterPolicy,
     namespace_from_dict,
     namespace_to_dict,
+    read_cluster_policy,
 )
 from stockade.agent.snapshot import (
     SNAPSHOT_META_KEYS,
@@ -172,9 +174,14 @@ class Store:
                                      lambda r: r.key),
                 policies=self._rows(conn, "policies", "key", PolicyRecord.from_dict,
                                     lambda r: r.key),
-                cluster_policies=self._rows(conn, "cluster_policies", "name",
-                                            ClusterPolicyRecord.from_dict, lambda r: r.key),
             )
+            tiers = self._rows(conn, "cluster_policies", "name",
+                               lambda d: read_cluster_policy(d, _name_in(d), "store"),
+                               lambda r: r.key if isinstance(r, ClusterPolicyRecord) else r.name)
+            state.cluster_policies = {k: r for k, r in tiers.items()
+                                      if isinstance(r, ClusterPolicyRecord)}
+            state.refused_cluster_policies = {k: r for k, r in tiers.items()
+                                              if isinstance(r, RefusedClusterPolicy)}
             revision = self._revision(conn)
             meta = {k: v for k in wanted if (v := self._meta(conn, k)) is not None}
         return state, revision, meta
@@ -454,3 +461,11 @@ def restore_snapshot(store: Store, data: Any, meta_keys: Collection[str] = SNAPS
 
 def _unreserved(meta_keys: Collection[str]) -> list[str]:
     return [k for k in meta_keys if k not in RESERVED_META]
+
+
+def _name_in(doc: Mapping[str, Any]) -> str:
+    """The name a stored manifest gives itself ("" if none): a refused policy is still
+    keyed by it, so a row holding another object's manifest is found out."""
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    return name if isinstance(name, str) else ""

@@ -90,11 +90,13 @@ from stockade.agent.records import (
     PutEndpoint,
     PutNamespace,
     PutPolicy,
+    RefusedClusterPolicy,
+    read_cluster_policy,
 )
 from stockade.agent.service import enforces_tiers
 from stockade.agent.store import Store
 from stockade.engine.tiers import subject_selects
-from stockade.errors import DecodeError, InputError, ValidationError
+from stockade.errors import DecodeError
 from stockade.kube.client import (
     CLUSTER_NETWORK_POLICIES,
     NAMESPACES,
@@ -107,8 +109,7 @@ from stockade.kube.reflector import DELETED, Reflector, ReflectorConfig
 from stockade.model.admit import canonical_ip, validate_endpoint, validate_namespace
 from stockade.model.cidr import parse_ip
 from stockade.model.cluster import ContainerPort, Endpoint, Namespace, implicit_namespace
-from stockade.model.cnp import ADMIN, CnpPeer
-from stockade.model.cnp_decode import decode_cluster_network_policy
+from stockade.model.cnp import CnpPeer
 from stockade.model.decode import decode_namespace, decode_network_policy, decode_pod
 from stockade.model.labels import Labels
 from stockade.model.policy import Source
@@ -196,31 +197,10 @@ def translate_cluster_policy(obj: Mapping[str, Any]) -> TierView:
     """Decoded and validated strictly (``status`` is the server's and is dropped)."""
     name = object_key(CLUSTER_NETWORK_POLICIES, obj)
     doc = _typed(CLUSTER_NETWORK_POLICIES, {k: v for k, v in obj.items() if k != "status"})
-    try:
-        policy = decode_cluster_network_policy(doc, Source("kubernetes"))
-    except ValidationError as e:
-        return TierView(name, None, tuple(f"clusternetworkpolicy {name}: {f.render()}"
-                                          for f in e.errors), _subject_alone(doc))
-    except DecodeError as e:
-        return TierView(name, None, (f"clusternetworkpolicy {name}: {e.message}",),
-                        _subject_alone(doc))
-    return TierView(name, ClusterPolicyRecord(policy, doc))
-
-
-def _subject_alone(doc: Mapping[str, Any]) -> CnpPeer | None:
-    """The subject of a policy that does not decode, read by the same decoder as part of
-    an otherwise empty policy (None: it does not decode either)."""
-    spec = doc.get("spec")
-    subject = spec.get("subject") if isinstance(spec, Mapping) else None
-    if subject is None:
-        return None
-    try:
-        return decode_cluster_network_policy(
-            {"apiVersion": CLUSTER_NETWORK_POLICIES.api_version,
-             "kind": CLUSTER_NETWORK_POLICIES.kind, "metadata": {"name": "subject"},
-             "spec": {"tier": ADMIN, "priority": 0, "subject": subject}}).subject
-    except InputError:
-        return None
+    read = read_cluster_policy(doc, name, "kubernetes")
+    if isinstance(read, RefusedClusterPolicy):
+        return TierView(name, None, read.errors, read.subject)
+    return TierView(name, read)
 
 
 def _pod_ips(status: Mapping[str, Any]) -> list[str]:
