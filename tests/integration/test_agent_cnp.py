@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from stockade.agent.protocol import ApiError
-from stockade.agent.store import Store
+from stockade.agent.store import DB_NAME, Store
 from stockade.compile.lower import compile_cluster
 from stockade.datapath.nft import NftDatapath
 
@@ -243,3 +243,46 @@ def test_priority_flips_reach_the_kernel_in_one_transaction(trio, agent, servers
     assert failures == []
     assert swaps >= 6
     assert agent.call("status")["driftRepairs"] == 0
+
+
+def _store_raw(state_dir: Path, name: str, doc: dict[str, Any]) -> None:
+    """Write a ClusterNetworkPolicy row by hand, past every check, as an operator or an
+    older agent might have."""
+    import sqlite3
+
+    conn = sqlite3.connect(state_dir / DB_NAME)
+    try:
+        conn.execute("UPDATE cluster_policies SET doc = ? WHERE name = ?",
+                     (json.dumps(doc), name))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("subject_readable", [True, False])
+def test_a_stored_invalid_policy_holds_its_subject_closed(trio, agent, servers,
+                                                          subject_readable: bool) -> None:
+    """A ClusterNetworkPolicy made invalid in the store by hand does not stop the agent:
+    the pods its subject selects (every pod when the subject cannot be read) are held
+    closed both ways, `status` says why, and deleting the policy releases them."""
+    apply(agent, cnp("deny-c", "Admin", 1, "Deny", subject="a", peer=pods("c")))
+    pairs = [B_A, C_A, A_B, ("b", "c", 80)]
+    assert _probe(trio, pairs) == {B_A: True, C_A: False, A_B: True, ("b", "c", 80): True}
+    agent.stop()
+    bad = cnp("deny-c", "Admin", 5000, "Deny", subject="a", peer=pods("c"))
+    if not subject_readable:
+        bad["spec"]["subject"] = {"pods": {"podSelector": {"matchLabels": {"x": "/"}}}}
+    _store_raw(agent.state, "deny-c", bad)
+    agent.start()
+    st = agent.call("status")
+    held = ["x/a"] if subject_readable else ["x/a", "x/b", "x/c"]
+    assert sorted(st["quarantined"]) == held, st["quarantined"]
+    reason = st["quarantined"]["x/a"][0]
+    assert reason.startswith("clusternetworkpolicy deny-c: spec."), reason
+    closed = {B_A: False, C_A: False, A_B: False,
+              ("b", "c", 80): subject_readable}
+    assert _probe(trio, pairs) == closed
+    out = agent.call("delete", refs=[{"kind": "cnp", "name": "deny-c"}])
+    assert out["deleted"] == ["clusternetworkpolicy/deny-c"]
+    assert agent.call("status")["quarantined"] == {}
+    assert _probe(trio, pairs) == {B_A: True, C_A: True, A_B: True, ("b", "c", 80): True}
