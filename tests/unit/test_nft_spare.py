@@ -62,3 +62,17 @@ def test_unused_chains_go_with_a_libnftables_transaction_or_when_old() -> None:
     dp._spare_since -= NftDatapath.SPARE_AGE + 1
     idle = _step(dp, _rs(False))
     assert idle.del_chains == ("i-1",) and not dp._spare_chains
+
+
+def test_an_unused_chain_asked_for_again_with_other_rules_is_replaced() -> None:
+    """A tier's chain is named by its policies' subjects: the same name may come back
+    with other rules (a priority changed meanwhile), and must not be used as it was."""
+    dp = _dp(_rs(True))
+    _step(dp, _rs(False))
+    assert set(dp._spare_chains) == {"i-1"}
+    other = Chain("i-1", INGRESS, (ChainRule(4, protocol="udp"),))
+    target = Ruleset({}, {"i-0": BASE, "i-1": other}, {"10.0.0.9": "i-0", "10.0.0.1": "i-1"},
+                     {})
+    back = _step(dp, target)
+    assert back.replace_chains == (other,) and not back.add_chains
+    assert not elements_only(back)  # a libnftables transaction rewrites its rules

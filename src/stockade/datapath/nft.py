@@ -667,12 +667,20 @@ class NftDatapath:
                 add_sets.append(s)
             else:
                 set_delta(kept, s, add_el, del_el)
-        add_chains = tuple(c for c in delta.add_chains if chains.pop(c.name, None) is None)
+        add_chains: list[Chain] = []
+        replace_chains = list(delta.replace_chains)
+        for c in delta.add_chains:
+            spare = chains.pop(c.name, None)
+            if spare is None:
+                add_chains.append(c)
+            elif spare.rules != c.rules:
+                replace_chains.append(c)  # a tier's chain is named by subjects, not rules
         if not (chains or sets):
             self._spare_since = time.monotonic()
         chains.update((name, applied.chains[name]) for name in delta.del_chains)
         sets.update((name, applied.sets[name]) for name in delta.del_sets)
-        out = replace(delta, add_sets=tuple(add_sets), add_chains=add_chains,
+        out = replace(delta, add_sets=tuple(add_sets), add_chains=tuple(add_chains),
+                      replace_chains=tuple(replace_chains),
                       add_elements=tuple(add_el), del_elements=tuple(del_el),
                       del_chains=(), del_sets=())
         idle = out.empty and time.monotonic() - self._spare_since > self.SPARE_AGE
