@@ -116,6 +116,12 @@ _NOT_PLAIN_JSON = re.compile("[^\n\r\x20-\x7e\xa0-\u2027\u202a-\ud7ff"
 _JSON_DIFFERS = re.compile(r'"[ ]*[\r\n][ \r\n]*:|\\u[dD][89abAB]')
 
 
+def _may_differ(text: str) -> bool:
+    """Whether `_JSON_DIFFERS` can match: it needs a quote before a break or a space,
+    or a backslash (plain `in` tests, far faster than the search)."""
+    return '"\n' in text or '"\r' in text or '" ' in text or "\\" in text
+
+
 class _Unsure(Exception):
     """The fast path cannot vouch for the reference loader's result."""
 
@@ -140,7 +146,8 @@ def _fast_documents(text: str) -> list[Any] | None:
 def _json_document(text: str) -> Any:
     if not (text.isascii() and "\x7f" not in text) and _NOT_PLAIN_JSON.search(text):
         raise _Unsure
-    if _JSON_DIFFERS.search(text):
+    # The search alone walks the whole text (0.7 s at 100,000 pods).
+    if _may_differ(text) and _JSON_DIFFERS.search(text):
         raise _Unsure
     return json.loads(text, object_pairs_hook=_json_object, parse_float=_json_float,
                       parse_constant=str)
