@@ -10,6 +10,7 @@ from stockade.model.cidr import (
     STRICT_HOST_BITS,
     STRICT_LEADING_ZEROS,
     STRICT_V4_MAPPED,
+    is_canonical_ipv4,
     is_strict_subset,
     parse_cidr,
     parse_cidr_sloppy,
@@ -100,3 +101,15 @@ def test_strict_subset(outer: str, inner: str, subset: bool) -> None:
 def test_parse_ip(text: str, address: str | None) -> None:
     expected = None if address is None else ipaddress.ip_address(address)
     assert parse_ip(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "10.0.0.1", "0.0.0.0", "255.255.255.255", "199.249.250.251", "10.128.3.40",
+    "256.0.0.1", "1.2.3.260", "01.2.3.4", "1.2.3.00", "00.0.0.0", "1.2.3", "1.2.3.4.5",
+    "1.2.3.4\n", " 1.2.3.4", "1..2.3", "1.2.3.", "\u0661.2.3.4", "::1", "::ffff:1.2.3.4",
+    "a.b.c.d", "1.2.3.-4", "+1.2.3.4", "1.2.3.4/32", "",
+])
+def test_canonical_ipv4_is_its_definition(text: str) -> None:
+    # The fast test of pod addresses: an IPv4 address that prints as it is written.
+    ip = parse_ip(text)
+    assert is_canonical_ipv4(text) == (ip is not None and ip.version == 4 and str(ip) == text)

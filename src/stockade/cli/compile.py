@@ -82,9 +82,11 @@ def _forget() -> None:
     from stockade.compile.nft import rule_digest
     from stockade.model import cidr
     from stockade.model.decode import clear_interned
+    from stockade.model.validate import VALID
 
     clear_caches()
     clear_interned()
+    VALID.seen.clear()
     rule_digest.cache_clear()
     for cached in (cidr.parse_ip, cidr.parse_cidr, cidr.parse_cidr_sloppy):
         cached.cache_clear()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from stockade.errors import InputError, ValidationError
 from stockade.model import names
-from stockade.model.cidr import ip_version, parse_ip
+from stockade.model.cidr import ip_version, is_canonical_ipv4, parse_ip
 from stockade.model.cluster import NS_NAME_LABEL, Endpoint, Namespace
 from stockade.model.field import (
     FORBIDDEN,
@@ -31,7 +31,7 @@ from stockade.model.field import (
     invalid_each,
 )
 from stockade.model.policy import PROTOCOLS, NetworkPolicy
-from stockade.model.validate import validate_labels, validate_names, validate_policy
+from stockade.model.validate import VALID, validate_labels, validate_names, validate_policy
 
 DUPLICATE = "Duplicate value"
 # Labels the system sets; nobody may set or remove them by hand.
@@ -77,6 +77,8 @@ def validate_endpoint(ep: Endpoint) -> list[FieldError]:
 
 def validate_pod_ips(ips: Sequence[str]) -> list[FieldError]:
     """status.podIPs: at least one, each an IP, at most one per family."""
+    if len(ips) == 1 and is_canonical_ipv4(ips[0]):
+        return []  # a pod's usual address: no need to parse it
     if not ips:
         return [FieldError("status.podIPs", REQUIRED, "an endpoint needs an IP address")]
     errs: list[FieldError] = []
@@ -96,6 +98,8 @@ def validate_pod_ips(ips: Sequence[str]) -> list[FieldError]:
 
 def validate_container_ports(ep: Endpoint) -> list[FieldError]:
     """containerPort 1-65535, a supported protocol, unique IANA service names."""
+    if ep.ports in VALID.seen:
+        return []
     errs: list[FieldError] = []
     seen: dict[str, str] = {}
     for i, port in enumerate(ep.ports):
@@ -112,6 +116,8 @@ def validate_container_ports(ep: Endpoint) -> list[FieldError]:
                                        f"also the name of {seen[port.name]}", port.name))
             else:
                 seen[port.name] = path
+    if not errs:
+        VALID.add(ep.ports)
     return errs
 
 

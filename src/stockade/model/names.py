@@ -187,6 +187,11 @@ def mask_trailing_dash(name: str) -> str:
 
 
 def name_is_dns_subdomain(name: str, prefix: bool) -> list[str]:
+    # A valid name is answered without the memo: every pod's name is its own, so
+    # each would miss it and push out the values that recur. (The pattern is
+    # ASCII: characters are bytes.)
+    if not prefix and len(name) <= DNS1123_SUBDOMAIN_MAX and _DNS1123_SUBDOMAIN.fullmatch(name):
+        return []
     return is_dns1123_subdomain(mask_trailing_dash(name) if prefix else name)
 
 

@@ -214,8 +214,11 @@ class Objects:
         """
         declared = {ns.name: ns for ns in self.namespaces}
         everyone = self.endpoints + self.workloads
-        for name in [ep.namespace for ep in everyone] + [p.namespace for p in self.policies]:
-            declared.setdefault(name, implicit_namespace(name))
+        named = dict.fromkeys([ep.namespace for ep in everyone]
+                              + [p.namespace for p in self.policies])
+        for name in named:  # each once, in order (not once per pod)
+            if name not in declared:
+                declared[name] = implicit_namespace(name)
         # As with `kubectl apply` of several files, a later object of the same
         # kind, namespace and name replaces an earlier one.
         endpoints = {ep.key: ep for ep in everyone}

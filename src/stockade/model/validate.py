@@ -14,7 +14,7 @@ empty policyTypes are already inferred, as after API defaulting.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 from stockade.model import names
 from stockade.model.cidr import (
@@ -33,6 +33,7 @@ from stockade.model.field import (
     FieldError,
     invalid_each,
 )
+from stockade.model.labels import Labels
 from stockade.model.policy import (
     DIRECTIONS,
     PROTOCOLS,
@@ -93,6 +94,9 @@ def validate_names(name: str, namespace: str) -> list[FieldError]:
 
 def validate_labels(labels: Mapping[str, str], path: str) -> list[FieldError]:
     """Label keys and values; every error names the map, not the key."""
+    known = isinstance(labels, Labels)  # hashable, and interned by decoding
+    if known and labels in VALID.seen:
+        return []
     errs: list[FieldError] = []
     for key, value in labels.items():
         bad = names.is_qualified_name(key)
@@ -101,7 +105,32 @@ def validate_labels(labels: Mapping[str, str], path: str) -> list[FieldError]:
         bad = names.is_label_value(value)
         if bad:
             errs += invalid_each(path, value, bad)
+    if known and not errs:
+        VALID.add(labels)
     return errs
+
+
+class KnownValid:
+    """Values already found valid (label maps, selectors, port lists), by value.
+
+    Whether a value is valid depends on the value only (its path only words the
+    errors), and a cluster repeats a few of them thousands of times: replicas
+    share their labels and ports, policies their selectors. Callers give
+    hashable values only; bounded, as the agent validates for as long as it runs.
+    """
+
+    MAX = 1 << 16
+
+    def __init__(self) -> None:
+        self.seen: set[Hashable] = set()
+
+    def add(self, value: Hashable) -> None:
+        if len(self.seen) >= self.MAX:
+            self.seen.clear()
+        self.seen.add(value)
+
+
+VALID = KnownValid()
 
 
 def validate_annotations(annotations: Mapping[str, str], path: str) -> list[FieldError]:
@@ -121,9 +150,13 @@ def validate_annotations(annotations: Mapping[str, str], path: str) -> list[Fiel
 
 def validate_selector(selector: Selector, path: str) -> list[FieldError]:
     """metav1 ValidateLabelSelector with label values in requirements checked."""
+    if selector in VALID.seen:
+        return []
     errs = validate_labels(selector.match_labels, f"{path}.matchLabels")
     for i, requirement in enumerate(selector.match_expressions):
         errs += validate_requirement(requirement, f"{path}.matchExpressions[{i}]")
+    if not errs:
+        VALID.add(selector)
     return errs
 
 
