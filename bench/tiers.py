@@ -44,8 +44,10 @@ from common import print_markdown, timed
 from datapaths import Pair, bench_cluster, cell, fmt_time, release, take_turns
 from iptables import build_loadgen
 from results import Results
+from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
+from stockade.compile.plan import plan
 from stockade.datapath.base import require_bridge_netfilter
 from stockade.datapath.nft import NftDatapath
 from stockade.model.cluster import NS_NAME_LABEL, Cluster
@@ -102,6 +104,35 @@ def reprioritised(cluster: Cluster) -> Cluster:
     return replace(cluster, cluster_policies=tuple(tiers))
 
 
+def incremental(clusters: dict[str, Cluster]) -> list[list[str]]:
+    """The agent's way, no kernel: `IncrementalCompiler.upsert_cluster_policy` of one
+    priority change (the same policy, made first of its tier), then `.ruleset()`, and
+    the plan from the ruleset before; beside the full compile of the changed cluster."""
+    rows = []
+    for v, cluster in clusters.items():
+        if not cluster.cluster_policies:
+            continue
+        inc = IncrementalCompiler.of(cluster)
+        before = inc.ruleset()
+        first = cluster.cluster_policies[0].tier
+        tiers = [p for p in cluster.cluster_policies if p.tier == first]
+        last = max(tiers, key=ClusterNetworkPolicy.order)
+        moved = replace(last, priority=min(p.priority for p in tiers) - 1)
+        t_inc, after = timed(lambda i=inc, m=moved: (i.upsert_cluster_policy(m),
+                                                     i.ruleset())[1])
+        changed = replace(cluster, cluster_policies=tuple(
+            moved if p.name == moved.name else p for p in cluster.cluster_policies))
+        t_full, full = timed(lambda c=changed: compile_cluster(c))
+        assert after == full, f"{v}: the incremental ruleset is not the full compiler's"
+        delta = plan(before, after)
+        s = delta.summary()
+        rows.append([v, fmt_time(t_inc), fmt_time(t_full),
+                     f"{s['chains_added']} / {s['chains_replaced']} / {s['chains_removed']}",
+                     f"{s['map_entries_set']}", f"{sum(s.values())}"])
+        print(f"{v}: incremental {t_inc:.3f} s, full {t_full:.3f} s, {s}", file=sys.stderr)
+    return rows
+
+
 def one_variant(name: str, tag: str, index: int, loadgen: str, cluster: Cluster,
                 rs: Any, secs: float) -> tuple[dict[str, float], dict[str, float],
                                                dict[str, float]]:
@@ -139,7 +170,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="per packet test")
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
+    ap.add_argument("--incremental", action="store_true",
+                    help="only the agent's incremental priority change, no kernel (no root)")
     args = ap.parse_args()
+    if args.incremental:
+        base_cluster = bench_cluster(args.pods, args.policies)
+        print_markdown(("variant", "incremental change + ruleset", "full compile",
+                        "chains added / replaced / removed", "map entries set",
+                        "delta (everything)"),
+                       incremental({v: variant_cluster(base_cluster, v, args.cnps)
+                                    for v in VARIANTS}))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a kill too
     t_start = time.monotonic()
     tag = f"tr{secrets.token_hex(2)}"

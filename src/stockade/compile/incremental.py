@@ -31,12 +31,12 @@ from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element
 from stockade.compile.lower import DIRECTION, Lowering, Need, endpoint_addresses, lower_chain
 from stockade.compile.membership import PeerMembers, PolicyTargets, SetSpec
 from stockade.compile.plan import Touched, derive
-from stockade.compile.tiers import link_chain, lower_tier_chain
+from stockade.compile.tiers import link_chain, lower_tier_chain, subject_key
 from stockade.engine.resolve import resolve
 from stockade.engine.tiers import subject_selects
 from stockade.model import policy as model
 from stockade.model.cluster import Cluster, Endpoint, Namespace
-from stockade.model.cnp import ADMIN, BASELINE, ClusterNetworkPolicy
+from stockade.model.cnp import ADMIN, BASELINE, ClusterNetworkPolicy, CnpPeer
 from stockade.model.labels import Labels
 from stockade.model.selector import EXISTS, IN
 
@@ -53,6 +53,10 @@ class IncrementalCompiler:
         self.policies: dict[str, model.NetworkPolicy] = {}
         self.cluster_policies: dict[str, ClusterNetworkPolicy] = {}
         self._tier_order: list[ClusterNetworkPolicy] = []  # by precedence
+        self._subjects: dict[str, CnpPeer] = {}  # their distinct subjects, by subject_key
+        # (direction, the subjects selecting a pod) -> its Admin and Baseline policies
+        self._by_selection: dict[tuple[str, frozenset[str]],
+                                 tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._tier_cache: dict[tuple[str, str, Labels],
                                tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._policies_in: dict[str, dict[str, model.NetworkPolicy]] = {}
@@ -76,6 +80,7 @@ class IncrementalCompiler:
         self._chain_users: dict[str, int] = {}
         self._chain_of: dict[PolicySetKey, str] = {}
         self._tier_of: dict[TierKey, str] = {}
+        self._tier_key: dict[str, TierKey] = {}  # the other way round
         self._link_of: dict[tuple[str, str | None], str] = {}  # (Admin chain, next)
         # (direction, ep) -> the chains its packets may run through, the entry first
         self._endpoint_chain: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -278,12 +283,19 @@ class IncrementalCompiler:
         found = self._tier_cache.get(key)
         if found is not None:
             return found
-        admin: list[str] = []
-        baseline: list[str] = []
-        for p in self._tier_order:
-            if p.rules(direction) and subject_selects(p.subject, ep, self.namespace_labels):
-                (admin if p.tier == ADMIN else baseline).append(p.name)
-        found = self._tier_cache[key] = (tuple(admin), tuple(baseline))
+        # Each distinct subject is asked once (a thousand policies may share a few), and
+        # the policies follow from the subjects that select the pod (see tiers.selection).
+        picked = frozenset(k for k, subject in self._subjects.items()
+                           if subject_selects(subject, ep, self.namespace_labels))
+        found = self._by_selection.get((direction, picked))
+        if found is None:
+            admin: list[str] = []
+            baseline: list[str] = []
+            for p in self._tier_order:
+                if p.rules(direction) and subject_key(p.subject) in picked:
+                    (admin if p.tier == ADMIN else baseline).append(p.name)
+            found = self._by_selection[(direction, picked)] = (tuple(admin), tuple(baseline))
+        self._tier_cache[key] = found
         return found
 
     def _place(self, ep: Endpoint, direction: str, keys: tuple[str, ...] | None = None,
@@ -391,7 +403,13 @@ class IncrementalCompiler:
         specs: dict[str, SetSpec] = {}
         chain = lower_tier_chain(direction, tier, [self.cluster_policies[n] for n in names],
                                  next_chain, _collector(specs))
+        # One key per name: a chain is named by its policies' subjects, so the key of
+        # its previous policies (one since deleted, say) must not find it again.
+        stale = self._tier_key.get(chain.name)
+        if stale is not None and self._tier_of.get(stale) == chain.name:
+            del self._tier_of[stale]
         self._tier_of[key] = chain.name
+        self._tier_key[chain.name] = key
         self._register(chain, specs, members)
         return chain.name
 
@@ -407,8 +425,21 @@ class IncrementalCompiler:
 
     def _register(self, chain: Chain, specs: dict[str, SetSpec],
                   members: Members | None) -> None:
-        """A chain just lowered, unless one of the same content is in use."""
-        if chain.name in self._chains:
+        """A chain just lowered, unless one of the same content is in use; a tier's
+        chain of the same name (the same subjects) but other rules is replaced in place."""
+        old = self._chains.get(chain.name)
+        if old is not None:
+            if old == chain and old.comment == chain.comment:
+                return
+            self._chains[chain.name] = chain
+            self._touched_chains.add(chain.name)
+            # The new rules' sets first: a set both name keeps its members.
+            before = self._chain_specs[chain.name]
+            self._chain_specs[chain.name] = frozenset(specs)
+            for spec in specs.values():
+                self._ref_set(spec, members)
+            for set_name in before:
+                self._unref_set(set_name)
             return
         self._chains[chain.name] = chain
         self._touched_chains.add(chain.name)
@@ -425,8 +456,9 @@ class IncrementalCompiler:
             self._unref_set(set_name)
         for k in [k for k, v in self._chain_of.items() if v == name]:
             del self._chain_of[k]
-        for t in [t for t, v in self._tier_of.items() if v == name]:
-            del self._tier_of[t]
+        tier_key = self._tier_key.pop(name, None)
+        if tier_key is not None and self._tier_of.get(tier_key) == name:
+            del self._tier_of[tier_key]
         for k2 in [k2 for k2, v in self._link_of.items() if v == name or k2[0] == name]:
             del self._link_of[k2]
 
@@ -527,7 +559,13 @@ class IncrementalCompiler:
 
     def _replace_cluster_policy(self, name: str, old: ClusterNetworkPolicy | None,
                                 new: ClusterNetworkPolicy | None) -> None:
-        """Move the endpoints the old or the new subject selects (in any namespace)."""
+        """Move the endpoints the old or the new subject selects (in any namespace); or,
+        when the change leaves whom it selects as it was, only rewrite its chains."""
+        if old is not None and new is not None and _same_selection(old, new):
+            self.cluster_policies[name] = new
+            self._order_tiers()
+            self._relower(name)
+            return
         subjects = [p.subject for p in (old, new) if p is not None]
         affected = [ep for _, ep in sorted(self.endpoints.items())
                     if any(subject_selects(s, ep, self.namespace_labels) for s in subjects)]
@@ -547,10 +585,26 @@ class IncrementalCompiler:
                 self._place(ep, direction)
         self._collect()
 
+    def _relower(self, name: str) -> None:
+        """Lower again, in the new precedence, every tier chain holding the policy `name`.
+
+        Each keeps its name (its policies' subjects are the same), so the endpoints
+        running through it and their map entries stay as they are: a priority change of
+        a policy selecting every pod costs its chains, not ten thousand placements.
+        """
+        for key in [k for k in self._tier_of if name in k[2]]:
+            direction, tier, names, next_chain = key
+            was = self._tier_of.pop(key)
+            ordered = tuple(sorted(names, key=lambda n: self.cluster_policies[n].order()))
+            now = self._tier_chain(direction, tier, ordered, next_chain, None)
+            assert now == was, "a tier chain is named by its policies' subjects"
+
     def _order_tiers(self) -> None:
         self._tier_order = sorted(self.cluster_policies.values(),
                                   key=ClusterNetworkPolicy.order)
+        self._subjects = {subject_key(p.subject): p.subject for p in self._tier_order}
         self._tier_cache.clear()
+        self._by_selection.clear()
 
     def _replace_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Place endpoints again, both ways (what selects them may have changed)."""
@@ -558,6 +612,13 @@ class IncrementalCompiler:
             for direction in model.DIRECTIONS:
                 self._unplace(ep, direction)
                 self._place(ep, direction)
+
+
+def _same_selection(old: ClusterNetworkPolicy, new: ClusterNetworkPolicy) -> bool:
+    """Whether two versions of a policy select the same endpoints in each direction (one
+    without rules of a direction selects none there), in the same tier."""
+    return old.tier == new.tier and old.subject == new.subject and all(
+        bool(old.rules(d)) == bool(new.rules(d)) for d in model.DIRECTIONS)
 
 
 def _collector(specs: dict[str, SetSpec]) -> Need:

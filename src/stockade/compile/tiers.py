@@ -101,17 +101,37 @@ def lower_tier_rule(direction: str, policy: ClusterNetworkPolicy, index: int, ru
                       action) for r in out]
 
 
+def subject_key(subject: CnpPeer) -> str:
+    """A subject as text: two subjects with the same text select the same pods."""
+    return (f"{subject.kind}|{subject.namespace_selector.render()}|"
+            f"{subject.pod_selector.render()}|{','.join(subject.networks)}")
+
+
+def selection(policies: Sequence[ClusterNetworkPolicy]) -> tuple[str, ...]:
+    """What names a tier's chain: the distinct subjects of the policies selecting its
+    endpoints, not their rules or their order.
+
+    The policies of a tier selecting a pod are exactly those whose subject is among
+    these (a subject selects a pod or not, whichever policy holds it), so within one
+    ruleset the subjects tell the chains apart as well as the rules would. Unlike the
+    rules they survive a priority change, an edited rule, or a policy renamed or added
+    beside another of the same subject: the chain keeps its name and only its rules
+    are replaced, and no endpoint's map entry (nor the link chains before it) moves.
+    """
+    return tuple(sorted({subject_key(p.subject) for p in policies}))
+
+
 def lower_tier_chain(direction: str, tier: str, policies: Sequence[ClusterNetworkPolicy],
                      next_chain: str | None, need: Need) -> Chain:
-    """One tier's chain for endpoints those policies (in precedence order) select."""
+    """One tier's chain for endpoints those policies (in precedence order) select,
+    named by their `selection` (so its rules may change under the same name)."""
     rules: list[ChainRule] = []
     for policy in policies:
         for i, rule in enumerate(policy.rules(direction)):
             rules += lower_tier_rule(direction, policy, i, rule, need)
     ir_dir = DIRECTION[direction]
-    key = tuple((r.family, r.peer_set, r.named_set, r.protocol, r.ports, r.action)
-                for r in rules)
-    name = content_name(f"{tier[0].lower()}{ir_dir[0]}-", ir_dir, tier, key, next_chain)
+    name = content_name(f"{tier[0].lower()}{ir_dir[0]}-", ir_dir, tier, selection(policies),
+                        next_chain)
     return Chain(name, ir_dir, tuple(rules), ", ".join(p.name for p in policies),
                  tier=tier, next=next_chain)
 
