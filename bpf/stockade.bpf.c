@@ -10,8 +10,16 @@
  *      denying side's policy keeps existing connections);
  *   2. ICMPv6 neighbour solicitation/advertisement passes;
  *   3. a TCP packet that would open a connection without SYN is dropped;
- *   4. the source's egress policy and the destination's ingress policy must both
- *      allow the packet; if they do, a conntrack entry is created.
+ *   4. the source's egress side and the destination's ingress side must both pass
+ *      the packet; if they do, a conntrack entry is created. A side is judged by up
+ *      to MAX_STAGES policies in turn (a ClusterNetworkPolicy Admin tier, then
+ *      NetworkPolicy or the Baseline tier): one policy-map lookup with the peer's
+ *      identity, and one with ANY only when that misses; the entry's action ends
+ *      the side (allow: it passes, deny: the packet is dropped) or goes on to the
+ *      next stage (pass; none left: the side passes). The loader resolved each
+ *      tier's first-matching rule into the entries (src/stockade/compile/bpf.py), so
+ *      no rule is scanned here. A NetworkPolicy policy's entries all allow and a
+ *      miss denies.
  * Both hooks judge both sides, so a packet between two local endpoints is judged
  * at the first hook it meets and passes the second one through conntrack.
  *
@@ -23,8 +31,9 @@
  * was not seen passing (denied, or arriving out of order) is dropped.
  *
  * Maps (all pinned by the loader, see src/stockade/datapath/ebpf.py):
- *   ipcache4/6  LPM trie: (slot, prefix) -> identity, ingress policy, egress policy
- *   policy      LPM trie: (slot|policy, identity, protocol, port prefix) -> allow
+ *   ipcache4/6  LPM trie: (slot, prefix) -> identity, the policies of the endpoint's
+ *               entries (the loader's) and of its stages per direction
+ *   policy      LPM trie: (slot|policy, identity, protocol, port prefix) -> action
  *   config      the active slot and the policy generation (the atomic switch)
  *   ct          LRU hash: the program's own connection tracking
  *   frag        LRU hash: (family, src, dst, protocol, IP id) of an allowed first
@@ -51,6 +60,12 @@
 #define WORLD4 1
 #define WORLD6 2
 #define SLOT_BIT 0x80000000u
+#define MAX_STAGES 2 /* policies judging one side in turn: Admin, then NetworkPolicy/Baseline */
+
+/* a policy entry's value */
+#define ACT_ALLOW 1
+#define ACT_DENY 2
+#define ACT_PASS 3
 
 #define PROTO_ICMP 1
 #define PROTO_TCP 6
@@ -86,8 +101,10 @@ struct ip6_key {
 
 struct ip_info {
 	__u32 identity;
-	__u32 ingress; /* policy id, 0: not isolated for ingress */
+	__u32 ingress; /* the map entry's policy (read back by the loader only) */
 	__u32 egress;
+	__u32 in_stage[MAX_STAGES]; /* policies judging ingress in turn, 0: no more */
+	__u32 eg_stage[MAX_STAGES];
 };
 
 struct policy_key {
@@ -294,17 +311,17 @@ static __always_inline int lookup_ip(__u32 slot, __u8 family, const __u32 *addr,
 		info = bpf_map_lookup_elem(&ipcache6, &k);
 	}
 	if (!info) {
+		__builtin_memset(out, 0, sizeof(*out));
 		out->identity = family == 4 ? WORLD4 : WORLD6;
-		out->ingress = 0;
-		out->egress = 0;
 		return 0;
 	}
 	*out = *info;
 	return 1;
 }
 
-static __always_inline int policy_allows(__u32 slot, __u32 pol, __u32 identity, __u8 family,
-					 __u8 proto, __be16 port)
+/* A policy's action for the peer: its identity's entry, else ANY's; 0: no entry. */
+static __always_inline __u32 policy_action(__u32 slot, __u32 pol, __u32 identity, __u8 family,
+					   __u8 proto, __be16 port)
 {
 	struct policy_key k = {
 		.prefixlen = 88,
@@ -312,11 +329,35 @@ static __always_inline int policy_allows(__u32 slot, __u32 pol, __u32 identity, 
 		.identity = bpf_htonl(identity),
 		.proto = proto,
 	};
+	__u32 *v;
 	__builtin_memcpy(k.port, &port, 2);
-	if (bpf_map_lookup_elem(&policy, &k))
-		return 1;
+	v = bpf_map_lookup_elem(&policy, &k);
+	if (v)
+		return *v;
 	k.identity = bpf_htonl(family == 4 ? ANY4 : ANY6);
-	return bpf_map_lookup_elem(&policy, &k) != 0;
+	v = bpf_map_lookup_elem(&policy, &k);
+	return v ? *v : 0;
+}
+
+/* The policy of the stage that denies a side, 0 when the side passes: the first stage's
+ * allow or deny decides, a pass goes on to the next one. A NetworkPolicy policy has no
+ * entry for what it does not allow: a miss denies (a tier's never misses). */
+static __always_inline __u32 side_denies(__u32 slot, const __u32 *stage, __u32 identity,
+					 __u8 family, __u8 proto, __be16 port)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_STAGES; i++) {
+		__u32 pol = stage[i];
+		__u32 act;
+		if (!pol)
+			return 0;
+		act = policy_action(slot, pol, identity, family, proto, port);
+		if (act == ACT_ALLOW)
+			return 0;
+		if (act != ACT_PASS)
+			return pol;
+	}
+	return 0;
 }
 
 /* Whether a policy's chain keeps the connections it would now deny (a policy annotated
@@ -333,40 +374,46 @@ static __always_inline int policy_keeps(__u32 slot, __u32 pol)
 }
 
 /* A tracked connection judged again under a new policy generation: cut it when a side
- * denies it and that side's policies do not keep it (when both deny, both must keep),
- * as the agent's revoker decides on nftables (agent/revoke.py, should_cut). */
+ * denies it and the policy that decided that side (a tier's deny, or the NetworkPolicy
+ * a pass led to) does not keep it (when both deny, both must keep), as the agent's
+ * revoker decides on nftables (agent/revoke.py, should_cut). */
 static __always_inline int rejudge_cuts(__u32 slot, __u8 family, const __u32 *src,
 					const __u32 *dst, __u8 proto, __be16 dport)
 {
 	struct ip_info s, d;
+	__u32 pol;
 	lookup_ip(slot, family, src, &s);
 	lookup_ip(slot, family, dst, &d);
-	if (s.egress && !policy_allows(slot, s.egress, d.identity, family, proto, dport) &&
-	    !policy_keeps(slot, s.egress))
+	pol = side_denies(slot, s.eg_stage, d.identity, family, proto, dport);
+	if (pol && !policy_keeps(slot, pol))
 		return 1;
-	if (d.ingress && !policy_allows(slot, d.ingress, s.identity, family, proto, dport) &&
-	    !policy_keeps(slot, d.ingress))
+	pol = side_denies(slot, d.in_stage, s.identity, family, proto, dport);
+	if (pol && !policy_keeps(slot, pol))
 		return 1;
 	return 0;
 }
 
-/* The nftables chains' verdict: the source's egress, then the destination's ingress. */
+/* The nftables chains' verdict: the source's egress, then the destination's ingress;
+ * the policy reported is the deciding stage's. */
 static __always_inline void judge(__u32 slot, __u8 family, const __u32 *src, const __u32 *dst,
 				  __u8 proto, __be16 dport, struct verdict *v)
 {
 	struct ip_info s, d;
 	v->direction = 0;
 	v->policy = 0;
+	__u32 pol;
 	lookup_ip(slot, family, src, &s);
 	lookup_ip(slot, family, dst, &d);
-	if (s.egress && !policy_allows(slot, s.egress, d.identity, family, proto, dport)) {
+	pol = side_denies(slot, s.eg_stage, d.identity, family, proto, dport);
+	if (pol) {
 		v->direction = DIR_EGRESS;
-		v->policy = s.egress;
+		v->policy = pol;
 		return;
 	}
-	if (d.ingress && !policy_allows(slot, d.ingress, s.identity, family, proto, dport)) {
+	pol = side_denies(slot, d.in_stage, s.identity, family, proto, dport);
+	if (pol) {
 		v->direction = DIR_INGRESS;
-		v->policy = d.ingress;
+		v->policy = pol;
 	}
 }
 

@@ -177,7 +177,7 @@ def test_a_restart_adopts_the_tier_chains(trio, agent, servers) -> None:
     assert dp.diff(compile_cluster(state.cluster())).empty
 
 
-@pytest.mark.parametrize("agent", ["iptables-nft", "ebpf"], indirect=True)
+@pytest.mark.parametrize("agent", ["iptables-nft"], indirect=True)
 def test_other_datapaths_refuse_them_at_apply(trio, agent, servers) -> None:
     with pytest.raises(ApiError) as err:
         apply(agent, _policy("web", "a", {"pod": "b"}),

@@ -31,7 +31,7 @@ def test_the_corpus_passes_on_nftables(capsys: pytest.CaptureFixture[str],
     assert [n for n in list_netns() if n.startswith(f"sc{tag}")] == []
 
 
-@pytest.mark.parametrize("datapath", ["iptables", "ebpf"])
+@pytest.mark.parametrize("datapath", ["iptables"])
 def test_other_datapaths_refuse_tiers_and_change_nothing(
         datapath: str, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,30 +1,47 @@
 """The ruleset as the eBPF program's map contents, and back (pure).
 
 The program (`bpf/stockade.bpf.c`) judges a packet with two LPM lookups per
-address and at most two per side in the policy map:
+address and, per side, one or two lookups in the policy map for each stage of
+that side (at most MAX_STAGES: an Admin tier, then NetworkPolicy or Baseline):
 
-* **ipcache** (one LPM trie per family): prefix -> (identity, ingress policy,
-  egress policy). An *identity* stands for every address that belongs to the
-  same sets: the ADDR sets (selector members) and NET sets (ipBlocks) holding
-  it, and its named ports (ADDR_PORT triples). The prefixes are the addresses
-  of every ADDR/ADDR_PORT set and verdict map, and every element of every NET
-  set; an address matches its longest prefix, and all addresses with the same
-  longest prefix belong to the same sets (a NET element holding the address
-  holds that prefix too), so the identity is exact. An address in no prefix is
-  WORLD4/WORLD6 (in no set). Endpoints carry the ids of their policies.
+* **ipcache** (one LPM trie per family): prefix -> (identity, ingress entry,
+  egress entry, ingress stages, egress stages). An *identity* stands for every
+  address that belongs to the same sets: the ADDR sets (selector members) and
+  NET sets (ipBlocks) holding it, and its named ports (ADDR_PORT triples). The
+  prefixes are the addresses of every ADDR/ADDR_PORT set and verdict map, and
+  every element of every NET set; an address matches its longest prefix, and
+  all addresses with the same longest prefix belong to the same sets (a NET
+  element holding the address holds that prefix too), so the identity is exact.
+  An address in no prefix is WORLD4/WORLD6 (in no set). Endpoints carry, per
+  direction, the policy of their map entry's chain (the *entry*: what
+  `ruleset_of` reads back; the program never looks it up) and the policies of
+  the chains that judge in turn (the *stages*: a link chain's called Admin
+  chain, then its `next`; a chain alone is its own one stage).
 * **policy** (one LPM trie): (policy, peer identity, protocol, port prefix) ->
-  allow. A *policy* is a chain as one endpoint sees it: (direction, chain,
-  family, the endpoint's own named ports that the chain uses), so chains are
-  shared as in nftables while ingress named ports, which name the local
-  endpoint's ports, stay exact. A rule without a peer condition is keyed by
-  ANY4/ANY6; a rule without protocol by a 64-bit prefix, a protocol without
-  ports by 72 bits, a port range by its 72+n-bit prefixes. Every entry allows,
-  so any match allows. One more entry marks a policy whose chain keeps
-  existing connections (`Chain.keep`): (policy, KEEP_MARK, 0, 0) with a 64-bit
-  prefix; KEEP_MARK (0) is no identity, so no packet's lookup can match it.
-  When the policy generation changes, the program judges a tracked connection
-  again and cuts it if denied, unless every denying side's policy has the mark
-  (`keeps_connection`), as the agent's revoker decides on nftables.
+  action (ALLOW_VALUE, DENY_VALUE, PASS_VALUE). A *policy* is a chain as one
+  endpoint sees it: (direction, chain, family, the endpoint's own named ports
+  that the chain uses), so chains are shared as in nftables (an Admin chain by
+  every endpoint under it, whatever follows) while ingress named ports, which
+  name the local endpoint's ports, stay exact. A rule without a peer condition
+  is keyed by ANY4/ANY6; a rule without protocol by a 64-bit prefix, a
+  protocol without ports by 72 bits, a port range by its 72+n-bit prefixes.
+  The program looks up the peer's identity, and ANY only when that misses.
+  A NetworkPolicy chain's entries all allow (its rules are a union): a hit
+  allows, a miss denies. A tier chain's first-match order is resolved here:
+  for each peer key the rules that can match it (its own and ANY's, in order)
+  paint the (protocol, port) space, each point taking the first rule's action,
+  and the painting is written as disjoint prefixes; a 64-bit entry per key
+  holds the first everything-matching rule's action, or PASS, so a tier
+  lookup never misses and the identity's lookup answers alone when the
+  chain names the identity. ALLOW ends the side (passes), DENY drops, PASS goes
+  on to the next stage (none: the side passes). One more entry marks a policy
+  whose chain keeps existing connections (`Chain.keep`): (policy, KEEP_MARK,
+  0, 0) with a 64-bit prefix; KEEP_MARK (0) is no identity, so no packet's
+  lookup can match it. When the policy generation changes, the program judges
+  a tracked connection again and cuts it if denied, unless the policy of every
+  denying side's deciding stage has the mark (`keeps_connection`), as the
+  agent's revoker decides on nftables (the deciding tier, or the NetworkPolicy
+  chain a Pass led to).
 * **meta**: the definitions of identities, policies, chains and sets as JSON
   chunks, so that a new process reads the maps back into the `Ruleset` they
   enforce (`ruleset_of`) and adopts them; selector members and named ports are
@@ -51,15 +68,19 @@ from typing import TypeVar
 from stockade.compile.ir import (
     ADDR,
     ADDR_PORT,
+    ALLOW,
+    DENY,
     EGRESS,
     INGRESS,
     NET,
+    PASS,
     AddressSet,
     Chain,
     ChainRule,
     Element,
     Ruleset,
 )
+from stockade.errors import DataplaneError
 from stockade.model.cidr import parse_cidr, parse_ip
 
 WORLD4, WORLD6, ANY4, ANY6 = 1, 2, 3, 4
@@ -71,12 +92,16 @@ SLOT_BIT = 1 << 31
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
 ADDR_BITS = {4: 32, 6: 128}
+# A policy entry's value: what a match does (a NetworkPolicy chain's entries all allow).
+ALLOW_VALUE, DENY_VALUE, PASS_VALUE = 1, 2, 3
+ACTION_VALUE = {ALLOW: ALLOW_VALUE, DENY: DENY_VALUE, PASS: PASS_VALUE}
+MAX_STAGES = 2  # chains judging one side in turn: an Admin tier, then NetworkPolicy or Baseline
 
 # Byte layouts shared with the C program (struct ip4_key, ip6_key, ip_info, policy_key,
 # meta_key, meta_value).
 IP4_KEY = struct.Struct("=IB4s3x")
 IP6_KEY = struct.Struct("=IB16s3x")
-IP_INFO = struct.Struct("=III")
+IP_INFO = struct.Struct("=IIIIIII")
 POLICY_KEY = struct.Struct("=I4s4sB2sx")
 POLICY_VALUE = struct.Struct("=I")
 META_KEY = struct.Struct("=28sI")
@@ -87,9 +112,13 @@ MAPS = ("ipcache4", "ipcache6", "policy")
 
 Named = tuple[str, str, int]  # (named set, protocol as the set holds it, port)
 Prefix = tuple[int, str]  # (family, canonical CIDR)
-IpInfo = tuple[int, int, int]  # (identity, ingress policy, egress policy)
+# (identity, ingress entry, egress entry, ingress stage 1, 2, egress stage 1, 2)
+IpInfo = tuple[int, int, int, int, int, int, int]
 PolicyKey = tuple[int, int, int, int, int]  # (policy, identity, protocol, port, prefixlen)
 MapContents = dict[str, dict[bytes, bytes]]
+# What a rule matches for one peer key: (protocol, first port, last port) ranges, or
+# None for every protocol and port.
+Space = tuple[tuple[int, int, int], ...] | None
 K = TypeVar("K", "Identity", "PolicyRef")
 
 
@@ -122,7 +151,7 @@ class BpfState:
     # NET sets whole; ADDR and ADDR_PORT sets without elements (the ipcache has them)
     sets: Mapping[str, AddressSet] = field(default_factory=dict)
     ipcache: Mapping[Prefix, IpInfo] = field(default_factory=dict)
-    policy: frozenset[PolicyKey] = frozenset()
+    policy: Mapping[PolicyKey, int] = field(default_factory=dict)  # -> ALLOW/DENY/PASS_VALUE
 
     def counts(self) -> dict[str, int]:
         return {"identities": len(self.identities), "policies": len(self.policies),
@@ -242,27 +271,45 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     ids = _allocate(identity_of.values(), prev_ids, FIRST_IDENTITY, reserved)
     identities = {i: ident for ident, i in ids.items() if i >= FIRST_IDENTITY}
 
-    # Policies: each endpoint address's chain, per direction.
+    # Policies: each endpoint address's entry chain and the chains judging in turn.
     chain_named = {c.name: {r.named_set for r in c.rules if r.named_set} for c in
                    rs.chains.values()}
-    ref_of: dict[tuple[str, Prefix], PolicyRef] = {}
+    stages_of: dict[str, tuple[str, ...]] = {}
+    entry_of: dict[tuple[str, Prefix], PolicyRef] = {}
+    staged_of: dict[tuple[str, Prefix], tuple[PolicyRef, ...]] = {}
     for direction, m in ((INGRESS, rs.ingress), (EGRESS, rs.egress)):
         for addr, chain in m.items():
             p = exact(addr)
-            own: tuple[Named, ...] = ()
-            if direction == INGRESS:
-                wanted = chain_named.get(chain, set())
-                own = tuple(sorted(n for n in named_of.get(p, ()) if n[0] in wanted))
-            ref_of[(direction, p)] = PolicyRef(direction, chain, p[0], own)
+            named = named_of.get(p, ())
+
+            def ref(name: str, direction: str = direction, p: Prefix = p,
+                    named: Iterable[Named] = named) -> PolicyRef:
+                own: tuple[Named, ...] = ()
+                if direction == INGRESS:
+                    wanted = chain_named.get(name, set())
+                    own = tuple(sorted(n for n in named if n[0] in wanted))
+                return PolicyRef(direction, name, p[0], own)
+
+            found = stages_of.get(chain)
+            if found is None:
+                found = stages_of[chain] = stages(rs, chain)
+            entry_of[(direction, p)] = ref(chain)
+            staged_of[(direction, p)] = tuple(ref(c) for c in found)
+    staged = {r for refs in staged_of.values() for r in refs}
     prev_pols = previous.policies if previous is not None else {}
-    pids = _allocate(ref_of.values(), prev_pols, 1)
-    policies = {i: ref for ref, i in pids.items()}
+    pids = _allocate(set(entry_of.values()) | staged, prev_pols, 1)
+    policies = {i: r for r, i in pids.items()}
+
+    def stage_ids(key: tuple[str, Prefix]) -> tuple[int, int]:
+        first, second, *_ = [*(pids[r] for r in staged_of.get(key, ())), 0, 0]
+        return first, second
 
     ipcache: dict[Prefix, IpInfo] = {}
     for p, ident in identity_of.items():
-        ing = ref_of.get((INGRESS, p))
-        egr = ref_of.get((EGRESS, p))
-        ipcache[p] = (ids[ident], pids[ing] if ing else 0, pids[egr] if egr else 0)
+        ing = entry_of.get((INGRESS, p))
+        egr = entry_of.get((EGRESS, p))
+        ipcache[p] = (ids[ident], pids[ing] if ing else 0, pids[egr] if egr else 0,
+                      *stage_ids((INGRESS, p)), *stage_ids((EGRESS, p)))
 
     by_set: dict[str, list[int]] = {}
     by_named: dict[str, list[int]] = {}
@@ -271,31 +318,133 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
             by_set.setdefault(held_by, []).append(i)
         for named_set, _, _ in ident.named:
             by_named.setdefault(named_set, []).append(i)
-    keys: set[PolicyKey] = set()
-    for pid, ref in policies.items():
-        enforced = rs.chains[ref.chain]
-        for rule in enforced.rules:
-            keys.update(_rule_keys(pid, ref, rule, identities, by_set, by_named))
+    keys: dict[PolicyKey, int] = {}
+    for pid, r in policies.items():
+        if r not in staged:
+            continue  # an entry only (a link chain): its stages hold the rules
+        enforced = rs.chains[r.chain]
+        spaces = [(peer, space, ACTION_VALUE[rule.action]) for rule in enforced.rules
+                  for peer, space in _rule_spaces(r, rule, identities, by_set, by_named)]
+        if enforced.final:
+            keys.update(dict.fromkeys(_union_keys(pid, spaces), ALLOW_VALUE))
+        else:
+            keys.update(_first_match_keys(pid, r.family, spaces))
         if enforced.keep:
-            keys.add((pid, KEEP_MARK, 0, 0, 64))
+            keys[(pid, KEEP_MARK, 0, 0, 64)] = ALLOW_VALUE
 
     sets = {name: a if a.kind == NET else AddressSet(a.name, a.family, a.kind, frozenset(),
                                                      a.comment)
             for name, a in rs.sets.items()}
-    return BpfState(identities, policies, dict(rs.chains), sets, ipcache, frozenset(keys))
+    return BpfState(identities, policies, dict(rs.chains), sets, ipcache, keys)
 
 
-def _port_keys(pid: int, ident: int, proto: int, ports: tuple[tuple[int, int], ...]
-               ) -> list[PolicyKey]:
-    if not ports:
-        return [(pid, ident, proto, 0, 72)]
-    return [(pid, ident, proto, base, 72 + bits) for lo, hi in ports
-            for base, bits in port_prefixes(lo, hi)]
+def stages(rs: Ruleset, entry: str) -> tuple[str, ...]:
+    """The chains that judge a side in turn, from its map entry's chain: a link's called
+    Admin chain, then the chain itself when it has rules or is final, then its `next`.
+
+    Raises DataplaneError when there are more than the program runs (MAX_STAGES)."""
+    out: list[str] = []
+    name: str | None = entry
+    seen: set[str] = set()
+    while name is not None and name not in seen:
+        seen.add(name)
+        c = rs.chains[name]
+        if c.calls is not None and rs.chains[c.calls].rules:
+            out.append(c.calls)
+        if c.rules or c.final:
+            out.append(name)
+        if c.final:
+            break
+        name = c.next
+    if len(out) > MAX_STAGES:
+        raise DataplaneError(
+            f"chain {entry}: {len(out)} chains judge in turn ({', '.join(out)}), the eBPF "
+            f"program runs at most {MAX_STAGES}; nothing was changed")
+    return tuple(out)
 
 
-def _rule_keys(pid: int, ref: PolicyRef, rule: ChainRule, identities: Mapping[int, Identity],
-               by_set: Mapping[str, list[int]], by_named: Mapping[str, list[int]]
-               ) -> list[PolicyKey]:
+def _union_keys(pid: int, spaces: Iterable[tuple[int, Space, int]]) -> set[PolicyKey]:
+    """A NetworkPolicy chain's entries: every rule's space, for any match allows."""
+    out: set[PolicyKey] = set()
+    for peer, space, _ in spaces:
+        if space is None:
+            out.add((pid, peer, 0, 0, 64))
+            continue
+        for proto, lo, hi in space:
+            out.update((pid, peer, proto, base, 72 + bits)
+                       for base, bits in port_prefixes(lo, hi))
+    return out
+
+
+def _first_match_keys(pid: int, family: int, spaces: list[tuple[int, Space, int]]
+                      ) -> dict[PolicyKey, int]:
+    """A tier chain's entries: per peer key, its own rules and ANY's in order, resolved
+    to the first match (see the module)."""
+    anyone = ANY[family]
+    out: dict[PolicyKey, int] = {}
+    for peer in sorted({p for p, _, _ in spaces} | {anyone}):
+        ordered = [(space, action) for p, space, action in spaces if p in (peer, anyone)]
+        out.update(_painted(pid, peer, ordered))
+    return out
+
+
+def _painted(pid: int, peer: int, ordered: list[tuple[Space, int]]) -> dict[PolicyKey, int]:
+    """Disjoint entries for one peer key giving each (protocol, port) its first rule's
+    action; the 64-bit entry holds what the rest gets (the first rule matching
+    everything, after which no later rule is ever first; else PASS)."""
+    rest = PASS_VALUE
+    painted: dict[int, list[tuple[int, int, int]]] = {}
+    for space, action in ordered:
+        if space is None:
+            rest = action
+            break
+        for proto, lo, hi in space:
+            done = painted.setdefault(proto, [])
+            done += [(a, b, action) for a, b in _gaps(done, lo, hi)]
+            done.sort()
+    out: dict[PolicyKey, int] = {(pid, peer, 0, 0, 64): rest}
+    for proto, done in sorted(painted.items()):
+        for lo, hi, action in _merged(done):
+            if action != rest:  # the rest falls to the 64-bit entry
+                for base, bits in port_prefixes(lo, hi):
+                    out[(pid, peer, proto, base, 72 + bits)] = action
+    return out
+
+
+def _gaps(done: list[tuple[int, int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The parts of lo..hi that no interval of `done` (sorted, disjoint) covers."""
+    out: list[tuple[int, int]] = []
+    at = lo
+    for a, b, _ in done:
+        if b < at:
+            continue
+        if a > hi:
+            break
+        if a > at:
+            out.append((at, a - 1))
+        at = b + 1
+        if at > hi:
+            return out
+    if at <= hi:
+        out.append((at, hi))
+    return out
+
+
+def _merged(done: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Adjacent intervals with the same action as one."""
+    out: list[tuple[int, int, int]] = []
+    for lo, hi, action in done:
+        if out and out[-1][1] + 1 == lo and out[-1][2] == action:
+            out[-1] = (out[-1][0], hi, action)
+        else:
+            out.append((lo, hi, action))
+    return out
+
+
+def _rule_spaces(ref: PolicyRef, rule: ChainRule, identities: Mapping[int, Identity],
+                 by_set: Mapping[str, list[int]], by_named: Mapping[str, list[int]]
+                 ) -> list[tuple[int, Space]]:
+    """What a rule matches, per peer key (an identity, or ANY without a peer condition)."""
     fam = ref.family
     if rule.family is not None and rule.family != fam:
         return []
@@ -303,9 +452,8 @@ def _rule_keys(pid: int, ref: PolicyRef, rule: ChainRule, identities: Mapping[in
         peers = [i for i in by_set.get(rule.peer_set, ()) if identities[i].family == fam]
     else:
         peers = [ANY[fam]]
-    out: list[PolicyKey] = []
     if rule.named_set is not None:
-        def pairs(named: Iterable[Named]) -> list[tuple[int, int]]:
+        def pairs(named: Iterable[Named]) -> Space:
             got = []
             for n, proto, port in named:
                 if n != rule.named_set or proto.upper() not in PROTOCOLS:
@@ -314,31 +462,32 @@ def _rule_keys(pid: int, ref: PolicyRef, rule: ChainRule, identities: Mapping[in
                     continue
                 if rule.ports and not any(lo <= port <= hi for lo, hi in rule.ports):
                     continue
-                got.append((PROTOCOLS[proto.upper()], port))
-            return got
+                got.append((PROTOCOLS[proto.upper()], port, port))
+            return tuple(sorted(got))
 
         if ref.direction == INGRESS:
             own = pairs(ref.named)
-            out += [(pid, i, pr, port, 88) for i in peers for pr, port in own]
-        else:
-            # the destination is the peer: its own named ports
-            cand = by_named.get(rule.named_set, ())
-            allowed = set(peers) if rule.peer_set is not None else None
-            for i in cand:
-                if identities[i].family != fam or (allowed is not None and i not in allowed):
-                    continue
-                out += [(pid, i, pr, port, 88) for pr, port in pairs(identities[i].named)]
+            return [(i, own) for i in peers] if own else []
+        # the destination is the peer: its own named ports
+        out: list[tuple[int, Space]] = []
+        allowed = set(peers) if rule.peer_set is not None else None
+        for i in by_named.get(rule.named_set, ()):
+            if identities[i].family != fam or (allowed is not None and i not in allowed):
+                continue
+            if theirs := pairs(identities[i].named):
+                out.append((i, theirs))
         return out
-    for i in peers:
-        if rule.protocol is not None:
-            if rule.protocol in PROTOCOLS:
-                out += _port_keys(pid, i, PROTOCOLS[rule.protocol], rule.ports)
-        elif rule.ports:
-            for proto in PROTOCOLS.values():
-                out += _port_keys(pid, i, proto, rule.ports)
-        else:
-            out.append((pid, i, 0, 0, 64))
-    return out
+    if rule.protocol is not None:
+        if rule.protocol not in PROTOCOLS:
+            return []
+        protos = [PROTOCOLS[rule.protocol]]
+    elif rule.ports:
+        protos = list(PROTOCOLS.values())
+    else:
+        return [(i, None) for i in peers]
+    ranges = rule.ports or ((0, 65535),)
+    space = tuple((proto, lo, hi) for proto in protos for lo, hi in ranges)
+    return [(i, space) for i in peers]
 
 
 # ---- the program's lookup, modelled ------------------------------------------------------
@@ -355,62 +504,63 @@ def _lookup_ip(state: BpfState, addr: ipaddress.IPv4Address | ipaddress.IPv6Addr
         info = state.ipcache.get((fam, str(net)))
         if info is not None:
             return info
-    return (WORLD[fam], 0, 0)
+    return (WORLD[fam], 0, 0, 0, 0, 0, 0)
 
 
-def _key_bits(pid: int, ident: int, proto: int, port: int) -> int:
-    return (pid << 56) | (ident << 24) | (proto << 16) | port
+def _policy_lookup(state: BpfState, pid: int, ident: int, proto: int, port: int
+                   ) -> int | None:
+    """The value of the longest prefix matching the key, as the LPM trie answers."""
+    want = (pid << 56) | (ident << 24) | (proto << 16) | port
+    for plen in range(88, 63, -1):
+        k = want >> (88 - plen) << (88 - plen)
+        value = state.policy.get((k >> 56, (k >> 24) & 0xFFFFFFFF, (k >> 16) & 0xFF,
+                                  k & 0xFFFF, plen))
+        if value is not None:
+            return value
+    return None
 
 
-def _policy_hit(state: BpfState, pid: int, ident: int, proto: int, port: int) -> bool:
-    want = _key_bits(pid, ident, proto, port)
-    for k in state.policy:
-        plen = k[4]
-        if (want ^ _key_bits(k[0], k[1], k[2], k[3])) >> (88 - plen) == 0:
-            return True
-    return False
+def _denying(state: BpfState, stages: tuple[int, ...], ident: int, fam: int, proto: int,
+             port: int) -> int:
+    """The policy of the stage that denies a side (the program's `side_denies`), 0 when
+    it passes: the peer's identity, else ANY; a NetworkPolicy chain's miss denies."""
+    for pid in stages:
+        if not pid:
+            return 0
+        action = _policy_lookup(state, pid, ident, proto, port)
+        if action is None:
+            action = _policy_lookup(state, pid, ANY[fam], proto, port)
+        if action == ALLOW_VALUE:
+            return 0
+        if action != PASS_VALUE:
+            return pid
+    return 0
+
+
+def _sides(state: BpfState, src: str, dst: str, protocol: str, port: int
+           ) -> tuple[int, int]:
+    """The policies denying the source's egress and the destination's ingress (0: none)."""
+    s, d = parse_ip(src), parse_ip(dst)
+    assert s is not None and d is not None
+    if s == d:
+        return 0, 0
+    proto = PROTOCOLS[protocol]
+    si, di = _lookup_ip(state, s), _lookup_ip(state, d)
+    return (_denying(state, si[5:7], di[0], s.version, proto, port),
+            _denying(state, di[3:5], si[0], s.version, proto, port))
 
 
 def allows(state: BpfState, src: str, dst: str, protocol: str, port: int) -> bool:
     """What the program decides for a new connection (the program's `judge`, in Python)."""
-    s, d = parse_ip(src), parse_ip(dst)
-    assert s is not None and d is not None
-    if s == d:
-        return True
-    proto = PROTOCOLS[protocol]
-    si, di = _lookup_ip(state, s), _lookup_ip(state, d)
-    fam = s.version
-
-    def ok(pid: int, ident: int) -> bool:
-        return (_policy_hit(state, pid, ident, proto, port)
-                or _policy_hit(state, pid, ANY[fam], proto, port))
-
-    if si[2] and not ok(si[2], di[0]):
-        return False
-    return not di[1] or ok(di[1], si[0])
+    return _sides(state, src, dst, protocol, port) == (0, 0)
 
 
 def keeps_connection(state: BpfState, src: str, dst: str, protocol: str, port: int) -> bool:
     """Whether the program, judging a tracked connection again after a policy change,
-    lets it live: allowed, or every denying side's policy carries the keep mark."""
-    s, d = parse_ip(src), parse_ip(dst)
-    assert s is not None and d is not None
-    if s == d:
-        return True
-    proto = PROTOCOLS[protocol]
-    si, di = _lookup_ip(state, s), _lookup_ip(state, d)
-    fam = s.version
-
-    def ok(pid: int, ident: int) -> bool:
-        return (_policy_hit(state, pid, ident, proto, port)
-                or _policy_hit(state, pid, ANY[fam], proto, port))
-
-    def kept(pid: int) -> bool:
-        return _policy_hit(state, pid, KEEP_MARK, 0, 0)
-
-    if si[2] and not ok(si[2], di[0]) and not kept(si[2]):
-        return False
-    return not di[1] or ok(di[1], si[0]) or kept(di[1])
+    lets it live: allowed, or the deciding policy of every denying side carries the
+    keep mark."""
+    return all(not pid or _policy_lookup(state, pid, KEEP_MARK, 0, 0) is not None
+               for pid in _sides(state, src, dst, protocol, port))
 
 
 # ---- back to the ruleset ------------------------------------------------------------------
@@ -421,7 +571,7 @@ def ruleset_of(state: BpfState) -> Ruleset:
     elements: dict[str, set[Element]] = {n: set(s.elements) for n, s in state.sets.items()}
     ingress: dict[str, str] = {}
     egress: dict[str, str] = {}
-    for (fam, text), (ident, ing, egr) in state.ipcache.items():
+    for (fam, text), (ident, ing, egr, *_) in state.ipcache.items():
         addr, _, length = text.partition("/")
         if int(length) != ADDR_BITS[fam]:
             continue
@@ -451,9 +601,8 @@ def encode_maps(state: BpfState, slot: int) -> MapContents:
     for (fam, text), info in state.ipcache.items():
         m, k, v = _ip_entry(fam, text, info, slot)
         out[m][k] = v
-    one = POLICY_VALUE.pack(1)
-    for key in state.policy:
-        out["policy"][_policy_entry(key, slot)] = one
+    for key, value in state.policy.items():
+        out["policy"][_policy_entry(key, slot)] = POLICY_VALUE.pack(value)
     return out
 
 
@@ -465,8 +614,12 @@ def _doc_key(kind: str, name: str) -> bytes:
 
 
 def _rule_doc(r: ChainRule) -> dict[str, object]:
-    return {"family": r.family, "peer_set": r.peer_set, "named_set": r.named_set,
-            "protocol": r.protocol, "ports": [list(p) for p in r.ports], "comment": r.comment}
+    doc: dict[str, object] = {"family": r.family, "peer_set": r.peer_set,
+                              "named_set": r.named_set, "protocol": r.protocol,
+                              "ports": [list(p) for p in r.ports], "comment": r.comment}
+    if r.action != ALLOW:  # only then: a rule reads as it did before tiers existed
+        doc["action"] = r.action
+    return doc
 
 
 def _docs(state: BpfState) -> dict[bytes, object]:
@@ -484,6 +637,11 @@ def _docs(state: BpfState) -> dict[bytes, object]:
                                   "rules": [_rule_doc(r) for r in c.rules]}
         if c.keep:  # only then: a chain without keep reads as it did before keep existed
             doc["keep"] = True
+        if c.tier:  # likewise for tiers
+            doc["tier"] = c.tier
+            doc["next"] = c.next
+        if c.calls is not None:
+            doc["calls"] = c.calls
         docs[_doc_key("c", name)] = doc
     for name, s in state.sets.items():
         docs[_doc_key("s", name)] = {"name": name, "family": s.family, "kind": s.kind,
@@ -538,9 +696,11 @@ def decode(maps: Mapping[str, Mapping[bytes, bytes]], meta: Mapping[bytes, bytes
         elif kind == b"c":
             rules = tuple(ChainRule(r["family"], r["peer_set"], r["named_set"], r["protocol"],
                                     tuple((int(a), int(b)) for a, b in r["ports"]),
-                                    r["comment"]) for r in doc["rules"])
+                                    r["comment"], str(r.get("action", ALLOW)))
+                          for r in doc["rules"])
             chains[doc["name"]] = Chain(doc["name"], doc["direction"], rules, doc["comment"],
-                                        bool(doc.get("keep", False)))
+                                        bool(doc.get("keep", False)), str(doc.get("tier", "")),
+                                        doc.get("next"), doc.get("calls"))
         elif kind == b"s":
             sets[doc["name"]] = AddressSet(doc["name"], int(doc["family"]), doc["kind"],
                                            frozenset(doc["elements"]), doc["comment"])
@@ -551,18 +711,17 @@ def decode(maps: Mapping[str, Mapping[bytes, bytes]], meta: Mapping[bytes, bytes
             if s != slot:
                 continue
             net = _network(fam, int.from_bytes(packed, "big"), plen - 8)
-            ident, ing, egr = IP_INFO.unpack(v)
-            ipcache[(fam, str(net))] = (ident, ing, egr)
-    policy: set[PolicyKey] = set()
-    for k in maps.get("policy", {}):
+            ipcache[(fam, str(net))] = IP_INFO.unpack(v)
+    policy: dict[PolicyKey, int] = {}
+    for k, v in maps.get("policy", {}).items():
         plen, pol, ident, proto, port = POLICY_KEY.unpack(k)
         pid = int.from_bytes(pol, "big")
         if bool(pid & SLOT_BIT) != bool(slot):
             continue
-        policy.add((pid & ~SLOT_BIT, int.from_bytes(ident, "big"), proto,
-                    int.from_bytes(port, "big"), plen))
+        policy[(pid & ~SLOT_BIT, int.from_bytes(ident, "big"), proto,
+                int.from_bytes(port, "big"), plen)] = POLICY_VALUE.unpack(v)[0]
     return BpfState(identities, policies, dict(sorted(chains.items())),
-                    dict(sorted(sets.items())), ipcache, frozenset(policy))
+                    dict(sorted(sets.items())), ipcache, policy)
 
 
 def slot_of_key(mapname: str, key: bytes) -> int:
@@ -627,10 +786,11 @@ def state_delta(old: BpfState, new: BpfState, slot: int) -> MapDelta:
         if p not in new.ipcache:
             m, k, _ = _ip_entry(p[0], p[1], info, slot)
             delete[m].append(k)
-    one = POLICY_VALUE.pack(1)
-    for key in new.policy - old.policy:
-        update["policy"][_policy_entry(key, slot)] = one
-    delete["policy"] = [_policy_entry(key, slot) for key in old.policy - new.policy]
+    for key, value in new.policy.items():
+        if old.policy.get(key) != value:
+            update["policy"][_policy_entry(key, slot)] = POLICY_VALUE.pack(value)
+    delete["policy"] = [_policy_entry(key, slot) for key in old.policy
+                        if key not in new.policy]
     return MapDelta(update, {m: tuple(sorted(v)) for m, v in delete.items()})
 
 

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.compile import bpf as bpfc
-from stockade.compile.ir import Chain, Ruleset, refuse_tiers
+from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.nft import LOG_PREFIX
 from stockade.compile.plan import Plan, plan
 from stockade.datapath import libbpf
@@ -209,6 +209,7 @@ class EbpfDatapath:
     """stockade's eBPF program and maps, pinned under one directory per name and namespace."""
 
     name = "ebpf"
+    enforces_tiers = True  # ClusterNetworkPolicy tiers: see compile.bpf (stages)
 
     def __init__(self, name: str = "stockade", netns: str | None = None, *,
                  log_group: int | None = None, bridge: str | None = None,
@@ -557,7 +558,6 @@ class EbpfDatapath:
 
     def apply(self, desired: Ruleset, *, verify: bool | KernelSnapshot = False) -> Plan:
         """Make the maps and links enforce `desired`; see the module for the slot switch."""
-        refuse_tiers(desired, "eBPF")
         # Hundreds of thousands of fresh tuples, none in a cycle: the cyclic collector
         # would only walk them (and everything alive) again and again.
         collecting = gc.isenabled()
