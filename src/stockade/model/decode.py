@@ -196,15 +196,14 @@ def read_string_map(value: Any, path: str) -> Labels:
 
 # Interned values of the decoder, bounded (the agent decodes for as long as it runs).
 _LABELS: dict[Any, Labels] = {}
-_PORTS: dict[Any, ContainerPort] = {}
+_PORT_LISTS: dict[Any, tuple[ContainerPort, ...]] = {}
 _INTERNED_MAX = 1 << 16
-_SCALARS = frozenset({int, str, type(None)})
 
 
 def clear_interned() -> None:
     """Forget the interned labels and ports (a one-shot command, before it exits)."""
     _LABELS.clear()
-    _PORTS.clear()
+    _PORT_LISTS.clear()
 
 
 def _intern(table: dict[Any, T], key: Any, make: Callable[[], T]) -> T:
@@ -490,6 +489,14 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE, *, require_ip: bool = True)
     a Pod without an IP is an error (enforcement needs addresses); the offline
     analyses read Pods whatever their status, and such a Pod has no address.
     """
+    plain = _plain_pod(doc, source)
+    return plain if plain is not None else decode_pod_reference(doc, source,
+                                                               require_ip=require_ip)
+
+
+def decode_pod_reference(doc: Any, source: Source = NO_SOURCE, *,
+                         require_ip: bool = True) -> Endpoint:
+    """`decode_pod` field by field, whatever the Pod (the definition; tests compare)."""
     m = type_meta(doc, "Pod", ("v1",))
     meta = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
     assert isinstance(meta, dict)
@@ -516,6 +523,29 @@ def decode_pod(doc: Any, source: Source = NO_SOURCE, *, require_ip: bool = True)
     spec = m.get("spec") if isinstance(m.get("spec"), dict) else {}
     assert isinstance(spec, dict)
     return Endpoint(namespace, name, labels, tuple(ips), _container_ports(spec), source)
+
+
+def _plain_pod(doc: Any, source: Source) -> Endpoint | None:
+    """`decode_pod` of the usual Pod (a name and a namespace, one canonical IPv4
+    address, every field of the expected type) in a few lookups; None for any
+    other, which the general reading decodes or words the error of."""
+    if type(doc) is not dict or doc.get("apiVersion") != "v1" or doc.get("kind") != "Pod":
+        return None
+    meta, status, spec = doc.get("metadata"), doc.get("status"), doc.get("spec")
+    if type(meta) is not dict or type(status) is not dict or type(spec) is not dict:
+        return None
+    name, namespace = meta.get("name"), meta.get("namespace")
+    if type(name) is not str or type(namespace) is not str or not name or not namespace:
+        return None
+    ip = status.get("podIP")
+    if type(ip) is not str or not is_canonical_ipv4(ip):
+        return None
+    ips = status.get("podIPs")
+    if ips is not None and not (type(ips) is list and len(ips) == 1
+                                and type(ips[0]) is dict and ips[0].get("ip") == ip):
+        return None
+    labels = read_string_map(meta.get("labels"), "metadata.labels")
+    return Endpoint(namespace, name, labels, (ip,), _container_ports(spec), source)
 
 
 # Workload kinds whose pods are described by a pod template, and where it is.
@@ -591,7 +621,50 @@ def pod_controller(doc: Any) -> tuple[str, str] | None:
 
 
 def _container_ports(spec: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
-    """Every `containers[*].ports[*]` of a pod spec."""
+    """Every `containers[*].ports[*]` of a pod spec.
+
+    The same declarations decode to the same ports: replicas share one tuple,
+    found by the declarations' plain values (`_ports_key`)."""
+    key = _ports_key(spec.get("containers"))
+    if key is None:
+        return _read_container_ports(spec)
+    found = _PORT_LISTS.get(key)
+    if found is None:
+        found = _remember(_PORT_LISTS, key, _read_container_ports(spec))
+    return found
+
+
+def _ports_key(containers: Any) -> tuple[object, ...] | None:
+    """The port declarations of a pod's containers, in order, as a key (None ends a
+    container, so the position of each, and so its path, is in the key); None when
+    one is not plain (an int port, a string or null protocol and name: `True == 1`
+    must not meet)."""
+    if type(containers) is not list:
+        return None
+    key: list[object] = []
+    for c in containers:
+        if type(c) is not dict:
+            return None
+        ports = c.get("ports")
+        if ports is not None:
+            if type(ports) is not list:
+                return None
+            for p in ports:
+                if type(p) is not dict:
+                    return None
+                raw = (p.get("containerPort"), p.get("protocol"), p.get("name"))
+                if type(raw[0]) is not int or type(raw[1]) not in _TEXT \
+                        or type(raw[2]) not in _TEXT:
+                    return None
+                key.append(raw)
+        key.append(None)
+    return tuple(key)
+
+
+_TEXT = frozenset({str, type(None)})
+
+
+def _read_container_ports(spec: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
     ports: list[ContainerPort] = []
     for ci, c in enumerate(_pod_list(spec.get("containers"), "spec.containers")):
         if not isinstance(c, dict):
@@ -599,18 +672,9 @@ def _container_ports(spec: Mapping[str, Any]) -> tuple[ContainerPort, ...]:
         for pi, p in enumerate(_pod_list(c.get("ports"), f"spec.containers[{ci}].ports")):
             if not isinstance(p, dict):
                 raise wrong_type(f"spec.containers[{ci}].ports[{pi}]", p, "an object")
-            # The same declaration at the same place decodes to the same port:
-            # replicas share one (only ints, strings and nulls: True == 1).
-            raw = (p.get("containerPort"), p.get("protocol"), p.get("name"))
-            if not all(type(v) in _SCALARS for v in raw):
-                ports.append(_container_port(f"spec.containers[{ci}].ports[{pi}]", *raw))
-                continue
-            key = (ci, pi, *raw)
-            port = _PORTS.get(key)
-            if port is None:
-                port = _container_port(f"spec.containers[{ci}].ports[{pi}]", *raw)
-                _remember(_PORTS, key, port)
-            ports.append(port)
+            ports.append(_container_port(f"spec.containers[{ci}].ports[{pi}]",
+                                         p.get("containerPort"), p.get("protocol"),
+                                         p.get("name")))
     return tuple(ports)
 
 
