@@ -94,6 +94,10 @@ NFTA_VERDICT_CHAIN = 2
 NFT_JUMP = -3
 
 _PROTO = {"tcp": 6, "udp": 17, "sctp": 132}
+SO_SNDBUFFORCE = 32
+# Elements per message: each message stays well under the socket buffer; the batch
+# stays one transaction.
+CHUNK = 512
 
 
 def encode_key(element: str | tuple[str, str, int]) -> bytes:
@@ -115,14 +119,29 @@ class ElementChange:
     jumps: Sequence[str] | None = None  # for verdict maps: the chain per element
 
 
-def _element(key: bytes, jump: str | None) -> bytes:
-    parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key))]
-    if jump is not None:
-        verdict = nested(NFTA_DATA_VERDICT,
-                         attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)),
-                         attr_str(NFTA_VERDICT_CHAIN, jump))
-        parts.append(nested(NFTA_SET_ELEM_DATA, verdict))
-    return nested(NFTA_LIST_ELEM, *parts)
+def element_messages(table: str, set_name: str,
+                     elements: Sequence[str | tuple[str, str, int]], *, delete: bool = False,
+                     jumps: Sequence[str] | None = None) -> list[tuple[int, int, bytes]]:
+    """NEWSETELEM (or DELSETELEM) messages for elements of one set or verdict-map entries
+    (`jumps`: the chain of each), CHUNK elements a message."""
+    out: list[tuple[int, int, bytes]] = []
+    for start in range(0, len(elements), CHUNK):
+        chunk = elements[start:start + CHUNK]
+        targets = jumps[start:start + CHUNK] if jumps is not None else [None] * len(chunk)
+        items = []
+        for e, jump in zip(chunk, targets, strict=True):
+            parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, encode_key(e)))]
+            if jump is not None and not delete:
+                parts.append(nested(NFTA_SET_ELEM_DATA, nested(
+                    NFTA_DATA_VERDICT, attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)),
+                    attr_str(NFTA_VERDICT_CHAIN, jump))))
+            items.append(nested(NFTA_LIST_ELEM, *parts))
+        out.append((NFT_MSG_DELSETELEM if delete else NFT_MSG_NEWSETELEM,
+                    0 if delete else NLM_F_CREATE,
+                    attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
+                    + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
+                    + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -184,9 +203,6 @@ class ElementWriter:
     libnftables never finds one of ours in its way.
     """
 
-    # Keeps each message well under the socket buffer; the batch stays one transaction.
-    CHUNK = 512
-
     def __init__(self, table: str, sock: socket.socket | None = None) -> None:
         self.table = table
         self._seq = sequence()
@@ -197,6 +213,8 @@ class ElementWriter:
         self.sock = sock
         if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 1 << 20:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        # What one sendmsg may carry (the kernel reports twice what it allows).
+        self._sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
 
     def close(self) -> None:
         self.sock.close()
@@ -228,12 +246,18 @@ class ElementWriter:
     def transact(self, body: Sequence[tuple[int, int, bytes]], what: str) -> None:
         """One transaction of table-level messages; NftablesRefused (nothing applied) if refused."""
         data, seqs = self._batch(body)
+        if len(data) > self._sndbuf:
+            # One batch is one sendmsg, refused (EMSGSIZE) beyond the send buffer.
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 16))
+            self._sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
         self.sock.sendall(data)
         errors = self._collect(set(seqs))
         if errors:
             code = next(iter(errors.values()))
-            raise NftablesRefused(f"{what} was refused by the kernel: {os.strerror(code)}", code,
-                               command="nfnetlink", stderr=os.strerror(code))
+            raise NftablesRefused(f"{what} was refused by the kernel: {os.strerror(code)}; "
+                                  "nothing was changed", code, command="nfnetlink",
+                                  stderr="; ".join(sorted({os.strerror(c)
+                                                           for c in errors.values()})))
 
     def table_info(self, name: str | None = None) -> TableInfo | None:
         """The table's flags and owner, or None when there is no such table."""
@@ -262,37 +286,11 @@ class ElementWriter:
 
     def apply(self, changes: Sequence[ElementChange]) -> None:
         """All changes in one batch; raises DataplaneError (and nothing applies) on refusal."""
-        if not changes:
-            return
-        msgs: list[bytes] = []
-        acks: set[int] = set()
-        msgs.append(self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0,
-                                  NFNL_SUBSYS_NFTABLES, b"", next(self._seq)))
-        for change in changes:
-            kind = (NFNL_SUBSYS_NFTABLES << 8) | (
-                NFT_MSG_DELSETELEM if change.delete else NFT_MSG_NEWSETELEM)
-            flags = NLM_F_REQUEST | NLM_F_ACK | (0 if change.delete else NLM_F_CREATE)
-            for start in range(0, len(change.elements), self.CHUNK):
-                chunk = change.elements[start:start + self.CHUNK]
-                jumps = (change.jumps[start:start + self.CHUNK]
-                         if change.jumps is not None else [None] * len(chunk))
-                body = (attr_str(NFTA_SET_ELEM_LIST_TABLE, self.table)
-                        + attr_str(NFTA_SET_ELEM_LIST_SET, change.set_name)
-                        + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *(
-                            _element(encode_key(e), None if change.delete else j)
-                            for e, j in zip(chunk, jumps, strict=True))))
-                seq = next(self._seq)
-                acks.add(seq)
-                msgs.append(self._message(kind, flags, NFPROTO_INET, 0, body, seq))
-        msgs.append(self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0,
-                                  NFNL_SUBSYS_NFTABLES, b"", next(self._seq)))
-        self.sock.sendall(b"".join(msgs))
-        errors = self._collect(acks)
-        if errors:
-            raise DataplaneError("an element update was refused by the kernel; nothing was "
-                                 "changed", command="nfnetlink NEWSETELEM/DELSETELEM",
-                                 stderr="; ".join(sorted({os.strerror(c)
-                                                          for c in errors.values()})))
+        body = [m for change in changes for m in element_messages(
+            self.table, change.set_name, change.elements, delete=change.delete,
+            jumps=change.jumps)]
+        if body:
+            self.transact(body, "an element update")
 
     def _collect(self, acks: set[int]) -> dict[int, int]:
         """Wait for the acks of `acks`; the errnos of those refused, by sequence number."""

@@ -28,7 +28,6 @@ from typing import Any
 from stockade.compile.ir import NET, AddressSet, Chain, Ruleset
 from stockade.compile.nft import (
     FAMILY,
-    MAPS,
     Command,
     KernelTable,
     RuleComparator,
@@ -44,7 +43,6 @@ from stockade.datapath.nfnetlink import (
     NFT_TABLE_F_DORMANT,
     NFT_TABLE_F_OWNER,
     NFT_TABLE_F_PERSIST,
-    ElementChange,
     ElementWriter,
     NftablesRefused,
     TableInfo,
@@ -53,6 +51,7 @@ from stockade.datapath.nfnetlink import (
     netfilter_sockets,
     new_table,
 )
+from stockade.datapath.nfrules import encode_plan
 from stockade.errors import DataplaneError
 from stockade.net.namespace import entered
 
@@ -591,16 +590,7 @@ class NftDatapath:
                 self._spare_chains, self._spare_sets = spare
             self._drop_handover()
             return delta
-        if not repair and elements_only(delta):
-            try:
-                with self._lock:
-                    self._elements.apply(element_changes(delta))
-                    self._applied = target
-                    self._spare_chains, self._spare_sets = spare
-                    self._generation += 1
-            except DataplaneError:
-                self._applied = None
-                raise
+        if not repair and self._raw(delta, target, spare):
             self._drop_handover()
             return delta
         missing = snap is not None and kt is None  # the kernel holds no table at all
@@ -619,6 +609,29 @@ class NftDatapath:
             self._wake()
         self._drop_handover()
         return delta
+
+    # Beyond this many messages a plan goes through libnftables (one large write, rare).
+    RAW_MAX = 4096
+
+    def _raw(self, delta: Plan, target: Ruleset, spare: Spare) -> bool:
+        """Apply a delta from what was applied as raw nf_tables messages, without
+        libnftables reading the table first (see `nfrules`). False when the delta has
+        something only libnftables writes, or the kernel refused the batch (then
+        nothing of it applied, and libnftables tries it and reports what it says)."""
+        msgs = encode_plan(self.table, delta)
+        if msgs is None or len(msgs) > self.RAW_MAX:
+            return False
+        try:
+            with self._lock:
+                self._elements.transact(msgs, "the ruleset update")
+                self._applied = target
+                self._spare_chains, self._spare_sets = spare
+                self._generation += 1
+        except DataplaneError as exc:
+            log.warning("the raw ruleset update was refused (%s); sending it through "
+                        "libnftables", exc)
+            return False
+        return True
 
     # Whether unused chains stay a while for reuse (the agent's choice; a one-shot
     # command leaves exactly the ruleset asked for).
@@ -805,20 +818,3 @@ def elements_only(delta: Plan) -> bool:
     """Whether a plan only adds and removes elements that nfnetlink can write directly."""
     return not (delta.add_sets or delta.add_chains or delta.replace_chains or delta.del_chains
                 or delta.del_sets or any(s.kind == NET for s, _ in delta.add_elements))
-
-
-def element_changes(delta: Plan) -> list[ElementChange]:
-    """A plan's element work, in the order one transaction needs it."""
-    out = [ElementChange(s.name, sorted(els, key=str)) for s, els in delta.add_elements]
-    by_map: dict[str, list[str]] = {}
-    for direction, fam, addr in delta.del_map:
-        by_map.setdefault(MAPS[(direction, fam)], []).append(addr)
-    out += [ElementChange(name, addrs, delete=True) for name, addrs in sorted(by_map.items())]
-    jumps: dict[str, list[tuple[str, str]]] = {}
-    for (direction, fam, addr), chain in delta.set_map:
-        jumps.setdefault(MAPS[(direction, fam)], []).append((addr, chain))
-    out += [ElementChange(name, [a for a, _ in pairs], jumps=[c for _, c in pairs])
-            for name, pairs in sorted(jumps.items())]
-    out += [ElementChange(s.name, sorted(els, key=str), delete=True)
-            for s, els in delta.del_elements if s.kind != NET]
-    return out
