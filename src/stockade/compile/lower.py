@@ -32,6 +32,7 @@ from stockade.compile.membership import (
     block_spec,
     named_specs,
     peer_members,
+    peer_text,
     selector_specs,
 )
 from stockade.engine.resolve import PolicySet, Resolution, resolve
@@ -437,7 +438,8 @@ def clear_caches() -> None:
     not by interpreter shutdown after a collection that walks them all (0.6 s
     of the 100,000-pod compile).
     """
-    for cached in (_block_spec, _target_specs, _peer_specs, address, selector_specs):
+    for cached in (_block_spec, _target_specs, _peer_specs, address, selector_specs,
+                   peer_text):
         cached.cache_clear()
 
 

@@ -136,10 +136,18 @@ def selector_specs(namespace: str, peer: Peer) -> dict[int, SetSpec]:
     """The sets of a selector peer (one per family); cached: peers recur in many rules.
     Callers must not change the dict."""
     cand = peer_members(namespace, peer)
-    comment = f"{cand.namespace}: {peer.render()}" if cand.namespace else peer.render()
-    inner = repr((cand.namespace, peer))  # once, not once per family
+    text, shown = peer_text(peer)
+    comment = f"{cand.namespace}: {shown}" if cand.namespace else shown
+    inner = f"({cand.namespace!r}, {text})"  # repr((cand.namespace, peer))
     return {fam: SetSpec(_content_name(f"s{fam}-", ADDR, fam, inner), fam, ADDR, comment, cand)
             for fam in FAMILIES}
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def peer_text(peer: Peer) -> tuple[str, str]:
+    """A peer's repr and rendering, once: the same peer recurs in many namespaces
+    (`app=web` in each of 25,000), each its own set."""
+    return repr(peer), peer.render()
 
 
 def _content_name(prefix: str, kind: str, family: int, inner_repr: str) -> str:
