@@ -1,0 +1,252 @@
+"""ClusterNetworkPolicy tiers on the eBPF datapath, with real packets.
+
+* the shared ClusterNetworkPolicy corpus passes with `--datapath ebpf`;
+* random clusters with NetworkPolicies and tiers, programmed into the maps, agree
+  with the evaluator pair by pair (IPv4: the case prober's family);
+* over IPv4 and IPv6 on the trio: an Admin Pass goes on to NetworkPolicy or
+  Baseline (it is no drop), an Admin Deny beats a NetworkPolicy that allows, an
+  Admin Accept beats a Baseline Deny;
+* a new process adopts a tiered ruleset without writing anything;
+* an Admin Deny added cuts an established connection (and a Pass does not).
+
+Each trio test builds its endpoints in its own host namespace (conftest: a per-test
+prefix, removed whatever happens); the datapath's pins are removed and checked gone.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from tests.property.strategies import Scenario, Universe
+from tests.property.tier_strategies import cnp_scenarios
+from tests.support import shared
+
+from stockade.cli.main import main
+from stockade.compile import bpf as bpfc
+from stockade.compile.interpret import allows
+from stockade.compile.lower import compile_cluster
+from stockade.conformance import kernel as conformance_kernel
+from stockade.conformance.case import Case, ProbeGroup
+from stockade.conformance.kernel import KernelDatapath
+from stockade.datapath.ebpf import EbpfDatapath
+from stockade.engine.evaluate import Evaluator
+from stockade.model.cluster import Cluster
+from stockade.model.cnp import (
+    ACCEPT,
+    ADMIN,
+    BASELINE,
+    DENY,
+    PASS,
+    PODS,
+    ClusterNetworkPolicy,
+    CnpPeer,
+    CnpPort,
+    CnpRule,
+)
+from stockade.model.labels import Labels
+from stockade.model.policy import NetworkPolicy
+from stockade.model.selector import Selector
+from stockade.net.namespace import list_netns
+from stockade.probe.protocol import Port, Protocol
+
+from .clusters import allow_only, cluster, probe
+from .clusters import servers as servers  # the fixture
+from .netio import EchoServer, connect, echo
+
+pytestmark = pytest.mark.privileged
+
+CORPUS = shared("conformance-cnp")
+UNIVERSE = Universe(ipv4_net="10.79.0.0/26", max_pods=5, max_policies=2).with_features(
+    ipv6=False)
+OUTCOMES: list[tuple[int, int]] = []  # (allowed, denied) per example
+TCP80, TCP81, UDP80 = Port(80, Protocol.TCP), Port(81, Protocol.TCP), Port(80, Protocol.UDP)
+ECHO_PORT = 7777
+
+
+def test_the_corpus_passes_on_ebpf(capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if not CORPUS.is_dir():
+        pytest.fail(f"the ClusterNetworkPolicy corpus is missing at {CORPUS}")
+    tag = secrets.token_hex(2)
+    monkeypatch.setattr(conformance_kernel.secrets, "token_hex", lambda _n: tag)
+    cases = len([p for p in CORPUS.glob("*.yaml") if p.name != "standard-cluster.yaml"])
+    code = main(["conformance", str(CORPUS), "--datapath", "ebpf"])
+    out = capsys.readouterr().out
+    assert re.fullmatch(rf"{cases} passed, 0 failed", out.strip().splitlines()[-1]), out[-3000:]
+    assert code == 0
+    assert [n for n in list_netns() if n.startswith(f"sc{tag}")] == []
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[KernelDatapath]:
+    dp = KernelDatapath(probe_timeout=0.5, datapath="ebpf")
+    try:
+        yield dp
+    finally:
+        dp.close()
+
+
+@settings(max_examples=20, deadline=None)
+@given(sc=cnp_scenarios(UNIVERSE, max_probes=3))
+def test_the_maps_agree_with_the_evaluator_on_tiers(kernel: KernelDatapath,
+                                                    sc: Scenario) -> None:
+    cluster = sc.cluster
+    groups = tuple(ProbeGroup(port, proto, True, frozenset()) for port, proto in sc.probes)
+    case = Case("cnp-ebpf-property", "", cluster, groups)
+    seen = kernel.judge(case)
+    ev = Evaluator(cluster)
+    rs = compile_cluster(cluster)
+    state = bpfc.compile_state(rs)
+    by_key = {ep.key: ep for ep in cluster.endpoints}
+    wrong = []
+    for (gi, src, dst), got in seen.items():
+        group = groups[gi]
+        flow = ev.flow(by_key[src], by_key[dst], group.port, group.protocol)
+        want = ev.allowed(flow)
+        interpreted = allows(rs, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
+        modelled = bpfc.allows(state, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
+        if not got == want == interpreted == modelled:
+            wrong.append(f"{group.render()} {src} -> {dst}: kernel {got}, interpreted "
+                         f"{interpreted}, modelled {modelled}, evaluator {want}")
+    assert len(seen) == len(groups) * len(case.pairs())
+    assert not wrong, "\n".join(wrong)
+    OUTCOMES.append((sum(seen.values()), sum(not v for v in seen.values())))
+
+
+def test_the_examples_exercised_both_verdicts() -> None:
+    """Worth something only if the program had to drop packets and let others through."""
+    if not OUTCOMES:
+        pytest.fail("runs after the property test, in the same session")
+    assert sum(a for a, _ in OUTCOMES) > 0 and sum(d for _, d in OUTCOMES) > 0
+
+
+# ---- the trio: hand-written tiers, both families ----------------------------------------
+
+
+def _pod(name: str) -> CnpPeer:
+    return CnpPeer(PODS, pod_selector=Selector(Labels({"pod": name})))
+
+
+def _admin_in(name: str, target: str, *rules: CnpRule, tier: str = ADMIN,
+              priority: int = 10) -> ClusterNetworkPolicy:
+    """A tier policy on `target`'s ingress."""
+    return ClusterNetworkPolicy(name, tier, priority, _pod(target), ingress=rules)
+
+
+def _rule(action: str, source: str | None, *ports: Port) -> CnpRule:
+    peer = _pod(source) if source else CnpPeer(PODS)
+    return CnpRule(action, (peer,),
+                   tuple(CnpPort(p.protocol.value, p.number, p.number) for p in ports)
+                   or None)
+
+
+def _tiered(trio, policies: tuple[NetworkPolicy, ...],
+            tiers: tuple[ClusterNetworkPolicy, ...]) -> Cluster:
+    base = cluster(trio, *policies)
+    return Cluster(base.namespaces, base.endpoints, base.policies, tiers)
+
+
+@pytest.fixture
+def datapath(trio) -> Iterator[EbpfDatapath]:
+    dp = EbpfDatapath(netns=trio.host_netns)
+    try:
+        dp.check()
+        yield dp
+    finally:
+        EbpfDatapath(netns=trio.host_netns).remove()
+        assert not dp.dir.exists()
+
+
+def _seen(trio, pairs: list[tuple[str, str, Port]]) -> dict[int, dict[tuple[str, str, str],
+                                                                       bool]]:
+    return {family: probe(trio, pairs, family) for family in (4, 6)}
+
+
+def _expect(c: Cluster, pairs: list[tuple[str, str, Port]]) -> dict[tuple[str, str, str], bool]:
+    ev = Evaluator(c)
+    eps = {ep.name: ep for ep in c.endpoints}
+    return {(s, d, str(p)): ev.allowed(ev.flow(eps[s], eps[d], p.number, p.protocol.value))
+            for s, d, p in pairs}
+
+
+PAIRS = [(s, "a", p) for s in "bc" for p in (TCP80, TCP81, UDP80)]
+
+
+def test_a_pass_goes_on_and_is_no_drop(trio, datapath, servers) -> None:
+    # Admin on a: Pass from b, then Deny everyone. No NetworkPolicy, no Baseline:
+    # b's packets pass (a Pass taken for a drop would refuse them), c's are dropped.
+    c = _tiered(trio, (), (_admin_in("pass-b", "a", _rule(PASS, "b"), _rule(DENY, None)),))
+    datapath.apply(compile_cluster(c))
+    want = _expect(c, PAIRS)
+    assert want[("b", "a", "TCP/80")] and not want[("c", "a", "TCP/80")]
+    assert _seen(trio, PAIRS) == {4: want, 6: want}
+    # with a NetworkPolicy behind the pass, b gets only what it allows
+    c = _tiered(trio, (allow_only("a", "b", 80),), c.cluster_policies)
+    datapath.apply(compile_cluster(c))
+    want = _expect(c, PAIRS)
+    assert want[("b", "a", "TCP/80")] and not want[("b", "a", "TCP/81")]
+    assert _seen(trio, PAIRS) == {4: want, 6: want}
+
+
+def test_admin_beats_networkpolicy_and_baseline(trio, datapath, servers) -> None:
+    # Admin on a: Deny b on TCP/80 though a NetworkPolicy allows it, Accept c on TCP/81
+    # though that NetworkPolicy does not; Baseline on b (no NetworkPolicy isolates
+    # it): Deny everyone.
+    admin = _admin_in("admin", "a", _rule(DENY, "b", TCP80), _rule(ACCEPT, "c", TCP81))
+    baseline = _admin_in("baseline", "b", _rule(DENY, None), tier=BASELINE)
+    c = _tiered(trio, (allow_only("a", "b", 80),), (admin, baseline))
+    datapath.apply(compile_cluster(c))
+    pairs = [*PAIRS, ("a", "b", TCP80), ("c", "b", UDP80)]
+    want = _expect(c, pairs)
+    assert not want[("b", "a", "TCP/80")] and want[("c", "a", "TCP/81")]
+    assert not want[("a", "b", "TCP/80")]
+    assert _seen(trio, pairs) == {4: want, 6: want}
+
+
+def test_a_new_process_adopts_tiers_without_writing(trio, datapath, servers) -> None:
+    admin = _admin_in("admin", "a", _rule(PASS, "b", TCP80), _rule(DENY, None))
+    baseline = _admin_in("baseline", "a", _rule(ACCEPT, "b"), tier=BASELINE)
+    rs = compile_cluster(_tiered(trio, (), (admin, baseline)))
+    assert any(ch.calls for ch in rs.chains.values())
+    datapath.apply(rs)
+    before = datapath.snapshot().table
+    again = EbpfDatapath(netns=trio.host_netns)
+    assert again.read() == rs
+    assert again.diff(rs).empty
+    assert again.apply(rs).empty
+    assert again.last_timing["entries"] == 0
+    after = again.snapshot().table
+    assert (after.slot, after.generation) == (before.slot, before.generation)
+    assert probe(trio, [("b", "a", TCP80), ("b", "a", TCP81)]) == {
+        ("b", "a", "TCP/80"): True, ("b", "a", "TCP/81"): False}
+
+
+@pytest.fixture
+def held(trio, datapath) -> Iterator[object]:
+    """b's connection to a's echo server, opened with no policy at all."""
+    datapath.apply(compile_cluster(_tiered(trio, (), ())))
+    with EchoServer(trio.a.netns, ECHO_PORT):
+        conn = connect(trio.b.netns, trio.a.address4, ECHO_PORT)
+        try:
+            assert echo(conn, b"one")
+            yield conn
+        finally:
+            conn.close()
+
+
+def test_an_admin_deny_added_cuts_an_established_connection(trio, datapath, held) -> None:
+    echo_port = Port(ECHO_PORT, Protocol.TCP)
+    # a Pass changes nothing for it (the generation moves: it is judged again, and kept)
+    datapath.apply(compile_cluster(_tiered(
+        trio, (), (_admin_in("pass", "a", _rule(PASS, "b", echo_port)),))))
+    assert echo(held, b"two")
+    assert datapath.stats()["cut"] == 0
+    datapath.apply(compile_cluster(_tiered(
+        trio, (), (_admin_in("deny", "a", _rule(DENY, "b", echo_port)),))))
+    assert not echo(held, b"three")
+    stats = datapath.stats()
+    assert stats["rejudged"] >= 2 and stats["cut"] >= 1
