@@ -17,10 +17,12 @@ Nothing here imports a kernel library: it is safe in CI.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import itertools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from stockade.cli.inputs import add_files
@@ -101,7 +103,7 @@ def write_json(out: Any, data: dict[str, Any]) -> None:
     for i, (key, value) in enumerate(data.items()):
         out.write(("," if i else "") + "\n" + json.dumps(key) + ": ")
         if isinstance(value, dict) and value:
-            items = (f"{json.dumps(k)}: {_dumps(v)}" for k, v in value.items())
+            items = (f"{_dumps(k)}: {_dumps(v)}" for k, v in value.items())
             _write_items(out, "{", items, "}")
         elif isinstance(value, list) and value:
             _write_items(out, "[", map(_dumps, value), "]")
@@ -113,14 +115,27 @@ def write_json(out: Any, data: dict[str, Any]) -> None:
 def _write_items(out: Any, opening: str, items: Iterator[str], closing: str) -> None:
     out.write(opening)
     separator = "\n"
-    for item in items:
-        out.write(separator)
-        out.write(item)
+    # In batches: one write per item was a third of the writing.
+    for batch in iter(lambda: list(itertools.islice(items, _BATCH)), []):
+        out.write(separator + ",\n".join(batch))
         separator = ",\n"
     out.write("\n" + closing)
 
 
-def _dumps(value: Any) -> str:
-    # Rendered rules share their expression lists (nothing refers to itself), so
-    # the encoder's cycle bookkeeping is pure cost: 1.6x faster without it.
-    return json.dumps(value, check_circular=False)
+_BATCH = 4096
+
+
+def _encoder() -> Callable[[Any], str]:
+    """`json.dumps` with its defaults, but without the encoder's cycle bookkeeping and
+    the set-up of each call (a few µs, for hundreds of thousands of items): rendered
+    rules share their expression lists (nothing refers to itself), so the bookkeeping
+    is pure cost; 1.6x faster without it."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - Python without the C accelerator
+        return functools.partial(json.dumps, check_circular=False)
+    encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii,
+                  None, ": ", ", ", False, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+_dumps = _encoder()
