@@ -3,7 +3,7 @@ Admin Deny over a NetworkPolicy allow, a priority change flipping a verdict in o
 transaction, Pass handing over to NetworkPolicy, a Baseline Deny for a pod no
 NetworkPolicy selects, an established connection cut by an Admin Deny, everything
 restored on delete, a restart adopting the tier chains without rewriting any and without
-a dropped packet, and the other datapaths refusing them at apply time."""
+a dropped packet; and an agent on iptables enforcing them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from stockade.agent.protocol import ApiError
 from stockade.agent.store import DB_NAME, Store
 from stockade.compile.lower import compile_cluster
 from stockade.datapath.nft import NftDatapath
@@ -177,16 +176,19 @@ def test_a_restart_adopts_the_tier_chains(trio, agent, servers) -> None:
     assert dp.diff(compile_cluster(state.cluster())).empty
 
 
-@pytest.mark.parametrize("agent", ["iptables-nft"], indirect=True)
-def test_other_datapaths_refuse_them_at_apply(trio, agent, servers) -> None:
-    with pytest.raises(ApiError) as err:
-        apply(agent, _policy("web", "a", {"pod": "b"}),
-              cnp("deny-b", "Admin", 1, "Deny", subject="a"))
-    assert err.value.code == "invalid"
-    assert any("does not enforce ClusterNetworkPolicy" in line for line in err.value.lines)
+@pytest.mark.parametrize("agent", ["iptables-nft", "iptables-legacy"], indirect=True)
+def test_an_agent_on_iptables_enforces_them(trio, agent, servers) -> None:
+    apply(agent, _policy("web", "a", {"pod": "b"}))  # NetworkPolicy: b may reach a
+    # An Admin Deny of b at 10 over the NetworkPolicy; an Accept of every pod at 20.
+    apply(agent, cnp("deny-b", "Admin", 10, "Deny", subject="a", peer=pods("b")),
+          cnp("accept-all", "Admin", 20, "Accept", subject="a"))
+    assert _probe(trio, [B_A, C_A]) == {B_A: False, C_A: True}
+    # Pass at 5 hands both to the NetworkPolicy (b allowed, c not).
+    apply(agent, cnp("accept-all", "Admin", 5, "Pass", subject="a"))
+    assert _probe(trio, [B_A, C_A]) == {B_A: True, C_A: False}
     st = agent.call("status")
-    assert st["counts"]["policies"] == 0 and st["ready"] and not st["error"]
-    assert _probe(trio, [C_A]) == {C_A: True}  # nothing was applied
+    assert st["inSync"] and st["driftRepairs"] == 0 and not st["error"], st
+    assert st["counts"]["clusterPolicies"] == 2
 
 
 def test_get_and_delete_from_the_command_line(trio, agent, tmp_path: Path) -> None:

@@ -29,17 +29,3 @@ def test_the_corpus_passes_on_nftables(capsys: pytest.CaptureFixture[str],
     assert re.fullmatch(rf"{cases} passed, 0 failed", out.strip().splitlines()[-1]), out[-3000:]
     assert code == 0
     assert [n for n in list_netns() if n.startswith(f"sc{tag}")] == []
-
-
-@pytest.mark.parametrize("datapath", ["iptables"])
-def test_other_datapaths_refuse_tiers_and_change_nothing(
-        datapath: str, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    tag = secrets.token_hex(2)
-    monkeypatch.setattr(kernel.secrets, "token_hex", lambda _n: tag)
-    case = sorted(p for p in CORPUS.glob("cnp-*.yaml"))[0]
-    code = main(["conformance", str(case), "--datapath", datapath])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert "does not enforce ClusterNetworkPolicy yet" in err
-    assert [n for n in list_netns() if n.startswith(f"sc{tag}")] == []

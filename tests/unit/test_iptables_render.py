@@ -59,7 +59,7 @@ class Refused(Exception):
     pass
 
 
-_TARGETS = frozenset({"RETURN", "DROP", "ACCEPT", "NFLOG"})
+_TARGETS = frozenset({"RETURN", "DROP", "ACCEPT", "NFLOG", "MARK"})
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -195,11 +195,17 @@ class FakeKernel:
                 best = (n.prefixlen, nomatch)
         return best is not None and not best[1]
 
-    def _matches(self, words: list[str], src: str, dst: str, proto: str, port: int) -> bool:
+    def _matches(self, words: list[str], src: str, dst: str, proto: str, port: int,
+                 mark: int = 0) -> bool:
         i = 0
         while i < len(words):
             w = words[i]
-            if w == "-p":
+            if w == "--mark":
+                value, _, mask = words[i + 1].partition("/")
+                if mark & int(mask or "0xffffffff", 16) != int(value, 16):
+                    return False
+                i += 2
+            elif w == "-p":
                 if words[i + 1] != proto:
                     return False
                 i += 2
@@ -229,23 +235,35 @@ class FakeKernel:
                 i += 1
         return True
 
-    def verdict(self, src: str, dst: str, proto: str, port: int) -> bool:
+    def verdict(self, src: str, dst: str, proto: str, port: int, mark: int = 0) -> bool:
+        """Whether the first packet of a connection passes; one that passes leaves
+        with the packet mark it came with."""
         fam = ipaddress.ip_address(src).version
-        return self._walk(fam, FORWARD, src, dst, proto, port) != "DROP"
+        packet = [mark]
+        passed = self._walk(fam, FORWARD, src, dst, proto, port, packet) != "DROP"
+        assert not passed or packet == [mark], (hex(mark), hex(packet[0]))
+        return passed
 
-    def _walk(self, fam: int, chain: str, src: str, dst: str, proto: str, port: int) -> str:
+    def _walk(self, fam: int, chain: str, src: str, dst: str, proto: str, port: int,
+              packet: list[int]) -> str:
         for body in self.chains[fam][chain]:
             words = _words(body)
-            if not self._matches(words, src, dst, proto, port):
+            if not self._matches(words, src, dst, proto, port, packet[0]):
                 continue
-            kind, target = words[-2], words[-1]
-            if "-j" in words and words[words.index("-j") + 1] == "NFLOG":
+            at = max(i for i, w in enumerate(words) if w in ("-j", "-g"))
+            kind, target = words[at], words[at + 1]
+            if target == "NFLOG":
+                continue
+            if target == "MARK":
+                assert words[at + 2] == "--set-xmark"
+                value, mask = (int(x, 16) for x in words[at + 3].split("/"))
+                packet[0] = (packet[0] & ~mask) ^ value
                 continue
             if target == "DROP":
                 return "DROP"
             if target == "RETURN":
                 return "RETURN"
-            got = self._walk(fam, target, src, dst, proto, port)
+            got = self._walk(fam, target, src, dst, proto, port, packet)
             if got == "DROP" or kind == "-g":
                 return got
         return "RETURN"

@@ -7,6 +7,7 @@ the `filter` table and named with the datapath's prefix `P` (`stockade-`):
     P-forward        conntrack first: RELATED,ESTABLISHED -> RETURN
                      TCP opening a connection without SYN -> DROP
                      (IPv6) neighbour solicitation/advertisement -> RETURN
+                     ALLOW_MARK set -> -g P-marked
                      -j P-egress ; -j P-ingress
     P-ingress        32 rules, one per bucket:
                        -m set --match-set P-ib4-NN dst -g P-ib-NN
@@ -15,20 +16,44 @@ the `filter` table and named with the datapath's prefix `P` (`stockade-`):
     P-egress, P-eb-NN  the same for egress, on the source address
     P-e-/P-i-<hash>  the rules of one set of policies: match -> RETURN,
                      else NFLOG "stockade-deny <chain>" (rate-limited) and DROP
+    P-flip           flips ALLOW_MARK and returns
+    P-marked         -j P-flip ; -j P-egress ; -j P-ingress ; -j P-flip
+
+ClusterNetworkPolicy tiers (see `compile.ir`) are chains of the same kind,
+reached the same way (an endpoint's first chain is a link, a NetworkPolicy or
+a Baseline chain: `P-li-`, `P-i-`, `P-bi-<hash>`, dispatched as above; a
+shared Admin chain `P-ai-<hash>` is only called):
+
+    P-bi-/P-be-<hash>  a tier's rules in order: allow -> RETURN (the side passes),
+                       deny -> NFLOG (rate-limited) and DROP, pass -> -g next
+                       (none: RETURN); at the end -g next, or fall off (RETURN)
+    P-li-/P-le-<hash>  -j P-ai-<hash> ; ALLOW_MARK set -> -g P-flip ; -g next
+    P-ai-/P-ae-<hash>  the shared Admin rules: allow -> -g P-flip (sets the bit,
+                       then RETURNs to the link), deny -> NFLOG and DROP,
+                       pass -> RETURN; at the end fall off (RETURN to the link)
+
+iptables returns one level at a time, so a shared chain cannot both "go on in
+the caller's next" (pass) and "leave the caller too" (allow) by returning: the
+allow leaves a mark bit for its link, which clears it and returns. The bit is
+clear whenever a link calls (P-forward sends a packet that arrives with it to
+P-marked, which clears it for the judging and sets it again after), so a
+packet leaves with the mark it came with. Per new connection a tier costs its
+chain's rules up to the first match (linear, as on nftables), a link three
+rules more, and P-forward one mark test.
 
 and ipsets: `P-s4-/s6-` selector members (hash:ip), `P-c4-/c6-` ipBlocks
 (hash:net; an `except` is a `nomatch` entry when that is shorter),
 `P-n4-/n6-` named ports (hash:ip,port); the dispatch sets `P-i4-/e4-/i6-/e6-
 <hash>` (the endpoints whose ingress or egress the chain `i-<hash>` or
-`e-<hash>` enforces: the ruleset's verdict maps) and the bucket sets
-`P-ib4-NN`... (every endpoint whose chain is in bucket NN, a hash of the
-chain's name). An endpoint added, removed or moving between policy sets is an
-ipset element change, and a new connection meets at most 32 bucket rules and
-the rules of one bucket (about chains / 32) per direction, whatever the number
-of endpoints. With one set match per chain instead (the first version; `BUCKETS
-= 1` gives it back), 815 chains cost a new connection ~50 us, half the
-connection rate, against 0.7-0.8 of it with buckets (bench/iptables.py; the
-README has the numbers).
+`e-<hash>` enforces: the ruleset's verdict maps; `P-li4-`, `P-bi4-`... for a
+tier's) and the bucket sets `P-ib4-NN`... (every endpoint whose chain is in
+bucket NN, a hash of the chain's name). An endpoint added, removed or moving
+between policy sets is an ipset element change, and a new connection meets at
+most 32 bucket rules and the rules of one bucket (about chains / 32) per
+direction, whatever the number of endpoints. With one set match per chain
+instead (the first version; `BUCKETS = 1` gives it back), 815 chains cost a new
+connection ~50 us, half the connection rate, against 0.7-0.8 of it with buckets
+(bench/iptables.py; the README has the numbers).
 
 Nothing here ACCEPTs: an allowed packet RETURNs to FORWARD and meets the rules
 other software put there, exactly as an nftables `accept` in stockade's own
@@ -46,6 +71,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,9 +80,12 @@ from typing import Any, cast
 from stockade.compile.ir import (
     ADDR,
     ADDR_PORT,
+    ALLOW,
+    DENY,
     EGRESS,
     INGRESS,
     NET,
+    PASS,
     AddressSet,
     Chain,
     ChainRule,
@@ -65,13 +94,15 @@ from stockade.compile.ir import (
 )
 from stockade.compile.nft import LOG_PREFIX, TAMPERED, canonical
 from stockade.compile.plan import Plan
+from stockade.model.cnp import ADMIN
 
 CHAIN_MAX = 28  # iptables' chain names (XT_EXTENSION_MAXNAMELEN - 1 = 28 usable)
 SET_MAX = 31  # ipset's set names (IPSET_MAXNAMELEN - 1)
-# IR names are at most this long: "s4-" + 12 hex digits (sets), "i-" + 12 (chains).
-_IR_SET_LEN = 15
-_IR_CHAIN_LEN = 14
-PREFIX_MAX = min(CHAIN_MAX - _IR_CHAIN_LEN, SET_MAX - _IR_SET_LEN - 1)  # 14 (room for "t")
+# IR names are at most this long: a tier's chain "bi-" + 12 hex digits, its dispatch
+# set "bi4-" + 12.
+_IR_SET_LEN = 16
+_IR_CHAIN_LEN = 15
+PREFIX_MAX = min(CHAIN_MAX - _IR_CHAIN_LEN, SET_MAX - _IR_SET_LEN - 1)  # 13 (room for "t")
 MAXELEM = 1 << 20
 FORWARD = "FORWARD"
 TABLE = "filter"
@@ -86,6 +117,14 @@ MULTIPORT_MAX = 15  # ports per multiport match (a range counts twice)
 # Dispatch is two levels of set matches: a packet meets at most BUCKETS bucket rules,
 # then the rules of one bucket (about chains / BUCKETS), never one rule per chain.
 BUCKETS = 32
+# The packet mark bit a shared Admin chain's allow sets for the link that called it
+# (iptables cannot return two levels at once). Any bit will do: the skeleton keeps it
+# clear inside stockade's chains and gives a packet back the mark it came with.
+ALLOW_MARK = 0x100000
+_MARKED = f"-m mark --mark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"
+# A policy chain's IR name: NetworkPolicy `i-`/`e-`, a tier's `ai-`, `be-`, a link `li-`...
+_CHAIN_NAME = re.compile(r"([abl]?[ie])-.+")
+_DISPATCH_NAME = re.compile(r"([bl]?[ie])([46])-(.+)")
 
 
 def _digest(*parts: object, n: int = 10) -> str:
@@ -97,7 +136,7 @@ class Names:
     """Kernel names: the prefix, then the IR name (so a name read back gives the IR name).
 
     The prefix is the datapath's name and a dash; a name too long for iptables'
-    28 characters is shortened to 8 characters and 5 of its hash, deterministically.
+    28 characters is shortened to 7 characters and 5 of its hash, deterministically.
     """
 
     prefix: str
@@ -106,7 +145,7 @@ class Names:
     def of(cls, name: str) -> Names:
         if len(name) + 1 <= PREFIX_MAX:
             return cls(name + "-")
-        return cls(f"{name[:8]}{_digest(name, n=5)}-")
+        return cls(f"{name[:PREFIX_MAX - 6]}{_digest(name, n=5)}-")
 
     def chain(self, ir_name: str) -> str:
         return self.prefix + ir_name
@@ -121,6 +160,16 @@ class Names:
     def forward(self) -> str:
         return self.prefix + "forward"
 
+    @property
+    def flip(self) -> str:
+        """The chain that flips `ALLOW_MARK` and returns."""
+        return self.prefix + "flip"
+
+    @property
+    def marked(self) -> str:
+        """Where a packet that arrives with `ALLOW_MARK` set is judged, the bit cleared."""
+        return self.prefix + "marked"
+
     def dispatch_chain(self, direction: str) -> str:
         return self.prefix + direction
 
@@ -129,15 +178,16 @@ class Names:
 
 
 def dispatch_set(chain: str, family: int) -> str:
-    """The IR name of the set of endpoints a chain serves: `i-abc` -> `i4-abc`."""
-    return f"{chain[0]}{family}{chain[1:]}"
+    """The IR name of the set of endpoints a chain serves: `i-abc` -> `i4-abc`,
+    `li-abc` -> `li4-abc`."""
+    head, _, tail = chain.partition("-")
+    return f"{head}{family}-{tail}"
 
 
 def chain_of_dispatch(set_name: str) -> tuple[str, int] | None:
     """`i4-abc` -> (`i-abc`, 4); None if not a dispatch set's name."""
-    if len(set_name) >= 4 and set_name[0] in "ie" and set_name[1] in "46" and set_name[2] == "-":
-        return set_name[0] + set_name[2:], int(set_name[1])
-    return None
+    m = _DISPATCH_NAME.fullmatch(set_name)
+    return (f"{m[1]}-{m[3]}", int(m[2])) if m else None
 
 
 def set_kind(set_name: str) -> tuple[str, int] | None:
@@ -149,7 +199,13 @@ def set_kind(set_name: str) -> tuple[str, int] | None:
 
 
 def is_chain_name(ir_name: str) -> bool:
-    return len(ir_name) > 2 and ir_name[0] in "ie" and ir_name[1] == "-"
+    return _CHAIN_NAME.fullmatch(ir_name) is not None
+
+
+def dispatched(chain: str) -> bool:
+    """Whether endpoints can be dispatched to a chain: every policy chain but a shared
+    Admin tier's (`ai-`, `ae-`), which only link chains call."""
+    return not chain.startswith("a")
 
 
 @dataclass(frozen=True)
@@ -213,18 +269,65 @@ def rule_specs(names: Names, rule: ChainRule, direction: str, family: int) -> li
     return [f"{base} -m multiport --dports {g}" for g in _port_groups(rule.ports)]
 
 
+def _log_rule(layout: Layout, kname: str, chain: Chain, spec: str) -> str:
+    """Copy a dropped packet to the log group, rate-limited (NFLOG does not end the
+    chain: the DROP after it drops whatever the limit lets through unlogged)."""
+    return _with_comment(
+        kname, " ".join(p for p in (spec, f"-m limit --limit {layout.log_rate}/sec "
+                                          f"--limit-burst {layout.log_rate}") if p),
+        f'-j NFLOG --nflog-prefix "{LOG_PREFIX} {chain.name}" '
+        f"--nflog-group {layout.log_group}")
+
+
+def called(chain: Chain) -> bool:
+    """A shared Admin tier's chain: jumped to (`-j`) by link chains, never dispatched to."""
+    return chain.tier == ADMIN and chain.calls is None
+
+
+def rule_target(names: Names, chain: Chain, rule: ChainRule) -> str:
+    """What a matching rule of a policy chain does.
+
+    The side passes: RETURN (to P-forward, which goes on to the ingress side or back
+    to FORWARD); from a shared Admin chain, whose RETURN goes back to the link that
+    called it, P-flip first sets `ALLOW_MARK` for the link to see. A deny drops. A
+    pass goes on in `next` (none: the side passes); from a shared Admin chain it
+    returns to its link, which goes on in its own `next`.
+    """
+    if rule.action == DENY:
+        return "-j DROP"
+    if called(chain):
+        return f"-g {names.flip}" if rule.action == ALLOW else "-j RETURN"
+    if rule.action == PASS and chain.tier and chain.next is not None:
+        return f"-g {names.chain(chain.next)}"
+    return "-j RETURN"
+
+
 def chain_bodies(layout: Layout, chain: Chain, family: int) -> list[str]:
-    """Every rule of a policy chain in one family, as iptables-save prints it."""
-    kname = layout.names.chain(chain.name)
-    out = [_with_comment(kname, spec, "-j RETURN")
-           for rule in chain.rules for spec in rule_specs(layout.names, rule, chain.direction,
-                                                          family)]
-    if layout.log_group is not None:
-        out.append(_with_comment(
-            kname, f"-m limit --limit {layout.log_rate}/sec --limit-burst {layout.log_rate}",
-            f'-j NFLOG --nflog-prefix "{LOG_PREFIX} {chain.name}" '
-            f"--nflog-group {layout.log_group}"))
-    out.append(_with_comment(kname, "", "-j DROP"))
+    """Every rule of a policy chain in one family, as iptables-save prints it.
+
+    A NetworkPolicy chain returns on a match and logs and drops at its end. A tier's
+    chain acts on its first matching rule and otherwise goes on in `next` (or falls
+    off its end: the side passes). A link chain first calls its Admin chain; a return
+    with `ALLOW_MARK` set is that chain's allow, taken back off on the way out.
+    """
+    names = layout.names
+    kname = names.chain(chain.name)
+    out: list[str] = []
+    if chain.calls is not None:
+        out += [_with_comment(kname, "", f"-j {names.chain(chain.calls)}"),
+                _with_comment(kname, _MARKED, f"-g {names.flip}")]
+    for rule in chain.rules:
+        target = rule_target(names, chain, rule) if chain.tier else "-j RETURN"
+        for spec in rule_specs(names, rule, chain.direction, family):
+            if chain.tier and rule.action == DENY and layout.log_group is not None:
+                out.append(_log_rule(layout, kname, chain, spec))
+            out.append(_with_comment(kname, spec, target))
+    if chain.final:
+        if layout.log_group is not None:
+            out.append(_log_rule(layout, kname, chain, ""))
+        out.append(_with_comment(kname, "", "-j DROP"))
+    elif chain.next is not None and not called(chain):
+        out.append(_with_comment(kname, "", f"-g {names.chain(chain.next)}"))
     return out
 
 
@@ -242,8 +345,23 @@ def base_bodies(names: Names, family: int) -> list[str]:
     if family == 6:
         out += [_with_comment(k, f"-p ipv6-icmp -m icmp6 --icmpv6-type {t}", "-j RETURN")
                 for t in (135, 136)]
+    # ALLOW_MARK is clear inside our chains: a packet that has it is judged in P-marked
+    out.append(_with_comment(k, _MARKED, f"-g {names.marked}"))
     out += [_with_comment(k, "", f"-j {names.dispatch_chain(d)}") for d in (EGRESS, INGRESS)]
     return out
+
+
+def flip_bodies(names: Names) -> list[str]:
+    """P-flip: `ALLOW_MARK` flipped; it then returns (falls off its end)."""
+    return [_with_comment(names.flip, "", f"-j MARK --set-xmark {ALLOW_MARK:#x}/0x0")]
+
+
+def marked_bodies(names: Names) -> list[str]:
+    """P-marked: both sides judged with `ALLOW_MARK` cleared, and set again after."""
+    k = names.marked
+    return [_with_comment(k, "", f"-j {names.flip}"),
+            *(_with_comment(k, "", f"-j {names.dispatch_chain(d)}") for d in (EGRESS, INGRESS)),
+            _with_comment(k, "", f"-j {names.flip}")]
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -292,14 +410,16 @@ def bucket_chain_lines(names: Names, direction: str, bucket: int, chains: Iterab
                        family: int) -> list[str]:
     """A bucket chain declared (emptied) and filled with the dispatch rules of `chains`."""
     k = names.chain(bucket_chain(direction, bucket))
-    mine = sorted(c for c in chains if _direction(c) == direction and bucket_of(c) == bucket)
+    mine = sorted(c for c in chains if dispatched(c) and _direction(c) == direction
+                  and bucket_of(c) == bucket)
     return [f":{k} - [0:0]", *(f"-A {k} {dispatch_body(names, c, family)}" for c in mine),
             f"-A {k} {bucket_tail(names, direction, bucket)}"]
 
 
 def skeleton_chains(names: Names) -> list[str]:
     """The kernel names of the chains every family holds whatever the policies."""
-    return [names.forward, *(names.dispatch_chain(d) for d in (EGRESS, INGRESS)),
+    return [names.forward, names.flip, names.marked,
+            *(names.dispatch_chain(d) for d in (EGRESS, INGRESS)),
             *(names.chain(bucket_chain(d, b)) for d in (EGRESS, INGRESS)
               for b in range(BUCKETS))]
 
@@ -505,6 +625,8 @@ def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False
             s1 += [f"add {names.set(s.name)} {element_text(s.kind, e)} -exist"
                    for e in _sorted(els)]
     for c in p.add_chains:
+        if not dispatched(c.name):
+            continue
         for fam in FAMILIES:
             k = names.set(dispatch_set(c.name, fam))
             if k in rep.bad_sets:
@@ -530,29 +652,32 @@ def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False
         lines = t2[fam]
         whole = skeleton or rep.skeleton.get(fam, False)
         held = rep.kernel_chains.get(fam, set(old.chains))
+        # declared (and emptied) first: iptables-restore wants a target declared before
+        # a rule jumps to it (a tier's chain jumps to others, a link to P-flip)
+        if whole:
+            lines += [f":{k} - [0:0]" for k in skeleton_chains(names)]
         for cn in sorted(new_chains):
             lines.append(f":{names.chain(cn)} - [0:0]")
         for cn in sorted(new_chains):
             lines += [f"-A {names.chain(cn)} {b}"
                       for b in chain_bodies(layout, new_chains[cn], fam)]
         if whole:
-            # declared (and emptied) first: iptables-restore wants a target declared
-            # before a rule jumps to it
             present = (held | set(new_chains)) - set(rep.del_chains.get(fam, []))
-            lines += [f":{k} - [0:0]" for k in skeleton_chains(names)]
+            lines += [f"-A {names.flip} {b}" for b in flip_bodies(names)]
             for d in (EGRESS, INGRESS):
                 for b in range(BUCKETS):
                     lines += bucket_chain_lines(names, d, b, present, fam)[1:]
             for d in (EGRESS, INGRESS):
                 lines += [f"-A {names.dispatch_chain(d)} {b}"
                           for b in bucket_bodies(names, d, fam)]
+            lines += [f"-A {names.marked} {b}" for b in marked_bodies(names)]
             lines += [f"-A {names.forward} {b}" for b in base_bodies(names, fam)]
             lines += [f"-D {FORWARD} {b}" for b in rep.jumps.get(fam, [])]
             lines.append(f"-I {FORWARD} 1 {jump_body(names)}")
         else:
             # chains the kernel does not hold in this family: their dispatch rule goes
             # first in their bucket chain (before its closing DROP)
-            for cn in sorted(set(new_chains) - held):
+            for cn in sorted(c for c in set(new_chains) - held if dispatched(c)):
                 k = names.chain(bucket_chain(_direction(cn), bucket_of(cn)))
                 lines.append(f"-I {k} 1 {dispatch_body(names, cn, fam)}")
 
@@ -598,18 +723,21 @@ def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False
             continue
         lines = t4[fam]
         present = (rep.kernel_chains.get(fam, set(old.chains)) | set(new_chains)) - del_chains
-        for d, b in sorted({(_direction(cn), bucket_of(cn)) for cn in gone_ir}):
+        for d, b in sorted({(_direction(cn), bucket_of(cn)) for cn in gone_ir
+                            if dispatched(cn)}):
             lines += bucket_chain_lines(names, d, b, present, fam)
         # only where the chain is: an apply cut short (kill -9 between the families'
         # steps) leaves it in one family, and `-F` of a missing chain fails the restore
         held = rep.kernel_chains.get(fam, set(old.chains))
-        for k in [names.chain(cn) for cn in gone_ir if cn in held] + foreign:
-            lines += [f"-F {k}", f"-X {k}"]
+        gone = [names.chain(cn) for cn in gone_ir if cn in held] + foreign
+        # every one flushed before any is deleted: a tier's chain going away may be
+        # what another one going away jumps to
+        lines += [f"-F {k}" for k in gone] + [f"-X {k}" for k in gone]
 
     # (5) ipset: sets no longer used
     s5 = [f"destroy {names.set(n)}" for n in p.del_sets]
     s5 += [f"destroy {names.set(dispatch_set(cn, fam))}" for cn in sorted(del_chains)
-           for fam in FAMILIES]
+           if dispatched(cn) for fam in FAMILIES]
     s5 += [f"destroy {k}" for k in rep.del_sets if not (names.ir(k) or "").startswith("t")]
     keep = {a.name for a in p.add_sets} | {
         dispatch_set(cn, fam) for cn in (set(old.chains) | set(new_chains)) - del_chains
@@ -639,7 +767,8 @@ def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False
 
 
 def _direction(chain: str) -> str:
-    return INGRESS if chain[0] == "i" else EGRESS
+    """A policy chain's direction from its IR name: the letter before the dash."""
+    return INGRESS if chain[chain.index("-") - 1] == "i" else EGRESS
 
 
 def render_remove(layout: Layout, save: Mapping[int, str], ipset_save: str) -> list[Step]:
@@ -872,12 +1001,14 @@ def parse_kernel(layout: Layout, save: Mapping[int, str], ipset_save: str,
         # the base chain, the dispatch chains
         if names.forward in chain_names:
             present = True
-        if rules.get(names.forward) != base_bodies(names, fam):
-            if names.forward in chain_names or any(names.ir(c) for c in chain_names):
-                drift.append(f"base chain {names.forward} "
-                             f"{'differs' if names.forward in chain_names else 'missing'} "
-                             f"({tool})")
-            skeleton_ok = False
+        for k, want_rules in ((names.forward, base_bodies(names, fam)),
+                              (names.flip, flip_bodies(names)),
+                              (names.marked, marked_bodies(names))):
+            if rules.get(k) != want_rules or k not in chain_names:
+                if k in chain_names or any(names.ir(c) for c in chain_names):
+                    drift.append(f"base chain {k} "
+                                 f"{'differs' if k in chain_names else 'missing'} ({tool})")
+                skeleton_ok = False
         for d in (EGRESS, INGRESS):
             k = names.dispatch_chain(d)
             if k not in chain_names or rules.get(k) != bucket_bodies(names, d, fam):
@@ -888,7 +1019,7 @@ def parse_kernel(layout: Layout, save: Mapping[int, str], ipset_save: str,
                 k = names.chain(bucket_chain(d, b))
                 got = rules.get(k, [])
                 want = sorted(dispatch_body(names, c, fam) for c in kernel_chains
-                              if _direction(c) == d and bucket_of(c) == b)
+                              if dispatched(c) and _direction(c) == d and bucket_of(c) == b)
                 if (k not in chain_names or not got or got[-1] != bucket_tail(names, d, b)
                         or sorted(got[:-1]) != want):
                     if k in chain_names:

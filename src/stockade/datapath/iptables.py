@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from stockade.compile.iptables import (
+    ALLOW_MARK,
     FAMILIES,
     FORWARD,
     KernelState,
@@ -52,7 +53,7 @@ from stockade.compile.iptables import (
     render_plan,
     render_remove,
 )
-from stockade.compile.ir import Chain, Ruleset, refuse_tiers
+from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.nft import canonical
 from stockade.compile.plan import Plan, plan
 from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
@@ -94,6 +95,7 @@ class IptablesDatapath:
     """stockade's prefixed chains and sets in iptables + ipset, and one jump from FORWARD."""
 
     name = "iptables"
+    enforces_tiers = True  # ClusterNetworkPolicy tiers: see compile.iptables
 
     def __init__(self, layout: Layout | None = None, netns: str | None = None, *,
                  backend: str | None = None, owner: bool = False) -> None:
@@ -191,7 +193,8 @@ class IptablesDatapath:
         """Fail clearly unless the tools and the kernel have what the ruleset uses.
 
         A scratch chain exercises every match and target stockade renders
-        (set, multiport, conntrack, tcp flags, comment, limit, NFLOG, goto), with
+        (set, multiport, conntrack, tcp flags, comment, limit, NFLOG, mark, MARK,
+        goto), with
         scratch sets of every type; both are removed at once. br_netfilter's
         bridge-nf-call sysctls are checked and set.
         """
@@ -219,6 +222,8 @@ class IptablesDatapath:
                          "FIN,SYN,RST,ACK SYN -j DROP",
                          f"-A {p} -m limit --limit 50/sec --limit-burst 50 -j NFLOG "
                          "--nflog-prefix probe --nflog-group 1",
+                         f"-A {p} -m mark --mark {ALLOW_MARK:#x}/{ALLOW_MARK:#x} -j RETURN",
+                         f"-A {p} -j MARK --set-xmark {ALLOW_MARK:#x}/0x0",
                          f"-A {p}2 -g {p}"]
                 try:
                     self._exec(restore, "\n".join(["*filter", f":{p} - [0:0]",
@@ -236,7 +241,8 @@ class IptablesDatapath:
             raise DataplaneError(
                 "this kernel or these tools lack an iptables/ipset feature stockade needs "
                 "(hash:ip, hash:net, hash:ip,port sets; set, multiport, conntrack, comment, "
-                "limit matches; NFLOG)", command=exc.command, stderr=exc.stderr) from None
+                "limit, mark matches; NFLOG, MARK)",
+                command=exc.command, stderr=exc.stderr) from None
         finally:
             present = self._ipset_names()
             script = "".join(f"destroy {s}\n" for s in sets if s in present)
@@ -261,18 +267,20 @@ class IptablesDatapath:
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
         generation, applied = self._generation, self._applied
-        chains = {**(applied.chains if applied is not None else {}), **(known or {})}
+        # What was applied first: a chain may keep its name with other rules (a tier's
+        # is named by its subjects), and the kernel should hold the applied ones.
+        chains = {**(known or {}), **(applied.chains if applied is not None else {})}
         return KernelSnapshot(generation, self.read_state(chains))
 
     def diff(self, desired: Ruleset) -> Plan:
         known = dict(self._applied.chains) if self._applied is not None else {}
-        state = self.read_state({**known, **desired.chains})
+        state = self.read_state({**desired.chains, **known})
         return plan(state.ruleset, canonical(desired))
 
     def diff_details(self, desired: Ruleset) -> list[str]:
         """What a plan does not show: the skeleton, foreign objects, dispatch (for `diff`)."""
         known = dict(self._applied.chains) if self._applied is not None else {}
-        state = self.read_state({**known, **desired.chains})
+        state = self.read_state({**desired.chains, **known})
         if not state.present:
             return [f"+ chains and sets {self.layout.names.prefix}* (nothing in the kernel)"]
         out = [f"~ {d}" for d in state.drift if not d.startswith("chain ")]
@@ -288,7 +296,6 @@ class IptablesDatapath:
         (a restart adopts what it finds). Drift is whatever the read-back shows
         that the previous apply did not leave: reported and repaired.
         """
-        refuse_tiers(desired, "iptables")
         target = canonical(desired)
         self.last_drift = None
         self.last_drift_details = []

@@ -1,0 +1,250 @@
+"""ClusterNetworkPolicy tiers on the iptables + ipset datapath, with real packets.
+
+On both iptables backends (nf_tables and legacy): the shared ClusterNetworkPolicy
+corpus, random clusters with both kinds of policy (every probed verdict must be
+the evaluator's), a Pass that must not be a drop, drift in a tier's chains, and
+a restart that adopts the tiers without writing anything.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from tests.property.strategies import Scenario, Universe
+from tests.property.tier_strategies import cnp_scenarios
+from tests.support import shared
+
+from stockade.cli.main import main
+from stockade.compile.interpret import allows
+from stockade.compile.iptables import Layout
+from stockade.compile.lower import compile_cluster
+from stockade.conformance import kernel
+from stockade.conformance.case import Case, ProbeGroup
+from stockade.conformance.kernel import KernelDatapath
+from stockade.datapath.iptables import BACKEND_ENV, IptablesDatapath
+from stockade.engine.evaluate import Evaluator
+from stockade.model.cluster import Cluster
+from stockade.model.cnp import (
+    ADMIN,
+    BASELINE,
+    NAMESPACES,
+    PODS,
+    ClusterNetworkPolicy,
+    CnpPeer,
+    CnpPort,
+    CnpRule,
+)
+from stockade.model.labels import Labels
+from stockade.model.selector import Selector
+from stockade.net.namespace import list_netns
+from stockade.probe.protocol import Port
+
+from .clusters import PORTS, allow_only, cluster, probe
+from .clusters import servers as servers  # the fixture
+from .test_iptables_datapath import _ipt, _run
+
+pytestmark = pytest.mark.privileged
+
+CORPUS = shared("conformance-cnp")
+BACKENDS = ["nft", "legacy"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# ---- the shared corpus -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_the_cnp_corpus_passes_on_iptables(backend_name: str,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    if not CORPUS.is_dir():
+        pytest.fail(f"the ClusterNetworkPolicy corpus is missing at {CORPUS}")
+    monkeypatch.setenv(BACKEND_ENV, backend_name)
+    tag = secrets.token_hex(2)
+    monkeypatch.setattr(kernel.secrets, "token_hex", lambda _n: tag)
+    cases = len([p for p in CORPUS.glob("*.yaml") if p.name != "standard-cluster.yaml"])
+    assert cases == 32
+    code = main(["conformance", str(CORPUS), "--datapath", "iptables"])
+    out = capsys.readouterr().out
+    assert re.fullmatch(rf"{cases} passed, 0 failed", out.strip().splitlines()[-1]), out[-3000:]
+    assert code == 0
+    assert [n for n in list_netns() if n.startswith(f"sc{tag}")] == []
+
+
+# ---- random clusters ---------------------------------------------------------------------------
+
+UNIVERSE = Universe(ipv4_net="10.79.0.0/26", max_pods=5, max_policies=2).with_features(
+    ipv6=False)
+OUTCOMES: dict[str, list[tuple[int, int]]] = {b: [] for b in BACKENDS}  # (allowed, denied)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def tiered_kernel(request: pytest.FixtureRequest) -> Iterator[tuple[str, KernelDatapath]]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(BACKEND_ENV, request.param)
+        dp = KernelDatapath(probe_timeout=0.5, datapath="iptables")
+    try:
+        assert isinstance(dp.datapath, IptablesDatapath)
+        assert dp.datapath.backend == request.param
+        yield request.param, dp
+    finally:
+        dp.close()
+
+
+@settings(max_examples=15, deadline=None)
+@given(sc=cnp_scenarios(UNIVERSE, max_probes=3))
+def test_iptables_agrees_with_the_evaluator_on_tiers(
+        tiered_kernel: tuple[str, KernelDatapath], sc: Scenario) -> None:
+    backend_name, dp = tiered_kernel
+    cluster_ = sc.cluster
+    groups = tuple(ProbeGroup(port, proto, True, frozenset()) for port, proto in sc.probes)
+    case = Case("cnp-iptables-property", "", cluster_, groups)
+    seen = dp.judge(case)
+    ev = Evaluator(cluster_)
+    rs = compile_cluster(cluster_)
+    by_key = {ep.key: ep for ep in cluster_.endpoints}
+    wrong = []
+    for (gi, src, dst), got in seen.items():
+        group = groups[gi]
+        flow = ev.flow(by_key[src], by_key[dst], group.port, group.protocol)
+        want = ev.allowed(flow)
+        interpreted = allows(rs, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
+        if got != want or interpreted != want:
+            wrong.append(f"{group.render()} {src} -> {dst}: kernel {got}, "
+                         f"interpreted {interpreted}, model {want}")
+    assert len(seen) == len(groups) * len(case.pairs())
+    assert not wrong, "\n".join(wrong)
+    # what was programmed reads back as it was rendered
+    assert isinstance(dp.datapath, IptablesDatapath)
+    assert dp.datapath.diff(rs).empty
+    OUTCOMES[backend_name].append((sum(seen.values()), sum(not v for v in seen.values())))
+
+
+def test_the_examples_exercised_both_verdicts_on_both_backends() -> None:
+    """Worth something only if the kernel had to drop packets and let others through."""
+    for name, outcomes in OUTCOMES.items():
+        if not outcomes:
+            pytest.fail(f"runs after the property test, in the same session ({name})")
+        assert sum(a for a, _ in outcomes) > 0 and sum(d for _, d in outcomes) > 0, name
+
+
+# ---- the trio: a Pass, drift, a restart -------------------------------------------------------
+
+def _pods(name: str) -> CnpPeer:
+    return CnpPeer(PODS, pod_selector=Selector(Labels({"pod": name})))
+
+
+# a's ingress: Admin accepts c on TCP/81 (which the NetworkPolicy would not), passes
+# b on to the NetworkPolicy (which admits b on TCP/80 only) and denies everyone else.
+# c's egress: Admin accepts TCP/80 to a (a's ingress is still judged) and passes
+# everything else with no tier after it (the side passes). b's egress: Baseline denies
+# UDP to a (no NetworkPolicy isolates b's egress, so the Baseline decides).
+TIERS = (
+    ClusterNetworkPolicy("guard-a", ADMIN, 1, _pods("a"), ingress=(
+        CnpRule("Accept", (_pods("c"),), (CnpPort("TCP", 81, 81),)),
+        CnpRule("Pass", (_pods("b"),)),
+        CnpRule("Deny", (CnpPeer(NAMESPACES),)),
+    )),
+    ClusterNetworkPolicy("pass-c", ADMIN, 2, _pods("c"), egress=(
+        CnpRule("Accept", (_pods("a"),), (CnpPort("TCP", 80, 80),)),
+        CnpRule("Pass", (CnpPeer(NAMESPACES),)),
+    )),
+    ClusterNetworkPolicy("floor", BASELINE, 1, _pods("b"), egress=(
+        CnpRule("Deny", (_pods("a"),), (CnpPort("UDP", 80, 80),)),
+    )),
+)
+# (source, destination, port) -> allowed, as the evaluator says
+EXPECTED = {
+    ("b", "a", "TCP/80"): True,  # Admin Pass, then the NetworkPolicy admits it
+    ("b", "a", "TCP/81"): False,  # Admin Pass, then the NetworkPolicy does not
+    ("c", "a", "TCP/81"): True,  # Admin Accept over the NetworkPolicy
+    ("c", "a", "TCP/80"): False,  # egress Accepted, ingress Denied
+    ("c", "b", "TCP/80"): True,  # Admin Pass in the last tier: the side passes
+    ("c", "b", "UDP/80"): True,
+    ("b", "c", "TCP/80"): True,
+    ("b", "a", "UDP/80"): False,  # Baseline deny (and a's Admin Pass, NetworkPolicy)
+}
+OPENED = ("c", "a", "TCP/81")  # what only the Admin chain's accept lets through
+
+
+def _tiered(trio) -> Cluster:
+    base = cluster(trio, allow_only("a", "b"))
+    return Cluster(base.namespaces, base.endpoints, base.policies, TIERS)
+
+
+def _pairs() -> list[tuple[str, str, Port]]:
+    by_name = {str(p): p for p in PORTS}
+    return [(s, d, by_name[p]) for s, d, p in EXPECTED]
+
+
+@pytest.fixture
+def tiers_dp(trio, backend: str) -> IptablesDatapath:
+    dp = IptablesDatapath(Layout.of(trio.host_netns.split("-")[0], log_group=100),
+                          netns=trio.host_netns, backend=backend)
+    dp.check()
+    return dp
+
+
+def test_a_pass_goes_on_to_the_next_tier_and_is_not_a_drop(trio, tiers_dp, servers) -> None:
+    cl = _tiered(trio)
+    ev = Evaluator(cl)
+    by_name = {ep.name: ep for ep in cl.endpoints}
+    for (s, d, p), want in EXPECTED.items():
+        port = next(x for x in PORTS if str(x) == p)
+        flow = ev.flow(by_name[s], by_name[d], port.number, port.protocol.value)
+        assert ev.allowed(flow) == want, (s, d, p)
+    tiers_dp.apply(compile_cluster(cl))
+    for family in (4, 6):
+        assert probe(trio, _pairs(), family) == EXPECTED, family
+
+
+def _saved(dp: IptablesDatapath) -> tuple[str, ...]:
+    """Every rule (`-S` prints no counters) and set of the namespace."""
+    return (_ipt(dp, 4, "-S"), _ipt(dp, 6, "-S"), _run(dp.netns or "", "ipset", "save"))
+
+
+def test_a_restart_adopts_the_tiers_without_writing(trio, tiers_dp, backend, servers) -> None:
+    rs = compile_cluster(_tiered(trio))
+    assert any(c.calls for c in rs.chains.values())  # a link and its Admin chain
+    assert not tiers_dp.apply(rs).empty
+    before = _saved(tiers_dp)
+    again = IptablesDatapath(tiers_dp.layout, netns=trio.host_netns, backend=backend)
+    assert again.diff(rs).empty
+    assert again.apply(rs).empty and again.apply(rs, verify=True).empty
+    assert again.processes == 9  # three read-backs (diff, apply, verify), three tools each
+    assert again.last_drift is None and again.skeleton_intact()
+    assert _saved(tiers_dp) == before
+    assert probe(trio, _pairs()) == EXPECTED
+
+
+@pytest.mark.parametrize("tamper", ["admin flushed", "mark test deleted", "call deleted"])
+def test_a_tampered_tier_is_repaired(trio, tiers_dp, servers, tamper: str) -> None:
+    rs = compile_cluster(_tiered(trio))
+    tiers_dp.apply(rs)
+    pairs = _pairs()
+    assert probe(trio, pairs) == EXPECTED
+    prefix = tiers_dp.layout.names.prefix
+    admin = next(c for c in rs.chains.values() if c.tier == ADMIN and c.calls is None
+                 and c.direction == "ingress")
+    link = next(c for c in rs.chains.values() if c.calls == admin.name)
+    if tamper == "admin flushed":
+        _ipt(tiers_dp, 4, "-F", prefix + admin.name)
+        chain = admin.name
+    else:
+        _ipt(tiers_dp, 4, "-D", prefix + link.name, "2" if "mark" in tamper else "1")
+        chain = link.name
+    # the accept lost (the link goes on to the NetworkPolicy, which denies c)
+    assert probe(trio, pairs) == {**EXPECTED, OPENED: False}
+    assert tiers_dp.apply(rs).empty  # without verify, the last apply is trusted
+    delta = tiers_dp.apply(rs, verify=True)
+    assert [c.name for c in delta.replace_chains] == [chain]
+    assert any("rules differ" in d and chain in d for d in tiers_dp.last_drift_details)
+    assert probe(trio, pairs) == EXPECTED
+    assert tiers_dp.diff(rs).empty and tiers_dp.skeleton_intact()
