@@ -320,3 +320,33 @@ def test_icmp_is_judged_like_nftables(trio, datapath) -> None:
                                  Labels({"pod": "c"}))),)),), policy_types=(INGRESS,))
     datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"), anything)))
     assert _ping(trio.c.netns, trio.a.address4, 9)
+
+
+def test_maps_of_another_layout_are_refused_and_left_alone(host_netns: str) -> None:
+    """Maps an older version pinned (a 12-byte ipcache value, before tiers' stages)
+    cannot be reused: a clear error names them, nothing is touched, and `dataplane
+    remove` clears the way."""
+    from stockade.cli.main import main
+    from stockade.errors import DataplaneError
+
+    dp = EbpfDatapath("old", netns=host_netns)
+    try:
+        dp.dir.mkdir(parents=True, mode=0o700)
+        old = dp.dir / "ipcache4"
+        subprocess.run(["bpftool", "map", "create", str(old), "type", "lpm_trie", "key", "12",
+                        "value", "12", "entries", "16", "name", "ipcache4", "flags", "1"],
+                       check=True, capture_output=True)
+        with pytest.raises(DataplaneError, match=r"another version.*ipcache4 has 12-byte keys "
+                           r"and 12-byte values, this version needs 12 and 28"):
+            dp.check()
+        fd = libbpf.obj_get(str(old))
+        assert libbpf.map_layout(fd) == (12, 12)  # still the old map
+        os.close(fd)
+        assert sorted(os.listdir(dp.dir)) == ["ipcache4"]  # nothing else loaded or pinned
+        assert main(["dataplane", "remove", "--datapath", "ebpf", "--table", "old",
+                     "--netns", host_netns]) == 0
+        assert not dp.dir.exists()
+        EbpfDatapath("old", netns=host_netns).check()  # then a fresh start works
+    finally:
+        EbpfDatapath("old", netns=host_netns).remove()
+        assert not dp.dir.exists()

@@ -39,7 +39,15 @@ are kept in `frag` (LRU) under its datagram's (family, addresses, protocol, IP i
 a later fragment is judged with them, and one without is dropped (counted as
 `fragments_dropped`). Denied new connections go to the `events` ring buffer
 (rate-limited to `log_rate` per second; `DeniedEvents` reads them as
-`LoggedPacket`s naming the chain, like NFLOG's prefix does).
+`LoggedPacket`s naming the chain, like NFLOG's prefix does: the deciding stage's).
+
+**Tiers.** ClusterNetworkPolicy Admin and Baseline chains are enforced: each side is
+judged by up to two stages, each one or two policy-map lookups whatever the number
+of rules (`compile.bpf` resolves each tier's first match into the entries).
+
+**Versions.** Maps pinned by a version with another layout (before tiers, the
+ipcache's values were 12 bytes) are refused with a clear error before anything is
+loaded: the running program keeps enforcing them until `dataplane remove`.
 """
 
 from __future__ import annotations
@@ -263,6 +271,7 @@ class EbpfDatapath:
             return
         ensure_bpffs(self.pin_root)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._check_layout()
         obj = object_path()
         progs, maps = libbpf.load_object(str(obj), {m: self._pin(m) for m in MAP_NAMES})
         try:
@@ -292,6 +301,31 @@ class EbpfDatapath:
         cfg = self._config()
         if cfg[1] != self.log_rate:
             self._write_config(cfg[0], cfg[2])
+
+    def _check_layout(self) -> None:
+        """Fail before loading anything when a pinned map has another layout: maps an
+        older stockade made (the ipcache's values grew with ClusterNetworkPolicy
+        stages) cannot be reused, and replacing them under the running program would
+        leave it unenforced until they are written again."""
+        wrong = []
+        for m, (ksize, vsize) in LAYOUT.items():
+            pin = self.dir / m
+            if not pin.exists():
+                continue
+            fd = libbpf.obj_get(str(pin))
+            try:
+                have = libbpf.map_layout(fd)
+            finally:
+                os.close(fd)
+            if have != (ksize, vsize):
+                wrong.append(f"{m} has {have[0]}-byte keys and {have[1]}-byte values, "
+                             f"this version needs {ksize} and {vsize}")
+        if wrong:
+            raise DataplaneError(
+                f"the eBPF maps pinned in {self.dir} were made by another version of "
+                f"stockade ({'; '.join(wrong)}); nothing was changed and the kernel still "
+                f"enforces them with their program. To change over: `stockade dataplane "
+                f"remove --datapath ebpf`, then apply again (nothing is enforced between)")
 
     def _resolve_mode(self) -> str:
         """tcx links where the kernel has them (Linux >= 6.6), else clsact through `tc`.

@@ -278,6 +278,12 @@ def info(fd: int, size: int = 256) -> bytes:
     return buf.raw
 
 
+def map_layout(fd: int) -> tuple[int, int]:
+    """A map's key and value sizes (struct bpf_map_info: type, id, key_size, value_size)."""
+    raw = info(fd)
+    return int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[12:16], "little")
+
+
 def prog_id_tag(fd: int) -> tuple[int, bytes]:
     """A program's id and tag (struct bpf_prog_info: type, id, tag[8])."""
     raw = info(fd)
