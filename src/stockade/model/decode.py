@@ -197,6 +197,9 @@ def read_string_map(value: Any, path: str) -> Labels:
 # Interned values of the decoder, bounded (the agent decodes for as long as it runs).
 _LABELS: dict[Any, Labels] = {}
 _PORT_LISTS: dict[Any, tuple[ContainerPort, ...]] = {}
+# A NetworkPolicy's spec as decoded: podSelector, ingress, egress, policyTypes.
+PolicySpec = tuple[Selector | None, tuple[Rule, ...], tuple[Rule, ...], tuple[str, ...]]
+_SPECS: dict[str, PolicySpec] = {}
 _INTERNED_MAX = 1 << 16
 
 
@@ -204,6 +207,7 @@ def clear_interned() -> None:
     """Forget the interned labels and ports (a one-shot command, before it exits)."""
     _LABELS.clear()
     _PORT_LISTS.clear()
+    _SPECS.clear()
 
 
 def _intern(table: dict[Any, T], key: Any, make: Callable[[], T]) -> T:
@@ -444,15 +448,8 @@ def decode_network_policy(
     if allow_status:
         read_object(m.get("status"), "status")
     meta = strict.metadata(m.get("metadata"))
-    spec = strict.mapping(m.get("spec"), "spec", _SPEC)  # D3: no spec is an empty spec
-    pod_selector = strict.selector(spec.get("podSelector"), "spec.podSelector")
-    ingress = read_list(spec.get("ingress"), "spec.ingress", strict.rule("from"))
-    egress = read_list(spec.get("egress"), "spec.egress", strict.rule("to"))
-    types = read_list(spec.get("policyTypes"), "spec.policyTypes", read_string)
+    pod_selector, ingress, egress, types = _policy_spec(strict, m.get("spec"))
     strict.finish()
-    if not types:
-        # D2: absent or empty; `egress: []` does not add Egress.
-        types = default_policy_types(spec.get("ingress"), spec.get("egress"))
     return NetworkPolicy(
         # kubectl fills in the namespace of the context when the manifest has none.
         namespace=read_string(meta.get("namespace"), "metadata.namespace") or default_namespace,
@@ -466,6 +463,36 @@ def decode_network_policy(
         policy_types=types,
         source=source,
     )
+
+
+def _policy_spec(strict: _Strict, value: Any) -> PolicySpec:
+    """The spec of a NetworkPolicy: podSelector, ingress, egress and policyTypes.
+
+    Equal specs decode to one value, found by their repr (which tells apart the
+    types that equality mixes up: `1`, `1.0`, `True`): a cluster's namespaces
+    repeat the same policies (a default deny, an allow of DNS), and the rules,
+    selectors and peers they then share are answered once downstream. Only a
+    spec without unknown fields is kept (their paths are reported later).
+    """
+    key = repr(value) if type(value) is dict else None
+    found = _SPECS.get(key) if key is not None else None
+    if found is not None:
+        return found
+    own = _Strict()
+    spec = own.mapping(value, "spec", _SPEC)  # D3: no spec is an empty spec
+    pod_selector = own.selector(spec.get("podSelector"), "spec.podSelector")
+    ingress = read_list(spec.get("ingress"), "spec.ingress", own.rule("from"))
+    egress = read_list(spec.get("egress"), "spec.egress", own.rule("to"))
+    types = read_list(spec.get("policyTypes"), "spec.policyTypes", read_string)
+    if not types:
+        # D2: absent or empty; `egress: []` does not add Egress.
+        types = default_policy_types(spec.get("ingress"), spec.get("egress"))
+    decoded = (pod_selector, ingress, egress, types)
+    if own.unknown:
+        strict.unknown.extend(own.unknown)
+    elif key is not None:
+        _remember(_SPECS, key, decoded)
+    return decoded
 
 
 def decode_namespace(doc: Any, source: Source = NO_SOURCE) -> Namespace:
