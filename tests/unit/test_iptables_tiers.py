@@ -60,14 +60,21 @@ def _in_sync(k: FakeKernel, layout: Layout, rs: Ruleset) -> None:
 # ---- names ----------------------------------------------------------------------------------
 
 def test_a_tiers_names_fit_the_kernels_limits() -> None:
-    for name in ("stockade", "twelve-chars", "thirteen-char", "a-very-long-datapath-name"):
+    for name in ("stockade", "thirteen-char", "fourteen-chars", "a-very-long-datapath-name"):
         n = Names.of(name)
         for ir in ("ai-", "be-", "li-"):
             assert len(n.chain(ir + "a" * 12)) <= CHAIN_MAX
             assert len(n.tmp_set(dispatch_set(ir + "a" * 12, 6))) <= SET_MAX
-            assert n.ir(n.chain(ir + "abc")) == ir + "abc"
-    assert Names.of("twelve-chars").prefix == "twelve-chars-"
-    assert Names.of("thirteen-char").prefix != "thirteen-char-"  # shortened
+            assert n.ir(n.chain(ir + "0123456789ab")) == ir + "0123456789ab"
+            assert n.ir(n.set(dispatch_set(ir + "0123456789ab", 4))) == dispatch_set(
+                ir + "0123456789ab", 4)
+        assert n.ir(n.chain("i-0123456789ab")) == "i-0123456789ab"
+    # the names a datapath had before tiers are kept: a 13-character name stays whole
+    # (a tier's chain then loses its dash), a longer one is 8 characters and a hash
+    assert Names.of("thirteen-char").prefix == "thirteen-char-"
+    assert Names.of("thirteen-char").chain("ai-0123456789ab") == "thirteen-char-ai0123456789ab"
+    assert Names.of("stockade").chain("ai-0123456789ab") == "stockade-ai-0123456789ab"
+    assert len(Names.of("fourteen-chars").prefix) == 14
     assert dispatch_set("li-abc", 4) == "li4-abc" and dispatch_set("i-abc", 6) == "i6-abc"
 
 
@@ -151,8 +158,9 @@ def _check_flows(k: FakeKernel, rs: Ruleset, flows: list[tuple[str, str, str, in
     return checked
 
 
-def test_the_cnp_corpus_renders_reads_back_and_decides_like_the_interpreter() -> None:
-    layout = Layout.of("stk", log_group=100)
+@pytest.mark.parametrize("name", ["stk", "thirteen-char"])  # tier chains with a dash, without
+def test_the_cnp_corpus_renders_reads_back_and_decides_like_the_interpreter(name: str) -> None:
+    layout = Layout.of(name, log_group=100)
     checked = tiered = 0
     verdicts: set[bool] = set()
     for case in _cases():

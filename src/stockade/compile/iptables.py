@@ -98,11 +98,12 @@ from stockade.model.cnp import ADMIN
 
 CHAIN_MAX = 28  # iptables' chain names (XT_EXTENSION_MAXNAMELEN - 1 = 28 usable)
 SET_MAX = 31  # ipset's set names (IPSET_MAXNAMELEN - 1)
-# IR names are at most this long: a tier's chain "bi-" + 12 hex digits, its dispatch
-# set "bi4-" + 12.
+# IR names are at most this long: a NetworkPolicy chain "i-" + 12 hex digits (a tier's
+# "bi-" + 12 loses its dash where it would not fit, see `Names.chain`), a tier's
+# dispatch set "bi4-" + 12.
 _IR_SET_LEN = 16
-_IR_CHAIN_LEN = 15
-PREFIX_MAX = min(CHAIN_MAX - _IR_CHAIN_LEN, SET_MAX - _IR_SET_LEN - 1)  # 13 (room for "t")
+_IR_CHAIN_LEN = 14
+PREFIX_MAX = min(CHAIN_MAX - _IR_CHAIN_LEN, SET_MAX - _IR_SET_LEN - 1)  # 14 (room for "t")
 MAXELEM = 1 << 20
 FORWARD = "FORWARD"
 TABLE = "filter"
@@ -124,6 +125,7 @@ ALLOW_MARK = 0x100000
 _MARKED = f"-m mark --mark {ALLOW_MARK:#x}/{ALLOW_MARK:#x}"
 # A policy chain's IR name: NetworkPolicy `i-`/`e-`, a tier's `ai-`, `be-`, a link `li-`...
 _CHAIN_NAME = re.compile(r"([abl]?[ie])-.+")
+_COMPACT_TIER = re.compile(r"[abl][ie][0-9a-f]{12}")  # a tier's chain without its dash
 _DISPATCH_NAME = re.compile(r"([bl]?[ie])([46])-(.+)")
 
 
@@ -136,7 +138,7 @@ class Names:
     """Kernel names: the prefix, then the IR name (so a name read back gives the IR name).
 
     The prefix is the datapath's name and a dash; a name too long for iptables'
-    28 characters is shortened to 7 characters and 5 of its hash, deterministically.
+    28 characters is shortened to 8 characters and 5 of its hash, deterministically.
     """
 
     prefix: str
@@ -145,10 +147,15 @@ class Names:
     def of(cls, name: str) -> Names:
         if len(name) + 1 <= PREFIX_MAX:
             return cls(name + "-")
-        return cls(f"{name[:PREFIX_MAX - 6]}{_digest(name, n=5)}-")
+        return cls(f"{name[:8]}{_digest(name, n=5)}-")
 
     def chain(self, ir_name: str) -> str:
-        return self.prefix + ir_name
+        """The kernel's name of a chain; a tier's loses its dash when the prefix is too
+        long to keep it (14 characters: `ai-` + 12 would make 29)."""
+        name = self.prefix + ir_name
+        if len(name) > CHAIN_MAX and ir_name[2:3] == "-":
+            return self.prefix + ir_name[:2] + ir_name[3:]
+        return name
 
     def set(self, ir_name: str) -> str:
         return self.prefix + ir_name
@@ -174,7 +181,10 @@ class Names:
         return self.prefix + direction
 
     def ir(self, kernel_name: str) -> str | None:
-        return kernel_name[len(self.prefix):] if kernel_name.startswith(self.prefix) else None
+        if not kernel_name.startswith(self.prefix):
+            return None
+        rest = kernel_name[len(self.prefix):]
+        return f"{rest[:2]}-{rest[2:]}" if _COMPACT_TIER.fullmatch(rest) else rest
 
 
 def dispatch_set(chain: str, family: int) -> str:
