@@ -7,7 +7,9 @@
   Baseline (it is no drop), an Admin Deny beats a NetworkPolicy that allows, an
   Admin Accept beats a Baseline Deny;
 * a new process adopts a tiered ruleset without writing anything;
-* an Admin Deny added cuts an established connection (and a Pass does not).
+* an Admin Deny added cuts an established connection (and a Pass does not);
+* an agent on eBPF takes ClusterNetworkPolicies, enforces them and adopts them
+  across a restart without a repair.
 
 Each trio test builds its endpoints in its own host namespace (conftest: a per-test
 prefix, removed whatever happens); the datapath's pins are removed and checked gone.
@@ -53,11 +55,14 @@ from stockade.model.selector import Selector
 from stockade.net.namespace import list_netns
 from stockade.probe.protocol import Port, Protocol
 
+from . import test_agent
 from .clusters import allow_only, cluster, probe
 from .clusters import servers as servers  # the fixture
 from .netio import EchoServer, connect, echo
+from .test_agent_cnp import apply, cnp, pods
 
 pytestmark = pytest.mark.privileged
+agent = test_agent.agent  # the fixture: an agent process on the trio, its datapath a parameter
 
 CORPUS = shared("conformance-cnp")
 UNIVERSE = Universe(ipv4_net="10.79.0.0/26", max_pods=5, max_policies=2).with_features(
@@ -250,3 +255,28 @@ def test_an_admin_deny_added_cuts_an_established_connection(trio, datapath, held
     assert not echo(held, b"three")
     stats = datapath.stats()
     assert stats["rejudged"] >= 2 and stats["cut"] >= 1
+
+
+@pytest.mark.parametrize("agent", ["ebpf"], indirect=True)
+def test_an_agent_on_ebpf_enforces_tiers_and_adopts_them(trio, agent, servers) -> None:
+    apply(agent, test_agent._policy("web", "a", {"pod": "b"}),
+          cnp("deny-c", "Admin", 1, "Deny", subject="a", peer=pods("c")),
+          cnp("pass-b", "Admin", 0, "Pass", subject="a", peer=pods("b")),
+          cnp("base", "Baseline", 3, "Deny", subject="b"))
+    pairs = [("b", "a", TCP80), ("c", "a", TCP80), ("a", "b", TCP80), ("a", "c", TCP80),
+             ("b", "a", TCP81)]
+    expected = {("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False,
+                ("a", "b", "TCP/80"): False, ("a", "c", "TCP/80"): True,
+                ("b", "a", "TCP/81"): False}
+    assert _seen(trio, pairs) == {4: expected, 6: expected}
+    dp = EbpfDatapath(agent.table, netns=agent.netns)
+    kernel = dp.read()
+    assert {c.tier for c in kernel.chains.values()} >= {ADMIN, BASELINE}
+    generation = dp.snapshot().table.generation
+    agent.stop()
+    agent.start()
+    st = agent.call("status")
+    assert st["inSync"] and st["driftRepairs"] == 0, st
+    assert dp.read() == kernel
+    assert dp.snapshot().table.generation == generation  # nothing rewritten
+    assert _seen(trio, pairs) == {4: expected, 6: expected}
