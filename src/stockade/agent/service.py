@@ -24,6 +24,7 @@ from typing import Any
 
 from stockade.agent.admission import check_changes, quarantine
 from stockade.agent.extension import Handler, Operations
+from stockade.agent.heap import collector_paused
 from stockade.agent.protocol import (
     BAD_REQUEST,
     INVALID,
@@ -285,6 +286,13 @@ class Service:
     # ---- apply and delete --------------------------------------------------------------
 
     def op_apply(self, args: dict[str, Any]) -> dict[str, Any]:
+        docs = args.get("documents")
+        if isinstance(docs, list) and _objects(docs) > self.reconciler.BULK:
+            with collector_paused():  # bulk work: see agent/heap.py
+                return self._apply(args)
+        return self._apply(args)
+
+    def _apply(self, args: dict[str, Any]) -> dict[str, Any]:
         a = Args(args, "apply")
         if not isinstance(args.get("documents"), list):
             raise ApiError(BAD_REQUEST, "apply: args.documents must be a list")
@@ -558,6 +566,12 @@ class Service:
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+def _objects(docs: list[Any]) -> int:
+    """How many objects the documents hold (a `kind: List` holds its items)."""
+    return sum(len(d["items"]) if isinstance(d, dict) and isinstance(d.get("items"), list)
+               else 1 for d in docs)
 
 
 def _kind_docs(docs: list[Any], kind: str) -> list[Any]:
