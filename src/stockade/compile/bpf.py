@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import ipaddress
 import json
 import struct
@@ -381,10 +382,14 @@ def _first_match_keys(pid: int, family: int, spaces: list[tuple[int, Space, int]
     """A tier chain's entries: per peer key, its own rules and ANY's in order, resolved
     to the first match (see the module)."""
     anyone = ANY[family]
+    by_peer: dict[int, list[tuple[int, Space, int]]] = {anyone: []}
+    for n, (peer, space, action) in enumerate(spaces):
+        by_peer.setdefault(peer, []).append((n, space, action))
     out: dict[PolicyKey, int] = {}
-    for peer in sorted({p for p, _, _ in spaces} | {anyone}):
-        ordered = [(space, action) for p, space, action in spaces if p in (peer, anyone)]
-        out.update(_painted(pid, peer, ordered))
+    for peer, own in sorted(by_peer.items()):
+        merged = own if peer == anyone else heapq.merge(own, by_peer[anyone],
+                                                        key=lambda e: e[0])
+        out.update(_painted(pid, peer, [(space, action) for _, space, action in merged]))
     return out
 
 
