@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -280,3 +281,31 @@ def test_an_agent_on_ebpf_enforces_tiers_and_adopts_them(trio, agent, servers) -
     assert dp.read() == kernel
     assert dp.snapshot().table.generation == generation  # nothing rewritten
     assert _seen(trio, pairs) == {4: expected, 6: expected}
+
+
+def test_a_denied_event_names_the_deciding_chain(trio, servers) -> None:
+    """As nftables' log prefix does: a tier's Deny names that tier's chain, a denial by
+    the NetworkPolicy a Pass led to names the NetworkPolicy chain."""
+    dp = EbpfDatapath(netns=trio.host_netns, log_group=1)
+    try:
+        admin = _admin_in("admin", "a", _rule(PASS, "b"), _rule(DENY, "c"))
+        rs = compile_cluster(_tiered(trio, (allow_only("a", "b", 80),), (admin,)))
+        dp.apply(rs)
+        link = rs.chains[rs.ingress[trio.a.address4]]
+        assert link.calls is not None and link.next is not None
+        events = dp.events()
+        try:
+            events.read()  # whatever came before
+            assert probe(trio, [("c", "a", TCP80), ("b", "a", TCP81)]) == {
+                ("c", "a", "TCP/80"): False, ("b", "a", "TCP/81"): False}
+            got: dict[tuple[str, int | None], str] = {}
+            deadline = time.monotonic() + 2
+            while len(got) < 2 and time.monotonic() < deadline:
+                got.update({(p.src, p.dport): p.chain for p in events.read(0.2)
+                            if p.protocol == "TCP" and p.direction == "ingress"})
+        finally:
+            events.close()
+        assert got == {(trio.c.address4, 80): link.calls, (trio.b.address4, 81): link.next}
+    finally:
+        EbpfDatapath(netns=trio.host_netns).remove()
+        assert not dp.dir.exists()
