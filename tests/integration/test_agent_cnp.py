@@ -102,6 +102,7 @@ def test_tiers_with_real_packets(trio, agent, servers) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.parametrize("agent", ["nft", "iptables-nft"], indirect=True)
 def test_an_admin_deny_cuts_an_established_connection(trio, agent) -> None:
     with EchoServer(trio.a.netns, 7777):
         conn = connect(trio.b.netns, trio.a.address4, 7777)
