@@ -11,6 +11,13 @@ of the offline half, marked met or not met.
 
     .venv/bin/python bench/offline.py             # 10k/1k, 100k/10k, Antrea's shape
     .venv/bin/python bench/offline.py --quick     # 2k/200 and 10k/1k only
+    git worktree add /tmp/offline-base COMMIT
+    .venv/bin/python bench/offline.py --against /tmp/offline-base/src   # side by side
+
+`--against SRC` runs every stage and command a second time with another source
+tree first on the path (the same interpreter and packages), the two in turns
+(the order swapping each turn, so both see the same load), and adds a table of
+both and their ratio: on a shared machine the ratio is what holds.
 
 Timings on a shared machine are noisy: read ratios and growth, not the last
 digit. Generated files are kept in --dir and reused (same seed, same file).
@@ -25,12 +32,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common import print_table
 from results import Results
 
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 STOCKADE = str(Path(sys.executable).parent / "stockade")
 STAGES = ("read", "parse", "decode", "validate", "resolve", "lower", "render")
@@ -103,17 +112,26 @@ def stages(path: str) -> dict[str, Any]:
     return t
 
 
-def child_stages(path: Path) -> dict[str, Any]:
+def tree_env(src: str | None) -> dict[str, str] | None:
+    """The environment that imports stockade from `src` (None: the installed tree)."""
+    if src is None:
+        return None
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [src, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def child_stages(path: Path, src: str | None = None) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--stages", str(path)], check=True,
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, env=tree_env(src)).stdout
     result: dict[str, Any] = json.loads(out)
     return result
 
 
-def run_command(argv: list[str]) -> tuple[float, float]:
+def run_command(argv: list[str], src: str | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one command, its output discarded."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=tree_env(src))
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -126,6 +144,33 @@ def run_command(argv: list[str]) -> tuple[float, float]:
 def best(argv: list[str], repeat: int) -> tuple[float, float]:
     runs = [run_command(argv) for _ in range(repeat)]
     return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def in_turns(trees: dict[str, str | None], repeat: int,
+             run: Callable[[str | None], T]) -> dict[str, list[T]]:
+    """`run(src)` for each tree once a turn, the order swapping each turn."""
+    out: dict[str, list[T]] = {name: [] for name in trees}
+    names = list(trees)
+    for turn in range(repeat):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            out[name].append(run(trees[name]))
+    return out
+
+
+def compare(path: Path, against: str, repeat: int) -> dict[str, dict[str, Any]]:
+    """Stages and commands of this tree and of `against`, in turns: per tree, each
+    stage's best time and each command's best wall time and highest peak RSS."""
+    trees: dict[str, str | None] = {"now": None, "against": against}
+    out: dict[str, dict[str, Any]] = {name: {} for name in trees}
+    staged = in_turns(trees, repeat, lambda src: child_stages(path, src))
+    for name, runs in staged.items():
+        out[name].update({**runs[0], **{s: min(r[s] for r in runs) for s in STAGES}})
+    for fmt in ("stats", "nft"):
+        argv = [STOCKADE, "compile", "-f", str(path), "-o", fmt]
+        timed = in_turns(trees, repeat, lambda src, argv=argv: run_command(argv, src))
+        for name, runs in timed.items():
+            out[name][f"cli_{fmt}"] = (min(r[0] for r in runs), max(r[1] for r in runs))
+    return out
 
 
 def matrix_file(directory: Path) -> Path:
@@ -149,6 +194,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/stockade-bench"))
     ap.add_argument("--stages", metavar="FILE", help=argparse.SUPPRESS)
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
+    ap.add_argument("--against", metavar="SRC",
+                    help="also measure the source tree SRC (e.g. a worktree's src), in turns")
     args = ap.parse_args()
     if args.stages:
         print(json.dumps(stages(args.stages)))
@@ -158,14 +205,19 @@ def main() -> None:
                            ["10k/1k", "20k/2k", "50k/5k", "100k/10k",
                             "antrea 100k/75k/25k ns"])
     results: dict[str, dict[str, Any]] = {}
+    compared: dict[str, dict[str, dict[str, Any]]] = {}
     for name in names:
         pods, policies, namespaces = SIZES[name]
         path = cluster_file(args.dir, pods, policies, namespaces)
         print(f"# {name}: {path} ({path.stat().st_size / 1e6:.0f} MB)", file=sys.stderr)
-        r = child_stages(path)
         repeat = args.repeat if pods <= 10_000 else 1
-        r["cli_stats"] = best([STOCKADE, "compile", "-f", str(path), "-o", "stats"], repeat)
-        r["cli_nft"] = best([STOCKADE, "compile", "-f", str(path), "-o", "nft"], repeat)
+        if args.against:
+            compared[name] = compare(path, args.against, max(repeat, 2))
+            r = dict(compared[name]["now"])
+        else:
+            r = child_stages(path)
+            r["cli_stats"] = best([STOCKADE, "compile", "-f", str(path), "-o", "stats"], repeat)
+            r["cli_nft"] = best([STOCKADE, "compile", "-f", str(path), "-o", "nft"], repeat)
         r["pods"] = pods
         results[name] = r
 
@@ -200,6 +252,26 @@ def main() -> None:
             rows.append((name, *(f"{r[s] * per:.3f}" for s in STAGES),
                          f"{r['cli_nft'][0] * per:.3f}", ""))
         print_table(("size", *STAGES, "compile -o nft", ""), rows)
+
+    if compared:
+        title = (f"side by side with {args.against} (the two in turns; best of each; "
+                 "ratio: now / against)")
+        print(f"\n{title}")
+        rows = []
+        for name, both in compared.items():
+            now, then = both["now"], both["against"]
+            for stage in STAGES:
+                rows.append((name, stage, f"{then[stage]:.3f}", f"{now[stage]:.3f}",
+                             f"{now[stage] / then[stage]:.2f}" if then[stage] else "", ""))
+            for fmt in ("stats", "nft"):
+                key = f"cli_{fmt}"
+                rows.append((name, f"compile -o {fmt}",
+                             f"{then[key][0]:.2f} s {then[key][1]:.0f} MB",
+                             f"{now[key][0]:.2f} s {now[key][1]:.0f} MB",
+                             f"{now[key][0] / then[key][0]:.2f}", ""))
+        header = ("size", "stage", "against", "now", "ratio", "")
+        print_table(header, rows)
+        out.table(title, header, rows)
 
     mpath = matrix_file(args.dir)
     m_wall, m_rss = best([STOCKADE, "matrix", "-f", str(mpath)], args.repeat)
