@@ -167,9 +167,12 @@ def compare(path: Path, against: str, repeat: int) -> dict[str, dict[str, Any]]:
         out[name].update({**runs[0], **{s: min(r[s] for r in runs) for s in STAGES}})
     for fmt in ("stats", "nft"):
         argv = [STOCKADE, "compile", "-f", str(path), "-o", fmt]
-        timed = in_turns(trees, repeat, lambda src, argv=argv: run_command(argv, src))
-        for name, runs in timed.items():
-            out[name][f"cli_{fmt}"] = (min(r[0] for r in runs), max(r[1] for r in runs))
+
+        def command(src: str | None, argv: list[str] = argv) -> tuple[float, float]:
+            return run_command(argv, src)
+
+        for name, walls in in_turns(trees, repeat, command).items():
+            out[name][f"cli_{fmt}"] = (min(w[0] for w in walls), max(w[1] for w in walls))
     return out
 
 
@@ -257,21 +260,21 @@ def main() -> None:
         title = (f"side by side with {args.against} (the two in turns; best of each; "
                  "ratio: now / against)")
         print(f"\n{title}")
-        rows = []
+        side: list[tuple[str, ...]] = []
         for name, both in compared.items():
             now, then = both["now"], both["against"]
             for stage in STAGES:
-                rows.append((name, stage, f"{then[stage]:.3f}", f"{now[stage]:.3f}",
+                side.append((name, stage, f"{then[stage]:.3f}", f"{now[stage]:.3f}",
                              f"{now[stage] / then[stage]:.2f}" if then[stage] else "", ""))
             for fmt in ("stats", "nft"):
                 key = f"cli_{fmt}"
-                rows.append((name, f"compile -o {fmt}",
+                side.append((name, f"compile -o {fmt}",
                              f"{then[key][0]:.2f} s {then[key][1]:.0f} MB",
                              f"{now[key][0]:.2f} s {now[key][1]:.0f} MB",
                              f"{now[key][0] / then[key][0]:.2f}", ""))
-        header = ("size", "stage", "against", "now", "ratio", "")
-        print_table(header, rows)
-        out.table(title, header, rows)
+        columns = ("size", "stage", "against", "now", "ratio", "")
+        print_table(columns, side)
+        out.table(title, columns, side)
 
     mpath = matrix_file(args.dir)
     m_wall, m_rss = best([STOCKADE, "matrix", "-f", str(mpath)], args.repeat)
