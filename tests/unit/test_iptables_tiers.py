@@ -126,6 +126,14 @@ def test_a_pass_goes_on_and_is_never_a_drop() -> None:
     assert chain_bodies(layout, passing, 4)[0].endswith("-g stockade-e-eeeeeeeeeeee")
     last = Chain("be-ffffffffffff", "egress", (ChainRule(action=PASS),), "p", tier=BASELINE)
     assert chain_bodies(layout, last, 6)[0].endswith("-j RETURN")
+    # (lowering gives a tier's chain no next today; the IR allows one, so it is run too)
+    np_egress = Chain("e-eeeeeeeeeeee", "egress", (ChainRule(protocol="UDP"),), "np")
+    rs = Ruleset({}, {c.name: c for c in (passing, last, np_egress)},
+                 {}, {"10.0.0.5": passing.name, "10.0.0.6": last.name})
+    k = FakeKernel()
+    _first(k, layout, rs)
+    assert [k.verdict(src, "10.9.9.9", proto, 80) for src in ("10.0.0.5", "10.0.0.6")
+            for proto in ("tcp", "udp")] == [False, True, True, True]
     # and with packets: only the Admin deny on TCP/81 and the Baseline's deny drop
     final = Chain("i-eeeeeeeeeeee", "ingress", (ChainRule(protocol="TCP"),), "np")
     rs = Ruleset({}, {c.name: c for c in (ADMIN_CHAIN, BASE_CHAIN, LINK, final)},
