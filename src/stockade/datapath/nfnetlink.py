@@ -87,6 +87,8 @@ NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_DATA = 2
+NFTA_SET_ELEM_FLAGS = 3
+NFTA_SET_ELEM_USERDATA = 6
 NFTA_DATA_VALUE = 1
 NFTA_DATA_VERDICT = 2
 NFTA_VERDICT_CODE = 1
@@ -124,24 +126,54 @@ def element_messages(table: str, set_name: str,
                      jumps: Sequence[str] | None = None) -> list[tuple[int, int, bytes]]:
     """NEWSETELEM (or DELSETELEM) messages for elements of one set or verdict-map entries
     (`jumps`: the chain of each), CHUNK elements a message."""
-    out: list[tuple[int, int, bytes]] = []
-    for start in range(0, len(elements), CHUNK):
-        chunk = elements[start:start + CHUNK]
-        targets = jumps[start:start + CHUNK] if jumps is not None else [None] * len(chunk)
-        items = []
-        for e, jump in zip(chunk, targets, strict=True):
-            parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, encode_key(e)))]
-            if jump is not None and not delete:
-                parts.append(nested(NFTA_SET_ELEM_DATA, nested(
-                    NFTA_DATA_VERDICT, attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)),
-                    attr_str(NFTA_VERDICT_CHAIN, jump))))
-            items.append(nested(NFTA_LIST_ELEM, *parts))
-        out.append((NFT_MSG_DELSETELEM if delete else NFT_MSG_NEWSETELEM,
-                    0 if delete else NLM_F_CREATE,
-                    attr_str(NFTA_SET_ELEM_LIST_TABLE, table)
-                    + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
-                    + nested(NFTA_SET_ELEM_LIST_ELEMENTS, *items)))
-    return out
+    if not elements:
+        return []  # (an empty list would flush the set)
+    if jumps is None or delete:
+        items = [element_item(encode_key(e)) for e in elements]
+    else:
+        items = [element_item(encode_key(e), jump) for e, jump in zip(elements, jumps,
+                                                                      strict=True)]
+    return element_list_messages(table, set_name, items, delete=delete)
+
+
+_ITEM_HEAD: dict[int, bytes] = {}
+
+
+def element_item(key: bytes, jump: str | None = None, flags: int = 0,
+                 userdata: bytes = b"") -> bytes:
+    """One element of an element list: its key, a verdict-map entry's jump, flags
+    (NFT_SET_ELEM_INTERVAL_END), libnftnl's user data."""
+    if jump is None and not flags and not userdata and not len(key) % 4:
+        # The common case, 300,000 times in a full load: the headers depend on the length.
+        head = _ITEM_HEAD.get(len(key))
+        if head is None:
+            head = _ITEM_HEAD[len(key)] = nested(NFTA_LIST_ELEM, nested(
+                NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key)))[:-len(key)]
+        return head + key
+    parts = [nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key))]
+    if flags:
+        parts.append(attr_u32(NFTA_SET_ELEM_FLAGS, flags, big=True))
+    if jump is not None:
+        parts.append(nested(NFTA_SET_ELEM_DATA, nested(
+            NFTA_DATA_VERDICT, attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)),
+            attr_str(NFTA_VERDICT_CHAIN, jump))))
+    if userdata:
+        parts.append(attr(NFTA_SET_ELEM_USERDATA, userdata))
+    return nested(NFTA_LIST_ELEM, *parts)
+
+
+def element_list_messages(table: str, set_name: str, items: Sequence[bytes], *,
+                          delete: bool = False) -> list[tuple[int, int, bytes]]:
+    """Elements (see `element_item`) of one set, CHUNK a message; with no items and
+    `delete`, one message that flushes the set."""
+    head = attr_str(NFTA_SET_ELEM_LIST_TABLE, table) + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
+    kind = NFT_MSG_DELSETELEM if delete else NFT_MSG_NEWSETELEM
+    flags = 0 if delete else NLM_F_CREATE
+    if not items:
+        return [(kind, flags, head)] if delete else []
+    return [(kind, flags, head + nested(NFTA_SET_ELEM_LIST_ELEMENTS,
+                                        *items[start:start + CHUNK]))
+            for start in range(0, len(items), CHUNK)]
 
 
 @dataclass(frozen=True)
