@@ -309,3 +309,23 @@ def test_a_denied_event_names_the_deciding_chain(trio, servers) -> None:
     finally:
         EbpfDatapath(netns=trio.host_netns).remove()
         assert not dp.dir.exists()
+
+
+def test_a_priority_flip_rewrites_the_admin_chain_in_place(trio, datapath, servers) -> None:
+    """Tier chains are named by their policies' subjects: a priority change keeps the
+    chain's name and reorders its rules, so the same policy keys change action."""
+    def flip(deny_first: bool) -> Cluster:
+        deny = _admin_in("deny-b", "a", _rule(DENY, "b", TCP80), priority=1 if deny_first else 3)
+        accept = _admin_in("accept-b", "a", _rule(ACCEPT, "b", TCP80), priority=2)
+        return _tiered(trio, (allow_only("a", "c", 80),), (deny, accept))
+
+    pairs = [("b", "a", TCP80)]
+    first, second = compile_cluster(flip(True)), compile_cluster(flip(False))
+    assert first.ingress == second.ingress and first.chains.keys() == second.chains.keys()
+    datapath.apply(first)
+    assert _seen(trio, pairs) == {4: {("b", "a", "TCP/80"): False},
+                                  6: {("b", "a", "TCP/80"): False}}
+    datapath.apply(second)
+    assert datapath.read() == second
+    assert _seen(trio, pairs) == {4: {("b", "a", "TCP/80"): True},
+                                  6: {("b", "a", "TCP/80"): True}}
