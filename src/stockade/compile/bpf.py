@@ -1,8 +1,9 @@
 """The ruleset as the eBPF program's map contents, and back (pure).
 
-The program (`bpf/stockade.bpf.c`) judges a packet with two LPM lookups per
-address and, per side, one or two lookups in the policy map for each stage of
-that side (at most MAX_STAGES: an Admin tier, then NetworkPolicy or Baseline):
+The program (`bpf/stockade.bpf.c`) judges a packet with one ipcache lookup per
+address (source and destination) and, per side, one or two lookups in the policy
+map for each stage of that side (at most MAX_STAGES: an Admin tier, then
+NetworkPolicy or Baseline), whatever the number of rules:
 
 * **ipcache** (one LPM trie per family): prefix -> (identity, ingress entry,
   egress entry, ingress stages, egress stages). An *identity* stands for every
