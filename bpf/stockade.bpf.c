@@ -339,8 +339,8 @@ static __always_inline __u32 policy_action(__u32 slot, __u32 pol, __u32 identity
 	return v ? *v : 0;
 }
 
-/* The policy of the stage that denies a side, 0 when the side passes: the first stage's
- * allow or deny decides, a pass goes on to the next one. A NetworkPolicy policy has no
+/* The policy of the stage that denies a side, 0 when the side passes: a stage's allow
+ * or deny decides, a pass goes on to the next one. A NetworkPolicy policy has no
  * entry for what it does not allow: a miss denies (a tier's never misses). */
 static __always_inline __u32 side_denies(__u32 slot, const __u32 *stage, __u32 identity,
 					 __u8 family, __u8 proto, __be16 port)
@@ -376,7 +376,8 @@ static __always_inline int policy_keeps(__u32 slot, __u32 pol)
 /* A tracked connection judged again under a new policy generation: cut it when a side
  * denies it and the policy that decided that side (a tier's deny, or the NetworkPolicy
  * a pass led to) does not keep it (when both deny, both must keep), as the agent's
- * revoker decides on nftables (agent/revoke.py, should_cut). */
+ * revoker decides on nftables (agent/revoke.py, should_cut). A tier's chain carries no
+ * keep in the ruleset yet, so its deny is always cut. */
 static __always_inline int rejudge_cuts(__u32 slot, __u8 family, const __u32 *src,
 					const __u32 *dst, __u8 proto, __be16 dport)
 {
