@@ -22,14 +22,22 @@ from stockade.compile.ir import (
 )
 from stockade.compile.nft import Table, chain_rules
 from stockade.compile.plan import plan
+from stockade.datapath.nfnetlink import (
+    NFTA_DATA_VALUE,
+    NFTA_SET_ELEM_FLAGS,
+    NFTA_SET_ELEM_KEY,
+    NFTA_SET_ELEM_USERDATA,
+)
 from stockade.datapath.nfrules import (
     NFT_MSG_DELCHAIN,
     NFT_MSG_DELRULE,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
     NFT_MSG_NEWSET,
+    NFT_SET_ELEM_INTERVAL_END,
     NFTA_RULE_EXPRESSIONS,
     encode_plan,
+    interval_items,
     rule_message,
 )
 from stockade.netlink import attr_map, iter_attrs, text
@@ -108,7 +116,25 @@ def test_what_only_libnftables_writes_is_left_to_it() -> None:
     several = Chain("i-p", INGRESS, (ChainRule(4, protocol="TCP", ports=((80, 80), (443, 443))),))
     # several ports are an anonymous set
     assert encode_plan(TABLE, plan(base, Ruleset({}, {"i-p": several}, {}, {}))) is None
+    # an interval set is raw too (see the next test)
     cidr = AddressSet("c4-x", 4, NET, frozenset({"10.0.0.0/8"}))
-    assert encode_plan(TABLE, plan(base, Ruleset({"c4-x": cidr}, {}, {}, {}))) is None
+    assert encode_plan(TABLE, plan(base, Ruleset({"c4-x": cidr}, {}, {}, {}))) is not None
     one = Chain("i-q", INGRESS, (ChainRule(4, protocol="TCP", ports=((443, 443),)),))
     assert encode_plan(TABLE, plan(base, Ruleset({}, {"i-q": one}, {}, {}))) is not None
+
+
+def test_interval_elements_are_ranges_as_libnftables_sends_them() -> None:
+    """Each range is its start and the address after it flagged as an end, after an end
+    at zero; adjacent ranges stay apart; a range to the last address is open."""
+    s = AddressSet("c4-x", 4, NET, frozenset({"10.0.0.0/7", "12.0.0.0/8",
+                                              "255.255.255.0/24"}))
+    keys = [(attr_map(attr_map(item)[NFTA_SET_ELEM_KEY])[NFTA_DATA_VALUE],
+             attr_map(item).get(NFTA_SET_ELEM_FLAGS), NFTA_SET_ELEM_USERDATA in attr_map(item))
+            for item in (i[4:] for i in interval_items(s))]
+    end = struct.pack("!I", NFT_SET_ELEM_INTERVAL_END)
+    assert keys == [(bytes(4), end, False), (bytes([10, 0, 0, 0]), None, False),
+                    (bytes([12, 0, 0, 0]), end, False), (bytes([12, 0, 0, 0]), None, False),
+                    (bytes([13, 0, 0, 0]), end, False),
+                    (bytes([255, 255, 255, 0]), None, True)]
+    everything = AddressSet("c4-y", 4, NET, frozenset({"0.0.0.0/0"}))
+    assert len(interval_items(everything)) == 1  # no end at zero: the range starts there

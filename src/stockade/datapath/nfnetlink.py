@@ -22,7 +22,6 @@ which libnftables and the element writer both work on it through that socket.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import select
 import socket
@@ -105,10 +104,18 @@ CHUNK = 512
 def encode_key(element: str | tuple[str, str, int]) -> bytes:
     """An element's key as the kernel stores it: each field in 32-bit registers."""
     if isinstance(element, str):
-        return ipaddress.ip_address(element).packed
+        return _packed(element)
     addr, proto, port = element
-    return (ipaddress.ip_address(addr).packed + struct.pack("=B3x", _PROTO[proto])
-            + struct.pack("!H2x", port))
+    return _packed(addr) + struct.pack("=B3x", _PROTO[proto]) + struct.pack("!H2x", port)
+
+
+def _packed(address: str) -> bytes:
+    """An address's bytes (inet_pton: a tenth of ipaddress's time, 280,000 times a load)."""
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                address)
+    except OSError:
+        raise ValueError(f"{address!r} is not an IP address") from None
 
 
 @dataclass(frozen=True)
@@ -260,30 +267,38 @@ class ElementWriter:
                  seq: int) -> bytes:
         return nfnl_message(kind >> 8, kind & 0xFF, flags, seq, family, res_id, body)
 
-    def _batch(self, body: Sequence[tuple[int, int, bytes]]) -> tuple[bytes, list[int]]:
-        """A batch of (message type, flags, attributes), each asking for an ack."""
+    def _batch(self, body: Sequence[tuple[int, int, bytes]]) -> tuple[bytes, int]:
+        """A batch of (message type, flags, attributes); the sequence number of its last
+        message, the one that asks for an ack.
+
+        Only the last: the kernel answers a refused message whether asked or not, and
+        handles the whole batch before sendmsg returns, so once the last one's ack is
+        in, every error is too. An ack for each of 17,000 messages (a full load)
+        overflowed the socket's receive buffer.
+        """
         msgs = [self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES,
                               b"", next(self._seq))]
-        seqs: list[int] = []
-        for msg, flags, attrs in body:
+        seq = 0
+        for i, (msg, flags, attrs) in enumerate(body, 1):
             seq = next(self._seq)
-            seqs.append(seq)
+            ack = NLM_F_ACK if i == len(body) else 0
             msgs.append(self._message((NFNL_SUBSYS_NFTABLES << 8) | msg,
-                                      NLM_F_REQUEST | NLM_F_ACK | flags, NFPROTO_INET, 0,
-                                      attrs, seq))
+                                      NLM_F_REQUEST | ack | flags, NFPROTO_INET, 0, attrs, seq))
         msgs.append(self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES,
                                   b"", next(self._seq)))
-        return b"".join(msgs), seqs
+        return b"".join(msgs), seq
 
     def transact(self, body: Sequence[tuple[int, int, bytes]], what: str) -> None:
         """One transaction of table-level messages; NftablesRefused (nothing applied) if refused."""
-        data, seqs = self._batch(body)
+        if not body:
+            return
+        data, last = self._batch(body)
         if len(data) > self._sndbuf:
             # One batch is one sendmsg, refused (EMSGSIZE) beyond the send buffer.
             self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + (1 << 16))
             self._sndbuf = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
         self.sock.sendall(data)
-        errors = self._collect(set(seqs))
+        errors = self._collect({last})
         if errors:
             code = next(iter(errors.values()))
             raise NftablesRefused(f"{what} was refused by the kernel: {os.strerror(code)}; "

@@ -11,22 +11,34 @@ chains use: the nfproto dependency libnftables adds before an `ip`/`ip6`
 field, payload and meta loads, lookups in named sets (concatenations
 included), comparisons and ranges, limit, log and verdicts, comments.
 
-Anything else (an anonymous set of ports, an interval set, a statement not in
-that subset) makes `encode_plan` answer None: the caller sends the plan
+Sets of addresses, of (address, protocol, port) triples and of address
+ranges (interval sets) are written too, elements as libnftables sends them.
+Anything else (an anonymous set of ports, a map, a statement not in that
+subset) makes `encode_plan` answer None: the caller sends the plan
 through libnftables, as before. Pure: bytes in, bytes out.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import struct
 from collections.abc import Iterable
 from typing import Any
 
-from stockade.compile.ir import ADDR, ADDR_PORT, NET, AddressSet, Chain
+from stockade.compile.ir import (
+    ADDR,
+    ADDR_PORT,
+    EGRESS,
+    INGRESS,
+    NET,
+    AddressSet,
+    Chain,
+    ChainRule,
+)
 from stockade.compile.nft import MAPS, Table, chain_rules
 from stockade.compile.plan import Plan
-from stockade.datapath.nfnetlink import element_messages
+from stockade.datapath.nfnetlink import element_item, element_list_messages, element_messages
 from stockade.netlink import NLM_F_CREATE, attr, attr_str, attr_u32, attr_u64, nested
 
 log = logging.getLogger("stockade.dataplane")
@@ -61,6 +73,8 @@ NFT_LIMIT_PKTS = 0
 UDATA_RULE_COMMENT = 0
 UDATA_SET_KEYBYTEORDER, UDATA_SET_KEY_TYPEOF = 0, 3
 UDATA_TYPEOF_EXPR, UDATA_TYPEOF_DATA = 0, 1
+UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN = 1, 1
+NFT_SET_INTERVAL, NFT_SET_ELEM_INTERVAL_END = 0x4, 0x1
 BYTEORDER_INVALID, BYTEORDER_BIG_ENDIAN = 0, 2
 EXPR_CONCAT = 13
 # nftables' data types: ipv4_addr, ipv6_addr, inet_proto, inet_service (6 bits each
@@ -231,43 +245,63 @@ def _udata(kind: int, payload: bytes) -> bytes:
     return bytes([kind, len(payload)]) + payload
 
 
-def rule_message(table: str, chain: str, expr: Iterable[dict[str, Any]],
-                 comment: str | None) -> Message:
+# Encoded expressions by the list `chain_rules` rendered them into (it shares one list
+# between the chains holding the same rule): (the list, kept alive so that its id is
+# not reused, and its bytes).
+Encoded = dict[int, tuple[list[dict[str, Any]], bytes]]
+
+
+def rule_message(table: str, chain: str, expr: list[dict[str, Any]], comment: str | None,
+                 encoded: Encoded | None = None) -> Message:
     """NEWRULE appending one rule (its JSON expressions as `compile.nft` renders them)."""
-    rule = _Rule()
-    for stmt in expr:
-        rule.statement(stmt)
-    body = (attr_str(NFTA_RULE_TABLE, table) + attr_str(NFTA_RULE_CHAIN, chain)
-            + nested(NFTA_RULE_EXPRESSIONS, *rule.out))
+    hit = encoded.get(id(expr)) if encoded is not None else None
+    if hit is not None and hit[0] is expr:
+        body_expr = hit[1]
+    else:
+        rule = _Rule()
+        for stmt in expr:
+            rule.statement(stmt)
+        body_expr = nested(NFTA_RULE_EXPRESSIONS, *rule.out)
+        if encoded is not None:
+            encoded[id(expr)] = (expr, body_expr)
+    body = attr_str(NFTA_RULE_TABLE, table) + attr_str(NFTA_RULE_CHAIN, chain) + body_expr
     if comment:
         body += attr(NFTA_RULE_USERDATA,
                      _udata(UDATA_RULE_COMMENT, comment.encode() + b"\0"))
     return (NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body)
 
 
-def chain_messages(table: Table, chain: Chain, *, create: bool) -> list[Message]:
-    """A chain's rules (after NEWCHAIN when `create`; else after flushing the old ones)."""
+def chain_messages(table: Table, chain: Chain, *, create: bool,
+                   memo: dict[ChainRule, list[dict[str, Any]]] | None = None,
+                   encoded: Encoded | None = None) -> list[Message]:
+    """A chain's rules (after NEWCHAIN when `create`; else after flushing the old ones).
+
+    `memo` and `encoded` share the rendering and the encoding of a rule between the
+    chains of one plan (`memo` is per direction, as `chain_rules` takes it)."""
     head = attr_str(NFTA_CHAIN_TABLE, table.name) + attr_str(NFTA_CHAIN_NAME, chain.name)
     out: list[Message] = [
         (NFT_MSG_NEWCHAIN, NLM_F_CREATE, head) if create else
         (NFT_MSG_DELRULE, 0, attr_str(NFTA_RULE_TABLE, table.name)
          + attr_str(NFTA_RULE_CHAIN, chain.name))]
-    out += [rule_message(table.name, chain.name, expr, comment)
-            for expr, comment in chain_rules(table, chain)]
+    out += [rule_message(table.name, chain.name, expr, comment, encoded)
+            for expr, comment in chain_rules(table, chain, memo)]
     return out
 
 
 def set_message(table: Table, s: AddressSet, set_id: int) -> Message:
-    """NEWSET for a set of addresses or of (address, protocol, port) triples.
+    """NEWSET for a set of addresses, of (address, protocol, port) triples, or of
+    address ranges (an interval set).
 
     Without its comment: libnftables 1.0.6 drops a set's comment from JSON, and the
     kernel should hold the same whichever wrote it."""
-    if s.kind == NET:
-        raise Unsupported("an interval set")
+    if s.kind not in (ADDR, ADDR_PORT, NET):
+        raise Unsupported("a map")
     addr_type, addr_len = (TYPE_IPV4, 4) if s.family == 4 else (TYPE_IPV6, 16)
-    if s.kind == ADDR:
+    flags = 0
+    if s.kind in (ADDR, NET):
         key_type, key_len = addr_type, addr_len
         udata = _udata(UDATA_SET_KEYBYTEORDER, struct.pack("=I", BYTEORDER_BIG_ENDIAN))
+        flags = NFT_SET_INTERVAL if s.kind == NET else 0
     else:
         key_type = (addr_type << 12) | (TYPE_PROTO << 6) | TYPE_SERVICE
         key_len = addr_len + 4 + 4
@@ -277,9 +311,37 @@ def set_message(table: Table, s: AddressSet, set_id: int) -> Message:
                           + _udata(UDATA_TYPEOF_DATA, b"")))
     return (NFT_MSG_NEWSET, NLM_F_CREATE,
             attr_str(NFTA_SET_TABLE, table.name) + attr_str(NFTA_SET_NAME, s.name)
-            + _u32(NFTA_SET_FLAGS, 0) + _u32(NFTA_SET_KEY_TYPE, key_type)
+            + _u32(NFTA_SET_FLAGS, flags) + _u32(NFTA_SET_KEY_TYPE, key_type)
             + _u32(NFTA_SET_KEY_LEN, key_len) + _u32(NFTA_SET_ID, set_id)
             + attr(NFTA_SET_USERDATA, udata))
+
+
+def interval_items(s: AddressSet) -> list[bytes]:
+    """An interval set's elements as libnftables sends them: each range as its start
+    and, flagged as an end, the address after it (none past the last address: the
+    start then says the range is open); an end at address zero first, unless a range
+    starts there. Adjacent ranges stay apart, as libnftables leaves them."""
+    ranges = []
+    for e in s.elements:
+        if not isinstance(e, str):
+            raise Unsupported(f"the interval element {e!r}")
+        net = ipaddress.ip_network(e)
+        ranges.append((int(net.network_address), int(net.broadcast_address)))
+    ranges.sort()
+    size = 4 if s.family == 4 else 16
+    top = (1 << (8 * size)) - 1
+    out: list[bytes] = []
+    if ranges and ranges[0][0] != 0:
+        out.append(element_item(bytes(size), flags=NFT_SET_ELEM_INTERVAL_END))
+    for lo, hi in ranges:
+        if hi == top:
+            out.append(element_item(lo.to_bytes(size, "big"), userdata=_udata(
+                UDATA_SET_ELEM_FLAGS, struct.pack("=I", SET_ELEM_F_INTERVAL_OPEN))))
+        else:
+            out += [element_item(lo.to_bytes(size, "big")),
+                    element_item((hi + 1).to_bytes(size, "big"),
+                                 flags=NFT_SET_ELEM_INTERVAL_END)]
+    return out
 
 
 def _sorted(elements: Iterable[Any]) -> list[Any]:
@@ -291,23 +353,33 @@ def encode_plan(table: Table, p: Plan) -> list[Message] | None:
     order; None when some of it is for libnftables to write (see the module)."""
     name = table.name
     out: list[Message] = []
+    memo: dict[str, dict[ChainRule, list[dict[str, Any]]]] = {INGRESS: {}, EGRESS: {}}
+    encoded: Encoded = {}
     try:
         for i, s in enumerate(p.add_sets, 1):
             out.append(set_message(table, s, i))
-            if s.elements:
+            if s.kind == NET:
+                out += element_list_messages(name, s.name, interval_items(s))
+            elif s.elements:
                 out += element_messages(name, s.name, _sorted(s.elements))
         for s, els in p.add_elements:
-            if s.kind not in (ADDR, ADDR_PORT):
-                raise Unsupported("elements of an interval set")
-            if els:
+            if s.kind == NET:
+                # Rewritten whole, as render_plan does: the kernel may split or join ranges.
+                out += element_list_messages(name, s.name, [], delete=True)
+                out += element_list_messages(name, s.name, interval_items(s))
+            elif s.kind not in (ADDR, ADDR_PORT):
+                raise Unsupported("elements of a map")
+            elif els:
                 out += element_messages(name, s.name, _sorted(els))
         # Every new chain exists before any rule: a tier's chain jumps to the next.
         out += [(NFT_MSG_NEWCHAIN, NLM_F_CREATE, attr_str(NFTA_CHAIN_TABLE, name)
                  + attr_str(NFTA_CHAIN_NAME, c.name)) for c in p.add_chains]
         for c in p.add_chains:
-            out += chain_messages(table, c, create=True)[1:]
+            out += chain_messages(table, c, create=True, memo=memo[c.direction],
+                                  encoded=encoded)[1:]
         for c in p.replace_chains:
-            out += chain_messages(table, c, create=False)
+            out += chain_messages(table, c, create=False, memo=memo[c.direction],
+                                  encoded=encoded)
         dels: dict[str, list[str]] = {}
         for direction, fam, addr in p.del_map:
             dels.setdefault(MAPS[(direction, fam)], []).append(addr)
@@ -325,7 +397,9 @@ def encode_plan(table: Table, p: Plan) -> list[Message] | None:
                  + attr_str(NFTA_CHAIN_NAME, c)) for c in p.del_chains]
         for s, els in p.del_elements:
             if s.kind == NET:
-                raise Unsupported("elements of an interval set")
+                continue  # rewritten whole with its additions, as render_plan does
+            if s.kind not in (ADDR, ADDR_PORT):
+                raise Unsupported("elements of a map")
             if els:
                 out += element_messages(name, s.name, _sorted(els), delete=True)
         out += [(NFT_MSG_DELSET, 0, attr_str(NFTA_SET_TABLE, name)

@@ -610,16 +610,17 @@ class NftDatapath:
         self._drop_handover()
         return delta
 
-    # Beyond this many messages a plan goes through libnftables (one large write, rare).
-    RAW_MAX = 4096
-
     def _raw(self, delta: Plan, target: Ruleset, spare: Spare) -> bool:
         """Apply a delta from what was applied as raw nf_tables messages, without
         libnftables reading the table first (see `nfrules`). False when the delta has
         something only libnftables writes, or the kernel refused the batch (then
         nothing of it applied, and libnftables tries it and reports what it says)."""
-        msgs = encode_plan(self.table, delta)
-        if msgs is None or len(msgs) > self.RAW_MAX:
+        try:
+            msgs = encode_plan(self.table, delta)
+        except Exception:  # a bug in the encoder must not stop enforcement
+            log.exception("encoding the ruleset update failed; sending it through libnftables")
+            return False
+        if msgs is None:
             return False
         try:
             with self._lock:
