@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from stockade.errors import DecodeError
 from stockade.model.cidr import is_canonical_ipv4, parse_ip
 from stockade.model.cluster import NS_NAME_LABEL, ContainerPort, Endpoint, Namespace
-from stockade.model.labels import Labels
+from stockade.model.labels import EMPTY, Labels
 from stockade.model.policy import (
     NO_SOURCE,
     TCP,
@@ -181,6 +181,8 @@ def read_string_map(value: Any, path: str) -> Labels:
     Equal maps come back as one shared `Labels` (interned): replicas carry the
     same labels, and every cache keyed by labels then compares by identity.
     """
+    if value is None:  # no labels, no annotations: most objects
+        return EMPTY
     if isinstance(value, dict) and _STR.issuperset(map(type, value)) \
             and _STR.issuperset(map(type, value.values())):
         items = tuple(value.items())  # strings only: what the loop below would give
