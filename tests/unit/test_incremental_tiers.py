@@ -15,7 +15,7 @@ from tests.support import shared
 from stockade.cli.conformance import load_cases
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.lower import compile_cluster
-from stockade.compile.nft import canonical
+from stockade.compile.nft import nft_target
 from stockade.compile.plan import Plan, derived, full_plan, plan
 from stockade.conformance.case import Case
 from stockade.datapath.nft import NftDatapath
@@ -144,7 +144,7 @@ def test_random_changes_keep_the_incremental_ruleset_equal_to_the_full_one(
             assert _normal(plan(before, after)) == _normal(full_plan(before, after)), (
                 case.id, done)
             new_target = NftDatapath._target(dp, after)  # type: ignore[arg-type]
-            assert new_target == canonical(after), case.id
+            assert new_target == nft_target(after), case.id
             assert _normal(plan(target, new_target)) == _normal(
                 full_plan(target, new_target)), (case.id, done)
             before, target = after, new_target

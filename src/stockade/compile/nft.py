@@ -9,10 +9,16 @@ The table (one `inet` table that stockade owns and nothing else):
         ip daddr vmap @ingress4 / ip6 daddr vmap @ingress6
     chain e-<hash>  egress rules of one set of policies: match -> return, else drop
     chain i-<hash>  ingress rules: match -> accept, else drop
+    chain ai-/ae-/bi-/be-<hash>  a ClusterNetworkPolicy tier (named by its policies'
+                    subjects): per family, `peer . l4proto . dport vmap @d4-<chain>-<n>`
+                    (the first matching rule's verdict, resolved at compile time by
+                    `compile.tiermap`), after a lookup in @x4-<chain>-<n> (its denials)
+                    that logs and drops; li-/le- link chains call a shared Admin chain
     sets s4-/s6-<hash> selector members, c4-/c6- ipBlocks, n4-/n6- named ports
 
-Per packet: two verdict-map lookups and the rules of the policies that select
-the two endpoints, whatever the number of endpoints and policies elsewhere.
+Per packet: two verdict-map lookups and the rules of the NetworkPolicies that
+select the two endpoints, and a few lookups per tier, whatever the number of
+endpoints and policies elsewhere.
 
 A chain is shared by every policy set with the same rules, so nothing the kernel
 holds names a policy: a rule's comment is its position and a digest of its
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -48,7 +55,8 @@ from stockade.compile.ir import (
     Ruleset,
 )
 from stockade.compile.membership import address
-from stockade.compile.plan import Plan
+from stockade.compile.plan import Plan, Touched
+from stockade.compile.tiermap import decisions, segments
 from stockade.model.cidr import parse_cidr
 from stockade.model.cnp import ADMIN
 
@@ -115,6 +123,42 @@ class Table:
         return [(f"log denied #{chain.direction}", (self, chain.name, "log", index), logged),
                 drop]
 
+    def tier_rules(self, chain: Chain
+                   ) -> list[tuple[str, Any, Callable[[], list[dict[str, Any]]]]]:
+        """A tier chain's rules as (comment, memo key, expressions), before its tail.
+
+        Each run of rules whose first match `compile.tiermap` resolves is, per family,
+        one lookup in its verdict map (`peer . l4proto . dport`, intervals): the
+        packet's first matching rule's verdict, or no element and it goes on. With
+        logging, a lookup of the run's denials comes first and logs (rate-limited)
+        and drops; past the rate it does not match and the map drops. A rule that
+        cannot be folded (an ingress named port) stays itself, between the runs.
+        """
+        out: list[tuple[str, Any, Callable[[], list[dict[str, Any]]]]] = []
+        peer = "saddr" if chain.direction == INGRESS else "daddr"
+        for k, (start, stop, foldable, fams) in enumerate(tier_maps(chain)):
+            if not foldable:
+                for i in range(start, stop):
+                    out += self.tier_rule(chain, i + 1, chain.rules[i])
+                continue
+            for fam, dmap, xset in fams:
+                key = {"concat": [_payload(_IP[fam], peer), {"meta": {"key": "l4proto"}},
+                                  _payload("th", "dport")]}
+                if xset is not None and self.log_group is not None:
+                    logged = [_match(key, "@" + xset),
+                              {"limit": {"rate": self.log_rate, "per": "second",
+                                         "burst": self.log_rate}},
+                              {"log": {"group": self.log_group,
+                                       "prefix": f"{LOG_PREFIX} {chain.name}"}},
+                              {"drop": None}]
+                    out.append((f"log denied {k} {_IP[fam]} #{chain.direction}",
+                                (self, "log", chain.name, xset, chain.direction),
+                                _constant(logged)))
+                lookup = [{"vmap": {"key": key, "data": "@" + dmap}}]
+                out.append((f"tier map {k} {_IP[fam]} #{chain.direction}",
+                            ("vmap", dmap, chain.direction), _constant(lookup)))
+        return out
+
     def tail_rules(self, chain: Chain) -> list[tuple[list[dict[str, Any]], str]]:
         """The end of a chain: a NetworkPolicy chain denies; a tier's goes on (a shared
         Admin chain returns to its link, which called it first)."""
@@ -127,6 +171,10 @@ class Table:
 
     def ref(self, **kw: Any) -> dict[str, Any]:
         return {"family": FAMILY, "table": self.name, **kw}
+
+
+def _constant(expr: list[dict[str, Any]]) -> Callable[[], list[dict[str, Any]]]:
+    return lambda: expr
 
 
 def _payload(proto: str, fld: str) -> dict[str, Any]:
@@ -156,6 +204,14 @@ def _element(s: AddressSet, e: Element) -> Any:
 
 def render_set(table: Table, s: AddressSet) -> dict[str, Any]:
     body = table.ref(name=s.name)
+    if s.kind in (DECISION, DENIED):
+        body["type"] = [_ADDR_TYPE[s.family], "inet_proto", "inet_service"]
+        if s.kind == DECISION:
+            body["map"] = "verdict"
+        body["flags"] = ["interval"]
+        if s.elements:
+            body["elem"] = _elements(s, s.elements)
+        return body
     if s.kind == ADDR_PORT:
         body["type"] = [_ADDR_TYPE[s.family], "inet_proto", "inet_service"]
     else:
@@ -181,6 +237,8 @@ def _elements(s: AddressSet, elements: Iterable[Element]) -> list[Any]:
     """
     if s.kind == ADDR:
         return sorted(cast(Iterable[str], elements))
+    if s.kind in (DECISION, DENIED):
+        return [_tier_element(s, e) for e in _sorted(elements)]
     if s.kind == ADDR_PORT:
         triples = cast(Iterable[tuple[str, str, int]], elements)
         return [{"concat": [a, p, n]} for a, p, n in sorted(triples)]
@@ -229,8 +287,11 @@ def chain_rules(table: Table, chain: Chain,
     it): the lists are then shared, to be serialised, not changed.
     """
     out = []
+    if _mapped(chain):  # a tier's first matches are looked up (see Table.tier_rules)
+        out = [(render(), comment) for comment, _key, render in table.tier_rules(chain)]
+        return out + table.tail_rules(chain)
     for i, rule in enumerate(chain.rules, 1):
-        if chain.tier:  # a tier's verdicts depend on the chain's `next`, its denials log
+        if chain.tier:  # a link has no rules of its own
             for comment, _key, render in table.tier_rule(chain, i, rule):
                 out.append((render(), comment))
             continue
@@ -270,6 +331,168 @@ def rule_verdict(chain: Chain, rule: ChainRule) -> dict[str, Any]:
 def _called(chain: Chain) -> bool:
     """A shared Admin chain, jumped to by link chains (which have no rules of their own)."""
     return chain.tier == ADMIN and chain.calls is None
+
+
+# ---- tier chains as verdict maps ---------------------------------------------------
+
+# A tier chain's verdict map: (peer . l4proto . dport) intervals -> the first match's
+# verdict; and the keys of its denials, which a logging rule looks up first. Their
+# elements are text, "<addr lo>-<hi> <proto lo>-<hi> <port lo>-<hi>[ <verdict>]" with
+# integer addresses, so that plans compare and diff them as any set's.
+DECISION = "decision"
+DENIED = "denied"
+TierMaps = list[tuple[int, int, bool, list[tuple[int, str, str | None]]]]
+
+
+def _mapped(chain: Chain) -> bool:
+    """A tier chain with rules of its own (not a link): rendered as verdict maps."""
+    return bool(chain.tier) and chain.calls is None
+
+
+def tier_maps(chain: Chain) -> TierMaps:
+    """The chain's runs of rules (start, stop, foldable) with, for a foldable run, per
+    family its rules serve: (family, verdict map, denied set or None)."""
+    out: TierMaps = []
+    for k, (start, stop, foldable) in enumerate(segments(chain)):
+        fams: list[tuple[int, str, str | None]] = []
+        if foldable:
+            for fam in (4, 6):
+                mine = [r for r in chain.rules[start:stop] if r.family in (None, fam)]
+                if mine:
+                    fams.append((fam, f"d{fam}-{chain.name}-{k}",
+                                 f"x{fam}-{chain.name}-{k}"
+                                 if any(r.action == DENY for r in mine) else None))
+        out.append((start, stop, foldable, fams))
+    return out
+
+
+def _verdict_text(v: dict[str, Any]) -> str:
+    ((kind, body),) = v.items()
+    return f"goto {body['target']}" if kind in ("goto", "jump") else kind
+
+
+def _verdict_json(text: str) -> dict[str, Any]:
+    kind, _, target = text.partition(" ")
+    return {kind: {"target": target}} if target else {kind: None}
+
+
+def tier_sets(chain: Chain, sets: Mapping[str, AddressSet]) -> dict[str, AddressSet]:
+    """The verdict maps and denied sets of one tier chain, filled from `sets`."""
+    out: dict[str, AddressSet] = {}
+    for start, stop, foldable, fams in tier_maps(chain):
+        if not foldable:
+            continue
+        for fam, dmap, xset in fams:
+            found = decisions(chain, start, stop, fam, sets)
+            keys = [f"{d.addr[0]}-{d.addr[1]} {d.proto[0]}-{d.proto[1]} "
+                    f"{d.port[0]}-{d.port[1]}" for d in found]
+            verdicts = [_verdict_text(rule_verdict(chain, chain.rules[d.rule])) for d in found]
+            out[dmap] = AddressSet(dmap, fam, DECISION, frozenset(
+                f"{k} {v}" for k, v in zip(keys, verdicts, strict=True)))
+            if xset is not None:
+                out[xset] = AddressSet(xset, fam, DENIED, frozenset(
+                    k for k, d in zip(keys, found, strict=True)
+                    if chain.rules[d.rule].action == DENY))
+    return out
+
+
+def nft_target(rs: Ruleset) -> Ruleset:
+    """What the nftables table holds for `rs`: `canonical(rs)`, and every tier chain's
+    verdict maps and denied sets."""
+    rs = canonical(rs)
+    sets = dict(rs.sets)
+    for chain in rs.chains.values():
+        if _mapped(chain):
+            sets.update(tier_sets(chain, rs.sets))
+    return Ruleset(sets, rs.chains, rs.ingress, rs.egress)
+
+
+def refresh_tier_sets(sets: dict[str, AddressSet], old: Ruleset, new: Ruleset,
+                      touched: Touched) -> set[str]:
+    """Bring the tier maps in `sets` (those of `old`) to `new`'s, when `new` differs from
+    `old` at most in `touched`: the maps of the chains touched, and of the tier chains
+    naming a set touched. Returns the names of the maps and sets that may differ."""
+    out: set[str] = set()
+    redo = {n for n in touched.chains if n in new.chains and _mapped(new.chains[n])}
+    for name in touched.chains:
+        before = old.chains.get(name)
+        if before is not None and _mapped(before):
+            for _start, _stop, _foldable, fams in tier_maps(before):
+                for _fam, dmap, xset in fams:
+                    for n in (dmap, xset):
+                        if n is not None and sets.pop(n, None) is not None:
+                            out.add(n)
+    if touched.sets:
+        redo |= {c.name for c in new.chains.values() if _mapped(c) and any(
+            n in touched.sets for r in c.rules for n in (r.peer_set, r.named_set))}
+    for name in redo:
+        made = tier_sets(new.chains[name], sets)
+        sets.update(made)
+        out |= made.keys()
+    return out
+
+
+def _tier_element(s: AddressSet, e: Element) -> Any:
+    assert isinstance(e, str)
+    parts = e.split(" ")
+    cls = ipaddress.IPv4Address if s.family == 4 else ipaddress.IPv6Address
+    concat: list[Any] = []
+    for i, piece in enumerate(parts[:3]):
+        lo, hi = (int(x) for x in piece.split("-"))
+        if i == 0:
+            concat.append(str(cls(lo)) if lo == hi else {"range": [str(cls(lo)), str(cls(hi))]})
+        else:
+            concat.append(lo if lo == hi else {"range": [lo, hi]})
+    if s.kind == DECISION:
+        return [{"concat": concat}, _verdict_json(" ".join(parts[3:]))]
+    return {"concat": concat}
+
+
+# What libnftables prints for a lone protocol of a tier map's key (ranges come as
+# numbers; a lone protocol there is one a rule names, or next to one).
+_PROTO_NAMES = {"hopopt": 0, "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47,
+                "esp": 50, "ah": 51, "ipv6-icmp": 58, "icmpv6": 58, "sctp": 132,
+                "udplite": 136}
+
+
+def _proto_number(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    return _PROTO_NAMES[str(value)]  # KeyError: unreadable, so drift (rewritten)
+
+
+def _read_range(value: Any, read: Callable[[Any], int]) -> tuple[int, int]:
+    value = _unwrap(value)
+    if isinstance(value, dict) and "range" in value:
+        lo, hi = value["range"]
+        return read(lo), read(hi)
+    if isinstance(value, dict) and "prefix" in value:
+        net = ipaddress.ip_network(f"{value['prefix']['addr']}/{value['prefix']['len']}")
+        return int(net.network_address), int(net.broadcast_address)
+    v = read(value)
+    return v, v
+
+
+def _read_tier_element(kind: str, family: int, raw: Any) -> Element | None:
+    """A verdict map's or denied set's element as read back, in `tier_sets`' text."""
+    verdict = None
+    if kind == DECISION:
+        if not isinstance(raw, list) or len(raw) != 2 or not isinstance(raw[1], dict):
+            return None
+        raw, verdict = raw[0], _verdict_text(raw[1])
+    raw = _unwrap(raw)
+    if not isinstance(raw, dict) or not isinstance(raw.get("concat"), list) or len(
+            raw["concat"]) != 3:
+        return None
+    try:
+        addr, proto, port = raw["concat"]
+        a = _read_range(addr, lambda x: int(ipaddress.ip_address(x)))
+        p = _read_range(proto, _proto_number)
+        d = _read_range(port, int)
+    except (ValueError, OSError, TypeError, KeyError):
+        return None
+    text = f"{a[0]}-{a[1]} {p[0]}-{p[1]} {d[0]}-{d[1]}"
+    return f"{text} {verdict}" if verdict is not None else text
 
 
 def pass_verdict(chain: Chain) -> dict[str, Any]:
@@ -357,7 +580,13 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
                 create_table: bool = True) -> list[Command]:
     """One transaction's commands, in an order that keeps every reference valid."""
     cmds: list[Command] = render_skeleton(table, create_table=create_table) if skeleton else []
-    cmds += [{"add": {"set": render_set(table, s)}} for s in p.add_sets]
+    cmds += [{"add": {"map" if s.kind == DECISION else "set": render_set(table, s)}}
+             for s in p.add_sets]
+    # A tier map's intervals may not overlap: what goes, goes before what comes.
+    for s, els in p.del_elements:
+        if s.kind in (DECISION, DENIED) and els:
+            cmds.append({"delete": {"element": table.ref(name=s.name,
+                                                         elem=_tier_keys(s, els))}})
     for s, els in p.add_elements:
         if s.kind == NET:
             # Interval sets are rewritten whole: the kernel may split or join prefixes.
@@ -388,10 +617,17 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
     cmds += [{"flush": {"chain": table.ref(name=name)}} for name in p.del_chains]
     cmds += [{"delete": {"chain": table.ref(name=name)}} for name in p.del_chains]
     for s, els in p.del_elements:
-        if s.kind != NET and els:
+        if s.kind in (ADDR, ADDR_PORT) and els:
             cmds.append({"delete": {"element": table.ref(name=s.name, elem=_elements(s, els))}})
-    cmds += [{"delete": {"set": table.ref(name=n)}} for n in p.del_sets]
+    cmds += [{"delete": {"map" if (_set_kind(n) or ("",))[0] == DECISION else "set":
+                         table.ref(name=n)}} for n in p.del_sets]
     return cmds
+
+
+def _tier_keys(s: AddressSet, elements: Iterable[Element]) -> list[Any]:
+    """Elements to delete: a map's by key alone."""
+    out = _elements(s, elements)
+    return [e[0] for e in out] if s.kind == DECISION else out
 
 
 def render_full(table: Table, rs: Ruleset) -> list[Command]:
@@ -402,7 +638,7 @@ def render_full(table: Table, rs: Ruleset) -> list[Command]:
     The plan is `plan(Ruleset(), canonical(rs))` (everything added), built here
     directly so that each address's family comes from the compiler's cache.
     """
-    rs = canonical(rs)
+    rs = nft_target(rs)
     set_map = []
     for direction in (INGRESS, EGRESS):
         for addr, chain in rs.verdict_map(direction).items():
@@ -607,7 +843,9 @@ class RuleComparator:
         if known is not None and (known[0] is chain or known[0] == chain):
             return known[1]
         out: list[tuple[str, Any, Any]] = []
-        for i, rule in enumerate(chain.rules, 1):
+        if _mapped(chain):
+            out += table.tier_rules(chain)
+        for i, rule in enumerate(() if _mapped(chain) else chain.rules, 1):
             if chain.tier:
                 out += table.tier_rule(chain, i, rule)
             else:
@@ -717,13 +955,13 @@ def _set_kind(name: str) -> tuple[str, int] | None:
     """(kind, family) of a set stockade names (s4-, c6-, n4-, ...), else None."""
     if len(name) < 4 or name[2] != "-" or name[1] not in "46":
         return None
-    kind = {"s": ADDR, "c": NET, "n": ADDR_PORT}.get(name[0])
+    kind = {"s": ADDR, "c": NET, "n": ADDR_PORT, "d": DECISION, "x": DENIED}.get(name[0])
     return (kind, int(name[1])) if kind else None
 
 
 def _set_type(kind: str, family: int) -> Any:
-    return ([_ADDR_TYPE[family], "inet_proto", "inet_service"] if kind == ADDR_PORT
-            else _ADDR_TYPE[family])
+    return ([_ADDR_TYPE[family], "inet_proto", "inet_service"]
+            if kind in (ADDR_PORT, DECISION, DENIED) else _ADDR_TYPE[family])
 
 
 def _canonical_net(elements: Iterable[Element]) -> frozenset[Element]:
@@ -748,7 +986,12 @@ def canonical(rs: Ruleset) -> Ruleset:
 
 
 def _sets_of(chain: Chain) -> set[str]:
-    return {n for r in chain.rules for n in (r.peer_set, r.named_set) if n is not None}
+    """The sets and maps the chain's rules, as rendered, look up."""
+    out = {n for r in chain.rules for n in (r.peer_set, r.named_set) if n is not None}
+    if _mapped(chain):
+        out |= {n for *_, fams in tier_maps(chain) for _f, d, x in fams
+                for n in (d, x) if n is not None}
+    return out
 
 
 def _table_flags(flags: Any) -> set[str]:
@@ -818,14 +1061,18 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
             continue
         kind, fam = sk
         flags = s.get("flags")
-        want_flags = ["interval"] if kind == NET else None
-        if (s.get("type") != _set_type(kind, fam) or flags != want_flags
+        want_flags = ["interval"] if kind in (NET, DENIED) else None
+        if (kind == DECISION or s.get("type") != _set_type(kind, fam) or flags != want_flags
                 or not set(s) <= _SET_KEYS):
             drift.append(f"set {name}: definition differs")
             bad_sets.add(name)
             del_objects.append({"delete": {"set": ref(name=name)}})
             continue
         raw = s.get("elem", [])
+        if kind == DENIED:
+            sets[name] = AddressSet(name, fam, kind, frozenset(
+                e for r in raw if (e := _read_tier_element(kind, fam, r)) is not None))
+            continue
         if kind == ADDR and all(isinstance(e, str) for e in raw):
             elements: frozenset[Element] = frozenset(raw)  # the common case, fast
         else:
@@ -872,6 +1119,18 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     del_entries: list[Command] = []
     for m in map_bodies:
         name = m["name"]
+        sk = _set_kind(name)
+        if name not in by_name and sk is not None and sk[0] == DECISION:
+            if (m.get("type") != _set_type(DECISION, sk[1]) or m.get("map") != "verdict"
+                    or m.get("flags") != ["interval"] or not set(m) <= _MAP_KEYS | {"flags"}):
+                drift.append(f"map {name}: definition differs")
+                bad_sets.add(name)
+                del_objects.append({"delete": {"map": ref(name=name)}})
+                continue
+            sets[name] = AddressSet(name, sk[1], DECISION, frozenset(
+                e for r in m.get("elem", [])
+                if (e := _read_tier_element(DECISION, sk[1], r)) is not None))
+            continue
         if name not in by_name:
             foreign.append(f"map {name}")
             del_objects.append({"delete": {"map": ref(name=name)}})

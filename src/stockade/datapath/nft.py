@@ -25,15 +25,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from stockade.compile.ir import NET, AddressSet, Chain, Ruleset
+from stockade.compile.ir import ADDR, ADDR_PORT, NET, AddressSet, Chain, Ruleset
 from stockade.compile.nft import (
+    DECISION,
+    DENIED,
     FAMILY,
     Command,
     KernelTable,
     RuleComparator,
     Table,
     canonical,
+    nft_target,
     parse_kernel,
+    refresh_tier_sets,
     render_plan,
 )
 from stockade.compile.plan import Plan, derive, derived, plan, set_delta
@@ -420,7 +424,7 @@ class NftDatapath:
         known = dict(held.chains) if held is not None else {}
         kt = self.read_table({**known, **desired.chains})
         current = kt.ruleset if kt is not None else Ruleset()
-        return plan(current, canonical(desired)), kt
+        return plan(current, nft_target(desired)), kt
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
         """The kernel read back; chains are recognised among the last applied and `known`.
@@ -615,6 +619,8 @@ class NftDatapath:
         libnftables reading the table first (see `nfrules`). False when the delta has
         something only libnftables writes, or the kernel refused the batch (then
         nothing of it applied, and libnftables tries it and reports what it says)."""
+        if _tier_maps_in(delta):
+            return False  # a tier chain's verdict maps: libnftables writes them
         try:
             msgs = encode_plan(self.table, delta)
         except Exception:  # a bug in the encoder must not stop enforcement
@@ -705,14 +711,14 @@ class NftDatapath:
         return out, (chains, sets)
 
     def _target(self, desired: Ruleset) -> Ruleset:
-        """`canonical(desired)`; when `desired` was derived from the previous one (the
+        """`nft_target(desired)`; when `desired` was derived from the previous one (the
         incremental compiler records what changed, see plan.derive), only the sets that
         changed are made canonical, and the target is derived from the previous target
         alike, so that the plan from what was applied looks at those only."""
         previous, before = self._last_desired, self._last_target
         touched = derived(desired, previous) if previous is not None else None
         if touched is None or before is None:
-            target = canonical(desired)
+            target = nft_target(desired)
         else:
             sets = dict(before.sets)
             for name in touched.sets:
@@ -724,7 +730,9 @@ class NftDatapath:
                 else:
                     sets[name] = s
             target = Ruleset(sets, desired.chains, desired.ingress, desired.egress)
-            derive(target, before, touched)
+            # the tier chains' verdict maps follow their chains and the sets they name
+            maps = refresh_tier_sets(sets, before, target, touched)
+            derive(target, before, replace(touched, sets=touched.sets | maps))
         self._last_desired, self._last_target = desired, target
         return target
 
@@ -815,7 +823,14 @@ def plan_objects(delta: Plan) -> set[tuple[Any, ...]]:
     return out
 
 
+def _tier_maps_in(delta: Plan) -> bool:
+    """Whether a plan writes a tier chain's verdict maps or denied sets."""
+    return any(s.kind in (DECISION, DENIED) for s in delta.add_sets) or any(
+        s.kind in (DECISION, DENIED) for s, _ in (*delta.add_elements, *delta.del_elements))
+
+
 def elements_only(delta: Plan) -> bool:
     """Whether a plan only adds and removes elements that nfnetlink can write directly."""
     return not (delta.add_sets or delta.add_chains or delta.replace_chains or delta.del_chains
-                or delta.del_sets or any(s.kind == NET for s, _ in delta.add_elements))
+                or delta.del_sets or any(s.kind not in (ADDR, ADDR_PORT) for s, _ in (
+                    *delta.add_elements, *delta.del_elements)))
