@@ -23,11 +23,12 @@ from tests.property.strategies import DEFAULT, clusters
 from tests.support import shared
 
 from stockade.cli.conformance import load_cases
-from stockade.compile.ir import Ruleset
+from stockade.compile.ir import ADDR, AddressSet, Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
 from stockade.datapath.monitor import TableEvent
-from stockade.datapath.nfnetlink import NftablesRefused
+from stockade.datapath.nfnetlink import NftablesRefused, element_messages
+from stockade.datapath.nfrules import set_message
 from stockade.datapath.nft import OWNER_ON, OWNER_UNSUPPORTED, NftDatapath
 from stockade.errors import DataplaneError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
@@ -394,3 +395,31 @@ def test_without_persistent_tables_the_table_is_not_owned_at_all(trio, caplog) -
     dp.apply(rs, verify=True)
     assert dp.last_drift_details == ["foreign chain someone-elses"]
     _in_sync(dp, rs)
+
+
+# ---- a raw batch the kernel refuses changes nothing --------------------------------------
+
+def test_a_refused_raw_batch_changes_nothing_and_says_so(host_netns: str) -> None:
+    """A batch acks its last message only: a refusal in the middle still raises (the
+    kernel answers it before sendmsg returns) and nothing of the batch is applied."""
+    dp = NftDatapath(netns=host_netns, owner=False)
+    dp.apply(Ruleset())
+    table = dp.table
+    first = AddressSet("s4-first", 4, ADDR, frozenset())
+    last = AddressSet("s4-last", 4, ADDR, frozenset())
+    batch = [set_message(table, first, 1),
+             *element_messages(table.name, "s4-missing", ["10.0.0.1"]),  # no such set
+             set_message(table, last, 2)]
+    with pytest.raises(NftablesRefused) as refused:
+        dp._elements.transact(batch, "the test batch")
+    assert refused.value.errno == errno.ENOENT
+    listed = subprocess.run(["ip", "netns", "exec", host_netns, "nft", "list", "table",
+                             "inet", table.name], capture_output=True, text=True,
+                            check=True).stdout
+    assert "s4-first" not in listed and "s4-last" not in listed
+    dp._elements.transact([set_message(table, first, 1), set_message(table, last, 2)],
+                          "the good batch")  # the socket reads no stale answer after it
+    listed = subprocess.run(["ip", "netns", "exec", host_netns, "nft", "list", "table",
+                             "inet", table.name], capture_output=True, text=True,
+                            check=True).stdout
+    assert "s4-first" in listed and "s4-last" in listed
