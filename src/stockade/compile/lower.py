@@ -263,6 +263,7 @@ class Lowering:
         self._of_identity: dict[tuple[int, int, tuple[str, str] | None], list[Element]] = {}
         self._addresses: dict[int, list[tuple[Endpoint, list[tuple[int, str]]]]] = {}
         self._lowered: dict[str, dict[int, list[ChainRule]]] = {}
+        self._ipv6: bool | None = None
         self._tiers: dict[tuple[str, str, int], tuple[Sequence[ClusterNetworkPolicy], Chain]] = {}
 
     def need(self, spec: SetSpec) -> str:
@@ -285,6 +286,8 @@ class Lowering:
     def _elements(self, spec: SetSpec) -> list[Element]:
         if spec.kind == NET:
             return list(spec.fixed)
+        if spec.family == 6 and not self.reference and not self._has_ipv6():
+            return []  # what every pod contributes to a set of a family none of them has
         cand = spec.candidates
         if self.reference or not isinstance(cand, PeerMembers | PolicyTargets):
             return [e for ep in self.members(spec) for e in spec.contributes(ep)]
@@ -301,6 +304,15 @@ class Lowering:
                                                                    spec.port)
             out.extend(found)
         return out
+
+    def _has_ipv6(self) -> bool:
+        """Whether some endpoint may have an IPv6 address (every one has a colon; no
+        IPv4 address has one). An IPv4 cluster's IPv6 sets are all empty: half of
+        its sets, each asked of its pods for nothing."""
+        if self._ipv6 is None:
+            self._ipv6 = any(":" in ip for pods in self.index.members for ep in pods
+                             for ip in ep.ips)
+        return self._ipv6
 
     def _contributed(self, ident: int, family: int, port: tuple[str, str] | None
                      ) -> list[Element]:
