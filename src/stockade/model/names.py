@@ -196,6 +196,8 @@ def name_is_dns_subdomain(name: str, prefix: bool) -> list[str]:
 
 
 def name_is_dns_label(name: str, prefix: bool) -> list[str]:
+    if not prefix and len(name) <= DNS1123_LABEL_MAX and _DNS1123_LABEL.fullmatch(name):
+        return []  # as `name_is_dns_subdomain`
     return is_dns1123_label(mask_trailing_dash(name) if prefix else name)
 
 

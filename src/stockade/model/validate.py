@@ -98,13 +98,18 @@ def validate_labels(labels: Mapping[str, str], path: str) -> list[FieldError]:
     if known and labels in VALID.seen:
         return []
     errs: list[FieldError] = []
-    for key, value in labels.items():
+    for pair in labels.items_tuple() if isinstance(labels, Labels) else labels.items():
+        if known and pair in VALID.seen:  # a label seen valid in another map (app=web)
+            continue
+        key, value = pair
         bad = names.is_qualified_name(key)
         if bad:
             errs += invalid_each(path, key, bad)
-        bad = names.is_label_value(value)
-        if bad:
-            errs += invalid_each(path, value, bad)
+        bad_value = names.is_label_value(value)
+        if bad_value:
+            errs += invalid_each(path, value, bad_value)
+        if known and not bad and not bad_value:
+            VALID.add(pair)
     if known and not errs:
         VALID.add(labels)
     return errs
@@ -135,6 +140,8 @@ VALID = KnownValid()
 
 def validate_annotations(annotations: Mapping[str, str], path: str) -> list[FieldError]:
     """Annotation keys are qualified names up to case; all of them share a size limit."""
+    if not annotations:
+        return []
     errs = []
     for key in annotations:
         errs += invalid_each(path, key, names.is_qualified_name(names.go_lower(key)))
