@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +19,7 @@ from tests.property.strategies import Scenario, Universe
 from tests.property.tier_strategies import cnp_scenarios
 from tests.support import shared
 
+from stockade.agent.flowlog import DeniedFlow, FlowLogReader
 from stockade.cli.main import main
 from stockade.compile.interpret import allows
 from stockade.compile.iptables import Layout
@@ -248,3 +250,25 @@ def test_a_tampered_tier_is_repaired(trio, tiers_dp, servers, tamper: str) -> No
     assert any("rules differ" in d and chain in d for d in tiers_dp.last_drift_details)
     assert probe(trio, pairs) == EXPECTED
     assert tiers_dp.diff(rs).empty and tiers_dp.skeleton_intact()
+
+
+def test_a_tier_deny_is_logged_with_the_deciding_chain(trio, tiers_dp, servers) -> None:
+    """As on nftables: the NFLOG prefix names the Admin chain for its Deny, and the
+    NetworkPolicy chain for a denial a Pass led to."""
+    rs = compile_cluster(_tiered(trio))
+    tiers_dp.apply(rs)
+    link = rs.chains[rs.ingress[trio.a.address4]]
+    assert link.calls is not None and link.next is not None
+    seen: list[DeniedFlow] = []
+    group = tiers_dp.layout.log_group
+    assert group is not None
+    with FlowLogReader(group, trio.host_netns, on_record=seen.append):
+        assert probe(trio, [("c", "a", PORTS[0]), ("b", "a", PORTS[1])]) == {
+            ("c", "a", "TCP/80"): False, ("b", "a", "TCP/81"): False}
+        got: dict[tuple[str, int], str] = {}
+        deadline = time.monotonic() + 3
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            got = {(f.record["srcIP"], f.record["port"]): f.record["chain"] for f in seen
+                   if f.record["protocol"] == "TCP" and f.record["direction"] == "ingress"}
+    assert got == {(trio.c.address4, 80): link.calls, (trio.b.address4, 81): link.next}
