@@ -272,3 +272,29 @@ def test_a_tier_deny_is_logged_with_the_deciding_chain(trio, tiers_dp, servers) 
             got = {(f.record["srcIP"], f.record["port"]): f.record["chain"] for f in seen
                    if f.record["protocol"] == "TCP" and f.record["direction"] == "ingress"}
     assert got == {(trio.c.address4, 80): link.calls, (trio.b.address4, 81): link.next}
+
+
+def test_a_priority_flip_rewrites_the_admin_chain_in_place(trio, tiers_dp, servers) -> None:
+    """Tier chains are named by their policies' subjects: a priority change keeps every
+    name, rewrites the Admin chain (one iptables-restore per family) and moves no
+    endpoint; a verifying apply across it sees no drift."""
+    def flip(deny_first: bool) -> Cluster:
+        deny = ClusterNetworkPolicy("deny-b", ADMIN, 1 if deny_first else 3, _pods("a"),
+                                    ingress=(CnpRule("Deny", (_pods("b"),)),))
+        accept = ClusterNetworkPolicy("accept-b", ADMIN, 2, _pods("a"),
+                                      ingress=(CnpRule("Accept", (_pods("b"),)),))
+        base = cluster(trio, allow_only("a", "c"))
+        return Cluster(base.namespaces, base.endpoints, base.policies, (deny, accept))
+
+    first, second = compile_cluster(flip(True)), compile_cluster(flip(False))
+    assert first.ingress == second.ingress and first.chains.keys() == second.chains.keys()
+    pairs = [("b", "a", PORTS[0]), ("c", "a", PORTS[0])]
+    tiers_dp.apply(first)
+    assert probe(trio, pairs) == {("b", "a", "TCP/80"): False, ("c", "a", "TCP/80"): True}
+    before = tiers_dp.processes
+    delta = tiers_dp.apply(second, verify=True)
+    assert tiers_dp.last_drift is None, tiers_dp.last_drift_details
+    assert [c.tier for c in delta.replace_chains] == [ADMIN] and not delta.set_map
+    assert tiers_dp.processes == before + 3 + 2  # the read-back, then one restore a family
+    assert probe(trio, pairs) == {("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): True}
+    assert tiers_dp.diff(second).empty and tiers_dp.read() == second
