@@ -14,12 +14,13 @@
  *      the packet; if they do, a conntrack entry is created. A side is judged by up
  *      to MAX_STAGES policies in turn (a ClusterNetworkPolicy Admin tier, then
  *      NetworkPolicy or the Baseline tier): one policy-map lookup with the peer's
- *      identity, and one with ANY only when that misses; the entry's action ends
+ *      identity, and one with ANY only when that misses and the policy has ANY
+ *      entries (a rule without a peer condition); the entry's action ends
  *      the side (allow: it passes, deny: the packet is dropped) or goes on to the
  *      next stage (pass; none left: the side passes). The loader resolved each
  *      tier's first-matching rule into the entries (src/stockade/compile/bpf.py), so
  *      no rule is scanned here. A NetworkPolicy policy's entries all allow and a
- *      miss denies.
+ *      miss denies; a tier's miss passes on (no rule matched).
  * Both hooks judge both sides, so a packet between two local endpoints is judged
  * at the first hook it meets and passes the second one through conntrack.
  *
@@ -61,6 +62,10 @@
 #define WORLD6 2
 #define SLOT_BIT 0x80000000u
 #define MAX_STAGES 2 /* policies judging one side in turn: Admin, then NetworkPolicy/Baseline */
+/* a stage in the ipcache: its policy, and what a miss means */
+#define STAGE_TIER 0x40000000u   /* a tier's policy: a miss passes on (a NetworkPolicy's denies) */
+#define STAGE_ANY 0x20000000u    /* the policy has entries keyed by ANY: look there on a miss */
+#define STAGE_POLICY 0x1fffffffu
 
 /* a policy entry's value */
 #define ACT_ALLOW 1
@@ -319,13 +324,15 @@ static __always_inline int lookup_ip(__u32 slot, __u8 family, const __u32 *addr,
 	return 1;
 }
 
-/* A policy's action for the peer: its identity's entry, else ANY's; 0: no entry. */
-static __always_inline __u32 policy_action(__u32 slot, __u32 pol, __u32 identity, __u8 family,
-					   __u8 proto, __be16 port)
+/* A stage's action for the peer: its identity's entry, else ANY's when the policy has
+ * any (so a stage is one lookup unless a rule has no peer condition), else what a miss
+ * means for it: a tier's rules did not match (pass on), a NetworkPolicy's did not allow. */
+static __always_inline __u32 policy_action(__u32 slot, __u32 stage, __u32 identity,
+					   __u8 family, __u8 proto, __be16 port)
 {
 	struct policy_key k = {
 		.prefixlen = 88,
-		.policy = bpf_htonl(pol | (slot ? SLOT_BIT : 0)),
+		.policy = bpf_htonl((stage & STAGE_POLICY) | (slot ? SLOT_BIT : 0)),
 		.identity = bpf_htonl(identity),
 		.proto = proto,
 	};
@@ -334,28 +341,30 @@ static __always_inline __u32 policy_action(__u32 slot, __u32 pol, __u32 identity
 	v = bpf_map_lookup_elem(&policy, &k);
 	if (v)
 		return *v;
-	k.identity = bpf_htonl(family == 4 ? ANY4 : ANY6);
-	v = bpf_map_lookup_elem(&policy, &k);
-	return v ? *v : 0;
+	if (stage & STAGE_ANY) {
+		k.identity = bpf_htonl(family == 4 ? ANY4 : ANY6);
+		v = bpf_map_lookup_elem(&policy, &k);
+		if (v)
+			return *v;
+	}
+	return (stage & STAGE_TIER) ? ACT_PASS : ACT_DENY;
 }
 
 /* The policy of the stage that denies a side, 0 when the side passes: a stage's allow
- * or deny decides, a pass goes on to the next one. A NetworkPolicy policy has no
- * entry for what it does not allow: a miss denies (a tier's never misses). */
+ * or deny decides, a pass goes on to the next one. */
 static __always_inline __u32 side_denies(__u32 slot, const __u32 *stage, __u32 identity,
 					 __u8 family, __u8 proto, __be16 port)
 {
 #pragma unroll
 	for (int i = 0; i < MAX_STAGES; i++) {
-		__u32 pol = stage[i];
 		__u32 act;
-		if (!pol)
+		if (!stage[i])
 			return 0;
-		act = policy_action(slot, pol, identity, family, proto, port);
+		act = policy_action(slot, stage[i], identity, family, proto, port);
 		if (act == ACT_ALLOW)
 			return 0;
 		if (act != ACT_PASS)
-			return pol;
+			return stage[i] & STAGE_POLICY;
 	}
 	return 0;
 }

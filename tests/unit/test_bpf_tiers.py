@@ -214,7 +214,13 @@ def test_an_admin_chain_is_shared_by_every_policy_set_under_it() -> None:
     admins = {i for i, r in state.policies.items() if r.chain == "ai-a" and r.family == 4}
     assert len(admins) == 1
     (admin,) = admins
-    assert state.ipcache[(4, "10.0.0.3/32")][3] == state.ipcache[(4, "10.0.0.4/32")][3] == admin
+    three, four = state.ipcache[(4, "10.0.0.3/32")], state.ipcache[(4, "10.0.0.4/32")]
+    assert three[3] == four[3] == admin | bpf.STAGE_TIER  # no rule without a peer: no ANY
+    # one lookup per stage but where a rule has no peer condition (i-2's UDP rule)
+    assert not three[4] & (bpf.STAGE_TIER | bpf.STAGE_ANY)
+    assert four[4] & bpf.STAGE_ANY and not four[4] & bpf.STAGE_TIER
+    # nothing that would pass is written: one Deny entry, for s4-p's one identity
+    assert [v for k, v in state.policy.items() if k[0] == admin] == [bpf.DENY_VALUE]
     assert not _both(rs, "10.0.0.1", "10.0.0.4", "TCP", 22)
     assert _both(rs, "10.0.0.9", "10.0.0.4", "UDP", 22)
 

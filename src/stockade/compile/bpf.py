@@ -26,16 +26,20 @@ NetworkPolicy or Baseline), whatever the number of rules:
   name the local endpoint's ports, stay exact. A rule without a peer condition
   is keyed by ANY4/ANY6; a rule without protocol by a 64-bit prefix, a
   protocol without ports by 72 bits, a port range by its 72+n-bit prefixes.
-  The program looks up the peer's identity, and ANY only when that misses.
-  A NetworkPolicy chain's entries all allow (its rules are a union): a hit
-  allows, a miss denies. A tier chain's first-match order is resolved here:
-  for each peer key the rules that can match it (its own and ANY's, in order)
-  paint the (protocol, port) space, each point taking the first rule's action,
-  and the painting is written as disjoint prefixes; a 64-bit entry per key
-  holds the first everything-matching rule's action, or PASS, so a tier
-  lookup never misses and the identity's lookup answers alone when the
-  chain names the identity. ALLOW ends the side (passes), DENY drops, PASS goes
-  on to the next stage (none: the side passes). One more entry marks a policy
+  The program looks up the peer's identity, and ANY only when that misses
+  and the stage says the policy has ANY entries (STAGE_ANY: a rule without a
+  peer condition), so a stage costs one lookup, two at most. A miss then
+  denies for a NetworkPolicy chain (its entries all allow: its rules are a
+  union) and passes on for a tier's (STAGE_TIER). A tier chain's first-match
+  order is resolved here: for each peer key the rules that can match it (its
+  own and ANY's, in order) paint the (protocol, port) space, each point taking
+  the first rule's action, and the painting is written as disjoint prefixes, a
+  64-bit entry holding what the rest gets (the first everything-matching rule's
+  action); what would pass is left out, as a miss passes, except under an
+  identity while ANY has entries (there a miss would fall to ANY's, so the
+  identity's key gets a 64-bit entry, PASS if nothing else). ALLOW ends the
+  side (passes), DENY drops, PASS goes on to the next stage (none: the side
+  passes). One more entry marks a policy
   whose chain keeps existing connections (`Chain.keep`): (policy, KEEP_MARK,
   0, 0) with a 64-bit prefix; KEEP_MARK (0) is no identity, so no packet's
   lookup can match it. When the policy generation changes, the program judges
@@ -98,6 +102,10 @@ ADDR_BITS = {4: 32, 6: 128}
 ALLOW_VALUE, DENY_VALUE, PASS_VALUE = 1, 2, 3
 ACTION_VALUE = {ALLOW: ALLOW_VALUE, DENY: DENY_VALUE, PASS: PASS_VALUE}
 MAX_STAGES = 2  # chains judging one side in turn: an Admin tier, then NetworkPolicy or Baseline
+# A stage in the ipcache: its policy, and what the program does on a miss.
+STAGE_TIER = 1 << 30  # a tier's policy: a miss passes on (a NetworkPolicy's denies)
+STAGE_ANY = 1 << 29  # the policy has entries keyed by ANY: look there before missing
+STAGE_POLICY = STAGE_ANY - 1
 
 # Byte layouts shared with the C program (struct ip4_key, ip6_key, ip_info, policy_key,
 # meta_key, meta_value).
@@ -302,16 +310,9 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     pids = _allocate(set(entry_of.values()) | staged, prev_pols, 1)
     policies = {i: r for r, i in pids.items()}
 
-    def stage_ids(key: tuple[str, Prefix]) -> tuple[int, int]:
-        first, second, *_ = [*(pids[r] for r in staged_of.get(key, ())), 0, 0]
-        return first, second
-
-    ipcache: dict[Prefix, IpInfo] = {}
-    for p, ident in identity_of.items():
-        ing = entry_of.get((INGRESS, p))
-        egr = entry_of.get((EGRESS, p))
-        ipcache[p] = (ids[ident], pids[ing] if ing else 0, pids[egr] if egr else 0,
-                      *stage_ids((INGRESS, p)), *stage_ids((EGRESS, p)))
+    if pids and max(pids.values()) > STAGE_POLICY:
+        raise DataplaneError(f"{len(pids)} eBPF policies: more than the program numbers "
+                             f"({STAGE_POLICY}); nothing was changed")
 
     by_set: dict[str, list[int]] = {}
     by_named: dict[str, list[int]] = {}
@@ -333,6 +334,24 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
             keys.update(_first_match_keys(pid, r.family, spaces))
         if enforced.keep:
             keys[(pid, KEEP_MARK, 0, 0, 64)] = ALLOW_VALUE
+
+    with_any = {k[0] for k in keys if k[1] in (ANY4, ANY6)}
+
+    def stage_ids(key: tuple[str, Prefix]) -> tuple[int, int]:
+        out = []
+        for r in staged_of.get(key, ()):
+            pid = pids[r]
+            out.append(pid | (0 if rs.chains[r.chain].final else STAGE_TIER)
+                       | (STAGE_ANY if pid in with_any else 0))
+        first, second, *_ = [*out, 0, 0]
+        return first, second
+
+    ipcache: dict[Prefix, IpInfo] = {}
+    for p, ident in identity_of.items():
+        ing = entry_of.get((INGRESS, p))
+        egr = entry_of.get((EGRESS, p))
+        ipcache[p] = (ids[ident], pids[ing] if ing else 0, pids[egr] if egr else 0,
+                      *stage_ids((INGRESS, p)), *stage_ids((EGRESS, p)))
 
     sets = {name: a if a.kind == NET else AddressSet(a.name, a.family, a.kind, frozenset(),
                                                      a.comment)
@@ -386,18 +405,21 @@ def _first_match_keys(pid: int, family: int, spaces: list[tuple[int, Space, int]
     by_peer: dict[int, list[tuple[int, Space, int]]] = {anyone: []}
     for n, (peer, space, action) in enumerate(spaces):
         by_peer.setdefault(peer, []).append((n, space, action))
+    anys = by_peer[anyone]
     out: dict[PolicyKey, int] = {}
     for peer, own in sorted(by_peer.items()):
-        merged = own if peer == anyone else heapq.merge(own, by_peer[anyone],
-                                                        key=lambda e: e[0])
-        out.update(_painted(pid, peer, [(space, action) for _, space, action in merged]))
+        merged = own if peer == anyone else heapq.merge(own, anys, key=lambda e: e[0])
+        out.update(_painted(pid, peer, [(space, action) for _, space, action in merged],
+                            whole=bool(anys) and peer != anyone))
     return out
 
 
-def _painted(pid: int, peer: int, ordered: list[tuple[Space, int]]) -> dict[PolicyKey, int]:
+def _painted(pid: int, peer: int, ordered: list[tuple[Space, int]], *, whole: bool
+             ) -> dict[PolicyKey, int]:
     """Disjoint entries for one peer key giving each (protocol, port) its first rule's
     action; the 64-bit entry holds what the rest gets (the first rule matching
-    everything, after which no later rule is ever first; else PASS)."""
+    everything, after which no later rule is ever first; else PASS). What passes is
+    left out (a miss passes) unless `whole`: the key must never miss."""
     rest = PASS_VALUE
     painted: dict[int, list[tuple[int, int, int]]] = {}
     for space, action in ordered:
@@ -408,7 +430,9 @@ def _painted(pid: int, peer: int, ordered: list[tuple[Space, int]]) -> dict[Poli
             done = painted.setdefault(proto, [])
             done += [(a, b, action) for a, b in _gaps(done, lo, hi)]
             done.sort()
-    out: dict[PolicyKey, int] = {(pid, peer, 0, 0, 64): rest}
+    out: dict[PolicyKey, int] = {}
+    if whole or rest != PASS_VALUE:
+        out[(pid, peer, 0, 0, 64)] = rest
     for proto, done in sorted(painted.items()):
         for lo, hi, action in _merged(done):
             if action != rest:  # the rest falls to the 64-bit entry
@@ -529,13 +553,17 @@ def _policy_lookup(state: BpfState, pid: int, ident: int, proto: int, port: int
 def _denying(state: BpfState, stages: tuple[int, ...], ident: int, fam: int, proto: int,
              port: int) -> int:
     """The policy of the stage that denies a side (the program's `side_denies`), 0 when
-    it passes: the peer's identity, else ANY; a NetworkPolicy chain's miss denies."""
-    for pid in stages:
-        if not pid:
+    it passes: the peer's identity, else ANY if the stage has ANY entries; a miss
+    passes on in a tier's stage and denies in a NetworkPolicy's."""
+    for stage in stages:
+        if not stage:
             return 0
+        pid = stage & STAGE_POLICY
         action = _policy_lookup(state, pid, ident, proto, port)
-        if action is None:
+        if action is None and stage & STAGE_ANY:
             action = _policy_lookup(state, pid, ANY[fam], proto, port)
+        if action is None:
+            action = PASS_VALUE if stage & STAGE_TIER else DENY_VALUE
         if action == ALLOW_VALUE:
             return 0
         if action != PASS_VALUE:
