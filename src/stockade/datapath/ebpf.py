@@ -42,8 +42,10 @@ a later fragment is judged with them, and one without is dropped (counted as
 `LoggedPacket`s naming the chain, like NFLOG's prefix does: the deciding stage's).
 
 **Tiers.** ClusterNetworkPolicy Admin and Baseline chains are enforced: each side is
-judged by up to two stages, each one or two policy-map lookups whatever the number
-of rules (`compile.bpf` resolves each tier's first match into the entries).
+judged by up to two stages (Admin, then NetworkPolicy or Baseline), each one
+policy-map lookup whatever the number of rules (two when its policy has a rule
+without a peer condition); `compile.bpf` resolves each tier's first match into the
+entries.
 
 **Versions.** Maps pinned by a version with another layout (before tiers, the
 ipcache's values were 12 bytes) are refused with a clear error before anything is
