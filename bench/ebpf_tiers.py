@@ -4,9 +4,10 @@ A denied new connection is judged in full on every run (nothing enters conntrack
 so its cost is the judgement's. Variants, on one background of synthetic pods and
 policies, the same client -> server TCP packet denied by the server's NetworkPolicy:
 
-- `np`: NetworkPolicy alone (one stage: the client's identity misses, ANY misses);
-- `admin-pass`: an Admin tier on the server passing the client on (two stages: one
-  lookup answers the Admin stage, then the NetworkPolicy's two);
+- `np`: NetworkPolicy alone (one stage, one lookup: the client's identity misses,
+  and with no rule without a peer there is no ANY to look at: denied);
+- `admin-pass`: an Admin tier on the server passing the client on (two stages, one
+  lookup each);
 - `admin-50`: the same with 49 Admin Deny rules ahead of the Pass (the first match
   is resolved when the maps are compiled: the count should not show).
 
