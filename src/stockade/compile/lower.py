@@ -37,7 +37,7 @@ from stockade.compile.membership import (
 )
 from stockade.engine.resolve import PolicySet, Resolution, resolve
 from stockade.model import policy as model
-from stockade.model.cidr import Network, parse_cidr
+from stockade.model.cidr import Network, is_canonical_ipv4, parse_cidr
 from stockade.model.cluster import Cluster, Endpoint
 from stockade.model.cnp import ADMIN, BASELINE, NAMESPACES, PODS, ClusterNetworkPolicy
 from stockade.model.selector import Selector
@@ -324,32 +324,40 @@ class Lowering:
         name, protocol = port
         proto = protocol.lower()
         out: list[Element] = []
+        ports: object = None
+        number = None
         for ep, addrs in pods:
-            number = ep.resolve_port(name, protocol)
+            if ep.ports is not ports:  # replicas share one tuple of ports (decoding)
+                ports, number = ep.ports, ep.resolve_port(name, protocol)
             if number is not None:
-                out.extend((text, proto, number) for fam, text in addrs if fam == family)
+                out += [(text, proto, number) for fam, text in addrs if fam == family]
         return out
 
     def _pods(self, ident: int) -> list[tuple[Endpoint, list[tuple[int, str]]]]:
         """The pods of an identity with their addresses as (family, text), parsed once."""
         pods = self._addresses.get(ident)
         if pods is None:
+            # A pod's usual address is told at once; the memo of `address` is for
+            # the sets that ask again, and each pod's address is new to it here.
             pods = self._addresses[ident] = [
-                (ep, [a for ip in ep.ips if (a := address(ip)) is not None])
+                (ep, [a for ip in ep.ips
+                      if (a := (4, ip) if is_canonical_ipv4(ip) else address(ip)) is not None])
                 for ep in self.index.members[ident]]
         return pods
 
     def ruleset(self) -> Ruleset:
         maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+        local_of: dict[int, list[str] | None] = {}  # both directions ask
         tiers = self.tier_subjects()
         for mdir, direction in DIRECTION.items():
             # by ids: resolve shares one PolicySet per set, tiers one list per set
             chain_of: dict[tuple[int, ...], str] = {}
             isolated = self.res.isolated[mdir]
             for ident in sorted(isolated.keys() | tiers[mdir].keys()):
-                # Remote endpoints are peers only: their node enforces their policies.
-                local = [addrs for ep, addrs in self._pods(ident) if not ep.remote]
-                if not local:
+                if ident not in local_of:
+                    local_of[ident] = self._local_addresses(ident)
+                local = local_of[ident]
+                if local is None:
                     continue
                 ps = isolated.get(ident)
                 admin, baseline = tiers[mdir].get(ident, ((), ()))
@@ -357,12 +365,15 @@ class Lowering:
                 name = chain_of.get(key)
                 if name is None:
                     name = chain_of[key] = self._entry(mdir, ps, admin, baseline)
-                verdicts = maps[direction]
-                for addrs in local:
-                    for _, addr in addrs:
-                        verdicts[addr] = name
+                maps[direction].update(dict.fromkeys(local, name))
         return Ruleset(dict(sorted(self.sets.items())), dict(sorted(self.chains.items())),
                        maps[INGRESS], maps[EGRESS])
+
+    def _local_addresses(self, ident: int) -> list[str] | None:
+        """The addresses of an identity's local pods, in order; None when it has none
+        (remote endpoints are peers only: their node enforces their policies)."""
+        local = [addrs for ep, addrs in self._pods(ident) if not ep.remote]
+        return [addr for addrs in local for _, addr in addrs] if local else None
 
     def _entry(self, direction: str, ps: PolicySet | None,
                admin: Sequence[ClusterNetworkPolicy],
