@@ -67,8 +67,8 @@ SYNC_TIMEOUT = 30.0
 # containers (run, cni.*) stay local.
 LOCAL_WRITES = frozenset({"apply", "delete", "label", "snapshot.restore", "endpoint.add",
                           "endpoint.remove"})
-# The datapaths that enforce ClusterNetworkPolicy tiers; the others refuse a ruleset
-# with tiers (compile.ir.refuse_tiers), so the agent refuses the objects at admission.
+# The datapaths that enforce ClusterNetworkPolicy tiers by name, for one that does not
+# say (`enforces_tiers`); an agent on any other refuses the objects at admission.
 TIERED_DATAPATHS = frozenset({"nft"})
 # The names `get` and `delete` know a ClusterNetworkPolicy by (kubectl's, and short).
 CNP_NAMES = frozenset({"clusternetworkpolicy", "clusternetworkpolicies", "cnp", "cnps"})

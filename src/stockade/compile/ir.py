@@ -33,8 +33,6 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from stockade.errors import DataplaneError
-
 ADDR = "addr"  # addresses
 NET = "net"  # CIDRs (interval set)
 ADDR_PORT = "addr_port"  # (address, protocol, port) triples: named ports
@@ -132,16 +130,6 @@ class Ruleset:
             "ingress_entries": len(self.ingress),
             "egress_entries": len(self.egress),
         }
-
-
-def refuse_tiers(rs: Ruleset, datapath: str) -> None:
-    """Fail closed, before anything changes, on a ruleset a datapath cannot enforce:
-    ClusterNetworkPolicy tiers are enforced by the nftables datapath only so far."""
-    tiered = sorted({c.comment or c.name for c in rs.chains.values() if c.tier})
-    if tiered:
-        raise DataplaneError(
-            f"the {datapath} datapath does not enforce ClusterNetworkPolicy yet "
-            f"({'; '.join(tiered)[:200]}); nothing was changed: use the nftables datapath")
 
 
 def ruleset_data(rs: Ruleset) -> dict[str, object]:
