@@ -70,6 +70,12 @@ class ChainRule:
     `peer_set` holds the other side's address (the source for ingress, the
     destination for egress); `named_set` holds (destination, protocol, port)
     triples; `protocol` with empty `ports` is every port of that protocol.
+
+    `keep`: a tier's Deny whose ClusterNetworkPolicy is annotated
+    `stockade.io/existing-connections: keep`, so a connection it would now deny
+    is not cut (a NetworkPolicy chain says so as a whole: `Chain.keep`). Part of
+    the rule's identity; only datapaths that cut connections themselves (eBPF)
+    render it.
     """
 
     family: int | None = None
@@ -79,6 +85,7 @@ class ChainRule:
     ports: tuple[tuple[int, int], ...] = ()
     comment: str = field(default="", compare=False)
     action: str = ALLOW
+    keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,8 @@ def ruleset_data(rs: Ruleset) -> dict[str, object]:
                            ("family", r.family), ("peer_set", r.peer_set),
                            ("named_set", r.named_set), ("protocol", r.protocol),
                            ("ports", [list(p) for p in r.ports]), ("comment", r.comment),
-                           ("action", r.action if c.tier else None))
+                           ("action", r.action if c.tier else None),
+                           ("keep", r.keep or None))
                                   if v not in (None, [], "")} for r in c.rules]}
                    for n, c in sorted(rs.chains.items())},
         "ingress": dict(sorted(rs.ingress.items())),

@@ -97,8 +97,9 @@ def lower_tier_rule(direction: str, policy: ClusterNetworkPolicy, index: int, ru
         tag = f"{holder.name} {direction.lower()}[{index}]"
         for name in dict.fromkeys(names):
             out += named_rule_specs(direction, np_rule, name, tag, need)
+    keep = action == DENY and model.keeps_connections(policy)
     return [ChainRule(r.family, r.peer_set, r.named_set, r.protocol, r.ports, r.comment,
-                      action) for r in out]
+                      action, keep) for r in out]
 
 
 def subject_key(subject: CnpPeer) -> str:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from stockade.model.labels import EMPTY, Labels
 from stockade.model.selector import ALL, Selector
+
+if TYPE_CHECKING:
+    from stockade.model.cnp import ClusterNetworkPolicy
 
 TCP = "TCP"
 UDP = "UDP"
@@ -123,6 +127,7 @@ KEEP_ANNOTATION = "stockade.io/existing-connections"
 KEEP = "keep"
 
 
-def keeps_connections(policy: NetworkPolicy, key: str = KEEP_ANNOTATION) -> bool:
+def keeps_connections(policy: NetworkPolicy | ClusterNetworkPolicy,
+                      key: str = KEEP_ANNOTATION) -> bool:
     """Whether `policy` is annotated `<key>: keep` (case and blanks ignored)."""
     return policy.annotations.get(key, "").strip().lower() == KEEP
