@@ -7,7 +7,8 @@
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
  *      ICMP error about one, passes; an entry validated under an older policy
  *      generation is judged again (a revoked connection is cut, unless every
- *      denying side's policy keeps existing connections);
+ *      denying side keeps existing connections: a tier's Deny of a policy annotated
+ *      keep, or a NetworkPolicy policy that keeps);
  *   2. ICMPv6 neighbour solicitation/advertisement passes;
  *   3. a TCP packet that would open a connection without SYN is dropped;
  *   4. the source's egress side and the destination's ingress side must both pass
@@ -71,6 +72,9 @@
 #define ACT_ALLOW 1
 #define ACT_DENY 2
 #define ACT_PASS 3
+#define ACT_KEEP 0x100 /* with ACT_DENY: a tier's Deny that keeps existing connections */
+/* side_denies' answer: the denying stage's policy, and whether its entry keeps */
+#define SIDE_KEPT 0x80000000u
 
 #define PROTO_ICMP 1
 #define PROTO_TCP 6
@@ -351,7 +355,8 @@ static __always_inline __u32 policy_action(__u32 slot, __u32 stage, __u32 identi
 }
 
 /* The policy of the stage that denies a side, 0 when the side passes: a stage's allow
- * or deny decides, a pass goes on to the next one. */
+ * or deny decides, a pass goes on to the next one. SIDE_KEPT is added when the
+ * deciding entry is a Deny that keeps (ACT_KEEP). */
 static __always_inline __u32 side_denies(__u32 slot, const __u32 *stage, __u32 identity,
 					 __u8 family, __u8 proto, __be16 port)
 {
@@ -364,14 +369,14 @@ static __always_inline __u32 side_denies(__u32 slot, const __u32 *stage, __u32 i
 		if (act == ACT_ALLOW)
 			return 0;
 		if (act != ACT_PASS)
-			return stage[i] & STAGE_POLICY;
+			return (stage[i] & STAGE_POLICY) | ((act & ACT_KEEP) ? SIDE_KEPT : 0);
 	}
 	return 0;
 }
 
-/* Whether a policy's chain keeps the connections it would now deny (a policy annotated
- * stockade.io/existing-connections: keep): its marker entry, which no packet's identity
- * matches. */
+/* Whether a policy's chain keeps the connections it would now deny (a NetworkPolicy
+ * annotated stockade.io/existing-connections: keep, whose denial is a miss and so has no
+ * entry to carry ACT_KEEP): its marker entry, which no packet's identity matches. */
 static __always_inline int policy_keeps(__u32 slot, __u32 pol)
 {
 	struct policy_key k = {
@@ -382,11 +387,17 @@ static __always_inline int policy_keeps(__u32 slot, __u32 pol)
 	return bpf_map_lookup_elem(&policy, &k) != 0;
 }
 
+/* Whether side_denies' answer cuts: a denial that neither its entry nor its policy keeps. */
+static __always_inline int side_cuts(__u32 slot, __u32 pol)
+{
+	return pol && !(pol & SIDE_KEPT) && !policy_keeps(slot, pol);
+}
+
 /* A tracked connection judged again under a new policy generation: cut it when a side
- * denies it and the policy that decided that side (a tier's deny, or the NetworkPolicy
- * a pass led to) does not keep it (when both deny, both must keep), as the agent's
- * revoker decides on nftables (agent/revoke.py, should_cut). A tier's chain carries no
- * keep in the ruleset yet, so its deny is always cut. */
+ * denies it and what decided that side (a tier's Deny entry, or the NetworkPolicy a pass
+ * led to) does not keep it (when both deny, both must keep), as the agent's revoker
+ * decides on nftables (agent/revoke.py, should_cut): only the deciding tier policy's
+ * annotation keeps an Admin or Baseline Deny. */
 static __always_inline int rejudge_cuts(__u32 slot, __u8 family, const __u32 *src,
 					const __u32 *dst, __u8 proto, __be16 dport)
 {
@@ -395,12 +406,10 @@ static __always_inline int rejudge_cuts(__u32 slot, __u8 family, const __u32 *sr
 	lookup_ip(slot, family, src, &s);
 	lookup_ip(slot, family, dst, &d);
 	pol = side_denies(slot, s.eg_stage, d.identity, family, proto, dport);
-	if (pol && !policy_keeps(slot, pol))
+	if (side_cuts(slot, pol))
 		return 1;
 	pol = side_denies(slot, d.in_stage, s.identity, family, proto, dport);
-	if (pol && !policy_keeps(slot, pol))
-		return 1;
-	return 0;
+	return side_cuts(slot, pol);
 }
 
 /* The nftables chains' verdict: the source's egress, then the destination's ingress;
@@ -417,13 +426,13 @@ static __always_inline void judge(__u32 slot, __u8 family, const __u32 *src, con
 	pol = side_denies(slot, s.eg_stage, d.identity, family, proto, dport);
 	if (pol) {
 		v->direction = DIR_EGRESS;
-		v->policy = pol;
+		v->policy = pol & STAGE_POLICY;
 		return;
 	}
 	pol = side_denies(slot, d.in_stage, s.identity, family, proto, dport);
 	if (pol) {
 		v->direction = DIR_INGRESS;
-		v->policy = pol;
+		v->policy = pol & STAGE_POLICY;
 	}
 }
 

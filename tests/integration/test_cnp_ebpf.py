@@ -7,7 +7,9 @@
   Baseline (it is no drop), an Admin Deny beats a NetworkPolicy that allows, an
   Admin Accept beats a Baseline Deny;
 * a new process adopts a tiered ruleset without writing anything;
-* an Admin Deny added cuts an established connection (and a Pass does not);
+* an Admin Deny added cuts an established connection (and a Pass does not), unless
+  its policy is annotated `stockade.io/existing-connections: keep` (as the agent's
+  revoker decides on nftables; the annotation removed, the connection is cut);
 * an agent on eBPF takes ClusterNetworkPolicies, enforces them and adopts them
   across a restart without a repair.
 
@@ -17,6 +19,7 @@ prefix, removed whatever happens); the datapath's pins are removed and checked g
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import time
@@ -28,6 +31,7 @@ from tests.property.strategies import Scenario, Universe
 from tests.property.tier_strategies import cnp_scenarios
 from tests.support import shared
 
+from stockade.agent.revoke import keeping_policies, should_cut
 from stockade.cli.main import main
 from stockade.compile import bpf as bpfc
 from stockade.compile.interpret import allows
@@ -51,7 +55,7 @@ from stockade.model.cnp import (
     CnpRule,
 )
 from stockade.model.labels import Labels
-from stockade.model.policy import NetworkPolicy
+from stockade.model.policy import KEEP_ANNOTATION, NetworkPolicy
 from stockade.model.selector import Selector
 from stockade.net.namespace import list_netns
 from stockade.probe.protocol import Port, Protocol
@@ -256,6 +260,58 @@ def test_an_admin_deny_added_cuts_an_established_connection(trio, datapath, held
     assert not echo(held, b"three")
     stats = datapath.stats()
     assert stats["rejudged"] >= 2 and stats["cut"] >= 1
+
+
+def test_an_admin_deny_keeps_connections_only_when_its_policy_says_so(trio, datapath
+                                                                    ) -> None:
+    """b's and c's connections to a, then two Admin Denies on a's ingress: b's by a
+    policy annotated keep (it lives on, though b cannot open a new one), c's by one
+    that is not (cut). The annotation removed, b's is cut too."""
+    echo_port = Port(ECHO_PORT, Protocol.TCP)
+
+    def denying(keep: bool) -> Cluster:
+        kept = _admin_in("keep-b", "a", _rule(DENY, "b", echo_port), priority=1)
+        if keep:
+            kept = dataclasses.replace(kept, annotations=Labels({KEEP_ANNOTATION: "keep"}))
+        return _tiered(trio, (), (kept, _admin_in("cut-c", "a", _rule(DENY, "c", echo_port),
+                                                  priority=2)))
+
+    def revoker(c: Cluster) -> dict[str, bool]:
+        """What the nftables revoker and the modelled program keep of each connection."""
+        ev = Evaluator(c)
+        eps = {ep.name: ep for ep in c.endpoints}
+        state = bpfc.compile_state(compile_cluster(c))
+        out = {}
+        for src in "bc":
+            flow = ev.flow(eps[src], eps["a"], ECHO_PORT, "TCP")
+            want = not should_cut(ev.verdict(flow), keeping_policies(ev))
+            assert bpfc.keeps_connection(state, flow.src_ip, flow.dst_ip, "TCP",
+                                         ECHO_PORT) == want
+            out[src] = want
+        return out
+
+    datapath.apply(compile_cluster(_tiered(trio, (), ())))
+    with EchoServer(trio.a.netns, ECHO_PORT):
+        conns = {src: connect(getattr(trio, src).netns, trio.a.address4, ECHO_PORT)
+                 for src in "bc"}
+        try:
+            assert all(echo(conn, b"one") for conn in conns.values())
+            keep = denying(True)
+            assert revoker(keep) == {"b": True, "c": False}
+            datapath.apply(compile_cluster(keep))
+            assert echo(conns["b"], b"two")
+            assert not echo(conns["c"], b"two")
+            assert datapath.stats()["cut"] == 1
+            assert probe(trio, [("b", "a", echo_port)]) == {("b", "a", str(echo_port)): False}
+            assert echo(conns["b"], b"three")  # still, after another packet was judged
+            cut = denying(False)
+            assert revoker(cut) == {"b": False, "c": False}
+            datapath.apply(compile_cluster(cut))
+            assert not echo(conns["b"], b"four")
+            assert datapath.stats()["cut"] == 2
+        finally:
+            for conn in conns.values():
+                conn.close()
 
 
 @pytest.mark.parametrize("agent", ["ebpf"], indirect=True)

@@ -5,7 +5,8 @@ peer identity, protocol, port prefix) with an action; a side is judged by at mos
 two stages (Admin, then NetworkPolicy or Baseline). `compile.bpf.allows` models the
 program on those entries and must agree with the IR interpreter on random clusters
 with both kinds of policy; the maps must read back to the ruleset they enforce, and
-`keeps_connection` must keep what the agent's revoker keeps on nftables.
+`keeps_connection` must keep what the agent's revoker keeps on nftables (policies of
+both kinds annotated keep: a tier's Deny is kept only by its own policy's annotation).
 """
 
 from __future__ import annotations
@@ -33,10 +34,30 @@ from stockade.compile.ir import (
 )
 from stockade.compile.lower import compile_cluster
 from stockade.compile.plan import plan
+from stockade.compile.tiers import lower_tier_rule
 from stockade.engine.evaluate import Evaluator
 from stockade.errors import DataplaneError
+from stockade.model import cnp
+from stockade.model.cluster import Cluster
 from stockade.model.labels import Labels
-from stockade.model.policy import KEEP_ANNOTATION
+from stockade.model.policy import INGRESS, KEEP_ANNOTATION
+
+KEEP = Labels({KEEP_ANNOTATION: "keep"})
+
+
+def _annotated(cluster: Cluster, data: st.DataObject) -> Cluster:
+    """The cluster with a random choice of its policies of both kinds annotated keep
+    (now and then in another case, with blanks: the revoker reads it so)."""
+    keys = [p.key for p in cluster.policies] + [p.key for p in cluster.cluster_policies]
+    marked = data.draw(st.sets(st.sampled_from(keys)) if keys else st.just(set()))
+    value = data.draw(st.sampled_from(["keep", " Keep "]))
+    note = Labels({KEEP_ANNOTATION: value})
+    return dataclasses.replace(
+        cluster,
+        policies=tuple(dataclasses.replace(p, annotations=note) if p.key in marked else p
+                       for p in cluster.policies),
+        cluster_policies=tuple(dataclasses.replace(p, annotations=note)
+                               if p.key in marked else p for p in cluster.cluster_policies))
 
 
 def _agrees(sc: Scenario, rs: Ruleset, state: bpf.BpfState) -> int:
@@ -64,9 +85,10 @@ def test_every_feature_with_tiers_v4_and_v6(sc: Scenario) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(sc=cnp_scenarios(DENSE, max_cnps=4), slot=st.sampled_from([0, 1]))
-def test_tiered_maps_read_back_to_the_same_state_and_ruleset(sc: Scenario, slot: int) -> None:
-    rs = compile_cluster(sc.cluster)
+@given(sc=cnp_scenarios(DENSE, max_cnps=4), slot=st.sampled_from([0, 1]), data=st.data())
+def test_tiered_maps_read_back_to_the_same_state_and_ruleset(sc: Scenario, slot: int,
+                                                             data: st.DataObject) -> None:
+    rs = compile_cluster(_annotated(sc.cluster, data))
     state = bpf.compile_state(rs)
     back = bpf.decode(bpf.encode_maps(state, slot), bpf.encode_meta(state), slot)
     assert back == state
@@ -90,23 +112,37 @@ def test_a_delta_between_tiered_states(a: Scenario, b: Scenario) -> None:
         assert bpf.apply_delta(old, full) == new
 
 
-@settings(max_examples=150, deadline=None)
+KEPT: list[tuple[int, int, int]] = []  # (denied flows kept, denied flows cut, tier-kept)
+
+
+@settings(max_examples=300, deadline=None)
 @given(sc=cnp_scenarios(DENSE, max_cnps=4), data=st.data())
 def test_keeps_what_the_revoker_keeps(sc: Scenario, data: st.DataObject) -> None:
-    # NetworkPolicies annotated keep (a tier chain carries no keep in the ruleset:
-    # a tier's own decision is always cut, as the revoker does for unannotated tiers)
-    marked = data.draw(st.sets(st.sampled_from([p.key for p in sc.cluster.policies]))
-                       if sc.cluster.policies else st.just(set()))
-    policies = tuple(dataclasses.replace(p, annotations=Labels({KEEP_ANNOTATION: "keep"}))
-                     if p.key in marked else p for p in sc.cluster.policies)
-    cluster = dataclasses.replace(sc.cluster, policies=policies)
+    cluster = _annotated(sc.cluster, data)
     ev = Evaluator(cluster)
     keep = keeping_policies(ev)
     state = bpf.compile_state(compile_cluster(cluster))
+    kept = cut = by_tier = 0
     for flow in sc.flows():
-        want = not should_cut(ev.verdict(flow), keep)
+        verdict = ev.verdict(flow)
+        want = not should_cut(verdict, keep)
         got = bpf.keeps_connection(state, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
         assert got == want, (flow, want)
+        if not verdict.allowed:
+            kept, cut = kept + want, cut + (not want)
+            by_tier += want and any(s.decided_by in ("Admin", "Baseline")
+                                    for s in (verdict.egress, verdict.ingress)
+                                    if not s.allowed)
+    KEPT.append((kept, cut, by_tier))
+
+
+def test_the_examples_kept_and_cut_tier_denials() -> None:
+    """Worth something only if denied flows were kept (some by a tier's own
+    annotation) and others cut."""
+    if not KEPT:
+        pytest.fail("runs after the property test, in the same session")
+    kept, cut, by_tier = (sum(k[i] for k in KEPT) for i in range(3))
+    assert kept > 0 and cut > 0 and by_tier > 0, (kept, cut, by_tier)
 
 
 # ---- the resolution, by hand ----------------------------------------------------------
@@ -232,3 +268,45 @@ def test_more_stages_than_the_program_runs_are_refused() -> None:
     rs = dataclasses.replace(rs, chains={**rs.chains, "bi-1": b1, "bi-2": b2})
     with pytest.raises(DataplaneError, match="at most 2"):
         bpf.compile_state(rs)
+
+
+def test_a_tier_deny_is_kept_by_its_own_policy_only() -> None:
+    # Admin on 10.0.0.3: a kept Deny of TCP/80 from the peers, then an unkept Deny of
+    # TCP 1-100 from anyone; a NetworkPolicy chain that keeps behind it.
+    np = Chain("i-n", "ingress", (ChainRule(4, "s4-p", None, "TCP", ((443, 443),)),),
+               keep=True)
+    rs = _tiered((ChainRule(4, "s4-p", None, "TCP", ((80, 80),), action=DENY, keep=True),
+                  ChainRule(4, None, None, "TCP", ((1, 100),), action=DENY),
+                  ChainRule(4, "s4-p", None, "TCP", ((443, 443),), action=PASS)), np)
+    state = bpf.compile_state(rs)
+    admin = next(i for i, r in state.policies.items() if r.chain == "ai-a" and r.family == 4)
+    peer = state.ipcache[(4, "10.0.0.1/32")][0]
+    assert state.policy[(admin, peer, 6, 80, 88)] == bpf.DENY_VALUE | bpf.KEEP_BIT
+    assert state.policy[(admin, peer, 6, 81, 88)] == bpf.DENY_VALUE
+    for src, port, kept in (("10.0.0.1", 80, True),  # the kept Deny decides
+                            ("10.0.0.1", 81, False),  # the other Deny
+                            ("10.0.0.9", 80, False),  # not a peer: the other Deny
+                            ("10.0.0.1", 444, True)):  # passed on: the NetworkPolicy keeps
+        assert not _both(rs, src, "10.0.0.3", "TCP", port)
+        assert bpf.keeps_connection(state, src, "10.0.0.3", "TCP", port) == kept, (src, port)
+    # keep on a rule that does not deny means nothing: the entries are the same
+    plain = _tiered((ChainRule(4, "s4-p", None, "TCP", (), action=ALLOW),), np)
+    marked = _tiered((ChainRule(4, "s4-p", None, "TCP", (), action=ALLOW, keep=True),), np)
+    assert bpf.compile_state(plain).policy == bpf.compile_state(marked).policy
+    # the rule's keep is read back from meta: a new process sees the same ruleset
+    back = bpf.decode(bpf.encode_maps(state, 1), bpf.encode_meta(state), 1)
+    assert bpf.ruleset_of(back) == rs
+    assert bpf.ruleset_of(back).chains["ai-a"].rules[0].keep
+
+
+def test_an_annotated_cluster_network_policy_lowers_to_kept_denies() -> None:
+    everyone = cnp.CnpPeer(cnp.NAMESPACES)
+    rules = [cnp.CnpRule(a, (everyone,)) for a in (cnp.DENY, cnp.ACCEPT, cnp.PASS)]
+    for note, want in ((Labels(), False), (KEEP, True),
+                       (Labels({KEEP_ANNOTATION: "no"}), False)):
+        p = cnp.ClusterNetworkPolicy("p", cnp.ADMIN, 1, everyone, ingress=tuple(rules),
+                                     annotations=note)
+        lowered = [lower_tier_rule(INGRESS, p, i, r, lambda spec: spec.name)
+                   for i, r in enumerate(rules)]
+        assert all(r.keep == want for r in lowered[0]) and lowered[0]
+        assert not any(r.keep for rs in lowered[1:] for r in rs)

@@ -39,14 +39,18 @@ NetworkPolicy or Baseline), whatever the number of rules:
   identity while ANY has entries (there a miss would fall to ANY's, so the
   identity's key gets a 64-bit entry, PASS if nothing else). ALLOW ends the
   side (passes), DENY drops, PASS goes on to the next stage (none: the side
-  passes). One more entry marks a policy
-  whose chain keeps existing connections (`Chain.keep`): (policy, KEEP_MARK,
-  0, 0) with a 64-bit prefix; KEEP_MARK (0) is no identity, so no packet's
-  lookup can match it. When the policy generation changes, the program judges
-  a tracked connection again and cuts it if denied, unless the policy of every
-  denying side's deciding stage has the mark (`keeps_connection`), as the
-  agent's revoker decides on nftables (the deciding tier, or the NetworkPolicy
-  chain a Pass led to).
+  passes). What keeps existing connections is marked two ways, as the agent's
+  revoker decides on nftables (the deciding tier policy, or the NetworkPolicy
+  chain a Pass led to): a tier's Deny from a policy annotated keep
+  (`ChainRule.keep`) has KEEP_BIT in its value (DENY_VALUE | KEEP_BIT, painted
+  like any other action, so a kept and a cut Deny are different entries); a
+  NetworkPolicy chain that keeps (`Chain.keep`), whose denial is a miss and so
+  has no entry to mark, has one more entry, (policy, KEEP_MARK, 0, 0) with a
+  64-bit prefix; KEEP_MARK (0) is no identity, so no packet's lookup can match
+  it. When the policy generation changes, the program judges a tracked
+  connection again and cuts it if denied, unless every denying side's
+  deciding entry has KEEP_BIT or its stage's policy has the mark
+  (`keeps_connection`).
 * **meta**: the definitions of identities, policies, chains and sets as JSON
   chunks, so that a new process reads the maps back into the `Ruleset` they
   enforce (`ruleset_of`) and adopts them; selector members and named ports are
@@ -101,6 +105,7 @@ ADDR_BITS = {4: 32, 6: 128}
 # A policy entry's value: what a match does (a NetworkPolicy chain's entries all allow).
 ALLOW_VALUE, DENY_VALUE, PASS_VALUE = 1, 2, 3
 ACTION_VALUE = {ALLOW: ALLOW_VALUE, DENY: DENY_VALUE, PASS: PASS_VALUE}
+KEEP_BIT = 1 << 8  # with DENY_VALUE: a tier's Deny that keeps existing connections
 MAX_STAGES = 2  # chains judging one side in turn: an Admin tier, then NetworkPolicy or Baseline
 # A stage in the ipcache: its policy, and what the program does on a miss.
 STAGE_TIER = 1 << 30  # a tier's policy: a miss passes on (a NetworkPolicy's denies)
@@ -326,7 +331,7 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
         if r not in staged:
             continue  # an entry only (a link chain): its stages hold the rules
         enforced = rs.chains[r.chain]
-        spaces = [(peer, space, ACTION_VALUE[rule.action]) for rule in enforced.rules
+        spaces = [(peer, space, _value(rule)) for rule in enforced.rules
                   for peer, space in _rule_spaces(r, rule, identities, by_set, by_named)]
         if enforced.final:
             keys.update(dict.fromkeys(_union_keys(pid, spaces), ALLOW_VALUE))
@@ -357,6 +362,13 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
                                                      a.comment)
             for name, a in rs.sets.items()}
     return BpfState(identities, policies, dict(rs.chains), sets, ipcache, keys)
+
+
+def _value(rule: ChainRule) -> int:
+    """A rule's action as a policy entry's value (only a Deny's keep matters: it cuts)."""
+    if rule.keep and rule.action == DENY:
+        return DENY_VALUE | KEEP_BIT
+    return ACTION_VALUE[rule.action]
 
 
 def stages(rs: Ruleset, entry: str) -> tuple[str, ...]:
@@ -550,14 +562,18 @@ def _policy_lookup(state: BpfState, pid: int, ident: int, proto: int, port: int
     return None
 
 
+Denial = tuple[int, int]  # (the denying stage's policy, 0: none; the entry's value)
+
+
 def _denying(state: BpfState, stages: tuple[int, ...], ident: int, fam: int, proto: int,
-             port: int) -> int:
-    """The policy of the stage that denies a side (the program's `side_denies`), 0 when
-    it passes: the peer's identity, else ANY if the stage has ANY entries; a miss
-    passes on in a tier's stage and denies in a NetworkPolicy's."""
+             port: int) -> Denial:
+    """The stage that denies a side and the value that did (the program's
+    `side_denies`), (0, 0) when it passes: the peer's identity, else ANY if the stage
+    has ANY entries; a miss passes on in a tier's stage and denies in a
+    NetworkPolicy's."""
     for stage in stages:
         if not stage:
-            return 0
+            break
         pid = stage & STAGE_POLICY
         action = _policy_lookup(state, pid, ident, proto, port)
         if action is None and stage & STAGE_ANY:
@@ -565,19 +581,19 @@ def _denying(state: BpfState, stages: tuple[int, ...], ident: int, fam: int, pro
         if action is None:
             action = PASS_VALUE if stage & STAGE_TIER else DENY_VALUE
         if action == ALLOW_VALUE:
-            return 0
+            break
         if action != PASS_VALUE:
-            return pid
-    return 0
+            return pid, action
+    return 0, 0
 
 
 def _sides(state: BpfState, src: str, dst: str, protocol: str, port: int
-           ) -> tuple[int, int]:
-    """The policies denying the source's egress and the destination's ingress (0: none)."""
+           ) -> tuple[Denial, Denial]:
+    """What denies the source's egress and the destination's ingress ((0, 0): nothing)."""
     s, d = parse_ip(src), parse_ip(dst)
     assert s is not None and d is not None
     if s == d:
-        return 0, 0
+        return (0, 0), (0, 0)
     proto = PROTOCOLS[protocol]
     si, di = _lookup_ip(state, s), _lookup_ip(state, d)
     return (_denying(state, si[5:7], di[0], s.version, proto, port),
@@ -586,15 +602,16 @@ def _sides(state: BpfState, src: str, dst: str, protocol: str, port: int
 
 def allows(state: BpfState, src: str, dst: str, protocol: str, port: int) -> bool:
     """What the program decides for a new connection (the program's `judge`, in Python)."""
-    return _sides(state, src, dst, protocol, port) == (0, 0)
+    return _sides(state, src, dst, protocol, port) == ((0, 0), (0, 0))
 
 
 def keeps_connection(state: BpfState, src: str, dst: str, protocol: str, port: int) -> bool:
     """Whether the program, judging a tracked connection again after a policy change,
-    lets it live: allowed, or the deciding policy of every denying side carries the
-    keep mark."""
-    return all(not pid or _policy_lookup(state, pid, KEEP_MARK, 0, 0) is not None
-               for pid in _sides(state, src, dst, protocol, port))
+    lets it live: allowed, or every denying side kept (its deciding entry has
+    KEEP_BIT, or its stage's policy the keep mark)."""
+    return all(not pid or value & KEEP_BIT
+               or _policy_lookup(state, pid, KEEP_MARK, 0, 0) is not None
+               for pid, value in _sides(state, src, dst, protocol, port))
 
 
 # ---- back to the ruleset ------------------------------------------------------------------
@@ -653,6 +670,8 @@ def _rule_doc(r: ChainRule) -> dict[str, object]:
                               "ports": [list(p) for p in r.ports], "comment": r.comment}
     if r.action != ALLOW:  # only then: a rule reads as it did before tiers existed
         doc["action"] = r.action
+    if r.keep:  # likewise
+        doc["keep"] = True
     return doc
 
 
@@ -730,7 +749,8 @@ def decode(maps: Mapping[str, Mapping[bytes, bytes]], meta: Mapping[bytes, bytes
         elif kind == b"c":
             rules = tuple(ChainRule(r["family"], r["peer_set"], r["named_set"], r["protocol"],
                                     tuple((int(a), int(b)) for a, b in r["ports"]),
-                                    r["comment"], str(r.get("action", ALLOW)))
+                                    r["comment"], str(r.get("action", ALLOW)),
+                                    bool(r.get("keep", False)))
                           for r in doc["rules"])
             chains[doc["name"]] = Chain(doc["name"], doc["direction"], rules, doc["comment"],
                                         bool(doc.get("keep", False)), str(doc.get("tier", "")),

@@ -45,7 +45,11 @@ a later fragment is judged with them, and one without is dropped (counted as
 judged by up to two stages (Admin, then NetworkPolicy or Baseline), each one
 policy-map lookup whatever the number of rules (two when its policy has a rule
 without a peer condition); `compile.bpf` resolves each tier's first match into the
-entries.
+entries. A tracked connection a policy change now denies is cut unless every denying
+side keeps it, as the agent's revoker decides on nftables: a tier's Deny is kept
+only when its own ClusterNetworkPolicy is annotated `stockade.io/existing-connections:
+keep` (its entries carry `KEEP_BIT`), a NetworkPolicy chain's denial when a policy of
+the chain is (its keep mark).
 
 **Versions.** Maps pinned by a version with another layout (before tiers, the
 ipcache's values were 12 bytes) are refused with a clear error before anything is
