@@ -48,7 +48,8 @@ from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
 PLUGIN = str(Path(sys.executable).parent / "stockade-cni")
-THIN = str(Path(__file__).resolve().parent.parent / "build" / "cni" / "stockade-cni")
+HERE = Path(__file__).resolve().parent.parent
+THIN = str(HERE / "build" / "cni" / "stockade-cni")
 REFERENCE = "/usr/lib/cni"
 POD = "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns3;K8S_POD_NAME={name}"
 LABELS = {"app": "app7", "tier": "api", "env": "prod"}
@@ -218,6 +219,52 @@ def run_size(bench: Bench, rounds: int, size: str,
                  f"{wall * 1000:.0f}", ""))
 
 
+def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
+    """The thin plugin's goal measures (an ADD alone, `--parallel` at once) with this tree's
+    agent and `--baseline`'s, both loaded, taking turns: a busy machine weighs on both."""
+    from agent import TreeAgent, baseline_tree
+
+    with baseline_tree(args.baseline) as src:
+        trees = {"this tree": HERE / "src", args.baseline: src}
+        docs = manifests(make_cluster(args.pods, args.policies))
+        benches: dict[str, Bench] = {}
+        alone: dict[str, list[float]] = {name: [] for name in trees}
+        each: dict[str, list[float]] = {name: [] for name in trees}
+        walls: dict[str, list[float]] = {name: [] for name in trees}
+        try:
+            for j, (name, tree) in enumerate(trees.items()):
+                d = tmp / f"v{j}"
+                d.mkdir()
+                host = f"{tag}-host-v{j}"
+                create_netns(host)
+                agent = TreeAgent(d, host, tree)
+                agent.cmd += ["--bridge-prefix", "bc"]
+                benches[name] = Bench(f"{tag}-v{j}", d, host, agent)
+                agent.start()
+                agent.call("apply", documents=[SELECTING])
+                agent.call("apply", documents=docs)
+            for i in range(max(1, args.rounds // 5)):
+                for name in (list(trees) if i % 2 else list(trees)[::-1]):
+                    bench = benches[name]
+                    adds, _ = bench.main_mode(5, bench.conf(), THIN)
+                    alone[name] += adds
+                    wall, took = bench.parallel(args.parallel, THIN)
+                    each[name] += took
+                    walls[name].append(wall)
+        finally:
+            for bench in benches.values():
+                bench.agent.stop()
+    size = f"{args.pods} eps/{args.policies + 1} pols"
+    print(f"thin plugin, {size}, {args.baseline} and this tree taking turns (p50 / p99 ms):")
+    for name in trees:
+        ms = [v * 1000 for v in alone[name]]
+        par = [v * 1000 for v in each[name]]
+        print(f"  [{name}] ADD {statistics.median(ms):.0f} / {pct(ms, 99):.0f} "
+              f"({len(ms)} calls); {args.parallel} at once, each "
+              f"{statistics.median(par):.0f} / {pct(par, 99):.0f} ({len(par)} calls), wall "
+              + ", ".join(f"{w * 1000:.0f}" for w in walls[name]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=100)
@@ -225,10 +272,21 @@ def main() -> None:
     ap.add_argument("--policies", type=int, default=500)
     ap.add_argument("--parallel", type=int, default=50)
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
+    ap.add_argument("--baseline", help="an earlier commit: only the thin plugin's goal "
+                    "measures, loaded, this tree and that one taking turns")
     args = ap.parse_args()
     tag = f"bc{secrets.token_hex(2)}"
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-cni-"))
     rows: list[tuple[str, str, str, str]] = []
+    if args.baseline:
+        try:
+            side_by_side(args, tag, tmp)
+        finally:
+            for name in os.listdir("/run/netns"):
+                if name.startswith(f"{tag}-"):
+                    remove_netns(name)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         for big in (False, True):
             d = tmp / ("big" if big else "empty")
@@ -268,9 +326,9 @@ def main() -> None:
     by = {name: (p50, p99) for name, _, p50, p99 in loaded}
     for kind, label in (("ADD main mode, agent's pool", "Python plugin"),
                         ("ADD main mode, thin plugin", "thin plugin")):
-        p99 = float(by[kind][1])
-        out.goal(f"ADD to enforced p99 <= 50 ms ({size}, {label})", f"{p99:.0f} ms",
-                 p99 <= 50)
+        worst = float(by[kind][1])
+        out.goal(f"ADD to enforced p99 <= 50 ms ({size}, {label})", f"{worst:.0f} ms",
+                 worst <= 50)
     for kind, label in ((f"ADD, {args.parallel} at once (each)", "Python plugin"),
                         (f"ADD, thin plugin, {args.parallel} at once (each)", "thin plugin")):
         each = float(by[kind][1])
