@@ -476,7 +476,10 @@ def _policy_spec(strict: _Strict, value: Any) -> PolicySpec:
     selectors and peers they then share are answered once downstream. Only a
     spec without unknown fields is kept (their paths are reported later).
     """
-    key = repr(value) if type(value) is dict else None
+    try:
+        key = repr(value) if type(value) is dict else None
+    except ValueError:  # an integer too long to print: decoded (and refused) field by field
+        key = None
     found = _SPECS.get(key) if key is not None else None
     if found is not None:
         return found
