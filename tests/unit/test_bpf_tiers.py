@@ -21,6 +21,7 @@ from tests.property.tier_strategies import cnp_scenarios
 
 from stockade.agent.revoke import keeping_policies, should_cut
 from stockade.compile import bpf, interpret
+from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import (
     ADDR,
     ALLOW,
@@ -110,6 +111,23 @@ def test_a_delta_between_tiered_states(a: Scenario, b: Scenario) -> None:
         full = bpf.map_delta(old, new)
         assert bpf.state_delta(first, second, slot) == full
         assert bpf.apply_delta(old, full) == new
+
+
+@settings(max_examples=60, deadline=None)
+@given(sc=cnp_scenarios(DENSE, max_cnps=3), data=st.data())
+def test_an_annotation_changed_on_the_agent_is_a_changed_rule(sc: Scenario,
+                                                              data: st.DataObject) -> None:
+    # the agent compiles incrementally: policies annotated afterwards must give the
+    # ruleset (rules' keep included) a full compilation gives, and so the same maps
+    inc = IncrementalCompiler.of(sc.cluster)
+    changed = _annotated(sc.cluster, data)
+    for p in changed.cluster_policies:
+        inc.upsert_cluster_policy(p)
+    for p in changed.policies:
+        inc.upsert_policy(p)
+    rs = compile_cluster(changed)
+    assert inc.ruleset() == rs
+    assert bpf.ruleset_of(bpf.compile_state(inc.ruleset())) == rs
 
 
 KEPT: list[tuple[int, int, int]] = []  # (denied flows kept, denied flows cut, tier-kept)
