@@ -218,10 +218,13 @@ def test_admin_beats_networkpolicy_and_baseline(trio, datapath, servers) -> None
 
 
 def test_a_new_process_adopts_tiers_without_writing(trio, datapath, servers) -> None:
+    # the Admin policy keeps connections: its Deny rule's keep is read back too
     admin = _admin_in("admin", "a", _rule(PASS, "b", TCP80), _rule(DENY, None))
+    admin = dataclasses.replace(admin, annotations=Labels({KEEP_ANNOTATION: "keep"}))
     baseline = _admin_in("baseline", "a", _rule(ACCEPT, "b"), tier=BASELINE)
     rs = compile_cluster(_tiered(trio, (), (admin, baseline)))
     assert any(ch.calls for ch in rs.chains.values())
+    assert any(r.keep for ch in rs.chains.values() for r in ch.rules)
     datapath.apply(rs)
     before = datapath.snapshot().table
     again = EbpfDatapath(netns=trio.host_netns)
