@@ -166,8 +166,10 @@ class TableMonitor:
             try:
                 data = self.sock.recv(1 << 20)
             except OSError as exc:
-                # ENOBUFS: events were lost; assume the worst and look.
-                log.warning("nftables events lost (%s); checking the table", exc)
+                # ENOBUFS: events were lost; the listener decides whether to look (an
+                # owned table, which no one else can change, waits for the periodic check).
+                log.warning("nftables events lost (%s); the table is checked unless owned",
+                            exc)
                 pending = None
                 if self.on_event is not None:
                     self.on_event(TableEvent(0, lost=True))
