@@ -26,6 +26,10 @@ ratios are to that baseline taken right before; the variants take turns,
 changed (the last one becomes the first of its tier): the time to compile the
 whole cluster again and to apply the delta (one nft transaction), and the delta's
 size, are measured too.
+
+`--incremental` measures the agent's way instead, without a kernel (no root): one
+priority change through `IncrementalCompiler.upsert_cluster_policy`, then `.ruleset()`,
+beside the full compile of the changed cluster, and the plan's size.
 """
 
 from __future__ import annotations
