@@ -11,12 +11,13 @@ variants that add `--cnps` ClusterNetworkPolicies:
   selecting it (a fiftieth of them here): the per-packet cost does not grow with
   the policies of other namespaces;
 - `admin, every ns`: the same policies each selecting every namespace: every new
-  connection walks the server's ingress and the client's egress Admin chain, all of
-  it, and goes on (to the server's NetworkPolicy chain; the client's egress is then
-  unrestricted). The worst case: every policy selects the pod and no rule decides;
+  connection meets the server's ingress and the client's egress Admin chain, with
+  all 1,000 policies' rules in it, and goes on (to the server's NetworkPolicy chain;
+  the client's egress is then unrestricted). Walked rule by rule that was the worst
+  case; as verdict maps (compile/tiermap.py) it is a few lookups per chain;
 - `baseline, every ns`: the same as Baseline policies: the server is isolated by a
-  NetworkPolicy, so its ingress never reaches them, but the client's egress walks
-  the Baseline chain to the end;
+  NetworkPolicy, so its ingress never reaches them, but the client's egress goes
+  through the Baseline chain to its end;
 - `both, every ns`: both tiers.
 
 Each variant gets a fresh host namespace (bench/datapaths.py `Pair`): the packet
@@ -236,8 +237,8 @@ def main() -> None:
     elapsed = time.monotonic() - t_start
     print(f"\n{len(base_cluster.endpoints):,} endpoints, {len(base_cluster.policies):,} "
           f"NetworkPolicies, {args.cnps:,} ClusterNetworkPolicies per tier in the variants "
-          f"that have them (no rule matches the bench traffic, so each new connection walks "
-          f"every rule of the policies selecting its ends); nftables; {args.rounds} rounds, the "
+          f"that have them (no rule matches the bench traffic: each new connection goes "
+          f"through every tier chain of its ends); nftables; {args.rounds} rounds, the "
           f"variants in turn, each in a fresh namespace with its own no-ruleset baseline "
           f"right before; median (min-max). Run took {elapsed / 60:.0f} min.\n")
     print_markdown(("measure", *VARIANTS), rows)
