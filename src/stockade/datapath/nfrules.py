@@ -36,9 +36,13 @@ from stockade.compile.ir import (
     Chain,
     ChainRule,
 )
-from stockade.compile.nft import MAPS, Table, chain_rules
+from stockade.compile.nft import DECISION, DENIED, MAPS, Table, chain_rules
 from stockade.compile.plan import Plan
-from stockade.datapath.nfnetlink import element_item, element_list_messages, element_messages
+from stockade.datapath.nfnetlink import (
+    element_item,
+    element_list_messages,
+    element_messages,
+)
 from stockade.netlink import NLM_F_CREATE, attr, attr_str, attr_u32, attr_u64, nested
 
 log = logging.getLogger("stockade.dataplane")
@@ -396,6 +400,8 @@ def encode_plan(table: Table, p: Plan) -> list[Message] | None:
         out += [(NFT_MSG_DELCHAIN, 0, attr_str(NFTA_CHAIN_TABLE, name)
                  + attr_str(NFTA_CHAIN_NAME, c)) for c in p.del_chains]
         for s, els in p.del_elements:
+            if s.kind in (DECISION, DENIED):
+                raise Unsupported("elements of a tier map")  # (no raw encoding here yet)
             if s.kind == NET:
                 continue  # rewritten whole with its additions, as render_plan does
             if s.kind not in (ADDR, ADDR_PORT):
