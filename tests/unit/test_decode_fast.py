@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from stockade.errors import DecodeError
-from stockade.model.decode import decode_pod, decode_pod_reference
+from stockade.model.decode import decode_network_policy, decode_pod, decode_pod_reference
 
 Doc = dict[str, Any]
 
@@ -109,3 +109,20 @@ def test_replicas_share_their_ports() -> None:
     second["spec"]["containers"] = [{"name": "main"}, {"name": "side", "ports": [http]}]
     assert [p.path for p in decode_pod(first).ports] == ["spec.containers[0].ports[0]"]
     assert [p.path for p in decode_pod(second).ports] == ["spec.containers[1].ports[0]"]
+
+
+@pytest.mark.parametrize("value", ["deep", "long"])
+def test_a_spec_without_a_key_is_decoded_field_by_field(value: str) -> None:
+    # Equal specs are found by their repr, which some values refuse: nested too
+    # deeply, or an integer too long to print. Such a spec is decoded as any other
+    # (here its unknown field is the error), never a crash.
+    odd: Any = 10**5000
+    if value == "deep":
+        odd = []
+        for _ in range(100_000):
+            odd = [odd]
+    doc = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": "a", "namespace": "b"},
+           "spec": {"podSelector": {}, "extra": odd}}
+    with pytest.raises(DecodeError, match="unknown field"):
+        decode_network_policy(doc)

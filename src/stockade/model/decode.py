@@ -478,8 +478,8 @@ def _policy_spec(strict: _Strict, value: Any) -> PolicySpec:
     """
     try:
         key = repr(value) if type(value) is dict else None
-    except ValueError:  # an integer too long to print: decoded (and refused) field by field
-        key = None
+    except (ValueError, RecursionError):  # an integer too long to print, or a value
+        key = None  # nested too deeply: decoded (and refused) field by field
     found = _SPECS.get(key) if key is not None else None
     if found is not None:
         return found
