@@ -94,3 +94,29 @@ def test_compile_leaves_the_collector_as_it_found_it(capsys: pytest.CaptureFixtu
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def _command(*argv: str, stdout: object = subprocess.PIPE) -> subprocess.CompletedProcess[bytes]:
+    """The console script as a user runs it (main() without argv)."""
+    code = "import sys; from stockade.cli.main import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *argv], stdout=stdout,
+                          stderr=subprocess.PIPE, check=False)
+
+
+def test_the_command_ends_at_once_with_its_whole_output(capsys: pytest.CaptureFixture[str]) -> None:
+    """The console script leaves without freeing what it built (os._exit after a flush):
+    every byte is still written, and the exit code is the command's."""
+    code, out, _ = run(capsys, "compile", "-f", *FILES, "-o", "nft")
+    done = _command("compile", "-f", *FILES, "-o", "nft")
+    assert (done.returncode, done.stdout.decode()) == (code, out) == (0, out)
+    assert len(out) > 1000
+    bad = _command("compile", "-f", "/nonexistent/cluster.yaml")
+    assert bad.returncode == 2 and b"/nonexistent/cluster.yaml" in bad.stderr
+
+
+def test_an_output_that_cannot_be_written_is_exit_2_without_a_traceback() -> None:
+    with open("/dev/full", "wb") as full:
+        done = _command("compile", "-f", *FILES, "-o", "nft", stdout=full)
+    assert done.returncode == 2
+    assert done.stderr.decode().strip() == ("stockade: cannot write the output: "
+                                            "No space left on device")

@@ -23,9 +23,13 @@ import itertools
 import json
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stockade.cli.inputs import add_files
+from stockade.errors import StockadeError
+
+if TYPE_CHECKING:
+    from stockade.compile.ir import Ruleset
 
 FORMATS = ("nft", "json", "stats")
 
@@ -41,7 +45,7 @@ def register(sub: Any) -> None:
     p.add_argument("--table", default="stockade", help="the nftables table's name (nft output)")
     p.add_argument("--strict-cidr", action="store_true",
                    help="turn on the StrictIPCIDRValidation rules (as `dataplane apply`)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, one_shot=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +69,16 @@ def _run(args: argparse.Namespace) -> int:
 
     ruleset = compile_cluster(load_cluster(args.files, strict_cidr=args.strict_cidr,
                                            recursive=args.recursive))
+    try:
+        _write(args, ruleset)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise StockadeError(f"cannot write the output: {exc.strerror or exc}") from None
+    return 0
+
+
+def _write(args: argparse.Namespace, ruleset: Ruleset) -> None:
     out = sys.stdout
     if args.output == "stats":
         out.write("".join(f"{k} {v}\n" for k, v in ruleset.counts().items()))
@@ -76,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         from stockade.compile.nft import Table, render_full
 
         write_json(out, {"nftables": render_full(Table(args.table), ruleset)})
-    return 0
+    out.flush()
 
 
 def _forget() -> None:

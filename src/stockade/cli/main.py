@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -61,7 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     args = sys.argv[1:] if argv is None else list(argv)
     first = next((a for a in args if not a.startswith("-")), None)
-    return execute(build_parser(first).parse_args(args))
+    parsed = build_parser(first).parse_args(args)
+    code = execute(parsed)
+    if argv is None and getattr(parsed, "one_shot", False):
+        # The process ends here: freeing millions of objects one by one at interpreter
+        # exit (a second at 100,000 pods) serves no one. Callers of main() in-process
+        # (argv given) return as usual.
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            pass  # a reader that stopped early, as execute() treats it
+        except OSError as exc:
+            print(f"stockade: cannot write the output: {exc}", file=sys.stderr)
+            code = code or 1
+        os._exit(code)
+    return code
 
 
 def execute(args: argparse.Namespace, prog: str = "stockade") -> int:
