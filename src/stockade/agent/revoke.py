@@ -36,9 +36,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from stockade.engine.evaluate import Evaluator, Flow, Side, Verdict
-from stockade.model.cnp import ADMIN, BASELINE
+from stockade.model.cnp import ADMIN, BASELINE, ClusterNetworkPolicy
 from stockade.model.connection import ConnEntry
-from stockade.model.policy import KEEP, KEEP_ANNOTATION, keeps_connections
+from stockade.model.policy import KEEP_ANNOTATION, NetworkPolicy, keeps_connections
 
 CANDIDATES = frozenset({"TCP", "UDP", "SCTP"})
 # Nothing flows on these any more: deleting them would only cost a message.
@@ -64,10 +64,10 @@ def flow_of(entry: ConnEntry, evaluator: Evaluator) -> Flow | None:
 def keeping_policies(evaluator: Evaluator, keep_key: str = KEEP_ANNOTATION) -> frozenset[str]:
     """Keys of the policies annotated `<keep_key>: keep`: NetworkPolicies' (`ns/name`)
     and ClusterNetworkPolicies' (their names, which have no slash)."""
-    tiers = {p.key for p in evaluator.cluster.cluster_policies
-             if p.annotations.get(keep_key, "").strip().lower() == KEEP}
-    return frozenset(p.key for p in evaluator.cluster.policies
-                     if keeps_connections(p, keep_key)) | tiers
+    cluster = evaluator.cluster
+    policies: tuple[NetworkPolicy | ClusterNetworkPolicy, ...] = (
+        *cluster.policies, *cluster.cluster_policies)
+    return frozenset(p.key for p in policies if keeps_connections(p, keep_key))
 
 
 def _kept(side: Side, keep: frozenset[str]) -> bool:
