@@ -1,8 +1,7 @@
-"""ClusterNetworkPolicy tiers on the eBPF datapath, with real packets.
+"""ClusterNetworkPolicy tiers on the eBPF datapath, with real packets (the shared corpus
+and random clusters on every datapath: test_cnp_conformance_kernel.py and
+test_cnp_kernel_property.py).
 
-* the shared ClusterNetworkPolicy corpus passes with `--datapath ebpf`;
-* random clusters with NetworkPolicies and tiers, programmed into the maps, agree
-  with the evaluator pair by pair (IPv4: the case prober's family);
 * over IPv4 and IPv6 on the trio: an Admin Pass goes on to NetworkPolicy or
   Baseline (it is no drop), an Admin Deny beats a NetworkPolicy that allows, an
   Admin Accept beats a Baseline Deny;
@@ -20,25 +19,14 @@ prefix, removed whatever happens); the datapath's pins are removed and checked g
 from __future__ import annotations
 
 import dataclasses
-import re
-import secrets
 import time
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
-from tests.property.strategies import Scenario, Universe
-from tests.property.tier_strategies import cnp_scenarios
-from tests.support import shared
 
 from stockade.agent.revoke import keeping_policies, should_cut
-from stockade.cli.main import main
 from stockade.compile import bpf as bpfc
-from stockade.compile.interpret import allows
 from stockade.compile.lower import compile_cluster
-from stockade.conformance import kernel as conformance_kernel
-from stockade.conformance.case import Case, ProbeGroup
-from stockade.conformance.kernel import KernelDatapath
 from stockade.datapath.ebpf import EbpfDatapath
 from stockade.engine.evaluate import Evaluator
 from stockade.model.cluster import Cluster
@@ -57,7 +45,6 @@ from stockade.model.cnp import (
 from stockade.model.labels import Labels
 from stockade.model.policy import KEEP_ANNOTATION, NetworkPolicy
 from stockade.model.selector import Selector
-from stockade.net.namespace import list_netns
 from stockade.probe.protocol import Port, Protocol
 
 from . import test_agent
@@ -69,69 +56,8 @@ from .test_agent_cnp import apply, cnp, pods
 pytestmark = pytest.mark.privileged
 agent = test_agent.agent  # the fixture: an agent process on the trio, its datapath a parameter
 
-CORPUS = shared("conformance-cnp")
-UNIVERSE = Universe(ipv4_net="10.79.0.0/26", max_pods=5, max_policies=2).with_features(
-    ipv6=False)
-OUTCOMES: list[tuple[int, int]] = []  # (allowed, denied) per example
 TCP80, TCP81, UDP80 = Port(80, Protocol.TCP), Port(81, Protocol.TCP), Port(80, Protocol.UDP)
 ECHO_PORT = 7777
-
-
-def test_the_corpus_passes_on_ebpf(capsys: pytest.CaptureFixture[str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    if not CORPUS.is_dir():
-        pytest.fail(f"the ClusterNetworkPolicy corpus is missing at {CORPUS}")
-    tag = secrets.token_hex(2)
-    monkeypatch.setattr(conformance_kernel.secrets, "token_hex", lambda _n: tag)
-    cases = len([p for p in CORPUS.glob("*.yaml") if p.name != "standard-cluster.yaml"])
-    code = main(["conformance", str(CORPUS), "--datapath", "ebpf"])
-    out = capsys.readouterr().out
-    assert re.fullmatch(rf"{cases} passed, 0 failed", out.strip().splitlines()[-1]), out[-3000:]
-    assert code == 0
-    assert [n for n in list_netns() if n.startswith(f"sc{tag}")] == []
-
-
-@pytest.fixture(scope="module")
-def kernel() -> Iterator[KernelDatapath]:
-    dp = KernelDatapath(probe_timeout=0.5, datapath="ebpf")
-    try:
-        yield dp
-    finally:
-        dp.close()
-
-
-@settings(max_examples=20, deadline=None)
-@given(sc=cnp_scenarios(UNIVERSE, max_probes=3))
-def test_the_maps_agree_with_the_evaluator_on_tiers(kernel: KernelDatapath,
-                                                    sc: Scenario) -> None:
-    cluster = sc.cluster
-    groups = tuple(ProbeGroup(port, proto, True, frozenset()) for port, proto in sc.probes)
-    case = Case("cnp-ebpf-property", "", cluster, groups)
-    seen = kernel.judge(case)
-    ev = Evaluator(cluster)
-    rs = compile_cluster(cluster)
-    state = bpfc.compile_state(rs)
-    by_key = {ep.key: ep for ep in cluster.endpoints}
-    wrong = []
-    for (gi, src, dst), got in seen.items():
-        group = groups[gi]
-        flow = ev.flow(by_key[src], by_key[dst], group.port, group.protocol)
-        want = ev.allowed(flow)
-        interpreted = allows(rs, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
-        modelled = bpfc.allows(state, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
-        if not got == want == interpreted == modelled:
-            wrong.append(f"{group.render()} {src} -> {dst}: kernel {got}, interpreted "
-                         f"{interpreted}, modelled {modelled}, evaluator {want}")
-    assert len(seen) == len(groups) * len(case.pairs())
-    assert not wrong, "\n".join(wrong)
-    OUTCOMES.append((sum(seen.values()), sum(not v for v in seen.values())))
-
-
-def test_the_examples_exercised_both_verdicts() -> None:
-    """Worth something only if the program had to drop packets and let others through."""
-    if not OUTCOMES:
-        pytest.fail("runs after the property test, in the same session")
-    assert sum(a for a, _ in OUTCOMES) > 0 and sum(d for _, d in OUTCOMES) > 0
 
 
 # ---- the trio: hand-written tiers, both families ----------------------------------------

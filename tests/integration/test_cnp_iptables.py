@@ -1,33 +1,21 @@
 """ClusterNetworkPolicy tiers on the iptables + ipset datapath, with real packets.
 
-On both iptables backends (nf_tables and legacy): the shared ClusterNetworkPolicy
-corpus, random clusters with both kinds of policy (every probed verdict must be
-the evaluator's), a Pass that must not be a drop, drift in a tier's chains, and
-a restart that adopts the tiers without writing anything.
+On both iptables backends (nf_tables and legacy): a Pass that must not be a drop,
+drift in a tier's chains, and a restart that adopts the tiers without writing
+anything (the shared corpus and random clusters on every datapath:
+test_cnp_conformance_kernel.py and test_cnp_kernel_property.py).
 """
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
-from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
-from tests.property.strategies import Scenario, Universe
-from tests.property.tier_strategies import cnp_scenarios
-from tests.support import shared
 
 from stockade.agent.flowlog import DeniedFlow, FlowLogReader
-from stockade.cli.main import main
-from stockade.compile.interpret import allows
 from stockade.compile.iptables import Layout
 from stockade.compile.lower import compile_cluster
-from stockade.conformance import kernel
-from stockade.conformance.case import Case, ProbeGroup
-from stockade.conformance.kernel import KernelDatapath
-from stockade.datapath.iptables import BACKEND_ENV, IptablesDatapath
+from stockade.datapath.iptables import IptablesDatapath
 from stockade.engine.evaluate import Evaluator
 from stockade.model.cluster import Cluster
 from stockade.model.cnp import (
@@ -42,7 +30,6 @@ from stockade.model.cnp import (
 )
 from stockade.model.labels import Labels
 from stockade.model.selector import Selector
-from stockade.net.namespace import list_netns
 from stockade.probe.protocol import Port
 
 from .clusters import PORTS, allow_only, cluster, probe
@@ -51,90 +38,12 @@ from .test_iptables_datapath import _ipt, _run
 
 pytestmark = pytest.mark.privileged
 
-CORPUS = shared("conformance-cnp")
 BACKENDS = ["nft", "legacy"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-# ---- the shared corpus -----------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_the_cnp_corpus_passes_on_iptables(backend_name: str,
-                                           capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    if not CORPUS.is_dir():
-        pytest.fail(f"the ClusterNetworkPolicy corpus is missing at {CORPUS}")
-    monkeypatch.setenv(BACKEND_ENV, backend_name)
-    tag = secrets.token_hex(2)
-    monkeypatch.setattr(kernel.secrets, "token_hex", lambda _n: tag)
-    cases = len([p for p in CORPUS.glob("*.yaml") if p.name != "standard-cluster.yaml"])
-    assert cases == 32
-    code = main(["conformance", str(CORPUS), "--datapath", "iptables"])
-    out = capsys.readouterr().out
-    assert re.fullmatch(rf"{cases} passed, 0 failed", out.strip().splitlines()[-1]), out[-3000:]
-    assert code == 0
-    assert [n for n in list_netns() if n.startswith(f"sc{tag}")] == []
-
-
-# ---- random clusters ---------------------------------------------------------------------------
-
-UNIVERSE = Universe(ipv4_net="10.79.0.0/26", max_pods=5, max_policies=2).with_features(
-    ipv6=False)
-OUTCOMES: dict[str, list[tuple[int, int]]] = {b: [] for b in BACKENDS}  # (allowed, denied)
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def tiered_kernel(request: pytest.FixtureRequest) -> Iterator[tuple[str, KernelDatapath]]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(BACKEND_ENV, request.param)
-        dp = KernelDatapath(probe_timeout=0.5, datapath="iptables")
-    try:
-        assert isinstance(dp.datapath, IptablesDatapath)
-        assert dp.datapath.backend == request.param
-        yield request.param, dp
-    finally:
-        dp.close()
-
-
-@settings(max_examples=15, deadline=None)
-@given(sc=cnp_scenarios(UNIVERSE, max_probes=3))
-def test_iptables_agrees_with_the_evaluator_on_tiers(
-        tiered_kernel: tuple[str, KernelDatapath], sc: Scenario) -> None:
-    backend_name, dp = tiered_kernel
-    cluster_ = sc.cluster
-    groups = tuple(ProbeGroup(port, proto, True, frozenset()) for port, proto in sc.probes)
-    case = Case("cnp-iptables-property", "", cluster_, groups)
-    seen = dp.judge(case)
-    ev = Evaluator(cluster_)
-    rs = compile_cluster(cluster_)
-    by_key = {ep.key: ep for ep in cluster_.endpoints}
-    wrong = []
-    for (gi, src, dst), got in seen.items():
-        group = groups[gi]
-        flow = ev.flow(by_key[src], by_key[dst], group.port, group.protocol)
-        want = ev.allowed(flow)
-        interpreted = allows(rs, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
-        if got != want or interpreted != want:
-            wrong.append(f"{group.render()} {src} -> {dst}: kernel {got}, "
-                         f"interpreted {interpreted}, model {want}")
-    assert len(seen) == len(groups) * len(case.pairs())
-    assert not wrong, "\n".join(wrong)
-    # what was programmed reads back as it was rendered
-    assert isinstance(dp.datapath, IptablesDatapath)
-    assert dp.datapath.diff(rs).empty
-    OUTCOMES[backend_name].append((sum(seen.values()), sum(not v for v in seen.values())))
-
-
-def test_the_examples_exercised_both_verdicts_on_both_backends() -> None:
-    """Worth something only if the kernel had to drop packets and let others through."""
-    for name, outcomes in OUTCOMES.items():
-        if not outcomes:
-            pytest.fail(f"runs after the property test, in the same session ({name})")
-        assert sum(a for a, _ in outcomes) > 0 and sum(d for _, d in outcomes) > 0, name
 
 
 # ---- the trio: a Pass, drift, a restart -------------------------------------------------------
