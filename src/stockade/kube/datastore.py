@@ -39,7 +39,8 @@ Decisions, and why:
   stockade's decoder refuses is held like a bad NetworkPolicy, by its reach: the
   endpoints its subject selects (every endpoint when even the subject cannot be
   read) are held fail-closed, and so are they all when the agent's datapath does
-  not enforce tiers (iptables, eBPF). Held endpoints are then also denied by an
+  not enforce tiers (every datapath does today; see agent.service.enforces_tiers).
+  Held endpoints are then also denied by an
   Admin policy before any other tier (agent/admission.py ``quarantine_tier``), so
   no Admin Accept reopens them.
 * **Two pods claiming one address** (an address reused before the old pod's
