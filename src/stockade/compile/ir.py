@@ -21,8 +21,10 @@ whatever comes after it: it is not entered but *called* by a small link chain
 (`calls`, no rules of its own) whose `next` is that endpoint's NetworkPolicy or
 Baseline chain. So a thousand policy sets under one Admin tier cost one copy of
 its rules, not a thousand.
-Chains are shared by every endpoint whose selecting policies are the same, and
-named by a hash of their rules; address sets are named by a hash of what defines
+Chains are shared by every endpoint whose selecting policies are the same. A
+NetworkPolicy chain is named by a hash of its rules; a tier chain by its
+policies' subjects, so a priority change or an edited rule rewrites it in place
+and moves no endpoint (see compile/tiers.py). Address sets are named by a hash of what defines
 them (a selector in a namespace, an ipBlock, a named port), not of their members,
 so a membership change is a change of set elements and nothing else.
 """

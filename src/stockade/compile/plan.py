@@ -150,8 +150,10 @@ def derived(new: Ruleset, old: Ruleset) -> Touched | None:
 def plan(old: Ruleset, new: Ruleset) -> Plan:
     """What turns `old` into `new`: added and removed sets, elements, chains, map entries.
 
-    Chains are named by their content, so a chain present in both is the same
-    chain; a set present in both differs at most in its elements. When `new` was
+    A NetworkPolicy chain is named by its content, so one present in both is the
+    same chain; a tier chain (named by its policies' subjects) present in both with
+    other rules is replaced in place. A set present in both differs at most in its
+    elements. When `new` was
     derived from `old` (see `derive`), only what may differ is examined.
     """
     touched = derived(new, old)
