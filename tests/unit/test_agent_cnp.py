@@ -218,7 +218,7 @@ def test_snapshots_carry_them(tmp_path: Path) -> None:
 
 
 def test_a_datapath_without_tiers_refuses_them_at_admission(tmp_path: Path) -> None:
-    agent = Agent(tmp_path, MemoryDatapath())  # says it enforces no tier
+    agent = Agent(tmp_path, MemoryDatapath())  # enforces no tier (by its name)
     try:
         with pytest.raises(ApiError) as err:
             agent.apply(*SCENE, cnp("deny-db", "Admin", 10, "Deny"))
