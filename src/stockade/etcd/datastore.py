@@ -31,13 +31,14 @@ lists, relists that never flush) with etcd reflectors. What etcd adds is writes:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -254,6 +255,14 @@ class EtcdFeed(KubeFeed):
                 self._note_published(res, obj, False)
             super().replace(res, items, resource_version)
             self._saw(res, int(resource_version or 0))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[object]:
+        """The events of one watch response (whole revisions) under the service's lock
+        at once: a write waiting for its revision (`commit`) wakes only when every event
+        of its transaction is in the state, not after the first of them."""
+        with self._lock, self.service.lock:
+            yield None
 
     def event(self, res: Resource, type: str, obj: dict[str, Any]) -> None:
         svc = self.service

@@ -30,6 +30,7 @@ A relist is diffed by the feed against what it holds: nothing is flushed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -217,20 +218,27 @@ class EtcdReflector(ReflectorLoop):
                     self.revision = rev
                     continue
                 top = rev
-                for ev in wr.events:
-                    key = self._key(ev.kv)
-                    top = max(top, ev.kv.mod_revision)
-                    if key is None:
-                        continue
-                    if ev.type == "DELETE":
-                        self.sink.event(DELETED, object_of(self.res, key, None,
-                                                           ev.kv.mod_revision))
-                    else:
-                        self.sink.event(ADDED if ev.kv.version == 1 else MODIFIED,
-                                        object_of(self.res, key, ev.kv, ev.kv.mod_revision))
-                    st.events += 1
-                    self._observe("event")
-                    delivered += 1
+                # One response holds whole revisions (a transaction's events are never
+                # split): a sink that can take them as one batch (`batch`) shows none of
+                # a revision until it has all of it, so a writer waiting for a revision
+                # never wakes halfway through its transaction.
+                batch = getattr(self.sink, "batch", contextlib.nullcontext)
+                with batch():
+                    for ev in wr.events:
+                        key = self._key(ev.kv)
+                        top = max(top, ev.kv.mod_revision)
+                        if key is None:
+                            continue
+                        if ev.type == "DELETE":
+                            self.sink.event(DELETED, object_of(self.res, key, None,
+                                                               ev.kv.mod_revision))
+                        else:
+                            self.sink.event(ADDED if ev.kv.version == 1 else MODIFIED,
+                                            object_of(self.res, key, ev.kv,
+                                                      ev.kv.mod_revision))
+                        st.events += 1
+                        self._observe("event")
+                        delivered += 1
                 rev = top
                 st.resource_version = str(rev)
                 self.revision = rev

@@ -57,6 +57,7 @@ Decisions, and why:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -320,6 +321,10 @@ class _Sink:
     def event(self, type: str, obj: dict[str, Any]) -> None:
         self.feed.event(self.res, type, obj)
 
+    def batch(self) -> contextlib.AbstractContextManager[object]:
+        """Events delivered together (one etcd watch response): see EtcdFeed.batch."""
+        return self.feed.batch()
+
 
 class KubeFeed:
     """Namespaces, NetworkPolicies and Pods of the API into the agent's service.
@@ -528,6 +533,10 @@ class KubeFeed:
             if len(self._listed) == len(self.reflectors):
                 self._sync_all()
             self._cond.notify_all()
+
+    def batch(self) -> contextlib.AbstractContextManager[object]:
+        """Events that belong together; the API's events each stand alone."""
+        return contextlib.nullcontext()
 
     def event(self, res: Resource, type: str, obj: dict[str, Any]) -> None:
         with self._lock:
