@@ -1,0 +1,121 @@
+"""A namespace's conntrack count, against the kernel, and the revocation that trusts it.
+
+The count is the namespace's own (nf_conntrack_count of its `struct net`), not
+the host table's: 0 in a fresh namespace while another holds entries, N after
+N connections there. `Visibility.revoke_now` skips the dump on a 0 only, and
+still cuts a revoked connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stockade.agent.metrics import agent_metrics
+from stockade.agent.prometheus import Registry
+from stockade.agent.visibility import Visibility
+from stockade.compile.lower import compile_cluster
+from stockade.datapath.conntrack import Conntrack
+from stockade.datapath.nft import NftDatapath
+from stockade.model.cluster import Cluster
+from stockade.net.namespace import create_netns, entered
+
+from .netio import EchoServer, connect, echo, receive
+from .test_agent_conntrack import PORT, _a_ingress_from, _cluster, _ours
+
+
+def _kernel_count(netns: str) -> int:
+    """The same counter as /proc shows it to a thread in the namespace."""
+    with entered(netns), open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+        return int(f.read())
+
+
+@pytest.fixture
+def fresh(netns_prefix: str) -> str:
+    """A new namespace, its loopback up (removed with the test's prefix)."""
+    name = f"{netns_prefix}-fresh"
+    create_netns(name)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    return name
+
+
+@pytest.fixture
+def held(trio) -> Iterator[tuple[NftDatapath, EchoServer, socket.socket]]:
+    """a isolated for ingress, b allowed on TCP/7777, and a connection b -> a held open."""
+    dp = NftDatapath(netns=trio.host_netns)
+    dp.apply(compile_cluster(_cluster(trio, _a_ingress_from("b"))))
+    with EchoServer(trio.a.netns, PORT) as server:
+        conn = connect(trio.b.netns, trio.a.address4, PORT)
+        try:
+            assert echo(conn, b"one")
+            yield dp, server, conn
+        finally:
+            conn.close()
+
+
+@pytest.mark.privileged
+def test_the_count_is_the_namespaces_own(trio, held, fresh: str) -> None:
+    with Conntrack(fresh) as ct, Conntrack(trio.host_netns) as host:
+        assert ct.count() == 0 and ct.entries() == []
+        assert _ours(host.entries(), trio)  # the held connection, in the other namespace
+        assert (host.count() or 0) >= 1
+    # conntrack hooks in `fresh` (a ct expression), then N loopback connections there
+    subprocess.run(["ip", "netns", "exec", fresh, "nft",
+                    "add table inet t; add chain inet t o { type filter hook output priority 0; };"
+                    " add rule inet t o ct state established accept"], check=True)
+    n = 5
+    held_sockets: list[socket.socket] = []
+    try:
+        with entered(fresh):
+            server = socket.create_server(("127.0.0.1", 0))
+        with server:
+            for _ in range(n):
+                with entered(fresh):
+                    client = socket.create_connection(server.getsockname(), timeout=2)
+                held_sockets += [client, server.accept()[0]]
+        with Conntrack(fresh) as ct:
+            assert ct.count() == n == _kernel_count(fresh)
+            assert len(ct.entries()) == n
+            assert {e.dst for e in ct.entries()} == {"127.0.0.1"}
+    finally:
+        for s in held_sockets:
+            s.close()
+
+
+def _visibility(cluster: Cluster, netns: str, tmp_path: Path) -> Visibility:
+    return Visibility(lambda: cluster, agent_metrics(Registry()), netns, None, str(tmp_path),
+                      revoke=False)
+
+
+@pytest.mark.privileged
+def test_an_empty_namespace_is_not_dumped(fresh: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: Conntrack) -> list[object]:
+        raise AssertionError("dumped a namespace the kernel counts empty")
+
+    monkeypatch.setattr(Conntrack, "entries", refuse)
+    assert _visibility(Cluster((), (), ()), fresh, tmp_path).revoke_now() == 0
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("counted", [True, False], ids=["counted", "count-unanswered"])
+def test_revoke_now_still_cuts_a_revoked_connection(trio, held, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    counted: bool) -> None:
+    dp, server, conn = held
+    if not counted:  # a kernel that does not answer the count: the pass dumps, as before
+        monkeypatch.setattr(Conntrack, "count", lambda self: None)
+    revoked = _cluster(trio, _a_ingress_from("c"))
+    dp.apply(compile_cluster(revoked))
+    assert echo(conn, b"two")  # established traffic outlives the policy that allowed it
+    vis = _visibility(revoked, trio.host_netns, tmp_path)
+    assert vis.revoke_now() == 1 and vis.cut_total == 1
+    assert not echo(conn, b"three")
+    server.push("pushed")
+    assert receive(conn) is None
+    with Conntrack(trio.host_netns) as ct:
+        assert not _ours(ct.entries(), trio)
