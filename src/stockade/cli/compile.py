@@ -17,15 +17,15 @@ Nothing here imports a kernel library: it is safe in CI.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import itertools
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from stockade.cli.inputs import add_files
+from stockade.compile.jsontext import dumps as _dumps
 from stockade.errors import StockadeError
 
 if TYPE_CHECKING:
@@ -87,9 +87,14 @@ def _write(args: argparse.Namespace, ruleset: Ruleset) -> None:
 
         write_json(out, ruleset_data(ruleset))
     else:
-        from stockade.compile.nft import Table, render_full
+        from stockade.compile.nft import Table
+        from stockade.compile.nft_text import full_load
 
-        write_json(out, {"nftables": render_full(Table(args.table), ruleset)})
+        # The commands' texts, built from pieces each encoded once: the same bytes as
+        # `write_json(out, {"nftables": render_full(...)})`, at a third of the cost.
+        out.write("{\n" + json.dumps("nftables") + ": ")
+        _write_items(out, "[", full_load(Table(args.table), ruleset), "]")
+        out.write("\n}\n")
     out.flush()
 
 
@@ -137,19 +142,3 @@ def _write_items(out: Any, opening: str, items: Iterator[str], closing: str) -> 
 
 
 _BATCH = 4096
-
-
-def _encoder() -> Callable[[Any], str]:
-    """`json.dumps` with its defaults, but without the encoder's cycle bookkeeping and
-    the set-up of each call (a few µs, for hundreds of thousands of items): rendered
-    rules share their expression lists (nothing refers to itself), so the bookkeeping
-    is pure cost; 1.6x faster without it."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - Python without the C accelerator
-        return functools.partial(json.dumps, check_circular=False)
-    encode = make(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii,
-                  None, ": ", ", ", False, False, True)
-    return lambda value: "".join(encode(value, 0))
-
-
-_dumps = _encoder()

@@ -210,7 +210,7 @@ def render_set(table: Table, s: AddressSet) -> dict[str, Any]:
             body["map"] = "verdict"
         body["flags"] = ["interval"]
         if s.elements:
-            body["elem"] = _elements(s, s.elements)
+            body["elem"] = set_elements(s, s.elements)
         return body
     if s.kind == ADDR_PORT:
         body["type"] = [_ADDR_TYPE[s.family], "inet_proto", "inet_service"]
@@ -219,17 +219,22 @@ def render_set(table: Table, s: AddressSet) -> dict[str, Any]:
     if s.kind == NET:
         body["flags"] = ["interval"]
     if s.comment:
-        body["comment"] = s.comment[:120]
+        body["comment"] = set_comment(s)
     if s.elements:
-        body["elem"] = _elements(s, s.elements)
+        body["elem"] = set_elements(s, s.elements)
     return body
+
+
+def set_comment(s: AddressSet) -> str:
+    """A set's comment as rendered: its first 120 characters."""
+    return s.comment[:120]
 
 
 def _sorted(elements: Iterable[Element]) -> list[Element]:
     return sorted(elements, key=lambda e: (str(type(e)), e))
 
 
-def _elements(s: AddressSet, elements: Iterable[Element]) -> list[Any]:
+def set_elements(s: AddressSet, elements: Iterable[Element]) -> list[Any]:
     """Elements of a set as libnftables takes them, sorted (as `_sorted` sorts them).
 
     A set holds one type of element, so plain `sorted` gives `_sorted`'s order
@@ -274,7 +279,12 @@ def rule_comment(direction: str, index: int, rule: ChainRule) -> str:
     their content), so a policy name here could name a policy that no longer
     uses the chain; which policies share a chain is the agent's to answer.
     """
-    return f"{direction} rule {index} #{rule_digest(rule)}"
+    return digest_comment(direction, index, rule_digest(rule))
+
+
+def digest_comment(direction: str, index: int, digest: str) -> str:
+    """`rule_comment` given the rule's digest (a full load's text computes it once a rule)."""
+    return f"{direction} rule {index} #{digest}"
 
 
 def chain_rules(table: Table, chain: Chain,
@@ -572,7 +582,7 @@ def judge_rules() -> list[tuple[list[dict[str, Any]], str]]:
     return [(expr, f"{comment} #{SKELETON_VERSION}") for expr, comment in rules]
 
 
-def _map_elem(addr: str, chain: str | None) -> Any:
+def map_element(addr: str, chain: str | None) -> Any:
     return [addr, {"jump": {"target": chain}}] if chain else addr
 
 
@@ -593,7 +603,7 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
             cmds.append({"flush": {"set": table.ref(name=s.name)}})
             els = s.elements
         if els:
-            cmds.append({"add": {"element": table.ref(name=s.name, elem=_elements(s, els))}})
+            cmds.append({"add": {"element": table.ref(name=s.name, elem=set_elements(s, els))}})
     # A rule's expressions depend on its direction (the verdict, the peer field).
     memo: dict[str, dict[ChainRule, list[dict[str, Any]]]] = {INGRESS: {}, EGRESS: {}}
     # Every new chain is declared before any rule: a tier's chain jumps to the next.
@@ -605,12 +615,12 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
         cmds += render_chain(table, c, memo[c.direction])[1:]
     by_map: dict[str, list[Any]] = {}
     for direction, fam, addr in p.del_map:
-        by_map.setdefault(MAPS[(direction, fam)], []).append(_map_elem(addr, None))
+        by_map.setdefault(MAPS[(direction, fam)], []).append(map_element(addr, None))
     for name, elems in sorted(by_map.items()):
         cmds.append({"delete": {"element": table.ref(name=name, elem=elems)}})
     by_map = {}
     for (direction, fam, addr), chain in p.set_map:
-        by_map.setdefault(MAPS[(direction, fam)], []).append(_map_elem(addr, chain))
+        by_map.setdefault(MAPS[(direction, fam)], []).append(map_element(addr, chain))
     for name, elems in sorted(by_map.items()):
         cmds.append({"add": {"element": table.ref(name=name, elem=elems)}})
     # Flushed first: a tier's chain going away may be what another one jumps to.
@@ -618,7 +628,7 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
     cmds += [{"delete": {"chain": table.ref(name=name)}} for name in p.del_chains]
     for s, els in p.del_elements:
         if s.kind in (ADDR, ADDR_PORT) and els:
-            cmds.append({"delete": {"element": table.ref(name=s.name, elem=_elements(s, els))}})
+            cmds.append({"delete": {"element": table.ref(name=s.name, elem=set_elements(s, els))}})
     cmds += [{"delete": {"map" if (_set_kind(n) or ("",))[0] == DECISION else "set":
                          table.ref(name=n)}} for n in p.del_sets]
     return cmds
@@ -626,7 +636,7 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
 
 def _tier_keys(s: AddressSet, elements: Iterable[Element]) -> list[Any]:
     """Elements to delete: a map's by key alone."""
-    out = _elements(s, elements)
+    out = set_elements(s, elements)
     return [e[0] for e in out] if s.kind == DECISION else out
 
 
