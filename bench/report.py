@@ -64,16 +64,26 @@ def machine() -> list[tuple[str, str]]:
             ("Python", platform.python_version())]
 
 
-def run_step(name: str, args: list[str], tmp: Path) -> tuple[Results | None, float, str]:
+def load_average() -> str:
+    """The 1-minute load average: how busy the shared machine was around a step."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+Step = tuple[Results | None, float, str, str]  # results, seconds, error, load averages
+
+
+def run_step(name: str, args: list[str], tmp: Path) -> Step:
     out = tmp / f"{name}.json"
+    before = load_average()
     argv = [sys.executable, str(HERE / args[0]), *args[1:], "--json", str(out)]
     print(f"# {name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, cwd=HERE, check=False, stdout=sys.stderr)
     took = time.perf_counter() - t0
+    load = f"load average {before} at the start, {load_average()} at the end"
     if proc.returncode != 0 or not out.exists():
-        return None, took, f"exit {proc.returncode}"
-    return read(out), took, ""
+        return None, took, f"exit {proc.returncode}", load
+    return read(out), took, "", load
 
 
 def plot(name: str, spec: dict[str, object], directory: Path) -> str:
@@ -173,7 +183,7 @@ def kept_sections(previous: str, run: Sequence[str]) -> dict[str, Kept]:
     return out
 
 
-def render(done: dict[str, tuple[Results | None, float, str]], out: Path,
+def render(done: dict[str, Step], out: Path,
            kept: Mapping[str, Kept] | None = None) -> str:
     kept = kept or {}
     about = dict(machine())
@@ -188,7 +198,7 @@ def render(done: dict[str, tuple[Results | None, float, str]], out: Path,
         lines += ["", f"The sections of {', '.join(kept)} are from an earlier run "
                       "(`bench/report.py --only` ran the others); each says when."]
     goals = [[name, g.goal, g.measured, "met" if g.met else "**not met**"]
-             for name, (res, _, _) in done.items() if res for g in res.goals]
+             for name, (res, _, _, _) in done.items() if res for g in res.goals]
     goals += [row for k in kept.values() for row in k.goals]
     order = list(STEPS)
     goals.sort(key=lambda r: order.index(r[0]) if r[0] in order else len(order))
@@ -199,12 +209,12 @@ def render(done: dict[str, tuple[Results | None, float, str]], out: Path,
         if name in kept:
             lines += kept[name].lines
             continue
-        res, took, error = done[name]
+        res, took, error, load = done[name]
         if res is None:
             lines += [f"Not measured in this run ({error}).", ""]
             continue
         command = re.sub(r" --json [^\s`]+", "", res.command.removeprefix("bench/"))
-        lines += [f"`.venv/bin/python bench/{command}` ({took:.0f} s; {when})", ""]
+        lines += [f"`.venv/bin/python bench/{command}` ({took:.0f} s; {when}; {load})", ""]
         for t in res.tables:
             lines += [f"**{t.title}**", ""]
             lines += md_table(t.header, t.rows)
@@ -223,7 +233,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/report.py: run as root (namespaces, the agent, datapaths)")
-    done: dict[str, tuple[Results | None, float, str]] = {}
+    done: dict[str, Step] = {}
     with tempfile.TemporaryDirectory(prefix="stockade-report-") as tmp:
         for name in args.only:
             done[name] = run_step(name, STEPS[name], Path(tmp))
@@ -233,7 +243,7 @@ def main() -> None:
     text = render(done, args.out, kept_sections(previous, args.only))
     report.write_text(text, encoding="utf-8")
     print(f"wrote {args.out / 'benchmarks.md'}", file=sys.stderr)
-    if any(res is None for res, _, _ in done.values()):
+    if any(res is None for res, _, _, _ in done.values()):
         raise SystemExit(1)
 
 

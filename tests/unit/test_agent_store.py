@@ -308,6 +308,79 @@ def _run_and_kill(state_dir: Path, rng: random.Random) -> list[int]:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+# ---- group commit --------------------------------------------------------------------
+
+
+def _fsync_log(store: Store, hold: float) -> list[tuple[float, float]]:
+    """Record each fsync the store makes (start, end), each held `hold` seconds longer
+    than the disk needs, so that concurrent writers meet one under way."""
+    calls: list[tuple[float, float]] = []
+    real = store._fsync
+
+    def slow() -> None:
+        start = time.monotonic()
+        time.sleep(hold)
+        real()
+        calls.append((start, time.monotonic()))
+
+    store._fsync = slow  # type: ignore[method-assign]
+    return calls
+
+
+def test_concurrent_writers_share_fsyncs_and_each_returns_only_after_its_own(
+        store: Store) -> None:
+    calls = _fsync_log(store, 0.02)
+    committed: dict[int, float] = {}
+    returned: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            store.commit([PutEndpoint(endpoint(f"g{t}"))], durable=False)
+            committed[t] = time.monotonic()
+            store.sync()
+            returned[t] = time.monotonic()
+        except BaseException as exc:
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    assert not errors
+    assert 1 <= len(calls) < 16  # shared: 16 commits, fewer fsyncs
+    for t in range(16):
+        # Some fsync began after this writer's commit and ended before its sync returned.
+        assert any(committed[t] <= start and end <= returned[t] for start, end in calls), t
+    assert len(store.load()[0].endpoints) == 16
+
+
+def test_a_durable_commit_returns_after_an_fsync_that_began_after_it(store: Store) -> None:
+    calls = _fsync_log(store, 0.0)
+    before = time.monotonic()
+    store.commit([PutEndpoint(endpoint("one"))])
+    assert len(calls) == 1 and calls[0][0] >= before
+    store.commit([PutEndpoint(endpoint("two"))], durable=False)
+    assert len(calls) == 1  # not yet on disk: the caller syncs before acknowledging
+    store.sync()
+    store.sync()  # nothing new since: no second fsync
+    assert len(calls) == 2
+
+
+def test_a_failed_fsync_is_a_store_error_and_the_next_sync_tries_again(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.fsync
+    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: (_ for _ in ()).throw(
+        OSError(5, "Input/output error")))
+    store.commit([PutEndpoint(endpoint("one"))], durable=False)
+    with pytest.raises(StoreError, match="fsync failed"):
+        store.sync()
+    monkeypatch.setattr(store_mod.os, "fsync", real)
+    store.sync()
+    assert store._synced == store._committed
+
+
 def test_survives_sigkill_at_a_random_moment(tmp_path: Path) -> None:
     seed = int(os.environ.get("STORE_CRASH_SEED", random.randrange(2**32)))
     rng = random.Random(seed)

@@ -282,13 +282,14 @@ class CniOps:
                 if fresh:
                     assert svc.ipam is not None
                     meta["ipam"] = svc.ipam.to_dict()
-                revision = svc.commit(changes, sync=False, meta=meta)
+                revision = svc.commit(changes, sync=False, meta=meta, durable=False)
             except BaseException:
                 if fresh and svc.ipam is not None:
                     svc.ipam.release(owner)
                 raise
             self.attachments = registry
             self._revisions[att.id] = revision
+        svc.durable()  # outside the lock: concurrent ADDs share the fsync
         if sync:
             self._wait(revision)
         out: dict[str, Any] = {"revision": revision, "key": rec.key,
@@ -391,6 +392,7 @@ class CniOps:
         with self._svc().lock:
             att = self.attachments.get(aid) or self._orphan(network, cid, ifname)
             revision, removed, released = self._detach([att])
+        self._svc().durable()
         if sync and removed:
             self._wait(revision)
         return {"removed": bool(removed), "released": released[0] if released else None,
@@ -419,6 +421,7 @@ class CniOps:
             revision, removed, released = self._detach(stale)
             claimed = sorted({r.host_interface for r in self._svc().state.endpoints.values()
                               if r.host_interface})
+        self._svc().durable()
         if sync and removed:
             self._wait(revision)
         if stale:
@@ -436,7 +439,8 @@ class CniOps:
     def _detach(self, atts: list[CniAttachment]) -> tuple[int, list[str], list[str]]:
         """Endpoints, addresses and table entries of ``atts`` gone in one transaction.
 
-        Called under the service lock. An endpoint is removed only while it is
+        Called under the service lock; the caller makes the commit durable once it
+        has let go (Service.durable). An endpoint is removed only while it is
         still this attachment's (a recreated sandbox may own the name now).
         The pool is changed on a copy and swapped in after the commit, so a
         failed commit leaves memory as it was.
@@ -465,7 +469,8 @@ class CniOps:
             meta["ipam"] = pool.to_dict()
         if not changes and not meta:
             return svc.reconciler.desired_revision, [], []
-        revision = svc.commit(changes, sync=False, meta=meta)
+        # Durable once the caller has let go of the service lock (it calls durable()).
+        revision = svc.commit(changes, sync=False, meta=meta, durable=False)
         self.attachments = registry
         if released:
             svc.ipam = pool

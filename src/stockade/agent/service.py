@@ -160,8 +160,14 @@ class Service:
     # ---- plumbing ---------------------------------------------------------------------
 
     def commit(self, changes: Sequence[Change], *, sync: bool = True,
-               meta: Mapping[str, Any] | None = None, admitted: bool = False) -> int:
+               meta: Mapping[str, Any] | None = None, admitted: bool = False,
+               durable: bool = True) -> int:
         """Admit, store, fold, reconcile; with `sync`, wait for the kernel.
+
+        The store's fsync comes after the service's lock is released (see
+        agent/store.py: concurrent changes share it). An operation that commits
+        while holding the lock itself passes ``durable=False`` and calls
+        :meth:`durable` once it has let go, before it answers.
 
         Admission is here, not only in each operation, so that no path can store
         an object the kernel would refuse (see agent/admission.py). ``admitted``
@@ -178,7 +184,7 @@ class Service:
             if not changes and not meta:
                 revision = self.reconciler.desired_revision
             else:
-                revision = self.store.commit(changes, meta)
+                revision = self.store.commit(changes, meta, durable=False)
                 released = self._releases_refused(changes)
                 self.state.apply(changes)
                 if released:
@@ -190,9 +196,15 @@ class Service:
                     self.reconciler.changed(
                         revision, changes,
                         rebuild=released or self._tiers_meet_held(changes, admitted))
+        if durable:
+            self.durable()
         if sync and changes:
             self._wait(revision)
         return revision
+
+    def durable(self) -> None:
+        """Everything committed so far is on disk (one fsync for every waiting thread)."""
+        self.store.sync()
 
     def _releases_refused(self, changes: Sequence[Change]) -> bool:
         """A change replaces or deletes a stored ClusterNetworkPolicy that was refused."""
@@ -340,7 +352,8 @@ class Service:
             implicit = self.implicit_namespaces(referenced, namespaces)
             created += [f"namespace/{c.namespace.name}" for c in implicit
                         if isinstance(c, PutNamespace)]
-            revision = self.commit(implicit + changes, sync=False)
+            revision = self.commit(implicit + changes, sync=False, durable=False)
+        self.durable()
         if sync and changes:
             self._wait(revision)
         return {"created": created, "configured": configured, "unchanged": unchanged,
@@ -432,7 +445,8 @@ class Service:
                     changes += self._delete_namespace(name, deleted, missing)
                 else:
                     raise ApiError(BAD_REQUEST, f"cannot delete kind {ref.get('kind')!r}")
-            revision = self.commit(changes, sync=False)
+            revision = self.commit(changes, sync=False, durable=False)
+        self.durable()
         if sync and changes:
             self._wait(revision)
         return {"deleted": deleted, "missing": missing, "revision": revision}
@@ -509,7 +523,8 @@ class Service:
                     raise ApiError(NOT_FOUND, f"no endpoint {name}")
                 ep = replace(rec.endpoint, labels=_relabel(rec.endpoint.labels, set_, remove))
                 changes = [PutEndpoint(replace(rec, endpoint=ep))]
-            revision = self.commit(changes, sync=False)
+            revision = self.commit(changes, sync=False, durable=False)
+        self.durable()
         if sync:
             self._wait(revision)
         return {"revision": revision}
@@ -530,7 +545,8 @@ class Service:
                                         f"it cannot be replaced by one managed by {rec.owner}")
             changes = self.implicit_namespaces([rec.endpoint.namespace], {})
             changes.append(PutEndpoint(rec))
-            revision = self.commit(changes, sync=False)
+            revision = self.commit(changes, sync=False, durable=False)
+        self.durable()
         if sync:
             self._wait(revision)
         return {"revision": revision}
@@ -558,7 +574,8 @@ class Service:
         with self.lock:
             if key not in self.state.endpoints:
                 return {"removed": False, "revision": self.reconciler.desired_revision}
-            revision = self.commit([DeleteEndpoint(key)], sync=False)
+            revision = self.commit([DeleteEndpoint(key)], sync=False, durable=False)
+        self.durable()
         if sync:
             self._wait(revision)
         return {"removed": True, "revision": revision}

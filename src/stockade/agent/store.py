@@ -2,10 +2,21 @@
 
 Why SQLite: the agent must survive ``kill -9`` at any instant and come back
 with exactly what it had acknowledged, because the kernel may already enforce a
-change the agent accepted. SQLite in WAL mode with ``synchronous=FULL`` gives
-that: a transaction is durable once ``COMMIT`` returns, and a torn write is
-rolled back on the next open. It is in the standard library, so the agent
-needs no server and no extra package.
+change the agent accepted. SQLite in WAL mode gives that: a committed
+transaction is in the write-ahead log (in the page cache: it survives the
+process), and a torn write is rolled back on the next open. It is in the
+standard library, so the agent needs no server and no extra package.
+
+Durability against the machine going down is an fsync of the log, and it is
+grouped (*group commit*): SQLite runs with ``synchronous=NORMAL`` (no fsync in
+``COMMIT``) and :meth:`Store.sync` fsyncs the log once for every transaction
+committed before it, so concurrent writers share one fsync and none holds the
+agent's locks while the disk works. :meth:`Store.commit` returns only once
+its transaction is on disk unless asked not to (``durable=False``); the caller
+then calls :meth:`Store.sync` before acknowledging anything. A change may meet
+the kernel a moment before the disk, which loses nothing: what the machine
+going down takes from the disk, it takes from the kernel too, and nothing was
+acknowledged that is not on the disk.
 
 Layout (every ``doc``/``value`` is JSON text; the columns are declared TEXT
 because a declared type such as ``JSON`` has NUMERIC affinity in SQLite, which
@@ -39,7 +50,10 @@ Public API::
     Store.load() -> (AgentState, revision)
     Store.load_with_meta(keys) -> (AgentState, revision, {key: value})
     Store.revision() -> int
-    Store.commit(changes, meta=None) -> revision   # one transaction, all or nothing
+    Store.commit(changes, meta=None, *, durable=True) -> revision
+                                          # one transaction, all or nothing
+    Store.sync()                          # what was committed is on disk (one fsync
+                                          # serves every thread waiting)
     Store.get_meta(key) -> Any | None
     Store.put_meta(key, value) -> revision         # value None deletes the key
     Store.close()                                  # also a context manager
@@ -133,11 +147,19 @@ class Store:
         self._dir = Path(state_dir)
         self.path = self._dir / DB_NAME
         self.lock = threading.RLock()
+        # Group commit (see the module doc): transactions committed and known to be on
+        # disk, counted (not revisions: a subclass may number those its own way), and
+        # whether some thread's fsync is under way.
+        self._committed = 0
+        self._synced = 0
+        self._syncing = False
+        self._sync_cond = threading.Condition()
         _ensure_private_dir(self._dir)
         _ensure_private_file(self.path)
         self._conn: sqlite3.Connection | None = self._connect()
         try:
             self._init_schema()
+            self._fsync()  # the schema, and whatever an earlier process left unsynced
         except BaseException:
             self.close()
             raise
@@ -201,13 +223,15 @@ class Store:
         """Store one named blob (None deletes it) in its own transaction."""
         return self.commit((), meta={key: value})
 
-    def commit(self, changes: Sequence[Change], meta: Mapping[str, Any] | None = None) -> int:
+    def commit(self, changes: Sequence[Change], meta: Mapping[str, Any] | None = None, *,
+               durable: bool = True) -> int:
         """Apply the changes and meta updates in ONE transaction; the new revision.
 
         All or nothing: on any error nothing is written and StoreError is raised.
         Nothing to do returns the current revision without a transaction, so an
         idle reconcile loop does not grow the revision. A meta value of None
-        deletes that key.
+        deletes that key. ``durable=False`` returns before the fsync: the caller
+        must :meth:`sync` the revision before acknowledging it to anyone.
         """
         writes = _encode(changes, meta or {}, self.path)
         if not writes:
@@ -218,7 +242,60 @@ class Store:
             revision = self._revision(conn) + 1
             conn.execute("UPDATE meta SET value = ? WHERE key = ?",
                          (json.dumps(revision), META_REVISION))
+        with self._sync_cond:
+            self._committed += 1
+        if durable:
+            self.sync()
         return revision
+
+    def sync(self) -> None:
+        """Return once every transaction committed before this call is on disk.
+
+        One fsync of the log makes every transaction committed before it durable,
+        so a thread finding one under way waits for it (and, if its own transaction
+        came too late for that one, the next thread to need it starts another).
+        """
+        with self._sync_cond:
+            mine = self._committed
+            while self._synced < mine:
+                if not self._syncing:
+                    self._syncing = True
+                    target = self._committed
+                    break
+                self._sync_cond.wait()
+            else:
+                return
+        done = False
+        try:
+            self._fsync()
+            done = True
+        finally:
+            with self._sync_cond:
+                self._syncing = False
+                if done:
+                    self._synced = max(self._synced, target)
+                self._sync_cond.notify_all()
+
+    def _fsync(self) -> None:
+        """fsync the write-ahead log (the database file when a checkpoint has removed
+        the log: then the checkpoint, which syncs the database, has put it there)."""
+        for path in (self.path.with_name(self.path.name + "-wal"), self.path):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot open to make the state durable: "
+                                 f"{exc}") from exc
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                raise StoreError(f"{path}: fsync failed; the last changes are stored but "
+                                 f"may not survive the machine going down: {exc}") from exc
+            finally:
+                os.close(fd)
+            return
+        raise StoreError(f"{self.path}: the state database is gone")
 
     # ---- internals ------------------------------------------------------------------
 
@@ -231,7 +308,9 @@ class Store:
             raise StoreError(f"{self.path}: cannot open the state database: {exc}") from exc
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            conn.execute("PRAGMA synchronous=FULL")
+            # No fsync in COMMIT: Store.sync makes transactions durable, a group at a
+            # time (see the module doc).
+            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"journal mode is {mode}, WAL was refused")

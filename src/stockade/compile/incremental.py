@@ -156,8 +156,10 @@ class IncrementalCompiler:
                                                   spec.comment)
         self._touched_sets |= self._stale_sets
         self._stale_sets.clear()
-        out = Ruleset(dict(self._sets), dict(self._chains), dict(self._maps[INGRESS]),
-                      dict(self._maps[EGRESS]))
+        # dict.copy, not dict(): it clones the table even after deletions (which the
+        # maps see at every endpoint change), where dict() re-inserts key by key.
+        out = Ruleset(self._sets.copy(), self._chains.copy(), self._maps[INGRESS].copy(),
+                      self._maps[EGRESS].copy())
         if self._last is not None:
             # A plan from the previous one looks at what changed only (plan.derive).
             derive(out, self._last, Touched(frozenset(self._touched_sets),

@@ -720,7 +720,8 @@ class NftDatapath:
         if touched is None or before is None:
             target = nft_target(desired)
         else:
-            sets = dict(before.sets)
+            # a copy that clones the table (see IncrementalCompiler.ruleset)
+            sets = before.sets.copy() if isinstance(before.sets, dict) else dict(before.sets)
             for name in touched.sets:
                 s = desired.sets.get(name)
                 if s is None:

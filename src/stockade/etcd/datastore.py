@@ -553,11 +553,13 @@ class EtcdService(Service):
         return True
 
     def commit(self, changes: Sequence[Change], *, sync: bool = True,
-               meta: Mapping[str, Any] | None = None, admitted: bool = False) -> int:
+               meta: Mapping[str, Any] | None = None, admitted: bool = False,
+               durable: bool = True) -> int:
         feed = self.feed
         if admitted or feed is None or not self._to_etcd(changes):
             publish = self._local_keys(changes) if feed is not None and not admitted else set()
-            revision = super().commit(changes, sync=sync, meta=meta, admitted=admitted)
+            revision = super().commit(changes, sync=sync, meta=meta, admitted=admitted,
+                                      durable=durable)
             self._publish(publish)
             return revision
         with self.lock:

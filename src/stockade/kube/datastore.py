@@ -282,25 +282,26 @@ class KubeCacheStore(Store):
     def revision(self) -> int:
         return self._rev
 
-    def commit(self, changes: Sequence[Change], meta: Mapping[str, Any] | None = None) -> int:
-        durable: list[Change] = []
+    def commit(self, changes: Sequence[Change], meta: Mapping[str, Any] | None = None, *,
+               durable: bool = True) -> int:
+        kept: list[Change] = []
         for c in changes:
             if isinstance(c, PutEndpoint):
                 if c.record.owner in LOCAL_OWNERS:
-                    durable.append(c)
+                    kept.append(c)
                 elif c.record.key in self._local:
-                    durable.append(DeleteEndpoint(c.record.key))
+                    kept.append(DeleteEndpoint(c.record.key))
             elif isinstance(c, DeleteEndpoint) and c.key in self._local:
-                durable.append(c)
+                kept.append(c)
         with self.lock:
             if not changes and not meta:
                 return self._rev
-            if durable or meta:
-                persisted = super().commit(durable, meta)
+            if kept or meta:
+                persisted = super().commit(kept, meta, durable=durable)
                 self._rev = max(self._rev + 1, persisted)
             else:
                 self._rev += 1
-            for c in durable:
+            for c in kept:
                 if isinstance(c, PutEndpoint):
                     self._local.add(c.record.key)
                 elif isinstance(c, DeleteEndpoint):
