@@ -41,11 +41,15 @@ from stockade.cni.spec import (
 )
 from stockade.errors import NetError
 from stockade.net.announce import announce as net_announce
-from stockade.net.namespace import THREAD_NETNS, entered
+from stockade.net.namespace import THREAD_NETNS, entered, entered_fd
 from stockade.net.naming import Naming
 from stockade.net.rtnl import Link, Rtnl, delete_link, ensure_addresses
 from stockade.net.rtnl import ensure_bridge as ensure_bridge_link
-from stockade.net.sysctl import BridgeNetfilterMissing, ensure_bridge_netfilter
+from stockade.net.sysctl import (
+    BridgeNetfilterMissing,
+    bridge_netfilter_on,
+    ensure_bridge_netfilter,
+)
 from stockade.netlink import NetlinkError
 
 _LOOPBACK = 1
@@ -78,20 +82,30 @@ def entered_path(path: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _rtnl(netns: str | None, what: str) -> Iterator[Rtnl]:
-    """A netlink socket in ``netns`` (None: here); kernel refusals become code 101."""
+def _failing(what: str) -> Iterator[None]:
+    """Kernel refusals as code 101, saying what was attempted."""
+    try:
+        yield
+    except NetlinkError as exc:
+        raise CniError(PLUMBING, what, f"{exc.strerror} (errno {exc.errno})") from None
+    except NetError as exc:
+        raise CniError(PLUMBING, what, str(exc)) from None
+
+
+def _open(netns: str | None, what: str) -> Rtnl:
+    """A netlink socket in ``netns`` (None: here)."""
     with entered_path(netns):
         try:
-            sock = Rtnl()
+            return Rtnl()
         except OSError as exc:
             raise CniError(PLUMBING, what, str(exc)) from None
-    with sock:
-        try:
-            yield sock
-        except NetlinkError as exc:
-            raise CniError(PLUMBING, what, f"{exc.strerror} (errno {exc.errno})") from None
-        except NetError as exc:
-            raise CniError(PLUMBING, what, str(exc)) from None
+
+
+@contextlib.contextmanager
+def _rtnl(netns: str | None, what: str) -> Iterator[Rtnl]:
+    """A netlink socket in ``netns`` (None: here); kernel refusals become code 101."""
+    with _open(netns, what) as sock, _failing(what):
+        yield sock
 
 
 def host_ifname(prefix: str, attachment: str) -> str:
@@ -104,6 +118,8 @@ def ensure_bridge(bridge: str, gateways: Sequence[str]) -> None:
 
     The bridge-netfilter sysctls are set in this namespace too: without them
     bridged packets never reach the inet forward hook where policy is enforced.
+    Run under the bridge's lock (:meth:`stockade.cni.state.StateDir.bridge_lock`);
+    :meth:`Plumbing.bridge_ready` tells, without it, when there is nothing to do.
     """
     with _rtnl(None, f"cannot set up bridge {bridge}") as nl:
         link = ensure_bridge_link(nl, bridge)
@@ -117,15 +133,6 @@ def ensure_bridge(bridge: str, gateways: Sequence[str]) -> None:
         raise CniError(PLUMBING, "cannot enable bridge netfilter", str(exc)) from None
 
 
-def _add_address(nl: Rtnl, index: int, value: ipaddress.IPv4Interface |
-                 ipaddress.IPv6Interface) -> None:
-    try:
-        nl.add_address(index, str(value.ip), value.network.prefixlen)
-    except NetlinkError as exc:
-        if exc.errno != _EEXIST:
-            raise
-
-
 @dataclass(frozen=True)
 class Veth:
     host_ifname: str
@@ -133,53 +140,115 @@ class Veth:
     mac: str
 
 
-def create_veth(host_if: str, bridge: str, netns: str, ifname: str,
-                mtu: int | None) -> Veth:
-    """A new pair: host side up on the bridge, ``ifname`` in ``netns``, down."""
-    with _rtnl(netns, f"cannot inspect {ifname} in {netns}") as inner:
-        if inner.link(ifname) is not None:
-            raise CniError(ATTACHMENT_EXISTS, f"interface {ifname} already exists in {netns}",
-                           "a second ADD for another attachment, or a name the runtime "
-                           "already used")
-    with _rtnl(None, f"cannot create veth {host_if} <-> {ifname}") as nl:
-        br = nl.link(bridge)
-        if br is None:
-            raise CniError(PLUMBING, f"bridge {bridge} does not exist")
-        stale = nl.link(host_if)
-        if stale is not None:  # left by an ADD that died before it recorded anything
-            nl.delete_link(stale.index)
-        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            nl.add_veth(host_if, br.index, ifname, fd, mtu)
-        finally:
-            os.close(fd)
-        host = nl.link(host_if)
-    with _rtnl(netns, f"cannot read {ifname} in {netns}") as inner:
-        peer = inner.link(ifname)
-    if host is None or peer is None:
-        raise CniError(PLUMBING, f"veth {host_if} <-> {ifname} vanished after creation")
-    return Veth(host_if, host.mac, peer.mac)
+class Plumbing:
+    """One main-mode ADD's netlink work: a socket here and one in ``netns``, opened once.
 
+    Inside the agent (the thin plugin) every system call lets go of the GIL and
+    waits to take it back behind the agent's busy threads, so an ADD opens each
+    namespace once (the namespace file also names the veth peer's namespace) and
+    asks the kernel only what it does not know yet: ~10 netlink round trips.
+    """
 
-def configure(netns: str, ifname: str, ips: Sequence[IPConfig],
-              routes: Sequence[Route]) -> None:
-    """Addresses while down, then loopback and the interface up, then the routes."""
-    with _rtnl(netns, f"cannot configure {ifname} in {netns}") as nl:
-        link = nl.link(ifname)
-        if link is None:
-            raise CniError(PLUMBING, f"{ifname} is missing in {netns}")
+    def __init__(self, netns: str, ifname: str) -> None:
+        self.netns, self.ifname = netns, ifname
+        self._bridge: Link | None = None  # as bridge_ready() saw it ready
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Plumbing:
+        with contextlib.ExitStack() as stack:
+            try:
+                fd = os.open(self.netns, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise CniError(INVALID_ENVIRONMENT, f"cannot enter CNI_NETNS {self.netns}",
+                               str(exc)) from None
+            stack.callback(os.close, fd)
+            self.fd = fd
+            self.host = stack.enter_context(_open(None, "cannot open netlink"))
+            try:
+                with entered_fd(fd, self.netns):
+                    self.inner = stack.enter_context(Rtnl())
+            except (NetError, OSError) as exc:
+                raise CniError(INVALID_ENVIRONMENT, f"cannot enter CNI_NETNS {self.netns}",
+                               str(exc)) from None
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def bridge_ready(self, bridge: str, gateways: Sequence[str]) -> bool:
+        """Read only: `ensure_bridge` would change nothing (no lock needed to know)."""
+        with _failing(f"cannot inspect bridge {bridge}"):
+            link = self.host.link(bridge)
+            if link is None or not link.up:
+                return False
+            present = {a.interface for a in self.host.addresses(link.index)}
+        if not all(ipaddress.ip_interface(g) in present for g in gateways) or \
+                not bridge_netfilter_on():
+            return False
+        self._bridge = link
+        return True
+
+    def create_veth(self, host_if: str, bridge: str, mtu: int | None) -> str:
+        """A new pair: host side up on the bridge, the container's side in ``netns``, down.
+
+        Returns the host side's MAC.
+        """
+        with _failing(f"cannot inspect {self.ifname} in {self.netns}"):
+            if self.inner.link(self.ifname) is not None:
+                raise CniError(ATTACHMENT_EXISTS,
+                               f"interface {self.ifname} already exists in {self.netns}",
+                               "a second ADD for another attachment, or a name the runtime "
+                               "already used")
+        with _failing(f"cannot create veth {host_if} <-> {self.ifname}"):
+            br = self._bridge if self._bridge is not None and self._bridge.name == bridge \
+                else self.host.link(bridge)
+            if br is None:
+                raise CniError(PLUMBING, f"bridge {bridge} does not exist")
+            try:
+                self.host.add_veth(host_if, br.index, self.ifname, self.fd, mtu)
+            except NetlinkError as exc:
+                stale = self.host.link(host_if) if exc.errno == _EEXIST else None
+                if stale is None:
+                    raise
+                # Left by an ADD that died before it recorded anything.
+                self.host.delete_link(stale.index)
+                self.host.add_veth(host_if, br.index, self.ifname, self.fd, mtu)
+            host = self.host.link(host_if)
+        if host is None:
+            raise CniError(PLUMBING, f"veth {host_if} <-> {self.ifname} vanished after creation")
+        return host.mac
+
+    def configure(self, ips: Sequence[IPConfig], routes: Sequence[Route]) -> str:
+        """Addresses while down, then loopback and the interface up, then the routes;
+        then the IPv4 addresses announced. Returns the interface's MAC."""
+        ifname, netns = self.ifname, self.netns
+        with _failing(f"cannot configure {ifname} in {netns}"):
+            link = self.inner.link(ifname)
+            if link is None:
+                raise CniError(PLUMBING, f"{ifname} is missing in {netns}")
+            for ip in ips:
+                _add_address(self.inner, link.index, ipaddress.ip_interface(ip.address))
+            self.inner.set_up(_LOOPBACK)
+            self.inner.set_up(link.index)
+            for r in routes:
+                dst = ipaddress.ip_network(r.dst, strict=False)
+                self.inner.replace_route(str(dst.network_address), dst.prefixlen, link.index,
+                                         r.gw, r.priority, r.table)
         for ip in ips:
-            _add_address(nl, link.index, ipaddress.ip_interface(ip.address))
-        nl.set_up(_LOOPBACK)
-        nl.set_up(link.index)
-        for r in routes:
-            dst = ipaddress.ip_network(r.dst, strict=False)
-            nl.replace_route(str(dst.network_address), dst.prefixlen, link.index, r.gw,
-                             r.priority, r.table)
-    for ip in ips:
-        value = ipaddress.ip_interface(ip.address)
-        if value.version == 4:
-            announce(netns, ifname, link.mac, str(value.ip))
+            value = ipaddress.ip_interface(ip.address)
+            if value.version == 4:
+                announce(netns, ifname, link.mac, str(value.ip))
+        return link.mac
+
+
+def _add_address(nl: Rtnl, index: int, value: ipaddress.IPv4Interface |
+                 ipaddress.IPv6Interface) -> None:
+    try:
+        nl.add_address(index, str(value.ip), value.network.prefixlen)
+    except NetlinkError as exc:
+        if exc.errno != _EEXIST:
+            raise
 
 
 def announce(netns: str, ifname: str, mac: str, address: str) -> None:

@@ -35,6 +35,7 @@ import ipaddress
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -133,7 +134,7 @@ def agent_call(path: str, op: str, args: Mapping[str, Any]) -> Any:
     pause = 0.005
     while True:
         try:
-            with AgentClient(path, timeout=90.0) as client:
+            with _connection(path, AgentClient) as client:
                 return client.call(op, **args)
         except ApiError as exc:
             # The agent's connection cap or in-flight memory cap: busy, not broken.
@@ -150,6 +151,26 @@ def agent_call(path: str, op: str, args: Mapping[str, Any]) -> Any:
                 continue
             raise CniError(TRY_AGAIN, "the stockade agent is not reachable",
                            str(exc)) from None
+
+
+_invocation = threading.local()  # `clients`: the connections of this thread's invocation
+
+
+@contextlib.contextmanager
+def _connection(path: str, client: Callable[..., Any]) -> Iterator[Any]:
+    """The invocation's connection to the agent, kept for its next request (see `run`).
+
+    A new connection costs the agent an accept in its one thread that reads every
+    request, which many ADDs at once queue for. Outside `run`: one per request.
+    """
+    kept: dict[str, Any] | None = getattr(_invocation, "clients", None)
+    if kept is None:
+        with client(path, timeout=90.0) as fresh:
+            yield fresh
+        return
+    if path not in kept:
+        kept[path] = client(path, timeout=90.0)
+    yield kept[path]  # a failed call closes it, and the next one connects anew
 
 
 def _api_error(op: str, code: str, message: str, lines: list[str]) -> CniError:
@@ -256,7 +277,7 @@ def _add_chained(call: Call) -> dict[str, Any]:
     state = AttachmentState(conf.name, env.container_id, env.ifname, env.netns,
                             MODE_CHAINED)
     with undoing(call) as undo:
-        call.state.write(state)
+        call.state.write(state, durable=False)  # see StateDir.write
         reg = _register(call, undo, [ip.ip for ip in ips], "", allocate=False)
         call.state.write(replace(state, key=reg["key"]).done(convert_result(raw, LATEST)))
     return convert_result(raw, conf.cni_version)
@@ -274,7 +295,7 @@ def _add_main(call: Call) -> dict[str, Any]:
     state = AttachmentState(conf.name, env.container_id, env.ifname, env.netns, MODE_MAIN,
                             "", host_if, ipam)
     with undoing(call) as undo:
-        call.state.write(state)
+        call.state.write(state, durable=False)  # see StateDir.write
         key, got = _address(call, undo, host_if)
         state = replace(state, key=key)
         veth = _plumb(call, undo, host_if, got)
@@ -311,12 +332,17 @@ def _plumb(call: Call, undo: Undo, host_if: str, got: Result) -> Veth:
 
     conf, env = call.conf, call.env
     gateways = _gateways(got.ips) if conf.is_gateway else []
-    with call.state.bridge_lock(conf.bridge):
-        attach.ensure_bridge(conf.bridge, gateways)
-    undo.push(lambda: attach.remove_veth(host_if))
-    veth = attach.create_veth(host_if, conf.bridge, env.netns, env.ifname, conf.mtu)
-    attach.configure(env.netns, env.ifname, got.ips, effective_routes(got.routes, got.ips))
-    return veth
+    with attach.Plumbing(env.netns, env.ifname) as plumbing:
+        # The bridge is made once and then only read: ADDs at once would queue on its lock
+        # for nothing, so the lock is taken only to create or mend it (ensure_bridge reads
+        # again under it: another ADD may have done the work meanwhile).
+        if not plumbing.bridge_ready(conf.bridge, gateways):
+            with call.state.bridge_lock(conf.bridge):
+                attach.ensure_bridge(conf.bridge, gateways)
+        undo.push(lambda: attach.remove_veth(host_if))
+        host_mac = plumbing.create_veth(host_if, conf.bridge, conf.mtu)
+        mac = plumbing.configure(got.ips, effective_routes(got.routes, got.ips))
+    return attach.Veth(host_if, host_mac, mac)
 
 
 def _gateways(ips: Sequence[IPConfig]) -> list[str]:
@@ -559,7 +585,13 @@ def run(environ: Mapping[str, str], stdin: bytes, out: IO[str], err: IO[str]) ->
             _write(out, version_report(requested))
             return 0
         conf = parse_conf(stdin, env)
-        result = HANDLERS[env.command](Call(conf, env))
+        _invocation.clients = {}
+        try:
+            result = HANDLERS[env.command](Call(conf, env))
+        finally:
+            for client in _invocation.clients.values():
+                client.close()
+            _invocation.clients = None
         if result is not None:
             _write(out, result)
         return 0

@@ -16,8 +16,12 @@ that DEL or GC can clean up after.
 Parallel plugin processes for different containers run side by side (shared
 lock); GC, which lists and removes attachments, runs alone (exclusive lock),
 so it never removes an attachment an ADD is making. A state file is replaced
-atomically (write a temporary file, fsync, rename), so a reader sees the old
-or the new record, never half of one.
+atomically (write a temporary file, rename), so a reader sees the old or the
+new record, never half of one. The completed record is fsynced before the
+rename, so it survives a power failure; ADD's first one, written before any
+resource is taken, is not (see :meth:`StateDir.write`): what a power failure
+leaves of it, nothing or an empty file, reads as no record, and DEL cleans up
+by name as it does without one.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -85,15 +89,13 @@ class StateDir:
     @contextlib.contextmanager
     def locked(self, exclusive: bool = False) -> Iterator[None]:
         """The network's lock: shared for one attachment's work, exclusive for GC."""
-        self._ensure()
-        with _flock(self.dir / ".lock", exclusive):
+        with _flock(self.dir / ".lock", exclusive, self._ensure):
             yield
 
     @contextlib.contextmanager
     def bridge_lock(self, bridge: str) -> Iterator[None]:
         """Serialises bridge creation between networks and processes."""
-        self._ensure()
-        with _flock(self.root / f"bridge-{bridge}.lock", True):
+        with _flock(self.root / f"bridge-{bridge}.lock", True, self._ensure):
             yield
 
     def path(self, container_id: str, ifname: str) -> Path:
@@ -102,18 +104,36 @@ class StateDir:
     def read(self, container_id: str, ifname: str) -> AttachmentState | None:
         return _load(self.path(container_id, ifname))
 
-    def write(self, state: AttachmentState) -> None:
-        self._ensure()
+    def write(self, state: AttachmentState, durable: bool = True) -> None:
+        """Replace the attachment's record (atomically); ``durable``: also on the disk.
+
+        Without ``durable`` the record is in the page cache only: every reader sees
+        it and a killed plugin leaves it, but a power failure may lose it or leave an
+        empty file (read as absent). ADD's first record, before any resource, is
+        written so: a power failure ends the veth with it, and what outlives it (the
+        agent's endpoint, a delegated address) DEL finds by name, as without a
+        record; one fsync less is ~5 ms of an ADD with others at once.
+        """
         target = self.path(state.container_id, state.ifname)
         # Unique while this process lives (no tempfile: its import is a tenth of a
         # plugin's start); one left by a dead process of the same pid is overwritten.
         tmp = self.dir / f".tmp-{os.getpid()}-{target.name}"
+        data = json.dumps(state.to_dict(), separators=(",", ":")).encode()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(state.to_dict(), f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileNotFoundError:  # the first record of the network
+                self._ensure()
+                fd = os.open(tmp, flags, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, target)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -145,9 +165,15 @@ def _load(path: Path) -> AttachmentState | None:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, exclusive: bool) -> Iterator[None]:
+def _flock(path: Path, exclusive: bool, ensure: Callable[[], None]) -> Iterator[None]:
+    """``ensure`` makes the directory, when it is missing (not on every call: a syscall)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            ensure()
+            fd = os.open(path, flags, 0o600)
     except OSError as exc:
         raise CniError(INTERNAL, f"cannot open the lock {path}", str(exc)) from None
     try:

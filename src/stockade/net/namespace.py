@@ -28,6 +28,7 @@ Public API::
 
     netns_path(name) -> str
     entered(name | None) -> ContextManager[None]   # None: stay where we are
+    entered_fd(fd, name="") -> ContextManager[None] # an open namespace file
     create_netns(name) -> bool                     # True when it was created
     remove_netns(name) -> bool                     # True when it was removed
     list_netns(pattern=None) -> list[str]
@@ -129,23 +130,32 @@ def entered(name: str | None) -> Iterator[None]:
     except FileNotFoundError:
         raise NetError(f"network namespace {name!r} does not exist") from None
     try:
-        previous = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            try:
-                _setns(target)
-            except OSError as exc:
-                raise NetError(f"cannot enter network namespace {name!r}: {exc}") from exc
-            try:
-                yield
-            finally:
-                try:
-                    _setns(previous)
-                except OSError as exc:  # pragma: no cover - the kernel never refuses this
-                    raise NetError(f"cannot leave network namespace {name!r}: {exc}") from exc
-        finally:
-            os.close(previous)
+        with entered_fd(target, name):
+            yield
     finally:
         os.close(target)
+
+
+@contextmanager
+def entered_fd(target: int, name: str = "") -> Iterator[None]:
+    """As `entered`, for a namespace file the caller has open (and keeps, e.g. to hand
+    the kernel as a veth peer's namespace); ``name`` only words the errors."""
+    name = name or f"fd {target}"
+    previous = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            _setns(target)
+        except OSError as exc:
+            raise NetError(f"cannot enter network namespace {name!r}: {exc}") from exc
+        try:
+            yield
+        finally:
+            try:
+                _setns(previous)
+            except OSError as exc:  # pragma: no cover - the kernel never refuses this
+                raise NetError(f"cannot leave network namespace {name!r}: {exc}") from exc
+    finally:
+        os.close(previous)
 
 
 def _share_netns_dir() -> None:

@@ -65,12 +65,15 @@ from stockade.netlink import (
     NLM_F_EXCL,
     NLM_F_REPLACE,
     NLM_F_REQUEST,
+    NLMSG_ERROR,
     NetlinkError,
     NetlinkMessage,
     attr,
     attr_map,
     attr_str,
     attr_u32,
+    error_code,
+    iter_messages,
     message,
     replies,
     text,
@@ -205,13 +208,19 @@ class Rtnl:
     # ---- links ------------------------------------------------------------------------
 
     def _get_link(self, body: bytes) -> Link | None:
-        try:  # with an ACK after the answer, so the reading knows where it ends
-            answers = list(self._replies(self._send(RTM_GETLINK, NLM_F_ACK, body)))
-        except NetlinkError as exc:
-            if exc.errno in _GONE:
-                return None
-            raise
-        return _link(answers[0].payload) if answers else None
+        # No ACK asked: the kernel answers a GETLINK with exactly one message, the link or
+        # an error, so one read suffices (an ACK would cost a second one).
+        seq = self._send(RTM_GETLINK, 0, body)
+        while True:
+            for msg in iter_messages(self._recv()):
+                if msg.seq != seq:
+                    continue
+                if msg.kind == NLMSG_ERROR:
+                    code = error_code(msg)
+                    if code in _GONE or not code:
+                        return None
+                    raise NetlinkError(code)
+                return _link(msg.payload)
 
     def link(self, name: str) -> Link | None:
         return self._get_link(_ifinfo() + attr_str(IFLA_IFNAME, name))

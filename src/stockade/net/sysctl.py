@@ -12,6 +12,7 @@ Public API::
     write_sysctl(name, value, netns=None) -> None   # no write if already equal
     BRIDGE_NETFILTER                                # the two bridge-nf-call-* sysctls
     ensure_bridge_netfilter(netns=None, forward=False) -> None
+    bridge_netfilter_on() -> bool                   # read only, in this namespace
 
 The bridge-netfilter sysctls are set here and nowhere else: by the Plumber
 (`stockade run`, tests), the CNI plugin's bridge and the nftables datapath's
@@ -40,13 +41,22 @@ def sysctl_path(name: str) -> str:
     return os.path.join("/proc/sys", *name.split("."))
 
 
+def _read(path: str) -> str:
+    # os-level: open() would add fstat, ioctl and lseek, each a GIL release that a busy
+    # agent (the thin plugin runs in its threads) makes costly.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096).decode().strip()
+    finally:
+        os.close(fd)
+
+
 def read_sysctl(name: str, netns: str | None = None) -> str:
     """Current value of sysctl ``name`` in ``netns`` (None: the current namespace)."""
     path = sysctl_path(name)
     with entered(netns):
         try:
-            with open(path) as f:
-                return f.read().strip()
+            return _read(path)
         except OSError as exc:
             where = f" in network namespace {netns!r}" if netns else ""
             raise NetError(f"cannot read sysctl {name}{where}: {exc}") from exc
@@ -62,9 +72,8 @@ def write_sysctl(name: str, value: str | int, netns: str | None = None) -> None:
     wanted = str(value)
     with entered(netns):
         try:
-            with open(path) as f:
-                if f.read().strip() == wanted:
-                    return
+            if _read(path) == wanted:
+                return
             with open(path, "w") as f:
                 f.write(wanted)
         except OSError as exc:
@@ -101,3 +110,14 @@ def ensure_bridge_netfilter(netns: str | None = None, forward: bool = False) -> 
             )
         for name in settings:
             write_sysctl(name, 1)
+
+
+def bridge_netfilter_on() -> bool:
+    """Whether ``ensure_bridge_netfilter()`` (here, without ``forward``) has nothing to do.
+
+    Read only: the CNI plugin checks this on every ADD without taking the bridge's lock.
+    """
+    try:
+        return all(_read(sysctl_path(name)) == "1" for name in BRIDGE_NETFILTER)
+    except OSError:  # no br_netfilter: ensure_bridge_netfilter says so
+        return False
