@@ -145,3 +145,19 @@ def test_bridge_ready_reads_what_ensure_bridge_makes(netns_prefix: str, host_net
         assert not ready()  # bridged traffic would bypass the forward hook
         attach.ensure_bridge(bridge, gateways)
         assert ready()
+
+
+def test_a_veth_left_by_a_dead_add_is_replaced(world: World) -> None:  # noqa: F811
+    """A host veth of the attachment's name, from an ADD that died before it recorded
+    anything: the next ADD replaces it (found when the kernel refuses the name)."""
+    from stockade.agent.cni_keys import attachment_id
+
+    assert _add(world, "a").code == 0  # the bridge
+    host_if = attach.host_ifname(world.prefix, attachment_id(world.network, "c-b", "eth0"))
+    _ip(world, "link", "add", host_if, "type", "veth", "peer", "name", f"{world.prefix}x")
+    stale = _ip(world, "-o", "link", "show", host_if).split(":")[0]
+    got = _add(world, "b")
+    assert got.code == 0, got
+    assert _ip(world, "-o", "link", "show", host_if).split(":")[0] != stale
+    assert f"master {world.bridge}" in _ip(world, "link", "show", host_if)
+    assert f"{world.prefix}x" not in world.links()  # its peer went with it
