@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from stockade.cni import attach
+from stockade.cni.spec import ATTACHMENT_EXISTS
 from stockade.net.namespace import create_netns, entered
 
 from .test_cni_harness import Outcome, World, world  # noqa: F401
@@ -161,3 +162,15 @@ def test_a_veth_left_by_a_dead_add_is_replaced(world: World) -> None:  # noqa: F
     assert _ip(world, "-o", "link", "show", host_if).split(":")[0] != stale
     assert f"master {world.bridge}" in _ip(world, "link", "show", host_if)
     assert f"{world.prefix}x" not in world.links()  # its peer went with it
+
+
+def test_an_interface_name_in_use_fails_the_add_and_leaves_nothing(
+        world: World) -> None:  # noqa: F811
+    netns = world.netns("a")
+    subprocess.run(["ip", "-n", f"{world.prefix}-a", "link", "add", "eth0", "type", "veth",
+                    "peer", "name", "eth9"],
+                   check=True)
+    got = world.run("ADD", world.conf(), cid="c-a", netns=netns, args=_pod("a"))
+    assert got.code == 1 and got.error == ATTACHMENT_EXISTS, got
+    assert world.veths() == [] and world.endpoints() == {} and world.states() == []
+    assert world.pool() == {}
