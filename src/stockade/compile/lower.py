@@ -30,6 +30,7 @@ from stockade.compile.membership import (
     SetSpec,
     address,
     block_spec,
+    member_specs,
     named_specs,
     peer_members,
     peer_text,
@@ -366,7 +367,9 @@ class Lowering:
                 if name is None:
                     name = chain_of[key] = self._entry(mdir, ps, admin, baseline)
                 maps[direction].update(dict.fromkeys(local, name))
-        return Ruleset(dict(sorted(self.sets.items())), dict(sorted(self.chains.items())),
+        # Sorted by name (names are unique: sorting the names alone is faster than items).
+        return Ruleset({n: self.sets[n] for n in sorted(self.sets)},
+                       {n: self.chains[n] for n in sorted(self.chains)},
                        maps[INGRESS], maps[EGRESS])
 
     def _local_addresses(self, ident: int) -> list[str] | None:
@@ -461,7 +464,7 @@ def clear_caches() -> None:
     not by interpreter shutdown after a collection that walks them all (0.6 s
     of the 100,000-pod compile).
     """
-    for cached in (_block_spec, _target_specs, _peer_specs, address, selector_specs,
+    for cached in (_block_spec, _target_specs, _peer_specs, address, member_specs,
                    peer_text):
         cached.cache_clear()
 

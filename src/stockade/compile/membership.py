@@ -131,11 +131,18 @@ class SetSpec:
         return out
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def selector_specs(namespace: str, peer: Peer) -> dict[int, SetSpec]:
-    """The sets of a selector peer (one per family); cached: peers recur in many rules.
+    """The sets of a selector peer of a policy in `namespace` (one per family).
     Callers must not change the dict."""
-    cand = peer_members(namespace, peer)
+    return member_specs(peer_members(namespace, peer))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def member_specs(cand: PeerMembers) -> dict[int, SetSpec]:
+    """`selector_specs`, cached by the members: peers recur in many rules, and a peer
+    with a namespaceSelector stands for the same pods from every namespace (at
+    Antrea's shape 114,000 asks from 25,000 namespaces are 45,000 sets' specs)."""
+    peer = cand.peer
     text, shown = peer_text(peer)
     comment = f"{cand.namespace}: {shown}" if cand.namespace else shown
     inner = f"({cand.namespace!r}, {text})"  # repr((cand.namespace, peer))
