@@ -38,6 +38,20 @@ def test_bursts_coalesce_and_the_periodic_run_happens() -> None:
         r.stop()
 
 
+def test_a_runner_told_the_work_was_just_done_waits_a_period_for_the_periodic_run() -> None:
+    now = [100.0]
+    calls: list[bool] = []
+    r = BoundedFrequencyRunner("t", calls.append, 0.1, 30.0, clock=lambda: now[0],
+                               periodic_first=False)
+    assert r._next() == (30.0, True)  # not at once
+    now[0] += 30.0
+    assert r._next() == (0.0, True)
+    r.run()
+    assert r._next() == (0.0, False)  # a request is not held back by it
+    assert BoundedFrequencyRunner("t", calls.append, 0.1, 30.0,
+                                  clock=lambda: now[0])._next() == (0.0, True)
+
+
 def test_bad_intervals_are_refused() -> None:
     with pytest.raises(ValueError):
         BoundedFrequencyRunner("t", lambda p: None, min_interval=2, max_interval=1)

@@ -232,8 +232,13 @@ class Agent:
     def _enforce(self) -> None:
         """The reconcile loop and the datapath's monitor, after the first reconciliation."""
         cfg = self.config
+        # The adoption that came just before read the whole table back: the periodic
+        # check is due a resync interval later, not at once (at scale a read-back takes
+        # a CPU for seconds and its transient memory would double the agent's).
+        last = self.reconciler.last
+        adopted = last is not None and last.verified and not last.error
         self.runner = BoundedFrequencyRunner("reconcile", self._run, cfg.min_interval,
-                                             cfg.resync_interval)
+                                             cfg.resync_interval, periodic_first=not adopted)
         self.reconciler.attach(self.runner.run)
         self.runner.start()
         datapath: Any = self.reconciler.datapath

@@ -19,8 +19,11 @@ log = logging.getLogger("stockade.runner")
 
 class BoundedFrequencyRunner:
     def __init__(self, name: str, fn: Callable[[bool], None], min_interval: float,
-                 max_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        """`fn(periodic)` is called with True when the run is the periodic one."""
+                 max_interval: float, clock: Callable[[], float] = time.monotonic, *,
+                 periodic_first: bool = True) -> None:
+        """`fn(periodic)` is called with True when the run is the periodic one: at once,
+        or with `periodic_first` False (the caller has just done what it does) only
+        after `max_interval`."""
         if min_interval < 0 or max_interval <= 0 or min_interval > max_interval:
             raise ValueError("need 0 <= min_interval <= max_interval and max_interval > 0")
         self.name = name
@@ -33,7 +36,7 @@ class BoundedFrequencyRunner:
         self._retry_at: float | None = None
         self._stopped = False
         self.crashes = 0  # runs that raised: counted and survived
-        self._last = float("-inf")
+        self._last = float("-inf") if periodic_first else clock()
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
