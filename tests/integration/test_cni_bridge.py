@@ -174,3 +174,29 @@ def test_an_interface_name_in_use_fails_the_add_and_leaves_nothing(
     assert got.code == 1 and got.error == ATTACHMENT_EXISTS, got
     assert world.veths() == [] and world.endpoints() == {} and world.states() == []
     assert world.pool() == {}
+
+
+def test_a_netlink_batch_is_one_write_and_reports_its_first_error(
+        netns_prefix: str) -> None:
+    """`Rtnl.batch`, as configure uses it: every request carried out in order, tolerated
+    errors ignored, the first other one raised once all are answered, the socket in step."""
+    import errno
+
+    from stockade.net.rtnl import Rtnl
+    from stockade.netlink import NetlinkError
+
+    create_netns(f"{netns_prefix}-b")
+    with entered(f"{netns_prefix}-b"):
+        nl = Rtnl()
+    with nl:
+        with nl.batch(tolerate=(errno.EEXIST,)):
+            nl.add_address(1, "10.9.0.1", 24)
+            nl.add_address(1, "10.9.0.1", 24)  # EEXIST: tolerated
+            nl.add_address(1, "10.9.0.2", 24)
+        assert {a.address for a in nl.addresses(1)} >= {"10.9.0.1", "10.9.0.2"}
+        with pytest.raises(NetlinkError) as err, nl.batch():
+            nl.set_up(999)  # no such link
+            nl.set_up(1)  # still done: the kernel carries out the whole batch
+        assert err.value.errno == errno.ENODEV
+        lo = nl.link("lo")  # the answers were all read: the next request gets its own
+        assert lo is not None and lo.up

@@ -189,17 +189,23 @@ class Plumbing:
         self._bridge = link
         return True
 
+    def check_free(self) -> None:
+        """The runtime's interface name is free in ``netns`` (before anything is taken)."""
+        with _failing(f"cannot inspect {self.ifname} in {self.netns}"):
+            if self.inner.link(self.ifname) is not None:
+                raise self._taken()
+
+    def _taken(self) -> CniError:
+        return CniError(ATTACHMENT_EXISTS,
+                        f"interface {self.ifname} already exists in {self.netns}",
+                        "a second ADD for another attachment, or a name the runtime "
+                        "already used")
+
     def create_veth(self, host_if: str, bridge: str, mtu: int | None) -> str:
         """A new pair: host side up on the bridge, the container's side in ``netns``, down.
 
         Returns the host side's MAC.
         """
-        with _failing(f"cannot inspect {self.ifname} in {self.netns}"):
-            if self.inner.link(self.ifname) is not None:
-                raise CniError(ATTACHMENT_EXISTS,
-                               f"interface {self.ifname} already exists in {self.netns}",
-                               "a second ADD for another attachment, or a name the runtime "
-                               "already used")
         with _failing(f"cannot create veth {host_if} <-> {self.ifname}"):
             br = self._bridge if self._bridge is not None and self._bridge.name == bridge \
                 else self.host.link(bridge)
@@ -208,9 +214,11 @@ class Plumbing:
             try:
                 self.host.add_veth(host_if, br.index, self.ifname, self.fd, mtu)
             except NetlinkError as exc:
-                stale = self.host.link(host_if) if exc.errno == _EEXIST else None
-                if stale is None:
+                if exc.errno != _EEXIST:
                     raise
+                stale = self.host.link(host_if)
+                if stale is None:  # the container's name, taken since check_free
+                    raise self._taken() from None
                 # Left by an ADD that died before it recorded anything.
                 self.host.delete_link(stale.index)
                 self.host.add_veth(host_if, br.index, self.ifname, self.fd, mtu)
@@ -221,34 +229,32 @@ class Plumbing:
 
     def configure(self, ips: Sequence[IPConfig], routes: Sequence[Route]) -> str:
         """Addresses while down, then loopback and the interface up, then the routes;
-        then the IPv4 addresses announced. Returns the interface's MAC."""
+        then the IPv4 addresses announced. Returns the interface's MAC.
+
+        Two batches (one write and one read each): nothing comes up unless every
+        address is in place.
+        """
         ifname, netns = self.ifname, self.netns
         with _failing(f"cannot configure {ifname} in {netns}"):
             link = self.inner.link(ifname)
             if link is None:
                 raise CniError(PLUMBING, f"{ifname} is missing in {netns}")
-            for ip in ips:
-                _add_address(self.inner, link.index, ipaddress.ip_interface(ip.address))
-            self.inner.set_up(_LOOPBACK)
-            self.inner.set_up(link.index)
-            for r in routes:
-                dst = ipaddress.ip_network(r.dst, strict=False)
-                self.inner.replace_route(str(dst.network_address), dst.prefixlen, link.index,
-                                         r.gw, r.priority, r.table)
+            with self.inner.batch(tolerate=(_EEXIST,)):
+                for ip in ips:
+                    value = ipaddress.ip_interface(ip.address)
+                    self.inner.add_address(link.index, str(value.ip), value.network.prefixlen)
+            with self.inner.batch():
+                self.inner.set_up(_LOOPBACK)
+                self.inner.set_up(link.index)
+                for r in routes:
+                    dst = ipaddress.ip_network(r.dst, strict=False)
+                    self.inner.replace_route(str(dst.network_address), dst.prefixlen,
+                                             link.index, r.gw, r.priority, r.table)
         for ip in ips:
             value = ipaddress.ip_interface(ip.address)
             if value.version == 4:
                 announce(netns, ifname, link.mac, str(value.ip))
         return link.mac
-
-
-def _add_address(nl: Rtnl, index: int, value: ipaddress.IPv4Interface |
-                 ipaddress.IPv6Interface) -> None:
-    try:
-        nl.add_address(index, str(value.ip), value.network.prefixlen)
-    except NetlinkError as exc:
-        if exc.errno != _EEXIST:
-            raise
 
 
 def announce(netns: str, ifname: str, mac: str, address: str) -> None:

@@ -78,7 +78,7 @@ from stockade.cni.spec import (
 from stockade.cni.state import AttachmentState, StateDir
 
 if TYPE_CHECKING:  # attach (netlink) is imported only where a command needs it
-    from stockade.cni.attach import InterfaceView, Veth
+    from stockade.cni.attach import InterfaceView, Plumbing, Veth
 
 
 @dataclass(frozen=True)
@@ -294,11 +294,14 @@ def _add_main(call: Call) -> dict[str, Any]:
     ipam = str(conf.ipam["type"]) if conf.ipam is not None else "stockade"
     state = AttachmentState(conf.name, env.container_id, env.ifname, env.netns, MODE_MAIN,
                             "", host_if, ipam)
-    with undoing(call) as undo:
+    # The namespace entered and the interface name checked before anything is taken;
+    # what is left of the plumbing after the agent's answer is all an ADD waits for.
+    with attach.Plumbing(env.netns, env.ifname) as plumbing, undoing(call) as undo:
+        plumbing.check_free()
         call.state.write(state, durable=False)  # see StateDir.write
         key, got = _address(call, undo, host_if)
         state = replace(state, key=key)
-        veth = _plumb(call, undo, host_if, got)
+        veth = _plumb(call, undo, plumbing, host_if, got)
         result = main_result(env.ifname, env.netns, veth.mac, host_if, veth.host_mac, got.ips,
                              got.routes, got.dns, conf.mtu)
         call.state.write(state.done(result.render(LATEST)))
@@ -326,22 +329,21 @@ def _address(call: Call, undo: Undo, host_if: str) -> tuple[str, Result]:
     return reg["key"], Result((), ips, default_routes(ips))
 
 
-def _plumb(call: Call, undo: Undo, host_if: str, got: Result) -> Veth:
+def _plumb(call: Call, undo: Undo, plumbing: Plumbing, host_if: str, got: Result) -> Veth:
     """Bridge, veth, addresses (interface down), interface up, routes."""
     from stockade.cni import attach
 
-    conf, env = call.conf, call.env
+    conf = call.conf
     gateways = _gateways(got.ips) if conf.is_gateway else []
-    with attach.Plumbing(env.netns, env.ifname) as plumbing:
-        # The bridge is made once and then only read: ADDs at once would queue on its lock
-        # for nothing, so the lock is taken only to create or mend it (ensure_bridge reads
-        # again under it: another ADD may have done the work meanwhile).
-        if not plumbing.bridge_ready(conf.bridge, gateways):
-            with call.state.bridge_lock(conf.bridge):
-                attach.ensure_bridge(conf.bridge, gateways)
-        undo.push(lambda: attach.remove_veth(host_if))
-        host_mac = plumbing.create_veth(host_if, conf.bridge, conf.mtu)
-        mac = plumbing.configure(got.ips, effective_routes(got.routes, got.ips))
+    # The bridge is made once and then only read: ADDs at once would queue on its lock
+    # for nothing, so the lock is taken only to create or mend it (ensure_bridge reads
+    # again under it: another ADD may have done the work meanwhile).
+    if not plumbing.bridge_ready(conf.bridge, gateways):
+        with call.state.bridge_lock(conf.bridge):
+            attach.ensure_bridge(conf.bridge, gateways)
+    undo.push(lambda: attach.remove_veth(host_if))
+    host_mac = plumbing.create_veth(host_if, conf.bridge, conf.mtu)
+    mac = plumbing.configure(got.ips, effective_routes(got.routes, got.ips))
     return attach.Veth(host_if, host_mac, mac)
 
 

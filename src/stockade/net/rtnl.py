@@ -37,7 +37,7 @@ Public API::
     Link(index, name, flags, master=0, kind="", mac="")   .up
     Address(index, family, address, prefixlen)            .interface
     RouteEntry(family, dst, gateway="", oif=0, table=254)
-    Rtnl()  (context manager): .link(name) .link_by_index(i) .links()
+    Rtnl()  (context manager): .link(name) .link_by_index(i) .links()  .batch(tolerate=())
         .add_bridge(name) .add_veth(name, master, peer, peer_netns_fd, mtu=None)
         .set_up(i) .set_master(i, master) .delete_link(i)
         .addresses(i) .add_address(i, address, prefixlen) .delete_address(i, address, prefixlen)
@@ -49,11 +49,12 @@ Public API::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from stockade.errors import NetError
@@ -174,6 +175,7 @@ class Rtnl:
                                   NETLINK_ROUTE)
         self.sock.bind((0, 0))
         self.seq = 0
+        self._queued: list[tuple[int, int, bytes]] | None = None  # inside batch()
 
     def __enter__(self) -> Rtnl:
         return self
@@ -199,8 +201,48 @@ class Rtnl:
         return replies(self._recv, seq)
 
     def request(self, kind: int, flags: int, body: bytes) -> None:
+        if self._queued is not None:
+            self._queued.append((kind, flags, body))
+            return
         for _ in self._replies(self._send(kind, flags | NLM_F_ACK, body)):
             pass
+
+    @contextlib.contextmanager
+    def batch(self, tolerate: Collection[int] = ()) -> Iterator[None]:
+        """The requests made inside go to the kernel in one write when the block ends.
+
+        Only the last asks for an ACK (a failing one is answered all the same), so
+        the answers take one read, not one each. The kernel carries out every request
+        of the batch, in order, whichever fails: batch only what may all be done.
+        The first error not in ``tolerate`` (errnos) raises once all are answered.
+        """
+        self._queued = []
+        try:
+            yield
+            queued = self._queued
+        finally:
+            self._queued = None
+        if not queued:
+            return
+        data = b""
+        for i, (kind, flags, body) in enumerate(queued):
+            self.seq += 1
+            ack = NLM_F_ACK if i == len(queued) - 1 else 0
+            data += message(kind, flags | ack | NLM_F_REQUEST, self.seq, body)
+        first, last = self.seq - len(queued) + 1, self.seq
+        self.sock.sendall(data)
+        failed = 0
+        while True:
+            for msg in iter_messages(self._recv()):
+                if msg.kind != NLMSG_ERROR or not first <= msg.seq <= last:
+                    continue
+                code = error_code(msg)
+                if code and code not in tolerate and not failed:
+                    failed = code
+                if msg.seq == last:
+                    if failed:
+                        raise NetlinkError(failed)
+                    return
 
     def dump(self, kind: int, body: bytes) -> list[bytes]:
         return [m.payload for m in self._replies(self._send(kind, NLM_F_DUMP, body))]
