@@ -78,11 +78,13 @@ def test_only_keeps_the_other_sections_and_their_goals(report: Any, tmp_path: Pa
     assert kept["cni"].goals == [["cni", "ADD p99 <= 50 ms (a | b)", "42 ms", "met"]]
     new = Results("multihost", "bench/multihost.py --changes 3 --json /tmp/x.json")
     new.table("latency", ["change", "p50"], [["policy", "134"]])
-    text = report.render({"multihost": (new, 12.0, "")}, tmp_path, kept)
+    text = report.render({"multihost": (new, 12.0, "", "load average 1.5 at the start, 2.0 at "
+                                                    "the end")}, tmp_path, kept)
     assert [line for line in text.splitlines() if line.startswith("## ")] == [
         "## The machine", "## Goals", "## offline", "## cni", "## multihost"]
     assert "| cni | ADD p99 <= 50 ms (a \\| b) | 42 ms | met |" in text
     assert "`.venv/bin/python bench/multihost.py --changes 3` (12 s; " in text
+    assert "; load average 1.5 at the start, 2.0 at the end)" in text
     assert "| policy | 134 |" in text
     # Written again with --only multihost, nothing of the others drifts; with --only
     # offline, the multihost section is kept in turn.
