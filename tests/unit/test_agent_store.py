@@ -368,6 +368,20 @@ def test_a_durable_commit_returns_after_an_fsync_that_began_after_it(store: Stor
     assert len(calls) == 2
 
 
+def test_each_thread_hears_how_long_its_commits_took_to_reach_the_disk(store: Store) -> None:
+    heard: list[float] = []
+    store.on_durable = heard.append
+    _fsync_log(store, 0.05)
+    store.commit([PutEndpoint(endpoint("one"))], durable=False)
+    store.commit([PutEndpoint(endpoint("two"))], durable=False)
+    assert heard == []
+    store.sync()  # both, from the first commit on
+    assert len(heard) == 1 and heard[0] >= 0.05
+    store.sync()  # nothing of this thread's since
+    store.commit([PutEndpoint(endpoint("three"))])
+    assert len(heard) == 2
+
+
 def test_a_failed_fsync_is_a_store_error_and_the_next_sync_tries_again(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.fsync

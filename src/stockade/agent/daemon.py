@@ -157,6 +157,7 @@ class Agent:
             state, revision = self.store.load()
             if cfg.subnet is None:
                 cfg = self.config = replace(cfg, subnet=DEFAULT_SUBNET)
+        self.store.on_durable = self.metrics.store_commit_duration.observe
         log.info("state loaded", extra={"fields": {
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})

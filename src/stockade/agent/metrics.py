@@ -93,7 +93,8 @@ def agent_metrics(registry: Registry) -> AgentMetrics:
             "Established connections removed from conntrack because policy now denies them."),
         store_commit_duration=r.histogram(
             "stockade_store_commit_duration_seconds",
-            "Time one durable state store commit took (fsync included)."),
+            "Time from a state store commit to its being on disk (the fsync, which "
+            "concurrent commits share, included)."),
         api_requests=r.counter("stockade_api_requests_total",
                                "Local API requests by operation and result code.",
                                ("op", "code")),

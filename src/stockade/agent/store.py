@@ -72,6 +72,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -154,6 +155,10 @@ class Store:
         self._synced = 0
         self._syncing = False
         self._sync_cond = threading.Condition()
+        # Seconds from a thread's first unsynced commit to its sync (the metric
+        # stockade_store_commit_duration_seconds), when someone listens.
+        self.on_durable: Callable[[float], None] | None = None
+        self._since = threading.local()
         _ensure_private_dir(self._dir)
         _ensure_private_file(self.path)
         self._conn: sqlite3.Connection | None = self._connect()
@@ -236,6 +241,7 @@ class Store:
         writes = _encode(changes, meta or {}, self.path)
         if not writes:
             return self.revision()
+        started = time.monotonic()
         with self._transaction("BEGIN IMMEDIATE") as conn:
             for w in writes:
                 conn.execute(w.sql, w.params)
@@ -244,6 +250,8 @@ class Store:
                          (json.dumps(revision), META_REVISION))
         with self._sync_cond:
             self._committed += 1
+        if getattr(self._since, "at", None) is None:
+            self._since.at = started
         if durable:
             self.sync()
         return revision
@@ -264,6 +272,7 @@ class Store:
                     break
                 self._sync_cond.wait()
             else:
+                self._synced_now()
                 return
         done = False
         try:
@@ -275,6 +284,14 @@ class Store:
                 if done:
                     self._synced = max(self._synced, target)
                 self._sync_cond.notify_all()
+        self._synced_now()
+
+    def _synced_now(self) -> None:
+        """This thread's commits are on disk: report how long since the first of them."""
+        since = getattr(self._since, "at", None)
+        self._since.at = None
+        if since is not None and self.on_durable is not None:
+            self.on_durable(time.monotonic() - since)
 
     def _fsync(self) -> None:
         """fsync the write-ahead log (the database file when a checkpoint has removed
