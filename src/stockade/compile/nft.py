@@ -36,7 +36,7 @@ import functools
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -417,11 +417,18 @@ def nft_target(rs: Ruleset) -> Ruleset:
     return Ruleset(sets, rs.chains, rs.ingress, rs.egress)
 
 
+def mapped_chains(chains: Iterable[Chain]) -> set[str]:
+    """The names of the tier chains rendered as verdict maps."""
+    return {c.name for c in chains if _mapped(c)}
+
+
 def refresh_tier_sets(sets: dict[str, AddressSet], old: Ruleset, new: Ruleset,
-                      touched: Touched) -> set[str]:
+                      touched: Touched, mapped: Collection[str] | None = None) -> set[str]:
     """Bring the tier maps in `sets` (those of `old`) to `new`'s, when `new` differs from
     `old` at most in `touched`: the maps of the chains touched, and of the tier chains
-    naming a set touched. Returns the names of the maps and sets that may differ."""
+    naming a set touched. `mapped`, when the caller keeps it, names `new`'s tier chains
+    rendered as maps (`mapped_chains`), so that a set touched is looked for in those, not
+    in every chain. Returns the names of the maps and sets that may differ."""
     out: set[str] = set()
     redo = {n for n in touched.chains if n in new.chains and _mapped(new.chains[n])}
     for name in touched.chains:
@@ -433,7 +440,9 @@ def refresh_tier_sets(sets: dict[str, AddressSet], old: Ruleset, new: Ruleset,
                         if n is not None and sets.pop(n, None) is not None:
                             out.add(n)
     if touched.sets:
-        redo |= {c.name for c in new.chains.values() if _mapped(c) and any(
+        candidates = (new.chains.values() if mapped is None
+                      else [new.chains[n] for n in mapped if n in new.chains])
+        redo |= {c.name for c in candidates if _mapped(c) and any(
             n in touched.sets for r in c.rules for n in (r.peer_set, r.named_set))}
     for name in redo:
         made = tier_sets(new.chains[name], sets)

@@ -35,6 +35,7 @@ from stockade.compile.nft import (
     RuleComparator,
     Table,
     canonical,
+    mapped_chains,
     nft_target,
     parse_kernel,
     refresh_tier_sets,
@@ -141,6 +142,9 @@ class NftDatapath:
         # The last ruleset asked for and its canonical form (see `_target`).
         self._last_desired: Ruleset | None = None
         self._last_target: Ruleset | None = None
+        # Its tier chains rendered as verdict maps, kept with it (most rulesets have none:
+        # a change then looks for them in no chain, not in all).
+        self._mapped: set[str] = set()
         # What a verifying apply found changed behind our back (not pending changes),
         # and every difference it found, one line each (foreign objects included).
         self.last_drift: Plan | None = None
@@ -719,6 +723,7 @@ class NftDatapath:
         touched = derived(desired, previous) if previous is not None else None
         if touched is None or before is None:
             target = nft_target(desired)
+            mapped = mapped_chains(desired.chains.values())
         else:
             # a copy that clones the table (see IncrementalCompiler.ruleset)
             sets = before.sets.copy() if isinstance(before.sets, dict) else dict(before.sets)
@@ -732,9 +737,11 @@ class NftDatapath:
                     sets[name] = s
             target = Ruleset(sets, desired.chains, desired.ingress, desired.egress)
             # the tier chains' verdict maps follow their chains and the sets they name
-            maps = refresh_tier_sets(sets, before, target, touched)
+            changed = [c for n in touched.chains if (c := desired.chains.get(n)) is not None]
+            mapped = (self._mapped - touched.chains) | mapped_chains(changed)
+            maps = refresh_tier_sets(sets, before, target, touched, mapped)
             derive(target, before, replace(touched, sets=touched.sets | maps))
-        self._last_desired, self._last_target = desired, target
+        self._last_desired, self._last_target, self._mapped = desired, target, mapped
         return target
 
     def _delete_objects(self, objects: list[tuple[str, str, int]]) -> None:
