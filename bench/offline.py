@@ -5,7 +5,8 @@ process, its wall time and its peak resident memory (`wait4`'s rusage of that
 child), on clusters from `realistic.py` written as one JSON `kind: List` (as
 `kubectl get -o json` gives them). Beside it, each stage in-process (in a fresh
 interpreter per size, the collector off as the command runs it): read, parse,
-decode, validate, resolve, lower, render (the nft commands of a full load).
+decode, validate, resolve, lower, render (the text of the nft commands of a full
+load, as `compile -o nft` writes it).
 Then how each stage grows with the size, and every goal of issue #11 in reach
 of the offline half, marked met or not met.
 
@@ -32,7 +33,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,8 +79,14 @@ def cluster_file(directory: Path, pods: int, policies: int, namespaces: int | No
 def stages(path: str) -> dict[str, Any]:
     """Each stage of `stockade compile -o nft`, in this process (run in a child)."""
     gc.disable()  # as the command does
+    from stockade.compile.ir import Ruleset
     from stockade.compile.lower import Lowering
     from stockade.compile.nft import Table, render_full
+    try:
+        from stockade.compile.nft_text import full_load
+    except ImportError:  # a tree from before it (--against): its command's way
+        def full_load(table: Table, rs: Ruleset) -> Iterator[str]:
+            return map(json.dumps, render_full(table, rs))
     from stockade.engine.resolve import resolve
     from stockade.load import read_text, validate_objects
     from stockade.model.parse import decode_objects, parse_documents
@@ -101,7 +108,7 @@ def stages(path: str) -> dict[str, Any]:
     t5 = time.perf_counter()
     rs = Lowering(res).ruleset()
     t6 = time.perf_counter()
-    cmds = render_full(Table(), rs)
+    cmds = list(full_load(Table(), rs))  # the commands' text, as `-o nft` writes it
     t7 = time.perf_counter()
     for name, a, b in zip(STAGES, (t0, t1, t2, t3, t4, t5, t6), (t1, t2, t3, t4, t5, t6, t7),
                           strict=True):
