@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,12 @@ from stockade.agent.prometheus import Registry
 from stockade.agent.visibility import Visibility
 from stockade.compile.lower import compile_cluster
 from stockade.datapath.conntrack import Conntrack
-from stockade.datapath.nft import NftDatapath
 from stockade.model.cluster import Cluster
 from stockade.net.namespace import create_netns, entered
 
-from .netio import EchoServer, connect, echo, receive
-from .test_agent_conntrack import PORT, _a_ingress_from, _cluster, _ours
+from .netio import echo, receive
+from .test_agent_conntrack import _a_ingress_from, _cluster, _ours
+from .test_agent_conntrack import held as held  # the fixture: a connection held open
 
 
 def _kernel_count(netns: str) -> int:
@@ -41,20 +40,6 @@ def fresh(netns_prefix: str) -> str:
     create_netns(name)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
     return name
-
-
-@pytest.fixture
-def held(trio) -> Iterator[tuple[NftDatapath, EchoServer, socket.socket]]:
-    """a isolated for ingress, b allowed on TCP/7777, and a connection b -> a held open."""
-    dp = NftDatapath(netns=trio.host_netns)
-    dp.apply(compile_cluster(_cluster(trio, _a_ingress_from("b"))))
-    with EchoServer(trio.a.netns, PORT) as server:
-        conn = connect(trio.b.netns, trio.a.address4, PORT)
-        try:
-            assert echo(conn, b"one")
-            yield dp, server, conn
-        finally:
-            conn.close()
 
 
 @pytest.mark.privileged
