@@ -104,3 +104,32 @@ def test_revoke_now_still_cuts_a_revoked_connection(trio, held, tmp_path: Path,
     assert receive(conn) is None
     with Conntrack(trio.host_netns) as ct:
         assert not _ours(ct.entries(), trio)
+
+
+def _ctnetlink_ports(netns: str) -> set[int]:
+    """Port ids of the namespace's NETLINK_NETFILTER sockets, as the kernel lists them."""
+    with entered(netns), open("/proc/net/netlink") as f:
+        rows = [line.split() for line in f.read().splitlines()[1:]]
+    return {int(r[2]) for r in rows if r[1] == "12" and int(r[2]) > 0}
+
+
+@pytest.mark.privileged
+def test_passes_keep_one_socket_and_still_cut(trio, held, tmp_path: Path) -> None:
+    """Closing a ctnetlink socket holds up the namespace's nf_tables commits (the
+    kernel flushes pending destruction under the commit lock): the revoker keeps one."""
+    dp, _server, conn = held
+    before = _ctnetlink_ports(trio.host_netns)
+    vis = _visibility(_cluster(trio, _a_ingress_from("b")), trio.host_netns, tmp_path)
+    try:
+        assert vis.revoke_now() == 0  # b may still reach a: nothing to cut
+        opened = _ctnetlink_ports(trio.host_netns) - before
+        assert len(opened) == 1
+        revoked = _cluster(trio, _a_ingress_from("c"))
+        dp.apply(compile_cluster(revoked))
+        vis.cluster_of = lambda: revoked
+        assert vis.revoke_now() == 1  # the same socket cuts what is now denied
+        assert _ctnetlink_ports(trio.host_netns) - before == opened
+        assert not echo(conn, b"after")
+    finally:
+        vis.stop()
+    assert not _ctnetlink_ports(trio.host_netns) & opened  # closed with the revoker

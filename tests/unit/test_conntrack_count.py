@@ -26,6 +26,7 @@ from stockade.datapath.conntrack import (
     decode_count,
     stats_request,
 )
+from stockade.errors import DataplaneError
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.connection import ConnEntry
 from stockade.model.labels import Labels
@@ -169,10 +170,15 @@ class FakeConntrack:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.calls.append("close")
 
     def count(self) -> int | None:
         self.calls.append("count")
+        if self.count_answer == -1:
+            raise DataplaneError("the kernel did not answer a conntrack request")
         return self.count_answer
 
     def entries(self) -> list[ConnEntry]:
@@ -209,7 +215,7 @@ def test_an_empty_namespace_is_not_dumped(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     vis = _visibility(tmp_path, monkeypatch, 0, [ENTRY])  # a table the count says is empty
     assert vis.revoke_now() == 0
-    assert FakeConntrack.calls == ["open ns1", "count", "close"]
+    assert FakeConntrack.calls == ["open ns1", "count"]
 
 
 @pytest.mark.parametrize("count", [None, 1, 5])
@@ -218,5 +224,35 @@ def test_an_unknown_or_positive_count_dumps_as_before(tmp_path: Path,
                                                       count: int | None) -> None:
     vis = _visibility(tmp_path, monkeypatch, count, [ENTRY])
     assert vis.revoke_now() == 1  # None (no answer) included: the revocation still cuts
-    assert FakeConntrack.calls == ["open ns1", "count", "entries", "delete 1", "close"]
+    assert FakeConntrack.calls == ["open ns1", "count", "entries", "delete 1"]
     assert vis.cut_total == 1
+
+
+# ---- the revoker's socket: one for every pass --------------------------------------------------
+# Closing a ctnetlink socket makes nf_tables take the namespace's commit lock and wait
+# out the last transaction's grace period, so a socket per pass held up the agent's
+# own commits (see Visibility._drop_conntrack).
+
+
+def test_passes_share_one_socket_until_stop(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    vis = _visibility(tmp_path, monkeypatch, 1, [ENTRY])
+    assert vis.revoke_now() == 1
+    assert vis.revoke_now() == 1
+    assert FakeConntrack.calls == ["open ns1", "count", "entries", "delete 1",
+                                   "count", "entries", "delete 1"]
+    vis.stop()
+    assert FakeConntrack.calls[-1] == "close"
+    vis.stop()  # twice: nothing left to close
+    assert FakeConntrack.calls.count("close") == 1
+
+
+def test_a_failed_pass_drops_its_socket_and_the_next_opens_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vis = _visibility(tmp_path, monkeypatch, -1, [ENTRY])  # -1: the count raises
+    with pytest.raises(DataplaneError):
+        vis.revoke_now()
+    assert FakeConntrack.calls == ["open ns1", "count", "close"]
+    monkeypatch.setattr(FakeConntrack, "count_answer", 1)
+    assert vis.revoke_now() == 1  # a fresh socket: no reply of the failed request in it
+    assert FakeConntrack.calls[3:] == ["open ns1", "count", "entries", "delete 1"]

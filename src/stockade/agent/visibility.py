@@ -33,6 +33,7 @@ from stockade.datapath.nflog import LoggedPacket
 from stockade.engine.evaluate import Evaluator
 from stockade.errors import StockadeError
 from stockade.model.cluster import Cluster
+from stockade.model.connection import ConnEntry
 
 log = logging.getLogger("stockade.visibility")
 
@@ -56,6 +57,8 @@ class Visibility:
         self._failed = False  # the last revocation pass failed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ct: Conntrack | None = None  # the revoker's socket, kept between passes
+        self._ct_lock = threading.Lock()
         self.reader: FlowLogReader | None = None
         self.revoke = revoke
         if log_group is not None and events is not None:
@@ -82,6 +85,8 @@ class Visibility:
         self._revoke.set()
         if self._thread is not None:
             self._thread.join()
+        with self._ct_lock:
+            self._drop_conntrack()
         if self.reader is not None:
             self.reader.stop()
 
@@ -150,28 +155,48 @@ class Visibility:
 
     def revoke_now(self) -> int:
         """Delete conntrack entries of connections the current policy denies."""
-        with Conntrack(self.netns) as ct:
-            # A dump costs the walk of the host's whole table; the count, the namespace's
-            # own counter. Only a 0 skips it: None (no answer) lists, as before.
-            if ct.count() == 0:
-                return 0
-            # Only what the revocation could cut: a ported protocol, not finished.
-            entries = [e for e in ct.entries()
-                       if e.protocol in CANDIDATES and e.state not in FINISHED]
-            if not entries:
-                return 0
-            if self.cluster_near is None:
-                cluster: Cluster | None = self.cluster_of()
-            else:
-                cluster = self.cluster_near({a for e in entries
-                                             for a in (e.src, e.dst, e.reply_src) if a})
-            if cluster is None:
-                return 0  # no endpoint at either end of any: no policy governs them
-            cut = connections_to_cut(entries, Evaluator(cluster))
-            deleted = ct.delete(cut) if cut else 0
+        with self._ct_lock:
+            if self._ct is None:
+                self._ct = Conntrack(self.netns)
+            try:
+                cut, deleted = self._cut(self._ct)
+            except BaseException:
+                # A request left half answered must not meet the next pass's replies.
+                self._drop_conntrack()
+                raise
         if deleted:
             self.cut_total += deleted
             self.metrics.conntrack_flows_cut.inc(deleted)
             log.info("cut connections no longer allowed", extra={"fields": {
                 "count": deleted, "first": f"{cut[0].src} -> {cut[0].dst}:{cut[0].dport}"}})
         return deleted
+
+    def _drop_conntrack(self) -> None:
+        # The socket is kept open between passes because closing any ctnetlink socket
+        # makes nf_tables take the namespace's commit lock and wait out the previous
+        # transaction's grace period (nft_rcv_nl_event): a pass per change closed one
+        # every 50 ms, and the agent's own next commit waited 10-40 ms behind it.
+        if self._ct is not None:
+            self._ct.close()
+            self._ct = None
+
+    def _cut(self, ct: Conntrack) -> tuple[list[ConnEntry], int]:
+        """One pass on `ct`: the entries to cut, and how many the kernel removed."""
+        # A dump costs the walk of the host's whole table; the count, the namespace's
+        # own counter. Only a 0 skips it: None (no answer) lists, as before.
+        if ct.count() == 0:
+            return [], 0
+        # Only what the revocation could cut: a ported protocol, not finished.
+        entries = [e for e in ct.entries()
+                   if e.protocol in CANDIDATES and e.state not in FINISHED]
+        if not entries:
+            return [], 0
+        if self.cluster_near is None:
+            cluster: Cluster | None = self.cluster_of()
+        else:
+            cluster = self.cluster_near({a for e in entries
+                                         for a in (e.src, e.dst, e.reply_src) if a})
+        if cluster is None:
+            return [], 0  # no endpoint at either end of any: no policy governs them
+        cut = connections_to_cut(entries, Evaluator(cluster))
+        return cut, ct.delete(cut) if cut else 0
