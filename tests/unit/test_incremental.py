@@ -137,3 +137,26 @@ def test_a_plan_between_successive_rulesets_looks_at_what_changed_only() -> None
             assert _normal(plan(target, new_target)) == _normal(
                 full_plan(target, new_target)), case.id
             before, target = after, new_target
+
+
+def test_a_derivation_is_kept_on_the_ruleset_and_keeps_its_origin_weakly() -> None:
+    """`derive` records on the new ruleset itself, with no table, lock or weakref
+    callback: the first version's callback, run by the cyclic collector inside the
+    table's lock, deadlocked the reconciler."""
+    import gc
+    import weakref
+
+    from stockade.compile.ir import Ruleset
+    from stockade.compile.plan import Touched, derive
+
+    old, other = Ruleset(), Ruleset()
+    new = Ruleset()
+    touched = Touched(sets=frozenset({"s"}))
+    derive(new, old, touched)
+    assert derived(new, old) == touched
+    assert derived(new, other) is None and derived(old, new) is None
+    assert new == Ruleset() and repr(new) == repr(Ruleset())  # not a field
+    gone = weakref.ref(old)
+    del old
+    gc.collect()
+    assert gone() is None  # a chain of derived rulesets does not keep the first alive

@@ -67,6 +67,11 @@ class IncrementalCompiler:
         self._elements: dict[str, Counter[Element]] = {}
         self._sets: dict[str, AddressSet] = {}
         self._stale_sets: set[str] = set()
+        # Since the last ruleset, per stale set: elements that came (+1) or went (-1)
+        # through joins and leaves, so that an endpoint leaving and joining again (a
+        # relabel) rebuilds no set; and the sets that must be rebuilt whole regardless.
+        self._net: dict[str, dict[Element, int]] = {}
+        self._rebuild: set[str] = set()
         # Which sets an endpoint might join, so that an endpoint change tests a few
         # sets, not all: by scope (a namespace, or "" for sets open to every
         # namespace) and by a label every member must carry (key, value or None).
@@ -149,13 +154,24 @@ class IncrementalCompiler:
         for name in self._stale_sets:
             if name in self._specs:
                 spec = self._specs[name]
-                elements = frozenset(self._elements[name])
                 old = self._sets.get(name)
-                if old is None or old.elements != elements:
-                    self._sets[name] = AddressSet(name, spec.family, spec.kind, elements,
-                                                  spec.comment)
+                net = self._net.get(name)
+                if old is not None and net is not None and name not in self._rebuild:
+                    came = [e for e, d in net.items() if d > 0]
+                    went = [e for e, d in net.items() if d < 0]
+                    if not came and not went:
+                        continue
+                    elements = old.elements.difference(went).union(came)
+                else:
+                    elements = frozenset(self._elements[name])
+                    if old is not None and old.elements == elements:
+                        continue
+                self._sets[name] = AddressSet(name, spec.family, spec.kind, elements,
+                                              spec.comment)
         self._touched_sets |= self._stale_sets
         self._stale_sets.clear()
+        self._net.clear()
+        self._rebuild.clear()
         # dict.copy, not dict(): it clones the table even after deletions (which the
         # maps see at every endpoint change), where dict() re-inserts key by key.
         out = Ruleset(self._sets.copy(), self._chains.copy(), self._maps[INGRESS].copy(),
@@ -253,7 +269,13 @@ class IncrementalCompiler:
     def _join(self, ep: Endpoint, name: str) -> None:
         elements = self._specs[name].contributes(ep)
         if elements:
-            self._elements[name].update(elements)
+            counts = self._elements[name]
+            net = self._net.setdefault(name, {})
+            for e in elements:
+                n = counts[e]
+                if not n:
+                    net[e] = net.get(e, 0) + 1
+                counts[e] = n + 1
             self._stale_sets.add(name)
             self._member_of.setdefault(ep.key, set()).add(name)
 
@@ -275,6 +297,7 @@ class IncrementalCompiler:
         if joined:
             self._elements[name].update(joined)
             self._stale_sets.add(name)
+            self._rebuild.add(name)
 
     def _leave(self, ep: Endpoint, name: str) -> None:
         member_of = self._member_of.get(ep.key)
@@ -282,9 +305,14 @@ class IncrementalCompiler:
             return
         member_of.discard(name)
         counts = self._elements[name]
-        counts.subtract(self._specs[name].contributes(ep))
-        for e in [e for e, n in counts.items() if n <= 0]:
-            del counts[e]
+        net = self._net.setdefault(name, {})
+        for e in self._specs[name].contributes(ep):
+            n = counts[e] - 1
+            if n > 0:
+                counts[e] = n
+            elif e in counts:
+                del counts[e]
+                net[e] = net.get(e, 0) - 1
         self._stale_sets.add(name)
 
     # ---- which chain serves an endpoint -------------------------------------------------
@@ -494,6 +522,7 @@ class IncrementalCompiler:
         self._set_refs[name] = 1
         self._elements[name] = Counter(spec.fixed) if spec.kind == NET else Counter()
         self._stale_sets.add(name)
+        self._rebuild.add(name)
         cand = spec.candidates
         if cand is None:
             return
@@ -522,6 +551,8 @@ class IncrementalCompiler:
         del self._elements[name]
         self._sets.pop(name, None)
         self._stale_sets.discard(name)
+        self._net.pop(name, None)
+        self._rebuild.discard(name)
         self._touched_sets.add(name)
         del spec
         for g in self._guard_of.pop(name, ()):

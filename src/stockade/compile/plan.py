@@ -7,7 +7,6 @@ before the map entries that jump to them, and removals in reverse.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from dataclasses import dataclass
 
@@ -117,34 +116,26 @@ class Touched:
     egress: frozenset[str] = frozenset()
 
 
-# id(new) -> (new, old, what may differ): recorded by whoever derives one ruleset from
-# another (the incremental compiler), so that a plan between them looks at that only.
-_DERIVED: dict[int, tuple[weakref.ref[Ruleset], weakref.ref[Ruleset], Touched]] = {}
-_DERIVED_LOCK = threading.Lock()
+# On a derived ruleset, outside its dataclass fields (equality and repr ignore it): the
+# ruleset it came from (weakly: a chain of them must not stay alive) and what may differ.
+_ORIGIN = "_derived_from"
 
 
 def derive(new: Ruleset, old: Ruleset, touched: Touched) -> None:
     """Record that `new` equals `old` but for `touched`: `plan(old, new)` examines
     only those (everything else is assumed the same objects)."""
-    key = id(new)
-
-    def gone(_: object) -> None:
-        with _DERIVED_LOCK:
-            entry = _DERIVED.get(key)
-            if entry is not None and entry[0]() is None:
-                del _DERIVED[key]
-
-    with _DERIVED_LOCK:
-        _DERIVED[key] = (weakref.ref(new, gone), weakref.ref(old), touched)
+    # Kept on `new` itself. A module table keyed by id() needed a weakref callback to
+    # forget the dead, and the collector ran that callback inside the table's lock
+    # whenever it struck during an insertion: the reconciler deadlocked.
+    object.__setattr__(new, _ORIGIN, (weakref.ref(old), touched))
 
 
 def derived(new: Ruleset, old: Ruleset) -> Touched | None:
     """What may differ from `old`, if `new` was recorded as derived from it."""
-    with _DERIVED_LOCK:
-        entry = _DERIVED.get(id(new))
-    if entry is None or entry[0]() is not new or entry[1]() is not old:
+    entry: tuple[weakref.ref[Ruleset], Touched] | None = getattr(new, _ORIGIN, None)
+    if entry is None or entry[0]() is not old:
         return None
-    return entry[2]
+    return entry[1]
 
 
 def plan(old: Ruleset, new: Ruleset) -> Plan:
