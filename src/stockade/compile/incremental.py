@@ -25,7 +25,7 @@ test replays random changes and compares).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
 from stockade.compile.lower import DIRECTION, Lowering, Need, endpoint_addresses, lower_chain
@@ -172,20 +172,27 @@ class IncrementalCompiler:
         self._stale_sets.clear()
         self._net.clear()
         self._rebuild.clear()
+        last = self._last
+        touched = Touched(frozenset(self._touched_sets), frozenset(self._touched_chains),
+                          frozenset(self._touched_addrs[INGRESS]),
+                          frozenset(self._touched_addrs[EGRESS]))
+        self._touched_sets = set()
+        self._touched_chains = set()
+        self._touched_addrs = {INGRESS: set(), EGRESS: set()}
+        if last is not None:
+            touched = _changed_since(last, touched, self._sets, self._chains, self._maps)
+            if not (touched.sets or touched.chains or touched.ingress or touched.egress):
+                # Nothing differs (a relabel no selector reads, a pod gone and back): the
+                # same ruleset, without cloning its tables (the maps hold every endpoint).
+                return last
         # dict.copy, not dict(): it clones the table even after deletions (which the
         # maps see at every endpoint change), where dict() re-inserts key by key.
         out = Ruleset(self._sets.copy(), self._chains.copy(), self._maps[INGRESS].copy(),
                       self._maps[EGRESS].copy())
-        if self._last is not None:
+        if last is not None:
             # A plan from the previous one looks at what changed only (plan.derive).
-            derive(out, self._last, Touched(frozenset(self._touched_sets),
-                                            frozenset(self._touched_chains),
-                                            frozenset(self._touched_addrs[INGRESS]),
-                                            frozenset(self._touched_addrs[EGRESS])))
+            derive(out, last, touched)
         self._last = out
-        self._touched_sets = set()
-        self._touched_chains = set()
-        self._touched_addrs = {INGRESS: set(), EGRESS: set()}
         return out
 
     def chains(self) -> dict[str, Chain]:
@@ -703,3 +710,20 @@ def _guards(cand: object) -> list[tuple[str, str, str | None]]:
             if req.operator == EXISTS:
                 return [(scope, req.key, None)]
     return [(scope, "", None)]
+
+
+def _changed_since(last: Ruleset, touched: Touched, sets: Mapping[str, AddressSet],
+                   chains: Mapping[str, Chain], maps: Mapping[str, Mapping[str, str]]
+                   ) -> Touched:
+    """`touched` without what is as it was in `last`: an object replaced by itself or an
+    equal one (a chain dropped and made again), or a map entry removed and put back (an
+    endpoint unplaced and placed again)."""
+    return Touched(
+        frozenset(n for n in touched.sets if not _same(last.sets.get(n), sets.get(n))),
+        frozenset(n for n in touched.chains if not _same(last.chains.get(n), chains.get(n))),
+        frozenset(a for a in touched.ingress if last.ingress.get(a) != maps[INGRESS].get(a)),
+        frozenset(a for a in touched.egress if last.egress.get(a) != maps[EGRESS].get(a)))
+
+
+def _same(a: object, b: object) -> bool:
+    return a is b or a == b

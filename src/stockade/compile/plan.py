@@ -147,6 +147,8 @@ def plan(old: Ruleset, new: Ruleset) -> Plan:
     elements. When `new` was
     derived from `old` (see `derive`), only what may differ is examined.
     """
+    if old is new:
+        return Plan()  # the same ruleset: an incremental compile that changed nothing
     touched = derived(new, old)
     if touched is not None:
         return _plan_touched(old, new, touched)

@@ -720,6 +720,8 @@ class NftDatapath:
         changed are made canonical, and the target is derived from the previous target
         alike, so that the plan from what was applied looks at those only."""
         previous, before = self._last_desired, self._last_target
+        if desired is previous and before is not None:
+            return before  # the compiler's same ruleset: nothing changed since
         touched = derived(desired, previous) if previous is not None else None
         if touched is None or before is None:
             target = nft_target(desired)
