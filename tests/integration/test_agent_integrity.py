@@ -219,3 +219,30 @@ def test_no_other_process_can_change_the_agents_table(trio, agent, servers) -> N
     assert st["table"].startswith("owned") and st["inSync"] and st["driftRepairs"] == 0
     assert _nft(host, "delete", "table", "inet", "stockade").returncode != 0
     assert _probe(trio, list(BASELINE)) == BASELINE
+
+
+def _nftables_listeners(netns: str) -> int:
+    """Sockets of the namespace that joined nf_tables' event group (NFNLGRP_NFTABLES,
+    7: bit 6 of /proc/net/netlink's Groups), as the kernel lists them."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/net/netlink"],
+                         check=True, capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines()[1:]]
+    return sum(1 for r in rows if r[1] == "12" and int(r[3], 16) & (1 << 6))
+
+
+def test_an_owned_table_is_not_followed_through_events(agent: AgentProcess, trio,
+                                                       tmp_path: Path,
+                                                       netns_prefix: str) -> None:
+    """Nobody else can change an owned table, so the agent does not make nf_tables build
+    an event for each object it changes; a table it cannot own is followed."""
+    assert agent.call("status")["ready"]
+    assert _nftables_listeners(trio.host_netns) == 0
+    agent.stop()
+    (tmp_path / "unowned").mkdir()
+    other = AgentProcess(tmp_path / "unowned", trio.host_netns, netns_prefix,
+                         table=f"{netns_prefix}unowned", extra=("--no-table-owner",))
+    other.start()
+    try:
+        assert _nftables_listeners(trio.host_netns) == 1
+    finally:
+        other.stop()
