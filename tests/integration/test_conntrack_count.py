@@ -18,12 +18,12 @@ from stockade.agent.metrics import agent_metrics
 from stockade.agent.prometheus import Registry
 from stockade.agent.visibility import Visibility
 from stockade.compile.lower import compile_cluster
-from stockade.datapath.conntrack import Conntrack
+from stockade.datapath.conntrack import Arrivals, Conntrack
 from stockade.model.cluster import Cluster
 from stockade.net.namespace import create_netns, entered
 
-from .netio import echo, receive
-from .test_agent_conntrack import _a_ingress_from, _cluster, _ours
+from .netio import connect, echo, receive
+from .test_agent_conntrack import PORT, _a_ingress_from, _cluster, _ours
 from .test_agent_conntrack import held as held  # the fixture: a connection held open
 
 
@@ -116,14 +116,15 @@ def _ctnetlink_ports(netns: str) -> set[int]:
 @pytest.mark.privileged
 def test_passes_keep_one_socket_and_still_cut(trio, held, tmp_path: Path) -> None:
     """Closing a ctnetlink socket holds up the namespace's nf_tables commits (the
-    kernel flushes pending destruction under the commit lock): the revoker keeps one."""
+    kernel flushes pending destruction under the commit lock): the revoker keeps its
+    sockets from pass to pass."""
     dp, _server, conn = held
     before = _ctnetlink_ports(trio.host_netns)
     vis = _visibility(_cluster(trio, _a_ingress_from("b")), trio.host_netns, tmp_path)
     try:
         assert vis.revoke_now() == 0  # b may still reach a: nothing to cut
         opened = _ctnetlink_ports(trio.host_netns) - before
-        assert len(opened) == 1
+        assert len(opened) == 2  # its requests, and its listener for new connections
         revoked = _cluster(trio, _a_ingress_from("c"))
         dp.apply(compile_cluster(revoked))
         vis.cluster_of = lambda: revoked
@@ -133,3 +134,58 @@ def test_passes_keep_one_socket_and_still_cut(trio, held, tmp_path: Path) -> Non
     finally:
         vis.stop()
     assert not _ctnetlink_ports(trio.host_netns) & opened  # closed with the revoker
+
+
+
+def _events_setting(netns: str, value: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw",
+                    f"net.netfilter.nf_conntrack_events={value}"], check=True)
+
+
+@pytest.mark.privileged
+def test_arrivals_say_yes_to_a_new_connection_and_to_events_switched_off(fresh: str) -> None:
+    subprocess.run(["ip", "netns", "exec", fresh, "nft",
+                    "add table inet t; add chain inet t o { type filter hook output priority 0; };"
+                    " add rule inet t o ct state established accept"], check=True)
+    arrivals = Arrivals(fresh)
+    held: list[socket.socket] = []
+    try:
+        assert not arrivals.seen()  # nothing tracked since it opened
+        with entered(fresh):
+            server = socket.create_server(("127.0.0.1", 0))
+            held += [server, socket.create_connection(server.getsockname(), timeout=2)]
+        held.append(server.accept()[0])
+        assert arrivals.seen()  # the new connection's event
+        assert not arrivals.seen()  # drained
+        _events_setting(fresh, "0")  # no events: it cannot know, so it says yes
+        assert arrivals.seen() and arrivals.seen()
+        _events_setting(fresh, "2")
+        assert arrivals.seen()  # connections made while off carry no event
+        assert not arrivals.seen()
+    finally:
+        arrivals.close()
+        for s in held:
+            s.close()
+
+
+@pytest.mark.privileged
+def test_a_connection_made_after_a_pass_is_still_cut(trio, held, tmp_path: Path) -> None:
+    """A pass with no new connection judges what the last dump listed; one made since
+    arrives as an event, so the next pass lists the table again and cuts it too."""
+    dp, _server, conn = held
+    vis = _visibility(_cluster(trio, _a_ingress_from("b")), trio.host_netns, tmp_path)
+    try:
+        assert vis.revoke_now() == 0  # b may reach a: nothing to cut
+        assert vis.revoke_now() == 0
+        late = connect(trio.b.netns, trio.a.address4, PORT)
+        try:
+            assert echo(late, b"late")
+            revoked = _cluster(trio, _a_ingress_from("c"))
+            dp.apply(compile_cluster(revoked))
+            vis.cluster_of = lambda: revoked
+            assert vis.revoke_now() == 2  # the held connection and the late one
+            assert not echo(late, b"after") and not echo(conn, b"after")
+        finally:
+            late.close()
+    finally:
+        vis.stop()

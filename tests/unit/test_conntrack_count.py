@@ -190,6 +190,23 @@ class FakeConntrack:
         return len(entries)
 
 
+class FakeArrivals:
+    """Stands for `Arrivals`: answers `seen()` from `answers` (then True), in `looks`."""
+
+    answers: list[bool] = []
+    looks: list[str] = []
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.looks.append("open")
+
+    def seen(self) -> bool:
+        self.looks.append("seen")
+        return self.answers.pop(0) if self.answers else True
+
+    def close(self) -> None:
+        self.looks.append("close")
+
+
 # x/a at 10.0.0.1, isolated for ingress: every connection to it is revoked
 ISOLATED = Cluster((Namespace("x", Labels({"kubernetes.io/metadata.name": "x"})),),
                    (Endpoint("x", "a", Labels({"pod": "a"}), ("10.0.0.1",),
@@ -201,6 +218,9 @@ ISOLATED = Cluster((Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
 def _visibility(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int | None,
                 table: list[ConnEntry], cluster: Cluster = ISOLATED) -> Visibility:
     monkeypatch.setattr(visibility, "Conntrack", FakeConntrack)
+    monkeypatch.setattr(visibility, "Arrivals", FakeArrivals)
+    monkeypatch.setattr(FakeArrivals, "answers", [])
+    monkeypatch.setattr(FakeArrivals, "looks", [])
     monkeypatch.setattr(FakeConntrack, "count_answer", count)
     monkeypatch.setattr(FakeConntrack, "table", table)
     monkeypatch.setattr(FakeConntrack, "calls", [])
@@ -256,3 +276,59 @@ def test_a_failed_pass_drops_its_socket_and_the_next_opens_another(
     monkeypatch.setattr(FakeConntrack, "count_answer", 1)
     assert vis.revoke_now() == 1  # a fresh socket: no reply of the failed request in it
     assert FakeConntrack.calls[3:] == ["open ns1", "count", "entries", "delete 1"]
+
+
+
+# ---- no new connection since the last dump: its candidates, judged again --------------------
+
+
+def test_with_no_arrival_the_last_dumps_candidates_are_judged_without_a_dump(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vis = _visibility(tmp_path, monkeypatch, 1, [ENTRY])
+    FakeArrivals.answers[:] = [False, False]  # nothing came, twice
+    assert vis.revoke_now() == 1  # the first pass dumps whatever the events say
+    assert vis.revoke_now() == 1  # the entry the dump listed is cut again (gone: harmless)
+    assert FakeConntrack.calls == ["open ns1", "count", "entries", "delete 1",
+                                   "count", "delete 1"]
+    assert FakeArrivals.looks == ["open", "seen", "seen"]  # opened before the dump
+
+
+def test_an_arrival_or_the_periodic_check_dumps_again(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    vis = _visibility(tmp_path, monkeypatch, 1, [ENTRY])
+    FakeArrivals.answers[:] = [False, True, False, False]
+    for _ in range(2):
+        vis.revoke_now()
+    assert FakeConntrack.calls.count("entries") == 2  # the first pass, then an arrival
+    vis.revoke_soon()  # the periodic check's pass lists the table whatever came
+    vis.revoke_now()
+    assert FakeConntrack.calls.count("entries") == 3
+    vis.revoke_now()  # and the next one, with nothing new, does not
+    assert FakeConntrack.calls.count("entries") == 3
+
+
+def test_without_a_listener_every_pass_dumps(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    vis = _visibility(tmp_path, monkeypatch, 1, [ENTRY])
+
+    def refuse(netns: str | None = None) -> None:
+        raise OSError(errno.EPERM, "no")
+
+    monkeypatch.setattr(visibility, "Arrivals", refuse)
+    for _ in range(3):
+        assert vis.revoke_now() == 1
+    assert FakeConntrack.calls.count("entries") == 3
+
+
+def test_a_failed_pass_forgets_what_the_last_dump_listed(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    vis = _visibility(tmp_path, monkeypatch, 1, [ENTRY])
+    FakeArrivals.answers[:] = [False, False, False]
+    vis.revoke_now()
+    monkeypatch.setattr(FakeConntrack, "count_answer", -1)
+    with pytest.raises(DataplaneError):
+        vis.revoke_now()
+    monkeypatch.setattr(FakeConntrack, "count_answer", 1)
+    vis.revoke_now()  # a new socket and a new listener: the table is listed again
+    assert FakeConntrack.calls.count("entries") == 2
+    assert FakeArrivals.looks.count("open") == 2 and "close" in FakeArrivals.looks

@@ -328,3 +328,67 @@ class Conntrack:
                                  "entries", command="ctnetlink delete",
                                  stderr="; ".join(sorted(set(errors))))
         return removed
+
+
+# ctnetlink's multicast group of new connections (enum nfnetlink_groups).
+NFNLGRP_CONNTRACK_NEW = 1
+
+
+class Arrivals:
+    """Whether a namespace may have tracked a new connection since the last look.
+
+    A socket on ctnetlink's group of new-connection events, drained without
+    decoding: any message, a lost one (ENOBUFS), or events switched off in the
+    namespace (net.netfilter.nf_conntrack_events = 0, or switched on since the
+    last look: connections made meanwhile carry no event) answers yes. Only a
+    certain "no new connection" answers no, so a caller that skips a dump on it
+    misses nothing: what the last dump listed is all there can be, less what
+    ended since. The socket must be open before that dump.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        with entered(netns):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            try:
+                # A sysctl of the net namespace it was opened in, re-read at each look.
+                self._sysctl = os.open("/proc/sys/net/netfilter/nf_conntrack_events",
+                                       os.O_RDONLY | os.O_CLOEXEC)
+            except BaseException:
+                self.sock.close()
+                raise
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.sock.bind((0, 1 << (NFNLGRP_CONNTRACK_NEW - 1)))
+            self.sock.setblocking(False)
+        except BaseException:
+            self.close()
+            raise
+        self._events = self._setting()
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self._sysctl)
+
+    def _setting(self) -> int:
+        try:
+            return int(os.pread(self._sysctl, 16, 0) or b"0")
+        except (OSError, ValueError):
+            return 0
+
+    def seen(self) -> bool:
+        """True unless the namespace certainly tracked no new connection since the last
+        call (or since the socket opened); drains what came."""
+        setting, self._events = self._events, self._setting()
+        arrived = not setting or not self._events
+        while True:
+            try:
+                if not self.sock.recv(RECV_SIZE):
+                    return True
+                arrived = True
+            except BlockingIOError:
+                return arrived
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    return True
+                arrived = True  # events were lost: anything may have come
