@@ -54,6 +54,7 @@ from stockade.compile.iptables import Layout
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
 from stockade.datapath.base import require_bridge_netfilter
+from stockade.datapath.conntrack import Arrivals
 from stockade.datapath.ebpf import EbpfDatapath
 from stockade.datapath.iptables import IptablesDatapath
 from stockade.datapath.nft import NftDatapath
@@ -72,7 +73,10 @@ ALLOWED = (("TCP", CRR_PORT), ("TCP", IPERF_PORT), ("UDP", UDP_PORT))
 UDP_PAYLOAD = 18  # 14 Ethernet + 20 IP + 8 UDP + 18 + 4 FCS = a 64-byte frame
 NAIVE_TOOL = "iptables-nft"  # the host's default iptables here
 DATAPATHS = ("nft", "iptables (nf_tables)", "iptables (legacy)", "ebpf")
-VARIANTS = (*DATAPATHS, "naive")
+# nft with the agent's revoker listening for new connections (conntrack then builds an
+# event for each, which the socket drops once full: what the agent's host pays)
+LISTENING = "nft + ct events"
+VARIANTS = (*DATAPATHS, LISTENING, "naive")
 LENGTHS = (0, 2_000, 10_000, 20_000)  # chain lengths bench/iptables.py `naive` times
 
 
@@ -293,6 +297,7 @@ def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs
     dp: Any = None
     prog: dict[str, float] = {}
     load = 0.0
+    listener: Arrivals | None = None
     try:
         assert not pair.isolated(), "the server is unreachable without a ruleset"
         base = pair.measure(secs)
@@ -301,12 +306,16 @@ def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs
         if name == "naive":
             load = load_naive(pair.host, restore)
         else:
-            dp = open_datapath(name, tag, pair.host)
+            if name == LISTENING:
+                listener = Arrivals(pair.host)
+            dp = open_datapath("nft" if name == LISTENING else name, tag, pair.host)
             dp.check()
             prog = program(dp, cluster, rs)
         assert pair.isolated(), f"{name}: the server is not isolated"
         return base, pair.measure(secs), prog, load
     finally:
+        if listener is not None:
+            listener.close()
         release(pair, dp)
 
 
@@ -325,7 +334,7 @@ def main() -> None:
                     help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
     args = ap.parse_args()
     variants = tuple(v.strip() for v in args.variants.split(","))
-    datapaths = tuple(v for v in variants if v in DATAPATHS)
+    datapaths = tuple(v for v in variants if v in DATAPATHS or v == LISTENING)
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a kill too
