@@ -251,7 +251,7 @@ class Agent:
         if cfg.datapath == "nft" and getattr(datapath, "owned", False):
             # The kernel refuses every other process's change to an owned table, so its
             # events could only be our own: listening would have nf_tables build a
-            # message for each object we change (~100,000 in a full load, 5-15 % of it)
+            # message for each object we change (~100,000 in a full load, 5-17 % of it)
             # for a thread to read and drop. The periodic read-back stays.
             log.info("the table is owned: no other process can change it, so its events "
                      "are not followed")
