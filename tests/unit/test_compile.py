@@ -186,3 +186,26 @@ def test_no_policy_name_reaches_the_kernel_for_any_corpus_case() -> None:
                                               for i, p in enumerate(ordered)])
         assert render_plan(table, plan(Ruleset(), compile_cluster(renamed)),
                            skeleton=True) == cmds, case.id
+
+
+def test_a_family_no_endpoint_has_gets_no_pod_sets_but_keeps_its_ipblocks() -> None:
+    """An IPv4 cluster's IPv6 twins of selector sets would all be empty: the rules naming
+    them are left out with them. An IPv6 ipBlock is fixed and stays; with an IPv6 pod the
+    IPv6 pod sets come back, and the chain is another (its name follows its rules)."""
+    policy = replace(POLICY, ingress=(*POLICY.ingress, Rule(
+        (), (Peer(ip_block=IPBlock("fd00:1::/64")),))))
+    v4 = Cluster((_ns("x"),), (_ep("db", "10.0.0.1"), _ep("api", "10.0.0.2", role="api")),
+                 (policy,))
+    rs = compile_cluster(v4)
+    assert {(s.family, s.kind) for s in rs.sets.values()} == {(4, ADDR), (6, NET)}
+    ((name, chain),) = rs.chains.items()
+    assert sorted((r.family, rs.sets[r.peer_set].kind if r.peer_set else None)
+                  for r in chain.rules) == [(4, ADDR), (6, NET)]
+    db6 = replace(_ep("db6", "fd00::1"), labels=Labels({"app": "db"}))
+    dual = replace(v4, endpoints=(*v4.endpoints, db6, _ep("api6", "fd00::2", role="api")))
+    rs6 = compile_cluster(dual)
+    assert {(s.family, s.kind) for s in rs6.sets.values()} == {(4, ADDR), (6, ADDR), (6, NET)}
+    ((name6, chain6),) = rs6.chains.items()
+    assert name6 != name and len(chain6.rules) == 3
+    assert interpret.allows(rs6, "fd00::2", "fd00::1", "TCP", 5432)
+    assert not interpret.allows(rs6, "fd00::2", "fd00::1", "TCP", 80)

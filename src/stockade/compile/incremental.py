@@ -28,7 +28,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
-from stockade.compile.lower import DIRECTION, Lowering, Need, endpoint_addresses, lower_chain
+from stockade.compile.lower import (
+    DIRECTION,
+    Lowering,
+    Need,
+    absent,
+    endpoint_addresses,
+    families_of,
+    lower_chain,
+)
 from stockade.compile.membership import PeerMembers, PolicyTargets, SetSpec
 from stockade.compile.plan import Touched, derive
 from stockade.compile.tiers import link_chain, lower_tier_chain, subject_key
@@ -98,6 +106,10 @@ class IncrementalCompiler:
         self._touched_sets: set[str] = set()
         self._touched_chains: set[str] = set()
         self._touched_addrs: dict[str, set[str]] = {INGRESS: set(), EGRESS: set()}
+        # The address families the chains were lowered for (a pod set of another family
+        # is left out, see lower.absent), and how many endpoints have each.
+        self._families: frozenset[int] = frozenset()
+        self._family_count: Counter[int] = Counter()
 
     # ---- bulk ------------------------------------------------------------------------
 
@@ -120,7 +132,9 @@ class IncrementalCompiler:
         for ep in cluster.endpoints:
             inc.endpoints[ep.key] = ep
             inc._endpoints_in.setdefault(ep.namespace, set()).add(ep.key)
+            inc._family_count.update(families_of((ep,)))
         bulk = Lowering(resolve(cluster))
+        inc._families = bulk.families
         tier_subjects = bulk.tier_subjects() if inc._tier_order else {}
         for direction in model.DIRECTIONS:
             isolated = bulk.res.isolated[direction]
@@ -237,20 +251,38 @@ class IncrementalCompiler:
         self._endpoints_in.setdefault(ep.namespace, set()).add(ep.key)
         self._attach(ep)
         self._collect()
+        self._check_families()
 
     def delete_endpoint(self, key: str) -> None:
         old = self.endpoints.get(key)
         if old is not None:
             self._detach(old)
             self._collect()
+            self._check_families()
+
+    def _check_families(self) -> None:
+        """The first endpoint with an address of a family, or the last one gone: every
+        chain is lowered again (the rules of that family's pod sets come or go).
+
+        Rare (a cluster is dual-stack or not), and then a compile of the whole
+        state; the next ruleset is planned against the last one in full.
+        """
+        present = frozenset(f for f, n in self._family_count.items() if n > 0)
+        if present == self._families:
+            return
+        fresh = IncrementalCompiler.of(self.cluster())
+        self.__dict__.update(fresh.__dict__)
+        self._last = None  # not derived: the plan compares everything
 
     def _attach(self, ep: Endpoint) -> None:
+        self._family_count.update(families_of((ep,)))
         for name in self._candidate_sets(ep.namespace, ep.labels):
             self._join_if_selected(ep, name)
         for direction in model.DIRECTIONS:
             self._place(ep, direction)
 
     def _detach(self, ep: Endpoint) -> None:
+        self._family_count.subtract(families_of((ep,)))
         for name in list(self._member_of.get(ep.key, ())):
             self._leave(ep, name)
         self._member_of.pop(ep.key, None)
@@ -445,7 +477,8 @@ class IncrementalCompiler:
         if name is not None:
             return name
         specs: dict[str, SetSpec] = {}
-        chain = lower_chain(direction, [self.policies[k] for k in keys], _collector(specs))
+        chain = lower_chain(direction, [self.policies[k] for k in keys],
+                            _collector(specs, self._families))
         self._chain_of[(direction, keys)] = chain.name
         self._register(chain, specs, members)
         return chain.name
@@ -458,7 +491,7 @@ class IncrementalCompiler:
             return name
         specs: dict[str, SetSpec] = {}
         chain = lower_tier_chain(direction, tier, [self.cluster_policies[n] for n in names],
-                                 next_chain, _collector(specs))
+                                 next_chain, _collector(specs, self._families))
         # One key per name: a chain is named by its policies' subjects, so the key of
         # its previous policies (one since deleted, say) must not find it again.
         stale = self._tier_key.get(chain.name)
@@ -679,9 +712,11 @@ def _same_selection(old: ClusterNetworkPolicy, new: ClusterNetworkPolicy) -> boo
         bool(old.rules(d)) == bool(new.rules(d)) for d in model.DIRECTIONS)
 
 
-def _collector(specs: dict[str, SetSpec]) -> Need:
-    """A `need` that records the specs a chain's lowering asks for."""
-    def need(spec: SetSpec) -> str:
+def _collector(specs: dict[str, SetSpec], families: frozenset[int]) -> Need:
+    """A `need` that records the specs a chain's lowering asks for (those not absent)."""
+    def need(spec: SetSpec) -> str | None:
+        if absent(spec, families):
+            return None
         specs.setdefault(spec.name, spec)
         return spec.name
     return need

@@ -48,8 +48,28 @@ DIRECTION = {model.INGRESS: INGRESS, model.EGRESS: EGRESS}
 # A policy annotated so asks that connections it would now deny be kept, not cut
 # (the agent's revoker reads the same annotation: `agent.revoke.KEEP_ANNOTATION`).
 
-# Registers a set spec with whoever builds the sets; returns the set's name.
-Need = Callable[[SetSpec], str]
+# Registers a set spec with whoever builds the sets; returns the set's name, or None
+# when the set is necessarily empty (see `absent`): a rule naming it never matches, so
+# it is left out, with the set.
+Need = Callable[[SetSpec], str | None]
+
+
+def absent(spec: SetSpec, families: frozenset[int]) -> bool:
+    """A set of pods' addresses in a family no endpoint has an address in: empty, and
+    empty until such an endpoint comes (the compiler then lowers every chain again).
+
+    An IPv4 cluster would otherwise carry an IPv6 twin of every selector's set and
+    rule, all empty: at 10,000 pods, 1,611 of its 3,223 sets, each one the kernel
+    walks past whenever it looks a set up by name, and lists one by one on a read.
+    An ipBlock's set (`candidates` None) is fixed and never absent.
+    """
+    return spec.candidates is not None and spec.family not in families
+
+
+def families_of(endpoints: Iterable[Endpoint]) -> frozenset[int]:
+    """The address families the endpoints have addresses in."""
+    return frozenset(a[0] for ep in endpoints for ip in ep.ips
+                     if (a := address(ip)) is not None)
 
 
 def block_networks(block: model.IPBlock) -> list[Network]:
@@ -126,10 +146,12 @@ def _peer_options(namespace: str, peer: model.Peer | None, need: Need
         return [(None, None)]
     if peer.ip_block is not None:
         spec = _block_spec(peer.ip_block)
-        return [(spec.family, need(spec))] if spec is not None else []
+        name = need(spec) if spec is not None else None
+        return [(spec.family, name)] if spec is not None and name is not None else []
     if peer.pod_selector is None and peer.namespace_selector is None:
         return []  # matches nothing (and never validates)
-    return [(fam, need(s)) for fam, s in selector_specs(namespace, peer).items()]
+    return [(fam, name) for fam, s in selector_specs(namespace, peer).items()
+            if (name := need(s)) is not None]
 
 
 def named_rule_specs(direction: str, rule: model.Rule, name: str, tag: str,
@@ -148,10 +170,11 @@ def named_rule_specs(direction: str, rule: model.Rule, name: str, tag: str,
                 if not _peer_options("", peer, need):
                     continue
                 specs = _peer_specs("", peer, name, proto)
-                out += [ChainRule(fam, None, need(s), proto, comment=tag)
-                        for fam, s in specs.items()]
+                out += [ChainRule(fam, None, nset, proto, comment=tag)
+                        for fam, s in specs.items() if (nset := need(s)) is not None]
                 continue
-            anyone = {fam: need(s) for fam, s in _peer_specs("", None, name, proto).items()}
+            anyone = {fam: nset for fam, s in _peer_specs("", None, name, proto).items()
+                      if (nset := need(s)) is not None}
             out += [ChainRule(nfam, pset, nset, proto, comment=tag)
                     for fam, pset in _peer_options("", peer, need)
                     for nfam, nset in anyone.items() if fam is None or fam == nfam]
@@ -169,14 +192,15 @@ def _named_rules(direction: str, policy: model.NetworkPolicy, peer: model.Peer |
     """
     if direction == model.INGRESS:
         specs = _target_specs(policy.namespace, policy.pod_selector, name, proto)
-        names = {fam: need(s) for fam, s in specs.items()}
+        names = {fam: nset for fam, s in specs.items() if (nset := need(s)) is not None}
         return [ChainRule(nfam, pset, nset, proto, comment=tag)
                 for fam, pset in peer_opts for nfam, nset in names.items()
                 if fam is None or fam == nfam]
     if not peer_opts:
         return []
     specs = _peer_specs(policy.namespace, peer, name, proto)
-    return [ChainRule(fam, None, need(s), proto, comment=tag) for fam, s in specs.items()]
+    return [ChainRule(fam, None, nset, proto, comment=tag) for fam, s in specs.items()
+            if (nset := need(s)) is not None]
 
 
 @functools.lru_cache(maxsize=1 << 12)
@@ -264,10 +288,12 @@ class Lowering:
         self._of_identity: dict[tuple[int, int, tuple[str, str] | None], list[Element]] = {}
         self._addresses: dict[int, list[tuple[Endpoint, list[tuple[int, str]]]]] = {}
         self._lowered: dict[str, dict[int, list[ChainRule]]] = {}
-        self._ipv6: bool | None = None
+        self.families = families_of(self.index.cluster.endpoints)
         self._tiers: dict[tuple[str, str, int], tuple[Sequence[ClusterNetworkPolicy], Chain]] = {}
 
-    def need(self, spec: SetSpec) -> str:
+    def need(self, spec: SetSpec) -> str | None:
+        if absent(spec, self.families):
+            return None
         if spec.name not in self.sets:
             self.sets[spec.name] = AddressSet(spec.name, spec.family, spec.kind,
                                               frozenset(self._elements(spec)), spec.comment)
@@ -287,8 +313,6 @@ class Lowering:
     def _elements(self, spec: SetSpec) -> list[Element]:
         if spec.kind == NET:
             return list(spec.fixed)
-        if spec.family == 6 and not self.reference and not self._has_ipv6():
-            return []  # what every pod contributes to a set of a family none of them has
         cand = spec.candidates
         if self.reference or not isinstance(cand, PeerMembers | PolicyTargets):
             return [e for ep in self.members(spec) for e in spec.contributes(ep)]
@@ -305,15 +329,6 @@ class Lowering:
                                                                    spec.port)
             out.extend(found)
         return out
-
-    def _has_ipv6(self) -> bool:
-        """Whether some endpoint may have an IPv6 address (every one has a colon; no
-        IPv4 address has one). An IPv4 cluster's IPv6 sets are all empty: half of
-        its sets, each asked of its pods for nothing."""
-        if self._ipv6 is None:
-            self._ipv6 = any(":" in ip for pods in self.index.members for ep in pods
-                             for ip in ep.ips)
-        return self._ipv6
 
     def _contributed(self, ident: int, family: int, port: tuple[str, str] | None
                      ) -> list[Element]:
