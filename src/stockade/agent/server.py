@@ -63,6 +63,7 @@ from stockade.agent.protocol import (
     ApiError,
     Request,
     decode_request,
+    decode_response,
     encode_error,
     encode_result,
 )
@@ -122,6 +123,23 @@ def handle(handler: Handler, req: Request) -> bytes:
             return encode_error(ApiError(INTERNAL, f"{type(exc).__name__}: {exc}"))
         except Exception:  # an exception whose text cannot be shown
             return encode_error(ApiError(INTERNAL, type(exc).__name__))
+
+
+class InProcess:
+    """A client of the agent's API inside the agent itself: the request is the line a
+    socket would carry, decoded and answered by the same functions as the socket's
+    (``decode``, ``handle``), without a connection, a read or a thread. The caller
+    was admitted by the socket already (cni.exec runs the CNI plugin this way)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    def call(self, op: str, **args: Any) -> Any:
+        req = decode(Request(op, args).encode())
+        return decode_response(req if isinstance(req, bytes) else handle(self.handler, req))
+
+    def close(self) -> None:
+        """Nothing is held."""
 
 
 class _Conn:

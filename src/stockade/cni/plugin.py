@@ -153,7 +153,9 @@ def agent_call(path: str, op: str, args: Mapping[str, Any]) -> Any:
                            str(exc)) from None
 
 
-_invocation = threading.local()  # `clients`: the connections of this thread's invocation
+# `clients`: the connections of this thread's invocation; `within`: inside the agent
+# (cni.exec), the client that calls it in-process
+_invocation = threading.local()
 
 
 @contextlib.contextmanager
@@ -162,7 +164,13 @@ def _connection(path: str, client: Callable[..., Any]) -> Iterator[Any]:
 
     A new connection costs the agent an accept in its one thread that reads every
     request, which many ADDs at once queue for. Outside `run`: one per request.
+    Inside the agent (`run`'s ``within``) there is no connection: the requests are
+    the same lines, answered by the same functions, without the socket.
     """
+    within = getattr(_invocation, "within", None)
+    if within is not None:
+        yield within
+        return
     kept: dict[str, Any] | None = getattr(_invocation, "clients", None)
     if kept is None:
         with client(path, timeout=90.0) as fresh:
@@ -578,8 +586,14 @@ HANDLERS: dict[str, Callable[[Call], dict[str, Any] | None]] = {
 }
 
 
-def run(environ: Mapping[str, str], stdin: bytes, out: IO[str], err: IO[str]) -> int:
-    """One invocation, start to finish; returns the exit status."""
+def run(environ: Mapping[str, str], stdin: bytes, out: IO[str], err: IO[str], *,
+        within: Any = None) -> int:
+    """One invocation, start to finish; returns the exit status.
+
+    ``within``: the invocation runs inside the agent the configuration names
+    (cni.exec); its requests go to this client (``call``, ``close``) instead of
+    a connection to the agent's socket.
+    """
     requested = requested_version(stdin)
     try:
         env = parse_env(environ)
@@ -588,12 +602,14 @@ def run(environ: Mapping[str, str], stdin: bytes, out: IO[str], err: IO[str]) ->
             return 0
         conf = parse_conf(stdin, env)
         _invocation.clients = {}
+        _invocation.within = within
         try:
             result = HANDLERS[env.command](Call(conf, env))
         finally:
             for client in _invocation.clients.values():
                 client.close()
             _invocation.clients = None
+            _invocation.within = None
         if result is not None:
             _write(out, result)
         return 0

@@ -14,8 +14,11 @@ asks the thin plugin to run the Python plugin, which connects where it is told)
 and when it sees the caller's processes and files as the caller does (the
 caller's /proc entry, CNI_NETNS): an agent in a container of its own must leave
 the call to the Python plugin, run where the runtime runs it.
-Inside the agent the plugin still talks to the agent over its socket, so the
-plugin code keeps one way of reaching it.
+Inside the agent the plugin's requests to the agent are the same request lines,
+decoded and answered by the same functions as the socket's, but in the calling
+thread (:class:`~stockade.agent.server.InProcess`): a second connection per
+request cost the agent an accept, a read and a thread in the loop that many
+ADDs at once queue for.
 
 Args: ``env`` (the runtime's environment, name → value), ``stdin`` (the
 network configuration, text) and ``pid`` (the caller's: the plugin runs in that
@@ -34,6 +37,7 @@ from typing import Any
 
 from stockade.agent.extension import Handler, Host
 from stockade.agent.protocol import BAD_REQUEST, UNAVAILABLE, ApiError, Args
+from stockade.agent.server import InProcess
 
 
 class ThinPlugin:
@@ -41,6 +45,7 @@ class ThinPlugin:
 
     def __init__(self) -> None:
         self.socket = ""
+        self.within: InProcess | None = None
         self.calls = 0
         self.fallbacks = 0
         self._lock = threading.Lock()
@@ -53,6 +58,9 @@ class ThinPlugin:
 
     def start(self, agent: Host) -> None:
         self.socket = os.path.realpath(agent.config.socket)
+        # The plugin's own requests (cni.status, cni.add...) are this agent's: answered
+        # in this thread, not over a second connection to the socket.
+        self.within = InProcess(agent.service.handle)
 
     def stop(self) -> None:
         """Nothing runs in the background."""
@@ -64,7 +72,7 @@ class ThinPlugin:
                 raise ApiError(BAD_REQUEST, f"cni.exec: args.{key} is required")
         env = args.text_map("env")
         stdin = args.text("stdin")
-        if not self.socket:
+        if not self.socket or self.within is None:
             raise ApiError(UNAVAILABLE, "cni.exec is not started")
         other = self._other_agent(env, stdin)
         if other:
@@ -81,7 +89,7 @@ class ThinPlugin:
             # Where the caller runs: the host side is plumbed in its namespace, as the
             # Python plugin started by the runtime would have done.
             with entered(f"/proc/{pid}/ns/net" if pid else None):
-                code = run(env, stdin.encode(), out, err)
+                code = run(env, stdin.encode(), out, err, within=self.within)
         except NetError as exc:
             with self._lock:
                 self.fallbacks += 1
