@@ -152,29 +152,26 @@ class Agent:
             store = KubeCacheStore(cfg.state_dir)
             self.store = store
             state, revision = store.load_local()
+            datapath = self._open_datapath()
         else:
+            datapath = self._open_datapath()
+            # Read the table back while the state loads, is checked and compiled (the
+            # read is libnftables' work, outside the interpreter, and at 10,000
+            # endpoints takes as long as all of those): the adoption below uses it.
+            prefetch = getattr(datapath, "prefetch", None)
+            if prefetch is not None:
+                prefetch()
             self.store = Store(cfg.state_dir)
             state, revision = self.store.load()
             if cfg.subnet is None:
                 cfg = self.config = replace(cfg, subnet=DEFAULT_SUBNET)
+            # With the API as the datastore an empty local store is normal: nothing is
+            # programmed before the first lists, so the kernel's table stays as it is.
+            state, revision = self._guard_empty_store(state, revision, datapath)
         self.store.on_durable = self.metrics.store_commit_duration.observe
         log.info("state loaded", extra={"fields": {
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})
-        datapath = open_datapath(cfg.datapath, cfg.table, netns=cfg.netns,
-                                 owner=cfg.table_owner, log_group=cfg.log_group)
-        datapath.check()
-        if hasattr(datapath, "keep_unused"):
-            datapath.keep_unused = True  # unused chains wait a while for reuse (nft)
-        if not kube:
-            # With the API as the datastore an empty local store is normal: nothing is
-            # programmed before the first lists, so the kernel's table stays as it is.
-            state, revision = self._guard_empty_store(state, revision, datapath)
-            # Read the table back while the state is checked and compiled (the read is
-            # libnftables' work, outside the interpreter); the adoption below uses it.
-            prefetch = getattr(datapath, "prefetch", None)
-            if prefetch is not None:
-                prefetch()
         state.quarantined = quarantine(state, strict_cidr=cfg.strict_cidr)
         for key, reasons in sorted(state.quarantined.items()):
             log.error("endpoint held fail-closed: its stored state cannot be enforced",
@@ -397,6 +394,15 @@ class Agent:
         log.info("ready", extra={"fields": {"revision": self.reconciler.desired_revision,
                                             "table": self._where()}})
         notify_ready()
+
+    def _open_datapath(self) -> Datapath:
+        cfg = self.config
+        datapath = open_datapath(cfg.datapath, cfg.table, netns=cfg.netns,
+                                 owner=cfg.table_owner, log_group=cfg.log_group)
+        datapath.check()
+        if hasattr(datapath, "keep_unused"):
+            datapath.keep_unused = True  # unused chains wait a while for reuse (nft)
+        return datapath
 
     def _guard_empty_store(self, state: AgentState, revision: int,
                            datapath: Datapath) -> tuple[AgentState, int]:
