@@ -561,3 +561,46 @@ def test_no_thread_or_connection_leaks_after_abuse(make) -> None:
     with _connect(srv) as s:
         s.sendall(_req("status"))
         assert _code(_line(s)) == "ok"
+
+
+# ---- workers -----------------------------------------------------------------------------
+
+
+def test_a_stream_of_requests_reuses_its_worker_and_idle_workers_end(make, monkeypatch) -> None:
+    """A request goes to an idle worker when there is one (a thread per request made the
+    reading thread wait for each new one); a worker idle for WORKER_IDLE ends."""
+    monkeypatch.setattr(server_mod, "WORKER_IDLE", 0.5)
+    srv, fake = make()
+    threads: set[int] = set()
+    original = fake.__call__
+
+    def recording(op: str, args: dict[str, Any]) -> Any:
+        threads.add(threading.get_ident())
+        return original(op, args)
+
+    srv._loop.handler = recording  # type: ignore[attr-defined]
+    with AgentClient(srv.path, timeout=5) as client:
+        for i in range(50):
+            assert client.call("status", i=i)["args"] == {"i": i}
+    assert len(threads) == 1
+    workers = [t for t in threading.enumerate() if t.name == "api-request"]
+    assert len(workers) == 1  # idle, waiting for the next request
+    assert _settle(lambda: not any(t.name == "api-request" for t in threading.enumerate()))
+
+
+def test_requests_at_once_each_get_a_worker_and_none_waits_for_another(make) -> None:
+    """Workers are never a queue: a request blocked in its handler holds one worker,
+    and the next requests are answered meanwhile by others."""
+    srv, fake = make()
+    blocked = [_connect(srv) for _ in range(5)]
+    for s in blocked:
+        s.sendall(_req("get"))
+    for _ in blocked:
+        assert fake.entered.acquire(timeout=5)
+    with AgentClient(srv.path, timeout=5) as client:
+        for i in range(20):
+            assert client.call("status", i=i)["args"] == {"i": i}
+    fake.release.set()
+    for s in blocked:
+        assert _line(s)["result"]["size"] > 0
+        s.close()

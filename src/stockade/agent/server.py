@@ -8,9 +8,12 @@ Bounded, whatever the clients do:
   ``net.core.somaxconn`` if smaller), so a burst of plugin processes does not
   find the door shut.
 * **Threads.** One thread (``api``) waits on every socket (epoll) and reads
-  the requests; a thread exists for a connection only while one of its
-  requests is being answered. An idle connection costs a file descriptor and
-  a few hundred bytes, never a thread.
+  the requests; a worker thread answers a request and then waits up to
+  ``WORKER_IDLE`` (2 s) for the next one before it ends, so a stream of
+  requests does not start a thread per request (the reading thread waited for
+  each new thread to get the interpreter's lock). There are never more workers
+  than requests being answered plus those idle. An idle connection costs a
+  file descriptor and a few hundred bytes, never a thread.
 * **Time.** A connection that sends nothing for ``idle_timeout`` (60 s) is
   closed; a request line must arrive whole within ``line_timeout`` (30 s) of
   its first byte (no slowloris); an answer the client does not read within
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import queue
@@ -83,6 +87,7 @@ BACKLOG = 1024
 CHUNK = 256 * 1024  # bytes read from a socket at once
 ACCEPT_BATCH = 128  # connections accepted per turn of the loop, so timers still run
 ACCEPT_PAUSE = 0.2  # seconds without accepting after EMFILE and the like
+WORKER_IDLE = 2.0  # seconds a worker waits for the next request before it ends
 
 # connection states
 IDLE, READING, PAUSED, DRAINING, BUSY, CLOSED = (
@@ -123,6 +128,61 @@ def handle(handler: Handler, req: Request) -> bytes:
             return encode_error(ApiError(INTERNAL, f"{type(exc).__name__}: {exc}"))
         except Exception:  # an exception whose text cannot be shown
             return encode_error(ApiError(INTERNAL, type(exc).__name__))
+
+
+class _Workers:
+    """Threads that answer requests, each kept ``idle`` seconds for the next one.
+
+    A request is handed to an idle worker when there is one, else to a new
+    thread, so no request ever waits for another to finish. `_idle` counts the
+    waiting workers no queued request has claimed: a worker whose wait ends
+    leaves only while that count is above zero, so every queued request keeps
+    a worker waiting for it.
+    """
+
+    def __init__(self, name: str, idle: float | None = None) -> None:
+        self.name = name
+        self.idle = WORKER_IDLE if idle is None else idle
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._stopped = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            claimed = self._idle > 0
+            if claimed:
+                self._idle -= 1
+        self._jobs.put(job)
+        if not claimed:
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+
+    def stop(self) -> None:
+        """Idle workers end now; busy ones when their request is answered."""
+        with self._lock:
+            self._stopped = True
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.idle)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:
+                        self._idle -= 1
+                        return
+                continue  # every waiting worker is claimed: one request is ours
+            if job is None:
+                return
+            job()
+            del job  # nothing of the request is kept while idle
+            with self._lock:
+                if self._stopped:
+                    return
+                self._idle += 1
 
 
 class InProcess:
@@ -193,6 +253,7 @@ class _Loop:
         self._accept_resume = 0.0
         self._next_check = float("inf")
         self._paused: set[_Conn] = set()
+        self._workers = _Workers("api-request")
         listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ, "listen")
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -365,8 +426,7 @@ class _Loop:
         conn.line = line  # its bytes stay charged until it is answered
         conn.state = BUSY
         self._unregister(conn)
-        threading.Thread(target=self._work, args=(conn,), name="api-request",
-                         daemon=True).start()
+        self._workers.submit(functools.partial(self._work, conn))
 
     def _too_large(self, conn: _Conn) -> None:
         _send_quietly(conn.sock, encode_error(ApiError(
@@ -522,6 +582,7 @@ class _Loop:
     def close_all(self) -> None:
         with self._lock:
             self._closed = True
+        self._workers.stop()
         self._finished_closing()
         for conn in list(self.conns.values()):
             if conn.state != BUSY:  # a busy one is closed by its worker
