@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import re
@@ -233,6 +234,11 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/report.py: run as root (namespaces, the agent, datapaths)")
+    if importlib.util.find_spec("matplotlib") is None:
+        # Checked before the steps run: the plots are drawn after them, and half an hour
+        # of measurements would be lost to a missing package.
+        raise SystemExit("bench/report.py: matplotlib is missing: `make bench` installs it "
+                         "(pip install -e '.[dev,bench]')")
     done: dict[str, Step] = {}
     with tempfile.TemporaryDirectory(prefix="stockade-report-") as tmp:
         for name in args.only:

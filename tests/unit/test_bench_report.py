@@ -92,3 +92,23 @@ def test_only_keeps_the_other_sections_and_their_goals(report: Any, tmp_path: Pa
     again = report.kept_sections(text, ["offline"])
     assert list(again) == ["cni", "multihost"] and again["cni"] == kept["cni"]
     assert "| policy | 134 |" in again["multihost"].lines
+
+
+def test_a_missing_plotting_package_stops_the_report_before_any_step(
+        report: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plots are drawn after the steps: without matplotlib, say so before measuring
+    for half an hour, not after."""
+    import importlib.util
+    import os
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    ran: list[str] = []
+    monkeypatch.setattr(report, "run_step", lambda name, *a: ran.append(name))
+    monkeypatch.setattr(sys, "argv", ["report.py", "--only", "agent", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        report.main()
+    assert "matplotlib is missing" in str(stop.value)
+    assert ran == [] and not (tmp_path / "benchmarks.md").exists()
