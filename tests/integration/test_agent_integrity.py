@@ -246,3 +246,23 @@ def test_an_owned_table_is_not_followed_through_events(agent: AgentProcess, trio
         assert _nftables_listeners(trio.host_netns) == 1
     finally:
         other.stop()
+
+
+def test_a_store_that_does_not_load_leaves_the_kernel_as_it_was(
+        tmp_path: Path, host_netns: str, netns_prefix: str) -> None:
+    """The table's read-back starts before the store loads; with no table there is
+    nothing to read, and an agent whose store cannot be read makes none on its way out."""
+    proc = AgentProcess(tmp_path, host_netns, netns_prefix)
+    proc.state.mkdir(parents=True)
+    (proc.state / "state.db").write_bytes(b"not a database" * 100)
+    err = _start_fails(proc)
+    assert "Traceback" not in err and "state.db" in err, err[-2000:]
+    assert _nft(host_netns, "list", "table", "inet", "stockade").returncode != 0
+    assert _nft(host_netns, "list", "tables").stdout.strip() == ""
+    # the read-back itself, waited for (the agent above may exit before it gets far)
+    from stockade.datapath import open_datapath
+
+    dp: Any = open_datapath("nft", "stockade", netns=host_netns, owner=True)
+    dp.prefetch()
+    assert dp._take_prefetched() is None
+    assert _nft(host_netns, "list", "tables").stdout.strip() == ""

@@ -451,10 +451,16 @@ class NftDatapath:
         loads and compiles: the read is libnftables' work, outside the interpreter).
 
         The table is claimed first, as `snapshot` does. The next snapshot takes what
-        was read if no transaction came in between; otherwise it reads again.
+        was read if no transaction came in between; otherwise it reads again. No
+        table: nothing is read, and nothing made (the agent may yet refuse to start:
+        its store is read meanwhile).
         """
         def read() -> None:
             try:
+                with self._lock:
+                    there = self._elements.table_info() is not None
+                if not there:
+                    return
                 if self.owner and not self.owned and self._persist_supported():
                     self._claim()
                 generation = self._generation
