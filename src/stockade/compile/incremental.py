@@ -595,11 +595,20 @@ class IncrementalCompiler:
         self._rebuild.discard(name)
         self._touched_sets.add(name)
         del spec
-        for g in self._guard_of.pop(name, ()):
+        guards = self._guard_of.pop(name, ())
+        for g in guards:
             self._guarded[g].discard(name)
         self._specs_anywhere.discard(name)
-        for members in self._member_of.values():
-            members.discard(name)
+        # Its members are endpoints of its scopes (every join went through the guards'
+        # scopes or the set's own selection): only theirs are looked at, not all.
+        scopes = {g[0] for g in guards}
+        keys: Iterable[str] = (
+            self._member_of if "" in scopes
+            else [k for scope in scopes for k in self._endpoints_in.get(scope, ())])
+        for key in keys:
+            members = self._member_of.get(key)
+            if members is not None:
+                members.discard(name)
 
     # ---- policies ---------------------------------------------------------------------------
 
