@@ -246,3 +246,36 @@ def _nft(netns: str, command: str) -> None:
 def _nft_out(netns: str, command: str) -> str:
     return subprocess.run(["ip", "netns", "exec", netns, "nft", *command.split()], check=True,
                           capture_output=True, text=True).stdout
+
+
+def test_the_first_and_last_endpoint_of_a_family_with_real_packets(trio, datapath,
+                                                                    servers) -> None:
+    """Known only by their IPv4 addresses, the pods get no IPv6 pod sets or rules; once
+    they are known by both, IPv6 is enforced as IPv4 is; known by IPv4 alone again, the
+    IPv6 rules go and nothing refers to them. Through the incremental compiler, each
+    step a delta against the kernel's table, read back without drift."""
+    from stockade.compile.incremental import IncrementalCompiler
+
+    full = cluster(trio, allow_only("a", "b"))
+    v4 = replace(full, endpoints=tuple(replace(ep, ips=ep.ips[:1]) for ep in full.endpoints))
+    inc = IncrementalCompiler.of(v4)
+    rs = inc.ruleset()
+    assert not any(s.family == 6 for s in rs.sets.values())
+    datapath.apply(rs)
+    assert denied(trio, 4) == A_ONLY_FROM_B
+    for ep in full.endpoints:  # the first one brings IPv6 in: every chain lowered again
+        inc.upsert_endpoint(ep)
+        datapath.apply(inc.ruleset())
+    rs = inc.ruleset()
+    assert rs == compile_cluster(full) and any(s.family == 6 for s in rs.sets.values())
+    assert datapath.diff(rs).empty
+    for family in (4, 6):
+        assert denied(trio, family) == A_ONLY_FROM_B, family
+    for ep in v4.endpoints:  # the last one takes it away
+        inc.upsert_endpoint(ep)
+        datapath.apply(inc.ruleset())
+    rs = inc.ruleset()
+    assert rs == compile_cluster(v4) and datapath.diff(rs).empty
+    assert not any(s.family == 6 for s in rs.sets.values())
+    assert denied(trio, 4) == A_ONLY_FROM_B
+    assert denied(trio, 6) == set()  # no policy knows these addresses: not isolated
