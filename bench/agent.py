@@ -184,11 +184,17 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
                     results[name].setdefault("parallel latency", []).extend(lat)
             for name, agent in agents.items():
                 results[name]["rss"] = [agent.rss_mb()]
-            for i in range(2):
+            for i in range(4):
+                # A clean stop (the warm start, agent/warm.py) and a kill -9 (cold), in turns.
                 order = list(agents) if i % 2 else list(agents)[::-1]
                 for name in order:
-                    agents[name].stop()
-                    results[name].setdefault("restart", []).append(agents[name].start())
+                    if i < 2:
+                        agents[name].stop()
+                        results[name].setdefault("restart", []).append(agents[name].start())
+                    else:
+                        agents[name].kill9()
+                        results[name].setdefault("restart after kill -9", []).append(
+                            agents[name].start())
         finally:
             for agent in agents.values():
                 agent.stop()
@@ -204,8 +210,9 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
                          "runs: " + ", ".join(f"{x:.0f}" for x in r["parallel rate"])))
             rows.append(ms_row(f"[{name}] ... their latency", r["parallel latency"]))
             rows.append((f"[{name}] memory (RSS)", f"{r['rss'][0]:.0f} MB", ""))
-            rows.append((f"[{name}] restart", f"{min(r['restart']):.1f} s",
-                         "runs: " + ", ".join(f"{x:.1f}" for x in r["restart"])))
+            for what in ("restart", "restart after kill -9"):
+                rows.append((f"[{name}] {what}", f"{min(r[what]):.1f} s",
+                             "runs: " + ", ".join(f"{x:.1f}" for x in r[what])))
     return rows
 
 
@@ -253,12 +260,19 @@ def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
                               f"{rate:.0f}/s", rate >= 1000))
             rows.append((f"agent memory (RSS), {size}", f"{rss:.0f} MB", ""))
             if big:
-                agent.stop()
+                stopping = agent.stop()
                 t = agent.start()
                 after = agent.rss_mb()
-                rows.append(("restart with all of it: load, compile, adopt the table",
-                             f"{t:.1f} s", f"RSS {after:.0f} MB"))
-                goals.append(("restart in sync <= 2 s", f"{t:.1f} s", t <= 2.0))
+                rows.append(("restart after a clean stop (warm: kept at the stop)",
+                             f"{t:.1f} s", f"RSS {after:.0f} MB; the stop took "
+                             f"{stopping:.1f} s"))
+                agent.kill9()
+                cold = agent.start()
+                after = max(after, agent.rss_mb())
+                rows.append(("restart after kill -9 (cold: load, check, compile, adopt)",
+                             f"{cold:.1f} s", f"RSS {agent.rss_mb():.0f} MB"))
+                goals.append(("restart in sync <= 2 s (after a clean stop; after kill -9)",
+                              f"{t:.1f}; {cold:.1f} s", max(t, cold) <= 2.0))
                 most = max(rss, after)
                 goals.append(("<= 200 MB resident (loaded; after a restart)",
                               f"{rss:.0f}; {after:.0f} MB", most <= 200))

@@ -77,7 +77,16 @@ class AgentProcess:
                 return int(line.split()[1]) / 1024
         return 0.0
 
-    def stop(self) -> None:
+    def stop(self) -> float:
+        """A clean stop (SIGTERM); the seconds it took."""
+        t0 = time.perf_counter()
         if self.proc is not None:
             self.proc.terminate()
+            self.proc.wait()
+        return time.perf_counter() - t0
+
+    def kill9(self) -> None:
+        """A crash: nothing is kept for the next start."""
+        if self.proc is not None:
+            self.proc.kill()
             self.proc.wait()

@@ -255,6 +255,40 @@ def test_kill9_during_changes_then_restart_keeps_enforcing(trio, agent, servers)
     assert kernel.diff(desired).empty
 
 
+@pytest.mark.parametrize("agent", list(DATAPATHS), indirect=True)
+def test_a_clean_restart_starts_warm_and_a_store_changed_meanwhile_cold(
+        trio, agent, servers) -> None:
+    """A clean stop keeps what the next start computes (agent/warm.py); the start takes
+    it and enforces as before. A store changed while the agent was down is not what
+    was kept: that start is cold and enforces the store."""
+    from stockade.agent.records import DeletePolicy
+    from stockade.agent.store import Store
+
+    def kernel_is_the_store() -> None:
+        with Store(agent.state) as store:
+            state, _ = store.load()
+        kernel = open_datapath(agent.datapath, agent.table, netns=trio.host_netns)
+        assert kernel.diff(compile_cluster(state.cluster())).empty
+
+    agent.call("apply", documents=[_policy("web", "a", {"pod": "b"})], source="test")
+    pairs = [("b", "a", 80), ("c", "a", 80)]
+    assert _probe(trio, pairs) == {("b", "a", 80): True, ("c", "a", 80): False}
+    agent.stop()
+    assert "warm start kept" in agent.logs()
+    agent.start()
+    assert agent.logs().count("warm=True") == 1, agent.logs()[-3000:]
+    assert _probe(trio, pairs) == {("b", "a", 80): True, ("c", "a", 80): False}
+    assert agent.call("status")["inSync"]
+    kernel_is_the_store()
+    agent.stop()
+    with Store(agent.state) as store:
+        store.commit([DeletePolicy("x/web")])
+    agent.start()
+    assert agent.logs().count("warm=True") == 1, agent.logs()[-3000:]
+    assert _probe(trio, pairs) == {("b", "a", 80): True, ("c", "a", 80): True}
+    kernel_is_the_store()
+
+
 def test_snapshot_save_and_restore(trio, agent, servers, tmp_path: Path) -> None:
     agent.call("apply", documents=[_policy("web", "a", {"pod": "b"})], source="test")
     snap = agent.call("snapshot.save")["snapshot"]

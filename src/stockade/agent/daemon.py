@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
+from stockade.agent import warm
 from stockade.agent.admission import (
     QUARANTINE_POLICY,
     cluster_near,
@@ -44,6 +45,7 @@ from stockade.agent.service import Service
 from stockade.agent.snapshot import changes_to_restore, parse_snapshot
 from stockade.agent.store import Store
 from stockade.agent.visibility import Visibility
+from stockade.agent.warm import Kept, WarmStart
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
 from stockade.compile.plan import Plan
@@ -117,6 +119,7 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         self.kube_feed: Any = None  # stockade.kube.datastore.KubeFeed with that datastore
         self._started: list[Extension] = []
+        self._ready = False  # started and serving (what a clean stop may keep: warm.py)
         # Started in this order after the first reconciliation, stopped in reverse;
         # their operations join the service's table (see agent/extension.py).
         self.extensions: list[Extension] = []
@@ -135,6 +138,7 @@ class Agent:
         # etcd is fed as the Kubernetes API is: the same feed, other reflectors.
         kube = cfg.datastore in ("kubernetes", "etcd")
         service_class: type[Service] = Service
+        kept: Kept | None = None  # a warm start's (local datastore only)
         if kube:
             # Imported here: httpx and lightkube only on this path.
             from stockade.kube.datastore import KubeCacheStore
@@ -162,7 +166,9 @@ class Agent:
             if prefetch is not None:
                 prefetch()
             self.store = Store(cfg.state_dir)
-            state, revision = self.store.load()
+            warm = WarmStart(cfg.state_dir, strict_cidr=cfg.strict_cidr)
+            state, revision = self.store.load(warm.known)
+            kept = warm.kept
             if cfg.subnet is None:
                 cfg = self.config = replace(cfg, subnet=DEFAULT_SUBNET)
             # With the API as the datastore an empty local store is normal: nothing is
@@ -172,14 +178,19 @@ class Agent:
         log.info("state loaded", extra={"fields": {
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})
-        state.quarantined = quarantine(state, strict_cidr=cfg.strict_cidr)
+        warmed = kept is not None and kept.state is state
+        if not warmed:
+            state.quarantined = quarantine(state, strict_cidr=cfg.strict_cidr)
         for key, reasons in sorted(state.quarantined.items()):
             log.error("endpoint held fail-closed: its stored state cannot be enforced",
                       extra={"fields": {"endpoint": key, "reasons": "; ".join(reasons)}})
         started = time.monotonic()
-        compiler = IncrementalCompiler.of(enforceable(state, state.quarantined))
+        if warmed and kept is not None:
+            compiler = kept.compiler  # what the cold start computes from these rows
+        else:
+            compiler = IncrementalCompiler.of(enforceable(state, state.quarantined))
         log.info("state compiled", extra={"fields": {
-            "seconds": round(time.monotonic() - started, 3)}})
+            "seconds": round(time.monotonic() - started, 3), "warm": warmed}})
         self.reconciler = Reconciler(compiler, datapath, revision, Hooks(
             applied=self._applied, drift=self._drift, enforced=self._enforced,
             revoked=self._revoked),
@@ -225,6 +236,7 @@ class Agent:
         release_memory()
         log.info("ready", extra={"fields": {"socket": cfg.socket, "revision": revision,
                                             "table": self._where()}})
+        self._ready = True
         notify_ready()
 
     def _enforce(self) -> None:
@@ -483,12 +495,32 @@ class Agent:
             self.visibility.stop()
         if self.runner is not None:
             self.runner.stop()
+        self._keep_warm()
         reconciler = getattr(self, "reconciler", None)
         if reconciler is not None and hasattr(reconciler.datapath, "close"):
             reconciler.datapath.close()  # the table stays, as an orphan the next agent claims
         if self.store is not None:
             self.store.close()
         log.info("stopped; the kernel keeps enforcing the last ruleset")
+
+    def _keep_warm(self) -> None:
+        """At a clean stop with the local datastore: what the next start would compute
+        from the store, for it to take instead (agent/warm.py)."""
+        service = getattr(self, "service", None)
+        if (self.config.datastore != "local" or service is None or self.store is None
+                or not self._ready):
+            return
+        self._ready = False
+        started = time.monotonic()
+        try:
+            with self.store.lock, collector_paused():
+                kept = warm.save(self.config.state_dir, service.state,
+                                 strict_cidr=self.config.strict_cidr)
+        except Exception as exc:  # a cache: whatever fails, the next start is cold
+            log.warning("warm start not kept", extra={"fields": {"error": str(exc)}})
+            return
+        log.info("warm start kept" if kept else "warm start not kept: refused records",
+                 extra={"fields": {"seconds": round(time.monotonic() - started, 3)}})
 
     def wait(self) -> None:
         while not self._stopping.wait(1.0):

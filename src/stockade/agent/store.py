@@ -67,6 +67,7 @@ Snapshots through the store (the pure part is :mod:`stockade.agent.snapshot`)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -118,6 +119,10 @@ META_REVISION = "revision"
 RESERVED_META = frozenset({META_SCHEMA, META_REVISION})
 
 _T = TypeVar("_T")
+
+# The records' tables and their key columns, in the order a load reads them.
+TABLES = (("namespaces", "name"), ("endpoints", "key"), ("policies", "key"),
+          ("cluster_policies", "name"))
 
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -185,33 +190,61 @@ class Store:
 
     # ---- reads ----------------------------------------------------------------------
 
-    def load(self) -> tuple[AgentState, int]:
-        """The whole state and its revision, read in one transaction."""
-        state, revision, _ = self.load_with_meta(())
+    def load(self, known: Callable[[str], AgentState | None] | None = None,
+             ) -> tuple[AgentState, int]:
+        """The whole state and its revision, read in one transaction.
+
+        `known`, given the digest of every row read (`rows_digest`), may answer the
+        state those rows decode to (a warm start's, see agent/warm.py); they are then
+        not decoded."""
+        state, revision, _ = self.load_with_meta((), known)
         return state, revision
 
-    def load_with_meta(self, keys: Iterable[str]) -> tuple[AgentState, int, dict[str, Any]]:
+    def load_with_meta(self, keys: Iterable[str],
+                       known: Callable[[str], AgentState | None] | None = None,
+                       ) -> tuple[AgentState, int, dict[str, Any]]:
         """The state, its revision and the named meta blobs present, all consistent."""
         wanted = list(keys)
         with self._transaction("BEGIN") as conn:
-            state = AgentState(
-                namespaces=self._rows(conn, "namespaces", "name", namespace_from_dict,
-                                      lambda ns: ns.name),
-                endpoints=self._rows(conn, "endpoints", "key", EndpointRecord.from_dict,
-                                     lambda r: r.key),
-                policies=self._rows(conn, "policies", "key", PolicyRecord.from_dict,
-                                    lambda r: r.key),
-            )
-            tiers = self._rows(conn, "cluster_policies", "name",
-                               lambda d: read_cluster_policy(d, _name_in(d), "store"),
-                               lambda r: r.key if isinstance(r, ClusterPolicyRecord) else r.name)
-            state.cluster_policies = {k: r for k, r in tiers.items()
-                                      if isinstance(r, ClusterPolicyRecord)}
-            state.refused_cluster_policies = {k: r for k, r in tiers.items()
-                                              if isinstance(r, RefusedClusterPolicy)}
+            rows = {table: conn.execute(
+                f"SELECT {column}, doc FROM {table} ORDER BY {column}").fetchall()  # noqa: S608
+                for table, column in TABLES}
             revision = self._revision(conn)
             meta = {k: v for k in wanted if (v := self._meta(conn, k)) is not None}
-        return state, revision, meta
+        found = known(rows_digest(rows)) if known is not None else None
+        return (found if found is not None else self._decode(rows)), revision, meta
+
+    def _decode(self, rows: Mapping[str, list[tuple[str, str]]]) -> AgentState:
+        state = AgentState(
+            namespaces=self._rows(rows, "namespaces", namespace_from_dict,
+                                  lambda ns: ns.name),
+            endpoints=self._rows(rows, "endpoints", EndpointRecord.from_dict,
+                                 lambda r: r.key),
+            policies=self._rows(rows, "policies", PolicyRecord.from_dict, lambda r: r.key),
+        )
+        tiers = self._rows(rows, "cluster_policies",
+                           lambda d: read_cluster_policy(d, _name_in(d), "store"),
+                           lambda r: r.key if isinstance(r, ClusterPolicyRecord) else r.name)
+        state.cluster_policies = {k: r for k, r in tiers.items()
+                                  if isinstance(r, ClusterPolicyRecord)}
+        state.refused_cluster_policies = {k: r for k, r in tiers.items()
+                                          if isinstance(r, RefusedClusterPolicy)}
+        return state
+
+    @staticmethod
+    def state_digest(state: AgentState) -> str | None:
+        """`rows_digest` of the rows that hold `state`, as a commit writes them; None
+        when a stored ClusterNetworkPolicy was refused (its row is not the record's)."""
+        if state.refused_cluster_policies:
+            return None
+        docs: dict[str, Mapping[str, Any]] = {
+            "namespaces": {k: namespace_to_dict(v) for k, v in state.namespaces.items()},
+            "endpoints": {k: v.to_dict() for k, v in state.endpoints.items()},
+            "policies": {k: v.to_dict() for k, v in state.policies.items()},
+            "cluster_policies": {k: v.to_dict() for k, v in state.cluster_policies.items()},
+        }
+        return rows_digest({table: [(key, _dumps(doc[key])) for key in sorted(doc)]
+                            for table, doc in docs.items()})
 
     def revision(self) -> int:
         with self._transaction("BEGIN") as conn:
@@ -394,13 +427,12 @@ class Store:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else self._json(row[0], f"meta {key!r}")
 
-    def _rows(self, conn: sqlite3.Connection, table: str, column: str,
+    def _rows(self, rows: Mapping[str, list[tuple[str, str]]], table: str,
               decode: Callable[[Mapping[str, Any]], _T], key_of: Callable[[_T], str],
               ) -> dict[str, _T]:
         """Every row of a table, decoded and checked to sit under its own key."""
         out: dict[str, _T] = {}
-        sql = f"SELECT {column}, doc FROM {table} ORDER BY {column}"  # noqa: S608 (constants)
-        for key, doc in conn.execute(sql):
+        for key, doc in rows[table]:
             where = f"{table} row {key!r}"
             try:
                 value = decode(self._json(doc, where))
@@ -421,6 +453,18 @@ class Store:
 
 
 # ---- encoding (pure) ----------------------------------------------------------------
+
+
+def rows_digest(rows: Mapping[str, Sequence[tuple[str, str]]]) -> str:
+    """A digest of the records' rows (table -> (key, doc) in key order): equal digests,
+    equal rows. Lengths prefix every part, so no text can pass for a boundary."""
+    h = hashlib.sha256()
+    for table, _ in TABLES:
+        h.update(f"{table}\0".encode())
+        for key, doc in rows.get(table, ()):
+            k, d = str(key).encode(), str(doc).encode()
+            h.update(b"%d:%s%d:%s" % (len(k), k, len(d), d))
+    return h.hexdigest()
 
 
 def _encode(changes: Sequence[Change], meta: Mapping[str, Any], path: Path) -> list[_Write]:
