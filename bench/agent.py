@@ -108,6 +108,13 @@ def parallel(agent: AgentProcess, clients: int, seconds: float, pods: int) -> tu
     return len(done) / took, done
 
 
+def crash(agent: AgentProcess, n: int) -> None:
+    """A change, then kill -9: the store is no longer what the last clean stop kept, so
+    the next start is cold (agent/warm.py)."""
+    agent.call("label", kind="endpoint", name="ns0/pod0", set={"crashed": str(n)}, remove=[])
+    agent.kill9()
+
+
 def ms_row(name: str, values: list[float]) -> tuple[str, str, str]:
     ms = [v * 1000 for v in values]
     return (name, f"{statistics.median(ms):.1f} ms",
@@ -192,7 +199,7 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
                         agents[name].stop()
                         results[name].setdefault("restart", []).append(agents[name].start())
                     else:
-                        agents[name].kill9()
+                        crash(agents[name], i)
                         results[name].setdefault("restart after kill -9", []).append(
                             agents[name].start())
         finally:
@@ -266,7 +273,7 @@ def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
                 rows.append(("restart after a clean stop (warm: kept at the stop)",
                              f"{t:.1f} s", f"RSS {after:.0f} MB; the stop took "
                              f"{stopping:.1f} s"))
-                agent.kill9()
+                crash(agent, 0)
                 cold = agent.start()
                 after = max(after, agent.rss_mb())
                 rows.append(("restart after kill -9 (cold: load, check, compile, adopt)",

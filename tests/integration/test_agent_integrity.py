@@ -266,3 +266,26 @@ def test_a_store_that_does_not_load_leaves_the_kernel_as_it_was(
     dp.prefetch()
     assert dp._take_prefetched() is None
     assert _nft(host_netns, "list", "tables").stdout.strip() == ""
+
+
+def test_the_table_is_read_ahead_once_and_only_with_the_local_datastore(
+        agent: AgentProcess, trio) -> None:
+    """`stockade agent` opens its datapath and starts the read-back before the agent's
+    modules load (agent/early.py); the start's own prefetch then starts no second read,
+    and the snapshot takes what was read ahead."""
+    from stockade.agent.early import read_ahead
+
+    agent.stop()  # the table stays, as an orphan an owner claims
+    assert read_ahead("nft", "stockade", datastore="kubernetes", netns=trio.host_netns,
+                      owner=True, log_group=None) is None
+    dp: Any = read_ahead("nft", "stockade", datastore="local", netns=trio.host_netns,
+                         owner=True, log_group=None)
+    thread = dp._prefetching
+    assert thread is not None and dp.keep_unused
+    dp.prefetch()
+    assert dp._prefetching is thread
+    taken = dp._take_prefetched()
+    assert taken is not None
+    rc, listing, _, _ = taken[1]
+    assert rc == 0 and '"chain"' in listing  # the agent's table, read
+    dp.close()

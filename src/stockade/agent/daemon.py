@@ -33,6 +33,7 @@ from stockade.agent.admission import (
 from stockade.agent.client import DEFAULT_SOCKET
 from stockade.agent.cni_ops import CniOps
 from stockade.agent.containers import ContainerManager
+from stockade.agent.early import open_agent_datapath
 from stockade.agent.extension import Extension, Handler, Operations
 from stockade.agent.heap import collector_paused, release_memory
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
@@ -49,7 +50,7 @@ from stockade.agent.warm import Kept, WarmStart
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
 from stockade.compile.plan import Plan
-from stockade.datapath import DATAPATHS, open_datapath
+from stockade.datapath import DATAPATHS
 from stockade.datapath.base import Datapath
 from stockade.datapath.monitor import TableMonitor
 from stockade.errors import AgentError, InputError, NetError
@@ -104,8 +105,10 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, datapath: Datapath | None = None) -> None:
+        """`datapath`: opened by the caller (agent/early.py); else start opens it."""
         self.config = config
+        self._opened = datapath
         self.registry = Registry()
         self.metrics = agent_metrics(self.registry)
         self._stopping = threading.Event()
@@ -408,13 +411,12 @@ class Agent:
         notify_ready()
 
     def _open_datapath(self) -> Datapath:
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            return opened
         cfg = self.config
-        datapath = open_datapath(cfg.datapath, cfg.table, netns=cfg.netns,
-                                 owner=cfg.table_owner, log_group=cfg.log_group)
-        datapath.check()
-        if hasattr(datapath, "keep_unused"):
-            datapath.keep_unused = True  # unused chains wait a while for reuse (nft)
-        return datapath
+        return open_agent_datapath(cfg.datapath, cfg.table, netns=cfg.netns,
+                                   owner=cfg.table_owner, log_group=cfg.log_group)
 
     def _guard_empty_store(self, state: AgentState, revision: int,
                            datapath: Datapath) -> tuple[AgentState, int]:
@@ -775,9 +777,10 @@ def notify_ready() -> None:
 SWITCH_INTERVAL = 0.0005
 
 
-def run_agent(config: AgentConfig) -> int:
+def run_agent(config: AgentConfig, datapath: Datapath | None = None) -> int:
+    """`datapath`: opened ahead by the caller (agent/early.py), else here."""
     sys.setswitchinterval(SWITCH_INTERVAL)
-    agent = Agent(config)
+    agent = Agent(config, datapath)
     agent.extensions.extend(default_extensions())
 
     def stop(signum: int, frame: FrameType | None) -> None:

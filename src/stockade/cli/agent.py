@@ -159,11 +159,17 @@ def _checked(fn: Callable[[], Any]) -> Any:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from stockade.agent.daemon import AgentConfig
-    from stockade.agent.daemon import run_agent as run
+    from stockade.agent.early import read_ahead
     from stockade.agent.logfmt import setup_logging
 
     setup_logging(args.log_level)
+    # The table's read-back starts now and runs while the agent's modules load.
+    datapath = read_ahead(args.datapath, args.table, datastore=args.datastore,
+                          netns=args.netns, owner=args.table_owner,
+                          log_group=args.log_group or None)
+    from stockade.agent.daemon import AgentConfig
+    from stockade.agent.daemon import run_agent as run
+
     return run(AgentConfig(
         state_dir=args.state_dir, socket=args.socket or _default_socket(),
         datapath=args.datapath, netns=args.netns, table=args.table,
@@ -176,7 +182,7 @@ def run_agent(args: argparse.Namespace) -> int:
         pod_wait=args.pod_wait, cni_conf_dir=args.cni_conf_dir,
         etcd_endpoints=tuple(u for e in args.etcd_endpoints for u in e.split(",") if u),
         etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert, etcd_cert=args.etcd_cert,
-        etcd_key=args.etcd_key, host_address=args.host_address))
+        etcd_key=args.etcd_key, host_address=args.host_address), datapath)
 
 
 def _default_socket() -> str:

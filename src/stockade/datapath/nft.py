@@ -455,6 +455,9 @@ class NftDatapath:
         table: nothing is read, and nothing made (the agent may yet refuse to start:
         its store is read meanwhile).
         """
+        if self._prefetching is not None or self._prefetched is not None:
+            return  # already under way (opened ahead: agent/early.py)
+
         def read() -> None:
             try:
                 with self._lock:
