@@ -210,3 +210,12 @@ def test_the_file_is_private(state_dir: Path) -> None:
     st = (state_dir / warm.FILE).stat()
     assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.geteuid()
     assert [p.name for p in state_dir.iterdir() if p.name.startswith(".warm-")] == []
+
+
+def test_a_write_cut_short_leaves_nothing_behind(state_dir: Path) -> None:
+    """A stop killed while writing leaves a temporary file; the next save removes it."""
+    (state_dir / ".warm-cut").write_bytes(b"half")
+    live = AgentState()
+    live.apply(changes())
+    assert warm.save(state_dir, live, strict_cidr=False)
+    assert sorted(p.name for p in state_dir.iterdir() if "warm" in p.name) == [warm.FILE]

@@ -65,6 +65,8 @@ def save(state_dir: Path | str, state: AgentState, *, strict_cidr: bool) -> bool
     """Keep what a start from the rows holding `state` would compute. False when there
     is nothing to keep (the state's rows have no digest); the file is then removed."""
     path = Path(state_dir) / FILE
+    for stale in Path(state_dir).glob(".warm-*"):  # a stop killed while writing
+        stale.unlink(missing_ok=True)
     digest = Store.state_digest(state)
     if digest is None:
         path.unlink(missing_ok=True)
