@@ -415,3 +415,26 @@ def test_survives_sigkill_at_a_random_moment(tmp_path: Path) -> None:
             assert s.get_meta("last") == revision, context
         reported_before = revision
     print(f"crash test: seed={seed}, final revision {reported_before}", file=sys.stderr)
+
+
+def test_replicas_decode_to_shared_labels_and_ports_and_a_bool_port_is_still_refused(
+        ) -> None:
+    """Label maps and port lists are interned by content (a load of 10,000 endpoints makes
+    each once); what is refused stays refused after an equal-looking value was seen."""
+    from stockade.errors import DecodeError
+
+    a = endpoint("a", app="web", tier="front").to_dict()
+    b = {**endpoint("b", app="web", tier="front").to_dict(), "ips": ["10.244.0.3"]}
+    ra, rb = EndpointRecord.from_dict(a), EndpointRecord.from_dict(b)
+    assert ra.endpoint.labels is rb.endpoint.labels
+    assert ra.endpoint.ports is rb.endpoint.ports
+    assert ra.endpoint.ports[0].path == "ports[0]"
+    # True == 1 and hashes alike: the type is checked before anything is looked up
+    bad = {**a, "ports": [{"name": "http", "port": True, "protocol": "TCP"}]}
+    EndpointRecord.from_dict({**a, "ports": [{"name": "http", "port": 1, "protocol": "TCP"}]})
+    with pytest.raises(DecodeError, match="must be an integer"):
+        EndpointRecord.from_dict(bad)
+    # other labels, other map; and an interned map is not changed by a later decode
+    other = EndpointRecord.from_dict({**a, "labels": {"app": "web", "tier": "back"}})
+    assert other.endpoint.labels == Labels({"app": "web", "tier": "back"})
+    assert ra.endpoint.labels == Labels({"app": "web", "tier": "front"})

@@ -182,13 +182,27 @@ def _strs(value: Any, path: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+# Decoded label maps and port lists by their content: replicas share them, so a load of
+# 10,000 endpoints makes each once (and the endpoints share one object, as decoding a
+# file does). Bounded: cleared when full.
+_INTERNED_MAX = 1 << 14
+_labels_seen: dict[tuple[tuple[str, str], ...], Labels] = {}
+_ports_seen: dict[tuple[str, tuple[tuple[int, str, str], ...]], tuple[ContainerPort, ...]] = {}
+
+
 def decode_labels(value: Any, path: str) -> Labels:
     if value is None:
         return Labels({})
     if not isinstance(value, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise DecodeError("must be an object of strings", path=path)
-    return Labels(dict(value))
+    key = tuple(value.items())  # strings only (checked above): equal keys, equal maps
+    found = _labels_seen.get(key)
+    if found is None:
+        if len(_labels_seen) >= _INTERNED_MAX:
+            _labels_seen.clear()
+        found = _labels_seen[key] = Labels(dict(value))
+    return found
 
 
 def decode_ports(value: Any, path: str) -> tuple[ContainerPort, ...]:
@@ -200,21 +214,30 @@ def decode_ports(value: Any, path: str) -> tuple[ContainerPort, ...]:
         return ()
     if not isinstance(value, list | tuple):
         raise DecodeError("must be a list", path=path)
-    out = []
+    fields: list[tuple[int, str, str]] = []
     for i, p in enumerate(value):
-        where = f"{path}[{i}]"
         if not isinstance(p, Mapping):
-            raise DecodeError("must be an object", path=where)
+            raise DecodeError("must be an object", path=f"{path}[{i}]")
         number = p.get("port")
         if not isinstance(number, int) or isinstance(number, bool):
-            raise DecodeError("must be an integer", path=f"{where}.port")
+            raise DecodeError("must be an integer", path=f"{path}[{i}].port")
         protocol, name = p.get("protocol", "TCP"), p.get("name", "")
         if not isinstance(protocol, str):
-            raise DecodeError("must be a string", path=f"{where}.protocol")
+            raise DecodeError("must be a string", path=f"{path}[{i}].protocol")
         if not isinstance(name, str):
-            raise DecodeError("must be a string", path=f"{where}.name")
-        out.append(ContainerPort(number, protocol, name, path=where))
-    return tuple(out)
+            raise DecodeError("must be a string", path=f"{path}[{i}].name")
+        fields.append((number, protocol, name))
+    # Exact types only reach the key (a bool is refused above), so equal keys are equal
+    # lists, declared at the same path.
+    key = (path, tuple(fields))
+    found = _ports_seen.get(key)
+    if found is None:
+        if len(_ports_seen) >= _INTERNED_MAX:
+            _ports_seen.clear()
+        found = _ports_seen[key] = tuple(
+            ContainerPort(number, protocol, name, path=f"{path}[{i}]")
+            for i, (number, protocol, name) in enumerate(fields))
+    return found
 
 
 def namespace_to_dict(ns: Namespace) -> dict[str, Any]:
