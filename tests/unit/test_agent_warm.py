@@ -153,6 +153,13 @@ def test_a_file_others_could_write_is_not_read(state_dir: Path) -> None:
     assert start(state_dir)[1].kept is not None
 
 
+def test_a_link_in_place_of_the_file_is_not_followed(state_dir: Path) -> None:
+    path = state_dir / warm.FILE
+    path.rename(state_dir / "elsewhere")
+    path.symlink_to(state_dir / "elsewhere")
+    assert start(state_dir)[1].kept is None
+
+
 @pytest.mark.parametrize("damage", ["truncated", "header", "foreign"])
 def test_a_damaged_file_starts_cold(state_dir: Path, damage: str) -> None:
     path = state_dir / warm.FILE

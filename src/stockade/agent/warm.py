@@ -99,7 +99,9 @@ class WarmStart:
     def known(self, digest: str) -> AgentState | None:
         """The kept state when it was computed from rows of `digest` by this code."""
         try:
-            with self.path.open("rb") as f:
+            # Not through a link: the file itself must be the agent's.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
                 st = os.fstat(f.fileno())
                 if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
                         or st.st_mode & 0o077):
@@ -113,6 +115,10 @@ class WarmStart:
                     return None
                 kept = pickle.load(f)  # noqa: S301 (a private file this agent wrote)
         except FileNotFoundError:
+            return None
+        except OSError as exc:  # a link (ELOOP), or unreadable: start cold, say why
+            log.warning("warm start file ignored", extra={"fields": {
+                "path": str(self.path), "error": str(exc)}})
             return None
         except Exception as exc:  # a torn or foreign file: start cold
             log.warning("warm start file unreadable; starting cold",
