@@ -20,8 +20,10 @@ from stockade.agent.admission import enforceable, quarantine
 from stockade.agent.records import (
     AgentState,
     Change,
+    ClusterPolicyRecord,
     EndpointRecord,
     PolicyRecord,
+    PutClusterPolicy,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
@@ -97,6 +99,29 @@ def test_a_kept_start_is_the_cold_start(state_dir: Path) -> None:
     moved = endpoint("web", "10.244.0.9")
     for compiler in (w.kept.compiler, cold_compiler):
         compiler.upsert_endpoint(moved.endpoint)
+    assert w.kept.compiler.ruleset() == cold_compiler.ruleset()
+
+
+def test_tiers_are_kept_too(tmp_path: Path) -> None:
+    """ClusterNetworkPolicies (Admin and Baseline) compile into the kept compiler as
+    into a cold one."""
+    tiers = [PutClusterPolicy(ClusterPolicyRecord.from_dict({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"tier": tier, "priority": 10,
+                 "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                 "ingress": [{"name": "r", "action": action, "from": [{"namespaces": {}}]}]}}))
+        for name, tier, action in (("deny", "Admin", "Deny"), ("base", "Baseline", "Accept"))]
+    directory = tmp_path / "state"
+    with Store(directory) as store:
+        store.commit([*changes(), *tiers])
+    live = AgentState()
+    live.apply([*changes(), *tiers])
+    assert warm.save(directory, live, strict_cidr=False)
+    _, w = start(directory)
+    assert w.kept is not None
+    cold_state, cold_compiler = cold(directory)
+    assert w.kept.state.cluster_policies == cold_state.cluster_policies != {}
     assert w.kept.compiler.ruleset() == cold_compiler.ruleset()
 
 
