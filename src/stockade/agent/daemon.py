@@ -169,9 +169,9 @@ class Agent:
             if prefetch is not None:
                 prefetch()
             self.store = Store(cfg.state_dir)
-            warm = WarmStart(cfg.state_dir, strict_cidr=cfg.strict_cidr)
-            state, revision = self.store.load(warm.known)
-            kept = warm.kept
+            offer = WarmStart(cfg.state_dir, strict_cidr=cfg.strict_cidr)
+            state, revision = self.store.load(offer.known)
+            kept = offer.kept
             if cfg.subnet is None:
                 cfg = self.config = replace(cfg, subnet=DEFAULT_SUBNET)
             # With the API as the datastore an empty local store is normal: nothing is
