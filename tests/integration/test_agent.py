@@ -256,11 +256,11 @@ def test_kill9_during_changes_then_restart_keeps_enforcing(trio, agent, servers)
 
 
 @pytest.mark.parametrize("agent", list(DATAPATHS), indirect=True)
-def test_a_clean_restart_starts_warm_and_a_store_changed_meanwhile_cold(
-        trio, agent, servers) -> None:
+def test_restarts_start_warm_with_the_changes_since_folded_in(trio, agent, servers) -> None:
     """A clean stop keeps what the next start computes (agent/warm.py); the start takes
-    it and enforces as before. A store changed while the agent was down is not what
-    was kept: that start is cold and enforces the store."""
+    it and enforces as before. A store changed while the agent was down folds the
+    change in and enforces the store. While running, the agent keeps it once idle:
+    a kill -9 after a later change starts warm too, with that change folded in."""
     from stockade.agent.records import DeletePolicy
     from stockade.agent.store import Store
 
@@ -279,16 +279,30 @@ def test_a_clean_restart_starts_warm_and_a_store_changed_meanwhile_cold(
         # What was kept is the store's, not the kernel's: the kernel is read back anyway.
         _sh(trio.host_netns, "nft", "delete", "table", "inet", agent.table)
     agent.start()
-    assert agent.logs().count("warm=True") == 1, agent.logs()[-3000:]
+    assert agent.logs().count("warm=True folded=0") == 1, agent.logs()[-3000:]
     assert _probe(trio, pairs) == {("b", "a", 80): True, ("c", "a", 80): False}
     assert agent.call("status")["inSync"]
     kernel_is_the_store()
     agent.stop()
     with Store(agent.state) as store:
         store.commit([DeletePolicy("x/web")])
+    agent.cmd += ["--warm-idle", "0.3", "--warm-interval", "0"]
     agent.start()
-    assert agent.logs().count("warm=True") == 1, agent.logs()[-3000:]
+    assert agent.logs().count("warm=True folded=1") == 1, agent.logs()[-3000:]
     assert _probe(trio, pairs) == {("b", "a", 80): True, ("c", "a", 80): True}
+    kernel_is_the_store()
+    # the keeper keeps the state it started with (it folded a change in), once idle
+    kept = agent.logs().count("warm start kept")
+    deadline = time.monotonic() + 30
+    while agent.logs().count("warm start kept") == kept and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent.logs().count("warm start kept") == kept + 1, agent.logs()[-3000:]
+    agent.call("apply", documents=[_policy("web", "a", {"pod": "b"})], source="test")
+    agent.kill9()
+    agent.start()
+    assert agent.logs().count("warm=True folded=1") == 2, agent.logs()[-3000:]
+    assert _probe(trio, pairs) == {("b", "a", 80): True, ("c", "a", 80): False}
+    assert agent.call("status")["inSync"]
     kernel_is_the_store()
 
 

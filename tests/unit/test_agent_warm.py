@@ -1,8 +1,9 @@
 """A warm start (agent/warm.py): taken only when it is what the cold start computes.
 
-The kept result is keyed by the digest of the rows that hold the state; every
-way the rows, the code, the configuration or the file itself can differ from
-what was kept must fall back to the cold start.
+The kept result holds the rows that hold its state. Rows changed since are folded
+in as the running agent folds changes, and the result must equal the cold start;
+rows admission refuses, a kept state with held endpoints, other code or
+configuration, and a file that is not the agent's must fall back to the cold start.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import os
 import pickle
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +21,14 @@ import pytest
 
 from stockade.agent import warm
 from stockade.agent.admission import enforceable, quarantine
+from stockade.agent.reconcile import Reconciler
 from stockade.agent.records import (
     AgentState,
     Change,
     ClusterPolicyRecord,
+    DeleteEndpoint,
+    DeleteNamespace,
+    DeletePolicy,
     EndpointRecord,
     PolicyRecord,
     PutClusterPolicy,
@@ -29,7 +37,7 @@ from stockade.agent.records import (
     PutPolicy,
     RefusedClusterPolicy,
 )
-from stockade.agent.store import Store
+from stockade.agent.store import Store, StoreError
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.model.cluster import NS_NAME_LABEL, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
@@ -125,16 +133,65 @@ def test_tiers_are_kept_too(tmp_path: Path) -> None:
     assert w.kept.compiler.ruleset() == cold_compiler.ruleset()
 
 
-def test_a_change_committed_after_the_stop_starts_cold(state_dir: Path) -> None:
+def assert_cold(state: AgentState, w: warm.WarmStart, directory: Path) -> None:
+    """What the start made of the kept result is what the cold start computes."""
+    assert w.state is state and w.compiler is not None
+    cold_state, cold_compiler = cold(directory)
+    assert state == cold_state
+    assert list(state.endpoints) == list(cold_state.endpoints)  # key order too
+    assert state.quarantined == cold_state.quarantined
+    assert w.compiler.ruleset() == cold_compiler.ruleset()
+    # and it goes on as the cold one does
+    for compiler in (w.compiler, cold_compiler):
+        compiler.upsert_endpoint(endpoint("next", "10.244.0.99").endpoint)
+        compiler.delete_policy("default/allow-web")
+    assert w.compiler.ruleset() == cold_compiler.ruleset()
+
+
+def test_a_change_committed_after_the_keep_is_folded_in(state_dir: Path) -> None:
     with Store(state_dir) as store:
         store.commit([PutEndpoint(endpoint("late", "10.244.0.8"))])
     state, w = start(state_dir)
-    assert w.kept is None
-    assert "default/late" in state.endpoints
+    assert w.folded == 1 and "default/late" in state.endpoints
+    assert_cold(state, w, state_dir)
 
 
-def test_a_row_rewritten_by_hand_starts_cold(state_dir: Path) -> None:
-    """The same revision, one row's labels changed: only the digest can tell."""
+def test_any_changes_since_the_keep_fold_into_the_cold_start(state_dir: Path) -> None:
+    """Endpoints added, moved, relabelled and deleted, policies changed and deleted,
+    a namespace relabelled, another deleted with its endpoints, tiers added."""
+    tier = ClusterPolicyRecord.from_dict({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "deny"},
+        "spec": {"tier": "Admin", "priority": 10,
+                 "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                 "ingress": [{"name": "r", "action": "Deny", "from": [{"namespaces": {}}]}]}})
+    with Store(state_dir) as store:
+        store.commit([PutEndpoint(endpoint("late", "10.244.0.8", app="db")),
+                      PutEndpoint(endpoint("web", "10.244.0.3")),  # db's address, freed:
+                      DeleteEndpoint("default/db"),
+                      PutPolicy(policy("allow-web", "db")),
+                      PutNamespace(Namespace("default", Labels({NS_NAME_LABEL: "default"}))),
+                      DeleteEndpoint("other/api"), DeletePolicy("other/allow-api"),
+                      DeleteNamespace("other"), PutClusterPolicy(tier)])
+        store.commit([PutEndpoint(endpoint("db6", "fd00::3", app="web"))])
+    state, w = start(state_dir)
+    assert w.folded == 10 and "other" not in state.namespaces
+    assert state.cluster_policies == {"deny": tier}
+    assert_cold(state, w, state_dir)
+
+
+def test_more_changes_than_a_bulk_compile_the_state_anew(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Reconciler, "BULK", 2)
+    with Store(state_dir) as store:
+        store.commit([PutEndpoint(endpoint(f"bulk{i}", f"10.244.1.{i}")) for i in range(5)])
+    state, w = start(state_dir)
+    assert w.folded == 5 and w.kept is not None and w.compiler is not w.kept.compiler
+    assert_cold(state, w, state_dir)
+
+
+def test_a_row_rewritten_by_hand_is_admitted_like_a_change(state_dir: Path) -> None:
+    """The same revision, one row's labels changed: found by its document."""
     db = sqlite3.connect(state_dir / "state.db")
     doc = db.execute("SELECT doc FROM endpoints WHERE key = 'default/db'").fetchone()[0]
     db.execute("UPDATE endpoints SET doc = ? WHERE key = 'default/db'",
@@ -142,13 +199,44 @@ def test_a_row_rewritten_by_hand_starts_cold(state_dir: Path) -> None:
     db.commit()
     db.close()
     state, w = start(state_dir)
-    assert w.kept is None
+    assert w.folded == 1
     assert state.endpoints["default/db"].endpoint.labels == Labels({"app": "dbx"})
+    assert_cold(state, w, state_dir)
+
+
+@pytest.mark.parametrize("damage", ["shared address", "invalid label", "undecodable",
+                                    "refused tier"])
+def test_a_row_admission_refuses_starts_cold(state_dir: Path, damage: str) -> None:
+    db = sqlite3.connect(state_dir / "state.db")
+    doc = db.execute("SELECT doc FROM endpoints WHERE key = 'default/db'").fetchone()[0]
+    if damage == "refused tier":
+        db.execute("INSERT INTO cluster_policies VALUES ('bad', ?)", (
+            '{"apiVersion":"policy.networking.k8s.io/v1alpha2",'
+            '"kind":"ClusterNetworkPolicy","metadata":{"name":"bad"},'
+            '"spec":{"tier":"Admin","priority":5000}}',))
+    else:
+        bad = {"shared address": doc.replace('"10.244.0.3"', '"10.244.0.2"'),
+               "invalid label": doc.replace('"app":"db"', '"app":"-db-"'),
+               "undecodable": "{not json"}[damage]
+        db.execute("UPDATE endpoints SET doc = ? WHERE key = 'default/db'", (bad,))
+    db.commit()
+    db.close()
+    w = warm.WarmStart(state_dir, strict_cidr=False)
+    with Store(state_dir) as store:
+        if damage == "undecodable":
+            with pytest.raises(StoreError, match="default/db"):
+                store.load(w.known)
+            return
+        state, _ = store.load(w.known)
+    assert w.state is None and w.compiler is None
+    state.quarantined = quarantine(state, strict_cidr=False)
+    assert state.quarantined or state.refused_cluster_policies
+    assert state == cold(state_dir)[0]
 
 
 def test_a_state_that_is_not_the_rows_is_never_taken(tmp_path: Path) -> None:
-    """A running agent whose store was replaced under it keeps what it holds, under
-    the digest of what it holds: the replaced rows do not match it."""
+    """A running agent whose store was replaced under it keeps what it holds: the
+    start reads the rows, and what they lack is not started with."""
     directory = tmp_path / "state"
     with Store(directory) as store:
         store.commit(changes())
@@ -156,8 +244,8 @@ def test_a_state_that_is_not_the_rows_is_never_taken(tmp_path: Path) -> None:
     live.apply([*changes(), PutEndpoint(endpoint("ghost", "10.244.0.7"))])
     assert warm.save(directory, live, strict_cidr=False)
     state, w = start(directory)
-    assert w.kept is None
     assert "default/ghost" not in state.endpoints
+    assert_cold(state, w, directory)
 
 
 def test_other_code_or_configuration_starts_cold(state_dir: Path,
@@ -217,7 +305,8 @@ def test_nothing_is_kept_for_a_refused_cluster_policy(state_dir: Path) -> None:
 
 def test_a_quarantined_endpoint_stays_held(tmp_path: Path) -> None:
     """An endpoint the store holds but admission refuses (written by hand) is held
-    fail-closed after a warm start as after a cold one."""
+    fail-closed after a warm start as after a cold one; a change since starts cold
+    (folding is only done from a kept state with nothing held)."""
     directory = tmp_path / "state"
     with Store(directory) as store:
         store.commit(changes())
@@ -231,11 +320,49 @@ def test_a_quarantined_endpoint_stays_held(tmp_path: Path) -> None:
         live, _ = store.load()
     assert warm.save(directory, live, strict_cidr=False)
     state, w = start(directory)
-    assert w.kept is not None
+    assert w.kept is not None and not w.kept.spotless
     cold_state, cold_compiler = cold(directory)
     assert state.quarantined == cold_state.quarantined
     assert set(state.quarantined) == {"default/db", "default/web"}
     assert w.kept.compiler.ruleset() == cold_compiler.ruleset()
+    with Store(directory) as store:
+        store.commit([PutEndpoint(endpoint("late", "10.244.0.8"))])
+    assert start(directory)[1].state is None
+
+
+def test_the_keepers_child_keeps_what_a_clean_stop_keeps(state_dir: Path) -> None:
+    """`python -m stockade.agent.warm` reads the rows and keeps their result; it prints
+    the revision it read."""
+    (state_dir / warm.FILE).unlink()
+    with Store(state_dir) as store:
+        revision = store.commit([PutEndpoint(endpoint("late", "10.244.0.8"))])
+    out = subprocess.run([sys.executable, "-m", "stockade.agent.warm", "--state-dir",
+                          str(state_dir)], capture_output=True, check=True, timeout=120)
+    assert out.stdout.decode().strip() == str(revision)
+    state, w = start(state_dir)
+    assert w.kept is not None and w.folded == 0 and w.kept.spotless
+    assert_cold(state, w, state_dir)
+
+
+def test_the_keeper_keeps_once_the_agent_is_idle(state_dir: Path) -> None:
+    """A revision that moved is kept after `idle` seconds without a change; a stop
+    kills a child at work."""
+    with Store(state_dir) as store:
+        current = [store.commit([PutEndpoint(endpoint("late", "10.244.0.8"))])]
+    keeper = warm.Keeper(state_dir, lambda: current[0], strict_cidr=False,
+                         kept_revision=current[0] - 1, idle=0.3, interval=0.0)
+    keeper.start()
+    try:
+        deadline = time.monotonic() + 60
+        while keeper.kept_revision != current[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert keeper.kept_revision == current[0] and keeper.keeps == 1
+        assert start(state_dir)[1].folded == 0
+        time.sleep(1.0)
+        assert keeper.keeps == 1  # nothing changed since: nothing to keep
+    finally:
+        keeper.stop()
+    assert keeper._thread is not None and not keeper._thread.is_alive()
 
 
 def test_the_file_is_private(state_dir: Path) -> None:

@@ -46,7 +46,7 @@ from stockade.agent.service import Service
 from stockade.agent.snapshot import changes_to_restore, parse_snapshot
 from stockade.agent.store import Store
 from stockade.agent.visibility import Visibility
-from stockade.agent.warm import Kept, WarmStart
+from stockade.agent.warm import Keeper, WarmStart
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
 from stockade.compile.plan import Plan
@@ -73,6 +73,10 @@ class AgentConfig:
     log_group: int | None = 100
     min_interval: float = 0.002
     resync_interval: float = 30.0
+    # The warm start kept while running (agent/warm.py): after this many seconds without
+    # a change, at most every warm_interval seconds; 0 keeps it at a clean stop only.
+    warm_idle: float = 10.0
+    warm_interval: float = 60.0
     # The address pool of the bridge; None: on a cluster this node's spec.podCIDR
     # (every node its own block, as the cluster assigned it), else DEFAULT_SUBNET.
     subnet: str | None = None
@@ -123,6 +127,7 @@ class Agent:
         self.kube_feed: Any = None  # stockade.kube.datastore.KubeFeed with that datastore
         self._started: list[Extension] = []
         self._ready = False  # started and serving (what a clean stop may keep: warm.py)
+        self.keeper: Keeper | None = None  # keeps the warm start current (local store)
         # Started in this order after the first reconciliation, stopped in reverse;
         # their operations join the service's table (see agent/extension.py).
         self.extensions: list[Extension] = []
@@ -141,7 +146,7 @@ class Agent:
         # etcd is fed as the Kubernetes API is: the same feed, other reflectors.
         kube = cfg.datastore in ("kubernetes", "etcd")
         service_class: type[Service] = Service
-        kept: Kept | None = None  # a warm start's (local datastore only)
+        offer: WarmStart | None = None  # a warm start's (local datastore only)
         if kube:
             # Imported here: httpx and lightkube only on this path.
             from stockade.kube.datastore import KubeCacheStore
@@ -171,7 +176,6 @@ class Agent:
             self.store = Store(cfg.state_dir)
             offer = WarmStart(cfg.state_dir, strict_cidr=cfg.strict_cidr)
             state, revision = self.store.load(offer.known)
-            kept = offer.kept
             if cfg.subnet is None:
                 cfg = self.config = replace(cfg, subnet=DEFAULT_SUBNET)
             # With the API as the datastore an empty local store is normal: nothing is
@@ -181,19 +185,26 @@ class Agent:
         log.info("state loaded", extra={"fields": {
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})
-        warmed = kept is not None and kept.state is state
+        warmed = offer is not None and offer.state is state and offer.compiler is not None
         if not warmed:
             state.quarantined = quarantine(state, strict_cidr=cfg.strict_cidr)
         for key, reasons in sorted(state.quarantined.items()):
             log.error("endpoint held fail-closed: its stored state cannot be enforced",
                       extra={"fields": {"endpoint": key, "reasons": "; ".join(reasons)}})
         started = time.monotonic()
-        if warmed and kept is not None:
-            compiler = kept.compiler  # what the cold start computes from these rows
+        if warmed and offer is not None and offer.compiler is not None:
+            compiler = offer.compiler  # what the cold start computes from these rows
         else:
             compiler = IncrementalCompiler.of(enforceable(state, state.quarantined))
         log.info("state compiled", extra={"fields": {
-            "seconds": round(time.monotonic() - started, 3), "warm": warmed}})
+            "seconds": round(time.monotonic() - started, 3), "warm": warmed,
+            "folded": offer.folded if warmed and offer is not None else 0}})
+        if not kube and cfg.warm_idle > 0:
+            self.keeper = Keeper(cfg.state_dir, lambda: self.reconciler.desired_revision,
+                                 strict_cidr=cfg.strict_cidr, idle=cfg.warm_idle,
+                                 interval=cfg.warm_interval,
+                                 kept_revision=revision if warmed and offer is not None
+                                 and not offer.folded else None)
         self.reconciler = Reconciler(compiler, datapath, revision, Hooks(
             applied=self._applied, drift=self._drift, enforced=self._enforced,
             revoked=self._revoked),
@@ -240,6 +251,8 @@ class Agent:
         log.info("ready", extra={"fields": {"socket": cfg.socket, "revision": revision,
                                             "table": self._where()}})
         self._ready = True
+        if self.keeper is not None:
+            self.keeper.start()
         notify_ready()
 
     def _enforce(self) -> None:
@@ -497,6 +510,8 @@ class Agent:
             self.visibility.stop()
         if self.runner is not None:
             self.runner.stop()
+        if self.keeper is not None:
+            self.keeper.stop()
         self._keep_warm()
         reconciler = getattr(self, "reconciler", None)
         if reconciler is not None and hasattr(reconciler.datapath, "close"):
@@ -513,6 +528,12 @@ class Agent:
                 or not self._ready):
             return
         self._ready = False
+        reconciler = getattr(self, "reconciler", None)
+        if (self.keeper is not None and reconciler is not None
+                and self.keeper.kept_revision == reconciler.desired_revision):
+            log.info("warm start kept already", extra={"fields": {
+                "revision": self.keeper.kept_revision}})
+            return
         started = time.monotonic()
         try:
             with self.store.lock, collector_paused():

@@ -47,8 +47,11 @@ Public API::
     Store(state_dir)                      # creates <state_dir>/state.db (0600, dir 0700)
     Store.path -> Path
     Store.lock -> threading.RLock
-    Store.load() -> (AgentState, revision)
-    Store.load_with_meta(keys) -> (AgentState, revision, {key: value})
+    Store.load(known=None) -> (AgentState, revision)
+    Store.load_with_meta(keys, known=None) -> (AgentState, revision, {key: value})
+    Store.read_rows(keys=()) -> (rows, revision, {key: value})   # as stored, undecoded
+    Store.decode(rows) -> AgentState
+    Store.state_rows(state) -> rows | None                      # as a commit writes them
     Store.revision() -> int
     Store.commit(changes, meta=None, *, durable=True) -> revision
                                           # one transaction, all or nothing
@@ -67,7 +70,6 @@ Snapshots through the store (the pure part is :mod:`stockade.agent.snapshot`)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -119,6 +121,12 @@ META_REVISION = "revision"
 RESERVED_META = frozenset({META_SCHEMA, META_REVISION})
 
 _T = TypeVar("_T")
+
+# The records' rows as read: table -> (key, doc) pairs in key order.
+Rows = Mapping[str, Sequence[tuple[str, str]]]
+# A warm start's offer (agent/warm.py): given the rows and the decoder of any subset of
+# them, the state they hold, or None to have them all decoded.
+Known = Callable[[Rows, Callable[[Rows], AgentState]], "AgentState | None"]
 
 # The records' tables and their key columns, in the order a load reads them.
 TABLES = (("namespaces", "name"), ("endpoints", "key"), ("policies", "key"),
@@ -190,20 +198,24 @@ class Store:
 
     # ---- reads ----------------------------------------------------------------------
 
-    def load(self, known: Callable[[str], AgentState | None] | None = None,
-             ) -> tuple[AgentState, int]:
+    def load(self, known: Known | None = None) -> tuple[AgentState, int]:
         """The whole state and its revision, read in one transaction.
 
-        `known`, given the digest of every row read (`rows_digest`), may answer the
-        state those rows decode to (a warm start's, see agent/warm.py); they are then
-        not decoded."""
+        `known`, given every row read and :meth:`decode`, may answer the state those
+        rows decode to without decoding them all (a warm start's, see agent/warm.py)."""
         state, revision, _ = self.load_with_meta((), known)
         return state, revision
 
-    def load_with_meta(self, keys: Iterable[str],
-                       known: Callable[[str], AgentState | None] | None = None,
+    def load_with_meta(self, keys: Iterable[str], known: Known | None = None,
                        ) -> tuple[AgentState, int, dict[str, Any]]:
         """The state, its revision and the named meta blobs present, all consistent."""
+        rows, revision, meta = self.read_rows(keys)
+        found = known(rows, self.decode) if known is not None else None
+        return (found if found is not None else self.decode(rows)), revision, meta
+
+    def read_rows(self, keys: Iterable[str] = ()) -> tuple[Rows, int, dict[str, Any]]:
+        """Every record's row as stored (table -> (key, doc) in key order), the revision
+        and the named meta blobs present, in one transaction."""
         wanted = list(keys)
         with self._transaction("BEGIN") as conn:
             rows = {table: conn.execute(
@@ -211,10 +223,10 @@ class Store:
                 for table, column in TABLES}
             revision = self._revision(conn)
             meta = {k: v for k in wanted if (v := self._meta(conn, k)) is not None}
-        found = known(rows_digest(rows)) if known is not None else None
-        return (found if found is not None else self._decode(rows)), revision, meta
+        return rows, revision, meta
 
-    def _decode(self, rows: Mapping[str, list[tuple[str, str]]]) -> AgentState:
+    def decode(self, rows: Rows) -> AgentState:
+        """The state `rows` hold (any subset of the tables), every row checked."""
         state = AgentState(
             namespaces=self._rows(rows, "namespaces", namespace_from_dict,
                                   lambda ns: ns.name),
@@ -232,9 +244,9 @@ class Store:
         return state
 
     @staticmethod
-    def state_digest(state: AgentState) -> str | None:
-        """`rows_digest` of the rows that hold `state`, as a commit writes them; None
-        when a stored ClusterNetworkPolicy was refused (its row is not the record's)."""
+    def state_rows(state: AgentState) -> dict[str, list[tuple[str, str]]] | None:
+        """The rows that hold `state`, as a commit writes them, in key order; None when
+        a stored ClusterNetworkPolicy was refused (its row is not the record's)."""
         if state.refused_cluster_policies:
             return None
         docs: dict[str, Mapping[str, Any]] = {
@@ -243,8 +255,8 @@ class Store:
             "policies": {k: v.to_dict() for k, v in state.policies.items()},
             "cluster_policies": {k: v.to_dict() for k, v in state.cluster_policies.items()},
         }
-        return rows_digest({table: [(key, _dumps(doc[key])) for key in sorted(doc)]
-                            for table, doc in docs.items()})
+        return {table: [(key, _dumps(doc[key])) for key in sorted(doc)]
+                for table, doc in docs.items()}
 
     def revision(self) -> int:
         with self._transaction("BEGIN") as conn:
@@ -427,12 +439,12 @@ class Store:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else self._json(row[0], f"meta {key!r}")
 
-    def _rows(self, rows: Mapping[str, list[tuple[str, str]]], table: str,
+    def _rows(self, rows: Rows, table: str,
               decode: Callable[[Mapping[str, Any]], _T], key_of: Callable[[_T], str],
               ) -> dict[str, _T]:
         """Every row of a table, decoded and checked to sit under its own key."""
         out: dict[str, _T] = {}
-        for key, doc in rows[table]:
+        for key, doc in rows.get(table, ()):
             where = f"{table} row {key!r}"
             try:
                 value = decode(self._json(doc, where))
@@ -453,18 +465,6 @@ class Store:
 
 
 # ---- encoding (pure) ----------------------------------------------------------------
-
-
-def rows_digest(rows: Mapping[str, Sequence[tuple[str, str]]]) -> str:
-    """A digest of the records' rows (table -> (key, doc) in key order): equal digests,
-    equal rows. Lengths prefix every part, so no text can pass for a boundary."""
-    h = hashlib.sha256()
-    for table, _ in TABLES:
-        h.update(f"{table}\0".encode())
-        for key, doc in rows.get(table, ()):
-            k, d = str(key).encode(), str(doc).encode()
-            h.update(b"%d:%s%d:%s" % (len(k), k, len(d), d))
-    return h.hexdigest()
 
 
 def _encode(changes: Sequence[Change], meta: Mapping[str, Any], path: Path) -> list[_Write]:

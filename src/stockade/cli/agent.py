@@ -38,6 +38,11 @@ def register(sub: Any) -> None:
     a.add_argument("--bridge-prefix", default="stk", metavar="PREFIX",
                    help="prefix of the bridge, veths and namespaces `stockade run` makes")
     a.add_argument("--resync-interval", type=float, default=30.0, metavar="SECONDS")
+    a.add_argument("--warm-idle", type=float, default=10.0, metavar="SECONDS",
+                   help="keep the warm start current once no change came for this long "
+                        "(0: only at a clean stop; local datastore)")
+    a.add_argument("--warm-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="keep it at most this often")
     a.add_argument("--log-group", type=int, default=100,
                    help="NFLOG group for denied flows (0: no denied-flow log)")
     a.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
@@ -175,6 +180,7 @@ def run_agent(args: argparse.Namespace) -> int:
         datapath=args.datapath, netns=args.netns, table=args.table,
         metrics_address=args.metrics_address, subnet=args.subnet,
         bridge_prefix=args.bridge_prefix, resync_interval=args.resync_interval,
+        warm_idle=args.warm_idle, warm_interval=args.warm_interval,
         log_group=args.log_group or None, restore_snapshot=args.restore_snapshot,
         accept_empty_store=args.accept_empty_store, table_owner=args.table_owner,
         datastore=args.datastore, kubeconfig=args.kubeconfig, kube_context=args.context,
