@@ -48,6 +48,7 @@ class AgentProcess:
 
     def __init__(self, tmp: Path, netns: str, *extra: str) -> None:
         self.socket = str(tmp / "agent.sock")
+        self.state_dir = tmp / "state"
         self.cmd = [sys.executable, "-m", "stockade.cli.main", "agent", "--netns", netns,
                     "--state-dir", str(tmp / "state"), "--socket", self.socket,
                     "--log-group", "0", "--log-level", "warning", *extra]
@@ -86,7 +87,12 @@ class AgentProcess:
         return time.perf_counter() - t0
 
     def kill9(self) -> None:
-        """A crash: nothing is kept for the next start."""
+        """A crash: the next start finds what was kept before it, if anything."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+
+    def forget_warm(self) -> None:
+        """Remove the kept warm start (agent/warm.py), as an upgrade makes it useless:
+        the next start is cold."""
+        (self.state_dir / "warm.pickle").unlink(missing_ok=True)

@@ -297,6 +297,8 @@ def test_restarts_start_warm_with_the_changes_since_folded_in(trio, agent, serve
     while agent.logs().count("warm start kept") == kept and time.monotonic() < deadline:
         time.sleep(0.1)
     assert agent.logs().count("warm start kept") == kept + 1, agent.logs()[-3000:]
+    st = agent.call("status")
+    assert st["warmStart"]["keptRevision"] == st["revision"], st
     agent.call("apply", documents=[_policy("web", "a", {"pod": "b"})], source="test")
     agent.kill9()
     agent.start()

@@ -12,7 +12,6 @@ import os
 import pickle
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,13 +330,17 @@ def test_a_quarantined_endpoint_stays_held(tmp_path: Path) -> None:
 
 
 def test_the_keepers_child_keeps_what_a_clean_stop_keeps(state_dir: Path) -> None:
-    """`python -m stockade.agent.warm` reads the rows and keeps their result; it prints
-    the revision it read."""
+    """The keeper's child reads the rows and keeps their result; it prints the revision
+    it read. It imports this package even from a directory holding another."""
     (state_dir / warm.FILE).unlink()
     with Store(state_dir) as store:
         revision = store.commit([PutEndpoint(endpoint("late", "10.244.0.8"))])
-    out = subprocess.run([sys.executable, "-m", "stockade.agent.warm", "--state-dir",
-                          str(state_dir)], capture_output=True, check=True, timeout=120)
+    planted = state_dir.parent / "cwd" / "stockade"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text("raise SystemExit('the planted package ran')\n")
+    out = subprocess.run([*warm.child_command(), "--state-dir", str(state_dir)],
+                         capture_output=True, check=True, timeout=120, cwd=planted.parent,
+                         env={**os.environ, "PYTHONPATH": str(planted.parent)})
     assert out.stdout.decode().strip() == str(revision)
     state, w = start(state_dir)
     assert w.kept is not None and w.folded == 0 and w.kept.spotless

@@ -625,7 +625,8 @@ class Agent:
 
     def operation_providers(self) -> list[Operations]:
         """What serves operations besides the service's core, in `status` order."""
-        return [FlowOps(self), *self.extensions]
+        keeper = [self.keeper] if self.keeper is not None else []
+        return [FlowOps(self), *keeper, *self.extensions]
 
     def _cluster(self) -> Cluster:
         with self.service.lock:

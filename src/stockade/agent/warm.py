@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from stockade.agent.admission import check_changes, enforceable, quarantine
 from stockade.agent.reconcile import Reconciler, feed
@@ -278,6 +278,12 @@ class Keeper:
         self._child: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
 
+    def operations(self) -> Mapping[str, Any]:
+        return {}  # none: it adds to `status` only
+
+    def status(self) -> Mapping[str, Any]:
+        return {"warmStart": {"keptRevision": self.kept_revision, "keeps": self.keeps}}
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="warm-keeper", daemon=True)
         self._thread.start()
@@ -307,7 +313,7 @@ class Keeper:
             self._keep(revision)
 
     def _keep(self, revision: int) -> None:
-        cmd = [sys.executable, "-m", "stockade.agent.warm", "--state-dir", str(self._dir)]
+        cmd = [*child_command(), "--state-dir", str(self._dir)]
         if self._strict_cidr:
             cmd.append("--strict-cidr")
         started = time.monotonic()
@@ -336,6 +342,16 @@ class Keeper:
         log.info("warm start kept", extra={"fields": {
             "revision": int(kept), "seconds": round(time.monotonic() - started, 3),
             "since": revision}})
+
+
+def child_command() -> list[str]:
+    """The keeper's child: this interpreter, isolated (-I: neither the working directory
+    nor PYTHON* variables choose what it imports, for it runs as root), importing this
+    very package, wherever it lies."""
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    code = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+            "from stockade.agent.warm import main; main()")
+    return [sys.executable, "-I", "-c", code, root]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
