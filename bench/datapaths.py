@@ -3,8 +3,12 @@
 One run, 10,000 synthetic endpoints and 1,000 policies (bench/synthetic.py
 make_cluster) plus two real endpoints on a bridge, a server and a client, with a
 policy isolating the server and allowing the client on the benchmark ports.
-Variants: nft, iptables (nf_tables backend), iptables (legacy backend), ebpf, and
-the naive baseline a user would otherwise write: one `iptables -A FORWARD -s SRC
+Variants: nft, iptables (nf_tables backend), iptables (legacy backend), ebpf; what
+conntrack costs before any rule of policy (a base chain that only accepts, after the
+usual established accept, so that conntrack tracks every connection as it does under
+every netfilter datapath; bridged packets reach netfilter through br_netfilter, which
+a new namespace has on, so the baseline pays that too); and the naive baseline a user
+would otherwise write: one `iptables -A FORWARD -s SRC
 -d DST -p PROTO --dport P -j ACCEPT` per allowed pair in one linear chain (after
 the usual ESTABLISHED,RELATED accept), then a DROP for the server.
 
@@ -76,7 +80,14 @@ DATAPATHS = ("nft", "iptables (nf_tables)", "iptables (legacy)", "ebpf")
 # nft with the agent's revoker listening for new connections (conntrack then builds an
 # event for each, which the socket drops once full: what the agent's host pays)
 LISTENING = "nft + ct events"
-VARIANTS = (*DATAPATHS, LISTENING, "naive")
+# What conntrack costs before any rule of policy: a base chain accepting everything,
+# established first (bridged packets reach netfilter through br_netfilter, which a
+# new namespace has on, with no ruleset too: the baseline pays it as well).
+CONNTRACK = "conntrack only"
+VARIANTS = (*DATAPATHS, LISTENING, CONNTRACK, "naive")
+CONNTRACK_TABLE = ("table inet {name} {{\n chain forward {{\n"
+                   "  type filter hook forward priority 0; policy accept;\n"
+                   "  ct state established,related accept\n  accept\n }}\n}}\n")
 LENGTHS = (0, 2_000, 10_000, 20_000)  # chain lengths bench/iptables.py `naive` times
 
 
@@ -303,6 +314,12 @@ def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs
         base = pair.measure(secs)
         if name != "ebpf":  # the netfilter ones judge bridged packets in FORWARD
             require_bridge_netfilter(pair.host, "the FORWARD hook")
+        if name == CONNTRACK:
+            # Nothing isolates the server here: this prices conntrack, not a policy.
+            subprocess.run(["ip", "netns", "exec", pair.host, "nft", "-f", "-"],
+                           input=CONNTRACK_TABLE.format(name=tag), text=True,
+                           check=True, capture_output=True)
+            return base, pair.measure(secs), prog, load
         if name == "naive":
             load = load_naive(pair.host, restore)
         else:

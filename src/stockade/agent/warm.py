@@ -53,17 +53,9 @@ from stockade.agent.admission import check_changes, enforceable, quarantine
 from stockade.agent.reconcile import Reconciler, feed
 from stockade.agent.records import (
     AgentState,
-    Change,
-    DeleteClusterPolicy,
-    DeleteEndpoint,
-    DeleteNamespace,
-    DeletePolicy,
-    PutClusterPolicy,
-    PutEndpoint,
-    PutNamespace,
-    PutPolicy,
 )
-from stockade.agent.store import Rows, Store, StoreError
+from stockade.agent.snapshot import changes_to_restore
+from stockade.agent.store import TABLES, Rows, Store, StoreError
 from stockade.compile.incremental import IncrementalCompiler
 
 log = logging.getLogger(__name__)
@@ -114,7 +106,8 @@ def save(state_dir: Path | str, state: AgentState, *, strict_cidr: bool,
     # The state in key order, as the cold start decodes it.
     kept = AgentState(_sorted(state.namespaces), _sorted(state.endpoints),
                       _sorted(state.policies), _sorted(state.cluster_policies))
-    spotless = not check_changes(AgentState(), _puts(kept), strict_cidr=strict_cidr)
+    spotless = not check_changes(AgentState(), changes_to_restore(AgentState(), kept),
+                                 strict_cidr=strict_cidr)
     kept.quarantined = {} if spotless else quarantine(kept, strict_cidr=strict_cidr)
     compiler = IncrementalCompiler.of(enforceable(kept, kept.quarantined))
     docs = {table: dict(table_rows) for table, table_rows in rows.items()}
@@ -164,7 +157,14 @@ class WarmStart:
             return None
         if fresh.refused_cluster_policies:
             return None
-        changes = _changes(fresh, gone)
+        # The changes that turn the kept state into the rows' (only what differs).
+        before, after = AgentState(), fresh
+        for table, _ in TABLES:  # each table's records are the state's field of its name
+            kept_records = getattr(kept.state, table)
+            touched = [k for k, _ in changed.get(table, ())] + list(gone.get(table, ()))
+            getattr(before, table).update(
+                (k, kept_records[k]) for k in touched if k in kept_records)
+        changes = changes_to_restore(before, after)
         if check_changes(kept.state, changes, strict_cidr=self._strict_cidr):
             return None  # rows no agent admitted: the cold start holds what it must
         state = AgentState(dict(kept.state.namespaces), dict(kept.state.endpoints),
@@ -218,27 +218,6 @@ class WarmStart:
 
 def _sorted(d: Mapping[str, _V]) -> dict[str, _V]:
     return {k: d[k] for k in sorted(d)}
-
-
-def _puts(state: AgentState) -> list[Change]:
-    """Every object of `state` as a change that puts it."""
-    return [*(PutNamespace(ns) for ns in state.namespaces.values()),
-            *(PutEndpoint(r) for r in state.endpoints.values()),
-            *(PutPolicy(r) for r in state.policies.values()),
-            *(PutClusterPolicy(r) for r in state.cluster_policies.values())]
-
-
-def _changes(fresh: AgentState, gone: Mapping[str, Sequence[str]]) -> list[Change]:
-    """Rows that differ (`fresh`, decoded) and rows that are gone, as changes, in the
-    order an operation would give them: namespaces first in, last out."""
-    return [*(PutNamespace(ns) for ns in fresh.namespaces.values()),
-            *(DeleteClusterPolicy(k) for k in gone.get("cluster_policies", ())),
-            *(DeletePolicy(k) for k in gone.get("policies", ())),
-            *(DeleteEndpoint(k) for k in gone.get("endpoints", ())),
-            *(PutEndpoint(r) for r in fresh.endpoints.values()),
-            *(PutPolicy(r) for r in fresh.policies.values()),
-            *(PutClusterPolicy(r) for r in fresh.cluster_policies.values()),
-            *(DeleteNamespace(k) for k in gone.get("namespaces", ()))]
 
 
 # ---- keeping it current while the agent runs ---------------------------------------------
