@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -530,7 +531,8 @@ class Agent:
         self._ready = False
         reconciler = getattr(self, "reconciler", None)
         if (self.keeper is not None and reconciler is not None
-                and self.keeper.kept_revision == reconciler.desired_revision):
+                and self.keeper.kept_revision == reconciler.desired_revision
+                and (Path(self.config.state_dir) / warm.FILE).exists()):
             log.info("warm start kept already", extra={"fields": {
                 "revision": self.keeper.kept_revision}})
             return
