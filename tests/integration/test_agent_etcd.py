@@ -264,6 +264,7 @@ def test_an_etcd_outage_keeps_enforcing_refuses_writes_and_catches_up(
             wait_enforced(agent, writer.rvs)
             agent.call("apply", documents=[allow("after", "b", "a", 81)])
             time.sleep(0.5)
+            watch.wait_rounds(5)
         assert watch.rounds >= 5, watch.rounds
         assert watch.problems == [], watch.problems[:20]
         assert names(agent, "policies") == {"web", "after"}
@@ -305,6 +306,7 @@ def test_a_compaction_while_cut_off_relists_without_flushing(
             assert all(r["gone"] >= 1 for r in res.values()), res
             wait_enforced(agent, writer.rvs)
             time.sleep(1.0)  # probes and kernel reads go on after the relist
+            watch.wait_rounds(5)
         assert watch.rounds >= 5, watch.rounds
         assert watch.problems == [], watch.problems[:20]
         assert names(agent, "policies") == {"web", "later"}  # the deletion is not lost
@@ -343,6 +345,7 @@ def test_a_restarted_agent_adopts_and_applies_only_what_changed_while_it_was_dow
             wait_enforced(third, writer.rvs)
             time.sleep(1.0)
             assert names(third, "policies") == {"web", "later"}
+            watch.wait_rounds(3)
         finally:
             third.stop()
     assert watch.rounds >= 3, watch.rounds
