@@ -94,3 +94,23 @@ def test_invalid_policy_lists_its_errors(tmp_path: Path,
         assert out == ""
         assert err == (f"{bad}: NetworkPolicy backend/bad: spec.ingress[0].ports[0].port: "
                        "Invalid value: 70000: must be between 1 and 65535, inclusive\n")
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["agent", "--resync-interval", "0"], "--resync-interval"),
+    (["agent", "--warm-idle", "-1"], "--warm-idle"),
+    (["agent", "--warm-interval", "nan"], "--warm-interval"),
+    (["agent", "--watch-stall-timeout", "inf"], "--watch-stall-timeout"),
+    (["agent", "--pod-wait", "soon"], "--pod-wait"),
+    (["rm", "--grace", "-5", "x"], "--grace"),
+    (["operator", "run", "--resync", "0"], "--resync"),
+])
+def test_a_duration_flag_takes_finite_seconds(argv: list[str], flag: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Every SECONDS flag refuses a negative, non-finite or non-numeric value (and 0 where
+    it is an interval or a timeout), naming the flag, before anything starts."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and "seconds" in err, err

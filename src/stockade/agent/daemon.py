@@ -186,26 +186,28 @@ class Agent:
         log.info("state loaded", extra={"fields": {
             "revision": revision, "endpoints": len(state.endpoints),
             "policies": len(state.policies), "namespaces": len(state.namespaces)}})
-        warmed = offer is not None and offer.state is state and offer.compiler is not None
+        # A warm start's compiler, when the state is the one it answered (agent/warm.py).
+        kept = offer.compiler if offer is not None and offer.state is state else None
+        folded = offer.folded if kept is not None and offer is not None else 0
+        warmed = kept is not None
         if not warmed:
             state.quarantined = quarantine(state, strict_cidr=cfg.strict_cidr)
         for key, reasons in sorted(state.quarantined.items()):
             log.error("endpoint held fail-closed: its stored state cannot be enforced",
                       extra={"fields": {"endpoint": key, "reasons": "; ".join(reasons)}})
         started = time.monotonic()
-        if warmed and offer is not None and offer.compiler is not None:
-            compiler = offer.compiler  # what the cold start computes from these rows
-        else:
-            compiler = IncrementalCompiler.of(enforceable(state, state.quarantined))
+        # What the cold start computes from these rows, if kept.
+        compiler = (kept if kept is not None
+                    else IncrementalCompiler.of(enforceable(state, state.quarantined)))
         log.info("state compiled", extra={"fields": {
             "seconds": round(time.monotonic() - started, 3), "warm": warmed,
-            "folded": offer.folded if warmed and offer is not None else 0}})
+            "folded": folded}})
         if not kube and cfg.warm_idle > 0:
+            # The file is current when the start took it whole.
             self.keeper = Keeper(cfg.state_dir, lambda: self.reconciler.desired_revision,
                                  strict_cidr=cfg.strict_cidr, idle=cfg.warm_idle,
                                  interval=cfg.warm_interval,
-                                 kept_revision=revision if warmed and offer is not None
-                                 and not offer.folded else None)
+                                 kept_revision=revision if warmed and not folded else None)
         self.reconciler = Reconciler(compiler, datapath, revision, Hooks(
             applied=self._applied, drift=self._drift, enforced=self._enforced,
             revoked=self._revoked),

@@ -14,7 +14,7 @@ import yaml
 
 from stockade.agent.client import AgentClient
 from stockade.agent.protocol import ApiError
-from stockade.cli.inputs import add_files, add_output
+from stockade.cli.inputs import add_files, add_output, positive_seconds, seconds
 from stockade.datapath import DATAPATHS
 from stockade.errors import InputError
 from stockade.load import expand_paths, read_text
@@ -37,11 +37,11 @@ def register(sub: Any) -> None:
                    "kubernetes this node's spec.podCIDR, else 10.244.0.0/16)")
     a.add_argument("--bridge-prefix", default="stk", metavar="PREFIX",
                    help="prefix of the bridge, veths and namespaces `stockade run` makes")
-    a.add_argument("--resync-interval", type=float, default=30.0, metavar="SECONDS")
-    a.add_argument("--warm-idle", type=float, default=10.0, metavar="SECONDS",
+    a.add_argument("--resync-interval", type=positive_seconds, default=30.0, metavar="SECONDS")
+    a.add_argument("--warm-idle", type=seconds, default=10.0, metavar="SECONDS",
                    help="keep the warm start current once no change came for this long "
                         "(0: only at a clean stop; local datastore)")
-    a.add_argument("--warm-interval", type=float, default=60.0, metavar="SECONDS",
+    a.add_argument("--warm-interval", type=seconds, default=60.0, metavar="SECONDS",
                    help="keep it at most this often")
     a.add_argument("--log-group", type=int, default=100,
                    help="NFLOG group for denied flows (0: no denied-flow log)")
@@ -72,9 +72,9 @@ def register(sub: Any) -> None:
                    help="with --datastore kubernetes or etcd: this node's name (default "
                         "$NODE_NAME, "
                         "else the host name)")
-    a.add_argument("--watch-stall-timeout", type=float, default=150.0, metavar="SECONDS",
+    a.add_argument("--watch-stall-timeout", type=positive_seconds, default=150.0, metavar="SECONDS",
                    help="reconnect a watch that delivered no event nor bookmark for this long")
-    a.add_argument("--pod-wait", type=float, default=10.0, metavar="SECONDS",
+    a.add_argument("--pod-wait", type=seconds, default=10.0, metavar="SECONDS",
                    help="how long a CNI ADD waits for the API to show its pod")
     a.add_argument("--cni-conf-dir", default="/etc/cni/net.d", metavar="DIR",
                    help="the container runtime's CNI configurations, reported on GET "

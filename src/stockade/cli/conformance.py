@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stockade.cli.inputs import add_output
+from stockade.cli.inputs import add_output, positive_seconds
 from stockade.conformance.case import STANDARD_CLUSTER, Case, parse_case
 from stockade.conformance.runner import (
     CaseBackend,
@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
     p.add_argument("--datapath", default="model", choices=DATAPATHS,
                    help="model: the reference evaluator; nft, iptables, ebpf: that datapath "
                    "in the kernel, with real packets")
-    p.add_argument("--probe-timeout", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--probe-timeout", type=positive_seconds, default=1.0, metavar="SECONDS",
                    help="how long a probe waits before it counts as denied (nft)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     add_output(p, ("txt", "json", "junit"),

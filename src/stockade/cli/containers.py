@@ -23,7 +23,7 @@ from stockade.agent.client import AgentClient
 from stockade.agent.containers import parse_port_spec
 from stockade.agent.records import EndpointRecord, PolicyRecord, namespace_from_dict
 from stockade.cli.agent import _call, _checked, _labels, _socket
-from stockade.cli.inputs import add_output
+from stockade.cli.inputs import add_output, positive_seconds, seconds
 from stockade.errors import InputError
 from stockade.model.cluster import Cluster
 from stockade.model.ports import parse_port_text
@@ -75,7 +75,7 @@ def register(sub: Any) -> None:
     rm = sub.add_parser("rm", help="stop containers (SIGTERM, then SIGKILL) and remove them")
     _socket(rm)
     rm.add_argument("keys", nargs="+", metavar="NS/NAME")
-    rm.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
+    rm.add_argument("--grace", type=seconds, default=5.0, metavar="SECONDS",
                     help="time between SIGTERM and SIGKILL")
     rm.set_defaults(run=run_rm)
 
@@ -85,7 +85,7 @@ def register(sub: Any) -> None:
     pr.add_argument("--port", dest="ports", action="append", default=[],
                     metavar="PORT[/PROTO]|NAME", help="what to probe, e.g. 80/tcp, 53/udp or "
                     "a port name (default: every port some endpoint declares)")
-    pr.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS",
+    pr.add_argument("--timeout", type=positive_seconds, default=1.0, metavar="SECONDS",
                     help="how long a connection may take before it counts as dropped")
     pr.set_defaults(run=run_probe)
 

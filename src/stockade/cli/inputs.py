@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +37,27 @@ FILES_HELP = "manifests (YAML or JSON, multi-document, kind: List), directories 
 # Names an output format is also known by: `text` everywhere, `table` (the matrix's
 # former default) for txt.
 OUTPUT_ALIASES = {"text": "txt", "table": "txt"}
+
+
+def seconds(text: str) -> float:
+    """A duration flag (argparse type): a finite number of seconds, 0 or more."""
+    return _seconds(text, zero=True)
+
+
+def positive_seconds(text: str) -> float:
+    """A duration flag that cannot be 0 (an interval or a timeout)."""
+    return _seconds(text, zero=False)
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: seconds must be finite and {'0 or more' if zero else 'more than 0'}")
+    return value
 
 
 def add_files(p: argparse.ArgumentParser, *, flags: Sequence[str] = ("-f", "--file"),

@@ -26,7 +26,7 @@ from typing import Any
 
 from stockade import __version__
 from stockade.cli import analysis, explain, matrix, validate
-from stockade.cli.inputs import add_filters, add_output
+from stockade.cli.inputs import add_filters, add_output, positive_seconds
 from stockade.cli.main import execute
 from stockade.errors import InputError, InvalidObjects
 from stockade.kube.client import KubeClient
@@ -275,7 +275,7 @@ def status_options(p: argparse.ArgumentParser) -> None:
                         f"metrics, else {AGENT_PORT})")
     p.add_argument("--direct", action="store_true",
                    help="reach each agent at its pod's address, not through the API server")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_seconds, default=5.0, metavar="SECONDS",
                    help="for each agent (default 5)")
     add_output(p, ("txt", "json"))
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from stockade.cli.inputs import add_files
+from stockade.cli.inputs import add_files, positive_seconds
 from stockade.errors import InputError, InvalidObjects
 from stockade.load import expand_paths, read_text
 from stockade.model.parse import parse_documents
@@ -80,7 +80,7 @@ def register_run(verbs: Any) -> None:
                         "of other namespaces are then not found")
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve /metrics and /healthz there (default: not served)")
-    p.add_argument("--resync", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--resync", type=positive_seconds, default=600.0, metavar="SECONDS",
                    help="reconcile at least this often (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     p.set_defaults(run=run_operator)
