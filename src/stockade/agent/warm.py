@@ -12,7 +12,8 @@ code and the configuration.
 It is kept at a clean stop (from the running agent's state, the rows encoded as
 a commit encodes them), and while the agent runs by :class:`Keeper`: once the
 state has changed and the agent has been idle for a while, a child process
-(``python -m stockade.agent.warm``) reads the rows in one transaction and
+(:func:`child_command`: the agent's interpreter in isolated mode, importing this
+package by its path, then :func:`main`) reads the rows in one transaction and
 computes it there, off the agent's interpreter. So a restart after a crash
 finds a recent one too.
 
@@ -335,7 +336,7 @@ def child_command() -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The keeper's child: keep the warm start of the store's rows; print their revision."""
-    parser = argparse.ArgumentParser(prog="python -m stockade.agent.warm")
+    parser = argparse.ArgumentParser(prog="stockade-warm-keeper")
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--strict-cidr", action="store_true")
     args = parser.parse_args(argv)
@@ -348,10 +349,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
     os._exit(0)  # freeing the state object by object would take longer than computing it
 
-
-if __name__ == "__main__":
-    # Through the module's own name: what it pickles must be stockade.agent.warm.Kept,
-    # not __main__.Kept, for the agent to read it.
-    from stockade.agent.warm import main as module_main
-
-    sys.exit(module_main())
