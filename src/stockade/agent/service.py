@@ -24,6 +24,7 @@ from typing import Any
 
 from stockade.agent.admission import check_changes, quarantine
 from stockade.agent.extension import Handler, Operations
+from stockade.agent.group import GroupCommit
 from stockade.agent.heap import collector_paused
 from stockade.agent.protocol import (
     BAD_REQUEST,
@@ -101,6 +102,9 @@ class Service:
         self.reconciler = reconciler
         self.strict_cidr = strict_cidr
         self.lock = threading.RLock()
+        # Endpoints added, relabelled and removed by parallel callers, committed together.
+        self.group = GroupCommit(self.lock,
+                                 lambda changes: self.commit(changes, sync=False, durable=False))
         self.started = time.time()
         self._table: dict[str, Handler] = {}
         self._providers: list[Operations] = []
@@ -270,6 +274,8 @@ class Service:
             "datapath": r.datapath.name,
             "table": getattr(r.datapath, "owner_status", ""),
             "uptime": round(time.time() - self.started, 1),
+            # Commits that served several callers at once (agent/group.py), and those callers.
+            "groupCommits": {"batches": self.group.batches, "callers": self.group.grouped},
         }
         return out
 
@@ -510,20 +516,21 @@ class Service:
         if errors:
             raise ApiError(INVALID, f"{kind} {name}: invalid labels",
                            [f"{kind} {name}: {e.render()}" for e in errors])
-        with self.lock:
+
+        def build() -> list[Change]:
             if kind == "namespace":
                 ns = self.state.namespaces.get(name)
                 if ns is None:
                     raise ApiError(NOT_FOUND, f"no namespace {name}")
-                labels = _relabel(ns.labels, set_, remove)
-                changes: list[Change] = [PutNamespace(Namespace(name, labels))]
-            else:
-                rec = self.state.endpoints.get(name)
-                if rec is None:
-                    raise ApiError(NOT_FOUND, f"no endpoint {name}")
-                ep = replace(rec.endpoint, labels=_relabel(rec.endpoint.labels, set_, remove))
-                changes = [PutEndpoint(replace(rec, endpoint=ep))]
-            revision = self.commit(changes, sync=False, durable=False)
+                return [PutNamespace(Namespace(name, _relabel(ns.labels, set_, remove)))]
+            rec = self.state.endpoints.get(name)
+            if rec is None:
+                raise ApiError(NOT_FOUND, f"no endpoint {name}")
+            ep = replace(rec.endpoint, labels=_relabel(rec.endpoint.labels, set_, remove))
+            return [PutEndpoint(replace(rec, endpoint=ep))]
+
+        revision = self.group.submit(build)
+        assert revision is not None  # a build of one change
         self.durable()
         if sync:
             self._wait(revision)
@@ -538,14 +545,16 @@ class Service:
             rec = EndpointRecord.from_dict(a.mapping("endpoint"))
         except DecodeError as exc:
             raise ApiError(BAD_REQUEST, f"endpoint.add: args.endpoint.{exc.message}") from None
-        with self.lock:
+
+        def build() -> list[Change]:
             existing = self.state.endpoints.get(rec.key)
             if existing is not None and existing.owner != rec.owner:
                 raise ApiError(INVALID, f"endpoint {rec.key} is managed by {existing.owner}; "
                                         f"it cannot be replaced by one managed by {rec.owner}")
-            changes = self.implicit_namespaces([rec.endpoint.namespace], {})
-            changes.append(PutEndpoint(rec))
-            revision = self.commit(changes, sync=False, durable=False)
+            return [*self.implicit_namespaces([rec.endpoint.namespace], {}), PutEndpoint(rec)]
+
+        revision = self.group.submit(build)
+        assert revision is not None  # a build of one change at least
         self.durable()
         if sync:
             self._wait(revision)
@@ -571,10 +580,10 @@ class Service:
         key, sync = a.text("key"), a.flag("sync", True)
         if not key:
             raise ApiError(BAD_REQUEST, "endpoint.remove: args.key is required")
-        with self.lock:
-            if key not in self.state.endpoints:
-                return {"removed": False, "revision": self.reconciler.desired_revision}
-            revision = self.commit([DeleteEndpoint(key)], sync=False, durable=False)
+        revision = self.group.submit(
+            lambda: [DeleteEndpoint(key)] if key in self.state.endpoints else [])
+        if revision is None:
+            return {"removed": False, "revision": self.reconciler.desired_revision}
         self.durable()
         if sync:
             self._wait(revision)
