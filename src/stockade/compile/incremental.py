@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
 from stockade.compile.lower import (
@@ -245,6 +246,9 @@ class IncrementalCompiler:
         old = self.endpoints.get(ep.key)
         if old == ep:
             return
+        if old is not None and old == replace(ep, labels=old.labels):
+            self._relabel(old, ep)
+            return
         if old is not None:
             self._detach(old)
         self.endpoints[ep.key] = ep
@@ -273,6 +277,24 @@ class IncrementalCompiler:
         fresh = IncrementalCompiler.of(self.cluster())
         self.__dict__.update(fresh.__dict__)
         self._last = None  # not derived: the plan compares everything
+
+    def _relabel(self, old: Endpoint, ep: Endpoint) -> None:
+        """Only the labels changed: the endpoint adds the same elements to any set, so it
+        leaves only the sets that no longer select it and joins only those that now do
+        (a relabel no selector reads touches no set); its chains are found again."""
+        self.endpoints[ep.key] = ep
+        was = self._member_of.get(ep.key, set())
+        now = {name for name in self._candidate_sets(ep.namespace, ep.labels)
+               if (cand := self._specs[name].candidates) is not None
+               and cand.selects(ep, self.namespace_labels)}
+        for name in was - now:
+            self._leave(old, name)
+        for name in now - was:
+            self._join(ep, name)
+        for direction in model.DIRECTIONS:
+            self._unplace(old, direction)
+            self._place(ep, direction)
+        self._collect()
 
     def _attach(self, ep: Endpoint) -> None:
         self._family_count.update(families_of((ep,)))
