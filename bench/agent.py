@@ -265,9 +265,15 @@ def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
                     p99 = pct([v * 1000 for v in values], 99)
                     goals.append((f"{name}: p99 <= 10 ms", f"{p99:.1f} ms", p99 <= 10.0))
             if big:
+                before = agent.call("status").get("groupCommits", {})
                 rate, lat = parallel(agent, args.clients, args.seconds, args.pods)
+                after_ = agent.call("status").get("groupCommits", {})
+                callers = after_.get("callers", 0) - before.get("callers", 0)
+                batches = after_.get("batches", 0) - before.get("batches", 0)
                 rows.append((f"endpoint changes/s, {args.clients} parallel clients, {size}",
-                             f"{rate:.0f}/s", ""))
+                             f"{rate:.0f}/s",
+                             f"{callers} of {len(lat)} calls in {batches} group commits"
+                             f" (agent/group.py)" if batches else ""))
                 rows.append(ms_row("... their latency", lat))
                 goals.append((f"1,000 endpoint changes/s, {args.clients} parallel clients",
                               f"{rate:.0f}/s", rate >= 1000))
