@@ -234,3 +234,22 @@ def test_parallel_relabels_through_the_service_lose_nothing(node: Node) -> None:
     with pytest.raises(ApiError) as err:
         node.call("label", kind="endpoint", name="x/none", set={"a": "b"}, remove=[])
     assert err.value.code == NOT_FOUND and err.value.message == "no endpoint x/none"
+
+
+def test_apart_each_caller_is_built_and_committed_alone_in_turn(
+        group: GroupCommit, ledger: Ledger, lock: threading.RLock) -> None:
+    """The etcd datastore's commit routes by what the changes are and may let go of the
+    lock while it waits: there each caller is built right before its own commit."""
+    group.together = False
+    built: list[int] = []
+
+    def build(i: int) -> Callable[[], Sequence[Change]]:
+        def run() -> Sequence[Change]:
+            built.append(len(ledger.commits))  # the commits before this build
+            return [put(f"ns{i}")]
+        return run
+
+    out = together(group, lock, [build(i) for i in range(4)])
+    assert sorted(o for o in out if isinstance(o, int)) == [1, 2, 3, 4]
+    assert [len(c) for c in ledger.commits] == [1, 1, 1, 1]
+    assert built == [0, 1, 2, 3] and group.batches == 0

@@ -84,6 +84,11 @@ class GroupCommit:
         self._commit = commit
         self._queue: list[_Waiting] = []
         self._queue_lock = threading.Lock()
+        # False: each caller's changes built and committed alone, in turn: for a commit
+        # that routes changes by what they are, which one batch of several callers'
+        # changes could mix (the etcd datastore's), and which may let go of the lock
+        # while it waits (a change built before it could then be stale).
+        self.together = True
         self.batches = 0  # commits of more than one caller's changes
         self.grouped = 0  # callers served by them
 
@@ -103,7 +108,10 @@ class GroupCommit:
 
     def _run(self) -> None:
         with self._queue_lock:
-            waiting, self._queue = self._queue, []
+            if self.together:
+                waiting, self._queue = self._queue, []
+            else:  # built and committed in one go, as a caller alone would be
+                waiting, self._queue = self._queue[:1], self._queue[1:]
         try:
             taken: list[tuple[_Waiting, Sequence[Change]]] = []
             touched: set[tuple[str, str]] = set()

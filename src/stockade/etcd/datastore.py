@@ -407,6 +407,9 @@ class EtcdService(Service):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # A commit goes to etcd or to the local store by what its changes are: one of
+        # several callers' changes together could send an etcd object's to the store.
+        self.group.together = False
         self.feed: EtcdFeed | None = None
         self.node = ""
         # Notified (under the service's lock) whenever the feed has delivered more.
