@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_cni_ops import Node
@@ -34,7 +35,7 @@ class Ledger:
         self.commits: list[list[Change]] = []
         self.refuse: Callable[[Sequence[Change]], Exception | None] = lambda changes: None
 
-    def commit(self, changes: Sequence[Change]) -> int:
+    def commit(self, changes: Sequence[Change], meta: Mapping[str, Any] | None = None) -> int:
         exc = self.refuse(changes)
         if exc is not None:
             raise exc
@@ -253,3 +254,73 @@ def test_apart_each_caller_is_built_and_committed_alone_in_turn(
     assert sorted(o for o in out if isinstance(o, int)) == [1, 2, 3, 4]
     assert [len(c) for c in ledger.commits] == [1, 1, 1, 1]
     assert built == [0, 1, 2, 3] and group.batches == 0
+
+
+def test_parallel_cni_adds_are_committed_together_each_with_its_own_address(
+        node: Node) -> None:
+    """Sixteen ADDs at once (as a node starting many pods): sixteen addresses, every
+    attachment registered, the store's meta holding them all and the pool as in memory."""
+    out: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def add(k: int) -> None:
+        try:
+            out[k] = node.add(f"c{k}", labels={"app": "web"})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(k,)) for k in range(16)]
+    with node.service.lock:  # all sixteen wait together
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(node.service.group._queue) < 16:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    for t in threads:
+        t.join(60)
+    assert not errors
+    addresses = {o["address"] for o in out.values()}
+    assert len(addresses) == 16
+    assert {a.key for a in node.ops.attachments.values()} == {f"x/c{k}" for k in range(16)}
+    stored = node.store.get_meta("cni")["attachments"]
+    assert set(stored) == set(node.ops.attachments)
+    assert node.store.get_meta("ipam") == node.service.ipam.to_dict()
+    state, _ = node.store.load()
+    assert {ep.endpoint.ips[0] + "/24" for ep in state.endpoints.values()} == addresses
+    # The first creates namespace x; the others would create it too, so they wait for
+    # the next batch, which finds it there.
+    assert (node.service.group.batches, node.service.group.grouped) == (1, 15)
+
+
+def test_cni_adds_refused_together_each_get_their_own_verdict_and_leave_nothing(
+        node: Node, lock: threading.RLock) -> None:
+    """Two ADDs claiming one static address and a third with its own, waiting together:
+    the batch is refused as a whole, then each is built and committed alone: the first
+    and the third are attached, the second is refused and registers nothing."""
+    group = node.service.group
+    results: dict[str, Any] = {}
+
+    def add(cid: str, ip: str) -> None:
+        try:
+            results[cid] = node.add(cid, allocate=False, endpoint={"ips": [ip]})
+        except Exception as exc:
+            results[cid] = exc
+
+    threads = [threading.Thread(target=add, args=a) for a in
+               (("s1", "10.9.0.77"), ("s2", "10.9.0.77"), ("s3", "10.9.0.78"))]
+    with node.service.lock:
+        for t in threads:
+            t.start()
+            deadline = time.monotonic() + 10
+            while len(group._queue) < threads.index(t) + 1:  # queued in this order
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+    for t in threads:
+        t.join(30)
+    assert isinstance(results["s2"], ApiError) and results["s2"].code == INVALID
+    assert not isinstance(results["s1"], Exception) and not isinstance(results["s3"],
+                                                                        Exception)
+    assert {a.key for a in node.ops.attachments.values()} == {"x/s1", "x/s3"}
+    assert set(node.store.get_meta("cni")["attachments"]) == set(node.ops.attachments)
+    assert group.batches == 0  # refused together, then committed one by one

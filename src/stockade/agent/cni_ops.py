@@ -48,6 +48,7 @@ from typing import Any
 
 from stockade.agent.cni_keys import attachment_id, ipam_owner
 from stockade.agent.extension import Handler, Host
+from stockade.agent.group import Part
 from stockade.agent.protocol import BAD_REQUEST, INVALID, UNAVAILABLE, ApiError, Args
 from stockade.agent.reconcile import ApplyReport
 from stockade.agent.records import (
@@ -266,7 +267,12 @@ class CniOps:
         if labels is None and self.pods is not None:
             # Before the service lock: the feed commits under it while delivering the pod.
             labels, api_ports = self._api_pod(spec)
-        with svc.lock:
+        made: dict[str, Any] = {}
+
+        def build() -> Part:
+            """Under the service's lock, with ADDs waiting alongside committed as one
+            (agent/group.py): the address and the attachment taken here are given
+            back by `undo` should the commit not happen."""
             known = self.attachments.get(attachment_id(network, cid, ifname))
             owner = ipam_owner(cid, ifname) if allocate else (known.ipam_owner if known
                                                                 else "")
@@ -274,21 +280,38 @@ class CniOps:
             try:
                 rec, inherited = self._record(spec, labels, cid, ifname, address, api_ports)
                 att = CniAttachment(network, cid, ifname, rec.key, owner, time.time())
-                registry = {**self.attachments, att.id: att}
                 changes = svc.implicit_namespaces([rec.endpoint.namespace], {})
                 changes += self._evict(rec)
                 changes.append(PutEndpoint(rec))
-                meta = self._meta(registry)
-                if fresh:
-                    assert svc.ipam is not None
-                    meta["ipam"] = svc.ipam.to_dict()
-                revision = svc.commit(changes, sync=False, meta=meta, durable=False)
             except BaseException:
                 if fresh and svc.ipam is not None:
                     svc.ipam.release(owner)
                 raise
-            self.attachments = registry
-            self._revisions[att.id] = revision
+            self.attachments = {**self.attachments, att.id: att}
+            meta = self._meta(self.attachments)
+            if fresh:
+                assert svc.ipam is not None
+                meta["ipam"] = svc.ipam.to_dict()
+            made.update(rec=rec, inherited=inherited, address=address, att=att)
+
+            def undo() -> None:
+                if self.attachments.get(att.id) is att:
+                    registry = dict(self.attachments)
+                    if known is None:
+                        del registry[att.id]
+                    else:
+                        registry[att.id] = known
+                    self.attachments = registry
+                if fresh and svc.ipam is not None:
+                    svc.ipam.release(owner)
+
+            return Part(changes, meta, undo)
+
+        revision = svc.group.submit(build)
+        assert revision is not None  # an endpoint at least
+        rec, inherited, address = made["rec"], made["inherited"], made["address"]
+        with svc.lock:
+            self._revisions[made["att"].id] = revision
         svc.durable()  # outside the lock: concurrent ADDs share the fsync
         if sync:
             self._wait(revision)

@@ -19,13 +19,21 @@ one revision for all. Each caller's outcome stays its own:
   again one caller at a time, so that each gets its own verdict;
 * any other failure (the store's) fails every caller of the batch, and the
   commit being all or nothing, nothing of the batch was written.
+
+A build may also change shared state of its own (the CNI operations allocate an
+address and register the attachment) and give the store's meta blobs: it
+returns a :class:`Part` with what undoes its effects. A build left for the next
+batch, and every build of a batch that fails, is undone (the latest first);
+changes refused together are then built again one caller at a time. Meta blobs
+are merged, the later build's over the earlier's: each is built from the shared
+state as the builds before it left it, so the last holds them all.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +51,19 @@ from stockade.agent.records import (
     PutPolicy,
 )
 
-Build = Callable[[], Sequence[Change]]
-Commit = Callable[[Sequence[Change]], int]
+
+@dataclass(frozen=True)
+class Part:
+    """A build's result beyond plain changes: meta blobs for the store, and what undoes
+    the build's own changes to shared state should its commit not happen."""
+
+    changes: Sequence[Change]
+    meta: Mapping[str, Any] | None = None
+    undo: Callable[[], None] | None = None
+
+
+Build = Callable[[], Sequence[Change] | Part]
+Commit = Callable[[Sequence[Change], Mapping[str, Any] | None], int]
 
 
 def change_key(change: Change) -> tuple[str, str]:
@@ -74,6 +93,7 @@ class _Waiting:
     revision: int | None = None
     error: Exception | None = None
     done: bool = False
+    part: Part | None = None  # built, not committed yet
 
 
 class GroupCommit:
@@ -94,8 +114,8 @@ class GroupCommit:
 
     def submit(self, build: Build) -> int | None:
         """Commit what `build` returns, built under the lock from the state as it is then;
-        its revision, or None when it built no change. Whatever `build` raises, or the
-        commit refuses, is raised here."""
+        its revision, or None when it built nothing to commit. Whatever `build` raises,
+        or the commit refuses, is raised here."""
         mine = _Waiting(build)
         with self._queue_lock:
             self._queue.append(mine)
@@ -113,57 +133,93 @@ class GroupCommit:
             else:  # built and committed in one go, as a caller alone would be
                 waiting, self._queue = self._queue[:1], self._queue[1:]
         try:
-            taken: list[tuple[_Waiting, Sequence[Change]]] = []
+            taken: list[_Waiting] = []
             touched: set[tuple[str, str]] = set()
             for w in waiting:
-                try:
-                    changes = w.build()
-                except Exception as exc:  # its caller's error, raised in its thread
-                    w.error, w.done = exc, True
+                part = self._build(w)
+                if part is None:
                     continue
-                keys = {change_key(c) for c in changes}
+                keys = {change_key(c) for c in part.changes}
                 if keys & touched:
-                    continue  # for the next batch
-                if not changes:
-                    w.done = True
+                    _undo(part)  # built again in the next batch, from what this one left
                     continue
                 touched |= keys
-                taken.append((w, changes))
+                w.part = part
+                taken.append(w)
             self._commit_all(taken)
         finally:
             # What this batch left (or an interrupt cut short) waits for the next, in order.
             rest = [w for w in waiting if not w.done]
+            for w in reversed(rest):
+                if w.part is not None:
+                    _undo(w.part)
+                    w.part = None
             if rest:
                 with self._queue_lock:
                     self._queue[:0] = rest
 
-    def _commit_all(self, taken: list[tuple[_Waiting, Sequence[Change]]]) -> None:
-        if len(taken) > 1:
-            try:
-                revision = self._commit([c for _, changes in taken for c in changes])
-            except ApiError as exc:
-                if exc.code != INVALID:
-                    self._fail(taken, exc)
-                    return
-                # Refused together: one by one below, each with its own verdict.
-            except Exception as exc:
-                self._fail(taken, exc)
-                return
-            else:
-                self.batches += 1
-                self.grouped += len(taken)
-                for w, _ in taken:
-                    w.revision, w.done = revision, True
-                return
-        for w, changes in taken:
-            try:
-                w.revision = self._commit(changes)
-            except Exception as exc:
-                w.error = exc
-            w.done = True
-
     @staticmethod
-    def _fail(taken: list[tuple[_Waiting, Sequence[Change]]], exc: Exception) -> None:
-        # A copy each: callers raise it in their own threads, each with its traceback.
-        for w, _ in taken:
-            w.error, w.done = copy.copy(exc), True
+    def _build(w: _Waiting) -> Part | None:
+        """The caller's part, or None when it is done already (its build raised, or it
+        built nothing to commit)."""
+        try:
+            built = w.build()
+        except Exception as exc:  # its caller's error, raised in its thread
+            w.error, w.done = exc, True
+            return None
+        part = built if isinstance(built, Part) else Part(built)
+        if not part.changes and not part.meta:
+            _undo(part)
+            w.done = True
+            return None
+        return part
+
+    def _commit_all(self, taken: list[_Waiting]) -> None:
+        if len(taken) > 1:
+            meta: dict[str, Any] = {}
+            for w in taken:
+                assert w.part is not None
+                meta.update(w.part.meta or {})
+            try:
+                revision = self._commit([c for w in taken if w.part
+                                         for c in w.part.changes], meta or None)
+            except Exception as exc:
+                for w in reversed(taken):
+                    assert w.part is not None
+                    _undo(w.part)
+                    w.part = None
+                if not (isinstance(exc, ApiError) and exc.code == INVALID):
+                    for w in taken:
+                        # A copy each: each caller raises it in its own thread.
+                        w.error, w.done = copy.copy(exc), True
+                    return
+                # Refused together: each caller built and committed alone, for its
+                # own verdict.
+                for w in taken:
+                    part = self._build(w)
+                    if part is not None:
+                        w.part = part
+                        self._commit_one(w)
+                return
+            self.batches += 1
+            self.grouped += len(taken)
+            for w in taken:
+                w.revision, w.done, w.part = revision, True, None
+            return
+        for w in taken:
+            self._commit_one(w)
+
+    def _commit_one(self, w: _Waiting) -> None:
+        part = w.part
+        assert part is not None
+        try:
+            w.revision = self._commit(part.changes, part.meta)
+        except Exception as exc:
+            _undo(part)
+            w.error = exc
+        w.done, w.part = True, None
+
+
+def _undo(part: Part) -> None:
+    if part.undo is not None:
+        part.undo()

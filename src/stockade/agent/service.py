@@ -102,9 +102,10 @@ class Service:
         self.reconciler = reconciler
         self.strict_cidr = strict_cidr
         self.lock = threading.RLock()
-        # Endpoints added, relabelled and removed by parallel callers, committed together.
-        self.group = GroupCommit(self.lock,
-                                 lambda changes: self.commit(changes, sync=False, durable=False))
+        # Endpoints added (here and by the CNI operations), relabelled and removed by
+        # parallel callers, committed together.
+        self.group = GroupCommit(self.lock, lambda changes, meta: self.commit(
+            changes, sync=False, meta=meta, durable=False))
         self.started = time.time()
         self._table: dict[str, Handler] = {}
         self._providers: list[Operations] = []
