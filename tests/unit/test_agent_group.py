@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 from test_cni_ops import Node
 
-from stockade.agent.group import GroupCommit, change_key
+from stockade.agent.group import GroupCommit
 from stockade.agent.protocol import INVALID, NOT_FOUND, ApiError
 from stockade.agent.records import (
     Change,
     DeleteEndpoint,
     DeleteNamespace,
     PutNamespace,
+    change_key,
 )
 from stockade.agent.store import StoreError
 from stockade.compile.incremental import IncrementalCompiler

@@ -21,13 +21,12 @@ from dataclasses import replace
 from stockade.agent.records import (
     AgentState,
     Change,
-    DeleteClusterPolicy,
     DeleteEndpoint,
-    DeleteNamespace,
-    PutClusterPolicy,
+    Deletion,
     PutEndpoint,
     PutNamespace,
     PutPolicy,
+    change_key,
 )
 from stockade.engine.tiers import subject_selects
 from stockade.model.admit import (
@@ -66,11 +65,12 @@ def check_changes(state: AgentState, changes: Sequence[Change], *,
     lines: list[str] = []
     seen: dict[tuple[str, str], int] = {}
     for n, change in enumerate(changes):
-        kind, key = _identity(change)
-        if (kind, key) in seen and not kind.startswith("delete"):
-            lines.append(f"{kind} {key} is given twice in one change "
-                         f"(items {seen[(kind, key)] + 1} and {n + 1})")
-        seen.setdefault((kind, key), n)
+        if not isinstance(change, Deletion):  # deleting twice asks for nothing more
+            kind, key = change_key(change)
+            if (kind, key) in seen:
+                lines.append(f"{kind} {key} is given twice in one change "
+                             f"(items {seen[(kind, key)] + 1} and {n + 1})")
+            seen.setdefault((kind, key), n)
         if isinstance(change, PutEndpoint):
             ep = change.record.endpoint
             lines += [f"endpoint {ep.key}: {e.render()}" for e in validate_endpoint(ep)]
@@ -83,25 +83,6 @@ def check_changes(state: AgentState, changes: Sequence[Change], *,
                       for e in validate_policy(p, strict_cidr=strict_cidr)]
     lines += [c.render() for c in _address_conflicts(state, changes)]
     return lines
-
-
-def _identity(change: Change) -> tuple[str, str]:
-    if isinstance(change, PutEndpoint):
-        return "endpoint", change.record.key
-    if isinstance(change, PutNamespace):
-        return "namespace", change.namespace.name
-    if isinstance(change, PutPolicy):
-        return "networkpolicy", change.record.key
-    if isinstance(change, DeleteEndpoint):
-        return "delete endpoint", change.key
-    if isinstance(change, DeleteNamespace):
-        return "delete namespace", change.name
-    if isinstance(change, PutClusterPolicy):
-        # Validated by its decoder (a CRD's schema and CEL rules): a record is valid.
-        return "clusternetworkpolicy", change.record.key
-    if isinstance(change, DeleteClusterPolicy):
-        return "delete clusternetworkpolicy", change.name
-    return "delete networkpolicy", change.key
 
 
 def _address_conflicts(state: AgentState, changes: Sequence[Change]) -> list[Conflict]:

@@ -39,17 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stockade.agent.protocol import INVALID, ApiError
-from stockade.agent.records import (
-    Change,
-    DeleteClusterPolicy,
-    DeleteEndpoint,
-    DeleteNamespace,
-    DeletePolicy,
-    PutClusterPolicy,
-    PutEndpoint,
-    PutNamespace,
-    PutPolicy,
-)
+from stockade.agent.records import Change, change_key
 
 
 @dataclass(frozen=True)
@@ -64,27 +54,6 @@ class Part:
 
 Build = Callable[[], Sequence[Change] | Part]
 Commit = Callable[[Sequence[Change], Mapping[str, Any] | None], int]
-
-
-def change_key(change: Change) -> tuple[str, str]:
-    """The object a change writes: (kind, key)."""
-    if isinstance(change, PutNamespace):
-        return "namespace", change.namespace.name
-    if isinstance(change, DeleteNamespace):
-        return "namespace", change.name
-    if isinstance(change, PutEndpoint):
-        return "endpoint", change.record.key
-    if isinstance(change, DeleteEndpoint):
-        return "endpoint", change.key
-    if isinstance(change, PutPolicy):
-        return "policy", change.record.key
-    if isinstance(change, DeletePolicy):
-        return "policy", change.key
-    if isinstance(change, PutClusterPolicy):
-        return "clusterpolicy", change.record.key
-    if isinstance(change, DeleteClusterPolicy):
-        return "clusterpolicy", change.name
-    raise TypeError(f"not a change: {change!r}")
 
 
 @dataclass(eq=False)

@@ -295,6 +295,28 @@ class DeleteClusterPolicy:
 
 Change = (PutNamespace | DeleteNamespace | PutEndpoint | DeleteEndpoint | PutPolicy
           | DeletePolicy | PutClusterPolicy | DeleteClusterPolicy)
+Deletion = DeleteNamespace | DeleteEndpoint | DeletePolicy | DeleteClusterPolicy
+
+
+def change_key(change: Change) -> tuple[str, str]:
+    """The object a change writes: (its kind as the API names it, its key)."""
+    if isinstance(change, PutEndpoint):
+        return "endpoint", change.record.key
+    if isinstance(change, DeleteEndpoint):
+        return "endpoint", change.key
+    if isinstance(change, PutNamespace):
+        return "namespace", change.namespace.name
+    if isinstance(change, DeleteNamespace):
+        return "namespace", change.name
+    if isinstance(change, PutPolicy):
+        return "networkpolicy", change.record.key
+    if isinstance(change, DeletePolicy):
+        return "networkpolicy", change.key
+    if isinstance(change, PutClusterPolicy):
+        return "clusternetworkpolicy", change.record.key
+    if isinstance(change, DeleteClusterPolicy):
+        return "clusternetworkpolicy", change.name
+    raise TypeError(f"not a change: {change!r}")
 
 
 @dataclass
