@@ -191,6 +191,27 @@ def test_every_change_names_the_object_it_writes() -> None:
         change_key("nope")  # type: ignore[arg-type]
 
 
+def test_a_commit_that_lets_go_of_the_lock_while_it_waits_holds_nobody_up(
+        group: GroupCommit, ledger: Ledger, lock: threading.RLock) -> None:
+    """The etcd datastore's commit waits for its watch with the lock let go: a caller
+    whose change is in that commit waits for it, not spinning on the lock it would
+    take from the waiting commit."""
+    group.together = False
+    watch = threading.Condition(lock)
+    original = ledger.commit
+
+    def commit(changes: Sequence[Change], meta: Mapping[str, Any] | None = None) -> int:
+        with lock:
+            revision = original(changes, meta)
+            watch.wait(0.05)  # as the etcd commit waits for its watch to deliver
+            return revision
+
+    group._commit = commit
+    out = together(group, lock, [(lambda i=i: [put(f"ns{i}")]) for i in range(6)])
+    assert sorted(o for o in out if isinstance(o, int)) == [1, 2, 3, 4, 5, 6]
+    assert set(ledger.state) == {f"ns{i}" for i in range(6)}
+
+
 # ---- through the service ------------------------------------------------------------------
 
 

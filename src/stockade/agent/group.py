@@ -35,7 +35,7 @@ import copy
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stockade.agent.protocol import INVALID, ApiError
@@ -63,6 +63,8 @@ class _Waiting:
     error: Exception | None = None
     done: bool = False
     part: Part | None = None  # built, not committed yet
+    taken: bool = False  # out of the queue, in a batch under way
+    settled: threading.Event = field(default_factory=threading.Event)  # done, or queued again
 
 
 class GroupCommit:
@@ -88,9 +90,17 @@ class GroupCommit:
         mine = _Waiting(build)
         with self._queue_lock:
             self._queue.append(mine)
-        with self._lock:
-            while not mine.done:  # left for the next batch: that is now
-                self._run()
+        while True:
+            with self._lock:
+                if not mine.done and not mine.taken:
+                    self._run()  # (left for the next batch, it is queued again: loop)
+                if mine.done:
+                    break
+                elsewhere = mine.taken
+            if elsewhere:
+                # In a batch of another thread whose commit let go of the lock while it
+                # waits (the etcd datastore's, for its watch): wait for that, not the lock.
+                mine.settled.wait()
         if mine.error is not None:
             raise mine.error
         return mine.revision
@@ -101,6 +111,9 @@ class GroupCommit:
                 waiting, self._queue = self._queue, []
             else:  # built and committed in one go, as a caller alone would be
                 waiting, self._queue = self._queue[:1], self._queue[1:]
+            for w in waiting:
+                w.taken = True
+                w.settled.clear()
         try:
             taken: list[_Waiting] = []
             touched: set[tuple[str, str]] = set()
@@ -123,9 +136,11 @@ class GroupCommit:
                 if w.part is not None:
                     _undo(w.part)
                     w.part = None
-            if rest:
-                with self._queue_lock:
-                    self._queue[:0] = rest
+            with self._queue_lock:
+                self._queue[:0] = rest
+                for w in waiting:
+                    w.taken = False
+                    w.settled.set()
 
     @staticmethod
     def _build(w: _Waiting) -> Part | None:
