@@ -310,8 +310,8 @@ class CniOps:
         revision = svc.group.submit(build)
         assert revision is not None  # an endpoint at least
         rec, inherited, address = made["rec"], made["inherited"], made["address"]
-        with svc.lock:
-            self._revisions[made["att"].id] = revision
+        # One assignment (atomic): the lock, which the other ADDs queue for, is not needed.
+        self._revisions[made["att"].id] = revision
         svc.durable()  # outside the lock: concurrent ADDs share the fsync
         if sync:
             self._wait(revision)

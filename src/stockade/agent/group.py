@@ -86,7 +86,8 @@ class GroupCommit:
     def submit(self, build: Build) -> int | None:
         """Commit what `build` returns, built under the lock from the state as it is then;
         its revision, or None when it built nothing to commit. Whatever `build` raises,
-        or the commit refuses, is raised here."""
+        or the commit refuses, is raised here. Not with the lock held: a caller whose
+        change is in another thread's commit waits for it, which needs the lock."""
         mine = _Waiting(build)
         with self._queue_lock:
             self._queue.append(mine)
