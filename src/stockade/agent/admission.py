@@ -60,8 +60,13 @@ QUARANTINE_POLICY = "stockade:quarantine"
 
 
 def check_changes(state: AgentState, changes: Sequence[Change], *,
-                  strict_cidr: bool = False) -> list[str]:
-    """Every reason to refuse `changes` against `state`, one line each (empty: admit)."""
+                  strict_cidr: bool = False, validated: bool = False) -> list[str]:
+    """Every reason to refuse `changes` against `state`, one line each (empty: admit).
+
+    `validated`: the caller validated each object with `admit_objects` (and the
+    same `strict_cidr`), so only what depends on the batch as a whole and on the
+    state is checked here (a full load spends ~75 ms validating 11,000 objects).
+    """
     lines: list[str] = []
     seen: dict[tuple[str, str], int] = {}
     for n, change in enumerate(changes):
@@ -71,6 +76,8 @@ def check_changes(state: AgentState, changes: Sequence[Change], *,
                 lines.append(f"{kind} {key} is given twice in one change "
                              f"(items {seen[(kind, key)] + 1} and {n + 1})")
             seen.setdefault((kind, key), n)
+        if validated:
+            continue
         if isinstance(change, PutEndpoint):
             ep = change.record.endpoint
             lines += [f"endpoint {ep.key}: {e.render()}" for e in validate_endpoint(ep)]

@@ -58,6 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stockade.agent.heap import collector_paused
 from stockade.agent.protocol import (
     BAD_REQUEST,
     INTERNAL,
@@ -87,6 +88,9 @@ BACKLOG = 1024
 CHUNK = 256 * 1024  # bytes read from a socket at once
 ACCEPT_BATCH = 128  # connections accepted per turn of the loop, so timers still run
 ACCEPT_PAUSE = 0.2  # seconds without accepting after EMFILE and the like
+# A request this long is bulk work (a load: 11,000 objects are ~4 MB): the cyclic
+# collector waits while it is decoded and answered (see agent/heap.py).
+BULK_LINE = 1 << 20
 WORKER_IDLE = 2.0  # seconds a worker waits for the next request before it ends
 
 # connection states
@@ -492,10 +496,11 @@ class _Loop:
         try:
             line, conn.line = conn.line, None
             assert line is not None
-            req = decode(line)
-            del line  # the parsed request is all that is needed now
-            out = req if isinstance(req, bytes) else handle(self.handler, req)
-            del req
+            with collector_paused() if len(line) > BULK_LINE else contextlib.nullcontext():
+                req = decode(line)
+                del line  # the parsed request is all that is needed now
+                out = req if isinstance(req, bytes) else handle(self.handler, req)
+                del req
             conn.sock.settimeout(self.write_timeout)
             conn.sock.sendall(out)
             keep = True

@@ -166,7 +166,7 @@ class Service:
 
     def commit(self, changes: Sequence[Change], *, sync: bool = True,
                meta: Mapping[str, Any] | None = None, admitted: bool = False,
-               durable: bool = True) -> int:
+               validated: bool = False, durable: bool = True) -> int:
         """Admit, store, fold, reconcile; with `sync`, wait for the kernel.
 
         The store's fsync comes after the service's lock is released (see
@@ -178,11 +178,14 @@ class Service:
         an object the kernel would refuse (see agent/admission.py). ``admitted``
         is for the Kubernetes feed alone (kube/datastore.py): it admits each object
         itself with the same functions and holds what fails fail-closed, object by
-        object, where this check would refuse the whole batch.
+        object, where this check would refuse the whole batch. ``validated`` says the
+        caller validated every object with `admit_objects` already (`apply`): only
+        what depends on the batch and the state is checked again.
         """
         with self.lock:
             problems = [] if admitted else check_changes(self.state, changes,
-                                                         strict_cidr=self.strict_cidr)
+                                                         strict_cidr=self.strict_cidr,
+                                                         validated=validated)
             if problems:
                 raise ApiError(INVALID, f"{len(problems)} error(s); nothing was applied",
                                problems)
@@ -359,7 +362,8 @@ class Service:
             implicit = self.implicit_namespaces(referenced, namespaces)
             created += [f"namespace/{c.namespace.name}" for c in implicit
                         if isinstance(c, PutNamespace)]
-            revision = self.commit(implicit + changes, sync=False, durable=False)
+            revision = self.commit(implicit + changes, sync=False, durable=False,
+                                   validated=True)
         self.durable()
         if sync and changes:
             self._wait(revision)

@@ -285,8 +285,7 @@ def chain_messages(table: Table, chain: Chain, *, create: bool,
     head = attr_str(NFTA_CHAIN_TABLE, table.name) + attr_str(NFTA_CHAIN_NAME, chain.name)
     out: list[Message] = [
         (NFT_MSG_NEWCHAIN, NLM_F_CREATE, head) if create else
-        (NFT_MSG_DELRULE, 0, attr_str(NFTA_RULE_TABLE, table.name)
-         + attr_str(NFTA_RULE_CHAIN, chain.name))]
+        flush_chain(table.name, chain.name)]
     out += [rule_message(table.name, chain.name, expr, comment, encoded)
             for expr, comment in chain_rules(table, chain, memo)]
     return out
@@ -348,6 +347,21 @@ def interval_items(s: AddressSet) -> list[bytes]:
     return out
 
 
+def flush_chain(table: str, chain: str) -> Message:
+    return (NFT_MSG_DELRULE, 0, attr_str(NFTA_RULE_TABLE, table)
+            + attr_str(NFTA_RULE_CHAIN, chain))
+
+
+def del_chain(table: str, chain: str) -> Message:
+    """Delete an empty chain (`flush_chain` first)."""
+    return (NFT_MSG_DELCHAIN, 0, attr_str(NFTA_CHAIN_TABLE, table)
+            + attr_str(NFTA_CHAIN_NAME, chain))
+
+
+def del_set(table: str, name: str) -> Message:
+    return (NFT_MSG_DELSET, 0, attr_str(NFTA_SET_TABLE, table) + attr_str(NFTA_SET_NAME, name))
+
+
 def _sorted(elements: Iterable[Any]) -> list[Any]:
     return sorted(elements, key=str)
 
@@ -395,10 +409,8 @@ def encode_plan(table: Table, p: Plan) -> list[Message] | None:
         for m, pairs in sorted(sets.items()):
             out += element_messages(name, m, [a for a, _ in pairs], jumps=[c for _, c in pairs])
         # Flushed first: a tier's chain going away may be what another one jumps to.
-        out += [(NFT_MSG_DELRULE, 0, attr_str(NFTA_RULE_TABLE, name)
-                 + attr_str(NFTA_RULE_CHAIN, c)) for c in p.del_chains]
-        out += [(NFT_MSG_DELCHAIN, 0, attr_str(NFTA_CHAIN_TABLE, name)
-                 + attr_str(NFTA_CHAIN_NAME, c)) for c in p.del_chains]
+        out += [flush_chain(name, c) for c in p.del_chains]
+        out += [del_chain(name, c) for c in p.del_chains]
         for s, els in p.del_elements:
             if s.kind in (DECISION, DENIED):
                 raise Unsupported("elements of a tier map")  # (no raw encoding here yet)
@@ -408,8 +420,7 @@ def encode_plan(table: Table, p: Plan) -> list[Message] | None:
                 raise Unsupported("elements of a map")
             if els:
                 out += element_messages(name, s.name, _sorted(els), delete=True)
-        out += [(NFT_MSG_DELSET, 0, attr_str(NFTA_SET_TABLE, name)
-                 + attr_str(NFTA_SET_NAME, n)) for n in p.del_sets]
+        out += [del_set(name, n) for n in p.del_sets]
     except Unsupported as exc:
         log.debug("a plan for libnftables: %s", exc)
         return None

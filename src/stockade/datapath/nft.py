@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 from stockade.compile.ir import ADDR, ADDR_PORT, NET, AddressSet, Chain, Ruleset
@@ -41,7 +42,7 @@ from stockade.compile.nft import (
     refresh_tier_sets,
     render_plan,
 )
-from stockade.compile.plan import Plan, derive, derived, plan, set_delta
+from stockade.compile.plan import STAGE_PART, Plan, derive, derived, plan, set_delta, staged
 from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
 from stockade.datapath.monitor import TableEvent, TableMonitor
 from stockade.datapath.nfnetlink import (
@@ -56,7 +57,7 @@ from stockade.datapath.nfnetlink import (
     netfilter_sockets,
     new_table,
 )
-from stockade.datapath.nfrules import encode_plan
+from stockade.datapath.nfrules import Message, del_chain, del_set, encode_plan, flush_chain
 from stockade.errors import DataplaneError
 from stockade.net.namespace import entered
 
@@ -629,16 +630,25 @@ class NftDatapath:
     def _raw(self, delta: Plan, target: Ruleset, spare: Spare) -> bool:
         """Apply a delta from what was applied as raw nf_tables messages, without
         libnftables reading the table first (see `nfrules`). False when the delta has
-        something only libnftables writes, or the kernel refused the batch (then
-        nothing of it applied, and libnftables tries it and reports what it says)."""
+        something only libnftables writes, or the kernel refused it (then nothing of
+        it applied, and libnftables tries it and reports what it says).
+
+        A large delta goes in parts (`plan.staged`): what nothing reaches yet, sent
+        from a thread while the next part is encoded, then the rest in one
+        transaction that makes it all reachable at once.
+        """
         if _tier_maps_in(delta):
             return False  # a tier chain's verdict maps: libnftables writes them
+        parts, rest = staged(delta, self.stage_part)
+        if parts and not self._stage(parts):
+            return False
         try:
-            msgs = encode_plan(self.table, delta)
+            msgs = encode_plan(self.table, rest)
         except Exception:  # a bug in the encoder must not stop enforcement
             log.exception("encoding the ruleset update failed; sending it through libnftables")
-            return False
+            msgs = None
         if msgs is None:
+            self._unstage(parts)
             return False
         try:
             with self._lock:
@@ -649,8 +659,73 @@ class NftDatapath:
         except DataplaneError as exc:
             log.warning("the raw ruleset update was refused (%s); sending it through "
                         "libnftables", exc)
+            self._unstage(parts)
             return False
         return True
+
+    def _stage(self, parts: tuple[Plan, ...]) -> bool:
+        """Send `parts` in order, each encoded while the one before it goes in; False
+        (and none of them left in the kernel) when one cannot be."""
+        sent: list[Plan] = []
+        failed: list[BaseException] = []
+        queue: Queue[tuple[Plan, list[Message]] | None] = Queue(maxsize=2)
+
+        def send() -> None:
+            while (item := queue.get()) is not None:
+                if failed:
+                    continue  # drained, so that the encoder never blocks on a full queue
+                part, msgs = item
+                try:
+                    with self._lock:
+                        self._elements.transact(msgs, "a staged part of the ruleset update")
+                        self._generation += 1
+                    sent.append(part)
+                except BaseException as exc:  # reported by the encoder's thread
+                    failed.append(exc)
+
+        sender = threading.Thread(target=send, name="nft-stage", daemon=True)
+        sender.start()
+        try:
+            for part in parts:
+                if failed:
+                    break
+                msgs = encode_plan(self.table, part)
+                if msgs is None:
+                    # (never: a part holds sets of addresses and NetworkPolicy chains)
+                    raise DataplaneError("a staged part needs libnftables")
+                queue.put((part, msgs))
+        except Exception as exc:  # an encoder bug must not stop enforcement
+            failed.append(exc)
+        finally:
+            queue.put(None)
+            sender.join()
+        if failed:
+            log.warning("a staged part of the ruleset update failed (%s); sending it "
+                        "through libnftables", failed[0])
+            self._unstage(tuple(sent))
+            return False
+        return True
+
+    def _unstage(self, parts: tuple[Plan, ...] | list[Plan]) -> None:
+        """Remove what `parts` added. If the kernel refuses, what it holds is unknown
+        here: the next apply reads it (and removes what nothing uses)."""
+        if not parts:
+            return
+        chains = [c.name for p in parts for c in p.add_chains]
+        body = [flush_chain(self.table.name, name) for name in chains]
+        body += [del_chain(self.table.name, name) for name in chains]
+        body += [del_set(self.table.name, s.name) for p in parts for s in p.add_sets]
+        try:
+            with self._lock:
+                self._elements.transact(body, "removing the staged parts")
+                self._generation += 1
+        except DataplaneError:
+            with self._lock:
+                self._applied = None
+            raise
+
+    # How large a delta goes in parts (see `plan.staged`), and how large each part is.
+    stage_part = STAGE_PART
 
     # Whether unused chains stay a while for reuse (the agent's choice; a one-shot
     # command leaves exactly the ruleset asked for).

@@ -557,19 +557,20 @@ class EtcdService(Service):
 
     def commit(self, changes: Sequence[Change], *, sync: bool = True,
                meta: Mapping[str, Any] | None = None, admitted: bool = False,
-               durable: bool = True) -> int:
+               validated: bool = False, durable: bool = True) -> int:
         feed = self.feed
         if admitted or feed is None or not self._to_etcd(changes):
             publish = self._local_keys(changes) if feed is not None and not admitted else set()
             revision = super().commit(changes, sync=sync, meta=meta, admitted=admitted,
-                                      durable=durable)
+                                      validated=validated, durable=durable)
             self._publish(publish)
             return revision
         with self.lock:
             if not feed.synced.is_set():
                 raise ApiError(UNAVAILABLE, "not in sync with etcd yet (the first lists "
                                             "are not in); try again")
-            problems = check_changes(self.state, changes, strict_cidr=self.strict_cidr)
+            problems = check_changes(self.state, changes, strict_cidr=self.strict_cidr,
+                                     validated=validated)
             if problems:
                 raise ApiError(INVALID, f"{len(problems)} error(s); nothing was applied",
                                problems)
