@@ -144,8 +144,8 @@ def test_raw_deltas_leave_the_kernel_as_libnftables_would(host_netns, monkeypatc
     lib = NftDatapath(Table("libdelta", log_group=5), netns=host_netns)
     used: list[bool] = []
 
-    def spy(table: Table, delta: Any) -> Any:
-        msgs = encode_plan(table, delta)
+    def spy(table: Table, delta: Any, shared: Any = None) -> Any:
+        msgs = encode_plan(table, delta, shared)
         used.append(msgs is not None)
         return msgs
 
@@ -155,7 +155,7 @@ def test_raw_deltas_leave_the_kernel_as_libnftables_would(host_netns, monkeypatc
             dp.apply(first)
         monkeypatch.setattr(nftmod, "encode_plan", spy)
         raw.apply(second)
-        monkeypatch.setattr(nftmod, "encode_plan", lambda table, delta: None)
+        monkeypatch.setattr(nftmod, "encode_plan", lambda table, delta, shared=None: None)
         lib.apply(second)
         assert _listing(host_netns, "rawdelta") == _listing(host_netns, "libdelta")
         assert raw.apply(second, verify=True).empty and raw.last_drift is None
@@ -201,8 +201,8 @@ def test_a_membership_change_under_tiers_leaves_the_kernel_as_libnftables_would(
     lib = NftDatapath(Table("libmember", log_group=5), netns=host_netns)
     used: list[bool] = []
 
-    def spy(table: Table, delta: Any) -> Any:
-        msgs = encode_plan(table, delta)
+    def spy(table: Table, delta: Any, shared: Any = None) -> Any:
+        msgs = encode_plan(table, delta, shared)
         used.append(msgs is not None)
         return msgs
 
@@ -212,7 +212,7 @@ def test_a_membership_change_under_tiers_leaves_the_kernel_as_libnftables_would(
             dp.apply(first)
         monkeypatch.setattr(nftmod, "encode_plan", spy)
         raw.apply(second)
-        monkeypatch.setattr(nftmod, "encode_plan", lambda table, delta: None)
+        monkeypatch.setattr(nftmod, "encode_plan", lambda table, delta, shared=None: None)
         lib.apply(second)
         got, want = _listing(host_netns, "rawmember"), _listing(host_netns, "libmember")
         assert got == want, (sorted(set(got) - set(want)), sorted(set(want) - set(got)))

@@ -316,7 +316,7 @@ class CniOps:
         if sync:
             self._wait(revision)
         out: dict[str, Any] = {"revision": revision, "key": rec.key,
-                               "labels": dict(rec.endpoint.labels), "inherited": inherited}
+                               "labels": rec.endpoint.labels.as_dict(), "inherited": inherited}
         if allocate:
             assert svc.ipam is not None
             out.update(address=address, gateway=str(svc.ipam.gateway),

@@ -51,7 +51,7 @@ class EndpointRecord:
         if ep.remote:
             extra["remote"] = True
         return {
-            "namespace": ep.namespace, "name": ep.name, "labels": dict(ep.labels),
+            "namespace": ep.namespace, "name": ep.name, "labels": ep.labels.as_dict(),
             "ips": list(ep.ips),
             "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol}
                       for p in ep.ports],
@@ -241,7 +241,7 @@ def decode_ports(value: Any, path: str) -> tuple[ContainerPort, ...]:
 
 
 def namespace_to_dict(ns: Namespace) -> dict[str, Any]:
-    return {"name": ns.name, "labels": dict(ns.labels)}
+    return {"name": ns.name, "labels": ns.labels.as_dict()}
 
 
 def namespace_from_dict(d: Mapping[str, Any]) -> Namespace:

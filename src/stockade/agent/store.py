@@ -512,9 +512,9 @@ def _encode_meta(key: str, value: Any) -> _Write:
     return _Write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, _dumps(value)))
 
 
-def _dumps(value: Any) -> str:
-    # allow_nan=False: NaN/Infinity are not JSON and would not load elsewhere.
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+# allow_nan=False: NaN/Infinity are not JSON and would not load elsewhere. One encoder
+# for every row (json.dumps with options builds one per call).
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

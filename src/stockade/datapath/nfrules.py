@@ -24,6 +24,7 @@ import ipaddress
 import logging
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from stockade.compile.ir import (
@@ -366,13 +367,24 @@ def _sorted(elements: Iterable[Any]) -> list[Any]:
     return sorted(elements, key=str)
 
 
-def encode_plan(table: Table, p: Plan) -> list[Message] | None:
+@dataclass
+class Encoding:
+    """The rules rendered and encoded so far, shared by the chains of one plan (and by
+    the parts of a staged one): chains of many endpoints hold the same rules."""
+
+    memo: dict[str, dict[ChainRule, list[dict[str, Any]]]] = field(
+        default_factory=lambda: {INGRESS: {}, EGRESS: {}})
+    encoded: Encoded = field(default_factory=dict)
+
+
+def encode_plan(table: Table, p: Plan,
+                shared: Encoding | None = None) -> list[Message] | None:
     """The messages of one transaction carrying out `p`, in `compile.nft.render_plan`'s
     order; None when some of it is for libnftables to write (see the module)."""
     name = table.name
     out: list[Message] = []
-    memo: dict[str, dict[ChainRule, list[dict[str, Any]]]] = {INGRESS: {}, EGRESS: {}}
-    encoded: Encoded = {}
+    shared = shared or Encoding()
+    memo, encoded = shared.memo, shared.encoded
     try:
         for i, s in enumerate(p.add_sets, 1):
             out.append(set_message(table, s, i))

@@ -57,7 +57,14 @@ from stockade.datapath.nfnetlink import (
     netfilter_sockets,
     new_table,
 )
-from stockade.datapath.nfrules import Message, del_chain, del_set, encode_plan, flush_chain
+from stockade.datapath.nfrules import (
+    Encoding,
+    Message,
+    del_chain,
+    del_set,
+    encode_plan,
+    flush_chain,
+)
 from stockade.errors import DataplaneError
 from stockade.net.namespace import entered
 
@@ -640,10 +647,11 @@ class NftDatapath:
         if _tier_maps_in(delta):
             return False  # a tier chain's verdict maps: libnftables writes them
         parts, rest = staged(delta, self.stage_part)
-        if parts and not self._stage(parts):
+        shared = Encoding()
+        if parts and not self._stage(parts, shared):
             return False
         try:
-            msgs = encode_plan(self.table, rest)
+            msgs = encode_plan(self.table, rest, shared)
         except Exception:  # a bug in the encoder must not stop enforcement
             log.exception("encoding the ruleset update failed; sending it through libnftables")
             msgs = None
@@ -663,7 +671,7 @@ class NftDatapath:
             return False
         return True
 
-    def _stage(self, parts: tuple[Plan, ...]) -> bool:
+    def _stage(self, parts: tuple[Plan, ...], shared: Encoding | None = None) -> bool:
         """Send `parts` in order, each encoded while the one before it goes in; False
         (and none of them left in the kernel) when one cannot be."""
         sent: list[Plan] = []
@@ -689,7 +697,7 @@ class NftDatapath:
             for part in parts:
                 if failed:
                     break
-                msgs = encode_plan(self.table, part)
+                msgs = encode_plan(self.table, part, shared)
                 if msgs is None:
                     # (never: a part holds sets of addresses and NetworkPolicy chains)
                     raise DataplaneError("a staged part needs libnftables")

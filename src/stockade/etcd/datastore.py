@@ -103,7 +103,7 @@ def normalize_prefix(prefix: str) -> str:
 
 def namespace_doc(ns: Namespace) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": ns.name, "labels": dict(ns.labels)}}
+            "metadata": {"name": ns.name, "labels": ns.labels.as_dict()}}
 
 
 def policy_doc(rec: PolicyRecord) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def pod_doc(rec: EndpointRecord, node: str) -> dict[str, Any]:
         container["ports"] = ports
     doc: dict[str, Any] = {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": ep.name, "namespace": ep.namespace, "labels": dict(ep.labels)},
+        "metadata": {"name": ep.name, "namespace": ep.namespace, "labels": ep.labels.as_dict()},
         "spec": {"nodeName": rec.node or node, "containers": [container]}}
     if ep.ips:
         doc["status"] = {"phase": "Running", "podIP": ep.ips[0],

@@ -178,8 +178,7 @@ def address_conflicts(changed: Iterable[Endpoint], others: Mapping[str, str],
     out: list[Conflict] = []
     for ep in changed:
         for text in ep.ips:
-            ip = parse_ip(text)
-            addr = str(ip) if ip is not None else text
+            addr = canonical_ip(text)
             owner = claimed.get(addr)
             if owner is None:
                 owner = others.get(addr)
@@ -224,6 +223,8 @@ def admit_objects(policies: Sequence[NetworkPolicy], namespaces: Sequence[Namesp
 
 
 def canonical_ip(text: str) -> str:
+    if is_canonical_ipv4(text):
+        return text  # what pods have: no parse (~0.4 µs against ~5)
     ip = parse_ip(text)
     return str(ip) if ip is not None else text
 

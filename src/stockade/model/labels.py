@@ -41,6 +41,10 @@ class Labels(Mapping[str, str]):
     def items_tuple(self) -> tuple[tuple[str, str], ...]:
         return self._items
 
+    def as_dict(self) -> dict[str, str]:
+        """A plain copy (what `dict(labels)` gives, at C speed: a load stores 10,000)."""
+        return self._data.copy()
+
     def with_labels(self, **changes: str | None) -> Labels:
         data = dict(self._data)
         for k, v in changes.items():
