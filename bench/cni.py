@@ -20,7 +20,9 @@ kernel's verdict maps and sets):
 * the agent's part alone (``cni.add`` over the socket: allocate, store,
   compile, kernel), i.e. without process start-up and netlink plumbing;
 * DEL in main mode;
-* 50 ADDs at once (wall time and per-ADD latency).
+* 50 ADDs at once (wall time and per-ADD latency), the thin plugin's taking turns
+  with the reference ``bridge`` + ``host-local`` alone (no agent, no policy): what
+  creating that many veth pairs at once costs this machine, the floor of any plugin.
 
 Run as root: ``.venv/bin/python bench/cni.py [--rounds 100] [--pods 5000]``.
 """
@@ -123,10 +125,14 @@ class Bench:
             remove_netns(name)
         return adds, dels
 
+    def bridge(self) -> dict[str, Any]:
+        """The reference bridge plugin's configuration, with host-local addresses."""
+        return {"cniVersion": "1.0.0", "name": "benchchain", "type": "bridge",
+                "bridge": "bcchain0", "isGateway": True,
+                "ipam": self.host_local("10.253.0.0/16")}
+
     def chained(self, rounds: int) -> tuple[list[float], list[float]]:
-        bridge = {"cniVersion": "1.0.0", "name": "benchchain", "type": "bridge",
-                  "bridge": "bcchain0", "isGateway": True,
-                  "ipam": self.host_local("10.253.0.0/16")}
+        bridge = self.bridge()
         ours = self.conf(name="benchchain", mode="chained")
         ours_only, whole = [], []
         for _ in range(rounds):
@@ -157,9 +163,10 @@ class Bench:
                 c.call("cni.del", **ident, sync=True)
         return out
 
-    def parallel(self, n: int, exe: str = PLUGIN) -> tuple[float, list[float]]:
+    def parallel(self, n: int, exe: str = PLUGIN,
+                 conf: dict[str, Any] | None = None) -> tuple[float, list[float]]:
         spaces = [self.netns() for _ in range(n)]
-        conf = self.conf()
+        conf = conf or self.conf()
 
         def add(i: int) -> tuple[float, dict[str, Any] | None]:
             cid = spaces[i][0].replace("-", "x")
@@ -213,10 +220,21 @@ def run_size(bench: Bench, rounds: int, size: str,
     wall, each = bench.parallel(parallel)
     row(rows, f"ADD, {parallel} at once (each)", size, each)
     rows.append((f"ADD, {parallel} at once (wall time)", size, f"{wall * 1000:.0f}", ""))
-    wall, each = bench.parallel(parallel, THIN)
-    row(rows, f"ADD, thin plugin, {parallel} at once (each)", size, each)
+    # Three turns each: the thin plugin, and the reference bridge plugin alone.
+    thin: list[float] = []
+    reference: list[float] = []
+    thin_walls: list[float] = []
+    for _ in range(3):
+        wall, each = bench.parallel(parallel, THIN)
+        thin += each
+        thin_walls.append(wall)
+        reference += bench.parallel(parallel, os.path.join(REFERENCE, "bridge"),
+                                    bench.bridge())[1]
+    row(rows, f"ADD, thin plugin, {parallel} at once (each)", size, thin)
     rows.append((f"ADD, thin plugin, {parallel} at once (wall time)", size,
-                 f"{wall * 1000:.0f}", ""))
+                 f"{statistics.median(thin_walls) * 1000:.0f}", ""))
+    row(rows, f"ADD, reference bridge + host-local alone, {parallel} at once (each)", size,
+        reference)
 
 
 def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
@@ -231,6 +249,7 @@ def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
         alone: dict[str, list[float]] = {name: [] for name in trees}
         each: dict[str, list[float]] = {name: [] for name in trees}
         walls: dict[str, list[float]] = {name: [] for name in trees}
+        reference: list[float] = []  # the reference bridge plugin alone, in turns
         try:
             for j, (name, tree) in enumerate(trees.items()):
                 d = tmp / f"v{j}"
@@ -251,6 +270,9 @@ def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
                     wall, took = bench.parallel(args.parallel, THIN)
                     each[name] += took
                     walls[name].append(wall)
+                bench = benches["this tree"]
+                reference += bench.parallel(args.parallel, os.path.join(REFERENCE, "bridge"),
+                                            bench.bridge())[1]
         finally:
             for bench in benches.values():
                 bench.agent.stop()
@@ -263,6 +285,9 @@ def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
               f"({len(ms)} calls); {args.parallel} at once, each "
               f"{statistics.median(par):.0f} / {pct(par, 99):.0f} ({len(par)} calls), wall "
               + ", ".join(f"{w * 1000:.0f}" for w in walls[name]))
+    ms = [v * 1000 for v in reference]
+    print(f"  [reference bridge + host-local alone, no policy] {args.parallel} at once, each "
+          f"{statistics.median(ms):.0f} / {pct(ms, 99):.0f} ({len(ms)} calls)")
 
 
 def main() -> None:
@@ -329,11 +354,14 @@ def main() -> None:
         worst = float(by[kind][1])
         out.goal(f"ADD to enforced p99 <= 50 ms ({size}, {label})", f"{worst:.0f} ms",
                  worst <= 50)
+    floor = float(by[f"ADD, reference bridge + host-local alone, {args.parallel} at once "
+                     "(each)"][1])
     for kind, label in ((f"ADD, {args.parallel} at once (each)", "Python plugin"),
                         (f"ADD, thin plugin, {args.parallel} at once (each)", "thin plugin")):
         each = float(by[kind][1])
         out.goal(f"ADD <= 100 ms each with {args.parallel} at once ({size}, {label}; p99)",
-                 f"{each:.0f} ms", each <= 100)
+                 f"{each:.0f} ms (the reference bridge plugin alone, no policy, in turns: "
+                 f"{floor:.0f} ms)", each <= 100)
     out.series["cni"] = {"y": "ms (p50, p99)", "bars": {
         name: {"p50": float(p50), "p99": float(p99 or 0)} for name, _, p50, p99 in loaded
         if "wall time" not in name}}
