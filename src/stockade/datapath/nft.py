@@ -569,7 +569,8 @@ class NftDatapath:
         return delta
 
     def apply(self, desired: Ruleset, *, verify: bool | KernelSnapshot = False) -> Plan:
-        """One transaction: the kernel holds either the old or the new ruleset.
+        """One transaction switches packets over: they meet either the old or the new
+        ruleset (a large delta sends what nothing reaches yet first: see `_raw`).
 
         The delta is taken against what the previous apply left, without reading
         the kernel back; `verify` (and the first apply of this object) reads the
