@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from stockade.compile.ir import (
     ADDR,
@@ -27,6 +29,7 @@ from stockade.compile.ir import (
 from stockade.model.cidr import parse_ip
 
 MapEntry = tuple[str, int, str]  # (direction, family, address)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -298,28 +301,27 @@ def staged(p: Plan, part: int = STAGE_PART) -> tuple[tuple[Plan, ...], Plan]:
     uses = Counter(n for c in (*p.add_chains, *p.replace_chains) for r in c.rules
                    for n in (r.peer_set, r.named_set) if n)
     sets.sort(key=lambda s: -uses[s.name])  # stable: ties keep the plan's order
-    parts: list[Plan] = []
-    batch: list[AddressSet] = []
-    count = 0
-    for s in sets:
-        batch.append(s)
-        count += 1 + len(s.elements)
-        if count >= part:
-            parts.append(Plan(add_sets=tuple(batch)))
-            batch, count = [], 0
-    if batch:
-        parts.append(Plan(add_sets=tuple(batch)))
-    chain_batch: list[Chain] = []
-    count = 0
-    for c in chains:
-        chain_batch.append(c)
-        count += RULE_COST * (1 + len(c.rules))
-        if count >= part:
-            parts.append(Plan(add_chains=tuple(chain_batch)))
-            chain_batch, count = [], 0
-    if chain_batch:
-        parts.append(Plan(add_chains=tuple(chain_batch)))
+    parts = [Plan(add_sets=b) for b in _batches(sets, lambda s: 1 + len(s.elements), part)]
+    parts += [Plan(add_chains=b) for b in _batches(
+        chains, lambda c: RULE_COST * (1 + len(c.rules)), part)]
     first_sets, first_chains = {s.name for s in sets}, {c.name for c in chains}
     rest = replace(p, add_sets=tuple(s for s in p.add_sets if s.name not in first_sets),
                    add_chains=tuple(c for c in p.add_chains if c.name not in first_chains))
     return tuple(parts), rest
+
+
+def _batches(items: Sequence[_T], weight: Callable[[_T], int],
+             part: int) -> list[tuple[_T, ...]]:
+    """`items` in order, cut where a batch's weight reaches `part`."""
+    out: list[tuple[_T, ...]] = []
+    batch: list[_T] = []
+    total = 0
+    for item in items:
+        batch.append(item)
+        total += weight(item)
+        if total >= part:
+            out.append(tuple(batch))
+            batch, total = [], 0
+    if batch:
+        out.append(tuple(batch))
+    return out
