@@ -12,6 +12,7 @@ import os
 import pickle
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -381,3 +382,21 @@ def test_a_write_cut_short_leaves_nothing_behind(state_dir: Path) -> None:
     live.apply(changes())
     assert warm.save(state_dir, live, strict_cidr=False)
     assert sorted(p.name for p in state_dir.iterdir() if "warm" in p.name) == [warm.FILE]
+
+
+def test_kept_labels_are_found_by_equal_labels_in_the_next_interpreter(tmp_path: Path) -> None:
+    """The file is written by one interpreter and read by another, whose string hashes
+    differ: an unpickled Labels must hash as an equal one made there, or it is a
+    different key in every dict and set of the warm state."""
+    path = tmp_path / "labels.pickle"
+    write = ("import pickle, sys; from stockade.model.labels import Labels; "
+             "kept = {Labels({'app': 'web', 'tier': 'a'}): 1}; "
+             "open(sys.argv[1], 'wb').write(pickle.dumps(kept))")
+    read = ("import pickle, sys; from stockade.model.labels import Labels; "
+            "kept = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print(Labels({'tier': 'a', 'app': 'web'}) in kept, "
+            "[hash(k) == hash(Labels(dict(k))) for k in kept])")
+    for code, seed in ((write, "1"), (read, "2")):
+        out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                             check=True, timeout=60, env={**os.environ, "PYTHONHASHSEED": seed})
+    assert out.stdout.decode().split() == ["True", "[True]"]

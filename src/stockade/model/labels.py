@@ -28,6 +28,12 @@ class Labels(Mapping[str, str]):
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple[type[Labels], tuple[dict[str, str]]]:
+        # Rebuilt from the items, never with the kept hash: a string's hash differs
+        # from one interpreter to the next, and the agent's warm start is pickled by
+        # another process. A stale hash makes an equal Labels a different key.
+        return Labels, (self._data,)
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Labels):
             return self._items == other._items
