@@ -589,7 +589,7 @@ def test_a_stream_of_requests_reuses_its_worker_and_idle_workers_end(make, monke
     with AgentClient(srv.path, timeout=5) as client:
         for i in range(50):
             assert client.call("status", i=i)["args"] == {"i": i}
-    assert len(threads) == 1
+    assert len(threads) == 1, [t.name for t in threading.enumerate()]
     workers = [t for t in threading.enumerate() if t.name == "api-request"]
     assert len(workers) == 1  # idle, waiting for the next request
     assert _settle(lambda: not any(t.name == "api-request" for t in threading.enumerate()),

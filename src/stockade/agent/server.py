@@ -151,6 +151,7 @@ class _Workers:
         self._lock = threading.Lock()
         self._idle = 0
         self._stopped = False
+        self._local = threading.local()  # `counted`: this worker counted itself idle
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
@@ -169,6 +170,16 @@ class _Workers:
         for _ in range(idle):
             self._jobs.put(None)
 
+    def finishing(self) -> None:
+        """Called by a job on its worker once nothing it still does can block: the worker
+        counts as idle from now. The job's last step lets the client's next request in,
+        which would otherwise find no idle worker and start a thread."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._idle += 1
+        self._local.counted = True
+
     def _run(self) -> None:
         while True:
             try:
@@ -183,6 +194,9 @@ class _Workers:
                 return
             job()
             del job  # nothing of the request is kept while idle
+            if getattr(self._local, "counted", False):
+                self._local.counted = False
+                continue
             with self._lock:
                 if self._stopped:
                     return
@@ -514,6 +528,7 @@ class _Loop:
         except Exception:  # never expected: answer() does not raise
             log.exception("api: answering failed")
         finally:
+            self._workers.finishing()
             with self._lock:
                 closed = self._closed
                 if not closed:
