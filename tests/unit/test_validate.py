@@ -487,3 +487,22 @@ def test_cli_decode_error_names_the_field(tmp_path: Path,
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{path}:1: NetworkPolicy shop/web: spec.ingres: unknown field")
+
+
+def test_a_spec_found_valid_is_remembered_for_its_gate_only() -> None:
+    """Policies decoded from equal specs share their parts, and a spec found valid is not
+    validated again; under StrictIPCIDRValidation the same parts are judged anew, and a
+    spec found invalid is never remembered."""
+    def doc(name: str, cidr: str) -> dict[str, Any]:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}]}}
+
+    first, second = (decode_network_policy(doc(n, "10.0.0.1/8")) for n in ("a", "b"))
+    assert first.ingress is second.ingress  # shared by decoding
+    assert validate_policy(first) == validate_policy(second) == []
+    strict = [e.path for e in validate_policy(second, strict_cidr=True)]
+    assert strict == ["spec.ingress[0].from[0].ipBlock.cidr"]
+    bad = [decode_network_policy(doc(n, "10.0.0.0/33")) for n in ("c", "d")]
+    assert [e.path for e in validate_policy(bad[0])] == ["spec.ingress[0].from[0].ipBlock.cidr"]
+    assert [e.path for e in validate_policy(bad[1])] == ["spec.ingress[0].from[0].ipBlock.cidr"]

@@ -107,7 +107,7 @@ def _forget() -> None:
 
     clear_caches()
     clear_interned()
-    VALID.seen.clear()
+    VALID.clear()
     rule_digest.cache_clear()
     for cached in (cidr.parse_ip, cidr.parse_cidr, cidr.parse_cidr_sloppy):
         cached.cache_clear()

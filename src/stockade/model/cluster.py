@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from stockade.model.cnp import ClusterNetworkPolicy
 from stockade.model.labels import Labels
+from stockade.model.once import once
 from stockade.model.policy import NO_SOURCE, NetworkPolicy, Source
 
 NS_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -44,7 +44,7 @@ class Endpoint:
     # whose own policies that node enforces, so it gets no verdict chain here.
     remote: bool = False
 
-    @functools.cached_property
+    @once
     def key(self) -> str:
         # Cached (an attribute after the first read): a full load asks 150,000 times.
         return f"{self.namespace}/{self.name}"

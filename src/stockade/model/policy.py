@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from stockade.model.labels import EMPTY, Labels
+from stockade.model.once import once
 from stockade.model.selector import ALL, Selector
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class NetworkPolicy:
     generate_name: str = ""
     source: Source = field(default=NO_SOURCE, compare=False, hash=False)
 
-    @functools.cached_property
+    @once
     def key(self) -> str:
         # Cached (an attribute after the first read): a full load asks 150,000 times.
         return f"{self.namespace}/{self.name}"
