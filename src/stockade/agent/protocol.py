@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stockade.errors import AgentError
+from stockade.model.jsonkeys import unique_keys
 
 VERSION = 1
 MAX_LINE = 64 * 1024 * 1024  # snapshots of large hosts travel in one line
@@ -253,8 +254,10 @@ def decode_request(line: bytes | bytearray) -> Request:
     if _too_deep(line):
         raise ApiError(BAD_REQUEST, f"the request nests deeper than {MAX_DEPTH} levels")
     try:
-        raw = json.loads(text, object_pairs_hook=_object, parse_int=_int,
-                         parse_float=_float, parse_constant=_constant)
+        raw = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        if not unique_keys(text, raw):  # then the hook finds the key given twice
+            raw = json.loads(text, object_pairs_hook=_object, parse_int=_int,
+                             parse_float=_float, parse_constant=_constant)
     except RecursionError:
         raise ApiError(BAD_REQUEST, f"the request nests deeper than {MAX_DEPTH} levels") \
             from None

@@ -24,6 +24,7 @@ from stockade.model.decode import (
     object_name,
     pod_controller,
 )
+from stockade.model.jsonkeys import unique_keys
 from stockade.model.policy import NetworkPolicy, Source
 
 
@@ -154,6 +155,9 @@ def _json_document(text: str) -> Any:
     # The search alone walks the whole text (0.7 s at 100,000 pods).
     if _may_differ(text) and _JSON_DIFFERS.search(text):
         raise _Unsure
+    doc = json.loads(text, parse_float=_json_float, parse_constant=str)
+    if unique_keys(text, doc):
+        return doc
     return json.loads(text, object_pairs_hook=_json_object, parse_float=_json_float,
                       parse_constant=str)
 
