@@ -120,3 +120,12 @@ def test_an_output_that_cannot_be_written_is_exit_2_without_a_traceback() -> Non
     assert done.returncode == 2
     assert done.stderr.decode().strip() == ("stockade: cannot write the output: "
                                             "No space left on device")
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "x", "65", "1.5"])
+def test_a_bad_jobs_count_is_exit_2(jobs: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["compile", "-f", *FILES, "-j", jobs])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "-j/--jobs" in err and "whole number from 1 to 64" in err, err

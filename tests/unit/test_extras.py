@@ -62,7 +62,7 @@ def _names(requirements: list[str]) -> set[str]:
 
 def test_the_extras_table_of_the_cli_is_pyprojects() -> None:
     deps = _pyproject()
-    assert _names(deps[""]) == {"PyYAML"}
+    assert _names(deps[""]) == {"PyYAML", "orjson"}
     for extra, modules in EXTRAS.items():
         assert {MODULE_OF[d] for d in _names(deps[extra])} == set(modules), extra
     assert deps["all"] == [f"stockade[{','.join(EXTRAS)}]"]

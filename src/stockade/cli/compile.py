@@ -24,14 +24,19 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from stockade.cli.fork import fork_map
 from stockade.cli.inputs import add_files
+from stockade.compile.ir import Ruleset
 from stockade.compile.jsontext import dumps as _dumps
 from stockade.errors import StockadeError
 
 if TYPE_CHECKING:
-    from stockade.compile.ir import Ruleset
+    from stockade.compile.ir import Chain
+    from stockade.compile.lower import EntryKey, Lowering, Work
 
 FORMATS = ("nft", "json", "stats")
+# Entries (policy sets by direction) below which a fork costs more than it saves.
+PARALLEL_ENTRIES = 2000
 
 
 def register(sub: Any) -> None:
@@ -45,7 +50,18 @@ def register(sub: Any) -> None:
     p.add_argument("--table", default="stockade", help="the nftables table's name (nft output)")
     p.add_argument("--strict-cidr", action="store_true",
                    help="turn on the StrictIPCIDRValidation rules (as `dataplane apply`)")
+    p.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",
+                   help="processes to lower and render a big input in (nft and stats "
+                   "output; default 1). Faster on more cores, at more memory: "
+                   "each process holds its own share besides what they all share")
     p.set_defaults(run=run, one_shot=True)
+
+
+def _jobs(text: str) -> int:
+    n = int(text) if text.isdigit() else 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, not {text!r}")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,18 +80,92 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from stockade.compile.lower import compile_cluster
+    from stockade.compile.lower import Lowering
+    from stockade.engine.resolve import resolve
     from stockade.load import load_cluster
 
-    ruleset = compile_cluster(load_cluster(args.files, strict_cidr=args.strict_cidr,
-                                           recursive=args.recursive))
+    cluster = load_cluster(args.files, strict_cidr=args.strict_cidr, recursive=args.recursive)
+    lowering = Lowering(resolve(cluster))
+    work = lowering.work()
+    jobs = args.jobs
     try:
-        _write(args, ruleset)
+        # Tier chains' verdict maps are sets `nft_target` adds after the others, in the
+        # chains' order: a cluster with tiers is compiled in this process alone.
+        if (jobs > 1 and args.output != "json" and not cluster.cluster_policies
+                and len(work.keys) >= PARALLEL_ENTRIES):
+            _write_shared(args, lowering, work, jobs)
+        else:
+            _write(args, lowering.assemble(work, lowering.lower(work, work.keys)))
     except BrokenPipeError:
         raise
     except OSError as exc:
         raise StockadeError(f"cannot write the output: {exc.strerror or exc}") from None
     return 0
+
+
+def _write_shared(args: argparse.Namespace, lowering: Lowering, work: Work, jobs: int) -> None:
+    """`_write` of the ruleset, each of `jobs` processes lowering a share of the entries
+    and rendering what its share names: the same bytes, from texts (or counts) sent
+    back, never the ruleset's objects (pickling those costs what lowering them does).
+
+    A set or chain two shares name is the same (named by content), and so are their
+    texts; only a chain's comment (its first policy set) differs, which neither output
+    shows. bench/offline.py times it against one process (docs/benchmarks.md).
+    """
+    from stockade.compile.nft import Table, nft_target
+    from stockade.compile.nft_text import Texts
+
+    table = Table(args.table)
+    nft = args.output == "nft"
+
+    def share(keys: list[EntryKey]) -> tuple[dict[EntryKey, str], dict[str, Any],
+                                             dict[str, Any]]:
+        lowered = lowering.lower(work, keys)
+        chains: dict[str, Chain] = {}
+        for key in keys:
+            for chain in lowered[key]:
+                chains.setdefault(chain.name, chain)
+        part = Ruleset(lowering.sets, chains)
+        entries = {key: lowered[key][0].name for key in keys}
+        if not nft:
+            return (entries, {n: len(s.elements) for n, s in part.sets.items()},
+                    {n: len(c.rules) for n, c in chains.items()})
+        part = nft_target(part)
+        texts = Texts(table)
+        return (entries, {n: texts.set(s) for n, s in part.sets.items()},
+                {n: ",\n".join(texts.rules(c)) for n, c in part.chains.items()})
+
+    # Runs of consecutive entries (a namespace's share their policies), dealt out in
+    # turn: what an entry costs varies along the list (ingress first, then egress).
+    run = max(1, -(-len(work.keys) // (jobs * 16)))
+    runs = [work.keys[i:i + run] for i in range(0, len(work.keys), run)]
+    names: dict[EntryKey, str] = {}
+    sets: dict[str, Any] = {}
+    chains: dict[str, Any] = {}
+    for part_names, part_sets, part_chains in fork_map(
+            share, [[key for keys in runs[i::jobs] for key in keys] for i in range(jobs)]):
+        names.update(part_names)
+        for name, value in part_sets.items():
+            sets.setdefault(name, value)
+        for name, value in part_chains.items():
+            chains.setdefault(name, value)
+    maps = lowering.maps(work, names)
+    out = sys.stdout
+    if not nft:
+        counts = {"sets": len(sets), "set_elements": sum(sets.values()), "chains": len(chains),
+                  "rules": sum(chains.values()), "ingress_entries": len(maps.ingress),
+                  "egress_entries": len(maps.egress)}
+        out.write("".join(f"{k} {v}\n" for k, v in counts.items()))
+    else:
+        texts = Texts(table)
+        chain_names = sorted(chains)
+        items = itertools.chain(texts.head(), (sets[n] for n in sorted(sets)),
+                                map(texts.chain, chain_names),
+                                (chains[n] for n in chain_names if chains[n]), texts.entries(maps))
+        out.write("{\n" + json.dumps("nftables") + ": ")
+        _write_items(out, "[", items, "]")
+        out.write("\n}\n")
+    out.flush()
 
 
 def _write(args: argparse.Namespace, ruleset: Ruleset) -> None:

@@ -9,7 +9,8 @@ compiler, which keeps them up to date endpoint by endpoint.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from stockade.compile.ir import (
     EGRESS,
@@ -267,6 +268,22 @@ def endpoint_addresses(ep: Endpoint) -> list[str]:
     return [a[1] for ip in ep.ips if (a := address(ip)) is not None]
 
 
+# An entry: a direction and the ids of its policy set and its Admin and Baseline tuples.
+EntryKey = tuple[str, int, int, int]
+Selection = tuple[str, PolicySet | None, Sequence[ClusterNetworkPolicy],
+                  Sequence[ClusterNetworkPolicy]]
+
+
+@dataclass
+class Work:
+    """What `Lowering.ruleset` lowers: each distinct entry once, in order, and the local
+    addresses mapped to each entry's first chain (direction, entry, addresses)."""
+
+    keys: list[EntryKey] = field(default_factory=list)
+    entries: dict[EntryKey, Selection] = field(default_factory=dict)
+    maps: list[tuple[str, EntryKey, list[str]]] = field(default_factory=list)
+
+
 class Lowering:
     """The full compiler: every set filled through the label index.
 
@@ -362,12 +379,16 @@ class Lowering:
         return pods
 
     def ruleset(self) -> Ruleset:
-        maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+        work = self.work()
+        return self.assemble(work, self.lower(work, work.keys))
+
+    def work(self) -> Work:
+        """What the ruleset needs lowered: one entry per distinct selection (policy set,
+        Admin and Baseline policies) of each direction, and each local identity's."""
+        work = Work()
         local_of: dict[int, list[str] | None] = {}  # both directions ask
         tiers = self.tier_subjects()
-        for mdir, direction in DIRECTION.items():
-            # by ids: resolve shares one PolicySet per set, tiers one list per set
-            chain_of: dict[tuple[int, ...], str] = {}
+        for mdir in DIRECTION:
             isolated = self.res.isolated[mdir]
             for ident in sorted(isolated.keys() | tiers[mdir].keys()):
                 if ident not in local_of:
@@ -377,15 +398,40 @@ class Lowering:
                     continue
                 ps = isolated.get(ident)
                 admin, baseline = tiers[mdir].get(ident, ((), ()))
-                key = (id(ps), id(admin), id(baseline))  # shared tuples: see tier_subjects
-                name = chain_of.get(key)
-                if name is None:
-                    name = chain_of[key] = self._entry(mdir, ps, admin, baseline)
-                maps[direction].update(dict.fromkeys(local, name))
+                # by ids: resolve shares one PolicySet per set, tiers one tuple per set
+                key = (mdir, id(ps), id(admin), id(baseline))
+                if key not in work.entries:
+                    work.entries[key] = (mdir, ps, admin, baseline)
+                    work.keys.append(key)
+                work.maps.append((mdir, key, local))
+        return work
+
+    def lower(self, work: Work, keys: Iterable[EntryKey]) -> dict[EntryKey, tuple[Chain, ...]]:
+        """The chains of each entry (see `_entry`), the sets they name added to `sets`.
+        Entries are independent: any share of them can be lowered apart (`compile
+        --jobs` lowers shares in processes of their own) and `assemble`d."""
+        return {key: self._entry(*work.entries[key]) for key in keys}
+
+    def assemble(self, work: Work, lowered: Mapping[EntryKey, tuple[Chain, ...]]) -> Ruleset:
+        """The ruleset of `work` from its entries' chains, however they were lowered: the
+        chains in the entries' order (a chain's first policy set names it in its
+        comment), each address mapped to its entry's first chain."""
+        for key in work.keys:
+            for chain in lowered[key]:
+                self.chains.setdefault(chain.name, chain)
+        maps = self.maps(work, {key: chains[0].name for key, chains in lowered.items()})
         # Sorted by name (names are unique: sorting the names alone is faster than items).
         return Ruleset({n: self.sets[n] for n in sorted(self.sets)},
                        {n: self.chains[n] for n in sorted(self.chains)},
-                       maps[INGRESS], maps[EGRESS])
+                       maps.ingress, maps.egress)
+
+    @staticmethod
+    def maps(work: Work, first: Mapping[EntryKey, str]) -> Ruleset:
+        """The verdict maps alone: each local address to its entry's first chain."""
+        maps: dict[str, dict[str, str]] = {INGRESS: {}, EGRESS: {}}
+        for mdir, key, local in work.maps:
+            maps[DIRECTION[mdir]].update(dict.fromkeys(local, first[key]))
+        return Ruleset({}, {}, maps[INGRESS], maps[EGRESS])
 
     def _local_addresses(self, ident: int) -> list[str] | None:
         """The addresses of an identity's local pods, in order; None when it has none
@@ -395,10 +441,10 @@ class Lowering:
 
     def _entry(self, direction: str, ps: PolicySet | None,
                admin: Sequence[ClusterNetworkPolicy],
-               baseline: Sequence[ClusterNetworkPolicy]) -> str:
-        """The first chain of an endpoint-direction: Admin, NetworkPolicy or Baseline,
-        each continuing in the next (NetworkPolicy is final, so Baseline follows only
-        an endpoint it does not isolate)."""
+               baseline: Sequence[ClusterNetworkPolicy]) -> tuple[Chain, ...]:
+        """The chains of an endpoint-direction, its first chain (the map's) first:
+        Admin, NetworkPolicy or Baseline, each continuing in the next (NetworkPolicy is
+        final, so Baseline follows only an endpoint it does not isolate)."""
         # The tiers' lowering builds on this module's (peers, ports, named ports).
         from stockade.compile.tiers import link_chain
 
@@ -408,15 +454,12 @@ class Lowering:
                                 self._lowered.setdefault(direction, {}))
         elif baseline:
             chain = self._tier_chain(direction, BASELINE, baseline)
-        if chain is not None:
-            self.chains.setdefault(chain.name, chain)
-        if admin:
-            tier = self._tier_chain(direction, ADMIN, admin)
-            self.chains.setdefault(tier.name, tier)
-            chain = link_chain(tier, chain.name if chain else None)
-            self.chains.setdefault(chain.name, chain)
-        assert chain is not None
-        return chain.name
+        if not admin:
+            assert chain is not None
+            return (chain,)
+        tier = self._tier_chain(direction, ADMIN, admin)
+        link = link_chain(tier, chain.name if chain else None)
+        return (link, tier) if chain is None else (link, tier, chain)
 
     def _tier_chain(self, direction: str, tier: str,
                     policies: Sequence[ClusterNetworkPolicy]) -> Chain:

@@ -42,13 +42,41 @@ def full_load(table: Table, rs: Ruleset) -> Iterator[str]:
     `render_plan` orders a full plan: the skeleton, the sets, every chain, their
     rules, the verdict maps' entries."""
     rs = nft_target(rs)
-    yield from map(dumps, render_skeleton(table))
-    yield from map(_Sets(table).of, rs.sets.values())
-    yield from (dumps({"add": {"chain": table.ref(name=c.name)}}) for c in rs.chains.values())
-    rules = _Rules(table)
+    texts = Texts(table)
+    yield from texts.head()
+    yield from map(texts.set, rs.sets.values())
+    yield from (texts.chain(c.name) for c in rs.chains.values())
     for c in rs.chains.values():
-        yield from rules.of(c)
-    yield from _map_entries(table, rs)
+        yield from texts.rules(c)
+    yield from texts.entries(rs)
+
+
+class Texts:
+    """The texts of a full load's commands, object by object: `full_load` puts them in
+    order; `compile --jobs` renders the sets and chains of a share in each process
+    (of `nft_target` of that share) and puts every process's texts in that order."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self._sets = _Sets(table)
+        self._rules = _Rules(table)
+
+    def head(self) -> Iterator[str]:
+        """The skeleton's commands (`render_skeleton`)."""
+        return map(dumps, render_skeleton(self.table))
+
+    def set(self, s: AddressSet) -> str:
+        return self._sets.of(s)
+
+    def chain(self, name: str) -> str:
+        return dumps({"add": {"chain": self.table.ref(name=name)}})
+
+    def rules(self, chain: Chain) -> Iterator[str]:
+        return self._rules.of(chain)
+
+    def entries(self, rs: Ruleset) -> Iterator[str]:
+        """The verdict maps' entries (`rs`'s maps; its sets and chains are not read)."""
+        return _map_entries(self.table, rs)
 
 
 class _Sets:
