@@ -111,3 +111,32 @@ def test_a_refused_part_leaves_nothing_behind(trio, staging, servers, caplog) ->
                     staging.table.name, squatter], check=True)
     staging.apply(new, verify=True)
     assert probe(trio, OLD) == {("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
+
+
+def test_a_refused_switch_takes_the_parts_out(trio, staging, servers, caplog) -> None:
+    """Every part in, then the kernel refuses the last transaction: a chain the new
+    ruleset no longer uses cannot be deleted while another chain jumps to it (a rule
+    put there by hand). The parts are taken out again, libnftables (tried next) is
+    refused too, and the old ruleset stays, whole, with nothing of the new left."""
+    old = compile_cluster(cluster(trio, allow_only("a", "b")))
+    new = compile_cluster(cluster(trio, allow_only("a", "c")))
+    staging.apply(old)
+    parts, rest = staged(plan(old, new), 1)
+    gone = sorted(rest.del_chains)
+    assert parts and gone
+    nft = ["ip", "netns", "exec", trio.host_netns, "nft"]
+    subprocess.run([*nft, "add", "chain", "inet", staging.table.name, "squat"], check=True)
+    subprocess.run([*nft, "add", "rule", "inet", staging.table.name, "squat", "jump", gone[0]],
+                   check=True)
+    held = _objects(trio.host_netns, staging.table.name)
+    before = staging._generation
+    with pytest.raises(DataplaneError):
+        staging.apply(new)
+    assert staging._generation - before >= len(parts) + 1, "the parts did not go in"
+    assert "the raw ruleset update was refused" in caplog.text
+    assert _objects(trio.host_netns, staging.table.name) == held
+    assert probe(trio, OLD) == {("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
+    subprocess.run([*nft, "flush", "chain", "inet", staging.table.name, "squat"], check=True)
+    subprocess.run([*nft, "delete", "chain", "inet", staging.table.name, "squat"], check=True)
+    staging.apply(new, verify=True)
+    assert probe(trio, OLD) == {("b", "a", "TCP/80"): False, ("c", "a", "TCP/80"): True}
