@@ -135,9 +135,11 @@ def child_stages(path: Path, src: str | None = None) -> dict[str, Any]:
 
 
 def run_command(argv: list[str], src: str | None = None) -> tuple[float, float]:
-    """Wall seconds and peak memory (MB) of one command, its output discarded: of the
-    command and every process it forks, together (a memory cgroup's peak, as root;
-    else the command's own peak RSS, which leaves its children out)."""
+    """Wall seconds and peak memory (MB) of one command, its output discarded: its own
+    peak RSS, or, when larger, the peak of a memory cgroup holding it and every process
+    it forks (as root): their pages together, each counted once (pages of files cached
+    before, such as the interpreter's, are charged elsewhere; hence the larger of
+    the two)."""
     group = _memory_group()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -147,7 +149,7 @@ def run_command(argv: list[str], src: str | None = None) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     peak = usage.ru_maxrss / 1024
     if group is not None:
-        peak = int((group / "memory.max_usage_in_bytes").read_text()) / (1 << 20)
+        peak = max(peak, int((group / "memory.max_usage_in_bytes").read_text()) / (1 << 20))
         group.rmdir()
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode() if proc.stderr else ""
