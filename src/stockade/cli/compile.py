@@ -87,13 +87,12 @@ def _run(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.files, strict_cidr=args.strict_cidr, recursive=args.recursive)
     lowering = Lowering(resolve(cluster))
     work = lowering.work()
-    jobs = args.jobs
     try:
         # Tier chains' verdict maps are sets `nft_target` adds after the others, in the
         # chains' order: a cluster with tiers is compiled in this process alone.
-        if (jobs > 1 and args.output != "json" and not cluster.cluster_policies
+        if (args.jobs > 1 and args.output != "json" and not cluster.cluster_policies
                 and len(work.keys) >= PARALLEL_ENTRIES):
-            _write_shared(args, lowering, work, jobs)
+            _write_shared(args, lowering, work, args.jobs)
         else:
             _write(args, lowering.assemble(work, lowering.lower(work, work.keys)))
     except BrokenPipeError:
@@ -135,7 +134,7 @@ def _write_shared(args: argparse.Namespace, lowering: Lowering, work: Work, jobs
         return (entries, {n: texts.set(s) for n, s in part.sets.items()},
                 {n: ",\n".join(texts.rules(c)) for n, c in part.chains.items()})
 
-    # Runs of consecutive entries (a namespace's share their policies), dealt out in
+    # Runs of consecutive entries (a namespace's entries share policies), dealt out in
     # turn: what an entry costs varies along the list (ingress first, then egress).
     run = max(1, -(-len(work.keys) // (jobs * 16)))
     runs = [work.keys[i:i + run] for i in range(0, len(work.keys), run)]
