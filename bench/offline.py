@@ -141,10 +141,18 @@ def run_command(argv: list[str], src: str | None = None) -> tuple[float, float]:
     before, such as the interpreter's, are charged elsewhere; hence the larger of
     the two)."""
     group = _memory_group()
+    # The clock starts in the child once it is in its group, just before exec: a
+    # fork of this (large) process and the move into the group are not the command's.
+    started, mark = os.pipe()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=tree_env(src),
-                            preexec_fn=None if group is None else lambda: _join(group))
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=tree_env(src),
+                                preexec_fn=lambda: _start(group, mark))
+    finally:
+        os.close(mark)
+    with os.fdopen(started, "rb") as clock:
+        t0 = float(clock.read() or t0)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     peak = usage.ru_maxrss / 1024
@@ -171,8 +179,13 @@ def _memory_group() -> Path | None:
     return group
 
 
-def _join(group: Path) -> None:
-    (group / "cgroup.procs").write_text(str(os.getpid()))
+def _start(group: Path | None, mark: int) -> None:
+    """In the child before exec: join `group`, then write the clock's reading to `mark`
+    and close it (the clocks of both processes are the same monotonic clock)."""
+    if group is not None:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    os.write(mark, repr(time.perf_counter()).encode())
+    os.close(mark)
 
 
 def best(argv: list[str], repeat: int) -> tuple[float, float]:

@@ -28,9 +28,12 @@ def _compile(path: Path, output: str, jobs: int) -> str:
 
 @pytest.fixture(autouse=True, scope="module")
 def _always_shared() -> object:
+    # Any input is shared out, and into as many processes as asked on any machine.
     entries, compile_cmd.PARALLEL_ENTRIES = compile_cmd.PARALLEL_ENTRIES, 0
+    cores, compile_cmd.usable_cores = compile_cmd.usable_cores, lambda: 64
     yield
     compile_cmd.PARALLEL_ENTRIES = entries
+    compile_cmd.usable_cores = cores
 
 
 @settings(max_examples=40, deadline=None)

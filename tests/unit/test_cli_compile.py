@@ -129,3 +129,28 @@ def test_a_bad_jobs_count_is_exit_2(jobs: str, capsys: pytest.CaptureFixture[str
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "-j/--jobs" in err and "whole number from 1 to 64" in err, err
+
+
+@pytest.mark.parametrize(("cores", "asked", "shares"), [(2, 5, 2), (1, 8, None), (4, 3, 3)])
+def test_processes_are_at_most_the_usable_cores(
+        cores: int, asked: int, shares: int | None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Each process holds its own share: past the cores, more only take memory.
+    import stockade.cli.compile as compile_cmd
+    import stockade.cli.fork as fork
+
+    seen: list[int] = []
+    real = fork.fork_map
+
+    def counting(task: object, parts: list[object]) -> object:
+        seen.append(len(parts))
+        return real(task, parts)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compile_cmd, "PARALLEL_ENTRIES", 0)
+    monkeypatch.setattr(compile_cmd, "usable_cores", lambda: cores)
+    monkeypatch.setattr(fork, "fork_map", counting)
+    assert main(["compile", "-f", *FILES, "-o", "stats", "-j", str(asked)]) == 0
+    shared = capsys.readouterr().out
+    assert seen == ([] if shares is None else [shares])
+    assert main(["compile", "-f", *FILES, "-o", "stats"]) == 0
+    assert capsys.readouterr().out == shared

@@ -20,11 +20,11 @@ import argparse
 import gc
 import itertools
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from stockade.cli.fork import fork_map
 from stockade.cli.inputs import add_files
 from stockade.compile.ir import Ruleset
 from stockade.compile.jsontext import dumps as _dumps
@@ -52,8 +52,9 @@ def register(sub: Any) -> None:
                    help="turn on the StrictIPCIDRValidation rules (as `dataplane apply`)")
     p.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",
                    help="processes to lower and render a big input in (nft and stats "
-                   "output; default 1). Faster on more cores, at more memory: "
-                   "each process holds its own share besides what they all share")
+                   "output; default 1; at most the cores it may use). Faster on more "
+                   "cores, at more memory: each process holds its own share besides "
+                   "what they all share")
     p.set_defaults(run=run, one_shot=True)
 
 
@@ -62,6 +63,12 @@ def _jobs(text: str) -> int:
     if not 1 <= n <= 64:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, not {text!r}")
     return n
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: more processes than that only add memory
+    (each holds its own share), as lowering and rendering never wait."""
+    return len(os.sched_getaffinity(0))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,9 +97,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         # Tier chains' verdict maps are sets `nft_target` adds after the others, in the
         # chains' order: a cluster with tiers is compiled in this process alone.
-        if (args.jobs > 1 and args.output != "json" and not cluster.cluster_policies
+        jobs = min(args.jobs, usable_cores())
+        if (jobs > 1 and args.output != "json" and not cluster.cluster_policies
                 and len(work.keys) >= PARALLEL_ENTRIES):
-            _write_shared(args, lowering, work, args.jobs)
+            _write_shared(args, lowering, work, jobs)
         else:
             _write(args, lowering.assemble(work, lowering.lower(work, work.keys)))
     except BrokenPipeError:
@@ -138,6 +146,8 @@ def _write_shared(args: argparse.Namespace, lowering: Lowering, work: Work, jobs
     # turn: what an entry costs varies along the list (ingress first, then egress).
     run = max(1, -(-len(work.keys) // (jobs * 16)))
     runs = [work.keys[i:i + run] for i in range(0, len(work.keys), run)]
+    from stockade.cli.fork import fork_map  # pickle and signals: only here
+
     names: dict[EntryKey, str] = {}
     sets: dict[str, Any] = {}
     chains: dict[str, Any] = {}
