@@ -446,7 +446,7 @@ def main() -> None:
                     continue
     out.series["datapath-ratios"] = {"y": "ratio to no ruleset (1 = no cost)", "bars": bars,
                                      "ref": 1.0}
-    for v in ("nft",):
+    for v in ("nft", "ebpf"):
         for measure, value in bars.get(v, {}).items():
             if measure.startswith(("TCP throughput", "new TCP connections")):
                 # Beside it, what conntrack alone leaves (no rule of policy), when measured.

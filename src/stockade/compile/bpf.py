@@ -71,6 +71,7 @@ import heapq
 import ipaddress
 import json
 import struct
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -157,6 +158,26 @@ class PolicyRef:
 
 
 @dataclass(frozen=True)
+class StateIndex:
+    """What a state's contents imply, kept beside them so that a small change is
+    worked out from the change (compile/bpf_change.py) instead of from everything.
+
+    `base`, `prefixes` and `policy_keys` are set on a state made from another by a
+    change: the ipcache prefixes and policy keys that differ from `base`'s, so
+    that `state_delta` encodes only those.
+    """
+
+    keys_of: Mapping[int, tuple[PolicyKey, ...]]  # a policy's entries
+    with_any: frozenset[int]  # policies with entries keyed by ANY
+    identity_uses: Mapping[int, int]  # identity -> prefixes that have it
+    entry_uses: Mapping[int, int]  # policy -> map entries (ingress, egress) naming it
+    stage_uses: Mapping[int, int]  # policy -> stages naming it (it has entries iff > 0)
+    base: weakref.ref[BpfState] | None = None
+    prefixes: frozenset[Prefix] = frozenset()
+    policy_keys: frozenset[PolicyKey] = frozenset()
+
+
+@dataclass(frozen=True)
 class BpfState:
     """Everything the maps hold, as plain data."""
 
@@ -167,10 +188,39 @@ class BpfState:
     sets: Mapping[str, AddressSet] = field(default_factory=dict)
     ipcache: Mapping[Prefix, IpInfo] = field(default_factory=dict)
     policy: Mapping[PolicyKey, int] = field(default_factory=dict)  # -> ALLOW/DENY/PASS_VALUE
+    index: StateIndex | None = field(default=None, compare=False, repr=False)
 
     def counts(self) -> dict[str, int]:
         return {"identities": len(self.identities), "policies": len(self.policies),
                 "ipcache": len(self.ipcache), "policy_entries": len(self.policy)}
+
+
+def index_of(state: BpfState) -> StateIndex:
+    """`state.index`, or worked out from the contents (a state read back from the maps)."""
+    if state.index is not None:
+        return state.index
+    keys_of: dict[int, list[PolicyKey]] = {}
+    for key in state.policy:
+        keys_of.setdefault(key[0], []).append(key)
+    return _index(state.ipcache, {pid: tuple(keys) for pid, keys in keys_of.items()},
+                  frozenset(k[0] for k in state.policy if k[1] in (ANY4, ANY6)))
+
+
+def _index(ipcache: Mapping[Prefix, IpInfo], keys_of: Mapping[int, tuple[PolicyKey, ...]],
+           with_any: frozenset[int]) -> StateIndex:
+    identity_uses: dict[int, int] = {}
+    entry_uses: dict[int, int] = {}
+    stage_uses: dict[int, int] = {}
+    for info in ipcache.values():
+        identity_uses[info[0]] = identity_uses.get(info[0], 0) + 1
+        for pid in info[1:3]:
+            if pid:
+                entry_uses[pid] = entry_uses.get(pid, 0) + 1
+        for staged in info[3:]:
+            if staged:
+                pid = staged & STAGE_POLICY
+                stage_uses[pid] = stage_uses.get(pid, 0) + 1
+    return StateIndex(keys_of, with_any, identity_uses, entry_uses, stage_uses)
 
 
 def _net(family: int, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -319,35 +369,20 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
         raise DataplaneError(f"{len(pids)} eBPF policies: more than the program numbers "
                              f"({STAGE_POLICY}); nothing was changed")
 
-    by_set: dict[str, list[int]] = {}
-    by_named: dict[str, list[int]] = {}
-    for i, ident in identities.items():
-        for held_by in ident.sets:
-            by_set.setdefault(held_by, []).append(i)
-        for named_set, _, _ in ident.named:
-            by_named.setdefault(named_set, []).append(i)
+    by_set, by_named = identities_by_set(identities)
     keys: dict[PolicyKey, int] = {}
+    keys_of: dict[int, tuple[PolicyKey, ...]] = {}
     for pid, r in policies.items():
         if r not in staged:
             continue  # an entry only (a link chain): its stages hold the rules
-        enforced = rs.chains[r.chain]
-        spaces = [(peer, space, _value(rule)) for rule in enforced.rules
-                  for peer, space in _rule_spaces(r, rule, identities, by_set, by_named)]
-        if enforced.final:
-            keys.update(dict.fromkeys(_union_keys(pid, spaces), ALLOW_VALUE))
-        else:
-            keys.update(_first_match_keys(pid, r.family, spaces))
-        if enforced.keep:
-            keys[(pid, KEEP_MARK, 0, 0, 64)] = ALLOW_VALUE
+        mine = policy_keys(pid, r, rs.chains[r.chain], identities, by_set, by_named)
+        keys.update(mine)
+        keys_of[pid] = tuple(mine)
 
-    with_any = {k[0] for k in keys if k[1] in (ANY4, ANY6)}
+    with_any = frozenset(k[0] for k in keys if k[1] in (ANY4, ANY6))
 
     def stage_ids(key: tuple[str, Prefix]) -> tuple[int, int]:
-        out = []
-        for r in staged_of.get(key, ()):
-            pid = pids[r]
-            out.append(pid | (0 if rs.chains[r.chain].final else STAGE_TIER)
-                       | (STAGE_ANY if pid in with_any else 0))
+        out = [stage_id(pids[r], rs.chains[r.chain], with_any) for r in staged_of.get(key, ())]
         first, second, *_ = [*out, 0, 0]
         return first, second
 
@@ -361,7 +396,61 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     sets = {name: a if a.kind == NET else AddressSet(a.name, a.family, a.kind, frozenset(),
                                                      a.comment)
             for name, a in rs.sets.items()}
-    return BpfState(identities, policies, dict(rs.chains), sets, ipcache, keys)
+    return BpfState(identities, policies, dict(rs.chains), sets, ipcache, keys,
+                    _index(ipcache, keys_of, with_any))
+
+
+def identities_by_set(identities: Mapping[int, Identity]
+                      ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """The identities each set holds, and those with named ports in each named set."""
+    by_set: dict[str, list[int]] = {}
+    by_named: dict[str, list[int]] = {}
+    for i, ident in identities.items():
+        for held_by in ident.sets:
+            by_set.setdefault(held_by, []).append(i)
+        for named_set, _, _ in ident.named:
+            by_named.setdefault(named_set, []).append(i)
+    return by_set, by_named
+
+
+def policy_keys(pid: int, ref: PolicyRef, enforced: Chain, identities: Mapping[int, Identity],
+                by_set: Mapping[str, list[int]], by_named: Mapping[str, list[int]]
+                ) -> dict[PolicyKey, int]:
+    """The entries of one policy (a chain as `ref`'s endpoints see it)."""
+    spaces = [(peer, space, _value(rule)) for rule in enforced.rules
+              for peer, space in _rule_spaces(ref, rule, identities, by_set, by_named)]
+    if enforced.final:
+        out = dict.fromkeys(_union_keys(pid, spaces), ALLOW_VALUE)
+    else:
+        out = _first_match_keys(pid, ref.family, spaces)
+    if enforced.keep:
+        out[(pid, KEEP_MARK, 0, 0, 64)] = ALLOW_VALUE
+    return out
+
+
+def peer_keys(pid: int, ref: PolicyRef, enforced: Chain, ident_id: int, ident: Identity
+              ) -> dict[PolicyKey, int]:
+    """The entries of one policy keyed by one identity: `policy_keys` restricted to that
+    peer, which they do not depend on the other identities for (a NetworkPolicy chain's
+    entries are a union over peers; a tier chain paints each peer's key from its own
+    rules and ANY's)."""
+    identities = {ident_id: ident}
+    by_set = {s: [ident_id] for s in ident.sets}
+    by_named = {n: [ident_id] for n, _, _ in ident.named}
+    spaces = [(peer, space, _value(rule)) for rule in enforced.rules
+              if enforced.final is False or rule.peer_set is not None or rule.named_set
+              for peer, space in _rule_spaces(ref, rule, identities, by_set, by_named)]
+    if enforced.final:
+        return dict.fromkeys(_union_keys(pid, [s for s in spaces if s[0] == ident_id]),
+                             ALLOW_VALUE)
+    return {k: v for k, v in _first_match_keys(pid, ref.family, spaces).items()
+            if k[1] == ident_id}
+
+
+def stage_id(pid: int, enforced: Chain, with_any: frozenset[int]) -> int:
+    """A stage's policy as the ipcache holds it: with the flags the program reads."""
+    return (pid | (0 if enforced.final else STAGE_TIER)
+            | (STAGE_ANY if pid in with_any else 0))
 
 
 def _value(rule: ChainRule) -> int:
@@ -829,22 +918,33 @@ def _policy_entry(key: PolicyKey, slot: int) -> bytes:
 
 
 def state_delta(old: BpfState, new: BpfState, slot: int) -> MapDelta:
-    """`map_delta(encode_maps(old, slot), encode_maps(new, slot))`, encoding only changes."""
+    """`map_delta(encode_maps(old, slot), encode_maps(new, slot))`, encoding only changes
+    (and looking only at what changed when `new` was made from `old` by a change)."""
     update: dict[str, dict[bytes, bytes]] = {m: {} for m in MAPS}
     delete: dict[str, list[bytes]] = {m: [] for m in MAPS}
-    for p, info in new.ipcache.items():
-        if old.ipcache.get(p) != info:
+    made = new.index
+    if made is not None and made.base is not None and made.base() is old:
+        prefixes: Iterable[Prefix] = made.prefixes
+        keys: Iterable[PolicyKey] = made.policy_keys
+    else:
+        prefixes = new.ipcache.keys() | old.ipcache.keys()
+        keys = new.policy.keys() | old.policy.keys()
+    for p in prefixes:
+        info, was = new.ipcache.get(p), old.ipcache.get(p)
+        if info is None:
+            if was is not None:
+                m, k, _ = _ip_entry(p[0], p[1], was, slot)
+                delete[m].append(k)
+        elif was != info:
             m, k, v = _ip_entry(p[0], p[1], info, slot)
             update[m][k] = v
-    for p, info in old.ipcache.items():
-        if p not in new.ipcache:
-            m, k, _ = _ip_entry(p[0], p[1], info, slot)
-            delete[m].append(k)
-    for key, value in new.policy.items():
-        if old.policy.get(key) != value:
+    for key in keys:
+        value = new.policy.get(key)
+        if value is None:
+            if key in old.policy:
+                delete["policy"].append(_policy_entry(key, slot))
+        elif old.policy.get(key) != value:
             update["policy"][_policy_entry(key, slot)] = POLICY_VALUE.pack(value)
-    delete["policy"] = [_policy_entry(key, slot) for key in old.policy
-                        if key not in new.policy]
     return MapDelta(update, {m: tuple(sorted(v)) for m, v in delete.items()})
 
 
@@ -860,11 +960,14 @@ def _set_doc(a: AddressSet | None) -> object:
 def meta_delta(old: BpfState, new: BpfState) -> MapDelta:
     """`map_delta` of the two states' meta maps, encoding only the definitions that changed."""
     def changed(a: BpfState, b: BpfState) -> BpfState:
+        # The same object is the same definition (most are, from one apply to the next).
         return BpfState(
             {i: v for i, v in a.identities.items() if b.identities.get(i) != v},
             {i: v for i, v in a.policies.items() if b.policies.get(i) != v},
-            {n: v for n, v in a.chains.items() if _chain_doc(b.chains.get(n)) != _chain_doc(v)},
-            {n: v for n, v in a.sets.items() if _set_doc(b.sets.get(n)) != _set_doc(v)})
+            {n: v for n, v in a.chains.items() if (w := b.chains.get(n)) is not v
+             and _chain_doc(w) != _chain_doc(v)},
+            {n: v for n, v in a.sets.items() if (x := b.sets.get(n)) is not v
+             and _set_doc(x) != _set_doc(v)})
 
     return map_delta({"meta": encode_meta(changed(old, new))},
                      {"meta": encode_meta(changed(new, old))})

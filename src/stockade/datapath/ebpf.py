@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.compile import bpf as bpfc
+from stockade.compile.bpf_change import changed_state
 from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.nft import LOG_PREFIX
 from stockade.compile.plan import Plan, plan
@@ -638,7 +639,11 @@ class EbpfDatapath:
             active, kgen, base = self._slot, self._kgen, self._state
             links = self._check_links(full=False)
         t1 = time.perf_counter()
-        state = bpfc.compile_state(desired, base)
+        # Against the last apply, an endpoint's change is worked out from the change
+        # (compile/bpf_change.py); what it cannot (chains, ipBlocks) is compiled whole.
+        state = changed_state(desired, base, before) if kernel is None else None
+        if state is None:
+            state = bpfc.compile_state(desired, base)
         inactive = 1 - active
         if kernel is not None:  # against the bytes the kernel holds
             new = {s: bpfc.encode_maps(state, s) for s in (0, 1)}
