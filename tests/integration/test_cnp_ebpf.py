@@ -50,6 +50,7 @@ from stockade.probe.protocol import Port, Protocol
 from . import test_agent
 from .clusters import allow_only, cluster, probe
 from .clusters import servers as servers  # the fixture
+from .ebpf_pins import ebpf_datapath
 from .netio import EchoServer, connect, echo
 from .test_agent_cnp import apply, cnp, pods
 
@@ -88,13 +89,8 @@ def _tiered(trio, policies: tuple[NetworkPolicy, ...],
 
 @pytest.fixture
 def datapath(trio) -> Iterator[EbpfDatapath]:
-    dp = EbpfDatapath(netns=trio.host_netns)
-    try:
-        dp.check()
+    with ebpf_datapath(trio) as dp:
         yield dp
-    finally:
-        EbpfDatapath(netns=trio.host_netns).remove()
-        assert not dp.dir.exists()
 
 
 def _seen(trio, pairs: list[tuple[str, str, Port]]) -> dict[int, dict[tuple[str, str, str],

@@ -26,6 +26,7 @@ from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
 from stockade.net.namespace import entered
 
+from .ebpf_pins import ebpf_datapath
 from .netio import EchoServer
 
 pytestmark = pytest.mark.privileged
@@ -63,13 +64,8 @@ def _reaches(netns: str, address: str) -> bool:
 
 @pytest.fixture
 def datapath(trio) -> Iterator[EbpfDatapath]:
-    dp = EbpfDatapath(netns=trio.host_netns)
-    try:
-        dp.check()
+    with ebpf_datapath(trio) as dp:
         yield dp
-    finally:
-        EbpfDatapath(netns=trio.host_netns).remove()
-        assert not dp.dir.exists()
 
 
 def _apply_change(dp: EbpfDatapath, rs: Ruleset) -> None:

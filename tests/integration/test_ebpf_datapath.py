@@ -34,19 +34,15 @@ from stockade.probe.launcher import ProbeServer
 from . import clusters
 from .clusters import A_ONLY_FROM_B, PORTS, allow_only, cluster, denied, probe
 from .clusters import servers as servers  # the fixture
+from .ebpf_pins import ebpf_datapath
 from .netio import echo
 
 pytestmark = pytest.mark.privileged
 
 @pytest.fixture
 def datapath(trio) -> Iterator[EbpfDatapath]:
-    dp = EbpfDatapath(netns=trio.host_netns, log_group=1)
-    try:
-        dp.check()
+    with ebpf_datapath(trio, log_group=1) as dp:
         yield dp
-    finally:
-        EbpfDatapath(netns=trio.host_netns).remove()
-        assert not dp.dir.exists()
 
 
 def test_loads_attaches_and_enforces_v4_and_v6(trio, datapath, servers) -> None:

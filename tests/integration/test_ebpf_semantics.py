@@ -37,6 +37,7 @@ from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
 from stockade.net.namespace import entered
 
+from .ebpf_pins import ebpf_datapath
 from .netio import EchoServer, connect, echo
 
 pytestmark = pytest.mark.privileged
@@ -77,13 +78,8 @@ def _b_egress_to(dest: str, keep: bool = False) -> NetworkPolicy:
 
 @pytest.fixture
 def datapath(trio) -> Iterator[EbpfDatapath]:
-    dp = EbpfDatapath(netns=trio.host_netns)
-    try:
-        dp.check()
+    with ebpf_datapath(trio) as dp:
         yield dp
-    finally:
-        EbpfDatapath(netns=trio.host_netns).remove()
-        assert not dp.dir.exists()
 
 
 @pytest.fixture

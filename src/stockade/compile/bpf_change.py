@@ -288,53 +288,22 @@ class _Change:
                                 for c in self._staged(chain)]
             wanted[p] = ident, entry_refs, staged_refs
 
-        # Identities: one still wanted keeps its number, a new one takes the lowest free
-        # (in order), as compile_state numbers them; one no prefix has is gone.
-        id_of: dict[object, int] = {ident: i for i, ident in prev.identities.items()}
-        id_of[Identity(4)], id_of[Identity(6)] = WORLD4, WORLD6
-        fresh_idents: set[Identity] = set()
-        for ident, _, _ in wanted.values():
-            if ident in id_of:
-                _take(identity_uses, id_of[ident])
-            else:
-                fresh_idents.add(ident)
-        gone_ids = [i for i in prev.identities if not identity_uses.get(i)]
-        added_ids = _number(sorted(fresh_idents), {i for i in identity_uses if i >= FIRST_IDENTITY},
-                            FIRST_IDENTITY, id_of)
-        for ident, _, _ in wanted.values():
-            if ident in added_ids:
-                _take(identity_uses, id_of[ident])
+        # Identities, then policies: numbered as compile_state numbers them.
+        id_of, gone_ids, added_ids = _renumber(
+            prev.identities, [(ident, identity_uses) for ident, _, _ in wanted.values()],
+            [identity_uses], FIRST_IDENTITY, {Identity(4): WORLD4, Identity(6): WORLD6})
         identities = dict(prev.identities)
         for i in gone_ids:
             del identities[i]
         identities.update({i: ident for ident, i in added_ids.items()})  # type: ignore[misc]
-        changed_idents = [prev.identities[i] for i in gone_ids] + sorted(fresh_idents)
-
-        # Policies, likewise.
-        pid_of: dict[object, int] = {ref: pid for pid, ref in prev.policies.items()}
-        fresh_refs: set[PolicyRef] = set()
+        changed_idents = [prev.identities[i] for i in gone_ids] + [
+            ident for ident in added_ids if isinstance(ident, Identity)]
+        uses_of: list[tuple[object, dict[int, int]]] = []
         for _, entry_refs, staged_refs in wanted.values():
-            for ref in entry_refs:
-                if ref is not None:
-                    if ref in pid_of:
-                        _take(entry_uses, pid_of[ref])
-                    else:
-                        fresh_refs.add(ref)
-            for ref in staged_refs:
-                if ref in pid_of:
-                    _take(stage_uses, pid_of[ref])
-                else:
-                    fresh_refs.add(ref)
-        gone_pids = [pid for pid in prev.policies
-                     if not entry_uses.get(pid) and not stage_uses.get(pid)]
-        added_pids = _number(sorted(fresh_refs), set(entry_uses) | set(stage_uses), 1, pid_of)
-        for _, entry_refs, staged_refs in wanted.values():
-            for ref in entry_refs:
-                if ref is not None and ref in added_pids:
-                    _take(entry_uses, pid_of[ref])
-            for ref in staged_refs:
-                if ref in added_pids:
-                    _take(stage_uses, pid_of[ref])
+            uses_of += [(ref, entry_uses) for ref in entry_refs if ref is not None]
+            uses_of += [(ref, stage_uses) for ref in staged_refs]
+        pid_of, gone_pids, added_pids = _renumber(prev.policies, uses_of,
+                                                  [entry_uses, stage_uses], 1)
         policies = dict(prev.policies)
         for pid in gone_pids:
             del policies[pid]
@@ -450,17 +419,35 @@ def _release(uses: dict[int, int], key: int) -> None:
         uses.pop(key, None)
 
 
-def _number(new: list[Identity] | list[PolicyRef], taken: set[int], first: int,
-            ids: dict[object, int]) -> dict[object, int]:
-    """The lowest free ids from `first` for `new` (sorted), entered in `ids` too."""
-    out: dict[object, int] = {}
+def _renumber(previous: Mapping[int, object], wanted: list[tuple[object, dict[int, int]]],
+              counters: list[dict[int, int]], first: int,
+              reserved: Mapping[object, int] | None = None
+              ) -> tuple[dict[object, int], list[int], dict[object, int]]:
+    """Numbers as `bpf._allocate` gives them: one still wanted keeps its number, a new
+    one takes the lowest free from `first`, in order. `wanted` is each use with the
+    counter it counts in (`counters`, which no longer count the touched prefixes' old
+    uses, and are brought up to date). Returns every number, the previous ones no
+    longer used, and the new ones."""
+    number_of = {v: i for i, v in previous.items()}
+    number_of.update(reserved or {})
+    fresh = set()
+    for item, uses in wanted:
+        if item in number_of:
+            _take(uses, number_of[item])
+        else:
+            fresh.add(item)
+    gone = [i for i in previous if not any(c.get(i) for c in counters)]
+    taken: set[int] = set().union(*counters)
+    added: dict[object, int] = {}
     n = first
-    for w in new:
+    for item in sorted(fresh):  # type: ignore[type-var]
         while n in taken:
             n += 1
-        out[w] = n
-        ids[w] = n
+        added[item] = number_of[item] = n
         taken.add(n)
-    return out
+    for item, uses in wanted:
+        if item in added:
+            _take(uses, added[item])
+    return number_of, gone, added
 
 
