@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 
 from stockade.compile.bpf import (
     ADDR_BITS,
+    ANY4,
+    ANY6,
     FIRST_IDENTITY,
     STAGE_POLICY,
     WORLD4,
@@ -62,7 +64,8 @@ class _Unsure(Exception):
 
 def changed_state(rs: Ruleset, previous: BpfState, previous_rs: Ruleset) -> BpfState | None:
     """`compile_state(rs, previous)`, given that `previous` enforces `previous_rs`; None
-    when chains or ipBlocks changed (the caller compiles whole)."""
+    when a chain changed under its name or an ipBlock changed (the caller compiles
+    whole)."""
     try:
         return _Change(rs, previous, previous_rs).state()
     except _Unsure:
@@ -353,7 +356,7 @@ class _Change:
             policy.update(mine)
             changed_keys.update(mine)
             keys_of[pid] = tuple(mine)
-            if any(k[1] in (3, 4) for k in mine):  # ANY4, ANY6
+            if any(k[1] in (ANY4, ANY6) for k in mine):
                 with_any.add(pid)
         if any((pid in with_any) != (pid in index.with_any) for pid in prev.policies
                if pid in policies and prev.policies[pid] == policies[pid]):
