@@ -86,6 +86,35 @@ def test_a_new_object_adopts_the_pins_with_an_empty_delta(trio, datapath, server
     assert denied(trio) == A_ONLY_FROM_B
 
 
+@pytest.mark.parametrize("batch", [1, 3, 8192])
+def test_maps_are_read_back_in_batches_entry_for_entry(trio, datapath, monkeypatch,
+                                                       batch: int) -> None:
+    """The read-back takes BPF_MAP_LOOKUP_BATCH (tries and hash), across batch
+    boundaries and hash buckets larger than a batch, and reads what key by key reads."""
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))
+    # 2,000 made-up connections: in 131,072 buckets, some bucket holds two (a batch of
+    # one must then grow instead of ending the read)
+    ksize, vsize = LAYOUT["ct"]
+    fake = [os.urandom(ksize) for _ in range(2000)]
+    libbpf.update_batch(datapath._maps["ct"], fake, [bytes(vsize)] * len(fake), ksize, vsize)
+    by_key: dict[str, dict[bytes, bytes]] = {}
+    for m in (*bpfc.MAPS, "meta", "ct"):
+        fd = datapath._maps[m]
+        by_key[m] = {k: v for k in libbpf.keys(fd, LAYOUT[m][0])
+                     if (v := libbpf.lookup(fd, k, LAYOUT[m][1])) is not None}
+    assert sum(map(len, by_key.values())) > 3 * batch or batch > 3
+
+    def key_by_key(*_: object) -> None:
+        raise AssertionError("read key by key")
+
+    monkeypatch.setattr(libbpf, "_BATCH", batch)
+    monkeypatch.setattr(libbpf, "keys", key_by_key)
+    for m in (*bpfc.MAPS, "meta", "ct"):
+        assert libbpf.dump(datapath._maps[m], *LAYOUT[m]) == by_key[m], m
+    assert by_key["policy"] and by_key["ipcache4"] and by_key["ipcache6"] and by_key["meta"]
+    assert len(by_key["ct"]) >= len(set(fake))  # the pins go with the fixture
+
+
 def test_enforcement_survives_kill_9_and_is_adopted(trio, datapath, servers) -> None:
     script = (
         "import os, sys\n"

@@ -869,9 +869,9 @@ def decode(maps: Mapping[str, Mapping[bytes, bytes]], meta: Mapping[bytes, bytes
 
 def slot_of_key(mapname: str, key: bytes) -> int:
     """Which slot a key of ipcache4, ipcache6 or policy belongs to."""
-    if mapname == "policy":
-        return 1 if int.from_bytes(POLICY_KEY.unpack(key)[1], "big") & SLOT_BIT else 0
-    return int(key[4])
+    # The byte after the prefix length: the slot of an ipcache key, the top byte of a
+    # policy key's id (big-endian, SLOT_BIT its top bit).
+    return key[4] >> 7 if mapname == "policy" else key[4]
 
 
 @dataclass(frozen=True)
