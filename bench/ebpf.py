@@ -36,7 +36,7 @@ from stockade.datapath import libbpf
 from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint
 from stockade.model.labels import Labels
-from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort, Rule
+from stockade.model.policy import INGRESS, IPBlock, NetworkPolicy, Peer, PolicyPort, Rule
 from stockade.model.selector import Selector
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster
@@ -144,8 +144,23 @@ def main() -> None:
         first = cluster.policies[0]
         inc.upsert_policy(replace(first, ingress=(*first.ingress,
                                                   Rule((PolicyPort("TCP", 9999),)))))
+        change("one policy changed", inc.ruleset())
+        # an ipBlock around the pods of a /24: each moves to an identity that has its set
+        inside = ipaddress.ip_network(f"{base.endpoints[0].ips[0]}/24", strict=False)
+        moved = sum(1 for e in cluster.endpoints for ip in e.ips
+                    if ipaddress.ip_address(ip) in inside)
+        inc.upsert_policy(replace(first, ingress=(*first.ingress, Rule(
+            (PolicyPort("TCP", 9999),), (Peer(ip_block=IPBlock(str(inside))),)))))
+        change(f"one policy changed, an ipBlock added ({moved} pods inside)", inc.ruleset())
+        inc.upsert_policy(first)
+        change("the ipBlock removed again", inc.ruleset())
+        # one around every pod: most prefixes move, so it is compiled whole
+        inc.upsert_policy(replace(first, ingress=(*first.ingress, Rule(
+            (PolicyPort("TCP", 9999),), (Peer(ip_block=IPBlock("10.0.0.0/8")),)))))
+        change("one policy changed, an ipBlock around every pod", inc.ruleset())
+        inc.upsert_policy(first)
         rs2 = inc.ruleset()
-        change("one policy changed", rs2)
+        change("that ipBlock removed again", rs2)
         dp.close()
         fresh = EbpfDatapath("bench", netns=host)
         t_adopt, delta = timed(lambda: fresh.apply(rs2))

@@ -1,7 +1,8 @@
 """The eBPF datapath follows changes worked out from the change, with real packets.
 
 A run of changes as the agent makes them (the incremental compiler's rulesets): a pod
-relabelled into a policy's peers, a new pod, a policy edited, a pod gone. Each apply
+relabelled into a policy's peers, a new pod, a policy edited, a pod gone; then an
+ipBlock that comes, changes and goes. Each apply
 must take the short way (`compile/bpf_change.py`: the state records the state it was
 made from), the packets must follow the change, and a verifying apply right after
 (the kernel read back, the map contents compiled whole) must find nothing to write:
@@ -10,6 +11,7 @@ the kernel holds exactly what a whole compile gives.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,7 +23,7 @@ from stockade.compile.ir import Ruleset
 from stockade.datapath.ebpf import EbpfDatapath
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
-from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort
+from stockade.model.policy import INGRESS, IPBlock, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
 from stockade.net.namespace import entered
@@ -110,3 +112,42 @@ def test_changes_worked_out_are_enforced_and_equal_a_whole_compile(trio, datapat
         assert not _reaches(trio.b.netns, server)
         assert datapath._state is not None
         assert (4, f"{trio.b.address4}/32") not in datapath._state.ipcache
+
+
+def _server_from_block(cidr: str, *except_: str) -> NetworkPolicy:
+    return NetworkPolicy(
+        "x", "server", Selector(Labels({"role": "server"})),
+        ingress=(PRule((PolicyPort("TCP", "echo"),),
+                       (Peer(ip_block=IPBlock(cidr, except_)),)),),
+        policy_types=(INGRESS,))
+
+
+def test_ipblock_changes_worked_out_move_the_pods_inside_them(trio, datapath) -> None:
+    """An ipBlock that comes, changes and goes moves the pods inside its networks (they
+    are in the ipcache already, with other identities) into and out of its set."""
+    ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
+    a, b, c = _ep(trio, "a", "server"), _ep(trio, "b", "client"), _ep(trio, "c", "other")
+    inc = IncrementalCompiler.of(Cluster((ns,), (a, b, c), (_server_from("admin"),)))
+    datapath.apply(inc.ruleset())
+    server = trio.a.address4
+    subnet = str(ipaddress.ip_network(f"{trio.b.address4}/24", strict=False))
+    with EchoServer(trio.a.netns, PORT):
+        assert not _reaches(trio.b.netns, server)
+        assert not _reaches(trio.c.netns, server)
+
+        inc.upsert_policy(_server_from_block(subnet, f"{trio.c.address4}/32"))
+        _apply_change(datapath, inc.ruleset())
+        assert _reaches(trio.b.netns, server)
+        assert not _reaches(trio.c.netns, server)
+
+        inc.upsert_policy(_server_from_block(f"{trio.c.address4}/32"))
+        _apply_change(datapath, inc.ruleset())
+        assert not _reaches(trio.b.netns, server)
+        assert _reaches(trio.c.netns, server)
+
+        inc.upsert_policy(_server_from("admin"))
+        _apply_change(datapath, inc.ruleset())
+        assert not _reaches(trio.b.netns, server)
+        assert not _reaches(trio.c.netns, server)
+        assert datapath._state is not None
+        assert not [p for p in datapath._state.ipcache if not p[1].endswith(("/32", "/128"))]

@@ -5,8 +5,8 @@ tiers) go through the incremental compiler and random changes, as in the agent. 
 each change `bpf_change.changed_state` must give what `bpf.compile_state` gives from the
 whole ruleset and the previous state (the same ids included), with an index equal to
 one worked out from the contents, and `state_delta` from its record of what changed must
-equal the delta found by comparing everything. A change it declines (chains or
-ipBlocks changed) is compiled whole and the walk goes on from there.
+equal the delta found by comparing everything. A change it declines (a chain changed
+under its name) is compiled whole and the walk goes on from there.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tests.property.tier_strategies import cluster_network_policies, cnp_cluster
 from stockade.compile import bpf
 from stockade.compile.bpf_change import changed_state
 from stockade.compile.incremental import IncrementalCompiler
-from stockade.compile.ir import Ruleset
+from stockade.compile.ir import NET, Ruleset
 from stockade.model.cluster import Cluster, Namespace
 
 FEATURES = DENSE.with_features(named_ports=True)
@@ -95,6 +95,9 @@ def _walk(data: st.DataObject, c: Cluster, inc: IncrementalCompiler, steps: int,
         rs = inc.ruleset()
         state, done = _follow(state, before, rs)
         event(f"{kind}: {'worked out' if done else 'compiled whole'}")
+        nets = [{n for n, s in r.sets.items() if s.kind == NET} for r in (before, rs)]
+        if nets[0] != nets[1]:
+            event(f"ipBlocks changed: {'worked out' if done else 'compiled whole'}")
         worked += done
         before = rs
     return worked
@@ -144,3 +147,63 @@ def test_an_endpoint_added_is_worked_out_not_declined() -> None:
         assert worked, name
         assert state.index is not None and len(state.index.prefixes) == touched
         before = rs
+
+
+def test_an_ipblock_set_changed_under_its_name_moves_only_what_it_no_longer_covers() -> None:
+    # Lowering names an ipBlock's set by its content, so its sets only come and go; a
+    # set whose networks change under its name must still be worked out right: a
+    # prefix inside a network that went, but still inside a wider one, keeps the set.
+    from stockade.compile.lower import compile_cluster
+    from stockade.model.cluster import Endpoint
+    from stockade.model.labels import Labels
+    from stockade.model.policy import IPBlock, NetworkPolicy, Peer, Rule
+    from stockade.model.selector import Selector
+
+    policy = NetworkPolicy("ns", "from-net", Selector(Labels({"app": "web"})), ingress=(
+        Rule(peers=(Peer(ip_block=IPBlock("10.0.0.0/8")),)),), policy_types=("Ingress",))
+    eps = (Endpoint("ns", "web", Labels({"app": "web"}), ("10.1.2.3",)),
+           Endpoint("ns", "other", Labels({"app": "db"}), ("10.1.2.4",)),
+           Endpoint("ns", "far", Labels({"app": "db"}), ("10.2.0.9",)))
+    rs = compile_cluster(Cluster((Namespace("ns", Labels({})),), eps, (policy,)))
+    (name,) = [n for n, s in rs.sets.items() if s.kind == NET]
+
+    def networks(*nets: str) -> Ruleset:
+        return replace(rs, sets={**rs.sets, name: replace(rs.sets[name],
+                                                          elements=frozenset(nets))})
+
+    state = bpf.compile_state(rs)
+    before = rs
+    for nets in (("10.0.0.0/8", "10.1.0.0/16"), ("10.0.0.0/8",), ("10.1.0.0/16",),
+                 ("10.1.2.0/24", "10.2.0.0/16"), ("10.0.0.0/8", "10.1.2.0/24")):
+        after = networks(*nets)
+        state, worked = _follow(state, before, after)
+        assert worked, nets
+        before = after
+
+
+def test_a_change_that_moves_most_prefixes_is_compiled_whole() -> None:
+    # A wide ipBlock moves every pod inside it to another identity: past a quarter of
+    # the prefixes (and 1,024), working it out costs more than compiling whole.
+    from stockade.compile.lower import compile_cluster
+    from stockade.model.cluster import Endpoint
+    from stockade.model.labels import Labels
+    from stockade.model.policy import IPBlock, NetworkPolicy, Peer, Rule
+    from stockade.model.selector import ALL, Selector
+
+    eps = tuple(Endpoint("ns", f"p{i}", Labels({"app": "db" if i else "web"}),
+                         (f"10.1.{i // 250}.{i % 250 + 1}",)) for i in range(1200))
+    ns = (Namespace("ns", Labels({})),)
+    isolated = NetworkPolicy("ns", "all", ALL, policy_types=("Ingress",))
+
+    def from_block(cidr: str) -> Ruleset:
+        web = NetworkPolicy("ns", "web", Selector(Labels({"app": "web"})), ingress=(
+            Rule(peers=(Peer(ip_block=IPBlock(cidr)),)),), policy_types=("Ingress",))
+        return compile_cluster(Cluster(ns, eps, (isolated, web)))
+
+    before = from_block("192.168.0.0/16")  # no pod inside
+    state = bpf.compile_state(before)
+    narrow = from_block("10.1.0.0/26")  # 63 pods inside
+    assert _follow(state, before, narrow)[1]
+    wide = from_block("10.1.0.0/16")  # all 1,200
+    assert changed_state(wide, state, before) is None
+    assert changed_state(from_block("10.1.0.0/22"), state, before) is not None  # 1,000

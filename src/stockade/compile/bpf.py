@@ -239,6 +239,11 @@ def _network(family: int, value: int, length: int
     return ipaddress.IPv6Network((value, length))
 
 
+def prefix_mask(bits: int, length: int) -> int:
+    """The network bits of a prefix `length` long in a `bits`-bit address."""
+    return ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1)
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def _exact(addr: str) -> Prefix:
     """An address as its full-length prefix (canonical text)."""
@@ -327,8 +332,7 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
         for ln in lengths[fam]:
             if ln > plen:
                 break
-            mask = ((1 << bits) - 1) ^ ((1 << (bits - ln)) - 1)
-            member |= nets[fam].get((base & mask, ln), set())
+            member |= nets[fam].get((base & prefix_mask(bits, ln), ln), set())
         identity_of[p] = Identity(fam, tuple(sorted(member)),
                                   tuple(sorted(named_of.get(p, ()))))
     prev_ids = previous.identities if previous is not None else {}
@@ -437,8 +441,11 @@ def peer_keys(pid: int, ref: PolicyRef, enforced: Chain, ident_id: int, ident: I
     identities = {ident_id: ident}
     by_set = {s: [ident_id] for s in ident.sets}
     by_named = {n: [ident_id] for n, _, _ in ident.named}
+    # A union needs only the rules this peer can match: in their peer set, or (no peer
+    # set) in their named-port set; first match paints from every rule.
     spaces = [(peer, space, _value(rule)) for rule in enforced.rules
-              if enforced.final is False or rule.peer_set is not None or rule.named_set
+              if enforced.final is False or (rule.peer_set in by_set if rule.peer_set
+                                             is not None else rule.named_set in by_named)
               for peer, space in _rule_spaces(ref, rule, identities, by_set, by_named)]
     if enforced.final:
         return dict.fromkeys(_union_keys(pid, [s for s in spaces if s[0] == ident_id]),
@@ -630,8 +637,7 @@ def _lookup_ip(state: BpfState, addr: ipaddress.IPv4Address | ipaddress.IPv6Addr
     bits = ADDR_BITS[fam]
     value = int(addr)
     for ln in range(bits, -1, -1):
-        mask = ((1 << bits) - 1) ^ ((1 << (bits - ln)) - 1)
-        net = _network(fam, value & mask, ln)
+        net = _network(fam, value & prefix_mask(bits, ln), ln)
         info = state.ipcache.get((fam, str(net)))
         if info is not None:
             return info

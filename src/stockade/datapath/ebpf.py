@@ -639,8 +639,9 @@ class EbpfDatapath:
             active, kgen, base = self._slot, self._kgen, self._state
             links = self._check_links(full=False)
         t1 = time.perf_counter()
-        # Against the last apply, an endpoint's change is worked out from the change
-        # (compile/bpf_change.py); what it cannot (chains, ipBlocks) is compiled whole.
+        # Against the last apply, a change is worked out from the change
+        # (compile/bpf_change.py); what it cannot (a chain changed under its name) is
+        # compiled whole.
         state = changed_state(desired, base, before) if kernel is None else None
         if state is None:
             state = bpfc.compile_state(desired, base)
