@@ -94,6 +94,7 @@ class _Change:
         if not _chains_kept(previous_rs.chains, rs.chains):
             raise _Unsure
         self.rs, self.prev, self.prs = rs, previous, previous_rs
+        self.most = max(_MANY, len(previous.ipcache) // 4)  # prefixes moved, at most
         self.index = index_of(previous)
         # per prefix: ADDR sets gained and lost, named ports gained and lost
         self.gained: dict[Prefix, set[str]] = {}
@@ -193,6 +194,8 @@ class _Change:
                     self.gained.setdefault(p, set()).update(gained)
                 if lost or gained:
                     self.touched.add(p)
+                    if len(self.touched) > self.most:
+                        raise _Unsure  # most prefixes move: no need to find them all
 
     def _maps(self) -> None:
         for direction, old, new in ((INGRESS, self.prs.ingress, self.rs.ingress),
@@ -325,7 +328,7 @@ class _Change:
         self._sets()
         self._maps()
         prev, index = self.prev, self.index
-        if len(self.touched) > max(_MANY, len(prev.ipcache) // 4):
+        if len(self.touched) > self.most:
             raise _Unsure  # most prefixes move (a wide ipBlock): whole is cheaper
         identity_uses = dict(index.identity_uses)
         entry_uses = dict(index.entry_uses)
