@@ -82,17 +82,29 @@ def changed_state(rs: Ruleset, previous: BpfState, previous_rs: Ruleset) -> BpfS
         return None
 
 
-def _chains_kept(a: Mapping[str, Chain], b: Mapping[str, Chain]) -> bool:
-    """Whether every chain in both is the same: chains may come and go (a map entry that
-    names a new one is a change of that entry), not change under their names. Chain
-    equality leaves comments out: a comment is the state's `chains`, not its maps."""
-    return a is b or all(c is b[n] or c == b[n] for n, c in a.items() if n in b)
+def _rewritten(a: Mapping[str, Chain], b: Mapping[str, Chain]) -> set[str]:
+    """The chains changed under their names (a tier's chain is named by what it selects).
+    Chains that come and go are changes of the map entries naming them. Chain equality
+    leaves comments out: a comment is the state's `chains`, not its maps."""
+    if a is b:
+        return set()
+    out = {n for n, c in a.items() if n in b and c is not b[n] and c != b[n]}
+    for n in out:
+        old, new = a[n], b[n]
+        if (bool(old.rules), old.calls, old.next, old.final, _named_sets(old)) != (
+                bool(new.rules), new.calls, new.next, new.final, _named_sets(new)):
+            # the chains judging a side in turn, or the named ports its ref holds
+            raise _Unsure
+    return out
+
+
+def _named_sets(chain: Chain) -> set[str]:
+    return {r.named_set for r in chain.rules if r.named_set}
 
 
 class _Change:
     def __init__(self, rs: Ruleset, previous: BpfState, previous_rs: Ruleset) -> None:
-        if not _chains_kept(previous_rs.chains, rs.chains):
-            raise _Unsure
+        self.rewritten = _rewritten(previous_rs.chains, rs.chains)
         self.rs, self.prev, self.prs = rs, previous, previous_rs
         self.most = max(_MANY, len(previous.ipcache) // 4)  # prefixes moved, at most
         self.index = index_of(previous)
@@ -273,8 +285,7 @@ class _Change:
         if direction == INGRESS:
             wanted = self._named_sets.get(chain)
             if wanted is None:
-                wanted = self._named_sets[chain] = {
-                    r.named_set for r in self.rs.chains[chain].rules if r.named_set}
+                wanted = self._named_sets[chain] = _named_sets(self.rs.chains[chain])
             own = tuple(sorted(n for n in named if n[0] in wanted))
         return PolicyRef(direction, chain, p[0], own)
 
@@ -385,7 +396,8 @@ class _Change:
             raise DataplaneError(f"{len(policies)} eBPF policies: more than the program "
                                  f"numbers ({STAGE_POLICY}); nothing was changed")
 
-        # Entries of the policies that are new, or whose sets hold a changed identity.
+        # Entries of the policies that are new or rewritten, or whose sets hold a changed
+        # identity.
         concerned: set[str] = set()
         for ident in changed_idents:
             concerned.update(ident.sets)
@@ -405,7 +417,8 @@ class _Change:
             ref = policies.get(pid)
             staged = ref is not None and bool(stage_uses.get(pid))
             had = pid in keys_of  # its entries were worked out (it was a stage)
-            if had and staged and prev.policies.get(pid) == ref and ref is not None:
+            if (had and staged and prev.policies.get(pid) == ref and ref is not None
+                    and ref.chain not in self.rewritten):
                 if concerned and self._names(ref.chain) & concerned:
                     # The same policy: only the changed identities' entries change.
                     self._repeer(pid, ref, gone_pairs, added_pairs, policy, keys_of,
