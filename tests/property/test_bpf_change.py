@@ -29,6 +29,7 @@ from tests.property.tier_strategies import cluster_network_policies, cnp_cluster
 from stockade.compile import bpf
 from stockade.compile.bpf_change import changed_state
 from stockade.compile.incremental import IncrementalCompiler
+from stockade.compile.ir import INGRESS as INGRESS_DIR
 from stockade.compile.ir import NET, Ruleset
 from stockade.model.cluster import Cluster, Namespace
 
@@ -207,3 +208,41 @@ def test_a_change_that_moves_most_prefixes_is_compiled_whole() -> None:
     wide = from_block("10.1.0.0/16")  # all 1,200
     assert changed_state(wide, state, before) is None
     assert changed_state(from_block("10.1.0.0/22"), state, before) is not None  # 1,000
+
+
+def test_a_tier_chain_rewritten_under_its_name_is_worked_out() -> None:
+    # A tier's chain is named by what it selects, so its rules change under its name:
+    # its policies' entries are worked out again; when it gains entries keyed by ANY,
+    # every prefix it judges gets the flag in its stage id; when its rules come or go,
+    # or it names other named-port sets, the prefixes it judges are judged again.
+    from stockade.compile.ir import ADDR, ADDR_PORT, ALLOW, DENY, AddressSet, Chain, ChainRule
+
+    sets = {"web": AddressSet("web", 4, ADDR, frozenset({"10.0.0.1", "10.0.0.2"})),
+            "db": AddressSet("db", 4, ADDR, frozenset({"10.0.0.3"})),
+            "http": AddressSet("http", 4, ADDR_PORT, frozenset({("10.0.0.1", "TCP", 8080)})),
+            "admin": AddressSet("admin", 4, ADDR_PORT,
+                                frozenset({("10.0.0.1", "TCP", 9090)}))}
+    np_chain = Chain("np", INGRESS_DIR, (ChainRule(peer_set="web"),))
+
+    def ruleset(*rules: ChainRule) -> Ruleset:
+        tier = Chain("admin-1", INGRESS_DIR, rules, tier="Admin", next="np")
+        return Ruleset(sets, {"np": np_chain, "admin-1": tier},
+                       {"10.0.0.1": "admin-1", "10.0.0.2": "admin-1", "10.0.0.3": "np"}, {})
+
+    deny_db = ChainRule(peer_set="db", action=DENY)
+    steps = [
+        ruleset(deny_db),
+        ruleset(ChainRule(protocol="TCP", ports=((22, 22),), action=DENY), deny_db),  # ANY
+        ruleset(deny_db),  # ANY gone
+        ruleset(),  # no rules: the side is judged by np alone
+        ruleset(deny_db),  # back
+        ruleset(ChainRule(peer_set="db", named_set="http", action=DENY)),
+        ruleset(ChainRule(peer_set="db", named_set="admin", action=DENY)),
+        ruleset(ChainRule(peer_set="web", action=ALLOW), deny_db),
+    ]
+    before = steps[0]
+    state = bpf.compile_state(before)
+    for i, rs in enumerate(steps[1:], 1):
+        state, worked = _follow(state, before, rs)
+        assert worked, i
+        before = rs

@@ -88,14 +88,7 @@ def _rewritten(a: Mapping[str, Chain], b: Mapping[str, Chain]) -> set[str]:
     leaves comments out: a comment is the state's `chains`, not its maps."""
     if a is b:
         return set()
-    out = {n for n, c in a.items() if n in b and c is not b[n] and c != b[n]}
-    for n in out:
-        old, new = a[n], b[n]
-        if (bool(old.rules), old.calls, old.next, old.final, _named_sets(old)) != (
-                bool(new.rules), new.calls, new.next, new.final, _named_sets(new)):
-            # the chains judging a side in turn, or the named ports its ref holds
-            raise _Unsure
-    return out
+    return {n for n, c in a.items() if n in b and c is not b[n] and c != b[n]}
 
 
 def _named_sets(chain: Chain) -> set[str]:
@@ -208,6 +201,31 @@ class _Change:
                     self.touched.add(p)
                     if len(self.touched) > self.most:
                         raise _Unsure  # most prefixes move: no need to find them all
+
+    def _restaged(self) -> None:
+        """Prefixes a rewritten chain judges in other ways: the chains judging them in
+        turn changed (a chain's rules came or went), or a chain judging them names
+        other named-port sets (an ingress side's policy holds its own named ports)."""
+        renamed = {n for n in self.rewritten
+                   if _named_sets(self.prs.chains[n]) != _named_sets(self.rs.chains[n])}
+        if not renamed and all(bool(self.prs.chains[n].rules) == bool(self.rs.chains[n].rules)
+                               for n in self.rewritten):
+            return
+        moved: dict[str, bool] = {}
+        for p, info in self.prev.ipcache.items():
+            for pid in info[1:3]:
+                if not pid:
+                    continue
+                chain = self.prev.policies[pid].chain
+                m = moved.get(chain)
+                if m is None:
+                    if chain not in self.rs.chains:
+                        continue  # its map entries changed: those prefixes are touched
+                    before = stages(self.prs, chain)
+                    m = moved[chain] = before != self._staged(chain) or not renamed.isdisjoint(
+                        before)
+                if m:
+                    self.touched.add(p)
 
     def _maps(self) -> None:
         for direction, old, new in ((INGRESS, self.prs.ingress, self.rs.ingress),
@@ -338,6 +356,8 @@ class _Change:
     def state(self) -> BpfState:
         self._sets()
         self._maps()
+        if self.rewritten:
+            self._restaged()
         prev, index = self.prev, self.index
         if len(self.touched) > self.most:
             raise _Unsure  # most prefixes move (a wide ipBlock): whole is cheaper
@@ -442,9 +462,11 @@ class _Change:
             keys_of[pid] = tuple(mine)
             if any(k[1] in (ANY4, ANY6) for k in mine):
                 with_any.add(pid)
-        if any((pid in with_any) != (pid in index.with_any) for pid in prev.policies
-               if pid in policies and prev.policies[pid] == policies[pid]):
-            raise _Unsure  # a kept policy's stage flags changed: every prefix with it
+        # Kept policies that gained or lost entries keyed by ANY: the stage ids naming
+        # them carry the flag, in every prefix judged by them.
+        flipped = {pid for pid in prev.policies if pid in policies
+                   and prev.policies[pid] == policies[pid]
+                   and (pid in with_any) != (pid in index.with_any)}
         frozen_any = frozenset(with_any)
 
         # The touched prefixes' ipcache entries.
@@ -468,6 +490,22 @@ class _Change:
             ipcache[p] = (id_of[ident], pid_of[ing] if ing is not None else 0,
                           pid_of[egr] if egr is not None else 0, sides[0], sides[1], sides[2],
                           sides[3])
+        touched = self.touched
+        if flipped:
+            touched = set(touched)
+            for p, info in ipcache.items():
+                if any(st and st & STAGE_POLICY in flipped for st in info[3:]):
+                    touched.add(p)
+            def restamped(st: int) -> int:
+                pid = st & STAGE_POLICY
+                if not st or pid not in flipped:
+                    return st
+                return stage_id(pid, chains[policies[pid].chain], frozen_any)
+
+            for p in touched - self.touched:
+                i, in_pid, out_pid, s0, s1, s2, s3 = ipcache[p]
+                ipcache[p] = (i, in_pid, out_pid, restamped(s0), restamped(s1),
+                              restamped(s2), restamped(s3))
 
         # Sets as the state keeps them: ipBlocks whole, the others without elements.
         psets = prev.sets
@@ -482,7 +520,7 @@ class _Change:
                 kept = AddressSet(a.name, a.family, a.kind, frozenset(), a.comment)
             sets[name] = kept
         made = StateIndex(keys_of, frozen_any, identity_uses, entry_uses, stage_uses,
-                          weakref.ref(prev), frozenset(self.touched), frozenset(changed_keys))
+                          weakref.ref(prev), frozenset(touched), frozenset(changed_keys))
         entries: Mapping[PolicyKey, int] = prev.policy
         if policy:
             entries = dict(prev.policy)
