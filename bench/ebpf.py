@@ -35,11 +35,13 @@ from stockade.compile.lower import compile_cluster
 from stockade.datapath import libbpf
 from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint
+from stockade.model.cnp import ADMIN
 from stockade.model.labels import Labels
 from stockade.model.policy import INGRESS, IPBlock, NetworkPolicy, Peer, PolicyPort, Rule
 from stockade.model.selector import Selector
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster
+from tiers import cluster_policies
 
 KFUNC_PROBE = r"""
 #include "vmlinux.h"
@@ -162,8 +164,16 @@ def main() -> None:
             (PolicyPort("TCP", 9999),), (Peer(ip_block=IPBlock("10.0.0.0/8")),)))))
         change("one policy changed, an ipBlock around every pod", inc.ruleset())
         inc.upsert_policy(first)
+        change("that ipBlock removed again", inc.ruleset())
+        # ClusterNetworkPolicy tiers: two Admin policies for each namespace; then one's
+        # priority changed, which rewrites its namespace's Admin chain under its name
+        admins = cluster_policies(ADMIN, 100, spread=True)
+        for cnp in admins:
+            inc.upsert_cluster_policy(cnp)
+        change("100 Admin ClusterNetworkPolicies added", inc.ruleset())
+        inc.upsert_cluster_policy(replace(admins[0], priority=1000))
         rs2 = inc.ruleset()
-        change("that ipBlock removed again", rs2)
+        change("one's priority changed (its chain rewritten under its name)", rs2)
         dp.close()
         fresh = EbpfDatapath("bench", netns=host)
         t_adopt, delta = timed(lambda: fresh.apply(rs2))

@@ -307,6 +307,15 @@ def test_a_priority_flip_rewrites_the_admin_chain_in_place(trio, datapath, serve
     assert _seen(trio, pairs) == {4: {("b", "a", "TCP/80"): False},
                                   6: {("b", "a", "TCP/80"): False}}
     datapath.apply(second)
+    # worked out from the change (the chain's policy keys computed again), not whole
+    assert datapath._state is not None and datapath._state.index is not None
+    assert datapath._state.index.base is not None
     assert datapath.read() == second
     assert _seen(trio, pairs) == {4: {("b", "a", "TCP/80"): True},
                                   6: {("b", "a", "TCP/80"): True}}
+    datapath.apply(second, verify=True)  # the kernel holds what a whole compile gives
+    assert datapath.last_drift is None and datapath.last_timing["entries"] == 0
+    datapath.apply(first)
+    assert datapath._state.index.base is not None
+    assert _seen(trio, pairs) == {4: {("b", "a", "TCP/80"): False},
+                                  6: {("b", "a", "TCP/80"): False}}
