@@ -18,10 +18,13 @@ state and the ruleset it was made from give the new state from what differs:
 
 The result equals `compile_state(rs, previous)` (a property test holds the two to
 each other on random changes) and carries what changed, so that `state_delta`
-encodes only that. Chains come and go with policies (their names are their
-contents): a new chain is a new policy for the prefixes whose map entries name it.
-A chain changed under its name, a kept policy's ANY flag changed, or a change
-that moves most prefixes (a wide ipBlock) return None: the caller compiles whole.
+encodes only that. Chains come and go with policies (a NetworkPolicy chain's name
+is its content): a new chain is a new policy for the prefixes whose map entries
+name it. A tier's chain is named by what it selects, so it changes under its
+name: its policies' entries are worked out again, a flipped ANY flag is stamped
+again in the stage ids naming them, and the prefixes it judges are judged again
+when its rules come or go or name other named-port sets. A change that moves most
+prefixes (a wide ipBlock) returns None: the caller compiles whole.
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ class _Unsure(Exception):
 
 def changed_state(rs: Ruleset, previous: BpfState, previous_rs: Ruleset) -> BpfState | None:
     """`compile_state(rs, previous)`, given that `previous` enforces `previous_rs`; None
-    when a chain changed under its name, a kept policy's ANY flag would change, or most
-    prefixes move (the caller compiles whole)."""
+    when most prefixes move, or a set changes its kind under its name (lowering names
+    sets by their kind and content, so never), and the caller compiles whole."""
     try:
         return _Change(rs, previous, previous_rs).state()
     except _Unsure:

@@ -640,8 +640,7 @@ class EbpfDatapath:
             links = self._check_links(full=False)
         t1 = time.perf_counter()
         # Against the last apply, a change is worked out from the change
-        # (compile/bpf_change.py); what it cannot (a chain changed under its name) is
-        # compiled whole.
+        # (compile/bpf_change.py); one that moves most prefixes is compiled whole.
         state = changed_state(desired, base, before) if kernel is None else None
         if state is None:
             state = bpfc.compile_state(desired, base)
