@@ -224,9 +224,9 @@ def test_a_tier_chain_rewritten_under_its_name_is_worked_out() -> None:
                                 frozenset({("10.0.0.1", "TCP", 9090)}))}
     np_chain = Chain("np", INGRESS_DIR, (ChainRule(peer_set="web"),))
 
-    def ruleset(*rules: ChainRule) -> Ruleset:
-        tier = Chain("admin-1", INGRESS_DIR, rules, tier="Admin", next="np")
-        return Ruleset(sets, {"np": np_chain, "admin-1": tier},
+    def ruleset(*rules: ChainRule, tier: str = "Admin", after: str | None = "np") -> Ruleset:
+        chain = Chain("admin-1", INGRESS_DIR, rules, tier=tier, next=after)
+        return Ruleset(sets, {"np": np_chain, "admin-1": chain},
                        {"10.0.0.1": "admin-1", "10.0.0.2": "admin-1", "10.0.0.3": "np"}, {})
 
     deny_db = ChainRule(peer_set="db", action=DENY)
@@ -239,6 +239,9 @@ def test_a_tier_chain_rewritten_under_its_name_is_worked_out() -> None:
         ruleset(ChainRule(peer_set="db", named_set="http", action=DENY)),
         ruleset(ChainRule(peer_set="db", named_set="admin", action=DENY)),
         ruleset(ChainRule(peer_set="web", action=ALLOW), deny_db),
+        ruleset(deny_db, after=None),  # (a new chain's name in lowering, not here)
+        ruleset(ChainRule(peer_set="db"), tier="", after=None),  # final: another stage id
+        ruleset(deny_db, after=None),
     ]
     before = steps[0]
     state = bpf.compile_state(before)

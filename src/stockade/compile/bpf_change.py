@@ -208,12 +208,15 @@ class _Change:
     def _restaged(self) -> None:
         """Prefixes a rewritten chain judges in other ways: the chains judging them in
         turn changed (a chain's rules came or went), or a chain judging them names
-        other named-port sets (an ingress side's policy holds its own named ports)."""
-        renamed = {n for n in self.rewritten
-                   if _named_sets(self.prs.chains[n]) != _named_sets(self.rs.chains[n])}
-        if not renamed and all(bool(self.prs.chains[n].rules) == bool(self.rs.chains[n].rules)
+        other named-port sets (an ingress side's policy holds its own named ports) or
+        became final or not (a stage id's flag)."""
+        old, new = self.prs.chains, self.rs.chains
+        renamed = {n for n in self.rewritten if _named_sets(old[n]) != _named_sets(new[n])
+                   or old[n].final != new[n].final}
+        if not renamed and all((bool(old[n].rules), old[n].next, old[n].calls)
+                               == (bool(new[n].rules), new[n].next, new[n].calls)
                                for n in self.rewritten):
-            return
+            return  # the same stages for every prefix
         moved: dict[str, bool] = {}
         for p, info in self.prev.ipcache.items():
             for pid in info[1:3]:
