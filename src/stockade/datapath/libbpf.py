@@ -285,11 +285,11 @@ def _dump_batched(fd: int, key_size: int, value_size: int) -> dict[bytes, bytes]
     token = max(key_size, 8)
     position, following = ctypes.create_string_buffer(token), ctypes.create_string_buffer(token)
     size = _BATCH
+    kbuf, vbuf = ctypes.create_string_buffer(key_size * size), ctypes.create_string_buffer(
+        value_size * size)
     out: dict[bytes, bytes] = {}
     first = True
     while True:
-        kbuf = ctypes.create_string_buffer(key_size * size)
-        vbuf = ctypes.create_string_buffer(value_size * size)
         count = ctypes.c_uint32(size)
         rc = bpf.bpf_map_lookup_batch(fd, None if first else position, following, kbuf, vbuf,
                                       ctypes.byref(count), None)
@@ -298,6 +298,8 @@ def _dump_batched(fd: int, key_size: int, value_size: int) -> dict[bytes, bytes]
             raise _NoBatch
         if err == errno.ENOSPC and count.value == 0:
             size *= 2  # one hash bucket holds more entries than the batch has room for
+            kbuf = ctypes.create_string_buffer(key_size * size)
+            vbuf = ctypes.create_string_buffer(value_size * size)
             continue
         if err not in (0, errno.ENOENT):
             _check(rc, "map batch lookup")
