@@ -10,6 +10,7 @@ Profiles (choose with HYPOTHESIS_PROFILE=<name>; "ci" by default):
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +49,18 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A run stopped with SIGTERM (`timeout`, a CI runner giving up) would skip every
+    # fixture's teardown and leave its namespaces, tables and pins behind. As an
+    # interrupt, pytest still tears down what is set up when the session finishes.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 @pytest.fixture(scope="session")
