@@ -96,6 +96,7 @@ def test_maps_are_read_back_in_batches_entry_for_entry(trio, datapath, monkeypat
     # one must then grow instead of ending the read)
     ksize, vsize = LAYOUT["ct"]
     fake = [os.urandom(ksize) for _ in range(2000)]
+    made_up = set(fake)
     libbpf.update_batch(datapath._maps["ct"], fake, [bytes(vsize)] * len(fake), ksize, vsize)
     by_key: dict[str, dict[bytes, bytes]] = {}
     for m in (*bpfc.MAPS, "meta", "ct"):
@@ -110,9 +111,15 @@ def test_maps_are_read_back_in_batches_entry_for_entry(trio, datapath, monkeypat
     monkeypatch.setattr(libbpf, "_BATCH", batch)
     monkeypatch.setattr(libbpf, "keys", key_by_key)
     for m in (*bpfc.MAPS, "meta", "ct"):
-        assert libbpf.dump(datapath._maps[m], *LAYOUT[m]) == by_key[m], m
+        got = libbpf.dump(datapath._maps[m], *LAYOUT[m])
+        if m == "ct":
+            # the namespaces' own packets (MLD reports to ff02::16, router solicitations)
+            # add connections between the two reads: compare the made-up ones
+            got, by_key[m] = ({k: v for k, v in d.items() if k in made_up}
+                              for d in (got, by_key[m]))
+        assert got == by_key[m], m
     assert by_key["policy"] and by_key["ipcache4"] and by_key["ipcache6"] and by_key["meta"]
-    assert len(by_key["ct"]) >= len(set(fake))  # the pins go with the fixture
+    assert len(by_key["ct"]) == len(made_up)  # the pins go with the fixture
 
 
 def test_enforcement_survives_kill_9_and_is_adopted(trio, datapath, servers) -> None:
