@@ -12,9 +12,13 @@
  * plugin instead, with the same stdin and environment: that one is the reference,
  * and it knows how to report every failure in the spec's terms.
  *
- * The agent runs the plugin in this process's network namespace (it enters
- * /proc/PID/ns/net of the pid sent), so the host side is plumbed where the runtime
- * meant, as the Python plugin would have.
+ * The agent runs the plugin in this process's network namespace, so the host side is
+ * plumbed where the runtime meant, as the Python plugin would have. The request carries
+ * (SCM_RIGHTS) this process's network and mount namespaces and its root directory:
+ * an agent in a container of its own (no shared PID or mount namespace, as in the
+ * DaemonSet) enters the first, and through the other two checks that it sees the
+ * paths it is given (CNI_NETNS, the data directory) as this process does, or hands
+ * the call back. The pid is sent too, for an agent from before.
  *
  * The socket: the configuration's top-level "socket", else $STOCKADE_SOCKET, else
  * /run/stockade/agent.sock (as the Python plugin chooses). The Python plugin:
@@ -22,6 +26,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -373,7 +378,12 @@ int main(int argc, char **argv)
 	if (!put_json_string(&req, (const unsigned char *)input.data, input.len))
 		python(argv, &input);
 	/* the agent runs the plugin in this process's network namespace, as if here */
-	snprintf(chunk, sizeof chunk, ",\"pid\":%d}}\n", (int)getpid());
+	int fds[3] = {open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC),
+		      open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC),
+		      open("/", O_PATH | O_DIRECTORY | O_CLOEXEC)};
+	int passing = fds[0] >= 0 && fds[1] >= 0 && fds[2] >= 0;
+	snprintf(chunk, sizeof chunk, ",\"pid\":%d%s}}\n", (int)getpid(),
+		 passing ? ",\"fds\":[\"net\",\"mnt\",\"root\"]" : "");
 	puts_(&req, chunk);
 
 	const char *path = socket_of(&input);
@@ -388,11 +398,33 @@ int main(int argc, char **argv)
 	if (s < 0 || connect(s, (struct sockaddr *)&addr, sizeof addr) != 0)
 		python(argv, &input);
 	for (size_t off = 0; off < req.len;) {
-		n = write(s, req.data + off, req.len - off);
+		if (off == 0 && passing) {
+			/* the descriptors travel with the request's first bytes */
+			union {
+				char space[CMSG_SPACE(sizeof fds)];
+				struct cmsghdr align;
+			} control;
+			memset(&control, 0, sizeof control);
+			struct iovec iov = {.iov_base = req.data, .iov_len = req.len};
+			struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
+					     .msg_control = control.space,
+					     .msg_controllen = sizeof control.space};
+			struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+			cm->cmsg_level = SOL_SOCKET;
+			cm->cmsg_type = SCM_RIGHTS;
+			cm->cmsg_len = CMSG_LEN(sizeof fds);
+			memcpy(CMSG_DATA(cm), fds, sizeof fds);
+			n = sendmsg(s, &msg, MSG_NOSIGNAL);
+		} else {
+			n = write(s, req.data + off, req.len - off);
+		}
 		if (n <= 0)
 			python(argv, &input);
 		off += (size_t)n;
 	}
+	for (int i = 0; i < 3; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
 	struct buf ans = {0};
 	while (!ans.len || ans.data[ans.len - 1] != '\n') {
 		n = read(s, chunk, sizeof chunk);

@@ -635,6 +635,7 @@ def templates(world: World) -> dict[str, tuple[dict[str, Any], list[Field]]]:
             Field(("env",), "obj", True, ({"CNI_COMMAND": 5}, {"CNI_COMMAND": None})),
             Field(("stdin",), "str", True),
             Field(("pid",), "int", False, (-1, 2**40)),
+            Field(("fds",), "list", False, ([], ["net"], ["net", "mnt", "x"], [1, 2, 3])),
         ]),
     }
     assert set(t) == set(OPS), set(OPS) ^ set(t)

@@ -39,10 +39,18 @@ Requests of one connection are answered in order, one at a time; lines sent
 ahead (pipelined) wait in the buffer, and count against the memory bound. A
 client that shuts down its side after a last line without a newline gets that
 line answered too, then the connection closes.
+
+**Who asks.** An operation may ask who sent the request it answers
+(:func:`caller`): the peer's credentials as the kernel gives them (``SO_PEERCRED``,
+its pid as this agent's PID namespace sees it) and the file descriptors the
+request carried (``SCM_RIGHTS``, at most ``MAX_FDS``; more are closed by the
+kernel, and a request's descriptors are closed once it is answered, or when its
+connection closes before). The thin CNI plugin hands over its namespaces so.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import functools
@@ -52,9 +60,11 @@ import queue
 import selectors
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +102,9 @@ ACCEPT_PAUSE = 0.2  # seconds without accepting after EMFILE and the like
 # collector waits while it is decoded and answered (see agent/heap.py).
 BULK_LINE = 1 << 20
 WORKER_IDLE = 2.0  # seconds a worker waits for the next request before it ends
+MAX_FDS = 4  # descriptors one request may carry (the thin CNI plugin sends three)
+_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # connection states
 IDLE, READING, PAUSED, DRAINING, BUSY, CLOSED = (
@@ -104,6 +117,45 @@ def somaxconn(default: int = 4096) -> int:
         return int(Path("/proc/sys/net/core/somaxconn").read_text().strip())
     except (OSError, ValueError):
         return default
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The client of the request a thread answers: its credentials as the kernel gives
+    them (``pid`` 0: a process this agent's PID namespace does not see) and the file
+    descriptors its request carried, open while the request is answered."""
+
+    pid: int
+    uid: int
+    gid: int
+    fds: tuple[int, ...] = ()
+
+
+_answering = threading.local()  # sock, fds: the request this worker thread answers
+
+
+def caller() -> Caller | None:
+    """Who sent the request this thread answers; None outside a socket's request."""
+    sock: socket.socket | None = getattr(_answering, "sock", None)
+    if sock is None:
+        return None
+    pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                 _CRED.size))
+    return Caller(pid, uid, gid, _answering.fds)
+
+
+def _close_fds(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return list(fds)
 
 
 def decode(line: bytearray | bytes) -> Request | bytes:
@@ -223,8 +275,9 @@ class InProcess:
 class _Conn:
     """One client connection; owned by the loop thread, or by its worker while BUSY."""
 
-    __slots__ = ("buf", "charged", "deadline", "eof", "fd", "line", "line_size", "line_start",
-                 "pause_start", "registered", "scanned", "sock", "state")
+    __slots__ = ("buf", "charged", "deadline", "eof", "fd", "fds", "line", "line_fds",
+                 "line_size", "line_start", "pause_start", "registered", "scanned", "sock",
+                 "state")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -233,6 +286,8 @@ class _Conn:
         self.scanned = 0  # bytes of buf known to hold no newline
         self.charged = 0  # bytes counted against the memory bound
         self.line: bytearray | None = None  # the request a worker answers
+        self.fds: list[int] = []  # received with the line being read
+        self.line_fds: list[int] = []  # received with `line`: closed once it is answered
         self.line_size = 0  # its bytes charged, newline included
         self.eof = False  # the client has shut down its side: answer, then close
         self.state = IDLE
@@ -402,12 +457,18 @@ class _Loop:
             self._pause(conn)
             return
         try:
-            chunk = conn.sock.recv(min(CHUNK, room))
+            chunk, ancillary, _, _ = conn.sock.recvmsg(min(CHUNK, room), _FD_SPACE,
+                                                       socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:  # reset by the client
             self._close(conn)
             return
+        if ancillary:
+            # One line's worth: descriptors sent again before the line ends replace
+            # those sent before (a client cannot pile them up).
+            _close_fds(conn.fds)
+            conn.fds = _received_fds(ancillary)
         if not chunk:  # the client is done writing
             if conn.state == READING and conn.buf:  # its last line lacks the newline
                 conn.eof = True
@@ -442,6 +503,7 @@ class _Loop:
         del line[end:]
         conn.scanned = 0
         conn.line = line  # its bytes stay charged until it is answered
+        conn.line_fds, conn.fds = conn.fds, []
         conn.state = BUSY
         self._unregister(conn)
         self._workers.submit(functools.partial(self._work, conn))
@@ -510,11 +572,18 @@ class _Loop:
         try:
             line, conn.line = conn.line, None
             assert line is not None
-            with collector_paused() if len(line) > BULK_LINE else contextlib.nullcontext():
-                req = decode(line)
-                del line  # the parsed request is all that is needed now
-                out = req if isinstance(req, bytes) else handle(self.handler, req)
-                del req
+            fds, conn.line_fds = conn.line_fds, []
+            _answering.sock, _answering.fds = conn.sock, tuple(fds)
+            try:
+                with collector_paused() if len(line) > BULK_LINE else \
+                        contextlib.nullcontext():
+                    req = decode(line)
+                    del line  # the parsed request is all that is needed now
+                    out = req if isinstance(req, bytes) else handle(self.handler, req)
+                    del req
+            finally:
+                _answering.sock, _answering.fds = None, ()
+                _close_fds(fds)
             conn.sock.settimeout(self.write_timeout)
             conn.sock.sendall(out)
             keep = True
@@ -594,6 +663,8 @@ class _Loop:
         self._paused.discard(conn)
         conn.state = CLOSED
         conn.buf = bytearray()
+        _close_fds(conn.fds)
+        conn.fds = []
         self._release(conn)
         self.conns.pop(conn.fd, None)
         with contextlib.suppress(OSError):

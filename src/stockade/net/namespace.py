@@ -33,6 +33,7 @@ Public API::
     remove_netns(name) -> bool                     # True when it was removed
     list_netns(pattern=None) -> list[str]
     netns_exists(name) -> bool
+    stat_in_root(root_fd, path) -> os.stat_result | None  # as another root sees it
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ _MS_REC = 16384
 _MS_SHARED = 1 << 20
 _MNT_DETACH = 2
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+_SYS_OPENAT2 = 437  # the same number on every architecture (the unified syscall table)
+_RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64))
 
 
 @cache
@@ -104,6 +112,26 @@ def _is_nsfs(path: str) -> bool:
         return os.stat(path).st_dev == os.stat(THREAD_NETNS).st_dev
     except FileNotFoundError:
         return False
+
+
+def stat_in_root(root: int, path: str) -> os.stat_result | None:
+    """``path`` as a process whose root directory is the descriptor ``root`` sees it,
+    symbolic links and ``..`` resolved inside that root too (``openat2`` with
+    ``RESOLVE_IN_ROOT``: through ``/proc/self/fd/N/...`` an absolute link such as
+    ``/var/run -> /run`` would be followed in this process's own root instead).
+    None when nothing is there; NetError when the kernel cannot tell (before 5.6)."""
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT)
+    fd = _libc().syscall(_SYS_OPENAT2, root, path.encode(), ctypes.byref(how),
+                         ctypes.sizeof(how))
+    if fd < 0:
+        code = ctypes.get_errno()
+        if code in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise NetError(f"cannot resolve {path} in another root: {os.strerror(code)}")
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def netns_exists(name: str) -> bool:
