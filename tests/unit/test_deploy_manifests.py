@@ -176,6 +176,33 @@ def test_agent_daemonset_runs_on_every_node_with_exact_capabilities() -> None:
         assert "$(" not in c["command"][-1]
 
 
+def test_the_agent_sees_what_the_thin_plugin_names_as_the_host_does() -> None:
+    """The init container installs the thin plugin, which hands each call to the agent
+    in its container; the agent serves it only where the call's files are the host's
+    to it too (cni/thin.py): the socket, the configuration's data directory and the
+    pods' network namespaces must be host paths mounted at their own paths."""
+    pod = _objects()["DaemonSet", "stockade-agent"]["spec"]["template"]["spec"]
+    install = next(c for c in pod["initContainers"] if c["name"] == "install-cni")
+    script = install["command"][-1]
+    assert "cp /opt/stockade/bin/stockade-cni-thin /host/opt/cni/bin/.stockade-cni.tmp" \
+        in script
+    containerfile = (DEPLOY / "Containerfile").read_text()
+    assert "-static -o /opt/stockade/bin/stockade-cni-thin" in containerfile
+    # its fallback: the Python plugin of the runtime copy the same script installs
+    assert """-DSTOCKADE_CNI_PYTHON='"/opt/stockade/current/bin/stockade-cni"'""" \
+        in containerfile
+    assert "ln -sfn \"$new\" /host/opt/stockade/.current" in script
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    agent = pod["containers"][0]
+    same = [m["mountPath"] for m in agent["volumeMounts"]
+            if host.get(m["name"]) == m["mountPath"]]
+    (plugin,) = json.loads((DEPLOY / "cni" / "10-stockade.conflist").read_text())["plugins"]
+    for path in (plugin["dataDir"], plugin["socket"], "/run/netns/cni-1234"):
+        assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in same), path
+    netns = next(m for m in agent["volumeMounts"] if m["mountPath"] == "/run/netns")
+    assert netns["mountPropagation"] == "HostToContainer"  # namespaces made after the start
+
+
 def test_every_container_uses_the_project_image() -> None:
     for (kind, _), obj in _objects().items():
         if kind not in ("DaemonSet", "Deployment"):
