@@ -14,6 +14,9 @@ kernel's verdict maps and sets):
 
 * main mode, address from the agent's pool, with the Python plugin and with the
   thin one (`cni/stockade-cni.c`, `make cni`: the agent runs the plugin), taking turns;
+* the thin plugin with an agent in a podman container shaped as the DaemonSet's
+  (`tests/support/daemonset.py`: its own PID and mount namespaces, four capabilities),
+  loaded alike, taking turns with the agent on the host;
 * main mode, address from ``host-local`` (a second process per ADD);
 * chained after the reference ``bridge`` + ``host-local``: stockade's part
   alone and the whole chain;
@@ -42,6 +45,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.daemonset import Contained
 
 from common import AgentProcess, pct
 from results import Results
@@ -237,6 +244,43 @@ def run_size(bench: Bench, rounds: int, size: str,
         reference)
 
 
+def contained_turns(bench: Bench, docs: list[dict[str, Any]], rounds: int, size: str,
+                    rows: list[tuple[str, str, str, str]]) -> None:
+    """The thin plugin with an agent in a container shaped as the DaemonSet's, loaded as
+    `bench`'s, and with `bench`'s agent on the host, taking turns."""
+    d = bench.tmp / "contained"
+    d.mkdir()
+    host = f"{bench.tag}-hostc-{bench.tmp.name}"
+    create_netns(host)
+    agent = AgentProcess(d, host, "--bridge-prefix", "bc")
+    (d / "state").mkdir()
+    with Contained(d, f"{bench.tag}-agent-{bench.tmp.name}", [d]) as box:
+        agent.cmd = box.command(agent.cmd)
+        agent.start()
+        try:
+            for batch in docs:
+                agent.call("apply", documents=batch)
+            there = Bench(f"{bench.tag}c", d, host, agent)
+            here_adds, here_dels, adds, dels = [], [], [], []
+            for _ in range(max(1, rounds // 5)):
+                a, dl = bench.main_mode(5, bench.conf(), THIN)
+                here_adds += a
+                here_dels += dl
+                a, dl = there.main_mode(5, there.conf(), THIN)
+                adds += a
+                dels += dl
+            served = agent.call("status")["cniExec"]
+            if served["fallbacks"] or not served["calls"]:
+                raise SystemExit(f"the contained agent did not serve the calls: {served}")
+        finally:
+            agent.stop()
+    row(rows, "ADD main mode, thin plugin, agent on the host (in turns)", size, here_adds)
+    row(rows, "ADD main mode, thin plugin, agent in a container (DaemonSet's shape)", size,
+        adds)
+    row(rows, "DEL main mode, thin plugin, agent in a container (DaemonSet's shape)", size,
+        dels)
+
+
 def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
     """The thin plugin's goal measures (an ADD alone, `--parallel` at once) with this tree's
     agent and `--baseline`'s, both loaded, taking turns: a busy machine weighs on both."""
@@ -297,6 +341,8 @@ def main() -> None:
     ap.add_argument("--policies", type=int, default=500)
     ap.add_argument("--parallel", type=int, default=50)
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
+    ap.add_argument("--no-contained", dest="contained", action="store_false",
+                    help="without the agent in a container (podman)")
     ap.add_argument("--baseline", help="an earlier commit: only the thin plugin's goal "
                     "measures, loaded, this tree and that one taking turns")
     args = ap.parse_args()
@@ -324,12 +370,16 @@ def main() -> None:
             agent.start()
             try:
                 size = "1 policy"
-                agent.call("apply", documents=[SELECTING])
+                docs = [[SELECTING]]
                 if big:
-                    agent.call("apply", documents=manifests(make_cluster(args.pods,
-                                                                         args.policies)))
+                    docs.append(manifests(make_cluster(args.pods, args.policies)))
                     size = f"{args.pods} eps/{args.policies + 1} pols"
-                run_size(Bench(tag, d, host, agent), args.rounds, size, rows, args.parallel)
+                for batch in docs:
+                    agent.call("apply", documents=batch)
+                bench = Bench(tag, d, host, agent)
+                run_size(bench, args.rounds, size, rows, args.parallel)
+                if args.contained:
+                    contained_turns(bench, docs, args.rounds, size, rows)
             finally:
                 agent.stop()
     finally:
@@ -350,7 +400,11 @@ def main() -> None:
     size = loaded[0][1]
     by = {name: (p50, p99) for name, _, p50, p99 in loaded}
     for kind, label in (("ADD main mode, agent's pool", "Python plugin"),
-                        ("ADD main mode, thin plugin", "thin plugin")):
+                        ("ADD main mode, thin plugin", "thin plugin"),
+                        ("ADD main mode, thin plugin, agent in a container (DaemonSet's "
+                         "shape)", "thin plugin, agent in a container")):
+        if kind not in by:
+            continue
         worst = float(by[kind][1])
         out.goal(f"ADD to enforced p99 <= 50 ms ({size}, {label})", f"{worst:.0f} ms",
                  worst <= 50)

@@ -3,7 +3,11 @@
 The agent runs in a PID namespace and a mount namespace of its own (``unshare``;
 the mount namespace a slave of the host's, as ``mountPropagation:
 HostToContainer`` makes it): it cannot see the plugin's process, and paths are
-the host's only where the host's mounts reach. The thin plugin hands it its
+the host's only where the host's mounts reach. And in a podman container shaped
+as the DaemonSet's: host network, the DaemonSet's four capabilities and no
+other, a read-only root of its own (the interpreter, the tree and /etc mounted
+read-only), the test's directory (socket, state, data directory) and /run/netns
+(``rslave``) from the host. The thin plugin hands it its
 network namespace, its mount namespace and its root directory on the socket;
 the agent serves the call when CNI_NETNS and the data directory are the same
 files to it as to the plugin, and hands the call back otherwise.
@@ -13,13 +17,16 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tests.support.daemonset import Contained
 
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
@@ -52,13 +59,45 @@ def _apart(world_tmp: Path, host_netns: str, prefix: str, hide: Path | None = No
     return World(prefix, host_netns, world_tmp, agent, THIN)
 
 
-@pytest.fixture
-def apart(tmp_path: Path, netns_prefix: str, host_netns: str) -> Iterator[World]:
-    world = _apart(tmp_path, host_netns, netns_prefix)
+def _contained(tmp: Path, host_netns: str, prefix: str,
+               ) -> tuple[World, Callable[[], None]]:
+    """A started agent in a podman container shaped as the DaemonSet's; with what
+    removes it."""
+    agent = cni_agent(tmp, host_netns, prefix)
+    (tmp / "run").mkdir(exist_ok=True)
+    box = Contained(tmp, f"{prefix}-agent-{secrets.token_hex(2)}", [tmp])
+    agent.cmd = box.command(agent.cmd)
+
+    def remove() -> None:
+        box.remove()
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.kill9()
+
+    try:
+        agent.start(timeout=60)
+    except BaseException:
+        remove()
+        raise
+    return World(prefix, host_netns, tmp, agent, THIN), remove
+
+
+@pytest.fixture(params=["unshare", "podman"])
+def apart(request: pytest.FixtureRequest, tmp_path: Path, netns_prefix: str,
+          host_netns: str) -> Iterator[World]:
+    if request.param == "unshare":
+        world = _apart(tmp_path, host_netns, netns_prefix)
+        try:
+            yield world
+        finally:
+            world.agent.kill9()
+        return
+    if shutil.which("podman") is None:
+        pytest.fail("podman is not installed (scripts/setup.sh installs it)")
+    world, remove = _contained(tmp_path, host_netns, netns_prefix)
     try:
         yield world
     finally:
-        world.agent.kill9()
+        remove()
 
 
 def _fds(pid: int) -> int:
@@ -72,11 +111,17 @@ def _fds(pid: int) -> int:
 
 
 def _agent_pid(world: World) -> int:
-    """The agent itself: the child of `unshare`."""
-    assert world.agent.proc is not None
-    pid = world.agent.proc.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return int(children[0])
+    """The agent itself, as this PID namespace sees it (not `unshare`, not podman)."""
+    sock = os.path.realpath(world.agent.socket)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            own = os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        except OSError:
+            continue
+        if own and b"agent" in cmdline and sock.encode() in cmdline:
+            return int(pid)
+    raise AssertionError("the agent's process is not found")
 
 
 def test_an_agent_apart_serves_the_thin_plugin_through_the_passed_namespaces(
