@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -51,6 +52,11 @@ class Fake:
             return down(0)
         if op == "snapshot.save":  # a large answer
             return {"snapshot": "x" * int(args.get("size", 0))}
+        if op == "flows":  # who asks: credentials and the files of the descriptors passed
+            c = server_mod.caller()
+            assert c is not None
+            return {"pid": c.pid, "uid": c.uid, "fds": list(c.fds),
+                    "files": [[os.fstat(fd).st_dev, os.fstat(fd).st_ino] for fd in c.fds]}
         return {"op": op, "args": args}
 
 
@@ -612,3 +618,42 @@ def test_requests_at_once_each_get_a_worker_and_none_waits_for_another(make) -> 
     for s in blocked:
         assert _line(s)["result"]["size"] > 0
         s.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_request_s_credentials_and_descriptors_reach_its_operation_and_are_closed(
+        make, sockdir: Path) -> None:
+    """SO_PEERCRED and SCM_RIGHTS: the operation sees who asks and the files passed; the
+    descriptors are closed once it is answered, when more are sent than the server
+    takes, and when the connection closes before its line is whole."""
+    srv, _ = make()
+    r, w = os.pipe()
+    f = os.open(sockdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with _connect(srv) as s:
+            s.sendall(_req("status"))  # the worker exists before counting
+            _line(s)
+            before = _open_fds()
+            socket.send_fds(s, [_req("flows")], [r, f])
+            got = _line(s)["result"]
+            assert got["pid"] == os.getpid() and got["uid"] == os.getuid()
+            assert got["files"] == [[os.fstat(fd).st_dev, os.fstat(fd).st_ino] for fd in (r, f)]
+            assert _settle(lambda: _open_fds() == before)
+            for fd in got["fds"]:  # the server's copies, in this process's table
+                with pytest.raises(OSError):
+                    os.fstat(fd)
+            socket.send_fds(s, [_req("flows")], [w] * 12)
+            assert len(_line(s)["result"]["fds"]) == server_mod.MAX_FDS
+            s.sendall(_req("flows"))  # none sent: none
+            assert _line(s)["result"]["fds"] == []
+            assert _settle(lambda: _open_fds() == before)
+            # sent with the start of a line that never ends: closed with the connection
+            socket.send_fds(s, [b'{"v": 1, "op": "flows", '], [r, w, f])
+            assert _settle(lambda: _open_fds() == before + 3)
+        assert _settle(lambda: _open_fds() == before - 1)  # and s itself
+    finally:
+        for fd in (r, w, f):
+            os.close(fd)
