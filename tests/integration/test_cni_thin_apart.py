@@ -245,16 +245,19 @@ def test_a_data_directory_the_agent_sees_otherwise_is_handed_back(
         # a delegated IPAM plugin would run in the agent's view of the files
         ipam = {**args, "stdin": json.dumps(world.conf(ipam={"type": "host-local"}))}
         assert "delegates to an IPAM plugin" in str(_exec(world, ipam, own)["fallback"])
+        # the agent's own pool, named: not a plugin (the data directory is what differs)
+        pool = {**args, "stdin": json.dumps(world.conf(ipam={"type": "stockade"}))}
+        assert str(_exec(world, pool, own)["fallback"]).startswith(f"{data} is not the same")
         got = world.run("ADD", world.conf(args={"labels": {"app": "web"}}), cid="c-a",
                         netns=netns, args="K8S_POD_NAMESPACE=x;K8S_POD_NAME=a")
         assert got.code == 0, got
-        assert world.agent.call("status")["cniExec"] == {"calls": 0, "fallbacks": 3}
+        assert world.agent.call("status")["cniExec"] == {"calls": 0, "fallbacks": 4}
         assert world.states() and len(world.veths()) == 1
         got = world.run("DEL", world.conf(), cid="c-a", netns=netns,
                         args="K8S_POD_NAMESPACE=x;K8S_POD_NAME=a")
         assert got.code == 0, got
         assert world.veths() == [] and world.states() == []
-        assert world.agent.call("status")["cniExec"] == {"calls": 0, "fallbacks": 4}
+        assert world.agent.call("status")["cniExec"] == {"calls": 0, "fallbacks": 5}
         assert "is not the same to the agent as to the caller" in world.agent.logs()
     finally:
         for fd in own:

@@ -52,7 +52,7 @@ from typing import Any
 from stockade.agent.extension import Handler, Host
 from stockade.agent.protocol import BAD_REQUEST, UNAVAILABLE, ApiError, Args
 from stockade.agent.server import Caller, InProcess, caller
-from stockade.cni.spec import DEFAULT_DATA_DIR
+from stockade.cni.spec import DEFAULT_DATA_DIR, IPAM_AGENT
 from stockade.errors import NetError
 
 log = logging.getLogger("stockade.cni")
@@ -173,7 +173,8 @@ class ThinPlugin:
                 (top.st_dev, top.st_ino) == (here.st_dev, here.st_ino):
             return
         conf = _conf(stdin)
-        if conf.get("ipam") is not None:
+        ipam = conf.get("ipam")
+        if isinstance(ipam, dict) and ipam and ipam.get("type") != IPAM_AGENT:
             raise _Elsewhere("the agent runs in another mount namespace than the caller, "
                              "and the configuration delegates to an IPAM plugin, which "
                              "must run where the runtime runs it")
