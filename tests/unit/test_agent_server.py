@@ -620,8 +620,17 @@ def test_requests_at_once_each_get_a_worker_and_none_waits_for_another(make) -> 
         s.close()
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _copies(*fds: int) -> int:
+    """Descriptors in this process (the server's included) open on the files of ``fds``:
+    counted by what they refer to, so that other tests' threads opening and closing
+    files meanwhile do not count."""
+    targets = {os.readlink(f"/proc/self/fd/{fd}") for fd in fds}
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        # closed meanwhile (the listing's own descriptor, among others): not counted
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{name}") in targets
+    return n
 
 
 def test_a_request_s_credentials_and_descriptors_reach_its_operation_and_are_closed(
@@ -633,27 +642,30 @@ def test_a_request_s_credentials_and_descriptors_reach_its_operation_and_are_clo
     r, w = os.pipe()
     f = os.open(sockdir, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        assert _copies(r, f) == 3  # r and w: one pipe
         with _connect(srv) as s:
-            s.sendall(_req("status"))  # the worker exists before counting
-            _line(s)
-            before = _open_fds()
             socket.send_fds(s, [_req("flows")], [r, f])
             got = _line(s)["result"]
             assert got["pid"] == os.getpid() and got["uid"] == os.getuid()
             assert got["files"] == [[os.fstat(fd).st_dev, os.fstat(fd).st_ino] for fd in (r, f)]
-            assert _settle(lambda: _open_fds() == before)
-            for fd in got["fds"]:  # the server's copies, in this process's table
-                with pytest.raises(OSError):
-                    os.fstat(fd)
+            assert _settle(lambda: _copies(r, f) == 3)
             socket.send_fds(s, [_req("flows")], [w] * 12)
             assert len(_line(s)["result"]["fds"]) == server_mod.MAX_FDS
+            assert _settle(lambda: _copies(r, f) == 3)
             s.sendall(_req("flows"))  # none sent: none
             assert _line(s)["result"]["fds"] == []
-            assert _settle(lambda: _open_fds() == before)
-            # sent with the start of a line that never ends: closed with the connection
+            # sent with the start of a line that never ends: held, then closed with the
+            # connection (the line, cut short, is answered: the descriptors go with it)
             socket.send_fds(s, [b'{"v": 1, "op": "flows", '], [r, w, f])
-            assert _settle(lambda: _open_fds() == before + 3)
-        assert _settle(lambda: _open_fds() == before - 1)  # and s itself
+            assert _settle(lambda: _copies(r, f) == 6)
+        assert _settle(lambda: _copies(r, f) == 3)
+        # a line refused (too long): its connection closed, and what it carried with it
+        small, _ = make(max_line=1024)
+        with _connect(small) as s:
+            socket.send_fds(s, [b'{"v": 1, "op": "flows", "args": {"x": "' + b"x" * 2048],
+                            [r, w, f])
+            assert _code(_line(s)) == "invalid" and _eof(s)
+        assert _settle(lambda: _copies(r, f) == 3)
     finally:
         for fd in (r, w, f):
             os.close(fd)
