@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import sys
@@ -31,20 +32,11 @@ from tests.support.daemonset import Contained
 
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
-from stockade.probe.protocol import Port, Protocol
 
+from .test_cni import TCP80, WEB_POLICY
 from .test_cni_harness import THIN, World, cni_agent
 
 pytestmark = pytest.mark.privileged
-
-TCP80 = Port(80, Protocol.TCP)
-WEB_POLICY = {
-    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-    "metadata": {"name": "web", "namespace": "x"},
-    "spec": {"podSelector": {"matchLabels": {"app": "web"}},
-             "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
-                          "ports": [{"port": 80}]}]},
-}
 
 
 def _apart(world_tmp: Path, host_netns: str, prefix: str, hide: Path | None = None,
@@ -52,8 +44,8 @@ def _apart(world_tmp: Path, host_netns: str, prefix: str, hide: Path | None = No
     """A started agent in a PID and a mount namespace of its own; ``hide``: a directory
     the agent sees an empty tmpfs in place of (a volume the DaemonSet forgot)."""
     agent = cni_agent(world_tmp, host_netns, prefix)
-    inner = " ".join(json.dumps(a) for a in agent.cmd)
-    script = (f"mount -t tmpfs stockade-test {json.dumps(str(hide))} && " if hide else "")
+    inner = shlex.join(agent.cmd)
+    script = f"mount -t tmpfs stockade-test {shlex.quote(str(hide))} && " if hide else ""
     agent.cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc",
                  "--propagation", "slave", "sh", "-c", f"{script}exec {inner}"]
     agent.start()
