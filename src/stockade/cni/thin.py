@@ -107,12 +107,13 @@ class ThinPlugin:
 
         out, err = io.StringIO(), io.StringIO()
         try:
-            other = self._other_agent(env, stdin)
+            conf = _conf(stdin)
+            other = self._other_agent(env, conf)
             if other:
                 raise _Elsewhere(other)
             # Where the caller runs: the host side is plumbed in its namespace, as the
             # Python plugin started by the runtime would have done.
-            with self._callers_netns(caller(), passed is not None, pid, env, stdin):
+            with self._callers_netns(caller(), passed is not None, pid, env, conf):
                 code = run(env, stdin.encode(), out, err, within=self.within)
         except _Elsewhere as exc:
             reason = str(exc)
@@ -130,7 +131,7 @@ class ThinPlugin:
 
     @contextlib.contextmanager
     def _callers_netns(self, client: Caller | None, passed: bool, pid: int,
-                       env: Mapping[str, str], stdin: str) -> Iterator[None]:
+                       env: Mapping[str, str], conf: Mapping[str, Any]) -> Iterator[None]:
         """The calling thread in the caller's network namespace, once the agent is known
         to see what the call names as the caller does; else `_Elsewhere`."""
         from stockade.net.namespace import entered, entered_fd
@@ -146,7 +147,7 @@ class ThinPlugin:
                 if not kind.startswith("net:["):
                     raise _Elsewhere("the descriptor passed as the network namespace is "
                                      f"{kind!r}")
-                self._same_view(mnt, root, env, stdin)
+                self._same_view(mnt, root, env, conf)
                 with entered_fd(net, "the caller's network namespace"):
                     yield
                 return
@@ -159,7 +160,8 @@ class ThinPlugin:
         except NetError as exc:
             raise _Elsewhere(f"cannot enter the caller's network namespace: {exc}") from None
 
-    def _same_view(self, mnt: int, root: int, env: Mapping[str, str], stdin: str) -> None:
+    def _same_view(self, mnt: int, root: int, env: Mapping[str, str],
+                   conf: Mapping[str, Any]) -> None:
         """`_Elsewhere` unless CNI_NETNS and the data directory are, to the agent, the
         files the caller means (trivially so in the caller's own mount namespace)."""
         from stockade.net.namespace import stat_in_root
@@ -172,7 +174,6 @@ class ThinPlugin:
         if kind == _link_path("/proc/self/ns/mnt") and \
                 (top.st_dev, top.st_ino) == (here.st_dev, here.st_ino):
             return
-        conf = _conf(stdin)
         ipam = conf.get("ipam")
         if isinstance(ipam, dict) and ipam and ipam.get("type") != IPAM_AGENT:
             raise _Elsewhere("the agent runs in another mount namespace than the caller, "
@@ -200,10 +201,9 @@ class ThinPlugin:
                                  "(the agent runs in another mount namespace; mount it "
                                  "from the host)")
 
-    def _other_agent(self, env: Mapping[str, str], stdin: str) -> str:
+    def _other_agent(self, env: Mapping[str, str], conf: Mapping[str, Any]) -> str:
         """Why this agent is not the one the configuration names ("" when it is)."""
         named = ""
-        conf = _conf(stdin)
         if isinstance(conf.get("socket"), str):
             named = conf["socket"]
         named = named or env.get("STOCKADE_SOCKET", "")  # as plugin.Call.socket chooses
