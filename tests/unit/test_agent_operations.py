@@ -117,3 +117,35 @@ def test_an_operation_registered_twice_is_a_wiring_error(service: Service) -> No
 def test_the_table_is_read_only(service: Service) -> None:
     with pytest.raises(TypeError):
         service.table["x"] = lambda args: None  # type: ignore[index]
+
+
+class _Ext:
+    """An extension that records its start, or fails it."""
+
+    def __init__(self, name: str, started: list[str], fails: bool = False) -> None:
+        self.name, self.started, self.fails = name, started, fails
+
+    def start(self, agent: Any) -> None:
+        if self.fails:
+            raise RuntimeError(f"{self.name} cannot start")
+        self.started.append(self.name)
+
+
+def test_one_extension_failing_keeps_the_others_when_they_start_apart(tmp_path: Path) -> None:
+    # With the API as the datastore the agent serves before the extensions start: the
+    # CNI operations must not be lost to `stockade run`'s manager failing first.
+    started: list[str] = []
+    agent = Agent(AgentConfig(state_dir=str(tmp_path)))
+    exts: list[Any] = [_Ext("run", started, fails=True), _Ext("cni", started),
+                       _Ext("thin", started)]
+    agent.extensions.extend(exts)
+    agent._start_extensions(apart=True)
+    assert started == ["cni", "thin"]
+    assert agent._started == exts[1:]
+    # At a local start the first failure is the start's, as before.
+    again = Agent(AgentConfig(state_dir=str(tmp_path)))
+    failing: list[Any] = [_Ext("run", [], fails=True), _Ext("cni", started)]
+    again.extensions.extend(failing)
+    with pytest.raises(RuntimeError, match="run cannot start"):
+        again._start_extensions()
+    assert started == ["cni", "thin"]

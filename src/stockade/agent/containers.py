@@ -458,9 +458,12 @@ class ContainerManager:
     def _adopt(self) -> None:
         """Supervise again what an earlier agent started; clean up what died meanwhile."""
         svc = self._svc()
-        for key, rec in sorted(svc.state.endpoints.items()):
-            if rec.owner != OWNER_RUN:
-                continue
+        # The state is read under the service's lock: a feed (the API's lists, at start)
+        # commits into it meanwhile, and a walk of it would see it change size.
+        with svc.lock:
+            runs = [(k, r) for k, r in sorted(svc.state.endpoints.items())
+                    if r.owner == OWNER_RUN]
+        for key, rec in runs:
             pidfd = _pidfd(rec.pid)
             if pidfd is not None and _same_netns(rec.pid, rec.netns) and not _exited(pidfd):
                 self._children[key] = _Child(key, rec.pid, pidfd)
@@ -487,8 +490,10 @@ class ContainerManager:
         """
         svc, plumber = self._svc(), self.plumber
         assert svc.ipam is not None and plumber is not None
-        run_keys = {k for k, r in svc.state.endpoints.items() if r.owner == OWNER_RUN}
-        for owner in list(svc.ipam.to_dict()["allocated"].values()):
+        with svc.lock:  # as in `_adopt`: the feed commits meanwhile
+            run_keys = {k for k, r in svc.state.endpoints.items() if r.owner == OWNER_RUN}
+            owners = list(svc.ipam.to_dict()["allocated"].values())
+        for owner in owners:
             key = owner[len(IPAM_OWNER):]
             if owner.startswith(IPAM_OWNER) and key not in run_keys:
                 log.info("removing what an interrupted run left",

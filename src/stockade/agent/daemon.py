@@ -312,9 +312,18 @@ class Agent:
             if not intact:
                 self._foreign_change()
 
-    def _start_extensions(self) -> None:
+    def _start_extensions(self, *, apart: bool = False) -> None:
+        """`apart`: one that fails is logged and the others start all the same (an agent
+        already serving must not lose the CNI operations to `stockade run`'s failure);
+        otherwise the first failure is the start's."""
         for ext in self.extensions:
-            ext.start(self)
+            try:
+                ext.start(self)
+            except Exception:
+                if not apart:
+                    raise
+                log.exception("extension %s did not start", type(ext).__name__)
+                continue
             self._started.append(ext)
 
     def _serve(self) -> None:
@@ -416,7 +425,7 @@ class Agent:
             log.error("the first lists could not be programmed; retrying")
         try:
             self._enforce()
-            self._start_extensions()
+            self._start_extensions(apart=True)
         except Exception:  # the agent goes on enforcing; status says what is missing
             log.exception("starting after the first lists failed")
         if self.runner is not None and not self.reconciler.healthy:
