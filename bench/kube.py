@@ -37,6 +37,7 @@ from synthetic import make_cluster, manifests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.kubeapi import KubeAPI
 
+from stockade.kube.reflector import NOT_SERVED
 from stockade.net.namespace import create_netns, remove_netns
 
 NODE = "node0"
@@ -148,8 +149,10 @@ def main() -> None:
             rows.append((f"{name} -> enforced", f"{statistics.median(ms):.0f} ms",
                          f"p99 {pct(ms, 99):.0f} ms over {len(ms)} writes"))
         # A relist at this size: every watch dropped, history compacted, 410, list again.
+        # Resources the API serves: one it does not (the ClusterNetworkPolicy CRDs, not
+        # installed in the double) has no watch to drop and is not listed again.
         lists = {p: r["lists"] for p, r in agent.call("status")["datastore"]["resources"]
-                 .items()}
+                 .items() if r["lastError"] != NOT_SERVED}
         revision = agent.call("status")["revision"]
         api.fail_next(3, 503, verb="watch")  # keep the watches down for a moment,
         api.drop_watches()
@@ -157,7 +160,7 @@ def main() -> None:
         api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bump"}})
         api.compact()  # so that they come back behind the compaction: 410
         while any(r["lists"] <= lists[p] for p, r in
-                  agent.call("status")["datastore"]["resources"].items()):
+                  agent.call("status")["datastore"]["resources"].items() if p in lists):
             time.sleep(0.01)
         st = agent.call("status")
         rows.append(("relist after 410 (drop + compact), all resources",
