@@ -142,19 +142,10 @@ class TreeAgent(AgentProcess):
         super().__init__(tmp, netns)
         self.src = src
 
-    def start(self) -> float:
+    def start(self, env: dict[str, str] | None = None) -> float:
         if self.src is None:
-            return super().start()
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, env={**os.environ, "PYTHONPATH": str(self.src)})
-        while True:
-            try:
-                if self.call("status")["ready"]:
-                    return time.perf_counter() - t0
-            except Exception:  # not listening yet
-                time.sleep(0.05)
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the agent of {self.src} exited")
+            return super().start(env)
+        return super().start({**(env or os.environ), "PYTHONPATH": str(self.src)})
 
 
 def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,

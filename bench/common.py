@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +15,12 @@ from stockade.agent.client import AgentClient
 from stockade.errors import AgentError
 
 T = TypeVar("T")
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (as `timeout` sends) unwinds like Ctrl-C, so that a benchmark's `finally`
+    stops its agent and removes its namespaces instead of leaving them behind."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, T]:
@@ -54,14 +62,16 @@ class AgentProcess:
                     "--log-group", "0", "--log-level", "warning", *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> float:
-        """Start it; the seconds until it reports ready."""
+    def start(self, env: dict[str, str] | None = None) -> float:
+        """Start it (``env``: another tree's PYTHONPATH, say); the seconds until it
+        reports ready."""
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd)
+        self.proc = subprocess.Popen(self.cmd, env=env)
         while True:
             try:
                 if self.call("status")["ready"]:
                     return time.perf_counter() - t0
+                time.sleep(0.01)  # not a busy loop: it would load the agent it measures
             except AgentError:
                 time.sleep(0.05)
             if self.proc.poll() is not None:
@@ -77,6 +87,13 @@ class AgentProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU the agent used so far (what a wall time owes to it, when
+        another process, such as an API double, shares the machine)."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> float:
         """A clean stop (SIGTERM); the seconds it took."""

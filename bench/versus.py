@@ -64,15 +64,7 @@ def baseline_tree(rev: str) -> Iterator[Path]:
 
 def start_agent(src: Path, netns: str, pods: int) -> AgentProcess:
     agent = AgentProcess(Path(tempfile.mkdtemp(prefix="stockade-versus-")), netns)
-    agent.proc = subprocess.Popen(agent.cmd, env={**os.environ, "PYTHONPATH": str(src)})
-    while True:
-        try:
-            if agent.call("status")["ready"]:
-                break
-        except Exception:  # not listening yet
-            if agent.proc.poll() is not None:
-                raise SystemExit(f"the agent of {src} exited") from None
-            time.sleep(0.05)
+    agent.start({**os.environ, "PYTHONPATH": str(src)})
     if pods:
         agent.call("apply", documents=manifests(make_cluster(pods, pods // 10)))
     agent.call("apply", documents=[NS3, SELECTING])

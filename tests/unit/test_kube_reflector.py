@@ -4,6 +4,7 @@ stalled streams, backoff, and a relist that commits only what differs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -161,6 +162,37 @@ def test_list_pages_then_watch_from_the_lists_version() -> None:
     assert p[2]["allowWatchBookmarks"] == "true"
     assert p[3]["resourceVersion"] == "11"  # after the clean end: from the last event
     assert r.status.lists == 1 and r.status.events == 1 and sleeps == []
+
+
+def test_a_list_is_decoded_and_delivered_inside_the_configs_bulk() -> None:
+    inside: list[str] = []
+
+    @contextlib.contextmanager
+    def bulk() -> Iterator[None]:
+        inside.append("enter")
+        yield
+        inside.append("exit")
+
+    class Watching(Recorder):
+        def replace(self, items: list[dict[str, Any]], resource_version: str) -> None:
+            inside.append("replace")
+            super().replace(items, resource_version)
+
+        def event(self, type: str, obj: dict[str, Any]) -> None:
+            inside.append("event")
+            super().event(type, obj)
+
+    def page(step: Step) -> Step:
+        def serve(req: httpx.Request) -> httpx.Response:
+            inside.append("page")
+            return step(req)
+        return serve
+
+    script = Script(page(listing([pod("a", "3")], "10", cont="c1")),
+                    page(listing([pod("b", "5")], "10")), watching(ev("ADDED", pod("c", "11"))))
+    run(script, Watching(), page_size=1, bulk=bulk)
+    # both pages (fetched and decoded) and their delivery inside it; a watch's events not
+    assert inside == ["enter", "page", "page", "replace", "exit", "event"]
 
 
 def test_http_410_relists() -> None:
@@ -416,6 +448,64 @@ def test_relist_commits_only_the_differences(fx: Fixture) -> None:
     after = fx.enforce()
     assert after.ingress == before.ingress  # db's chain is what it was
     assert len(after.sets) == len(before.sets)
+
+
+def test_relist_translates_only_objects_of_a_new_version(
+        fx: Fixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stockade.kube.datastore as datastore
+
+    pods = [pod(f"p{i}", str(i), ip=f"10.0.1.{i}", labels={"app": "web"}) for i in range(1, 30)]
+    fx.lists([ns("ns")], [DENY], pods)
+    seen: list[str] = []
+
+    def counting(obj: Mapping[str, Any]) -> Any:
+        seen.append(obj["metadata"]["name"])
+        return translate_pod(obj)
+
+    monkeypatch.setattr(datastore, "translate_pod", counting)
+    fx.commits.clear()
+    # p3 changed while the watch was down (a new resourceVersion); the rest did not.
+    relisted = [p if p["metadata"]["name"] != "p3" else
+                pod("p3", "40", ip="10.0.1.3", labels={"app": "db"}) for p in pods]
+    fx.feed.replace(PODS, relisted)
+    assert seen == ["p3"]
+    assert [[c.record.key for c in cs if isinstance(c, PutEndpoint)]
+            for cs in fx.commits] == [["ns/p3"]]
+    assert fx.service.state.endpoints["ns/p3"].endpoint.labels == Labels({"app": "db"})
+
+
+def test_a_delivery_that_failed_half_way_makes_the_next_list_sync_everything(
+        fx: Fixture) -> None:
+    fx.lists([ns("ns")], [DENY], [pod("db", "2", ip="10.0.0.1", labels={"app": "db"})])
+    original = fx.service.commit
+
+    def broken(changes: Any, **kw: Any) -> int:
+        raise RuntimeError("a bug")
+
+    fx.service.commit = broken  # type: ignore[method-assign]
+    relabelled = pod("db", "3", ip="10.0.0.1", labels={"app": "web"})
+    with pytest.raises(RuntimeError):
+        fx.feed.event(PODS, "MODIFIED", relabelled)
+    fx.service.commit = original  # type: ignore[method-assign]
+    # The view took the event, the state did not: the reflector lists again, and the
+    # same list (nothing new in the view) must still bring the state up to it.
+    assert fx.service.state.endpoints["ns/db"].endpoint.labels == Labels({"app": "db"})
+    fx.feed.replace(PODS, [relabelled])
+    assert fx.service.state.endpoints["ns/db"].endpoint.labels == Labels({"app": "web"})
+    # And then back to the differences only.
+    fx.commits.clear()
+    fx.feed.replace(PODS, [relabelled])
+    assert fx.commits == []
+
+
+def test_a_refused_object_deleted_is_no_longer_reported(fx: Fixture) -> None:
+    bad = netpol("bad", {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {
+        "cidr": "10.0.0.0/8", "except": ["11.0.0.0/8"]}}]}]})
+    fx.lists([ns("ns")], [bad], [pod("db", "2", ip="10.0.0.1", labels={"app": "db"})])
+    assert "networkpolicy/ns/bad" in fx.feed.status()["datastore"]["invalid"]
+    fx.feed.event(NETWORK_POLICIES, "DELETED", bad)
+    assert fx.feed.status()["datastore"]["invalid"] == {}
+    assert "ns/db" not in fx.service.state.quarantined
 
 
 def test_pod_without_ip_then_with_ip(fx: Fixture) -> None:

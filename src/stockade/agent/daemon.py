@@ -36,7 +36,6 @@ from stockade.agent.cni_ops import CniOps
 from stockade.agent.containers import ContainerManager
 from stockade.agent.early import open_agent_datapath
 from stockade.agent.extension import Extension, Handler, Operations
-from stockade.agent.heap import collector_paused, release_memory
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
 from stockade.agent.protocol import Args
 from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
@@ -55,6 +54,7 @@ from stockade.datapath import DATAPATHS
 from stockade.datapath.base import Datapath
 from stockade.datapath.monitor import TableMonitor
 from stockade.errors import AgentError, InputError, NetError
+from stockade.heap import collector_paused, release_memory
 from stockade.model.cluster import Cluster
 from stockade.net.ipam import Ipam
 
@@ -353,7 +353,8 @@ class Agent:
             raise AgentError(f"--datastore kubernetes: {exc}") from None
         node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()
         return KubeFeed(client, node, config=ReflectorConfig(
-            timeout_seconds=cfg.watch_timeout, stall_timeout=cfg.watch_stall_timeout))
+            timeout_seconds=cfg.watch_timeout, stall_timeout=cfg.watch_stall_timeout,
+            bulk=collector_paused))
 
     def _etcd_feed(self) -> Any:
         from stockade.etcd.datastore import open_feed
@@ -365,7 +366,8 @@ class Agent:
         node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()
         return open_feed(cfg.etcd_endpoints, node, prefix=cfg.etcd_prefix,
                          cert=cfg.etcd_cert, key=cfg.etcd_key, ca=cfg.etcd_cacert,
-                         config=ReflectorConfig(stall_timeout=cfg.watch_stall_timeout))
+                         config=ReflectorConfig(stall_timeout=cfg.watch_stall_timeout,
+                                                bulk=collector_paused))
 
     def _node_pod_cidr(self) -> str:
         """This node's IPv4 pod CIDR as the cluster assigned it, or DEFAULT_SUBNET.
@@ -825,7 +827,7 @@ def run_agent(config: AgentConfig, datapath: Datapath | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        with collector_paused():  # load, compile, adopt: see agent/heap.py
+        with collector_paused():  # load, compile, adopt: see heap.py
             agent.start()
     except Exception:
         agent.stop()

@@ -68,7 +68,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stockade.agent.heap import collector_paused
 from stockade.agent.protocol import (
     BAD_REQUEST,
     INTERNAL,
@@ -83,6 +82,7 @@ from stockade.agent.protocol import (
     encode_result,
 )
 from stockade.errors import AgentError, StockadeError
+from stockade.heap import collector_paused
 
 log = logging.getLogger("stockade.api")
 
@@ -99,7 +99,7 @@ CHUNK = 256 * 1024  # bytes read from a socket at once
 ACCEPT_BATCH = 128  # connections accepted per turn of the loop, so timers still run
 ACCEPT_PAUSE = 0.2  # seconds without accepting after EMFILE and the like
 # A request this long is bulk work (a load: 11,000 objects are ~4 MB): the cyclic
-# collector waits while it is decoded and answered (see agent/heap.py).
+# collector waits while it is decoded and answered (see heap.py).
 BULK_LINE = 1 << 20
 WORKER_IDLE = 2.0  # seconds a worker waits for the next request before it ends
 MAX_FDS = 4  # descriptors one request may carry (the thin CNI plugin sends three)

@@ -25,7 +25,6 @@ from typing import Any
 from stockade.agent.admission import check_changes, quarantine
 from stockade.agent.extension import Handler, Operations
 from stockade.agent.group import GroupCommit
-from stockade.agent.heap import collector_paused
 from stockade.agent.protocol import (
     BAD_REQUEST,
     INVALID,
@@ -56,6 +55,7 @@ from stockade.agent.records import (
 from stockade.agent.snapshot import changes_to_restore, parse_snapshot, snapshot_of
 from stockade.agent.store import Store
 from stockade.errors import AgentError, DecodeError, InputError
+from stockade.heap import collector_paused
 from stockade.model.admit import admit_objects, validate_label_change
 from stockade.model.cluster import Namespace, implicit_namespace
 from stockade.model.cnp import CNP_KIND, ClusterNetworkPolicy
@@ -310,7 +310,7 @@ class Service:
     def op_apply(self, args: dict[str, Any]) -> dict[str, Any]:
         docs = args.get("documents")
         if isinstance(docs, list) and _objects(docs) > self.reconciler.BULK:
-            with collector_paused():  # bulk work: see agent/heap.py
+            with collector_paused():  # bulk work: see heap.py
                 return self._apply(args)
         return self._apply(args)
 

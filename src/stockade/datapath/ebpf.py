@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import hashlib
 import ipaddress
 import os
@@ -86,6 +85,7 @@ from stockade.datapath import libbpf
 from stockade.datapath.base import KernelSnapshot
 from stockade.datapath.nflog import LoggedPacket
 from stockade.errors import DataplaneError
+from stockade.heap import collector_paused
 from stockade.net.namespace import entered
 from stockade.net.rtnl import Link, Rtnl
 
@@ -574,17 +574,11 @@ class EbpfDatapath:
                                      "missing for the clsact fallback")
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            with self._lock:
-                if not self._exists():
-                    return KernelSnapshot(self._generation, None)
-                self._load()
-                return KernelSnapshot(self._generation, self._read_kernel())
-        finally:
-            if collecting:
-                gc.enable()
+        with collector_paused(freeze=False), self._lock:
+            if not self._exists():
+                return KernelSnapshot(self._generation, None)
+            self._load()
+            return KernelSnapshot(self._generation, self._read_kernel())
 
     def read(self) -> Ruleset:
         with self._lock:
@@ -601,14 +595,8 @@ class EbpfDatapath:
         """Make the maps and links enforce `desired`; see the module for the slot switch."""
         # Hundreds of thousands of fresh tuples, none in a cycle: the cyclic collector
         # would only walk them (and everything alive) again and again.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            with self._lock:
-                return self._apply(desired, verify)
-        finally:
-            if collecting:
-                gc.enable()
+        with collector_paused(freeze=False), self._lock:
+            return self._apply(desired, verify)
 
     def _apply(self, desired: Ruleset, verify: bool | KernelSnapshot) -> Plan:
         t0 = time.perf_counter()

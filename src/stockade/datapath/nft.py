@@ -13,7 +13,6 @@ any process may inspect, remove or claim, once this one is gone.
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import logging
 import os
@@ -66,6 +65,7 @@ from stockade.datapath.nfrules import (
     flush_chain,
 )
 from stockade.errors import DataplaneError
+from stockade.heap import collector_paused
 from stockade.net.namespace import entered
 
 log = logging.getLogger("stockade.dataplane")  # the logger's name, as logs have always shown it
@@ -415,16 +415,11 @@ class NftDatapath:
                                  stderr=err)
         # Millions of fresh objects, none in a cycle: the cyclic collector would
         # only walk them (and everything kept alive) again and again.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_paused(freeze=False):
             doc = json.loads(out)
             with self._read_lock:  # the comparator's memory is shared with verify_quietly
                 return parse_kernel(doc, self.table, expected, self._check,
                                     info.flags if info is not None else None)
-        finally:
-            if collecting:
-                gc.enable()
 
     def read(self) -> Ruleset:
         kt = self.read_table()
@@ -528,14 +523,9 @@ class NftDatapath:
                 info = self._elements.table_info() if rc == 0 else None
             if rc != 0 or after is None or info is None:
                 return False
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
+            with collector_paused(freeze=False):
                 kt = parse_kernel(json.loads(out), self.table,
                                   {**before.chains, **after.chains}, self._check, info.flags)
-            finally:
-                if collecting:
-                    gc.enable()
         return not kt.needs_repair and read_while_applying(kt.ruleset, before, after)
 
     def foreign_change(self, event: TableEvent) -> None:

@@ -125,7 +125,7 @@ class EtcdReflector(ReflectorLoop):
         rev = 0  # 0: list first
         while not self._stop.is_set():
             if not rev:
-                rev = self._list()
+                rev = self._bulk_list()
                 if not rev:
                     if self._sleep(self.backoff.next()):
                         return

@@ -44,6 +44,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,6 +124,10 @@ class ReflectorConfig:
     label_selector: str | None = None
     field_selector: str | None = None
     rng: Callable[[], float] = field(default=random.random)
+    # What a whole list (its pages decoded, then delivered) runs inside: the agent gives
+    # heap.collector_paused, as the cyclic collector would otherwise walk the
+    # growing list again and again (a list of 100,000 pods decodes 4x slower).
+    bulk: Callable[[], AbstractContextManager[object]] = field(default=nullcontext)
 
 
 class ReflectorLoop:
@@ -150,6 +155,15 @@ class ReflectorLoop:
 
     def run(self) -> None:
         raise NotImplementedError
+
+    def _list(self) -> Any:
+        """List and deliver; where to watch from (falsy: the list failed)."""
+        raise NotImplementedError
+
+    def _bulk_list(self) -> Any:
+        """:meth:`_list` inside the configuration's ``bulk``."""
+        with self.config.bulk():
+            return self._list()
 
     # ---- thread ---------------------------------------------------------------------------
 
@@ -192,7 +206,7 @@ class Reflector(ReflectorLoop):
         rv = ""  # "" means: list first
         while not self._stop.is_set():
             if not rv:
-                rv = self._list()
+                rv = self._bulk_list()
                 if not rv:
                     if self._sleep(self.backoff.next()):
                         return

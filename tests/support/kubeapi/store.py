@@ -153,6 +153,10 @@ class Store:
         # > 0: the garbage collector runs that long after an owner goes (KubeAPI's thread)
         self.gc_delay = 0.0
         self.gc_pending: list[tuple[float, str]] = []  # (time.monotonic() due, owner uid)
+        # The sorted snapshots of the last lists, by (storage, resourceVersion): each page
+        # of a paginated list continues one, as the API server's range read on etcd does,
+        # instead of rebuilding and sorting the whole resource per page (quadratic).
+        self._snapshots: dict[tuple[Storage, int], builtins.list[tuple[str, Obj]]] = {}
         ns_type = self.registry.lookup("", "v1", "namespaces")
         assert ns_type is not None
         for ns in DEFAULT_NAMESPACES:
@@ -487,25 +491,30 @@ class Store:
                         "list - objects that were created, modified, or deleted between the time "
                         "the first chunk was returned and now may show up in the list."
                     )
-                state = self.state_at(t.storage, rv)
             elif resource_version and resource_version != "0" and resource_version_match == "Exact":
                 rv = self._parse_rv(resource_version)
-                state = self.state_at(t.storage, rv)
             else:
                 rv = self.rv
-                state = self.objects[t.storage]
-            pairs = list(state.items())  # the live dict changes once the lock is released
+            snapshot = self._snapshots.get((t.storage, rv))
+            if snapshot is None or rv < self.compacted:
+                # state_at answers 410 past the compaction; the live dict changes once the
+                # lock is released, hence the copy
+                pairs = list(self.state_at(t.storage, rv).items())
+        if snapshot is None:
+            snapshot = sorted(((_sort_key(k), obj) for k, obj in pairs), key=lambda x: x[0])
+            with self.lock:
+                self._snapshots[(t.storage, rv)] = snapshot
+                while len(self._snapshots) > 8:  # oldest first: dicts keep insertion order
+                    del self._snapshots[next(iter(self._snapshots))]
         ns = namespace if t.namespaced else ""
-        if ns:
-            pairs = [p for p in pairs if p[0][0] == ns]
-        named = sorted(((_sort_key(k), obj) for k, obj in pairs), key=lambda x: x[0])
-        if start:
-            named = named[bisect.bisect_right(named, start, key=lambda x: x[0]) :]
+        named = [p for p in snapshot if p[0].startswith(ns + "/")] if ns else snapshot
+        first = bisect.bisect_right(named, start, key=lambda x: x[0]) if start else 0
         items: builtins.list[Obj] = []
         token, remaining = "", None
         filtering = label is not None or field is not None
         last = ""
-        for i, (sk, obj) in enumerate(named):
+        for i in range(first, len(named)):
+            sk, obj = named[i]
             if (label is None or label(obj)) and (field is None or field(obj)):
                 if limit and len(items) == limit:
                     token = _encode_continue(rv, last)

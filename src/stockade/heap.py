@@ -21,15 +21,23 @@ from contextlib import contextmanager
 
 _lock = threading.Lock()
 _paused = 0  # bulk works under way (each thread's own; the collector is process-wide)
+_freeze = False  # one of them built what lives on: freeze it at the end
 
 
 @contextmanager
-def collector_paused() -> Iterator[None]:
-    """No cyclic collection while the body runs (in any thread); what survives it is
-    frozen once the last such body ends."""
-    global _paused
+def collector_paused(freeze: bool = True) -> Iterator[None]:
+    """No cyclic collection while the body runs (in any thread). Once the last such
+    body ends the collector runs again, and what survived is frozen if any of them
+    built to keep (``freeze``). A transient read (the kernel's table parsed, compared
+    and dropped) passes ``freeze=False``.
+
+    The one place that turns the collector off and on: a section of its own
+    (``isenabled``, ``disable``, ``enable``) in another thread would turn it back on
+    in the middle of this one."""
+    global _paused, _freeze
     with _lock:
         _paused += 1
+        _freeze = _freeze or freeze
         gc.disable()
     try:
         yield
@@ -37,7 +45,9 @@ def collector_paused() -> Iterator[None]:
         with _lock:
             _paused -= 1
             if not _paused:
-                gc.freeze()
+                if _freeze:
+                    gc.freeze()
+                _freeze = False
                 gc.enable()
 
 

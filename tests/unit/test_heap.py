@@ -1,11 +1,11 @@
-"""The collector is paused around bulk work and what it built is frozen (agent/heap.py)."""
+"""The collector is paused around bulk work and what it built is frozen (heap.py)."""
 
 from __future__ import annotations
 
 import gc
 import threading
 
-from stockade.agent.heap import collector_paused
+from stockade.heap import collector_paused
 
 
 def test_paused_in_every_thread_until_the_last_bulk_work_ends_then_frozen() -> None:
@@ -46,3 +46,20 @@ def test_a_failure_inside_still_turns_the_collector_back_on() -> None:
         assert gc.isenabled()
     finally:
         gc.unfreeze()
+
+
+def test_a_transient_read_freezes_nothing_unless_bulk_work_overlapped_it() -> None:
+    frozen = gc.get_freeze_count()
+    try:
+        with collector_paused(freeze=False):
+            read = [[i] for i in range(1000)]
+            assert not gc.isenabled()
+        assert gc.isenabled() and gc.get_freeze_count() == frozen
+        with collector_paused(freeze=False):
+            with collector_paused():  # bulk work in the middle of the read
+                read = [[i] for i in range(1000)]
+            assert not gc.isenabled()  # the read's section still holds it off
+        assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(read)
+    finally:
+        gc.unfreeze()
+        gc.enable()
