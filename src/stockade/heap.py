@@ -1,4 +1,4 @@
-"""The agent's heap: the cyclic collector around bulk work, and memory given back.
+"""The process's heap: the cyclic collector around bulk work, and memory given back.
 
 At 10,000 endpoints and 1,000 policies the agent holds a few million objects
 (the state, the compiled ruleset, the kernel's table as last applied), nearly
@@ -49,6 +49,16 @@ def collector_paused(freeze: bool = True) -> Iterator[None]:
                     gc.freeze()
                 _freeze = False
                 gc.enable()
+
+
+@contextmanager
+def listing() -> Iterator[None]:
+    """A whole list of the cluster's objects decoded and delivered: the collector
+    paused (a list of 100,000 pods decodes four to five times faster), then the memory of
+    the raw objects handed back."""
+    with collector_paused():
+        yield
+    release_memory()
 
 
 def release_memory() -> None:

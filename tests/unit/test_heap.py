@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 
-from stockade.heap import collector_paused
+from stockade.heap import collector_paused, listing
 
 
 def test_paused_in_every_thread_until_the_last_bulk_work_ends_then_frozen() -> None:
@@ -60,6 +60,16 @@ def test_a_transient_read_freezes_nothing_unless_bulk_work_overlapped_it() -> No
                 read = [[i] for i in range(1000)]
             assert not gc.isenabled()  # the read's section still holds it off
         assert gc.isenabled() and gc.get_freeze_count() >= frozen + len(read)
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_a_list_runs_with_the_collector_paused_and_leaves_it_running() -> None:
+    try:
+        with listing():
+            assert not gc.isenabled()
+        assert gc.isenabled()
     finally:
         gc.unfreeze()
         gc.enable()

@@ -36,6 +36,7 @@ from stockade.kube.client import (
     NETWORK_POLICIES,
     PODS,
     KubeClient,
+    without_managed_fields,
 )
 from stockade.kube.datastore import KubeCacheStore, KubeFeed, translate_pod
 from stockade.kube.reflector import Backoff, Reflector, ReflectorConfig
@@ -193,6 +194,34 @@ def test_a_list_is_decoded_and_delivered_inside_the_configs_bulk() -> None:
     run(script, Watching(), page_size=1, bulk=bulk)
     # both pages (fetched and decoded) and their delivery inside it; a watch's events not
     assert inside == ["enter", "page", "page", "replace", "exit", "event"]
+
+
+def test_the_configs_transform_sees_every_object_listed_and_watched() -> None:
+    def managed(o: dict[str, Any]) -> dict[str, Any]:
+        o["metadata"]["managedFields"] = [{"manager": "kubelet", "operation": "Update"}]
+        return o
+
+    class Keeping(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.objects: list[dict[str, Any]] = []
+
+        def replace(self, items: list[dict[str, Any]], resource_version: str) -> None:
+            self.objects += items
+            super().replace(items, resource_version)
+
+        def event(self, type: str, obj: dict[str, Any]) -> None:
+            self.objects.append(obj)
+            super().event(type, obj)
+
+    sink = Keeping()
+    script = Script(listing([managed(pod("a", "3"))], "10", cont="c1"),
+                    listing([managed(pod("b", "5"))], "10"),
+                    watching(ev("ADDED", managed(pod("c", "11")))))
+    run(script, sink, page_size=1, transform=without_managed_fields)
+    assert [o["metadata"]["name"] for o in sink.objects] == ["a", "b", "c"]
+    assert all("managedFields" not in o["metadata"] for o in sink.objects)
+    assert sink.calls == [("replace", (["a", "b"], "10")), ("ADDED", "c")]
 
 
 def test_http_410_relists() -> None:

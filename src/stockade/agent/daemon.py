@@ -54,7 +54,7 @@ from stockade.datapath import DATAPATHS
 from stockade.datapath.base import Datapath
 from stockade.datapath.monitor import TableMonitor
 from stockade.errors import AgentError, InputError, NetError
-from stockade.heap import collector_paused, release_memory
+from stockade.heap import collector_paused, listing, release_memory
 from stockade.model.cluster import Cluster
 from stockade.net.ipam import Ipam
 
@@ -338,7 +338,12 @@ class Agent:
     # ---- the Kubernetes datastore ----------------------------------------------------------
 
     def _kube_feed(self) -> Any:
-        from stockade.kube.client import KubeClient, KubeError, in_cluster_available
+        from stockade.kube.client import (
+            KubeClient,
+            KubeError,
+            in_cluster_available,
+            without_managed_fields,
+        )
         from stockade.kube.datastore import KubeFeed
         from stockade.kube.reflector import ReflectorConfig
 
@@ -354,7 +359,7 @@ class Agent:
         node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()
         return KubeFeed(client, node, config=ReflectorConfig(
             timeout_seconds=cfg.watch_timeout, stall_timeout=cfg.watch_stall_timeout,
-            bulk=collector_paused))
+            bulk=listing, transform=without_managed_fields))
 
     def _etcd_feed(self) -> Any:
         from stockade.etcd.datastore import open_feed
@@ -367,7 +372,7 @@ class Agent:
         return open_feed(cfg.etcd_endpoints, node, prefix=cfg.etcd_prefix,
                          cert=cfg.etcd_cert, key=cfg.etcd_key, ca=cfg.etcd_cacert,
                          config=ReflectorConfig(stall_timeout=cfg.watch_stall_timeout,
-                                                bulk=collector_paused))
+                                                bulk=listing))
 
     def _node_pod_cidr(self) -> str:
         """This node's IPv4 pod CIDR as the cluster assigned it, or DEFAULT_SUBNET.

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,16 @@ def error_from_status(status: dict[str, Any], *, code: int = 0, request: str = "
     reason = str(status.get("reason") or "")
     message = str(status.get("message") or "")
     return _BY_CODE.get(code, KubeError)(code, reason or "Error", message, request=request)
+
+
+def without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` without ``metadata.managedFields`` (changed in place): the field owners
+    server-side apply records, about half of a pod's JSON, which nothing here reads
+    (client-go's informers drop them the same way, with a transform)."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -256,10 +266,13 @@ class KubeClient:
 
     def list(self, res: Resource, namespace: str | None = None, *,
              label_selector: str | None = None, field_selector: str | None = None,
-             limit: int = 500) -> Page:
+             limit: int = 500,
+             transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Page:
         """Every object, following ``continue`` page by page (one consistent snapshot);
         the Page's resourceVersion is where a watch starts. An expired ``continue``
-        token raises :class:`Gone`: list again from the start."""
+        token raises :class:`Gone`: list again from the start. ``transform`` is applied
+        to each object as its page arrives (what is dropped there is never held for
+        the whole list)."""
         params = _selectors(label_selector, field_selector)
         if limit:
             params["limit"] = str(limit)
@@ -267,7 +280,8 @@ class KubeClient:
         path = res.path(namespace)
         while True:
             body = self._json("GET", path, params=params)
-            items.extend(body.get("items") or ())
+            page = body.get("items") or ()
+            items.extend(map(transform, page) if transform is not None else page)
             meta = body.get("metadata") or {}
             token = meta.get("continue")
             if not token:
