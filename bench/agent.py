@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import AgentProcess, pct, print_table
+from common import AgentProcess, exit_on_sigterm, pct, print_table
 from results import Results
 from stockade.agent.client import AgentClient
 from stockade.net.namespace import create_netns, remove_netns
@@ -319,6 +319,7 @@ def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=1_000)

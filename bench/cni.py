@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.daemonset import Contained
 
-from common import AgentProcess, pct
+from common import AgentProcess, exit_on_sigterm, pct
 from results import Results
 from stockade.agent.client import AgentClient
 from stockade.net.namespace import create_netns, remove_netns
@@ -335,6 +335,7 @@ def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--pods", type=int, default=5_000)

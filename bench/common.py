@@ -19,8 +19,14 @@ T = TypeVar("T")
 
 def exit_on_sigterm() -> None:
     """SIGTERM (as `timeout` sends) unwinds like Ctrl-C, so that a benchmark's `finally`
-    stops its agent and removes its namespaces instead of leaving them behind."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    stops its agent and removes its namespaces instead of leaving them behind. Only
+    the first: `timeout` signals the process and then its group, and a second
+    SystemExit in the middle of the `finally` would cut the cleanup short."""
+    def unwind(*_: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, unwind)
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, T]:

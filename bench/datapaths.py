@@ -51,7 +51,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from common import print_markdown, timed
+from common import exit_on_sigterm, print_markdown, timed
 from iptables import build_loadgen, naive, program
 from results import Results
 from stockade.compile.iptables import Layout
@@ -337,6 +337,7 @@ def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=1_000)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
-from common import print_table, timed
+from common import exit_on_sigterm, print_table, timed
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
 from stockade.datapath.nfnetlink import ElementChange
@@ -67,6 +67,7 @@ def measure(netns: str, addr: str, mode: str, secs: float) -> float:
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=1_000)

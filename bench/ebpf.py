@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common import print_table, timed
+from common import exit_on_sigterm, print_table, timed
 from stockade.compile import bpf as bpfc
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import Ruleset
@@ -83,6 +83,7 @@ def ns_per_packet(prog_fd: int, packet: bytes, repeat: int = 200_000) -> tuple[i
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=1_000)

@@ -23,7 +23,7 @@ import argparse
 import secrets
 import statistics
 
-from common import print_table
+from common import exit_on_sigterm, print_table
 from ebpf import ns_per_packet, tcp_packet
 from stockade.compile import bpf as bpfc
 from stockade.compile.ir import Ruleset
@@ -76,6 +76,7 @@ def variants(pods: int, policies: int) -> tuple[dict[str, Ruleset], str, str]:
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--pods", type=int, default=2000)

@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common import print_table, timed
+from common import exit_on_sigterm, print_table, timed
 from stockade.compile import interpret
 from stockade.compile import iptables as ipt
 from stockade.compile.iptables import Layout
@@ -151,6 +151,7 @@ def naive(host: str, cluster: Cluster, rs: Any, sample: int, tool: str) -> dict[
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=1_000)

@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 
-from common import pct, print_table
+from common import exit_on_sigterm, pct, print_table
 from stockade.compile.ir import Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import Table
@@ -97,6 +97,7 @@ def trial(loop: RepairLoop, host: str, command: str) -> tuple[float, float]:
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--pods", type=int, default=2_000)
     ap.add_argument("--policies", type=int, default=200)

@@ -40,7 +40,7 @@ from typing import Any
 
 from agent import measure
 from cni import LABELS, POD, SELECTING
-from common import AgentProcess, pct, print_table
+from common import AgentProcess, exit_on_sigterm, pct, print_table
 from stockade.agent.client import AgentClient
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
@@ -167,6 +167,7 @@ def rows_of(results: dict[str, list[float]], warmup: int) -> list[tuple[str, str
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline", required=True, help="the commit to compare with")
     ap.add_argument("--rounds", type=int, default=60)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common import exit_on_sigterm
 from stockade.datapath.nfnetlink import (
     ElementWriter,
     element_list_messages,
@@ -82,6 +83,7 @@ def measure(writer: ElementWriter, rounds: int,
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", type=int, default=10_000)
     ap.add_argument("--chains", type=int, default=800)
