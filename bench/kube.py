@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common import AgentProcess, exit_on_sigterm, pct, print_table
+from results import Results
 from synthetic import make_cluster, manifests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--policies", type=int, default=1_000)
     ap.add_argument("--nodes", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
     args = ap.parse_args()
     exit_on_sigterm()
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-"))
@@ -181,6 +183,11 @@ def main() -> None:
         remove_netns(host)
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(("measure", "value", "notes"), rows)
+    out = Results("kube", " ".join(["bench/kube.py", *sys.argv[1:]]))
+    out.table(f"a node of a cluster of {args.pods:,} pods on {args.nodes:,} nodes, "
+              f"{args.policies:,} policies (the API: tests/support/kubeapi, in Python)",
+              ("measure", "value", "notes"), rows)
+    out.write(args.json)
 
 
 if __name__ == "__main__":

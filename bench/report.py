@@ -46,6 +46,11 @@ STEPS: dict[str, list[str]] = {
     "agent": ["agent.py", "--rounds", "200", "--seconds", "5"],
     "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "3"],
     "multihost": ["multihost.py", "--endpoints", "10000", "--hosts", "3", "--changes", "100"],
+    # The agent on the Kubernetes API (its test double): a node of a 10,000-pod cluster,
+    # then of a 100,000-pod one (about three minutes, most of it filling the double).
+    "kube": ["kube.py", "--pods", "10000", "--policies", "1000", "--nodes", "100"],
+    "kube-cluster": ["kube.py", "--pods", "100000", "--policies", "10000", "--nodes", "1000",
+                     "--rounds", "20"],
     "tiers": ["tiers.py", "--rounds", "3", "--seconds", "3"],
 }
 
