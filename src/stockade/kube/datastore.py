@@ -591,17 +591,18 @@ class KubeFeed:
             self._versions.get(res.plural, {}).pop(key, None)
 
     def _drop(self, res: Resource, key: str) -> None:
+        """The object is gone from the API (deleted, or absent from a list)."""
         if res is NAMESPACES:
             self.namespaces.pop(key, None)
             self.ns_errors.pop(key, None)
-            self._report(f"namespace/{key}", [], gone=True)
         elif res is NETWORK_POLICIES:
             self._drop_policy(key)
-            self._report(f"networkpolicy/{key}", [], gone=True)
         elif res is CLUSTER_NETWORK_POLICIES:
-            self._drop_tier(key)
+            self.tiers.pop(key, None)
         else:
-            self._drop_pod(key)
+            self.pods.pop(key, None)
+            self._pods_in.get(key.partition("/")[0], set()).discard(key)
+        self._report(f"{res.kind.lower()}/{key}", [], gone=True)
         self._versions.get(res.plural, {}).pop(key, None)
 
     def batch(self) -> contextlib.AbstractContextManager[object]:
@@ -655,10 +656,6 @@ class KubeFeed:
         self.tiers[view.name] = view
         self._report(f"clusternetworkpolicy/{view.name}", list(view.errors))
 
-    def _drop_tier(self, name: str) -> None:
-        self.tiers.pop(name, None)
-        self._report(f"clusternetworkpolicy/{name}", [], gone=True)
-
     def _datapath_name(self) -> str:
         reconciler = getattr(self.service, "reconciler", None)
         return str(getattr(getattr(reconciler, "datapath", None), "name", "?"))
@@ -686,11 +683,6 @@ class KubeFeed:
         self.pods[pod.key] = pod
         self._pods_in.setdefault(pod.key.partition("/")[0], set()).add(pod.key)
         self._report(f"pod/{pod.key}", list(pod.errors))
-
-    def _drop_pod(self, key: str) -> None:
-        self.pods.pop(key, None)
-        self._pods_in.get(key.partition("/")[0], set()).discard(key)
-        self._report(f"pod/{key}", [], gone=True)
 
     def _report(self, what: str, errors: Sequence[str], gone: bool = False) -> None:
         """Log an object's errors once (and once when they are gone, or it is)."""
