@@ -228,6 +228,7 @@ def main() -> None:
         a, b = str(client.ips[0]), str(server.ips[0])
         rc, allowed_new = ns_per_packet(prog, tcp_packet(a, b, 40000, 5001), 1)
         rc_hit, tracked = ns_per_packet(prog, tcp_packet(a, b, 40000, 5001, 0x10))
+        rc_reply, reply = ns_per_packet(prog, tcp_packet(b, a, 5001, 40000, 0x10))
         rc_deny, denied = ns_per_packet(prog, tcp_packet(a, b, 40001, 5002))
         other = str(base.endpoints[0].ips[0])
         rc_far, far = ns_per_packet(prog, tcp_packet(other, b, 40002, 5001))
@@ -235,6 +236,8 @@ def main() -> None:
                      f"{allowed_new:.0f} ns", f"verdict {rc}"))
         rows.append(("per packet: tracked connection (conntrack hit)", f"{tracked:.0f} ns",
                      f"verdict {rc_hit}"))
+        rows.append(("per packet: tracked connection, a reply", f"{reply:.0f} ns",
+                     f"verdict {rc_reply}"))
         rows.append(("per packet: new connection denied (full judgement)", f"{denied:.0f} ns",
                      f"verdict {rc_deny}"))
         rows.append(("per packet: new connection, other pod to an isolated one",
