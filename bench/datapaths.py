@@ -32,7 +32,12 @@ baseline taken right before on the same plumbing:
   middle.
 
 The variants take turns (the order rotates each round), `--rounds` times; the
-table gives medians and the range (min-max) in brackets.
+table gives medians and the range (min-max) in brackets. Every server and client
+runs on one CPU (`--cpu`, the last one by default): a veth delivers a packet on the
+sender's CPU, so a connection's whole exchange then runs there and the rate is what
+it costs. Left to the scheduler (`--cpu free`), the two ends share a CPU in some runs
+and not in others, and the baseline's connection rate alone varies by about 10 %
+between runs (3 % pinned), more than the differences measured.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import secrets
 import signal
 import statistics
@@ -144,8 +150,13 @@ def in_netns(netns: str, *cmd: str, timeout: float = 120) -> str:
 class Pair:
     """A host namespace with a bridge, a server and a client endpoint, the servers running."""
 
-    def __init__(self, tag: str, index: int, loadgen: str) -> None:
+    def __init__(self, tag: str, index: int, loadgen: str, cpu: int | None = None) -> None:
         self.tag, self.host, self.loadgen = tag, f"{tag}-h{index}", loadgen
+        # Every server and client on one CPU (`cpu`): a veth delivers a packet on the
+        # sender's CPU, so the whole exchange then runs there and its rate is what it
+        # costs. Left to the scheduler, each run lands the two ends on one CPU or on
+        # two, and the rate swings by a tenth between runs (cross-CPU wakeups).
+        self.pin: tuple[str, ...] = () if cpu is None else ("taskset", "-c", str(cpu))
         self.procs: list[subprocess.Popen[str]] = []
         create_netns(self.host)
         self.plumber = Plumber(prefix=tag, host_netns=self.host, subnet4="10.200.0.0/16")
@@ -162,7 +173,8 @@ class Pair:
             raise
 
     def _spawn(self, netns: str, *cmd: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(["ip", "netns", "exec", netns, *cmd], stdout=subprocess.PIPE,
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, *self.pin, *cmd],
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
         self.procs.append(proc)
         return proc
@@ -187,8 +199,8 @@ class Pair:
                 assert server.stdout is not None
                 while "listening" not in (line := server.stdout.readline()):
                     assert line, "the iperf3 server exited"
-                run = subprocess.run(["ip", "netns", "exec", self.client, "iperf3", "-c",
-                                      SERVER, "-p", str(IPERF_PORT), "-t", str(secs), "-J"],
+                run = subprocess.run(["ip", "netns", "exec", self.client, *self.pin, "iperf3",
+                                      "-c", SERVER, "-p", str(IPERF_PORT), "-t", str(secs), "-J"],
                                      capture_output=True, text=True, timeout=secs + 30,
                                      check=False)
             except subprocess.TimeoutExpired:
@@ -212,7 +224,7 @@ class Pair:
 
     def crr(self, secs: float) -> tuple[float, float, float, float]:
         """Connections/s, p50 and p99 latency in µs, failures (stalled 1 s or refused)."""
-        rate, failed, p50, p99 = in_netns(self.client, self.loadgen, "crr", SERVER,
+        rate, failed, p50, p99 = in_netns(self.client, *self.pin, self.loadgen, "crr", SERVER,
                                           str(CRR_PORT), str(secs)).split()
         return float(rate), float(p50), float(p99), float(failed)
 
@@ -220,8 +232,8 @@ class Pair:
         """Datagrams received per second, over `secs` of a flood a second longer."""
         sink = self._spawn(self.server, self.loadgen, "udp-sink", str(UDP_PORT), str(secs))
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        in_netns(self.client, self.loadgen, "udp-flood", SERVER, str(UDP_PORT), str(secs + 1),
-                 str(UDP_PAYLOAD))
+        in_netns(self.client, *self.pin, self.loadgen, "udp-flood", SERVER, str(UDP_PORT),
+                 str(secs + 1), str(UDP_PAYLOAD))
         out, _ = sink.communicate(timeout=secs + 40)
         self.procs.remove(sink)
         pps = float(out.strip())
@@ -300,11 +312,11 @@ def cell(values: Sequence[float], fmt: Callable[[float], str]) -> str:
 
 
 def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs: Any,
-             restore: str, secs: float
+             restore: str, secs: float, cpu: int | None = None
              ) -> tuple[dict[str, float], dict[str, float], dict[str, float], float]:
     """In a fresh pair: the measures with no ruleset, then with `name`'s; its programming
     times (a datapath) or the restore's time (naive)."""
-    pair = Pair(tag, index, loadgen)
+    pair = Pair(tag, index, loadgen, cpu)
     dp: Any = None
     prog: dict[str, float] = {}
     load = 0.0
@@ -348,10 +360,17 @@ def main() -> None:
                     help="cap on the naive chain's length in the packet tests")
     ap.add_argument("--sample", type=int, default=50,
                     help="sources sampled to count the naive baseline's allowed pairs")
+    ap.add_argument("--cpu", default=str(max(os.sched_getaffinity(0))),
+                    help="the CPU every server and client runs on, or 'free' to leave them "
+                    "to the scheduler (default: the last one)")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
     args = ap.parse_args()
     variants = tuple(v.strip() for v in args.variants.split(","))
+    if args.cpu != "free" and not (args.cpu.isdigit()
+                                   and int(args.cpu) in os.sched_getaffinity(0)):
+        ap.error(f"--cpu: one of {sorted(os.sched_getaffinity(0))} or 'free'")
+    cpu = None if args.cpu == "free" else int(args.cpu)
     datapaths = tuple(v for v in variants if v in DATAPATHS or v == LISTENING)
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
@@ -383,7 +402,7 @@ def main() -> None:
     restore = naive_restore(cluster, int(nv["rules"])) if nv else ""
 
     samples, failures = take_turns(variants, args.rounds, lambda name, index: one_pair(
-        name, tag, index, loadgen, cluster, rs, restore, args.seconds))
+        name, tag, index, loadgen, cluster, rs, restore, args.seconds, cpu))
     base = {v: [s[0] for s in samples[v]] for v in variants}
     got = {v: [s[1] for s in samples[v]] for v in variants}
     prog = {v: [s[2] for s in samples[v] if s[2]] for v in datapaths}
@@ -426,15 +445,17 @@ def main() -> None:
                                    for v in variants if v != "naive"), *naive_cell])
 
     elapsed = time.monotonic() - t_start
+    where = ("servers and clients left to the scheduler" if cpu is None
+             else f"servers and clients on CPU {cpu}")
     print(f"\n{len(cluster.endpoints):,} endpoints, {len(cluster.policies):,} policies "
           f"(compiled: {c['chains']} chains, {c['rules']} rules, {c['sets']} sets, "
           f"{c['set_elements']} elements); {args.rounds} rounds, the variants in turn, each "
-          f"in a fresh namespace, its own no-ruleset baseline right before; median "
+          f"in a fresh namespace, its own no-ruleset baseline right before; {where}; median "
           f"(min-max). Run took {elapsed / 60:.0f} min.\n")
     print_markdown(("measure", "no ruleset", *variants), rows)
     out = Results("datapaths", " ".join(["bench/datapaths.py", *sys.argv[1:]]))
     out.table(f"{len(cluster.endpoints):,} endpoints, {len(cluster.policies):,} policies; "
-              f"{args.rounds} rounds, variants in turn; median (min-max)",
+              f"{args.rounds} rounds, variants in turn; {where}; median (min-max)",
               ("measure", "no ruleset", *variants), rows)
     bars: dict[str, dict[str, float]] = {}
     for row in rows:

@@ -729,7 +729,11 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg)
 		return TC_ACT_SHOT;
-	now = bpf_ktime_get_ns();
+	/* The coarse clock (updated each tick, a few ms): conntrack's timeouts are seconds,
+	 * and reading the TSC on every packet costs more than the rest of a tracked one's
+	 * path (a VM traps or pays for it); the same CLOCK_MONOTONIC base, so entries
+	 * written with either clock compare. */
+	now = bpf_ktime_get_coarse_ns();
 	if (p.fragment) {
 		/* no transport header: the ports are those its first fragment passed with,
 		 * and without a first fragment seen passing, nothing to judge by */
@@ -750,13 +754,11 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 	ct_key_of(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
 	e = ct_find(&k, now);
 	int reply = 0;
-	if (!e) {
+	/* a SYN is never a reply: it opens a connection of its own, so it skips the
+	 * reply's lookup (a cold one: the table holds every recent connection) */
+	if (!e && !(p.proto == PROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
 		ct_key_of(&k, p.family, p.proto, p.dst, p.src, p.dport, p.sport);
 		e = ct_find(&k, now);
-		/* a SYN is never a reply: it opens a connection of its own */
-		if (e && p.proto == PROTO_TCP &&
-		    (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
-			e = 0;
 		reply = 1;
 	}
 	if (e) {

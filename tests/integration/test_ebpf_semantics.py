@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import pytest
 
 from stockade.compile.lower import compile_cluster
-from stockade.datapath import open_datapath
+from stockade.datapath import libbpf, open_datapath
 from stockade.datapath.ebpf import EbpfDatapath
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
@@ -368,3 +368,37 @@ def test_a_long_tcp_flow_keeps_flowing(trio, datapath) -> None:
     received = report["end"]["sum_received"]["bytes"]
     assert received > 100 * 2**20, report["end"]["sum_received"]  # the bug: ~1 MB
     assert datapath.stats()["denied"] == denied
+
+
+def _tcp(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
+    """An Ethernet frame of one IPv4 TCP segment with `flags` (checksums left zero: the
+    program does not read them)."""
+    tcp = struct.pack(">HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp
+
+
+def test_a_syn_on_a_tracked_connections_reversed_tuple_is_judged_as_new(trio,
+                                                                        datapath) -> None:
+    """Conntrack matches a reply by the reversed tuple, but a SYN opens a connection of its
+    own: one from a to b on the exact reverse of b's allowed connection to a is judged,
+    and b's isolation drops it; a's SYN-ACK and ACK on that tuple are replies and pass.
+    Fed to the program itself (BPF_PROG_TEST_RUN), so the tuple is exactly the one wanted."""
+    b_isolated = NetworkPolicy("x", "b-isolated", Selector(Labels({"pod": "b"})),
+                               policy_types=(INGRESS,))
+    datapath.apply(compile_cluster(_cluster(trio, _a_ingress_from("b"), b_isolated)))
+    prog = datapath._progs["in"]  # the program judges both sides at either hook
+    a, b = trio.a.address4, trio.b.address4
+    passed, shot = 0xFFFFFFFF, 2  # TC_ACT_UNSPEC, TC_ACT_SHOT
+    syn, ack = 0x02, 0x10
+
+    def verdict(src: str, dst: str, sport: int, dport: int, flags: int) -> int:
+        return libbpf.test_run(prog, _tcp(src, dst, sport, dport, flags), 1)[0]
+
+    assert verdict(a, b, PORT, 40000, syn) == shot  # nothing tracked yet: b is isolated
+    assert verdict(b, a, 40000, PORT, syn) == passed  # allowed, and now tracked
+    assert verdict(a, b, PORT, 40000, syn) == shot  # the reversed tuple, as a new one
+    assert verdict(a, b, PORT, 40000, syn | ack) == passed  # a's answer: a reply
+    assert verdict(a, b, PORT, 40000, ack) == passed
+    assert verdict(a, b, PORT, 40001, ack) == shot  # mid-stream, never tracked

@@ -33,8 +33,11 @@ missing, clsact with `tc` (direct action, pinned program) is the fallback.
 
 **Conntrack** is the program's own LRU map (not the kernel's through
 bpf_skb_ct_lookup): it works whether or not netfilter tracks the bridge's
-traffic, costs two hash lookups on the fast path, and lets a policy generation
-re-judge flows lazily. IP fragments fail closed: an allowed first fragment's ports
+traffic, costs one hash lookup for a packet of the original direction or a SYN
+(which is never a reply) and two for a reply, and lets a policy generation re-judge
+flows lazily. Its timestamps come from the coarse monotonic clock
+(bpf_ktime_get_coarse_ns: timeouts are seconds, and reading the TSC per packet
+costs more in a VM). IP fragments fail closed: an allowed first fragment's ports
 are kept in `frag` (LRU) under its datagram's (family, addresses, protocol, IP id),
 a later fragment is judged with them, and one without is dropped (counted as
 `fragments_dropped`). Denied new connections go to the `events` ring buffer
