@@ -147,6 +147,28 @@ def in_netns(netns: str, *cmd: str, timeout: float = 120) -> str:
                           check=True, timeout=timeout).stdout
 
 
+def add_cpu_argument(ap: argparse.ArgumentParser) -> None:
+    """`--cpu`, for every benchmark that measures packets through a `Pair`."""
+    ap.add_argument("--cpu", default=str(max(os.sched_getaffinity(0))),
+                    help="the CPU every server and client runs on, or 'free' to leave them "
+                    "to the scheduler (default: the last one)")
+
+
+def chosen_cpu(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int | None:
+    """`--cpu` checked: a CPU this process may use, or None for `free`."""
+    if args.cpu == "free":
+        return None
+    if not (args.cpu.isdigit() and int(args.cpu) in os.sched_getaffinity(0)):
+        ap.error(f"--cpu: one of {sorted(os.sched_getaffinity(0))} or 'free'")
+    return int(args.cpu)
+
+
+def placement(cpu: int | None) -> str:
+    """Where the packet tests' processes ran, for a table's title."""
+    return ("servers and clients left to the scheduler" if cpu is None
+            else f"servers and clients on CPU {cpu}")
+
+
 class Pair:
     """A host namespace with a bridge, a server and a client endpoint, the servers running."""
 
@@ -360,17 +382,12 @@ def main() -> None:
                     help="cap on the naive chain's length in the packet tests")
     ap.add_argument("--sample", type=int, default=50,
                     help="sources sampled to count the naive baseline's allowed pairs")
-    ap.add_argument("--cpu", default=str(max(os.sched_getaffinity(0))),
-                    help="the CPU every server and client runs on, or 'free' to leave them "
-                    "to the scheduler (default: the last one)")
+    add_cpu_argument(ap)
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
     args = ap.parse_args()
     variants = tuple(v.strip() for v in args.variants.split(","))
-    if args.cpu != "free" and not (args.cpu.isdigit()
-                                   and int(args.cpu) in os.sched_getaffinity(0)):
-        ap.error(f"--cpu: one of {sorted(os.sched_getaffinity(0))} or 'free'")
-    cpu = None if args.cpu == "free" else int(args.cpu)
+    cpu = chosen_cpu(ap, args)
     datapaths = tuple(v for v in variants if v in DATAPATHS or v == LISTENING)
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
@@ -445,8 +462,7 @@ def main() -> None:
                                    for v in variants if v != "naive"), *naive_cell])
 
     elapsed = time.monotonic() - t_start
-    where = ("servers and clients left to the scheduler" if cpu is None
-             else f"servers and clients on CPU {cpu}")
+    where = placement(cpu)
     print(f"\n{len(cluster.endpoints):,} endpoints, {len(cluster.policies):,} policies "
           f"(compiled: {c['chains']} chains, {c['rules']} rules, {c['sets']} sets, "
           f"{c['set_elements']} elements); {args.rounds} rounds, the variants in turn, each "

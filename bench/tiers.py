@@ -46,7 +46,17 @@ from dataclasses import replace
 from typing import Any
 
 from common import print_markdown, timed
-from datapaths import Pair, bench_cluster, cell, fmt_time, release, take_turns
+from datapaths import (
+    Pair,
+    add_cpu_argument,
+    bench_cluster,
+    cell,
+    chosen_cpu,
+    fmt_time,
+    placement,
+    release,
+    take_turns,
+)
 from iptables import build_loadgen
 from results import Results
 from stockade.compile.incremental import IncrementalCompiler
@@ -139,9 +149,9 @@ def incremental(clusters: dict[str, Cluster]) -> list[list[str]]:
 
 
 def one_variant(name: str, tag: str, index: int, loadgen: str, cluster: Cluster,
-                rs: Any, secs: float) -> tuple[dict[str, float], dict[str, float],
-                                               dict[str, float]]:
-    pair = Pair(tag, index, loadgen)
+                rs: Any, secs: float, cpu: int | None = None
+                ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    pair = Pair(tag, index, loadgen, cpu)
     dp: NftDatapath | None = None
     try:
         assert not pair.isolated(), "the server is unreachable without a ruleset"
@@ -175,9 +185,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="per packet test")
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
+    add_cpu_argument(ap)
     ap.add_argument("--incremental", action="store_true",
                     help="only the agent's incremental priority change, no kernel (no root)")
     args = ap.parse_args()
+    cpu = chosen_cpu(ap, args)
     if args.incremental:
         base_cluster = bench_cluster(args.pods, args.policies)
         print_markdown(("variant", "incremental change + ruleset", "full compile",
@@ -200,7 +212,7 @@ def main() -> None:
         print(f"{v}: compiled in {compile_s[v]:.1f} s: {compiled[v].counts()}", file=sys.stderr)
 
     samples, failures = take_turns(VARIANTS, args.rounds, lambda v, index: one_variant(
-        v, tag, index, loadgen, clusters[v], compiled[v], args.seconds))
+        v, tag, index, loadgen, clusters[v], compiled[v], args.seconds, cpu))
     base = {v: [s[0] for s in samples[v]] for v in VARIANTS}
     got = {v: [s[1] for s in samples[v]] for v in VARIANTS}
     prog = {v: [s[2] for s in samples[v]] for v in VARIANTS}
@@ -240,12 +252,14 @@ def main() -> None:
           f"that have them (no rule matches the bench traffic: each new connection goes "
           f"through every tier chain of its ends); nftables; {args.rounds} rounds, the "
           f"variants in turn, each in a fresh namespace with its own no-ruleset baseline "
-          f"right before; median (min-max). Run took {elapsed / 60:.0f} min.\n")
+          f"right before; {placement(cpu)}; median (min-max). Run took "
+          f"{elapsed / 60:.0f} min.\n")
     print_markdown(("measure", *VARIANTS), rows)
     out = Results("tiers", " ".join(["bench/tiers.py", *sys.argv[1:]]))
     out.table(f"{len(base_cluster.endpoints):,} endpoints, {len(base_cluster.policies):,} "
               f"NetworkPolicies, {args.cnps:,} ClusterNetworkPolicies per tier; nftables; "
-              f"{args.rounds} rounds; median (min-max)", ("measure", *VARIANTS), rows)
+              f"{args.rounds} rounds; {placement(cpu)}; median (min-max)",
+              ("measure", *VARIANTS), rows)
     out.write(args.json)
     if failures:
         print(f"\nfailed, left out (see stderr): {', '.join(failures)}")

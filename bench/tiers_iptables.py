@@ -26,7 +26,18 @@ import time
 from typing import Any
 
 from common import print_markdown, timed
-from datapaths import Pair, bench_cluster, cell, fmt_time, open_datapath, release, take_turns
+from datapaths import (
+    Pair,
+    add_cpu_argument,
+    bench_cluster,
+    cell,
+    chosen_cpu,
+    fmt_time,
+    open_datapath,
+    placement,
+    release,
+    take_turns,
+)
 from iptables import build_loadgen
 from stockade.compile.lower import compile_cluster
 from stockade.datapath.base import require_bridge_netfilter
@@ -37,8 +48,8 @@ VARIANTS = ("np only", "admin, one ns each", "admin, every ns", "both, every ns"
 
 
 def one_sample(datapath: str, tag: str, index: int, loadgen: str, rs: Any,
-               secs: float) -> dict[str, float]:
-    pair = Pair(tag, index, loadgen)
+               secs: float, cpu: int | None = None) -> dict[str, float]:
+    pair = Pair(tag, index, loadgen, cpu)
     dp: Any = None
     try:
         assert not pair.isolated(), "the server is unreachable without a ruleset"
@@ -65,7 +76,9 @@ def main() -> None:
     ap.add_argument("--cnps", type=int, default=1_000, help="ClusterNetworkPolicies per tier")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=3.0, help="per connection-rate test")
+    add_cpu_argument(ap)
     args = ap.parse_args()
+    cpu = chosen_cpu(ap, args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a kill too
     t_start = time.monotonic()
     tag = f"ti{secrets.token_hex(2)}"
@@ -79,7 +92,7 @@ def main() -> None:
     names = [f"{d} | {v}" for v in VARIANTS for d in DATAPATHS]
     samples, failures = take_turns(names, args.rounds, lambda name, index: one_sample(
         name.split(" | ")[0], tag, index, loadgen, compiled[name.split(" | ")[1]],
-        args.seconds))
+        args.seconds, cpu))
 
     rows = []
     for v in VARIANTS:
@@ -97,7 +110,8 @@ def main() -> None:
           + f"). Ratios to the same pair with no ruleset, measured right before (TCP: "
           f"connect, 64 B request, 64 B answer, close; UDP: 64-byte datagrams, one flow; "
           f"{args.seconds:g} s each); {args.rounds} rounds, every (datapath, variant) in "
-          f"turn; median (min-max). Run took {(time.monotonic() - t_start) / 60:.0f} min.\n")
+          f"turn; {placement(cpu)}; median (min-max). Run took "
+          f"{(time.monotonic() - t_start) / 60:.0f} min.\n")
     print_markdown(("variant", "measure", *DATAPATHS), rows)
     if failures:
         print(f"\nfailed samples: {', '.join(failures)}")
