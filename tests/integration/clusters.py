@@ -45,10 +45,12 @@ def namespace(name: str) -> Namespace:
 
 
 def endpoint(trio: Any, name: str, **labels: str) -> Endpoint:
-    """x/`name` at the trio's addresses, labelled pod=`name` and `labels`, serving TCP/80."""
+    """x/`name` at the trio's addresses, labelled pod=`name` and `labels`, serving TCP/80,
+    bound to its bridge port and MAC (the datapath guards them)."""
     att = getattr(trio, name)
     return Endpoint("x", name, Labels({"pod": name, **labels}),
-                    (att.address4, att.address6), (ContainerPort(80, "TCP", "http"),))
+                    (att.address4, att.address6), (ContainerPort(80, "TCP", "http"),),
+                    port=att.host_ifname, mac=att.mac)
 
 
 def allow_only(target: str, source: str, port: int = 80) -> NetworkPolicy:

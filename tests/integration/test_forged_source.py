@@ -129,9 +129,15 @@ B_ISOLATED = NetworkPolicy("x", "isolate-b", Selector(Labels({"pod": "b"})),
                            policy_types=(INGRESS,))
 
 
+# Datapaths that do not check ports yet: the gap is still theirs.
+UNGUARDED = {"iptables", "ebpf"}
+
+
 @pytest.fixture(params=["nft", "iptables", "ebpf"])
 def datapath(request: pytest.FixtureRequest, trio: Any, netns_prefix: str
              ) -> Iterator[Datapath]:
+    if request.param in UNGUARDED:
+        request.node.add_marker(pytest.mark.xfail(strict=True, raises=Impersonated, reason=GAP))
     dp = open_datapath(request.param, netns_prefix, netns=trio.host_netns)
     try:
         dp.check()
@@ -160,7 +166,6 @@ def collected(proc: subprocess.Popen[str]) -> set[str]:
     return set(out.split()) - {"ready"}
 
 
-@pytest.mark.xfail(strict=True, raises=Impersonated, reason=GAP)
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_datagram_with_another_pods_source_is_not_let_in(trio: Any, datapath: Datapath,
                                                            family: int) -> None:
@@ -180,7 +185,6 @@ def test_a_datagram_with_another_pods_source_is_not_let_in(trio: Any, datapath: 
         raise Impersonated(f"b's datagram with a's address ({addr(a)}) reached c")
 
 
-@pytest.mark.xfail(strict=True, raises=Impersonated, reason=GAP)
 def test_an_arp_request_from_another_pods_address_does_not_divert_its_traffic(
         trio: Any, datapath: Datapath) -> None:
     a, b, c = trio.a, trio.b, trio.c

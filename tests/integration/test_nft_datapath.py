@@ -257,7 +257,10 @@ def test_the_first_and_last_endpoint_of_a_family_with_real_packets(trio, datapat
     from stockade.compile.incremental import IncrementalCompiler
 
     full = cluster(trio, allow_only("a", "b"))
-    v4 = replace(full, endpoints=tuple(replace(ep, ips=ep.ips[:1]) for ep in full.endpoints))
+    # Unguarded while known by IPv4 alone: a guarded port lets out no address it does
+    # not know, so their IPv6 would be dropped whatever the policy says.
+    v4 = replace(full, endpoints=tuple(replace(ep, ips=ep.ips[:1], port="")
+                                       for ep in full.endpoints))
     inc = IncrementalCompiler.of(v4)
     rs = inc.ruleset()
     assert not any(s.family == 6 for s in rs.sets.values())

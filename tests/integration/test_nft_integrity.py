@@ -307,7 +307,8 @@ def test_an_owned_table_refuses_others_outlives_its_owner_and_is_claimed(trio,
         assert owner.stdout is not None and owner.stdout.readline().strip() == OWNER_ON
         for cmd in ("add chain inet stockade evil", f"flush chain inet stockade {chain}",
                     "delete table inet stockade",
-                    "add table inet stockade { flags dormant; }"):
+                    "add table inet stockade { flags dormant; }",
+                    "delete table bridge stockade", "flush chain bridge stockade guard"):
             out = _nft(host, *cmd.split(), check=False)
             assert out.returncode != 0 and "Operation not permitted" in out.stderr, cmd
         assert _probe(trio, *EXPECTED) == EXPECTED
@@ -367,9 +368,11 @@ def test_a_table_nobody_owns_is_replaced_by_an_owned_one(trio, servers) -> None:
     dp._run, dp._elements.transact = run, transact  # type: ignore[method-assign]
     assert len(steps) >= 4 and all(seen == EXPECTED for seen in steps), steps
     assert dp.owned
-    assert _nft(host, "list", "tables").stdout.split() == ["table", "inet", "stockade"]
-    out = _nft(host, "delete", "table", "inet", "stockade", check=False)
-    assert "Operation not permitted" in out.stderr
+    assert sorted(_nft(host, "list", "tables").stdout.splitlines()) == [
+        "table bridge stockade", "table inet stockade"]  # the policy and the guard
+    for family in ("inet", "bridge"):
+        out = _nft(host, "delete", "table", family, "stockade", check=False)
+        assert "Operation not permitted" in out.stderr, family
     assert _probe(trio, *EXPECTED) == EXPECTED
     _in_sync(dp, rs)
     assert dp.apply(rs, verify=True).empty and dp.last_drift is None

@@ -119,6 +119,7 @@ def _write_shared(args: argparse.Namespace, lowering: Lowering, work: Work, jobs
     texts; only a chain's comment (its first policy set) differs, which neither output
     shows. bench/offline.py times it against one process (docs/benchmarks.md).
     """
+    from stockade.compile import lower
     from stockade.compile.nft import Table, nft_target
     from stockade.compile.nft_text import Texts
 
@@ -163,7 +164,8 @@ def _write_shared(args: argparse.Namespace, lowering: Lowering, work: Work, jobs
     if not nft:
         counts = {"sets": len(sets), "set_elements": sum(sets.values()), "chains": len(chains),
                   "rules": sum(chains.values()), "ingress_entries": len(maps.ingress),
-                  "egress_entries": len(maps.egress)}
+                  "egress_entries": len(maps.egress),
+                  "guarded_ports": len(lower.guards_of(lowering.index.cluster.endpoints))}
         out.write("".join(f"{k} {v}\n" for k, v in counts.items()))
     else:
         texts = Texts(table)

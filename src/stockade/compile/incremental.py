@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
-from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Ruleset
+from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Guard, Ruleset
 from stockade.compile.lower import (
     DIRECTION,
     Lowering,
@@ -36,6 +36,7 @@ from stockade.compile.lower import (
     absent,
     endpoint_addresses,
     families_of,
+    guards_of,
     lower_chain,
 )
 from stockade.compile.membership import PeerMembers, PolicyTargets, SetSpec
@@ -111,6 +112,10 @@ class IncrementalCompiler:
         # is left out, see lower.absent), and how many endpoints have each.
         self._families: frozenset[int] = frozenset()
         self._family_count: Counter[int] = Counter()
+        # Bridge ports: who is behind each, what may leave it, which changed since.
+        self._on_port: dict[str, set[str]] = {}
+        self._port_guards: dict[str, Guard] = {}
+        self._touched_guards: set[str] = set()
 
     # ---- bulk ------------------------------------------------------------------------
 
@@ -134,6 +139,9 @@ class IncrementalCompiler:
             inc.endpoints[ep.key] = ep
             inc._endpoints_in.setdefault(ep.namespace, set()).add(ep.key)
             inc._family_count.update(families_of((ep,)))
+            if ep.port and not ep.remote:
+                inc._on_port.setdefault(ep.port, set()).add(ep.key)
+        inc._port_guards = guards_of(cluster.endpoints)
         bulk = Lowering(resolve(cluster))
         inc._families = bulk.families
         tier_subjects = bulk.tier_subjects() if inc._tier_order else {}
@@ -190,20 +198,24 @@ class IncrementalCompiler:
         last = self._last
         touched = Touched(frozenset(self._touched_sets), frozenset(self._touched_chains),
                           frozenset(self._touched_addrs[INGRESS]),
-                          frozenset(self._touched_addrs[EGRESS]))
+                          frozenset(self._touched_addrs[EGRESS]),
+                          frozenset(self._touched_guards))
         self._touched_sets = set()
         self._touched_chains = set()
         self._touched_addrs = {INGRESS: set(), EGRESS: set()}
+        self._touched_guards = set()
         if last is not None:
-            touched = _changed_since(last, touched, self._sets, self._chains, self._maps)
-            if not (touched.sets or touched.chains or touched.ingress or touched.egress):
+            touched = _changed_since(last, touched, self._sets, self._chains, self._maps,
+                                     self._port_guards)
+            if not (touched.sets or touched.chains or touched.ingress or touched.egress
+                    or touched.guards):
                 # Nothing differs (a relabel no selector reads, a pod gone and back): the
                 # same ruleset, without cloning its tables (the maps hold every endpoint).
                 return last
         # dict.copy, not dict(): it clones the table even after deletions (which the
         # maps see at every endpoint change), where dict() re-inserts key by key.
         out = Ruleset(self._sets.copy(), self._chains.copy(), self._maps[INGRESS].copy(),
-                      self._maps[EGRESS].copy())
+                      self._maps[EGRESS].copy(), self._port_guards.copy())
         if last is not None:
             # A plan from the previous one looks at what changed only (plan.derive).
             derive(out, last, touched)
@@ -298,6 +310,9 @@ class IncrementalCompiler:
 
     def _attach(self, ep: Endpoint) -> None:
         self._family_count.update(families_of((ep,)))
+        if ep.port and not ep.remote:
+            self._on_port.setdefault(ep.port, set()).add(ep.key)
+            self._guard_port(ep.port)
         for name in self._candidate_sets(ep.namespace, ep.labels):
             self._join_if_selected(ep, name)
         for direction in model.DIRECTIONS:
@@ -312,6 +327,19 @@ class IncrementalCompiler:
             self._unplace(ep, direction)
         del self.endpoints[ep.key]
         self._endpoints_in[ep.namespace].discard(ep.key)
+        if ep.key in self._on_port.get(ep.port, ()):
+            self._on_port[ep.port].discard(ep.key)
+            self._guard_port(ep.port)
+
+    def _guard_port(self, port: str) -> None:
+        """The port's guard again from the endpoints behind it (none: unguarded)."""
+        keys = self._on_port.get(port)
+        if keys:
+            self._port_guards[port] = guards_of(self.endpoints[k] for k in sorted(keys))[port]
+        else:
+            self._on_port.pop(port, None)
+            self._port_guards.pop(port, None)
+        self._touched_guards.add(port)
 
     def _candidate_sets(self, namespace: str, labels: Labels) -> set[str]:
         out: set[str] = set()
@@ -779,8 +807,8 @@ def _guards(cand: object) -> list[tuple[str, str, str | None]]:
 
 
 def _changed_since(last: Ruleset, touched: Touched, sets: Mapping[str, AddressSet],
-                   chains: Mapping[str, Chain], maps: Mapping[str, Mapping[str, str]]
-                   ) -> Touched:
+                   chains: Mapping[str, Chain], maps: Mapping[str, Mapping[str, str]],
+                   guards: Mapping[str, Guard]) -> Touched:
     """`touched` without what is as it was in `last`: an object replaced by itself or an
     equal one (a chain dropped and made again), or a map entry removed and put back (an
     endpoint unplaced and placed again)."""
@@ -788,7 +816,8 @@ def _changed_since(last: Ruleset, touched: Touched, sets: Mapping[str, AddressSe
         frozenset(n for n in touched.sets if not _same(last.sets.get(n), sets.get(n))),
         frozenset(n for n in touched.chains if not _same(last.chains.get(n), chains.get(n))),
         frozenset(a for a in touched.ingress if last.ingress.get(a) != maps[INGRESS].get(a)),
-        frozenset(a for a in touched.egress if last.egress.get(a) != maps[EGRESS].get(a)))
+        frozenset(a for a in touched.egress if last.egress.get(a) != maps[EGRESS].get(a)),
+        frozenset(p for p in touched.guards if last.guards.get(p) != guards.get(p)))
 
 
 def _same(a: object, b: object) -> bool:

@@ -16,6 +16,12 @@ and with no `next` the side passes. A NetworkPolicy chain (no `tier`) allows
 on a match and drops otherwise, as always. An endpoint's map entry is the first
 of its chains: Admin, then NetworkPolicy (which is final), else Baseline.
 
+Guards (`Ruleset.guards`) are not policy: each binds a pod's bridge port (the host
+side of its veth) to its addresses and MAC, so that what leaves the port claims
+only them (IP sources, ARP senders, neighbour advertisements' targets) and a pod
+cannot be judged as another by forging its address. A datapath checks them before
+anything else, conntrack included.
+
 An Admin chain is shared by every endpoint the same Admin policies select,
 whatever comes after it: it is not entered but *called* by a small link chain
 (`calls`, no rules of its own) whose `next` is that endpoint's NetworkPolicy or
@@ -32,7 +38,7 @@ so a membership change is a change of set elements and nothing else.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 ADDR = "addr"  # addresses
@@ -120,12 +126,25 @@ class Chain:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """What a pod's bridge port lets out: frames from `mac` (any, when empty), IP packets
+    from `addresses`, ARP and neighbour advertisements claiming only those, and IPv6's
+    link-local and unspecified-source neighbour discovery. Nothing else: no other
+    ethertype, no VLAN tags."""
+
+    addresses: tuple[str, ...]  # sorted; at most one per family
+    mac: str = ""  # lowercase, colon-separated
+
+
+@dataclass(frozen=True)
 class Ruleset:
     sets: Mapping[str, AddressSet] = field(default_factory=dict)
     chains: Mapping[str, Chain] = field(default_factory=dict)
     # endpoint address -> chain name
     ingress: Mapping[str, str] = field(default_factory=dict)
     egress: Mapping[str, str] = field(default_factory=dict)
+    # bridge port (host-side interface name) -> what may leave it
+    guards: Mapping[str, Guard] = field(default_factory=dict)
 
     def verdict_map(self, direction: str) -> Mapping[str, str]:
         return self.ingress if direction == INGRESS else self.egress
@@ -138,6 +157,7 @@ class Ruleset:
             "rules": sum(len(c.rules) for c in self.chains.values()),
             "ingress_entries": len(self.ingress),
             "egress_entries": len(self.egress),
+            "guarded_ports": len(self.guards),
         }
 
 
@@ -166,7 +186,19 @@ def ruleset_data(rs: Ruleset) -> dict[str, object]:
                    for n, c in sorted(rs.chains.items())},
         "ingress": dict(sorted(rs.ingress.items())),
         "egress": dict(sorted(rs.egress.items())),
+        "guards": {port: {"addresses": list(g.addresses), **({"mac": g.mac} if g.mac else {})}
+                   for port, g in sorted(rs.guards.items())},
     }
+
+
+def guard_of(addresses: Iterable[str], mac: str = "") -> Guard:
+    return Guard(tuple(sorted(set(addresses))), mac)
+
+
+def merge_guards(a: Guard, b: Guard) -> Guard:
+    """Two pods behind one port (not what a plumber makes): both one's addresses, and
+    the MAC only when they agree."""
+    return guard_of((*a.addresses, *b.addresses), a.mac if a.mac == b.mac else "")
 
 
 def _element_key(e: Element) -> tuple[str, Element]:

@@ -20,8 +20,11 @@ from stockade.compile.ir import (
     Chain,
     ChainRule,
     Element,
+    Guard,
     Ruleset,
     content_name,
+    guard_of,
+    merge_guards,
 )
 from stockade.compile.membership import (
     AllEndpoints,
@@ -423,7 +426,7 @@ class Lowering:
         # Sorted by name (names are unique: sorting the names alone is faster than items).
         return Ruleset({n: self.sets[n] for n in sorted(self.sets)},
                        {n: self.chains[n] for n in sorted(self.chains)},
-                       maps.ingress, maps.egress)
+                       maps.ingress, maps.egress, guards_of(self.index.cluster.endpoints))
 
     @staticmethod
     def maps(work: Work, first: Mapping[EntryKey, str]) -> Ruleset:
@@ -525,6 +528,16 @@ def clear_caches() -> None:
     for cached in (_block_spec, _target_specs, _peer_specs, address, member_specs,
                    peer_text):
         cached.cache_clear()
+
+
+def guards_of(endpoints: Iterable[Endpoint]) -> dict[str, Guard]:
+    """Each bridge port of this node's endpoints, bound to its endpoints' addresses."""
+    out: dict[str, Guard] = {}
+    for ep in endpoints:
+        if ep.port and not ep.remote:
+            g = guard_of(ep.ips, ep.mac)
+            out[ep.port] = merge_guards(out[ep.port], g) if ep.port in out else g
+    return dict(sorted(out.items()))
 
 
 def compile_cluster(cluster: Cluster) -> Ruleset:

@@ -37,9 +37,10 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
+from stockade.compile import guard
 from stockade.compile.ir import (
     ADDR,
     ADDR_PORT,
@@ -414,7 +415,7 @@ def nft_target(rs: Ruleset) -> Ruleset:
     for chain in rs.chains.values():
         if _mapped(chain):
             sets.update(tier_sets(chain, rs.sets))
-    return Ruleset(sets, rs.chains, rs.ingress, rs.egress)
+    return replace(rs, sets=sets)
 
 
 def mapped_chains(chains: Iterable[Chain]) -> set[str]:
@@ -640,6 +641,8 @@ def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
             cmds.append({"delete": {"element": table.ref(name=s.name, elem=set_elements(s, els))}})
     cmds += [{"delete": {"map" if (_set_kind(n) or ("",))[0] == DECISION else "set":
                          table.ref(name=n)}} for n in p.del_sets]
+    # The guard table's elements (its skeleton is made apart: see compile.guard).
+    cmds += guard.element_commands(table.name, p.set_guards, p.old_guards)
     return cmds
 
 
@@ -941,6 +944,8 @@ class KernelTable:
     # Foreign stateful objects and flowtables as (kind, name, handle): removed
     # over raw netlink after the repairing transaction (nothing uses them then).
     objects: list[tuple[str, str, int]] = field(default_factory=list)
+    # The guard table (compile.guard) is there and as made; otherwise it is made anew.
+    guard_ok: bool = True
 
     @property
     def needs_repair(self) -> bool:
@@ -950,7 +955,7 @@ class KernelTable:
         not among the expected) are not drift: a plan deletes them if unwanted.
         """
         return (not self.skeleton_ok or not self.table_ok or bool(self.drift)
-                or bool(self.objects))
+                or bool(self.objects) or not self.guard_ok)
 
 
 def _read_element(kind: str, family: int, raw: Any) -> Element | None:
@@ -1001,7 +1006,7 @@ def canonical(rs: Ruleset) -> Ruleset:
     """The ruleset with interval sets in collapsed form, as a read-back compares them."""
     sets = {n: (AddressSet(s.name, s.family, s.kind, _canonical_net(s.elements), s.comment)
                 if s.kind == NET else s) for n, s in rs.sets.items()}
-    return Ruleset(sets, rs.chains, rs.ingress, rs.egress)
+    return replace(rs, sets=sets)
 
 
 def _sets_of(chain: Chain) -> set[str]:

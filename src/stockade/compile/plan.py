@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -24,6 +24,7 @@ from stockade.compile.ir import (
     AddressSet,
     Chain,
     Element,
+    Guard,
     Ruleset,
 )
 from stockade.model.cidr import parse_ip
@@ -47,12 +48,18 @@ class Plan:
     # Sets gaining elements that a tier's `deny` or `pass` rule names: a packet that
     # went on to an allow may now be dropped (see `narrows`).
     denying: frozenset[str] = frozenset()
+    # Bridge ports whose guard comes or changes, ports no longer guarded, and the guards
+    # both replace (what a datapath removes first).
+    set_guards: tuple[tuple[str, Guard], ...] = ()
+    del_guards: tuple[str, ...] = ()
+    old_guards: tuple[tuple[str, Guard], ...] = ()
 
     @property
     def empty(self) -> bool:
         return not any((self.add_sets, self.add_elements, self.add_chains,
                         self.replace_chains, self.del_map,
-                        self.set_map, self.del_chains, self.del_elements, self.del_sets))
+                        self.set_map, self.del_chains, self.del_elements, self.del_sets,
+                        self.set_guards, self.del_guards))
 
     @property
     def narrows(self) -> bool:
@@ -83,6 +90,8 @@ class Plan:
             "map_entries_set": len(self.set_map),
             "map_entries_removed": len(self.del_map) - len(
                 {e for e, _ in self.set_map} & set(self.del_map)),
+            "guards_set": len(self.set_guards),
+            "guards_removed": len(self.del_guards),
         }
 
     def describe(self) -> list[str]:
@@ -100,6 +109,9 @@ class Plan:
         out += [f"- {s.name} {_show(e)}" for s, els in self.del_elements for e in sorted(
             els, key=str)]
         out += [f"- set {s}" for s in self.del_sets]
+        out += [f"= guard {port}: {', '.join(g.addresses)}{f' at {g.mac}' if g.mac else ''}"
+                for port, g in self.set_guards]
+        out += [f"- guard {port}" for port in self.del_guards]
         return out
 
 
@@ -121,6 +133,7 @@ class Touched:
     chains: frozenset[str] = frozenset()
     ingress: frozenset[str] = frozenset()
     egress: frozenset[str] = frozenset()
+    guards: frozenset[str] = frozenset()  # bridge ports
 
 
 # On a derived ruleset, outside its dataclass fields (equality and repr ignore it): the
@@ -219,7 +232,8 @@ def _plan_touched(old: Ruleset, new: Ruleset, touched: Touched) -> Plan:
                 set_map.append(((direction, family_of(addr), addr), now))
     return Plan(tuple(add_sets), tuple(add_el), tuple(add_chains), tuple(replace_chains),
                 tuple(del_map), tuple(set_map), tuple(del_chains), tuple(del_el),
-                tuple(del_sets), denying_sets(new, add_el))
+                tuple(del_sets), denying_sets(new, add_el),
+                *guard_delta(old.guards, new.guards, sorted(touched.guards)))
 
 
 def full_plan(old: Ruleset, new: Ruleset) -> Plan:
@@ -248,7 +262,29 @@ def full_plan(old: Ruleset, new: Ruleset) -> Plan:
                 set_map.append(((direction, family_of(addr), addr), chain))
     return Plan(add_sets, tuple(add_el), add_chains, replace_chains, tuple(del_map),
                 tuple(set_map), del_chains, tuple(del_el), del_sets,
-                denying_sets(new, add_el))
+                denying_sets(new, add_el),
+                *guard_delta(old.guards, new.guards, sorted(old.guards.keys() | new.guards.keys())))
+
+
+def guard_delta(old: Mapping[str, Guard], new: Mapping[str, Guard], ports: Iterable[str]
+                ) -> tuple[tuple[tuple[str, Guard], ...], tuple[str, ...],
+                           tuple[tuple[str, Guard], ...]]:
+    """(guards to set, ports to unguard, the old guards of both) among `ports`, turning
+    `old` into `new`."""
+    put: list[tuple[str, Guard]] = []
+    gone: list[str] = []
+    replaced: list[tuple[str, Guard]] = []
+    for port in ports:
+        was, now = old.get(port), new.get(port)
+        if was == now:
+            continue
+        if now is None:
+            gone.append(port)
+        else:
+            put.append((port, now))
+        if was is not None:
+            replaced.append((port, was))
+    return tuple(put), tuple(gone), tuple(replaced)
 
 
 def denying_sets(rs: Ruleset, grown: list[tuple[AddressSet, frozenset[Element]]]

@@ -21,7 +21,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stockade.datapath.nfnetlink import NFNL_SUBSYS_NFTABLES, NFPROTO_INET
+from stockade.datapath.nfnetlink import (
+    NFNL_SUBSYS_NFTABLES,
+    NFPROTO_BRIDGE,
+    NFPROTO_INET,
+    NFT_MSG_NEWSETELEM,
+)
 from stockade.net.namespace import entered
 from stockade.netlink import (
     NETLINK_ADD_MEMBERSHIP,
@@ -85,7 +90,12 @@ def parse_batches(data: bytes, table: str,
         if subsys == NFNL_SUBSYS_NFTABLES and msg != NFT_MSG_NEWGEN:
             # The common case, fast: our own transactions announce thousands of
             # objects, and this thread competes with the one writing them.
-            if family == NFPROTO_INET and _table_of(data, offset, length) == name:
+            if family == NFPROTO_BRIDGE and _table_of(data, offset, length) == name:
+                # The guard table of the same name: a change to it is drift too, but its
+                # deletion is not the policy table's.
+                pending = pending or _Batch()
+                pending.messages.append(NFT_MSG_NEWSETELEM)
+            elif family == NFPROTO_INET and _table_of(data, offset, length) == name:
                 pending = pending or _Batch()
                 if msg == NFT_MSG_DELTABLE:
                     # The last deletion counts: a NEWTABLE after it re-creates the table.

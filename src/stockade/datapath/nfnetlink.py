@@ -65,6 +65,16 @@ NFT_MSG_DELOBJ = 20
 NFT_MSG_DELFLOWTABLE = 24
 NFT_MSG_DELSETELEM = 14
 NFPROTO_INET = 1
+NFPROTO_BRIDGE = 7
+# A message of a batch is for the `inet` table unless its type carries another family
+# above its low 16 bits (`in_family`): the guard's `bridge` table goes in the same
+# transaction as the policy.
+_FAMILY_SHIFT = 16
+
+
+def in_family(kind: int, family: int) -> int:
+    """A batch message's type `kind` for a table of `family`."""
+    return kind | family << _FAMILY_SHIFT
 
 NFTA_TABLE_NAME = 1
 NFTA_TABLE_FLAGS = 2
@@ -290,8 +300,9 @@ class ElementWriter:
         for i, (msg, flags, attrs) in enumerate(body, 1):
             seq = next(self._seq)
             ack = NLM_F_ACK if i == len(body) else 0
-            msgs.append(self._message((NFNL_SUBSYS_NFTABLES << 8) | msg,
-                                      NLM_F_REQUEST | ack | flags, NFPROTO_INET, 0, attrs, seq))
+            family = msg >> _FAMILY_SHIFT or NFPROTO_INET
+            msgs.append(self._message((NFNL_SUBSYS_NFTABLES << 8) | msg & 0xFFFF,
+                                      NLM_F_REQUEST | ack | flags, family, 0, attrs, seq))
         msgs.append(self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES,
                                   b"", next(self._seq)))
         return b"".join(msgs), seq
@@ -314,11 +325,12 @@ class ElementWriter:
                                   stderr="; ".join(sorted({os.strerror(c)
                                                            for c in errors.values()})))
 
-    def table_info(self, name: str | None = None) -> TableInfo | None:
+    def table_info(self, name: str | None = None,
+                   family: int = NFPROTO_INET) -> TableInfo | None:
         """The table's flags and owner, or None when there is no such table."""
         seq = next(self._seq)
         self.sock.sendall(self._message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE,
-                                        NLM_F_REQUEST | NLM_F_ACK, NFPROTO_INET, 0,
+                                        NLM_F_REQUEST | NLM_F_ACK, family, 0,
                                         attr_str(NFTA_TABLE_NAME, name or self.table), seq))
         info: TableInfo | None = None
         code = 0
@@ -390,14 +402,14 @@ def _errno(body: bytes) -> int:
     return error_code(NetlinkMessage(NLMSG_ERROR, 0, 0, 0, body))
 
 
-def new_table(name: str, flags: int) -> tuple[int, int, bytes]:
+def new_table(name: str, flags: int, family: int = NFPROTO_INET) -> tuple[int, int, bytes]:
     """NEWTABLE: create the table, or update an existing one's flags (claim an orphan)."""
-    return (NFT_MSG_NEWTABLE, NLM_F_CREATE,
+    return (in_family(NFT_MSG_NEWTABLE, family), NLM_F_CREATE,
             attr_str(NFTA_TABLE_NAME, name) + attr_u32(NFTA_TABLE_FLAGS, flags, big=True))
 
 
-def del_table(name: str) -> tuple[int, int, bytes]:
-    return (NFT_MSG_DELTABLE, 0, attr_str(NFTA_TABLE_NAME, name))
+def del_table(name: str, family: int = NFPROTO_INET) -> tuple[int, int, bytes]:
+    return (in_family(NFT_MSG_DELTABLE, family), 0, attr_str(NFTA_TABLE_NAME, name))
 
 
 def del_object(table: str, kind: str, handle: int) -> tuple[int, int, bytes] | None:

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stockade.compile import guard
 from stockade.compile.ir import (
     ADDR,
     ADDR_PORT,
@@ -37,13 +38,16 @@ from stockade.compile.ir import (
     AddressSet,
     Chain,
     ChainRule,
+    Guard,
 )
 from stockade.compile.nft import DECISION, DENIED, MAPS, Table, chain_rules
 from stockade.compile.plan import Plan
 from stockade.datapath.nfnetlink import (
+    NFPROTO_BRIDGE,
     element_item,
     element_list_messages,
     element_messages,
+    in_family,
 )
 from stockade.netlink import NLM_F_CREATE, attr, attr_str, attr_u32, attr_u64, nested
 
@@ -441,7 +445,45 @@ def encode_plan(table: Table, p: Plan,
             if els:
                 out += element_messages(name, s.name, _sorted(els), delete=True)
         out += [del_set(name, n) for n in p.del_sets]
+        out += guard_messages(name, p.set_guards, p.old_guards)
     except Unsupported as exc:
         log.debug("a plan for libnftables: %s", exc)
         return None
     return out
+
+
+def guard_messages(table: str, set_guards: Iterable[tuple[str, Guard]],
+                   old: Iterable[tuple[str, Guard]]) -> list[Message]:
+    """`compile.guard.element_commands` as raw messages for the `bridge` table."""
+    out: list[Message] = []
+    for delete, guards in ((True, old), (False, set_guards)):
+        by_set: dict[str, list[bytes]] = {}
+        for port, g in guards:
+            for set_name, e in guard.port_elements(port, g):
+                by_set.setdefault(set_name, []).append(element_item(_guard_key(set_name, e)))
+        for set_name, items in sorted(by_set.items()):
+            out += [(in_family(kind, NFPROTO_BRIDGE), flags, attrs) for kind, flags, attrs
+                    in element_list_messages(table, set_name, items, delete=delete)]
+    return out
+
+
+def _guard_key(set_name: str, e: str | tuple[str, str]) -> bytes:
+    """A guard element's key as the kernel keeps it: an interface name in 16 bytes, each
+    field padded to whole 32-bit registers."""
+    if isinstance(e, str):
+        return _ifname(e)
+    port, value = e
+    if set_name == guard.MACS:
+        field_ = bytes.fromhex(value.replace(":", "")) + bytes(2)
+    elif set_name == guard.T6:
+        field_ = int(value, 16).to_bytes(16, "big")
+    else:
+        field_ = ipaddress.ip_address(value).packed
+    return _ifname(port) + field_
+
+
+def _ifname(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) > 15:
+        raise Unsupported(f"interface name {name!r} is too long")
+    return raw.ljust(16, b"\0")

@@ -25,7 +25,8 @@ from pathlib import Path
 from queue import Queue
 from typing import Any
 
-from stockade.compile.ir import ADDR, ADDR_PORT, NET, AddressSet, Chain, Ruleset
+from stockade.compile import guard
+from stockade.compile.ir import ADDR, ADDR_PORT, NET, AddressSet, Chain, Guard, Ruleset
 from stockade.compile.nft import (
     DECISION,
     DENIED,
@@ -45,6 +46,8 @@ from stockade.compile.plan import STAGE_PART, Plan, derive, derived, plan, set_d
 from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
 from stockade.datapath.monitor import TableEvent, TableMonitor
 from stockade.datapath.nfnetlink import (
+    NFPROTO_BRIDGE,
+    NFPROTO_INET,
     NFT_TABLE_F_DORMANT,
     NFT_TABLE_F_OWNER,
     NFT_TABLE_F_PERSIST,
@@ -297,6 +300,12 @@ class NftDatapath:
                                         "claiming the table" if info else "creating the table")
             else:
                 return False
+            # The guard table left by the last owner: claimed alike, so that a restart
+            # keeps it guarding (one not persistent is made anew by the next apply).
+            ginfo = self._elements.table_info(self.table.name, NFPROTO_BRIDGE)
+            if ginfo is not None and ginfo.persistent and ginfo.owner != self._elements.port:
+                self._elements.transact([new_table(self.table.name, OWNED, NFPROTO_BRIDGE)],
+                                        "claiming the guard table")
         self.owned = True
         self.owner_status = OWNER_ON
         self._generation += 1
@@ -319,7 +328,7 @@ class NftDatapath:
         log.warning("table %s %s is not owned (made by an older stockade, a one-shot "
                     "command or another process): replacing it with an owned one",
                     FAMILY, self.table.name)
-        full = plan(Ruleset(), target)
+        full = replace(plan(Ruleset(), target), set_guards=())
         with self._lock:
             stale = self._elements.table_info(handover.name)
             self._elements.transact(([del_table(handover.name)] if stale else [])
@@ -340,6 +349,7 @@ class NftDatapath:
         self.owner_status = OWNER_ON
         self._applied = None
         self._generation += 1
+        self._write_guard(target.guards)  # owned now, as the policy table
         # From here on a failure leaves the handover table enforcing; the next
         # apply fills the owned table and then drops it.
         self._run(render_plan(self.table, full, skeleton=True, create_table=False),
@@ -418,8 +428,47 @@ class NftDatapath:
         with collector_paused(freeze=False):
             doc = json.loads(out)
             with self._read_lock:  # the comparator's memory is shared with verify_quietly
-                return parse_kernel(doc, self.table, expected, self._check,
-                                    info.flags if info is not None else None)
+                kt = parse_kernel(doc, self.table, expected, self._check,
+                                  info.flags if info is not None else None)
+        return with_guard(kt, self._read_guard(self._nft))
+
+    def _read_guard(self, reader: Any) -> guard.KernelGuard | None:
+        """The guard table as the kernel holds it; None when there is none. Owned by
+        anybody but this datapath when this one owns its table: not as made."""
+        with self._lock:
+            rc, out, err = reader.cmd(f"list table {guard.FAMILY} {self.table.name}")
+            info = (self._elements.table_info(self.table.name, NFPROTO_BRIDGE)
+                    if rc == 0 and self.owned else None)
+        if rc != 0:
+            if "No such file" in err or "does not exist" in err:
+                return None
+            raise DataplaneError("cannot read the guard table",
+                                 command="nft list table bridge", stderr=err)
+        kg = guard.parse_guard(json.loads(out), self.table.name)
+        if self.owned and (info is None or info.owner != self._elements.port):
+            kg.drift.append("guard table not owned by this datapath")
+        return kg
+
+    def _write_guard(self, guards: Mapping[str, Guard]) -> None:
+        """Make the guard table anew with `guards`: when it is missing or not as made.
+
+        Its skeleton is text (see compile.guard), which cannot make a table persistent:
+        an owned one is made empty over raw netlink first, then filled (between the
+        two it guards nothing, as when it was missing)."""
+        owned = self.owned
+        if owned:
+            with self._lock:
+                gone = self._elements.table_info(self.table.name, NFPROTO_BRIDGE) is None
+                self._elements.transact(
+                    ([] if gone else [del_table(self.table.name, NFPROTO_BRIDGE)])
+                    + [new_table(self.table.name, OWNED, NFPROTO_BRIDGE)],
+                    "making the guard table")
+            self._generation += 1
+        rc, _out, err = self._text(guard.skeleton_text(self.table.name, guards,
+                                                       table=not owned))
+        if rc != 0:
+            raise DataplaneError("the guard table was refused by the kernel",
+                                 command="nft -f -", stderr=err[:2000])
 
     def read(self) -> Ruleset:
         kt = self.read_table()
@@ -526,6 +575,9 @@ class NftDatapath:
             with collector_paused(freeze=False):
                 kt = parse_kernel(json.loads(out), self.table,
                                   {**before.chains, **after.chains}, self._check, info.flags)
+            kg = self._read_guard(self._reader())
+        if kg is None or not kg.intact or kg.guards not in (before.guards, after.guards):
+            return False
         return not kt.needs_repair and read_while_applying(kt.ruleset, before, after)
 
     def foreign_change(self, event: TableEvent) -> None:
@@ -580,10 +632,14 @@ class NftDatapath:
             snap = self.snapshot(desired.chains)
         repair = False
         kt: KernelTable | None = None
+        rewrite_guard = False
         if snap is not None:
             kt = snap.table
             current = kt.ruleset if kt is not None else Ruleset()
-            delta = plan(current, target)
+            # A guard table that is missing or not as made is made anew, whole, first.
+            rewrite_guard = kt is None or not kt.guard_ok
+            delta = plan(replace(current, guards=target.guards) if rewrite_guard else current,
+                         target)
             repair = kt is None or kt.needs_repair
             held = self._held()
             if held is not None:
@@ -609,6 +665,8 @@ class NftDatapath:
             self._drop_handover()
             return delta
         missing = snap is not None and kt is None  # the kernel holds no table at all
+        if rewrite_guard:
+            self._write_guard(target.guards)
         cmds: list[Command] = list(kt.prelude) if kt is not None else []
         cmds += render_plan(self.table, delta,
                             skeleton=missing or (kt is not None and not kt.skeleton_ok),
@@ -742,7 +800,7 @@ class NftDatapath:
             return applied
         return Ruleset({**applied.sets, **self._spare_sets},
                        {**applied.chains, **self._spare_chains}, applied.ingress,
-                       applied.egress)
+                       applied.egress, applied.guards)
 
     def _spare(self, delta: Plan) -> tuple[Plan, Spare]:
         """The plan from what was applied, with unused chains left in the kernel a while.
@@ -819,7 +877,8 @@ class NftDatapath:
                     sets[name] = canonical(Ruleset(sets={name: s})).sets[name]
                 else:
                     sets[name] = s
-            target = Ruleset(sets, desired.chains, desired.ingress, desired.egress)
+            target = Ruleset(sets, desired.chains, desired.ingress, desired.egress,
+                             desired.guards)
             # the tier chains' verdict maps follow their chains and the sets they name
             changed = [c for n in touched.chains if (c := desired.chains.get(n)) is not None]
             mapped = (self._mapped - touched.chains) | mapped_chains(changed)
@@ -857,23 +916,27 @@ class NftDatapath:
             self._nft.set_json_output(False)
             try:
                 rc, out, _ = self._nft.cmd(f"list table {FAMILY} {self.table.name}")
+                grc, gout, _ = self._nft.cmd(f"list table {guard.FAMILY} {self.table.name}")
             finally:
                 self._nft.set_json_output(True)
-        return str(out) if rc == 0 else ""
+        return (str(out) if rc == 0 else "") + (str(gout) if grc == 0 else "")
 
     def remove(self) -> None:
         """Delete the table: this datapath's own, an orphan, or one nobody owns."""
         self._applied = None
         self._spare_chains, self._spare_sets = {}, {}
         self._generation += 1
-        rc, _, err = self._text(f"delete table {FAMILY} {self.table.name}")
-        if rc != 0 and "No such file" not in err:
+        # The guard table goes first: an owned one's refusal leaves both in place.
+        for family, number in ((guard.FAMILY, NFPROTO_BRIDGE), (FAMILY, NFPROTO_INET)):
+            rc, _, err = self._text(f"delete table {family} {self.table.name}")
+            if rc == 0 or "No such file" in err:
+                continue
             if "Operation not permitted" in err:
                 with self._lock:
-                    info = self._elements.table_info()
+                    info = self._elements.table_info(self.table.name, number)
                 who = self._who(info.owner if info is not None else None)
                 raise DataplaneError(
-                    f"table {FAMILY} {self.table.name} is owned by {who}; stop it first "
+                    f"table {family} {self.table.name} is owned by {who}; stop it first "
                     "(the table then stays, enforcing, until removed)",
                     command="nft delete table", stderr=err)
             raise DataplaneError("cannot remove the table", command="nft delete table",
@@ -926,3 +989,13 @@ def elements_only(delta: Plan) -> bool:
     return not (delta.add_sets or delta.add_chains or delta.replace_chains or delta.del_chains
                 or delta.del_sets or any(s.kind not in (ADDR, ADDR_PORT) for s, _ in (
                     *delta.add_elements, *delta.del_elements)))
+
+
+def with_guard(kt: KernelTable | None, kg: guard.KernelGuard | None) -> KernelTable | None:
+    """The policy table read back with the guard table's guards and drift."""
+    if kt is None:
+        return None
+    kt.ruleset = replace(kt.ruleset, guards=kg.guards if kg is not None else {})
+    kt.guard_ok = kg is not None and kg.intact
+    kt.drift += kg.drift if kg is not None else ["guard table missing"]
+    return kt

@@ -15,6 +15,7 @@ one address make the kernel map point at one of their chains only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,28 @@ def validate_endpoint(ep: Endpoint) -> list[FieldError]:
     errs += validate_labels(ep.labels, "metadata.labels")
     errs += validate_pod_ips(ep.ips)
     errs += validate_container_ports(ep)
+    if ep.port or ep.mac:
+        errs += validate_attachment(ep.port, ep.mac)
+    return errs
+
+
+# What stockade's plumber and CNI plugin name a host interface (a kernel name is at most
+# 15 bytes); a guard's port is a set element and a map key, so nothing else gets there.
+_IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def validate_attachment(port: str, mac: str) -> list[FieldError]:
+    """The host interface and MAC an endpoint is bound to: a port name, and a lowercase
+    unicast MAC (a guard on a multicast or zero MAC would pass nothing of the pod's)."""
+    errs: list[FieldError] = []
+    if not _IFNAME.fullmatch(port):
+        errs.append(FieldError("hostInterface", INVALID if port else REQUIRED,
+                               "must be an interface name (1-15 letters, digits, '_', '.' "
+                               "or '-', starting with a letter or digit)", port))
+    if mac and (not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00"):
+        errs.append(FieldError("mac", INVALID, "must be a unicast MAC address in lowercase "
+                                               "(aa:bb:cc:dd:ee:ff)", mac))
     return errs
 
 

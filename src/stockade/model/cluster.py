@@ -43,6 +43,12 @@ class Endpoint:
     # A pod of another node (the Kubernetes datastore): a peer that selectors pick,
     # whose own policies that node enforces, so it gets no verdict chain here.
     remote: bool = False
+    # Where this node attached it: the host side of its veth (a bridge port) and its
+    # MAC as plumbed, both from the plumber or the CNI plugin, never from the pod's own
+    # namespace (a pod with CAP_NET_ADMIN could claim anything there). The datapath binds
+    # its addresses to that port (`compile.ir.Guard`); empty: not attached here.
+    port: str = ""
+    mac: str = ""
 
     @once
     def key(self) -> str:

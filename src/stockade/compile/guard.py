@@ -1,0 +1,294 @@
+"""The port guard as an nftables `bridge` table: what may leave each pod's bridge port.
+
+Policy judges a packet by its addresses; nothing in it knows which port an
+address belongs to, so a pod that writes its own frames (CAP_NET_RAW, a runtime
+default) could send with another pod's address and be judged as that pod, or
+answer ARP and neighbour discovery for it and receive its traffic. The guard
+binds each port to its pod's addresses and MAC (`compile.ir.Guard`) before the
+bridge forwards anything, and so before br_netfilter, conntrack and the policy
+table see the packet. The table has the policy table's name, in the `bridge`
+family::
+
+    set ports     { type ifname }                  guarded ports
+    set macports  { type ifname }                  ... whose MAC is known
+    set macs      { type ifname . ether_addr }
+    set a4        { type ifname . ipv4_addr }
+    set a6        { type ifname . ipv6_addr }
+    set t6        { typeof iifname . @th,64,128 }  a6 again, as a neighbour advert's target
+    chain guard   hook prerouting, priority filter (before br_netfilter), policy accept
+        iifname != @ports accept                           unguarded: not a pod of ours
+        iifname @macports iifname . ether saddr != @macs drop
+        iifname @macports iifname . arp saddr ether != @macs drop
+        arp (Ethernet/IPv4) iifname . arp saddr ip @a4 accept
+        arp (Ethernet/IPv4) arp saddr ip 0.0.0.0 accept    address probes
+        icmpv6 type nd-neighbor-advert, target neither iifname's (@t6) nor link-local: drop
+        iifname . ip saddr @a4 accept
+        iifname . ip6 saddr @a6 accept
+        ip6 saddr { ::, fe80::/10 } accept                 neighbour discovery, MLD
+        drop                                               anything else: other ethertypes,
+                                                           VLAN tags, foreign sources
+
+`t6` exists because libnftables 1.0.6 has no `icmpv6 taddr`: the target is read
+raw, and a raw field's set must be declared with `typeof`, which its JSON cannot
+say; so the skeleton goes in as text (`skeleton_text`), and elements as JSON
+commands (`element_commands`) in the policy table's transaction, or as raw
+netlink (`datapath.nfrules`). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stockade.compile.ir import Guard, guard_of
+
+FAMILY = "bridge"
+CHAIN = "guard"
+VERSION = "guard v1"
+PORTS, MACPORTS, MACS, A4, A6, T6 = "ports", "macports", "macs", "a4", "a6", "t6"
+SETS = (PORTS, MACPORTS, MACS, A4, A6, T6)
+SET_TYPES: dict[str, Any] = {PORTS: "ifname", MACPORTS: "ifname", MACS: ["ifname", "ether_addr"],
+                             A4: ["ifname", "ipv4_addr"], A6: ["ifname", "ipv6_addr"],
+                             T6: ["ifname", "integer"]}
+_SET_DECLS = {PORTS: "type ifname", MACPORTS: "type ifname", MACS: "type ifname . ether_addr",
+              A4: "type ifname . ipv4_addr", A6: "type ifname . ipv6_addr",
+              T6: "typeof meta iifname . @th,64,128"}
+_ARP = "arp htype 1 arp ptype ip arp hlen 6 arp plen 4"
+
+# The chain's rules as text (sent) and as libnftables 1.0.6 lists them back (compared,
+# in `compile.nft.canonical_expr` form), with their comments.
+RULES: tuple[tuple[str, str], ...] = (
+    ("iifname != @ports accept", "unguarded port"),
+    ("iifname @macports iifname . ether saddr != @macs drop", "foreign mac"),
+    ("iifname @macports iifname . arp saddr ether != @macs drop", "arp foreign mac"),
+    (f"{_ARP} iifname . arp saddr ip @a4 accept", "arp own address"),
+    (f"{_ARP} arp saddr ip 0.0.0.0 accept", "arp probe"),
+    ("icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @t6 "
+     "@th,64,16 & 0xffc0 != 0xfe80 drop", "advert foreign target"),
+    ("iifname . ip saddr @a4 accept", "own ipv4"),
+    ("iifname . ip6 saddr @a6 accept", "own ipv6"),
+    ("ip6 saddr { ::, fe80::/10 } accept", "ipv6 unspecified or link-local"),
+    ("drop", "anything else"),
+)
+
+
+def _iif() -> dict[str, Any]:
+    return {"meta": {"key": "iifname"}}
+
+
+def _pl(protocol: str, fld: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": fld}}
+
+
+def _raw(offset: int, length: int) -> dict[str, Any]:
+    return {"payload": {"base": "th", "offset": offset, "len": length}}
+
+
+def _m(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+_ARP_EXPR = [_m(_pl("arp", "htype"), 1), _m(_pl("arp", "ptype"), "ip"),
+             _m(_pl("arp", "hlen"), 6), _m(_pl("arp", "plen"), 4)]
+
+LISTED: tuple[list[dict[str, Any]], ...] = (
+    [_m(_iif(), "@ports", "!="), {"accept": None}],
+    [_m(_iif(), "@macports"), _m({"concat": [_iif(), _pl("ether", "saddr")]}, "@macs", "!="),
+     {"drop": None}],
+    [_m(_iif(), "@macports"),
+     _m({"concat": [_iif(), _pl("arp", "saddr ether")]}, "@macs", "!="), {"drop": None}],
+    [*_ARP_EXPR, _m({"concat": [_iif(), _pl("arp", "saddr ip")]}, "@a4"), {"accept": None}],
+    [*_ARP_EXPR, _m(_pl("arp", "saddr ip"), "0.0.0.0"),  # noqa: S104
+     {"accept": None}],
+    [_m(_pl("icmpv6", "type"), "nd-neighbor-advert"),
+     _m({"concat": [_iif(), _raw(64, 128)]}, "@t6", "!="),
+     _m({"&": [_raw(64, 16), 65472]}, 65152, "!="), {"drop": None}],
+    [_m({"concat": [_iif(), _pl("ip", "saddr")]}, "@a4"), {"accept": None}],
+    [_m({"concat": [_iif(), _pl("ip6", "saddr")]}, "@a6"), {"accept": None}],
+    [_m(_pl("ip6", "saddr"), {"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}),
+     {"accept": None}],
+    [{"drop": None}],
+)
+
+
+def comment(text: str) -> str:
+    return f"{text} #{VERSION}"
+
+
+def base_chain(name: str) -> dict[str, Any]:
+    """The guard chain's definition as listed back (less its handle)."""
+    return {"family": FAMILY, "table": name, "name": CHAIN, "type": "filter",
+            "hook": "prerouting", "prio": -200, "policy": "accept"}
+
+
+def skeleton_text(name: str, guards: Mapping[str, Guard] | None = None, *,
+                  table: bool = True) -> str:
+    """One libnftables transaction (text) that makes the table anew: whatever was there
+    goes, the sets, the chain and, with `guards`, their elements (`table=False`: into
+    an empty table made before, owned). Names and addresses are validated before they
+    get here (`model.admit.validate_attachment`), and each is checked again below:
+    nothing unchecked is formatted into a command."""
+    lines = [f"table {FAMILY} {name}", f"delete table {FAMILY} {name}",
+             f"add table {FAMILY} {name}"] if table else []
+    lines += [f"add set {FAMILY} {name} {s} {{ {_SET_DECLS[s]}; }}" for s in SETS]
+    lines.append(f"add chain {FAMILY} {name} {CHAIN} {{ type filter hook prerouting "
+                 "priority filter; policy accept; }")
+    lines += [f'add rule {FAMILY} {name} {CHAIN} {rule} comment "{comment(text)}"'
+              for rule, text in RULES]
+    for set_name, elems in _elements(guards or {}).items():
+        if elems:
+            lines.append(f"add element {FAMILY} {name} {set_name} {{ "
+                         + ", ".join(_text_element(e) for e in elems) + " }")
+    return "\n".join(lines) + "\n"
+
+
+def _text_element(e: str | tuple[str, str]) -> str:
+    if isinstance(e, str):
+        return f'"{_port(e)}"'
+    return f'"{_port(e[0])}" . {e[1]}'
+
+
+def _port(name: str) -> str:
+    from stockade.model.admit import validate_attachment
+
+    if validate_attachment(name, ""):
+        raise ValueError(f"{name!r} is not an interface name")
+    return name
+
+
+def _elements(guards: Mapping[str, Guard]) -> dict[str, list[str | tuple[str, str]]]:
+    """Each set's elements for `guards` (ports sorted), as JSON would send them."""
+    out: dict[str, list[str | tuple[str, str]]] = {s: [] for s in SETS}
+    for port, g in sorted(guards.items()):
+        for set_name, e in port_elements(port, g):
+            out[set_name].append(e)
+    return out
+
+
+def port_elements(port: str, g: Guard) -> list[tuple[str, str | tuple[str, str]]]:
+    """(set, element) of one guard: the port, its MAC, its addresses."""
+    _port(port)
+    out: list[tuple[str, str | tuple[str, str]]] = [(PORTS, port)]
+    if g.mac:
+        out += [(MACPORTS, port), (MACS, (port, g.mac))]
+    for text in g.addresses:
+        addr = ipaddress.ip_address(text)
+        if addr.version == 4:
+            out.append((A4, (port, str(addr))))
+        else:
+            out += [(A6, (port, str(addr))), (T6, (port, f"0x{int(addr):032x}"))]
+    return out
+
+
+def element_commands(name: str, set_guards: Iterable[tuple[str, Guard]],
+                     old: Iterable[tuple[str, Guard]]) -> list[dict[str, Any]]:
+    """JSON commands that replace the `old` guards' elements by the `set_guards`' (a
+    port in `old` and not in `set_guards` is unguarded)."""
+    cmds: list[dict[str, Any]] = []
+    for verb, guards in (("delete", old), ("add", set_guards)):
+        by_set: dict[str, list[Any]] = {}
+        for port, g in guards:
+            for set_name, e in port_elements(port, g):
+                by_set.setdefault(set_name, []).append(
+                    e if isinstance(e, str) else {"concat": list(e)})
+        cmds += [{verb: {"element": {"family": FAMILY, "table": name, "name": s, "elem": els}}}
+                 for s, els in sorted(by_set.items())]
+    return cmds
+
+
+@dataclass
+class KernelGuard:
+    """The guard table as read back: the guards it enforces, and what is not as made."""
+
+    guards: dict[str, Guard]
+    drift: list[str] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.drift
+
+
+def parse_guard(doc: Mapping[str, Any], name: str) -> KernelGuard:
+    """What `nft -j list table bridge NAME` shows, against what `skeleton_text` makes.
+
+    Any difference in the chain or the sets' definitions, or any other object, is
+    drift (the caller rewrites the table whole). Guards are read from the sets: a
+    port whose elements disagree (an address in `a6` without its `t6` twin, a MAC
+    without its port in `macports`) is drift too, and its guard is left out.
+    """
+    from stockade.compile.nft import canonical_expr
+
+    drift: list[str] = []
+    sets: dict[str, list[Any]] = {}
+    rules: list[dict[str, Any]] = []
+    chains: list[dict[str, Any]] = []
+    for item in doc.get("nftables", []):
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        ((kind, body),) = item.items()
+        if kind in ("metainfo", "table"):
+            continue
+        if kind == "set" and body.get("name") in SET_TYPES:
+            if body.get("type") != SET_TYPES[body["name"]] or body.get("flags"):
+                drift.append(f"guard set {body['name']}: definition differs")
+            sets[body["name"]] = body.get("elem", [])
+        elif kind == "chain":
+            chains.append(body)
+        elif kind == "rule":
+            rules.append(body)
+        else:
+            drift.append(f"guard table: foreign {kind} {body.get('name', '')}".rstrip())
+    if set(sets) != set(SETS):
+        drift += [f"guard set {s} missing" for s in SETS if s not in sets]
+    if len(chains) != 1 or {k: v for k, v in chains[0].items() if k != "handle"} != \
+            base_chain(name):
+        drift.append("guard chain: definition differs")
+    want = [(canonical_expr(expr), comment(text)) for expr, (_, text) in zip(LISTED, RULES,
+                                                                           strict=True)]
+    got = [(canonical_expr(r.get("expr", [])), r.get("comment", "")) for r in rules
+           if r.get("chain") == CHAIN]
+    if got != want or len(rules) != len(got):
+        drift.append("guard chain: rules differ")
+    guards, bad = _read_guards(sets)
+    drift += [f"guard of {port}: its elements disagree" for port in sorted(bad)]
+    return KernelGuard(guards, drift)
+
+
+def _key(raw: Any) -> tuple[str, Any] | None:
+    concat = raw.get("concat") if isinstance(raw, dict) else None
+    if isinstance(concat, list) and len(concat) == 2 and isinstance(concat[0], str):
+        return concat[0], concat[1]
+    return None
+
+
+def _read_guards(sets: Mapping[str, list[Any]]) -> tuple[dict[str, Guard], set[str]]:
+    ports = {e for e in sets.get(PORTS, []) if isinstance(e, str)}
+    macports = {e for e in sets.get(MACPORTS, []) if isinstance(e, str)}
+    found: dict[str, dict[str, list[str]]] = {p: {MACS: [], A4: [], A6: [], T6: []}
+                                              for p in ports}
+    bad: set[str] = set()
+    for set_name in (MACS, A4, A6, T6):
+        for raw in sets.get(set_name, []):
+            key = _key(raw.get("elem", {}).get("val") if isinstance(raw, dict)
+                       and "elem" in raw else raw)
+            if key is None:
+                continue
+            port, value = key
+            if port not in found:
+                bad.add(port)
+                continue
+            if set_name == T6:
+                value = str(ipaddress.IPv6Address(int(value, 16) if isinstance(value, str)
+                                                  else int(value)))
+            found[port][set_name].append(str(value))
+    guards: dict[str, Guard] = {}
+    for port, got in found.items():
+        if sorted(got[A6]) != sorted(got[T6]) or len(got[MACS]) > 1 or (
+                bool(got[MACS]) != (port in macports)):
+            bad.add(port)
+            continue
+        guards[port] = guard_of((*got[A4], *got[A6]), got[MACS][0] if got[MACS] else "")
+    bad |= macports - ports
+    return dict(sorted(guards.items())), bad

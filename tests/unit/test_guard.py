@@ -1,0 +1,155 @@
+"""The port guard in the pure core: lowering, the incremental compiler, plans, the nft text.
+
+The kernel side (real frames against every datapath) is in
+tests/integration/test_forged_source.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from stockade.compile import guard
+from stockade.compile.incremental import IncrementalCompiler
+from stockade.compile.ir import Guard, Ruleset, guard_of
+from stockade.compile.lower import compile_cluster, guards_of
+from stockade.compile.plan import full_plan, plan
+from stockade.model.admit import validate_attachment, validate_endpoint
+from stockade.model.cluster import Cluster, Endpoint, Namespace
+from stockade.model.labels import Labels
+
+MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+
+
+def ep(name: str, *ips: str, port: str = "", mac: str = "", remote: bool = False) -> Endpoint:
+    return Endpoint("x", name, Labels({"pod": name}), ips, port=port, mac=mac, remote=remote)
+
+
+def cluster(*eps: Endpoint) -> Cluster:
+    return Cluster((Namespace("x", Labels({"kubernetes.io/metadata.name": "x"})),), eps)
+
+
+def test_each_local_port_is_bound_to_its_endpoints_addresses_and_mac() -> None:
+    rs = compile_cluster(cluster(
+        ep("a", "10.0.0.1", "fd00::1", port="vetha", mac=MAC_A),
+        ep("b", "10.0.0.2", port="vethb"),
+        ep("declared", "10.0.0.3"),  # not attached here: unguarded
+        ep("far", "10.0.1.4", port="vethf", remote=True)))  # another node's
+    assert rs.guards == {"vetha": Guard(("10.0.0.1", "fd00::1"), MAC_A),
+                         "vethb": Guard(("10.0.0.2",), "")}
+    assert rs.counts()["guarded_ports"] == 2
+
+
+def test_two_endpoints_behind_one_port_share_it_and_a_mac_only_if_they_agree() -> None:
+    assert guards_of([ep("a", "10.0.0.1", port="p", mac=MAC_A),
+                      ep("b", "10.0.0.2", port="p", mac=MAC_B)]) == {
+        "p": Guard(("10.0.0.1", "10.0.0.2"), "")}
+    assert guards_of([ep("a", "10.0.0.1", port="p", mac=MAC_A),
+                      ep("b", "10.0.0.2", port="p", mac=MAC_A)])["p"].mac == MAC_A
+
+
+def test_the_incremental_compiler_keeps_the_guards_and_plans_only_their_change() -> None:
+    a = ep("a", "10.0.0.1", port="vetha", mac=MAC_A)
+    b = ep("b", "10.0.0.2", port="vethb")
+    inc = IncrementalCompiler.of(cluster(a))
+    first = inc.ruleset()
+    assert first.guards == {"vetha": guard_of(["10.0.0.1"], MAC_A)}
+    inc.upsert_endpoint(b)
+    second = inc.ruleset()
+    assert second == compile_cluster(cluster(a, b))
+    p = plan(first, second)
+    assert p.set_guards == (("vethb", guard_of(["10.0.0.2"])),)
+    assert p.del_guards == () and p.old_guards == () and not p.empty
+    assert p == full_plan(first, second)
+    # a new address on the same port: the old guard is what goes first
+    moved = replace(b, ips=("10.0.0.9",))
+    inc.upsert_endpoint(moved)
+    third = inc.ruleset()
+    p = plan(second, third)
+    assert p.set_guards == (("vethb", guard_of(["10.0.0.9"])),)
+    assert p.old_guards == (("vethb", guard_of(["10.0.0.2"])),)
+    assert p.describe()[-1] == "= guard vethb: 10.0.0.9"
+    inc.delete_endpoint(a.key)
+    fourth = inc.ruleset()
+    p = plan(third, fourth)
+    assert p.del_guards == ("vetha",) and p.old_guards == (("vetha", first.guards["vetha"]),)
+    assert p.summary()["guards_removed"] == 1
+    assert fourth == compile_cluster(cluster(moved))
+    # a relabel no selector reads changes nothing, guards included
+    inc.upsert_endpoint(replace(moved, labels=Labels({"pod": "b", "new": "1"})))
+    assert inc.ruleset() is fourth
+
+
+def test_a_changed_mac_is_a_changed_guard() -> None:
+    old = Ruleset(guards={"p": guard_of(["10.0.0.1"], MAC_A)})
+    new = Ruleset(guards={"p": guard_of(["10.0.0.1"], MAC_B)})
+    p = plan(old, new)
+    assert p.set_guards == (("p", new.guards["p"]),) and p.old_guards == (("p", old.guards["p"]),)
+    assert plan(new, new).empty
+
+
+@pytest.mark.parametrize(("port", "mac", "fields"), [
+    ("vetha", MAC_A, []),
+    ("vetha", "", []),
+    ("", MAC_A, ["hostInterface"]),
+    ("a" * 16, "", ["hostInterface"]),
+    ('veth"; drop', "", ["hostInterface"]),
+    ("veth a", "", ["hostInterface"]),
+    ("-veth", "", ["hostInterface"]),
+    ("vetha", "02:00:00:00:00:0A", ["mac"]),  # not lowercase
+    ("vetha", "01:00:5e:00:00:01", ["mac"]),  # multicast
+    ("vetha", "00:00:00:00:00:00", ["mac"]),
+    ("vetha", "02:00:00:00:00", ["mac"]),
+])
+def test_an_attachment_is_an_interface_name_and_a_unicast_mac(port: str, mac: str,
+                                                              fields: list[str]) -> None:
+    assert [e.path for e in validate_attachment(port, mac)] == fields
+    assert [e.path for e in validate_endpoint(ep("a", "10.0.0.1", port=port, mac=mac))] == (
+        fields)
+
+
+def test_the_table_text_checks_every_name_it_formats() -> None:
+    text = guard.skeleton_text("stk", {"vetha": guard_of(["10.0.0.1", "fd00::1"], MAC_A)})
+    assert 'add element bridge stk a4 { "vetha" . 10.0.0.1 }' in text
+    assert 'add element bridge stk t6 { "vetha" . 0xfd000000000000000000000000000001 }' in text
+    assert text.count("add rule bridge stk guard") == len(guard.RULES)
+    with pytest.raises(ValueError, match="not an interface name"):
+        guard.skeleton_text("stk", {'x" } ; flush ruleset ; #': guard_of(["10.0.0.1"])})
+
+
+def _listed(name: str, elements: dict[str, list[object]], *, rules: int | None = None,
+            extra: list[dict[str, object]] | None = None) -> dict[str, object]:
+    """What `nft -j list table bridge NAME` prints for a table `skeleton_text` made."""
+    items: list[dict[str, object]] = [{"table": {"family": "bridge", "name": name}}]
+    for s in guard.SETS:
+        body: dict[str, object] = {"family": "bridge", "table": name, "name": s,
+                                   "type": guard.SET_TYPES[s]}
+        if elements.get(s):
+            body["elem"] = elements[s]
+        items.append({"set": body})
+    items.append({"chain": {**guard.base_chain(name), "handle": 1}})
+    for expr, (_, text) in list(zip(guard.LISTED, guard.RULES, strict=True))[:rules]:
+        items.append({"rule": {"family": "bridge", "table": name, "chain": guard.CHAIN,
+                               "comment": guard.comment(text), "expr": expr}})
+    return {"nftables": items + (extra or [])}
+
+
+def test_reading_the_table_back_finds_the_guards_and_any_difference() -> None:
+    elements: dict[str, list[object]] = {
+        "ports": ["vetha", "vethb"], "macports": ["vetha"],
+        "macs": [{"concat": ["vetha", MAC_A]}], "a4": [{"concat": ["vetha", "10.0.0.1"]}],
+        "a6": [{"concat": ["vetha", "fd00::1"]}, {"concat": ["vethb", "::1"]}],
+        "t6": [{"concat": ["vetha", "0xfd000000000000000000000000000001"]},
+               {"concat": ["vethb", 1]}]}
+    kg = guard.parse_guard(_listed("stk", elements), "stk")
+    assert kg.intact, kg.drift
+    assert kg.guards == {"vetha": guard_of(["10.0.0.1", "fd00::1"], MAC_A),
+                         "vethb": guard_of(["::1"])}
+    # an address in a6 without its advert twin: that port is left out, and it is drift
+    torn = {**elements, "t6": elements["t6"][:1]}
+    kg = guard.parse_guard(_listed("stk", torn), "stk")
+    assert set(kg.guards) == {"vetha"} and kg.drift == ["guard of vethb: its elements disagree"]
+    assert not guard.parse_guard(_listed("stk", elements, rules=9), "stk").intact
+    foreign = [{"chain": {"family": "bridge", "table": "stk", "name": "evil"}}]
+    assert not guard.parse_guard(_listed("stk", elements, extra=foreign), "stk").intact
