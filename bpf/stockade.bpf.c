@@ -3,7 +3,16 @@
  * stockade's eBPF datapath: one tc program on the host side of every endpoint veth
  * (tcx ingress = packets leaving the pod, tcx egress = packets entering it).
  *
- * Per packet, as the nftables forward chain does:
+ * A packet leaving a pod whose port has a guard (stockade_from_pod only) is first held
+ * to what its pod owns, before conntrack (a forged SYN must not leave an entry whose
+ * reversed tuple then lets "replies" through): the Ethernet source is the pod's MAC
+ * (when known); no VLAN tag; IPv4 only from the pod's IPv4 address; IPv6 from its
+ * IPv6 address, a link-local one or :: (neighbour discovery), and a neighbour
+ * advertisement's target its own address or link-local; ARP claiming only its IPv4
+ * address (or 0.0.0.0, a probe) at its MAC; no other ethertype. A port without an
+ * entry is unguarded, as before guards existed.
+ *
+ * Then per packet, as the nftables forward chain does:
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
  *      ICMP error about one, passes; an entry validated under an older policy
  *      generation is judged again (a revoked connection is cut, unless every
@@ -40,6 +49,8 @@
  *   ct          LRU hash: the program's own connection tracking
  *   frag        LRU hash: (family, src, dst, protocol, IP id) of an allowed first
  *               fragment -> its ports, so the later fragments are judged as it was
+ *   guard       hash: a pod's bridge port (host-side ifindex) -> its MAC and addresses
+ *               (not slotted: each port's entry is replaced in one update)
  *   events      ring buffer: denied new connections, rate-limited
  *   meta        definitions the loader reads back (never read here)
  *   stats       per-CPU counters
@@ -91,6 +102,12 @@
 #define DIR_EGRESS 2
 
 #define CT_CLOSING 1
+
+/* what a guard binds its port to */
+#define GUARD_MAC 1
+#define GUARD_V4 2
+#define GUARD_V6 4
+#define ARP_ETHER 1 /* ARPHRD_ETHER (linux/if_arp.h pulls in libc headers) */
 
 #define SEC_NS 1000000000ull
 
@@ -190,6 +207,14 @@ struct meta_value {
 	__u8 data[508];
 };
 
+struct guard {
+	__u8 mac[6];
+	__u8 flags;      /* GUARD_MAC, GUARD_V4, GUARD_V6: which of the below hold */
+	__u8 pad;
+	__u32 addr4;     /* network order, as the packet's */
+	__u32 addr6[4];
+};
+
 struct rate {
 	__u64 window;
 	__u64 count;
@@ -260,8 +285,16 @@ struct {
 	__uint(max_entries, 1);
 } ratelimit SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); /* the port's ifindex (skb->ifindex at its tc ingress) */
+	__type(value, struct guard);
+	__uint(max_entries, 1 << 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} guard SEC(".maps");
+
 /* allowed new, denied new, conntrack hits, revalidated, cut, passed (not IP, ND),
- * fragments dropped (no allowed first fragment seen) */
+ * fragments dropped (no allowed first fragment seen), frames a guard dropped */
 #define STAT_ALLOWED 0
 #define STAT_DENIED 1
 #define STAT_CT 2
@@ -269,6 +302,7 @@ struct {
 #define STAT_CUT 4
 #define STAT_OTHER 5
 #define STAT_FRAG_DROPPED 6
+#define STAT_SPOOFED 7
 #define STAT_MAX 8
 
 struct {
@@ -704,7 +738,87 @@ static __always_inline int same_addr(const __u32 *a, const __u32 *b)
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
-static __always_inline int process(struct __sk_buff *skb, __u8 hook)
+/* Two loads a side, not six. In the packet they are unaligned, as parse's loads of IP
+ * addresses already are; on the stack the verifier wants them aligned (arp_spoofed). */
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
+static __always_inline int link_local6(const __u32 *a)
+{
+	return (a[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000);
+}
+
+static __always_inline int unspecified6(const __u32 *a)
+{
+	return !(a[0] | a[1] | a[2] | a[3]);
+}
+
+static __always_inline int own6(const struct guard *g, const __u32 *a)
+{
+	return (g->flags & GUARD_V6) && same_addr(a, g->addr6);
+}
+
+/* An ARP frame claims its sender's addresses: only an Ethernet/IPv4 one can be held to
+ * the pod's, so any other (or a short one) is refused. */
+static __always_inline int arp_spoofed(struct __sk_buff *skb, const struct guard *g)
+{
+	__u8 arp[28] __attribute__((aligned(4))); /* the sender's MAC at 8: same_mac's loads */
+	__u32 spa;
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), arp, sizeof(arp)) < 0)
+		return 1;
+	if (arp[0] != 0 || arp[1] != ARP_ETHER || arp[2] != 0x08 || arp[3] != 0 ||
+	    arp[4] != ETH_ALEN || arp[5] != 4)
+		return 1;
+	if ((g->flags & GUARD_MAC) && !same_mac(arp + 8, g->mac))
+		return 1;
+	__builtin_memcpy(&spa, arp + 14, 4);
+	return spa != 0 && (!(g->flags & GUARD_V4) || spa != g->addr4);
+}
+
+/* Whether a frame leaving a guarded port claims what its pod does not own (see the top
+ * of the file); `p` and `rc` are parse's (rc >= 0: a truncated IP header is dropped
+ * before). */
+static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
+				   const struct packet *p, int rc)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	/* a tag would put the frame on a segment the guard knows nothing of */
+	if ((void *)(eth + 1) > end || skb->vlan_present)
+		return 1;
+	if ((g->flags & GUARD_MAC) && !same_mac(eth->h_source, g->mac))
+		return 1;
+	/* not IP: only ARP can be held to the pod's addresses (a tag in the data, which
+	 * would hide what follows it, is another ethertype too) */
+	if (rc > 0)
+		return eth->h_proto != bpf_htons(ETH_P_ARP) || arp_spoofed(skb, g);
+	if (p->family == 4)
+		return !(g->flags & GUARD_V4) || p->src[0] != g->addr4;
+	/* link-local and :: sources: neighbour discovery, DAD, MLD, which no policy judges
+	 * by (no ipcache entry holds them) */
+	if (!own6(g, p->src) && !link_local6(p->src) && !unspecified6(p->src))
+		return 1;
+	if (p->fragment)
+		return 0; /* payload: its first fragment was held to the rules below */
+	/* the walk ran out of extension headers: what follows could be an advertisement */
+	if (p->proto == 0 || p->proto == 43 || p->proto == 44 || p->proto == 60)
+		return 1;
+	if (p->proto == PROTO_ICMPV6 && p->icmp_type == 136) {
+		/* a neighbour advertisement claims its target: it must be the pod's */
+		__u32 target[4];
+		if (bpf_skb_load_bytes(skb, p->l4_off + 8, target, sizeof(target)) < 0)
+			return 1;
+		return !own6(g, target) && !link_local6(target);
+	}
+	return 0;
+}
+
+/* `g`: the port's guard (from_pod), or NULL (unguarded, and to_pod). */
+static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struct guard *g)
 {
 	struct packet p = {};
 	struct ct_key k;
@@ -714,12 +828,16 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 	__u32 zero = 0;
 	__u64 now;
 	int rc = parse(skb, &p);
+	if (rc < 0)
+		return TC_ACT_SHOT; /* a truncated IP header: nothing to judge it by */
+	if (g && spoofed(skb, g, &p, rc)) {
+		count(STAT_SPOOFED);
+		return TC_ACT_SHOT;
+	}
 	if (rc > 0) {
 		count(STAT_OTHER);
 		return TC_ACT_UNSPEC;
 	}
-	if (rc < 0)
-		return TC_ACT_SHOT; /* a truncated IP header: nothing to judge it by */
 	if (p.proto == PROTO_ICMPV6 && (p.icmp_type == 135 || p.icmp_type == 136)) {
 		count(STAT_OTHER);
 		return TC_ACT_UNSPEC;
@@ -816,13 +934,15 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook)
 SEC("tc")
 int stockade_from_pod(struct __sk_buff *skb)
 {
-	return process(skb, 1);
+	__u32 port = skb->ifindex;
+	/* the one lookup guards cost: a miss is an unguarded port */
+	return process(skb, 1, bpf_map_lookup_elem(&guard, &port));
 }
 
 SEC("tc")
 int stockade_to_pod(struct __sk_buff *skb)
 {
-	return process(skb, 2);
+	return process(skb, 2, 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -264,3 +264,38 @@ def test_main_mode_announces_the_address_to_its_neighbours(world: World) -> None
             break
         time.sleep(0.02)
     assert mac in seen and stale not in seen, seen
+
+
+def test_a_pods_port_is_bound_to_its_address_and_mac_when_add_returns(
+        world: World) -> None:  # noqa: F811
+    """ADD picks the container's MAC before the veth exists and the agent binds the port to
+    it and the address: a frame from the pod claiming another pod's address is dropped
+    at its port, its own passes."""
+    from .test_forged_source import FRAME, SINK, collected, python_in, run_in
+
+    out = {}
+    for name in ("web", "client", "other"):
+        got = world.run("ADD", world.conf(args={"labels": LABELS[name]}), cid=f"c-{name}",
+                        netns=world.netns(name), args=_pod(name))
+        assert got.code == 0 and got.out is not None, got
+        out[name] = got.out
+    eps = world.endpoints()
+    for name, result in out.items():
+        host = next(i["name"] for i in result["interfaces"] if not i.get("sandbox"))
+        mac = next(i["mac"] for i in result["interfaces"] if i.get("sandbox"))
+        inside = subprocess.run(["ip", "-n", f"{world.prefix}-{name}", "-j", "link", "show",
+                                 "eth0"], capture_output=True, text=True, check=True).stdout
+        assert json.loads(inside)[0]["address"] == mac == eps[f"x/{name}"]["mac"], name
+        assert eps[f"x/{name}"]["hostInterface"] == host
+    sink = python_in(f"{world.prefix}-web", SINK, "4", "5003")
+    web_mac = next(i["mac"] for i in out["web"]["interfaces"] if i.get("sandbox"))
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        for sender, source, payload in (("other", "client", "forged"),
+                                        ("other", "other", "from-other")):
+            mac = next(i["mac"] for i in out[sender]["interfaces"] if i.get("sandbox"))
+            run_in(f"{world.prefix}-{sender}", FRAME, "eth0", mac, web_mac,
+                   _address(out[source]), _address(out["web"]), "5003", payload)
+    finally:
+        got = collected(sink)
+    assert got == {"from-other"}, got

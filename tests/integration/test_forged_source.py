@@ -130,7 +130,7 @@ B_ISOLATED = NetworkPolicy("x", "isolate-b", Selector(Labels({"pod": "b"})),
 
 
 # Datapaths that do not check ports yet: the gap is still theirs.
-UNGUARDED = {"iptables", "ebpf"}
+UNGUARDED = {"iptables"}
 
 
 @pytest.fixture(params=["nft", "iptables", "ebpf"])

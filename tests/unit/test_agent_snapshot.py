@@ -41,8 +41,8 @@ def endpoint(name: str, ns: str = "default", ip: str = "10.244.0.2", **labels: s
              ) -> EndpointRecord:
     return EndpointRecord(Endpoint(ns, name, Labels(labels or {"app": name}), (ip, "fd00::2"),
                                    (ContainerPort(80, "TCP", "http"),
-                                    ContainerPort(53, "UDP"))),
-                          netns=f"/proc/1/ns/{name}", interface="eth0", host_interface="stk0",
+                                    ContainerPort(53, "UDP")), port="stk0"),
+                          netns=f"/proc/1/ns/{name}", interface="eth0",
                           owner="cni", container_id="abc", pid=7, command=("sh", "-c", "x"),
                           created=1700000000.25)
 

@@ -398,12 +398,13 @@ class CniOps:
                                         and all(isinstance(ip, str) for ip in raw_ips)):
             raise ApiError(BAD_REQUEST, "cni.add: args.endpoint.ips must be a list of strings")
         ips = (address.split("/")[0],) if address else tuple(raw_ips or ())
-        ep = Endpoint(namespace, name, labels, ips, ports)
+        # Where the plugin attached it: the port and MAC the datapath binds its addresses to.
+        ep = Endpoint(namespace, name, labels, ips, ports, port=_spec_str(spec, "hostInterface"),
+                      mac=_spec_str(spec, "mac"))
         problems = [f"endpoint {ep.key}: {e.render()}" for e in validate_endpoint(ep)]
         if problems:
             raise ApiError(INVALID, f"endpoint {ep.key} is invalid", problems)
-        return EndpointRecord(ep, netns, ifname,
-                              _spec_str(spec, "hostInterface"), OWNER_CNI, cid,
+        return EndpointRecord(ep, netns, ifname, OWNER_CNI, cid,
                               created=time.time()), inherited
 
     # ---- DEL and GC ----------------------------------------------------------------------

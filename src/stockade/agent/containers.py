@@ -358,9 +358,10 @@ class ContainerManager:
     def _register(self, req: RunRequest, att: Attachment, address: str) -> EndpointRecord:
         """Store the endpoint and return once the kernel enforces every rule about it."""
         svc = self._svc()
-        ep = Endpoint(req.namespace, req.name, req.labels, (address.split("/")[0],), req.ports)
+        ep = Endpoint(req.namespace, req.name, req.labels, (address.split("/")[0],), req.ports,
+                      port=att.host_ifname, mac=att.mac.lower())
         record = EndpointRecord(ep, netns=att.netns_path, interface=att.ifname,
-                                host_interface=att.host_ifname, owner=OWNER_RUN,
+                                owner=OWNER_RUN,
                                 command=req.command, created=time.time())
         with svc.lock:
             changes: list[Change] = svc.implicit_namespaces([req.namespace], {})

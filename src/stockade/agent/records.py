@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from stockade.errors import DecodeError, InputError, ValidationError
-from stockade.model.admit import canonical_ip
+from stockade.model.admit import canonical_ip, validate_attachment
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.cnp import ADMIN, CNP_API, CNP_KIND, ClusterNetworkPolicy, CnpPeer
 from stockade.model.cnp_decode import decode_cluster_network_policy
@@ -31,7 +31,6 @@ class EndpointRecord:
     endpoint: Endpoint
     netns: str = ""  # path of its network namespace
     interface: str = ""  # its interface inside that namespace
-    host_interface: str = ""  # the host side of its veth
     owner: str = OWNER_API
     container_id: str = ""
     pid: int = 0  # the process `stockade run` started
@@ -42,6 +41,11 @@ class EndpointRecord:
     @property
     def key(self) -> str:
         return self.endpoint.key
+
+    @property
+    def host_interface(self) -> str:
+        """The host side of its veth: the bridge port its addresses are bound to."""
+        return self.endpoint.port
 
     def to_dict(self) -> dict[str, Any]:
         ep = self.endpoint
@@ -56,7 +60,8 @@ class EndpointRecord:
             "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol}
                       for p in ep.ports],
             "netns": self.netns, "interface": self.interface,
-            "hostInterface": self.host_interface, "owner": self.owner,
+            "hostInterface": self.host_interface, **({"mac": ep.mac} if ep.mac else {}),
+            "owner": self.owner,
             "containerID": self.container_id, "pid": self.pid,
             "command": list(self.command), "created": self.created, **extra,
         }
@@ -69,17 +74,21 @@ class EndpointRecord:
         remote = d.get("remote", False)
         if not isinstance(remote, bool):
             raise DecodeError("must be a boolean", path="remote")
+        port, mac = _str(d, "hostInterface"), _str(d, "mac")
+        if port or mac:
+            for e in validate_attachment(port, mac):
+                raise DecodeError(e.render())
         ep = Endpoint(_str(d, "namespace", required=True), _str(d, "name", required=True),
                       decode_labels(d.get("labels"), "labels"),
                       _strs(d.get("ips"), "ips"), decode_ports(d.get("ports"), "ports"),
-                      remote=remote)
+                      remote=remote, port=port, mac=mac)
         pid = d.get("pid", 0)
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 2**31:
             raise DecodeError("must be a process id", path="pid")
         created = d.get("created", 0.0)
         if not isinstance(created, int | float) or isinstance(created, bool):
             raise DecodeError("must be a number", path="created")
-        return cls(ep, _str(d, "netns"), _str(d, "interface"), _str(d, "hostInterface"),
+        return cls(ep, _str(d, "netns"), _str(d, "interface"),
                    _str(d, "owner") or OWNER_API, _str(d, "containerID"), pid,
                    _strs(d.get("command"), "command"), float(created), _str(d, "node"))
 

@@ -201,8 +201,9 @@ class Plumbing:
                         "a second ADD for another attachment, or a name the runtime "
                         "already used")
 
-    def create_veth(self, host_if: str, bridge: str, mtu: int | None) -> str:
-        """A new pair: host side up on the bridge, the container's side in ``netns``, down.
+    def create_veth(self, host_if: str, bridge: str, mtu: int | None, mac: str = "") -> str:
+        """A new pair: host side up on the bridge, the container's side in ``netns``, down,
+        with ``mac`` when given.
 
         Returns the host side's MAC.
         """
@@ -212,7 +213,7 @@ class Plumbing:
             if br is None:
                 raise CniError(PLUMBING, f"bridge {bridge} does not exist")
             try:
-                self.host.add_veth(host_if, br.index, self.ifname, self.fd, mtu)
+                self.host.add_veth(host_if, br.index, self.ifname, self.fd, mtu, mac)
             except NetlinkError as exc:
                 if exc.errno != _EEXIST:
                     raise
@@ -221,7 +222,7 @@ class Plumbing:
                     raise self._taken() from None
                 # Left by an ADD that died before it recorded anything.
                 self.host.delete_link(stale.index)
-                self.host.add_veth(host_if, br.index, self.ifname, self.fd, mtu)
+                self.host.add_veth(host_if, br.index, self.ifname, self.fd, mtu, mac)
             host = self.host.link(host_if)
         if host is None:
             raise CniError(PLUMBING, f"veth {host_if} <-> {self.ifname} vanished after creation")

@@ -263,14 +263,24 @@ def cmd_add(call: Call) -> dict[str, Any]:
 
 
 def _register(call: Call, undo: Undo, ips: list[str], host_if: str,
-              allocate: bool) -> dict[str, Any]:
-    """The endpoint (and maybe its address) at the agent, enforced, with its undo."""
+              allocate: bool, mac: str = "") -> dict[str, Any]:
+    """The endpoint (and maybe its address) at the agent, enforced, with its undo; in main
+    mode with the port and MAC its addresses are bound to (the datapath's guard)."""
     namespace, name = endpoint_identity(call.conf, call.env)
     undo.push(lambda: call.agent("cni.del", **call.ident()))
+    attached = {"hostInterface": host_if, "mac": mac} if mac else {"hostInterface": host_if}
     return dict(call.agent(
         "cni.add", **call.ident(), allocate=allocate, labels=call.conf.labels,
         endpoint={"namespace": namespace, "name": name, "ips": ips, "netns": call.env.netns,
-                  "interface": call.env.ifname, "hostInterface": host_if}, sync=True))
+                  "interface": call.env.ifname, **attached}, sync=True))
+
+
+def new_mac() -> str:
+    """A random unicast, locally administered MAC: chosen before the veth exists, so that
+    the agent binds the port to it before the container can send a frame."""
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 def _add_chained(call: Call) -> dict[str, Any]:
@@ -307,16 +317,17 @@ def _add_main(call: Call) -> dict[str, Any]:
     with attach.Plumbing(env.netns, env.ifname) as plumbing, undoing(call) as undo:
         plumbing.check_free()
         call.state.write(state, durable=False)  # see StateDir.write
-        key, got = _address(call, undo, host_if)
+        mac = new_mac()
+        key, got = _address(call, undo, host_if, mac)
         state = replace(state, key=key)
-        veth = _plumb(call, undo, plumbing, host_if, got)
+        veth = _plumb(call, undo, plumbing, host_if, got, mac)
         result = main_result(env.ifname, env.netns, veth.mac, host_if, veth.host_mac, got.ips,
                              got.routes, got.dns, conf.mtu)
         call.state.write(state.done(result.render(LATEST)))
     return result.render(conf.cni_version)
 
 
-def _address(call: Call, undo: Undo, host_if: str) -> tuple[str, Result]:
+def _address(call: Call, undo: Undo, host_if: str, mac: str) -> tuple[str, Result]:
     """The address (the IPAM plugin's or the pool's) and the endpoint, enforced.
 
     Returns the endpoint's key and what to configure: addresses, routes, DNS.
@@ -328,16 +339,18 @@ def _address(call: Call, undo: Undo, host_if: str) -> tuple[str, Result]:
         delegate = Delegate(conf, call.env)
         got = delegate.add()  # a failed ADD holds nothing: the IPAM plugin's contract
         undo.push(delegate.delete)
-        reg = _register(call, undo, [ip.ip for ip in got.ips], host_if, allocate=False)
+        reg = _register(call, undo, [ip.ip for ip in got.ips], host_if, allocate=False,
+                        mac=mac)
         routes = got.routes or default_routes(got.ips)
         return reg["key"], Result((), got.ips, routes, got.dns)
-    reg = _register(call, undo, [], host_if, allocate=True)
+    reg = _register(call, undo, [], host_if, allocate=True, mac=mac)
     gateway = reg["gateway"] if conf.is_gateway else ""  # else there is no way out
     ips = (IPConfig(reg["address"], gateway),)
     return reg["key"], Result((), ips, default_routes(ips))
 
 
-def _plumb(call: Call, undo: Undo, plumbing: Plumbing, host_if: str, got: Result) -> Veth:
+def _plumb(call: Call, undo: Undo, plumbing: Plumbing, host_if: str, got: Result,
+           mac: str) -> Veth:
     """Bridge, veth, addresses (interface down), interface up, routes."""
     from stockade.cni import attach
 
@@ -350,7 +363,7 @@ def _plumb(call: Call, undo: Undo, plumbing: Plumbing, host_if: str, got: Result
         with call.state.bridge_lock(conf.bridge):
             attach.ensure_bridge(conf.bridge, gateways)
     undo.push(lambda: attach.remove_veth(host_if))
-    host_mac = plumbing.create_veth(host_if, conf.bridge, conf.mtu)
+    host_mac = plumbing.create_veth(host_if, conf.bridge, conf.mtu, mac)
     mac = plumbing.configure(got.ips, effective_routes(got.routes, got.ips))
     return attach.Veth(host_if, host_mac, mac)
 
@@ -380,8 +393,10 @@ def _again(call: Call, prior: AttachmentState) -> dict[str, Any]:
     result = parse_result(prior.result, "stored result")
     ips = result.container_ips(call.env.ifname, call.env.netns)
     pooled = prior.mode == MODE_MAIN and prior.ipam == "stockade"  # the same address again
+    inner = [i.mac.lower() for i in result.interfaces
+             if i.name == call.env.ifname and i.sandbox == call.env.netns and i.mac]
     _register(call, Undo(), [] if pooled else [ip.ip for ip in ips], prior.host_interface,
-              allocate=pooled)
+              allocate=pooled, mac=inner[0] if inner and prior.host_interface else "")
     return convert_result(prior.result, call.conf.cni_version)
 
 

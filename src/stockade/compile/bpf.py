@@ -51,6 +51,12 @@ NetworkPolicy or Baseline), whatever the number of rules:
   connection again and cuts it if denied, unless every denying side's
   deciding entry has KEEP_BIT or its stage's policy has the mark
   (`keeps_connection`).
+* **guard** (a hash, not slotted): a pod's bridge port -> the MAC and addresses
+  what leaves it may claim (`ir.Guard`), checked before anything else. The map
+  is keyed by the port's ifindex, which only the datapath knows: `encode_guards`
+  and `decode` take its port listing, and a guard whose port does not exist
+  (yet) has no entry, and so does not read back (the next apply writes it).
+  `BpfState.guards` holds them by port name, as the ruleset does.
 * **meta**: the definitions of identities, policies, chains and sets as JSON
   chunks, so that a new process reads the maps back into the `Ruleset` they
   enforce (`ruleset_of`) and adopts them; selector members and named ports are
@@ -89,7 +95,9 @@ from stockade.compile.ir import (
     Chain,
     ChainRule,
     Element,
+    Guard,
     Ruleset,
+    guard_of,
 )
 from stockade.errors import DataplaneError
 from stockade.model.cidr import parse_cidr, parse_ip
@@ -125,6 +133,12 @@ META_DATA = 508
 META_VALUE = struct.Struct(f"=I{META_DATA}s")
 
 MAPS = ("ipcache4", "ipcache6", "policy")
+
+# The guard map (struct guard): key the port's ifindex; value the MAC, which of MAC,
+# IPv4 and IPv6 it binds (flags), the IPv4 and the IPv6 address, in network order.
+GUARD_KEY = struct.Struct("=I")
+GUARD_VALUE = struct.Struct("=6sBx4s16s")
+GUARD_MAC, GUARD_V4, GUARD_V6 = 1, 2, 4
 
 Named = tuple[str, str, int]  # (named set, protocol as the set holds it, port)
 Prefix = tuple[int, str]  # (family, canonical CIDR)
@@ -189,10 +203,14 @@ class BpfState:
     ipcache: Mapping[Prefix, IpInfo] = field(default_factory=dict)
     policy: Mapping[PolicyKey, int] = field(default_factory=dict)  # -> ALLOW/DENY/PASS_VALUE
     index: StateIndex | None = field(default=None, compare=False, repr=False)
+    # bridge port name -> its guard: the ruleset's, or those the guard map holds for
+    # ports that exist (see the module)
+    guards: Mapping[str, Guard] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return {"identities": len(self.identities), "policies": len(self.policies),
-                "ipcache": len(self.ipcache), "policy_entries": len(self.policy)}
+                "ipcache": len(self.ipcache), "policy_entries": len(self.policy),
+                "guards": len(self.guards)}
 
 
 def index_of(state: BpfState) -> StateIndex:
@@ -401,7 +419,7 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
                                                      a.comment)
             for name, a in rs.sets.items()}
     return BpfState(identities, policies, dict(rs.chains), sets, ipcache, keys,
-                    _index(ipcache, keys_of, with_any))
+                    _index(ipcache, keys_of, with_any), rs.guards)
 
 
 def identities_by_set(identities: Mapping[int, Identity]
@@ -735,7 +753,8 @@ def ruleset_of(state: BpfState) -> Ruleset:
             egress[addr] = state.policies[egr].chain
     sets = {n: AddressSet(n, s.family, s.kind, frozenset(elements[n]), s.comment)
             for n, s in sorted(state.sets.items())}
-    return Ruleset(sets, dict(sorted(state.chains.items())), ingress, egress)
+    return Ruleset(sets, dict(sorted(state.chains.items())), ingress, egress,
+                   dict(sorted(state.guards.items())))
 
 
 # ---- bytes: what the maps hold ---------------------------------------------------------
@@ -816,8 +835,11 @@ def _named(items: object) -> tuple[Named, ...]:
 
 
 def decode(maps: Mapping[str, Mapping[bytes, bytes]], meta: Mapping[bytes, bytes],
-           slot: int) -> BpfState:
-    """What one slot of the maps holds (entries of the other slot are ignored).
+           slot: int, guards: Mapping[bytes, bytes] | None = None,
+           ports: Mapping[int, str] | None = None) -> BpfState:
+    """What one slot of the maps holds (entries of the other slot are ignored), and
+    the guard map's entries of the interfaces in `ports` (ifindex -> name); an entry
+    of an interface that is gone names no port (the next apply deletes it).
 
     Raises ValueError when the meta map cannot be read (a damaged chunk).
     """
@@ -869,8 +891,68 @@ def decode(maps: Mapping[str, Mapping[bytes, bytes]], meta: Mapping[bytes, bytes
             continue
         policy[(pid & ~SLOT_BIT, int.from_bytes(ident, "big"), proto,
                 int.from_bytes(port, "big"), plen)] = POLICY_VALUE.unpack(v)[0]
+    named_guards: dict[str, Guard] = {}
+    for k, v in (guards or {}).items():
+        port = (ports or {}).get(GUARD_KEY.unpack(k)[0])
+        if port is not None:
+            named_guards[port] = decode_guard(v)
     return BpfState(identities, policies, dict(sorted(chains.items())),
-                    dict(sorted(sets.items())), ipcache, policy)
+                    dict(sorted(sets.items())), ipcache, policy,
+                    guards=dict(sorted(named_guards.items())))
+
+
+# ---- guards ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def encode_guard(port: str, guard: Guard) -> bytes:
+    """A guard as the map's value (the program holds one address per family)."""
+    addr4 = addr6 = b""
+    for text in guard.addresses:
+        a = parse_ip(text)
+        if a is None:
+            raise DataplaneError(f"bridge port {port}: {text!r} is not an IP address")
+        if (addr4 if a.version == 4 else addr6):
+            raise DataplaneError(
+                f"bridge port {port} is bound to more than one IPv{a.version} address "
+                f"({', '.join(guard.addresses)}); the eBPF datapath guards one per "
+                f"family; nothing was changed")
+        if a.version == 4:
+            addr4 = a.packed
+        else:
+            addr6 = a.packed
+    try:
+        mac = bytes.fromhex(guard.mac.replace(":", "")) if guard.mac else bytes(6)
+    except ValueError:
+        mac = b""
+    if len(mac) != 6:
+        raise DataplaneError(f"bridge port {port}: {guard.mac!r} is not a MAC address")
+    flags = ((GUARD_MAC if guard.mac else 0) | (GUARD_V4 if addr4 else 0)
+             | (GUARD_V6 if addr6 else 0))
+    return GUARD_VALUE.pack(mac, flags, addr4 or bytes(4), addr6 or bytes(16))
+
+
+def decode_guard(value: bytes) -> Guard:
+    mac, flags, addr4, addr6 = GUARD_VALUE.unpack(value)
+    addresses = []
+    if flags & GUARD_V4:
+        addresses.append(str(ipaddress.IPv4Address(addr4)))
+    if flags & GUARD_V6:
+        addresses.append(str(ipaddress.IPv6Address(addr6)))
+    return guard_of(addresses, mac.hex(":") if flags & GUARD_MAC else "")
+
+
+def encode_guards(guards: Mapping[str, Guard], ports: Mapping[str, int]) -> dict[bytes, bytes]:
+    """The guard map's contents: each guard of a port in `ports` (name -> ifindex).
+    Every guard is encoded, so one the program cannot hold fails the apply even
+    while its port is missing."""
+    out: dict[bytes, bytes] = {}
+    for port, guard in guards.items():
+        value = encode_guard(port, guard)
+        index = ports.get(port)
+        if index is not None:
+            out[GUARD_KEY.pack(index)] = value
+    return out
 
 
 def slot_of_key(mapname: str, key: bytes) -> int:

@@ -24,7 +24,8 @@ name it. A tier's chain is named by what it selects, so it changes under its
 name: its policies' entries are worked out again, a flipped ANY flag is stamped
 again in the stage ids naming them, and the prefixes it judges are judged again
 when its rules come or go or name other named-port sets. A change that moves most
-prefixes (a wide ipBlock) returns None: the caller compiles whole.
+prefixes (a wide ipBlock) returns None: the caller compiles whole. Guards are
+the ruleset's, carried as they are: no slot, identity or policy depends on them.
 """
 
 from __future__ import annotations
@@ -535,7 +536,8 @@ class _Change:
                     entries.pop(key, None)
                 else:
                     entries[key] = value
-        return BpfState(identities, policies, dict(chains), sets, ipcache, entries, made)
+        return BpfState(identities, policies, dict(chains), sets, ipcache, entries, made,
+                        self.rs.guards)
 
 
 def _held(ident: Identity) -> frozenset[str]:

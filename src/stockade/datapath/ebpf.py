@@ -3,7 +3,8 @@
 What lives where (`name` is the datapath's name, "stockade" by default)::
 
     /sys/fs/bpf/stockade/<host | netns-NAME>/<name>/
-        ipcache4 ipcache6 policy config ct frag events meta ratelimit stats   the maps
+        ipcache4 ipcache6 policy config ct frag guard events meta ratelimit stats
+                                                                          the maps
         prog_from_pod prog_to_pod                                         the programs
         link-<ifindex>-in link-<ifindex>-out                              tcx links
 
@@ -44,6 +45,17 @@ a later fragment is judged with them, and one without is dropped (counted as
 (rate-limited to `log_rate` per second; `DeniedEvents` reads them as
 `LoggedPacket`s naming the chain, like NFLOG's prefix does: the deciding stage's).
 
+**Guards.** `Ruleset.guards` binds each pod's bridge port to its addresses and MAC:
+the `guard` map, keyed by the port's ifindex, which `stockade_from_pod` looks up
+once per packet and checks before conntrack (a frame claiming another pod's IP
+source, ARP sender or neighbour-advertisement target, from another MAC, tagged, or
+of another ethertype is dropped, counted as `spoofed_dropped`); a port without an
+entry is unguarded. Each apply lists the ports and writes the guards of those that
+exist, deleting entries of ports that are gone; a guard whose port does not exist
+yet is written by the first apply that finds it (until then the kernel reads back
+without it). Entries are not slotted: a port's entry is replaced in one update,
+and no packet needs two ports' guards to agree.
+
 **Tiers.** ClusterNetworkPolicy Admin and Baseline chains are enforced: each side is
 judged by up to two stages (Admin, then NetworkPolicy or Baseline), each one
 policy-map lookup whatever the number of rules (two when its policy has a rule
@@ -56,7 +68,9 @@ the chain is (its keep mark).
 
 **Versions.** Maps pinned by a version with another layout (before tiers, the
 ipcache's values were 12 bytes) are refused with a clear error before anything is
-loaded: the running program keeps enforcing them until `dataplane remove`.
+loaded: the running program keeps enforcing them until `dataplane remove`. A map
+added since (`guard`) is created and pinned beside the older pins, whose layouts
+are unchanged, so a datapath pinned before guards is adopted as it is.
 """
 
 from __future__ import annotations
@@ -76,7 +90,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from stockade.compile import bpf as bpfc
@@ -101,12 +115,14 @@ LAYOUT = {"ipcache4": (bpfc.IP4_KEY.size, bpfc.IP_INFO.size),
           "ipcache6": (bpfc.IP6_KEY.size, bpfc.IP_INFO.size),
           "policy": (bpfc.POLICY_KEY.size, bpfc.POLICY_VALUE.size),
           "meta": (bpfc.META_KEY.size, bpfc.META_VALUE.size),
+          "guard": (bpfc.GUARD_KEY.size, bpfc.GUARD_VALUE.size),
           "config": (4, 16), "ct": (40, 24)}
-MAP_NAMES = ("ipcache4", "ipcache6", "policy", "config", "ct", "frag", "events", "meta",
-             "ratelimit", "stats")
+MAP_NAMES = ("ipcache4", "ipcache6", "policy", "config", "ct", "frag", "guard", "events",
+             "meta", "ratelimit", "stats")
 CONFIG = struct.Struct("=IIQ")  # slot, log rate, generation
 EVENT = struct.Struct("=QIIBBBB2s2s16s16sB7x")
-STATS = ("allowed", "denied", "conntrack", "rejudged", "cut", "passed", "fragments_dropped")
+STATS = ("allowed", "denied", "conntrack", "rejudged", "cut", "passed", "fragments_dropped",
+         "spoofed_dropped")  # the program's STAT_* counters, in order
 LOG_RATE = 50  # denied-connection events per second, as the nftables chains log
 
 
@@ -203,11 +219,14 @@ class EbpfKernel:
     generation: int
     log_rate: int
     links: dict[str, str] = field(default_factory=dict)  # pin name -> problem ("" if fine)
+    guards: dict[bytes, bytes] = field(default_factory=dict)  # the guard map
+    ports: dict[int, str] = field(default_factory=dict)  # bridge ports when read
 
     def state(self) -> tuple[bpfc.BpfState, str]:
         """The active slot decoded, and why not ("" when it could be)."""
         try:
-            return bpfc.decode(self.slots[self.slot], self.meta, self.slot), ""
+            return bpfc.decode(self.slots[self.slot], self.meta, self.slot, self.guards,
+                               self.ports), ""
         except (ValueError, KeyError, TypeError, struct.error) as exc:
             return bpfc.BpfState(), f"meta map unreadable ({exc})"
 
@@ -254,6 +273,9 @@ class EbpfDatapath:
         self._state: bpfc.BpfState | None = None
         self._slot = 0
         self._kgen = 0  # the policy generation in config
+        # The guard map as the last apply left it, and the port each entry was for.
+        self._guards: dict[bytes, bytes] = {}
+        self._guard_ports: dict[int, str] = {}
         self._generation = 0  # successful applies (snapshots taken before are stale)
         self.last_drift: Plan | None = None
         self.last_drift_details: list[str] = []
@@ -427,8 +449,28 @@ class EbpfDatapath:
     def _read_kernel(self) -> EbpfKernel:
         dumped = {m: libbpf.dump(self._maps[m], *LAYOUT[m]) for m in bpfc.MAPS}
         meta = libbpf.dump(self._maps["meta"], *LAYOUT["meta"])
+        guards = libbpf.dump(self._maps["guard"], *LAYOUT["guard"])
         slot, rate, gen = self._config()
-        return EbpfKernel(_split(dumped), meta, slot, gen, rate, self._check_links())
+        ports = self._ports()
+        return EbpfKernel(_split(dumped), meta, slot, gen, rate, self._check_links(ports),
+                          guards, ports)
+
+    def _held_guards(self, ports: Mapping[int, str]) -> dict[bytes, bytes]:
+        """The entries the last apply wrote whose interface is still the port they were
+        written for: what the guard map must hold (an entry of a port gone since is
+        stale, and not missed)."""
+        written = self._guard_ports
+        return {k: v for k, v in self._guards.items()
+                if (i := bpfc.GUARD_KEY.unpack(k)[0]) in ports and ports[i] == written.get(i)}
+
+    def _expected(self, applied: Ruleset, ports: Mapping[int, str]) -> Ruleset:
+        """`applied` as the kernel reads it back: with the guards written for ports that
+        still exist (a guard whose port was missing was not written, and is no drift)."""
+        held = {self._guard_ports[bpfc.GUARD_KEY.unpack(k)[0]] for k in
+                self._held_guards(ports)}
+        if held == applied.guards.keys():
+            return applied
+        return replace(applied, guards={p: g for p, g in applied.guards.items() if p in held})
 
     # ---- attachment ------------------------------------------------------------------------
 
@@ -542,9 +584,8 @@ class EbpfDatapath:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    def _ensure_links(self, links: dict[str, str]) -> list[str]:
+    def _ensure_links(self, links: dict[str, str], ports: dict[int, str]) -> list[str]:
         """Attach what is missing, repair what is broken; the repairs, in words."""
-        ports = self._ports()
         repaired = []
         before, self._attached = self._attached, {p for p, problem in links.items()
                                                   if not problem}
@@ -607,11 +648,15 @@ class EbpfDatapath:
         self.last_drift = None
         self.last_drift_details = []
         kernel: EbpfKernel | None = None
+        # The bridge ports, listed once per apply for the links and the guards (a
+        # snapshot's may be old: they are listed again).
+        ports: dict[int, str] | None = None
         if isinstance(verify, KernelSnapshot) and verify.generation == self._generation \
                 and isinstance(verify.table, EbpfKernel):
             kernel = verify.table
         elif verify or self._state is None:
             kernel = self._read_kernel()
+            ports = kernel.ports
         if kernel is not None:
             kstate, problem = kernel.state()
             before = bpfc.ruleset_of(kstate)
@@ -620,7 +665,7 @@ class EbpfDatapath:
             base = self._state if self._state is not None else kstate
             if self._state is not None and self._applied is not None:
                 details = self._drift_details(kernel, problem)
-                drift = plan(before, self._applied)
+                drift = plan(before, self._expected(self._applied, kernel.ports))
                 if details or not drift.empty:
                     self.last_drift = drift
                     self.last_drift_details = details or drift.describe()
@@ -628,7 +673,8 @@ class EbpfDatapath:
             assert self._state is not None and self._applied is not None
             before = self._applied
             active, kgen, base = self._slot, self._kgen, self._state
-            links = self._check_links(full=False)
+            ports = self._ports()
+            links = self._check_links(ports, full=False)
         t1 = time.perf_counter()
         # Against the last apply, a change is worked out from the change
         # (compile/bpf_change.py); one that moves most prefixes is compiled whole.
@@ -645,9 +691,17 @@ class EbpfDatapath:
             d_in = bpfc.state_delta(base, state, inactive)
             d_act = bpfc.state_delta(base, state, active)
             d_meta = bpfc.meta_delta(base, state)
+        # Guards of the ports there now, each in place before its port's programs are
+        # attached; a guard of a missing port waits for an apply that finds it.
+        if ports is None:
+            ports = self._ports()
+        guards = bpfc.encode_guards(state.guards, {n: i for i, n in ports.items()})
+        d_guard = bpfc.map_delta({"guard": kernel.guards if kernel is not None
+                                  else self._guards}, {"guard": guards})
         t2 = time.perf_counter()
         written = False
         try:
+            self._write(d_guard)
             self._write(d_meta, deletes=False)
             if not d_in.empty or not d_act.empty:
                 self._write(d_in)
@@ -658,7 +712,7 @@ class EbpfDatapath:
                 self._write(d_act)
                 written = True
             self._write(d_meta, updates=False)
-            repaired = self._ensure_links(links)
+            repaired = self._ensure_links(links, ports)
         except DataplaneError:
             self._state = None  # read the kernel back before the next apply
             self._applied = None
@@ -667,11 +721,14 @@ class EbpfDatapath:
             self.last_drift = self.last_drift or Plan()
             self.last_drift_details += [f"program detached: {r}" for r in repaired]
         self._state, self._applied, self._slot, self._kgen = state, desired, active, kgen
-        if written or not d_meta.empty:
+        self._guards = guards
+        self._guard_ports = {i: n for i, n in ports.items() if n in state.guards}
+        if written or not d_meta.empty or not d_guard.empty:
             self._generation += 1
         t3 = time.perf_counter()
         self.last_timing = {"read": t1 - t0, "compile": t2 - t1, "write": t3 - t2,
-                            "entries": float(d_in.size() + d_act.size() + d_meta.size())}
+                            "entries": float(d_in.size() + d_act.size() + d_meta.size()
+                                             + d_guard.size())}
         return plan(before, desired)
 
     def _drift_details(self, kernel: EbpfKernel, problem: str) -> list[str]:
@@ -690,6 +747,14 @@ class EbpfDatapath:
         want_meta = bpfc.encode_meta(self._state)
         if want_meta != kernel.meta:
             out.append("meta map differs")
+        want_guards = self._held_guards(kernel.ports)
+        have_guards = {k: v for k, v in kernel.guards.items()
+                       if bpfc.GUARD_KEY.unpack(k)[0] in kernel.ports}
+        if want_guards != have_guards:
+            missing = sum(1 for k in want_guards if k not in have_guards)
+            changed = sum(1 for k, v in want_guards.items() if have_guards.get(k, v) != v)
+            foreign = sum(1 for k in have_guards if k not in want_guards)
+            out.append(f"guard: {missing} missing, {changed} changed, {foreign} foreign entries")
         return out  # links: reported as they are repaired
 
     def skeleton_intact(self) -> bool:
@@ -744,6 +809,9 @@ class EbpfDatapath:
             for d, m in (("ingress", rs.ingress), ("egress", rs.egress)):
                 for addr, chain in sorted(m.items()):
                     lines.append(f"{d} {addr} -> {chain}")
+            for port, g in rs.guards.items():
+                lines.append(f"guard {port}: {', '.join(g.addresses) or 'no address'}"
+                             + (f" at {g.mac}" if g.mac else ""))
             return "\n".join(lines) + "\n"
 
     def remove(self) -> None:
@@ -771,6 +839,7 @@ class EbpfDatapath:
                     self.dir.parent.parent.rmdir()
             self._applied = None
             self._state = None
+            self._guards, self._guard_ports = {}, {}
             self._generation += 1
 
     # ---- denied connections ------------------------------------------------------------

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -356,8 +357,16 @@ def link_info(fd: int) -> tuple[int, int, int, int]:
             int.from_bytes(raw[16:20], "little"), int.from_bytes(raw[20:24], "little"))
 
 
-def test_run(prog_fd: int, packet: bytes, repeat: int) -> tuple[int, int]:
-    """(return value, mean ns per run) of BPF_PROG_TEST_RUN over one packet."""
+SKB_IFINDEX = 40  # offsetof(struct __sk_buff, ifindex)
+
+
+def test_run(prog_fd: int, packet: bytes, repeat: int, *, ifindex: int = 0
+             ) -> tuple[int, int]:
+    """(return value, mean ns per run) of BPF_PROG_TEST_RUN over one packet.
+
+    The packet arrives on the loopback device unless `ifindex` (> 1) names another
+    interface of the calling thread's network namespace: the program's skb->ifindex.
+    """
 
     class Opts(ctypes.Structure):
         _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p),
@@ -372,6 +381,13 @@ def test_run(prog_fd: int, packet: bytes, repeat: int) -> tuple[int, int]:
     data = ctypes.create_string_buffer(packet, len(packet))
     opts = Opts(sz=ctypes.sizeof(Opts), data_in=ctypes.cast(data, ctypes.c_void_p),
                 data_size_in=len(packet), repeat=repeat)
+    if ifindex:
+        # a struct __sk_buff cut after ifindex: the kernel zero-fills the rest, and
+        # refuses every field before it but mark and priority unless zero
+        ctx = ctypes.create_string_buffer(
+            bytes(SKB_IFINDEX) + ifindex.to_bytes(4, sys.byteorder), SKB_IFINDEX + 4)
+        opts.ctx_in = ctypes.cast(ctx, ctypes.c_void_p)
+        opts.ctx_size_in = SKB_IFINDEX + 4
     _check(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "test run")
     return int(opts.retval), int(opts.duration)
 

@@ -279,11 +279,14 @@ class Rtnl:
                      _ifinfo() + attr_str(IFLA_IFNAME, name) + info)
 
     def add_veth(self, name: str, master: int, peer: str, peer_netns_fd: int,
-                 mtu: int | None = None) -> None:
-        """The host side up and enslaved to ``master``; the peer (down) in another netns."""
+                 mtu: int | None = None, peer_mac: str = "") -> None:
+        """The host side up and enslaved to ``master``; the peer (down) in another netns,
+        with ``peer_mac`` when given (the MAC its port is bound to, chosen before)."""
         mtu_attr = attr_u32(IFLA_MTU, mtu) if mtu else b""
+        mac_attr = attr(IFLA_ADDRESS, bytes.fromhex(peer_mac.replace(":", ""))) \
+            if peer_mac else b""
         peer_msg = (_ifinfo() + attr_str(IFLA_IFNAME, peer)
-                    + attr_u32(IFLA_NET_NS_FD, peer_netns_fd) + mtu_attr)
+                    + attr_u32(IFLA_NET_NS_FD, peer_netns_fd) + mtu_attr + mac_attr)
         info = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "veth")
                     + attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_msg)))
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
