@@ -129,7 +129,7 @@ def test_a_restart_adopts_the_tiers_without_writing(trio, tiers_dp, backend, ser
     again = IptablesDatapath(tiers_dp.layout, netns=trio.host_netns, backend=backend)
     assert again.diff(rs).empty
     assert again.apply(rs).empty and again.apply(rs, verify=True).empty
-    assert again.processes == 9  # three read-backs (diff, apply, verify), three tools each
+    assert again.processes == 12  # three read-backs (diff, apply, verify), four tools each
     assert again.last_drift is None and again.skeleton_intact()
     assert _saved(tiers_dp) == before
     assert probe(trio, _pairs()) == EXPECTED
@@ -204,6 +204,6 @@ def test_a_priority_flip_rewrites_the_admin_chain_in_place(trio, tiers_dp, serve
     delta = tiers_dp.apply(second, verify=True)
     assert tiers_dp.last_drift is None, tiers_dp.last_drift_details
     assert [c.tier for c in delta.replace_chains] == [ADMIN] and not delta.set_map
-    assert tiers_dp.processes == before + 3 + 2  # the read-back, then one restore a family
+    assert tiers_dp.processes == before + 4 + 2  # the read-back, then one restore a family
     assert probe(trio, pairs) == {("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): True}
     assert tiers_dp.diff(second).empty and tiers_dp.read() == second

@@ -4,15 +4,15 @@ x/c admits UDP/5003 from x/a only; x/b is admitted by nobody. b writes whole fra
 on its interface (a packet socket, which a container has with the default
 CAP_NET_RAW):
 
-* a datagram to c with a's address as its source (IPv4 and IPv6): every datapath
-  judges a packet by its addresses alone and does not know which bridge port an
-  address belongs to, so it is judged as a's and let in;
-* an ARP request to c from a's IPv4 address at b's MAC: c learns it, and its
-  datagrams to a then reach b, although b's own isolation admits nothing.
+* a datagram to c with a's address as its source (IPv4 and IPv6): policy judges a
+  packet by its addresses, so without the port guard it would be judged as a's and
+  let in;
+* an ARP request to c from a's IPv4 address at b's MAC: c would learn it, and its
+  datagrams to a would then reach b, although b's own isolation admits nothing.
 
-Both are a known gap (README, "Reliability and integrity"). The tests are marked to
-fail strictly, and only through the gap itself (`Impersonated`), so the day the
-datapaths check each port's addresses they pass and the marks must go.
+Each datapath binds every pod's bridge port to its addresses and MAC (`compile.ir.
+Guard`): both frames are dropped at b's port. `Impersonated` is the failure that
+would say otherwise; any other failure is the test's own set-up.
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ from .clusters import cluster
 pytestmark = pytest.mark.privileged
 
 PORT = 5003
-GAP = "known gap: no datapath checks a packet's addresses against the bridge port it came in on"
 
 
 class Impersonated(AssertionError):
-    """The gap itself: the one failure the marks expect (any other still fails the test)."""
+    """A pod was taken for another: what the port guard is there to prevent."""
 
 
 # Received datagrams' payloads, one per line, until 2 s pass without one.
@@ -120,6 +119,42 @@ except socket.timeout:
     pass
 """
 
+# An unsolicited neighbour advertisement (override set) from `src` at `smac`, to
+# (`dst`, `dmac`), claiming `target` is at `smac`: the asked host replaces the MAC it had.
+ADVERT = """
+import socket, struct, sys
+ifname, smac, src, dmac, dst, target = sys.argv[1:7]
+mac = lambda text: bytes.fromhex(text.replace(":", ""))
+s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+icmp = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + socket.inet_pton(socket.AF_INET6, target) \\
+    + struct.pack("!BB", 2, 1) + mac(smac)
+data = s + d + struct.pack("!I3xB", len(icmp), 58) + icmp
+total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+while total >> 16:
+    total = (total >> 16) + (total & 0xFFFF)
+icmp = icmp[:2] + struct.pack("!H", ~total & 0xFFFF) + icmp[4:]
+ip = struct.pack("!IHBB", 6 << 28, len(icmp), 58, 255) + s + d
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+raw.bind((ifname, 0))
+raw.send(mac(dmac) + mac(smac) + struct.pack("!H", 0x86DD) + ip + icmp)
+"""
+
+# Frames arriving for an IPv6 address, whoever's it is: their UDP payloads, one a line.
+CAPTURE6 = """
+import socket, sys
+dst, seconds = socket.inet_pton(socket.AF_INET6, sys.argv[1]), float(sys.argv[2])
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+raw.settimeout(seconds)
+print("ready", flush=True)
+try:
+    while True:
+        frame = raw.recv(2048)
+        if frame[12:14] == b"\\x86\\xdd" and frame[20] == 17 and frame[38:54] == dst:
+            print(frame[62:].decode(errors="replace"), flush=True)
+except socket.timeout:
+    pass
+"""
+
 C_ONLY_FROM_A_UDP = NetworkPolicy(
     "x", "udp-from-a", Selector(Labels({"pod": "c"})),
     ingress=(PRule((PolicyPort("UDP", PORT),),
@@ -129,15 +164,9 @@ B_ISOLATED = NetworkPolicy("x", "isolate-b", Selector(Labels({"pod": "b"})),
                            policy_types=(INGRESS,))
 
 
-# Datapaths that do not check ports yet: the gap is still theirs.
-UNGUARDED = {"iptables"}
-
-
 @pytest.fixture(params=["nft", "iptables", "ebpf"])
 def datapath(request: pytest.FixtureRequest, trio: Any, netns_prefix: str
              ) -> Iterator[Datapath]:
-    if request.param in UNGUARDED:
-        request.node.add_marker(pytest.mark.xfail(strict=True, raises=Impersonated, reason=GAP))
     dp = open_datapath(request.param, netns_prefix, netns=trio.host_netns)
     try:
         dp.check()
@@ -203,3 +232,52 @@ def test_an_arp_request_from_another_pods_address_does_not_divert_its_traffic(
         got = collected(capture)
     if "meant-for-a" in got:
         raise Impersonated("c's datagram to a reached b, which claimed a's address by ARP")
+
+
+def test_a_neighbour_advert_for_another_pods_address_does_not_divert_its_traffic(
+        trio: Any, datapath: Datapath) -> None:
+    a, b, c = trio.a, trio.b, trio.c
+    subprocess.run(["ip", "netns", "exec", c.netns, "ip", "neigh", "replace", a.address6,
+                    "lladdr", a.mac, "dev", c.ifname, "nud", "reachable"], check=True)
+    time.sleep(1.2)
+    # from b's own address (which its guard lets out), claiming a's
+    run_in(b.netns, ADVERT, b.ifname, b.mac, b.address6, c.mac, c.address6, a.address6)
+    capture = python_in(b.netns, CAPTURE6, a.address6, "2")
+    try:
+        assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
+        code = ("import socket, sys\nu = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+                "u.sendto(b'meant-for-a', (sys.argv[1], int(sys.argv[2])))\n")
+        run_in(c.netns, code, a.address6, str(PORT))
+    finally:
+        got = collected(capture)
+    if "meant-for-a" in got:
+        raise Impersonated("c's datagram to a reached b, which claimed a's IPv6 address")
+
+
+def test_a_frame_from_another_pods_mac_does_not_take_its_place_on_the_bridge(
+        trio: Any, datapath: Datapath) -> None:
+    """A frame with a's MAC as its source moves a's entry in the bridge's forwarding table
+    to b's port, and frames for a go to b until a sends again (a fresh interface's own
+    neighbour discovery does, within a second): so b keeps sending while c does."""
+    a, b, c = trio.a, trio.b, trio.c
+    subprocess.run(["ip", "netns", "exec", c.netns, "ip", "neigh", "replace", a.address4,
+                    "lladdr", a.mac, "dev", c.ifname, "nud", "reachable"], check=True)
+    capture = python_in(b.netns, CAPTURE, a.address4, "2")
+    try:
+        assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
+        steal = python_in(b.netns, "import subprocess, sys, time\n"
+                          "for _ in range(40):\n"
+                          "    subprocess.run([sys.executable, '-c', *sys.argv[1:]], check=True)\n"
+                          "    time.sleep(0.02)\n",
+                          # to a, which admits everyone: no policy stops it before the bridge
+                          FRAME, b.ifname, a.mac, a.mac, b.address4, a.address4, str(PORT), "x")
+        code = ("import socket, sys, time\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "for _ in range(40):\n"
+                "    u.sendto(b'meant-for-a', (sys.argv[1], int(sys.argv[2])))\n"
+                "    time.sleep(0.025)\n")
+        run_in(c.netns, code, a.address4, str(PORT))
+        steal.wait(30)
+    finally:
+        got = collected(capture)
+    if "meant-for-a" in got:
+        raise Impersonated("c's datagram to a reached b, which sent from a's MAC")

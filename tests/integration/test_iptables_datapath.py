@@ -79,7 +79,7 @@ def test_restart_adopts_what_the_kernel_holds(trio, datapath, backend) -> None:
     assert again.diff(rs).empty
     assert again.apply(rs).empty
     assert again.last_drift is None
-    assert again.processes == 6  # two read-backs (diff, apply), three tools each
+    assert again.processes == 8  # two read-backs (diff, apply), four tools each
     assert again.skeleton_intact()
 
 

@@ -144,6 +144,20 @@ def skeleton_text(name: str, guards: Mapping[str, Guard] | None = None, *,
     return "\n".join(lines) + "\n"
 
 
+def element_text(name: str, set_guards: Iterable[tuple[str, Guard]],
+                 old: Iterable[tuple[str, Guard]]) -> str:
+    """`element_commands` as text, for `nft -f -` (one transaction)."""
+    lines: list[str] = []
+    for verb, guards in (("delete", old), ("add", set_guards)):
+        by_set: dict[str, list[str]] = {}
+        for port, g in guards:
+            for set_name, e in port_elements(port, g):
+                by_set.setdefault(set_name, []).append(_text_element(e))
+        lines += [f"{verb} element {FAMILY} {name} {s} {{ {', '.join(els)} }}"
+                  for s, els in sorted(by_set.items())]
+    return "".join(f"{line}\n" for line in lines)
+
+
 def _text_element(e: str | tuple[str, str]) -> str:
     if isinstance(e, str):
         return f'"{_port(e)}"'

@@ -905,10 +905,12 @@ class KernelState:
     repair: Repair
     drift: list[str] = field(default_factory=list)
     present: bool = False  # anything of ours at all
+    # The port guard's nftables table (compile.guard) is there and as made.
+    guard_ok: bool = True
 
     @property
     def needs_repair(self) -> bool:
-        return bool(self.drift) or self.repair.needed
+        return bool(self.drift) or self.repair.needed or not self.guard_ok
 
 
 def _bucket_key(ir: str) -> tuple[str, int, int] | None:

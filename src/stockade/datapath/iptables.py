@@ -23,6 +23,11 @@ tie, nf_tables); the legacy tools are run only when `/proc/net/ip_tables_names`
 or `ip6_tables_names` already lists a table, so that detection never creates
 legacy tables. `STOCKADE_IPTABLES_BACKEND=nft|legacy` overrides it.
 
+The port guard (each pod's port bound to its addresses and MAC, `compile.guard`) is
+layer 2, where iptables does not reach (ARP, neighbour discovery, MACs): it is the
+nftables `bridge` table the nft datapath keeps, written with `nft -f -` (one
+transaction) before the iptables steps, read back and repaired with them.
+
 Ownership: iptables has nothing like nftables' owned tables; any process with
 CAP_NET_ADMIN can change stockade's chains and sets. Every rule carries a
 `stk:<digest>` comment, and a verifying apply reads everything back
@@ -32,14 +37,17 @@ renders and repairs the difference (`last_drift`, `last_drift_details`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
+from stockade.compile import guard
 from stockade.compile.iptables import (
     ALLOW_MARK,
     FAMILIES,
@@ -260,7 +268,28 @@ class IptablesDatapath:
         with self._lock:
             saves = {fam: self._save(fam) for fam in FAMILIES}
             ipsets = self._ipset_save()
-        return parse_kernel(self.layout, saves, ipsets, expected)
+            listed = self._nft(["-j", "list", "table", guard.FAMILY, self.guard_table],
+                               missing_ok=True)
+        state = parse_kernel(self.layout, saves, ipsets, expected)
+        kg = guard.parse_guard(json.loads(listed), self.guard_table) if listed else None
+        state.ruleset = replace(state.ruleset, guards=kg.guards if kg is not None else {})
+        state.guard_ok = kg is not None and kg.intact
+        state.drift += kg.drift if kg is not None else ["guard table missing"]
+        return state
+
+    @property
+    def guard_table(self) -> str:
+        """The port guard's nftables table: the datapath's name."""
+        return self.layout.names.prefix[:-1]
+
+    def _nft(self, args: list[str], stdin: str = "", *, missing_ok: bool = False) -> str:
+        """`nft` (the guard's table); `missing_ok`: "" when the table is not there."""
+        try:
+            return self._exec(["nft", *args], stdin, what=f"nft {' '.join(args[:3])}")
+        except DataplaneError as exc:
+            if missing_ok and "No such file" in exc.stderr:
+                return ""
+            raise
 
     def read(self) -> Ruleset:
         return self.read_state().ruleset
@@ -305,11 +334,14 @@ class IptablesDatapath:
         if snap is None and (verify or self._applied is None):
             snap = self.snapshot(desired.chains)
         state: KernelState | None = None
+        rewrite_guard = False
         if snap is not None:
             state = snap.table
             assert isinstance(state, KernelState)
             old = state.ruleset
-            delta = plan(old, target)
+            # A guard table missing or not as made is made anew, whole (see compile.guard).
+            rewrite_guard = not state.guard_ok
+            delta = plan(replace(old, guards=target.guards) if rewrite_guard else old, target)
             repair = state.needs_repair
             if self._applied is not None:
                 drift = plan(old, self._applied)
@@ -326,8 +358,13 @@ class IptablesDatapath:
             return delta
         steps = render_plan(self.layout, delta, old,
                             repair=state.repair if state is not None else None)
+        guarding = (guard.skeleton_text(self.guard_table, target.guards) if rewrite_guard
+                    else guard.element_text(self.guard_table, delta.set_guards,
+                                            delta.old_guards))
         try:
             with self._lock:
+                if guarding:  # first: a new pod's port is bound before its policy is in
+                    self._nft(["-f", "-"], guarding)
                 self._run_steps(steps)
         except DataplaneError:
             self._applied = None  # read the kernel back before the next write
@@ -355,12 +392,16 @@ class IptablesDatapath:
                     out.append(f":{c}")
                     out += [f"-A {c} {b}" for b in rules.get(c, [])]
             defs, members = parse_ipset(self._ipset_save())
+            guarded = self._nft(["list", "table", guard.FAMILY, self.guard_table],
+                                missing_ok=True)
         sets = [n for n in defs if n.startswith(prefix)]
         if sets:
             out.append("# ipset")
         for n in sets:
             out.append(f"create {n} {' '.join(defs[n])}")
             out += [f"add {n} {e}" for e in members.get(n, [])]
+        if guarded:
+            out += ["# nft (the port guard)", *guarded.splitlines()]
         return "\n".join(out) + ("\n" if out else "")
 
     def remove(self) -> None:
@@ -371,6 +412,7 @@ class IptablesDatapath:
             saves = {fam: self._save(fam) for fam in FAMILIES}
             steps = render_remove(self.layout, saves, self._ipset_save())
             self._run_steps(steps)
+            self._nft(["delete", "table", guard.FAMILY, self.guard_table], missing_ok=True)
 
     def close(self) -> None:
         """Nothing to let go of: every call is its own process."""
