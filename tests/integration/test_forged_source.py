@@ -198,6 +198,40 @@ def collected(proc: subprocess.Popen[str]) -> set[str]:
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_datagram_with_another_pods_source_is_not_let_in(trio: Any, datapath: Datapath,
                                                            family: int) -> None:
+    if _forged_gets_in(trio, family):
+        addr = trio.a.address4 if family == 4 else trio.a.address6
+        raise Impersonated(f"b's datagram with a's address ({addr}) reached c")
+
+
+@pytest.mark.parametrize("kind", ["nft", "iptables"])
+def test_a_guard_tampered_with_is_repaired(trio: Any, netns_prefix: str, kind: str) -> None:
+    """The bridge table behind nft's and iptables' guards: an element that gives b's port
+    a's address lets b's forged datagram in; the verifying apply reports and removes it.
+    The table deleted: made anew."""
+    a, b = trio.a, trio.b
+    dp = open_datapath(kind, netns_prefix, netns=trio.host_netns)
+    rs = compile_cluster(cluster(trio, C_ONLY_FROM_A_UDP, B_ISOLATED))
+    nft = ["ip", "netns", "exec", trio.host_netns, "nft"]
+    try:
+        dp.check()
+        dp.apply(rs)
+        subprocess.run([*nft, "add", "element", "bridge", netns_prefix, "a4",
+                        f'{{ "{b.host_ifname}" . {a.address4} }}'], check=True)
+        assert _forged_gets_in(trio, 4)  # the tampering is what lets it in
+        assert not dp.apply(rs, verify=True).empty
+        assert dp.last_drift is not None and dp.last_drift.set_guards, dp.last_drift_details
+        assert not _forged_gets_in(trio, 4)
+        subprocess.run([*nft, "delete", "table", "bridge", netns_prefix], check=True)
+        dp.apply(rs, verify=True)
+        assert "guard table missing" in dp.last_drift_details
+        assert not _forged_gets_in(trio, 4) and dp.apply(rs, verify=True).empty
+    finally:
+        dp.remove()
+
+
+def _forged_gets_in(trio: Any, family: int) -> bool:
+    """b sends c a datagram with a's source (c admits only a): whether it arrives. The
+    policy itself is held to (a's own arrives, b's honest one does not)."""
     a, b, c = trio.a, trio.b, trio.c
     addr = (lambda att: att.address4) if family == 4 else (lambda att: att.address6)
     sink = python_in(c.netns, SINK, str(family), str(PORT))
@@ -210,8 +244,7 @@ def test_a_datagram_with_another_pods_source_is_not_let_in(trio: Any, datapath: 
         got = collected(sink)
     # the policy is enforced: a's own datagram arrives, b's honest one does not
     assert "from-a" in got and "from-b" not in got, got
-    if "forged" in got:
-        raise Impersonated(f"b's datagram with a's address ({addr(a)}) reached c")
+    return "forged" in got
 
 
 def test_an_arp_request_from_another_pods_address_does_not_divert_its_traffic(
