@@ -10,7 +10,9 @@ every netfilter datapath; bridged packets reach netfilter through br_netfilter, 
 a new namespace has on, so the baseline pays that too); and the naive baseline a user
 would otherwise write: one `iptables -A FORWARD -s SRC
 -d DST -p PROTO --dport P -j ACCEPT` per allowed pair in one linear chain (after
-the usual ESTABLISHED,RELATED accept), then a DROP for the server.
+the usual ESTABLISHED,RELATED accept), then a DROP for the server. Every datapath binds
+the server's and client's ports to their addresses and MACs, as the agent does each
+pod's (the port guard); "nft unguarded" leaves that out, to show what it costs.
 
 Each variant gets a fresh host namespace (bridge, two endpoints, servers), so no
 variant inherits another's kernel state (conntrack hooks, a legacy table that
@@ -55,13 +57,14 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from common import exit_on_sigterm, print_markdown, timed
 from iptables import build_loadgen, naive, program
 from results import Results
 from stockade.compile.iptables import Layout
-from stockade.compile.lower import compile_cluster
+from stockade.compile.lower import compile_cluster, guards_of
 from stockade.compile.nft import Table
 from stockade.datapath.base import require_bridge_netfilter
 from stockade.datapath.conntrack import Arrivals
@@ -90,7 +93,10 @@ LISTENING = "nft + ct events"
 # established first (bridged packets reach netfilter through br_netfilter, which a
 # new namespace has on, with no ruleset too: the baseline pays it as well).
 CONNTRACK = "conntrack only"
-VARIANTS = (*DATAPATHS, LISTENING, CONNTRACK, "naive")
+# nft without the port guard (every other datapath guards the pair's ports, as the agent
+# does its pods'): what the guard's bridge table costs per packet.
+UNGUARDED = "nft unguarded"
+VARIANTS = (*DATAPATHS, UNGUARDED, LISTENING, CONNTRACK, "naive")
 CONNTRACK_TABLE = ("table inet {name} {{\n chain forward {{\n"
                    "  type filter hook forward priority 0; policy accept;\n"
                    "  ct state established,related accept\n  accept\n }}\n}}\n")
@@ -184,10 +190,14 @@ class Pair:
         self.plumber = Plumber(prefix=tag, host_netns=self.host, subnet4="10.200.0.0/16")
         try:
             self.plumber.ensure_bridge()
-            self.server = self.plumber.ensure_endpoint(
-                EndpointSpec(f"server{index}", f"{SERVER}/16")).netns
-            self.client = self.plumber.ensure_endpoint(
-                EndpointSpec(f"client{index}", f"{CLIENT}/16")).netns
+            server = self.plumber.ensure_endpoint(EndpointSpec(f"server{index}",
+                                                               f"{SERVER}/16"))
+            client = self.plumber.ensure_endpoint(EndpointSpec(f"client{index}",
+                                                               f"{CLIENT}/16"))
+            self.server, self.client = server.netns, client.netns
+            # endpoint name -> the port and MAC it is bound to (the datapath's guard)
+            self.ports = {att.key.removesuffix(str(index)): (att.host_ifname, att.mac.lower())
+                          for att in (server, client)}
             crr = self._spawn(self.server, loadgen, "crr-server", str(CRR_PORT))
             assert crr.stdout is not None and crr.stdout.readline().strip() == "ready"
         except BaseException:
@@ -200,6 +210,13 @@ class Pair:
                                 stderr=subprocess.DEVNULL, text=True)
         self.procs.append(proc)
         return proc
+
+    def guarded(self, cluster: Cluster, rs: Any) -> tuple[Cluster, Any]:
+        """`cluster` and its ruleset with the server's and client's ports bound to them."""
+        eps = tuple(replace(ep, port=self.ports[ep.name][0], mac=self.ports[ep.name][1])
+                    if ep.namespace == "ns0" and ep.name in self.ports else ep
+                    for ep in cluster.endpoints)
+        return replace(cluster, endpoints=eps), replace(rs, guards=guards_of(eps))
 
     def isolated(self) -> bool:
         """Whether a new connection to a closed, unallowed port of the server is dropped
@@ -359,7 +376,9 @@ def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs
         else:
             if name == LISTENING:
                 listener = Arrivals(pair.host)
-            dp = open_datapath("nft" if name == LISTENING else name, tag, pair.host)
+            if name != UNGUARDED:
+                cluster, rs = pair.guarded(cluster, rs)
+            dp = open_datapath("nft" if name in (LISTENING, UNGUARDED) else name, tag, pair.host)
             dp.check()
             prog = program(dp, cluster, rs)
         assert pair.isolated(), f"{name}: the server is not isolated"
@@ -388,7 +407,7 @@ def main() -> None:
     args = ap.parse_args()
     variants = tuple(v.strip() for v in args.variants.split(","))
     cpu = chosen_cpu(ap, args)
-    datapaths = tuple(v for v in variants if v in DATAPATHS or v == LISTENING)
+    datapaths = tuple(v for v in variants if v in DATAPATHS or v in (LISTENING, UNGUARDED))
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a kill too

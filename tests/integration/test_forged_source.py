@@ -218,8 +218,9 @@ def test_a_guard_tampered_with_is_repaired(trio: Any, netns_prefix: str, kind: s
         subprocess.run([*nft, "add", "element", "bridge", netns_prefix, "a4",
                         f'{{ "{b.host_ifname}" . {a.address4} }}'], check=True)
         assert _forged_gets_in(trio, 4)  # the tampering is what lets it in
-        assert not dp.apply(rs, verify=True).empty
+        dp.apply(rs, verify=True)
         assert dp.last_drift is not None and dp.last_drift.set_guards, dp.last_drift_details
+        assert f"guard of {b.host_ifname}: its elements disagree" in dp.last_drift_details
         assert not _forged_gets_in(trio, 4)
         subprocess.run([*nft, "delete", "table", "bridge", netns_prefix], check=True)
         dp.apply(rs, verify=True)

@@ -141,7 +141,9 @@ def test_reading_the_table_back_finds_the_guards_and_any_difference() -> None:
         "macs": [{"concat": ["vetha", MAC_A]}], "a4": [{"concat": ["vetha", "10.0.0.1"]}],
         "a6": [{"concat": ["vetha", "fd00::1"]}, {"concat": ["vethb", "::1"]}],
         "t6": [{"concat": ["vetha", "0xfd000000000000000000000000000001"]},
-               {"concat": ["vethb", 1]}]}
+               {"concat": ["vethb", 1]}],
+        "m4": [{"concat": ["vetha", MAC_A, "10.0.0.1"]}],
+        "m6": [{"concat": ["vetha", MAC_A, "fd00::1"]}]}
     kg = guard.parse_guard(_listed("stk", elements), "stk")
     assert kg.intact, kg.drift
     assert kg.guards == {"vetha": guard_of(["10.0.0.1", "fd00::1"], MAC_A),
@@ -150,6 +152,10 @@ def test_reading_the_table_back_finds_the_guards_and_any_difference() -> None:
     torn = {**elements, "t6": elements["t6"][:1]}
     kg = guard.parse_guard(_listed("stk", torn), "stk")
     assert set(kg.guards) == {"vetha"} and kg.drift == ["guard of vethb: its elements disagree"]
-    assert not guard.parse_guard(_listed("stk", elements, rules=9), "stk").intact
+    # the fast path's binding without the MAC the port has: the port's elements disagree
+    kg = guard.parse_guard(_listed("stk", {**elements, "m4": []}), "stk")
+    assert set(kg.guards) == {"vethb"} and not kg.intact
+    assert not guard.parse_guard(_listed("stk", elements, rules=len(guard.RULES) - 1),
+                                 "stk").intact
     foreign = [{"chain": {"family": "bridge", "table": "stk", "name": "evil"}}]
     assert not guard.parse_guard(_listed("stk", elements, extra=foreign), "stk").intact

@@ -15,8 +15,11 @@ family::
     set a4        { type ifname . ipv4_addr }
     set a6        { type ifname . ipv6_addr }
     set t6        { typeof iifname . @th,64,128 }  a6 again, as a neighbour advert's target
+    set m4, m6    { type ifname . ether_addr . ipv4_addr / ipv6_addr }  a4, a6 with the MAC
     chain guard   hook prerouting, priority filter (before br_netfilter), policy accept
         iifname != @ports accept                           unguarded: not a pod of ours
+        iifname . ether saddr . ip saddr @m4 accept        the common case, one lookup
+        meta l4proto != ipv6-icmp iifname . ether saddr . ip6 saddr @m6 accept
         iifname @macports iifname . ether saddr != @macs drop
         iifname @macports iifname . arp saddr ether != @macs drop
         arp (Ethernet/IPv4) iifname . arp saddr ip @a4 accept
@@ -48,19 +51,29 @@ FAMILY = "bridge"
 CHAIN = "guard"
 VERSION = "guard v1"
 PORTS, MACPORTS, MACS, A4, A6, T6 = "ports", "macports", "macs", "a4", "a6", "t6"
-SETS = (PORTS, MACPORTS, MACS, A4, A6, T6)
+M4, M6 = "m4", "m6"
+SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6)
 SET_TYPES: dict[str, Any] = {PORTS: "ifname", MACPORTS: "ifname", MACS: ["ifname", "ether_addr"],
                              A4: ["ifname", "ipv4_addr"], A6: ["ifname", "ipv6_addr"],
-                             T6: ["ifname", "integer"]}
+                             T6: ["ifname", "integer"],
+                             M4: ["ifname", "ether_addr", "ipv4_addr"],
+                             M6: ["ifname", "ether_addr", "ipv6_addr"]}
 _SET_DECLS = {PORTS: "type ifname", MACPORTS: "type ifname", MACS: "type ifname . ether_addr",
               A4: "type ifname . ipv4_addr", A6: "type ifname . ipv6_addr",
-              T6: "typeof meta iifname . @th,64,128"}
+              T6: "typeof meta iifname . @th,64,128",
+              M4: "type ifname . ether_addr . ipv4_addr",
+              M6: "type ifname . ether_addr . ipv6_addr"}
 _ARP = "arp htype 1 arp ptype ip arp hlen 6 arp plen 4"
 
 # The chain's rules as text (sent) and as libnftables 1.0.6 lists them back (compared,
 # in `compile.nft.canonical_expr` form), with their comments.
 RULES: tuple[tuple[str, str], ...] = (
     ("iifname != @ports accept", "unguarded port"),
+    # What nearly every frame is, first: its port, MAC and source in one lookup. (Not an
+    # advertisement: its target is checked below.)
+    ("ether type ip iifname . ether saddr . ip saddr @m4 accept", "own mac and ipv4"),
+    ("ether type ip6 meta l4proto != ipv6-icmp iifname . ether saddr . ip6 saddr @m6 accept",
+     "own mac and ipv6"),
     ("iifname @macports iifname . ether saddr != @macs drop", "foreign mac"),
     ("iifname @macports iifname . arp saddr ether != @macs drop", "arp foreign mac"),
     (f"{_ARP} iifname . arp saddr ip @a4 accept", "arp own address"),
@@ -95,6 +108,11 @@ _ARP_EXPR = [_m(_pl("arp", "htype"), 1), _m(_pl("arp", "ptype"), "ip"),
 
 LISTED: tuple[list[dict[str, Any]], ...] = (
     [_m(_iif(), "@ports", "!="), {"accept": None}],
+    [_m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip", "saddr")]}, "@m4"),
+     {"accept": None}],
+    [_m({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!="),
+     _m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip6", "saddr")]}, "@m6"),
+     {"accept": None}],
     [_m(_iif(), "@macports"), _m({"concat": [_iif(), _pl("ether", "saddr")]}, "@macs", "!="),
      {"drop": None}],
     [_m(_iif(), "@macports"),
@@ -158,10 +176,10 @@ def element_text(name: str, set_guards: Iterable[tuple[str, Guard]],
     return "".join(f"{line}\n" for line in lines)
 
 
-def _text_element(e: str | tuple[str, str]) -> str:
+def _text_element(e: Element) -> str:
     if isinstance(e, str):
         return f'"{_port(e)}"'
-    return f'"{_port(e[0])}" . {e[1]}'
+    return " . ".join((f'"{_port(e[0])}"', *e[1:]))
 
 
 def _port(name: str) -> str:
@@ -172,19 +190,22 @@ def _port(name: str) -> str:
     return name
 
 
-def _elements(guards: Mapping[str, Guard]) -> dict[str, list[str | tuple[str, str]]]:
+Element = str | tuple[str, ...]  # a port, or a port and the fields after it
+
+
+def _elements(guards: Mapping[str, Guard]) -> dict[str, list[Element]]:
     """Each set's elements for `guards` (ports sorted), as JSON would send them."""
-    out: dict[str, list[str | tuple[str, str]]] = {s: [] for s in SETS}
+    out: dict[str, list[Element]] = {s: [] for s in SETS}
     for port, g in sorted(guards.items()):
         for set_name, e in port_elements(port, g):
             out[set_name].append(e)
     return out
 
 
-def port_elements(port: str, g: Guard) -> list[tuple[str, str | tuple[str, str]]]:
+def port_elements(port: str, g: Guard) -> list[tuple[str, Element]]:
     """(set, element) of one guard: the port, its MAC, its addresses."""
     _port(port)
-    out: list[tuple[str, str | tuple[str, str]]] = [(PORTS, port)]
+    out: list[tuple[str, Element]] = [(PORTS, port)]
     if g.mac:
         out += [(MACPORTS, port), (MACS, (port, g.mac))]
     for text in g.addresses:
@@ -193,6 +214,8 @@ def port_elements(port: str, g: Guard) -> list[tuple[str, str | tuple[str, str]]
             out.append((A4, (port, str(addr))))
         else:
             out += [(A6, (port, str(addr))), (T6, (port, f"0x{int(addr):032x}"))]
+        if g.mac:
+            out.append((M4 if addr.version == 4 else M6, (port, g.mac, str(addr))))
     return out
 
 
@@ -271,19 +294,20 @@ def parse_guard(doc: Mapping[str, Any], name: str) -> KernelGuard:
 
 
 def _key(raw: Any) -> tuple[str, Any] | None:
+    """(port, the rest: one field, or a tuple of two) of a concatenated element."""
     concat = raw.get("concat") if isinstance(raw, dict) else None
-    if isinstance(concat, list) and len(concat) == 2 and isinstance(concat[0], str):
-        return concat[0], concat[1]
+    if isinstance(concat, list) and len(concat) in (2, 3) and isinstance(concat[0], str):
+        return concat[0], concat[1] if len(concat) == 2 else (str(concat[1]), str(concat[2]))
     return None
 
 
 def _read_guards(sets: Mapping[str, list[Any]]) -> tuple[dict[str, Guard], set[str]]:
     ports = {e for e in sets.get(PORTS, []) if isinstance(e, str)}
     macports = {e for e in sets.get(MACPORTS, []) if isinstance(e, str)}
-    found: dict[str, dict[str, list[str]]] = {p: {MACS: [], A4: [], A6: [], T6: []}
-                                              for p in ports}
+    found: dict[str, dict[str, list[Any]]] = {p: {MACS: [], A4: [], A6: [], T6: [], M4: [],
+                                                  M6: []} for p in ports}
     bad: set[str] = set()
-    for set_name in (MACS, A4, A6, T6):
+    for set_name in (MACS, A4, A6, T6, M4, M6):
         for raw in sets.get(set_name, []):
             key = _key(raw.get("elem", {}).get("val") if isinstance(raw, dict)
                        and "elem" in raw else raw)
@@ -296,11 +320,14 @@ def _read_guards(sets: Mapping[str, list[Any]]) -> tuple[dict[str, Guard], set[s
             if set_name == T6:
                 value = str(ipaddress.IPv6Address(int(value, 16) if isinstance(value, str)
                                                   else int(value)))
-            found[port][set_name].append(str(value))
+            found[port][set_name].append(value if set_name in (M4, M6) else str(value))
     guards: dict[str, Guard] = {}
     for port, got in found.items():
+        mac = got[MACS][0] if got[MACS] else ""
+        with_mac = {fam: sorted((mac, a) for a in got[fam]) if mac else [] for fam in (A4, A6)}
         if sorted(got[A6]) != sorted(got[T6]) or len(got[MACS]) > 1 or (
-                bool(got[MACS]) != (port in macports)):
+                bool(got[MACS]) != (port in macports)) or sorted(got[M4]) != with_mac[A4] \
+                or sorted(got[M6]) != with_mac[A6]:
             bad.add(port)
             continue
         guards[port] = guard_of((*got[A4], *got[A6]), got[MACS][0] if got[MACS] else "")

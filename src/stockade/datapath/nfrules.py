@@ -467,19 +467,21 @@ def guard_messages(table: str, set_guards: Iterable[tuple[str, Guard]],
     return out
 
 
-def _guard_key(set_name: str, e: str | tuple[str, str]) -> bytes:
+def _guard_key(set_name: str, e: guard.Element) -> bytes:
     """A guard element's key as the kernel keeps it: an interface name in 16 bytes, each
     field padded to whole 32-bit registers."""
     if isinstance(e, str):
         return _ifname(e)
-    port, value = e
-    if set_name == guard.MACS:
-        field_ = bytes.fromhex(value.replace(":", "")) + bytes(2)
-    elif set_name == guard.T6:
-        field_ = int(value, 16).to_bytes(16, "big")
-    else:
-        field_ = ipaddress.ip_address(value).packed
-    return _ifname(port) + field_
+    port, *fields = e
+    out = _ifname(port)
+    for i, value in enumerate(fields):
+        if set_name == guard.MACS or (set_name in (guard.M4, guard.M6) and i == 0):
+            out += bytes.fromhex(value.replace(":", "")) + bytes(2)  # a MAC, padded
+        elif set_name == guard.T6:
+            out += int(value, 16).to_bytes(16, "big")
+        else:
+            out += ipaddress.ip_address(value).packed
+    return out
 
 
 def _ifname(name: str) -> bytes:
