@@ -508,7 +508,11 @@ def main() -> None:
             if measure.startswith(("TCP throughput", "new TCP connections")):
                 # Beside it, what conntrack alone leaves (no rule of policy), when measured.
                 floor = bars.get(CONNTRACK, {}).get(measure)
-                note = f" (conntrack alone: {floor:.2f})" if floor is not None else ""
+                bare = bars.get(UNGUARDED, {}).get(measure) if v == "nft" else None
+                notes = [f"{what}: {x:.2f}" for what, x in (("unguarded", bare),
+                                                           ("conntrack alone", floor))
+                         if x is not None]
+                note = f" ({'; '.join(notes)})" if notes else ""
                 out.goal(f"{v}: {measure} ratio >= 0.97", f"{value:.2f}{note}",
                          value >= 0.97)
     out.write(args.json)
