@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -224,8 +225,31 @@ def test_a_guard_tampered_with_is_repaired(trio: Any, netns_prefix: str, kind: s
         assert not _forged_gets_in(trio, 4)
         subprocess.run([*nft, "delete", "table", "bridge", netns_prefix], check=True)
         dp.apply(rs, verify=True)
-        assert "guard table missing" in dp.last_drift_details
+        assert dp.last_drift is not None and len(dp.last_drift.set_guards) == 3
         assert not _forged_gets_in(trio, 4) and dp.apply(rs, verify=True).empty
+        # with no port left to guard the table stays (empty); it is not made where none is
+        assert dp.apply(replace(rs, guards={})).del_guards
+        assert _forged_gets_in(trio, 4)  # unguarded, as asked
+    finally:
+        dp.remove()
+
+
+@pytest.mark.parametrize("kind", ["nft", "iptables"])
+def test_the_guard_table_comes_with_the_first_guarded_port(trio: Any, netns_prefix: str,
+                                                           kind: str) -> None:
+    """A host where no port is guarded has no guard table (nothing to pay per frame); the
+    first guard makes it, in an apply that does not read the kernel back."""
+    dp = open_datapath(kind, netns_prefix, netns=trio.host_netns)
+    rs = compile_cluster(cluster(trio, C_ONLY_FROM_A_UDP, B_ISOLATED))
+    tables = ["ip", "netns", "exec", trio.host_netns, "nft", "list", "tables", "bridge"]
+    try:
+        dp.check()
+        dp.apply(replace(rs, guards={}))
+        assert netns_prefix not in subprocess.run(tables, capture_output=True, text=True,
+                                                  check=True).stdout
+        assert _forged_gets_in(trio, 4)
+        assert len(dp.apply(rs).set_guards) == 3
+        assert not _forged_gets_in(trio, 4) and dp.diff(rs).empty
     finally:
         dp.remove()
 

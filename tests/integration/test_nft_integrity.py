@@ -47,10 +47,12 @@ TCP80, TCP81 = Port(80, Protocol.TCP), Port(81, Protocol.TCP)
 
 
 def _cluster(trio) -> Cluster:
-    """a admits b on TCP/80 and nothing else; b and c are not isolated."""
+    """a admits b on TCP/80 and nothing else; b and c are not isolated. Their ports are
+    guarded (so the guard's table is there, owned with the policy's)."""
     ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
     eps = tuple(Endpoint("x", n, Labels({"pod": n}), (att.address4, att.address6),
-                         (ContainerPort(80, "TCP", "http"),))
+                         (ContainerPort(80, "TCP", "http"),), port=att.host_ifname,
+                         mac=att.mac)
                 for n, att in (("a", trio.a), ("b", trio.b), ("c", trio.c)))
     pol = NetworkPolicy("x", "a-from-b", Selector(Labels({"pod": "a"})), ingress=(
         PRule((PolicyPort("TCP", 80),), (Peer(pod_selector=Selector(Labels({"pod": "b"}))),)),),

@@ -905,7 +905,9 @@ class KernelState:
     repair: Repair
     drift: list[str] = field(default_factory=list)
     present: bool = False  # anything of ours at all
-    # The port guard's nftables table (compile.guard) is there and as made.
+    # The port guard's nftables table (compile.guard) is not there (made when a port is
+    # to be guarded), or there and not as made (made anew).
+    guard_missing: bool = False
     guard_ok: bool = True
 
     @property

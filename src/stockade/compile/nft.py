@@ -944,7 +944,9 @@ class KernelTable:
     # Foreign stateful objects and flowtables as (kind, name, handle): removed
     # over raw netlink after the repairing transaction (nothing uses them then).
     objects: list[tuple[str, str, int]] = field(default_factory=list)
-    # The guard table (compile.guard) is there and as made; otherwise it is made anew.
+    # The guard table (compile.guard) is not there (made when a port is to be guarded:
+    # a host with none pays nothing per frame), or there and not as made (made anew).
+    guard_missing: bool = False
     guard_ok: bool = True
 
     @property

@@ -266,6 +266,13 @@ def full_plan(old: Ruleset, new: Ruleset) -> Plan:
                 *guard_delta(old.guards, new.guards, sorted(old.guards.keys() | new.guards.keys())))
 
 
+def with_guards(delta: Plan, before: Mapping[str, Guard], target: Ruleset) -> Plan:
+    """`delta` with the guard changes from `before` to `target`'s: what a datapath that made
+    its guards anew, apart from the plan, reports."""
+    put, gone, old = guard_delta(before, target.guards, sorted(before.keys() | target.guards))
+    return replace(delta, set_guards=put, del_guards=gone, old_guards=old)
+
+
 def guard_delta(old: Mapping[str, Guard], new: Mapping[str, Guard], ports: Iterable[str]
                 ) -> tuple[tuple[tuple[str, Guard], ...], tuple[str, ...],
                            tuple[tuple[str, Guard], ...]]:

@@ -63,7 +63,7 @@ from stockade.compile.iptables import (
 )
 from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.nft import canonical
-from stockade.compile.plan import Plan, plan
+from stockade.compile.plan import Plan, plan, with_guards
 from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
 from stockade.errors import DataplaneError
 from stockade.net.namespace import entered, netns_path
@@ -273,8 +273,9 @@ class IptablesDatapath:
         state = parse_kernel(self.layout, saves, ipsets, expected)
         kg = guard.parse_guard(json.loads(listed), self.guard_table) if listed else None
         state.ruleset = replace(state.ruleset, guards=kg.guards if kg is not None else {})
-        state.guard_ok = kg is not None and kg.intact
-        state.drift += kg.drift if kg is not None else ["guard table missing"]
+        state.guard_missing = kg is None
+        state.guard_ok = kg is None or kg.intact
+        state.drift += kg.drift if kg is not None else []
         return state
 
     @property
@@ -339,8 +340,9 @@ class IptablesDatapath:
             state = snap.table
             assert isinstance(state, KernelState)
             old = state.ruleset
-            # A guard table missing or not as made is made anew, whole (see compile.guard).
-            rewrite_guard = not state.guard_ok
+            # A guard table not as made is made anew, whole (see compile.guard); a missing
+            # one when a port is to be guarded.
+            rewrite_guard = not state.guard_ok or (state.guard_missing and bool(target.guards))
             delta = plan(replace(old, guards=target.guards) if rewrite_guard else old, target)
             repair = state.needs_repair
             if self._applied is not None:
@@ -351,9 +353,13 @@ class IptablesDatapath:
         else:
             assert self._applied is not None
             old = self._applied
-            delta = plan(old, target)
+            # the first guard since none: the table may not be there yet
+            rewrite_guard = bool(target.guards) and not old.guards
+            delta = plan(replace(old, guards=target.guards) if rewrite_guard else old, target)
             repair = False
-        if delta.empty and not repair:
+        # what is returned: with the guards a rewrite puts in, if one does
+        shown = with_guards(delta, old.guards, target) if rewrite_guard else delta
+        if delta.empty and not repair and not rewrite_guard:
             self._applied = target
             return delta
         steps = render_plan(self.layout, delta, old,
@@ -372,7 +378,7 @@ class IptablesDatapath:
             raise
         self._applied = target
         self._generation += 1
-        return delta
+        return shown
 
     def show(self) -> str:
         """Our chains, the jump and our sets, as iptables-save and ipset save print them."""

@@ -42,7 +42,16 @@ from stockade.compile.nft import (
     refresh_tier_sets,
     render_plan,
 )
-from stockade.compile.plan import STAGE_PART, Plan, derive, derived, plan, set_delta, staged
+from stockade.compile.plan import (
+    STAGE_PART,
+    Plan,
+    derive,
+    derived,
+    plan,
+    set_delta,
+    staged,
+    with_guards,
+)
 from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
 from stockade.datapath.monitor import TableEvent, TableMonitor
 from stockade.datapath.nfnetlink import (
@@ -576,7 +585,10 @@ class NftDatapath:
                 kt = parse_kernel(json.loads(out), self.table,
                                   {**before.chains, **after.chains}, self._check, info.flags)
             kg = self._read_guard(self._reader())
-        if kg is None or not kg.intact or kg.guards not in (before.guards, after.guards):
+        if kg is None and (before.guards or after.guards):
+            return False
+        if kg is not None and (not kg.intact or kg.guards not in (before.guards,
+                                                                  after.guards)):
             return False
         return not kt.needs_repair and read_while_applying(kt.ruleset, before, after)
 
@@ -636,8 +648,14 @@ class NftDatapath:
         if snap is not None:
             kt = snap.table
             current = kt.ruleset if kt is not None else Ruleset()
-            # A guard table that is missing or not as made is made anew, whole, first.
-            rewrite_guard = kt is None or not kt.guard_ok
+            # A guard table not as made is made anew, whole, first; a missing one when a
+            # port is to be guarded. With the policy table gone, the guard's is read apart.
+            kg = self._read_guard(self._nft) if kt is None else None
+            if kg is not None:
+                current = replace(current, guards=kg.guards)
+            absent = kt.guard_missing if kt is not None else kg is None
+            intact = kt.guard_ok if kt is not None else kg is None or kg.intact
+            rewrite_guard = not intact or (absent and bool(target.guards))
             delta = plan(replace(current, guards=target.guards) if rewrite_guard else current,
                          target)
             repair = kt is None or kt.needs_repair
@@ -652,7 +670,16 @@ class NftDatapath:
                                                else ["table missing"]) or drift.describe()
         else:
             assert self._applied is not None
-            delta, spare = self._spare(plan(self._applied, target))
+            # the first guard since none: the table may not be there yet
+            rewrite_guard = bool(target.guards) and not self._applied.guards
+            applied = (replace(self._applied, guards=target.guards) if rewrite_guard
+                       else self._applied)
+            delta, spare = self._spare(plan(applied, target))
+        shown = delta  # what is returned: with the guards a rewrite put in, if one did
+        if rewrite_guard:
+            self._write_guard(target.guards)
+            before = current if snap is not None else self._applied
+            shown = with_guards(delta, before.guards if before is not None else {}, target)
         if snap is not None:
             spare = ({}, {})  # the plan from the kernel removes whatever is unused
         if delta.empty and not repair:
@@ -660,13 +687,11 @@ class NftDatapath:
                 self._applied = target
                 self._spare_chains, self._spare_sets = spare
             self._drop_handover()
-            return delta
+            return shown
         if not repair and self._raw(delta, target, spare):
             self._drop_handover()
-            return delta
+            return shown
         missing = snap is not None and kt is None  # the kernel holds no table at all
-        if rewrite_guard:
-            self._write_guard(target.guards)
         cmds: list[Command] = list(kt.prelude) if kt is not None else []
         cmds += render_plan(self.table, delta,
                             skeleton=missing or (kt is not None and not kt.skeleton_ok),
@@ -681,7 +706,7 @@ class NftDatapath:
         if kt is not None and not kt.table_ok:
             self._wake()
         self._drop_handover()
-        return delta
+        return shown
 
     def _raw(self, delta: Plan, target: Ruleset, spare: Spare) -> bool:
         """Apply a delta from what was applied as raw nf_tables messages, without
@@ -996,6 +1021,7 @@ def with_guard(kt: KernelTable | None, kg: guard.KernelGuard | None) -> KernelTa
     if kt is None:
         return None
     kt.ruleset = replace(kt.ruleset, guards=kg.guards if kg is not None else {})
-    kt.guard_ok = kg is not None and kg.intact
-    kt.drift += kg.drift if kg is not None else ["guard table missing"]
+    kt.guard_missing = kg is None
+    kt.guard_ok = kg is None or kg.intact
+    kt.drift += kg.drift if kg is not None else []
     return kt
