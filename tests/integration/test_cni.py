@@ -271,6 +271,27 @@ def test_a_pods_port_is_bound_to_its_address_and_mac_when_add_returns(
     """ADD picks the container's MAC before the veth exists and the agent binds the port to
     it and the address: a frame from the pod claiming another pod's address is dropped
     at its port, its own passes."""
+    _bound_when_add_returns(world)
+
+
+def test_on_ebpf_too_a_pods_port_is_bound_when_add_returns(
+        tmp_path: Path, host_netns: str, netns_prefix: str) -> None:
+    """The eBPF datapath keys its guards by the port's ifindex, and the port does not exist
+    when ADD registers the endpoint: the agent must still bind it before ADD returns."""
+    from stockade.datapath.ebpf import EbpfDatapath
+
+    from .test_cni_harness import THIN, cni_agent
+
+    agent = cni_agent(tmp_path, host_netns, netns_prefix, "--datapath", "ebpf").start()
+    try:
+        _bound_when_add_returns(World(netns_prefix, host_netns, tmp_path, agent, THIN))
+    finally:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.kill9()
+        EbpfDatapath(agent.table, netns=host_netns).remove()  # its pins outlive it
+
+
+def _bound_when_add_returns(world: World) -> None:  # noqa: F811
     from .test_forged_source import FRAME, SINK, collected, python_in, run_in
 
     out = {}

@@ -17,9 +17,9 @@ family::
     set t6        { typeof iifname . @th,64,128 }  a6 again, as a neighbour advert's target
     set m4, m6    { type ifname . ether_addr . ipv4_addr / ipv6_addr }  a4, a6 with the MAC
     chain guard   hook prerouting, priority filter (before br_netfilter), policy accept
-        iifname != @ports accept                           unguarded: not a pod of ours
         iifname . ether saddr . ip saddr @m4 accept        the common case, one lookup
         meta l4proto != ipv6-icmp iifname . ether saddr . ip6 saddr @m6 accept
+        iifname != @ports accept                           unguarded: not a pod of ours
         iifname @macports iifname . ether saddr != @macs drop
         iifname @macports iifname . arp saddr ether != @macs drop
         arp (Ethernet/IPv4) iifname . arp saddr ip @a4 accept
@@ -68,12 +68,12 @@ _ARP = "arp htype 1 arp ptype ip arp hlen 6 arp plen 4"
 # The chain's rules as text (sent) and as libnftables 1.0.6 lists them back (compared,
 # in `compile.nft.canonical_expr` form), with their comments.
 RULES: tuple[tuple[str, str], ...] = (
-    ("iifname != @ports accept", "unguarded port"),
-    # What nearly every frame is, first: its port, MAC and source in one lookup. (Not an
-    # advertisement: its target is checked below.)
+    # What nearly every frame is, first: its port, MAC and source in one lookup (only a
+    # guarded port has elements there). Not an advertisement: its target is checked below.
     ("ether type ip iifname . ether saddr . ip saddr @m4 accept", "own mac and ipv4"),
     ("ether type ip6 meta l4proto != ipv6-icmp iifname . ether saddr . ip6 saddr @m6 accept",
      "own mac and ipv6"),
+    ("iifname != @ports accept", "unguarded port"),
     ("iifname @macports iifname . ether saddr != @macs drop", "foreign mac"),
     ("iifname @macports iifname . arp saddr ether != @macs drop", "arp foreign mac"),
     (f"{_ARP} iifname . arp saddr ip @a4 accept", "arp own address"),
@@ -107,12 +107,12 @@ _ARP_EXPR = [_m(_pl("arp", "htype"), 1), _m(_pl("arp", "ptype"), "ip"),
              _m(_pl("arp", "hlen"), 6), _m(_pl("arp", "plen"), 4)]
 
 LISTED: tuple[list[dict[str, Any]], ...] = (
-    [_m(_iif(), "@ports", "!="), {"accept": None}],
     [_m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip", "saddr")]}, "@m4"),
      {"accept": None}],
     [_m({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!="),
      _m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip6", "saddr")]}, "@m6"),
      {"accept": None}],
+    [_m(_iif(), "@ports", "!="), {"accept": None}],
     [_m(_iif(), "@macports"), _m({"concat": [_iif(), _pl("ether", "saddr")]}, "@macs", "!="),
      {"drop": None}],
     [_m(_iif(), "@macports"),
