@@ -208,7 +208,8 @@ class CniOps:
 
     def operations(self) -> Mapping[str, Handler]:
         return {"cni.add": self.op_add, "cni.del": self.op_del, "cni.check": self.op_check,
-                "cni.gc": self.op_gc, "cni.status": self.op_status}
+                "cni.gc": self.op_gc, "cni.status": self.op_status,
+                "cni.attached": self.op_attached}
 
     def status(self) -> Mapping[str, Any]:
         return {"cni": {"attachments": len(self.attachments)}}
@@ -406,6 +407,20 @@ class CniOps:
             raise ApiError(INVALID, f"endpoint {ep.key} is invalid", problems)
         return EndpointRecord(ep, netns, ifname, OWNER_CNI, cid,
                               created=time.time()), inherited
+
+    def op_attached(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The plugin made the interface ADD registered: a datapath that binds to interfaces
+        themselves (eBPF: programs and guards keyed by ifindex) is applied once more,
+        before ADD returns, so that the port is guarded before the container runs. The
+        others bind by name, in the apply ADD waited for: nothing to do."""
+        _ident(args)
+        reconciler = self._svc().reconciler
+        if not getattr(reconciler.datapath, "binds_interfaces", False):
+            return {"applied": False}
+        if not reconciler.run(periodic=False):
+            raise ApiError(UNAVAILABLE, "the datapath could not be applied to the new "
+                                        "interface; try again")
+        return {"applied": True}
 
     # ---- DEL and GC ----------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ OPS = (
     "status", "apply", "delete", "get", "label", "snapshot.save", "snapshot.restore",
     "endpoint.add", "endpoint.remove", "ipam.allocate", "ipam.release", "run", "ps", "rm",
     "flows", "cni.add", "cni.del", "cni.check", "cni.gc", "cni.status", "cni.exec",
+    "cni.attached",
 )
 
 

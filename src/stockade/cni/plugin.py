@@ -275,6 +275,16 @@ def _register(call: Call, undo: Undo, ips: list[str], host_if: str,
                   "interface": call.env.ifname, **attached}, sync=True))
 
 
+def _attached(call: Call) -> None:
+    """Tell the agent the interface exists (an eBPF datapath binds the new port now)."""
+    try:
+        call.agent("cni.attached", **call.ident())
+    except CniError as exc:
+        if exc.code != AGENT_OUTDATED:
+            raise
+        # an agent from before guards: it has nothing to bind to the interface
+
+
 def new_mac() -> str:
     """A random unicast, locally administered MAC: chosen before the veth exists, so that
     the agent binds the port to it before the container can send a frame."""
@@ -321,6 +331,7 @@ def _add_main(call: Call) -> dict[str, Any]:
         key, got = _address(call, undo, host_if, mac)
         state = replace(state, key=key)
         veth = _plumb(call, undo, plumbing, host_if, got, mac)
+        _attached(call)
         result = main_result(env.ifname, env.netns, veth.mac, host_if, veth.host_mac, got.ips,
                              got.routes, got.dns, conf.mtu)
         call.state.write(state.done(result.render(LATEST)))

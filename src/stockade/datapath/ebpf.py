@@ -247,6 +247,9 @@ class EbpfDatapath:
 
     name = "ebpf"
     enforces_tiers = True  # ClusterNetworkPolicy tiers: see compile.bpf (stages)
+    # Programs and guards are keyed by interface (ifindex), found at each apply: a port
+    # made after one needs another (the CNI plugin asks: `cni.attached`).
+    binds_interfaces = True
 
     def __init__(self, name: str = "stockade", netns: str | None = None, *,
                  log_group: int | None = None, bridge: str | None = None,
