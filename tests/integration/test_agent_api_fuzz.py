@@ -610,6 +610,12 @@ def templates(world: World) -> dict[str, tuple[dict[str, Any], list[Field]]]:
             Field(("ifname",), "str", True),
             Field(("sync",), "bool"),
         ]),
+        # the interface of x/c's attachment exists: on nft, nothing to do
+        "cni.attached": ({**c}, [
+            Field(("network",), "str", True),
+            Field(("containerID",), "str", True),
+            Field(("ifname",), "str", True),
+        ]),
         "cni.check": ({**c, "ips": [world.trio.c.address4, world.trio.c.address6]}, [
             Field(("network",), "str", True),
             Field(("containerID",), "str", True),
@@ -644,7 +650,7 @@ def templates(world: World) -> dict[str, tuple[dict[str, Any], list[Field]]]:
 
 # operations whose template changes nothing (reads, and a GC that lists x/c)
 HARMLESS = {"status", "snapshot.save", "cni.status", "get", "ps", "flows", "cni.check",
-            "cni.gc", "cni.exec"}
+            "cni.gc", "cni.exec", "cni.attached"}
 
 
 def invalid_cases(rng: random.Random,
@@ -835,7 +841,7 @@ class ValidOps:
                     "sync": sync, "endpoint": {"namespace": "fz", "name": f"cni-{cid}",
                                                "ips": [self.ip()], "ports": self.ports(),
                                                "netns": "", "hostInterface": ""}}
-        elif op in ("cni.del", "cni.check"):
+        elif op in ("cni.del", "cni.check", "cni.attached"):
             args = {"network": "fznet", "containerID": cid, "ifname": "eth0"}
             if op == "cni.del":
                 args["sync"] = sync

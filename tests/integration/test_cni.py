@@ -49,18 +49,24 @@ def _probe(w: World, src: str, address: str) -> bool:
     return verdict.allowed
 
 
+def _added(world: World) -> dict[str, dict[str, Any]]:  # noqa: F811
+    """ADD of web, client and other (labelled as in LABELS): each one's result."""
+    out = {}
+    for name in ("web", "client", "other"):
+        got = world.run("ADD", world.conf(args={"labels": LABELS[name]}), cid=f"c-{name}",
+                        netns=world.netns(name), args=_pod(name))
+        assert got.code == 0 and got.out is not None, got
+        out[name] = got.out
+    return out
+
+
 def _address(result: dict[str, Any]) -> str:
     return str(result["ips"][0]["address"]).split("/")[0]
 
 
 def test_main_mode_enforces_the_policy_when_add_returns(world: World) -> None:  # noqa: F811
     world.agent.call("apply", documents=[WEB_POLICY])
-    results = {}
-    for name in ("web", "client", "other"):
-        got = world.run("ADD", world.conf(args={"labels": LABELS[name]}), cid=f"c-{name}",
-                        netns=world.netns(name), args=_pod(name))
-        assert got.code == 0 and got.out is not None, got
-        results[name] = got.out
+    results = _added(world)
     eps = world.endpoints()
     assert {k: v["labels"] for k, v in eps.items()} == {f"x/{n}": LABELS[n] for n in LABELS}
     assert {v["owner"] for v in eps.values()} == {"cni"}
@@ -294,12 +300,7 @@ def test_on_ebpf_too_a_pods_port_is_bound_when_add_returns(
 def _bound_when_add_returns(world: World) -> None:  # noqa: F811
     from .test_forged_source import FRAME, SINK, collected, python_in, run_in
 
-    out = {}
-    for name in ("web", "client", "other"):
-        got = world.run("ADD", world.conf(args={"labels": LABELS[name]}), cid=f"c-{name}",
-                        netns=world.netns(name), args=_pod(name))
-        assert got.code == 0 and got.out is not None, got
-        out[name] = got.out
+    out = _added(world)
     eps = world.endpoints()
     for name, result in out.items():
         host = next(i["name"] for i in result["interfaces"] if not i.get("sandbox"))

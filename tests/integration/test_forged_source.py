@@ -20,7 +20,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -275,40 +275,17 @@ def _forged_gets_in(trio: Any, family: int) -> bool:
 def test_an_arp_request_from_another_pods_address_does_not_divert_its_traffic(
         trio: Any, datapath: Datapath) -> None:
     a, b, c = trio.a, trio.b, trio.c
-    # c knows a's real MAC, for longer than the entry's locktime (1 s)
-    subprocess.run(["ip", "netns", "exec", c.netns, "ip", "neigh", "replace", a.address4,
-                    "lladdr", a.mac, "dev", c.ifname, "nud", "reachable"], check=True)
-    time.sleep(1.2)
-    run_in(b.netns, ARP, b.ifname, b.mac, a.address4, c.mac, c.address4)
-    capture = python_in(b.netns, CAPTURE, a.address4, "2")
-    try:
-        assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
-        code = ("import socket, sys\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                "u.sendto(b'meant-for-a', (sys.argv[1], int(sys.argv[2])))\n")
-        run_in(c.netns, code, a.address4, str(PORT))
-    finally:
-        got = collected(capture)
-    if "meant-for-a" in got:
+    if _diverted(trio, 4, lambda: run_in(b.netns, ARP, b.ifname, b.mac, a.address4, c.mac,
+                                         c.address4)):
         raise Impersonated("c's datagram to a reached b, which claimed a's address by ARP")
 
 
 def test_a_neighbour_advert_for_another_pods_address_does_not_divert_its_traffic(
         trio: Any, datapath: Datapath) -> None:
     a, b, c = trio.a, trio.b, trio.c
-    subprocess.run(["ip", "netns", "exec", c.netns, "ip", "neigh", "replace", a.address6,
-                    "lladdr", a.mac, "dev", c.ifname, "nud", "reachable"], check=True)
-    time.sleep(1.2)
     # from b's own address (which its guard lets out), claiming a's
-    run_in(b.netns, ADVERT, b.ifname, b.mac, b.address6, c.mac, c.address6, a.address6)
-    capture = python_in(b.netns, CAPTURE6, a.address6, "2")
-    try:
-        assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
-        code = ("import socket, sys\nu = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
-                "u.sendto(b'meant-for-a', (sys.argv[1], int(sys.argv[2])))\n")
-        run_in(c.netns, code, a.address6, str(PORT))
-    finally:
-        got = collected(capture)
-    if "meant-for-a" in got:
+    if _diverted(trio, 6, lambda: run_in(b.netns, ADVERT, b.ifname, b.mac, b.address6, c.mac,
+                                         c.address6, a.address6)):
         raise Impersonated("c's datagram to a reached b, which claimed a's IPv6 address")
 
 
@@ -317,25 +294,43 @@ def test_a_frame_from_another_pods_mac_does_not_take_its_place_on_the_bridge(
     """A frame with a's MAC as its source moves a's entry in the bridge's forwarding table
     to b's port, and frames for a go to b until a sends again (a fresh interface's own
     neighbour discovery does, within a second): so b keeps sending while c does."""
+    a, b = trio.a, trio.b
+    steal = ("import subprocess, sys, time\n"
+             "for _ in range(40):\n"
+             "    subprocess.run([sys.executable, '-c', *sys.argv[1:]], check=True)\n"
+             "    time.sleep(0.02)\n")
+    # to a, which admits everyone: no policy stops it before the bridge
+    if _diverted(trio, 4, lambda: python_in(b.netns, steal, FRAME, b.ifname, a.mac, a.mac,
+                                            b.address4, a.address4, str(PORT), "x"),
+                 sends=40):
+        raise Impersonated("c's datagram to a reached b, which sent from a's MAC")
+
+
+# `sends` datagrams from c to (argv[2], argv[3]), 25 ms apart.
+SEND = """
+import socket, sys, time
+u = socket.socket(socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[4])):
+    u.sendto(b"meant-for-a", (sys.argv[2], int(sys.argv[3])))
+    time.sleep(0.025)
+"""
+
+
+def _diverted(trio: Any, family: int, claim: Callable[[], object], sends: int = 1) -> bool:
+    """c knows a's real MAC (for longer than a neighbour entry's locktime, 1 s); b makes its
+    `claim` (a process left running is waited for); c then sends to a: whether b got it."""
     a, b, c = trio.a, trio.b, trio.c
-    subprocess.run(["ip", "netns", "exec", c.netns, "ip", "neigh", "replace", a.address4,
+    addr = a.address4 if family == 4 else a.address6
+    subprocess.run(["ip", "netns", "exec", c.netns, "ip", "neigh", "replace", addr,
                     "lladdr", a.mac, "dev", c.ifname, "nud", "reachable"], check=True)
-    capture = python_in(b.netns, CAPTURE, a.address4, "2")
+    time.sleep(1.2)
+    capture = python_in(b.netns, CAPTURE if family == 4 else CAPTURE6, addr, "2")
     try:
         assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
-        steal = python_in(b.netns, "import subprocess, sys, time\n"
-                          "for _ in range(40):\n"
-                          "    subprocess.run([sys.executable, '-c', *sys.argv[1:]], check=True)\n"
-                          "    time.sleep(0.02)\n",
-                          # to a, which admits everyone: no policy stops it before the bridge
-                          FRAME, b.ifname, a.mac, a.mac, b.address4, a.address4, str(PORT), "x")
-        code = ("import socket, sys, time\nu = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                "for _ in range(40):\n"
-                "    u.sendto(b'meant-for-a', (sys.argv[1], int(sys.argv[2])))\n"
-                "    time.sleep(0.025)\n")
-        run_in(c.netns, code, a.address4, str(PORT))
-        steal.wait(30)
+        running = claim()
+        run_in(c.netns, SEND, str(family), addr, str(PORT), str(sends))
+        if isinstance(running, subprocess.Popen):
+            running.wait(30)
     finally:
         got = collected(capture)
-    if "meant-for-a" in got:
-        raise Impersonated("c's datagram to a reached b, which sent from a's MAC")
+    return "meant-for-a" in got
