@@ -128,8 +128,9 @@ def _cleanup(pm: Podman, agent: AgentProcess, prefix: str, table: str) -> None:
     if names:
         pm.run("rm", "-f", "-t", "0", *names, check=False)
     agent.stop()
-    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True,
-                   check=False)
+    for family in ("inet", "bridge"):  # the policy table and the port guard's
+        subprocess.run(["nft", "delete", "table", family, table], capture_output=True,
+                       check=False)
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
                            check=False).stdout
     for line in links.splitlines():
