@@ -104,17 +104,25 @@ raw.bind((ifname, 0))
 raw.send(mac(dmac) + mac(smac) + struct.pack("!H", 0x0806) + arp)
 """
 
-# Frames arriving for an IPv4 address, whoever's it is: their UDP payloads, one a line.
+# Frames arriving for an address (IPv4 or IPv6), whoever's it is: their UDP payloads,
+# one a line.
 CAPTURE = """
 import socket, sys
-dst, seconds = socket.inet_aton(sys.argv[1]), float(sys.argv[2])
-raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+text, seconds = sys.argv[1], float(sys.argv[2])
+v6 = ":" in text
+dst = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, text)
+ethertype = 0x86DD if v6 else 0x0800
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
 raw.settimeout(seconds)
 print("ready", flush=True)
 try:
     while True:
         frame = raw.recv(2048)
-        if frame[12:14] == b"\\x08\\x00" and frame[23] == 17 and frame[30:34] == dst:
+        if frame[12:14] != ethertype.to_bytes(2, "big"):
+            continue
+        if v6 and frame[20] == 17 and frame[38:54] == dst:
+            print(frame[62:].decode(errors="replace"), flush=True)
+        elif not v6 and frame[23] == 17 and frame[30:34] == dst:
             print(frame[14 + (frame[14] & 15) * 4 + 8:].decode(errors="replace"), flush=True)
 except socket.timeout:
     pass
@@ -138,22 +146,6 @@ ip = struct.pack("!IHBB", 6 << 28, len(icmp), 58, 255) + s + d
 raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 raw.bind((ifname, 0))
 raw.send(mac(dmac) + mac(smac) + struct.pack("!H", 0x86DD) + ip + icmp)
-"""
-
-# Frames arriving for an IPv6 address, whoever's it is: their UDP payloads, one a line.
-CAPTURE6 = """
-import socket, sys
-dst, seconds = socket.inet_pton(socket.AF_INET6, sys.argv[1]), float(sys.argv[2])
-raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
-raw.settimeout(seconds)
-print("ready", flush=True)
-try:
-    while True:
-        frame = raw.recv(2048)
-        if frame[12:14] == b"\\x86\\xdd" and frame[20] == 17 and frame[38:54] == dst:
-            print(frame[62:].decode(errors="replace"), flush=True)
-except socket.timeout:
-    pass
 """
 
 C_ONLY_FROM_A_UDP = NetworkPolicy(
@@ -324,7 +316,7 @@ def _diverted(trio: Any, family: int, claim: Callable[[], object], sends: int = 
     subprocess.run(["ip", "netns", "exec", c.netns, "ip", "neigh", "replace", addr,
                     "lladdr", a.mac, "dev", c.ifname, "nud", "reachable"], check=True)
     time.sleep(1.2)
-    capture = python_in(b.netns, CAPTURE if family == 4 else CAPTURE6, addr, "2")
+    capture = python_in(b.netns, CAPTURE, addr, "2")
     try:
         assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
         running = claim()

@@ -111,6 +111,15 @@ def test_one_key_twice_in_a_change_and_an_address_held_twice_are_refused() -> No
     assert check_changes(state, [PutEndpoint(a)]) == []
 
 
+def test_two_endpoints_stored_on_one_port_are_both_held() -> None:
+    """An older agent's records (or a hand-edited store) with two endpoints on one port:
+    neither can be enforced as stored, so both are held closed."""
+    state = AgentState()
+    state.apply([PutEndpoint(EndpointRecord(Endpoint("x", n, Labels({}), (ip,), port="v1")))
+                 for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))])
+    assert quarantine(state) == {k: ["port v1 is held by x/a, x/b"] for k in ("x/a", "x/b")}
+
+
 # ---- every path of the agent ---------------------------------------------------------------
 
 

@@ -122,6 +122,18 @@ def test_add_allocates_registers_and_persists_in_one_transaction(node: Node,
     reopened.close()
 
 
+def test_add_says_whether_the_plugin_must_report_the_interface(node: Node) -> None:
+    """A datapath binding by name (nft, iptables) needs no `cni.attached`; one binding the
+    interface itself (eBPF) does, and is applied once more when it comes."""
+    assert node.add("c1")["bindsInterfaces"] is False
+    assert node.call("cni.attached", network="net", containerID="c1",
+                     ifname="eth0") == {"applied": False}
+    node.datapath.binds_interfaces = True  # type: ignore[attr-defined]
+    assert node.add("c2")["bindsInterfaces"] is True
+    assert node.call("cni.attached", network="net", containerID="c2",
+                     ifname="eth0") == {"applied": True}
+
+
 def test_labels_are_inherited_from_the_record_of_that_name(node: Node) -> None:
     node.call("apply", documents=[{"apiVersion": "v1", "kind": "Pod",
                                    "metadata": {"name": "web", "namespace": "x",
@@ -147,6 +159,21 @@ def test_invalid_endpoint_holds_no_address(node: Node) -> None:
     with pytest.raises(ApiError):
         node.add("c2", namespace="Not_A_Label")
     assert len(node.service.ipam) == 0
+
+
+def test_two_endpoints_cannot_be_bound_to_one_port(node: Node) -> None:
+    """Bound to both, the port would let each send as the other (and eBPF, one address of a
+    family per port, could not program it): the second is refused, holding nothing."""
+    node.add("c1", endpoint={"hostInterface": "vshared"})
+    with pytest.raises(ApiError) as err:
+        node.add("c2", endpoint={"hostInterface": "vshared"})
+    assert err.value.code == "invalid"
+    assert err.value.lines == ["port vshared is held by two endpoints: endpoint x/c1 and "
+                               "endpoint x/c2"]
+    assert set(node.service.state.endpoints) == {"x/c1"}
+    assert node.service.ipam is not None and len(node.service.ipam) == 1
+    node.call("cni.del", network="net", containerID="c1", ifname="eth0")
+    node.add("c2", endpoint={"hostInterface": "vshared"})  # free once its holder is gone
 
 
 def test_a_run_container_of_that_name_is_not_taken_over(node: Node) -> None:

@@ -243,3 +243,19 @@ def test_a_busy_agent_is_knocked_on_again(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(CniError) as err:
         plugin.agent_call("/x", "cni.status", {})
     assert err.value.code == 11 and len(attempts) == 1
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    ({"bindsInterfaces": False}, []),  # nft, iptables: bound by name in ADD's apply
+    ({"bindsInterfaces": True}, ["cni.attached"]),  # eBPF: keyed by the interface
+    ({}, ["cni.attached"]),  # an agent that does not say: ask it
+])
+def test_attached_is_said_only_to_a_datapath_that_binds_interfaces(
+        tmp_path: Path, agent: FakeAgent, answer: dict[str, Any], expected: list[str]) -> None:
+    from stockade.cni.spec import parse_conf, parse_env
+
+    env = parse_env({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "ctr1", "CNI_NETNS": "/x",
+                     "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni"})
+    call = plugin.Call(parse_conf(json.dumps(_conf(tmp_path)).encode(), env), env)
+    plugin._attached(call, answer)
+    assert agent.ops() == expected

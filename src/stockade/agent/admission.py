@@ -33,6 +33,8 @@ from stockade.model.admit import (
     Conflict,
     address_conflicts,
     canonical_ip,
+    claim_name,
+    claims,
     validate_endpoint,
     validate_namespace,
 )
@@ -141,12 +143,12 @@ def quarantine(state: AgentState, *, strict_cidr: bool = False) -> dict[str, lis
                     hold(key, line)
     holders: dict[str, list[str]] = {}
     for key, rec in state.endpoints.items():
-        for ip in rec.endpoint.ips:
-            holders.setdefault(canonical_ip(ip), []).append(key)
-    for addr, keys in holders.items():
+        for claim in claims(rec.endpoint):
+            holders.setdefault(claim, []).append(key)
+    for claim, keys in holders.items():
         if len(keys) > 1:
             for key in keys:
-                hold(key, f"address {addr} is held by {', '.join(sorted(keys))}")
+                hold(key, f"{claim_name(claim)} is held by {', '.join(sorted(keys))}")
     return out
 
 

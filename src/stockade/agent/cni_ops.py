@@ -316,8 +316,10 @@ class CniOps:
         svc.durable()  # outside the lock: concurrent ADDs share the fsync
         if sync:
             self._wait(revision)
+        # bindsInterfaces: whether the plugin must say `cni.attached` once the veth exists.
         out: dict[str, Any] = {"revision": revision, "key": rec.key,
-                               "labels": rec.endpoint.labels.as_dict(), "inherited": inherited}
+                               "labels": rec.endpoint.labels.as_dict(), "inherited": inherited,
+                               "bindsInterfaces": self._binds_interfaces()}
         if allocate:
             assert svc.ipam is not None
             out.update(address=address, gateway=str(svc.ipam.gateway),
@@ -408,6 +410,9 @@ class CniOps:
         return EndpointRecord(ep, netns, ifname, OWNER_CNI, cid,
                               created=time.time()), inherited
 
+    def _binds_interfaces(self) -> bool:
+        return bool(getattr(self._svc().reconciler.datapath, "binds_interfaces", False))
+
     def op_attached(self, args: dict[str, Any]) -> dict[str, Any]:
         """The plugin made the interface ADD registered: a datapath that binds to interfaces
         themselves (eBPF: programs and guards keyed by ifindex) is applied once more,
@@ -415,7 +420,7 @@ class CniOps:
         others bind by name, in the apply ADD waited for: nothing to do."""
         _ident(args)
         reconciler = self._svc().reconciler
-        if not getattr(reconciler.datapath, "binds_interfaces", False):
+        if not self._binds_interfaces():
             return {"applied": False}
         if not reconciler.run(periodic=False):
             raise ApiError(UNAVAILABLE, "the datapath could not be applied to the new "

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from stockade.errors import DecodeError, InputError, ValidationError
-from stockade.model.admit import canonical_ip, validate_attachment
+from stockade.model.admit import claims, validate_attachment
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.cnp import ADMIN, CNP_API, CNP_KIND, ClusterNetworkPolicy, CnpPeer
 from stockade.model.cnp_decode import decode_cluster_network_policy
@@ -345,7 +345,8 @@ class AgentState:
     _addresses: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     def addresses(self) -> dict[str, str]:
-        """Address (canonical text) -> the key of the endpoint holding it; kept up to date."""
+        """Address (canonical text) -> the key of the endpoint holding it; kept up to date.
+        Bridge ports are among the keys too (``port NAME``: see `model.admit.claims`)."""
         if self._addresses is None:
             self._addresses = {}
             for key, rec in self.endpoints.items():
@@ -359,8 +360,7 @@ class AgentState:
 
     def _index(self, rec: EndpointRecord, key: str | None) -> None:
         assert self._addresses is not None
-        for ip in rec.endpoint.ips:
-            addr = canonical_ip(ip)
+        for addr in claims(rec.endpoint):
             if key is not None:
                 self._addresses.setdefault(addr, key)
             elif self._addresses.get(addr) == rec.key:

@@ -275,8 +275,12 @@ def _register(call: Call, undo: Undo, ips: list[str], host_if: str,
                   "interface": call.env.ifname, **attached}, sync=True))
 
 
-def _attached(call: Call) -> None:
-    """Tell the agent the interface exists (an eBPF datapath binds the new port now)."""
+def _attached(call: Call, registered: Mapping[str, Any]) -> None:
+    """Tell the agent the interface exists when its datapath binds interfaces themselves
+    (eBPF binds the new port now); the others bound it by name in the apply ADD waited
+    for, and say so in their answer, which spares them this round trip."""
+    if not registered.get("bindsInterfaces", True):
+        return
     try:
         call.agent("cni.attached", **call.ident())
     except CniError as exc:
@@ -328,20 +332,22 @@ def _add_main(call: Call) -> dict[str, Any]:
         plumbing.check_free()
         call.state.write(state, durable=False)  # see StateDir.write
         mac = new_mac()
-        key, got = _address(call, undo, host_if, mac)
-        state = replace(state, key=key)
+        reg, got = _address(call, undo, host_if, mac)
+        state = replace(state, key=reg["key"])
         veth = _plumb(call, undo, plumbing, host_if, got, mac)
-        _attached(call)
+        _attached(call, reg)
         result = main_result(env.ifname, env.netns, veth.mac, host_if, veth.host_mac, got.ips,
                              got.routes, got.dns, conf.mtu)
         call.state.write(state.done(result.render(LATEST)))
     return result.render(conf.cni_version)
 
 
-def _address(call: Call, undo: Undo, host_if: str, mac: str) -> tuple[str, Result]:
+def _address(call: Call, undo: Undo, host_if: str, mac: str,
+             ) -> tuple[Mapping[str, Any], Result]:
     """The address (the IPAM plugin's or the pool's) and the endpoint, enforced.
 
-    Returns the endpoint's key and what to configure: addresses, routes, DNS.
+    Returns the agent's answer (the endpoint's key among it) and what to configure:
+    addresses, routes, DNS.
     """
     from stockade.cni.delegate import Delegate
 
@@ -353,11 +359,11 @@ def _address(call: Call, undo: Undo, host_if: str, mac: str) -> tuple[str, Resul
         reg = _register(call, undo, [ip.ip for ip in got.ips], host_if, allocate=False,
                         mac=mac)
         routes = got.routes or default_routes(got.ips)
-        return reg["key"], Result((), got.ips, routes, got.dns)
+        return reg, Result((), got.ips, routes, got.dns)
     reg = _register(call, undo, [], host_if, allocate=True, mac=mac)
     gateway = reg["gateway"] if conf.is_gateway else ""  # else there is no way out
     ips = (IPConfig(reg["address"], gateway),)
-    return reg["key"], Result((), ips, default_routes(ips))
+    return reg, Result((), ips, default_routes(ips))
 
 
 def _plumb(call: Call, undo: Undo, plumbing: Plumbing, host_if: str, got: Result,

@@ -188,9 +188,29 @@ def duplicate_objects(policies: Sequence[NetworkPolicy], namespaces: Sequence[Na
     return out
 
 
+PORT_CLAIM = "port "  # a claim's key for a bridge port: no address starts so
+
+
+def claims(ep: Endpoint) -> list[str]:
+    """What one endpoint holds alone: its addresses (canonical text) and the bridge port
+    its addresses are bound to (``port NAME``). Two endpoints on one port would bind it
+    to both: each could send as the other, and a datapath holding one address of a
+    family per port (eBPF) could not program it at all."""
+    out = [canonical_ip(text) for text in ep.ips]
+    if ep.port:
+        out.append(PORT_CLAIM + ep.port)
+    return out
+
+
+def claim_name(claim: str) -> str:
+    """``address 10.0.0.1`` or ``port veth1``: a claim as messages name it."""
+    return claim if claim.startswith(PORT_CLAIM) else f"address {claim}"
+
+
 def address_conflicts(changed: Iterable[Endpoint], others: Mapping[str, str],
                       leaving: Collection[str] = ()) -> list[Conflict]:
-    """Addresses held by two endpoints: among `changed`, or with `others` (address -> key).
+    """Addresses and bridge ports held by two endpoints: among `changed`, or with `others`
+    (claim -> key, see `claims`).
 
     `others` is the state around this change; the endpoints in `leaving` (those
     the change replaces or deletes) hold nothing in it. One endpoint may of
@@ -200,18 +220,17 @@ def address_conflicts(changed: Iterable[Endpoint], others: Mapping[str, str],
     claimed: dict[str, str] = {}
     out: list[Conflict] = []
     for ep in changed:
-        for text in ep.ips:
-            addr = canonical_ip(text)
-            owner = claimed.get(addr)
+        for claim in claims(ep):
+            owner = claimed.get(claim)
             if owner is None:
-                owner = others.get(addr)
+                owner = others.get(claim)
                 if owner in leaving:
                     owner = None
             if owner is not None and owner != ep.key:
-                out.append(Conflict(f"address {addr}", f"endpoint {owner}",
-                                    f"endpoint {ep.key}", "is held by two endpoints"))
+                out.append(Conflict(claim_name(claim), f"endpoint {owner}", f"endpoint {ep.key}",
+                                    "is held by two endpoints"))
             else:
-                claimed[addr] = ep.key
+                claimed[claim] = ep.key
     return out
 
 
@@ -254,7 +273,9 @@ def canonical_ip(text: str) -> str:
 
 
 __all__ = [
-    "Conflict", "address_conflicts", "admit_objects", "canonical_ip", "duplicate_objects",
+    "PORT_CLAIM", "Conflict", "address_conflicts", "admit_objects", "canonical_ip", "claim_name",
+    "claims",
+    "duplicate_objects",
     "validate_container_ports", "validate_endpoint", "validate_label_change",
     "validate_namespace", "validate_pod_ips", "validate_policy",
 ]
