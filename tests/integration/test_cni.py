@@ -213,6 +213,11 @@ def test_chained_after_the_reference_bridge(world: World, tmp_path: Path,  # noq
     with ProbeServer({f"{world.prefix}-web": [TCP80]}):
         assert _probe(world, "client", _address(results["web"])) is True
         assert _probe(world, "other", _address(results["web"])) is False
+    # The previous plugin's veth is guarded too: the kernel pairs its ends, its result
+    # names the host side (web admits everyone again, so only the guard stands between).
+    world.agent.call("delete", refs=[{"kind": "NetworkPolicy", "namespace": "x",
+                                      "name": "web"}])
+    _bound(world, results)
     assert rt.check("c-web", f"/run/netns/{world.prefix}-web").code == 0
     for name in LABELS:
         assert rt.delete(f"c-{name}", f"/run/netns/{world.prefix}-{name}").code == 0
@@ -298,17 +303,25 @@ def test_on_ebpf_too_a_pods_port_is_bound_when_add_returns(
 
 
 def _bound_when_add_returns(world: World) -> None:  # noqa: F811
+    _bound(world, _added(world))
+
+
+def _bound(world: World, out: dict[str, dict[str, Any]]) -> None:  # noqa: F811
+    """Each pod's record names the port and MAC its ADD's result shows; a frame from
+    `other` with `client`'s address does not reach `web`, one with its own does."""
     from .test_forged_source import FRAME, SINK, collected, python_in, run_in
 
-    out = _added(world)
     eps = world.endpoints()
     for name, result in out.items():
-        host = next(i["name"] for i in result["interfaces"] if not i.get("sandbox"))
+        port = eps[f"x/{name}"]["hostInterface"]
+        assert port in {i["name"] for i in result["interfaces"] if not i.get("sandbox")}
+        link = subprocess.run(["ip", "-n", world.host, "-d", "-j", "link", "show", port],
+                              capture_output=True, text=True, check=True).stdout
+        assert json.loads(link)[0]["linkinfo"]["info_kind"] == "veth", name  # not the bridge
         mac = next(i["mac"] for i in result["interfaces"] if i.get("sandbox"))
         inside = subprocess.run(["ip", "-n", f"{world.prefix}-{name}", "-j", "link", "show",
                                  "eth0"], capture_output=True, text=True, check=True).stdout
         assert json.loads(inside)[0]["address"] == mac == eps[f"x/{name}"]["mac"], name
-        assert eps[f"x/{name}"]["hostInterface"] == host
     sink = python_in(f"{world.prefix}-web", SINK, "4", "5003")
     web_mac = next(i["mac"] for i in out["web"]["interfaces"] if i.get("sandbox"))
     try:

@@ -330,6 +330,21 @@ def inspect(netns: str | None, ifname: str) -> InterfaceView:
                              master.name if master is not None else "")
 
 
+def host_peer(netns: str, ifname: str) -> tuple[str, str]:
+    """The host side of the veth whose other end is ``ifname`` in ``netns``, and that end's
+    MAC; ("", "") unless both ends are veths naming each other (the host's in this
+    namespace). Read while the container has not run yet, as ADD is."""
+    with _rtnl(netns, f"cannot inspect {ifname}") as nl:
+        inner = nl.link(ifname)
+    if inner is None or inner.kind != "veth" or not inner.peer:
+        return "", ""
+    with _rtnl(None, f"cannot inspect the peer of {ifname}") as nl:
+        outer = nl.link_by_index(inner.peer)
+    if outer is None or outer.kind != "veth" or outer.peer != inner.index:
+        return "", ""
+    return outer.name, inner.mac.lower()
+
+
 def bridge_ports(bridge: str) -> list[str]:
     """The names of the links enslaved to ``bridge`` here (empty if it is absent)."""
     with _rtnl(None, f"cannot list the ports of {bridge}") as nl:

@@ -308,11 +308,32 @@ def _add_chained(call: Call) -> dict[str, Any]:
                        "a chained stockade needs a plugin before it that assigns one")
     state = AttachmentState(conf.name, env.container_id, env.ifname, env.netns,
                             MODE_CHAINED)
+    host_if, mac = _chained_port(call, prev)
     with undoing(call) as undo:
         call.state.write(state, durable=False)  # see StateDir.write
-        reg = _register(call, undo, [ip.ip for ip in ips], "", allocate=False)
+        reg = _register(call, undo, [ip.ip for ip in ips], host_if, allocate=False, mac=mac)
         call.state.write(replace(state, key=reg["key"]).done(convert_result(raw, LATEST)))
     return convert_result(raw, conf.cni_version)
+
+
+def _chained_port(call: Call, prev: Result) -> tuple[str, str]:
+    """The port the previous plugin made, and the container's MAC, for the guard: the host
+    side of the container's veth, as the kernel pairs them, and listed by the previous
+    plugin outside the sandbox; ("", "") when they do not agree (not a veth, another
+    plugin's shape): the endpoint is then enforced unguarded, as before. Read before
+    the container runs, so nothing in it has had a chance to change its side."""
+    from stockade.cni import attach
+    from stockade.model.admit import validate_attachment
+
+    if not attach.is_netns(call.env.netns):
+        return "", ""
+    host_if, mac = attach.host_peer(call.env.netns, call.env.ifname)
+    if not host_if or host_if not in {i.name for i in prev.interfaces if not i.sandbox}:
+        return "", ""
+    fields = {e.path for e in validate_attachment(host_if, mac)}
+    if "hostInterface" in fields:
+        return "", ""
+    return host_if, "" if "mac" in fields else mac  # a multicast MAC: bound to addresses
 
 
 def _add_main(call: Call) -> dict[str, Any]:

@@ -34,7 +34,7 @@ A dump is read until ``NLMSG_DONE``.
 
 Public API::
 
-    Link(index, name, flags, master=0, kind="", mac="")   .up
+    Link(index, name, flags, master=0, kind="", mac="", peer=0)   .up
     Address(index, family, address, prefixlen)            .interface
     RouteEntry(family, dst, gateway="", oif=0, table=254)
     Rtnl()  (context manager): .link(name) .link_by_index(i) .links()  .batch(tolerate=())
@@ -85,7 +85,7 @@ RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
@@ -123,6 +123,7 @@ class Link:
     master: int = 0
     kind: str = ""
     mac: str = ""
+    peer: int = 0  # IFLA_LINK: a veth's other end (an index in the namespace it is in)
 
     @property
     def up(self) -> bool:
@@ -155,8 +156,10 @@ def _link(body: bytes) -> Link:
     attrs = parse_attrs(body[_IFINFOMSG.size:])
     info = parse_attrs(attrs.get(IFLA_LINKINFO, b""))
     master = u32(attrs[IFLA_MASTER]) if IFLA_MASTER in attrs else 0
+    peer = u32(attrs[IFLA_LINK]) if IFLA_LINK in attrs else 0
     return Link(index, text(attrs.get(IFLA_IFNAME)), flags, master,
-                text(info.get(IFLA_INFO_KIND)), _mac(attrs.get(IFLA_ADDRESS)))
+                text(info.get(IFLA_INFO_KIND)), _mac(attrs.get(IFLA_ADDRESS)),
+                peer if peer != index else 0)
 
 
 def _family_of(address: str) -> int:
