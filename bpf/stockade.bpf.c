@@ -8,8 +8,9 @@
  * reversed tuple then lets "replies" through): the Ethernet source is the pod's MAC
  * (when known); no VLAN tag; IPv4 only from the pod's IPv4 address; IPv6 from its
  * IPv6 address, a link-local one or :: (neighbour discovery), and a neighbour
- * advertisement's target its own address or link-local; ARP claiming only its IPv4
- * address (or 0.0.0.0, a probe) at its MAC; no other ethertype. A port without an
+ * advertisement's target its own address or link-local, and no router advertisement
+ * or redirect; ARP claiming only its IPv4 address (or 0.0.0.0, a probe) at its MAC;
+ * no other ethertype. A port without an
  * entry is unguarded, as before guards existed.
  *
  * Then per packet, as the nftables forward chain does:
@@ -806,6 +807,10 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 		return 0; /* payload: its first fragment was held to the rules below */
 	/* the walk ran out of extension headers: what follows could be an advertisement */
 	if (p->proto == 0 || p->proto == 43 || p->proto == 44 || p->proto == 60)
+		return 1;
+	/* a pod is no router: its advertisements would route its neighbours (and the host)
+	 * through it, its redirects move their routes (CVE-2020-10749) */
+	if (p->proto == PROTO_ICMPV6 && (p->icmp_type == 134 || p->icmp_type == 137))
 		return 1;
 	if (p->proto == PROTO_ICMPV6 && p->icmp_type == 136) {
 		/* a neighbour advertisement claims its target: it must be the pod's */

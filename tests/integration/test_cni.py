@@ -70,6 +70,13 @@ def test_main_mode_enforces_the_policy_when_add_returns(world: World) -> None:  
     eps = world.endpoints()
     assert {k: v["labels"] for k, v in eps.items()} == {f"x/{n}": LABELS[n] for n in LABELS}
     assert {v["owner"] for v in eps.values()} == {"cni"}
+    # no router advertisement configures a pod or the bridge (a pod's would route
+    # its neighbours or the host through it)
+    from stockade.net.sysctl import read_sysctl
+
+    assert read_sysctl(f"net.ipv6.conf.{world.bridge}.accept_ra", world.host) == "0"
+    for name in LABELS:
+        assert read_sysctl("net.ipv6.conf.eth0.accept_ra", f"{world.prefix}-{name}") == "0"
     with ProbeServer({f"{world.prefix}-web": [TCP80]}):
         web = _address(results["web"])
         assert _probe(world, "client", web) is True

@@ -17,6 +17,7 @@ would say otherwise; any other failure is the test's own set-up.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -128,15 +129,15 @@ except socket.timeout:
     pass
 """
 
-# An unsolicited neighbour advertisement (override set) from `src` at `smac`, to
-# (`dst`, `dmac`), claiming `target` is at `smac`: the asked host replaces the MAC it had.
-ADVERT = """
+# An ICMPv6 message from `src` at `smac` to (`dst`, `dmac`): its type, code and body (hex)
+# given, the checksum and the IPv6 header (hop limit 255, as neighbour discovery needs)
+# worked out here.
+ICMPV6 = """
 import socket, struct, sys
-ifname, smac, src, dmac, dst, target = sys.argv[1:7]
+ifname, smac, src, dmac, dst, kind, body = sys.argv[1:8]
 mac = lambda text: bytes.fromhex(text.replace(":", ""))
 s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
-icmp = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + socket.inet_pton(socket.AF_INET6, target) \\
-    + struct.pack("!BB", 2, 1) + mac(smac)
+icmp = struct.pack("!BBH", int(kind), 0, 0) + bytes.fromhex(body)
 data = s + d + struct.pack("!I3xB", len(icmp), 58) + icmp
 total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
 while total >> 16:
@@ -147,6 +148,29 @@ raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 raw.bind((ifname, 0))
 raw.send(mac(dmac) + mac(smac) + struct.pack("!H", 0x86DD) + ip + icmp)
 """
+
+
+def _hex(text: str) -> str:
+    return bytes.fromhex(text.replace(":", "")).hex()
+
+
+def advert(target: str, mac: str) -> tuple[str, str]:
+    """An unsolicited neighbour advertisement (override set) claiming `target` is at `mac`:
+    the asked host replaces the MAC it had. (type, body) for ICMPV6."""
+    return "136", "20000000" + socket.inet_pton(socket.AF_INET6, target).hex() \
+        + "0201" + _hex(mac)
+
+
+def router_advert(mac: str) -> tuple[str, str]:
+    """A router advertisement: a default router for 1,800 s, preference high, at `mac`."""
+    return "134", "40" + "08" + "0708" + "00000000" + "00000000" + "0101" + _hex(mac)
+
+
+def redirect(target: str, dst: str, mac: str) -> tuple[str, str]:
+    """A redirect: `dst` is better reached through `target`, at `mac`."""
+    return "137", "00000000" + socket.inet_pton(socket.AF_INET6, target).hex() \
+        + socket.inet_pton(socket.AF_INET6, dst).hex() + "0201" + _hex(mac)
+
 
 C_ONLY_FROM_A_UDP = NetworkPolicy(
     "x", "udp-from-a", Selector(Labels({"pod": "c"})),
@@ -276,8 +300,8 @@ def test_a_neighbour_advert_for_another_pods_address_does_not_divert_its_traffic
         trio: Any, datapath: Datapath) -> None:
     a, b, c = trio.a, trio.b, trio.c
     # from b's own address (which its guard lets out), claiming a's
-    if _diverted(trio, 6, lambda: run_in(b.netns, ADVERT, b.ifname, b.mac, b.address6, c.mac,
-                                         c.address6, a.address6)):
+    if _diverted(trio, 6, lambda: run_in(b.netns, ICMPV6, b.ifname, b.mac, b.address6, c.mac,
+                                         c.address6, *advert(a.address6, b.mac))):
         raise Impersonated("c's datagram to a reached b, which claimed a's IPv6 address")
 
 
@@ -326,3 +350,84 @@ def _diverted(trio: Any, family: int, claim: Callable[[], object], sends: int = 
     finally:
         got = collected(capture)
     return "meant-for-a" in got
+
+
+ROUTER = "fe80::bad"  # the source b's advertisements claim (any link-local leaves a port)
+
+
+def _default_via(netns: str, gateway: str) -> bool:
+    out = subprocess.run(["ip", "-n", netns, "-6", "route", "show", "default"],
+                         capture_output=True, text=True, check=True).stdout
+    return f"via {gateway} " in out
+
+
+def test_a_pods_router_advert_does_not_route_its_neighbours_through_it(
+        trio: Any, datapath: Datapath, netns_prefix: str) -> None:
+    """b announces itself as the default router (preference high) to every node: a
+    neighbour that listens would send its IPv6 traffic to b (CVE-2020-10749). stockade's
+    pods do not listen (accept_ra 0, see the plumbing test); c listens here, so that the
+    guard alone stands in the way. With no guard the route appears (the control)."""
+    b, c = trio.b, trio.c
+    accept_ra = f"net.ipv6.conf.{c.ifname}.accept_ra"
+    subprocess.run(["ip", "netns", "exec", c.netns, "sysctl", "-qw", f"{accept_ra}=1"],
+                   check=True)
+    rs = compile_cluster(cluster(trio, C_ONLY_FROM_A_UDP, B_ISOLATED))
+
+    def announced() -> bool:
+        run_in(b.netns, ICMPV6, b.ifname, b.mac, ROUTER, "33:33:00:00:00:01", "ff02::1",
+               *router_advert(b.mac))
+        time.sleep(0.3)
+        return _default_via(c.netns, ROUTER)
+
+    try:
+        datapath.apply(replace(rs, guards={}))
+        assert announced(), "the control: with no guard, c takes b for its router"
+        subprocess.run(["ip", "-n", c.netns, "-6", "route", "flush", "proto", "ra"],
+                       check=True)
+        datapath.apply(rs)
+        if announced():
+            raise Impersonated("c routes its IPv6 traffic through b, which announced itself")
+    finally:
+        subprocess.run(["ip", "netns", "exec", c.netns, "sysctl", "-qw", f"{accept_ra}=0"],
+                       check=True)
+        subprocess.run(["ip", "-n", c.netns, "-6", "route", "flush", "proto", "ra"],
+                       check=False)
+
+
+# ICMPv6 messages of the given types arriving, their types one a line, for argv[2] s.
+ICMPV6_CAPTURE = """
+import socket, sys
+kinds, seconds = {int(k) for k in sys.argv[1].split(",")}, float(sys.argv[2])
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+raw.settimeout(seconds)
+print("ready", flush=True)
+try:
+    while True:
+        frame = raw.recv(2048)
+        if frame[20] == 58 and frame[54] in kinds:
+            print(frame[54], flush=True)
+except socket.timeout:
+    pass
+"""
+
+
+def test_a_pods_redirect_reaches_no_one(trio: Any, datapath: Datapath) -> None:
+    """A redirect tells its receiver a better first hop for a destination; one from a pod
+    (claiming a link-local source, which the guard lets out) is dropped at its port,
+    as its router advertisements are. c watches what arrives."""
+    a, b, c = trio.a, trio.b, trio.c
+    capture = python_in(c.netns, ICMPV6_CAPTURE, "134,136,137", "1.5")
+    try:
+        assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
+        run_in(b.netns, ICMPV6, b.ifname, b.mac, ROUTER, c.mac, c.address6,
+               *redirect(b.address6, a.address6, b.mac))
+        run_in(b.netns, ICMPV6, b.ifname, b.mac, ROUTER, "33:33:00:00:00:01", "ff02::1",
+               *router_advert(b.mac))
+        # a's own neighbour advert passes: the capture sees what arrives (the control)
+        run_in(a.netns, ICMPV6, a.ifname, a.mac, a.address6, c.mac, c.address6,
+               *advert(a.address6, a.mac))
+    finally:
+        got = collected(capture)
+    assert "136" in got, got
+    if got & {"134", "137"}:
+        raise Impersonated(f"c received ICMPv6 of types {sorted(got)}, b's among them")

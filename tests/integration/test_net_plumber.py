@@ -79,6 +79,10 @@ def test_bridge_and_three_endpoints(trio, host_netns: str) -> None:
     # The bridge's sysctls are set in the host namespace, where the bridge is.
     for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
         assert read_sysctl(f"net.bridge.{name}", host_netns) == "1"
+    # Neither the bridge nor a pod takes a route or a prefix from a router advertisement.
+    assert read_sysctl(f"net.ipv6.conf.{p.bridge}.accept_ra", host_netns) == "0"
+    for att in trio.all:
+        assert read_sysctl("net.ipv6.conf.eth0.accept_ra", att.netns) == "0"
 
 
 def test_ensure_is_idempotent(plumber: Plumber, spec_for: Spec) -> None:

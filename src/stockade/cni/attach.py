@@ -49,6 +49,8 @@ from stockade.net.sysctl import (
     BridgeNetfilterMissing,
     bridge_netfilter_on,
     ensure_bridge_netfilter,
+    refuse_router_adverts,
+    router_adverts_refused,
 )
 from stockade.netlink import NetlinkError
 
@@ -126,6 +128,7 @@ def ensure_bridge(bridge: str, gateways: Sequence[str]) -> None:
         ensure_addresses(nl, link.index, [ipaddress.ip_interface(g) for g in gateways])
     try:
         ensure_bridge_netfilter()
+        refuse_router_adverts(bridge)  # a pod's advertisement must not route the host
     except BridgeNetfilterMissing:
         raise CniError(PLUMBING, "br_netfilter is not loaded (no /proc/sys/net/bridge)",
                        "bridged traffic would bypass the inet forward hook") from None
@@ -184,7 +187,7 @@ class Plumbing:
                 return False
             present = {a.interface for a in self.host.addresses(link.index)}
         if not all(ipaddress.ip_interface(g) in present for g in gateways) or \
-                not bridge_netfilter_on():
+                not bridge_netfilter_on() or not router_adverts_refused(bridge):
             return False
         self._bridge = link
         return True
@@ -244,6 +247,7 @@ class Plumbing:
                 for ip in ips:
                     value = ipaddress.ip_interface(ip.address)
                     self.inner.add_address(link.index, str(value.ip), value.network.prefixlen)
+            refuse_router_adverts(ifname, netns)  # before it is up to hear one
             with self.inner.batch():
                 self.inner.set_up(_LOOPBACK)
                 self.inner.set_up(link.index)

@@ -24,6 +24,7 @@ family::
         iifname @macports iifname . arp saddr ether != @macs drop
         arp (Ethernet/IPv4) iifname . arp saddr ip @a4 accept
         arp (Ethernet/IPv4) arp saddr ip 0.0.0.0 accept    address probes
+        icmpv6 type { nd-router-advert, nd-redirect } drop   a pod is no router
         icmpv6 type nd-neighbor-advert, target neither iifname's (@t6) nor link-local: drop
         iifname . ip saddr @a4 accept
         iifname . ip6 saddr @a6 accept
@@ -49,7 +50,7 @@ from stockade.compile.ir import Guard, guard_of
 
 FAMILY = "bridge"
 CHAIN = "guard"
-VERSION = "guard v1"
+VERSION = "guard v2"
 PORTS, MACPORTS, MACS, A4, A6, T6 = "ports", "macports", "macs", "a4", "a6", "t6"
 M4, M6 = "m4", "m6"
 SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6)
@@ -78,6 +79,9 @@ RULES: tuple[tuple[str, str], ...] = (
     ("iifname @macports iifname . arp saddr ether != @macs drop", "arp foreign mac"),
     (f"{_ARP} iifname . arp saddr ip @a4 accept", "arp own address"),
     (f"{_ARP} arp saddr ip 0.0.0.0 accept", "arp probe"),
+    # A pod is not a router: its advertisements would give its neighbours (and the host)
+    # a default route through it, its redirects move their routes (CVE-2020-10749).
+    ("icmpv6 type { nd-router-advert, nd-redirect } drop", "router advert or redirect"),
     ("icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @t6 "
      "@th,64,16 & 0xffc0 != 0xfe80 drop", "advert foreign target"),
     ("iifname . ip saddr @a4 accept", "own ipv4"),
@@ -120,6 +124,8 @@ LISTED: tuple[list[dict[str, Any]], ...] = (
     [*_ARP_EXPR, _m({"concat": [_iif(), _pl("arp", "saddr ip")]}, "@a4"), {"accept": None}],
     [*_ARP_EXPR, _m(_pl("arp", "saddr ip"), "0.0.0.0"),  # noqa: S104
      {"accept": None}],
+    [_m(_pl("icmpv6", "type"), {"set": ["nd-router-advert", "nd-redirect"]}),
+     {"drop": None}],
     [_m(_pl("icmpv6", "type"), "nd-neighbor-advert"),
      _m({"concat": [_iif(), _raw(64, 128)]}, "@t6", "!="),
      _m({"&": [_raw(64, 16), 65472]}, 65152, "!="), {"drop": None}],

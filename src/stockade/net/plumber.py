@@ -66,7 +66,7 @@ from stockade.net.namespace import (
 )
 from stockade.net.naming import IFNAMSIZ, Naming
 from stockade.net.rtnl import Rtnl, delete_link, ensure_addresses, ensure_bridge
-from stockade.net.sysctl import ensure_bridge_netfilter
+from stockade.net.sysctl import ensure_bridge_netfilter, refuse_router_adverts
 from stockade.netlink import NetlinkError
 
 LOOPBACK_IFINDEX = 1  # the kernel gives loopback index 1 in every namespace
@@ -227,6 +227,7 @@ class Plumber:
                 ensure_addresses(nl, index, wanted)
         # bridge-nf-call-*: bridged traffic visible to the inet forward hook.
         ensure_bridge_netfilter(self.host_netns, forward)
+        refuse_router_adverts(self.bridge, self.host_netns)
 
     # -- endpoints ----------------------------------------------------------
 
@@ -350,6 +351,7 @@ class Plumber:
                 nl.set_up(LOOPBACK_IFINDEX)
             with _failing(f"cannot set the addresses of {spec.ifname} in {ns}"):
                 ensure_addresses(nl, index, wanted, exclusive=True)
+            refuse_router_adverts(spec.ifname, ns)  # before it is up to hear one
             if not link.up:
                 with _failing(f"cannot bring up {spec.ifname} in {ns}"):
                     nl.set_up(index)

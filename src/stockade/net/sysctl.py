@@ -13,6 +13,8 @@ Public API::
     BRIDGE_NETFILTER                                # the two bridge-nf-call-* sysctls
     ensure_bridge_netfilter(netns=None, forward=False) -> None
     bridge_netfilter_on() -> bool                   # read only, in this namespace
+    refuse_router_adverts(ifname, netns=None) -> None  # IPv6 accept_ra = 0
+    router_adverts_refused(ifname) -> bool          # read only, in this namespace
 
 The bridge-netfilter sysctls are set here and nowhere else: by the Plumber
 (`stockade run`, tests), the CNI plugin's bridge and the nftables datapath's
@@ -79,6 +81,44 @@ def write_sysctl(name: str, value: str | int, netns: str | None = None) -> None:
         except OSError as exc:
             where = f" in network namespace {netns!r}" if netns else ""
             raise NetError(f"cannot set sysctl {name}={wanted}{where}: {exc}") from exc
+
+
+def _conf_path(ifname: str, key: str) -> str:
+    """``/proc/sys/net/ipv6/conf/IFNAME/KEY``: the interface's own directory (a dotted
+    name could not say an interface name with a dot in it)."""
+    if not ifname or "/" in ifname or ifname in (".", ".."):
+        raise NetError(f"invalid interface name {ifname!r}")
+    return f"/proc/sys/net/ipv6/conf/{ifname}/{key}"
+
+
+def refuse_router_adverts(ifname: str, netns: str | None = None) -> None:
+    """``ifname`` in ``netns`` (None: here) ignores IPv6 router advertisements
+    (``accept_ra`` = 0): an address's routes and prefixes are what stockade configured,
+    not what a neighbour announces. A pod that could send them (a port without a
+    guard) would otherwise route its neighbours, or the host, through itself
+    (CVE-2020-10749). Nothing to do where IPv6 is off (no such directory)."""
+    path = _conf_path(ifname, "accept_ra")
+    with entered(netns):
+        try:
+            if _read(path) == "0":
+                return
+            with open(path, "w") as f:
+                f.write("0")
+        except FileNotFoundError:
+            return  # IPv6 is off here (the caller made the interface)
+        except OSError as exc:
+            where = f" in network namespace {netns!r}" if netns else ""
+            raise NetError(f"cannot set accept_ra=0 on {ifname}{where}: {exc}") from exc
+
+
+def router_adverts_refused(ifname: str) -> bool:
+    """Read only, here: whether `refuse_router_adverts` has nothing to do."""
+    try:
+        return _read(_conf_path(ifname, "accept_ra")) == "0"
+    except FileNotFoundError:
+        return True  # no IPv6 here (or no such interface: the caller's check)
+    except OSError:
+        return False
 
 
 BRIDGE_NETFILTER = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")
