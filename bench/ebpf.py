@@ -8,7 +8,8 @@ Measures, in one run:
 - 10,000 map entries written through libbpf in-process (one batch) against one
   `bpftool batch` process, and one entry through one `bpftool` process;
 - the program's cost per packet (BPF_PROG_TEST_RUN, the kernel's own timing):
-  a packet of a tracked connection, a denied new connection (the full judgement:
+  a packet of a connection not answered yet (in `ct`), of an established one (in
+  `ct_live`) each way, a denied new connection (the full judgement:
   two ipcache and two policy lookups), and an allowed new one with the ruleset
   loaded; and the cost of the kernel's conntrack lookup through the
   bpf_skb_ct_lookup kfunc (a miss) for the comparison that chose the program's
@@ -227,16 +228,27 @@ def main() -> None:
         prog = fresh._progs["in"]
         a, b = str(client.ips[0]), str(server.ips[0])
         rc, allowed_new = ns_per_packet(prog, tcp_packet(a, b, 40000, 5001), 1)
+        # not answered yet: in `ct` (the LRU), three lookups; its answer, four
+        rc_new, unanswered = ns_per_packet(prog, tcp_packet(a, b, 40000, 5001, 0x10))
+        rc_ans, answer = ns_per_packet(prog, tcp_packet(b, a, 5001, 40000, 0x10))
+        # answered and used again: established, moved to `ct_live` by the first run
         rc_hit, tracked = ns_per_packet(prog, tcp_packet(a, b, 40000, 5001, 0x10))
         rc_reply, reply = ns_per_packet(prog, tcp_packet(b, a, 5001, 40000, 0x10))
+        live = libbpf.dump(fresh._maps["ct_live"], *LAYOUT["ct_live"])
+        assert any(k[4:8] == struct.pack("!HH", 40000, 5001) for k in live), \
+            "the connection was not established"
         rc_deny, denied = ns_per_packet(prog, tcp_packet(a, b, 40001, 5002))
         other = str(base.endpoints[0].ips[0])
         rc_far, far = ns_per_packet(prog, tcp_packet(other, b, 40002, 5001))
         rows.append(("first packet of an allowed connection (one run, with the insert)",
                      f"{allowed_new:.0f} ns", f"verdict {rc}"))
-        rows.append(("per packet: tracked connection (conntrack hit)", f"{tracked:.0f} ns",
+        rows.append(("per packet: a connection not answered yet (in ct)",
+                     f"{unanswered:.0f} ns", f"verdict {rc_new}"))
+        rows.append(("per packet: its answer (in ct)", f"{answer:.0f} ns",
+                     f"verdict {rc_ans}"))
+        rows.append(("per packet: established connection (in ct_live)", f"{tracked:.0f} ns",
                      f"verdict {rc_hit}"))
-        rows.append(("per packet: tracked connection, a reply", f"{reply:.0f} ns",
+        rows.append(("per packet: established connection, a reply", f"{reply:.0f} ns",
                      f"verdict {rc_reply}"))
         rows.append(("per packet: new connection denied (full judgement)", f"{denied:.0f} ns",
                      f"verdict {rc_deny}"))

@@ -15,7 +15,15 @@
  *
  * Then per packet, as the nftables forward chain does:
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
- *      ICMP error about one, passes; an entry validated under an older policy
+ *      ICMP error about one, passes. A new connection's entry goes in `ct`, an LRU
+ *      hash; once answered and used again by its originator (a TCP handshake's
+ *      last ACK, a UDP exchange going on) it moves to `ct_live`, a hash nothing
+ *      evicts, while its port holds fewer than CT_LIVE_PER_PORT there: a pod that
+ *      opens connections faster than `ct` can hold (one flood of SYNs) would
+ *      otherwise push every established connection of the node out of the LRU, and
+ *      the next packet of each (never a SYN) would be dropped. A connection that
+ *      closes (FIN, RST) goes back to `ct`, which ages it out; one abandoned in
+ *      `ct_live` is swept by the loader; an entry validated under an older policy
  *      generation is judged again (a revoked connection is cut, unless every
  *      denying side keeps existing connections: a tier's Deny of a policy annotated
  *      keep, or a NetworkPolicy policy that keeps);
@@ -47,7 +55,9 @@
  *               entries (the loader's) and of its stages per direction
  *   policy      LPM trie: (slot|policy, identity, protocol, port prefix) -> action
  *   config      the active slot and the policy generation (the atomic switch)
- *   ct          LRU hash: the program's own connection tracking
+ *   ct          LRU hash: the program's own connection tracking, new connections
+ *   ct_live     hash: established connections (see 1. above)
+ *   ct_owners   hash: a port's ifindex -> how many of ct_live's entries it holds
  *   frag        LRU hash: (family, src, dst, protocol, IP id) of an allowed first
  *               fragment -> its ports, so the later fragments are judged as it was
  *   guard       hash: a pod's bridge port (host-side ifindex) -> its MAC and addresses
@@ -103,6 +113,10 @@
 #define DIR_EGRESS 2
 
 #define CT_CLOSING 1
+#define CT_REPLIED 2 /* a packet of the reply direction was seen */
+/* How many of `ct_live`'s entries the connections of one port may hold: beyond it, a
+ * port's connections stay in `ct`, evictable, and never push another port's out. */
+#define CT_LIVE_PER_PORT 4096
 
 /* what a guard binds its port to */
 #define GUARD_MAC 1
@@ -163,7 +177,7 @@ struct ct_value {
 	__u64 seen_ns;
 	__u64 generation;
 	__u32 flags;
-	__u32 pad;
+	__u32 owner; /* the port (ifindex) whose packet made the entry */
 };
 
 struct frag_key {
@@ -258,6 +272,24 @@ struct {
 	__type(value, struct ct_value);
 	__uint(max_entries, 1 << 17);
 } ct SEC(".maps");
+
+/* Established connections (see the top of the file): a hash, never evicted; an entry
+ * leaves when it expires, is cut, or its connection closes (back to `ct`). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, 1 << 18);
+} ct_live SEC(".maps");
+
+/* How many entries of `ct_live` each port's connections hold (the loader recounts) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1 << 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} ct_owners SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -602,19 +634,86 @@ static __always_inline __u64 ct_timeout(__u8 proto, __u32 flags)
 	return 60 * SEC_NS;
 }
 
-/* A live entry for the tuple, or NULL. */
+static __always_inline int ct_expired(const struct ct_key *k, const struct ct_value *v,
+				      __u64 now)
+{
+	/* seen_ns may be ahead of this CPU's now (another CPU stored it a moment ago):
+	 * unsigned, now - seen_ns would wrap and expire a live connection */
+	return now > v->seen_ns && now - v->seen_ns > ct_timeout(k->proto, v->flags);
+}
+
+/* One entry of `ct_live` fewer for `owner`'s share. */
+static __always_inline void ct_release(__u32 owner)
+{
+	__u32 *n = bpf_map_lookup_elem(&ct_owners, &owner);
+	if (n && *n > 0)
+		__sync_fetch_and_add(n, -1);
+}
+
+/* A live entry for the tuple in `ct` (new connections), or NULL. */
 static __always_inline struct ct_value *ct_find(struct ct_key *k, __u64 now)
 {
 	struct ct_value *v = bpf_map_lookup_elem(&ct, k);
 	if (!v)
 		return 0;
-	/* seen_ns may be ahead of this CPU's now (another CPU stored it a moment ago):
-	 * unsigned, now - seen_ns would wrap and expire a live connection */
-	if (now > v->seen_ns && now - v->seen_ns > ct_timeout(k->proto, v->flags)) {
+	if (ct_expired(k, v, now)) {
 		bpf_map_delete_elem(&ct, k);
 		return 0;
 	}
 	return v;
+}
+
+/* A live entry for the tuple in `ct_live` (established connections), or NULL. */
+static __always_inline struct ct_value *ct_live_find(struct ct_key *k, __u64 now)
+{
+	struct ct_value *v = bpf_map_lookup_elem(&ct_live, k);
+	if (!v)
+		return 0;
+	if (ct_expired(k, v, now)) {
+		__u32 owner = v->owner;
+		if (bpf_map_delete_elem(&ct_live, k) == 0)
+			ct_release(owner);
+		return 0;
+	}
+	return v;
+}
+
+/* A connection established (a reply seen, then its originator again): its entry moves
+ * from `ct`, where a flood of new connections could evict it, to `ct_live`, where
+ * nothing does, while its port's share is not used up. */
+static __always_inline void ct_promote(struct ct_key *k, struct ct_value *e)
+{
+	struct ct_value v = *e;
+	__u32 one = 1;
+	__u32 *n = bpf_map_lookup_elem(&ct_owners, &v.owner);
+	if (n && *n >= CT_LIVE_PER_PORT)
+		return;
+	if (bpf_map_update_elem(&ct_live, k, &v, BPF_NOEXIST) != 0)
+		return; /* full, or another CPU moved it a moment ago */
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else if (bpf_map_update_elem(&ct_owners, &v.owner, &one, BPF_NOEXIST) != 0) {
+		n = bpf_map_lookup_elem(&ct_owners, &v.owner); /* another CPU made it */
+		if (n)
+			__sync_fetch_and_add(n, 1);
+	}
+	bpf_map_delete_elem(&ct, k);
+}
+
+/* A closing connection goes back to `ct`, whose LRU ages it out: `ct_live` holds open
+ * connections only, and needs no sweeping for the ones that closed. */
+static __always_inline void ct_demote(struct ct_key *k, struct ct_value *e)
+{
+	struct ct_value v = *e;
+	bpf_map_update_elem(&ct, k, &v, BPF_ANY);
+	if (bpf_map_delete_elem(&ct_live, k) == 0)
+		ct_release(v.owner);
+}
+
+/* Whether the tuple is a tracked connection (either map). */
+static __always_inline int ct_tracked(struct ct_key *k, __u64 now)
+{
+	return ct_live_find(k, now) != 0 || ct_find(k, now) != 0;
 }
 
 static __always_inline int related_icmp(struct __sk_buff *skb, struct packet *p, __u64 now)
@@ -658,10 +757,10 @@ static __always_inline int related_icmp(struct __sk_buff *skb, struct packet *p,
 		ports[1] = ports[0];
 	}
 	ct_key_of(&k, p->family, proto, src, dst, ports[0], ports[1]);
-	if (ct_find(&k, now))
+	if (ct_tracked(&k, now))
 		return 1;
 	ct_key_of(&k, p->family, proto, dst, src, ports[1], ports[0]);
-	return ct_find(&k, now) != 0;
+	return ct_tracked(&k, now);
 }
 
 static __always_inline void report(struct __sk_buff *skb, struct packet *p, struct verdict *v,
@@ -873,17 +972,30 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 		p.proto = fv->proto;
 	}
 
-	/* 1. conntrack: the original direction, then the reply */
+	/* 1. conntrack: established connections first (the original direction, then the
+	 * reply), then new ones. A SYN is never a reply: it opens a connection of its
+	 * own, so it skips the reply's lookups (cold ones: the maps hold every recent
+	 * connection). */
+	int syn = p.proto == PROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+	int live = 1, reply = 0;
+	struct ct_key kr = {};
 	ct_key_of(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
-	e = ct_find(&k, now);
-	int reply = 0;
-	/* a SYN is never a reply: it opens a connection of its own, so it skips the
-	 * reply's lookup (a cold one: the table holds every recent connection) */
-	if (!e && !(p.proto == PROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
-		ct_key_of(&k, p.family, p.proto, p.dst, p.src, p.dport, p.sport);
-		e = ct_find(&k, now);
-		reply = 1;
+	e = ct_live_find(&k, now);
+	if (!e && !syn) {
+		ct_key_of(&kr, p.family, p.proto, p.dst, p.src, p.dport, p.sport);
+		e = ct_live_find(&kr, now);
+		reply = e != 0;
 	}
+	if (!e) {
+		live = 0;
+		e = ct_find(&k, now);
+		if (!e && !syn) {
+			e = ct_find(&kr, now);
+			reply = e != 0;
+		}
+	}
+	if (reply)
+		__builtin_memcpy(&k, &kr, sizeof(k)); /* k: the entry's, the original tuple */
 	if (e) {
 		if (e->generation != cfg->generation) {
 			/* the policy changed since this connection was allowed: judge its
@@ -892,7 +1004,11 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 			count(STAT_REJUDGED);
 			if (rejudge_cuts(cfg->slot, k.family, k.src, k.dst, k.proto,
 					 k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6 ? 0 : k.dport)) {
-				bpf_map_delete_elem(&ct, &k);
+				__u32 owner = e->owner;
+				if (!live)
+					bpf_map_delete_elem(&ct, &k);
+				else if (bpf_map_delete_elem(&ct_live, &k) == 0)
+					ct_release(owner);
 				count(STAT_CUT);
 				frag_forget(&p);
 				return TC_ACT_SHOT;
@@ -902,11 +1018,18 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 		e->seen_ns = now;
 		if (p.proto == PROTO_TCP && (p.tcp_flags & (TCP_FIN | TCP_RST)))
 			e->flags |= CT_CLOSING;
+		if (reply)
+			e->flags |= CT_REPLIED;
+		if (live) {
+			if (e->flags & CT_CLOSING)
+				ct_demote(&k, e);
+		} else if (!reply && !syn && (e->flags & (CT_REPLIED | CT_CLOSING)) == CT_REPLIED) {
+			ct_promote(&k, e);
+		}
 		count(STAT_CT);
 		frag_record(&p);
 		return TC_ACT_UNSPEC;
 	}
-	(void)reply;
 	if (!p.fragment && related_icmp(skb, &p, now)) {
 		count(STAT_CT);
 		frag_record(&p);
@@ -930,7 +1053,8 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 	}
 	count(STAT_ALLOWED);
 	ct_key_of(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
-	struct ct_value nv = {.seen_ns = now, .generation = cfg->generation};
+	struct ct_value nv = {.seen_ns = now, .generation = cfg->generation,
+			      .owner = skb->ifindex};
 	bpf_map_update_elem(&ct, &k, &nv, BPF_ANY);
 	frag_record(&p);
 	return TC_ACT_UNSPEC;

@@ -22,14 +22,16 @@ import json
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from stockade.compile import bpf as bpfc
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import libbpf, open_datapath
-from stockade.datapath.ebpf import EbpfDatapath
+from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
 from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
 from stockade.model.labels import Labels
 from stockade.model.policy import EGRESS, INGRESS, KEEP_ANNOTATION, NetworkPolicy, Peer, PolicyPort
@@ -402,3 +404,111 @@ def test_a_syn_on_a_tracked_connections_reversed_tuple_is_judged_as_new(trio,
     assert verdict(a, b, PORT, 40000, syn | ack) == passed  # a's answer: a reply
     assert verdict(a, b, PORT, 40000, ack) == passed
     assert verdict(a, b, PORT, 40001, ack) == shot  # mid-stream, never tracked
+
+
+# `count` SYNs from `src` (at `smac`) to `dst` (at `dmac`), each of its own connection
+# (source and destination ports counting up), written as whole frames: a pod opening
+# connections as fast as it can. The TCP checksum is left wrong, so that the receiver
+# drops them unanswered: each stays a new connection the program allowed and tracks.
+FLOOD = """
+import socket, struct, sys
+ifname, smac, dmac, src, dst, count = sys.argv[1:7]
+mac = lambda text: bytes.fromhex(text.replace(":", ""))
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+total = sum(struct.unpack("!10H", ip))
+while total >> 16:
+    total = (total >> 16) + (total & 0xFFFF)
+head = mac(dmac) + mac(smac) + b"\\x08\\x00" + ip[:10] + struct.pack("!H", ~total & 0xFFFF) \\
+    + ip[12:]
+tail = struct.pack("!IIBBHHH", 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+raw.bind((ifname, 0))
+send = raw.send
+for n in range(int(count)):
+    send(head + struct.pack("!HH", 1024 + n % 64000, 10000 + n // 64000) + tail)
+"""
+
+
+def _flood(trio, count: int) -> None:
+    b, c = trio.b, trio.c
+    subprocess.run(["ip", "netns", "exec", c.netns, sys.executable, "-c", FLOOD, c.ifname,
+                    c.mac, b.mac, c.address4, b.address4, str(count)], check=True, timeout=300)
+
+
+def _ct_live(datapath: EbpfDatapath) -> dict[bytes, bytes]:
+    return libbpf.dump(datapath._maps["ct_live"], *LAYOUT["ct_live"])
+
+
+def _share(datapath: EbpfDatapath, ifindex: int) -> int:
+    raw = libbpf.lookup(datapath._maps["ct_owners"], bpfc.CT_OWNER.pack(ifindex), 4)
+    return bpfc.CT_OWNER.unpack(raw)[0] if raw else 0
+
+
+def test_an_established_connection_outlives_a_flood_of_new_ones(trio, datapath, held) -> None:
+    """c opens three times as many connections as `ct` holds, as fast as it can: every
+    connection there is evicted, but b's to a was answered and went on, so it is in
+    `ct_live`, which nothing evicts, and carries data afterwards."""
+    assert any(k[6:8] == struct.pack("!H", PORT) for k in _ct_live(datapath))
+    started = time.monotonic()
+    _flood(trio, 3 * (1 << 17))
+    flood_s = time.monotonic() - started
+    assert datapath.stats()["allowed"] > 3 * (1 << 17)  # each one a new connection
+    assert echo(held, b"two"), f"the connection was cut by the flood ({flood_s:.1f} s)"
+
+
+def _port(trio, att) -> int:
+    with entered(trio.host_netns):
+        return socket.if_nametoindex(att.host_ifname)
+
+
+def _live_to(datapath: EbpfDatapath, port: int) -> int:
+    """How many established connections to `port` ct_live holds."""
+    return sum(1 for k in _ct_live(datapath) if k[6:8] == struct.pack("!H", port))
+
+
+def test_a_ports_share_of_established_connections_is_bounded(trio, datapath, held) -> None:
+    """b's connection is counted in b's share; with the share used up, b's next connection
+    stays evictable (in `ct`) while c's is established as usual; a verifying apply
+    counts the shares again from what `ct_live` holds, and a closed connection leaves
+    it (back to `ct`, which ages it out)."""
+    b_port, c_port = _port(trio, trio.b), _port(trio, trio.c)
+    assert _share(datapath, b_port) == 1 and _live_to(datapath, PORT) == 1
+    libbpf.update(datapath._maps["ct_owners"], bpfc.CT_OWNER.pack(b_port),
+                  bpfc.CT_OWNER.pack(4096))  # as if b held its whole share
+    rs = compile_cluster(_cluster(trio, _a_ingress_from("b"), _b_egress_to("a")))
+    with EchoServer(trio.b.netns, PORT + 1):
+        from_b = connect(trio.c.netns, trio.b.address4, PORT + 1)  # c's connection
+        to_a = connect(trio.b.netns, trio.a.address4, PORT)  # b's second
+        try:
+            assert echo(from_b, b"x") and echo(to_a, b"y")
+            assert _live_to(datapath, PORT + 1) == 1  # c's, to b
+            assert _live_to(datapath, PORT) == 1  # b's first, not b's second
+            datapath.apply(rs, verify=True)
+            assert _share(datapath, b_port) == 1 and _share(datapath, c_port) == 1
+        finally:
+            to_a.close()
+            from_b.close()
+    held.close()
+    time.sleep(0.3)
+    assert _live_to(datapath, PORT) == 0 and _live_to(datapath, PORT + 1) == 0
+    assert _share(datapath, b_port) == 0 and _share(datapath, c_port) == 0
+
+
+def test_a_verifying_apply_sweeps_connections_that_expired_unseen(trio, datapath) -> None:
+    """An abandoned connection (no FIN, no packet since) is never looked up again, so
+    the program never deletes it: the loader does, and its port's share with it."""
+    rs = compile_cluster(_cluster(trio))
+    datapath.apply(rs)
+    key = bpfc.CT_KEY.pack(4, 17, 0, b"\x04\x00", b"\x00\x35", bytes(16), bytes(16))
+    old = bpfc.CT_VALUE.pack(1, 0, 0, 999)  # UDP seen at boot (> 180 s ago), never since
+    fresh = bpfc.CT_VALUE.pack(time.clock_gettime_ns(time.CLOCK_MONOTONIC), 0, 0, 998)
+    other = bpfc.CT_KEY.pack(4, 17, 0, b"\x04\x01", b"\x00\x35", bytes(16), bytes(16))
+    libbpf.update(datapath._maps["ct_live"], key, old)
+    libbpf.update(datapath._maps["ct_live"], other, fresh)
+    for owner in (999, 998):
+        libbpf.update(datapath._maps["ct_owners"], bpfc.CT_OWNER.pack(owner),
+                      bpfc.CT_OWNER.pack(7))
+    datapath.apply(rs, verify=True)
+    assert key not in _ct_live(datapath) and other in _ct_live(datapath)
+    assert _share(datapath, 999) == 0 and _share(datapath, 998) == 1

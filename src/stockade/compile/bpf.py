@@ -136,6 +136,14 @@ MAPS = ("ipcache4", "ipcache6", "policy")
 
 # The guard map (struct guard): key the port's ifindex; value the MAC, which of MAC,
 # IPv4 and IPv6 it binds (flags), the IPv4 and the IPv6 address, in network order.
+# Connection tracking (the program's ct_key and ct_value), for the loader's sweep of
+# ct_live: family, protocol, pad, ports, addresses; seen_ns, generation, flags, owner.
+CT_KEY = struct.Struct("=BBH2s2s16s16s")
+CT_VALUE = struct.Struct("=QQII")
+CT_OWNER = struct.Struct("=I")
+CT_CLOSING = 1
+_PROTO_TCP, _PROTO_UDP, _PROTO_SCTP = 6, 17, 132
+_SEC_NS = 1_000_000_000
 GUARD_KEY = struct.Struct("=I")
 GUARD_VALUE = struct.Struct("=6sBx4s16s")
 GUARD_MAC, GUARD_V4, GUARD_V6 = 1, 2, 4
@@ -930,6 +938,31 @@ def encode_guard(port: str, guard: Guard) -> bytes:
     flags = ((GUARD_MAC if guard.mac else 0) | (GUARD_V4 if addr4 else 0)
              | (GUARD_V6 if addr6 else 0))
     return GUARD_VALUE.pack(mac, flags, addr4 or bytes(4), addr6 or bytes(16))
+
+
+def ct_timeout(proto: int, flags: int) -> int:
+    """The program's `ct_timeout`, in ns: how long an entry lives without a packet."""
+    if proto == _PROTO_TCP:
+        return (10 if flags & CT_CLOSING else 86400) * _SEC_NS
+    if proto in (_PROTO_UDP, _PROTO_SCTP):
+        return 180 * _SEC_NS
+    return 60 * _SEC_NS
+
+
+def ct_sweep(entries: Mapping[bytes, bytes], now: int) -> tuple[list[bytes], dict[int, int]]:
+    """Of `ct_live`'s entries, those that expired (no packet for their timeout: the program
+    deletes an entry only when a packet looks it up, and an abandoned connection's
+    never does), and what each port holds of the rest (owner ifindex -> entries)."""
+    expired: list[bytes] = []
+    held: dict[int, int] = {}
+    for key, value in entries.items():
+        proto = key[1]
+        seen, _, flags, owner = CT_VALUE.unpack(value)
+        if now > seen and now - seen > ct_timeout(proto, flags):
+            expired.append(key)
+        else:
+            held[owner] = held.get(owner, 0) + 1
+    return expired, held
 
 
 def decode_guard(value: bytes) -> Guard:

@@ -3,8 +3,8 @@
 What lives where (`name` is the datapath's name, "stockade" by default)::
 
     /sys/fs/bpf/stockade/<host | netns-NAME>/<name>/
-        ipcache4 ipcache6 policy config ct frag guard events meta ratelimit stats
-                                                                          the maps
+        ipcache4 ipcache6 policy config ct ct_live ct_owners frag guard events meta
+        ratelimit stats                                                   the maps
         prog_from_pod prog_to_pod                                         the programs
         link-<ifindex>-in link-<ifindex>-out                              tcx links
 
@@ -32,11 +32,17 @@ every link (a link detached, unpinned or pointing at another program is drift,
 repaired and reported); links of vanished interfaces are unpinned. Where tcx is
 missing, clsact with `tc` (direct action, pinned program) is the fallback.
 
-**Conntrack** is the program's own LRU map (not the kernel's through
-bpf_skb_ct_lookup): it works whether or not netfilter tracks the bridge's
-traffic, costs one hash lookup for a packet of the original direction or a SYN
-(which is never a reply) and two for a reply, and lets a policy generation re-judge
-flows lazily. Its timestamps come from the coarse monotonic clock
+**Conntrack** is the program's own (not the kernel's through bpf_skb_ct_lookup):
+it works whether or not netfilter tracks the bridge's traffic, and lets a policy
+generation re-judge flows lazily. New connections go in `ct` (LRU); an established
+one (answered, then used again by its originator) moves to `ct_live`, a hash that
+evicts nothing, within its port's share (`CT_LIVE_PER_PORT`, counted in
+`ct_owners`): a flood of new connections from one pod evicts only new connections,
+never the node's established ones. An established connection's packet costs one
+hash lookup in the original direction and two in the reply's, as before. A
+verifying apply sweeps `ct_live` of connections that expired unseen (abandoned:
+the program deletes an entry only when a packet finds it) and counts the shares
+again. Its timestamps come from the coarse monotonic clock
 (bpf_ktime_get_coarse_ns: timeouts are seconds, and reading the TSC per packet
 costs more in a VM). IP fragments fail closed: an allowed first fragment's ports
 are kept in `frag` (LRU) under its datagram's (family, addresses, protocol, IP id),
@@ -69,8 +75,9 @@ the chain is (its keep mark).
 **Versions.** Maps pinned by a version with another layout (before tiers, the
 ipcache's values were 12 bytes) are refused with a clear error before anything is
 loaded: the running program keeps enforcing them until `dataplane remove`. A map
-added since (`guard`) is created and pinned beside the older pins, whose layouts
-are unchanged, so a datapath pinned before guards is adopted as it is.
+added since (`guard`, `ct_live`, `ct_owners`) is created and pinned beside the older
+pins, whose layouts are unchanged, so a datapath pinned before them is adopted as it
+is (its connections in `ct` move to `ct_live` as their next packets come).
 """
 
 from __future__ import annotations
@@ -116,9 +123,12 @@ LAYOUT = {"ipcache4": (bpfc.IP4_KEY.size, bpfc.IP_INFO.size),
           "policy": (bpfc.POLICY_KEY.size, bpfc.POLICY_VALUE.size),
           "meta": (bpfc.META_KEY.size, bpfc.META_VALUE.size),
           "guard": (bpfc.GUARD_KEY.size, bpfc.GUARD_VALUE.size),
-          "config": (4, 16), "ct": (40, 24)}
-MAP_NAMES = ("ipcache4", "ipcache6", "policy", "config", "ct", "frag", "guard", "events",
-             "meta", "ratelimit", "stats")
+          "config": (4, 16), "ct": (bpfc.CT_KEY.size, bpfc.CT_VALUE.size),
+          "ct_live": (bpfc.CT_KEY.size, bpfc.CT_VALUE.size),
+          "ct_owners": (bpfc.CT_OWNER.size, bpfc.CT_OWNER.size)}
+MAP_NAMES = ("ipcache4", "ipcache6", "policy", "config", "ct", "ct_live", "ct_owners", "frag",
+             "guard", "events", "meta", "ratelimit", "stats")
+CT_MAPS = ("ct", "ct_live", "ct_owners")  # connection tracking: emptied together
 CONFIG = struct.Struct("=IIQ")  # slot, log rate, generation
 EVENT = struct.Struct("=QIIBBBB2s2s16s16sB7x")
 STATS = ("allowed", "denied", "conntrack", "rejudged", "cut", "passed", "fragments_dropped",
@@ -723,6 +733,8 @@ class EbpfDatapath:
         if repaired:
             self.last_drift = self.last_drift or Plan()
             self.last_drift_details += [f"program detached: {r}" for r in repaired]
+        if verify:
+            self.sweep_connections()
         self._state, self._applied, self._slot, self._kgen = state, desired, active, kgen
         self._guards = guards
         self._guard_ports = {i: n for i, n in ports.items() if n in state.guards}
@@ -775,9 +787,31 @@ class EbpfDatapath:
             if not self._exists():
                 return 0
             self._load()
-            keys = list(libbpf.keys(self._maps["ct"], LAYOUT["ct"][0]))
-            libbpf.delete_batch(self._maps["ct"], keys, LAYOUT["ct"][0])
-            return len(keys)
+            forgotten = 0
+            for m in CT_MAPS:
+                keys = list(libbpf.keys(self._maps[m], LAYOUT[m][0]))
+                libbpf.delete_batch(self._maps[m], keys, LAYOUT[m][0])
+                forgotten += len(keys) if m != "ct_owners" else 0
+            return forgotten
+
+    def sweep_connections(self) -> int:
+        """Delete the established connections that expired without a packet to notice
+        (the program deletes an entry only when a packet looks it up), and count again
+        what each port holds of `ct_live` (its share; a count a race left off is set
+        right). Run with every verifying apply. Returns the entries deleted."""
+        fd, owners = self._maps["ct_live"], self._maps["ct_owners"]
+        expired, held = bpfc.ct_sweep(libbpf.dump(fd, *LAYOUT["ct_live"]),
+                                      time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        if expired:
+            libbpf.delete_batch(fd, expired, LAYOUT["ct_live"][0])
+        size = bpfc.CT_OWNER.size
+        counted = {bpfc.CT_OWNER.pack(o): bpfc.CT_OWNER.pack(n) for o, n in held.items()}
+        gone = [k for k in libbpf.keys(owners, size) if k not in counted]
+        if counted:
+            libbpf.update_batch(owners, list(counted), list(counted.values()), size, size)
+        if gone:
+            libbpf.delete_batch(owners, gone, size)
+        return len(expired)
 
     def stats(self) -> dict[str, int]:
         """The program's counters, summed over CPUs."""
