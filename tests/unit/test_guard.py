@@ -41,12 +41,12 @@ def test_each_local_port_is_bound_to_its_endpoints_addresses_and_mac() -> None:
     assert rs.counts()["guarded_ports"] == 2
 
 
-def test_two_endpoints_behind_one_port_share_it_and_a_mac_only_if_they_agree() -> None:
-    assert guards_of([ep("a", "10.0.0.1", port="p", mac=MAC_A),
-                      ep("b", "10.0.0.2", port="p", mac=MAC_B)]) == {
-        "p": Guard(("10.0.0.1", "10.0.0.2"), "")}
-    assert guards_of([ep("a", "10.0.0.1", port="p", mac=MAC_A),
-                      ep("b", "10.0.0.2", port="p", mac=MAC_A)])["p"].mac == MAC_A
+def test_a_port_two_endpoints_claim_is_bound_to_nothing() -> None:
+    """Admission refuses the pair; records stored before it did are held closed, and
+    their port passes no address of either (whichever order they come in)."""
+    a, b = ep("a", "10.0.0.1", port="p", mac=MAC_A), ep("b", "10.0.0.2", port="p", mac=MAC_B)
+    assert guards_of([a, b]) == guards_of([b, a]) == {"p": Guard((), "")}
+    assert guards_of([a, ep("c", "10.0.0.3", port="q")])["p"] == Guard(("10.0.0.1",), MAC_A)
 
 
 def test_the_incremental_compiler_keeps_the_guards_and_plans_only_their_change() -> None:

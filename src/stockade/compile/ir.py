@@ -195,11 +195,5 @@ def guard_of(addresses: Iterable[str], mac: str = "") -> Guard:
     return Guard(tuple(sorted(set(addresses))), mac)
 
 
-def merge_guards(a: Guard, b: Guard) -> Guard:
-    """Two pods behind one port (not what a plumber makes): both one's addresses, and
-    the MAC only when they agree."""
-    return guard_of((*a.addresses, *b.addresses), a.mac if a.mac == b.mac else "")
-
-
 def _element_key(e: Element) -> tuple[str, Element]:
     return (str(type(e)), e)

@@ -24,7 +24,6 @@ from stockade.compile.ir import (
     Ruleset,
     content_name,
     guard_of,
-    merge_guards,
 )
 from stockade.compile.membership import (
     AllEndpoints,
@@ -531,12 +530,16 @@ def clear_caches() -> None:
 
 
 def guards_of(endpoints: Iterable[Endpoint]) -> dict[str, Guard]:
-    """Each bridge port of this node's endpoints, bound to its endpoints' addresses."""
+    """Each bridge port of this node's endpoints, bound to its endpoint's addresses and MAC.
+
+    A port two endpoints claim is bound to nothing: it passes no address of either
+    (fail closed) and every datapath can hold it. Admission refuses such a pair, so
+    only records stored before it did get here, and those are held closed anyway.
+    """
     out: dict[str, Guard] = {}
     for ep in endpoints:
         if ep.port and not ep.remote:
-            g = guard_of(ep.ips, ep.mac)
-            out[ep.port] = merge_guards(out[ep.port], g) if ep.port in out else g
+            out[ep.port] = guard_of(()) if ep.port in out else guard_of(ep.ips, ep.mac)
     return dict(sorted(out.items()))
 
 
