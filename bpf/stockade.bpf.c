@@ -7,11 +7,11 @@
  * to what its pod owns, before conntrack (a forged SYN must not leave an entry whose
  * reversed tuple then lets "replies" through): the Ethernet source is the pod's MAC
  * (when known); no VLAN tag; IPv4 only from the pod's IPv4 address; IPv6 from its
- * IPv6 address, a link-local one or :: (neighbour discovery), and a neighbour
- * advertisement's target its own address or link-local, and no router advertisement
- * or redirect; ARP claiming only its IPv4 address (or 0.0.0.0, a probe) at its MAC;
- * no other ethertype. A port without an
- * entry is unguarded, as before guards existed.
+ * IPv6 address, and from a link-local one or :: only neighbour discovery and MLD; a
+ * neighbour advertisement's target its own address or link-local; no router
+ * advertisement or redirect; ARP claiming only its IPv4 address (or 0.0.0.0, a
+ * probe) at its MAC; no other ethertype. A port without an entry is unguarded, as
+ * before guards existed.
  *
  * Then per packet, as the nftables forward chain does:
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
@@ -861,6 +861,13 @@ static __always_inline int own6(const struct guard *g, const __u32 *a)
 	return (g->flags & GUARD_V6) && same_addr(a, g->addr6);
 }
 
+/* MLD (queries, reports, done, v2 reports), router solicitations, neighbour
+ * solicitations and advertisements: what a host sends from link-local or ::. */
+static __always_inline int nd_or_mld(__u8 type)
+{
+	return (type >= 130 && type <= 133) || type == 135 || type == 136 || type == 143;
+}
+
 /* An ARP frame claims its sender's addresses: only an Ethernet/IPv4 one can be held to
  * the pod's, so any other (or a short one) is refused. */
 static __always_inline int arp_spoofed(struct __sk_buff *skb, const struct guard *g)
@@ -898,18 +905,23 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 		return eth->h_proto != bpf_htons(ETH_P_ARP) || arp_spoofed(skb, g);
 	if (p->family == 4)
 		return !(g->flags & GUARD_V4) || p->src[0] != g->addr4;
-	/* link-local and :: sources: neighbour discovery, DAD, MLD, which no policy judges
-	 * by (no ipcache entry holds them) */
-	if (!own6(g, p->src) && !link_local6(p->src) && !unspecified6(p->src))
+	/* link-local and :: sources: neighbour discovery, DAD, MLD only (below). No policy
+	 * names those addresses: pods on one bridge share a link, and a pod's datagram
+	 * from its link-local address to another's would pass around the other's
+	 * isolation. */
+	int own = own6(g, p->src);
+	if (!own && !link_local6(p->src) && !unspecified6(p->src))
 		return 1;
 	if (p->fragment)
-		return 0; /* payload: its first fragment was held to the rules below */
+		return !own; /* payload: its first fragment was held to the rules below */
 	/* the walk ran out of extension headers: what follows could be an advertisement */
 	if (p->proto == 0 || p->proto == 43 || p->proto == 44 || p->proto == 60)
 		return 1;
 	/* a pod is no router: its advertisements would route its neighbours (and the host)
 	 * through it, its redirects move their routes (CVE-2020-10749) */
 	if (p->proto == PROTO_ICMPV6 && (p->icmp_type == 134 || p->icmp_type == 137))
+		return 1;
+	if (!own && !(p->proto == PROTO_ICMPV6 && nd_or_mld(p->icmp_type)))
 		return 1;
 	if (p->proto == PROTO_ICMPV6 && p->icmp_type == 136) {
 		/* a neighbour advertisement claims its target: it must be the pod's */

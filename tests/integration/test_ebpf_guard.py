@@ -157,14 +157,17 @@ def test_an_unguarded_port_is_judged_as_before(trio, judge) -> None:
     assert judge(_eth(c.mac, 0x88CC, bytes(46)), c) == PASSED
 
 
-def test_ipv6_from_its_own_link_local_or_unspecified_source(trio, judge) -> None:
+def test_ipv6_from_its_own_address_and_nd_from_link_local_or_unspecified(trio, judge) -> None:
     a, b, c = trio.a, trio.b, trio.c
     assert judge(_eth(b.mac, 0x86DD, _udp6(b.address6, c.address6)), b) == PASSED
     assert judge(_eth(b.mac, 0x86DD, _udp6(a.address6, c.address6)), b) == SHOT
     assert judge(_eth(b.mac, 0x86DD, _udp6("fd00:244::99", c.address6)), b) == SHOT
-    assert judge(_eth(b.mac, 0x86DD, _udp6("fe80::1234", "ff02::1")), b) == PASSED
+    assert judge(_eth(b.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == PASSED
     assert judge(_eth(b.mac, 0x86DD, _ns("::", b.address6)), b) == PASSED  # DAD
-    assert judge(_eth(a.mac, 0x86DD, _udp6("fe80::1234", "ff02::1")), b) == SHOT  # a's MAC
+    assert judge(_eth(a.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == SHOT  # a's MAC
+    # anything else from link-local: no policy names the address, so none would judge it
+    assert judge(_eth(b.mac, 0x86DD, _udp6("fe80::1234", "fe80::c")), b) == SHOT
+    assert judge(_eth(b.mac, 0x86DD, _udp6("fe80::1234", "ff02::1")), b) == SHOT
 
 
 def test_a_neighbour_advertisement_claims_only_the_ports_address(trio, judge) -> None:

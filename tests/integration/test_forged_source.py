@@ -10,13 +10,17 @@ CAP_NET_RAW):
 * an ARP request to c from a's IPv4 address at b's MAC: c would learn it, and its
   datagrams to a would then reach b, although b's own isolation admits nothing.
 
+and more: a router advertisement, a redirect, a datagram to c's link-local address
+(which no policy names).
+
 Each datapath binds every pod's bridge port to its addresses and MAC (`compile.ir.
-Guard`): both frames are dropped at b's port. `Impersonated` is the failure that
+Guard`): all of these are dropped at b's port. `Impersonated` is the failure that
 would say otherwise; any other failure is the test's own set-up.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -431,3 +435,45 @@ def test_a_pods_redirect_reaches_no_one(trio: Any, datapath: Datapath) -> None:
     assert "136" in got, got
     if got & {"134", "137"}:
         raise Impersonated(f"c received ICMPv6 of types {sorted(got)}, b's among them")
+
+
+def _link_local(netns: str, ifname: str) -> str:
+    """The interface's link-local address, once usable (duplicate detection done)."""
+    deadline = time.monotonic() + 5
+    while True:
+        out = subprocess.run(["ip", "-n", netns, "-j", "-6", "addr", "show", "dev", ifname],
+                             capture_output=True, text=True, check=True).stdout
+        found = [a for link in json.loads(out) for a in link.get("addr_info", ())
+                 if a.get("scope") == "link" and "local" in a]
+        if (found and not found[0].get("tentative")) or time.monotonic() > deadline:
+            return str(found[0]["local"])
+        time.sleep(0.1)
+
+
+# One UDP datagram to (argv[1] link-local, argv[2] interface, argv[3] port): a plain
+# socket, no capability needed.
+SEND_LINK_LOCAL = """
+import socket, sys, time
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+for _ in range(3):  # the first may wait for neighbour discovery
+    u.sendto(b"over-link-local", (sys.argv[1] + "%" + sys.argv[2], int(sys.argv[3])))
+    time.sleep(0.2)
+"""
+
+
+def test_a_link_local_address_is_no_way_around_isolation(trio: Any,
+                                                         datapath: Datapath) -> None:
+    """Pods on one bridge share a link, so each has a link-local address the others can
+    reach, which no policy names: c admits UDP/5003 from a only, and b's datagram to
+    c's link-local address must not get in any more than one to c's own."""
+    b, c = trio.b, trio.c
+    sink = python_in(c.netns, SINK, "6", str(PORT))
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        _link_local(b.netns, b.ifname)  # b's own, to send from
+        run_in(b.netns, SEND_LINK_LOCAL, _link_local(c.netns, c.ifname), b.ifname,
+               str(PORT))
+    finally:
+        got = collected(sink)
+    if got:
+        raise Impersonated(f"b reached isolated c over its link-local address: {got}")

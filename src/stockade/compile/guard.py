@@ -28,7 +28,7 @@ family::
         icmpv6 type nd-neighbor-advert, target neither iifname's (@t6) nor link-local: drop
         iifname . ip saddr @a4 accept
         iifname . ip6 saddr @a6 accept
-        ip6 saddr { ::, fe80::/10 } accept                 neighbour discovery, MLD
+        icmpv6 type { ND, MLD } ip6 saddr { ::, fe80::/10 } accept   and nothing else
         drop                                               anything else: other ethertypes,
                                                            VLAN tags, foreign sources
 
@@ -50,7 +50,7 @@ from stockade.compile.ir import Guard, guard_of
 
 FAMILY = "bridge"
 CHAIN = "guard"
-VERSION = "guard v2"
+VERSION = "guard v3"
 PORTS, MACPORTS, MACS, A4, A6, T6 = "ports", "macports", "macs", "a4", "a6", "t6"
 M4, M6 = "m4", "m6"
 SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6)
@@ -65,6 +65,10 @@ _SET_DECLS = {PORTS: "type ifname", MACPORTS: "type ifname", MACS: "type ifname 
               M4: "type ifname . ether_addr . ipv4_addr",
               M6: "type ifname . ether_addr . ipv6_addr"}
 _ARP = "arp htype 1 arp ptype ip arp hlen 6 arp plen 4"
+# What a host sends from a link-local address or :: (types 130-133, 135, 136, 143)
+_ND_MLD = ("mld-listener-query", "mld-listener-report", "mld-listener-done",
+           "nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert",
+           "mld2-listener-report")
 
 # The chain's rules as text (sent) and as libnftables 1.0.6 lists them back (compared,
 # in `compile.nft.canonical_expr` form), with their comments.
@@ -86,7 +90,10 @@ RULES: tuple[tuple[str, str], ...] = (
      "@th,64,16 & 0xffc0 != 0xfe80 drop", "advert foreign target"),
     ("iifname . ip saddr @a4 accept", "own ipv4"),
     ("iifname . ip6 saddr @a6 accept", "own ipv6"),
-    ("ip6 saddr { ::, fe80::/10 } accept", "ipv6 unspecified or link-local"),
+    # No policy names link-local addresses, and pods on one bridge share a link: from
+    # one, anything but neighbour discovery and MLD would pass around policy.
+    (f"icmpv6 type {{ {', '.join(_ND_MLD)} }} ip6 saddr {{ ::, fe80::/10 }} accept",
+     "nd or mld from link-local or unspecified"),
     ("drop", "anything else"),
 )
 
@@ -131,7 +138,8 @@ LISTED: tuple[list[dict[str, Any]], ...] = (
      _m({"&": [_raw(64, 16), 65472]}, 65152, "!="), {"drop": None}],
     [_m({"concat": [_iif(), _pl("ip", "saddr")]}, "@a4"), {"accept": None}],
     [_m({"concat": [_iif(), _pl("ip6", "saddr")]}, "@a6"), {"accept": None}],
-    [_m(_pl("ip6", "saddr"), {"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}),
+    [_m(_pl("icmpv6", "type"), {"set": list(_ND_MLD)}),
+     _m(_pl("ip6", "saddr"), {"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}),
      {"accept": None}],
     [{"drop": None}],
 )
