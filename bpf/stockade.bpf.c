@@ -10,8 +10,8 @@
  * IPv6 address, and from a link-local one or :: only neighbour discovery and MLD; a
  * neighbour advertisement's target its own address or link-local; no router
  * advertisement or redirect; ARP claiming only its IPv4 address (or 0.0.0.0, a
- * probe) at its MAC; no other ethertype. A port without an entry is unguarded, as
- * before guards existed.
+ * probe) at its MAC; no other ethertype; no IP broadcast or multicast but neighbour
+ * discovery and MLD. A port without an entry is unguarded, as before guards existed.
  *
  * Then per packet, as the nftables forward chain does:
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
@@ -903,8 +903,11 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 	 * would hide what follows it, is another ethertype too) */
 	if (rc > 0)
 		return eth->h_proto != bpf_htons(ETH_P_ARP) || arp_spoofed(skb, g);
+	/* to every pod at once (broadcast, multicast): no pod's address is its destination,
+	 * so no pod's ingress policy would judge it; only neighbour discovery and MLD */
+	int group = eth->h_dest[0] & 1;
 	if (p->family == 4)
-		return !(g->flags & GUARD_V4) || p->src[0] != g->addr4;
+		return !(g->flags & GUARD_V4) || p->src[0] != g->addr4 || group;
 	/* link-local and :: sources: neighbour discovery, DAD, MLD only (below). No policy
 	 * names those addresses: pods on one bridge share a link, and a pod's datagram
 	 * from its link-local address to another's would pass around the other's
@@ -921,7 +924,7 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 	 * through it, its redirects move their routes (CVE-2020-10749) */
 	if (p->proto == PROTO_ICMPV6 && (p->icmp_type == 134 || p->icmp_type == 137))
 		return 1;
-	if (!own && !(p->proto == PROTO_ICMPV6 && nd_or_mld(p->icmp_type)))
+	if ((!own || group) && !(p->proto == PROTO_ICMPV6 && nd_or_mld(p->icmp_type)))
 		return 1;
 	if (p->proto == PROTO_ICMPV6 && p->icmp_type == 136) {
 		/* a neighbour advertisement claims its target: it must be the pod's */

@@ -66,8 +66,8 @@ def _mac(text: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
 
 
-def _eth(src_mac: str, ethertype: int, payload: bytes) -> bytes:
-    return b"\x02" * 6 + _mac(src_mac) + struct.pack("!H", ethertype) + payload
+def _eth(src_mac: str, ethertype: int, payload: bytes, dst_mac: str = "02" * 6) -> bytes:
+    return _mac(dst_mac) + _mac(src_mac) + struct.pack("!H", ethertype) + payload
 
 
 def _udp4(src: str, dst: str) -> bytes:
@@ -212,7 +212,7 @@ def test_tags_and_other_ethertypes_do_not_leave_a_guarded_port(trio, judge) -> N
 # receiving kernel moves the tag into the skb before tc (skb->vlan_present).
 TAGGED = """
 import socket, struct, sys
-ifname, smac, src, dst = sys.argv[1:5]
+ifname, smac, src, dst, dmac = sys.argv[1:6]
 mac = lambda text: bytes.fromhex(text.replace(":", ""))
 udp = struct.pack("!HHHH", 4444, 5003, 12, 0) + b"tag!"
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
@@ -221,7 +221,7 @@ raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 raw.bind((ifname, 0))
 for kind in (0x8100, 0x0800):
     tag = struct.pack("!HH", 0x8100, 7) if kind == 0x8100 else b""
-    raw.send(b"\\xff" * 6 + mac(smac) + tag + struct.pack("!H", 0x0800) + ip)
+    raw.send(mac(dmac) + mac(smac) + tag + struct.pack("!H", 0x0800) + ip)
 """
 
 
@@ -229,7 +229,7 @@ def test_a_tagged_frame_through_the_veth_is_dropped(trio, datapath, judge) -> No
     b, c = trio.b, trio.c
     before = datapath.stats()["spoofed_dropped"]
     subprocess.run(["ip", "netns", "exec", b.netns, sys.executable, "-c", TAGGED, b.ifname,
-                    b.mac, b.address4, c.address4], check=True, timeout=30)
+                    b.mac, b.address4, c.address4, c.mac], check=True, timeout=30)
     # the tagged one: dropped; the same datagram untagged: not
     assert datapath.stats()["spoofed_dropped"] == before + 1
 
@@ -375,3 +375,18 @@ def test_remove_takes_the_guard_map_with_it(trio) -> None:
         assert _guard_map(again) == {}  # a new map, not the removed one's entries
     finally:
         again.remove()
+
+
+def test_ip_broadcast_and_multicast_leave_only_as_nd_or_mld(trio, judge) -> None:
+    """No pod's ingress policy judges a datagram to every pod at once: from a guarded port
+    none leaves, but neighbour discovery and MLD (which go to multicast addresses)."""
+    b = trio.b
+    everyone = "ff:ff:ff:ff:ff:ff"
+    assert judge(_eth(b.mac, 0x0800, _udp4(b.address4, "10.244.255.255"), everyone), b) \
+        == SHOT
+    assert judge(_eth(b.mac, 0x0800, _udp4(b.address4, "224.0.0.1"), "01:00:5e:00:00:01"),
+                 b) == SHOT
+    assert judge(_eth(b.mac, 0x86DD, _udp6(b.address6, "ff02::1"), "33:33:00:00:00:01"),
+                 b) == SHOT
+    ns = _eth(b.mac, 0x86DD, _ns(b.address6, b.address6), "33:33:ff:00:00:01")
+    assert judge(ns, b) == PASSED  # from its own address to a solicited-node group

@@ -11,7 +11,7 @@ CAP_NET_RAW):
   datagrams to a would then reach b, although b's own isolation admits nothing.
 
 and more: a router advertisement, a redirect, a datagram to c's link-local address
-(which no policy names).
+(which no policy names), broadcasts and multicasts (which no pod's ingress judges).
 
 Each datapath binds every pod's bridge port to its addresses and MAC (`compile.ir.
 Guard`): all of these are dropped at b's port. `Impersonated` is the failure that
@@ -477,3 +477,45 @@ def test_a_link_local_address_is_no_way_around_isolation(trio: Any,
         got = collected(sink)
     if got:
         raise Impersonated(f"b reached isolated c over its link-local address: {got}")
+
+
+# Datagrams to every pod at once (argv: family, b's own address, port): the subnet's
+# broadcast address and all-hosts multicast (IPv4), all-nodes multicast (IPv6), from b's
+# own address; plain sockets.
+SEND_TO_ALL = """
+import socket, sys, time
+family, own, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if family == "4":
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    u.bind((own, 0))
+    targets = [("10.244.255.255", port), ("255.255.255.255", port), ("224.0.0.1", port)]
+else:
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.bind((own, 0))
+    targets = [("ff02::1%eth0", port)]
+for _ in range(3):
+    for t in targets:
+        try:
+            u.sendto(b"to-everyone", t)
+        except OSError:
+            pass
+    time.sleep(0.2)
+"""
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_broadcast_and_multicast_are_no_way_around_isolation(trio: Any, datapath: Datapath,
+                                                             family: int) -> None:
+    """A datagram to every pod at once (broadcast, multicast) has no pod's address as its
+    destination, so no pod's ingress policy would judge it: isolated c must not get it."""
+    b, c = trio.b, trio.c
+    sink = python_in(c.netns, SINK, str(family), str(PORT))
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        run_in(b.netns, SEND_TO_ALL, str(family), b.address4 if family == 4 else b.address6,
+               str(PORT))
+    finally:
+        got = collected(sink)
+    if got:
+        raise Impersonated(f"b reached isolated c by broadcast or multicast: {got}")

@@ -50,7 +50,7 @@ from stockade.compile.ir import Guard, guard_of
 
 FAMILY = "bridge"
 CHAIN = "guard"
-VERSION = "guard v3"
+VERSION = "guard v4"
 PORTS, MACPORTS, MACS, A4, A6, T6 = "ports", "macports", "macs", "a4", "a6", "t6"
 M4, M6 = "m4", "m6"
 SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6)
@@ -70,15 +70,27 @@ _ND_MLD = ("mld-listener-query", "mld-listener-report", "mld-listener-done",
            "nd-router-solicit", "nd-neighbor-solicit", "nd-neighbor-advert",
            "mld2-listener-report")
 
+_GROUP = "{ broadcast, multicast }"  # frames to more than one host
+
 # The chain's rules as text (sent) and as libnftables 1.0.6 lists them back (compared,
 # in `compile.nft.canonical_expr` form), with their comments.
 RULES: tuple[tuple[str, str], ...] = (
     # What nearly every frame is, first: its port, MAC and source in one lookup (only a
     # guarded port has elements there). Not an advertisement: its target is checked below.
-    ("ether type ip iifname . ether saddr . ip saddr @m4 accept", "own mac and ipv4"),
-    ("ether type ip6 meta l4proto != ipv6-icmp iifname . ether saddr . ip6 saddr @m6 accept",
-     "own mac and ipv6"),
+    # (To one pod: a broadcast or multicast is checked below.)
+    (f"ether type ip meta pkttype != {_GROUP} iifname . ether saddr . ip saddr @m4 accept",
+     "own mac and ipv4"),
+    (f"ether type ip6 meta pkttype != {_GROUP} meta l4proto != ipv6-icmp "
+     "iifname . ether saddr . ip6 saddr @m6 accept", "own mac and ipv6"),
     ("iifname != @ports accept", "unguarded port"),
+    # A datagram to every pod at once has no pod's address as its destination, so no
+    # pod's ingress policy would judge it: pods send none, but neighbour discovery
+    # and MLD.
+    (f"meta pkttype {_GROUP} ether type ip drop", "ipv4 broadcast or multicast"),
+    (f"meta pkttype {_GROUP} ether type ip6 meta l4proto != ipv6-icmp drop",
+     "ipv6 multicast"),
+    (f"meta pkttype {_GROUP} icmpv6 type != {{ {', '.join(_ND_MLD)} }} drop",
+     "ipv6 multicast but nd or mld"),
     ("iifname @macports iifname . ether saddr != @macs drop", "foreign mac"),
     ("iifname @macports iifname . arp saddr ether != @macs drop", "arp foreign mac"),
     (f"{_ARP} iifname . arp saddr ip @a4 accept", "arp own address"),
@@ -117,13 +129,23 @@ def _m(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
 _ARP_EXPR = [_m(_pl("arp", "htype"), 1), _m(_pl("arp", "ptype"), "ip"),
              _m(_pl("arp", "hlen"), 6), _m(_pl("arp", "plen"), 4)]
 
+_PKTTYPE = {"meta": {"key": "pkttype"}}
+_GROUP_SET = {"set": ["broadcast", "multicast"]}
+
 LISTED: tuple[list[dict[str, Any]], ...] = (
-    [_m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip", "saddr")]}, "@m4"),
+    [_m(_PKTTYPE, _GROUP_SET, "!="),
+     _m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip", "saddr")]}, "@m4"),
      {"accept": None}],
-    [_m({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!="),
+    [_m(_PKTTYPE, _GROUP_SET, "!="),
+     _m({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!="),
      _m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip6", "saddr")]}, "@m6"),
      {"accept": None}],
     [_m(_iif(), "@ports", "!="), {"accept": None}],
+    [_m(_PKTTYPE, _GROUP_SET), _m(_pl("ether", "type"), "ip"), {"drop": None}],
+    [_m(_PKTTYPE, _GROUP_SET), _m(_pl("ether", "type"), "ip6"),
+     _m({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!="), {"drop": None}],
+    [_m(_PKTTYPE, _GROUP_SET), _m(_pl("icmpv6", "type"), {"set": list(_ND_MLD)}, "!="),
+     {"drop": None}],
     [_m(_iif(), "@macports"), _m({"concat": [_iif(), _pl("ether", "saddr")]}, "@macs", "!="),
      {"drop": None}],
     [_m(_iif(), "@macports"),
