@@ -17,9 +17,10 @@ family::
     set t6        { typeof iifname . @th,64,128 }  a6 again, as a neighbour advert's target
     set m4, m6    { type ifname . ether_addr . ipv4_addr / ipv6_addr }  a4, a6 with the MAC
     chain guard   hook prerouting, priority filter (before br_netfilter), policy accept
-        iifname . ether saddr . ip saddr @m4 accept        the common case, one lookup
-        meta l4proto != ipv6-icmp iifname . ether saddr . ip6 saddr @m6 accept
+        pkttype unicast, iifname . ether saddr . ip saddr @m4 accept   the common case
+        pkttype unicast, not icmpv6, iifname . ether saddr . ip6 saddr @m6 accept
         iifname != @ports accept                           unguarded: not a pod of ours
+        pkttype broadcast or multicast: IPv4 dropped, IPv6 but ND and MLD dropped
         iifname @macports iifname . ether saddr != @macs drop
         iifname @macports iifname . arp saddr ether != @macs drop
         arp (Ethernet/IPv4) iifname . arp saddr ip @a4 accept
