@@ -13,7 +13,7 @@ Public API::
     BRIDGE_NETFILTER                                # the two bridge-nf-call-* sysctls
     ensure_bridge_netfilter(netns=None, forward=False) -> None
     bridge_netfilter_on() -> bool                   # read only, in this namespace
-    refuse_router_adverts(ifname, netns=None) -> None  # IPv6 accept_ra = 0
+    refuse_router_adverts(ifname, netns=None) -> bool  # IPv6 accept_ra = 0
     router_adverts_refused(ifname) -> bool          # read only, in this namespace
 
 The bridge-netfilter sysctls are set here and nowhere else: by the Plumber
@@ -23,11 +23,16 @@ feature probe all call `ensure_bridge_netfilter`.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 
 from stockade.errors import NetError
 from stockade.net.namespace import entered
+
+log = logging.getLogger("stockade.net")
+_READ_ONLY_TOLD: list[str] = []
 
 _NAME = re.compile(r"^[a-z0-9_-]+(\.[A-Za-z0-9_-]+)+$")
 
@@ -91,28 +96,43 @@ def _conf_path(ifname: str, key: str) -> str:
     return f"/proc/sys/net/ipv6/conf/{ifname}/{key}"
 
 
-def refuse_router_adverts(ifname: str, netns: str | None = None) -> None:
+def refuse_router_adverts(ifname: str, netns: str | None = None) -> bool:
     """``ifname`` in ``netns`` (None: here) ignores IPv6 router advertisements
     (``accept_ra`` = 0): an address's routes and prefixes are what stockade configured,
     not what a neighbour announces. A pod that could send them (a port without a
     guard) would otherwise route its neighbours, or the host, through itself
-    (CVE-2020-10749). Nothing to do where IPv6 is off (no such directory)."""
+    (CVE-2020-10749). Nothing to do where IPv6 is off (no such directory).
+
+    Defence in depth behind the port guard, which drops a pod's advertisements:
+    where /proc/sys is read-only (an agent in a container without a writable one)
+    it is left as it is, with a warning, and False returned.
+    """
     path = _conf_path(ifname, "accept_ra")
     with entered(netns):
         try:
             if _read(path) == "0":
-                return
+                return True
             with open(path, "w") as f:
                 f.write("0")
+            return True
         except FileNotFoundError:
-            return  # IPv6 is off here (the caller made the interface)
+            return True  # IPv6 is off here (the caller made the interface)
         except OSError as exc:
+            if exc.errno == errno.EROFS:
+                if not _READ_ONLY_TOLD:
+                    _READ_ONLY_TOLD.append(ifname)  # once per process, not per pod
+                    log.warning("accept_ra left as it is: /proc/sys is read-only here",
+                                extra={"fields": {"interface": ifname}})
+                return False
             where = f" in network namespace {netns!r}" if netns else ""
             raise NetError(f"cannot set accept_ra=0 on {ifname}{where}: {exc}") from exc
 
 
 def router_adverts_refused(ifname: str) -> bool:
-    """Read only, here: whether `refuse_router_adverts` has nothing to do."""
+    """Read only, here: whether `refuse_router_adverts` has nothing to do (or can do
+    nothing: /proc/sys read-only)."""
+    if os.statvfs("/proc/sys").f_flag & os.ST_RDONLY:
+        return True
     try:
         return _read(_conf_path(ifname, "accept_ra")) == "0"
     except FileNotFoundError:
