@@ -247,7 +247,8 @@ class Plumbing:
                 for ip in ips:
                     value = ipaddress.ip_interface(ip.address)
                     self.inner.add_address(link.index, str(value.ip), value.network.prefixlen)
-            refuse_router_adverts(ifname, netns)  # before it is up to hear one
+            with entered_fd(self.fd, netns):  # the namespace this ADD holds open
+                refuse_router_adverts(ifname)  # before it is up to hear one
             with self.inner.batch():
                 self.inner.set_up(_LOOPBACK)
                 self.inner.set_up(link.index)

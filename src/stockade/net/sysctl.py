@@ -65,8 +65,7 @@ def read_sysctl(name: str, netns: str | None = None) -> str:
         try:
             return _read(path)
         except OSError as exc:
-            where = f" in network namespace {netns!r}" if netns else ""
-            raise NetError(f"cannot read sysctl {name}{where}: {exc}") from exc
+            raise NetError(f"cannot read sysctl {name}{_where(netns)}: {exc}") from exc
 
 
 def write_sysctl(name: str, value: str | int, netns: str | None = None) -> None:
@@ -75,17 +74,24 @@ def write_sysctl(name: str, value: str | int, netns: str | None = None) -> None:
     Reads first and leaves an equal value alone, so that ensuring a setting
     costs no write and works where /proc/sys is read-only but already right.
     """
-    path = sysctl_path(name)
     wanted = str(value)
     with entered(netns):
         try:
-            if _read(path) == wanted:
-                return
-            with open(path, "w") as f:
-                f.write(wanted)
+            _ensure(sysctl_path(name), wanted)
         except OSError as exc:
-            where = f" in network namespace {netns!r}" if netns else ""
-            raise NetError(f"cannot set sysctl {name}={wanted}{where}: {exc}") from exc
+            raise NetError(f"cannot set sysctl {name}={wanted}{_where(netns)}: {exc}") from exc
+
+
+def _ensure(path: str, wanted: str) -> None:
+    """`wanted` in the file, here; read first, and an equal value left alone."""
+    if _read(path) == wanted:
+        return
+    with open(path, "w") as f:
+        f.write(wanted)
+
+
+def _where(netns: str | None) -> str:
+    return f" in network namespace {netns!r}" if netns else ""
 
 
 def _conf_path(ifname: str, key: str) -> str:
@@ -110,10 +116,7 @@ def refuse_router_adverts(ifname: str, netns: str | None = None) -> bool:
     path = _conf_path(ifname, "accept_ra")
     with entered(netns):
         try:
-            if _read(path) == "0":
-                return True
-            with open(path, "w") as f:
-                f.write("0")
+            _ensure(path, "0")
             return True
         except FileNotFoundError:
             return True  # IPv6 is off here (the caller made the interface)
@@ -124,8 +127,7 @@ def refuse_router_adverts(ifname: str, netns: str | None = None) -> bool:
                     log.warning("accept_ra left as it is: /proc/sys is read-only here",
                                 extra={"fields": {"interface": ifname}})
                 return False
-            where = f" in network namespace {netns!r}" if netns else ""
-            raise NetError(f"cannot set accept_ra=0 on {ifname}{where}: {exc}") from exc
+            raise NetError(f"cannot set accept_ra=0 on {ifname}{_where(netns)}: {exc}") from exc
 
 
 def router_adverts_refused(ifname: str) -> bool:
