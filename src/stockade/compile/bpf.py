@@ -134,16 +134,18 @@ META_VALUE = struct.Struct(f"=I{META_DATA}s")
 
 MAPS = ("ipcache4", "ipcache6", "policy")
 
-# The guard map (struct guard): key the port's ifindex; value the MAC, which of MAC,
-# IPv4 and IPv6 it binds (flags), the IPv4 and the IPv6 address, in network order.
 # Connection tracking (the program's ct_key and ct_value), for the loader's sweep of
 # ct_live: family, protocol, pad, ports, addresses; seen_ns, generation, flags, owner.
+# CT_CLOSING and `ct_timeout` below are the program's own: the two must agree.
 CT_KEY = struct.Struct("=BBH2s2s16s16s")
 CT_VALUE = struct.Struct("=QQII")
 CT_OWNER = struct.Struct("=I")
 CT_CLOSING = 1
 _PROTO_TCP, _PROTO_UDP, _PROTO_SCTP = 6, 17, 132
 _SEC_NS = 1_000_000_000
+
+# The guard map (struct guard): key the port's ifindex; value the MAC, which of MAC,
+# IPv4 and IPv6 it binds (flags), the IPv4 and the IPv6 address, in network order.
 GUARD_KEY = struct.Struct("=I")
 GUARD_VALUE = struct.Struct("=6sBx4s16s")
 GUARD_MAC, GUARD_V4, GUARD_V6 = 1, 2, 4
