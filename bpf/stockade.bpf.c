@@ -11,7 +11,10 @@
  * neighbour advertisement's target its own address or link-local; no router
  * advertisement or redirect; ARP claiming only its IPv4 address (or 0.0.0.0, a
  * probe) at its MAC; no other ethertype; no IP broadcast or multicast but neighbour
- * discovery and MLD. A port without an entry is unguarded, as before guards existed.
+ * discovery and MLD. A packet entering a guarded pod (stockade_to_pod) to one host is
+ * for the pod's own address, or is neighbour discovery or MLD: a pod takes one to a
+ * broadcast or multicast address, or to its link-local one, as its own, and no policy
+ * names those. A port without an entry is unguarded, as before guards existed.
  *
  * Then per packet, as the nftables forward chain does:
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
@@ -936,7 +939,25 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 	return 0;
 }
 
-/* `g`: the port's guard (from_pod), or NULL (unguarded, and to_pod). */
+/* Whether an IP frame to one host entering a guarded port is for an address the pod
+ * would take as its own though no policy names it: a broadcast or multicast address
+ * (written to the pod's MAC), its link-local address. Its ingress policy judges none
+ * of those: only its own addresses pass, and neighbour discovery and MLD to any.
+ * Frames to every host are held by the sender's guard. */
+static __always_inline int misdirected(struct __sk_buff *skb, const struct guard *g,
+				       const struct packet *p, int rc)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if (rc > 0 || (void *)(eth + 1) > end || (eth->h_dest[0] & 1))
+		return 0;
+	if (p->family == 4)
+		return !(g->flags & GUARD_V4) || p->dst[0] != g->addr4;
+	return !own6(g, p->dst) && !(p->proto == PROTO_ICMPV6 && nd_or_mld(p->icmp_type));
+}
+
+/* `g`: the port's guard, or NULL (an unguarded port); `hook` 1 from the pod, 2 to it. */
 static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struct guard *g)
 {
 	struct packet p = {};
@@ -949,7 +970,7 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 	int rc = parse(skb, &p);
 	if (rc < 0)
 		return TC_ACT_SHOT; /* a truncated IP header: nothing to judge it by */
-	if (g && spoofed(skb, g, &p, rc)) {
+	if (g && (hook == 1 ? spoofed(skb, g, &p, rc) : misdirected(skb, g, &p, rc))) {
 		count(STAT_SPOOFED);
 		return TC_ACT_SHOT;
 	}
@@ -1079,14 +1100,15 @@ SEC("tc")
 int stockade_from_pod(struct __sk_buff *skb)
 {
 	__u32 port = skb->ifindex;
-	/* the one lookup guards cost: a miss is an unguarded port */
+	/* the one lookup guards cost each way: a miss is an unguarded port */
 	return process(skb, 1, bpf_map_lookup_elem(&guard, &port));
 }
 
 SEC("tc")
 int stockade_to_pod(struct __sk_buff *skb)
 {
-	return process(skb, 2, 0);
+	__u32 port = skb->ifindex;
+	return process(skb, 2, bpf_map_lookup_elem(&guard, &port));
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -390,3 +390,35 @@ def test_ip_broadcast_and_multicast_leave_only_as_nd_or_mld(trio, judge) -> None
                  b) == SHOT
     ns = _eth(b.mac, 0x86DD, _ns(b.address6, b.address6), "33:33:ff:00:00:01")
     assert judge(ns, b) == PASSED  # from its own address to a solicited-node group
+
+
+def test_into_a_guarded_port_only_what_is_for_its_own_address(trio, datapath) -> None:
+    """stockade_to_pod: a frame to one host entering a guarded port is for the pod's own
+    address. One to its MAC with a broadcast, multicast or link-local destination would
+    be taken by the pod as its own, and no policy judges those: dropped. Neighbour
+    discovery goes to any; a frame to every host is the sender guard's business; an
+    unguarded port is judged as before."""
+    a, b, c = trio.a, trio.b, trio.c
+    datapath.apply(compile_cluster(_cluster(trio)))
+    prog = datapath._progs["out"]
+
+    def into(frame: bytes, att: Any) -> int:
+        index = _ifindex(trio, att)
+        with entered(trio.host_netns):
+            return libbpf.test_run(prog, frame, 1, ifindex=index)[0]
+
+    before = datapath.stats()["spoofed_dropped"]
+    assert into(_eth(b.mac, 0x0800, _udp4(b.address4, a.address4), a.mac), a) == PASSED
+    assert into(_eth(b.mac, 0x86DD, _udp6(b.address6, a.address6), a.mac), a) == PASSED
+    for dst in ("10.244.255.255", "255.255.255.255", "224.0.0.1", c.address4):
+        assert into(_eth(b.mac, 0x0800, _udp4(b.address4, dst), a.mac), a) == SHOT, dst
+    for dst in ("ff02::1", "fe80::1", c.address6):
+        assert into(_eth(b.mac, 0x86DD, _udp6(b.address6, dst), a.mac), a) == SHOT, dst
+    assert datapath.stats()["spoofed_dropped"] == before + 7
+    # neighbour discovery to a link-local or multicast address; ARP; to every host
+    assert into(_eth(b.mac, 0x86DD, _ns("fe80::2", "fe80::1"), a.mac), a) == PASSED
+    assert into(_eth(b.mac, 0x0806, _arp(b.mac, b.address4, a.address4), a.mac), a) == PASSED
+    assert into(_eth(b.mac, 0x0800, _udp4(b.address4, "10.244.255.255"),
+                     "ff:ff:ff:ff:ff:ff"), a) == PASSED
+    # c's port is unguarded
+    assert into(_eth(b.mac, 0x0800, _udp4(b.address4, "224.0.0.1"), c.mac), c) == PASSED

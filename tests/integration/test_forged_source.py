@@ -96,6 +96,15 @@ raw.bind((ifname, 0))
 raw.send(mac(dmac) + mac(smac) + struct.pack("!H", kind) + ip + udp)
 """
 
+# FRAME (argv[1]) for each seven arguments after it.
+FRAMES = """
+import sys
+code, args = sys.argv[1], sys.argv[2:]
+for i in range(0, len(args), 7):
+    sys.argv = [sys.argv[0], *args[i:i + 7]]
+    exec(code)
+"""
+
 # An ARP request to (`tip`, `dmac`) from `ip` at `smac`: the asked host learns the asker's
 # address, replacing what it had (after the neighbour entry's locktime, 1 s).
 ARP = """
@@ -270,6 +279,9 @@ def test_the_guard_table_comes_with_the_first_guarded_port(trio: Any, netns_pref
         assert _forged_gets_in(trio, 4)
         assert len(dp.apply(rs).set_guards) == 3
         assert not _forged_gets_in(trio, 4) and dp.diff(rs).empty
+        # read back, the table is as made: every rule as libnftables lists it
+        dp.apply(rs, verify=True)
+        assert dp.last_drift is None, dp.last_drift_details
     finally:
         dp.remove()
 
@@ -519,3 +531,60 @@ def test_broadcast_and_multicast_are_no_way_around_isolation(trio: Any, datapath
         got = collected(sink)
     if got:
         raise Impersonated(f"b reached isolated c by broadcast or multicast: {got}")
+
+
+
+# Datagrams from b's own global address (bound) to c's link-local address: a plain
+# socket, no capability needed.
+SEND_GLOBAL_TO_LINK_LOCAL = """
+import socket, sys, time
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.bind((sys.argv[4], 0))
+for _ in range(3):  # the first may wait for neighbour discovery
+    u.sendto(b"global-to-link-local", (sys.argv[1] + "%" + sys.argv[2], int(sys.argv[3])))
+    time.sleep(0.2)
+"""
+
+
+def test_a_link_local_destination_is_no_way_around_isolation(trio: Any,
+                                                             datapath: Datapath) -> None:
+    """As above, from b's own (global) address, which b's guard lets out: the frame goes
+    to c's MAC, and c's port lets in only what is for c's own address."""
+    b, c = trio.b, trio.c
+    sink = python_in(c.netns, SINK, "6", str(PORT))
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        _link_local(b.netns, b.ifname)
+        run_in(b.netns, SEND_GLOBAL_TO_LINK_LOCAL, _link_local(c.netns, c.ifname), b.ifname,
+               str(PORT), b.address6)
+    finally:
+        got = collected(sink)
+    if got:
+        raise Impersonated(f"b reached isolated c's link-local address from its own: {got}")
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_broadcast_written_to_one_pods_mac_is_no_way_around_isolation(
+        trio: Any, datapath: Datapath, family: int) -> None:
+    """b writes whole frames (CAP_NET_RAW) to c's MAC, from its own MAC and address, to
+    addresses c takes as its own though its ingress policy judges none of them: the
+    subnet's broadcast, the limited broadcast and all-hosts multicast (IPv4), all-nodes
+    multicast and c's link-local address (IPv6). The frames' destination MAC is one
+    host's, so no rule on broadcast frames sees them. a's datagram to c's own address,
+    written the same way, arrives (the control)."""
+    a, b, c = trio.a, trio.b, trio.c
+    own = (lambda att: att.address4) if family == 4 else (lambda att: att.address6)
+    sink = python_in(c.netns, SINK, str(family), str(PORT))
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        dsts = (["10.244.255.255", "255.255.255.255", "224.0.0.1"] if family == 4
+                else ["ff02::1", _link_local(c.netns, c.ifname)])
+        # one process for all (the sink waits 2 s for each)
+        run_in(b.netns, FRAMES, FRAME, *(arg for dst in dsts for arg in (
+            b.ifname, b.mac, c.mac, own(b), dst, str(PORT), "to-" + dst)))
+        run_in(a.netns, FRAME, a.ifname, a.mac, c.mac, own(a), own(c), str(PORT), "from-a")
+    finally:
+        got = collected(sink)
+    assert "from-a" in got, got
+    if got - {"from-a"}:
+        raise Impersonated(f"b reached isolated c, at its MAC: {sorted(got - {'from-a'})}")

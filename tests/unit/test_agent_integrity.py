@@ -118,6 +118,12 @@ def test_two_endpoints_stored_on_one_port_are_both_held() -> None:
     state.apply([PutEndpoint(EndpointRecord(Endpoint("x", n, Labels({}), (ip,), port="v1")))
                  for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))])
     assert quarantine(state) == {k: ["port v1 is held by x/a, x/b"] for k in ("x/a", "x/b")}
+    mac = "02:00:00:00:00:0a"
+    state = AgentState()
+    state.apply([PutEndpoint(EndpointRecord(Endpoint("x", n, Labels({}), (ip,), port=n,
+                                                     mac=mac)))
+                 for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))])
+    assert quarantine(state) == {k: [f"mac {mac} is held by x/a, x/b"] for k in ("x/a", "x/b")}
 
 
 # ---- every path of the agent ---------------------------------------------------------------

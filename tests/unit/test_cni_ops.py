@@ -176,6 +176,18 @@ def test_two_endpoints_cannot_be_bound_to_one_port(node: Node) -> None:
     node.add("c2", endpoint={"hostInterface": "vshared"})  # free once its holder is gone
 
 
+def test_two_endpoints_cannot_have_one_mac(node: Node) -> None:
+    """The port guard holds a frame to a pod's MAC to that pod's addresses: two pods
+    with one MAC could not be told apart, so the second is refused, holding nothing."""
+    node.add("c1", endpoint={"hostInterface": "va", "mac": "02:00:00:00:00:0a"})
+    with pytest.raises(ApiError) as err:
+        node.add("c2", endpoint={"hostInterface": "vb", "mac": "02:00:00:00:00:0a"})
+    assert err.value.lines == ["mac 02:00:00:00:00:0a is held by two endpoints: endpoint "
+                               "x/c1 and endpoint x/c2"]
+    assert set(node.service.state.endpoints) == {"x/c1"}
+    assert node.service.ipam is not None and len(node.service.ipam) == 1
+
+
 def test_a_run_container_of_that_name_is_not_taken_over(node: Node) -> None:
     rec = EndpointRecord(Endpoint("x", "job", Labels({}), ("10.9.0.50",)), owner=OWNER_RUN)
     node.service.commit([PutEndpoint(rec)])

@@ -49,6 +49,26 @@ def test_a_port_two_endpoints_claim_is_bound_to_nothing() -> None:
     assert guards_of([a, ep("c", "10.0.0.3", port="q")])["p"] == Guard(("10.0.0.1",), MAC_A)
 
 
+def test_two_ports_with_one_mac_are_bound_to_nothing() -> None:
+    """A frame to a pod's MAC is held to that pod's addresses: two ports with one MAC
+    could not be told apart, so both pass nothing (admission refuses the pair). The
+    incremental compiler agrees with the bulk one as the MAC is taken and let go."""
+    a, b = ep("a", "10.0.0.1", port="p", mac=MAC_A), ep("b", "10.0.0.2", port="q", mac=MAC_A)
+    c = ep("c", "10.0.0.3", port="r", mac=MAC_B)
+    assert guards_of([a, b, c]) == {"p": Guard((), ""), "q": Guard((), ""),
+                                     "r": Guard(("10.0.0.3",), MAC_B)}
+    inc = IncrementalCompiler.of(cluster(a, c))
+    assert inc.ruleset().guards["p"] == Guard(("10.0.0.1",), MAC_A)
+    for change in (lambda: inc.upsert_endpoint(b),
+                   lambda: inc.upsert_endpoint(replace(b, mac=MAC_B)),  # c's now
+                   lambda: inc.upsert_endpoint(replace(c, mac="02:00:00:00:00:0c")),
+                   lambda: inc.delete_endpoint(b.key),
+                   lambda: inc.upsert_endpoint(replace(b, port="p"))):
+        change()
+        assert inc.ruleset().guards == guards_of(inc.endpoints.values())
+        assert inc.ruleset() == compile_cluster(cluster(*inc.endpoints.values()))
+
+
 def test_the_incremental_compiler_keeps_the_guards_and_plans_only_their_change() -> None:
     a = ep("a", "10.0.0.1", port="vetha", mac=MAC_A)
     b = ep("b", "10.0.0.2", port="vethb")
@@ -143,7 +163,9 @@ def test_reading_the_table_back_finds_the_guards_and_any_difference() -> None:
         "t6": [{"concat": ["vetha", "0xfd000000000000000000000000000001"]},
                {"concat": ["vethb", 1]}],
         "m4": [{"concat": ["vetha", MAC_A, "10.0.0.1"]}],
-        "m6": [{"concat": ["vetha", MAC_A, "fd00::1"]}]}
+        "m6": [{"concat": ["vetha", MAC_A, "fd00::1"]}],
+        "dmacs": [MAC_A], "d4": [{"concat": [MAC_A, "10.0.0.1"]}],
+        "d6": [{"concat": [MAC_A, "fd00::1"]}]}
     kg = guard.parse_guard(_listed("stk", elements), "stk")
     assert kg.intact, kg.drift
     assert kg.guards == {"vetha": guard_of(["10.0.0.1", "fd00::1"], MAC_A),
@@ -155,6 +177,11 @@ def test_reading_the_table_back_finds_the_guards_and_any_difference() -> None:
     # the fast path's binding without the MAC the port has: the port's elements disagree
     kg = guard.parse_guard(_listed("stk", {**elements, "m4": []}), "stk")
     assert set(kg.guards) == {"vethb"} and not kg.intact
+    # a pod's MAC as a destination without its address, or with another: drift
+    for tampered in ({**elements, "d4": []}, {**elements, "dmacs": []},
+                     {**elements, "d6": [{"concat": [MAC_A, "fd00::2"]}]}):
+        kg = guard.parse_guard(_listed("stk", tampered), "stk")
+        assert kg.drift == ["guard sets dmacs, d4, d6: not their ports' MACs and addresses"]
     assert not guard.parse_guard(_listed("stk", elements, rules=len(guard.RULES) - 1),
                                  "stk").intact
     foreign = [{"chain": {"family": "bridge", "table": "stk", "name": "evil"}}]

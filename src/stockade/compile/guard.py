@@ -16,9 +16,14 @@ family::
     set a6        { type ifname . ipv6_addr }
     set t6        { typeof iifname . @th,64,128 }  a6 again, as a neighbour advert's target
     set m4, m6    { type ifname . ether_addr . ipv4_addr / ipv6_addr }  a4, a6 with the MAC
+    set dmacs     { type ether_addr }              guarded pods' MACs, as destinations
+    set d4, d6    { type ether_addr . ipv4_addr / ipv6_addr }  each with its pod's address
     chain guard   hook prerouting, priority filter (before br_netfilter), policy accept
-        pkttype unicast, iifname . ether saddr . ip saddr @m4 accept   the common case
-        pkttype unicast, not icmpv6, iifname . ether saddr . ip6 saddr @m6 accept
+        to the host (pkttype host), iifname . ether saddr . ip saddr @m4 accept   the
+        to a pod (pkttype otherhost), ether daddr . ip daddr @d4 and the same @m4 accept
+            common cases; IPv6 (not ICMPv6) alike with @m6, @d6
+        ether daddr @dmacs, ether daddr . ip daddr != @d4 drop   a frame to a pod's MAC
+            carries its address (IPv6: but ND and MLD), from any port
         iifname != @ports accept                           unguarded: not a pod of ours
         pkttype broadcast or multicast: IPv4 dropped, IPv6 but ND and MLD dropped
         iifname @macports iifname . ether saddr != @macs drop
@@ -43,6 +48,7 @@ netlink (`datapath.nfrules`). Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,20 +57,26 @@ from stockade.compile.ir import Guard, guard_of
 
 FAMILY = "bridge"
 CHAIN = "guard"
-VERSION = "guard v4"
+VERSION = "guard v5"
 PORTS, MACPORTS, MACS, A4, A6, T6 = "ports", "macports", "macs", "a4", "a6", "t6"
 M4, M6 = "m4", "m6"
-SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6)
+DMACS, D4, D6 = "dmacs", "d4", "d6"
+SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6, DMACS, D4, D6)
+PORT_SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6)  # elements keyed by the port
 SET_TYPES: dict[str, Any] = {PORTS: "ifname", MACPORTS: "ifname", MACS: ["ifname", "ether_addr"],
                              A4: ["ifname", "ipv4_addr"], A6: ["ifname", "ipv6_addr"],
                              T6: ["ifname", "integer"],
                              M4: ["ifname", "ether_addr", "ipv4_addr"],
-                             M6: ["ifname", "ether_addr", "ipv6_addr"]}
+                             M6: ["ifname", "ether_addr", "ipv6_addr"],
+                             DMACS: "ether_addr", D4: ["ether_addr", "ipv4_addr"],
+                             D6: ["ether_addr", "ipv6_addr"]}
 _SET_DECLS = {PORTS: "type ifname", MACPORTS: "type ifname", MACS: "type ifname . ether_addr",
               A4: "type ifname . ipv4_addr", A6: "type ifname . ipv6_addr",
               T6: "typeof meta iifname . @th,64,128",
               M4: "type ifname . ether_addr . ipv4_addr",
-              M6: "type ifname . ether_addr . ipv6_addr"}
+              M6: "type ifname . ether_addr . ipv6_addr",
+              DMACS: "type ether_addr", D4: "type ether_addr . ipv4_addr",
+              D6: "type ether_addr . ipv6_addr"}
 _ARP = "arp htype 1 arp ptype ip arp hlen 6 arp plen 4"
 # What a host sends from a link-local address or :: (types 130-133, 135, 136, 143)
 _ND_MLD = ("mld-listener-query", "mld-listener-report", "mld-listener-done",
@@ -76,13 +88,29 @@ _GROUP = "{ broadcast, multicast }"  # frames to more than one host
 # The chain's rules as text (sent) and as libnftables 1.0.6 lists them back (compared,
 # in `compile.nft.canonical_expr` form), with their comments.
 RULES: tuple[tuple[str, str], ...] = (
-    # What nearly every frame is, first: its port, MAC and source in one lookup (only a
-    # guarded port has elements there). Not an advertisement: its target is checked below.
-    # (To one pod: a broadcast or multicast is checked below.)
-    (f"ether type ip meta pkttype != {_GROUP} iifname . ether saddr . ip saddr @m4 accept",
-     "own mac and ipv4"),
-    (f"ether type ip6 meta pkttype != {_GROUP} meta l4proto != ipv6-icmp "
-     "iifname . ether saddr . ip6 saddr @m6 accept", "own mac and ipv6"),
+    # What nearly every frame is, first: from its port's MAC and address (only a guarded
+    # port has elements in m4, m6) to the host (the bridge's MAC: pkttype host), or to
+    # another pod (otherhost) at its own address. Not ICMPv6: an advertisement's target
+    # is checked below. (A broadcast or multicast is checked below.)
+    ("ether type ip meta pkttype host iifname . ether saddr . ip saddr @m4 accept",
+     "own mac and ipv4 to the host"),
+    ("ether type ip meta pkttype other ether daddr . ip daddr @d4 "
+     "iifname . ether saddr . ip saddr @m4 accept", "own mac and ipv4 to a pod"),
+    ("ether type ip6 meta pkttype host meta l4proto != ipv6-icmp "
+     "iifname . ether saddr . ip6 saddr @m6 accept", "own mac and ipv6 to the host"),
+    ("ether type ip6 meta pkttype other meta l4proto != ipv6-icmp "
+     "ether daddr . ip6 daddr @d6 iifname . ether saddr . ip6 saddr @m6 accept",
+     "own mac and ipv6 to a pod"),
+    # A frame to a pod's MAC, from any port, is for the pod's own address. The pod would
+    # take one to a broadcast or multicast address, or to its link-local one, as its
+    # own, and no policy names those: its ingress would judge none of them. Neighbour
+    # discovery and MLD go to any.
+    ("ether type ip ether daddr @dmacs ether daddr . ip daddr != @d4 drop",
+     "to a pod not at its ipv4"),
+    ("ether type ip6 meta l4proto != ipv6-icmp ether daddr @dmacs "
+     "ether daddr . ip6 daddr != @d6 drop", "to a pod not at its ipv6"),
+    (f"icmpv6 type != {{ {', '.join(_ND_MLD)} }} ether daddr @dmacs "
+     "ether daddr . ip6 daddr != @d6 drop", "icmpv6 to a pod not at its ipv6"),
     ("iifname != @ports accept", "unguarded port"),
     # A datagram to every pod at once has no pod's address as its destination, so no
     # pod's ingress policy would judge it: pods send none, but neighbour discovery
@@ -133,14 +161,33 @@ _ARP_EXPR = [_m(_pl("arp", "htype"), 1), _m(_pl("arp", "ptype"), "ip"),
 _PKTTYPE = {"meta": {"key": "pkttype"}}
 _GROUP_SET = {"set": ["broadcast", "multicast"]}
 
+_NOT_ICMPV6 = _m({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!=")
+_TO_POD = _m(_pl("ether", "daddr"), "@dmacs")
+
 LISTED: tuple[list[dict[str, Any]], ...] = (
-    [_m(_PKTTYPE, _GROUP_SET, "!="),
+    [_m(_PKTTYPE, "host"),
      _m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip", "saddr")]}, "@m4"),
      {"accept": None}],
-    [_m(_PKTTYPE, _GROUP_SET, "!="),
-     _m({"meta": {"key": "l4proto"}}, "ipv6-icmp", "!="),
+    [_m(_PKTTYPE, "other"),
+     _m({"concat": [_pl("ether", "daddr"), _pl("ip", "daddr")]}, "@d4"),
+     _m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip", "saddr")]}, "@m4"),
+     {"accept": None}],
+    [_m(_PKTTYPE, "host"), _NOT_ICMPV6,
      _m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip6", "saddr")]}, "@m6"),
      {"accept": None}],
+    [_m(_PKTTYPE, "other"), _NOT_ICMPV6,
+     _m({"concat": [_pl("ether", "daddr"), _pl("ip6", "daddr")]}, "@d6"),
+     _m({"concat": [_iif(), _pl("ether", "saddr"), _pl("ip6", "saddr")]}, "@m6"),
+     {"accept": None}],
+    [_TO_POD,
+     _m({"concat": [_pl("ether", "daddr"), _pl("ip", "daddr")]}, "@d4", "!="),
+     {"drop": None}],
+    [_NOT_ICMPV6, _TO_POD,
+     _m({"concat": [_pl("ether", "daddr"), _pl("ip6", "daddr")]}, "@d6", "!="),
+     {"drop": None}],
+    [_m(_pl("icmpv6", "type"), {"set": list(_ND_MLD)}, "!="), _TO_POD,
+     _m({"concat": [_pl("ether", "daddr"), _pl("ip6", "daddr")]}, "@d6", "!="),
+     {"drop": None}],
     [_m(_iif(), "@ports", "!="), {"accept": None}],
     [_m(_PKTTYPE, _GROUP_SET), _m(_pl("ether", "type"), "ip"), {"drop": None}],
     [_m(_PKTTYPE, _GROUP_SET), _m(_pl("ether", "type"), "ip6"),
@@ -195,7 +242,7 @@ def skeleton_text(name: str, guards: Mapping[str, Guard] | None = None, *,
     for set_name, elems in _elements(guards or {}).items():
         if elems:
             lines.append(f"add element {FAMILY} {name} {set_name} {{ "
-                         + ", ".join(_text_element(e) for e in elems) + " }")
+                         + ", ".join(_text_element(set_name, e) for e in elems) + " }")
     return "\n".join(lines) + "\n"
 
 
@@ -207,13 +254,15 @@ def element_text(name: str, set_guards: Iterable[tuple[str, Guard]],
         by_set: dict[str, list[str]] = {}
         for port, g in guards:
             for set_name, e in port_elements(port, g):
-                by_set.setdefault(set_name, []).append(_text_element(e))
+                by_set.setdefault(set_name, []).append(_text_element(set_name, e))
         lines += [f"{verb} element {FAMILY} {name} {s} {{ {', '.join(els)} }}"
                   for s, els in sorted(by_set.items())]
     return "".join(f"{line}\n" for line in lines)
 
 
-def _text_element(e: Element) -> str:
+def _text_element(set_name: str, e: Element) -> str:
+    if set_name not in PORT_SETS:  # a MAC (checked by Guard's maker), then an address
+        return e if isinstance(e, str) else " . ".join(e)
     if isinstance(e, str):
         return f'"{_port(e)}"'
     return " . ".join((f'"{_port(e[0])}"', *e[1:]))
@@ -227,7 +276,8 @@ def _port(name: str) -> str:
     return name
 
 
-Element = str | tuple[str, ...]  # a port, or a port and the fields after it
+# a port, or a port and the fields after it; in dmacs, d4, d6 a MAC and its address
+Element = str | tuple[str, ...]
 
 
 def _elements(guards: Mapping[str, Guard]) -> dict[str, list[Element]]:
@@ -243,17 +293,28 @@ def port_elements(port: str, g: Guard) -> list[tuple[str, Element]]:
     """(set, element) of one guard: the port, its MAC, its addresses."""
     _port(port)
     out: list[tuple[str, Element]] = [(PORTS, port)]
-    if g.mac:
-        out += [(MACPORTS, port), (MACS, (port, g.mac))]
+    mac = _mac(g.mac) if g.mac else ""
+    if mac:
+        out += [(MACPORTS, port), (MACS, (port, mac)), (DMACS, mac)]
     for text in g.addresses:
         addr = ipaddress.ip_address(text)
         if addr.version == 4:
             out.append((A4, (port, str(addr))))
         else:
             out += [(A6, (port, str(addr))), (T6, (port, f"0x{int(addr):032x}"))]
-        if g.mac:
-            out.append((M4 if addr.version == 4 else M6, (port, g.mac, str(addr))))
+        if mac:
+            out += [(M4 if addr.version == 4 else M6, (port, mac, str(addr))),
+                    (D4 if addr.version == 4 else D6, (mac, str(addr)))]
     return out
+
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def _mac(text: str) -> str:
+    if not _MAC.fullmatch(text):
+        raise ValueError(f"{text!r} is not a MAC address")
+    return text
 
 
 def element_commands(name: str, set_guards: Iterable[tuple[str, Guard]],
@@ -327,7 +388,31 @@ def parse_guard(doc: Mapping[str, Any], name: str) -> KernelGuard:
         drift.append("guard chain: rules differ")
     guards, bad = _read_guards(sets)
     drift += [f"guard of {port}: its elements disagree" for port in sorted(bad)]
+    if not bad and _destinations(sets) != _destinations_of(guards):
+        drift.append("guard sets dmacs, d4, d6: not their ports' MACs and addresses")
     return KernelGuard(guards, drift)
+
+
+def _destinations(sets: Mapping[str, list[Any]]) -> set[tuple[str, Element]]:
+    out: set[tuple[str, Element]] = set()
+    for set_name in (DMACS, D4, D6):
+        for raw in sets.get(set_name, []):
+            val = _val(raw)
+            concat = val.get("concat") if isinstance(val, dict) else None
+            out.add((set_name, tuple(str(v) for v in concat) if isinstance(concat, list)
+                     else str(val)))
+    return out
+
+
+def _destinations_of(guards: Mapping[str, Guard]) -> set[tuple[str, Element]]:
+    return {(s, e) for port, g in guards.items() for s, e in port_elements(port, g)
+            if s in (DMACS, D4, D6)}
+
+
+def _val(raw: Any) -> Any:
+    """An element's key, out of its wrapping when it has one (a comment, a timeout)."""
+    return raw["elem"].get("val") if isinstance(raw, dict) and isinstance(
+        raw.get("elem"), dict) else raw
 
 
 def _key(raw: Any) -> tuple[str, Any] | None:
@@ -346,8 +431,7 @@ def _read_guards(sets: Mapping[str, list[Any]]) -> tuple[dict[str, Guard], set[s
     bad: set[str] = set()
     for set_name in (MACS, A4, A6, T6, M4, M6):
         for raw in sets.get(set_name, []):
-            key = _key(raw.get("elem", {}).get("val") if isinstance(raw, dict)
-                       and "elem" in raw else raw)
+            key = _key(_val(raw))
             if key is None:
                 continue
             port, value = key

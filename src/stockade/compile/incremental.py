@@ -28,7 +28,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
-from stockade.compile.ir import EGRESS, INGRESS, NET, AddressSet, Chain, Element, Guard, Ruleset
+from stockade.compile.ir import (
+    EGRESS,
+    INGRESS,
+    NET,
+    AddressSet,
+    Chain,
+    Element,
+    Guard,
+    Ruleset,
+    guard_of,
+)
 from stockade.compile.lower import (
     DIRECTION,
     Lowering,
@@ -36,8 +46,9 @@ from stockade.compile.lower import (
     absent,
     endpoint_addresses,
     families_of,
-    guards_of,
+    held_apart,
     lower_chain,
+    port_guards,
 )
 from stockade.compile.membership import PeerMembers, PolicyTargets, SetSpec
 from stockade.compile.plan import Touched, derive
@@ -114,6 +125,8 @@ class IncrementalCompiler:
         self._family_count: Counter[int] = Counter()
         # Bridge ports: who is behind each, what may leave it, which changed since.
         self._on_port: dict[str, set[str]] = {}
+        self._raw_guards: dict[str, Guard] = {}  # before held_apart
+        self._on_mac: dict[str, set[str]] = {}  # MAC -> the ports whose guards have it
         self._port_guards: dict[str, Guard] = {}
         self._touched_guards: set[str] = set()
 
@@ -141,7 +154,11 @@ class IncrementalCompiler:
             inc._family_count.update(families_of((ep,)))
             if ep.port and not ep.remote:
                 inc._on_port.setdefault(ep.port, set()).add(ep.key)
-        inc._port_guards = guards_of(cluster.endpoints)
+        inc._raw_guards = port_guards(cluster.endpoints)
+        for port, g in inc._raw_guards.items():
+            if g.mac:
+                inc._on_mac.setdefault(g.mac, set()).add(port)
+        inc._port_guards = held_apart(inc._raw_guards)
         bulk = Lowering(resolve(cluster))
         inc._families = bulk.families
         tier_subjects = bulk.tier_subjects() if inc._tier_order else {}
@@ -334,12 +351,30 @@ class IncrementalCompiler:
     def _guard_port(self, port: str) -> None:
         """The port's guard again from the endpoints behind it (none: unguarded)."""
         keys = self._on_port.get(port)
+        old = self._raw_guards.pop(port, None)
         if keys:
-            self._port_guards[port] = guards_of(self.endpoints[k] for k in sorted(keys))[port]
+            self._raw_guards[port] = port_guards(self.endpoints[k] for k in sorted(keys))[port]
         else:
             self._on_port.pop(port, None)
-            self._port_guards.pop(port, None)
-        self._touched_guards.add(port)
+        new = self._raw_guards.get(port)
+        if old is not None and old.mac:
+            self._on_mac[old.mac].discard(port)
+        if new is not None and new.mac:
+            self._on_mac.setdefault(new.mac, set()).add(port)
+        # a MAC taken or let go changes the guards of the other ports that have it
+        for p in {port}.union(*(self._on_mac.get(g.mac, ()) for g in (old, new)
+                                if g is not None and g.mac)):
+            raw = self._raw_guards.get(p)
+            if raw is None:
+                self._port_guards.pop(p, None)
+            elif raw.mac and len(self._on_mac[raw.mac]) > 1:
+                self._port_guards[p] = guard_of(())
+            else:
+                self._port_guards[p] = raw
+            self._touched_guards.add(p)
+        for g in (old, new):
+            if g is not None and g.mac and not self._on_mac.get(g.mac):
+                self._on_mac.pop(g.mac, None)
 
     def _candidate_sets(self, namespace: str, labels: Labels) -> set[str]:
         out: set[str] = set()

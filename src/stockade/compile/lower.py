@@ -9,6 +9,7 @@ compiler, which keeps them up to date endpoint by endpoint.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -533,14 +534,27 @@ def guards_of(endpoints: Iterable[Endpoint]) -> dict[str, Guard]:
     """Each bridge port of this node's endpoints, bound to its endpoint's addresses and MAC.
 
     A port two endpoints claim is bound to nothing: it passes no address of either
-    (fail closed) and every datapath can hold it. Admission refuses such a pair, so
-    only records stored before it did get here, and those are held closed anyway.
+    (fail closed) and every datapath can hold it; so are two ports with one MAC, which
+    could not both be told apart as a frame's destination. Admission refuses such
+    pairs, so only records stored before it did get here, and those are held closed
+    anyway.
     """
+    return held_apart(port_guards(endpoints))
+
+
+def port_guards(endpoints: Iterable[Endpoint]) -> dict[str, Guard]:
+    """`guards_of` before two ports with one MAC are held (`held_apart`)."""
     out: dict[str, Guard] = {}
     for ep in endpoints:
         if ep.port and not ep.remote:
             out[ep.port] = guard_of(()) if ep.port in out else guard_of(ep.ips, ep.mac)
     return dict(sorted(out.items()))
+
+
+def held_apart(guards: Mapping[str, Guard]) -> dict[str, Guard]:
+    """Each guard, but those of ports that share a MAC: bound to nothing."""
+    macs = Counter(g.mac for g in guards.values() if g.mac)
+    return {port: guard_of(()) if macs[g.mac] > 1 else g for port, g in guards.items()}
 
 
 def compile_cluster(cluster: Cluster) -> Ruleset:

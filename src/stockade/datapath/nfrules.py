@@ -470,18 +470,25 @@ def guard_messages(table: str, set_guards: Iterable[tuple[str, Guard]],
 def _guard_key(set_name: str, e: guard.Element) -> bytes:
     """A guard element's key as the kernel keeps it: an interface name in 16 bytes, each
     field padded to whole 32-bit registers."""
+    if set_name not in guard.PORT_SETS:  # a MAC first, then its address
+        mac, *fields = (e,) if isinstance(e, str) else e
+        return _mac(mac) + b"".join(ipaddress.ip_address(v).packed for v in fields)
     if isinstance(e, str):
         return _ifname(e)
     port, *fields = e
     out = _ifname(port)
     for i, value in enumerate(fields):
         if set_name == guard.MACS or (set_name in (guard.M4, guard.M6) and i == 0):
-            out += bytes.fromhex(value.replace(":", "")) + bytes(2)  # a MAC, padded
+            out += _mac(value)
         elif set_name == guard.T6:
             out += int(value, 16).to_bytes(16, "big")
         else:
             out += ipaddress.ip_address(value).packed
     return out
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", "")) + bytes(2)  # padded to a register
 
 
 def _ifname(name: str) -> bytes:

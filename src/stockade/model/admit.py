@@ -189,22 +189,28 @@ def duplicate_objects(policies: Sequence[NetworkPolicy], namespaces: Sequence[Na
 
 
 PORT_CLAIM = "port "  # a claim's key for a bridge port: no address starts so
+MAC_CLAIM = "mac "  # and for a MAC
 
 
 def claims(ep: Endpoint) -> list[str]:
-    """What one endpoint holds alone: its addresses (canonical text) and the bridge port
-    its addresses are bound to (``port NAME``). Two endpoints on one port would bind it
-    to both: each could send as the other, and a datapath holding one address of a
-    family per port (eBPF) could not program it at all."""
+    """What one endpoint holds alone: its addresses (canonical text), the bridge port
+    its addresses are bound to (``port NAME``) and its MAC (``mac AA:..``). Two
+    endpoints on one port would bind it to both: each could send as the other, and a
+    datapath holding one address of a family per port (eBPF) could not program it at
+    all. Two with one MAC could not be told apart as a frame's destination (the port
+    guard holds a frame to a pod's MAC to that pod's addresses)."""
     out = [canonical_ip(text) for text in ep.ips]
     if ep.port:
         out.append(PORT_CLAIM + ep.port)
+    if ep.mac:
+        out.append(MAC_CLAIM + ep.mac)
     return out
 
 
 def claim_name(claim: str) -> str:
-    """``address 10.0.0.1`` or ``port veth1``: a claim as messages name it."""
-    return claim if claim.startswith(PORT_CLAIM) else f"address {claim}"
+    """``address 10.0.0.1``, ``port veth1`` or ``mac aa:..``: a claim as messages name
+    it."""
+    return claim if claim.startswith((PORT_CLAIM, MAC_CLAIM)) else f"address {claim}"
 
 
 def address_conflicts(changed: Iterable[Endpoint], others: Mapping[str, str],
