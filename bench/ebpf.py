@@ -254,7 +254,8 @@ def main() -> None:
                      f"verdict {rc_deny}"))
         rows.append(("per packet: new connection, other pod to an isolated one",
                      f"{far:.0f} ns", f"verdict {rc_far}"))
-        rows += guard_rows(fresh, tcp_packet(a, b, 40000, 5001, 0x10), a)
+        rows += guard_rows(fresh, tcp_packet(a, b, 40000, 5001, 0x10), a, "in")
+        rows += guard_rows(fresh, tcp_packet(a, b, 40000, 5001, 0x10), b, "out")
         rows += kfunc_rows()
     finally:
         dp.remove()
@@ -262,15 +263,17 @@ def main() -> None:
     print_table(("measure", "value", "notes"), rows)
 
 
-def guard_rows(dp: EbpfDatapath, packet: bytes, source: str,
+def guard_rows(dp: EbpfDatapath, packet: bytes, owner: str, hook: str,
                rounds: int = 5) -> list[tuple[str, str, str]]:
-    """A tracked connection's packet from an unguarded port and from a guarded one (its
-    own MAC and address: the guard passes it), in alternation. BPF_PROG_TEST_RUN's
-    packet arrives on the loopback device (ifindex 1): a guard on it is the port's."""
+    """A tracked connection's packet through an unguarded port and through a guarded one,
+    in alternation: leaving its pod (`hook` "in": the guard holds the source, `owner`,
+    and MAC) or entering it ("out": the destination). BPF_PROG_TEST_RUN's packet
+    arrives on the loopback device (ifindex 1): a guard on it is the port's."""
     fd = dp._maps["guard"]
     key = bpfc.GUARD_KEY.pack(1)
-    value = bpfc.encode_guard("lo", Guard((source,), packet[6:12].hex(":")))
-    prog = dp._progs["in"]
+    mac = packet[6:12] if hook == "in" else packet[0:6]
+    value = bpfc.encode_guard("lo", Guard((owner,), mac.hex(":")))
+    prog = dp._progs[hook]
     times: dict[bool, list[float]] = {False: [], True: []}
     verdicts: dict[bool, int] = {}
     try:
@@ -286,11 +289,13 @@ def guard_rows(dp: EbpfDatapath, packet: bytes, source: str,
         libbpf.delete(fd, key)
     med = {g: sorted(t)[len(t) // 2] for g, t in times.items()}
     spread = {g: f"{min(t):.0f}-{max(t):.0f}" for g, t in times.items()}
+    way = "leaving" if hook == "in" else "entering"
+    held = "its MAC and source" if hook == "in" else "its destination"
     return [
-        ("per packet: tracked connection, unguarded port (median of "
+        (f"per packet: tracked connection {way} a pod, unguarded port (median of "
          f"{rounds}, in turns)", f"{med[False]:.0f} ns", f"{spread[False]}; verdict "
                                                           f"{verdicts[False]}"),
-        ("per packet: tracked connection, guarded port (its MAC and address)",
+        (f"per packet: tracked connection {way} a pod, guarded port ({held})",
          f"{med[True]:.0f} ns", f"{spread[True]}; verdict {verdicts[True]}; the guard "
                                 f"+{med[True] - med[False]:.0f} ns"),
     ]
