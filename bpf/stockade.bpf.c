@@ -8,7 +8,8 @@
  * reversed tuple then lets "replies" through): the Ethernet source is the pod's MAC
  * (when known); no VLAN tag; IPv4 only from the pod's IPv4 address; IPv6 from its
  * IPv6 address, and from a link-local one or :: only neighbour discovery and MLD; a
- * neighbour advertisement's target its own address or link-local; no router
+ * neighbour advertisement's or duplicate address probe's target its own address or
+ * link-local; no router
  * advertisement or redirect; ARP claiming only its IPv4 address (or 0.0.0.0, a
  * probe) at its MAC; no other ethertype; no IP broadcast or multicast but neighbour
  * discovery and MLD. A packet entering a guarded pod (stockade_to_pod) to one host is
@@ -929,8 +930,11 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 		return 1;
 	if ((!own || group) && !(p->proto == PROTO_ICMPV6 && nd_or_mld(p->icmp_type)))
 		return 1;
-	if (p->proto == PROTO_ICMPV6 && p->icmp_type == 136) {
-		/* a neighbour advertisement claims its target: it must be the pod's */
+	if (p->proto == PROTO_ICMPV6 &&
+	    (p->icmp_type == 136 || (p->icmp_type == 135 && unspecified6(p->src)))) {
+		/* a neighbour advertisement claims its target, and a duplicate address
+		 * detection probe (a solicitation from ::) makes the target's owner, still
+		 * detecting, give it up: it must be the pod's own or link-local */
 		__u32 target[4];
 		if (bpf_skb_load_bytes(skb, p->l4_off + 8, target, sizeof(target)) < 0)
 			return 1;

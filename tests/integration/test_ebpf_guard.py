@@ -187,6 +187,12 @@ def test_a_neighbour_advertisement_claims_only_the_ports_address(trio, judge) ->
         [58, 0, 1, 4, 0, 0, 0, 0]) + struct.pack("!BBHI", 136, 0, 0, 0) + socket.inet_pton(
         socket.AF_INET6, a.address6)
     assert judge(_eth(b.mac, 0x86DD, _ip6("fe80::b", "ff02::1", 0, deep)), b) == SHOT
+    # a duplicate address probe (from ::) only for its own address or a link-local one;
+    # a solicitation from an address of its own asks, and may ask for any
+    assert judge(_eth(b.mac, 0x86DD, _ns("::", b.address6)), b) == PASSED
+    assert judge(_eth(b.mac, 0x86DD, _ns("::", "fe80::b")), b) == PASSED
+    assert judge(_eth(b.mac, 0x86DD, _ns("::", a.address6)), b) == SHOT
+    assert judge(_eth(b.mac, 0x86DD, _ns(b.address6, a.address6)), b) == PASSED
 
 
 def test_arp_claims_only_the_ports_ipv4_address_at_its_mac(trio, judge) -> None:

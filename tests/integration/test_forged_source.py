@@ -263,6 +263,33 @@ def test_a_guard_tampered_with_is_repaired(trio: Any, netns_prefix: str, kind: s
         dp.remove()
 
 
+def test_guard_changes_go_over_raw_netlink(trio: Any, netns_prefix: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """nft sends a change of guards as raw netlink messages in the policy's transaction:
+    each element's key as the kernel keeps it (a refused one would fall back to
+    libnftables, which takes milliseconds more on every CNI ADD and DEL)."""
+    dp = open_datapath("nft", netns_prefix, netns=trio.host_netns)
+    rs = compile_cluster(cluster(trio, C_ONLY_FROM_A_UDP, B_ISOLATED))
+    c_port = trio.c.host_ifname
+    try:
+        dp.check()
+        dp.apply(rs)
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="stockade"):
+            less = dp.apply(replace(rs, guards={p: g for p, g in rs.guards.items()
+                                                if p != c_port}))
+            more = dp.apply(rs)
+        assert less.del_guards and more.set_guards
+        refused = [r.getMessage() for r in caplog.records
+                   if "libnftables" in r.getMessage()]
+        assert refused == []
+        dp.apply(rs, verify=True)
+        assert dp.last_drift is None, dp.last_drift_details
+        assert not _forged_gets_in(trio, 4) and not _forged_gets_in(trio, 6)
+    finally:
+        dp.remove()
+
+
 @pytest.mark.parametrize("kind", ["nft", "iptables"])
 def test_the_guard_table_comes_with_the_first_guarded_port(trio: Any, netns_prefix: str,
                                                            kind: str) -> None:
@@ -408,6 +435,45 @@ def test_a_pods_router_advert_does_not_route_its_neighbours_through_it(
                        check=True)
         subprocess.run(["ip", "-n", c.netns, "-6", "route", "flush", "proto", "ra"],
                        check=False)
+
+
+def _address_state(netns: str, ifname: str, address: str) -> set[str]:
+    out = subprocess.run(["ip", "-n", netns, "-j", "-6", "addr", "show", "dev", ifname],
+                         capture_output=True, text=True, check=True).stdout
+    return {k for link in json.loads(out) for a in link.get("addr_info", ())
+            if a.get("local") == address for k in ("tentative", "dadfailed") if a.get(k)}
+
+
+def test_a_pods_duplicate_address_probe_takes_no_address_away(
+        trio: Any, datapath: Datapath) -> None:
+    """c adds an address, detecting duplicates (as pods plumbed by other plugins do); b
+    sends a probe for it from :: (as a node detecting the same address would): c would
+    give the address up. With no guard it does (the control)."""
+    b, c = trio.b, trio.c
+    rs = compile_cluster(cluster(trio, C_ONLY_FROM_A_UDP, B_ISOLATED))
+    new = "fd00:244::99"
+
+    def taken_away() -> bool:
+        subprocess.run(["ip", "-n", c.netns, "addr", "add", f"{new}/64", "dev", c.ifname],
+                       check=True)
+        try:
+            run_in(b.netns, ICMPV6, b.ifname, b.mac, "::", "33:33:ff:00:00:99",
+                   "ff02::1:ff00:99", "135", "00000000"
+                   + socket.inet_pton(socket.AF_INET6, new).hex())
+            deadline = time.monotonic() + 5
+            while "tentative" in (state := _address_state(c.netns, c.ifname, new)) and (
+                    "dadfailed" not in state and time.monotonic() < deadline):
+                time.sleep(0.1)
+            return "dadfailed" in state
+        finally:
+            subprocess.run(["ip", "-n", c.netns, "addr", "del", f"{new}/64", "dev",
+                            c.ifname], check=False)
+
+    datapath.apply(replace(rs, guards={}))
+    assert taken_away(), "the control: with no guard, c gives its new address up"
+    datapath.apply(rs)
+    if taken_away():
+        raise Impersonated("b's probe made c give up its new address")
 
 
 # ICMPv6 messages of the given types arriving, their types one a line, for argv[2] s.

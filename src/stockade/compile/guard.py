@@ -32,6 +32,7 @@ family::
         arp (Ethernet/IPv4) arp saddr ip 0.0.0.0 accept    address probes
         icmpv6 type { nd-router-advert, nd-redirect } drop   a pod is no router
         icmpv6 type nd-neighbor-advert, target neither iifname's (@t6) nor link-local: drop
+        icmpv6 type nd-neighbor-solicit from ::, the same
         iifname . ip saddr @a4 accept
         iifname . ip6 saddr @a6 accept
         icmpv6 type { ND, MLD } ip6 saddr { ::, fe80::/10 } accept   and nothing else
@@ -129,6 +130,10 @@ RULES: tuple[tuple[str, str], ...] = (
     ("icmpv6 type { nd-router-advert, nd-redirect } drop", "router advert or redirect"),
     ("icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @t6 "
      "@th,64,16 & 0xffc0 != 0xfe80 drop", "advert foreign target"),
+    # A duplicate address detection probe (from ::) for another's address makes its
+    # owner, still detecting, give the address up.
+    ("icmpv6 type nd-neighbor-solicit ip6 saddr :: iifname . @th,64,128 != @t6 "
+     "@th,64,16 & 0xffc0 != 0xfe80 drop", "probe foreign target"),
     ("iifname . ip saddr @a4 accept", "own ipv4"),
     ("iifname . ip6 saddr @a6 accept", "own ipv6"),
     # No policy names link-local addresses, and pods on one bridge share a link: from
@@ -204,6 +209,9 @@ LISTED: tuple[list[dict[str, Any]], ...] = (
     [_m(_pl("icmpv6", "type"), {"set": ["nd-router-advert", "nd-redirect"]}),
      {"drop": None}],
     [_m(_pl("icmpv6", "type"), "nd-neighbor-advert"),
+     _m({"concat": [_iif(), _raw(64, 128)]}, "@t6", "!="),
+     _m({"&": [_raw(64, 16), 65472]}, 65152, "!="), {"drop": None}],
+    [_m(_pl("icmpv6", "type"), "nd-neighbor-solicit"), _m(_pl("ip6", "saddr"), "::"),
      _m({"concat": [_iif(), _raw(64, 128)]}, "@t6", "!="),
      _m({"&": [_raw(64, 16), 65472]}, 65152, "!="), {"drop": None}],
     [_m({"concat": [_iif(), _pl("ip", "saddr")]}, "@a4"), {"accept": None}],

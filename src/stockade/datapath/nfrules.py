@@ -470,7 +470,9 @@ def guard_messages(table: str, set_guards: Iterable[tuple[str, Guard]],
 def _guard_key(set_name: str, e: guard.Element) -> bytes:
     """A guard element's key as the kernel keeps it: an interface name in 16 bytes, each
     field padded to whole 32-bit registers."""
-    if set_name not in guard.PORT_SETS:  # a MAC first, then its address
+    if set_name == guard.DMACS:  # a MAC alone: not padded, as no concatenation is
+        return _mac(e if isinstance(e, str) else e[0])[:6]
+    if set_name not in guard.PORT_SETS:  # a MAC, then its address
         mac, *fields = (e,) if isinstance(e, str) else e
         return _mac(mac) + b"".join(ipaddress.ip_address(v).packed for v in fields)
     if isinstance(e, str):
