@@ -34,6 +34,7 @@ import pytest
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import open_datapath
 from stockade.datapath.base import Datapath
+from stockade.errors import DataplaneError
 from stockade.model.labels import Labels
 from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort
 from stockade.model.policy import Rule as PRule
@@ -309,8 +310,31 @@ def test_the_guard_table_comes_with_the_first_guarded_port(trio: Any, netns_pref
         # read back, the table is as made: every rule as libnftables lists it
         dp.apply(rs, verify=True)
         assert dp.last_drift is None, dp.last_drift_details
+        # the last port unguarded, the table stays; the next first guard goes into it
+        # (not a table made anew, as once on every CNI ADD to a node without pods)
+        made = _table_handle(trio.host_netns, netns_prefix)
+        dp.apply(replace(rs, guards={}))
+        assert _forged_gets_in(trio, 4)
+        assert len(dp.apply(rs).set_guards) == 3
+        assert _table_handle(trio.host_netns, netns_prefix) == made
+        assert not _forged_gets_in(trio, 4)
+        # deleted behind its back while no port is guarded: the first guard after fails,
+        # and the verifying apply that follows a failure makes the table
+        dp.apply(replace(rs, guards={}))
+        subprocess.run(["ip", "netns", "exec", trio.host_netns, "nft", "delete", "table",
+                        "bridge", netns_prefix], check=True)
+        with pytest.raises(DataplaneError):
+            dp.apply(rs)
+        assert len(dp.apply(rs, verify=True).set_guards) == 3
+        assert not _forged_gets_in(trio, 4)
     finally:
         dp.remove()
+
+
+def _table_handle(netns: str, name: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "bridge",
+                          name], capture_output=True, text=True, check=True).stdout
+    return next(int(i["table"]["handle"]) for i in json.loads(out)["nftables"] if "table" in i)
 
 
 def _forged_gets_in(trio: Any, family: int) -> bool:
@@ -617,12 +641,12 @@ def test_a_link_local_destination_is_no_way_around_isolation(trio: Any,
     """As above, from b's own (global) address, which b's guard lets out: the frame goes
     to c's MAC, and c's port lets in only what is for c's own address."""
     b, c = trio.b, trio.c
+    _link_local(b.netns, b.ifname)
+    target = _link_local(c.netns, c.ifname)  # before the sink starts, as below
     sink = python_in(c.netns, SINK, "6", str(PORT))
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        _link_local(b.netns, b.ifname)
-        run_in(b.netns, SEND_GLOBAL_TO_LINK_LOCAL, _link_local(c.netns, c.ifname), b.ifname,
-               str(PORT), b.address6)
+        run_in(b.netns, SEND_GLOBAL_TO_LINK_LOCAL, target, b.ifname, str(PORT), b.address6)
     finally:
         got = collected(sink)
     if got:
@@ -640,11 +664,12 @@ def test_a_broadcast_written_to_one_pods_mac_is_no_way_around_isolation(
     written the same way, arrives (the control)."""
     a, b, c = trio.a, trio.b, trio.c
     own = (lambda att: att.address4) if family == 4 else (lambda att: att.address6)
+    # before the sink starts: it waits 2 s for each datagram
+    dsts = (["10.244.255.255", "255.255.255.255", "224.0.0.1"] if family == 4
+            else ["ff02::1", _link_local(c.netns, c.ifname)])
     sink = python_in(c.netns, SINK, str(family), str(PORT))
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        dsts = (["10.244.255.255", "255.255.255.255", "224.0.0.1"] if family == 4
-                else ["ff02::1", _link_local(c.netns, c.ifname)])
         # one process for all (the sink waits 2 s for each)
         run_in(b.netns, FRAMES, FRAME, *(arg for dst in dsts for arg in (
             b.ifname, b.mac, c.mac, own(b), dst, str(PORT), "to-" + dst)))

@@ -115,6 +115,8 @@ class IptablesDatapath:
             raise DataplaneError(f"no iptables backend {self._backend!r} "
                                  f"(choose from {', '.join(BACKENDS)})")
         self._applied: Ruleset | None = None
+        # The guard table is in the kernel (see NftDatapath._guard_there).
+        self._guard_there = False
         self.last_drift: Plan | None = None
         self.last_drift_details: list[str] = []
         self._generation = 0
@@ -343,6 +345,7 @@ class IptablesDatapath:
             # A guard table not as made is made anew, whole (see compile.guard); a missing
             # one when a port is to be guarded.
             rewrite_guard = not state.guard_ok or (state.guard_missing and bool(target.guards))
+            self._guard_there = not state.guard_missing
             delta = plan(replace(old, guards=target.guards) if rewrite_guard else old, target)
             repair = state.needs_repair
             if self._applied is not None:
@@ -354,7 +357,7 @@ class IptablesDatapath:
             assert self._applied is not None
             old = self._applied
             # the first guard since none: the table may not be there yet
-            rewrite_guard = bool(target.guards) and not old.guards
+            rewrite_guard = bool(target.guards) and not old.guards and not self._guard_there
             delta = plan(replace(old, guards=target.guards) if rewrite_guard else old, target)
             repair = False
         # what is returned: with the guards a rewrite puts in, if one does
@@ -371,6 +374,7 @@ class IptablesDatapath:
             with self._lock:
                 if guarding:  # first: a new pod's port is bound before its policy is in
                     self._nft(["-f", "-"], guarding)
+                    self._guard_there = self._guard_there or rewrite_guard
                 self._run_steps(steps)
         except DataplaneError:
             self._applied = None  # read the kernel back before the next write
@@ -413,6 +417,7 @@ class IptablesDatapath:
     def remove(self) -> None:
         """Delete the jump, our chains, then our sets; nothing else is touched."""
         self._applied = None
+        self._guard_there = False
         self._generation += 1
         with self._lock:
             saves = {fam: self._save(fam) for fam in FAMILIES}

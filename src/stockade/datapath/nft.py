@@ -153,6 +153,9 @@ class NftDatapath:
         # What the last successful transaction left in the kernel; None until the
         # kernel has been read once (a restart adopts what it finds there).
         self._applied: Ruleset | None = None
+        # The guard table is in the kernel: made, or read back, since the last read. Left
+        # in place when its last port goes, so the next first guard need not remake it.
+        self._guard_there = False
         # Chains and sets no longer used, left in the kernel for a while (see `_spare`):
         # the kernel holds what was applied plus these.
         self._spare_chains: dict[str, Chain] = {}
@@ -478,6 +481,7 @@ class NftDatapath:
         if rc != 0:
             raise DataplaneError("the guard table was refused by the kernel",
                                  command="nft -f -", stderr=err[:2000])
+        self._guard_there = True
 
     def read(self) -> Ruleset:
         kt = self.read_table()
@@ -654,6 +658,7 @@ class NftDatapath:
             if kg is not None:
                 current = replace(current, guards=kg.guards)
             absent = kt.guard_missing if kt is not None else kg is None
+            self._guard_there = not absent
             intact = kt.guard_ok if kt is not None else kg is None or kg.intact
             rewrite_guard = not intact or (absent and bool(target.guards))
             delta = plan(replace(current, guards=target.guards) if rewrite_guard else current,
@@ -670,8 +675,11 @@ class NftDatapath:
                                                else ["table missing"]) or drift.describe()
         else:
             assert self._applied is not None
-            # the first guard since none: the table may not be there yet
-            rewrite_guard = bool(target.guards) and not self._applied.guards
+            # the first guard since none: the table may not be there yet (a missing table
+            # an element would go in fails the transaction, and the verifying apply the
+            # agent then runs makes it)
+            rewrite_guard = bool(target.guards) and not self._applied.guards and \
+                not self._guard_there
             applied = (replace(self._applied, guards=target.guards) if rewrite_guard
                        else self._applied)
             delta, spare = self._spare(plan(applied, target))
@@ -949,6 +957,7 @@ class NftDatapath:
     def remove(self) -> None:
         """Delete the table: this datapath's own, an orphan, or one nobody owns."""
         self._applied = None
+        self._guard_there = False
         self._spare_chains, self._spare_sets = {}, {}
         self._generation += 1
         # The guard table goes first: an owned one's refusal leaves both in place.
