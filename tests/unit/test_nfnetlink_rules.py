@@ -138,3 +138,26 @@ def test_interval_elements_are_ranges_as_libnftables_sends_them() -> None:
                     (bytes([255, 255, 255, 0]), None, True)]
     everything = AddressSet("c4-y", 4, NET, frozenset({"0.0.0.0/0"}))
     assert len(interval_items(everything)) == 1  # no end at zero: the range starts there
+
+
+def test_each_guard_elements_key_is_as_long_as_its_sets_key() -> None:
+    """The kernel refuses an element whose key is not the set's key length: a field alone
+    is its own length, a field in a concatenation is padded to whole 32-bit registers (a
+    refused guard change falls back to libnftables on every ADD and DEL)."""
+    from stockade.compile import guard
+    from stockade.compile.ir import guard_of
+    from stockade.datapath.nfrules import _guard_key
+
+    alone = {"ifname": 16, "ether_addr": 6, "ipv4_addr": 4, "ipv6_addr": 16, "integer": 16}
+
+    def key_len(kind: str | list[str]) -> int:
+        if isinstance(kind, str):
+            return alone[kind]
+        return sum(-(-alone[k] // 4) * 4 for k in kind)
+
+    g = guard_of(["10.0.0.1", "fd00::1"], "02:00:00:00:00:0a")
+    seen = set()
+    for set_name, e in guard.port_elements("vetha", g):
+        assert len(_guard_key(set_name, e)) == key_len(guard.SET_TYPES[set_name]), set_name
+        seen.add(set_name)
+    assert seen == set(guard.SETS)
