@@ -257,6 +257,16 @@ def test_a_guard_tampered_with_is_repaired(trio: Any, netns_prefix: str, kind: s
         dp.apply(rs, verify=True)
         assert dp.last_drift is not None and len(dp.last_drift.set_guards) == 3
         assert not _forged_gets_in(trio, 4) and dp.apply(rs, verify=True).empty
+        # the receiving side: c's MAC given the subnet's broadcast address as well
+        c = trio.c
+        subprocess.run([*nft, "add", "element", "bridge", netns_prefix, "d4",
+                        f"{{ {c.mac} . 10.244.255.255 }}"], check=True)
+        dp.apply(rs, verify=True)
+        assert "guard sets dmacs, d4, d6: not their ports' MACs and addresses" in \
+            dp.last_drift_details, dp.last_drift_details
+        listed = subprocess.run([*nft, "list", "set", "bridge", netns_prefix, "d4"],
+                                capture_output=True, text=True, check=True).stdout
+        assert "10.244.255.255" not in listed and c.address4 in listed
         # with no port left to guard the table stays (empty); it is not made where none is
         assert dp.apply(replace(rs, guards={})).del_guards
         assert _forged_gets_in(trio, 4)  # unguarded, as asked
