@@ -19,9 +19,9 @@ family::
     set dmacs     { type ether_addr }              guarded pods' MACs, as destinations
     set d4, d6    { type ether_addr . ipv4_addr / ipv6_addr }  each with its pod's address
     chain guard   hook prerouting, priority filter (before br_netfilter), policy accept
-        to the host (pkttype host), iifname . ether saddr . ip saddr @m4 accept   the
-        to a pod (pkttype otherhost), ether daddr . ip daddr @d4 and the same @m4 accept
-            common cases; IPv6 (not ICMPv6) alike with @m6, @d6
+        the common cases, and IPv6 (not ICMPv6) alike with @m6 and @d6:
+        to the host (pkttype host), iifname . ether saddr . ip saddr @m4 accept
+        to a pod (pkttype other), ether daddr . ip daddr @d4 and the same @m4 accept
         ether daddr @dmacs, ether daddr . ip daddr != @d4 drop   a frame to a pod's MAC
             carries its address (IPv6: but ND and MLD), from any port
         iifname != @ports accept                           unguarded: not a pod of ours
@@ -91,7 +91,7 @@ _GROUP = "{ broadcast, multicast }"  # frames to more than one host
 RULES: tuple[tuple[str, str], ...] = (
     # What nearly every frame is, first: from its port's MAC and address (only a guarded
     # port has elements in m4, m6) to the host (the bridge's MAC: pkttype host), or to
-    # another pod (otherhost) at its own address. Not ICMPv6: an advertisement's target
+    # another pod (pkttype other) at its own address. Not ICMPv6: an advertisement's target
     # is checked below. (A broadcast or multicast is checked below.)
     ("ether type ip meta pkttype host iifname . ether saddr . ip saddr @m4 accept",
      "own mac and ipv4 to the host"),

@@ -675,9 +675,9 @@ class NftDatapath:
                                                else ["table missing"]) or drift.describe()
         else:
             assert self._applied is not None
-            # the first guard since none: the table may not be there yet (a missing table
-            # an element would go in fails the transaction, and the verifying apply the
-            # agent then runs makes it)
+            # the first guard since none: the table may not be there yet (one deleted
+            # since fails the transaction its elements go in, and the apply after a
+            # failure reads the kernel back and makes it)
             rewrite_guard = bool(target.guards) and not self._applied.guards and \
                 not self._guard_there
             applied = (replace(self._applied, guards=target.guards) if rewrite_guard
