@@ -562,33 +562,41 @@ def _link_local(netns: str, ifname: str) -> str:
         time.sleep(0.1)
 
 
-# One UDP datagram to (argv[1] link-local, argv[2] interface, argv[3] port): a plain
-# socket, no capability needed.
+# Datagrams to c's link-local address (argv: the address, b's interface, the port, and the
+# address to send from: b's own global one, or none for the kernel's choice, b's
+# link-local one): a plain socket, no capability needed.
 SEND_LINK_LOCAL = """
 import socket, sys, time
 u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+if len(sys.argv) > 4:
+    u.bind((sys.argv[4], 0))
 for _ in range(3):  # the first may wait for neighbour discovery
     u.sendto(b"over-link-local", (sys.argv[1] + "%" + sys.argv[2], int(sys.argv[3])))
     time.sleep(0.2)
 """
 
 
-def test_a_link_local_address_is_no_way_around_isolation(trio: Any,
-                                                         datapath: Datapath) -> None:
+@pytest.mark.parametrize("source", ["link-local", "global"])
+def test_a_link_local_address_is_no_way_around_isolation(trio: Any, datapath: Datapath,
+                                                         source: str) -> None:
     """Pods on one bridge share a link, so each has a link-local address the others can
     reach, which no policy names: c admits UDP/5003 from a only, and b's datagram to
-    c's link-local address must not get in any more than one to c's own."""
+    c's link-local address must not get in any more than one to c's own. From b's
+    link-local address, or from its own global one (which b's guard lets out: the frame
+    goes to c's MAC, and c's port lets in only what is for c's own address)."""
     b, c = trio.b, trio.c
+    _link_local(b.netns, b.ifname)  # b's own, usable to send from
+    target = _link_local(c.netns, c.ifname)  # before the sink starts: it waits 2 s for each
     sink = python_in(c.netns, SINK, "6", str(PORT))
     try:
         assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        _link_local(b.netns, b.ifname)  # b's own, to send from
-        run_in(b.netns, SEND_LINK_LOCAL, _link_local(c.netns, c.ifname), b.ifname,
-               str(PORT))
+        run_in(b.netns, SEND_LINK_LOCAL, target, b.ifname, str(PORT),
+               *([b.address6] if source == "global" else []))
     finally:
         got = collected(sink)
     if got:
-        raise Impersonated(f"b reached isolated c over its link-local address: {got}")
+        raise Impersonated(f"b reached isolated c over its link-local address, from its "
+                           f"{source} one: {got}")
 
 
 # Datagrams to every pod at once (argv: family, b's own address, port): the subnet's
@@ -631,36 +639,6 @@ def test_broadcast_and_multicast_are_no_way_around_isolation(trio: Any, datapath
         got = collected(sink)
     if got:
         raise Impersonated(f"b reached isolated c by broadcast or multicast: {got}")
-
-
-
-# Datagrams from b's own global address (bound) to c's link-local address: a plain
-# socket, no capability needed.
-SEND_GLOBAL_TO_LINK_LOCAL = """
-import socket, sys, time
-u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-u.bind((sys.argv[4], 0))
-for _ in range(3):  # the first may wait for neighbour discovery
-    u.sendto(b"global-to-link-local", (sys.argv[1] + "%" + sys.argv[2], int(sys.argv[3])))
-    time.sleep(0.2)
-"""
-
-
-def test_a_link_local_destination_is_no_way_around_isolation(trio: Any,
-                                                             datapath: Datapath) -> None:
-    """As above, from b's own (global) address, which b's guard lets out: the frame goes
-    to c's MAC, and c's port lets in only what is for c's own address."""
-    b, c = trio.b, trio.c
-    _link_local(b.netns, b.ifname)
-    target = _link_local(c.netns, c.ifname)  # before the sink starts, as below
-    sink = python_in(c.netns, SINK, "6", str(PORT))
-    try:
-        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-        run_in(b.netns, SEND_GLOBAL_TO_LINK_LOCAL, target, b.ifname, str(PORT), b.address6)
-    finally:
-        got = collected(sink)
-    if got:
-        raise Impersonated(f"b reached isolated c's link-local address from its own: {got}")
 
 
 @pytest.mark.parametrize("family", [4, 6])
