@@ -19,7 +19,12 @@
  *
  * Then per packet, as the nftables forward chain does:
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
- *      ICMP error about one, passes. A new connection's entry goes in `ct`, an LRU
+ *      ICMP error about one, passes. A connection is keyed by its tuple in normal form
+ *      (the side with the lower address and port first; CT_ORIG_B in the entry says
+ *      the other side opened it), so both directions find it in one lookup per map:
+ *      a reply's second lookup, under the reversed tuple, cost a sixth of the
+ *      programs' time on new connections (a cold bucket each). A new connection's
+ *      entry goes in `ct`, an LRU
  *      hash; once answered and used again by its originator (a TCP handshake's
  *      last ACK, a UDP exchange going on) it moves to `ct_live`, a hash nothing
  *      evicts, while its port holds fewer than CT_LIVE_PER_PORT there: a pod that
@@ -118,6 +123,7 @@
 
 #define CT_CLOSING 1
 #define CT_REPLIED 2 /* a packet of the reply direction was seen */
+#define CT_ORIG_B 4  /* the connection was opened from the key's dst side */
 /* How many of `ct_live`'s entries the connections of one port may hold: beyond it, a
  * port's connections stay in `ct`, evictable, and never push another port's out. */
 #define CT_LIVE_PER_PORT 4096
@@ -629,6 +635,25 @@ static __always_inline void ct_key_of(struct ct_key *k, __u8 family, __u8 proto,
 	__builtin_memcpy(k->dst, dst, 16);
 }
 
+/* The tuple's key in normal form: the side with the lower address (compared word by
+ * word), then the lower port, first. Returns 1 when the packet goes from the key's dst
+ * side to its src side. compile/bpf.py's ct_normal orders keys the same way. */
+static __always_inline int ct_normal_key(struct ct_key *k, __u8 family, __u8 proto,
+					 const __u32 *src, const __u32 *dst, __be16 sport,
+					 __be16 dport)
+{
+	int swap = sport > dport;
+#pragma unroll
+	for (int i = 3; i >= 0; i--)
+		if (src[i] != dst[i])
+			swap = src[i] > dst[i];
+	if (swap)
+		ct_key_of(k, family, proto, dst, src, dport, sport);
+	else
+		ct_key_of(k, family, proto, src, dst, sport, dport);
+	return swap;
+}
+
 static __always_inline __u64 ct_timeout(__u8 proto, __u32 flags)
 {
 	if (proto == PROTO_TCP)
@@ -714,7 +739,7 @@ static __always_inline void ct_demote(struct ct_key *k, struct ct_value *e)
 		ct_release(v.owner);
 }
 
-/* Whether the tuple is a tracked connection (either map). */
+/* Whether the tuple (in normal form) is a tracked connection (either map). */
 static __always_inline int ct_tracked(struct ct_key *k, __u64 now)
 {
 	return ct_live_find(k, now) != 0 || ct_find(k, now) != 0;
@@ -760,10 +785,7 @@ static __always_inline int related_icmp(struct __sk_buff *skb, struct packet *p,
 		__builtin_memcpy(&ports[0], icmp + 4, 2);
 		ports[1] = ports[0];
 	}
-	ct_key_of(&k, p->family, proto, src, dst, ports[0], ports[1]);
-	if (ct_tracked(&k, now))
-		return 1;
-	ct_key_of(&k, p->family, proto, dst, src, ports[1], ports[0]);
+	ct_normal_key(&k, p->family, proto, src, dst, ports[0], ports[1]);
 	return ct_tracked(&k, now);
 }
 
@@ -1012,38 +1034,39 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 		p.proto = fv->proto;
 	}
 
-	/* 1. conntrack: established connections first (the original direction, then the
-	 * reply), then new ones. A SYN is never a reply: it opens a connection of its
-	 * own, so it skips the reply's lookups (cold ones: the maps hold every recent
-	 * connection). */
+	/* 1. conntrack: established connections first, then new ones, one lookup each
+	 * (the key in normal form stands for both directions). A SYN is never a reply:
+	 * one against an entry's direction opens a connection of its own on the same
+	 * tuple (the old one is over: its ends would not take a SYN), judged as new;
+	 * passed, its entry replaces the old one. */
 	int syn = p.proto == PROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
-	int live = 1, reply = 0;
-	struct ct_key kr = {};
-	ct_key_of(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
+	int live = 1, reply = 0, reopened = 0;
+	__u32 old_owner = 0;
+	int from_b = ct_normal_key(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
 	e = ct_live_find(&k, now);
-	if (!e && !syn) {
-		ct_key_of(&kr, p.family, p.proto, p.dst, p.src, p.dport, p.sport);
-		e = ct_live_find(&kr, now);
-		reply = e != 0;
-	}
 	if (!e) {
 		live = 0;
 		e = ct_find(&k, now);
-		if (!e && !syn) {
-			e = ct_find(&kr, now);
-			reply = e != 0;
+	}
+	if (e) {
+		reply = !(e->flags & CT_ORIG_B) != !from_b;
+		if (syn && reply) {
+			reopened = live;
+			old_owner = e->owner;
+			e = 0;
 		}
 	}
-	if (reply)
-		__builtin_memcpy(&k, &kr, sizeof(k)); /* k: the entry's, the original tuple */
 	if (e) {
 		if (e->generation != cfg->generation) {
 			/* the policy changed since this connection was allowed: judge its
 			 * original direction again (k is the original tuple); a denied one
 			 * lives on if its denying sides keep connections */
 			count(STAT_REJUDGED);
-			if (rejudge_cuts(cfg->slot, k.family, k.src, k.dst, k.proto,
-					 k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6 ? 0 : k.dport)) {
+			/* the original direction: the key's, or its reverse */
+			int b = (e->flags & CT_ORIG_B) != 0;
+			if (rejudge_cuts(cfg->slot, k.family, b ? k.dst : k.src, b ? k.src : k.dst,
+					 k.proto, k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6
+					 ? 0 : (b ? k.sport : k.dport))) {
 				__u32 owner = e->owner;
 				if (!live)
 					bpf_map_delete_elem(&ct, &k);
@@ -1092,9 +1115,11 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 		return TC_ACT_SHOT;
 	}
 	count(STAT_ALLOWED);
-	ct_key_of(&k, p.family, p.proto, p.src, p.dst, p.sport, p.dport);
+	/* the old connection's entry (against this SYN's direction) gives way to this one */
+	if (reopened && bpf_map_delete_elem(&ct_live, &k) == 0)
+		ct_release(old_owner);
 	struct ct_value nv = {.seen_ns = now, .generation = cfg->generation,
-			      .owner = skb->ifindex};
+			      .flags = from_b ? CT_ORIG_B : 0, .owner = skb->ifindex};
 	bpf_map_update_elem(&ct, &k, &nv, BPF_ANY);
 	frag_record(&p);
 	return TC_ACT_UNSPEC;

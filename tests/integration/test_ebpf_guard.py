@@ -38,6 +38,7 @@ from stockade.model.selector import Selector
 from stockade.net.namespace import entered
 
 from .ebpf_pins import ebpf_datapath
+from .frames import eth, mac_bytes, tcp4
 
 pytestmark = pytest.mark.privileged
 
@@ -62,24 +63,10 @@ def _ifindex(trio: Any, att: Any) -> int:
         return socket.if_nametoindex(att.host_ifname)
 
 
-def _mac(text: str) -> bytes:
-    return bytes.fromhex(text.replace(":", ""))
-
-
-def _eth(src_mac: str, ethertype: int, payload: bytes, dst_mac: str = "02" * 6) -> bytes:
-    return _mac(dst_mac) + _mac(src_mac) + struct.pack("!H", ethertype) + payload
-
-
 def _udp4(src: str, dst: str) -> bytes:
     udp = struct.pack("!HHHH", 4444, 5003, 12, 0) + b"four"
     return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
                        socket.inet_aton(src), socket.inet_aton(dst)) + udp
-
-
-def _tcp4(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0,
-                       socket.inet_aton(src), socket.inet_aton(dst)) + tcp
 
 
 def _ip6(src: str, dst: str, next_header: int, payload: bytes) -> bytes:
@@ -110,7 +97,7 @@ def _ns(src: str, target: str) -> bytes:
 
 
 def _arp(sender_mac: str, sender_ip: str, target_ip: str, *, htype: int = 1) -> bytes:
-    return (struct.pack("!HHBBH", htype, 0x0800, 6, 4, 1) + _mac(sender_mac)
+    return (struct.pack("!HHBBH", htype, 0x0800, 6, 4, 1) + mac_bytes(sender_mac)
             + socket.inet_aton(sender_ip) + bytes(6) + socket.inet_aton(target_ip))
 
 
@@ -140,78 +127,78 @@ def judge(trio: Any, datapath: EbpfDatapath) -> Any:
 def test_ipv4_only_from_the_ports_own_address_and_mac(trio, datapath, judge) -> None:
     a, b, c = trio.a, trio.b, trio.c
     before = datapath.stats()["spoofed_dropped"]
-    assert judge(_eth(b.mac, 0x0800, _udp4(b.address4, c.address4)), b) == PASSED
-    assert judge(_eth(b.mac, 0x0800, _udp4(a.address4, c.address4)), b) == SHOT  # a's source
-    assert judge(_eth(b.mac, 0x0800, _udp4("0.0.0.0", "255.255.255.255")), b) == SHOT
-    assert judge(_eth(a.mac, 0x0800, _udp4(b.address4, c.address4)), b) == SHOT  # a's MAC
-    assert judge(_eth(a.mac, 0x0800, _udp4(a.address4, c.address4)), a) == PASSED
+    assert judge(eth(b.mac, 0x0800, _udp4(b.address4, c.address4)), b) == PASSED
+    assert judge(eth(b.mac, 0x0800, _udp4(a.address4, c.address4)), b) == SHOT  # a's source
+    assert judge(eth(b.mac, 0x0800, _udp4("0.0.0.0", "255.255.255.255")), b) == SHOT
+    assert judge(eth(a.mac, 0x0800, _udp4(b.address4, c.address4)), b) == SHOT  # a's MAC
+    assert judge(eth(a.mac, 0x0800, _udp4(a.address4, c.address4)), a) == PASSED
     assert datapath.stats()["spoofed_dropped"] == before + 3
 
 
 def test_an_unguarded_port_is_judged_as_before(trio, judge) -> None:
     a, c = trio.a, trio.c
     # c's port has no guard: a forged source, another MAC, another ethertype all pass
-    assert judge(_eth(a.mac, 0x0800, _udp4(a.address4, trio.b.address4)), c) == PASSED
-    assert judge(_eth(c.mac, 0x86DD, _udp6(a.address6, trio.b.address6)), c) == PASSED
-    assert judge(_eth(c.mac, 0x0806, _arp(c.mac, a.address4, trio.b.address4)), c) == PASSED
-    assert judge(_eth(c.mac, 0x88CC, bytes(46)), c) == PASSED
+    assert judge(eth(a.mac, 0x0800, _udp4(a.address4, trio.b.address4)), c) == PASSED
+    assert judge(eth(c.mac, 0x86DD, _udp6(a.address6, trio.b.address6)), c) == PASSED
+    assert judge(eth(c.mac, 0x0806, _arp(c.mac, a.address4, trio.b.address4)), c) == PASSED
+    assert judge(eth(c.mac, 0x88CC, bytes(46)), c) == PASSED
 
 
 def test_ipv6_from_its_own_address_and_nd_from_link_local_or_unspecified(trio, judge) -> None:
     a, b, c = trio.a, trio.b, trio.c
-    assert judge(_eth(b.mac, 0x86DD, _udp6(b.address6, c.address6)), b) == PASSED
-    assert judge(_eth(b.mac, 0x86DD, _udp6(a.address6, c.address6)), b) == SHOT
-    assert judge(_eth(b.mac, 0x86DD, _udp6("fd00:244::99", c.address6)), b) == SHOT
-    assert judge(_eth(b.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == PASSED
-    assert judge(_eth(b.mac, 0x86DD, _ns("::", b.address6)), b) == PASSED  # DAD
-    assert judge(_eth(a.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == SHOT  # a's MAC
+    assert judge(eth(b.mac, 0x86DD, _udp6(b.address6, c.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _udp6(a.address6, c.address6)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _udp6("fd00:244::99", c.address6)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _ns("::", b.address6)), b) == PASSED  # DAD
+    assert judge(eth(a.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == SHOT  # a's MAC
     # anything else from link-local: no policy names the address, so none would judge it
-    assert judge(_eth(b.mac, 0x86DD, _udp6("fe80::1234", "fe80::c")), b) == SHOT
-    assert judge(_eth(b.mac, 0x86DD, _udp6("fe80::1234", "ff02::1")), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _udp6("fe80::1234", "fe80::c")), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _udp6("fe80::1234", "ff02::1")), b) == SHOT
 
 
 def test_a_neighbour_advertisement_claims_only_the_ports_address(trio, judge) -> None:
     a, b = trio.a, trio.b
-    assert judge(_eth(b.mac, 0x86DD, _na("fe80::b", b.address6)), b) == PASSED
-    assert judge(_eth(b.mac, 0x86DD, _na(b.address6, b.address6)), b) == PASSED
-    assert judge(_eth(b.mac, 0x86DD, _na("fe80::b", "fe80::b")), b) == PASSED
-    assert judge(_eth(b.mac, 0x86DD, _na("fe80::b", a.address6)), b) == SHOT
-    assert judge(_eth(b.mac, 0x86DD, _na(b.address6, a.address6)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", b.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na(b.address6, b.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", "fe80::b")), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", a.address6)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _na(b.address6, a.address6)), b) == SHOT
     # behind an extension header, as the program walks them
-    assert judge(_eth(b.mac, 0x86DD, _na("fe80::b", a.address6, hop_by_hop=True)), b) == SHOT
-    assert judge(_eth(b.mac, 0x86DD, _na("fe80::b", b.address6, hop_by_hop=True)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", a.address6, hop_by_hop=True)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", b.address6, hop_by_hop=True)), b) == PASSED
     # a target that is not there cannot be checked
-    assert judge(_eth(b.mac, 0x86DD, _na("fe80::b", "", truncated=True)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", "", truncated=True)), b) == SHOT
     # more extension headers than the walk follows: whatever is behind them, not let out
     deep = b"".join(bytes([0, 0, 1, 4, 0, 0, 0, 0]) for _ in range(6)) + bytes(
         [58, 0, 1, 4, 0, 0, 0, 0]) + struct.pack("!BBHI", 136, 0, 0, 0) + socket.inet_pton(
         socket.AF_INET6, a.address6)
-    assert judge(_eth(b.mac, 0x86DD, _ip6("fe80::b", "ff02::1", 0, deep)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _ip6("fe80::b", "ff02::1", 0, deep)), b) == SHOT
     # a duplicate address probe (from ::) only for its own address or a link-local one;
     # a solicitation from an address of its own asks, and may ask for any
-    assert judge(_eth(b.mac, 0x86DD, _ns("::", b.address6)), b) == PASSED
-    assert judge(_eth(b.mac, 0x86DD, _ns("::", "fe80::b")), b) == PASSED
-    assert judge(_eth(b.mac, 0x86DD, _ns("::", a.address6)), b) == SHOT
-    assert judge(_eth(b.mac, 0x86DD, _ns(b.address6, a.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _ns("::", b.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _ns("::", "fe80::b")), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _ns("::", a.address6)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _ns(b.address6, a.address6)), b) == PASSED
 
 
 def test_arp_claims_only_the_ports_ipv4_address_at_its_mac(trio, judge) -> None:
     a, b, c = trio.a, trio.b, trio.c
-    assert judge(_eth(b.mac, 0x0806, _arp(b.mac, b.address4, c.address4)), b) == PASSED
-    assert judge(_eth(b.mac, 0x0806, _arp(b.mac, "0.0.0.0", b.address4)), b) == PASSED  # probe
-    assert judge(_eth(b.mac, 0x0806, _arp(b.mac, a.address4, c.address4)), b) == SHOT
-    assert judge(_eth(b.mac, 0x0806, _arp(a.mac, b.address4, c.address4)), b) == SHOT
-    assert judge(_eth(b.mac, 0x0806, _arp(b.mac, b.address4, c.address4)[:20]), b) == SHOT
-    assert judge(_eth(b.mac, 0x0806, _arp(b.mac, b.address4, c.address4, htype=6)), b) == SHOT
+    assert judge(eth(b.mac, 0x0806, _arp(b.mac, b.address4, c.address4)), b) == PASSED
+    assert judge(eth(b.mac, 0x0806, _arp(b.mac, "0.0.0.0", b.address4)), b) == PASSED  # probe
+    assert judge(eth(b.mac, 0x0806, _arp(b.mac, a.address4, c.address4)), b) == SHOT
+    assert judge(eth(b.mac, 0x0806, _arp(a.mac, b.address4, c.address4)), b) == SHOT
+    assert judge(eth(b.mac, 0x0806, _arp(b.mac, b.address4, c.address4)[:20]), b) == SHOT
+    assert judge(eth(b.mac, 0x0806, _arp(b.mac, b.address4, c.address4, htype=6)), b) == SHOT
 
 
 def test_tags_and_other_ethertypes_do_not_leave_a_guarded_port(trio, judge) -> None:
     b, c = trio.b, trio.c
     inner = struct.pack("!HH", 7, 0x0800) + _udp4(b.address4, c.address4)
-    assert judge(_eth(b.mac, 0x8100, inner), b) == SHOT
-    assert judge(_eth(b.mac, 0x88A8, inner), b) == SHOT
-    assert judge(_eth(b.mac, 0x88CC, bytes(46)), b) == SHOT  # LLDP
-    assert judge(_eth(b.mac, 0x8035, bytes(46)), b) == SHOT  # RARP
+    assert judge(eth(b.mac, 0x8100, inner), b) == SHOT
+    assert judge(eth(b.mac, 0x88A8, inner), b) == SHOT
+    assert judge(eth(b.mac, 0x88CC, bytes(46)), b) == SHOT  # LLDP
+    assert judge(eth(b.mac, 0x8035, bytes(46)), b) == SHOT  # RARP
 
 
 # A UDP datagram in a frame tagged VLAN 7, from the pod's own addresses: on a veth the
@@ -252,8 +239,8 @@ def test_a_forged_syn_leaves_no_connection_to_reply_on(trio, datapath) -> None:
             return libbpf.test_run(prog, frame, 1, ifindex=index)[0]
 
     syn, ack = 0x02, 0x10
-    forged = _eth(b.mac, 0x0800, _tcp4(a.address4, b.address4, 80, 40000, syn))
-    reply = _eth(b.mac, 0x0800, _tcp4(b.address4, a.address4, 40000, 80, ack))
+    forged = eth(b.mac, 0x0800, tcp4(a.address4, b.address4, 80, 40000, syn))
+    reply = eth(b.mac, 0x0800, tcp4(b.address4, a.address4, 40000, 80, ack))
     assert verdict(forged, _ifindex(trio, b)) == SHOT
     assert verdict(reply, _ifindex(trio, b)) == SHOT  # nothing tracked: mid-stream
     # the control: unguarded (judged where nothing binds the port), the forgery works
@@ -303,7 +290,7 @@ def test_a_tampered_guard_is_repaired_by_a_verifying_apply(trio, datapath) -> No
     libbpf.delete(fd, bpfc.GUARD_KEY.pack(_ifindex(trio, a)))
     libbpf.update(fd, bpfc.GUARD_KEY.pack(_ifindex(trio, c)), bpfc.encode_guard("x", Guard(())))
     prog = datapath._progs["in"]
-    forged = _eth(b.mac, 0x0800, _udp4(a.address4, c.address4))
+    forged = eth(b.mac, 0x0800, _udp4(a.address4, c.address4))
     with entered(trio.host_netns):
         assert libbpf.test_run(prog, forged, 1, ifindex=_ifindex(trio, b))[0] == PASSED
     datapath.apply(rs, verify=True)
@@ -388,13 +375,13 @@ def test_ip_broadcast_and_multicast_leave_only_as_nd_or_mld(trio, judge) -> None
     none leaves, but neighbour discovery and MLD (which go to multicast addresses)."""
     b = trio.b
     everyone = "ff:ff:ff:ff:ff:ff"
-    assert judge(_eth(b.mac, 0x0800, _udp4(b.address4, "10.244.255.255"), everyone), b) \
+    assert judge(eth(b.mac, 0x0800, _udp4(b.address4, "10.244.255.255"), everyone), b) \
         == SHOT
-    assert judge(_eth(b.mac, 0x0800, _udp4(b.address4, "224.0.0.1"), "01:00:5e:00:00:01"),
+    assert judge(eth(b.mac, 0x0800, _udp4(b.address4, "224.0.0.1"), "01:00:5e:00:00:01"),
                  b) == SHOT
-    assert judge(_eth(b.mac, 0x86DD, _udp6(b.address6, "ff02::1"), "33:33:00:00:00:01"),
+    assert judge(eth(b.mac, 0x86DD, _udp6(b.address6, "ff02::1"), "33:33:00:00:00:01"),
                  b) == SHOT
-    ns = _eth(b.mac, 0x86DD, _ns(b.address6, b.address6), "33:33:ff:00:00:01")
+    ns = eth(b.mac, 0x86DD, _ns(b.address6, b.address6), "33:33:ff:00:00:01")
     assert judge(ns, b) == PASSED  # from its own address to a solicited-node group
 
 
@@ -414,17 +401,17 @@ def test_into_a_guarded_port_only_what_is_for_its_own_address(trio, datapath) ->
             return libbpf.test_run(prog, frame, 1, ifindex=index)[0]
 
     before = datapath.stats()["spoofed_dropped"]
-    assert into(_eth(b.mac, 0x0800, _udp4(b.address4, a.address4), a.mac), a) == PASSED
-    assert into(_eth(b.mac, 0x86DD, _udp6(b.address6, a.address6), a.mac), a) == PASSED
+    assert into(eth(b.mac, 0x0800, _udp4(b.address4, a.address4), a.mac), a) == PASSED
+    assert into(eth(b.mac, 0x86DD, _udp6(b.address6, a.address6), a.mac), a) == PASSED
     for dst in ("10.244.255.255", "255.255.255.255", "224.0.0.1", c.address4):
-        assert into(_eth(b.mac, 0x0800, _udp4(b.address4, dst), a.mac), a) == SHOT, dst
+        assert into(eth(b.mac, 0x0800, _udp4(b.address4, dst), a.mac), a) == SHOT, dst
     for dst in ("ff02::1", "fe80::1", c.address6):
-        assert into(_eth(b.mac, 0x86DD, _udp6(b.address6, dst), a.mac), a) == SHOT, dst
+        assert into(eth(b.mac, 0x86DD, _udp6(b.address6, dst), a.mac), a) == SHOT, dst
     assert datapath.stats()["spoofed_dropped"] == before + 7
     # neighbour discovery to a link-local or multicast address; ARP; to every host
-    assert into(_eth(b.mac, 0x86DD, _ns("fe80::2", "fe80::1"), a.mac), a) == PASSED
-    assert into(_eth(b.mac, 0x0806, _arp(b.mac, b.address4, a.address4), a.mac), a) == PASSED
-    assert into(_eth(b.mac, 0x0800, _udp4(b.address4, "10.244.255.255"),
+    assert into(eth(b.mac, 0x86DD, _ns("fe80::2", "fe80::1"), a.mac), a) == PASSED
+    assert into(eth(b.mac, 0x0806, _arp(b.mac, b.address4, a.address4), a.mac), a) == PASSED
+    assert into(eth(b.mac, 0x0800, _udp4(b.address4, "10.244.255.255"),
                      "ff:ff:ff:ff:ff:ff"), a) == PASSED
     # c's port is unguarded
-    assert into(_eth(b.mac, 0x0800, _udp4(b.address4, "224.0.0.1"), c.mac), c) == PASSED
+    assert into(eth(b.mac, 0x0800, _udp4(b.address4, "224.0.0.1"), c.mac), c) == PASSED

@@ -40,6 +40,7 @@ from stockade.model.selector import Selector
 from stockade.net.namespace import entered
 
 from .ebpf_pins import ebpf_datapath
+from .frames import eth, tcp4
 from .netio import EchoServer, connect, echo
 
 pytestmark = pytest.mark.privileged
@@ -372,21 +373,14 @@ def test_a_long_tcp_flow_keeps_flowing(trio, datapath) -> None:
     assert datapath.stats()["denied"] == denied
 
 
-def _tcp(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
-    """An Ethernet frame of one IPv4 TCP segment with `flags` (checksums left zero: the
-    program does not read them)."""
-    tcp = struct.pack(">HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
-    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0,
-                     socket.inet_aton(src), socket.inet_aton(dst))
-    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp
-
-
 def test_a_syn_on_a_tracked_connections_reversed_tuple_is_judged_as_new(trio,
                                                                         datapath) -> None:
     """Conntrack matches a reply by the reversed tuple, but a SYN opens a connection of its
     own: one from a to b on the exact reverse of b's allowed connection to a is judged,
     and b's isolation drops it; a's SYN-ACK and ACK on that tuple are replies and pass.
-    Fed to the program itself (BPF_PROG_TEST_RUN), so the tuple is exactly the one wanted."""
+    Once b admits a, the same SYN passes, and its connection takes the tuple over (one
+    entry stands for both directions). Fed to the program itself (BPF_PROG_TEST_RUN),
+    so the tuple is exactly the one wanted."""
     b_isolated = NetworkPolicy("x", "b-isolated", Selector(Labels({"pod": "b"})),
                                policy_types=(INGRESS,))
     datapath.apply(compile_cluster(_cluster(trio, _a_ingress_from("b"), b_isolated)))
@@ -396,7 +390,13 @@ def test_a_syn_on_a_tracked_connections_reversed_tuple_is_judged_as_new(trio,
     syn, ack = 0x02, 0x10
 
     def verdict(src: str, dst: str, sport: int, dport: int, flags: int) -> int:
-        return libbpf.test_run(prog, _tcp(src, dst, sport, dport, flags), 1)[0]
+        return libbpf.test_run(prog, eth("04" * 6, 0x0800, tcp4(src, dst, sport, dport,
+                                                               flags)), 1)[0]
+
+    def opened() -> list[tuple[bytes, int, int]]:
+        ct = libbpf.dump(datapath._maps["ct"], *LAYOUT["ct"])
+        return [(o[2][:4], o[4], o[5]) for o in (bpfc.ct_original(k, v) for k, v in ct.items())
+                if o[1] == 6]
 
     assert verdict(a, b, PORT, 40000, syn) == shot  # nothing tracked yet: b is isolated
     assert verdict(b, a, 40000, PORT, syn) == passed  # allowed, and now tracked
@@ -404,6 +404,17 @@ def test_a_syn_on_a_tracked_connections_reversed_tuple_is_judged_as_new(trio,
     assert verdict(a, b, PORT, 40000, syn | ack) == passed  # a's answer: a reply
     assert verdict(a, b, PORT, 40000, ack) == passed
     assert verdict(a, b, PORT, 40001, ack) == shot  # mid-stream, never tracked
+    assert opened() == [(socket.inet_aton(b), 40000, PORT)]
+    datapath.apply(compile_cluster(_cluster(trio, _a_ingress_from("b"), _b_admits_a())))
+    assert verdict(a, b, PORT, 40000, syn) == passed
+    assert opened() == [(socket.inet_aton(a), PORT, 40000)]
+    datapath.flush_connections()
+
+
+def _b_admits_a() -> NetworkPolicy:
+    return NetworkPolicy("x", "b-isolated", Selector(Labels({"pod": "b"})),
+                         ingress=(PRule((), (Peer(pod_selector=Selector(Labels({"pod": "a"}))),)),),
+                         policy_types=(INGRESS,))
 
 
 # `count` SYNs from `src` (at `smac`) to `dst` (at `dmac`), each of its own connection
@@ -440,6 +451,11 @@ def _ct_live(datapath: EbpfDatapath) -> dict[bytes, bytes]:
     return libbpf.dump(datapath._maps["ct_live"], *LAYOUT["ct_live"])
 
 
+def _live_ports(datapath: EbpfDatapath) -> list[int]:
+    """The destination port of each connection in ct_live, as it was opened."""
+    return [bpfc.ct_original(k, v)[5] for k, v in _ct_live(datapath).items()]
+
+
 def _share(datapath: EbpfDatapath, ifindex: int) -> int:
     raw = libbpf.lookup(datapath._maps["ct_owners"], bpfc.CT_OWNER.pack(ifindex), 4)
     return bpfc.CT_OWNER.unpack(raw)[0] if raw else 0
@@ -449,7 +465,7 @@ def test_an_established_connection_outlives_a_flood_of_new_ones(trio, datapath, 
     """c opens three times as many connections as `ct` holds, as fast as it can: every
     connection there is evicted, but b's to a was answered and went on, so it is in
     `ct_live`, which nothing evicts, and carries data afterwards."""
-    assert any(k[6:8] == struct.pack("!H", PORT) for k in _ct_live(datapath))
+    assert PORT in _live_ports(datapath)
     started = time.monotonic()
     _flood(trio, 3 * (1 << 17))
     flood_s = time.monotonic() - started
@@ -464,7 +480,7 @@ def _port(trio, att) -> int:
 
 def _live_to(datapath: EbpfDatapath, port: int) -> int:
     """How many established connections to `port` ct_live holds."""
-    return sum(1 for k in _ct_live(datapath) if k[6:8] == struct.pack("!H", port))
+    return _live_ports(datapath).count(port)
 
 
 def test_a_ports_share_of_established_connections_is_bounded(trio, datapath, held) -> None:

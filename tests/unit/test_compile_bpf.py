@@ -6,6 +6,8 @@ lookups as `compile.bpf.allows` models them, as it does out of the IR interprete
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from tests.support import shared
 
@@ -52,3 +54,34 @@ def test_identities_group_addresses_by_membership() -> None:
     assert bpf.allows(state, "10.0.0.2", "10.0.0.3", "TCP", 81)
     assert not bpf.allows(state, "10.0.0.2", "10.0.0.3", "UDP", 81)
     assert not bpf.allows(state, "10.0.0.9", "10.0.0.3", "TCP", 80)
+
+
+def _ct(src: str, dst: str, sport: int, dport: int, flags: int = 0) -> tuple[bytes, bytes]:
+    fam = 4 if "." in src else 6
+    pack = (lambda a: socket.inet_aton(a) + bytes(12)) if fam == 4 else (
+        lambda a: socket.inet_pton(socket.AF_INET6, a))
+    return (bpf.CT_KEY.pack(fam, 6, 0, sport.to_bytes(2, "big"), dport.to_bytes(2, "big"),
+                             pack(src), pack(dst)),
+            bpf.CT_VALUE.pack(5, 1, flags, 9))
+
+
+@pytest.mark.parametrize(("src", "dst", "sport", "dport"), [
+    ("10.0.0.1", "10.0.0.2", 40000, 80), ("10.0.0.2", "10.0.0.1", 40000, 80),
+    ("10.0.1.1", "10.0.0.2", 80, 40000), ("10.0.0.1", "10.0.0.1", 80, 40000),
+    ("10.0.0.1", "10.0.0.1", 40000, 80), ("fd00::2", "fd00::1", 1, 2),
+    ("fe80::1", "ff02::16", 0, 0)])
+def test_a_connection_has_one_normal_form_and_keeps_its_direction(src, dst, sport,
+                                                                  dport) -> None:
+    """Both directions of a tuple come to one key; the flag says which side opened it,
+    so the original tuple is read back whichever form the key is in."""
+    there, back = _ct(src, dst, sport, dport), _ct(dst, src, dport, sport)
+    key, value = bpf.ct_normal(*there)
+    assert bpf.ct_normal(key, value) == (key, value)  # normal already
+    assert bpf.ct_normal(*back)[0] == key
+    opened = bpf.ct_original(*there)
+    assert bpf.ct_original(key, value) == opened
+    assert opened[2:] == (there[0][8:24], there[0][24:40], sport, dport)
+    swapped = key != there[0]
+    assert bool(bpf.CT_VALUE.unpack(value)[2] & bpf.CT_ORIG_B) == swapped
+    if (src, sport) != (dst, dport):
+        assert swapped != (bpf.ct_normal(*back)[0] != back[0])  # one of the two turns

@@ -136,11 +136,15 @@ MAPS = ("ipcache4", "ipcache6", "policy")
 
 # Connection tracking (the program's ct_key and ct_value), for the loader's sweep of
 # ct_live: family, protocol, pad, ports, addresses; seen_ns, generation, flags, owner.
-# CT_CLOSING and `ct_timeout` below are the program's own: the two must agree.
+# CT_CLOSING, CT_ORIG_B, `ct_timeout` and `ct_normal` below are the program's own: the
+# two must agree.
 CT_KEY = struct.Struct("=BBH2s2s16s16s")
 CT_VALUE = struct.Struct("=QQII")
 CT_OWNER = struct.Struct("=I")
 CT_CLOSING = 1
+CT_ORIG_B = 4  # the connection was opened from the key's dst side
+_WORDS = struct.Struct("=4I")
+_PORT = struct.Struct("=H")
 _PROTO_TCP, _PROTO_UDP, _PROTO_SCTP = 6, 17, 132
 _SEC_NS = 1_000_000_000
 
@@ -949,6 +953,29 @@ def ct_timeout(proto: int, flags: int) -> int:
     if proto in (_PROTO_UDP, _PROTO_SCTP):
         return 180 * _SEC_NS
     return 60 * _SEC_NS
+
+
+def ct_normal(key: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """An entry with its key in the program's normal form (`ct_normal_key`): the side
+    with the lower address (words compared in the machine's order, first word first),
+    then the lower port, as the key's src; CT_ORIG_B flipped when the sides change.
+    Entries of a program from before the normal form are turned with this."""
+    family, proto, pad, sport, dport, src, dst = CT_KEY.unpack(key)
+    if (_WORDS.unpack(src), _PORT.unpack(sport)) <= (_WORDS.unpack(dst), _PORT.unpack(dport)):
+        return key, value
+    seen, generation, flags, owner = CT_VALUE.unpack(value)
+    return (CT_KEY.pack(family, proto, pad, dport, sport, dst, src),
+            CT_VALUE.pack(seen, generation, flags ^ CT_ORIG_B, owner))
+
+
+def ct_original(key: bytes, value: bytes) -> tuple[int, int, bytes, bytes, int, int]:
+    """A tracked connection as it was opened: (family, protocol, source address,
+    destination address, source port, destination port)."""
+    family, proto, _, sport, dport, src, dst = CT_KEY.unpack(key)
+    if CT_VALUE.unpack(value)[2] & CT_ORIG_B:
+        src, dst, sport, dport = dst, src, dport, sport
+    return (family, proto, src, dst, int.from_bytes(sport, "big"),
+            int.from_bytes(dport, "big"))
 
 
 def ct_sweep(entries: Mapping[bytes, bytes], now: int) -> tuple[list[bytes], dict[int, int]]:

@@ -38,8 +38,11 @@ generation re-judge flows lazily. New connections go in `ct` (LRU); an establish
 one (answered, then used again by its originator) moves to `ct_live`, a hash that
 evicts nothing, within its port's share (`CT_LIVE_PER_PORT`, counted in
 `ct_owners`): a flood of new connections from one pod evicts only new connections,
-never the node's established ones. An established connection's packet costs one
-hash lookup in the original direction and two in the reply's, as before. A
+never the node's established ones. A connection's key is its tuple in normal form
+(lower address and port first; a flag in the entry says which side opened it), so a
+packet of either direction costs one lookup per map; entries a program from before
+the normal form made are turned into it when a new build replaces that program
+(`normalize_connections`). A
 verifying apply sweeps `ct_live` of connections that expired unseen (abandoned:
 the program deletes an entry only when a packet finds it) and counts the shares
 again. Its timestamps come from the coarse monotonic clock
@@ -191,6 +194,36 @@ def object_path(source: Path = SOURCE) -> Path:
     return out
 
 
+def normalize_connections(maps: Mapping[str, int]) -> int:
+    """Turn the tracked connections of a program from before keys had a normal form
+    (`compile.bpf.ct_normal`) into it; returns how many were turned.
+
+    Run when a new build of the program replaces a pinned one: before the first link
+    switches (the old program finds a turned entry too, under the reversed tuple, as
+    a reply's), and again after the last did and a grace period passed (what the old
+    program added meanwhile). Connections the new program made are in normal form
+    already, so nothing else changes, and counts per port stay (one entry for one).
+    """
+    turned = 0
+    for name in ("ct", "ct_live"):
+        ksize, vsize = LAYOUT[name]
+        entries = libbpf.dump(maps[name], ksize, vsize)
+        new: dict[bytes, bytes] = {}
+        old: list[bytes] = []
+        for key, value in entries.items():
+            nkey, nvalue = bpfc.ct_normal(key, value)
+            if nkey != key:
+                old.append(key)
+                if nkey not in entries:
+                    new[nkey] = nvalue
+        if new:
+            libbpf.update_batch(maps[name], list(new), list(new.values()), ksize, vsize)
+        if old:
+            libbpf.delete_batch(maps[name], old, ksize)
+        turned += len(old)
+    return turned
+
+
 # ---- bpffs ----------------------------------------------------------------------------------
 
 
@@ -319,6 +352,7 @@ class EbpfDatapath:
         self._check_layout()
         obj = object_path()
         progs, maps = libbpf.load_object(str(obj), {m: self._pin(m) for m in MAP_NAMES})
+        relinked = False
         try:
             for hook, prog in PROGRAMS.items():
                 fd = progs.pop(prog)
@@ -334,10 +368,17 @@ class EbpfDatapath:
                     if old is not None:
                         os.close(old)
                         os.unlink(pin)
+                        if not relinked:
+                            normalize_connections(maps)
                         self._relink(hook, fd)
+                        relinked = True
                     libbpf.obj_pin(fd, pin)
                 self._progs[hook] = fd
                 self._prog_ids[hook] = libbpf.prog_id_tag(fd)[0]
+            if relinked:
+                # what the old program made between the first pass and its last link
+                libbpf.synchronize()
+                normalize_connections(maps)
         finally:
             for fd in progs.values():
                 os.close(fd)
