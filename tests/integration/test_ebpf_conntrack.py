@@ -46,9 +46,10 @@ def _cluster(trio: Any, *policies: NetworkPolicy) -> Cluster:
                  (ContainerPort(PORT, "TCP", "echo"),)) for n in "abc"), policies)
 
 
-@pytest.fixture
-def datapath(trio: Any) -> Iterator[EbpfDatapath]:
-    with ebpf_datapath(trio) as dp:
+@pytest.fixture(params=["tcx"])
+def datapath(trio: Any, request: Any) -> Iterator[EbpfDatapath]:
+    """tcx links unless a test asks for clsact filters (`indirect`)."""
+    with ebpf_datapath(trio, attach=request.param) as dp:
         yield dp
 
 
@@ -176,11 +177,13 @@ def _rebuilt(tmp: Path) -> Path:
     return out
 
 
+@pytest.mark.parametrize("datapath", ["tcx", "clsact"], indirect=True)
 def test_a_new_build_replacing_the_program_keeps_an_older_builds_connections(
         trio, datapath, two_ways, tmp_path, monkeypatch) -> None:
     """The upgrade itself: the pinned program is replaced by a new build (a new process
     loads it), and the connections its maps hold in the older form carry on, without
-    one lost packet (each echo answers at once)."""
+    one lost packet (each echo answers at once). With clsact, the filters switch to the
+    new build only when the apply finds them running the old one."""
     old_tag = libbpf.prog_id_tag(datapath._progs["in"])[1]
     _turned_one(trio, datapath, two_ways)
     monkeypatch.setenv("STOCKADE_BPF_OBJECT", str(_rebuilt(tmp_path)))
@@ -190,6 +193,26 @@ def test_a_new_build_replacing_the_program_keeps_an_older_builds_connections(
         assert libbpf.prog_id_tag(upgraded._progs["in"])[1] != old_tag
         assert all(echo(c, b"three") for c in two_ways.values())
         assert len(_opened(upgraded, "ct_live")) == 2
+        assert normalize_connections(upgraded._maps) == 0
+    finally:
+        upgraded.close()
+
+
+def test_a_link_found_running_another_program_is_switched_with_its_connections(
+        trio, datapath, two_ways, tmp_path, monkeypatch) -> None:
+    """The program's pins were lost while its links kept running it (an operator's
+    cleanup, a bpffs remounted), then a new build comes: the loader finds no program
+    to replace, and the apply repairs each link found running another program. The
+    connections that program keyed the older way are turned there too."""
+    _turned_one(trio, datapath, two_ways)
+    for pin in ("prog_from_pod", "prog_to_pod"):
+        (datapath.dir / pin).unlink()
+    monkeypatch.setenv("STOCKADE_BPF_OBJECT", str(_rebuilt(tmp_path)))
+    upgraded = EbpfDatapath(netns=trio.host_netns)
+    try:
+        upgraded.apply(compile_cluster(_cluster(trio)), verify=True)
+        assert upgraded.last_drift_details  # the links were repaired, and said so
+        assert all(echo(c, b"three") for c in two_ways.values())
         assert normalize_connections(upgraded._maps) == 0
     finally:
         upgraded.close()

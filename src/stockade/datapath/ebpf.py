@@ -641,6 +641,7 @@ class EbpfDatapath:
     def _ensure_links(self, links: dict[str, str], ports: dict[int, str]) -> list[str]:
         """Attach what is missing, repair what is broken; the repairs, in words."""
         repaired = []
+        switched = False
         before, self._attached = self._attached, {p for p, problem in links.items()
                                                   if not problem}
         for pin, problem in sorted(links.items()):
@@ -654,11 +655,18 @@ class EbpfDatapath:
             if problem != "missing":
                 self._unlink(pin, detach=True, ifname=ifname)
                 repaired.append(f"{ifname or index} {hook}: {problem}")
+                switched = switched or problem.startswith("runs program")
             elif not ifname:
                 continue
             elif pin in before:  # attached by the last apply, gone since
                 repaired.append(f"{ifname} {hook}: detached (no link or filter left)")
             self._attach(int(index), hook, ifname)
+        if switched:
+            # Another program ran there, maybe an older build whose pins were lost (so
+            # `_load` replaced none) or a filter clsact switches only here: its
+            # connections in the older form are turned once it runs nowhere.
+            libbpf.synchronize()
+            normalize_connections(self._maps)
         return repaired
 
     # ---- the Datapath protocol --------------------------------------------------------------
