@@ -86,6 +86,57 @@ def test_a_new_object_adopts_the_pins_with_an_empty_delta(trio, datapath, server
     assert denied(trio) == A_ONLY_FROM_B
 
 
+def _no_load(*_: object) -> None:
+    raise AssertionError("the object was loaded again")
+
+
+def test_a_new_object_takes_this_builds_pins_without_loading(trio, datapath, servers,
+                                                             monkeypatch) -> None:
+    """The pins say which build the programs are (`built-<digest>-<tags>`): a new process
+    of the same build takes them as they are, without the verifier's third of a second."""
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
+    datapath.apply(rs)
+    datapath.close()
+    assert len([e for e in os.listdir(datapath.dir) if e.startswith("built-")]) == 1
+    monkeypatch.setattr(libbpf, "load_object", _no_load)
+    again = EbpfDatapath(netns=trio.host_netns, log_group=1)
+    assert again.apply(rs, verify=True).empty and again.last_drift is None
+    assert again._prog_ids == datapath._prog_ids
+    assert denied(trio) == A_ONLY_FROM_B
+
+
+@pytest.mark.parametrize("damage", ["swapped", "unmarked", "map unpinned"])
+def test_pins_that_are_not_this_build_are_loaded_again(trio, datapath, servers, monkeypatch,
+                                                       damage: str) -> None:
+    """A program pin holding another program (its tag is not the marked one), a lost
+    marker, a map pin gone: the object is loaded, the programs put right and relinked,
+    and the marker written again."""
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
+    datapath.apply(rs)
+    right = {h: libbpf.prog_id_tag(fd)[1] for h, fd in datapath._progs.items()}
+    if damage == "swapped":  # the egress program pinned under the ingress name
+        os.unlink(datapath.dir / "prog_from_pod")
+        libbpf.obj_pin(datapath._progs["out"], str(datapath.dir / "prog_from_pod"))
+    elif damage == "unmarked":
+        for e in os.listdir(datapath.dir):
+            if e.startswith("built-"):
+                os.rmdir(datapath.dir / e)
+    else:
+        os.unlink(datapath.dir / "stats")
+    datapath.close()
+    loads = []
+    real = libbpf.load_object
+    monkeypatch.setattr(libbpf, "load_object", lambda *a: loads.append(a) or real(*a))
+    again = EbpfDatapath(netns=trio.host_netns, log_group=1)
+    again.apply(rs, verify=True)
+    assert len(loads) == 1
+    assert {h: libbpf.prog_id_tag(fd)[1] for h, fd in again._progs.items()} == right
+    assert again.skeleton_intact()
+    assert len([e for e in os.listdir(again.dir) if e.startswith("built-")]) == 1
+    assert denied(trio) == A_ONLY_FROM_B
+    again.close()
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8192])
 def test_maps_are_read_back_in_batches_entry_for_entry(trio, datapath, monkeypatch,
                                                        batch: int) -> None:
