@@ -22,10 +22,9 @@
  *      ICMP error about one, passes. A connection is keyed by its tuple in normal form
  *      (the side with the lower address and port first; CT_ORIG_B in the entry says
  *      the other side opened it), so both directions find it in one lookup per map:
- *      a reply's second lookup, under the reversed tuple, cost a sixth of the
- *      programs' time on new connections (a cold bucket each). A new connection's
- *      entry goes in `ct`, an LRU
- *      hash; once answered and used again by its originator (a TCP handshake's
+ *      a reply's lookups under its own tuple first, which missed in a cold bucket on
+ *      every new connection, were about a third of the programs' time. A new
+ *      connection's entry goes in `ct`, an LRU hash; once answered and used again by its originator (a TCP handshake's
  *      last ACK, a UDP exchange going on) it moves to `ct_live`, a hash nothing
  *      evicts, while its port holds fewer than CT_LIVE_PER_PORT there: a pod that
  *      opens connections faster than `ct` can hold (one flood of SYNs) would
@@ -1058,11 +1057,11 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 	}
 	if (e) {
 		if (e->generation != cfg->generation) {
-			/* the policy changed since this connection was allowed: judge its
-			 * original direction again (k is the original tuple); a denied one
-			 * lives on if its denying sides keep connections */
+			/* the policy changed since this connection was allowed: judge the
+			 * direction it was opened in again (the key's, or its reverse with
+			 * CT_ORIG_B); a denied one lives on if its denying sides keep
+			 * connections */
 			count(STAT_REJUDGED);
-			/* the original direction: the key's, or its reverse */
 			int b = (e->flags & CT_ORIG_B) != 0;
 			if (rejudge_cuts(cfg->slot, k.family, b ? k.dst : k.src, b ? k.src : k.dst,
 					 k.proto, k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6
