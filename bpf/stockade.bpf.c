@@ -24,8 +24,9 @@
  *      the other side opened it), so both directions find it in one lookup per map:
  *      a reply's lookups under its own tuple first, which missed in a cold bucket on
  *      every new connection, were about a third of the programs' time. A new
- *      connection's entry goes in `ct`, an LRU hash; once answered and used again by its originator (a TCP handshake's
- *      last ACK, a UDP exchange going on) it moves to `ct_live`, a hash nothing
+ *      connection's entry goes in `ct`, an LRU hash; once answered and used again
+ *      by its originator (a TCP handshake's last ACK, a UDP exchange going on) it
+ *      moves to `ct_live`, a hash nothing
  *      evicts, while its port holds fewer than CT_LIVE_PER_PORT there: a pod that
  *      opens connections faster than `ct` can hold (one flood of SYNs) would
  *      otherwise push every established connection of the node out of the LRU, and
