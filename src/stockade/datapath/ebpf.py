@@ -416,20 +416,18 @@ class EbpfDatapath:
         again runs the verifier (a third of a second) to find the same programs.
         Anything missing or different: False, and the object is loaded."""
         marks = [e for e in os.listdir(self.dir) if e.startswith(build + "-")]
-        if len(marks) != 1:
+        tags = marks[0].removeprefix(build + "-").split("-") if len(marks) == 1 else []
+        if len(tags) != len(PROGRAMS):
             return False
-        tags = marks[0].removeprefix(build + "-").split("-")
         fds: list[int] = []
         try:
             progs = {}
-            for (hook, prog), tag in zip(PROGRAMS.items(), tags, strict=False):
+            for (hook, prog), tag in zip(PROGRAMS.items(), tags, strict=True):
                 fd = libbpf.obj_get(self._pin(f"prog_{prog.removeprefix('stockade_')}"))
                 fds.append(fd)
                 if libbpf.prog_id_tag(fd)[1].hex() != tag:
                     raise libbpf.BpfError("another program", errno.ESTALE)
                 progs[hook] = fd
-            if len(progs) != len(PROGRAMS):
-                raise libbpf.BpfError("a tag short", errno.ESTALE)
             maps = {}
             for m in MAP_NAMES:
                 maps[m] = fd = libbpf.obj_get(self._pin(m))
