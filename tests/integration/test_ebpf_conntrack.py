@@ -87,9 +87,8 @@ def test_a_connection_is_keyed_in_normal_form_whichever_side_opens_it(trio, data
     flipped = 0
     for key, value in entries.items():
         as_opened = bpfc.CT_KEY.pack(*_original_fields(key, value))
-        plain = bpfc.CT_VALUE.pack(*bpfc.CT_VALUE.unpack(value)[:2],
-                                   bpfc.CT_VALUE.unpack(value)[2] & ~bpfc.CT_ORIG_B,
-                                   bpfc.CT_VALUE.unpack(value)[3])
+        seen, generation, flags, owner = bpfc.CT_VALUE.unpack(value)
+        plain = bpfc.CT_VALUE.pack(seen, generation, flags & ~bpfc.CT_ORIG_B, owner)
         assert bpfc.ct_normal(as_opened, plain) == (key, value)
         flipped += key != as_opened
     assert flipped == 1
