@@ -71,6 +71,7 @@
  *               fragment -> its ports, so the later fragments are judged as it was
  *   guard       hash: a pod's bridge port (host-side ifindex) -> its MAC and addresses
  *               (not slotted: each port's entry is replaced in one update)
+ *   mac_port    hash: a guarded pod's MAC -> its port and bridge (see deliver)
  *   events      ring buffer: denied new connections, rate-limited
  *   meta        definitions the loader reads back (never read here)
  *   stats       per-CPU counters
@@ -240,6 +241,17 @@ struct guard {
 	__u32 addr6[4];
 };
 
+/* mac_port: a guarded pod's MAC -> its port and the port's bridge */
+struct mac_key {
+	__u8 mac[6];
+	__u16 pad;
+};
+
+struct mac_port {
+	__u32 port;   /* the host side's ifindex */
+	__u32 bridge; /* its master's */
+};
+
 struct rate {
 	__u64 window;
 	__u64 count;
@@ -335,6 +347,14 @@ struct {
 	__uint(max_entries, 1 << 16);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } guard SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct mac_key);
+	__type(value, struct mac_port);
+	__uint(max_entries, 1 << 16);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} mac_port SEC(".maps");
 
 /* allowed new, denied new, conntrack hits, revalidated, cut, passed (not IP, ND),
  * fragments dropped (no allowed first fragment seen), frames a guard dropped */
@@ -1125,12 +1145,45 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 	return TC_ACT_UNSPEC;
 }
 
+/* A frame `process` passed from a guarded port to another pod's MAC on the same bridge:
+ * to that pod's port at once, as the bridge would forward it once it learned the MAC
+ * (guards hold both ends to their MACs), without the bridge and the host's netfilter
+ * hooks on the way (br_netfilter: a third of a connection's cost in the kernel). The
+ * destination's `stockade_to_pod` runs as it would. Anything else (a group address, a
+ * tag, another ethertype, a MAC no single port is bound to, a port of another bridge
+ * or of one that filters VLANs: not in `mac_port`) takes the bridge. */
+static __always_inline int deliver(struct __sk_buff *skb, const struct guard *g)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct mac_key k = {};
+	struct mac_port *to, *from;
+	if (!g || !(g->flags & GUARD_MAC) || (void *)(eth + 1) > end || skb->vlan_present ||
+	    (eth->h_dest[0] & 1))
+		return TC_ACT_UNSPEC;
+	if (eth->h_proto != bpf_htons(ETH_P_IP) && eth->h_proto != bpf_htons(ETH_P_IPV6) &&
+	    eth->h_proto != bpf_htons(ETH_P_ARP))
+		return TC_ACT_UNSPEC;
+	__builtin_memcpy(k.mac, eth->h_dest, ETH_ALEN);
+	to = bpf_map_lookup_elem(&mac_port, &k);
+	if (!to || to->port == skb->ifindex)
+		return TC_ACT_UNSPEC;
+	__builtin_memcpy(k.mac, g->mac, ETH_ALEN);
+	from = bpf_map_lookup_elem(&mac_port, &k);
+	if (!from || from->port != skb->ifindex || from->bridge != to->bridge)
+		return TC_ACT_UNSPEC;
+	return bpf_redirect(to->port, 0);
+}
+
 SEC("tc")
 int stockade_from_pod(struct __sk_buff *skb)
 {
 	__u32 port = skb->ifindex;
 	/* the one lookup guards cost each way: a miss is an unguarded port */
-	return process(skb, 1, bpf_map_lookup_elem(&guard, &port));
+	const struct guard *g = bpf_map_lookup_elem(&guard, &port);
+	int verdict = process(skb, 1, g);
+	return verdict == TC_ACT_UNSPEC ? deliver(skb, g) : verdict;
 }
 
 SEC("tc")

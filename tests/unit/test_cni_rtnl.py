@@ -39,3 +39,23 @@ def test_reading_links_addresses_and_routes_of_this_namespace() -> None:
         assert nl.link_by_index(lo.index) == lo
         assert any(a.address == "127.0.0.1" for a in nl.addresses(lo.index))
         assert isinstance(nl.routes(socket.AF_INET), list)
+
+
+def _bridge_message(data: bytes) -> bytes:
+    info = netlink.attr_str(rtnl.IFLA_INFO_KIND, "bridge") + data
+    return (rtnl._IFINFOMSG.pack(socket.AF_UNSPEC, 0, 7, 0, 0)
+            + netlink.attr_str(rtnl.IFLA_IFNAME, "br0")
+            + netlink.attr(rtnl.IFLA_LINKINFO, info))
+
+
+def test_a_bridge_says_whether_it_filters_vlans() -> None:
+    """IFLA_BR_VLAN_FILTERING in the bridge's link info (this kernel may lack the option,
+    so the message is made here): on, off, or not said (off)."""
+    def data(value: bytes) -> bytes:
+        return netlink.attr(rtnl.IFLA_INFO_DATA,
+                            netlink.attr(rtnl.IFLA_BR_VLAN_FILTERING, value))
+
+    assert rtnl._link(_bridge_message(data(b"\x01"))).vlan_filtering
+    assert not rtnl._link(_bridge_message(data(b"\x00"))).vlan_filtering
+    link = rtnl._link(_bridge_message(b""))
+    assert link.kind == "bridge" and link.name == "br0" and not link.vlan_filtering

@@ -13,7 +13,7 @@ from tests.support import shared
 
 from stockade.cli.conformance import load_cases
 from stockade.compile import bpf
-from stockade.compile.ir import ADDR, AddressSet, Chain, ChainRule, Ruleset
+from stockade.compile.ir import ADDR, AddressSet, Chain, ChainRule, Guard, Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.engine.evaluate import Evaluator
 
@@ -85,3 +85,21 @@ def test_a_connection_has_one_normal_form_and_keeps_its_direction(src, dst, spor
     assert bool(bpf.CT_VALUE.unpack(value)[2] & bpf.CT_ORIG_B) == swapped
     if (src, sport) != (dst, dport):
         assert swapped != (bpf.ct_normal(*back)[0] != back[0])  # one of the two turns
+
+
+def test_mac_ports_from_the_guard_map() -> None:
+    """Each MAC one port is bound to, on a bridge that may deliver; not one two claim,
+    not a port outside `bridge_of`, not a guard without MAC."""
+    def guard(mac: str) -> bytes:
+        return bpf.encode_guard("p", Guard(("10.0.0.1",), mac))
+
+    guards = {bpf.GUARD_KEY.pack(1): guard("02:00:00:00:00:01"),
+              bpf.GUARD_KEY.pack(2): guard("02:00:00:00:00:02"),
+              bpf.GUARD_KEY.pack(3): guard("02:00:00:00:00:02"),
+              bpf.GUARD_KEY.pack(4): guard("02:00:00:00:00:04"),
+              bpf.GUARD_KEY.pack(5): guard(""),
+              bpf.GUARD_KEY.pack(6): guard("02:00:00:00:00:06")}
+    got = bpf.mac_ports(guards, {1: 10, 2: 10, 3: 10, 5: 10, 6: 11})
+    assert {bpf.MAC_PORT_KEY.unpack(k)[0].hex(":"): bpf.MAC_PORT_VALUE.unpack(v)
+            for k, v in got.items()} == {"02:00:00:00:00:01": (1, 10),
+                                         "02:00:00:00:00:06": (6, 11)}

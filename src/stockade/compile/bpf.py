@@ -57,6 +57,9 @@ NetworkPolicy or Baseline), whatever the number of rules:
   and `decode` take its port listing, and a guard whose port does not exist
   (yet) has no entry, and so does not read back (the next apply writes it).
   `BpfState.guards` holds them by port name, as the ruleset does.
+* **mac_port** (a hash, not slotted): each guarded pod's MAC -> its port and the
+  port's bridge (`mac_ports`, from the guard map's entries), so that a frame between
+  two pods on one bridge goes from one port to the other without the bridge.
 * **meta**: the definitions of identities, policies, chains and sets as JSON
   chunks, so that a new process reads the maps back into the `Ruleset` they
   enforce (`ruleset_of`) and adopts them; selector members and named ports are
@@ -153,6 +156,10 @@ _SEC_NS = 1_000_000_000
 GUARD_KEY = struct.Struct("=I")
 GUARD_VALUE = struct.Struct("=6sBx4s16s")
 GUARD_MAC, GUARD_V4, GUARD_V6 = 1, 2, 4
+# The mac_port map (struct mac_key, struct mac_port): a MAC -> its port's ifindex and
+# that port's bridge's.
+MAC_PORT_KEY = struct.Struct("=6s2x")
+MAC_PORT_VALUE = struct.Struct("=II")
 
 Named = tuple[str, str, int]  # (named set, protocol as the set holds it, port)
 Prefix = tuple[int, str]  # (family, canonical CIDR)
@@ -1015,6 +1022,24 @@ def encode_guards(guards: Mapping[str, Guard], ports: Mapping[str, int]) -> dict
         if index is not None:
             out[GUARD_KEY.pack(index)] = value
     return out
+
+
+def mac_ports(guards: Mapping[bytes, bytes], bridge_of: Mapping[int, int]
+              ) -> dict[bytes, bytes]:
+    """The mac_port map's contents from the guard map's: each MAC one port is bound to
+    -> that port and its bridge (`bridge_of`: port ifindex -> bridge ifindex, the ports
+    frames may go between directly). A MAC two ports claim is left to the bridge, as
+    is a port not in `bridge_of`."""
+    found: dict[bytes, bytes | None] = {}
+    for k, v in guards.items():
+        port = GUARD_KEY.unpack(k)[0]
+        mac, flags = v[:6], v[6]
+        bridge = bridge_of.get(port)
+        if not flags & GUARD_MAC or bridge is None:
+            continue
+        key = MAC_PORT_KEY.pack(mac)
+        found[key] = None if key in found else MAC_PORT_VALUE.pack(port, bridge)
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def slot_of_key(mapname: str, key: bytes) -> int:

@@ -2,7 +2,8 @@
 
 Each case's cluster is built for real inside a private "host" network namespace
 (one namespace per pod on a bridge, with the case's IPs), its policies are
-compiled and programmed through the nftables datapath, and every pair of every
+compiled and programmed through the chosen datapath (each pod bound to its
+bridge port and MAC, as the agent binds them), and every pair of every
 probe group is probed with real TCP, UDP and SCTP packets. Namespaces, the
 bridge and probe servers are kept from case to case when they fit; the table
 changes by deltas, as it does in production. `close()` removes everything.
@@ -14,11 +15,13 @@ import ipaddress
 import secrets
 import subprocess
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from stockade.compile.lower import compile_cluster
 from stockade.conformance.case import Case
 from stockade.conformance.runner import Judgement
 from stockade.datapath import open_datapath
+from stockade.model.cluster import Cluster
 from stockade.net.namespace import create_netns, remove_netns
 from stockade.net.plumber import Attachment, EndpointSpec, Plumber
 from stockade.probe.client import Probe, run_probes
@@ -87,6 +90,15 @@ class CasePods:
             self.plumber.remove_endpoint(key)
             del self.attached[key]
 
+    def bound(self, cluster: Cluster) -> Cluster:
+        """The cluster with each attached pod bound to its bridge port and MAC, as the
+        agent binds the pods it plumbs: their guards, and on eBPF direct delivery
+        between them, are what the probes go through."""
+        return replace(cluster, endpoints=tuple(
+            replace(ep, port=att.host_ifname, mac=att.mac)
+            if (att := self.attached.get(ep.key)) is not None else ep
+            for ep in cluster.endpoints))
+
     def probe(self, case: Case) -> Judgement:
         """Every pair of every probe group of the (attached) case, probed over IPv4."""
         probes: list[Probe] = []
@@ -154,7 +166,7 @@ class KernelDatapath:
 
     def judge(self, case: Case) -> Judgement:
         self.pods.attach(case)
-        self.datapath.apply(compile_cluster(case.cluster))
+        self.datapath.apply(compile_cluster(self.pods.bound(case.cluster)))
         self._flush_conntrack()
         return self.pods.probe(case)
 

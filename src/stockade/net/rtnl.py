@@ -88,6 +88,7 @@ RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_BR_VLAN_FILTERING = 7
 VETH_INFO_PEER = 1
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFA_F_NODAD = 0x02
@@ -124,6 +125,7 @@ class Link:
     kind: str = ""
     mac: str = ""
     peer: int = 0  # IFLA_LINK: a veth's other end (an index in the namespace it is in)
+    vlan_filtering: bool = False  # a bridge's: it forwards by VLAN as well as by MAC
 
     @property
     def up(self) -> bool:
@@ -157,9 +159,11 @@ def _link(body: bytes) -> Link:
     info = parse_attrs(attrs.get(IFLA_LINKINFO, b""))
     master = u32(attrs[IFLA_MASTER]) if IFLA_MASTER in attrs else 0
     peer = u32(attrs[IFLA_LINK]) if IFLA_LINK in attrs else 0
-    return Link(index, text(attrs.get(IFLA_IFNAME)), flags, master,
-                text(info.get(IFLA_INFO_KIND)), _mac(attrs.get(IFLA_ADDRESS)),
-                peer if peer != index else 0)
+    kind = text(info.get(IFLA_INFO_KIND))
+    filtering = kind == "bridge" and parse_attrs(info.get(IFLA_INFO_DATA, b"")).get(
+        IFLA_BR_VLAN_FILTERING, b"\0")[:1] != b"\0"
+    return Link(index, text(attrs.get(IFLA_IFNAME)), flags, master, kind,
+                _mac(attrs.get(IFLA_ADDRESS)), peer if peer != index else 0, filtering)
 
 
 def _family_of(address: str) -> int:

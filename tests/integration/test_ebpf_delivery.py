@@ -1,0 +1,230 @@
+"""The eBPF datapath's direct delivery between pods on one bridge, with real frames.
+
+A frame `stockade_from_pod` passes from a guarded port to the MAC of another guarded
+pod on the same bridge goes to that pod's port at once (`bpf_redirect`), as the
+bridge would forward it, without the bridge and the host's netfilter hooks; the
+destination's `stockade_to_pod` runs as before. Anything else takes the bridge: a
+frame from or to an unguarded port, to a group address, to a MAC two ports claim,
+to a port of another bridge. The `mac_port` map that says where each MAC is comes
+from the guards, is read back like them, and is repaired when tampered with.
+
+x/a and x/b are guarded unless a test says otherwise, x/c is not.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from stockade.compile import bpf as bpfc
+from stockade.compile.lower import compile_cluster
+from stockade.datapath import libbpf
+from stockade.datapath.ebpf import EbpfDatapath
+from stockade.model.cluster import Cluster, ContainerPort, Endpoint, Namespace
+from stockade.model.labels import Labels
+from stockade.model.policy import INGRESS, NetworkPolicy, Peer, PolicyPort
+from stockade.model.policy import Rule as PRule
+from stockade.model.selector import Selector
+from stockade.net.namespace import entered
+
+from .ebpf_pins import ebpf_datapath
+from .frames import eth, mac_bytes, tcp4
+from .netio import EchoServer, connect, echo
+
+pytestmark = pytest.mark.privileged
+
+PASSED, SHOT, REDIRECTED = 0xFFFFFFFF, 2, 7  # TC_ACT_UNSPEC, TC_ACT_SHOT, TC_ACT_REDIRECT
+PORT = 7777
+SYN = 0x02
+# b admits a on PORT and nothing else
+B_FROM_A = NetworkPolicy(
+    "x", "b-from-a", Selector(Labels({"pod": "b"})),
+    ingress=(PRule((PolicyPort("TCP", PORT),),
+                   (Peer(pod_selector=Selector(Labels({"pod": "a"}))),)),),
+    policy_types=(INGRESS,))
+
+
+def _endpoint(att: Any, name: str, guarded: bool, mac: str = "") -> Endpoint:
+    return Endpoint("x", name, Labels({"pod": name}), (att.address4, att.address6),
+                    (ContainerPort(PORT, "TCP", "echo"),),
+                    port=att.host_ifname if guarded else "",
+                    mac=(mac or att.mac) if guarded else "")
+
+
+def _cluster(trio: Any, *policies: NetworkPolicy, guarded: str = "ab",
+             macs: dict[str, str] | None = None) -> Cluster:
+    ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
+    return Cluster((ns,), tuple(_endpoint(getattr(trio, n), n, n in guarded,
+                                          (macs or {}).get(n, ""))
+                                for n in "abc"), policies)
+
+
+def _ifindex(trio: Any, att: Any) -> int:
+    with entered(trio.host_netns):
+        return socket.if_nametoindex(att.host_ifname)
+
+
+def _mac_map(datapath: EbpfDatapath) -> dict[str, tuple[int, int]]:
+    raw = libbpf.dump(datapath._maps["mac_port"], bpfc.MAC_PORT_KEY.size,
+                      bpfc.MAC_PORT_VALUE.size)
+    return {bpfc.MAC_PORT_KEY.unpack(k)[0].hex(":"): bpfc.MAC_PORT_VALUE.unpack(v)
+            for k, v in raw.items()}
+
+
+@pytest.fixture
+def datapath(trio: Any) -> Iterator[EbpfDatapath]:
+    with ebpf_datapath(trio) as dp:
+        yield dp
+
+
+@pytest.fixture
+def leaving(trio: Any, datapath: EbpfDatapath) -> Any:
+    """frame, port (a trio attachment) -> stockade_from_pod's verdict for that frame
+    arriving on the port."""
+    prog = datapath._progs["in"]
+
+    def verdict(frame: bytes, att: Any) -> int:
+        index = _ifindex(trio, att)
+        with entered(trio.host_netns):
+            return libbpf.test_run(prog, frame, 1, ifindex=index)[0]
+
+    return verdict
+
+
+def _syn(src: Any, dst: Any, dst_mac: str, dport: int = PORT) -> bytes:
+    return eth(src.mac, 0x0800, tcp4(src.address4, dst.address4, 40000, dport, SYN), dst_mac)
+
+
+def test_a_passed_frame_to_a_guarded_pod_goes_to_its_port(trio, datapath, leaving) -> None:
+    a, b, c = trio.a, trio.b, trio.c
+    datapath.apply(compile_cluster(_cluster(trio, B_FROM_A)))
+    bridge = _bridge_index(trio)
+    assert _mac_map(datapath) == {a.mac: (_ifindex(trio, a), bridge),
+                                  b.mac: (_ifindex(trio, b), bridge)}
+    assert leaving(_syn(a, b, b.mac), a) == REDIRECTED
+    # what b's policy denies is dropped, not delivered
+    assert leaving(_syn(a, b, b.mac, dport=PORT + 1), a) == SHOT
+    # ARP between them too, as the bridge would carry it
+    assert leaving(eth(a.mac, 0x0806, _arp(a, b, 2), b.mac), a) == REDIRECTED
+    # to c (unguarded: no MAC of its port is known), to every host, to a MAC no pod has
+    assert leaving(_syn(a, c, c.mac), a) == PASSED
+    assert leaving(eth(a.mac, 0x0806, _arp(a, b, 1), "ff:ff:ff:ff:ff:ff"), a) == PASSED
+    assert leaving(_syn(a, b, "02:00:00:00:00:99"), a) == PASSED
+    # from c (unguarded: its frames' source is nothing the datapath holds it to)
+    assert leaving(eth(c.mac, 0x0806, _arp(c, b, 2), b.mac), c) == PASSED
+    # b to itself through its own MAC: the bridge's business
+    assert leaving(_syn(b, b, b.mac), b) == PASSED
+
+
+def _arp(sender: Any, target: Any, op: int) -> bytes:
+    return (struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + mac_bytes(sender.mac)
+            + socket.inet_aton(sender.address4) + mac_bytes(target.mac if op == 2 else "00" * 6)
+            + socket.inet_aton(target.address4))
+
+
+def _bridge_index(trio: Any) -> int:
+    with entered(trio.host_netns):
+        return socket.if_nametoindex(trio.plumber.bridge)
+
+
+def test_a_mac_two_ports_claim_and_a_port_of_another_bridge_take_the_bridge(
+        trio, datapath, leaving) -> None:
+    a, b, c = trio.a, trio.b, trio.c
+    # b claims a's MAC as well: the compiler binds both ports to nothing (their guards
+    # hold no address and no MAC: no IP frame leaves either), nothing is delivered to
+    datapath.apply(compile_cluster(_cluster(trio, macs={"b": a.mac})))
+    assert _mac_map(datapath) == {}
+    shared = eth(a.mac, 0x0800, tcp4(b.address4, a.address4, 40000, PORT, SYN), a.mac)
+    assert leaving(shared, b) == SHOT
+    # c on a bridge of its own, guarded: a frame from a to c's MAC is the bridges' to
+    # carry (they are not one segment), between a and b it is delivered
+    other = f"{trio.plumber.naming.prefix}b2"
+    with entered(trio.host_netns):
+        subprocess.run(["ip", "link", "add", other, "type", "bridge"], check=True)
+        subprocess.run(["ip", "link", "set", other, "up"], check=True)
+        subprocess.run(["ip", "link", "set", c.host_ifname, "master", other], check=True)
+    datapath.apply(compile_cluster(_cluster(trio, guarded="abc")))
+    assert set(_mac_map(datapath)) == {a.mac, b.mac, c.mac}
+    assert leaving(_syn(a, c, c.mac), a) == PASSED
+    assert leaving(_syn(c, a, a.mac), c) == PASSED
+    assert leaving(_syn(a, b, b.mac), a) == REDIRECTED
+
+
+def _bridged(host: str, table: str) -> int:
+    """Packets the bridge forwarded that its counter rule saw."""
+    out = subprocess.run(["ip", "netns", "exec", host, "nft", "-j", "list", "table",
+                          "bridge", table], check=True, capture_output=True, text=True).stdout
+    for item in json.loads(out)["nftables"]:
+        for expr in item.get("rule", {}).get("expr", []):
+            if "counter" in expr:
+                return int(expr["counter"]["packets"])
+    raise AssertionError(f"no counter in {out}")
+
+
+def test_real_connections_skip_the_bridge_and_stay_judged(trio, datapath) -> None:
+    """A connection from a to b passes with none of its frames forwarded by the bridge
+    (a bridge-family counter sees none; the control, b unguarded, sees them), and b's
+    policy still judges: c is refused on the same port, a on another."""
+    a, b, c = trio.a, trio.b, trio.c
+    table = f"{trio.plumber.naming.prefix}t"
+    rules = (f"table bridge {table} {{\n chain forwarded {{\n"
+             f"  type filter hook forward priority 0;\n"
+             f"  ether saddr {a.mac} ether daddr {b.mac} counter\n }}\n}}\n")
+    subprocess.run(["ip", "netns", "exec", trio.host_netns, "nft", "-f", "-"], input=rules,
+                   text=True, check=True)
+    datapath.apply(compile_cluster(_cluster(trio, B_FROM_A)))
+    with EchoServer(b.netns, PORT), EchoServer(b.netns, PORT + 1):
+        conn = connect(a.netns, b.address4, PORT)
+        try:
+            for i in range(5):
+                assert echo(conn, f"hello {i}".encode())
+        finally:
+            conn.close()
+        assert _bridged(trio.host_netns, table) == 0
+        for who, port in ((c, PORT), (a, PORT + 1)):
+            with pytest.raises(OSError):
+                connect(who.netns, b.address4, port)
+        # the control: b unguarded, a's frames to it are forwarded by the bridge
+        datapath.apply(compile_cluster(_cluster(trio, B_FROM_A, guarded="a")))
+        datapath.flush_connections()
+        conn = connect(a.netns, b.address4, PORT)
+        try:
+            assert echo(conn, b"bridged")
+        finally:
+            conn.close()
+        assert _bridged(trio.host_netns, table) > 0
+
+
+def test_the_mac_map_reads_back_and_is_repaired(trio, datapath) -> None:
+    a, b, c = trio.a, trio.b, trio.c
+    rs = compile_cluster(_cluster(trio))
+    datapath.apply(rs)
+    want = _mac_map(datapath)
+    assert set(want) == {a.mac, b.mac}
+    again = EbpfDatapath(netns=trio.host_netns)  # a new process adopts it as it is
+    assert again.apply(rs, verify=True).empty
+    assert again.last_drift is None and again.last_timing["entries"] == 0
+    again.close()
+    # a's entry deleted, b's MAC sent to c's port, c's MAC added
+    fd = datapath._maps["mac_port"]
+    key = bpfc.MAC_PORT_KEY.pack
+    libbpf.delete(fd, key(bytes.fromhex(a.mac.replace(":", ""))))
+    libbpf.update(fd, key(bytes.fromhex(b.mac.replace(":", ""))),
+                  bpfc.MAC_PORT_VALUE.pack(_ifindex(trio, c), _bridge_index(trio)))
+    libbpf.update(fd, key(bytes.fromhex(c.mac.replace(":", ""))),
+                  bpfc.MAC_PORT_VALUE.pack(_ifindex(trio, c), _bridge_index(trio)))
+    datapath.apply(rs, verify=True)
+    assert any(d == "mac_port: 1 missing, 1 changed, 1 foreign entries"
+               for d in datapath.last_drift_details), datapath.last_drift_details
+    assert _mac_map(datapath) == want
+    datapath.apply(rs, verify=True)
+    assert datapath.last_drift is None
+    # unguarding b takes its entry; removing the datapath takes the map
+    datapath.apply(compile_cluster(_cluster(trio, guarded="a")))
+    assert set(_mac_map(datapath)) == {a.mac}
