@@ -215,3 +215,23 @@ def test_a_link_found_running_another_program_is_switched_with_its_connections(
         assert normalize_connections(upgraded._maps) == 0
     finally:
         upgraded.close()
+
+
+def test_a_program_left_on_an_unpinned_connection_map_is_replaced_with_it(
+        trio, datapath, two_ways) -> None:
+    """ct_live's pin lost: the running program keeps its map, which no process reaches
+    any more. A new process pins a new one, replaces the program (the same build) so
+    that it runs on the pinned maps, and carries the connections over: each echo
+    answers at once."""
+    assert len(_opened(datapath, "ct_live")) == 2
+    (datapath.dir / "ct_live").unlink()
+    datapath.close()
+    again = EbpfDatapath(netns=trio.host_netns)
+    try:
+        again.apply(compile_cluster(_cluster(trio)), verify=True)
+        pinned = {libbpf.map_id(fd) for fd in again._maps.values()}
+        assert all(libbpf.prog_map_ids(fd) <= pinned for fd in again._progs.values())
+        assert len(_opened(again, "ct_live")) == 2
+        assert all(echo(c, b"three") for c in two_ways.values())
+    finally:
+        again.close()

@@ -415,3 +415,27 @@ def test_into_a_guarded_port_only_what_is_for_its_own_address(trio, datapath) ->
                      "ff:ff:ff:ff:ff:ff"), a) == PASSED
     # c's port is unguarded
     assert into(eth(b.mac, 0x0800, _udp4(b.address4, "224.0.0.1"), c.mac), c) == PASSED
+
+
+def test_a_program_left_on_an_unpinned_guard_map_is_replaced(trio, datapath) -> None:
+    """The guard map's pin lost while only a is guarded: a new process guarding b too
+    writes a new pinned map, and the program (the same build, left on the old map,
+    which holds no guard for b) is replaced by one on the pinned maps: b's forgery is
+    dropped, and a later process adopts the pins as they are."""
+    a, b, c = trio.a, trio.b, trio.c
+    datapath.apply(compile_cluster(_cluster(trio, guarded="a")))
+    (datapath.dir / "guard").unlink()
+    datapath.close()
+    again = EbpfDatapath(netns=trio.host_netns)
+    rs = compile_cluster(_cluster(trio))
+    again.apply(rs, verify=True)
+    forged = eth(b.mac, 0x0800, _udp4(a.address4, c.address4))
+    with entered(trio.host_netns):
+        assert libbpf.test_run(again._progs["in"], forged, 1,
+                               ifindex=_ifindex(trio, b))[0] == SHOT
+    pinned = {libbpf.map_id(fd) for fd in again._maps.values()}
+    assert all(libbpf.prog_map_ids(fd) <= pinned for fd in again._progs.values())
+    again.close()
+    last = EbpfDatapath(netns=trio.host_netns)
+    assert last.apply(rs, verify=True).empty and last.last_drift is None
+    last.close()

@@ -311,6 +311,43 @@ def _split(contents: Mapping[str, Mapping[bytes, bytes]]) -> dict[int, bpfc.MapC
     return out
 
 
+def _strays(prog: int, pinned: set[int]) -> list[int]:
+    """The maps `prog` holds under the name of one of ours that are not the pinned one
+    (its pin lost, or replaced): open descriptors, the caller's to close."""
+    out = []
+    for map_id in sorted(libbpf.prog_map_ids(prog) - pinned):
+        fd = libbpf.map_by_id(map_id)
+        if libbpf.map_name(fd) in MAP_NAMES:
+            out.append(fd)
+        else:
+            os.close(fd)
+    return out
+
+
+def _keep_connections(strays: list[int], into: dict[str, list[int]]) -> None:
+    """Of a replaced program's stray maps, the connection maps are kept (to be carried
+    into the pinned ones); the others are closed."""
+    for fd in strays:
+        name = libbpf.map_name(fd)
+        if name in ("ct", "ct_live") and libbpf.map_layout(fd) == LAYOUT[name]:
+            into.setdefault(name, []).append(fd)
+        else:
+            os.close(fd)
+
+
+def _carry_connections(orphans: Mapping[str, list[int]], maps: Mapping[str, int]) -> None:
+    """The connections of maps a replaced program kept alone, into the pinned maps (those
+    already there stay: they are newer), so that replacing it loses none."""
+    for name, fds in orphans.items():
+        ksize, vsize = LAYOUT[name]
+        have = libbpf.dump(maps[name], ksize, vsize)
+        for fd in fds:
+            new = {k: v for k, v in libbpf.dump(fd, ksize, vsize).items() if k not in have}
+            if new:
+                libbpf.update_batch(maps[name], list(new), list(new.values()), ksize, vsize)
+                have.update(new)
+
+
 class EbpfDatapath:
     """stockade's eBPF program and maps, pinned under one directory per name and namespace."""
 
@@ -382,7 +419,9 @@ class EbpfDatapath:
         if self._adopt(build):
             return
         progs, maps = libbpf.load_object(str(obj), {m: self._pin(m) for m in MAP_NAMES})
+        pinned = {libbpf.map_id(fd) for fd in maps.values()}
         relinked = False
+        orphans: dict[str, list[int]] = {}  # connection maps the old programs kept alone
         try:
             for hook, prog in PROGRAMS.items():
                 fd = progs.pop(prog)
@@ -391,14 +430,19 @@ class EbpfDatapath:
                 old = None
                 with contextlib.suppress(libbpf.BpfError):
                     old = libbpf.obj_get(pin)
-                if old is not None and libbpf.prog_id_tag(old)[1] == new_tag:
+                # The same build on the pinned maps is kept; one on a map whose pin was
+                # lost (or replaced) enforces what nobody writes any more: replaced.
+                strays = _strays(old, pinned) if old is not None else []
+                if old is not None and libbpf.prog_id_tag(old)[1] == new_tag and not strays:
                     os.close(fd)
                     fd = old
                 else:
                     if old is not None:
+                        _keep_connections(strays, orphans)
                         os.close(old)
                         os.unlink(pin)
                         if not relinked:
+                            _carry_connections(orphans, maps)
                             normalize_connections(maps)
                         self._relink(hook, fd)
                         relinked = True
@@ -408,10 +452,14 @@ class EbpfDatapath:
             if relinked:
                 # what the old program made between the first pass and its last link
                 libbpf.synchronize()
+                _carry_connections(orphans, maps)
                 normalize_connections(maps)
         finally:
             for fd in progs.values():
                 os.close(fd)
+            for fds in orphans.values():
+                for fd in fds:
+                    os.close(fd)
         self._maps = maps
         self._mark_build(build)
         self._loaded()
@@ -454,6 +502,13 @@ class EbpfDatapath:
             for m in MAP_NAMES:
                 maps[m] = fd = libbpf.obj_get(self._pin(m))
                 fds.append(fd)
+            pinned = {libbpf.map_id(fd) for fd in maps.values()}
+            for fd in progs.values():
+                strays = _strays(fd, pinned)
+                for stray in strays:
+                    os.close(stray)
+                if strays:
+                    raise libbpf.BpfError("a program on a map no longer pinned", errno.ESTALE)
         except libbpf.BpfError:
             for fd in fds:
                 os.close(fd)

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -90,6 +91,7 @@ def lib() -> ctypes.CDLL:
                 "bpf_map__fd": (i, [vp]),
                 "bpf_obj_pin": (i, [i, ctypes.c_char_p]),
                 "bpf_obj_get": (i, [ctypes.c_char_p]),
+                "bpf_map_get_fd_by_id": (i, [ctypes.c_uint32]),
                 "bpf_map_update_batch": (i, [i, vp, vp, u32p, vp]),
                 "bpf_map_delete_batch": (i, [i, vp, u32p, vp]),
                 "bpf_map_lookup_batch": (i, [i, vp, vp, vp, vp, u32p, vp]),
@@ -336,6 +338,35 @@ def info(fd: int, size: int = 256) -> bytes:
     n = ctypes.c_uint32(size)
     _check(lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(n)), "object info")
     return buf.raw
+
+
+def map_id(fd: int) -> int:
+    """A map's id (struct bpf_map_info: type, id)."""
+    return int.from_bytes(info(fd)[4:8], "little")
+
+
+def map_name(fd: int) -> str:
+    """A map's name as the object named it (struct bpf_map_info: name[16] at 24)."""
+    return info(fd)[24:40].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def map_by_id(map_id: int) -> int:
+    """A descriptor of the map with that id (one no pin reaches any more too)."""
+    fd: int = lib().bpf_map_get_fd_by_id(map_id)
+    _check(fd, f"opening map {map_id}")
+    return fd
+
+
+def prog_map_ids(fd: int) -> set[int]:
+    """The ids of the maps a program holds (struct bpf_prog_info: nr_map_ids at 52, the
+    address of an array the kernel fills at 56)."""
+    n = int.from_bytes(info(fd)[52:56], "little")
+    ids = (ctypes.c_uint32 * max(n, 1))()
+    buf = ctypes.create_string_buffer(256)
+    struct.pack_into("=IQ", buf, 52, n, ctypes.addressof(ids))
+    size = ctypes.c_uint32(len(buf))
+    _check(lib().bpf_obj_get_info_by_fd(fd, buf, ctypes.byref(size)), "program info")
+    return set(ids[:n])
 
 
 def map_layout(fd: int) -> tuple[int, int]:
