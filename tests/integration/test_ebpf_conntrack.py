@@ -229,7 +229,7 @@ def test_a_program_left_on_an_unpinned_connection_map_is_replaced_with_it(
     again = EbpfDatapath(netns=trio.host_netns)
     try:
         again.apply(compile_cluster(_cluster(trio)), verify=True)
-        pinned = {libbpf.map_id(fd) for fd in again._maps.values()}
+        pinned = {libbpf.obj_id(fd) for fd in again._maps.values()}
         assert all(libbpf.prog_map_ids(fd) <= pinned for fd in again._progs.values())
         assert len(_opened(again, "ct_live")) == 2
         assert all(echo(c, b"three") for c in two_ways.values())

@@ -15,6 +15,7 @@ the guards drop anything.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -433,9 +434,42 @@ def test_a_program_left_on_an_unpinned_guard_map_is_replaced(trio, datapath) -> 
     with entered(trio.host_netns):
         assert libbpf.test_run(again._progs["in"], forged, 1,
                                ifindex=_ifindex(trio, b))[0] == SHOT
-    pinned = {libbpf.map_id(fd) for fd in again._maps.values()}
+    pinned = {libbpf.obj_id(fd) for fd in again._maps.values()}
     assert all(libbpf.prog_map_ids(fd) <= pinned for fd in again._progs.values())
     again.close()
     last = EbpfDatapath(netns=trio.host_netns)
     assert last.apply(rs, verify=True).empty and last.last_drift is None
     last.close()
+
+
+def test_pins_lost_or_replaced_under_a_running_process_are_pinned_again(
+        trio, datapath, monkeypatch) -> None:
+    """The guard map's and a program's pins removed while the datapath's process holds
+    them: the link poll's check sees it, the next apply pins the process's own objects
+    again (said as drift), and a new process adopts them without loading anything. A
+    pin replaced by another map is found by a verifying apply."""
+    rs = compile_cluster(_cluster(trio))
+    datapath.apply(rs)
+    for name in ("guard", "prog_from_pod"):
+        (datapath.dir / name).unlink()
+    assert not datapath.skeleton_intact()
+    datapath.apply(rs)
+    assert sorted(datapath.last_drift_details) == [
+        "pin lost: guard (pinned again)", "pin lost: prog_from_pod (pinned again)"]
+    assert datapath.skeleton_intact()
+    fd = libbpf.obj_get(str(datapath.dir / "guard"))
+    try:
+        assert libbpf.obj_id(fd) == libbpf.obj_id(datapath._maps["guard"])
+    finally:
+        os.close(fd)
+    # another map pinned in the guard map's place: a verifying apply puts it right
+    (datapath.dir / "guard").unlink()
+    libbpf.obj_pin(datapath._maps["mac_port"], str(datapath.dir / "guard"))
+    datapath.apply(rs)
+    assert datapath.last_drift is None  # only its existence is checked on each apply
+    datapath.apply(rs, verify=True)
+    assert "pin lost: guard (pinned again)" in datapath.last_drift_details
+    monkeypatch.setattr(libbpf, "load_object", lambda *a: pytest.fail("loaded again"))
+    again = EbpfDatapath(netns=trio.host_netns)
+    assert again.apply(rs, verify=True).empty and again.last_drift is None
+    again.close()

@@ -419,7 +419,7 @@ class EbpfDatapath:
         if self._adopt(build):
             return
         progs, maps = libbpf.load_object(str(obj), {m: self._pin(m) for m in MAP_NAMES})
-        pinned = {libbpf.map_id(fd) for fd in maps.values()}
+        pinned = {libbpf.obj_id(fd) for fd in maps.values()}
         relinked = False
         orphans: dict[str, list[int]] = {}  # connection maps the old programs kept alone
         try:
@@ -502,7 +502,7 @@ class EbpfDatapath:
             for m in MAP_NAMES:
                 maps[m] = fd = libbpf.obj_get(self._pin(m))
                 fds.append(fd)
-            pinned = {libbpf.map_id(fd) for fd in maps.values()}
+            pinned = {libbpf.obj_id(fd) for fd in maps.values()}
             for fd in progs.values():
                 strays = _strays(fd, pinned)
                 for stray in strays:
@@ -923,9 +923,11 @@ class EbpfDatapath:
             self._state = None  # read the kernel back before the next apply
             self._applied = None
             raise
-        if repaired:
+        repinned = self._repin(full=bool(verify))
+        if repaired or repinned:
             self.last_drift = self.last_drift or Plan()
             self.last_drift_details += [f"program detached: {r}" for r in repaired]
+            self.last_drift_details += [f"pin lost: {r} (pinned again)" for r in repinned]
         if verify:
             self.sweep_connections()
         self._state, self._applied, self._slot, self._kgen = state, desired, active, kgen
@@ -983,7 +985,38 @@ class EbpfDatapath:
             if not self._exists():
                 return False
             self._load()
+            if not all(os.path.exists(self._pin(n)) for n in self._pin_names()):
+                return False
             return all(not p or p == "gone" for p in self._check_links().values())
+
+    @staticmethod
+    def _pin_names() -> list[str]:
+        return [*MAP_NAMES, *(f"prog_{p.removeprefix('stockade_')}" for p in PROGRAMS.values())]
+
+    def _repin(self, *, full: bool) -> list[str]:
+        """Pins of the maps and programs this process holds, lost (or, with `full`,
+        replaced by another object) since: pinned again, so that the next process takes
+        these and not empty maps (whose program it would then have to replace). The
+        names of those pinned again."""
+        held = {**self._maps, **{f"prog_{p.removeprefix('stockade_')}": self._progs[h]
+                                 for h, p in PROGRAMS.items()}}
+        out = []
+        for name in self._pin_names():
+            pin = self._pin(name)
+            if os.path.exists(pin):
+                if not full:
+                    continue
+                fd = libbpf.obj_get(pin)
+                try:
+                    ours = libbpf.obj_id(fd) == libbpf.obj_id(held[name])
+                finally:
+                    os.close(fd)
+                if ours:
+                    continue
+                os.unlink(pin)
+            libbpf.obj_pin(held[name], pin)
+            out.append(name)
+        return out
 
     def flush_connections(self) -> int:
         """Forget every tracked connection (the next packet of each is judged as new)."""

@@ -340,9 +340,10 @@ def info(fd: int, size: int = 256) -> bytes:
     return buf.raw
 
 
-def map_id(fd: int) -> int:
-    """A map's id (struct bpf_map_info: type, id)."""
+def obj_id(fd: int) -> int:
+    """A map's or program's id (struct bpf_map_info and bpf_prog_info: type, id)."""
     return int.from_bytes(info(fd)[4:8], "little")
+
 
 
 def map_name(fd: int) -> str:
