@@ -17,7 +17,7 @@ import json
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -33,7 +33,7 @@ from stockade.model.policy import Rule as PRule
 from stockade.model.selector import Selector
 from stockade.net.namespace import entered
 
-from .ebpf_pins import ebpf_datapath
+from .ebpf_pins import ebpf_datapath, from_pod
 from .frames import eth, mac_bytes, tcp4
 from .netio import EchoServer, connect, echo
 
@@ -85,16 +85,7 @@ def datapath(trio: Any) -> Iterator[EbpfDatapath]:
 
 @pytest.fixture
 def leaving(trio: Any, datapath: EbpfDatapath) -> Any:
-    """frame, port (a trio attachment) -> stockade_from_pod's verdict for that frame
-    arriving on the port."""
-    prog = datapath._progs["in"]
-
-    def verdict(frame: bytes, att: Any) -> int:
-        index = _ifindex(trio, att)
-        with entered(trio.host_netns):
-            return libbpf.test_run(prog, frame, 1, ifindex=index)[0]
-
-    return verdict
+    return from_pod(trio, datapath)
 
 
 def _syn(src: Any, dst: Any, dst_mac: str, dport: int = PORT) -> bytes:
@@ -156,6 +147,17 @@ def test_a_mac_two_ports_claim_and_a_port_of_another_bridge_take_the_bridge(
     assert leaving(_syn(a, b, b.mac), a) == REDIRECTED
 
 
+def _bridge_counter(trio: Any, name: str, match: str) -> Callable[[], int]:
+    """A bridge-family counter of the forwarded frames `match` names (in the trio's host
+    namespace, which goes with the test): a function reading it."""
+    table = f"{trio.plumber.naming.prefix}{name}"
+    rules = (f"table bridge {table} {{\n chain forwarded {{\n"
+             f"  type filter hook forward priority 0;\n  {match} counter\n }}\n}}\n")
+    subprocess.run(["ip", "netns", "exec", trio.host_netns, "nft", "-f", "-"], input=rules,
+                   text=True, check=True)
+    return lambda: _bridged(trio.host_netns, table)
+
+
 def _bridged(host: str, table: str) -> int:
     """Packets the bridge forwarded that its counter rule saw."""
     out = subprocess.run(["ip", "netns", "exec", host, "nft", "-j", "list", "table",
@@ -172,12 +174,7 @@ def test_real_connections_skip_the_bridge_and_stay_judged(trio, datapath) -> Non
     (a bridge-family counter sees none; the control, b unguarded, sees them), and b's
     policy still judges: c is refused on the same port, a on another."""
     a, b, c = trio.a, trio.b, trio.c
-    table = f"{trio.plumber.naming.prefix}t"
-    rules = (f"table bridge {table} {{\n chain forwarded {{\n"
-             f"  type filter hook forward priority 0;\n"
-             f"  ether saddr {a.mac} ether daddr {b.mac} counter\n }}\n}}\n")
-    subprocess.run(["ip", "netns", "exec", trio.host_netns, "nft", "-f", "-"], input=rules,
-                   text=True, check=True)
+    bridged = _bridge_counter(trio, "t", f"ether saddr {a.mac} ether daddr {b.mac}")
     datapath.apply(compile_cluster(_cluster(trio, B_FROM_A)))
     with EchoServer(b.netns, PORT), EchoServer(b.netns, PORT + 1):
         conn = connect(a.netns, b.address4, PORT)
@@ -186,7 +183,7 @@ def test_real_connections_skip_the_bridge_and_stay_judged(trio, datapath) -> Non
                 assert echo(conn, f"hello {i}".encode())
         finally:
             conn.close()
-        assert _bridged(trio.host_netns, table) == 0
+        assert bridged() == 0
         for who, port in ((c, PORT), (a, PORT + 1)):
             with pytest.raises(OSError):
                 connect(who.netns, b.address4, port)
@@ -198,7 +195,7 @@ def test_real_connections_skip_the_bridge_and_stay_judged(trio, datapath) -> Non
             assert echo(conn, b"bridged")
         finally:
             conn.close()
-        assert _bridged(trio.host_netns, table) > 0
+        assert bridged() > 0
 
 
 def test_the_mac_map_reads_back_and_is_repaired(trio, datapath) -> None:
@@ -258,15 +255,11 @@ def test_ipv6_between_guarded_pods_skips_the_bridge_too(trio, datapath) -> None:
     TCP exchange over IPv6: none of a's IPv6 frames to b's MAC is forwarded by the
     bridge; with b unguarded (the control) they are."""
     a, b = trio.a, trio.b
-    table = f"{trio.plumber.naming.prefix}t6"
-    rules = (f"table bridge {table} {{\n chain forwarded {{\n"
-             f"  type filter hook forward priority 0;\n"
-             f"  ether saddr {a.mac} ether daddr {b.mac} ether type ip6 counter\n }}\n}}\n")
-    subprocess.run(["ip", "netns", "exec", trio.host_netns, "nft", "-f", "-"], input=rules,
-                   text=True, check=True)
+    bridged = _bridge_counter(trio, "t6",
+                              f"ether saddr {a.mac} ether daddr {b.mac} ether type ip6")
     datapath.apply(compile_cluster(_cluster(trio)))
     assert _exchange6(trio, PORT)
-    assert _bridged(trio.host_netns, table) == 0
+    assert bridged() == 0
     datapath.apply(compile_cluster(_cluster(trio, guarded="a")))
     assert _exchange6(trio, PORT + 2)
-    assert _bridged(trio.host_netns, table) > 0
+    assert bridged() > 0

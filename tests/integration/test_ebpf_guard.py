@@ -38,7 +38,7 @@ from stockade.model.policy import INGRESS, NetworkPolicy
 from stockade.model.selector import Selector
 from stockade.net.namespace import entered
 
-from .ebpf_pins import ebpf_datapath
+from .ebpf_pins import ebpf_datapath, from_pod
 from .frames import eth, mac_bytes, tcp4
 
 pytestmark = pytest.mark.privileged
@@ -115,14 +115,7 @@ def judge(trio: Any, datapath: EbpfDatapath) -> Any:
     rs = compile_cluster(_cluster(trio))
     assert set(rs.guards) == {trio.a.host_ifname, trio.b.host_ifname}
     datapath.apply(rs)
-    prog = datapath._progs["in"]
-
-    def verdict(frame: bytes, att: Any) -> int:
-        index = _ifindex(trio, att)
-        with entered(trio.host_netns):
-            return libbpf.test_run(prog, frame, 1, ifindex=index)[0]
-
-    return verdict
+    return from_pod(trio, datapath)
 
 
 def test_ipv4_only_from_the_ports_own_address_and_mac(trio, datapath, judge) -> None:
