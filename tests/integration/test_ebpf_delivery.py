@@ -111,6 +111,13 @@ def test_a_passed_frame_to_a_guarded_pod_goes_to_its_port(trio, datapath, leavin
     assert leaving(eth(c.mac, 0x0806, _arp(c, b, 2), b.mac), c) == PASSED
     # b to itself through its own MAC: the bridge's business
     assert leaving(_syn(b, b, b.mac), b) == PASSED
+    # to b's MAC for c's address: delivered as the bridge would, and dropped where the
+    # bridge would have brought it, by b's receive check
+    astray = _syn(a, c, b.mac)
+    assert leaving(astray, a) == REDIRECTED
+    with entered(trio.host_netns):
+        assert libbpf.test_run(datapath._progs["out"], astray, 1,
+                               ifindex=_ifindex(trio, b))[0] == SHOT
 
 
 def _arp(sender: Any, target: Any, op: int) -> bytes:
