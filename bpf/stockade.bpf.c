@@ -1148,8 +1148,9 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 /* A frame `process` passed from a guarded port to another pod's MAC on the same bridge:
  * to that pod's port at once, as the bridge would forward it once it learned the MAC
  * (guards hold both ends to their MACs), without the bridge and the host's netfilter
- * hooks on the way (br_netfilter: a third of a connection's cost in the kernel). The
- * destination's `stockade_to_pod` runs as it would. Anything else (a group address, a
+ * hooks on the way (br_netfilter's: a tenth of a pair's connection rate in
+ * bench/datapaths.py, more than this program's judgement). The destination's
+ * `stockade_to_pod` runs as it would. Anything else (a group address, a
  * tag, another ethertype, a MAC no single port is bound to, a port of another bridge
  * or of one that filters VLANs: not in `mac_port`) takes the bridge. */
 static __always_inline int deliver(struct __sk_buff *skb, const struct guard *g)

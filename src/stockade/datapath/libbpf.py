@@ -345,7 +345,6 @@ def obj_id(fd: int) -> int:
     return int.from_bytes(info(fd)[4:8], "little")
 
 
-
 def map_name(fd: int) -> str:
     """A map's name as the object named it (struct bpf_map_info: name[16] at 24)."""
     return info(fd)[24:40].split(b"\0", 1)[0].decode(errors="replace")
