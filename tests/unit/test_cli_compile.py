@@ -96,6 +96,29 @@ def test_compile_leaves_the_collector_as_it_found_it(capsys: pytest.CaptureFixtu
         gc.enable()
 
 
+def test_only_a_process_that_exits_holds_what_it_built(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """main(argv) in-process frees the compile's objects and memos, as any call does;
+    the console script (`exits`, ended by os._exit) holds them instead of freeing."""
+    import stockade.cli.compile as compile_cmd
+    from stockade.cli.main import build_parser
+    from stockade.model import decode
+
+    run(capsys, "compile", "-f", *FILES)
+    assert compile_cmd._HELD == [] and decode._LABELS == {}
+    args = build_parser("compile").parse_args(["compile", "-f", *FILES, "-o", "nft"])
+    args.exits = True
+    try:
+        assert compile_cmd.run(args) == 0
+        kinds = {type(o).__name__ for o in compile_cmd._HELD}
+        assert {"Cluster", "Lowering", "Ruleset"} <= kinds, kinds
+        assert decode._LABELS  # the memos are kept too
+    finally:
+        compile_cmd._HELD.clear()
+        compile_cmd._forget()
+    capsys.readouterr()
+
+
 def _command(*argv: str, stdout: object = subprocess.PIPE) -> subprocess.CompletedProcess[bytes]:
     """The console script as a user runs it (main() without argv)."""
     code = "import sys; from stockade.cli.main import main; sys.exit(main())"

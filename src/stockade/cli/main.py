@@ -63,8 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     first = next((a for a in args if not a.startswith("-")), None)
     parsed = build_parser(first).parse_args(args)
+    # A one-shot command run as the process ends with `os._exit` below: what it built
+    # need not be freed (`exits`).
+    parsed.exits = argv is None and getattr(parsed, "one_shot", False)
     code = execute(parsed)
-    if argv is None and getattr(parsed, "one_shot", False):
+    if parsed.exits:
         # The process ends here: freeing millions of objects one by one at interpreter
         # exit (a second at 100,000 pods) serves no one. Callers of main() in-process
         # (argv given) return as usual.
