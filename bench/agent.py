@@ -138,8 +138,8 @@ def baseline_tree(rev: str) -> Iterator[Path]:
 class TreeAgent(AgentProcess):
     """An agent run from a given source tree (PYTHONPATH), else this one."""
 
-    def __init__(self, tmp: Path, netns: str, src: Path | None) -> None:
-        super().__init__(tmp, netns)
+    def __init__(self, tmp: Path, netns: str, src: Path | None, *extra: str) -> None:
+        super().__init__(tmp, netns, *extra)
         self.src = src
 
     def start(self, env: dict[str, str] | None = None) -> float:
@@ -164,7 +164,7 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
                 spaces.append(host)
                 d = tmp / f"v{j}"
                 d.mkdir()
-                agents[name] = TreeAgent(d, host, tree)
+                agents[name] = TreeAgent(d, host, tree, *datapath(args))
                 agents[name].start()
             loads: dict[str, list[float]] = {name: [] for name in trees}
             for i in range(args.loads):
@@ -175,7 +175,7 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
                     spaces.append(host)
                     d = tmp / f"l{i}{j}"
                     d.mkdir()
-                    extra = TreeAgent(d, host, trees[name])
+                    extra = TreeAgent(d, host, trees[name], *datapath(args))
                     extra.start()
                     try:
                         t0 = time.perf_counter()
@@ -241,6 +241,11 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
 Goal = tuple[str, str, bool]  # (goal, measured, met)
 
 
+def datapath(args: argparse.Namespace) -> tuple[str, ...]:
+    """The agent's arguments that choose its datapath (none: the default, nft)."""
+    return ("--datapath", args.datapath) if args.datapath != "nft" else ()
+
+
 def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
           goals: list[Goal] | None = None) -> list[tuple[str, str, str]]:
     """The rows of the table; `goals` gets issue #11's agent goals, each met or not."""
@@ -254,7 +259,7 @@ def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
         host = f"{tag}-{d.name}"
         create_netns(host)
         spaces.append(host)
-        agent = AgentProcess(d, host)
+        agent = AgentProcess(d, host, *datapath(args))
         agent.start()
         try:
             size = "empty"
@@ -329,6 +334,8 @@ def main() -> None:
     ap.add_argument("--baseline", help="an earlier commit, run side by side with this tree")
     ap.add_argument("--loads", type=int, default=4,
                     help="side by side: loads into fresh agents, in turns, besides the first")
+    ap.add_argument("--datapath", default="nft", choices=("nft", "iptables", "ebpf"),
+                    help="the agent's datapath (the goals are the same on each)")
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
     args = ap.parse_args()
     tag = f"ba{secrets.token_hex(2)}"
@@ -346,7 +353,8 @@ def main() -> None:
     out = Results("agent", " ".join(["bench/agent.py", *sys.argv[1:]]))
     out.table(f"the agent with {args.pods:,} pods and {args.policies:,} policies",
               ("measure", "value", "notes"), rows)
-    size = f" ({args.pods:,} pods, {args.policies:,} policies)"
+    size = f" ({args.pods:,} pods, {args.policies:,} policies" + (
+        f", {args.datapath})" if args.datapath != "nft" else ")")
     for text, measured, met in goals:
         out.goal(text + size, measured, met)
     out.write(args.json)

@@ -131,12 +131,14 @@ def main() -> None:
             assert dp._state is not None
             known = len(dp._state.identities)
             t_whole, _ = timed(lambda: bpfc.compile_state(rs_next, dp._state))
+            switches = dp.in_place
             t_apply, _ = timed(lambda: dp.apply(rs_next))
+            how = "written in place" if dp.in_place > switches else "slot switch"
             if label.startswith("one endpoint"):
                 label += " (a new identity)" if len(dp._state.identities) > known else \
                     " (a known identity)"
             rows.append((f"{label}: apply", f"{t_apply * 1000:.0f} ms",
-                         f"{dp.last_timing['entries']:.0f} entries written in "
+                         f"{how}; {dp.last_timing['entries']:.0f} entries written in "
                          f"{dp.last_timing['write'] * 1000:.1f} ms; map compile "
                          f"{dp.last_timing['compile'] * 1000:.0f} ms (whole: "
                          f"{t_whole * 1000:.0f} ms)"))

@@ -29,7 +29,7 @@ from stockade.model.selector import Selector
 from stockade.net.namespace import entered
 
 from .ebpf_pins import ebpf_datapath
-from .netio import EchoServer
+from .netio import EchoServer, connect, echo
 
 pytestmark = pytest.mark.privileged
 
@@ -70,10 +70,15 @@ def datapath(trio) -> Iterator[EbpfDatapath]:
         yield dp
 
 
-def _apply_change(dp: EbpfDatapath, rs: Ruleset) -> None:
+def _apply_change(dp: EbpfDatapath, rs: Ruleset, *, in_place: bool | None = None) -> None:
+    """`in_place`: whether the change must be written into the active slot as it stands
+    (an endpoint's) rather than switched to (a policy's); None: either."""
+    slot, before = dp._slot, dp.in_place
     dp.apply(rs)
     assert dp._state is not None and dp._state.index is not None
     assert dp._state.index.base is not None, "compiled whole, not worked out"
+    if in_place is not None:
+        assert (dp.in_place - before, dp._slot == slot) == (int(in_place), in_place)
     dp.apply(rs, verify=True)
     assert dp.last_drift is None, dp.last_drift_details
     assert dp.last_timing["entries"] == 0, "the kernel held other contents than a whole compile"
@@ -89,29 +94,51 @@ def test_changes_worked_out_are_enforced_and_equal_a_whole_compile(trio, datapat
         assert _reaches(trio.b.netns, server)
         assert not _reaches(trio.c.netns, server)  # c: in no set, in no map
 
-        inc.upsert_endpoint(c)  # a new pod, a new identity (labels no pod had)
+        inc.upsert_endpoint(c)  # a new pod, in no set and no map: nothing to write
         _apply_change(datapath, inc.ruleset())
         assert not _reaches(trio.c.netns, server)
 
         inc.upsert_endpoint(replace(c, labels=Labels({"role": "client"})))  # known identity
-        _apply_change(datapath, inc.ruleset())
+        _apply_change(datapath, inc.ruleset(), in_place=True)
         assert _reaches(trio.c.netns, server)
 
         inc.upsert_policy(_server_from("admin"))  # edited: new chains, old ones gone
-        _apply_change(datapath, inc.ruleset())
+        _apply_change(datapath, inc.ruleset(), in_place=False)
         assert not _reaches(trio.b.netns, server)
         assert not _reaches(trio.c.netns, server)
 
         inc.upsert_endpoint(replace(b, labels=Labels({"role": "admin"})))
-        _apply_change(datapath, inc.ruleset())
+        _apply_change(datapath, inc.ruleset(), in_place=True)
         assert _reaches(trio.b.netns, server)
         assert not _reaches(trio.c.netns, server)
 
         inc.delete_endpoint(b.key)  # gone: its identity and entries with it
-        _apply_change(datapath, inc.ruleset())
+        _apply_change(datapath, inc.ruleset(), in_place=True)
         assert not _reaches(trio.b.netns, server)
         assert datapath._state is not None
         assert (4, f"{trio.b.address4}/32") not in datapath._state.ipcache
+
+
+def test_a_change_written_in_place_cuts_the_connections_it_revokes(trio, datapath) -> None:
+    """The generation is bumped after the entries: a connection the relabelled pod may no
+    longer make is judged again at its next packet, and cut."""
+    ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
+    a, b = _ep(trio, "a", "server"), _ep(trio, "b", "client")
+    inc = IncrementalCompiler.of(Cluster((ns,), (a, b), (_server_from("client"),)))
+    datapath.apply(inc.ruleset())
+    with EchoServer(trio.a.netns, PORT):
+        conn = connect(trio.b.netns, trio.a.address4, PORT)
+        try:
+            assert echo(conn, b"one")
+            inc.upsert_endpoint(replace(b, labels=Labels({"role": "client", "v": "2"})))
+            _apply_change(datapath, inc.ruleset())  # the same sets: nothing to write
+            assert echo(conn, b"two")
+            inc.upsert_endpoint(replace(b, labels=Labels({"role": "other"})))
+            _apply_change(datapath, inc.ruleset(), in_place=True)
+            assert not echo(conn, b"three")
+            assert not _reaches(trio.b.netns, trio.a.address4)
+        finally:
+            conn.close()
 
 
 def _server_from_block(cidr: str, *except_: str) -> NetworkPolicy:

@@ -56,6 +56,28 @@ def _follow(previous: bpf.BpfState, before: Ruleset, rs: Ruleset) -> tuple[bpf.B
     return changed, True
 
 
+def _same_judgements_each_step(old: bpf.BpfState, new: bpf.BpfState, c: Cluster) -> None:
+    """A change `bpf.in_place` allows, written in `in_place_steps`' order: after the
+    policy entries written every connection is judged as before, after the ipcache
+    entry as after (the entries still to delete change nothing)."""
+    assert new.index is not None
+    written = {k: v for k in new.index.policy_keys
+               if (v := new.policy.get(k)) is not None and old.policy.get(k) != v}
+    first = replace(old, policy={**old.policy, **written})
+    second = replace(first, ipcache=new.ipcache)
+    ips = sorted({ip for ep in c.endpoints for ip in ep.ips} | {"192.0.2.1", "2001:db8::1"})
+    ports = sorted({p.port for ep in c.endpoints for p in ep.ports} | {53, 80})
+    for src in ips:
+        for dst in ips:
+            if (":" in src) != (":" in dst):
+                continue
+            for proto in ("TCP", "UDP"):
+                for port in ports:
+                    probe = (src, dst, proto, port)
+                    assert bpf.allows(first, *probe) == bpf.allows(old, *probe), probe
+                    assert bpf.allows(second, *probe) == bpf.allows(new, *probe), probe
+
+
 def _walk(data: st.DataObject, c: Cluster, inc: IncrementalCompiler, steps: int,
           cnps: list[str] | None = None) -> int:
     before = inc.ruleset()
@@ -94,8 +116,12 @@ def _walk(data: st.DataObject, c: Cluster, inc: IncrementalCompiler, steps: int,
             inc.upsert_cluster_policy(data.draw(cluster_network_policies(
                 DENSE, data.draw(st.sampled_from(cnps)))))
         rs = inc.ruleset()
+        previous = state
         state, done = _follow(state, before, rs)
         event(f"{kind}: {'worked out' if done else 'compiled whole'}")
+        if bpf.in_place(previous, state):
+            event(f"{kind}: written in place")
+            _same_judgements_each_step(previous, state, c)
         nets = [{n for n, s in r.sets.items() if s.kind == NET} for r in (before, rs)]
         if nets[0] != nets[1]:
             event(f"ipBlocks changed: {'worked out' if done else 'compiled whole'}")
@@ -148,6 +174,88 @@ def test_an_endpoint_added_is_worked_out_not_declined() -> None:
         assert worked, name
         assert state.index is not None and len(state.index.prefixes) == touched
         before = rs
+
+
+def test_an_endpoints_change_is_written_in_place_a_policys_is_not() -> None:
+    from stockade.model.cluster import Endpoint
+    from stockade.model.labels import Labels
+    from stockade.model.policy import NetworkPolicy, Peer, PolicyPort, Rule
+    from stockade.model.selector import Selector
+
+    web, api = Selector(Labels({"app": "web"})), Selector(Labels({"app": "api"}))
+    policy = NetworkPolicy("ns", "web", web, ingress=(Rule(peers=(Peer(pod_selector=api),)),),
+                           policy_types=("Ingress",))
+    eps = tuple(Endpoint("ns", f"p{i}", Labels({"app": "web" if i % 2 else "api"}),
+                         (f"10.0.0.{i + 1}",)) for i in range(6))
+    c = Cluster((Namespace("ns", Labels({})),), eps, (policy,))
+    inc = IncrementalCompiler.of(c)
+    before = inc.ruleset()
+    state = bpf.compile_state(before)
+    steps = [
+        ("added, a known identity", True,
+         lambda: inc.upsert_endpoint(Endpoint("ns", "new", Labels({"app": "web"}),
+                                              ("10.0.0.50",)))),
+        ("added, a new identity", True,
+         lambda: inc.upsert_endpoint(Endpoint("ns", "new2", Labels({"app": "web", "v": "2"}),
+                                              ("10.0.0.51",)))),
+        ("relabelled", True, lambda: inc.upsert_endpoint(replace(eps[0], labels=Labels(
+            {"app": "web"})))),
+        ("removed", True, lambda: inc.delete_endpoint(eps[2].key)),
+        ("the last of an identity removed", True, lambda: inc.delete_endpoint(
+            ("ns", "new2"))),
+        ("a policy changed", False, lambda: inc.upsert_policy(replace(policy, ingress=(
+            Rule((PolicyPort("TCP", 80),), (Peer(pod_selector=api),)),)))),
+    ]
+    for what, expected, change in steps:
+        change()
+        rs = inc.ruleset()
+        previous = state
+        state, worked = _follow(state, before, rs)
+        assert worked, what
+        assert bpf.in_place(previous, state) is expected, what
+        if expected:
+            _same_judgements_each_step(previous, state, inc.cluster())
+        before = rs
+    # A state not made from the other by a change says nothing of what differs.
+    assert not bpf.in_place(state, bpf.compile_state(before, state))
+
+
+def test_an_identity_number_taken_over_in_the_same_change_is_not_written_in_place() -> None:
+    """The last pod of one identity relabelled to another: the new identity takes the
+    freed number, so no ipcache entry changes and the verdicts under that number do.
+    Written in place, the pod would be judged by a mix of the two for a moment."""
+    from stockade.model.cluster import Endpoint
+    from stockade.model.labels import Labels
+    from stockade.model.policy import NetworkPolicy, Peer, PolicyPort, Rule
+    from stockade.model.selector import Selector
+
+    def sel(app: str) -> Selector:
+        return Selector(Labels({"app": app}))
+
+    policy = NetworkPolicy("ns", "web", sel("web"), ingress=(
+        Rule((PolicyPort("TCP", 80),), (Peer(pod_selector=sel("db")),)),
+        Rule((PolicyPort("TCP", 443),), (Peer(pod_selector=sel("db2")),))),
+        policy_types=("Ingress",))
+    db = Endpoint("ns", "d", Labels({"app": "db"}), ("10.0.0.2",))
+    inc = IncrementalCompiler.of(Cluster((Namespace("ns", Labels({})),), (
+        Endpoint("ns", "w", Labels({"app": "web"}), ("10.0.0.1",)), db), (policy,)))
+    before = inc.ruleset()
+    state = bpf.compile_state(before)
+    inc.upsert_endpoint(replace(db, labels=Labels({"app": "db2"})))
+    after, worked = _follow(state, before, inc.ruleset())
+    assert worked and after.identities.keys() == state.identities.keys()
+    assert after.ipcache == state.ipcache and after.policy != state.policy
+    assert not bpf.in_place(state, after)
+
+
+def test_the_steps_in_place_write_policy_entries_then_the_ipcache_then_deletions() -> None:
+    delta = bpf.MapDelta({"policy": {b"k1": b"v"}, "ipcache4": {b"i": b"v"}, "ipcache6": {}},
+                         {"policy": (b"k2",), "ipcache4": (), "ipcache6": (b"j",)})
+    first, second, third = bpf.in_place_steps(delta)
+    assert (first.update, first.size()) == ({"policy": {b"k1": b"v"}}, 1)
+    assert second.update == {"ipcache4": {b"i": b"v"}, "ipcache6": {}}
+    assert second.delete == {"ipcache4": (), "ipcache6": (b"j",)}
+    assert (third.delete, third.size()) == ({"policy": (b"k2",)}, 1)
 
 
 def test_an_ipblock_set_changed_under_its_name_moves_only_what_it_no_longer_covers() -> None:

@@ -1123,6 +1123,47 @@ def state_delta(old: BpfState, new: BpfState, slot: int) -> MapDelta:
     return MapDelta(update, {m: tuple(sorted(v)) for m, v in delete.items()})
 
 
+def in_place(old: BpfState, new: BpfState) -> bool:
+    """Whether the active slot may go from `old` to `new` entry by entry, in the order
+    of `in_place_steps`, with every packet judged by one of the two and never by a mix:
+    at most one prefix's ipcache entry changes in each family (an update is atomic, and
+    a packet looks up prefixes, identities and policies of its own family only), every
+    policy entry added is one no packet looks up before it (its policy or its peer
+    identity is new) and every one deleted one no packet looks up after it (gone), and
+    no entry changes its verdict. An endpoint added, removed or relabelled is such a
+    change; a policy's is not (every prefix it judges moves). Known only of a state made
+    from `old` by a change (its index names what differs)."""
+    made = new.index
+    if made is None or made.base is None or made.base() is not old:
+        return False
+    moved = [p[0] for p in made.prefixes if old.ipcache.get(p) != new.ipcache.get(p)]
+    if len(moved) != len(set(moved)):
+        return False
+    for key in made.policy_keys:
+        was, now = old.policy.get(key), new.policy.get(key)
+        if was == now:
+            continue
+        if was is not None and now is not None:
+            return False
+        pid, ident = key[0], key[1]
+        unseen_in = old if was is None else new
+        if pid in unseen_in.policies and (ident < FIRST_IDENTITY
+                                          or ident in unseen_in.identities):
+            return False
+    return True
+
+
+def in_place_steps(delta: MapDelta) -> tuple[MapDelta, MapDelta, MapDelta]:
+    """The active slot's delta of an `in_place` change in the order that keeps each
+    packet's judgement the old or the new: the policy entries added (nothing looks
+    them up yet), the ipcache entry (the switch), the policy entries deleted."""
+    ipcache = ("ipcache4", "ipcache6")
+    return (MapDelta({"policy": delta.update.get("policy", {})}, {}),
+            MapDelta({m: delta.update.get(m, {}) for m in ipcache},
+                     {m: delta.delete.get(m, ()) for m in ipcache}),
+            MapDelta({}, {"policy": delta.delete.get("policy", ())}))
+
+
 def _chain_doc(c: Chain | None) -> object:
     """A chain with its comments (which its equality leaves out, but meta stores)."""
     return None if c is None else (c, c.comment, tuple(r.comment for r in c.rules))
