@@ -141,6 +141,46 @@ def test_a_change_written_in_place_cuts_the_connections_it_revokes(trio, datapat
             conn.close()
 
 
+def test_a_change_in_place_cut_short_leaves_the_old_judgement_and_is_repaired(
+        trio, datapath, monkeypatch) -> None:
+    """The write of the ipcache entry (the switch) fails after the policy entries went
+    in: nothing any packet looks up changed, so the old judgement stands; the next
+    apply reads the kernel back and finishes the change."""
+    from stockade.compile import bpf as bpfc
+    from stockade.datapath import ebpf as ebpf_mod
+    from stockade.errors import DataplaneError
+
+    ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
+    a, b, c = _ep(trio, "a", "server"), _ep(trio, "b", "client"), _ep(trio, "c", "other")
+    inc = IncrementalCompiler.of(Cluster((ns,), (a, b, c), (_server_from("client"),)))
+    datapath.apply(inc.ruleset())
+    switches: list[bpfc.MapDelta] = []
+    steps = bpfc.in_place_steps
+    monkeypatch.setattr(ebpf_mod.bpfc, "in_place_steps",
+                        lambda d: (r := steps(d), switches.append(r[1]))[0])
+    write = EbpfDatapath._write
+
+    def failing(self, delta, **kw):  # type: ignore[no-untyped-def]
+        if switches and delta is switches[-1]:
+            raise DataplaneError("injected: the ipcache update failed")
+        return write(self, delta, **kw)
+
+    monkeypatch.setattr(EbpfDatapath, "_write", failing)
+    inc.upsert_endpoint(replace(c, labels=Labels({"role": "client", "new": "yes"})))
+    rs = inc.ruleset()
+    with EchoServer(trio.a.netns, PORT):
+        with pytest.raises(DataplaneError):
+            datapath.apply(rs)
+        assert switches and datapath._state is None
+        assert not _reaches(trio.c.netns, trio.a.address4)  # the old judgement
+        assert _reaches(trio.b.netns, trio.a.address4)
+        monkeypatch.setattr(EbpfDatapath, "_write", write)
+        datapath.apply(rs)  # the kernel read back: the rest written (a switch)
+        assert _reaches(trio.c.netns, trio.a.address4)
+        datapath.apply(rs, verify=True)
+        assert datapath.last_timing["entries"] == 0
+
+
 def _server_from_block(cidr: str, *except_: str) -> NetworkPolicy:
     return NetworkPolicy(
         "x", "server", Selector(Labels({"role": "server"})),
