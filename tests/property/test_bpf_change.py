@@ -31,7 +31,8 @@ from stockade.compile.bpf_change import changed_state
 from stockade.compile.incremental import IncrementalCompiler
 from stockade.compile.ir import INGRESS as INGRESS_DIR
 from stockade.compile.ir import NET, Ruleset
-from stockade.model.cluster import Cluster, Namespace
+from stockade.model.cluster import Cluster, Endpoint, Namespace
+from stockade.model.policy import NetworkPolicy
 
 FEATURES = DENSE.with_features(named_ports=True)
 
@@ -146,21 +147,27 @@ def test_changes_under_tiers_worked_out_equal_a_whole_compile(data: st.DataObjec
     _walk(data, c, IncrementalCompiler.of(c), data.draw(st.integers(1, 8)), names)
 
 
+def _web_from_api() -> tuple[NetworkPolicy, tuple[Endpoint, ...], IncrementalCompiler]:
+    """Six pods of one namespace, web and api by turns, web admitting api."""
+    from stockade.model.labels import Labels
+    from stockade.model.policy import Peer, Rule
+    from stockade.model.selector import Selector
+
+    policy = NetworkPolicy("ns", "web", Selector(Labels({"app": "web"})), ingress=(Rule(
+        peers=(Peer(pod_selector=Selector(Labels({"app": "api"}))),)),),
+        policy_types=("Ingress",))
+    eps = tuple(Endpoint("ns", f"p{i}", Labels({"app": "web" if i % 2 else "api"}),
+                         (f"10.0.0.{i + 1}",)) for i in range(6))
+    return policy, eps, IncrementalCompiler.of(
+        Cluster((Namespace("ns", Labels({})),), eps, (policy,)))
+
+
 def test_an_endpoint_added_is_worked_out_not_declined() -> None:
     # The common change must take the short way, or the property above proves little.
     from stockade.compile.lower import compile_cluster
-    from stockade.model.cluster import Endpoint
     from stockade.model.labels import Labels
-    from stockade.model.policy import NetworkPolicy, Peer, Rule
-    from stockade.model.selector import Selector
 
-    web = Selector(Labels({"app": "web"}))
-    policy = NetworkPolicy("ns", "web", web, ingress=(Rule(peers=(Peer(pod_selector=Selector(
-        Labels({"app": "api"}))),)),), policy_types=("Ingress",))
-    eps = tuple(Endpoint("ns", f"p{i}", Labels({"app": "web" if i % 2 else "api"}),
-                         (f"10.0.0.{i + 1}",)) for i in range(6))
-    c = Cluster((Namespace("ns", Labels({})),), eps, (policy,))
-    inc = IncrementalCompiler.of(c)
+    _, _, inc = _web_from_api()
     before = inc.ruleset()
     state = bpf.compile_state(before)
     # (a pod no set holds and no policy selects is in no map: nothing changes)
@@ -177,18 +184,12 @@ def test_an_endpoint_added_is_worked_out_not_declined() -> None:
 
 
 def test_an_endpoints_change_is_written_in_place_a_policys_is_not() -> None:
-    from stockade.model.cluster import Endpoint
     from stockade.model.labels import Labels
-    from stockade.model.policy import NetworkPolicy, Peer, PolicyPort, Rule
+    from stockade.model.policy import Peer, PolicyPort, Rule
     from stockade.model.selector import Selector
 
-    web, api = Selector(Labels({"app": "web"})), Selector(Labels({"app": "api"}))
-    policy = NetworkPolicy("ns", "web", web, ingress=(Rule(peers=(Peer(pod_selector=api),)),),
-                           policy_types=("Ingress",))
-    eps = tuple(Endpoint("ns", f"p{i}", Labels({"app": "web" if i % 2 else "api"}),
-                         (f"10.0.0.{i + 1}",)) for i in range(6))
-    c = Cluster((Namespace("ns", Labels({})),), eps, (policy,))
-    inc = IncrementalCompiler.of(c)
+    api = Selector(Labels({"app": "api"}))
+    policy, eps, inc = _web_from_api()
     before = inc.ruleset()
     state = bpf.compile_state(before)
     steps = [
@@ -224,7 +225,6 @@ def test_an_identity_number_taken_over_in_the_same_change_is_not_written_in_plac
     """The last pod of one identity relabelled to another: the new identity takes the
     freed number, so no ipcache entry changes and the verdicts under that number do.
     Written in place, the pod would be judged by a mix of the two for a moment."""
-    from stockade.model.cluster import Endpoint
     from stockade.model.labels import Labels
     from stockade.model.policy import NetworkPolicy, Peer, PolicyPort, Rule
     from stockade.model.selector import Selector
@@ -263,7 +263,6 @@ def test_an_ipblock_set_changed_under_its_name_moves_only_what_it_no_longer_cove
     # set whose networks change under its name must still be worked out right: a
     # prefix inside a network that went, but still inside a wider one, keeps the set.
     from stockade.compile.lower import compile_cluster
-    from stockade.model.cluster import Endpoint
     from stockade.model.labels import Labels
     from stockade.model.policy import IPBlock, NetworkPolicy, Peer, Rule
     from stockade.model.selector import Selector
@@ -294,7 +293,6 @@ def test_a_change_that_moves_most_prefixes_is_compiled_whole() -> None:
     # A wide ipBlock moves every pod inside it to another identity: past a quarter of
     # the prefixes (and 1,024), working it out costs more than compiling whole.
     from stockade.compile.lower import compile_cluster
-    from stockade.model.cluster import Endpoint
     from stockade.model.labels import Labels
     from stockade.model.policy import IPBlock, NetworkPolicy, Peer, Rule
     from stockade.model.selector import ALL, Selector
