@@ -38,6 +38,7 @@ from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
 HERE = Path(__file__).resolve().parent.parent
+PINS = Path("/sys/fs/bpf/stockade")
 POD = {"apiVersion": "v1", "kind": "Pod",
        "metadata": {"name": "probe", "namespace": "ns3",
                     "labels": {"app": "app7", "tier": "api", "env": "prod"}},
@@ -348,6 +349,8 @@ def main() -> None:
     finally:
         for host in spaces:
             remove_netns(host)
+            # An agent on eBPF pins under its namespace's name; the links went with it.
+            shutil.rmtree(PINS / f"netns-{host}", ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(("measure", "value", "notes"), rows)
     out = Results("agent", " ".join(["bench/agent.py", *sys.argv[1:]]))
