@@ -32,13 +32,13 @@ are added before the flip and removed after it.
 
 The grace period is most of a small apply's time (12-28 ms here, in ticks of 4 ms,
 against 2-5 ms for the rest). An endpoint added, removed or relabelled changes one
-prefix's ipcache entry, adds policy entries only under a new identity or policy and
-deletes them only under a gone one (`bpf.in_place`): that change is written into the
-active slot as it stands, policy entries added first (nothing looks them up yet),
-the ipcache entry next (one update: the switch), entries deleted last (nothing
-looks them up any more), then the generation bumped; every packet is judged by the
-old contents or the new, as with a flip, and no grace period is waited for. The
-inactive slot gets the same change first. Anything else (a policy's change moves
+prefix's ipcache entry in each family, adds policy entries only under a new identity
+or policy and deletes them only under a gone one (`bpf.in_place`): that change is
+written into the active slot as it stands, policy entries added first (nothing looks
+them up yet), the ipcache entry next (one update: the switch), entries deleted last
+(nothing looks them up any more), then the generation bumped; every packet is judged
+by the old contents or the new, as with a flip, and no grace period is waited for.
+The inactive slot gets the same change first. Anything else (a policy's change moves
 every prefix it judges) takes the flip.
 
 **Attachment.** tcx links (kernel >= 6.6) on the host side of every veth that is
