@@ -99,8 +99,8 @@ def _run(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.files, strict_cidr=args.strict_cidr, recursive=args.recursive)
     lowering = Lowering(resolve(cluster))
     work = lowering.work()
-    if getattr(args, "exits", False):
-        _HELD.extend((cluster, lowering, work))
+    held = _HELD if getattr(args, "exits", False) else []
+    held += (cluster, lowering, work)
     try:
         # Tier chains' verdict maps are sets `nft_target` adds after the others, in the
         # chains' order: a cluster with tiers is compiled in this process alone.
@@ -110,8 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             _write_shared(args, lowering, work, jobs)
         else:
             ruleset = lowering.assemble(work, lowering.lower(work, work.keys))
-            if getattr(args, "exits", False):
-                _HELD.append(ruleset)
+            held.append(ruleset)
             _write(args, ruleset)
     except BrokenPipeError:
         raise

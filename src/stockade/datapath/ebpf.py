@@ -30,7 +30,7 @@ cut), waits for an RCU grace period (membarrier: every program that read the old
 slot has returned), then brings the old slot up to date. Definitions in `meta`
 are added before the flip and removed after it.
 
-The grace period is most of a small apply's time (12-28 ms here, in ticks of 4 ms,
+The grace period is most of a small apply's time (8-18 ms here, in ticks of 4 ms,
 against 2-5 ms for the rest). An endpoint added, removed or relabelled changes one
 prefix's ipcache entry in each family, adds policy entries only under a new identity
 or policy and deletes them only under a gone one (`bpf.in_place`): that change is
