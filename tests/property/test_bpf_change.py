@@ -11,6 +11,7 @@ under its name) is compiled whole and the walk goes on from there.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 from hypothesis import event, given, settings
@@ -47,8 +48,15 @@ def _follow(previous: bpf.BpfState, before: Ruleset, rs: Ruleset) -> tuple[bpf.B
     bare = replace(changed, index=None)
     recomputed = bpf.index_of(bare)
     # (a policy without entries is known to the index only as worked out: left out here)
-    assert ({k: set(v) for k, v in changed.index.keys_of.items() if v}
-            == {k: set(v) for k, v in recomputed.keys_of.items()})
+    def flat(keys_of: Mapping[int, bpf.PeerKeys]) -> dict[int, set[bpf.PolicyKey]]:
+        got = {pid: {k for keys in by_peer.values() for k in keys}
+               for pid, by_peer in keys_of.items()}
+        return {pid: keys for pid, keys in got.items() if keys}
+
+    assert flat(changed.index.keys_of) == flat(recomputed.keys_of)
+    # each key under its own policy and peer
+    assert all(k[0] == pid and k[1] == peer for pid, by_peer in changed.index.keys_of.items()
+               for peer, keys in by_peer.items() for k in keys)
     assert changed.index.with_any == recomputed.with_any
     for uses in ("identity_uses", "entry_uses", "stage_uses"):
         assert dict(getattr(changed.index, uses)) == dict(getattr(recomputed, uses)), uses

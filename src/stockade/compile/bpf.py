@@ -192,6 +192,19 @@ class PolicyRef:
     named: tuple[Named, ...] = ()  # ingress: the endpoint's own ports in the chain's named sets
 
 
+# A policy's entries by the peer key (an identity, or ANY) they are keyed by: an
+# identity that comes or goes adds or takes away its own keys in each policy.
+PeerKeys = Mapping[int, tuple[PolicyKey, ...]]
+
+
+def peer_grouped(keys: Iterable[PolicyKey]) -> dict[int, tuple[PolicyKey, ...]]:
+    """Policy keys by their peer key."""
+    out: dict[int, list[PolicyKey]] = {}
+    for key in keys:
+        out.setdefault(key[1], []).append(key)
+    return {peer: tuple(mine) for peer, mine in out.items()}
+
+
 @dataclass(frozen=True)
 class StateIndex:
     """What a state's contents imply, kept beside them so that a small change is
@@ -202,7 +215,7 @@ class StateIndex:
     that `state_delta` encodes only those.
     """
 
-    keys_of: Mapping[int, tuple[PolicyKey, ...]]  # a policy's entries
+    keys_of: Mapping[int, PeerKeys]  # a policy's entries, by the identity they are keyed by
     with_any: frozenset[int]  # policies with entries keyed by ANY
     identity_uses: Mapping[int, int]  # identity -> prefixes that have it
     entry_uses: Mapping[int, int]  # policy -> map entries (ingress, egress) naming it
@@ -241,11 +254,11 @@ def index_of(state: BpfState) -> StateIndex:
     keys_of: dict[int, list[PolicyKey]] = {}
     for key in state.policy:
         keys_of.setdefault(key[0], []).append(key)
-    return _index(state.ipcache, {pid: tuple(keys) for pid, keys in keys_of.items()},
+    return _index(state.ipcache, {pid: peer_grouped(keys) for pid, keys in keys_of.items()},
                   frozenset(k[0] for k in state.policy if k[1] in (ANY4, ANY6)))
 
 
-def _index(ipcache: Mapping[Prefix, IpInfo], keys_of: Mapping[int, tuple[PolicyKey, ...]],
+def _index(ipcache: Mapping[Prefix, IpInfo], keys_of: Mapping[int, PeerKeys],
            with_any: frozenset[int]) -> StateIndex:
     identity_uses: dict[int, int] = {}
     entry_uses: dict[int, int] = {}
@@ -414,13 +427,13 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
 
     by_set, by_named = identities_by_set(identities)
     keys: dict[PolicyKey, int] = {}
-    keys_of: dict[int, tuple[PolicyKey, ...]] = {}
+    keys_of: dict[int, PeerKeys] = {}
     for pid, r in policies.items():
         if r not in staged:
             continue  # an entry only (a link chain): its stages hold the rules
         mine = policy_keys(pid, r, rs.chains[r.chain], identities, by_set, by_named)
         keys.update(mine)
-        keys_of[pid] = tuple(mine)
+        keys_of[pid] = peer_grouped(mine)
 
     with_any = frozenset(k[0] for k in keys if k[1] in (ANY4, ANY6))
 
