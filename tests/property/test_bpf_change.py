@@ -58,6 +58,9 @@ def _follow(previous: bpf.BpfState, before: Ruleset, rs: Ruleset) -> tuple[bpf.B
     assert all(k[0] == pid and k[1] == peer for pid, by_peer in changed.index.keys_of.items()
                for peer, keys in by_peer.items() for k in keys)
     assert changed.index.with_any == recomputed.with_any
+    # the inverted numbers handed on to the next change
+    for what, numbered in (("identities", changed.identities), ("policies", changed.policies)):
+        assert changed.index.numbers[what] == {v: i for i, v in numbered.items()}, what
     for uses in ("identity_uses", "entry_uses", "stage_uses"):
         assert dict(getattr(changed.index, uses)) == dict(getattr(recomputed, uses)), uses
     for slot in (0, 1):

@@ -103,8 +103,8 @@ def test_a_tracked_connection_is_kept_as_the_revoker_keeps_it(sc: Scenario,
 
 
 def test_port_ranges_become_the_fewest_prefixes() -> None:
-    assert bpf.port_prefixes(80, 80) == [(80, 16)]
-    assert bpf.port_prefixes(0, 65535) == [(0, 0)]
+    assert bpf.port_prefixes(80, 80) == ((80, 16),)
+    assert bpf.port_prefixes(0, 65535) == ((0, 0),)
     assert bpf.port_prefixes(1, 65535)[0] == (1, 16)
     blocks = bpf.port_prefixes(1000, 2000)
     covered = {p for base, bits in blocks for p in range(base, base + (1 << (16 - bits)))}

@@ -83,7 +83,7 @@ import struct
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from stockade.compile.ir import (
     ADDR,
@@ -223,6 +223,10 @@ class StateIndex:
     base: weakref.ref[BpfState] | None = None
     prefixes: frozenset[Prefix] = frozenset()
     policy_keys: frozenset[PolicyKey] = frozenset()
+    # the identities' and the policies' numbers by what they number, once asked for
+    # (`identities` and `policies` inverted), handed on to the state a change makes
+    numbers: dict[str, dict[Any, int]] = field(default_factory=dict, compare=False,
+                                               repr=False)
 
 
 @dataclass(frozen=True)
@@ -311,8 +315,10 @@ def _prefix(text: str) -> tuple[int, int]:
     return int(n.network_address), n.prefixlen
 
 
-def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
-    """The fewest (base, bits) blocks of the 16-bit port space covering lo..hi."""
+@functools.lru_cache(maxsize=1 << 12)
+def port_prefixes(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
+    """The fewest (base, bits) blocks of the 16-bit port space covering lo..hi (a
+    cluster's policies name a few ranges again and again: remembered)."""
     out: list[tuple[int, int]] = []
     while lo <= hi:
         size = lo & -lo if lo else 1 << 16
@@ -320,7 +326,7 @@ def port_prefixes(lo: int, hi: int) -> list[tuple[int, int]]:
             size >>= 1
         out.append((lo, 16 - (size.bit_length() - 1)))
         lo += size
-    return out
+    return tuple(out)
 
 
 def _allocate(wanted: Iterable[K], previous: Mapping[int, K], first: int,
@@ -491,15 +497,18 @@ def peer_keys(pid: int, ref: PolicyRef, enforced: Chain, ident_id: int, ident: I
     entries are a union over peers; a tier chain paints each peer's key from its own
     rules and ANY's)."""
     identities = {ident_id: ident}
-    by_set = {s: [ident_id] for s in ident.sets}
-    by_named = {n: [ident_id] for n, _, _ in ident.named}
+    alone = [ident_id]  # (only read)
+    by_set = dict.fromkeys(ident.sets, alone)
+    by_named = dict.fromkeys((n for n, _, _ in ident.named), alone)
+    final = enforced.final
     # A union needs only the rules this peer can match: in their peer set, or (no peer
     # set) in their named-port set; first match paints from every rule.
-    spaces = [(peer, space, _value(rule)) for rule in enforced.rules
-              if enforced.final is False or (rule.peer_set in by_set if rule.peer_set
-                                             is not None else rule.named_set in by_named)
+    rules = [rule for rule in enforced.rules
+             if (rule.peer_set in by_set if rule.peer_set is not None
+                 else rule.named_set in by_named)] if final else enforced.rules
+    spaces = [(peer, space, _value(rule)) for rule in rules
               for peer, space in _rule_spaces(ref, rule, identities, by_set, by_named)]
-    if enforced.final:
+    if final:
         return dict.fromkeys(_union_keys(pid, [s for s in spaces if s[0] == ident_id]),
                              ALLOW_VALUE)
     return {k: v for k, v in _first_match_keys(pid, ref.family, spaces).items()

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from stockade.compile.bpf import (
     ADDR_BITS,
@@ -409,9 +409,11 @@ class _Change:
             wanted[p] = ident, entry_refs, staged_refs
 
         # Identities, then policies: numbered as compile_state numbers them.
+        id_numbers = _numbers(index, "identities", prev.identities)
         id_of, gone_ids, added_ids = _renumber(
             prev.identities, [(ident, identity_uses) for ident, _, _ in wanted.values()],
-            [identity_uses], FIRST_IDENTITY, {Identity(4): WORLD4, Identity(6): WORLD6})
+            [identity_uses], FIRST_IDENTITY, {Identity(4): WORLD4, Identity(6): WORLD6},
+            id_numbers)
         identities = _copy(prev.identities)
         for i in gone_ids:
             del identities[i]
@@ -422,8 +424,9 @@ class _Change:
         for _, entry_refs, staged_refs in wanted.values():
             uses_of += [(ref, entry_uses) for ref in entry_refs if ref is not None]
             uses_of += [(ref, stage_uses) for ref in staged_refs]
+        pid_numbers = _numbers(index, "policies", prev.policies)
         pid_of, gone_pids, added_pids = _renumber(prev.policies, uses_of,
-                                                  [entry_uses, stage_uses], 1)
+                                                  [entry_uses, stage_uses], 1, None, pid_numbers)
         policies = _copy(prev.policies)
         for pid in gone_pids:
             del policies[pid]
@@ -548,7 +551,11 @@ class _Change:
                 kept = AddressSet(a.name, a.family, a.kind, frozenset(), a.comment)
             sets[name] = kept
         made = StateIndex(keys_of, frozen_any, identity_uses, entry_uses, stage_uses,
-                          weakref.ref(prev), frozenset(touched), frozenset(changed_keys))
+                          weakref.ref(prev), frozenset(touched), frozenset(changed_keys),
+                          {"identities": _renumbered(id_numbers, prev.identities, gone_ids,
+                                                     added_ids),
+                           "policies": _renumbered(pid_numbers, prev.policies, gone_pids,
+                                                   added_pids)})
         entries: Mapping[PolicyKey, int] = prev.policy
         if policy:
             entries = _copy(prev.policy)
@@ -585,16 +592,37 @@ def _release(uses: dict[int, int], key: int) -> None:
         uses.pop(key, None)
 
 
+def _numbers(index: StateIndex, what: str, previous: Mapping[int, object]) -> dict[Any, int]:
+    """`previous` (a state's identities or policies) inverted: remembered on its index."""
+    found = index.numbers.get(what)
+    if found is None:
+        found = index.numbers[what] = {v: i for i, v in previous.items()}
+    return found
+
+
+def _renumbered(numbers: Mapping[Any, int], previous: Mapping[int, object], gone: list[int],
+                added: Mapping[object, int]) -> dict[Any, int]:
+    """The inverted numbers after a change (see `_numbers`)."""
+    out = _copy(numbers)
+    for i in gone:
+        if out.get(previous[i]) == i:
+            del out[previous[i]]
+    out.update(added)
+    return out
+
+
 def _renumber(previous: Mapping[int, object], wanted: list[tuple[object, dict[int, int]]],
               counters: list[dict[int, int]], first: int,
-              reserved: Mapping[object, int] | None = None
+              reserved: Mapping[object, int] | None = None,
+              numbers: Mapping[Any, int] | None = None
               ) -> tuple[dict[object, int], list[int], dict[object, int]]:
     """Numbers as `bpf._allocate` gives them: one still wanted keeps its number, a new
     one takes the lowest free from `first`, in order. `wanted` is each use with the
     counter it counts in (`counters`, which no longer count the touched prefixes' old
-    uses, and are brought up to date). Returns every number, the previous ones no
-    longer used, and the new ones."""
-    number_of = {v: i for i, v in previous.items()}
+    uses, and are brought up to date); `numbers`: `previous` inverted, when known.
+    Returns every number, the previous ones no longer used, and the new ones."""
+    number_of = (_copy(numbers) if numbers is not None
+                 else {v: i for i, v in previous.items()})
     number_of.update(reserved or {})
     fresh = set()
     for item, uses in wanted:
@@ -602,8 +630,8 @@ def _renumber(previous: Mapping[int, object], wanted: list[tuple[object, dict[in
             _take(uses, number_of[item])
         else:
             fresh.add(item)
-    gone = [i for i in previous if not any(c.get(i) for c in counters)]
     taken: set[int] = set().union(*counters)
+    gone = sorted(previous.keys() - taken)
     added: dict[object, int] = {}
     n = first
     for item in sorted(fresh):  # type: ignore[type-var]
