@@ -64,6 +64,7 @@
  *               entries (the loader's) and of its stages per direction
  *   policy      LPM trie: (slot|policy, identity, protocol, port prefix) -> action
  *   config      the active slot and the policy generation (the atomic switch)
+ *   inflight    per-CPU: runs started and ended (when the old slot is read no more)
  *   ct          LRU hash: the program's own connection tracking, new connections
  *   ct_live     hash: established connections (see 1. above)
  *   ct_owners   hash: a port's ifindex -> how many of ct_live's entries it holds
@@ -288,6 +289,16 @@ struct {
 	__uint(max_entries, 1);
 } config SEC(".maps");
 
+/* Runs in flight, per CPU: bumped as a run starts and as it ends (odd while one runs;
+ * tc programs do not nest on a CPU). The loader waits, after a flip, only for the
+ * CPUs it finds odd to move on, instead of a whole RCU grace period. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} inflight SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
@@ -395,6 +406,29 @@ struct verdict {
 	__u32 policy;
 	__u8 direction; /* 0: allowed */
 };
+
+/* A fetching atomic is fully ordered (the BPF memory model; lock xadd on x86, ldaddal
+ * on arm64): the bump as a run starts is seen before `config` is read, and every read of
+ * a slot before the bump as it ends. With the loader's barrier between its flip and its
+ * read of the counts, either the run reads the new slot or the loader sees it odd. */
+static __always_inline __u64 *run_starts(void)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&inflight, &zero);
+	if (n) {
+		__u64 seq = __sync_fetch_and_add(n, 1);
+		barrier_var(seq); /* the value used: the fetching (ordered) form */
+	}
+	return n;
+}
+
+static __always_inline void run_ends(__u64 *n)
+{
+	if (n) {
+		__u64 seq = __sync_fetch_and_add(n, 1);
+		barrier_var(seq);
+	}
+}
 
 static __always_inline void count(__u32 which)
 {
@@ -1183,7 +1217,9 @@ int stockade_from_pod(struct __sk_buff *skb)
 	__u32 port = skb->ifindex;
 	/* the one lookup guards cost each way: a miss is an unguarded port */
 	const struct guard *g = bpf_map_lookup_elem(&guard, &port);
+	__u64 *run = run_starts();
 	int verdict = process(skb, 1, g);
+	run_ends(run);
 	return verdict == TC_ACT_UNSPEC ? deliver(skb, g) : verdict;
 }
 
@@ -1191,7 +1227,10 @@ SEC("tc")
 int stockade_to_pod(struct __sk_buff *skb)
 {
 	__u32 port = skb->ifindex;
-	return process(skb, 2, bpf_map_lookup_elem(&guard, &port));
+	__u64 *run = run_starts();
+	int verdict = process(skb, 2, bpf_map_lookup_elem(&guard, &port));
+	run_ends(run);
+	return verdict;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from stockade.compile import bpf as bpfc
 from stockade.compile.lower import compile_cluster
-from stockade.datapath import libbpf, open_datapath
+from stockade.datapath import ebpf, libbpf, open_datapath
 from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
 from stockade.model.labels import Labels
 from stockade.model.policy import INGRESS, NetworkPolicy, Peer
@@ -72,6 +73,96 @@ def test_an_apply_switches_slots_and_leaves_both_equal(trio, datapath) -> None:
     gen = kernel.generation
     datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))  # no change
     assert datapath.snapshot().table.generation == gen  # no switch, no re-judging
+
+
+def _runs(dp: EbpfDatapath) -> list[int]:
+    """Each CPU's count of runs started and ended (`inflight`)."""
+    return list(dp._runs(ebpf._possible_cpus()))
+
+
+def _set_runs(dp: EbpfDatapath, counts: list[int]) -> None:
+    libbpf.update(dp._maps["inflight"], struct.pack("=I", 0),
+                  struct.pack(f"={len(counts)}Q", *counts))
+
+
+def _slots_equal(dp: EbpfDatapath) -> bool:
+    """Whether both slots hold the same policy, read from the maps directly (an apply
+    in another thread holds the datapath's lock)."""
+    slots = ebpf._split({m: libbpf.dump(dp._maps[m], *LAYOUT[m]) for m in bpfc.MAPS})
+    meta = libbpf.dump(dp._maps["meta"], *LAYOUT["meta"])
+    return bpfc.decode(slots[0], meta, 0) == bpfc.decode(slots[1], meta, 1)
+
+
+def test_runs_are_counted_as_they_start_and_end(trio, datapath, servers) -> None:
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))
+    before = _runs(datapath)
+    assert probe(trio, [("b", "a", PORTS[0]), ("c", "a", PORTS[0])]) == {
+        ("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
+    after = _runs(datapath)
+    # every packet of those connections ran a program: two bumps each, none left odd
+    assert sum(after) - sum(before) >= 2 * 6
+    assert all(n % 2 == 0 for n in after), after
+
+
+def test_a_switch_waits_for_a_run_in_flight_and_for_no_other(trio, datapath, monkeypatch
+                                                             ) -> None:
+    """A CPU's count left odd is a run that may still read the old slot: the apply has
+    flipped but does not bring the old slot up to date until that count moves."""
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))
+    assert datapath.waits["runs"] == 1  # the first apply's switch waited for none
+    monkeypatch.setattr(ebpf, "RUN_WAIT", 30.0)
+    counts = _runs(datapath)
+    cpu = counts.index(min(counts))  # the quietest CPU: a real packet there ends the wait
+    counts[cpu] += 1  # a run that has started and not ended
+    _set_runs(datapath, counts)
+    slot = datapath._config()[0]
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def change() -> None:
+        try:
+            datapath.apply(compile_cluster(cluster(trio, allow_only("a", "c"))))
+        except BaseException as exc:
+            failed.append(exc)
+        done.set()
+
+    worker = threading.Thread(target=change)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 5
+        while datapath._config()[0] == slot and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert datapath._config()[0] == 1 - slot  # flipped
+        if not done.wait(0.3):
+            # waiting, the old slot still the old policy, until the count moves
+            assert _runs(datapath)[cpu] == counts[cpu]
+            assert not _slots_equal(datapath)
+        else:  # a real packet ran on that CPU meanwhile: its count moved, the wait ended
+            assert _runs(datapath)[cpu] != counts[cpu]
+    finally:
+        counts = _runs(datapath)
+        counts[cpu] += 1  # the run ends
+        _set_runs(datapath, counts)
+        worker.join(10)
+    assert not worker.is_alive() and not failed, failed
+    assert datapath.waits == {"runs": 2, "grace": 0}
+    assert _slots_equal(datapath)
+
+
+def test_a_count_that_does_not_move_falls_back_to_a_grace_period(trio, datapath,
+                                                                 monkeypatch) -> None:
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))
+    monkeypatch.setattr(ebpf, "RUN_WAIT", 0.05)
+    counts = _runs(datapath)
+    _set_runs(datapath, [n | 1 for n in counts])  # every CPU odd, for good
+    try:
+        t0 = time.monotonic()
+        datapath.apply(compile_cluster(cluster(trio, allow_only("a", "c"))))
+        assert time.monotonic() - t0 >= 0.05
+        assert datapath.waits["grace"] == 1
+        assert _slots_equal(datapath)
+    finally:
+        _set_runs(datapath, [(n | 1) + 1 for n in counts])
 
 
 def test_a_new_object_adopts_the_pins_with_an_empty_delta(trio, datapath, servers) -> None:

@@ -4,7 +4,7 @@ What lives where (`name` is the datapath's name, "stockade" by default)::
 
     /sys/fs/bpf/stockade/<host | netns-NAME>/<name>/
         ipcache4 ipcache6 policy config ct ct_live ct_owners frag guard mac_port events
-        meta ratelimit stats                                              the maps
+        meta ratelimit stats inflight                                     the maps
         prog_from_pod prog_to_pod                                         the programs
         built-<digest>-<tag>-<tag>                           which build they are (a dir)
         link-<ifindex>-in link-<ifindex>-out                              tcx links
@@ -26,12 +26,21 @@ again runs the verifier (about 0.33 s here) only to find the same programs.
 reads the active slot from `config` once per packet. An apply writes the
 inactive slot, flips `config.slot` (and bumps the generation: conntrack entries
 validated under an older generation are judged again, so revoked connections are
-cut), waits for an RCU grace period (membarrier: every program that read the old
-slot has returned), then brings the old slot up to date. Definitions in `meta`
-are added before the flip and removed after it.
+cut), waits until every run of the programs that may have read the old slot has
+returned, then brings the old slot up to date. Definitions in `meta` are added
+before the flip and removed after it.
 
-The grace period is most of a small apply's time (8-18 ms here, in ticks of 4 ms,
-against 2-5 ms for the rest). An endpoint added, removed or relabelled changes one
+The wait: each run bumps its CPU's count in `inflight` as it starts and as it ends
+(fully ordered atomics), so a count is odd while a run goes on. After the flip and a
+full barrier (`libbpf.barrier`) a run that starts reads the new slot, and one that
+read the old slot shows as an odd count, over once that count moves (`_wait_runs`:
+one read of the counts, microseconds). An RCU grace period (membarrier, 8-18 ms
+here, in ticks of 4 ms, most of a small apply's time) is the fallback: on PREEMPT_RT
+(where runs can interleave on a CPU), for a count that does not move within
+`RUN_WAIT`, and when a link runs a program that is not this build's (it counts
+nothing). Loading a new build over an older one waits a grace period too.
+
+An endpoint added, removed or relabelled changes one
 prefix's ipcache entry in each family, adds policy entries only under a new identity
 or policy and deletes them only under a gone one (`bpf.in_place`): that change is
 written into the active slot as it stands, policy entries added first (nothing looks
@@ -111,16 +120,18 @@ the chain is (its keep mark).
 **Versions.** Maps pinned by a version with another layout (before tiers, the
 ipcache's values were 12 bytes) are refused with a clear error before anything is
 loaded: the running program keeps enforcing them until `dataplane remove`. A map
-added since (`guard`, `ct_live`, `ct_owners`, `mac_port`) is created and pinned beside
-the older pins, whose layouts are unchanged, so a datapath pinned before them is
-adopted as it is (its connections in `ct` move to `ct_live` as their next packets
-come).
+added since (`guard`, `ct_live`, `ct_owners`, `mac_port`, `inflight`) is created and
+pinned beside the older pins, whose layouts are unchanged, so a datapath pinned before
+them is adopted as it is (its connections in `ct` move to `ct_live` as their next
+packets come; the new build replaces the old programs, and that load waits a grace
+period for their runs, which count nothing).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import ipaddress
 import os
@@ -165,13 +176,19 @@ LAYOUT = {"ipcache4": (bpfc.IP4_KEY.size, bpfc.IP_INFO.size),
           "ct_owners": (bpfc.CT_OWNER.size, bpfc.CT_OWNER.size),
           "mac_port": (bpfc.MAC_PORT_KEY.size, bpfc.MAC_PORT_VALUE.size)}
 MAP_NAMES = ("ipcache4", "ipcache6", "policy", "config", "ct", "ct_live", "ct_owners", "frag",
-             "guard", "mac_port", "events", "meta", "ratelimit", "stats")
+             "guard", "mac_port", "events", "meta", "ratelimit", "stats", "inflight")
 CT_MAPS = ("ct", "ct_live", "ct_owners")  # connection tracking: emptied together
 CONFIG = struct.Struct("=IIQ")  # slot, log rate, generation
 EVENT = struct.Struct("=QIIBBBB2s2s16s16sB7x")
 STATS = ("allowed", "denied", "conntrack", "rejudged", "cut", "passed", "fragments_dropped",
          "spoofed_dropped")  # the program's STAT_* counters, in order
 LOG_RATE = 50  # denied-connection events per second, as the nftables chains log
+# How long a CPU's run may seem to go on after a flip before the wait falls back to a
+# grace period: runs take microseconds, so only a count written from outside lasts.
+RUN_WAIT = 0.02
+# PREEMPT_RT runs softirqs in threads that can be preempted: two runs can interleave on
+# a CPU, and an even count says nothing. There, a grace period every time.
+REALTIME = Path("/sys/kernel/realtime")
 
 
 # ---- the object file --------------------------------------------------------------------
@@ -402,6 +419,8 @@ class EbpfDatapath:
         self.last_drift_details: list[str] = []
         self.last_timing: dict[str, float] = {}
         self.in_place = 0  # applies that wrote the active slot in place (no switch)
+        # after a flip: waits that saw the runs in flight end, and grace periods waited
+        self.waits = {"runs": 0, "grace": 0}
 
     @classmethod
     def open(cls, name: str, *, netns: str | None = None, owner: bool = False,
@@ -630,6 +649,41 @@ class EbpfDatapath:
     def _write_config(self, slot: int, generation: int) -> None:
         libbpf.update(self._maps["config"], struct.pack("=I", 0),
                       CONFIG.pack(slot, self.log_rate, generation))
+
+    def _wait_runs(self, *, counted: bool = True) -> None:
+        """After a flip, wait until no run that may have read the old slot goes on.
+
+        Each run bumps its CPU's count in `inflight` as it starts and as it ends (odd
+        while it runs). After the flip and a barrier (`libbpf.barrier`), a run that
+        starts reads the new slot; one that read the old slot had started, so its CPU's
+        count is odd now, and it has ended once that count moves. Runs take
+        microseconds: the wait is one read of the counts, rarely two, against an RCU
+        grace period's 8-18 ms (`libbpf.synchronize`), which remains the fallback: for
+        a count that does not move, on PREEMPT_RT, and when a link runs another
+        program than ours (`counted` False: one that counts nothing may read the maps).
+        """
+        if not counted or _realtime():
+            libbpf.synchronize()
+            self.waits["grace"] += 1
+            return
+        libbpf.barrier()
+        ncpu = _possible_cpus()
+        first = self._runs(ncpu)
+        busy = [cpu for cpu, n in enumerate(first) if n & 1]
+        deadline = time.monotonic() + RUN_WAIT
+        while busy:
+            os.sched_yield()
+            now = self._runs(ncpu)
+            busy = [cpu for cpu in busy if now[cpu] == first[cpu]]
+            if busy and time.monotonic() > deadline:
+                libbpf.synchronize()
+                self.waits["grace"] += 1
+                return
+        self.waits["runs"] += 1
+
+    def _runs(self, ncpu: int) -> tuple[int, ...]:
+        raw = libbpf.lookup(self._maps["inflight"], struct.pack("=I", 0), 8 * ncpu)
+        return struct.unpack(f"={ncpu}Q", raw or bytes(8 * ncpu))
 
     def _write(self, delta: bpfc.MapDelta, *, deletes: bool = True, updates: bool = True
                ) -> None:
@@ -932,7 +986,9 @@ class EbpfDatapath:
                     self.in_place += 1
                 else:
                     self._write_config(inactive, kgen)
-                    libbpf.synchronize()  # no program still reads the old slot
+                    # no program still reads the old slot (only ours count their runs)
+                    self._wait_runs(counted=not any(problem.startswith("runs program")
+                                                    for problem in links.values()))
                     active = inactive
                     self._write(d_act)
                 written = True
@@ -1154,6 +1210,14 @@ class EbpfDatapath:
         return ref.chain if ref is not None else ""
 
 
+def _realtime() -> bool:
+    try:
+        return REALTIME.read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+@functools.cache
 def _possible_cpus() -> int:
     try:
         text = Path("/sys/devices/system/cpu/possible").read_text().strip()

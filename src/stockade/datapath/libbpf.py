@@ -31,6 +31,8 @@ BPF_F_NO_PREALLOC = 1
 
 _SYS_MEMBARRIER = 324  # x86_64
 _MEMBARRIER_CMD_GLOBAL = 1
+_MEMBARRIER_CMD_PRIVATE_EXPEDITED = 1 << 3
+_MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED = 1 << 4
 # What a map without a batch operation answers: EINVAL, EOPNOTSUPP, or the kernel's
 # own ENOTSUPP (524, which Python's errno does not name).
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, 524})
@@ -421,6 +423,28 @@ def test_run(prog_fd: int, packet: bytes, repeat: int, *, ifindex: int = 0
         opts.ctx_size_in = SKB_IFINDEX + 4
     _check(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "test run")
     return int(opts.retval), int(opts.duration)
+
+
+def barrier() -> None:
+    """A full memory barrier in the calling thread, between its syscalls: a map entry
+    written by an earlier one is seen by every CPU before a later one reads a map.
+
+    membarrier's private expedited command starts with the kernel's smp_mb() (a
+    system call's entry is not one) and interrupts only the CPUs running this
+    process's other threads: microseconds, where MEMBARRIER_CMD_GLOBAL waits a grace
+    period. The process registers for it once (a forked child anew).
+    """
+    for _ in range(2):
+        if int(_libc.syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.EPERM:
+            break
+        if int(_libc.syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                             0, 0)) != 0:
+            err = ctypes.get_errno()
+            break
+    raise BpfError("membarrier", err)
 
 
 def synchronize() -> None:
