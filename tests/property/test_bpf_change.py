@@ -60,7 +60,12 @@ def _follow(previous: bpf.BpfState, before: Ruleset, rs: Ruleset) -> tuple[bpf.B
     assert changed.index.with_any == recomputed.with_any
     # the inverted numbers handed on to the next change
     for what, numbered in (("identities", changed.identities), ("policies", changed.policies)):
-        assert changed.index.numbers[what] == {v: i for i, v in numbered.items()}, what
+        assert changed.index.memo[what] == {v: i for i, v in numbered.items()}, what
+    if "by_set" in changed.index.memo:
+        for have, want in zip(changed.index.memo["by_set"],
+                              bpf.identities_by_set(changed.identities), strict=True):
+            assert {k: sorted(v) for k, v in have.items()} == {
+                k: sorted(v) for k, v in want.items()}
     for uses in ("identity_uses", "entry_uses", "stage_uses"):
         assert dict(getattr(changed.index, uses)) == dict(getattr(recomputed, uses)), uses
     for slot in (0, 1):

@@ -223,10 +223,10 @@ class StateIndex:
     base: weakref.ref[BpfState] | None = None
     prefixes: frozenset[Prefix] = frozenset()
     policy_keys: frozenset[PolicyKey] = frozenset()
-    # the identities' and the policies' numbers by what they number, once asked for
-    # (`identities` and `policies` inverted), handed on to the state a change makes
-    numbers: dict[str, dict[Any, int]] = field(default_factory=dict, compare=False,
-                                               repr=False)
+    # What a change works out from the contents, handed on to the state it makes
+    # (compile/bpf_change.py): "identities" and "policies" inverted (the numbers by
+    # what they number), "by_set" (`identities_by_set` of the identities)
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -458,8 +458,10 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     sets = {name: a if a.kind == NET else AddressSet(a.name, a.family, a.kind, frozenset(),
                                                      a.comment)
             for name, a in rs.sets.items()}
-    return BpfState(identities, policies, dict(rs.chains), sets, ipcache, keys,
-                    _index(ipcache, keys_of, with_any), rs.guards)
+    made = _index(ipcache, keys_of, with_any)
+    made.memo["by_set"] = by_set, by_named
+    return BpfState(identities, policies, dict(rs.chains), sets, ipcache, keys, made,
+                    rs.guards)
 
 
 def identities_by_set(identities: Mapping[int, Identity]
@@ -1200,8 +1202,10 @@ def meta_delta(old: BpfState, new: BpfState) -> MapDelta:
     def changed(a: BpfState, b: BpfState) -> BpfState:
         # The same object is the same definition (most are, from one apply to the next).
         return BpfState(
-            {i: v for i, v in a.identities.items() if b.identities.get(i) != v},
-            {i: v for i, v in a.policies.items() if b.policies.get(i) != v},
+            {i: v for i, v in a.identities.items()
+             if (ident := b.identities.get(i)) is not v and ident != v},
+            {i: v for i, v in a.policies.items()
+             if (ref := b.policies.get(i)) is not v and ref != v},
             {n: v for n, v in a.chains.items() if (w := b.chains.get(n)) is not v
              and _chain_doc(w) != _chain_doc(v)},
             {n: v for n, v in a.sets.items() if (x := b.sets.get(n)) is not v
