@@ -18,6 +18,7 @@ timed `--loads` more times, into fresh agents, the trees taking turns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
@@ -351,6 +352,8 @@ def main() -> None:
             remove_netns(host)
             # An agent on eBPF pins under its namespace's name; the links went with it.
             shutil.rmtree(PINS / f"netns-{host}", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            PINS.rmdir()  # when nothing else is pinned there
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(("measure", "value", "notes"), rows)
     out = Results("agent", " ".join(["bench/agent.py", *sys.argv[1:]]))
