@@ -495,7 +495,8 @@ class _Change:
             ref = policies.get(pid)
             staged = ref is not None and bool(stage_uses.get(pid))
             had = pid in keys_of  # its entries were worked out (it was a stage)
-            if (had and staged and prev.policies.get(pid) == ref and ref is not None
+            if (had and staged and ref is not None
+                    and ((was := prev.policies.get(pid)) is ref or was == ref)
                     and ref.chain not in self.rewritten):
                 if concerned and not self._names(ref.chain).isdisjoint(concerned):
                     # The same policy: only the changed identities' entries change.

@@ -956,8 +956,8 @@ class EbpfDatapath:
             d_act = bpfc.map_delta(kernel.slots[active], new[active])
             d_meta = bpfc.map_delta({"meta": kernel.meta}, {"meta": bpfc.encode_meta(state)})
         else:  # against the last apply: only what changed is encoded
-            d_in = bpfc.state_delta(base, state, inactive)
-            d_act = bpfc.state_delta(base, state, active)
+            deltas = bpfc.state_deltas(base, state)
+            d_in, d_act = deltas[inactive], deltas[active]
             d_meta = bpfc.meta_delta(base, state)
         # Guards of the ports there now, each in place before its port's programs are
         # attached; a guard of a missing port waits for an apply that finds it.
