@@ -64,7 +64,8 @@
  *               entries (the loader's) and of its stages per direction
  *   policy      LPM trie: (slot|policy, identity, protocol, port prefix) -> action
  *   config      the active slot and the policy generation (the atomic switch)
- *   inflight    per-CPU: runs started and ended (when the old slot is read no more)
+ *   inflight    per-CPU: judgements started and ended (when the old slot is read no
+ *               more)
  *   ct          LRU hash: the program's own connection tracking, new connections
  *   ct_live     hash: established connections (see 1. above)
  *   ct_owners   hash: a port's ifindex -> how many of ct_live's entries it holds
@@ -289,9 +290,10 @@ struct {
 	__uint(max_entries, 1);
 } config SEC(".maps");
 
-/* Runs in flight, per CPU: bumped as a run starts and as it ends (odd while one runs;
- * tc programs do not nest on a CPU). The loader waits, after a flip, only for the
- * CPUs it finds odd to move on, instead of a whole RCU grace period. */
+/* Runs in flight, per CPU: bumped before a run reads the slot and after its last
+ * read of the slot's entries (odd in between; tc programs do not nest on a CPU).
+ * The loader waits, after a flip, only for the CPUs it finds odd to move on,
+ * instead of a whole RCU grace period. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -1067,6 +1069,14 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg)
 		return TC_ACT_SHOT;
+	/* The generation a connection is stamped with: read once, before any slot is (the
+	 * loader makes a flip's slot seen before its generation), so a connection judged by
+	 * the old slot is never stamped with the new generation, which would spare it the
+	 * new policy's judgement. Read again later, a flip between the two reads did. */
+	__u64 gen = cfg->generation;
+	__u64 *run;
+	asm volatile("" ::: "memory"); /* the read above stays above */
+	int cut;
 	/* The coarse clock (updated each tick, a few ms): conntrack's timeouts are seconds,
 	 * and reading the TSC for every packet was a sixth of the programs' time in a VM
 	 * (perf, connect-request-response); the same CLOCK_MONOTONIC base, so entries
@@ -1111,16 +1121,19 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 		}
 	}
 	if (e) {
-		if (e->generation != cfg->generation) {
+		if (e->generation != gen) {
 			/* the policy changed since this connection was allowed: judge the
 			 * direction it was opened in again (the key's, or its reverse with
 			 * CT_ORIG_B); a denied one lives on if its denying sides keep
 			 * connections */
 			count(STAT_REJUDGED);
 			int b = (e->flags & CT_ORIG_B) != 0;
-			if (rejudge_cuts(cfg->slot, k.family, b ? k.dst : k.src, b ? k.src : k.dst,
-					 k.proto, k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6
-					 ? 0 : (b ? k.sport : k.dport))) {
+			run = run_starts();
+			cut = rejudge_cuts(cfg->slot, k.family, b ? k.dst : k.src, b ? k.src : k.dst,
+					   k.proto, k.proto == PROTO_ICMP || k.proto == PROTO_ICMPV6
+					   ? 0 : (b ? k.sport : k.dport));
+			run_ends(run);
+			if (cut) {
 				__u32 owner = e->owner;
 				if (!live)
 					bpf_map_delete_elem(&ct, &k);
@@ -1130,7 +1143,7 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 				frag_forget(&p);
 				return TC_ACT_SHOT;
 			}
-			e->generation = cfg->generation;
+			e->generation = gen;
 		}
 		e->seen_ns = now;
 		if (p.proto == PROTO_TCP && (p.tcp_flags & (TCP_FIN | TCP_RST)))
@@ -1160,8 +1173,10 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 		frag_forget(&p);
 		return TC_ACT_SHOT; /* mid-stream without conntrack: never a new connection */
 	}
+	run = run_starts();
 	judge(cfg->slot, p.family, p.src, p.dst, p.proto,
 	      has_ports(p.proto) ? p.dport : 0, &v);
+	run_ends(run);
 	if (v.direction) {
 		count(STAT_DENIED);
 		report(skb, &p, &v, cfg, hook);
@@ -1172,7 +1187,7 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 	/* the old connection's entry (against this SYN's direction) gives way to this one */
 	if (reopened && bpf_map_delete_elem(&ct_live, &k) == 0)
 		ct_release(old_owner);
-	struct ct_value nv = {.seen_ns = now, .generation = cfg->generation,
+	struct ct_value nv = {.seen_ns = now, .generation = gen,
 			      .flags = from_b ? CT_ORIG_B : 0, .owner = skb->ifindex};
 	bpf_map_update_elem(&ct, &k, &nv, BPF_ANY);
 	frag_record(&p);
@@ -1217,9 +1232,7 @@ int stockade_from_pod(struct __sk_buff *skb)
 	__u32 port = skb->ifindex;
 	/* the one lookup guards cost each way: a miss is an unguarded port */
 	const struct guard *g = bpf_map_lookup_elem(&guard, &port);
-	__u64 *run = run_starts();
 	int verdict = process(skb, 1, g);
-	run_ends(run);
 	return verdict == TC_ACT_UNSPEC ? deliver(skb, g) : verdict;
 }
 
@@ -1227,10 +1240,7 @@ SEC("tc")
 int stockade_to_pod(struct __sk_buff *skb)
 {
 	__u32 port = skb->ifindex;
-	__u64 *run = run_starts();
-	int verdict = process(skb, 2, bpf_map_lookup_elem(&guard, &port));
-	run_ends(run);
-	return verdict;
+	return process(skb, 2, bpf_map_lookup_elem(&guard, &port));
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -30,11 +30,13 @@ cut), waits until every run of the programs that may have read the old slot has
 returned, then brings the old slot up to date. Definitions in `meta` are added
 before the flip and removed after it.
 
-The wait: each run bumps its CPU's count in `inflight` as it starts and as it ends
-(fully ordered atomics), so a count is odd while a run goes on. After the flip and a
-full barrier (`libbpf.barrier`) a run that starts reads the new slot, and one that
-read the old slot shows as an odd count, over once that count moves (`_wait_runs`:
-one read of the counts, microseconds). An RCU grace period (membarrier, 8-18 ms
+The wait: a run bumps its CPU's count in `inflight` before it reads the slot and
+after its last read of the slot's entries (fully ordered atomics; only a new
+connection's judgement and an established one's judged again read them), so a count
+is odd while a run may read a slot. After the flip and a full barrier
+(`libbpf.barrier`) a run that reads the slot reads the new one, and one that read
+the old slot shows as an odd count, over once that count moves (`_wait_runs`: one
+read of the counts, microseconds). An RCU grace period (membarrier, 8-18 ms
 here, in ticks of 4 ms, most of a small apply's time) is the fallback: on PREEMPT_RT
 (where runs can interleave on a CPU), for a count that does not move within
 `RUN_WAIT`, and when a link runs a program that is not this build's (it counts
@@ -646,6 +648,16 @@ class EbpfDatapath:
         slot, rate, gen = CONFIG.unpack(raw or bytes(CONFIG.size))
         return slot & 1, rate, gen
 
+    def _flip(self, slot: int, generation: int) -> None:
+        """Make `slot` the active one, then `generation` the policy's: a program reads
+        the generation before the slot (its connections are stamped with it), so a
+        run that sees the new generation sees the new slot, and a connection judged
+        by the old slot is never stamped as judged by the new policy. One update would
+        copy both in no order the program can count on."""
+        self._write_config(slot, generation - 1)
+        libbpf.barrier()
+        self._write_config(slot, generation)
+
     def _write_config(self, slot: int, generation: int) -> None:
         libbpf.update(self._maps["config"], struct.pack("=I", 0),
                       CONFIG.pack(slot, self.log_rate, generation))
@@ -653,10 +665,11 @@ class EbpfDatapath:
     def _wait_runs(self, *, counted: bool = True) -> None:
         """After a flip, wait until no run that may have read the old slot goes on.
 
-        Each run bumps its CPU's count in `inflight` as it starts and as it ends (odd
-        while it runs). After the flip and a barrier (`libbpf.barrier`), a run that
-        starts reads the new slot; one that read the old slot had started, so its CPU's
-        count is odd now, and it has ended once that count moves. Runs take
+        A run bumps its CPU's count in `inflight` before it reads the slot and after
+        its last read of the slot's entries (odd in between). After the flip and a
+        barrier (`libbpf.barrier`), a run that reads the slot reads the new one; one
+        that read the old slot had bumped its count, so its CPU's count is odd now,
+        and it is done with the old slot once that count moves. Judgements take
         microseconds: the wait is one read of the counts, rarely two, against an RCU
         grace period's 8-18 ms (`libbpf.synchronize`), which remains the fallback: for
         a count that does not move, on PREEMPT_RT, and when a link runs another
@@ -985,7 +998,7 @@ class EbpfDatapath:
                     self._write_config(active, kgen)  # connections judged again
                     self.in_place += 1
                 else:
-                    self._write_config(inactive, kgen)
+                    self._flip(inactive, kgen)
                     # no program still reads the old slot (only ours count their runs)
                     self._wait_runs(counted=not any(problem.startswith("runs program")
                                                     for problem in links.values()))
