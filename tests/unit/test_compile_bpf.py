@@ -12,8 +12,8 @@ import pytest
 from tests.support import shared
 
 from stockade.cli.conformance import load_cases
-from stockade.compile import bpf
-from stockade.compile.ir import ADDR, AddressSet, Chain, ChainRule, Guard, Ruleset
+from stockade.compile import bpf, bpf_change
+from stockade.compile.ir import ADDR, EGRESS, AddressSet, Chain, ChainRule, Guard, Ruleset
 from stockade.compile.lower import compile_cluster
 from stockade.engine.evaluate import Evaluator
 
@@ -103,3 +103,19 @@ def test_mac_ports_from_the_guard_map() -> None:
     assert {bpf.MAC_PORT_KEY.unpack(k)[0].hex(":"): bpf.MAC_PORT_VALUE.unpack(v)
             for k, v in got.items()} == {"02:00:00:00:00:01": (1, 10),
                                          "02:00:00:00:00:06": (6, 11)}
+
+
+def test_the_chains_names_remembered_are_let_go_with_their_rulesets() -> None:
+    """`bpf_change` remembers each chain's set names by the chain object (the incremental
+    compiler hands over unchanged chains as they are); chains of rulesets gone are let
+    go, not kept for the agent's life."""
+    bpf_change._NAMES.clear()
+    for n in range(3000):  # what many policy changes leave behind
+        bpf_change.names_of(Chain(f"e-{n}", EGRESS, (ChainRule(4, f"set-{n}"),)))
+    assert len(bpf_change._NAMES) == 3000
+    kept = Chain("e-kept", EGRESS, (ChainRule(4, "set-kept"),))
+    assert bpf_change.names_of(kept) == {"set-kept"}
+    first = Ruleset(chains={"e-kept": kept})
+    second = Ruleset(chains={"e-kept": kept}, egress={"10.0.0.1": "e-kept"})
+    assert bpf_change.changed_state(second, bpf.compile_state(first), first) is not None
+    assert len(bpf_change._NAMES) <= 2 + 1024  # the change's ruleset has one chain

@@ -107,9 +107,9 @@ def _named_sets(chain: Chain) -> set[str]:
 # The sets each chain names, by the chain object: a change asks it of every policy whose
 # sets may hold a changed identity, and the incremental compiler hands over an unchanged
 # chain as the same object, so most are known from the changes before (a chain is
-# immutable; the cache holds it, so its id is not reused while it is there).
+# immutable; the cache holds it, so its id is not reused while it is there). Emptied
+# when it holds many more chains than a change's ruleset has: those of rulesets gone.
 _NAMES: dict[int, tuple[Chain, frozenset[str]]] = {}
-_NAMES_MAX = 1 << 16
 
 
 def names_of(chain: Chain) -> frozenset[str]:
@@ -117,15 +117,20 @@ def names_of(chain: Chain) -> frozenset[str]:
     found = _NAMES.get(id(chain))
     if found is not None and found[0] is chain:
         return found[1]
-    if len(_NAMES) >= _NAMES_MAX:
-        _NAMES.clear()
     names = frozenset(n for r in chain.rules for n in (r.peer_set, r.named_set) if n)
     _NAMES[id(chain)] = chain, names
     return names
 
 
+def _forget_names(chains: int) -> None:
+    """Let go of the chains no ruleset of about `chains` chains can still hold."""
+    if len(_NAMES) > 2 * chains + 1024:
+        _NAMES.clear()
+
+
 class _Change:
     def __init__(self, rs: Ruleset, previous: BpfState, previous_rs: Ruleset) -> None:
+        _forget_names(len(rs.chains))
         self.rewritten = _rewritten(previous_rs.chains, rs.chains)
         self.rs, self.prev, self.prs = rs, previous, previous_rs
         self.most = max(_MANY, len(previous.ipcache) // 4)  # prefixes moved, at most
@@ -363,8 +368,8 @@ class _Change:
                 added: Mapping[object, int]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
         """`identities_by_set(identities)`, from the previous state's when known: its
         identities gone taken out, the new ones put in (a policy's new entries need
-        it; worked out whole, 3 ms at 10,000 endpoints). The lists are never changed
-        in place: the previous state keeps its own."""
+        it; worked out whole, it walks every identity's sets). The lists are never
+        changed in place: the previous state keeps its own."""
         found = self.index.memo.get("by_set")
         if found is None:
             return identities_by_set(identities)
