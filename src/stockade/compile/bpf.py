@@ -1130,6 +1130,9 @@ def state_delta(old: BpfState, new: BpfState, slot: int) -> MapDelta:
 
 def state_deltas(old: BpfState, new: BpfState) -> tuple[MapDelta, MapDelta]:
     """`state_delta` of both slots, in one pass over what changed."""
+    if not old.ipcache and not old.policy:  # from nothing (a first load): all of it
+        nothing = {m: () for m in MAPS}
+        return MapDelta(encode_maps(new, 0), nothing), MapDelta(encode_maps(new, 1), nothing)
     update: tuple[dict[str, dict[bytes, bytes]], ...] = ({m: {} for m in MAPS},
                                                          {m: {} for m in MAPS})
     delete: tuple[dict[str, list[bytes]], ...] = ({m: [] for m in MAPS}, {m: [] for m in MAPS})

@@ -183,6 +183,8 @@ class _Change:
                         p = exact(e[0])
                         named.setdefault(p, set()).add((name, e[1], e[2]))
                     self.touched.add(p)
+            if len(self.touched) > self.most:
+                raise _Unsure  # most prefixes move (everything loaded at once): whole
         if moved:
             self._nets_moved(moved)
 
@@ -270,7 +272,10 @@ class _Change:
                 continue
             # The entries added, changed or gone, found by the set operation (in C: a
             # third of a loop over 10,000 entries).
-            for addr in {addr for addr, _ in new.items() ^ old.items()}:
+            changed = {addr for addr, _ in new.items() ^ old.items()}
+            if len(changed) > self.most:
+                raise _Unsure
+            for addr in changed:
                 p = exact(addr)
                 self.entries[(direction, p)] = new.get(addr)
                 self.touched.add(p)
@@ -398,8 +403,8 @@ class _Change:
     # ---- the new state -------------------------------------------------------------------
 
     def state(self) -> BpfState:
+        self._maps()  # first: everything loaded at once is found here, in C
         self._sets()
-        self._maps()
         if self.rewritten:
             self._restaged()
         prev, index = self.prev, self.index
