@@ -5,7 +5,9 @@ tiers) go through the incremental compiler and random changes, as in the agent. 
 each change `bpf_change.changed_state` must give what `bpf.compile_state` gives from the
 whole ruleset and the previous state (the same ids included), with an index equal to
 one worked out from the contents, and `state_delta` from its record of what changed must
-equal the delta found by comparing everything. A change it declines (a chain changed
+equal the delta found by comparing everything. The same change worked out without the
+incremental compiler's record of what may differ (every set and map entry looked at)
+must be the same. A change it declines (a chain changed
 under its name) is compiled whole and the walk goes on from there.
 """
 
@@ -38,9 +40,14 @@ from stockade.model.policy import NetworkPolicy
 FEATURES = DENSE.with_features(named_ports=True)
 
 
-def _follow(previous: bpf.BpfState, before: Ruleset, rs: Ruleset) -> tuple[bpf.BpfState, bool]:
+def _follow(previous: bpf.BpfState, before: Ruleset, rs: Ruleset, *, unrecorded: bool = False
+            ) -> tuple[bpf.BpfState, bool]:
     whole = bpf.compile_state(rs, previous)
     changed = changed_state(rs, previous, before)
+    if unrecorded:
+        # the same without the compiler's record of what may differ (plan.derive): every
+        # set and map entry looked at
+        assert changed_state(replace(rs), previous, before) == changed
     if changed is None:
         return whole, False
     assert changed == whole
@@ -66,10 +73,14 @@ def _follow(previous: bpf.BpfState, before: Ruleset, rs: Ruleset) -> tuple[bpf.B
                               bpf.identities_by_set(changed.identities), strict=True):
             assert {k: sorted(v) for k, v in have.items()} == {
                 k: sorted(v) for k, v in want.items()}
+    assert changed.index.memo["net_sets"] == {n for n, s in rs.sets.items() if s.kind == NET}
     for uses in ("identity_uses", "entry_uses", "stage_uses"):
         assert dict(getattr(changed.index, uses)) == dict(getattr(recomputed, uses)), uses
     for slot in (0, 1):
         assert bpf.state_delta(previous, changed, slot) == bpf.state_delta(previous, bare, slot)
+    # the meta map's delta, from the change's record of what may differ
+    assert bpf.meta_delta(previous, changed) == bpf.map_delta(
+        {"meta": bpf.encode_meta(previous)}, {"meta": bpf.encode_meta(changed)})
     return changed, True
 
 
@@ -134,7 +145,7 @@ def _walk(data: st.DataObject, c: Cluster, inc: IncrementalCompiler, steps: int,
                 DENSE, data.draw(st.sampled_from(cnps)))))
         rs = inc.ruleset()
         previous = state
-        state, done = _follow(state, before, rs)
+        state, done = _follow(state, before, rs, unrecorded=data.draw(st.booleans()))
         event(f"{kind}: {'worked out' if done else 'compiled whole'}")
         if bpf.in_place(previous, state):
             event(f"{kind}: written in place")

@@ -47,6 +47,7 @@ from stockade.compile.bpf import (
     IpInfo,
     Named,
     PeerKeys,
+    PolicyEntries,
     PolicyKey,
     PolicyRef,
     Prefix,
@@ -65,6 +66,7 @@ from stockade.compile.bpf import _net as net_of
 from stockade.compile.bpf import _network as network_of
 from stockade.compile.bpf import _prefix as prefix_bits
 from stockade.compile.ir import ADDR, ADDR_PORT, EGRESS, INGRESS, NET, AddressSet, Chain, Ruleset
+from stockade.compile.plan import Touched, derived
 from stockade.errors import DataplaneError
 
 _KEEP = object()  # a prefix's map entry the change left as it was
@@ -91,13 +93,16 @@ def changed_state(rs: Ruleset, previous: BpfState, previous_rs: Ruleset) -> BpfS
         return None
 
 
-def _rewritten(a: Mapping[str, Chain], b: Mapping[str, Chain]) -> set[str]:
-    """The chains changed under their names (a tier's chain is named by what it selects).
-    Chains that come and go are changes of the map entries naming them. Chain equality
-    leaves comments out: a comment is the state's `chains`, not its maps."""
+def _rewritten(a: Mapping[str, Chain], b: Mapping[str, Chain],
+               names: Iterable[str] | None = None) -> set[str]:
+    """The chains changed under their names (a tier's chain is named by what it selects),
+    of `names` when only those may differ. Chains that come and go are changes of the
+    map entries naming them. Chain equality leaves comments out: a comment is the
+    state's `chains`, not its maps."""
     if a is b:
         return set()
-    return {n for n, c in a.items() if n in b and c is not b[n] and c != b[n]}
+    return {n for n in (a if names is None else names)
+            if n in a and n in b and (c := a[n]) is not b[n] and c != b[n]}
 
 
 def _named_sets(chain: Chain) -> set[str]:
@@ -131,7 +136,12 @@ def _forget_names(chains: int) -> None:
 class _Change:
     def __init__(self, rs: Ruleset, previous: BpfState, previous_rs: Ruleset) -> None:
         _forget_names(len(rs.chains))
-        self.rewritten = _rewritten(previous_rs.chains, rs.chains)
+        # What may differ from the previous ruleset, when the incremental compiler made
+        # this one from it (plan.derive): the sets, chains and map entries to look at
+        # (of ~1,600 sets and 10,000 map entries, a few), instead of all of them.
+        self.since: Touched | None = derived(rs, previous_rs)
+        self.rewritten = _rewritten(previous_rs.chains, rs.chains,
+                                    self.since.chains if self.since is not None else None)
         self.rs, self.prev, self.prs = rs, previous, previous_rs
         self.most = max(_MANY, len(previous.ipcache) // 4)  # prefixes moved, at most
         self.index = index_of(previous)
@@ -152,8 +162,16 @@ class _Change:
     def _sets(self) -> None:
         old, new = self.prs.sets, self.rs.sets
         moved: list[tuple[str, int, frozenset[object], frozenset[object]]] = []
-        for name in old.keys() | new.keys():
+        known = self.index.memo.get("net_sets") if self.since is not None else None
+        if known is not None:  # the ipBlocks' sets before, and those that may differ
+            names: Iterable[str] = self.since.sets  # type: ignore[union-attr]
+            self.net_sets = set(known).difference(names)
+        else:
+            names = old.keys() | new.keys()
+        for name in names:
             a, b = old.get(name), new.get(name)
+            if a is None and b is None:
+                continue
             kind = (b if b is not None else a).kind  # type: ignore[union-attr]
             if a is not None and b is not None and (a.kind, a.family) != (b.kind, b.family):
                 raise _Unsure
@@ -270,9 +288,13 @@ class _Change:
                                     (EGRESS, self.prs.egress, self.rs.egress)):
             if old is new:
                 continue
-            # The entries added, changed or gone, found by the set operation (in C: a
-            # third of a loop over 10,000 entries).
-            changed = {addr for addr, _ in new.items() ^ old.items()}
+            if self.since is not None:
+                maybe = self.since.ingress if direction == INGRESS else self.since.egress
+                changed = {addr for addr in maybe if old.get(addr) != new.get(addr)}
+            else:
+                # The entries added, changed or gone, found by the set operation (in C:
+                # a third of a loop over 10,000 entries).
+                changed = {addr for addr, _ in new.items() ^ old.items()}
             if len(changed) > self.most:
                 raise _Unsure
             for addr in changed:
@@ -576,36 +598,46 @@ class _Change:
 
         # Sets as the state keeps them: ipBlocks whole, the others without elements.
         psets = prev.sets
-        sets: dict[str, AddressSet] = {}
-        for name, a in self.rs.sets.items():
-            if a.kind == NET:
-                sets[name] = a
-                continue
-            kept = psets.get(name)
-            if kept is None or (kept.family, kept.kind, kept.comment) != (a.family, a.kind,
-                                                                           a.comment):
-                kept = AddressSet(a.name, a.family, a.kind, frozenset(), a.comment)
-            sets[name] = kept
+        sets: dict[str, AddressSet]
+        if self.since is not None:  # those that may differ from the previous ruleset's
+            sets = _copy(psets)
+            for name in self.since.sets:
+                a = self.rs.sets.get(name)
+                if a is None:
+                    sets.pop(name, None)
+                else:
+                    sets[name] = _kept_set(a, psets.get(name))
+        else:
+            sets = {name: _kept_set(a, psets.get(name)) for name, a in self.rs.sets.items()}
         made = StateIndex(keys_of, frozen_any, identity_uses, entry_uses, stage_uses,
                           weakref.ref(prev), frozenset(touched), frozenset(changed_keys),
                           {"identities": _renumbered(id_numbers, prev.identities, gone_ids,
                                                      added_ids),
                            "policies": _renumbered(pid_numbers, prev.policies, gone_pids,
                                                    added_pids)})
+        made.memo["net_sets"] = frozenset(self.net_sets)
+        if self.since is not None:  # what meta_delta compares (ids are numbered by content)
+            made.memo["meta"] = (frozenset(gone_ids).union(added_ids.values()),
+                                 frozenset(gone_pids).union(added_pids.values()),
+                                 self.since.sets)
         if by_set is not None:
             made.memo["by_set"] = by_set, by_named
         elif "by_set" in index.memo:
             made.memo["by_set"] = self._by_set(identities, gone_ids, added_ids)
         entries: Mapping[PolicyKey, int] = prev.policy
         if policy:
-            entries = _copy(prev.policy)
-            for key, value in policy.items():
-                if value is None:
-                    entries.pop(key, None)
-                else:
-                    entries[key] = value
+            entries = PolicyEntries.of(prev.policy).changed(policy)
         return BpfState(identities, policies, dict(chains), sets, ipcache, entries, made,
                         self.rs.guards)
+
+
+def _kept_set(a: AddressSet, kept: AddressSet | None) -> AddressSet:
+    """A set as the state keeps it (an ipBlock whole, the others without elements)."""
+    if a.kind == NET:
+        return a
+    if kept is None or (kept.family, kept.kind, kept.comment) != (a.family, a.kind, a.comment):
+        kept = AddressSet(a.name, a.family, a.kind, frozenset(), a.comment)
+    return kept
 
 
 def _copy(mapping: Mapping[K, V]) -> dict[K, V]:
