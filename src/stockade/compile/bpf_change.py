@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from stockade.compile.bpf import (
@@ -87,10 +88,26 @@ def changed_state(rs: Ruleset, previous: BpfState, previous_rs: Ruleset) -> BpfS
     """`compile_state(rs, previous)`, given that `previous` enforces `previous_rs`; None
     when most prefixes move, or a set changes its kind under its name (lowering names
     sets by their kind and content, so never), and the caller compiles whole."""
+    if rs is previous_rs:
+        return _unchanged(previous)
     try:
         return _Change(rs, previous, previous_rs).state()
     except _Unsure:
         return None
+
+
+def _unchanged(previous: BpfState) -> BpfState:
+    """`previous`'s contents as a change that changed nothing (a label no selector
+    reads: the incremental compiler hands back the same ruleset) makes them, shared:
+    a state is never changed once made."""
+    index = index_of(previous)
+    _numbers(index, "identities", previous.identities)  # remembered for the next change
+    _numbers(index, "policies", previous.policies)
+    memo = {k: v for k, v in index.memo.items() if k != "meta"}
+    memo["meta"] = (frozenset(), frozenset(), frozenset())  # only chains are compared
+    made = StateIndex(index.keys_of, index.with_any, index.identity_uses, index.entry_uses,
+                      index.stage_uses, weakref.ref(previous), memo=memo)
+    return replace(previous, index=made)
 
 
 def _rewritten(a: Mapping[str, Chain], b: Mapping[str, Chain],
