@@ -74,6 +74,14 @@ def _follow(previous: bpf.BpfState, before: Ruleset, rs: Ruleset, *, unrecorded:
             assert {k: sorted(v) for k, v in have.items()} == {
                 k: sorted(v) for k, v in want.items()}
     assert changed.index.memo["net_sets"] == {n for n, s in rs.sets.items() if s.kind == NET}
+    if "naming" in changed.index.memo:  # the policies naming each set
+        naming: dict[str, set[int]] = {}
+        for pid, ref in changed.policies.items():
+            for rule in rs.chains[ref.chain].rules:
+                for name in (rule.peer_set, rule.named_set):
+                    if name:
+                        naming.setdefault(name, set()).add(pid)
+        assert changed.index.memo["naming"] == naming
     for uses in ("identity_uses", "entry_uses", "stage_uses"):
         assert dict(getattr(changed.index, uses)) == dict(getattr(recomputed, uses)), uses
     for slot in (0, 1):

@@ -433,6 +433,34 @@ class _Change:
                         into[name] = [*into.get(name, ()), i]
         return by_set, by_named
 
+    def _naming(self, policies: Mapping[int, PolicyRef], gone: list[int],
+                added: Mapping[object, int]) -> dict[str, frozenset[int]]:
+        """The policies naming each set in their chain's rules, of `policies`: the
+        previous state's, less the policies gone and with those come (an endpoint's
+        change has neither); worked out whole the first time and when a chain changed
+        under its name. Never changed in place: the previous state keeps its own."""
+        found: dict[str, frozenset[int]] | None = self.index.memo.get("naming")
+        if found is None or self.rewritten:
+            whole: dict[str, set[int]] = {}
+            for pid, ref in policies.items():
+                for name in self._names(ref.chain):
+                    whole.setdefault(name, set()).add(pid)
+            return {name: frozenset(pids) for name, pids in whole.items()}
+        if not gone and not added:
+            return found
+        out = _copy(found)
+        for pid in gone:
+            for name in names_of(self.prev.chains[self.prev.policies[pid].chain]):
+                kept = out[name] - {pid}
+                if kept:
+                    out[name] = kept
+                else:
+                    del out[name]
+        for pid in added.values():
+            for name in self._names(policies[pid].chain):
+                out[name] = out.get(name, frozenset()) | {pid}
+        return out
+
     def _staged(self, chain: str) -> tuple[str, ...]:
         found = self._stages.get(chain)
         if found is None:
@@ -533,11 +561,15 @@ class _Change:
         candidates = restaged.union(gone_pids, added_pids.values(),
                                     index.keys_of.keys() ^ index.stage_uses.keys())
         candidates.update(pid_of[ref] for ref, _ in uses_of)
-        if self.rewritten or concerned:
-            for pid, other in policies.items():
-                if other.chain in self.rewritten or (
-                        concerned and not self._names(other.chain).isdisjoint(concerned)):
-                    candidates.add(pid)
+        naming: dict[str, frozenset[int]] | None = None
+        if self.rewritten:
+            candidates.update(pid for pid, other in policies.items()
+                              if other.chain in self.rewritten)
+        if concerned:
+            # (a set each policy names, looked up: not a loop over every policy)
+            naming = self._naming(policies, gone_pids, added_pids)
+            for name in concerned:
+                candidates.update(naming.get(name, ()))
         for pid in sorted(candidates):
             if pid not in keys_of and pid not in policies:
                 continue
@@ -633,6 +665,10 @@ class _Change:
                            "policies": _renumbered(pid_numbers, prev.policies, gone_pids,
                                                    added_pids)})
         made.memo["net_sets"] = frozenset(self.net_sets)
+        if naming is None and "naming" in index.memo:  # handed on
+            naming = self._naming(policies, gone_pids, added_pids)
+        if naming is not None:
+            made.memo["naming"] = naming
         if self.since is not None:  # what meta_delta compares (ids are numbered by content)
             made.memo["meta"] = (frozenset(gone_ids).union(added_ids.values()),
                                  frozenset(gone_pids).union(added_pids.values()),
