@@ -26,6 +26,12 @@ again in the stage ids naming them, and the prefixes it judges are judged again
 when its rules come or go or name other named-port sets. A change that moves most
 prefixes (a wide ipBlock) returns None: the caller compiles whole. Guards are
 the ruleset's, carried as they are: no slot, identity or policy depends on them.
+
+What is compared is what the incremental compiler recorded as possibly different
+from the previous ruleset (`plan.derive`), or everything for a ruleset without that
+record; the same ruleset again shares the previous state. What a change works out
+from the whole state (the numbers inverted, identities by set, the ipBlock sets'
+names, the policies naming each set) is handed on in the index's memo.
 """
 
 from __future__ import annotations
