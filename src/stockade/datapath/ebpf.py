@@ -1223,6 +1223,7 @@ class EbpfDatapath:
         return ref.chain if ref is not None else ""
 
 
+@functools.cache  # (a kernel's build: it does not change while it runs)
 def _realtime() -> bool:
     try:
         return REALTIME.read_text().strip() == "1"

@@ -432,7 +432,9 @@ def barrier() -> None:
     membarrier's private expedited command starts with the kernel's smp_mb() (a
     system call's entry is not one) and interrupts only the CPUs running this
     process's other threads: microseconds, where MEMBARRIER_CMD_GLOBAL waits a grace
-    period. The process registers for it once (a forked child anew).
+    period. The process registers for it once (a forked child anew). Where that
+    command is refused (a kernel before 4.14, a filter on system calls), the global
+    one serves: slower, and a full barrier on every CPU all the same.
     """
     for _ in range(2):
         if int(_libc.syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0)) == 0:
@@ -444,6 +446,8 @@ def barrier() -> None:
                              0, 0)) != 0:
             err = ctypes.get_errno()
             break
+    if int(_libc.syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL, 0, 0)) == 0:
+        return
     raise BpfError("membarrier", err)
 
 
