@@ -448,6 +448,9 @@ def _allocate(wanted: Iterable[K], previous: Mapping[int, K], first: int,
     return out
 
 
+_NO_SETS: frozenset[str] = frozenset()
+
+
 def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     """The map contents that enforce `rs` (ids kept from `previous` where they still fit)."""
     # Every prefix: exact addresses and NET elements, with what holds them.
@@ -457,18 +460,20 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
 
     exact = _exact
     for s in rs.sets.values():
-        for e in s.elements:
-            if s.kind == ADDR:
-                assert isinstance(e, str)
-                sets_of.setdefault(exact(e), set()).add(s.name)
-            elif s.kind == ADDR_PORT:
+        name = s.name
+        if s.kind == ADDR:
+            for e in s.elements:
+                sets_of.setdefault(exact(e), set()).add(name)
+        elif s.kind == ADDR_PORT:
+            for e in s.elements:
                 assert isinstance(e, tuple)
-                named_of.setdefault(exact(e[0]), set()).add((s.name, e[1], e[2]))
-            else:
+                named_of.setdefault(exact(e[0]), set()).add((name, e[1], e[2]))
+        else:
+            for e in s.elements:
                 assert isinstance(e, str)
                 n = _net(s.family, e)
                 nets[n.version].setdefault((int(n.network_address), n.prefixlen),
-                                           set()).add(s.name)
+                                           set()).add(name)
                 sets_of.setdefault((n.version, str(n)), set())
     for m in (rs.ingress, rs.egress):
         for addr in m:
@@ -485,7 +490,7 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
         for ln in lengths[fam]:
             if ln > plen:
                 break
-            member |= nets[fam].get((base & prefix_mask(bits, ln), ln), set())
+            member |= nets[fam].get((base & prefix_mask(bits, ln), ln), _NO_SETS)
         identity_of[p] = Identity(fam, tuple(sorted(member)),
                                   tuple(sorted(named_of.get(p, ()))))
     prev_ids = previous.identities if previous is not None else {}
@@ -499,25 +504,33 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     stages_of: dict[str, tuple[str, ...]] = {}
     entry_of: dict[tuple[str, Prefix], PolicyRef] = {}
     staged_of: dict[tuple[str, Prefix], tuple[PolicyRef, ...]] = {}
+    # The refs of an entry chain and its stages depend on the direction, the chain,
+    # the family and the address's own named ports (shared by most pods): made once.
+    made_refs: dict[tuple[str, str, int, frozenset[Named]],
+                    tuple[PolicyRef, tuple[PolicyRef, ...]]] = {}
+    no_named: frozenset[Named] = frozenset()
     for direction, m in ((INGRESS, rs.ingress), (EGRESS, rs.egress)):
         for addr, chain in m.items():
             p = exact(addr)
-            named = named_of.get(p, ())
+            named_set = named_of.get(p)
+            named = frozenset(named_set) if named_set and direction == INGRESS else no_named
+            key = (direction, chain, p[0], named)
+            both = made_refs.get(key)
+            if both is None:
+                def ref(name: str, direction: str = direction, fam: int = p[0],
+                        named: Iterable[Named] = named) -> PolicyRef:
+                    own: tuple[Named, ...] = ()
+                    if direction == INGRESS:
+                        wanted = chain_named.get(name, set())
+                        own = tuple(sorted(n for n in named if n[0] in wanted))
+                    return PolicyRef(direction, name, fam, own)
 
-            def ref(name: str, direction: str = direction, p: Prefix = p,
-                    named: Iterable[Named] = named) -> PolicyRef:
-                own: tuple[Named, ...] = ()
-                if direction == INGRESS:
-                    wanted = chain_named.get(name, set())
-                    own = tuple(sorted(n for n in named if n[0] in wanted))
-                return PolicyRef(direction, name, p[0], own)
-
-            found = stages_of.get(chain)
-            if found is None:
-                found = stages_of[chain] = stages(rs, chain)
-            entry_of[(direction, p)] = ref(chain)
-            staged_of[(direction, p)] = tuple(ref(c) for c in found)
-    staged = {r for refs in staged_of.values() for r in refs}
+                found = stages_of.get(chain)
+                if found is None:
+                    found = stages_of[chain] = stages(rs, chain)
+                both = made_refs[key] = ref(chain), tuple(ref(c) for c in found)
+            entry_of[(direction, p)], staged_of[(direction, p)] = both
+    staged = {r for _, refs in made_refs.values() for r in refs}
     prev_pols = previous.policies if previous is not None else {}
     pids = _allocate(set(entry_of.values()) | staged, prev_pols, 1)
     policies = {i: r for r, i in pids.items()}
@@ -540,10 +553,17 @@ def compile_state(rs: Ruleset, previous: BpfState | None = None) -> BpfState:
     keys = PolicyEntries(by_policy)
     with_any = frozenset(k[0] for k in keys if k[1] in (ANY4, ANY6))
 
+    ids_of: dict[int, tuple[int, int]] = {}  # by the (shared) tuple of refs
+    none: tuple[PolicyRef, ...] = ()
+
     def stage_ids(key: tuple[str, Prefix]) -> tuple[int, int]:
-        out = [stage_id(pids[r], rs.chains[r.chain], with_any) for r in staged_of.get(key, ())]
-        first, second, *_ = [*out, 0, 0]
-        return first, second
+        refs = staged_of.get(key, none)
+        found = ids_of.get(id(refs))
+        if found is None:
+            out = [stage_id(pids[r], rs.chains[r.chain], with_any) for r in refs]
+            first, second, *_ = [*out, 0, 0]
+            found = ids_of[id(refs)] = first, second
+        return found
 
     ipcache: dict[Prefix, IpInfo] = {}
     for p, ident in identity_of.items():
