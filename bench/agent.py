@@ -23,16 +23,13 @@ import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from common import AgentProcess, exit_on_sigterm, pct, print_table
+from common import AgentProcess, baseline_tree, exit_on_sigterm, pct, print_table
 from results import Results
 from stockade.agent.client import AgentClient
 from stockade.net.namespace import create_netns, remove_netns
@@ -133,19 +130,6 @@ def ms_row(name: str, values: list[float]) -> tuple[str, str, str]:
     ms = [v * 1000 for v in values]
     return (name, f"{statistics.median(ms):.1f} ms",
             f"p99 {pct(ms, 99):.1f} ms over {len(ms)} calls")
-
-
-@contextmanager
-def baseline_tree(rev: str) -> Iterator[Path]:
-    where = Path(tempfile.mkdtemp(prefix="stockade-baseline-"))
-    subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", "-f",
-                    str(where / "tree"), rev], check=True, capture_output=True)
-    try:
-        yield where / "tree" / "src"
-    finally:
-        subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force",
-                        str(where / "tree")], check=False, capture_output=True)
-        shutil.rmtree(where, ignore_errors=True)
 
 
 class TreeAgent(AgentProcess):

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.daemonset import Contained
 
-from common import AgentProcess, exit_on_sigterm, pct
+from common import AgentProcess, byte_compile, exit_on_sigterm, pct
 from results import Results
 from stockade.agent.client import AgentClient
 from stockade.net.namespace import create_netns, remove_netns
@@ -284,7 +284,8 @@ def contained_turns(bench: Bench, docs: list[dict[str, Any]], rounds: int, size:
 def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
     """The thin plugin's goal measures (an ADD alone, `--parallel` at once) with this tree's
     agent and `--baseline`'s, both loaded, taking turns: a busy machine weighs on both."""
-    from agent import TreeAgent, baseline_tree
+    from agent import TreeAgent
+    from common import baseline_tree
 
     with baseline_tree(args.baseline) as src:
         trees = {"this tree": HERE / "src", args.baseline: src}
@@ -347,6 +348,7 @@ def main() -> None:
     ap.add_argument("--baseline", help="an earlier commit: only the thin plugin's goal "
                     "measures, loaded, this tree and that one taking turns")
     args = ap.parse_args()
+    byte_compile()  # the Python plugin is a process per ADD
     tag = f"bc{secrets.token_hex(2)}"
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-cni-"))
     rows: list[tuple[str, str, str, str]] = []

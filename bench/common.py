@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +18,43 @@ from stockade.agent.client import AgentClient
 from stockade.errors import AgentError
 
 T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+_COMPILED: set[Path] = set()
+
+
+def byte_compile(src: Path = SRC) -> None:
+    """Write the .pyc files of a source tree (once per tree and process), as `make setup`
+    does for the installed one.
+
+    With PYTHONDONTWRITEBYTECODE set (this machine's environment, and the DaemonSet's
+    image) nothing writes them at run time: a module edited since setup, and every
+    module of a tree checked out for `--baseline`, would be compiled again by each
+    process measured, and every start-up figure (an agent's restart, a CNI plugin's
+    ADD, a command's run) would carry that compile.
+    """
+    src = src.resolve()
+    if src in _COMPILED:
+        return
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True,
+                   stdout=subprocess.DEVNULL)
+    _COMPILED.add(src)
+
+
+@contextmanager
+def baseline_tree(rev: str) -> Iterator[Path]:
+    """An earlier commit checked out (`git worktree`) and byte-compiled: its `src`."""
+    where = Path(tempfile.mkdtemp(prefix="stockade-baseline-"))
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f",
+                    str(where / "tree"), rev], check=True, capture_output=True)
+    try:
+        byte_compile(where / "tree" / "src")
+        yield where / "tree" / "src"
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                        str(where / "tree")], check=False, capture_output=True)
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def exit_on_sigterm() -> None:
@@ -71,6 +111,8 @@ class AgentProcess:
     def start(self, env: dict[str, str] | None = None) -> float:
         """Start it (``env``: another tree's PYTHONPATH, say); the seconds until it
         reports ready."""
+        tree = (env or {}).get("PYTHONPATH")
+        byte_compile(Path(tree.split(os.pathsep)[0]) if tree else SRC)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, env=env)
         while True:

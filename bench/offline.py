@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common import print_table
+from common import byte_compile, print_table
 from results import Results
 
 T = TypeVar("T")
@@ -250,6 +250,9 @@ def main() -> None:
     if args.stages:
         print(json.dumps(stages(args.stages)))
         return
+    byte_compile()  # each command measured is a process of its own
+    if args.against:
+        byte_compile(Path(args.against))
     args.dir.mkdir(parents=True, exist_ok=True)
     names = args.sizes or (["2k/200", "10k/1k"] if args.quick else
                            ["10k/1k", "20k/2k", "50k/5k", "100k/10k",

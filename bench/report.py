@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import byte_compile
 from results import Results, read
 
 HERE = Path(__file__).resolve().parent
@@ -249,6 +250,7 @@ def main() -> None:
         # of measurements would be lost to a missing package.
         raise SystemExit("bench/report.py: matplotlib is missing: `make bench` installs it "
                          "(pip install -e '.[dev,bench]')")
+    byte_compile()  # the steps' processes import this tree (see bench/common.py)
     done: dict[str, Step] = {}
     with tempfile.TemporaryDirectory(prefix="stockade-report-") as tmp:
         for name in args.only:

@@ -27,39 +27,23 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from agent import measure
 from cni import LABELS, POD, SELECTING
-from common import AgentProcess, exit_on_sigterm, pct, print_table
+from common import AgentProcess, baseline_tree, exit_on_sigterm, pct, print_table
 from stockade.agent.client import AgentClient
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
 HERE = Path(__file__).resolve().parent.parent
 NS3 = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns3"}}
-
-
-@contextmanager
-def baseline_tree(rev: str) -> Iterator[Path]:
-    where = Path(tempfile.mkdtemp(prefix="stockade-baseline-"))
-    subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", "-f",
-                    str(where / "tree"), rev], check=True, capture_output=True)
-    try:
-        yield where / "tree" / "src"
-    finally:
-        subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force",
-                        str(where / "tree")], check=False, capture_output=True)
-        shutil.rmtree(where, ignore_errors=True)
 
 
 def start_agent(src: Path, netns: str, pods: int) -> AgentProcess:
