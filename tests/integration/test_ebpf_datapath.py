@@ -197,6 +197,43 @@ def test_a_new_object_takes_this_builds_pins_without_loading(trio, datapath, ser
     assert denied(trio) == A_ONLY_FROM_B
 
 
+def test_the_maps_are_read_ahead_once_and_read_again_after_an_apply(trio, datapath, servers,
+                                                                   monkeypatch) -> None:
+    """`prefetch` reads the pinned maps on a thread of its own (the agent starts it before
+    it loads its store); the next snapshot takes that read, once. An apply in between
+    makes the snapshot read again."""
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
+    datapath.apply(rs)
+    datapath.close()
+    again = EbpfDatapath(netns=trio.host_netns, log_group=1)
+    reads: list[ebpf.EbpfKernel] = []
+    read_kernel = again._read_kernel
+
+    def counted() -> ebpf.EbpfKernel:
+        reads.append(read_kernel())
+        return reads[-1]
+
+    monkeypatch.setattr(again, "_read_kernel", counted)
+    again.prefetch()
+    thread = again._ahead._thread
+    assert thread is not None
+    again.prefetch()  # under way: no second read
+    assert again._ahead._thread is thread
+    taken = again.snapshot()
+    assert len(reads) == 1 and taken.table is reads[0]
+    assert again.snapshot().table == taken.table and len(reads) == 2  # taken once
+    assert again.apply(rs, verify=taken).empty and again.last_drift is None
+    again.prefetch()
+    assert again._ahead._thread is not None
+    again._ahead._thread.join()
+    assert len(reads) == 3
+    again.apply(compile_cluster(cluster(trio, allow_only("b", "a"))))
+    fresh = again.snapshot()
+    assert len(reads) == 4 and fresh.table is reads[3] and fresh.table != reads[2]
+    assert again.apply(rs, verify=fresh).empty is False and again.last_drift is None
+    assert denied(trio) == A_ONLY_FROM_B
+
+
 @pytest.mark.parametrize("damage", ["swapped", "unmarked", "map unpinned"])
 def test_pins_that_are_not_this_build_are_loaded_again(trio, datapath, servers, monkeypatch,
                                                        damage: str) -> None:
@@ -429,6 +466,8 @@ def test_open_datapath_names_it_and_reading_nothing_creates_nothing() -> None:
     assert isinstance(dp, EbpfDatapath)
     assert dp.dir.name == "other" and dp.dir.parent.name == "netns-nowhere"
     assert dp.read() == bpfc.ruleset_of(bpfc.BpfState()) and dp.show() == ""
+    dp.prefetch()  # nothing pinned: nothing read ahead, nothing made
+    assert dp._ahead.take(lambda: 0) is None
     assert not dp.dir.exists()
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.plan import Plan
 from stockade.errors import DataplaneError, NetError
 from stockade.net.sysctl import BridgeNetfilterMissing, ensure_bridge_netfilter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -18,6 +23,44 @@ class KernelSnapshot:
 
     generation: int
     table: Any
+
+
+class ReadAhead(Generic[T]):
+    """A read of the kernel begun on a thread of its own at start (while the agent loads
+    its store and compiles), taken by the first snapshot.
+
+    `read` returns (the datapath's generation when it read, what it read), or None
+    when there is nothing to read. What was read is taken once, and only while no
+    apply came in since (the generation is the same); otherwise, and when the read
+    failed, the snapshot reads again (and says why, if it fails too).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._read: tuple[int, T] | None = None
+
+    def start(self, read: Callable[[], tuple[int, T] | None]) -> None:
+        if self._thread is not None or self._read is not None:
+            return  # already under way (opened ahead: agent/early.py)
+
+        def run() -> None:
+            try:
+                self._read = read()
+            except Exception as exc:
+                log.debug("reading the kernel ahead failed: %s", exc)
+
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def take(self, generation: Callable[[], int]) -> T | None:
+        """What was read, once the read is over, if the datapath's `generation` (asked
+        then: the read may itself have claimed the table) is still the one it read at."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        got, self._read = self._read, None
+        return got[1] if got is not None and got[0] == generation() else None
 
 
 class Datapath(Protocol):

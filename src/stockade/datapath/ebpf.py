@@ -156,7 +156,7 @@ from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.nft import LOG_PREFIX
 from stockade.compile.plan import Plan, plan
 from stockade.datapath import libbpf
-from stockade.datapath.base import KernelSnapshot
+from stockade.datapath.base import KernelSnapshot, ReadAhead
 from stockade.datapath.nflog import LoggedPacket
 from stockade.errors import DataplaneError
 from stockade.heap import collector_paused
@@ -417,6 +417,7 @@ class EbpfDatapath:
         self._guard_ports: dict[int, str] = {}
         self._macs: dict[bytes, bytes] = {}  # the mac_port map as the last apply left it
         self._generation = 0  # successful applies (snapshots taken before are stale)
+        self._ahead: ReadAhead[EbpfKernel] = ReadAhead("ebpf-prefetch")
         self.last_drift: Plan | None = None
         self.last_drift_details: list[str] = []
         self.last_timing: dict[str, float] = {}
@@ -898,11 +899,31 @@ class EbpfDatapath:
                                      "missing for the clsact fallback")
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
+        ahead = self._ahead.take(lambda: self._generation)
         with collector_paused(freeze=False), self._lock:
+            if ahead is not None and self._maps:
+                return KernelSnapshot(self._generation, ahead)
             if not self._exists():
                 return KernelSnapshot(self._generation, None)
             self._load()
             return KernelSnapshot(self._generation, self._read_kernel())
+
+    def prefetch(self) -> None:
+        """Start reading the maps back on a thread of its own (at start, while the agent
+        loads its store and compiles: the batched lookups are system calls, outside the
+        interpreter's lock, and the first apply waits for them otherwise).
+
+        The next snapshot takes what was read if no apply came in between. Nothing
+        pinned: nothing is read, and nothing made.
+        """
+        def read() -> tuple[int, EbpfKernel] | None:
+            with collector_paused(freeze=False), self._lock:
+                if not self._exists():
+                    return None
+                self._load()
+                return self._generation, self._read_kernel()
+
+        self._ahead.start(read)
 
     def read(self) -> Ruleset:
         with self._lock:

@@ -292,6 +292,7 @@ def _dump_batched(fd: int, key_size: int, value_size: int) -> dict[bytes, bytes]
     size = _BATCH
     kbuf, vbuf = ctypes.create_string_buffer(key_size * size), ctypes.create_string_buffer(
         value_size * size)
+    key_cut, value_cut = struct.Struct(f"{key_size}s"), struct.Struct(f"{value_size}s")
     out: dict[bytes, bytes] = {}
     first = True
     while True:
@@ -309,11 +310,10 @@ def _dump_batched(fd: int, key_size: int, value_size: int) -> dict[bytes, bytes]
         if err not in (0, errno.ENOENT):
             _check(rc, "map batch lookup")
         n = count.value
-        keys_ = ctypes.string_at(kbuf, key_size * n)
-        values = ctypes.string_at(vbuf, value_size * n)
-        for i in range(n):
-            out[keys_[i * key_size:(i + 1) * key_size]] = \
-                values[i * value_size:(i + 1) * value_size]
+        # cut by struct (in C): half the time of slicing in a loop
+        out.update(zip([k for (k,) in key_cut.iter_unpack(ctypes.string_at(kbuf, key_size * n))],
+                       [v for (v,) in value_cut.iter_unpack(
+                           ctypes.string_at(vbuf, value_size * n))], strict=True))
         if err == errno.ENOENT:  # the last batch (possibly empty)
             return out
         ctypes.memmove(position, following, token)

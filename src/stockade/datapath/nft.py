@@ -52,7 +52,7 @@ from stockade.compile.plan import (
     staged,
     with_guards,
 )
-from stockade.datapath.base import KernelSnapshot, require_bridge_netfilter
+from stockade.datapath.base import KernelSnapshot, ReadAhead, require_bridge_netfilter
 from stockade.datapath.monitor import TableEvent, TableMonitor
 from stockade.datapath.nfnetlink import (
     NFPROTO_BRIDGE,
@@ -189,8 +189,7 @@ class NftDatapath:
         self._handover: str | None = None
         # A read of the table started ahead (see `prefetch`): the thread, then what it
         # read, with the generation it was read at.
-        self._prefetching: threading.Thread | None = None
-        self._prefetched: tuple[int, Listing] | None = None
+        self._ahead: ReadAhead[Listing] = ReadAhead("nft-prefetch")
         # Reading the table while transactions go on (see `verify_quietly`) and
         # comparing it (the comparator's memory is shared): one reader at a time.
         self._read_lock = threading.Lock()
@@ -506,8 +505,7 @@ class NftDatapath:
         if self._gone_at is not None and self._gone_at == generation:
             return KernelSnapshot(generation, None)
         chains = {**(applied.chains if applied is not None else {}), **(known or {})}
-        pre = self._take_prefetched()
-        listing = pre[1] if pre is not None and pre[0] == generation else None
+        listing = self._ahead.take(lambda: generation)
         return KernelSnapshot(generation, self.read_table(chains, listing=listing))
 
     def prefetch(self) -> None:
@@ -519,36 +517,22 @@ class NftDatapath:
         table: nothing is read, and nothing made (the agent may yet refuse to start:
         its store is read meanwhile).
         """
-        if self._prefetching is not None or self._prefetched is not None:
-            return  # already under way (opened ahead: agent/early.py)
+        def read() -> tuple[int, Listing] | None:
+            with self._lock:
+                there = self._elements.table_info() is not None
+            if not there:
+                return None
+            if self.owner and not self.owned and self._persist_supported():
+                self._claim()
+            generation = self._generation
+            rc, out, err = self._reader().cmd(f"list table {FAMILY} {self.table.name}")
+            with self._lock:
+                if self._generation != generation:
+                    return None  # a transaction came in: the snapshot reads again
+                info = self._elements.table_info() if rc == 0 else None
+            return generation, (int(rc), str(out), str(err), info)
 
-        def read() -> None:
-            try:
-                with self._lock:
-                    there = self._elements.table_info() is not None
-                if not there:
-                    return
-                if self.owner and not self.owned and self._persist_supported():
-                    self._claim()
-                generation = self._generation
-                rc, out, err = self._reader().cmd(f"list table {FAMILY} {self.table.name}")
-                with self._lock:
-                    if self._generation != generation:
-                        return  # a transaction came in: the snapshot reads again
-                    info = self._elements.table_info() if rc == 0 else None
-                self._prefetched = (generation, (int(rc), str(out), str(err), info))
-            except Exception as exc:  # the snapshot reads (and claims) again, and says why
-                log.debug("reading the table ahead failed: %s", exc)
-
-        self._prefetching = threading.Thread(target=read, name="nft-prefetch", daemon=True)
-        self._prefetching.start()
-
-    def _take_prefetched(self) -> tuple[int, Listing] | None:
-        thread, self._prefetching = self._prefetching, None
-        if thread is not None:
-            thread.join()
-        pre, self._prefetched = self._prefetched, None
-        return pre
+        self._ahead.start(read)
 
     def _reader(self) -> Any:
         """A libnftables context of its own, for one read: it keeps what it read (the
