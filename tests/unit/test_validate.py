@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from stockade.cli.main import main
+from stockade.errors import DecodeError
 from stockade.model.decode import decode_network_policy
 from stockade.model.field import FORBIDDEN, INVALID, REQUIRED, TOO_LONG, UNSUPPORTED, FieldError
 from stockade.model.validate import validate_policy, warn_policy
@@ -506,3 +507,18 @@ def test_a_spec_found_valid_is_remembered_for_its_gate_only() -> None:
     bad = [decode_network_policy(doc(n, "10.0.0.0/33")) for n in ("c", "d")]
     assert [e.path for e in validate_policy(bad[0])] == ["spec.ingress[0].from[0].ipBlock.cidr"]
     assert [e.path for e in validate_policy(bad[1])] == ["spec.ingress[0].from[0].ipBlock.cidr"]
+
+
+def test_specs_equal_only_by_equality_are_decoded_apart() -> None:
+    """`True == 1`: a spec whose port is `true` is not found as the spec whose port is 1
+    (it is refused, naming the field), and the spec with 1 is still shared."""
+    def doc(port: object) -> dict[str, Any]:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "a", "namespace": "default"},
+                "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]}}
+
+    first = decode_network_policy(doc(1))
+    with pytest.raises(DecodeError, match=r"spec\.ingress\[0\]\.ports\[0\]\.port: "
+                                          r"cannot decode boolean"):
+        decode_network_policy(doc(True))
+    assert decode_network_policy(doc(1)).ingress is first.ingress
