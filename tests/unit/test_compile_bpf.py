@@ -119,3 +119,24 @@ def test_the_chains_names_remembered_are_let_go_with_their_rulesets() -> None:
     second = Ruleset(chains={"e-kept": kept}, egress={"10.0.0.1": "e-kept"})
     assert bpf_change.changed_state(second, bpf.compile_state(first), first) is not None
     assert len(bpf_change._NAMES) <= 2 + 1024  # the change's ruleset has one chain
+
+
+def test_policy_entries_are_a_mapping_by_policy() -> None:
+    """Kept by policy, read as one mapping: a missing key or anything that is not a
+    key is a KeyError (or the default, or not in it), never another error; a change
+    copies only the touched policies' entries and leaves the original as it was."""
+    entries = bpf.PolicyEntries.of({(1, 10, 6, 80, 32): 1, (1, 11, 6, 80, 32): 2,
+                                    (2, 10, 17, 53, 32): 3})
+    assert len(entries) == 3 and entries[(1, 11, 6, 80, 32)] == 2
+    for missing in ((3, 10, 6, 80, 32), (1, 12, 6, 80, 32), (), "x", 7):
+        with pytest.raises(KeyError):
+            entries[missing]  # type: ignore[index]
+        assert entries.get(missing, "none") == "none"  # type: ignore[arg-type]
+        assert missing not in entries
+    changed = entries.changed({(1, 10, 6, 80, 32): None, (3, 12, 6, 443, 32): 4})
+    assert dict(changed.items()) == {(1, 11, 6, 80, 32): 2, (2, 10, 17, 53, 32): 3,
+                                     (3, 12, 6, 443, 32): 4}
+    assert len(changed) == 3 and changed.by_policy[2] is entries.by_policy[2]
+    assert dict(entries.items()) == {(1, 10, 6, 80, 32): 1, (1, 11, 6, 80, 32): 2,
+                                     (2, 10, 17, 53, 32): 3}
+    assert len(entries.changed({(2, 10, 17, 53, 32): None})) == 2

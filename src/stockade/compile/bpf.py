@@ -255,17 +255,22 @@ class PolicyEntries(Mapping[PolicyKey, int]):
                 by_policy.pop(pid, None)
         return PolicyEntries(by_policy, length)
 
+    def _entries(self, key: object) -> dict[PolicyKey, int] | None:
+        """The entries of the key's policy (None: no such policy, or not a key)."""
+        return self.by_policy.get(key[0]) if isinstance(key, tuple) and key else None
+
     def __getitem__(self, key: PolicyKey) -> int:
-        return self.by_policy[key[0]][key]
+        entries = self._entries(key)
+        if entries is None:
+            raise KeyError(key)
+        return entries[key]
 
     def get(self, key: PolicyKey, default: Any = None) -> Any:
-        entries = self.by_policy.get(key[0])
+        entries = self._entries(key)
         return default if entries is None else entries.get(key, default)
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, tuple) or not key:
-            return False
-        entries = self.by_policy.get(key[0])
+        entries = self._entries(key)
         return entries is not None and key in entries
 
     def __iter__(self) -> Iterator[PolicyKey]:
