@@ -264,7 +264,7 @@ def test_a_store_that_does_not_load_leaves_the_kernel_as_it_was(
 
     dp: Any = open_datapath("nft", "stockade", netns=host_netns, owner=True)
     dp.prefetch()
-    assert dp._ahead.take(lambda: dp._generation) is None
+    assert dp._ahead.take() is None
     assert _nft(host_netns, "list", "tables").stdout.strip() == ""
 
 
@@ -284,8 +284,8 @@ def test_the_table_is_read_ahead_once_and_only_with_the_local_datastore(
     assert thread is not None and dp.keep_unused
     dp.prefetch()
     assert dp._ahead._thread is thread
-    taken = dp._ahead.take(lambda: dp._generation)
-    assert taken is not None
-    rc, listing, _, _ = taken
+    taken = dp._ahead.take()
+    assert taken is not None and taken[0] == dp._generation
+    rc, listing, _, _ = taken[1]
     assert rc == 0 and '"chain"' in listing  # the agent's table, read
     dp.close()

@@ -497,7 +497,7 @@ def test_open_datapath_names_it_and_reading_nothing_creates_nothing() -> None:
     assert dp.dir.name == "other" and dp.dir.parent.name == "netns-nowhere"
     assert dp.read() == bpfc.ruleset_of(bpfc.BpfState()) and dp.show() == ""
     dp.prefetch()  # nothing pinned: nothing read ahead, nothing made
-    assert dp._ahead.take(lambda: 0) is None
+    assert dp._ahead.take() is None
     assert not dp.dir.exists()
 
 

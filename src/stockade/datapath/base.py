@@ -30,9 +30,10 @@ class ReadAhead(Generic[T]):
     its store and compiles), taken by the first snapshot.
 
     `read` returns (the datapath's generation when it read, what it read), or None
-    when there is nothing to read. What was read is taken once, and only while no
-    apply came in since (the generation is the same); otherwise, and when the read
-    failed, the snapshot reads again (and says why, if it fails too).
+    when there is nothing to read. What was read is taken once; the snapshot uses it
+    only if no apply came in since (the generation is the same, compared where the
+    datapath's applies cannot move it); otherwise, and when the read failed, the
+    snapshot reads again (and says why, if it fails too).
     """
 
     def __init__(self, name: str) -> None:
@@ -53,14 +54,14 @@ class ReadAhead(Generic[T]):
         self._thread = threading.Thread(target=run, name=self.name, daemon=True)
         self._thread.start()
 
-    def take(self, generation: Callable[[], int]) -> T | None:
-        """What was read, once the read is over, if the datapath's `generation` (asked
-        then: the read may itself have claimed the table) is still the one it read at."""
+    def take(self) -> tuple[int, T] | None:
+        """(the generation it read at, what it read) once the read is over; None when
+        nothing was read. The caller holds the generation against its own."""
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
         got, self._read = self._read, None
-        return got[1] if got is not None and got[0] == generation() else None
+        return got
 
 
 class Datapath(Protocol):

@@ -899,10 +899,10 @@ class EbpfDatapath:
                                      "missing for the clsact fallback")
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
-        ahead = self._ahead.take(lambda: self._generation)
+        ahead = self._ahead.take()  # outside the lock: the read holds it
         with collector_paused(freeze=False), self._lock:
-            if ahead is not None and self._maps:
-                return KernelSnapshot(self._generation, ahead)
+            if ahead is not None and ahead[0] == self._generation and self._maps:
+                return KernelSnapshot(self._generation, ahead[1])
             if not self._exists():
                 return KernelSnapshot(self._generation, None)
             self._load()

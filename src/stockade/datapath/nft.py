@@ -505,7 +505,8 @@ class NftDatapath:
         if self._gone_at is not None and self._gone_at == generation:
             return KernelSnapshot(generation, None)
         chains = {**(applied.chains if applied is not None else {}), **(known or {})}
-        listing = self._ahead.take(lambda: generation)
+        pre = self._ahead.take()
+        listing = pre[1] if pre is not None and pre[0] == generation else None
         return KernelSnapshot(generation, self.read_table(chains, listing=listing))
 
     def prefetch(self) -> None:
