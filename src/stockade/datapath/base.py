@@ -31,9 +31,10 @@ class ReadAhead(Generic[T]):
 
     `read` returns (the datapath's generation when it read, what it read), or None
     when there is nothing to read. What was read is taken once; the snapshot uses it
-    only if no apply came in since (the generation is the same, compared where the
-    datapath's applies cannot move it); otherwise, and when the read failed, the
-    snapshot reads again (and says why, if it fails too).
+    only as of the generation it was read at (nftables: the generation its snapshot
+    carries; eBPF: its own, compared under its lock), so an apply since makes it
+    stale, and the snapshot reads again, as it does when the read failed (and says
+    why, if it fails too).
     """
 
     def __init__(self, name: str) -> None:
