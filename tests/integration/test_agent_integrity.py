@@ -289,3 +289,73 @@ def test_the_table_is_read_ahead_once_and_only_with_the_local_datastore(
     rc, listing, _, _ = taken[1]
     assert rc == 0 and '"chain"' in listing  # the agent's table, read
     dp.close()
+
+
+def _kernel_print(datapath: str, netns: str, table: str) -> object:
+    """What a second agent would change if it went as far as the datapath: the ruleset
+    with its handles (nft); the pinned objects' inodes and the programs, links and maps
+    loaded, by id (eBPF)."""
+    if datapath == "nft":
+        return _nft(netns, "-a", "list", "ruleset").stdout
+    from stockade.datapath.ebpf import EbpfDatapath
+
+    pins = EbpfDatapath(table, netns=netns).dir
+    inodes = sorted((p.name, p.stat().st_ino) for p in pins.iterdir())
+
+    def ids(*what: str) -> list[tuple[object, ...]]:
+        out = subprocess.run(["bpftool", "-j", *what, "show"], check=True,
+                             capture_output=True, text=True).stdout
+        return sorted((o.get("id"), o.get("prog_id"), o.get("name")) for o in json.loads(out))
+
+    return inodes, ids("prog"), ids("link"), ids("map")
+
+
+@pytest.mark.parametrize("datapath", ["nft", "ebpf"])
+def test_a_second_agent_is_refused_before_it_touches_the_state_or_the_kernel(
+        trio, tmp_path: Path, netns_prefix: str, datapath: str) -> None:
+    """On one state directory, or on one datapath (name and namespace), a second agent
+    stops at once with the first's pid, and the kernel and the store are as the first
+    left them; after the first is killed -9, an agent starts there."""
+    from stockade.datapath.ebpf import EbpfDatapath
+
+    table = f"{netns_prefix}own"
+    (tmp_path / "first").mkdir()
+    first = AgentProcess(tmp_path / "first", trio.host_netns, netns_prefix,
+                         datapath=datapath, table=table)
+    try:
+        first.start()
+        docs = [_pod(att.key.split("/")[1], "x", [att.address4, att.address6], 80,
+                     {"pod": att.key.split("/")[1]}) for att in trio.all]
+        first.call("apply", documents=[*docs, ONLY_B], source="setup")
+        for att in trio.all:
+            first.call("label", kind="endpoint", name=att.key, set={"seen": "1"}, remove=[])
+        before = _kernel_print(datapath, trio.host_netns, table)
+        db = (first.state / "state.db").read_bytes()
+        revision = first.call("status")["revision"]
+        same_state = [*first.cmd]
+        same_state[same_state.index("--socket") + 1] = str(tmp_path / "other.sock")
+        same_state[same_state.index("--table") + 1] = f"{netns_prefix}else"
+        same_table = [*first.cmd]
+        same_table[same_table.index("--socket") + 1] = str(tmp_path / "other.sock")
+        same_table[same_table.index("--state-dir") + 1] = str(tmp_path / "other-state")
+        for cmd, option in ((same_state, "--state-dir"), (same_table, "--table or --netns")):
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            assert out.returncode == 2, out.stderr[-2000:]
+            assert f"another agent (pid {first.proc.pid})" in out.stderr, out.stderr
+            assert option in out.stderr and "Traceback" not in out.stderr
+            assert _kernel_print(datapath, trio.host_netns, table) == before
+            assert (first.state / "state.db").read_bytes() == db
+            assert not (tmp_path / "other-state").exists()
+            assert not (tmp_path / "other.sock").exists()
+        assert not EbpfDatapath(f"{netns_prefix}else", netns=trio.host_netns).dir.exists()
+        st = first.call("status")
+        assert st["inSync"] and st["revision"] == revision
+        first.kill9()
+        first.start()  # the dead agent's locks are free
+        assert first.call("status")["inSync"]
+    finally:
+        first.stop()
+        if datapath == "ebpf":
+            EbpfDatapath(table, netns=trio.host_netns).remove()
+        else:
+            _nft(trio.host_netns, "delete", "table", "inet", table)

@@ -24,6 +24,7 @@ from stockade.compile import bpf as bpfc
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import ebpf, libbpf, open_datapath
 from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
+from stockade.errors import NetError
 from stockade.model.labels import Labels
 from stockade.model.policy import INGRESS, NetworkPolicy, Peer
 from stockade.model.policy import Rule as PRule
@@ -499,6 +500,9 @@ def test_open_datapath_names_it_and_reading_nothing_creates_nothing() -> None:
     dp.prefetch()  # nothing pinned: nothing read ahead, nothing made
     assert dp._ahead.take() is None
     assert not dp.dir.exists()
+    with pytest.raises(NetError, match="'nowhere' does not exist"):
+        dp.check()  # it would pin maps for it: refused before anything is made
+    assert not dp.dir.parent.exists()
 
 
 def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:

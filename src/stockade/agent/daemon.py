@@ -37,6 +37,7 @@ from stockade.agent.containers import ContainerManager
 from stockade.agent.early import open_agent_datapath
 from stockade.agent.extension import Extension, Handler, Operations
 from stockade.agent.metrics import MetricsServer, Registry, agent_metrics
+from stockade.agent.ownership import Ownership, take_ownership
 from stockade.agent.protocol import Args
 from stockade.agent.reconcile import ApplyReport, Hooks, Reconciler
 from stockade.agent.records import AgentState, ClusterPolicyRecord, PolicyRecord
@@ -819,8 +820,19 @@ def notify_ready() -> None:
 SWITCH_INTERVAL = 0.0005
 
 
-def run_agent(config: AgentConfig, datapath: Datapath | None = None) -> int:
-    """`datapath`: opened ahead by the caller (agent/early.py), else here."""
+def run_agent(config: AgentConfig, datapath: Datapath | None = None,
+              ownership: Ownership | None = None) -> int:
+    """`datapath`: opened ahead by the caller (agent/early.py), else here; `ownership`:
+    the locks the caller took before opening it (agent/ownership.py), else taken here."""
+    if ownership is None:
+        ownership = take_ownership(config.state_dir, config.table, config.netns)
+    try:
+        return _run_agent(config, datapath)
+    finally:
+        ownership.release()
+
+
+def _run_agent(config: AgentConfig, datapath: Datapath | None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     agent = Agent(config, datapath)
     agent.extensions.extend(default_extensions())

@@ -82,6 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stockade.agent.ownership import ensure_private_dir
 from stockade.agent.records import (
     AgentState,
     Change,
@@ -111,7 +112,6 @@ from stockade.errors import AgentError, StockadeError
 
 SCHEMA_VERSION = 2
 DB_NAME = "state.db"
-DIR_MODE = 0o700
 FILE_MODE = 0o600
 BUSY_TIMEOUT_MS = 10_000  # another process (a second agent, a backup) holding the lock
 
@@ -172,7 +172,7 @@ class Store:
         # stockade_store_commit_duration_seconds), when someone listens.
         self.on_durable: Callable[[float], None] | None = None
         self._since = threading.local()
-        _ensure_private_dir(self._dir)
+        ensure_private_dir(self._dir, StoreError)
         _ensure_private_file(self.path)
         self._conn: sqlite3.Connection | None = self._connect()
         try:
@@ -524,24 +524,6 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 # ---- files --------------------------------------------------------------------------
-
-
-def _ensure_private_dir(path: Path) -> None:
-    """Create the state directory 0700; refuse one others can write to, since
-    whoever can replace state.db decides what the agent enforces."""
-    try:
-        path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        st = path.stat()
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot create the state directory: {exc}") from exc
-    if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"{path}: the state directory is not a directory")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise StoreError(f"{path}: the state directory is writable by group or others"
-                         f" (mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise StoreError(f"{path}: the state directory belongs to uid {st.st_uid}, not to"
-                         f" this user ({os.geteuid()}) or root")
 
 
 def _ensure_private_file(path: Path) -> None:

@@ -14,7 +14,7 @@ import yaml
 
 from stockade.agent.client import AgentClient
 from stockade.agent.protocol import ApiError
-from stockade.cli.inputs import add_files, add_output, positive_seconds, seconds
+from stockade.cli.inputs import add_files, add_output, positive_seconds, seconds, table_name
 from stockade.datapath import DATAPATHS
 from stockade.errors import InputError
 from stockade.load import expand_paths, read_text
@@ -31,7 +31,9 @@ def register(sub: Any) -> None:
     a.add_argument("--datapath", default="nft", choices=tuple(DATAPATHS),
                    help="what enforces in the kernel: nftables, iptables + ipset, or eBPF")
     a.add_argument("--netns", metavar="NAME", help="enforce in /run/netns/NAME")
-    a.add_argument("--table", default="stockade")
+    a.add_argument("--table", default="stockade", type=table_name,
+                   help="the name of what the agent owns in the kernel (the nftables "
+                   "table, the eBPF pin directory); one agent per name and namespace")
     a.add_argument("--metrics-address", metavar="HOST:PORT")
     a.add_argument("--subnet", help="address pool of the bridge (default: with --datastore "
                    "kubernetes this node's spec.podCIDR, else 10.244.0.0/16)")
@@ -166,14 +168,21 @@ def _checked(fn: Callable[[], Any]) -> Any:
 def run_agent(args: argparse.Namespace) -> int:
     from stockade.agent.early import read_ahead
     from stockade.agent.logfmt import setup_logging
+    from stockade.agent.ownership import take_ownership
 
     setup_logging(args.log_level)
-    # The table's read-back starts now and runs while the agent's modules load.
-    datapath = read_ahead(args.datapath, args.table, datastore=args.datastore,
-                          netns=args.netns, owner=args.table_owner,
-                          log_group=args.log_group or None)
-    from stockade.agent.daemon import AgentConfig
-    from stockade.agent.daemon import run_agent as run
+    # Before anything touches the state or the kernel: another agent may own them.
+    ownership = take_ownership(args.state_dir, args.table, args.netns)
+    try:
+        # The table's read-back starts now and runs while the agent's modules load.
+        datapath = read_ahead(args.datapath, args.table, datastore=args.datastore,
+                              netns=args.netns, owner=args.table_owner,
+                              log_group=args.log_group or None)
+        from stockade.agent.daemon import AgentConfig
+        from stockade.agent.daemon import run_agent as run
+    except BaseException:
+        ownership.release()
+        raise
 
     return run(AgentConfig(
         state_dir=args.state_dir, socket=args.socket or _default_socket(),
@@ -188,7 +197,7 @@ def run_agent(args: argparse.Namespace) -> int:
         pod_wait=args.pod_wait, cni_conf_dir=args.cni_conf_dir,
         etcd_endpoints=tuple(u for e in args.etcd_endpoints for u in e.split(",") if u),
         etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert, etcd_cert=args.etcd_cert,
-        etcd_key=args.etcd_key, host_address=args.host_address), datapath)
+        etcd_key=args.etcd_key, host_address=args.host_address), datapath, ownership)
 
 
 def _default_socket() -> str:

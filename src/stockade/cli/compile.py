@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from stockade.cli.inputs import add_files
+from stockade.cli.inputs import add_files, table_name
 from stockade.compile.ir import Ruleset
 from stockade.compile.jsontext import dumps as _dumps
 from stockade.errors import StockadeError
@@ -51,7 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", default="stats", choices=FORMATS,
                    help="nft: libnftables JSON commands of a full load; json: the "
                    "backend-neutral ruleset; stats: its counts (default)")
-    p.add_argument("--table", default="stockade", help="the nftables table's name (nft output)")
+    p.add_argument("--table", default="stockade", type=table_name,
+                   help="the nftables table's name (nft output)")
     p.add_argument("--strict-cidr", action="store_true",
                    help="turn on the StrictIPCIDRValidation rules (as `dataplane apply`)")
     p.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",

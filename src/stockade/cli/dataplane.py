@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from stockade.cli.inputs import add_files
+from stockade.cli.inputs import add_files, table_name
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import DATAPATHS, open_datapath
 from stockade.datapath.base import Datapath
@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
                        help="work in this named network namespace (/run/netns/NAME)")
         q.add_argument("--datapath", default="nft", choices=tuple(DATAPATHS),
                        help="which datapath (default nft)")
-        q.add_argument("--table", default="stockade",
+        q.add_argument("--table", default="stockade", type=table_name,
                        help="the name of what stockade owns in the kernel (the nftables table)")
 
     show = verbs.add_parser("show", help="print what stockade has in the kernel")

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from stockade.compile.owner import check_owner_name
 from stockade.errors import InputError
 from stockade.load import Locations, load_objects, validate_objects
 from stockade.model.cluster import Endpoint
@@ -58,6 +59,14 @@ def _seconds(text: str, *, zero: bool) -> float:
         raise argparse.ArgumentTypeError(
             f"{text!r}: seconds must be finite and {'0 or more' if zero else 'more than 0'}")
     return value
+
+
+def table_name(text: str) -> str:
+    """`--table` (argparse type): a datapath's name, checked (compile/owner.py)."""
+    try:
+        return check_owner_name(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def add_files(p: argparse.ArgumentParser, *, flags: Sequence[str] = ("-f", "--file"),

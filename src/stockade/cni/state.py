@@ -27,7 +27,6 @@ by name as it does without one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stockade.cni.spec import INTERNAL, CniError
+from stockade.lockfile import open_locked
 
 SUFFIX = ".json"
 
@@ -167,17 +167,16 @@ def _load(path: Path) -> AttachmentState | None:
 @contextlib.contextmanager
 def _flock(path: Path, exclusive: bool, ensure: Callable[[], None]) -> Iterator[None]:
     """``ensure`` makes the directory, when it is missing (not on every call: a syscall)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
     try:
         try:
-            fd = os.open(path, flags, 0o600)
+            fd = open_locked(path, exclusive=exclusive)
         except FileNotFoundError:
             ensure()
-            fd = os.open(path, flags, 0o600)
+            fd = open_locked(path, exclusive=exclusive)
     except OSError as exc:
         raise CniError(INTERNAL, f"cannot open the lock {path}", str(exc)) from None
+    assert fd is not None  # blocking: held
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 
+from stockade.compile.owner import check_owner_name
 from stockade.datapath.base import Datapath
 from stockade.errors import DataplaneError
 
@@ -28,6 +29,7 @@ def open_datapath(kind: str, name: str = "stockade", *, netns: str | None = None
     """The datapath `kind`, owning the kernel objects called `name`, in `netns`."""
     if kind not in DATAPATHS:
         raise DataplaneError(f"no datapath {kind!r} (choose from {', '.join(DATAPATHS)})")
+    check_owner_name(name)
     module, cls = DATAPATHS[kind].split(":")
     try:
         factory = getattr(importlib.import_module(module), cls).open

@@ -158,9 +158,9 @@ from stockade.compile.plan import Plan, plan
 from stockade.datapath import libbpf
 from stockade.datapath.base import KernelSnapshot, ReadAhead
 from stockade.datapath.nflog import LoggedPacket
-from stockade.errors import DataplaneError
+from stockade.errors import DataplaneError, NetError
 from stockade.heap import collector_paused
-from stockade.net.namespace import entered
+from stockade.net.namespace import entered, netns_exists
 from stockade.net.rtnl import Link, Rtnl
 
 SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "stockade.bpf.c"
@@ -445,6 +445,10 @@ class EbpfDatapath:
         """Maps (created or reused from their pins) and programs, pinned."""
         if self._maps:
             return
+        if self.netns is not None and not self.dir.exists() and not netns_exists(self.netns):
+            # Pins are not in the namespace: nothing is made for one that is not there
+            # (what is pinned for one that went is still read and removed).
+            raise NetError(f"network namespace {self.netns!r} does not exist")
         ensure_bpffs(self.pin_root)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._check_layout()

@@ -1,0 +1,124 @@
+"""One agent per state directory and per datapath (agent/ownership.py, lockfile.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stockade import lockfile
+from stockade.agent.ownership import STATE_LOCK, datapath_lock, take_ownership
+from stockade.errors import AgentError, InputError, NetError
+
+
+def test_a_second_owner_is_refused_and_told_who_holds_what(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    first = take_ownership(str(tmp_path / "a"), "t1", None, lock_dir=locks)
+    try:
+        with pytest.raises(AgentError) as same_dir:
+            take_ownership(str(tmp_path / "a"), "t2", None, lock_dir=locks)
+        assert f"pid {os.getpid()}" in same_dir.value.args[0]
+        assert f"state directory {tmp_path / 'a'}" in same_dir.value.args[0]
+        assert "--state-dir" in same_dir.value.args[0]
+        with pytest.raises(AgentError) as same_table:
+            take_ownership(str(tmp_path / "b"), "t1", None, lock_dir=locks)
+        assert "'t1' in the host's network namespace" in same_table.value.args[0]
+        assert "--table or --netns" in same_table.value.args[0]
+        # refused on the datapath: its state lock was given back, its new directory removed
+        assert not (tmp_path / "b").exists()
+        # another name, or the same name in another namespace, is another datapath
+        other = take_ownership(str(tmp_path / "c"), "t1", "ns1", lock_dir=locks)
+        other.release()
+    finally:
+        first.release()
+    assert not (tmp_path / "a" / STATE_LOCK).exists()
+    assert not datapath_lock("t1", None, locks).exists()
+    again = take_ownership(str(tmp_path / "a"), "t1", None, lock_dir=locks)
+    again.release()
+
+
+def test_a_dead_holder_holds_nothing(tmp_path: Path) -> None:
+    """The lock of an agent killed -9 (its file left behind) is free."""
+    code = ("import sys, os; from pathlib import Path; from stockade.agent.ownership import "
+            "take_ownership; take_ownership(sys.argv[1], 't1', None, lock_dir=Path(sys.argv[2]));"
+            " print('held', flush=True); os.kill(os.getpid(), 9)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "l")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout == "held\n" and out.returncode == -9, out.stderr
+    assert (tmp_path / "a" / STATE_LOCK).exists()  # kill -9: nobody removed it
+    take_ownership(str(tmp_path / "a"), "t1", None, lock_dir=tmp_path / "l").release()
+
+
+def test_names_that_would_leave_the_lock_directory_are_refused(tmp_path: Path) -> None:
+    for table in ("../x", "a/b", "", "x y", "1abc", "a" * 65, "t\n-A INPUT -j ACCEPT"):
+        with pytest.raises(InputError):
+            take_ownership(str(tmp_path / "s"), table, None, lock_dir=tmp_path / "l")
+    with pytest.raises(NetError):
+        take_ownership(str(tmp_path / "s"), "t1", "../../x", lock_dir=tmp_path / "l")
+    assert not (tmp_path / "l").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_lock_whose_file_was_given_back_while_waiting_does_not_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between opening the file and locking it, the holder gives it back (removes the
+    file) and a third process takes a new file of that name: the lock taken on the
+    removed file is not a lock on the name."""
+    path = tmp_path / "x.lock"
+    real = lockfile.open_locked
+    third: list[int] = []
+
+    def racing(p: Path, **kw: bool) -> int | None:
+        fd = real(p, **kw)
+        if not third:
+            os.unlink(p)
+            third.append(real(p) or -1)  # the new file, held by another
+        return fd
+
+    monkeypatch.setattr(lockfile, "open_locked", racing)
+    try:
+        assert lockfile.hold(path) is None
+    finally:
+        os.close(third[0])
+
+
+def test_a_directory_others_can_write_to_is_refused_before_a_lock_is_made(
+        tmp_path: Path) -> None:
+    """Whoever can write in the state directory could leave `agent.lock` as a hard link
+    to a file of root's for the lock to truncate: refused before anything is opened."""
+    state = tmp_path / "s"
+    state.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, state / STATE_LOCK)
+    state.chmod(0o777)
+    with pytest.raises(AgentError, match="writable by group or others"):
+        take_ownership(str(state), "t1", None, lock_dir=tmp_path / "l")
+    assert victim.read_text() == "precious\n" and (state / STATE_LOCK).exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["compile", "-f", "examples/cluster.yaml", "-o", "nft"],
+    ["agent", "--state-dir", "{tmp}/s", "--socket", "{tmp}/sock"],
+    ["dataplane", "show"],
+])
+def test_every_command_checks_the_datapath_name(argv: list[str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--table` becomes text in nft and iptables-restore input and a bpffs path."""
+    from stockade.cli.main import main
+
+    args = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--table", "x; flush ruleset"])
+    assert info.value.code == 2
+    assert "argument --table: invalid datapath name 'x; flush ruleset'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_open_datapath_checks_the_name_before_anything() -> None:
+    from stockade.datapath import open_datapath
+
+    with pytest.raises(InputError, match=r"invalid datapath name '\.\./x'"):
+        open_datapath("ebpf", "../x", netns="nowhere")
