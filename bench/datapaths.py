@@ -96,7 +96,11 @@ CONNTRACK = "conntrack only"
 # nft without the port guard (every other datapath guards the pair's ports, as the agent
 # does its pods'): what the guard's bridge table costs per packet.
 UNGUARDED = "nft unguarded"
-VARIANTS = (*DATAPATHS, UNGUARDED, LISTENING, CONNTRACK, "naive")
+# nft with `--conntrack-limit` (a per-source count in conntrack for each new connection),
+# set far above what the load generator holds at once: what counting costs, not refusing.
+LIMITED = "nft + conntrack limit"
+LIMIT = 100_000
+VARIANTS = (*DATAPATHS, UNGUARDED, LISTENING, LIMITED, CONNTRACK, "naive")
 CONNTRACK_TABLE = ("table inet {name} {{\n chain forward {{\n"
                    "  type filter hook forward priority 0; policy accept;\n"
                    "  ct state established,related accept\n  accept\n }}\n}}\n")
@@ -120,6 +124,8 @@ def bench_cluster(pods: int, policies: int) -> Cluster:
 def open_datapath(name: str, tag: str, host: str) -> Any:
     if name == "nft":
         return NftDatapath(Table(tag), netns=host)
+    if name == LIMITED:
+        return NftDatapath(Table(tag, conntrack_limit=LIMIT), netns=host)
     if name == "ebpf":
         return EbpfDatapath(tag, netns=host)
     backend = "legacy" if name == "iptables (legacy)" else "nft"
@@ -407,7 +413,8 @@ def main() -> None:
     args = ap.parse_args()
     variants = tuple(v.strip() for v in args.variants.split(","))
     cpu = chosen_cpu(ap, args)
-    datapaths = tuple(v for v in variants if v in DATAPATHS or v in (LISTENING, UNGUARDED))
+    datapaths = tuple(v for v in variants
+                      if v in DATAPATHS or v in (LISTENING, UNGUARDED, LIMITED))
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a kill too

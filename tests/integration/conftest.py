@@ -4,8 +4,9 @@ Every test gets its own random prefix (``stk`` + 3 characters) and a dedicated
 "host" network namespace named ``<prefix>-host``: the bridge and the host sides
 of the veths live there, each endpoint in a namespace of its own. Nothing is
 configured in the machine's own network namespace; the only global objects are
-the named namespaces under /run/netns, and every one carrying the test's prefix
-is removed afterwards, whether the test passed, failed or crashed midway.
+the named namespaces under /run/netns (and the lock files agents leave under
+/run/stockade/locks when killed), and every one carrying the test's prefix is
+removed afterwards, whether the test passed, failed or crashed midway.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from stockade.agent.ownership import LOCK_DIR
 from stockade.net.namespace import create_netns, list_netns, remove_netns
 from stockade.net.plumber import Attachment, EndpointSpec, Plumber
 
@@ -47,6 +49,11 @@ def _remove_prefixed(prefix: str) -> None:
     for name in list_netns():
         if name.startswith(prefix):
             remove_netns(name)
+    # An agent killed -9 leaves its datapath's lock file (agent/ownership.py: the lock
+    # itself went with it): the test's, by its namespace's name or its table's.
+    for where in ("netns-", "host-"):
+        for path in LOCK_DIR.glob(f"{where}{prefix}*.lock"):
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture

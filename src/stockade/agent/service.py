@@ -277,6 +277,8 @@ class Service:
             "quarantined": {k: list(v) for k, v in sorted(self.state.quarantined.items())},
             "datapath": r.datapath.name,
             "table": getattr(r.datapath, "owner_status", ""),
+            # Connections a source may hold in conntrack (--conntrack-limit; 0: any).
+            "conntrackLimit": getattr(r.datapath, "conntrack_limit", 0),
             "uptime": round(time.time() - self.started, 1),
             # Commits that served several callers at once (agent/group.py), and those callers.
             "groupCommits": {"batches": self.group.batches, "callers": self.group.grouped},

@@ -14,7 +14,14 @@ import yaml
 
 from stockade.agent.client import AgentClient
 from stockade.agent.protocol import ApiError
-from stockade.cli.inputs import add_files, add_output, positive_seconds, seconds, table_name
+from stockade.cli.inputs import (
+    add_conntrack_limit,
+    add_files,
+    add_output,
+    positive_seconds,
+    seconds,
+    table_name,
+)
 from stockade.datapath import DATAPATHS
 from stockade.errors import InputError
 from stockade.load import expand_paths, read_text
@@ -47,6 +54,7 @@ def register(sub: Any) -> None:
                    help="keep it at most this often")
     a.add_argument("--log-group", type=int, default=100,
                    help="NFLOG group for denied flows (0: no denied-flow log)")
+    add_conntrack_limit(a)
     a.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     a.add_argument("--no-table-owner", dest="table_owner", action="store_false",
                    help="leave the table changeable by other processes (by default it is "
@@ -177,7 +185,8 @@ def run_agent(args: argparse.Namespace) -> int:
         # The table's read-back starts now and runs while the agent's modules load.
         datapath = read_ahead(args.datapath, args.table, datastore=args.datastore,
                               netns=args.netns, owner=args.table_owner,
-                              log_group=args.log_group or None)
+                              log_group=args.log_group or None,
+                              conntrack_limit=args.conntrack_limit)
         from stockade.agent.daemon import AgentConfig
         from stockade.agent.daemon import run_agent as run
     except BaseException:
@@ -190,7 +199,8 @@ def run_agent(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address, subnet=args.subnet,
         bridge_prefix=args.bridge_prefix, resync_interval=args.resync_interval,
         warm_idle=args.warm_idle, warm_interval=args.warm_interval,
-        log_group=args.log_group or None, restore_snapshot=args.restore_snapshot,
+        log_group=args.log_group or None, conntrack_limit=args.conntrack_limit,
+        restore_snapshot=args.restore_snapshot,
         accept_empty_store=args.accept_empty_store, table_owner=args.table_owner,
         datastore=args.datastore, kubeconfig=args.kubeconfig, kube_context=args.context,
         node=args.node or "", watch_stall_timeout=args.watch_stall_timeout,

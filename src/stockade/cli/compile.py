@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from stockade.cli.inputs import add_files, table_name
+from stockade.cli.inputs import add_conntrack_limit, add_files, table_name
 from stockade.compile.ir import Ruleset
 from stockade.compile.jsontext import dumps as _dumps
 from stockade.errors import StockadeError
@@ -53,6 +53,7 @@ def register(sub: Any) -> None:
                    "backend-neutral ruleset; stats: its counts (default)")
     p.add_argument("--table", default="stockade", type=table_name,
                    help="the nftables table's name (nft output)")
+    add_conntrack_limit(p)
     p.add_argument("--strict-cidr", action="store_true",
                    help="turn on the StrictIPCIDRValidation rules (as `dataplane apply`)")
     p.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",
@@ -133,7 +134,7 @@ def _write_shared(args: argparse.Namespace, lowering: Lowering, work: Work, jobs
     from stockade.compile.nft import Table, nft_target
     from stockade.compile.nft_text import Texts
 
-    table = Table(args.table)
+    table = Table(args.table, conntrack_limit=args.conntrack_limit)
     nft = args.output == "nft"
 
     def share(keys: list[EntryKey]) -> tuple[dict[EntryKey, str], dict[str, Any],
@@ -204,7 +205,8 @@ def _write(args: argparse.Namespace, ruleset: Ruleset) -> None:
         # The commands' texts, built from pieces each encoded once: the same bytes as
         # `write_json(out, {"nftables": render_full(...)})`, at a third of the cost.
         out.write("{\n" + json.dumps("nftables") + ": ")
-        _write_items(out, "[", full_load(Table(args.table), ruleset), "]")
+        table = Table(args.table, conntrack_limit=args.conntrack_limit)
+        _write_items(out, "[", full_load(table, ruleset), "]")
         out.write("\n}\n")
     out.flush()
 

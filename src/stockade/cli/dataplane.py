@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from stockade.cli.inputs import add_files, table_name
+from stockade.cli.inputs import add_conntrack_limit, add_files, table_name
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import DATAPATHS, open_datapath
 from stockade.datapath.base import Datapath
@@ -30,6 +30,7 @@ def register(sub: Any) -> None:
                        help="which datapath (default nft)")
         q.add_argument("--table", default="stockade", type=table_name,
                        help="the name of what stockade owns in the kernel (the nftables table)")
+        add_conntrack_limit(q)
 
     show = verbs.add_parser("show", help="print what stockade has in the kernel")
     common(show)
@@ -53,7 +54,8 @@ def register(sub: Any) -> None:
 
 
 def _datapath(args: argparse.Namespace) -> Datapath:
-    return open_datapath(args.datapath, args.table, netns=args.netns)
+    return open_datapath(args.datapath, args.table, netns=args.netns,
+                         conntrack_limit=args.conntrack_limit)
 
 
 def run_show(args: argparse.Namespace) -> int:

@@ -61,6 +61,23 @@ def _seconds(text: str, *, zero: bool) -> float:
     return value
 
 
+def connection_count(text: str) -> int:
+    """`--conntrack-limit` (argparse type): a whole number of connections, 0 to 2^32-1
+    (nft_connlimit's counter)."""
+    if not text.isdigit() or int(text) > 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a whole number of connections from 0 (no limit) to 4294967295")
+    return int(text)
+
+
+def add_conntrack_limit(p: argparse.ArgumentParser) -> None:
+    """`--conntrack-limit`, the same for every command that programs a datapath."""
+    p.add_argument("--conntrack-limit", type=connection_count, default=0, metavar="N",
+                   help="nft and iptables datapaths: drop a new connection from a source "
+                   "address that already holds N connections in conntrack, so that one pod "
+                   "cannot fill the node's table (0: no limit, the default)")
+
+
 def table_name(text: str) -> str:
     """`--table` (argparse type): a datapath's name, checked (compile/owner.py)."""
     try:

@@ -227,10 +227,14 @@ class Layout:
     # "stockade-deny <chain>" as on nftables; None: no logging.
     log_group: int | None = None
     log_rate: int = 50  # per second, per chain, beyond a burst of as many
+    # A new connection from a source holding this many in conntrack is dropped (connlimit,
+    # as nft's `Table.conntrack_limit`); 0: no limit.
+    conntrack_limit: int = 0
 
     @classmethod
-    def of(cls, name: str = "stockade", log_group: int | None = None) -> Layout:
-        return cls(Names.of(name), log_group)
+    def of(cls, name: str = "stockade", log_group: int | None = None,
+           conntrack_limit: int = 0) -> Layout:
+        return cls(Names.of(name), log_group, conntrack_limit=conntrack_limit)
 
 
 # ---- rules ---------------------------------------------------------------------------
@@ -341,7 +345,7 @@ def chain_bodies(layout: Layout, chain: Chain, family: int) -> list[str]:
     return out
 
 
-def base_bodies(names: Names, family: int) -> list[str]:
+def base_bodies(names: Names, family: int, conntrack_limit: int = 0) -> list[str]:
     """The rules of P-forward: conntrack first, then the two dispatch chains."""
     k = names.forward
     out = [
@@ -352,6 +356,11 @@ def base_bodies(names: Names, family: int) -> list[str]:
         _with_comment(k, "-p tcp -m conntrack --ctstate NEW -m tcp ! --tcp-flags "
                          "FIN,SYN,RST,ACK SYN", "-j DROP"),
     ]
+    if conntrack_limit:
+        # One source cannot fill the node's conntrack table (nft's `limit_rules`).
+        out.append(_with_comment(
+            k, f"-m conntrack --ctstate NEW -m connlimit --connlimit-above {conntrack_limit} "
+               f"--connlimit-mask {32 if family == 4 else 128} --connlimit-saddr", "-j DROP"))
     if family == 6:
         out += [_with_comment(k, f"-p ipv6-icmp -m icmp6 --icmpv6-type {t}", "-j RETURN")
                 for t in (135, 136)]
@@ -681,7 +690,8 @@ def render_plan(layout: Layout, p: Plan, old: Ruleset, *, skeleton: bool = False
                 lines += [f"-A {names.dispatch_chain(d)} {b}"
                           for b in bucket_bodies(names, d, fam)]
             lines += [f"-A {names.marked} {b}" for b in marked_bodies(names)]
-            lines += [f"-A {names.forward} {b}" for b in base_bodies(names, fam)]
+            lines += [f"-A {names.forward} {b}"
+                      for b in base_bodies(names, fam, layout.conntrack_limit)]
             lines += [f"-D {FORWARD} {b}" for b in rep.jumps.get(fam, [])]
             lines.append(f"-I {FORWARD} 1 {jump_body(names)}")
         else:
@@ -1015,7 +1025,8 @@ def parse_kernel(layout: Layout, save: Mapping[int, str], ipset_save: str,
         # the base chain, the dispatch chains
         if names.forward in chain_names:
             present = True
-        for k, want_rules in ((names.forward, base_bodies(names, fam)),
+        for k, want_rules in ((names.forward,
+                               base_bodies(names, fam, layout.conntrack_limit)),
                               (names.flip, flip_bodies(names)),
                               (names.marked, marked_bodies(names))):
             if rules.get(k) != want_rules or k not in chain_names:

@@ -65,6 +65,10 @@ FAMILY = "inet"
 FORWARD = "forward"
 JUDGE_INGRESS = "judge-ingress"
 SKELETON_VERSION = "stockade-2"
+# The sets of the connection limit (`limit_rules`), by family, and their size: the
+# sources counted at once (a source beyond them is not limited until one leaves).
+LIMIT_SETS = {4: "k4-ct", 6: "k6-ct"}
+LIMIT_SET_SIZE = 65535
 MAPS = {(EGRESS, 4): "egress4", (EGRESS, 6): "egress6",
         (INGRESS, 4): "ingress4", (INGRESS, 6): "ingress6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -85,6 +89,9 @@ class Table:
     # rate-limited, with the prefix "stockade-deny <chain>"; None: no logging.
     log_group: int | None = None
     log_rate: int = 50  # per second, per chain, beyond a burst of as many
+    # A new connection from a source address that already holds this many in conntrack
+    # is dropped (`limit_rules`); 0: no limit.
+    conntrack_limit: int = 0
 
     def deny_rules(self, chain: Chain) -> list[tuple[list[dict[str, Any]], str]]:
         """The tail of a policy chain: log (if asked) and drop what no rule allowed."""
@@ -552,14 +559,43 @@ def render_skeleton(table: Table, *, create_table: bool = True) -> list[Command]
     for expr, comment in judge_rules():
         cmds.append({"add": {"rule": table.ref(chain=JUDGE_INGRESS, expr=expr,
                                                comment=comment)}})
+    cmds += limit_sets(table)
     cmds.append({"add": {"chain": base_chain(table)}})
-    for expr, comment in skeleton_rules():
+    for expr, comment in skeleton_rules(table):
         cmds.append({"add": {"rule": table.ref(chain=FORWARD, expr=expr, comment=comment)}})
     return cmds
 
 
-def skeleton_rules() -> list[tuple[list[dict[str, Any]], str]]:
-    """The forward base chain's rules as (expressions, comment), in order."""
+def limit_sets(table: Table) -> list[Command]:
+    """The sets that count each source's connections, when the table limits them.
+
+    No `dynamic` flag: libnftables 1.0.6 takes none in JSON (nor prints one); it sets
+    the flag itself on a set that a rule of the same transaction adds to, and the
+    skeleton sends the sets with their rules."""
+    if not table.conntrack_limit:
+        return []
+    return [{"add": {"set": table.ref(name=LIMIT_SETS[fam], type=_ADDR_TYPE[fam],
+                                      size=LIMIT_SET_SIZE)}} for fam in (4, 6)]
+
+
+def limit_rules(table: Table | None) -> list[tuple[list[dict[str, Any]], str]]:
+    """A new connection is dropped when its source already holds `conntrack_limit` in
+    conntrack (nft_connlimit: `add @k4-ct { ip saddr ct count over N }`). One pod
+    otherwise fills the node's table (`nf_conntrack_max`), and then no new connection
+    of any pod gets through. A connection dropped here is never confirmed, so it
+    takes no entry of the table; a source whose count falls to 0 leaves the set."""
+    if table is None or not table.conntrack_limit:
+        return []
+    return [([_match({"ct": {"key": "state"}}, ["new"], "in"),
+              {"set": {"op": "add", "elem": _payload(_IP[fam], "saddr"),
+                       "set": "@" + LIMIT_SETS[fam],
+                       "stmt": [{"ct count": {"val": table.conntrack_limit, "inv": True}}]}},
+              {"drop": None}], f"conntrack limit {_IP[fam]}") for fam in (4, 6)]
+
+
+def skeleton_rules(table: Table | None = None) -> list[tuple[list[dict[str, Any]], str]]:
+    """The forward base chain's rules as (expressions, comment), in order (`table`: its
+    connection limit's, if it has one)."""
     rules: list[tuple[list[dict[str, Any]], str]] = [
         ([_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
           {"accept": None}], "conntrack"),
@@ -570,6 +606,7 @@ def skeleton_rules() -> list[tuple[list[dict[str, Any]], str]]:
           _match({"ct": {"key": "state"}}, ["new"], "in"),
           _match({"&": [_payload("tcp", "flags"), ["fin", "syn", "rst", "ack"]]}, "syn", "!="),
           {"drop": None}], "tcp without syn"),
+        *limit_rules(table),
         ([_match(_payload("icmpv6", "type"),
                  {"set": ["nd-neighbor-solicit", "nd-neighbor-advert"]}),
           {"accept": None}], "neighbour discovery"),
@@ -1078,8 +1115,22 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     # Sets: stockade's names, types and flags; anything else goes.
     sets: dict[str, AddressSet] = {}
     bad_sets: set[str] = set()
+    limit_ok = True
+    limited = {LIMIT_SETS[f]: f for f in (4, 6)} if table.conntrack_limit else {}
+    kept_limits: list[str] = []  # the limit's sets as made
     for s in set_bodies:
         name = s["name"]
+        if name in limited:
+            # Its elements are the kernel's (sources and their connections): not compared.
+            if (s.get("type") != _ADDR_TYPE[limited.pop(name)]
+                    or s.get("size") != LIMIT_SET_SIZE or "flags" in s
+                    or not set(s) <= _SET_KEYS | {"size"}):
+                drift.append(f"set {name}: definition differs")
+                limit_ok = False
+                del_objects.append({"delete": {"set": ref(name=name)}})
+            else:
+                kept_limits.append(name)
+            continue
         sk = _set_kind(name)
         if sk is None:
             foreign.append(f"set {name}")
@@ -1196,10 +1247,14 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     elif not fwd_ok:
         drift.append("base chain definition differs")
     elif canonical_rules((r.get("expr", []), r.get("comment", ""))
-                         for r in rules.get(FORWARD, [])) != _skeleton_canon() or not all(
+                         for r in rules.get(FORWARD, [])) != _skeleton_canon(table) or not all(
                              set(r) <= _RULE_KEYS for r in rules.get(FORWARD, [])):
         drift.append("base chain rules differ")
         fwd_ok = False
+    if limited:
+        drift += [f"set {name} missing" for name in sorted(limited)]
+        limit_ok = False
+    fwd_ok = fwd_ok and limit_ok  # the skeleton makes them again, with their rules
     if good_maps != set(MAPS.values()):
         drift.append("verdict maps missing or altered")
     judge = chain_bodies.get(JUDGE_INGRESS)
@@ -1213,6 +1268,11 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     if not skeleton_ok and fwd is not None:
         flush.append(FORWARD)
         del_chains.append(FORWARD)
+    if not skeleton_ok:
+        # The skeleton adds them again with their rules (only then do they get their
+        # `dynamic` flag, which JSON cannot give), and adding one that is there with
+        # that flag is refused: they go first, and the counts start again from 0.
+        del_objects += [{"delete": {"set": ref(name=name)}} for name in kept_limits]
     if not skeleton_ok and judge is not None:
         # Emptied, not deleted: Admin chains may jump to it; the skeleton refills it.
         flush.append(JUDGE_INGRESS)
@@ -1234,11 +1294,12 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
                        foreign, drift, prelude, table_ok, objects)
 
 
-_SKELETON_CANON: tuple[Canon, ...] | None = None
+_SKELETON_CANON: dict[int, tuple[Canon, ...]] = {}
 
 
-def _skeleton_canon() -> tuple[Canon, ...]:
-    global _SKELETON_CANON
-    if _SKELETON_CANON is None:
-        _SKELETON_CANON = canonical_rules(skeleton_rules())
-    return _SKELETON_CANON
+def _skeleton_canon(table: Table) -> tuple[Canon, ...]:
+    """The base chain's rules, canonical, by connection limit (computed once each)."""
+    found = _SKELETON_CANON.get(table.conntrack_limit)
+    if found is None:
+        found = _SKELETON_CANON[table.conntrack_limit] = canonical_rules(skeleton_rules(table))
+    return found

@@ -14,9 +14,11 @@ from stockade.datapath.base import Datapath
 from stockade.errors import DataplaneError
 
 # kind -> "module:class"; every class has a classmethod
-# `open(name, *, netns, owner, log_group) -> Self`, where `name` names what it owns
-# in the kernel (the nftables table, the iptables chain and ipset prefix, the
-# pinned eBPF directory) and `log_group` is the NFLOG group of denied packets.
+# `open(name, *, netns, owner, log_group, conntrack_limit) -> Self`, where `name`
+# names what it owns in the kernel (the nftables table, the iptables chain and ipset
+# prefix, the pinned eBPF directory), `log_group` is the NFLOG group of denied packets
+# and `conntrack_limit` the connections a source may hold in conntrack (0: no limit;
+# a datapath that cannot enforce one refuses it).
 DATAPATHS: dict[str, str] = {
     "nft": "stockade.datapath.nft:NftDatapath",
     "iptables": "stockade.datapath.iptables:IptablesDatapath",
@@ -25,7 +27,8 @@ DATAPATHS: dict[str, str] = {
 
 
 def open_datapath(kind: str, name: str = "stockade", *, netns: str | None = None,
-                  owner: bool = False, log_group: int | None = None) -> Datapath:
+                  owner: bool = False, log_group: int | None = None,
+                  conntrack_limit: int = 0) -> Datapath:
     """The datapath `kind`, owning the kernel objects called `name`, in `netns`."""
     if kind not in DATAPATHS:
         raise DataplaneError(f"no datapath {kind!r} (choose from {', '.join(DATAPATHS)})")
@@ -35,5 +38,8 @@ def open_datapath(kind: str, name: str = "stockade", *, netns: str | None = None
         factory = getattr(importlib.import_module(module), cls).open
     except ImportError as exc:
         raise DataplaneError(f"the {kind} datapath is not available: {exc}") from None
-    datapath: Datapath = factory(name, netns=netns, owner=owner, log_group=log_group)
+    if conntrack_limit < 0:
+        raise DataplaneError(f"a connection limit of {conntrack_limit}: give 0 (none) or more")
+    datapath: Datapath = factory(name, netns=netns, owner=owner, log_group=log_group,
+                                 conntrack_limit=conntrack_limit)
     return datapath

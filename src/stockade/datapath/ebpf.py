@@ -427,9 +427,15 @@ class EbpfDatapath:
 
     @classmethod
     def open(cls, name: str, *, netns: str | None = None, owner: bool = False,
-             log_group: int | None = None) -> EbpfDatapath:
+             log_group: int | None = None, conntrack_limit: int = 0) -> EbpfDatapath:
         """The datapath as `datapath.open_datapath` makes every one (`owner` has no
-        meaning here: pinned objects are root's; see the README)."""
+        meaning here: pinned objects are root's; see the README). The program tracks
+        connections in maps of its own, each port's share of the established bounded
+        (`ct_live`): `conntrack_limit`, the kernel's conntrack's, is refused."""
+        if conntrack_limit:
+            raise DataplaneError("the eBPF datapath tracks connections in its own maps "
+                                 "(a port's share bounded); --conntrack-limit is for the "
+                                 "nft and iptables datapaths")
         return cls(name, netns=netns, log_group=log_group)
 
     # ---- loading ------------------------------------------------------------------------

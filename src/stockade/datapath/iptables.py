@@ -128,9 +128,9 @@ class IptablesDatapath:
 
     @classmethod
     def open(cls, name: str, *, netns: str | None = None, owner: bool = False,
-             log_group: int | None = None) -> IptablesDatapath:
+             log_group: int | None = None, conntrack_limit: int = 0) -> IptablesDatapath:
         """The datapath as `datapath.open_datapath` makes every one."""
-        return cls(Layout.of(name, log_group), netns=netns, owner=owner)
+        return cls(Layout.of(name, log_group, conntrack_limit), netns=netns, owner=owner)
 
     # ---- processes ---------------------------------------------------------------------
 
@@ -197,6 +197,11 @@ class IptablesDatapath:
                 raise DataplaneError(f"the ruleset update was refused{done}",
                                      command=exc.command, stderr=exc.stderr) from None
 
+    @property
+    def conntrack_limit(self) -> int:
+        """The connections a source may hold in conntrack (0: no limit)."""
+        return self.layout.conntrack_limit
+
     # ---- the Datapath protocol -----------------------------------------------------------
 
     def check(self) -> None:
@@ -204,7 +209,7 @@ class IptablesDatapath:
 
         A scratch chain exercises every match and target stockade renders
         (set, multiport, conntrack, tcp flags, comment, limit, NFLOG, mark, MARK,
-        goto), with
+        goto, and connlimit with a connection limit), with
         scratch sets of every type; both are removed at once. br_netfilter's
         bridge-nf-call sysctls are checked and set.
         """
@@ -235,6 +240,9 @@ class IptablesDatapath:
                          f"-A {p} -m mark --mark {ALLOW_MARK:#x}/{ALLOW_MARK:#x} -j RETURN",
                          f"-A {p} -j MARK --set-xmark {ALLOW_MARK:#x}/0x0",
                          f"-A {p}2 -g {p}"]
+                if self.layout.conntrack_limit:
+                    rules.insert(-1, f"-A {p} -m conntrack --ctstate NEW -m connlimit "
+                                 "--connlimit-above 1 --connlimit-saddr -j DROP")
                 try:
                     self._exec(restore, "\n".join(["*filter", f":{p} - [0:0]",
                                                     f":{p}2 - [0:0]", *rules, "COMMIT", ""]),

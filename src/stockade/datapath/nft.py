@@ -196,9 +196,15 @@ class NftDatapath:
 
     @classmethod
     def open(cls, name: str, *, netns: str | None = None, owner: bool = False,
-             log_group: int | None = None) -> NftDatapath:
+             log_group: int | None = None, conntrack_limit: int = 0) -> NftDatapath:
         """The datapath as `datapath.open_datapath` makes every one."""
-        return cls(Table(name, log_group=log_group), netns=netns, owner=owner)
+        return cls(Table(name, log_group=log_group, conntrack_limit=conntrack_limit),
+                   netns=netns, owner=owner)
+
+    @property
+    def conntrack_limit(self) -> int:
+        """The connections a source may hold in conntrack (0: no limit)."""
+        return self.table.conntrack_limit
 
     # ---- talking to the kernel --------------------------------------------------------
 
@@ -391,7 +397,8 @@ class NftDatapath:
         bridge-nf-call sysctls set, so those are checked (and set) too. With
         `owner`, whether the kernel keeps persistent tables is probed as well.
         """
-        probe = Table(f"{self.table.name}_probe_{os.getpid()}")
+        probe = Table(f"{self.table.name}_probe_{os.getpid()}",
+                      conntrack_limit=self.table.conntrack_limit)
         cmds = render_plan(probe, plan(Ruleset(), Ruleset()), skeleton=True)
         cmds.append({"add": {"set": probe.ref(name="c4-probe", type="ipv4_addr",
                                               flags=["interval"],
@@ -405,8 +412,9 @@ class NftDatapath:
             self._run(cmds, "the feature probe")
         except DataplaneError as exc:
             raise DataplaneError("this kernel lacks an nftables feature stockade needs "
-                                 "(inet forward hook, conntrack, verdict maps or "
-                                 "concatenated sets)", stderr=exc.stderr) from None
+                                 "(inet forward hook, conntrack, verdict maps, "
+                                 "concatenated sets or, with a connection limit, "
+                                 "nft_connlimit)", stderr=exc.stderr) from None
         finally:
             self._text(f"delete table {FAMILY} {probe.name}")
         require_bridge_netfilter(self.netns, "the inet forward hook")

@@ -1,0 +1,204 @@
+"""One pod cannot fill the node's conntrack table (nftables and iptables, `--conntrack-limit`).
+
+With a limit of N, a source address holding N connections in conntrack gets no new
+one; another source still connects; closing one lets the next through. The limit's
+sets and rules are the skeleton's: verified, repaired, changed and removed with it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from stockade.compile.lower import compile_cluster
+from stockade.compile.nft import LIMIT_SETS, Table
+from stockade.datapath import open_datapath
+from stockade.datapath.nft import NftDatapath
+from stockade.errors import DataplaneError
+from stockade.model.cluster import Cluster, Endpoint, Namespace
+from stockade.model.labels import Labels
+from stockade.net.namespace import entered
+
+pytestmark = pytest.mark.privileged
+
+PORT = 8080
+LIMIT = 3
+
+
+def _cluster(trio) -> Cluster:
+    """No policy: every connection is allowed, so only the limit refuses one."""
+    ns = Namespace("x", Labels({"kubernetes.io/metadata.name": "x"}))
+    eps = tuple(Endpoint("x", n, Labels({"pod": n}), (att.address4, att.address6))
+                for n, att in (("a", trio.a), ("b", trio.b), ("c", trio.c)))
+    return Cluster((ns,), eps, ())
+
+
+@pytest.fixture
+def listener(trio) -> Iterator[socket.socket]:
+    """A listening socket in a's namespace: the kernel completes handshakes up to its
+    backlog without an accept, so connections stay established as long as wanted."""
+    with entered(trio.a.netns):
+        srv = socket.socket(socket.AF_INET6)
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind(("::", PORT))
+    srv.listen(64)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def _connect(netns: str, address: str, timeout: float = 1.0) -> socket.socket | None:
+    """An established connection from `netns`, or None when it does not get through."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with entered(netns):
+        conn = socket.socket(family)
+    conn.settimeout(timeout)
+    try:
+        conn.connect((address, PORT))
+    except OSError:
+        conn.close()
+        return None
+    return conn
+
+
+def _nft(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", netns, "nft", *args], capture_output=True,
+                          text=True, check=False)
+
+
+@pytest.mark.parametrize(("kind", "family"), [("nft", 4), ("nft", 6), ("iptables", 4),
+                                               ("iptables", 6)])
+def test_a_source_at_the_limit_gets_no_new_connection_and_others_do(
+        trio, listener: socket.socket, kind: str, family: int) -> None:
+    dp = open_datapath(kind, "stockade", netns=trio.host_netns, conntrack_limit=LIMIT)
+    dp.check()
+    dp.apply(compile_cluster(_cluster(trio)))
+    a = trio.a.address4 if family == 4 else trio.a.address6
+    held: list[socket.socket] = []
+    try:
+        for _ in range(LIMIT):
+            conn = _connect(trio.b.netns, a)
+            assert conn is not None
+            held.append(conn)
+        assert _connect(trio.b.netns, a, timeout=0.5) is None  # b holds LIMIT
+        other = _connect(trio.c.netns, a)  # c holds none
+        assert other is not None
+        held.append(other)
+        gone = held.pop(0)  # b resets one: it holds LIMIT - 1 live ones
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()
+        again = _connect(trio.b.netns, a)
+        assert again is not None
+        held.append(again)
+    finally:
+        for conn in held:
+            conn.close()
+        dp.remove()
+
+
+def test_the_limit_is_verified_changed_and_removed_with_the_skeleton(trio) -> None:
+    rs = compile_cluster(_cluster(trio))
+    dp = NftDatapath(Table(conntrack_limit=LIMIT), netns=trio.host_netns)
+    dp.apply(rs)
+    try:
+        kt = dp.read_table()
+        assert kt is not None and not kt.needs_repair, kt and kt.drift
+        host = trio.host_netns
+        assert "ct count over 3" in _nft(host, "list", "chain", "inet", "stockade",
+                                         "forward").stdout
+        # tampered: the limit's rule deleted (the table is not owned here)
+        listing = _nft(host, "-a", "list", "chain", "inet", "stockade", "forward").stdout
+        handle = next(line.rsplit("# handle ", 1)[1] for line in listing.splitlines()
+                      if "ct count over" in line)
+        assert _nft(host, "delete", "rule", "inet", "stockade", "forward", "handle",
+                    handle).returncode == 0
+        assert not dp.verify_quietly()
+        dp.apply(rs, verify=True)
+        assert dp.last_drift_details == ["base chain rules differ"]
+        assert _nft(host, "list", "chain", "inet", "stockade", "forward"
+                    ).stdout.count("ct count over 3") == 2
+        # another limit: the rules change, the sets (and what they count) stay
+        other = NftDatapath(Table(conntrack_limit=7), netns=host)
+        other.apply(rs, verify=True)
+        chain = _nft(host, "list", "chain", "inet", "stockade", "forward").stdout
+        assert chain.count("ct count over 7") == 2 and "over 3" not in chain
+        kt = other.read_table()
+        assert kt is not None and not kt.needs_repair
+        # no limit: the rules and the sets go
+        none = NftDatapath(Table(), netns=host)
+        none.apply(rs, verify=True)
+        table = _nft(host, "list", "table", "inet", "stockade").stdout
+        assert "ct count" not in table
+        assert not any(name in table for name in LIMIT_SETS.values())
+        kt = none.read_table()
+        assert kt is not None and not kt.needs_repair
+    finally:
+        dp.remove()
+
+
+def _saved(netns: str) -> str:
+    return "".join(subprocess.run(["ip", "netns", "exec", netns, tool], capture_output=True,
+                                  text=True, check=True).stdout
+                   for tool in ("iptables-save", "ip6tables-save"))
+
+
+def test_iptables_verifies_changes_and_removes_the_limit(trio) -> None:
+    rs = compile_cluster(_cluster(trio))
+    host = trio.host_netns
+    dp = open_datapath("iptables", "stockade", netns=host, conntrack_limit=LIMIT)
+    dp.apply(rs)
+    try:
+        assert _saved(host).count("--connlimit-above 3 ") == 2
+        line = next(x for x in _saved(host).splitlines() if "--connlimit-above" in x)
+        subprocess.run(["ip", "netns", "exec", host, "iptables", "-D",
+                        *line.split(" ", 1)[1].replace('"', "").split()], check=True)
+        assert _saved(host).count("--connlimit-above 3 ") == 1
+        dp.apply(rs, verify=True)
+        assert dp.last_drift is not None
+        assert _saved(host).count("--connlimit-above 3 ") == 2
+        other = open_datapath("iptables", "stockade", netns=host, conntrack_limit=7)
+        other.apply(rs, verify=True)
+        saved = _saved(host)
+        assert saved.count("--connlimit-above 7 ") == 2 and "--connlimit-above 3 " not in saved
+        none = open_datapath("iptables", "stockade", netns=host)
+        none.apply(rs, verify=True)
+        assert "connlimit" not in _saved(host)
+        none.apply(rs, verify=True)
+        assert none.last_drift is None or not none.last_drift_details
+    finally:
+        dp.remove()
+
+
+def test_a_datapath_without_the_limit_refuses_it(trio) -> None:
+    with pytest.raises(DataplaneError, match="--conntrack-limit is for the nft and iptables"):
+        open_datapath("ebpf", "stockade", netns=trio.host_netns, conntrack_limit=5)
+    with pytest.raises(DataplaneError, match="a connection limit of -1"):
+        open_datapath("nft", "stockade", netns=trio.host_netns, conntrack_limit=-1)
+
+
+def test_the_agent_takes_the_limit_and_refuses_it_where_it_has_none(
+        trio, tmp_path, netns_prefix: str) -> None:
+    from .agent_harness import AgentProcess
+
+    (tmp_path / "nft").mkdir()
+    agent = AgentProcess(tmp_path / "nft", trio.host_netns, netns_prefix,
+                         extra=("--conntrack-limit", "5"))
+    try:
+        agent.start()
+        chain = _nft(trio.host_netns, "list", "chain", "inet", "stockade", "forward").stdout
+        assert chain.count("ct count over 5") == 2
+        assert agent.call("status")["conntrackLimit"] == 5
+    finally:
+        agent.stop()
+        _nft(trio.host_netns, "delete", "table", "inet", "stockade")
+    (tmp_path / "ebpf").mkdir()
+    ebpf = AgentProcess(tmp_path / "ebpf", trio.host_netns, netns_prefix, datapath="ebpf",
+                        table=f"{netns_prefix}ct", extra=("--conntrack-limit", "5"))
+    out = subprocess.run(ebpf.cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--conntrack-limit is for the nft and iptables" in out.stderr
+    assert "Traceback" not in out.stderr
