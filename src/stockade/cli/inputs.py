@@ -15,8 +15,9 @@ import ipaddress
 import math
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from stockade.compile.owner import check_owner_name
 from stockade.errors import InputError
@@ -38,6 +39,9 @@ FILES_HELP = "manifests (YAML or JSON, multi-document, kind: List), directories 
 # Names an output format is also known by: `text` everywhere, `table` (the matrix's
 # former default) for txt.
 OUTPUT_ALIASES = {"text": "txt", "table": "txt"}
+
+
+_T = TypeVar("_T")
 
 
 def seconds(text: str) -> float:
@@ -78,12 +82,18 @@ def add_conntrack_limit(p: argparse.ArgumentParser) -> None:
                    "cannot fill the node's table (0: no limit, the default)")
 
 
-def table_name(text: str) -> str:
-    """`--table` (argparse type): a datapath's name, checked (compile/owner.py)."""
-    try:
-        return check_owner_name(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
+def as_argument(parse: Callable[[str], _T]) -> Callable[[str], _T]:
+    """An argparse type from a parser that raises InputError: its message, on the flag."""
+    def convert(text: str) -> _T:
+        try:
+            return parse(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+    return convert
+
+
+# `--table`: a datapath's name, checked (compile/owner.py).
+table_name = as_argument(check_owner_name)
 
 
 def add_files(p: argparse.ArgumentParser, *, flags: Sequence[str] = ("-f", "--file"),
@@ -187,11 +197,7 @@ def _requirement(part: str, text: str) -> Requirement:
                      "k in (a,b), k notin (a,b), k or !k)")
 
 
-def _selector_arg(text: str) -> Selector:
-    try:
-        return parse_selector(text)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
+_selector_arg = as_argument(parse_selector)
 
 
 # ---- what is shown -------------------------------------------------------------------------
