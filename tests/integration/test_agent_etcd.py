@@ -898,3 +898,92 @@ def test_an_agent_starting_without_etcd_keeps_the_kernel_until_the_first_lists(
         assert dp.read() == kernel  # adopted: the same state, nothing changed
     finally:
         second.stop()
+
+
+# ---- (9) address blocks: the agent's pool stays etcd's after a DEL and a restore --------------
+
+
+def _cni_add(agent: AgentProcess, cid: str) -> str:
+    out = agent.call("cni.add", network="blocks", containerID=cid, ifname="eth0",
+                     allocate=True, sync=True, labels={"app": "blocks"},
+                     endpoint={"namespace": "x", "name": cid})
+    return str(out["address"]).split("/")[0]
+
+
+def _cni_del(agent: AgentProcess, cid: str) -> None:
+    agent.call("cni.del", network="blocks", containerID=cid, ifname="eth0", sync=True)
+
+
+def _block_of(writer: EtcdWriter, address: str) -> tuple[str, str]:
+    import ipaddress
+
+    from stockade.etcd.ipam import Blocks
+
+    owned = Blocks(writer.c, PREFIX, "").owned()
+    ip = ipaddress.ip_address(address)
+    return next(((str(b), h) for b, h in owned.items() if ip in b), ("", ""))
+
+
+def test_a_host_keeps_claiming_blocks_after_a_del_and_a_restore(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """The agent's address pool is the block pool of etcd (BlockIpam) for its whole life:
+    a CNI DEL releases an address on a copy of the pool that the agent then keeps, and a
+    snapshot restore replaces the pool's allocations. Both once left an agent whose pool
+    claimed no block (every ADD refused once its blocks were full) or that handed out
+    addresses from the whole pool, another host's blocks included."""
+    # Another host owns the pool's first block, as in a cluster.
+    writer.c.put(f"{PREFIX}/ipam/blocks/10.244.0.0-26", json.dumps({"host": "other"}))
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
+    try:
+        first = _cni_add(agent, "c0")
+        assert _block_of(writer, first) == ("10.244.0.64/26", NODE)
+        # A DEL (the pool is changed on a copy the agent keeps), then the block filled.
+        _cni_del(agent, "c0")
+        got = [_cni_add(agent, f"c{i}") for i in range(1, 66)]
+        assert len(set(got)) == 65
+        blocks = {_block_of(writer, a) for a in got}
+        assert blocks == {("10.244.0.64/26", NODE), ("10.244.0.128/26", NODE)}, blocks
+        # A snapshot restored: the same blocks, claimed in etcd, and no address of another's.
+        snap = agent.call("snapshot.save")["snapshot"]
+        agent.call("snapshot.restore", snapshot=snap)
+        after = [_cni_add(agent, f"r{i}") for i in range(64)]
+        owners = {_block_of(writer, a) for a in after}
+        assert owners <= {("10.244.0.128/26", NODE), ("10.244.0.192/26", NODE)}, owners
+        assert ("10.244.0.192/26", NODE) in owners  # claimed when the others were full
+        assert not set(after) & set(got)
+    finally:
+        agent.stop()
+
+
+def test_an_emptied_block_goes_back_to_the_pool(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """A block the host has left empty for --empty-block-grace leaves etcd (another host
+    may claim it); the host's last block stays; a new ADD then claims again."""
+    from stockade.etcd.ipam import Blocks
+
+    writer.c.put(f"{PREFIX}/ipam/blocks/10.244.0.0-26", json.dumps({"host": "other"}))
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix,
+                       "--empty-block-grace", "0.5").start()
+    try:
+        got = [_cni_add(agent, f"c{i}") for i in range(65)]
+        assert _block_of(writer, got[-1]) == ("10.244.0.128/26", NODE)
+        _cni_del(agent, "c64")
+        _until(lambda: _block_of(writer, got[-1]) == ("", ""), timeout=15,
+               what="the emptied block deleted in etcd")
+        blocks = agent.call("status")["datastore"]["blocks"]
+        assert blocks["mine"] == ["10.244.0.64/26"] and blocks["returning"] == []
+        assert blocks["givenBack"] == ["10.244.0.128/26"]
+        # The last block stays, though empty.
+        for i in range(64):
+            _cni_del(agent, f"c{i}")
+        time.sleep(2.0)
+        assert [str(b) for b in Blocks(writer.c, PREFIX, NODE).mine()] == ["10.244.0.64/26"]
+        # Filled again: the given-back block is the lowest free one, claimed anew.
+        again = [_cni_add(agent, f"d{i}") for i in range(65)]
+        assert _block_of(writer, again[-1]) == ("10.244.0.128/26", NODE)
+        assert agent.call("status")["datastore"]["blocks"]["mine"] == [
+            "10.244.0.64/26", "10.244.0.128/26"]
+    finally:
+        agent.stop()

@@ -8,12 +8,13 @@ import ipaddress
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.support.etcd import EtcdServer, etcd_binary
 
 from stockade.errors import NetError
-from stockade.etcd.ipam import BlockIpam, Blocks, open_ipam, reclaim
+from stockade.etcd.ipam import BlockIpam, BlockReturns, Blocks, open_ipam, reclaim
 
 
 def test_addresses_come_from_the_claimed_blocks_only() -> None:
@@ -37,6 +38,36 @@ def test_addresses_come_from_the_claimed_blocks_only() -> None:
     assert [copy.allocate("o4"), copy.allocate("o5")] == ["10.244.0.10/16", "10.244.0.11/16"]
     with pytest.raises(NetError):
         copy.allocate("more")  # full, and a copy claims nothing
+
+
+
+def test_a_copy_still_claims_and_a_restore_keeps_the_blocks() -> None:
+    """The agent changes its pool on a copy and keeps the copy (a CNI DEL), and a
+    snapshot restore takes its allocations: both stay etcd's block pool."""
+    blocks = iter(["10.244.0.64/30", "10.244.0.128/30"])
+    ipam = BlockIpam("10.244.0.0/16", blocks=["10.244.0.4/30"],
+                     claim=lambda: ipaddress.ip_network(next(blocks)))
+    assert [ipam.allocate("a"), ipam.allocate("b")] == ["10.244.0.4/16", "10.244.0.5/16"]
+    snapshot = ipam.to_dict()
+    copy = ipam.copy()
+    assert isinstance(copy, BlockIpam) and copy.to_dict() == ipam.to_dict()
+    copy.release("a")
+    assert ipam.address_of("a") == "10.244.0.4/16"  # apart from the original
+    got = [copy.allocate(f"n{i}") for i in range(5)]
+    assert got[3:] == ["10.244.0.64/16", "10.244.0.65/16"]  # full: a block claimed
+    # A restore: the snapshot's allocations, the blocks and claimer of now.
+    back = copy.restored(snapshot)
+    assert isinstance(back, BlockIpam)
+    assert [str(b) for b in back.blocks] == ["10.244.0.4/30", "10.244.0.64/30"]
+    assert back.address_of("a") == "10.244.0.4/16" and back.address_of("n0") is None
+    more = [back.allocate(f"m{i}") for i in range(6)]
+    # Never from outside this host's blocks (a plain pool's lowest is 10.244.0.2).
+    assert more == ["10.244.0.6/16", "10.244.0.7/16", "10.244.0.64/16", "10.244.0.65/16",
+                    "10.244.0.66/16", "10.244.0.67/16"]
+    assert back.allocate("m6") == "10.244.0.128/16"  # then a block claimed
+    with pytest.raises(NetError, match=r"snapshot's address pool is 10\.9\.0\.0/16"):
+        copy.restored({**snapshot, "subnet": "10.9.0.0/16", "gateway": "10.9.0.1",
+                       "allocated": {}})
 
 
 @pytest.fixture
@@ -84,3 +115,87 @@ def test_hosts_racing_for_blocks_never_share_one(etcd: EtcdServer) -> None:
         after = Blocks(c, "/s", "").owned()
         assert "h2" not in after.values() and len(after) == len(owned) - len(freed)
         assert c.get("/s/hosts/h2") is None
+
+
+class _Service:
+    """What BlockReturns uses of the agent's service: its lock, its pool, its commit."""
+
+    def __init__(self, ipam: BlockIpam) -> None:
+        self.lock = threading.Lock()
+        self.ipam = ipam
+        self.committed: list[dict[str, Any]] = []
+
+    def commit(self, changes: list[Any], *, sync: bool, meta: dict[str, Any]) -> int:
+        assert not changes and not sync and self.lock.locked()
+        self.committed.append(meta["ipam"])
+        return len(self.committed)
+
+
+def _in(address: str, block: str) -> bool:
+    return ipaddress.ip_address(address.split("/")[0]) in ipaddress.ip_network(block)
+
+
+def test_empty_blocks_go_back_to_the_pool_after_their_grace(etcd: EtcdServer) -> None:
+    """A block empty for the grace is taken out of the host's pool (stored as returning),
+    then deleted in etcd (compared to be the host's); the last block stays; etcd away
+    keeps it returning, never handed out of, until a later round; a restart remembers."""
+    with etcd.client() as c:
+        c.put("/s/ipam/blocks/10.244.0.0-26", '{"host": "other"}')
+        blocks = Blocks(c, "/s", "h1")
+        svc = _Service(open_ipam(blocks, "10.244.0.0/16", None))
+        got = [svc.ipam.allocate(f"p{i}") for i in range(130)]  # three blocks of 64
+        mine = [str(b) for b in svc.ipam.blocks]
+        assert mine == ["10.244.0.64/26", "10.244.0.128/26", "10.244.0.192/26"]
+        returns = BlockReturns(blocks, grace=10.0)
+        returns.service = svc
+        assert returns.run_once(0.0) == []  # nothing empty
+        # The third block emptied: given back only once empty for the grace.
+        for i, a in enumerate(got):
+            if _in(a, mine[2]):
+                svc.ipam.release(f"p{i}")
+        assert returns.run_once(100.0) == [] and returns.run_once(109.0) == []
+        assert [str(b) for b in returns.run_once(110.0)] == [mine[2]]
+        assert [str(b) for b in svc.ipam.blocks] == mine[:2] and svc.ipam.returning == []
+        assert svc.committed[-2]["returning"] == [mine[2]]  # stored before etcd was asked
+        assert "returning" not in svc.committed[-1]
+        assert set(Blocks(c, "/s", "").owned().values()) == {"other", "h1"}
+        assert len(blocks.mine()) == 2
+        # A block emptied while etcd is away: taken out, kept returning, not handed out of.
+        for i, a in enumerate(got):
+            if _in(a, mine[1]):
+                svc.ipam.release(f"p{i}")
+        returns.run_once(200.0)
+        etcd.stop()
+        with pytest.raises(NetError):
+            returns.run_once(210.0)
+        assert [str(b) for b in svc.ipam.returning] == [mine[1]]
+        assert [str(b) for b in svc.ipam.blocks] == mine[:1]
+        # The first block is full: no address of the returning one, a claim is tried.
+        with pytest.raises(NetError, match="cannot claim"):
+            svc.ipam.allocate("new")
+        # A restart: the stored state still keeps the block out of use.
+        saved = svc.committed[-1]
+        etcd.start()
+        with etcd.client() as c2:
+            again = open_ipam(Blocks(c2, "/s", "h1"), "10.244.0.0/16", saved)
+            assert [str(b) for b in again.blocks] == mine[:1]
+            assert [str(b) for b in again.returning] == [mine[1]]
+            svc.ipam = again
+            returns.blocks = Blocks(c2, "/s", "h1")
+            assert [str(b) for b in returns.run_once(220.0)] == [mine[1]]
+            assert svc.ipam.returning == [] and len(returns.blocks.mine()) == 1
+            # The last block stays, empty or not.
+            for i in range(130):
+                svc.ipam.release(f"p{i}")
+            assert returns.run_once(300.0) == [] and returns.run_once(1000.0) == []
+            assert [str(b) for b in svc.ipam.blocks] == mine[:1]
+            # A block given back is claimed again when needed (the lowest free).
+            more = [svc.ipam.allocate(f"q{i}") for i in range(65)]
+            assert _in(more[-1], "10.244.0.128/26")
+            # One no longer this host's in etcd (reclaimed, taken) is just dropped.
+            svc.ipam.release("q64")
+            c2.put("/s/ipam/blocks/10.244.0.128-26", '{"host": "h9"}')
+            assert [str(b) for b in returns.run_once(2000.0)] == []
+            assert [str(b) for b in returns.run_once(2010.0)] == ["10.244.0.128/26"]
+            assert Blocks(c2, "/s", "").owned()[ipaddress.ip_network("10.244.0.128/26")] \
+                == "h9"

@@ -494,7 +494,7 @@ class CniOps:
         removed: list[str] = []
         released: list[str] = []
         registry = dict(self.attachments)
-        pool = type(svc.ipam).from_dict(svc.ipam.to_dict()) if svc.ipam is not None else None
+        pool = svc.ipam.copy() if svc.ipam is not None else None
         for att in atts:
             registry.pop(att.id, None)
             rec = svc.state.endpoints.get(att.key) if att.key else None

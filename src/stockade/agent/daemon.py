@@ -108,6 +108,8 @@ class AgentConfig:
     etcd_cacert: str | None = None
     # The address other hosts route this host's address blocks to (etcd/hosts.py).
     host_address: str | None = None
+    # An address block left empty this long goes back to the pool (etcd/ipam.py); 0: never.
+    empty_block_grace: float = 600.0
     cni_conf_dir: str = "/etc/cni/net.d"  # reported on GET /status (the runtime's view)
 
 
@@ -222,7 +224,8 @@ class Agent:
             try:
                 ipam = open_hosts(self.kube_feed, cfg.subnet or DEFAULT_SUBNET, ipam_state,
                                   netns=cfg.netns, bridge_prefix=cfg.bridge_prefix,
-                                  host_address=cfg.host_address)
+                                  host_address=cfg.host_address,
+                                  empty_block_grace=cfg.empty_block_grace)
             except NetError as exc:
                 raise AgentError(f"--datastore etcd: {exc}") from None
         else:
@@ -415,6 +418,7 @@ class Agent:
             self.service.read_only = f"kubernetes ({feed.client.server})"
         feed.bind(self.service, self.registry)
         self.service.register(feed)
+        self.service.extensions_ready = False  # until the first lists: see _await_kube
         self._serve()
         feed.start()
         log.info(f"serving; enforcing once the first lists of {feed.SOURCE} are in",
@@ -435,6 +439,7 @@ class Agent:
         try:
             self._enforce()
             self._start_extensions(apart=True)
+            self.service.extensions_ready = True
         except Exception:  # the agent goes on enforcing; status says what is missing
             log.exception("starting after the first lists failed")
         if self.runner is not None and not self.reconciler.healthy:
@@ -688,7 +693,8 @@ class Agent:
                             if k != QUARANTINE_POLICY
                             and not k.endswith(f"/{QUARANTINE_POLICY}")}
             synced = True
-        return {"node": node, "ready": r.healthy, "inSync": synced and r.in_sync,
+        return {"node": node, "ready": r.healthy and self.service.extensions_ready,
+                "inSync": synced and r.in_sync,
                 "error": (last.error if last is not None else "") or "",
                 "cniConfig": cni_config(self.config.cni_conf_dir),
                 # Start-up refuses a kernel that fails the probe: here, all present.

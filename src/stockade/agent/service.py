@@ -54,7 +54,7 @@ from stockade.agent.records import (
 )
 from stockade.agent.snapshot import changes_to_restore, parse_snapshot, snapshot_of
 from stockade.agent.store import Store
-from stockade.errors import AgentError, DecodeError, InputError
+from stockade.errors import AgentError, DecodeError, InputError, NetError
 from stockade.heap import collector_paused
 from stockade.model.admit import admit_objects, validate_label_change
 from stockade.model.cluster import Namespace, implicit_namespace
@@ -98,6 +98,9 @@ class Service:
                  *, ipam: Ipam | None = None, strict_cidr: bool = False) -> None:
         self.store = store
         self.ipam = ipam
+        # False while an API datastore's first lists are awaited: the extensions (CNI,
+        # containers) start after them, and `status` is not ready until they have.
+        self.extensions_ready = True
         self.state = state
         self.reconciler = reconciler
         self.strict_cidr = strict_cidr
@@ -257,8 +260,9 @@ class Service:
         r = self.reconciler
         last = r.last
         out: dict[str, Any] = {
-            # Not ready while the kernel refuses what the agent means to enforce.
-            "ready": r.healthy,
+            # Not ready while the kernel refuses what the agent means to enforce, nor
+            # before every operation is served (the CNI's start after an API's lists).
+            "ready": r.healthy and self.extensions_ready,
             "inSync": r.in_sync,
             "revision": r.desired_revision,
             "appliedRevision": r.applied_revision,
@@ -502,10 +506,16 @@ class Service:
         with self.lock:
             changes = changes_to_restore(self.state, target)
             extra: dict[str, Any] = {}
+            pool = None
             if "ipam" in meta and self.ipam is not None:
-                self.ipam = Ipam.from_dict(meta["ipam"])
-                extra["ipam"] = meta["ipam"]
+                try:
+                    pool = self.ipam.restored(meta["ipam"])
+                except NetError as exc:
+                    raise ApiError(INVALID, f"not restored: {exc}") from None
+                extra["ipam"] = pool.to_dict()
             revision = self.commit(changes, sync=False, meta=extra or None)
+            if pool is not None:
+                self.ipam = pool  # once committed: a refused commit leaves the pool as it was
         if sync and changes:
             self._wait(revision)
         return {"revision": revision, "changes": len(changes)}

@@ -74,6 +74,10 @@ def register(sub: Any) -> None:
     a.add_argument("--host-address", metavar="IP",
                    help="with --datastore etcd: this host's address, to which the other "
                         "hosts route its endpoints' address blocks")
+    a.add_argument("--empty-block-grace", type=seconds, default=600.0, metavar="SECONDS",
+                   help="with --datastore etcd: give an address block this host has left "
+                        "empty this long back to the pool (its last block excepted; "
+                        "0: never)")
     a.add_argument("--kubeconfig", metavar="FILE",
                    help="with --datastore kubernetes: this kubeconfig (default: in-cluster "
                         "service account, else $KUBECONFIG or ~/.kube/config)")
@@ -207,7 +211,8 @@ def run_agent(args: argparse.Namespace) -> int:
         pod_wait=args.pod_wait, cni_conf_dir=args.cni_conf_dir,
         etcd_endpoints=tuple(u for e in args.etcd_endpoints for u in e.split(",") if u),
         etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert, etcd_cert=args.etcd_cert,
-        etcd_key=args.etcd_key, host_address=args.host_address), datapath, ownership)
+        etcd_key=args.etcd_key, host_address=args.host_address,
+        empty_block_grace=args.empty_block_grace), datapath, ownership)
 
 
 def _default_socket() -> str:

@@ -187,6 +187,7 @@ class EtcdFeed(KubeFeed):
                          reflector_factory=factory)
         self.etcd: EtcdClient = client
         self.routes: Any = None  # etcd/hosts.py HostRoutes, with --host-address
+        self.block_returns: Any = None  # etcd/ipam.py BlockReturns: empty blocks given back
         # Pods in etcd that an agent of this node published for its CNI and `run`
         # endpoints (what its publisher may have to delete).
         self.published: set[str] = set()
@@ -195,8 +196,12 @@ class EtcdFeed(KubeFeed):
         super().start()
         if self.routes is not None:
             self.routes.start()
+        if self.block_returns is not None:
+            self.block_returns.start()
 
     def stop(self) -> None:
+        if self.block_returns is not None:
+            self.block_returns.stop()
         if self.routes is not None:
             self.routes.stop()
         super().stop()
@@ -205,6 +210,8 @@ class EtcdFeed(KubeFeed):
 
     def bind(self, service: Any, registry: Any = None) -> None:
         super().bind(service, registry)
+        if self.block_returns is not None:
+            self.block_returns.service = service
         if registry is not None:
             self._m_degraded = registry.gauge(
                 "stockade_etcd_degraded",
@@ -234,6 +241,8 @@ class EtcdFeed(KubeFeed):
                        "conflicts": self.conflicts,
                        **({"hosts": self.routes.status()} if self.routes is not None
                           else {}),
+                       **({"blocks": self.block_returns.status()}
+                          if self.block_returns is not None else {}),
                        "revision": max(self.seen.values(), default=0)})
         out["datastore"] = ds
         return out
@@ -617,16 +626,19 @@ def open_feed(endpoints: Sequence[str], node: str, *, prefix: str = DEFAULT_PREF
 
 def open_hosts(feed: EtcdFeed, subnet: str, saved: Mapping[str, Any] | None, *,
                netns: str | None, bridge_prefix: str, host_address: str | None,
-               config: ReflectorConfig | None = None) -> Any:
+               config: ReflectorConfig | None = None,
+               empty_block_grace: float = 600.0) -> Any:
     """The address pool across hosts (etcd/ipam.py) and the routes between hosts
     (etcd/hosts.py) of an agent: its IPAM, claiming blocks in etcd; the routes start
     with the feed."""
     from stockade.errors import NetError
     from stockade.etcd.hosts import HostRoutes
-    from stockade.etcd.ipam import Blocks, open_ipam
+    from stockade.etcd.ipam import BlockReturns, Blocks, open_ipam
     from stockade.net.naming import Naming
 
-    ipam = open_ipam(Blocks(feed.etcd, feed.prefix, feed.node), subnet, saved)
+    blocks = Blocks(feed.etcd, feed.prefix, feed.node)
+    ipam = open_ipam(blocks, subnet, saved)
+    feed.block_returns = BlockReturns(blocks, empty_block_grace)
     try:
         bridge = Naming(bridge_prefix).bridge
     except NetError:  # `stockade run` says so; the routes need no bridge

@@ -18,6 +18,14 @@ Layout under the prefix::
 * **Addresses stay local.** Which address of a block which container has is the
   host's own business (the local store keeps it, as before); etcd holds only who owns
   each block.
+* **Empty blocks go back to the pool.** A block this host has left without any
+  address for ``--empty-block-grace`` seconds (600 by default; 0: never) is given
+  back, the host's last block excepted. In two steps, so that no address is ever in
+  a block another host can claim: the block is first taken out of the host's own
+  pool (no address is handed out of it any more; the agent's store remembers it as
+  *returning*), then its key is deleted in etcd, compared to be still this host's.
+  A step that fails (etcd away, the agent killed between the two) is taken again
+  later, and after a restart; the other hosts drop their route to it on the watch.
 * **Reclaiming a gone host's blocks is explicit**:
   ``python -m stockade.etcd.ipam reclaim HOST --etcd-endpoints URL…`` deletes its
   blocks and its host record (only blocks still owned by HOST, compared in one
@@ -31,6 +39,8 @@ import ipaddress
 import json
 import logging
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -64,12 +74,18 @@ class BlockIpam(Ipam):
 
     def __init__(self, subnet: str, gateway: str | None = None,
                  allocated: Mapping[str, str] | None = None, *,
-                 blocks: Sequence[str] = (),
+                 blocks: Sequence[str] = (), returning: Sequence[str] = (),
                  claim: Callable[[], Network] | None = None) -> None:
+        # Blocks being given back: never handed out of again (see BlockReturns).
+        self.returning: list[Network] = []
+        for b in returning:
+            net = ipaddress.ip_network(b, strict=True)
+            if net not in self.returning:
+                self.returning.append(net)
         self.blocks: list[Network] = []
         for b in blocks:
             net = ipaddress.ip_network(b, strict=True)
-            if net not in self.blocks:
+            if net not in self.blocks and net not in self.returning:
                 self.blocks.append(net)
         self.claim = claim
         super().__init__(subnet, gateway, allocated)
@@ -85,6 +101,8 @@ class BlockIpam(Ipam):
         if self.claim is None:
             raise NetError(f"no free address in this host's blocks of {self.subnet}")
         block = self.claim()
+        if block in self.returning:  # deleted in etcd meanwhile, and claimed again
+            self.returning.remove(block)
         if block not in self.blocks:
             self.blocks.append(block)
         free = self._free_in(block)
@@ -101,15 +119,56 @@ class BlockIpam(Ipam):
                 return candidate
         return None
 
+    def empty_blocks(self) -> list[Network]:
+        """This host's blocks without any allocated address, in the order claimed."""
+        used = {b for b in self.blocks for a in self.allocated_addresses() if a in b}
+        return [b for b in self.blocks if b not in used]
+
+    def take_out(self, blocks: Sequence[Network]) -> None:
+        """Stop handing out addresses of empty ``blocks``: they are to be given back."""
+        for b in blocks:
+            if any(a in b for a in self.allocated_addresses()):
+                raise NetError(f"block {b} still has addresses allocated")
+            if b in self.blocks:
+                self.blocks.remove(b)
+                self.returning.append(b)
+
+    def returned(self, blocks: Sequence[Network]) -> None:
+        """``blocks`` are no longer this host's in etcd."""
+        self.returning = [b for b in self.returning if b not in blocks]
+
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "blocks": [str(b) for b in self.blocks]}
+        out = {**super().to_dict(), "blocks": [str(b) for b in self.blocks]}
+        if self.returning:
+            out["returning"] = [str(b) for b in self.returning]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockIpam:
         base = Ipam.from_dict(data)
         return cls(str(base.subnet), str(base.gateway),
                    {k: v for k, v in base.to_dict()["allocated"].items()},
-                   blocks=[str(b) for b in data.get("blocks") or ()])
+                   blocks=[str(b) for b in data.get("blocks") or ()],
+                   returning=[str(b) for b in data.get("returning") or ()])
+
+    def copy(self) -> BlockIpam:
+        out = BlockIpam.from_dict(self.to_dict())
+        out.claim = self.claim  # a copy the agent keeps must still claim blocks
+        return out
+
+    def restored(self, data: Mapping[str, Any]) -> BlockIpam:
+        """This host's blocks and claimer with a snapshot's allocations.
+
+        The blocks are etcd's, not the snapshot's: a block given up or reclaimed since
+        may be another host's now, and a plain pool would hand out addresses from
+        every host's blocks. The snapshot must be of this pool (NetError if not)."""
+        base = Ipam.from_dict(data)
+        if base.subnet != self.subnet:
+            raise NetError(f"the snapshot's address pool is {base.subnet}, this cluster's "
+                           f"is {self.subnet} (etcd's)")
+        return BlockIpam(str(self.subnet), str(self.gateway), base.to_dict()["allocated"],
+                         blocks=[str(b) for b in self.blocks],
+                         returning=[str(b) for b in self.returning], claim=self.claim)
 
 
 class Blocks:
@@ -167,6 +226,28 @@ class Blocks:
         return sorted((b for b, h in self.owned().items() if h == self.host),
                       key=lambda b: int(b.network_address))
 
+    def give_back(self, block: Network) -> bool:
+        """Delete ``block``'s key if it is still this host's (compared in the same
+        transaction). True once it is not this host's in etcd (deleted now, or before);
+        False if it changed meanwhile (asked again later). EtcdError if unreachable."""
+        key = self.blocks_prefix + block_name(block)
+        kv = self.client.get(key)
+        if kv is None:
+            return True
+        try:
+            owner = json.loads(kv.value).get("host")
+        except (ValueError, AttributeError):
+            owner = None
+        if owner != self.host:
+            return True
+        result = self.client.txn([{"key": b64(key), "target": "MOD", "result": "EQUAL",
+                                   "mod_revision": str(kv.mod_revision)}],
+                                 [{"request_delete_range": {"key": b64(key)}}])
+        if result.succeeded:
+            log.info("address block given back", extra={"fields": {
+                "block": str(block), "host": self.host}})
+        return bool(result.succeeded)
+
     def claim(self, pool: Network, size: int) -> Network:
         """The lowest free block of the pool, claimed for this host (compare-and-swap)."""
         try:
@@ -209,16 +290,109 @@ def open_ipam(blocks: Blocks, wanted: str, saved: Mapping[str, Any] | None) -> B
         log.warning("etcd unreachable at start: using the saved address blocks and the "
                     "pool %s", subnet, extra={"fields": {"error": str(e)}})
     allocated: dict[str, str] = {}
+    returning: list[str] = []
     if saved and str(saved.get("subnet")) == subnet:
         allocated = {str(k): str(v) for k, v in dict(saved.get("allocated") or {}).items()}
+        # Taken out before the agent stopped: given back yet or not, never handed out of.
+        returning = [str(b) for b in saved.get("returning") or ()]
         for b in saved.get("blocks") or ():
             if b not in mine:
                 log.warning("a saved address block is no longer this host's in etcd",
                             extra={"fields": {"block": b}})
     pool = ipaddress.ip_network(subnet)
-    ipam = BlockIpam(subnet, None, allocated, blocks=mine)
+    ipam = BlockIpam(subnet, None, allocated, blocks=mine, returning=returning)
     ipam.claim = lambda: blocks.claim(pool, size)
     return ipam
+
+
+class BlockReturns:
+    """Gives back the blocks this host has left empty for ``grace`` seconds (see the
+    module doc), from a thread of its own; `run_once` is one round.
+
+    ``service`` is the agent's (its lock, its pool, its commit): the pool is changed
+    on a copy, committed to the agent's store, then swapped in, as every change of it.
+    """
+
+    def __init__(self, blocks: Blocks, grace: float) -> None:
+        self.blocks = blocks
+        self.grace = grace
+        self.service: Any = None
+        self.given: list[str] = []  # given back by this agent, the latest last (at most 64)
+        self.error = ""
+        self._since: dict[Network, float] = {}  # empty since (monotonic), as first seen
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.grace <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="etcd-blocks", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def status(self) -> dict[str, Any]:
+        ipam = getattr(self.service, "ipam", None)
+        mine = returning = []
+        if isinstance(ipam, BlockIpam):
+            mine = [str(b) for b in ipam.blocks]
+            returning = [str(b) for b in ipam.returning]
+        return {"mine": mine, "returning": returning, "givenBack": list(self.given),
+                "emptyBlockGrace": self.grace, "error": self.error}
+
+    def _loop(self) -> None:
+        # Often enough that a block goes within a few seconds of its grace.
+        interval = min(5.0, max(0.2, self.grace / 4))
+        while not self._stop.wait(interval):
+            try:
+                self.run_once(time.monotonic())
+                self.error = ""
+            except Exception as e:  # the next round tries again
+                self.error = f"{type(e).__name__}: {e}"
+                log.warning("giving back empty address blocks: %s", e)
+
+    def _swap(self, change: Callable[[BlockIpam], None]) -> BlockIpam:
+        """Under the service's lock: ``change`` on a copy of the pool, committed, kept."""
+        svc = self.service
+        pool: BlockIpam = svc.ipam.copy()
+        change(pool)
+        svc.commit([], sync=False, meta={"ipam": pool.to_dict()})
+        svc.ipam = pool
+        return pool
+
+    def run_once(self, now: float) -> list[Network]:
+        """Take out the blocks empty for ``grace`` (never the last), then give back every
+        block taken out; the blocks no longer this host's in etcd."""
+        svc = self.service
+        if svc is None:
+            return []
+        with svc.lock:
+            ipam = svc.ipam
+            if not isinstance(ipam, BlockIpam):
+                return []
+            empty = ipam.empty_blocks()
+            if len(empty) == len(ipam.blocks):
+                empty = empty[1:]  # a host keeps one block: its next pod needs no claim
+            self._since = {b: self._since.get(b, now) for b in empty}
+            due = [b for b, t in self._since.items() if now - t >= self.grace]
+            if due:
+                ipam = self._swap(lambda pool: pool.take_out(due))
+                for b in due:
+                    del self._since[b]
+            returning = list(ipam.returning)
+        if not returning:
+            return []
+        try:
+            gone = [b for b in returning if self.blocks.give_back(b)]
+        except EtcdError as e:
+            raise NetError(f"etcd: {e}") from None  # kept as returning: the next round
+        if gone:
+            with svc.lock:
+                if isinstance(svc.ipam, BlockIpam):
+                    self._swap(lambda pool: pool.returned(gone))
+            self.given = (self.given + [str(b) for b in gone])[-64:]
+        return gone
 
 
 def reclaim(client: EtcdClient, prefix: str, host: str) -> list[str]:

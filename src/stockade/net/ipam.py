@@ -21,6 +21,8 @@ Public API::
     Ipam.address_of(owner) -> str | None
     Ipam.gateway_interface -> str      # "10.244.0.1/16", what the bridge carries
     Ipam.to_dict() / Ipam.from_dict(d)
+    Ipam.copy() -> Ipam                # to change apart, and keep only if a commit lands
+    Ipam.restored(d) -> Ipam           # this pool with a snapshot's allocations
 """
 
 from __future__ import annotations
@@ -123,6 +125,10 @@ class Ipam:
     def __len__(self) -> int:
         return len(self._by_address)
 
+    def allocated_addresses(self) -> list[Address]:
+        """Every allocated address, in no particular order."""
+        return list(self._by_address)
+
     def to_dict(self) -> dict[str, Any]:
         """The whole state, JSON-ready, with addresses in ascending order."""
         return {
@@ -141,3 +147,14 @@ class Ipam:
         except (KeyError, TypeError, ValueError) as exc:
             raise NetError(f"invalid IPAM state: {exc!r}") from exc
         return cls(subnet, None if gateway is None else str(gateway), allocated)
+
+    def copy(self) -> Ipam:
+        """The same pool, to change apart and swap in once a commit has landed.
+
+        A subclass that holds more than its state (etcd's block pool: how to claim a
+        block) keeps it here; `from_dict` alone would lose it."""
+        return type(self).from_dict(self.to_dict())
+
+    def restored(self, data: Mapping[str, Any]) -> Ipam:
+        """The pool a snapshot's IPAM state (`to_dict`) restores: here, that state."""
+        return Ipam.from_dict(data)
