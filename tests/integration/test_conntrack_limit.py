@@ -7,6 +7,7 @@ sets and rules are the skeleton's: verified, repaired, changed and removed with 
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import subprocess
@@ -122,7 +123,8 @@ def test_the_limit_is_verified_changed_and_removed_with_the_skeleton(trio) -> No
         assert dp.last_drift_details == ["base chain rules differ"]
         assert _nft(host, "list", "chain", "inet", "stockade", "forward"
                     ).stdout.count("ct count over 3") == 2
-        # another limit: the rules change, the sets (and what they count) stay
+        # another limit: the rules change, and the sets are made again with them (each
+        # element counts with the N of the rule that made it)
         other = NftDatapath(Table(conntrack_limit=7), netns=host)
         other.apply(rs, verify=True)
         chain = _nft(host, "list", "chain", "inet", "stockade", "forward").stdout
@@ -138,6 +140,52 @@ def test_the_limit_is_verified_changed_and_removed_with_the_skeleton(trio) -> No
         kt = none.read_table()
         assert kt is not None and not kt.needs_repair
     finally:
+        dp.remove()
+
+
+def _set_handle(netns: str, name: str) -> int:
+    doc = json.loads(_nft(netns, "-j", "list", "set", "inet", "stockade", name).stdout)
+    return int(next(o["set"]["handle"] for o in doc["nftables"] if "set" in o))
+
+
+def test_a_repair_keeps_what_the_limit_counts(trio, listener: socket.socket) -> None:
+    """The skeleton made again (one of its rules deleted by hand) keeps the limit's
+    sets while their rules are intact: a source at the limit stays at it. Made again
+    with the skeleton, the sets would count from 0 and the source get LIMIT more."""
+    rs = compile_cluster(_cluster(trio))
+    host = trio.host_netns
+    dp = NftDatapath(Table(conntrack_limit=LIMIT), netns=host)
+    dp.apply(rs)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(LIMIT):
+            conn = _connect(trio.b.netns, trio.a.address4)
+            assert conn is not None
+            held.append(conn)
+        assert _connect(trio.b.netns, trio.a.address4, timeout=0.5) is None
+        handles = {name: _set_handle(host, name) for name in LIMIT_SETS.values()}
+        listing = _nft(host, "-a", "list", "chain", "inet", "stockade", "forward").stdout
+        handle = next(line.rsplit("# handle ", 1)[1] for line in listing.splitlines()
+                      if "neighbour discovery" in line)
+        assert _nft(host, "delete", "rule", "inet", "stockade", "forward", "handle",
+                    handle).returncode == 0
+        assert not dp.verify_quietly()
+        dp.apply(rs, verify=True)
+        assert dp.last_drift_details == ["base chain rules differ"]
+        kt = dp.read_table()
+        assert kt is not None and not kt.needs_repair, kt and kt.drift
+        assert "neighbour discovery" in _nft(host, "list", "chain", "inet", "stockade",
+                                             "forward").stdout
+        assert {name: _set_handle(host, name) for name in LIMIT_SETS.values()} == handles
+        assert trio.b.address4 in _nft(host, "list", "set", "inet", "stockade",
+                                       LIMIT_SETS[4]).stdout
+        assert _connect(trio.b.netns, trio.a.address4, timeout=0.5) is None  # still full
+        other = _connect(trio.c.netns, trio.a.address4)
+        assert other is not None
+        held.append(other)
+    finally:
+        for conn in held:
+            conn.close()
         dp.remove()
 
 

@@ -32,6 +32,23 @@ def test_a_limit_comes_after_conntrack_and_before_the_verdict_maps() -> None:
     assert limit[1]["set"]["elem"] == {"payload": {"protocol": "ip6", "field": "saddr"}}
 
 
+def test_sets_the_kernel_keeps_are_left_out_of_the_skeleton() -> None:
+    """A repair keeps the limit's sets (and their counts) when its rules are intact: the
+    skeleton then adds the rules only (re-adding a dynamic set is refused)."""
+    from stockade.compile.ir import Ruleset
+    from stockade.compile.nft import render_plan
+    from stockade.compile.plan import plan
+
+    table = Table(conntrack_limit=9)
+    names = lambda cmds: [c["add"]["set"]["name"] for c in cmds  # noqa: E731
+                          if "add" in c and "set" in c["add"]]
+    assert names(render_skeleton(table)) == ["k4-ct", "k6-ct"]
+    assert names(render_skeleton(table, kept_sets=("k4-ct", "k6-ct"))) == []
+    cmds = render_plan(table, plan(Ruleset(), Ruleset()), skeleton=True,
+                       kept_sets=("k4-ct", "k6-ct"))
+    assert names(cmds) == [] and "ct count" in json.dumps(cmds)
+
+
 def test_the_flag_takes_a_whole_number_the_counter_holds(
         capsys: pytest.CaptureFixture[str]) -> None:
     from stockade.cli.main import main

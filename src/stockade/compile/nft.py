@@ -543,12 +543,15 @@ def base_chain(table: Table) -> dict[str, Any]:
                      policy="accept")
 
 
-def render_skeleton(table: Table, *, create_table: bool = True) -> list[Command]:
+def render_skeleton(table: Table, *, create_table: bool = True,
+                    kept_sets: Collection[str] = ()) -> list[Command]:
     """The table, the four verdict maps and the forward base chain.
 
     `create_table=False` leaves the table out: a table created with the owner
     flag refuses libnftables' `add table` (it sends flags 0, which would drop
     ownership: EOPNOTSUPP), so an owned table is created over raw netlink first.
+    `kept_sets`: the connection limit's sets that the kernel keeps (see
+    `KernelTable.kept_sets`), left out.
     """
     cmds: list[Command] = []
     if create_table:
@@ -559,15 +562,16 @@ def render_skeleton(table: Table, *, create_table: bool = True) -> list[Command]
     for expr, comment in judge_rules():
         cmds.append({"add": {"rule": table.ref(chain=JUDGE_INGRESS, expr=expr,
                                                comment=comment)}})
-    cmds += limit_sets(table)
+    cmds += limit_sets(table, kept_sets)
     cmds.append({"add": {"chain": base_chain(table)}})
     for expr, comment in skeleton_rules(table):
         cmds.append({"add": {"rule": table.ref(chain=FORWARD, expr=expr, comment=comment)}})
     return cmds
 
 
-def limit_sets(table: Table) -> list[Command]:
-    """The sets that count each source's connections, when the table limits them.
+def limit_sets(table: Table, kept: Collection[str] = ()) -> list[Command]:
+    """The sets that count each source's connections, when the table limits them
+    (less those in `kept`).
 
     No `dynamic` flag: libnftables 1.0.6 takes none in JSON (nor prints one); it sets
     the flag itself on a set that a rule of the same transaction adds to, and the
@@ -575,7 +579,8 @@ def limit_sets(table: Table) -> list[Command]:
     if not table.conntrack_limit:
         return []
     return [{"add": {"set": table.ref(name=LIMIT_SETS[fam], type=_ADDR_TYPE[fam],
-                                      size=LIMIT_SET_SIZE)}} for fam in (4, 6)]
+                                      size=LIMIT_SET_SIZE)}} for fam in (4, 6)
+            if LIMIT_SETS[fam] not in kept]
 
 
 def limit_rules(table: Table | None) -> list[tuple[list[dict[str, Any]], str]]:
@@ -634,9 +639,10 @@ def map_element(addr: str, chain: str | None) -> Any:
 
 
 def render_plan(table: Table, p: Plan, *, skeleton: bool = False,
-                create_table: bool = True) -> list[Command]:
+                create_table: bool = True, kept_sets: Collection[str] = ()) -> list[Command]:
     """One transaction's commands, in an order that keeps every reference valid."""
-    cmds: list[Command] = render_skeleton(table, create_table=create_table) if skeleton else []
+    cmds: list[Command] = render_skeleton(table, create_table=create_table,
+                                          kept_sets=kept_sets) if skeleton else []
     cmds += [{"add": {"map" if s.kind == DECISION else "set": render_set(table, s)}}
              for s in p.add_sets]
     # A tier map's intervals may not overlap: what goes, goes before what comes.
@@ -985,6 +991,9 @@ class KernelTable:
     # a host with none pays nothing per frame), or there and not as made (made anew).
     guard_missing: bool = False
     guard_ok: bool = True
+    # The connection limit's sets that stay when the skeleton is made again (their
+    # counts with them): `render_plan(kept_sets=…)` leaves them out.
+    kept_sets: tuple[str, ...] = ()
 
     @property
     def needs_repair(self) -> bool:
@@ -1240,15 +1249,16 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
 
     # The base chain: definition, rules, and the maps its rules read.
     fwd = chain_bodies.get(FORWARD)
+    kernel_fwd = canonical_rules((r.get("expr", []), r.get("comment", ""))
+                                 for r in rules.get(FORWARD, []))
     fwd_def = {k: v for k, v in fwd.items() if k != "handle"} if fwd is not None else None
     fwd_ok = fwd_def == base_chain(table)
     if fwd is None:
         drift.append("base chain missing")
     elif not fwd_ok:
         drift.append("base chain definition differs")
-    elif canonical_rules((r.get("expr", []), r.get("comment", ""))
-                         for r in rules.get(FORWARD, [])) != _skeleton_canon(table) or not all(
-                             set(r) <= _RULE_KEYS for r in rules.get(FORWARD, [])):
+    elif kernel_fwd != _skeleton_canon(table) or not all(
+            set(r) <= _RULE_KEYS for r in rules.get(FORWARD, [])):
         drift.append("base chain rules differ")
         fwd_ok = False
     if limited:
@@ -1268,11 +1278,21 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     if not skeleton_ok and fwd is not None:
         flush.append(FORWARD)
         del_chains.append(FORWARD)
+    kept_sets: tuple[str, ...] = ()
     if not skeleton_ok:
-        # The skeleton adds them again with their rules (only then do they get their
-        # `dynamic` flag, which JSON cannot give), and adding one that is there with
-        # that flag is refused: they go first, and the counts start again from 0.
-        del_objects += [{"delete": {"set": ref(name=name)}} for name in kept_limits]
+        # Each element of the limit's sets counts a source's connections with the N of
+        # the rule that made it (nft_connlimit's state is the element's). When the
+        # kernel still has both rules as wanted, the sets stay and the skeleton leaves
+        # them out (re-adding one is refused: libnftables cannot give the `dynamic`
+        # flag in JSON), so a repair does not start every count again from 0.
+        # Otherwise (another N, a rule altered or gone) they are made again with
+        # their rules, and the counts start from 0.
+        wanted = {expr for _comment, expr in canonical_rules(limit_rules(table))}
+        if (table.conntrack_limit and len(kept_limits) == len(LIMIT_SETS)
+                and wanted <= {expr for _comment, expr in kernel_fwd}):
+            kept_sets = tuple(sorted(kept_limits))
+        else:
+            del_objects += [{"delete": {"set": ref(name=name)}} for name in kept_limits]
     if not skeleton_ok and judge is not None:
         # Emptied, not deleted: Admin chains may jump to it; the skeleton refills it.
         flush.append(JUDGE_INGRESS)
@@ -1291,7 +1311,7 @@ def parse_kernel(doc: Mapping[str, Any], table: Table, expected_chains: Mapping[
     prelude += [{"delete": {"chain": ref(name=n)}} for n in del_chains]
     prelude += del_objects
     return KernelTable(Ruleset(sets, chains, maps[INGRESS], maps[EGRESS]), skeleton_ok,
-                       foreign, drift, prelude, table_ok, objects)
+                       foreign, drift, prelude, table_ok, objects, kept_sets=kept_sets)
 
 
 _SKELETON_CANON: dict[int, tuple[Canon, ...]] = {}

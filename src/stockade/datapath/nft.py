@@ -696,7 +696,8 @@ class NftDatapath:
         cmds: list[Command] = list(kt.prelude) if kt is not None else []
         cmds += render_plan(self.table, delta,
                             skeleton=missing or (kt is not None and not kt.skeleton_ok),
-                            create_table=missing and not self.owned)
+                            create_table=missing and not self.owned,
+                            kept_sets=kt.kept_sets if kt is not None else ())
         try:
             self._run(cmds, "the ruleset update", applied=target, spare=spare)
         except DataplaneError:
