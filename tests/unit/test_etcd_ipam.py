@@ -41,7 +41,8 @@ def test_addresses_come_from_the_claimed_blocks_only() -> None:
 
 
 
-def test_a_copy_still_claims_and_a_restore_keeps_the_blocks() -> None:
+def test_a_copy_still_claims_and_a_restore_keeps_the_blocks(
+        caplog: pytest.LogCaptureFixture) -> None:
     """The agent changes its pool on a copy and keeps the copy (a CNI DEL), and a
     snapshot restore takes its allocations: both stay etcd's block pool."""
     blocks = iter(["10.244.0.64/30", "10.244.0.128/30"])
@@ -65,6 +66,11 @@ def test_a_copy_still_claims_and_a_restore_keeps_the_blocks() -> None:
     assert more == ["10.244.0.6/16", "10.244.0.7/16", "10.244.0.64/16", "10.244.0.65/16",
                     "10.244.0.66/16", "10.244.0.67/16"]
     assert back.allocate("m6") == "10.244.0.128/16"  # then a block claimed
+    assert "outside this host's address blocks" not in caplog.text
+    # An address of the snapshot in no block of this host's: kept, and said.
+    astray = copy.restored({**snapshot, "allocated": {"10.244.9.9": "old"}})
+    assert astray.address_of("old") == "10.244.9.9/16"
+    assert "outside this host's address blocks" in caplog.text
     with pytest.raises(NetError, match=r"snapshot's address pool is 10\.9\.0\.0/16"):
         copy.restored({**snapshot, "subnet": "10.9.0.0/16", "gateway": "10.9.0.1",
                        "allocated": {}})

@@ -166,9 +166,18 @@ class BlockIpam(Ipam):
         if base.subnet != self.subnet:
             raise NetError(f"the snapshot's address pool is {base.subnet}, this cluster's "
                            f"is {self.subnet} (etcd's)")
-        return BlockIpam(str(self.subnet), str(self.gateway), base.to_dict()["allocated"],
-                         blocks=[str(b) for b in self.blocks],
-                         returning=[str(b) for b in self.returning], claim=self.claim)
+        out = BlockIpam(str(self.subnet), str(self.gateway), base.to_dict()["allocated"],
+                        blocks=[str(b) for b in self.blocks],
+                        returning=[str(b) for b in self.returning], claim=self.claim)
+        # Kept (the endpoints have them), but no longer in this host's blocks: another
+        # host may hand them out too. Said, as a restart from such a store says it.
+        astray = sorted(str(a) for a in out.allocated_addresses()
+                        if not any(a in b for b in out.blocks))
+        if astray:
+            log.warning("restored addresses outside this host's address blocks",
+                        extra={"fields": {"addresses": ", ".join(astray[:16]),
+                                          "count": len(astray)}})
+        return out
 
 
 class Blocks:
