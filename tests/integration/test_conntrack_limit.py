@@ -12,12 +12,15 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from stockade.compile.iptables import Layout
 from stockade.compile.lower import compile_cluster
 from stockade.compile.nft import LIMIT_SETS, Table
 from stockade.datapath import open_datapath
+from stockade.datapath.iptables import IptablesDatapath
 from stockade.datapath.nft import NftDatapath
 from stockade.errors import DataplaneError
 from stockade.model.cluster import Cluster, Endpoint, Namespace
@@ -72,11 +75,20 @@ def _nft(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, check=False)
 
 
-@pytest.mark.parametrize(("kind", "family"), [("nft", 4), ("nft", 6), ("iptables", 4),
-                                               ("iptables", 6)])
+def _datapath(kind: str, netns: str, limit: int) -> Any:
+    """`kind` as open_datapath makes it; `iptables-legacy`: on the legacy backend."""
+    if kind == "iptables-legacy":
+        return IptablesDatapath(Layout.of("stockade", None, limit), netns=netns,
+                                backend="legacy")
+    return open_datapath(kind, "stockade", netns=netns, conntrack_limit=limit)
+
+
+@pytest.mark.parametrize(("kind", "family"), [
+    ("nft", 4), ("nft", 6), ("iptables", 4), ("iptables", 6), ("iptables-legacy", 4),
+    ("iptables-legacy", 6)])
 def test_a_source_at_the_limit_gets_no_new_connection_and_others_do(
         trio, listener: socket.socket, kind: str, family: int) -> None:
-    dp = open_datapath(kind, "stockade", netns=trio.host_netns, conntrack_limit=LIMIT)
+    dp = _datapath(kind, trio.host_netns, LIMIT)
     dp.check()
     dp.apply(compile_cluster(_cluster(trio)))
     a = trio.a.address4 if family == 4 else trio.a.address6
@@ -189,33 +201,36 @@ def test_a_repair_keeps_what_the_limit_counts(trio, listener: socket.socket) -> 
         dp.remove()
 
 
-def _saved(netns: str) -> str:
-    return "".join(subprocess.run(["ip", "netns", "exec", netns, tool], capture_output=True,
-                                  text=True, check=True).stdout
-                   for tool in ("iptables-save", "ip6tables-save"))
+def _saved(netns: str, backend: str = "") -> str:
+    suffix = f"-{backend}" if backend else ""
+    return "".join(subprocess.run(["ip", "netns", "exec", netns, f"{tool}{suffix}-save"],
+                                  capture_output=True, text=True, check=True).stdout
+                   for tool in ("iptables", "ip6tables"))
 
 
-def test_iptables_verifies_changes_and_removes_the_limit(trio) -> None:
+@pytest.mark.parametrize("kind", ["iptables", "iptables-legacy"])
+def test_iptables_verifies_changes_and_removes_the_limit(trio, kind: str) -> None:
     rs = compile_cluster(_cluster(trio))
     host = trio.host_netns
-    dp = open_datapath("iptables", "stockade", netns=host, conntrack_limit=LIMIT)
+    backend = "legacy" if kind == "iptables-legacy" else ""
+    dp = _datapath(kind, host, LIMIT)
     dp.apply(rs)
     try:
-        assert _saved(host).count("--connlimit-above 3 ") == 2
-        line = next(x for x in _saved(host).splitlines() if "--connlimit-above" in x)
-        subprocess.run(["ip", "netns", "exec", host, "iptables", "-D",
-                        *line.split(" ", 1)[1].replace('"', "").split()], check=True)
-        assert _saved(host).count("--connlimit-above 3 ") == 1
+        assert _saved(host, backend).count("--connlimit-above 3 ") == 2
+        line = next(x for x in _saved(host, backend).splitlines() if "--connlimit-above" in x)
+        subprocess.run(["ip", "netns", "exec", host, f"iptables{'-' + backend if backend else ''}",
+                        "-D", *line.split(" ", 1)[1].replace('"', "").split()], check=True)
+        assert _saved(host, backend).count("--connlimit-above 3 ") == 1
         dp.apply(rs, verify=True)
         assert dp.last_drift is not None
-        assert _saved(host).count("--connlimit-above 3 ") == 2
-        other = open_datapath("iptables", "stockade", netns=host, conntrack_limit=7)
+        assert _saved(host, backend).count("--connlimit-above 3 ") == 2
+        other = _datapath(kind, host, 7)
         other.apply(rs, verify=True)
-        saved = _saved(host)
+        saved = _saved(host, backend)
         assert saved.count("--connlimit-above 7 ") == 2 and "--connlimit-above 3 " not in saved
-        none = open_datapath("iptables", "stockade", netns=host)
+        none = _datapath(kind, host, 0)
         none.apply(rs, verify=True)
-        assert "connlimit" not in _saved(host)
+        assert "connlimit" not in _saved(host, backend)
         none.apply(rs, verify=True)
         assert none.last_drift is None or not none.last_drift_details
     finally:
