@@ -70,6 +70,22 @@ def _connect(netns: str, address: str, timeout: float = 1.0) -> socket.socket | 
     return conn
 
 
+def _fill(trio, a: str, held: list[socket.socket]) -> None:
+    """b opens LIMIT connections to `a` (kept in `held`); its next one is refused."""
+    for _ in range(LIMIT):
+        conn = _connect(trio.b.netns, a)
+        assert conn is not None
+        held.append(conn)
+    assert _connect(trio.b.netns, a, timeout=0.5) is None  # b holds LIMIT
+
+
+def _others_connect(trio, a: str, held: list[socket.socket]) -> None:
+    """c, which holds none, still connects."""
+    other = _connect(trio.c.netns, a)
+    assert other is not None
+    held.append(other)
+
+
 def _nft(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", netns, "nft", *args], capture_output=True,
                           text=True, check=False)
@@ -94,14 +110,8 @@ def test_a_source_at_the_limit_gets_no_new_connection_and_others_do(
     a = trio.a.address4 if family == 4 else trio.a.address6
     held: list[socket.socket] = []
     try:
-        for _ in range(LIMIT):
-            conn = _connect(trio.b.netns, a)
-            assert conn is not None
-            held.append(conn)
-        assert _connect(trio.b.netns, a, timeout=0.5) is None  # b holds LIMIT
-        other = _connect(trio.c.netns, a)  # c holds none
-        assert other is not None
-        held.append(other)
+        _fill(trio, a, held)
+        _others_connect(trio, a, held)
         gone = held.pop(0)  # b resets one: it holds LIMIT - 1 live ones
         gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         gone.close()
@@ -112,6 +122,19 @@ def test_a_source_at_the_limit_gets_no_new_connection_and_others_do(
         for conn in held:
             conn.close()
         dp.remove()
+
+
+def _tamper_and_repair(dp: NftDatapath, rs: Any, host: str, text: str) -> None:
+    """The base chain's rule holding `text` deleted by hand (the table is not owned
+    here), found by the verification and put back."""
+    listing = _nft(host, "-a", "list", "chain", "inet", "stockade", "forward").stdout
+    handle = next(line.rsplit("# handle ", 1)[1] for line in listing.splitlines()
+                  if text in line)
+    assert _nft(host, "delete", "rule", "inet", "stockade", "forward", "handle",
+                handle).returncode == 0
+    assert not dp.verify_quietly()
+    dp.apply(rs, verify=True)
+    assert dp.last_drift_details == ["base chain rules differ"]
 
 
 def test_the_limit_is_verified_changed_and_removed_with_the_skeleton(trio) -> None:
@@ -125,14 +148,7 @@ def test_the_limit_is_verified_changed_and_removed_with_the_skeleton(trio) -> No
         assert "ct count over 3" in _nft(host, "list", "chain", "inet", "stockade",
                                          "forward").stdout
         # tampered: the limit's rule deleted (the table is not owned here)
-        listing = _nft(host, "-a", "list", "chain", "inet", "stockade", "forward").stdout
-        handle = next(line.rsplit("# handle ", 1)[1] for line in listing.splitlines()
-                      if "ct count over" in line)
-        assert _nft(host, "delete", "rule", "inet", "stockade", "forward", "handle",
-                    handle).returncode == 0
-        assert not dp.verify_quietly()
-        dp.apply(rs, verify=True)
-        assert dp.last_drift_details == ["base chain rules differ"]
+        _tamper_and_repair(dp, rs, host, "ct count over")
         assert _nft(host, "list", "chain", "inet", "stockade", "forward"
                     ).stdout.count("ct count over 3") == 2
         # another limit: the rules change, and the sets are made again with them (each
@@ -170,20 +186,9 @@ def test_a_repair_keeps_what_the_limit_counts(trio, listener: socket.socket) -> 
     dp.apply(rs)
     held: list[socket.socket] = []
     try:
-        for _ in range(LIMIT):
-            conn = _connect(trio.b.netns, trio.a.address4)
-            assert conn is not None
-            held.append(conn)
-        assert _connect(trio.b.netns, trio.a.address4, timeout=0.5) is None
+        _fill(trio, trio.a.address4, held)
         handles = {name: _set_handle(host, name) for name in LIMIT_SETS.values()}
-        listing = _nft(host, "-a", "list", "chain", "inet", "stockade", "forward").stdout
-        handle = next(line.rsplit("# handle ", 1)[1] for line in listing.splitlines()
-                      if "neighbour discovery" in line)
-        assert _nft(host, "delete", "rule", "inet", "stockade", "forward", "handle",
-                    handle).returncode == 0
-        assert not dp.verify_quietly()
-        dp.apply(rs, verify=True)
-        assert dp.last_drift_details == ["base chain rules differ"]
+        _tamper_and_repair(dp, rs, host, "neighbour discovery")
         kt = dp.read_table()
         assert kt is not None and not kt.needs_repair, kt and kt.drift
         assert "neighbour discovery" in _nft(host, "list", "chain", "inet", "stockade",
@@ -192,9 +197,7 @@ def test_a_repair_keeps_what_the_limit_counts(trio, listener: socket.socket) -> 
         assert trio.b.address4 in _nft(host, "list", "set", "inet", "stockade",
                                        LIMIT_SETS[4]).stdout
         assert _connect(trio.b.netns, trio.a.address4, timeout=0.5) is None  # still full
-        other = _connect(trio.c.netns, trio.a.address4)
-        assert other is not None
-        held.append(other)
+        _others_connect(trio, trio.a.address4, held)
     finally:
         for conn in held:
             conn.close()
