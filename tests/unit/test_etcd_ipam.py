@@ -131,10 +131,17 @@ class _Service:
         self.ipam = ipam
         self.committed: list[dict[str, Any]] = []
 
-    def commit(self, changes: list[Any], *, sync: bool, meta: dict[str, Any]) -> int:
-        assert not changes and not sync and self.lock.locked()
+        self.synced = 0  # commits on disk (durable)
+
+    def commit(self, changes: list[Any], *, sync: bool, meta: dict[str, Any],
+               durable: bool) -> int:
+        assert not changes and not sync and not durable and self.lock.locked()
         self.committed.append(meta["ipam"])
         return len(self.committed)
+
+    def durable(self) -> None:
+        assert not self.lock.locked()  # the fsync is not made under the lock
+        self.synced = len(self.committed)
 
 
 def _in(address: str, block: str) -> bool:
@@ -154,6 +161,13 @@ def test_empty_blocks_go_back_to_the_pool_after_their_grace(etcd: EtcdServer) ->
         assert mine == ["10.244.0.64/26", "10.244.0.128/26", "10.244.0.192/26"]
         returns = BlockReturns(blocks, grace=10.0)
         returns.service = svc
+        asked = blocks.give_back
+
+        def give_back(block: Any) -> bool:
+            assert svc.synced == len(svc.committed)  # taken out on disk before etcd is asked
+            return asked(block)
+
+        blocks.give_back = give_back  # type: ignore[method-assign]
         assert returns.run_once(0.0) == []  # nothing empty
         # The third block emptied: given back only once empty for the grace.
         for i, a in enumerate(got):
@@ -163,7 +177,7 @@ def test_empty_blocks_go_back_to_the_pool_after_their_grace(etcd: EtcdServer) ->
         assert [str(b) for b in returns.run_once(110.0)] == [mine[2]]
         assert [str(b) for b in svc.ipam.blocks] == mine[:2] and svc.ipam.returning == []
         assert svc.committed[-2]["returning"] == [mine[2]]  # stored before etcd was asked
-        assert "returning" not in svc.committed[-1]
+        assert "returning" not in svc.committed[-1] and svc.synced == len(svc.committed)
         assert set(Blocks(c, "/s", "").owned().values()) == {"other", "h1"}
         assert len(blocks.mine()) == 2
         # A block emptied while etcd is away: taken out, kept returning, not handed out of.

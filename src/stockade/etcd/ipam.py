@@ -362,11 +362,12 @@ class BlockReturns:
                 log.warning("giving back empty address blocks: %s", e)
 
     def _swap(self, change: Callable[[BlockIpam], None]) -> BlockIpam:
-        """Under the service's lock: ``change`` on a copy of the pool, committed, kept."""
+        """Under the service's lock: ``change`` on a copy of the pool, committed, kept.
+        On disk once the caller has let go of the lock and called `durable`."""
         svc = self.service
         pool: BlockIpam = svc.ipam.copy()
         change(pool)
-        svc.commit([], sync=False, meta={"ipam": pool.to_dict()})
+        svc.commit([], sync=False, meta={"ipam": pool.to_dict()}, durable=False)
         svc.ipam = pool
         return pool
 
@@ -390,6 +391,8 @@ class BlockReturns:
                 for b in due:
                     del self._since[b]
             returning = list(ipam.returning)
+        if due:
+            svc.durable()  # taken out on disk before etcd lets another host claim them
         if not returning:
             return []
         try:
@@ -400,6 +403,7 @@ class BlockReturns:
             with svc.lock:
                 if isinstance(svc.ipam, BlockIpam):
                     self._swap(lambda pool: pool.returned(gone))
+            svc.durable()
             self.given = (self.given + [str(b) for b in gone])[-64:]
         return gone
 
