@@ -169,6 +169,8 @@ def test_empty_blocks_go_back_to_the_pool_after_their_grace(etcd: EtcdServer) ->
 
         blocks.give_back = give_back  # type: ignore[method-assign]
         assert returns.run_once(0.0) == []  # nothing empty
+        with pytest.raises(NetError, match="still has addresses"):
+            svc.ipam.copy().take_out([ipaddress.ip_network(mine[1])])
         # The third block emptied: given back only once empty for the grace.
         for i, a in enumerate(got):
             if _in(a, mine[2]):

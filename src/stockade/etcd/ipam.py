@@ -64,6 +64,16 @@ def parse_block(name: str) -> Network | None:
         return None
 
 
+def _networks(texts: Sequence[str], leave_out: Sequence[Network] = ()) -> list[Network]:
+    """The blocks named, each once, in order, less those in `leave_out`."""
+    out: list[Network] = []
+    for text in texts:
+        net = ipaddress.ip_network(text, strict=True)
+        if net not in out and net not in leave_out:
+            out.append(net)
+    return out
+
+
 class BlockIpam(Ipam):
     """The pool's addresses, handed out only from blocks this host claimed.
 
@@ -77,16 +87,8 @@ class BlockIpam(Ipam):
                  blocks: Sequence[str] = (), returning: Sequence[str] = (),
                  claim: Callable[[], Network] | None = None) -> None:
         # Blocks being given back: never handed out of again (see BlockReturns).
-        self.returning: list[Network] = []
-        for b in returning:
-            net = ipaddress.ip_network(b, strict=True)
-            if net not in self.returning:
-                self.returning.append(net)
-        self.blocks: list[Network] = []
-        for b in blocks:
-            net = ipaddress.ip_network(b, strict=True)
-            if net not in self.blocks and net not in self.returning:
-                self.blocks.append(net)
+        self.returning: list[Network] = _networks(returning)
+        self.blocks: list[Network] = _networks(blocks, self.returning)
         self.claim = claim
         super().__init__(subnet, gateway, allocated)
 
@@ -120,14 +122,19 @@ class BlockIpam(Ipam):
         return None
 
     def empty_blocks(self) -> list[Network]:
-        """This host's blocks without any allocated address, in the order claimed."""
-        used = {b for b in self.blocks for a in self.allocated_addresses() if a in b}
-        return [b for b in self.blocks if b not in used]
+        """This host's blocks without any allocated address, in the order claimed
+        (linear in addresses and blocks: it runs under the agent's lock)."""
+        lengths = {b.prefixlen for b in self.blocks}
+        used = {(n, int(a) >> (a.max_prefixlen - n))
+                for a in self.allocated_addresses() for n in lengths}
+        return [b for b in self.blocks if (b.prefixlen, int(b.network_address) >> (
+            b.max_prefixlen - b.prefixlen)) not in used]
 
     def take_out(self, blocks: Sequence[Network]) -> None:
         """Stop handing out addresses of empty ``blocks``: they are to be given back."""
+        empty = self.empty_blocks()
         for b in blocks:
-            if any(a in b for a in self.allocated_addresses()):
+            if b in self.blocks and b not in empty:
                 raise NetError(f"block {b} still has addresses allocated")
             if b in self.blocks:
                 self.blocks.remove(b)
