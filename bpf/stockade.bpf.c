@@ -9,7 +9,8 @@
  * (when known); no VLAN tag; IPv4 only from the pod's IPv4 address; IPv6 from its
  * IPv6 address, and from a link-local one or :: only neighbour discovery and MLD; a
  * neighbour advertisement's or duplicate address probe's target its own address or
- * link-local; no router
+ * link-local (with the MAC known, the link-local address is the MAC's own, EUI-64:
+ * the only one it sends from or claims); no router
  * advertisement or redirect; ARP claiming only its IPv4 address (or 0.0.0.0, a
  * probe) at its MAC; no other ethertype; no IP broadcast or multicast but neighbour
  * discovery and MLD. A packet entering a guarded pod (stockade_to_pod) to one host is
@@ -943,6 +944,19 @@ static __always_inline int own6(const struct guard *g, const __u32 *a)
 	return (g->flags & GUARD_V6) && same_addr(a, g->addr6);
 }
 
+/* A link-local address the port may use: with its MAC known, the one the kernel derives
+ * from it (EUI-64: fe80::/64, the MAC with ff:fe in its middle, the universal/local bit
+ * flipped), which stockade's plumbing keeps; else any. */
+static __always_inline int own_link_local6(const struct guard *g, const __u32 *a)
+{
+	if (!(g->flags & GUARD_MAC))
+		return link_local6(a);
+	__u8 want[16] __attribute__((aligned(4))) = {
+		0xfe, 0x80, 0, 0, 0, 0, 0, 0, g->mac[0] ^ 0x02, g->mac[1], g->mac[2], 0xff, 0xfe,
+		g->mac[3], g->mac[4], g->mac[5]};
+	return same_addr(a, (const __u32 *)want);
+}
+
 /* MLD (queries, reports, done, v2 reports), router solicitations, neighbour
  * solicitations and advertisements: what a host sends from link-local or ::. */
 static __always_inline int nd_or_mld(__u8 type)
@@ -995,7 +1009,7 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 	 * from its link-local address to another's would pass around the other's
 	 * isolation. */
 	int own = own6(g, p->src);
-	if (!own && !link_local6(p->src) && !unspecified6(p->src))
+	if (!own && !own_link_local6(g, p->src) && !unspecified6(p->src))
 		return 1;
 	if (p->fragment)
 		return !own; /* payload: its first fragment was held to the rules below */
@@ -1012,11 +1026,11 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 	    (p->icmp_type == 136 || (p->icmp_type == 135 && unspecified6(p->src)))) {
 		/* a neighbour advertisement claims its target, and a duplicate address
 		 * detection probe (a solicitation from ::) makes the target's owner, still
-		 * detecting, give it up: it must be the pod's own or link-local */
+		 * detecting, give it up: it must be the pod's own, global or link-local */
 		__u32 target[4];
 		if (bpf_skb_load_bytes(skb, p->l4_off + 8, target, sizeof(target)) < 0)
 			return 1;
-		return !own6(g, target) && !link_local6(target);
+		return !own6(g, target) && !own_link_local6(g, target);
 	}
 	return 0;
 }

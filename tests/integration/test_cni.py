@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from stockade.compile.guard import link_local
+from stockade.net.sysctl import write_sysctl
 from stockade.probe.client import Probe, run_probes
 from stockade.probe.launcher import ProbeServer
 from stockade.probe.protocol import Port, Protocol
@@ -53,8 +55,11 @@ def _added(world: World) -> dict[str, dict[str, Any]]:  # noqa: F811
     """ADD of web, client and other (labelled as in LABELS): each one's result."""
     out = {}
     for name in ("web", "client", "other"):
+        netns = world.netns(name)
+        if name == "web":  # link-local addresses random by default here: see the test
+            write_sysctl("net.ipv6.conf.default.addr_gen_mode", "3", f"{world.prefix}-web")
         got = world.run("ADD", world.conf(args={"labels": LABELS[name]}), cid=f"c-{name}",
-                        netns=world.netns(name), args=_pod(name))
+                        netns=netns, args=_pod(name))
         assert got.code == 0 and got.out is not None, got
         out[name] = got.out
     return out
@@ -77,6 +82,16 @@ def test_main_mode_enforces_the_policy_when_add_returns(world: World) -> None:  
     assert read_sysctl(f"net.ipv6.conf.{world.bridge}.accept_ra", world.host) == "0"
     for name in LABELS:
         assert read_sysctl("net.ipv6.conf.eth0.accept_ra", f"{world.prefix}-{name}") == "0"
+    # each pod's link-local address is its MAC's (EUI-64), the one its port guard binds,
+    # though the namespace's default was random (web's: set before its ADD, in _added)
+    for name in LABELS:
+        ns = f"{world.prefix}-{name}"
+        assert read_sysctl("net.ipv6.conf.eth0.addr_gen_mode", ns) == "0"
+        link = json.loads(subprocess.run(["ip", "-n", ns, "-j", "addr", "show", "dev", "eth0"],
+                                         capture_output=True, text=True,
+                                         check=True).stdout)[0]
+        ll = {a["local"] for a in link["addr_info"] if a.get("scope") == "link"}
+        assert ll == {str(link_local(link["address"]))}, (name, link)
     with ProbeServer({f"{world.prefix}-web": [TCP80]}):
         web = _address(results["web"])
         assert _probe(world, "client", web) is True

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from stockade.compile import bpf as bpfc
+from stockade.compile.guard import link_local
 from stockade.compile.ir import Guard
 from stockade.compile.lower import compile_cluster
 from stockade.datapath import libbpf
@@ -138,40 +139,64 @@ def test_an_unguarded_port_is_judged_as_before(trio, judge) -> None:
     assert judge(eth(c.mac, 0x88CC, bytes(46)), c) == PASSED
 
 
+def _ll(att: Any) -> str:
+    """The attachment's link-local address: its MAC's (EUI-64), as the kernel made it."""
+    return str(link_local(att.mac))
+
+
 def test_ipv6_from_its_own_address_and_nd_from_link_local_or_unspecified(trio, judge) -> None:
     a, b, c = trio.a, trio.b, trio.c
     assert judge(eth(b.mac, 0x86DD, _udp6(b.address6, c.address6)), b) == PASSED
     assert judge(eth(b.mac, 0x86DD, _udp6(a.address6, c.address6)), b) == SHOT
     assert judge(eth(b.mac, 0x86DD, _udp6("fd00:244::99", c.address6)), b) == SHOT
-    assert judge(eth(b.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _ns(_ll(b), b.address6)), b) == PASSED
     assert judge(eth(b.mac, 0x86DD, _ns("::", b.address6)), b) == PASSED  # DAD
-    assert judge(eth(a.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == SHOT  # a's MAC
+    assert judge(eth(a.mac, 0x86DD, _ns(_ll(b), b.address6)), b) == SHOT  # a's MAC
+    # from a link-local address not its own (its MAC's): a's, or any other
+    assert judge(eth(b.mac, 0x86DD, _ns(_ll(a), b.address6)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == SHOT
     # anything else from link-local: no policy names the address, so none would judge it
-    assert judge(eth(b.mac, 0x86DD, _udp6("fe80::1234", "fe80::c")), b) == SHOT
-    assert judge(eth(b.mac, 0x86DD, _udp6("fe80::1234", "ff02::1")), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _udp6(_ll(b), "fe80::c")), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _udp6(_ll(b), "ff02::1")), b) == SHOT
+
+
+def test_a_port_whose_mac_is_not_known_may_use_any_link_local_address(
+        trio, datapath) -> None:
+    b = trio.b
+    rs = compile_cluster(_cluster(trio))
+    blind = {port: replace(g, mac="") for port, g in rs.guards.items()}
+    datapath.apply(replace(rs, guards=blind))
+    judge = from_pod(trio, datapath)
+    assert judge(eth(b.mac, 0x86DD, _ns("fe80::1234", b.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na("fe80::1234", "fe80::1234")), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na("fe80::1234", trio.a.address6)), b) == SHOT
 
 
 def test_a_neighbour_advertisement_claims_only_the_ports_address(trio, judge) -> None:
     a, b = trio.a, trio.b
-    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", b.address6)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na(_ll(b), b.address6)), b) == PASSED
     assert judge(eth(b.mac, 0x86DD, _na(b.address6, b.address6)), b) == PASSED
-    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", "fe80::b")), b) == PASSED
-    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", a.address6)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _na(_ll(b), _ll(b))), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na(_ll(b), a.address6)), b) == SHOT
     assert judge(eth(b.mac, 0x86DD, _na(b.address6, a.address6)), b) == SHOT
+    # another pod's link-local address, or any other than its own
+    assert judge(eth(b.mac, 0x86DD, _na(_ll(b), _ll(a))), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _na(_ll(b), "fe80::b")), b) == SHOT
     # behind an extension header, as the program walks them
-    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", a.address6, hop_by_hop=True)), b) == SHOT
-    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", b.address6, hop_by_hop=True)), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _na(_ll(b), a.address6, hop_by_hop=True)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _na(_ll(b), b.address6, hop_by_hop=True)), b) == PASSED
     # a target that is not there cannot be checked
-    assert judge(eth(b.mac, 0x86DD, _na("fe80::b", "", truncated=True)), b) == SHOT
+    assert judge(eth(b.mac, 0x86DD, _na(_ll(b), "", truncated=True)), b) == SHOT
     # more extension headers than the walk follows: whatever is behind them, not let out
     deep = b"".join(bytes([0, 0, 1, 4, 0, 0, 0, 0]) for _ in range(6)) + bytes(
         [58, 0, 1, 4, 0, 0, 0, 0]) + struct.pack("!BBHI", 136, 0, 0, 0) + socket.inet_pton(
         socket.AF_INET6, a.address6)
-    assert judge(eth(b.mac, 0x86DD, _ip6("fe80::b", "ff02::1", 0, deep)), b) == SHOT
-    # a duplicate address probe (from ::) only for its own address or a link-local one;
+    assert judge(eth(b.mac, 0x86DD, _ip6(_ll(b), "ff02::1", 0, deep)), b) == SHOT
+    # a duplicate address probe (from ::) only for its own address, global or link-local;
     # a solicitation from an address of its own asks, and may ask for any
     assert judge(eth(b.mac, 0x86DD, _ns("::", b.address6)), b) == PASSED
-    assert judge(eth(b.mac, 0x86DD, _ns("::", "fe80::b")), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _ns("::", _ll(b))), b) == PASSED
+    assert judge(eth(b.mac, 0x86DD, _ns("::", _ll(a))), b) == SHOT
     assert judge(eth(b.mac, 0x86DD, _ns("::", a.address6)), b) == SHOT
     assert judge(eth(b.mac, 0x86DD, _ns(b.address6, a.address6)), b) == PASSED
 

@@ -510,6 +510,74 @@ def test_a_pods_duplicate_address_probe_takes_no_address_away(
         raise Impersonated("b's probe made c give up its new address")
 
 
+def _neighbour_mac(netns: str, ifname: str, address: str) -> str:
+    out = subprocess.run(["ip", "-n", netns, "-j", "-6", "neigh", "show", address, "dev",
+                          ifname], capture_output=True, text=True, check=True).stdout
+    return next((str(n.get("lladdr", "")) for n in json.loads(out or "[]")), "")
+
+
+def _solicited(address: str) -> tuple[str, str]:
+    """The solicited-node multicast group of `address`, and its MAC."""
+    low = socket.inet_pton(socket.AF_INET6, address)[-3:]
+    group = socket.inet_ntop(socket.AF_INET6, bytes.fromhex("ff0200000000000000000001ff")
+                             + low)
+    return group, "33:33:ff:" + ":".join(f"{x:02x}" for x in low)
+
+
+def _link_local_claimed(trio: Any, how: str) -> bool:
+    """b claims c's link-local address: `advert` (a neighbour advertisement for it to a,
+    which knows it at c's MAC), `solicitation` (one from it to a: a takes the source to
+    be at the sender's MAC), `probe` (a duplicate address probe for it while c detects
+    it again). Whether the claim took: a has c's link-local at b's MAC, or c gave it up."""
+    a, b, c = trio.a, trio.b, trio.c
+    a_ll, b_ll, c_ll = (_link_local(x.netns, x.ifname) for x in (a, b, c))
+    target = socket.inet_pton(socket.AF_INET6, c_ll).hex()
+    if how == "probe":
+        subprocess.run(["ip", "-n", c.netns, "addr", "del", f"{c_ll}/64", "dev", c.ifname],
+                       check=True)
+        subprocess.run(["ip", "-n", c.netns, "addr", "add", f"{c_ll}/64", "dev", c.ifname],
+                       check=True)
+        group, group_mac = _solicited(c_ll)
+        run_in(b.netns, ICMPV6, b.ifname, b.mac, "::", group_mac, group, "135",
+               "00000000" + target)
+        deadline = time.monotonic() + 5
+        while "tentative" in (state := _address_state(c.netns, c.ifname, c_ll)) and (
+                "dadfailed" not in state and time.monotonic() < deadline):
+            time.sleep(0.1)
+        taken = "dadfailed" in state
+        if taken:  # c's link-local back, for what follows
+            subprocess.run(["ip", "-n", c.netns, "addr", "del", f"{c_ll}/64", "dev",
+                            c.ifname], check=True)
+            subprocess.run(["ip", "-n", c.netns, "addr", "add", f"{c_ll}/64", "dev",
+                            c.ifname, "nodad"], check=True)
+        return taken
+    subprocess.run(["ip", "-n", a.netns, "neigh", "replace", c_ll, "lladdr", c.mac, "dev",
+                    a.ifname, "nud", "reachable"], check=True)
+    time.sleep(1.2)  # past the entry's locktime
+    if how == "advert":
+        run_in(b.netns, ICMPV6, b.ifname, b.mac, b_ll, a.mac, a_ll, *advert(c_ll, b.mac))
+    else:  # a solicitation from c's link-local address, b's MAC in its option
+        run_in(b.netns, ICMPV6, b.ifname, b.mac, c_ll, a.mac, a_ll, "135",
+               "00000000" + socket.inet_pton(socket.AF_INET6, a_ll).hex() + "0101"
+               + _hex(b.mac))
+    time.sleep(0.3)
+    return _neighbour_mac(a.netns, a.ifname, c_ll) == b.mac
+
+
+@pytest.mark.parametrize("how", ["advert", "solicitation", "probe"])
+def test_another_pods_link_local_address_cannot_be_claimed(
+        trio: Any, datapath: Datapath, how: str) -> None:
+    """A port's link-local address is its MAC's (EUI-64): from a port whose MAC is known,
+    neighbour discovery neither comes from nor claims another. With no guard the claim
+    takes (the control)."""
+    rs = compile_cluster(cluster(trio, C_ONLY_FROM_A_UDP, B_ISOLATED))
+    datapath.apply(replace(rs, guards={}))
+    assert _link_local_claimed(trio, how), f"the control: with no guard, b's {how} takes"
+    datapath.apply(rs)
+    if _link_local_claimed(trio, how):
+        raise Impersonated(f"b claimed c's link-local address ({how})")
+
+
 # ICMPv6 messages of the given types arriving, their types one a line, for argv[2] s.
 ICMPV6_CAPTURE = """
 import socket, sys

@@ -132,7 +132,10 @@ def test_an_attachment_is_an_interface_name_and_a_unicast_mac(port: str, mac: st
 def test_the_table_text_checks_every_name_it_formats() -> None:
     text = guard.skeleton_text("stk", {"vetha": guard_of(["10.0.0.1", "fd00::1"], MAC_A)})
     assert 'add element bridge stk a4 { "vetha" . 10.0.0.1 }' in text
-    assert 'add element bridge stk t6 { "vetha" . 0xfd000000000000000000000000000001 }' in text
+    assert '"vetha" . 0xfd000000000000000000000000000001' in text
+    # the port's link-local address (its MAC's), as a source and as a target
+    assert 'add element bridge stk l6 { "vetha" . fe80::ff:fe00:a }' in text
+    assert '"vetha" . 0xfe80000000000000000000fffe00000a' in text
     assert text.count("add rule bridge stk guard") == len(guard.RULES)
     with pytest.raises(ValueError, match="not an interface name"):
         guard.skeleton_text("stk", {'x" } ; flush ruleset ; #': guard_of(["10.0.0.1"])})
@@ -160,7 +163,9 @@ def test_reading_the_table_back_finds_the_guards_and_any_difference() -> None:
         "ports": ["vetha", "vethb"], "macports": ["vetha"],
         "macs": [{"concat": ["vetha", MAC_A]}], "a4": [{"concat": ["vetha", "10.0.0.1"]}],
         "a6": [{"concat": ["vetha", "fd00::1"]}, {"concat": ["vethb", "::1"]}],
+        "l6": [{"concat": ["vetha", "fe80::ff:fe00:a"]}],
         "t6": [{"concat": ["vetha", "0xfd000000000000000000000000000001"]},
+               {"concat": ["vetha", "0xfe80000000000000000000fffe00000a"]},
                {"concat": ["vethb", 1]}],
         "m4": [{"concat": ["vetha", MAC_A, "10.0.0.1"]}],
         "m6": [{"concat": ["vetha", MAC_A, "fd00::1"]}],
@@ -171,9 +176,16 @@ def test_reading_the_table_back_finds_the_guards_and_any_difference() -> None:
     assert kg.guards == {"vetha": guard_of(["10.0.0.1", "fd00::1"], MAC_A),
                          "vethb": guard_of(["::1"])}
     # an address in a6 without its advert twin: that port is left out, and it is drift
-    torn = {**elements, "t6": elements["t6"][:1]}
+    torn = {**elements, "t6": elements["t6"][:2]}
     kg = guard.parse_guard(_listed("stk", torn), "stk")
     assert set(kg.guards) == {"vetha"} and kg.drift == ["guard of vethb: its elements disagree"]
+    # a link-local address not the MAC's, or none, or the target without it: disagree
+    for tampered in ({**elements, "l6": [{"concat": ["vetha", "fe80::1"]}]},
+                     {**elements, "l6": []},
+                     {**elements, "t6": [elements["t6"][0], elements["t6"][2]]}):
+        kg = guard.parse_guard(_listed("stk", tampered), "stk")
+        assert set(kg.guards) == {"vethb"} and kg.drift == [
+            "guard of vetha: its elements disagree"]
     # the fast path's binding without the MAC the port has: the port's elements disagree
     kg = guard.parse_guard(_listed("stk", {**elements, "m4": []}), "stk")
     assert set(kg.guards) == {"vethb"} and not kg.intact

@@ -49,6 +49,7 @@ from stockade.net.sysctl import (
     BridgeNetfilterMissing,
     bridge_netfilter_on,
     ensure_bridge_netfilter,
+    link_local_from_mac,
     refuse_router_adverts,
     router_adverts_refused,
 )
@@ -249,6 +250,7 @@ class Plumbing:
                     self.inner.add_address(link.index, str(value.ip), value.network.prefixlen)
             with entered_fd(self.fd, netns):  # the namespace this ADD holds open
                 refuse_router_adverts(ifname)  # before it is up to hear one
+                link_local_from_mac(ifname)  # the link-local address its guard binds
             with self.inner.batch():
                 self.inner.set_up(_LOOPBACK)
                 self.inner.set_up(link.index)

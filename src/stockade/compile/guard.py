@@ -14,7 +14,8 @@ family::
     set macs      { type ifname . ether_addr }
     set a4        { type ifname . ipv4_addr }
     set a6        { type ifname . ipv6_addr }
-    set t6        { typeof iifname . @th,64,128 }  a6 again, as a neighbour advert's target
+    set l6        { type ifname . ipv6_addr }      the port's link-local address (its MAC's)
+    set t6        { typeof iifname . @th,64,128 }  a6 and l6 again, as a neighbour advert's target
     set m4, m6    { type ifname . ether_addr . ipv4_addr / ipv6_addr }  a4, a6 with the MAC
     set dmacs     { type ether_addr }              guarded pods' MACs, as destinations
     set d4, d6    { type ether_addr . ipv4_addr / ipv6_addr }  each with its pod's address
@@ -32,12 +33,20 @@ family::
         arp (Ethernet/IPv4) arp saddr ip 0.0.0.0 accept    address probes
         icmpv6 type { nd-router-advert, nd-redirect } drop   a pod is no router
         icmpv6 type nd-neighbor-advert, target neither iifname's (@t6) nor link-local: drop
-        icmpv6 type nd-neighbor-solicit from ::, the same
+        ... from a port whose MAC is known, a target not its own (@t6): drop
+        icmpv6 type nd-neighbor-solicit from ::, the same two
         iifname . ip saddr @a4 accept
         iifname . ip6 saddr @a6 accept
+        iifname @macports ip6 saddr fe80::/10, not iifname's (@l6): drop
         icmpv6 type { ND, MLD } ip6 saddr { ::, fe80::/10 } accept   and nothing else
         drop                                               anything else: other ethertypes,
                                                            VLAN tags, foreign sources
+
+A port's link-local address is the one the kernel derives from its MAC (EUI-64,
+`link_local`; stockade's plumbing keeps the interface in that mode): a port whose MAC
+is known sends neighbour discovery and MLD from it or from :: only, and claims (by
+advertisement or duplicate address probe) no other pod's. A port whose MAC is not
+known may use any link-local address, as before.
 
 `t6` exists because libnftables 1.0.6 has no `icmpv6 taddr`: the target is read
 raw, and a raw field's set must be declared with `typeof`, which its JSON cannot
@@ -58,21 +67,23 @@ from stockade.compile.ir import Guard, guard_of
 
 FAMILY = "bridge"
 CHAIN = "guard"
-VERSION = "guard v5"
+VERSION = "guard v6"
 PORTS, MACPORTS, MACS, A4, A6, T6 = "ports", "macports", "macs", "a4", "a6", "t6"
+L6 = "l6"
 M4, M6 = "m4", "m6"
 DMACS, D4, D6 = "dmacs", "d4", "d6"
-SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6, DMACS, D4, D6)
-PORT_SETS = (PORTS, MACPORTS, MACS, A4, A6, T6, M4, M6)  # elements keyed by the port
+SETS = (PORTS, MACPORTS, MACS, A4, A6, L6, T6, M4, M6, DMACS, D4, D6)
+PORT_SETS = (PORTS, MACPORTS, MACS, A4, A6, L6, T6, M4, M6)  # elements keyed by the port
 SET_TYPES: dict[str, Any] = {PORTS: "ifname", MACPORTS: "ifname", MACS: ["ifname", "ether_addr"],
                              A4: ["ifname", "ipv4_addr"], A6: ["ifname", "ipv6_addr"],
-                             T6: ["ifname", "integer"],
+                             L6: ["ifname", "ipv6_addr"], T6: ["ifname", "integer"],
                              M4: ["ifname", "ether_addr", "ipv4_addr"],
                              M6: ["ifname", "ether_addr", "ipv6_addr"],
                              DMACS: "ether_addr", D4: ["ether_addr", "ipv4_addr"],
                              D6: ["ether_addr", "ipv6_addr"]}
 _SET_DECLS = {PORTS: "type ifname", MACPORTS: "type ifname", MACS: "type ifname . ether_addr",
               A4: "type ifname . ipv4_addr", A6: "type ifname . ipv6_addr",
+              L6: "type ifname . ipv6_addr",
               T6: "typeof meta iifname . @th,64,128",
               M4: "type ifname . ether_addr . ipv4_addr",
               M6: "type ifname . ether_addr . ipv6_addr",
@@ -130,12 +141,21 @@ RULES: tuple[tuple[str, str], ...] = (
     ("icmpv6 type { nd-router-advert, nd-redirect } drop", "router advert or redirect"),
     ("icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @t6 "
      "@th,64,16 & 0xffc0 != 0xfe80 drop", "advert foreign target"),
+    # A port whose MAC is known has its link-local address in t6 too: no other.
+    ("icmpv6 type nd-neighbor-advert iifname @macports iifname . @th,64,128 != @t6 drop",
+     "advert foreign link-local target"),
     # A duplicate address detection probe (from ::) for another's address makes its
     # owner, still detecting, give the address up.
     ("icmpv6 type nd-neighbor-solicit ip6 saddr :: iifname . @th,64,128 != @t6 "
      "@th,64,16 & 0xffc0 != 0xfe80 drop", "probe foreign target"),
+    ("icmpv6 type nd-neighbor-solicit ip6 saddr :: iifname @macports "
+     "iifname . @th,64,128 != @t6 drop", "probe foreign link-local target"),
     ("iifname . ip saddr @a4 accept", "own ipv4"),
     ("iifname . ip6 saddr @a6 accept", "own ipv6"),
+    # A solicitation from another's link-local address makes its receivers take that
+    # address to be at this pod's MAC.
+    ("iifname @macports ip6 saddr fe80::/10 iifname . ip6 saddr != @l6 drop",
+     "foreign link-local source"),
     # No policy names link-local addresses, and pods on one bridge share a link: from
     # one, anything but neighbour discovery and MLD would pass around policy.
     (f"icmpv6 type {{ {', '.join(_ND_MLD)} }} ip6 saddr {{ ::, fe80::/10 }} accept",
@@ -211,11 +231,19 @@ LISTED: tuple[list[dict[str, Any]], ...] = (
     [_m(_pl("icmpv6", "type"), "nd-neighbor-advert"),
      _m({"concat": [_iif(), _raw(64, 128)]}, "@t6", "!="),
      _m({"&": [_raw(64, 16), 65472]}, 65152, "!="), {"drop": None}],
+    [_m(_pl("icmpv6", "type"), "nd-neighbor-advert"), _m(_iif(), "@macports"),
+     _m({"concat": [_iif(), _raw(64, 128)]}, "@t6", "!="), {"drop": None}],
     [_m(_pl("icmpv6", "type"), "nd-neighbor-solicit"), _m(_pl("ip6", "saddr"), "::"),
      _m({"concat": [_iif(), _raw(64, 128)]}, "@t6", "!="),
      _m({"&": [_raw(64, 16), 65472]}, 65152, "!="), {"drop": None}],
+    [_m(_pl("icmpv6", "type"), "nd-neighbor-solicit"), _m(_pl("ip6", "saddr"), "::"),
+     _m(_iif(), "@macports"),
+     _m({"concat": [_iif(), _raw(64, 128)]}, "@t6", "!="), {"drop": None}],
     [_m({"concat": [_iif(), _pl("ip", "saddr")]}, "@a4"), {"accept": None}],
     [_m({"concat": [_iif(), _pl("ip6", "saddr")]}, "@a6"), {"accept": None}],
+    [_m(_iif(), "@macports"),
+     _m(_pl("ip6", "saddr"), {"prefix": {"addr": "fe80::", "len": 10}}),
+     _m({"concat": [_iif(), _pl("ip6", "saddr")]}, "@l6", "!="), {"drop": None}],
     [_m(_pl("icmpv6", "type"), {"set": list(_ND_MLD)}),
      _m(_pl("ip6", "saddr"), {"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}),
      {"accept": None}],
@@ -303,7 +331,9 @@ def port_elements(port: str, g: Guard) -> list[tuple[str, Element]]:
     out: list[tuple[str, Element]] = [(PORTS, port)]
     mac = _mac(g.mac) if g.mac else ""
     if mac:
-        out += [(MACPORTS, port), (MACS, (port, mac)), (DMACS, mac)]
+        ll = link_local(mac)
+        out += [(MACPORTS, port), (MACS, (port, mac)), (DMACS, mac), (L6, (port, str(ll))),
+                (T6, (port, f"0x{int(ll):032x}"))]
     for text in g.addresses:
         addr = ipaddress.ip_address(text)
         if addr.version == 4:
@@ -317,6 +347,15 @@ def port_elements(port: str, g: Guard) -> list[tuple[str, Element]]:
 
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def link_local(mac: str) -> ipaddress.IPv6Address:
+    """The link-local address the kernel gives an interface with `mac` (EUI-64, the
+    default `addr_gen_mode`): fe80::/64 and the MAC with ff:fe in its middle and the
+    universal/local bit flipped."""
+    b = bytes.fromhex(_mac(mac).replace(":", ""))
+    iid = bytes([b[0] ^ 0x02, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
+    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid)
 
 
 def _mac(text: str) -> str:
@@ -434,10 +473,10 @@ def _key(raw: Any) -> tuple[str, Any] | None:
 def _read_guards(sets: Mapping[str, list[Any]]) -> tuple[dict[str, Guard], set[str]]:
     ports = {e for e in sets.get(PORTS, []) if isinstance(e, str)}
     macports = {e for e in sets.get(MACPORTS, []) if isinstance(e, str)}
-    found: dict[str, dict[str, list[Any]]] = {p: {MACS: [], A4: [], A6: [], T6: [], M4: [],
-                                                  M6: []} for p in ports}
+    found: dict[str, dict[str, list[Any]]] = {p: {MACS: [], A4: [], A6: [], L6: [], T6: [],
+                                                  M4: [], M6: []} for p in ports}
     bad: set[str] = set()
-    for set_name in (MACS, A4, A6, T6, M4, M6):
+    for set_name in (MACS, A4, A6, L6, T6, M4, M6):
         for raw in sets.get(set_name, []):
             key = _key(_val(raw))
             if key is None:
@@ -454,9 +493,10 @@ def _read_guards(sets: Mapping[str, list[Any]]) -> tuple[dict[str, Guard], set[s
     for port, got in found.items():
         mac = got[MACS][0] if got[MACS] else ""
         with_mac = {fam: sorted((mac, a) for a in got[fam]) if mac else [] for fam in (A4, A6)}
-        if sorted(got[A6]) != sorted(got[T6]) or len(got[MACS]) > 1 or (
-                bool(got[MACS]) != (port in macports)) or sorted(got[M4]) != with_mac[A4] \
-                or sorted(got[M6]) != with_mac[A6]:
+        own_ll = [str(link_local(mac))] if len(got[MACS]) == 1 and _MAC.fullmatch(mac) else []
+        if sorted(got[A6] + own_ll) != sorted(got[T6]) or got[L6] != own_ll or len(
+                got[MACS]) > 1 or (bool(got[MACS]) != (port in macports)) or sorted(
+                got[M4]) != with_mac[A4] or sorted(got[M6]) != with_mac[A6]:
             bad.add(port)
             continue
         guards[port] = guard_of((*got[A4], *got[A6]), got[MACS][0] if got[MACS] else "")

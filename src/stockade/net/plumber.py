@@ -66,7 +66,11 @@ from stockade.net.namespace import (
 )
 from stockade.net.naming import IFNAMSIZ, Naming
 from stockade.net.rtnl import Rtnl, delete_link, ensure_addresses, ensure_bridge
-from stockade.net.sysctl import ensure_bridge_netfilter, refuse_router_adverts
+from stockade.net.sysctl import (
+    ensure_bridge_netfilter,
+    link_local_from_mac,
+    refuse_router_adverts,
+)
 from stockade.netlink import NetlinkError
 
 LOOPBACK_IFINDEX = 1  # the kernel gives loopback index 1 in every namespace
@@ -352,6 +356,7 @@ class Plumber:
             with _failing(f"cannot set the addresses of {spec.ifname} in {ns}"):
                 ensure_addresses(nl, index, wanted, exclusive=True)
             refuse_router_adverts(spec.ifname, ns)  # before it is up to hear one
+            link_local_from_mac(spec.ifname, ns)  # the link-local address its guard binds
             if not link.up:
                 with _failing(f"cannot bring up {spec.ifname} in {ns}"):
                     nl.set_up(index)

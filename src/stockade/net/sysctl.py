@@ -14,6 +14,7 @@ Public API::
     ensure_bridge_netfilter(netns=None, forward=False) -> None
     bridge_netfilter_on() -> bool                   # read only, in this namespace
     refuse_router_adverts(ifname, netns=None) -> bool  # IPv6 accept_ra = 0
+    link_local_from_mac(ifname, netns=None) -> bool    # IPv6 addr_gen_mode = 0 (EUI-64)
     router_adverts_refused(ifname) -> bool          # read only, in this namespace
 
 The bridge-netfilter sysctls are set here and nowhere else: by the Plumber
@@ -113,21 +114,36 @@ def refuse_router_adverts(ifname: str, netns: str | None = None) -> bool:
     where /proc/sys is read-only (an agent in a container without a writable one)
     it is left as it is, with a warning, and False returned.
     """
-    path = _conf_path(ifname, "accept_ra")
+    return _set_conf(ifname, "accept_ra", "0", netns)
+
+
+def link_local_from_mac(ifname: str, netns: str | None = None) -> bool:
+    """``ifname`` in ``netns`` takes the link-local address its MAC gives (EUI-64,
+    ``addr_gen_mode`` = 0), the one the port guard binds to the port (see
+    compile/guard.py): set before the interface comes up, whatever the namespace's
+    default. Where /proc/sys is read-only, left as it is (the kernel's default is
+    EUI-64), with a warning, and False returned."""
+    return _set_conf(ifname, "addr_gen_mode", "0", netns)
+
+
+def _set_conf(ifname: str, key: str, value: str, netns: str | None) -> bool:
+    """net.ipv6.conf.IFNAME.KEY = value in `netns`; nothing where IPv6 is off."""
+    path = _conf_path(ifname, key)
     with entered(netns):
         try:
-            _ensure(path, "0")
+            _ensure(path, value)
             return True
         except FileNotFoundError:
             return True  # IPv6 is off here (the caller made the interface)
         except OSError as exc:
             if exc.errno == errno.EROFS:
-                if not _READ_ONLY_TOLD:
-                    _READ_ONLY_TOLD.append(ifname)  # once per process, not per pod
-                    log.warning("accept_ra left as it is: /proc/sys is read-only here",
+                if key not in _READ_ONLY_TOLD:
+                    _READ_ONLY_TOLD.append(key)  # once per process and key, not per pod
+                    log.warning(f"{key} left as it is: /proc/sys is read-only here",
                                 extra={"fields": {"interface": ifname}})
                 return False
-            raise NetError(f"cannot set accept_ra=0 on {ifname}{_where(netns)}: {exc}") from exc
+            raise NetError(f"cannot set {key}={value} on {ifname}{_where(netns)}: "
+                           f"{exc}") from exc
 
 
 def router_adverts_refused(ifname: str) -> bool:
