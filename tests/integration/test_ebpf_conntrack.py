@@ -82,8 +82,11 @@ def test_a_connection_is_keyed_in_normal_form_whichever_side_opens_it(trio, data
     a, b = trio.a.address4, trio.b.address4
     assert _feed(trio, datapath, a, b, 40000, PORT, SYN) == PASSED
     assert _feed(trio, datapath, b, a, 40001, PORT, SYN) == PASSED
-    entries = _tracked(datapath)
     assert sorted(_opened(datapath)) == sorted([(a, b, 40000, PORT), (b, a, 40001, PORT)])
+    # only the two fed here: the trio's namespaces send frames of their own (IPv6
+    # neighbour discovery) through the same program, which may track them too
+    entries = {k: v for k, v in _tracked(datapath).items() if k[:2] == bytes((4, 6))}
+    assert len(entries) == 2
     flipped = 0
     for key, value in entries.items():
         as_opened = bpfc.CT_KEY.pack(*_original_fields(key, value))
