@@ -352,6 +352,31 @@ def host_peer(netns: str, ifname: str) -> tuple[str, str]:
     return outer.name, inner.mac.lower()
 
 
+def own_link_local(netns: str, ifname: str, mac: str) -> None:
+    """``ifname`` in ``netns`` (another plugin's, in chained mode) takes its MAC's
+    link-local address (EUI-64) in place of any other: the one its port guard binds.
+    A namespace whose default `addr_gen_mode` is not the kernel's gave it another, from
+    which its neighbour discovery would be dropped. Done while the container has not run
+    yet, as ADD is; nothing where the interface has no IPv6."""
+    from stockade.compile.guard import link_local
+
+    want = str(link_local(mac))
+    link_local_from_mac(ifname, netns)
+    with _rtnl(netns, f"cannot set the link-local address of {ifname}") as nl:
+        link = nl.link(ifname)
+        if link is None:
+            return
+        have = [a for a in nl.addresses(link.index) if a.family == socket.AF_INET6
+                and ipaddress.ip_address(a.address).is_link_local]
+        if not have:
+            return  # IPv6 off, or not up yet: it comes up with the mode set above
+        for a in have:
+            if a.address != want:
+                nl.delete_address(link.index, a.address, a.prefixlen)
+        if want not in {a.address for a in have}:
+            nl.add_address(link.index, want, 64)
+
+
 def bridge_ports(bridge: str) -> list[str]:
     """The names of the links enslaved to ``bridge`` here (empty if it is absent)."""
     with _rtnl(None, f"cannot list the ports of {bridge}") as nl:

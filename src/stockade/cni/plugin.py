@@ -309,6 +309,10 @@ def _add_chained(call: Call) -> dict[str, Any]:
     state = AttachmentState(conf.name, env.container_id, env.ifname, env.netns,
                             MODE_CHAINED)
     host_if, mac = _chained_port(call, prev)
+    if mac:
+        from stockade.cni import attach
+
+        attach.own_link_local(env.netns, env.ifname, mac)  # the one its guard binds
     with undoing(call) as undo:
         call.state.write(state, durable=False)  # see StateDir.write
         reg = _register(call, undo, [ip.ip for ip in ips], host_if, allocate=False, mac=mac)
