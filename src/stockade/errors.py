@@ -92,5 +92,10 @@ class NetError(StockadeError):
     """Network plumbing failed: namespaces, links, addresses, routes."""
 
 
+class BlockNeeded(NetError):
+    """An address pool's claimed blocks are full and the caller asked not to claim one
+    where it stands (under the agent's lock): claim it (`Ipam.block_claim`) and retry."""
+
+
 class AgentError(StockadeError):
     """The node agent failed or could not be reached."""

@@ -987,3 +987,50 @@ def test_an_emptied_block_goes_back_to_the_pool(
             "10.244.0.64/26", "10.244.0.128/26"]
     finally:
         agent.stop()
+
+
+def test_a_block_claim_waiting_on_etcd_holds_up_no_other_operation(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """An ADD that needs a new block claims it in etcd with the agent's lock let go:
+    while its claim waits on an etcd that does not answer, the agent answers reads and
+    commits and enforces a DEL; once etcd answers, the block is the host's and the ADD
+    gets an address. (Claimed under the lock, the DEL waited for the claim's etcd
+    timeout.)"""
+    import threading
+
+    writer.c.put(f"{PREFIX}/ipam/blocks/10.244.0.0-26", json.dumps({"host": "other"}))
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
+    try:
+        got = [_cni_add(agent, f"c{i}") for i in range(64)]  # 10.244.0.64/26, full
+        assert {_block_of(writer, a) for a in got} == {("10.244.0.64/26", NODE)}
+        assert etcd.proc is not None
+        added: dict[str, Any] = {}
+
+        def add() -> None:
+            try:
+                added["address"] = _cni_add(agent, "late")
+            except ApiError as exc:
+                added["error"] = exc
+
+        os.kill(etcd.proc.pid, signal.SIGSTOP)
+        try:
+            late = threading.Thread(target=add)
+            late.start()
+            time.sleep(0.5)  # the ADD is in its claim, waiting on etcd
+            t0 = time.monotonic()
+            assert "c1" in names(agent, "endpoints")
+            _cni_del(agent, "c0")
+            took = time.monotonic() - t0
+            claiming = late.is_alive()
+        finally:
+            os.kill(etcd.proc.pid, signal.SIGCONT)
+        late.join(30)
+        assert claiming, added  # the DEL was done while the ADD still waited on etcd
+        assert took < 2.0, took
+        assert "error" not in added, added
+        # The block was claimed; the address the DEL freed meanwhile went first.
+        assert added["address"] == got[0]
+        assert _block_of(writer, _cni_add(agent, "next")) == ("10.244.0.128/26", NODE)
+    finally:
+        agent.stop()

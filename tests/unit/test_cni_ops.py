@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +24,7 @@ from stockade.compile.ir import ADDR, AddressSet, Chain, Ruleset
 from stockade.compile.nft import canonical
 from stockade.compile.plan import Plan, plan
 from stockade.datapath.base import KernelSnapshot
+from stockade.etcd.ipam import BlockIpam
 from stockade.model.cluster import Endpoint
 from stockade.model.labels import Labels
 from stockade.net.ipam import Ipam
@@ -120,6 +124,67 @@ def test_add_allocates_registers_and_persists_in_one_transaction(node: Node,
     assert reopened.service.ipam is not None
     assert reopened.service.ipam.address_of("c1/eth0") == "10.9.0.2/24"
     reopened.close()
+
+
+def test_adds_finding_the_blocks_full_claim_one_block_with_the_lock_let_go(
+        node: Node) -> None:
+    """etcd's block pool: ADDs that find this host's blocks full wait for one claim,
+    made without the service's lock (which reads and other commits need meanwhile),
+    then each gets an address of the new block."""
+    claims: list[str] = []
+    answer = threading.Event()
+
+    def claim() -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        claims.append(threading.current_thread().name)
+        answer.wait(10)  # etcd slow to answer
+        return ipaddress.ip_network(f"10.9.0.{64 * len(claims)}/26")
+
+    node.service.ipam = BlockIpam("10.9.0.0/24", blocks=["10.9.0.0/30"], claim=claim)
+    assert [node.add(c)["address"] for c in "ab"] == ["10.9.0.2/24", "10.9.0.3/24"]
+    got: dict[str, str] = {}
+    adds = [threading.Thread(target=lambda c=c: got.update({c: node.add(c)["address"]}),
+                             name=c) for c in "cdefghij"]
+    for t in adds:
+        t.start()
+    deadline = time.monotonic() + 10
+    while not claims and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(claims) == 1
+    # The lock is free while the claim waits: reads and another caller's DEL go through.
+    assert node.service.lock.acquire(timeout=2)
+    node.service.lock.release()
+    assert len(node.call("get", kind="endpoints")["items"]) == 2
+    node.call("cni.del", network="net", containerID="a", ifname="eth0")
+    answer.set()
+    for t in adds:
+        t.join(10)
+    assert claims == claims[:1] and len(got) == 8
+    addresses = sorted(got.values(), key=lambda a: ipaddress.ip_interface(a).ip)
+    # The DEL's address first, then the new block's; no block claimed twice.
+    assert addresses[0] == "10.9.0.2/24"
+    assert addresses[1:] == [f"10.9.0.{64 + i}/24" for i in range(7)]
+    assert [str(b) for b in node.service.ipam.blocks] == ["10.9.0.0/30", "10.9.0.64/26"]
+
+
+def test_the_ipam_operation_claims_a_block_the_same_way(node: Node) -> None:
+    """`ipam.allocate` (what `stockade run` uses) claims with the lock let go too."""
+    free: list[bool] = []
+
+    def take() -> None:  # another thread: this one would take its own RLock again
+        free.append(node.service.lock.acquire(timeout=2))
+        if free[-1]:
+            node.service.lock.release()
+
+    def claim() -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        other = threading.Thread(target=take)
+        other.start()
+        other.join()
+        return ipaddress.ip_network("10.9.0.64/26")
+
+    node.service.ipam = BlockIpam("10.9.0.0/24", blocks=["10.9.0.0/31"], claim=claim)
+    assert node.call("ipam.allocate", owner="run:x/a")["address"] == "10.9.0.64/24"
+    assert free == [True]
+    assert node.store.get_meta("ipam")["blocks"] == ["10.9.0.0/31", "10.9.0.64/26"]
 
 
 def test_add_says_whether_the_plugin_must_report_the_interface(node: Node) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from tests.support.etcd import EtcdServer, etcd_binary
 
-from stockade.errors import NetError
+from stockade.errors import BlockNeeded, NetError
 from stockade.etcd.ipam import BlockIpam, BlockReturns, Blocks, open_ipam, reclaim
+from stockade.net.ipam import Ipam
 
 
 def test_addresses_come_from_the_claimed_blocks_only() -> None:
@@ -39,6 +40,35 @@ def test_addresses_come_from_the_claimed_blocks_only() -> None:
     with pytest.raises(NetError):
         copy.allocate("more")  # full, and a copy claims nothing
 
+
+def test_a_pool_asked_not_to_claim_says_which_claim_it_needs() -> None:
+    """The agent allocates with ``claim=False`` under its lock; a full pool raises
+    BlockNeeded and gives the claim to make with the lock let go, then adopts it."""
+    claims: list[int] = []
+
+    def claim() -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        claims.append(1)
+        return ipaddress.ip_network("10.244.0.8/30")
+
+    ipam = BlockIpam("10.244.0.0/16", blocks=["10.244.0.0/30"],
+                     returning=["10.244.0.8/30"], claim=claim)
+    assert ipam.block_claim() is None  # room left: .2 and .3
+    assert [ipam.allocate("a", claim=False), ipam.allocate("b", claim=False)] == [
+        "10.244.0.2/16", "10.244.0.3/16"]
+    with pytest.raises(BlockNeeded):
+        ipam.allocate("c", claim=False)
+    assert ipam.address_of("c") is None and not claims
+    needed = ipam.block_claim()
+    assert needed is not None
+    ipam.adopt(needed())
+    # Claimed again after it was given back: no longer returning, handed out of.
+    assert ipam.returning == [] and [str(b) for b in ipam.blocks] == [
+        "10.244.0.0/30", "10.244.0.8/30"]
+    assert ipam.allocate("c", claim=False) == "10.244.0.8/16"
+    assert ipam.block_claim() is None
+    assert BlockIpam("10.244.0.0/16").block_claim() is None  # a copy's: no claimer
+    with pytest.raises(NetError, match="does not hand out addresses by blocks"):
+        Ipam("10.9.0.0/24").adopt(ipaddress.ip_network("10.9.0.0/26"))
 
 
 def test_a_copy_still_claims_and_a_restore_keeps_the_blocks(

@@ -71,7 +71,7 @@ from stockade.cni.spec import (
 )
 from stockade.compile.ir import ADDR_PORT, Ruleset
 from stockade.compile.nft import canonical
-from stockade.errors import DecodeError, NetError
+from stockade.errors import BlockNeeded, DecodeError, NetError
 from stockade.model.admit import canonical_ip, validate_endpoint
 from stockade.model.cluster import ContainerPort, Endpoint
 from stockade.model.labels import Labels
@@ -308,7 +308,8 @@ class CniOps:
 
             return Part(changes, meta, undo)
 
-        revision = svc.group.submit(build)
+        # A block needed (etcd's pool full) is claimed between tries, outside the lock.
+        revision = svc.with_blocks(lambda: svc.group.submit(build))
         assert revision is not None  # an endpoint at least
         rec, inherited, address = made["rec"], made["inherited"], made["address"]
         # One assignment (atomic): the lock, which the other ADDs queue for, is not needed.
@@ -362,7 +363,9 @@ class CniOps:
                                         "an ipam section instead)")
         fresh = svc.ipam.address_of(owner) is None
         try:
-            return svc.ipam.allocate(owner), fresh
+            return svc.ipam.allocate(owner, claim=False), fresh
+        except BlockNeeded:
+            raise  # claimed by op_add outside the lock, then built again
         except NetError as exc:
             raise ApiError(UNAVAILABLE, str(exc)) from None
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from stockade.agent.admission import check_changes, quarantine
 from stockade.agent.extension import Handler, Operations
@@ -54,7 +54,7 @@ from stockade.agent.records import (
 )
 from stockade.agent.snapshot import changes_to_restore, parse_snapshot, snapshot_of
 from stockade.agent.store import Store
-from stockade.errors import AgentError, DecodeError, InputError, NetError
+from stockade.errors import AgentError, BlockNeeded, DecodeError, InputError, NetError
 from stockade.heap import collector_paused
 from stockade.model.admit import admit_objects, validate_label_change
 from stockade.model.cluster import Namespace, implicit_namespace
@@ -64,6 +64,10 @@ from stockade.model.parse import decode_objects, expand_lists
 from stockade.net.ipam import Ipam
 
 SYNC_TIMEOUT = 30.0
+# Allocations retried after a block claim (with_blocks): each retry found the new block
+# filled by concurrent callers; more in a row means a pool claimed as fast as it fills.
+CLAIM_TRIES = 8
+T = TypeVar("T")
 # What another datastore owns (see Service.read_only); reads and the node's own
 # containers (run, cni.*) stay local.
 LOCAL_WRITES = frozenset({"apply", "delete", "label", "snapshot.restore", "endpoint.add",
@@ -105,6 +109,8 @@ class Service:
         self.reconciler = reconciler
         self.strict_cidr = strict_cidr
         self.lock = threading.RLock()
+        # Taken before the lock, never under it: one block claim at a time (claim_block).
+        self._claiming = threading.Lock()
         # Endpoints added (here and by the CNI operations), relabelled and removed by
         # parallel callers, committed together.
         self.group = GroupCommit(self.lock, lambda changes, meta: self.commit(
@@ -166,6 +172,36 @@ class Service:
         return handler(args)
 
     # ---- plumbing ---------------------------------------------------------------------
+
+    def with_blocks(self, attempt: Callable[[], T]) -> T:
+        """`attempt` (which allocates with ``claim=False`` under the lock), again after a
+        block is claimed each time it finds the pool's blocks full (BlockNeeded)."""
+        for _ in range(CLAIM_TRIES):
+            try:
+                return attempt()
+            except BlockNeeded:
+                self.claim_block()
+        raise ApiError(UNAVAILABLE, f"the address blocks claimed were filled by other "
+                                    f"callers {CLAIM_TRIES} times in a row; try again")
+
+    def claim_block(self) -> None:
+        """Claim the block the address pool needs, with the lock let go: a claim is
+        etcd's round trips (its timeout when etcd is slow or away), which would hold
+        up every other operation and the reconciler. Callers that find the pool full
+        together wait for one claim; the first claims, the others find room. Never
+        called with the lock held (the lock order is _claiming, then lock)."""
+        with self._claiming:
+            with self.lock:
+                claim = self.ipam.block_claim() if self.ipam is not None else None
+            if claim is None:
+                return  # claimed meanwhile, or addresses given back
+            try:
+                block = claim()
+            except NetError as exc:
+                raise ApiError(UNAVAILABLE, str(exc)) from None
+            with self.lock:
+                if self.ipam is not None:  # the pool in use now (a DEL swaps in a copy)
+                    self.ipam.adopt(block)
 
     def commit(self, changes: Sequence[Change], *, sync: bool = True,
                meta: Mapping[str, Any] | None = None, admitted: bool = False,
@@ -667,12 +703,17 @@ def ipam_allocate(service: Service, owner: str) -> str:
     """An address for `owner` (the same one again if it has one), stored durably."""
     if service.ipam is None:
         raise ApiError(BAD_REQUEST, "this agent has no address pool")
-    with service.lock:
-        before = service.ipam.address_of(owner)
-        address = service.ipam.allocate(owner)
-        if before is None:
-            service.commit([], sync=False, meta={"ipam": service.ipam.to_dict()})
-    return address
+
+    def attempt() -> str:
+        with service.lock:
+            assert service.ipam is not None
+            before = service.ipam.address_of(owner)
+            address = service.ipam.allocate(owner, claim=False)
+            if before is None:
+                service.commit([], sync=False, meta={"ipam": service.ipam.to_dict()})
+        return address
+
+    return service.with_blocks(attempt)
 
 
 def ipam_release(service: Service, owner: str) -> str | None:

@@ -14,7 +14,10 @@ Layout under the prefix::
   its blocks claims the lowest free block with a transaction that creates the
   block's key only if it does not exist (``create_revision == 0``): two hosts racing
   for one block cannot both get it, the loser takes the next. Two hosts therefore
-  never hand out one address.
+  never hand out one address. The agent claims outside its lock: an ADD that finds
+  the blocks full lets go of it, claims (one claim at a time; etcd's round trips,
+  up to its timeout when etcd is slow or away), and allocates again, so a slow etcd
+  holds up only the ADDs that need a block, not the agent's other operations.
 * **Addresses stay local.** Which address of a block which container has is the
   host's own business (the local store keeps it, as before); etcd holds only who owns
   each block.
@@ -44,7 +47,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from stockade.errors import NetError
+from stockade.errors import BlockNeeded, NetError
 from stockade.etcd.client import EtcdClient, EtcdError, b64, unb64
 from stockade.net.ipam import Address, Ipam, Network
 
@@ -92,25 +95,40 @@ class BlockIpam(Ipam):
         self.claim = claim
         super().__init__(subnet, gateway, allocated)
 
-    def allocate(self, owner: str) -> str:
+    def allocate(self, owner: str, *, claim: bool = True) -> str:
         known = self.address_of(owner)
         if known is not None:
             return known
-        for block in list(self.blocks):
-            free = self._free_in(block)
-            if free is not None:
-                return self._take(owner, free)
+        free = self._free()
+        if free is not None:
+            return self._take(owner, free)
         if self.claim is None:
             raise NetError(f"no free address in this host's blocks of {self.subnet}")
+        if not claim:
+            raise BlockNeeded(f"this host's address blocks of {self.subnet} are full")
         block = self.claim()
-        if block in self.returning:  # deleted in etcd meanwhile, and claimed again
-            self.returning.remove(block)
-        if block not in self.blocks:
-            self.blocks.append(block)
+        self.adopt(block)
         free = self._free_in(block)
         if free is None:
             raise NetError(f"block {block} has no usable address")
         return self._take(owner, free)
+
+    def block_claim(self) -> Callable[[], Network] | None:
+        return self.claim if self.claim is not None and self._free() is None else None
+
+    def adopt(self, block: Network) -> None:
+        if block in self.returning:  # deleted in etcd meanwhile, and claimed again
+            self.returning.remove(block)
+        if block not in self.blocks:
+            self.blocks.append(block)
+
+    def _free(self) -> Address | None:
+        """The lowest free address of the first block that has one."""
+        for block in list(self.blocks):
+            free = self._free_in(block)
+            if free is not None:
+                return free
+        return None
 
     def _free_in(self, block: Network) -> Address | None:
         first = max(int(block.network_address), self._first)

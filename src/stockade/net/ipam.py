@@ -16,6 +16,8 @@ Public API::
 
     Ipam(subnet, gateway=None, allocated=None)
     Ipam.allocate(owner) -> str        # "10.244.0.2/16" (interface form)
+    Ipam.block_claim() -> claim | None # a pool of blocks that needs one: how to claim it
+    Ipam.adopt(block)                  # a block claimed by it, now this pool's
     Ipam.reserve(owner, address) -> str  # a given address, e.g. from a test case
     Ipam.release(owner) -> str | None
     Ipam.address_of(owner) -> str | None
@@ -28,7 +30,7 @@ Public API::
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from stockade.errors import NetError
@@ -85,8 +87,12 @@ class Ipam:
         address = self._by_owner.get(owner)
         return None if address is None else self._interface(address)
 
-    def allocate(self, owner: str) -> str:
-        """The owner's address, allocating the lowest free one on first call."""
+    def allocate(self, owner: str, *, claim: bool = True) -> str:
+        """The owner's address, allocating the lowest free one on first call.
+
+        ``claim``: whether a pool of blocks (etcd/ipam.py) may claim a block here when
+        its own are full; if not it raises :class:`BlockNeeded`. A plain pool has no
+        blocks to claim."""
         known = self._by_owner.get(owner)
         if known is not None:
             return self._interface(known)
@@ -95,6 +101,17 @@ class Ipam:
             if candidate != self.gateway and candidate not in self._by_address:
                 return self._take(owner, candidate)
         raise NetError(f"subnet {self.subnet} is exhausted ({len(self._by_address)} allocated)")
+
+    def block_claim(self) -> Callable[[], Network] | None:
+        """How to claim the block this pool needs before it can allocate, or None when
+        it needs none (a plain pool never does). The claim may be slow (etcd's round
+        trips): it is called without the agent's lock, the block then given to
+        :meth:`adopt` under it."""
+        return None
+
+    def adopt(self, block: Network) -> None:
+        """A block claimed for this pool (`block_claim`) is now one of its own."""
+        raise NetError(f"the pool {self.subnet} does not hand out addresses by blocks")
 
     def reserve(self, owner: str, address: str) -> str:
         """Give ``owner`` exactly ``address``; fails if another owner holds it."""
