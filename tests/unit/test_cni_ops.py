@@ -24,6 +24,7 @@ from stockade.compile.ir import ADDR, AddressSet, Chain, Ruleset
 from stockade.compile.nft import canonical
 from stockade.compile.plan import Plan, plan
 from stockade.datapath.base import KernelSnapshot
+from stockade.errors import NetError
 from stockade.etcd.ipam import BlockIpam
 from stockade.model.cluster import Endpoint
 from stockade.model.labels import Labels
@@ -164,6 +165,45 @@ def test_adds_finding_the_blocks_full_claim_one_block_with_the_lock_let_go(
     assert addresses[0] == "10.9.0.2/24"
     assert addresses[1:] == [f"10.9.0.{64 + i}/24" for i in range(7)]
     assert [str(b) for b in node.service.ipam.blocks] == ["10.9.0.0/30", "10.9.0.64/26"]
+
+
+def test_adds_waiting_for_a_claim_that_fails_share_its_error(node: Node) -> None:
+    """etcd away: the ADDs that waited for one claim fail with its error, without asking
+    etcd again each in turn (each up to its timeout); a later ADD tries again."""
+    claims: list[str] = []
+    answer = threading.Event()
+
+    def claim() -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        claims.append(threading.current_thread().name)
+        answer.wait(10)
+        if len(claims) == 1:
+            raise NetError("cannot claim an address block in etcd: no answer in 5s")
+        return ipaddress.ip_network("10.9.0.64/26")
+
+    node.service.ipam = BlockIpam("10.9.0.0/24", blocks=["10.9.0.0/31"], claim=claim)
+    errors: dict[str, str] = {}
+
+    def add(c: str) -> None:
+        try:
+            node.add(c)
+        except ApiError as exc:
+            errors[c] = f"{exc.code}: {exc.message}"
+
+    adds = [threading.Thread(target=add, args=(c,), name=c) for c in "abcd"]
+    for t in adds:
+        t.start()
+    deadline = time.monotonic() + 10
+    while not claims and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the others queue for the claim
+    answer.set()
+    for t in adds:
+        t.join(10)
+    assert len(claims) == 1, claims
+    assert sorted(errors) == list("abcd")
+    assert set(errors.values()) == {
+        "unavailable: cannot claim an address block in etcd: no answer in 5s"}
+    assert node.add("e")["address"] == "10.9.0.64/24" and len(claims) == 2
 
 
 def test_the_ipam_operation_claims_a_block_the_same_way(node: Node) -> None:

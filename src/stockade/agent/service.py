@@ -109,8 +109,11 @@ class Service:
         self.reconciler = reconciler
         self.strict_cidr = strict_cidr
         self.lock = threading.RLock()
-        # Taken before the lock, never under it: one block claim at a time (claim_block).
+        # Taken before the lock, never under it: one block claim at a time (claim_block);
+        # the claims made so far and the last one's error, for the callers that waited.
         self._claiming = threading.Lock()
+        self._claims = 0
+        self._claim_error = ""
         # Endpoints added (here and by the CNI operations), relabelled and removed by
         # parallel callers, committed together.
         self.group = GroupCommit(self.lock, lambda changes, meta: self.commit(
@@ -188,17 +191,28 @@ class Service:
         """Claim the block the address pool needs, with the lock let go: a claim is
         etcd's round trips (its timeout when etcd is slow or away), which would hold
         up every other operation and the reconciler. Callers that find the pool full
-        together wait for one claim; the first claims, the others find room. Never
-        called with the lock held (the lock order is _claiming, then lock)."""
+        together share one claim: the first claims, the others take its outcome (room,
+        or its error: etcd is not asked again by each in turn, up to its timeout each).
+        Never called with the lock held (the lock order is _claiming, then lock)."""
+        seen = self._claims
         with self._claiming:
+            if self._claims != seen:  # one finished while this caller waited
+                if self._claim_error:
+                    raise ApiError(UNAVAILABLE, self._claim_error)
+                return
             with self.lock:
                 claim = self.ipam.block_claim() if self.ipam is not None else None
             if claim is None:
-                return  # claimed meanwhile, or addresses given back
+                return  # addresses given back meanwhile
+            self._claim_error = "the address block claim failed"  # until it succeeds
             try:
                 block = claim()
+                self._claim_error = ""
             except NetError as exc:
-                raise ApiError(UNAVAILABLE, str(exc)) from None
+                self._claim_error = str(exc)
+                raise ApiError(UNAVAILABLE, self._claim_error) from None
+            finally:
+                self._claims += 1
             with self.lock:
                 if self.ipam is not None:  # the pool in use now (a DEL swaps in a copy)
                     self.ipam.adopt(block)
