@@ -6,7 +6,7 @@
  * A packet leaving a pod whose port has a guard (stockade_from_pod only) is first held
  * to what its pod owns, before conntrack (a forged SYN must not leave an entry whose
  * reversed tuple then lets "replies" through): the Ethernet source is the pod's MAC
- * (when known); no VLAN tag; IPv4 only from the pod's IPv4 address; IPv6 from its
+ * (when known; when not, no MAC another guarded port is bound to); no VLAN tag; IPv4 only from the pod's IPv4 address; IPv6 from its
  * IPv6 address, and from a link-local one or :: only neighbour discovery and MLD; a
  * neighbour advertisement's or duplicate address probe's target its own address or
  * link-local (with the MAC known, the link-local address is the MAC's own, EUI-64:
@@ -995,6 +995,15 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 		return 1;
 	if ((g->flags & GUARD_MAC) && !same_mac(eth->h_source, g->mac))
 		return 1;
+	/* bound to no MAC: still none that another pod's port is bound to, which the
+	 * bridge would learn here and then forward that pod's frames to this port */
+	if (!(g->flags & GUARD_MAC)) {
+		struct mac_key k = {};
+		__builtin_memcpy(k.mac, eth->h_source, ETH_ALEN);
+		struct mac_port *owner = bpf_map_lookup_elem(&mac_port, &k);
+		if (owner && owner->port != skb->ifindex)
+			return 1;
+	}
 	/* not IP: only ARP can be held to the pod's addresses (a tag in the data, which
 	 * would hide what follows it, is another ethertype too) */
 	if (rc > 0)

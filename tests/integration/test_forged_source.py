@@ -399,6 +399,43 @@ def test_a_frame_from_another_pods_mac_does_not_take_its_place_on_the_bridge(
         raise Impersonated("c's datagram to a reached b, which sent from a's MAC")
 
 
+@pytest.mark.parametrize(("datapath", "b_port"), [
+    ("nft", "mac unknown"), ("nft", "unguarded"), ("iptables", "mac unknown"),
+    ("iptables", "unguarded"), ("ebpf", "mac unknown")], indirect=["datapath"])
+def test_a_pods_mac_is_its_own_port_s_whatever_the_port_sending_it(
+        trio: Any, datapath: Datapath, b_port: str) -> None:
+    """The same theft from a port bound to no MAC: b's endpoint declared with its port
+    and no MAC, or with no port at all (its port unguarded). a's MAC is bound to a's
+    port, so no other port sends from it. (eBPF runs no program on an unguarded port:
+    there, that case is not covered.)"""
+    whole = cluster(trio, C_ONLY_FROM_A_UDP, B_ISOLATED)
+    loose = {"mac unknown": {"mac": ""}, "unguarded": {"port": "", "mac": ""}}[b_port]
+    datapath.apply(compile_cluster(replace(whole, endpoints=tuple(
+        replace(e, **loose) if e.name == "b" else e for e in whole.endpoints))))
+    a, b = trio.a, trio.b
+    steal = ("import subprocess, sys, time\n"
+             "for _ in range(40):\n"
+             "    subprocess.run([sys.executable, '-c', *sys.argv[1:]], check=True)\n"
+             "    time.sleep(0.02)\n")
+    if _diverted(trio, 4, lambda: python_in(b.netns, steal, FRAME, b.ifname, a.mac, a.mac,
+                                            b.address4, a.address4, str(PORT), "x"),
+                 sends=40):
+        raise Impersonated(f"c's datagram to a reached b ({b_port}), which sent from "
+                           "a's MAC")
+    # What the host sends to a goes by the bridge's table too (eBPF delivers c's frames
+    # to a's port itself): one more frame, the table read at once.
+    run_in(b.netns, FRAME, b.ifname, a.mac, a.mac, b.address4, a.address4, str(PORT), "x")
+    if a.mac in _learned(trio.host_netns, b.host_ifname):
+        raise Impersonated(f"the bridge took a's MAC to be at b's port ({b_port})")
+
+
+def _learned(netns: str, port: str) -> set[str]:
+    """The MACs the bridge has learned at `port`."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "bridge", "fdb", "show", "dev", port],
+                         check=True, capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
 # `sends` datagrams from c to (argv[2], argv[3]), 25 ms apart.
 SEND = """
 import socket, sys, time

@@ -25,6 +25,8 @@ family::
         to a pod (pkttype other), ether daddr . ip daddr @d4 and the same @m4 accept
         ether daddr @dmacs, ether daddr . ip daddr != @d4 drop   a frame to a pod's MAC
             carries its address (IPv6: but ND and MLD), from any port
+        ether saddr @dmacs, iifname . ether saddr != @macs drop   a pod's MAC, from
+            another port (bound to no MAC, or unguarded)
         iifname != @ports accept                           unguarded: not a pod of ours
         pkttype broadcast or multicast: IPv4 dropped, IPv6 but ND and MLD dropped
         iifname @macports iifname . ether saddr != @macs drop
@@ -67,7 +69,7 @@ from stockade.compile.ir import Guard, guard_of
 
 FAMILY = "bridge"
 CHAIN = "guard"
-VERSION = "guard v6"
+VERSION = "guard v7"
 PORTS, MACPORTS, MACS, A4, A6, T6 = "ports", "macports", "macs", "a4", "a6", "t6"
 L6 = "l6"
 M4, M6 = "m4", "m6"
@@ -123,6 +125,10 @@ RULES: tuple[tuple[str, str], ...] = (
      "ether daddr . ip6 daddr != @d6 drop", "to a pod not at its ipv6"),
     (f"icmpv6 type != {{ {', '.join(_ND_MLD)} }} ether daddr @dmacs "
      "ether daddr . ip6 daddr != @d6 drop", "icmpv6 to a pod not at its ipv6"),
+    # A guarded pod's MAC is its port's alone, whichever port sends it (one bound to no
+    # MAC, or unguarded): the bridge would learn it there and forward the pod's frames
+    # to the sender.
+    ("ether saddr @dmacs iifname . ether saddr != @macs drop", "a pod's mac, another port"),
     ("iifname != @ports accept", "unguarded port"),
     # A datagram to every pod at once has no pod's address as its destination, so no
     # pod's ingress policy would judge it: pods send none, but neighbour discovery
@@ -213,6 +219,8 @@ LISTED: tuple[list[dict[str, Any]], ...] = (
     [_m(_pl("icmpv6", "type"), {"set": list(_ND_MLD)}, "!="), _TO_POD,
      _m({"concat": [_pl("ether", "daddr"), _pl("ip6", "daddr")]}, "@d6", "!="),
      {"drop": None}],
+    [_m(_pl("ether", "saddr"), "@dmacs"),
+     _m({"concat": [_iif(), _pl("ether", "saddr")]}, "@macs", "!="), {"drop": None}],
     [_m(_iif(), "@ports", "!="), {"accept": None}],
     [_m(_PKTTYPE, _GROUP_SET), _m(_pl("ether", "type"), "ip"), {"drop": None}],
     [_m(_PKTTYPE, _GROUP_SET), _m(_pl("ether", "type"), "ip6"),
