@@ -3,13 +3,26 @@
 flock rather than a pid file: the kernel drops the lock when its holder dies, kill -9
 included, so there is never a stale lock to judge or clear by hand. A descriptor
 opened close-on-exec is not inherited by the processes the holder starts.
+
+A file lock holds only while its file stays and everyone sees the same file: root
+removing /run/stockade (or a tmpfiles clean-up), or a second agent with its own /run
+(a container's), takes a lock of the same name beside it. `hold_name` adds a name no
+file system holds: an abstract unix socket, bound in the network namespace the caller
+is in, gone when its holder dies. Any process of that namespace may bind any abstract
+name, so a name held by another user than root is said, not obeyed: one who could
+squat it would otherwise keep the agent from starting.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import socket
+import struct
 from pathlib import Path
+
+_UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 
 def open_locked(path: Path, *, exclusive: bool = True, block: bool = True,
@@ -71,3 +84,36 @@ def give_back(fd: int, path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def hold_name(name: str) -> socket.socket | None:
+    """An abstract unix socket bound to `name` in the caller's network namespace, held
+    until closed (or its holder dies); None when another process holds the name. It
+    listens, so that a process refused can ask whose it is (`name_holder`); nothing is
+    ever accepted."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind("\0" + name)
+        sock.listen(8)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        raise
+    return sock
+
+
+def name_holder(name: str) -> tuple[int, int] | None:
+    """(pid, uid) of the process holding the abstract name, as the kernel says it
+    (SO_PEERCRED: not what the holder claims); None if nobody answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(1.0)
+    try:
+        sock.connect("\0" + name)
+        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     _UCRED.size))
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return pid, uid

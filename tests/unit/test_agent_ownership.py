@@ -13,43 +13,48 @@ from stockade import lockfile
 from stockade.agent.ownership import STATE_LOCK, datapath_lock, take_ownership
 from stockade.errors import AgentError, InputError, NetError
 
+# The datapath's name is an abstract socket of the network namespace: two runs of the
+# tests at once on one machine must not share one.
+T1, T2 = f"t{os.getpid()}a", f"t{os.getpid()}b"
+
 
 def test_a_second_owner_is_refused_and_told_who_holds_what(tmp_path: Path) -> None:
     locks = tmp_path / "locks"
-    first = take_ownership(str(tmp_path / "a"), "t1", None, lock_dir=locks)
+    first = take_ownership(str(tmp_path / "a"), T1, None, lock_dir=locks)
     try:
         with pytest.raises(AgentError) as same_dir:
-            take_ownership(str(tmp_path / "a"), "t2", None, lock_dir=locks)
+            take_ownership(str(tmp_path / "a"), T2, None, lock_dir=locks)
         assert f"pid {os.getpid()}" in same_dir.value.args[0]
         assert f"state directory {tmp_path / 'a'}" in same_dir.value.args[0]
         assert "--state-dir" in same_dir.value.args[0]
         with pytest.raises(AgentError) as same_table:
-            take_ownership(str(tmp_path / "b"), "t1", None, lock_dir=locks)
-        assert "'t1' in the host's network namespace" in same_table.value.args[0]
+            take_ownership(str(tmp_path / "b"), T1, None, lock_dir=locks)
+        assert f"'{T1}' in the host's network namespace" in same_table.value.args[0]
         assert "--table or --netns" in same_table.value.args[0]
         # refused on the datapath: its state lock was given back, its new directory removed
         assert not (tmp_path / "b").exists()
         # another name, or the same name in another namespace, is another datapath
-        other = take_ownership(str(tmp_path / "c"), "t1", "ns1", lock_dir=locks)
+        other = take_ownership(str(tmp_path / "c"), T1, "ns1", lock_dir=locks)
         other.release()
     finally:
         first.release()
     assert not (tmp_path / "a" / STATE_LOCK).exists()
-    assert not datapath_lock("t1", None, locks).exists()
-    again = take_ownership(str(tmp_path / "a"), "t1", None, lock_dir=locks)
+    assert not datapath_lock(T1, None, locks).exists()
+    again = take_ownership(str(tmp_path / "a"), T1, None, lock_dir=locks)
     again.release()
 
 
 def test_a_dead_holder_holds_nothing(tmp_path: Path) -> None:
     """The lock of an agent killed -9 (its file left behind) is free."""
     code = ("import sys, os; from pathlib import Path; from stockade.agent.ownership import "
-            "take_ownership; take_ownership(sys.argv[1], 't1', None, lock_dir=Path(sys.argv[2]));"
+            "take_ownership; take_ownership(sys.argv[1], sys.argv[3], None,"
+            " lock_dir=Path(sys.argv[2]));"
             " print('held', flush=True); os.kill(os.getpid(), 9)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "l")],
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "l"), T1],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout == "held\n" and out.returncode == -9, out.stderr
     assert (tmp_path / "a" / STATE_LOCK).exists()  # kill -9: nobody removed it
-    take_ownership(str(tmp_path / "a"), "t1", None, lock_dir=tmp_path / "l").release()
+    take_ownership(str(tmp_path / "a"), T1, None, lock_dir=tmp_path / "l").release()
 
 
 def test_names_that_would_leave_the_lock_directory_are_refused(tmp_path: Path) -> None:
@@ -57,7 +62,7 @@ def test_names_that_would_leave_the_lock_directory_are_refused(tmp_path: Path) -
         with pytest.raises(InputError):
             take_ownership(str(tmp_path / "s"), table, None, lock_dir=tmp_path / "l")
     with pytest.raises(NetError):
-        take_ownership(str(tmp_path / "s"), "t1", "../../x", lock_dir=tmp_path / "l")
+        take_ownership(str(tmp_path / "s"), T1, "../../x", lock_dir=tmp_path / "l")
     assert not (tmp_path / "l").exists() and not (tmp_path / "s").exists()
 
 
@@ -95,7 +100,7 @@ def test_a_directory_others_can_write_to_is_refused_before_a_lock_is_made(
     os.link(victim, state / STATE_LOCK)
     state.chmod(0o777)
     with pytest.raises(AgentError, match="writable by group or others"):
-        take_ownership(str(state), "t1", None, lock_dir=tmp_path / "l")
+        take_ownership(str(state), T1, None, lock_dir=tmp_path / "l")
     assert victim.read_text() == "precious\n" and (state / STATE_LOCK).exists()
 
 
@@ -122,3 +127,48 @@ def test_open_datapath_checks_the_name_before_anything() -> None:
 
     with pytest.raises(InputError, match=r"invalid datapath name '\.\./x'"):
         open_datapath("ebpf", "../x", netns="nowhere")
+
+
+def test_the_datapath_stays_held_when_its_lock_file_is_not_shared(tmp_path: Path) -> None:
+    """The lock's file removed (root cleaning /run), or a second agent with a /run of its
+    own: the datapath's abstract name still refuses it, naming the holder's pid."""
+    first = take_ownership(str(tmp_path / "a"), T1, None, lock_dir=tmp_path / "l1")
+    try:
+        datapath_lock(T1, None, tmp_path / "l1").unlink()
+        for locks in (tmp_path / "l1", tmp_path / "l2"):
+            with pytest.raises(AgentError) as refused:
+                take_ownership(str(tmp_path / "b"), T1, None, lock_dir=locks)
+            assert f"another agent (pid {os.getpid()})" in refused.value.args[0]
+            assert f"@stockade/host-{T1}" in refused.value.args[0]
+            assert not (tmp_path / "b").exists()
+        # the same name in another namespace is another datapath
+        take_ownership(str(tmp_path / "c"), T1, "ns1", lock_dir=tmp_path / "l2").release()
+    finally:
+        first.release()
+    take_ownership(str(tmp_path / "b"), T1, None, lock_dir=tmp_path / "l2").release()
+
+
+@pytest.mark.privileged
+def test_a_name_squatted_by_another_user_is_said_and_not_obeyed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Any process of the namespace may bind an abstract name: one of another user than
+    root holding the datapath's would keep every agent from starting. It is warned
+    about; the lock file still holds the datapath."""
+    code = ("import os, socket, sys, time; os.setgid(65534); os.setuid(65534);"
+            " s = socket.socket(socket.AF_UNIX); s.bind('\\0' + sys.argv[1]); s.listen(1);"
+            " print('bound', flush=True); time.sleep(60)")
+    squatter = subprocess.Popen([sys.executable, "-c", code, f"stockade/host-{T1}"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "bound\n"
+        held = take_ownership(str(tmp_path / "a"), T1, None, lock_dir=tmp_path / "l")
+        try:
+            assert not held.names
+            assert f"held by pid {squatter.pid} of uid 65534, not root" in caplog.text
+            with pytest.raises(AgentError, match=f"pid {os.getpid()}"):
+                take_ownership(str(tmp_path / "b"), T1, None, lock_dir=tmp_path / "l")
+        finally:
+            held.release()
+    finally:
+        squatter.kill()
+        squatter.wait()

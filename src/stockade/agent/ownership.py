@@ -16,20 +16,30 @@ one namespace under one name conflict whatever their kinds (they share the pods'
 links). The locks are flocks: the kernel drops them when the agent dies, so a
 restart after kill -9 is never refused. An agent that finds either lock held stops
 with an error naming the other agent's pid and changes nothing.
+
+The datapath is held by a name too, ``stockade/<host | netns-NAME>-<name>``, an
+abstract unix socket in the agent's network namespace (lockfile.hold_name): it holds
+when the lock's file is removed, and between agents that do not share /run (one in a
+container, one on the host). A name held by a user other than root is said and not
+obeyed (the file lock still holds): anyone in the namespace may bind one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.compile.owner import check_owner_name
 from stockade.errors import AgentError, StockadeError
-from stockade.lockfile import give_back, hold, holder
+from stockade.lockfile import give_back, hold, hold_name, holder, name_holder
 from stockade.net.namespace import netns_path
+
+log = logging.getLogger(__name__)
 
 LOCK_DIR = Path("/run/stockade/locks")
 STATE_LOCK = "agent.lock"
@@ -41,12 +51,15 @@ class Ownership:
     """The locks an agent holds (path -> descriptor), until `release`."""
 
     held: dict[Path, int] = field(default_factory=dict)
+    names: list[socket.socket] = field(default_factory=list)  # abstract names held
     # The state directory, when taking its lock made it: removed at release if still
     # empty (a refused or failed start leaves none behind; the lock directory stays, as
     # another agent may be about to lock in it).
     made: Path | None = None
 
     def release(self) -> None:
+        while self.names:
+            self.names.pop().close()
         while self.held:
             path, fd = self.held.popitem()
             give_back(fd, path)
@@ -59,8 +72,17 @@ class Ownership:
 def datapath_lock(table: str, netns: str | None, lock_dir: Path = LOCK_DIR) -> Path:
     """The lock of the datapath called `table` in `netns` (both names checked by the
     caller: neither can hold a slash)."""
+    return lock_dir / f"{_datapath_key(table, netns)}.lock"
+
+
+def datapath_name(table: str, netns: str | None) -> str:
+    """The abstract socket name that holds the same datapath."""
+    return f"stockade/{_datapath_key(table, netns)}"
+
+
+def _datapath_key(table: str, netns: str | None) -> str:
     where = f"netns-{netns}" if netns else "host"
-    return lock_dir / f"{where}-{table}.lock"
+    return f"{where}-{table}"
 
 
 def take_ownership(state_dir: str, table: str, netns: str | None, *,
@@ -95,10 +117,35 @@ def take_ownership(state_dir: str, table: str, netns: str | None, *,
                 raise AgentError(f"{who} {what}; stop it first, or give this one its own "
                                  f"{option}")
             ownership.held[path] = fd
+        _hold_name(ownership, datapath_name(table, netns), wanted[1][2], wanted[1][3])
     except BaseException:
         ownership.release()
         raise
     return ownership
+
+
+def _hold_name(ownership: Ownership, name: str, what: str, option: str) -> None:
+    for _ in range(3):  # a holder that exits between the bind and the question: again
+        try:
+            sock = hold_name(name)
+        except OSError as exc:
+            raise AgentError(f"cannot hold the name @{name}: {exc}") from None
+        if sock is not None:
+            ownership.names.append(sock)
+            return
+        who = name_holder(name)
+        if who is None:
+            continue
+        pid, uid = who
+        if uid not in (0, os.geteuid()):
+            log.warning("the name @%s is held by pid %d of uid %d, not root: not obeyed "
+                        "(the lock file still holds the datapath)", name, pid, uid)
+            return
+        raise AgentError(f"another agent (pid {pid}) {what}; stop it first, or give this "
+                         f"one its own {option} (its lock file is gone or not shared: "
+                         f"the name @{name} still holds it)")
+    raise AgentError(f"another agent {what}; stop it first, or give this one its own "
+                     f"{option} (the name @{name} is held)")
 
 
 def ensure_private_dir(path: Path, error: type[StockadeError] = AgentError) -> bool:
