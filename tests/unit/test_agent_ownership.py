@@ -149,22 +149,25 @@ def test_the_datapath_stays_held_when_its_lock_file_is_not_shared(tmp_path: Path
 
 
 @pytest.mark.privileged
+@pytest.mark.parametrize("listen", ["listening", "bound only"])
 def test_a_name_squatted_by_another_user_is_said_and_not_obeyed(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, listen: str) -> None:
     """Any process of the namespace may bind an abstract name: one of another user than
-    root holding the datapath's would keep every agent from starting. It is warned
-    about; the lock file still holds the datapath."""
+    root holding the datapath's, or one that does not say who holds it, would keep
+    every agent from starting. It is warned about; the lock file still holds."""
     code = ("import os, socket, sys, time; os.setgid(65534); os.setuid(65534);"
-            " s = socket.socket(socket.AF_UNIX); s.bind('\\0' + sys.argv[1]); s.listen(1);"
+            " s = socket.socket(socket.AF_UNIX); s.bind('\\0' + sys.argv[1]);"
+            " sys.argv[2] == 'listening' and s.listen(1);"
             " print('bound', flush=True); time.sleep(60)")
-    squatter = subprocess.Popen([sys.executable, "-c", code, f"stockade/host-{T1}"],
+    squatter = subprocess.Popen([sys.executable, "-c", code, f"stockade/host-{T1}", listen],
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert squatter.stdout is not None and squatter.stdout.readline() == "bound\n"
         held = take_ownership(str(tmp_path / "a"), T1, None, lock_dir=tmp_path / "l")
         try:
             assert not held.names
-            assert f"held by pid {squatter.pid} of uid 65534, not root" in caplog.text
+            assert (f"held by pid {squatter.pid} of uid 65534, not root" if listen ==
+                    "listening" else "does not say who it is") in caplog.text
             with pytest.raises(AgentError, match=f"pid {os.getpid()}"):
                 take_ownership(str(tmp_path / "b"), T1, None, lock_dir=tmp_path / "l")
         finally:

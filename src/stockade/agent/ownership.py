@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,11 @@ def take_ownership(state_dir: str, table: str, netns: str | None, *,
 
 
 def _hold_name(ownership: Ownership, name: str, what: str, option: str) -> None:
-    for _ in range(3):  # a holder that exits between the bind and the question: again
+    """The datapath's abstract name, held; refused (AgentError) if an agent holds it.
+    An agent's name always answers who holds it: one that does not (bound and not
+    listening, or its queue kept full) is someone else's, and so is one of another
+    user than root: said, not obeyed, as anyone in the namespace can bind one."""
+    for attempt in range(3):
         try:
             sock = hold_name(name)
         except OSError as exc:
@@ -135,6 +140,8 @@ def _hold_name(ownership: Ownership, name: str, what: str, option: str) -> None:
             return
         who = name_holder(name)
         if who is None:
+            # an agent between its bind and its listen, or one exiting: ask again
+            time.sleep(0.05 * (attempt + 1))
             continue
         pid, uid = who
         if uid not in (0, os.geteuid()):
@@ -144,8 +151,8 @@ def _hold_name(ownership: Ownership, name: str, what: str, option: str) -> None:
         raise AgentError(f"another agent (pid {pid}) {what}; stop it first, or give this "
                          f"one its own {option} (its lock file is gone or not shared: "
                          f"the name @{name} still holds it)")
-    raise AgentError(f"another agent {what}; stop it first, or give this one its own "
-                     f"{option} (the name @{name} is held)")
+    log.warning("the name @%s is held by a process that does not say who it is: not "
+                "obeyed (the lock file still holds the datapath)", name)
 
 
 def ensure_private_dir(path: Path, error: type[StockadeError] = AgentError) -> bool:
