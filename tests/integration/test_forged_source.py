@@ -387,16 +387,7 @@ def test_a_frame_from_another_pods_mac_does_not_take_its_place_on_the_bridge(
     """A frame with a's MAC as its source moves a's entry in the bridge's forwarding table
     to b's port, and frames for a go to b until a sends again (a fresh interface's own
     neighbour discovery does, within a second): so b keeps sending while c does."""
-    a, b = trio.a, trio.b
-    steal = ("import subprocess, sys, time\n"
-             "for _ in range(40):\n"
-             "    subprocess.run([sys.executable, '-c', *sys.argv[1:]], check=True)\n"
-             "    time.sleep(0.02)\n")
-    # to a, which admits everyone: no policy stops it before the bridge
-    if _diverted(trio, 4, lambda: python_in(b.netns, steal, FRAME, b.ifname, a.mac, a.mac,
-                                            b.address4, a.address4, str(PORT), "x"),
-                 sends=40):
-        raise Impersonated("c's datagram to a reached b, which sent from a's MAC")
+    _steal_a_mac(trio, "guarded")
 
 
 @pytest.mark.parametrize(("datapath", "b_port"), [
@@ -412,19 +403,24 @@ def test_a_pods_mac_is_its_own_port_s_whatever_the_port_sending_it(
     loose = {"mac unknown": {"mac": ""}, "unguarded": {"port": "", "mac": ""}}[b_port]
     datapath.apply(compile_cluster(replace(whole, endpoints=tuple(
         replace(e, **loose) if e.name == "b" else e for e in whole.endpoints))))
+    _steal_a_mac(trio, b_port)
+
+
+def _steal_a_mac(trio: Any, b_port: str) -> None:
+    """b sends from a's MAC while c sends to a (which admits everyone: no policy stops
+    it before the bridge); Impersonated if b got c's datagram, or if the bridge's table
+    puts a's MAC at b's port after one more such frame (what the host sends to a goes
+    by it; eBPF delivers c's frames to a's port itself)."""
     a, b = trio.a, trio.b
     steal = ("import subprocess, sys, time\n"
              "for _ in range(40):\n"
              "    subprocess.run([sys.executable, '-c', *sys.argv[1:]], check=True)\n"
              "    time.sleep(0.02)\n")
-    if _diverted(trio, 4, lambda: python_in(b.netns, steal, FRAME, b.ifname, a.mac, a.mac,
-                                            b.address4, a.address4, str(PORT), "x"),
-                 sends=40):
+    forged = (FRAME, b.ifname, a.mac, a.mac, b.address4, a.address4, str(PORT), "x")
+    if _diverted(trio, 4, lambda: python_in(b.netns, steal, *forged), sends=40):
         raise Impersonated(f"c's datagram to a reached b ({b_port}), which sent from "
                            "a's MAC")
-    # What the host sends to a goes by the bridge's table too (eBPF delivers c's frames
-    # to a's port itself): one more frame, the table read at once.
-    run_in(b.netns, FRAME, b.ifname, a.mac, a.mac, b.address4, a.address4, str(PORT), "x")
+    run_in(b.netns, *forged)
     if a.mac in _learned(trio.host_netns, b.host_ifname):
         raise Impersonated(f"the bridge took a's MAC to be at b's port ({b_port})")
 
