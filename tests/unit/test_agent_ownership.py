@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from stockade import lockfile
 from stockade.agent.ownership import STATE_LOCK, datapath_lock, take_ownership
 from stockade.errors import AgentError, InputError, NetError
+from stockade.net.namespace import entered
 
 # The datapath's name is an abstract socket of the network namespace: two runs of the
 # tests at once on one machine must not share one.
@@ -33,8 +35,8 @@ def test_a_second_owner_is_refused_and_told_who_holds_what(tmp_path: Path) -> No
         assert "--table or --netns" in same_table.value.args[0]
         # refused on the datapath: its state lock was given back, its new directory removed
         assert not (tmp_path / "b").exists()
-        # another name, or the same name in another namespace, is another datapath
-        other = take_ownership(str(tmp_path / "c"), T1, "ns1", lock_dir=locks)
+        # another name is another datapath (another namespace: below)
+        other = take_ownership(str(tmp_path / "c"), T2, None, lock_dir=locks)
         other.release()
     finally:
         first.release()
@@ -139,13 +141,39 @@ def test_the_datapath_stays_held_when_its_lock_file_is_not_shared(tmp_path: Path
             with pytest.raises(AgentError) as refused:
                 take_ownership(str(tmp_path / "b"), T1, None, lock_dir=locks)
             assert f"another agent (pid {os.getpid()})" in refused.value.args[0]
-            assert f"@stockade/host-{T1}" in refused.value.args[0]
+            assert f"@stockade/datapath/{T1}" in refused.value.args[0]
             assert not (tmp_path / "b").exists()
-        # the same name in another namespace is another datapath
-        take_ownership(str(tmp_path / "c"), T1, "ns1", lock_dir=tmp_path / "l2").release()
     finally:
         first.release()
     take_ownership(str(tmp_path / "b"), T1, None, lock_dir=tmp_path / "l2").release()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"stkown{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@pytest.mark.privileged
+def test_the_datapath_of_a_namespace_is_one_whichever_way_the_agent_names_it(
+        tmp_path: Path, netns: str) -> None:
+    """An agent given --netns X and one started inside X (no --netns) enforce one table:
+    their lock files differ, the name bound in X does not. The same table in the host's
+    namespace is another datapath."""
+    outside = take_ownership(str(tmp_path / "a"), T1, netns, lock_dir=tmp_path / "l")
+    try:
+        with entered(netns), pytest.raises(AgentError) as refused:
+            take_ownership(str(tmp_path / "b"), T1, None, lock_dir=tmp_path / "l")
+        assert f"another agent (pid {os.getpid()})" in refused.value.args[0]
+        take_ownership(str(tmp_path / "c"), T1, None, lock_dir=tmp_path / "l2").release()
+    finally:
+        outside.release()
+    with entered(netns):
+        take_ownership(str(tmp_path / "b"), T1, None, lock_dir=tmp_path / "l").release()
 
 
 @pytest.mark.privileged
@@ -159,7 +187,7 @@ def test_a_name_squatted_by_another_user_is_said_and_not_obeyed(
             " s = socket.socket(socket.AF_UNIX); s.bind('\\0' + sys.argv[1]);"
             " sys.argv[2] == 'listening' and s.listen(1);"
             " print('bound', flush=True); time.sleep(60)")
-    squatter = subprocess.Popen([sys.executable, "-c", code, f"stockade/host-{T1}", listen],
+    squatter = subprocess.Popen([sys.executable, "-c", code, f"stockade/datapath/{T1}", listen],
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert squatter.stdout is not None and squatter.stdout.readline() == "bound\n"

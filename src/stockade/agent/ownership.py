@@ -17,11 +17,12 @@ links). The locks are flocks: the kernel drops them when the agent dies, so a
 restart after kill -9 is never refused. An agent that finds either lock held stops
 with an error naming the other agent's pid and changes nothing.
 
-The datapath is held by a name too, ``stockade/<host | netns-NAME>-<name>``, an
-abstract unix socket in the agent's network namespace (lockfile.hold_name): it holds
-when the lock's file is removed, and between agents that do not share /run (one in a
-container, one on the host). A name held by a user other than root is said and not
-obeyed (the file lock still holds): anyone in the namespace may bind one.
+The datapath is held by a name too, ``stockade/datapath/<name>``, an abstract unix
+socket bound in the datapath's network namespace (lockfile.hold_name): it holds when
+the lock's file is removed, between agents that do not share /run (one in a
+container, one on the host), and between an agent given ``--netns X`` and one started
+inside X, whose lock files differ. A name held by a user other than root is said and
+not obeyed (the file lock still holds): anyone in the namespace may bind one.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 from stockade.compile.owner import check_owner_name
 from stockade.errors import AgentError, StockadeError
 from stockade.lockfile import give_back, hold, hold_name, holder, name_holder
-from stockade.net.namespace import netns_path
+from stockade.net.namespace import entered, netns_path
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,15 @@ class Ownership:
 def datapath_lock(table: str, netns: str | None, lock_dir: Path = LOCK_DIR) -> Path:
     """The lock of the datapath called `table` in `netns` (both names checked by the
     caller: neither can hold a slash)."""
-    return lock_dir / f"{_datapath_key(table, netns)}.lock"
-
-
-def datapath_name(table: str, netns: str | None) -> str:
-    """The abstract socket name that holds the same datapath."""
-    return f"stockade/{_datapath_key(table, netns)}"
-
-
-def _datapath_key(table: str, netns: str | None) -> str:
     where = f"netns-{netns}" if netns else "host"
-    return f"{where}-{table}"
+    return lock_dir / f"{where}-{table}.lock"
+
+
+def datapath_name(table: str) -> str:
+    """The abstract socket name that holds the datapath `table`, bound in the datapath's
+    own network namespace (so it is the same for an agent given ``--netns X`` and one
+    started inside X)."""
+    return f"stockade/datapath/{table}"
 
 
 def take_ownership(state_dir: str, table: str, netns: str | None, *,
@@ -118,7 +117,8 @@ def take_ownership(state_dir: str, table: str, netns: str | None, *,
                 raise AgentError(f"{who} {what}; stop it first, or give this one its own "
                                  f"{option}")
             ownership.held[path] = fd
-        _hold_name(ownership, datapath_name(table, netns), wanted[1][2], wanted[1][3])
+        with entered(netns):
+            _hold_name(ownership, datapath_name(table), wanted[1][2], wanted[1][3])
     except BaseException:
         ownership.release()
         raise
