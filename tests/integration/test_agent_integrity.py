@@ -313,9 +313,10 @@ def _kernel_print(datapath: str, netns: str, table: str) -> object:
 @pytest.mark.parametrize("datapath", ["nft", "ebpf"])
 def test_a_second_agent_is_refused_before_it_touches_the_state_or_the_kernel(
         trio, tmp_path: Path, netns_prefix: str, datapath: str) -> None:
-    """On one state directory, or on one datapath (name and namespace), a second agent
-    stops at once with the first's pid, and the kernel and the store are as the first
-    left them; after the first is killed -9, an agent starts there."""
+    """On one state directory, or on one datapath (name and namespace; also from a
+    mount namespace with a /run of its own), a second agent stops at once with the
+    first's pid, and the kernel and the store are as the first left them; after the
+    first is killed -9, an agent starts there."""
     from stockade.datapath.ebpf import EbpfDatapath
 
     table = f"{netns_prefix}own"
@@ -338,7 +339,13 @@ def test_a_second_agent_is_refused_before_it_touches_the_state_or_the_kernel(
         same_table = [*first.cmd]
         same_table[same_table.index("--socket") + 1] = str(tmp_path / "other.sock")
         same_table[same_table.index("--state-dir") + 1] = str(tmp_path / "other-state")
-        for cmd, option in ((same_state, "--state-dir"), (same_table, "--table or --netns")):
+        # The same table from an agent with a /run of its own (a container's): the lock
+        # files differ, the datapath's name in the namespace does not.
+        own_run = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t tmpfs -o mode=0755 none /run/stockade && exec "$@"', "sh",
+                   *same_table]
+        for cmd, option in ((same_state, "--state-dir"), (same_table, "--table or --netns"),
+                            (own_run, "--table or --netns")):
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
             assert out.returncode == 2, out.stderr[-2000:]
             assert f"another agent (pid {first.proc.pid})" in out.stderr, out.stderr
