@@ -18,6 +18,7 @@ from stockade.cli.inputs import (
     add_conntrack_limit,
     add_files,
     add_output,
+    address_pool,
     positive_seconds,
     seconds,
     table_name,
@@ -42,7 +43,8 @@ def register(sub: Any) -> None:
                    help="the name of what the agent owns in the kernel (the nftables "
                    "table, the eBPF pin directory); one agent per name and namespace")
     a.add_argument("--metrics-address", metavar="HOST:PORT")
-    a.add_argument("--subnet", help="address pool of the bridge (default: with --datastore "
+    a.add_argument("--subnet", type=address_pool,
+                   help="address pool of the bridge (default: with --datastore "
                    "kubernetes this node's spec.podCIDR, else 10.244.0.0/16)")
     a.add_argument("--bridge-prefix", default="stk", metavar="PREFIX",
                    help="prefix of the bridge, veths and namespaces `stockade run` makes")
@@ -183,6 +185,10 @@ def run_agent(args: argparse.Namespace) -> int:
     from stockade.agent.ownership import take_ownership
 
     setup_logging(args.log_level)
+    if args.datastore == "etcd" and args.subnet and ":" in args.subnet:
+        # etcd's blocks and the routes between hosts are IPv4 (etcd/ipam.py, hosts.py)
+        raise InputError(f"--subnet {args.subnet}: with --datastore etcd the address pool "
+                         "is IPv4 (blocks and routes across hosts are IPv4 only)")
     # Before anything touches the state or the kernel: another agent may own them.
     ownership = take_ownership(args.state_dir, args.table, args.netns)
     try:

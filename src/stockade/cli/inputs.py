@@ -65,6 +65,19 @@ def _seconds(text: str, *, zero: bool) -> float:
     return value
 
 
+def address_pool(text: str) -> str:
+    """`--subnet` (argparse type): a network the agent's address pool can be (the pool's
+    own check: a network address without host bits, room for a gateway and an
+    endpoint), refused before the agent opens anything."""
+    from stockade.errors import NetError
+    from stockade.net.ipam import Ipam
+
+    try:
+        return str(Ipam(text).subnet)
+    except NetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def connection_count(text: str) -> int:
     """`--conntrack-limit` (argparse type): a whole number of connections, 0 to 2^32-1
     (nft_connlimit's counter)."""
