@@ -204,37 +204,3 @@ def test_a_name_squatted_by_another_user_is_said_and_not_obeyed(
         squatter.kill()
         squatter.wait()
 
-
-@pytest.mark.parametrize(("subnet", "said"), [
-    ("nonsense", "does not appear to be an IPv4 or IPv6 network"),
-    ("10.244.0.1/16", "has host bits set"),
-    ("10.0.0.0/31", "too small for a gateway and an endpoint"),
-    ("10.244.0.0/33", "does not appear to be an IPv4 or IPv6 network"),
-])
-def test_a_bad_address_pool_is_refused_before_the_agent_starts(
-        subnet: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The pool's own check, as the flag is read: before, the agent took its locks, made
-    its state directory and opened its datapath, then stopped on the pool."""
-    from stockade.cli.main import main
-
-    with pytest.raises(SystemExit) as info:
-        main(["agent", "--state-dir", str(tmp_path / "s"), "--socket", str(tmp_path / "k"),
-              "--table", T1, "--subnet", subnet])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "argument --subnet" in err and said in err
-    assert not (tmp_path / "s").exists()
-
-
-def test_an_ipv6_pool_is_refused_with_etcd(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """etcd's address blocks and the routes between hosts are IPv4: refused at start,
-    not at the first block claim (a /26 block of an IPv6 pool: ipaddress raises)."""
-    from stockade.cli.main import main
-
-    assert main(["agent", "--state-dir", str(tmp_path / "s"), "--socket", str(tmp_path / "k"),
-                 "--table", T1, "--datastore", "etcd", "--etcd-endpoints",
-                 "http://127.0.0.1:1", "--subnet", "fd00:244::/64"]) == 2
-    assert "--subnet fd00:244::/64: with --datastore etcd the address pool is IPv4" in \
-        capsys.readouterr().err
-    assert not (tmp_path / "s").exists()

@@ -361,10 +361,26 @@ class Agent:
                                         in_cluster=in_cluster)
         except KubeError as exc:
             raise AgentError(f"--datastore kubernetes: {exc}") from None
-        node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()
+        node = self.node_name()
         return KubeFeed(client, node, config=ReflectorConfig(
             timeout_seconds=cfg.watch_timeout, stall_timeout=cfg.watch_stall_timeout,
             bulk=listing, transform=without_managed_fields))
+
+    def node_name(self) -> str:
+        """This node's name: --node, else $NODE_NAME, else the host name lowercased (as
+        the kubelet names its node). Checked, whichever it came from: it goes into etcd
+        keys and the API's queries (AgentError if it is no DNS subdomain)."""
+        from stockade.model.names import name_is_dns_subdomain
+
+        env = os.environ.get("NODE_NAME")
+        name, source = ((self.config.node, "--node") if self.config.node else
+                        (env, "$NODE_NAME") if env else
+                        (socket.gethostname().lower(), "the host name"))
+        problems = name_is_dns_subdomain(name, False)
+        if problems:
+            raise AgentError(f"node name {name!r} ({source}): {'; '.join(problems)}; "
+                             "give this node's name with --node")
+        return name
 
     def _etcd_feed(self) -> Any:
         from stockade.etcd.datastore import open_feed
@@ -373,7 +389,7 @@ class Agent:
         cfg = self.config
         if not cfg.etcd_endpoints:
             raise AgentError("--datastore etcd needs --etcd-endpoints URL...")
-        node = cfg.node or os.environ.get("NODE_NAME") or socket.gethostname()
+        node = self.node_name()
         return open_feed(cfg.etcd_endpoints, node, prefix=cfg.etcd_prefix,
                          cert=cfg.etcd_cert, key=cfg.etcd_key, ca=cfg.etcd_cacert,
                          config=ReflectorConfig(stall_timeout=cfg.watch_stall_timeout,
@@ -683,7 +699,10 @@ class Agent:
             policies = feed.policy_versions(r.applied_revision)
             synced = bool(feed.synced.is_set())
         else:
-            node = self.config.node or os.environ.get("NODE_NAME") or socket.gethostname()
+            try:
+                node = self.node_name()
+            except AgentError:  # on one host the name only labels the report
+                node = socket.gethostname()
             with self.service.lock:
                 state = self.service.state
                 records: list[tuple[str, PolicyRecord | ClusterPolicyRecord]] = [

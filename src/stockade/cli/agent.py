@@ -19,6 +19,12 @@ from stockade.cli.inputs import (
     add_files,
     add_output,
     address_pool,
+    bridge_prefix,
+    etcd_url,
+    host_address,
+    metrics_address,
+    nflog_group,
+    node_name,
     positive_seconds,
     seconds,
     table_name,
@@ -42,11 +48,11 @@ def register(sub: Any) -> None:
     a.add_argument("--table", default="stockade", type=table_name,
                    help="the name of what the agent owns in the kernel (the nftables "
                    "table, the eBPF pin directory); one agent per name and namespace")
-    a.add_argument("--metrics-address", metavar="HOST:PORT")
+    a.add_argument("--metrics-address", type=metrics_address, metavar="HOST:PORT")
     a.add_argument("--subnet", type=address_pool,
                    help="address pool of the bridge (default: with --datastore "
                    "kubernetes this node's spec.podCIDR, else 10.244.0.0/16)")
-    a.add_argument("--bridge-prefix", default="stk", metavar="PREFIX",
+    a.add_argument("--bridge-prefix", type=bridge_prefix, default="stk", metavar="PREFIX",
                    help="prefix of the bridge, veths and namespaces `stockade run` makes")
     a.add_argument("--resync-interval", type=positive_seconds, default=30.0, metavar="SECONDS")
     a.add_argument("--warm-idle", type=seconds, default=10.0, metavar="SECONDS",
@@ -54,7 +60,7 @@ def register(sub: Any) -> None:
                         "(0: only at a clean stop; local datastore)")
     a.add_argument("--warm-interval", type=seconds, default=60.0, metavar="SECONDS",
                    help="keep it at most this often")
-    a.add_argument("--log-group", type=int, default=100,
+    a.add_argument("--log-group", type=nflog_group, default=100,
                    help="NFLOG group for denied flows (0: no denied-flow log)")
     add_conntrack_limit(a)
     a.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
@@ -65,7 +71,7 @@ def register(sub: Any) -> None:
                    help="where namespaces, policies and pods come from: the local store "
                         "(default, single hosts), the Kubernetes API or etcd (list and "
                         "watch)")
-    a.add_argument("--etcd-endpoints", nargs="+", metavar="URL", default=(),
+    a.add_argument("--etcd-endpoints", type=etcd_url, nargs="+", metavar="URL", default=(),
                    help="with --datastore etcd: etcd's client URLs (http://HOST:2379, or "
                         "https with --etcd-cacert/--etcd-cert/--etcd-key)")
     a.add_argument("--etcd-prefix", default="/stockade", metavar="PREFIX",
@@ -73,7 +79,7 @@ def register(sub: Any) -> None:
     a.add_argument("--etcd-cacert", metavar="FILE", help="CA bundle of etcd's certificate")
     a.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
     a.add_argument("--etcd-key", metavar="FILE", help="the client certificate's key")
-    a.add_argument("--host-address", metavar="IP",
+    a.add_argument("--host-address", type=host_address, metavar="IP",
                    help="with --datastore etcd: this host's address, to which the other "
                         "hosts route its endpoints' address blocks")
     a.add_argument("--empty-block-grace", type=seconds, default=600.0, metavar="SECONDS",
@@ -84,7 +90,7 @@ def register(sub: Any) -> None:
                    help="with --datastore kubernetes: this kubeconfig (default: in-cluster "
                         "service account, else $KUBECONFIG or ~/.kube/config)")
     a.add_argument("--context", metavar="NAME", help="the kubeconfig's context to use")
-    a.add_argument("--node", metavar="NAME",
+    a.add_argument("--node", type=node_name, metavar="NAME",
                    help="with --datastore kubernetes or etcd: this node's name (default "
                         "$NODE_NAME, "
                         "else the host name)")

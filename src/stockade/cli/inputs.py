@@ -78,6 +78,78 @@ def address_pool(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def bridge_prefix(text: str) -> str:
+    """`--bridge-prefix` (argparse type): the names' own check (net/naming.py)."""
+    from stockade.errors import NetError
+    from stockade.net.naming import Naming
+
+    try:
+        return Naming(text).prefix
+    except NetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def metrics_address(text: str) -> str:
+    """`--metrics-address` (argparse type): HOST:PORT as the metrics server binds it."""
+    from stockade.agent.prometheus import parse_address
+
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def nflog_group(text: str) -> int:
+    """`--log-group` (argparse type): an NFLOG group, 0 (no log) to 65535."""
+    if not text.isdigit() or int(text) > 0xFFFF:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give an NFLOG group from 1 to 65535, or 0 for no denied-flow log")
+    return int(text)
+
+
+def host_address(text: str) -> str:
+    """`--host-address` (argparse type): a unicast IPv4 address the other hosts can route
+    to (it becomes their routes' next hop, through etcd)."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+    if ip.version != 4 or ip.is_unspecified or ip.is_loopback or ip.is_multicast or \
+            ip.is_link_local or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give this host's unicast IPv4 address that the other hosts reach "
+            "(routes between hosts are IPv4)")
+    return str(ip)
+
+
+def etcd_url(text: str) -> str:
+    """`--etcd-endpoints` (argparse type): http:// or https:// and a host, as etcd's
+    client URLs are written."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname or port == 0 or \
+            url.path not in ("", "/") or url.query or url.fragment or url.username:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give etcd's client URL, http://HOST:PORT or https://HOST:PORT")
+    return text
+
+
+def node_name(text: str) -> str:
+    """`--node` (argparse type): a Kubernetes node name (a DNS subdomain)."""
+    from stockade.model.names import name_is_dns_subdomain
+
+    problems = name_is_dns_subdomain(text, False)
+    if problems:
+        raise argparse.ArgumentTypeError(f"{text!r}: {'; '.join(problems)}")
+    return text
+
+
 def connection_count(text: str) -> int:
     """`--conntrack-limit` (argparse type): a whole number of connections, 0 to 2^32-1
     (nft_connlimit's counter)."""

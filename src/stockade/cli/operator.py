@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from stockade.cli.inputs import add_files, positive_seconds
+from stockade.cli.inputs import add_files, metrics_address, positive_seconds
 from stockade.errors import InputError, InvalidObjects
 from stockade.load import expand_paths, read_text
 from stockade.model.parse import parse_documents
@@ -78,7 +78,7 @@ def register_run(verbs: Any) -> None:
     p.add_argument("-n", "--namespace", default=None,
                    help="watch one namespace (default: all); dependencies on services "
                         "of other namespaces are then not found")
-    p.add_argument("--metrics-address", metavar="HOST:PORT",
+    p.add_argument("--metrics-address", type=metrics_address, metavar="HOST:PORT",
                    help="serve /metrics and /healthz there (default: not served)")
     p.add_argument("--resync", type=positive_seconds, default=600.0, metavar="SECONDS",
                    help="reconcile at least this often (default: %(default)s)")

@@ -456,6 +456,8 @@ def reclaim(client: EtcdClient, prefix: str, host: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from stockade.cli.inputs import etcd_url
+
     p = argparse.ArgumentParser(prog="python -m stockade.etcd.ipam",
                                 description="address blocks of the etcd datastore")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -463,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("host")
     s = sub.add_parser("show", help="every claimed block and its host")
     for q in (r, s):
-        q.add_argument("--etcd-endpoints", nargs="+", required=True, metavar="URL")
+        q.add_argument("--etcd-endpoints", type=etcd_url, nargs="+", required=True,
+                       metavar="URL")
         q.add_argument("--etcd-prefix", default="/stockade")
     args = p.parse_args(argv)
     from stockade.etcd.datastore import normalize_prefix
