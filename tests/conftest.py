@@ -9,9 +9,11 @@ Profiles (choose with HYPOTHESIS_PROFILE=<name>; "ci" by default):
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,14 @@ def pytest_configure(config: pytest.Config) -> None:
 def shared_dir() -> Path:
     """The shared corpora (``<repository>/../shared``); see tests/support."""
     return SHARED_DIR
+
+
+@pytest.fixture(autouse=True)
+def _stockade_logging() -> Iterator[None]:
+    """A test that runs a command in-process (`main(["agent", ...])`) configures the
+    `stockade` logger with a handler on that test's captured stderr, closed after it:
+    the next test's log lines would then fail to write. Put back as it was."""
+    root = logging.getLogger("stockade")
+    kept = (root.handlers[:], root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = kept[0], kept[1], kept[2]

@@ -370,7 +370,7 @@ def test_two_agents_writing_one_object_at_once_lose_no_update(
     other_host = f"{netns_prefix}-h2"
     create_netns(other_host)  # removed with the test's namespaces
     one = etcd_agent(tmp_path / "one", etcd, trio.host_netns, netns_prefix)
-    two = AgentProcess(tmp_path / "two", other_host, netns_prefix + "b", resync=1.0, extra=(
+    two = AgentProcess(tmp_path / "two", other_host, netns_prefix, resync=1.0, extra=(
         "--datastore", "etcd", "--etcd-endpoints", etcd.url, "--node", "node-2"))
     (tmp_path / "two").mkdir()
     try:

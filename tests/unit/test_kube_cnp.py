@@ -210,8 +210,9 @@ def test_against_the_api_double_without_then_with_the_crd(tmp_path: Path) -> Non
             backoff_base=0.05, backoff_cap=0.2, min_watch=0.0))
         r.start()
         try:
-            wait(lambda: delivered == [[]])
-            assert r.synced.is_set() and r.status.last_error == NOT_SERVED
+            # synced is set after the sink's replace returns: wait for both
+            wait(lambda: delivered == [[]] and r.synced.is_set())
+            assert r.status.last_error == NOT_SERVED
             api.create(CNP_CRD)
             api.create({"apiVersion": "policy.networking.k8s.io/v1alpha2",
                         "kind": "ClusterNetworkPolicy", **cnp("a", 1, "Deny")})

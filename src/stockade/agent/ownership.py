@@ -90,8 +90,9 @@ def take_ownership(state_dir: str, table: str, netns: str | None, *,
     """Both locks, or an AgentError naming what another agent holds (and nothing held).
     The names are checked first: they become the lock's path."""
     check_owner_name(table)
-    if netns is not None:
-        netns_path(netns)
+    # A namespace that does not exist yet holds no datapath to protect: the agent refuses
+    # it later, with the error that says what else is missing (an extra) first.
+    here = netns is None or os.path.exists(netns_path(netns))
     place = f"network namespace {netns!r}" if netns else "the host's network namespace"
     wanted = (
         (Path(state_dir), STATE_LOCK, f"runs on the state directory {state_dir}",
@@ -117,8 +118,9 @@ def take_ownership(state_dir: str, table: str, netns: str | None, *,
                 raise AgentError(f"{who} {what}; stop it first, or give this one its own "
                                  f"{option}")
             ownership.held[path] = fd
-        with entered(netns):
-            _hold_name(ownership, datapath_name(table), wanted[1][2], wanted[1][3])
+        if here:
+            with entered(netns):
+                _hold_name(ownership, datapath_name(table), wanted[1][2], wanted[1][3])
     except BaseException:
         ownership.release()
         raise
