@@ -972,9 +972,11 @@ def test_an_emptied_block_goes_back_to_the_pool(
         _cni_del(agent, "c64")
         _until(lambda: _block_of(writer, got[-1]) == ("", ""), timeout=15,
                what="the emptied block deleted in etcd")
-        blocks = agent.call("status")["datastore"]["blocks"]
-        assert blocks["mine"] == ["10.244.0.64/26"] and blocks["returning"] == []
-        assert blocks["givenBack"] == ["10.244.0.128/26"]
+        # etcd's key goes first; the agent's pool says so once the round has swapped it
+        blocks = until_status(agent, lambda s: s["datastore"]["blocks"]["givenBack"] == [
+            "10.244.0.128/26"] and s["datastore"]["blocks"]["returning"] == [])[
+            "datastore"]["blocks"]
+        assert blocks["mine"] == ["10.244.0.64/26"]
         # The last block stays, though empty.
         for i in range(64):
             _cni_del(agent, f"c{i}")
