@@ -15,11 +15,13 @@ squat it would otherwise keep the agent from starting.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import socket
 import struct
+import threading
 from pathlib import Path
 
 _UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
@@ -86,11 +88,36 @@ def give_back(fd: int, path: Path) -> None:
         os.close(fd)
 
 
-def hold_name(name: str) -> socket.socket | None:
+class HeldName:
+    """An abstract name held (`hold_name`) until `close`. It listens, so that a process
+    refused can ask whose it is (`name_holder`), and a thread of its own accepts and
+    closes each connection at once: connections left in the queue would fill it, and
+    from then on nobody could ask (a second agent restarted in a loop fills it by
+    itself)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._thread = threading.Thread(target=self._answer, name="name-lock", daemon=True)
+        self._thread.start()
+
+    def _answer(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed (shutdown wakes the accept)
+                return
+            conn.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(1.0)
+
+
+def hold_name(name: str) -> HeldName | None:
     """An abstract unix socket bound to `name` in the caller's network namespace, held
-    until closed (or its holder dies); None when another process holds the name. It
-    listens, so that a process refused can ask whose it is (`name_holder`); nothing is
-    ever accepted."""
+    until closed (or its holder dies); None when another process holds the name."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind("\0" + name)
@@ -100,7 +127,7 @@ def hold_name(name: str) -> socket.socket | None:
         if exc.errno == errno.EADDRINUSE:
             return None
         raise
-    return sock
+    return HeldName(sock)
 
 
 def name_holder(name: str) -> tuple[int, int] | None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import stat
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from pathlib import Path
 
 from stockade.compile.owner import check_owner_name
 from stockade.errors import AgentError, StockadeError
-from stockade.lockfile import give_back, hold, hold_name, holder, name_holder
+from stockade.lockfile import HeldName, give_back, hold, hold_name, holder, name_holder
 from stockade.net.namespace import entered, netns_path
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class Ownership:
     """The locks an agent holds (path -> descriptor), until `release`."""
 
     held: dict[Path, int] = field(default_factory=dict)
-    names: list[socket.socket] = field(default_factory=list)  # abstract names held
+    names: list[HeldName] = field(default_factory=list)  # abstract names held
     # The state directory, when taking its lock made it: removed at release if still
     # empty (a refused or failed start leaves none behind; the lock directory stays, as
     # another agent may be about to lock in it).
