@@ -956,6 +956,35 @@ def test_a_host_keeps_claiming_blocks_after_a_del_and_a_restore(
         agent.stop()
 
 
+def test_a_published_pod_of_an_endpoint_gone_here_is_no_endpoint_of_etcd(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """The Pod an agent publishes for its CNI endpoint can come back on its own watch after
+    a DEL removed the endpoint (the publisher put it just before). It is this host's
+    local store's to say, never an endpoint of etcd: it once stood as one, holding the
+    freed address, and the next ADD, given that address, was refused ("held by two
+    endpoints"). The late delivery is made here by putting the Pod back by hand."""
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
+    try:
+        first = _cni_add(agent, "c0")
+        _until(lambda: writer.doc("pods", "x/c0") is not None, what="x/c0 published")
+        published = writer.doc("pods", "x/c0")
+        assert published is not None
+        assert published["metadata"]["annotations"] == {"stockade.io/owner": "cni"}
+        _cni_del(agent, "c0")
+        _until(lambda: writer.doc("pods", "x/c0") is None, what="x/c0 unpublished")
+        writer._put("pods", "x/c0", published)  # the publisher's put, delivered late
+        until_status(agent, lambda s: s["datastore"]["revision"] >= writer.rvs["pods"])
+        assert "x/c0" not in {f"{e['namespace']}/{e['name']}"
+                              for e in agent.call("get", kind="endpoints")["items"]}
+        # The freed address is the next ADD's, and the stray Pod goes from etcd.
+        assert _cni_add(agent, "c1") == first
+        _until(lambda: writer.doc("pods", "x/c0") is None, what="the stray x/c0 deleted")
+        _until(lambda: writer.doc("pods", "x/c1") is not None, what="x/c1 published")
+    finally:
+        agent.stop()
+
+
 def test_an_emptied_block_goes_back_to_the_pool(
         tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
         netns_prefix: str) -> None:

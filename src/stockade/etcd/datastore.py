@@ -262,7 +262,8 @@ class EtcdFeed(KubeFeed):
                 key = etcd_key(self.prefix, res, _ident(res, obj))
                 self.revs[key] = _rv(obj)
                 self._note_published(res, obj, False)
-            super().replace(res, items, resource_version)
+            super().replace(res, [o for o in items if not self._ours(res, o)],
+                            resource_version)
             self._saw(res, int(resource_version or 0))
 
     @contextlib.contextmanager
@@ -282,23 +283,36 @@ class EtcdFeed(KubeFeed):
             else:
                 self.revs[key] = _rv(obj)
             self._note_published(res, obj, type == "DELETED")
-            super().event(res, type, obj)
+            # This host's own Pods are its local store's to say: the published copy of
+            # an endpoint deleted here may come back on the watch after the delete (the
+            # publisher put it just before), and would stand as an endpoint of the API,
+            # holding the freed address, until the publisher's delete came round too.
+            ours = self._ours(res, obj)
+            super().event(res, "DELETED" if ours else type, obj)
+            if ours and type != "DELETED":
+                name = _ident(res, obj)
+                rec = svc.state.endpoints.get(name)
+                if rec is None or rec.owner not in LOCAL_OWNERS:
+                    svc.republish(name)  # gone here: the publisher deletes it in etcd
             self._saw(res, _rv(obj))
+
+    def _ours(self, res: Resource, obj: Mapping[str, Any]) -> bool:
+        """A Pod an agent of this host published for its own CNI or `run` endpoint."""
+        if res is not PODS:
+            return False
+        meta = obj.get("metadata") or {}
+        notes = meta.get("annotations") if isinstance(meta, Mapping) else None
+        spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
+        return (isinstance(notes, Mapping) and notes.get(OWNER_ANNOTATION) in LOCAL_OWNERS
+                and isinstance(spec, Mapping) and spec.get("nodeName") == self.node)
 
     def _note_published(self, res: Resource, obj: Mapping[str, Any], deleted: bool) -> None:
         if res is not PODS:
             return
-        key = _ident(res, obj)
-        meta = obj.get("metadata") or {}
-        notes = meta.get("annotations") if isinstance(meta, Mapping) else None
-        spec = obj.get("spec") if isinstance(obj.get("spec"), Mapping) else {}
-        ours = (not deleted and isinstance(notes, Mapping)
-                and notes.get(OWNER_ANNOTATION) in LOCAL_OWNERS
-                and isinstance(spec, Mapping) and spec.get("nodeName") == self.node)
-        if ours:
-            self.published.add(key)
+        if not deleted and self._ours(res, obj):
+            self.published.add(_ident(res, obj))
         else:
-            self.published.discard(key)
+            self.published.discard(_ident(res, obj))
 
     def _saw(self, res: Resource, revision: int) -> None:
         self.seen[res.plural] = max(self.seen.get(res.plural, 0), revision)
@@ -438,6 +452,12 @@ class EtcdService(Service):
             with self.lock:
                 self._pending |= keys
             self._publish_wake.set()
+
+    def republish(self, key: str) -> None:
+        """Have the publisher bring etcd's Pod ``key`` in line with this host's endpoint
+        (put it, or delete it when the endpoint is gone)."""
+        if self.feed is not None:
+            self._publish({key})
 
     def _publisher(self) -> None:
         """Puts a Pod in etcd for each of this host's CNI and `run` endpoints (so other
