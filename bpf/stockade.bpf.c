@@ -16,7 +16,9 @@
  * discovery and MLD. A packet entering a guarded pod (stockade_to_pod) to one host is
  * for the pod's own address, or is neighbour discovery or MLD: a pod takes one to a
  * broadcast or multicast address, or to its link-local one, as its own, and no policy
- * names those. A port without an entry is unguarded, as before guards existed.
+ * names those. A port without an entry is unguarded, as before guards existed, but for
+ * one thing: it sends from no guarded pod's MAC (the bridge would learn that pod at
+ * the port, and forward the pod's frames there).
  *
  * Then per packet, as the nftables forward chain does:
  *   1. conntrack first: a packet of a tracked connection (either direction), or an
@@ -981,6 +983,18 @@ static __always_inline int arp_spoofed(struct __sk_buff *skb, const struct guard
 	return spa != 0 && (!(g->flags & GUARD_V4) || spa != g->addr4);
 }
 
+/* Whether a frame's source MAC is a guarded pod's whose port is not this one: the bridge
+ * would learn it here and forward that pod's frames to this port. Asked of ports bound to
+ * no MAC, guarded (an endpoint declared with a port and no MAC) or not (a pod of no
+ * endpoint): nothing else holds their source MACs. */
+static __always_inline int mac_of_another_port(struct __sk_buff *skb, const struct ethhdr *eth)
+{
+	struct mac_key k = {};
+	__builtin_memcpy(k.mac, eth->h_source, ETH_ALEN);
+	struct mac_port *owner = bpf_map_lookup_elem(&mac_port, &k);
+	return owner && owner->port != skb->ifindex;
+}
+
 /* Whether a frame leaving a guarded port claims what its pod does not own (see the top
  * of the file); `p` and `rc` are parse's (rc >= 0: a truncated IP header is dropped
  * before). */
@@ -995,15 +1009,8 @@ static __always_inline int spoofed(struct __sk_buff *skb, const struct guard *g,
 		return 1;
 	if ((g->flags & GUARD_MAC) && !same_mac(eth->h_source, g->mac))
 		return 1;
-	/* bound to no MAC: still none that another pod's port is bound to, which the
-	 * bridge would learn here and then forward that pod's frames to this port */
-	if (!(g->flags & GUARD_MAC)) {
-		struct mac_key k = {};
-		__builtin_memcpy(k.mac, eth->h_source, ETH_ALEN);
-		struct mac_port *owner = bpf_map_lookup_elem(&mac_port, &k);
-		if (owner && owner->port != skb->ifindex)
-			return 1;
-	}
+	if (!(g->flags & GUARD_MAC) && mac_of_another_port(skb, eth))
+		return 1;
 	/* not IP: only ARP can be held to the pod's addresses (a tag in the data, which
 	 * would hide what follows it, is another ethertype too) */
 	if (rc > 0)
@@ -1062,6 +1069,16 @@ static __always_inline int misdirected(struct __sk_buff *skb, const struct guard
 	return !own6(g, p->dst) && !(p->proto == PROTO_ICMPV6 && nd_or_mld(p->icmp_type));
 }
 
+/* Whether a frame from an unguarded port carries a guarded pod's MAC (see
+ * mac_of_another_port). */
+static __always_inline int unguarded_theft(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	return (void *)(eth + 1) <= end && mac_of_another_port(skb, eth);
+}
+
 /* `g`: the port's guard, or NULL (an unguarded port); `hook` 1 from the pod, 2 to it. */
 static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struct guard *g)
 {
@@ -1076,6 +1093,10 @@ static __always_inline int process(struct __sk_buff *skb, __u8 hook, const struc
 	if (rc < 0)
 		return TC_ACT_SHOT; /* a truncated IP header: nothing to judge it by */
 	if (g && (hook == 1 ? spoofed(skb, g, &p, rc) : misdirected(skb, g, &p, rc))) {
+		count(STAT_SPOOFED);
+		return TC_ACT_SHOT;
+	}
+	if (!g && hook == 1 && unguarded_theft(skb)) {
 		count(STAT_SPOOFED);
 		return TC_ACT_SHOT;
 	}

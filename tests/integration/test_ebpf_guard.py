@@ -130,10 +130,18 @@ def test_ipv4_only_from_the_ports_own_address_and_mac(trio, datapath, judge) -> 
     assert datapath.stats()["spoofed_dropped"] == before + 3
 
 
-def test_an_unguarded_port_is_judged_as_before(trio, judge) -> None:
+def test_an_unguarded_port_is_judged_as_before_but_for_a_guarded_pods_mac(
+        trio, datapath, judge) -> None:
     a, c = trio.a, trio.c
-    # c's port has no guard: a forged source, another MAC, another ethertype all pass
-    assert judge(eth(a.mac, 0x0800, _udp4(a.address4, trio.b.address4)), c) == PASSED
+    # c's port has no guard: a forged source, another MAC, another ethertype all pass...
+    assert judge(eth(c.mac, 0x0800, _udp4(a.address4, trio.b.address4)), c) == PASSED
+    assert judge(eth("02:00:00:00:00:99", 0x0800, _udp4(a.address4, trio.b.address4)),
+                 c) == PASSED
+    # ...but a guarded pod's MAC, which the bridge would learn at c's port
+    before = datapath.stats()["spoofed_dropped"]
+    assert judge(eth(a.mac, 0x0800, _udp4(a.address4, trio.b.address4)), c) == SHOT
+    assert judge(eth(a.mac, 0x0806, _arp(a.mac, a.address4, trio.b.address4)), c) == SHOT
+    assert datapath.stats()["spoofed_dropped"] == before + 2
     assert judge(eth(c.mac, 0x86DD, _udp6(a.address6, trio.b.address6)), c) == PASSED
     assert judge(eth(c.mac, 0x0806, _arp(c.mac, a.address4, trio.b.address4)), c) == PASSED
     assert judge(eth(c.mac, 0x88CC, bytes(46)), c) == PASSED
@@ -263,8 +271,12 @@ def test_a_forged_syn_leaves_no_connection_to_reply_on(trio, datapath) -> None:
     assert verdict(forged, _ifindex(trio, b)) == SHOT
     assert verdict(reply, _ifindex(trio, b)) == SHOT  # nothing tracked: mid-stream
     # the control: unguarded (judged where nothing binds the port), the forgery works
-    assert verdict(forged, 1) == PASSED
-    assert verdict(reply, 1) == PASSED
+    # (from a MAC no pod has: a guarded pod's is refused on an unguarded port)
+    stranger = "02:00:00:00:00:99"
+    assert verdict(eth(stranger, 0x0800, tcp4(a.address4, b.address4, 80, 40000, syn)),
+                   1) == PASSED
+    assert verdict(eth(stranger, 0x0800, tcp4(b.address4, a.address4, 40000, 80, ack)),
+                   1) == PASSED
     datapath.flush_connections()
 
 

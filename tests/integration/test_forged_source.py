@@ -392,13 +392,14 @@ def test_a_frame_from_another_pods_mac_does_not_take_its_place_on_the_bridge(
 
 @pytest.mark.parametrize(("datapath", "b_port"), [
     ("nft", "mac unknown"), ("nft", "unguarded"), ("iptables", "mac unknown"),
-    ("iptables", "unguarded"), ("ebpf", "mac unknown")], indirect=["datapath"])
+    ("iptables", "unguarded"), ("ebpf", "mac unknown"), ("ebpf", "unguarded")],
+    indirect=["datapath"])
 def test_a_pods_mac_is_its_own_port_s_whatever_the_port_sending_it(
         trio: Any, datapath: Datapath, b_port: str) -> None:
     """The same theft from a port bound to no MAC: b's endpoint declared with its port
     and no MAC, or with no port at all (its port unguarded). a's MAC is bound to a's
-    port, so no other port sends from it. (eBPF runs no program on an unguarded port:
-    there, that case is not covered.)"""
+    port, so no other port sends from it (eBPF: its programs run on every veth of the
+    bridge, an unguarded one too)."""
     whole = cluster(trio, C_ONLY_FROM_A_UDP, B_ISOLATED)
     loose = {"mac unknown": {"mac": ""}, "unguarded": {"port": "", "mac": ""}}[b_port]
     datapath.apply(compile_cluster(replace(whole, endpoints=tuple(
