@@ -51,6 +51,7 @@ pytestmark = [pytest.mark.privileged,
 
 NODE = "node-1"
 PREFIX = "/stockade"
+CLAIM_TTL = 3  # a killed agent's node name is free again within this (etcd/nodes.py)
 
 
 class EtcdWriter:
@@ -106,7 +107,8 @@ def etcd_agent(tmp: Path, etcd: EtcdServer, host: str, prefix: str,
     tmp.mkdir(parents=True, exist_ok=True)
     return AgentProcess(tmp, host, prefix, resync=1.0, extra=(
         "--datastore", "etcd", "--etcd-endpoints", etcd.url, "--etcd-prefix", PREFIX,
-        "--node", NODE, "--watch-stall-timeout", "5", *extra))
+        "--node", NODE, "--watch-stall-timeout", "5", "--node-claim-ttl", str(CLAIM_TTL),
+        *extra))
 
 
 def enforced_then_stopped(tmp: Path, etcd: EtcdServer, writer: EtcdWriter, trio: Any,
@@ -771,7 +773,8 @@ def test_across_hosts_agent_kill_etcd_restart_and_compaction_keep_enforcement(
         return AgentProcess(tmp_path / f"{host}{tag}", hosts.netns[host], netns_prefix,
                             resync=1.0, extra=(
                                 "--datastore", "etcd", "--etcd-endpoints", etcd.url,
-                                "--node", host, "--watch-stall-timeout", "5"))
+                                "--node", host, "--watch-stall-timeout", "5",
+                                "--node-claim-ttl", str(CLAIM_TTL)))
 
     agents = {h: agent_of(h) for h in hosts.names}
     try:
@@ -983,6 +986,60 @@ def test_a_published_pod_of_an_endpoint_gone_here_is_no_endpoint_of_etcd(
         _until(lambda: writer.doc("pods", "x/c1") is not None, what="x/c1 published")
     finally:
         agent.stop()
+
+
+def test_a_second_agent_of_one_node_name_is_refused_and_a_restart_takes_it_back(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """Cloned machines share a host name, the node name's default. A second agent of one
+    name would hand out the same blocks' addresses on another host, overwrite the host's
+    address and delete the first's Pods: it waits for the name's claim to run out (a
+    killed agent's does), then stops, naming the first. The first killed and started
+    again takes its name back at once; another agent, once the claim has run out; a
+    clean stop gives the name up."""
+    from stockade.net.namespace import create_netns
+
+    one = etcd_agent(tmp_path / "one", etcd, host_netns, netns_prefix).start()
+    other_host = f"{netns_prefix}-h2"
+    create_netns(other_host)  # removed with the test's namespaces
+    two = AgentProcess(tmp_path / "two", other_host, netns_prefix, resync=1.0, extra=(
+        "--datastore", "etcd", "--etcd-endpoints", etcd.url, "--etcd-prefix", PREFIX,
+        "--node", NODE, "--watch-stall-timeout", "5", "--node-claim-ttl", str(CLAIM_TTL)))
+    (tmp_path / "two").mkdir()
+    try:
+        first = _cni_add(one, "c0")
+        _until(lambda: writer.doc("pods", "x/c0") is not None, what="x/c0 published")
+        claim = writer.doc("nodes", NODE)
+        assert claim is not None and claim["pid"] == one.proc.pid  # type: ignore[union-attr]
+        t0 = time.monotonic()
+        refused = subprocess.run(two.cmd, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert time.monotonic() - t0 >= CLAIM_TTL  # it waited: the claim was kept alive
+        assert f"node name '{NODE}' is held in etcd by another agent" in refused.stderr
+        assert f"pid {one.proc.pid}" in refused.stderr  # type: ignore[union-attr]
+        assert writer.doc("nodes", NODE) == claim
+        assert writer.doc("pods", "x/c0") is not None  # the first's Pod stays
+        assert _cni_add(one, "c1") != first
+        # Killed: started again from its state, it holds its name at once.
+        one.kill9()
+        one.start()
+        assert one.call("status")["datastore"]["node"]["held"] is True
+        again = writer.doc("nodes", NODE)
+        assert again is not None and again["instance"] == claim["instance"]
+        assert again["pid"] == one.proc.pid  # type: ignore[union-attr]
+        # Killed, and another agent of the name started: it gets the name once the
+        # killed one's claim has run out.
+        one.kill9()
+        two.start(timeout=CLAIM_TTL + 30)
+        assert two.call("status")["datastore"]["node"]["held"] is True
+        held = writer.doc("nodes", NODE)
+        assert held is not None and held["pid"] == two.proc.pid  # type: ignore[union-attr]
+        # A clean stop gives the name up at once.
+        assert two.stop() == 0
+        assert writer.doc("nodes", NODE) is None
+    finally:
+        one.stop()
+        two.stop()
 
 
 def test_an_emptied_block_goes_back_to_the_pool(

@@ -35,6 +35,9 @@ ETCD = ["--datastore", "etcd", "--etcd-endpoints", "http://127.0.0.1:1"]
     ("--etcd-endpoints", "http:///v3", "http://HOST:PORT"),
     ("--node", "Bad Name!", "RFC 1123 subdomain"),
     ("--node", "a" * 254, "must be no more than 253 bytes"),
+    ("--node-claim-ttl", "1", "from 2 to 3600 seconds"),
+    ("--node-claim-ttl", "2.5", "is not a whole number of seconds"),
+    ("--node-claim-ttl", "3601", "from 2 to 3600 seconds"),
 ])
 def test_a_bad_flag_stops_the_agent_before_anything(
         flag: str, value: str, said: str, tmp_path: Path,

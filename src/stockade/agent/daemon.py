@@ -110,6 +110,8 @@ class AgentConfig:
     host_address: str | None = None
     # An address block left empty this long goes back to the pool (etcd/ipam.py); 0: never.
     empty_block_grace: float = 600.0
+    # How long the node's name outlives a killed agent in etcd (etcd/nodes.py).
+    node_claim_ttl: int = 15
     cni_conf_dir: str = "/etc/cni/net.d"  # reported on GET /status (the runtime's view)
 
 
@@ -390,10 +392,45 @@ class Agent:
         if not cfg.etcd_endpoints:
             raise AgentError("--datastore etcd needs --etcd-endpoints URL...")
         node = self.node_name()
-        return open_feed(cfg.etcd_endpoints, node, prefix=cfg.etcd_prefix,
+        feed = open_feed(cfg.etcd_endpoints, node, prefix=cfg.etcd_prefix,
                          cert=cfg.etcd_cert, key=cfg.etcd_key, ca=cfg.etcd_cacert,
                          config=ReflectorConfig(stall_timeout=cfg.watch_stall_timeout,
                                                 bulk=listing))
+        feed.node_claim = self._claim_node(feed)
+        return feed
+
+    def _claim_node(self, feed: Any) -> Any:
+        """The node's name held in etcd before anything is written for it (etcd/nodes.py):
+        another agent's name stops this one here; with etcd out of reach it is claimed
+        once etcd answers, before the first write for the node."""
+        from stockade.etcd.client import EtcdError
+        from stockade.etcd.nodes import NodeClaim, NodeTaken, instance_id
+
+        claim = NodeClaim(feed.etcd, feed.prefix, feed.node,
+                          instance_id(self.config.state_dir), ttl=self.config.node_claim_ttl)
+        # A killed agent's claim (its state directory lost: another instance) runs out
+        # within its TTL; another live agent of this name keeps its own alive.
+        deadline = time.monotonic() + claim.ttl + 2
+        while True:
+            try:
+                claim.claim()
+                return claim
+            except NodeTaken as exc:
+                if time.monotonic() >= deadline or self._stopping.is_set():
+                    feed.etcd.close()
+                    raise AgentError(str(exc)) from None
+                if claim.taken_by is None:
+                    claim.taken_by = exc.holder
+                    log.warning("node name held in etcd by another agent; waiting for its "
+                                "claim to run out", extra={"fields": {
+                                    "node": feed.node, "seconds": claim.ttl + 2,
+                                    "holder": json.dumps(exc.holder)}})
+                time.sleep(1.0)
+            except EtcdError as exc:
+                log.warning("etcd unreachable at start: the node's name is claimed once "
+                            "it answers", extra={"fields": {"node": feed.node,
+                                                            "error": str(exc)}})
+                return claim
 
     def _node_pod_cidr(self) -> str:
         """This node's IPv4 pod CIDR as the cluster assigned it, or DEFAULT_SUBNET.

@@ -22,6 +22,7 @@ from stockade.cli.inputs import (
     bridge_prefix,
     etcd_url,
     host_address,
+    lease_seconds,
     metrics_address,
     nflog_group,
     node_name,
@@ -86,6 +87,10 @@ def register(sub: Any) -> None:
                    help="with --datastore etcd: give an address block this host has left "
                         "empty this long back to the pool (its last block excepted; "
                         "0: never)")
+    a.add_argument("--node-claim-ttl", type=lease_seconds, default=15, metavar="SECONDS",
+                   help="with --datastore etcd: how long this node's name stays claimed "
+                        "in etcd after its agent is killed; an agent started with a name "
+                        "another holds waits this long for it, then stops (default 15)")
     a.add_argument("--kubeconfig", metavar="FILE",
                    help="with --datastore kubernetes: this kubeconfig (default: in-cluster "
                         "service account, else $KUBECONFIG or ~/.kube/config)")
@@ -224,7 +229,8 @@ def run_agent(args: argparse.Namespace) -> int:
         etcd_endpoints=tuple(u for e in args.etcd_endpoints for u in e.split(",") if u),
         etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert, etcd_cert=args.etcd_cert,
         etcd_key=args.etcd_key, host_address=args.host_address,
-        empty_block_grace=args.empty_block_grace), datapath, ownership)
+        empty_block_grace=args.empty_block_grace, node_claim_ttl=args.node_claim_ttl),
+        datapath, ownership)
 
 
 def _default_socket() -> str:

@@ -65,6 +65,18 @@ def _seconds(text: str, *, zero: bool) -> float:
     return value
 
 
+def lease_seconds(text: str) -> int:
+    """An etcd lease's TTL (argparse type): whole seconds, 2 to 3600 (etcd raises a
+    shorter one to its own minimum)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if not 2 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: from 2 to 3600 seconds")
+    return value
+
+
 def address_pool(text: str) -> str:
     """`--subnet` (argparse type): a network the agent's address pool can be (the pool's
     own check: a network address without host bits, room for a gateway and an

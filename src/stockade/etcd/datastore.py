@@ -188,12 +188,15 @@ class EtcdFeed(KubeFeed):
         self.etcd: EtcdClient = client
         self.routes: Any = None  # etcd/hosts.py HostRoutes, with --host-address
         self.block_returns: Any = None  # etcd/ipam.py BlockReturns: empty blocks given back
+        self.node_claim: Any = None  # etcd/nodes.py NodeClaim: this node's name, held
         # Pods in etcd that an agent of this node published for its CNI and `run`
         # endpoints (what its publisher may have to delete).
         self.published: set[str] = set()
 
     def start(self) -> None:
         super().start()
+        if self.node_claim is not None:
+            self.node_claim.start()
         if self.routes is not None:
             self.routes.start()
         if self.block_returns is not None:
@@ -204,6 +207,8 @@ class EtcdFeed(KubeFeed):
             self.block_returns.stop()
         if self.routes is not None:
             self.routes.stop()
+        if self.node_claim is not None:
+            self.node_claim.release()  # while the client is open; claimed never again
         super().stop()
 
     # ---- wiring -----------------------------------------------------------------------
@@ -243,6 +248,8 @@ class EtcdFeed(KubeFeed):
                           else {}),
                        **({"blocks": self.block_returns.status()}
                           if self.block_returns is not None else {}),
+                       **({"node": self.node_claim.status()}
+                          if self.node_claim is not None else {}),
                        "revision": max(self.seen.values(), default=0)})
         out["datastore"] = ds
         return out
@@ -490,6 +497,8 @@ class EtcdService(Service):
 
     def _publish_one(self, feed: EtcdFeed, key: str) -> None:
         ekey = etcd_key(feed.prefix, PODS, key)
+        if feed.node_claim is not None:
+            feed.node_claim.ensure()  # another agent's node: its Pods are not ours
         with self.lock:
             rec = self.state.endpoints.get(key)
             local = rec is not None and rec.owner in LOCAL_OWNERS
@@ -656,7 +665,7 @@ def open_hosts(feed: EtcdFeed, subnet: str, saved: Mapping[str, Any] | None, *,
     from stockade.etcd.ipam import BlockReturns, Blocks, open_ipam
     from stockade.net.naming import Naming
 
-    blocks = Blocks(feed.etcd, feed.prefix, feed.node)
+    blocks = Blocks(feed.etcd, feed.prefix, feed.node, feed.node_claim)
     ipam = open_ipam(blocks, subnet, saved)
     feed.block_returns = BlockReturns(blocks, empty_block_grace)
     try:
@@ -665,5 +674,5 @@ def open_hosts(feed: EtcdFeed, subnet: str, saved: Mapping[str, Any] | None, *,
         bridge = ""
     feed.routes = HostRoutes(feed.etcd, feed.prefix, feed.node, address=host_address,
                              netns=netns, bridge=bridge, pool=str(ipam.subnet),
-                             config=config)
+                             config=config, node_claim=feed.node_claim)
     return ipam

@@ -31,6 +31,7 @@ from typing import Any
 
 from stockade.etcd.client import EtcdClient, EtcdError
 from stockade.etcd.ipam import parse_block
+from stockade.etcd.nodes import NodeClaim
 from stockade.etcd.watch import EtcdReflector
 from stockade.kube.client import Resource
 from stockade.kube.reflector import ReflectorConfig
@@ -62,8 +63,10 @@ def _name(obj: Mapping[str, Any]) -> str:
 class HostRoutes:
     def __init__(self, client: EtcdClient, prefix: str, node: str, *, address: str | None,
                  netns: str | None, bridge: str, pool: str,
-                 config: ReflectorConfig | None = None) -> None:
+                 config: ReflectorConfig | None = None,
+                 node_claim: NodeClaim | None = None) -> None:
         self.client = client
+        self.node_claim = node_claim  # held before the host's address is written
         self.prefix = prefix
         self.node = node
         self.address = address
@@ -156,6 +159,8 @@ class HostRoutes:
 
     def _register(self) -> None:
         try:
+            if self.node_claim is not None:
+                self.node_claim.ensure()
             self.client.put(f"{self.prefix}/hosts/{self.node}",
                             json.dumps({"address": self.address}))
         except EtcdError as e:

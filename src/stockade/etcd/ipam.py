@@ -49,6 +49,7 @@ from typing import Any
 
 from stockade.errors import BlockNeeded, NetError
 from stockade.etcd.client import EtcdClient, EtcdError, b64, unb64
+from stockade.etcd.nodes import NodeClaim
 from stockade.net.ipam import Address, Ipam, Network
 
 log = logging.getLogger("stockade.etcd")
@@ -208,10 +209,12 @@ class BlockIpam(Ipam):
 class Blocks:
     """This host's side of the pool in etcd: the pool, its claims, claiming more."""
 
-    def __init__(self, client: EtcdClient, prefix: str, host: str) -> None:
+    def __init__(self, client: EtcdClient, prefix: str, host: str,
+                 node_claim: NodeClaim | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.host = host
+        self.node_claim = node_claim  # held before a block is claimed or given back
 
     @property
     def pool_key(self) -> str:
@@ -264,6 +267,8 @@ class Blocks:
         """Delete ``block``'s key if it is still this host's (compared in the same
         transaction). True once it is not this host's in etcd (deleted now, or before);
         False if it changed meanwhile (asked again later). EtcdError if unreachable."""
+        if self.node_claim is not None:
+            self.node_claim.ensure()
         key = self.blocks_prefix + block_name(block)
         kv = self.client.get(key)
         if kv is None:
@@ -285,6 +290,8 @@ class Blocks:
     def claim(self, pool: Network, size: int) -> Network:
         """The lowest free block of the pool, claimed for this host (compare-and-swap)."""
         try:
+            if self.node_claim is not None:
+                self.node_claim.ensure()  # two agents of one name: one host's blocks
             taken = set(self.owned())
             for block in pool.subnets(new_prefix=size):
                 if block in taken:
@@ -463,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("reclaim", help="free the address blocks of a host that is gone")
     r.add_argument("host")
+    r.add_argument("--force", action="store_true",
+                   help="even while an agent holds the host's name in etcd (its pods "
+                        "keep their addresses, which other hosts may then be given)")
     s = sub.add_parser("show", help="every claimed block and its host")
     for q in (r, s):
         q.add_argument("--etcd-endpoints", type=etcd_url, nargs="+", required=True,
@@ -475,6 +485,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with EtcdClient(args.etcd_endpoints) as client:
         try:
             if args.cmd == "reclaim":
+                from stockade.etcd.nodes import holder
+
+                alive = holder(client, prefix, args.host)
+                if alive is not None and not args.force:
+                    print(f"error: an agent holds {args.host!r} in etcd now (pid "
+                          f"{alive.get('pid')} on {alive.get('hostname')}): that host is "
+                          "not gone; stop its agent first (its claim ends within "
+                          "seconds of it), or give --force", file=sys.stderr)
+                    return 1
                 freed = reclaim(client, prefix, args.host)
                 print(f"{args.host}: {len(freed)} block(s) freed"
                       + (f": {', '.join(freed)}" if freed else ""))
