@@ -142,3 +142,51 @@ def test_reclaim_refuses_a_host_whose_agent_runs(
     client.put("/s/ipam/blocks/10.244.0.0-26", json.dumps({"host": "node-1"}))
     assert ipam_tool(argv) == 0  # gone: freed
     assert "1 block(s) freed" in capsys.readouterr().out
+
+
+def test_an_agent_put_out_of_its_name_by_its_own_instance_does_not_take_it_back(
+        client: EtcdClient) -> None:
+    """A state directory copied with a cloned machine: two agents of one instance. The
+    later takes the name (an agent restarted looks the same to etcd); the earlier sees
+    the key under another lease, stops writing for the node, and leaves it be (taking it
+    back would flap between the two) until the key is gone."""
+    a = NodeClaim(client, "/s", "node-1", "a" * 32, ttl=2)
+    a.claim()
+    a.start()
+    try:
+        clone = NodeClaim(client, "/s", "node-1", "a" * 32, ttl=2)
+        clone.claim()
+        clone.start()
+        deadline = time.monotonic() + 5
+        while a.held:
+            assert time.monotonic() < deadline, "the displacement was not noticed"
+            time.sleep(0.1)
+        assert a.displaced and not a.status()["held"]
+        time.sleep(2.0)  # rounds of its loop: it does not take the name back
+        kv = client.get("/s/nodes/node-1")
+        assert kv is not None and kv.lease == clone.lease
+        with pytest.raises(NodeTaken):
+            a.ensure()
+        clone.release()
+        deadline = time.monotonic() + 5
+        while not a.held:
+            assert time.monotonic() < deadline, "the name was not claimed again"
+            time.sleep(0.1)
+        assert not a.displaced
+    finally:
+        a.release()
+
+
+def test_a_claim_deleted_by_hand_is_put_back(client: EtcdClient) -> None:
+    a = NodeClaim(client, "/s", "node-1", "a" * 32, ttl=2)
+    a.claim()
+    a.start()
+    try:
+        client.delete("/s/nodes/node-1")
+        deadline = time.monotonic() + 5
+        while holder(client, "/s", "node-1") is None:
+            assert time.monotonic() < deadline, "not put back"
+            time.sleep(0.1)
+        assert a.held
+    finally:
+        a.release()

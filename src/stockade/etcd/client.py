@@ -81,12 +81,13 @@ class KeyValue:
     mod_revision: int
     create_revision: int = 0
     version: int = 0
+    lease: int = 0  # the lease the key lives under (0: none)
 
     @classmethod
     def of(cls, d: Mapping[str, Any]) -> KeyValue:
         return cls(unb64(d.get("key")).decode("utf-8", "replace"), unb64(d.get("value")),
                    int(d.get("mod_revision") or 0), int(d.get("create_revision") or 0),
-                   int(d.get("version") or 0))
+                   int(d.get("version") or 0), int(d.get("lease") or 0))
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,10 @@ class NodeClaim:
         self.lease = 0
         self.held = False
         self.taken_by: dict[str, Any] | None = None  # the other agent, when refused
+        # Put out of the name while holding it: by an agent of this very instance (a
+        # state directory copied with a cloned machine), which a claim would take the
+        # name back from, and back again: claimed only once the key is gone.
+        self.displaced = False
         self.error = ""
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -111,7 +115,7 @@ class NodeClaim:
                 if not result.succeeded:
                     kvs = (result.responses[0].get("response_range") or {}).get("kvs") or []
                     holder = _holder(kvs[0]) if kvs else {}
-                    if kvs and holder.get("instance") != self.instance:
+                    if kvs and (holder.get("instance") != self.instance or self.displaced):
                         raise NodeTaken(self.node, holder)
                     # Ours (a run before this one, its lease still alive), or gone since:
                     # taken over if unchanged since read.
@@ -125,6 +129,7 @@ class NodeClaim:
                 self.held = False
                 raise
             self.lease, self.held, self.taken_by, self.error = lease, True, None, ""
+            self.displaced = False
         log.info("node name claimed in etcd", extra={"fields": {
             "node": self.node, "instance": self.instance, "ttl": self.ttl}})
 
@@ -160,6 +165,11 @@ class NodeClaim:
         while not self._stop.wait(self.ttl / 3):
             try:
                 if self.held and self._alive():
+                    kv = self.client.get(self.key)
+                    if kv is not None and kv.lease != self.lease:
+                        self._displaced(_holder_of(kv.value))
+                    elif kv is None:  # deleted by hand: put back
+                        self.claim()
                     continue
                 if self.held:
                     self.held = False
@@ -170,6 +180,13 @@ class NodeClaim:
                 self._taken(exc)
             except EtcdError as exc:
                 self.error = str(exc)
+
+    def _displaced(self, holder: dict[str, Any]) -> None:
+        """The key is under another lease while this agent holds the name."""
+        with self._lock:
+            self.held, self.displaced = False, True
+            self._revoke(self.lease)
+        self._taken(NodeTaken(self.node, holder))
 
     def _alive(self) -> bool:
         """Renew the lease; False once etcd has let it go (its TTL passed unrenewed)."""
@@ -196,8 +213,12 @@ class NodeClaim:
 
 
 def _holder(kv: dict[str, Any]) -> dict[str, Any]:
+    return _holder_of(unb64(kv.get("value")))
+
+
+def _holder_of(value: bytes) -> dict[str, Any]:
     try:
-        out = json.loads(unb64(kv.get("value")))
+        out = json.loads(value)
     except ValueError:
         return {}
     return out if isinstance(out, dict) else {}
@@ -206,10 +227,4 @@ def _holder(kv: dict[str, Any]) -> dict[str, Any]:
 def holder(client: EtcdClient, prefix: str, node: str) -> dict[str, Any] | None:
     """The agent holding ``node``'s name now, None if none does."""
     kv = client.get(f"{prefix}/nodes/{node}")
-    if kv is None:
-        return None
-    try:
-        out = json.loads(kv.value)
-    except ValueError:
-        return {}
-    return out if isinstance(out, dict) else {}
+    return None if kv is None else _holder_of(kv.value)
