@@ -1042,6 +1042,39 @@ def test_a_second_agent_of_one_node_name_is_refused_and_a_restart_takes_it_back(
         two.stop()
 
 
+def test_an_agent_whose_name_another_took_writes_nothing_for_the_node(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """The agent's lease ran out (etcd away longer than its TTL) and another agent took
+    the name meanwhile: this one keeps serving its own containers but publishes and
+    deletes no Pod of the node's until the name is its own again."""
+    from stockade.etcd.nodes import NodeClaim
+
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
+    try:
+        _cni_add(agent, "c0")
+        _until(lambda: writer.doc("pods", "x/c0") is not None, what="x/c0 published")
+        kv = writer.c.get(f"{PREFIX}/nodes/{NODE}")
+        assert kv is not None and kv.lease
+        writer.c.call("/v3/lease/revoke", {"ID": str(kv.lease)})  # as if run out
+        other = NodeClaim(writer.c, PREFIX, NODE, "f" * 32, ttl=60)
+        other.claim()
+        st = until_status(agent, lambda s: s["datastore"]["node"]["held"] is False)
+        assert st["datastore"]["node"]["heldBy"]["instance"] == "f" * 32
+        assert "held in etcd by another agent" in st["datastore"]["node"]["error"]
+        _cni_add(agent, "c1")  # served: an address of the host's block, the local store
+        _cni_del(agent, "c0")
+        time.sleep(2 * CLAIM_TTL)
+        assert writer.doc("pods", "x/c1") is None  # not published for a node not its own
+        assert writer.doc("pods", "x/c0") is not None  # nor deleted
+        other.release()
+        until_status(agent, lambda s: s["datastore"]["node"]["held"] is True)
+        _until(lambda: writer.doc("pods", "x/c1") is not None and writer.doc(
+            "pods", "x/c0") is None, what="published again once the name is its own")
+    finally:
+        agent.stop()
+
+
 def test_an_emptied_block_goes_back_to_the_pool(
         tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
         netns_prefix: str) -> None:
