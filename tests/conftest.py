@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -80,3 +81,15 @@ def _stockade_logging() -> Iterator[None]:
     kept = (root.handlers[:], root.level, root.propagate)
     yield
     root.handlers[:], root.level, root.propagate = kept[0], kept[1], kept[2]
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Any]:
+    """A real etcd on loopback for the test (free ports, a temporary data directory),
+    stopped and removed even when the test fails."""
+    from tests.support.etcd import EtcdServer, etcd_binary
+
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed")
+    with EtcdServer(tmp_path) as server:
+        yield server

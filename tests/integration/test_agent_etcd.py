@@ -91,12 +91,6 @@ class EtcdWriter:
 
 
 @pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    with EtcdServer(tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
 def writer(etcd: EtcdServer) -> Iterator[EtcdWriter]:
     with etcd.client() as c:
         yield EtcdWriter(c)

@@ -5,7 +5,6 @@ compaction, an outage, and the pure helpers."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ from stockade.etcd.client import (
 )
 
 needs_etcd = pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed")
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    with EtcdServer(tmp_path) as server:
-        yield server
 
 
 def test_prefix_end() -> None:

@@ -6,11 +6,9 @@ did not see another's change never clobbers it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from tests.support.etcd import EtcdServer, etcd_binary
+from tests.support.etcd import EtcdServer
 
 from stockade.agent.records import (
     DeleteNamespace,
@@ -78,14 +76,6 @@ def test_prefixes() -> None:
     assert normalize_prefix("/stockade/") == "/stockade"
     assert normalize_prefix("stockade") == "/stockade"
     assert normalize_prefix("/") == ""
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    if etcd_binary() is None:
-        pytest.skip("etcd is not installed")
-    with EtcdServer(tmp_path) as server:
-        yield server
 
 
 def test_a_write_compares_what_the_writer_knows(etcd: EtcdServer) -> None:

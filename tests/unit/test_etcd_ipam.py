@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.etcd import EtcdServer, etcd_binary
+from tests.support.etcd import EtcdServer
 
 from stockade.errors import BlockNeeded, NetError
 from stockade.etcd.ipam import BlockIpam, BlockReturns, Blocks, open_ipam, reclaim
@@ -104,14 +102,6 @@ def test_a_copy_still_claims_and_a_restore_keeps_the_blocks(
     with pytest.raises(NetError, match=r"snapshot's address pool is 10\.9\.0\.0/16"):
         copy.restored({**snapshot, "subnet": "10.9.0.0/16", "gateway": "10.9.0.1",
                        "allocated": {}})
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    if etcd_binary() is None:
-        pytest.skip("etcd is not installed")
-    with EtcdServer(tmp_path) as server:
-        yield server
 
 
 def test_hosts_racing_for_blocks_never_share_one(etcd: EtcdServer) -> None:

@@ -12,21 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.support.etcd import EtcdServer, etcd_binary
+from tests.support.etcd import EtcdServer
 
 from stockade.errors import NetError
 from stockade.etcd.client import EtcdClient, EtcdError
 from stockade.etcd.ipam import Blocks
 from stockade.etcd.ipam import main as ipam_tool
 from stockade.etcd.nodes import NodeClaim, NodeTaken, holder, instance_id
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    if etcd_binary() is None:
-        pytest.skip("etcd is not installed")
-    with EtcdServer(tmp_path) as server:
-        yield server
 
 
 @pytest.fixture

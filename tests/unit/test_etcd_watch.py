@@ -9,11 +9,10 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.etcd import EtcdServer, etcd_binary
+from tests.support.etcd import EtcdServer
 
 from stockade.etcd.client import KeyValue
 from stockade.etcd.watch import INVALID_FIELD, EtcdReflector, object_key_of, object_of
@@ -55,14 +54,6 @@ def until(pred: Callable[[], bool], timeout: float = 15.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError("not reached")
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    if etcd_binary() is None:
-        pytest.skip("etcd is not installed")
-    with EtcdServer(tmp_path) as server:
-        yield server
 
 
 def pod(name: str, **labels: str) -> str:
