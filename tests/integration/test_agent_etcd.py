@@ -1056,6 +1056,9 @@ def test_an_agent_whose_name_another_took_writes_nothing_for_the_node(
         st = until_status(agent, lambda s: s["datastore"]["node"]["held"] is False)
         assert st["datastore"]["node"]["heldBy"]["instance"] == "f" * 32
         assert "held in etcd by another agent" in st["datastore"]["node"]["error"]
+        out = subprocess.run([*agent.cmd[:3], "status", "--socket", agent.socket],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 1 and "NODE NAME NOT HELD" in out.stdout, out
         _cni_add(agent, "c1")  # served: an address of the host's block, the local store
         _cni_del(agent, "c0")
         time.sleep(2 * CLAIM_TTL)
@@ -1063,6 +1066,9 @@ def test_an_agent_whose_name_another_took_writes_nothing_for_the_node(
         assert writer.doc("pods", "x/c0") is not None  # nor deleted
         other.release()
         until_status(agent, lambda s: s["datastore"]["node"]["held"] is True)
+        out = subprocess.run([*agent.cmd[:3], "status", "--socket", agent.socket],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0 and "NODE NAME" not in out.stdout, out
         _until(lambda: writer.doc("pods", "x/c1") is not None and writer.doc(
             "pods", "x/c0") is None, what="published again once the name is its own")
     finally:

@@ -396,14 +396,21 @@ def run_status(args: argparse.Namespace) -> int:
                   + (f", last error: {r['lastError']}" if r.get("lastError") else ""))
         for key, why in (ds.get("waiting") or {}).items():
             print(f"  waiting:      {key}: {why}")
+        node = ds.get("node")
+        if isinstance(node, dict) and not node.get("held"):
+            print(f"  NODE NAME NOT HELD: nothing is written to etcd for node "
+                  f"{node.get('name')}: {node.get('error') or 'not claimed yet'}")
     return 0 if _healthy_status(st) else 1
 
 
 def _healthy_status(st: dict[str, Any]) -> bool:
-    """In sync, ready, and not cut off from its datastore (etcd: degraded)."""
+    """In sync, ready, and not cut off from its datastore (etcd: degraded, or its node's
+    name not held)."""
     ds = st.get("datastore")
     degraded = isinstance(ds, dict) and bool(ds.get("degraded"))
-    return bool(st["inSync"] and st.get("ready", True)) and not degraded
+    node = ds.get("node") if isinstance(ds, dict) else None
+    lost = isinstance(node, dict) and not node.get("held")
+    return bool(st["inSync"] and st.get("ready", True)) and not degraded and not lost
 
 
 def run_snapshot_save(args: argparse.Namespace) -> int:
