@@ -18,8 +18,7 @@ from . import test_agent_etcd as base
 from .test_agent_etcd import PREFIX, EtcdWriter, etcd_agent
 from .test_agent_kubernetes import TCP80, probe, publish_trio, wait_enforced
 
-# test_agent_etcd.py's fixtures: a real etcd on loopback, and a writer into it.
-etcd = base.etcd
+# test_agent_etcd.py's writer into etcd (the etcd fixture is tests/conftest.py's).
 writer = base.writer
 
 pytestmark = [pytest.mark.privileged,
