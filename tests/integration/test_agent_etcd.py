@@ -1075,6 +1075,52 @@ def test_an_agent_whose_name_another_took_writes_nothing_for_the_node(
         agent.stop()
 
 
+def test_a_host_record_that_cannot_be_routed_to_leaves_the_other_routes_be(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """Anything may write a host record. One that is no next hop (not an address, this
+    host's own) is said in `status` and its blocks left unrouted; a route the kernel
+    refuses (a next hop on no link of this host) is said too; every other host's blocks
+    are routed all the same. Before, the first route refused ended the round, and the
+    blocks after it (in order) were never routed."""
+    def ip(*args: str) -> str:
+        return subprocess.run(["ip", "-n", host_netns, *args], check=True,
+                              capture_output=True, text=True).stdout
+
+    ip("link", "add", "fab0", "type", "veth", "peer", "name", "fab1")  # goes with it
+    ip("addr", "add", "192.0.2.1/24", "dev", "fab0")
+    ip("link", "set", "fab0", "up")
+    ip("link", "set", "fab1", "up")
+    for host, address, block in (("bad", "not-an-ip", "10.244.0.128-26"),
+                                 ("twin", "192.0.2.1", "10.244.0.192-26"),
+                                 ("far", "198.51.100.7", "10.244.1.0-26"),
+                                 ("good", "192.0.2.3", "10.244.1.64-26")):
+        writer.c.put(f"{PREFIX}/hosts/{host}", json.dumps({"address": address}))
+        writer.c.put(f"{PREFIX}/ipam/blocks/{block}", json.dumps({"host": host}))
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix,
+                       "--host-address", "192.0.2.1").start()
+    try:
+        st = until_status(agent, lambda s: s["datastore"]["hosts"]["routes"] == {
+            "10.244.1.64/26": "192.0.2.3"} and len(s["datastore"]["hosts"]["unroutable"]) == 2
+            and "10.244.1.0/26" in s["datastore"]["hosts"]["error"])
+        unroutable = st["datastore"]["hosts"]["unroutable"]
+        assert "is not an IP address" in unroutable["bad"], unroutable
+        assert "this host's own address" in unroutable["twin"], unroutable
+        routes = ip("route", "show")
+        assert "10.244.1.64/26 via 192.0.2.3" in routes, routes
+        assert "10.244.0.128/26" not in routes and "10.244.0.192/26" not in routes
+        # Mended records are routed on the next round.
+        writer.c.put(f"{PREFIX}/hosts/bad", json.dumps({"address": "192.0.2.4"}))
+        writer.c.put(f"{PREFIX}/hosts/far", json.dumps({"address": "192.0.2.5"}))
+        st = until_status(agent, lambda s: s["datastore"]["hosts"]["routes"] == {
+            "10.244.0.128/26": "192.0.2.4", "10.244.1.0/26": "192.0.2.5",
+            "10.244.1.64/26": "192.0.2.3"})
+        assert st["datastore"]["hosts"]["unroutable"] == {"twin": unroutable["twin"]}
+        assert st["datastore"]["hosts"]["error"] == ""
+    finally:
+        agent.stop()
+
+
 def test_an_emptied_block_goes_back_to_the_pool(
         tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
         netns_prefix: str) -> None:

@@ -123,16 +123,12 @@ def nflog_group(text: str) -> int:
 def host_address(text: str) -> str:
     """`--host-address` (argparse type): a unicast IPv4 address the other hosts can route
     to (it becomes their routes' next hop, through etcd)."""
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
-    if ip.version != 4 or ip.is_unspecified or ip.is_loopback or ip.is_multicast or \
-            ip.is_link_local or ip == ipaddress.IPv4Address("255.255.255.255"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give this host's unicast IPv4 address that the other hosts reach "
-            "(routes between hosts are IPv4)")
-    return str(ip)
+    from stockade.model.cidr import next_hop_problem
+
+    problem = next_hop_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return str(ipaddress.ip_address(text))
 
 
 def etcd_url(text: str) -> str:

@@ -35,6 +35,7 @@ from stockade.etcd.nodes import NodeClaim
 from stockade.etcd.watch import EtcdReflector
 from stockade.kube.client import Resource
 from stockade.kube.reflector import ReflectorConfig
+from stockade.model.cidr import next_hop_problem
 from stockade.net.namespace import entered
 from stockade.net.sysctl import write_sysctl
 
@@ -78,6 +79,8 @@ class HostRoutes:
         self.installed: dict[str, str] = {}  # block -> via, as programmed
         self.listed: set[str] = set()
         self.registered = address is None
+        self.unroutable: dict[str, str] = {}  # host -> why its record is no next hop
+        self.failed: dict[str, str] = {}  # block -> why the kernel refused its route
         self.error = ""
         self._cleaned = False  # stale routes of an earlier agent removed
         self._lock = threading.RLock()
@@ -106,7 +109,9 @@ class HostRoutes:
         with self._lock:
             return {"address": self.address or "", "registered": self.registered,
                     "hosts": dict(sorted(self.hosts.items())),
-                    "routes": dict(sorted(self.installed.items())), "error": self.error}
+                    "routes": dict(sorted(self.installed.items())),
+                    "unroutable": dict(sorted(self.unroutable.items())),
+                    "error": self.error}
 
     # ---- the sinks --------------------------------------------------------------------
 
@@ -171,9 +176,30 @@ class HostRoutes:
             "host": self.node, "address": self.address}})
 
     def desired(self) -> dict[str, str]:
+        """Each block of another host and the address to route it via; a host whose
+        record cannot be a next hop (anything may write it) is left out, and said
+        (`unroutable`)."""
         with self._lock:
-            return {block: self.hosts[host] for block, host in self.blocks.items()
-                    if host != self.node and self.hosts.get(host)}
+            want: dict[str, str] = {}
+            unroutable: dict[str, str] = {}
+            for block, host in self.blocks.items():
+                via = self.hosts.get(host)
+                if host == self.node or not via:
+                    continue
+                problem = next_hop_problem(via) or (
+                    f"{via} is this host's own address (two hosts given one "
+                    "--host-address?)" if via == self.address else "")
+                if problem:
+                    unroutable[host] = problem
+                else:
+                    want[block] = via
+            for host, problem in sorted(unroutable.items()):
+                if self.unroutable.get(host) != problem:
+                    log.error("another host's record cannot be routed to; its blocks "
+                              "are not", extra={"fields": {"host": host,
+                                                           "problem": problem}})
+            self.unroutable = unroutable
+            return want
 
     def reconcile(self) -> None:
         """The kernel's routes as etcd says (only once both lists are in), and the
@@ -191,9 +217,16 @@ class HostRoutes:
         if first:
             self._clean_stale(want)
             self._cleaned = True
+        failed: dict[str, str] = {}
         for block, via in sorted(want.items()):
             if self.installed.get(block) != via:
-                self._ip("route", "replace", block, "via", via)
+                # Each route on its own: one the kernel refuses (a next hop it cannot
+                # reach) leaves the others' as they should be.
+                try:
+                    self._ip("route", "replace", block, "via", via)
+                except RuntimeError as e:
+                    failed[block] = str(e)
+                    continue
                 self.installed[block] = via
                 log.info("route to another host's block", extra={"fields": {
                     "block": block, "via": via}})
@@ -201,7 +234,12 @@ class HostRoutes:
             self._ip("route", "del", block, check=False)
             del self.installed[block]
             log.info("route removed", extra={"fields": {"block": block}})
-        self.error = ""
+        for block, why in sorted(failed.items()):
+            if self.failed.get(block) != why:
+                log.warning("route to another host's block refused", extra={"fields": {
+                    "block": block, "error": why}})
+        self.failed = failed
+        self.error = "; ".join(f"{b}: {why}" for b, why in sorted(failed.items()))
 
     def _clean_stale(self, want: Mapping[str, str]) -> None:
         """After a restart: routes to blocks of the pool via a gateway that etcd no

@@ -329,3 +329,18 @@ def parse_ip(text: str) -> Address | None:
     if len(ip) == IPV4_LEN:
         return ipaddress.IPv4Address(ip)
     return ipaddress.IPv6Address(ip)
+
+
+def next_hop_problem(text: str) -> str:
+    """Why ``text`` cannot be a host's address that other hosts route its pods to ("" if
+    it can): a unicast IPv4 address in its plain form (`--host-address`, and the host
+    records of etcd/hosts.py, which anything may write)."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return f"{text!r} is not an IP address"
+    if ip.version != 4 or ip.is_unspecified or ip.is_loopback or ip.is_multicast or \
+            ip.is_link_local or ip == ipaddress.IPv4Address("255.255.255.255"):
+        return (f"{text!r}: give this host's unicast IPv4 address that the other hosts "
+                "reach (routes between hosts are IPv4)")
+    return ""
