@@ -32,7 +32,7 @@ from tests.support.hosts import Hosts
 
 from stockade.agent.protocol import ApiError
 from stockade.datapath.nft import NftDatapath
-from stockade.etcd.client import EtcdClient
+from stockade.etcd.client import EtcdClient, b64
 from stockade.probe.launcher import ProbeServer
 
 from .agent_harness import AgentProcess
@@ -1050,10 +1050,18 @@ def test_an_agent_whose_name_another_took_writes_nothing_for_the_node(
         _until(lambda: writer.doc("pods", "x/c0") is not None, what="x/c0 published")
         kv = writer.c.get(f"{PREFIX}/nodes/{NODE}")
         assert kv is not None and kv.lease
-        writer.c.call("/v3/lease/revoke", {"ID": str(kv.lease)})  # as if run out
+        # As etcd would have it after the lease ran out and another agent claimed the
+        # name: the key under the other's lease before the agent's lease is gone (revoked
+        # first, the agent could claim the name back in between).
         other = NodeClaim(writer.c, PREFIX, NODE, "f" * 32, ttl=60)
-        other.claim()
-        st = until_status(agent, lambda s: s["datastore"]["node"]["held"] is False)
+        other.lease = int(writer.c.call("/v3/lease/grant", {"TTL": 60})["ID"])
+        other.held = True
+        writer.c.txn([], [{"request_put": {
+            "key": b64(f"{PREFIX}/nodes/{NODE}"), "value": b64(other._value()),
+            "lease": str(other.lease)}}])
+        writer.c.call("/v3/lease/revoke", {"ID": str(kv.lease)})
+        st = until_status(agent, lambda s: s["datastore"]["node"]["held"] is False
+                          and s["datastore"]["node"]["heldBy"] is not None)
         assert st["datastore"]["node"]["heldBy"]["instance"] == "f" * 32
         assert "held in etcd by another agent" in st["datastore"]["node"]["error"]
         out = subprocess.run([*agent.cmd[:3], "status", "--socket", agent.socket],

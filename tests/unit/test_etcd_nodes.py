@@ -67,8 +67,9 @@ def test_a_claim_outlives_its_agent_by_its_ttl_only(client: EtcdClient) -> None:
     a = NodeClaim(client, "/s", "node-1", "a" * 32, ttl=2)
     a.claim()  # and never kept alive: the agent was killed
     b = NodeClaim(client, "/s", "node-1", "b" * 32)
-    with pytest.raises(NodeTaken):
+    with pytest.raises(NodeTaken) as refused:
         b.claim()
+    assert "ends within 2 s" in str(refused.value)  # the holder's TTL, not b's
     deadline = time.monotonic() + 10
     while holder(client, "/s", "node-1") is not None:
         assert time.monotonic() < deadline, "the lease did not run out"

@@ -43,14 +43,14 @@ class NodeTaken(EtcdError):
     """Another agent holds this node's name in etcd (an EtcdError: what would have been
     written for the node is not, as when etcd cannot be reached)."""
 
-    def __init__(self, node: str, holder: dict[str, Any]) -> None:
+    def __init__(self, node: str, holder: dict[str, Any], ttl: int = TTL) -> None:
         self.holder = holder
         who = ", ".join(f"{k} {holder[k]}" for k in ("hostname", "pid", "instance")
                         if holder.get(k) not in (None, ""))
         super().__init__(
             f"node name {node!r} is held in etcd by another agent ({who}); every host "
             "needs a name of its own (give it with --node: cloned machines share a host "
-            f"name). If that agent is gone, its claim ends within {TTL} s of it")
+            f"name). If that agent is gone, its claim ends within {ttl} s of it")
 
 
 def instance_id(state_dir: str) -> str:
@@ -116,7 +116,8 @@ class NodeClaim:
                     kvs = (result.responses[0].get("response_range") or {}).get("kvs") or []
                     holder = _holder(kvs[0]) if kvs else {}
                     if kvs and (holder.get("instance") != self.instance or self.displaced):
-                        raise NodeTaken(self.node, holder)
+                        raise NodeTaken(self.node, holder,
+                                        self._granted(int(kvs[0].get("lease") or 0)))
                     # Ours (a run before this one, its lease still alive), or gone since:
                     # taken over if unchanged since read.
                     same = ({"key": b64(self.key), "target": "MOD", "result": "EQUAL",
@@ -167,12 +168,14 @@ class NodeClaim:
                 if self.held and self._alive():
                     kv = self.client.get(self.key)
                     if kv is not None and kv.lease != self.lease:
-                        self._displaced(_holder_of(kv.value))
+                        self._displaced(_holder_of(kv.value), self._granted(kv.lease))
                     elif kv is None:  # deleted by hand: put back
                         self.claim()
                     continue
                 if self.held:
                     self.held = False
+                    self.error = (f"the node name's lease ran out (etcd not reached "
+                                  f"within {self.ttl} s); claiming it again")
                     log.warning("the node name's lease in etcd ran out; claiming it again",
                                 extra={"fields": {"node": self.node}})
                 self.claim()
@@ -181,12 +184,23 @@ class NodeClaim:
             except EtcdError as exc:
                 self.error = str(exc)
 
-    def _displaced(self, holder: dict[str, Any]) -> None:
+    def _displaced(self, holder: dict[str, Any], ttl: int) -> None:
         """The key is under another lease while this agent holds the name."""
         with self._lock:
             self.held, self.displaced = False, True
             self._revoke(self.lease)
-        self._taken(NodeTaken(self.node, holder))
+        self._taken(NodeTaken(self.node, holder, ttl))
+
+    def _granted(self, lease: int) -> int:
+        """The TTL the holder's lease was granted with (its agent's --node-claim-ttl),
+        this agent's own if etcd does not say."""
+        if not lease:
+            return self.ttl
+        try:
+            out = self.client.call("/v3/lease/timetolive", {"ID": str(lease)})
+        except EtcdError:
+            return self.ttl
+        return int(out.get("grantedTTL") or 0) or self.ttl
 
     def _alive(self) -> bool:
         """Renew the lease; False once etcd has let it go (its TTL passed unrenewed)."""
