@@ -1031,6 +1031,13 @@ def test_a_second_agent_of_one_node_name_is_refused_and_a_restart_takes_it_back(
         # A clean stop gives the name up at once.
         assert two.stop() == 0
         assert writer.doc("nodes", NODE) is None
+        # A claim put by hand, with no lease, never runs out: refused at once, and told.
+        writer.c.put(f"{PREFIX}/nodes/{NODE}", json.dumps({"hostname": "elsewhere"}))
+        t0 = time.monotonic()
+        refused = subprocess.run(two.cmd, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert time.monotonic() - t0 < CLAIM_TTL
+        assert f"etcdctl del {PREFIX}/nodes/{NODE}" in refused.stderr, refused.stderr
     finally:
         one.stop()
         two.stop()

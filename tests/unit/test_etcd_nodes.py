@@ -183,3 +183,16 @@ def test_a_claim_deleted_by_hand_is_put_back(client: EtcdClient) -> None:
         assert a.held
     finally:
         a.release()
+
+
+def test_a_claim_put_by_hand_with_no_lease_is_said_to_stay(client: EtcdClient) -> None:
+    """A key written by hand (no lease, no holder's fields) never runs out: the refusal
+    says so and how to delete it, rather than a wait that would not end it."""
+    client.put("/s/nodes/node-1", "not json")
+    b = NodeClaim(client, "/s", "node-1", "b" * 32)
+    with pytest.raises(NodeTaken) as refused:
+        b.claim()
+    assert refused.value.ttl == 0
+    assert "another agent (not named)" in str(refused.value)
+    assert "etcdctl del /s/nodes/node-1" in str(refused.value)
+    assert "ends within" not in str(refused.value)

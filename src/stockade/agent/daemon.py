@@ -409,21 +409,24 @@ class Agent:
         claim = NodeClaim(feed.etcd, feed.prefix, feed.node,
                           instance_id(self.config.state_dir), ttl=self.config.node_claim_ttl)
         # A killed agent's claim (its state directory lost: another instance) runs out
-        # within its TTL; another live agent of this name keeps its own alive.
-        deadline = time.monotonic() + claim.ttl + 2
+        # within its lease's TTL; another live agent of this name keeps its own alive.
+        # Waited for a minute at most (a holder given a TTL of an hour: the service
+        # manager starts this one again), not at all for a key put with no lease.
+        started = time.monotonic()
         while True:
             try:
                 claim.claim()
                 return claim
             except NodeTaken as exc:
-                if time.monotonic() >= deadline or self._stopping.is_set():
+                wait = min(exc.ttl, 60) + 2 if exc.ttl else 0
+                if time.monotonic() >= started + wait or self._stopping.is_set():
                     feed.etcd.close()
                     raise AgentError(str(exc)) from None
                 if claim.taken_by is None:
                     claim.taken_by = exc.holder
                     log.warning("node name held in etcd by another agent; waiting for its "
                                 "claim to run out", extra={"fields": {
-                                    "node": feed.node, "seconds": claim.ttl + 2,
+                                    "node": feed.node, "seconds": wait,
                                     "holder": json.dumps(exc.holder)}})
                 time.sleep(1.0)
             except EtcdError as exc:

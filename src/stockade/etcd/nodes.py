@@ -43,14 +43,18 @@ class NodeTaken(EtcdError):
     """Another agent holds this node's name in etcd (an EtcdError: what would have been
     written for the node is not, as when etcd cannot be reached)."""
 
-    def __init__(self, node: str, holder: dict[str, Any], ttl: int = TTL) -> None:
+    def __init__(self, node: str, holder: dict[str, Any], ttl: int = TTL,
+                 key: str = "") -> None:
         self.holder = holder
+        self.ttl = ttl  # the holder's lease's, 0: the key has none (put by hand)
         who = ", ".join(f"{k} {holder[k]}" for k in ("hostname", "pid", "instance")
                         if holder.get(k) not in (None, ""))
+        end = (f"If that agent is gone, its claim ends within {ttl} s of it" if ttl else
+               f"The key has no lease: it stays until deleted (etcdctl del {key})")
         super().__init__(
-            f"node name {node!r} is held in etcd by another agent ({who}); every host "
-            "needs a name of its own (give it with --node: cloned machines share a host "
-            f"name). If that agent is gone, its claim ends within {ttl} s of it")
+            f"node name {node!r} is held in etcd by another agent ({who or 'not named'}); "
+            "every host needs a name of its own (give it with --node: cloned machines "
+            f"share a host name). {end}")
 
 
 def instance_id(state_dir: str) -> str:
@@ -117,7 +121,8 @@ class NodeClaim:
                     holder = _holder(kvs[0]) if kvs else {}
                     if kvs and (holder.get("instance") != self.instance or self.displaced):
                         raise NodeTaken(self.node, holder,
-                                        self._granted(int(kvs[0].get("lease") or 0)))
+                                        self._granted(int(kvs[0].get("lease") or 0)),
+                                        self.key)
                     # Ours (a run before this one, its lease still alive), or gone since:
                     # taken over if unchanged since read.
                     same = ({"key": b64(self.key), "target": "MOD", "result": "EQUAL",
@@ -189,13 +194,13 @@ class NodeClaim:
         with self._lock:
             self.held, self.displaced = False, True
             self._revoke(self.lease)
-        self._taken(NodeTaken(self.node, holder, ttl))
+        self._taken(NodeTaken(self.node, holder, ttl, self.key))
 
     def _granted(self, lease: int) -> int:
         """The TTL the holder's lease was granted with (its agent's --node-claim-ttl),
-        this agent's own if etcd does not say."""
+        this agent's own if etcd does not say; 0 for no lease."""
         if not lease:
-            return self.ttl
+            return 0
         try:
             out = self.client.call("/v3/lease/timetolive", {"ID": str(lease)})
         except EtcdError:
