@@ -1131,7 +1131,21 @@ def test_a_host_record_that_cannot_be_routed_to_leaves_the_other_routes_be(
             "10.244.0.128/26": "192.0.2.4", "10.244.1.0/26": "192.0.2.5",
             "10.244.1.64/26": "192.0.2.3"})
         assert st["datastore"]["hosts"]["unroutable"] == {"twin": unroutable["twin"]}
+        # "twin" has this host's address: this host is not registered (the others would
+        # route its blocks to twin's machine), and says so.
+        hosts = st["datastore"]["hosts"]
+        assert hosts["addressOf"] == "twin" and not hosts["registered"]
+        assert hosts["error"].startswith("cannot register this host: its address "
+                                         "192.0.2.1 is in the record of host 'twin'")
+        assert writer.c.get(f"{PREFIX}/hosts/{NODE}") is None
+        out = subprocess.run([*agent.cmd[:3], "status", "--socket", agent.socket],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 1 and "HOST ADDRESS TAKEN" in out.stdout, out
+        writer.c.delete(f"{PREFIX}/hosts/twin")  # reclaimed
+        st = until_status(agent, lambda s: s["datastore"]["hosts"]["registered"])
         assert st["datastore"]["hosts"]["error"] == ""
+        assert st["datastore"]["hosts"]["unroutable"] == {}
+        assert writer.c.get(f"{PREFIX}/hosts/{NODE}") is not None
     finally:
         agent.stop()
 

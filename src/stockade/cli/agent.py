@@ -400,17 +400,23 @@ def run_status(args: argparse.Namespace) -> int:
         if isinstance(node, dict) and not node.get("held"):
             print(f"  NODE NAME NOT HELD: nothing is written to etcd for node "
                   f"{node.get('name')}: {node.get('error') or 'not claimed yet'}")
+        hosts = ds.get("hosts")
+        if isinstance(hosts, dict) and hosts.get("addressOf"):
+            print(f"  HOST ADDRESS TAKEN: {hosts.get('error')}")
     return 0 if _healthy_status(st) else 1
 
 
 def _healthy_status(st: dict[str, Any]) -> bool:
-    """In sync, ready, and not cut off from its datastore (etcd: degraded, or its node's
-    name not held)."""
+    """In sync, ready, and not cut off from its datastore (etcd: degraded, its node's
+    name not held, or its host address another host's)."""
     ds = st.get("datastore")
     degraded = isinstance(ds, dict) and bool(ds.get("degraded"))
     node = ds.get("node") if isinstance(ds, dict) else None
     lost = isinstance(node, dict) and not node.get("held")
-    return bool(st["inSync"] and st.get("ready", True)) and not degraded and not lost
+    hosts = ds.get("hosts") if isinstance(ds, dict) else None
+    taken = isinstance(hosts, dict) and bool(hosts.get("addressOf"))
+    return (bool(st["inSync"] and st.get("ready", True)) and not degraded and not lost
+            and not taken)
 
 
 def run_snapshot_save(args: argparse.Namespace) -> int:

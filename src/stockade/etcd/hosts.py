@@ -29,7 +29,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from stockade.etcd.client import EtcdClient, EtcdError
+from stockade.etcd.client import EtcdClient, EtcdError, b64, prefix_end
 from stockade.etcd.ipam import parse_block
 from stockade.etcd.nodes import NodeClaim
 from stockade.etcd.watch import EtcdReflector
@@ -61,6 +61,23 @@ def _name(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
 
 
+def _address_of(value: bytes) -> str:
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return ""
+    return str(doc.get("address") or "") if isinstance(doc, dict) else ""
+
+
+def _same_address(a: str, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+
+
 class HostRoutes:
     def __init__(self, client: EtcdClient, prefix: str, node: str, *, address: str | None,
                  netns: str | None, bridge: str, pool: str,
@@ -79,6 +96,8 @@ class HostRoutes:
         self.installed: dict[str, str] = {}  # block -> via, as programmed
         self.listed: set[str] = set()
         self.registered = address is None
+        self.address_of: str = ""  # the host whose record has this host's address
+        self.register_error = ""
         self.unroutable: dict[str, str] = {}  # host -> why its record is no next hop
         self.failed: dict[str, str] = {}  # block -> why the kernel refused its route
         self.error = ""
@@ -111,7 +130,8 @@ class HostRoutes:
                     "hosts": dict(sorted(self.hosts.items())),
                     "routes": dict(sorted(self.installed.items())),
                     "unroutable": dict(sorted(self.unroutable.items())),
-                    "error": self.error}
+                    "addressOf": self.address_of,
+                    "error": "; ".join(e for e in (self.register_error, self.error) if e)}
 
     # ---- the sinks --------------------------------------------------------------------
 
@@ -159,19 +179,46 @@ class HostRoutes:
             except Exception as e:  # the next round tries again
                 self.error = f"{type(e).__name__}: {e}"
                 log.warning("routes between hosts: %s", e)
-            self._wake.wait(RECHECK if self.registered else 1.0)
+            self._wake.wait(RECHECK if self.registered or self.address_of else 1.0)
             self._wake.clear()
 
     def _register(self) -> None:
+        """This host's record, unless another host's has its address: first come, first
+        routed to. Two hosts given one --host-address would otherwise each have the
+        other hosts route its blocks to the one machine that has it."""
+        hosts = f"{self.prefix}/hosts/"
         try:
             if self.node_claim is not None:
                 self.node_claim.ensure()
-            self.client.put(f"{self.prefix}/hosts/{self.node}",
-                            json.dumps({"address": self.address}))
+            header, kvs = self.client.list_prefix(hosts)
+            other = next((kv.key[len(hosts):] for kv in kvs if kv.key != hosts + self.node
+                          and _same_address(_address_of(kv.value), self.address)), "")
+            if other:
+                if self.address_of != other:
+                    log.error("this host's address is another host's in etcd: not "
+                              "registered, and its blocks not routed to by the others",
+                              extra={"fields": {"address": self.address, "host": other}})
+                self.address_of = other
+                self.register_error = (
+                    f"cannot register this host: its address {self.address} is in the "
+                    f"record of host {other!r} in etcd (two hosts given one "
+                    f"--host-address?); if {other!r} is gone: python -m "
+                    f"stockade.etcd.ipam reclaim {other}")
+                return
+            # Put only if no host record changed since the list: another registering
+            # with this address meanwhile is seen on the next round.
+            unchanged = {"key": b64(hosts), "range_end": b64(prefix_end(hosts)),
+                         "target": "MOD", "result": "LESS",
+                         "mod_revision": str(header.revision + 1)}
+            put = {"request_put": {"key": b64(hosts + self.node),
+                                   "value": b64(json.dumps({"address": self.address}))}}
+            if not self.client.txn([unchanged], [put]).succeeded:
+                self._wake.set()
+                return
         except EtcdError as e:
-            self.error = f"cannot register this host: {e}"
+            self.register_error = f"cannot register this host: {e}"
             return
-        self.registered = True
+        self.registered, self.address_of, self.register_error = True, "", ""
         log.info("host registered in etcd", extra={"fields": {
             "host": self.node, "address": self.address}})
 
