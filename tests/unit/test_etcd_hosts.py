@@ -55,6 +55,13 @@ def test_an_address_another_host_has_is_not_registered(client: EtcdClient) -> No
     again = routes(client, "b", "192.0.2.1")
     again._register()
     assert again.registered
+    # Started again with an address another host has: its record of the address it had
+    # goes (its blocks would be routed there), and it is not registered.
+    client.put("/s/hosts/e", json.dumps({"address": "192.0.2.5"}))
+    moved = routes(client, "b", "192.0.2.5")
+    moved._register()
+    assert not moved.registered and moved.status()["addressOf"] == "e"
+    assert record(client, "b") is None
 
 
 def test_a_record_with_the_address_put_between_list_and_write_wins(
