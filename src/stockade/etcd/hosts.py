@@ -196,13 +196,12 @@ class HostRoutes:
             if other:
                 # This host's own record of an address it no longer has (--host-address
                 # changed) would keep its blocks routed there: it goes.
-                for kv in kvs:
-                    if kv.key == hosts + self.node and not _same_address(
-                            _address_of(kv.value), self.address):
-                        self.client.txn([{"key": b64(kv.key), "target": "MOD",
-                                          "result": "EQUAL",
-                                          "mod_revision": str(kv.mod_revision)}],
-                                        [{"request_delete_range": {"key": b64(kv.key)}}])
+                mine = next((kv for kv in kvs if kv.key == hosts + self.node), None)
+                if mine is not None:
+                    self.client.txn([{"key": b64(mine.key), "target": "MOD",
+                                      "result": "EQUAL",
+                                      "mod_revision": str(mine.mod_revision)}],
+                                    [{"request_delete_range": {"key": b64(mine.key)}}])
                 if self.address_of != other:
                     log.error("this host's address is another host's in etcd: not "
                               "registered, and its blocks not routed to by the others",
