@@ -982,6 +982,44 @@ def test_a_published_pod_of_an_endpoint_gone_here_is_no_endpoint_of_etcd(
         agent.stop()
 
 
+def test_a_gone_hosts_pod_holding_an_address_of_this_hosts_block_gives_it_up(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """A host is gone and its blocks reclaimed; a Pod it published still shows an
+    address of a block this host then claims. This host's attachment is the truth for
+    its block's addresses: the ADD given that address takes it, and the Pod waits (said
+    in `status`). Before, every ADD given it was refused ("held by two endpoints"), and
+    the pool offered it again each time: no container started on the host. Reclaiming
+    the host deletes its published Pods too."""
+    from stockade.etcd.ipam import reclaim
+
+    writer.c.put(f"{PREFIX}/hosts/gone", json.dumps({"address": "192.0.2.9"}))
+    writer.pod("x", "stale", {"app": "db"}, ["10.244.0.3"], node="gone")
+    stale = writer.doc("pods", "x/stale")
+    assert stale is not None
+    writer._put("pods", "x/stale", {**stale, "metadata": {
+        **stale["metadata"], "annotations": {"stockade.io/owner": "cni"}}})
+    writer.pod("x", "static", {"app": "db"}, ["10.9.0.1"], node="gone")  # not published
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
+    try:
+        assert "stale" in names(agent, "endpoints")
+        got = [_cni_add(agent, f"c{i}") for i in range(3)]
+        assert got == ["10.244.0.2", "10.244.0.3", "10.244.0.4"], got
+        assert "stale" not in names(agent, "endpoints")
+        st = agent.call("status")
+        assert st["datastore"]["waiting"] == {
+            "x/stale": "address 10.244.0.3 is held by x/c1"}, st["datastore"]["waiting"]
+        # The host reclaimed: its published Pod goes from etcd, and waits no more; a Pod
+        # of it that an agent did not publish stays.
+        reclaim(writer.c, PREFIX, "gone")
+        assert writer.doc("pods", "x/stale") is None
+        assert writer.doc("pods", "x/static") is not None
+        until_status(agent, lambda s: s["datastore"]["waiting"] == {})
+        assert "static" in names(agent, "endpoints")
+    finally:
+        agent.stop()
+
+
 def test_a_second_agent_of_one_node_name_is_refused_and_a_restart_takes_it_back(
         tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
         netns_prefix: str) -> None:

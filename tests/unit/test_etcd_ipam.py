@@ -5,6 +5,7 @@ host's own blocks; reclaiming a gone host's blocks."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import threading
 from typing import Any
 
@@ -136,11 +137,20 @@ def test_hosts_racing_for_blocks_never_share_one(etcd: EtcdServer) -> None:
                                                   if h == "h1"}
         # Reclaiming a gone host frees its blocks, and only its.
         c.put("/s/hosts/h2", '{"address": "192.0.2.2"}')
+        published = {"metadata": {"annotations": {"stockade.io/owner": "cni"}}}
+        for key, node, doc in (("x/a", "h2", published), ("x/b", "h2", {}),
+                               ("x/c", "h1", published), ("x/d", "h2", "not json")):
+            c.put(f"/s/pods/{key}", doc if isinstance(doc, str) else json.dumps(
+                {**doc, "spec": {"nodeName": node}}))
         freed = reclaim(c, "/s", "h2")
         assert len(freed) == sum(1 for h in owned.values() if h == "h2") and freed
         after = Blocks(c, "/s", "").owned()
         assert "h2" not in after.values() and len(after) == len(owned) - len(freed)
         assert c.get("/s/hosts/h2") is None
+        # The Pods h2's agent published go with it (their addresses are in the freed
+        # blocks); others stay.
+        assert [kv.key for kv in c.list_prefix("/s/pods/")[1]] == [
+            "/s/pods/x/b", "/s/pods/x/c", "/s/pods/x/d"]
 
 
 class _Service:

@@ -53,7 +53,6 @@ from stockade.agent.protocol import BAD_REQUEST, INVALID, UNAVAILABLE, ApiError,
 from stockade.agent.reconcile import ApplyReport
 from stockade.agent.records import (
     OWNER_CNI,
-    OWNER_KUBE,
     OWNER_RUN,
     Change,
     DeleteEndpoint,
@@ -282,7 +281,8 @@ class CniOps:
                 rec, inherited = self._record(spec, labels, cid, ifname, address, api_ports)
                 att = CniAttachment(network, cid, ifname, rec.key, owner, time.time())
                 changes = svc.implicit_namespaces([rec.endpoint.namespace], {})
-                changes += self._evict(rec)
+                evicted = self._evict(rec)
+                changes += evicted
                 changes.append(PutEndpoint(rec))
             except BaseException:
                 if fresh and svc.ipam is not None:
@@ -293,7 +293,8 @@ class CniOps:
             if fresh:
                 assert svc.ipam is not None
                 meta["ipam"] = svc.ipam.to_dict()
-            made.update(rec=rec, inherited=inherited, address=address, att=att)
+            made.update(rec=rec, inherited=inherited, address=address, att=att,
+                        evicted=[c.key for c in evicted])
 
             def undo() -> None:
                 if self.attachments.get(att.id) is att:
@@ -315,6 +316,8 @@ class CniOps:
         # One assignment (atomic): the lock, which the other ADDs queue for, is not needed.
         self._revisions[made["att"].id] = revision
         svc.durable()  # outside the lock: concurrent ADDs share the fsync
+        if made["evicted"]:
+            self.pods.examine(made["evicted"])  # now waiting for their address: said
         if sync:
             self._wait(revision)
         # bindsInterfaces: whether the plugin must say `cni.attached` once the veth exists.
@@ -344,16 +347,19 @@ class CniOps:
             return ep.labels, ()
         return pod.labels, pod.ports
 
-    def _evict(self, rec: EndpointRecord) -> list[Change]:
-        """With the API as the datastore, this node's attachment is the truth for its
-        address: a pod of the API still showing it (deleted, its deletion not seen
-        yet) gives it up."""
+    def _evict(self, rec: EndpointRecord) -> list[DeleteEndpoint]:
+        """With the API or etcd as the datastore, this node's attachment is the truth for
+        its address (its own pool's, or a block etcd gave this host): a pod of the
+        datastore still showing it (deleted, its deletion not seen yet; in etcd, the Pod
+        a gone host published, its blocks since reclaimed and given to this one) gives
+        it up here, and waits for its address (`status`) while this endpoint holds it.
+        Nothing is written to the datastore: the commit is this host's alone."""
         if self.pods is None:
             return []
         svc = self._svc()
         holders = {svc.state.addresses().get(canonical_ip(ip)) for ip in rec.endpoint.ips}
         return [DeleteEndpoint(h) for h in sorted(k for k in holders if k and k != rec.key)
-                if svc.state.endpoints[h].owner == OWNER_KUBE]
+                if svc.state.endpoints[h].owner == self.pods.OWNER]
 
     def _allocate(self, owner: str) -> tuple[str, bool]:
         """The owner's address and whether it is new (a retried ADD gets the same)."""

@@ -441,8 +441,12 @@ class BlockReturns:
 
 
 def reclaim(client: EtcdClient, prefix: str, host: str) -> list[str]:
-    """Delete the blocks ``host`` owns (each compared to be still its) and its host
-    record; the blocks freed."""
+    """Delete the blocks ``host`` owns (each compared to be still its), the Pods its
+    agent published for its containers and its host record; the blocks freed.
+
+    The Pods go too: nothing else deletes them once the host is gone, and each holds an
+    address of a block freed here, which another host may claim and hand out."""
+    remove_published(client, prefix, host)
     b = Blocks(client, prefix, host)
     _, kvs = client.list_prefix(b.blocks_prefix)
     freed: list[str] = []
@@ -460,6 +464,37 @@ def reclaim(client: EtcdClient, prefix: str, host: str) -> list[str]:
             freed.append(kv.key[len(b.blocks_prefix):].replace("-", "/"))
     client.delete(f"{prefix}/hosts/{host}")
     return freed
+
+
+def remove_published(client: EtcdClient, prefix: str, host: str) -> list[str]:
+    """Delete the Pods an agent of ``host`` published for its CNI and `run` endpoints
+    (annotated as such, ``spec.nodeName`` the host; each compared to be unchanged
+    since read); their keys."""
+    from stockade.agent.records import OWNER_CNI, OWNER_RUN
+    from stockade.etcd.datastore import OWNER_ANNOTATION
+
+    pods = f"{prefix}/pods/"
+    _, kvs = client.list_prefix(pods)
+    gone: list[str] = []
+    for kv in kvs:
+        try:
+            doc = json.loads(kv.value)
+        except ValueError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        spec, meta = doc.get("spec"), doc.get("metadata")
+        notes = meta.get("annotations") if isinstance(meta, dict) else None
+        if not (isinstance(spec, dict) and spec.get("nodeName") == host
+                and isinstance(notes, dict)
+                and notes.get(OWNER_ANNOTATION) in (OWNER_CNI, OWNER_RUN)):
+            continue
+        result = client.txn([{"key": b64(kv.key), "target": "MOD", "result": "EQUAL",
+                              "mod_revision": str(kv.mod_revision)}],
+                            [{"request_delete_range": {"key": b64(kv.key)}}])
+        if result.succeeded:
+            gone.append(kv.key[len(pods):])
+    return gone
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -971,6 +971,13 @@ class KubeFeed:
                              created=cur.created if cur is not None else time.time())
         return rec, reasons
 
+    def examine(self, pod_keys: Sequence[str]) -> None:
+        """Examine these pods again now (a CNI attachment of this node took an address
+        one of them showed: it waits, and says so in `datastore.waiting`)."""
+        with self._lock:
+            if self.synced.is_set():  # else the first lists examine every pod
+                self._sync(set(), set(), set(pod_keys))
+
     def _retry_loop(self) -> None:
         while not self._stop.wait(RETRY_WAITING):
             with self._lock:
