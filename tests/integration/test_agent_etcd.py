@@ -999,23 +999,33 @@ def test_a_gone_hosts_pod_holding_an_address_of_this_hosts_block_gives_it_up(
     assert stale is not None
     writer._put("pods", "x/stale", {**stale, "metadata": {
         **stale["metadata"], "annotations": {"stockade.io/owner": "cni"}}})
+    writer._put("pods", "x/stale-run", {**stale, "metadata": {
+        **stale["metadata"], "name": "stale-run", "annotations": {"stockade.io/owner": "run"}},
+        "status": {"podIP": "10.244.0.5", "podIPs": [{"ip": "10.244.0.5"}]}})
     writer.pod("x", "static", {"app": "db"}, ["10.9.0.1"], node="gone")  # not published
     agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
     try:
-        assert "stale" in names(agent, "endpoints")
+        assert {"stale", "stale-run"} <= names(agent, "endpoints")
         got = [_cni_add(agent, f"c{i}") for i in range(3)]
         assert got == ["10.244.0.2", "10.244.0.3", "10.244.0.4"], got
-        assert "stale" not in names(agent, "endpoints")
+        # `stockade run` takes its address the same way.
+        ran = agent.call("run", namespace="x", name="r", labels={"app": "r"},
+                         command=[sys.executable, "-c", "import time; time.sleep(60)"])
+        assert ran["endpoint"]["ips"] == ["10.244.0.5"], ran
+        assert not {"stale", "stale-run"} & names(agent, "endpoints")
         st = agent.call("status")
         assert st["datastore"]["waiting"] == {
-            "x/stale": "address 10.244.0.3 is held by x/c1"}, st["datastore"]["waiting"]
+            "x/stale": "address 10.244.0.3 is held by x/c1",
+            "x/stale-run": "address 10.244.0.5 is held by x/r"}, st["datastore"]["waiting"]
         # The host reclaimed: its published Pod goes from etcd, and waits no more; a Pod
         # of it that an agent did not publish stays.
         reclaim(writer.c, PREFIX, "gone")
         assert writer.doc("pods", "x/stale") is None
+        assert writer.doc("pods", "x/stale-run") is None
         assert writer.doc("pods", "x/static") is not None
         until_status(agent, lambda s: s["datastore"]["waiting"] == {})
         assert "static" in names(agent, "endpoints")
+        agent.call("rm", key="x/r", grace=0.5)
     finally:
         agent.stop()
 

@@ -71,7 +71,7 @@ from stockade.cni.spec import (
 from stockade.compile.ir import ADDR_PORT, Ruleset
 from stockade.compile.nft import canonical
 from stockade.errors import BlockNeeded, DecodeError, NetError
-from stockade.model.admit import canonical_ip, validate_endpoint
+from stockade.model.admit import validate_endpoint
 from stockade.model.cluster import ContainerPort, Endpoint
 from stockade.model.labels import Labels
 
@@ -281,7 +281,8 @@ class CniOps:
                 rec, inherited = self._record(spec, labels, cid, ifname, address, api_ports)
                 att = CniAttachment(network, cid, ifname, rec.key, owner, time.time())
                 changes = svc.implicit_namespaces([rec.endpoint.namespace], {})
-                evicted = self._evict(rec)
+                evicted = (self.pods.evictions(svc.state, rec) if self.pods is not None
+                           else [])
                 changes += evicted
                 changes.append(PutEndpoint(rec))
             except BaseException:
@@ -317,7 +318,7 @@ class CniOps:
         self._revisions[made["att"].id] = revision
         svc.durable()  # outside the lock: concurrent ADDs share the fsync
         if made["evicted"]:
-            self.pods.examine(made["evicted"])  # now waiting for their address: said
+            self.pods.examine(made["evicted"])
         if sync:
             self._wait(revision)
         # bindsInterfaces: whether the plugin must say `cni.attached` once the veth exists.
@@ -346,20 +347,6 @@ class CniOps:
             ep = held_endpoint(Endpoint(namespace, name, pod.labels, ()))
             return ep.labels, ()
         return pod.labels, pod.ports
-
-    def _evict(self, rec: EndpointRecord) -> list[DeleteEndpoint]:
-        """With the API or etcd as the datastore, this node's attachment is the truth for
-        its address (its own pool's, or a block etcd gave this host): a pod of the
-        datastore still showing it (deleted, its deletion not seen yet; in etcd, the Pod
-        a gone host published, its blocks since reclaimed and given to this one) gives
-        it up here, and waits for its address (`status`) while this endpoint holds it.
-        Nothing is written to the datastore: the commit is this host's alone."""
-        if self.pods is None:
-            return []
-        svc = self._svc()
-        holders = {svc.state.addresses().get(canonical_ip(ip)) for ip in rec.endpoint.ips}
-        return [DeleteEndpoint(h) for h in sorted(k for k in holders if k and k != rec.key)
-                if svc.state.endpoints[h].owner == self.pods.OWNER]
 
     def _allocate(self, owner: str) -> tuple[str, bool]:
         """The owner's address and whether it is new (a retried ADD gets the same)."""

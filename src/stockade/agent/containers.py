@@ -253,6 +253,7 @@ class ContainerManager:
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
         self._unavailable = ""  # why `run` cannot work here (no bridge)
+        self.feed: Any = None  # the Kubernetes or etcd feed (pods of the datastore)
 
     # ---- extension life cycle -----------------------------------------------------------
 
@@ -269,6 +270,7 @@ class ContainerManager:
             raise AgentError("the container manager needs the agent's address pool")
         cfg = agent.config
         self.service = service
+        self.feed = getattr(agent, "kube_feed", None)
         # The pool in use (the store's, once allocated from), not only the configured one.
         self.plumber = Plumber(cfg.bridge_prefix, host_netns=cfg.netns,
                                subnet4=str(service.ipam.subnet))
@@ -365,8 +367,12 @@ class ContainerManager:
                                 command=req.command, created=time.time())
         with svc.lock:
             changes: list[Change] = svc.implicit_namespaces([req.namespace], {})
+            evicted = self.feed.evictions(svc.state, record) if self.feed is not None else []
+            changes += evicted
             changes.append(PutEndpoint(record))
             revision = svc.commit(changes, sync=False)
+        if self.feed is not None:
+            self.feed.examine([c.key for c in evicted])
         if not svc.reconciler.wait_for(revision, SYNC_TIMEOUT):
             raise ApiError(UNAVAILABLE, f"the kernel does not enforce revision {revision} after "
                                         f"{SYNC_TIMEOUT:.0f}s; {req.key} was not started")

@@ -971,9 +971,22 @@ class KubeFeed:
                              created=cur.created if cur is not None else time.time())
         return rec, reasons
 
+    def evictions(self, state: AgentState, rec: EndpointRecord) -> list[DeleteEndpoint]:
+        """This node's attachment (CNI, `stockade run`) is the truth for its address (its
+        own pool's, or a block etcd gave this host): a pod of the datastore still showing
+        it (deleted, its deletion not seen yet; in etcd, the Pod a gone host published,
+        its blocks since reclaimed and given to this one) gives it up here. Committed with
+        the attachment's endpoint, on this host alone (nothing is written to the
+        datastore); `examine` then has the pod wait for its address."""
+        holders = {state.addresses().get(canonical_ip(ip)) for ip in rec.endpoint.ips}
+        return [DeleteEndpoint(h) for h in sorted(k for k in holders if k and k != rec.key)
+                if state.endpoints[h].owner == self.OWNER]
+
     def examine(self, pod_keys: Sequence[str]) -> None:
-        """Examine these pods again now (a CNI attachment of this node took an address
-        one of them showed: it waits, and says so in `datastore.waiting`)."""
+        """Examine these pods again now (an attachment of this node took an address one
+        of them showed: it waits, and says so in `datastore.waiting`)."""
+        if not pod_keys:
+            return
         with self._lock:
             if self.synced.is_set():  # else the first lists examine every pod
                 self._sync(set(), set(), set(pod_keys))
