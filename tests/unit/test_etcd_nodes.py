@@ -133,8 +133,13 @@ def test_reclaim_refuses_a_host_whose_agent_runs(
     assert Blocks(client, "/s", "").owned() == {}
     a.release()
     client.put("/s/ipam/blocks/10.244.0.0-26", json.dumps({"host": "node-1"}))
+    client.put("/s/pods/x/c0", json.dumps({
+        "metadata": {"annotations": {"stockade.io/owner": "cni"}},
+        "spec": {"nodeName": "node-1"}}))
     assert ipam_tool(argv) == 0  # gone: freed
-    assert "1 block(s) freed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 block(s) freed" in out and "; 1 published Pod(s) deleted" in out, out
+    assert client.get("/s/pods/x/c0") is None
 
 
 def test_an_agent_put_out_of_its_name_by_its_own_instance_does_not_take_it_back(

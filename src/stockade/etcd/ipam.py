@@ -442,7 +442,8 @@ class BlockReturns:
 
 def reclaim(client: EtcdClient, prefix: str, host: str) -> list[str]:
     """Delete the blocks ``host`` owns (each compared to be still its), the Pods its
-    agent published for its containers and its host record; the blocks freed.
+    agent published for its containers (`remove_published`, first) and its host
+    record; the blocks freed.
 
     The Pods go too: nothing else deletes them once the host is gone, and each holds an
     address of a block freed here, which another host may claim and hand out."""
@@ -507,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("host")
     r.add_argument("--force", action="store_true",
                    help="even while an agent holds the host's name in etcd (its pods "
-                        "keep their addresses, which other hosts may then be given)")
+                        "keep their addresses, which other hosts may then be given, and "
+                        "are peers of no other host: their published Pods are deleted)")
     s = sub.add_parser("show", help="every claimed block and its host")
     for q in (r, s):
         q.add_argument("--etcd-endpoints", type=etcd_url, nargs="+", required=True,
@@ -529,9 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "not gone; stop its agent first (its claim ends within "
                           "seconds of it), or give --force", file=sys.stderr)
                     return 1
+                pods = remove_published(client, prefix, args.host)
                 freed = reclaim(client, prefix, args.host)
                 print(f"{args.host}: {len(freed)} block(s) freed"
-                      + (f": {', '.join(freed)}" if freed else ""))
+                      + (f": {', '.join(freed)}" if freed else "")
+                      + f"; {len(pods)} published Pod(s) deleted")
             else:
                 for block, host in sorted(Blocks(client, prefix, "").owned().items(),
                                           key=lambda kv: int(kv[0].network_address)):
