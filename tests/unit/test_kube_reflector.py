@@ -609,6 +609,24 @@ def test_cni_endpoints_keep_their_address_and_take_the_apis_labels(fx: Fixture) 
     assert "ns/c" in fx.service.state.endpoints  # CNI DEL removes it, not the API
 
 
+def test_a_cni_attachment_takes_its_address_from_a_pod_of_the_api(fx: Fixture) -> None:
+    """A pod of the API still showing an address (its deletion not seen yet) gives it up
+    to this node's attachment, and waits for it, said at once."""
+    fx.lists([ns("ns")], [], [pod("old", "2", ip="10.0.0.7")])
+    rec = EndpointRecord(Endpoint("ns", "c", Labels({}), ("10.0.0.7",)), owner=OWNER_CNI)
+    evicted = fx.feed.evictions(fx.service.state, rec)
+    assert evicted == [DeleteEndpoint("ns/old")]
+    fx.service.commit([*evicted, PutEndpoint(rec)], sync=False)
+    fx.feed.examine([c.key for c in evicted])
+    assert fx.feed.status()["datastore"]["waiting"] == {
+        "ns/old": "address 10.0.0.7 is held by ns/c"}
+    assert fx.service.state.endpoints["ns/c"].owner == OWNER_CNI
+    assert "ns/old" not in fx.service.state.endpoints
+    # An endpoint of this node (not the feed's) is never evicted.
+    other = EndpointRecord(Endpoint("ns", "d", Labels({}), ("10.0.0.7",)), owner=OWNER_CNI)
+    assert fx.feed.evictions(fx.service.state, other) == []
+
+
 def test_only_local_truth_is_durable(fx: Fixture, tmp_path: Path) -> None:
     rec = EndpointRecord(Endpoint("ns", "c", Labels({}), ("10.0.0.3",)), owner=OWNER_CNI)
     fx.service.commit([PutEndpoint(rec)], sync=False)
