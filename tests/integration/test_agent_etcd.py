@@ -363,6 +363,8 @@ def test_two_agents_writing_one_object_at_once_lose_no_update(
     from stockade.net.namespace import create_netns
 
     publish_trio(writer, trio)
+    # The trio's addresses are in the pool: node-2 believes node-1's Pods in its block.
+    writer.c.put(f"{PREFIX}/ipam/blocks/10.244.0.0-26", json.dumps({"host": NODE}))
     other_host = f"{netns_prefix}-h2"
     create_netns(other_host)  # removed with the test's namespaces
     one = etcd_agent(tmp_path / "one", etcd, trio.host_netns, netns_prefix)
@@ -578,9 +580,12 @@ def test_the_conformance_corpus_across_three_hosts(
     cases = load_cases([str(shared("conformance"))])
     assert len(cases) > 40
     hosts = Hosts(netns_prefix, 3)
+    # The corpus gives the pods' addresses (as an IPAM other than stockade's would), some
+    # in the default pool; the pool is elsewhere, or the blocks would say whose they are.
     agents = [AgentProcess(tmp_path / host, hosts.netns[host], netns_prefix, resync=1.0,
                            extra=("--datastore", "etcd", "--etcd-endpoints", etcd.url,
-                                  "--node", host, "--watch-stall-timeout", "5"))
+                                  "--node", host, "--watch-stall-timeout", "5",
+                                  "--subnet", "10.99.0.0/16"))
               for host in hosts.names]
     pods = SpreadPods(hosts)
     failed: list[str] = []
@@ -986,11 +991,11 @@ def test_a_gone_hosts_pod_holding_an_address_of_this_hosts_block_gives_it_up(
         tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
         netns_prefix: str) -> None:
     """A host is gone and its blocks reclaimed; a Pod it published still shows an
-    address of a block this host then claims. This host's attachment is the truth for
-    its block's addresses: the ADD given that address takes it, and the Pod waits (said
-    in `status`). Before, every ADD given it was refused ("held by two endpoints"), and
-    the pool offered it again each time: no container started on the host. Reclaiming
-    the host deletes its published Pods too."""
+    address of a block this host then claims. The Pod is not believed (its address is
+    in no block of its host's), and this host's attachment takes the address: the ADD
+    given it succeeds, and the Pod waits (said in `status`). Before, every ADD given it
+    was refused ("held by two endpoints"), and the pool offered it again each time: no
+    container started on the host. Reclaiming the host deletes its published Pods too."""
     from stockade.etcd.ipam import reclaim
 
     writer.c.put(f"{PREFIX}/hosts/gone", json.dumps({"address": "192.0.2.9"}))
@@ -1005,7 +1010,12 @@ def test_a_gone_hosts_pod_holding_an_address_of_this_hosts_block_gives_it_up(
     writer.pod("x", "static", {"app": "db"}, ["10.9.0.1"], node="gone")  # not published
     agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
     try:
-        assert {"stale", "stale-run"} <= names(agent, "endpoints")
+        nowhere = "is in the pool 10.244.0.0/16 but in no block a host holds; the Pod " \
+            "is of host 'gone'"
+        assert agent.call("status")["datastore"]["waiting"] == {
+            "x/stale": f"address 10.244.0.3 {nowhere}",
+            "x/stale-run": f"address 10.244.0.5 {nowhere}"}
+        assert not {"stale", "stale-run"} & names(agent, "endpoints")
         got = [_cni_add(agent, f"c{i}") for i in range(3)]
         assert got == ["10.244.0.2", "10.244.0.3", "10.244.0.4"], got
         # `stockade run` takes its address the same way.
@@ -1013,10 +1023,10 @@ def test_a_gone_hosts_pod_holding_an_address_of_this_hosts_block_gives_it_up(
                          command=[sys.executable, "-c", "import time; time.sleep(60)"])
         assert ran["endpoint"]["ips"] == ["10.244.0.5"], ran
         assert not {"stale", "stale-run"} & names(agent, "endpoints")
-        st = agent.call("status")
-        assert st["datastore"]["waiting"] == {
-            "x/stale": "address 10.244.0.3 is held by x/c1",
-            "x/stale-run": "address 10.244.0.5 is held by x/r"}, st["datastore"]["waiting"]
+        mine = f"in block 10.244.0.0/26 of host {NODE!r}; the Pod is of host 'gone'"
+        until_status(agent, lambda s: s["datastore"]["waiting"] == {
+            "x/stale": f"address 10.244.0.3 is {mine}",
+            "x/stale-run": f"address 10.244.0.5 is {mine}"})
         # The host reclaimed: its published Pod goes from etcd, and waits no more; a Pod
         # of it that an agent did not publish stays.
         reclaim(writer.c, PREFIX, "gone")
@@ -1026,6 +1036,58 @@ def test_a_gone_hosts_pod_holding_an_address_of_this_hosts_block_gives_it_up(
         until_status(agent, lambda s: s["datastore"]["waiting"] == {})
         assert "static" in names(agent, "endpoints")
         agent.call("rm", key="x/r", grace=0.5)
+    finally:
+        agent.stop()
+
+
+def test_a_pod_of_another_host_is_believed_only_in_that_hosts_blocks(
+        tmp_path: Path, etcd: EtcdServer, writer: EtcdWriter, host_netns: str,
+        netns_prefix: str) -> None:
+    """An address of the pool is handed out only in the block of the host that holds
+    it: a Pod of another host showing one of another host's block (or of no host's,
+    or with no host at all) is not believed here, or traffic from that address would be
+    judged by its labels. It waits, said in `status`, and is examined again the moment
+    the blocks change: a block that moves to its host makes it an endpoint, one that
+    leaves its host makes it wait (the retry of waiting Pods alone would never see
+    that). Addresses outside the pool are not the blocks' to say."""
+    writer.namespace("x", {})
+    block = f"{PREFIX}/ipam/blocks"
+    writer.c.put(f"{block}/10.244.1.0-26", json.dumps({"host": "h2"}))
+    writer.pod("x", "own", {"app": "db"}, ["10.244.1.5"], node="h2")
+    writer.pod("x", "fake", {"app": "web"}, ["10.244.1.6"], node="h1")
+    writer.pod("x", "nowhere", {"app": "web"}, ["10.244.2.7"], node="h1")
+    writer.pod("x", "nonode", {"app": "web"}, ["10.244.1.8"], node="")
+    writer.pod("x", "lost", {"app": "web"}, ["10.244.3.9"], node="")
+    writer.pod("x", "outside", {"app": "web"}, ["192.168.77.7"], node="h1")
+    agent = etcd_agent(tmp_path, etcd, host_netns, netns_prefix).start()
+
+    def waiting() -> dict[str, str]:
+        return dict(agent.call("status")["datastore"]["waiting"])
+
+    try:
+        assert waiting() == {
+            "x/fake": "address 10.244.1.6 is in block 10.244.1.0/26 of host 'h2'; the Pod "
+                      "is of host 'h1'",
+            "x/nowhere": "address 10.244.2.7 is in the pool 10.244.0.0/16 but in no block "
+                         "a host holds; the Pod is of host 'h1'",
+            "x/nonode": "address 10.244.1.8 is in block 10.244.1.0/26 of host 'h2'; the "
+                        "Pod is of no host (spec.nodeName is empty)",
+            "x/lost": "address 10.244.3.9 is in the pool 10.244.0.0/16 but in no block a "
+                      "host holds; the Pod is of no host (spec.nodeName is empty)"}, waiting()
+        assert names(agent, "endpoints") == {"own", "outside"}
+        # h1 claims 10.244.2.0/26: its Pod there is believed.
+        writer.c.put(f"{block}/10.244.2.0-26", json.dumps({"host": "h1"}))
+        until_status(agent, lambda s: "x/nowhere" not in s["datastore"]["waiting"])
+        assert names(agent, "endpoints") == {"own", "outside", "nowhere"}
+        # 10.244.1.0/26 moves to h1: h2's Pod there waits, h1's is believed.
+        writer.c.put(f"{block}/10.244.1.0-26", json.dumps({"host": "h1"}))
+        until_status(agent, lambda s: set(s["datastore"]["waiting"]) == {
+            "x/own", "x/nonode", "x/lost"})
+        assert names(agent, "endpoints") == {"fake", "outside", "nowhere"}
+        # 10.244.2.0/26 given back: h1's Pod there waits again.
+        writer.c.delete(f"{block}/10.244.2.0-26")
+        until_status(agent, lambda s: "x/nowhere" in s["datastore"]["waiting"])
+        assert names(agent, "endpoints") == {"fake", "outside"}
     finally:
         agent.stop()
 

@@ -13,7 +13,8 @@ import pytest
 from tests.support.etcd import EtcdServer
 
 from stockade.errors import BlockNeeded, NetError
-from stockade.etcd.ipam import BlockIpam, BlockReturns, Blocks, open_ipam, reclaim
+from stockade.etcd.datastore import _holders_in
+from stockade.etcd.ipam import BlockIndex, BlockIpam, BlockReturns, Blocks, open_ipam, reclaim
 from stockade.net.ipam import Ipam
 
 
@@ -38,6 +39,34 @@ def test_addresses_come_from_the_claimed_blocks_only() -> None:
     assert [copy.allocate("o4"), copy.allocate("o5")] == ["10.244.0.10/16", "10.244.0.11/16"]
     with pytest.raises(NetError):
         copy.allocate("more")  # full, and a copy claims nothing
+
+
+def test_the_block_of_an_address_and_its_host() -> None:
+    """Blocks of any length, as etcd lists them; an address outside the pool (or of
+    another family, or not one) is no block's; one in the pool but in no listed block
+    is said apart."""
+    index = BlockIndex(ipaddress.ip_network("10.244.0.0/16"), {
+        "10.244.0.64/26": "a", "10.244.1.0/24": "b", "not-a-block": "x",
+        "fd00::/64": "v6", "10.9.0.0/26": "outside"})
+    assert index.holder("10.244.0.64") == ("10.244.0.64/26", "a")
+    assert index.holder("10.244.0.127") == ("10.244.0.64/26", "a")
+    assert index.holder("10.244.1.200") == ("10.244.1.0/24", "b")
+    assert index.holder("10.244.0.128") == ("", "")
+    assert index.holder("10.244.0.3") == ("", "")
+    for ip in ("10.9.0.5", "192.168.1.1", "fd00::1", "garbage", ""):
+        assert index.holder(ip) is None, ip
+
+
+def test_the_holders_of_addresses_in_changed_blocks() -> None:
+    """Found by walking the blocks' addresses or the holders, whichever is smaller: the
+    same keys either way."""
+    holders = {"10.244.0.5": "x/a", "10.244.0.70": "x/b", "10.244.1.9": "x/c",
+               "fd00::5": "x/d"}
+    small = {"10.244.0.0/30", "10.244.0.4/30"}  # 8 addresses: walked
+    assert _holders_in(holders, small) == {"x/a"}
+    big = {"10.244.0.0/25", "not-a-block"}  # 128 addresses, 4 holders: holders walked
+    assert _holders_in(holders, big) == {"x/a", "x/b"}
+    assert _holders_in(holders, set()) == set()
 
 
 def test_a_pool_asked_not_to_claim_says_which_claim_it_needs() -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
 import random
@@ -198,6 +199,7 @@ class EtcdFeed(KubeFeed):
         if self.node_claim is not None:
             self.node_claim.start()
         if self.routes is not None:
+            self.routes.on_blocks = self._blocks_changed
             self.routes.start()
         if self.block_returns is not None:
             self.block_returns.start()
@@ -302,6 +304,54 @@ class EtcdFeed(KubeFeed):
                 if rec is None or rec.owner not in LOCAL_OWNERS:
                     svc.republish(name)  # gone here: the publisher deletes it in etcd
             self._saw(res, _rv(obj))
+
+    # ---- addresses of the pool: a Pod of another host is believed in its own blocks ------
+
+    def _lists_in(self) -> bool:
+        # The first sync knows which host holds each block, or it would believe a Pod
+        # of another host that it would stop believing moments later (or the reverse).
+        return super()._lists_in() and (self.routes is None or self.routes.blocks_listed)
+
+    def _address_problem(self, rec: EndpointRecord) -> str:
+        """An address of the pool is the host's whose block it is in (etcd/ipam.py hands
+        it out nowhere else): a Pod of another host (or of none) showing one of another
+        host's block, or of no host's, is not believed here (a gone host's Pod after its
+        blocks were reclaimed, two Pods given one address, a Pod written by hand), or any
+        traffic from that address would be judged by its labels. This host's own Pods
+        are checked against its attachments instead (`evictions`)."""
+        if self.routes is None or rec.owner in LOCAL_OWNERS or rec.node == self.node:
+            return ""
+        for ip in rec.endpoint.ips:
+            found = self.routes.block_of(ip)
+            if found is None:
+                continue
+            block, host = found
+            if block and host == rec.node:
+                continue
+            node = f"host {rec.node!r}" if rec.node else "no host (spec.nodeName is empty)"
+            if not block:
+                return (f"address {ip} is in the pool {self.routes.pool} but in no block "
+                        f"a host holds; the Pod is of {node}")
+            return f"address {ip} is in block {block} of host {host!r}; the Pod is of {node}"
+        return ""
+
+    def _blocks_changed(self, changed: set[str]) -> None:
+        """Blocks came, went or moved (routes' watch): the Pods showing an address in them,
+        and those waiting, are examined again now; the first sync, if it waited for the
+        blocks' list, is made."""
+        svc = self.service
+        if svc is None:
+            return
+        with self._lock:
+            if not self.synced.is_set():
+                if self._lists_in():
+                    self._sync_all()
+                return
+            with svc.lock:
+                keys = {k for k in _holders_in(svc.state.addresses(), changed)
+                        if k in self.pods}
+            if keys or self.waiting:
+                self._sync(set(), set(), keys)
 
     def _ours(self, res: Resource, obj: Mapping[str, Any]) -> bool:
         """A Pod an agent of this host published for its own CNI or `run` endpoint."""
@@ -410,6 +460,28 @@ class EtcdFeed(KubeFeed):
             if not mod and have and have <= revision:
                 return False
         return True
+
+
+def _holders_in(holders: Mapping[str, str], blocks: set[str]) -> set[str]:
+    """The keys holding an address of these blocks (`holders`: address -> key), by
+    walking the smaller of the two."""
+    nets = []
+    for cidr in blocks:
+        try:
+            nets.append(ipaddress.ip_network(cidr))
+        except ValueError:
+            continue
+    if sum(n.num_addresses for n in nets) <= len(holders):
+        return {k for n in nets for a in n if (k := holders.get(str(a))) is not None}
+    out = set()
+    for address, key in holders.items():
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            continue
+        if any(ip in n for n in nets):
+            out.add(key)
+    return out
 
 
 def _ident(res: Resource, obj: Mapping[str, Any]) -> str:

@@ -26,11 +26,11 @@ import logging
 import os
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from stockade.etcd.client import EtcdClient, EtcdError, b64, prefix_end
-from stockade.etcd.ipam import parse_block
+from stockade.etcd.ipam import BlockIndex, parse_block
 from stockade.etcd.nodes import NodeClaim
 from stockade.etcd.watch import EtcdReflector
 from stockade.kube.client import Resource
@@ -92,6 +92,10 @@ class HostRoutes:
         self.bridge = bridge
         self.pool = ipaddress.ip_network(pool)
         self.blocks: dict[str, str] = {}  # block (CIDR) -> host
+        self._index: BlockIndex | None = None  # of `blocks`, built when first asked
+        # Told the blocks that changed hands (came, went, moved), after each list and
+        # event, outside this object's lock: the feed examines the Pods in them again.
+        self.on_blocks: Callable[[set[str]], None] | None = None
         self.hosts: dict[str, str] = {}  # host -> address
         self.installed: dict[str, str] = {}  # block -> via, as programmed
         self.listed: set[str] = set()
@@ -131,11 +135,14 @@ class HostRoutes:
                     "routes": dict(sorted(self.installed.items())),
                     "unroutable": dict(sorted(self.unroutable.items())),
                     "addressOf": self.address_of,
-                    "error": "; ".join(e for e in (self.register_error, self.error) if e)}
+                    "error": "; ".join(e for e in (self.register_error, self.error) if e),
+                    # The feed's first sync waits for the blocks' list: why it waits shows.
+                    "resources": {r.res.plural: r.status.to_dict() for r in self.reflectors}}
 
     # ---- the sinks --------------------------------------------------------------------
 
     def replace(self, what: str, items: list[dict[str, Any]]) -> None:
+        changed: set[str] = set()
         with self._lock:
             table: dict[str, str] = {}
             for obj in items:
@@ -143,11 +150,15 @@ class HostRoutes:
                 if k:
                     table[k] = v
             if what == "blocks":
-                self.blocks = table
+                changed = {b for b in self.blocks.keys() | table.keys()
+                           if self.blocks.get(b) != table.get(b)}
+                self.blocks, self._index = table, None
             else:
                 self.hosts = table
             self.listed.add(what)
         self._wake.set()
+        if what == "blocks" and self.on_blocks is not None:
+            self.on_blocks(changed)
 
     def event(self, what: str, type: str, obj: dict[str, Any]) -> None:
         with self._lock:
@@ -155,11 +166,30 @@ class HostRoutes:
             table = self.blocks if what == "blocks" else self.hosts
             if not k:
                 return
+            before = table.get(k)
             if type == "DELETED":
                 table.pop(k, None)
             else:
                 table[k] = v
+            moved = what == "blocks" and table.get(k) != before
+            if moved:
+                self._index = None
         self._wake.set()
+        if moved and self.on_blocks is not None:
+            self.on_blocks({k})
+
+    @property
+    def blocks_listed(self) -> bool:
+        with self._lock:
+            return "blocks" in self.listed
+
+    def block_of(self, ip: str) -> tuple[str, str] | None:
+        """(block, host) of an address of the pool (("", ""): in no host's block); None
+        outside the pool."""
+        with self._lock:
+            if self._index is None:
+                self._index = BlockIndex(self.pool, self.blocks)
+            return self._index.holder(ip)
 
     def _entry(self, what: str, obj: Mapping[str, Any]) -> tuple[str, str]:
         name = _name(obj)

@@ -68,6 +68,41 @@ def parse_block(name: str) -> Network | None:
         return None
 
 
+class BlockIndex:
+    """Which host holds the block of the pool an address lies in, as etcd lists the
+    blocks (CIDR -> host). Pure; built once per change of the blocks, asked per Pod."""
+
+    def __init__(self, pool: Network, blocks: Mapping[str, str]) -> None:
+        self.pool = pool
+        self._bits = pool.max_prefixlen
+        self._by: dict[tuple[int, int], tuple[str, str]] = {}
+        for cidr, host in blocks.items():
+            try:
+                net = ipaddress.ip_network(cidr)
+            except ValueError:
+                continue
+            if net.version == pool.version:
+                top = int(net.network_address) >> (self._bits - net.prefixlen)
+                self._by[(net.prefixlen, top)] = (str(net), host)
+        self._lengths = sorted({n for n, _ in self._by})
+
+    def holder(self, ip: str) -> tuple[str, str] | None:
+        """(block, host) of `ip`; ("", "") when no block of the pool holds it; None when
+        it is not in the pool (an address no host hands out)."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        if addr.version != self.pool.version or addr not in self.pool:
+            return None
+        value = int(addr)
+        for n in self._lengths:
+            found = self._by.get((n, value >> (self._bits - n)))
+            if found is not None:
+                return found
+        return ("", "")
+
+
 def _networks(texts: Sequence[str], leave_out: Sequence[Network] = ()) -> list[Network]:
     """The blocks named, each once, in order, less those in `leave_out`."""
     out: list[Network] = []

@@ -536,7 +536,7 @@ class KubeFeed:
                 if not version or versions.get(key) != version:
                     self._put(res, obj)
             self._listed.add(res.plural)
-            if len(self._listed) == len(self.reflectors):
+            if self._lists_in():
                 if full:
                     self._sync_all()
                 else:
@@ -546,6 +546,10 @@ class KubeFeed:
                     self._sync_keys(res, changed)
             self._unsure = False
             self._cond.notify_all()
+
+    def _lists_in(self) -> bool:
+        """Every resource listed once: the first sync may be committed."""
+        return len(self._listed) == len(self.reflectors)
 
     def _keys_of(self, res: Resource) -> set[str]:
         if res is NAMESPACES:
@@ -930,9 +934,9 @@ class KubeFeed:
                 continue
             addrs = [canonical_ip(ip) for ip in rec.endpoint.ips]
             taken = [(a, h) for a in addrs if (h := holder(a)) is not None and h != key]
-            if taken:
-                a, h = taken[0]
-                why = f"address {a} is held by {h}"
+            why = self._address_problem(rec) or (
+                f"address {taken[0][0]} is held by {taken[0][1]}" if taken else "")
+            if why:
                 if self.waiting.get(key) != why:
                     log.warning("pod waits for its address", extra={"fields": {
                         "pod": key, "reason": why}})
@@ -944,6 +948,11 @@ class KubeFeed:
             for a in addrs:
                 claimed[a] = key
         return want, held
+
+    def _address_problem(self, rec: EndpointRecord) -> str:
+        """Why the datastore's pod may not have its addresses, whoever else holds them
+        (empty: it may). The API's pods may: their node's kubelet set them."""
+        return ""
 
     def _desired_endpoint(self, cur: EndpointRecord | None, key: str,
                           ns_reasons: Callable[[str], list[str]]) -> tuple[
