@@ -127,6 +127,32 @@ def test_add_allocates_registers_and_persists_in_one_transaction(node: Node,
     reopened.close()
 
 
+def test_an_add_waits_on_no_fsync_and_a_del_does(node: Node, tmp_path: Path) -> None:
+    """An attachment does not outlive the machine (its namespace and veth go with it): its
+    ADD is committed to the log in the page cache, which a killed agent leaves, without
+    waiting for the disk. A DEL gives an address back and waits for it to be on disk."""
+    synced: list[str] = []
+    real = node.store._fsync
+
+    def fsync() -> None:
+        synced.append("sync")
+        real()
+
+    node.store._fsync = fsync  # type: ignore[method-assign]
+    out = node.add("c1", labels={"app": "web"})
+    assert synced == []
+    node.call("cni.del", network="net", containerID="c1", ifname="eth0")
+    assert synced == ["sync"]
+    node.add("c2", labels={})
+    assert synced == ["sync"]
+    node.close()  # reopened: the ADD's commit is read back like any other
+    reopened = Node(tmp_path)
+    assert set(reopened.ops.attachments) == {"net/c2/eth0"}
+    assert reopened.service.ipam is not None
+    assert reopened.service.ipam.address_of("c2/eth0") == out["address"]
+    reopened.close()
+
+
 def test_adds_finding_the_blocks_full_claim_one_block_with_the_lock_let_go(
         node: Node) -> None:
     """etcd's block pool: ADDs that find this host's blocks full wait for one claim,

@@ -316,7 +316,10 @@ class CniOps:
         rec, inherited, address = made["rec"], made["inherited"], made["address"]
         # One assignment (atomic): the lock, which the other ADDs queue for, is not needed.
         self._revisions[made["att"].id] = revision
-        svc.durable()  # outside the lock: concurrent ADDs share the fsync
+        # No fsync of the store for an ADD: what it commits outlives the agent (the log is
+        # in the page cache: kill -9 loses nothing) but is of no use past the machine,
+        # whose going down ends the attachment (its namespace, its veth); DEL finds by
+        # name what outlives it. With 20 ADDs at once the fsync was their longest wait.
         if made["evicted"]:
             self.pods.examine(made["evicted"])
         if sync:

@@ -314,7 +314,7 @@ def _add_chained(call: Call) -> dict[str, Any]:
 
         attach.own_link_local(env.netns, env.ifname, mac)  # the one its guard binds
     with undoing(call) as undo:
-        call.state.write(state, durable=False)  # see StateDir.write
+        call.state.write(state)
         reg = _register(call, undo, [ip.ip for ip in ips], host_if, allocate=False, mac=mac)
         call.state.write(replace(state, key=reg["key"]).done(convert_result(raw, LATEST)))
     return convert_result(raw, conf.cni_version)
@@ -355,7 +355,7 @@ def _add_main(call: Call) -> dict[str, Any]:
     # what is left of the plumbing after the agent's answer is all an ADD waits for.
     with attach.Plumbing(env.netns, env.ifname) as plumbing, undoing(call) as undo:
         plumbing.check_free()
-        call.state.write(state, durable=False)  # see StateDir.write
+        call.state.write(state)
         mac = new_mac()
         reg, got = _address(call, undo, host_if, mac)
         state = replace(state, key=reg["key"])

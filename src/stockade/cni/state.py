@@ -104,15 +104,14 @@ class StateDir:
     def read(self, container_id: str, ifname: str) -> AttachmentState | None:
         return _load(self.path(container_id, ifname))
 
-    def write(self, state: AttachmentState, durable: bool = True) -> None:
-        """Replace the attachment's record (atomically); ``durable``: also on the disk.
-
-        Without ``durable`` the record is in the page cache only: every reader sees
-        it and a killed plugin leaves it, but a power failure may lose it or leave an
-        empty file (read as absent). ADD's first record, before any resource, is
-        written so: a power failure ends the veth with it, and what outlives it (the
-        agent's endpoint, a delegated address) DEL finds by name, as without a
-        record; one fsync less is ~5 ms of an ADD with others at once.
+    def write(self, state: AttachmentState) -> None:
+        """Replace the attachment's record (atomically), in the page cache: every reader
+        sees it and a killed plugin (or agent) leaves it, but a power failure may lose it
+        or leave an empty file (read as absent). No fsync: a power failure ends the
+        attachment with its record (its network namespace and veth do not outlive the
+        machine), and what outlives it (the agent's endpoint, a delegated address) DEL
+        finds by name, as without a record. The fsyncs (this one and the agent's store's,
+        see agent/cni_ops.py) were the longest waits of ADDs made at once.
         """
         target = self.path(state.container_id, state.ifname)
         # Unique while this process lives (no tempfile: its import is a tenth of a
@@ -130,8 +129,6 @@ class StateDir:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                if durable:
-                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, target)
