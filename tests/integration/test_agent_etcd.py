@@ -1053,6 +1053,7 @@ def test_a_pod_of_another_host_is_believed_only_in_that_hosts_blocks(
     writer.namespace("x", {})
     block = f"{PREFIX}/ipam/blocks"
     writer.c.put(f"{block}/10.244.1.0-26", json.dumps({"host": "h2"}))
+    writer.c.put(f"{block}/10.244.3.0-26", json.dumps({}))  # a record naming no host
     writer.pod("x", "own", {"app": "db"}, ["10.244.1.5"], node="h2")
     writer.pod("x", "fake", {"app": "web"}, ["10.244.1.6"], node="h1")
     writer.pod("x", "nowhere", {"app": "web"}, ["10.244.2.7"], node="h1")

@@ -47,12 +47,13 @@ def test_the_block_of_an_address_and_its_host() -> None:
     is said apart."""
     index = BlockIndex(ipaddress.ip_network("10.244.0.0/16"), {
         "10.244.0.64/26": "a", "10.244.1.0/24": "b", "not-a-block": "x",
-        "fd00::/64": "v6", "10.9.0.0/26": "outside"})
+        "fd00::/64": "v6", "10.9.0.0/26": "outside", "10.244.2.0/26": ""})
     assert index.holder("10.244.0.64") == ("10.244.0.64/26", "a")
     assert index.holder("10.244.0.127") == ("10.244.0.64/26", "a")
     assert index.holder("10.244.1.200") == ("10.244.1.0/24", "b")
     assert index.holder("10.244.0.128") == ("", "")
     assert index.holder("10.244.0.3") == ("", "")
+    assert index.holder("10.244.2.1") == ("", "")  # a record naming no host
     for ip in ("10.9.0.5", "192.168.1.1", "fd00::1", "garbage", ""):
         assert index.holder(ip) is None, ip
 

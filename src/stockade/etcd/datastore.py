@@ -326,7 +326,7 @@ class EtcdFeed(KubeFeed):
             if found is None:
                 continue
             block, host = found
-            if block and host == rec.node:
+            if block and rec.node and host == rec.node:
                 continue
             node = f"host {rec.node!r}" if rec.node else "no host (spec.nodeName is empty)"
             if not block:

@@ -81,6 +81,8 @@ class BlockIndex:
                 net = ipaddress.ip_network(cidr)
             except ValueError:
                 continue
+            if not host:  # a record naming no host: no host's block
+                continue
             if net.version == pool.version:
                 top = int(net.network_address) >> (self._bits - net.prefixlen)
                 self._by[(net.prefixlen, top)] = (str(net), host)
