@@ -85,6 +85,45 @@ def test_lowering_shares_sets_and_merges_port_ranges() -> None:
     assert rs.sets[v4[0].peer_set].elements == frozenset({"10.0.0.2"})
 
 
+def test_a_peer_shared_by_policies_of_two_namespaces_is_each_ones_own_set() -> None:
+    """Decoding gives equal specs one object (their peers too), and lowering keeps each
+    peer's sets by that object: a podSelector peer still stands for its own namespace's
+    pods, a namespaceSelector or ipBlock peer for the same ones from either."""
+    from stockade.load import validate_objects
+    from stockade.model.parse import decode_objects
+
+    docs = []
+    for ns, net in (("a", "10.0.0"), ("b", "10.0.1")):
+        docs.append({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": ns, "labels": {"team": "t"}}})
+        for name, app, host in (("x", "web", 1), ("y", "api", 2)):
+            docs.append({"apiVersion": "v1", "kind": "Pod", "metadata": {
+                "name": name, "namespace": ns, "labels": {"app": app}},
+                "status": {"podIP": f"{net}.{host}"}})
+        docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                     "metadata": {"name": "p", "namespace": ns},
+                     "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
+                         {"from": [{"podSelector": {"matchLabels": {"app": "api"}}},
+                                   {"namespaceSelector": {"matchLabels": {"team": "t"}},
+                                    "podSelector": {"matchLabels": {"app": "api"}}},
+                                   {"ipBlock": {"cidr": "192.0.2.0/24"}}]}]}})
+    objects, errors = decode_objects(docs, "test")
+    assert not errors
+    validate_objects(objects)
+    cluster = objects.cluster()
+    pa, pb = sorted(cluster.policies, key=lambda p: p.namespace)
+    assert pa.ingress[0].peers[0] is pb.ingress[0].peers[0]  # one object: the memo's case
+    rs = compile_cluster(cluster)
+    own = {}
+    for addr, ns in (("10.0.0.1", "a"), ("10.0.1.1", "b")):
+        rules = [r for r in rs.chains[rs.ingress[addr]].rules if r.family == 4]
+        own[ns] = [rs.sets[r.peer_set].elements for r in rules]
+    assert own["a"] == [frozenset({"10.0.0.2"}), frozenset({"10.0.0.2", "10.0.1.2"}),
+                        frozenset({"192.0.2.0/24"})]
+    assert own["b"] == [frozenset({"10.0.1.2"}), frozenset({"10.0.0.2", "10.0.1.2"}),
+                        frozenset({"192.0.2.0/24"})]
+
+
 def test_adding_an_endpoint_is_a_small_delta() -> None:
     old = compile_cluster(_cluster(_ep("db", "10.0.0.1"), _ep("api", "10.0.0.2", role="api")))
     new = compile_cluster(_cluster(_ep("db", "10.0.0.1"), _ep("api", "10.0.0.2", role="api"),

@@ -56,6 +56,9 @@ DIRECTION = {model.INGRESS: INGRESS, model.EGRESS: EGRESS}
 # when the set is necessarily empty (see `absent`): a rule naming it never matches, so
 # it is left out, with the set.
 Need = Callable[[SetSpec], str | None]
+# The (family, peer set) alternatives of a peer of a policy in a namespace (see
+# `_peer_options`); the full compiler answers them from a memo.
+PeerOptions = Callable[[str, "model.Peer | None"], list[tuple[int | None, str | None]]]
 
 
 def absent(spec: SetSpec, families: frozenset[int]) -> bool:
@@ -126,12 +129,13 @@ def _ports(rule: model.Rule) -> tuple[dict[str, list[tuple[int, int]] | None],
 
 
 def lower_rules(direction: str, policy: model.NetworkPolicy, index: int, rule: model.Rule,
-                need: Need) -> list[ChainRule]:
+                need: Need, options: PeerOptions | None = None) -> list[ChainRule]:
     tag = f"{policy.key} {direction.lower()}[{index}]"
     numeric, named = _ports(rule)
     out: list[ChainRule] = []
     for peer in rule.peers or (None,):
-        peer_opts = _peer_options(policy.namespace, peer, need)
+        peer_opts = (options(policy.namespace, peer) if options is not None
+                     else _peer_options(policy.namespace, peer, need))
         if not rule.ports:
             out.extend(ChainRule(f, s, comment=tag) for f, s in peer_opts)
             continue
@@ -234,29 +238,33 @@ def _peer_specs(namespace: str, peer: model.Peer | None, name: str, proto: str
     return named_specs(cand, name, proto, peer.render() if peer else "any pod")
 
 
-def lower_policy(direction: str, policy: model.NetworkPolicy, need: Need) -> list[ChainRule]:
+def lower_policy(direction: str, policy: model.NetworkPolicy, need: Need,
+                 options: PeerOptions | None = None) -> list[ChainRule]:
     """The rules of one policy in one direction, in order."""
     rules: list[ChainRule] = []
     for i, rule in enumerate(policy.rules(direction)):
-        rules.extend(lower_rules(direction, policy, i, rule, need))
+        rules.extend(lower_rules(direction, policy, i, rule, need, options))
     return rules
 
 
 def lower_chain(direction: str, policies: Sequence[model.NetworkPolicy], need: Need,
-                lowered: dict[int, list[ChainRule]] | None = None) -> Chain:
+                lowered: dict[int, list[ChainRule]] | None = None,
+                options: PeerOptions | None = None) -> Chain:
     """The chain of one policy set (policies sorted by key), named by its rules.
 
     `lowered` keeps each policy's rules (by `id`, for one direction and one
     `need`) across the chains of a compile: a policy is in many policy sets.
+    `options`: the peers' set alternatives, where the caller keeps them (`need` then
+    has nothing to do for a set asked again but name it).
     """
     rules: list[ChainRule] = []
     for policy in policies:
         if lowered is None:
-            rules.extend(lower_policy(direction, policy, need))
+            rules.extend(lower_policy(direction, policy, need, options))
             continue
         mine = lowered.get(id(policy))
         if mine is None:
-            mine = lowered[id(policy)] = lower_policy(direction, policy, need)
+            mine = lowered[id(policy)] = lower_policy(direction, policy, need, options)
         rules.extend(mine)
     ir_dir = DIRECTION[direction]
     key = tuple((r.family, r.peer_set, r.named_set, r.protocol, r.ports) for r in rules)
@@ -308,6 +316,7 @@ class Lowering:
         self._of_identity: dict[tuple[int, int, tuple[str, str] | None], list[Element]] = {}
         self._addresses: dict[int, list[tuple[Endpoint, list[tuple[int, str]]]]] = {}
         self._lowered: dict[str, dict[int, list[ChainRule]]] = {}
+        self._options: dict[tuple[str, int], list[tuple[int | None, str | None]]] = {}
         self.families = families_of(self.index.cluster.endpoints)
         self._tiers: dict[tuple[str, str, int], tuple[Sequence[ClusterNetworkPolicy], Chain]] = {}
 
@@ -318,6 +327,22 @@ class Lowering:
             self.sets[spec.name] = AddressSet(spec.name, spec.family, spec.kind,
                                               frozenset(self._elements(spec)), spec.comment)
         return spec.name
+
+    def peer_options(self, namespace: str, peer: model.Peer | None
+                     ) -> list[tuple[int | None, str | None]]:
+        """`_peer_options`, once per peer and the namespace it depends on: decoding
+        shares one object per distinct peer (policy specs are interned), and a peer
+        with a namespaceSelector, or an ipBlock, is the same set from every namespace
+        (the DNS peer of 25,000 namespaces is asked 25,000 times). By `id`: the peers
+        live as long as the cluster this lowers. Callers must not change the list."""
+        if peer is None:
+            return [(None, None)]
+        key = ("" if peer.namespace_selector is not None or peer.ip_block is not None
+               else namespace, id(peer))
+        found = self._options.get(key)
+        if found is None:
+            found = self._options[key] = _peer_options(namespace, peer, self.need)
+        return found
 
     def members(self, spec: SetSpec) -> list[Endpoint]:
         """The endpoints a set's spec selects, through the index where it can."""
@@ -454,7 +479,7 @@ class Lowering:
         chain: Chain | None = None
         if ps is not None:
             chain = lower_chain(direction, ps.policies, self.need,
-                                self._lowered.setdefault(direction, {}))
+                                self._lowered.setdefault(direction, {}), self.peer_options)
         elif baseline:
             chain = self._tier_chain(direction, BASELINE, baseline)
         if not admin:
