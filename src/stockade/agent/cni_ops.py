@@ -319,7 +319,7 @@ class CniOps:
         # No fsync of the store for an ADD: what it commits outlives the agent (the log is
         # in the page cache: kill -9 loses nothing) but is of no use past the machine,
         # whose going down ends the attachment (its namespace, its veth); DEL finds by
-        # name what outlives it. With 20 ADDs at once the fsync was their longest wait.
+        # name what outlives it. With 20 ADDs at once the fsync was among their longest waits.
         if made["evicted"]:
             self.pods.examine(made["evicted"])
         if sync:

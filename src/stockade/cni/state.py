@@ -111,7 +111,7 @@ class StateDir:
         attachment with its record (its network namespace and veth do not outlive the
         machine), and what outlives it (the agent's endpoint, a delegated address) DEL
         finds by name, as without a record. The fsyncs (this one and the agent's store's,
-        see agent/cni_ops.py) were the longest waits of ADDs made at once.
+        see agent/cni_ops.py) were among the longest waits of ADDs made at once.
         """
         target = self.path(state.container_id, state.ifname)
         # Unique while this process lives (no tempfile: its import is a tenth of a
