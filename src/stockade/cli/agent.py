@@ -364,46 +364,67 @@ def run_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(st, indent=2))
         return 0 if _healthy_status(st) else 1
+    print("\n".join(status_lines(st)))
+    return 0 if _healthy_status(st) else 1
+
+
+def status_lines(st: dict[str, Any]) -> list[str]:
+    """`stockade status`'s text of the agent's status (pure)."""
+    out: list[str] = []
     last = st.get("lastApply") or {}
-    print(f"in sync:        {'yes' if st['inSync'] else 'NO'} "
-          f"(revision {st['revision']}, applied {st['appliedRevision']})")
+    out.append(f"in sync:        {'yes' if st['inSync'] else 'NO'} "
+               f"(revision {st['revision']}, applied {st['appliedRevision']})")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
         summary = ", ".join(f"{k}={v}" for k, v in last["summary"].items()) or "no change"
-        print(f"last apply:     {when}, {last['durationMs']} ms, {summary}"
-              + (f", ERROR: {last['error']}" if last.get("error") else ""))
+        out.append(f"last apply:     {when}, {last['durationMs']} ms, {summary}"
+                   + (f", ERROR: {last['error']}" if last.get("error") else ""))
     c = st["counts"]
-    print(f"objects:        {c['namespaces']} namespaces, {c['endpoints']} endpoints, "
-          f"{c['policies']} policies, {c.get('clusterPolicies', 0)} cluster policies")
-    print(f"drift repaired: {st['driftRepairs']} time(s); apply failures: {st['applyFailures']}")
-    print(f"datapath:       {st['datapath']}; up {st['uptime']} s")
+    out.append(f"objects:        {c['namespaces']} namespaces, {c['endpoints']} endpoints, "
+               f"{c['policies']} policies, {c.get('clusterPolicies', 0)} cluster policies")
+    out.append(f"drift repaired: {st['driftRepairs']} time(s); "
+               f"apply failures: {st['applyFailures']}")
+    out.append(f"datapath:       {st['datapath']}; up {st['uptime']} s")
     if st.get("table"):
-        print(f"table:          {st['table']}")
+        out.append(f"table:          {st['table']}")
     if st.get("error"):
-        print(f"NOT READY:      the kernel refused the last {st['consecutiveFailures']} "
-              f"attempt(s), the previous ruleset stays in force: {st['error']}")
+        out.append(f"NOT READY:      the kernel refused the last {st['consecutiveFailures']} "
+                   f"attempt(s), the previous ruleset stays in force: {st['error']}")
     for key, reasons in (st.get("quarantined") or {}).items():
-        print(f"held closed:    {key}: {'; '.join(reasons)}")
+        out.append(f"held closed:    {key}: {'; '.join(reasons)}")
     ds = st.get("datastore")
     if isinstance(ds, dict):
-        print(f"datastore:      {ds.get('kind')} {ds.get('server')} (node {ds.get('node')}), "
-              f"{'synced' if ds.get('synced') else 'NOT SYNCED: waiting for the first lists'}"
-              + (", DEGRADED: reconnecting (enforcing the last state, writes refused)"
-                 if ds.get("degraded") else ""))
-        for plural, r in sorted((ds.get("resources") or {}).items()):
-            print(f"  {plural:16}rv {r.get('resourceVersion') or '-'}, lists {r.get('lists')},"
-                  f" events {r.get('events')}, errors {r.get('errors')}"
-                  + (f", last error: {r['lastError']}" if r.get("lastError") else ""))
-        for key, why in (ds.get("waiting") or {}).items():
-            print(f"  waiting:      {key}: {why}")
-        node = ds.get("node")
-        if isinstance(node, dict) and not node.get("held"):
-            print(f"  NODE NAME NOT HELD: nothing is written to etcd for node "
-                  f"{node.get('name')}: {node.get('error') or 'not claimed yet'}")
-        hosts = ds.get("hosts")
-        if isinstance(hosts, dict) and hosts.get("addressOf"):
-            print(f"  HOST ADDRESS TAKEN: {hosts.get('error')}")
-    return 0 if _healthy_status(st) else 1
+        out += _datastore_lines(ds)
+    return out
+
+
+def _datastore_lines(ds: dict[str, Any]) -> list[str]:
+    found = ds.get("hosts")
+    hosts: dict[str, Any] = found if isinstance(found, dict) else {}
+    # The feed's own lists and, with etcd, the host table's (hosts and blocks): the
+    # first sync waits for all of them, so a list that never comes is named.
+    resources = {**(hosts.get("resources") or {}), **(ds.get("resources") or {})}
+    unlisted = sorted(p for p, r in resources.items() if not r.get("lists"))
+    waiting = ("NOT SYNCED: waiting for the first lists"
+               + (f" of {', '.join(unlisted)}" if unlisted else ""))
+    node = ds.get("node")  # etcd: the claim on the node's name, with the name
+    name = node.get("name") if isinstance(node, dict) else node
+    out = [f"datastore:      {ds.get('kind')} {ds.get('server')} (node {name}), "
+           f"{'synced' if ds.get('synced') else waiting}"
+           + (", DEGRADED: reconnecting (enforcing the last state, writes refused)"
+              if ds.get("degraded") else "")]
+    for plural, r in sorted(resources.items()):
+        out.append(f"  {plural:16}rv {r.get('resourceVersion') or '-'}, lists {r.get('lists')},"
+                   f" events {r.get('events')}, errors {r.get('errors')}"
+                   + (f", last error: {r['lastError']}" if r.get("lastError") else ""))
+    for key, why in (ds.get("waiting") or {}).items():
+        out.append(f"  waiting:      {key}: {why}")
+    if isinstance(node, dict) and not node.get("held"):
+        out.append(f"  NODE NAME NOT HELD: nothing is written to etcd for node "
+                   f"{node.get('name')}: {node.get('error') or 'not claimed yet'}")
+    if hosts.get("addressOf"):
+        out.append(f"  HOST ADDRESS TAKEN: {hosts.get('error')}")
+    return out
 
 
 def _healthy_status(st: dict[str, Any]) -> bool:
