@@ -5,7 +5,9 @@ Runs each benchmark below in its own process with `--json`, then writes
 the commands to reproduce) and PNG plots in `docs/img/`. The numbers are what
 this machine gave in this run: a 2-core machine shared with other work varies by
 tens of percent from run to run, which is why the benchmarks themselves compare
-variants interleaved in one run and report ratios and spreads.
+variants interleaved in one run and report ratios and spreads. Each step starts
+once the CPUs are idle (`settle`: 90 % over a second, at most a minute's wait), so
+that no step pays for the one before it, and says when it started and what it waited.
 
     .venv/bin/python bench/report.py [--only offline cni …] [--out docs]
 
@@ -81,18 +83,55 @@ def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
-Step = tuple[Results | None, float, str, str]  # results, seconds, error, load averages
+def cpu_times() -> tuple[int, int]:
+    """All CPUs' jiffies so far: (busy, total), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def idle_share(seconds: float = 1.0) -> float:
+    """The share of the CPUs' time spent idle over the next `seconds`."""
+    busy0, total0 = cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = cpu_times()
+    return 1.0 - (busy1 - busy0) / max(1, total1 - total0)
+
+
+# A step begins once the machine is this idle over one second, or after SETTLE_MAX
+# seconds: a step's own aftermath (the kernel's netns cleanup after the CNI step's
+# hundreds of namespaces, say) is not the next step's to pay. The load average lags
+# by a minute and cannot tell.
+SETTLE_IDLE = 0.9
+SETTLE_MAX = 60.0
+
+
+def settle() -> tuple[float, float]:
+    """Wait for the machine to be idle; the seconds waited and the last idle share."""
+    t0 = time.monotonic()
+    while True:
+        share = idle_share()
+        waited = time.monotonic() - t0
+        if share >= SETTLE_IDLE or waited >= SETTLE_MAX:
+            return waited, share
+
+
+Step = tuple[Results | None, float, str, str]  # results, seconds, error, when and load
 
 
 def run_step(name: str, args: list[str], tmp: Path) -> Step:
     out = tmp / f"{name}.json"
+    waited, share = settle()
     before = load_average()
     argv = [sys.executable, str(HERE / args[0]), *args[1:], "--json", str(out)]
     print(f"# {name}: {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     proc = subprocess.run(argv, cwd=HERE, check=False, stdout=sys.stderr)
     took = time.perf_counter() - t0
-    load = f"load average {before} at the start, {load_average()} at the end"
+    load = (f"started {started} UTC, after {waited:.0f} s waiting for the CPUs to be "
+            f"{SETTLE_IDLE:.0%} idle ({share:.0%} in the second before); load average "
+            f"{before} at the start, {load_average()} at the end")
     if proc.returncode != 0 or not out.exists():
         return None, took, f"exit {proc.returncode}", load
     return read(out), took, "", load
@@ -188,7 +227,8 @@ def kept_sections(previous: str, run: Sequence[str]) -> dict[str, Kept]:
         at = next((i for i, line in enumerate(lines) if line.startswith("`")), None)
         if at is not None:
             lines[at] = re.sub(r" --json [^\s`]+", "", lines[at])
-        if at is not None and " UTC, commit " not in lines[at] and lines[at].endswith(")"):
+        if (at is not None and " UTC, commit " not in lines[at] and "; started " not in lines[at]
+                and lines[at].endswith(")")):
             lines[at] = (lines[at][:-1] + f"; {machine.get('date (UTC)', '?')} UTC, commit "
                          f"{machine.get('commit', '?')})")
         out[name] = Kept(lines, [r for r in goals if r and r[0] == name])
@@ -199,7 +239,6 @@ def render(done: dict[str, Step], out: Path,
            kept: Mapping[str, Kept] | None = None) -> str:
     kept = kept or {}
     about = dict(machine())
-    when = f"{about['date (UTC)']} UTC, commit {about['commit']}"
     lines = ["# Benchmarks", "",
              "Written by `make bench` (`bench/report.py`); do not edit by hand. Every figure",
              "below is what this machine gave in the run described with it, measured by the",
@@ -226,7 +265,8 @@ def render(done: dict[str, Step], out: Path,
             lines += [f"Not measured in this run ({error}).", ""]
             continue
         command = re.sub(r" --json [^\s`]+", "", res.command.removeprefix("bench/"))
-        lines += [f"`.venv/bin/python bench/{command}` ({took:.0f} s; {when}; {load})", ""]
+        lines += [f"`.venv/bin/python bench/{command}` ({took:.0f} s; commit {about['commit']}; "
+                  f"{load})", ""]
         for t in res.tables:
             lines += [f"**{t.title}**", ""]
             lines += md_table(t.header, t.rows)
