@@ -218,6 +218,28 @@ def test_an_endpoint_added_is_worked_out_not_declined() -> None:
         before = rs
 
 
+def test_a_chain_whose_comment_alone_changed_is_in_the_meta_delta() -> None:
+    # Web's pods denied all ingress, then by a second policy too: their chain (named by
+    # its rules, none) is the same, its comment names both policies. Chain equality
+    # leaves the comment out; the meta map holds it, so the change's record must name
+    # the chain.
+    from stockade.compile.plan import derived
+
+    policy, _, inc = _web_from_api()
+    inc.upsert_policy(replace(policy, ingress=()))
+    before = inc.ruleset()
+    state = bpf.compile_state(before)
+    inc.upsert_policy(replace(policy, name="web-too", ingress=()))
+    rs = inc.ruleset()
+    (name,) = [n for n, c in rs.chains.items() if c.comment != before.chains[n].comment]
+    assert rs.chains[name] == before.chains[name]
+    touched = derived(rs, before)
+    assert touched is not None and name in touched.chains
+    changed, worked = _follow(state, before, rs)  # meta_delta against the whole encoding
+    assert worked
+    assert bpf.meta_delta(state, changed).update["meta"]
+
+
 def test_an_endpoints_change_is_written_in_place_a_policys_is_not() -> None:
     from stockade.model.labels import Labels
     from stockade.model.policy import Peer, PolicyPort, Rule

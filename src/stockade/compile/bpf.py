@@ -289,6 +289,35 @@ class PolicyEntries(Mapping[PolicyKey, int]):
         return f"PolicyEntries({dict(self.items())!r})"
 
 
+def _policy_values(old: Mapping[PolicyKey, int], new: Mapping[PolicyKey, int],
+                  keys: Iterable[PolicyKey]) -> list[tuple[PolicyKey, int | None, int | None]]:
+    """Each key with its value in `old` and in `new` (None: not there), looked up a
+    policy at a time: a `PolicyEntries` lookup is a Python call, and a new identity's
+    change asks it of hundreds of keys of a few dozen policies."""
+    by_pid: dict[int, list[PolicyKey]] = {}
+    for key in keys:
+        group = by_pid.get(key[0])
+        if group is None:
+            by_pid[key[0]] = [key]
+        else:
+            group.append(key)
+    out: list[tuple[PolicyKey, int | None, int | None]] = []
+    for pid, group in by_pid.items():
+        a, b = _policy_of(old, pid), _policy_of(new, pid)
+        out += [(key, a.get(key), b.get(key)) for key in group]
+    return out
+
+
+_NO_ENTRIES: Mapping[PolicyKey, int] = {}
+
+
+def _policy_of(entries: Mapping[PolicyKey, int], pid: int) -> Mapping[PolicyKey, int]:
+    """A mapping holding at least policy `pid`'s entries of `entries`."""
+    if isinstance(entries, PolicyEntries):
+        return entries.by_policy.get(pid, _NO_ENTRIES)
+    return entries
+
+
 class _ChainedItems(ItemsView[PolicyKey, int]):
     _mapping: PolicyEntries
 
@@ -1279,12 +1308,9 @@ def state_deltas(old: BpfState, new: BpfState) -> tuple[MapDelta, MapDelta]:
                 update[slot][m][k] = v
     updated0, updated1 = update[0]["policy"], update[1]["policy"]
     deleted0, deleted1 = delete[0]["policy"], delete[1]["policy"]
-    old_policy, new_policy = old.policy, new.policy
     pack_len, pack_rest, pack_value = _PREFIX_LEN.pack, _POLICY_REST.pack, POLICY_VALUE.pack
-    for key in keys:
-        value = new_policy.get(key)
-        if (value is None and key not in old_policy) or (
-                value is not None and old_policy.get(key) == value):
+    for key, old_value, value in _policy_values(old.policy, new.policy, keys):
+        if old_value == value:
             continue
         pid, ident, proto, port, plen = key
         head = pack_len(plen)
@@ -1315,8 +1341,7 @@ def in_place(old: BpfState, new: BpfState) -> bool:
     moved = [p[0] for p in made.prefixes if old.ipcache.get(p) != new.ipcache.get(p)]
     if len(moved) != len(set(moved)):
         return False
-    for key in made.policy_keys:
-        was, now = old.policy.get(key), new.policy.get(key)
+    for key, was, now in _policy_values(old.policy, new.policy, made.policy_keys):
         if was == now:
             continue
         if was is not None and now is not None:
@@ -1351,11 +1376,11 @@ def _set_doc(a: AddressSet | None) -> object:
 
 def meta_delta(old: BpfState, new: BpfState) -> MapDelta:
     """`map_delta` of the two states' meta maps, encoding only the definitions that changed."""
-    # A state made from `old` by a change names the identities, policies and sets that
-    # may differ (compile/bpf_change.py); the chains are compared whole (a chain's
-    # comment may change alone).
+    # A state made from `old` by a change names the identities, policies, sets and
+    # chains that may differ (compile/bpf_change.py; a chain whose comment alone changed
+    # is a new object, and so among them).
     made = new.index
-    hint: tuple[frozenset[int], frozenset[int], frozenset[str]] | None = (
+    hint: tuple[frozenset[int], frozenset[int], frozenset[str], frozenset[str]] | None = (
         made.memo.get("meta") if made is not None and made.base is not None
         and made.base() is old else None)
 
@@ -1368,11 +1393,11 @@ def meta_delta(old: BpfState, new: BpfState) -> MapDelta:
                 and (w := b.get(k)) is not v and not same(w, v)}
 
     def changed(a: BpfState, b: BpfState) -> BpfState:
-        ids, pids, names = hint if hint is not None else (None, None, None)
+        ids, pids, names, chains = hint if hint is not None else (None, None, None, None)
         return BpfState(
             differing(a.identities, b.identities, ids, operator.eq),
             differing(a.policies, b.policies, pids, operator.eq),
-            differing(a.chains, b.chains, None, lambda w, v: _chain_doc(w) == _chain_doc(v)),
+            differing(a.chains, b.chains, chains, lambda w, v: _chain_doc(w) == _chain_doc(v)),
             differing(a.sets, b.sets, names, lambda x, v: _set_doc(x) == _set_doc(v)))
 
     return map_delta({"meta": encode_meta(changed(old, new))},

@@ -110,7 +110,7 @@ def _unchanged(previous: BpfState) -> BpfState:
     _numbers(index, "identities", previous.identities)  # remembered for the next change
     _numbers(index, "policies", previous.policies)
     memo = {k: v for k, v in index.memo.items() if k != "meta"}
-    memo["meta"] = (frozenset(), frozenset(), frozenset())  # only chains are compared
+    memo["meta"] = (frozenset(), frozenset(), frozenset(), frozenset())  # the same ruleset
     made = StateIndex(index.keys_of, index.with_any, index.identity_uses, index.entry_uses,
                       index.stage_uses, weakref.ref(previous), memo=memo)
     return replace(previous, index=made)
@@ -678,7 +678,7 @@ class _Change:
         if self.since is not None:  # what meta_delta compares (ids are numbered by content)
             made.memo["meta"] = (frozenset(gone_ids).union(added_ids.values()),
                                  frozenset(gone_pids).union(added_pids.values()),
-                                 self.since.sets)
+                                 self.since.sets, self.since.chains)
         if by_set is not None:
             made.memo["by_set"] = by_set, by_named
         elif "by_set" in index.memo:

@@ -846,10 +846,12 @@ def _changed_since(last: Ruleset, touched: Touched, sets: Mapping[str, AddressSe
                    guards: Mapping[str, Guard]) -> Touched:
     """`touched` without what is as it was in `last`: an object replaced by itself or an
     equal one (a chain dropped and made again), or a map entry removed and put back (an
-    endpoint unplaced and placed again)."""
+    endpoint unplaced and placed again). A chain whose comments alone changed stays:
+    chain equality leaves them out, but the eBPF meta map stores them."""
     return Touched(
         frozenset(n for n in touched.sets if not _same(last.sets.get(n), sets.get(n))),
-        frozenset(n for n in touched.chains if not _same(last.chains.get(n), chains.get(n))),
+        frozenset(n for n in touched.chains
+                  if not _same_chain(last.chains.get(n), chains.get(n))),
         frozenset(a for a in touched.ingress if last.ingress.get(a) != maps[INGRESS].get(a)),
         frozenset(a for a in touched.egress if last.egress.get(a) != maps[EGRESS].get(a)),
         frozenset(p for p in touched.guards if last.guards.get(p) != guards.get(p)))
@@ -857,3 +859,9 @@ def _changed_since(last: Ruleset, touched: Touched, sets: Mapping[str, AddressSe
 
 def _same(a: object, b: object) -> bool:
     return a is b or a == b
+
+
+def _same_chain(a: Chain | None, b: Chain | None) -> bool:
+    """The same chain, comments too (its own and its rules')."""
+    return a is b or (a is not None and b is not None and a == b and a.comment == b.comment
+                      and [r.comment for r in a.rules] == [r.comment for r in b.rules])

@@ -1120,10 +1120,14 @@ class EbpfDatapath:
         names of those pinned again."""
         held = {**self._maps, **{f"prog_{p.removeprefix('stockade_')}": self._progs[h]
                                  for h, p in PROGRAMS.items()}}
+        try:  # one listing, not a stat of each pin: this runs after every apply
+            there = set(os.listdir(self.dir))
+        except FileNotFoundError:
+            there = set()
         out = []
         for name in self._pin_names():
             pin = self._pin(name)
-            if os.path.exists(pin):
+            if name in there:
                 if not full:
                     continue
                 fd = libbpf.obj_get(pin)
