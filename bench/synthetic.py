@@ -36,8 +36,10 @@ def make_cluster(pods: int, policies: int, namespaces: int = 50, apps: int = 200
     eps = []
     for i in range(pods):
         ns = nss[i % namespaces].name
-        app = f"app{rnd.randrange(apps)}"
-        labels = Labels({"app": app, "tier": TIERS[hash(app) % len(TIERS)],
+        n = rnd.randrange(apps)
+        # an app's tier by its number: hash() of a string differs from one process to
+        # the next (PYTHONHASHSEED), and so did the clusters of two runs
+        labels = Labels({"app": f"app{n}", "tier": TIERS[n % len(TIERS)],
                          "env": ENVS[rnd.randrange(3)]})
         ports = (ContainerPort(8080, "TCP", "http"), ContainerPort(9090, "TCP", "metrics"))
         eps.append(Endpoint(ns, f"pod{i}", labels, (str(ipaddress.ip_address(start + i)),),

@@ -399,7 +399,7 @@ class _Change:
         """A kept policy's entries for the identities gone (those keyed by them) and new."""
         enforced = self.rs.chains[ref.chain]
         names = self._names(ref.chain)
-        mine = dict(keys_of[pid])
+        mine = _copy(keys_of[pid])
         for i, _, _ in gone:
             dropped = mine.pop(i, ())
             policy.update(dict.fromkeys(dropped))
