@@ -77,7 +77,7 @@ def run(src: Path, args: argparse.Namespace) -> dict[str, list[float]]:
 def main() -> None:
     exit_on_sigterm()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline", required=True, help="an earlier commit, in turns with this tree")
+    ap.add_argument("--baseline", help="an earlier commit, in turns with this tree")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--changes", type=int, default=300)
     ap.add_argument("--pods", type=int, default=10_000)
@@ -87,6 +87,8 @@ def main() -> None:
     if args.child:
         child(args.pods, args.policies, args.changes)
         return
+    if not args.baseline:
+        ap.error("--baseline REV is required")
     results: dict[str, list[dict[str, list[float]]]] = {}
     with baseline_tree(args.baseline) as base:
         byte_compile(SRC)
