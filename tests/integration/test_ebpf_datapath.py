@@ -432,6 +432,35 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
     assert len([p for p in os.listdir(datapath.dir) if p.startswith("link-")]) == 6
 
 
+def test_the_pin_directory_removed_is_made_again_and_everything_pinned(
+        trio, datapath, servers) -> None:
+    # `rm -rf` of the pins under a running process: the links, held by their pins
+    # alone, go once the kernel releases them (every port open), and the next apply
+    # must put everything back, not fail on the missing directory.
+    import shutil
+
+    rs = compile_cluster(cluster(trio, allow_only("a", "b")))
+    datapath.apply(rs)
+    names = sorted(os.listdir(datapath.dir))
+    shutil.rmtree(datapath.dir)
+    assert not datapath.skeleton_intact()
+    datapath.apply(rs)
+    assert any("directory" in d for d in datapath.last_drift_details)
+    assert probe(trio, [("b", "a", PORTS[0]), ("c", "a", PORTS[0])]) == {
+        ("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
+    assert datapath.skeleton_intact()
+    assert sorted(os.listdir(datapath.dir)) == names
+    assert datapath.apply(rs, verify=True).empty and datapath.last_drift is None
+    # the same found by a reading apply (the periodic resync, a foreign change)
+    shutil.rmtree(datapath.dir)
+    datapath.apply(rs, verify=True)
+    assert any("directory" in d for d in datapath.last_drift_details)
+    assert probe(trio, [("b", "a", PORTS[0]), ("c", "a", PORTS[0])]) == {
+        ("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
+    assert sorted(os.listdir(datapath.dir)) == names
+    assert datapath.apply(rs, verify=True).empty and datapath.last_drift is None
+
+
 def test_new_ports_are_attached_on_the_next_apply(trio, datapath, servers, spec_for) -> None:
     rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)

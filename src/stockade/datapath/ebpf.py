@@ -403,6 +403,7 @@ class EbpfDatapath:
         self._maps: dict[str, int] = {}
         self._progs: dict[str, int] = {}  # hook -> fd
         self._prog_ids: dict[str, int] = {}
+        self._build = ""  # the object's `built-<digest>` (see _mark_build)
         self._attach_mode = attach  # "auto" (tcx where the kernel has it), "tcx", "clsact"
         self._mode = ""  # resolved when loading
         self._attached: set[str] = set()  # clsact: filters known in place since the last check
@@ -459,7 +460,7 @@ class EbpfDatapath:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._check_layout()
         obj = object_path()
-        build = "built-" + hashlib.sha256(obj.read_bytes()).hexdigest()[:16]
+        build = self._build = "built-" + hashlib.sha256(obj.read_bytes()).hexdigest()[:16]
         if self._adopt(build):
             return
         progs, maps = libbpf.load_object(str(obj), {m: self._pin(m) for m in MAP_NAMES})
@@ -958,6 +959,7 @@ class EbpfDatapath:
         self._load()
         self.last_drift = None
         self.last_drift_details = []
+        remade = self._remake_dir()
         kernel: EbpfKernel | None = None
         # The bridge ports, listed once per apply for the links and the guards (a
         # snapshot's may be old: they are listed again).
@@ -1044,7 +1046,10 @@ class EbpfDatapath:
             self._applied = None
             raise
         repinned = self._repin(full=bool(verify))
-        if repaired or repinned:
+        if remade:
+            self._mark_build(self._build)
+            self.last_drift_details.append(f"pin directory lost: {self.dir} (made again)")
+        if repaired or repinned or remade:
             self.last_drift = self.last_drift or Plan()
             self.last_drift_details += [f"program detached: {r}" for r in repaired]
             self.last_drift_details += [f"pin lost: {r} (pinned again)" for r in repinned]
@@ -1112,6 +1117,16 @@ class EbpfDatapath:
     @staticmethod
     def _pin_names() -> list[str]:
         return [*MAP_NAMES, *(f"prog_{p.removeprefix('stockade_')}" for p in PROGRAMS.values())]
+
+    def _remake_dir(self) -> bool:
+        """The pin directory made again when it was removed under this process (`rm -rf`
+        of the pins): the maps and programs are held here and pinned again (`_repin`);
+        the links, held by their pins alone, are attached again (`_ensure_links`). Left
+        missing, every pin would fail, every apply with it, and the ports stay open."""
+        if self.dir.is_dir():
+            return False
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return True
 
     def _repin(self, *, full: bool) -> list[str]:
         """Pins of the maps and programs this process holds, lost (or, with `full`,
