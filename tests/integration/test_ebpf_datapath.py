@@ -25,6 +25,7 @@ from stockade.compile.lower import compile_cluster
 from stockade.datapath import ebpf, libbpf, open_datapath
 from stockade.datapath.ebpf import LAYOUT, EbpfDatapath
 from stockade.errors import NetError
+from stockade.model.cluster import Cluster, Endpoint
 from stockade.model.labels import Labels
 from stockade.model.policy import INGRESS, NetworkPolicy, Peer
 from stockade.model.policy import Rule as PRule
@@ -459,6 +460,33 @@ def test_the_pin_directory_removed_is_made_again_and_everything_pinned(
         ("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
     assert sorted(os.listdir(datapath.dir)) == names
     assert datapath.apply(rs, verify=True).empty and datapath.last_drift is None
+
+
+def test_bpffs_unmounted_under_a_running_process_is_mounted_and_pinned_again(
+        tmp_path: Path, host_netns: str) -> None:
+    # A bpffs of the test's own (the machine's stays mounted): unmounted, the pins go
+    # with it and the directory's path lies on the file system below, where nothing
+    # can be pinned; the next apply mounts bpffs again and pins everything there.
+    root = tmp_path / "bpf"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
+    dp = EbpfDatapath("pins", netns=host_netns, pin_root=root)
+    try:
+        a, b = (Endpoint("x", n, Labels({"pod": n}), (f"10.9.0.{i}",))
+                for i, n in ((1, "a"), (2, "b")))
+        rs = compile_cluster(Cluster((clusters.namespace("x"),), (a, b),
+                                     (allow_only("a", "b"),)))
+        dp.apply(rs)
+        names = sorted(os.listdir(dp.dir))
+        subprocess.run(["umount", "-l", str(root)], check=True)
+        assert not dp.dir.exists()
+        dp.apply(rs)
+        assert any("directory" in d for d in dp.last_drift_details)
+        assert sorted(os.listdir(dp.dir)) == names and dp.skeleton_intact()
+        assert dp.apply(rs, verify=True).empty and dp.last_drift is None
+    finally:
+        dp.remove()
+        subprocess.run(["umount", "-l", str(root)], check=False)
 
 
 def test_new_ports_are_attached_on_the_next_apply(trio, datapath, servers, spec_for) -> None:

@@ -1120,11 +1120,13 @@ class EbpfDatapath:
 
     def _remake_dir(self) -> bool:
         """The pin directory made again when it was removed under this process (`rm -rf`
-        of the pins): the maps and programs are held here and pinned again (`_repin`);
-        the links, held by their pins alone, are attached again (`_ensure_links`). Left
-        missing, every pin would fail, every apply with it, and the ports stay open."""
+        of the pins, or bpffs unmounted: mounted again): the maps and programs are held
+        here and pinned again (`_repin`); the links, held by their pins alone, are
+        attached again (`_ensure_links`). Left missing, every pin would fail, every
+        apply with it, and the ports stay open."""
         if self.dir.is_dir():
             return False
+        ensure_bpffs(self.pin_root)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         return True
 
