@@ -9,6 +9,7 @@ happens in the test.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -438,8 +439,6 @@ def test_the_pin_directory_removed_is_made_again_and_everything_pinned(
     # `rm -rf` of the pins under a running process: the links, held by their pins
     # alone, go once the kernel releases them (every port open), and the next apply
     # must put everything back, not fail on the missing directory.
-    import shutil
-
     rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)
     names = sorted(os.listdir(datapath.dir))
@@ -582,6 +581,15 @@ def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:
         # a new process finds the mode among the pins and adopts
         again = EbpfDatapath("fallback", netns=trio.host_netns)
         assert again.apply(rs, verify=True).empty and again.last_drift is None
+        # the pins removed under it: made again with the mode, which the next finds
+        names = sorted(os.listdir(dp.dir))
+        shutil.rmtree(dp.dir)
+        again.apply(rs)
+        assert sorted(os.listdir(dp.dir)) == names
+        assert denied(trio) == A_ONLY_FROM_B
+        third = EbpfDatapath("fallback", netns=trio.host_netns)
+        assert third.apply(rs, verify=True).empty and third.last_drift is None
+        assert not [p for p in os.listdir(dp.dir) if p.startswith("link-")]
     finally:
         EbpfDatapath("fallback", netns=trio.host_netns).remove()
     assert not dp.dir.exists()

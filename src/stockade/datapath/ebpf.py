@@ -1128,6 +1128,8 @@ class EbpfDatapath:
             return False
         ensure_bpffs(self.pin_root)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._mode == "clsact":  # the marker a later process finds the filters by
+            (self.dir / "mode-clsact").mkdir(exist_ok=True)
         return True
 
     def _repin(self, *, full: bool) -> list[str]:
