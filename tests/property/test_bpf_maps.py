@@ -60,6 +60,34 @@ def test_the_bytes_read_back_to_the_same_state_and_ruleset(sc: Scenario, slot: i
 
 
 @settings(max_examples=100, deadline=None)
+@given(a=scenarios(UNIVERSE), b=scenarios(UNIVERSE), slot=st.sampled_from([0, 1]))
+def test_a_slot_reads_back_beside_the_other_slots_entries(a: Scenario, b: Scenario,
+                                                          slot: int) -> None:
+    # The kernel's maps hold both slots: one slot decodes to its own state whatever the
+    # other holds (here another cluster's).
+    state = bpf.compile_state(compile_cluster(a.cluster))
+    other = bpf.compile_state(compile_cluster(b.cluster))
+    mine, theirs = bpf.encode_slots(state)[slot], bpf.encode_slots(other)[1 - slot]
+    both = {m: {**mine[m], **theirs[m]} for m in bpf.MAPS}
+    assert bpf.decode(both, bpf.encode_meta(state), slot) == state
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.integers(0, (1 << 32) - 1), length=st.integers(-1, 34))
+def test_an_ipv4_prefix_read_from_the_kernel_is_the_networks_text(value: int,
+                                                                  length: int) -> None:
+    try:
+        want: str | None = str(bpf._network(4, value, length))
+    except ValueError:
+        want = None
+    try:
+        got: str | None = bpf._prefix_text(4, value.to_bytes(4, "big"), length)
+    except ValueError:
+        got = None
+    assert got == want
+
+
+@settings(max_examples=100, deadline=None)
 @given(a=scenarios(UNIVERSE), b=scenarios(UNIVERSE))
 def test_a_delta_turns_one_state_into_the_next(a: Scenario, b: Scenario) -> None:
     first = bpf.compile_state(compile_cluster(a.cluster))

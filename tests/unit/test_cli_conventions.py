@@ -437,3 +437,25 @@ def test_explain_takes_the_namespace_of_bare_names(capsys: pytest.CaptureFixture
     code, _, err = run(capsys, "explain", "-f", CLUSTER, V1, "--from", "api",
                        "--to", "db/postgres", "--port", "5432")
     assert code == 2 and "no such pod" in err
+
+
+def _shape(parser: argparse.ArgumentParser) -> list[tuple[str, list[tuple[tuple[str, ...], str]]]]:
+    return [(path, [(tuple(a.option_strings), a.dest) for a in p._actions])
+            for path, p in _parsers(parser)]
+
+
+def test_each_command_parses_with_its_own_module_alone() -> None:
+    # A command runs with only its module imported (main._MODULE_OF): it must know
+    # every command, and each must parse as it does with all of them registered.
+    from stockade.cli.main import _MODULE_OF
+
+    whole = build_parser()
+    commands = next(a for a in whole._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == set(_MODULE_OF)
+    everything = dict(_shape(whole))
+    for command in commands.choices:
+        alone = dict(_shape(build_parser(command)))
+        mine = {path: shape for path, shape in alone.items()
+                if path == command or path.startswith(command + " ")}
+        assert mine == {path: shape for path, shape in everything.items()
+                        if path == command or path.startswith(command + " ")}, command

@@ -18,12 +18,16 @@ COMMANDS: tuple[str, ...] = (
     "validate", "explain", "matrix", "compile", "analysis", "conformance", "dataplane",
     "agent", "containers", "operator", "listing", "completion",
 )
-# Commands whose module registers nothing else a parser needs to see.
+# The module that registers each command (tests/unit/test_cli_conventions.py checks
+# it against the parser of them all): only that one is imported to run it.
 _MODULE_OF = {"validate": "validate", "explain": "explain", "matrix": "matrix",
               "compile": "compile", "coverage": "analysis", "diff": "analysis",
               "lint": "analysis", "conformance": "conformance", "dataplane": "dataplane",
               "datapath": "dataplane", "operator": "operator", "list": "listing",
-              "completion": "completion"}
+              "completion": "completion", "agent": "agent", "apply": "agent",
+              "delete": "agent", "get": "agent", "label": "agent", "status": "agent",
+              "snapshot": "agent", "flows": "agent", "run": "containers", "ps": "containers",
+              "rm": "containers", "probe": "containers"}
 
 # The libraries of the optional extras (pyproject's optional-dependencies, by
 # module name; tests/unit/test_extras.py keeps the two in step). The base install

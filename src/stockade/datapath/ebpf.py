@@ -997,7 +997,7 @@ class EbpfDatapath:
             state = bpfc.compile_state(desired, base)
         inactive = 1 - active
         if kernel is not None:  # against the bytes the kernel holds
-            new = {s: bpfc.encode_maps(state, s) for s in (0, 1)}
+            new = bpfc.encode_slots(state)
             d_in = bpfc.map_delta(kernel.slots[inactive], new[inactive])
             d_act = bpfc.map_delta(kernel.slots[active], new[active])
             d_meta = bpfc.map_delta({"meta": kernel.meta}, {"meta": bpfc.encode_meta(state)})
