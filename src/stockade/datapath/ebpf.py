@@ -1069,8 +1069,7 @@ class EbpfDatapath:
     def _drift_details(self, kernel: EbpfKernel, problem: str) -> list[str]:
         assert self._state is not None
         out = [problem] if problem else []
-        for s in (0, 1):
-            want = bpfc.encode_maps(self._state, s)
+        for s, want in enumerate(bpfc.encode_slots(self._state)):
             for m in bpfc.MAPS:
                 have = kernel.slots[s][m]
                 missing = sum(1 for k in want[m] if k not in have)
