@@ -81,7 +81,6 @@ import ipaddress
 import itertools
 import json
 import operator
-import socket
 import struct
 import weakref
 from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping
@@ -433,7 +432,7 @@ def _prefix_text(family: int, packed: bytes, length: int) -> str:
     bits set, a length out of range)."""
     value = int.from_bytes(packed, "big")
     if family == 4 and 0 <= length <= 32 and not value & ((1 << (32 - length)) - 1):
-        return f"{socket.inet_ntoa(packed)}/{length}"  # an IPv4Network's text, faster
+        return f"{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}/{length}"  # as ipaddress
     return str(_network(family, value, length))
 
 
@@ -457,7 +456,8 @@ def _prefix(text: str) -> tuple[int, int]:
     """(network as an integer, length) of a canonical prefix."""
     addr, _, length = text.partition("/")
     if length == "32" and is_canonical_ipv4(addr):  # an address: most of them, faster
-        return int.from_bytes(socket.inet_aton(addr), "big"), 32
+        a, b, c, d = addr.split(".")
+        return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d), 32
     n = ipaddress.ip_network(text)
     return int(n.network_address), n.prefixlen
 
