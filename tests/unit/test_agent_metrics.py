@@ -7,9 +7,11 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from stockade.agent.daemon import Agent, AgentConfig
 from stockade.agent.metrics import (
     CONTENT_TYPE,
     DATAPATH_KINDS,
@@ -22,6 +24,7 @@ from stockade.agent.metrics import (
     agent_metrics,
     parse_address,
 )
+from stockade.compile.ir import ADDR, AddressSet, Chain, ChainRule, Ruleset
 from stockade.errors import AgentError
 
 # ---- exposition format ------------------------------------------------------------------
@@ -341,3 +344,50 @@ def test_exposition_is_read_back_by_the_standard_parser() -> None:
         "stockade_reconcile_apply_duration_seconds_sum": 0.003,
         "stockade_reconcile_apply_duration_seconds_count": 1}
     assert not [f for f in families if f.endswith("_created")]
+
+
+def test_refresh_runs_before_each_render_and_a_failing_one_spoils_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    r = Registry()
+    g = r.gauge("stockade_test_reads", "Renders so far.")
+    calls: list[int] = []
+
+    def count() -> None:
+        calls.append(1)
+        g.set(len(calls))
+
+    r.refresh_with(count)
+
+    def broken() -> None:
+        raise RuntimeError("no count")
+
+    r.refresh_with(broken)
+    assert "stockade_test_reads 1" in r.render()
+    assert "stockade_test_reads 2" in r.render()
+    assert "refreshing metrics before a scrape failed" in caplog.text
+
+
+def test_the_agents_datapath_objects_are_counted_when_read(tmp_path: Path) -> None:
+    """Counted on a scrape, once per ruleset, not on every change (agent/daemon.py)."""
+    counted: list[Ruleset] = []
+
+    class Counting(Ruleset):
+        def counts(self) -> dict[str, int]:
+            counted.append(self)
+            return super().counts()
+
+    agent = Agent(AgentConfig(state_dir=str(tmp_path)))
+    rule = ChainRule(4, "s4-a", None, "tcp", ((80, 80),))
+    chain = Chain("c-1", "in", (rule, rule))
+    first = Counting({"s4-a": AddressSet("s4-a", 4, ADDR, frozenset({"10.0.0.1", "10.0.0.2"}))},
+                     {"c-1": chain}, {"10.0.0.1": "c-1"}, {"10.0.0.2": "c-1"})
+    agent._ruleset = first
+    text = agent.registry.render()
+    for kind, value in (("sets", 1), ("set_elements", 2), ("chains", 1), ("rules", 2),
+                        ("map_entries", 2)):
+        assert f'stockade_datapath_objects{{kind="{kind}"}} {value}' in text
+    agent.registry.render()
+    assert counted == [first]  # the same ruleset: not counted again
+    agent._ruleset = Counting()
+    assert 'stockade_datapath_objects{kind="chains"} 0' in agent.registry.render()
+    assert len(counted) == 2

@@ -122,9 +122,11 @@ class Agent:
         self._opened = datapath
         self.registry = Registry()
         self.metrics = agent_metrics(self.registry)
+        self.registry.refresh_with(self._count_datapath)
         self._stopping = threading.Event()
         self._verify_wanted = threading.Event()
         self._ruleset = Ruleset()
+        self._counted: Ruleset | None = None  # the ruleset the datapath gauges count
         self.store: Store | None = None
         self.api: ApiServer | None = None
         self.runner: BoundedFrequencyRunner | None = None
@@ -777,14 +779,21 @@ class Agent:
         self.metrics.policies.set(len(st.policies))
         self.metrics.cluster_policies.set(len(st.cluster_policies))
         self.metrics.namespaces.set(len(st.namespaces))
-        if self.metrics_server is None:
-            return  # nobody reads them: counting every element is not free at scale
-        counts = self._ruleset.counts()
+
+    def _count_datapath(self) -> None:
+        """The datapath's objects by kind, set when the metrics are read (the registry's
+        refresh): counting every set element and rule takes 0.3 ms at 10,000 endpoints
+        and 1,000 policies and 3 ms at 50,000 and 5,000, too much for every change."""
+        ruleset = self._ruleset
+        if ruleset is self._counted:
+            return
+        counts = ruleset.counts()
         for kind, value in (("sets", counts["sets"]), ("set_elements", counts["set_elements"]),
                             ("chains", counts["chains"]), ("rules", counts["rules"]),
                             ("map_entries", counts["ingress_entries"]
                              + counts["egress_entries"])):
             self.metrics.datapath_objects.set(value, kind=kind)
+        self._counted = ruleset
 
 
 class FlowOps:

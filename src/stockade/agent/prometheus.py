@@ -27,6 +27,7 @@ Public API::
     Registry().gauge(name, help, labelnames=()) -> Gauge
     Registry().histogram(name, help, buckets=LATENCY_BUCKETS, labelnames=()) -> Histogram
     Registry.render() -> str
+    Registry.refresh_with(fn)                                    # fn() before each render
     Counter.inc(amount=1, **labels) / .value(**labels)
     Gauge.set(value, **labels) / .inc(amount=1, **labels) / .dec(amount=1, **labels) / .value()
     Histogram.observe(value, **labels) / .count(**labels)
@@ -213,6 +214,7 @@ class Registry:
         self._metrics: dict[str, Metric] = {}
         self._exposed: set[str] = set()
         self._client = prometheus_client.CollectorRegistry(auto_describe=True)
+        self._refresh: list[Callable[[], None]] = []
 
     def register(self, metric: _M) -> _M:
         check_name(metric)
@@ -240,8 +242,21 @@ class Registry:
         with self._lock:
             return self._metrics.get(name)
 
+    def refresh_with(self, fn: Callable[[], None]) -> None:
+        """Call `fn` before each render: values worth working out only when they are
+        read (counting a large ruleset's objects, say) are set there, not on every change."""
+        with self._lock:
+            self._refresh.append(fn)
+
     def render(self) -> str:
         """The text exposition format 0.0.4, metrics sorted by name."""
+        with self._lock:
+            refresh = list(self._refresh)
+        for fn in refresh:
+            try:
+                fn()
+            except Exception:  # the other metrics are still worth serving
+                log.exception("refreshing metrics before a scrape failed")
         with self._lock:
             metrics = [self._metrics[n] for n in sorted(self._metrics)]
         return "".join(line + "\n" for m in metrics for line in render_metric(m))
