@@ -161,7 +161,7 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
                 spaces.append(host)
                 d = tmp / f"v{j}"
                 d.mkdir()
-                agents[name] = TreeAgent(d, host, tree, *datapath(args))
+                agents[name] = TreeAgent(d, host, tree, *agent_args(args))
                 agents[name].start()
             loads: dict[str, list[float]] = {name: [] for name in trees}
             for i in range(args.loads):
@@ -172,7 +172,7 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
                     spaces.append(host)
                     d = tmp / f"l{i}{j}"
                     d.mkdir()
-                    extra = TreeAgent(d, host, trees[name], *datapath(args))
+                    extra = TreeAgent(d, host, trees[name], *agent_args(args))
                     extra.start()
                     try:
                         t0 = time.perf_counter()
@@ -238,9 +238,11 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
 Goal = tuple[str, str, bool]  # (goal, measured, met)
 
 
-def datapath(args: argparse.Namespace) -> tuple[str, ...]:
-    """The agent's arguments that choose its datapath (none: the default, nft)."""
-    return ("--datapath", args.datapath) if args.datapath != "nft" else ()
+def agent_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The agent's arguments that choose its datapath (none: the default, nft), and with
+    `--metrics` a metrics server on a free port, as the DaemonSet serves one."""
+    return ((("--datapath", args.datapath) if args.datapath != "nft" else ())
+            + (("--metrics-address", "127.0.0.1:0") if args.metrics else ()))
 
 
 def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
@@ -256,7 +258,7 @@ def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
         host = f"{tag}-{d.name}"
         create_netns(host)
         spaces.append(host)
-        agent = AgentProcess(d, host, *datapath(args))
+        agent = AgentProcess(d, host, *agent_args(args))
         agent.start()
         try:
             size = "empty"
@@ -333,6 +335,8 @@ def main() -> None:
                     help="side by side: loads into fresh agents, in turns, besides the first")
     ap.add_argument("--datapath", default="nft", choices=("nft", "iptables", "ebpf"),
                     help="the agent's datapath (the goals are the same on each)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="each agent serves /metrics (as deploy/agent-daemonset.yaml runs it)")
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
     args = ap.parse_args()
     tag = f"ba{secrets.token_hex(2)}"
