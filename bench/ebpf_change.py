@@ -9,8 +9,10 @@ policies (bench/synthetic.py), each change given as the agent gives it (the
 incremental compiler's next ruleset to `EbpfDatapath.apply`). The two trees take turns
 `--runs` times; each run's p50 and p99 are printed, and the median over the runs.
 Run as root: each run loads the program into a namespace of its own and removes it.
+`--ports N` puts N veth ports on a bridge in that namespace first, as a node's pods
+are (the programs are attached to each): what an apply pays for the ports it keeps.
 
-    .venv/bin/python bench/ebpf_change.py --baseline REV [--runs 3] [--changes 300]
+    .venv/bin/python bench/ebpf_change.py --baseline REV [--runs 3] [--changes 300] [--ports N]
 """
 
 from __future__ import annotations
@@ -30,19 +32,31 @@ from common import ROOT, SRC, baseline_tree, byte_compile, exit_on_sigterm, pct,
 KINDS = ("add", "delete")
 
 
-def child(pods: int, policies: int, changes: int) -> None:
+def child(pods: int, policies: int, changes: int, ports: int) -> None:
     """One run in this process (whose `stockade` is the tree under test): JSON on stdout."""
     from stockade.compile.incremental import IncrementalCompiler
     from stockade.datapath.ebpf import EbpfDatapath
     from stockade.model.cluster import Endpoint
     from stockade.model.labels import Labels
-    from stockade.net.namespace import create_netns, remove_netns
+    from stockade.net.namespace import create_netns, entered, netns_path, remove_netns
+    from stockade.net.rtnl import Rtnl, ensure_bridge
     from synthetic import make_cluster
 
     host = f"ec{secrets.token_hex(2)}-host"
+    peers = f"{host[:6]}-peers"  # the other ends of the ports' veths
     create_netns(host)
+    create_netns(peers)
     dp = EbpfDatapath("bench", netns=host)
     try:
+        if ports:
+            fd = os.open(netns_path(peers), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                with entered(host), Rtnl() as nl:
+                    bridge = ensure_bridge(nl, "br0").index
+                    for i in range(ports):
+                        nl.add_veth(f"port{i}", bridge, f"peer{i}", fd)
+            finally:
+                os.close(fd)
         dp.check()
         inc = IncrementalCompiler.of(make_cluster(pods, policies))
         dp.apply(inc.ruleset())
@@ -63,12 +77,14 @@ def child(pods: int, policies: int, changes: int) -> None:
     finally:
         dp.remove()
         remove_netns(host)
+        remove_netns(peers)
 
 
 def run(src: Path, args: argparse.Namespace) -> dict[str, list[float]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(src), str(ROOT / "bench")))}
     out = subprocess.run([sys.executable, __file__, "--child", "--pods", str(args.pods),
-                          "--policies", str(args.policies), "--changes", str(args.changes)],
+                          "--policies", str(args.policies), "--changes", str(args.changes),
+                          "--ports", str(args.ports)],
                          env=env, check=True, capture_output=True, text=True)
     got: dict[str, list[float]] = json.loads(out.stdout.strip().splitlines()[-1])
     return got
@@ -82,10 +98,12 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=300)
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=1_000)
+    ap.add_argument("--ports", type=int, default=0,
+                    help="veth ports on a bridge in the namespace (a node's pods)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.pods, args.policies, args.changes)
+        child(args.pods, args.policies, args.changes, args.ports)
         return
     if not args.baseline:
         ap.error("--baseline REV is required")
@@ -93,15 +111,16 @@ def main() -> None:
     with baseline_tree(args.baseline) as base:
         byte_compile(SRC)
         trees = {"this tree": SRC, args.baseline: base}
-        for _ in range(args.runs):
-            for name, src in trees.items():
+        for i in range(args.runs):  # in turns, the order swapping each run
+            for name, src in list(trees.items())[::1 if i % 2 else -1]:
                 results.setdefault(name, []).append(run(src, args))
     rows = []
     for name, runs in results.items():
         for kind in KINDS:
             p50s = [statistics.median(r[kind]) for r in runs]
             p99s = [pct(r[kind], 99) for r in runs]
-            rows.append((f"[{name}] {kind}, {args.pods} endpoints, {args.policies} policies",
+            rows.append((f"[{name}] {kind}, {args.pods} endpoints, {args.policies} policies"
+                         + (f", {args.ports} ports" if args.ports else ""),
                          f"{statistics.median(p50s):.2f} ms",
                          f"p99 {statistics.median(p99s):.2f} ms; per run p50 "
                          + ", ".join(f"{v:.2f}" for v in p50s)

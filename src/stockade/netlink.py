@@ -12,7 +12,7 @@ all speak the same framing, so it is written once, here::
 
 It must stay light: the CNI plugin, a process started once per ADD, imports it
 through `stockade.net.rtnl`. Only the standard library's ``struct``,
-``socket``, ``os`` and ``itertools`` are used (importing it costs ~0.3 ms).
+``socket``, ``os``, ``errno`` and ``itertools`` are used (importing it costs ~0.3 ms).
 
 The helpers that read from a socket take a ``recv`` callable rather than a
 socket, so that each caller keeps its own way of waiting (a blocking socket,
@@ -39,11 +39,13 @@ Public API::
     # a socket's answers
     replies(recv, seq) -> Iterator[NetlinkMessage]    (until the ack or NLMSG_DONE; errors raise)
     read_acks(recv, pending) -> dict[seq, errno]      (until every seq of `pending` is answered)
+    drained(recv) -> bool            (a group's socket emptied: whether anything came or was lost)
     NetlinkError(code)  (an OSError: .errno, .code, .strerror)       MalformedMessage (a ValueError)
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import struct
@@ -275,3 +277,22 @@ def read_acks(recv: Callable[[], bytes], pending: Iterable[int]) -> dict[int, in
                 waiting.discard(msg.seq)
                 out[msg.seq] = error_code(msg)
     return out
+
+
+def drained(recv: Callable[[], bytes]) -> bool:
+    """Read a non-blocking socket (a multicast group's) until it holds nothing, without
+    decoding: True when anything came, when the kernel dropped some (ENOBUFS: the
+    socket overflowed), or when the socket failed. Only a certain "nothing" is False,
+    so a caller that skips work on False misses nothing."""
+    seen = False
+    while True:
+        try:
+            if not recv():
+                return True
+            seen = True
+        except BlockingIOError:
+            return seen
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                return True
+            seen = True  # events were lost: anything may have come

@@ -7,9 +7,11 @@ and the agent answers.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -366,3 +368,46 @@ def test_a_second_agent_is_refused_before_it_touches_the_state_or_the_kernel(
             EbpfDatapath(table, netns=trio.host_netns).remove()
         else:
             _nft(trio.host_netns, "delete", "table", "inet", table)
+
+
+def test_a_detached_ebpf_program_is_attached_again_by_the_agent_itself(
+        trio, tmp_path: Path, netns_prefix: str, servers) -> None:
+    """Every port's programs detached under an agent on eBPF (`bpftool link detach`):
+    with no change to apply, the agent's link poll finds it within a few seconds,
+    attaches them again (a drift repaired) and the denied connection is denied again."""
+    from stockade.datapath import libbpf
+    from stockade.datapath.ebpf import EbpfDatapath
+
+    table = f"{netns_prefix}lk"
+    # a resync far off: only the link poll (every second) can find it in time
+    agent = AgentProcess(tmp_path, trio.host_netns, netns_prefix, datapath="ebpf",
+                         table=table, resync=120.0).start()
+    pins = EbpfDatapath(table, netns=trio.host_netns).dir
+    try:
+        docs = [_pod(att.key.split("/")[1], "x", [att.address4, att.address6], 80,
+                     {"pod": att.key.split("/")[1]}) for att in trio.all]
+        agent.call("apply", documents=[*docs, ONLY_B], source="setup")
+        assert _probe(trio, list(BASELINE)) == BASELINE
+        before = agent.call("status")["driftRepairs"]
+        links = sorted(p for p in os.listdir(pins) if p.startswith("link-"))
+        assert len(links) == 6
+        for pin in links:
+            fd = libbpf.obj_get(str(pins / pin))
+            try:
+                libbpf.link_detach(fd)
+            finally:
+                os.close(fd)
+        deadline = time.monotonic() + 10
+        while agent.call("status")["driftRepairs"] == before:
+            assert time.monotonic() < deadline, "the agent left the programs detached"
+            time.sleep(0.1)
+        assert _probe(trio, list(BASELINE)) == BASELINE
+        for pin in links:
+            fd = libbpf.obj_get(str(pins / pin))
+            try:
+                assert libbpf.link_info(fd)[2] != 0  # attached to its port again
+            finally:
+                os.close(fd)
+    finally:
+        agent.stop()
+        EbpfDatapath(table, netns=trio.host_netns).remove()

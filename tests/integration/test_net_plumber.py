@@ -20,7 +20,7 @@ from stockade.net.namespace import (
     remove_netns,
 )
 from stockade.net.plumber import EndpointSpec, Plumber
-from stockade.net.rtnl import Rtnl
+from stockade.net.rtnl import KeptRtnl, Rtnl
 from stockade.net.sysctl import read_sysctl, write_sysctl
 
 pytestmark = pytest.mark.privileged
@@ -223,6 +223,50 @@ def test_namespaces_are_idempotent_and_entered_per_thread(netns_prefix: str) -> 
         pass
     assert remove_netns(name) is True
     assert remove_netns(name) is False
+
+
+def test_kept_links_follow_the_kernel_and_the_namespaces_name(netns_prefix: str) -> None:
+    """`KeptRtnl` lists the links of the namespace its name stands for now: again only
+    after the kernel said a link changed, made again when the name is given to another
+    namespace, an error when it is gone, and after a failed request with sockets of
+    its own again."""
+    name = f"{netns_prefix}-k"
+    create_netns(name)
+    kept = KeptRtnl(name)
+
+    def names() -> set[str]:
+        return {lk.name for lk in kept.links()}
+
+    def add_bridge(bridge: str) -> None:
+        with entered(name), Rtnl() as nl:
+            nl.add_bridge(bridge)
+
+    try:
+        add_bridge(f"{netns_prefix}br1")
+        assert f"{netns_prefix}br1" in names()
+        first = kept._nl
+        assert first is not None
+        first.sock.close()  # no change since: the last listing, no request made
+        assert f"{netns_prefix}br1" in names()
+        add_bridge(f"{netns_prefix}br3")  # a change: listed again, on the closed socket
+        with pytest.raises(OSError):
+            kept.links()
+        assert {f"{netns_prefix}br1", f"{netns_prefix}br3"} <= names()  # sockets anew
+        with entered(name), Rtnl() as nl:  # a change of a link's state is one too
+            link = nl.link(f"{netns_prefix}br1")
+            assert link is not None and not link.up
+            nl.set_up(link.index)
+        assert next(lk for lk in kept.links() if lk.name == f"{netns_prefix}br1").up
+        remove_netns(name)
+        with pytest.raises(NetError, match="does not exist"):
+            kept.links()
+        create_netns(name)  # another namespace by the same name
+        add_bridge(f"{netns_prefix}br2")
+        now = names()
+        assert f"{netns_prefix}br2" in now and f"{netns_prefix}br1" not in now
+    finally:
+        kept.close()
+        remove_netns(name)
 
 
 def test_sysctl_is_per_namespace(host_netns: str) -> None:

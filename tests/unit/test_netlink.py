@@ -90,3 +90,25 @@ def test_sequences_start_apart() -> None:
     seq = nl.sequence()
     first = next(seq)
     assert next(seq) == first + 1 and first % 256 == 0
+
+
+@pytest.mark.parametrize(("answers", "seen", "left"), [
+    ([BlockingIOError()], False, 0),  # nothing came: the one certain "no"
+    ([b"\x10", b"\x10", BlockingIOError()], True, 0),  # drained to the end
+    ([OSError(errno.ENOBUFS, "lost"), BlockingIOError()], True, 0),  # lost: maybe anything
+    ([b""], True, 0),  # the socket closed under us
+    ([OSError(errno.EBADF, "bad"), b"\x10"], True, 1),  # failed: said yes, stops
+])
+def test_drained_says_no_only_when_certainly_nothing_came(answers: list[object], seen: bool,
+                                                          left: int) -> None:
+    queue = list(answers)
+
+    def recv() -> bytes:
+        item = queue.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, bytes)
+        return item
+
+    assert nl.drained(recv) is seen
+    assert len(queue) == left

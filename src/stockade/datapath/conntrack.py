@@ -57,6 +57,7 @@ from stockade.netlink import (
     NetlinkError,
     attr,
     attr_map,
+    drained,
     nested,
     nfnl_message,
     read_acks,
@@ -380,15 +381,5 @@ class Arrivals:
         """True unless the namespace certainly tracked no new connection since the last
         call (or since the socket opened); drains what came."""
         setting, self._events = self._events, self._setting()
-        arrived = not setting or not self._events
-        while True:
-            try:
-                if not self.sock.recv(RECV_SIZE):
-                    return True
-                arrived = True
-            except BlockingIOError:
-                return arrived
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    return True
-                arrived = True  # events were lost: anything may have come
+        came = drained(lambda: self.sock.recv(RECV_SIZE))
+        return came or not setting or not self._events

@@ -42,6 +42,7 @@ Public API::
         .set_up(i) .set_master(i, master) .delete_link(i)
         .addresses(i) .add_address(i, address, prefixlen) .delete_address(i, address, prefixlen)
         .routes(family) .replace_route(dst, prefixlen, oif, gateway="", priority=None, table=None)
+    KeptRtnl(netns)  .links()  .close()                   (kept open in a namespace)
     ensure_bridge(nl, name) -> Link                       (made if missing, up)
     ensure_addresses(nl, index, wanted, exclusive=False)  (ipaddress interfaces)
     delete_link(nl, name) -> bool                         (False: it was gone)
@@ -52,12 +53,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import os
 import socket
 import struct
+import threading
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from stockade.errors import NetError
+from stockade.net.namespace import entered, netns_path
 from stockade.netlink import (
     NETLINK_ROUTE,
     NLM_F_ACK,
@@ -73,6 +77,7 @@ from stockade.netlink import (
     attr_map,
     attr_str,
     attr_u32,
+    drained,
     error_code,
     iter_messages,
     message,
@@ -433,3 +438,86 @@ def delete_link(nl: Rtnl, name: str) -> bool:
             raise
         return False
     return True
+
+
+# rtnetlink's multicast group of link changes, as the mask `bind` takes (RTMGRP_LINK)
+RTMGRP_LINK = 1
+
+
+class KeptRtnl:
+    """The links of a network namespace, for a caller that asks again and again (the
+    eBPF datapath lists its bridge ports at every apply). Listed again only when the
+    kernel has said a link changed since (a socket on rtnetlink's group of link
+    changes, drained without decoding): a listing decodes every attribute of every
+    link, 4 ms at 100 bridge ports. The sockets are kept open in the namespace
+    (entering it and opening one cost more than a dump: 111 against 31 µs), and made
+    again when its name comes to stand for another namespace (its file's inode), and
+    after a request that failed (half an answer must not meet the next request).
+    Thread-safe."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns  # None: the namespace of the thread that first asks
+        self._lock = threading.Lock()
+        self._nl: Rtnl | None = None
+        self._events: socket.socket | None = None  # the group of link changes
+        self._listed: list[Link] | None = None  # the last listing, until a change
+        self._made_in: tuple[int, int] | None = None
+
+    def _namespace(self) -> tuple[int, int] | None:
+        if self.netns is None:
+            return None
+        path = self.netns if self.netns.startswith("/") else netns_path(self.netns)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise NetError(f"network namespace {self.netns!r} does not exist") from None
+        return st.st_dev, st.st_ino
+
+    def links(self) -> list[Link]:
+        where = self._namespace()
+        with self._lock:
+            if self._nl is None or self._events is None or where != self._made_in:
+                self._open()
+                self._made_in = where
+            # drained before the dump: a change during it is read at the next call
+            elif not drained(self._event) and self._listed is not None:
+                return list(self._listed)
+            assert self._nl is not None
+            try:
+                self._listed = self._nl.links()
+            except BaseException:
+                self._drop()
+                raise
+            return list(self._listed)
+
+    def _event(self) -> bytes:
+        assert self._events is not None
+        return self._events.recv(1 << 16)
+
+    def _open(self) -> None:
+        """Both sockets in the namespace, the group's bound before the first dump."""
+        self._drop()
+        with entered(self.netns):
+            events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                   NETLINK_ROUTE)
+            try:
+                events.bind((0, RTMGRP_LINK))
+                events.setblocking(False)
+                self._nl = Rtnl()
+            except BaseException:
+                events.close()
+                raise
+        self._events = events
+
+    def _drop(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        self._listed = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
