@@ -420,7 +420,7 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
             os.close(fd)
     assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
     # An apply asks the kernel only about ports come or gone (at 100 ports, asking about
-    # each link took 7 ms an apply); the check the agent polls every second sees it,
+    # each link took 4.7 ms an apply); the check the agent polls every second sees it,
     # and the verifying apply it then runs repairs it.
     assert datapath.apply(rs).empty and datapath.last_drift is None
     assert not datapath.skeleton_intact()

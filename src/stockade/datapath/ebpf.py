@@ -782,7 +782,7 @@ class EbpfDatapath:
 
         Only a full check (`full`: reading the kernel back, and the link poll's
         `skeleton_intact` every second) asks the kernel about each port's programs:
-        with tcx, a pin opened and its link's info read (7 ms an apply at 100 ports);
+        with tcx, a pin opened and its link's info read (4.7 ms an apply at 100 ports);
         with clsact, a `tc` process per port and hook. Otherwise a pin of a port there
         (or a filter attached since the last full check) is taken as attached, and
         only ports come and gone are seen: an apply costs what its change does, not

@@ -449,7 +449,7 @@ class KeptRtnl:
     eBPF datapath lists its bridge ports at every apply). Listed again only when the
     kernel has said a link changed since (a socket on rtnetlink's group of link
     changes, drained without decoding): a listing decodes every attribute of every
-    link, 4 ms at 100 bridge ports. The sockets are kept open in the namespace
+    link, 4.6 ms at 100 bridge ports. The sockets are kept open in the namespace
     (entering it and opening one cost more than a dump: 111 against 31 µs), and made
     again when its name comes to stand for another namespace (its file's inode), and
     after a request that failed (half an answer must not meet the next request).
