@@ -33,8 +33,9 @@ build/cni/stockade-cni: cni/stockade-cni.c
 	gcc -O2 -Wall -Wextra -Werror -o $@ \
 	  -DSTOCKADE_CNI_PYTHON='"$(abspath $(VENV))/bin/stockade-cni"' $<
 
+# The slowest tests are listed so the CI budget (45 minutes) stays in view.
 test: $(STAMP) lint bpf cni
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=60
 
 # Every benchmark at report size (about half an hour here), written to docs/benchmarks.md.
 bench: $(STAMP)
