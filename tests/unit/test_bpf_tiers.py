@@ -63,9 +63,10 @@ def _annotated(cluster: Cluster, data: st.DataObject) -> Cluster:
 
 def _agrees(sc: Scenario, rs: Ruleset, state: bpf.BpfState) -> int:
     checked = 0
+    judge = bpf.Judge(state)
     for flow in sc.flows():
         want = interpret.allows(rs, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
-        got = bpf.allows(state, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
+        got = judge.allows(flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
         assert got == want, (flow, want)
         checked += 1
     return checked
@@ -139,12 +140,12 @@ def test_keeps_what_the_revoker_keeps(sc: Scenario, data: st.DataObject) -> None
     cluster = _annotated(sc.cluster, data)
     ev = Evaluator(cluster)
     keep = keeping_policies(ev)
-    state = bpf.compile_state(compile_cluster(cluster))
+    judge = bpf.Judge(bpf.compile_state(compile_cluster(cluster)))
     kept = cut = by_tier = 0
     for flow in sc.flows():
         verdict = ev.verdict(flow)
         want = not should_cut(verdict, keep)
-        got = bpf.keeps_connection(state, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
+        got = judge.keeps_connection(flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
         assert got == want, (flow, want)
         if not verdict.allowed:
             kept, cut = kept + want, cut + (not want)

@@ -25,12 +25,12 @@ def test_the_maps_give_every_expected_verdict_of_the_corpus() -> None:
         pytest.skip(f"no conformance corpus at {CORPUS}")
     checked = 0
     for case in load_cases([str(CORPUS)]):
-        state = bpf.compile_state(compile_cluster(case.cluster))
+        judge = bpf.Judge(bpf.compile_state(compile_cluster(case.cluster)))
         ev = Evaluator(case.cluster)
         for group in case.probes:
             for src, dst in case.pairs():
                 flow = ev.flow(src, dst, group.port, group.protocol)
-                got = bpf.allows(state, flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
+                got = judge.allows(flow.src_ip, flow.dst_ip, flow.protocol, flow.port)
                 assert got == group.expected(src.key, dst.key), (case.id, group.render(),
                                                                   src.key, dst.key)
                 checked += 1

@@ -105,7 +105,7 @@ from stockade.compile.ir import (
     guard_of,
 )
 from stockade.errors import DataplaneError
-from stockade.model.cidr import is_canonical_ipv4, parse_cidr, parse_ip
+from stockade.model.cidr import Address, is_canonical_ipv4, parse_cidr, parse_ip
 
 WORLD4, WORLD6, ANY4, ANY6 = 1, 2, 3, 4
 KEEP_MARK = 0  # the policy key's identity that marks a policy keeping connections
@@ -934,31 +934,55 @@ def _denying(state: BpfState, stages: tuple[int, ...], ident: int, fam: int, pro
     return 0, 0
 
 
-def _sides(state: BpfState, src: str, dst: str, protocol: str, port: int
-           ) -> tuple[Denial, Denial]:
-    """What denies the source's egress and the destination's ingress ((0, 0): nothing)."""
-    s, d = parse_ip(src), parse_ip(dst)
-    assert s is not None and d is not None
-    if s == d:
-        return (0, 0), (0, 0)
-    proto = PROTOCOLS[protocol]
-    si, di = _lookup_ip(state, s), _lookup_ip(state, d)
-    return (_denying(state, si[5:7], di[0], s.version, proto, port),
-            _denying(state, di[3:5], si[0], s.version, proto, port))
+class Judge:
+    """The program's decisions over one state, as it judges packets (its `judge`, in
+    Python). Each address is looked up once: a model asked about every pair of a
+    cluster's addresses otherwise walks every prefix length of each again and again."""
+
+    def __init__(self, state: BpfState) -> None:
+        self.state = state
+        self._looked_up: dict[str, tuple[Address, IpInfo]] = {}
+
+    def _lookup(self, address: str) -> tuple[Address, IpInfo]:
+        """The address and its ipcache entry (the longest prefix)."""
+        found = self._looked_up.get(address)
+        if found is None:
+            parsed = parse_ip(address)
+            assert parsed is not None, address
+            found = self._looked_up[address] = (parsed, _lookup_ip(self.state, parsed))
+        return found
+
+    def sides(self, src: str, dst: str, protocol: str, port: int) -> tuple[Denial, Denial]:
+        """What denies the source's egress and the destination's ingress ((0, 0):
+        nothing)."""
+        (s, si), (d, di) = self._lookup(src), self._lookup(dst)
+        if s == d:
+            return (0, 0), (0, 0)
+        proto = PROTOCOLS[protocol]
+        return (_denying(self.state, si[5:7], di[0], s.version, proto, port),
+                _denying(self.state, di[3:5], si[0], s.version, proto, port))
+
+    def allows(self, src: str, dst: str, protocol: str, port: int) -> bool:
+        """What the program decides for a new connection."""
+        return self.sides(src, dst, protocol, port) == ((0, 0), (0, 0))
+
+    def keeps_connection(self, src: str, dst: str, protocol: str, port: int) -> bool:
+        """Whether the program, judging a tracked connection again after a policy
+        change, lets it live: allowed, or every denying side kept (its deciding entry
+        has KEEP_BIT, or its stage's policy the keep mark)."""
+        return all(not pid or value & KEEP_BIT
+                   or _policy_lookup(self.state, pid, KEEP_MARK, 0, 0) is not None
+                   for pid, value in self.sides(src, dst, protocol, port))
 
 
 def allows(state: BpfState, src: str, dst: str, protocol: str, port: int) -> bool:
-    """What the program decides for a new connection (the program's `judge`, in Python)."""
-    return _sides(state, src, dst, protocol, port) == ((0, 0), (0, 0))
+    """`Judge.allows` of one connection (many over one state: a `Judge`)."""
+    return Judge(state).allows(src, dst, protocol, port)
 
 
 def keeps_connection(state: BpfState, src: str, dst: str, protocol: str, port: int) -> bool:
-    """Whether the program, judging a tracked connection again after a policy change,
-    lets it live: allowed, or every denying side kept (its deciding entry has
-    KEEP_BIT, or its stage's policy the keep mark)."""
-    return all(not pid or value & KEEP_BIT
-               or _policy_lookup(state, pid, KEEP_MARK, 0, 0) is not None
-               for pid, value in _sides(state, src, dst, protocol, port))
+    """`Judge.keeps_connection` of one connection."""
+    return Judge(state).keeps_connection(src, dst, protocol, port)
 
 
 # ---- back to the ruleset ------------------------------------------------------------------
