@@ -29,7 +29,14 @@ import threading
 import time
 from pathlib import Path
 
-from common import AgentProcess, baseline_tree, exit_on_sigterm, pct, print_table
+from common import (
+    AgentProcess,
+    add_ports,
+    baseline_tree,
+    exit_on_sigterm,
+    pct,
+    print_table,
+)
 from results import Results
 from stockade.agent.client import AgentClient
 from stockade.net.namespace import create_netns, remove_netns
@@ -157,8 +164,7 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
         try:
             for j, (name, tree) in enumerate(trees.items()):
                 host = f"{tag}-v{j}"
-                create_netns(host)
-                spaces.append(host)
+                node_namespace(args, host, spaces)
                 d = tmp / f"v{j}"
                 d.mkdir()
                 agents[name] = TreeAgent(d, host, tree, *agent_args(args))
@@ -168,8 +174,7 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
                 # More loads, each into an agent of its own, the trees taking turns.
                 for j, name in enumerate(list(trees) if i % 2 else list(trees)[::-1]):
                     host = f"{tag}-l{i}{j}"
-                    create_netns(host)
-                    spaces.append(host)
+                    node_namespace(args, host, spaces)
                     d = tmp / f"l{i}{j}"
                     d.mkdir()
                     extra = TreeAgent(d, host, trees[name], *agent_args(args))
@@ -238,6 +243,16 @@ def side_by_side(args: argparse.Namespace, tmp: Path, tag: str,
 Goal = tuple[str, str, bool]  # (goal, measured, met)
 
 
+def node_namespace(args: argparse.Namespace, host: str, spaces: list[str]) -> None:
+    """The agent's namespace, with `--ports` veth ports on a bridge as a node's pods
+    (what the eBPF datapath attaches to); every namespace made is listed in `spaces`."""
+    create_netns(host)
+    spaces.append(host)
+    peers = add_ports(host, args.ports)
+    if peers:
+        spaces.append(peers)
+
+
 def agent_args(args: argparse.Namespace) -> tuple[str, ...]:
     """The agent's arguments that choose its datapath (none: the default, nft), and with
     `--metrics` a metrics server on a free port, as the DaemonSet serves one."""
@@ -256,8 +271,7 @@ def alone(args: argparse.Namespace, tmp: Path, tag: str, spaces: list[str],
         # A namespace each: the empty agent's table outlives it (owned, persistent),
         # and an agent with a new, empty store refuses to replace a table in force.
         host = f"{tag}-{d.name}"
-        create_netns(host)
-        spaces.append(host)
+        node_namespace(args, host, spaces)
         agent = AgentProcess(d, host, *agent_args(args))
         agent.start()
         try:
@@ -335,6 +349,8 @@ def main() -> None:
                     help="side by side: loads into fresh agents, in turns, besides the first")
     ap.add_argument("--datapath", default="nft", choices=("nft", "iptables", "ebpf"),
                     help="the agent's datapath (the goals are the same on each)")
+    ap.add_argument("--ports", type=int, default=0,
+                    help="veth ports on a bridge in each agent's namespace (a node's pods)")
     ap.add_argument("--metrics", action="store_true",
                     help="each agent serves /metrics (as deploy/agent-daemonset.yaml runs it)")
     ap.add_argument("--json", metavar="FILE", help="also write the results for bench/report.py")
@@ -358,8 +374,9 @@ def main() -> None:
     out = Results("agent", " ".join(["bench/agent.py", *sys.argv[1:]]))
     out.table(f"the agent with {args.pods:,} pods and {args.policies:,} policies",
               ("measure", "value", "notes"), rows)
-    size = f" ({args.pods:,} pods, {args.policies:,} policies" + (
-        f", {args.datapath})" if args.datapath != "nft" else ")")
+    size = (f" ({args.pods:,} pods, {args.policies:,} policies"
+            + (f", {args.datapath}" if args.datapath != "nft" else "")
+            + (f", {args.ports} bridge ports" if args.ports else "") + ")")
     for text, measured, met in goals:
         out.goal(text + size, measured, met)
     out.write(args.json)

@@ -57,6 +57,29 @@ def baseline_tree(rev: str) -> Iterator[Path]:
         shutil.rmtree(where, ignore_errors=True)
 
 
+def add_ports(host: str, count: int) -> str | None:
+    """`count` veth ports on a bridge `br0` in the namespace `host`, as a node's pods
+    are (each port's other end in a namespace of its own, whose name is returned for
+    `remove_netns`; None when `count` is 0). The eBPF datapath attaches its programs to
+    every port, and what an agent pays for them is part of a node's figures."""
+    if not count:
+        return None
+    from stockade.net.namespace import create_netns, entered, netns_path
+    from stockade.net.rtnl import Rtnl, ensure_bridge
+
+    peers = f"{host}-peers"
+    create_netns(peers)
+    fd = os.open(netns_path(peers), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with entered(host), Rtnl() as nl:
+            bridge = ensure_bridge(nl, "br0").index
+            for i in range(count):
+                nl.add_veth(f"port{i}", bridge, f"peer{i}", fd)
+    finally:
+        os.close(fd)
+    return peers
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM (as `timeout` sends) unwinds like Ctrl-C, so that a benchmark's `finally`
     stops its agent and removes its namespaces instead of leaving them behind. Only

@@ -11,8 +11,13 @@ incremental compiler's next ruleset to `EbpfDatapath.apply`). The two trees take
 Run as root: each run loads the program into a namespace of its own and removes it.
 `--ports N` puts N veth ports on a bridge in that namespace first, as a node's pods
 are (the programs are attached to each): what an apply pays for the ports it keeps.
+Every tenth change two more are timed: a new port put on the bridge and the apply that
+attaches the programs to it (what a pod's ADD waits for), and the link check the
+agent polls every second (`skeleton_intact`). `--attach clsact` takes the fallback of
+kernels without tcx links.
 
-    .venv/bin/python bench/ebpf_change.py --baseline REV [--runs 3] [--changes 300] [--ports N]
+    .venv/bin/python bench/ebpf_change.py --baseline REV [--runs 3] [--changes 300] \
+        [--ports N] [--attach tcx|clsact]
 """
 
 from __future__ import annotations
@@ -27,12 +32,22 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, SRC, baseline_tree, byte_compile, exit_on_sigterm, pct, print_table
+from common import (
+    ROOT,
+    SRC,
+    add_ports,
+    baseline_tree,
+    byte_compile,
+    exit_on_sigterm,
+    pct,
+    print_table,
+)
 
 KINDS = ("add", "delete")
+EVERY_TENTH = ("new port", "link check")
 
 
-def child(pods: int, policies: int, changes: int, ports: int) -> None:
+def child(pods: int, policies: int, changes: int, ports: int, attach: str) -> None:
     """One run in this process (whose `stockade` is the tree under test): JSON on stdout."""
     from stockade.compile.incremental import IncrementalCompiler
     from stockade.datapath.ebpf import EbpfDatapath
@@ -43,25 +58,20 @@ def child(pods: int, policies: int, changes: int, ports: int) -> None:
     from synthetic import make_cluster
 
     host = f"ec{secrets.token_hex(2)}-host"
-    peers = f"{host[:6]}-peers"  # the other ends of the ports' veths
     create_netns(host)
-    create_netns(peers)
-    dp = EbpfDatapath("bench", netns=host)
+    peers = None
+    dp = EbpfDatapath("bench", netns=host, attach=attach)
     try:
-        if ports:
-            fd = os.open(netns_path(peers), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                with entered(host), Rtnl() as nl:
-                    bridge = ensure_bridge(nl, "br0").index
-                    for i in range(ports):
-                        nl.add_veth(f"port{i}", bridge, f"peer{i}", fd)
-            finally:
-                os.close(fd)
+        peers = add_ports(host, ports)
+        if peers is None:  # for the new ports' other ends
+            peers = f"{host}-peers"
+            create_netns(peers)
         dp.check()
         inc = IncrementalCompiler.of(make_cluster(pods, policies))
         dp.apply(inc.ruleset())
         labels = Labels({"app": "app7", "tier": "api", "env": "prod"})  # in no pod of ns3
-        times: dict[str, list[float]] = {k: [] for k in KINDS}
+        times: dict[str, list[float]] = {k: [] for k in KINDS + EVERY_TENTH}
+        peers_fd = os.open(netns_path(peers), os.O_RDONLY | os.O_CLOEXEC)
         for i in range(changes):
             # the pod network's addresses past its pods, as bench/agent.py adds them
             address = f"10.128.{250 + i // 250 % 6}.{i % 250 + 1}"
@@ -73,18 +83,31 @@ def child(pods: int, policies: int, changes: int, ports: int) -> None:
                 times[kind].append((time.perf_counter() - t0) * 1000)
                 if kind == "add":
                     inc.delete_endpoint(f"ns3/new{i}")
+            if i % 10 == 0:
+                with entered(host), Rtnl() as nl:
+                    nl.add_veth(f"new{i}", ensure_bridge(nl, "br0").index, f"newpeer{i}",
+                                peers_fd)
+                t0 = time.perf_counter()
+                dp.apply(rs)
+                times["new port"].append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                intact = dp.skeleton_intact()
+                times["link check"].append((time.perf_counter() - t0) * 1000)
+                assert intact
+        os.close(peers_fd)
         print(json.dumps(times))
     finally:
         dp.remove()
         remove_netns(host)
-        remove_netns(peers)
+        if peers:
+            remove_netns(peers)
 
 
 def run(src: Path, args: argparse.Namespace) -> dict[str, list[float]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(src), str(ROOT / "bench")))}
     out = subprocess.run([sys.executable, __file__, "--child", "--pods", str(args.pods),
                           "--policies", str(args.policies), "--changes", str(args.changes),
-                          "--ports", str(args.ports)],
+                          "--ports", str(args.ports), "--attach", args.attach],
                          env=env, check=True, capture_output=True, text=True)
     got: dict[str, list[float]] = json.loads(out.stdout.strip().splitlines()[-1])
     return got
@@ -100,10 +123,12 @@ def main() -> None:
     ap.add_argument("--policies", type=int, default=1_000)
     ap.add_argument("--ports", type=int, default=0,
                     help="veth ports on a bridge in the namespace (a node's pods)")
+    ap.add_argument("--attach", default="tcx", choices=("tcx", "clsact"),
+                    help="tcx links, or clsact filters (kernels before 6.6)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.pods, args.policies, args.changes, args.ports)
+        child(args.pods, args.policies, args.changes, args.ports, args.attach)
         return
     if not args.baseline:
         ap.error("--baseline REV is required")
@@ -116,11 +141,12 @@ def main() -> None:
                 results.setdefault(name, []).append(run(src, args))
     rows = []
     for name, runs in results.items():
-        for kind in KINDS:
+        for kind in KINDS + EVERY_TENTH:
             p50s = [statistics.median(r[kind]) for r in runs]
             p99s = [pct(r[kind], 99) for r in runs]
             rows.append((f"[{name}] {kind}, {args.pods} endpoints, {args.policies} policies"
-                         + (f", {args.ports} ports" if args.ports else ""),
+                         + (f", {args.ports} ports" if args.ports else "")
+                         + (", clsact" if args.attach == "clsact" else ""),
                          f"{statistics.median(p50s):.2f} ms",
                          f"p99 {statistics.median(p99s):.2f} ms; per run p50 "
                          + ", ".join(f"{v:.2f}" for v in p50s)

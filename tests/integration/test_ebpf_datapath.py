@@ -438,6 +438,37 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
     assert len([p for p in os.listdir(datapath.dir) if p.startswith("link-")]) == 6
 
 
+def test_the_link_check_holds_no_change_back_unless_something_looks_wrong(
+        trio, datapath) -> None:
+    # The agent polls the check every second; under the datapath's lock it would
+    # hold every change back for as long as it asks about each port's links.
+    datapath.apply(compile_cluster(cluster(trio, allow_only("a", "b"))))
+    answers: list[bool] = []
+
+    def check() -> None:
+        answers.append(datapath.skeleton_intact())
+
+    with datapath._lock:  # an apply under way
+        asked = threading.Thread(target=check)
+        asked.start()
+        asked.join(10)
+        assert answers == [True]
+        pin = next(p for p in os.listdir(datapath.dir) if p.startswith("link-"))
+        fd = libbpf.obj_get(str(datapath.dir / pin))
+        try:
+            libbpf.link_detach(fd)
+        finally:
+            os.close(fd)
+        # what looks wrong is asked again once the apply is done (it may have been
+        # halfway through that port)
+        asked = threading.Thread(target=check)
+        asked.start()
+        asked.join(0.5)
+        assert asked.is_alive() and answers == [True]
+    asked.join(10)
+    assert answers == [True, False]
+
+
 def test_the_pin_directory_removed_is_made_again_and_everything_pinned(
         trio, datapath, servers) -> None:
     # `rm -rf` of the pins under a running process: the links, held by their pins
@@ -574,12 +605,30 @@ def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:
         dp.apply(rs)
         assert not [p for p in os.listdir(dp.dir) if p.startswith("link-")]
         assert denied(trio) == A_ONLY_FROM_B
-        # a deleted filter is found by a verifying apply and put back
+        assert dp.skeleton_intact()
+        # another filter on the hook, at a priority not stockade's, is not stockade's
+        # to judge (the check reads only its own priority)
+        with entered(trio.host_netns):  # `ip netns exec` would hide bpffs
+            out = subprocess.run(["tc", "filter", "add", "dev", trio.b.host_ifname, "ingress",
+                                  "pref", "7", "bpf", "direct-action", "object-pinned",
+                                  str(dp.dir / "prog_from_pod")],
+                                 capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        try:
+            assert dp.skeleton_intact()
+        finally:
+            with entered(trio.host_netns):
+                subprocess.run(["tc", "filter", "del", "dev", trio.b.host_ifname, "ingress",
+                                "pref", "7"], capture_output=True, check=True)
+        # a deleted filter is found by the check the agent polls (the filters read over
+        # netlink) and by a verifying apply, which puts it back
         out = subprocess.run(["ip", "netns", "exec", trio.host_netns, "tc", "filter", "del",
                               "dev", trio.a.host_ifname, "egress", "pref", str(dp._pref)],
                              capture_output=True, text=True, check=False)
         assert out.returncode == 0, out.stderr
+        assert not dp.skeleton_intact()
         dp.apply(rs, verify=True)
+        assert dp.skeleton_intact()
         assert dp.last_drift is not None
         assert denied(trio) == A_ONLY_FROM_B
         # a new process finds the mode among the pins and adopts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -22,6 +23,7 @@ from stockade.net.namespace import (
 from stockade.net.plumber import EndpointSpec, Plumber
 from stockade.net.rtnl import KeptRtnl, Rtnl
 from stockade.net.sysctl import read_sysctl, write_sysctl
+from stockade.netlink import NetlinkError
 
 pytestmark = pytest.mark.privileged
 
@@ -264,6 +266,35 @@ def test_kept_links_follow_the_kernel_and_the_namespaces_name(netns_prefix: str)
         add_bridge(f"{netns_prefix}br2")
         now = names()
         assert f"{netns_prefix}br2" in now and f"{netns_prefix}br1" not in now
+    finally:
+        kept.close()
+        remove_netns(name)
+
+
+def test_a_kept_socket_serves_requests_in_its_namespace(netns_prefix: str) -> None:
+    """`KeptRtnl.call`: in the namespace, not the caller's; the kernel's refusal keeps
+    the socket (its answer was read whole), anything else makes it anew."""
+    name = f"{netns_prefix}-c"
+    create_netns(name)
+    kept = KeptRtnl(name)
+    try:
+        kept.call(lambda nl: nl.add_bridge(f"{netns_prefix}brc"))
+        with entered(name), Rtnl() as nl:
+            assert nl.link(f"{netns_prefix}brc") is not None
+        with Rtnl() as nl:
+            assert nl.link(f"{netns_prefix}brc") is None  # not in this one
+        first = kept._nl
+        with pytest.raises(NetlinkError) as refused:
+            kept.call(lambda nl: nl.add_bridge(f"{netns_prefix}brc"))
+        assert refused.value.errno == errno.EEXIST and kept._nl is first
+
+        def broken(nl: Rtnl) -> None:
+            raise ValueError("half an answer")
+
+        with pytest.raises(ValueError):
+            kept.call(broken)
+        assert kept._nl is None
+        assert kept.call(lambda nl: nl.link(f"{netns_prefix}brc")) is not None
     finally:
         kept.close()
         remove_netns(name)

@@ -59,3 +59,26 @@ def test_a_bridge_says_whether_it_filters_vlans() -> None:
     assert not rtnl._link(_bridge_message(data(b"\x00"))).vlan_filtering
     link = rtnl._link(_bridge_message(b""))
     assert link.kind == "bridge" and link.name == "br0" and not link.vlan_filtering
+
+
+def test_a_tc_filter_dump_message_decodes_to_its_priority_and_program() -> None:
+    # as the kernel writes them (tcf_fill_node): a list's head, then each filter of it
+    def message(handle: int, kind: str, options: bytes = b"") -> bytes:
+        head = struct.pack("=BxHiIII", socket.AF_UNSPEC, 0, 7, handle,
+                           rtnl.CLSACT_EGRESS, (49152 << 16) | 0x0300)
+        return head + netlink.attr_str(rtnl.TCA_KIND, kind) + (
+            netlink.attr(rtnl.TCA_OPTIONS, options) if options else b"")
+
+    bpf_options = (netlink.attr_str(7, "stockade_egress")  # TCA_BPF_NAME
+                   + netlink.attr_u32(rtnl.TCA_BPF_ID, 4242))
+    assert rtnl._tc_filter(message(0, "bpf")) == rtnl.TcFilter(49152, "bpf")
+    assert rtnl._tc_filter(message(1, "bpf", bpf_options)) == rtnl.TcFilter(
+        49152, "bpf", 1, 4242)
+    # another classifier's options are not a bpf filter's (its attribute 11 is not an id)
+    assert rtnl._tc_filter(message(1, "u32", netlink.attr_u32(rtnl.TCA_BPF_ID, 9))) == \
+        rtnl.TcFilter(49152, "u32", 1)
+
+
+def test_filters_of_a_link_without_clsact_are_none() -> None:
+    with rtnl.Rtnl() as nl:
+        assert nl.filters(1, rtnl.CLSACT_INGRESS) == []

@@ -54,10 +54,12 @@ every prefix it judges) takes the flip.
 
 **Attachment.** tcx links (kernel >= 6.6) on the host side of every veth that is
 a bridge port in the namespace: `tcx/ingress` judges packets leaving the pod,
-`tcx/egress` packets entering it. Each apply attaches new ports and checks
-every link (a link detached, unpinned or pointing at another program is drift,
-repaired and reported); links of vanished interfaces are unpinned. Where tcx is
-missing, clsact with `tc` (direct action, pinned program) is the fallback.
+`tcx/egress` packets entering it. Each apply attaches new ports and unpins the
+links of vanished ones; a full check (the agent's poll every second, outside the
+lock, and every verifying apply) asks about every link: one detached, unpinned or
+pointing at another program is drift, repaired and reported. Where tcx is missing,
+clsact filters (direct action) are the fallback, made, read and removed over
+rtnetlink (`net/rtnl.py`), never through a `tc` process.
 
 **Conntrack** is the program's own (not the kernel's through bpf_skb_ct_lookup):
 it works whether or not netfilter tracks the bridge's traffic, and lets a policy
@@ -137,7 +139,6 @@ import functools
 import hashlib
 import ipaddress
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -161,7 +162,8 @@ from stockade.datapath.nflog import LoggedPacket
 from stockade.errors import DataplaneError, NetError
 from stockade.heap import collector_paused
 from stockade.net.namespace import entered, netns_exists
-from stockade.net.rtnl import KeptRtnl, Link
+from stockade.net.rtnl import CLSACT_EGRESS, CLSACT_INGRESS, KeptRtnl, Link, Rtnl
+from stockade.netlink import NetlinkError
 
 SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "stockade.bpf.c"
 PIN_ROOT = Path("/sys/fs/bpf")
@@ -593,7 +595,7 @@ class EbpfDatapath:
                 f"remove --datapath ebpf`, then apply again (nothing is enforced between)")
 
     def _resolve_mode(self) -> str:
-        """tcx links where the kernel has them (Linux >= 6.6), else clsact through `tc`.
+        """tcx links where the kernel has them (Linux >= 6.6), else clsact filters.
 
         A datapath that attached with clsact leaves a `mode-clsact` directory among its
         pins, so a later process (and `remove`) knows where its filters are.
@@ -619,15 +621,6 @@ class EbpfDatapath:
         finally:
             os.close(fd)
         return True
-
-    def _tc(self, *args: str, check: bool = True) -> str:
-        """`tc ARGS` in the datapath's namespace (the child inherits the thread's)."""
-        with entered(self.netns):
-            run = subprocess.run(["tc", *args], capture_output=True, text=True, check=False)
-        if check and run.returncode != 0:
-            raise DataplaneError("tc refused", command="tc " + " ".join(args),
-                                 stderr=run.stderr)
-        return run.stdout
 
     def _relink(self, hook: str, prog_fd: int) -> None:
         """A new build of the program: every link of this hook switches to it atomically."""
@@ -783,7 +776,7 @@ class EbpfDatapath:
         Only a full check (`full`: reading the kernel back, and the link poll's
         `skeleton_intact` every second) asks the kernel about each port's programs:
         with tcx, a pin opened and its link's info read (4.7 ms an apply at 100 ports);
-        with clsact, a `tc` process per port and hook. Otherwise a pin of a port there
+        with clsact, a dump of the filters of each port's hooks. Otherwise a pin of a port there
         (or a filter attached since the last full check) is taken as attached, and
         only ports come and gone are seen: an apply costs what its change does, not
         what the node's pods are. A link detached meanwhile is found by the next poll,
@@ -793,17 +786,14 @@ class EbpfDatapath:
             ports = self._ports()
         out: dict[str, str] = {}
         if self._mode == "clsact":
-            for port_index, ifname in ports.items():
+            for port_index in ports:
                 for hook in ATTACH:
                     key = f"link-{port_index}-{hook}"
                     if not full:
                         out[key] = "" if key in self._attached else "missing"
                         continue
-                    shown = self._tc("filter", "show", "dev", ifname,
-                                     "ingress" if hook == "in" else "egress",
-                                     "pref", str(self._pref), check=False)
-                    ids = [int(x) for x in re.findall(r"\bid (\d+)", shown)]
-                    out[key] = ("missing" if not ids else "" if ids == [self._prog_ids[hook]]
+                    ids = self._filter_programs(port_index, hook)
+                    out[key] = ("missing" if not ids else "" if ids == [self._prog_ids.get(hook)]
                                 else f"runs program {ids[0]}, not stockade's")
             return out
         for pin in self._link_pins():
@@ -833,12 +823,22 @@ class EbpfDatapath:
                 out.setdefault(f"link-{port}-{direction}", "missing")
         return out
 
+    def _filter_programs(self, index: int, hook: str) -> list[int]:
+        """The programs of the bpf filters at stockade's priority on a port's clsact
+        hook (a netlink dump: a `tc` process a port and hook, every second, took most
+        of a core at 100 ports)."""
+        parent = CLSACT_INGRESS if hook == "in" else CLSACT_EGRESS
+        try:
+            found = self._links.call(lambda nl: nl.filters(index, parent))
+        except NetlinkError as exc:
+            if exc.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                return []  # the port went meanwhile
+            raise
+        return [f.program for f in found if f.pref == self._pref and f.program]
+
     def _attach(self, index: int, hook: str, ifname: str) -> None:
         if self._mode == "clsact":
-            self._tc("qdisc", "add", "dev", ifname, "clsact", check=False)  # EEXIST is fine
-            self._tc("filter", "replace", "dev", ifname, "ingress" if hook == "in" else "egress",
-                     "pref", str(self._pref), "handle", "1", "bpf", "direct-action",
-                     "object-pinned", self._pin(f"prog_{PROGRAMS[hook].removeprefix('stockade_')}"))
+            self._attach_filter(index, hook, ifname)
             self._attached.add(f"link-{index}-{hook}")
             return
         pin = self._pin(f"link-{index}-{hook}")
@@ -861,13 +861,32 @@ class EbpfDatapath:
             os.close(fd)
         self._attached.add(f"link-{index}-{hook}")
 
+    def _attach_filter(self, index: int, hook: str, ifname: str) -> None:
+        """clsact's filter of the hook's program on a port, over netlink (what `tc
+        filter replace ... bpf direct-action` does, without two processes a hook)."""
+        parent = CLSACT_INGRESS if hook == "in" else CLSACT_EGRESS
+
+        def attach(nl: Rtnl) -> None:
+            with contextlib.suppress(NetlinkError):  # EEXIST: there already
+                nl.add_clsact(index)
+            nl.replace_bpf_filter(index, parent, self._pref, 1, self._progs[hook],
+                                  PROGRAMS[hook])
+
+        try:
+            self._links.call(attach)
+        except NetlinkError as exc:
+            raise DataplaneError(f"cannot attach the {PROGRAMS[hook]} filter to {ifname} "
+                                 f"(clsact): {exc.strerror}") from None
+
     def _unlink(self, pin: str, *, detach: bool, ifname: str = "") -> None:
         if self._mode == "clsact":
             self._attached.discard(pin)
             if ifname:
-                self._tc("filter", "del", "dev", ifname,
-                         "ingress" if pin.endswith("-in") else "egress",
-                         "pref", str(self._pref), check=False)
+                _, index, hook = pin.split("-")
+                parent = CLSACT_INGRESS if hook == "in" else CLSACT_EGRESS
+                with contextlib.suppress(NetlinkError):  # gone with its port, or never there
+                    self._links.call(lambda nl: nl.delete_filters(int(index), parent,
+                                                                  self._pref))
             return
         path = self._pin(pin)
         if detach:
@@ -914,12 +933,9 @@ class EbpfDatapath:
     # ---- the Datapath protocol --------------------------------------------------------------
 
     def check(self) -> None:
-        """Fail clearly unless bpffs, clang, the verifier and tcx links (or tc) work here."""
+        """Fail clearly unless bpffs, clang, the verifier and tcx links (or clsact) work."""
         with self._lock:
             self._load()
-            if self._mode == "clsact" and shutil.which("tc") is None:
-                raise DataplaneError("this kernel has no tcx links and `tc` (iproute2) is "
-                                     "missing for the clsact fallback")
 
     def snapshot(self, known: Mapping[str, Chain] | None = None) -> KernelSnapshot:
         ahead = self._ahead.take()  # outside the lock: the read holds it
@@ -1116,14 +1132,26 @@ class EbpfDatapath:
 
     def skeleton_intact(self) -> bool:
         """Whether the pins are there and every bridge port runs both programs (cheap
-        enough to poll every second or so: no map is read)."""
+        enough to poll every second or so: no map is read).
+
+        The kernel is asked outside the datapath's lock first: under it, the check
+        would hold every change back for as long as it takes (at 100 ports, 200 pins
+        opened and asked about; with clsact, two filter dumps a port). Only what
+        looks wrong then is asked again under the lock, since an apply may have been
+        halfway through a port or a new build of the programs.
+        """
+        if self._maps and self._intact():
+            return True
         with self._lock:
             if not self._exists():
                 return False
             self._load()
-            if not all(os.path.exists(self._pin(n)) for n in self._pin_names()):
-                return False
-            return all(not p or p == "gone" for p in self._check_links().values())
+            return self._intact()
+
+    def _intact(self) -> bool:
+        if not all(os.path.exists(self._pin(n)) for n in self._pin_names()):
+            return False
+        return all(not p or p == "gone" for p in self._check_links().values())
 
     @staticmethod
     def _pin_names() -> tuple[str, ...]:

@@ -42,7 +42,10 @@ Public API::
         .set_up(i) .set_master(i, master) .delete_link(i)
         .addresses(i) .add_address(i, address, prefixlen) .delete_address(i, address, prefixlen)
         .routes(family) .replace_route(dst, prefixlen, oif, gateway="", priority=None, table=None)
-    KeptRtnl(netns)  .links()  .close()                   (kept open in a namespace)
+        .filters(i, parent) -> [TcFilter(pref, kind, handle, program)]   (tc filter show)
+        .add_clsact(i) .replace_bpf_filter(i, parent, pref, handle, program_fd, name)
+        .delete_filters(i, parent, pref)
+    KeptRtnl(netns)  .links()  .call(fn of an Rtnl)  .close()    (kept open in a namespace)
     ensure_bridge(nl, name) -> Link                       (made if missing, up)
     ensure_addresses(nl, index, wanted, exclusive=False)  (ipaddress interfaces)
     delete_link(nl, name) -> bool                         (False: it was gone)
@@ -57,8 +60,9 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from stockade.errors import NetError
 from stockade.net.namespace import entered, netns_path
@@ -89,6 +93,8 @@ from stockade.netlink import (
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWQDISC = 36
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
@@ -98,6 +104,14 @@ VETH_INFO_PEER = 1
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_ID = 6, 7, 8, 11
+TCA_BPF_FLAG_ACT_DIRECT = 1
+# the clsact qdisc (TC_H_CLSACT) and its handle, and its two hooks as a filter's parent:
+# TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)
+TC_H_CLSACT, CLSACT_HANDLE = 0xFFFFFFF1, 0xFFFF0000
+CLSACT_INGRESS, CLSACT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
+ETH_P_ALL_BE = 0x0300  # htons(ETH_P_ALL): a filter of every protocol, as tc's default
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
@@ -109,8 +123,10 @@ _GONE = (errno.ENOENT, errno.ENODEV)
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
+_TCMSG = struct.Struct("=BxHiIII")  # family, pads, ifindex, handle, parent, info
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+T = TypeVar("T")
 
 def parse_attrs(data: bytes) -> dict[int, bytes]:
     """Attributes by type (the last one wins; nested ones stay raw; a truncated one ends)."""
@@ -156,6 +172,26 @@ class RouteEntry:
     gateway: str = ""
     oif: int = 0
     table: int = RT_TABLE_MAIN
+
+
+@dataclass(frozen=True)
+class TcFilter:
+    """A tc filter as a dump gives it: one message per filter, and one per list of
+    filters of a priority (their head: no handle, no options)."""
+
+    pref: int
+    kind: str
+    handle: int = 0
+    program: int = 0  # a bpf filter's program id
+
+
+def _tc_filter(body: bytes) -> TcFilter:
+    _, _, _, handle, _, info = _TCMSG.unpack_from(body)
+    attrs = parse_attrs(body[_TCMSG.size:])
+    kind = text(attrs.get(TCA_KIND))
+    options = parse_attrs(attrs.get(TCA_OPTIONS, b"")) if kind == "bpf" else {}
+    program = u32(options[TCA_BPF_ID]) if TCA_BPF_ID in options else 0
+    return TcFilter(info >> 16, kind, handle, program)
 
 
 def _link(body: bytes) -> Link:
@@ -284,6 +320,35 @@ class Rtnl:
 
     def links(self) -> list[Link]:
         return [_link(b) for b in self.dump(RTM_GETLINK, _ifinfo())]
+
+    def filters(self, index: int, parent: int) -> list[TcFilter]:
+        """The tc filters of a link's hook (`CLSACT_INGRESS`, `CLSACT_EGRESS`): what
+        `tc filter show dev DEV ingress` lists, without a process per question (none
+        when the link has no clsact qdisc)."""
+        body = _TCMSG.pack(socket.AF_UNSPEC, 0, index, 0, parent, 0)
+        return [_tc_filter(b) for b in self.dump(RTM_GETTFILTER, body)]
+
+    def add_clsact(self, index: int) -> None:
+        """`tc qdisc add dev DEV clsact` (EEXIST when it is there)."""
+        body = (_TCMSG.pack(socket.AF_UNSPEC, 0, index, CLSACT_HANDLE, TC_H_CLSACT, 0)
+                + attr_str(TCA_KIND, "clsact"))
+        self.request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, body)
+
+    def replace_bpf_filter(self, index: int, parent: int, pref: int, handle: int,
+                           program_fd: int, name: str) -> None:
+        """`tc filter replace dev DEV ingress|egress pref P handle H bpf direct-action
+        fd F`: made, or switched to the program in one step when it is there."""
+        options = (attr_u32(TCA_BPF_FD, program_fd) + attr_str(TCA_BPF_NAME, name)
+                   + attr_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT))
+        body = (_TCMSG.pack(socket.AF_UNSPEC, 0, index, handle, parent,
+                            (pref << 16) | ETH_P_ALL_BE)
+                + attr_str(TCA_KIND, "bpf") + attr(TCA_OPTIONS, options))
+        self.request(RTM_NEWTFILTER, NLM_F_CREATE, body)
+
+    def delete_filters(self, index: int, parent: int, pref: int) -> None:
+        """`tc filter del dev DEV ingress|egress pref P`: every filter of that priority."""
+        self.request(RTM_DELTFILTER, 0,
+                     _TCMSG.pack(socket.AF_UNSPEC, 0, index, 0, parent, pref << 16))
 
     def add_bridge(self, name: str) -> None:
         info = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "bridge"))
@@ -489,6 +554,24 @@ class KeptRtnl:
                 self._drop()
                 raise
             return list(self._listed)
+
+    def call(self, fn: Callable[[Rtnl], T]) -> T:
+        """`fn` of the kept socket, in the namespace (tc's filters: never cached, as a
+        filter's change says nothing on the link group). The kernel's refusal leaves
+        the socket as it was; anything else makes it anew at the next call."""
+        where = self._namespace()
+        with self._lock:
+            if self._nl is None or where != self._made_in:
+                self._open()
+                self._made_in = where
+            assert self._nl is not None
+            try:
+                return fn(self._nl)
+            except NetlinkError:
+                raise
+            except BaseException:
+                self._drop()
+                raise
 
     def _event(self) -> bytes:
         assert self._events is not None
