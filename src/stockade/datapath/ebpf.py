@@ -825,8 +825,9 @@ class EbpfDatapath:
 
     def _filter_programs(self, index: int, hook: str) -> list[int]:
         """The programs of the bpf filters at stockade's priority on a port's clsact
-        hook (a netlink dump: a `tc` process a port and hook, every second, took most
-        of a core at 100 ports)."""
+        hook (a netlink dump: with a `tc` process a port and hook, the check the agent
+        polls every second took 508 ms at 100 ports, `bench/ebpf_change.py --attach
+        clsact`)."""
         parent = CLSACT_INGRESS if hook == "in" else CLSACT_EGRESS
         try:
             found = self._links.call(lambda nl: nl.filters(index, parent))
