@@ -111,7 +111,9 @@ TCA_BPF_FLAG_ACT_DIRECT = 1
 # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)
 TC_H_CLSACT, CLSACT_HANDLE = 0xFFFFFFF1, 0xFFFF0000
 CLSACT_INGRESS, CLSACT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
-ETH_P_ALL_BE = 0x0300  # htons(ETH_P_ALL): a filter of every protocol, as tc's default
+# a filter of every protocol (tc's default): ETH_P_ALL in network order, in the low
+# half of tcm_info
+ETH_P_ALL_NET = socket.htons(0x0003)
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
@@ -341,7 +343,7 @@ class Rtnl:
         options = (attr_u32(TCA_BPF_FD, program_fd) + attr_str(TCA_BPF_NAME, name)
                    + attr_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT))
         body = (_TCMSG.pack(socket.AF_UNSPEC, 0, index, handle, parent,
-                            (pref << 16) | ETH_P_ALL_BE)
+                            (pref << 16) | ETH_P_ALL_NET)
                 + attr_str(TCA_KIND, "bpf") + attr(TCA_OPTIONS, options))
         self.request(RTM_NEWTFILTER, NLM_F_CREATE, body)
 
