@@ -64,19 +64,23 @@ def add_ports(host: str, count: int) -> str | None:
     every port, and what an agent pays for them is part of a node's figures."""
     if not count:
         return None
-    from stockade.net.namespace import create_netns, entered, netns_path
+    from stockade.net.namespace import create_netns, entered, netns_path, remove_netns
     from stockade.net.rtnl import Rtnl, ensure_bridge
 
     peers = f"{host}-peers"
     create_netns(peers)
-    fd = os.open(netns_path(peers), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with entered(host), Rtnl() as nl:
-            bridge = ensure_bridge(nl, "br0").index
-            for i in range(count):
-                nl.add_veth(f"port{i}", bridge, f"peer{i}", fd)
-    finally:
-        os.close(fd)
+        fd = os.open(netns_path(peers), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with entered(host), Rtnl() as nl:
+                bridge = ensure_bridge(nl, "br0").index
+                for i in range(count):
+                    nl.add_veth(f"port{i}", bridge, f"peer{i}", fd)
+        finally:
+            os.close(fd)
+    except BaseException:  # the caller never hears the name: remove it here
+        remove_netns(peers)
+        raise
     return peers
 
 

@@ -304,12 +304,24 @@ def _kernel_print(datapath: str, netns: str, table: str) -> object:
     pins = EbpfDatapath(table, netns=netns).dir
     inodes = sorted((p.name, p.stat().st_ino) for p in pins.iterdir())
 
-    def ids(*what: str) -> list[tuple[object, ...]]:
-        out = subprocess.run(["bpftool", "-j", *what, "show"], check=True,
+    def listed(what: str) -> list[dict[str, Any]]:
+        out = subprocess.run(["bpftool", "-j", what, "show"], check=True,
                              capture_output=True, text=True).stdout
-        return sorted((o.get("id"), o.get("prog_id"), o.get("name")) for o in json.loads(out))
+        return list(json.loads(out))
 
-    return inodes, ids("prog"), ids("link"), ids("map")
+    # stockade's own objects only: the machine's others (systemd loads programs as
+    # units start) come and go while the test runs.
+    progs = [p for p in listed("prog") if str(p.get("name", "")).startswith("stockade_")]
+    prog_ids = {p["id"] for p in progs}
+    map_ids = {m for p in progs for m in p.get("map_ids", [])}
+    links = [k for k in listed("link") if k.get("prog_id") in prog_ids]
+    maps = [m for m in listed("map") if m["id"] in map_ids]
+    assert progs and links and maps, "the agent's programs, links and maps are listed"
+
+    def ids(objects: list[dict[str, Any]]) -> list[tuple[object, ...]]:
+        return sorted((o.get("id"), o.get("prog_id"), o.get("name")) for o in objects)
+
+    return inodes, ids(progs), ids(links), ids(maps)
 
 
 @pytest.mark.parametrize("datapath", ["nft", "ebpf"])
