@@ -47,8 +47,10 @@ STEPS: dict[str, list[str]] = {
             "--parallel", "20"],
     # 200 calls of each: the p99 of 30 was their slowest one.
     "agent": ["agent.py", "--rounds", "200", "--seconds", "5"],
-    # The same on the eBPF datapath (the goals are the agent's whatever its datapath).
-    "agent-ebpf": ["agent.py", "--rounds", "200", "--seconds", "5", "--datapath", "ebpf"],
+    # The same on the eBPF datapath (the goals are the agent's whatever its datapath),
+    # with a node's hundred pods on the bridge: eBPF attaches programs to every port.
+    "agent-ebpf": ["agent.py", "--rounds", "200", "--seconds", "5", "--datapath", "ebpf",
+                   "--ports", "100"],
     "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "3"],
     "multihost": ["multihost.py", "--endpoints", "10000", "--hosts", "3", "--changes", "100"],
     # The agent on the Kubernetes API (its test double): a node of a 10,000-pod cluster,
