@@ -406,6 +406,9 @@ class EbpfDatapath:
         self._dir_text = str(self.dir)  # pins' paths as text: a Path join per pin is slow
         self._lock = threading.RLock()
         self._links = KeptRtnl(netns)  # the ports are listed at every apply
+        # The last listing and the ports worked out from it (read-only: shared by every
+        # apply until a link changes).
+        self._listed: tuple[tuple[Link, ...], dict[int, str], dict[int, int]] | None = None
         self._maps: dict[str, int] = {}
         self._progs: dict[str, int] = {}  # hook -> fd
         self._prog_ids: dict[str, int] = {}
@@ -762,12 +765,17 @@ class EbpfDatapath:
         """The ports (see `_ports`), and the bridge of each port frames may go to from
         another port of that bridge directly (`mac_port`): a bridge that filters VLANs
         forwards by more than a MAC, so its ports are left to it."""
-        links: list[Link] = self._links.links()
+        links = self._links.links()
+        kept = self._listed
+        if kept is not None and kept[0] is links:  # no link changed: the same answer
+            return kept[1], kept[2]
         bridges = {lk.index: lk for lk in links if lk.kind == "bridge"
                    and (self.bridge is None or lk.name == self.bridge)}
         ports = [lk for lk in links if lk.master in bridges and lk.kind == "veth"]
-        return ({lk.index: lk.name for lk in ports},
-                {lk.index: lk.master for lk in ports if not bridges[lk.master].vlan_filtering})
+        out = ({lk.index: lk.name for lk in ports},
+               {lk.index: lk.master for lk in ports if not bridges[lk.master].vlan_filtering})
+        self._listed = (links, *out)
+        return out
 
     def _check_links(self, ports: dict[int, str] | None = None, *, full: bool = True
                      ) -> dict[str, str]:
@@ -785,22 +793,28 @@ class EbpfDatapath:
         if ports is None:
             ports = self._ports()
         out: dict[str, str] = {}
+        if not full:
+            # What this process attached (a full check, or the read-back after a start,
+            # came first), without a look at the pins: their listing and names cost
+            # 0.3 ms an apply at 100 ports.
+            for key in self._attached:
+                if int(key.split("-")[1]) not in ports:
+                    out[key] = "gone"
+            for port_index in ports:
+                for hook in ATTACH:
+                    key = f"link-{port_index}-{hook}"
+                    out[key] = "" if key in self._attached else "missing"
+            return out
         if self._mode == "clsact":
             for port_index in ports:
                 for hook in ATTACH:
                     key = f"link-{port_index}-{hook}"
-                    if not full:
-                        out[key] = "" if key in self._attached else "missing"
-                        continue
                     ids = self._filter_programs(port_index, hook)
                     out[key] = ("missing" if not ids else "" if ids == [self._prog_ids.get(hook)]
                                 else f"runs program {ids[0]}, not stockade's")
             return out
         for pin in self._link_pins():
             _, index, hook = pin.split("-")
-            if not full and int(index) in ports:
-                out[pin] = ""
-                continue
             try:
                 fd = libbpf.obj_get(self._pin(pin))
             except libbpf.BpfError:
@@ -1017,7 +1031,8 @@ class EbpfDatapath:
             before = self._applied
             active, kgen, base = self._slot, self._kgen, self._state
             ports, bridge_of = self._listing()
-            links = self._check_links(ports, full=False)
+            # a pin directory made again lost the link pins: every port looked at
+            links = self._check_links(ports, full=remade)
         t1 = time.perf_counter()
         # Against the last apply, a change is worked out from the change
         # (compile/bpf_change.py); one that moves most prefixes is compiled whole.

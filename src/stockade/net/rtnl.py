@@ -527,7 +527,7 @@ class KeptRtnl:
         self._lock = threading.Lock()
         self._nl: Rtnl | None = None
         self._events: socket.socket | None = None  # the group of link changes
-        self._listed: list[Link] | None = None  # the last listing, until a change
+        self._listed: tuple[Link, ...] | None = None  # the last listing, until a change
         self._made_in: tuple[int, int] | None = None
 
     def _namespace(self) -> tuple[int, int] | None:
@@ -540,7 +540,9 @@ class KeptRtnl:
             raise NetError(f"network namespace {self.netns!r} does not exist") from None
         return st.st_dev, st.st_ino
 
-    def links(self) -> list[Link]:
+    def links(self) -> tuple[Link, ...]:
+        """The namespace's links: the same tuple while none changed (a caller may keep
+        what it works out from them until it gets another)."""
         where = self._namespace()
         with self._lock:
             if self._nl is None or self._events is None or where != self._made_in:
@@ -548,14 +550,14 @@ class KeptRtnl:
                 self._made_in = where
             # drained before the dump: a change during it is read at the next call
             elif not drained(self._event) and self._listed is not None:
-                return list(self._listed)
+                return self._listed
             assert self._nl is not None
             try:
-                self._listed = self._nl.links()
+                self._listed = tuple(self._nl.links())
             except BaseException:
                 self._drop()
                 raise
-            return list(self._listed)
+            return self._listed
 
     def call(self, fn: Callable[[Rtnl], T]) -> T:
         """`fn` of the kept socket, in the namespace (tc's filters: never cached, as a
