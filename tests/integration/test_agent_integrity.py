@@ -423,3 +423,67 @@ def test_a_detached_ebpf_program_is_attached_again_by_the_agent_itself(
     finally:
         agent.stop()
         EbpfDatapath(table, netns=trio.host_netns).remove()
+
+
+def test_an_agent_attaches_with_clsact_when_asked_and_not_the_other_way_over_its_pins(
+        trio, tmp_path: Path, netns_prefix: str, servers) -> None:
+    """`--ebpf-attach clsact`: the programs go on each port as clsact filters (no tcx
+    link); an agent asked for tcx over those pins stops before changing anything,
+    saying how to change over; one left to choose (auto) takes the filters there."""
+    from stockade.datapath.ebpf import EbpfDatapath
+    from stockade.net.namespace import entered
+    from stockade.net.rtnl import CLSACT_EGRESS, CLSACT_INGRESS, Rtnl
+
+    table = f"{netns_prefix}cls"
+    dp = EbpfDatapath(table, netns=trio.host_netns)
+    agent = AgentProcess(tmp_path, trio.host_netns, netns_prefix, datapath="ebpf",
+                         table=table, extra=("--ebpf-attach", "clsact"))
+
+    def filters() -> dict[tuple[str, int], list[tuple[int, int]]]:
+        with entered(trio.host_netns), Rtnl() as nl:
+            return {(att.host_ifname, hook): [(f.pref, f.program) for f in
+                                              nl.filters(nl.link(att.host_ifname).index, hook)
+                                              if f.kind == "bpf" and f.program]
+                    for att in trio.all for hook in (CLSACT_INGRESS, CLSACT_EGRESS)}
+
+    try:
+        agent.start()
+        docs = [_pod(att.key.split("/")[1], "x", [att.address4, att.address6], 80,
+                     {"pod": att.key.split("/")[1]}) for att in trio.all]
+        agent.call("apply", documents=[*docs, ONLY_B], source="setup")
+        assert _probe(trio, list(BASELINE)) == BASELINE
+        attached = filters()
+        assert all(len(f) == 1 for f in attached.values()), attached
+        assert not [p for p in os.listdir(dp.dir) if p.startswith("link-")]
+        assert agent.stop() == 0
+        tcx = AgentProcess(tmp_path, trio.host_netns, netns_prefix, datapath="ebpf",
+                           table=table, extra=("--ebpf-attach", "tcx"))
+        out = subprocess.run(tcx.cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert "attached with clsact, not tcx" in out.stderr, out.stderr[-2000:]
+        assert "stockade dataplane remove --datapath ebpf" in out.stderr
+        assert "Traceback" not in out.stderr
+        assert filters() == attached
+        assert not [p for p in os.listdir(dp.dir) if p.startswith("link-")]
+        assert _probe(trio, list(BASELINE)) == BASELINE
+        auto = AgentProcess(tmp_path, trio.host_netns, netns_prefix, datapath="ebpf",
+                            table=table).start()
+        agent = auto
+        assert auto.call("status")["inSync"]
+        assert filters() == attached
+        assert _probe(trio, list(BASELINE)) == BASELINE
+    finally:
+        agent.stop()
+        dp.remove()
+
+
+def test_ebpf_attach_is_refused_for_another_datapath(tmp_path: Path, netns_prefix: str,
+                                                     host_netns: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "stockade.cli.main", "agent", "--state-dir",
+         str(tmp_path / "state"), "--socket", str(tmp_path / "agent.sock"), "--netns",
+         host_netns, "--table", f"{netns_prefix}x", "--ebpf-attach", "clsact"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "--ebpf-attach clsact is for the eBPF datapath, not nft" in out.stderr
+    assert "Traceback" not in out.stderr

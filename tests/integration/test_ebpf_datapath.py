@@ -597,7 +597,7 @@ def test_open_datapath_names_it_and_reading_nothing_creates_nothing() -> None:
 
 
 def test_the_clsact_fallback_enforces_and_is_removed(trio, servers) -> None:
-    """Where tcx is missing (Linux < 6.6) the program goes on clsact through `tc`."""
+    """Where tcx is missing (Linux < 6.6) the program goes on clsact filters (over rtnetlink)."""
     dp = EbpfDatapath("fallback", netns=trio.host_netns, attach="clsact")
     try:
         dp.check()

@@ -248,12 +248,14 @@ def test_kept_links_follow_the_kernel_and_the_namespaces_name(netns_prefix: str)
         assert f"{netns_prefix}br1" in names()
         first = kept._nl
         assert first is not None
+        listed = kept.links()
         first.sock.close()  # no change since: the last listing, no request made
-        assert f"{netns_prefix}br1" in names()
+        assert kept.links() is listed  # the same tuple: callers key what they derive on it
         add_bridge(f"{netns_prefix}br3")  # a change: listed again, on the closed socket
         with pytest.raises(OSError):
             kept.links()
         assert {f"{netns_prefix}br1", f"{netns_prefix}br3"} <= names()  # sockets anew
+        assert kept.links() is not listed
         with entered(name), Rtnl() as nl:  # a change of a link's state is one too
             link = nl.link(f"{netns_prefix}br1")
             assert link is not None and not link.up

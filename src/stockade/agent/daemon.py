@@ -74,6 +74,7 @@ class AgentConfig:
     metrics_address: str | None = None
     log_group: int | None = 100
     conntrack_limit: int = 0  # a source's connections in conntrack (nft, iptables; 0: any)
+    ebpf_attach: str = "auto"  # eBPF: tcx links or clsact filters (datapath/ebpf.py)
     min_interval: float = 0.002
     resync_interval: float = 30.0
     # The warm start kept while running (agent/warm.py): after this many seconds without
@@ -514,7 +515,8 @@ class Agent:
         cfg = self.config
         return open_agent_datapath(cfg.datapath, cfg.table, netns=cfg.netns,
                                    owner=cfg.table_owner, log_group=cfg.log_group,
-                                   conntrack_limit=cfg.conntrack_limit)
+                                   conntrack_limit=cfg.conntrack_limit,
+                                   ebpf_attach=cfg.ebpf_attach)
 
     def _guard_empty_store(self, state: AgentState, revision: int,
                            datapath: Datapath) -> tuple[AgentState, int]:

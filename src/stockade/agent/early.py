@@ -15,10 +15,11 @@ from stockade.datapath.base import Datapath
 
 
 def open_agent_datapath(kind: str, table: str, *, netns: str | None, owner: bool,
-                        log_group: int | None, conntrack_limit: int = 0) -> Datapath:
+                        log_group: int | None, conntrack_limit: int = 0,
+                        ebpf_attach: str = "auto") -> Datapath:
     """The datapath as the agent uses it, checked."""
     datapath = open_datapath(kind, table, netns=netns, owner=owner, log_group=log_group,
-                             conntrack_limit=conntrack_limit)
+                             conntrack_limit=conntrack_limit, ebpf_attach=ebpf_attach)
     datapath.check()
     if hasattr(datapath, "keep_unused"):
         datapath.keep_unused = True  # unused chains wait a while for reuse (nft)
@@ -26,13 +27,14 @@ def open_agent_datapath(kind: str, table: str, *, netns: str | None, owner: bool
 
 
 def read_ahead(kind: str, table: str, *, datastore: str, netns: str | None, owner: bool,
-               log_group: int | None, conntrack_limit: int = 0) -> Datapath | None:
+               log_group: int | None, conntrack_limit: int = 0,
+               ebpf_attach: str = "auto") -> Datapath | None:
     """With the local datastore: the datapath, its table already being read back (where
     the datapath can read ahead). The Kubernetes and etcd datastores open theirs later."""
     if datastore != "local":
         return None
     datapath = open_agent_datapath(kind, table, netns=netns, owner=owner, log_group=log_group,
-                                   conntrack_limit=conntrack_limit)
+                                   conntrack_limit=conntrack_limit, ebpf_attach=ebpf_attach)
     prefetch = getattr(datapath, "prefetch", None)
     if prefetch is not None:
         prefetch()

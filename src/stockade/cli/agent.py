@@ -30,7 +30,7 @@ from stockade.cli.inputs import (
     seconds,
     table_name,
 )
-from stockade.datapath import DATAPATHS
+from stockade.datapath import ATTACH_MODES, DATAPATHS
 from stockade.errors import InputError
 from stockade.load import expand_paths, read_text
 from stockade.model.parse import parse_documents
@@ -45,6 +45,10 @@ def register(sub: Any) -> None:
     _socket(a)
     a.add_argument("--datapath", default="nft", choices=tuple(DATAPATHS),
                    help="what enforces in the kernel: nftables, iptables + ipset, or eBPF")
+    a.add_argument("--ebpf-attach", default="auto", choices=ATTACH_MODES,
+                   help="eBPF: attach to each pod's port with tcx links (auto: where the "
+                   "kernel has them) or clsact filters (a new port attached several times "
+                   "faster; see the README)")
     a.add_argument("--netns", metavar="NAME", help="enforce in /run/netns/NAME")
     a.add_argument("--table", default="stockade", type=table_name,
                    help="the name of what the agent owns in the kernel (the nftables "
@@ -207,7 +211,8 @@ def run_agent(args: argparse.Namespace) -> int:
         datapath = read_ahead(args.datapath, args.table, datastore=args.datastore,
                               netns=args.netns, owner=args.table_owner,
                               log_group=args.log_group or None,
-                              conntrack_limit=args.conntrack_limit)
+                              conntrack_limit=args.conntrack_limit,
+                              ebpf_attach=args.ebpf_attach)
         from stockade.agent.daemon import AgentConfig
         from stockade.agent.daemon import run_agent as run
     except BaseException:
@@ -221,6 +226,7 @@ def run_agent(args: argparse.Namespace) -> int:
         bridge_prefix=args.bridge_prefix, resync_interval=args.resync_interval,
         warm_idle=args.warm_idle, warm_interval=args.warm_interval,
         log_group=args.log_group or None, conntrack_limit=args.conntrack_limit,
+        ebpf_attach=args.ebpf_attach,
         restore_snapshot=args.restore_snapshot,
         accept_empty_store=args.accept_empty_store, table_owner=args.table_owner,
         datastore=args.datastore, kubeconfig=args.kubeconfig, kube_context=args.context,

@@ -18,7 +18,15 @@ from stockade.errors import DataplaneError
 # names what it owns in the kernel (the nftables table, the iptables chain and ipset
 # prefix, the pinned eBPF directory), `log_group` is the NFLOG group of denied packets
 # and `conntrack_limit` the connections a source may hold in conntrack (0: no limit;
-# a datapath that cannot enforce one refuses it).
+# a datapath that cannot enforce one refuses it). The eBPF one's also takes `attach`.
+# How the eBPF datapath puts its programs on the ports: tcx links where the kernel has
+# them (6.6+), else clsact filters ("auto"); or either, asked for. A tcx link cannot be
+# removed by `tc`, but each attach waits for an RCU grace period under the RTNL lock
+# (12-16 ms a hook here, one attach at a time across the machine); a clsact filter
+# goes on in a fraction of that, and one another tc user removes is put back by the
+# agent's link poll.
+ATTACH_MODES = ("auto", "tcx", "clsact")
+
 DATAPATHS: dict[str, str] = {
     "nft": "stockade.datapath.nft:NftDatapath",
     "iptables": "stockade.datapath.iptables:IptablesDatapath",
@@ -28,8 +36,9 @@ DATAPATHS: dict[str, str] = {
 
 def open_datapath(kind: str, name: str = "stockade", *, netns: str | None = None,
                   owner: bool = False, log_group: int | None = None,
-                  conntrack_limit: int = 0) -> Datapath:
-    """The datapath `kind`, owning the kernel objects called `name`, in `netns`."""
+                  conntrack_limit: int = 0, ebpf_attach: str = "auto") -> Datapath:
+    """The datapath `kind`, owning the kernel objects called `name`, in `netns`;
+    `ebpf_attach`: how the eBPF datapath attaches its programs (`ebpf.ATTACH_MODES`)."""
     if kind not in DATAPATHS:
         raise DataplaneError(f"no datapath {kind!r} (choose from {', '.join(DATAPATHS)})")
     check_owner_name(name)
@@ -40,6 +49,9 @@ def open_datapath(kind: str, name: str = "stockade", *, netns: str | None = None
         raise DataplaneError(f"the {kind} datapath is not available: {exc}") from None
     if conntrack_limit < 0:
         raise DataplaneError(f"a connection limit of {conntrack_limit}: give 0 (none) or more")
+    if ebpf_attach != "auto" and kind != "ebpf":
+        raise DataplaneError(f"--ebpf-attach {ebpf_attach} is for the eBPF datapath, not {kind}")
+    extra = {"attach": ebpf_attach} if kind == "ebpf" else {}
     datapath: Datapath = factory(name, netns=netns, owner=owner, log_group=log_group,
-                                 conntrack_limit=conntrack_limit)
+                                 conntrack_limit=conntrack_limit, **extra)
     return datapath

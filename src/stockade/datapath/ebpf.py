@@ -156,7 +156,7 @@ from stockade.compile.bpf_change import changed_state
 from stockade.compile.ir import Chain, Ruleset
 from stockade.compile.nft import LOG_PREFIX
 from stockade.compile.plan import Plan, plan
-from stockade.datapath import libbpf
+from stockade.datapath import ATTACH_MODES, libbpf
 from stockade.datapath.base import KernelSnapshot, ReadAhead
 from stockade.datapath.nflog import LoggedPacket
 from stockade.errors import DataplaneError, NetError
@@ -169,6 +169,7 @@ SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "stockade.bpf.c"
 PIN_ROOT = Path("/sys/fs/bpf")
 PROGRAMS = {"in": "stockade_from_pod", "out": "stockade_to_pod"}  # hook -> program
 ATTACH = {"in": libbpf.BPF_TCX_INGRESS, "out": libbpf.BPF_TCX_EGRESS}
+
 # map -> (key size, value size)
 LAYOUT = {"ipcache4": (bpfc.IP4_KEY.size, bpfc.IP_INFO.size),
           "ipcache6": (bpfc.IP6_KEY.size, bpfc.IP_INFO.size),
@@ -437,16 +438,21 @@ class EbpfDatapath:
 
     @classmethod
     def open(cls, name: str, *, netns: str | None = None, owner: bool = False,
-             log_group: int | None = None, conntrack_limit: int = 0) -> EbpfDatapath:
+             log_group: int | None = None, conntrack_limit: int = 0,
+             attach: str = "auto") -> EbpfDatapath:
         """The datapath as `datapath.open_datapath` makes every one (`owner` has no
         meaning here: pinned objects are root's; see the README). The program tracks
         connections in maps of its own, each port's share of the established bounded
-        (`ct_live`): `conntrack_limit`, the kernel's conntrack's, is refused."""
+        (`ct_live`): `conntrack_limit`, the kernel's conntrack's, is refused. `attach`:
+        see `ATTACH_MODES`."""
         if conntrack_limit:
             raise DataplaneError("the eBPF datapath tracks connections in its own maps "
                                  "(a port's share bounded); --conntrack-limit is for the "
                                  "nft and iptables datapaths")
-        return cls(name, netns=netns, log_group=log_group)
+        if attach not in ATTACH_MODES:
+            raise DataplaneError(f"no eBPF attach mode {attach!r} (choose from "
+                                 f"{', '.join(ATTACH_MODES)})")
+        return cls(name, netns=netns, log_group=log_group, attach=attach)
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -468,6 +474,7 @@ class EbpfDatapath:
         ensure_bpffs(self.pin_root)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._check_layout()
+        self._check_attach()
         obj = object_path()
         build = self._build = "built-" + hashlib.sha256(obj.read_bytes()).hexdigest()[:16]
         if self._adopt(build):
@@ -596,6 +603,21 @@ class EbpfDatapath:
                 f"stockade ({'; '.join(wrong)}); nothing was changed and the kernel still "
                 f"enforces them with their program. To change over: `stockade dataplane "
                 f"remove --datapath ebpf`, then apply again (nothing is enforced between)")
+
+    def _check_attach(self) -> None:
+        """Fail before loading anything when the ports' programs are attached the other
+        way than asked (`attach`): the links or filters there would go on running
+        beside the new ones, checked by no one."""
+        if self._attach_mode == "auto":
+            return
+        there = ("clsact" if (self.dir / "mode-clsact").exists()
+                 else "tcx" if self._link_pins() else None)
+        if there is not None and there != self._attach_mode:
+            raise DataplaneError(
+                f"the eBPF programs pinned in {self.dir} are attached with {there}, not "
+                f"{self._attach_mode} as asked; nothing was changed and they still enforce. "
+                f"To change over: `stockade dataplane remove --datapath ebpf`, then start "
+                f"again (nothing is enforced between)")
 
     def _resolve_mode(self) -> str:
         """tcx links where the kernel has them (Linux >= 6.6), else clsact filters.
