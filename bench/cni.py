@@ -27,6 +27,9 @@ kernel's verdict maps and sets):
   with the reference ``bridge`` + ``host-local`` alone (no agent, no policy): what
   creating that many veth pairs at once costs this machine, the floor of any plugin.
 
+``--datapath ebpf`` runs the agent on eBPF; ``--attach-turns`` compares, loaded, the
+thin plugin's measures with the eBPF programs on tcx links and on clsact filters.
+
 Run as root: ``.venv/bin/python bench/cni.py [--rounds 100] [--pods 5000]``.
 """
 
@@ -60,6 +63,7 @@ PLUGIN = str(Path(sys.executable).parent / "stockade-cni")
 HERE = Path(__file__).resolve().parent.parent
 THIN = str(HERE / "build" / "cni" / "stockade-cni")
 REFERENCE = "/usr/lib/cni"
+PINS = Path("/sys/fs/bpf/stockade")  # an eBPF agent's pins, by its namespace
 POD = "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns3;K8S_POD_NAME={name}"
 LABELS = {"app": "app7", "tier": "api", "env": "prod"}
 # Selects every new endpoint, so each ADD changes the kernel's maps, not just nothing.
@@ -89,6 +93,8 @@ class Bench:
         self.tag, self.tmp, self.host, self.agent = tag, tmp, host, agent
         self.seq = 0
         self.checked = False
+        cmd = agent.cmd
+        self.datapath = cmd[cmd.index("--datapath") + 1] if "--datapath" in cmd else "nft"
 
     def conf(self, **extra: Any) -> dict[str, Any]:
         return {"cniVersion": "1.0.0", "name": "benchnet", "type": "stockade-cni",
@@ -110,9 +116,11 @@ class Bench:
         if self.checked or result is None:
             return
         address = result["ips"][0]["address"].split("/")[0]
-        table = subprocess.run(["ip", "netns", "exec", self.host, "nft", "list", "table",
-                                "inet", "stockade"], capture_output=True, text=True,
-                               check=True).stdout
+        show = (["ip", "netns", "exec", self.host, "nft", "list", "table", "inet", "stockade"]
+                if self.datapath == "nft" else
+                [sys.executable, "-m", "stockade.cli.main", "dataplane", "show", "--datapath",
+                 "ebpf", "--netns", self.host])
+        table = subprocess.run(show, capture_output=True, text=True, check=True).stdout
         if address not in table:
             raise SystemExit(f"{address} is not in the kernel's table after ADD")
         self.checked = True
@@ -284,46 +292,64 @@ def contained_turns(bench: Bench, docs: list[dict[str, Any]], rounds: int, size:
 def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
     """The thin plugin's goal measures (an ADD alone, `--parallel` at once) with this tree's
     agent and `--baseline`'s, both loaded, taking turns: a busy machine weighs on both."""
-    from agent import TreeAgent
     from common import baseline_tree
 
     with baseline_tree(args.baseline) as src:
-        trees = {"this tree": HERE / "src", args.baseline: src}
-        docs = manifests(make_cluster(args.pods, args.policies))
-        benches: dict[str, Bench] = {}
-        alone: dict[str, list[float]] = {name: [] for name in trees}
-        each: dict[str, list[float]] = {name: [] for name in trees}
-        walls: dict[str, list[float]] = {name: [] for name in trees}
-        reference: list[float] = []  # the reference bridge plugin alone, in turns
-        try:
-            for j, (name, tree) in enumerate(trees.items()):
-                d = tmp / f"v{j}"
-                d.mkdir()
-                host = f"{tag}-host-v{j}"
-                create_netns(host)
-                agent = TreeAgent(d, host, tree)
-                agent.cmd += ["--bridge-prefix", "bc"]
-                benches[name] = Bench(f"{tag}-v{j}", d, host, agent)
-                agent.start()
-                agent.call("apply", documents=[SELECTING])
-                agent.call("apply", documents=docs)
-            for i in range(max(1, args.rounds // 5)):
-                for name in (list(trees) if i % 2 else list(trees)[::-1]):
-                    bench = benches[name]
-                    adds, _ = bench.main_mode(5, bench.conf(), THIN)
-                    alone[name] += adds
-                    wall, took = bench.parallel(args.parallel, THIN)
-                    each[name] += took
-                    walls[name].append(wall)
-                bench = benches["this tree"]
-                reference += bench.parallel(args.parallel, os.path.join(REFERENCE, "bridge"),
-                                            bench.bridge())[1]
-        finally:
-            for bench in benches.values():
-                bench.agent.stop()
+        turns(args, tag, tmp, {"this tree": (HERE / "src", agent_args(args)),
+                               args.baseline: (src, agent_args(args))})
+
+
+def attach_turns(args: argparse.Namespace, tag: str, tmp: Path) -> None:
+    """The same measures with this tree's agent on eBPF, its programs on tcx links and on
+    clsact filters (`--ebpf-attach`), taking turns: what a new pod's port costs each."""
+    turns(args, tag, tmp, {f"ebpf {mode}": (HERE / "src", ["--datapath", "ebpf",
+                                                            "--ebpf-attach", mode])
+                           for mode in ("tcx", "clsact")})
+
+
+def turns(args: argparse.Namespace, tag: str, tmp: Path,
+          variants: dict[str, tuple[Path, list[str]]]) -> None:
+    """Each variant's agent (a source tree and its arguments), loaded, taking turns."""
+    from agent import TreeAgent
+
+    docs = manifests(make_cluster(args.pods, args.policies))
+    benches: dict[str, Bench] = {}
+    alone: dict[str, list[float]] = {name: [] for name in variants}
+    each: dict[str, list[float]] = {name: [] for name in variants}
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    reference: list[float] = []  # the reference bridge plugin alone, in turns
+    try:
+        for j, (name, (tree, extra)) in enumerate(variants.items()):
+            d = tmp / f"v{j}"
+            d.mkdir()
+            host = f"{tag}-host-v{j}"
+            create_netns(host)
+            agent = TreeAgent(d, host, tree)
+            agent.cmd += ["--bridge-prefix", "bc", *extra]
+            benches[name] = Bench(f"{tag}-v{j}", d, host, agent)
+            agent.start()
+            agent.call("apply", documents=[SELECTING])
+            agent.call("apply", documents=docs)
+        first = next(iter(variants))
+        for i in range(max(1, args.rounds // 5)):
+            for name in (list(variants) if i % 2 else list(variants)[::-1]):
+                bench = benches[name]
+                adds, _ = bench.main_mode(5, bench.conf(), THIN)
+                alone[name] += adds
+                wall, took = bench.parallel(args.parallel, THIN)
+                each[name] += took
+                walls[name].append(wall)
+            bench = benches[first]
+            reference += bench.parallel(args.parallel, os.path.join(REFERENCE, "bridge"),
+                                        bench.bridge())[1]
+    finally:
+        for bench in benches.values():
+            bench.agent.stop()
+        for j in range(len(variants)):
+            shutil.rmtree(PINS / f"netns-{tag}-host-v{j}", ignore_errors=True)
     size = f"{args.pods} eps/{args.policies + 1} pols"
-    print(f"thin plugin, {size}, {args.baseline} and this tree taking turns (p50 / p99 ms):")
-    for name in trees:
+    print(f"thin plugin, {size}, {' and '.join(variants)} taking turns (p50 / p99 ms):")
+    for name in variants:
         ms = [v * 1000 for v in alone[name]]
         par = [v * 1000 for v in each[name]]
         print(f"  [{name}] ADD {statistics.median(ms):.0f} / {pct(ms, 99):.0f} "
@@ -333,6 +359,11 @@ def side_by_side(args: argparse.Namespace, tag: str, tmp: Path) -> None:
     ms = [v * 1000 for v in reference]
     print(f"  [reference bridge + host-local alone, no policy] {args.parallel} at once, each "
           f"{statistics.median(ms):.0f} / {pct(ms, 99):.0f} ({len(ms)} calls)")
+
+
+def agent_args(args: argparse.Namespace) -> list[str]:
+    return ["--datapath", args.datapath, *(["--ebpf-attach", args.ebpf_attach]
+                                           if args.datapath == "ebpf" else [])]
 
 
 def main() -> None:
@@ -347,14 +378,23 @@ def main() -> None:
                     help="without the agent in a container (podman)")
     ap.add_argument("--baseline", help="an earlier commit: only the thin plugin's goal "
                     "measures, loaded, this tree and that one taking turns")
+    ap.add_argument("--datapath", default="nft", choices=("nft", "ebpf"),
+                    help="the agent's datapath")
+    ap.add_argument("--ebpf-attach", default="auto", choices=("auto", "tcx", "clsact"),
+                    help="with --datapath ebpf: how the programs go on the ports")
+    ap.add_argument("--attach-turns", action="store_true",
+                    help="only the thin plugin's goal measures, loaded, the agent on eBPF "
+                    "with tcx links and with clsact filters taking turns")
     args = ap.parse_args()
+    if args.datapath != "nft":
+        args.contained = False  # the container's agent is the DaemonSet's, on nftables
     byte_compile()  # the Python plugin is a process per ADD
     tag = f"bc{secrets.token_hex(2)}"
     tmp = Path(tempfile.mkdtemp(prefix="stockade-bench-cni-"))
     rows: list[tuple[str, str, str, str]] = []
-    if args.baseline:
+    if args.baseline or args.attach_turns:
         try:
-            side_by_side(args, tag, tmp)
+            (side_by_side if args.baseline else attach_turns)(args, tag, tmp)
         finally:
             for name in os.listdir("/run/netns"):
                 if name.startswith(f"{tag}-"):
@@ -369,7 +409,7 @@ def main() -> None:
             # agent with an empty store refuses to replace a table that enforces something.
             host = f"{tag}-host-{d.name}"
             create_netns(host)
-            agent = AgentProcess(d, host, "--bridge-prefix", "bc")
+            agent = AgentProcess(d, host, "--bridge-prefix", "bc", *agent_args(args))
             agent.start()
             try:
                 size = "1 policy"
@@ -391,6 +431,8 @@ def main() -> None:
             if name.startswith(f"{tag}-"):
                 remove_netns(name)
         shutil.rmtree(tmp, ignore_errors=True)
+        for name in ("empty", "big"):
+            shutil.rmtree(PINS / f"netns-{tag}-host-{name}", ignore_errors=True)
     width = max(len(r[0]) for r in rows)
     swidth = max(len(r[1]) for r in rows)
     print(f"{'measure'.ljust(width)}  {'agent'.ljust(swidth)}  {'p50 ms':>8}  {'p99 ms':>8}")
