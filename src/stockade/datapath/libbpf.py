@@ -105,6 +105,7 @@ def lib() -> ctypes.CDLL:
                 "bpf_link_detach": (i, [i]),
                 "bpf_link_update": (i, [i, i, vp]),
                 "bpf_obj_get_info_by_fd": (i, [i, vp, u32p]),
+                "bpf_prog_query": (i, [i, i, ctypes.c_uint32, u32p, vp, u32p]),
                 "bpf_prog_test_run_opts": (i, [i, vp]),
                 "ring_buffer__new": (vp, [i, SAMPLE_FN, vp, vp]),
                 "ring_buffer__poll": (i, [vp, i]),
@@ -388,6 +389,22 @@ def link_info(fd: int) -> tuple[int, int, int, int]:
     raw = info(fd, 128)
     return (int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[8:12], "little"),
             int.from_bytes(raw[16:20], "little"), int.from_bytes(raw[20:24], "little"))
+
+
+def attached_programs(ifindex: int, attach_type: int) -> list[int]:
+    """The ids of the programs on a hook of an interface of the calling thread's
+    namespace (BPF_PROG_QUERY; for tcx the target is the ifindex), in the order they
+    run: one call, where opening a link's pin and reading it are three."""
+    size = 8
+    while True:
+        ids = (ctypes.c_uint32 * size)()
+        count = ctypes.c_uint32(size)
+        rc = lib().bpf_prog_query(ifindex, attach_type, 0, None, ids, ctypes.byref(count))
+        if rc < 0 and -rc == errno.ENOSPC and size < 1024:
+            size *= 8
+            continue
+        _check(rc, f"listing the programs of interface {ifindex}")
+        return list(ids[:count.value])
 
 
 SKB_IFINDEX = 40  # offsetof(struct __sk_buff, ifindex)
