@@ -19,6 +19,12 @@ from stockade.errors import DataplaneError
 # prefix, the pinned eBPF directory), `log_group` is the NFLOG group of denied packets
 # and `conntrack_limit` the connections a source may hold in conntrack (0: no limit;
 # a datapath that cannot enforce one refuses it). The eBPF one's also takes `attach`.
+DATAPATHS: dict[str, str] = {
+    "nft": "stockade.datapath.nft:NftDatapath",
+    "iptables": "stockade.datapath.iptables:IptablesDatapath",
+    "ebpf": "stockade.datapath.ebpf:EbpfDatapath",
+}
+
 # How the eBPF datapath puts its programs on the ports: tcx links where the kernel has
 # them (6.6+), else clsact filters ("auto"); or either, asked for. A tcx link cannot be
 # removed by `tc`, but each attach waits for an RCU grace period under the RTNL lock
@@ -27,18 +33,12 @@ from stockade.errors import DataplaneError
 # agent's link poll.
 ATTACH_MODES = ("auto", "tcx", "clsact")
 
-DATAPATHS: dict[str, str] = {
-    "nft": "stockade.datapath.nft:NftDatapath",
-    "iptables": "stockade.datapath.iptables:IptablesDatapath",
-    "ebpf": "stockade.datapath.ebpf:EbpfDatapath",
-}
-
 
 def open_datapath(kind: str, name: str = "stockade", *, netns: str | None = None,
                   owner: bool = False, log_group: int | None = None,
                   conntrack_limit: int = 0, ebpf_attach: str = "auto") -> Datapath:
     """The datapath `kind`, owning the kernel objects called `name`, in `netns`;
-    `ebpf_attach`: how the eBPF datapath attaches its programs (`ebpf.ATTACH_MODES`)."""
+    `ebpf_attach`: how the eBPF datapath attaches its programs (`ATTACH_MODES`)."""
     if kind not in DATAPATHS:
         raise DataplaneError(f"no datapath {kind!r} (choose from {', '.join(DATAPATHS)})")
     check_owner_name(name)

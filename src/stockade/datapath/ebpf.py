@@ -169,7 +169,6 @@ SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "stockade.bpf.c"
 PIN_ROOT = Path("/sys/fs/bpf")
 PROGRAMS = {"in": "stockade_from_pod", "out": "stockade_to_pod"}  # hook -> program
 ATTACH = {"in": libbpf.BPF_TCX_INGRESS, "out": libbpf.BPF_TCX_EGRESS}
-
 # map -> (key size, value size)
 LAYOUT = {"ipcache4": (bpfc.IP4_KEY.size, bpfc.IP_INFO.size),
           "ipcache6": (bpfc.IP6_KEY.size, bpfc.IP_INFO.size),
