@@ -18,7 +18,6 @@ timed `--loads` more times, into fresh agents, the trees taking turns.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import secrets
 import shutil
@@ -36,6 +35,7 @@ from common import (
     exit_on_sigterm,
     pct,
     print_table,
+    remove_pins,
 )
 from results import Results
 from stockade.agent.client import AgentClient
@@ -43,7 +43,6 @@ from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
 HERE = Path(__file__).resolve().parent.parent
-PINS = Path("/sys/fs/bpf/stockade")
 POD = {"apiVersion": "v1", "kind": "Pod",
        "metadata": {"name": "probe", "namespace": "ns3",
                     "labels": {"app": "app7", "tier": "api", "env": "prod"}},
@@ -365,10 +364,7 @@ def main() -> None:
     finally:
         for host in spaces:
             remove_netns(host)
-            # An agent on eBPF pins under its namespace's name; the links went with it.
-            shutil.rmtree(PINS / f"netns-{host}", ignore_errors=True)
-        with contextlib.suppress(OSError):
-            PINS.rmdir()  # when nothing else is pinned there
+            remove_pins(host)  # an agent on eBPF pins under its namespace's name
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(("measure", "value", "notes"), rows)
     out = Results("agent", " ".join(["bench/agent.py", *sys.argv[1:]]))

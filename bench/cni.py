@@ -53,9 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.daemonset import Contained
 
-from common import AgentProcess, byte_compile, exit_on_sigterm, pct
+from common import AgentProcess, byte_compile, exit_on_sigterm, pct, remove_pins
 from results import Results
 from stockade.agent.client import AgentClient
+from stockade.datapath import ATTACH_MODES
 from stockade.net.namespace import create_netns, remove_netns
 from synthetic import make_cluster, manifests
 
@@ -63,7 +64,6 @@ PLUGIN = str(Path(sys.executable).parent / "stockade-cni")
 HERE = Path(__file__).resolve().parent.parent
 THIN = str(HERE / "build" / "cni" / "stockade-cni")
 REFERENCE = "/usr/lib/cni"
-PINS = Path("/sys/fs/bpf/stockade")  # an eBPF agent's pins, by its namespace
 POD = "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns3;K8S_POD_NAME={name}"
 LABELS = {"app": "app7", "tier": "api", "env": "prod"}
 # Selects every new endpoint, so each ADD changes the kernel's maps, not just nothing.
@@ -346,7 +346,7 @@ def turns(args: argparse.Namespace, tag: str, tmp: Path,
         for bench in benches.values():
             bench.agent.stop()
         for j in range(len(variants)):
-            shutil.rmtree(PINS / f"netns-{tag}-host-v{j}", ignore_errors=True)
+            remove_pins(f"{tag}-host-v{j}")
     size = f"{args.pods} eps/{args.policies + 1} pols"
     print(f"thin plugin, {size}, {' and '.join(variants)} taking turns (p50 / p99 ms):")
     for name in variants:
@@ -380,7 +380,7 @@ def main() -> None:
                     "measures, loaded, this tree and that one taking turns")
     ap.add_argument("--datapath", default="nft", choices=("nft", "ebpf"),
                     help="the agent's datapath")
-    ap.add_argument("--ebpf-attach", default="auto", choices=("auto", "tcx", "clsact"),
+    ap.add_argument("--ebpf-attach", default="auto", choices=ATTACH_MODES,
                     help="with --datapath ebpf: how the programs go on the ports")
     ap.add_argument("--attach-turns", action="store_true",
                     help="only the thin plugin's goal measures, loaded, the agent on eBPF "
@@ -432,7 +432,7 @@ def main() -> None:
                 remove_netns(name)
         shutil.rmtree(tmp, ignore_errors=True)
         for name in ("empty", "big"):
-            shutil.rmtree(PINS / f"netns-{tag}-host-{name}", ignore_errors=True)
+            remove_pins(f"{tag}-host-{name}")
     width = max(len(r[0]) for r in rows)
     swidth = max(len(r[1]) for r in rows)
     print(f"{'measure'.ljust(width)}  {'agent'.ljust(swidth)}  {'p50 ms':>8}  {'p99 ms':>8}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -82,6 +83,17 @@ def add_ports(host: str, count: int) -> str | None:
         remove_netns(peers)
         raise
     return peers
+
+
+PINS = Path("/sys/fs/bpf/stockade")  # an eBPF agent's pins, by its namespace
+
+
+def remove_pins(host: str) -> None:
+    """What an eBPF agent in the namespace `host` pinned (its links go with the pins),
+    and the pins' root once nothing else is pinned there."""
+    shutil.rmtree(PINS / f"netns-{host}", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        PINS.rmdir()
 
 
 def exit_on_sigterm() -> None:
