@@ -18,7 +18,12 @@ Each variant gets a fresh host namespace (bridge, two endpoints, servers), so no
 variant inherits another's kernel state (conntrack hooks, a legacy table that
 cannot be unregistered, pins). In it, the same measures run first with no
 ruleset, then with the variant's ruleset loaded, so each ratio is against a
-baseline taken right before on the same plumbing:
+baseline taken right before on the same plumbing. With `--interleave N` the variants
+named by `--interleaved` (nft, ebpf and conntrack alone: those with goals) are then
+measured N more times, in turns with a twin pair that carries no ruleset (twin,
+variant, twin, ...; each variant measure against the mean of the two around it), and
+their goals take the median of every sample: one iperf3 stream's rate moves by a
+tenth between two runs, more than a datapath costs. The measures:
 
 - TCP throughput: iperf3, one stream, `--seconds`;
 - new TCP connections per second and their latency (p50, p99): bench/loadgen.c
@@ -356,18 +361,27 @@ def cell(values: Sequence[float], fmt: Callable[[float], str]) -> str:
     return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
 
 
+Sample = tuple[dict[str, float], dict[str, float]]  # (no ruleset, the variant's) measures
+
+
 def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs: Any,
-             restore: str, secs: float, cpu: int | None = None
-             ) -> tuple[dict[str, float], dict[str, float], dict[str, float], float]:
+             restore: str, secs: float, cpu: int | None = None, interleave: int = 0
+             ) -> tuple[dict[str, float], dict[str, float], dict[str, float], float,
+                        list[Sample]]:
     """In a fresh pair: the measures with no ruleset, then with `name`'s; its programming
-    times (a datapath) or the restore's time (naive)."""
+    times (a datapath) or the restore's time (naive); and with `interleave`, that many
+    more of the variant's, each between two of a twin pair with no ruleset (see
+    `interleaved`)."""
     pair = Pair(tag, index, loadgen, cpu)
     dp: Any = None
     prog: dict[str, float] = {}
     load = 0.0
     listener: Arrivals | None = None
+    twin: Pair | None = None
     try:
         assert not pair.isolated(), "the server is unreachable without a ruleset"
+        if interleave:
+            twin = Pair(tag, index + TWIN, loadgen, cpu)
         base = pair.measure(secs)
         if name != "ebpf":  # the netfilter ones judge bridged packets in FORWARD
             require_bridge_netfilter(pair.host, "the FORWARD hook")
@@ -376,7 +390,8 @@ def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs
             subprocess.run(["ip", "netns", "exec", pair.host, "nft", "-f", "-"],
                            input=CONNTRACK_TABLE.format(name=tag), text=True,
                            check=True, capture_output=True)
-            return base, pair.measure(secs), prog, load
+            return (base, pair.measure(secs), prog, load,
+                    interleaved(pair, twin, interleave, secs))
         if name == "naive":
             load = load_naive(pair.host, restore)
         else:
@@ -388,11 +403,41 @@ def one_pair(name: str, tag: str, index: int, loadgen: str, cluster: Cluster, rs
             dp.check()
             prog = program(dp, cluster, rs)
         assert pair.isolated(), f"{name}: the server is not isolated"
-        return base, pair.measure(secs), prog, load
+        return (base, pair.measure(secs), prog, load,
+                interleaved(pair, twin, interleave, secs))
     finally:
         if listener is not None:
             listener.close()
-        release(pair, dp)
+        try:
+            release(pair, dp)
+        finally:
+            if twin is not None:
+                twin.close()
+
+
+# A twin pair's index: past any round's (its namespaces' names are the index's).
+TWIN = 10_000
+
+
+def interleaved(pair: Pair, twin: Pair | None, count: int, secs: float) -> list[Sample]:
+    """`count` measures of `pair` (its ruleset loaded), each between two of `twin` (the
+    same topology with no ruleset) and paired with their mean.
+
+    One iperf3 stream varies by a tenth and more from one run to the next on this
+    machine, more than the few hundredths a datapath costs: a ratio of one run to one
+    run, as measured right before, says little on its own. Samples taken in turns with
+    a twin that carries no ruleset give the same comparison more often within a round.
+    """
+    if twin is None or not count:
+        return []
+    out: list[Sample] = []
+    before = twin.measure(secs)
+    for _ in range(count):
+        got = pair.measure(secs)
+        after = twin.measure(secs)
+        out.append(({k: (before[k] + after[k]) / 2 for k in before}, got))
+        before = after
+    return out
 
 
 def main() -> None:
@@ -407,6 +452,11 @@ def main() -> None:
                     help="cap on the naive chain's length in the packet tests")
     ap.add_argument("--sample", type=int, default=50,
                     help="sources sampled to count the naive baseline's allowed pairs")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="per round, N more measures of each of --interleaved's variants, "
+                         "taken in turns with a twin pair that has no ruleset")
+    ap.add_argument("--interleaved", default=f"nft,ebpf,{CONNTRACK}",
+                    help="the variants --interleave applies to (comma-separated)")
     add_cpu_argument(ap)
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
@@ -444,16 +494,26 @@ def main() -> None:
         nv["rules"] = int(min(nv["pairs"], args.naive_rules))
     restore = naive_restore(cluster, int(nv["rules"])) if nv else ""
 
+    interleaving = {v.strip() for v in args.interleaved.split(",")} if args.interleave else set()
     samples, failures = take_turns(variants, args.rounds, lambda name, index: one_pair(
-        name, tag, index, loadgen, cluster, rs, restore, args.seconds, cpu))
+        name, tag, index, loadgen, cluster, rs, restore, args.seconds, cpu,
+        args.interleave if name in interleaving else 0))
     base = {v: [s[0] for s in samples[v]] for v in variants}
     got = {v: [s[1] for s in samples[v]] for v in variants}
     prog = {v: [s[2] for s in samples[v] if s[2]] for v in datapaths}
     naive_load = [s[3] for v in variants for s in samples[v] if s[3]]
+    # every (no ruleset, variant) pair of measures: right before, then interleaved
+    every = {v: [(s[0], s[1]) for s in samples[v]] + [x for s in samples[v] for x in s[4]]
+             for v in variants}
+
+    def ratio_of(pairs: Sequence[Sample], key: str) -> list[float]:
+        return [g[key] / b[key] if b[key] else float("nan") for b, g in pairs]
 
     def ratios(name: str, key: str) -> list[float]:
-        return [g[key] / b[key] if b[key] else float("nan")
-                for b, g in zip(base[name], got[name], strict=True)]
+        return ratio_of(list(zip(base[name], got[name], strict=True)), key)
+
+    def pooled(name: str, key: str) -> list[float]:
+        return ratio_of(every[name], key)
 
     def absolute(name: str, key: str) -> list[float]:
         return [g[key] for g in got[name]]
@@ -461,6 +521,7 @@ def main() -> None:
     nones = {key: [b[key] for v in variants for b in base[v]]
              for key in ("gbps", "crr", "p50", "p99", "pps", "failed")}
     rows: list[list[str]] = []
+    labels: dict[str, str] = {}
     for key, label, fmt in (
             ("gbps", f"TCP throughput, iperf3 one stream {args.seconds:g} s (Gbit/s)",
              lambda x: f"{x:.1f}"),
@@ -470,10 +531,17 @@ def main() -> None:
             ("p99", "connect-request-response latency p99 (µs)", lambda x: f"{x:.0f}"),
             ("pps", f"UDP packets/s received (64-byte frames, one flow, {args.seconds:g} s)",
              lambda x: f"{x / 1000:,.0f}k")):
+        labels[key] = label
         rows.append([label, cell(nones[key], fmt), *(cell(absolute(v, key), fmt)
                                                      for v in variants)])
         rows.append(["  ratio to no ruleset, measured right before", "1",
                      *(cell(ratios(v, key), lambda x: f"{x:.2f}") for v in variants)])
+        if interleaving:
+            rows.append([f"  ratio, with {args.interleave} more a round taken in turns with "
+                         f"a twin pair with no ruleset (samples)", "1",
+                         *(f"{cell(pooled(v, key), lambda x: f'{x:.2f}')} "
+                           f"({len(pooled(v, key))})" if v in interleaving else "-"
+                           for v in variants)])
     rows.append(["connect-request-responses failed (stalled 1 s), sum of rounds",
                  f"{sum(nones['failed']):.0f} (all baselines)",
                  *(f"{sum(g['failed'] for g in got[v]):.0f}" for v in variants)])
@@ -489,6 +557,10 @@ def main() -> None:
 
     elapsed = time.monotonic() - t_start
     where = placement(cpu)
+    if interleaving:
+        where += (f"; {', '.join(v for v in variants if v in interleaving)}: {args.interleave} "
+                  f"more measures a round, in turns with a twin pair with no ruleset, and "
+                  f"their goals from every sample")
     print(f"\n{len(cluster.endpoints):,} endpoints, {len(cluster.policies):,} policies "
           f"(compiled: {c['chains']} chains, {c['rules']} rules, {c['sets']} sets, "
           f"{c['set_elements']} elements); {args.rounds} rounds, the variants in turn, each "
@@ -499,15 +571,14 @@ def main() -> None:
     out.table(f"{len(cluster.endpoints):,} endpoints, {len(cluster.policies):,} policies; "
               f"{args.rounds} rounds, variants in turn; {where}; median (min-max)",
               ("measure", "no ruleset", *variants), rows)
+    # Each variant's median ratio per measure: of every sample where it was interleaved.
     bars: dict[str, dict[str, float]] = {}
-    for row in rows:
-        if row[0].strip().startswith("ratio"):
-            measure = rows[rows.index(row) - 1][0].split("(")[0].strip()
-            for v, cell_text in zip(variants, row[2:], strict=False):
-                try:
-                    bars.setdefault(v, {})[measure[:28]] = float(str(cell_text).split()[0])
-                except ValueError:
-                    continue
+    for key, label in labels.items():
+        for v in variants:
+            values = pooled(v, key) if v in interleaving else ratios(v, key)
+            if values:
+                bars.setdefault(v, {})[label.split("(")[0].strip()[:28]] = statistics.median(
+                    values)
     out.series["datapath-ratios"] = {"y": "ratio to no ruleset (1 = no cost)", "bars": bars,
                                      "ref": 1.0}
     for v in ("nft", "ebpf"):

@@ -51,7 +51,7 @@ STEPS: dict[str, list[str]] = {
     # with a node's hundred pods on the bridge: eBPF attaches programs to every port.
     "agent-ebpf": ["agent.py", "--rounds", "200", "--seconds", "5", "--datapath", "ebpf",
                    "--ports", "100"],
-    "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "3"],
+    "datapaths": ["datapaths.py", "--rounds", "3", "--seconds", "3", "--interleave", "2"],
     "multihost": ["multihost.py", "--endpoints", "10000", "--hosts", "3", "--changes", "100"],
     # The agent on the Kubernetes API (its test double): a node of a 10,000-pod cluster,
     # then of a 100,000-pod one (about three minutes, most of it filling the double).
