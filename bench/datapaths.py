@@ -19,7 +19,7 @@ variant inherits another's kernel state (conntrack hooks, a legacy table that
 cannot be unregistered, pins). In it, the same measures run first with no
 ruleset, then with the variant's ruleset loaded, so each ratio is against a
 baseline taken right before on the same plumbing. With `--interleave N` the variants
-named by `--interleaved` (nft, ebpf and conntrack alone: those with goals) are then
+named by `--interleaved` (by default nft, ebpf and conntrack alone: those with goals) are then
 measured N more times, in turns with a twin pair that carries no ruleset (twin,
 variant, twin, ...; each variant measure against the mean of the two around it), and
 their goals take the median of every sample: one iperf3 stream's rate moves by a
@@ -106,6 +106,7 @@ UNGUARDED = "nft unguarded"
 LIMITED = "nft + conntrack limit"
 LIMIT = 100_000
 VARIANTS = (*DATAPATHS, UNGUARDED, LISTENING, LIMITED, CONNTRACK, "naive")
+INTERLEAVED = ("nft", "ebpf", CONNTRACK)  # the variants with goals, and what they pay first
 CONNTRACK_TABLE = ("table inet {name} {{\n chain forward {{\n"
                    "  type filter hook forward priority 0; policy accept;\n"
                    "  ct state established,related accept\n  accept\n }}\n}}\n")
@@ -455,8 +456,9 @@ def main() -> None:
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="per round, N more measures of each of --interleaved's variants, "
                          "taken in turns with a twin pair that has no ruleset")
-    ap.add_argument("--interleaved", default=f"nft,ebpf,{CONNTRACK}",
-                    help="the variants --interleave applies to (comma-separated)")
+    ap.add_argument("--interleaved", default=None,
+                    help="the variants --interleave applies to (comma-separated; default: "
+                         f"those of {', '.join(INTERLEAVED)} that are measured)")
     add_cpu_argument(ap)
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"a comma-separated subset of: {', '.join(VARIANTS)}")
@@ -467,6 +469,16 @@ def main() -> None:
                       if v in DATAPATHS or v in (LISTENING, UNGUARDED, LIMITED))
     if not set(variants) <= set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    if args.interleave < 0:
+        ap.error("--interleave: a count of 0 or more")
+    # Those named must be measured; by default, those with goals that are.
+    interleaving = ({v.strip() for v in args.interleaved.split(",")}
+                    if args.interleaved is not None else set(INTERLEAVED) & set(variants))
+    if not interleaving <= set(variants):
+        ap.error(f"--interleaved: {', '.join(sorted(interleaving - set(variants)))}: not "
+                 f"among --variants")
+    if not args.interleave:
+        interleaving = set()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a kill too
     t_start = time.monotonic()
     tag = f"dp{secrets.token_hex(2)}"
@@ -494,7 +506,6 @@ def main() -> None:
         nv["rules"] = int(min(nv["pairs"], args.naive_rules))
     restore = naive_restore(cluster, int(nv["rules"])) if nv else ""
 
-    interleaving = {v.strip() for v in args.interleaved.split(",")} if args.interleave else set()
     samples, failures = take_turns(variants, args.rounds, lambda name, index: one_pair(
         name, tag, index, loadgen, cluster, rs, restore, args.seconds, cpu,
         args.interleave if name in interleaving else 0))
