@@ -210,6 +210,51 @@ def test_drift_is_repaired(trio, agent, servers, tamper) -> None:
     assert "drift repaired" in agent.logs()
 
 
+# Tampering no change event tells of: found by the periodic check alone.
+UNHEARD = ["ebpf-delete-map-entry", "iptables-nft-ipset-member"]
+
+
+@pytest.mark.parametrize(("agent", "tamper"), [TAMPER[t] for t in UNHEARD], ids=UNHEARD,
+                         indirect=["agent"])
+def test_drift_is_repaired_while_changes_keep_coming(trio, agent, servers, tamper) -> None:
+    """A change every 0.1 s, far more often than the 1 s resync: a change's run writes only
+    what changed, and must not put off the periodic check that finds the tampering."""
+    agent.call("apply", documents=[_policy("web", "a", {"pod": "b"})], source="test")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                agent.call("label", kind="endpoint", name="x/c", set={"round": str(i)},
+                           remove=[])
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                errors.append(exc)
+                return
+            i += 1
+            stop.wait(0.1)
+
+    before, verified = (agent.call("status")[k] for k in ("driftRepairs", "lastVerified"))
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        tamper(trio, agent)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and agent.call("status")["driftRepairs"] == before:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+    status = agent.call("status")
+    assert status["driftRepairs"] > before, "the changes held the check off"
+    assert status["lastVerified"] > (verified or 0)
+    assert _probe(trio, [("c", "a", 80), ("b", "a", 80)]) == {("c", "a", 80): False,
+                                                             ("b", "a", 80): True}
+
+
 @pytest.mark.parametrize("agent", list(DATAPATHS), indirect=True)
 def test_kill9_during_changes_then_restart_keeps_enforcing(trio, agent, servers) -> None:
     """Allowed traffic never fails and denied traffic never passes, across a kill -9."""

@@ -360,6 +360,7 @@ def test_enforcement_survives_kill_9_and_is_adopted(trio, datapath, servers) -> 
 def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> None:
     rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)
+    assert datapath.verify_quietly()  # the agent's periodic check: nothing to repair
     # an outsider deletes a's ipcache entry from both slots: a is no longer isolated
     fd = libbpf.obj_get(str(datapath.dir / "ipcache4"))
     try:
@@ -369,12 +370,13 @@ def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> N
     finally:
         os.close(fd)
     assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): True}  # a hole
+    assert not datapath.verify_quietly()
     assert not datapath.diff(rs).empty
     assert datapath.apply(rs).empty  # without verify, the last apply is trusted
     assert not datapath.apply(rs, verify=True).empty
     assert datapath.last_drift is not None
     assert any("ipcache4" in d for d in datapath.last_drift_details)
-    assert datapath.diff(rs).empty
+    assert datapath.diff(rs).empty and datapath.verify_quietly()
     assert probe(trio, [("c", "a", PORTS[0])]) == {("c", "a", "TCP/80"): False}
     # a deleted policy entry: seen by the byte comparison, repaired
     fd = libbpf.obj_get(str(datapath.dir / "policy"))
@@ -384,6 +386,7 @@ def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> N
     finally:
         os.close(fd)
     assert probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): False}
+    assert not datapath.verify_quietly()
     datapath.apply(rs, verify=True)
     assert any(d.startswith("policy slot") for d in datapath.last_drift_details)
     assert probe(trio, [("b", "a", PORTS[0])]) == {("b", "a", "TCP/80"): True}
@@ -399,10 +402,12 @@ def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> N
         libbpf.update(fd, key, bpfc.META_VALUE.pack(3, b"{{{"))
     finally:
         os.close(fd)
+    assert not datapath.verify_quietly()
     assert not datapath.apply(rs, verify=True).empty  # the meta could not be read back
     assert any("meta" in d for d in datapath.last_drift_details)
     assert any("foreign" in d for d in datapath.last_drift_details)
     assert datapath.apply(rs, verify=True).empty and datapath.last_drift is None
+    assert datapath.verify_quietly()
     assert probe(trio, [("b", "a", PORTS[0]), ("c", "a", PORTS[0])]) == {
         ("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
 
@@ -423,7 +428,7 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
     # each link took 4.7 ms an apply); the check the agent polls every second sees it,
     # and the verifying apply it then runs repairs it.
     assert datapath.apply(rs).empty and datapath.last_drift is None
-    assert not datapath.skeleton_intact()
+    assert not datapath.skeleton_intact() and not datapath.verify_quietly()
     assert datapath.apply(rs, verify=True).empty
     assert datapath.last_drift is not None
     assert len([d for d in datapath.last_drift_details if "detached" in d]) == 6
@@ -431,6 +436,7 @@ def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> 
     # an unpinned link goes away with its last reference: missing, attached again
     for pin in links:
         os.unlink(datapath.dir / pin)
+    assert not datapath.verify_quietly()
     datapath.apply(rs, verify=True)
     assert len([d for d in datapath.last_drift_details if "no link" in d]) == 6
     assert datapath.skeleton_intact()

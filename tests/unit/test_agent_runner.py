@@ -52,6 +52,47 @@ def test_a_runner_told_the_work_was_just_done_waits_a_period_for_the_periodic_ru
                                   clock=lambda: now[0])._next() == (0.0, True)
 
 
+def test_a_steady_stream_of_changes_does_not_put_the_periodic_run_off() -> None:
+    """A change's run writes only what changed; the periodic one reads the kernel back
+    (tampering is found there). A change every 10 s must not hold the check back."""
+    now = [100.0]
+    calls: list[bool] = []
+    r = BoundedFrequencyRunner("t", calls.append, 0.1, 30.0, clock=lambda: now[0],
+                               periodic_first=False)
+
+    def step() -> None:  # one turn of `loop`, with the clock moved to the run
+        wait, periodic = r._next()
+        now[0] += wait
+        r._pending, r._retry_at, r._last = False, None, now[0]
+        if periodic:
+            r._last_periodic = now[0]
+        calls.append(periodic)
+
+    for _ in range(10):  # changes at 110, 120, ... 200
+        now[0] += 10.0
+        r.run()
+        step()
+    # due at 130: that change's run goes first, the next is the periodic one
+    assert calls == [False, False, False, True, False, False, False, True, False, False]
+    # with nothing pending the next is the periodic one, a period after the last
+    assert r._next() == (10.0, True)
+
+
+def test_the_loop_runs_the_periodic_check_under_a_stream_of_changes() -> None:
+    calls: list[bool] = []
+    r = BoundedFrequencyRunner("t", calls.append, 0.0, 0.3, periodic_first=False)
+    r.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            r.run()  # a change every 20 ms: far more often than the period
+            time.sleep(0.02)
+    finally:
+        r.stop()
+    assert calls.count(True) >= 2, calls.count(True)
+    assert calls.count(False) > 10
+
+
 def test_bad_intervals_are_refused() -> None:
     with pytest.raises(ValueError):
         BoundedFrequencyRunner("t", lambda p: None, min_interval=2, max_interval=1)

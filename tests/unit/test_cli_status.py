@@ -51,3 +51,11 @@ def test_a_synced_datastore_and_a_lost_node_name() -> None:
     assert "(node node-1), synced" in lines[-3]
     assert lines[-1] == ("  NODE NAME NOT HELD: nothing is written to etcd for node node-1: "
                          "held by another instance")
+
+
+def test_the_last_verification_is_shown_only_once_there_was_one() -> None:
+    st = {k: v for k, v in _status({}).items() if k != "datastore"}
+    assert not any(line.startswith("last verified:") for line in status_lines(st))
+    lines = status_lines({**st, "lastVerified": 1_800_000_000.0})
+    shown = next(line for line in lines if line.startswith("last verified:"))
+    assert "found as applied" in shown and "20" in shown  # a date, in local time

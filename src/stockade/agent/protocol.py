@@ -9,7 +9,8 @@ One request per line, one response per line, several per connection:
 Operations (args → result):
 
     status                                    → {ready, inSync, revision, appliedRevision,
-                                                 lastApply, counts, driftRepairs, datapath}
+                                                 lastApply, counts, driftRepairs,
+                                                 lastVerified, datapath}
     apply        {documents, source, sync}    → {created, configured, unchanged, revision}
     delete       {documents | refs, sync}     → {deleted, missing, revision}
     get          {kind}                       → {items}   kind: namespaces|endpoints|policies|chains

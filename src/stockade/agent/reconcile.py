@@ -84,7 +84,9 @@ class Reconciler:
         self._changes = 0  # calls of `changed`: tells a rebuild whether it is current
         self._kick: Callable[[], None] = lambda: None
         self.verifications = 0  # periodic checks that found the kernel as applied
-        self.last_verified: float | None = None  # wall clock of the last one
+        # wall clock of the last check that found the kernel as applied (a quiet one, or
+        # a verifying run, which repairs what differs)
+        self.last_verified: float | None = None
 
     def attach(self, kick: Callable[[], None]) -> None:
         """`kick` asks the runner for a run soon."""
@@ -147,6 +149,8 @@ class Reconciler:
                 return False
             self.consecutive_failures = 0
             finished = time.monotonic()
+            if periodic:  # read back and, if it differed, repaired: as applied now
+                self.last_verified = time.time()
             summary = {k: v for k, v in delta.summary().items() if v}
             report = ApplyReport(revision, time.time(), finished - started, summary, periodic)
             self.last = report
@@ -179,10 +183,12 @@ class Reconciler:
     def verify_quietly(self) -> bool | None:
         """The periodic check of the kernel, without holding up changes.
 
-        On a datapath that can read its kernel objects while transactions go on
-        (nft's `verify_quietly`): True when the kernel holds what was applied,
-        False when a verifying run must repair it (it reads again, under the apply
-        lock). None: this datapath cannot; the verifying run is the check.
+        On a datapath that can check its kernel objects while transactions go on
+        (`verify_quietly` of nft and eBPF): True when the kernel holds what was
+        applied, False when a verifying run must repair it (it reads again, under the
+        apply lock). None: this datapath cannot; the verifying run is the check.
+        A datapath whose read cannot meet a transaction halfway says so with its
+        own `QUIET_READS` of 1.
         """
         quiet = getattr(self.datapath, "verify_quietly", None)
         if quiet is None:
@@ -191,7 +197,7 @@ class Reconciler:
         clean = False
         # An object changed twice during a read may be read in between and look like
         # drift: read again (a few seconds) before holding up changes to repair.
-        for _ in range(self.QUIET_READS):
+        for _ in range(getattr(self.datapath, "QUIET_READS", self.QUIET_READS)):
             try:
                 clean = bool(quiet())
             except Exception:  # the verifying run reads again, and reports what fails

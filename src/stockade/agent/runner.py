@@ -1,9 +1,13 @@
 """A bounded-frequency runner: coalesce bursts of requests into few runs.
 
 Requests mark work as pending; the function runs at most once per
-`min_interval` (so a burst of a thousand changes is one kernel transaction)
-and at least once per `max_interval` (the periodic full resync), like the
-runner kube-proxy and kube-network-policies use. The clock is injectable so
+`min_interval` (so a burst of a thousand changes is one kernel transaction),
+like the runner kube-proxy and kube-network-policies use; and the periodic run
+(the full resync, which reads the kernel back) comes every `max_interval`
+whatever ran between. kube-proxy's runner counts any run as the periodic one,
+for each of its runs syncs everything; here a change's run writes only what
+changed, so counting it would let a steady stream of changes (a pod every few
+seconds) put off the check for tampering for ever. The clock is injectable so
 tests need not sleep.
 """
 
@@ -37,6 +41,7 @@ class BoundedFrequencyRunner:
         self._stopped = False
         self.crashes = 0  # runs that raised: counted and survived
         self._last = float("-inf") if periodic_first else clock()
+        self._last_periodic = self._last  # a change's run does not count as the periodic one
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
@@ -54,15 +59,17 @@ class BoundedFrequencyRunner:
     def _next(self) -> tuple[float, bool]:
         """Seconds to wait before the next run, and whether it is the periodic one."""
         now = self.clock()
+        due = self._last_periodic + self.max_interval
         if self._retry_at is not None:
             # A failed run is retried on its backoff, not at min_interval: a change
             # arriving meanwhile waits for it rather than hammering the kernel.
             wait = self._retry_at - now
-            periodic = self._last + self.max_interval <= self._retry_at
-            return max(0.0, wait), periodic
+            return max(0.0, wait), due <= self._retry_at
         if self._pending:
-            return max(0.0, self._last + self.min_interval - now), False
-        return max(0.0, self._last + self.max_interval - now), True
+            # Due: a change's run still goes first, but the next run is the periodic
+            # one whether changes keep coming or not.
+            return max(0.0, self._last + self.min_interval - now), self._last >= due
+        return max(0.0, due - now), True
 
     def loop(self) -> None:
         while True:
@@ -77,6 +84,8 @@ class BoundedFrequencyRunner:
                 self._pending = False
                 self._retry_at = None
                 self._last = self.clock()
+                if periodic:
+                    self._last_periodic = self._last
             try:
                 self.fn(periodic)
             except Exception:  # the loop is the agent's heartbeat: it must not die

@@ -324,6 +324,9 @@ class Service:
                        "policies": len(self.state.policies),
                        "clusterPolicies": len(self.state.cluster_policies)},
             "driftRepairs": r.drift_repairs,
+            # When the kernel was last read back and found as applied (or repaired):
+            # the periodic check, every --resync-interval whatever changes come.
+            "lastVerified": r.last_verified,
             "applyFailures": r.failures,
             "consecutiveFailures": r.consecutive_failures,
             "error": (last.error if last is not None else "") or "",

@@ -390,6 +390,9 @@ def status_lines(st: dict[str, Any]) -> list[str]:
                f"{c['policies']} policies, {c.get('clusterPolicies', 0)} cluster policies")
     out.append(f"drift repaired: {st['driftRepairs']} time(s); "
                f"apply failures: {st['applyFailures']}")
+    if st.get("lastVerified"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st["lastVerified"]))
+        out.append(f"last verified:  {when} (the kernel read back and found as applied)")
     out.append(f"datapath:       {st['datapath']}; up {st['uptime']} s")
     if st.get("table"):
         out.append(f"table:          {st['table']}")

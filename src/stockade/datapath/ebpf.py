@@ -334,6 +334,53 @@ class EbpfKernel:
             return bpfc.BpfState(), f"meta map unreadable ({exc})"
 
 
+def _held_guards(guards: Mapping[bytes, bytes], written: Mapping[int, str],
+                 ports: Mapping[int, str]) -> dict[bytes, bytes]:
+    """The entries an apply wrote (`guards`, for the ports `written`) whose interface is
+    still the port they were written for: what the guard map must hold (an entry of a
+    port gone since is stale, and not missed)."""
+    return {k: v for k, v in guards.items()
+            if (i := bpfc.GUARD_KEY.unpack(k)[0]) in ports and ports[i] == written.get(i)}
+
+
+def _differences(kernel: EbpfKernel, state: bpfc.BpfState, guards: Mapping[bytes, bytes],
+                 written: Mapping[int, str]) -> list[str]:
+    """How the maps read back differ from those `state` and the guards written encode
+    (empty: they hold exactly that). Links are not looked at."""
+    out = []
+    for s, want in enumerate(bpfc.encode_slots(state)):
+        for m in bpfc.MAPS:
+            have = kernel.slots[s][m]
+            missing = sum(1 for k in want[m] if k not in have)
+            changed = sum(1 for k, v in want[m].items() if k in have and have[k] != v)
+            foreign = sum(1 for k in have if k not in want[m])
+            if missing or changed or foreign:
+                out.append(f"{m} slot {s}: {missing} missing, {changed} changed, "
+                           f"{foreign} foreign entries")
+    if bpfc.encode_meta(state) != kernel.meta:
+        out.append("meta map differs")
+    want_guards = _held_guards(guards, written, kernel.ports)
+    have_guards = {k: v for k, v in kernel.guards.items()
+                   if bpfc.GUARD_KEY.unpack(k)[0] in kernel.ports}
+    if want_guards != have_guards:
+        missing = sum(1 for k in want_guards if k not in have_guards)
+        changed = sum(1 for k, v in want_guards.items() if have_guards.get(k, v) != v)
+        foreign = sum(1 for k in have_guards if k not in want_guards)
+        out.append(f"guard: {missing} missing, {changed} changed, {foreign} foreign entries")
+    # an entry of a port the last apply wrote for and gone since is stale, not drift
+    want_macs = bpfc.mac_ports(want_guards, kernel.bridge_of)
+    have_macs = {k: v for k, v in kernel.macs.items()
+                 if (p := bpfc.MAC_PORT_VALUE.unpack(v)[0]) in kernel.ports
+                 or p not in written}
+    if want_macs != have_macs:
+        missing = sum(1 for k in want_macs if k not in have_macs)
+        changed = sum(1 for k, v in want_macs.items() if have_macs.get(k, v) != v)
+        foreign = sum(1 for k in have_macs if k not in want_macs)
+        out.append(f"mac_port: {missing} missing, {changed} changed, {foreign} foreign "
+                   f"entries")
+    return out
+
+
 def _split(contents: Mapping[str, Mapping[bytes, bytes]]) -> dict[int, bpfc.MapContents]:
     out: dict[int, bpfc.MapContents] = {0: {m: {} for m in bpfc.MAPS},
                                         1: {m: {} for m in bpfc.MAPS}}
@@ -754,12 +801,7 @@ class EbpfDatapath:
                           guards, ports, macs, bridge_of)
 
     def _held_guards(self, ports: Mapping[int, str]) -> dict[bytes, bytes]:
-        """The entries the last apply wrote whose interface is still the port they were
-        written for: what the guard map must hold (an entry of a port gone since is
-        stale, and not missed)."""
-        written = self._guard_ports
-        return {k: v for k, v in self._guards.items()
-                if (i := bpfc.GUARD_KEY.unpack(k)[0]) in ports and ports[i] == written.get(i)}
+        return _held_guards(self._guards, self._guard_ports, ports)
 
     def _expected(self, applied: Ruleset, ports: Mapping[int, str]) -> Ruleset:
         """`applied` as the kernel reads it back: with the guards written for ports that
@@ -981,6 +1023,37 @@ class EbpfDatapath:
             self._load()
             return KernelSnapshot(self._generation, self._read_kernel())
 
+    # verify_quietly reads under the lock: what differs is drift, not an apply half-read
+    QUIET_READS = 1
+
+    def verify_quietly(self) -> bool:
+        """Whether the kernel holds what the last apply left, without holding up changes
+        for the comparison (the agent's periodic check, on a thread of its own).
+
+        The maps are read under the datapath's lock (an apply swaps descriptors and
+        slots; at 10,000 endpoints and 1,000 policies the read takes about a quarter of
+        a second), and with them what was applied; they are compared after letting go
+        of it (about a second: every entry encoded and compared), while changes go on.
+        Connections that expired unseen are swept, as a verifying apply sweeps them.
+        True: the maps, the pins and every port's programs are as applied. False:
+        something differs, or nothing was applied to compare with: the caller runs a
+        verifying apply, which reads again under the lock and repairs.
+        """
+        with collector_paused(freeze=False), self._lock:
+            if self._state is None or not self._maps or not self._exists():
+                return False
+            kernel = self._read_kernel()
+            _, astray = self._astray(full=True)
+            state, slot, kgen = self._state, self._slot, self._kgen
+            guards, written = self._guards, self._guard_ports
+            self.sweep_connections()
+        if astray or (kernel.slot, kernel.generation) != (slot, kgen):
+            return False
+        if any(problem and problem != "gone" for problem in kernel.links.values()):
+            return False
+        with collector_paused(freeze=False):
+            return not _differences(kernel, state, guards, written)
+
     def prefetch(self) -> None:
         """Start reading the maps back on a thread of its own (at start, while the agent
         loads its store and compiles: the batched lookups are system calls, outside the
@@ -1131,39 +1204,8 @@ class EbpfDatapath:
 
     def _drift_details(self, kernel: EbpfKernel, problem: str) -> list[str]:
         assert self._state is not None
-        out = [problem] if problem else []
-        for s, want in enumerate(bpfc.encode_slots(self._state)):
-            for m in bpfc.MAPS:
-                have = kernel.slots[s][m]
-                missing = sum(1 for k in want[m] if k not in have)
-                changed = sum(1 for k, v in want[m].items() if k in have and have[k] != v)
-                foreign = sum(1 for k in have if k not in want[m])
-                if missing or changed or foreign:
-                    out.append(f"{m} slot {s}: {missing} missing, {changed} changed, "
-                               f"{foreign} foreign entries")
-        want_meta = bpfc.encode_meta(self._state)
-        if want_meta != kernel.meta:
-            out.append("meta map differs")
-        want_guards = self._held_guards(kernel.ports)
-        have_guards = {k: v for k, v in kernel.guards.items()
-                       if bpfc.GUARD_KEY.unpack(k)[0] in kernel.ports}
-        if want_guards != have_guards:
-            missing = sum(1 for k in want_guards if k not in have_guards)
-            changed = sum(1 for k, v in want_guards.items() if have_guards.get(k, v) != v)
-            foreign = sum(1 for k in have_guards if k not in want_guards)
-            out.append(f"guard: {missing} missing, {changed} changed, {foreign} foreign entries")
-        # an entry of a port the last apply wrote for and gone since is stale, not drift
-        want_macs = bpfc.mac_ports(want_guards, kernel.bridge_of)
-        have_macs = {k: v for k, v in kernel.macs.items()
-                     if (p := bpfc.MAC_PORT_VALUE.unpack(v)[0]) in kernel.ports
-                     or p not in self._guard_ports}
-        if want_macs != have_macs:
-            missing = sum(1 for k in want_macs if k not in have_macs)
-            changed = sum(1 for k, v in want_macs.items() if have_macs.get(k, v) != v)
-            foreign = sum(1 for k in have_macs if k not in want_macs)
-            out.append(f"mac_port: {missing} missing, {changed} changed, {foreign} foreign "
-                       f"entries")
-        return out  # links: reported as they are repaired
+        return [problem] * bool(problem) + _differences(  # links: reported as repaired
+            kernel, self._state, self._guards, self._guard_ports)
 
     def skeleton_intact(self) -> bool:
         """Whether the pins are there and every bridge port runs both programs (cheap
@@ -1211,31 +1253,43 @@ class EbpfDatapath:
         replaced by another object) since: pinned again, so that the next process takes
         these and not empty maps (whose program it would then have to replace). The
         names of those pinned again."""
+        there, astray = self._astray(full=full)
+        held = self._held_objects()
+        for name in astray:
+            pin = self._pin(name)
+            if name in there:
+                os.unlink(pin)
+            libbpf.obj_pin(held[name], pin)
+        return astray
+
+    def _held_objects(self) -> dict[str, int]:
+        """pin name -> the descriptor this process holds of that map or program."""
+        return {**self._maps, **{f"prog_{p.removeprefix('stockade_')}": self._progs[h]
+                                 for h, p in PROGRAMS.items()}}
+
+    def _astray(self, *, full: bool) -> tuple[set[str], list[str]]:
+        """The pin directory's entries, and the names of the pins of what this process
+        holds that are lost (or, with `full`, are another object's now)."""
         try:  # one listing, not a stat of each pin: this runs after every apply
             there = set(os.listdir(self._dir_text))
         except FileNotFoundError:
             there = set()
         if not full and there.issuperset(PIN_NAMES):
-            return []  # every pin there (after an apply: nearly always)
-        held = {**self._maps, **{f"prog_{p.removeprefix('stockade_')}": self._progs[h]
-                                 for h, p in PROGRAMS.items()}}
+            return there, []  # every pin there (after an apply: nearly always)
+        held = self._held_objects()
         out = []
         for name in self._pin_names():
-            pin = self._pin(name)
             if name in there:
                 if not full:
                     continue
-                fd = libbpf.obj_get(pin)
+                fd = libbpf.obj_get(self._pin(name))
                 try:
-                    ours = libbpf.obj_id(fd) == libbpf.obj_id(held[name])
+                    if libbpf.obj_id(fd) == libbpf.obj_id(held[name]):
+                        continue
                 finally:
                     os.close(fd)
-                if ours:
-                    continue
-                os.unlink(pin)
-            libbpf.obj_pin(held[name], pin)
             out.append(name)
-        return out
+        return there, out
 
     def flush_connections(self) -> int:
         """Forget every tracked connection (the next packet of each is judged as new)."""
