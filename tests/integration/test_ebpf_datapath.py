@@ -412,6 +412,44 @@ def test_a_deleted_map_entry_is_drift_and_repaired(trio, datapath, servers) -> N
         ("b", "a", "TCP/80"): True, ("c", "a", "TCP/80"): False}
 
 
+def test_the_quiet_check_reads_while_changes_go_on_and_judges_all_they_did_not_write(
+        trio, datapath, servers, monkeypatch) -> None:
+    """The agent's periodic check reads the maps without the datapath's lock: an apply
+    that lands in the middle of the read is no drift, and the keys it did not write are
+    still judged (an outsider's entry is found)."""
+    ab = compile_cluster(cluster(trio, allow_only("a", "b")))
+    ac = compile_cluster(cluster(trio, allow_only("a", "c")))
+    datapath.apply(ab)
+    real = libbpf.dump
+    changes = [ac]  # applied by the next read, once it has read its first map
+
+    def dump(fd: int, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(fd, *args, **kwargs)
+        if changes:  # ipcache4 read as it was; the change lands before the rest
+            change = threading.Thread(target=datapath.apply, args=(changes.pop(),))
+            change.start()
+            change.join(timeout=30)
+            assert not change.is_alive(), "the check held the apply back"
+        return out
+
+    monkeypatch.setattr(libbpf, "dump", dump)
+    assert datapath.verify_quietly() and not changes
+    assert probe(trio, [("c", "a", PORTS[0]), ("b", "a", PORTS[0])]) == {
+        ("c", "a", "TCP/80"): True, ("b", "a", "TCP/80"): False}  # the change is in force
+    fd = libbpf.obj_get(str(datapath.dir / "ipcache4"))
+    try:  # an outsider's entry, of a key no apply writes
+        libbpf.update(fd, bpfc.IP4_KEY.pack(40, 0, bytes([10, 9, 9, 9])), bytes(12))
+    finally:
+        os.close(fd)
+    changes.append(ab)
+    assert not datapath.verify_quietly() and not changes
+    datapath.apply(ab, verify=True)
+    assert any("ipcache4 slot 0" in d and "1 foreign" in d
+               for d in datapath.last_drift_details), datapath.last_drift_details
+    monkeypatch.setattr(libbpf, "dump", real)
+    assert datapath.verify_quietly()
+
+
 def test_a_detached_program_is_drift_and_reattached(trio, datapath, servers) -> None:
     rs = compile_cluster(cluster(trio, allow_only("a", "b")))
     datapath.apply(rs)
