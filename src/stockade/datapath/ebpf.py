@@ -1069,7 +1069,14 @@ class EbpfDatapath:
         with self._lock:
             if self._state is None or not self._maps or not self._exists():
                 return False
-            fds = {m: os.dup(self._maps[m]) for m in QUIET_MAPS}
+            fds: dict[str, int] = {}
+            try:
+                for m in QUIET_MAPS:
+                    fds[m] = os.dup(self._maps[m])
+            except OSError:  # out of descriptors: none kept
+                for fd in fds.values():
+                    os.close(fd)
+                raise
             self._written = {}
         try:
             ids = {m: libbpf.obj_id(fd) for m, fd in fds.items()}
